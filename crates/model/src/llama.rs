@@ -1,0 +1,339 @@
+//! The LLaMA-family decoder (LLaMA, Mistral, Qwen2), f32 on the CPU with candle.
+//!
+//! The forward pass is written as independent decoder blocks, each mapping hidden states
+//! `[t, d]` to `[t, d]`, so a caller can run the whole model ([`Model::forward_hidden`]) or one
+//! block at a time on captured inputs (what layer-by-layer quantization needs).
+//! Shapes below: `t` tokens, `d` hidden size, `h`/`kvh` query/KV heads, `hd` head dim, `f` MLP size.
+
+use crate::causal_softmax::causal_softmax;
+use crate::error::{Ctx, ModelError, Result};
+use adadim_load::{Checkpoint, LlamaConfig};
+use candle_core::{DType, Device, Tensor, D};
+
+// ---------------------------------------------------------------- linear layer
+
+/// `y = x W^T (+ b)`: `weight` is `[out, in]` as stored in the checkpoint.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    pub weight: Tensor,       // (out, in)
+    pub bias: Option<Tensor>, // (out)
+}
+
+impl Linear {
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        // x (t, in) @ W^T (in, out); gemm reads the transposed view directly.
+        let y = x.matmul(&self.weight.t()?)?;
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+    pub fn out_features(&self) -> usize {
+        self.weight.dims()[0]
+    }
+}
+
+/// The seven linears of a decoder block, in the order true-sequential quantization visits them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum LinearKind {
+    Q,
+    K,
+    V,
+    O,
+    Gate,
+    Up,
+    Down,
+}
+
+impl LinearKind {
+    pub const ALL: [LinearKind; 7] = [Self::Q, Self::K, Self::V, Self::O, Self::Gate, Self::Up, Self::Down];
+    /// The module path inside a block, as in the checkpoint (`self_attn.q_proj`).
+    pub fn module(self) -> &'static str {
+        match self {
+            Self::Q => "self_attn.q_proj",
+            Self::K => "self_attn.k_proj",
+            Self::V => "self_attn.v_proj",
+            Self::O => "self_attn.o_proj",
+            Self::Gate => "mlp.gate_proj",
+            Self::Up => "mlp.up_proj",
+            Self::Down => "mlp.down_proj",
+        }
+    }
+    /// Short name used on the command line and in reports (`q`, `down`, ...).
+    pub fn short(self) -> &'static str {
+        match self {
+            Self::Q => "q",
+            Self::K => "k",
+            Self::V => "v",
+            Self::O => "o",
+            Self::Gate => "gate",
+            Self::Up => "up",
+            Self::Down => "down",
+        }
+    }
+}
+
+// ---------------------------------------------------------------- rotary embedding
+
+/// cos/sin tables for RoPE in the "rotate half" (NeoX / Hugging Face) layout.
+#[derive(Debug, Clone)]
+pub struct Rope {
+    cos: Tensor, // (max_t, hd/2)
+    sin: Tensor, // (max_t, hd/2)
+}
+
+impl Rope {
+    pub fn new(cfg: &LlamaConfig, max_t: usize) -> candle_core::Result<Self> {
+        let hd = cfg.head_dim();
+        // Angles in f64, then rounded: positions up to max_t stay accurate to f32 precision.
+        let inv: Vec<f64> = (0..hd / 2).map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / hd as f64)).collect();
+        let mut cos = Vec::with_capacity(max_t * hd / 2);
+        let mut sin = Vec::with_capacity(max_t * hd / 2);
+        for p in 0..max_t {
+            for f in &inv {
+                let a = p as f64 * f;
+                cos.push(a.cos() as f32);
+                sin.push(a.sin() as f32);
+            }
+        }
+        Ok(Rope {
+            cos: Tensor::from_vec(cos, (max_t, hd / 2), &Device::Cpu)?,
+            sin: Tensor::from_vec(sin, (max_t, hd / 2), &Device::Cpu)?,
+        })
+    }
+
+    pub fn max_positions(&self) -> usize {
+        self.cos.dims()[0]
+    }
+
+    /// Rotate `x` (1, heads, t, hd) holding positions `pos0..pos0+t`.
+    fn apply(&self, x: &Tensor, pos0: usize) -> candle_core::Result<Tensor> {
+        let t = x.dims()[2];
+        let cos = self.cos.narrow(0, pos0, t)?;
+        let sin = self.sin.narrow(0, pos0, t)?;
+        candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)
+    }
+}
+
+// ---------------------------------------------------------------- decoder block
+
+#[derive(Debug, Clone)]
+pub struct Block {
+    pub layer: usize,
+    pub attn_norm: Tensor, // (d)
+    pub q: Linear,         // (h*hd, d)
+    pub k: Linear,         // (kvh*hd, d)
+    pub v: Linear,         // (kvh*hd, d)
+    pub o: Linear,         // (d, h*hd)
+    pub mlp_norm: Tensor,  // (d)
+    pub gate: Linear,      // (f, d)
+    pub up: Linear,        // (f, d)
+    pub down: Linear,      // (d, f)
+    n_head: usize,
+    n_kv_head: usize,
+    head_dim: usize,
+    eps: f32,
+}
+
+impl Block {
+    /// Read block `layer` from the checkpoint (f32; nothing else of the model is touched).
+    pub fn load(ckpt: &Checkpoint, layer: usize) -> Result<Self> {
+        let cfg = &ckpt.config;
+        let p = format!("model.layers.{layer}");
+        let lin = |kind: LinearKind| -> Result<Linear> {
+            let name = format!("{p}.{}", kind.module());
+            let bias_name = format!("{name}.bias");
+            let bias = if cfg.has_qkv_bias() && matches!(kind, LinearKind::Q | LinearKind::K | LinearKind::V) {
+                Some(ckpt.tensor(&bias_name)?)
+            } else {
+                None
+            };
+            Ok(Linear { weight: ckpt.tensor(&format!("{name}.weight"))?, bias })
+        };
+        Ok(Block {
+            layer,
+            attn_norm: ckpt.tensor(&format!("{p}.input_layernorm.weight"))?,
+            q: lin(LinearKind::Q)?,
+            k: lin(LinearKind::K)?,
+            v: lin(LinearKind::V)?,
+            o: lin(LinearKind::O)?,
+            mlp_norm: ckpt.tensor(&format!("{p}.post_attention_layernorm.weight"))?,
+            gate: lin(LinearKind::Gate)?,
+            up: lin(LinearKind::Up)?,
+            down: lin(LinearKind::Down)?,
+            n_head: cfg.num_attention_heads,
+            n_kv_head: cfg.n_kv_heads(),
+            head_dim: cfg.head_dim(),
+            eps: cfg.rms_norm_eps as f32,
+        })
+    }
+
+    pub fn linear(&self, kind: LinearKind) -> &Linear {
+        match kind {
+            LinearKind::Q => &self.q,
+            LinearKind::K => &self.k,
+            LinearKind::V => &self.v,
+            LinearKind::O => &self.o,
+            LinearKind::Gate => &self.gate,
+            LinearKind::Up => &self.up,
+            LinearKind::Down => &self.down,
+        }
+    }
+
+    pub fn linear_mut(&mut self, kind: LinearKind) -> &mut Linear {
+        match kind {
+            LinearKind::Q => &mut self.q,
+            LinearKind::K => &mut self.k,
+            LinearKind::V => &mut self.v,
+            LinearKind::O => &mut self.o,
+            LinearKind::Gate => &mut self.gate,
+            LinearKind::Up => &mut self.up,
+            LinearKind::Down => &mut self.down,
+        }
+    }
+
+    /// `x` (t, d) at positions `0..t` -> (t, d).
+    pub fn forward(&self, x: &Tensor, rope: &Rope) -> Result<Tensor> {
+        self.forward_tapped(x, rope, &mut |_, _| Ok(()))
+    }
+
+    /// As [`Block::forward`], calling `tap(kind, input)` with the input of every linear
+    /// (q/k/v share one input; it is reported once, as `Q`).
+    pub fn forward_tapped(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        tap: &mut dyn FnMut(LinearKind, &Tensor) -> Result<()>,
+    ) -> Result<Tensor> {
+        let l = self.layer;
+        let ctx = |what: &'static str| move || format!("layer {l}: {what}");
+        let h = candle_nn::ops::rms_norm(x, &self.attn_norm, self.eps).ctx(ctx("attention norm"))?;
+        tap(LinearKind::Q, &h)?;
+        let attn = self.attention(&h, rope).ctx(ctx("attention"))?;
+        tap(LinearKind::O, &attn)?;
+        let x = (x + self.o.forward(&attn).ctx(ctx("o_proj"))?).ctx(ctx("residual"))?;
+        let h = candle_nn::ops::rms_norm(&x, &self.mlp_norm, self.eps).ctx(ctx("mlp norm"))?;
+        tap(LinearKind::Gate, &h)?;
+        let act = self.mlp_hidden(&h).ctx(ctx("mlp"))?;
+        tap(LinearKind::Down, &act)?;
+        let y = (x + self.down.forward(&act).ctx(ctx("down_proj"))?).ctx(ctx("residual"))?;
+        Ok(y)
+    }
+
+    /// `silu(gate(h)) * up(h)`: (t, d) -> (t, f).
+    pub fn mlp_hidden(&self, h: &Tensor) -> candle_core::Result<Tensor> {
+        self.gate.forward(h)?.silu()? * self.up.forward(h)?
+    }
+
+    /// Causal self-attention on normed input `h` (t, d) -> context (t, h*hd), before o_proj.
+    pub fn attention(&self, h: &Tensor, rope: &Rope) -> candle_core::Result<Tensor> {
+        let t = h.dims()[0];
+        let (nh, nkv, hd) = (self.n_head, self.n_kv_head, self.head_dim);
+        let g = nh / nkv; // query heads per KV head
+        let heads = |x: Tensor, n: usize| x.reshape((1, t, n, hd))?.transpose(1, 2); // (1, n, t, hd)
+        let q = rope.apply(&heads(self.q.forward(h)?, nh)?, 0)?;
+        let k = rope.apply(&heads(self.k.forward(h)?, nkv)?, 0)?;
+        let v = heads(self.v.forward(h)?, nkv)?.contiguous()?;
+        // Query heads kv*g..kv*g+g share KV head kv: fold them into the rows, no K/V copies.
+        let q = (q * (1.0 / (hd as f64).sqrt()))?.reshape((nkv, g * t, hd))?;
+        let k = k.reshape((nkv, t, hd))?;
+        let v = v.reshape((nkv, t, hd))?;
+        let scores = q.matmul(&k.t()?)?.reshape((nkv * g, t, t))?; // (h, t, t)
+        let p = causal_softmax(&scores)?.reshape((nkv, g * t, t))?;
+        let ctx = p.matmul(&v)?; // (kvh, g*t, hd)
+        ctx.reshape((nh, t, hd))?.transpose(0, 1)?.reshape((t, nh * hd))
+    }
+}
+
+// ---------------------------------------------------------------- whole model
+
+#[derive(Debug)]
+pub struct Model {
+    pub config: LlamaConfig,
+    pub embed: Tensor, // (vocab, d)
+    pub blocks: Vec<Block>,
+    pub norm: Tensor,            // (d)
+    pub lm_head: Option<Tensor>, // (vocab, d); None when tied to `embed`
+    pub rope: Rope,
+}
+
+impl Model {
+    /// Load every block (f32). `max_t` bounds the positions the RoPE tables cover.
+    pub fn load(ckpt: &Checkpoint, max_t: usize, progress: &mut dyn FnMut(usize, usize)) -> Result<Self> {
+        let cfg = ckpt.config.clone();
+        let n = cfg.num_hidden_layers;
+        let mut blocks = Vec::with_capacity(n);
+        for i in 0..n {
+            blocks.push(Block::load(ckpt, i)?);
+            progress(i + 1, n);
+        }
+        Ok(Model {
+            embed: ckpt.tensor("model.embed_tokens.weight")?,
+            norm: ckpt.tensor("model.norm.weight")?,
+            lm_head: if cfg.tie_word_embeddings { None } else { Some(ckpt.tensor("lm_head.weight")?) },
+            rope: Rope::new(&cfg, max_t).ctx(|| "rope tables".into())?,
+            blocks,
+            config: cfg,
+        })
+    }
+
+    /// Token ids -> embeddings (t, d).
+    pub fn embed(&self, ids: &[u32]) -> Result<Tensor> {
+        let vocab = self.config.vocab_size;
+        if let Some(&id) = ids.iter().find(|&&i| i as usize >= vocab) {
+            return Err(ModelError::TokenOutOfRange { id, vocab });
+        }
+        let ids = Tensor::new(ids, &Device::Cpu).ctx(|| "token ids".into())?;
+        self.embed.index_select(&ids, 0).ctx(|| "embedding".into())
+    }
+
+    /// Token ids -> final hidden states (t, d), before the final norm.
+    pub fn forward_hidden(&self, ids: &[u32]) -> Result<Tensor> {
+        if ids.len() > self.rope.max_positions() {
+            return Err(ModelError::Tensor {
+                context: format!("{} tokens exceed the {} positions prepared", ids.len(), self.rope.max_positions()),
+                source: candle_core::Error::Msg("sequence too long".into()),
+            });
+        }
+        let mut x = self.embed(ids)?;
+        for b in &self.blocks {
+            x = b.forward(&x, &self.rope)?;
+        }
+        Ok(x)
+    }
+
+    /// Final norm and LM head on hidden states (t, d) -> logits (t, vocab).
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        let eps = self.config.rms_norm_eps as f32;
+        let h = candle_nn::ops::rms_norm(hidden, &self.norm, eps).ctx(|| "final norm".into())?;
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        h.matmul(&head.t().ctx(|| "lm head".into())?).ctx(|| "lm head".into())
+    }
+
+    /// Log-probability of `targets[i]` after position `i`, from hidden states (t, d).
+    /// Evaluated `chunk` rows at a time so a (t, vocab) logits matrix is never held whole.
+    pub fn target_logprobs(&self, hidden: &Tensor, targets: &[u32], chunk: usize) -> Result<Vec<f64>> {
+        let t = targets.len();
+        let mut out = Vec::with_capacity(t);
+        let mut start = 0;
+        while start < t {
+            let n = chunk.min(t - start);
+            let h = hidden.narrow(0, start, n).ctx(|| "hidden chunk".into())?;
+            let logits = self.logits(&h)?;
+            let lse = logits
+                .max_keepdim(D::Minus1)
+                .and_then(|m| {
+                    let e = logits.broadcast_sub(&m)?.exp()?.sum_keepdim(D::Minus1)?.log()?;
+                    e + m
+                })
+                .and_then(|x| x.squeeze(1)?.to_dtype(DType::F64)?.to_vec1::<f64>())
+                .ctx(|| "log-softmax".into())?;
+            let rows = logits.to_vec2::<f32>().ctx(|| "logits".into())?;
+            for (i, row) in rows.iter().enumerate() {
+                out.push(row[targets[start + i] as usize] as f64 - lse[i]);
+            }
+            start += n;
+        }
+        Ok(out)
+    }
+}
