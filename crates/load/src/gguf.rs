@@ -104,6 +104,23 @@ impl Gguf {
         LlamaConfig::from_json(&self.path, &json.to_string())
     }
 
+    /// Fail early, naming the tensor, if its data would run past the end of the file.
+    fn check_extent(&mut self, name: &str) -> Result<()> {
+        let info = &self.content.tensor_infos[name];
+        let elems = info.shape.elem_count() as u64;
+        let bytes = elems / info.ggml_dtype.block_size() as u64 * info.ggml_dtype.type_size() as u64;
+        let start = self.content.tensor_data_offset.saturating_add(info.offset);
+        let len = self.reader.get_ref().metadata().map_err(io_err(&self.path))?.len();
+        if start.saturating_add(bytes) > len {
+            return Err(LoadError::Tensor {
+                path: self.path.clone(),
+                tensor: name.into(),
+                msg: format!("needs bytes {start}..{} but the file has {len} (truncated?)", start.saturating_add(bytes)),
+            });
+        }
+        Ok(())
+    }
+
     /// Dequantize one GGUF tensor to f32, row-major with the HF shape `[out, in]`.
     pub fn tensor_f32(&mut self, name: &str) -> Result<(Vec<usize>, Vec<f32>)> {
         let info = self.content.tensor_infos.get(name).ok_or_else(|| LoadError::MissingTensor {
@@ -111,7 +128,7 @@ impl Gguf {
             tensor: name.into(),
         })?;
         let dims = info.shape.dims().to_vec();
-        let terr = |msg: String| LoadError::Tensor { path: self.path.clone(), tensor: name.into(), msg };
+        let terr = |msg: String| LoadError::Tensor { path: self.path.clone(), tensor: name.into(), msg: first_line(msg) };
         if dims.iter().try_fold(1usize, |a, &b| a.checked_mul(b)).is_none_or(|n| n == 0 || n > (1 << 40)) {
             return Err(terr(format!("implausible shape {dims:?}")));
         }
@@ -132,8 +149,13 @@ impl Gguf {
     }
 }
 
+/// candle errors may carry a backtrace after the message; users get the message.
+fn first_line(msg: String) -> String {
+    msg.lines().next().unwrap_or_default().to_string()
+}
+
 fn gguf_err(path: &Path, e: candle_core::Error) -> LoadError {
-    let msg = e.to_string();
+    let msg = first_line(e.to_string());
     let msg = if msg.contains("unknown dtype") {
         format!("{msg}: a tensor uses a GGUF type this importer cannot dequantize \
                  (supported: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K)")
@@ -261,6 +283,7 @@ pub fn import_gguf(gguf_path: &Path, out_dir: &Path, progress: &mut dyn FnMut(us
                 found: info.shape.dims().to_vec(),
             });
         }
+        g.check_extent(&src)?;
         plan.push((hf, shape, src));
     }
     plan.sort_by(|a, b| natural_key(&a.0).cmp(&natural_key(&b.0)));

@@ -21,6 +21,7 @@ pub mod error;
 pub mod fetch;
 pub mod gguf;
 pub mod safetensors_out;
+pub mod synth;
 pub mod tokenizer;
 
 pub use checkpoint::Checkpoint;
