@@ -1,0 +1,188 @@
+//! Every malformed input gets one clear line naming the file / tensor, exit code 1, no panic.
+
+use adadim_load::synth::{tiny_config, write_random_checkpoint};
+use candle_core::quantized::gguf_file::{self, Value};
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn adadim(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_adadim"))
+        .args(args)
+        .env("ADADIM_HOME", std::env::temp_dir().join("adadim-test-home"))
+        .env_remove("ADADIM_DATA")
+        .output()
+        .unwrap();
+    let (so, se) = (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned());
+    assert!(!se.contains("panicked"), "panic: {se}");
+    (out.status.code().unwrap_or(-1), so, se)
+}
+
+/// Run `eval ppl` on `model` and expect failure whose message contains every `needle`.
+fn expect_error(model: &Path, text: &Path, needles: &[&str]) {
+    let (code, _, err) = adadim(&["eval", "ppl", "--model", model.to_str().unwrap(), "--dataset", text.to_str().unwrap(), "--seqlen", "16"]);
+    assert_eq!(code, 1, "{err}");
+    for n in needles {
+        assert!(err.contains(n), "expected {n:?} in: {err}");
+    }
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+}
+
+fn fixture() -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let d = tempfile::tempdir().unwrap();
+    let m = d.path().join("model");
+    write_random_checkpoint(&m, &tiny_config(), 1).unwrap();
+    let text = d.path().join("text.txt");
+    std::fs::write(&text, "the quick brown fox jumps over the lazy dog. ".repeat(20)).unwrap();
+    (d, m, text)
+}
+
+/// Byte range of a tensor's data inside a safetensors file.
+fn data_range(file: &Path, tensor: &str) -> (usize, usize) {
+    let bytes = std::fs::read(file).unwrap();
+    let (n, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let info = meta.info(tensor).unwrap();
+    (8 + n + info.data_offsets.0, 8 + n + info.data_offsets.1)
+}
+
+#[test]
+fn a_good_model_runs() {
+    let (_d, m, text) = fixture();
+    let (code, out, err) = adadim(&["eval", "ppl", "--model", m.to_str().unwrap(), "--dataset", text.to_str().unwrap(), "--seqlen", "16", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(v["ppl"].as_f64().unwrap() > 1.0 && v["windows"].as_u64().unwrap() == 900 / 16);
+}
+
+#[test]
+fn missing_model_and_dataset() {
+    let (_d, m, text) = fixture();
+    expect_error(Path::new("/no/such/model"), &text, &["/no/such/model", "not found"]);
+    let (code, _, err) = adadim(&["eval", "ppl", "--model", m.to_str().unwrap(), "--dataset", "wikitext2"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("ADADIM_DATA") && err.contains("wiki.test.raw"), "{err}");
+}
+
+#[test]
+fn truncated_safetensors() {
+    let (_d, m, text) = fixture();
+    let f = m.join("model.safetensors");
+    let bytes = std::fs::read(&f).unwrap();
+    std::fs::write(&f, &bytes[..bytes.len() - 100]).unwrap();
+    expect_error(&m, &text, &["model.safetensors", "corrupt or truncated safetensors"]);
+    std::fs::write(&f, &bytes[..5]).unwrap();
+    expect_error(&m, &text, &["model.safetensors", "corrupt or truncated safetensors"]);
+}
+
+#[test]
+fn header_offsets_out_of_range() {
+    let (_d, m, text) = fixture();
+    let f = m.join("model.safetensors");
+    let mut bytes = std::fs::read(&f).unwrap();
+    // Claim a header longer than the file.
+    bytes[..8].copy_from_slice(&(1u64 << 40).to_le_bytes());
+    std::fs::write(&f, &bytes).unwrap();
+    expect_error(&m, &text, &["model.safetensors", "corrupt or truncated"]);
+}
+
+#[test]
+fn config_that_disagrees_with_tensors() {
+    let (_d, m, text) = fixture();
+    let cfg = m.join("config.json");
+    let s = std::fs::read_to_string(&cfg).unwrap().replace("\"intermediate_size\": 80", "\"intermediate_size\": 96");
+    std::fs::write(&cfg, s).unwrap();
+    expect_error(&m, &text, &["mlp.", "has shape", "config implies"]);
+}
+
+#[test]
+fn unsupported_architecture() {
+    let (_d, m, text) = fixture();
+    let cfg = m.join("config.json");
+    let s = std::fs::read_to_string(&cfg).unwrap().replace("LlamaForCausalLM", "FalconForCausalLM");
+    std::fs::write(&cfg, s).unwrap();
+    expect_error(&m, &text, &["config.json", "FalconForCausalLM", "unsupported architecture"]);
+}
+
+#[test]
+fn nan_weights() {
+    let (_d, m, text) = fixture();
+    let f = m.join("model.safetensors");
+    let name = "model.layers.1.self_attn.v_proj.weight";
+    let (s, _) = data_range(&f, name);
+    let mut bytes = std::fs::read(&f).unwrap();
+    bytes[s + 8..s + 12].copy_from_slice(&f32::NAN.to_le_bytes());
+    std::fs::write(&f, &bytes).unwrap();
+    expect_error(&m, &text, &[name, "NaN", "index 2"]);
+}
+
+#[test]
+fn wrong_dtype() {
+    let (_d, m, text) = fixture();
+    let f = m.join("model.safetensors");
+    let bytes = std::fs::read(&f).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header = std::str::from_utf8(&bytes[8..8 + n]).unwrap();
+    // Relabel one F32 tensor as I32 (same size, so the file stays well-formed).
+    let name = "model.norm.weight";
+    let at = header.find(name).unwrap();
+    let rel = header[at..].find("\"F32\"").unwrap();
+    let mut out = bytes.clone();
+    out[8 + at + rel..8 + at + rel + 5].copy_from_slice(b"\"I32\"");
+    std::fs::write(&f, &out).unwrap();
+    expect_error(&m, &text, &[name, "unsupported type", "I32"]);
+}
+
+#[test]
+fn text_too_short_and_not_utf8() {
+    let (d, m, _) = fixture();
+    let short = d.path().join("short.txt");
+    std::fs::write(&short, "tiny").unwrap();
+    expect_error(&m, &short, &["fewer than one window"]);
+    let bin = d.path().join("bin.txt");
+    std::fs::write(&bin, b"\xff\xfe\x00abc").unwrap();
+    expect_error(&m, &bin, &["bin.txt", "not UTF-8"]);
+}
+
+fn small_gguf(path: &Path, dtype_override: Option<u32>) {
+    let t = Tensor::from_vec(vec![0.5f32; 64], (2, 32), &Device::Cpu).unwrap();
+    let q = QTensor::quantize(&t, GgmlDType::Q8_0).unwrap();
+    let arch = Value::String("llama".into());
+    let mut f = std::fs::File::create(path).unwrap();
+    gguf_file::write(&mut f, &[("general.architecture", &arch)], &[("blk.0.attn_q.weight", &q)]).unwrap();
+    drop(f);
+    if let Some(id) = dtype_override {
+        // Patch the tensor-info dtype (after name, n_dims u32 and two u64 dims).
+        let mut b = std::fs::read(path).unwrap();
+        let name = b"blk.0.attn_q.weight";
+        let at = b.windows(name.len()).position(|w| w == name).unwrap() + name.len() + 4 + 16;
+        b[at..at + 4].copy_from_slice(&id.to_le_bytes());
+        std::fs::write(path, b).unwrap();
+    }
+}
+
+#[test]
+fn corrupt_and_unsupported_gguf() {
+    let d = tempfile::tempdir().unwrap();
+    let g = d.path().join("garbage.gguf");
+    std::fs::write(&g, b"this is not a gguf file at all").unwrap();
+    let out = d.path().join("out");
+    let (code, _, err) = adadim(&["import-gguf", g.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(err.contains("garbage.gguf") && err.contains("GGUF"), "{err}");
+    assert!(!out.exists());
+
+    let odd = d.path().join("iq.gguf");
+    small_gguf(&odd, Some(20)); // 20 = IQ4_NL, not dequantized by this importer
+    let (code, _, err) = adadim(&["import-gguf", odd.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(err.contains("iq.gguf") && err.contains("supported:"), "{err}");
+
+    // A well-formed GGUF that lacks the llama metadata.
+    let partial = d.path().join("partial.gguf");
+    small_gguf(&partial, None);
+    let (code, _, err) = adadim(&["import-gguf", partial.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(err.contains("partial.gguf") && err.contains("llama.attention.head_count"), "{err}");
+    assert!(!out.exists());
+}
