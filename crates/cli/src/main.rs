@@ -1,6 +1,7 @@
 //! `adadim`: the command-line tool. Library errors are typed; here they become one readable
 //! line on stderr and a non-zero exit code.
 
+mod bench;
 mod progress;
 
 use adadim_eval::datasets::{data_dir_from_env, Dataset};
@@ -30,6 +31,38 @@ enum Cmd {
     /// Measure model quality.
     #[command(subcommand)]
     Eval(EvalCmd),
+    /// Measure speed against this machine's limits and against peers; writes BENCHMARKS.md.
+    #[command(subcommand)]
+    Bench(BenchCmd),
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// Perplexity-evaluation throughput vs the measured f32 GEMM rate and vs llama.cpp.
+    Eval(BenchEvalArgs),
+}
+
+#[derive(Args)]
+struct BenchEvalArgs {
+    #[command(flatten)]
+    model: ModelArg,
+    /// A named dataset or a text file.
+    #[arg(long, default_value = "wikitext2")]
+    dataset: String,
+    #[arg(long, default_value_t = 2048)]
+    seqlen: usize,
+    /// Windows to evaluate (ours and llama.cpp's).
+    #[arg(long, default_value_t = 8)]
+    windows: usize,
+    /// Folder with llama.cpp's binaries (llama-perplexity); skipped when absent.
+    #[arg(long, env = "ADADIM_LLAMA_CPP")]
+    llama_cpp: Option<PathBuf>,
+    /// The GGUF file llama.cpp evaluates (default: the named model's GGUF).
+    #[arg(long)]
+    gguf: Option<PathBuf>,
+    /// Markdown file whose `eval` section is rewritten.
+    #[arg(long, default_value = "BENCHMARKS.md")]
+    write: PathBuf,
 }
 
 #[derive(Subcommand)]
@@ -83,6 +116,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Eval(EvalCmd::Ppl(a)) => eval_ppl(a),
+        Cmd::Bench(BenchCmd::Eval(a)) => bench_eval(a),
     }
 }
 
@@ -130,5 +164,69 @@ fn eval_ppl(a: PplArgs) -> Result<()> {
             r.tokens_per_s
         );
     }
+    Ok(())
+}
+
+fn bench_eval(a: BenchEvalArgs) -> Result<()> {
+    let dataset = Dataset::resolve(&a.dataset, data_dir_from_env().as_deref())?;
+    let dir = model_dir(&a.model.model)?;
+    let ckpt = adadim_load::Checkpoint::open(&dir)?;
+    let cfg = ckpt.config.clone();
+    let tok = adadim_load::tokenizer::load(&dir)?;
+    let ids = adadim_eval::ppl::tokenize(&tok, &dataset.read_text()?, &dataset.label)?;
+    let model = adadim_model::Model::load(&ckpt, a.seqlen, &mut |_, _| {})?;
+    let threads = candle_core::utils::get_num_threads();
+
+    // 1. The machine's GEMM rate, on the model's own shapes and on a large square.
+    let t = a.seqlen;
+    let shapes = [
+        ("q/o proj", t, cfg.hidden_size, cfg.q_dim()),
+        ("gate/up", t, cfg.hidden_size, cfg.intermediate_size),
+        ("down", t, cfg.intermediate_size, cfg.hidden_size),
+        ("lm head (512 rows)", 512, cfg.hidden_size, cfg.vocab_size),
+        ("square 2048", 2048, 2048, 2048),
+    ];
+    let mut gemm = Vec::new();
+    for (name, m, k, n) in shapes {
+        gemm.push((name, m, k, n, bench::gemm_gflops(m, k, n, 5)?));
+    }
+    let peak = gemm.iter().map(|g| g.4).fold(0.0, f64::max);
+
+    // 2. Our evaluation.
+    let mut bar = progress::Bar::new("bench", a.windows);
+    let r = adadim_eval::ppl::perplexity(&model, &ids, a.seqlen, Some(a.windows), &mut |d, n| bar.update(d, n))?;
+    bar.finish();
+    let flops_per_token = cfg.forward_flops(a.seqlen) / a.seqlen as f64;
+    let achieved = flops_per_token * r.tokens_per_s / 1e9;
+
+    // 3. llama.cpp on the same file and text.
+    let gguf = a.gguf.clone().or_else(|| {
+        let p = adadim_load::fetch::adadim_home().join("models").join(format!("{}.gguf", a.model.model));
+        p.exists().then_some(p)
+    });
+    let peer = match (&a.llama_cpp, &gguf) {
+        (Some(bin), Some(g)) => Some(bench::llama_perplexity(bin, g, &dataset.path, a.seqlen, r.windows, threads)?),
+        _ => None,
+    };
+
+    let mut md = String::new();
+    use std::fmt::Write;
+    writeln!(md, "## Perplexity evaluation throughput (`adadim bench eval`)\n")?;
+    writeln!(md, "Model `{}` (f32; for smollm2 the dequantized Q4_1 GGUF, our full-precision baseline), {} on {} windows x {} tokens, {threads} threads.\n", a.model.model, dataset.label, r.windows, a.seqlen)?;
+    writeln!(md, "f32 GEMM rate measured in this run (candle + gemm x86-v4, best of 5):\n")?;
+    writeln!(md, "| matmul | m x k x n | GFLOP/s |\n|---|---|---|")?;
+    for (name, m, k, n, g) in &gemm {
+        writeln!(md, "| {name} | {m} x {k} x {n} | {g:.1} |")?;
+    }
+    writeln!(md, "\n| evaluator | tokens/s | model GFLOP/s | fraction of GEMM peak ({peak:.1} GFLOP/s) | ppl reported |\n|---|---|---|---|---|")?;
+    writeln!(md, "| adadim (GPTQ protocol: all {} predictions per window) | {:.1} | {achieved:.1} | {:.2} | {:.4} |", a.seqlen - 1, r.tokens_per_s, achieved / peak, r.ppl)?;
+    match &peer {
+        Some(p) => writeln!(md, "| llama.cpp `llama-perplexity` (scores 2nd half of each window; same GGUF, Q4_1 kernels) | {:.1} | | | {:.4} |\n\nadadim / llama.cpp throughput: **{:.2}x**. llama.cpp command: `{}`.", p.tokens_per_s, p.ppl, r.tokens_per_s / p.tokens_per_s, p.command)?,
+        None => writeln!(md, "\nllama.cpp not run (pass --llama-cpp DIR or set ADADIM_LLAMA_CPP).")?,
+    }
+    writeln!(md, "\nModel FLOPs per token: {:.1} MFLOP (linears + dense causal attention + LM head, at seqlen {}).", flops_per_token / 1e6, a.seqlen)?;
+    print!("{md}");
+    bench::write_section(&a.write, "eval", &md)?;
+    eprintln!("wrote {}", a.write.display());
     Ok(())
 }

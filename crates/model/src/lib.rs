@@ -12,8 +12,9 @@
 //! # Ok::<(), adadim_model::ModelError>(())
 //! ```
 
-pub mod causal_softmax;
+pub mod attention;
 pub mod error;
+pub mod kernels;
 pub mod llama;
 
 pub use error::{ModelError, Result};

@@ -5,10 +5,11 @@
 //! block at a time on captured inputs (what layer-by-layer quantization needs).
 //! Shapes below: `t` tokens, `d` hidden size, `h`/`kvh` query/KV heads, `hd` head dim, `f` MLP size.
 
-use crate::causal_softmax::causal_softmax;
+use crate::attention::causal_attention;
+use crate::kernels::silu_mul;
 use crate::error::{Ctx, ModelError, Result};
 use adadim_load::{Checkpoint, LlamaConfig};
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{Device, Tensor};
 
 // ---------------------------------------------------------------- linear layer
 
@@ -222,26 +223,30 @@ impl Block {
 
     /// `silu(gate(h)) * up(h)`: (t, d) -> (t, f).
     pub fn mlp_hidden(&self, h: &Tensor) -> candle_core::Result<Tensor> {
-        self.gate.forward(h)?.silu()? * self.up.forward(h)?
+        let g = self.gate.forward(h)?;
+        let u = self.up.forward(h)?;
+        let shape = g.shape().clone();
+        let (g, u) = (g.flatten_all()?.to_vec1::<f32>()?, u.flatten_all()?.to_vec1::<f32>()?);
+        let mut out = vec![0f32; g.len()];
+        // Rows in parallel; silu_mul vectorizes each.
+        let cols = shape.dims()[shape.rank() - 1];
+        use rayon::prelude::*;
+        out.par_chunks_mut(cols * 64).zip(g.par_chunks(cols * 64)).zip(u.par_chunks(cols * 64))
+            .for_each(|((o, g), u)| silu_mul(g, u, o));
+        Tensor::from_vec(out, shape, h.device())
     }
 
     /// Causal self-attention on normed input `h` (t, d) -> context (t, h*hd), before o_proj.
     pub fn attention(&self, h: &Tensor, rope: &Rope) -> candle_core::Result<Tensor> {
         let t = h.dims()[0];
         let (nh, nkv, hd) = (self.n_head, self.n_kv_head, self.head_dim);
-        let g = nh / nkv; // query heads per KV head
         let heads = |x: Tensor, n: usize| x.reshape((1, t, n, hd))?.transpose(1, 2); // (1, n, t, hd)
         let q = rope.apply(&heads(self.q.forward(h)?, nh)?, 0)?;
         let k = rope.apply(&heads(self.k.forward(h)?, nkv)?, 0)?;
         let v = heads(self.v.forward(h)?, nkv)?.contiguous()?;
         // Query heads kv*g..kv*g+g share KV head kv: fold them into the rows, no K/V copies.
-        let q = (q * (1.0 / (hd as f64).sqrt()))?.reshape((nkv, g * t, hd))?;
-        let k = k.reshape((nkv, t, hd))?;
-        let v = v.reshape((nkv, t, hd))?;
-        let scores = q.matmul(&k.t()?)?.reshape((nkv * g, t, t))?; // (h, t, t)
-        let p = causal_softmax(&scores)?.reshape((nkv, g * t, t))?;
-        let ctx = p.matmul(&v)?; // (kvh, g*t, hd)
-        ctx.reshape((nh, t, hd))?.transpose(0, 1)?.reshape((t, nh * hd))
+        let q = (q * (1.0 / (hd as f64).sqrt()))?.reshape((nh, t, hd))?;
+        causal_attention(&q, &k.reshape((nkv, t, hd))?, &v.reshape((nkv, t, hd))?)
     }
 }
 
@@ -314,24 +319,29 @@ impl Model {
     /// Evaluated `chunk` rows at a time so a (t, vocab) logits matrix is never held whole.
     pub fn target_logprobs(&self, hidden: &Tensor, targets: &[u32], chunk: usize) -> Result<Vec<f64>> {
         let t = targets.len();
+        if let Some(&id) = targets.iter().find(|&&i| i as usize >= self.config.vocab_size) {
+            return Err(ModelError::TokenOutOfRange { id, vocab: self.config.vocab_size });
+        }
         let mut out = Vec::with_capacity(t);
         let mut start = 0;
         while start < t {
             let n = chunk.min(t - start);
             let h = hidden.narrow(0, start, n).ctx(|| "hidden chunk".into())?;
             let logits = self.logits(&h)?;
-            let lse = logits
-                .max_keepdim(D::Minus1)
-                .and_then(|m| {
-                    let e = logits.broadcast_sub(&m)?.exp()?.sum_keepdim(D::Minus1)?.log()?;
-                    e + m
+            let vocab = logits.dims()[1];
+            let flat = logits.flatten_all().and_then(|l| l.to_vec1::<f32>()).ctx(|| "logits".into())?;
+            // Rows in parallel: log p(target) = logit[target] - logsumexp(logits).
+            use rayon::prelude::*;
+            let chunk_lp: Vec<f64> = flat
+                .par_chunks(vocab)
+                .zip(&targets[start..start + n])
+                .map(|(row, &tgt)| {
+                    let mut lse = 0.0;
+                    crate::kernels::logsumexp(row, &mut lse);
+                    row[tgt as usize] as f64 - lse as f64
                 })
-                .and_then(|x| x.squeeze(1)?.to_dtype(DType::F64)?.to_vec1::<f64>())
-                .ctx(|| "log-softmax".into())?;
-            let rows = logits.to_vec2::<f32>().ctx(|| "logits".into())?;
-            for (i, row) in rows.iter().enumerate() {
-                out.push(row[targets[start + i] as usize] as f64 - lse[i]);
-            }
+                .collect();
+            out.extend(chunk_lp);
             start += n;
         }
         Ok(out)

@@ -1,0 +1,107 @@
+//! `adadim bench eval`: evaluation throughput, side by side in one run with
+//! (a) this machine's f32 GEMM rate measured on the model's own matmul shapes and a large square,
+//! (b) llama.cpp's `llama-perplexity` on the same model file and text, when its binaries are given.
+//! The result is printed and written into BENCHMARKS.md between markers.
+
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+/// Best-of-`reps` GFLOP/s of `(m,k) @ (k,n)` with candle (the same path the forward uses;
+/// the right operand transposed like a weight matrix).
+pub fn gemm_gflops(m: usize, k: usize, n: usize, reps: usize) -> Result<f64> {
+    let a = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu)?;
+    let w = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu)?;
+    let wt = w.t()?;
+    let _ = a.matmul(&wt)?; // warm up (thread pool, page faults)
+    let mut best = f64::MAX;
+    for _ in 0..reps {
+        let t = Instant::now();
+        let c = a.matmul(&wt)?;
+        std::hint::black_box(&c);
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    Ok(2.0 * (m * k * n) as f64 / best / 1e9)
+}
+
+pub struct PeerRun {
+    pub ppl: f64,
+    pub tokens_per_s: f64,
+    pub command: String,
+}
+
+/// Run llama.cpp's `llama-perplexity` on `gguf` and `text` with `ctx`, `chunks` windows.
+pub fn llama_perplexity(bin_dir: &Path, gguf: &Path, text: &Path, ctx: usize, chunks: usize, threads: usize) -> Result<PeerRun> {
+    let exe = bin_dir.join("llama-perplexity");
+    if !exe.exists() {
+        bail!("{}: not found (build it with bench/peers/build-llamacpp.sh)", exe.display());
+    }
+    let args = [
+        "-m".to_string(), gguf.display().to_string(), "-f".into(), text.display().to_string(),
+        "-c".into(), ctx.to_string(), "-b".into(), ctx.to_string(), "--chunks".into(), chunks.to_string(),
+        "-t".into(), threads.to_string(), "--no-repack".into(),
+    ];
+    let command = format!("llama-perplexity {}", args.join(" "));
+    let t = Instant::now();
+    let out = Command::new(&exe).args(&args).output().with_context(|| format!("running {}", exe.display()))?;
+    let seconds = t.elapsed().as_secs_f64();
+    let log = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    if !out.status.success() {
+        bail!("{command} failed: {}", log.lines().rev().take(5).collect::<Vec<_>>().join(" | "));
+    }
+    // "Final estimate: PPL = 17.1234 +/- 0.12"
+    let ppl = log
+        .lines()
+        .find_map(|l| l.split("Final estimate: PPL = ").nth(1))
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .with_context(|| format!("no 'Final estimate' in llama-perplexity output: {}", log.lines().rev().take(5).collect::<Vec<_>>().join(" | ")))?;
+    // "llama_perf_context_print: prompt eval time = 1234.5 ms / 16384 tokens (... ms per token, 123.4 tokens per second)"
+    let tps = log
+        .lines()
+        .filter(|l| l.contains("prompt eval time"))
+        .find_map(|l| l.split(" ms per token, ").nth(1).and_then(|r| r.split_whitespace().next()).and_then(|v| v.parse::<f64>().ok()))
+        .unwrap_or((chunks * ctx) as f64 / seconds);
+    Ok(PeerRun { ppl, tokens_per_s: tps, command })
+}
+
+/// Replace the text between `<!-- begin NAME -->` and `<!-- end NAME -->` in `file`
+/// (appending the section if absent), atomically.
+pub fn write_section(file: &Path, name: &str, body: &str) -> Result<()> {
+    let (begin, end) = (format!("<!-- begin {name} -->"), format!("<!-- end {name} -->"));
+    let old = std::fs::read_to_string(file).unwrap_or_else(|_| "# Benchmarks\n\nRegenerate with `bench/run.sh` (see README).\n".into());
+    let section = format!("{begin}\n{body}\n{end}");
+    let new = match (old.find(&begin), old.find(&end)) {
+        (Some(b), Some(e)) if e > b => format!("{}{}{}", &old[..b], section, &old[e + end.len()..]),
+        _ => format!("{}\n{}\n", old.trim_end(), section),
+    };
+    let tmp = PathBuf::from(format!("{}.tmp", file.display()));
+    std::fs::write(&tmp, new).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, file).with_context(|| format!("writing {}", file.display()))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sections_are_replaced_in_place() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("B.md");
+        write_section(&f, "a", "one").unwrap();
+        write_section(&f, "b", "two").unwrap();
+        write_section(&f, "a", "three").unwrap();
+        let s = std::fs::read_to_string(&f).unwrap();
+        assert!(s.contains("three") && s.contains("two") && !s.contains("one"), "{s}");
+        assert!(s.find("three").unwrap() < s.find("two").unwrap(), "order kept: {s}");
+    }
+
+    #[test]
+    fn gemm_rate_is_plausible() {
+        let g = gemm_gflops(64, 64, 64, 2).unwrap();
+        assert!(g > 0.1 && g < 1e5, "{g}");
+    }
+}

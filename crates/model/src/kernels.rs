@@ -1,0 +1,157 @@
+//! Element-wise kernels of the forward pass that candle runs slowly on the CPU (single-threaded,
+//! libm `exp`): a vectorizable `exp`, row softmax and fused `silu(g) * u`.
+//!
+//! Each is a plain loop compiled three times (AVX-512, AVX2+FMA, baseline) and chosen at run
+//! time; `*_ref` versions with `f64` libm math sit beside them and the tests hold them together.
+
+/// `e^x` for f32 with relative error below 2e-7 on [-87, 88] (Cephes `expf` polynomial):
+/// `x = n ln2 + r`, `|r| <= ln2/2`, `e^x = 2^n * P(r)`. Branch-free so loops vectorize.
+#[inline(always)]
+pub fn exp_fast(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    let x = x.clamp(-87.0, 88.0);
+    // Round to nearest with the 1.5 * 2^23 trick (no `round` call, vectorizes everywhere).
+    let n = (x * LOG2E + 12_582_912.0) - 12_582_912.0;
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let p = 1.987_569_1e-4f32;
+    let p = p * r + 1.398_199_9e-3;
+    let p = p * r + 8.333_452e-3;
+    let p = p * r + 4.166_579_6e-2;
+    let p = p * r + 1.666_666_5e-1;
+    let p = p * r + 5.000_000_1e-1;
+    let p = p * r * r + r + 1.0;
+    f32::from_bits(((n as i32 + 127) << 23) as u32) * p
+}
+
+macro_rules! multiversion {
+    ($(#[$m:meta])* pub fn $name:ident($($arg:ident: $ty:ty),*) $body:block) => {
+        $(#[$m])*
+        pub fn $name($($arg: $ty),*) {
+            #[inline(always)]
+            fn body($($arg: $ty),*) $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+                unsafe fn v4($($arg: $ty),*) { body($($arg),*) }
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn v3($($arg: $ty),*) { body($($arg),*) }
+                if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512vl") {
+                    // SAFETY: the features were detected on this CPU.
+                    return unsafe { v4($($arg),*) };
+                }
+                if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                    // SAFETY: as above.
+                    return unsafe { v3($($arg),*) };
+                }
+            }
+            body($($arg),*)
+        }
+    };
+}
+
+multiversion! {
+    /// In place: `row[..len] = softmax(row[..len])`, `row[len..] = 0` (the causal mask).
+    pub fn softmax_prefix(row: &mut [f32], len: usize) {
+        let (live, dead) = row.split_at_mut(len);
+        let max = live.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0.0f32;
+        for v in live.iter_mut() {
+            *v = exp_fast(*v - max);
+            sum += *v;
+        }
+        let inv = 1.0 / sum;
+        live.iter_mut().for_each(|v| *v *= inv);
+        dead.iter_mut().for_each(|v| *v = 0.0);
+    }
+}
+
+multiversion! {
+    /// `out[i] = silu(g[i]) * u[i]` with `silu(x) = x / (1 + e^-x)`.
+    pub fn silu_mul(g: &[f32], u: &[f32], out: &mut [f32]) {
+        for ((o, &g), &u) in out.iter_mut().zip(g).zip(u) {
+            *o = g / (1.0 + exp_fast(-g)) * u;
+        }
+    }
+}
+
+multiversion! {
+    /// `*out = log(sum(exp(row)))`, computed stably around the row maximum.
+    pub fn logsumexp(row: &[f32], out: &mut f32) {
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let sum: f32 = row.iter().map(|&v| exp_fast(v - max)).sum();
+        *out = max + sum.ln();
+    }
+}
+
+/// Reference for [`logsumexp`].
+pub fn logsumexp_ref(row: &[f32]) -> f64 {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    max + row.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln()
+}
+
+/// Reference for [`softmax_prefix`].
+pub fn softmax_prefix_ref(row: &mut [f32], len: usize) {
+    let max = row[..len].iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let sum: f64 = row[..len].iter().map(|&v| (v as f64 - max).exp()).sum();
+    for (i, v) in row.iter_mut().enumerate() {
+        *v = if i < len { ((*v as f64 - max).exp() / sum) as f32 } else { 0.0 };
+    }
+}
+
+/// Reference for [`silu_mul`].
+pub fn silu_mul_ref(g: &[f32], u: &[f32], out: &mut [f32]) {
+    for ((o, &g), &u) in out.iter_mut().zip(g).zip(u) {
+        *o = (g as f64 / (1.0 + (-(g as f64)).exp()) * u as f64) as f32;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_fast_is_accurate() {
+        let mut worst = 0f64;
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            let rel = ((exp_fast(x) as f64 - (x as f64).exp()) / (x as f64).exp()).abs();
+            worst = worst.max(rel);
+            x += 0.000_97;
+        }
+        assert!(worst < 3e-7, "worst relative error {worst:e}");
+        assert_eq!(exp_fast(-1000.0), exp_fast(-87.0));
+        assert!(exp_fast(0.0) == 1.0);
+    }
+
+    #[test]
+    fn softmax_and_silu_match_reference() {
+        let mut rng = adadim_load::synth::Rng::new(3);
+        for n in [1, 7, 16, 33, 1000, 2049] {
+            let src = rng.normals(n, 6.0);
+            for len in [1, n / 2 + 1, n] {
+                let (mut a, mut b) = (src.clone(), src.clone());
+                softmax_prefix(&mut a, len);
+                softmax_prefix_ref(&mut b, len);
+                // f32 summation over `len` terms: error grows like eps * sqrt(len).
+                let tol = 1e-6 + 4.0 * f32::EPSILON * (len as f32).sqrt();
+                for (x, y) in a.iter().zip(&b) {
+                    assert!((x - y).abs() <= tol * y.abs().max(1e-3), "n={n} len={len}: {x} vs {y}");
+                }
+                assert!(a[len..].iter().all(|&v| v == 0.0));
+            }
+            let mut lse = 0.0;
+            logsumexp(&src, &mut lse);
+            let want = logsumexp_ref(&src);
+            assert!((lse as f64 - want).abs() < 1e-5 * want.abs().max(1.0), "lse n={n}: {lse} vs {want}");
+            let u = rng.normals(n, 1.0);
+            let (mut a, mut b) = (vec![0.0; n], vec![0.0; n]);
+            silu_mul(&src, &u, &mut a);
+            silu_mul_ref(&src, &u, &mut b);
+            for (x, y) in a.iter().zip(&b) {
+                assert!((x - y).abs() <= 1e-6 * y.abs().max(1e-3), "silu: {x} vs {y}");
+            }
+        }
+    }
+}
