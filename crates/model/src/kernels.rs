@@ -11,9 +11,12 @@ pub fn exp_fast(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
-    let x = x.clamp(-87.0, 88.0);
-    // Round to nearest with the 1.5 * 2^23 trick (no `round` call, vectorizes everywhere).
-    let n = (x * LOG2E + 12_582_912.0) - 12_582_912.0;
+    let x = x.max(-87.0).min(88.0);
+    // Round to nearest with the 1.5 * 2^23 trick: `k`'s low mantissa bits hold the integer
+    // n = round(x log2 e), readable with integer ops only (float->int casts do not vectorize).
+    let k = x * LOG2E + 12_582_912.0;
+    let n = k - 12_582_912.0;
+    let n_int = k.to_bits() as i32 - 0x4B40_0000;
     let r = x - n * LN2_HI - n * LN2_LO;
     let p = 1.987_569_1e-4f32;
     let p = p * r + 1.398_199_9e-3;
@@ -22,7 +25,49 @@ pub fn exp_fast(x: f32) -> f32 {
     let p = p * r + 1.666_666_5e-1;
     let p = p * r + 5.000_000_1e-1;
     let p = p * r * r + r + 1.0;
-    f32::from_bits(((n as i32 + 127) << 23) as u32) * p
+    f32::from_bits(((n_int + 127) << 23) as u32) * p
+}
+
+/// Lanes for explicit reductions: float sums do not auto-vectorize (addition order matters),
+/// so we keep `LANES` partial sums and let LLVM map them onto one vector register.
+const LANES: usize = 16;
+
+#[inline(always)]
+fn max_lanes(x: &[f32]) -> f32 {
+    let mut m = [f32::NEG_INFINITY; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for l in 0..LANES {
+            m[l] = m[l].max(c[l]);
+        }
+    }
+    tail.iter().chain(m.iter()).copied().fold(f32::NEG_INFINITY, f32::max)
+}
+
+/// `sum(exp(x - shift))`; with `store`, also writes the exponentials back into `x`.
+#[inline(always)]
+fn sum_exp_lanes(x: &mut [f32], shift: f32, store: bool) -> f32 {
+    let mut s = [0f32; LANES];
+    let mut chunks = x.chunks_exact_mut(LANES);
+    for c in &mut chunks {
+        for l in 0..LANES {
+            let e = exp_fast(c[l] - shift);
+            if store {
+                c[l] = e;
+            }
+            s[l] += e;
+        }
+    }
+    let mut total: f32 = 0.0;
+    for v in chunks.into_remainder() {
+        let e = exp_fast(*v - shift);
+        if store {
+            *v = e;
+        }
+        total += e;
+    }
+    total + s.iter().sum::<f32>()
 }
 
 macro_rules! multiversion {
@@ -55,12 +100,8 @@ multiversion! {
     /// In place: `row[..len] = softmax(row[..len])`, `row[len..] = 0` (the causal mask).
     pub fn softmax_prefix(row: &mut [f32], len: usize) {
         let (live, dead) = row.split_at_mut(len);
-        let max = live.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0.0f32;
-        for v in live.iter_mut() {
-            *v = exp_fast(*v - max);
-            sum += *v;
-        }
+        let max = max_lanes(live);
+        let sum = sum_exp_lanes(live, max, true);
         let inv = 1.0 / sum;
         live.iter_mut().for_each(|v| *v *= inv);
         dead.iter_mut().for_each(|v| *v = 0.0);
@@ -78,10 +119,9 @@ multiversion! {
 
 multiversion! {
     /// `*out = log(sum(exp(row)))`, computed stably around the row maximum.
-    pub fn logsumexp(row: &[f32], out: &mut f32) {
-        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let sum: f32 = row.iter().map(|&v| exp_fast(v - max)).sum();
-        *out = max + sum.ln();
+    pub fn logsumexp(row: &mut [f32], out: &mut f32) {
+        let max = max_lanes(row);
+        *out = max + sum_exp_lanes(row, max, false).ln();
     }
 }
 
@@ -142,7 +182,7 @@ mod tests {
                 assert!(a[len..].iter().all(|&v| v == 0.0));
             }
             let mut lse = 0.0;
-            logsumexp(&src, &mut lse);
+            logsumexp(&mut src.clone(), &mut lse);
             let want = logsumexp_ref(&src);
             assert!((lse as f64 - want).abs() < 1e-5 * want.abs().max(1.0), "lse n={n}: {lse} vs {want}");
             let u = rng.normals(n, 1.0);

@@ -329,16 +329,17 @@ impl Model {
             let h = hidden.narrow(0, start, n).ctx(|| "hidden chunk".into())?;
             let logits = self.logits(&h)?;
             let vocab = logits.dims()[1];
-            let flat = logits.flatten_all().and_then(|l| l.to_vec1::<f32>()).ctx(|| "logits".into())?;
+            let mut flat = logits.flatten_all().and_then(|l| l.to_vec1::<f32>()).ctx(|| "logits".into())?;
             // Rows in parallel: log p(target) = logit[target] - logsumexp(logits).
             use rayon::prelude::*;
             let chunk_lp: Vec<f64> = flat
-                .par_chunks(vocab)
+                .par_chunks_mut(vocab)
                 .zip(&targets[start..start + n])
                 .map(|(row, &tgt)| {
                     let mut lse = 0.0;
+                    let picked = row[tgt as usize] as f64;
                     crate::kernels::logsumexp(row, &mut lse);
-                    row[tgt as usize] as f64 - lse as f64
+                    picked - lse as f64
                 })
                 .collect();
             out.extend(chunk_lp);

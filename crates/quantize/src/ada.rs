@@ -1,0 +1,106 @@
+//! AdaDim's dimension search (paper Eq. 3): quantize a layer along both axes with RTN and
+//! keep the axis whose output `Q(W) X` is closer to `W X`.
+
+use faer::linalg::matmul::matmul;
+use faer::{Accum, MatMut, MatRef, Par};
+
+use crate::error::{Error, Result};
+use crate::hessian::{check_inputs, Hessian};
+use crate::matrix::{check_weights, QuantizedMatrix};
+use crate::quantizer::{Axis, QuantSpec};
+use crate::rtn::rtn;
+
+/// Calibration data of one layer, to measure Eq. 3 on.
+#[derive(Clone, Copy, Debug)]
+pub enum Calibration<'a> {
+    /// The layer's inputs `X`, row-major `[tokens, cols]`.
+    Inputs(&'a [f32]),
+    /// Their Hessian: the same error, without keeping `X` ([`output_error_from_hessian`]).
+    Hessian(&'a Hessian),
+}
+
+/// The axis Eq. 3 picked for one layer, with the error of both.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AxisChoice {
+    /// The axis with the lower output error; per-OC on a tie (the layout GPTQ
+    /// checkpoints and kernels already support).
+    pub axis: Axis,
+    /// `mean((Q_oc(W) X - W X)^2)`.
+    pub oc_error: f64,
+    /// `mean((Q_ic(W) X - W X)^2)`.
+    pub ic_error: f64,
+    /// The RTN quantization along `axis`.
+    pub quantized: QuantizedMatrix,
+}
+
+/// Tokens per GEMM in [`output_error`]: bounds the `[rows, tokens]` scratch.
+const TOKEN_CHUNK: usize = 2048;
+
+/// `mean((W' X - W X)^2)` over rows and tokens, with `w`, `w_hat` row-major `[rows, cols]`
+/// and `x` row-major `[tokens, cols]` (paper Eq. 3, squared and averaged).
+///
+/// Computed as `(W' - W) X^T` with one f32 GEMM per chunk of tokens; squares summed in f64.
+pub fn output_error(w: &[f32], w_hat: &[f32], rows: usize, cols: usize, x: &[f32]) -> Result<f64> {
+    check_weights(w, rows, cols)?;
+    check_weights(w_hat, rows, cols)?;
+    let tokens = check_inputs(x, cols)?;
+    if tokens == 0 {
+        return Err(Error::Invalid("output error needs at least one calibration token"));
+    }
+    let D: Vec<f32> = w_hat.iter().zip(w).map(|(a, b)| a - b).collect();
+    let D = MatRef::from_row_major_slice(&D, rows, cols);
+    let mut Y = vec![0.0f32; rows * TOKEN_CHUNK.min(tokens)];
+    let mut sum = 0.0f64;
+    for x in x.chunks(TOKEN_CHUNK * cols) {
+        let t = x.len() / cols;
+        let X = MatRef::from_row_major_slice(x, t, cols);
+        let Y = &mut Y[..rows * t];
+        let Y_mat = MatMut::from_column_major_slice_mut(Y, rows, t);
+        matmul(Y_mat, Accum::Replace, D, X.transpose(), 1.0, Par::rayon(0));
+        sum += Y.iter().map(|&y| f64::from(y) * f64::from(y)).sum::<f64>();
+    }
+    Ok(sum / (rows * tokens) as f64)
+}
+
+/// The same error as [`output_error`] from the Hessian `H = (2 / n) sum_t x_t x_t^T`:
+/// `mean_{r,t} (d_r . x_t)^2 = sum_r d_r^T H d_r / (2 rows) = trace(D H D^T) / (2 rows)`
+/// with `D = W' - W`, so a driver can keep the `[cols, cols]` H instead of all of `X`.
+pub fn output_error_from_hessian(w: &[f32], w_hat: &[f32], rows: usize, cols: usize, h: &Hessian) -> Result<f64> {
+    check_weights(w, rows, cols)?;
+    check_weights(w_hat, rows, cols)?;
+    if h.dim() != cols {
+        let (expected, got) = (cols * cols, h.matrix().len());
+        return Err(Error::Shape { what: "Hessian [cols, cols]", expected, got });
+    }
+    if h.tokens() == 0 {
+        return Err(Error::Invalid("output error needs at least one calibration token"));
+    }
+    let D: Vec<f64> = w_hat.iter().zip(w).map(|(&a, &b)| f64::from(a) - f64::from(b)).collect();
+    let H: Vec<f64> = h.matrix().iter().map(|&v| f64::from(v)).collect();
+    let mut DH = vec![0.0f64; rows * cols];
+    matmul(
+        MatMut::from_row_major_slice_mut(&mut DH, rows, cols),
+        Accum::Replace,
+        MatRef::from_row_major_slice(&D, rows, cols),
+        MatRef::from_row_major_slice(&H, cols, cols),
+        1.0,
+        Par::rayon(0),
+    );
+    let trace: f64 = DH.iter().zip(&D).map(|(a, b)| a * b).sum();
+    Ok(trace / (2.0 * rows as f64))
+}
+
+/// Quantizes `w` with RTN per-OC and per-IC (`spec.axis` is ignored) and keeps the axis
+/// with the lower output error on `calib` (paper Eq. 3, "RTN-ada"; GPTQ-ada then runs
+/// [`crate::gptq`] along the returned axis).
+pub fn choose_axis(w: &[f32], rows: usize, cols: usize, spec: &QuantSpec, calib: Calibration<'_>) -> Result<AxisChoice> {
+    let error = |q: &QuantizedMatrix| match calib {
+        Calibration::Inputs(x) => output_error(w, &q.dequantize(), rows, cols, x),
+        Calibration::Hessian(h) => output_error_from_hessian(w, &q.dequantize(), rows, cols, h),
+    };
+    let oc = rtn(w, rows, cols, &spec.with_axis(Axis::Oc))?;
+    let ic = rtn(w, rows, cols, &spec.with_axis(Axis::Ic))?;
+    let (oc_error, ic_error) = (error(&oc)?, error(&ic)?);
+    let (axis, quantized) = if ic_error < oc_error { (Axis::Ic, ic) } else { (Axis::Oc, oc) };
+    Ok(AxisChoice { axis, oc_error, ic_error, quantized })
+}

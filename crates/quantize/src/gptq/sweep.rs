@@ -1,0 +1,98 @@
+//! The column sweep of GPTQ (`gptq.py`, `fasterquant`'s block loop): quantize one input
+//! column, spread its error over the columns not yet quantized, lazily in blocks.
+
+use faer::linalg::matmul::matmul;
+use faer::{Accum, Mat, MatMut, MatRef, Par};
+
+use crate::matrix::Grid;
+use crate::quantizer::{dequantize, quantize, Axis, GroupParams, QuantSpec};
+
+/// One sweep over the input columns of `W`, in processing order.
+pub(crate) struct Sweep<'a> {
+    pub rows: usize,
+    pub cols: usize,
+    pub spec: &'a QuantSpec,
+    pub grid: &'a Grid,
+    /// `perm[j]` is the original index of the column processed `j`-th.
+    pub perm: &'a [usize],
+    /// `Hinv` of `gptq.py`, in processing order.
+    pub U: &'a Mat<f64>,
+    pub blocksize: usize,
+    /// Per-OC params were all fitted up front (static groups); nothing is fitted here.
+    pub static_groups: bool,
+}
+
+impl Sweep<'_> {
+    /// Runs the sweep on `W` (row-major `[rows, cols]`, columns in processing order, updated
+    /// in place), filling `params` and `codes` (original order) and returning the GPTQ loss.
+    pub fn run(&self, W: &mut [f64], params: &mut [GroupParams], codes: &mut [u8]) -> f64 {
+        let (rows, cols, maxq) = (self.rows, self.cols, self.spec.maxq());
+        let (gr, gc) = self.grid.group_shape();
+        let dynamic_oc = self.spec.axis == Axis::Oc && !self.static_groups;
+        // The current block, column-major so that each column is one contiguous slice.
+        let mut W1 = vec![0.0; rows * self.blocksize];
+        let mut Err1 = vec![0.0; rows * self.blocksize];
+        let mut loss = 0.0;
+        for i1 in (0..cols).step_by(self.blocksize) {
+            let i2 = (i1 + self.blocksize).min(cols);
+            let count = i2 - i1;
+            for (k, col) in W1.chunks_mut(rows).take(count).enumerate() {
+                col.iter_mut().enumerate().for_each(|(r, x)| *x = W[r * cols + i1 + k]);
+            }
+            for i in 0..count {
+                let (j, c) = (i1 + i, self.perm[i1 + i]);
+                let w = &W1[i * rows..(i + 1) * rows];
+                // Step 1, the params of this column's groups.
+                match self.spec.axis {
+                    // gptq.py: a group starts every g processed columns and is fitted on
+                    // `W[:, j:j+g]`, which holds the updates of earlier blocks but not yet
+                    // those of this block (they live in W1). Kept as is for parity.
+                    Axis::Oc if dynamic_oc && j % gc == 0 => {
+                        for r in 0..rows {
+                            let span = &W[r * cols + j..r * cols + (j + gc).min(cols)];
+                            params[self.grid.index(r, j / gc)] =
+                                self.spec.fit(span.iter().map(|&x| x as f32));
+                        }
+                    }
+                    // Paper §3.3: the column is a whole set of per-IC groups, so they are
+                    // fitted on the error-compensated column itself, just before use.
+                    Axis::Ic => {
+                        for (kr, block) in w.chunks(gr).enumerate() {
+                            params[self.grid.index(kr, c)] =
+                                self.spec.fit(block.iter().map(|&x| x as f32));
+                        }
+                    }
+                    Axis::Oc => {}
+                }
+                // Dynamic per-OC groups follow processing order; all others the original one.
+                let kc = if dynamic_oc { j / gc } else { c / gc };
+                // Step 2, quantize: err = (w - q) / Hinv[j, j], loss += err^2 / 2.
+                let d = self.U[(j, j)];
+                let err = &mut Err1[i * rows..(i + 1) * rows];
+                for (r, (&x, e)) in w.iter().zip(err.iter_mut()).enumerate() {
+                    let p = params[self.grid.index(r / gr, kc)];
+                    let q = quantize(x as f32, p, maxq);
+                    codes[r * cols + c] = q;
+                    *e = (x - f64::from(dequantize(q, p))) / d;
+                    loss += *e * *e / 2.0;
+                }
+                // Step 3, the rest of the block: W1[:, k] -= err * Hinv[j, i1 + k].
+                let err = &Err1[i * rows..(i + 1) * rows];
+                for k in i + 1..count {
+                    let u = self.U[(j, i1 + k)];
+                    let col = &mut W1[k * rows..(k + 1) * rows];
+                    col.iter_mut().zip(err).for_each(|(x, e)| *x -= e * u);
+                }
+            }
+            // Step 4, the lazy batch update: W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:].
+            if i2 < cols {
+                let W_after = MatMut::from_row_major_slice_mut(W, rows, cols)
+                    .submatrix_mut(0, i2, rows, cols - i2);
+                let Err1 = MatRef::from_column_major_slice(&Err1[..rows * count], rows, count);
+                let U_after = self.U.as_ref().submatrix(i1, i2, count, cols - i2);
+                matmul(W_after, Accum::Add, Err1, U_after, -1.0, Par::rayon(0));
+            }
+        }
+        loss
+    }
+}

@@ -1,0 +1,92 @@
+//! The layer Hessian of GPTQ, `H = (2 / n) sum_t x_t x_t^T`, accumulated as a running
+//! average over calibration batches (IST-DASLab `gptq.py`, `add_batch`).
+
+use faer::linalg::matmul::matmul;
+use faer::{Accum, MatMut, MatRef, Par};
+
+use crate::error::{Error, Result};
+
+/// Running average of `2 x x^T` over the calibration tokens seen by one linear layer.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Hessian {
+    dim: usize,
+    tokens: usize,
+    /// `H`, row-major `[dim, dim]`, f32 as in `gptq.py`.
+    h: Vec<f32>,
+}
+
+impl Hessian {
+    /// An empty Hessian for a layer with `dim` input channels.
+    pub fn new(dim: usize) -> Self {
+        Self { dim, tokens: 0, h: vec![0.0; dim * dim] }
+    }
+
+    /// Wraps an already accumulated `H` (row-major `[dim, dim]`) built from `tokens` tokens,
+    /// e.g. one saved by an earlier run. Only shape and finiteness are checked: positive
+    /// definiteness is GPTQ's business (it damps and retries).
+    pub fn from_matrix(dim: usize, h: Vec<f32>, tokens: usize) -> Result<Self> {
+        let expected = dim.checked_mul(dim).ok_or(Error::Invalid("dim * dim overflows usize"))?;
+        if h.len() != expected {
+            return Err(Error::Shape { what: "Hessian [dim, dim]", expected, got: h.len() });
+        }
+        if let Some(i) = h.iter().position(|v| !v.is_finite()) {
+            return Err(Error::NonFiniteHessian { row: i / dim, col: i % dim, value: h[i] });
+        }
+        Ok(Self { dim, tokens, h })
+    }
+
+    /// Adds a batch of calibration inputs `x`, row-major `[tokens, dim]`.
+    ///
+    /// `H <- H n / (n + t) + (2 / (n + t)) X^T X`, one GEMM per batch rather than `t`
+    /// rank-1 updates. A batch with a NaN or infinity is rejected whole, leaving `H` as it was.
+    pub fn add_batch(&mut self, x: &[f32]) -> Result<()> {
+        let t = check_inputs(x, self.dim)?;
+        if t == 0 {
+            return Ok(());
+        }
+        let n = self.tokens + t;
+        let keep = self.tokens as f32 / n as f32;
+        self.h.iter_mut().for_each(|v| *v *= keep);
+        self.tokens = n;
+        let X = MatRef::from_row_major_slice(x, t, self.dim);
+        let H = MatMut::from_row_major_slice_mut(&mut self.h, self.dim, self.dim);
+        matmul(H, Accum::Add, X.transpose(), X, 2.0 / n as f32, Par::rayon(0));
+        Ok(())
+    }
+
+    /// Number of input channels.
+    pub fn dim(&self) -> usize {
+        self.dim
+    }
+
+    /// Number of calibration tokens accumulated so far.
+    pub fn tokens(&self) -> usize {
+        self.tokens
+    }
+
+    /// `H`, row-major `[dim, dim]`.
+    pub fn matrix(&self) -> &[f32] {
+        &self.h
+    }
+
+    /// Input channels that never saw a non-zero input (`H[i, i] == 0`): GPTQ zeroes their
+    /// weights, which cannot affect the layer's output on this calibration data.
+    pub fn dead_inputs(&self) -> Vec<usize> {
+        (0..self.dim).filter(|&i| self.h[i * self.dim + i] == 0.0).collect()
+    }
+}
+
+/// Checks `x` is a finite `[tokens, dim]` batch and returns `tokens`.
+pub(crate) fn check_inputs(x: &[f32], dim: usize) -> Result<usize> {
+    if dim == 0 {
+        return Err(Error::Empty { rows: 0, cols: 0 });
+    }
+    if x.len() % dim != 0 {
+        let expected = x.len().next_multiple_of(dim);
+        return Err(Error::Shape { what: "inputs [tokens, dim]", expected, got: x.len() });
+    }
+    match x.iter().position(|v| !v.is_finite()) {
+        Some(i) => Err(Error::NonFiniteInput { token: i / dim, channel: i % dim, value: x[i] }),
+        None => Ok(x.len() / dim),
+    }
+}

@@ -1,0 +1,209 @@
+//! A quantized matrix: codes in `W`'s own row-major layout, params on the group grid.
+//!
+//! Both axes share one layout rule: the params form a matrix `P` oriented like `W` with
+//! one side shrunk by `g`, and weight `(r, c)` uses `P[r / g_r, c / g_c]`, where
+//! `(g_r, g_c)` is `(1, g)` per-OC and `(g, 1)` per-IC ([`QuantSpec::group_shape`]).
+
+use std::ops::Range;
+
+use crate::error::{Error, Result};
+use crate::quantizer::{dequantize, GroupParams, QuantSpec};
+
+/// The group grid of a `[rows, cols]` matrix: group `(k_r, k_c)` covers the block
+/// `[k_r g_r .., k_c g_c ..]` of `W` and its params sit at `k_r * grid_cols + k_c`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Grid {
+    rows: usize,
+    cols: usize,
+    gr: usize,
+    gc: usize,
+}
+
+impl Grid {
+    pub(crate) fn new(rows: usize, cols: usize, spec: &QuantSpec) -> Self {
+        let (gr, gc) = spec.group_shape(rows, cols);
+        Self { rows, cols, gr, gc }
+    }
+
+    /// `(g_r, g_c)`, the shape of a full group.
+    pub(crate) fn group_shape(&self) -> (usize, usize) {
+        (self.gr, self.gc)
+    }
+
+    /// Shape of the params matrix `P`.
+    pub(crate) fn shape(&self) -> (usize, usize) {
+        (self.rows.div_ceil(self.gr), self.cols.div_ceil(self.gc))
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        let (pr, pc) = self.shape();
+        pr * pc
+    }
+
+    /// Flat index of group `(k_r, k_c)` in `P`.
+    pub(crate) fn index(&self, kr: usize, kc: usize) -> usize {
+        kr * self.shape().1 + kc
+    }
+
+    /// Rows and columns of `W` covered by group `p` (flat index); the last ones may be ragged.
+    pub(crate) fn block(&self, p: usize) -> (Range<usize>, Range<usize>) {
+        let (kr, kc) = (p / self.shape().1, p % self.shape().1);
+        let span = |k: usize, g: usize, len: usize| k * g..((k + 1) * g).min(len);
+        (span(kr, self.gr, self.rows), span(kc, self.gc, self.cols))
+    }
+}
+
+/// A `[rows, cols]` matrix quantized on the grid of a [`QuantSpec`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct QuantizedMatrix {
+    rows: usize,
+    cols: usize,
+    spec: QuantSpec,
+    codes: Vec<u8>,
+    scales: Vec<f32>,
+    zeros: Vec<f32>,
+    g_idx: Option<Vec<u32>>,
+}
+
+impl QuantizedMatrix {
+    /// Assembles a matrix from stored parts, checking every length and index so that
+    /// [`QuantizedMatrix::dequantize`] cannot go out of bounds.
+    ///
+    /// `codes` is row-major `[rows, cols]`; `scales` and `zeros` are row-major
+    /// [`QuantizedMatrix::param_shape`]; `g_idx` (per-OC only) maps each input column to its
+    /// group column, as in GPTQ checkpoints; `None` means `c / g`.
+    pub fn from_parts(
+        rows: usize,
+        cols: usize,
+        spec: QuantSpec,
+        codes: Vec<u8>,
+        scales: Vec<f32>,
+        zeros: Vec<f32>,
+        g_idx: Option<Vec<u32>>,
+    ) -> Result<Self> {
+        spec.validate()?;
+        let len = checked_len(rows, cols)?;
+        let grid = Grid::new(rows, cols, &spec);
+        let shape = |what, expected, got| Error::Shape { what, expected, got };
+        if codes.len() != len {
+            return Err(shape("codes [rows, cols]", len, codes.len()));
+        }
+        if scales.len() != grid.len() || zeros.len() != grid.len() {
+            let got = if scales.len() != grid.len() { scales.len() } else { zeros.len() };
+            return Err(shape("scales and zeros [param_rows, param_cols]", grid.len(), got));
+        }
+        if let Some(i) = codes.iter().position(|&q| q > spec.maxq()) {
+            let (row, col, code) = (i / cols, i % cols, codes[i]);
+            return Err(Error::Code { row, col, code, maxq: spec.maxq() });
+        }
+        if let Some(g) = &g_idx {
+            if grid.group_shape().0 != 1 {
+                return Err(Error::Invalid("g_idx only applies to per-OC groups"));
+            }
+            if g.len() != cols {
+                return Err(shape("g_idx [cols]", cols, g.len()));
+            }
+            if g.iter().any(|&k| k as usize >= grid.shape().1) {
+                return Err(Error::Invalid("g_idx names a group past the last params column"));
+            }
+        }
+        Ok(Self { rows, cols, spec, codes, scales, zeros, g_idx })
+    }
+
+    /// Internal constructor for codes and params this crate produced itself.
+    pub(crate) fn from_params(
+        rows: usize,
+        cols: usize,
+        spec: QuantSpec,
+        codes: Vec<u8>,
+        params: &[GroupParams],
+        g_idx: Option<Vec<u32>>,
+    ) -> Self {
+        let scales = params.iter().map(|p| p.scale).collect();
+        let zeros = params.iter().map(|p| p.zero).collect();
+        Self { rows, cols, spec, codes, scales, zeros, g_idx }
+    }
+
+    /// Output channels `C_out`.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Input channels `C_in`.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// The grid the codes live on.
+    pub fn spec(&self) -> &QuantSpec {
+        &self.spec
+    }
+
+    /// Codes, row-major `[rows, cols]`, each in `0..=maxq`.
+    pub fn codes(&self) -> &[u8] {
+        &self.codes
+    }
+
+    /// Scales, row-major [`QuantizedMatrix::param_shape`].
+    pub fn scales(&self) -> &[f32] {
+        &self.scales
+    }
+
+    /// Zero points, row-major [`QuantizedMatrix::param_shape`].
+    pub fn zeros(&self) -> &[f32] {
+        &self.zeros
+    }
+
+    /// Per-OC act-order GPTQ with dynamic groups: the group column of each input column
+    /// (GPTQ's `g_idx`). `None` when it is simply `c / g`.
+    pub fn g_idx(&self) -> Option<&[u32]> {
+        self.g_idx.as_deref()
+    }
+
+    /// Shape of the params: `[rows, ceil(cols / g)]` per-OC, `[ceil(rows / g), cols]` per-IC.
+    pub fn param_shape(&self) -> (usize, usize) {
+        Grid::new(self.rows, self.cols, &self.spec).shape()
+    }
+
+    /// Flat index into `scales` / `zeros` of the group holding weight `(r, c)`.
+    pub fn param_index(&self, r: usize, c: usize) -> usize {
+        let grid = Grid::new(self.rows, self.cols, &self.spec);
+        let (gr, gc) = grid.group_shape();
+        let kc = self.g_idx.as_ref().map_or(c / gc, |g| g[c] as usize);
+        grid.index(r / gr, kc)
+    }
+
+    /// Params of the group holding weight `(r, c)`.
+    pub fn params(&self, r: usize, c: usize) -> GroupParams {
+        let i = self.param_index(r, c);
+        GroupParams { scale: self.scales[i], zero: self.zeros[i] }
+    }
+
+    /// The dequantized matrix `W'`, row-major `[rows, cols]`.
+    pub fn dequantize(&self) -> Vec<f32> {
+        (0..self.rows * self.cols)
+            .map(|i| dequantize(self.codes[i], self.params(i / self.cols, i % self.cols)))
+            .collect()
+    }
+}
+
+/// `rows * cols`, rejecting empty and overflowing shapes.
+pub(crate) fn checked_len(rows: usize, cols: usize) -> Result<usize> {
+    match rows.checked_mul(cols) {
+        Some(0) => Err(Error::Empty { rows, cols }),
+        Some(len) => Ok(len),
+        None => Err(Error::Invalid("rows * cols overflows usize")),
+    }
+}
+
+/// Checks `w` is a finite `[rows, cols]` matrix, naming the first bad weight.
+pub(crate) fn check_weights(w: &[f32], rows: usize, cols: usize) -> Result<()> {
+    let len = checked_len(rows, cols)?;
+    if w.len() != len {
+        return Err(Error::Shape { what: "weights [rows, cols]", expected: len, got: w.len() });
+    }
+    match w.iter().position(|v| !v.is_finite()) {
+        Some(i) => Err(Error::NonFiniteWeight { row: i / cols, col: i % cols, value: w[i] }),
+        None => Ok(()),
+    }
+}

@@ -1,0 +1,140 @@
+//! The one quantizer that RTN, GPTQ and the dimension search share: fit a group's
+//! `(scale, zero)` from its min and max, then IST-DASLab's three-line
+//! `q = clamp(round(w / scale) + zero, 0, maxq)`, `w' = scale * (q - zero)`.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// Which channel a quantization group runs along (paper Fig. 1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Axis {
+    /// per-OC (the usual one): each output row of `W [C_out, C_in]` is cut into groups of
+    /// `g` consecutive input channels; params have shape `[C_out, ceil(C_in / g)]`.
+    Oc,
+    /// per-IC (the paper's): each input column is cut into groups of `g` consecutive output
+    /// channels; params have shape `[ceil(C_out / g), C_in]`, so an activation outlier's
+    /// damage stays inside its own column's groups.
+    Ic,
+}
+
+/// How a group's zero point is chosen from its range (REFERENCE.md, "Quantizer").
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Zero {
+    /// AWQ-style (the authors' RTN and per-IC GPTQ): the grid spans exactly `[min, max]`,
+    /// `scale = max(max - min, 1e-5) / maxq`, `zero = clamp(round(-min / scale), 0, maxq)`.
+    Awq,
+    /// GPTQ-style (IST-DASLab `quant.py`): the range is first widened to include 0, so 0 is
+    /// always exactly representable; an all-zero group gets the range `[-1, 1]`.
+    Gptq,
+    /// Symmetric: `scale = 2 max|w| / maxq`, `zero = (maxq + 1) / 2`. Unlike `quant.py`,
+    /// an all-positive group also gets a symmetric range (`quant.py` keeps `min = 0` there
+    /// while still centring the zero, which clips the top half of the group).
+    Sym,
+}
+
+/// What grid to quantize a matrix onto.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct QuantSpec {
+    /// Bits per weight code: 2, 3, 4 or 8.
+    pub bits: u8,
+    /// Weights per group along the axis; `None` = one group per whole channel. A last
+    /// group shorter than `g` is allowed (SmolLM2's 576 = 4 x 128 + 64).
+    pub group: Option<usize>,
+    /// The channel groups run along.
+    pub axis: Axis,
+    /// How zero points are chosen.
+    pub zero: Zero,
+}
+
+/// One group's quantization parameters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct GroupParams {
+    /// Step between grid points.
+    pub scale: f32,
+    /// Code that dequantizes to 0 (a whole number in f32, as GPTQ stores it).
+    pub zero: f32,
+}
+
+impl QuantSpec {
+    /// Checks `bits` is in {2, 3, 4, 8} and `group` is not `Some(0)`.
+    pub fn validate(&self) -> Result<()> {
+        if !matches!(self.bits, 2 | 3 | 4 | 8) {
+            return Err(Error::Bits { bits: self.bits });
+        }
+        if self.group == Some(0) {
+            return Err(Error::ZeroGroup);
+        }
+        Ok(())
+    }
+
+    /// Largest code, `2^bits - 1`. Call [`QuantSpec::validate`] first: it relies on `bits <= 8`.
+    pub fn maxq(&self) -> u8 {
+        ((1u16 << self.bits.min(8)) - 1) as u8
+    }
+
+    /// The same grid along the other `axis`.
+    pub fn with_axis(&self, axis: Axis) -> Self {
+        Self { axis, ..*self }
+    }
+
+    /// Shape `(g_r, g_c)` of one group inside a `[rows, cols]` matrix: `(1, g)` per-OC,
+    /// `(g, 1)` per-IC. This is the only place the axis shapes a group; everything else
+    /// walks the group grid `[ceil(rows / g_r), ceil(cols / g_c)]`.
+    pub fn group_shape(&self, rows: usize, cols: usize) -> (usize, usize) {
+        let along = |len: usize| self.group.map_or(len, |g| g.min(len)).max(1);
+        match self.axis {
+            Axis::Oc => (1, along(cols)),
+            Axis::Ic => (along(rows), 1),
+        }
+    }
+
+    /// Fits one group's params from its values (min-max, per [`Zero`]).
+    ///
+    /// Rounding is half-to-even, as `torch.round` and `numpy.round` do, so the codes match
+    /// the reference implementations bit for bit at ties.
+    pub fn fit(&self, values: impl IntoIterator<Item = f32>) -> GroupParams {
+        let maxq = f32::from(self.maxq());
+        let (mut min, mut max) = (f32::INFINITY, f32::NEG_INFINITY);
+        for v in values {
+            min = min.min(v);
+            max = max.max(v);
+        }
+        if min > max {
+            // An empty group: any params will do, pick the all-zero group's.
+            (min, max) = (0.0, 0.0);
+        }
+        match self.zero {
+            Zero::Awq => {
+                let scale = (max - min).max(1e-5) / maxq;
+                let zero = (-min / scale).round_ties_even().clamp(0.0, maxq);
+                GroupParams { scale, zero }
+            }
+            Zero::Gptq => {
+                let (mut lo, mut hi) = (min.min(0.0), max.max(0.0));
+                if lo == 0.0 && hi == 0.0 {
+                    (lo, hi) = (-1.0, 1.0);
+                }
+                let scale = (hi - lo) / maxq;
+                GroupParams { scale, zero: (-lo / scale).round_ties_even() }
+            }
+            Zero::Sym => {
+                let absmax = min.abs().max(max.abs());
+                let absmax = if absmax == 0.0 { 1.0 } else { absmax };
+                GroupParams { scale: 2.0 * absmax / maxq, zero: (maxq + 1.0) / 2.0 }
+            }
+        }
+    }
+}
+
+/// Code of `w` on the grid of `p`: `clamp(round(w / scale) + zero, 0, maxq)`.
+pub fn quantize(w: f32, p: GroupParams, maxq: u8) -> u8 {
+    let q = (w / p.scale).round_ties_even() + p.zero;
+    // The clamp bounds q to [0, maxq] <= 255, so the cast is exact.
+    q.clamp(0.0, f32::from(maxq)) as u8
+}
+
+/// Value of `code` on the grid of `p`: `scale * (code - zero)`.
+pub fn dequantize(code: u8, p: GroupParams) -> f32 {
+    p.scale * (f32::from(code) - p.zero)
+}

@@ -1,0 +1,51 @@
+//! Round-to-nearest along either axis: fit every group on the original weights, then
+//! quantize every weight on its group's grid. The axis only sets the group's shape.
+
+use rayon::prelude::*;
+
+use crate::error::Result;
+use crate::matrix::{check_weights, Grid, QuantizedMatrix};
+use crate::quantizer::{quantize, GroupParams, QuantSpec};
+
+/// Quantizes the row-major `[rows, cols]` matrix `w` to nearest on the grid of `spec`.
+///
+/// Groups are fitted in parallel, each one from its own weights only, so the result does
+/// not depend on the number of threads.
+///
+/// ```
+/// use adadim_quantize::{rtn, Axis, QuantSpec, Zero};
+/// let w = [0.1, -0.4, 0.3, 0.8, -0.2, 0.5];
+/// let spec = QuantSpec { bits: 4, group: None, axis: Axis::Ic, zero: Zero::Awq };
+/// let q = rtn(&w, 2, 3, &spec)?;
+/// assert_eq!(q.param_shape(), (1, 3)); // one group per input column
+/// # Ok::<(), adadim_quantize::Error>(())
+/// ```
+pub fn rtn(w: &[f32], rows: usize, cols: usize, spec: &QuantSpec) -> Result<QuantizedMatrix> {
+    spec.validate()?;
+    check_weights(w, rows, cols)?;
+    let grid = Grid::new(rows, cols, spec);
+    let params = fit_groups(w, cols, &grid, spec);
+    let (gr, gc) = grid.group_shape();
+    let maxq = spec.maxq();
+    let mut codes = vec![0u8; w.len()];
+    codes.par_chunks_mut(cols).zip(w.par_chunks(cols)).enumerate().for_each(
+        |(r, (codes_r, w_r))| {
+            for (c, (q, &x)) in codes_r.iter_mut().zip(w_r).enumerate() {
+                *q = quantize(x, params[grid.index(r / gr, c / gc)], maxq);
+            }
+        },
+    );
+    Ok(QuantizedMatrix::from_params(rows, cols, *spec, codes, &params, None))
+}
+
+/// Fits the params of every group of the grid on `w` (row-major, `cols` wide), one
+/// parallel task per group, in the grid's flat order.
+pub(crate) fn fit_groups(w: &[f32], cols: usize, grid: &Grid, spec: &QuantSpec) -> Vec<GroupParams> {
+    (0..grid.len())
+        .into_par_iter()
+        .map(|p| {
+            let (rs, cs) = grid.block(p);
+            spec.fit(rs.flat_map(|r| w[r * cols + cs.start..r * cols + cs.end].iter().copied()))
+        })
+        .collect()
+}
