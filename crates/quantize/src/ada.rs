@@ -45,7 +45,9 @@ pub fn output_error(w: &[f32], w_hat: &[f32], rows: usize, cols: usize, x: &[f32
     check_weights(w_hat, rows, cols)?;
     let tokens = check_inputs(x, cols)?;
     if tokens == 0 {
-        return Err(Error::Invalid("output error needs at least one calibration token"));
+        return Err(Error::Invalid(
+            "output error needs at least one calibration token",
+        ));
     }
     let D: Vec<f32> = w_hat.iter().zip(w).map(|(a, b)| a - b).collect();
     let D = MatRef::from_row_major_slice(&D, rows, cols);
@@ -65,17 +67,33 @@ pub fn output_error(w: &[f32], w_hat: &[f32], rows: usize, cols: usize, x: &[f32
 /// The same error as [`output_error`] from the Hessian `H = (2 / n) sum_t x_t x_t^T`:
 /// `mean_{r,t} (d_r . x_t)^2 = sum_r d_r^T H d_r / (2 rows) = trace(D H D^T) / (2 rows)`
 /// with `D = W' - W`, so a driver can keep the `[cols, cols]` H instead of all of `X`.
-pub fn output_error_from_hessian(w: &[f32], w_hat: &[f32], rows: usize, cols: usize, h: &Hessian) -> Result<f64> {
+pub fn output_error_from_hessian(
+    w: &[f32],
+    w_hat: &[f32],
+    rows: usize,
+    cols: usize,
+    h: &Hessian,
+) -> Result<f64> {
     check_weights(w, rows, cols)?;
     check_weights(w_hat, rows, cols)?;
     if h.dim() != cols {
         let (expected, got) = (cols * cols, h.matrix().len());
-        return Err(Error::Shape { what: "Hessian [cols, cols]", expected, got });
+        return Err(Error::Shape {
+            what: "Hessian [cols, cols]",
+            expected,
+            got,
+        });
     }
     if h.tokens() == 0 {
-        return Err(Error::Invalid("output error needs at least one calibration token"));
+        return Err(Error::Invalid(
+            "output error needs at least one calibration token",
+        ));
     }
-    let D: Vec<f64> = w_hat.iter().zip(w).map(|(&a, &b)| f64::from(a) - f64::from(b)).collect();
+    let D: Vec<f64> = w_hat
+        .iter()
+        .zip(w)
+        .map(|(&a, &b)| f64::from(a) - f64::from(b))
+        .collect();
     let H: Vec<f64> = h.matrix().iter().map(|&v| f64::from(v)).collect();
     let mut DH = vec![0.0f64; rows * cols];
     matmul(
@@ -93,7 +111,13 @@ pub fn output_error_from_hessian(w: &[f32], w_hat: &[f32], rows: usize, cols: us
 /// Quantizes `w` with RTN per-OC and per-IC (`spec.axis` is ignored) and keeps the axis
 /// with the lower output error on `calib` (paper Eq. 3, "RTN-ada"; GPTQ-ada then runs
 /// [`crate::gptq`] along the returned axis).
-pub fn choose_axis(w: &[f32], rows: usize, cols: usize, spec: &QuantSpec, calib: Calibration<'_>) -> Result<AxisChoice> {
+pub fn choose_axis(
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    spec: &QuantSpec,
+    calib: Calibration<'_>,
+) -> Result<AxisChoice> {
     let error = |q: &QuantizedMatrix| match calib {
         Calibration::Inputs(x) => output_error(w, &q.dequantize(), rows, cols, x),
         Calibration::Hessian(h) => output_error_from_hessian(w, &q.dequantize(), rows, cols, h),
@@ -101,6 +125,15 @@ pub fn choose_axis(w: &[f32], rows: usize, cols: usize, spec: &QuantSpec, calib:
     let oc = rtn(w, rows, cols, &spec.with_axis(Axis::Oc))?;
     let ic = rtn(w, rows, cols, &spec.with_axis(Axis::Ic))?;
     let (oc_error, ic_error) = (error(&oc)?, error(&ic)?);
-    let (axis, quantized) = if ic_error < oc_error { (Axis::Ic, ic) } else { (Axis::Oc, oc) };
-    Ok(AxisChoice { axis, oc_error, ic_error, quantized })
+    let (axis, quantized) = if ic_error < oc_error {
+        (Axis::Ic, ic)
+    } else {
+        (Axis::Oc, oc)
+    };
+    Ok(AxisChoice {
+        axis,
+        oc_error,
+        ic_error,
+        quantized,
+    })
 }

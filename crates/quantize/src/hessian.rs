@@ -18,19 +18,33 @@ pub struct Hessian {
 impl Hessian {
     /// An empty Hessian for a layer with `dim` input channels.
     pub fn new(dim: usize) -> Self {
-        Self { dim, tokens: 0, h: vec![0.0; dim * dim] }
+        Self {
+            dim,
+            tokens: 0,
+            h: vec![0.0; dim * dim],
+        }
     }
 
     /// Wraps an already accumulated `H` (row-major `[dim, dim]`) built from `tokens` tokens,
     /// e.g. one saved by an earlier run. Only shape and finiteness are checked: positive
     /// definiteness is GPTQ's business (it damps and retries).
     pub fn from_matrix(dim: usize, h: Vec<f32>, tokens: usize) -> Result<Self> {
-        let expected = dim.checked_mul(dim).ok_or(Error::Invalid("dim * dim overflows usize"))?;
+        let expected = dim
+            .checked_mul(dim)
+            .ok_or(Error::Invalid("dim * dim overflows usize"))?;
         if h.len() != expected {
-            return Err(Error::Shape { what: "Hessian [dim, dim]", expected, got: h.len() });
+            return Err(Error::Shape {
+                what: "Hessian [dim, dim]",
+                expected,
+                got: h.len(),
+            });
         }
         if let Some(i) = h.iter().position(|v| !v.is_finite()) {
-            return Err(Error::NonFiniteHessian { row: i / dim, col: i % dim, value: h[i] });
+            return Err(Error::NonFiniteHessian {
+                row: i / dim,
+                col: i % dim,
+                value: h[i],
+            });
         }
         Ok(Self { dim, tokens, h })
     }
@@ -50,7 +64,14 @@ impl Hessian {
         self.tokens = n;
         let X = MatRef::from_row_major_slice(x, t, self.dim);
         let H = MatMut::from_row_major_slice_mut(&mut self.h, self.dim, self.dim);
-        matmul(H, Accum::Add, X.transpose(), X, 2.0 / n as f32, Par::rayon(0));
+        matmul(
+            H,
+            Accum::Add,
+            X.transpose(),
+            X,
+            2.0 / n as f32,
+            Par::rayon(0),
+        );
         Ok(())
     }
 
@@ -72,7 +93,9 @@ impl Hessian {
     /// Input channels that never saw a non-zero input (`H[i, i] == 0`): GPTQ zeroes their
     /// weights, which cannot affect the layer's output on this calibration data.
     pub fn dead_inputs(&self) -> Vec<usize> {
-        (0..self.dim).filter(|&i| self.h[i * self.dim + i] == 0.0).collect()
+        (0..self.dim)
+            .filter(|&i| self.h[i * self.dim + i] == 0.0)
+            .collect()
     }
 }
 
@@ -83,10 +106,18 @@ pub(crate) fn check_inputs(x: &[f32], dim: usize) -> Result<usize> {
     }
     if x.len() % dim != 0 {
         let expected = x.len().next_multiple_of(dim);
-        return Err(Error::Shape { what: "inputs [tokens, dim]", expected, got: x.len() });
+        return Err(Error::Shape {
+            what: "inputs [tokens, dim]",
+            expected,
+            got: x.len(),
+        });
     }
     match x.iter().position(|v| !v.is_finite()) {
-        Some(i) => Err(Error::NonFiniteInput { token: i / dim, channel: i % dim, value: x[i] }),
+        Some(i) => Err(Error::NonFiniteInput {
+            token: i / dim,
+            channel: i % dim,
+            value: x[i],
+        }),
         None => Ok(x.len() / dim),
     }
 }

@@ -30,10 +30,12 @@
 
 // Matrices are named as in the papers and in faer (`W`, `H`, `Hinv`, `X`, `Err1`).
 #![allow(non_snake_case)]
+#![warn(missing_docs)]
 
 mod ada;
 mod error;
 mod gptq;
+mod grid;
 mod hessian;
 mod matrix;
 mod quantizer;

@@ -1,57 +1,10 @@
 //! A quantized matrix: codes in `W`'s own row-major layout, params on the group grid.
-//!
-//! Both axes share one layout rule: the params form a matrix `P` oriented like `W` with
-//! one side shrunk by `g`, and weight `(r, c)` uses `P[r / g_r, c / g_c]`, where
-//! `(g_r, g_c)` is `(1, g)` per-OC and `(g, 1)` per-IC ([`QuantSpec::group_shape`]).
 
-use std::ops::Range;
+use rayon::prelude::*;
 
 use crate::error::{Error, Result};
+use crate::grid::Grid;
 use crate::quantizer::{dequantize, GroupParams, QuantSpec};
-
-/// The group grid of a `[rows, cols]` matrix: group `(k_r, k_c)` covers the block
-/// `[k_r g_r .., k_c g_c ..]` of `W` and its params sit at `k_r * grid_cols + k_c`.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct Grid {
-    rows: usize,
-    cols: usize,
-    gr: usize,
-    gc: usize,
-}
-
-impl Grid {
-    pub(crate) fn new(rows: usize, cols: usize, spec: &QuantSpec) -> Self {
-        let (gr, gc) = spec.group_shape(rows, cols);
-        Self { rows, cols, gr, gc }
-    }
-
-    /// `(g_r, g_c)`, the shape of a full group.
-    pub(crate) fn group_shape(&self) -> (usize, usize) {
-        (self.gr, self.gc)
-    }
-
-    /// Shape of the params matrix `P`.
-    pub(crate) fn shape(&self) -> (usize, usize) {
-        (self.rows.div_ceil(self.gr), self.cols.div_ceil(self.gc))
-    }
-
-    pub(crate) fn len(&self) -> usize {
-        let (pr, pc) = self.shape();
-        pr * pc
-    }
-
-    /// Flat index of group `(k_r, k_c)` in `P`.
-    pub(crate) fn index(&self, kr: usize, kc: usize) -> usize {
-        kr * self.shape().1 + kc
-    }
-
-    /// Rows and columns of `W` covered by group `p` (flat index); the last ones may be ragged.
-    pub(crate) fn block(&self, p: usize) -> (Range<usize>, Range<usize>) {
-        let (kr, kc) = (p / self.shape().1, p % self.shape().1);
-        let span = |k: usize, g: usize, len: usize| k * g..((k + 1) * g).min(len);
-        (span(kr, self.gr, self.rows), span(kc, self.gc, self.cols))
-    }
-}
 
 /// A `[rows, cols]` matrix quantized on the grid of a [`QuantSpec`].
 #[derive(Clone, Debug, PartialEq)]
@@ -84,17 +37,34 @@ impl QuantizedMatrix {
         spec.validate()?;
         let len = checked_len(rows, cols)?;
         let grid = Grid::new(rows, cols, &spec);
-        let shape = |what, expected, got| Error::Shape { what, expected, got };
+        let shape = |what, expected, got| Error::Shape {
+            what,
+            expected,
+            got,
+        };
         if codes.len() != len {
             return Err(shape("codes [rows, cols]", len, codes.len()));
         }
         if scales.len() != grid.len() || zeros.len() != grid.len() {
-            let got = if scales.len() != grid.len() { scales.len() } else { zeros.len() };
-            return Err(shape("scales and zeros [param_rows, param_cols]", grid.len(), got));
+            let got = if scales.len() != grid.len() {
+                scales.len()
+            } else {
+                zeros.len()
+            };
+            return Err(shape(
+                "scales and zeros [param_rows, param_cols]",
+                grid.len(),
+                got,
+            ));
         }
         if let Some(i) = codes.iter().position(|&q| q > spec.maxq()) {
             let (row, col, code) = (i / cols, i % cols, codes[i]);
-            return Err(Error::Code { row, col, code, maxq: spec.maxq() });
+            return Err(Error::Code {
+                row,
+                col,
+                code,
+                maxq: spec.maxq(),
+            });
         }
         if let Some(g) = &g_idx {
             if grid.group_shape().0 != 1 {
@@ -104,10 +74,20 @@ impl QuantizedMatrix {
                 return Err(shape("g_idx [cols]", cols, g.len()));
             }
             if g.iter().any(|&k| k as usize >= grid.shape().1) {
-                return Err(Error::Invalid("g_idx names a group past the last params column"));
+                return Err(Error::Invalid(
+                    "g_idx names a group past the last params column",
+                ));
             }
         }
-        Ok(Self { rows, cols, spec, codes, scales, zeros, g_idx })
+        Ok(Self {
+            rows,
+            cols,
+            spec,
+            codes,
+            scales,
+            zeros,
+            g_idx,
+        })
     }
 
     /// Internal constructor for codes and params this crate produced itself.
@@ -121,7 +101,15 @@ impl QuantizedMatrix {
     ) -> Self {
         let scales = params.iter().map(|p| p.scale).collect();
         let zeros = params.iter().map(|p| p.zero).collect();
-        Self { rows, cols, spec, codes, scales, zeros, g_idx }
+        Self {
+            rows,
+            cols,
+            spec,
+            codes,
+            scales,
+            zeros,
+            g_idx,
+        }
     }
 
     /// Output channels `C_out`.
@@ -168,22 +156,46 @@ impl QuantizedMatrix {
     /// Flat index into `scales` / `zeros` of the group holding weight `(r, c)`.
     pub fn param_index(&self, r: usize, c: usize) -> usize {
         let grid = Grid::new(self.rows, self.cols, &self.spec);
-        let (gr, gc) = grid.group_shape();
-        let kc = self.g_idx.as_ref().map_or(c / gc, |g| g[c] as usize);
-        grid.index(r / gr, kc)
+        grid.index(r / grid.group_shape().0, self.group_col(c, &grid))
     }
 
     /// Params of the group holding weight `(r, c)`.
     pub fn params(&self, r: usize, c: usize) -> GroupParams {
         let i = self.param_index(r, c);
-        GroupParams { scale: self.scales[i], zero: self.zeros[i] }
+        GroupParams {
+            scale: self.scales[i],
+            zero: self.zeros[i],
+        }
     }
 
     /// The dequantized matrix `W'`, row-major `[rows, cols]`.
     pub fn dequantize(&self) -> Vec<f32> {
-        (0..self.rows * self.cols)
-            .map(|i| dequantize(self.codes[i], self.params(i / self.cols, i % self.cols)))
-            .collect()
+        let grid = Grid::new(self.rows, self.cols, &self.spec);
+        let mut w_hat = vec![0.0; self.codes.len()];
+        let rows = w_hat
+            .par_chunks_mut(self.cols)
+            .zip(self.codes.par_chunks(self.cols));
+        rows.enumerate().for_each(|(r, (w_hat, codes))| {
+            let base = grid.index(r / grid.group_shape().0, 0);
+            for (c, (v, &q)) in w_hat.iter_mut().zip(codes).enumerate() {
+                let i = base + self.group_col(c, &grid);
+                *v = dequantize(
+                    q,
+                    GroupParams {
+                        scale: self.scales[i],
+                        zero: self.zeros[i],
+                    },
+                );
+            }
+        });
+        w_hat
+    }
+
+    /// Column of `P` for input column `c`: `g_idx[c]`, or `c / g_c`.
+    fn group_col(&self, c: usize, grid: &Grid) -> usize {
+        self.g_idx
+            .as_ref()
+            .map_or(c / grid.group_shape().1, |g| g[c] as usize)
     }
 }
 
@@ -200,10 +212,18 @@ pub(crate) fn checked_len(rows: usize, cols: usize) -> Result<usize> {
 pub(crate) fn check_weights(w: &[f32], rows: usize, cols: usize) -> Result<()> {
     let len = checked_len(rows, cols)?;
     if w.len() != len {
-        return Err(Error::Shape { what: "weights [rows, cols]", expected: len, got: w.len() });
+        return Err(Error::Shape {
+            what: "weights [rows, cols]",
+            expected: len,
+            got: w.len(),
+        });
     }
     match w.iter().position(|v| !v.is_finite()) {
-        Some(i) => Err(Error::NonFiniteWeight { row: i / cols, col: i % cols, value: w[i] }),
+        Some(i) => Err(Error::NonFiniteWeight {
+            row: i / cols,
+            col: i % cols,
+            value: w[i],
+        }),
         None => Ok(()),
     }
 }

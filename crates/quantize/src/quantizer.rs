@@ -23,6 +23,7 @@ pub enum Axis {
 pub enum Zero {
     /// AWQ-style (the authors' RTN and per-IC GPTQ): the grid spans exactly `[min, max]`,
     /// `scale = max(max - min, 1e-5) / maxq`, `zero = clamp(round(-min / scale), 0, maxq)`.
+    /// The clamp means a group that does not straddle 0 is clipped at its far end.
     Awq,
     /// GPTQ-style (IST-DASLab `quant.py`): the range is first widened to include 0, so 0 is
     /// always exactly representable; an all-zero group gets the range `[-1, 1]`.
@@ -112,16 +113,29 @@ impl QuantSpec {
             }
             Zero::Gptq => {
                 let (mut lo, mut hi) = (min.min(0.0), max.max(0.0));
-                if lo == 0.0 && hi == 0.0 {
+                // quant.py's all-zero group, widened to groups so close to 0 that the scale
+                // would underflow and `-lo / scale` turn into 0/0.
+                if (hi - lo) / maxq < f32::MIN_POSITIVE {
                     (lo, hi) = (-1.0, 1.0);
                 }
                 let scale = (hi - lo) / maxq;
-                GroupParams { scale, zero: (-lo / scale).round_ties_even() }
+                GroupParams {
+                    scale,
+                    zero: (-lo / scale).round_ties_even(),
+                }
             }
             Zero::Sym => {
                 let absmax = min.abs().max(max.abs());
-                let absmax = if absmax == 0.0 { 1.0 } else { absmax };
-                GroupParams { scale: 2.0 * absmax / maxq, zero: (maxq + 1.0) / 2.0 }
+                // As for GPTQ-style: an all-zero (or underflowing) group gets [-1, 1].
+                let absmax = if 2.0 * absmax / maxq < f32::MIN_POSITIVE {
+                    1.0
+                } else {
+                    absmax
+                };
+                GroupParams {
+                    scale: 2.0 * absmax / maxq,
+                    zero: (maxq + 1.0) / 2.0,
+                }
             }
         }
     }

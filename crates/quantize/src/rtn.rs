@@ -4,7 +4,8 @@
 use rayon::prelude::*;
 
 use crate::error::Result;
-use crate::matrix::{check_weights, Grid, QuantizedMatrix};
+use crate::grid::Grid;
+use crate::matrix::{check_weights, QuantizedMatrix};
 use crate::quantizer::{quantize, GroupParams, QuantSpec};
 
 /// Quantizes the row-major `[rows, cols]` matrix `w` to nearest on the grid of `spec`.
@@ -28,19 +29,32 @@ pub fn rtn(w: &[f32], rows: usize, cols: usize, spec: &QuantSpec) -> Result<Quan
     let (gr, gc) = grid.group_shape();
     let maxq = spec.maxq();
     let mut codes = vec![0u8; w.len()];
-    codes.par_chunks_mut(cols).zip(w.par_chunks(cols)).enumerate().for_each(
-        |(r, (codes_r, w_r))| {
-            for (c, (q, &x)) in codes_r.iter_mut().zip(w_r).enumerate() {
-                *q = quantize(x, params[grid.index(r / gr, c / gc)], maxq);
+    codes
+        .par_chunks_mut(cols)
+        .zip(w.par_chunks(cols))
+        .enumerate()
+        .for_each(|(r, (codes_r, w_r))| {
+            // Row r meets the groups of params row r / g_r, one per g_c columns.
+            let row_params = &params[grid.index(r / gr, 0)..];
+            for ((q, x), &p) in codes_r.chunks_mut(gc).zip(w_r.chunks(gc)).zip(row_params) {
+                q.iter_mut()
+                    .zip(x)
+                    .for_each(|(q, &x)| *q = quantize(x, p, maxq));
             }
-        },
-    );
-    Ok(QuantizedMatrix::from_params(rows, cols, *spec, codes, &params, None))
+        });
+    Ok(QuantizedMatrix::from_params(
+        rows, cols, *spec, codes, &params, None,
+    ))
 }
 
 /// Fits the params of every group of the grid on `w` (row-major, `cols` wide), one
 /// parallel task per group, in the grid's flat order.
-pub(crate) fn fit_groups(w: &[f32], cols: usize, grid: &Grid, spec: &QuantSpec) -> Vec<GroupParams> {
+pub(crate) fn fit_groups(
+    w: &[f32],
+    cols: usize,
+    grid: &Grid,
+    spec: &QuantSpec,
+) -> Vec<GroupParams> {
     (0..grid.len())
         .into_par_iter()
         .map(|p| {

@@ -18,7 +18,12 @@ pub(crate) struct DampedInverse {
 
 /// Factors `H + percdamp * mean(diag(H)) I` (row-major `[n, n]`), multiplying `percdamp`
 /// by 10 (starting from `gptq.py`'s 0.01 if it was 0) up to `retries` times.
-pub(crate) fn damped_inverse(H: &[f64], n: usize, percdamp: f64, retries: u32) -> Result<DampedInverse> {
+pub(crate) fn damped_inverse(
+    H: &[f64],
+    n: usize,
+    percdamp: f64,
+    retries: u32,
+) -> Result<DampedInverse> {
     // |mean| so that a damping never pushes the diagonal down, even for a hand-made H.
     let mean_diag = ((0..n).map(|i| H[i * n + i]).sum::<f64>() / n as f64).abs();
     let (mut percdamp, mut tries) = (percdamp, 1);
@@ -30,7 +35,11 @@ pub(crate) fn damped_inverse(H: &[f64], n: usize, percdamp: f64, retries: u32) -
             return Err(Error::NotPositiveDefinite { percdamp, tries });
         }
         tries += 1;
-        percdamp = if percdamp > 0.0 { percdamp * 10.0 } else { 0.01 };
+        percdamp = if percdamp > 0.0 {
+            percdamp * 10.0
+        } else {
+            0.01
+        };
     }
 }
 

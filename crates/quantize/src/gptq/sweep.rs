@@ -4,7 +4,7 @@
 use faer::linalg::matmul::matmul;
 use faer::{Accum, Mat, MatMut, MatRef, Par};
 
-use crate::matrix::Grid;
+use crate::grid::Grid;
 use crate::quantizer::{dequantize, quantize, Axis, GroupParams, QuantSpec};
 
 /// One sweep over the input columns of `W`, in processing order.
@@ -30,14 +30,16 @@ impl Sweep<'_> {
         let (gr, gc) = self.grid.group_shape();
         let dynamic_oc = self.spec.axis == Axis::Oc && !self.static_groups;
         // The current block, column-major so that each column is one contiguous slice.
-        let mut W1 = vec![0.0; rows * self.blocksize];
-        let mut Err1 = vec![0.0; rows * self.blocksize];
+        let mut W1 = vec![0.0; rows * self.blocksize.min(cols)];
+        let mut Err1 = vec![0.0; rows * self.blocksize.min(cols)];
         let mut loss = 0.0;
         for i1 in (0..cols).step_by(self.blocksize) {
             let i2 = (i1 + self.blocksize).min(cols);
             let count = i2 - i1;
             for (k, col) in W1.chunks_mut(rows).take(count).enumerate() {
-                col.iter_mut().enumerate().for_each(|(r, x)| *x = W[r * cols + i1 + k]);
+                col.iter_mut()
+                    .enumerate()
+                    .for_each(|(r, x)| *x = W[r * cols + i1 + k]);
             }
             for i in 0..count {
                 let (j, c) = (i1 + i, self.perm[i1 + i]);
@@ -86,8 +88,12 @@ impl Sweep<'_> {
             }
             // Step 4, the lazy batch update: W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:].
             if i2 < cols {
-                let W_after = MatMut::from_row_major_slice_mut(W, rows, cols)
-                    .submatrix_mut(0, i2, rows, cols - i2);
+                let W_after = MatMut::from_row_major_slice_mut(W, rows, cols).submatrix_mut(
+                    0,
+                    i2,
+                    rows,
+                    cols - i2,
+                );
                 let Err1 = MatRef::from_column_major_slice(&Err1[..rows * count], rows, count);
                 let U_after = self.U.as_ref().submatrix(i1, i2, count, cols - i2);
                 matmul(W_after, Accum::Add, Err1, U_after, -1.0, Par::rayon(0));

@@ -1,0 +1,174 @@
+//! GPTQ along either axis: better than RTN where inputs correlate, equal to RTN (and
+//! axis-symmetric) where they do not, groups as gptq.py forms them.
+
+mod common;
+
+use adadim_quantize::{gptq, output_error, rtn, Axis, GptqOptions, Zero};
+use common::{gptq_opts as opts, hessian, identity, inputs, spec, transpose, weights};
+
+#[test]
+fn gptq_beats_rtn_on_correlated_inputs_with_outliers() {
+    let (rows, cols, tokens) = (96, 256, 1024);
+    let w = weights(rows, cols, 0.02, 1);
+    let x = inputs(tokens, cols, &[5, 77, 200], 40.0, 2);
+    let h = hessian(&x, cols);
+    for (axis, zero) in [(Axis::Oc, Zero::Gptq), (Axis::Ic, Zero::Awq)] {
+        for (bits, group) in [(3, Some(32)), (4, Some(128)), (4, None)] {
+            let s = spec(bits, group, axis, zero);
+            let e_rtn = output_error(
+                &w,
+                &rtn(&w, rows, cols, &s).unwrap().dequantize(),
+                rows,
+                cols,
+                &x,
+            )
+            .unwrap();
+            for act_order in [false, true] {
+                let out = gptq(&w, rows, cols, &h, &s, &opts(act_order, false)).unwrap();
+                let e = output_error(&w, &out.quantized.dequantize(), rows, cols, &x).unwrap();
+                println!("{axis:?} b{bits} g{group:?} act={act_order}: gptq {e:.4e} rtn {e_rtn:.4e} ratio {:.3}", e / e_rtn);
+                assert!(
+                    e < 0.8 * e_rtn,
+                    "{axis:?} b{bits} g{group:?} act={act_order}: gptq {e:e} vs rtn {e_rtn:e}"
+                );
+                assert_eq!(out.percdamp, 0.01);
+            }
+        }
+    }
+}
+
+#[test]
+fn with_an_identity_hessian_gptq_is_rtn_along_both_axes() {
+    // H = I spreads no error, so GPTQ must reduce to RTN, and per-IC of W must equal
+    // per-OC of W^T: the same symmetry as RTN's, through the whole sweep.
+    let (rows, cols) = (70, 40);
+    let w = weights(rows, cols, 0.02, 3);
+    let w_t = transpose(&w, rows, cols);
+    for zero in [Zero::Awq, Zero::Gptq] {
+        for group in [Some(16), Some(32), None] {
+            let ic_spec = spec(3, group, Axis::Ic, zero);
+            let ic = gptq(
+                &w,
+                rows,
+                cols,
+                &identity(cols),
+                &ic_spec,
+                &opts(true, false),
+            )
+            .unwrap()
+            .quantized;
+            assert_eq!(ic, rtn(&w, rows, cols, &ic_spec).unwrap());
+            let oc_spec = spec(3, group, Axis::Oc, zero);
+            let oc_t = gptq(
+                &w_t,
+                cols,
+                rows,
+                &identity(rows),
+                &oc_spec,
+                &GptqOptions::default(),
+            )
+            .unwrap()
+            .quantized;
+            assert_eq!(oc_t, rtn(&w_t, cols, rows, &oc_spec).unwrap());
+            assert_eq!(ic.codes(), transpose(oc_t.codes(), cols, rows).as_slice());
+            assert_eq!(ic.dequantize(), transpose(&oc_t.dequantize(), cols, rows));
+        }
+    }
+}
+
+#[test]
+fn act_order_groups_follow_processing_order_unless_static() {
+    let (rows, cols, g) = (16, 80, 32);
+    let w = weights(rows, cols, 0.02, 4);
+    let x = inputs(512, cols, &[70, 9], 25.0, 5);
+    let h = hessian(&x, cols);
+    let s = spec(4, Some(g), Axis::Oc, Zero::Gptq);
+    let dynamic = gptq(&w, rows, cols, &h, &s, &opts(true, false))
+        .unwrap()
+        .quantized;
+    let diag: Vec<f32> = (0..cols).map(|i| h.matrix()[i * cols + i]).collect();
+    let mut order: Vec<usize> = (0..cols).collect();
+    order.sort_by(|&a, &b| diag[b].total_cmp(&diag[a]));
+    let g_idx = dynamic
+        .g_idx()
+        .expect("act-order with dynamic groups needs g_idx");
+    for (j, &c) in order.iter().enumerate() {
+        assert_eq!(g_idx[c] as usize, j / g, "column {c} processed {j}-th");
+    }
+    // Static groups: fitted on the original W before reordering, i.e. RTN's params.
+    let fixed = gptq(&w, rows, cols, &h, &s, &opts(true, true))
+        .unwrap()
+        .quantized;
+    let rtn_q = rtn(&w, rows, cols, &s).unwrap();
+    assert!(fixed.g_idx().is_none());
+    assert_eq!(
+        (fixed.scales(), fixed.zeros()),
+        (rtn_q.scales(), rtn_q.zeros())
+    );
+}
+
+#[test]
+fn lazy_block_updates_do_not_change_the_result() {
+    // Per-IC and static per-OC fit nothing from the stale `W`, so the block size must only
+    // change the order of floating-point operations (GPTQ paper, "lazy batch updates").
+    let (rows, cols) = (48, 150);
+    let w = weights(rows, cols, 0.02, 6);
+    let h = hessian(&inputs(600, cols, &[1, 100], 20.0, 7), cols);
+    for (s, static_groups) in [
+        (spec(3, Some(32), Axis::Ic, Zero::Awq), false),
+        (spec(3, Some(32), Axis::Oc, Zero::Gptq), true),
+    ] {
+        let run = |blocksize| {
+            gptq(
+                &w,
+                rows,
+                cols,
+                &h,
+                &s,
+                &GptqOptions {
+                    blocksize,
+                    ..opts(true, static_groups)
+                },
+            )
+            .unwrap()
+        };
+        let reference = run(128);
+        for blocksize in [1, 7, 64, 1000] {
+            let out = run(blocksize);
+            assert_eq!(
+                out.quantized.codes(),
+                reference.quantized.codes(),
+                "{:?} blocksize {blocksize}",
+                s.axis
+            );
+            assert!((out.loss - reference.loss).abs() <= 1e-9 * reference.loss);
+        }
+    }
+}
+
+#[test]
+fn ragged_smollm2_shapes() {
+    // [576, 192] with g = 128: a 64-wide last group per-IC, 192 = 128 + 64 per-OC.
+    let (rows, cols) = (576, 192);
+    let w = weights(rows, cols, 0.02, 8);
+    let x = inputs(400, cols, &[10], 30.0, 9);
+    let h = hessian(&x, cols);
+    for (axis, shape) in [(Axis::Oc, (576, 2)), (Axis::Ic, (5, 192))] {
+        let s = spec(3, Some(128), axis, Zero::Awq);
+        let out = gptq(&w, rows, cols, &h, &s, &opts(true, false)).unwrap();
+        assert_eq!(out.quantized.param_shape(), shape);
+        let w_hat = out.quantized.dequantize();
+        assert!(w_hat.iter().all(|v| v.is_finite()) && out.loss.is_finite());
+        let e_rtn = output_error(
+            &w,
+            &rtn(&w, rows, cols, &s).unwrap().dequantize(),
+            rows,
+            cols,
+            &x,
+        )
+        .unwrap();
+        let e = output_error(&w, &w_hat, rows, cols, &x).unwrap();
+        println!("576x192 g128 {axis:?}: gptq {e:.4e} rtn {e_rtn:.4e}");
+        assert!(e < e_rtn, "{axis:?}: gptq {e:e} vs rtn {e_rtn:e}");
+    }
+}
