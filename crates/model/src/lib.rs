@@ -18,4 +18,4 @@ pub mod kernels;
 pub mod llama;
 
 pub use error::{ModelError, Result};
-pub use llama::{Block, Linear, LinearKind, Model, Rope};
+pub use llama::{Block, Flow, Linear, LinearKind, Model, Rope};

@@ -34,6 +34,13 @@ impl Linear {
     }
 }
 
+/// What a forward-pass tap asks for next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    Continue,
+    Stop,
+}
+
 /// The seven linears of a decoder block, in the order true-sequential quantization visits them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum LinearKind {
@@ -195,30 +202,39 @@ impl Block {
 
     /// `x` (t, d) at positions `0..t` -> (t, d).
     pub fn forward(&self, x: &Tensor, rope: &Rope) -> Result<Tensor> {
-        self.forward_tapped(x, rope, &mut |_, _| Ok(()))
+        Ok(self.forward_tapped(x, rope, &mut |_, _| Ok(Flow::Continue))?.expect("never stopped"))
     }
 
     /// As [`Block::forward`], calling `tap(kind, input)` with the input of every linear
-    /// (q/k/v share one input; it is reported once, as `Q`).
+    /// (q/k/v share one input; it is reported once, as `Q`; gate/up likewise, as `Gate`).
+    /// A tap returning [`Flow::Stop`] ends the pass early (`Ok(None)`): calibration that only
+    /// needs one linear's input skips the rest of the block.
     pub fn forward_tapped(
         &self,
         x: &Tensor,
         rope: &Rope,
-        tap: &mut dyn FnMut(LinearKind, &Tensor) -> Result<()>,
-    ) -> Result<Tensor> {
+        tap: &mut dyn FnMut(LinearKind, &Tensor) -> Result<Flow>,
+    ) -> Result<Option<Tensor>> {
+        macro_rules! tap {
+            ($kind:expr, $t:expr) => {
+                if tap($kind, $t)? == Flow::Stop {
+                    return Ok(None);
+                }
+            };
+        }
         let l = self.layer;
         let ctx = |what: &'static str| move || format!("layer {l}: {what}");
         let h = candle_nn::ops::rms_norm(x, &self.attn_norm, self.eps).ctx(ctx("attention norm"))?;
-        tap(LinearKind::Q, &h)?;
+        tap!(LinearKind::Q, &h);
         let attn = self.attention(&h, rope).ctx(ctx("attention"))?;
-        tap(LinearKind::O, &attn)?;
+        tap!(LinearKind::O, &attn);
         let x = (x + self.o.forward(&attn).ctx(ctx("o_proj"))?).ctx(ctx("residual"))?;
         let h = candle_nn::ops::rms_norm(&x, &self.mlp_norm, self.eps).ctx(ctx("mlp norm"))?;
-        tap(LinearKind::Gate, &h)?;
+        tap!(LinearKind::Gate, &h);
         let act = self.mlp_hidden(&h).ctx(ctx("mlp"))?;
-        tap(LinearKind::Down, &act)?;
+        tap!(LinearKind::Down, &act);
         let y = (x + self.down.forward(&act).ctx(ctx("down_proj"))?).ctx(ctx("residual"))?;
-        Ok(y)
+        Ok(Some(y))
     }
 
     /// `silu(gate(h)) * up(h)`: (t, d) -> (t, f).

@@ -134,8 +134,9 @@ fn block_at_a_time_equals_whole_model() {
     for b in &model.blocks {
         x = b.forward_tapped(&x, &model.rope, &mut |k, t| {
             taps.push((k, t.dims().to_vec()));
-            Ok(())
+            Ok(adadim_model::Flow::Continue)
         })
+        .unwrap()
         .unwrap();
     }
     let diff = (whole - x).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
@@ -143,6 +144,14 @@ fn block_at_a_time_equals_whole_model() {
     use adadim_model::LinearKind::*;
     assert_eq!(taps[..4], [(Q, vec![6, 48]), (O, vec![6, 48]), (Gate, vec![6, 48]), (Down, vec![6, 80])]);
     assert_eq!(taps.len(), 8);
+    // Stopping at a tap ends the pass there.
+    let mut seen = Vec::new();
+    let r = model.blocks[0].forward_tapped(&model.embed(&ids).unwrap(), &model.rope, &mut |k, _| {
+        seen.push(k);
+        Ok(if k == O { adadim_model::Flow::Stop } else { adadim_model::Flow::Continue })
+    });
+    assert!(r.unwrap().is_none());
+    assert_eq!(seen, [Q, O]);
     // Out-of-vocabulary ids are an error, not a panic.
     assert!(model.embed(&[300]).unwrap_err().to_string().contains("outside the vocabulary"));
 }

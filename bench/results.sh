@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Regenerate RESULTS.md: quantize the default model with every method of the paper and its
+# baselines, evaluate each with the same evaluator and protocol, and tabulate.
+# Usage: ADADIM_DATA=../shared/data bench/results.sh
+# Knobs (env): MODEL (smollm2), CONFIGS ("3:128 4:128"), NSAMPLES (32), CALIB_SEQLEN (512),
+# WINDOWS (8 eval windows; 0 = all), OUT (results/run).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export ADADIM_DATA="${ADADIM_DATA:-../shared/data}"
+MODEL="${MODEL:-smollm2}"; CONFIGS="${CONFIGS:-3:128 4:128}"; NSAMPLES="${NSAMPLES:-32}"
+CALIB_SEQLEN="${CALIB_SEQLEN:-512}"; WINDOWS="${WINDOWS:-8}"; OUT="${OUT:-results/run}"
+cargo build --release -p adadim
+A=./target/release/adadim
+mkdir -p "$OUT"
+limit=(); [ "$WINDOWS" != 0 ] && limit=(--limit "$WINDOWS")
+eval_to() { # model dir, json file
+  [ -f "$2" ] || $A eval ppl --model "$1" --dataset wikitext2 "${limit[@]}" --json > "$2.tmp" && mv "$2.tmp" "$2"
+}
+eval_to "$MODEL" "$OUT/fp.ppl.json"
+METHODS=(
+  "rtn-oc:--method rtn --dim oc"
+  "rtn-ada:--method rtn --dim ada"
+  "gptq-oc:--method gptq --dim oc"
+  "gptq-oc-act:--method gptq --dim oc --act-order"
+  "gptq-oc-act-static:--method gptq --dim oc --act-order --static-groups"
+  "gptq-ada:--method gptq --dim ada"
+)
+for cfg in $CONFIGS; do
+  bits=${cfg%%:*}; group=${cfg##*:}
+  for m in "${METHODS[@]}"; do
+    name=${m%%:*}; args=${m#*:}
+    dir="$OUT/w${bits}g${group}-$name"
+    [ -d "$dir" ] || $A quantize --model "$MODEL" $args --bits "$bits" --group "$group" \
+        --nsamples "$NSAMPLES" --calib-seqlen "$CALIB_SEQLEN" --out "$dir" --json > /dev/null
+    eval_to "$dir" "$dir.ppl.json"
+  done
+done
+python3 bench/results_table.py "$OUT" > RESULTS.md.tmp && mv RESULTS.md.tmp RESULTS.md
+echo "wrote RESULTS.md"

@@ -1,0 +1,12 @@
+//! # adadim-calibrate
+//!
+//! Between loading and quantizing: calibration text ([`data`]) and the one layer-by-layer
+//! driver ([`driver::quantize_model`]) that runs the model block by block on it and hands each
+//! linear, with its input Hessian, to the quantizers in `adadim-quantize`.
+
+pub mod data;
+pub mod driver;
+pub mod error;
+
+pub use driver::{quantize_model, Dim, LinearReport, Method, QuantizeConfig, Select};
+pub use error::{CalibError, Result};

@@ -1,0 +1,129 @@
+//! The layer-by-layer driver on a seeded random model: the choices it reports are the ones the
+//! paper defines, GPTQ never loses to RTN on the same calibration, and runs are reproducible.
+
+use adadim_calibrate::{quantize_model, Dim, LinearReport, Method, QuantizeConfig, Select};
+use adadim_load::synth::{tiny_config, write_random_checkpoint, Rng};
+use adadim_load::Checkpoint;
+use adadim_quantize::{Axis, GptqOptions, QuantSpec, Zero};
+
+fn config(method: Method, dim: Dim) -> QuantizeConfig {
+    QuantizeConfig {
+        method,
+        dim,
+        select: Select::Rtn,
+        spec: QuantSpec { bits: 3, group: Some(16), axis: Axis::Oc, zero: Zero::Awq },
+        gptq: GptqOptions::default(),
+        act_order: false,
+        static_groups: false,
+        ic_modules: vec![],
+    }
+}
+
+fn samples() -> Vec<Vec<u32>> {
+    let mut rng = Rng::new(9);
+    (0..6).map(|_| (0..24).map(|_| (rng.next_u64() % 300) as u32).collect()).collect()
+}
+
+fn run(cfg: &QuantizeConfig) -> (tempfile::TempDir, Vec<LinearReport>, Vec<u8>) {
+    let d = tempfile::tempdir().unwrap();
+    let m = d.path().join("m");
+    write_random_checkpoint(&m, &tiny_config(), 4).unwrap();
+    let ck = Checkpoint::open(&m).unwrap();
+    let out = d.path().join("q");
+    std::fs::create_dir(&out).unwrap();
+    let mut layers = Vec::new();
+    let reports = quantize_model(&ck, &samples(), cfg, &out.join("model.safetensors"), &mut |l, _| layers.push(l)).unwrap();
+    assert_eq!(layers, vec![1, 2]);
+    assert_eq!(reports.len(), 14);
+    let bytes = std::fs::read(out.join("model.safetensors")).unwrap();
+    (d, reports, bytes)
+}
+
+#[test]
+fn ada_keeps_the_axis_with_the_lower_output_error() {
+    let (_d, reports, _) = run(&config(Method::Rtn, Dim::Ada));
+    for r in &reports {
+        let (oc, ic) = (r.oc_error.unwrap(), r.ic_error.unwrap());
+        let want = if ic < oc { "ic" } else { "oc" };
+        assert_eq!(r.axis, want, "layer {} {}: oc {oc} ic {ic}", r.layer, r.module);
+        assert!((r.final_error.unwrap() - oc.min(ic)).abs() <= 1e-12 * oc.max(ic), "{r:?}");
+    }
+}
+
+#[test]
+fn gptq_never_loses_to_rtn_on_its_own_calibration() {
+    for dim in [Dim::Oc, Dim::Ic, Dim::Ada] {
+        let (_d, reports, _) = run(&config(Method::Gptq, dim));
+        for r in &reports {
+            let rtn = if r.axis == "ic" { r.ic_error.unwrap() } else { r.oc_error.unwrap() };
+            let g = r.final_error.unwrap();
+            assert!(g <= rtn * 1.0001, "{dim:?} layer {} {}: gptq {g} > rtn {rtn}", r.layer, r.module);
+            assert!(r.gptq_loss.unwrap().is_finite() && r.percdamp.unwrap() > 0.0);
+        }
+        let want = match dim {
+            Dim::Oc => Some("oc"),
+            Dim::Ic => Some("ic"),
+            Dim::Ada => None,
+        };
+        if let Some(w) = want {
+            assert!(reports.iter().all(|r| r.axis == w));
+        }
+    }
+}
+
+#[test]
+fn same_settings_same_bytes_and_a_loadable_model() {
+    let cfg = config(Method::Gptq, Dim::Ada);
+    let (d, _, a) = run(&cfg);
+    let (_e, _, b) = run(&cfg);
+    assert!(a == b, "two runs differ");
+    // The output is a valid checkpoint once config and tokenizer sit beside it.
+    let q = d.path().join("q");
+    for f in ["config.json", "tokenizer.json"] {
+        std::fs::copy(d.path().join("m").join(f), q.join(f)).unwrap();
+    }
+    let ck = Checkpoint::open(&q).unwrap();
+    let w = ck.tensor_f32("model.layers.1.mlp.down_proj.weight").unwrap();
+    let orig = Checkpoint::open(&d.path().join("m")).unwrap().tensor_f32("model.layers.1.mlp.down_proj.weight").unwrap();
+    assert_ne!(w, orig, "weights were quantized");
+    // Embeddings and norms are copied untouched.
+    assert_eq!(ck.tensor_f32("model.norm.weight").unwrap(), Checkpoint::open(&d.path().join("m")).unwrap().tensor_f32("model.norm.weight").unwrap());
+}
+
+#[test]
+fn heuristic_modules_and_bad_settings() {
+    let mut cfg = config(Method::Rtn, Dim::Oc);
+    cfg.ic_modules = vec!["v".into(), "down".into()];
+    let (_d, reports, _) = run(&cfg);
+    for r in &reports {
+        let ic = r.module.ends_with("v_proj") || r.module.ends_with("down_proj");
+        assert_eq!(r.axis, if ic { "ic" } else { "oc" }, "{}", r.module);
+    }
+    let d = tempfile::tempdir().unwrap();
+    write_random_checkpoint(d.path(), &tiny_config(), 4).unwrap();
+    let ck = Checkpoint::open(d.path()).unwrap();
+    let out = d.path().join("x.safetensors");
+    cfg.ic_modules = vec!["attn".into()];
+    let e = quantize_model(&ck, &samples(), &cfg, &out, &mut |_, _| {}).unwrap_err().to_string();
+    assert!(e.contains("unknown module 'attn'"), "{e}");
+    let mut cfg = config(Method::Rtn, Dim::Oc);
+    cfg.spec.bits = 5;
+    let e = quantize_model(&ck, &samples(), &cfg, &out, &mut |_, _| {}).unwrap_err().to_string();
+    assert!(e.contains("bits") || e.contains('5'), "{e}");
+}
+
+#[test]
+fn all_zero_calibration_inputs_fall_back_cleanly() {
+    // A layer whose inputs are all zero (every channel dead): GPTQ zeroes dead columns as
+    // IST-DASLab does; the output stays finite.
+    let d = tempfile::tempdir().unwrap();
+    write_random_checkpoint(d.path(), &tiny_config(), 4).unwrap();
+    let ck = Checkpoint::open(d.path()).unwrap();
+    // Token 0's embedding row is random; but a zero-length effect is reached through a model
+    // whose embeddings are zero: patch it by quantizing with samples of one repeated token and
+    // checking only finiteness of all outputs.
+    let samples = vec![vec![0u32; 16]; 3];
+    let out = d.path().join("x.safetensors");
+    let r = quantize_model(&ck, &samples, &config(Method::Gptq, Dim::Ada), &out, &mut |_, _| {}).unwrap();
+    assert!(r.iter().all(|r| r.final_error.unwrap().is_finite()));
+}
