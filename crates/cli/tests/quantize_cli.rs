@@ -1,0 +1,62 @@
+//! `adadim quantize` end to end on a seeded random model: a usable model directory and report,
+//! or one clear error and nothing left behind.
+
+use adadim_load::synth::{tiny_config, write_random_checkpoint};
+use std::path::Path;
+use std::process::Command;
+
+fn adadim(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_adadim")).args(args).env("ADADIM_HOME", std::env::temp_dir().join("adadim-test-home")).output().unwrap();
+    let (so, se) = (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned());
+    assert!(!se.contains("panicked"), "panic: {se}");
+    (out.status.code().unwrap_or(-1), so, se)
+}
+
+fn only_entries(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn quantize_then_evaluate() {
+    let d = tempfile::tempdir().unwrap();
+    let m = d.path().join("model");
+    write_random_checkpoint(&m, &tiny_config(), 2).unwrap();
+    let text = d.path().join("calib.txt");
+    std::fs::write(&text, "Now is the winter of our discontent made glorious summer. ".repeat(30)).unwrap();
+    let out = d.path().join("q");
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let args = ["quantize", "--model", &s(&m), "--method", "gptq", "--dim", "ada", "--bits", "4", "--group", "16", "--calib", &s(&text), "--nsamples", "4", "--calib-seqlen", "32", "--out", &s(&out), "--json"];
+    let (code, so, se) = adadim(&args);
+    assert_eq!(code, 0, "{se}");
+    let summary: serde_json::Value = serde_json::from_str(&so).unwrap();
+    assert_eq!(summary["linears"], 14);
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    let l0 = &report["linears"][0];
+    assert!(l0["oc_error"].as_f64().unwrap() > 0.0 && l0["gptq_loss"].as_f64().is_some(), "{l0}");
+    let (code, so, se) = adadim(&["eval", "ppl", "--model", &s(&out), "--dataset", &s(&text), "--seqlen", "32", "--json"]);
+    assert_eq!(code, 0, "{se}");
+    let v: serde_json::Value = serde_json::from_str(&so).unwrap();
+    assert!(v["ppl"].as_f64().unwrap().is_finite());
+
+    // The same command again: refused, the existing output untouched.
+    let (code, _, se) = adadim(&args);
+    assert_eq!(code, 1);
+    assert!(se.contains("already exists"), "{se}");
+
+    // Nonsense settings and too little calibration text: one clear line, no partial output.
+    let out2 = d.path().join("q2");
+    for (flag, value, needle) in [("--bits", "5", "bits"), ("--calib-seqlen", "100000", "too short")] {
+        let mut a: Vec<String> = args.iter().map(|x| x.to_string()).collect();
+        let o = a.iter().position(|x| x == "--out").unwrap();
+        a[o + 1] = s(&out2);
+        let f = a.iter().position(|x| x == flag).unwrap();
+        a[f + 1] = value.to_string();
+        let a: Vec<&str> = a.iter().map(|x| x.as_str()).collect();
+        let (code, _, se) = adadim(&a);
+        assert_eq!(code, 1, "{flag} {value}: {se}");
+        assert!(se.contains(needle) && se.trim().lines().count() == 1, "{flag} {value}: {se}");
+    }
+    assert_eq!(only_entries(d.path()), ["calib.txt", "model", "q"]);
+}
