@@ -28,42 +28,50 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     let mut out = vec![0f32; t * nh * hd];
     let group = nh / nkv;
     let tiles = t.div_ceil(BQ);
-    // Each task writes the (rows i0..i1, columns h*hd..h*hd+hd) block of `out`: disjoint.
-    let out_ptr = SendPtr(out.as_mut_ptr());
-    (0..nh * tiles).into_par_iter().for_each_init(
-        || vec![0f32; BQ * t],
-        |scores, task| {
-            let (h, tile) = (task / tiles, task % tiles);
+        let out_ptr = SendPtr(out.as_mut_ptr());
+    // One task per (KV head, query tile): the `group` query heads sharing that KV head are
+    // stacked into one (group*m, hd) block, so each K/V tile is read once per group and the
+    // score GEMM is `group` times taller (k = hd is small; tall GEMMs use the cores better).
+    (0..nkv * tiles).into_par_iter().for_each_init(
+        || (vec![0f32; group * BQ * hd], vec![0f32; group * BQ * t]),
+        |(qs, scores), task| {
+            let (kv, tile) = (task / tiles, task % tiles);
             let (i0, i1) = (tile * BQ, ((tile + 1) * BQ).min(t));
             let (m, n) = (i1 - i0, i1); // queries in the tile, keys visible to its last row
-            let kv = h / group;
-            let qh = &q[(h * t + i0) * hd..];
+            for j in 0..group {
+                let h = kv * group + j;
+                qs[j * m * hd..(j + 1) * m * hd].copy_from_slice(&q[(h * t + i0) * hd..(h * t + i1) * hd]);
+            }
             let kh = &k[kv * t * hd..];
             let vh = &v[kv * t * hd..];
-            let s = &mut scores[..m * n];
-            // SAFETY: all pointers cover the ranges gemm reads/writes: S (m x n, row-major),
-            // Q tile (m x hd, row-major), K^T (hd x n: element (c, j) = K[j, c]).
+            let rows = group * m;
+            let s = &mut scores[..rows * n];
+            // SAFETY: S is (rows x n) row-major, Q block (rows x hd) row-major,
+            // K^T (hd x n) read from K (element (c, j) = K[j, c]); all within their buffers.
             unsafe {
                 gemm::gemm(
-                    m, n, hd, s.as_mut_ptr(), 1, n as isize, false,
-                    qh.as_ptr(), 1, hd as isize,
+                    rows, n, hd, s.as_mut_ptr(), 1, n as isize, false,
+                    qs.as_ptr(), 1, hd as isize,
                     kh.as_ptr(), hd as isize, 1,
                     0.0, 1.0, false, false, false, gemm::Parallelism::None,
                 );
             }
             for (r, row) in s.chunks_mut(n).enumerate() {
-                softmax_prefix(row, i0 + r + 1);
+                softmax_prefix(row, i0 + r % m + 1);
             }
-            // out[i0..i1, h*hd..] = S (m x n) @ V[0..n] (n x hd); row stride nh*hd.
-            // SAFETY: this task owns that block of `out` (see above); V covers n x hd.
-            unsafe {
-                let dst = out_ptr.get().add(i0 * nh * hd + h * hd);
-                gemm::gemm(
-                    m, hd, n, dst, 1, (nh * hd) as isize, false,
-                    s.as_ptr(), 1, n as isize,
-                    vh.as_ptr(), 1, hd as isize,
-                    0.0, 1.0, false, false, false, gemm::Parallelism::None,
-                );
+            for j in 0..group {
+                let h = kv * group + j;
+                // out[i0..i1, h*hd..] = S_j (m x n) @ V[0..n] (n x hd); row stride nh*hd.
+                // SAFETY: this task alone writes rows i0..i1 of heads kv*group..+group.
+                unsafe {
+                    let dst = out_ptr.get().add(i0 * nh * hd + h * hd);
+                    gemm::gemm(
+                        m, hd, n, dst, 1, (nh * hd) as isize, false,
+                        s[j * m * n..].as_ptr(), 1, n as isize,
+                        vh.as_ptr(), 1, hd as isize,
+                        0.0, 1.0, false, false, false, gemm::Parallelism::None,
+                    );
+                }
             }
         },
     );
