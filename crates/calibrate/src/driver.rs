@@ -95,8 +95,9 @@ impl QuantizeConfig {
         self.method == Method::Gptq || (self.dim == Dim::Ada && self.ic_modules.is_empty())
     }
 
-    /// Quantize one linear `w` [rows, cols] given its input Hessian.
-    fn quantize_linear(&self, layer: usize, kind: LinearKind, w: &[f32], rows: usize, cols: usize, h: Option<&Hessian>) -> Result<(QuantizedMatrix, LinearReport)> {
+    /// Quantize one linear `w` [rows, cols] given its input Hessian (`kind` names it in the
+    /// report and matters for `ic_modules`).
+    pub fn quantize_linear(&self, layer: usize, kind: LinearKind, w: &[f32], rows: usize, cols: usize, h: Option<&Hessian>) -> Result<(QuantizedMatrix, LinearReport)> {
         let t = Instant::now();
         let qerr = |source| CalibError::Quantize { layer, module: kind.module().to_string(), source };
         let opts = GptqOptions { act_order: self.act_order, static_groups: self.static_groups, ..self.gptq.clone() };

@@ -34,6 +34,9 @@ enum Cmd {
     /// Quantize a model's decoder linears (RTN or GPTQ; groups per-OC, per-IC or AdaDim's
     /// per-layer choice) and write a model directory with the dequantized weights + report.json.
     Quantize(QuantizeArgs),
+    /// Quantize one weight matrix with its calibration inputs (both safetensors files) and print
+    /// the output errors as JSON: for researchers and tests.
+    QuantizeLayer(QuantizeLayerArgs),
     /// Measure model quality.
     #[command(subcommand)]
     Eval(EvalCmd),
@@ -165,6 +168,34 @@ struct QuantSettings {
 }
 
 #[derive(Args)]
+struct QuantizeLayerArgs {
+    /// Safetensors file holding the weight W [C_out, C_in].
+    #[arg(long)]
+    weight: PathBuf,
+    /// Tensor name in --weight (default: its only tensor).
+    #[arg(long)]
+    weight_name: Option<String>,
+    /// Safetensors file holding the layer's inputs X [tokens, C_in] (or [.., C_in]).
+    #[arg(long)]
+    inputs: PathBuf,
+    /// Tensor name in --inputs (default: its only tensor).
+    #[arg(long)]
+    inputs_name: Option<String>,
+    #[arg(long, value_enum, default_value = "gptq")]
+    method: MethodArg,
+    #[arg(long, value_enum, default_value = "ada")]
+    dim: DimArg,
+    #[command(flatten)]
+    settings: QuantSettings,
+    /// Which module this is (matters only with --ic-modules): q, k, v, o, gate, up, down.
+    #[arg(long, default_value = "o")]
+    module: String,
+    /// Also write the dequantized weight W' here (safetensors, tensor "weight").
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+#[derive(Args)]
 struct CompareArgs {
     #[command(flatten)]
     model: ModelArg,
@@ -233,6 +264,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Quantize(a) => quantize(a),
         Cmd::Compare(a) => compare(a),
+        Cmd::QuantizeLayer(a) => quantize_layer(a),
         Cmd::Eval(EvalCmd::Ppl(a)) => eval_ppl(a),
         Cmd::Bench(BenchCmd::Eval(a)) => bench_eval(a),
     }
@@ -360,40 +392,7 @@ fn quantize(a: QuantizeArgs) -> Result<()> {
 /// Quantize the checkpoint in `dir` into the new directory `out` (written beside it under a
 /// temporary name and renamed when complete). Returns the report's summary.
 fn run_quantize(dir: &std::path::Path, method: MethodArg, dim: DimArg, q: &QuantSettings, out: &std::path::Path) -> Result<serde_json::Value> {
-    use adadim_calibrate::{Dim, Method, QuantizeConfig, Select};
-    use adadim_quantize::{Axis, GptqOptions, QuantSpec, Zero};
-    let spec = QuantSpec {
-        bits: q.bits,
-        group: (q.group > 0).then_some(q.group),
-        axis: Axis::Oc,
-        zero: match q.zero {
-            ZeroArg::Awq => Zero::Awq,
-            ZeroArg::Gptq => Zero::Gptq,
-            ZeroArg::Sym => Zero::Sym,
-        },
-    };
-    spec.validate().context("--bits / --group")?;
-    let cfg = QuantizeConfig {
-        method: match method {
-            MethodArg::Rtn => Method::Rtn,
-            MethodArg::Gptq => Method::Gptq,
-        },
-        dim: match dim {
-            DimArg::Oc => Dim::Oc,
-            DimArg::Ic => Dim::Ic,
-            DimArg::Ada => Dim::Ada,
-        },
-        select: match q.select {
-            SelectArg::Rtn => Select::Rtn,
-            SelectArg::Gptq => Select::Gptq,
-        },
-        spec,
-        gptq: GptqOptions { percdamp: q.percdamp, ..GptqOptions::default() },
-        act_order: q.act_order,
-        static_groups: q.static_groups,
-        ic_modules: q.ic_modules.clone(),
-    };
-    cfg.gptq.validate().context("--percdamp")?;
+    let cfg = quantize_config(method, dim, q)?;
     if out.exists() {
         anyhow::bail!("{}: output directory already exists; remove it or choose another", out.display());
     }
@@ -510,4 +509,93 @@ fn peak_rss_mb() -> Option<f64> {
     let s = std::fs::read_to_string("/proc/self/status").ok()?;
     let kb: f64 = s.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb / 1024.0)
+}
+
+/// The driver's settings from the command line.
+fn quantize_config(method: MethodArg, dim: DimArg, q: &QuantSettings) -> Result<adadim_calibrate::QuantizeConfig> {
+    use adadim_calibrate::{Dim, Method, QuantizeConfig, Select};
+    use adadim_quantize::{Axis, GptqOptions, QuantSpec, Zero};
+    let spec = QuantSpec {
+        bits: q.bits,
+        group: (q.group > 0).then_some(q.group),
+        axis: Axis::Oc,
+        zero: match q.zero {
+            ZeroArg::Awq => Zero::Awq,
+            ZeroArg::Gptq => Zero::Gptq,
+            ZeroArg::Sym => Zero::Sym,
+        },
+    };
+    spec.validate().context("--bits / --group")?;
+    let cfg = QuantizeConfig {
+        method: match method {
+            MethodArg::Rtn => Method::Rtn,
+            MethodArg::Gptq => Method::Gptq,
+        },
+        dim: match dim {
+            DimArg::Oc => Dim::Oc,
+            DimArg::Ic => Dim::Ic,
+            DimArg::Ada => Dim::Ada,
+        },
+        select: match q.select {
+            SelectArg::Rtn => Select::Rtn,
+            SelectArg::Gptq => Select::Gptq,
+        },
+        spec,
+        gptq: GptqOptions { percdamp: q.percdamp, ..GptqOptions::default() },
+        act_order: q.act_order,
+        static_groups: q.static_groups,
+        ic_modules: q.ic_modules.clone(),
+    };
+    cfg.gptq.validate().context("--percdamp")?;
+    Ok(cfg)
+}
+
+
+/// One tensor of a safetensors file as (shape, f32 values): `name`, or the file's only tensor.
+fn read_tensor(path: &std::path::Path, name: Option<&str>) -> Result<(Vec<usize>, Vec<f32>)> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| anyhow::anyhow!("{}: corrupt or truncated safetensors file: {e}", path.display()))?;
+    let name = match name {
+        Some(n) => n.to_string(),
+        None => {
+            let names = st.names();
+            if names.len() != 1 {
+                anyhow::bail!("{}: holds {} tensors; name one ({})", path.display(), names.len(), names.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(", "));
+            }
+            names[0].to_string()
+        }
+    };
+    let t = st.tensor(&name).map_err(|e| anyhow::anyhow!("{}: tensor '{name}': {e}", path.display()))?;
+    let v = adadim_load::checkpoint::bytes_to_f32(t.data(), t.dtype())
+        .ok_or_else(|| anyhow::anyhow!("{}: tensor '{name}' has unsupported type {:?} (F32, F16, BF16)", path.display(), t.dtype()))?;
+    adadim_load::checkpoint::check_finite(path, &name, &v)?;
+    Ok((t.shape().to_vec(), v))
+}
+
+fn quantize_layer(a: QuantizeLayerArgs) -> Result<()> {
+    let cfg = quantize_config(a.method, a.dim, &a.settings)?;
+    let kind = adadim_model::LinearKind::ALL
+        .into_iter()
+        .find(|k| k.short() == a.module)
+        .ok_or_else(|| anyhow::anyhow!("--module {}: not one of q, k, v, o, gate, up, down", a.module))?;
+    let (wshape, w) = read_tensor(&a.weight, a.weight_name.as_deref())?;
+    let [rows, cols] = wshape[..] else { anyhow::bail!("{}: weight must be 2-D [C_out, C_in], got {wshape:?}", a.weight.display()) };
+    let (xshape, x) = read_tensor(&a.inputs, a.inputs_name.as_deref())?;
+    if xshape.last() != Some(&cols) {
+        anyhow::bail!("{}: inputs have shape {xshape:?}; the last dimension must be C_in = {cols}", a.inputs.display());
+    }
+    let mut h = adadim_quantize::Hessian::new(cols);
+    h.add_batch(&x).with_context(|| format!("{}: inputs", a.inputs.display()))?;
+    let (q, report) = cfg.quantize_linear(0, kind, &w, rows, cols, Some(&h))?;
+    if let Some(out) = &a.out {
+        let tmp = PathBuf::from(format!("{}.partial", out.display()));
+        let mut wr = adadim_load::safetensors_out::F32Writer::create(&tmp, &[("weight".to_string(), vec![rows, cols])], &[])?;
+        wr.write_tensor("weight", &q.dequantize())?;
+        wr.finish()?;
+        std::fs::rename(&tmp, out).with_context(|| format!("writing {}", out.display()))?;
+    }
+    let mut v = serde_json::to_value(&report)?;
+    v["tokens"] = h.tokens().into();
+    println!("{}", serde_json::to_string(&v)?);
+    Ok(())
 }

@@ -60,3 +60,42 @@ fn quantize_then_evaluate() {
     }
     assert_eq!(only_entries(d.path()), ["calib.txt", "model", "q"]);
 }
+
+#[test]
+fn quantize_layer_reports_both_errors() {
+    use adadim_load::safetensors_out::F32Writer;
+    use adadim_load::synth::Rng;
+    let d = tempfile::tempdir().unwrap();
+    let mut rng = Rng::new(1);
+    let (rows, cols, tokens) = (24, 32, 64);
+    let w = d.path().join("w.safetensors");
+    let mut f = F32Writer::create(&w, &[("weight".into(), vec![rows, cols])], &[]).unwrap();
+    f.write_tensor("weight", &rng.normals(rows * cols, 0.2)).unwrap();
+    f.finish().unwrap();
+    let x = d.path().join("x.safetensors");
+    let mut xs = rng.normals(tokens * cols, 1.0);
+    for t in 0..tokens {
+        xs[t * cols + 5] *= 30.0; // an activation-outlier channel
+    }
+    let mut f = F32Writer::create(&x, &[("x".into(), vec![tokens, cols])], &[]).unwrap();
+    f.write_tensor("x", &xs).unwrap();
+    f.finish().unwrap();
+    let out = d.path().join("wq.safetensors");
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let (code, so, se) = adadim(&["quantize-layer", "--weight", &s(&w), "--inputs", &s(&x), "--method", "gptq", "--dim", "ada", "--bits", "3", "--group", "8", "--out", &s(&out)]);
+    assert_eq!(code, 0, "{se}");
+    let v: serde_json::Value = serde_json::from_str(&so).unwrap();
+    let (oc, ic) = (v["oc_error"].as_f64().unwrap(), v["ic_error"].as_f64().unwrap());
+    assert_eq!(v["axis"], if ic < oc { "ic" } else { "oc" });
+    assert!(v["final_error"].as_f64().unwrap() <= oc.min(ic) * 1.0001, "GPTQ no worse than RTN: {v}");
+    assert_eq!(v["tokens"], 64);
+    assert!(out.exists());
+    // Inputs whose width is not the weight's C_in.
+    let bad = d.path().join("bad.safetensors");
+    let mut f = F32Writer::create(&bad, &[("x".into(), vec![4, 31])], &[]).unwrap();
+    f.write_tensor("x", &[0.0; 124]).unwrap();
+    f.finish().unwrap();
+    let (code, _, se) = adadim(&["quantize-layer", "--weight", &s(&w), "--inputs", &s(&bad)]);
+    assert_eq!(code, 1);
+    assert!(se.contains("bad.safetensors") && se.contains("C_in = 32"), "{se}");
+}
