@@ -6,7 +6,7 @@
 # WINDOWS (8 eval windows; 0 = all), OUT (results/run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export ADADIM_DATA="${ADADIM_DATA:-../shared/data}"
+export ADADIM_DATA="${ADADIM_DATA:-$(cd .. && pwd)/shared/data}"
 MODEL="${MODEL:-smollm2}"; CONFIGS="${CONFIGS:-3:128 4:128}"; NSAMPLES="${NSAMPLES:-32}"
 CALIB_SEQLEN="${CALIB_SEQLEN:-512}"; WINDOWS="${WINDOWS:-8}"; OUT="${OUT:-results/run}"
 cargo build --release -p adadim
