@@ -14,7 +14,10 @@ A=./target/release/adadim
 mkdir -p "$OUT"
 limit=(); [ "$WINDOWS" != 0 ] && limit=(--limit "$WINDOWS")
 eval_to() { # model dir, json file
-  [ -f "$2" ] || $A eval ppl --model "$1" --dataset wikitext2 "${limit[@]}" --json > "$2.tmp" && mv "$2.tmp" "$2"
+  if [ ! -f "$2" ]; then
+    $A eval ppl --model "$1" --dataset wikitext2 "${limit[@]}" --json > "$2.tmp"
+    mv "$2.tmp" "$2"
+  fi
 }
 eval_to "$MODEL" "$OUT/fp.ppl.json"
 METHODS=(
