@@ -308,7 +308,7 @@ fn eval_ppl(a: PplArgs) -> Result<()> {
 }
 
 fn bench_eval(a: BenchEvalArgs) -> Result<()> {
-    let dataset = Dataset::resolve(&a.dataset, data_dir_from_env().as_deref())?;
+    let dataset = resolve_dataset(&a.dataset)?;
     let dir = model_dir(&a.model.model)?;
     let ckpt = adadim_load::Checkpoint::open(&dir)?;
     let cfg = ckpt.config.clone();

@@ -76,14 +76,7 @@ pub fn output_error_from_hessian(
 ) -> Result<f64> {
     check_weights(w, rows, cols)?;
     check_weights(w_hat, rows, cols)?;
-    if h.dim() != cols {
-        let (expected, got) = (cols * cols, h.matrix().len());
-        return Err(Error::Shape {
-            what: "Hessian [cols, cols]",
-            expected,
-            got,
-        });
-    }
+    h.check_dim(cols)?;
     if h.tokens() == 0 {
         return Err(Error::Invalid(
             "output error needs at least one calibration token",

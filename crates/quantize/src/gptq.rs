@@ -100,14 +100,7 @@ pub fn gptq(
     spec.validate()?;
     opts.validate()?;
     check_weights(w, rows, cols)?;
-    if h.dim() != cols {
-        let (expected, got) = (cols * cols, h.matrix().len());
-        return Err(Error::Shape {
-            what: "Hessian [cols, cols]",
-            expected,
-            got,
-        });
-    }
+    h.check_dim(cols)?;
     // Dead inputs: no calibration signal reaches them, so their weights cannot matter;
     // zero them and put 1 on H's diagonal to keep it invertible.
     let dead = h.dead_inputs();

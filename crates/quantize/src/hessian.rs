@@ -90,6 +90,14 @@ impl Hessian {
         &self.h
     }
 
+    /// Fail with [`Error::Shape`] unless this is the Hessian of a layer with `cols` inputs.
+    pub fn check_dim(&self, cols: usize) -> Result<()> {
+        if self.dim() != cols {
+            return Err(Error::Shape { what: "Hessian [cols, cols]", expected: cols * cols, got: self.matrix().len() });
+        }
+        Ok(())
+    }
+
     /// Input channels that never saw a non-zero input (`H[i, i] == 0`): GPTQ zeroes their
     /// weights, which cannot affect the layer's output on this calibration data.
     pub fn dead_inputs(&self) -> Vec<usize> {
