@@ -14,8 +14,8 @@
 use crate::error::{CalibError, Result};
 use adadim_load::safetensors_out::F32Writer;
 use adadim_load::Checkpoint;
-use adadim_model::{Block, Flow, LinearKind, Rope};
-use adadim_quantize::{choose_axis, gptq, output_error_from_hessian, rtn, Axis, Calibration, GptqOptions, Hessian, QuantSpec, QuantizedMatrix};
+use adadim_model::{Block, LinearKind, Rope};
+use adadim_quantize::{choose_axis, gptq, GptqOutput, output_error_from_hessian, rtn, Axis, Calibration, GptqOptions, Hessian, QuantSpec, QuantizedMatrix};
 use candle_core::{Device, Tensor};
 use serde::Serialize;
 use std::path::Path;
@@ -77,7 +77,13 @@ pub struct LinearReport {
     pub gptq_loss: Option<f64>,
     pub percdamp: Option<f64>,
     pub dead_inputs: usize,
+    /// Wall time for this linear, and the part of it GPTQ spent inverting H / sweeping.
     pub seconds: f64,
+    pub cholesky_s: Option<f64>,
+    pub sweep_s: Option<f64>,
+    /// GPTQ runs (2 when `--select gptq` tries both axes).
+    #[serde(skip)]
+    pub gptq_runs: usize,
 }
 
 const STEPS: [&[LinearKind]; 4] =
@@ -111,31 +117,34 @@ impl QuantizeConfig {
         } else {
             Some(if self.ic_modules.iter().any(|m| m == kind.short()) { Axis::Ic } else { Axis::Oc })
         };
-        let run_gptq = |axis: Axis| gptq(w, rows, cols, h.expect("gptq has calibration"), &self.spec.with_axis(axis), &opts).map_err(qerr);
-        let (q, loss, damp, dead) = match (self.method, forced.or(match self.dim {
+        let mut runs: Vec<(f64, f64)> = Vec::new();
+        let mut run_gptq = |axis: Axis| -> Result<GptqOutput> {
+            let o = gptq(w, rows, cols, h.expect("gptq has calibration"), &self.spec.with_axis(axis), &opts).map_err(qerr)?;
+            runs.push((o.inverse_seconds, o.sweep_seconds));
+            Ok(o)
+        };
+        let axis = forced.or(match self.dim {
             Dim::Oc => Some(Axis::Oc),
             Dim::Ic => Some(Axis::Ic),
             Dim::Ada => None,
-        })) {
-            (Method::Rtn, Some(axis)) => (rtn(w, rows, cols, &self.spec.with_axis(axis)).map_err(qerr)?, None, None, 0),
-            (Method::Rtn, None) => (choice.clone().expect("ada has calibration").quantized, None, None, 0),
-            (Method::Gptq, Some(axis)) => {
-                let o = run_gptq(axis)?;
-                (o.quantized, Some(o.loss), Some(o.percdamp), o.dead.len())
-            }
-            (Method::Gptq, None) if self.select == Select::Rtn => {
-                let o = run_gptq(choice.as_ref().expect("ada has calibration").axis)?;
-                (o.quantized, Some(o.loss), Some(o.percdamp), o.dead.len())
-            }
+        });
+        let gptq_out = match (self.method, axis) {
+            (Method::Rtn, _) => None,
+            (Method::Gptq, Some(axis)) => Some(run_gptq(axis)?),
+            (Method::Gptq, None) if self.select == Select::Rtn => Some(run_gptq(choice.as_ref().expect("ada has calibration").axis)?),
             (Method::Gptq, None) => {
                 // Choose by the GPTQ result itself: run both, keep the lower output error.
                 let h = h.expect("gptq has calibration");
                 let (a, b) = (run_gptq(Axis::Oc)?, run_gptq(Axis::Ic)?);
                 let ea = output_error_from_hessian(w, &a.quantized.dequantize(), rows, cols, h).map_err(qerr)?;
                 let eb = output_error_from_hessian(w, &b.quantized.dequantize(), rows, cols, h).map_err(qerr)?;
-                let o = if eb < ea { b } else { a };
-                (o.quantized, Some(o.loss), Some(o.percdamp), o.dead.len())
+                Some(if eb < ea { b } else { a })
             }
+        };
+        let (q, loss, damp, dead) = match (gptq_out, axis) {
+            (Some(o), _) => (o.quantized, Some(o.loss), Some(o.percdamp), o.dead.len()),
+            (None, Some(axis)) => (rtn(w, rows, cols, &self.spec.with_axis(axis)).map_err(qerr)?, None, None, 0),
+            (None, None) => (choice.clone().expect("ada has calibration").quantized, None, None, 0),
         };
         let final_error = match h {
             Some(h) if h.tokens() > 0 => Some(output_error_from_hessian(w, &q.dequantize(), rows, cols, h).map_err(qerr)?),
@@ -154,6 +163,9 @@ impl QuantizeConfig {
             percdamp: damp,
             dead_inputs: dead,
             seconds: t.elapsed().as_secs_f64(),
+            cholesky_s: (!runs.is_empty()).then(|| runs.iter().map(|r| r.0).sum()),
+            sweep_s: (!runs.is_empty()).then(|| runs.iter().map(|r| r.1).sum()),
+            gptq_runs: runs.len(),
         };
         Ok((q, report))
     }
@@ -167,6 +179,134 @@ fn tensor(v: Vec<f32>, shape: (usize, usize)) -> Result<Tensor> {
     Ok(Tensor::from_vec(v, shape, &Device::Cpu).map_err(|e| adadim_model::ModelError::Tensor { context: "tensor from host".into(), source: e })?)
 }
 
+/// Where a quantization run spent its time, and the work it did (for `bench quantize`).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Timings {
+    /// Calibration forward passes (each linear's input computed once per block).
+    pub forward_s: f64,
+    /// Matmul FLOPs of those passes (linears + causal attention).
+    pub forward_flops: f64,
+    /// Hessian accumulation `X^T X`.
+    pub hessian_s: f64,
+    pub hessian_flops: f64,
+    /// RTN in both axes and the output errors of AdaDim's choice / the report.
+    pub select_s: f64,
+    /// GPTQ: damping, Cholesky factor, inverse, factor again (f64).
+    pub cholesky_s: f64,
+    pub cholesky_flops: f64,
+    /// GPTQ: the column sweeps (f64).
+    pub sweep_s: f64,
+    pub sweep_flops: f64,
+    /// Reading blocks and writing the output.
+    pub io_s: f64,
+}
+
+/// What [`quantize_model`] returns.
+#[derive(Debug, Clone)]
+pub struct QuantizeRun {
+    pub linears: Vec<LinearReport>,
+    pub timings: Timings,
+}
+
+/// Calibration activations of every sample, and the clocks of the work done on them.
+struct Activations<'a> {
+    /// Residual stream entering the current stage, one `[t, d]` per sample.
+    xs: Vec<Tensor>,
+    times: &'a mut Timings,
+}
+
+impl Activations<'_> {
+    /// `f` on sample `i`; its FLOPs (`flops(t)`) and time go to the forward clock.
+    fn one<T>(&mut self, i: usize, flops: impl Fn(usize) -> f64, f: impl FnOnce(&Tensor) -> Result<T>) -> Result<T> {
+        let t0 = Instant::now();
+        let out = f(&self.xs[i])?;
+        self.times.forward_s += t0.elapsed().as_secs_f64();
+        self.times.forward_flops += flops(self.xs[i].dims()[0]);
+        Ok(out)
+    }
+
+    /// `f` on every sample, as [`Activations::one`].
+    fn each<T>(&mut self, flops: impl Fn(usize) -> f64, mut f: impl FnMut(usize, &Tensor) -> Result<T>) -> Result<Vec<T>> {
+        (0..self.xs.len()).map(|i| self.one(i, &flops, |x| f(i, x))).collect()
+    }
+
+    /// Add the `[t, dim]` inputs `x` of `kind` to its Hessian `h`.
+    fn accumulate(&mut self, h: &mut Hessian, layer: usize, kind: LinearKind, x: &Tensor) -> Result<()> {
+        let t0 = Instant::now();
+        h.add_batch(&to_vec(x)?).map_err(|source| CalibError::Quantize { layer, module: format!("{} inputs", kind.module()), source })?;
+        let (t, dim) = (x.dims()[0] as f64, h.dim() as f64);
+        self.times.hessian_flops += 2.0 * t * dim * dim;
+        self.times.hessian_s += t0.elapsed().as_secs_f64();
+        Ok(())
+    }
+
+    /// The Hessian of one stage's inputs, one `[t, dim]` per sample.
+    fn hessian(&mut self, layer: usize, kind: LinearKind, inputs: &[Tensor]) -> Result<Hessian> {
+        let mut h = Hessian::new(inputs[0].dims()[1]);
+        for x in inputs {
+            self.accumulate(&mut h, layer, kind, x)?;
+        }
+        Ok(h)
+    }
+}
+
+/// Matmul FLOPs of each forward stage of one block on `t` tokens (the useful work: causal
+/// attention counts the keys each query may see).
+struct StageFlops {
+    d: f64,
+    q: f64,
+    kv: f64,
+    f: f64,
+}
+
+impl StageFlops {
+    fn new(c: &adadim_load::LlamaConfig) -> Self {
+        StageFlops { d: c.hidden_size as f64, q: c.q_dim() as f64, kv: c.kv_dim() as f64, f: c.intermediate_size as f64 }
+    }
+    /// q/k/v projections, scores and context.
+    fn attention(&self, t: usize) -> f64 {
+        let t = t as f64;
+        2.0 * t * self.d * (self.q + 2.0 * self.kv) + 2.0 * t * (t + 1.0) * self.q
+    }
+    fn o(&self, t: usize) -> f64 {
+        2.0 * t as f64 * self.q * self.d
+    }
+    /// gate and up.
+    fn mlp_hidden(&self, t: usize) -> f64 {
+        4.0 * t as f64 * self.d * self.f
+    }
+    fn down(&self, t: usize) -> f64 {
+        2.0 * t as f64 * self.f * self.d
+    }
+}
+
+impl Timings {
+    fn add_linear(&mut self, r: &LinearReport) {
+        let (cholesky, sweep) = (r.cholesky_s.unwrap_or(0.0), r.sweep_s.unwrap_or(0.0));
+        self.select_s += r.seconds - cholesky - sweep;
+        self.cholesky_s += cholesky;
+        self.sweep_s += sweep;
+        if r.gptq_loss.is_some() {
+            let (rows, n) = (r.rows as f64, r.cols as f64);
+            // Per GPTQ run: Cholesky n^3/3, inverse from the factor 2n^3/3 and the upper factor of
+            // the inverse n^3/3 (faer, f64); the sweep multiplies each column's error into every
+            // later column: rows n^2 / 2 multiply-adds.
+            let runs = r.gptq_runs as f64;
+            self.cholesky_flops += runs * 4.0 / 3.0 * n * n * n;
+            self.sweep_flops += runs * rows * n * n;
+        }
+    }
+}
+
+fn tensor_err(context: String, source: candle_core::Error) -> CalibError {
+    adadim_model::ModelError::Tensor { context, source }.into()
+}
+
+/// `silu(gate(h)) * up(h)` with `h = rms_norm(x)`: the inputs of down.
+fn mlp_hidden(block: &Block, x: &Tensor) -> Result<Tensor> {
+    block.mlp_hidden(&block.mlp_input(x)?).map_err(|e| tensor_err(format!("layer {}: mlp", block.layer), e))
+}
+
 /// Quantize every block of `ckpt` into a safetensors file at `out_file` (dequantized f32
 /// weights; embeddings, norms and head copied). `progress(layer_done, layers)`.
 pub fn quantize_model(
@@ -175,13 +315,15 @@ pub fn quantize_model(
     cfg: &QuantizeConfig,
     out_file: &Path,
     progress: &mut dyn FnMut(usize, usize),
-) -> Result<Vec<LinearReport>> {
+) -> Result<QuantizeRun> {
     cfg.spec.validate().map_err(|source| CalibError::Quantize { layer: 0, module: "(settings)".into(), source })?;
     for m in &cfg.ic_modules {
         if !LinearKind::ALL.iter().any(|k| k.short() == m) {
             return Err(CalibError::Invalid(format!("--ic-modules: unknown module '{m}' (q, k, v, o, gate, up, down)")));
         }
     }
+    let mut times = Timings::default();
+    let io = Instant::now();
     let c = &ckpt.config;
     let seqlen = samples.iter().map(|s| s.len()).max().unwrap_or(1);
     let rope = Rope::new(c, seqlen).map_err(|e| adadim_model::ModelError::Tensor { context: "rope".into(), source: e })?;
@@ -195,60 +337,83 @@ pub fn quantize_model(
         cursor += 1;
     }
     let calibrate = cfg.needs_calibration();
-    let embed = if calibrate { Some(ckpt.tensor("model.embed_tokens.weight")?) } else { None };
     let mut xs: Vec<Tensor> = Vec::new();
-    if let Some(e) = &embed {
+    if calibrate {
+        let embed = ckpt.tensor("model.embed_tokens.weight")?;
         for s in samples {
             let ids = Tensor::new(s.as_slice(), &Device::Cpu).map_err(|e| adadim_model::ModelError::Tensor { context: "ids".into(), source: e })?;
-            xs.push(e.index_select(&ids, 0).map_err(|e| adadim_model::ModelError::Tensor { context: "embedding".into(), source: e })?);
+            xs.push(embed.index_select(&ids, 0).map_err(|e| adadim_model::ModelError::Tensor { context: "embedding".into(), source: e })?);
         }
     }
-    drop(embed);
+    times.io_s += io.elapsed().as_secs_f64();
     let mut reports = Vec::new();
     for layer in 0..c.num_hidden_layers {
+        let io = Instant::now();
         let mut block = Block::load(ckpt, layer)?;
-        for step in STEPS {
-            let h = if calibrate {
-                let in_dim = block.linear(step[0]).weight.dims()[1];
-                let mut h = Hessian::new(in_dim);
-                for x in &xs {
-                    block.forward_tapped(x, &rope, &mut |kind, input| {
-                        if kind != step[0] {
-                            return Ok(Flow::Continue);
-                        }
-                        {
-                            let v = to_vec(input).map_err(|e| adadim_model::ModelError::Tensor { context: e.to_string(), source: candle_core::Error::Msg("tap".into()) })?;
-                            h.add_batch(&v).map_err(|e| adadim_model::ModelError::Tensor { context: format!("layer {layer} {} inputs", kind.module()), source: candle_core::Error::Msg(e.to_string()) })?;
-                        }
-                        Ok(Flow::Stop)
-                    })?;
-                }
-                Some(h)
-            } else {
-                None
-            };
+        times.io_s += io.elapsed().as_secs_f64();
+        let mut quantize_step = |block: &mut Block, step: &[LinearKind], h: Option<&Hessian>, times: &mut Timings| -> Result<()> {
             for &kind in step {
                 let w = &block.linear(kind).weight;
                 let (rows, cols) = (w.dims()[0], w.dims()[1]);
-                let (q, report) = cfg.quantize_linear(layer, kind, &to_vec(w)?, rows, cols, h.as_ref())?;
+                let (q, report) = cfg.quantize_linear(layer, kind, &to_vec(w)?, rows, cols, h)?;
+                times.add_linear(&report);
                 block.linear_mut(kind).weight = tensor(q.dequantize(), (rows, cols))?;
                 reports.push(report);
             }
-        }
-        if calibrate && layer + 1 < c.num_hidden_layers {
-            for x in xs.iter_mut() {
-                *x = block.forward(x, &rope)?;
+            Ok(())
+        };
+        let [qkv, o, gate_up, down] = STEPS;
+        if !calibrate {
+            for step in STEPS {
+                quantize_step(&mut block, step, None, &mut times)?;
             }
+        } else {
+            // True-sequential, each stage on the outputs of the linears already quantized:
+            // [q,k,v] -> [o] -> [gate,up] -> [down]. Each linear's input is computed once per
+            // block (no re-run of the block from its start for every stage).
+            let flops = StageFlops::new(c);
+            let mut acts = Activations { xs: std::mem::take(&mut xs), times: &mut times };
+            let h_in = acts.each(|_| 0.0, |_, x| Ok(block.attn_input(x)?))?;
+            let h = acts.hessian(layer, qkv[0], &h_in)?;
+            drop(h_in);
+            quantize_step(&mut block, qkv, Some(&h), acts.times)?;
+            let attn = acts.each(|t| flops.attention(t), |_, x| {
+                block.attention(&block.attn_input(x)?, &rope).map_err(|e| tensor_err(format!("layer {layer}: attention"), e))
+            })?;
+            let h = acts.hessian(layer, o[0], &attn)?;
+            quantize_step(&mut block, o, Some(&h), acts.times)?;
+            acts.xs = acts.each(|t| flops.o(t), |i, x| Ok(block.attn_residual(x, &attn[i])?))?;
+            drop(attn);
+            let mlp_in = acts.each(|_| 0.0, |_, x| Ok(block.mlp_input(x)?))?;
+            let h = acts.hessian(layer, gate_up[0], &mlp_in)?;
+            drop(mlp_in);
+            quantize_step(&mut block, gate_up, Some(&h), acts.times)?;
+            // down's inputs are (t, f): accumulated one sample at a time and recomputed for
+            // the block's output rather than held (f/d times the residual stream's memory).
+            let mut h = Hessian::new(c.intermediate_size);
+            for i in 0..acts.xs.len() {
+                let act = acts.one(i, |t| flops.mlp_hidden(t), |x| mlp_hidden(&block, x))?;
+                acts.accumulate(&mut h, layer, down[0], &act)?;
+            }
+            quantize_step(&mut block, down, Some(&h), acts.times)?;
+            if layer + 1 < c.num_hidden_layers {
+                acts.xs = acts.each(|t| flops.mlp_hidden(t) + flops.down(t), |_, x| Ok(block.mlp_residual(x, &mlp_hidden(&block, x)?)?))?;
+            }
+            xs = acts.xs;
         }
+        let io = Instant::now();
         while cursor < plan.len() && plan[cursor].0.starts_with(&format!("model.layers.{layer}.")) {
             let name = &plan[cursor].0;
             writer.write_tensor(name, &to_vec(block_tensor(&block, name)?)?)?;
             cursor += 1;
         }
+        times.io_s += io.elapsed().as_secs_f64();
         progress(layer + 1, c.num_hidden_layers);
     }
+    let io = Instant::now();
     writer.finish()?;
-    Ok(reports)
+    times.io_s += io.elapsed().as_secs_f64();
+    Ok(QuantizeRun { linears: reports, timings: times })
 }
 
 /// The block's tensor for a checkpoint name (`model.layers.3.mlp.up_proj.weight`).

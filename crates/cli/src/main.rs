@@ -410,7 +410,8 @@ fn run_quantize(dir: &std::path::Path, method: MethodArg, dim: DimArg, q: &Quant
     let result = (|| -> Result<serde_json::Value> {
         let start = std::time::Instant::now();
         let mut bar = progress::Bar::new("quantize", ckpt.config.num_hidden_layers);
-        let reports = adadim_calibrate::quantize_model(&ckpt, &samples, &cfg, &tmp.join("model.safetensors"), &mut |d, t| bar.update(d, t))?;
+        let run = adadim_calibrate::quantize_model(&ckpt, &samples, &cfg, &tmp.join("model.safetensors"), &mut |d, t| bar.update(d, t))?;
+        let reports = run.linears;
         bar.finish();
         for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
             if dir.join(f).exists() {
@@ -424,6 +425,7 @@ fn run_quantize(dir: &std::path::Path, method: MethodArg, dim: DimArg, q: &Quant
             "linears": reports.len(),
             "per_ic": reports.iter().filter(|r| r.axis == "ic").count(),
             "seconds": start.elapsed().as_secs_f64(),
+            "timings": run.timings,
             "peak_rss_mb": peak_rss_mb(),
         });
         let report = serde_json::json!({"summary": summary, "linears": reports});

@@ -222,19 +222,41 @@ impl Block {
                 }
             };
         }
-        let l = self.layer;
-        let ctx = |what: &'static str| move || format!("layer {l}: {what}");
-        let h = candle_nn::ops::rms_norm(x, &self.attn_norm, self.eps).ctx(ctx("attention norm"))?;
+        let h = self.attn_input(x)?;
         tap!(LinearKind::Q, &h);
-        let attn = self.attention(&h, rope).ctx(ctx("attention"))?;
+        let attn = self.attention(&h, rope).ctx(|| format!("layer {}: attention", self.layer))?;
         tap!(LinearKind::O, &attn);
-        let x = (x + self.o.forward(&attn).ctx(ctx("o_proj"))?).ctx(ctx("residual"))?;
-        let h = candle_nn::ops::rms_norm(&x, &self.mlp_norm, self.eps).ctx(ctx("mlp norm"))?;
+        let x = self.attn_residual(x, &attn)?;
+        let h = self.mlp_input(&x)?;
         tap!(LinearKind::Gate, &h);
-        let act = self.mlp_hidden(&h).ctx(ctx("mlp"))?;
+        let act = self.mlp_hidden(&h).ctx(|| format!("layer {}: mlp", self.layer))?;
         tap!(LinearKind::Down, &act);
-        let y = (x + self.down.forward(&act).ctx(ctx("down_proj"))?).ctx(ctx("residual"))?;
-        Ok(Some(y))
+        Ok(Some(self.mlp_residual(&x, &act)?))
+    }
+
+    // The pieces of the forward pass, in order; layer-by-layer calibration runs them one stage
+    // at a time (each linear's input once, no re-run of the block from its start).
+
+    /// The input of q/k/v: `rms_norm(x)`, (t, d) -> (t, d).
+    pub fn attn_input(&self, x: &Tensor) -> Result<Tensor> {
+        candle_nn::ops::rms_norm(x, &self.attn_norm, self.eps).ctx(|| format!("layer {}: attention norm", self.layer))
+    }
+
+    /// `x + o(attn)`: the residual stream after attention, (t, d).
+    pub fn attn_residual(&self, x: &Tensor, attn: &Tensor) -> Result<Tensor> {
+        let l = self.layer;
+        (x + self.o.forward(attn).ctx(|| format!("layer {l}: o_proj"))?).ctx(|| format!("layer {l}: residual"))
+    }
+
+    /// The input of gate/up: `rms_norm(x)` of the residual stream after attention.
+    pub fn mlp_input(&self, x: &Tensor) -> Result<Tensor> {
+        candle_nn::ops::rms_norm(x, &self.mlp_norm, self.eps).ctx(|| format!("layer {}: mlp norm", self.layer))
+    }
+
+    /// `x + down(act)`: the block's output, (t, d).
+    pub fn mlp_residual(&self, x: &Tensor, act: &Tensor) -> Result<Tensor> {
+        let l = self.layer;
+        (x + self.down.forward(act).ctx(|| format!("layer {l}: down_proj"))?).ctx(|| format!("layer {l}: residual"))
     }
 
     /// `silu(gate(h)) * up(h)`: (t, d) -> (t, f).

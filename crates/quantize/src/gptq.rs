@@ -75,6 +75,10 @@ pub struct GptqOutput {
     pub percdamp: f64,
     /// Input channels with `H[i, i] == 0`, whose weights were set to 0.
     pub dead: Vec<usize>,
+    /// Seconds spent damping, factoring and inverting `H` (the Cholesky steps).
+    pub inverse_seconds: f64,
+    /// Seconds spent in the column sweep.
+    pub sweep_seconds: f64,
 }
 
 /// Quantizes the row-major `[rows, cols]` matrix `w` with GPTQ, given the Hessian `h` of
@@ -127,7 +131,9 @@ pub fn gptq(
     let mut W: Vec<f64> = (0..rows * cols)
         .map(|i| f64::from(w0[i - i % cols + perm[i % cols]]))
         .collect();
+    let t = std::time::Instant::now();
     let inv = hinv::damped_inverse(&H_perm, cols, opts.percdamp, opts.damp_retries)?;
+    let inverse_seconds = t.elapsed().as_secs_f64();
 
     let mut codes = vec![0u8; rows * cols];
     let sweep = sweep::Sweep {
@@ -140,7 +146,9 @@ pub fn gptq(
         blocksize: opts.blocksize,
         static_groups,
     };
+    let t = std::time::Instant::now();
     let loss = sweep.run(&mut W, &mut params, &mut codes);
+    let sweep_seconds = t.elapsed().as_secs_f64();
     let g_idx = dynamic_g_idx(&perm, &grid, spec, static_groups);
     let quantized = QuantizedMatrix::from_params(rows, cols, *spec, codes, &params, g_idx);
     Ok(GptqOutput {
@@ -148,6 +156,8 @@ pub fn gptq(
         loss,
         percdamp: inv.percdamp,
         dead,
+        inverse_seconds,
+        sweep_seconds,
     })
 }
 
