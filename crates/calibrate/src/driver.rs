@@ -59,7 +59,14 @@ pub struct QuantizeConfig {
     pub static_groups: bool,
     /// Paper Table 1 heuristic: these modules per-IC, the rest per-OC (overrides `dim`).
     pub ic_modules: Vec<String>,
+    /// Largest total of down_proj inputs (all samples, f32 bytes) kept between its Hessian and
+    /// the block's output; above it gate/up are recomputed (their FLOPs again, not the memory).
+    #[serde(skip)]
+    pub act_cache_bytes: usize,
 }
+
+/// The default of [`QuantizeConfig::act_cache_bytes`]: 2 GiB.
+pub const ACT_CACHE_BYTES: usize = 2 << 30;
 
 /// What happened to one linear.
 #[derive(Debug, Clone, Serialize)]
@@ -146,8 +153,10 @@ impl QuantizeConfig {
             (None, Some(axis)) => (rtn(w, rows, cols, &self.spec.with_axis(axis)).map_err(qerr)?, None, None, 0),
             (None, None) => (choice.clone().expect("ada has calibration").quantized, None, None, 0),
         };
-        let final_error = match h {
-            Some(h) if h.tokens() > 0 => Some(output_error_from_hessian(w, &q.dequantize(), rows, cols, h).map_err(qerr)?),
+        let final_error = match (h, &choice) {
+            // RTN along either axis is exactly what the choice measured: no need to redo it.
+            (_, Some(c)) if loss.is_none() => Some(if q.spec().axis == Axis::Ic { c.ic_error } else { c.oc_error }),
+            (Some(h), _) if h.tokens() > 0 => Some(output_error_from_hessian(w, &q.dequantize(), rows, cols, h).map_err(qerr)?),
             _ => None,
         };
         let report = LinearReport {
@@ -235,7 +244,7 @@ impl Activations<'_> {
         let t0 = Instant::now();
         h.add_batch(&to_vec(x)?).map_err(|source| CalibError::Quantize { layer, module: format!("{} inputs", kind.module()), source })?;
         let (t, dim) = (x.dims()[0] as f64, h.dim() as f64);
-        self.times.hessian_flops += 2.0 * t * dim * dim;
+        self.times.hessian_flops += t * dim * (dim + 1.0); // the lower triangle of X^T X
         self.times.hessian_s += t0.elapsed().as_secs_f64();
         Ok(())
     }
@@ -388,16 +397,29 @@ pub fn quantize_model(
             let h = acts.hessian(layer, gate_up[0], &mlp_in)?;
             drop(mlp_in);
             quantize_step(&mut block, gate_up, Some(&h), acts.times)?;
-            // down's inputs are (t, f): accumulated one sample at a time and recomputed for
-            // the block's output rather than held (f/d times the residual stream's memory).
+            // down's inputs are (t, f), f/d times the residual stream: kept for the block's
+            // output when they fit in `act_cache_bytes`, else recomputed sample by sample.
+            let last = layer + 1 == c.num_hidden_layers;
+            let tokens: usize = acts.xs.iter().map(|x| x.dims()[0]).sum();
+            let keep = !last && tokens * c.intermediate_size * 4 <= cfg.act_cache_bytes;
+            let mut kept = Vec::new();
             let mut h = Hessian::new(c.intermediate_size);
             for i in 0..acts.xs.len() {
                 let act = acts.one(i, |t| flops.mlp_hidden(t), |x| mlp_hidden(&block, x))?;
                 acts.accumulate(&mut h, layer, down[0], &act)?;
+                if keep {
+                    kept.push(act);
+                }
             }
             quantize_step(&mut block, down, Some(&h), acts.times)?;
-            if layer + 1 < c.num_hidden_layers {
-                acts.xs = acts.each(|t| flops.mlp_hidden(t) + flops.down(t), |_, x| Ok(block.mlp_residual(x, &mlp_hidden(&block, x)?)?))?;
+            if !last {
+                acts.xs = acts.each(
+                    |t| flops.down(t) + if keep { 0.0 } else { flops.mlp_hidden(t) },
+                    |i, x| match kept.get(i) {
+                        Some(act) => Ok(block.mlp_residual(x, act)?),
+                        None => Ok(block.mlp_residual(x, &mlp_hidden(&block, x)?)?),
+                    },
+                )?;
             }
             xs = acts.xs;
         }

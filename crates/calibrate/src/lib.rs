@@ -8,5 +8,5 @@ pub mod data;
 pub mod driver;
 pub mod error;
 
-pub use driver::{quantize_model, Dim, LinearReport, Method, QuantizeConfig, QuantizeRun, Select, Timings};
+pub use driver::{quantize_model, ACT_CACHE_BYTES, Dim, LinearReport, Method, QuantizeConfig, QuantizeRun, Select, Timings};
 pub use error::{CalibError, Result};

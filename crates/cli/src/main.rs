@@ -547,6 +547,7 @@ fn quantize_config(method: MethodArg, dim: DimArg, q: &QuantSettings) -> Result<
         act_order: q.act_order,
         static_groups: q.static_groups,
         ic_modules: q.ic_modules.clone(),
+        act_cache_bytes: adadim_calibrate::ACT_CACHE_BYTES,
     };
     cfg.gptq.validate().context("--percdamp")?;
     Ok(cfg)
