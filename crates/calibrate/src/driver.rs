@@ -189,7 +189,7 @@ fn tensor(v: Vec<f32>, shape: (usize, usize)) -> Result<Tensor> {
 }
 
 /// Where a quantization run spent its time, and the work it did (for `bench quantize`).
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
 pub struct Timings {
     /// Calibration forward passes (each linear's input computed once per block).
     pub forward_s: f64,

@@ -26,6 +26,22 @@ pub fn gemm_gflops(m: usize, k: usize, n: usize, reps: usize) -> Result<f64> {
     Ok(2.0 * (m * k * n) as f64 / best / 1e9)
 }
 
+/// Best-of-`reps` GFLOP/s of an `n x n` f64 product with faer (GPTQ's inverse and sweep run
+/// in f64 on faer).
+pub fn faer_f64_gflops(n: usize, reps: usize) -> f64 {
+    use faer::{linalg::matmul::matmul, Accum, Mat, Par};
+    let a = Mat::<f64>::from_fn(n, n, |i, j| ((i * 31 + j * 17) % 97) as f64 / 97.0);
+    let mut c = Mat::<f64>::zeros(n, n);
+    let mut best = f64::MAX;
+    for _ in 0..reps + 1 {
+        let t = Instant::now();
+        matmul(c.as_mut(), Accum::Replace, a.as_ref(), a.as_ref(), 1.0, Par::rayon(0));
+        std::hint::black_box(&c);
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    2.0 * (n * n * n) as f64 / best / 1e9
+}
+
 pub struct PeerRun {
     pub ppl: f64,
     pub tokens_per_s: f64,
@@ -97,6 +113,12 @@ mod tests {
         let s = std::fs::read_to_string(&f).unwrap();
         assert!(s.contains("three") && s.contains("two") && !s.contains("one"), "{s}");
         assert!(s.find("three").unwrap() < s.find("two").unwrap(), "order kept: {s}");
+    }
+
+    #[test]
+    fn f64_rate_is_plausible() {
+        let g = faer_f64_gflops(64, 2);
+        assert!(g > 0.01 && g < 1e5, "{g}");
     }
 
     #[test]
