@@ -25,20 +25,29 @@ ROWS, COLS, TOKENS, W_DENOM = 48, 96, 256, 4096
 DEAD, OUTLIERS = 7, (3, 29, 61, 90)
 
 
+def f16(scale):
+    """Scales are stored as float16: rounded up to the next float16 value before any code is
+    chosen (so the grid still covers the group), kept within float16's positive finite range."""
+    scale = np.clip(scale, 2.0**-24, 65504.0)
+    h = scale.astype(np.float16)
+    h = np.where(h.astype(np.float64) < scale, np.nextafter(h, np.float16(np.inf)), h)
+    return h.astype(np.float64)
+
+
 def fit_gptq(x, maxq):
     """quant.py find_params, sym=False, per row of x: range widened to include 0."""
     xmin = np.minimum(x.min(1), 0)
     xmax = np.maximum(x.max(1), 0)
     both0 = (xmin == 0) & (xmax == 0)
     xmin[both0], xmax[both0] = -1, +1
-    scale = (xmax - xmin) / maxq
-    return scale, np.round(-xmin / scale)
+    scale = f16((xmax - xmin) / maxq)
+    return scale, np.minimum(np.round(-xmin / scale), maxq)
 
 
 def fit_awq(x, maxq):
     """AWQ-style min-max per row of x: no widening, zero clamped to the grid."""
     xmin, xmax = x.min(1), x.max(1)
-    scale = np.maximum(xmax - xmin, 1e-5) / maxq
+    scale = f16(np.maximum(xmax - xmin, 1e-5) / maxq)
     return scale, np.clip(np.round(-xmin / scale), 0, maxq)
 
 

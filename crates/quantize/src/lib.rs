@@ -46,5 +46,5 @@ pub use error::{Error, Result};
 pub use gptq::{gptq, GptqOptions, GptqOutput};
 pub use hessian::Hessian;
 pub use matrix::QuantizedMatrix;
-pub use quantizer::{dequantize, quantize, Axis, GroupParams, QuantSpec, Zero};
+pub use quantizer::{dequantize, f16_scale, quantize, Axis, GroupParams, QuantSpec, Zero};
 pub use rtn::rtn;

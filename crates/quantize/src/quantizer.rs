@@ -92,6 +92,11 @@ impl QuantSpec {
 
     /// Fits one group's params from its values (min-max, per [`Zero`]).
     ///
+    /// The scale is rounded up to an f16 value before the zero point and any code are chosen
+    /// ([`f16_scale`]): packed checkpoints (ours and GPTQ's) store f16 scales, so the codes
+    /// are chosen for the scale actually stored and a packed model dequantizes to exactly
+    /// the weights that were evaluated.
+    ///
     /// Rounding is half-to-even, as `torch.round` and `numpy.round` do, so the codes match
     /// the reference implementations bit for bit at ties.
     pub fn fit(&self, values: impl IntoIterator<Item = f32>) -> GroupParams {
@@ -107,7 +112,7 @@ impl QuantSpec {
         }
         match self.zero {
             Zero::Awq => {
-                let scale = (max - min).max(1e-5) / maxq;
+                let scale = f16_scale((max - min).max(1e-5) / maxq);
                 let zero = (-min / scale).round_ties_even().clamp(0.0, maxq);
                 GroupParams { scale, zero }
             }
@@ -118,10 +123,12 @@ impl QuantSpec {
                 if (hi - lo) / maxq < f32::MIN_POSITIVE {
                     (lo, hi) = (-1.0, 1.0);
                 }
-                let scale = (hi - lo) / maxq;
+                let scale = f16_scale((hi - lo) / maxq);
                 GroupParams {
                     scale,
-                    zero: (-lo / scale).round_ties_even(),
+                    // The rounded scale may be a hair smaller than the range needs: the zero
+                    // stays on the grid (and so packable in `bits` bits).
+                    zero: (-lo / scale).round_ties_even().min(maxq),
                 }
             }
             Zero::Sym => {
@@ -133,12 +140,28 @@ impl QuantSpec {
                     absmax
                 };
                 GroupParams {
-                    scale: 2.0 * absmax / maxq,
+                    scale: f16_scale(2.0 * absmax / maxq),
                     zero: (maxq + 1.0) / 2.0,
                 }
             }
         }
     }
+}
+
+/// The smallest f16 value `>= s`, within f16's positive finite range `[2^-24, 65504]` (a
+/// scale never becomes 0 or infinite). Rounding up keeps the grid covering the whole group,
+/// so every weight inside the range still lands within half a step of a grid point.
+pub fn f16_scale(s: f32) -> f32 {
+    const MIN: f32 = 5.960_464_5e-8; // 2^-24, the smallest f16 subnormal
+    const MAX: f32 = 65504.0;
+    if s.is_nan() {
+        return s;
+    }
+    let s = s.clamp(MIN, MAX);
+    // f16 keeps 11 significant bits down to 2^-14 and a fixed step of 2^-24 below it; the
+    // division and product by a power of two are exact.
+    let step = if s >= 6.103_515_6e-5 { f32::from_bits((s.to_bits() & 0x7f80_0000) - (10 << 23)) } else { MIN };
+    ((s / step).ceil() * step).min(MAX)
 }
 
 /// Code of `w` on the grid of `p`: `clamp(round(w / scale) + zero, 0, maxq)`.

@@ -3,7 +3,7 @@
 
 mod common;
 
-use adadim_quantize::{dequantize, quantize, rtn, Axis, Error, GroupParams, QuantizedMatrix, Zero};
+use adadim_quantize::{dequantize, f16_scale, quantize, rtn, Axis, Error, GroupParams, QuantizedMatrix, Zero};
 use common::{spec, weights};
 
 #[test]
@@ -66,40 +66,42 @@ fn non_finite_weight_is_named_by_row_and_col() {
 #[test]
 fn fit_matches_the_reference_formulas() {
     let fit = |zero, bits, v: &[f32]| spec(bits, None, Axis::Oc, zero).fit(v.iter().copied());
+    // Every scale is rounded to f16 first (what packed checkpoints store).
     // GPTQ-style widens [0.5, 2] to [0, 2]: scale 2/3, zero 0.
     assert_eq!(
         fit(Zero::Gptq, 2, &[0.5, 1.0, 2.0]),
         GroupParams {
-            scale: 2.0 / 3.0,
+            scale: f16_scale(2.0 / 3.0),
             zero: 0.0
         }
     );
-    // ... and an all-zero group to [-1, 1]: scale 2/15, zero round(1 / (2/15)) = 7, since
-    // the quotient is 7.4999996 in f32 (as in torch's f32 quant.py).
+    // ... and an all-zero group to [-1, 1]: scale 2/15 rounded up to f16, 1093 * 2^-13,
+    // zero round(1 / scale) = round(7.495) = 7.
     assert_eq!(
         fit(Zero::Gptq, 4, &[0.0, 0.0]),
         GroupParams {
-            scale: 2.0 / 15.0,
+            scale: 1093.0 / 8192.0,
             zero: 7.0
         }
     );
     // AWQ-style keeps [0.2, 0.8] and clamps the zero at 0.
     let p = fit(Zero::Awq, 2, &[0.2, 0.8]);
-    assert!((p.scale - 0.2).abs() < 1e-7 && p.zero == 0.0, "{p:?}");
-    // ... with a range floor of 1e-5 for a constant group.
-    assert_eq!(fit(Zero::Awq, 8, &[-0.3, -0.3]).scale, 1e-5 / 255.0);
+    assert!(p.scale == f16_scale(0.2) && (p.scale - 0.2).abs() < 1e-4 && p.zero == 0.0, "{p:?}");
+    // ... with a range floor of 1e-5 for a constant group; 1e-5 / 255 is below f16's
+    // smallest subnormal step, so it becomes 2^-24 (never 0).
+    assert_eq!(fit(Zero::Awq, 8, &[-0.3, -0.3]).scale, 2f32.powi(-24));
     // Symmetric: scale 2 max|w| / maxq, zero (maxq + 1) / 2, also for an all-positive group.
     assert_eq!(
         fit(Zero::Sym, 4, &[-1.0, 0.5]),
         GroupParams {
-            scale: 2.0 / 15.0,
+            scale: f16_scale(2.0 / 15.0),
             zero: 8.0
         }
     );
     assert_eq!(
         fit(Zero::Sym, 4, &[0.25, 1.0]),
         GroupParams {
-            scale: 2.0 / 15.0,
+            scale: f16_scale(2.0 / 15.0),
             zero: 8.0
         }
     );
@@ -248,4 +250,27 @@ fn from_parts_round_trips_and_rejects_inconsistent_parts() {
     let with_g_idx =
         QuantizedMatrix::from_parts(rows, cols, ic, vec![0; 48], sc, ze, Some(vec![0; 8]));
     assert!(matches!(with_g_idx, Err(Error::Invalid(_))));
+}
+
+#[test]
+fn scales_round_up_to_the_next_f16() {
+    use half::f16;
+    let mut x = 0x1234_5678u32;
+    for _ in 0..200_000 {
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        // Positive finite f32s from 2^-30 to 2^16, across f16's subnormal and normal ranges.
+        let s = f32::from_bits(0x3080_0000 + x % (0x4780_0000 - 0x3080_0000));
+        let h = f16_scale(s);
+        assert_eq!(f16::from_f32(h).to_f32(), h, "{s:e} -> {h:e} is not an f16");
+        if s > 65504.0 {
+            assert_eq!(h, 65504.0);
+        } else if s <= 2f32.powi(-24) {
+            assert_eq!(h, 2f32.powi(-24));
+        } else {
+            let below = f16::from_bits(f16::from_f32(h).to_bits() - 1).to_f32();
+            assert!(below < s && s <= h, "{s:e}: {below:e} < s <= {h:e} fails");
+        }
+    }
 }
