@@ -1,0 +1,150 @@
+//! The packed layouts, declared once, with what each costs in bits per weight.
+//!
+//! A quantized linear `W' [rows, cols]` is stored as
+//!
+//! | part | type | shape | bits |
+//! |---|---|---|---|
+//! | codes | `b`-bit, packed ([`crate::bits`]) | `[rows, cols]` | `b` per weight |
+//! | scales | f16 | per-OC `[rows, ceil(cols/g)]`, per-IC `[ceil(rows/g), cols]` | 16 per group |
+//! | zeros | `b`-bit, packed like codes | as scales | `b` per group |
+//! | perm | u32 | `[cols]`, per-OC act-order only | 32 per input column |
+//!
+//! so `bits/weight = b + (16 + b) / g` (w4g128: 4.156, w3g128: 3.148, w2g64: 2.281), plus
+//! `32 / rows` when per-OC act-order groups need the column permutation.
+//!
+//! Per-OC act-order GPTQ (dynamic groups) makes each group a scattered set of columns
+//! (GPTQ's `g_idx`). We store the columns in processing order instead, so every group is
+//! contiguous again and kernels never look `g_idx` up; the matvec gathers `x` once by `perm`
+//! (the "act-order + groups is slow at inference" complaint of GPTQ users does not apply).
+
+use adadim_quantize::{Axis, QuantizedMatrix};
+
+use crate::bits;
+
+/// How one linear is laid out: the same `(bits, group, axis)` the quantizer used.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Layout {
+    /// 2, 3, 4 or 8.
+    pub bits: u8,
+    /// Weights per group along `axis` (a whole channel when the quantizer had no group size).
+    pub group: usize,
+    pub axis: Axis,
+}
+
+impl Layout {
+    /// Shape of the scale / zero grid of a `[rows, cols]` matrix.
+    pub fn param_shape(&self, rows: usize, cols: usize) -> (usize, usize) {
+        match self.axis {
+            Axis::Oc => (rows, cols.div_ceil(self.group)),
+            Axis::Ic => (rows.div_ceil(self.group), cols),
+        }
+    }
+
+    /// Bytes on disk: codes + f16 scales + packed zeros (+ the u32 permutation).
+    pub fn bytes(&self, rows: usize, cols: usize, permuted: bool) -> usize {
+        let (pr, pc) = self.param_shape(rows, cols);
+        rows * bits::row_bytes(cols, self.bits) + 2 * pr * pc + pr * bits::row_bytes(pc, self.bits) + if permuted { 4 * cols } else { 0 }
+    }
+
+    /// Bits per weight of the declaration above: `b + (16 + b) / g` for whole groups.
+    pub fn bits_per_weight(&self, rows: usize, cols: usize, permuted: bool) -> f64 {
+        8.0 * self.bytes(rows, cols, permuted) as f64 / (rows * cols) as f64
+    }
+}
+
+/// A quantized linear with its codes bit-packed: what the kernels multiply with.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PackedLinear {
+    pub(crate) rows: usize,
+    pub(crate) cols: usize,
+    pub(crate) layout: Layout,
+    /// [`bits::pack`] of the codes, columns in `perm` order when there is one.
+    pub(crate) codes: Vec<u8>,
+    /// Row-major on [`Layout::param_shape`]; f16-exact when read from a file.
+    pub(crate) scales: Vec<f32>,
+    /// Whole numbers in `0..2^bits`.
+    pub(crate) zeros: Vec<f32>,
+    /// Stored column `p` is input column `perm[p]` (per-OC act-order only).
+    pub(crate) perm: Option<Vec<u32>>,
+}
+
+impl PackedLinear {
+    /// Packs a quantized matrix. Zero points are whole numbers below `2^bits` for every
+    /// quantizer style, which is what lets them be packed like codes.
+    pub fn from_quantized(q: &QuantizedMatrix) -> Self {
+        let (rows, cols, spec) = (q.rows(), q.cols(), *q.spec());
+        let (gr, gc) = spec.group_shape(rows, cols);
+        let layout = Layout { bits: spec.bits, group: if spec.axis == Axis::Oc { gc } else { gr }, axis: spec.axis };
+        // Act-order: stored column p holds the p-th column in group order (stable, so the
+        // columns of a group keep their processing order), params re-indexed to match.
+        let perm = q.g_idx().map(|g| {
+            let mut p: Vec<u32> = (0..cols as u32).collect();
+            p.sort_by_key(|&c| g[c as usize]);
+            p
+        });
+        let codes = match &perm {
+            None => q.codes().to_vec(),
+            Some(p) => q.codes().chunks(cols).flat_map(|row| p.iter().map(|&c| row[c as usize])).collect(),
+        };
+        let (pr, pc) = layout.param_shape(rows, cols);
+        let (mut scales, mut zeros) = (vec![0f32; pr * pc], vec![0f32; pr * pc]);
+        for kr in 0..pr {
+            for kc in 0..pc {
+                // A weight of group (kr, kc) in stored order, and its params in `q`.
+                let (r, p) = match layout.axis {
+                    Axis::Oc => (kr, kc * layout.group),
+                    Axis::Ic => (kr * layout.group, kc),
+                };
+                let c = perm.as_ref().map_or(p, |perm| perm[p] as usize);
+                let gp = q.params(r, c);
+                scales[kr * pc + kc] = gp.scale;
+                zeros[kr * pc + kc] = gp.zero;
+            }
+        }
+        PackedLinear { rows, cols, layout, codes: bits::pack(&codes, rows, cols, spec.bits), scales, zeros, perm }
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    pub fn layout(&self) -> Layout {
+        self.layout
+    }
+
+    /// Bytes the kernels stream per matvec: packed codes + params as held (f32) + permutation.
+    pub fn bytes_read(&self) -> usize {
+        self.rows * bits::row_bytes(self.cols, self.layout.bits) + 8 * self.scales.len() + self.perm.as_ref().map_or(0, |p| 4 * p.len())
+    }
+
+    /// `W'` row-major `[rows, cols]` in the original column order: `scale * (code - zero)`,
+    /// the quantizer's own formula, so it equals `QuantizedMatrix::dequantize` bit for bit.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let mut w = vec![0f32; self.rows * self.cols];
+        self.dequantize_rows(0, &mut w);
+        w
+    }
+
+    /// Rows `r0..r0 + out.len() / cols` of `W'` into `out` (row-major, original column order).
+    pub fn dequantize_rows(&self, r0: usize, out: &mut [f32]) {
+        let (cols, l) = (self.cols, self.layout);
+        let (_, pc) = l.param_shape(self.rows, cols);
+        let rb = bits::row_bytes(cols, l.bits);
+        for (i, w) in out.chunks_mut(cols).enumerate() {
+            let r = r0 + i;
+            let row = &self.codes[r * rb..(r + 1) * rb];
+            for p in 0..cols {
+                let k = match l.axis {
+                    Axis::Oc => r * pc + p / l.group,
+                    Axis::Ic => (r / l.group) * pc + p,
+                };
+                let c = self.perm.as_ref().map_or(p, |perm| perm[p] as usize);
+                w[c] = self.scales[k] * (f32::from(bits::get(row, p, l.bits)) - self.zeros[k]);
+            }
+        }
+    }
+}

@@ -1,0 +1,116 @@
+//! Packed matrices against the quantizer and the matvec kernels against their f64 definition,
+//! on seeded matrices of every width, both axes, ragged shapes and act-order permutations.
+
+use adadim_load::synth::Rng;
+use adadim_pack::kernels::matvec_ref;
+use adadim_pack::{Layout, PackedLinear};
+use adadim_quantize::{gptq, rtn, Axis, GptqOptions, Hessian, QuantSpec, QuantizedMatrix, Zero};
+
+fn weights(rng: &mut Rng, rows: usize, cols: usize) -> Vec<f32> {
+    let mut w = rng.normals(rows * cols, 0.05);
+    // An outlier column and row, as real layers have.
+    for r in 0..rows {
+        w[r * cols + cols / 3] *= 20.0;
+    }
+    w
+}
+
+fn cases() -> Vec<(usize, usize, QuantSpec)> {
+    let mut out = Vec::new();
+    for bits in [2u8, 3, 4, 8] {
+        for axis in [Axis::Oc, Axis::Ic] {
+            for zero in [Zero::Awq, Zero::Gptq, Zero::Sym] {
+                // SmolLM2 shapes (ragged g128 on 576 and 192), a width that is no multiple of
+                // 8, a group that is no multiple of 8, whole channels.
+                for (rows, cols, group) in [(192, 576, Some(128)), (67, 45, Some(16)), (40, 96, Some(12)), (33, 64, None)] {
+                    out.push((rows, cols, QuantSpec { bits, group, axis, zero }));
+                }
+            }
+        }
+    }
+    out
+}
+
+fn check(q: &QuantizedMatrix, rng: &mut Rng, what: &str) {
+    let p = PackedLinear::from_quantized(q);
+    assert_eq!(p.dequantize(), q.dequantize(), "{what}: packed -> dequantized differs from the quantizer's W'");
+    let x = rng.normals(q.cols(), 1.0);
+    let (want, scale) = matvec_ref(&p, &x);
+    let mut y = vec![0f32; q.rows()];
+    let mut y1 = vec![0f32; q.rows()];
+    p.matvec(&x, &mut y);
+    p.matvec_portable(&x, &mut y1);
+    for r in 0..q.rows() {
+        // f32 sums over `cols` terms of the codes (not of W'), with a zero point folded out:
+        // round-off grows with cols and with maxq.
+        let tol = 1e-6 * (q.cols() as f64).sqrt() * f64::from(q.spec().maxq()) * scale[r].max(1e-30);
+        for (name, got) in [("dispatched", y[r]), ("portable", y1[r])] {
+            assert!((f64::from(got) - want[r]).abs() <= tol, "{what} {name} row {r}: {got} vs {} (tol {tol})", want[r]);
+        }
+    }
+}
+
+#[test]
+fn rtn_matrices_round_trip_and_multiply() {
+    let mut rng = Rng::new(1);
+    for (rows, cols, spec) in cases() {
+        let w = weights(&mut rng, rows, cols);
+        let q = rtn(&w, rows, cols, &spec).unwrap();
+        check(&q, &mut rng, &format!("rtn {rows}x{cols} {spec:?}"));
+    }
+}
+
+#[test]
+fn act_order_gptq_is_stored_permuted_and_still_exact() {
+    let mut rng = Rng::new(2);
+    for bits in [3u8, 4] {
+        for static_groups in [false, true] {
+            let (rows, cols) = (48, 200);
+            let w = weights(&mut rng, rows, cols);
+            let mut x = rng.normals(256 * cols, 1.0);
+            for t in 0..256 {
+                x[t * cols + 7] *= 30.0; // an activation outlier channel drives the order
+            }
+            let mut h = Hessian::new(cols);
+            h.add_batch(&x).unwrap();
+            let spec = QuantSpec { bits, group: Some(32), axis: Axis::Oc, zero: Zero::Awq };
+            let opts = GptqOptions { act_order: true, static_groups, ..GptqOptions::default() };
+            let q = gptq(&w, rows, cols, &h, &spec, &opts).unwrap().quantized;
+            assert_eq!(q.g_idx().is_some(), !static_groups, "dynamic act-order groups have a g_idx");
+            check(&q, &mut rng, &format!("gptq act-order w{bits} static {static_groups}"));
+        }
+    }
+}
+
+#[test]
+fn bits_per_weight_follow_the_declaration() {
+    let l = |bits, group, axis| Layout { bits, group, axis };
+    // b + (16 + b) / g on whole groups.
+    assert!((l(4, 128, Axis::Oc).bits_per_weight(1536, 512, false) - (4.0 + 20.0 / 128.0)).abs() < 1e-12);
+    assert!((l(3, 128, Axis::Ic).bits_per_weight(512, 1536, false) - (3.0 + 19.0 / 128.0)).abs() < 1e-12);
+    assert!((l(2, 64, Axis::Oc).bits_per_weight(256, 4096, true) - (2.0 + 18.0 / 64.0 + 32.0 / 256.0)).abs() < 1e-12);
+}
+
+#[test]
+fn matmul_equals_the_dequantized_gemm() {
+    let mut rng = Rng::new(3);
+    for (rows, cols, spec) in [(200, 96, QuantSpec { bits: 3, group: Some(32), axis: Axis::Ic, zero: Zero::Awq }), (130, 72, QuantSpec { bits: 4, group: Some(24), axis: Axis::Oc, zero: Zero::Gptq })] {
+        let q = rtn(&weights(&mut rng, rows, cols), rows, cols, &spec).unwrap();
+        let p = PackedLinear::from_quantized(&q);
+        let w = q.dequantize();
+        let t = 37;
+        let x = rng.normals(t * cols, 1.0);
+        let mut y = vec![0f32; t * rows];
+        p.matmul(&x, t, &mut y);
+        for i in 0..t {
+            for r in 0..rows {
+                let (want, scale) = (0..cols).fold((0f64, 0f64), |(s, a), c| {
+                    let v = f64::from(w[r * cols + c]) * f64::from(x[i * cols + c]);
+                    (s + v, a + v.abs())
+                });
+                let got = f64::from(y[i * rows + r]);
+                assert!((got - want).abs() <= 1e-5 * scale + 1e-30, "token {i} row {r}: {got} vs {want}");
+            }
+        }
+    }
+}
