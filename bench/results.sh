@@ -2,15 +2,15 @@
 # Regenerate RESULTS.md: quantize the default model with every method of the paper and its
 # baselines, evaluate each with the same evaluator and protocol, and tabulate.
 # Usage: ADADIM_DATA=../shared/data bench/results.sh
-# Knobs (env): MODEL (smollm2), CONFIGS ("3:128 4:128"), NSAMPLES (32), CALIB_SEQLEN (512),
-# WINDOWS (8 eval windows; 0 = all), OUT (results/run).
+# Knobs (env): MODEL (smollm2), CONFIGS ("4:128 3:128 3:64 2:64"), NSAMPLES (32), CALIB_SEQLEN (512),
+# WINDOWS (8 eval windows; 0 = all), OUT (results/run), ADADIM_BIN (a prebuilt binary instead
+# of building one). Finished runs in OUT are reused, so an interrupted run picks up where it was.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export ADADIM_DATA="${ADADIM_DATA:-$(cd .. && pwd)/shared/data}"
-MODEL="${MODEL:-smollm2}"; CONFIGS="${CONFIGS:-3:128 4:128}"; NSAMPLES="${NSAMPLES:-32}"
+MODEL="${MODEL:-smollm2}"; CONFIGS="${CONFIGS:-4:128 3:128 3:64 2:64}"; NSAMPLES="${NSAMPLES:-32}"
 CALIB_SEQLEN="${CALIB_SEQLEN:-512}"; WINDOWS="${WINDOWS:-8}"; OUT="${OUT:-results/run}"
-cargo build --release -p adadim
-A=./target/release/adadim
+if [ -n "${ADADIM_BIN:-}" ]; then A="$ADADIM_BIN"; else cargo build --release -p adadim; A=./target/release/adadim; fi
 mkdir -p "$OUT"
 limit=(); [ "$WINDOWS" != 0 ] && limit=(--limit "$WINDOWS")
 eval_to() { # model dir, json file
@@ -27,6 +27,7 @@ METHODS=(
   "gptq-oc-act:--method gptq --dim oc --act-order"
   "gptq-oc-act-static:--method gptq --dim oc --act-order --static-groups"
   "gptq-ada:--method gptq --dim ada"
+  "gptq-ada-act-static:--method gptq --dim ada --act-order --static-groups"
 )
 for cfg in $CONFIGS; do
   bits=${cfg%%:*}; group=${cfg##*:}

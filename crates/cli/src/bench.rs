@@ -42,6 +42,20 @@ pub fn faer_f64_gflops(n: usize, reps: usize) -> f64 {
     2.0 * (n * n * n) as f64 / best / 1e9
 }
 
+/// The CPU this ran on, and the widest SIMD the kernels use on it: absolute numbers differ a
+/// lot between machines (the ratios measured in one run are what carry over).
+pub fn machine() -> String {
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split(':').nth(1)).map(|m| m.trim().to_string()))
+        .unwrap_or_else(|| "unknown CPU".into());
+    #[cfg(target_arch = "x86_64")]
+    let isa = if is_x86_feature_detected!("avx512f") { "AVX-512" } else if is_x86_feature_detected!("avx2") { "AVX2+FMA, no AVX-512" } else { "no AVX2" };
+    #[cfg(not(target_arch = "x86_64"))]
+    let isa = std::env::consts::ARCH;
+    format!("{model}, {isa}, {} threads", candle_core::utils::get_num_threads())
+}
+
 pub struct PeerRun {
     pub ppl: f64,
     pub tokens_per_s: f64,

@@ -372,6 +372,7 @@ fn bench_eval(a: BenchEvalArgs) -> Result<()> {
     use std::fmt::Write;
     writeln!(md, "## Perplexity evaluation throughput (`adadim bench eval`)\n")?;
     writeln!(md, "Model `{}` (f32; for smollm2 the dequantized Q4_1 GGUF, our full-precision baseline), {} on {} windows x {} tokens, {threads} threads.\n", a.model.model, dataset.label, r.windows, a.seqlen)?;
+    writeln!(md, "Machine: {}.\n", bench::machine())?;
     writeln!(md, "f32 GEMM rate measured in this run (candle + gemm x86-v4, best of 5):\n")?;
     writeln!(md, "| matmul | m x k x n | GFLOP/s |\n|---|---|---|")?;
     for (name, m, k, n, g) in &gemm {
@@ -437,6 +438,7 @@ fn bench_quantize(a: BenchQuantizeArgs) -> Result<()> {
     writeln!(md, "## Quantization time (`adadim bench quantize`)\n")?;
     writeln!(md, "`{}` {} w{}g{} on `{}` (for smollm2 the dequantized Q4_1 GGUF), calibration {} x {} tokens of {}, {threads} threads.\n",
         summary["settings"]["method"].as_str().unwrap_or("?"), summary["settings"]["dim"].as_str().unwrap_or("?"), q.bits, q.group, a.model.model, q.nsamples, q.calib_seqlen, q.calib)?;
+    writeln!(md, "Machine: {}.\n", bench::machine())?;
     writeln!(md, "Rates measured in this run: f32 GEMM {f32_peak:.1} GFLOP/s (best over the calibration shapes), f64 GEMM {f64_peak:.1} GFLOP/s (faer).\n")?;
     writeln!(md, "| phase | seconds | GFLOP done | GFLOP/s | least GFLOP needed | bound at peak (s) |\n|---|---|---|---|---|---|")?;
     for (name, s, done, need, peak) in rows {
