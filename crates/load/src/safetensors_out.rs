@@ -3,8 +3,90 @@
 
 use crate::error::{io_err, LoadError, Result};
 use std::fs::File;
-use std::io::{BufWriter, Write};
+use std::io::{BufWriter, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+
+/// A safetensors header: `__metadata__` and `(name, dtype, shape, [start, end))` entries.
+fn header_json(entries: &[(String, &str, Vec<usize>, usize, usize)], metadata: &[(String, String)]) -> Vec<u8> {
+    let mut header = serde_json::Map::new();
+    if !metadata.is_empty() {
+        let m: serde_json::Map<String, serde_json::Value> =
+            metadata.iter().map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone()))).collect();
+        header.insert("__metadata__".into(), m.into());
+    }
+    for (name, dtype, shape, start, end) in entries {
+        header.insert(name.clone(), serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [start, end]}));
+    }
+    serde_json::to_vec(&header).expect("a JSON map always serializes")
+}
+
+/// Bytes per element of the safetensors dtypes we write.
+fn dtype_size(dtype: &str) -> Option<usize> {
+    match dtype {
+        "U8" | "I8" => Some(1),
+        "F16" | "BF16" => Some(2),
+        "F32" | "I32" | "U32" => Some(4),
+        _ => None,
+    }
+}
+
+/// A safetensors writer for tensors whose shapes are only known as they come (a packed linear's
+/// params depend on the axis chosen for it): data streams out behind a reserved header region,
+/// and `finish` writes the header into it, padded with spaces (JSON whitespace, which the format
+/// allows). Never holds more than the tensor being written.
+pub struct StreamWriter {
+    path: PathBuf,
+    out: BufWriter<File>,
+    reserved: usize,
+    entries: Vec<(String, &'static str, Vec<usize>, usize, usize)>,
+    offset: usize,
+}
+
+impl StreamWriter {
+    /// Create `path`, reserving `reserved_header` bytes for the header.
+    pub fn create(path: &Path, reserved_header: usize) -> Result<Self> {
+        let reserved = reserved_header.next_multiple_of(8);
+        let file = File::create(path).map_err(io_err(path))?;
+        let mut out = BufWriter::with_capacity(1 << 20, file);
+        out.write_all(&(reserved as u64).to_le_bytes()).map_err(io_err(path))?;
+        out.write_all(&vec![b' '; reserved]).map_err(io_err(path))?;
+        Ok(StreamWriter { path: path.to_path_buf(), out, reserved, entries: Vec::new(), offset: 0 })
+    }
+
+    /// Append tensor `name` of `dtype` ("U8", "F16", "F32", "I32", ...) and `shape`, as raw
+    /// little-endian `bytes`.
+    pub fn write(&mut self, name: &str, dtype: &'static str, shape: &[usize], bytes: &[u8]) -> Result<()> {
+        let err = |msg: String| LoadError::Tensor { path: self.path.clone(), tensor: name.into(), msg };
+        let size = dtype_size(dtype).ok_or_else(|| err(format!("unsupported dtype {dtype}")))?;
+        if shape.iter().product::<usize>() * size != bytes.len() {
+            return Err(err(format!("{} bytes do not make a {dtype} tensor of shape {shape:?}", bytes.len())));
+        }
+        if self.entries.iter().any(|e| e.0 == name) {
+            return Err(err("written twice".into()));
+        }
+        self.out.write_all(bytes).map_err(io_err(&self.path))?;
+        self.entries.push((name.to_string(), dtype, shape.to_vec(), self.offset, self.offset + bytes.len()));
+        self.offset += bytes.len();
+        Ok(())
+    }
+
+    /// Write the header with `metadata`, flush and sync.
+    pub fn finish(mut self, metadata: &[(String, String)]) -> Result<()> {
+        let header = header_json(&self.entries, metadata);
+        if header.len() > self.reserved {
+            return Err(LoadError::Safetensors {
+                path: self.path.clone(),
+                msg: format!("header of {} bytes does not fit the {} reserved", header.len(), self.reserved),
+            });
+        }
+        self.out.flush().map_err(io_err(&self.path))?;
+        let file = self.out.get_mut();
+        file.seek(SeekFrom::Start(8)).map_err(io_err(&self.path))?;
+        file.write_all(&header).map_err(io_err(&self.path))?;
+        file.sync_all().map_err(io_err(&self.path))?;
+        Ok(())
+    }
+}
 
 pub struct F32Writer {
     path: PathBuf,
@@ -16,24 +98,16 @@ pub struct F32Writer {
 impl F32Writer {
     /// Create `path` with a header for `tensors` (name, shape), written in this order.
     pub fn create(path: &Path, tensors: &[(String, Vec<usize>)], metadata: &[(String, String)]) -> Result<Self> {
-        let mut header = serde_json::Map::new();
-        if !metadata.is_empty() {
-            let m: serde_json::Map<String, serde_json::Value> =
-                metadata.iter().map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone()))).collect();
-            header.insert("__metadata__".into(), m.into());
-        }
         let mut offset = 0usize;
         let mut plan = Vec::with_capacity(tensors.len());
+        let mut entries = Vec::with_capacity(tensors.len());
         for (name, shape) in tensors {
             let n: usize = shape.iter().product();
-            header.insert(
-                name.clone(),
-                serde_json::json!({"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + 4 * n]}),
-            );
+            entries.push((name.clone(), "F32", shape.clone(), offset, offset + 4 * n));
             offset += 4 * n;
             plan.push((name.clone(), n));
         }
-        let mut bytes = serde_json::to_vec(&header).expect("a JSON map always serializes");
+        let mut bytes = header_json(&entries, metadata);
         while bytes.len() % 8 != 0 {
             bytes.push(b' ');
         }
@@ -97,6 +171,28 @@ mod tests {
         assert_eq!(y.shape(), &[5]);
         let vals = crate::checkpoint::bytes_to_f32(y.data(), y.dtype()).unwrap();
         assert_eq!(vals, vec![-1.0, 0.5, 0.25, 7.0, 1e-3]);
+    }
+
+    #[test]
+    fn stream_writer_reserves_the_header_and_fills_it_last() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s.safetensors");
+        let mut w = StreamWriter::create(&p, 1000).unwrap();
+        w.write("codes", "U8", &[2, 3], &[1, 2, 3, 4, 5, 6]).unwrap();
+        assert!(w.write("codes", "U8", &[1], &[0]).is_err(), "a name twice");
+        assert!(w.write("bad", "F16", &[3], &[0; 4]).is_err(), "bytes that do not fit the shape");
+        w.write("scales", "F16", &[2], &[0, 60, 0, 188]).unwrap();
+        w.finish(&[("k".into(), "v".into())]).unwrap();
+        let bytes = std::fs::read(&p).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        assert_eq!(st.tensor("codes").unwrap().data(), &[1, 2, 3, 4, 5, 6]);
+        assert_eq!(st.tensor("scales").unwrap().dtype(), safetensors::Dtype::F16);
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+        assert_eq!(meta.metadata().as_ref().unwrap()["k"], "v");
+        // A header larger than reserved is an error, not a corrupt file.
+        let mut w = StreamWriter::create(&p, 8).unwrap();
+        w.write("x", "U8", &[1], &[0]).unwrap();
+        assert!(w.finish(&[]).unwrap_err().to_string().contains("does not fit"));
     }
 
     #[test]

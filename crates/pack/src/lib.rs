@@ -29,7 +29,9 @@
 //! ```
 
 pub mod bits;
+pub mod checkpoint;
 pub mod format;
 pub mod kernels;
 
+pub use checkpoint::{PackError, PackedFile, PackedWriter, FORMAT_VERSION};
 pub use format::{Layout, PackedLinear};

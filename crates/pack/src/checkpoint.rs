@@ -1,0 +1,249 @@
+//! The packed checkpoint: one safetensors file holding every quantized linear in its chosen
+//! layout ([`crate::format`]) and the remaining tensors in f32, with JSON metadata.
+//!
+//! | tensor | dtype | shape |
+//! |---|---|---|
+//! | `{linear}.qcodes` | U8 | `[rows, row_bytes(cols)]`, codes packed per row |
+//! | `{linear}.scales` | F16 | the param grid, per-OC `[rows, ceil(cols/g)]`, per-IC `[ceil(rows/g), cols]` |
+//! | `{linear}.qzeros` | U8 | `[param rows, row_bytes(param cols)]`, zero points packed like codes |
+//! | `{linear}.perm` | I32 | `[cols]`, only for per-OC act-order (stored column -> input column) |
+//! | anything else | F32 | as in the source model |
+//!
+//! `__metadata__`: `adadim.format = "packed"`, `adadim.format_version = "1"`,
+//! `adadim.linears` (JSON: per linear `rows, cols, bits, group, axis, permuted`) and
+//! `adadim.quantization` (JSON chosen by the writer: method, calibration, source checksum,
+//! tool version). A reader trusts none of it: every tensor is checked against the declared
+//! layout before a byte of it is used, so a lying header is an error, never an out-of-bounds read.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use adadim_load::safetensors_out::StreamWriter;
+use adadim_quantize::Axis;
+use half::f16;
+use safetensors::{Dtype, SafeTensors};
+use serde::{Deserialize, Serialize};
+
+use crate::bits;
+use crate::format::{Layout, PackedLinear};
+
+/// The format version this build writes and reads.
+pub const FORMAT_VERSION: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PackError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {msg}")]
+    File { path: PathBuf, msg: String },
+    #[error("{path}: tensor '{tensor}': {msg}")]
+    Tensor { path: PathBuf, tensor: String, msg: String },
+    #[error(transparent)]
+    Write(#[from] adadim_load::LoadError),
+}
+
+pub type Result<T> = std::result::Result<T, PackError>;
+
+/// What the metadata says of one linear.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LinearMeta {
+    pub rows: usize,
+    pub cols: usize,
+    pub bits: u8,
+    pub group: usize,
+    pub axis: String,
+    pub permuted: bool,
+}
+
+impl LinearMeta {
+    fn of(p: &PackedLinear) -> Self {
+        let l = p.layout();
+        LinearMeta { rows: p.rows(), cols: p.cols(), bits: l.bits, group: l.group, axis: axis_name(l.axis).into(), permuted: p.perm.is_some() }
+    }
+}
+
+fn axis_name(a: Axis) -> &'static str {
+    match a {
+        Axis::Oc => "oc",
+        Axis::Ic => "ic",
+    }
+}
+
+/// Streams a packed checkpoint to `path` (the caller writes it under a temporary name and
+/// renames it when complete).
+pub struct PackedWriter {
+    out: StreamWriter,
+    linears: BTreeMap<String, LinearMeta>,
+}
+
+impl PackedWriter {
+    /// `tensors` bounds how many tensors will be written (it sizes the reserved header).
+    pub fn create(path: &Path, tensors: usize) -> Result<Self> {
+        // ~160 bytes per header entry, ~110 per linear in the metadata, 64 KiB for the rest.
+        Ok(PackedWriter { out: StreamWriter::create(path, 65536 + 300 * tensors)?, linears: BTreeMap::new() })
+    }
+
+    /// A quantized linear under `name` (e.g. `model.layers.0.self_attn.q_proj`).
+    pub fn linear(&mut self, name: &str, p: &PackedLinear) -> Result<()> {
+        let (pr, pc) = p.layout().param_shape(p.rows(), p.cols());
+        let rb = bits::row_bytes(p.cols(), p.layout().bits);
+        self.out.write(&format!("{name}.qcodes"), "U8", &[p.rows(), rb], &p.codes[..p.rows() * rb])?;
+        let scales: Vec<u8> = p.scales.iter().flat_map(|&s| f16::from_f32(s).to_le_bytes()).collect();
+        self.out.write(&format!("{name}.scales"), "F16", &[pr, pc], &scales)?;
+        let maxq = f32::from(((1u16 << p.layout().bits) - 1) as u8);
+        if let Some(i) = p.zeros.iter().position(|&z| !(z.fract() == 0.0 && (0.0..=maxq).contains(&z))) {
+            return Err(PackError::Tensor { path: PathBuf::new(), tensor: format!("{name}.qzeros"), msg: format!("zero point {} at {i} is not a whole number in 0..={maxq}", p.zeros[i]) });
+        }
+        let zeros: Vec<u8> = p.zeros.iter().map(|&z| z as u8).collect();
+        let zb = bits::row_bytes(pc, p.layout().bits);
+        let packed = bits::pack(&zeros, pr, pc, p.layout().bits);
+        self.out.write(&format!("{name}.qzeros"), "U8", &[pr, zb], &packed[..pr * zb])?;
+        if let Some(perm) = &p.perm {
+            let b: Vec<u8> = perm.iter().flat_map(|&c| (c as i32).to_le_bytes()).collect();
+            self.out.write(&format!("{name}.perm"), "I32", &[perm.len()], &b)?;
+        }
+        self.linears.insert(name.to_string(), LinearMeta::of(p));
+        Ok(())
+    }
+
+    /// A dense f32 tensor (embeddings, norms, head).
+    pub fn dense(&mut self, name: &str, shape: &[usize], values: &[f32]) -> Result<()> {
+        let b: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        Ok(self.out.write(name, "F32", shape, &b)?)
+    }
+
+    /// Write the header: the linears' layouts and `quantization` (free-form JSON).
+    pub fn finish(self, quantization: &serde_json::Value) -> Result<()> {
+        let meta = vec![
+            ("format".to_string(), "pt".to_string()),
+            ("adadim.format".to_string(), "packed".to_string()),
+            ("adadim.format_version".to_string(), FORMAT_VERSION.to_string()),
+            ("adadim.linears".to_string(), serde_json::to_string(&self.linears).expect("maps serialize")),
+            ("adadim.quantization".to_string(), quantization.to_string()),
+        ];
+        Ok(self.out.finish(&meta)?)
+    }
+}
+
+/// A packed checkpoint opened for reading (the file is read into memory once; every accessor
+/// checks what it returns against the declared layout).
+pub struct PackedFile {
+    path: PathBuf,
+    bytes: Vec<u8>,
+    linears: BTreeMap<String, LinearMeta>,
+    quantization: serde_json::Value,
+}
+
+impl PackedFile {
+    pub fn open(path: &Path) -> Result<Self> {
+        let bytes = std::fs::read(path).map_err(|source| PackError::Io { path: path.to_path_buf(), source })?;
+        let file_err = |msg: String| PackError::File { path: path.to_path_buf(), msg };
+        let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| file_err(format!("corrupt or truncated safetensors file: {e}")))?;
+        // Offsets, overlaps and the data length are the safetensors crate's checks.
+        SafeTensors::deserialize(&bytes).map_err(|e| file_err(format!("corrupt or truncated safetensors file: {e}")))?;
+        let m = meta.metadata().clone().unwrap_or_default();
+        if m.get("adadim.format").map(String::as_str) != Some("packed") {
+            return Err(file_err("not an adadim packed checkpoint (no adadim.format = packed in its metadata)".into()));
+        }
+        let version = m.get("adadim.format_version").cloned().unwrap_or_default();
+        if version != FORMAT_VERSION.to_string() {
+            return Err(file_err(format!("packed format version '{version}' is not supported (this build reads version {FORMAT_VERSION})")));
+        }
+        let linears = serde_json::from_str(m.get("adadim.linears").map(String::as_str).unwrap_or("")).map_err(|e| file_err(format!("adadim.linears metadata: {e}")))?;
+        let quantization = m.get("adadim.quantization").and_then(|q| serde_json::from_str(q).ok()).unwrap_or(serde_json::Value::Null);
+        Ok(PackedFile { path: path.to_path_buf(), bytes, linears, quantization })
+    }
+
+    /// The linears the metadata declares.
+    pub fn linear_names(&self) -> impl Iterator<Item = &str> {
+        self.linears.keys().map(String::as_str)
+    }
+
+    pub fn quantization(&self) -> &serde_json::Value {
+        &self.quantization
+    }
+
+    fn err(&self, tensor: &str, msg: String) -> PackError {
+        PackError::Tensor { path: self.path.clone(), tensor: tensor.to_string(), msg }
+    }
+
+    /// Tensor `name`'s bytes, after checking its dtype and shape.
+    fn tensor(&self, name: &str, dtype: Dtype, shape: &[usize]) -> Result<&[u8]> {
+        let st = SafeTensors::deserialize(&self.bytes).map_err(|e| self.err(name, e.to_string()))?;
+        let t = st.tensor(name).map_err(|_| self.err(name, "missing".into()))?;
+        if t.dtype() != dtype || t.shape() != shape {
+            return Err(self.err(name, format!("is {:?} {:?}, but the declared layout needs {dtype:?} {shape:?}", t.dtype(), t.shape())));
+        }
+        Ok(t.data())
+    }
+
+    /// A dense f32 tensor and its shape.
+    pub fn dense(&self, name: &str) -> Result<(Vec<usize>, Vec<f32>)> {
+        let st = SafeTensors::deserialize(&self.bytes).map_err(|e| self.err(name, e.to_string()))?;
+        let t = st.tensor(name).map_err(|_| self.err(name, "missing".into()))?;
+        if t.dtype() != Dtype::F32 {
+            return Err(self.err(name, format!("is {:?}, expected F32", t.dtype())));
+        }
+        Ok((t.shape().to_vec(), t.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes"))).collect()))
+    }
+
+    /// The packed linear `name`, every part checked against its declared layout.
+    pub fn linear(&self, name: &str) -> Result<PackedLinear> {
+        let m = self.linears.get(name).ok_or_else(|| self.err(name, "not among the file's packed linears".into()))?;
+        let bad = |msg: String| self.err(name, format!("metadata: {msg}"));
+        if !matches!(m.bits, 2 | 3 | 4 | 8) {
+            return Err(bad(format!("bits {} (2, 3, 4 or 8)", m.bits)));
+        }
+        let axis = match m.axis.as_str() {
+            "oc" => Axis::Oc,
+            "ic" => Axis::Ic,
+            a => return Err(bad(format!("axis '{a}' (oc or ic)"))),
+        };
+        // Sizes from the metadata are compared with the tensors' real sizes before anything is
+        // allocated from them; these checked products keep a lying header from overflowing.
+        if m.rows.checked_mul(m.cols).and_then(|n| n.checked_mul(8)).is_none() {
+            return Err(bad(format!("shape [{}, {}] overflows", m.rows, m.cols)));
+        }
+        let along = if axis == Axis::Oc { m.cols } else { m.rows };
+        if m.rows == 0 || m.cols == 0 || m.group == 0 || m.group > along {
+            return Err(bad(format!("shape [{}, {}] with group {}", m.rows, m.cols, m.group)));
+        }
+        if m.permuted && axis == Axis::Ic {
+            return Err(bad("a column permutation only goes with per-OC groups".into()));
+        }
+        let layout = Layout { bits: m.bits, group: m.group, axis };
+        let (pr, pc) = layout.param_shape(m.rows, m.cols);
+        let rb = bits::row_bytes(m.cols, m.bits);
+        let codes = self.tensor(&format!("{name}.qcodes"), Dtype::U8, &[m.rows, rb])?;
+        let scales = self.tensor(&format!("{name}.scales"), Dtype::F16, &[pr, pc])?;
+        let zb = bits::row_bytes(pc, m.bits);
+        let zeros = self.tensor(&format!("{name}.qzeros"), Dtype::U8, &[pr, zb])?;
+        let scales: Vec<f32> = scales.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect();
+        if let Some(i) = scales.iter().position(|s| !s.is_finite()) {
+            return Err(self.err(&format!("{name}.scales"), format!("non-finite scale {} at index {i}", scales[i])));
+        }
+        let mut zpad = zeros.to_vec();
+        zpad.extend_from_slice(&[0; bits::PAD]);
+        let zeros: Vec<f32> = bits::unpack(&zpad, pr, pc, m.bits).into_iter().map(f32::from).collect();
+        let perm = if m.permuted {
+            let t = self.tensor(&format!("{name}.perm"), Dtype::I32, &[m.cols])?;
+            let perm: Vec<i32> = t.chunks_exact(4).map(|b| i32::from_le_bytes(b.try_into().expect("4 bytes"))).collect();
+            let mut seen = vec![false; m.cols];
+            for (p, &c) in perm.iter().enumerate() {
+                if c < 0 || c as usize >= m.cols || std::mem::replace(&mut seen[c as usize], true) {
+                    return Err(self.err(&format!("{name}.perm"), format!("not a permutation of 0..{}: entry {p} is {c}", m.cols)));
+                }
+            }
+            Some(perm.into_iter().map(|c| c as u32).collect())
+        } else {
+            None
+        };
+        let mut packed = codes.to_vec();
+        packed.extend_from_slice(&[0; bits::PAD]);
+        Ok(PackedLinear { rows: m.rows, cols: m.cols, layout, codes: packed, scales, zeros, perm })
+    }
+}

@@ -1,0 +1,162 @@
+//! The packed checkpoint: what goes in comes out bit for bit, and a file that lies (about
+//! shapes, versions, permutations) or is cut short is a clear error naming the tensor.
+
+use adadim_load::synth::Rng;
+use adadim_pack::{PackedFile, PackedLinear, PackedWriter};
+use adadim_quantize::{gptq, rtn, Axis, GptqOptions, Hessian, QuantSpec, Zero};
+use std::path::Path;
+
+fn linears() -> Vec<(String, PackedLinear)> {
+    let mut rng = Rng::new(5);
+    let mut out = Vec::new();
+    for (i, (rows, cols, bits, group, axis)) in [(192, 576, 3, Some(128), Axis::Ic), (64, 96, 4, Some(32), Axis::Oc), (40, 24, 2, None, Axis::Oc), (16, 40, 8, Some(8), Axis::Ic)].into_iter().enumerate() {
+        let w = rng.normals(rows * cols, 0.1);
+        let q = rtn(&w, rows, cols, &QuantSpec { bits, group, axis, zero: Zero::Awq }).unwrap();
+        out.push((format!("model.layers.{i}.mlp.up_proj"), PackedLinear::from_quantized(&q)));
+    }
+    // Per-OC act-order: stored with its column permutation.
+    let (rows, cols) = (32, 64);
+    let w = rng.normals(rows * cols, 0.1);
+    let mut h = Hessian::new(cols);
+    h.add_batch(&rng.normals(128 * cols, 1.0)).unwrap();
+    let spec = QuantSpec { bits: 4, group: Some(16), axis: Axis::Oc, zero: Zero::Gptq };
+    let q = gptq(&w, rows, cols, &h, &spec, &GptqOptions { act_order: true, ..GptqOptions::default() }).unwrap().quantized;
+    assert!(q.g_idx().is_some());
+    out.push(("model.layers.9.self_attn.o_proj".into(), PackedLinear::from_quantized(&q)));
+    out
+}
+
+fn write(path: &Path, items: &[(String, PackedLinear)]) {
+    let mut w = PackedWriter::create(path, 64).unwrap();
+    for (name, p) in items {
+        w.linear(name, p).unwrap();
+    }
+    w.dense("model.norm.weight", &[3], &[1.0, -2.0, 0.5]).unwrap();
+    w.finish(&serde_json::json!({"method": "gptq", "tool": "test"})).unwrap();
+}
+
+#[test]
+fn round_trip_is_bit_exact() {
+    let d = tempfile::tempdir().unwrap();
+    let path = d.path().join("m.safetensors");
+    let items = linears();
+    write(&path, &items);
+    let f = PackedFile::open(&path).unwrap();
+    assert_eq!(f.linear_names().count(), items.len());
+    assert_eq!(f.quantization()["method"], "gptq");
+    for (name, p) in &items {
+        let back = f.linear(name).unwrap();
+        assert_eq!(&back, p, "{name}");
+        assert_eq!(back.dequantize(), p.dequantize(), "{name}");
+    }
+    assert_eq!(f.dense("model.norm.weight").unwrap(), (vec![3], vec![1.0, -2.0, 0.5]));
+}
+
+/// Rewrite the file's header with `edit` applied to its JSON (keeping the data as it is).
+fn edit_header(path: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let bytes = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let mut header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    edit(&mut header);
+    let mut h = serde_json::to_vec(&header).unwrap();
+    while h.len() % 8 != 0 {
+        h.push(b' ');
+    }
+    let mut out = (h.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&h);
+    out.extend_from_slice(&bytes[8 + n..]);
+    std::fs::write(path, out).unwrap();
+}
+
+fn linears_meta(h: &mut serde_json::Value) -> serde_json::Value {
+    serde_json::from_str(h["__metadata__"]["adadim.linears"].as_str().unwrap()).unwrap()
+}
+
+fn set_linears_meta(h: &mut serde_json::Value, m: &serde_json::Value) {
+    h["__metadata__"]["adadim.linears"] = m.to_string().into();
+}
+
+#[test]
+fn lies_and_damage_are_errors_naming_the_tensor() {
+    let d = tempfile::tempdir().unwrap();
+    let items = linears();
+    let fresh = |tag: &str| {
+        let p = d.path().join(format!("{tag}.safetensors"));
+        write(&p, &items);
+        p
+    };
+    let up0 = "model.layers.0.mlp.up_proj";
+
+    // Metadata claims more rows than the codes hold.
+    let p = fresh("rows");
+    edit_header(&p, |h| {
+        let mut m = linears_meta(h);
+        m[up0]["rows"] = 4096.into();
+        set_linears_meta(h, &m);
+    });
+    let e = PackedFile::open(&p).unwrap().linear(up0).unwrap_err().to_string();
+    assert!(e.contains("qcodes") && e.contains("declared layout"), "{e}");
+
+    // Absurd sizes must not overflow or allocate.
+    let p = fresh("huge");
+    edit_header(&p, |h| {
+        let mut m = linears_meta(h);
+        m[up0]["rows"] = serde_json::json!(u64::MAX / 2);
+        m[up0]["cols"] = serde_json::json!(u64::MAX / 2);
+        m[up0]["group"] = 1.into();
+        set_linears_meta(h, &m);
+    });
+    let e = PackedFile::open(&p).unwrap().linear(up0).unwrap_err().to_string();
+    assert!(e.contains("overflows"), "{e}");
+
+    // A group larger than the axis, bits off the menu, an unknown axis.
+    for (key, value, want) in [("group", serde_json::json!(0), "group"), ("bits", serde_json::json!(5), "bits 5"), ("axis", serde_json::json!("diagonal"), "axis")] {
+        let p = fresh(key);
+        edit_header(&p, |h| {
+            let mut m = linears_meta(h);
+            m[up0][key] = value;
+            set_linears_meta(h, &m);
+        });
+        let e = PackedFile::open(&p).unwrap().linear(up0).unwrap_err().to_string();
+        assert!(e.contains(up0) && e.contains(want), "{key}: {e}");
+    }
+
+    // A tensor relabelled with another dtype.
+    let p = fresh("dtype");
+    edit_header(&p, |h| h[format!("{up0}.scales")]["dtype"] = "BF16".into());
+    let e = PackedFile::open(&p).unwrap().linear(up0).unwrap_err().to_string();
+    assert!(e.contains("scales") && e.contains("BF16"), "{e}");
+
+    // Unknown format version, and a file that is not ours.
+    let p = fresh("version");
+    edit_header(&p, |h| h["__metadata__"]["adadim.format_version"] = "7".into());
+    let e = PackedFile::open(&p).err().unwrap().to_string();
+    assert!(e.contains("version '7'") && e.contains("reads version 1"), "{e}");
+    let p = fresh("foreign");
+    edit_header(&p, |h| {
+        h["__metadata__"].as_object_mut().unwrap().remove("adadim.format");
+    });
+    assert!(PackedFile::open(&p).err().unwrap().to_string().contains("not an adadim packed checkpoint"));
+
+    // A permutation with a repeated column would read x twice and skip another.
+    let p = fresh("perm");
+    let o = "model.layers.9.self_attn.o_proj";
+    {
+        let mut bytes = std::fs::read(&p).unwrap();
+        let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        let h: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+        let start = h[format!("{o}.perm")]["data_offsets"][0].as_u64().unwrap() as usize + 8 + n;
+        let first = bytes[start..start + 4].to_vec();
+        bytes[start + 4..start + 8].copy_from_slice(&first);
+        std::fs::write(&p, bytes).unwrap();
+    }
+    let e = PackedFile::open(&p).unwrap().linear(o).unwrap_err().to_string();
+    assert!(e.contains("perm") && e.contains("not a permutation"), "{e}");
+
+    // Truncated: the data ends before the header says.
+    let p = fresh("cut");
+    let bytes = std::fs::read(&p).unwrap();
+    std::fs::write(&p, &bytes[..bytes.len() - 100]).unwrap();
+    let e = PackedFile::open(&p).err().unwrap().to_string();
+    assert!(e.contains("cut.safetensors") && e.contains("corrupt or truncated"), "{e}");
+}
