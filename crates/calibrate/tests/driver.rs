@@ -193,3 +193,27 @@ fn staged_driver_equals_rerunning_the_block_for_every_stage() {
         }
     }
 }
+
+#[test]
+fn activations_that_overflow_are_an_error_naming_the_layer() {
+    // Finite weights can still make infinite activations: a norm weight of 3e38 turns every
+    // normalized value above ~1.1 into inf on its way into q/k/v. The Hessian refuses the
+    // batch, and the error says where.
+    let d = tempfile::tempdir().unwrap();
+    let m = d.path().join("m");
+    write_random_checkpoint(&m, &tiny_config(), 4).unwrap();
+    let file = m.join("model.safetensors");
+    let mut bytes = std::fs::read(&file).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let off = &header["model.layers.1.input_layernorm.weight"]["data_offsets"];
+    let (a, b) = (off[0].as_u64().unwrap() as usize + 8 + n, off[1].as_u64().unwrap() as usize + 8 + n);
+    for v in bytes[a..b].chunks_mut(4) {
+        v.copy_from_slice(&3e38f32.to_le_bytes());
+    }
+    std::fs::write(&file, bytes).unwrap();
+    let ck = Checkpoint::open(&m).unwrap();
+    let out = d.path().join("q.safetensors");
+    let e = quantize_model(&ck, &samples(), &config(Method::Gptq, Dim::Ada), &out, &mut |_, _| {}).unwrap_err().to_string();
+    assert!(e.contains("layer 1") && e.contains("q_proj inputs") && e.contains("not finite"), "{e}");
+}
