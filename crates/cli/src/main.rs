@@ -2,6 +2,7 @@
 //! line on stderr and a non-zero exit code.
 
 mod bench;
+mod bench_kernels;
 mod progress;
 
 use adadim_eval::datasets::{data_dir_from_env, Dataset};
@@ -52,6 +53,25 @@ enum BenchCmd {
     /// Quantization time by phase (forward passes, Hessians, Cholesky, GPTQ sweeps) against the
     /// FLOP bound of the same work at the GEMM rates measured in the same run; peak RSS.
     Quantize(BenchQuantizeArgs),
+    /// Packed matrix-vector products (both axes, 4 and 3 bits) from memory against the memory
+    /// bandwidth (STREAM triad) measured in the same run.
+    Kernels(BenchKernelsArgs),
+}
+
+#[derive(Args)]
+struct BenchKernelsArgs {
+    /// Matrix shapes `OUTxIN`, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "576x1536,1536x576,4096x4096,4096x14336,14336x4096")]
+    shapes: Vec<String>,
+    /// Group size.
+    #[arg(long, default_value_t = 128)]
+    group: usize,
+    /// Bytes of packed matrices cycled through per measurement (well past the caches).
+    #[arg(long, default_value_t = 512 << 20)]
+    working_set: usize,
+    /// Markdown file whose `kernels` section is rewritten.
+    #[arg(long, default_value = "BENCHMARKS.md")]
+    write: PathBuf,
 }
 
 #[derive(Args)]
@@ -286,6 +306,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Eval(EvalCmd::Ppl(a)) => eval_ppl(a),
         Cmd::Bench(BenchCmd::Eval(a)) => bench_eval(a),
         Cmd::Bench(BenchCmd::Quantize(a)) => bench_quantize(a),
+        Cmd::Bench(BenchCmd::Kernels(a)) => bench_kernels(a),
     }
 }
 
@@ -387,6 +408,43 @@ fn bench_eval(a: BenchEvalArgs) -> Result<()> {
     writeln!(md, "\nModel FLOPs per token: {:.1} MFLOP (linears + causal attention, each position attending to the keys before it + LM head, at seqlen {}).", flops_per_token / 1e6, a.seqlen)?;
     print!("{md}");
     bench::write_section(&a.write, "eval", &md)?;
+    eprintln!("wrote {}", a.write.display());
+    Ok(())
+}
+
+fn bench_kernels(a: BenchKernelsArgs) -> Result<()> {
+    use adadim_quantize::Axis;
+    let mut shapes = Vec::new();
+    for s in &a.shapes {
+        let (o, i) = s.split_once('x').ok_or_else(|| anyhow::anyhow!("--shapes: '{s}' is not OUTxIN"))?;
+        shapes.push((o.parse::<usize>().with_context(|| format!("--shapes: '{s}'"))?, i.parse::<usize>().with_context(|| format!("--shapes: '{s}'"))?));
+    }
+    let triad = bench_kernels::triad_gbs(a.working_set / 12, 5);
+    let mut md = String::new();
+    use std::fmt::Write;
+    writeln!(md, "## Packed matrix-vector kernels (`adadim bench kernels`)\n")?;
+    writeln!(md, "Machine: {}. Memory bandwidth measured in this run (STREAM triad, {} MB arrays): **{triad:.1} GB/s**.\n", bench::machine(), a.working_set / 12 >> 18)?;
+    writeln!(md, "y = W'x from packed codes, group {}, AWQ-style zeros; {} MB of matrices cycled per measurement so every byte comes from memory; best of 5. Bytes = packed codes + params as the kernel reads them (f32 scale and zero per group) + permutation.\n", a.group, a.working_set >> 20)?;
+    writeln!(md, "| shape (out x in) | bits | axis | us / matvec | GB/s | of triad | per-IC time / per-OC time |\n|---|---|---|---|---|---|---|")?;
+    let mut worst = (f64::MAX, 0f64);
+    for &(rows, cols) in &shapes {
+        for bits in [4u8, 3] {
+            let oc = bench_kernels::time_matvec(rows, cols, bits, a.group, Axis::Oc, a.working_set, 5)?;
+            let ic = bench_kernels::time_matvec(rows, cols, bits, a.group, Axis::Ic, a.working_set, 5)?;
+            let ratio = ic.seconds / oc.seconds;
+            for r in [&oc, &ic] {
+                let axis = if r.axis == Axis::Oc { "per-OC" } else { "per-IC" };
+                let rel = if r.axis == Axis::Ic { format!("{ratio:.3}") } else { String::new() };
+                writeln!(md, "| {rows} x {cols} | {bits} | {axis} | {:.1} | {:.1} | {:.2} | {rel} |", r.seconds * 1e6, r.gbs(), r.gbs() / triad)?;
+                worst.0 = worst.0.min(r.gbs() / triad);
+            }
+            worst.1 = worst.1.max(ratio);
+            eprintln!("{rows}x{cols} w{bits}: oc {:.1} GB/s, ic {:.1} GB/s", oc.gbs(), ic.gbs());
+        }
+    }
+    writeln!(md, "\nLowest fraction of triad: **{:.2}** (aim >= 0.8). Highest per-IC / per-OC time: **{:.3}** (aim <= 1.05).", worst.0, worst.1)?;
+    print!("{md}");
+    bench::write_section(&a.write, "kernels", &md)?;
     eprintln!("wrote {}", a.write.display());
     Ok(())
 }

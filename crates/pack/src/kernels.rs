@@ -4,10 +4,11 @@
 //! per weight, so it is bound by memory bandwidth once the matrix is larger than the caches;
 //! the work is to decode codes as fast as they arrive. Eight `b`-bit codes are exactly `b`
 //! bytes ([`crate::bits`]): one unaligned 32-bit load (64-bit for b = 8), eight shifts and
-//! masks, a conversion and a multiply-add, on eight lanes at once once LLVM vectorizes the
-//! lane loop (`vpsrlvd` / `vcvtdq2ps` / `vfmadd` under AVX2).
-//! The row loop is compiled for AVX-512, AVX2+FMA and the baseline, picked at run time;
-//! [`matvec_ref`] is the plain definition beside it, in f64.
+//! masks, a conversion and a multiply-add (`vpbroadcastd` / `vpsrlvd` / `vpand` /
+//! `vcvtdq2ps` / `vfmadd` under AVX2).
+//! The AVX2+FMA kernel ([`dot_codes_avx2`], used for 2, 3 and 4 bits when the CPU has it) and
+//! the portable loop ([`dot_codes`]) sit side by side; [`matvec_ref`] is the plain definition,
+//! in f64, that the tests hold both to. (An AVX-512 kernel waits for a machine to test it on.)
 
 use adadim_quantize::Axis;
 use rayon::prelude::*;
@@ -52,9 +53,111 @@ fn dot_codes<const B: usize>(row: &[u8], c0: usize, v: &[f32]) -> f32 {
     (s4[0] + s4[2]) + (s4[1] + s4[3]) + tail_sum
 }
 
-/// `dot_codes` for the layout's width.
+/// AVX2: `sum_j code(8 i0 + j) * v[j]` over `n8` whole chunks of eight codes, as 8 lane sums.
+/// Per chunk: one 4-byte load, a broadcast, a variable shift, a mask, a conversion and an FMA;
+/// two accumulators hide the FMA latency.
+///
+/// # Safety
+/// AVX2 and FMA; `rp` points at the chunk's first byte with at least `(n8 - 1) B + 4` bytes
+/// readable behind it (the buffer's padding covers the last load), `vp` at `8 n8` floats.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn chunks_avx2<const B: usize>(rp: *const u8, vp: *const f32, n8: usize) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    let b = B as i32;
+    let shifts = _mm256_setr_epi32(0, b, 2 * b, 3 * b, 4 * b, 5 * b, 6 * b, 7 * b);
+    let mask = _mm256_set1_epi32((1 << B) - 1);
+    let decode = |i: usize| {
+        let w = _mm256_set1_epi32((rp.add(i * B) as *const i32).read_unaligned());
+        _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(w, shifts), mask))
+    };
+    let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    let mut i = 0;
+    while i + 2 <= n8 {
+        a0 = _mm256_fmadd_ps(decode(i), _mm256_loadu_ps(vp.add(i * 8)), a0);
+        a1 = _mm256_fmadd_ps(decode(i + 1), _mm256_loadu_ps(vp.add(i * 8 + 8)), a1);
+        i += 2;
+    }
+    if i < n8 {
+        a0 = _mm256_fmadd_ps(decode(i), _mm256_loadu_ps(vp.add(i * 8)), a0);
+    }
+    _mm256_add_ps(a0, a1)
+}
+
+/// Sum of the 8 lanes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn hsum(a: std::arch::x86_64::__m256) -> f32 {
+    use std::arch::x86_64::*;
+    let h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps(h, h, 1)))
+}
+
+/// [`dot_codes`] with AVX2 (per-IC rows: one long dot product).
+///
+/// # Safety
+/// AVX2 and FMA; `row` extends [`bits::PAD`] bytes past its codes or to the buffer's end-padding.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_codes_avx2<const B: usize>(row: &[u8], c0: usize, v: &[f32]) -> f32 {
+    if c0 % 8 != 0 || B == 8 {
+        return dot_codes::<B>(row, c0, v);
+    }
+    let n8 = v.len() / 8;
+    let base = c0 / 8 * B;
+    assert!(n8 == 0 || base + (n8 - 1) * B + 4 <= row.len(), "packed row too short for its codes");
+    let n = n8 * 8;
+    hsum(chunks_avx2::<B>(row.as_ptr().add(base), v.as_ptr(), n8)) + v[n..].iter().enumerate().map(|(j, &x)| f32::from(bits::get(row, c0 + n + j, B as u8)) * x).sum::<f32>()
+}
+
+/// One per-OC row with AVX2: `sum_k s[k] (sum_{c in k} code[c] x[c] - z[k] xsum[k])`, the group
+/// sums kept in a vector register (scaled by `s[k]` with one FMA) and reduced once per row.
+///
+/// # Safety
+/// As [`dot_codes_avx2`]; `s`, `z`, `xsum` have one entry per group of `group` columns of `x`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn oc_row_avx2<const B: usize>(row: &[u8], x: &[f32], s: &[f32], z: &[f32], xsum: &[f32], group: usize) -> f32 {
+    use std::arch::x86_64::*;
+    let cols = x.len();
+    if group % 8 != 0 || B == 8 {
+        return (0..s.len()).map(|k| {
+            let c0 = k * group;
+            s[k] * (dot_codes::<B>(row, c0, &x[c0..(c0 + group).min(cols)]) - z[k] * xsum[k])
+        }).sum();
+    }
+    assert!(cols < 8 || (cols / 8 - 1) * B + 4 <= row.len(), "packed row too short for its codes");
+    let (mut acc, mut scalar) = (_mm256_setzero_ps(), 0f32);
+    for k in 0..s.len() {
+        let c0 = k * group;
+        let len = group.min(cols - c0);
+        let n8 = len / 8;
+        let d = chunks_avx2::<B>(row.as_ptr().add(c0 / 8 * B), x.as_ptr().add(c0), n8);
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(s[k]), d, acc);
+        let tail: f32 = (n8 * 8..len).map(|j| f32::from(bits::get(row, c0 + j, B as u8)) * x[c0 + j]).sum();
+        scalar += s[k] * (tail - z[k] * xsum[k]);
+    }
+    hsum(acc) + scalar
+}
+
+/// `dot_codes` for the layout's width, with the AVX2 kernel when `simd` (checked by the caller).
 #[inline(always)]
-fn dot(bits: u8, row: &[u8], c0: usize, v: &[f32]) -> f32 {
+fn dot(bits: u8, row: &[u8], c0: usize, v: &[f32], simd: bool) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        // SAFETY: `simd` is only true when AVX2 and FMA were detected; rows are sliced with
+        // the buffer's padding behind them (`rows_body`).
+        return unsafe {
+            match bits {
+                2 => dot_codes_avx2::<2>(row, c0, v),
+                3 => dot_codes_avx2::<3>(row, c0, v),
+                4 => dot_codes_avx2::<4>(row, c0, v),
+                _ => dot_codes::<8>(row, c0, v),
+            }
+        };
+    }
+    let _ = simd;
     match bits {
         2 => dot_codes::<2>(row, c0, v),
         3 => dot_codes::<3>(row, c0, v),
@@ -101,60 +204,56 @@ fn prepare(p: &PackedLinear, x: &[f32]) -> Prepared {
     }
 }
 
-/// Rows `r0..r0 + y.len()` of `W' x`.
-#[inline(always)]
-fn rows_body(p: &PackedLinear, prep: &Prepared, r0: usize, y: &mut [f32]) {
+/// Rows `r0..r0 + y.len()` of `W' x`, with the AVX2 dot product when `simd`.
+fn rows_body(p: &PackedLinear, prep: &Prepared, r0: usize, y: &mut [f32], simd: bool) {
     let (cols, l) = (p.cols, p.layout);
     let rb = bits::row_bytes(cols, l.bits);
     for (i, y) in y.iter_mut().enumerate() {
         let r = r0 + i;
-        let row = &p.codes[r * rb..(r + 1) * rb + bits::PAD.min(p.codes.len() - (r + 1) * rb)];
+        // The row and the bytes after it up to the buffer's end-padding: the last chunk's load
+        // may reach a few bytes past the row (masked away).
+        let row = &p.codes[r * rb..((r + 1) * rb + bits::PAD).min(p.codes.len())];
         *y = match prep {
             Prepared::Oc { x, xsum } => {
                 let pc = xsum.len();
                 let (s, z) = (&p.scales[r * pc..(r + 1) * pc], &p.zeros[r * pc..(r + 1) * pc]);
+                #[cfg(target_arch = "x86_64")]
+                if simd {
+                    // SAFETY: AVX2 and FMA were detected (`simd`); `row` carries the padding.
+                    *y = unsafe {
+                        match l.bits {
+                            2 => oc_row_avx2::<2>(row, x, s, z, xsum, l.group),
+                            3 => oc_row_avx2::<3>(row, x, s, z, xsum, l.group),
+                            4 => oc_row_avx2::<4>(row, x, s, z, xsum, l.group),
+                            _ => oc_row_avx2::<8>(row, x, s, z, xsum, l.group),
+                        }
+                    };
+                    continue;
+                }
                 let mut acc = 0f32;
                 for k in 0..pc {
                     let c0 = k * l.group;
-                    let d = dot(l.bits, row, c0, &x[c0..(c0 + l.group).min(cols)]);
+                    let d = dot(l.bits, row, c0, &x[c0..(c0 + l.group).min(cols)], simd);
                     acc += s[k] * (d - z[k] * xsum[k]);
                 }
                 acc
             }
             Prepared::Ic { v, bias } => {
                 let kr = r / l.group;
-                dot(l.bits, row, 0, &v[kr * cols..(kr + 1) * cols]) - bias[kr]
+                dot(l.bits, row, 0, &v[kr * cols..(kr + 1) * cols], simd) - bias[kr]
             }
         };
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
-unsafe fn rows_v4(p: &PackedLinear, prep: &Prepared, r0: usize, y: &mut [f32]) {
-    rows_body(p, prep, r0, y)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn rows_v3(p: &PackedLinear, prep: &Prepared, r0: usize, y: &mut [f32]) {
-    rows_body(p, prep, r0, y)
-}
-
-/// The widest row loop this CPU runs.
-fn rows_dispatch(p: &PackedLinear, prep: &Prepared, r0: usize, y: &mut [f32]) {
+/// Whether this CPU runs the AVX2 kernel.
+fn simd_available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512vl") {
-            // SAFETY: the features rows_v4 is compiled for were detected just above.
-            return unsafe { rows_v4(p, prep, r0, y) };
-        }
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            // SAFETY: as above, for AVX2 + FMA.
-            return unsafe { rows_v3(p, prep, r0, y) };
-        }
+        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
     }
-    rows_body(p, prep, r0, y)
+    #[cfg(not(target_arch = "x86_64"))]
+    false
 }
 
 /// Rows per parallel task: enough work to amortize scheduling.
@@ -169,14 +268,15 @@ impl PackedLinear {
         assert_eq!(x.len(), self.cols, "matvec: x has {} values for {} input channels", x.len(), self.cols);
         assert_eq!(y.len(), self.rows, "matvec: y has {} values for {} output channels", y.len(), self.rows);
         let prep = prepare(self, x);
-        y.par_chunks_mut(ROWS_PER_TASK).enumerate().for_each(|(t, y)| rows_dispatch(self, &prep, t * ROWS_PER_TASK, y));
+        let simd = simd_available();
+        y.par_chunks_mut(ROWS_PER_TASK).enumerate().for_each(|(t, y)| rows_body(self, &prep, t * ROWS_PER_TASK, y, simd));
     }
 
-    /// One thread, no dispatch: the portable loop (for tests of the dispatched one).
+    /// One thread, no SIMD: the portable loop (for tests of the SIMD one).
     pub fn matvec_portable(&self, x: &[f32], y: &mut [f32]) {
         assert_eq!((x.len(), y.len()), (self.cols, self.rows));
         let prep = prepare(self, x);
-        rows_body(self, &prep, 0, y);
+        rows_body(self, &prep, 0, y, false);
     }
 }
 

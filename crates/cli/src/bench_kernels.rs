@@ -1,0 +1,74 @@
+//! `adadim bench kernels`: packed matrix-vector products (decoding, batch 1) from memory, as a
+//! fraction of this machine's memory bandwidth measured in the same run (STREAM triad), and
+//! per-IC against per-OC on the same shape.
+
+use adadim_pack::PackedLinear;
+use adadim_quantize::{rtn, Axis, QuantSpec, Zero};
+use anyhow::Result;
+use rayon::prelude::*;
+use std::time::Instant;
+
+/// Best-of-`reps` STREAM triad `a = b + s c` over three arrays of `n` f32, in GB/s (counting
+/// 12 bytes per element, STREAM's convention).
+pub fn triad_gbs(n: usize, reps: usize) -> f64 {
+    let b = vec![1.0f32; n];
+    let c = vec![2.0f32; n];
+    let mut a = vec![0.0f32; n];
+    let mut best = f64::MAX;
+    for _ in 0..reps + 1 {
+        let t = Instant::now();
+        a.par_chunks_mut(1 << 16).zip(b.par_chunks(1 << 16)).zip(c.par_chunks(1 << 16)).for_each(|((a, b), c)| {
+            for i in 0..a.len() {
+                a[i] = b[i] + 3.0 * c[i];
+            }
+        });
+        std::hint::black_box(&a);
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    12.0 * n as f64 / best / 1e9
+}
+
+pub struct KernelRow {
+    pub axis: Axis,
+    pub bytes: usize,
+    pub seconds: f64,
+}
+
+impl KernelRow {
+    pub fn gbs(&self) -> f64 {
+        self.bytes as f64 / self.seconds / 1e9
+    }
+}
+
+/// Time one matvec of a `[rows, cols]` w{bits}g{group} matrix along `axis`, streaming from
+/// memory: enough copies of it are cycled through that they cannot stay in any cache.
+pub fn time_matvec(rows: usize, cols: usize, bits: u8, group: usize, axis: Axis, working_set: usize, reps: usize) -> Result<KernelRow> {
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64 ^ (rows * 31 + cols) as u64;
+    let w: Vec<f32> = (0..rows * cols)
+        .map(|_| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        })
+        .collect();
+    let q = rtn(&w, rows, cols, &QuantSpec { bits, group: Some(group), axis, zero: Zero::Awq })?;
+    drop(w);
+    let one = PackedLinear::from_quantized(&q);
+    drop(q);
+    let copies = working_set.div_ceil(one.bytes_read()).max(1);
+    let mats: Vec<PackedLinear> = (0..copies).map(|_| one.clone()).collect();
+    let x: Vec<f32> = (0..cols).map(|i| (i % 7) as f32 - 3.0).collect();
+    let mut y = vec![0f32; rows];
+    mats[0].matvec(&x, &mut y); // warm up the thread pool
+    let mut best = f64::MAX;
+    for _ in 0..reps {
+        let t = Instant::now();
+        for m in &mats {
+            m.matvec(&x, &mut y);
+        }
+        std::hint::black_box(&y);
+        best = best.min(t.elapsed().as_secs_f64() / copies as f64);
+    }
+    Ok(KernelRow { axis, bytes: one.bytes_read(), seconds: best })
+}
