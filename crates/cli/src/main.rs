@@ -77,13 +77,7 @@ struct BenchKernelsArgs {
 #[derive(Args)]
 struct BenchQuantizeArgs {
     #[command(flatten)]
-    model: ModelArg,
-    #[arg(long, value_enum, default_value = "gptq")]
-    method: MethodArg,
-    #[arg(long, value_enum, default_value = "ada")]
-    dim: DimArg,
-    #[command(flatten)]
-    settings: QuantSettings,
+    job: QuantJob,
     /// Markdown file whose `quantize` section is rewritten.
     #[arg(long, default_value = "BENCHMARKS.md")]
     write: PathBuf,
@@ -145,8 +139,9 @@ enum ZeroArg {
     Sym,
 }
 
+/// What to quantize and how: shared by `quantize` and `bench quantize`.
 #[derive(Args)]
-struct QuantizeArgs {
+struct QuantJob {
     #[command(flatten)]
     model: ModelArg,
     #[arg(long, value_enum, default_value = "gptq")]
@@ -155,6 +150,12 @@ struct QuantizeArgs {
     dim: DimArg,
     #[command(flatten)]
     settings: QuantSettings,
+}
+
+#[derive(Args)]
+struct QuantizeArgs {
+    #[command(flatten)]
+    job: QuantJob,
     /// Output model directory (must not exist).
     #[arg(long)]
     out: PathBuf,
@@ -450,9 +451,9 @@ fn bench_kernels(a: BenchKernelsArgs) -> Result<()> {
 }
 
 fn bench_quantize(a: BenchQuantizeArgs) -> Result<()> {
-    let dir = model_dir(&a.model.model)?;
+    let dir = model_dir(&a.job.model.model)?;
     let c = adadim_load::Checkpoint::open(&dir)?.config;
-    let q = &a.settings;
+    let q = &a.job.settings;
     let threads = candle_core::utils::get_num_threads();
     // 1. The machine's rates, measured now: f32 GEMM on the shapes the calibration runs
     //    (forward and X^T X), f64 GEMM for GPTQ's inverse and sweep (faer, as GPTQ uses it).
@@ -469,7 +470,7 @@ fn bench_quantize(a: BenchQuantizeArgs) -> Result<()> {
     if let Some(p) = scratch.parent() {
         std::fs::create_dir_all(p).with_context(|| format!("creating {}", p.display()))?;
     }
-    let summary = run_quantize(&dir, a.method, a.dim, q, &scratch);
+    let summary = run_quantize(&dir, a.job.method, a.job.dim, q, &scratch);
     let _ = std::fs::remove_dir_all(&scratch);
     let summary = summary?;
     let tm: adadim_calibrate::Timings = serde_json::from_value(summary["timings"].clone())?;
@@ -495,7 +496,7 @@ fn bench_quantize(a: BenchQuantizeArgs) -> Result<()> {
     use std::fmt::Write;
     writeln!(md, "## Quantization time (`adadim bench quantize`)\n")?;
     writeln!(md, "`{}` {} w{}g{} on `{}` (for smollm2 the dequantized Q4_1 GGUF), calibration {} x {} tokens of {}, {threads} threads.\n",
-        summary["settings"]["method"].as_str().unwrap_or("?"), summary["settings"]["dim"].as_str().unwrap_or("?"), q.bits, q.group, a.model.model, q.nsamples, q.calib_seqlen, q.calib)?;
+        summary["settings"]["method"].as_str().unwrap_or("?"), summary["settings"]["dim"].as_str().unwrap_or("?"), q.bits, q.group, a.job.model.model, q.nsamples, q.calib_seqlen, q.calib)?;
     writeln!(md, "Machine: {}.\n", bench::machine())?;
     writeln!(md, "Rates measured in this run: f32 GEMM {f32_peak:.1} GFLOP/s (best over the calibration shapes), f64 GEMM {f64_peak:.1} GFLOP/s (faer).\n")?;
     writeln!(md, "| phase | seconds | GFLOP done | GFLOP/s | least GFLOP needed | bound at peak (s) |\n|---|---|---|---|---|---|")?;
@@ -514,8 +515,8 @@ fn bench_quantize(a: BenchQuantizeArgs) -> Result<()> {
 }
 
 fn quantize(a: QuantizeArgs) -> Result<()> {
-    let dir = model_dir(&a.model.model)?;
-    let summary = run_quantize(&dir, a.method, a.dim, &a.settings, &a.out)?;
+    let dir = model_dir(&a.job.model.model)?;
+    let summary = run_quantize(&dir, a.job.method, a.job.dim, &a.job.settings, &a.out)?;
     if a.json {
         println!("{}", serde_json::to_string(&summary)?);
     } else {
