@@ -31,6 +31,7 @@
 pub mod bits;
 pub mod checkpoint;
 pub mod format;
+pub mod gptq;
 pub mod kernels;
 
 pub use checkpoint::{PackError, PackedFile, PackedWriter, FORMAT_VERSION};
