@@ -12,13 +12,12 @@
 //! Only one block's weights and the calibration activations are held at a time.
 
 use crate::error::{CalibError, Result};
-use adadim_load::safetensors_out::F32Writer;
+use crate::output::{Output, Writer};
 use adadim_load::Checkpoint;
-use adadim_model::{Block, LinearKind, Rope};
+use adadim_model::{Block, LinearKind, Rope, Weight};
 use adadim_quantize::{choose_axis, gptq, GptqOutput, output_error_from_hessian, rtn, Axis, Calibration, GptqOptions, Hessian, QuantSpec, QuantizedMatrix};
 use candle_core::{Device, Tensor};
 use serde::Serialize;
-use std::path::Path;
 use std::time::Instant;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -322,7 +321,7 @@ pub fn quantize_model(
     ckpt: &Checkpoint,
     samples: &[Vec<u32>],
     cfg: &QuantizeConfig,
-    out_file: &Path,
+    out: &Output<'_>,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<QuantizeRun> {
     cfg.spec.validate().map_err(|source| CalibError::Quantize { layer: 0, module: "(settings)".into(), source })?;
@@ -339,10 +338,10 @@ pub fn quantize_model(
     // The plan (HF names in the order the output is written), and the non-block tensors first.
     let mut plan = c.expected_tensors();
     plan.sort_by_key(|(n, _)| (n.strip_prefix("model.layers.").and_then(|r| r.split('.').next()).and_then(|l| l.parse::<usize>().ok()).map_or(0, |l| l + 1), n.clone()));
-    let mut writer = F32Writer::create(out_file, &plan, &[("format".into(), "pt".into())])?;
+    let mut writer = Writer::create(out, &plan)?;
     let mut cursor = 0;
     while cursor < plan.len() && !plan[cursor].0.starts_with("model.layers.") {
-        writer.write_tensor(&plan[cursor].0, &ckpt.tensor_f32(&plan[cursor].0)?)?;
+        writer.dense(&plan[cursor].0, &plan[cursor].1, &ckpt.tensor_f32(&plan[cursor].0)?)?;
         cursor += 1;
     }
     let calibrate = cfg.needs_calibration();
@@ -359,14 +358,16 @@ pub fn quantize_model(
     for layer in 0..c.num_hidden_layers {
         let io = Instant::now();
         let mut block = Block::load(ckpt, layer)?;
+        let mut quantized: Vec<(LinearKind, QuantizedMatrix)> = Vec::new();
         times.io_s += io.elapsed().as_secs_f64();
         let mut quantize_step = |block: &mut Block, step: &[LinearKind], h: Option<&Hessian>, times: &mut Timings| -> Result<()> {
             for &kind in step {
-                let w = &block.linear(kind).weight;
+                let w = dense_weight(block, kind)?;
                 let (rows, cols) = (w.dims()[0], w.dims()[1]);
                 let (q, report) = cfg.quantize_linear(layer, kind, &to_vec(w)?, rows, cols, h)?;
                 times.add_linear(&report);
-                block.linear_mut(kind).weight = tensor(q.dequantize(), (rows, cols))?;
+                block.linear_mut(kind).weight = Weight::Dense(tensor(q.dequantize(), (rows, cols))?);
+                quantized.push((kind, q));
                 reports.push(report);
             }
             Ok(())
@@ -425,8 +426,11 @@ pub fn quantize_model(
         }
         let io = Instant::now();
         while cursor < plan.len() && plan[cursor].0.starts_with(&format!("model.layers.{layer}.")) {
-            let name = &plan[cursor].0;
-            writer.write_tensor(name, &to_vec(block_tensor(&block, name)?)?)?;
+            let (name, shape) = &plan[cursor];
+            match quantized.iter().find(|(k, _)| name.ends_with(&format!("{}.weight", k.module()))) {
+                Some((_, q)) => writer.linear(name.strip_suffix(".weight").unwrap_or(name), q)?,
+                None => writer.dense(name, shape, &to_vec(block_tensor(&block, name)?)?)?,
+            }
             cursor += 1;
         }
         times.io_s += io.elapsed().as_secs_f64();
@@ -436,6 +440,11 @@ pub fn quantize_model(
     writer.finish()?;
     times.io_s += io.elapsed().as_secs_f64();
     Ok(QuantizeRun { linears: reports, timings: times })
+}
+
+/// A linear's dense weight (blocks read from a float checkpoint have nothing else).
+fn dense_weight(b: &Block, kind: LinearKind) -> Result<&Tensor> {
+    b.linear(kind).dense().ok_or_else(|| CalibError::Invalid(format!("layer {} {}: the weight is already quantized (packed); quantize the original model", b.layer, kind.module())))
 }
 
 /// The block's tensor for a checkpoint name (`model.layers.3.mlp.up_proj.weight`).
@@ -449,7 +458,7 @@ fn block_tensor<'a>(b: &'a Block, name: &str) -> Result<&'a Tensor> {
     for kind in LinearKind::ALL {
         let lin = b.linear(kind);
         if name.ends_with(&format!("{}.weight", kind.module())) {
-            return Ok(&lin.weight);
+            return dense_weight(b, kind);
         }
         if name.ends_with(&format!("{}.bias", kind.module())) {
             if let Some(bias) = &lin.bias {

@@ -6,7 +6,9 @@
 
 pub mod data;
 pub mod driver;
+pub mod output;
 pub mod error;
 
 pub use driver::{quantize_model, ACT_CACHE_BYTES, Dim, LinearReport, Method, QuantizeConfig, QuantizeRun, Select, Timings};
 pub use error::{CalibError, Result};
+pub use output::{Format, Output};

@@ -1,7 +1,13 @@
 //! The layer-by-layer driver on a seeded random model: the choices it reports are the ones the
 //! paper defines, GPTQ never loses to RTN on the same calibration, and runs are reproducible.
 
-use adadim_calibrate::{quantize_model, Dim, LinearReport, Method, QuantizeConfig, Select};
+use adadim_calibrate::{quantize_model, Dim, Format, LinearReport, Method, Output, QuantizeConfig, Select};
+use std::path::Path;
+
+/// Dequantized f32 output at `path`.
+fn f32_out(path: &Path) -> Output<'_> {
+    Output { path, format: Format::F32, metadata: serde_json::Value::Null }
+}
 use adadim_load::synth::{tiny_config, write_random_checkpoint, Rng};
 use adadim_load::Checkpoint;
 use adadim_quantize::{Axis, GptqOptions, QuantSpec, Zero};
@@ -33,7 +39,7 @@ fn run(cfg: &QuantizeConfig) -> (tempfile::TempDir, Vec<LinearReport>, Vec<u8>) 
     let out = d.path().join("q");
     std::fs::create_dir(&out).unwrap();
     let mut layers = Vec::new();
-    let reports = quantize_model(&ck, &samples(), cfg, &out.join("model.safetensors"), &mut |l, _| layers.push(l)).unwrap().linears;
+    let reports = quantize_model(&ck, &samples(), cfg, &f32_out(&out.join("model.safetensors")), &mut |l, _| layers.push(l)).unwrap().linears;
     assert_eq!(layers, vec![1, 2]);
     assert_eq!(reports.len(), 14);
     let bytes = std::fs::read(out.join("model.safetensors")).unwrap();
@@ -105,11 +111,11 @@ fn heuristic_modules_and_bad_settings() {
     let ck = Checkpoint::open(d.path()).unwrap();
     let out = d.path().join("x.safetensors");
     cfg.ic_modules = vec!["attn".into()];
-    let e = quantize_model(&ck, &samples(), &cfg, &out, &mut |_, _| {}).unwrap_err().to_string();
+    let e = quantize_model(&ck, &samples(), &cfg, &f32_out(&out), &mut |_, _| {}).unwrap_err().to_string();
     assert!(e.contains("unknown module 'attn'"), "{e}");
     let mut cfg = config(Method::Rtn, Dim::Oc);
     cfg.spec.bits = 5;
-    let e = quantize_model(&ck, &samples(), &cfg, &out, &mut |_, _| {}).unwrap_err().to_string();
+    let e = quantize_model(&ck, &samples(), &cfg, &f32_out(&out), &mut |_, _| {}).unwrap_err().to_string();
     assert!(e.contains("bits") || e.contains('5'), "{e}");
 }
 
@@ -125,7 +131,7 @@ fn all_zero_calibration_inputs_fall_back_cleanly() {
     // checking only finiteness of all outputs.
     let samples = vec![vec![0u32; 16]; 3];
     let out = d.path().join("x.safetensors");
-    let r = quantize_model(&ck, &samples, &config(Method::Gptq, Dim::Ada), &out, &mut |_, _| {}).unwrap();
+    let r = quantize_model(&ck, &samples, &config(Method::Gptq, Dim::Ada), &f32_out(&out), &mut |_, _| {}).unwrap();
     assert!(r.linears.iter().all(|r| r.final_error.unwrap().is_finite()));
 }
 
@@ -145,7 +151,7 @@ fn reference_driver(ck: &Checkpoint, samples: &[Vec<u32>], cfg: &QuantizeConfig)
     for layer in 0..c.num_hidden_layers {
         let mut block = Block::load(ck, layer).unwrap();
         for step in steps {
-            let mut h = adadim_quantize::Hessian::new(block.linear(step[0]).weight.dims()[1]);
+            let mut h = adadim_quantize::Hessian::new(block.linear(step[0]).dense().unwrap().dims()[1]);
             for x in &xs {
                 block.forward_tapped(x, &rope, &mut |kind, input| {
                     if kind != step[0] {
@@ -156,11 +162,11 @@ fn reference_driver(ck: &Checkpoint, samples: &[Vec<u32>], cfg: &QuantizeConfig)
                 }).unwrap();
             }
             for &kind in step {
-                let w = &block.linear(kind).weight;
+                let w = block.linear(kind).dense().unwrap();
                 let (rows, cols) = w.dims2().unwrap();
                 let (q, _) = cfg.quantize_linear(layer, kind, &w.flatten_all().unwrap().to_vec1().unwrap(), rows, cols, Some(&h)).unwrap();
                 weights.push(q.dequantize());
-                block.linear_mut(kind).weight = Tensor::from_vec(q.dequantize(), (rows, cols), &Device::Cpu).unwrap();
+                block.linear_mut(kind).weight = adadim_model::Weight::Dense(Tensor::from_vec(q.dequantize(), (rows, cols), &Device::Cpu).unwrap());
             }
         }
         xs = xs.iter().map(|x| block.forward(x, &rope).unwrap()).collect();
@@ -182,7 +188,7 @@ fn staged_driver_equals_rerunning_the_block_for_every_stage() {
         let qdir = d.path().join("q");
         std::fs::create_dir(&qdir).unwrap();
         std::fs::copy(d.path().join("m/config.json"), qdir.join("config.json")).unwrap();
-        quantize_model(&ck, &samples(), &cfg, &qdir.join("model.safetensors"), &mut |_, _| {}).unwrap();
+        quantize_model(&ck, &samples(), &cfg, &f32_out(&qdir.join("model.safetensors")), &mut |_, _| {}).unwrap();
         let q = Checkpoint::open(&qdir).unwrap();
         let want = reference_driver(&ck, &samples(), &cfg);
         let kinds = adadim_model::LinearKind::ALL;
@@ -214,6 +220,53 @@ fn activations_that_overflow_are_an_error_naming_the_layer() {
     std::fs::write(&file, bytes).unwrap();
     let ck = Checkpoint::open(&m).unwrap();
     let out = d.path().join("q.safetensors");
-    let e = quantize_model(&ck, &samples(), &config(Method::Gptq, Dim::Ada), &out, &mut |_, _| {}).unwrap_err().to_string();
+    let e = quantize_model(&ck, &samples(), &config(Method::Gptq, Dim::Ada), &f32_out(&out), &mut |_, _| {}).unwrap_err().to_string();
     assert!(e.contains("layer 1") && e.contains("q_proj inputs") && e.contains("not finite"), "{e}");
+}
+
+#[test]
+fn packed_output_is_the_dequantized_output_bit_for_bit_and_evaluates_the_same() {
+    use adadim_model::{Model, PackedModel, WeightSource};
+    let d = tempfile::tempdir().unwrap();
+    let m = d.path().join("m");
+    write_random_checkpoint(&m, &tiny_config(), 4).unwrap();
+    let ck = Checkpoint::open(&m).unwrap();
+    for (dim, act) in [(Dim::Ada, false), (Dim::Oc, true)] {
+        let mut cfg = config(Method::Gptq, dim);
+        cfg.act_order = act; // per-OC act-order: stored with a column permutation
+        let (pdir, fdir) = (d.path().join(format!("p{act}")), d.path().join(format!("f{act}")));
+        for (dir, format) in [(&pdir, Format::Packed), (&fdir, Format::F32)] {
+            std::fs::create_dir(dir).unwrap();
+            std::fs::copy(m.join("config.json"), dir.join("config.json")).unwrap();
+            let out = Output { path: &dir.join("model.safetensors"), format, metadata: serde_json::json!({"method": "gptq"}) };
+            quantize_model(&ck, &samples(), &cfg, &out, &mut |_, _| {}).unwrap();
+        }
+        assert!(adadim_model::is_packed(&pdir) && !adadim_model::is_packed(&fdir));
+        let packed = PackedModel::open(&pdir).unwrap();
+        let dense = Checkpoint::open(&fdir).unwrap();
+        assert_eq!(packed.file().quantization()["method"], "gptq");
+        for layer in 0..2 {
+            for kind in adadim_model::LinearKind::ALL {
+                let name = format!("model.layers.{layer}.{}", kind.module());
+                let adadim_model::Weight::Packed(p) = packed.linear(&name).unwrap() else { panic!("{name} not packed") };
+                assert!(p.dequantize() == dense.tensor_f32(&format!("{name}.weight")).unwrap(), "{name}");
+            }
+        }
+        // The same tokens through both models: packed kernels vs dense GEMMs.
+        let ids: Vec<u32> = (0..24).map(|i| (i * 37 % 300) as u32).collect();
+        let nll = |src: &dyn WeightSource| -> f64 {
+            let model = Model::load(src, 24, &mut |_, _| {}).unwrap();
+            let h = model.forward_hidden(&ids[..23]).unwrap();
+            -model.target_logprobs(&h, &ids[1..], 8).unwrap().iter().sum::<f64>() / 23.0
+        };
+        let (a, b) = (nll(&packed), nll(&dense));
+        assert!(((a - b) / b).abs() < 1e-5, "act-order {act}: nll packed {a} vs dequantized {b}");
+        // One token at a time takes the matvec path.
+        let model = Model::load(&packed, 24, &mut |_, _| {}).unwrap();
+        let one = model.forward_hidden(&ids[..1]).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let dm = Model::load(&dense, 24, &mut |_, _| {}).unwrap();
+        let want = dm.forward_hidden(&ids[..1]).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let scale = want.iter().map(|v| v.abs()).fold(0f32, f32::max);
+        assert!(one.iter().zip(&want).all(|(a, b)| (a - b).abs() <= 1e-4 * scale), "matvec path");
+    }
 }

@@ -156,6 +156,10 @@ struct QuantJob {
 struct QuantizeArgs {
     #[command(flatten)]
     job: QuantJob,
+    /// packed: quantized linears stored packed (codes, f16 scales, packed zeros; what
+    /// `eval` and `generate` run directly). f32: every linear dequantized, a plain checkpoint.
+    #[arg(long, value_enum, default_value = "packed")]
+    format: FormatArg,
     /// Output model directory (must not exist).
     #[arg(long)]
     out: PathBuf,
@@ -250,6 +254,12 @@ struct CompareArgs {
     /// Where the quantized models go (reused when present). Default: $ADADIM_HOME/runs/...
     #[arg(long)]
     work: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum FormatArg {
+    Packed,
+    F32,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -351,11 +361,11 @@ fn eval_ppl(a: PplArgs) -> Result<()> {
 fn bench_eval(a: BenchEvalArgs) -> Result<()> {
     let dataset = resolve_dataset(&a.dataset)?;
     let dir = model_dir(&a.model.model)?;
-    let ckpt = adadim_load::Checkpoint::open(&dir)?;
-    let cfg = ckpt.config.clone();
+    let src = adadim_model::open(&dir)?;
+    let cfg = src.config().clone();
     let tok = adadim_load::tokenizer::load(&dir)?;
     let ids = adadim_eval::ppl::tokenize(&tok, &dataset.read_text()?, &dataset.label)?;
-    let model = adadim_model::Model::load(&ckpt, a.seqlen, &mut |_, _| {})?;
+    let model = adadim_model::Model::load(src.as_ref(), a.seqlen, &mut |_, _| {})?;
     let threads = candle_core::utils::get_num_threads();
 
     // 1. The machine's GEMM rate, on the model's own shapes and on a large square.
@@ -470,7 +480,7 @@ fn bench_quantize(a: BenchQuantizeArgs) -> Result<()> {
     if let Some(p) = scratch.parent() {
         std::fs::create_dir_all(p).with_context(|| format!("creating {}", p.display()))?;
     }
-    let summary = run_quantize(&dir, a.job.method, a.job.dim, q, &scratch);
+    let summary = run_quantize(&dir, a.job.method, a.job.dim, q, adadim_calibrate::Format::Packed, &scratch);
     let _ = std::fs::remove_dir_all(&scratch);
     let summary = summary?;
     let tm: adadim_calibrate::Timings = serde_json::from_value(summary["timings"].clone())?;
@@ -516,7 +526,11 @@ fn bench_quantize(a: BenchQuantizeArgs) -> Result<()> {
 
 fn quantize(a: QuantizeArgs) -> Result<()> {
     let dir = model_dir(&a.job.model.model)?;
-    let summary = run_quantize(&dir, a.job.method, a.job.dim, &a.job.settings, &a.out)?;
+    let format = match a.format {
+        FormatArg::Packed => adadim_calibrate::Format::Packed,
+        FormatArg::F32 => adadim_calibrate::Format::F32,
+    };
+    let summary = run_quantize(&dir, a.job.method, a.job.dim, &a.job.settings, format, &a.out)?;
     if a.json {
         println!("{}", serde_json::to_string(&summary)?);
     } else {
@@ -534,10 +548,13 @@ fn quantize(a: QuantizeArgs) -> Result<()> {
 
 /// Quantize the checkpoint in `dir` into the new directory `out` (written beside it under a
 /// temporary name and renamed when complete). Returns the report's summary.
-fn run_quantize(dir: &std::path::Path, method: MethodArg, dim: DimArg, q: &QuantSettings, out: &std::path::Path) -> Result<serde_json::Value> {
+fn run_quantize(dir: &std::path::Path, method: MethodArg, dim: DimArg, q: &QuantSettings, format: adadim_calibrate::Format, out: &std::path::Path) -> Result<serde_json::Value> {
     let cfg = quantize_config(method, dim, q)?;
     if out.exists() {
         anyhow::bail!("{}: output directory already exists; remove it or choose another", out.display());
+    }
+    if adadim_model::is_packed(dir) {
+        anyhow::bail!("{}: this model is already quantized (an adadim packed checkpoint); quantize the original model", dir.display());
     }
     let ckpt = adadim_load::Checkpoint::open(dir)?;
     let tok = adadim_load::tokenizer::load(dir)?;
@@ -553,7 +570,19 @@ fn run_quantize(dir: &std::path::Path, method: MethodArg, dim: DimArg, q: &Quant
     let result = (|| -> Result<serde_json::Value> {
         let start = std::time::Instant::now();
         let mut bar = progress::Bar::new("quantize", ckpt.config.num_hidden_layers);
-        let run = adadim_calibrate::quantize_model(&ckpt, &samples, &cfg, &tmp.join("model.safetensors"), &mut |d, t| bar.update(d, t))?;
+        // The source's identity, for the packed file's metadata.
+        let mut source = serde_json::Map::new();
+        for f in std::fs::read_dir(dir)?.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.extension().is_some_and(|e| e == "safetensors")) {
+            source.insert(f.file_name().unwrap_or_default().to_string_lossy().into(), adadim_load::fetch::sha256_file(&f)?.into());
+        }
+        let metadata = serde_json::json!({
+            "tool": format!("adadim {}", env!("CARGO_PKG_VERSION")),
+            "settings": &cfg,
+            "calibration": {"source": calib_file.display().to_string(), "nsamples": q.nsamples, "seqlen": q.calib_seqlen, "seed": q.seed},
+            "source_model": {"dir": dir.display().to_string(), "sha256": source},
+        });
+        let output = adadim_calibrate::Output { path: &tmp.join("model.safetensors"), format, metadata };
+        let run = adadim_calibrate::quantize_model(&ckpt, &samples, &cfg, &output, &mut |d, t| bar.update(d, t))?;
         let reports = run.linears;
         bar.finish();
         for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
@@ -564,6 +593,7 @@ fn run_quantize(dir: &std::path::Path, method: MethodArg, dim: DimArg, q: &Quant
         let summary = serde_json::json!({
             "model": dir.display().to_string(),
             "settings": &cfg,
+            "format": format,
             "calibration": {"source": calib_file.display().to_string(), "nsamples": q.nsamples, "seqlen": q.calib_seqlen, "seed": q.seed},
             "linears": reports.len(),
             "per_ic": reports.iter().filter(|r| r.axis == "ic").count(),
@@ -598,12 +628,12 @@ fn resolve_dataset(spec: &str) -> Result<Dataset> {
 
 /// Perplexity of the model in `dir` on `dataset`, with a progress bar.
 fn run_ppl(dir: &std::path::Path, dataset: &Dataset, seqlen: usize, limit: Option<usize>) -> Result<adadim_eval::ppl::PplReport> {
-    let ckpt = adadim_load::Checkpoint::open(dir)?;
+    let src = adadim_model::open(dir)?;
     let tok = adadim_load::tokenizer::load(dir)?;
     let text = dataset.read_text()?;
     let ids = adadim_eval::ppl::tokenize(&tok, &text, &dataset.path.display().to_string())?;
-    let mut bar = progress::Bar::new("load", ckpt.config.num_hidden_layers);
-    let model = adadim_model::Model::load(&ckpt, seqlen, &mut |d, t| bar.update(d, t))
+    let mut bar = progress::Bar::new("load", src.config().num_hidden_layers);
+    let model = adadim_model::Model::load(src.as_ref(), seqlen, &mut |d, t| bar.update(d, t))
         .with_context(|| format!("loading {}", dir.display()))?;
     bar.finish();
     let mut bar = progress::Bar::new("ppl", 0);
@@ -633,7 +663,7 @@ fn compare(a: CompareArgs) -> Result<()> {
         let out = work.join(name);
         if !out.join("report.json").exists() {
             eprintln!("quantizing: {label} w{}g{} into {}", q.bits, q.group, out.display());
-            run_quantize(&dir, method, dim, q, &out)?;
+            run_quantize(&dir, method, dim, q, adadim_calibrate::Format::Packed, &out)?;
         }
         let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("report.json"))?)?;
         let s = &report["summary"];

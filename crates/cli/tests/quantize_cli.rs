@@ -40,6 +40,31 @@ fn quantize_then_evaluate() {
     let v: serde_json::Value = serde_json::from_str(&so).unwrap();
     assert!(v["ppl"].as_f64().unwrap().is_finite());
 
+    // The default output is packed; --format f32 writes the same model dequantized, and both
+    // evaluate to the same perplexity (packed kernels vs dense GEMMs).
+    let f32_out = d.path().join("q-f32");
+    let mut a: Vec<String> = args.iter().map(|x| x.to_string()).collect();
+    let o = a.iter().position(|x| x == "--out").unwrap();
+    a[o + 1] = s(&f32_out);
+    a.extend(["--format".to_string(), "f32".to_string()]);
+    let (code, _, se) = adadim(&a.iter().map(|x| x.as_str()).collect::<Vec<_>>());
+    assert_eq!(code, 0, "{se}");
+    let size = |p: &Path| std::fs::metadata(p.join("model.safetensors")).unwrap().len();
+    assert!(size(&out) < size(&f32_out), "packed {} >= f32 {}", size(&out), size(&f32_out));
+    let (code, so, se) = adadim(&["eval", "ppl", "--model", &s(&f32_out), "--dataset", &s(&text), "--seqlen", "32", "--json"]);
+    assert_eq!(code, 0, "{se}");
+    let w: serde_json::Value = serde_json::from_str(&so).unwrap();
+    let (p, f) = (v["ppl"].as_f64().unwrap(), w["ppl"].as_f64().unwrap());
+    assert!(((p - f) / f).abs() < 1e-4, "packed ppl {p} vs dequantized {f}");
+    std::fs::remove_dir_all(&f32_out).unwrap();
+
+    // Quantizing the packed output again is refused with a reason.
+    let again = d.path().join("q3");
+    let (code, _, se) = adadim(&["quantize", "--model", &s(&out), "--out", &s(&again), "--calib", &s(&text)]);
+    assert_eq!(code, 1);
+    assert!(se.contains("already quantized"), "{se}");
+    assert!(!again.exists());
+
     // The same command again: refused, the existing output untouched.
     let (code, _, se) = adadim(&args);
     assert_eq!(code, 1);

@@ -4,6 +4,8 @@ use adadim_load::LoadError;
 pub enum ModelError {
     #[error(transparent)]
     Load(#[from] LoadError),
+    #[error(transparent)]
+    Pack(#[from] adadim_pack::PackError),
     #[error("{context}: {source}")]
     Tensor {
         context: String,

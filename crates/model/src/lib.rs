@@ -16,6 +16,8 @@ pub mod attention;
 pub mod error;
 pub mod kernels;
 pub mod llama;
+pub mod source;
 
 pub use error::{ModelError, Result};
-pub use llama::{Block, Flow, Linear, LinearKind, Model, Rope};
+pub use llama::{Block, Flow, Linear, LinearKind, Model, Rope, Weight};
+pub use source::{is_packed, open, PackedModel, WeightSource};

@@ -8,29 +8,67 @@
 use crate::attention::causal_attention;
 use crate::kernels::silu_mul;
 use crate::error::{Ctx, ModelError, Result};
-use adadim_load::{Checkpoint, LlamaConfig};
+use crate::source::WeightSource;
+use adadim_load::LlamaConfig;
+use adadim_pack::PackedLinear;
 use candle_core::{Device, Tensor};
+use std::sync::Arc;
 
 // ---------------------------------------------------------------- linear layer
 
-/// `y = x W^T (+ b)`: `weight` is `[out, in]` as stored in the checkpoint.
+/// A linear layer's weight `[out, in]`: dense f32, or quantized and kept packed.
+#[derive(Debug, Clone)]
+pub enum Weight {
+    Dense(Tensor),
+    /// Multiplied by the packed kernels (matvec for one token, dequantize-per-panel GEMM for more).
+    Packed(Arc<PackedLinear>),
+}
+
+/// `y = x W^T (+ b)`: the weight is `[out, in]` as stored in the checkpoint.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    pub weight: Tensor,       // (out, in)
+    pub weight: Weight,
     pub bias: Option<Tensor>, // (out)
 }
 
 impl Linear {
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        // x (t, in) @ W^T (in, out); gemm reads the transposed view directly.
-        let y = x.matmul(&self.weight.t()?)?;
+        let y = match &self.weight {
+            // x (t, in) @ W^T (in, out); gemm reads the transposed view directly.
+            Weight::Dense(w) => x.matmul(&w.t()?)?,
+            Weight::Packed(p) => {
+                let dims = x.dims().to_vec();
+                let (cols, rows) = (p.cols(), p.rows());
+                let t = x.elem_count() / cols.max(1);
+                let xv = x.flatten_all()?.to_vec1::<f32>()?;
+                let mut y = vec![0f32; t * rows];
+                if t == 1 {
+                    p.matvec(&xv, &mut y);
+                } else {
+                    p.matmul(&xv, t, &mut y);
+                }
+                let mut out = dims[..dims.len() - 1].to_vec();
+                out.push(rows);
+                Tensor::from_vec(y, out, x.device())?
+            }
+        };
         match &self.bias {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
         }
     }
     pub fn out_features(&self) -> usize {
-        self.weight.dims()[0]
+        match &self.weight {
+            Weight::Dense(w) => w.dims()[0],
+            Weight::Packed(p) => p.rows(),
+        }
+    }
+    /// The dense weight, if this linear has one (calibration quantizes dense weights).
+    pub fn dense(&self) -> Option<&Tensor> {
+        match &self.weight {
+            Weight::Dense(w) => Some(w),
+            Weight::Packed(_) => None,
+        }
     }
 }
 
@@ -144,28 +182,28 @@ pub struct Block {
 }
 
 impl Block {
-    /// Read block `layer` from the checkpoint (f32; nothing else of the model is touched).
-    pub fn load(ckpt: &Checkpoint, layer: usize) -> Result<Self> {
-        let cfg = &ckpt.config;
+    /// Read block `layer` from `src` (nothing else of the model is touched).
+    pub fn load(src: &dyn WeightSource, layer: usize) -> Result<Self> {
+        let cfg = src.config();
         let p = format!("model.layers.{layer}");
         let lin = |kind: LinearKind| -> Result<Linear> {
             let name = format!("{p}.{}", kind.module());
             let bias_name = format!("{name}.bias");
             let bias = if cfg.has_qkv_bias() && matches!(kind, LinearKind::Q | LinearKind::K | LinearKind::V) {
-                Some(ckpt.tensor(&bias_name)?)
+                Some(src.tensor(&bias_name)?)
             } else {
                 None
             };
-            Ok(Linear { weight: ckpt.tensor(&format!("{name}.weight"))?, bias })
+            Ok(Linear { weight: src.linear(&name)?, bias })
         };
         Ok(Block {
             layer,
-            attn_norm: ckpt.tensor(&format!("{p}.input_layernorm.weight"))?,
+            attn_norm: src.tensor(&format!("{p}.input_layernorm.weight"))?,
             q: lin(LinearKind::Q)?,
             k: lin(LinearKind::K)?,
             v: lin(LinearKind::V)?,
             o: lin(LinearKind::O)?,
-            mlp_norm: ckpt.tensor(&format!("{p}.post_attention_layernorm.weight"))?,
+            mlp_norm: src.tensor(&format!("{p}.post_attention_layernorm.weight"))?,
             gate: lin(LinearKind::Gate)?,
             up: lin(LinearKind::Up)?,
             down: lin(LinearKind::Down)?,
@@ -301,19 +339,19 @@ pub struct Model {
 }
 
 impl Model {
-    /// Load every block (f32). `max_t` bounds the positions the RoPE tables cover.
-    pub fn load(ckpt: &Checkpoint, max_t: usize, progress: &mut dyn FnMut(usize, usize)) -> Result<Self> {
-        let cfg = ckpt.config.clone();
+    /// Load every block (dense or packed). `max_t` bounds the positions the RoPE tables cover.
+    pub fn load(src: &dyn WeightSource, max_t: usize, progress: &mut dyn FnMut(usize, usize)) -> Result<Self> {
+        let cfg = src.config().clone();
         let n = cfg.num_hidden_layers;
         let mut blocks = Vec::with_capacity(n);
         for i in 0..n {
-            blocks.push(Block::load(ckpt, i)?);
+            blocks.push(Block::load(src, i)?);
             progress(i + 1, n);
         }
         Ok(Model {
-            embed: ckpt.tensor("model.embed_tokens.weight")?,
-            norm: ckpt.tensor("model.norm.weight")?,
-            lm_head: if cfg.tie_word_embeddings { None } else { Some(ckpt.tensor("lm_head.weight")?) },
+            embed: src.tensor("model.embed_tokens.weight")?,
+            norm: src.tensor("model.norm.weight")?,
+            lm_head: if cfg.tie_word_embeddings { None } else { Some(src.tensor("lm_head.weight")?) },
             rope: Rope::new(&cfg, max_t).ctx(|| "rope tables".into())?,
             blocks,
             config: cfg,

@@ -1,0 +1,72 @@
+//! Where the driver writes the quantized model: the packed checkpoint (the default: codes,
+//! f16 scales and zeros, read back directly by evaluation) or dequantized f32 weights (for
+//! tools that only read float checkpoints).
+
+use std::path::Path;
+
+use adadim_load::safetensors_out::F32Writer;
+use adadim_pack::{PackedLinear, PackedWriter};
+use adadim_quantize::QuantizedMatrix;
+use serde::Serialize;
+
+use crate::error::{CalibError, Result};
+
+/// The output's format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    /// [`adadim_pack::checkpoint`]: quantized linears packed, the rest f32.
+    Packed,
+    /// Every linear dequantized to f32 (`W' = scale (code - zero)`), a plain HF checkpoint.
+    F32,
+}
+
+/// What [`crate::quantize_model`] writes.
+pub struct Output<'a> {
+    pub path: &'a Path,
+    pub format: Format,
+    /// Stored in the packed file's `adadim.quantization` metadata.
+    pub metadata: serde_json::Value,
+}
+
+/// A model being written, tensor by tensor, in checkpoint order.
+pub(crate) enum Writer {
+    F32(F32Writer),
+    Packed(PackedWriter, serde_json::Value),
+}
+
+fn pack_err(e: adadim_pack::PackError) -> CalibError {
+    CalibError::Invalid(e.to_string())
+}
+
+impl Writer {
+    /// `plan`: every tensor of the source model (name, shape), in the order they will come.
+    pub(crate) fn create(out: &Output<'_>, plan: &[(String, Vec<usize>)]) -> Result<Self> {
+        Ok(match out.format {
+            Format::F32 => Writer::F32(F32Writer::create(out.path, plan, &[("format".into(), "pt".into())])?),
+            Format::Packed => Writer::Packed(PackedWriter::create(out.path, 4 * plan.len()).map_err(pack_err)?, out.metadata.clone()),
+        })
+    }
+
+    pub(crate) fn dense(&mut self, name: &str, shape: &[usize], values: &[f32]) -> Result<()> {
+        match self {
+            Writer::F32(w) => Ok(w.write_tensor(name, values)?),
+            Writer::Packed(w, _) => w.dense(name, shape, values).map_err(pack_err),
+        }
+    }
+
+    /// Linear `name` (without `.weight`).
+    pub(crate) fn linear(&mut self, name: &str, q: &QuantizedMatrix) -> Result<()> {
+        match self {
+            Writer::F32(w) => Ok(w.write_tensor(&format!("{name}.weight"), &q.dequantize())?),
+            Writer::Packed(w, _) => w.linear(name, &PackedLinear::from_quantized(q)).map_err(pack_err),
+        }
+    }
+
+    pub(crate) fn finish(self) -> Result<()> {
+        match self {
+            Writer::F32(w) => Ok(w.finish()?),
+            Writer::Packed(w, meta) => w.finish(&meta).map_err(pack_err),
+        }
+    }
+}
