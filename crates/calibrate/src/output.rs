@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use adadim_load::safetensors_out::F32Writer;
+use adadim_load::safetensors_out::{F32Writer, StreamWriter};
 use adadim_pack::{PackedLinear, PackedWriter};
 use adadim_quantize::QuantizedMatrix;
 use serde::Serialize;
@@ -19,6 +19,9 @@ pub enum Format {
     Packed,
     /// Every linear dequantized to f32 (`W' = scale (code - zero)`), a plain HF checkpoint.
     F32,
+    /// GPTQ v1 (`qweight`, `qzeros`, `scales`, `g_idx`; [`adadim_pack::gptq`]), for tools that
+    /// load GPTQ checkpoints. Per-OC linears only.
+    Gptq,
 }
 
 /// What [`crate::quantize_model`] writes.
@@ -33,6 +36,7 @@ pub struct Output<'a> {
 pub(crate) enum Writer {
     F32(F32Writer),
     Packed(PackedWriter, serde_json::Value),
+    Gptq(StreamWriter),
 }
 
 fn pack_err(e: adadim_pack::PackError) -> CalibError {
@@ -45,6 +49,7 @@ impl Writer {
         Ok(match out.format {
             Format::F32 => Writer::F32(F32Writer::create(out.path, plan, &[("format".into(), "pt".into())])?),
             Format::Packed => Writer::Packed(PackedWriter::create(out.path, 4 * plan.len()).map_err(pack_err)?, out.metadata.clone()),
+            Format::Gptq => Writer::Gptq(StreamWriter::create(out.path, 65536 + 4 * 160 * plan.len())?),
         })
     }
 
@@ -52,6 +57,7 @@ impl Writer {
         match self {
             Writer::F32(w) => Ok(w.write_tensor(name, values)?),
             Writer::Packed(w, _) => w.dense(name, shape, values).map_err(pack_err),
+            Writer::Gptq(w) => Ok(w.write(name, "F32", shape, &values.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>())?),
         }
     }
 
@@ -60,6 +66,7 @@ impl Writer {
         match self {
             Writer::F32(w) => Ok(w.write_tensor(&format!("{name}.weight"), &q.dequantize())?),
             Writer::Packed(w, _) => w.linear(name, &PackedLinear::from_quantized(q)).map_err(pack_err),
+            Writer::Gptq(w) => adadim_pack::gptq::write_gptq_linear(w, name, q).map_err(pack_err),
         }
     }
 
@@ -67,6 +74,7 @@ impl Writer {
         match self {
             Writer::F32(w) => Ok(w.finish()?),
             Writer::Packed(w, meta) => w.finish(&meta).map_err(pack_err),
+            Writer::Gptq(w) => Ok(w.finish(&[("format".into(), "pt".into())])?),
         }
     }
 }

@@ -157,7 +157,8 @@ struct QuantizeArgs {
     #[command(flatten)]
     job: QuantJob,
     /// packed: quantized linears stored packed (codes, f16 scales, packed zeros; what
-    /// `eval` and `generate` run directly). f32: every linear dequantized, a plain checkpoint.
+    /// `eval` runs directly). f32: every linear dequantized, a plain checkpoint. gptq: the
+    /// GPTQ v1 layout + quantize_config.json, for transformers / vLLM (needs --dim oc).
     #[arg(long, value_enum, default_value = "packed")]
     format: FormatArg,
     /// Output model directory (must not exist).
@@ -260,6 +261,7 @@ struct CompareArgs {
 enum FormatArg {
     Packed,
     F32,
+    Gptq,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -529,6 +531,7 @@ fn quantize(a: QuantizeArgs) -> Result<()> {
     let format = match a.format {
         FormatArg::Packed => adadim_calibrate::Format::Packed,
         FormatArg::F32 => adadim_calibrate::Format::F32,
+        FormatArg::Gptq => adadim_calibrate::Format::Gptq,
     };
     let summary = run_quantize(&dir, a.job.method, a.job.dim, &a.job.settings, format, &a.out)?;
     if a.json {
@@ -555,6 +558,9 @@ fn run_quantize(dir: &std::path::Path, method: MethodArg, dim: DimArg, q: &Quant
     }
     if adadim_model::is_packed(dir) {
         anyhow::bail!("{}: this model is already quantized (an adadim packed checkpoint); quantize the original model", dir.display());
+    }
+    if format == adadim_calibrate::Format::Gptq && (!matches!(dim, DimArg::Oc) || !q.ic_modules.is_empty()) {
+        anyhow::bail!("--format gptq: the GPTQ layout holds per-OC groups only; use --dim oc (without --ic-modules), or the packed format for per-IC / AdaDim models");
     }
     let ckpt = adadim_load::Checkpoint::open(dir)?;
     let tok = adadim_load::tokenizer::load(dir)?;
@@ -601,6 +607,10 @@ fn run_quantize(dir: &std::path::Path, method: MethodArg, dim: DimArg, q: &Quant
             "timings": run.timings,
             "peak_rss_mb": peak_rss_mb(),
         });
+        if format == adadim_calibrate::Format::Gptq {
+            let qc = adadim_pack::gptq::quantize_config(q.bits, (q.group > 0).then_some(q.group), q.act_order, q.static_groups, q.percdamp);
+            std::fs::write(tmp.join("quantize_config.json"), serde_json::to_string_pretty(&qc)?)?;
+        }
         let report = serde_json::json!({"summary": summary, "linears": reports});
         std::fs::write(tmp.join("report.json"), serde_json::to_string_pretty(&report)?)?;
         Ok(summary)

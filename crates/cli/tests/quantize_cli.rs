@@ -58,6 +58,33 @@ fn quantize_then_evaluate() {
     assert!(((p - f) / f).abs() < 1e-4, "packed ppl {p} vs dequantized {f}");
     std::fs::remove_dir_all(&f32_out).unwrap();
 
+    // GPTQ export: per-OC only, refused up front otherwise; with --dim oc, the GPTQ tensors and
+    // quantize_config.json.
+    let g = d.path().join("q-gptq");
+    let gptq_args = |dim: &'static str| -> Vec<String> {
+        let mut a: Vec<String> = args.iter().map(|x| x.to_string()).collect();
+        let o = a.iter().position(|x| x == "--out").unwrap();
+        a[o + 1] = s(&g);
+        let i = a.iter().position(|x| x == "--dim").unwrap();
+        a[i + 1] = dim.to_string();
+        a.extend(["--format".to_string(), "gptq".to_string(), "--zero".to_string(), "gptq".to_string()]);
+        a
+    };
+    let (code, _, se) = adadim(&gptq_args("ada").iter().map(|x| x.as_str()).collect::<Vec<_>>());
+    assert_eq!(code, 1);
+    assert!(se.contains("--dim oc"), "{se}");
+    assert!(!g.exists());
+    let (code, _, se) = adadim(&gptq_args("oc").iter().map(|x| x.as_str()).collect::<Vec<_>>());
+    assert_eq!(code, 0, "{se}");
+    let qc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(g.join("quantize_config.json")).unwrap()).unwrap();
+    assert_eq!((qc["bits"].as_u64(), qc["group_size"].as_i64(), qc["quant_method"].as_str()), (Some(4), Some(16), Some("gptq")));
+    let bytes = std::fs::read(g.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let qw = st.tensor("model.layers.0.mlp.down_proj.qweight").unwrap();
+    let down = tiny_config();
+    assert_eq!(qw.shape(), &[down.intermediate_size * 4 / 32, down.hidden_size]);
+    std::fs::remove_dir_all(&g).unwrap();
+
     // Quantizing the packed output again is refused with a reason.
     let again = d.path().join("q3");
     let (code, _, se) = adadim(&["quantize", "--model", &s(&out), "--out", &s(&again), "--calib", &s(&text)]);
