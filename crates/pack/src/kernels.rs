@@ -204,7 +204,31 @@ fn prepare(p: &PackedLinear, x: &[f32]) -> Prepared {
     }
 }
 
-/// Rows `r0..r0 + y.len()` of `W' x`, with the AVX2 dot product when `simd`.
+/// One per-OC row, `sum_k s[k] (dot_k - z[k] xsum[k])`, with the AVX2 kernel when `simd`.
+#[allow(clippy::too_many_arguments)]
+fn oc_row(bits: u8, row: &[u8], x: &[f32], s: &[f32], z: &[f32], xsum: &[f32], group: usize, simd: bool) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        // SAFETY: `simd` is only true when AVX2 and FMA were detected; `row` carries the padding.
+        return unsafe {
+            match bits {
+                2 => oc_row_avx2::<2>(row, x, s, z, xsum, group),
+                3 => oc_row_avx2::<3>(row, x, s, z, xsum, group),
+                4 => oc_row_avx2::<4>(row, x, s, z, xsum, group),
+                _ => oc_row_avx2::<8>(row, x, s, z, xsum, group),
+            }
+        };
+    }
+    let cols = x.len();
+    (0..s.len())
+        .map(|k| {
+            let c0 = k * group;
+            s[k] * (dot(bits, row, c0, &x[c0..(c0 + group).min(cols)], false) - z[k] * xsum[k])
+        })
+        .sum()
+}
+
+/// Rows `r0..r0 + y.len()` of `W' x`, with the AVX2 kernels when `simd`.
 fn rows_body(p: &PackedLinear, prep: &Prepared, r0: usize, y: &mut [f32], simd: bool) {
     let (cols, l) = (p.cols, p.layout);
     let rb = bits::row_bytes(cols, l.bits);
@@ -216,27 +240,7 @@ fn rows_body(p: &PackedLinear, prep: &Prepared, r0: usize, y: &mut [f32], simd: 
         *y = match prep {
             Prepared::Oc { x, xsum } => {
                 let pc = xsum.len();
-                let (s, z) = (&p.scales[r * pc..(r + 1) * pc], &p.zeros[r * pc..(r + 1) * pc]);
-                #[cfg(target_arch = "x86_64")]
-                if simd {
-                    // SAFETY: AVX2 and FMA were detected (`simd`); `row` carries the padding.
-                    *y = unsafe {
-                        match l.bits {
-                            2 => oc_row_avx2::<2>(row, x, s, z, xsum, l.group),
-                            3 => oc_row_avx2::<3>(row, x, s, z, xsum, l.group),
-                            4 => oc_row_avx2::<4>(row, x, s, z, xsum, l.group),
-                            _ => oc_row_avx2::<8>(row, x, s, z, xsum, l.group),
-                        }
-                    };
-                    continue;
-                }
-                let mut acc = 0f32;
-                for k in 0..pc {
-                    let c0 = k * l.group;
-                    let d = dot(l.bits, row, c0, &x[c0..(c0 + l.group).min(cols)], simd);
-                    acc += s[k] * (d - z[k] * xsum[k]);
-                }
-                acc
+                oc_row(l.bits, row, x, &p.scales[r * pc..(r + 1) * pc], &p.zeros[r * pc..(r + 1) * pc], xsum, l.group, simd)
             }
             Prepared::Ic { v, bias } => {
                 let kr = r / l.group;
