@@ -312,6 +312,46 @@ impl Block {
         Tensor::from_vec(out, shape, h.device())
     }
 
+    /// As [`Block::forward`] for `x` (t, d) at positions `pos0..pos0 + t`, attending to the
+    /// keys and values of the earlier positions held in `cache` and appending its own.
+    pub fn forward_cached(&self, x: &Tensor, rope: &Rope, pos0: usize, cache: &mut Option<(Tensor, Tensor)>) -> Result<Tensor> {
+        let attn = self.attention_cached(&self.attn_input(x)?, rope, pos0, cache).ctx(|| format!("layer {}: attention", self.layer))?;
+        let x = self.attn_residual(x, &attn)?;
+        let act = self.mlp_hidden(&self.mlp_input(&x)?).ctx(|| format!("layer {}: mlp", self.layer))?;
+        self.mlp_residual(&x, &act)
+    }
+
+    /// Attention of `t` new positions over the cached ones and themselves, (t, d) -> (t, h*hd).
+    fn attention_cached(&self, h: &Tensor, rope: &Rope, pos0: usize, cache: &mut Option<(Tensor, Tensor)>) -> candle_core::Result<Tensor> {
+        let t = h.dims()[0];
+        let (nh, nkv, hd) = (self.n_head, self.n_kv_head, self.head_dim);
+        let heads = |x: Tensor, n: usize| x.reshape((1, t, n, hd))?.transpose(1, 2); // (1, n, t, hd)
+        let q = rope.apply(&heads(self.q.forward(h)?, nh)?, pos0)?;
+        let k = rope.apply(&heads(self.k.forward(h)?, nkv)?, pos0)?.reshape((nkv, t, hd))?;
+        let v = heads(self.v.forward(h)?, nkv)?.contiguous()?.reshape((nkv, t, hd))?;
+        let (k, v) = match cache.take() {
+            Some((ck, cv)) => (Tensor::cat(&[&ck, &k], 1)?, Tensor::cat(&[&cv, &v], 1)?),
+            None => (k, v),
+        };
+        *cache = Some((k.clone(), v.clone()));
+        let q = (q * (1.0 / (hd as f64).sqrt()))?.reshape((nh, t, hd))?;
+        if pos0 == 0 {
+            return causal_attention(&q, &k, &v);
+        }
+        // Query heads kv*g..kv*g+g share KV head kv: stack them, one score GEMM per KV head.
+        let (group, total) = (nh / nkv, pos0 + t);
+        let s = q.reshape((nkv, group * t, hd))?.matmul(&k.t()?)?; // (nkv, group*t, total)
+        let s = if t > 1 {
+            // Row r is position pos0 + r % t: it sees keys 0..=pos0 + r % t.
+            let mask: Vec<f32> = (0..group * t).flat_map(|r| (0..total).map(move |j| if j <= pos0 + r % t { 0.0 } else { f32::NEG_INFINITY })).collect();
+            s.broadcast_add(&Tensor::from_vec(mask, (group * t, total), h.device())?)?
+        } else {
+            s
+        };
+        let p = candle_nn::ops::softmax_last_dim(&s)?;
+        p.matmul(&v)?.reshape((nh, t, hd))?.transpose(0, 1)?.reshape((t, nh * hd))
+    }
+
     /// Causal self-attention on normed input `h` (t, d) -> context (t, h*hd), before o_proj.
     pub fn attention(&self, h: &Tensor, rope: &Rope) -> candle_core::Result<Tensor> {
         let t = h.dims()[0];
@@ -327,6 +367,24 @@ impl Block {
 }
 
 // ---------------------------------------------------------------- whole model
+
+/// Keys (after RoPE) and values of every position processed so far, per layer, each
+/// `(kv heads, positions, head dim)`.
+#[derive(Debug, Default, Clone)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    len: usize,
+}
+
+impl KvCache {
+    /// Positions held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
 
 #[derive(Debug)]
 pub struct Model {
@@ -380,6 +438,25 @@ impl Model {
         for b in &self.blocks {
             x = b.forward(&x, &self.rope)?;
         }
+        Ok(x)
+    }
+
+    /// Hidden states (t, d) of `ids`, the positions after those in `cache`, which grows by them
+    /// (prefill with the prompt, then one token at a time).
+    pub fn forward_cached(&self, ids: &[u32], cache: &mut KvCache) -> Result<Tensor> {
+        let pos0 = cache.len;
+        if pos0 + ids.len() > self.rope.max_positions() {
+            return Err(ModelError::Tensor {
+                context: format!("{} tokens exceed the {} positions prepared", pos0 + ids.len(), self.rope.max_positions()),
+                source: candle_core::Error::Msg("sequence too long".into()),
+            });
+        }
+        cache.layers.resize(self.blocks.len(), None);
+        let mut x = self.embed(ids)?;
+        for (b, c) in self.blocks.iter().zip(cache.layers.iter_mut()) {
+            x = b.forward_cached(&x, &self.rope, pos0, c)?;
+        }
+        cache.len += ids.len();
         Ok(x)
     }
 

@@ -155,3 +155,26 @@ fn block_at_a_time_equals_whole_model() {
     // Out-of-vocabulary ids are an error, not a panic.
     assert!(model.embed(&[300]).unwrap_err().to_string().contains("outside the vocabulary"));
 }
+
+#[test]
+fn cached_decoding_equals_the_full_forward() {
+    // Prefill 5 tokens, then 1, then a chunk of 3, then 1 at a time: every position's hidden
+    // state must be the full (uncached) forward's.
+    let d = tempfile::tempdir().unwrap();
+    write_random_checkpoint(d.path(), &tiny_config(), 7).unwrap();
+    let ck = Checkpoint::open(d.path()).unwrap();
+    let model = Model::load(&ck, 32, &mut |_, _| {}).unwrap();
+    let ids: Vec<u32> = (0..12).map(|i| (i * 53 % 250) as u32).collect();
+    let full = model.forward_hidden(&ids).unwrap().to_vec2::<f32>().unwrap();
+    let mut cache = adadim_model::KvCache::default();
+    let mut got = Vec::new();
+    for chunk in [&ids[..5], &ids[5..6], &ids[6..9], &ids[9..10], &ids[10..11], &ids[11..]] {
+        got.extend(model.forward_cached(chunk, &mut cache).unwrap().to_vec2::<f32>().unwrap());
+    }
+    assert_eq!(cache.len(), ids.len());
+    for (i, (a, b)) in got.iter().zip(&full).enumerate() {
+        let scale = b.iter().map(|v| v.abs()).fold(0f32, f32::max);
+        let diff = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        assert!(diff <= 1e-5 * scale.max(1.0), "position {i}: max diff {diff}");
+    }
+}
