@@ -38,6 +38,9 @@ enum Cmd {
     /// Quantize one weight matrix with its calibration inputs (both safetensors files) and print
     /// the output errors as JSON: for researchers and tests.
     QuantizeLayer(QuantizeLayerArgs),
+    /// Generate text from a prompt (KV cache; greedy by default; the chat template for ChatML
+    /// instruct models); prints tokens/s at the end. Reads packed and float models.
+    Generate(GenerateArgs),
     /// Measure model quality.
     #[command(subcommand)]
     Eval(EvalCmd),
@@ -104,6 +107,25 @@ struct BenchEvalArgs {
     /// Markdown file whose `eval` section is rewritten.
     #[arg(long, default_value = "BENCHMARKS.md")]
     write: PathBuf,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArg,
+    /// The user's message (wrapped in the model's chat template unless --raw).
+    #[arg(long)]
+    prompt: String,
+    #[arg(long, default_value_t = 128)]
+    max_tokens: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Feed the prompt as it is, without the chat template.
+    #[arg(long)]
+    raw: bool,
 }
 
 #[derive(Subcommand)]
@@ -317,6 +339,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Compare(a) => compare(a),
         Cmd::QuantizeLayer(a) => quantize_layer(a),
         Cmd::Eval(EvalCmd::Ppl(a)) => eval_ppl(a),
+        Cmd::Generate(a) => generate(a),
         Cmd::Bench(BenchCmd::Eval(a)) => bench_eval(a),
         Cmd::Bench(BenchCmd::Quantize(a)) => bench_quantize(a),
         Cmd::Bench(BenchCmd::Kernels(a)) => bench_kernels(a),
@@ -333,6 +356,58 @@ fn model_dir(spec: &str) -> Result<PathBuf> {
         b.finish();
     }
     Ok(dir)
+}
+
+fn generate(a: GenerateArgs) -> Result<()> {
+    if !(a.temperature.is_finite() && a.temperature >= 0.0) {
+        anyhow::bail!("--temperature {}: must be a finite number >= 0", a.temperature);
+    }
+    let dir = model_dir(&a.model.model)?;
+    let src = adadim_model::open(&dir)?;
+    let tok = adadim_load::tokenizer::load(&dir)?;
+    let tok_config: serde_json::Value = std::fs::read_to_string(dir.join("tokenizer_config.json")).ok().and_then(|s| serde_json::from_str(&s).ok()).unwrap_or_default();
+    let template = tok_config["chat_template"].as_str().and_then(adadim_run::ChatTemplate::from_jinja);
+    let text = match (&template, a.raw) {
+        (Some(t), false) => t.render(&a.prompt),
+        (None, false) if tok_config["chat_template"].is_string() => {
+            eprintln!("note: this model's chat template is not ChatML; the prompt goes in raw (--raw to silence)");
+            a.prompt.clone()
+        }
+        _ => a.prompt.clone(),
+    };
+    let prompt = tok.encode(text.as_str(), false).map_err(|e| anyhow::anyhow!("tokenizing the prompt: {e}"))?.get_ids().to_vec();
+    if prompt.is_empty() {
+        anyhow::bail!("--prompt: empty after tokenization");
+    }
+    let mut stop: Vec<u32> = tok_config["eos_token"].as_str().and_then(|t| tok.token_to_id(t)).into_iter().collect();
+    if let Some(id) = src.config().eos_token_id.as_ref().and_then(|v| v.as_u64()) {
+        stop.push(id as u32);
+    }
+    let model = adadim_model::Model::load(src.as_ref(), prompt.len() + a.max_tokens, &mut |_, _| {})?;
+    let (mut ids, mut shown) = (Vec::new(), 0usize);
+    use std::io::Write;
+    let settings = adadim_run::Settings { max_tokens: a.max_tokens, temperature: a.temperature, seed: a.seed };
+    let stats = adadim_run::generate(&model, &prompt, &stop, &settings, &mut |t| {
+        // Decode everything so far and print what is new: multi-token characters come out whole.
+        ids.push(t);
+        if let Ok(s) = tok.decode(&ids, true) {
+            if s.len() > shown && s.is_char_boundary(shown) {
+                print!("{}", &s[shown..]);
+                let _ = std::io::stdout().flush();
+                shown = s.len();
+            }
+        }
+    })?;
+    println!();
+    eprintln!(
+        "{} prompt tokens ({:.1} tokens/s prefill), {} generated at {:.1} tokens/s{}",
+        stats.prompt_tokens,
+        stats.prefill_tokens_per_s(),
+        stats.generated,
+        stats.decode_tokens_per_s(),
+        if stats.stopped_by_token { "" } else { " (token limit)" }
+    );
+    Ok(())
 }
 
 fn eval_ppl(a: PplArgs) -> Result<()> {

@@ -40,6 +40,14 @@ fn quantize_then_evaluate() {
     let v: serde_json::Value = serde_json::from_str(&so).unwrap();
     assert!(v["ppl"].as_f64().unwrap().is_finite());
 
+    // The packed model generates (KV cache, matvec kernels); nonsense settings are refused.
+    let (code, so, se) = adadim(&["generate", "--model", &s(&out), "--prompt", "Now is the winter", "--max-tokens", "6"]);
+    assert_eq!(code, 0, "{se}");
+    assert!(se.contains("6 generated at") && !so.is_empty(), "{so} / {se}");
+    let (code, _, se) = adadim(&["generate", "--model", &s(&out), "--prompt", "x", "--temperature=-1"]);
+    assert_eq!(code, 1);
+    assert!(se.contains("--temperature"), "{se}");
+
     // The default output is packed; --format f32 writes the same model dequantized, and both
     // evaluate to the same perplexity (packed kernels vs dense GEMMs).
     let f32_out = d.path().join("q-f32");

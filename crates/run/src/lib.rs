@@ -1,0 +1,163 @@
+//! Generation: prompt -> (chat template) -> prefill -> one token at a time from a KV cache.
+//!
+//! ```text
+//! ChatTemplate::from_jinja(tokenizer_config.chat_template).render(user text)   (ChatML models)
+//! generate(model, prompt ids, stop ids, settings, on_token)
+//!     prefill:  Model::forward_cached(prompt)           one pass over the prompt
+//!     decode:   Model::forward_cached([last token])     one position per step, matvec kernels
+//!     sample:   argmax (temperature 0) or softmax(logits / T) with a seeded generator
+//! ```
+
+use std::time::Instant;
+
+use adadim_model::{KvCache, Model, ModelError};
+
+/// Decoding settings.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub max_tokens: usize,
+    /// 0 = greedy.
+    pub temperature: f64,
+    pub seed: u64,
+}
+
+/// What one generation cost.
+#[derive(Clone, Debug, Default)]
+pub struct Stats {
+    pub prompt_tokens: usize,
+    pub generated: usize,
+    pub prefill_s: f64,
+    pub decode_s: f64,
+    /// Why it stopped: a stop token or the token limit.
+    pub stopped_by_token: bool,
+}
+
+impl Stats {
+    pub fn decode_tokens_per_s(&self) -> f64 {
+        self.generated as f64 / self.decode_s.max(1e-12)
+    }
+    pub fn prefill_tokens_per_s(&self) -> f64 {
+        self.prompt_tokens as f64 / self.prefill_s.max(1e-12)
+    }
+}
+
+/// The ChatML chat template (`<|im_start|>role\ncontent<|im_end|>\n`), with the default system
+/// message the model's Jinja template inserts when none is given.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ChatTemplate {
+    pub default_system: Option<String>,
+}
+
+impl ChatTemplate {
+    /// Recognizes a ChatML Jinja template (as SmolLM2's, Qwen's); `None` for anything else,
+    /// which callers then run as a raw prompt.
+    pub fn from_jinja(template: &str) -> Option<Self> {
+        if !template.contains("<|im_start|>") || !template.contains("<|im_end|>") {
+            return None;
+        }
+        let start = "<|im_start|>system\n";
+        let default_system = template.find(start).and_then(|i| {
+            let rest = &template[i + start.len()..];
+            rest.find("<|im_end|>").map(|j| rest[..j].to_string())
+        });
+        Some(ChatTemplate { default_system })
+    }
+
+    /// One user turn and the assistant's opening, as the template renders it.
+    pub fn render(&self, user: &str) -> String {
+        let system = self.default_system.as_ref().map(|s| format!("<|im_start|>system\n{s}<|im_end|>\n")).unwrap_or_default();
+        format!("{system}<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n")
+    }
+}
+
+/// A small seeded generator (xorshift*) for sampling.
+struct Rng(u64);
+
+impl Rng {
+    fn uniform(&mut self) -> f64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        (self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// The next token from one row of logits.
+fn sample(logits: &[f32], temperature: f64, rng: &mut Rng) -> u32 {
+    let argmax = logits.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0;
+    if temperature <= 0.0 {
+        return argmax as u32;
+    }
+    let max = logits[argmax] as f64;
+    let w: Vec<f64> = logits.iter().map(|&l| ((l as f64 - max) / temperature).exp()).collect();
+    let mut u = rng.uniform() * w.iter().sum::<f64>();
+    for (i, p) in w.iter().enumerate() {
+        u -= p;
+        if u <= 0.0 {
+            return i as u32;
+        }
+    }
+    argmax as u32
+}
+
+/// Generates after `prompt` until a token of `stop` (not emitted) or `max_tokens`, calling
+/// `on_token` with each new token as it comes.
+pub fn generate(model: &Model, prompt: &[u32], stop: &[u32], s: &Settings, on_token: &mut dyn FnMut(u32)) -> Result<Stats, ModelError> {
+    let mut stats = Stats { prompt_tokens: prompt.len(), ..Stats::default() };
+    if prompt.is_empty() || s.max_tokens == 0 {
+        return Ok(stats);
+    }
+    let mut rng = Rng(s.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+    let mut cache = KvCache::default();
+    let t = Instant::now();
+    let hidden = model.forward_cached(prompt, &mut cache)?;
+    let mut next = last_token(model, &hidden, s.temperature, &mut rng)?;
+    stats.prefill_s = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    loop {
+        if stop.contains(&next) {
+            stats.stopped_by_token = true;
+            break;
+        }
+        on_token(next);
+        stats.generated += 1;
+        if stats.generated == s.max_tokens {
+            break;
+        }
+        let hidden = model.forward_cached(&[next], &mut cache)?;
+        next = last_token(model, &hidden, s.temperature, &mut rng)?;
+    }
+    stats.decode_s = t.elapsed().as_secs_f64();
+    Ok(stats)
+}
+
+fn last_token(model: &Model, hidden: &candle_core::Tensor, temperature: f64, rng: &mut Rng) -> Result<u32, ModelError> {
+    let err = |e| ModelError::Tensor { context: "logits".into(), source: e };
+    let t = hidden.dims()[0];
+    let last = hidden.narrow(0, t - 1, 1).map_err(err)?;
+    let logits = model.logits(&last)?.flatten_all().and_then(|l| l.to_vec1::<f32>()).map_err(err)?;
+    Ok(sample(&logits, temperature, rng))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn smollm2_template_is_chatml_with_its_default_system_message() {
+        let jinja = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+        let t = ChatTemplate::from_jinja(jinja).unwrap();
+        assert_eq!(t.render("Hi"), "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n");
+        assert_eq!(ChatTemplate::from_jinja("{{ bos_token }}{{ messages[0]['content'] }}"), None);
+    }
+
+    #[test]
+    fn sampling_is_seeded_and_greedy_at_zero_temperature() {
+        let logits = [0.1f32, 2.0, 1.9, -3.0];
+        assert_eq!(sample(&logits, 0.0, &mut Rng(1)), 1);
+        let draw = |seed| (0..200).map(|_| 0).fold((Rng(seed), vec![]), |(mut r, mut v), _: i32| { v.push(sample(&logits, 1.0, &mut r)); (r, v) }).1;
+        assert_eq!(draw(7), draw(7));
+        let d = draw(7);
+        assert!(d.contains(&1) && d.contains(&2), "both likely tokens drawn: {d:?}");
+    }
+}
