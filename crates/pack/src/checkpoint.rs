@@ -15,7 +15,7 @@
 //! tool version). A reader trusts none of it: every tensor is checked against the declared
 //! layout before a byte of it is used, so a lying header is an error, never an out-of-bounds read.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use adadim_load::safetensors_out::StreamWriter;
@@ -134,6 +134,8 @@ impl PackedWriter {
 pub struct PackedFile {
     path: PathBuf,
     bytes: Vec<u8>,
+    /// Every tensor's dtype, shape and byte range in `bytes` (the header parsed once).
+    tensors: HashMap<String, (Dtype, Vec<usize>, std::ops::Range<usize>)>,
     linears: BTreeMap<String, LinearMeta>,
     quantization: serde_json::Value,
 }
@@ -142,7 +144,7 @@ impl PackedFile {
     pub fn open(path: &Path) -> Result<Self> {
         let bytes = std::fs::read(path).map_err(|source| PackError::Io { path: path.to_path_buf(), source })?;
         let file_err = |msg: String| PackError::File { path: path.to_path_buf(), msg };
-        let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| file_err(format!("corrupt or truncated safetensors file: {e}")))?;
+        let (n, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| file_err(format!("corrupt or truncated safetensors file: {e}")))?;
         // Offsets, overlaps and the data length are the safetensors crate's checks.
         SafeTensors::deserialize(&bytes).map_err(|e| file_err(format!("corrupt or truncated safetensors file: {e}")))?;
         let m = meta.metadata().clone().unwrap_or_default();
@@ -155,7 +157,9 @@ impl PackedFile {
         }
         let linears = serde_json::from_str(m.get("adadim.linears").map(String::as_str).unwrap_or("")).map_err(|e| file_err(format!("adadim.linears metadata: {e}")))?;
         let quantization = m.get("adadim.quantization").and_then(|q| serde_json::from_str(q).ok()).unwrap_or(serde_json::Value::Null);
-        Ok(PackedFile { path: path.to_path_buf(), bytes, linears, quantization })
+        // Offsets were validated against the data length by `deserialize` above.
+        let tensors = meta.tensors().into_iter().map(|(name, t)| (name, (t.dtype, t.shape.clone(), 8 + n + t.data_offsets.0..8 + n + t.data_offsets.1))).collect();
+        Ok(PackedFile { path: path.to_path_buf(), bytes, tensors, linears, quantization })
     }
 
     /// The linears the metadata declares.
@@ -173,22 +177,20 @@ impl PackedFile {
 
     /// Tensor `name`'s bytes, after checking its dtype and shape.
     fn tensor(&self, name: &str, dtype: Dtype, shape: &[usize]) -> Result<&[u8]> {
-        let st = SafeTensors::deserialize(&self.bytes).map_err(|e| self.err(name, e.to_string()))?;
-        let t = st.tensor(name).map_err(|_| self.err(name, "missing".into()))?;
-        if t.dtype() != dtype || t.shape() != shape {
-            return Err(self.err(name, format!("is {:?} {:?}, but the declared layout needs {dtype:?} {shape:?}", t.dtype(), t.shape())));
+        let (d, s, range) = self.tensors.get(name).ok_or_else(|| self.err(name, "missing".into()))?;
+        if *d != dtype || s != shape {
+            return Err(self.err(name, format!("is {d:?} {s:?}, but the declared layout needs {dtype:?} {shape:?}")));
         }
-        Ok(t.data())
+        Ok(&self.bytes[range.clone()])
     }
 
     /// A dense f32 tensor and its shape.
     pub fn dense(&self, name: &str) -> Result<(Vec<usize>, Vec<f32>)> {
-        let st = SafeTensors::deserialize(&self.bytes).map_err(|e| self.err(name, e.to_string()))?;
-        let t = st.tensor(name).map_err(|_| self.err(name, "missing".into()))?;
-        if t.dtype() != Dtype::F32 {
-            return Err(self.err(name, format!("is {:?}, expected F32", t.dtype())));
+        let (d, shape, range) = self.tensors.get(name).ok_or_else(|| self.err(name, "missing".into()))?;
+        if *d != Dtype::F32 {
+            return Err(self.err(name, format!("is {d:?}, expected F32")));
         }
-        Ok((t.shape().to_vec(), t.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes"))).collect()))
+        Ok((shape.clone(), self.bytes[range.clone()].chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes"))).collect()))
     }
 
     /// The packed linear `name`, every part checked against its declared layout.
