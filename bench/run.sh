@@ -9,5 +9,6 @@ export ADADIM_DATA="${ADADIM_DATA:-$(cd .. && pwd)/shared/data}"
 cargo build --release -p adadim
 LLAMA_BIN="$(bench/peers/build-llamacpp.sh | tail -n 1)"
 ./target/release/adadim bench eval --model smollm2 --dataset wikitext2 --windows 8 --llama-cpp "$LLAMA_BIN" --write BENCHMARKS.md
+./target/release/adadim bench kernels --write BENCHMARKS.md
 ./target/release/adadim bench quantize --model smollm2 --method gptq --dim ada --bits 3 --group 128 \
     --nsamples "${QUANT_NSAMPLES:-128}" --calib-seqlen "${QUANT_SEQLEN:-2048}" --write BENCHMARKS.md
