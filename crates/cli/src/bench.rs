@@ -97,6 +97,14 @@ pub fn llama_perplexity(bin_dir: &Path, gguf: &Path, text: &Path, ctx: usize, ch
     Ok(PeerRun { ppl, tokens_per_s: tps, command })
 }
 
+/// Print a benchmark's markdown and put it into its section of `file`.
+pub fn publish(file: &Path, name: &str, md: &str) -> Result<()> {
+    print!("{md}");
+    write_section(file, name, md)?;
+    eprintln!("wrote {}", file.display());
+    Ok(())
+}
+
 /// Replace the text between `<!-- begin NAME -->` and `<!-- end NAME -->` in `file`
 /// (appending the section if absent), atomically.
 pub fn write_section(file: &Path, name: &str, body: &str) -> Result<()> {

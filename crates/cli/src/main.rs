@@ -494,10 +494,7 @@ fn bench_eval(a: BenchEvalArgs) -> Result<()> {
         None => writeln!(md, "\nllama.cpp not run (pass --llama-cpp DIR or set ADADIM_LLAMA_CPP).")?,
     }
     writeln!(md, "\nModel FLOPs per token: {:.1} MFLOP (linears + causal attention, each position attending to the keys before it + LM head, at seqlen {}).", flops_per_token / 1e6, a.seqlen)?;
-    print!("{md}");
-    bench::write_section(&a.write, "eval", &md)?;
-    eprintln!("wrote {}", a.write.display());
-    Ok(())
+    bench::publish(&a.write, "eval", &md)
 }
 
 fn bench_kernels(a: BenchKernelsArgs) -> Result<()> {
@@ -531,10 +528,7 @@ fn bench_kernels(a: BenchKernelsArgs) -> Result<()> {
         }
     }
     writeln!(md, "\nLowest fraction of triad: **{:.2}** (aim >= 0.8). Highest per-IC / per-OC time: **{:.3}** (aim <= 1.05).", worst.0, worst.1)?;
-    print!("{md}");
-    bench::write_section(&a.write, "kernels", &md)?;
-    eprintln!("wrote {}", a.write.display());
-    Ok(())
+    bench::publish(&a.write, "kernels", &md)
 }
 
 fn bench_quantize(a: BenchQuantizeArgs) -> Result<()> {
@@ -595,10 +589,7 @@ fn bench_quantize(a: BenchQuantizeArgs) -> Result<()> {
     writeln!(md, "| **total** | **{total:.1}** | | | | **{bound_total:.1}** |\n")?;
     writeln!(md, "Total time / FLOP bound: **{:.2}x** (aim: within 3x). Peak RSS {rss:.0} MB. {:.0} calibration tokens/s.", total / bound_total, tokens / total)?;
     writeln!(md, "\nThe calibration forward needs one pass per block (each linear's input computed once, true-sequential); \"GFLOP done\" exceeds it where gate/up are recomputed for down's inputs (when they do not fit the 2 GiB cache). Causal attention counts only the keys each query sees. The last block's output is never needed, so the bound is slightly generous.")?;
-    print!("{md}");
-    bench::write_section(&a.write, "quantize", &md)?;
-    eprintln!("wrote {}", a.write.display());
-    Ok(())
+    bench::publish(&a.write, "quantize", &md)
 }
 
 fn quantize(a: QuantizeArgs) -> Result<()> {
