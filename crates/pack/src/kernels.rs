@@ -15,6 +15,7 @@ use rayon::prelude::*;
 
 use crate::bits;
 use crate::format::PackedLinear;
+use crate::q16;
 
 /// `sum_j code(c0 + j) * v[j]` over a packed row of `B`-bit codes (`c0 % 8 == 0` for the fast path).
 #[inline(always)]
@@ -268,7 +269,32 @@ impl PackedLinear {
     ///
     /// # Panics
     /// If `x.len() != cols` or `y.len() != rows` (a caller's bug, not bad input).
+    ///
+    /// With AVX2, 2-4 bits and per-OC groups of whole [`q16::QB`]-blocks, the activations are
+    /// rounded to int16 per block ([`crate::q16`]: within about 1e-5 of the f32 product);
+    /// otherwise this is [`PackedLinear::matvec_f32`].
     pub fn matvec(&self, x: &[f32], y: &mut [f32]) {
+        assert_eq!(x.len(), self.cols, "matvec: x has {} values for {} input channels", x.len(), self.cols);
+        assert_eq!(y.len(), self.rows, "matvec: y has {} values for {} output channels", y.len(), self.rows);
+        #[cfg(target_arch = "x86_64")]
+        if simd_available() && q16::supported(self) {
+            let prep = q16::prepare(self, x);
+            // SAFETY: AVX2 and FMA were detected; the layout is one the kernel handles.
+            let t = unsafe { q16::Tables::new(self.layout.bits) };
+            y.par_chunks_mut(ROWS_PER_TASK).enumerate().for_each(|(i, y)| unsafe { q16::rows_avx2(self, &prep, i * ROWS_PER_TASK, y, &t) });
+            return;
+        }
+        self.matvec_f32(x, y);
+    }
+
+    /// Whether [`PackedLinear::matvec`] rounds the activations to int16 on this CPU.
+    pub fn matvec_rounds_activations(&self) -> bool {
+        cfg!(target_arch = "x86_64") && simd_available() && q16::supported(self)
+    }
+
+    /// `y = W' x` with `x` kept in f32 (codes converted to floats; the AVX2 kernel when the CPU
+    /// has it): the exact product up to f32 round-off.
+    pub fn matvec_f32(&self, x: &[f32], y: &mut [f32]) {
         assert_eq!(x.len(), self.cols, "matvec: x has {} values for {} input channels", x.len(), self.cols);
         assert_eq!(y.len(), self.rows, "matvec: y has {} values for {} output channels", y.len(), self.rows);
         let prep = prepare(self, x);

@@ -33,6 +33,7 @@ pub mod checkpoint;
 pub mod format;
 pub mod gptq;
 pub mod kernels;
+pub mod q16;
 
 pub use checkpoint::{PackError, PackedFile, PackedWriter, FORMAT_VERSION};
 pub use format::{Layout, PackedLinear};

@@ -3,6 +3,7 @@
 
 use adadim_load::synth::Rng;
 use adadim_pack::kernels::matvec_ref;
+use adadim_pack::q16::{self, Q16};
 use adadim_pack::{Layout, PackedLinear};
 use adadim_quantize::{gptq, rtn, Axis, GptqOptions, Hessian, QuantSpec, QuantizedMatrix, Zero};
 
@@ -31,14 +32,15 @@ fn cases() -> Vec<(usize, usize, QuantSpec)> {
     out
 }
 
-fn check(q: &QuantizedMatrix, rng: &mut Rng, what: &str) {
+/// Returns whether the dispatched matvec took the int16 path.
+fn check(q: &QuantizedMatrix, rng: &mut Rng, what: &str) -> bool {
     let p = PackedLinear::from_quantized(q);
     assert_eq!(p.dequantize(), q.dequantize(), "{what}: packed -> dequantized differs from the quantizer's W'");
     let x = rng.normals(q.cols(), 1.0);
     let (want, scale) = matvec_ref(&p, &x);
     let mut y = vec![0f32; q.rows()];
     let mut y1 = vec![0f32; q.rows()];
-    p.matvec(&x, &mut y);
+    p.matvec_f32(&x, &mut y);
     p.matvec_portable(&x, &mut y1);
     for r in 0..q.rows() {
         // f32 sums over `cols` terms of the codes (not of W'), with a zero point folded out:
@@ -48,15 +50,54 @@ fn check(q: &QuantizedMatrix, rng: &mut Rng, what: &str) {
             assert!((f64::from(got) - want[r]).abs() <= tol, "{what} {name} row {r}: {got} vs {} (tol {tol})", want[r]);
         }
     }
+    // The dispatched kernel (int16 activations where the layout allows) against its own
+    // definition on the same rounded activations, and against the exact product within the
+    // bound the rounding allows.
+    p.matvec(&x, &mut y);
+    let (want16, bound) = if p.matvec_rounds_activations() { (q16::matvec_ref(&p, &x), q16::rounding_bound(&p, &x)) } else { (want.clone(), vec![0.0; q.rows()]) };
+    for r in 0..q.rows() {
+        let tol = 1e-6 * (q.cols() as f64).sqrt() * f64::from(q.spec().maxq()) * scale[r].max(1e-30);
+        let got = f64::from(y[r]);
+        assert!((want16[r] - want[r]).abs() <= bound[r] * (1.0 + 1e-9) + 1e-12 * scale[r], "{what} row {r}: rounded activations moved the product by {} > bound {}", (want16[r] - want[r]).abs(), bound[r]);
+        assert!((got - want16[r]).abs() <= tol, "{what} dispatched row {r}: {got} vs {} on rounded activations (tol {tol})", want16[r]);
+        assert!((got - want[r]).abs() <= bound[r] + tol, "{what} dispatched row {r}: {got} vs exact {}", want[r]);
+    }
+    p.matvec_rounds_activations()
+}
+
+#[test]
+fn int16_activations_round_to_half_a_step() {
+    let mut rng = Rng::new(4);
+    let mut x = rng.normals(100, 1.0);
+    x[5] = 300.0; // an outlier sets its block's step
+    for v in &mut x[32..64] {
+        *v = 0.0; // an all-zero block
+    }
+    let q = Q16::new(&x, 32);
+    assert_eq!(q.d.len(), 4, "blocks of 32, the last one short");
+    assert_eq!(q.d[1], 0.0);
+    for (i, &v) in x.iter().enumerate() {
+        assert!((q.value(i) - v).abs() <= q.d[i / 32] / 2.0 * (1.0 + 1e-6), "value {i}: {} vs {v}", q.value(i));
+    }
+    assert!((q.d[0] - 300.0 / 32767.0).abs() < 1e-9);
+    x[70] = f32::NAN;
+    let q = Q16::new(&x, 32);
+    assert!(q.d[2].is_nan() && q.d[0].is_finite(), "a NaN poisons its own block only");
 }
 
 #[test]
 fn rtn_matrices_round_trip_and_multiply() {
     let mut rng = Rng::new(1);
+    let mut int16 = 0;
     for (rows, cols, spec) in cases() {
         let w = weights(&mut rng, rows, cols);
         let q = rtn(&w, rows, cols, &spec).unwrap();
-        check(&q, &mut rng, &format!("rtn {rows}x{cols} {spec:?}"));
+        int16 += usize::from(check(&q, &mut rng, &format!("rtn {rows}x{cols} {spec:?}")));
+    }
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        // 2-4 bits x (per-IC on all four shapes + per-OC on the two with 32-multiple groups) x 3 zero styles.
+        assert_eq!(int16, 3 * 6 * 3, "cases that ran the int16 kernel");
     }
 }
 

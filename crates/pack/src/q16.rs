@@ -1,0 +1,399 @@
+//! The decode matvec on integers: `x` rounded to int16 per block, codes widened to int16 in
+//! registers, `vpmaddwd` products summed in int32 over the whole block, one float multiply-add
+//! per block.
+//!
+//! Why: the f32 kernel in [`crate::kernels`] converts every code to a float and spends five
+//! instructions per eight weights; on two cores that is compute-bound well below memory
+//! bandwidth. Here 32 codes of 2, 3 or 4 bits take one 16-byte load, two byte shuffles (each
+//! 16-bit lane gets the two bytes holding its code), two `vpmullw` (a left shift by a
+//! per-lane amount puts the code at the top of its lane; the bits above fall off), two
+//! shifts right, two `vpmaddwd` against the int16 activations and two adds, for every width
+//! with the same code: the codes come out in their natural order, so `x` is never reshuffled.
+//! A block is up to 128 activations (per-OC: the largest of 128, 64, 32 dividing the group,
+//! so a block never straddles two scales); its int32 sums are converted and scaled once.
+//!
+//! What it costs in accuracy: every activation (per-OC: `x`; per-IC: `s[kr, c] x[c]`) moves by
+//! at most half a step of its block, `max|block| / 65534`. llama.cpp rounds activations to
+//! 8 bits for the same reason; 16 bits keep the result within about 1e-5 of the f32 product.
+//! Sums stay far inside int32: 128 codes below 16 times 32767 is under 2^26.
+//! The tests hold the AVX2 kernel to [`matvec_ref`] (the same rounded activations, f64) and
+//! the whole product to the exact one within [`rounding_bound`].
+
+use adadim_quantize::Axis;
+use rayon::prelude::*;
+
+use crate::bits;
+use crate::format::PackedLinear;
+
+/// Codes per SIMD step; per-OC groups must be a multiple of it.
+pub const QB: usize = 32;
+
+/// Largest activation block (one scale each).
+pub const MAX_BLOCK: usize = 128;
+
+/// The activation block for a layout: per-IC [`MAX_BLOCK`]; per-OC the largest of 128, 64, 32
+/// that divides the group, so every block lies inside one group.
+pub fn block_size(p: &PackedLinear) -> usize {
+    let l = p.layout;
+    match l.axis {
+        Axis::Ic => MAX_BLOCK,
+        Axis::Oc => [128, 64, 32].into_iter().find(|b| l.group % b == 0).unwrap_or(QB),
+    }
+}
+
+/// For `|t| < 2^22` the float `t + ROUND` has no fraction bits left: its bit pattern minus
+/// `ROUND`'s is `round(t)` (ties to even).
+const ROUND: f32 = 12_582_912.0;
+
+/// Rounds one block into `q` and returns its step `d = max|x| / QMAX` (NaN when the block holds
+/// a non-finite value, so the product comes out NaN as it would in f32).
+fn round_block(x: &[f32], q: &mut [i16]) -> f32 {
+    let (mut m, mut poison) = ([0f32; 8], [0f32; 8]);
+    let chunks = x.chunks_exact(8);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for l in 0..8 {
+            let a = c[l].abs();
+            m[l] = if a > m[l] { a } else { m[l] };
+            poison[l] += c[l] * 0.0; // NaN for inf or NaN
+        }
+    }
+    let mut max = m.iter().fold(0f32, |a, &b| if b > a { b } else { a });
+    let mut bad = poison.iter().sum::<f32>();
+    for &v in tail {
+        max = if v.abs() > max { v.abs() } else { max };
+        bad += v * 0.0;
+    }
+    if bad.is_nan() {
+        q.fill(0);
+        return f32::NAN;
+    }
+    let d = max / QMAX;
+    let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+    let base = ROUND.to_bits() as i32;
+    for (q, &v) in q.iter_mut().zip(x) {
+        // |v inv| <= QMAX by construction (up to one rounding of inv): clamp anyway.
+        let t = (v * inv).clamp(-QMAX, QMAX);
+        *q = ((t + ROUND).to_bits() as i32 - base) as i16;
+    }
+    d
+}
+
+/// Largest int16 step count: `q = round(x / d)`, `d = max|x| / QMAX`.
+const QMAX: f32 = 32767.0;
+
+/// Activations rounded to int16 per block of `block`: value `i` is `q[i] * d[i / block]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Q16 {
+    pub q: Vec<i16>,
+    pub d: Vec<f32>,
+    pub block: usize,
+    /// `q` with each whole step of 32 reordered as the 4-bit kernel reads codes: even
+    /// positions first, then odd ones (empty unless asked for).
+    pub swizzled: Vec<i16>,
+}
+
+impl Q16 {
+    /// Rounds `x` block by block (the last block may be short). Written so the compiler
+    /// vectorizes it (eight-lane maxima, rounding by bit arithmetic): it runs once per matvec
+    /// on `x`, and per-IC once per row group on `s x`.
+    pub fn new(x: &[f32], block: usize) -> Self {
+        let mut q = vec![0i16; x.len()];
+        let d = x.chunks(block).zip(q.chunks_mut(block)).map(|(x, q)| round_block(x, q)).collect();
+        Q16 { q, d, block, swizzled: Vec::new() }
+    }
+
+    /// Fills `swizzled` (for the 4-bit kernel).
+    pub fn swizzle(mut self) -> Self {
+        let mut w = self.q.clone();
+        for (w, q) in w.chunks_exact_mut(QB).zip(self.q.chunks_exact(QB)) {
+            for i in 0..QB / 2 {
+                w[i] = q[2 * i];
+                w[QB / 2 + i] = q[2 * i + 1];
+            }
+        }
+        self.swizzled = w;
+        self
+    }
+
+    /// Value `i` as rounded.
+    pub fn value(&self, i: usize) -> f32 {
+        f32::from(self.q[i]) * self.d[i / self.block]
+    }
+}
+
+/// What every row needs from `x`, rounded once per call.
+pub(crate) enum Prepared {
+    /// per-OC: `x` (gathered by `perm`) rounded, and `sum_{c in k} x̂[c]` per group.
+    Oc { x: Q16, xsum: Vec<f32> },
+    /// per-IC: `v[kr][c] = s[kr, c] x[c]` rounded per row group, `bias[kr] = sum_c z[kr, c] v̂[kr][c]`.
+    Ic { v: Vec<Q16>, bias: Vec<f32> },
+}
+
+pub(crate) fn prepare(p: &PackedLinear, x: &[f32]) -> Prepared {
+    let (cols, l) = (p.cols, p.layout);
+    let block = block_size(p);
+    match l.axis {
+        Axis::Oc => {
+            let x = match &p.perm {
+                Some(perm) => Q16::new(&perm.iter().map(|&c| x[c as usize]).collect::<Vec<_>>(), block),
+                None => Q16::new(x, block),
+            };
+            let x = if l.bits == 4 { x.swizzle() } else { x };
+            let xsum = (0..cols.div_ceil(l.group)).map(|k| (k * l.group..((k + 1) * l.group).min(cols)).map(|c| x.value(c)).sum()).collect();
+            Prepared::Oc { x, xsum }
+        }
+        Axis::Ic => {
+            let pr = p.rows.div_ceil(l.group);
+            let (v, bias) = (0..pr)
+                .into_par_iter()
+                .map(|kr| {
+                    let s = &p.scales[kr * cols..(kr + 1) * cols];
+                    let q = Q16::new(&s.iter().zip(x).map(|(s, x)| s * x).collect::<Vec<_>>(), block);
+                    let q = if l.bits == 4 { q.swizzle() } else { q };
+                    let z = &p.zeros[kr * cols..(kr + 1) * cols];
+                    // sum_c z[c] v̂[c], block by block (no division per value).
+                    let bias = z
+                        .chunks(block)
+                        .zip(q.q.chunks(block))
+                        .zip(&q.d)
+                        .map(|((z, qb), d)| d * z.iter().zip(qb).map(|(z, &q)| z * f32::from(q)).sum::<f32>())
+                        .sum::<f32>();
+                    (q, bias)
+                })
+                .unzip();
+            Prepared::Ic { v, bias }
+        }
+    }
+}
+
+/// Whether the int16 kernel handles this layout: 2-4 bits, per-OC groups whole blocks.
+pub(crate) fn supported(p: &PackedLinear) -> bool {
+    let l = p.layout;
+    (2..=4).contains(&l.bits) && (l.axis == Axis::Ic || l.group % QB == 0)
+}
+
+/// `sum_c code[c] v̂[c]` over codes `c0..c1` of a row, in plain Rust (tails and reference).
+fn dot_scalar(row: &[u8], bits: u8, v: &Q16, c0: usize, c1: usize) -> f32 {
+    (c0..c1).map(|c| f32::from(bits::get(row, c, bits)) * v.value(c)).sum()
+}
+
+/// Per-lane constants of the decoder for `B`-bit codes: for 16-bit lane `j` of the first
+/// (codes 0..16) and second (codes 16..32) vector, the shuffle that fetches the two bytes
+/// holding code `j`, and the power of two that lifts the code to the lane's top bits.
+/// A window starts at the code's byte, or one earlier where that byte is the last of the 16
+/// loaded (4-bit codes 30 and 31), so it never reaches past the load.
+#[cfg(target_arch = "x86_64")]
+fn decoder_tables(b: usize) -> ([[i8; 32]; 2], [[i16; 16]; 2]) {
+    let (mut shuf, mut mul) = ([[0i8; 32]; 2], [[0i16; 16]; 2]);
+    for half in 0..2 {
+        for j in 0..16 {
+            let bit = (half * 16 + j) * b;
+            let start = (bit / 8).min(14);
+            let off = bit - 8 * start;
+            debug_assert!(off + b <= 16);
+            shuf[half][2 * j] = start as i8;
+            shuf[half][2 * j + 1] = start as i8 + 1;
+            mul[half][j] = 1 << (16 - b - off);
+        }
+    }
+    (shuf, mul)
+}
+
+/// AVX2: `sum_b scale(b) * sum_{c in block b} code(c) q(c)` over the `cols` codes of a row
+/// (`cols / 32` whole steps; the caller adds the last `cols % 32`), as 8 lane sums, with
+/// `scale(b) = s[b / per] * d[b]` (per-OC: the row's group scale times the block's step; per-IC
+/// `s = [1]`, `per = usize::MAX`).
+///
+/// # Safety
+/// AVX2 and FMA; `rp` points at the row's first byte with 16 bytes readable behind the start
+/// of its last whole step (a row's padding or the next row covers the 3- and 2-bit overshoot);
+/// `x.q` has `cols` values; `s` covers every block.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn row_sum_avx2<const B: usize>(rp: *const u8, x: &Q16, cols: usize, s: &[f32], per: usize, t: &Tables) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    let qp = if B == 4 { x.swizzled.as_ptr() } else { x.q.as_ptr() };
+    // int32 lane sums of 32 codes times their activations (step j of the row).
+    let step = |j: usize| {
+        if B == 4 {
+            // Nibbles: low ones are the even codes, high ones the odd codes (the activations
+            // are stored in that order for 4 bits, see `Q16::swizzle`).
+            let v = _mm_loadu_si128(rp.add(j * 16) as *const __m128i);
+            let m = _mm_set1_epi8(0x0f);
+            let a = _mm256_cvtepu8_epi16(_mm_and_si128(v, m));
+            let b = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16::<4>(v), m));
+            let xa = _mm256_loadu_si256(qp.add(j * QB) as *const __m256i);
+            let xb = _mm256_loadu_si256(qp.add(j * QB + 16) as *const __m256i);
+            return _mm256_add_epi32(_mm256_madd_epi16(a, xa), _mm256_madd_epi16(b, xb));
+        }
+        let raw = _mm256_broadcastsi128_si256(_mm_loadu_si128(rp.add(j * 4 * B) as *const __m128i));
+        let lift = |sh, mul| {
+            let w = _mm256_mullo_epi16(_mm256_shuffle_epi8(raw, sh), mul);
+            match B {
+                2 => _mm256_srli_epi16::<14>(w),
+                3 => _mm256_srli_epi16::<13>(w),
+                _ => _mm256_srli_epi16::<12>(w),
+            }
+        };
+        let (a, b) = (lift(t.shuf[0], t.mul[0]), lift(t.shuf[1], t.mul[1]));
+        let xa = _mm256_loadu_si256(qp.add(j * QB) as *const __m256i);
+        let xb = _mm256_loadu_si256(qp.add(j * QB + 16) as *const __m256i);
+        _mm256_add_epi32(_mm256_madd_epi16(a, xa), _mm256_madd_epi16(b, xb))
+    };
+    let steps = cols / QB;
+    let per_block = x.block / QB;
+    let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    let mut b = 0;
+    while b * per_block < steps {
+        let (j0, j1) = (b * per_block, ((b + 1) * per_block).min(steps));
+        let mut acc = step(j0);
+        for j in j0 + 1..j1 {
+            acc = _mm256_add_epi32(acc, step(j));
+        }
+        let scale = _mm256_set1_ps(s[b / per] * x.d[b]);
+        // Alternate accumulators so one block's FMA does not wait for the previous one.
+        if b % 2 == 0 {
+            a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), scale, a0);
+        } else {
+            a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), scale, a1);
+        }
+        b += 1;
+    }
+    _mm256_add_ps(a0, a1)
+}
+
+/// The decoder's constants in registers, built once per matvec.
+#[cfg(target_arch = "x86_64")]
+pub(crate) struct Tables {
+    shuf: [std::arch::x86_64::__m256i; 2],
+    mul: [std::arch::x86_64::__m256i; 2],
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Tables {
+    /// # Safety
+    /// AVX2 (checked by the caller: only built when the AVX2 kernel runs).
+    #[target_feature(enable = "avx2")]
+    pub(crate) unsafe fn new(bits: u8) -> Self {
+        use std::arch::x86_64::*;
+        let (s, m) = decoder_tables(bits as usize);
+        let ld8 = |a: &[i8; 32]| _mm256_loadu_si256(a.as_ptr() as *const __m256i);
+        let ld16 = |a: &[i16; 16]| _mm256_loadu_si256(a.as_ptr() as *const __m256i);
+        Tables { shuf: [ld8(&s[0]), ld8(&s[1])], mul: [ld16(&m[0]), ld16(&m[1])] }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn hsum(a: std::arch::x86_64::__m256) -> f32 {
+    use std::arch::x86_64::*;
+    let h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps(h, h, 1)))
+}
+
+/// One output row with AVX2.
+///
+/// # Safety
+/// AVX2 and FMA; `row` is the row's codes followed by at least 8 bytes (the next row or the
+/// buffer's padding), so the 16-byte load of its last whole step stays inside the buffer.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn row_avx2<const B: usize>(p: &PackedLinear, prep: &Prepared, r: usize, row: &[u8], t: &Tables) -> f32 {
+    let (cols, l) = (p.cols, p.layout);
+    let steps = cols / QB;
+    assert!(steps == 0 || (steps - 1) * 4 * B + 16 <= row.len(), "packed row too short for its codes");
+    let tail = steps * QB..cols;
+    match prep {
+        Prepared::Oc { x, xsum } => {
+            let pc = xsum.len();
+            let (s, z) = (&p.scales[r * pc..(r + 1) * pc], &p.zeros[r * pc..(r + 1) * pc]);
+            let body = hsum(row_sum_avx2::<B>(row.as_ptr(), x, cols, s, l.group / x.block, t));
+            // The last cols % 32 codes lie in the last group.
+            let tail = s[pc - 1] * dot_scalar(row, B as u8, x, tail.start, tail.end);
+            let zx: f32 = s.iter().zip(z).zip(xsum).map(|((s, z), x)| s * z * x).sum();
+            body + tail - zx
+        }
+        Prepared::Ic { v, bias } => {
+            let kr = r / l.group;
+            let v = &v[kr];
+            let body = hsum(row_sum_avx2::<B>(row.as_ptr(), v, cols, &[1.0], usize::MAX, t));
+            body + dot_scalar(row, B as u8, v, tail.start, tail.end) - bias[kr]
+        }
+    }
+}
+
+/// Rows `r0..r0 + y.len()` with the AVX2 kernel.
+///
+/// # Safety
+/// AVX2 and FMA detected; `supported(p)`.
+#[cfg(target_arch = "x86_64")]
+pub(crate) unsafe fn rows_avx2(p: &PackedLinear, prep: &Prepared, r0: usize, y: &mut [f32], t: &Tables) {
+    let rb = bits::row_bytes(p.cols, p.layout.bits);
+    for (i, y) in y.iter_mut().enumerate() {
+        let r = r0 + i;
+        let row = &p.codes[r * rb..((r + 1) * rb + bits::PAD).min(p.codes.len())];
+        *y = match p.layout.bits {
+            2 => row_avx2::<2>(p, prep, r, row, t),
+            3 => row_avx2::<3>(p, prep, r, row, t),
+            _ => row_avx2::<4>(p, prep, r, row, t),
+        };
+    }
+}
+
+/// The definition of the int16 product, in f64 from the same rounded activations:
+/// per-OC `y[r] = sum_c s[r,k(c)] (code[r,c] - z[r,k(c)]) x̂[c]`,
+/// per-IC `y[r] = sum_c (code[r,c] - z[kr,c]) v̂[kr][c]`.
+pub fn matvec_ref(p: &PackedLinear, x: &[f32]) -> Vec<f64> {
+    let (cols, l) = (p.cols, p.layout);
+    let rb = bits::row_bytes(cols, l.bits);
+    let prep = prepare(p, x);
+    (0..p.rows)
+        .map(|r| {
+            let row = &p.codes[r * rb..(r + 1) * rb];
+            let code = |c| f64::from(bits::get(row, c, l.bits));
+            match &prep {
+                Prepared::Oc { x, xsum } => {
+                    let pc = xsum.len();
+                    (0..cols).map(|c| {
+                        let k = r * pc + c / l.group;
+                        f64::from(p.scales[k]) * (code(c) - f64::from(p.zeros[k])) * f64::from(x.value(c))
+                    }).sum()
+                }
+                Prepared::Ic { v, .. } => {
+                    let kr = r / l.group;
+                    (0..cols).map(|c| (code(c) - f64::from(p.zeros[kr * cols + c])) * f64::from(v[kr].value(c))).sum()
+                }
+            }
+        })
+        .collect()
+}
+
+/// Per row, how far [`matvec_ref`] may be from the exact product `W' x` because the
+/// activations were rounded: each moved at most half its block's step `d / 2`, so
+/// per-OC `sum_c |W'[r, c]| d(c) / 2` and per-IC `sum_c |code[r, c] - z[kr, c]| d(c) / 2`.
+pub fn rounding_bound(p: &PackedLinear, x: &[f32]) -> Vec<f64> {
+    let (cols, l) = (p.cols, p.layout);
+    let rb = bits::row_bytes(cols, l.bits);
+    let prep = prepare(p, x);
+    (0..p.rows)
+        .map(|r| {
+            let row = &p.codes[r * rb..(r + 1) * rb];
+            let code = |c| f64::from(bits::get(row, c, l.bits));
+            match &prep {
+                Prepared::Oc { x, xsum } => {
+                    let pc = xsum.len();
+                    (0..cols).map(|c| {
+                        let k = r * pc + c / l.group;
+                        (f64::from(p.scales[k]) * (code(c) - f64::from(p.zeros[k]))).abs() * f64::from(x.d[c / x.block]) / 2.0
+                    }).sum()
+                }
+                Prepared::Ic { v, .. } => {
+                    let kr = r / l.group;
+                    (0..cols).map(|c| (code(c) - f64::from(p.zeros[kr * cols + c])).abs() * f64::from(v[kr].d[c / v[kr].block]) / 2.0).sum()
+                }
+            }
+        })
+        .collect()
+}
