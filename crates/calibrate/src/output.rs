@@ -1,10 +1,10 @@
 //! Where the driver writes the quantized model: the packed checkpoint (the default: codes,
 //! f16 scales and zeros, read back directly by evaluation) or dequantized f32 weights (for
-//! tools that only read float checkpoints).
+//! tools that only read float checkpoints), or GPTQ v1.
 
 use std::path::Path;
 
-use adadim_load::safetensors_out::{F32Writer, StreamWriter};
+use adadim_load::safetensors_out::{DenseDtype, DenseWriter, StreamWriter};
 use adadim_pack::{PackedLinear, PackedWriter};
 use adadim_quantize::QuantizedMatrix;
 use serde::Serialize;
@@ -19,6 +19,9 @@ pub enum Format {
     Packed,
     /// Every linear dequantized to f32 (`W' = scale (code - zero)`), a plain HF checkpoint.
     F32,
+    /// As `F32`, every tensor stored as f16 (half the size; f16 scales make `W'` exact in f16
+    /// up to one rounding of the product).
+    F16,
     /// GPTQ v1 (`qweight`, `qzeros`, `scales`, `g_idx`; [`adadim_pack::gptq`]), for tools that
     /// load GPTQ checkpoints. Per-OC linears only.
     Gptq,
@@ -34,7 +37,7 @@ pub struct Output<'a> {
 
 /// A model being written, tensor by tensor, in checkpoint order.
 pub(crate) enum Writer {
-    F32(F32Writer),
+    Dense(DenseWriter),
     Packed(PackedWriter, serde_json::Value),
     Gptq(StreamWriter),
 }
@@ -47,7 +50,8 @@ impl Writer {
     /// `plan`: every tensor of the source model (name, shape), in the order they will come.
     pub(crate) fn create(out: &Output<'_>, plan: &[(String, Vec<usize>)]) -> Result<Self> {
         Ok(match out.format {
-            Format::F32 => Writer::F32(F32Writer::create(out.path, plan, &[("format".into(), "pt".into())])?),
+            Format::F32 => Writer::Dense(DenseWriter::create(out.path, plan, &[("format".into(), "pt".into())], DenseDtype::F32)?),
+            Format::F16 => Writer::Dense(DenseWriter::create(out.path, plan, &[("format".into(), "pt".into())], DenseDtype::F16)?),
             Format::Packed => Writer::Packed(PackedWriter::create(out.path, 4 * plan.len()).map_err(pack_err)?, out.metadata.clone()),
             Format::Gptq => Writer::Gptq(StreamWriter::create(out.path, 65536 + 4 * 160 * plan.len())?),
         })
@@ -55,7 +59,7 @@ impl Writer {
 
     pub(crate) fn dense(&mut self, name: &str, shape: &[usize], values: &[f32]) -> Result<()> {
         match self {
-            Writer::F32(w) => Ok(w.write_tensor(name, values)?),
+            Writer::Dense(w) => Ok(w.write_tensor(name, values)?),
             Writer::Packed(w, _) => w.dense(name, shape, values).map_err(pack_err),
             Writer::Gptq(w) => Ok(w.write(name, "F32", shape, &values.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>())?),
         }
@@ -64,7 +68,7 @@ impl Writer {
     /// Linear `name` (without `.weight`).
     pub(crate) fn linear(&mut self, name: &str, q: &QuantizedMatrix) -> Result<()> {
         match self {
-            Writer::F32(w) => Ok(w.write_tensor(&format!("{name}.weight"), &q.dequantize())?),
+            Writer::Dense(w) => Ok(w.write_tensor(&format!("{name}.weight"), &q.dequantize())?),
             Writer::Packed(w, _) => w.linear(name, &PackedLinear::from_quantized(q)).map_err(pack_err),
             Writer::Gptq(w) => adadim_pack::gptq::write_gptq_linear(w, name, q).map_err(pack_err),
         }
@@ -72,7 +76,7 @@ impl Writer {
 
     pub(crate) fn finish(self) -> Result<()> {
         match self {
-            Writer::F32(w) => Ok(w.finish()?),
+            Writer::Dense(w) => Ok(w.finish()?),
             Writer::Packed(w, meta) => w.finish(&meta).map_err(pack_err),
             Writer::Gptq(w) => Ok(w.finish(&[("format".into(), "pt".into())])?),
         }

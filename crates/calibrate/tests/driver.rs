@@ -234,8 +234,8 @@ fn packed_output_is_the_dequantized_output_bit_for_bit_and_evaluates_the_same() 
     for (dim, act) in [(Dim::Ada, false), (Dim::Oc, true)] {
         let mut cfg = config(Method::Gptq, dim);
         cfg.act_order = act; // per-OC act-order: stored with a column permutation
-        let (pdir, fdir) = (d.path().join(format!("p{act}")), d.path().join(format!("f{act}")));
-        for (dir, format) in [(&pdir, Format::Packed), (&fdir, Format::F32)] {
+        let (pdir, fdir, hdir) = (d.path().join(format!("p{act}")), d.path().join(format!("f{act}")), d.path().join(format!("h{act}")));
+        for (dir, format) in [(&pdir, Format::Packed), (&fdir, Format::F32), (&hdir, Format::F16)] {
             std::fs::create_dir(dir).unwrap();
             std::fs::copy(m.join("config.json"), dir.join("config.json")).unwrap();
             let out = Output { path: &dir.join("model.safetensors"), format, metadata: serde_json::json!({"method": "gptq"}) };
@@ -244,6 +244,13 @@ fn packed_output_is_the_dequantized_output_bit_for_bit_and_evaluates_the_same() 
         assert!(adadim_model::is_packed(&pdir) && !adadim_model::is_packed(&fdir));
         let packed = PackedModel::open(&pdir).unwrap();
         let dense = Checkpoint::open(&fdir).unwrap();
+        // The f16 export holds every tensor of the f32 one, rounded once to f16.
+        let half = Checkpoint::open(&hdir).unwrap();
+        for name in dense.tensor_names() {
+            assert_eq!(half.entry(name).unwrap().dtype, safetensors::Dtype::F16, "{name}");
+            let want: Vec<f32> = dense.tensor_f32(name).unwrap().iter().map(|&v| half::f16::from_f32(v).to_f32()).collect();
+            assert!(half.tensor_f32(name).unwrap() == want, "{name}: f16 export is not the f32 export rounded to f16");
+        }
         assert_eq!(packed.file().quantization()["method"], "gptq");
         for layer in 0..2 {
             for kind in adadim_model::LinearKind::ALL {

@@ -179,7 +179,8 @@ struct QuantizeArgs {
     #[command(flatten)]
     job: QuantJob,
     /// packed: quantized linears stored packed (codes, f16 scales, packed zeros; what
-    /// `eval` runs directly). f32: every linear dequantized, a plain checkpoint. gptq: the
+    /// `eval` runs directly). f32 / f16: every linear dequantized, a plain HF checkpoint in
+    /// that dtype (for other tools' evaluators). gptq: the
     /// GPTQ v1 layout + quantize_config.json, for transformers / vLLM (needs --dim oc).
     #[arg(long, value_enum, default_value = "packed")]
     format: FormatArg,
@@ -283,6 +284,7 @@ struct CompareArgs {
 enum FormatArg {
     Packed,
     F32,
+    F16,
     Gptq,
 }
 
@@ -597,6 +599,7 @@ fn quantize(a: QuantizeArgs) -> Result<()> {
     let format = match a.format {
         FormatArg::Packed => adadim_calibrate::Format::Packed,
         FormatArg::F32 => adadim_calibrate::Format::F32,
+        FormatArg::F16 => adadim_calibrate::Format::F16,
         FormatArg::Gptq => adadim_calibrate::Format::Gptq,
     };
     let summary = run_quantize(&dir, a.job.method, a.job.dim, &a.job.settings, format, &a.out)?;
@@ -661,6 +664,18 @@ fn run_quantize(dir: &std::path::Path, method: MethodArg, dim: DimArg, q: &Quant
             if dir.join(f).exists() {
                 std::fs::copy(dir.join(f), tmp.join(f)).with_context(|| format!("copying {f}"))?;
             }
+        }
+        // A dequantized export declares the dtype it holds (HF loaders read torch_dtype).
+        let torch_dtype = match format {
+            adadim_calibrate::Format::F16 => Some("float16"),
+            adadim_calibrate::Format::F32 => Some("float32"),
+            _ => None,
+        };
+        if let Some(dt) = torch_dtype {
+            let path = tmp.join("config.json");
+            let mut c: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path)?).with_context(|| format!("{}: not JSON", path.display()))?;
+            c["torch_dtype"] = dt.into();
+            std::fs::write(&path, serde_json::to_string_pretty(&c)?)?;
         }
         let summary = serde_json::json!({
             "model": dir.display().to_string(),
@@ -841,7 +856,7 @@ fn quantize_layer(a: QuantizeLayerArgs) -> Result<()> {
     let (q, report) = cfg.quantize_linear(0, kind, &w, rows, cols, Some(&h))?;
     if let Some(out) = &a.out {
         let tmp = PathBuf::from(format!("{}.partial", out.display()));
-        let mut wr = adadim_load::safetensors_out::F32Writer::create(&tmp, &[("weight".to_string(), vec![rows, cols])], &[])?;
+        let mut wr = adadim_load::safetensors_out::DenseWriter::create(&tmp, &[("weight".to_string(), vec![rows, cols])], &[], adadim_load::safetensors_out::DenseDtype::F32)?;
         wr.write_tensor("weight", &q.dequantize())?;
         wr.finish()?;
         std::fs::rename(&tmp, out).with_context(|| format!("writing {}", out.display()))?;

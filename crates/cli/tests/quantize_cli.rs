@@ -123,13 +123,13 @@ fn quantize_then_evaluate() {
 
 #[test]
 fn quantize_layer_reports_both_errors() {
-    use adadim_load::safetensors_out::F32Writer;
+    use adadim_load::safetensors_out::{DenseDtype, DenseWriter};
     use adadim_load::synth::Rng;
     let d = tempfile::tempdir().unwrap();
     let mut rng = Rng::new(1);
     let (rows, cols, tokens) = (24, 32, 64);
     let w = d.path().join("w.safetensors");
-    let mut f = F32Writer::create(&w, &[("weight".into(), vec![rows, cols])], &[]).unwrap();
+    let mut f = DenseWriter::create(&w, &[("weight".into(), vec![rows, cols])], &[], DenseDtype::F32).unwrap();
     f.write_tensor("weight", &rng.normals(rows * cols, 0.2)).unwrap();
     f.finish().unwrap();
     let x = d.path().join("x.safetensors");
@@ -137,7 +137,7 @@ fn quantize_layer_reports_both_errors() {
     for t in 0..tokens {
         xs[t * cols + 5] *= 30.0; // an activation-outlier channel
     }
-    let mut f = F32Writer::create(&x, &[("x".into(), vec![tokens, cols])], &[]).unwrap();
+    let mut f = DenseWriter::create(&x, &[("x".into(), vec![tokens, cols])], &[], DenseDtype::F32).unwrap();
     f.write_tensor("x", &xs).unwrap();
     f.finish().unwrap();
     let out = d.path().join("wq.safetensors");
@@ -152,7 +152,7 @@ fn quantize_layer_reports_both_errors() {
     assert!(out.exists());
     // Inputs whose width is not the weight's C_in.
     let bad = d.path().join("bad.safetensors");
-    let mut f = F32Writer::create(&bad, &[("x".into(), vec![4, 31])], &[]).unwrap();
+    let mut f = DenseWriter::create(&bad, &[("x".into(), vec![4, 31])], &[], DenseDtype::F32).unwrap();
     f.write_tensor("x", &[0.0; 124]).unwrap();
     f.finish().unwrap();
     let (code, _, se) = adadim(&["quantize-layer", "--weight", &s(&w), "--inputs", &s(&bad)]);

@@ -299,7 +299,7 @@ pub fn import_gguf(gguf_path: &Path, out_dir: &Path, progress: &mut dyn FnMut(us
             ("source".to_string(), format!("gguf:{}", gguf_path.file_name().unwrap_or_default().to_string_lossy())),
         ];
         let st_path = tmp.join("model.safetensors");
-        let mut writer = safetensors_out::F32Writer::create(&st_path, &header, &meta)?;
+        let mut writer = safetensors_out::DenseWriter::create(&st_path, &header, &meta, safetensors_out::DenseDtype::F32)?;
         let total = plan.len();
         for (i, (hf, _, src)) in plan.iter().enumerate() {
             let ty = format!("{:?}", g.content.tensor_infos[src].ggml_dtype);

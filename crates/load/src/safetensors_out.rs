@@ -88,23 +88,49 @@ impl StreamWriter {
     }
 }
 
-pub struct F32Writer {
+/// The float type a [`DenseWriter`] stores.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DenseDtype {
+    F32,
+    /// IEEE half; a value beyond f16's range (|v| > 65504) is an error, never an infinity.
+    F16,
+}
+
+impl DenseDtype {
+    fn name(self) -> &'static str {
+        match self {
+            DenseDtype::F32 => "F32",
+            DenseDtype::F16 => "F16",
+        }
+    }
+    fn size(self) -> usize {
+        match self {
+            DenseDtype::F32 => 4,
+            DenseDtype::F16 => 2,
+        }
+    }
+}
+
+/// A safetensors writer for float tensors whose names and shapes are known up front (a
+/// dequantized model, an imported GGUF): header first, then tensors in plan order.
+pub struct DenseWriter {
     path: PathBuf,
     out: BufWriter<File>,
     plan: Vec<(String, usize)>,
     next: usize,
+    dtype: DenseDtype,
 }
 
-impl F32Writer {
-    /// Create `path` with a header for `tensors` (name, shape), written in this order.
-    pub fn create(path: &Path, tensors: &[(String, Vec<usize>)], metadata: &[(String, String)]) -> Result<Self> {
+impl DenseWriter {
+    /// Create `path` with a header for `tensors` (name, shape) of `dtype`, written in this order.
+    pub fn create(path: &Path, tensors: &[(String, Vec<usize>)], metadata: &[(String, String)], dtype: DenseDtype) -> Result<Self> {
         let mut offset = 0usize;
         let mut plan = Vec::with_capacity(tensors.len());
         let mut entries = Vec::with_capacity(tensors.len());
         for (name, shape) in tensors {
             let n: usize = shape.iter().product();
-            entries.push((name.clone(), "F32", shape.clone(), offset, offset + 4 * n));
-            offset += 4 * n;
+            entries.push((name.clone(), dtype.name(), shape.clone(), offset, offset + dtype.size() * n));
+            offset += dtype.size() * n;
             plan.push((name.clone(), n));
         }
         let mut bytes = header_json(&entries, metadata);
@@ -115,7 +141,7 @@ impl F32Writer {
         let mut out = BufWriter::with_capacity(1 << 20, file);
         out.write_all(&(bytes.len() as u64).to_le_bytes()).map_err(io_err(path))?;
         out.write_all(&bytes).map_err(io_err(path))?;
-        Ok(F32Writer { path: path.to_path_buf(), out, plan, next: 0 })
+        Ok(DenseWriter { path: path.to_path_buf(), out, plan, next: 0, dtype })
     }
 
     pub fn write_tensor(&mut self, name: &str, values: &[f32]) -> Result<()> {
@@ -127,9 +153,22 @@ impl F32Writer {
                 msg: format!("written out of plan (expected '{want}' with {n} values, got {})", values.len()),
             });
         }
-        let mut buf = Vec::with_capacity(values.len() * 4);
-        for v in values {
-            buf.extend_from_slice(&v.to_le_bytes());
+        let mut buf = Vec::with_capacity(values.len() * self.dtype.size());
+        match self.dtype {
+            DenseDtype::F32 => values.iter().for_each(|v| buf.extend_from_slice(&v.to_le_bytes())),
+            DenseDtype::F16 => {
+                for (i, &v) in values.iter().enumerate() {
+                    let h = half::f16::from_f32(v);
+                    if h.is_infinite() && v.is_finite() {
+                        return Err(LoadError::Tensor {
+                            path: self.path.clone(),
+                            tensor: name.into(),
+                            msg: format!("value {v} at index {i} is beyond f16's range (|v| <= 65504); export as f32"),
+                        });
+                    }
+                    buf.extend_from_slice(&h.to_le_bytes());
+                }
+            }
         }
         self.out.write_all(&buf).map_err(io_err(&self.path))?;
         self.next += 1;
@@ -160,7 +199,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("a.safetensors");
         let plan = vec![("x".to_string(), vec![2, 3]), ("y".to_string(), vec![5])];
-        let mut w = F32Writer::create(&p, &plan, &[("format".into(), "pt".into())]).unwrap();
+        let mut w = DenseWriter::create(&p, &plan, &[("format".into(), "pt".into())], DenseDtype::F32).unwrap();
         w.write_tensor("x", &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]).unwrap();
         assert!(w.write_tensor("x", &[0.0; 5]).is_err(), "out-of-plan write must fail");
         w.write_tensor("y", &[-1.0, 0.5, 0.25, 7.0, 1e-3]).unwrap();
@@ -196,10 +235,29 @@ mod tests {
     }
 
     #[test]
+    fn f16_tensors_round_trip_and_out_of_range_values_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("h.safetensors");
+        let mut w = DenseWriter::create(&p, &[("x".to_string(), vec![3]), ("y".to_string(), vec![1])], &[], DenseDtype::F16).unwrap();
+        w.write_tensor("x", &[1.0, -0.5, 65504.0]).unwrap();
+        let e = w.write_tensor("y", &[70000.0]).unwrap_err().to_string();
+        assert!(e.contains("'y'") || e.contains("y") && e.contains("f16"), "{e}");
+        let mut w = DenseWriter::create(&p, &[("x".to_string(), vec![3])], &[], DenseDtype::F16).unwrap();
+        w.write_tensor("x", &[1.0, -0.5, 3.0e-3]).unwrap();
+        w.finish().unwrap();
+        let bytes = std::fs::read(&p).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let x = st.tensor("x").unwrap();
+        assert_eq!(x.dtype(), safetensors::Dtype::F16);
+        let v = crate::checkpoint::bytes_to_f32(x.data(), x.dtype()).unwrap();
+        assert_eq!(v, vec![1.0, -0.5, half::f16::from_f32(3.0e-3).to_f32()]);
+    }
+
+    #[test]
     fn unfinished_file_is_an_error() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("a.safetensors");
-        let w = F32Writer::create(&p, &[("x".to_string(), vec![2])], &[]).unwrap();
+        let w = DenseWriter::create(&p, &[("x".to_string(), vec![2])], &[], DenseDtype::F32).unwrap();
         assert!(w.finish().unwrap_err().to_string().contains("never written"));
     }
 }

@@ -7,7 +7,7 @@
 
 use crate::config::LlamaConfig;
 use crate::error::{io_err, Result};
-use crate::safetensors_out::F32Writer;
+use crate::safetensors_out::{DenseDtype, DenseWriter};
 use std::path::Path;
 
 /// Deterministic normal samples.
@@ -52,7 +52,7 @@ pub fn write_random_checkpoint(dir: &Path, cfg: &LlamaConfig, seed: u64) -> Resu
     std::fs::create_dir_all(dir).map_err(io_err(dir))?;
     let tensors = cfg.expected_tensors();
     let st = dir.join("model.safetensors");
-    let mut w = F32Writer::create(&st, &tensors, &[("format".into(), "pt".into())])?;
+    let mut w = DenseWriter::create(&st, &tensors, &[("format".into(), "pt".into())], DenseDtype::F32)?;
     let mut rng = Rng::new(seed);
     for (name, shape) in &tensors {
         let n: usize = shape.iter().product();
