@@ -4,8 +4,10 @@
 
 use adadim_pack::PackedLinear;
 use adadim_quantize::{rtn, Axis, QuantSpec, Zero};
-use anyhow::Result;
+use anyhow::{Context, Result};
 use rayon::prelude::*;
+use std::path::Path;
+use std::process::Command;
 use std::time::Instant;
 
 /// Best-of-`reps` STREAM triad `a = b + s c` over three arrays of `n` f32, in GB/s (counting
@@ -40,9 +42,8 @@ impl KernelRow {
     }
 }
 
-/// Time one matvec of a `[rows, cols]` w{bits}g{group} matrix along `axis`, streaming from
-/// memory: enough copies of it are cycled through that they cannot stay in any cache.
-pub fn time_matvec(rows: usize, cols: usize, bits: u8, group: usize, axis: Axis, working_set: usize, reps: usize) -> Result<KernelRow> {
+/// A seeded `[rows, cols]` matrix quantized w{bits}g{group} (RTN, AWQ zeros) along `axis`, packed.
+pub fn packed_matrix(rows: usize, cols: usize, bits: u8, group: usize, axis: Axis) -> Result<PackedLinear> {
     let mut seed = 0x9e37_79b9_7f4a_7c15u64 ^ (rows * 31 + cols) as u64;
     let w: Vec<f32> = (0..rows * cols)
         .map(|_| {
@@ -53,9 +54,13 @@ pub fn time_matvec(rows: usize, cols: usize, bits: u8, group: usize, axis: Axis,
         })
         .collect();
     let q = rtn(&w, rows, cols, &QuantSpec { bits, group: Some(group), axis, zero: Zero::Awq })?;
-    drop(w);
-    let one = PackedLinear::from_quantized(&q);
-    drop(q);
+    Ok(PackedLinear::from_quantized(&q))
+}
+
+/// Time one matvec of a `[rows, cols]` w{bits}g{group} matrix along `axis`, streaming from
+/// memory: enough copies of it are cycled through that they cannot stay in any cache.
+pub fn time_matvec(rows: usize, cols: usize, bits: u8, group: usize, axis: Axis, working_set: usize, reps: usize) -> Result<KernelRow> {
+    let one = packed_matrix(rows, cols, bits, group, axis)?;
     let copies = working_set.div_ceil(one.bytes_read()).max(1);
     let mats: Vec<PackedLinear> = (0..copies).map(|_| one.clone()).collect();
     let x: Vec<f32> = (0..cols).map(|i| (i % 7) as f32 - 3.0).collect();
@@ -71,4 +76,47 @@ pub fn time_matvec(rows: usize, cols: usize, bits: u8, group: usize, axis: Axis,
         best = best.min(t.elapsed().as_secs_f64() / copies as f64);
     }
     Ok(KernelRow { axis, bytes: one.bytes_read(), seconds: best })
+}
+
+/// Mean seconds of `runs` matvecs of one matrix on a pool of `threads` threads, the way
+/// llama.cpp's `test-backend-ops perf` times MUL_MAT (one matrix, repeated, mean per run).
+pub fn time_matvec_repeated(p: &PackedLinear, threads: usize, runs: usize) -> Result<f64> {
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build()?;
+    let x: Vec<f32> = (0..p.cols()).map(|i| (i % 7) as f32 - 3.0).collect();
+    let mut y = vec![0f32; p.rows()];
+    Ok(pool.install(|| {
+        p.matvec(&x, &mut y);
+        let t = Instant::now();
+        for _ in 0..runs {
+            p.matvec(&x, &mut y);
+        }
+        std::hint::black_box(&y);
+        t.elapsed().as_secs_f64() / runs as f64
+    }))
+}
+
+/// llama.cpp's own MUL_MAT timing for `type_a` (q4_0, q4_K, ...) times an f32 vector,
+/// `m` output rows, `k` inputs: microseconds per run, and the thread count it used
+/// (`test-backend-ops` gives the CPU backend half the hardware threads).
+pub fn llamacpp_matvec_us(bin_dir: &Path, type_a: &str, m: usize, k: usize) -> Result<(f64, usize)> {
+    let exe = bin_dir.join("test-backend-ops");
+    let filter = format!("type_a={type_a},type_b=f32,m={m},n=1,k={k},");
+    let out = Command::new(&exe)
+        .args(["perf", "-b", "CPU", "-o", "MUL_MAT", "-p", &filter])
+        .output()
+        .with_context(|| format!("running {}", exe.display()))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.contains("MUL_MAT(") && l.contains(&filter))
+        .ok_or_else(|| anyhow::anyhow!("{}: no MUL_MAT result for {filter} (status {}):\n{text}", exe.display(), out.status))?;
+    // "...:   207 runs -  5519.56 us/run - 117.44 MFLOP/run - ..."
+    let us = line
+        .split(" us/run")
+        .next()
+        .and_then(|h| h.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .ok_or_else(|| anyhow::anyhow!("{}: cannot read us/run from '{line}'", exe.display()))?;
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get() / 2).max(1);
+    Ok((us, threads))
 }

@@ -75,6 +75,10 @@ struct BenchKernelsArgs {
     /// Markdown file whose `kernels` section is rewritten.
     #[arg(long, default_value = "BENCHMARKS.md")]
     write: PathBuf,
+    /// llama.cpp's bin directory (with test-backend-ops) for the peer comparison; default
+    /// $ADADIM_HOME/peers/llama.cpp/bin when bench/peers/build-llamacpp.sh has built it.
+    #[arg(long)]
+    llamacpp: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -530,7 +534,58 @@ fn bench_kernels(a: BenchKernelsArgs) -> Result<()> {
         }
     }
     writeln!(md, "\nLowest fraction of triad: **{:.2}** (aim >= 0.8). Highest per-IC / per-OC time: **{:.3}** (aim <= 1.05).", worst.0, worst.1)?;
+    let llama = a.llamacpp.clone().or_else(|| Some(adadim_home().join("peers/llama.cpp/bin"))).filter(|d| d.join("test-backend-ops").exists());
+    match llama {
+        Some(bin) => kernels_vs_llamacpp(&bin, a.group, &mut md)?,
+        None => writeln!(md, "\nllama.cpp comparison skipped: no test-backend-ops (build it with `bench/peers/build-llamacpp.sh`).")?,
+    }
     bench::publish(&a.write, "kernels", &md)
+}
+
+/// Our matvec against llama.cpp's (test-backend-ops perf, MUL_MAT with n = 1) on the one
+/// decode shape that tool times, with the same thread count and the same method (one matrix,
+/// repeated; mean per run).
+fn kernels_vs_llamacpp(bin: &std::path::Path, group: usize, md: &mut String) -> Result<()> {
+    use adadim_quantize::Axis;
+    use std::fmt::Write;
+    let (m, k) = (4096, 14336);
+    let mut peers = Vec::new();
+    for ty in ["q4_0", "q4_K", "q3_K"] {
+        let (us, threads) = bench_kernels::llamacpp_matvec_us(bin, ty, m, k)?;
+        peers.push((ty, us, threads));
+    }
+    let threads = peers[0].2;
+    writeln!(md, "\n### Against llama.cpp (same run)\n")?;
+    writeln!(md, "`{m} x {k}` (out x in; the only matrix-vector shape `test-backend-ops perf -o MUL_MAT` times), {threads} thread(s) each (test-backend-ops gives its CPU backend half the hardware threads; ours runs on a pool of the same size). One matrix repeated, mean time per run, as test-backend-ops measures (the ~30 MB matrix about fills L3). llama.cpp rounds the activations to 8 bits (Q8_0 / Q8_K), ours to 16.\n")?;
+    writeln!(md, "| kernel | bits / weight | us / matvec |\n|---|---|---|")?;
+    let bpw = |ty: &str| match ty {
+        "q4_0" => 4.5,
+        "q4_K" => 4.5,
+        _ => 3.4375,
+    };
+    for &(ty, us, _) in &peers {
+        writeln!(md, "| llama.cpp {ty} | {} | {us:.1} |", bpw(ty))?;
+    }
+    let mut ours = Vec::new();
+    for bits in [4u8, 3] {
+        for axis in [Axis::Oc, Axis::Ic] {
+            let p = bench_kernels::packed_matrix(m, k, bits, group, axis)?;
+            let s = bench_kernels::time_matvec_repeated(&p, threads, 100)?;
+            let name = format!("adadim w{bits}g{group} {}", if axis == Axis::Oc { "per-OC" } else { "per-IC" });
+            writeln!(md, "| {name} | {:.3} | {:.1} |", p.layout().bits_per_weight(m, k, false), s * 1e6)?;
+            ours.push((bits, name, s * 1e6));
+        }
+    }
+    writeln!(md)?;
+    for (bits, name, us) in &ours {
+        let vs: Vec<String> = peers
+            .iter()
+            .filter(|(ty, _, _)| if *bits == 4 { ty.starts_with("q4") } else { ty.starts_with("q3") })
+            .map(|(ty, pus, _)| format!("{:.2}x {ty}'s speed", pus / us))
+            .collect();
+        writeln!(md, "- {name}: {}", vs.join(", "))?;
+    }
+    Ok(())
 }
 
 fn bench_quantize(a: BenchQuantizeArgs) -> Result<()> {
