@@ -149,3 +149,23 @@ mod tests {
         assert!(g > 0.1 && g < 1e5, "{g}");
     }
 }
+
+/// llama.cpp's decode speed: `llama-bench -p 0 -n TOKENS` (tg TOKENS) on `gguf` with `threads`,
+/// `reps` repetitions (llama-bench's own mean). Returns (tokens/s, file size in bytes).
+pub fn llama_bench_tg(bin: &Path, gguf: &Path, tokens: usize, threads: usize, reps: usize) -> Result<(f64, u64)> {
+    let exe = bin.join("llama-bench");
+    let out = std::process::Command::new(&exe)
+        .arg("-m")
+        .arg(gguf)
+        .args(["-p", "0", "-n", &tokens.to_string(), "-t", &threads.to_string(), "-r", &reps.max(1).to_string(), "-o", "json"])
+        .output()
+        .with_context(|| format!("running {}", exe.display()))?;
+    if !out.status.success() {
+        anyhow::bail!("{} on {} failed ({}): {}", exe.display(), gguf.display(), out.status, String::from_utf8_lossy(&out.stderr));
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).with_context(|| format!("{}: output is not JSON", exe.display()))?;
+    let ts = v.as_array().and_then(|a| a.iter().find(|r| r["n_gen"].as_u64() == Some(tokens as u64))).and_then(|r| r["avg_ts"].as_f64());
+    let ts = ts.ok_or_else(|| anyhow::anyhow!("{}: no tg{tokens} result in its JSON", exe.display()))?;
+    let size = std::fs::metadata(gguf).with_context(|| format!("{}", gguf.display()))?.len();
+    Ok((ts, size))
+}

@@ -59,6 +59,31 @@ enum BenchCmd {
     /// Packed matrix-vector products (both axes, 4 and 3 bits) from memory against the memory
     /// bandwidth (STREAM triad) measured in the same run.
     Kernels(BenchKernelsArgs),
+    /// Decode tokens/s (batch 1, greedy, KV cache) of float and packed models against the
+    /// memory-bandwidth bound and llama.cpp's llama-bench (tg) on GGUFs of the same model.
+    Decode(BenchDecodeArgs),
+}
+
+#[derive(Args)]
+struct BenchDecodeArgs {
+    /// Models to time: `smollm2` (f32) or model directories (packed or float), comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "smollm2")]
+    models: Vec<String>,
+    /// GGUF files for llama.cpp's llama-bench, comma-separated (e.g. Q4_0, Q4_K_M of the model).
+    #[arg(long, value_delimiter = ',')]
+    gguf: Vec<PathBuf>,
+    /// llama.cpp's bin directory (default $ADADIM_HOME/peers/llama.cpp/bin).
+    #[arg(long)]
+    llamacpp: Option<PathBuf>,
+    /// Tokens decoded per measurement (llama-bench's tg N).
+    #[arg(long, default_value_t = 128)]
+    tokens: usize,
+    /// Measurements per model; the best is kept.
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+    /// Markdown file whose `decode` section is rewritten.
+    #[arg(long, default_value = "BENCHMARKS.md")]
+    write: PathBuf,
 }
 
 #[derive(Args)]
@@ -349,6 +374,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Bench(BenchCmd::Eval(a)) => bench_eval(a),
         Cmd::Bench(BenchCmd::Quantize(a)) => bench_quantize(a),
         Cmd::Bench(BenchCmd::Kernels(a)) => bench_kernels(a),
+        Cmd::Bench(BenchCmd::Decode(a)) => bench_decode(a),
     }
 }
 
@@ -540,6 +566,62 @@ fn bench_kernels(a: BenchKernelsArgs) -> Result<()> {
         None => writeln!(md, "\nllama.cpp comparison skipped: no test-backend-ops (build it with `bench/peers/build-llamacpp.sh`).")?,
     }
     bench::publish(&a.write, "kernels", &md)
+}
+
+fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
+    use std::fmt::Write;
+    let triad = bench_kernels::triad_gbs((512 << 20) / 12, 5);
+    let threads = candle_core::utils::get_num_threads();
+    let mut md = String::new();
+    writeln!(md, "## Decode speed (`adadim bench decode`)\n")?;
+    writeln!(md, "Machine: {}. Memory bandwidth measured in this run (STREAM triad): **{triad:.1} GB/s**.\n", bench::machine())?;
+    writeln!(md, "Batch 1, greedy, KV cache, {} tokens decoded after a one-token prompt (no stop token), best of {}. Weight bytes per token: every linear as stored (f32, or packed codes + params) and the LM head (SmolLM2 ties it to the f32 embedding); the bound is triad / bytes.\n", a.tokens, a.reps)?;
+    writeln!(md, "| model | weight MB / token | tokens/s | bound (tokens/s) | of bound |\n|---|---|---|---|---|")?;
+    let mut ours = Vec::new();
+    for spec in &a.models {
+        let dir = model_dir(spec)?;
+        let src = adadim_model::open(&dir)?;
+        let model = adadim_model::Model::load(src.as_ref(), a.tokens + 2, &mut |_, _| {})?;
+        let label = if adadim_model::is_packed(&dir) {
+            let q: serde_json::Value = std::fs::read_to_string(dir.join("report.json")).ok().and_then(|s| serde_json::from_str(&s).ok()).unwrap_or_default();
+            let st = &q["summary"]["settings"];
+            format!("{} packed ({}-{} w{}g{})", dir.file_name().unwrap_or_default().to_string_lossy(), st["method"].as_str().unwrap_or("?"), st["dim"].as_str().unwrap_or("?"), st["spec"]["bits"], st["spec"]["group"])
+        } else {
+            format!("{} f32", dir.file_name().unwrap_or_default().to_string_lossy())
+        };
+        let settings = adadim_run::Settings { max_tokens: a.tokens, temperature: 0.0, seed: 0 };
+        let mut best = 0f64;
+        for _ in 0..a.reps.max(1) {
+            let stats = adadim_run::generate(&model, &[1], &[], &settings, &mut |_| {})?;
+            best = best.max(stats.decode_tokens_per_s());
+        }
+        let bytes = model.weight_bytes_per_token() as f64;
+        let bound = triad * 1e9 / bytes;
+        writeln!(md, "| adadim: {label} | {:.1} | {best:.1} | {bound:.0} | {:.2} |", bytes / 1e6, best / bound)?;
+        eprintln!("{label}: {best:.1} tokens/s");
+        ours.push((label, best));
+    }
+    let llama = a.llamacpp.clone().or_else(|| Some(adadim_home().join("peers/llama.cpp/bin"))).filter(|d| d.join("llama-bench").exists());
+    let mut peers = Vec::new();
+    if !a.gguf.is_empty() {
+        let bin = llama.ok_or_else(|| anyhow::anyhow!("--gguf given but no llama-bench found (bench/peers/build-llamacpp.sh, or --llamacpp DIR)"))?;
+        for g in &a.gguf {
+            let (ts, size) = bench::llama_bench_tg(&bin, g, a.tokens, threads, a.reps)?;
+            let label = g.file_stem().unwrap_or_default().to_string_lossy().to_string();
+            writeln!(md, "| llama.cpp llama-bench tg{}: {label} | {:.1} (file) | {ts:.1} | {:.0} | {:.2} |", a.tokens, size as f64 / 1e6, triad * 1e9 / size as f64, ts / (triad * 1e9 / size as f64))?;
+            eprintln!("llama.cpp {label}: {ts:.1} tokens/s");
+            peers.push((label, ts));
+        }
+    }
+    if !peers.is_empty() {
+        writeln!(md, "\nadadim / llama.cpp decode speed:\n")?;
+        for (label, t) in &ours {
+            let vs: Vec<String> = peers.iter().map(|(p, pt)| format!("{:.2}x {p}", t / pt)).collect();
+            writeln!(md, "- {label}: {}", vs.join(", "))?;
+        }
+    }
+    writeln!(md, "\nllama.cpp's bound uses its whole file size (all weights, quantized embeddings included) as bytes per token. Threads: {threads} each.")?;
+    bench::publish(&a.write, "decode", &md)
 }
 
 /// Our matvec against llama.cpp's (test-backend-ops perf, MUL_MAT with n = 1) on the one

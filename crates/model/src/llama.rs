@@ -24,6 +24,10 @@ pub enum Weight {
     Packed(Arc<PackedLinear>),
 }
 
+/// Up to this many tokens a packed linear runs one matvec per token; above, panels of the
+/// matrix are dequantized into a GEMM (whose dequantization cost is then amortized).
+const MATVEC_TOKENS: usize = 8;
+
 /// `y = x W^T (+ b)`: the weight is `[out, in]` as stored in the checkpoint.
 #[derive(Debug, Clone)]
 pub struct Linear {
@@ -42,8 +46,11 @@ impl Linear {
                 let t = x.elem_count() / cols.max(1);
                 let xv = x.flatten_all()?.to_vec1::<f32>()?;
                 let mut y = vec![0f32; t * rows];
-                if t == 1 {
-                    p.matvec(&xv, &mut y);
+                if t <= MATVEC_TOKENS {
+                    // A few tokens: one matvec each beats dequantizing the whole matrix.
+                    for (x, y) in xv.chunks(cols).zip(y.chunks_mut(rows)) {
+                        p.matvec(x, y);
+                    }
                 } else {
                     p.matmul(&xv, t, &mut y);
                 }
@@ -55,6 +62,13 @@ impl Linear {
         match &self.bias {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
+        }
+    }
+    /// Bytes of weights one token's product reads (f32 dense, or the packed codes + params).
+    pub fn weight_bytes(&self) -> usize {
+        match &self.weight {
+            Weight::Dense(w) => 4 * w.elem_count(),
+            Weight::Packed(p) => p.bytes_read(),
         }
     }
     pub fn out_features(&self) -> usize {
@@ -461,6 +475,13 @@ impl Model {
     }
 
     /// Final norm and LM head on hidden states (t, d) -> logits (t, vocab).
+    /// Bytes of weights one decoded token reads: every linear, the LM head (the embedding row
+    /// and the norms are negligible). What a memory-bound decoder's speed is set by.
+    pub fn weight_bytes_per_token(&self) -> usize {
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        self.blocks.iter().map(|b| [&b.q, &b.k, &b.v, &b.o, &b.gate, &b.up, &b.down].iter().map(|l| l.weight_bytes()).sum::<usize>()).sum::<usize>() + 4 * head.elem_count()
+    }
+
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         let eps = self.config.rms_norm_eps as f32;
         let h = candle_nn::ops::rms_norm(hidden, &self.norm, eps).ctx(|| "final norm".into())?;
