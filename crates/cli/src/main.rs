@@ -41,6 +41,9 @@ enum Cmd {
     /// Generate text from a prompt (KV cache; greedy by default; the chat template for ChatML
     /// instruct models); prints tokens/s at the end. Reads packed and float models.
     Generate(GenerateArgs),
+    /// Write a random-weight checkpoint with a real model's shapes (scale tests; optional
+    /// activation-outlier channels for controlled per-IC experiments).
+    Synth(SynthArgs),
     /// Measure model quality.
     #[command(subcommand)]
     Eval(EvalCmd),
@@ -62,6 +65,33 @@ enum BenchCmd {
     /// Decode tokens/s (batch 1, greedy, KV cache) of float and packed models against the
     /// memory-bandwidth bound and llama.cpp's llama-bench (tg) on GGUFs of the same model.
     Decode(BenchDecodeArgs),
+}
+
+#[derive(Args)]
+struct SynthArgs {
+    /// tiny, smollm2, llama2-7b, llama2-13b or llama3-8b.
+    #[arg(long)]
+    shape: String,
+    /// Output directory (must not exist).
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, value_enum, default_value = "f16")]
+    dtype: SynthDtype,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// `K:SCALE`: K hidden channels whose RMSNorm gains are multiplied by SCALE and the matching
+    /// q/k/v/gate/up input columns divided by it (same function, outlier activations).
+    #[arg(long)]
+    outliers: Option<String>,
+    /// Largest shard, in GB (model-0000i-of-0000n.safetensors + index beyond one).
+    #[arg(long, default_value_t = 5.0)]
+    shard_gb: f64,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum SynthDtype {
+    F16,
+    F32,
 }
 
 #[derive(Args)]
@@ -371,6 +401,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::QuantizeLayer(a) => quantize_layer(a),
         Cmd::Eval(EvalCmd::Ppl(a)) => eval_ppl(a),
         Cmd::Generate(a) => generate(a),
+        Cmd::Synth(a) => synth(a),
         Cmd::Bench(BenchCmd::Eval(a)) => bench_eval(a),
         Cmd::Bench(BenchCmd::Quantize(a)) => bench_quantize(a),
         Cmd::Bench(BenchCmd::Kernels(a)) => bench_kernels(a),
@@ -566,6 +597,38 @@ fn bench_kernels(a: BenchKernelsArgs) -> Result<()> {
         None => writeln!(md, "\nllama.cpp comparison skipped: no test-backend-ops (build it with `bench/peers/build-llamacpp.sh`).")?,
     }
     bench::publish(&a.write, "kernels", &md)
+}
+
+fn synth(a: SynthArgs) -> Result<()> {
+    use adadim_load::safetensors_out::DenseDtype;
+    use adadim_load::synth::{Outliers, SynthOptions};
+    let cfg = adadim_load::synth::shape_config(&a.shape)?;
+    let outliers = match &a.outliers {
+        None => None,
+        Some(spec) => {
+            let bad = || anyhow::anyhow!("--outliers '{spec}': expected K:SCALE, e.g. 8:30");
+            let (k, s) = spec.split_once(':').ok_or_else(bad)?;
+            let (channels, scale) = (k.parse::<usize>().map_err(|_| bad())?, s.parse::<f32>().map_err(|_| bad())?);
+            if channels == 0 || channels > cfg.hidden_size || !(scale.is_finite() && scale > 0.0) {
+                anyhow::bail!("--outliers '{spec}': K must be 1..={} and SCALE a positive number", cfg.hidden_size);
+            }
+            Some(Outliers { channels, scale })
+        }
+    };
+    if !(a.shard_gb.is_finite() && a.shard_gb > 0.0) {
+        anyhow::bail!("--shard-gb {}: must be a positive number", a.shard_gb);
+    }
+    let dtype = match a.dtype {
+        SynthDtype::F16 => DenseDtype::F16,
+        SynthDtype::F32 => DenseDtype::F32,
+    };
+    let opts = SynthOptions { dtype, seed: a.seed, outliers, shard_bytes: (a.shard_gb * 1e9) as usize };
+    let start = std::time::Instant::now();
+    let mut bar = progress::Bar::new("synth", cfg.expected_tensors().len());
+    adadim_load::synth::write_synthetic(&a.out, &cfg, &opts, &mut |d, t| bar.update(d, t))?;
+    bar.finish();
+    println!("{}: {} ({} layers, d {}), {:.1} s", a.out.display(), a.shape, cfg.num_hidden_layers, cfg.hidden_size, start.elapsed().as_secs_f64());
+    Ok(())
 }
 
 fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
