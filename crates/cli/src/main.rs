@@ -111,6 +111,9 @@ struct BenchDecodeArgs {
     /// Measurements per model; the best is kept.
     #[arg(long, default_value_t = 3)]
     reps: usize,
+    /// LM head bits for packed models (as `generate --head-bits`; float models keep theirs).
+    #[arg(long, default_value_t = 8)]
+    head_bits: u8,
     /// Markdown file whose `decode` section is rewritten.
     #[arg(long, default_value = "BENCHMARKS.md")]
     write: PathBuf,
@@ -185,6 +188,10 @@ struct GenerateArgs {
     /// Feed the prompt as it is, without the chat template.
     #[arg(long)]
     raw: bool,
+    /// Quantize the LM head to this many bits (RTN, per-OC g128) for decoding; 0 keeps it
+    /// float. Default: 8 for packed models, 0 for float ones.
+    #[arg(long)]
+    head_bits: Option<u8>,
 }
 
 #[derive(Subcommand)]
@@ -446,7 +453,8 @@ fn generate(a: GenerateArgs) -> Result<()> {
     if let Some(id) = src.config().eos_token_id.as_ref().and_then(|v| v.as_u64()) {
         stop.push(id as u32);
     }
-    let model = adadim_model::Model::load(src.as_ref(), prompt.len() + a.max_tokens, &mut |_, _| {})?;
+    let mut model = adadim_model::Model::load(src.as_ref(), prompt.len() + a.max_tokens, &mut |_, _| {})?;
+    apply_head_bits(&mut model, a.head_bits, adadim_model::is_packed(&dir))?;
     let (mut ids, mut shown) = (Vec::new(), 0usize);
     use std::io::Write;
     let settings = adadim_run::Settings { max_tokens: a.max_tokens, temperature: a.temperature, seed: a.seed };
@@ -599,6 +607,15 @@ fn bench_kernels(a: BenchKernelsArgs) -> Result<()> {
     bench::publish(&a.write, "kernels", &md)
 }
 
+/// `--head-bits`: `None` = 8 for packed models, float for float ones; 0 = float.
+fn apply_head_bits(model: &mut adadim_model::Model, bits: Option<u8>, packed: bool) -> Result<()> {
+    match bits.unwrap_or(if packed { 8 } else { 0 }) {
+        0 => Ok(()),
+        b @ (2 | 3 | 4 | 8) => Ok(model.quantize_decode_head(b)?),
+        b => anyhow::bail!("--head-bits {b}: must be 0 (float), 2, 3, 4 or 8"),
+    }
+}
+
 fn synth(a: SynthArgs) -> Result<()> {
     use adadim_load::safetensors_out::DenseDtype;
     use adadim_load::synth::{Outliers, SynthOptions};
@@ -638,17 +655,20 @@ fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
     let mut md = String::new();
     writeln!(md, "## Decode speed (`adadim bench decode`)\n")?;
     writeln!(md, "Machine: {}. Memory bandwidth measured in this run (STREAM triad): **{triad:.1} GB/s**.\n", bench::machine())?;
-    writeln!(md, "Batch 1, greedy, KV cache, {} tokens decoded after a one-token prompt (no stop token), best of {}. Weight bytes per token: every linear as stored (f32, or packed codes + params) and the LM head (SmolLM2 ties it to the f32 embedding); the bound is triad / bytes.\n", a.tokens, a.reps)?;
+    writeln!(md, "Batch 1, greedy, KV cache, {} tokens decoded after a one-token prompt (no stop token), best of {}. Weight bytes per token: every linear as stored (f32, or packed codes + params) and the LM head (SmolLM2 ties it to the f32 embedding; packed models decode with it quantized to `--head-bits`, 8 by default, as llama.cpp's k-quant mixes do); the bound is triad / bytes.\n", a.tokens, a.reps)?;
     writeln!(md, "| model | weight MB / token | tokens/s | bound (tokens/s) | of bound |\n|---|---|---|---|---|")?;
     let mut ours = Vec::new();
     for spec in &a.models {
         let dir = model_dir(spec)?;
         let src = adadim_model::open(&dir)?;
-        let model = adadim_model::Model::load(src.as_ref(), a.tokens + 2, &mut |_, _| {})?;
-        let label = if adadim_model::is_packed(&dir) {
+        let mut model = adadim_model::Model::load(src.as_ref(), a.tokens + 2, &mut |_, _| {})?;
+        let packed = adadim_model::is_packed(&dir);
+        apply_head_bits(&mut model, Some(if packed { a.head_bits } else { 0 }), packed)?;
+        let head = if packed && a.head_bits > 0 { format!(", head {}-bit", a.head_bits) } else { String::new() };
+        let label = if packed {
             let q: serde_json::Value = std::fs::read_to_string(dir.join("report.json")).ok().and_then(|s| serde_json::from_str(&s).ok()).unwrap_or_default();
             let st = &q["summary"]["settings"];
-            format!("{} packed ({}-{} w{}g{})", dir.file_name().unwrap_or_default().to_string_lossy(), st["method"].as_str().unwrap_or("?"), st["dim"].as_str().unwrap_or("?"), st["spec"]["bits"], st["spec"]["group"])
+            format!("{} packed ({}-{} w{}g{}{head})", dir.file_name().unwrap_or_default().to_string_lossy(), st["method"].as_str().unwrap_or("?"), st["dim"].as_str().unwrap_or("?"), st["spec"]["bits"], st["spec"]["group"])
         } else {
             format!("{} f32", dir.file_name().unwrap_or_default().to_string_lossy())
         };

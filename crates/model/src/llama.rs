@@ -408,6 +408,9 @@ pub struct Model {
     pub norm: Tensor,            // (d)
     pub lm_head: Option<Tensor>, // (vocab, d); None when tied to `embed`
     pub rope: Rope,
+    /// The LM head quantized for decoding ([`Model::quantize_decode_head`]): used for up to
+    /// [`MATVEC_TOKENS`] positions at a time; evaluation keeps the float head.
+    pub decode_head: Option<Arc<PackedLinear>>,
 }
 
 impl Model {
@@ -427,6 +430,7 @@ impl Model {
             rope: Rope::new(&cfg, max_t).ctx(|| "rope tables".into())?,
             blocks,
             config: cfg,
+            decode_head: None,
         })
     }
 
@@ -479,12 +483,31 @@ impl Model {
     /// and the norms are negligible). What a memory-bound decoder's speed is set by.
     pub fn weight_bytes_per_token(&self) -> usize {
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        self.blocks.iter().map(|b| [&b.q, &b.k, &b.v, &b.o, &b.gate, &b.up, &b.down].iter().map(|l| l.weight_bytes()).sum::<usize>()).sum::<usize>() + 4 * head.elem_count()
+        let head_bytes = self.decode_head.as_ref().map_or(4 * head.elem_count(), |p| p.bytes_read());
+        self.blocks.iter().map(|b| [&b.q, &b.k, &b.v, &b.o, &b.gate, &b.up, &b.down].iter().map(|l| l.weight_bytes()).sum::<usize>()).sum::<usize>() + head_bytes
+    }
+
+    /// Quantize the LM head for decoding: RTN, `bits` per weight, groups of 128 along each
+    /// output row (per-OC), packed; the head's logits then come from the int16 matvec. With
+    /// tied embeddings the head is most of the bytes a small model reads per token (SmolLM2:
+    /// 113 MB of 174 at w4g128), as llama.cpp's k-quant mixes also quantize it (Q6_K).
+    /// Evaluation (more than [`MATVEC_TOKENS`] positions) keeps the float head.
+    pub fn quantize_decode_head(&mut self, bits: u8) -> Result<()> {
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        let (rows, cols) = head.dims2().ctx(|| "lm head".into())?;
+        let w = head.flatten_all().and_then(|t| t.to_vec1::<f32>()).ctx(|| "lm head".into())?;
+        let spec = adadim_quantize::QuantSpec { bits, group: Some(128.min(cols)), axis: adadim_quantize::Axis::Oc, zero: adadim_quantize::Zero::Awq };
+        let q = adadim_quantize::rtn(&w, rows, cols, &spec).map_err(|e| ModelError::Tensor { context: "quantizing the lm head".into(), source: candle_core::Error::Msg(e.to_string()) })?;
+        self.decode_head = Some(Arc::new(PackedLinear::from_quantized(&q)));
+        Ok(())
     }
 
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         let eps = self.config.rms_norm_eps as f32;
         let h = candle_nn::ops::rms_norm(hidden, &self.norm, eps).ctx(|| "final norm".into())?;
+        if let Some(p) = self.decode_head.as_ref().filter(|_| h.dims()[0] <= MATVEC_TOKENS) {
+            return Linear { weight: Weight::Packed(p.clone()), bias: None }.forward(&h).ctx(|| "lm head".into());
+        }
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         h.matmul(&head.t().ctx(|| "lm head".into())?).ctx(|| "lm head".into())
     }

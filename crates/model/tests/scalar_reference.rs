@@ -178,3 +178,27 @@ fn cached_decoding_equals_the_full_forward() {
         assert!(diff <= 1e-5 * scale.max(1.0), "position {i}: max diff {diff}");
     }
 }
+
+#[test]
+fn quantized_decode_head_stays_close_to_the_float_head() {
+    // 8-bit RTN head (g128 along each row): each logit moves by at most sum_c |h_c| step_c / 2,
+    // about 0.4% of sum_c |h_c w_c|; evaluation-sized inputs keep the float head.
+    let d = tempfile::tempdir().unwrap();
+    write_random_checkpoint(d.path(), &tiny_config(), 9).unwrap();
+    let ck = Checkpoint::open(d.path()).unwrap();
+    let mut model = Model::load(&ck, 32, &mut |_, _| {}).unwrap();
+    let ids: Vec<u32> = (0..12).map(|i| (i * 31 % 250) as u32).collect();
+    let h = model.forward_hidden(&ids).unwrap();
+    let float = model.logits(&h).unwrap().to_vec2::<f32>().unwrap();
+    let before = model.weight_bytes_per_token();
+    model.quantize_decode_head(8).unwrap();
+    assert!(model.weight_bytes_per_token() < before, "the packed head reads fewer bytes");
+    let long = model.logits(&h).unwrap().to_vec2::<f32>().unwrap();
+    assert_eq!(long, float, "12 positions: evaluation keeps the float head");
+    let last = h.narrow(0, 11, 1).unwrap();
+    let q = model.logits(&last).unwrap().to_vec2::<f32>().unwrap();
+    let f = &float[11];
+    let scale = f.iter().map(|v| v.abs()).fold(0f32, f32::max);
+    let diff = q[0].iter().zip(f).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(diff > 0.0 && diff <= 0.02 * scale, "one position: quantized head, max diff {diff} vs scale {scale}");
+}

@@ -270,7 +270,7 @@ impl PackedLinear {
     /// # Panics
     /// If `x.len() != cols` or `y.len() != rows` (a caller's bug, not bad input).
     ///
-    /// With AVX2, 2-4 bits and per-OC groups of whole [`q16::QB`]-blocks, the activations are
+    /// With AVX2, 2, 3, 4 or 8 bits and per-OC groups of whole [`q16::QB`]-steps, the activations are
     /// rounded to int16 per block ([`crate::q16`]: within about 1e-5 of the f32 product);
     /// otherwise this is [`PackedLinear::matvec_f32`].
     pub fn matvec(&self, x: &[f32], y: &mut [f32]) {

@@ -15,7 +15,8 @@
 //! What it costs in accuracy: every activation (per-OC: `x`; per-IC: `s[kr, c] x[c]`) moves by
 //! at most half a step of its block, `max|block| / 65534`. llama.cpp rounds activations to
 //! 8 bits for the same reason; 16 bits keep the result within about 1e-5 of the f32 product.
-//! Sums stay far inside int32: 128 codes below 16 times 32767 is under 2^26.
+//! 8-bit codes are widened directly (`vpmovzxbw`). Sums stay inside int32: an int32 lane adds
+//! 16 products per block of 128, at most 16 * 255 * 32767 < 2^28.
 //! The tests hold the AVX2 kernel to [`matvec_ref`] (the same rounded activations, f64) and
 //! the whole product to the exact one within [`rounding_bound`].
 
@@ -167,10 +168,10 @@ pub(crate) fn prepare(p: &PackedLinear, x: &[f32]) -> Prepared {
     }
 }
 
-/// Whether the int16 kernel handles this layout: 2-4 bits, per-OC groups whole blocks.
+/// Whether the int16 kernel handles this layout: 2, 3, 4 or 8 bits, per-OC groups whole steps.
 pub(crate) fn supported(p: &PackedLinear) -> bool {
     let l = p.layout;
-    (2..=4).contains(&l.bits) && (l.axis == Axis::Ic || l.group % QB == 0)
+    matches!(l.bits, 2 | 3 | 4 | 8) && (l.axis == Axis::Ic || l.group % QB == 0)
 }
 
 /// `sum_c code[c] v̂[c]` over codes `c0..c1` of a row, in plain Rust (tails and reference).
@@ -216,6 +217,14 @@ unsafe fn row_sum_avx2<const B: usize>(rp: *const u8, x: &Q16, cols: usize, s: &
     let qp = if B == 4 { x.swizzled.as_ptr() } else { x.q.as_ptr() };
     // int32 lane sums of 32 codes times their activations (step j of the row).
     let step = |j: usize| {
+        if B == 8 {
+            // Bytes are codes: widen 16 at a time.
+            let a = _mm256_cvtepu8_epi16(_mm_loadu_si128(rp.add(j * 32) as *const __m128i));
+            let b = _mm256_cvtepu8_epi16(_mm_loadu_si128(rp.add(j * 32 + 16) as *const __m128i));
+            let xa = _mm256_loadu_si256(qp.add(j * QB) as *const __m256i);
+            let xb = _mm256_loadu_si256(qp.add(j * QB + 16) as *const __m256i);
+            return _mm256_add_epi32(_mm256_madd_epi16(a, xa), _mm256_madd_epi16(b, xb));
+        }
         if B == 4 {
             // Nibbles: low ones are the even codes, high ones the odd codes (the activations
             // are stored in that order for 4 bits, see `Q16::swizzle`).
@@ -277,7 +286,8 @@ impl Tables {
     #[target_feature(enable = "avx2")]
     pub(crate) unsafe fn new(bits: u8) -> Self {
         use std::arch::x86_64::*;
-        let (s, m) = decoder_tables(bits as usize);
+        // 8-bit codes are widened directly; the tables are unused (built for 4 bits).
+        let (s, m) = decoder_tables(if bits == 8 { 4 } else { bits as usize });
         let ld8 = |a: &[i8; 32]| _mm256_loadu_si256(a.as_ptr() as *const __m256i);
         let ld16 = |a: &[i16; 16]| _mm256_loadu_si256(a.as_ptr() as *const __m256i);
         Tables { shuf: [ld8(&s[0]), ld8(&s[1])], mul: [ld16(&m[0]), ld16(&m[1])] }
@@ -337,7 +347,8 @@ pub(crate) unsafe fn rows_avx2(p: &PackedLinear, prep: &Prepared, r0: usize, y: 
         *y = match p.layout.bits {
             2 => row_avx2::<2>(p, prep, r, row, t),
             3 => row_avx2::<3>(p, prep, r, row, t),
-            _ => row_avx2::<4>(p, prep, r, row, t),
+            4 => row_avx2::<4>(p, prep, r, row, t),
+            _ => row_avx2::<8>(p, prep, r, row, t),
         };
     }
 }
