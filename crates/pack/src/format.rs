@@ -116,6 +116,16 @@ impl PackedLinear {
         self.layout
     }
 
+    /// Whether columns are stored permuted (per-OC act-order).
+    pub fn permuted(&self) -> bool {
+        self.perm.is_some()
+    }
+
+    /// Bytes this linear takes on disk, as its layout declares them.
+    pub fn stored_bytes(&self) -> usize {
+        self.layout.bytes(self.rows, self.cols, self.permuted())
+    }
+
     /// Bytes the kernels stream per matvec: packed codes + params as held (f32) + permutation.
     pub fn bytes_read(&self) -> usize {
         self.rows * bits::row_bytes(self.cols, self.layout.bits) + 8 * self.scales.len() + self.perm.as_ref().map_or(0, |p| 4 * p.len())
