@@ -149,9 +149,21 @@ impl Checkpoint {
             dtype: format!("{:?}", e.dtype),
         })?;
         check_finite(&shard.path, name, &values)?;
+        // The values are copied out: let the kernel drop the mapped pages from this process
+        // (they stay in the page cache), so reading a model block by block keeps the resident
+        // set at about one block instead of growing with every tensor touched.
+        if bytes.len() >= RELEASE_BYTES {
+            // SAFETY: the mapping is read-only and file-backed; nothing borrows this range any
+            // more (the values above are an owned copy). A later read faults the pages back in
+            // from the file with the same contents.
+            let _ = unsafe { shard.mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, shard.data_start + e.range.0, e.range.1 - e.range.0) };
+        }
         Ok(values)
     }
 }
+
+/// Tensors at least this large release their mapped pages once read.
+const RELEASE_BYTES: usize = 1 << 20;
 
 /// Fail with [`LoadError::NonFinite`] if any value is NaN or infinite.
 pub fn check_finite(path: &Path, tensor: &str, values: &[f32]) -> Result<()> {
