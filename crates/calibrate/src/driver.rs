@@ -8,11 +8,14 @@
 //!         quantize each linear of the step (axis: fixed, forced or chosen), put W' in the block
 //!     X <- quantized block(X)        (later blocks calibrate on the quantized model's outputs)
 //!     stream the block's tensors into the output
+//!         (resumable: save the block and X in a work directory instead, [`crate::resume`];
+//!          the output is written from the saved blocks once all are done)
 //! ```
 //! Only one block's weights and the calibration activations are held at a time.
 
 use crate::error::{CalibError, Result};
 use crate::output::{Output, Writer};
+use crate::resume::WorkDir;
 use adadim_load::Checkpoint;
 use adadim_model::{Block, LinearKind, Rope, Weight};
 use adadim_quantize::{choose_axis, gptq, GptqOutput, output_error_from_hessian, rtn, Axis, Calibration, GptqOptions, Hessian, QuantSpec, QuantizedMatrix};
@@ -68,13 +71,15 @@ pub struct QuantizeConfig {
 pub const ACT_CACHE_BYTES: usize = 2 << 30;
 
 /// What happened to one linear.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct LinearReport {
     pub layer: usize,
-    pub module: &'static str,
+    #[serde(deserialize_with = "static_name")]
+    pub module: StaticName,
     pub rows: usize,
     pub cols: usize,
-    pub axis: &'static str,
+    #[serde(deserialize_with = "static_name")]
+    pub axis: StaticName,
     /// RTN output errors `mean((Q(W)X - WX)^2)` per axis (when calibration data was used).
     pub oc_error: Option<f64>,
     pub ic_error: Option<f64>,
@@ -90,6 +95,17 @@ pub struct LinearReport {
     /// GPTQ runs (2 when `--select gptq` tries both axes).
     #[serde(skip)]
     pub gptq_runs: usize,
+}
+
+/// `&'static str`, named so that serde's derive does not try to borrow it from the input
+/// (it reads it with [`static_name`]).
+pub type StaticName = &'static str;
+
+/// A module or axis name read back (reports saved by an interrupted run) as the name it is.
+fn static_name<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<&'static str, D::Error> {
+    let s = <String as serde::Deserialize>::deserialize(d)?;
+    let mut names = LinearKind::ALL.iter().map(|k| k.module()).chain(["oc", "ic"]);
+    names.find(|n| *n == s).ok_or_else(|| serde::de::Error::custom(format!("unknown module or axis '{s}'")))
 }
 
 const STEPS: [&[LinearKind]; 4] =
@@ -315,13 +331,87 @@ fn mlp_hidden(block: &Block, x: &Tensor) -> Result<Tensor> {
     block.mlp_hidden(&block.mlp_input(x)?).map_err(|e| tensor_err(format!("layer {}: mlp", block.layer), e))
 }
 
-/// Quantize every block of `ckpt` into a safetensors file at `out_file` (dequantized f32
-/// weights; embeddings, norms and head copied). `progress(layer_done, layers)`.
+/// Quantize every block of `ckpt` into the model file `out` (quantized linears in its format;
+/// embeddings, norms and head copied), writing each block as soon as it is done.
+/// `progress(blocks_done, blocks)`.
 pub fn quantize_model(
     ckpt: &Checkpoint,
     samples: &[Vec<u32>],
     cfg: &QuantizeConfig,
     out: &Output<'_>,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<QuantizeRun> {
+    run(ckpt, samples, cfg, out, None, progress)
+}
+
+/// As [`quantize_model`], resumable: each finished block is saved in `work` (with the
+/// calibration hidden states entering the next one), blocks it already holds are not redone,
+/// and `out` is written from the saved blocks at the end, the same bytes however many runs
+/// it took. `work` must belong to this job ([`WorkDir::open`] checks it).
+pub fn quantize_model_resumable(
+    ckpt: &Checkpoint,
+    samples: &[Vec<u32>],
+    cfg: &QuantizeConfig,
+    out: &Output<'_>,
+    work: &mut WorkDir,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<QuantizeRun> {
+    run(ckpt, samples, cfg, out, Some(work), progress)
+}
+
+/// The checkpoint's tensors in the order the output is written: the non-block tensors, then
+/// block by block.
+fn write_plan(c: &adadim_load::LlamaConfig) -> Vec<(String, Vec<usize>)> {
+    let mut plan = c.expected_tensors();
+    plan.sort_by_key(|(n, _)| (n.strip_prefix("model.layers.").and_then(|r| r.split('.').next()).and_then(|l| l.parse::<usize>().ok()).map_or(0, |l| l + 1), n.clone()));
+    plan
+}
+
+/// Start the output and write the tensors before the first block; returns the writer and the
+/// plan position of the first block tensor.
+fn start_output(ckpt: &Checkpoint, out: &Output<'_>, plan: &[(String, Vec<usize>)]) -> Result<(Writer, usize)> {
+    let mut writer = Writer::create(out, plan)?;
+    let mut cursor = 0;
+    while cursor < plan.len() && !plan[cursor].0.starts_with("model.layers.") {
+        writer.dense(&plan[cursor].0, &plan[cursor].1, &ckpt.tensor_f32(&plan[cursor].0)?)?;
+        cursor += 1;
+    }
+    Ok((writer, cursor))
+}
+
+/// Write block `layer`'s tensors (the next ones in `plan` from `cursor`): its quantized linears,
+/// the rest (norms, biases) as in the checkpoint.
+fn write_block(writer: &mut Writer, ckpt: &Checkpoint, plan: &[(String, Vec<usize>)], cursor: &mut usize, layer: usize, quantized: &[(LinearKind, QuantizedMatrix)]) -> Result<()> {
+    let prefix = format!("model.layers.{layer}.");
+    while *cursor < plan.len() && plan[*cursor].0.starts_with(&prefix) {
+        let (name, shape) = &plan[*cursor];
+        match quantized.iter().find(|(k, _)| name.ends_with(&format!("{}.weight", k.module()))) {
+            Some((_, q)) => writer.linear(name.strip_suffix(".weight").unwrap_or(name), q)?,
+            None if name.ends_with("_proj.weight") => return Err(CalibError::Invalid(format!("{name}: no quantized weight for it"))),
+            None => writer.dense(name, shape, &ckpt.tensor_f32(name)?)?,
+        }
+        *cursor += 1;
+    }
+    Ok(())
+}
+
+/// A block's quantized linears (in the order they were quantized) and their reports.
+pub(crate) type FinishedBlock = (Vec<(LinearKind, QuantizedMatrix)>, Vec<LinearReport>);
+
+/// Where finished blocks go.
+enum Sink<'w> {
+    /// Straight into the output.
+    Stream { writer: Writer, cursor: usize },
+    /// Into a work directory; the output is written from it once every block is done.
+    Work(&'w mut WorkDir),
+}
+
+fn run(
+    ckpt: &Checkpoint,
+    samples: &[Vec<u32>],
+    cfg: &QuantizeConfig,
+    out: &Output<'_>,
+    work: Option<&mut WorkDir>,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<QuantizeRun> {
     cfg.spec.validate().map_err(|source| CalibError::Quantize { layer: 0, module: "(settings)".into(), source })?;
@@ -330,141 +420,162 @@ pub fn quantize_model(
             return Err(CalibError::Invalid(format!("--ic-modules: unknown module '{m}' (q, k, v, o, gate, up, down)")));
         }
     }
-    let mut times = Timings::default();
-    let io = Instant::now();
     let c = &ckpt.config;
+    let layers = c.num_hidden_layers;
+    let first = work.as_ref().map_or(0, |w| w.done());
+    if let Some(w) = work.as_ref().filter(|w| w.done() > layers) {
+        return Err(CalibError::Resume { path: w.path().to_path_buf(), msg: format!("{} blocks done, but the model has {layers}", w.done()) });
+    }
+    let mut times = work.as_ref().map_or_else(Timings::default, |w| w.timings());
+    let io = Instant::now();
     let seqlen = samples.iter().map(|s| s.len()).max().unwrap_or(1);
     let rope = Rope::new(c, seqlen).map_err(|e| adadim_model::ModelError::Tensor { context: "rope".into(), source: e })?;
-    // The plan (HF names in the order the output is written), and the non-block tensors first.
-    let mut plan = c.expected_tensors();
-    plan.sort_by_key(|(n, _)| (n.strip_prefix("model.layers.").and_then(|r| r.split('.').next()).and_then(|l| l.parse::<usize>().ok()).map_or(0, |l| l + 1), n.clone()));
-    let mut writer = Writer::create(out, &plan)?;
-    let mut cursor = 0;
-    while cursor < plan.len() && !plan[cursor].0.starts_with("model.layers.") {
-        writer.dense(&plan[cursor].0, &plan[cursor].1, &ckpt.tensor_f32(&plan[cursor].0)?)?;
-        cursor += 1;
-    }
+    let plan = write_plan(c);
+    let mut sink = match work {
+        None => {
+            let (writer, cursor) = start_output(ckpt, out, &plan)?;
+            Sink::Stream { writer, cursor }
+        }
+        Some(w) => Sink::Work(w),
+    };
+    // The calibration activations entering the first block to do.
     let calibrate = cfg.needs_calibration();
     let mut xs: Vec<Tensor> = Vec::new();
-    if calibrate {
-        let embed = ckpt.tensor("model.embed_tokens.weight")?;
-        for s in samples {
-            let ids = Tensor::new(s.as_slice(), &Device::Cpu).map_err(|e| adadim_model::ModelError::Tensor { context: "ids".into(), source: e })?;
-            xs.push(embed.index_select(&ids, 0).map_err(|e| adadim_model::ModelError::Tensor { context: "embedding".into(), source: e })?);
+    match &sink {
+        _ if !calibrate || first == layers => {}
+        Sink::Work(w) if first > 0 => xs = w.load_hidden(&samples.iter().map(|s| s.len()).collect::<Vec<_>>(), c.hidden_size)?,
+        _ => {
+            let embed = ckpt.tensor("model.embed_tokens.weight")?;
+            for s in samples {
+                let ids = Tensor::new(s.as_slice(), &Device::Cpu).map_err(|e| adadim_model::ModelError::Tensor { context: "ids".into(), source: e })?;
+                xs.push(embed.index_select(&ids, 0).map_err(|e| adadim_model::ModelError::Tensor { context: "embedding".into(), source: e })?);
+            }
         }
     }
     times.io_s += io.elapsed().as_secs_f64();
     let mut reports = Vec::new();
-    for layer in 0..c.num_hidden_layers {
+    for layer in first..layers {
+        let (quantized, block_reports) = quantize_block(ckpt, cfg, layer, &rope, calibrate, &mut xs, &mut times)?;
         let io = Instant::now();
-        let mut block = Block::load(ckpt, layer)?;
-        let mut quantized: Vec<(LinearKind, QuantizedMatrix)> = Vec::new();
-        times.io_s += io.elapsed().as_secs_f64();
-        let mut quantize_step = |block: &mut Block, step: &[LinearKind], h: Option<&Hessian>, times: &mut Timings| -> Result<()> {
-            for &kind in step {
-                let w = dense_weight(block, kind)?;
-                let (rows, cols) = (w.dims()[0], w.dims()[1]);
-                let (q, report) = cfg.quantize_linear(layer, kind, &to_vec(w)?, rows, cols, h)?;
-                times.add_linear(&report);
-                block.linear_mut(kind).weight = Weight::Dense(tensor(q.dequantize(), (rows, cols))?);
-                quantized.push((kind, q));
-                reports.push(report);
+        match &mut sink {
+            Sink::Stream { writer, cursor } => write_block(writer, ckpt, &plan, cursor, layer, &quantized)?,
+            Sink::Work(w) => {
+                // The clocks saved include this block's write (measured up to here).
+                let mut t = times.clone();
+                t.io_s += io.elapsed().as_secs_f64();
+                let next_xs = (calibrate && layer + 1 < layers).then_some(&xs[..]);
+                w.save_block(layer, &quantized, &block_reports, next_xs, &t)?;
             }
-            Ok(())
-        };
-        let [qkv, o, gate_up, down] = STEPS;
-        if !calibrate {
-            for step in STEPS {
-                quantize_step(&mut block, step, None, &mut times)?;
-            }
-        } else {
-            // True-sequential, each stage on the outputs of the linears already quantized:
-            // [q,k,v] -> [o] -> [gate,up] -> [down]. Each linear's input is computed once per
-            // block (no re-run of the block from its start for every stage).
-            let flops = StageFlops::new(c);
-            let mut acts = Activations { xs: std::mem::take(&mut xs), times: &mut times };
-            let h_in = acts.each(|_| 0.0, |_, x| Ok(block.attn_input(x)?))?;
-            let h = acts.hessian(layer, qkv[0], &h_in)?;
-            drop(h_in);
-            quantize_step(&mut block, qkv, Some(&h), acts.times)?;
-            let attn = acts.each(|t| flops.attention(t), |_, x| {
-                block.attention(&block.attn_input(x)?, &rope).map_err(|e| tensor_err(format!("layer {layer}: attention"), e))
-            })?;
-            let h = acts.hessian(layer, o[0], &attn)?;
-            quantize_step(&mut block, o, Some(&h), acts.times)?;
-            acts.xs = acts.each(|t| flops.o(t), |i, x| Ok(block.attn_residual(x, &attn[i])?))?;
-            drop(attn);
-            let mlp_in = acts.each(|_| 0.0, |_, x| Ok(block.mlp_input(x)?))?;
-            let h = acts.hessian(layer, gate_up[0], &mlp_in)?;
-            drop(mlp_in);
-            quantize_step(&mut block, gate_up, Some(&h), acts.times)?;
-            // down's inputs are (t, f), f/d times the residual stream: kept for the block's
-            // output when they fit in `act_cache_bytes`, else recomputed sample by sample.
-            let last = layer + 1 == c.num_hidden_layers;
-            let tokens: usize = acts.xs.iter().map(|x| x.dims()[0]).sum();
-            let keep = !last && tokens * c.intermediate_size * 4 <= cfg.act_cache_bytes;
-            let mut kept = Vec::new();
-            let mut h = Hessian::new(c.intermediate_size);
-            for i in 0..acts.xs.len() {
-                let act = acts.one(i, |t| flops.mlp_hidden(t), |x| mlp_hidden(&block, x))?;
-                acts.accumulate(&mut h, layer, down[0], &act)?;
-                if keep {
-                    kept.push(act);
-                }
-            }
-            quantize_step(&mut block, down, Some(&h), acts.times)?;
-            if !last {
-                acts.xs = acts.each(
-                    |t| flops.down(t) + if keep { 0.0 } else { flops.mlp_hidden(t) },
-                    |i, x| match kept.get(i) {
-                        Some(act) => Ok(block.mlp_residual(x, act)?),
-                        None => Ok(block.mlp_residual(x, &mlp_hidden(&block, x)?)?),
-                    },
-                )?;
-            }
-            xs = acts.xs;
         }
-        let io = Instant::now();
-        while cursor < plan.len() && plan[cursor].0.starts_with(&format!("model.layers.{layer}.")) {
-            let (name, shape) = &plan[cursor];
-            match quantized.iter().find(|(k, _)| name.ends_with(&format!("{}.weight", k.module()))) {
-                Some((_, q)) => writer.linear(name.strip_suffix(".weight").unwrap_or(name), q)?,
-                None => writer.dense(name, shape, &to_vec(block_tensor(&block, name)?)?)?,
-            }
-            cursor += 1;
-        }
+        reports.extend(block_reports);
         times.io_s += io.elapsed().as_secs_f64();
-        progress(layer + 1, c.num_hidden_layers);
+        progress(layer + 1, layers);
     }
     let io = Instant::now();
+    let writer = match sink {
+        Sink::Stream { writer, .. } => writer,
+        Sink::Work(w) => {
+            // Every block from the work directory, in order, and all their reports.
+            reports.clear();
+            let (mut writer, mut cursor) = start_output(ckpt, out, &plan)?;
+            for layer in 0..layers {
+                let (quantized, block_reports) = w.load_block(layer)?;
+                write_block(&mut writer, ckpt, &plan, &mut cursor, layer, &quantized)?;
+                reports.extend(block_reports);
+            }
+            writer
+        }
+    };
     writer.finish()?;
     times.io_s += io.elapsed().as_secs_f64();
     Ok(QuantizeRun { linears: reports, timings: times })
 }
 
+/// Quantize block `layer`; with calibration, `xs` (the residual stream entering it, one
+/// `[t, d]` per sample) becomes the stream entering the next block (left as is after the last).
+fn quantize_block(
+    ckpt: &Checkpoint,
+    cfg: &QuantizeConfig,
+    layer: usize,
+    rope: &Rope,
+    calibrate: bool,
+    xs: &mut Vec<Tensor>,
+    times: &mut Timings,
+) -> Result<FinishedBlock> {
+    let c = &ckpt.config;
+    let io = Instant::now();
+    let mut block = Block::load(ckpt, layer)?;
+    let mut quantized: Vec<(LinearKind, QuantizedMatrix)> = Vec::new();
+    let mut reports = Vec::new();
+    times.io_s += io.elapsed().as_secs_f64();
+    let mut quantize_step = |block: &mut Block, step: &[LinearKind], h: Option<&Hessian>, times: &mut Timings| -> Result<()> {
+        for &kind in step {
+            let w = dense_weight(block, kind)?;
+            let (rows, cols) = (w.dims()[0], w.dims()[1]);
+            let (q, report) = cfg.quantize_linear(layer, kind, &to_vec(w)?, rows, cols, h)?;
+            times.add_linear(&report);
+            block.linear_mut(kind).weight = Weight::Dense(tensor(q.dequantize(), (rows, cols))?);
+            quantized.push((kind, q));
+            reports.push(report);
+        }
+        Ok(())
+    };
+    let [qkv, o, gate_up, down] = STEPS;
+    if !calibrate {
+        for step in STEPS {
+            quantize_step(&mut block, step, None, times)?;
+        }
+    } else {
+        // True-sequential, each stage on the outputs of the linears already quantized:
+        // [q,k,v] -> [o] -> [gate,up] -> [down]. Each linear's input is computed once per
+        // block (no re-run of the block from its start for every stage).
+        let flops = StageFlops::new(c);
+        let mut acts = Activations { xs: std::mem::take(xs), times };
+        let h_in = acts.each(|_| 0.0, |_, x| Ok(block.attn_input(x)?))?;
+        let h = acts.hessian(layer, qkv[0], &h_in)?;
+        drop(h_in);
+        quantize_step(&mut block, qkv, Some(&h), acts.times)?;
+        let attn = acts.each(|t| flops.attention(t), |_, x| {
+            block.attention(&block.attn_input(x)?, rope).map_err(|e| tensor_err(format!("layer {layer}: attention"), e))
+        })?;
+        let h = acts.hessian(layer, o[0], &attn)?;
+        quantize_step(&mut block, o, Some(&h), acts.times)?;
+        acts.xs = acts.each(|t| flops.o(t), |i, x| Ok(block.attn_residual(x, &attn[i])?))?;
+        drop(attn);
+        let mlp_in = acts.each(|_| 0.0, |_, x| Ok(block.mlp_input(x)?))?;
+        let h = acts.hessian(layer, gate_up[0], &mlp_in)?;
+        drop(mlp_in);
+        quantize_step(&mut block, gate_up, Some(&h), acts.times)?;
+        // down's inputs are (t, f), f/d times the residual stream: kept for the block's
+        // output when they fit in `act_cache_bytes`, else recomputed sample by sample.
+        let last = layer + 1 == c.num_hidden_layers;
+        let tokens: usize = acts.xs.iter().map(|x| x.dims()[0]).sum();
+        let keep = !last && tokens * c.intermediate_size * 4 <= cfg.act_cache_bytes;
+        let mut kept = Vec::new();
+        let mut h = Hessian::new(c.intermediate_size);
+        for i in 0..acts.xs.len() {
+            let act = acts.one(i, |t| flops.mlp_hidden(t), |x| mlp_hidden(&block, x))?;
+            acts.accumulate(&mut h, layer, down[0], &act)?;
+            if keep {
+                kept.push(act);
+            }
+        }
+        quantize_step(&mut block, down, Some(&h), acts.times)?;
+        if !last {
+            acts.xs = acts.each(
+                |t| flops.down(t) + if keep { 0.0 } else { flops.mlp_hidden(t) },
+                |i, x| match kept.get(i) {
+                    Some(act) => Ok(block.mlp_residual(x, act)?),
+                    None => Ok(block.mlp_residual(x, &mlp_hidden(&block, x)?)?),
+                },
+            )?;
+        }
+        *xs = acts.xs;
+    }
+    Ok((quantized, reports))
+}
+
 /// A linear's dense weight (blocks read from a float checkpoint have nothing else).
 fn dense_weight(b: &Block, kind: LinearKind) -> Result<&Tensor> {
     b.linear(kind).dense().ok_or_else(|| CalibError::Invalid(format!("layer {} {}: the weight is already quantized (packed); quantize the original model", b.layer, kind.module())))
-}
-
-/// The block's tensor for a checkpoint name (`model.layers.3.mlp.up_proj.weight`).
-fn block_tensor<'a>(b: &'a Block, name: &str) -> Result<&'a Tensor> {
-    if name.ends_with("input_layernorm.weight") {
-        return Ok(&b.attn_norm);
-    }
-    if name.ends_with("post_attention_layernorm.weight") {
-        return Ok(&b.mlp_norm);
-    }
-    for kind in LinearKind::ALL {
-        let lin = b.linear(kind);
-        if name.ends_with(&format!("{}.weight", kind.module())) {
-            return dense_weight(b, kind);
-        }
-        if name.ends_with(&format!("{}.bias", kind.module())) {
-            if let Some(bias) = &lin.bias {
-                return Ok(bias);
-            }
-        }
-    }
-    Err(CalibError::Invalid(format!("no block tensor for {name}")))
 }

@@ -17,6 +17,20 @@ pub enum CalibError {
     Data { path: PathBuf, msg: String },
     #[error("{0}")]
     Invalid(String),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A file of a resume work directory that cannot be what this tool wrote.
+    #[error("{path}: {msg} (the interrupted run's state is damaged; delete its directory to start over)")]
+    Resume { path: PathBuf, msg: String },
+    /// The work directory holds an interrupted run of another job.
+    #[error("{dir}: holds an interrupted run with other settings or inputs ({differences}); to start over, delete that directory (or pass --restart), or re-run with the settings it was started with")]
+    OtherJob { dir: PathBuf, differences: String },
+    #[error("{dir}: in use by another adadim process (pid {pid}); wait for it, or delete {dir}/lock if no such process is running")]
+    Locked { dir: PathBuf, pid: u32 },
 }
 
 pub type Result<T> = std::result::Result<T, CalibError>;

@@ -8,7 +8,9 @@ pub mod data;
 pub mod driver;
 pub mod output;
 pub mod error;
+pub mod resume;
 
-pub use driver::{quantize_model, ACT_CACHE_BYTES, Dim, LinearReport, Method, QuantizeConfig, QuantizeRun, Select, Timings};
+pub use driver::{quantize_model, quantize_model_resumable, ACT_CACHE_BYTES, Dim, LinearReport, Method, QuantizeConfig, QuantizeRun, Select, Timings};
 pub use error::{CalibError, Result};
 pub use output::{Format, Output};
+pub use resume::WorkDir;

@@ -3,6 +3,7 @@
 
 mod bench;
 mod bench_kernels;
+mod bench_scale;
 mod progress;
 
 use adadim_eval::datasets::{data_dir_from_env, Dataset};
@@ -65,6 +66,27 @@ enum BenchCmd {
     /// Decode tokens/s (batch 1, greedy, KV cache) of float and packed models against the
     /// memory-bandwidth bound and llama.cpp's llama-bench (tg) on GGUFs of the same model.
     Decode(BenchDecodeArgs),
+    /// Peak memory and time per block quantizing checkpoints of growing shapes (`adadim synth`
+    /// ones: SmolLM2, LLaMA-2-7B, 13B), each in its own process.
+    Scale(BenchScaleArgs),
+}
+
+#[derive(Args)]
+struct BenchScaleArgs {
+    /// Model directories, smallest first, comma-separated.
+    #[arg(long, value_delimiter = ',', required = true)]
+    models: Vec<PathBuf>,
+    /// Calibration samples (small: memory and time per block are the point).
+    #[arg(long, default_value_t = 16)]
+    nsamples: usize,
+    #[arg(long, default_value_t = 512)]
+    calib_seqlen: usize,
+    /// Where the quantized outputs go while measured (deleted after each).
+    #[arg(long)]
+    scratch: Option<PathBuf>,
+    /// Markdown file whose `scale` section is rewritten.
+    #[arg(long, default_value = "BENCHMARKS.md")]
+    write: PathBuf,
 }
 
 #[derive(Args)]
@@ -86,6 +108,10 @@ struct SynthArgs {
     /// Largest shard, in GB (model-0000i-of-0000n.safetensors + index beyond one).
     #[arg(long, default_value_t = 5.0)]
     shard_gb: f64,
+    /// Keep only this many decoder blocks (same block shapes, a shallower model: per-block
+    /// time and memory of a large shape without writing all of it).
+    #[arg(long)]
+    layers: Option<usize>,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -250,9 +276,15 @@ struct QuantizeArgs {
     /// GPTQ v1 layout + quantize_config.json, for transformers / vLLM (needs --dim oc).
     #[arg(long, value_enum, default_value = "packed")]
     format: FormatArg,
-    /// Output model directory (must not exist).
+    /// Output model directory (must not exist). The work happens in `.NAME.partial` beside it,
+    /// which keeps every finished block: a run cut short (Ctrl-C, kill, power loss) continues
+    /// from there when the same command is run again.
     #[arg(long)]
     out: PathBuf,
+    /// Discard what an interrupted run left in `.NAME.partial` and start over (needed when the
+    /// settings or inputs changed since).
+    #[arg(long)]
+    restart: bool,
     /// Print the summary as JSON on stdout.
     #[arg(long)]
     json: bool,
@@ -413,6 +445,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Bench(BenchCmd::Quantize(a)) => bench_quantize(a),
         Cmd::Bench(BenchCmd::Kernels(a)) => bench_kernels(a),
         Cmd::Bench(BenchCmd::Decode(a)) => bench_decode(a),
+        Cmd::Bench(BenchCmd::Scale(a)) => bench_scale(a),
     }
 }
 
@@ -619,7 +652,13 @@ fn apply_head_bits(model: &mut adadim_model::Model, bits: Option<u8>, packed: bo
 fn synth(a: SynthArgs) -> Result<()> {
     use adadim_load::safetensors_out::DenseDtype;
     use adadim_load::synth::{Outliers, SynthOptions};
-    let cfg = adadim_load::synth::shape_config(&a.shape)?;
+    let mut cfg = adadim_load::synth::shape_config(&a.shape)?;
+    if let Some(l) = a.layers {
+        if l == 0 || l > cfg.num_hidden_layers {
+            anyhow::bail!("--layers {l}: must be 1..={} for {}", cfg.num_hidden_layers, a.shape);
+        }
+        cfg.num_hidden_layers = l;
+    }
     let outliers = match &a.outliers {
         None => None,
         Some(spec) => {
@@ -646,6 +685,26 @@ fn synth(a: SynthArgs) -> Result<()> {
     bar.finish();
     println!("{}: {} ({} layers, d {}), {:.1} s", a.out.display(), a.shape, cfg.num_hidden_layers, cfg.hidden_size, start.elapsed().as_secs_f64());
     Ok(())
+}
+
+fn bench_scale(a: BenchScaleArgs) -> Result<()> {
+    use std::fmt::Write;
+    let models = bench_scale::models(&a.models)?;
+    let scratch = a.scratch.clone().unwrap_or_else(|| models[0].parent().map(PathBuf::from).unwrap_or_else(|| PathBuf::from(".")));
+    let args: Vec<String> = ["--method", "gptq", "--dim", "ada", "--bits", "3", "--group", "128", "--nsamples", &a.nsamples.to_string(), "--calib-seqlen", &a.calib_seqlen.to_string()].iter().map(|s| s.to_string()).collect();
+    let mut rows = Vec::new();
+    for m in &models {
+        eprintln!("quantizing {} ...", m.display());
+        let r = bench_scale::run_one(m, &args, &scratch)?;
+        eprintln!("  {:.1} s, peak RSS {:.0} MB", r.seconds, r.peak_rss_mb);
+        rows.push(r);
+    }
+    let mut md = String::new();
+    writeln!(md, "## Memory and time by model size (`adadim bench scale`)\n")?;
+    writeln!(md, "Machine: {}.\n", bench::machine())?;
+    let settings = format!("GPTQ-ada w3g128, calibration {} x {} Shakespeare tokens, packed output; random-weight f16 checkpoints from `adadim synth` (real shapes; `--layers` keeps fewer blocks of the same shape)", a.nsamples, a.calib_seqlen);
+    bench_scale::table(&rows, &settings, &mut md)?;
+    bench::publish(&a.write, "scale", &md)
 }
 
 fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
@@ -842,7 +901,7 @@ fn quantize(a: QuantizeArgs) -> Result<()> {
         FormatArg::F16 => adadim_calibrate::Format::F16,
         FormatArg::Gptq => adadim_calibrate::Format::Gptq,
     };
-    let summary = run_quantize(&dir, a.job.method, a.job.dim, &a.job.settings, format, &a.out)?;
+    let summary = run_quantize_resumable(&dir, a.job.method, a.job.dim, &a.job.settings, format, &a.out, a.restart)?;
     if a.json {
         println!("{}", serde_json::to_string(&summary)?);
     } else {
@@ -858,9 +917,19 @@ fn quantize(a: QuantizeArgs) -> Result<()> {
     Ok(())
 }
 
-/// Quantize the checkpoint in `dir` into the new directory `out` (written beside it under a
-/// temporary name and renamed when complete). Returns the report's summary.
+/// Quantize the checkpoint in `dir` into the new directory `out`; see [`run_quantize_resumable`].
 fn run_quantize(dir: &std::path::Path, method: MethodArg, dim: DimArg, q: &QuantSettings, format: adadim_calibrate::Format, out: &std::path::Path) -> Result<serde_json::Value> {
+    run_quantize_resumable(dir, method, dim, q, format, out, false)
+}
+
+/// Quantize the checkpoint in `dir` into the new directory `out`. Returns the report's summary.
+///
+/// The work happens in `.NAME.partial` beside `out` ([`adadim_calibrate::WorkDir`]): every
+/// finished block is saved there, so a run cut short continues after its last finished block
+/// when run again with the same settings and inputs (`restart`: start over instead), and gives
+/// the same bytes as a run never interrupted. The finished model is assembled in
+/// `.NAME.partial/model` and renamed to `out`: nothing at `out` is ever incomplete.
+fn run_quantize_resumable(dir: &std::path::Path, method: MethodArg, dim: DimArg, q: &QuantSettings, format: adadim_calibrate::Format, out: &std::path::Path, restart: bool) -> Result<serde_json::Value> {
     let cfg = quantize_config(method, dim, q)?;
     if out.exists() {
         anyhow::bail!("{}: output directory already exists; remove it or choose another", out.display());
@@ -871,6 +940,7 @@ fn run_quantize(dir: &std::path::Path, method: MethodArg, dim: DimArg, q: &Quant
     if format == adadim_calibrate::Format::Gptq && (!matches!(dim, DimArg::Oc) || !q.ic_modules.is_empty()) {
         anyhow::bail!("--format gptq: the GPTQ layout holds per-OC groups only; use --dim oc (without --ic-modules), or the packed format for per-IC / AdaDim models");
     }
+    let start = std::time::Instant::now();
     let ckpt = adadim_load::Checkpoint::open(dir)?;
     let tok = adadim_load::tokenizer::load(dir)?;
     let calib_file = adadim_calibrate::data::calibration_file(&q.calib, &adadim_home())?;
@@ -878,31 +948,69 @@ fn run_quantize(dir: &std::path::Path, method: MethodArg, dim: DimArg, q: &Quant
     let ids = adadim_eval::ppl::tokenize(&tok, &text, &calib_file.display().to_string())?;
     let samples = adadim_calibrate::data::sample_windows(&ids, q.nsamples, q.calib_seqlen, q.seed, &calib_file)?;
 
+    // The source's identity, for the packed file's metadata and the job's.
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.extension().is_some_and(|e| e == "safetensors")).collect();
+    files.sort();
+    let mut source = serde_json::Map::new();
+    for f in &files {
+        source.insert(f.file_name().unwrap_or_default().to_string_lossy().into(), adadim_load::fetch::sha256_file(f)?.into());
+    }
+    let tool = format!("adadim {}", env!("CARGO_PKG_VERSION"));
+    let metadata = serde_json::json!({
+        "tool": &tool,
+        "settings": &cfg,
+        "calibration": {"source": calib_file.display().to_string(), "nsamples": q.nsamples, "seqlen": q.calib_seqlen, "seed": q.seed},
+        "source_model": {"dir": dir.display().to_string(), "sha256": &source},
+    });
+    // What makes two runs the same job: the inputs by content (not by path), every setting.
+    let tokens: Vec<u8> = samples.iter().flat_map(|s| s.iter().flat_map(|t| t.to_le_bytes()).chain(u32::MAX.to_le_bytes())).collect();
+    let job = serde_json::json!({
+        "tool": &tool,
+        "settings": &cfg,
+        "gptq": &cfg.gptq,
+        "format": format,
+        "calibration": {"nsamples": q.nsamples, "seqlen": q.calib_seqlen, "seed": q.seed, "tokens_sha256": adadim_load::fetch::sha256_hex(&tokens)},
+        "source_model": {"sha256": &source, "config_sha256": adadim_load::fetch::sha256_file(&dir.join("config.json"))?},
+    });
+
     let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
     std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
-    let tmp = parent.join(format!(".{}.partial-{}", out.file_name().unwrap_or_default().to_string_lossy(), std::process::id()));
-    std::fs::create_dir(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    let work_dir = parent.join(format!(".{}.partial", out.file_name().unwrap_or_default().to_string_lossy()));
+    let mut work = adadim_calibrate::WorkDir::open(&work_dir, job, restart)?;
+    let layers = ckpt.config.num_hidden_layers;
+    let resumed = work.done();
+    if resumed >= layers {
+        eprintln!("{}: all {layers} blocks were finished by an interrupted run; resuming at writing the output", work_dir.display());
+    } else if resumed > 0 {
+        eprintln!("{}: resuming at block {} of {layers} ({resumed} finished by an interrupted run)", work_dir.display(), resumed + 1);
+    }
+    let staging = work_dir.join("model");
     let result = (|| -> Result<serde_json::Value> {
-        let start = std::time::Instant::now();
-        let mut bar = progress::Bar::new("quantize", ckpt.config.num_hidden_layers);
-        // The source's identity, for the packed file's metadata.
-        let mut source = serde_json::Map::new();
-        for f in std::fs::read_dir(dir)?.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.extension().is_some_and(|e| e == "safetensors")) {
-            source.insert(f.file_name().unwrap_or_default().to_string_lossy().into(), adadim_load::fetch::sha256_file(&f)?.into());
+        if staging.exists() {
+            std::fs::remove_dir_all(&staging).with_context(|| format!("removing {}", staging.display()))?;
         }
-        let metadata = serde_json::json!({
-            "tool": format!("adadim {}", env!("CARGO_PKG_VERSION")),
-            "settings": &cfg,
-            "calibration": {"source": calib_file.display().to_string(), "nsamples": q.nsamples, "seqlen": q.calib_seqlen, "seed": q.seed},
-            "source_model": {"dir": dir.display().to_string(), "sha256": source},
-        });
-        let output = adadim_calibrate::Output { path: &tmp.join("model.safetensors"), format, metadata };
-        let run = adadim_calibrate::quantize_model(&ckpt, &samples, &cfg, &output, &mut |d, t| bar.update(d, t))?;
+        std::fs::create_dir(&staging).with_context(|| format!("creating {}", staging.display()))?;
+        let mut bar = progress::Bar::new("quantize", layers);
+        bar.update(resumed, layers);
+        // Test hooks: stop (abort) or wait to be killed once N blocks are saved.
+        let hook = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<usize>().ok());
+        let (abort_after, pause_after) = (hook("ADADIM_TEST_ABORT_AFTER_BLOCK"), hook("ADADIM_TEST_PAUSE_AFTER_BLOCK"));
+        let output = adadim_calibrate::Output { path: &staging.join("model.safetensors"), format, metadata };
+        let run = adadim_calibrate::quantize_model_resumable(&ckpt, &samples, &cfg, &output, &mut work, &mut |d, t| {
+            bar.update(d, t);
+            if abort_after == Some(d) {
+                std::process::abort();
+            }
+            if pause_after == Some(d) {
+                std::thread::sleep(std::time::Duration::from_secs(300));
+                std::process::abort();
+            }
+        })?;
         let reports = run.linears;
         bar.finish();
         for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
             if dir.join(f).exists() {
-                std::fs::copy(dir.join(f), tmp.join(f)).with_context(|| format!("copying {f}"))?;
+                std::fs::copy(dir.join(f), staging.join(f)).with_context(|| format!("copying {f}"))?;
             }
         }
         // A dequantized export declares the dtype it holds (HF loaders read torch_dtype).
@@ -912,7 +1020,7 @@ fn run_quantize(dir: &std::path::Path, method: MethodArg, dim: DimArg, q: &Quant
             _ => None,
         };
         if let Some(dt) = torch_dtype {
-            let path = tmp.join("config.json");
+            let path = staging.join("config.json");
             let mut c: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path)?).with_context(|| format!("{}: not JSON", path.display()))?;
             c["torch_dtype"] = dt.into();
             std::fs::write(&path, serde_json::to_string_pretty(&c)?)?;
@@ -924,25 +1032,35 @@ fn run_quantize(dir: &std::path::Path, method: MethodArg, dim: DimArg, q: &Quant
             "calibration": {"source": calib_file.display().to_string(), "nsamples": q.nsamples, "seqlen": q.calib_seqlen, "seed": q.seed},
             "linears": reports.len(),
             "per_ic": reports.iter().filter(|r| r.axis == "ic").count(),
-            "seconds": start.elapsed().as_secs_f64(),
+            "seconds": work.earlier_seconds() + start.elapsed().as_secs_f64(),
             "timings": run.timings,
             "peak_rss_mb": peak_rss_mb(),
         });
         if format == adadim_calibrate::Format::Gptq {
             let qc = adadim_pack::gptq::quantize_config(q.bits, (q.group > 0).then_some(q.group), q.act_order, q.static_groups, q.percdamp);
-            std::fs::write(tmp.join("quantize_config.json"), serde_json::to_string_pretty(&qc)?)?;
+            std::fs::write(staging.join("quantize_config.json"), serde_json::to_string_pretty(&qc)?)?;
         }
         let report = serde_json::json!({"summary": summary, "linears": reports});
-        std::fs::write(tmp.join("report.json"), serde_json::to_string_pretty(&report)?)?;
+        std::fs::write(staging.join("report.json"), serde_json::to_string_pretty(&report)?)?;
+        for e in std::fs::read_dir(&staging)? {
+            std::fs::File::open(e?.path()).and_then(|f| f.sync_all()).with_context(|| format!("syncing {}", staging.display()))?;
+        }
         Ok(summary)
     })();
     match result {
         Ok(summary) => {
-            std::fs::rename(&tmp, out).with_context(|| format!("moving the result to {}", out.display()))?;
+            std::fs::rename(&staging, out).with_context(|| format!("moving the result to {}", out.display()))?;
+            if let Err(e) = work.remove() {
+                eprintln!("warning: {e} (the model at {} is complete; delete that directory)", out.display());
+            }
             Ok(summary)
         }
+        Err(e) if work.done() == 0 => {
+            let _ = work.remove();
+            Err(e)
+        }
         Err(e) => {
-            let _ = std::fs::remove_dir_all(&tmp);
+            eprintln!("{}: the {} finished blocks are kept; the same command continues from there (--restart starts over)", work_dir.display(), work.done());
             Err(e)
         }
     }

@@ -1,0 +1,371 @@
+//! Resuming an interrupted run: a work directory that holds every finished decoder block.
+//!
+//! ```text
+//! DIR/lock                      the PID of the run using DIR (created with create_new)
+//! DIR/resume.json               the job (its settings and inputs, and their SHA-256), blocks done
+//! DIR/blocks/block-00007.safetensors   block 7's quantized linears (codes bit-packed, params) and reports
+//! DIR/hidden-00008.f32          the calibration hidden states entering block 8 (only the latest)
+//! ```
+//!
+//! After each block: the block file, then the hidden states, are written under a temporary
+//! name, synced and renamed; then `resume.json` (the same way) counts the block as done; then
+//! the previous hidden states are deleted. A crash at any point leaves either the old or the
+//! new state whole, and a re-run of the same job continues after the last block counted.
+//! What is saved is exact (codes, f32 params, f32 activations), so a resumed run writes the
+//! same bytes as an uninterrupted one.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use adadim_load::safetensors_out::StreamWriter;
+use adadim_model::LinearKind;
+use adadim_quantize::{QuantSpec, QuantizedMatrix};
+use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::driver::{FinishedBlock, LinearReport, Timings};
+use crate::error::{CalibError, Result};
+
+/// Version of the work directory's layout; another version is a different job.
+const LAYOUT_VERSION: u32 = 1;
+
+/// `resume.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Manifest {
+    layout_version: u32,
+    /// SHA-256 of `job` as JSON.
+    job_sha256: String,
+    /// What identifies the job (settings, the inputs' checksums, output format, tool version).
+    job: serde_json::Value,
+    /// Blocks finished and saved in `blocks/`, in order.
+    done: usize,
+    /// The file holding the hidden states entering block `done`, when the job calibrates.
+    hidden: Option<String>,
+    /// Clocks of the finished blocks (the time of a block cut short is lost).
+    timings: Timings,
+    /// Wall seconds spent by earlier runs up to the last block saved.
+    elapsed_s: f64,
+}
+
+/// The work directory of one job, locked for this process while it lives.
+pub struct WorkDir {
+    dir: PathBuf,
+    manifest: Manifest,
+    opened: Instant,
+    elapsed_before: f64,
+    _lock: Lock,
+}
+
+fn io(path: &Path) -> impl Fn(std::io::Error) -> CalibError + '_ {
+    move |source| CalibError::Io { path: path.to_path_buf(), source }
+}
+
+fn damaged(path: &Path, msg: impl Into<String>) -> CalibError {
+    CalibError::Resume { path: path.to_path_buf(), msg: msg.into() }
+}
+
+/// Write `path` whole or not at all: a temporary file beside it, synced, then renamed.
+fn write_atomic(path: &Path, write: impl FnOnce(&mut BufWriter<File>) -> std::io::Result<()>) -> Result<()> {
+    let tmp = tmp_name(path);
+    let file = File::create(&tmp).map_err(io(&tmp))?;
+    let mut out = BufWriter::with_capacity(1 << 20, file);
+    write(&mut out).map_err(io(&tmp))?;
+    let file = out.into_inner().map_err(|e| CalibError::Io { path: tmp.clone(), source: e.into_error() })?;
+    file.sync_all().map_err(io(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io(path))
+}
+
+fn tmp_name(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".tmp");
+    path.with_file_name(name)
+}
+
+/// Make the renames inside `dir` durable.
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))
+}
+
+/// The leaves where two JSON values differ, as `path: old -> new`.
+fn differences(path: &str, old: &serde_json::Value, new: &serde_json::Value, out: &mut Vec<String>) {
+    use serde_json::Value;
+    match (old, new) {
+        (Value::Object(a), Value::Object(b)) => {
+            let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+            keys.sort();
+            keys.dedup();
+            for k in keys {
+                let p = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
+                differences(&p, a.get(k).unwrap_or(&Value::Null), b.get(k).unwrap_or(&Value::Null), out);
+            }
+        }
+        _ if old != new => out.push(format!("{path}: {old} -> {new}")),
+        _ => {}
+    }
+}
+
+impl WorkDir {
+    /// Open (or create) the work directory `dir` for `job` and lock it.
+    ///
+    /// A directory holding the same job (same `job` JSON) is resumed: [`WorkDir::done`] says
+    /// how many blocks it holds. One holding another job is an error naming what differs,
+    /// unless `restart`, which empties it first. One locked by a running process is an error.
+    pub fn open(dir: &Path, job: serde_json::Value, restart: bool) -> Result<WorkDir> {
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let lock = Lock::acquire(dir)?;
+        let job_sha256 = adadim_load::fetch::sha256_hex(job.to_string().as_bytes());
+        let path = dir.join("resume.json");
+        let old: Option<Manifest> = match std::fs::read(&path) {
+            Ok(bytes) if !restart => Some(serde_json::from_slice(&bytes).map_err(|e| {
+                damaged(&path, format!("unreadable ({e}); delete {} to start over", dir.display()))
+            })?),
+            Ok(_) => None,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(CalibError::Io { path, source: e }),
+        };
+        let manifest = match old {
+            Some(m) if m.layout_version == LAYOUT_VERSION && m.job_sha256 == job_sha256 => m,
+            Some(m) => {
+                let mut diffs = Vec::new();
+                if m.layout_version != LAYOUT_VERSION {
+                    diffs.push(format!("work directory layout: {} -> {LAYOUT_VERSION}", m.layout_version));
+                }
+                differences("", &m.job, &job, &mut diffs);
+                if diffs.is_empty() {
+                    diffs.push("the job's checksum".into());
+                }
+                let n = diffs.len();
+                diffs.truncate(4);
+                if n > 4 {
+                    diffs.push(format!("and {} more", n - 4));
+                }
+                return Err(CalibError::OtherJob { dir: dir.to_path_buf(), differences: diffs.join("; ") });
+            }
+            None => {
+                // A fresh start: whatever a run cut short before its first block left goes.
+                for e in std::fs::read_dir(dir).map_err(io(dir))? {
+                    let p = e.map_err(io(dir))?.path();
+                    if p.file_name().is_some_and(|n| n != "lock") {
+                        let r = if p.is_dir() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
+                        r.map_err(io(&p))?;
+                    }
+                }
+                let m = Manifest { layout_version: LAYOUT_VERSION, job_sha256, job, done: 0, hidden: None, timings: Timings::default(), elapsed_s: 0.0 };
+                std::fs::create_dir(dir.join("blocks")).map_err(io(&dir.join("blocks")))?;
+                let w = WorkDir { dir: dir.to_path_buf(), elapsed_before: 0.0, manifest: m, opened: Instant::now(), _lock: lock };
+                w.write_manifest()?;
+                return Ok(w);
+            }
+        };
+        // Left by a run cut short between two steps: half-written files, superseded states.
+        for e in std::fs::read_dir(dir).map_err(io(dir))? {
+            let p = e.map_err(io(dir))?.path();
+            let name = p.file_name().unwrap_or_default().to_string_lossy().into_owned();
+            let stale = name.ends_with(".tmp") || (name.starts_with("hidden-") && Some(&name) != manifest.hidden.as_ref());
+            if stale && p.is_file() {
+                std::fs::remove_file(&p).map_err(io(&p))?;
+            }
+        }
+        Ok(WorkDir { dir: dir.to_path_buf(), elapsed_before: manifest.elapsed_s, manifest, opened: Instant::now(), _lock: lock })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Blocks already finished (by earlier runs, then by this one).
+    pub fn done(&self) -> usize {
+        self.manifest.done
+    }
+
+    /// Wall seconds earlier runs spent on the blocks they finished.
+    pub fn earlier_seconds(&self) -> f64 {
+        self.elapsed_before
+    }
+
+    /// Clocks of the finished blocks.
+    pub(crate) fn timings(&self) -> Timings {
+        self.manifest.timings.clone()
+    }
+
+    /// Delete the directory (the job's output has been moved out of it).
+    pub fn remove(self) -> Result<()> {
+        std::fs::remove_dir_all(&self.dir).map_err(io(&self.dir))
+    }
+
+    fn write_manifest(&self) -> Result<()> {
+        let bytes = serde_json::to_vec_pretty(&self.manifest).expect("the manifest serializes");
+        write_atomic(&self.dir.join("resume.json"), |w| w.write_all(&bytes))?;
+        sync_dir(&self.dir)
+    }
+
+    fn block_path(&self, layer: usize) -> PathBuf {
+        self.dir.join("blocks").join(format!("block-{layer:05}.safetensors"))
+    }
+
+    /// Persist block `layer` (the next one): its quantized linears and reports, the hidden
+    /// states entering the next block (`None` after the last block, or without calibration),
+    /// and the clocks so far; then count it as done.
+    pub(crate) fn save_block(&mut self, layer: usize, linears: &[(LinearKind, QuantizedMatrix)], reports: &[LinearReport], next_xs: Option<&[Tensor]>, timings: &Timings) -> Result<()> {
+        assert_eq!(layer, self.manifest.done, "blocks are saved in order");
+        let path = self.block_path(layer);
+        let tmp = tmp_name(&path);
+        let reserved = 4096 + 512 * linears.len() + 1024 * reports.len();
+        let mut w = StreamWriter::create(&tmp, reserved)?;
+        let mut meta = vec![("reports".to_string(), serde_json::to_string(reports).expect("reports serialize"))];
+        for (kind, q) in linears {
+            let n = kind.short();
+            let bits = q.spec().bits;
+            let packed = adadim_pack::bits::pack(q.codes(), q.rows(), q.cols(), bits);
+            let rb = adadim_pack::bits::row_bytes(q.cols(), bits);
+            w.write(&format!("{n}.codes"), "U8", &[q.rows(), rb], &packed[..q.rows() * rb])?;
+            let (pr, pc) = q.param_shape();
+            w.write(&format!("{n}.scales"), "F32", &[pr, pc], &f32_bytes(q.scales()))?;
+            w.write(&format!("{n}.zeros"), "F32", &[pr, pc], &f32_bytes(q.zeros()))?;
+            if let Some(g) = q.g_idx() {
+                w.write(&format!("{n}.g_idx"), "U32", &[g.len()], &g.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>())?;
+            }
+            meta.push((format!("{n}.spec"), serde_json::to_string(q.spec()).expect("specs serialize")));
+            meta.push((format!("{n}.shape"), format!("[{},{}]", q.rows(), q.cols())));
+        }
+        w.finish(&meta)?;
+        std::fs::rename(&tmp, &path).map_err(io(&path))?;
+        let old_hidden = self.manifest.hidden.take();
+        if let Some(xs) = next_xs {
+            let name = format!("hidden-{:05}.f32", layer + 1);
+            write_atomic(&self.dir.join(&name), |w| {
+                for x in xs {
+                    let v = x.flatten_all().and_then(|t| t.to_vec1::<f32>()).map_err(std::io::Error::other)?;
+                    w.write_all(&f32_bytes(&v))?;
+                }
+                Ok(())
+            })?;
+            self.manifest.hidden = Some(name);
+            sync_dir(&self.dir)?;
+        }
+        sync_dir(&self.dir.join("blocks"))?;
+        self.manifest.done = layer + 1;
+        self.manifest.timings = timings.clone();
+        self.manifest.elapsed_s = self.elapsed_before + self.opened.elapsed().as_secs_f64();
+        self.write_manifest()?;
+        if let Some(old) = old_hidden.filter(|o| Some(o) != self.manifest.hidden.as_ref()) {
+            let p = self.dir.join(old);
+            std::fs::remove_file(&p).map_err(io(&p))?;
+        }
+        Ok(())
+    }
+
+    /// The hidden states entering block [`WorkDir::done`], one `[len, dim]` per sample length.
+    pub(crate) fn load_hidden(&self, lens: &[usize], dim: usize) -> Result<Vec<Tensor>> {
+        let name = self.manifest.hidden.as_deref().ok_or_else(|| damaged(&self.dir.join("resume.json"), format!("no calibration hidden states recorded after block {}", self.done())))?;
+        let path = self.dir.join(name);
+        let file = File::open(&path).map_err(io(&path))?;
+        let want: u64 = lens.iter().map(|&l| (l * dim * 4) as u64).sum();
+        let got = file.metadata().map_err(io(&path))?.len();
+        if got != want {
+            return Err(damaged(&path, format!("{got} bytes, expected {want} ({} samples x {dim} f32)", lens.len())));
+        }
+        let mut r = BufReader::with_capacity(1 << 20, file);
+        lens.iter()
+            .map(|&len| {
+                let mut bytes = vec![0u8; len * dim * 4];
+                r.read_exact(&mut bytes).map_err(io(&path))?;
+                let v: Vec<f32> = bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes"))).collect();
+                Tensor::from_vec(v, (len, dim), &Device::Cpu).map_err(|e| damaged(&path, e.to_string()))
+            })
+            .collect()
+    }
+
+    /// Block `layer`'s quantized linears (in the order saved) and reports.
+    pub(crate) fn load_block(&self, layer: usize) -> Result<FinishedBlock> {
+        let path = self.block_path(layer);
+        let bytes = std::fs::read(&path).map_err(io(&path))?;
+        let bad = |msg: String| damaged(&path, msg);
+        let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(e.to_string()))?;
+        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
+        let meta = header.metadata().clone().unwrap_or_default();
+        let get = |k: &str| -> Result<String> { meta.get(k).cloned().ok_or_else(|| bad(format!("no '{k}' in the metadata"))) };
+        let reports: Vec<LinearReport> = serde_json::from_str(&get("reports")?).map_err(|e| bad(format!("reports: {e}")))?;
+        let mut linears = Vec::new();
+        for kind in LinearKind::ALL {
+            let n = kind.short();
+            let Some(spec) = meta.get(&format!("{n}.spec")) else { continue };
+            let spec: QuantSpec = serde_json::from_str(spec).map_err(|e| bad(format!("{n}.spec: {e}")))?;
+            let (rows, cols): (usize, usize) = serde_json::from_str(&get(&format!("{n}.shape"))?).map_err(|e| bad(format!("{n}.shape: {e}")))?;
+            let data = |t: &str| st.tensor(&format!("{n}.{t}")).map(|v| v.data()).map_err(|e| bad(format!("{n}.{t}: {e}")));
+            let codes = data("codes")?;
+            if codes.len() != rows * adadim_pack::bits::row_bytes(cols, spec.bits) {
+                return Err(bad(format!("{n}.codes: {} bytes for [{rows}, {cols}] at {} bits", codes.len(), spec.bits)));
+            }
+            let mut padded = codes.to_vec();
+            padded.resize(codes.len() + adadim_pack::bits::PAD, 0);
+            let codes = adadim_pack::bits::unpack(&padded, rows, cols, spec.bits);
+            let floats = |t: &str| -> Result<Vec<f32>> { Ok(data(t)?.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes"))).collect()) };
+            let g_idx = match st.tensor(&format!("{n}.g_idx")) {
+                Ok(t) => Some(t.data().chunks_exact(4).map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes"))).collect()),
+                Err(_) => None,
+            };
+            let q = QuantizedMatrix::from_parts(rows, cols, spec, codes, floats("scales")?, floats("zeros")?, g_idx).map_err(|e| bad(format!("{n}: {e}")))?;
+            linears.push((kind, q));
+        }
+        Ok((linears, reports))
+    }
+}
+
+fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// `DIR/lock`, holding the owner's PID; removed when dropped. A lock whose process is gone
+/// (killed, crashed, the machine restarted) is taken over.
+struct Lock(PathBuf);
+
+impl Lock {
+    fn acquire(dir: &Path) -> Result<Lock> {
+        let path = dir.join("lock");
+        for _ in 0..3 {
+            match OpenOptions::new().write(true).create_new(true).open(&path) {
+                Ok(mut f) => {
+                    write!(f, "{}", std::process::id()).and_then(|_| f.sync_all()).map_err(io(&path))?;
+                    return Ok(Lock(path));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    let pid = std::fs::read_to_string(&path).ok().and_then(|s| s.trim().parse::<u32>().ok());
+                    if let Some(pid) = pid.filter(|&p| process_alive(p)) {
+                        return Err(CalibError::Locked { dir: dir.to_path_buf(), pid });
+                    }
+                    match std::fs::remove_file(&path) {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                        Err(e) => return Err(CalibError::Io { path, source: e }),
+                    }
+                }
+                Err(e) => return Err(CalibError::Io { path, source: e }),
+            }
+        }
+        Err(CalibError::Locked { dir: dir.to_path_buf(), pid: 0 })
+    }
+}
+
+impl Drop for Lock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Whether `pid` is a live process running the same program as this one (Linux `/proc`; where
+/// there is none, every lock counts as held).
+fn process_alive(pid: u32) -> bool {
+    if pid == std::process::id() {
+        return false; // our own PID: the lock was left by an earlier process that had it
+    }
+    let Ok(comm) = std::fs::read_to_string("/proc/self/comm") else { return true };
+    let proc = PathBuf::from(format!("/proc/{pid}"));
+    let zombie = std::fs::read_to_string(proc.join("stat")).ok().and_then(|s| s.rsplit_once(')').map(|(_, r)| r.trim_start().starts_with('Z')));
+    match zombie {
+        None | Some(true) => false,
+        Some(false) => std::fs::read_to_string(proc.join("comm")).is_ok_and(|c| c == comm),
+    }
+}

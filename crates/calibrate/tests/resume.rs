@@ -1,0 +1,116 @@
+//! The resumable driver: a run cut short after any block and resumed writes the bytes of a run
+//! never interrupted, in every output format; a work directory of another job is refused.
+
+use adadim_calibrate::{quantize_model, quantize_model_resumable, CalibError, Dim, Format, Method, Output, QuantizeConfig, Select, WorkDir};
+use adadim_load::synth::{tiny_config, write_random_checkpoint, Rng};
+use adadim_load::Checkpoint;
+use adadim_quantize::{Axis, GptqOptions, QuantSpec, Zero};
+use std::path::Path;
+
+fn config(method: Method, dim: Dim, act_order: bool) -> QuantizeConfig {
+    QuantizeConfig {
+        method,
+        dim,
+        select: Select::Rtn,
+        spec: QuantSpec { bits: 3, group: Some(16), axis: Axis::Oc, zero: if act_order { Zero::Sym } else { Zero::Awq } },
+        gptq: GptqOptions::default(),
+        act_order,
+        static_groups: false,
+        ic_modules: vec![],
+        act_cache_bytes: adadim_calibrate::ACT_CACHE_BYTES,
+    }
+}
+
+fn samples() -> Vec<Vec<u32>> {
+    let mut rng = Rng::new(5);
+    (0..5).map(|_| (0..20).map(|_| (rng.next_u64() % 300) as u32).collect()).collect()
+}
+
+fn output(path: &Path, format: Format) -> Output<'_> {
+    Output { path, format, metadata: serde_json::json!({"method": "test"}) }
+}
+
+#[test]
+fn interrupted_after_any_block_resumes_to_the_same_bytes() {
+    // The interruptions below are panics in the progress callback: keep them quiet.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if !info.payload().downcast_ref::<String>().is_some_and(|m| m.starts_with("interrupted after block")) {
+            default_hook(info);
+        }
+    }));
+    let d = tempfile::tempdir().unwrap();
+    let mut c = tiny_config();
+    c.num_hidden_layers = 3;
+    write_random_checkpoint(&d.path().join("m"), &c, 11).unwrap();
+    let ck = Checkpoint::open(&d.path().join("m")).unwrap();
+    let cases = [
+        (Method::Gptq, Dim::Ada, false, Format::Packed),
+        (Method::Gptq, Dim::Oc, true, Format::Packed), // act-order: a g_idx to save and restore
+        (Method::Gptq, Dim::Ada, false, Format::F32),
+        (Method::Gptq, Dim::Ic, false, Format::F16),
+        (Method::Gptq, Dim::Oc, true, Format::Gptq),
+        (Method::Rtn, Dim::Oc, false, Format::F32), // no calibration: no hidden states saved
+    ];
+    for (i, (method, dim, act, format)) in cases.into_iter().enumerate() {
+        let cfg = config(method, dim, act);
+        let want_file = d.path().join(format!("want{i}.safetensors"));
+        let want = quantize_model(&ck, &samples(), &cfg, &output(&want_file, format), &mut |_, _| {}).unwrap();
+        let want_bytes = std::fs::read(&want_file).unwrap();
+        let job = serde_json::json!({"case": i});
+        let work_dir = d.path().join(format!("work{i}"));
+        let got_file = d.path().join(format!("got{i}.safetensors"));
+        // Uninterrupted, then stopped after each block in turn (after the last: before the
+        // output is written) and resumed.
+        for stop in 0..=c.num_hidden_layers {
+            let mut work = WorkDir::open(&work_dir, job.clone(), false).unwrap();
+            assert_eq!(work.done(), 0);
+            if stop > 0 {
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    quantize_model_resumable(&ck, &samples(), &cfg, &output(&got_file, format), &mut work, &mut |done, _| {
+                        if done == stop {
+                            panic!("interrupted after block {done}");
+                        }
+                    })
+                }));
+                assert!(r.is_err());
+                drop(work);
+                work = WorkDir::open(&work_dir, job.clone(), false).unwrap();
+                assert_eq!(work.done(), stop, "case {i}");
+            }
+            let mut seen = Vec::new();
+            let run = quantize_model_resumable(&ck, &samples(), &cfg, &output(&got_file, format), &mut work, &mut |done, _| seen.push(done)).unwrap();
+            assert_eq!(seen, (stop + 1..=c.num_hidden_layers).collect::<Vec<_>>());
+            assert!(std::fs::read(&got_file).unwrap() == want_bytes, "case {i} ({method:?} {dim:?} {format:?}), stopped after {stop} blocks: bytes differ");
+            // The reports of blocks done before the interruption come back too, the same.
+            let strip = |r: &adadim_calibrate::LinearReport| (r.layer, r.module, r.axis, r.oc_error, r.ic_error, r.final_error, r.gptq_loss, r.percdamp, r.dead_inputs);
+            assert_eq!(run.linears.iter().map(strip).collect::<Vec<_>>(), want.linears.iter().map(strip).collect::<Vec<_>>());
+            assert_eq!(run.timings.forward_flops, want.timings.forward_flops);
+            work.remove().unwrap();
+            assert!(!work_dir.exists());
+        }
+    }
+}
+
+#[test]
+fn a_work_directory_of_another_job_is_refused_unless_restarted() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().join(".q.partial");
+    let job = |bits: u8| serde_json::json!({"settings": {"bits": bits, "group": 16}, "tool": "adadim 0"});
+    drop(WorkDir::open(&dir, job(3), false).unwrap());
+    assert!(!dir.join("lock").exists(), "the lock goes with the WorkDir");
+    let e = WorkDir::open(&dir, job(4), false).err().expect("another job");
+    assert!(matches!(e, CalibError::OtherJob { .. }), "{e}");
+    let msg = e.to_string();
+    assert!(msg.contains(".q.partial") && msg.contains("settings.bits: 3 -> 4") && msg.contains("--restart") && !msg.contains("group"), "{msg}");
+    assert!(dir.join("resume.json").exists(), "a refused run leaves the other job's state alone");
+    let w = WorkDir::open(&dir, job(4), true).unwrap();
+    assert_eq!(w.done(), 0);
+    drop(w);
+    WorkDir::open(&dir, job(4), false).unwrap().remove().unwrap();
+    // A damaged manifest is an error naming it, not a silent restart.
+    drop(WorkDir::open(&dir, job(4), false).unwrap());
+    std::fs::write(dir.join("resume.json"), b"{\"layout_version\": 1, \"job").unwrap();
+    let msg = WorkDir::open(&dir, job(4), false).err().expect("damaged").to_string();
+    assert!(msg.contains("resume.json") && msg.contains("delete"), "{msg}");
+}
