@@ -253,14 +253,20 @@ unsafe fn row_sum_avx2<const B: usize>(rp: *const u8, x: &Q16, cols: usize, s: &
     let steps = cols / QB;
     let per_block = x.block / QB;
     let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-    let mut b = 0;
+    // The group of block b is b / per, counted up instead of divided (a division per block
+    // cost as much as the block's own arithmetic on small rows).
+    let (mut b, mut k, mut in_group) = (0, 0, 0);
     while b * per_block < steps {
         let (j0, j1) = (b * per_block, ((b + 1) * per_block).min(steps));
         let mut acc = step(j0);
         for j in j0 + 1..j1 {
             acc = _mm256_add_epi32(acc, step(j));
         }
-        let scale = _mm256_set1_ps(s[b / per] * x.d[b]);
+        let scale = _mm256_set1_ps(s[k] * x.d[b]);
+        in_group += 1;
+        if in_group == per {
+            (k, in_group) = (k + 1, 0);
+        }
         // Alternate accumulators so one block's FMA does not wait for the previous one.
         if b % 2 == 0 {
             a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), scale, a0);
