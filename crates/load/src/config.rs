@@ -10,6 +10,14 @@ use std::path::Path;
 /// Qwen2 adds biases on q/k/v.
 pub const SUPPORTED_ARCHS: &[&str] = &["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"];
 
+/// The largest width a config may declare (hidden, intermediate, vocabulary, the attention
+/// widths): far beyond any real model, small enough that every size derived from the config
+/// (tensor elements, parameters per block) fits a `usize`.
+pub const MAX_WIDTH: usize = 1 << 24;
+/// The most decoder layers a config may declare: a damaged `num_hidden_layers` must be an
+/// error, not a list of billions of expected tensors.
+pub const MAX_LAYERS: usize = 1 << 12;
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LlamaConfig {
     #[serde(default)]
@@ -86,6 +94,17 @@ impl LlamaConfig {
                 return Err(err(format!("{name} must be positive")));
             }
         }
+        for (name, v, max) in [
+            ("hidden_size", cfg.hidden_size, MAX_WIDTH),
+            ("intermediate_size", cfg.intermediate_size, MAX_WIDTH),
+            ("vocab_size", cfg.vocab_size, MAX_WIDTH),
+            ("num_attention_heads", cfg.num_attention_heads, MAX_WIDTH),
+            ("num_hidden_layers", cfg.num_hidden_layers, MAX_LAYERS),
+        ] {
+            if v > max {
+                return Err(err(format!("{name} {v} is implausible (at most {max})")));
+            }
+        }
         let kv = cfg.n_kv_heads();
         if kv == 0 || cfg.num_attention_heads % kv != 0 {
             return Err(err(format!(
@@ -97,6 +116,13 @@ impl LlamaConfig {
             return Err(err(format!(
                 "hidden_size {} is not a multiple of num_attention_heads {}",
                 cfg.hidden_size, cfg.num_attention_heads
+            )));
+        }
+        if cfg.head_dim() == 0 || cfg.num_attention_heads.checked_mul(cfg.head_dim()).is_none_or(|q| q > MAX_WIDTH) {
+            return Err(err(format!(
+                "head_dim {} with {} attention heads is implausible (positive, at most {MAX_WIDTH} in all)",
+                cfg.head_dim(),
+                cfg.num_attention_heads
             )));
         }
         if cfg.head_dim() % 2 != 0 {
@@ -210,5 +236,17 @@ mod tests {
         let missing = smollm2_json().replace("\"hidden_size\":576,", "");
         let e = LlamaConfig::from_json(p, &missing).unwrap_err().to_string();
         assert!(e.contains("hidden_size"), "{e}");
+        // Damaged sizes are errors before anything is derived from them (found while fuzzing:
+        // num_hidden_layers 3e9 made Checkpoint::open list 36e9 tensors, out of memory).
+        for (from, to, want) in [
+            ("\"num_hidden_layers\":30", "\"num_hidden_layers\":3000000000", "num_hidden_layers 3000000000 is implausible"),
+            ("\"vocab_size\":49152", "\"vocab_size\":18446744073709551615", "vocab_size"),
+            ("\"num_key_value_heads\":3", "\"num_key_value_heads\":3,\"head_dim\":1152921504606846976", "head_dim"),
+            ("\"num_key_value_heads\":3", "\"num_key_value_heads\":3,\"head_dim\":0", "head_dim 0"),
+        ] {
+            let json = smollm2_json().replace(from, to);
+            let e = LlamaConfig::from_json(p, &json).unwrap_err().to_string();
+            assert!(e.contains(want), "{to}: {e}");
+        }
     }
 }

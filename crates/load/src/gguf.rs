@@ -15,7 +15,7 @@ use candle_core::quantized::GgmlDType;
 use candle_core::Device;
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::BufReader;
+use std::io::{BufReader, Read, Seek};
 use std::path::{Path, PathBuf};
 
 /// A parsed GGUF header plus the open file.
@@ -29,6 +29,11 @@ impl Gguf {
     pub fn open(path: &Path) -> Result<Self> {
         let file = File::open(path).map_err(io_err(path))?;
         let mut reader = BufReader::new(file);
+        // candle divides by `general.alignment` unchecked: a 0 there must be caught first.
+        if declared_alignment(&mut reader) == Some(0) {
+            return Err(LoadError::Gguf { path: path.to_path_buf(), msg: "general.alignment is 0 (it must be a positive multiple of 8)".into() });
+        }
+        reader.rewind().map_err(io_err(path))?;
         let content = Content::read(&mut reader).map_err(|e| gguf_err(path, e))?;
         Ok(Gguf { path: path.to_path_buf(), content, reader })
     }
@@ -147,6 +152,106 @@ impl Gguf {
         crate::checkpoint::check_finite(&self.path, name, &v)?;
         Ok((dims, v))
     }
+}
+
+/// The `general.alignment` candle's reader will use, found by walking the metadata as the spec
+/// lays it out (magic, version, counts, then key / type / value entries). `None` where the key
+/// is absent or not an integer candle takes, and wherever the walk fails: candle's own parse
+/// then reports what is wrong with the file.
+fn declared_alignment<R: Read>(r: &mut R) -> Option<u64> {
+    fn bytes<const N: usize, R: Read>(r: &mut R) -> Option<[u8; N]> {
+        let mut b = [0u8; N];
+        r.read_exact(&mut b).ok().map(|()| b)
+    }
+    fn u32_<R: Read>(r: &mut R) -> Option<u32> {
+        bytes::<4, R>(r).map(u32::from_le_bytes)
+    }
+    fn skip<R: Read>(r: &mut R, n: u64) -> Option<()> {
+        (std::io::copy(&mut r.by_ref().take(n), &mut std::io::sink()).ok()? == n).then_some(())
+    }
+    // Lengths and counts are u32 in version 1, u64 after.
+    fn len<R: Read>(r: &mut R, v1: bool) -> Option<u64> {
+        if v1 {
+            u32_(r).map(u64::from)
+        } else {
+            bytes::<8, R>(r).map(u64::from_le_bytes)
+        }
+    }
+    // Skip one value of type `ty` (candle reads values nested up to 64 deep).
+    fn skip_value<R: Read>(r: &mut R, ty: u32, v1: bool, depth: usize) -> Option<()> {
+        if depth > 64 {
+            return None;
+        }
+        match ty {
+            0 | 1 | 7 => skip(r, 1),
+            2 | 3 => skip(r, 2),
+            4..=6 => skip(r, 4),
+            10..=12 => skip(r, 8),
+            8 => {
+                let n = len(r, v1)?;
+                skip(r, n)
+            }
+            9 => {
+                let elem = u32_(r)?;
+                let n = len(r, v1)?;
+                for _ in 0..n {
+                    skip_value(r, elem, v1, depth + 1)?;
+                }
+                Some(())
+            }
+            _ => None,
+        }
+    }
+    // Whether the next `n` key bytes are `general.alignment` as candle reads keys: with any
+    // number of trailing NULs dropped.
+    fn is_alignment_key<R: Read>(r: &mut R, n: u64) -> Option<bool> {
+        const KEY: &[u8; 17] = b"general.alignment";
+        if n < 17 {
+            return skip(r, n).map(|()| false);
+        }
+        let matches = &bytes::<17, R>(r)? == KEY;
+        let mut rest = n - 17;
+        let mut only_nuls = true;
+        let mut buf = [0u8; 4096];
+        while rest > 0 {
+            let k = rest.min(buf.len() as u64) as usize;
+            r.read_exact(&mut buf[..k]).ok()?;
+            only_nuls &= buf[..k].iter().all(|&b| b == 0);
+            rest -= k as u64;
+        }
+        Some(matches && only_nuls)
+    }
+    // candle takes the magic in either byte order.
+    if !matches!(&bytes::<4, R>(r)?, b"GGUF" | b"FUGG") {
+        return None;
+    }
+    let v1 = u32_(r)? == 1;
+    let _tensors = len(r, v1)?;
+    let kv = len(r, v1)?;
+    let mut alignment = None;
+    for _ in 0..kv {
+        let klen = len(r, v1)?;
+        let is_alignment = is_alignment_key(r, klen)?;
+        let ty = u32_(r)?;
+        if !is_alignment {
+            skip_value(r, ty, v1, 0)?;
+            continue;
+        }
+        // As candle reads it: unsigned 8/16/32-bit, or signed and not negative; the last wins.
+        alignment = match ty {
+            0 => Some(u64::from(bytes::<1, R>(r)?[0])),
+            2 => Some(u64::from(u16::from_le_bytes(bytes::<2, R>(r)?))),
+            4 => Some(u64::from(u32_(r)?)),
+            1 => u64::try_from(i8::from_le_bytes(bytes::<1, R>(r)?)).ok(),
+            3 => u64::try_from(i16::from_le_bytes(bytes::<2, R>(r)?)).ok(),
+            5 => u64::try_from(i32::from_le_bytes(bytes::<4, R>(r)?)).ok(),
+            _ => {
+                skip_value(r, ty, v1, 0)?;
+                None
+            }
+        };
+    }
+    alignment
 }
 
 /// candle errors may carry a backtrace after the message; users get the message.
