@@ -88,7 +88,7 @@ unsafe fn chunks_avx2<const B: usize>(rp: *const u8, vp: *const f32, n8: usize) 
 /// Sum of the 8 lanes.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn hsum(a: std::arch::x86_64::__m256) -> f32 {
+pub(crate) unsafe fn hsum(a: std::arch::x86_64::__m256) -> f32 {
     use std::arch::x86_64::*;
     let h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
     let h = _mm_add_ps(h, _mm_movehl_ps(h, h));

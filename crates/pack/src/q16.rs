@@ -18,13 +18,15 @@
 //! 8-bit codes are widened directly (`vpmovzxbw`). Sums stay inside int32: an int32 lane adds
 //! 16 products per block of 128, at most 16 * 255 * 32767 < 2^28.
 //! The tests hold the AVX2 kernel to [`matvec_ref`] (the same rounded activations, f64) and
-//! the whole product to the exact one within [`rounding_bound`].
+//! the whole product to the exact one within the bound [`matvec_ref`] also returns.
 
 use adadim_quantize::Axis;
 use rayon::prelude::*;
 
 use crate::bits;
 use crate::format::PackedLinear;
+#[cfg(target_arch = "x86_64")]
+use crate::kernels::hsum;
 
 /// Codes per SIMD step; per-OC groups must be a multiple of it.
 pub const QB: usize = 32;
@@ -300,14 +302,6 @@ impl Tables {
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn hsum(a: std::arch::x86_64::__m256) -> f32 {
-    use std::arch::x86_64::*;
-    let h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-    let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps(h, h, 1)))
-}
 
 /// One output row with AVX2.
 ///
@@ -359,10 +353,12 @@ pub(crate) unsafe fn rows_avx2(p: &PackedLinear, prep: &Prepared, r0: usize, y: 
     }
 }
 
-/// The definition of the int16 product, in f64 from the same rounded activations:
-/// per-OC `y[r] = sum_c s[r,k(c)] (code[r,c] - z[r,k(c)]) x̂[c]`,
-/// per-IC `y[r] = sum_c (code[r,c] - z[kr,c]) v̂[kr][c]`.
-pub fn matvec_ref(p: &PackedLinear, x: &[f32]) -> Vec<f64> {
+/// The definition of the int16 product, in f64 from the same rounded activations, and per row
+/// how far it may be from the exact product `W' x` because of that rounding (each activation
+/// moved at most half its block's step `d / 2`):
+/// per-OC `y[r] = sum_c s[r,k(c)] (code[r,c] - z[r,k(c)]) x̂[c]`, bound `sum_c |W'[r,c]| d(c) / 2`;
+/// per-IC `y[r] = sum_c (code[r,c] - z[kr,c]) v̂[kr][c]`, bound `sum_c |code[r,c] - z[kr,c]| d(c) / 2`.
+pub fn matvec_ref(p: &PackedLinear, x: &[f32]) -> (Vec<f64>, Vec<f64>) {
     let (cols, l) = (p.cols, p.layout);
     let rb = bits::row_bytes(cols, l.bits);
     let prep = prepare(p, x);
@@ -370,47 +366,18 @@ pub fn matvec_ref(p: &PackedLinear, x: &[f32]) -> Vec<f64> {
         .map(|r| {
             let row = &p.codes[r * rb..(r + 1) * rb];
             let code = |c| f64::from(bits::get(row, c, l.bits));
-            match &prep {
+            // (weight factor, rounded activation, its step) of column c.
+            let term = |c: usize| match &prep {
                 Prepared::Oc { x, xsum } => {
-                    let pc = xsum.len();
-                    (0..cols).map(|c| {
-                        let k = r * pc + c / l.group;
-                        f64::from(p.scales[k]) * (code(c) - f64::from(p.zeros[k])) * f64::from(x.value(c))
-                    }).sum()
+                    let k = r * xsum.len() + c / l.group;
+                    (f64::from(p.scales[k]) * (code(c) - f64::from(p.zeros[k])), x.value(c), x.d[c / x.block])
                 }
                 Prepared::Ic { v, .. } => {
-                    let kr = r / l.group;
-                    (0..cols).map(|c| (code(c) - f64::from(p.zeros[kr * cols + c])) * f64::from(v[kr].value(c))).sum()
+                    let (kr, v) = (r / l.group, &v[r / l.group]);
+                    (code(c) - f64::from(p.zeros[kr * cols + c]), v.value(c), v.d[c / v.block])
                 }
-            }
+            };
+            (0..cols).map(term).fold((0.0, 0.0), |(y, b), (w, x, d)| (y + w * f64::from(x), b + w.abs() * f64::from(d) / 2.0))
         })
-        .collect()
-}
-
-/// Per row, how far [`matvec_ref`] may be from the exact product `W' x` because the
-/// activations were rounded: each moved at most half its block's step `d / 2`, so
-/// per-OC `sum_c |W'[r, c]| d(c) / 2` and per-IC `sum_c |code[r, c] - z[kr, c]| d(c) / 2`.
-pub fn rounding_bound(p: &PackedLinear, x: &[f32]) -> Vec<f64> {
-    let (cols, l) = (p.cols, p.layout);
-    let rb = bits::row_bytes(cols, l.bits);
-    let prep = prepare(p, x);
-    (0..p.rows)
-        .map(|r| {
-            let row = &p.codes[r * rb..(r + 1) * rb];
-            let code = |c| f64::from(bits::get(row, c, l.bits));
-            match &prep {
-                Prepared::Oc { x, xsum } => {
-                    let pc = xsum.len();
-                    (0..cols).map(|c| {
-                        let k = r * pc + c / l.group;
-                        (f64::from(p.scales[k]) * (code(c) - f64::from(p.zeros[k]))).abs() * f64::from(x.d[c / x.block]) / 2.0
-                    }).sum()
-                }
-                Prepared::Ic { v, .. } => {
-                    let kr = r / l.group;
-                    (0..cols).map(|c| (code(c) - f64::from(p.zeros[kr * cols + c])).abs() * f64::from(v[kr].d[c / v[kr].block]) / 2.0).sum()
-                }
-            }
-        })
-        .collect()
+        .unzip()
 }
