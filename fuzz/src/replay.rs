@@ -4,27 +4,14 @@
 //! fuzzing CI runs on stable Rust without libFuzzer (`cargo test --release --workspace`);
 //! `fuzz/README.md` has the real fuzzing runs. Included with `#[path]` by the replay tests.
 
+use adadim_load::synth::Rng;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 
-/// SplitMix64: the mutations are the same on every run.
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Self {
-        Rng(seed ^ 0x9E37_79B9_7F4A_7C15)
-    }
-    pub fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    /// Uniform in `0..n` (`n > 0`).
-    pub fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
+/// Uniform in `0..n` (`n > 0`) from the project's seeded generator (SplitMix64), so the
+/// mutations are the same on every run.
+fn below(rng: &mut Rng, n: usize) -> usize {
+    (rng.next_u64() % n as u64) as usize
 }
 
 /// The committed corpus of `target`, sorted by name.
@@ -52,60 +39,60 @@ const BOUNDARY_U64: &[u64] = &[0, 1, 2, 7, 8, 255, 256, 0x7FFF_FFFF, 0x8000_0000
 /// One seeded mutation of `data`.
 pub fn mutate(data: &[u8], rng: &mut Rng) -> Vec<u8> {
     let mut d = data.to_vec();
-    let rounds = 1 + rng.below(3);
+    let rounds = 1 + below(rng, 3);
     for _ in 0..rounds {
-        match rng.below(8) {
+        match below(rng, 8) {
             // Flip one to four bits.
             0 if !d.is_empty() => {
-                for _ in 0..1 + rng.below(4) {
-                    let i = rng.below(d.len());
-                    d[i] ^= 1 << rng.below(8);
+                for _ in 0..1 + below(rng, 4) {
+                    let i = below(rng, d.len());
+                    d[i] ^= 1 << below(rng, 8);
                 }
             }
             // Truncate.
             1 if !d.is_empty() => {
-                let n = rng.below(d.len());
+                let n = below(rng, d.len());
                 d.truncate(n);
             }
             // Insert random bytes.
             2 => {
-                let at = rng.below(d.len() + 1);
-                let n = 1 + rng.below(16);
-                let bytes: Vec<u8> = (0..n).map(|_| rng.next() as u8).collect();
+                let at = below(rng, d.len() + 1);
+                let n = 1 + below(rng, 16);
+                let bytes: Vec<u8> = (0..n).map(|_| rng.next_u64() as u8).collect();
                 d.splice(at..at, bytes);
             }
             // Overwrite a byte with a boundary value.
             3 if !d.is_empty() => {
-                let i = rng.below(d.len());
-                d[i] = [0u8, 1, 0x7F, 0x80, 0xFF, b'"', b'9', b'-'][rng.below(8)];
+                let i = below(rng, d.len());
+                d[i] = [0u8, 1, 0x7F, 0x80, 0xFF, b'"', b'9', b'-'][below(rng, 8)];
             }
             // Overwrite eight bytes (a GGUF length, a safetensors header size) with a boundary value.
             4 if d.len() >= 8 => {
-                let i = rng.below(d.len() - 7);
-                let v = BOUNDARY_U64[rng.below(BOUNDARY_U64.len())];
+                let i = below(rng, d.len() - 7);
+                let v = BOUNDARY_U64[below(rng, BOUNDARY_U64.len())];
                 d[i..i + 8].copy_from_slice(&v.to_le_bytes());
             }
             // Overwrite four bytes (a GGUF type, a dimension count) with a small or boundary value.
             5 if d.len() >= 4 => {
-                let i = rng.below(d.len() - 3);
-                let v = [0u32, 1, 2, 3, 4, 8, 9, 12, 13, 30, 31, 0xFFFF_FFFF][rng.below(12)];
+                let i = below(rng, d.len() - 3);
+                let v = [0u32, 1, 2, 3, 4, 8, 9, 12, 13, 30, 31, 0xFFFF_FFFF][below(rng, 12)];
                 d[i..i + 4].copy_from_slice(&v.to_le_bytes());
             }
             // Delete a range.
             6 if !d.is_empty() => {
-                let at = rng.below(d.len());
-                let n = 1 + rng.below((d.len() - at).min(64));
+                let at = below(rng, d.len());
+                let n = 1 + below(rng, (d.len() - at).min(64));
                 d.drain(at..at + n);
             }
             // Duplicate a range.
             7 if !d.is_empty() => {
-                let at = rng.below(d.len());
-                let n = 1 + rng.below((d.len() - at).min(64));
+                let at = below(rng, d.len());
+                let n = 1 + below(rng, (d.len() - at).min(64));
                 let chunk = d[at..at + n].to_vec();
-                let to = rng.below(d.len() + 1);
+                let to = below(rng, d.len() + 1);
                 d.splice(to..to, chunk);
             }
-            _ => d.push(rng.next() as u8),
+            _ => d.push(rng.next_u64() as u8),
         }
     }
     d
