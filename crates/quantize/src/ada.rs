@@ -2,7 +2,7 @@
 //! keep the axis whose output `Q(W) X` is closer to `W X`.
 
 use faer::linalg::matmul::matmul;
-use faer::{Accum, MatMut, MatRef, Par};
+use faer::{Accum, Mat, MatMut, MatRef, Par};
 
 use crate::error::{Error, Result};
 use crate::hessian::{check_inputs, Hessian};
@@ -32,6 +32,9 @@ pub struct AxisChoice {
     /// The RTN quantization along `axis`.
     pub quantized: QuantizedMatrix,
 }
+
+/// Columns of H converted to f64 at a time in [`output_error_from_hessian`].
+const HESSIAN_BLOCK: usize = 512;
 
 /// Tokens per GEMM in [`output_error`]: bounds the `[rows, tokens]` scratch.
 const TOKEN_CHUNK: usize = 2048;
@@ -87,17 +90,28 @@ pub fn output_error_from_hessian(
         .zip(w)
         .map(|(&a, &b)| f64::from(a) - f64::from(b))
         .collect();
-    let H: Vec<f64> = h.matrix().iter().map(|&v| f64::from(v)).collect();
-    let mut DH = vec![0.0f64; rows * cols];
-    matmul(
-        MatMut::from_row_major_slice_mut(&mut DH, rows, cols),
-        Accum::Replace,
-        MatRef::from_row_major_slice(&D, rows, cols),
-        MatRef::from_row_major_slice(&H, cols, cols),
-        1.0,
-        Par::rayon(0),
-    );
-    let trace: f64 = DH.iter().zip(&D).map(|(a, b)| a * b).sum();
+    // H in f64 one block of columns at a time (never the whole [cols, cols] in f64):
+    // trace(D H D^T) = sum over blocks b of sum(D H[:, b] .* D[:, b]).
+    let hm = h.matrix();
+    let D = MatRef::from_row_major_slice(&D, rows, cols);
+    let width = HESSIAN_BLOCK.min(cols);
+    let mut Hb = Mat::<f64>::zeros(cols, width);
+    let mut DHb = Mat::<f64>::zeros(rows, width);
+    let mut trace = 0.0f64;
+    for j0 in (0..cols).step_by(width) {
+        let b = width.min(cols - j0);
+        let mut Hb = Hb.as_mut().submatrix_mut(0, 0, cols, b);
+        for j in 0..b {
+            for i in 0..cols {
+                Hb[(i, j)] = f64::from(hm[i * cols + j0 + j]);
+            }
+        }
+        let mut DHb = DHb.as_mut().submatrix_mut(0, 0, rows, b);
+        matmul(DHb.as_mut(), Accum::Replace, D, Hb.as_ref(), 1.0, Par::rayon(0));
+        for j in 0..b {
+            trace += (0..rows).map(|r| DHb[(r, j)] * D[(r, j0 + j)]).sum::<f64>();
+        }
+    }
     Ok(trace / (2.0 * rows as f64))
 }
 

@@ -108,11 +108,14 @@ pub fn gptq(
     // Dead inputs: no calibration signal reaches them, so their weights cannot matter;
     // zero them and put 1 on H's diagonal to keep it invertible.
     let dead = h.dead_inputs();
-    let mut w0 = w.to_vec();
-    let mut H: Vec<f64> = h.matrix().iter().map(|&v| f64::from(v)).collect();
-    for &i in &dead {
-        (0..rows).for_each(|r| w0[r * cols + i] = 0.0);
-        H[i * cols + i] = 1.0;
+    let mut is_dead = vec![false; cols];
+    dead.iter().for_each(|&i| is_dead[i] = true);
+    let mut w0 = std::borrow::Cow::Borrowed(w);
+    if !dead.is_empty() {
+        let w0 = w0.to_mut();
+        for &i in &dead {
+            (0..rows).for_each(|r| w0[r * cols + i] = 0.0);
+        }
     }
     let grid = Grid::new(rows, cols, spec);
     let static_groups = opts.static_groups && spec.axis == Axis::Oc;
@@ -121,18 +124,26 @@ pub fn gptq(
         false => vec![GroupParams::default(); grid.len()],
     };
     // Act-order; the stable sort keeps tied columns in their original order.
+    let hm = h.matrix();
     let mut perm: Vec<usize> = (0..cols).collect();
     if opts.act_order {
-        perm.sort_by(|&a, &b| H[b * cols + b].total_cmp(&H[a * cols + a]));
+        perm.sort_by(|&a, &b| hm[b * cols + b].total_cmp(&hm[a * cols + a]));
     }
-    let H_perm: Vec<f64> = (0..cols * cols)
-        .map(|i| H[perm[i / cols] * cols + perm[i % cols]])
-        .collect();
+    // H in processing order, read from the f32 matrix as needed (never copied whole).
+    let h_perm = |i: usize, j: usize| {
+        let (a, b) = (perm[i], perm[j]);
+        if a == b && is_dead[a] {
+            1.0
+        } else {
+            f64::from(hm[a * cols + b])
+        }
+    };
     let mut W: Vec<f64> = (0..rows * cols)
         .map(|i| f64::from(w0[i - i % cols + perm[i % cols]]))
         .collect();
+    drop(w0);
     let t = std::time::Instant::now();
-    let inv = hinv::damped_inverse(&H_perm, cols, opts.percdamp, opts.damp_retries)?;
+    let inv = hinv::damped_inverse(&h_perm, cols, opts.percdamp, opts.damp_retries)?;
     let inverse_seconds = t.elapsed().as_secs_f64();
 
     let mut codes = vec![0u8; rows * cols];

@@ -30,24 +30,26 @@ fn rel(a: f64, b: f64) -> f64 {
 
 #[test]
 fn gemm_error_matches_the_definition_and_the_hessian_form() {
-    // 5000 tokens: more than one GEMM chunk.
-    let (rows, cols, tokens) = (24, 40, 5000);
-    let w = weights(rows, cols, 0.02, 1);
-    let x = inputs(tokens, cols, &[7], 30.0, 2);
-    let h = hessian(&x, cols);
-    for axis in [Axis::Oc, Axis::Ic] {
-        let w_hat = rtn(&w, rows, cols, &spec(3, Some(8), axis, Zero::Awq))
-            .unwrap()
-            .dequantize();
-        let gemm = output_error(&w, &w_hat, rows, cols, &x).unwrap();
-        let exact = naive_error(&w, &w_hat, rows, cols, &x);
-        let from_h = output_error_from_hessian(&w, &w_hat, rows, cols, &h).unwrap();
-        println!("{axis:?}: gemm {gemm:.6e} naive {exact:.6e} hessian {from_h:.6e}");
-        assert!(rel(gemm, exact) < 1e-5, "GEMM {gemm:e} vs naive {exact:e}");
-        assert!(
-            rel(from_h, exact) < 1e-4,
-            "Hessian form {from_h:e} vs naive {exact:e}"
-        );
+    // 5000 tokens: more than one GEMM chunk; 1100 columns: H in three f64 blocks, the
+    // last one ragged.
+    for (rows, cols, tokens) in [(24, 40, 5000), (8, 1100, 600)] {
+        let w = weights(rows, cols, 0.02, 1);
+        let x = inputs(tokens, cols, &[7], 30.0, 2);
+        let h = hessian(&x, cols);
+        for axis in [Axis::Oc, Axis::Ic] {
+            let w_hat = rtn(&w, rows, cols, &spec(3, Some(8), axis, Zero::Awq))
+                .unwrap()
+                .dequantize();
+            let gemm = output_error(&w, &w_hat, rows, cols, &x).unwrap();
+            let exact = naive_error(&w, &w_hat, rows, cols, &x);
+            let from_h = output_error_from_hessian(&w, &w_hat, rows, cols, &h).unwrap();
+            println!("{rows}x{cols} {axis:?}: gemm {gemm:.6e} naive {exact:.6e} hessian {from_h:.6e}");
+            assert!(rel(gemm, exact) < 1e-5, "GEMM {gemm:e} vs naive {exact:e}");
+            assert!(
+                rel(from_h, exact) < 1e-4,
+                "Hessian form {from_h:e} vs naive {exact:e}"
+            );
+        }
     }
 }
 
