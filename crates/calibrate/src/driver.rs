@@ -67,8 +67,8 @@ pub struct QuantizeConfig {
     pub act_cache_bytes: usize,
 }
 
-/// The default of [`QuantizeConfig::act_cache_bytes`]: 2 GiB.
-pub const ACT_CACHE_BYTES: usize = 2 << 30;
+/// The default of [`QuantizeConfig::act_cache_bytes`]: 1 GiB.
+pub const ACT_CACHE_BYTES: usize = 1 << 30;
 
 /// What happened to one linear.
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
@@ -504,17 +504,26 @@ fn quantize_block(
 ) -> Result<FinishedBlock> {
     let c = &ckpt.config;
     let io = Instant::now();
-    let mut block = Block::load(ckpt, layer)?;
+    // The block's norms and biases; each linear's weight is read when it is quantized, and
+    // a forward pass gets the dequantized weights of just the linears it runs
+    // ([`Dense::with`]), so a block never holds more than a few of its matrices in f32.
+    let mut block = Block::load(&WithoutLinears(ckpt), layer)?;
     let mut quantized: Vec<(LinearKind, QuantizedMatrix)> = Vec::new();
     let mut reports = Vec::new();
     times.io_s += io.elapsed().as_secs_f64();
-    let mut quantize_step = |block: &mut Block, step: &[LinearKind], h: Option<&Hessian>, times: &mut Timings| -> Result<()> {
+    let mut quantize_step = |quantized: &mut Vec<(LinearKind, QuantizedMatrix)>, step: &[LinearKind], h: Option<&Hessian>, times: &mut Timings| -> Result<()> {
         for &kind in step {
-            let w = dense_weight(block, kind)?;
-            let (rows, cols) = (w.dims()[0], w.dims()[1]);
-            let (q, report) = cfg.quantize_linear(layer, kind, &to_vec(w)?, rows, cols, h)?;
+            let io = Instant::now();
+            let name = format!("model.layers.{layer}.{}.weight", kind.module());
+            let w = ckpt.tensor_f32(&name)?;
+            let shape = &ckpt.entry(&name)?.shape;
+            times.io_s += io.elapsed().as_secs_f64();
+            let (rows, cols) = match shape[..] {
+                [rows, cols] if rows * cols == w.len() => (rows, cols),
+                _ => return Err(CalibError::Invalid(format!("{name}: shape {shape:?} is not a matrix"))),
+            };
+            let (q, report) = cfg.quantize_linear(layer, kind, &w, rows, cols, h)?;
             times.add_linear(&report);
-            block.linear_mut(kind).weight = Weight::Dense(tensor(q.dequantize(), (rows, cols))?);
             quantized.push((kind, q));
             reports.push(report);
         }
@@ -523,7 +532,7 @@ fn quantize_block(
     let [qkv, o, gate_up, down] = STEPS;
     if !calibrate {
         for step in STEPS {
-            quantize_step(&mut block, step, None, times)?;
+            quantize_step(&mut quantized, step, None, times)?;
         }
     } else {
         // True-sequential, each stage on the outputs of the linears already quantized:
@@ -534,18 +543,23 @@ fn quantize_block(
         let h_in = acts.each(|_| 0.0, |_, x| Ok(block.attn_input(x)?))?;
         let h = acts.hessian(layer, qkv[0], &h_in)?;
         drop(h_in);
-        quantize_step(&mut block, qkv, Some(&h), acts.times)?;
-        let attn = acts.each(|t| flops.attention(t), |_, x| {
-            block.attention(&block.attn_input(x)?, rope).map_err(|e| tensor_err(format!("layer {layer}: attention"), e))
+        quantize_step(&mut quantized, qkv, Some(&h), acts.times)?;
+        drop(h);
+        let attn = Dense::with(&mut block, &quantized, qkv, |block| {
+            acts.each(|t| flops.attention(t), |_, x| {
+                block.attention(&block.attn_input(x)?, rope).map_err(|e| tensor_err(format!("layer {layer}: attention"), e))
+            })
         })?;
         let h = acts.hessian(layer, o[0], &attn)?;
-        quantize_step(&mut block, o, Some(&h), acts.times)?;
-        acts.xs = acts.each(|t| flops.o(t), |i, x| Ok(block.attn_residual(x, &attn[i])?))?;
+        quantize_step(&mut quantized, o, Some(&h), acts.times)?;
+        drop(h);
+        acts.xs = Dense::with(&mut block, &quantized, o, |block| acts.each(|t| flops.o(t), |i, x| Ok(block.attn_residual(x, &attn[i])?)))?;
         drop(attn);
         let mlp_in = acts.each(|_| 0.0, |_, x| Ok(block.mlp_input(x)?))?;
         let h = acts.hessian(layer, gate_up[0], &mlp_in)?;
         drop(mlp_in);
-        quantize_step(&mut block, gate_up, Some(&h), acts.times)?;
+        quantize_step(&mut quantized, gate_up, Some(&h), acts.times)?;
+        drop(h);
         // down's inputs are (t, f), f/d times the residual stream: kept for the block's
         // output when they fit in `act_cache_bytes`, else recomputed sample by sample.
         let last = layer + 1 == c.num_hidden_layers;
@@ -553,29 +567,71 @@ fn quantize_block(
         let keep = !last && tokens * c.intermediate_size * 4 <= cfg.act_cache_bytes;
         let mut kept = Vec::new();
         let mut h = Hessian::new(c.intermediate_size);
-        for i in 0..acts.xs.len() {
-            let act = acts.one(i, |t| flops.mlp_hidden(t), |x| mlp_hidden(&block, x))?;
-            acts.accumulate(&mut h, layer, down[0], &act)?;
-            if keep {
-                kept.push(act);
+        Dense::with(&mut block, &quantized, gate_up, |block| {
+            for i in 0..acts.xs.len() {
+                let act = acts.one(i, |t| flops.mlp_hidden(t), |x| mlp_hidden(block, x))?;
+                acts.accumulate(&mut h, layer, down[0], &act)?;
+                if keep {
+                    kept.push(act);
+                }
             }
-        }
-        quantize_step(&mut block, down, Some(&h), acts.times)?;
+            Ok(())
+        })?;
+        quantize_step(&mut quantized, down, Some(&h), acts.times)?;
+        drop(h);
         if !last {
-            acts.xs = acts.each(
-                |t| flops.down(t) + if keep { 0.0 } else { flops.mlp_hidden(t) },
-                |i, x| match kept.get(i) {
-                    Some(act) => Ok(block.mlp_residual(x, act)?),
-                    None => Ok(block.mlp_residual(x, &mlp_hidden(&block, x)?)?),
-                },
-            )?;
+            let mlp = [gate_up[0], gate_up[1], down[0]];
+            acts.xs = Dense::with(&mut block, &quantized, &mlp, |block| {
+                acts.each(
+                    |t| flops.down(t) + if keep { 0.0 } else { flops.mlp_hidden(t) },
+                    |i, x| match kept.get(i) {
+                        Some(act) => Ok(block.mlp_residual(x, act)?),
+                        None => Ok(block.mlp_residual(x, &mlp_hidden(block, x)?)?),
+                    },
+                )
+            })?;
         }
         *xs = acts.xs;
     }
     Ok((quantized, reports))
 }
 
-/// A linear's dense weight (blocks read from a float checkpoint have nothing else).
-fn dense_weight(b: &Block, kind: LinearKind) -> Result<&Tensor> {
-    b.linear(kind).dense().ok_or_else(|| CalibError::Invalid(format!("layer {} {}: the weight is already quantized (packed); quantize the original model", b.layer, kind.module())))
+/// A checkpoint seen without its linear weights: [`Block::load`] through it reads norms and
+/// biases only, each linear getting an empty placeholder (any product with it is a shape
+/// error, never a silent result) until [`Dense::with`] puts its quantized weights in.
+struct WithoutLinears<'a>(&'a Checkpoint);
+
+impl adadim_model::WeightSource for WithoutLinears<'_> {
+    fn config(&self) -> &adadim_load::LlamaConfig {
+        &self.0.config
+    }
+    fn tensor(&self, name: &str) -> adadim_model::Result<Tensor> {
+        adadim_model::WeightSource::tensor(self.0, name)
+    }
+    fn linear(&self, _name: &str) -> adadim_model::Result<Weight> {
+        Ok(Weight::Dense(placeholder()?))
+    }
+}
+
+fn placeholder() -> adadim_model::Result<Tensor> {
+    Tensor::zeros((0, 0), candle_core::DType::F32, &Device::Cpu).map_err(|e| adadim_model::ModelError::Tensor { context: "placeholder".into(), source: e })
+}
+
+/// Dequantized weights in a block for the length of one forward stage.
+struct Dense;
+
+impl Dense {
+    /// Run `f` with the linears `kinds` of `block` holding their dequantized weights
+    /// (`Q(W)` exactly as evaluated), then put the placeholders back.
+    fn with<T>(block: &mut Block, quantized: &[(LinearKind, QuantizedMatrix)], kinds: &[LinearKind], f: impl FnOnce(&Block) -> Result<T>) -> Result<T> {
+        for &kind in kinds {
+            let (_, q) = quantized.iter().find(|(k, _)| *k == kind).ok_or_else(|| CalibError::Invalid(format!("layer {} {}: used before it was quantized", block.layer, kind.module())))?;
+            block.linear_mut(kind).weight = Weight::Dense(tensor(q.dequantize(), (q.rows(), q.cols()))?);
+        }
+        let out = f(block);
+        for &kind in kinds {
+            block.linear_mut(kind).weight = Weight::Dense(placeholder()?);
+        }
+        out
+    }
 }
