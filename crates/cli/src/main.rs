@@ -3,6 +3,7 @@
 
 mod bench;
 mod bench_kernels;
+mod bench_quality;
 mod bench_scale;
 mod progress;
 
@@ -69,6 +70,37 @@ enum BenchCmd {
     /// Peak memory and time per block quantizing checkpoints of growing shapes (`adadim synth`
     /// ones: SmolLM2, LLaMA-2-7B, 13B), each in its own process.
     Scale(BenchScaleArgs),
+    /// Perplexity against bits per weight: a `bench/results.sh` run beside llama.cpp's
+    /// llama-quantize types (with and without an importance matrix), all evaluated by our
+    /// evaluator with the run's protocol; a table and an SVG plot.
+    Quality(BenchQualityArgs),
+}
+
+#[derive(Args)]
+struct BenchQualityArgs {
+    /// A `bench/results.sh` output directory (our quantized models and their .ppl.json).
+    #[arg(long, default_value = "results/run")]
+    runs: PathBuf,
+    /// Directory holding llama-quantize and llama-imatrix (bench/peers/build-llamacpp.sh).
+    #[arg(long)]
+    llamacpp: PathBuf,
+    /// llama.cpp types to make, each with and without an importance matrix.
+    #[arg(long, value_delimiter = ',', default_value = "Q2_K,Q3_K_S,Q3_K_M,Q4_0,Q4_K_M")]
+    types: Vec<String>,
+    /// The source GGUF of the model the run quantized (default: the fetched SmolLM2 GGUF).
+    #[arg(long)]
+    gguf: Option<PathBuf>,
+    /// Importance-matrix text: the corpus our runs calibrate on, as many tokens.
+    #[arg(long, default_value = "shakespeare")]
+    calib: String,
+    #[arg(long, default_value_t = 32)]
+    chunks: usize,
+    #[arg(long, default_value_t = 512)]
+    ctx: usize,
+    #[arg(long, default_value = "RESULTS.md")]
+    write: PathBuf,
+    #[arg(long, default_value = "docs/quality-per-bit.svg")]
+    svg: PathBuf,
 }
 
 #[derive(Args)]
@@ -442,6 +474,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Generate(a) => generate(a),
         Cmd::Synth(a) => synth(a),
         Cmd::Bench(BenchCmd::Eval(a)) => bench_eval(a),
+        Cmd::Bench(BenchCmd::Quality(a)) => bench_quality(a),
         Cmd::Bench(BenchCmd::Quantize(a)) => bench_quantize(a),
         Cmd::Bench(BenchCmd::Kernels(a)) => bench_kernels(a),
         Cmd::Bench(BenchCmd::Decode(a)) => bench_decode(a),
@@ -685,6 +718,72 @@ fn synth(a: SynthArgs) -> Result<()> {
     bar.finish();
     println!("{}: {} ({} layers, d {}), {:.1} s", a.out.display(), a.shape, cfg.num_hidden_layers, cfg.hidden_size, start.elapsed().as_secs_f64());
     Ok(())
+}
+
+fn bench_quality(a: BenchQualityArgs) -> Result<()> {
+    use bench_quality::Point;
+    let read_json = |p: &std::path::Path| -> Result<serde_json::Value> {
+        serde_json::from_str(&std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?).with_context(|| format!("{}: not JSON", p.display()))
+    };
+    let fp = read_json(&a.runs.join("fp.ppl.json")).context("the run directory needs fp.ppl.json (bench/results.sh writes it)")?;
+    let num = |v: &serde_json::Value, k: &str| v[k].as_f64().with_context(|| format!("fp.ppl.json: no number '{k}'"));
+    let (fp_ppl, windows, seqlen) = (num(&fp, "ppl")?, num(&fp, "windows")? as usize, num(&fp, "seqlen")? as usize);
+    let dataset = resolve_dataset(fp["dataset"].as_str().unwrap_or("wikitext2"))?;
+    let mut points = Vec::new();
+    let mut ours: Vec<PathBuf> = std::fs::read_dir(&a.runs).with_context(|| format!("reading {}", a.runs.display()))?.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.join("report.json").exists()).collect();
+    ours.sort();
+    for dir in ours {
+        let name = dir.file_name().unwrap_or_default().to_string_lossy().to_string();
+        let ppl_file = a.runs.join(format!("{name}.ppl.json"));
+        if !ppl_file.exists() {
+            eprintln!("skipping {name}: no {} (bench/results.sh evaluates it)", ppl_file.display());
+            continue;
+        }
+        let (bits, weights) = bench_quality::model_bits(&dir)?;
+        points.push(Point { name, tool: "adadim".into(), bpw: bits as f64 / weights as f64, ppl: num(&read_json(&ppl_file)?, "ppl")? });
+    }
+    let gguf = a.gguf.clone().unwrap_or_else(|| adadim_home().join("models/smollm2.gguf"));
+    anyhow::ensure!(gguf.exists(), "{}: source GGUF not found (run `adadim eval ppl --model smollm2` once to fetch it, or pass --gguf)", gguf.display());
+    let calib = adadim_calibrate::data::calibration_file(&a.calib, &adadim_home())?;
+    let side = bench_quality::LlamaSide { bin: &a.llamacpp, gguf: &gguf, calib: &calib, chunks: a.chunks, ctx: a.ctx, threads: rayon::current_num_threads() };
+    let ldir = a.runs.join("llamacpp");
+    std::fs::create_dir_all(&ldir)?;
+    eprintln!("llama.cpp importance matrix ({} x {} tokens of {}) ...", a.chunks, a.ctx, a.calib);
+    let imatrix = side.imatrix(&ldir)?;
+    for ty in &a.types {
+        for im in [None, Some(imatrix.as_path())] {
+            let file = side.quantize(&ldir, ty, im)?;
+            let name = file.file_stem().unwrap_or_default().to_string_lossy().to_string();
+            let ppl_file = ldir.join(format!("{name}.ppl.json"));
+            if !ppl_file.exists() {
+                let dir = ldir.join(&name);
+                if !dir.join("config.json").exists() {
+                    let _ = std::fs::remove_dir_all(&dir);
+                    let mut bar = progress::Bar::new("import", 0);
+                    adadim_load::gguf::import_gguf(&file, &dir, &mut |d, t| bar.update(d, t)).with_context(|| format!("importing {}", file.display()))?;
+                    bar.finish();
+                }
+                eprintln!("evaluating {name} ...");
+                let r = run_ppl(&dir, &dataset, seqlen, Some(windows))?;
+                let tmp = ldir.join(format!("{name}.ppl.json.tmp"));
+                std::fs::write(&tmp, serde_json::to_string(&r)?)?;
+                std::fs::rename(&tmp, &ppl_file)?;
+                std::fs::remove_dir_all(&dir)?; // the GGUF stays; its f32 import is 0.5 GB
+            }
+            let (bits, weights) = bench_quality::gguf_bits(&file)?;
+            points.push(Point { name, tool: "llama.cpp".into(), bpw: bits as f64 / weights as f64, ppl: num(&read_json(&ppl_file)?, "ppl")? });
+        }
+    }
+    points.sort_by(|x, y| x.bpw.total_cmp(&y.bpw));
+    let mut md = String::from("## Quality per bit against llama.cpp\n\n");
+    md += &format!("Regenerate with `adadim bench quality --llamacpp BIN` after `bench/results.sh` (same run directory, `{}`). Every model below is evaluated by our evaluator with the protocol above ({} windows x {seqlen} tokens of {}); llama.cpp's files (`llama-quantize --allow-requantize` from the shipped Q4_1 GGUF, the only source there is; token embedding kept f32 so that both sides keep a float head) are read with `import-gguf`. `-imatrix`: with llama.cpp's importance matrix from {} x {} tokens of the same calibration text as ours ({}). Bits per weight: what each file stores for the decoder-block linears (codes, scales, zeros, permutations; llama.cpp's mixed `_S`/`_M` recipes counted tensor by tensor).\n\n", a.runs.display(), windows, dataset.label, a.chunks, a.ctx, a.calib);
+    md += &bench_quality::table(&points, fp_ppl);
+    if let Some(parent) = a.svg.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)?;
+    }
+    bench_quality::plot(&points, fp_ppl, &a.svg)?;
+    md += &format!("\nFP (dequantized Q4_1): {fp_ppl:.3}. Plot: [{}]({}).\n", a.svg.display(), a.svg.display());
+    bench::publish(&a.write, "quality-per-bit", &md)
 }
 
 fn bench_scale(a: BenchScaleArgs) -> Result<()> {

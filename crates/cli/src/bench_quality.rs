@@ -1,0 +1,243 @@
+//! Quality per bit: our quantized models (a `bench/results.sh` run directory) beside
+//! llama.cpp's `llama-quantize` types of the same model, with and without an importance
+//! matrix from the same calibration text, every one evaluated by *our* evaluator with the same
+//! protocol as the results (`import-gguf` reads llama.cpp's files), perplexity against bits per
+//! weight of the decoder-block linears.
+//!
+//! Bits per weight count what each format stores for the seven linears of every block
+//! (codes, scales, zeros, permutations; llama.cpp: its block types' exact sizes, mixed types
+//! of the `_S`/`_M` recipes included). Embedding and head are left out on both sides: ours stay
+//! float, and llama.cpp's token embedding is written as f32 (`--token-embedding-type f32`) so
+//! that both are evaluated with the same float head.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+/// The seven linears of a block, as llama.cpp's GGUF names them.
+const GGUF_LINEARS: [&str; 7] = ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"];
+
+/// One model of the comparison.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Point {
+    /// `w3g128-gptq-ada`, `Q3_K_M-imatrix`, ...
+    pub name: String,
+    /// `adadim` or `llama.cpp`.
+    pub tool: String,
+    /// Bits per weight of the decoder-block linears.
+    pub bpw: f64,
+    pub ppl: f64,
+}
+
+/// Stored bits and weights of the block linears of an adadim packed model directory.
+pub fn packed_bits(dir: &Path) -> Result<(u64, u64)> {
+    let file = adadim_pack::PackedFile::open(&dir.join("model.safetensors"))?;
+    let (mut bits, mut weights) = (0u64, 0u64);
+    for name in file.linear_names().map(str::to_string).collect::<Vec<_>>() {
+        let p = file.linear(&name)?;
+        bits += 8 * p.stored_bytes() as u64;
+        weights += (p.rows() * p.cols()) as u64;
+    }
+    anyhow::ensure!(weights > 0, "{}: no packed linears in this model", dir.display());
+    Ok((bits, weights))
+}
+
+/// Stored bits and weights of the block linears of a quantized model directory: read from
+/// the packed file, or (a model exported dequantized, `--format f32`) from the layout its
+/// `report.json` records for every linear, the bytes the packed file would hold.
+pub fn model_bits(dir: &Path) -> Result<(u64, u64)> {
+    if adadim_model::is_packed(dir) {
+        return packed_bits(dir);
+    }
+    let path = dir.join("report.json");
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?)?;
+    let s = &r["summary"]["settings"];
+    let bits = s["spec"]["bits"].as_u64().with_context(|| format!("{}: no summary.settings.spec.bits", path.display()))? as u8;
+    let group = s["spec"]["group"].as_u64().map(|g| g as usize);
+    // Per-OC GPTQ with act-order and dynamic groups stores its column order.
+    let dynamic = s["method"] == "gptq" && s["act_order"] == true && s["static_groups"] != true;
+    let (mut total, mut weights) = (0u64, 0u64);
+    for l in r["linears"].as_array().with_context(|| format!("{}: no linears", path.display()))? {
+        let dim = |k: &str| l[k].as_u64().map(|v| v as usize).with_context(|| format!("{}: a linear without {k}", path.display()));
+        let (rows, cols) = (dim("rows")?, dim("cols")?);
+        let axis = if l["axis"] == "ic" { adadim_quantize::Axis::Ic } else { adadim_quantize::Axis::Oc };
+        let whole = if axis == adadim_quantize::Axis::Oc { cols } else { rows };
+        let layout = adadim_pack::Layout { bits, group: group.unwrap_or(whole), axis };
+        total += 8 * layout.bytes(rows, cols, dynamic && axis == adadim_quantize::Axis::Oc) as u64;
+        weights += (rows * cols) as u64;
+    }
+    anyhow::ensure!(weights > 0, "{}: no linears", path.display());
+    Ok((total, weights))
+}
+
+/// Stored bits and weights of the block linears of a GGUF file (each tensor's own type).
+pub fn gguf_bits(path: &Path) -> Result<(u64, u64)> {
+    let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let content = candle_core::quantized::gguf_file::Content::read(&mut f).with_context(|| format!("{}: not a readable GGUF file", path.display()))?;
+    let (mut bits, mut weights) = (0u64, 0u64);
+    for (name, info) in &content.tensor_infos {
+        let is_linear = name.strip_prefix("blk.").and_then(|r| r.split_once('.')).is_some_and(|(_, t)| GGUF_LINEARS.iter().any(|l| t == format!("{l}.weight")));
+        if !is_linear {
+            continue;
+        }
+        let n = info.shape.elem_count() as u64;
+        let (block, size) = (info.ggml_dtype.block_size() as u64, info.ggml_dtype.type_size() as u64);
+        anyhow::ensure!(n % block == 0, "{}: tensor {name} has {n} values, not a whole number of {block}-value blocks", path.display());
+        bits += 8 * n / block * size;
+        weights += n;
+    }
+    anyhow::ensure!(weights > 0, "{}: no blk.N.{{attn,ffn}}_*.weight tensors", path.display());
+    Ok((bits, weights))
+}
+
+/// Run `cmd`, failing with its stderr's tail when it fails.
+fn run_tool(mut cmd: Command, what: &str) -> Result<()> {
+    let out = cmd.output().with_context(|| format!("starting {what}"))?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        let tail: String = err.lines().rev().take(15).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
+        anyhow::bail!("{what} failed ({}):\n{tail}", out.status);
+    }
+    Ok(())
+}
+
+/// What the llama.cpp side needs.
+pub struct LlamaSide<'a> {
+    pub bin: &'a Path,
+    /// The float source GGUF (for SmolLM2 the shipped Q4_1, requantized).
+    pub gguf: &'a Path,
+    /// Calibration text for `llama-imatrix` (the corpus our runs calibrate on).
+    pub calib: &'a Path,
+    /// Chunks x context of the importance matrix: the same number of tokens as our calibration.
+    pub chunks: usize,
+    pub ctx: usize,
+    pub threads: usize,
+}
+
+impl LlamaSide<'_> {
+    /// The importance matrix in `dir` (computed once).
+    pub fn imatrix(&self, dir: &Path) -> Result<PathBuf> {
+        let path = dir.join(format!("imatrix-{}x{}.dat", self.chunks, self.ctx));
+        if !path.exists() {
+            let tmp = dir.join("imatrix.tmp.dat");
+            let mut c = Command::new(self.bin.join("llama-imatrix"));
+            c.arg("-m").arg(self.gguf).arg("-f").arg(self.calib).arg("-o").arg(&tmp);
+            c.args(["-c", &self.ctx.to_string(), "--chunks", &self.chunks.to_string(), "-t", &self.threads.to_string()]);
+            run_tool(c, "llama-imatrix")?;
+            std::fs::rename(&tmp, &path)?;
+        }
+        Ok(path)
+    }
+
+    /// `llama-quantize` of the source into `TYPE[-imatrix].gguf` in `dir` (made once).
+    pub fn quantize(&self, dir: &Path, ty: &str, imatrix: Option<&Path>) -> Result<PathBuf> {
+        let name = format!("{ty}{}", if imatrix.is_some() { "-imatrix" } else { "" });
+        let path = dir.join(format!("{name}.gguf"));
+        if !path.exists() {
+            let tmp = dir.join(format!("{name}.tmp.gguf"));
+            let mut c = Command::new(self.bin.join("llama-quantize"));
+            c.arg("--allow-requantize").args(["--token-embedding-type", "f32"]);
+            if let Some(m) = imatrix {
+                c.arg("--imatrix").arg(m);
+            }
+            c.arg(self.gguf).arg(&tmp).arg(ty).arg(self.threads.to_string());
+            run_tool(c, &format!("llama-quantize {ty}"))?;
+            std::fs::rename(&tmp, &path)?;
+        }
+        Ok(path)
+    }
+}
+
+/// The points, sorted by bits per weight, as a markdown table (`fp`: the float perplexity).
+pub fn table(points: &[Point], fp: f64) -> String {
+    let mut s = String::from("| model | tool | bits per weight (block linears) | WikiText-2 ppl | vs FP |\n|---|---|---|---|---|\n");
+    for p in points {
+        s += &format!("| {} | {} | {:.3} | {:.3} | {:+.1}% |\n", p.name, p.tool, p.bpw, p.ppl, 100.0 * (p.ppl / fp - 1.0));
+    }
+    s
+}
+
+/// For each tool, the points no other point of the same tool beats in both bits and ppl.
+pub fn frontier(points: &[Point], tool: &str) -> Vec<Point> {
+    let mine: Vec<&Point> = points.iter().filter(|p| p.tool == tool).collect();
+    let mut f: Vec<Point> = mine.iter().filter(|p| !mine.iter().any(|q| q.bpw <= p.bpw && q.ppl < p.ppl && (q.bpw < p.bpw || q.ppl < p.ppl))).map(|p| (*p).clone()).collect();
+    f.sort_by(|a, b| a.bpw.total_cmp(&b.bpw));
+    f
+}
+
+/// Perplexity against bits per weight as an SVG (log-scaled ppl), both tools' points and
+/// their frontiers, the float model as a horizontal line.
+pub fn plot(points: &[Point], fp: f64, path: &Path) -> Result<()> {
+    use plotters::prelude::*;
+    let (x0, x1) = points.iter().fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.bpw), b.max(p.bpw)));
+    let (y0, y1) = points.iter().fold((fp, fp), |(a, b), p| (a.min(p.ppl), b.max(p.ppl)));
+    let root = SVGBackend::new(path, (900, 560)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption("WikiText-2 perplexity vs bits per weight (decoder-block linears)", ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(44)
+        .y_label_area_size(64)
+        .build_cartesian_2d((x0 - 0.15)..(x1 + 0.15), (y0 * 0.9..y1 * 1.15).log_scale())?;
+    chart.configure_mesh().x_desc("bits per weight").y_desc("perplexity (log)").draw()?;
+    chart
+        .draw_series(LineSeries::new([(x0 - 0.15, fp), (x1 + 0.15, fp)], BLACK.mix(0.5)))?
+        .label(format!("FP {fp:.2}"))
+        .legend(|(x, y)| PathElement::new([(x, y), (x + 16, y)], BLACK.mix(0.5)));
+    for (tool, color) in [("adadim", BLUE), ("llama.cpp", RED)] {
+        let f = frontier(points, tool);
+        chart.draw_series(LineSeries::new(f.iter().map(|p| (p.bpw, p.ppl)), color.mix(0.6)))?;
+        chart
+            .draw_series(points.iter().filter(|p| p.tool == tool).map(|p| Circle::new((p.bpw, p.ppl), 4, color.filled())))?
+            .label(tool)
+            .legend(move |(x, y)| Circle::new((x + 8, y), 4, color.filled()));
+        chart.draw_series(points.iter().filter(|p| p.tool == tool).map(|p| Text::new(p.name.clone(), (p.bpw, p.ppl), ("sans-serif", 11).into_font().color(&color))))?;
+    }
+    chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw()?;
+    root.present()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(name: &str, tool: &str, bpw: f64, ppl: f64) -> Point {
+        Point { name: name.into(), tool: tool.into(), bpw, ppl }
+    }
+
+    #[test]
+    fn the_frontier_keeps_points_nothing_beats() {
+        let pts = [p("a", "x", 3.0, 30.0), p("b", "x", 3.0, 25.0), p("c", "x", 4.0, 26.0), p("d", "x", 4.5, 20.0), p("e", "y", 2.0, 99.0)];
+        let f: Vec<String> = frontier(&pts, "x").into_iter().map(|p| p.name).collect();
+        assert_eq!(f, ["b", "d"]);
+    }
+
+    #[test]
+    fn the_plot_is_an_svg_with_every_point() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("q.svg");
+        let pts = [p("w3g128-gptq-ada", "adadim", 3.16, 40.0), p("Q3_K_M", "llama.cpp", 3.9, 35.0)];
+        plot(&pts, 19.2, &path).unwrap();
+        let svg = std::fs::read_to_string(&path).unwrap();
+        assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"), "{}", &svg[..svg.len().min(200)]);
+        assert!(svg.contains("w3g128-gptq-ada") && svg.contains("Q3_K_M") && svg.contains("FP 19.20"));
+        assert_eq!(svg.matches("<circle").count(), 2 + 2, "two points and two legend marks");
+    }
+
+    #[test]
+    fn gguf_bits_count_each_tensor_type() {
+        // A real llama.cpp file is not in CI; the SmolLM2 GGUF is checked when present.
+        let gguf = adadim_load::fetch::adadim_home().join("models/smollm2.gguf");
+        if !gguf.exists() {
+            eprintln!("skipped: {} not present", gguf.display());
+            return;
+        }
+        let (bits, weights) = gguf_bits(&gguf).unwrap();
+        // Q4_1: 20 bytes per 32 values = 5 bits; 30 blocks of SmolLM2's linears.
+        assert_eq!(weights, 30 * (576 * 576 * 2 + 576 * 192 * 2 + 3 * 576 * 1536));
+        assert_eq!(bits, weights * 5);
+    }
+}
