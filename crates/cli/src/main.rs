@@ -988,7 +988,7 @@ fn bench_quantize(a: BenchQuantizeArgs) -> Result<()> {
     }
     writeln!(md, "| **total** | **{total:.1}** | | | | **{bound_total:.1}** |\n")?;
     writeln!(md, "Total time / FLOP bound: **{:.2}x** (aim: within 3x). Peak RSS {rss:.0} MB. {:.0} calibration tokens/s.", total / bound_total, tokens / total)?;
-    writeln!(md, "\nThe calibration forward needs one pass per block (each linear's input computed once, true-sequential); \"GFLOP done\" exceeds it where gate/up are recomputed for down's inputs (when they do not fit the 2 GiB cache). Causal attention counts only the keys each query sees. The last block's output is never needed, so the bound is slightly generous.")?;
+    writeln!(md, "\nThe calibration forward needs one pass per block (each linear's input computed once, true-sequential); \"GFLOP done\" exceeds it where gate/up are recomputed for down's inputs (when they do not fit the {} MiB cache). Causal attention counts only the keys each query sees. The last block's output is never needed, so the bound is slightly generous.", adadim_calibrate::ACT_CACHE_BYTES >> 20)?;
     bench::publish(&a.write, "quantize", &md)
 }
 
