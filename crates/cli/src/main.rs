@@ -448,6 +448,11 @@ struct PplArgs {
     /// Print one JSON object on stdout instead of text.
     #[arg(long)]
     json: bool,
+    /// Run the decoder one block at a time from the checkpoint (windows in batches), for models
+    /// larger than memory; the same numbers. Default: when a float model's blocks in f32 would
+    /// take more than half of the available memory.
+    #[arg(long)]
+    stream: bool,
 }
 
 fn main() {
@@ -550,7 +555,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
 fn eval_ppl(a: PplArgs) -> Result<()> {
     let dataset = resolve_dataset(&a.dataset)?;
     let dir = model_dir(&a.model.model)?;
-    let r = run_ppl(&dir, &dataset, a.seqlen, a.limit)?;
+    let r = run_ppl_with(&dir, &dataset, a.seqlen, a.limit, a.stream)?;
     if a.json {
         let mut v = serde_json::to_value(&r)?;
         v["model"] = dir.display().to_string().into();
@@ -1176,17 +1181,46 @@ fn resolve_dataset(spec: &str) -> Result<Dataset> {
 
 /// Perplexity of the model in `dir` on `dataset`, with a progress bar.
 fn run_ppl(dir: &std::path::Path, dataset: &Dataset, seqlen: usize, limit: Option<usize>) -> Result<adadim_eval::ppl::PplReport> {
+    run_ppl_with(dir, dataset, seqlen, limit, false)
+}
+
+/// Half of `MemAvailable` (Linux), in bytes.
+fn half_available_memory() -> Option<usize> {
+    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kb: usize = s.lines().find(|l| l.starts_with("MemAvailable:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024 / 2)
+}
+
+/// Hidden states of one batch of windows when streaming.
+const STREAM_BATCH_BYTES: usize = 1 << 30;
+
+/// As [`run_ppl`]; `stream` (or a float model whose blocks would take more than half of the
+/// available memory in f32) runs the decoder block by block from the checkpoint.
+fn run_ppl_with(dir: &std::path::Path, dataset: &Dataset, seqlen: usize, limit: Option<usize>, stream: bool) -> Result<adadim_eval::ppl::PplReport> {
     let src = adadim_model::open(dir)?;
     let tok = adadim_load::tokenizer::load(dir)?;
     let text = dataset.read_text()?;
     let ids = adadim_eval::ppl::tokenize(&tok, &text, &dataset.path.display().to_string())?;
-    let mut bar = progress::Bar::new("load", src.config().num_hidden_layers);
-    let model = adadim_model::Model::load(src.as_ref(), seqlen, &mut |d, t| bar.update(d, t))
-        .with_context(|| format!("loading {}", dir.display()))?;
-    bar.finish();
-    let mut bar = progress::Bar::new("ppl", 0);
-    let r = adadim_eval::ppl::perplexity(&model, &ids, seqlen, limit, &mut |d, t| bar.update(d, t))?;
-    bar.finish();
+    let cfg = src.config();
+    let f32_blocks = 4 * cfg.linear_params_per_block() * cfg.num_hidden_layers;
+    let stream = stream || (!adadim_model::is_packed(dir) && half_available_memory().is_some_and(|m| f32_blocks > m));
+    let r = if stream {
+        eprintln!("streaming the {} blocks from {} ({:.1} GB in f32), windows in batches of {} MB of hidden states", cfg.num_hidden_layers, dir.display(), f32_blocks as f64 / 1e9, STREAM_BATCH_BYTES >> 20);
+        let model = adadim_model::Model::load_shell(src.as_ref(), seqlen).with_context(|| format!("loading {}", dir.display()))?;
+        let mut bar = progress::Bar::new("ppl (blocks)", 0);
+        let r = adadim_eval::ppl::perplexity_streaming(&model, src.as_ref(), &ids, seqlen, limit, STREAM_BATCH_BYTES, &mut |d, t| bar.update(d, t))?;
+        bar.finish();
+        r
+    } else {
+        let mut bar = progress::Bar::new("load", cfg.num_hidden_layers);
+        let model = adadim_model::Model::load(src.as_ref(), seqlen, &mut |d, t| bar.update(d, t))
+            .with_context(|| format!("loading {}", dir.display()))?;
+        bar.finish();
+        let mut bar = progress::Bar::new("ppl", 0);
+        let r = adadim_eval::ppl::perplexity(&model, &ids, seqlen, limit, &mut |d, t| bar.update(d, t))?;
+        bar.finish();
+        r
+    };
     Ok(r)
 }
 

@@ -53,6 +53,12 @@ fn a_good_model_runs() {
     assert_eq!(code, 0, "{err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert!(v["ppl"].as_f64().unwrap() > 1.0 && v["windows"].as_u64().unwrap() == 900 / 16);
+    // Block by block from the checkpoint: the same numbers.
+    let (code, out, err) = adadim(&["eval", "ppl", "--model", m.to_str().unwrap(), "--dataset", text.to_str().unwrap(), "--seqlen", "16", "--json", "--stream"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("streaming the 2 blocks"), "{err}");
+    let s: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!((&s["ppl"], &s["window_nll"]), (&v["ppl"], &v["window_nll"]));
 }
 
 #[test]

@@ -5,7 +5,7 @@
 //! are lower and not comparable one to one.)
 
 use crate::error::{EvalError, Result};
-use adadim_model::Model;
+use adadim_model::{Block, Model, WeightSource};
 use serde::Serialize;
 use std::time::Instant;
 use tokenizers::Tokenizer;
@@ -83,14 +83,62 @@ pub fn perplexity(
     limit: Option<usize>,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<PplReport> {
+    let ws = checked_windows(ids, seqlen, limit, model.rope.max_positions())?;
+    let start = Instant::now();
+    let mut window_nll = Vec::with_capacity(ws.len());
+    for (i, w) in ws.iter().enumerate() {
+        let hidden = model.forward_hidden(&w[..seqlen - 1])?;
+        window_nll.push(window_nll_of(model, &hidden, w)?);
+        progress(i + 1, ws.len());
+    }
+    Ok(report(ids.len(), seqlen, window_nll, start))
+}
+
+/// As [`perplexity`], for models larger than memory: `model` holds the embedding, final norm
+/// and head only ([`Model::load_shell`]); the windows go through the decoder in batches whose
+/// hidden states fit in `batch_bytes`, each batch reading the blocks from `src` one at a time
+/// (dropped after use), so the peak is one block plus a batch of hidden states. The same
+/// operations in the same order per window as [`perplexity`]: the same bits.
+/// `progress(blocks done, blocks to do)` over all batches.
+pub fn perplexity_streaming(
+    model: &Model,
+    src: &dyn WeightSource,
+    ids: &[u32],
+    seqlen: usize,
+    limit: Option<usize>,
+    batch_bytes: usize,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<PplReport> {
+    let ws = checked_windows(ids, seqlen, limit, model.rope.max_positions())?;
+    let start = Instant::now();
+    let layers = model.config.num_hidden_layers;
+    let per_window = (seqlen - 1) * model.config.hidden_size * 4;
+    let batch = (batch_bytes / per_window).clamp(1, ws.len());
+    let batches = ws.len().div_ceil(batch);
+    let mut window_nll = Vec::with_capacity(ws.len());
+    for (k, group) in ws.chunks(batch).enumerate() {
+        let mut xs = group.iter().map(|w| model.embed(&w[..seqlen - 1])).collect::<adadim_model::Result<Vec<_>>>()?;
+        for layer in 0..layers {
+            let block = Block::load(src, layer)?;
+            for x in xs.iter_mut() {
+                *x = block.forward(x, &model.rope)?;
+            }
+            progress(k * layers + layer + 1, batches * layers);
+        }
+        for (x, w) in xs.iter().zip(group) {
+            window_nll.push(window_nll_of(model, x, w)?);
+        }
+    }
+    Ok(report(ids.len(), seqlen, window_nll, start))
+}
+
+/// The windows to score, after checking `seqlen` against the model and the text.
+fn checked_windows(ids: &[u32], seqlen: usize, limit: Option<usize>, positions: usize) -> Result<Vec<&[u32]>> {
     if seqlen < 2 {
         return Err(EvalError::Invalid(format!("seqlen must be at least 2, got {seqlen}")));
     }
-    if seqlen > model.rope.max_positions() {
-        return Err(EvalError::Invalid(format!(
-            "seqlen {seqlen} exceeds the model's prepared positions {}",
-            model.rope.max_positions()
-        )));
+    if seqlen > positions {
+        return Err(EvalError::Invalid(format!("seqlen {seqlen} exceeds the model's prepared positions {positions}")));
     }
     let ws = windows(ids, seqlen, limit);
     if ws.is_empty() {
@@ -99,31 +147,33 @@ pub fn perplexity(
             ids.len()
         )));
     }
-    let start = Instant::now();
-    let mut window_nll = Vec::with_capacity(ws.len());
-    let mut total = 0.0f64;
-    for (i, w) in ws.iter().enumerate() {
-        let hidden = model.forward_hidden(&w[..seqlen - 1])?;
-        let lp = model.target_logprobs(&hidden, &w[1..], 512)?;
-        let nll: f64 = -lp.iter().sum::<f64>();
-        total += nll;
-        window_nll.push(nll / lp.len() as f64);
-        progress(i + 1, ws.len());
-    }
+    Ok(ws)
+}
+
+/// Total NLL of window `w`'s last `seqlen - 1` tokens from its hidden states.
+fn window_nll_of(model: &Model, hidden: &candle_core::Tensor, w: &[u32]) -> Result<f64> {
+    let lp = model.target_logprobs(hidden, &w[1..], 512)?;
+    Ok(-lp.iter().sum::<f64>())
+}
+
+/// The report from each window's total NLL.
+fn report(tokens: usize, seqlen: usize, window_totals: Vec<f64>, start: Instant) -> PplReport {
     let seconds = start.elapsed().as_secs_f64();
-    let scored = ws.len() * (seqlen - 1);
-    let mean_nll = total / scored as f64;
-    Ok(PplReport {
+    let windows = window_totals.len();
+    let scored = windows * (seqlen - 1);
+    let mean_nll = window_totals.iter().sum::<f64>() / scored as f64;
+    let window_nll = window_totals.iter().map(|t| t / (seqlen - 1) as f64).collect();
+    PplReport {
         ppl: mean_nll.exp(),
         mean_nll,
-        tokens: ids.len(),
-        windows: ws.len(),
+        tokens,
+        windows,
         seqlen,
         scored,
         seconds,
-        tokens_per_s: (ws.len() * seqlen) as f64 / seconds,
+        tokens_per_s: (windows * seqlen) as f64 / seconds,
         window_nll,
-    })
+    }
 }
 
 #[cfg(test)]

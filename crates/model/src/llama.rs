@@ -416,19 +416,25 @@ pub struct Model {
 impl Model {
     /// Load every block (dense or packed). `max_t` bounds the positions the RoPE tables cover.
     pub fn load(src: &dyn WeightSource, max_t: usize, progress: &mut dyn FnMut(usize, usize)) -> Result<Self> {
-        let cfg = src.config().clone();
-        let n = cfg.num_hidden_layers;
-        let mut blocks = Vec::with_capacity(n);
+        let mut model = Self::load_shell(src, max_t)?;
+        let n = model.config.num_hidden_layers;
         for i in 0..n {
-            blocks.push(Block::load(src, i)?);
+            model.blocks.push(Block::load(src, i)?);
             progress(i + 1, n);
         }
+        Ok(model)
+    }
+
+    /// Everything but the blocks (embedding, final norm, head, RoPE tables): for running the
+    /// decoder one block at a time from `src` when the whole model does not fit in memory.
+    pub fn load_shell(src: &dyn WeightSource, max_t: usize) -> Result<Self> {
+        let cfg = src.config().clone();
         Ok(Model {
             embed: src.tensor("model.embed_tokens.weight")?,
             norm: src.tensor("model.norm.weight")?,
             lm_head: if cfg.tie_word_embeddings { None } else { Some(src.tensor("lm_head.weight")?) },
             rope: Rope::new(&cfg, max_t).ctx(|| "rope tables".into())?,
-            blocks,
+            blocks: Vec::with_capacity(cfg.num_hidden_layers),
             config: cfg,
             decode_head: None,
         })
