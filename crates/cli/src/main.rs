@@ -1042,6 +1042,7 @@ fn run_quantize_resumable(dir: &std::path::Path, method: MethodArg, dim: DimArg,
         }
         let report = serde_json::json!({"summary": summary, "linears": reports});
         std::fs::write(staging.join("report.json"), serde_json::to_string_pretty(&report)?)?;
+        adadim_calibrate::input_rms::write(&staging.join(adadim_calibrate::input_rms::FILE), &reports)?;
         for e in std::fs::read_dir(&staging)? {
             std::fs::File::open(e?.path()).and_then(|f| f.sync_all()).with_context(|| format!("syncing {}", staging.display()))?;
         }
