@@ -98,6 +98,10 @@ pub struct LinearReport {
     /// GPTQ runs (2 when `--select gptq` tries both axes).
     #[serde(skip)]
     pub gptq_runs: usize,
+    /// RMS over the calibration tokens of each input channel, `sqrt(H[i,i] / 2)` (empty without
+    /// calibration). Kept out of the JSON: `quantize` writes it to `input_rms.safetensors`.
+    #[serde(skip)]
+    pub input_rms: Vec<f32>,
 }
 
 /// `&'static str`, named so that serde's derive does not try to borrow it from the input
@@ -193,9 +197,17 @@ impl QuantizeConfig {
             cholesky_s: (!runs.is_empty()).then(|| runs.iter().map(|r| r.0).sum()),
             sweep_s: (!runs.is_empty()).then(|| runs.iter().map(|r| r.1).sum()),
             gptq_runs: runs.len(),
+            input_rms: h.filter(|h| h.tokens() > 0).map_or_else(Vec::new, input_rms),
         };
         Ok((q, report))
     }
+}
+
+/// Each input channel's RMS over the calibration tokens: `H = (2/n) sum x x^T`, so
+/// `H[i,i] / 2` is the mean of `x_i^2` (paper Fig. 8 plots this magnitude).
+fn input_rms(h: &Hessian) -> Vec<f32> {
+    let (d, m) = (h.dim(), h.matrix());
+    (0..d).map(|i| (m[i * d + i] / 2.0).max(0.0).sqrt()).collect()
 }
 
 fn to_vec(t: &Tensor) -> Result<Vec<f32>> {

@@ -8,6 +8,7 @@ pub mod data;
 pub mod driver;
 pub mod output;
 pub mod error;
+pub mod input_rms;
 pub mod resume;
 
 pub use driver::{quantize_model, quantize_model_resumable, ACT_CACHE_BYTES, Dim, LinearReport, Method, QuantizeConfig, QuantizeRun, Select, Timings};

@@ -3,7 +3,8 @@
 //! ```text
 //! DIR/lock                      the PID of the run using DIR (created with create_new)
 //! DIR/resume.json               the job (its settings and inputs, and their SHA-256), blocks done
-//! DIR/blocks/block-00007.safetensors   block 7's quantized linears (codes bit-packed, params) and reports
+//! DIR/blocks/block-00007.safetensors   block 7's quantized linears (codes bit-packed, params), reports
+//!                                      and the input-channel RMS of each linear
 //! DIR/hidden-00008.f32          the calibration hidden states entering block 8 (only the latest)
 //! ```
 //!
@@ -230,6 +231,10 @@ impl WorkDir {
             meta.push((format!("{n}.spec"), serde_json::to_string(q.spec()).expect("specs serialize")));
             meta.push((format!("{n}.shape"), format!("[{},{}]", q.rows(), q.cols())));
         }
+        // The reports' input-channel RMS vectors (not in their JSON), one tensor per linear.
+        for r in reports.iter().filter(|r| !r.input_rms.is_empty()) {
+            w.write(&format!("{}.input_rms", short_name(r.module)), "F32", &[r.input_rms.len()], &f32_bytes(&r.input_rms))?;
+        }
         w.finish(&meta)?;
         std::fs::rename(&tmp, &path).map_err(io(&path))?;
         let old_hidden = self.manifest.hidden.take();
@@ -287,7 +292,15 @@ impl WorkDir {
         let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
         let meta = header.metadata().clone().unwrap_or_default();
         let get = |k: &str| -> Result<String> { meta.get(k).cloned().ok_or_else(|| bad(format!("no '{k}' in the metadata"))) };
-        let reports: Vec<LinearReport> = serde_json::from_str(&get("reports")?).map_err(|e| bad(format!("reports: {e}")))?;
+        let mut reports: Vec<LinearReport> = serde_json::from_str(&get("reports")?).map_err(|e| bad(format!("reports: {e}")))?;
+        for r in &mut reports {
+            if let Ok(t) = st.tensor(&format!("{}.input_rms", short_name(r.module))) {
+                if t.data().len() != 4 * r.cols {
+                    return Err(bad(format!("{}.input_rms: {} bytes for {} input channels", short_name(r.module), t.data().len(), r.cols)));
+                }
+                r.input_rms = t.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes"))).collect();
+            }
+        }
         let mut linears = Vec::new();
         for kind in LinearKind::ALL {
             let n = kind.short();
@@ -312,6 +325,11 @@ impl WorkDir {
         }
         Ok((linears, reports))
     }
+}
+
+/// `q` for `self_attn.q_proj`: the name block files give a linear's tensors.
+fn short_name(module: &str) -> &'static str {
+    LinearKind::ALL.into_iter().find(|k| k.module() == module).map_or("unknown", |k| k.short())
 }
 
 fn f32_bytes(v: &[f32]) -> Vec<u8> {

@@ -277,3 +277,29 @@ fn packed_output_is_the_dequantized_output_bit_for_bit_and_evaluates_the_same() 
         assert!(one.iter().zip(&want).all(|(a, b)| (a - b).abs() <= 1e-4 * scale), "matvec path");
     }
 }
+
+#[test]
+fn input_rms_is_each_input_channels_rms_over_the_calibration_tokens() {
+    use candle_core::{Device, Tensor};
+    let (d, reports, _) = run(&config(Method::Gptq, Dim::Ada));
+    assert!(reports.iter().all(|r| r.input_rms.len() == r.cols), "one value per input channel");
+    // Independently: q/k/v of block 0 see rms_norm(embedding) of the calibration tokens.
+    let ck = Checkpoint::open(&d.path().join("m")).unwrap();
+    let block = adadim_model::Block::load(&ck, 0).unwrap();
+    let embed = ck.tensor("model.embed_tokens.weight").unwrap();
+    let (mut sum_sq, mut tokens) = (vec![0f64; ck.config.hidden_size], 0usize);
+    for s in samples() {
+        let x = embed.index_select(&Tensor::new(s.as_slice(), &Device::Cpu).unwrap(), 0).unwrap();
+        for row in block.attn_input(&x).unwrap().to_vec2::<f32>().unwrap() {
+            row.iter().zip(&mut sum_sq).for_each(|(v, s)| *s += f64::from(*v).powi(2));
+            tokens += 1;
+        }
+    }
+    for module in ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"] {
+        let r = reports.iter().find(|r| r.layer == 0 && r.module == module).unwrap();
+        for (i, (got, s)) in r.input_rms.iter().zip(&sum_sq).enumerate() {
+            let want = (s / tokens as f64).sqrt();
+            assert!((f64::from(*got) - want).abs() <= 1e-5 * want, "{module} channel {i}: {got} vs {want}");
+        }
+    }
+}

@@ -83,8 +83,11 @@ fn interrupted_after_any_block_resumes_to_the_same_bytes() {
             assert_eq!(seen, (stop + 1..=c.num_hidden_layers).collect::<Vec<_>>());
             assert!(std::fs::read(&got_file).unwrap() == want_bytes, "case {i} ({method:?} {dim:?} {format:?}), stopped after {stop} blocks: bytes differ");
             // The reports of blocks done before the interruption come back too, the same.
-            let strip = |r: &adadim_calibrate::LinearReport| (r.layer, r.module, r.axis, r.oc_error, r.ic_error, r.final_error, r.gptq_loss, r.percdamp, r.dead_inputs);
+            // So do their input-channel RMS vectors (saved beside the reports, not in their JSON).
+            let strip = |r: &adadim_calibrate::LinearReport| (r.layer, r.module, r.axis, r.oc_error, r.ic_error, r.final_error, r.gptq_loss, r.percdamp, r.dead_inputs, r.input_rms.clone());
             assert_eq!(run.linears.iter().map(strip).collect::<Vec<_>>(), want.linears.iter().map(strip).collect::<Vec<_>>());
+            let calibrated = method == Method::Gptq;
+            assert!(run.linears.iter().all(|r| r.input_rms.len() == if calibrated { r.cols } else { 0 }), "case {i}: input_rms lengths");
             assert_eq!(run.timings.forward_flops, want.timings.forward_flops);
             work.remove().unwrap();
             assert!(!work_dir.exists());

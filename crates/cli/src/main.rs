@@ -6,6 +6,7 @@ mod bench_kernels;
 mod bench_quality;
 mod bench_scale;
 mod progress;
+mod report;
 
 use adadim_eval::datasets::{data_dir_from_env, Dataset};
 use adadim_load::fetch::{adadim_home, resolve_model};
@@ -46,6 +47,10 @@ enum Cmd {
     /// Write a random-weight checkpoint with a real model's shapes (scale tests; optional
     /// activation-outlier channels for controlled per-IC experiments).
     Synth(SynthArgs),
+    /// Pictures of a quantization run on one page (PAGE_DIR/README.md + SVGs): per-layer
+    /// per-OC vs per-IC error and the choice, activation outliers per input channel, and
+    /// GPTQ's weight updates of one linear in both dimensions.
+    Report(ReportArgs),
     /// Measure model quality.
     #[command(subcommand)]
     Eval(EvalCmd),
@@ -410,6 +415,27 @@ struct CompareArgs {
     work: Option<PathBuf>,
 }
 
+#[derive(Args)]
+struct ReportArgs {
+    /// The --out directory of `adadim quantize` (holds report.json).
+    run_dir: PathBuf,
+    /// Where the page goes (README.md and the SVG figures). Default: RUN_DIR/report.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// The block whose input channels and GPTQ updates are drawn. Default: the last one.
+    #[arg(long)]
+    layer: Option<usize>,
+    /// The linear whose GPTQ updates are drawn: q, k, v, o, gate, up, down.
+    #[arg(long, default_value = "down")]
+    module: String,
+    /// Skip the GPTQ-update figure. Making it re-runs the calibration samples through the run's
+    /// quantized blocks up to --layer and GPTQ on one linear, so it needs the source model
+    /// and calibration text the run recorded, and takes about 1/layers of the run's time
+    /// per block passed.
+    #[arg(long)]
+    no_updates: bool,
+}
+
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum FormatArg {
     Packed,
@@ -478,6 +504,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Eval(EvalCmd::Ppl(a)) => eval_ppl(a),
         Cmd::Generate(a) => generate(a),
         Cmd::Synth(a) => synth(a),
+        Cmd::Report(a) => report::report(a),
         Cmd::Bench(BenchCmd::Eval(a)) => bench_eval(a),
         Cmd::Bench(BenchCmd::Quality(a)) => bench_quality(a),
         Cmd::Bench(BenchCmd::Quantize(a)) => bench_quantize(a),
@@ -1046,11 +1073,7 @@ fn run_quantize_resumable(dir: &std::path::Path, method: MethodArg, dim: DimArg,
     }
     let start = std::time::Instant::now();
     let ckpt = adadim_load::Checkpoint::open(dir)?;
-    let tok = adadim_load::tokenizer::load(dir)?;
-    let calib_file = adadim_calibrate::data::calibration_file(&q.calib, &adadim_home())?;
-    let text = std::fs::read_to_string(&calib_file).with_context(|| format!("{}: reading calibration text", calib_file.display()))?;
-    let ids = adadim_eval::ppl::tokenize(&tok, &text, &calib_file.display().to_string())?;
-    let samples = adadim_calibrate::data::sample_windows(&ids, q.nsamples, q.calib_seqlen, q.seed, &calib_file)?;
+    let (calib_file, samples) = calibration_samples(dir, &q.calib, q.nsamples, q.calib_seqlen, q.seed)?;
 
     // The source's identity, for the packed file's metadata and the job's.
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.extension().is_some_and(|e| e == "safetensors")).collect();
@@ -1146,6 +1169,7 @@ fn run_quantize_resumable(dir: &std::path::Path, method: MethodArg, dim: DimArg,
         }
         let report = serde_json::json!({"summary": summary, "linears": reports});
         std::fs::write(staging.join("report.json"), serde_json::to_string_pretty(&report)?)?;
+        adadim_calibrate::input_rms::write(&staging.join(adadim_calibrate::input_rms::FILE), &reports)?;
         for e in std::fs::read_dir(&staging)? {
             std::fs::File::open(e?.path()).and_then(|f| f.sync_all()).with_context(|| format!("syncing {}", staging.display()))?;
         }
@@ -1168,6 +1192,17 @@ fn run_quantize_resumable(dir: &std::path::Path, method: MethodArg, dim: DimArg,
             Err(e)
         }
     }
+}
+
+/// The calibration text `calib` (a named corpus or a file), tokenized with the tokenizer of the
+/// model in `dir`, and `nsamples` seeded crops of `seqlen` tokens from it.
+fn calibration_samples(dir: &std::path::Path, calib: &str, nsamples: usize, seqlen: usize, seed: u64) -> Result<(PathBuf, Vec<Vec<u32>>)> {
+    let tok = adadim_load::tokenizer::load(dir)?;
+    let calib_file = adadim_calibrate::data::calibration_file(calib, &adadim_home())?;
+    let text = std::fs::read_to_string(&calib_file).with_context(|| format!("{}: reading calibration text", calib_file.display()))?;
+    let ids = adadim_eval::ppl::tokenize(&tok, &text, &calib_file.display().to_string())?;
+    let samples = adadim_calibrate::data::sample_windows(&ids, nsamples, seqlen, seed, &calib_file)?;
+    Ok((calib_file, samples))
 }
 
 /// A named dataset (wikitext2, ptb in $ADADIM_DATA; milton / shakespeare fetched) or a file.
