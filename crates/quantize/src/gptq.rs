@@ -79,6 +79,10 @@ pub struct GptqOutput {
     pub inverse_seconds: f64,
     /// Seconds spent in the column sweep.
     pub sweep_seconds: f64,
+    /// Per input column (original order), the mean over rows of `|w - w_orig|` at the moment
+    /// the column was quantized: how far GPTQ's error compensation moved it (paper Fig. 7),
+    /// without the column's own final rounding.
+    pub update: Vec<f64>,
 }
 
 /// Quantizes the row-major `[rows, cols]` matrix `w` with GPTQ, given the Hessian `h` of
@@ -141,7 +145,6 @@ pub fn gptq(
     let mut W: Vec<f64> = (0..rows * cols)
         .map(|i| f64::from(w0[i - i % cols + perm[i % cols]]))
         .collect();
-    drop(w0);
     let t = std::time::Instant::now();
     let inv = hinv::damped_inverse(&h_perm, cols, opts.percdamp, opts.damp_retries)?;
     let inverse_seconds = t.elapsed().as_secs_f64();
@@ -156,9 +159,12 @@ pub fn gptq(
         U: &inv.U,
         blocksize: opts.blocksize,
         static_groups,
+        orig: &w0,
     };
     let t = std::time::Instant::now();
-    let loss = sweep.run(&mut W, &mut params, &mut codes);
+    let mut update = vec![0.0; cols];
+    let loss = sweep.run(&mut W, &mut params, &mut codes, &mut update);
+    update.iter_mut().for_each(|u| *u /= rows as f64);
     let sweep_seconds = t.elapsed().as_secs_f64();
     let g_idx = dynamic_g_idx(&perm, &grid, spec, static_groups);
     let quantized = QuantizedMatrix::from_params(rows, cols, *spec, codes, &params, g_idx);
@@ -169,6 +175,7 @@ pub fn gptq(
         dead,
         inverse_seconds,
         sweep_seconds,
+        update,
     })
 }
 

@@ -172,3 +172,31 @@ fn ragged_smollm2_shapes() {
         assert!(e < e_rtn, "{axis:?}: gptq {e:e} vs rtn {e_rtn:e}");
     }
 }
+
+#[test]
+fn updates_measure_the_error_compensation_each_column_received() {
+    let (rows, cols) = (48, 96);
+    let w = weights(rows, cols, 0.02, 5);
+    // H = I: nothing is compensated.
+    let s = spec(3, Some(16), Axis::Ic, Zero::Awq);
+    let out = gptq(&w, rows, cols, &identity(cols), &s, &opts(false, false)).unwrap();
+    assert!(out.update.iter().all(|&u| u == 0.0), "{:?}", &out.update[..4]);
+    // Correlated inputs: the first column processed is never moved, later ones are; per-IC
+    // (groups fitted on the compensated column, so nothing is clamped) each column's final
+    // change |W' - W| is its update give or take its own rounding, half a step at most.
+    let x = inputs(512, cols, &[9, 40], 30.0, 6);
+    let h = hessian(&x, cols);
+    for axis in [Axis::Oc, Axis::Ic] {
+        let s = spec(3, Some(16), axis, Zero::Awq);
+        let out = gptq(&w, rows, cols, &h, &s, &opts(false, false)).unwrap();
+        assert_eq!(out.update[0], 0.0, "{axis:?}");
+        assert!(out.update[1..].iter().filter(|&&u| u > 0.0).count() > cols * 9 / 10, "{axis:?}");
+        let wq = out.quantized.dequantize();
+        let q = &out.quantized;
+        let max_step = q.scales().iter().fold(0f32, |a, &b| a.max(b.abs())) as f64;
+        for c in (0..cols).filter(|_| axis == Axis::Ic) {
+            let change = (0..rows).map(|r| f64::from((wq[r * cols + c] - w[r * cols + c]).abs())).sum::<f64>() / rows as f64;
+            assert!((change - out.update[c]).abs() <= max_step / 2.0 + 1e-6, "column {c}: |W' - W| {change} vs update {}", out.update[c]);
+        }
+    }
+}

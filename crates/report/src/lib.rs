@@ -6,7 +6,7 @@
 //! RUN_DIR/report.json, input_rms.safetensors  -> Run::open
 //!     (a) errors.rs   per layer, RTN output error per-OC vs per-IC and the dimension kept (Fig. 6/10)
 //!     (b) inputs.rs   input-channel RMS of one block, and peak/median across blocks     (Fig. 8)
-//!     (c) updates.rs  GPTQ re-run on one linear in both dimensions: |W' - W| per input   (Fig. 7)
+//!     (c) updates.rs  GPTQ re-run on one linear in both dimensions: its update per input  (Fig. 7)
 //!                     channel (needs the source model and the run's calibration samples)
 //! plot.rs: every figure is panels of line / dot series, written as SVG by plotters
 //! page.rs: the SVGs + README.md in PAGE_DIR

@@ -152,7 +152,7 @@ fn inputs_section(md: &mut String, run: &Run, layer: usize, layer_img: &str, acr
 fn updates_section(md: &mut String, u: &LayerUpdates, img: &str) {
     let _ = writeln!(
         md,
-        "GPTQ re-run on block {} `{}` ([{}, {}]) along both dimensions, on the inputs the run's own quantized blocks give it ({} calibration tokens). Shown: `|W' - W|` averaged over output channels, per input channel (GPTQ's accumulated update plus each weight's final rounding), on one scale for both.\n",
+        "GPTQ re-run on block {} `{}` ([{}, {}]) along both dimensions, on the inputs the run's own quantized blocks give it ({} calibration tokens). Shown: GPTQ's update, how far error compensation moved each weight before its rounding (`|w_compensated - w|`), averaged over output channels, per input channel, on one scale for both.\n",
         u.layer, u.module, u.rows, u.cols, u.tokens
     );
     md.push_str("| | per-OC GPTQ | per-IC GPTQ |\n|---|---|---|\n");

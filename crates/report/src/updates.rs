@@ -9,8 +9,9 @@
 //! first, which is what the driver ran the blocks with; re-running along the run's own axis
 //! therefore reproduces the run's weights, a check the page reports.
 //!
-//! The magnitude shown is `|W' - W|` per weight, averaged over output channels: GPTQ's
-//! accumulated update plus the last rounding of each weight.
+//! The magnitude shown is GPTQ's own update (`GptqOutput::update`): per input channel, the
+//! mean over output channels of how far error compensation moved each weight before its
+//! rounding, `|w_compensated - w|`.
 
 use adadim_load::Checkpoint;
 use adadim_model::{Block, Flow, LinearKind, Rope, WeightSource, Weight};
@@ -24,7 +25,7 @@ use crate::run::Run;
 /// GPTQ's weight change along one axis.
 #[derive(Debug, Clone)]
 pub struct AxisUpdate {
-    /// Mean over output channels of `|W' - W|`, per input channel.
+    /// Mean over output channels of GPTQ's update `|w_compensated - w|`, per input channel.
     pub per_input: Vec<f64>,
     /// Output error `mean((ΔW x)^2)` of `W'` on the calibration inputs.
     pub error: f64,
@@ -49,7 +50,7 @@ pub struct LayerUpdates {
 }
 
 impl AxisUpdate {
-    /// The share of the total `|W' - W|` that the top `fraction` of input channels hold.
+    /// The share of the total update that the top `fraction` of input channels hold.
     pub fn top_share(&self, fraction: f64) -> f64 {
         let mut v = self.per_input.clone();
         v.sort_by(|a, b| b.total_cmp(a));
@@ -161,12 +162,8 @@ pub fn compute(run: &Run, samples: &[Vec<u32>], layer: usize, kind: LinearKind, 
     let s = &run.summary.settings;
     let opts = GptqOptions { percdamp: report.percdamp.unwrap_or(GptqOptions::default().percdamp), act_order: s.act_order, static_groups: s.static_groups, ..GptqOptions::default() };
     let along = |axis: Axis| -> Result<(Vec<f32>, AxisUpdate)> {
-        let wq = gptq(&w, rows, cols, &h, &s.spec.with_axis(axis), &opts).map_err(qerr)?.quantized.dequantize();
-        let mut per_input = vec![0f64; cols];
-        for (row_q, row) in wq.chunks(cols).zip(w.chunks(cols)) {
-            per_input.iter_mut().zip(row_q.iter().zip(row)).for_each(|(m, (q, w))| *m += f64::from((q - w).abs()));
-        }
-        per_input.iter_mut().for_each(|m| *m /= rows as f64);
+        let out = gptq(&w, rows, cols, &h, &s.spec.with_axis(axis), &opts).map_err(qerr)?;
+        let (wq, per_input) = (out.quantized.dequantize(), out.update);
         let error = output_error_from_hessian(&w, &wq, rows, cols, &h).map_err(qerr)?;
         Ok((wq, AxisUpdate { per_input, error }))
     };
@@ -190,7 +187,7 @@ pub fn figure(u: &LayerUpdates) -> Figure {
     let panel = |name: &str, a: &AxisUpdate, color| Panel {
         title: format!("block {} {}: GPTQ {name}; top 1% of input channels hold {:.0}% of it", u.layer, u.module, 100.0 * a.top_share(0.01)),
         x_desc: "input channel".into(),
-        y_desc: "mean |W' - W| over output channels".into(),
+        y_desc: "GPTQ update, mean over output channels".into(),
         y_range: Some((0.0, top)),
         series: vec![Series { name: String::new(), color, style: Style::Line, points: a.per_input.iter().enumerate().map(|(i, v)| (i as f64, *v)).collect() }],
         ..Panel::default()

@@ -20,12 +20,16 @@ pub(crate) struct Sweep<'a> {
     pub blocksize: usize,
     /// Per-OC params were all fitted up front (static groups); nothing is fitted here.
     pub static_groups: bool,
+    /// The weights before GPTQ (row-major, original column order), to measure its updates.
+    pub orig: &'a [f32],
 }
 
 impl Sweep<'_> {
     /// Runs the sweep on `W` (row-major `[rows, cols]`, columns in processing order, updated
-    /// in place), filling `params` and `codes` (original order) and returning the GPTQ loss.
-    pub fn run(&self, W: &mut [f64], params: &mut [GroupParams], codes: &mut [u8]) -> f64 {
+    /// in place), filling `params` and `codes` (original order) and `update` (per original
+    /// column, the sum over rows of `|w - w_orig|` when the column is quantized: the error
+    /// compensation it received) and returning the GPTQ loss.
+    pub fn run(&self, W: &mut [f64], params: &mut [GroupParams], codes: &mut [u8], update: &mut [f64]) -> f64 {
         let (rows, cols, maxq) = (self.rows, self.cols, self.spec.maxq());
         let (gr, gc) = self.grid.group_shape();
         let dynamic_oc = self.spec.axis == Axis::Oc && !self.static_groups;
@@ -71,6 +75,7 @@ impl Sweep<'_> {
                 // Step 2, quantize: err = (w - q) / Hinv[j, j], loss += err^2 / 2.
                 let d = self.U[(j, j)];
                 let err = &mut Err1[i * rows..(i + 1) * rows];
+                update[c] = w.iter().enumerate().map(|(r, &x)| (x - f64::from(self.orig[r * cols + c])).abs()).sum();
                 for (r, (&x, e)) in w.iter().zip(err.iter_mut()).enumerate() {
                     let p = params[self.grid.index(r / gr, kc)];
                     let q = quantize(x as f32, p, maxq);
