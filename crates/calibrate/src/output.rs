@@ -61,7 +61,7 @@ impl Writer {
         match self {
             Writer::Dense(w) => Ok(w.write_tensor(name, values)?),
             Writer::Packed(w, _) => w.dense(name, shape, values).map_err(pack_err),
-            Writer::Gptq(w) => Ok(w.write(name, "F32", shape, &values.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>())?),
+            Writer::Gptq(w) => Ok(w.write(name, "F32", shape, &adadim_load::safetensors_out::f32_le_bytes(values))?),
         }
     }
 

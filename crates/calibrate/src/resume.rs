@@ -332,9 +332,7 @@ fn short_name(module: &str) -> &'static str {
     LinearKind::ALL.into_iter().find(|k| k.module() == module).map_or("unknown", |k| k.short())
 }
 
-fn f32_bytes(v: &[f32]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
-}
+use adadim_load::safetensors_out::f32_le_bytes as f32_bytes;
 
 /// `DIR/lock`, holding the owner's PID; removed when dropped. A lock whose process is gone
 /// (killed, crashed, the machine restarted) is taken over.

@@ -112,8 +112,7 @@ impl PackedWriter {
 
     /// A dense f32 tensor (embeddings, norms, head).
     pub fn dense(&mut self, name: &str, shape: &[usize], values: &[f32]) -> Result<()> {
-        let b: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        Ok(self.out.write(name, "F32", shape, &b)?)
+        Ok(self.out.write(name, "F32", shape, &adadim_load::safetensors_out::f32_le_bytes(values))?)
     }
 
     /// Write the header: the linears' layouts and `quantization` (free-form JSON).
