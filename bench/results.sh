@@ -4,7 +4,8 @@
 # Usage: ADADIM_DATA=../shared/data bench/results.sh
 # Knobs (env): MODEL (smollm2), CONFIGS ("4:128 3:128 3:64 2:64"), NSAMPLES (32), CALIB_SEQLEN (512),
 # WINDOWS (8 eval windows; 0 = all), OUT (results/run), ADADIM_BIN (a prebuilt binary instead
-# of building one). Finished runs in OUT are reused, so an interrupted run picks up where it was.
+# of building one), LLAMA_BIN (a llama.cpp build for the quality-per-bit section). Finished runs in
+# OUT are reused, so an interrupted run picks up where it was.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export ADADIM_DATA="${ADADIM_DATA:-$(cd .. && pwd)/shared/data}"
@@ -40,4 +41,8 @@ for cfg in $CONFIGS; do
   done
 done
 python3 bench/results_table.py "$OUT" > RESULTS.md.tmp && mv RESULTS.md.tmp RESULTS.md
+# Quality per bit: the same runs beside llama.cpp's llama-quantize types (built once from the
+# PyPI sdist, ~20 minutes; LLAMA_BIN=DIR uses an existing build), all evaluated by our evaluator.
+LLAMA_BIN="${LLAMA_BIN:-$(bench/peers/build-llamacpp.sh | tail -n 1)}"
+$A bench quality --runs "$OUT" --llamacpp "$LLAMA_BIN" --write RESULTS.md --svg docs/quality-per-bit.svg > /dev/null
 echo "wrote RESULTS.md"

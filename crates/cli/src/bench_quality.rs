@@ -167,10 +167,16 @@ pub fn frontier(points: &[Point], tool: &str) -> Vec<Point> {
     f
 }
 
+/// Models more than this many times FP's perplexity are left out of the plot (broken ones
+/// would squash the rest into a line); the table keeps them.
+pub const PLOT_MAX_RATIO: f64 = 10.0;
+
 /// Perplexity against bits per weight as an SVG (log-scaled ppl): both tools' points and
 /// their frontiers, the float model as a line across.
 pub fn plot(points: &[Point], fp: f64, path: &Path) -> Result<()> {
     use adadim_report::plot::{render, Figure, Panel, Series, Style, IC_COLOR, OC_COLOR};
+    let points: Vec<Point> = points.iter().filter(|p| p.ppl <= PLOT_MAX_RATIO * fp).cloned().collect();
+    let points = &points[..];
     let (x0, x1) = points.iter().fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.bpw), b.max(p.bpw)));
     let mut series = vec![Series { name: format!("FP {fp:.2}"), color: plotters::style::RGBColor(90, 90, 90), style: Style::Line, points: vec![(x0, fp), (x1, fp)] }];
     for (tool, color) in [("adadim", OC_COLOR), ("llama.cpp", IC_COLOR)] {
@@ -178,7 +184,7 @@ pub fn plot(points: &[Point], fp: f64, path: &Path) -> Result<()> {
         series.push(Series { name: String::new(), color, style: Style::Line, points: frontier(points, tool).iter().map(|p| (p.bpw, p.ppl)).collect() });
     }
     let panel = Panel {
-        title: "WikiText-2 perplexity vs bits per weight (block linears)".into(),
+        title: format!("WikiText-2 perplexity vs bits per weight (block linears); ppl above {PLOT_MAX_RATIO}x FP not shown"),
         x_desc: "bits per weight".into(),
         y_desc: "perplexity (log)".into(),
         log_y: true,
@@ -209,12 +215,13 @@ mod tests {
     fn the_plot_is_an_svg_with_every_point() {
         let d = tempfile::tempdir().unwrap();
         let path = d.path().join("q.svg");
-        let pts = [p("w3g128-gptq-ada", "adadim", 3.16, 40.0), p("w4g128-gptq-ada", "adadim", 4.16, 25.0), p("Q3_K_M", "llama.cpp", 3.9, 35.0)];
+        let pts = [p("w3g128-gptq-ada", "adadim", 3.16, 40.0), p("w4g128-gptq-ada", "adadim", 4.16, 25.0), p("Q3_K_M", "llama.cpp", 3.9, 35.0), p("w2g64", "adadim", 2.3, 5000.0)];
         plot(&pts, 19.2, &path).unwrap();
         let svg = std::fs::read_to_string(&path).unwrap();
         assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"), "{}", &svg[..svg.len().min(200)]);
         assert!(svg.contains("adadim") && svg.contains("llama.cpp") && svg.contains("FP 19.20"));
-        assert!(svg.matches("<circle").count() >= 3, "every point drawn");
+        // Three points and the legend's two marks; the broken w2g64 is left out.
+        assert_eq!(svg.matches("<circle").count(), 3 + 2);
     }
 
     #[test]
