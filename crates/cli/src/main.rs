@@ -4,6 +4,7 @@
 mod bench;
 mod bench_kernels;
 mod bench_scale;
+mod eval_tasks;
 mod progress;
 
 use adadim_eval::datasets::{data_dir_from_env, Dataset};
@@ -225,6 +226,12 @@ enum EvalCmd {
     /// Perplexity under the GPTQ protocol: whole text tokenized once, non-overlapping windows of
     /// --seqlen, remainder dropped, ppl = exp(mean NLL).
     Ppl(PplArgs),
+    /// MMLU (57 subjects from $ADADIM_DATA/mmlu), k-shot: accuracy overall, per category and
+    /// per subject; the answer is the likeliest of the tokens " A".." D".
+    Mmlu(eval_tasks::MmluArgs),
+    /// HumanEval pass@1: greedy completions run with their tests in a sandbox (no network,
+    /// read-only filesystem but a temporary directory, time and memory limits).
+    Humaneval(eval_tasks::HumanEvalArgs),
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -439,6 +446,8 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Compare(a) => compare(a),
         Cmd::QuantizeLayer(a) => quantize_layer(a),
         Cmd::Eval(EvalCmd::Ppl(a)) => eval_ppl(a),
+        Cmd::Eval(EvalCmd::Mmlu(a)) => eval_tasks::mmlu(a),
+        Cmd::Eval(EvalCmd::Humaneval(a)) => eval_tasks::humaneval(a),
         Cmd::Generate(a) => generate(a),
         Cmd::Synth(a) => synth(a),
         Cmd::Bench(BenchCmd::Eval(a)) => bench_eval(a),
@@ -482,10 +491,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
     if prompt.is_empty() {
         anyhow::bail!("--prompt: empty after tokenization");
     }
-    let mut stop: Vec<u32> = tok_config["eos_token"].as_str().and_then(|t| tok.token_to_id(t)).into_iter().collect();
-    if let Some(id) = src.config().eos_token_id.as_ref().and_then(|v| v.as_u64()) {
-        stop.push(id as u32);
-    }
+    let stop = eos_ids(&dir, &tok)?;
     let mut model = adadim_model::Model::load(src.as_ref(), prompt.len() + a.max_tokens, &mut |_, _| {})?;
     apply_head_bits(&mut model, a.head_bits, adadim_model::is_packed(&dir))?;
     let (mut ids, mut shown) = (Vec::new(), 0usize);
@@ -512,6 +518,18 @@ fn generate(a: GenerateArgs) -> Result<()> {
         if stats.stopped_by_token { "" } else { " (token limit)" }
     );
     Ok(())
+}
+
+/// The tokens that end a generation: the tokenizer config's `eos_token` and the model
+/// config's `eos_token_id`.
+fn eos_ids(dir: &std::path::Path, tok: &adadim_load::tokenizer::Tokenizer) -> Result<Vec<u32>> {
+    let tok_config: serde_json::Value = std::fs::read_to_string(dir.join("tokenizer_config.json")).ok().and_then(|s| serde_json::from_str(&s).ok()).unwrap_or_default();
+    let mut stop: Vec<u32> = tok_config["eos_token"].as_str().and_then(|t| tok.token_to_id(t)).into_iter().collect();
+    let config = adadim_load::LlamaConfig::from_file(&dir.join("config.json"))?;
+    if let Some(id) = config.eos_token_id.as_ref().and_then(|v| v.as_u64()) {
+        stop.push(id as u32);
+    }
+    Ok(stop)
 }
 
 fn eval_ppl(a: PplArgs) -> Result<()> {
