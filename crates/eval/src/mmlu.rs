@@ -225,7 +225,6 @@ pub fn evaluate(model: &Model, tok: &Tokenizer, data_dir: &Path, opts: &Options,
         return Err(EvalError::Invalid(format!("a context of {} tokens is too short for MMLU prompts", opts.max_context)));
     }
     let files = subject_files(data_dir, &opts.subjects)?;
-    let answers = answer_ids(tok)?;
     let mut subjects = Vec::new();
     for (subject, category, dev, test) in &files {
         let dev = read_csv(dev)?;
@@ -236,6 +235,7 @@ pub fn evaluate(model: &Model, tok: &Tokenizer, data_dir: &Path, opts: &Options,
         test_q.truncate(opts.limit.unwrap_or(usize::MAX));
         subjects.push((*subject, *category, dev, test_q));
     }
+    let answers = answer_ids(tok)?;
     let total: usize = subjects.iter().map(|s| s.3.len()).sum();
     let (mut done, mut shortened, mut tokens_computed) = (0, 0, 0);
     let mut scores = Vec::new();

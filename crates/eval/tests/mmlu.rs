@@ -105,3 +105,31 @@ fn missing_subject_files_and_unknown_subjects_are_named() {
     let e = adadim_eval::mmlu::subject_files(d.path(), &["astrology".into()]).unwrap_err().to_string();
     assert!(e.contains("astrology") && e.contains("unknown"), "{e}");
 }
+
+#[test]
+fn smollm2_cached_answers_equal_the_full_forward_on_real_questions() {
+    // The real tokenizer is where a cached prefix could disagree with tokenizing the whole
+    // prompt (merges across the boundary); the common-prefix reuse must hide that.
+    let model_dir = adadim_load::fetch::adadim_home().join("models/smollm2");
+    let Some(data) = adadim_eval::datasets::data_dir_from_env().map(|d| d.join("mmlu")).filter(|d| d.is_dir()) else {
+        eprintln!("skipping: $ADADIM_DATA/mmlu not found (set ADADIM_DATA to the shared data folder)");
+        return;
+    };
+    if !model_dir.join("config.json").exists() {
+        eprintln!("skipping: {} not imported yet (any adadim command with --model smollm2 does it)", model_dir.display());
+        return;
+    }
+    let tok = adadim_load::tokenizer::load(&model_dir).unwrap();
+    let model = Model::load(adadim_model::open(&model_dir).unwrap().as_ref(), 2048, &mut |_, _| {}).unwrap();
+    let subjects = vec!["high_school_geography".to_string(), "marketing".to_string()];
+    let opts = Options { shots: 5, limit: Some(2), max_context: 2048, subjects: subjects.clone() };
+    let r = evaluate(&model, &tok, &data, &opts, &mut |_, _| {}).unwrap();
+    for s in &r.subjects {
+        let dev = adadim_eval::mmlu::read_csv(&data.join(format!("dev/{}_dev.csv", s.name))).unwrap();
+        let test = adadim_eval::mmlu::read_csv(&data.join(format!("test/{}_test.csv", s.name))).unwrap();
+        for (i, q) in test.iter().take(2).enumerate() {
+            assert_eq!(s.predictions[i], reference_answer(&model, &tok, &s.name, &dev, q, 2048).0, "{} question {i}", s.name);
+        }
+    }
+    assert_eq!(r.shortened, 0);
+}
