@@ -6,14 +6,15 @@
 //! adadim ── fork ── pre_exec: rlimits (address space, CPU, file size, no core, processes),
 //!                   new process group, killed with its parent; as root: setuid(nobody)
 //!   unshare --user --map-root-user --mount --net --pid --fork --kill-child --mount-proc --ipc --uts
-//!     sh LAUNCHER   bind the sandbox dir onto itself, remount every other mount read-only,
-//!                   an empty read-only /dev, cd into the sandbox, print READY
+//!     sh LAUNCHER   remount every mount read-only, an empty read-only /dev, a small tmpfs
+//!                   as the working directory, cd into it, print READY
 //!       setpriv --no-new-privs --bounding-set=-all ...   drop every capability for good
 //!         python3 -I -B program.py                       environment empty, stdin closed
 //! ```
 //!
-//! - **Files**: the program's only writable place is its fresh temporary directory (its cwd,
-//!   removed afterwards whatever happened). Every other mount is read-only in its mount
+//! - **Files**: the program's only writable place is its working directory, a fresh tmpfs of
+//!   [`Limits::dir_size`] bytes over a temporary directory (gone with the namespace; the
+//!   directory is removed afterwards whatever happened). Every other mount is read-only in its mount
 //!   namespace, and it holds no capability that could remount or unmount anything. `/dev` is
 //!   an empty read-only tmpfs: a read-only mount does not stop writes through device nodes.
 //! - **Network**: a new network namespace with a loopback device that is down: no address,
@@ -39,18 +40,17 @@ use std::time::{Duration, Instant};
 /// Printed by the launcher once the namespaces and mounts are in place, before the program.
 const READY: &str = "adadim-sandbox-ready";
 
-/// Runs inside the new namespaces as their root: `$1` sandbox dir, `$2` mount, `$3` setpriv,
-/// the rest the Python command. Mount points it cannot even stat are unreachable for the
-/// program too (same credentials, fewer capabilities), so they are left alone.
+/// Runs inside the new namespaces as their root: `$1` sandbox dir, `$2` its size limit, `$3`
+/// mount, `$4` setpriv, the rest the Python command. Mount points it cannot even stat are
+/// unreachable for the program too (same credentials, fewer capabilities): left alone.
 const LAUNCHER: &str = r#"set -u
-sandbox=$1; mount=$2; setpriv=$3; shift 3
-"$mount" --bind "$sandbox" "$sandbox" || exit 97
+sandbox=$1; size=$2; mount=$3; setpriv=$4; shift 4
 while read -r _ _ _ _ mp _; do
-  [ "$mp" = "$sandbox" ] && continue
   [ -e "$mp" ] || continue
   "$mount" -o remount,bind,ro "$mp" || { echo "adadim-sandbox: cannot make $mp read-only" >&2; exit 97; }
 done < /proc/self/mountinfo
 "$mount" -t tmpfs -o ro,nosuid,noexec,size=4k,mode=755 none /dev || exit 97
+"$mount" -t tmpfs -o nosuid,nodev,size="$size",mode=700 none "$sandbox" || exit 97
 cd "$sandbox" || exit 97
 echo adadim-sandbox-ready
 unset PWD OLDPWD
@@ -89,11 +89,13 @@ pub struct Limits {
     pub file_size: u64,
     /// Processes of the sandbox user (`RLIMIT_NPROC`; applied when running as `nobody`).
     pub processes: u64,
+    /// Size of the writable working directory (a tmpfs), bytes.
+    pub dir_size: u64,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { wall: Duration::from_secs(5), memory: 1 << 30, cpu_s: 6, file_size: 16 << 20, processes: 256 }
+        Limits { wall: Duration::from_secs(5), memory: 1 << 30, cpu_s: 6, file_size: 16 << 20, processes: 256, dir_size: 64 << 20 }
     }
 }
 
@@ -167,7 +169,6 @@ impl Sandbox {
     pub fn run_python(&self, program: &str) -> Result<RunResult> {
         let root = tempfile::Builder::new().prefix("adadim-sandbox-").tempdir().map_err(io("creating a temporary directory"))?;
         let result = self.run_in(root.path(), program);
-        make_removable(root.path());
         root.close().map_err(io("removing the sandbox directory"))?;
         result
     }
@@ -176,11 +177,11 @@ impl Sandbox {
         use std::os::unix::fs::PermissionsExt;
         let work = root.join("work");
         std::fs::create_dir(&work).map_err(io(format!("creating {}", work.display())))?;
-        std::fs::write(work.join("program.py"), program).map_err(io("writing program.py"))?;
-        if let Some((uid, gid)) = self.drop_to {
-            std::os::unix::fs::chown(&work, Some(uid), Some(gid)).map_err(io(format!("chown {}", work.display())))?;
-            std::os::unix::fs::chown(work.join("program.py"), Some(uid), Some(gid)).map_err(io("chown program.py"))?;
-            std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o711)).map_err(io(format!("chmod {}", root.display())))?;
+        // Beside the working directory (read-only to the program), not in it.
+        let script = root.join("program.py");
+        std::fs::write(&script, program).map_err(io("writing program.py"))?;
+        if self.drop_to.is_some() {
+            std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o755)).map_err(io(format!("chmod {}", root.display())))?;
         }
         let out_path = root.join("output.txt");
         let out = std::fs::File::create(&out_path).map_err(io("creating the output file"))?;
@@ -191,10 +192,12 @@ impl Sandbox {
             .arg(&self.sh)
             .args(["-c", LAUNCHER, "adadim-sandbox"])
             .arg(&work)
+            .arg(self.limits.dir_size.to_string())
             .arg(&self.mount)
             .arg(&self.setpriv)
             .arg(&self.python)
-            .args(["-I", "-B", "program.py"])
+            .args(["-I", "-B"])
+            .arg(&script)
             .current_dir(&work)
             .env_clear()
             .stdin(Stdio::null())
@@ -293,19 +296,6 @@ fn read_output(path: &Path, n: u64) -> std::io::Result<(bool, String)> {
     f.read_to_end(&mut buf)?;
     let text = String::from_utf8_lossy(&buf).into_owned();
     Ok((ready, if start > from { format!("[...]{text}") } else { text }))
-}
-
-/// The program may leave directories without write or search permission; give them back so
-/// the directory can be removed (as root this changes nothing).
-fn make_removable(dir: &Path) {
-    use std::os::unix::fs::PermissionsExt;
-    let Ok(entries) = std::fs::read_dir(dir) else { return };
-    for e in entries.flatten() {
-        if e.file_type().is_ok_and(|t| t.is_dir()) {
-            let _ = std::fs::set_permissions(e.path(), std::fs::Permissions::from_mode(0o700));
-            make_removable(&e.path());
-        }
-    }
 }
 
 /// An executable named `name` in `$PATH` or the usual system directories.

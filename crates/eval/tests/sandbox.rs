@@ -106,3 +106,11 @@ fn the_environment_is_empty_and_the_directory_is_removed() {
     assert!(cwd.contains("adadim-sandbox-"), "{cwd}");
     assert!(!std::path::Path::new(cwd).exists(), "{cwd} removed afterwards");
 }
+
+#[test]
+fn filling_the_working_directory_stops_at_its_size() {
+    let Some(sb) = sandbox(Limits { dir_size: 8 << 20, ..quick() }) else { return };
+    let r = run(&sb, "    for i in range(4):\n        open(f'f{i}', 'wb').write(bytes(4 << 20))\n    return a + b\n");
+    assert_eq!(r.outcome, Outcome::Failed, "{}", r.output);
+    assert!(r.output.contains("No space left on device"), "{}", r.output);
+}
