@@ -39,5 +39,8 @@ for cfg in $CONFIGS; do
     eval_to "$dir" "$dir.ppl.json"
   done
 done
-python3 bench/results_table.py "$OUT" > RESULTS.md.tmp && mv RESULTS.md.tmp RESULTS.md
+python3 bench/results_table.py "$OUT" > RESULTS.md.tmp
+# Sections other scripts measured (bench/tasks.sh) follow a `<!-- kept -->` line: carried over.
+if [ -f RESULTS.md ]; then sed -n '/^<!-- kept -->$/,$p' RESULTS.md >> RESULTS.md.tmp; fi
+mv RESULTS.md.tmp RESULTS.md
 echo "wrote RESULTS.md"
