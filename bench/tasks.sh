@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 6 measurements (RESULTS.md "Task-specific calibration"): MMLU 5-shot and HumanEval
-# pass@1 of the FP model and of GPTQ-ada w3g128 calibrated on `code` vs the default
+# pass@1 (prompts whole and --strip-prompt) of the FP model and of GPTQ-ada w3g128 calibrated on `code` vs the default
 # `shakespeare`. Writes JSON into OUT; finished steps are reused.
 # Usage: ADADIM_DATA=../shared/data bench/tasks.sh
 # Knobs (env): MODEL (smollm2), MMLU_LIMIT (20 questions per subject), HE_LIMIT (all 164),
@@ -17,6 +17,7 @@ he_limit=(); [ -n "$HE_LIMIT" ] && he_limit=(--limit "$HE_LIMIT")
 evals() { # name, model
   [ -f "$OUT/mmlu-$1.json" ] || { $A eval mmlu --model "$2" --limit "$MMLU_LIMIT" --json > "$OUT/mmlu-$1.tmp"; mv "$OUT/mmlu-$1.tmp" "$OUT/mmlu-$1.json"; }
   [ -f "$OUT/humaneval-$1.json" ] || { $A eval humaneval --model "$2" "${he_limit[@]}" --json > "$OUT/humaneval-$1.tmp"; mv "$OUT/humaneval-$1.tmp" "$OUT/humaneval-$1.json"; }
+  [ -f "$OUT/humaneval-strip-$1.json" ] || { $A eval humaneval --model "$2" "${he_limit[@]}" --strip-prompt --json > "$OUT/humaneval-strip-$1.tmp"; mv "$OUT/humaneval-strip-$1.tmp" "$OUT/humaneval-strip-$1.json"; }
 }
 evals fp "$MODEL"
 for c in $CALIBS; do
