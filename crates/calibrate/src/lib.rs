@@ -1,9 +1,12 @@
 //! # adadim-calibrate
 //!
-//! Between loading and quantizing: calibration text ([`data`]) and the one layer-by-layer
+//! Between loading and quantizing: calibration text ([`data`]; the task-specific sets in
+//! [`code`] and [`chat`]) and the one layer-by-layer
 //! driver ([`driver::quantize_model`]) that runs the model block by block on it and hands each
 //! linear, with its input Hessian, to the quantizers in `adadim-quantize`.
 
+pub mod chat;
+pub mod code;
 pub mod data;
 pub mod driver;
 pub mod output;

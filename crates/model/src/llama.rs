@@ -398,6 +398,24 @@ impl KvCache {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+
+    /// Keep only the first `len` positions (no-op when it holds fewer): a cache built over a
+    /// shared prefix serves every prompt that starts with those tokens.
+    pub fn truncate(&mut self, len: usize) -> Result<()> {
+        if len >= self.len {
+            return Ok(());
+        }
+        if len == 0 {
+            *self = KvCache::default();
+            return Ok(());
+        }
+        for (k, v) in self.layers.iter_mut().flatten() {
+            *k = k.narrow(1, 0, len).ctx(|| "truncating the kv cache".into())?;
+            *v = v.narrow(1, 0, len).ctx(|| "truncating the kv cache".into())?;
+        }
+        self.len = len;
+        Ok(())
+    }
 }
 
 #[derive(Debug)]

@@ -156,14 +156,29 @@ fn block_at_a_time_equals_whole_model() {
     assert!(model.embed(&[300]).unwrap_err().to_string().contains("outside the vocabulary"));
 }
 
+/// A seeded tiny model (its directory kept alive beside it).
+fn tiny_model(seed: u64, positions: usize) -> (tempfile::TempDir, Model) {
+    let d = tempfile::tempdir().unwrap();
+    write_random_checkpoint(d.path(), &tiny_config(), seed).unwrap();
+    let model = Model::load(&Checkpoint::open(d.path()).unwrap(), positions, &mut |_, _| {}).unwrap();
+    (d, model)
+}
+
+/// Rows of hidden states equal up to f32 rounding, relative to each row's largest value.
+fn assert_rows_close(got: &[Vec<f32>], want: &[Vec<f32>], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}");
+    for (i, (a, b)) in got.iter().zip(want).enumerate() {
+        let scale = b.iter().map(|v| v.abs()).fold(0f32, f32::max);
+        let diff = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        assert!(diff <= 1e-5 * scale.max(1.0), "{what}, position {i}: max diff {diff}");
+    }
+}
+
 #[test]
 fn cached_decoding_equals_the_full_forward() {
     // Prefill 5 tokens, then 1, then a chunk of 3, then 1 at a time: every position's hidden
     // state must be the full (uncached) forward's.
-    let d = tempfile::tempdir().unwrap();
-    write_random_checkpoint(d.path(), &tiny_config(), 7).unwrap();
-    let ck = Checkpoint::open(d.path()).unwrap();
-    let model = Model::load(&ck, 32, &mut |_, _| {}).unwrap();
+    let (_d, model) = tiny_model(7, 32);
     let ids: Vec<u32> = (0..12).map(|i| (i * 53 % 250) as u32).collect();
     let full = model.forward_hidden(&ids).unwrap().to_vec2::<f32>().unwrap();
     let mut cache = adadim_model::KvCache::default();
@@ -172,11 +187,27 @@ fn cached_decoding_equals_the_full_forward() {
         got.extend(model.forward_cached(chunk, &mut cache).unwrap().to_vec2::<f32>().unwrap());
     }
     assert_eq!(cache.len(), ids.len());
-    for (i, (a, b)) in got.iter().zip(&full).enumerate() {
-        let scale = b.iter().map(|v| v.abs()).fold(0f32, f32::max);
-        let diff = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
-        assert!(diff <= 1e-5 * scale.max(1.0), "position {i}: max diff {diff}");
+    assert_rows_close(&got, &full, "cached");
+}
+
+#[test]
+fn a_truncated_cache_serves_another_continuation_of_its_prefix() {
+    // One cache over a shared prefix, cut back and reused for two prompts that diverge after
+    // 4 tokens: each must equal its own full forward (the MMLU few-shot prefix cache).
+    let (_d, model) = tiny_model(8, 32);
+    let prefix: Vec<u32> = vec![10, 20, 30, 40, 50, 60];
+    let mut shared = adadim_model::KvCache::default();
+    model.forward_cached(&prefix, &mut shared).unwrap();
+    for (keep, tail) in [(4usize, vec![7u32, 8, 9]), (6, vec![99]), (0, vec![1, 2])] {
+        let mut cache = shared.clone();
+        cache.truncate(keep).unwrap();
+        assert_eq!(cache.len(), keep);
+        let got = model.forward_cached(&tail, &mut cache).unwrap().to_vec2::<f32>().unwrap();
+        let ids: Vec<u32> = prefix[..keep].iter().chain(&tail).copied().collect();
+        let full = model.forward_hidden(&ids).unwrap().to_vec2::<f32>().unwrap();
+        assert_rows_close(&got, &full[keep..], &format!("keep {keep}"));
     }
+    assert_eq!(shared.len(), prefix.len(), "the shared cache is untouched by its clones");
 }
 
 #[test]

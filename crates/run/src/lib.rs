@@ -28,8 +28,9 @@ pub struct Stats {
     pub generated: usize,
     pub prefill_s: f64,
     pub decode_s: f64,
-    /// Why it stopped: a stop token or the token limit.
+    /// Why it stopped: a stop token, the caller ([`generate_until`]) or the token limit.
     pub stopped_by_token: bool,
+    pub stopped_by_caller: bool,
 }
 
 impl Stats {
@@ -65,8 +66,22 @@ impl ChatTemplate {
 
     /// One user turn and the assistant's opening, as the template renders it.
     pub fn render(&self, user: &str) -> String {
-        let system = self.default_system.as_ref().map(|s| format!("<|im_start|>system\n{s}<|im_end|>\n")).unwrap_or_default();
-        format!("{system}<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n")
+        format!("{}<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n", self.system())
+    }
+
+    /// A whole conversation, turns alternating user / assistant from the first, each closed
+    /// (the template with `add_generation_prompt` off).
+    pub fn render_dialogue(&self, turns: &[&str]) -> String {
+        let mut out = self.system();
+        for (i, t) in turns.iter().enumerate() {
+            let role = if i % 2 == 0 { "user" } else { "assistant" };
+            out.push_str(&format!("<|im_start|>{role}\n{t}<|im_end|>\n"));
+        }
+        out
+    }
+
+    fn system(&self) -> String {
+        self.default_system.as_ref().map(|s| format!("<|im_start|>system\n{s}<|im_end|>\n")).unwrap_or_default()
     }
 }
 
@@ -103,6 +118,15 @@ fn sample(logits: &[f32], temperature: f64, rng: &mut Rng) -> u32 {
 /// Generates after `prompt` until a token of `stop` (not emitted) or `max_tokens`, calling
 /// `on_token` with each new token as it comes.
 pub fn generate(model: &Model, prompt: &[u32], stop: &[u32], s: &Settings, on_token: &mut dyn FnMut(u32)) -> Result<Stats, ModelError> {
+    generate_until(model, prompt, stop, s, &mut |t| {
+        on_token(t);
+        true
+    })
+}
+
+/// As [`generate`], and `on_token` may end generation after the token it was given by
+/// returning `false` (stop sequences that are text, not single tokens).
+pub fn generate_until(model: &Model, prompt: &[u32], stop: &[u32], s: &Settings, on_token: &mut dyn FnMut(u32) -> bool) -> Result<Stats, ModelError> {
     let mut stats = Stats { prompt_tokens: prompt.len(), ..Stats::default() };
     if prompt.is_empty() || s.max_tokens == 0 {
         return Ok(stats);
@@ -119,8 +143,12 @@ pub fn generate(model: &Model, prompt: &[u32], stop: &[u32], s: &Settings, on_to
             stats.stopped_by_token = true;
             break;
         }
-        on_token(next);
+        let go_on = on_token(next);
         stats.generated += 1;
+        if !go_on {
+            stats.stopped_by_caller = true;
+            break;
+        }
         if stats.generated == s.max_tokens {
             break;
         }
@@ -148,6 +176,10 @@ mod tests {
         let jinja = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
         let t = ChatTemplate::from_jinja(jinja).unwrap();
         assert_eq!(t.render("Hi"), "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n");
+        assert_eq!(
+            t.render_dialogue(&["Hi", "Hello!", "Bye"]),
+            "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>user\nBye<|im_end|>\n"
+        );
         assert_eq!(ChatTemplate::from_jinja("{{ bos_token }}{{ messages[0]['content'] }}"), None);
     }
 

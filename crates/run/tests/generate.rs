@@ -4,7 +4,7 @@
 use adadim_load::synth::{tiny_config, write_random_checkpoint};
 use adadim_load::Checkpoint;
 use adadim_model::Model;
-use adadim_run::{generate, Settings};
+use adadim_run::{generate, generate_until, Settings};
 
 #[test]
 fn greedy_generation_equals_recomputing_everything_each_step() {
@@ -29,4 +29,13 @@ fn greedy_generation_equals_recomputing_everything_each_step() {
     let stats = generate(&model, &prompt, &[got[3]], &Settings { max_tokens: 20, temperature: 0.0, seed: 0 }, &mut |t| got2.push(t)).unwrap();
     assert!(stats.stopped_by_token);
     assert_eq!(got2, got[..got.iter().position(|&t| t == got[3]).unwrap()]);
+    // The caller ends it after the token it was handed (text stop sequences).
+    let mut got3 = Vec::new();
+    let stats = generate_until(&model, &prompt, &[], &Settings { max_tokens: 20, temperature: 0.0, seed: 0 }, &mut |t| {
+        got3.push(t);
+        got3.len() < 5
+    })
+    .unwrap();
+    assert!(stats.stopped_by_caller && !stats.stopped_by_token);
+    assert_eq!((stats.generated, &got3[..]), (5, &got[..5]));
 }

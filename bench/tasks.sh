@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Issue 6 measurements (RESULTS.md "Task-specific calibration"): MMLU 5-shot and HumanEval
+# pass@1 (prompts whole and --strip-prompt) of the FP model and of GPTQ-ada w3g128 calibrated
+# on `code` vs the default `shakespeare`. Writes JSON into OUT; finished steps are reused.
+# Usage: ADADIM_DATA=../shared/data bench/tasks.sh
+# Knobs (env): MODEL (smollm2), MMLU_LIMIT (20 questions per subject), HE_LIMIT (all 164),
+# CALIBS ("code shakespeare"), NSAMPLES (32 calibration samples of 512 tokens, the README's
+# setting), OUT (results/tasks), ADADIM_BIN (a prebuilt binary).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export ADADIM_DATA="${ADADIM_DATA:-$(cd .. && pwd)/shared/data}"
+MODEL="${MODEL:-smollm2}"; MMLU_LIMIT="${MMLU_LIMIT:-20}"; HE_LIMIT="${HE_LIMIT:-}"
+CALIBS="${CALIBS:-code shakespeare}"; NSAMPLES="${NSAMPLES:-32}"; OUT="${OUT:-results/tasks}"
+if [ -n "${ADADIM_BIN:-}" ]; then A="$ADADIM_BIN"; else cargo build --release -p adadim; A=./target/release/adadim; fi
+mkdir -p "$OUT"
+he_limit=(); [ -n "$HE_LIMIT" ] && he_limit=(--limit "$HE_LIMIT")
+evals() { # name, model
+  [ -f "$OUT/mmlu-$1.json" ] || { $A eval mmlu --model "$2" --limit "$MMLU_LIMIT" --json > "$OUT/mmlu-$1.tmp"; mv "$OUT/mmlu-$1.tmp" "$OUT/mmlu-$1.json"; }
+  [ -f "$OUT/humaneval-$1.json" ] || { $A eval humaneval --model "$2" "${he_limit[@]}" --json > "$OUT/humaneval-$1.tmp"; mv "$OUT/humaneval-$1.tmp" "$OUT/humaneval-$1.json"; }
+  [ -f "$OUT/humaneval-strip-$1.json" ] || { $A eval humaneval --model "$2" "${he_limit[@]}" --strip-prompt --json > "$OUT/humaneval-strip-$1.tmp"; mv "$OUT/humaneval-strip-$1.tmp" "$OUT/humaneval-strip-$1.json"; }
+}
+evals fp "$MODEL"
+for c in $CALIBS; do
+  q="$OUT/gptq-ada-w3g128-$c"
+  [ -d "$q" ] || $A quantize --model "$MODEL" --method gptq --dim ada --bits 3 --group 128 --calib "$c" --nsamples "$NSAMPLES" --calib-seqlen 512 --out "$q" --json > "$OUT/quantize-$c.json"
+  evals "$c" "$q"
+done
+echo "wrote $OUT"
