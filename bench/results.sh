@@ -13,6 +13,8 @@ MODEL="${MODEL:-smollm2}"; CONFIGS="${CONFIGS:-4:128 3:128 3:64 2:64}"; NSAMPLES
 CALIB_SEQLEN="${CALIB_SEQLEN:-512}"; WINDOWS="${WINDOWS:-8}"; OUT="${OUT:-results/run}"
 if [ -n "${ADADIM_BIN:-}" ]; then A="$ADADIM_BIN"; else cargo build --release -p adadim; A=./target/release/adadim; fi
 mkdir -p "$OUT"
+# Finished runs in OUT are reused: record the code they come from (the table names it).
+[ -f "$OUT/COMMIT" ] || git rev-parse --short HEAD > "$OUT/COMMIT"
 limit=(); [ "$WINDOWS" != 0 ] && limit=(--limit "$WINDOWS")
 eval_to() { # model dir, json file
   if [ ! -f "$2" ]; then

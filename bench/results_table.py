@@ -25,6 +25,11 @@ for rep in sorted(glob.glob(os.path.join(out, "w*-*/report.json"))):
 
 print("# Results\n")
 print("Regenerate with `ADADIM_DATA=../shared/data bench/results.sh` (knobs in the script).\n")
+commit_file = os.path.join(out, "COMMIT")
+if os.path.exists(commit_file):
+    commit = open(commit_file).read().strip()
+    print(f"The runs below were made by the code at commit `{commit}`: `results.sh` reuses finished runs, "
+          "so after a change to calibration or quantization regenerate into a fresh `OUT`.\n")
 print(f"Model `{fp['model']}`: SmolLM2-135M-Instruct, **the Q4_1 GGUF dequantized to f32 is the "
       "full-precision baseline** (its weights already sit on a 4-bit grid, blocks of 32 per row).")
 print(f"WikiText-2 perplexity, GPTQ protocol, seqlen {fp['seqlen']}, first {fp['windows']} windows "
