@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 6 measurements (RESULTS.md "Task-specific calibration"): MMLU 5-shot, HumanEval
-# pass@1 (prompts whole and --strip-prompt), WikiText-2 and code perplexity of the FP model and of GPTQ-ada w3g128 calibrated
-# on `code` vs the default `shakespeare`. Writes JSON into OUT; finished steps are reused.
+# pass@1 (prompts whole and --strip-prompt), WikiText-2 and code perplexity of the FP model
+# and of GPTQ-ada w3g128 calibrated on `code` vs the default `shakespeare`. Writes JSON into
+# OUT; finished steps are reused.
 # Usage: ADADIM_DATA=../shared/data bench/tasks.sh
 # Knobs (env): MODEL (smollm2), MMLU_LIMIT (20 questions per subject), HE_LIMIT (all 164),
 # CALIBS ("code shakespeare"), NSAMPLES (32 calibration samples of 512 tokens, the README's
