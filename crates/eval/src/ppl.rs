@@ -27,15 +27,23 @@ pub struct PplReport {
     pub window_nll: Vec<f64>,
 }
 
-/// Token ids of `text`, encoded in pieces of about [`PIECE`] bytes cut just after a newline
-/// that a non-space character follows: there the byte-level pre-tokenizers split anyway, so the
-/// ids are those of encoding the text whole (the WikiText-2 golden tests check it, all 303,415
-/// tokens against llama.cpp's), while the tokenizer's working memory stays at one piece (the
-/// whole 5 MB Shakespeare corpus at once took ~0.8 GB). Special tokens are added on the first
-/// piece only.
+/// Token ids of `text`, encoded in pieces of about [`PIECE`] bytes, each cut just after a lone
+/// `\n` that has a non-whitespace character on both sides: there the byte-level pre-tokenizers
+/// split anyway, and the `\n` is a pre-token of its own whether it ends a piece or not, so the
+/// ids are those of encoding the text whole (tested on the real tokenizer with cuts every few
+/// bytes, and by the WikiText-2 golden ids against llama.cpp's), while the tokenizer's working
+/// memory stays at one piece (the whole 5 MB Shakespeare corpus at once took ~0.8 GB). A cut
+/// after a run of whitespace would not be: "\n\nIRAS" encodes as "\n", "\n", "IRAS" whole but
+/// as "\n\n", "IRAS" when the run ends a piece. Special tokens are added on the first piece
+/// only.
 pub fn tokenize(tok: &Tokenizer, text: &str, what: &str) -> Result<Vec<u32>> {
+    tokenize_in_pieces(tok, text, what, PIECE)
+}
+
+/// [`tokenize`] with pieces of at least `target` bytes (tests use small ones to cut often).
+pub fn tokenize_in_pieces(tok: &Tokenizer, text: &str, what: &str, target: usize) -> Result<Vec<u32>> {
     let mut ids = Vec::new();
-    for (i, piece) in pieces(text, PIECE).enumerate() {
+    for (i, piece) in pieces(text, target).enumerate() {
         let enc = tok.encode(piece, i == 0).map_err(|e| EvalError::Tokenize { what: what.into(), msg: e.to_string() })?;
         ids.extend_from_slice(enc.get_ids());
     }
@@ -46,7 +54,8 @@ pub fn tokenize(tok: &Tokenizer, text: &str, what: &str) -> Result<Vec<u32>> {
 const PIECE: usize = 1 << 18;
 
 /// `text` cut into pieces of at least `target` bytes (the last may be shorter), each cut right
-/// after a `\n` that a non-whitespace character follows.
+/// after a `\n` whose neighbours on both sides are not whitespace (Unicode's definition, as the
+/// pre-tokenizers' `\s`).
 fn pieces(text: &str, target: usize) -> impl Iterator<Item = &str> {
     let mut rest = text;
     std::iter::from_fn(move || {
@@ -55,9 +64,9 @@ fn pieces(text: &str, target: usize) -> impl Iterator<Item = &str> {
         }
         let b = rest.as_bytes();
         let mut cut = rest.len();
-        let mut i = target.min(rest.len());
+        let mut i = target.max(2).min(rest.len());
         while i < b.len() {
-            if b[i - 1] == b'\n' && !b[i].is_ascii_whitespace() && rest.is_char_boundary(i) {
+            if b[i - 1] == b'\n' && rest.is_char_boundary(i) && lone_newline_before(rest, i) {
                 cut = i;
                 break;
             }
@@ -67,6 +76,14 @@ fn pieces(text: &str, target: usize) -> impl Iterator<Item = &str> {
         rest = tail;
         Some(piece)
     })
+}
+
+/// Whether `s[..i]` ends in a `\n` preceded by a non-whitespace character and `s[i..]` starts
+/// with one.
+fn lone_newline_before(s: &str, i: usize) -> bool {
+    let before = s[..i - 1].chars().next_back();
+    let after = s[i..].chars().next();
+    matches!((before, after), (Some(a), Some(c)) if !a.is_whitespace() && !c.is_whitespace())
 }
 
 /// Cut `ids` into non-overlapping windows of `seqlen` (remainder dropped), at most `limit`.
@@ -181,15 +198,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn pieces_cover_the_text_and_cut_after_a_newline_before_text() {
-        let text = "ab\n\n cd\nef\n\ngh é\nij";
+    fn pieces_cover_the_text_and_cut_only_after_a_lone_newline_between_text() {
+        let text = "ab\n\n cd\nef\n\ngh é\nij \nk\u{a0}\nl\nm";
         for target in 1..text.len() + 2 {
             let p: Vec<&str> = pieces(text, target).collect();
             assert_eq!(p.concat(), text, "target {target}");
             for w in p.windows(2) {
-                assert!(w[0].ends_with('\n') && !w[1].starts_with(char::is_whitespace), "target {target}: {p:?}");
+                let before = w[0].strip_suffix('\n').and_then(|s| s.chars().next_back());
+                assert!(before.is_some_and(|c| !c.is_whitespace()), "target {target}: {p:?}");
+                assert!(!w[1].starts_with(char::is_whitespace), "target {target}: {p:?}");
             }
         }
+        // Only "ef\ngh", "é\nij", "\nl\nm" qualify; never after "\n\n", " \n" or NBSP "\n".
+        let cuts: Vec<&str> = pieces(text, 1).collect();
+        assert_eq!(cuts, ["ab\n\n cd\n", "ef\n\ngh é\n", "ij \nk\u{a0}\nl\n", "m"]);
         assert_eq!(pieces("", 4).count(), 0);
     }
 

@@ -38,6 +38,22 @@ fn ids_sha(ids: &[u32]) -> String {
     Sha256::digest(s.join(",").as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Long texts are encoded in pieces; the ids must be those of the text encoded whole, at every
+/// kind of line break (a cut after "\n\n" once gave "\n\n" instead of "\n", "\n" and shifted
+/// the Shakespeare calibration windows).
+#[test]
+fn tokenizing_in_pieces_gives_the_ids_of_the_whole_text() {
+    let tok = adadim_load::tokenizer::load(&model_dir()).unwrap();
+    let unit = "CLEOPATRA.\nPeace, peace!\n\nIRAS.\nMadam,\n \n  indented\n\n\nThree\r\nCRLF\nit's\n\
+                12\n34 5\n\t6\ttab\n?!\n\u{a0}\nnbsp\u{a0}\nx é\nß\n日本\n😀\n<|im_start|>user\nHi\n \n";
+    let text = unit.repeat(5);
+    let whole = tok.encode(text.as_str(), true).unwrap().get_ids().to_vec();
+    for target in [1, 2, 3, 5, 8, 13, 21, 64, 1 << 18] {
+        let ids = adadim_eval::ppl::tokenize_in_pieces(&tok, &text, "test", target).unwrap();
+        assert_eq!(ids, whole, "pieces of at least {target} bytes");
+    }
+}
+
 #[test]
 fn tokenizer_matches_reference() {
     let r = reference();
