@@ -16,6 +16,7 @@
 use crate::error::{CalibError, Result};
 use crate::output::{Output, Writer};
 use crate::resume::WorkDir;
+use adadim_load::safetensors_out::DenseDtype;
 use adadim_load::Checkpoint;
 use adadim_model::{Block, LinearKind, Rope, Weight};
 use adadim_quantize::{choose_axis, gptq, GptqOutput, output_error_from_hessian, rtn, Axis, Calibration, GptqOptions, Hessian, QuantSpec, QuantizedMatrix};
@@ -388,7 +389,8 @@ fn start_output(ckpt: &Checkpoint, out: &Output<'_>, plan: &[(String, Vec<usize>
     let mut writer = Writer::create(out, plan)?;
     let mut cursor = 0;
     while cursor < plan.len() && !plan[cursor].0.starts_with("model.layers.") {
-        writer.dense(&plan[cursor].0, &plan[cursor].1, &ckpt.tensor_f32(&plan[cursor].0)?)?;
+        let (name, shape) = &plan[cursor];
+        writer.dense(name, shape, &ckpt.tensor_f32(name)?, source_dtype(ckpt, name)?)?;
         cursor += 1;
     }
     Ok((writer, cursor))
@@ -403,11 +405,16 @@ fn write_block(writer: &mut Writer, ckpt: &Checkpoint, plan: &[(String, Vec<usiz
         match quantized.iter().find(|(k, _)| name.ends_with(&format!("{}.weight", k.module()))) {
             Some((_, q)) => writer.linear(name.strip_suffix(".weight").unwrap_or(name), q)?,
             None if name.ends_with("_proj.weight") => return Err(CalibError::Invalid(format!("{name}: no quantized weight for it"))),
-            None => writer.dense(name, shape, &ckpt.tensor_f32(name)?)?,
+            None => writer.dense(name, shape, &ckpt.tensor_f32(name)?, source_dtype(ckpt, name)?)?,
         }
         *cursor += 1;
     }
     Ok(())
+}
+
+/// The type tensor `name` has in the checkpoint, which the output keeps for it.
+fn source_dtype(ckpt: &Checkpoint, name: &str) -> Result<DenseDtype> {
+    Ok(DenseDtype::of(ckpt.entry(name)?.dtype))
 }
 
 /// A block's quantized linears (in the order they were quantized) and their reports.

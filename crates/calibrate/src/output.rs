@@ -57,11 +57,16 @@ impl Writer {
         })
     }
 
-    pub(crate) fn dense(&mut self, name: &str, shape: &[usize], values: &[f32]) -> Result<()> {
+    /// A tensor that is not quantized, read from the source in `source` type: the packed and
+    /// GPTQ files store it in that type (lossless), a dense export in the export's type.
+    pub(crate) fn dense(&mut self, name: &str, shape: &[usize], values: &[f32], source: DenseDtype) -> Result<()> {
         match self {
             Writer::Dense(w) => Ok(w.write_tensor(name, values)?),
-            Writer::Packed(w, _) => w.dense(name, shape, values).map_err(pack_err),
-            Writer::Gptq(w) => Ok(w.write(name, "F32", shape, &adadim_load::safetensors_out::f32_le_bytes(values))?),
+            Writer::Packed(w, _) => w.dense(name, shape, values, source).map_err(pack_err),
+            Writer::Gptq(w) => {
+                let bytes = source.encode(values).map_err(|(i, v)| CalibError::Invalid(format!("{name}: value {v} at index {i} is beyond {}'s range", source.name())))?;
+                Ok(w.write(name, source.name(), shape, &bytes)?)
+            }
         }
     }
 

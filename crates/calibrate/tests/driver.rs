@@ -303,3 +303,28 @@ fn input_rms_is_each_input_channels_rms_over_the_calibration_tokens() {
         }
     }
 }
+
+#[test]
+fn a_packed_file_keeps_the_source_dtype_of_its_dense_tensors() {
+    use adadim_load::safetensors_out::DenseDtype;
+    use adadim_load::synth::{write_synthetic, SynthOptions};
+    let d = tempfile::tempdir().unwrap();
+    let m = d.path().join("m");
+    let opts = SynthOptions { dtype: DenseDtype::F16, seed: 3, outliers: None, shard_bytes: usize::MAX };
+    write_synthetic(&m, &tiny_config(), &opts, &mut |_, _| {}).unwrap();
+    let ck = Checkpoint::open(&m).unwrap();
+    let p = d.path().join("p.safetensors");
+    let out = Output { path: &p, format: Format::Packed, metadata: serde_json::json!({}) };
+    quantize_model(&ck, &samples(), &config(Method::Rtn, Dim::Ada), &out, &mut |_, _| {}).unwrap();
+    let f = adadim_pack::PackedFile::open(&p).unwrap();
+    let bytes = std::fs::read(&p).unwrap();
+    let header = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut dense = 0;
+    for name in ck.tensor_names().filter(|n| !n.ends_with("_proj.weight")) {
+        // Stored as the source stored it (2 bytes a value), and read back to the same values.
+        assert_eq!(header.tensor(name).unwrap().dtype(), safetensors::Dtype::F16, "{name}");
+        assert!(f.dense(name).unwrap().1 == ck.tensor_f32(name).unwrap(), "{name}");
+        dense += 1;
+    }
+    assert!(dense >= 4, "embedding, head, norms: {dense}");
+}

@@ -917,7 +917,7 @@ fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
     let packed: Vec<PathBuf> = a.models.iter().filter_map(|m| model_dir(m).ok()).filter(|d| adadim_model::is_packed(d)).collect();
     if !packed.is_empty() {
         writeln!(md, "\n### Packed files on disk against the format's prediction\n")?;
-        writeln!(md, "Predicted = every packed linear's bytes as its declared layout gives them (`Layout::bytes`: codes b/weight, f16 scale + packed zero per group, the act-order permutation) + the dense tensors as f32; the rest of the file is the JSON header.\n")?;
+        writeln!(md, "Predicted = every packed linear's bytes as its declared layout gives them (`Layout::bytes`: codes b/weight, f16 scale + packed zero per group, the act-order permutation) + the dense tensors at the size of their stored type (the source model's: f32 for SmolLM2, whose source is the dequantized GGUF); the rest of the file is the JSON header.\n")?;
         writeln!(md, "| model | linears: bits / weight | linears MB | dense MB | predicted MB | file MB | header + padding bytes |\n|---|---|---|---|---|---|---|")?;
         for dir in packed {
             let f = adadim_pack::PackedFile::open(&dir.join("model.safetensors"))?;
@@ -929,7 +929,7 @@ fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
                 weights += p.rows() * p.cols();
             }
             let cfg = adadim_load::LlamaConfig::from_file(&dir.join("config.json"))?;
-            let dense: usize = cfg.expected_tensors().iter().filter(|(n, _)| !names.iter().any(|l| n == &format!("{l}.weight"))).map(|(_, s)| 4 * s.iter().product::<usize>()).sum();
+            let dense: usize = cfg.expected_tensors().iter().filter(|(n, _)| !names.iter().any(|l| n == &format!("{l}.weight"))).map(|(n, s)| f.dense_value_bytes(n).unwrap_or(4) * s.iter().product::<usize>()).sum();
             let file = std::fs::metadata(dir.join("model.safetensors"))?.len() as usize;
             writeln!(md, "| {} | {:.3} | {:.2} | {:.2} | {:.2} | {:.2} | {} |", dir.file_name().unwrap_or_default().to_string_lossy(), 8.0 * lin_bytes as f64 / weights as f64, lin_bytes as f64 / 1e6, dense as f64 / 1e6, (lin_bytes + dense) as f64 / 1e6, file as f64 / 1e6, file as i64 - (lin_bytes + dense) as i64)?;
         }

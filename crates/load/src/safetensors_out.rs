@@ -88,26 +88,62 @@ impl StreamWriter {
     }
 }
 
-/// The float type a [`DenseWriter`] stores.
+/// The float type a [`DenseWriter`] or a packed file's dense tensors store.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DenseDtype {
     F32,
     /// IEEE half; a value beyond f16's range (|v| > 65504) is an error, never an infinity.
     F16,
+    /// bfloat16 (f32's range; values are rounded to nearest even).
+    BF16,
 }
 
 impl DenseDtype {
-    fn name(self) -> &'static str {
+    /// The type a tensor read from a checkpoint in `dtype` is stored back in without loss:
+    /// F16 and BF16 as they were, anything else as F32.
+    pub fn of(dtype: safetensors::Dtype) -> Self {
+        match dtype {
+            safetensors::Dtype::F16 => DenseDtype::F16,
+            safetensors::Dtype::BF16 => DenseDtype::BF16,
+            _ => DenseDtype::F32,
+        }
+    }
+
+    /// The safetensors dtype name.
+    pub fn name(self) -> &'static str {
         match self {
             DenseDtype::F32 => "F32",
             DenseDtype::F16 => "F16",
+            DenseDtype::BF16 => "BF16",
         }
     }
-    fn size(self) -> usize {
+
+    /// Bytes per value.
+    pub fn size(self) -> usize {
         match self {
             DenseDtype::F32 => 4,
-            DenseDtype::F16 => 2,
+            DenseDtype::F16 | DenseDtype::BF16 => 2,
         }
+    }
+
+    /// `values` as little-endian bytes of this type (f32 without a copy). Err(index, value) for
+    /// the first value beyond f16's range.
+    pub fn encode(self, values: &[f32]) -> std::result::Result<std::borrow::Cow<'_, [u8]>, (usize, f32)> {
+        Ok(match self {
+            DenseDtype::F32 => f32_le_bytes(values),
+            DenseDtype::F16 => {
+                let mut buf = Vec::with_capacity(2 * values.len());
+                for (i, &v) in values.iter().enumerate() {
+                    let h = half::f16::from_f32(v);
+                    if h.is_infinite() && v.is_finite() {
+                        return Err((i, v));
+                    }
+                    buf.extend_from_slice(&h.to_le_bytes());
+                }
+                std::borrow::Cow::Owned(buf)
+            }
+            DenseDtype::BF16 => std::borrow::Cow::Owned(values.iter().flat_map(|&v| half::bf16::from_f32(v).to_le_bytes()).collect()),
+        })
     }
 }
 
@@ -153,27 +189,11 @@ impl DenseWriter {
                 msg: format!("written out of plan (expected '{want}' with {n} values, got {})", values.len()),
             });
         }
-        let mut buf = Vec::new();
-        match self.dtype {
-            DenseDtype::F32 => {}
-            DenseDtype::F16 => {
-                for (i, &v) in values.iter().enumerate() {
-                    let h = half::f16::from_f32(v);
-                    if h.is_infinite() && v.is_finite() {
-                        return Err(LoadError::Tensor {
-                            path: self.path.clone(),
-                            tensor: name.into(),
-                            msg: format!("value {v} at index {i} is beyond f16's range (|v| <= 65504); export as f32"),
-                        });
-                    }
-                    buf.extend_from_slice(&h.to_le_bytes());
-                }
-            }
-        }
-        let bytes = match self.dtype {
-            DenseDtype::F32 => f32_le_bytes(values),
-            DenseDtype::F16 => std::borrow::Cow::Borrowed(&buf[..]),
-        };
+        let bytes = self.dtype.encode(values).map_err(|(i, v)| LoadError::Tensor {
+            path: self.path.clone(),
+            tensor: name.into(),
+            msg: format!("value {v} at index {i} is beyond f16's range (|v| <= 65504); export as f32"),
+        })?;
         self.out.write_all(&bytes).map_err(io_err(&self.path))?;
         self.next += 1;
         Ok(())

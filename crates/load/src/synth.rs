@@ -180,7 +180,7 @@ pub fn write_synthetic(dir: &Path, cfg: &LlamaConfig, opts: &SynthOptions, progr
 
 fn write_synthetic_into(dir: &Path, cfg: &LlamaConfig, opts: &SynthOptions, progress: &mut dyn FnMut(usize, usize)) -> Result<()> {
     let tensors = cfg.expected_tensors();
-    let size = |shape: &Vec<usize>| shape.iter().product::<usize>() * if opts.dtype == DenseDtype::F16 { 2 } else { 4 };
+    let size = |shape: &Vec<usize>| shape.iter().product::<usize>() * opts.dtype.size();
     // Shards: consecutive tensors up to shard_bytes each.
     let mut shards: Vec<Vec<(String, Vec<usize>)>> = vec![Vec::new()];
     let mut filled = 0usize;
@@ -226,7 +226,12 @@ fn write_synthetic_into(dir: &Path, cfg: &LlamaConfig, opts: &SynthOptions, prog
         std::fs::write(&p, serde_json::to_string_pretty(&index).expect("json")).map_err(io_err(&p))?;
     }
     let mut c = serde_json::to_value(cfg).expect("config serializes");
-    c["torch_dtype"] = if opts.dtype == DenseDtype::F16 { "float16" } else { "float32" }.into();
+    c["torch_dtype"] = match opts.dtype {
+        DenseDtype::F32 => "float32",
+        DenseDtype::F16 => "float16",
+        DenseDtype::BF16 => "bfloat16",
+    }
+    .into();
     if let Some((ch, scale)) = &outliers {
         c["adadim_synth_outliers"] = serde_json::json!({"channels": ch, "scale": scale, "seed": opts.seed});
     }

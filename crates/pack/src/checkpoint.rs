@@ -1,5 +1,6 @@
 //! The packed checkpoint: one safetensors file holding every quantized linear in its chosen
-//! layout ([`crate::format`]) and the remaining tensors in f32, with JSON metadata.
+//! layout ([`crate::format`]) and the remaining tensors in the source model's float type, with
+//! JSON metadata.
 //!
 //! | tensor | dtype | shape |
 //! |---|---|---|
@@ -7,7 +8,7 @@
 //! | `{linear}.scales` | F16 | the param grid, per-OC `[rows, ceil(cols/g)]`, per-IC `[ceil(rows/g), cols]` |
 //! | `{linear}.qzeros` | U8 | `[param rows, row_bytes(param cols)]`, zero points packed like codes |
 //! | `{linear}.perm` | I32 | `[cols]`, only for per-OC act-order (stored column -> input column) |
-//! | anything else | F32 | as in the source model |
+//! | anything else | F32, F16 or BF16 | as in the source model (its dtype kept) |
 //!
 //! `__metadata__`: `adadim.format = "packed"`, `adadim.format_version = "1"`,
 //! `adadim.linears` (JSON: per linear `rows, cols, bits, group, axis, permuted`) and
@@ -18,7 +19,8 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-use adadim_load::safetensors_out::StreamWriter;
+use adadim_load::checkpoint::bytes_to_f32;
+use adadim_load::safetensors_out::{DenseDtype, StreamWriter};
 use adadim_quantize::Axis;
 use half::f16;
 use safetensors::{Dtype, SafeTensors};
@@ -110,9 +112,11 @@ impl PackedWriter {
         Ok(())
     }
 
-    /// A dense f32 tensor (embeddings, norms, head).
-    pub fn dense(&mut self, name: &str, shape: &[usize], values: &[f32]) -> Result<()> {
-        Ok(self.out.write(name, "F32", shape, &adadim_load::safetensors_out::f32_le_bytes(values))?)
+    /// A dense tensor (embeddings, norms, head) stored as `dtype`: the source model's, so that
+    /// an f16 model's embedding and head are not doubled in size (1 GB of a 7B file).
+    pub fn dense(&mut self, name: &str, shape: &[usize], values: &[f32], dtype: DenseDtype) -> Result<()> {
+        let bytes = dtype.encode(values).map_err(|(i, v)| PackError::Tensor { path: PathBuf::new(), tensor: name.into(), msg: format!("value {v} at index {i} is beyond {}'s range", dtype.name()) })?;
+        Ok(self.out.write(name, dtype.name(), shape, &bytes)?)
     }
 
     /// Write the header: the linears' layouts and `quantization` (free-form JSON).
@@ -183,13 +187,23 @@ impl PackedFile {
         Ok(&self.bytes[range.clone()])
     }
 
-    /// A dense f32 tensor and its shape.
+    /// Bytes per value of dense tensor `name` as stored (None if it is not a float tensor here).
+    pub fn dense_value_bytes(&self, name: &str) -> Option<usize> {
+        match self.tensors.get(name)?.0 {
+            Dtype::F32 => Some(4),
+            Dtype::F16 | Dtype::BF16 => Some(2),
+            _ => None,
+        }
+    }
+
+    /// A dense tensor (stored as F32, F16 or BF16) as f32 values, and its shape.
     pub fn dense(&self, name: &str) -> Result<(Vec<usize>, Vec<f32>)> {
         let (d, shape, range) = self.tensors.get(name).ok_or_else(|| self.err(name, "missing".into()))?;
-        if *d != Dtype::F32 {
-            return Err(self.err(name, format!("is {d:?}, expected F32")));
+        if !matches!(d, Dtype::F32 | Dtype::F16 | Dtype::BF16) {
+            return Err(self.err(name, format!("is {d:?}, expected F32, F16 or BF16")));
         }
-        Ok((shape.clone(), self.bytes[range.clone()].chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes"))).collect()))
+        let values = bytes_to_f32(&self.bytes[range.clone()], *d).ok_or_else(|| self.err(name, format!("cannot read {d:?}")))?;
+        Ok((shape.clone(), values))
     }
 
     /// The packed linear `name`, every part checked against its declared layout.

@@ -1,6 +1,7 @@
 //! The packed checkpoint: what goes in comes out bit for bit, and a file that lies (about
 //! shapes, versions, permutations) or is cut short is a clear error naming the tensor.
 
+use adadim_load::safetensors_out::DenseDtype;
 use adadim_load::synth::Rng;
 use adadim_pack::{PackedFile, PackedLinear, PackedWriter};
 use adadim_quantize::{gptq, rtn, Axis, GptqOptions, Hessian, QuantSpec, Zero};
@@ -31,7 +32,9 @@ fn write(path: &Path, items: &[(String, PackedLinear)]) {
     for (name, p) in items {
         w.linear(name, p).unwrap();
     }
-    w.dense("model.norm.weight", &[3], &[1.0, -2.0, 0.5]).unwrap();
+    w.dense("model.norm.weight", &[3], &[1.0, -2.0, 0.5], DenseDtype::F32).unwrap();
+    w.dense("model.embed_tokens.weight", &[2, 2], &[0.1, -65504.0, 3.0e-8, 1.5], DenseDtype::F16).unwrap();
+    w.dense("lm_head.weight", &[3], &[1.0e30, -0.1, 7.0], DenseDtype::BF16).unwrap();
     w.finish(&serde_json::json!({"method": "gptq", "tool": "test"})).unwrap();
 }
 
@@ -50,6 +53,30 @@ fn round_trip_is_bit_exact() {
         assert_eq!(back.dequantize(), p.dequantize(), "{name}");
     }
     assert_eq!(f.dense("model.norm.weight").unwrap(), (vec![3], vec![1.0, -2.0, 0.5]));
+    // Dense tensors keep the type they were given (the source model's): values of that type
+    // come back exactly, and the file holds 2 bytes per f16 / bf16 value.
+    let f16s: Vec<f32> = [0.1f32, -65504.0, 3.0e-8, 1.5].iter().map(|&v| half::f16::from_f32(v).to_f32()).collect();
+    assert_eq!(f.dense("model.embed_tokens.weight").unwrap(), (vec![2, 2], f16s));
+    let bf16s: Vec<f32> = [1.0e30f32, -0.1, 7.0].iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect();
+    assert_eq!(f.dense("lm_head.weight").unwrap(), (vec![3], bf16s));
+    let header = header_of(&path);
+    assert_eq!(header["model.embed_tokens.weight"]["dtype"], "F16");
+    assert_eq!(header["lm_head.weight"]["dtype"], "BF16");
+    assert_eq!(header["model.norm.weight"]["dtype"], "F32");
+}
+
+fn header_of(path: &Path) -> serde_json::Value {
+    let bytes = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    serde_json::from_slice(&bytes[8..8 + n]).unwrap()
+}
+
+#[test]
+fn a_dense_value_beyond_f16_is_an_error_not_an_infinity() {
+    let d = tempfile::tempdir().unwrap();
+    let mut w = PackedWriter::create(&d.path().join("m.safetensors"), 4).unwrap();
+    let e = w.dense("model.embed_tokens.weight", &[2], &[1.0, 70000.0], DenseDtype::F16).unwrap_err().to_string();
+    assert!(e.contains("model.embed_tokens.weight") && e.contains("70000") && e.contains("F16"), "{e}");
 }
 
 /// Rewrite the file's header with `edit` applied to its JSON (keeping the data as it is).

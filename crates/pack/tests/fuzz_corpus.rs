@@ -9,6 +9,7 @@ mod targets;
 #[path = "../../../fuzz/src/replay.rs"]
 mod replay;
 
+use adadim_load::safetensors_out::DenseDtype;
 use adadim_load::synth::Rng;
 use adadim_pack::{PackedFile, PackedLinear, PackedWriter};
 use adadim_quantize::{gptq, rtn, Axis, GptqOptions, Hessian, QuantSpec, Zero};
@@ -87,7 +88,7 @@ fn write_seed_corpus() {
         for (n, l) in items {
             w.linear(n, l).unwrap();
         }
-        w.dense("model.norm.weight", &[4], &[1.0, -2.0, 0.5, 0.25]).unwrap();
+        w.dense("model.norm.weight", &[4], &[1.0, -2.0, 0.5, 0.25], DenseDtype::F32).unwrap();
         w.finish(&serde_json::json!({"method": "rtn", "tool": "fuzz seed"})).unwrap();
         std::fs::write(dir.join(name), compact(&std::fs::read(&p).unwrap())).unwrap();
     };
