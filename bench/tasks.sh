@@ -50,4 +50,16 @@ for c in $CALIBS; do
   [ -d "$q" ] || $A quantize --model "$MODEL" --method gptq --dim ada --bits 3 --group 128 --calib "$c" --nsamples "$NSAMPLES" --calib-seqlen 512 --out "$q" --json > "$OUT/quantize-$c.json"
   evals "$n" "$q" "$STRIP"; ppls "$n" "$q"
 done
-echo "wrote $OUT"
+# RESULTS.md's section between its tasks markers, from the JSON above.
+python3 bench/tasks_table.py "$OUT" "$RUNS" > "$OUT/section.md"
+python3 - "$OUT/section.md" <<'PY'
+import re, sys
+new = open(sys.argv[1]).read().strip()
+text = open("RESULTS.md").read()
+pat = re.compile(r"<!-- begin tasks -->.*?<!-- end tasks -->", re.S)
+if not pat.search(text):
+    sys.exit("RESULTS.md has no <!-- begin tasks --> / <!-- end tasks --> section")
+open("RESULTS.md.tmp", "w").write(pat.sub(lambda _: new, text))
+PY
+mv RESULTS.md.tmp RESULTS.md
+echo "wrote $OUT and RESULTS.md's tasks section"
