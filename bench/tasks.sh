@@ -42,7 +42,7 @@ for v in $VARIANTS; do
   mmlu "w3g128-$v" "$d"
 done
 for v in $VARIANTS; do humaneval "w3g128-$v" "$RUNS/w3g128-$v" "$STRIP"; done
-evals fp "$MODEL" 1; ppls fp "$MODEL"
+evals fp "$MODEL" "$STRIP"; ppls fp "$MODEL"
 # Calibration sets: shakespeare is the default, so its model is RUNS' w3g128-gptq-ada (results
 # named after it are shared).
 for c in $CALIBS; do

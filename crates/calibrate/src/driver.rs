@@ -528,7 +528,7 @@ fn quantize_block(
     let io = Instant::now();
     // The block's norms and biases; each linear's weight is read when it is quantized, and
     // a forward pass gets the dequantized weights of just the linears it runs
-    // ([`Dense::with`]), so a block never holds more than a few of its matrices in f32.
+    // ([`with_dequantized`]), so a block never holds more than a few of its matrices in f32.
     let mut block = Block::load(&WithoutLinears(ckpt), layer)?;
     let mut quantized: Vec<(LinearKind, QuantizedMatrix)> = Vec::new();
     let mut reports = Vec::new();
@@ -567,7 +567,7 @@ fn quantize_block(
         drop(h_in);
         quantize_step(&mut quantized, qkv, Some(&h), acts.times)?;
         drop(h);
-        let attn = Dense::with(&mut block, &quantized, qkv, |block| {
+        let attn = with_dequantized(&mut block, &quantized, qkv, |block| {
             acts.each(|t| flops.attention(t), |_, x| {
                 block.attention(&block.attn_input(x)?, rope).map_err(|e| tensor_err(format!("layer {layer}: attention"), e))
             })
@@ -575,7 +575,7 @@ fn quantize_block(
         let h = acts.hessian(layer, o[0], &attn)?;
         quantize_step(&mut quantized, o, Some(&h), acts.times)?;
         drop(h);
-        acts.xs = Dense::with(&mut block, &quantized, o, |block| acts.each(|t| flops.o(t), |i, x| Ok(block.attn_residual(x, &attn[i])?)))?;
+        acts.xs = with_dequantized(&mut block, &quantized, o, |block| acts.each(|t| flops.o(t), |i, x| Ok(block.attn_residual(x, &attn[i])?)))?;
         drop(attn);
         let mlp_in = acts.each(|_| 0.0, |_, x| Ok(block.mlp_input(x)?))?;
         let h = acts.hessian(layer, gate_up[0], &mlp_in)?;
@@ -589,7 +589,7 @@ fn quantize_block(
         let keep = !last && tokens * c.intermediate_size * 4 <= cfg.act_cache_bytes;
         let mut kept = Vec::new();
         let mut h = Hessian::new(c.intermediate_size);
-        Dense::with(&mut block, &quantized, gate_up, |block| {
+        with_dequantized(&mut block, &quantized, gate_up, |block| {
             for i in 0..acts.xs.len() {
                 let act = acts.one(i, |t| flops.mlp_hidden(t), |x| mlp_hidden(block, x))?;
                 acts.accumulate(&mut h, layer, down[0], &act)?;
@@ -603,7 +603,7 @@ fn quantize_block(
         drop(h);
         if !last {
             let mlp = [gate_up[0], gate_up[1], down[0]];
-            acts.xs = Dense::with(&mut block, &quantized, &mlp, |block| {
+            acts.xs = with_dequantized(&mut block, &quantized, &mlp, |block| {
                 acts.each(
                     |t| flops.down(t) + if keep { 0.0 } else { flops.mlp_hidden(t) },
                     |i, x| match kept.get(i) {
@@ -620,7 +620,7 @@ fn quantize_block(
 
 /// A checkpoint seen without its linear weights: [`Block::load`] through it reads norms and
 /// biases only, each linear getting an empty placeholder (any product with it is a shape
-/// error, never a silent result) until [`Dense::with`] puts its quantized weights in.
+/// error, never a silent result) until [`with_dequantized`] puts its quantized weights in.
 struct WithoutLinears<'a>(&'a Checkpoint);
 
 impl adadim_model::WeightSource for WithoutLinears<'_> {
@@ -639,21 +639,16 @@ fn placeholder() -> adadim_model::Result<Tensor> {
     Tensor::zeros((0, 0), candle_core::DType::F32, &Device::Cpu).map_err(|e| adadim_model::ModelError::Tensor { context: "placeholder".into(), source: e })
 }
 
-/// Dequantized weights in a block for the length of one forward stage.
-struct Dense;
-
-impl Dense {
-    /// Run `f` with the linears `kinds` of `block` holding their dequantized weights
-    /// (`Q(W)` exactly as evaluated), then put the placeholders back.
-    fn with<T>(block: &mut Block, quantized: &[(LinearKind, QuantizedMatrix)], kinds: &[LinearKind], f: impl FnOnce(&Block) -> Result<T>) -> Result<T> {
-        for &kind in kinds {
-            let (_, q) = quantized.iter().find(|(k, _)| *k == kind).ok_or_else(|| CalibError::Invalid(format!("layer {} {}: used before it was quantized", block.layer, kind.module())))?;
-            block.linear_mut(kind).weight = Weight::Dense(tensor(q.dequantize(), (q.rows(), q.cols()))?);
-        }
-        let out = f(block);
-        for &kind in kinds {
-            block.linear_mut(kind).weight = Weight::Dense(placeholder()?);
-        }
-        out
+/// Run `f` with the linears `kinds` of `block` holding their dequantized weights (`Q(W)`
+/// exactly as evaluated) for the length of one forward stage, then put the placeholders back.
+fn with_dequantized<T>(block: &mut Block, quantized: &[(LinearKind, QuantizedMatrix)], kinds: &[LinearKind], f: impl FnOnce(&Block) -> Result<T>) -> Result<T> {
+    for &kind in kinds {
+        let (_, q) = quantized.iter().find(|(k, _)| *k == kind).ok_or_else(|| CalibError::Invalid(format!("layer {} {}: used before it was quantized", block.layer, kind.module())))?;
+        block.linear_mut(kind).weight = Weight::Dense(tensor(q.dequantize(), (q.rows(), q.cols()))?);
     }
+    let out = f(block);
+    for &kind in kinds {
+        block.linear_mut(kind).weight = Weight::Dense(placeholder()?);
+    }
+    out
 }
