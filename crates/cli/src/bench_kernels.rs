@@ -30,6 +30,30 @@ pub fn triad_gbs(n: usize, reps: usize) -> f64 {
     12.0 * n as f64 / best / 1e9
 }
 
+/// The activations' precision in the integer kernels: 16 bits (the default `matvec`) or 8
+/// (`matvec_q8`, llama.cpp's Q8 precision; 4-bit codes only).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Act {
+    I16,
+    I8,
+}
+
+impl Act {
+    pub fn bits(self) -> u8 {
+        match self {
+            Act::I16 => 16,
+            Act::I8 => 8,
+        }
+    }
+
+    fn matvec(self, p: &PackedLinear, x: &[f32], y: &mut [f32]) {
+        match self {
+            Act::I16 => p.matvec(x, y),
+            Act::I8 => p.matvec_q8(x, y),
+        }
+    }
+}
+
 pub struct KernelRow {
     pub axis: Axis,
     pub bytes: usize,
@@ -59,18 +83,18 @@ pub fn packed_matrix(rows: usize, cols: usize, bits: u8, group: usize, axis: Axi
 
 /// Time one matvec of a `[rows, cols]` w{bits}g{group} matrix along `axis`, streaming from
 /// memory: enough copies of it are cycled through that they cannot stay in any cache.
-pub fn time_matvec(rows: usize, cols: usize, bits: u8, group: usize, axis: Axis, working_set: usize, reps: usize) -> Result<KernelRow> {
+pub fn time_matvec(rows: usize, cols: usize, bits: u8, group: usize, axis: Axis, act: Act, working_set: usize, reps: usize) -> Result<KernelRow> {
     let one = packed_matrix(rows, cols, bits, group, axis)?;
     let copies = working_set.div_ceil(one.bytes_read()).max(1);
     let mats: Vec<PackedLinear> = (0..copies).map(|_| one.clone()).collect();
     let x: Vec<f32> = (0..cols).map(|i| (i % 7) as f32 - 3.0).collect();
     let mut y = vec![0f32; rows];
-    mats[0].matvec(&x, &mut y); // warm up the thread pool
+    act.matvec(&mats[0], &x, &mut y); // warm up the thread pool
     let mut best = f64::MAX;
     for _ in 0..reps {
         let t = Instant::now();
         for m in &mats {
-            m.matvec(&x, &mut y);
+            act.matvec(m, &x, &mut y);
         }
         std::hint::black_box(&y);
         best = best.min(t.elapsed().as_secs_f64() / copies as f64);
@@ -80,15 +104,15 @@ pub fn time_matvec(rows: usize, cols: usize, bits: u8, group: usize, axis: Axis,
 
 /// Mean seconds of `runs` matvecs of one matrix on a pool of `threads` threads, the way
 /// llama.cpp's `test-backend-ops perf` times MUL_MAT (one matrix, repeated, mean per run).
-pub fn time_matvec_repeated(p: &PackedLinear, threads: usize, runs: usize) -> Result<f64> {
+pub fn time_matvec_repeated(p: &PackedLinear, act: Act, threads: usize, runs: usize) -> Result<f64> {
     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build()?;
     let x: Vec<f32> = (0..p.cols()).map(|i| (i % 7) as f32 - 3.0).collect();
     let mut y = vec![0f32; p.rows()];
     Ok(pool.install(|| {
-        p.matvec(&x, &mut y);
+        act.matvec(p, &x, &mut y);
         let t = Instant::now();
         for _ in 0..runs {
-            p.matvec(&x, &mut y);
+            act.matvec(p, &x, &mut y);
         }
         std::hint::black_box(&y);
         t.elapsed().as_secs_f64() / runs as f64

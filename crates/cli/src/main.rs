@@ -699,21 +699,23 @@ fn bench_kernels(a: BenchKernelsArgs) -> Result<()> {
     writeln!(md, "## Packed matrix-vector kernels (`adadim bench kernels`)\n")?;
     writeln!(md, "Machine: {}. Memory bandwidth measured in this run (STREAM triad, {} MB arrays): **{triad:.1} GB/s**.\n", bench::machine(), a.working_set / 12 >> 18)?;
     writeln!(md, "y = W'x from packed codes, group {}, AWQ-style zeros; {} MB of matrices cycled per measurement so every byte comes from memory; best of 5. Bytes = packed codes + params as the kernel reads them (f32 scale and zero per group) + permutation.\n", a.group, a.working_set >> 20)?;
-    writeln!(md, "| shape (out x in) | bits | axis | us / matvec | GB/s | of triad | per-IC time / per-OC time |\n|---|---|---|---|---|---|---|")?;
+    writeln!(md, "| shape (out x in) | bits | activations | axis | us / matvec | GB/s | of triad | per-IC time / per-OC time |\n|---|---|---|---|---|---|---|---|")?;
     let mut worst = (f64::MAX, 0f64);
+    use bench_kernels::Act;
     for &(rows, cols) in &shapes {
-        for bits in [4u8, 3] {
-            let oc = bench_kernels::time_matvec(rows, cols, bits, a.group, Axis::Oc, a.working_set, 5)?;
-            let ic = bench_kernels::time_matvec(rows, cols, bits, a.group, Axis::Ic, a.working_set, 5)?;
+        // 8-bit activations (llama.cpp's precision) where there is that kernel: 4 bits.
+        for (bits, act) in [(4u8, Act::I16), (4, Act::I8), (3, Act::I16)] {
+            let oc = bench_kernels::time_matvec(rows, cols, bits, a.group, Axis::Oc, act, a.working_set, 5)?;
+            let ic = bench_kernels::time_matvec(rows, cols, bits, a.group, Axis::Ic, act, a.working_set, 5)?;
             let ratio = ic.seconds / oc.seconds;
             for r in [&oc, &ic] {
                 let axis = if r.axis == Axis::Oc { "per-OC" } else { "per-IC" };
                 let rel = if r.axis == Axis::Ic { format!("{ratio:.3}") } else { String::new() };
-                writeln!(md, "| {rows} x {cols} | {bits} | {axis} | {:.1} | {:.1} | {:.2} | {rel} |", r.seconds * 1e6, r.gbs(), r.gbs() / triad)?;
+                writeln!(md, "| {rows} x {cols} | {bits} | int{} | {axis} | {:.1} | {:.1} | {:.2} | {rel} |", act.bits(), r.seconds * 1e6, r.gbs(), r.gbs() / triad)?;
                 worst.0 = worst.0.min(r.gbs() / triad);
             }
             worst.1 = worst.1.max(ratio);
-            eprintln!("{rows}x{cols} w{bits}: oc {:.1} GB/s, ic {:.1} GB/s", oc.gbs(), ic.gbs());
+            eprintln!("{rows}x{cols} w{bits} int{}: oc {:.1} GB/s, ic {:.1} GB/s", act.bits(), oc.gbs(), ic.gbs());
         }
     }
     writeln!(md, "\nLowest fraction of triad: **{:.2}** (aim >= 0.8). Highest per-IC / per-OC time: **{:.3}** (aim <= 1.05).", worst.0, worst.1)?;
@@ -951,7 +953,7 @@ fn kernels_vs_llamacpp(bin: &std::path::Path, group: usize, md: &mut String) -> 
     }
     let threads = peers[0].2;
     writeln!(md, "\n### Against llama.cpp (same run)\n")?;
-    writeln!(md, "`{m} x {k}` (out x in; the only matrix-vector shape `test-backend-ops perf -o MUL_MAT` times), {threads} thread(s) each (test-backend-ops gives its CPU backend half the hardware threads; ours runs on a pool of the same size). One matrix repeated, mean time per run, as test-backend-ops measures (the ~30 MB matrix about fills L3). llama.cpp rounds the activations to 8 bits (Q8_0 / Q8_K), ours to 16.\n")?;
+    writeln!(md, "`{m} x {k}` (out x in; the only matrix-vector shape `test-backend-ops perf -o MUL_MAT` times), {threads} thread(s) each (test-backend-ops gives its CPU backend half the hardware threads; ours runs on a pool of the same size). One matrix repeated, mean time per run, as test-backend-ops measures (the ~30 MB matrix about fills L3). llama.cpp rounds the activations to 8 bits (Q8_0 / Q8_K); ours to 16, or to 8 in blocks of 32 (`int8`, as Q8_0).\n")?;
     writeln!(md, "| kernel | bits / weight | us / matvec |\n|---|---|---|")?;
     let bpw = |ty: &str| match ty {
         "q4_0" => 4.5,
@@ -962,11 +964,12 @@ fn kernels_vs_llamacpp(bin: &std::path::Path, group: usize, md: &mut String) -> 
         writeln!(md, "| llama.cpp {ty} | {} | {us:.1} |", bpw(ty))?;
     }
     let mut ours = Vec::new();
-    for bits in [4u8, 3] {
+    use bench_kernels::Act;
+    for (bits, act) in [(4u8, Act::I16), (4, Act::I8), (3, Act::I16)] {
         for axis in [Axis::Oc, Axis::Ic] {
             let p = bench_kernels::packed_matrix(m, k, bits, group, axis)?;
-            let s = bench_kernels::time_matvec_repeated(&p, threads, 100)?;
-            let name = format!("adadim w{bits}g{group} {}", if axis == Axis::Oc { "per-OC" } else { "per-IC" });
+            let s = bench_kernels::time_matvec_repeated(&p, act, threads, 100)?;
+            let name = format!("adadim w{bits}g{group} {} int{}", if axis == Axis::Oc { "per-OC" } else { "per-IC" }, act.bits());
             writeln!(md, "| {name} | {:.3} | {:.1} |", p.layout().bits_per_weight(m, k, false), s * 1e6)?;
             ours.push((bits, name, s * 1e6));
         }

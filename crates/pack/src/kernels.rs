@@ -287,6 +287,20 @@ impl PackedLinear {
         self.matvec_f32(x, y);
     }
 
+    /// `y = W' x` with the activations rounded to int8 per block of 32 ([`crate::q8`]: llama.cpp's
+    /// Q8_0 precision, for its speed) where this CPU and layout have that kernel (4 bits, AVX2);
+    /// otherwise [`PackedLinear::matvec`].
+    ///
+    /// # Panics
+    /// If `x.len() != cols` or `y.len() != rows`.
+    pub fn matvec_q8(&self, x: &[f32], y: &mut [f32]) {
+        assert_eq!(x.len(), self.cols, "matvec: x has {} values for {} input channels", x.len(), self.cols);
+        assert_eq!(y.len(), self.rows, "matvec: y has {} values for {} output channels", y.len(), self.rows);
+        if !crate::q8::matvec(self, x, y) {
+            self.matvec(x, y);
+        }
+    }
+
     /// Whether [`PackedLinear::matvec`] rounds the activations to int16 on this CPU.
     pub fn matvec_rounds_activations(&self) -> bool {
         cfg!(target_arch = "x86_64") && simd_available() && q16::supported(self)

@@ -34,6 +34,7 @@ pub mod format;
 pub mod gptq;
 pub mod kernels;
 pub mod q16;
+pub mod q8;
 
 pub use checkpoint::{PackError, PackedFile, PackedWriter, FORMAT_VERSION};
 pub use format::{Layout, PackedLinear};

@@ -48,9 +48,11 @@ pub fn block_size(p: &PackedLinear) -> usize {
 /// `ROUND`'s is `round(t)` (ties to even).
 const ROUND: f32 = 12_582_912.0;
 
-/// Rounds one block into `q` and returns its step `d = max|x| / QMAX` (NaN when the block holds
-/// a non-finite value, so the product comes out NaN as it would in f32).
-fn round_block(x: &[f32], q: &mut [i16]) -> f32 {
+/// Rounds one block into `q` and returns its step `d = max|x| / qmax` (NaN when the block holds
+/// a non-finite value, so the product comes out NaN as it would in f32); `cast` stores a
+/// rounded value (|v| <= qmax) in `q`'s integer type. Shared with [`crate::q8`].
+#[inline(always)]
+pub(crate) fn round_block<T>(x: &[f32], q: &mut [T], qmax: f32, cast: impl Fn(i32) -> T) -> f32 {
     let (mut m, mut poison) = ([0f32; 8], [0f32; 8]);
     let chunks = x.chunks_exact(8);
     let tail = chunks.remainder();
@@ -68,16 +70,18 @@ fn round_block(x: &[f32], q: &mut [i16]) -> f32 {
         bad += v * 0.0;
     }
     if bad.is_nan() {
-        q.fill(0);
+        for q in q.iter_mut() {
+            *q = cast(0);
+        }
         return f32::NAN;
     }
-    let d = max / QMAX;
+    let d = max / qmax;
     let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
     let base = ROUND.to_bits() as i32;
     for (q, &v) in q.iter_mut().zip(x) {
-        // |v inv| <= QMAX by construction (up to one rounding of inv): clamp anyway.
-        let t = (v * inv).clamp(-QMAX, QMAX);
-        *q = ((t + ROUND).to_bits() as i32 - base) as i16;
+        // |v inv| <= qmax by construction (up to one rounding of inv): clamp anyway.
+        let t = (v * inv).clamp(-qmax, qmax);
+        *q = cast((t + ROUND).to_bits() as i32 - base);
     }
     d
 }
@@ -102,7 +106,7 @@ impl Q16 {
     /// on `x`, and per-IC once per row group on `s x`.
     pub fn new(x: &[f32], block: usize) -> Self {
         let mut q = vec![0i16; x.len()];
-        let d = x.chunks(block).zip(q.chunks_mut(block)).map(|(x, q)| round_block(x, q)).collect();
+        let d = x.chunks(block).zip(q.chunks_mut(block)).map(|(x, q)| round_block(x, q, QMAX, |v| v as i16)).collect();
         Q16 { q, d, block, swizzled: Vec::new() }
     }
 
@@ -125,12 +129,30 @@ impl Q16 {
     }
 }
 
-/// What every row needs from `x`, rounded once per call.
-pub(crate) enum Prepared {
+/// Activations rounded to integers in blocks, as the integer kernels read them.
+pub(crate) trait Rounded {
+    /// Value `i` as rounded.
+    fn value(&self, i: usize) -> f32;
+    /// The step of value `i`'s block (the rounding moved it at most half of this).
+    fn step(&self, i: usize) -> f32;
+}
+
+impl Rounded for Q16 {
+    fn value(&self, i: usize) -> f32 {
+        Q16::value(self, i)
+    }
+    fn step(&self, i: usize) -> f32 {
+        self.d[i / self.block]
+    }
+}
+
+/// What every row needs from `x`, rounded once per call (activations `A`: [`Q16`] or
+/// [`crate::q8::Q8`]).
+pub(crate) enum Prepared<A = Q16> {
     /// per-OC: `x` (gathered by `perm`) rounded, and `sum_{c in k} x̂[c]` per group.
-    Oc { x: Q16, xsum: Vec<f32> },
+    Oc { x: A, xsum: Vec<f32> },
     /// per-IC: `v[kr][c] = s[kr, c] x[c]` rounded per row group, `bias[kr] = sum_c z[kr, c] v̂[kr][c]`.
-    Ic { v: Vec<Q16>, bias: Vec<f32> },
+    Ic { v: Vec<A>, bias: Vec<f32> },
 }
 
 pub(crate) fn prepare(p: &PackedLinear, x: &[f32]) -> Prepared {
@@ -359,22 +381,26 @@ pub(crate) unsafe fn rows_avx2(p: &PackedLinear, prep: &Prepared, r0: usize, y: 
 /// per-OC `y[r] = sum_c s[r,k(c)] (code[r,c] - z[r,k(c)]) x̂[c]`, bound `sum_c |W'[r,c]| d(c) / 2`;
 /// per-IC `y[r] = sum_c (code[r,c] - z[kr,c]) v̂[kr][c]`, bound `sum_c |code[r,c] - z[kr,c]| d(c) / 2`.
 pub fn matvec_ref(p: &PackedLinear, x: &[f32]) -> (Vec<f64>, Vec<f64>) {
+    reference(p, &prepare(p, x))
+}
+
+/// [`matvec_ref`] from activations already rounded (any [`Rounded`] kind).
+pub(crate) fn reference<A: Rounded>(p: &PackedLinear, prep: &Prepared<A>) -> (Vec<f64>, Vec<f64>) {
     let (cols, l) = (p.cols, p.layout);
     let rb = bits::row_bytes(cols, l.bits);
-    let prep = prepare(p, x);
     (0..p.rows)
         .map(|r| {
             let row = &p.codes[r * rb..(r + 1) * rb];
             let code = |c| f64::from(bits::get(row, c, l.bits));
             // (weight factor, rounded activation, its step) of column c.
-            let term = |c: usize| match &prep {
+            let term = |c: usize| match prep {
                 Prepared::Oc { x, xsum } => {
                     let k = r * xsum.len() + c / l.group;
-                    (f64::from(p.scales[k]) * (code(c) - f64::from(p.zeros[k])), x.value(c), x.d[c / x.block])
+                    (f64::from(p.scales[k]) * (code(c) - f64::from(p.zeros[k])), x.value(c), x.step(c))
                 }
                 Prepared::Ic { v, .. } => {
                     let (kr, v) = (r / l.group, &v[r / l.group]);
-                    (code(c) - f64::from(p.zeros[kr * cols + c]), v.value(c), v.d[c / v.block])
+                    (code(c) - f64::from(p.zeros[kr * cols + c]), v.value(c), v.step(c))
                 }
             };
             (0..cols).map(term).fold((0.0, 0.0), |(y, b), (w, x, d)| (y + w * f64::from(x), b + w.abs() * f64::from(d) / 2.0))

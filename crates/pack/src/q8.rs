@@ -1,0 +1,225 @@
+//! The 4-bit decode matvec on 8-bit activations, as llama.cpp computes its Q4 products: `x`
+//! rounded to int8 per block of 32 (a step `d = max|block| / 127` each), codes and activations
+//! multiplied byte by byte with `vpmaddubsw`, one float multiply-add per 64 codes.
+//!
+//! Why: [`crate::q16`] widens every code to 16 bits and gets 16 products per `vpmaddwd`; here 32
+//! bytes of codes (64 weights) are split into their low and high nibbles (`and`, `shift`, `and`)
+//! and multiplied against 64 int8 activations by two `vpmaddubsw` (32 products each, pairs
+//! summed to int16: at most 2 * 15 * 127, so nothing saturates), one `vpmaddwd` by ones sums
+//! them to int32, and one conversion and multiply-add apply both blocks' steps (and per-OC the
+//! group's scale). About half the instructions per weight of the int16 kernel.
+//!
+//! Activation order: a whole step of 64 codes reads byte `i` as codes `2i` (low nibble) and
+//! `2i + 1` (high), so the activations are stored per step as the 32 even positions then the 32
+//! odd ones ([`Q8::new`]); lanes 0-3 of the int32 sum then belong to the step's first block and
+//! lanes 4-7 to its second, and the step's scale vector is `[d0 x4, d1 x4]`.
+//!
+//! What it costs in accuracy: every activation (per-OC: `x`; per-IC: `s[kr, c] x[c]`) moves by at
+//! most half its block's step, `max|block| / 254`, as in llama.cpp's Q8_0; the int16 kernel
+//! moves it 256 times less. Opt-in ([`crate::PackedLinear::matvec_q8`]); the tests hold the
+//! AVX2 kernel to [`matvec_ref`] (the definition from the same rounded activations, in f64)
+//! and the product to the exact one within the rounding bound [`matvec_ref`] also returns.
+
+use adadim_quantize::Axis;
+use rayon::prelude::*;
+
+use crate::bits;
+use crate::format::PackedLinear;
+use crate::q16::{Prepared, Rounded};
+
+/// Codes per SIMD step (32 bytes of 4-bit codes).
+pub const STEP: usize = 64;
+
+/// Activations per int8 step size.
+pub const BLOCK: usize = 32;
+
+/// Largest int8 step count.
+const QMAX: f32 = 127.0;
+
+/// Activations rounded to int8 per block of [`BLOCK`]: value `i` is `q[i] * d[i / BLOCK]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Q8 {
+    /// In natural order.
+    pub q: Vec<i8>,
+    pub d: Vec<f32>,
+    /// Whole steps in kernel order: per step of 64, the even positions, then the odd ones.
+    pub swizzled: Vec<i8>,
+    /// Per whole step, its two blocks' steps `[d0, d0, d0, d0, d1, d1, d1, d1]`.
+    pub d8: Vec<f32>,
+}
+
+impl Q8 {
+    /// Rounds `x` block by block (the last block may be short). A block holding a non-finite
+    /// value gets a NaN step, so the product comes out NaN as it would in f32.
+    pub fn new(x: &[f32]) -> Self {
+        let mut q = vec![0i8; x.len()];
+        let d: Vec<f32> = x.chunks(BLOCK).zip(q.chunks_mut(BLOCK)).map(|(x, q)| crate::q16::round_block(x, q, QMAX, |v| v as i8)).collect();
+        let steps = x.len() / STEP;
+        let mut swizzled = vec![0i8; steps * STEP];
+        for (w, q) in swizzled.chunks_exact_mut(STEP).zip(q.chunks_exact(STEP)) {
+            let (even, odd) = w.split_at_mut(STEP / 2);
+            for ((e, o), pair) in even.iter_mut().zip(odd).zip(q.chunks_exact(2)) {
+                (*e, *o) = (pair[0], pair[1]);
+            }
+        }
+        let mut d8 = vec![0f32; steps * 8];
+        for (j, v) in d8.chunks_exact_mut(8).enumerate() {
+            v[..4].fill(d[2 * j]);
+            v[4..].fill(d[2 * j + 1]);
+        }
+        Q8 { q, d, swizzled, d8 }
+    }
+
+    /// Value `i` as rounded.
+    pub fn value(&self, i: usize) -> f32 {
+        f32::from(self.q[i]) * self.d[i / BLOCK]
+    }
+}
+
+/// Whether the int8 kernel handles this layout: 4 bits, per-IC, or per-OC groups of whole steps.
+pub fn supported(p: &PackedLinear) -> bool {
+    let l = p.layout;
+    l.bits == 4 && (l.axis == Axis::Ic || l.group % STEP == 0)
+}
+
+impl Rounded for Q8 {
+    fn value(&self, i: usize) -> f32 {
+        Q8::value(self, i)
+    }
+    fn step(&self, i: usize) -> f32 {
+        self.d[i / BLOCK]
+    }
+}
+
+/// What every row needs from `x` ([`Prepared`]), rounded to int8 once per call.
+fn prepare(p: &PackedLinear, x: &[f32]) -> Prepared<Q8> {
+    let (cols, l) = (p.cols, p.layout);
+    match l.axis {
+        Axis::Oc => {
+            let x = match &p.perm {
+                Some(perm) => Q8::new(&perm.iter().map(|&c| x[c as usize]).collect::<Vec<_>>()),
+                None => Q8::new(x),
+            };
+            let xsum = (0..cols.div_ceil(l.group)).map(|k| (k * l.group..((k + 1) * l.group).min(cols)).map(|c| x.value(c)).sum()).collect();
+            Prepared::Oc { x, xsum }
+        }
+        Axis::Ic => {
+            let (v, bias) = (0..p.rows.div_ceil(l.group))
+                .into_par_iter()
+                .map(|kr| {
+                    let s = &p.scales[kr * cols..(kr + 1) * cols];
+                    let v = Q8::new(&s.iter().zip(x).map(|(s, x)| s * x).collect::<Vec<_>>());
+                    let z = &p.zeros[kr * cols..(kr + 1) * cols];
+                    // sum_c z[c] v̂[c], block by block (no division per value).
+                    let bias: f32 = z.chunks(BLOCK).zip(v.q.chunks(BLOCK)).zip(&v.d).map(|((z, q), d)| d * z.iter().zip(q).map(|(z, &q)| z * f32::from(q)).sum::<f32>()).sum();
+                    (v, bias)
+                })
+                .unzip();
+            Prepared::Ic { v, bias }
+        }
+    }
+}
+
+/// `sum_c code[c] v̂[c]` over codes `c0..c1` of a row, in plain Rust (tails).
+fn dot_scalar(row: &[u8], v: &Q8, c0: usize, c1: usize) -> f32 {
+    (c0..c1).map(|c| f32::from(bits::get(row, c, 4)) * v.value(c)).sum()
+}
+
+/// AVX2: `sum_j s[j * STEP / group] * sum_{c in step j} code(c) v̂(c)` over the row's whole steps,
+/// as 8 lane sums (per-IC: `s = [1]`, `group = usize::MAX`).
+///
+/// # Safety
+/// AVX2 and FMA; `row` holds the row's `cols / 2` code bytes; `v` has `cols` values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn row_sum_avx2(row: &[u8], v: &Q8, s: &[f32], group: usize) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    let steps = v.swizzled.len() / STEP;
+    debug_assert!(row.len() >= steps * 32);
+    let (rp, xp, dp) = (row.as_ptr(), v.swizzled.as_ptr(), v.d8.as_ptr());
+    let (mask, ones) = (_mm256_set1_epi8(0x0f), _mm256_set1_epi16(1));
+    let per = if group == usize::MAX { usize::MAX } else { group / STEP };
+    let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    let (mut k, mut in_group) = (0, 0);
+    let mut scale = _mm256_set1_ps(s[0]);
+    for j in 0..steps {
+        let c = _mm256_loadu_si256(rp.add(j * 32) as *const __m256i);
+        let lo = _mm256_and_si256(c, mask);
+        let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(c), mask);
+        let xe = _mm256_loadu_si256(xp.add(j * STEP) as *const __m256i);
+        let xo = _mm256_loadu_si256(xp.add(j * STEP + 32) as *const __m256i);
+        let p16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xe), _mm256_maddubs_epi16(hi, xo));
+        let p32 = _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones));
+        let d = _mm256_mul_ps(_mm256_loadu_ps(dp.add(j * 8)), scale);
+        if j % 2 == 0 {
+            a0 = _mm256_fmadd_ps(p32, d, a0);
+        } else {
+            a1 = _mm256_fmadd_ps(p32, d, a1);
+        }
+        in_group += 1;
+        if in_group == per && j + 1 < steps {
+            (k, in_group) = (k + 1, 0);
+            scale = _mm256_set1_ps(s[k]);
+        }
+    }
+    _mm256_add_ps(a0, a1)
+}
+
+/// One output row with AVX2.
+///
+/// # Safety
+/// AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn row_avx2(p: &PackedLinear, prep: &Prepared<Q8>, r: usize, row: &[u8]) -> f32 {
+    let cols = p.cols;
+    let tail = cols / STEP * STEP..cols;
+    match prep {
+        Prepared::Oc { x, xsum } => {
+            let pc = xsum.len();
+            let (s, z) = (&p.scales[r * pc..(r + 1) * pc], &p.zeros[r * pc..(r + 1) * pc]);
+            let body = crate::kernels::hsum(row_sum_avx2(row, x, s, p.layout.group));
+            // The last cols % 64 codes lie in the last group.
+            let tail = s[pc - 1] * dot_scalar(row, x, tail.start, tail.end);
+            let zx: f32 = s.iter().zip(z).zip(xsum).map(|((s, z), x)| s * z * x).sum();
+            body + tail - zx
+        }
+        Prepared::Ic { v, bias } => {
+            let kr = r / p.layout.group;
+            let body = crate::kernels::hsum(row_sum_avx2(row, &v[kr], &[1.0], usize::MAX));
+            body + dot_scalar(row, &v[kr], tail.start, tail.end) - bias[kr]
+        }
+    }
+}
+
+/// Rows per parallel task.
+const ROWS_PER_TASK: usize = 32;
+
+/// `y = W' x` on int8 activations. False (and `y` untouched) when this CPU or layout has no
+/// int8 kernel ([`supported`], AVX2 + FMA).
+pub(crate) fn matvec(p: &PackedLinear, x: &[f32], y: &mut [f32]) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if supported(p) && is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        let prep = prepare(p, x);
+        let rb = bits::row_bytes(p.cols, 4);
+        y.par_chunks_mut(ROWS_PER_TASK).enumerate().for_each(|(t, y)| {
+            for (i, y) in y.iter_mut().enumerate() {
+                let r = t * ROWS_PER_TASK + i;
+                // SAFETY: AVX2 and FMA were detected; the row slice holds its cols / 2 bytes.
+                *y = unsafe { row_avx2(p, &prep, r, &p.codes[r * rb..(r + 1) * rb]) };
+            }
+        });
+        return true;
+    }
+    let _ = (p, x, y);
+    false
+}
+
+/// The definition of the int8 product, in f64 from the same rounded activations, and per row
+/// how far it may be from the exact product `W' x` because of that rounding (each activation
+/// moved at most half its block's step):
+/// per-OC `y[r] = sum_c s[r,k(c)] (code[r,c] - z[r,k(c)]) x̂[c]`, bound `sum_c |W'[r,c]| d(c) / 2`;
+/// per-IC `y[r] = sum_c (code[r,c] - z[kr,c]) v̂[kr][c]`, bound `sum_c |code[r,c] - z[kr,c]| d(c) / 2`.
+pub fn matvec_ref(p: &PackedLinear, x: &[f32]) -> (Vec<f64>, Vec<f64>) {
+    crate::q16::reference(p, &prepare(p, x))
+}

@@ -1,0 +1,120 @@
+//! The int8-activation 4-bit matvec ([`adadim_pack::q8`]) against its f64 definition on the same
+//! rounded activations, and against the exact product within the rounding's bound, on seeded
+//! matrices of both axes, ragged shapes and act-order permutations.
+
+use adadim_load::synth::Rng;
+use adadim_pack::kernels::matvec_ref;
+use adadim_pack::q8::{self, Q8};
+use adadim_pack::PackedLinear;
+use adadim_quantize::{gptq, rtn, Axis, GptqOptions, Hessian, QuantSpec, QuantizedMatrix, Zero};
+
+fn weights(rng: &mut Rng, rows: usize, cols: usize) -> Vec<f32> {
+    let mut w = rng.normals(rows * cols, 0.05);
+    for r in 0..rows {
+        w[r * cols + cols / 3] *= 20.0; // an outlier column
+    }
+    w
+}
+
+/// Returns whether the int8 kernel ran.
+fn check(q: &QuantizedMatrix, rng: &mut Rng, what: &str) -> bool {
+    let p = PackedLinear::from_quantized(q);
+    let mut x = rng.normals(q.cols(), 1.0);
+    x[q.cols() / 2] = 40.0; // an activation outlier sets its block's step
+    let (exact, scale) = matvec_ref(&p, &x);
+    let (want, bound) = q8::matvec_ref(&p, &x);
+    let mut y = vec![0f32; q.rows()];
+    p.matvec_q8(&x, &mut y);
+    let ran = q8::supported(&p) && cfg!(target_arch = "x86_64") && is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+    for r in 0..q.rows() {
+        // f32 sums of int32 partial products: round-off ~ cols * eps of the product's scale.
+        let tol = 1e-6 * (q.cols() as f64).sqrt() * 15.0 * scale[r].max(1e-30);
+        assert!((want[r] - exact[r]).abs() <= bound[r] * (1.0 + 1e-9) + 1e-12 * scale[r], "{what} row {r}: int8 rounding moved the product by {} > bound {}", (want[r] - exact[r]).abs(), bound[r]);
+        let got = f64::from(y[r]);
+        if ran {
+            assert!((got - want[r]).abs() <= tol, "{what} row {r}: kernel {got} vs its definition {} (tol {tol})", want[r]);
+        }
+        assert!((got - exact[r]).abs() <= bound[r] + tol + 1e-5 * scale[r], "{what} row {r}: {got} vs exact {}", exact[r]);
+    }
+    ran
+}
+
+#[test]
+fn int8_activations_round_to_half_a_step() {
+    let mut rng = Rng::new(4);
+    let mut x = rng.normals(150, 1.0);
+    x[5] = 300.0;
+    for v in &mut x[32..64] {
+        *v = 0.0;
+    }
+    let q = Q8::new(&x);
+    assert_eq!(q.d.len(), 5, "blocks of 32, the last one short");
+    assert_eq!(q.d[1], 0.0);
+    assert_eq!(q.d8.len(), 2 * 8, "two whole steps of 64");
+    assert_eq!(&q.d8[..8], &[q.d[0], q.d[0], q.d[0], q.d[0], q.d[1], q.d[1], q.d[1], q.d[1]]);
+    assert_eq!(q.swizzled[..4], [q.q[0], q.q[2], q.q[4], q.q[6]]);
+    assert_eq!(q.swizzled[32..34], [q.q[1], q.q[3]]);
+    for (i, &v) in x.iter().enumerate() {
+        assert!((q.value(i) - v).abs() <= q.d[i / 32] / 2.0 * (1.0 + 1e-6), "value {i}: {} vs {v}", q.value(i));
+    }
+    assert!((q.d[0] - 300.0 / 127.0).abs() < 1e-6);
+    x[70] = f32::NAN;
+    let q = Q8::new(&x);
+    assert!(q.d[2].is_nan() && q.d[0].is_finite(), "a NaN poisons its own block only");
+}
+
+#[test]
+fn rtn_matrices_multiply_on_int8_activations() {
+    let mut rng = Rng::new(11);
+    let mut ran = 0;
+    let mut cases = 0;
+    for axis in [Axis::Oc, Axis::Ic] {
+        for zero in [Zero::Awq, Zero::Gptq, Zero::Sym] {
+            // SmolLM2 shapes (ragged g128 on 576 and 192 rows), 200 columns (3 whole steps and a
+            // tail of 8), a group per-OC cannot use (32: falls back), whole channels.
+            for (rows, cols, group) in [(192, 576, Some(128)), (1536, 576, Some(128)), (67, 200, Some(64)), (40, 96, Some(32)), (33, 128, None)] {
+                let spec = QuantSpec { bits: 4, group, axis, zero };
+                let w = weights(&mut rng, rows, cols);
+                let q = rtn(&w, rows, cols, &spec).unwrap();
+                ran += usize::from(check(&q, &mut rng, &format!("rtn {rows}x{cols} {spec:?}")));
+                cases += 1;
+            }
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        // per-IC: all 5 shapes; per-OC: all but group 32; 3 zero styles each.
+        assert_eq!(ran, (5 + 4) * 3, "of {cases} cases, those that ran the int8 kernel");
+    }
+}
+
+#[test]
+fn act_order_gptq_on_int8_activations() {
+    let mut rng = Rng::new(12);
+    let (rows, cols) = (48, 256);
+    let w = weights(&mut rng, rows, cols);
+    let mut x = rng.normals(256 * cols, 1.0);
+    for t in 0..256 {
+        x[t * cols + 7] *= 30.0;
+    }
+    let mut h = Hessian::new(cols);
+    h.add_batch(&x).unwrap();
+    let spec = QuantSpec { bits: 4, group: Some(64), axis: Axis::Oc, zero: Zero::Awq };
+    let q = gptq(&w, rows, cols, &h, &spec, &GptqOptions { act_order: true, ..GptqOptions::default() }).unwrap().quantized;
+    assert!(PackedLinear::from_quantized(&q).permuted());
+    check(&q, &mut rng, "gptq act-order");
+}
+
+#[test]
+fn other_widths_fall_back_to_the_int16_kernel() {
+    let mut rng = Rng::new(13);
+    let w = weights(&mut rng, 64, 256);
+    let q = rtn(&w, 64, 256, &QuantSpec { bits: 3, group: Some(128), axis: Axis::Oc, zero: Zero::Awq }).unwrap();
+    let p = PackedLinear::from_quantized(&q);
+    assert!(!q8::supported(&p));
+    let x = rng.normals(256, 1.0);
+    let (mut a, mut b) = (vec![0f32; 64], vec![0f32; 64]);
+    p.matvec_q8(&x, &mut a);
+    p.matvec(&x, &mut b);
+    assert_eq!(a, b);
+}
