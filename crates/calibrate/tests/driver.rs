@@ -328,3 +328,33 @@ fn a_packed_file_keeps_the_source_dtype_of_its_dense_tensors() {
     }
     assert!(dense >= 4, "embedding, head, norms: {dense}");
 }
+
+#[test]
+fn int8_activations_decode_close_to_the_dequantized_model() {
+    use adadim_model::{Model, PackedModel};
+    let d = tempfile::tempdir().unwrap();
+    let m = d.path().join("m");
+    write_random_checkpoint(&m, &tiny_config(), 4).unwrap();
+    let ck = Checkpoint::open(&m).unwrap();
+    let mut cfg = config(Method::Rtn, Dim::Ada);
+    cfg.spec = QuantSpec { bits: 4, group: Some(64), axis: Axis::Oc, zero: Zero::Awq };
+    let (pdir, fdir) = (d.path().join("p"), d.path().join("f"));
+    for (dir, format) in [(&pdir, Format::Packed), (&fdir, Format::F32)] {
+        std::fs::create_dir(dir).unwrap();
+        std::fs::copy(m.join("config.json"), dir.join("config.json")).unwrap();
+        let out = Output { path: &dir.join("model.safetensors"), format, metadata: serde_json::json!({}) };
+        quantize_model(&ck, &samples(), &cfg, &out, &mut |_, _| {}).unwrap();
+    }
+    let hidden = |model: &Model| model.forward_hidden(&[7]).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let want = hidden(&Model::load(&Checkpoint::open(&fdir).unwrap(), 4, &mut |_, _| {}).unwrap());
+    let mut model = Model::load(&PackedModel::open(&pdir).unwrap(), 4, &mut |_, _| {}).unwrap();
+    let one16 = hidden(&model);
+    model.set_act_bits(adadim_pack::ActBits::I8);
+    let one8 = hidden(&model);
+    let scale = want.iter().map(|v| v.abs()).fold(0f32, f32::max);
+    let err = |y: &[f32]| y.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    // int16: ~1e-5 relative; int8: each activation moves at most 1/254 of its block's largest.
+    assert!(err(&one16) <= 1e-4 * scale, "int16: {} of {scale}", err(&one16));
+    assert!(err(&one8) <= 3e-2 * scale, "int8: {} of {scale}", err(&one8));
+    assert!(err(&one8) > err(&one16), "the int8 kernel ran (its rounding is coarser): {} vs {}", err(&one8), err(&one16));
+}

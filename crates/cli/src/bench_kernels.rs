@@ -2,6 +2,7 @@
 //! fraction of this machine's memory bandwidth measured in the same run (STREAM triad), and
 //! per-IC against per-OC on the same shape.
 
+pub use adadim_pack::ActBits as Act;
 use adadim_pack::PackedLinear;
 use adadim_quantize::{rtn, Axis, QuantSpec, Zero};
 use anyhow::{Context, Result};
@@ -28,30 +29,6 @@ pub fn triad_gbs(n: usize, reps: usize) -> f64 {
         best = best.min(t.elapsed().as_secs_f64());
     }
     12.0 * n as f64 / best / 1e9
-}
-
-/// The activations' precision in the integer kernels: 16 bits (the default `matvec`) or 8
-/// (`matvec_q8`, llama.cpp's Q8 precision; 4-bit codes only).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Act {
-    I16,
-    I8,
-}
-
-impl Act {
-    pub fn bits(self) -> u8 {
-        match self {
-            Act::I16 => 16,
-            Act::I8 => 8,
-        }
-    }
-
-    fn matvec(self, p: &PackedLinear, x: &[f32], y: &mut [f32]) {
-        match self {
-            Act::I16 => p.matvec(x, y),
-            Act::I8 => p.matvec_q8(x, y),
-        }
-    }
 }
 
 pub struct KernelRow {
@@ -89,12 +66,12 @@ pub fn time_matvec(rows: usize, cols: usize, bits: u8, group: usize, axis: Axis,
     let mats: Vec<PackedLinear> = (0..copies).map(|_| one.clone()).collect();
     let x: Vec<f32> = (0..cols).map(|i| (i % 7) as f32 - 3.0).collect();
     let mut y = vec![0f32; rows];
-    act.matvec(&mats[0], &x, &mut y); // warm up the thread pool
+    mats[0].matvec_act(act, &x, &mut y); // warm up the thread pool
     let mut best = f64::MAX;
     for _ in 0..reps {
         let t = Instant::now();
         for m in &mats {
-            act.matvec(m, &x, &mut y);
+            m.matvec_act(act, &x, &mut y);
         }
         std::hint::black_box(&y);
         best = best.min(t.elapsed().as_secs_f64() / copies as f64);
@@ -109,10 +86,10 @@ pub fn time_matvec_repeated(p: &PackedLinear, act: Act, threads: usize, runs: us
     let x: Vec<f32> = (0..p.cols()).map(|i| (i % 7) as f32 - 3.0).collect();
     let mut y = vec![0f32; p.rows()];
     Ok(pool.install(|| {
-        act.matvec(p, &x, &mut y);
+        p.matvec_act(act, &x, &mut y);
         let t = Instant::now();
         for _ in 0..runs {
-            act.matvec(p, &x, &mut y);
+            p.matvec_act(act, &x, &mut y);
         }
         std::hint::black_box(&y);
         t.elapsed().as_secs_f64() / runs as f64

@@ -178,6 +178,9 @@ struct BenchDecodeArgs {
     /// LM head bits for packed models (as `generate --head-bits`; float models keep theirs).
     #[arg(long, default_value_t = 8)]
     head_bits: u8,
+    /// Activation precisions packed models are measured at (as `generate --act-bits`), comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "16,8")]
+    act_bits: Vec<u8>,
     /// Markdown file whose `decode` section is rewritten.
     #[arg(long, default_value = "BENCHMARKS.md")]
     write: PathBuf,
@@ -256,6 +259,10 @@ struct GenerateArgs {
     /// float. Default: 8 for packed models, 0 for float ones.
     #[arg(long)]
     head_bits: Option<u8>,
+    /// Packed models: round activations to 16 bits in the decode matvecs (within ~1e-5 of f32)
+    /// or to 8 (blocks of 32, llama.cpp's precision; faster for 4-bit weights).
+    #[arg(long, default_value_t = 16)]
+    act_bits: u8,
 }
 
 #[derive(Subcommand)]
@@ -561,6 +568,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
     let stop = eos_ids(&dir, &tok)?;
     let mut model = adadim_model::Model::load(src.as_ref(), prompt.len() + a.max_tokens, &mut |_, _| {})?;
     apply_head_bits(&mut model, a.head_bits, adadim_model::is_packed(&dir))?;
+    model.set_act_bits(act_bits(a.act_bits)?);
     let (mut ids, mut shown) = (Vec::new(), 0usize);
     use std::io::Write;
     let settings = adadim_run::Settings { max_tokens: a.max_tokens, temperature: a.temperature, seed: a.seed };
@@ -727,6 +735,11 @@ fn bench_kernels(a: BenchKernelsArgs) -> Result<()> {
     bench::publish(&a.write, "kernels", &md)
 }
 
+/// `--act-bits`: 16 or 8.
+fn act_bits(bits: u8) -> Result<adadim_pack::ActBits> {
+    adadim_pack::ActBits::from_bits(bits).ok_or_else(|| anyhow::anyhow!("--act-bits {bits}: must be 16 or 8"))
+}
+
 /// `--head-bits`: `None` = 8 for packed models, float for float ones; 0 = float.
 fn apply_head_bits(model: &mut adadim_model::Model, bits: Option<u8>, packed: bool) -> Result<()> {
     match bits.unwrap_or(if packed { 8 } else { 0 }) {
@@ -870,6 +883,7 @@ fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
     writeln!(md, "Batch 1, greedy, KV cache, {} tokens decoded after a one-token prompt (no stop token), best of {}. Weight bytes per token: every linear as stored (f32, or packed codes + params) and the LM head (SmolLM2 ties it to the f32 embedding; packed models decode with it quantized to `--head-bits`, 8 by default, as llama.cpp's k-quant mixes do); the bound is triad / bytes.\n", a.tokens, a.reps)?;
     writeln!(md, "| model | weight MB / token | tokens/s | bound (tokens/s) | of bound |\n|---|---|---|---|---|")?;
     let mut ours = Vec::new();
+    let acts = a.act_bits.iter().map(|&b| act_bits(b)).collect::<Result<Vec<_>>>()?;
     for spec in &a.models {
         let dir = model_dir(spec)?;
         let src = adadim_model::open(&dir)?;
@@ -877,24 +891,27 @@ fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
         let packed = adadim_model::is_packed(&dir);
         apply_head_bits(&mut model, Some(if packed { a.head_bits } else { 0 }), packed)?;
         let head = if packed && a.head_bits > 0 { format!(", head {}-bit", a.head_bits) } else { String::new() };
-        let label = if packed {
-            let q: serde_json::Value = std::fs::read_to_string(dir.join("report.json")).ok().and_then(|s| serde_json::from_str(&s).ok()).unwrap_or_default();
-            let st = &q["summary"]["settings"];
-            format!("{} packed ({}-{} w{}g{}{head})", dir.file_name().unwrap_or_default().to_string_lossy(), st["method"].as_str().unwrap_or("?"), st["dim"].as_str().unwrap_or("?"), st["spec"]["bits"], st["spec"]["group"])
-        } else {
-            format!("{} f32", dir.file_name().unwrap_or_default().to_string_lossy())
-        };
-        let settings = adadim_run::Settings { max_tokens: a.tokens, temperature: 0.0, seed: 0 };
-        let mut best = 0f64;
-        for _ in 0..a.reps.max(1) {
-            let stats = adadim_run::generate(&model, &[1], &[], &settings, &mut |_| {})?;
-            best = best.max(stats.decode_tokens_per_s());
+        for &act in if packed { &acts[..] } else { &[adadim_pack::ActBits::I16][..] } {
+            model.set_act_bits(act);
+            let label = if packed {
+                let q: serde_json::Value = std::fs::read_to_string(dir.join("report.json")).ok().and_then(|s| serde_json::from_str(&s).ok()).unwrap_or_default();
+                let st = &q["summary"]["settings"];
+                format!("{} packed ({}-{} w{}g{}{head}, int{} activations)", dir.file_name().unwrap_or_default().to_string_lossy(), st["method"].as_str().unwrap_or("?"), st["dim"].as_str().unwrap_or("?"), st["spec"]["bits"], st["spec"]["group"], act.bits())
+            } else {
+                format!("{} f32", dir.file_name().unwrap_or_default().to_string_lossy())
+            };
+            let settings = adadim_run::Settings { max_tokens: a.tokens, temperature: 0.0, seed: 0 };
+            let mut best = 0f64;
+            for _ in 0..a.reps.max(1) {
+                let stats = adadim_run::generate(&model, &[1], &[], &settings, &mut |_| {})?;
+                best = best.max(stats.decode_tokens_per_s());
+            }
+            let bytes = model.weight_bytes_per_token() as f64;
+            let bound = triad * 1e9 / bytes;
+            writeln!(md, "| adadim: {label} | {:.1} | {best:.1} | {bound:.0} | {:.2} |", bytes / 1e6, best / bound)?;
+            eprintln!("{label}: {best:.1} tokens/s");
+            ours.push((label, best));
         }
-        let bytes = model.weight_bytes_per_token() as f64;
-        let bound = triad * 1e9 / bytes;
-        writeln!(md, "| adadim: {label} | {:.1} | {best:.1} | {bound:.0} | {:.2} |", bytes / 1e6, best / bound)?;
-        eprintln!("{label}: {best:.1} tokens/s");
-        ours.push((label, best));
     }
     let llama = a.llamacpp.clone().or_else(|| Some(adadim_home().join("peers/llama.cpp/bin"))).filter(|d| d.join("llama-bench").exists());
     let mut peers = Vec::new();

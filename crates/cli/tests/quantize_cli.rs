@@ -47,6 +47,12 @@ fn quantize_then_evaluate() {
     let (code, _, se) = adadim(&["generate", "--model", &s(&out), "--prompt", "x", "--temperature=-1"]);
     assert_eq!(code, 1);
     assert!(se.contains("--temperature"), "{se}");
+    let (code, so, se) = adadim(&["generate", "--model", &s(&out), "--prompt", "Now is the winter", "--max-tokens", "6", "--act-bits", "8"]);
+    assert_eq!(code, 0, "{se}");
+    assert!(se.contains("6 generated at") && !so.is_empty(), "{so} / {se}");
+    let (code, _, se) = adadim(&["generate", "--model", &s(&out), "--prompt", "x", "--act-bits", "4"]);
+    assert_eq!(code, 1);
+    assert!(se.contains("--act-bits 4"), "{se}");
 
     // The default output is packed; --format f32 writes the same model dequantized, and both
     // evaluate to the same perplexity (packed kernels vs dense GEMMs).

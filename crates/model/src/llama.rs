@@ -10,7 +10,7 @@ use crate::kernels::silu_mul;
 use crate::error::{Ctx, ModelError, Result};
 use crate::source::WeightSource;
 use adadim_load::LlamaConfig;
-use adadim_pack::PackedLinear;
+use adadim_pack::{ActBits, PackedLinear};
 use candle_core::{Device, Tensor};
 use std::sync::Arc;
 
@@ -33,6 +33,8 @@ const MATVEC_TOKENS: usize = 8;
 pub struct Linear {
     pub weight: Weight,
     pub bias: Option<Tensor>, // (out)
+    /// The activations' precision of a packed weight's matvec ([`Model::set_act_bits`]).
+    pub act: ActBits,
 }
 
 impl Linear {
@@ -49,7 +51,7 @@ impl Linear {
                 if t <= MATVEC_TOKENS {
                     // A few tokens: one matvec each beats dequantizing the whole matrix.
                     for (x, y) in xv.chunks(cols).zip(y.chunks_mut(rows)) {
-                        p.matvec(x, y);
+                        p.matvec_act(self.act, x, y);
                     }
                 } else {
                     p.matmul(&xv, t, &mut y);
@@ -208,7 +210,7 @@ impl Block {
             } else {
                 None
             };
-            Ok(Linear { weight: src.linear(&name)?, bias })
+            Ok(Linear { weight: src.linear(&name)?, bias, act: ActBits::default() })
         };
         Ok(Block {
             layer,
@@ -429,9 +431,22 @@ pub struct Model {
     /// The LM head quantized for decoding ([`Model::quantize_decode_head`]): used for up to
     /// [`MATVEC_TOKENS`] positions at a time; evaluation keeps the float head.
     pub decode_head: Option<Arc<PackedLinear>>,
+    /// The activations' precision of packed matvecs (decoding); [`Model::set_act_bits`].
+    pub act: ActBits,
 }
 
 impl Model {
+    /// Round activations to `act` in every packed matvec (the blocks' linears and the decode
+    /// head): 16 bits by default, 8 for llama.cpp's precision and speed (4-bit weights).
+    pub fn set_act_bits(&mut self, act: ActBits) {
+        self.act = act;
+        for b in &mut self.blocks {
+            for kind in LinearKind::ALL {
+                b.linear_mut(kind).act = act;
+            }
+        }
+    }
+
     /// Load every block (dense or packed). `max_t` bounds the positions the RoPE tables cover.
     pub fn load(src: &dyn WeightSource, max_t: usize, progress: &mut dyn FnMut(usize, usize)) -> Result<Self> {
         let mut model = Self::load_shell(src, max_t)?;
@@ -455,6 +470,7 @@ impl Model {
             blocks: Vec::with_capacity(cfg.num_hidden_layers),
             config: cfg,
             decode_head: None,
+            act: ActBits::default(),
         })
     }
 
@@ -530,7 +546,7 @@ impl Model {
         let eps = self.config.rms_norm_eps as f32;
         let h = candle_nn::ops::rms_norm(hidden, &self.norm, eps).ctx(|| "final norm".into())?;
         if let Some(p) = self.decode_head.as_ref().filter(|_| h.dims()[0] <= MATVEC_TOKENS) {
-            return Linear { weight: Weight::Packed(p.clone()), bias: None }.forward(&h).ctx(|| "lm head".into());
+            return Linear { weight: Weight::Packed(p.clone()), bias: None, act: self.act }.forward(&h).ctx(|| "lm head".into());
         }
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         h.matmul(&head.t().ctx(|| "lm head".into())?).ctx(|| "lm head".into())

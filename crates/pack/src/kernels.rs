@@ -324,6 +324,44 @@ impl PackedLinear {
     }
 }
 
+/// The precision the integer matvec kernels round activations to: 16 bits ([`crate::q16`], the
+/// default: within about 1e-5 of the f32 product) or 8 bits in blocks of 32 ([`crate::q8`]:
+/// llama.cpp's Q8_0 precision, faster; 4-bit codes only, other widths keep 16).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ActBits {
+    #[default]
+    I16,
+    I8,
+}
+
+impl ActBits {
+    pub fn bits(self) -> u8 {
+        match self {
+            ActBits::I16 => 16,
+            ActBits::I8 => 8,
+        }
+    }
+
+    /// From a bit count (16 or 8).
+    pub fn from_bits(bits: u8) -> Option<Self> {
+        match bits {
+            16 => Some(ActBits::I16),
+            8 => Some(ActBits::I8),
+            _ => None,
+        }
+    }
+}
+
+impl PackedLinear {
+    /// [`PackedLinear::matvec`] or [`PackedLinear::matvec_q8`] as `act` says.
+    pub fn matvec_act(&self, act: ActBits, x: &[f32], y: &mut [f32]) {
+        match act {
+            ActBits::I16 => self.matvec(x, y),
+            ActBits::I8 => self.matvec_q8(x, y),
+        }
+    }
+}
+
 /// Output channels dequantized per task of [`PackedLinear::matmul`]: 64 rows of f32 stay in L2.
 const PANEL: usize = 64;
 

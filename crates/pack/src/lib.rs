@@ -38,3 +38,4 @@ pub mod q8;
 
 pub use checkpoint::{PackError, PackedFile, PackedWriter, FORMAT_VERSION};
 pub use format::{Layout, PackedLinear};
+pub use kernels::ActBits;
