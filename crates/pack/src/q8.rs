@@ -53,8 +53,31 @@ impl Q8 {
     /// value gets a NaN step, so the product comes out NaN as it would in f32.
     pub fn new(x: &[f32]) -> Self {
         let mut q = vec![0i8; x.len()];
-        let d: Vec<f32> = x.chunks(BLOCK).zip(q.chunks_mut(BLOCK)).map(|(x, q)| crate::q16::round_block(x, q, QMAX, |v| v as i8)).collect();
-        let steps = x.len() / STEP;
+        let d = x.chunks(BLOCK).zip(q.chunks_mut(BLOCK)).map(|(x, q)| crate::q16::round_block(x, q, QMAX, |v| v as i8)).collect();
+        Self::from_rounded(q, d)
+    }
+
+    /// `v = s * x` rounded (the per-IC activations of one row group), formed block by block in
+    /// one pass without a buffer the size of `x`, and `sum_c z[c] v̂[c]`.
+    pub fn scaled(s: &[f32], x: &[f32], z: &[f32]) -> (Self, f32) {
+        let mut q = vec![0i8; x.len()];
+        let mut d = Vec::with_capacity(x.len().div_ceil(BLOCK));
+        let (mut v, mut bias) = ([0f32; BLOCK], 0f32);
+        for (((s, x), z), qb) in s.chunks(BLOCK).zip(x.chunks(BLOCK)).zip(z.chunks(BLOCK)).zip(q.chunks_mut(BLOCK)) {
+            let v = &mut v[..x.len()];
+            for ((v, s), x) in v.iter_mut().zip(s).zip(x) {
+                *v = s * x;
+            }
+            let db = crate::q16::round_block(v, qb, QMAX, |v| v as i8);
+            bias += db * z.iter().zip(qb.iter()).map(|(z, &q)| z * f32::from(q)).sum::<f32>();
+            d.push(db);
+        }
+        (Self::from_rounded(q, d), bias)
+    }
+
+    /// The kernel's order of rounded values `q` with block steps `d`.
+    fn from_rounded(q: Vec<i8>, d: Vec<f32>) -> Self {
+        let steps = q.len() / STEP;
         let mut swizzled = vec![0i8; steps * STEP];
         for (w, q) in swizzled.chunks_exact_mut(STEP).zip(q.chunks_exact(STEP)) {
             let (even, odd) = w.split_at_mut(STEP / 2);
@@ -106,14 +129,7 @@ fn prepare(p: &PackedLinear, x: &[f32]) -> Prepared<Q8> {
         Axis::Ic => {
             let (v, bias) = (0..p.rows.div_ceil(l.group))
                 .into_par_iter()
-                .map(|kr| {
-                    let s = &p.scales[kr * cols..(kr + 1) * cols];
-                    let v = Q8::new(&s.iter().zip(x).map(|(s, x)| s * x).collect::<Vec<_>>());
-                    let z = &p.zeros[kr * cols..(kr + 1) * cols];
-                    // sum_c z[c] v̂[c], block by block (no division per value).
-                    let bias: f32 = z.chunks(BLOCK).zip(v.q.chunks(BLOCK)).zip(&v.d).map(|((z, q), d)| d * z.iter().zip(q).map(|(z, &q)| z * f32::from(q)).sum::<f32>()).sum();
-                    (v, bias)
-                })
+                .map(|kr| Q8::scaled(&p.scales[kr * cols..(kr + 1) * cols], x, &p.zeros[kr * cols..(kr + 1) * cols]))
                 .unzip();
             Prepared::Ic { v, bias }
         }

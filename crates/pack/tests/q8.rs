@@ -58,6 +58,12 @@ fn int8_activations_round_to_half_a_step() {
         assert!((q.value(i) - v).abs() <= q.d[i / 32] / 2.0 * (1.0 + 1e-6), "value {i}: {} vs {v}", q.value(i));
     }
     assert!((q.d[0] - 300.0 / 127.0).abs() < 1e-6);
+    // The per-IC form (s * x rounded in one pass, and its zero-point sum) is the same rounding.
+    let (sc, z) = (rng.normals(150, 0.1), (0..150).map(|i| (i % 16) as f32).collect::<Vec<_>>());
+    let (v, bias) = Q8::scaled(&sc, &x, &z);
+    assert_eq!(v, Q8::new(&sc.iter().zip(&x).map(|(s, x)| s * x).collect::<Vec<_>>()));
+    let want: f64 = (0..150).map(|c| f64::from(z[c]) * f64::from(v.value(c))).sum();
+    assert!((f64::from(bias) - want).abs() <= 1e-5 * want.abs().max(1.0), "bias {bias} vs {want}");
     x[70] = f32::NAN;
     let q = Q8::new(&x);
     assert!(q.d[2].is_nan() && q.d[0].is_finite(), "a NaN poisons its own block only");
