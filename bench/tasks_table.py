@@ -72,6 +72,9 @@ for name, label, d in [MODELS[0], MODELS[4], MODELS[5]]:
     ppl_rows[name] = (w["ppl"], c["ppl"])
     lines.append(f"| {label} | {w['ppl']:.3f} | {c['ppl']:.3f} | {extra} |")
 if lines:
+    commit = open(os.path.join(runs, "COMMIT")).read().strip() if os.path.exists(os.path.join(runs, "COMMIT")) else "?"
+    print(f"Quantize time and peak RSS are each run's own report (`{runs}` was made at commit `{commit}`; "
+          "later commits cut the quantizer's memory, not its output).\n")
     print("| model | WikiText-2 ppl | code ppl (HumanEval solutions) | per-IC linears | quantize time (s) | peak RSS (MB) |")
     print("|---|---|---|---|---|---|")
     print("\n".join(lines))
