@@ -8,7 +8,7 @@
 # Knobs (env): MODEL (smollm2), MMLU_LIMIT (20 questions per subject), HE_LIMIT (all 164),
 # CALIBS ("code shakespeare"), NSAMPLES (32 calibration samples of 512 tokens, the README's
 # setting), OUT (results/tasks), RUNS (results/run), VARIANTS ("rtn-oc rtn-ada gptq-oc gptq-ada"),
-# STRIP (1: also HumanEval with --strip-prompt; default only for FP), ADADIM_BIN (a prebuilt binary).
+# STRIP (1: also HumanEval with --strip-prompt), ADADIM_BIN (a prebuilt binary).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export ADADIM_DATA="${ADADIM_DATA:-$(cd .. && pwd)/shared/data}"
