@@ -252,7 +252,7 @@ fn rows_body(p: &PackedLinear, prep: &Prepared, r0: usize, y: &mut [f32], simd: 
 }
 
 /// Whether this CPU runs the AVX2 kernel.
-fn simd_available() -> bool {
+pub(crate) fn simd_available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")

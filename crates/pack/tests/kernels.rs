@@ -86,6 +86,35 @@ fn int16_activations_round_to_half_a_step() {
 }
 
 #[test]
+fn per_ic_preparation_with_avx2_rounds_as_the_definition() {
+    let mut rng = Rng::new(9);
+    // Whole blocks of 128, a short last block, a short last step, shorter than one block.
+    for n in [128 * 5, 128 * 3 + 40, 128 + 17, 100, 32] {
+        for swizzle in [false, true] {
+            let (s, mut x) = (rng.normals(n, 0.1), rng.normals(n, 1.0));
+            x[n / 2] = 500.0;
+            let z: Vec<f32> = (0..n).map(|i| (i % 16) as f32).collect();
+            if n > 300 {
+                x[200] = f32::INFINITY; // poisons block 1 only
+            }
+            let (fast, fb) = Q16::scaled(&s, &x, &z, 128, swizzle);
+            let (want, wb) = Q16::scaled_ref(&s, &x, &z, 128, swizzle);
+            assert_eq!(fast.q, want.q, "n {n}: rounded values");
+            assert_eq!(fast.swizzled, want.swizzled, "n {n} swizzle {swizzle}");
+            assert_eq!(fast.d.len(), want.d.len());
+            for (a, b) in fast.d.iter().zip(&want.d) {
+                assert!(a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()), "n {n}: step {a} vs {b}");
+            }
+            if n > 300 {
+                assert!(fb.is_nan() && wb.is_nan(), "a non-finite activation poisons the zero-point sum");
+            } else {
+                assert!((fb - wb).abs() <= 1e-5 * wb.abs().max(1.0), "n {n}: zero-point sum {fb} vs {wb}");
+            }
+        }
+    }
+}
+
+#[test]
 fn rtn_matrices_round_trip_and_multiply() {
     let mut rng = Rng::new(1);
     let mut int16 = 0;
