@@ -499,7 +499,12 @@ struct PplArgs {
 
 fn main() {
     let cli = Cli::parse();
-    if let Err(e) = run(cli) {
+    // The command runs on a worker of rayon's pool, not on the main thread: a parallel loop
+    // started from outside the pool hands its work over and sleeps until it is done, two
+    // thread switches per loop, which at one token's ~250 small matvecs cost 14% of decoding.
+    let mut result = None;
+    rayon::scope(|s| s.spawn(|_| result = Some(run(cli))));
+    if let Err(e) = result.expect("the command ran") {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
