@@ -255,8 +255,7 @@ pub fn evaluate(model: &Model, tok: &Tokenizer, data_dir: &Path, opts: &Options,
             let (ids, short) = fit(tok, subject, shots, q, opts.max_context)?;
             shortened += short as usize;
             let keep = common_prefix(&ids, &prefix_ids[..cached]).min(ids.len() - 1);
-            let mut c = cache.clone();
-            c.truncate(keep)?;
+            let mut c = cache.fork(keep)?;
             let hidden = model.forward_cached(&ids[keep..], &mut c)?;
             tokens_computed += ids.len() - keep;
             let last = hidden.narrow(0, hidden.dims()[0] - 1, 1).map_err(|e| EvalError::Invalid(format!("logits: {e}")))?;

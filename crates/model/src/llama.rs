@@ -330,7 +330,7 @@ impl Block {
 
     /// As [`Block::forward`] for `x` (t, d) at positions `pos0..pos0 + t`, attending to the
     /// keys and values of the earlier positions held in `cache` and appending its own.
-    pub fn forward_cached(&self, x: &Tensor, rope: &Rope, pos0: usize, cache: &mut Option<(Tensor, Tensor)>) -> Result<Tensor> {
+    pub fn forward_cached(&self, x: &Tensor, rope: &Rope, pos0: usize, cache: &mut Option<LayerKv>) -> Result<Tensor> {
         let attn = self.attention_cached(&self.attn_input(x)?, rope, pos0, cache).ctx(|| format!("layer {}: attention", self.layer))?;
         let x = self.attn_residual(x, &attn)?;
         let act = self.mlp_hidden(&self.mlp_input(&x)?).ctx(|| format!("layer {}: mlp", self.layer))?;
@@ -338,18 +338,14 @@ impl Block {
     }
 
     /// Attention of `t` new positions over the cached ones and themselves, (t, d) -> (t, h*hd).
-    fn attention_cached(&self, h: &Tensor, rope: &Rope, pos0: usize, cache: &mut Option<(Tensor, Tensor)>) -> candle_core::Result<Tensor> {
+    fn attention_cached(&self, h: &Tensor, rope: &Rope, pos0: usize, cache: &mut Option<LayerKv>) -> candle_core::Result<Tensor> {
         let t = h.dims()[0];
         let (nh, nkv, hd) = (self.n_head, self.n_kv_head, self.head_dim);
         let heads = |x: Tensor, n: usize| x.reshape((1, t, n, hd))?.transpose(1, 2); // (1, n, t, hd)
         let q = rope.apply(&heads(self.q.forward(h)?, nh)?, pos0)?;
         let k = rope.apply(&heads(self.k.forward(h)?, nkv)?, pos0)?.reshape((nkv, t, hd))?;
         let v = heads(self.v.forward(h)?, nkv)?.contiguous()?.reshape((nkv, t, hd))?;
-        let (k, v) = match cache.take() {
-            Some((ck, cv)) => (Tensor::cat(&[&ck, &k], 1)?, Tensor::cat(&[&cv, &v], 1)?),
-            None => (k, v),
-        };
-        *cache = Some((k.clone(), v.clone()));
+        let (k, v) = LayerKv::append(cache, &k, &v, pos0)?;
         let q = (q * (1.0 / (hd as f64).sqrt()))?.reshape((nh, t, hd))?;
         if pos0 == 0 {
             return causal_attention(&q, &k, &v);
@@ -384,11 +380,62 @@ impl Block {
 
 // ---------------------------------------------------------------- whole model
 
-/// Keys (after RoPE) and values of every position processed so far, per layer, each
-/// `(kv heads, positions, head dim)`.
-#[derive(Debug, Default, Clone)]
+/// One layer's keys (after RoPE) and values, `(kv heads, capacity, head dim)` each, written in
+/// place: positions `0..len` of the cache hold data, the rest is room to grow into.
+///
+/// Why not `Tensor::cat` per token: that copies every earlier position on every step, O(T^2)
+/// over a generation (5% of decoding at 400 tokens, growing with length).
+#[derive(Debug)]
+pub struct LayerKv {
+    k: Tensor,
+    v: Tensor,
+}
+
+impl LayerKv {
+    fn capacity(&self) -> usize {
+        self.k.dims()[1]
+    }
+
+    /// Writes `k`, `v` (nkv, t, hd) at positions `pos0..pos0 + t` (reallocating with twice the
+    /// room when full, the earlier positions copied once) and returns views of positions
+    /// `0..pos0 + t`.
+    fn append(slot: &mut Option<LayerKv>, k: &Tensor, v: &Tensor, pos0: usize) -> candle_core::Result<(Tensor, Tensor)> {
+        let (nkv, t, hd) = k.dims3()?;
+        let need = pos0 + t;
+        let have = slot.as_ref().map_or(0, LayerKv::capacity);
+        if have < need {
+            let cap = need.max(2 * have).max(MIN_KV_CAPACITY);
+            let grown = LayerKv { k: Tensor::zeros((nkv, cap, hd), k.dtype(), k.device())?, v: Tensor::zeros((nkv, cap, hd), v.dtype(), v.device())? };
+            if let Some(old) = slot.take().filter(|_| pos0 > 0) {
+                grown.k.slice_set(&old.k.narrow(1, 0, pos0)?.contiguous()?, 1, 0)?;
+                grown.v.slice_set(&old.v.narrow(1, 0, pos0)?.contiguous()?, 1, 0)?;
+            }
+            *slot = Some(grown);
+        }
+        let Some(c) = slot.as_ref() else { unreachable!("filled above") };
+        c.k.slice_set(&k.contiguous()?, 1, pos0)?;
+        c.v.slice_set(&v.contiguous()?, 1, pos0)?;
+        Ok((c.k.narrow(1, 0, need)?, c.v.narrow(1, 0, need)?))
+    }
+
+    /// A copy of positions `0..len` in storage of its own.
+    fn fork(&self, len: usize) -> candle_core::Result<LayerKv> {
+        let own = |t: &Tensor| -> candle_core::Result<Tensor> {
+            let t = t.narrow(1, 0, len)?;
+            // `contiguous` copies a strided view but returns the same storage for a whole one.
+            if t.is_contiguous() { t.copy() } else { t.contiguous() }
+        };
+        Ok(LayerKv { k: own(&self.k)?, v: own(&self.v)? })
+    }
+}
+
+/// Positions a layer's cache holds at first.
+const MIN_KV_CAPACITY: usize = 16;
+
+/// Keys (after RoPE) and values of every position processed so far, per layer ([`LayerKv`]).
+#[derive(Debug, Default)]
 pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
+    layers: Vec<Option<LayerKv>>,
     len: usize,
 }
 
@@ -402,21 +449,21 @@ impl KvCache {
     }
 
     /// Keep only the first `len` positions (no-op when it holds fewer): a cache built over a
-    /// shared prefix serves every prompt that starts with those tokens.
-    pub fn truncate(&mut self, len: usize) -> Result<()> {
-        if len >= self.len {
-            return Ok(());
-        }
+    /// shared prefix serves every prompt that starts with those tokens. The later positions
+    /// are overwritten by the next tokens.
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
+    /// A cache of its own holding this one's first `keep` positions (at most all of them): to
+    /// continue a shared prefix without touching it.
+    pub fn fork(&self, keep: usize) -> Result<KvCache> {
+        let len = self.len.min(keep);
         if len == 0 {
-            *self = KvCache::default();
-            return Ok(());
+            return Ok(KvCache::default());
         }
-        for (k, v) in self.layers.iter_mut().flatten() {
-            *k = k.narrow(1, 0, len).ctx(|| "truncating the kv cache".into())?;
-            *v = v.narrow(1, 0, len).ctx(|| "truncating the kv cache".into())?;
-        }
-        self.len = len;
-        Ok(())
+        let layers = self.layers.iter().map(|l| l.as_ref().map(|l| l.fork(len)).transpose()).collect::<candle_core::Result<_>>().ctx(|| "copying the kv cache".into())?;
+        Ok(KvCache { layers, len })
     }
 }
 
@@ -509,7 +556,7 @@ impl Model {
                 source: candle_core::Error::Msg("sequence too long".into()),
             });
         }
-        cache.layers.resize(self.blocks.len(), None);
+        cache.layers.resize_with(self.blocks.len(), || None);
         let mut x = self.embed(ids)?;
         for (b, c) in self.blocks.iter().zip(cache.layers.iter_mut()) {
             x = b.forward_cached(&x, &self.rope, pos0, c)?;

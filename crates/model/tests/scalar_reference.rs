@@ -179,11 +179,13 @@ fn cached_decoding_equals_the_full_forward() {
     // Prefill 5 tokens, then 1, then a chunk of 3, then 1 at a time: every position's hidden
     // state must be the full (uncached) forward's.
     let (_d, model) = tiny_model(7, 32);
-    let ids: Vec<u32> = (0..12).map(|i| (i * 53 % 250) as u32).collect();
+    // 30 positions: the cache grows past its first 16 and then its 32 (copying what it held).
+    let ids: Vec<u32> = (0..30).map(|i| (i * 53 % 250) as u32).collect();
     let full = model.forward_hidden(&ids).unwrap().to_vec2::<f32>().unwrap();
     let mut cache = adadim_model::KvCache::default();
     let mut got = Vec::new();
-    for chunk in [&ids[..5], &ids[5..6], &ids[6..9], &ids[9..10], &ids[10..11], &ids[11..]] {
+    let chunks = [&ids[..5], &ids[5..6], &ids[6..9], &ids[9..10], &ids[10..11], &ids[11..14], &ids[14..20]];
+    for chunk in chunks.into_iter().chain(ids[20..].chunks(1)) {
         got.extend(model.forward_cached(chunk, &mut cache).unwrap().to_vec2::<f32>().unwrap());
     }
     assert_eq!(cache.len(), ids.len());
@@ -199,15 +201,23 @@ fn a_truncated_cache_serves_another_continuation_of_its_prefix() {
     let mut shared = adadim_model::KvCache::default();
     model.forward_cached(&prefix, &mut shared).unwrap();
     for (keep, tail) in [(4usize, vec![7u32, 8, 9]), (6, vec![99]), (0, vec![1, 2])] {
-        let mut cache = shared.clone();
-        cache.truncate(keep).unwrap();
+        let mut cache = shared.fork(keep).unwrap();
         assert_eq!(cache.len(), keep);
         let got = model.forward_cached(&tail, &mut cache).unwrap().to_vec2::<f32>().unwrap();
         let ids: Vec<u32> = prefix[..keep].iter().chain(&tail).copied().collect();
         let full = model.forward_hidden(&ids).unwrap().to_vec2::<f32>().unwrap();
         assert_rows_close(&got, &full[keep..], &format!("keep {keep}"));
     }
-    assert_eq!(shared.len(), prefix.len(), "the shared cache is untouched by its clones");
+    assert_eq!(shared.len(), prefix.len(), "the shared cache is untouched by its forks");
+    // And it still continues correctly itself, then in place after being cut back.
+    let got = model.forward_cached(&[5], &mut shared).unwrap().to_vec2::<f32>().unwrap();
+    let ids: Vec<u32> = prefix.iter().chain(&[5]).copied().collect();
+    let full = model.forward_hidden(&ids).unwrap().to_vec2::<f32>().unwrap();
+    assert_rows_close(&got, &full[prefix.len()..], "the shared cache after its forks");
+    shared.truncate(2);
+    let got = model.forward_cached(&[77, 78], &mut shared).unwrap().to_vec2::<f32>().unwrap();
+    let full = model.forward_hidden(&[10, 20, 77, 78]).unwrap().to_vec2::<f32>().unwrap();
+    assert_rows_close(&got, &full[2..], "truncated in place and overwritten");
 }
 
 #[test]
