@@ -1,4 +1,4 @@
-//! The 4-bit decode matvec on 8-bit activations, as llama.cpp computes its Q4 products: `x`
+//! The 4-bit (and 8-bit) decode matvec on 8-bit activations, as llama.cpp computes its Q4 products: `x`
 //! rounded to int8 per block of 32 (a step `d = max|block| / 127` each), codes and activations
 //! multiplied byte by byte with `vpmaddubsw`, one float multiply-add per 64 codes.
 //!
@@ -13,6 +13,10 @@
 //! `2i + 1` (high), so the activations are stored per step as the 32 even positions then the 32
 //! odd ones ([`Q8::new`]); lanes 0-3 of the int32 sum then belong to the step's first block and
 //! lanes 4-7 to its second, and the step's scale vector is `[d0 x4, d1 x4]`.
+//!
+//! 8-bit codes (the decode head's layout, per-OC): centred to `code - 128`, which fits int8,
+//! each block of 32 is one signed byte product (`vpsignb` moves the code's sign onto the
+//! activation, `vpmaddubsw` multiplies by its magnitude), as llama.cpp multiplies Q8_0 blocks.
 //!
 //! What it costs in accuracy: every activation (per-OC: `x`; per-IC: `s[kr, c] x[c]`) moves by at
 //! most half its block's step, `max|block| / 254`, as in llama.cpp's Q8_0; the int16 kernel
@@ -174,7 +178,12 @@ impl Q8 {
 /// Whether the int8 kernel handles this layout: 4 bits, per-IC, or per-OC groups of whole steps.
 pub fn supported(p: &PackedLinear) -> bool {
     let l = p.layout;
-    l.bits == 4 && (l.axis == Axis::Ic || l.group % STEP == 0)
+    match l.bits {
+        4 => l.axis == Axis::Ic || l.group % STEP == 0,
+        // The decode head (8-bit RTN, per-OC): whole blocks only.
+        8 => l.axis == Axis::Oc && l.group % BLOCK == 0 && p.cols % BLOCK == 0,
+        _ => false,
+    }
 }
 
 impl Rounded for Q8 {
@@ -253,6 +262,42 @@ unsafe fn row_sum_avx2(row: &[u8], v: &Q8, s: &[f32], group: usize) -> std::arch
     _mm256_add_ps(a0, a1)
 }
 
+/// AVX2, 8-bit codes (per-OC, `cols` a multiple of 32): `sum_j s[j / per] d_j sum_{c in block j}
+/// (code(c) - 128) x̂(c)` as 8 lane sums. Centred codes fit int8, so each block is one signed
+/// byte product, as llama.cpp multiplies Q8_0 by Q8_0: `vpmaddubsw(|c'|, sign(x̂, c'))`, pairs
+/// at most 2 * 128 * 127 < 2^15.
+///
+/// # Safety
+/// AVX2 and FMA; `row` holds the row's `cols` code bytes; `x` has `cols` values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn row_sum8_avx2(row: &[u8], x: &Q8, s: &[f32], per: usize) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    let blocks = x.q.len() / BLOCK;
+    debug_assert!(row.len() >= blocks * BLOCK && s.len() * per >= blocks);
+    let (rp, xp) = (row.as_ptr(), x.q.as_ptr());
+    let (centre, ones) = (_mm256_set1_epi8(-128), _mm256_set1_epi16(1));
+    let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    let (mut k, mut in_group) = (0, 0);
+    for j in 0..blocks {
+        let c = _mm256_xor_si256(_mm256_loadu_si256(rp.add(j * BLOCK) as *const __m256i), centre);
+        let xv = _mm256_loadu_si256(xp.add(j * BLOCK) as *const __m256i);
+        let p16 = _mm256_maddubs_epi16(_mm256_abs_epi8(c), _mm256_sign_epi8(xv, c));
+        let p32 = _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones));
+        let d = _mm256_set1_ps(x.d[j] * s[k]);
+        if j % 2 == 0 {
+            a0 = _mm256_fmadd_ps(p32, d, a0);
+        } else {
+            a1 = _mm256_fmadd_ps(p32, d, a1);
+        }
+        in_group += 1;
+        if in_group == per {
+            (k, in_group) = (k + 1, 0);
+        }
+    }
+    _mm256_add_ps(a0, a1)
+}
+
 /// One output row with AVX2.
 ///
 /// # Safety
@@ -263,6 +308,13 @@ unsafe fn row_avx2(p: &PackedLinear, prep: &Prepared<Q8>, r: usize, row: &[u8]) 
     let cols = p.cols;
     let tail = cols / STEP * STEP..cols;
     match prep {
+        Prepared::Oc { x, xsum } if p.layout.bits == 8 => {
+            let pc = xsum.len();
+            let (s, z) = (&p.scales[r * pc..(r + 1) * pc], &p.zeros[r * pc..(r + 1) * pc]);
+            let body = crate::kernels::hsum(row_sum8_avx2(row, x, s, p.layout.group / BLOCK));
+            // The kernel multiplied code - 128: the zero point is z - 128 of those.
+            body - s.iter().zip(z).zip(xsum).map(|((s, z), x)| s * (z - 128.0) * x).sum::<f32>()
+        }
         Prepared::Oc { x, xsum } => {
             let pc = xsum.len();
             let (s, z) = (&p.scales[r * pc..(r + 1) * pc], &p.zeros[r * pc..(r + 1) * pc]);
@@ -292,7 +344,7 @@ pub(crate) fn matvec(p: &PackedLinear, x: &[f32], y: &mut [f32]) -> bool {
     #[cfg(target_arch = "x86_64")]
     if supported(p) && crate::kernels::simd_available() {
         let prep = prepare(p, x);
-        let rb = bits::row_bytes(p.cols, 4);
+        let rb = bits::row_bytes(p.cols, p.layout.bits);
         y.par_chunks_mut(ROWS_PER_TASK).enumerate().for_each(|(t, y)| {
             for (i, y) in y.iter_mut().enumerate() {
                 let r = t * ROWS_PER_TASK + i;

@@ -116,6 +116,30 @@ fn rtn_matrices_multiply_on_int8_activations() {
 }
 
 #[test]
+fn eight_bit_codes_multiply_on_int8_activations() {
+    // The decode head's layout (8-bit RTN per-OC, g128): codes 0..=255 centred to int8.
+    let mut rng = Rng::new(14);
+    let mut ran = 0;
+    for zero in [Zero::Awq, Zero::Gptq, Zero::Sym] {
+        for (rows, cols, group) in [(300, 576, Some(128)), (17, 96, Some(32)), (9, 64, None)] {
+            let spec = QuantSpec { bits: 8, group, axis: Axis::Oc, zero };
+            let w = weights(&mut rng, rows, cols);
+            let q = rtn(&w, rows, cols, &spec).unwrap();
+            ran += usize::from(check(&q, &mut rng, &format!("rtn {rows}x{cols} {spec:?}")));
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        assert_eq!(ran, 9, "cases that ran the int8 kernel");
+    }
+    // A width of columns that is not whole blocks, and per-IC 8-bit, keep the int16 kernel.
+    for (cols, axis) in [(100, Axis::Oc), (128, Axis::Ic)] {
+        let q = rtn(&weights(&mut rng, 8, cols), 8, cols, &QuantSpec { bits: 8, group: Some(32), axis, zero: Zero::Awq }).unwrap();
+        assert!(!q8::supported(&PackedLinear::from_quantized(&q)), "{cols} columns {axis:?}");
+    }
+}
+
+#[test]
 fn act_order_gptq_on_int8_activations() {
     let mut rng = Rng::new(12);
     let (rows, cols) = (48, 256);
