@@ -58,25 +58,38 @@ pub fn packed_matrix(rows: usize, cols: usize, bits: u8, group: usize, axis: Axi
     Ok(PackedLinear::from_quantized(&q))
 }
 
-/// Time one matvec of a `[rows, cols]` w{bits}g{group} matrix along `axis`, streaming from
-/// memory: enough copies of it are cycled through that they cannot stay in any cache.
-pub fn time_matvec(rows: usize, cols: usize, bits: u8, group: usize, axis: Axis, act: Act, working_set: usize, reps: usize) -> Result<KernelRow> {
-    let one = packed_matrix(rows, cols, bits, group, axis)?;
-    let copies = working_set.div_ceil(one.bytes_read()).max(1);
-    let mats: Vec<PackedLinear> = (0..copies).map(|_| one.clone()).collect();
+/// Time one matvec of a `[rows, cols]` w{bits}g{group} matrix per-OC and per-IC, streaming
+/// from memory: enough copies of each are cycled through that they cannot stay in any cache.
+/// The two axes are timed in alternation, best of `reps` each, so a disturbance of the
+/// machine falls on both and their ratio compares like with like.
+pub fn time_matvec_pair(rows: usize, cols: usize, bits: u8, group: usize, act: Act, working_set: usize, reps: usize) -> Result<(KernelRow, KernelRow)> {
+    let sets = [Axis::Oc, Axis::Ic]
+        .map(|axis| -> Result<Vec<PackedLinear>> {
+            let one = packed_matrix(rows, cols, bits, group, axis)?;
+            // Half the working set each: both stay resident, and each cycle reads from memory.
+            let copies = (working_set / 2).div_ceil(one.bytes_read()).max(1);
+            Ok((0..copies).map(|_| one.clone()).collect())
+        });
+    let [oc, ic] = sets;
+    let sets = [oc?, ic?];
     let x: Vec<f32> = (0..cols).map(|i| (i % 7) as f32 - 3.0).collect();
     let mut y = vec![0f32; rows];
-    mats[0].matvec_act(act, &x, &mut y); // warm up the thread pool
-    let mut best = f64::MAX;
-    for _ in 0..reps {
-        let t = Instant::now();
-        for m in &mats {
-            m.matvec_act(act, &x, &mut y);
-        }
-        std::hint::black_box(&y);
-        best = best.min(t.elapsed().as_secs_f64() / copies as f64);
+    for mats in &sets {
+        mats[0].matvec_act(act, &x, &mut y); // warm up the thread pool
     }
-    Ok(KernelRow { axis, bytes: one.bytes_read(), seconds: best })
+    let mut best = [f64::MAX; 2];
+    for _ in 0..reps {
+        for (mats, best) in sets.iter().zip(best.iter_mut()) {
+            let t = Instant::now();
+            for m in mats {
+                m.matvec_act(act, &x, &mut y);
+            }
+            std::hint::black_box(&y);
+            *best = best.min(t.elapsed().as_secs_f64() / mats.len() as f64);
+        }
+    }
+    let row = |i: usize, axis| KernelRow { axis, bytes: sets[i][0].bytes_read(), seconds: best[i] };
+    Ok((row(0, Axis::Oc), row(1, Axis::Ic)))
 }
 
 /// Mean seconds of `runs` matvecs of one matrix on a pool of `threads` threads, the way

@@ -262,7 +262,7 @@ pub(crate) fn simd_available() -> bool {
 }
 
 /// Rows per parallel task: enough work to amortize scheduling.
-const ROWS_PER_TASK: usize = 32;
+pub(crate) const ROWS_PER_TASK: usize = 32;
 
 impl PackedLinear {
     /// `y = W' x` (`x` has `cols` values, `y` gets `rows`), from the packed codes.
@@ -278,10 +278,8 @@ impl PackedLinear {
         assert_eq!(y.len(), self.rows, "matvec: y has {} values for {} output channels", y.len(), self.rows);
         #[cfg(target_arch = "x86_64")]
         if simd_available() && q16::supported(self) {
-            let prep = q16::prepare(self, x);
             // SAFETY: AVX2 and FMA were detected; the layout is one the kernel handles.
-            let t = unsafe { q16::Tables::new(self.layout.bits) };
-            y.par_chunks_mut(ROWS_PER_TASK).enumerate().for_each(|(i, y)| unsafe { q16::rows_avx2(self, &prep, i * ROWS_PER_TASK, y, &t) });
+            unsafe { q16::matvec_avx2(self, x, y) };
             return;
         }
         self.matvec_f32(x, y);

@@ -273,8 +273,21 @@ impl Rounded for Q16 {
 pub(crate) enum Prepared<A = Q16> {
     /// per-OC: `x` (gathered by `perm`) rounded, and `sum_{c in k} x̂[c]` per group.
     Oc { x: A, xsum: Vec<f32> },
-    /// per-IC: `v[kr][c] = s[kr, c] x[c]` rounded per row group, `bias[kr] = sum_c z[kr, c] v̂[kr][c]`.
-    Ic { v: Vec<A>, bias: Vec<f32> },
+    /// per-IC: `v[kr][c] = s[kr, c] x[c]` rounded per row group.
+    Ic { v: Vec<A> },
+}
+
+/// Per-OC: `x` (gathered by the act-order permutation) rounded in blocks, swizzled for 4-bit
+/// codes, and `sum_{c in k} x̂[c]` per group `k`.
+fn prepare_oc(p: &PackedLinear, x: &[f32]) -> (Q16, Vec<f32>) {
+    let (cols, l, block) = (p.cols, p.layout, block_size(p));
+    let x = match &p.perm {
+        Some(perm) => Q16::new(&perm.iter().map(|&c| x[c as usize]).collect::<Vec<_>>(), block),
+        None => Q16::new(x, block),
+    };
+    let x = if l.bits == 4 { x.swizzle() } else { x };
+    let xsum = (0..cols.div_ceil(l.group)).map(|k| (k * l.group..((k + 1) * l.group).min(cols)).map(|c| x.value(c)).sum()).collect();
+    (x, xsum)
 }
 
 pub(crate) fn prepare(p: &PackedLinear, x: &[f32]) -> Prepared {
@@ -282,20 +295,13 @@ pub(crate) fn prepare(p: &PackedLinear, x: &[f32]) -> Prepared {
     let block = block_size(p);
     match l.axis {
         Axis::Oc => {
-            let x = match &p.perm {
-                Some(perm) => Q16::new(&perm.iter().map(|&c| x[c as usize]).collect::<Vec<_>>(), block),
-                None => Q16::new(x, block),
-            };
-            let x = if l.bits == 4 { x.swizzle() } else { x };
-            let xsum = (0..cols.div_ceil(l.group)).map(|k| (k * l.group..((k + 1) * l.group).min(cols)).map(|c| x.value(c)).sum()).collect();
+            let (x, xsum) = prepare_oc(p, x);
             Prepared::Oc { x, xsum }
         }
         Axis::Ic => {
             let groups = p.rows.div_ceil(l.group);
-            let one = |kr: usize| Q16::scaled(&p.scales[kr * cols..(kr + 1) * cols], x, &p.zeros[kr * cols..(kr + 1) * cols], block, l.bits == 4);
-            // Handing small ones to the pool cost more than the work.
-            let (v, bias) = if groups * cols < crate::q8::PARALLEL_PREPARE { (0..groups).map(one).unzip() } else { (0..groups).into_par_iter().map(one).unzip() };
-            Prepared::Ic { v, bias }
+            let v = (0..groups).into_par_iter().map(|kr| Q16::scaled(&p.scales[kr * cols..(kr + 1) * cols], x, &p.zeros[kr * cols..(kr + 1) * cols], block, l.bits == 4).0).collect();
+            Prepared::Ic { v }
         }
     }
 }
@@ -433,54 +439,88 @@ impl Tables {
 }
 
 
-/// One output row with AVX2.
+/// One per-OC output row with AVX2, from the rounded `x` and its group sums.
 ///
 /// # Safety
 /// AVX2 and FMA; `row` is the row's codes followed by at least 8 bytes (the next row or the
 /// buffer's padding), so the 16-byte load of its last whole step stays inside the buffer.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn row_avx2<const B: usize>(p: &PackedLinear, prep: &Prepared, r: usize, row: &[u8], t: &Tables) -> f32 {
-    let (cols, l) = (p.cols, p.layout);
+unsafe fn row_oc_avx2<const B: usize>(p: &PackedLinear, x: &Q16, xsum: &[f32], r: usize, row: &[u8], t: &Tables) -> f32 {
+    let (cols, pc) = (p.cols, xsum.len());
     let steps = cols / QB;
     assert!(steps == 0 || (steps - 1) * 4 * B + 16 <= row.len(), "packed row too short for its codes");
-    let tail = steps * QB..cols;
-    match prep {
-        Prepared::Oc { x, xsum } => {
-            let pc = xsum.len();
-            let (s, z) = (&p.scales[r * pc..(r + 1) * pc], &p.zeros[r * pc..(r + 1) * pc]);
-            let body = hsum(row_sum_avx2::<B>(row.as_ptr(), x, cols, s, l.group / x.block, t));
-            // The last cols % 32 codes lie in the last group.
-            let tail = s[pc - 1] * dot_scalar(row, B as u8, x, tail.start, tail.end);
-            let zx: f32 = s.iter().zip(z).zip(xsum).map(|((s, z), x)| s * z * x).sum();
-            body + tail - zx
-        }
-        Prepared::Ic { v, bias } => {
-            let kr = r / l.group;
-            let v = &v[kr];
-            let body = hsum(row_sum_avx2::<B>(row.as_ptr(), v, cols, &[1.0], usize::MAX, t));
-            body + dot_scalar(row, B as u8, v, tail.start, tail.end) - bias[kr]
-        }
-    }
+    let (s, z) = (&p.scales[r * pc..(r + 1) * pc], &p.zeros[r * pc..(r + 1) * pc]);
+    let body = hsum(row_sum_avx2::<B>(row.as_ptr(), x, cols, s, p.layout.group / x.block, t));
+    // The last cols % 32 codes lie in the last group.
+    let tail = s[pc - 1] * dot_scalar(row, B as u8, x, steps * QB, cols);
+    let zx: f32 = s.iter().zip(z).zip(xsum).map(|((s, z), x)| s * z * x).sum();
+    body + tail - zx
 }
 
-/// Rows `r0..r0 + y.len()` with the AVX2 kernel.
+/// One per-IC output row with AVX2, from its row group's rounded `s x` and zero-point sum.
+///
+/// # Safety
+/// As [`row_oc_avx2`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn row_ic_avx2<const B: usize>(row: &[u8], v: &Q16, bias: f32, t: &Tables) -> f32 {
+    let cols = v.q.len();
+    let steps = cols / QB;
+    assert!(steps == 0 || (steps - 1) * 4 * B + 16 <= row.len(), "packed row too short for its codes");
+    let body = hsum(row_sum_avx2::<B>(row.as_ptr(), v, cols, &[1.0], usize::MAX, t));
+    body + dot_scalar(row, B as u8, v, steps * QB, cols) - bias
+}
+
+/// `y = W' x` with the AVX2 kernel. Per-IC, a task per row group rounds its own `s x` (in
+/// parallel, and in cache for its rows), then hands its rows out in turn, so no work stays
+/// serial before the first row (it was 15% of 1536 x 576 on two threads).
 ///
 /// # Safety
 /// AVX2 and FMA detected; `supported(p)`.
 #[cfg(target_arch = "x86_64")]
-pub(crate) unsafe fn rows_avx2(p: &PackedLinear, prep: &Prepared, r0: usize, y: &mut [f32], t: &Tables) {
-    let rb = bits::row_bytes(p.cols, p.layout.bits);
-    for (i, y) in y.iter_mut().enumerate() {
-        let r = r0 + i;
-        let row = &p.codes[r * rb..((r + 1) * rb + bits::PAD).min(p.codes.len())];
-        *y = match p.layout.bits {
-            2 => row_avx2::<2>(p, prep, r, row, t),
-            3 => row_avx2::<3>(p, prep, r, row, t),
-            4 => row_avx2::<4>(p, prep, r, row, t),
-            _ => row_avx2::<8>(p, prep, r, row, t),
-        };
+pub(crate) unsafe fn matvec_avx2(p: &PackedLinear, x: &[f32], y: &mut [f32]) {
+    use crate::kernels::ROWS_PER_TASK;
+    let (cols, g, bits) = (p.cols, p.layout.group, p.layout.bits);
+    let t = Tables::new(bits);
+    let rb = bits::row_bytes(cols, bits);
+    // The row's codes and what follows (the 16-byte loads of 2- and 3-bit steps reach past them).
+    let row = |r: usize| &p.codes[r * rb..((r + 1) * rb + bits::PAD).min(p.codes.len())];
+    if p.layout.axis == Axis::Ic {
+        y.par_chunks_mut(g).enumerate().for_each(|(kr, y)| {
+            let (v, bias) = Q16::scaled(&p.scales[kr * cols..(kr + 1) * cols], x, &p.zeros[kr * cols..(kr + 1) * cols], MAX_BLOCK, bits == 4);
+            y.par_chunks_mut(ROWS_PER_TASK).enumerate().for_each(|(i, y)| {
+                for (j, y) in y.iter_mut().enumerate() {
+                    let row = row(kr * g + i * ROWS_PER_TASK + j);
+                    // SAFETY: as the caller's.
+                    *y = unsafe {
+                        match bits {
+                            2 => row_ic_avx2::<2>(row, &v, bias, &t),
+                            3 => row_ic_avx2::<3>(row, &v, bias, &t),
+                            4 => row_ic_avx2::<4>(row, &v, bias, &t),
+                            _ => row_ic_avx2::<8>(row, &v, bias, &t),
+                        }
+                    };
+                }
+            });
+        });
+        return;
     }
+    let (xq, xsum) = prepare_oc(p, x);
+    y.par_chunks_mut(ROWS_PER_TASK).enumerate().for_each(|(i, y)| {
+        for (j, y) in y.iter_mut().enumerate() {
+            let r = i * ROWS_PER_TASK + j;
+            // SAFETY: as the caller's.
+            *y = unsafe {
+                match bits {
+                    2 => row_oc_avx2::<2>(p, &xq, &xsum, r, row(r), &t),
+                    3 => row_oc_avx2::<3>(p, &xq, &xsum, r, row(r), &t),
+                    4 => row_oc_avx2::<4>(p, &xq, &xsum, r, row(r), &t),
+                    _ => row_oc_avx2::<8>(p, &xq, &xsum, r, row(r), &t),
+                }
+            };
+        }
+    });
 }
 
 /// The definition of the int16 product, in f64 from the same rounded activations, and per row
@@ -506,7 +546,7 @@ pub(crate) fn reference<A: Rounded>(p: &PackedLinear, prep: &Prepared<A>) -> (Ve
                     let k = r * xsum.len() + c / l.group;
                     (f64::from(p.scales[k]) * (code(c) - f64::from(p.zeros[k])), x.value(c), x.step(c))
                 }
-                Prepared::Ic { v, .. } => {
+                Prepared::Ic { v } => {
                     let (kr, v) = (r / l.group, &v[r / l.group]);
                     (code(c) - f64::from(p.zeros[kr * cols + c]), v.value(c), v.step(c))
                 }
