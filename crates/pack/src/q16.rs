@@ -268,6 +268,12 @@ impl Rounded for Q16 {
     }
 }
 
+/// `sum_{c in k} x̂[c]` for each group `k` of `g` of the `cols` rounded values (the per-OC
+/// zero-point term). Shared with [`crate::q8`].
+pub(crate) fn group_sums<A: Rounded>(x: &A, cols: usize, g: usize) -> Vec<f32> {
+    (0..cols.div_ceil(g)).map(|k| (k * g..((k + 1) * g).min(cols)).map(|c| x.value(c)).sum()).collect()
+}
+
 /// What every row needs from `x`, rounded once per call (activations `A`: [`Q16`] or
 /// [`crate::q8::Q8`]).
 pub(crate) enum Prepared<A = Q16> {
@@ -286,7 +292,7 @@ fn prepare_oc(p: &PackedLinear, x: &[f32]) -> (Q16, Vec<f32>) {
         None => Q16::new(x, block),
     };
     let x = if l.bits == 4 { x.swizzle() } else { x };
-    let xsum = (0..cols.div_ceil(l.group)).map(|k| (k * l.group..((k + 1) * l.group).min(cols)).map(|c| x.value(c)).sum()).collect();
+    let xsum = group_sums(&x, cols, l.group);
     (x, xsum)
 }
 

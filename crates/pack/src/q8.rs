@@ -203,7 +203,7 @@ fn prepare_oc(p: &PackedLinear, x: &[f32]) -> (Q8, Vec<f32>) {
         Some(perm) => Q8::new(&perm.iter().map(|&c| x[c as usize]).collect::<Vec<_>>()),
         None => Q8::new(x),
     };
-    let xsum = (0..cols.div_ceil(g)).map(|k| (k * g..((k + 1) * g).min(cols)).map(|c| x.value(c)).sum()).collect();
+    let xsum = crate::q16::group_sums(&x, cols, g);
     (x, xsum)
 }
 
