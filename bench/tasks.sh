@@ -34,15 +34,16 @@ humaneval() { # name, model, strip (1 = also --strip-prompt)
   [ -z "$3" ] || [ -f "$OUT/humaneval-strip-$1.json" ] || { $A eval humaneval --model "$2" "${he_limit[@]}" --strip-prompt --json > "$OUT/humaneval-strip-$1.tmp"; mv "$OUT/humaneval-strip-$1.tmp" "$OUT/humaneval-strip-$1.json"; }
 }
 evals() { mmlu "$1" "$2"; humaneval "$1" "$2" "$3"; }
-# The w3g128 methods: MMLU of all first (the longer evaluation), then HumanEval.
+# The w3g128 methods' MMLU first (the longer evaluation), then FP's (the reference of the
+# "same answer as FP" column), then the methods' HumanEval.
 declare -A ARGS=([rtn-oc]="--method rtn --dim oc" [rtn-ada]="--method rtn --dim ada" [gptq-oc]="--method gptq --dim oc" [gptq-ada]="--method gptq --dim ada")
 for v in $VARIANTS; do
   d="$RUNS/w3g128-$v"
   [ -d "$d" ] || $A quantize --model "$MODEL" ${ARGS[$v]} --bits 3 --group 128 --nsamples "$NSAMPLES" --calib-seqlen 512 --out "$d" --json > /dev/null
   mmlu "w3g128-$v" "$d"
 done
-for v in $VARIANTS; do humaneval "w3g128-$v" "$RUNS/w3g128-$v" "$STRIP"; done
 evals fp "$MODEL" "$STRIP"; ppls fp "$MODEL"
+for v in $VARIANTS; do humaneval "w3g128-$v" "$RUNS/w3g128-$v" "$STRIP"; done
 # Calibration sets: shakespeare is the default, so its model is RUNS' w3g128-gptq-ada (results
 # named after it are shared).
 for c in $CALIBS; do
