@@ -262,7 +262,7 @@ pub(crate) fn simd_available() -> bool {
 }
 
 /// Rows per parallel task: enough work to amortize scheduling.
-pub(crate) const ROWS_PER_TASK: usize = 32;
+const ROWS_PER_TASK: usize = 32;
 
 impl PackedLinear {
     /// `y = W' x` (`x` has `cols` values, `y` gets `rows`), from the packed codes.

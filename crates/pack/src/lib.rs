@@ -35,6 +35,7 @@ pub mod gptq;
 pub mod kernels;
 pub mod q16;
 pub mod q8;
+pub mod team;
 
 pub use checkpoint::{PackError, PackedFile, PackedWriter, FORMAT_VERSION};
 pub use format::{Layout, PackedLinear};

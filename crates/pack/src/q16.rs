@@ -478,53 +478,39 @@ unsafe fn row_ic_avx2<const B: usize>(row: &[u8], v: &Q16, bias: f32, t: &Tables
     body + dot_scalar(row, B as u8, v, steps * QB, cols) - bias
 }
 
-/// `y = W' x` with the AVX2 kernel. Per-IC, a task per row group rounds its own `s x` (in
-/// parallel, and in cache for its rows), then hands its rows out in turn, so no work stays
-/// serial before the first row (it was 15% of 1536 x 576 on two threads).
+/// `y = W' x` with the AVX2 kernel; per-IC, each row group's `s x` rounded once
+/// ([`crate::team::grouped_rows`]).
 ///
 /// # Safety
 /// AVX2 and FMA detected; `supported(p)`.
 #[cfg(target_arch = "x86_64")]
 pub(crate) unsafe fn matvec_avx2(p: &PackedLinear, x: &[f32], y: &mut [f32]) {
-    use crate::kernels::ROWS_PER_TASK;
     let (cols, g, bits) = (p.cols, p.layout.group, p.layout.bits);
     let t = Tables::new(bits);
     let rb = bits::row_bytes(cols, bits);
     // The row's codes and what follows (the 16-byte loads of 2- and 3-bit steps reach past them).
     let row = |r: usize| &p.codes[r * rb..((r + 1) * rb + bits::PAD).min(p.codes.len())];
     if p.layout.axis == Axis::Ic {
-        y.par_chunks_mut(g).enumerate().for_each(|(kr, y)| {
-            let (v, bias) = Q16::scaled(&p.scales[kr * cols..(kr + 1) * cols], x, &p.zeros[kr * cols..(kr + 1) * cols], MAX_BLOCK, bits == 4);
-            y.par_chunks_mut(ROWS_PER_TASK).enumerate().for_each(|(i, y)| {
-                for (j, y) in y.iter_mut().enumerate() {
-                    let row = row(kr * g + i * ROWS_PER_TASK + j);
-                    // SAFETY: as the caller's.
-                    *y = unsafe {
-                        match bits {
-                            2 => row_ic_avx2::<2>(row, &v, bias, &t),
-                            3 => row_ic_avx2::<3>(row, &v, bias, &t),
-                            4 => row_ic_avx2::<4>(row, &v, bias, &t),
-                            _ => row_ic_avx2::<8>(row, &v, bias, &t),
-                        }
-                    };
-                }
-            });
+        let prep = |kr: usize| Q16::scaled(&p.scales[kr * cols..(kr + 1) * cols], x, &p.zeros[kr * cols..(kr + 1) * cols], MAX_BLOCK, bits == 4);
+        // SAFETY: as the caller's.
+        crate::team::grouped_rows(y, g, &prep, &|r, (v, bias)| unsafe {
+            match bits {
+                2 => row_ic_avx2::<2>(row(r), v, *bias, &t),
+                3 => row_ic_avx2::<3>(row(r), v, *bias, &t),
+                4 => row_ic_avx2::<4>(row(r), v, *bias, &t),
+                _ => row_ic_avx2::<8>(row(r), v, *bias, &t),
+            }
         });
         return;
     }
     let (xq, xsum) = prepare_oc(p, x);
-    y.par_chunks_mut(ROWS_PER_TASK).enumerate().for_each(|(i, y)| {
-        for (j, y) in y.iter_mut().enumerate() {
-            let r = i * ROWS_PER_TASK + j;
-            // SAFETY: as the caller's.
-            *y = unsafe {
-                match bits {
-                    2 => row_oc_avx2::<2>(p, &xq, &xsum, r, row(r), &t),
-                    3 => row_oc_avx2::<3>(p, &xq, &xsum, r, row(r), &t),
-                    4 => row_oc_avx2::<4>(p, &xq, &xsum, r, row(r), &t),
-                    _ => row_oc_avx2::<8>(p, &xq, &xsum, r, row(r), &t),
-                }
-            };
+    // SAFETY: as the caller's.
+    crate::team::rows(y, &|r| unsafe {
+        match bits {
+            2 => row_oc_avx2::<2>(p, &xq, &xsum, r, row(r), &t),
+            3 => row_oc_avx2::<3>(p, &xq, &xsum, r, row(r), &t),
+            4 => row_oc_avx2::<4>(p, &xq, &xsum, r, row(r), &t),
+            _ => row_oc_avx2::<8>(p, &xq, &xsum, r, row(r), &t),
         }
     });
 }

@@ -30,6 +30,7 @@ use rayon::prelude::*;
 use crate::bits;
 use crate::format::PackedLinear;
 use crate::q16::{Prepared, Rounded};
+use crate::team;
 
 /// Codes per SIMD step (32 bytes of 4-bit codes).
 pub const STEP: usize = 64;
@@ -337,9 +338,6 @@ unsafe fn row_ic_avx2(row: &[u8], v: &Q8, bias: f32) -> f32 {
     body + dot_scalar(row, v, cols / STEP * STEP, cols) - bias
 }
 
-/// Rows per parallel task.
-const ROWS_PER_TASK: usize = 32;
-
 /// `y = W' x` on int8 activations. False (and `y` untouched) when this CPU or layout has no
 /// int8 kernel ([`supported`], AVX2 + FMA).
 pub(crate) fn matvec(p: &PackedLinear, x: &[f32], y: &mut [f32]) -> bool {
@@ -348,28 +346,14 @@ pub(crate) fn matvec(p: &PackedLinear, x: &[f32], y: &mut [f32]) -> bool {
         let (rb, cols, g) = (bits::row_bytes(p.cols, p.layout.bits), p.cols, p.layout.group);
         let row = |r: usize| &p.codes[r * rb..(r + 1) * rb];
         if p.layout.axis == Axis::Ic {
-            // A task per row group rounds its own `s x` (in parallel, and in cache for its
-            // rows), then hands its rows out in turn: the work before the first row is no
-            // longer serial (it was 15% of 1536 x 576 on two threads).
-            y.par_chunks_mut(g).enumerate().for_each(|(kr, y)| {
-                let (v, bias) = Q8::scaled(&p.scales[kr * cols..(kr + 1) * cols], x, &p.zeros[kr * cols..(kr + 1) * cols]);
-                y.par_chunks_mut(ROWS_PER_TASK).enumerate().for_each(|(t, y)| {
-                    for (i, y) in y.iter_mut().enumerate() {
-                        // SAFETY: AVX2 and FMA were detected; the row slice holds its codes.
-                        *y = unsafe { row_ic_avx2(row(kr * g + t * ROWS_PER_TASK + i), &v, bias) };
-                    }
-                });
-            });
+            let prep = |kr: usize| Q8::scaled(&p.scales[kr * cols..(kr + 1) * cols], x, &p.zeros[kr * cols..(kr + 1) * cols]);
+            // SAFETY: AVX2 and FMA were detected; the row slice holds its codes.
+            team::grouped_rows(y, g, &prep, &|r, (v, bias)| unsafe { row_ic_avx2(row(r), v, *bias) });
             return true;
         }
         let (xq, xsum) = prepare_oc(p, x);
-        y.par_chunks_mut(ROWS_PER_TASK).enumerate().for_each(|(t, y)| {
-            for (i, y) in y.iter_mut().enumerate() {
-                let r = t * ROWS_PER_TASK + i;
-                // SAFETY: AVX2 and FMA were detected; the row slice holds its codes.
-                *y = unsafe { row_oc_avx2(p, &xq, &xsum, r, row(r)) };
-            }
-        });
+        // SAFETY: as above.
+        team::rows(y, &|r| unsafe { row_oc_avx2(p, &xq, &xsum, r, row(r)) });
         return true;
     }
     let _ = (p, x, y);

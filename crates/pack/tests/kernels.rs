@@ -184,3 +184,29 @@ fn matmul_equals_the_dequantized_gemm() {
         }
     }
 }
+
+#[test]
+fn matvecs_on_a_decode_team_equal_those_on_rayon_bit_for_bit() {
+    // Each row is computed the same way whoever computes it: the team only changes which
+    // thread does which rows (and per-IC, when each group's activations are rounded).
+    let mut rng = Rng::new(21);
+    let mut shapes = cases();
+    shapes.push((1536, 576, QuantSpec { bits: 4, group: Some(128), axis: Axis::Ic, zero: Zero::Awq }));
+    shapes.push((300, 576, QuantSpec { bits: 8, group: Some(128), axis: Axis::Oc, zero: Zero::Awq }));
+    for (rows, cols, spec) in shapes {
+        let q = rtn(&weights(&mut rng, rows, cols), rows, cols, &spec).unwrap();
+        let p = PackedLinear::from_quantized(&q);
+        let x = rng.normals(cols, 1.0);
+        for act in [adadim_pack::ActBits::I16, adadim_pack::ActBits::I8] {
+            let mut alone = vec![0f32; rows];
+            p.matvec_act(act, &x, &mut alone);
+            let mut teamed = vec![0f32; rows];
+            adadim_pack::team::with_team(1, || {
+                for _ in 0..3 {
+                    p.matvec_act(act, &x, &mut teamed);
+                }
+            });
+            assert_eq!(teamed, alone, "{rows}x{cols} {spec:?} {act:?}");
+        }
+    }
+}

@@ -1,0 +1,316 @@
+//! A team of spinning helpers for the many small parallel loops of decoding.
+//!
+//! Why not rayon alone: one decoded token of a small model is ~250 matvecs of 5-50 us each
+//! and 30 attentions, separated by serial work (norms, RoPE). An idle rayon worker goes to
+//! sleep after a few tens of microseconds, and waking it costs about as much as a matvec, so
+//! on two threads the second one joined in late or not at all (SmolLM2 w4g128: 1.06x the
+//! one-thread decode speed; perf: the second thread in the scheduler). llama.cpp's threads
+//! spin between operations for the same reason. [`with_team`] turns the pool's idle workers
+//! into helpers that spin for the length of a closure (a decode loop), and the kernels' row
+//! loops and decode attention run on them through [`for_each_chunk`] (outside a team: rayon
+//! as before). What was measured on the 2-core machine: helpers as separate threads were
+//! slower than none (a rayon worker spinning idle competed with them for the core), handing
+//! out 32-row chunks one by one was slower than one contiguous run per member (each core's
+//! prefetcher lost its stream); as rayon jobs with contiguous runs, and with attention in
+//! parallel too, decoding went from 113 to 180 tokens/s.
+//!
+//! The protocol, one job at a time: the leader (the thread that called [`with_team`]) writes
+//! the job, opens the gate (an odd value, SeqCst) and works on the tasks itself; a helper
+//! that sees the gate open counts itself `inside`, checks the gate again and only then reads
+//! the job, taking task indices from a shared counter. The leader closes the gate when no
+//! task is left and waits until nobody is `inside`: a helper that counted itself in before
+//! the close is waited for, one that did after it sees the closed gate and leaves without
+//! touching the job (the SeqCst order of the two stores and two loads makes one of the two
+//! hold). So the job, borrowed from the leader's stack, is never used after [`for_each`]
+//! returns.
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::*};
+
+type Job = dyn Fn(usize) + Sync;
+
+struct Shared {
+    /// The current job (valid while the gate is open and for whoever is inside).
+    job: std::cell::UnsafeCell<Option<&'static Job>>,
+    tasks: AtomicUsize,
+    next: AtomicUsize,
+    /// Odd while a job is open.
+    gate: AtomicUsize,
+    inside: AtomicUsize,
+    stop: AtomicBool,
+    /// Helpers that joined (enrolment), then [`CLOSED`].
+    enrolled: AtomicUsize,
+    /// Threads in the team, the leader included.
+    members: AtomicUsize,
+    /// A helper's task panicked (the leader panics in its place).
+    panicked: AtomicBool,
+}
+
+// SAFETY: `job` is written only by the leader while the gate is closed and nobody is inside,
+// and read only by helpers inside an open gate (see the module's protocol).
+unsafe impl Sync for Shared {}
+
+thread_local! {
+    static TEAM: Cell<Option<*const Shared>> = const { Cell::new(None) };
+}
+
+/// Runs `f` on this thread with up to `helpers` of rayon's idle workers spinning, ready to
+/// take [`for_each`] tasks from it (those not free within 2 ms sit it out). With no helpers
+/// (one thread), or inside another team, `f` just runs.
+pub fn with_team<R>(helpers: usize, f: impl FnOnce() -> R) -> R {
+    if helpers == 0 || TEAM.with(|t| t.get().is_some()) {
+        return f();
+    }
+    let shared = Shared {
+        job: std::cell::UnsafeCell::new(None),
+        tasks: AtomicUsize::new(0),
+        next: AtomicUsize::new(0),
+        gate: AtomicUsize::new(0),
+        inside: AtomicUsize::new(0),
+        stop: AtomicBool::new(false),
+        enrolled: AtomicUsize::new(0),
+        members: AtomicUsize::new(1),
+        panicked: AtomicBool::new(false),
+    };
+    let s = &shared;
+    // The helpers are rayon jobs, so they run on the pool's idle workers instead of beside
+    // them (a separate thread competed for the core with a rayon worker spinning idle).
+    rayon::in_place_scope(|scope| {
+        for _ in 0..helpers {
+            scope.spawn(move |_| {
+                // Enrol unless enrolment is over (a job started late, possibly inline by the
+                // leader while it waits on something: it must return at once).
+                let mut n = s.enrolled.load(SeqCst);
+                loop {
+                    if n == CLOSED {
+                        return;
+                    }
+                    match s.enrolled.compare_exchange(n, n + 1, SeqCst, SeqCst) {
+                        Ok(_) => break,
+                        Err(now) => n = now,
+                    }
+                }
+                helper(s);
+            });
+        }
+        // Wait briefly for the idle workers to take their jobs; whoever has not by then sits
+        // this team out.
+        let t = std::time::Instant::now();
+        while s.enrolled.load(SeqCst) < helpers && t.elapsed() < std::time::Duration::from_millis(2) {
+            std::hint::spin_loop();
+        }
+        let joined = s.enrolled.swap(CLOSED, SeqCst);
+        s.members.store(joined + 1, SeqCst);
+        // Stops the helpers and leaves the thread without a team however `f` ends (the scope
+        // then waits for the helper jobs to return).
+        struct Dismiss<'a>(&'a Shared);
+        impl Drop for Dismiss<'_> {
+            fn drop(&mut self) {
+                TEAM.with(|t| t.set(None));
+                self.0.stop.store(true, SeqCst);
+            }
+        }
+        let _dismiss = Dismiss(s);
+        TEAM.with(|t| t.set(Some(s as *const Shared)));
+        f()
+    })
+}
+
+/// `enrolled` once enrolment is over.
+const CLOSED: usize = usize::MAX;
+
+fn helper(s: &Shared) {
+    let mut seen = 0;
+    loop {
+        let g = loop {
+            let g = s.gate.load(SeqCst);
+            if g != seen && g % 2 == 1 {
+                break g;
+            }
+            if s.stop.load(Relaxed) {
+                return;
+            }
+            std::hint::spin_loop();
+        };
+        seen = g;
+        s.inside.fetch_add(1, SeqCst);
+        if s.gate.load(SeqCst) == g {
+            // SAFETY: the gate is open and we are counted inside: the leader keeps the job
+            // alive and unchanged until we leave.
+            if let Some(job) = unsafe { *s.job.get() } {
+                let n = s.tasks.load(Relaxed);
+                let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| loop {
+                    let i = s.next.fetch_add(1, Relaxed);
+                    if i >= n {
+                        break;
+                    }
+                    job(i);
+                }));
+                if run.is_err() {
+                    s.panicked.store(true, SeqCst);
+                }
+            }
+        }
+        s.inside.fetch_sub(1, SeqCst);
+    }
+}
+
+/// Threads in this thread's team (1 without one).
+fn members() -> usize {
+    // SAFETY: as in `for_each`.
+    TEAM.with(|t| t.get()).map_or(1, |s| unsafe { (*s).members.load(Relaxed) })
+}
+
+/// Runs `f(0..n)` on this thread's team (each index once, in any order, on any member), and
+/// returns true; false (nothing run) when this thread leads no team.
+pub fn for_each(n: usize, f: &(dyn Fn(usize) + Sync)) -> bool {
+    let Some(s) = TEAM.with(|t| t.get()) else { return false };
+    // SAFETY: the pointer was set by `with_team` on this thread and is cleared before the
+    // team is dropped.
+    let s = unsafe { &*s };
+    // SAFETY: lifetime erased for the helpers; the protocol ends every use before we return.
+    let job: &'static Job = unsafe { std::mem::transmute::<&(dyn Fn(usize) + Sync + '_), &'static Job>(f) };
+    // SAFETY: the gate is closed and nobody is inside (the previous call waited for that).
+    unsafe { *s.job.get() = Some(job) };
+    s.tasks.store(n, Relaxed);
+    s.next.store(0, Relaxed);
+    s.gate.fetch_add(1, SeqCst); // open
+    // A panic here must not leave before the helpers are out of the job: caught, re-raised.
+    let mine = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| loop {
+        let i = s.next.fetch_add(1, Relaxed);
+        if i >= n {
+            break;
+        }
+        f(i);
+    }));
+    // Whatever is left after a panic is abandoned: no new task starts once the counter is past.
+    s.next.store(usize::MAX / 2, Relaxed);
+    s.gate.fetch_add(1, SeqCst); // closed
+    while s.inside.load(SeqCst) != 0 {
+        std::hint::spin_loop();
+    }
+    // SAFETY: closed and empty.
+    unsafe { *s.job.get() = None };
+    if let Err(p) = mine {
+        std::panic::resume_unwind(p);
+    }
+    if s.panicked.swap(false, SeqCst) {
+        panic!("a task of the decode team panicked");
+    }
+    true
+}
+
+/// `f(i, chunk)` for each `chunk` of `len` rows of `y` (the last may be short): on this
+/// thread's team when it leads one, else with rayon.
+pub fn for_each_chunk(y: &mut [f32], len: usize, f: &(dyn Fn(usize, &mut [f32]) + Sync)) {
+    let total = y.len();
+    let base = SendPtr(y.as_mut_ptr());
+    let chunk = |i: usize| {
+        let start = i * len;
+        // SAFETY: chunks are disjoint and inside `y`, which outlives the call.
+        f(i, unsafe { std::slice::from_raw_parts_mut(base.get().add(start), len.min(total - start)) });
+    };
+    // On a team, each member takes one contiguous run of chunks (interleaved chunks made
+    // each core's stream jump every chunk, and the prefetchers lost it).
+    let chunks = total.div_ceil(len);
+    let parts = members().min(chunks).max(1);
+    let part = |p: usize| (p * chunks / parts..(p + 1) * chunks / parts).for_each(chunk);
+    if !for_each(parts, &part) {
+        use rayon::prelude::*;
+        y.par_chunks_mut(len).enumerate().for_each(|(i, c)| f(i, c));
+    }
+}
+
+/// Rows per parallel task of the matvec kernels.
+pub(crate) const ROWS_PER_TASK: usize = 32;
+
+/// `y[r] = row(r)` for every row, in parallel (team or rayon).
+pub(crate) fn rows(y: &mut [f32], row: &(dyn Fn(usize) -> f32 + Sync)) {
+    for_each_chunk(y, ROWS_PER_TASK, &|t, c| {
+        for (i, y) in c.iter_mut().enumerate() {
+            *y = row(t * ROWS_PER_TASK + i);
+        }
+    });
+}
+
+/// `y[r] = row(r, &prep(r / g))` for every row, `prep` made once per group of `g` rows (per-IC:
+/// the group's rounded activations), in parallel. On rayon a task per group makes its own
+/// `prep` (in cache for its rows) and hands its rows out in turn, so no work stays serial
+/// before the first row (it was 15% of 1536 x 576 on two threads); on a team, all groups'
+/// `prep` first, then the rows (each a spin-synchronised step).
+pub(crate) fn grouped_rows<P: Send + Sync>(y: &mut [f32], g: usize, prep: &(dyn Fn(usize) -> P + Sync), row: &(dyn Fn(usize, &P) -> f32 + Sync)) {
+    let groups = y.len().div_ceil(g);
+    let slots: Vec<std::sync::OnceLock<P>> = (0..groups).map(|_| std::sync::OnceLock::new()).collect();
+    if for_each(groups, &|kr| {
+        let _ = slots[kr].set(prep(kr));
+    }) {
+        let preps: Vec<P> = slots.into_iter().enumerate().map(|(kr, s)| s.into_inner().unwrap_or_else(|| prep(kr))).collect();
+        rows(y, &|r| row(r, &preps[r / g]));
+        return;
+    }
+    use rayon::prelude::*;
+    y.par_chunks_mut(g).enumerate().for_each(|(kr, y)| {
+        let p = prep(kr);
+        y.par_chunks_mut(ROWS_PER_TASK).enumerate().for_each(|(t, y)| {
+            for (i, y) in y.iter_mut().enumerate() {
+                *y = row(kr * g + t * ROWS_PER_TASK + i, &p);
+            }
+        });
+    });
+}
+
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+impl SendPtr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+// SAFETY: used for disjoint chunks only (`for_each_chunk`).
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_task_runs_once_on_a_team_and_without_one() {
+        for helpers in [0, 1, 3] {
+            with_team(helpers, || {
+                for n in [0usize, 1, 7, 1000] {
+                    let hits: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
+                    for _ in 0..50 {
+                        let ran = for_each(n, &|i| {
+                            hits[i].fetch_add(1, Relaxed);
+                        });
+                        assert_eq!(ran, helpers > 0);
+                        if !ran {
+                            (0..n).for_each(|i| {
+                                hits[i].fetch_add(1, Relaxed);
+                            });
+                        }
+                    }
+                    assert!(hits.iter().all(|h| h.load(Relaxed) == 50), "{helpers} helpers, {n} tasks");
+                }
+                let mut y = vec![0f32; 1003];
+                for_each_chunk(&mut y, 32, &|i, c| c.iter_mut().enumerate().for_each(|(j, v)| *v = (i * 32 + j) as f32));
+                assert!(y.iter().enumerate().all(|(i, &v)| v == i as f32));
+            });
+        }
+        assert!(!for_each(3, &|_| {}), "the team is gone after with_team");
+    }
+
+    #[test]
+    fn a_panicking_task_reaches_the_leader_and_the_team_still_stops() {
+        let r = std::panic::catch_unwind(|| {
+            with_team(1, || {
+                for _ in 0..200 {
+                    for_each(64, &|i| assert!(i != 17, "task 17"));
+                }
+            })
+        });
+        assert!(r.is_err());
+        assert!(!for_each(3, &|_| {}));
+    }
+}
