@@ -125,6 +125,54 @@ multiversion! {
     }
 }
 
+/// `sum_i a[i] b[i]` in `LANES` partial sums.
+#[inline(always)]
+fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
+    let mut s = [0f32; LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in ca.zip(cb) {
+        for l in 0..LANES {
+            s[l] += x[l] * y[l];
+        }
+    }
+    tail + s.iter().sum::<f32>()
+}
+
+multiversion! {
+    /// One query head of one new position over `n = scores.len()` cached positions:
+    /// `out = softmax(K q) V` with key / value `j` at `k[j * hd..]` / `v[j * hd..]`, `hd =
+    /// q.len()` (`q` already scaled by 1/sqrt(hd)); `scores` is scratch. Decoding's attention:
+    /// a 1-row product that a GEMM library spends more time setting up than computing.
+    pub fn attend_one(q: &[f32], k: &[f32], v: &[f32], scores: &mut [f32], out: &mut [f32]) {
+        let hd = q.len();
+        for (j, s) in scores.iter_mut().enumerate() {
+            *s = dot_lanes(q, &k[j * hd..(j + 1) * hd]);
+        }
+        let max = max_lanes(scores);
+        let inv = 1.0 / sum_exp_lanes(scores, max, true);
+        out.iter_mut().for_each(|o| *o = 0.0);
+        for (j, &p) in scores.iter().enumerate() {
+            for (o, &x) in out.iter_mut().zip(&v[j * hd..(j + 1) * hd]) {
+                *o += p * x;
+            }
+        }
+        out.iter_mut().for_each(|o| *o *= inv);
+    }
+}
+
+/// Reference for [`attend_one`], in f64.
+pub fn attend_one_ref(q: &[f32], k: &[f32], v: &[f32], n: usize, out: &mut [f32]) {
+    let hd = q.len();
+    let s: Vec<f64> = (0..n).map(|j| q.iter().zip(&k[j * hd..]).map(|(&a, &b)| a as f64 * b as f64).sum()).collect();
+    let max = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let e: Vec<f64> = s.iter().map(|x| (x - max).exp()).collect();
+    let sum: f64 = e.iter().sum();
+    for (c, o) in out.iter_mut().enumerate() {
+        *o = ((0..n).map(|j| e[j] * v[j * hd + c] as f64).sum::<f64>() / sum) as f32;
+    }
+}
+
 /// Reference for [`logsumexp`].
 pub fn logsumexp_ref(row: &[f32]) -> f64 {
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
@@ -163,6 +211,21 @@ mod tests {
         assert!(worst < 3e-7, "worst relative error {worst:e}");
         assert_eq!(exp_fast(-1000.0), exp_fast(-87.0));
         assert!(exp_fast(0.0) == 1.0);
+    }
+
+    #[test]
+    fn decode_attention_matches_reference() {
+        let mut rng = adadim_load::synth::Rng::new(5);
+        for (hd, n) in [(64, 1), (64, 37), (64, 700), (48, 5), (20, 9)] {
+            let q = rng.normals(hd, 0.3);
+            let (k, v) = (rng.normals(n * hd, 1.0), rng.normals(n * hd, 1.0));
+            let (mut a, mut b, mut scratch) = (vec![0f32; hd], vec![0f32; hd], vec![0f32; n]);
+            attend_one(&q, &k, &v, &mut scratch, &mut a);
+            attend_one_ref(&q, &k, &v, n, &mut b);
+            for (x, y) in a.iter().zip(&b) {
+                assert!((x - y).abs() <= 2e-6 * (n as f32).sqrt().max(1.0), "hd {hd} n {n}: {x} vs {y}");
+            }
+        }
     }
 
     #[test]

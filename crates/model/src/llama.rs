@@ -347,6 +347,9 @@ impl Block {
         let v = heads(self.v.forward(h)?, nkv)?.contiguous()?.reshape((nkv, t, hd))?;
         let (k, v) = LayerKv::append(cache, &k, &v, pos0)?;
         let q = (q * (1.0 / (hd as f64).sqrt()))?.reshape((nh, t, hd))?;
+        if let (1, Some(c)) = (t, cache.as_ref()) {
+            return c.attend(&q.flatten_all()?.to_vec1::<f32>()?, pos0 + 1, nh, h.device());
+        }
         if pos0 == 0 {
             return causal_attention(&q, &k, &v);
         }
@@ -416,6 +419,30 @@ impl LayerKv {
         c.k.slice_set(&k.contiguous()?, 1, pos0)?;
         c.v.slice_set(&v.contiguous()?, 1, pos0)?;
         Ok((c.k.narrow(1, 0, need)?, c.v.narrow(1, 0, need)?))
+    }
+
+    /// One new position's attention (`q`: its `nh` heads, rotated and scaled) over positions
+    /// `0..n` of the cache -> context (1, nh*hd): [`crate::kernels::attend_one`] per query head,
+    /// the heads in parallel (on the decode team when there is one).
+    fn attend(&self, q: &[f32], n: usize, nh: usize, device: &Device) -> candle_core::Result<Tensor> {
+        let (nkv, cap, hd) = self.k.dims3()?;
+        let (ks, kl) = self.k.storage_and_layout();
+        let (vs, vl) = self.v.storage_and_layout();
+        let (candle_core::Storage::Cpu(kc), candle_core::Storage::Cpu(vc)) = (&*ks, &*vs) else {
+            candle_core::bail!("decode attention: the kv cache is not in CPU memory")
+        };
+        let (k, v) = (&kc.as_slice::<f32>()?[kl.start_offset()..], &vc.as_slice::<f32>()?[vl.start_offset()..]);
+        if q.len() != nh * hd || nkv == 0 || nh % nkv != 0 || n > cap || k.len() < nkv * cap * hd || v.len() < nkv * cap * hd {
+            candle_core::bail!("decode attention: q {} for {nh} heads of {hd}, cache ({nkv}, {cap}, {hd}) at {n}", q.len())
+        }
+        let group = nh / nkv;
+        let mut out = vec![0f32; nh * hd];
+        adadim_pack::team::for_each_chunk(&mut out, hd, &|h, o| {
+            let base = (h / group) * cap * hd;
+            let mut scores = vec![0f32; n];
+            crate::kernels::attend_one(&q[h * hd..(h + 1) * hd], &k[base..base + n * hd], &v[base..base + n * hd], &mut scores, o);
+        });
+        Tensor::from_vec(out, (1, nh * hd), device)
     }
 
     /// A copy of positions `0..len` in storage of its own.
