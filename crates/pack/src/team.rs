@@ -162,12 +162,18 @@ fn members() -> usize {
 }
 
 /// Runs `f(0..n)` on this thread's team (each index once, in any order, on any member), and
-/// returns true; false (nothing run) when this thread leads no team.
+/// returns true; false (nothing run) when this thread leads no team or is inside one of its
+/// tasks already.
 pub fn for_each(n: usize, f: &(dyn Fn(usize) + Sync)) -> bool {
     let Some(s) = TEAM.with(|t| t.get()) else { return false };
     // SAFETY: the pointer was set by `with_team` on this thread and is cleared before the
     // team is dropped.
     let s = unsafe { &*s };
+    if s.gate.load(SeqCst) % 2 == 1 {
+        // Called from inside a task of this team (only the leader moves the gate): a second
+        // job cannot open while one is; the caller runs its loop another way.
+        return false;
+    }
     // SAFETY: lifetime erased for the helpers; the protocol ends every use before we return.
     let job: &'static Job = unsafe { std::mem::transmute::<&(dyn Fn(usize) + Sync + '_), &'static Job>(f) };
     // SAFETY: the gate is closed and nobody is inside (the previous call waited for that).
@@ -299,6 +305,20 @@ mod tests {
             });
         }
         assert!(!for_each(3, &|_| {}), "the team is gone after with_team");
+        // A loop inside a task runs without the team (on rayon), and still runs every index.
+        with_team(1, || {
+            let hits: Vec<AtomicUsize> = (0..8 * 16).map(|_| AtomicUsize::new(0)).collect();
+            let mut y = vec![0f32; 8];
+            for_each_chunk(&mut y, 1, &|i, _| {
+                let mut inner = vec![0f32; 16];
+                for_each_chunk(&mut inner, 4, &|j, c| {
+                    for (k, _) in c.iter().enumerate() {
+                        hits[i * 16 + j * 4 + k].fetch_add(1, Relaxed);
+                    }
+                });
+            });
+            assert!(hits.iter().all(|h| h.load(Relaxed) == 1));
+        });
     }
 
     #[test]
