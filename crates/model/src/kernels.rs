@@ -161,6 +161,25 @@ multiversion! {
     }
 }
 
+multiversion! {
+    /// `y[r] = w[r * x.len()..] . x` for each of `y.len()` rows of a row-major f32 matrix: the
+    /// dense matvec of decoding (bandwidth-bound; a GEMM call spends its time in set-up).
+    pub fn dense_rows(w: &[f32], x: &[f32], y: &mut [f32]) {
+        let cols = x.len();
+        for (r, y) in y.iter_mut().enumerate() {
+            *y = dot_lanes(&w[r * cols..(r + 1) * cols], x);
+        }
+    }
+}
+
+/// Reference for [`dense_rows`], in f64.
+pub fn dense_rows_ref(w: &[f32], x: &[f32], y: &mut [f32]) {
+    let cols = x.len();
+    for (r, y) in y.iter_mut().enumerate() {
+        *y = w[r * cols..(r + 1) * cols].iter().zip(x).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>() as f32;
+    }
+}
+
 /// Reference for [`attend_one`], in f64.
 pub fn attend_one_ref(q: &[f32], k: &[f32], v: &[f32], n: usize, out: &mut [f32]) {
     let hd = q.len();
@@ -211,6 +230,20 @@ mod tests {
         assert!(worst < 3e-7, "worst relative error {worst:e}");
         assert_eq!(exp_fast(-1000.0), exp_fast(-87.0));
         assert!(exp_fast(0.0) == 1.0);
+    }
+
+    #[test]
+    fn dense_rows_match_reference() {
+        let mut rng = adadim_load::synth::Rng::new(6);
+        for (rows, cols) in [(1, 1), (7, 576), (33, 45), (5, 1536)] {
+            let (w, x) = (rng.normals(rows * cols, 1.0), rng.normals(cols, 1.0));
+            let (mut a, mut b) = (vec![0f32; rows], vec![0f32; rows]);
+            dense_rows(&w, &x, &mut a);
+            dense_rows_ref(&w, &x, &mut b);
+            for (p, q) in a.iter().zip(&b) {
+                assert!((p - q).abs() <= 1e-5 * (cols as f32).sqrt(), "{rows}x{cols}: {p} vs {q}");
+            }
+        }
     }
 
     #[test]

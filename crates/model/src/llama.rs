@@ -41,7 +41,7 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let y = match &self.weight {
             // x (t, in) @ W^T (in, out); gemm reads the transposed view directly.
-            Weight::Dense(w) => x.matmul(&w.t()?)?,
+            Weight::Dense(w) => dense_product(x, w)?,
             Weight::Packed(p) => {
                 let dims = x.dims().to_vec();
                 let (cols, rows) = (p.cols(), p.rows());
@@ -87,6 +87,35 @@ impl Linear {
         }
     }
 }
+
+/// `x (t, in) @ W^T` for a dense f32 `W` (out, in): for a few tokens, a row-parallel matvec
+/// per token ([`crate::kernels::dense_rows`], on the decode team when there is one); a GEMM
+/// otherwise (and for a weight that is not a contiguous CPU tensor).
+fn dense_product(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    let (rows, cols) = w.dims2()?;
+    let t = x.elem_count() / cols.max(1);
+    if t > MATVEC_TOKENS || t == 0 || !w.is_contiguous() || x.dims().last() != Some(&cols) {
+        return x.matmul(&w.t()?);
+    }
+    let (ws, wl) = w.storage_and_layout();
+    let candle_core::Storage::Cpu(wc) = &*ws else {
+        return x.matmul(&w.t()?);
+    };
+    let w = &wc.as_slice::<f32>()?[wl.start_offset()..][..rows * cols];
+    let xv = x.flatten_all()?.to_vec1::<f32>()?;
+    let mut y = vec![0f32; t * rows];
+    for (x, y) in xv.chunks(cols).zip(y.chunks_mut(rows)) {
+        adadim_pack::team::for_each_chunk(y, DENSE_ROWS_PER_TASK, &|i, y| crate::kernels::dense_rows(&w[i * DENSE_ROWS_PER_TASK * cols..], x, y));
+    }
+    let mut dims = x.dims().to_vec();
+    if let Some(last) = dims.last_mut() {
+        *last = rows;
+    }
+    Tensor::from_vec(y, dims, x.device())
+}
+
+/// Rows of a dense matvec per parallel task.
+const DENSE_ROWS_PER_TASK: usize = 64;
 
 /// What a forward-pass tap asks for next.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -623,7 +652,7 @@ impl Model {
             return Linear { weight: Weight::Packed(p.clone()), bias: None, act: self.act }.forward(&h).ctx(|| "lm head".into());
         }
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        h.matmul(&head.t().ctx(|| "lm head".into())?).ctx(|| "lm head".into())
+        dense_product(&h, head).ctx(|| "lm head".into())
     }
 
     /// Log-probability of `targets[i]` after position `i`, from hidden states (t, d).
