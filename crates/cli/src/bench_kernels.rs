@@ -63,15 +63,13 @@ pub fn packed_matrix(rows: usize, cols: usize, bits: u8, group: usize, axis: Axi
 /// The two axes are timed in alternation, best of `reps` each, so a disturbance of the
 /// machine falls on both and their ratio compares like with like.
 pub fn time_matvec_pair(rows: usize, cols: usize, bits: u8, group: usize, act: Act, working_set: usize, reps: usize) -> Result<(KernelRow, KernelRow)> {
-    let sets = [Axis::Oc, Axis::Ic]
-        .map(|axis| -> Result<Vec<PackedLinear>> {
-            let one = packed_matrix(rows, cols, bits, group, axis)?;
-            // Half the working set each: both stay resident, and each cycle reads from memory.
-            let copies = (working_set / 2).div_ceil(one.bytes_read()).max(1);
-            Ok((0..copies).map(|_| one.clone()).collect())
-        });
-    let [oc, ic] = sets;
-    let sets = [oc?, ic?];
+    let copies = |axis| -> Result<Vec<PackedLinear>> {
+        let one = packed_matrix(rows, cols, bits, group, axis)?;
+        // Half the working set each: both stay resident, and each cycle reads from memory.
+        let copies = (working_set / 2).div_ceil(one.bytes_read()).max(1);
+        Ok((0..copies).map(|_| one.clone()).collect())
+    };
+    let sets = [copies(Axis::Oc)?, copies(Axis::Ic)?];
     let x: Vec<f32> = (0..cols).map(|i| (i % 7) as f32 - 3.0).collect();
     let mut y = vec![0f32; rows];
     for mats in &sets {

@@ -136,11 +136,12 @@ impl Q8 {
         }
         let mut bias = crate::kernels::hsum(zq);
         if blocks * BLOCK < n {
+            // The short last block (never inside a whole step).
             let o = blocks * BLOCK;
-            let v: Vec<f32> = s[o..].iter().zip(&x[o..]).map(|(s, x)| s * x).collect();
-            let db = crate::q16::round_block(&v, &mut q[o..], QMAX, |v| v as i8);
-            bias += db * z[o..].iter().zip(&q[o..]).map(|(z, &q)| z * f32::from(q)).sum::<f32>();
-            d.push(db);
+            let (tail, tb) = Self::scaled_ref(&s[o..], &x[o..], &z[o..]);
+            q[o..].copy_from_slice(&tail.q);
+            d.push(tail.d[0]);
+            bias += tb;
         }
         let d8 = Self::steps8(&d, steps);
         (Q8 { q, d, swizzled, d8 }, bias)

@@ -138,35 +138,30 @@ pub fn generate_until(model: &Model, prompt: &[u32], stop: &[u32], s: &Settings,
     let mut next = last_token(model, &hidden, s.temperature, &mut rng)?;
     stats.prefill_s = t.elapsed().as_secs_f64();
     let t = Instant::now();
-    // One token at a time: the packed kernels' row loops run on spinning helpers (as many as
-    // rayon's pool has other threads), whose start costs less than a matvec of a small model.
+    // One token at a time: the matvecs' row loops and the attention heads run on spinning
+    // helpers (rayon's other workers), whose start costs less than a matvec of a small model.
     let helpers = rayon::current_num_threads().saturating_sub(1);
-    adadim_pack::team::with_team(helpers, || decode(model, &mut cache, &mut next, stop, s, &mut rng, &mut stats, on_token))?;
+    adadim_pack::team::with_team(helpers, || -> Result<(), ModelError> {
+        loop {
+            if stop.contains(&next) {
+                stats.stopped_by_token = true;
+                return Ok(());
+            }
+            let go_on = on_token(next);
+            stats.generated += 1;
+            if !go_on {
+                stats.stopped_by_caller = true;
+                return Ok(());
+            }
+            if stats.generated == s.max_tokens {
+                return Ok(());
+            }
+            let hidden = model.forward_cached(&[next], &mut cache)?;
+            next = last_token(model, &hidden, s.temperature, &mut rng)?;
+        }
+    })?;
     stats.decode_s = t.elapsed().as_secs_f64();
     Ok(stats)
-}
-
-/// The decode loop of [`generate_until`], from the token after the prompt.
-#[allow(clippy::too_many_arguments)]
-fn decode(model: &Model, cache: &mut KvCache, next: &mut u32, stop: &[u32], s: &Settings, rng: &mut Rng, stats: &mut Stats, on_token: &mut dyn FnMut(u32) -> bool) -> Result<(), ModelError> {
-    loop {
-        let next_token = *next;
-        if stop.contains(&next_token) {
-            stats.stopped_by_token = true;
-            return Ok(());
-        }
-        let go_on = on_token(next_token);
-        stats.generated += 1;
-        if !go_on {
-            stats.stopped_by_caller = true;
-            return Ok(());
-        }
-        if stats.generated == s.max_tokens {
-            return Ok(());
-        }
-        let hidden = model.forward_cached(&[next_token], cache)?;
-        *next = last_token(model, &hidden, s.temperature, rng)?;
-    }
 }
 
 fn last_token(model: &Model, hidden: &candle_core::Tensor, temperature: f64, rng: &mut Rng) -> Result<u32, ModelError> {
