@@ -260,7 +260,7 @@ struct GenerateArgs {
     #[arg(long)]
     head_bits: Option<u8>,
     /// Packed models: round activations to 16 bits in the decode matvecs (within ~1e-5 of f32)
-    /// or to 8 (blocks of 32, llama.cpp's precision; faster for 4-bit weights).
+    /// or to 8 (blocks of 32, llama.cpp's precision; faster for 3- and 4-bit weights).
     #[arg(long, default_value_t = 16)]
     act_bits: u8,
 }
@@ -702,6 +702,10 @@ fn bench_eval(a: BenchEvalArgs) -> Result<()> {
 /// Timings per kernel and shape in `bench kernels` (the best is kept).
 const KERNEL_REPS: usize = 11;
 
+/// The kernels `bench kernels` times: code width and activation precision (8-bit activations
+/// are llama.cpp's precision).
+const KERNELS: [(u8, adadim_pack::ActBits); 4] = [(4, adadim_pack::ActBits::I16), (4, adadim_pack::ActBits::I8), (3, adadim_pack::ActBits::I16), (3, adadim_pack::ActBits::I8)];
+
 fn bench_kernels(a: BenchKernelsArgs) -> Result<()> {
     use adadim_quantize::Axis;
     let mut shapes = Vec::new();
@@ -716,13 +720,10 @@ fn bench_kernels(a: BenchKernelsArgs) -> Result<()> {
     writeln!(md, "Machine: {}. Memory bandwidth measured in this run (STREAM triad, {} MB arrays): **{triad:.1} GB/s**.\n", bench::machine(), a.working_set / 12 >> 18)?;
     writeln!(md, "y = W'x from packed codes, group {}, AWQ-style zeros; {} MB of matrices cycled per measurement (per axis) so every byte comes from memory; per-OC and per-IC timed in alternation, best of {KERNEL_REPS} each. Bytes = packed codes + params as the kernel reads them (f32 scale and zero per group) + permutation.\n", a.group, a.working_set >> 21)?;
     writeln!(md, "| shape (out x in) | bits | activations | axis | us / matvec | GB/s | of triad | per-IC time / per-OC time |\n|---|---|---|---|---|---|---|---|")?;
-    use bench_kernels::Act;
-    // 8-bit activations (llama.cpp's precision) where there is that kernel: 4 bits.
-    let kernels = [(4u8, Act::I16), (4, Act::I8), (3, Act::I16)];
     // Per kernel: the lowest fraction of triad and the highest per-IC / per-OC time.
-    let mut worst = [(f64::MAX, 0f64); 3];
+    let mut worst = [(f64::MAX, 0f64); KERNELS.len()];
     for &(rows, cols) in &shapes {
-        for (&(bits, act), worst) in kernels.iter().zip(worst.iter_mut()) {
+        for (&(bits, act), worst) in KERNELS.iter().zip(worst.iter_mut()) {
             let (oc, ic) = bench_kernels::time_matvec_pair(rows, cols, bits, a.group, act, a.working_set, KERNEL_REPS)?;
             let ratio = ic.seconds / oc.seconds;
             for r in [&oc, &ic] {
@@ -736,7 +737,7 @@ fn bench_kernels(a: BenchKernelsArgs) -> Result<()> {
         }
     }
     writeln!(md, "\n| kernel | lowest fraction of triad (aim >= 0.8) | highest per-IC / per-OC time (aim <= 1.05) |\n|---|---|---|")?;
-    for (&(bits, act), w) in kernels.iter().zip(&worst) {
+    for (&(bits, act), w) in KERNELS.iter().zip(&worst) {
         writeln!(md, "| {bits}-bit codes, int{} activations | **{:.2}** | **{:.3}** |", act.bits(), w.0, w.1)?;
     }
     let llama = a.llamacpp.clone().or_else(|| Some(adadim_home().join("peers/llama.cpp/bin"))).filter(|d| d.join("test-backend-ops").exists());
@@ -993,8 +994,7 @@ fn kernels_vs_llamacpp(bin: &std::path::Path, group: usize, md: &mut String) -> 
         writeln!(md, "| llama.cpp {ty} | {} | {us:.1} |", bpw(ty))?;
     }
     let mut ours = Vec::new();
-    use bench_kernels::Act;
-    for (bits, act) in [(4u8, Act::I16), (4, Act::I8), (3, Act::I16)] {
+    for (bits, act) in KERNELS {
         for axis in [Axis::Oc, Axis::Ic] {
             let p = bench_kernels::packed_matrix(m, k, bits, group, axis)?;
             let s = bench_kernels::time_matvec_repeated(&p, act, threads, 100)?;

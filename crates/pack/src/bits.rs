@@ -1,10 +1,24 @@
 //! Codes of `b` bits (2, 3, 4 or 8) packed little-endian into bytes, one row at a time.
 //!
 //! Row `r` starts at byte `r * row_bytes(cols, b)`; inside it code `c` occupies bits
-//! `[c b, c b + b)` of the row's little-endian bit stream. Eight codes take exactly `b`
-//! bytes, so code `8 i` always starts byte `b i` of its row: kernels read eight codes with
-//! one unaligned load. 3-bit codes straddle byte borders; that is what the shifts are for.
+//! `[c b, c b + b)` of the row's little-endian bit stream ([`pack`], [`get`]). Eight codes take
+//! exactly `b` bytes, so code `8 i` always starts byte `b i` of its row: kernels read eight codes
+//! with one unaligned load. 3-bit codes straddle byte borders; that is what the shifts are for.
 //! The buffer carries [`PAD`] zero bytes after the last row so such a load never runs past it.
+//!
+//! A quantized linear's codes ([`pack_codes`], [`code`]) are that stream, except 3-bit rows:
+//! each whole chunk of [`CHUNK3`] = 64 codes takes its 24 bytes as two planes, the codes' low
+//! bit pairs (16 bytes, four per byte) and their high bits (8 bytes), arranged so that the int8
+//! and int16 kernels split a chunk into its 32 even and 32 odd codes with a few shifts and
+//! masks of whole registers (the order their activations are stored in for 4-bit codes, whose
+//! low and high nibbles are the even and odd codes); the last `cols % 64` codes of a row stay a
+//! bit stream. Bit-stream 3-bit codes cannot be split into bytes without a shuffle and a
+//! multiply per 16 codes, which made 3-bit the slowest width. The row's size is unchanged:
+//! `row_bytes(cols, 3)`.
+//!
+//! Code `i` of a chunk sits at position `p = 16 (i / 32) + (i % 32) / 2` of the even (`i` even)
+//! or odd half-vector `v = i % 2`: its low bits are bits `2 (2 v + p / 16)` of low-plane byte
+//! `p % 16`, its high bit is bit `4 v + p / 8` of high-plane byte `p % 8` ([`plane3`]).
 
 /// Zero bytes after the last row: an 8-byte load at the last chunk stays in bounds.
 pub const PAD: usize = 8;
@@ -44,6 +58,99 @@ pub fn get(row: &[u8], c: usize, bits: u8) -> u8 {
     (((lo | hi << 8) >> (bit % 8)) & ((1u16 << bits) - 1)) as u8
 }
 
+/// Codes per planar chunk of a 3-bit row ([`pack_codes`]).
+pub const CHUNK3: usize = 64;
+
+/// Bytes of a planar 3-bit chunk: 16 of low bit pairs, then 8 of high bits.
+pub const CHUNK3_BYTES: usize = 24;
+
+/// Where code `i` (`< CHUNK3`) of a planar 3-bit chunk lives: (low-plane byte, shift of its
+/// bit pair, high-plane byte, bit), bytes counted from the chunk's start.
+#[inline(always)]
+pub fn plane3(i: usize) -> (usize, usize, usize, usize) {
+    let (v, p) = (i % 2, 16 * (i / 32) + (i % 32) / 2);
+    (p % 16, 2 * (2 * v + p / 16), 16 + p % 8, 4 * v + p / 8)
+}
+
+/// Packs a quantized linear's row-major `[rows, cols]` codes: [`pack`]'s bit stream, with the
+/// whole chunks of 3-bit rows planar (module docs). Same size as [`pack`].
+pub fn pack_codes(codes: &[u8], rows: usize, cols: usize, bits: u8) -> Vec<u8> {
+    if bits != 3 {
+        return pack(codes, rows, cols, bits);
+    }
+    assert_eq!(codes.len(), rows * cols, "codes [rows, cols]");
+    let (rb, chunks) = (row_bytes(cols, 3), cols / CHUNK3);
+    let mut out = vec![0u8; rows * rb + PAD];
+    for (r, row) in codes.chunks(cols.max(1)).enumerate().take(rows) {
+        let dst = &mut out[r * rb..(r + 1) * rb];
+        for (ch, codes) in row.chunks_exact(CHUNK3).enumerate() {
+            let d = &mut dst[ch * CHUNK3_BYTES..(ch + 1) * CHUNK3_BYTES];
+            for (i, &q) in codes.iter().enumerate() {
+                debug_assert!(q < 8);
+                let (lb, ls, hb, hs) = plane3(i);
+                d[lb] |= (q & 3) << ls;
+                d[hb] |= (q >> 2) << hs;
+            }
+        }
+        let tail = &row[chunks * CHUNK3..];
+        let t = pack(tail, 1, tail.len(), 3);
+        dst[chunks * CHUNK3_BYTES..].copy_from_slice(&t[..row_bytes(tail.len(), 3)]);
+    }
+    out
+}
+
+/// Code `c` of a packed linear row of `cols` codes ([`pack_codes`]).
+#[inline(always)]
+pub fn code(row: &[u8], cols: usize, c: usize, bits: u8) -> u8 {
+    if bits != 3 {
+        return get(row, c, bits);
+    }
+    let chunks = cols / CHUNK3;
+    if c >= chunks * CHUNK3 {
+        return get(&row[chunks * CHUNK3_BYTES..], c - chunks * CHUNK3, 3);
+    }
+    let d = &row[c / CHUNK3 * CHUNK3_BYTES..];
+    let (lb, ls, hb, hs) = plane3(c % CHUNK3);
+    (d[lb] >> ls) & 3 | ((d[hb] >> hs) & 1) << 2
+}
+
+/// Unpacks what [`pack_codes`] made.
+pub fn unpack_codes(packed: &[u8], rows: usize, cols: usize, bits: u8) -> Vec<u8> {
+    let rb = row_bytes(cols, bits);
+    let mut out = Vec::with_capacity(rows * cols);
+    for r in 0..rows {
+        let row = &packed[r * rb..(r + 1) * rb];
+        out.extend((0..cols).map(|c| code(row, cols, c, bits)));
+    }
+    out
+}
+
+/// AVX2: the 64 codes of the planar 3-bit chunk at `p` as bytes, in two registers: the even
+/// codes (positions 0-15: codes 0, 2, .., 30; positions 16-31: codes 32, 34, .., 62) and the
+/// odd ones (each code one more), as the 4-bit kernels get them from low and high nibbles.
+/// Each 128-bit lane shifts the low plane (broadcast) to its own bit pair, each 64-bit lane the
+/// high plane (broadcast) to its own bit.
+///
+/// # Safety
+/// AVX2; `p` has [`CHUNK3_BYTES`] readable bytes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+pub(crate) unsafe fn chunk3_avx2(p: *const u8) -> [std::arch::x86_64::__m256i; 2] {
+    use std::arch::x86_64::*;
+    let lo = _mm256_broadcastsi128_si256(_mm_loadu_si128(p as *const __m128i));
+    let hi = _mm256_set1_epi64x((p.add(16) as *const i64).read_unaligned());
+    // Four constants only (more spill registers in the kernels' loops): the odd codes' bit pairs
+    // sit 4 bits above the even ones'; 64-bit lane q moves high-plane bit q (even codes) and
+    // 4 + q (odd) to bits 0 and 4 of each byte, then both to bit 2.
+    let (m3, m4) = (_mm256_set1_epi8(3), _mm256_set1_epi8(4));
+    let low = _mm256_srlv_epi64(lo, _mm256_setr_epi64x(0, 0, 2, 2));
+    let high = _mm256_srlv_epi64(hi, _mm256_setr_epi64x(0, 1, 2, 3));
+    let even = _mm256_or_si256(_mm256_and_si256(low, m3), _mm256_and_si256(_mm256_slli_epi64::<2>(high), m4));
+    let odd = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi64::<4>(low), m3), _mm256_and_si256(_mm256_srli_epi64::<2>(high), m4));
+    [even, odd]
+}
+
 /// Unpacks what [`pack`] made.
 pub fn unpack(packed: &[u8], rows: usize, cols: usize, bits: u8) -> Vec<u8> {
     let rb = row_bytes(cols, bits);
@@ -67,6 +174,56 @@ mod tests {
                 let p = pack(&codes, rows, cols, bits);
                 assert_eq!(p.len(), rows * row_bytes(cols, bits) + PAD);
                 assert_eq!(unpack(&p, rows, cols, bits), codes, "bits {bits} {rows}x{cols}");
+            }
+        }
+    }
+
+    #[test]
+    fn linear_codes_round_trip_and_keep_the_stream_size() {
+        for bits in [2u8, 3, 4, 8] {
+            for (rows, cols) in [(1, 1), (3, 7), (2, 64), (5, 100), (2, 129), (4, 576), (2, 1000)] {
+                let codes: Vec<u8> = (0..rows * cols).map(|i| ((i * 2654435761usize) >> 7) as u8 & ((1u16 << bits) - 1) as u8).collect();
+                let p = pack_codes(&codes, rows, cols, bits);
+                assert_eq!(p.len(), pack(&codes, rows, cols, bits).len());
+                assert_eq!(unpack_codes(&p, rows, cols, bits), codes, "bits {bits} {rows}x{cols}");
+            }
+        }
+    }
+
+    #[test]
+    fn planar_chunk_places_every_code_once_as_the_kernels_read_it() {
+        // Each of the 64 codes owns a distinct bit pair and a distinct high bit.
+        let (mut low, mut high) = ([false; 64], [false; 64]);
+        for i in 0..CHUNK3 {
+            let (lb, ls, hb, hs) = plane3(i);
+            assert!(lb < 16 && ls <= 6 && ls % 2 == 0 && (16..24).contains(&hb) && hs < 8);
+            assert!(!std::mem::replace(&mut low[lb * 4 + ls / 2], true) && !std::mem::replace(&mut high[(hb - 16) * 8 + hs], true));
+        }
+        // The kernels' reading: the even codes' half-vector takes bit pair 0 (positions 0-15)
+        // and 1 (16-31) of low bytes 0-15, and bit q of high byte b at position 8 q + b.
+        for p in 0..32 {
+            let even = 2 * (p % 16) + 32 * (p / 16);
+            assert_eq!(plane3(even), (p % 16, 2 * (p / 16), 16 + p % 8, p / 8));
+            assert_eq!(plane3(even + 1), (p % 16, 2 * (2 + p / 16), 16 + p % 8, 4 + p / 8));
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx2_chunk_decoder_gives_even_then_odd_codes() {
+        if !(is_x86_feature_detected!("avx2")) {
+            return;
+        }
+        let codes: Vec<u8> = (0..3 * CHUNK3).map(|i| ((i * 40503) >> 5) as u8 & 7).collect();
+        let p = pack_codes(&codes, 1, codes.len(), 3);
+        for ch in 0..3 {
+            // SAFETY: AVX2 was detected; the chunk's 24 bytes are inside `p`.
+            let [e, o] = unsafe { chunk3_avx2(p.as_ptr().add(ch * CHUNK3_BYTES)) };
+            let (e, o): ([u8; 32], [u8; 32]) = unsafe { (std::mem::transmute(e), std::mem::transmute(o)) };
+            let c = &codes[ch * CHUNK3..];
+            for q in 0..32 {
+                let even = 2 * (q % 16) + 32 * (q / 16);
+                assert_eq!((e[q], o[q]), (c[even], c[even + 1]), "chunk {ch} position {q}");
             }
         }
     }

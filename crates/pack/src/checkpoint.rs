@@ -4,13 +4,13 @@
 //!
 //! | tensor | dtype | shape |
 //! |---|---|---|
-//! | `{linear}.qcodes` | U8 | `[rows, row_bytes(cols)]`, codes packed per row |
+//! | `{linear}.qcodes` | U8 | `[rows, row_bytes(cols)]`, codes packed per row ([`crate::bits::pack_codes`]) |
 //! | `{linear}.scales` | F16 | the param grid, per-OC `[rows, ceil(cols/g)]`, per-IC `[ceil(rows/g), cols]` |
 //! | `{linear}.qzeros` | U8 | `[param rows, row_bytes(param cols)]`, zero points packed like codes |
 //! | `{linear}.perm` | I32 | `[cols]`, only for per-OC act-order (stored column -> input column) |
 //! | anything else | F32, F16 or BF16 | as in the source model (its dtype kept) |
 //!
-//! `__metadata__`: `adadim.format = "packed"`, `adadim.format_version = "1"`,
+//! `__metadata__`: `adadim.format = "packed"`, `adadim.format_version = "2"`,
 //! `adadim.linears` (JSON: per linear `rows, cols, bits, group, axis, permuted`) and
 //! `adadim.quantization` (JSON chosen by the writer: method, calibration, source checksum,
 //! tool version). A reader trusts none of it: every tensor is checked against the declared
@@ -29,8 +29,10 @@ use serde::{Deserialize, Serialize};
 use crate::bits;
 use crate::format::{Layout, PackedLinear};
 
-/// The format version this build writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The format version this build writes. Version 1 differs only in 3-bit codes, which it
+/// stored as one bit stream per row; this build reads it and lays such codes out as version 2
+/// does ([`crate::bits::pack_codes`]) while loading.
+pub const FORMAT_VERSION: u32 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PackError {
@@ -141,6 +143,8 @@ pub struct PackedFile {
     tensors: HashMap<String, (Dtype, Vec<usize>, std::ops::Range<usize>)>,
     linears: BTreeMap<String, LinearMeta>,
     quantization: serde_json::Value,
+    /// The file's format version (1 or 2).
+    version: u32,
 }
 
 impl PackedFile {
@@ -155,14 +159,16 @@ impl PackedFile {
             return Err(file_err("not an adadim packed checkpoint (no adadim.format = packed in its metadata)".into()));
         }
         let version = m.get("adadim.format_version").cloned().unwrap_or_default();
-        if version != FORMAT_VERSION.to_string() {
-            return Err(file_err(format!("packed format version '{version}' is not supported (this build reads version {FORMAT_VERSION})")));
-        }
+        let version = match version.as_str() {
+            "1" => 1,
+            "2" => 2,
+            _ => return Err(file_err(format!("packed format version '{version}' is not supported (this build reads versions 1 and {FORMAT_VERSION})"))),
+        };
         let linears = serde_json::from_str(m.get("adadim.linears").map(String::as_str).unwrap_or("")).map_err(|e| file_err(format!("adadim.linears metadata: {e}")))?;
         let quantization = m.get("adadim.quantization").and_then(|q| serde_json::from_str(q).ok()).unwrap_or(serde_json::Value::Null);
         // Offsets were validated against the data length by `deserialize` above.
         let tensors = meta.tensors().into_iter().map(|(name, t)| (name, (t.dtype, t.shape.clone(), 8 + n + t.data_offsets.0..8 + n + t.data_offsets.1))).collect();
-        Ok(PackedFile { path: path.to_path_buf(), bytes, tensors, linears, quantization })
+        Ok(PackedFile { path: path.to_path_buf(), bytes, tensors, linears, quantization, version })
     }
 
     /// The linears the metadata declares.
@@ -259,6 +265,10 @@ impl PackedFile {
         };
         let mut packed = codes.to_vec();
         packed.extend_from_slice(&[0; bits::PAD]);
+        if self.version == 1 && m.bits == 3 {
+            // Version 1's 3-bit rows were one bit stream: lay them out as this version does.
+            packed = bits::pack_codes(&bits::unpack(&packed, m.rows, m.cols, 3), m.rows, m.cols, 3);
+        }
         Ok(PackedLinear { rows: m.rows, cols: m.cols, layout, codes: packed, scales, zeros, perm })
     }
 }

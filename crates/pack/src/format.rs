@@ -4,7 +4,7 @@
 //!
 //! | part | type | shape | bits |
 //! |---|---|---|---|
-//! | codes | `b`-bit, packed ([`crate::bits`]) | `[rows, cols]` | `b` per weight |
+//! | codes | `b`-bit, packed ([`crate::bits::pack_codes`]: a bit stream per row, 3-bit rows in planar chunks of 64) | `[rows, cols]` | `b` per weight |
 //! | scales | f16 | per-OC `[rows, ceil(cols/g)]`, per-IC `[ceil(rows/g), cols]` | 16 per group |
 //! | zeros | `b`-bit, packed like codes | as scales | `b` per group |
 //! | perm | u32 | `[cols]`, per-OC act-order only | 32 per input column |
@@ -58,7 +58,7 @@ pub struct PackedLinear {
     pub(crate) rows: usize,
     pub(crate) cols: usize,
     pub(crate) layout: Layout,
-    /// [`bits::pack`] of the codes, columns in `perm` order when there is one.
+    /// [`bits::pack_codes`] of the codes, columns in `perm` order when there is one.
     pub(crate) codes: Vec<u8>,
     /// Row-major on [`Layout::param_shape`]; f16-exact when read from a file.
     pub(crate) scales: Vec<f32>,
@@ -101,7 +101,7 @@ impl PackedLinear {
                 zeros[kr * pc + kc] = gp.zero;
             }
         }
-        PackedLinear { rows, cols, layout, codes: bits::pack(&codes, rows, cols, spec.bits), scales, zeros, perm }
+        PackedLinear { rows, cols, layout, codes: bits::pack_codes(&codes, rows, cols, spec.bits), scales, zeros, perm }
     }
 
     pub fn rows(&self) -> usize {
@@ -153,7 +153,7 @@ impl PackedLinear {
                     Axis::Ic => (r / l.group) * pc + p,
                 };
                 let c = self.perm.as_ref().map_or(p, |perm| perm[p] as usize);
-                w[c] = self.scales[k] * (f32::from(bits::get(row, p, l.bits)) - self.zeros[k]);
+                w[c] = self.scales[k] * (f32::from(bits::code(row, cols, p, l.bits)) - self.zeros[k]);
             }
         }
     }

@@ -6,8 +6,9 @@
 //! bytes ([`crate::bits`]): one unaligned 32-bit load (64-bit for b = 8), eight shifts and
 //! masks, a conversion and a multiply-add (`vpbroadcastd` / `vpsrlvd` / `vpand` /
 //! `vcvtdq2ps` / `vfmadd` under AVX2).
-//! The AVX2+FMA kernel ([`dot_codes_avx2`], used for 2, 3 and 4 bits when the CPU has it) and
-//! the portable loop ([`dot_codes`]) sit side by side; [`matvec_ref`] is the plain definition,
+//! The AVX2+FMA kernel ([`dot_codes_avx2`], used for 2 and 4 bits when the CPU has it) and
+//! the portable loop ([`dot_codes`]) sit side by side (planar 3-bit rows, [`crate::bits`], are
+//! unpacked to a byte per code first and multiplied as 8-bit codes); [`matvec_ref`] is the plain definition,
 //! in f64, that the tests hold both to. (An AVX-512 kernel waits for a machine to test it on.)
 
 use adadim_quantize::Axis;
@@ -142,7 +143,8 @@ unsafe fn oc_row_avx2<const B: usize>(row: &[u8], x: &[f32], s: &[f32], z: &[f32
     hsum(acc) + scalar
 }
 
-/// `dot_codes` for the layout's width, with the AVX2 kernel when `simd` (checked by the caller).
+/// `dot_codes` for the layout's width (2, 4 or 8: 3-bit rows arrive unpacked to bytes), with the
+/// AVX2 kernel when `simd` (checked by the caller).
 #[inline(always)]
 fn dot(bits: u8, row: &[u8], c0: usize, v: &[f32], simd: bool) -> f32 {
     #[cfg(target_arch = "x86_64")]
@@ -152,7 +154,6 @@ fn dot(bits: u8, row: &[u8], c0: usize, v: &[f32], simd: bool) -> f32 {
         return unsafe {
             match bits {
                 2 => dot_codes_avx2::<2>(row, c0, v),
-                3 => dot_codes_avx2::<3>(row, c0, v),
                 4 => dot_codes_avx2::<4>(row, c0, v),
                 _ => dot_codes::<8>(row, c0, v),
             }
@@ -161,7 +162,6 @@ fn dot(bits: u8, row: &[u8], c0: usize, v: &[f32], simd: bool) -> f32 {
     let _ = simd;
     match bits {
         2 => dot_codes::<2>(row, c0, v),
-        3 => dot_codes::<3>(row, c0, v),
         4 => dot_codes::<4>(row, c0, v),
         _ => dot_codes::<8>(row, c0, v),
     }
@@ -214,7 +214,6 @@ fn oc_row(bits: u8, row: &[u8], x: &[f32], s: &[f32], z: &[f32], xsum: &[f32], g
         return unsafe {
             match bits {
                 2 => oc_row_avx2::<2>(row, x, s, z, xsum, group),
-                3 => oc_row_avx2::<3>(row, x, s, z, xsum, group),
                 4 => oc_row_avx2::<4>(row, x, s, z, xsum, group),
                 _ => oc_row_avx2::<8>(row, x, s, z, xsum, group),
             }
@@ -233,11 +232,22 @@ fn oc_row(bits: u8, row: &[u8], x: &[f32], s: &[f32], z: &[f32], xsum: &[f32], g
 fn rows_body(p: &PackedLinear, prep: &Prepared, r0: usize, y: &mut [f32], simd: bool) {
     let (cols, l) = (p.cols, p.layout);
     let rb = bits::row_bytes(cols, l.bits);
+    // Planar 3-bit rows are unpacked to one byte per code (and multiplied as 8-bit codes): this
+    // kernel reads codes in their natural order.
+    let mut unpacked = if l.bits == 3 { vec![0u8; cols + bits::PAD] } else { Vec::new() };
+    let width = if l.bits == 3 { 8 } else { l.bits };
     for (i, y) in y.iter_mut().enumerate() {
         let r = r0 + i;
         // The row and the bytes after it up to the buffer's end-padding: the last chunk's load
         // may reach a few bytes past the row (masked away).
-        let row = &p.codes[r * rb..((r + 1) * rb + bits::PAD).min(p.codes.len())];
+        let mut row = &p.codes[r * rb..((r + 1) * rb + bits::PAD).min(p.codes.len())];
+        if l.bits == 3 {
+            for (c, u) in unpacked[..cols].iter_mut().enumerate() {
+                *u = bits::code(row, cols, c, 3);
+            }
+            row = &unpacked;
+        }
+        let l = crate::format::Layout { bits: width, ..l };
         *y = match prep {
             Prepared::Oc { x, xsum } => {
                 let pc = xsum.len();
@@ -286,7 +296,7 @@ impl PackedLinear {
     }
 
     /// `y = W' x` with the activations rounded to int8 per block of 32 ([`crate::q8`]: llama.cpp's
-    /// Q8_0 precision, for its speed) where this CPU and layout have that kernel (4 bits, AVX2);
+    /// Q8_0 precision, for its speed) where this CPU and layout have that kernel (3, 4 or 8 bits, AVX2);
     /// otherwise [`PackedLinear::matvec`].
     ///
     /// # Panics
@@ -324,7 +334,7 @@ impl PackedLinear {
 
 /// The precision the integer matvec kernels round activations to: 16 bits ([`crate::q16`], the
 /// default: within about 1e-5 of the f32 product) or 8 bits in blocks of 32 ([`crate::q8`]:
-/// llama.cpp's Q8_0 precision, faster; 4-bit codes only, other widths keep 16).
+/// llama.cpp's Q8_0 precision, faster; 3-, 4- and 8-bit codes, 2-bit keeps 16).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum ActBits {
     #[default]

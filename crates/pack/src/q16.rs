@@ -4,11 +4,15 @@
 //!
 //! Why: the f32 kernel in [`crate::kernels`] converts every code to a float and spends five
 //! instructions per eight weights; on two cores that is compute-bound well below memory
-//! bandwidth. Here 32 codes of 2, 3 or 4 bits take one 16-byte load, two byte shuffles (each
-//! 16-bit lane gets the two bytes holding its code), two `vpmullw` (a left shift by a
-//! per-lane amount puts the code at the top of its lane; the bits above fall off), two
-//! shifts right, two `vpmaddwd` against the int16 activations and two adds, for every width
-//! with the same code: the codes come out in their natural order, so `x` is never reshuffled.
+//! bandwidth. Here 32 codes of 2 bits take one 16-byte load, two byte shuffles (each 16-bit
+//! lane gets the two bytes holding its code), two `vpmullw` (a left shift by a per-lane amount
+//! puts the code at the top of its lane; the bits above fall off), two shifts right, two
+//! `vpmaddwd` against the int16 activations and two adds; the codes come out in their natural
+//! order. 4-bit codes are split into low and high nibbles and 3-bit planar chunks into bytes
+//! ([`bits::chunk3_avx2`]), the even codes and the odd ones, which are widened (`vpmovzxbw`)
+//! against activations stored evens first ([`Q16::swizzle`]). (3-bit codes were once a bit stream
+//! decoded by the shuffle and multiply; the planar layout made the int8 kernel possible and costs
+//! this one about 15% on large matrices, see BENCHMARKS.md.)
 //! A block is up to 128 activations (per-OC: the largest of 128, 64, 32 dividing the group,
 //! so a block never straddles two scales); its int32 sums are converted and scaled once.
 //!
@@ -131,7 +135,7 @@ pub struct Q16 {
     pub q: Vec<i16>,
     pub d: Vec<f32>,
     pub block: usize,
-    /// `q` with each whole step of 32 reordered as the 4-bit kernel reads codes: even
+    /// `q` with each whole step of 32 reordered as the 3- and 4-bit kernels read codes: even
     /// positions first, then odd ones (empty unless asked for).
     pub swizzled: Vec<i16>,
 }
@@ -146,7 +150,7 @@ impl Q16 {
         Q16 { q, d, block, swizzled: Vec::new() }
     }
 
-    /// Fills `swizzled` (for the 4-bit kernel).
+    /// Fills `swizzled` (for the 3- and 4-bit kernels).
     pub fn swizzle(mut self) -> Self {
         let mut w = self.q.clone();
         for (w, q) in w.chunks_exact_mut(QB).zip(self.q.chunks_exact(QB)) {
@@ -283,15 +287,21 @@ pub(crate) enum Prepared<A = Q16> {
     Ic { v: Vec<A> },
 }
 
-/// Per-OC: `x` (gathered by the act-order permutation) rounded in blocks, swizzled for 4-bit
-/// codes, and `sum_{c in k} x̂[c]` per group `k`.
+/// Whether the kernel reads `b`-bit codes as even and odd halves ([`Q16::swizzle`]): 4-bit
+/// codes (low and high nibbles) and 3-bit ones (planar chunks, [`bits::chunk3_avx2`]).
+fn swizzles(bits: u8) -> bool {
+    matches!(bits, 3 | 4)
+}
+
+/// Per-OC: `x` (gathered by the act-order permutation) rounded in blocks, swizzled for 3- and
+/// 4-bit codes, and `sum_{c in k} x̂[c]` per group `k`.
 fn prepare_oc(p: &PackedLinear, x: &[f32]) -> (Q16, Vec<f32>) {
     let (cols, l, block) = (p.cols, p.layout, block_size(p));
     let x = match &p.perm {
         Some(perm) => Q16::new(&perm.iter().map(|&c| x[c as usize]).collect::<Vec<_>>(), block),
         None => Q16::new(x, block),
     };
-    let x = if l.bits == 4 { x.swizzle() } else { x };
+    let x = if swizzles(l.bits) { x.swizzle() } else { x };
     let xsum = group_sums(&x, cols, l.group);
     (x, xsum)
 }
@@ -306,7 +316,7 @@ pub(crate) fn prepare(p: &PackedLinear, x: &[f32]) -> Prepared {
         }
         Axis::Ic => {
             let groups = p.rows.div_ceil(l.group);
-            let v = (0..groups).into_par_iter().map(|kr| Q16::scaled(&p.scales[kr * cols..(kr + 1) * cols], x, &p.zeros[kr * cols..(kr + 1) * cols], block, l.bits == 4).0).collect();
+            let v = (0..groups).into_par_iter().map(|kr| Q16::scaled(&p.scales[kr * cols..(kr + 1) * cols], x, &p.zeros[kr * cols..(kr + 1) * cols], block, swizzles(l.bits)).0).collect();
             Prepared::Ic { v }
         }
     }
@@ -318,9 +328,10 @@ pub(crate) fn supported(p: &PackedLinear) -> bool {
     matches!(l.bits, 2 | 3 | 4 | 8) && (l.axis == Axis::Ic || l.group % QB == 0)
 }
 
-/// `sum_c code[c] v̂[c]` over codes `c0..c1` of a row, in plain Rust (tails and reference).
-fn dot_scalar(row: &[u8], bits: u8, v: &Q16, c0: usize, c1: usize) -> f32 {
-    (c0..c1).map(|c| f32::from(bits::get(row, c, bits)) * v.value(c)).sum()
+/// `sum_c w(c) code[c] v̂[c]` over codes `c0..c1` of a row (of `v.q.len()` codes), in plain
+/// Rust (the tails the kernels leave; per-OC `w` is the column's group scale).
+fn dot_scalar(row: &[u8], bits: u8, v: &Q16, c0: usize, c1: usize, w: impl Fn(usize) -> f32) -> f32 {
+    (c0..c1).map(|c| w(c) * f32::from(bits::code(row, v.q.len(), c, bits)) * v.value(c)).sum()
 }
 
 /// Per-lane constants of the decoder for `B`-bit codes: for 16-bit lane `j` of the first
@@ -358,9 +369,26 @@ fn decoder_tables(b: usize) -> ([[i8; 32]; 2], [[i16; 16]; 2]) {
 #[target_feature(enable = "avx2,fma")]
 unsafe fn row_sum_avx2<const B: usize>(rp: *const u8, x: &Q16, cols: usize, s: &[f32], per: usize, t: &Tables) -> std::arch::x86_64::__m256 {
     use std::arch::x86_64::*;
-    let qp = if B == 4 { x.swizzled.as_ptr() } else { x.q.as_ptr() };
+    let qp = if B == 3 || B == 4 { x.swizzled.as_ptr() } else { x.q.as_ptr() };
+    // int32 lane sums of both steps of planar 3-bit chunk `ch` (even codes times the swizzled
+    // activations' even half of each step, odd codes the odd half).
+    let pair3 = |ch: usize| {
+        let [e, o] = bits::chunk3_avx2(rp.add(ch * bits::CHUNK3_BYTES));
+        let xp = qp.add(ch * bits::CHUNK3);
+        let sum = |e: __m128i, o: __m128i, xp: *const i16| {
+            let a = _mm256_madd_epi16(_mm256_cvtepu8_epi16(e), _mm256_loadu_si256(xp as *const __m256i));
+            _mm256_add_epi32(a, _mm256_madd_epi16(_mm256_cvtepu8_epi16(o), _mm256_loadu_si256(xp.add(16) as *const __m256i)))
+        };
+        [
+            sum(_mm256_castsi256_si128(e), _mm256_castsi256_si128(o), xp),
+            sum(_mm256_extracti128_si256::<1>(e), _mm256_extracti128_si256::<1>(o), xp.add(QB)),
+        ]
+    };
     // int32 lane sums of 32 codes times their activations (step j of the row).
     let step = |j: usize| {
+        if B == 3 {
+            return pair3(j / 2)[j % 2];
+        }
         if B == 8 {
             // Bytes are codes: widen 16 at a time.
             let a = _mm256_cvtepu8_epi16(_mm_loadu_si128(rp.add(j * 32) as *const __m128i));
@@ -394,7 +422,7 @@ unsafe fn row_sum_avx2<const B: usize>(rp: *const u8, x: &Q16, cols: usize, s: &
         let xb = _mm256_loadu_si256(qp.add(j * QB + 16) as *const __m256i);
         _mm256_add_epi32(_mm256_madd_epi16(a, xa), _mm256_madd_epi16(b, xb))
     };
-    let steps = cols / QB;
+    let steps = kernel_steps(B, cols);
     let per_block = x.block / QB;
     let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
     // The group of block b is b / per, counted up instead of divided (a division per block
@@ -402,10 +430,15 @@ unsafe fn row_sum_avx2<const B: usize>(rp: *const u8, x: &Q16, cols: usize, s: &
     let (mut b, mut k, mut in_group) = (0, 0, 0);
     while b * per_block < steps {
         let (j0, j1) = (b * per_block, ((b + 1) * per_block).min(steps));
-        let mut acc = step(j0);
-        for j in j0 + 1..j1 {
-            acc = _mm256_add_epi32(acc, step(j));
-        }
+        let acc = if B == 3 && per_block % 2 == 0 {
+            // Whole chunks: each decoded once for its two steps.
+            (j0 / 2..j1 / 2).fold(_mm256_setzero_si256(), |acc, ch| {
+                let [s0, s1] = pair3(ch);
+                _mm256_add_epi32(acc, _mm256_add_epi32(s0, s1))
+            })
+        } else {
+            (j0 + 1..j1).fold(step(j0), |acc, j| _mm256_add_epi32(acc, step(j)))
+        };
         let scale = _mm256_set1_ps(s[k] * x.d[b]);
         in_group += 1;
         if in_group == per {
@@ -420,6 +453,26 @@ unsafe fn row_sum_avx2<const B: usize>(rp: *const u8, x: &Q16, cols: usize, s: &
         b += 1;
     }
     _mm256_add_ps(a0, a1)
+}
+
+/// Whole steps of 32 codes the AVX2 kernel takes of a row (3-bit: those of whole planar chunks;
+/// the stream-packed rest is the caller's tail).
+fn kernel_steps(bits: usize, cols: usize) -> usize {
+    if bits == 3 {
+        cols / bits::CHUNK3 * 2
+    } else {
+        cols / QB
+    }
+}
+
+/// Checks that the kernel's loads of `steps` steps stay inside `row` (its codes and what follows).
+fn assert_row_holds(bits: usize, steps: usize, row: &[u8]) {
+    let end = match (bits, steps) {
+        (_, 0) => 0,
+        (3, s) => s / 2 * bits::CHUNK3_BYTES,
+        (b, s) => (s - 1) * 4 * b + 16,
+    };
+    assert!(end <= row.len(), "packed row too short for its codes");
 }
 
 /// The decoder's constants in registers, built once per matvec.
@@ -453,13 +506,12 @@ impl Tables {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn row_oc_avx2<const B: usize>(p: &PackedLinear, x: &Q16, xsum: &[f32], r: usize, row: &[u8], t: &Tables) -> f32 {
-    let (cols, pc) = (p.cols, xsum.len());
-    let steps = cols / QB;
-    assert!(steps == 0 || (steps - 1) * 4 * B + 16 <= row.len(), "packed row too short for its codes");
+    let (cols, pc, g) = (p.cols, xsum.len(), p.layout.group);
+    let steps = kernel_steps(B, cols);
+    assert_row_holds(B, steps, row);
     let (s, z) = (&p.scales[r * pc..(r + 1) * pc], &p.zeros[r * pc..(r + 1) * pc]);
-    let body = hsum(row_sum_avx2::<B>(row.as_ptr(), x, cols, s, p.layout.group / x.block, t));
-    // The last cols % 32 codes lie in the last group.
-    let tail = s[pc - 1] * dot_scalar(row, B as u8, x, steps * QB, cols);
+    let body = hsum(row_sum_avx2::<B>(row.as_ptr(), x, cols, s, g / x.block, t));
+    let tail = dot_scalar(row, B as u8, x, steps * QB, cols, |c| s[c / g]);
     let zx: f32 = s.iter().zip(z).zip(xsum).map(|((s, z), x)| s * z * x).sum();
     body + tail - zx
 }
@@ -472,10 +524,10 @@ unsafe fn row_oc_avx2<const B: usize>(p: &PackedLinear, x: &Q16, xsum: &[f32], r
 #[target_feature(enable = "avx2,fma")]
 unsafe fn row_ic_avx2<const B: usize>(row: &[u8], v: &Q16, bias: f32, t: &Tables) -> f32 {
     let cols = v.q.len();
-    let steps = cols / QB;
-    assert!(steps == 0 || (steps - 1) * 4 * B + 16 <= row.len(), "packed row too short for its codes");
+    let steps = kernel_steps(B, cols);
+    assert_row_holds(B, steps, row);
     let body = hsum(row_sum_avx2::<B>(row.as_ptr(), v, cols, &[1.0], usize::MAX, t));
-    body + dot_scalar(row, B as u8, v, steps * QB, cols) - bias
+    body + dot_scalar(row, B as u8, v, steps * QB, cols, |_| 1.0) - bias
 }
 
 /// `y = W' x` with the AVX2 kernel; per-IC, each row group's `s x` rounded once
@@ -491,7 +543,7 @@ pub(crate) unsafe fn matvec_avx2(p: &PackedLinear, x: &[f32], y: &mut [f32]) {
     // The row's codes and what follows (the 16-byte loads of 2- and 3-bit steps reach past them).
     let row = |r: usize| &p.codes[r * rb..((r + 1) * rb + bits::PAD).min(p.codes.len())];
     if p.layout.axis == Axis::Ic {
-        let prep = |kr: usize| Q16::scaled(&p.scales[kr * cols..(kr + 1) * cols], x, &p.zeros[kr * cols..(kr + 1) * cols], MAX_BLOCK, bits == 4);
+        let prep = |kr: usize| Q16::scaled(&p.scales[kr * cols..(kr + 1) * cols], x, &p.zeros[kr * cols..(kr + 1) * cols], MAX_BLOCK, swizzles(bits));
         // SAFETY: as the caller's.
         crate::team::grouped_rows(y, g, &prep, &|r, (v, bias)| unsafe {
             match bits {
@@ -531,7 +583,7 @@ pub(crate) fn reference<A: Rounded>(p: &PackedLinear, prep: &Prepared<A>) -> (Ve
     (0..p.rows)
         .map(|r| {
             let row = &p.codes[r * rb..(r + 1) * rb];
-            let code = |c| f64::from(bits::get(row, c, l.bits));
+            let code = |c| f64::from(bits::code(row, cols, c, l.bits));
             // (weight factor, rounded activation, its step) of column c.
             let term = |c: usize| match prep {
                 Prepared::Oc { x, xsum } => {

@@ -1,5 +1,5 @@
-//! The 4-bit (and 8-bit) decode matvec on 8-bit activations, as llama.cpp computes its Q4 products: `x`
-//! rounded to int8 per block of 32 (a step `d = max|block| / 127` each), codes and activations
+//! The 4- and 3-bit (and 8-bit) decode matvec on 8-bit activations, as llama.cpp computes its
+//! Q4 products: `x` rounded to int8 per block of 32 (a step `d = max|block| / 127` each), codes and activations
 //! multiplied byte by byte with `vpmaddubsw`, one float multiply-add per 64 codes.
 //!
 //! Why: [`crate::q16`] widens every code to 16 bits and gets 16 products per `vpmaddwd`; here 32
@@ -13,6 +13,10 @@
 //! `2i + 1` (high), so the activations are stored per step as the 32 even positions then the 32
 //! odd ones ([`Q8::new`]); lanes 0-3 of the int32 sum then belong to the step's first block and
 //! lanes 4-7 to its second, and the step's scale vector is `[d0 x4, d1 x4]`.
+//!
+//! 3-bit codes: a planar chunk of 64 ([`bits::chunk3_avx2`]: 24 bytes, two shifts and masks of
+//! its low plane, two of its high plane, two `or`s) gives the same even and odd codes as a 4-bit
+//! step's nibbles, and the rest of the step is the 4-bit one.
 //!
 //! 8-bit codes (the decode head's layout, per-OC): centred to `code - 128`, which fits int8,
 //! each block of 32 is one signed byte product (`vpsignb` moves the code's sign onto the
@@ -177,11 +181,12 @@ impl Q8 {
     }
 }
 
-/// Whether the int8 kernel handles this layout: 4 bits, per-IC, or per-OC groups of whole steps.
+/// Whether the int8 kernel handles this layout: 3 or 4 bits, per-IC, or per-OC groups of whole
+/// steps; 8 bits per-OC in whole blocks.
 pub fn supported(p: &PackedLinear) -> bool {
     let l = p.layout;
     match l.bits {
-        4 => l.axis == Axis::Ic || l.group % STEP == 0,
+        3 | 4 => l.axis == Axis::Ic || l.group % STEP == 0,
         // The decode head (8-bit RTN, per-OC): whole blocks only.
         8 => l.axis == Axis::Oc && l.group % BLOCK == 0 && p.cols % BLOCK == 0,
         _ => false,
@@ -225,22 +230,23 @@ fn prepare(p: &PackedLinear, x: &[f32]) -> Prepared<Q8> {
     }
 }
 
-/// `sum_c code[c] v̂[c]` over codes `c0..c1` of a row, in plain Rust (tails).
-fn dot_scalar(row: &[u8], v: &Q8, c0: usize, c1: usize) -> f32 {
-    (c0..c1).map(|c| f32::from(bits::get(row, c, 4)) * v.value(c)).sum()
+/// `sum_c code[c] v̂[c]` over codes `c0..c1` of a row of `b`-bit codes, in plain Rust (tails).
+fn dot_scalar(row: &[u8], b: u8, v: &Q8, c0: usize, c1: usize) -> f32 {
+    (c0..c1).map(|c| f32::from(bits::code(row, v.q.len(), c, b)) * v.value(c)).sum()
 }
 
-/// AVX2: `sum_j s[j * STEP / group] * sum_{c in step j} code(c) v̂(c)` over the row's whole steps,
-/// as 8 lane sums (per-IC: `s = [1]`, `group = usize::MAX`).
+/// AVX2: `sum_j s[j * STEP / group] * sum_{c in step j} code(c) v̂(c)` over the row's whole steps
+/// of `B`-bit codes (4: 32 bytes, low nibbles the even codes and high nibbles the odd ones; 3: a
+/// planar chunk, [`bits::chunk3_avx2`]), as 8 lane sums (per-IC: `s = [1]`, `group = usize::MAX`).
 ///
 /// # Safety
-/// AVX2 and FMA; `row` holds the row's `cols / 2` code bytes; `v` has `cols` values.
+/// AVX2 and FMA; `row` holds the row's `cols B / 8` code bytes; `v` has `cols` values.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn row_sum_avx2(row: &[u8], v: &Q8, s: &[f32], group: usize) -> std::arch::x86_64::__m256 {
+unsafe fn row_sum_avx2<const B: usize>(row: &[u8], v: &Q8, s: &[f32], group: usize) -> std::arch::x86_64::__m256 {
     use std::arch::x86_64::*;
     let steps = v.swizzled.len() / STEP;
-    debug_assert!(row.len() >= steps * 32);
+    debug_assert!(row.len() >= steps * STEP * B / 8);
     let (rp, xp, dp) = (row.as_ptr(), v.swizzled.as_ptr(), v.d8.as_ptr());
     let (mask, ones) = (_mm256_set1_epi8(0x0f), _mm256_set1_epi16(1));
     let per = if group == usize::MAX { usize::MAX } else { group / STEP };
@@ -248,12 +254,15 @@ unsafe fn row_sum_avx2(row: &[u8], v: &Q8, s: &[f32], group: usize) -> std::arch
     let (mut k, mut in_group) = (0, 0);
     let mut scale = _mm256_set1_ps(s[0]);
     for j in 0..steps {
-        let c = _mm256_loadu_si256(rp.add(j * 32) as *const __m256i);
-        let lo = _mm256_and_si256(c, mask);
-        let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(c), mask);
+        let [even, odd] = if B == 3 {
+            bits::chunk3_avx2(rp.add(j * bits::CHUNK3_BYTES))
+        } else {
+            let c = _mm256_loadu_si256(rp.add(j * 32) as *const __m256i);
+            [_mm256_and_si256(c, mask), _mm256_and_si256(_mm256_srli_epi16::<4>(c), mask)]
+        };
         let xe = _mm256_loadu_si256(xp.add(j * STEP) as *const __m256i);
         let xo = _mm256_loadu_si256(xp.add(j * STEP + 32) as *const __m256i);
-        let p16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xe), _mm256_maddubs_epi16(hi, xo));
+        let p16 = _mm256_add_epi16(_mm256_maddubs_epi16(even, xe), _mm256_maddubs_epi16(odd, xo));
         let p32 = _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones));
         let d = _mm256_mul_ps(_mm256_loadu_ps(dp.add(j * 8)), scale);
         if j % 2 == 0 {
@@ -320,9 +329,9 @@ unsafe fn row_oc_avx2(p: &PackedLinear, x: &Q8, xsum: &[f32], r: usize, row: &[u
         // The kernel multiplied code - 128: the zero point is z - 128 of those.
         return body - s.iter().zip(z).zip(xsum).map(|((s, z), x)| s * (z - 128.0) * x).sum::<f32>();
     }
-    let body = crate::kernels::hsum(row_sum_avx2(row, x, s, p.layout.group));
+    let body = crate::kernels::hsum(if p.layout.bits == 3 { row_sum_avx2::<3>(row, x, s, p.layout.group) } else { row_sum_avx2::<4>(row, x, s, p.layout.group) });
     // The last cols % 64 codes lie in the last group.
-    let tail = s[pc - 1] * dot_scalar(row, x, cols / STEP * STEP, cols);
+    let tail = s[pc - 1] * dot_scalar(row, p.layout.bits, x, cols / STEP * STEP, cols);
     let zx: f32 = s.iter().zip(z).zip(xsum).map(|((s, z), x)| s * z * x).sum();
     body + tail - zx
 }
@@ -333,10 +342,10 @@ unsafe fn row_oc_avx2(p: &PackedLinear, x: &Q8, xsum: &[f32], r: usize, row: &[u
 /// AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn row_ic_avx2(row: &[u8], v: &Q8, bias: f32) -> f32 {
+unsafe fn row_ic_avx2<const B: usize>(row: &[u8], v: &Q8, bias: f32) -> f32 {
     let cols = v.q.len();
-    let body = crate::kernels::hsum(row_sum_avx2(row, v, &[1.0], usize::MAX));
-    body + dot_scalar(row, v, cols / STEP * STEP, cols) - bias
+    let body = crate::kernels::hsum(row_sum_avx2::<B>(row, v, &[1.0], usize::MAX));
+    body + dot_scalar(row, B as u8, v, cols / STEP * STEP, cols) - bias
 }
 
 /// `y = W' x` on int8 activations. False (and `y` untouched) when this CPU or layout has no
@@ -349,7 +358,13 @@ pub(crate) fn matvec(p: &PackedLinear, x: &[f32], y: &mut [f32]) -> bool {
         if p.layout.axis == Axis::Ic {
             let prep = |kr: usize| Q8::scaled(&p.scales[kr * cols..(kr + 1) * cols], x, &p.zeros[kr * cols..(kr + 1) * cols]);
             // SAFETY: AVX2 and FMA were detected; the row slice holds its codes.
-            team::grouped_rows(y, g, &prep, &|r, (v, bias)| unsafe { row_ic_avx2(row(r), v, *bias) });
+            team::grouped_rows(y, g, &prep, &|r, (v, bias)| unsafe {
+                if p.layout.bits == 3 {
+                    row_ic_avx2::<3>(row(r), v, *bias)
+                } else {
+                    row_ic_avx2::<4>(row(r), v, *bias)
+                }
+            });
             return true;
         }
         let (xq, xsum) = prepare_oc(p, x);

@@ -22,8 +22,9 @@ fn cases() -> Vec<(usize, usize, QuantSpec)> {
         for axis in [Axis::Oc, Axis::Ic] {
             for zero in [Zero::Awq, Zero::Gptq, Zero::Sym] {
                 // SmolLM2 shapes (ragged g128 on 576 and 192), a width that is no multiple of
-                // 8, a group that is no multiple of 8, whole channels.
-                for (rows, cols, group) in [(192, 576, Some(128)), (67, 45, Some(16)), (40, 96, Some(12)), (33, 64, None)] {
+                // 8, a group that is no multiple of 8, whole channels, groups of 32 with a
+                // 48-code tail across two of them (3-bit: after one planar chunk).
+                for (rows, cols, group) in [(192, 576, Some(128)), (67, 45, Some(16)), (40, 96, Some(12)), (33, 64, None), (24, 112, Some(32))] {
                     out.push((rows, cols, QuantSpec { bits, group, axis, zero }));
                 }
             }
@@ -125,8 +126,8 @@ fn rtn_matrices_round_trip_and_multiply() {
     }
     #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-        // 2, 3, 4, 8 bits x (per-IC on all four shapes + per-OC on the two with 32-multiple groups) x 3 zero styles.
-        assert_eq!(int16, 4 * 6 * 3, "cases that ran the int16 kernel");
+        // 2, 3, 4, 8 bits x (per-IC on all five shapes + per-OC on the three with 32-multiple groups) x 3 zero styles.
+        assert_eq!(int16, 4 * 8 * 3, "cases that ran the int16 kernel");
     }
 }
 

@@ -95,23 +95,25 @@ fn rtn_matrices_multiply_on_int8_activations() {
     let mut rng = Rng::new(11);
     let mut ran = 0;
     let mut cases = 0;
-    for axis in [Axis::Oc, Axis::Ic] {
-        for zero in [Zero::Awq, Zero::Gptq, Zero::Sym] {
-            // SmolLM2 shapes (ragged g128 on 576 and 192 rows), 200 columns (3 whole steps and a
-            // tail of 8), a group per-OC cannot use (32: falls back), whole channels.
-            for (rows, cols, group) in [(192, 576, Some(128)), (1536, 576, Some(128)), (67, 200, Some(64)), (40, 96, Some(32)), (33, 128, None)] {
-                let spec = QuantSpec { bits: 4, group, axis, zero };
-                let w = weights(&mut rng, rows, cols);
-                let q = rtn(&w, rows, cols, &spec).unwrap();
-                ran += usize::from(check(&q, &mut rng, &format!("rtn {rows}x{cols} {spec:?}")));
-                cases += 1;
+    for bits in [4, 3] {
+        for axis in [Axis::Oc, Axis::Ic] {
+            for zero in [Zero::Awq, Zero::Gptq, Zero::Sym] {
+                // SmolLM2 shapes (ragged g128 on 576 and 192 rows), 200 columns (3 whole steps
+                // and a tail of 8), a group per-OC cannot use (32: falls back), whole channels.
+                for (rows, cols, group) in [(192, 576, Some(128)), (1536, 576, Some(128)), (67, 200, Some(64)), (40, 96, Some(32)), (33, 128, None)] {
+                    let spec = QuantSpec { bits, group, axis, zero };
+                    let w = weights(&mut rng, rows, cols);
+                    let q = rtn(&w, rows, cols, &spec).unwrap();
+                    ran += usize::from(check(&q, &mut rng, &format!("rtn {rows}x{cols} {spec:?}")));
+                    cases += 1;
+                }
             }
         }
     }
     #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-        // per-IC: all 5 shapes; per-OC: all but group 32; 3 zero styles each.
-        assert_eq!(ran, (5 + 4) * 3, "of {cases} cases, those that ran the int8 kernel");
+        // 4 and 3 bits; per-IC: all 5 shapes; per-OC: all but group 32; 3 zero styles each.
+        assert_eq!(ran, 2 * (5 + 4) * 3, "of {cases} cases, those that ran the int8 kernel");
     }
 }
 
@@ -160,7 +162,7 @@ fn act_order_gptq_on_int8_activations() {
 fn other_widths_fall_back_to_the_int16_kernel() {
     let mut rng = Rng::new(13);
     let w = weights(&mut rng, 64, 256);
-    let q = rtn(&w, 64, 256, &QuantSpec { bits: 3, group: Some(128), axis: Axis::Oc, zero: Zero::Awq }).unwrap();
+    let q = rtn(&w, 64, 256, &QuantSpec { bits: 2, group: Some(128), axis: Axis::Oc, zero: Zero::Awq }).unwrap();
     let p = PackedLinear::from_quantized(&q);
     assert!(!q8::supported(&p));
     let x = rng.normals(256, 1.0);
