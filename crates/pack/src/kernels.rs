@@ -96,6 +96,34 @@ pub(crate) unsafe fn hsum(a: std::arch::x86_64::__m256) -> f32 {
     _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps(h, h, 1)))
 }
 
+/// The per-OC zero-point term of a row, `sum_k s[k] (z[k] - offset) xsum[k]`, eight groups at a
+/// time (as a scalar loop it took a sixth of a large 4-bit int8 matvec: one term per group of
+/// 128 codes against about three instructions per 64 codes in the kernel).
+///
+/// # Safety
+/// AVX2 and FMA; the three slices have the same length.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn zero_term_avx2(s: &[f32], z: &[f32], xsum: &[f32], offset: f32) -> f32 {
+    use std::arch::x86_64::*;
+    let n = s.len();
+    assert!(z.len() == n && xsum.len() == n, "zero term: {} scales, {} zeros, {} sums", n, z.len(), xsum.len());
+    let (sp, zp, xp) = (s.as_ptr(), z.as_ptr(), xsum.as_ptr());
+    let off = _mm256_set1_ps(offset);
+    let mut acc = _mm256_setzero_ps();
+    let n8 = n / 8 * 8;
+    for k in (0..n8).step_by(8) {
+        let sz = _mm256_mul_ps(_mm256_loadu_ps(sp.add(k)), _mm256_sub_ps(_mm256_loadu_ps(zp.add(k)), off));
+        acc = _mm256_fmadd_ps(sz, _mm256_loadu_ps(xp.add(k)), acc);
+    }
+    hsum(acc) + zero_term_ref(&s[n8..], &z[n8..], &xsum[n8..], offset)
+}
+
+/// [`zero_term_avx2`] in plain Rust: the definition it is tested against.
+pub(crate) fn zero_term_ref(s: &[f32], z: &[f32], xsum: &[f32], offset: f32) -> f32 {
+    s.iter().zip(z).zip(xsum).map(|((s, z), x)| s * (z - offset) * x).sum()
+}
+
 /// [`dot_codes`] with AVX2 (per-IC rows: one long dot product).
 ///
 /// # Safety
@@ -421,4 +449,27 @@ pub fn matvec_ref(p: &PackedLinear, x: &[f32]) -> (Vec<f64>, Vec<f64>) {
     w.chunks(p.cols)
         .map(|row| row.iter().zip(x).fold((0.0, 0.0), |(s, a), (&w, &x)| (s + f64::from(w) * f64::from(x), a + (f64::from(w) * f64::from(x)).abs())))
         .unzip()
+}
+
+#[cfg(test)]
+mod tests {
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn zero_term_avx2_sums_as_the_definition() {
+        if !super::simd_available() {
+            return;
+        }
+        let v = |n: usize, seed: usize| (0..n).map(|i| (((i + seed) * 2654435761usize >> 9) % 1000) as f32 / 100.0 - 3.0).collect::<Vec<f32>>();
+        for n in [0, 1, 7, 8, 9, 16, 112, 115] {
+            let (s, z, x) = (v(n, 1), v(n, 2), v(n, 3));
+            for off in [0.0, 128.0] {
+                let want: f64 = (0..n).map(|k| f64::from(s[k]) * (f64::from(z[k]) - off) * f64::from(x[k])).sum();
+                let scale: f64 = (0..n).map(|k| (f64::from(s[k]) * (f64::from(z[k]) - off) * f64::from(x[k])).abs()).sum();
+                // SAFETY: AVX2 and FMA were detected.
+                let got = unsafe { super::zero_term_avx2(&s, &z, &x, off as f32) };
+                assert!((f64::from(got) - want).abs() <= 1e-6 * scale.max(1.0), "n {n} offset {off}: {got} vs {want}");
+                assert!((f64::from(super::zero_term_ref(&s, &z, &x, off as f32)) - want).abs() <= 1e-6 * scale.max(1.0));
+            }
+        }
+    }
 }

@@ -512,7 +512,7 @@ unsafe fn row_oc_avx2<const B: usize>(p: &PackedLinear, x: &Q16, xsum: &[f32], r
     let (s, z) = (&p.scales[r * pc..(r + 1) * pc], &p.zeros[r * pc..(r + 1) * pc]);
     let body = hsum(row_sum_avx2::<B>(row.as_ptr(), x, cols, s, g / x.block, t));
     let tail = dot_scalar(row, B as u8, x, steps * QB, cols, |c| s[c / g]);
-    let zx: f32 = s.iter().zip(z).zip(xsum).map(|((s, z), x)| s * z * x).sum();
+    let zx = crate::kernels::zero_term_avx2(s, z, xsum, 0.0);
     body + tail - zx
 }
 

@@ -327,12 +327,12 @@ unsafe fn row_oc_avx2(p: &PackedLinear, x: &Q8, xsum: &[f32], r: usize, row: &[u
     if p.layout.bits == 8 {
         let body = crate::kernels::hsum(row_sum8_avx2(row, x, s, p.layout.group / BLOCK));
         // The kernel multiplied code - 128: the zero point is z - 128 of those.
-        return body - s.iter().zip(z).zip(xsum).map(|((s, z), x)| s * (z - 128.0) * x).sum::<f32>();
+        return body - crate::kernels::zero_term_avx2(s, z, xsum, 128.0);
     }
     let body = crate::kernels::hsum(if p.layout.bits == 3 { row_sum_avx2::<3>(row, x, s, p.layout.group) } else { row_sum_avx2::<4>(row, x, s, p.layout.group) });
     // The last cols % 64 codes lie in the last group.
     let tail = s[pc - 1] * dot_scalar(row, p.layout.bits, x, cols / STEP * STEP, cols);
-    let zx: f32 = s.iter().zip(z).zip(xsum).map(|((s, z), x)| s * z * x).sum();
+    let zx = crate::kernels::zero_term_avx2(s, z, xsum, 0.0);
     body + tail - zx
 }
 
