@@ -140,20 +140,40 @@ impl PackedLinear {
     }
 
     /// Rows `r0..r0 + out.len() / cols` of `W'` into `out` (row-major, original column order).
+    /// Each row's codes are unpacked to bytes first ([`bits::unpack_row`]) and the formula runs
+    /// over whole groups (per-OC) or whole rows of params (per-IC), loops the compiler vectorizes.
     pub fn dequantize_rows(&self, r0: usize, out: &mut [f32]) {
         let (cols, l) = (self.cols, self.layout);
         let (_, pc) = l.param_shape(self.rows, cols);
         let rb = bits::row_bytes(cols, l.bits);
+        let mut codes = vec![0u8; cols];
+        // Stored order, before the act-order permutation scatters it.
+        let mut stored = if self.perm.is_some() { vec![0f32; cols] } else { Vec::new() };
         for (i, w) in out.chunks_mut(cols).enumerate() {
             let r = r0 + i;
-            let row = &self.codes[r * rb..(r + 1) * rb];
-            for p in 0..cols {
-                let k = match l.axis {
-                    Axis::Oc => r * pc + p / l.group,
-                    Axis::Ic => (r / l.group) * pc + p,
-                };
-                let c = self.perm.as_ref().map_or(p, |perm| perm[p] as usize);
-                w[c] = self.scales[k] * (f32::from(bits::code(row, cols, p, l.bits)) - self.zeros[k]);
+            bits::unpack_row(&self.codes[r * rb..(r + 1) * rb], cols, l.bits, &mut codes);
+            let dst: &mut [f32] = if self.perm.is_some() { &mut stored } else { w };
+            match l.axis {
+                Axis::Oc => {
+                    for (k, (d, q)) in dst.chunks_mut(l.group).zip(codes.chunks(l.group)).enumerate() {
+                        let (s, z) = (self.scales[r * pc + k], self.zeros[r * pc + k]);
+                        for (d, &q) in d.iter_mut().zip(q) {
+                            *d = s * (f32::from(q) - z);
+                        }
+                    }
+                }
+                Axis::Ic => {
+                    let kr = r / l.group;
+                    let (s, z) = (&self.scales[kr * pc..(kr + 1) * pc], &self.zeros[kr * pc..(kr + 1) * pc]);
+                    for (((d, &q), &s), &z) in dst.iter_mut().zip(&codes).zip(s).zip(z) {
+                        *d = s * (f32::from(q) - z);
+                    }
+                }
+            }
+            if let Some(perm) = &self.perm {
+                for (&c, &v) in perm.iter().zip(&stored) {
+                    w[c as usize] = v;
+                }
             }
         }
     }

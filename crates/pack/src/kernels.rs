@@ -104,6 +104,7 @@ pub(crate) unsafe fn hsum(a: std::arch::x86_64::__m256) -> f32 {
 /// AVX2 and FMA; the three slices have the same length.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
+#[inline]
 pub(crate) unsafe fn zero_term_avx2(s: &[f32], z: &[f32], xsum: &[f32], offset: f32) -> f32 {
     use std::arch::x86_64::*;
     let n = s.len();
@@ -270,9 +271,7 @@ fn rows_body(p: &PackedLinear, prep: &Prepared, r0: usize, y: &mut [f32], simd: 
         // may reach a few bytes past the row (masked away).
         let mut row = &p.codes[r * rb..((r + 1) * rb + bits::PAD).min(p.codes.len())];
         if l.bits == 3 {
-            for (c, u) in unpacked[..cols].iter_mut().enumerate() {
-                *u = bits::code(row, cols, c, 3);
-            }
+            bits::unpack_row(row, cols, 3, &mut unpacked);
             row = &unpacked;
         }
         let l = crate::format::Layout { bits: width, ..l };

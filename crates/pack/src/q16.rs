@@ -330,6 +330,7 @@ pub(crate) fn supported(p: &PackedLinear) -> bool {
 
 /// `sum_c w(c) code[c] v̂[c]` over codes `c0..c1` of a row (of `v.q.len()` codes), in plain
 /// Rust (the tails the kernels leave; per-OC `w` is the column's group scale).
+#[inline]
 fn dot_scalar(row: &[u8], bits: u8, v: &Q16, c0: usize, c1: usize, w: impl Fn(usize) -> f32) -> f32 {
     (c0..c1).map(|c| w(c) * f32::from(bits::code(row, v.q.len(), c, bits)) * v.value(c)).sum()
 }

@@ -231,6 +231,7 @@ fn prepare(p: &PackedLinear, x: &[f32]) -> Prepared<Q8> {
 }
 
 /// `sum_c code[c] v̂[c]` over codes `c0..c1` of a row of `b`-bit codes, in plain Rust (tails).
+#[inline]
 fn dot_scalar(row: &[u8], b: u8, v: &Q8, c0: usize, c1: usize) -> f32 {
     (c0..c1).map(|c| f32::from(bits::code(row, v.q.len(), c, b)) * v.value(c)).sum()
 }
