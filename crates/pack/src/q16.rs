@@ -8,11 +8,11 @@
 //! lane gets the two bytes holding its code), two `vpmullw` (a left shift by a per-lane amount
 //! puts the code at the top of its lane; the bits above fall off), two shifts right, two
 //! `vpmaddwd` against the int16 activations and two adds; the codes come out in their natural
-//! order. 4-bit codes are split into low and high nibbles and 3-bit planar chunks into bytes
-//! ([`bits::chunk3_avx2`]), the even codes and the odd ones, which are widened (`vpmovzxbw`)
-//! against activations stored evens first ([`Q16::swizzle`]). (3-bit codes were once a bit stream
-//! decoded by the shuffle and multiply; the planar layout made the int8 kernel possible and costs
-//! this one about 15% on large matrices, see BENCHMARKS.md.)
+//! order. 3- and 4-bit codes stay bytes: a step of 64 (4-bit low and high nibbles, or a planar
+//! 3-bit chunk, [`bits::chunk3_avx2`]) gives the even codes and the odd ones, and the int16
+//! activations are stored split into high and low bytes in that order ([`Q16::split`]), so
+//! `vpmaddubsw` multiplies 32 codes by 32 bytes at once, as in the int8 kernel of [`crate::q8`]
+//! ([`row_sum_split_avx2`]).
 //! A block is up to 128 activations (per-OC: the largest of 128, 64, 32 dividing the group,
 //! so a block never straddles two scales); its int32 sums are converted and scaled once.
 //!
@@ -135,9 +135,12 @@ pub struct Q16 {
     pub q: Vec<i16>,
     pub d: Vec<f32>,
     pub block: usize,
-    /// `q` with each whole step of 32 reordered as the 3- and 4-bit kernels read codes: even
-    /// positions first, then odd ones (empty unless asked for).
-    pub swizzled: Vec<i16>,
+    /// High bytes of `q` (signed) for the 3- and 4-bit kernels: each whole step of [`SPLIT`]
+    /// values as they read codes, the 32 even positions then the 32 odd ones (empty unless asked
+    /// for, [`Q16::split`]).
+    pub hi: Vec<i8>,
+    /// Low bytes of `q` (unsigned), in the order of `hi`: `q = 256 hi + lo`.
+    pub lo: Vec<u8>,
 }
 
 impl Q16 {
@@ -147,19 +150,42 @@ impl Q16 {
     pub fn new(x: &[f32], block: usize) -> Self {
         let mut q = vec![0i16; x.len()];
         let d = x.chunks(block).zip(q.chunks_mut(block)).map(|(x, q)| round_block(x, q, QMAX, |v| v as i16)).collect();
-        Q16 { q, d, block, swizzled: Vec::new() }
+        Q16 { q, d, block, hi: Vec::new(), lo: Vec::new() }
     }
 
-    /// Fills `swizzled` (for the 3- and 4-bit kernels).
-    pub fn swizzle(mut self) -> Self {
-        let mut w = self.q.clone();
-        for (w, q) in w.chunks_exact_mut(QB).zip(self.q.chunks_exact(QB)) {
-            for i in 0..QB / 2 {
-                w[i] = q[2 * i];
-                w[QB / 2 + i] = q[2 * i + 1];
+    /// Fills `hi` and `lo` (for the 3- and 4-bit kernels): with AVX2 where the CPU has it, the
+    /// same bytes as [`Q16::split_ref`].
+    pub fn split(self) -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if crate::kernels::simd_available() {
+            let mut me = self;
+            let steps = me.q.len() / SPLIT;
+            let (mut hi, mut lo) = (vec![0i8; steps * SPLIT], vec![0u8; steps * SPLIT]);
+            for j in 0..steps {
+                // SAFETY: AVX2 was detected; step j's 64 values and bytes are in bounds.
+                unsafe {
+                    use std::arch::x86_64::*;
+                    let n = std::array::from_fn(|i| _mm256_loadu_si256(me.q.as_ptr().add(j * SPLIT + 16 * i) as *const __m256i));
+                    split_step_avx2(n, hi.as_mut_ptr().add(j * SPLIT), lo.as_mut_ptr().add(j * SPLIT));
+                }
+            }
+            (me.hi, me.lo) = (hi, lo);
+            return me;
+        }
+        self.split_ref()
+    }
+
+    /// [`Q16::split`] in plain Rust: the definition.
+    pub fn split_ref(mut self) -> Self {
+        let steps = self.q.len() / SPLIT;
+        let (mut hi, mut lo) = (vec![0i8; steps * SPLIT], vec![0u8; steps * SPLIT]);
+        for (j, q) in self.q.chunks_exact(SPLIT).enumerate() {
+            for (i, &v) in q.iter().enumerate() {
+                let at = j * SPLIT + (i % 2) * (SPLIT / 2) + i / 2;
+                (hi[at], lo[at]) = ((v >> 8) as i8, v as u8);
             }
         }
-        self.swizzled = w;
+        (self.hi, self.lo) = (hi, lo);
         self
     }
 
@@ -169,48 +195,47 @@ impl Q16 {
     }
 
     /// `v = s * x` rounded in blocks of `block` (the per-IC activations of one row group), with
-    /// `swizzled` filled when `swizzle` (4-bit codes), and `sum_c z[c] v̂[c]`: with AVX2 for
+    /// `hi` and `lo` filled when `split` (3- and 4-bit codes), and `sum_c z[c] v̂[c]`: with AVX2 for
     /// blocks of [`MAX_BLOCK`] where the CPU has it (the same values as [`Q16::scaled_ref`]; the
     /// sum in another order).
-    pub fn scaled(s: &[f32], x: &[f32], z: &[f32], block: usize, swizzle: bool) -> (Self, f32) {
+    pub fn scaled(s: &[f32], x: &[f32], z: &[f32], block: usize, split: bool) -> (Self, f32) {
         #[cfg(target_arch = "x86_64")]
         if block == MAX_BLOCK && crate::kernels::simd_available() {
             // SAFETY: AVX2 and FMA were detected.
-            return unsafe { Self::scaled_avx2(s, x, z, swizzle) };
+            return unsafe { Self::scaled_avx2(s, x, z, split) };
         }
-        Self::scaled_ref(s, x, z, block, swizzle)
+        Self::scaled_ref(s, x, z, block, split)
     }
 
     /// [`Q16::scaled`] in plain Rust: the definition the AVX2 version is tested against.
-    pub fn scaled_ref(s: &[f32], x: &[f32], z: &[f32], block: usize, swizzle: bool) -> (Self, f32) {
+    pub fn scaled_ref(s: &[f32], x: &[f32], z: &[f32], block: usize, split: bool) -> (Self, f32) {
         let q = Q16::new(&s.iter().zip(x).map(|(s, x)| s * x).collect::<Vec<_>>(), block);
-        let q = if swizzle { q.swizzle() } else { q };
+        let q = if split { q.split_ref() } else { q };
         // sum_c z[c] v̂[c], block by block (no division per value).
         let bias = z.chunks(block).zip(q.q.chunks(block)).zip(&q.d).map(|((z, qb), d)| d * z.iter().zip(qb).map(|(z, &q)| z * f32::from(q)).sum::<f32>()).sum::<f32>();
         (q, bias)
     }
 
     /// [`Q16::scaled`] with AVX2 on blocks of [`MAX_BLOCK`]: each whole block multiplied, rounded
-    /// and packed to int16 in registers, stored in natural order and (`swizzle`) in the 4-bit
-    /// kernel's; a short last block in plain Rust. It runs per row group on every per-IC
-    /// matvec, and in plain Rust cost a fifth of the product's time.
+    /// and packed to int16 in registers, stored in natural order and (`split`) as the 3- and
+    /// 4-bit kernels read it; a short last block in plain Rust. It runs per row group on every
+    /// per-IC matvec, and in plain Rust cost a fifth of the product's time.
     ///
     /// # Safety
     /// AVX2 and FMA.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn scaled_avx2(s: &[f32], x: &[f32], z: &[f32], swizzle: bool) -> (Self, f32) {
+    unsafe fn scaled_avx2(s: &[f32], x: &[f32], z: &[f32], split: bool) -> (Self, f32) {
         use std::arch::x86_64::*;
         const B: usize = MAX_BLOCK;
         let n = x.len();
         assert!(s.len() == n && z.len() == n, "scaled: {} scales and {} zeros for {n} values", s.len(), z.len());
         let blocks = n / B;
         let mut q = vec![0i16; n];
-        let mut swizzled = if swizzle { vec![0i16; n] } else { Vec::new() };
+        let split_len = if split { n / SPLIT * SPLIT } else { 0 };
+        let (mut hi, mut lo) = (vec![0i8; split_len], vec![0u8; split_len]);
         let mut d = Vec::with_capacity(n.div_ceil(B));
-        let (sp, xp, zp, qp, wp) = (s.as_ptr(), x.as_ptr(), z.as_ptr(), q.as_mut_ptr(), swizzled.as_mut_ptr());
-        // Within each 16-byte lane: the even int16 positions, then the odd ones.
-        let even_odd = _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15, 0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15);
+        let (sp, xp, zp, qp) = (s.as_ptr(), x.as_ptr(), z.as_ptr(), q.as_mut_ptr());
         // sum_c z[c] d(c) q[c], lane by lane.
         let mut zq = _mm256_setzero_ps();
         for b in 0..blocks {
@@ -222,37 +247,63 @@ impl Q16 {
                 zq = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(zp.add(o + 8 * i)), dv), _mm256_cvtepi32_ps(*r), zq);
             }
             d.push(db);
-            // Each step of 32: two registers of 16 values in natural order.
-            for k in 0..B / QB {
-                let (c, j) = (o + k * QB, 4 * k);
-                let n0 = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packs_epi32(r[j], r[j + 1]));
-                let n1 = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packs_epi32(r[j + 2], r[j + 3]));
-                _mm256_storeu_si256(qp.add(c) as *mut __m256i, n0);
-                _mm256_storeu_si256(qp.add(c + 16) as *mut __m256i, n1);
-                if swizzle {
-                    // Evens of positions 0-15 and 16-31, then their odds.
-                    let e0 = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_shuffle_epi8(n0, even_odd));
-                    let e1 = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_shuffle_epi8(n1, even_odd));
-                    let w = wp.add(c);
-                    _mm256_storeu_si256(w as *mut __m256i, _mm256_permute2x128_si256::<0x20>(e0, e1));
-                    _mm256_storeu_si256(w.add(16) as *mut __m256i, _mm256_permute2x128_si256::<0x31>(e0, e1));
+            // Sixteen values per register in natural order, then each step of 64 split.
+            let nat: [__m256i; B / 16] = std::array::from_fn(|i| _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packs_epi32(r[2 * i], r[2 * i + 1])));
+            for (i, v) in nat.iter().enumerate() {
+                _mm256_storeu_si256(qp.add(o + 16 * i) as *mut __m256i, *v);
+            }
+            if split {
+                for k in 0..B / SPLIT {
+                    let c = o + k * SPLIT;
+                    split_step_avx2(std::array::from_fn(|i| nat[4 * k + i]), hi.as_mut_ptr().add(c), lo.as_mut_ptr().add(c));
                 }
             }
         }
         let mut bias = crate::kernels::hsum(zq);
         if blocks * B < n {
-            // The short last block, and the swizzle of its whole steps.
+            // The short last block, and the split of its whole steps.
             let o = blocks * B;
-            let (tail, tb) = Self::scaled_ref(&s[o..], &x[o..], &z[o..], B, swizzle);
+            let (tail, tb) = Self::scaled_ref(&s[o..], &x[o..], &z[o..], B, split);
             q[o..].copy_from_slice(&tail.q);
-            if swizzle {
-                swizzled[o..].copy_from_slice(&tail.swizzled);
+            if split {
+                hi[o..].copy_from_slice(&tail.hi);
+                lo[o..].copy_from_slice(&tail.lo);
             }
             d.push(tail.d[0]);
             bias += tb;
         }
-        (Q16 { q, d, block: B, swizzled }, bias)
+        (Q16 { q, d, block: B, hi, lo }, bias)
     }
+}
+
+/// Activations per step of the 3- and 4-bit kernels (their `hi` / `lo` order).
+pub const SPLIT: usize = 64;
+
+/// One step of 64 int16 values (natural order, sixteen per register) stored as [`Q16::split`]
+/// does: high and low bytes, each as the even positions then the odd ones.
+///
+/// # Safety
+/// AVX2; `hi` and `lo` have 64 writable bytes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn split_step_avx2(n: [std::arch::x86_64::__m256i; 4], hi: *mut i8, lo: *mut u8) {
+    use std::arch::x86_64::*;
+    let m = _mm256_set1_epi16(0xff);
+    // Within each 16-byte lane: the even bytes, then the odd ones.
+    let even_odd = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15, 0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+    // 32 values as bytes, `pack`ed as [0-7, 16-23 | 8-15, 24-31]; the shuffle makes each 4 bytes
+    // the evens or odds of one run of 8 and the dword permutation orders the runs: [evens | odds].
+    let runs = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    let half = |packed: __m256i| _mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(packed, even_odd), runs);
+    let lo01 = half(_mm256_packus_epi16(_mm256_and_si256(n[0], m), _mm256_and_si256(n[1], m)));
+    let lo23 = half(_mm256_packus_epi16(_mm256_and_si256(n[2], m), _mm256_and_si256(n[3], m)));
+    let hi01 = half(_mm256_packs_epi16(_mm256_srai_epi16::<8>(n[0]), _mm256_srai_epi16::<8>(n[1])));
+    let hi23 = half(_mm256_packs_epi16(_mm256_srai_epi16::<8>(n[2]), _mm256_srai_epi16::<8>(n[3])));
+    _mm256_storeu_si256(lo as *mut __m256i, _mm256_permute2x128_si256::<0x20>(lo01, lo23));
+    _mm256_storeu_si256(lo.add(32) as *mut __m256i, _mm256_permute2x128_si256::<0x31>(lo01, lo23));
+    _mm256_storeu_si256(hi as *mut __m256i, _mm256_permute2x128_si256::<0x20>(hi01, hi23));
+    _mm256_storeu_si256(hi.add(32) as *mut __m256i, _mm256_permute2x128_si256::<0x31>(hi01, hi23));
 }
 
 /// Activations rounded to integers in blocks, as the integer kernels read them.
@@ -287,13 +338,14 @@ pub(crate) enum Prepared<A = Q16> {
     Ic { v: Vec<A> },
 }
 
-/// Whether the kernel reads `b`-bit codes as even and odd halves ([`Q16::swizzle`]): 4-bit
-/// codes (low and high nibbles) and 3-bit ones (planar chunks, [`bits::chunk3_avx2`]).
-fn swizzles(bits: u8) -> bool {
+/// Whether the kernel reads `b`-bit codes as bytes, even and odd halves of steps of 64, against
+/// split activations ([`Q16::split`]): 4-bit codes (low and high nibbles) and 3-bit ones
+/// (planar chunks, [`bits::chunk3_avx2`]).
+fn splits(bits: u8) -> bool {
     matches!(bits, 3 | 4)
 }
 
-/// Per-OC: `x` (gathered by the act-order permutation) rounded in blocks, swizzled for 3- and
+/// Per-OC: `x` (gathered by the act-order permutation) rounded in blocks, split for 3- and
 /// 4-bit codes, and `sum_{c in k} x̂[c]` per group `k`.
 fn prepare_oc(p: &PackedLinear, x: &[f32]) -> (Q16, Vec<f32>) {
     let (cols, l, block) = (p.cols, p.layout, block_size(p));
@@ -301,7 +353,7 @@ fn prepare_oc(p: &PackedLinear, x: &[f32]) -> (Q16, Vec<f32>) {
         Some(perm) => Q16::new(&perm.iter().map(|&c| x[c as usize]).collect::<Vec<_>>(), block),
         None => Q16::new(x, block),
     };
-    let x = if swizzles(l.bits) { x.swizzle() } else { x };
+    let x = if splits(l.bits) { x.split() } else { x };
     let xsum = group_sums(&x, cols, l.group);
     (x, xsum)
 }
@@ -316,7 +368,7 @@ pub(crate) fn prepare(p: &PackedLinear, x: &[f32]) -> Prepared {
         }
         Axis::Ic => {
             let groups = p.rows.div_ceil(l.group);
-            let v = (0..groups).into_par_iter().map(|kr| Q16::scaled(&p.scales[kr * cols..(kr + 1) * cols], x, &p.zeros[kr * cols..(kr + 1) * cols], block, swizzles(l.bits)).0).collect();
+            let v = (0..groups).into_par_iter().map(|kr| Q16::scaled(&p.scales[kr * cols..(kr + 1) * cols], x, &p.zeros[kr * cols..(kr + 1) * cols], block, splits(l.bits)).0).collect();
             Prepared::Ic { v }
         }
     }
@@ -370,26 +422,9 @@ fn decoder_tables(b: usize) -> ([[i8; 32]; 2], [[i16; 16]; 2]) {
 #[target_feature(enable = "avx2,fma")]
 unsafe fn row_sum_avx2<const B: usize>(rp: *const u8, x: &Q16, cols: usize, s: &[f32], per: usize, t: &Tables) -> std::arch::x86_64::__m256 {
     use std::arch::x86_64::*;
-    let qp = if B == 3 || B == 4 { x.swizzled.as_ptr() } else { x.q.as_ptr() };
-    // int32 lane sums of both steps of planar 3-bit chunk `ch` (even codes times the swizzled
-    // activations' even half of each step, odd codes the odd half).
-    let pair3 = |ch: usize| {
-        let [e, o] = bits::chunk3_avx2(rp.add(ch * bits::CHUNK3_BYTES));
-        let xp = qp.add(ch * bits::CHUNK3);
-        let sum = |e: __m128i, o: __m128i, xp: *const i16| {
-            let a = _mm256_madd_epi16(_mm256_cvtepu8_epi16(e), _mm256_loadu_si256(xp as *const __m256i));
-            _mm256_add_epi32(a, _mm256_madd_epi16(_mm256_cvtepu8_epi16(o), _mm256_loadu_si256(xp.add(16) as *const __m256i)))
-        };
-        [
-            sum(_mm256_castsi256_si128(e), _mm256_castsi256_si128(o), xp),
-            sum(_mm256_extracti128_si256::<1>(e), _mm256_extracti128_si256::<1>(o), xp.add(QB)),
-        ]
-    };
+    let qp = x.q.as_ptr();
     // int32 lane sums of 32 codes times their activations (step j of the row).
     let step = |j: usize| {
-        if B == 3 {
-            return pair3(j / 2)[j % 2];
-        }
         if B == 8 {
             // Bytes are codes: widen 16 at a time.
             let a = _mm256_cvtepu8_epi16(_mm_loadu_si128(rp.add(j * 32) as *const __m128i));
@@ -398,49 +433,37 @@ unsafe fn row_sum_avx2<const B: usize>(rp: *const u8, x: &Q16, cols: usize, s: &
             let xb = _mm256_loadu_si256(qp.add(j * QB + 16) as *const __m256i);
             return _mm256_add_epi32(_mm256_madd_epi16(a, xa), _mm256_madd_epi16(b, xb));
         }
-        if B == 4 {
-            // Nibbles: low ones are the even codes, high ones the odd codes (the activations
-            // are stored in that order for 4 bits, see `Q16::swizzle`).
-            let v = _mm_loadu_si128(rp.add(j * 16) as *const __m128i);
-            let m = _mm_set1_epi8(0x0f);
-            let a = _mm256_cvtepu8_epi16(_mm_and_si128(v, m));
-            let b = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16::<4>(v), m));
-            let xa = _mm256_loadu_si256(qp.add(j * QB) as *const __m256i);
-            let xb = _mm256_loadu_si256(qp.add(j * QB + 16) as *const __m256i);
-            return _mm256_add_epi32(_mm256_madd_epi16(a, xa), _mm256_madd_epi16(b, xb));
-        }
         let raw = _mm256_broadcastsi128_si256(_mm_loadu_si128(rp.add(j * 4 * B) as *const __m128i));
         let lift = |sh, mul| {
             let w = _mm256_mullo_epi16(_mm256_shuffle_epi8(raw, sh), mul);
-            match B {
-                2 => _mm256_srli_epi16::<14>(w),
-                3 => _mm256_srli_epi16::<13>(w),
-                _ => _mm256_srli_epi16::<12>(w),
-            }
+            _mm256_srli_epi16::<14>(w)
         };
         let (a, b) = (lift(t.shuf[0], t.mul[0]), lift(t.shuf[1], t.mul[1]));
         let xa = _mm256_loadu_si256(qp.add(j * QB) as *const __m256i);
         let xb = _mm256_loadu_si256(qp.add(j * QB + 16) as *const __m256i);
         _mm256_add_epi32(_mm256_madd_epi16(a, xa), _mm256_madd_epi16(b, xb))
     };
-    let steps = kernel_steps(B, cols);
-    let per_block = x.block / QB;
+    block_sums(cols / QB, x.block / QB, per, s, &x.d, step)
+}
+
+/// `sum_b s[b / per] d[b] * step sums of block b` over `steps` steps of `per_block` each (the
+/// last block may be short), as 8 lane sums: the block loop of both int16 kernels.
+///
+/// # Safety
+/// AVX2 and FMA; `s` and `d` cover every block.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn block_sums(steps: usize, per_block: usize, per: usize, s: &[f32], d: &[f32], step: impl Fn(usize) -> std::arch::x86_64::__m256i) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
     let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
     // The group of block b is b / per, counted up instead of divided (a division per block
     // cost as much as the block's own arithmetic on small rows).
     let (mut b, mut k, mut in_group) = (0, 0, 0);
     while b * per_block < steps {
         let (j0, j1) = (b * per_block, ((b + 1) * per_block).min(steps));
-        let acc = if B == 3 && per_block % 2 == 0 {
-            // Whole chunks: each decoded once for its two steps.
-            (j0 / 2..j1 / 2).fold(_mm256_setzero_si256(), |acc, ch| {
-                let [s0, s1] = pair3(ch);
-                _mm256_add_epi32(acc, _mm256_add_epi32(s0, s1))
-            })
-        } else {
-            (j0 + 1..j1).fold(step(j0), |acc, j| _mm256_add_epi32(acc, step(j)))
-        };
-        let scale = _mm256_set1_ps(s[k] * x.d[b]);
+        let acc = (j0 + 1..j1).fold(step(j0), |acc, j| _mm256_add_epi32(acc, step(j)));
+        let scale = _mm256_set1_ps(s[k] * d[b]);
         in_group += 1;
         if in_group == per {
             (k, in_group) = (k + 1, 0);
@@ -456,24 +479,67 @@ unsafe fn row_sum_avx2<const B: usize>(rp: *const u8, x: &Q16, cols: usize, s: &
     _mm256_add_ps(a0, a1)
 }
 
-/// Whole steps of 32 codes the AVX2 kernel takes of a row (3-bit: those of whole planar chunks;
-/// the stream-packed rest is the caller's tail).
-fn kernel_steps(bits: usize, cols: usize) -> usize {
-    if bits == 3 {
-        cols / bits::CHUNK3 * 2
-    } else {
-        cols / QB
+/// AVX2, 3- and 4-bit codes: `sum_b scale(b) * sum_{c in block b} code(c) q(c)` over the row's
+/// whole steps of [`SPLIT`] codes (as [`row_sum_avx2`]), on split activations: with
+/// `q = 256 hi + lo`, each step is `vpmaddubsw` of the codes (bytes, even and odd halves: 4-bit
+/// nibbles or a planar 3-bit chunk) with `hi` (signed) and of `lo` (unsigned) with the codes,
+/// two `vpmaddwd` (by 256 and by 1) and an add: 64 int16 products in 4 multiplies, where
+/// widening the codes took 4 `vpmaddwd` and 4 widenings. No int16 sum saturates: pairs of
+/// code x hi are at most 2 * 15 * 128 and two of them 7680; code x lo pairs 2 * 15 * 255, two
+/// 15300. A block of 128 adds two steps in int32 (at most 2^23 per lane).
+///
+/// # Safety
+/// AVX2 and FMA; `rp` has the row's `64 B / 8` bytes per whole step; `s` covers every block.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn row_sum_split_avx2<const B: usize>(rp: *const u8, x: &Q16, s: &[f32], per: usize) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    let steps = x.hi.len() / SPLIT;
+    let (hp, lp) = (x.hi.as_ptr(), x.lo.as_ptr());
+    let (mask, by256, ones) = (_mm256_set1_epi8(0x0f), _mm256_set1_epi16(256), _mm256_set1_epi16(1));
+    // int32 sums of step j: lanes 0-3 from its first 32 codes, lanes 4-7 from its last 32.
+    let step = |j: usize| {
+        let [e, o] = if B == 3 {
+            bits::chunk3_avx2(rp.add(j * bits::CHUNK3_BYTES))
+        } else {
+            let c = _mm256_loadu_si256(rp.add(j * 32) as *const __m256i);
+            [_mm256_and_si256(c, mask), _mm256_and_si256(_mm256_srli_epi16::<4>(c), mask)]
+        };
+        let ld = |p: *const u8| _mm256_loadu_si256(p as *const __m256i);
+        let (h, l) = (hp.add(j * SPLIT) as *const u8, lp.add(j * SPLIT));
+        let ph = _mm256_add_epi16(_mm256_maddubs_epi16(e, ld(h)), _mm256_maddubs_epi16(o, ld(h.add(32))));
+        let pl = _mm256_add_epi16(_mm256_maddubs_epi16(ld(l), e), _mm256_maddubs_epi16(ld(l.add(32)), o));
+        _mm256_add_epi32(_mm256_madd_epi16(ph, by256), _mm256_madd_epi16(pl, ones))
+    };
+    if x.block >= SPLIT {
+        return block_sums(steps, x.block / SPLIT, per, s, &x.d, step);
     }
+    // Blocks of 32 (groups of an odd number of 32s): a step's halves are blocks 2j, 2j + 1.
+    let mut a = _mm256_setzero_ps();
+    for j in 0..steps {
+        let (d0, d1) = (s[2 * j / per] * x.d[2 * j], s[(2 * j + 1) / per] * x.d[2 * j + 1]);
+        a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(step(j)), _mm256_setr_ps(d0, d0, d0, d0, d1, d1, d1, d1), a);
+    }
+    a
 }
 
-/// Checks that the kernel's loads of `steps` steps stay inside `row` (its codes and what follows).
-fn assert_row_holds(bits: usize, steps: usize, row: &[u8]) {
-    let end = match (bits, steps) {
-        (_, 0) => 0,
-        (3, s) => s / 2 * bits::CHUNK3_BYTES,
-        (b, s) => (s - 1) * 4 * b + 16,
-    };
-    assert!(end <= row.len(), "packed row too short for its codes");
+/// One row's kernel sum (per-OC: `s` the row's group scales, `per` blocks per group; per-IC
+/// `s = [1]`, `per = usize::MAX`) and how many of its codes it covered (the caller adds the rest).
+///
+/// # Safety
+/// AVX2 and FMA; `row` is the row's codes followed by at least 8 bytes (the next row or the
+/// buffer's padding): the 16-byte load of a 2-bit row's last step reaches past its codes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn body_avx2<const B: usize>(row: &[u8], x: &Q16, cols: usize, s: &[f32], per: usize, t: &Tables) -> (f32, usize) {
+    if B == 3 || B == 4 {
+        let steps = x.hi.len() / SPLIT;
+        assert!(steps * SPLIT <= cols && steps * SPLIT * B / 8 <= row.len(), "packed row too short for its codes");
+        return (hsum(row_sum_split_avx2::<B>(row.as_ptr(), x, s, per)), steps * SPLIT);
+    }
+    let steps = cols / QB;
+    assert!(steps == 0 || (steps - 1) * 4 * B + 16 <= row.len(), "packed row too short for its codes");
+    (hsum(row_sum_avx2::<B>(row.as_ptr(), x, cols, s, per, t)), steps * QB)
 }
 
 /// The decoder's constants in registers, built once per matvec.
@@ -488,10 +554,10 @@ impl Tables {
     /// # Safety
     /// AVX2 (checked by the caller: only built when the AVX2 kernel runs).
     #[target_feature(enable = "avx2")]
-    pub(crate) unsafe fn new(bits: u8) -> Self {
+    pub(crate) unsafe fn new() -> Self {
         use std::arch::x86_64::*;
-        // 8-bit codes are widened directly; the tables are unused (built for 4 bits).
-        let (s, m) = decoder_tables(if bits == 8 { 4 } else { bits as usize });
+        // Only 2-bit codes are decoded by shuffle and multiply.
+        let (s, m) = decoder_tables(2);
         let ld8 = |a: &[i8; 32]| _mm256_loadu_si256(a.as_ptr() as *const __m256i);
         let ld16 = |a: &[i16; 16]| _mm256_loadu_si256(a.as_ptr() as *const __m256i);
         Tables { shuf: [ld8(&s[0]), ld8(&s[1])], mul: [ld16(&m[0]), ld16(&m[1])] }
@@ -502,33 +568,27 @@ impl Tables {
 /// One per-OC output row with AVX2, from the rounded `x` and its group sums.
 ///
 /// # Safety
-/// AVX2 and FMA; `row` is the row's codes followed by at least 8 bytes (the next row or the
-/// buffer's padding), so the 16-byte load of its last whole step stays inside the buffer.
+/// As [`body_avx2`].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn row_oc_avx2<const B: usize>(p: &PackedLinear, x: &Q16, xsum: &[f32], r: usize, row: &[u8], t: &Tables) -> f32 {
     let (cols, pc, g) = (p.cols, xsum.len(), p.layout.group);
-    let steps = kernel_steps(B, cols);
-    assert_row_holds(B, steps, row);
     let (s, z) = (&p.scales[r * pc..(r + 1) * pc], &p.zeros[r * pc..(r + 1) * pc]);
-    let body = hsum(row_sum_avx2::<B>(row.as_ptr(), x, cols, s, g / x.block, t));
-    let tail = dot_scalar(row, B as u8, x, steps * QB, cols, |c| s[c / g]);
-    let zx = crate::kernels::zero_term_avx2(s, z, xsum, 0.0);
-    body + tail - zx
+    let (body, done) = body_avx2::<B>(row, x, cols, s, g / x.block, t);
+    let tail = dot_scalar(row, B as u8, x, done, cols, |c| s[c / g]);
+    body + tail - crate::kernels::zero_term_avx2(s, z, xsum, 0.0)
 }
 
 /// One per-IC output row with AVX2, from its row group's rounded `s x` and zero-point sum.
 ///
 /// # Safety
-/// As [`row_oc_avx2`].
+/// As [`body_avx2`].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn row_ic_avx2<const B: usize>(row: &[u8], v: &Q16, bias: f32, t: &Tables) -> f32 {
     let cols = v.q.len();
-    let steps = kernel_steps(B, cols);
-    assert_row_holds(B, steps, row);
-    let body = hsum(row_sum_avx2::<B>(row.as_ptr(), v, cols, &[1.0], usize::MAX, t));
-    body + dot_scalar(row, B as u8, v, steps * QB, cols, |_| 1.0) - bias
+    let (body, done) = body_avx2::<B>(row, v, cols, &[1.0], usize::MAX, t);
+    body + dot_scalar(row, B as u8, v, done, cols, |_| 1.0) - bias
 }
 
 /// `y = W' x` with the AVX2 kernel; per-IC, each row group's `s x` rounded once
@@ -539,12 +599,12 @@ unsafe fn row_ic_avx2<const B: usize>(row: &[u8], v: &Q16, bias: f32, t: &Tables
 #[cfg(target_arch = "x86_64")]
 pub(crate) unsafe fn matvec_avx2(p: &PackedLinear, x: &[f32], y: &mut [f32]) {
     let (cols, g, bits) = (p.cols, p.layout.group, p.layout.bits);
-    let t = Tables::new(bits);
+    let t = Tables::new();
     let rb = bits::row_bytes(cols, bits);
     // The row's codes and what follows (the 16-byte loads of 2- and 3-bit steps reach past them).
     let row = |r: usize| &p.codes[r * rb..((r + 1) * rb + bits::PAD).min(p.codes.len())];
     if p.layout.axis == Axis::Ic {
-        let prep = |kr: usize| Q16::scaled(&p.scales[kr * cols..(kr + 1) * cols], x, &p.zeros[kr * cols..(kr + 1) * cols], MAX_BLOCK, swizzles(bits));
+        let prep = |kr: usize| Q16::scaled(&p.scales[kr * cols..(kr + 1) * cols], x, &p.zeros[kr * cols..(kr + 1) * cols], MAX_BLOCK, splits(bits));
         // SAFETY: as the caller's.
         crate::team::grouped_rows(y, g, &prep, &|r, (v, bias)| unsafe {
             match bits {

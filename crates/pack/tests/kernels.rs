@@ -91,17 +91,28 @@ fn per_ic_preparation_with_avx2_rounds_as_the_definition() {
     let mut rng = Rng::new(9);
     // Whole blocks of 128, a short last block, a short last step, shorter than one block.
     for n in [128 * 5, 128 * 3 + 40, 128 + 17, 100, 32] {
-        for swizzle in [false, true] {
+        for split in [false, true] {
             let (s, mut x) = (rng.normals(n, 0.1), rng.normals(n, 1.0));
             x[n / 2] = 500.0;
             let z: Vec<f32> = (0..n).map(|i| (i % 16) as f32).collect();
             if n > 300 {
                 x[200] = f32::INFINITY; // poisons block 1 only
             }
-            let (fast, fb) = Q16::scaled(&s, &x, &z, 128, swizzle);
-            let (want, wb) = Q16::scaled_ref(&s, &x, &z, 128, swizzle);
+            let (fast, fb) = Q16::scaled(&s, &x, &z, 128, split);
+            let (want, wb) = Q16::scaled_ref(&s, &x, &z, 128, split);
             assert_eq!(fast.q, want.q, "n {n}: rounded values");
-            assert_eq!(fast.swizzled, want.swizzled, "n {n} swizzle {swizzle}");
+            assert_eq!((&fast.hi, &fast.lo), (&want.hi, &want.lo), "n {n} split {split}");
+            if split {
+                // The split's definition: q = 256 hi + lo, each step of 64 as its evens then odds.
+                assert_eq!(want.hi.len(), n / 64 * 64);
+                for (c, &q) in want.q[..want.hi.len()].iter().enumerate() {
+                    let at = c / 64 * 64 + (c % 2) * 32 + (c % 64) / 2;
+                    assert_eq!(256 * i32::from(want.hi[at]) + i32::from(want.lo[at]), i32::from(q), "n {n} value {c}");
+                }
+                // And the per-OC split (from rounded values in memory) as the definition.
+                let (a, b) = (Q16::new(&x, 64).split(), Q16::new(&x, 64).split_ref());
+                assert_eq!((a.hi, a.lo), (b.hi, b.lo), "n {n}");
+            }
             assert_eq!(fast.d.len(), want.d.len());
             for (a, b) in fast.d.iter().zip(&want.d) {
                 assert!(a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()), "n {n}: step {a} vs {b}");
