@@ -387,11 +387,11 @@ fn dot_scalar(row: &[u8], bits: u8, v: &Q16, c0: usize, c1: usize, w: impl Fn(us
     (c0..c1).map(|c| w(c) * f32::from(bits::code(row, v.q.len(), c, bits)) * v.value(c)).sum()
 }
 
-/// Per-lane constants of the decoder for `B`-bit codes: for 16-bit lane `j` of the first
-/// (codes 0..16) and second (codes 16..32) vector, the shuffle that fetches the two bytes
-/// holding code `j`, and the power of two that lifts the code to the lane's top bits.
-/// A window starts at the code's byte, or one earlier where that byte is the last of the 16
-/// loaded (4-bit codes 30 and 31), so it never reaches past the load.
+/// Per-lane constants of the bit-stream decoder for `b`-bit codes (used for 2 bits): for 16-bit
+/// lane `j` of the first (codes 0..16) and second (codes 16..32) vector, the shuffle that
+/// fetches the two bytes holding code `j`, and the power of two that lifts the code to the
+/// lane's top bits. A window starts at the code's byte, or one earlier where that byte is the
+/// last of the 16 loaded, so it never reaches past the load.
 #[cfg(target_arch = "x86_64")]
 fn decoder_tables(b: usize) -> ([[i8; 32]; 2], [[i16; 16]; 2]) {
     let (mut shuf, mut mul) = ([[0i8; 32]; 2], [[0i16; 16]; 2]);
@@ -409,14 +409,14 @@ fn decoder_tables(b: usize) -> ([[i8; 32]; 2], [[i16; 16]; 2]) {
     (shuf, mul)
 }
 
-/// AVX2: `sum_b scale(b) * sum_{c in block b} code(c) q(c)` over the `cols` codes of a row
-/// (`cols / 32` whole steps; the caller adds the last `cols % 32`), as 8 lane sums, with
+/// AVX2, 2- and 8-bit codes: `sum_b scale(b) * sum_{c in block b} code(c) q(c)` over the `cols`
+/// codes of a row (`cols / 32` whole steps; the caller adds the last `cols % 32`), as 8 lane sums, with
 /// `scale(b) = s[b / per] * d[b]` (per-OC: the row's group scale times the block's step; per-IC
 /// `s = [1]`, `per = usize::MAX`).
 ///
 /// # Safety
 /// AVX2 and FMA; `rp` points at the row's first byte with 16 bytes readable behind the start
-/// of its last whole step (a row's padding or the next row covers the 3- and 2-bit overshoot);
+/// of its last whole step (a row's padding or the next row covers the 2-bit overshoot);
 /// `x.q` has `cols` values; `s` covers every block.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
@@ -563,7 +563,6 @@ impl Tables {
         Tables { shuf: [ld8(&s[0]), ld8(&s[1])], mul: [ld16(&m[0]), ld16(&m[1])] }
     }
 }
-
 
 /// One per-OC output row with AVX2, from the rounded `x` and its group sums.
 ///
