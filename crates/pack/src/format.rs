@@ -121,6 +121,14 @@ impl PackedLinear {
         self.perm.is_some()
     }
 
+    /// `x` in stored column order: gathered by the act-order permutation, or `x` itself.
+    pub(crate) fn stored_order<'a>(&self, x: &'a [f32]) -> std::borrow::Cow<'a, [f32]> {
+        match &self.perm {
+            Some(perm) => perm.iter().map(|&c| x[c as usize]).collect::<Vec<_>>().into(),
+            None => x.into(),
+        }
+    }
+
     /// Bytes this linear takes on disk, as its layout declares them.
     pub fn stored_bytes(&self) -> usize {
         self.layout.bytes(self.rows, self.cols, self.permuted())

@@ -208,10 +208,7 @@ fn prepare(p: &PackedLinear, x: &[f32]) -> Prepared {
     let (cols, l) = (p.cols, p.layout);
     match l.axis {
         Axis::Oc => {
-            let x: Vec<f32> = match &p.perm {
-                Some(perm) => perm.iter().map(|&c| x[c as usize]).collect(),
-                None => x.to_vec(),
-            };
+            let x = p.stored_order(x).into_owned();
             let xsum = x.chunks(l.group).map(|g| g.iter().sum()).collect();
             Prepared::Oc { x, xsum }
         }

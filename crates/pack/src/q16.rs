@@ -349,18 +349,21 @@ fn splits(bits: u8) -> bool {
 /// 4-bit codes, and `sum_{c in k} x̂[c]` per group `k`.
 fn prepare_oc(p: &PackedLinear, x: &[f32]) -> (Q16, Vec<f32>) {
     let (cols, l, block) = (p.cols, p.layout, block_size(p));
-    let x = match &p.perm {
-        Some(perm) => Q16::new(&perm.iter().map(|&c| x[c as usize]).collect::<Vec<_>>(), block),
-        None => Q16::new(x, block),
-    };
+    let x = Q16::new(&p.stored_order(x), block);
     let x = if splits(l.bits) { x.split() } else { x };
     let xsum = group_sums(&x, cols, l.group);
     (x, xsum)
 }
 
+/// Per-IC: row group `kr`'s `s x` rounded in blocks of [`MAX_BLOCK`] (split for 3- and 4-bit
+/// codes) and its zero-point sum.
+fn prepare_ic(p: &PackedLinear, x: &[f32], kr: usize) -> (Q16, f32) {
+    let cols = p.cols;
+    Q16::scaled(&p.scales[kr * cols..(kr + 1) * cols], x, &p.zeros[kr * cols..(kr + 1) * cols], MAX_BLOCK, splits(p.layout.bits))
+}
+
 pub(crate) fn prepare(p: &PackedLinear, x: &[f32]) -> Prepared {
-    let (cols, l) = (p.cols, p.layout);
-    let block = block_size(p);
+    let l = p.layout;
     match l.axis {
         Axis::Oc => {
             let (x, xsum) = prepare_oc(p, x);
@@ -368,7 +371,7 @@ pub(crate) fn prepare(p: &PackedLinear, x: &[f32]) -> Prepared {
         }
         Axis::Ic => {
             let groups = p.rows.div_ceil(l.group);
-            let v = (0..groups).into_par_iter().map(|kr| Q16::scaled(&p.scales[kr * cols..(kr + 1) * cols], x, &p.zeros[kr * cols..(kr + 1) * cols], block, splits(l.bits)).0).collect();
+            let v = (0..groups).into_par_iter().map(|kr| prepare_ic(p, x, kr).0).collect();
             Prepared::Ic { v }
         }
     }
@@ -600,10 +603,10 @@ pub(crate) unsafe fn matvec_avx2(p: &PackedLinear, x: &[f32], y: &mut [f32]) {
     let (cols, g, bits) = (p.cols, p.layout.group, p.layout.bits);
     let t = Tables::new();
     let rb = bits::row_bytes(cols, bits);
-    // The row's codes and what follows (the 16-byte loads of 2- and 3-bit steps reach past them).
+    // The row's codes and what follows (the 16-byte loads of 2-bit steps reach past them).
     let row = |r: usize| &p.codes[r * rb..((r + 1) * rb + bits::PAD).min(p.codes.len())];
     if p.layout.axis == Axis::Ic {
-        let prep = |kr: usize| Q16::scaled(&p.scales[kr * cols..(kr + 1) * cols], x, &p.zeros[kr * cols..(kr + 1) * cols], MAX_BLOCK, splits(bits));
+        let prep = |kr: usize| prepare_ic(p, x, kr);
         // SAFETY: as the caller's.
         crate::team::grouped_rows(y, g, &prep, &|r, (v, bias)| unsafe {
             match bits {

@@ -206,25 +206,28 @@ impl Rounded for Q8 {
 /// per group `k`.
 fn prepare_oc(p: &PackedLinear, x: &[f32]) -> (Q8, Vec<f32>) {
     let (cols, g) = (p.cols, p.layout.group);
-    let x = match &p.perm {
-        Some(perm) => Q8::new(&perm.iter().map(|&c| x[c as usize]).collect::<Vec<_>>()),
-        None => Q8::new(x),
-    };
+    let x = Q8::new(&p.stored_order(x));
     let xsum = crate::q16::group_sums(&x, cols, g);
     (x, xsum)
+}
+
+/// Per-IC: row group `kr`'s `s x` rounded to int8 and its zero-point sum.
+fn prepare_ic(p: &PackedLinear, x: &[f32], kr: usize) -> (Q8, f32) {
+    let cols = p.cols;
+    Q8::scaled(&p.scales[kr * cols..(kr + 1) * cols], x, &p.zeros[kr * cols..(kr + 1) * cols])
 }
 
 /// What every row needs from `x` ([`Prepared`]), rounded to int8 (the reference's; the per-IC
 /// matvec rounds per row group as it goes).
 fn prepare(p: &PackedLinear, x: &[f32]) -> Prepared<Q8> {
-    let (cols, l) = (p.cols, p.layout);
+    let l = p.layout;
     match l.axis {
         Axis::Oc => {
             let (x, xsum) = prepare_oc(p, x);
             Prepared::Oc { x, xsum }
         }
         Axis::Ic => {
-            let v = (0..p.rows.div_ceil(l.group)).into_par_iter().map(|kr| Q8::scaled(&p.scales[kr * cols..(kr + 1) * cols], x, &p.zeros[kr * cols..(kr + 1) * cols]).0).collect();
+            let v = (0..p.rows.div_ceil(l.group)).into_par_iter().map(|kr| prepare_ic(p, x, kr).0).collect();
             Prepared::Ic { v }
         }
     }
@@ -354,10 +357,10 @@ unsafe fn row_ic_avx2<const B: usize>(row: &[u8], v: &Q8, bias: f32) -> f32 {
 pub(crate) fn matvec(p: &PackedLinear, x: &[f32], y: &mut [f32]) -> bool {
     #[cfg(target_arch = "x86_64")]
     if supported(p) && crate::kernels::simd_available() {
-        let (rb, cols, g) = (bits::row_bytes(p.cols, p.layout.bits), p.cols, p.layout.group);
+        let (rb, g) = (bits::row_bytes(p.cols, p.layout.bits), p.layout.group);
         let row = |r: usize| &p.codes[r * rb..(r + 1) * rb];
         if p.layout.axis == Axis::Ic {
-            let prep = |kr: usize| Q8::scaled(&p.scales[kr * cols..(kr + 1) * cols], x, &p.zeros[kr * cols..(kr + 1) * cols]);
+            let prep = |kr: usize| prepare_ic(p, x, kr);
             // SAFETY: AVX2 and FMA were detected; the row slice holds its codes.
             team::grouped_rows(y, g, &prep, &|r, (v, bias)| unsafe {
                 if p.layout.bits == 3 {
