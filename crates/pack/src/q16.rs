@@ -130,7 +130,7 @@ pub(crate) unsafe fn round_block_avx2<const V: usize>(v: &[std::arch::x86_64::__
 const QMAX: f32 = 32767.0;
 
 /// Activations rounded to int16 per block of `block`: value `i` is `q[i] * d[i / block]`.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Q16 {
     pub q: Vec<i16>,
     pub d: Vec<f32>,
@@ -199,12 +199,21 @@ impl Q16 {
     /// blocks of [`MAX_BLOCK`] where the CPU has it (the same values as [`Q16::scaled_ref`]; the
     /// sum in another order).
     pub fn scaled(s: &[f32], x: &[f32], z: &[f32], block: usize, split: bool) -> (Self, f32) {
+        let mut v = Self::default();
+        let bias = v.scaled_into(s, x, z, block, split);
+        (v, bias)
+    }
+
+    /// [`Q16::scaled`] into `self`, reusing its buffers (whatever they held is replaced).
+    pub fn scaled_into(&mut self, s: &[f32], x: &[f32], z: &[f32], block: usize, split: bool) -> f32 {
         #[cfg(target_arch = "x86_64")]
         if block == MAX_BLOCK && crate::kernels::simd_available() {
             // SAFETY: AVX2 and FMA were detected.
-            return unsafe { Self::scaled_avx2(s, x, z, split) };
+            return unsafe { self.scaled_avx2(s, x, z, split) };
         }
-        Self::scaled_ref(s, x, z, block, split)
+        let (v, bias) = Self::scaled_ref(s, x, z, block, split);
+        *self = v;
+        bias
     }
 
     /// [`Q16::scaled`] in plain Rust: the definition the AVX2 version is tested against.
@@ -225,27 +234,39 @@ impl Q16 {
     /// AVX2 and FMA.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn scaled_avx2(s: &[f32], x: &[f32], z: &[f32], split: bool) -> (Self, f32) {
+    unsafe fn scaled_avx2(&mut self, s: &[f32], x: &[f32], z: &[f32], split: bool) -> f32 {
         use std::arch::x86_64::*;
         const B: usize = MAX_BLOCK;
         let n = x.len();
         assert!(s.len() == n && z.len() == n, "scaled: {} scales and {} zeros for {n} values", s.len(), z.len());
         let blocks = n / B;
-        let mut q = vec![0i16; n];
+        // Every element below is written again: only the lengths matter.
+        let Q16 { q, d, block, hi, lo } = self;
+        *block = B;
+        q.resize(n, 0);
         let split_len = if split { n / SPLIT * SPLIT } else { 0 };
-        let (mut hi, mut lo) = (vec![0i8; split_len], vec![0u8; split_len]);
-        let mut d = Vec::with_capacity(n.div_ceil(B));
+        hi.resize(split_len, 0);
+        lo.resize(split_len, 0);
+        d.clear();
         let (sp, xp, zp, qp) = (s.as_ptr(), x.as_ptr(), z.as_ptr(), q.as_mut_ptr());
-        // sum_c z[c] d(c) q[c], lane by lane.
+        // sum_c z[c] d(c) q[c], lane by lane: per block sum_c z[c] q[c] on two chains, then one
+        // multiply-add by its step.
         let mut zq = _mm256_setzero_ps();
         for b in 0..blocks {
             let o = b * B;
+            // The scale and zero rows stream from memory: ask for them ahead.
+            for l in (0..B * 4).step_by(64) {
+                crate::kernels::prefetch((sp.add(o) as *const u8).wrapping_add(l));
+                crate::kernels::prefetch((zp.add(o) as *const u8).wrapping_add(l));
+            }
             let v: [__m256; B / 8] = std::array::from_fn(|i| _mm256_mul_ps(_mm256_loadu_ps(sp.add(o + 8 * i)), _mm256_loadu_ps(xp.add(o + 8 * i))));
             let (r, db) = round_block_avx2(&v, QMAX);
-            let dv = _mm256_set1_ps(db);
-            for (i, r) in r.iter().enumerate() {
-                zq = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(zp.add(o + 8 * i)), dv), _mm256_cvtepi32_ps(*r), zq);
+            let zr = |i: usize, a: __m256| _mm256_fmadd_ps(_mm256_loadu_ps(zp.add(o + 8 * i)), _mm256_cvtepi32_ps(r[i]), a);
+            let (mut t0, mut t1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+            for i in (0..B / 8).step_by(2) {
+                (t0, t1) = (zr(i, t0), zr(i + 1, t1));
             }
+            zq = _mm256_fmadd_ps(_mm256_add_ps(t0, t1), _mm256_set1_ps(db), zq);
             d.push(db);
             // Sixteen values per register in natural order, then each step of 64 split.
             let nat: [__m256i; B / 16] = std::array::from_fn(|i| _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packs_epi32(r[2 * i], r[2 * i + 1])));
@@ -272,7 +293,7 @@ impl Q16 {
             d.push(tail.d[0]);
             bias += tb;
         }
-        (Q16 { q, d, block: B, hi, lo }, bias)
+        bias
     }
 }
 
@@ -356,10 +377,15 @@ fn prepare_oc(p: &PackedLinear, x: &[f32]) -> (Q16, Vec<f32>) {
 }
 
 /// Per-IC: row group `kr`'s `s x` rounded in blocks of [`MAX_BLOCK`] (split for 3- and 4-bit
-/// codes) and its zero-point sum.
-fn prepare_ic(p: &PackedLinear, x: &[f32], kr: usize) -> (Q16, f32) {
+/// codes) and its zero-point sum, into `slot`.
+fn prepare_ic(p: &PackedLinear, x: &[f32], kr: usize, slot: &mut (Q16, f32)) {
     let cols = p.cols;
-    Q16::scaled(&p.scales[kr * cols..(kr + 1) * cols], x, &p.zeros[kr * cols..(kr + 1) * cols], MAX_BLOCK, splits(p.layout.bits))
+    slot.1 = slot.0.scaled_into(&p.scales[kr * cols..(kr + 1) * cols], x, &p.zeros[kr * cols..(kr + 1) * cols], MAX_BLOCK, splits(p.layout.bits));
+}
+
+thread_local! {
+    /// The per-IC matvec's row-group slots, reused from call to call ([`crate::team::grouped_rows`]).
+    static SLOTS: std::cell::Cell<Vec<(Q16, f32)>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
 pub(crate) fn prepare(p: &PackedLinear, x: &[f32]) -> Prepared {
@@ -371,7 +397,11 @@ pub(crate) fn prepare(p: &PackedLinear, x: &[f32]) -> Prepared {
         }
         Axis::Ic => {
             let groups = p.rows.div_ceil(l.group);
-            let v = (0..groups).into_par_iter().map(|kr| prepare_ic(p, x, kr).0).collect();
+            let v = (0..groups).into_par_iter().map(|kr| {
+                let mut slot = Default::default();
+                prepare_ic(p, x, kr, &mut slot);
+                slot.0
+            }).collect();
             Prepared::Ic { v }
         }
     }
@@ -428,6 +458,7 @@ unsafe fn row_sum_avx2<const B: usize>(rp: *const u8, x: &Q16, cols: usize, s: &
     let qp = x.q.as_ptr();
     // int32 lane sums of 32 codes times their activations (step j of the row).
     let step = |j: usize| {
+        crate::kernels::prefetch(rp.add(j * 4 * B));
         if B == 8 {
             // Bytes are codes: widen 16 at a time.
             let a = _mm256_cvtepu8_epi16(_mm_loadu_si128(rp.add(j * 32) as *const __m128i));
@@ -502,6 +533,7 @@ unsafe fn row_sum_split_avx2<const B: usize>(rp: *const u8, x: &Q16, s: &[f32], 
     let (mask, by256, ones) = (_mm256_set1_epi8(0x0f), _mm256_set1_epi16(256), _mm256_set1_epi16(1));
     // int32 sums of step j: lanes 0-3 from its first 32 codes, lanes 4-7 from its last 32.
     let step = |j: usize| {
+        crate::kernels::prefetch(rp.add(j * SPLIT * B / 8));
         let [e, o] = if B == 3 {
             bits::chunk3_avx2(rp.add(j * bits::CHUNK3_BYTES))
         } else {
@@ -606,15 +638,17 @@ pub(crate) unsafe fn matvec_avx2(p: &PackedLinear, x: &[f32], y: &mut [f32]) {
     // The row's codes and what follows (the 16-byte loads of 2-bit steps reach past them).
     let row = |r: usize| &p.codes[r * rb..((r + 1) * rb + bits::PAD).min(p.codes.len())];
     if p.layout.axis == Axis::Ic {
-        let prep = |kr: usize| prepare_ic(p, x, kr);
-        // SAFETY: as the caller's.
-        crate::team::grouped_rows(y, g, &prep, &|r, (v, bias)| unsafe {
-            match bits {
-                2 => row_ic_avx2::<2>(row(r), v, *bias, &t),
-                3 => row_ic_avx2::<3>(row(r), v, *bias, &t),
-                4 => row_ic_avx2::<4>(row(r), v, *bias, &t),
-                _ => row_ic_avx2::<8>(row(r), v, *bias, &t),
-            }
+        let prep = |kr: usize, slot: &mut (Q16, f32)| prepare_ic(p, x, kr, slot);
+        crate::team::with_slots(&SLOTS, p.rows.div_ceil(g), |slots| {
+            // SAFETY: as the caller's.
+            crate::team::grouped_rows(y, g, slots, &prep, &|r, (v, bias)| unsafe {
+                match bits {
+                    2 => row_ic_avx2::<2>(row(r), v, *bias, &t),
+                    3 => row_ic_avx2::<3>(row(r), v, *bias, &t),
+                    4 => row_ic_avx2::<4>(row(r), v, *bias, &t),
+                    _ => row_ic_avx2::<8>(row(r), v, *bias, &t),
+                }
+            })
         });
         return;
     }

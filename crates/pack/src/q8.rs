@@ -46,7 +46,7 @@ pub const BLOCK: usize = 32;
 const QMAX: f32 = 127.0;
 
 /// Activations rounded to int8 per block of [`BLOCK`]: value `i` is `q[i] * d[i / BLOCK]`.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Q8 {
     /// In natural order.
     pub q: Vec<i8>,
@@ -70,12 +70,21 @@ impl Q8 {
     /// one pass without a buffer the size of `x`, and `sum_c z[c] v̂[c]`: with AVX2 where the
     /// CPU has it (the same values as [`Q8::scaled_ref`]; the sum in another order).
     pub fn scaled(s: &[f32], x: &[f32], z: &[f32]) -> (Self, f32) {
+        let mut v = Self::default();
+        let bias = v.scaled_into(s, x, z);
+        (v, bias)
+    }
+
+    /// [`Q8::scaled`] into `self`, reusing its buffers (whatever they held is replaced).
+    pub fn scaled_into(&mut self, s: &[f32], x: &[f32], z: &[f32]) -> f32 {
         #[cfg(target_arch = "x86_64")]
         if crate::kernels::simd_available() {
             // SAFETY: AVX2 and FMA were detected.
-            return unsafe { Self::scaled_avx2(s, x, z) };
+            return unsafe { self.scaled_avx2(s, x, z) };
         }
-        Self::scaled_ref(s, x, z)
+        let (v, bias) = Self::scaled_ref(s, x, z);
+        *self = v;
+        bias
     }
 
     /// [`Q8::scaled`] in plain Rust: the definition the AVX2 version is tested against.
@@ -105,32 +114,45 @@ impl Q8 {
     /// AVX2 and FMA.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn scaled_avx2(s: &[f32], x: &[f32], z: &[f32]) -> (Self, f32) {
+    unsafe fn scaled_avx2(&mut self, s: &[f32], x: &[f32], z: &[f32]) -> f32 {
         use std::arch::x86_64::*;
         let n = x.len();
         assert!(s.len() == n && z.len() == n, "scaled: {} scales and {} zeros for {n} values", s.len(), z.len());
         let (blocks, steps) = (n / BLOCK, n / STEP);
-        let mut q = vec![0i8; n];
-        let mut swizzled = vec![0i8; steps * STEP];
-        let mut d = Vec::with_capacity(n.div_ceil(BLOCK));
-        // sum_c z[c] d(c) q[c], lane by lane.
+        // Every element below is written again: only the lengths matter.
+        let Q8 { q, d, swizzled, d8 } = self;
+        q.resize(n, 0);
+        swizzled.resize(steps * STEP, 0);
+        d.resize(n.div_ceil(BLOCK), 0.0);
+        d8.resize(steps * 8, 0.0);
+        // sum_c z[c] d(c) q[c], lane by lane: per block sum_c z[c] q[c], then one multiply-add
+        // by its step (one dependent FMA per block, not four).
         let mut zq = _mm256_setzero_ps();
         let (sp, xp, zp, qp, wp) = (s.as_ptr(), x.as_ptr(), z.as_ptr(), q.as_mut_ptr(), swizzled.as_mut_ptr());
+        let (dp, d8p) = (d.as_mut_ptr(), d8.as_mut_ptr());
         // Bytes from two `packs` in natural order, then evens | odds within each 16-byte lane.
         let natural = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
         let even_odd = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15, 0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
         for b in 0..blocks {
             let o = b * BLOCK;
+            // The scale and zero rows stream from memory (a row group's are read once per
+            // matvec): ask for them ahead as the kernels ask for codes.
+            for p in [sp.add(o) as *const u8, zp.add(o) as *const u8] {
+                crate::kernels::prefetch(p);
+                crate::kernels::prefetch(p.wrapping_add(64));
+            }
             let v: [__m256; 4] = std::array::from_fn(|i| _mm256_mul_ps(_mm256_loadu_ps(sp.add(o + 8 * i)), _mm256_loadu_ps(xp.add(o + 8 * i))));
             let (r, db) = crate::q16::round_block_avx2(&v, QMAX);
-            let dv = _mm256_set1_ps(db);
-            for (i, r) in r.iter().enumerate() {
-                zq = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(zp.add(o + 8 * i)), dv), _mm256_cvtepi32_ps(*r), zq);
-            }
-            d.push(db);
+            let zr = |i: usize| _mm256_mul_ps(_mm256_loadu_ps(zp.add(o + 8 * i)), _mm256_cvtepi32_ps(r[i]));
+            let zr01 = _mm256_fmadd_ps(_mm256_loadu_ps(zp.add(o + 8)), _mm256_cvtepi32_ps(r[1]), zr(0));
+            let zr23 = _mm256_fmadd_ps(_mm256_loadu_ps(zp.add(o + 24)), _mm256_cvtepi32_ps(r[3]), zr(2));
+            zq = _mm256_fmadd_ps(_mm256_add_ps(zr01, zr23), _mm256_set1_ps(db), zq);
+            dp.add(b).write(db);
             let bytes = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(_mm256_packs_epi32(r[0], r[1]), _mm256_packs_epi32(r[2], r[3])), natural);
             _mm256_storeu_si256(qp.add(o) as *mut __m256i, bytes);
             if b / 2 < steps {
+                // The step's block steps [d0 x4, d1 x4].
+                _mm_storeu_ps(d8p.add(b * 4), _mm_set1_ps(db));
                 // qwords: even bytes of positions 0-15, 16-31, then the odd ones.
                 let eo = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_shuffle_epi8(bytes, even_odd));
                 let w = wp.add((b / 2) * STEP + (b % 2) * (BLOCK / 2));
@@ -144,11 +166,10 @@ impl Q8 {
             let o = blocks * BLOCK;
             let (tail, tb) = Self::scaled_ref(&s[o..], &x[o..], &z[o..]);
             q[o..].copy_from_slice(&tail.q);
-            d.push(tail.d[0]);
+            d[blocks] = tail.d[0];
             bias += tb;
         }
-        let d8 = Self::steps8(&d, steps);
-        (Q8 { q, d, swizzled, d8 }, bias)
+        bias
     }
 
     /// Per whole step, its two blocks' steps `[d0 x4, d1 x4]`.
@@ -211,10 +232,15 @@ fn prepare_oc(p: &PackedLinear, x: &[f32]) -> (Q8, Vec<f32>) {
     (x, xsum)
 }
 
-/// Per-IC: row group `kr`'s `s x` rounded to int8 and its zero-point sum.
-fn prepare_ic(p: &PackedLinear, x: &[f32], kr: usize) -> (Q8, f32) {
+/// Per-IC: row group `kr`'s `s x` rounded to int8 and its zero-point sum, into `slot`.
+fn prepare_ic(p: &PackedLinear, x: &[f32], kr: usize, slot: &mut (Q8, f32)) {
     let cols = p.cols;
-    Q8::scaled(&p.scales[kr * cols..(kr + 1) * cols], x, &p.zeros[kr * cols..(kr + 1) * cols])
+    slot.1 = slot.0.scaled_into(&p.scales[kr * cols..(kr + 1) * cols], x, &p.zeros[kr * cols..(kr + 1) * cols]);
+}
+
+thread_local! {
+    /// The per-IC matvec's row-group slots, reused from call to call ([`team::grouped_rows`]).
+    static SLOTS: std::cell::Cell<Vec<(Q8, f32)>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
 /// What every row needs from `x` ([`Prepared`]), rounded to int8 (the reference's; the per-IC
@@ -227,7 +253,11 @@ fn prepare(p: &PackedLinear, x: &[f32]) -> Prepared<Q8> {
             Prepared::Oc { x, xsum }
         }
         Axis::Ic => {
-            let v = (0..p.rows.div_ceil(l.group)).into_par_iter().map(|kr| prepare_ic(p, x, kr).0).collect();
+            let v = (0..p.rows.div_ceil(l.group)).into_par_iter().map(|kr| {
+                let mut slot = Default::default();
+                prepare_ic(p, x, kr, &mut slot);
+                slot.0
+            }).collect();
             Prepared::Ic { v }
         }
     }
@@ -258,6 +288,7 @@ unsafe fn row_sum_avx2<const B: usize>(row: &[u8], v: &Q8, s: &[f32], group: usi
     let (mut k, mut in_group) = (0, 0);
     let mut scale = _mm256_set1_ps(s[0]);
     for j in 0..steps {
+        crate::kernels::prefetch(rp.add(j * STEP * B / 8));
         let [even, odd] = if B == 3 {
             bits::chunk3_avx2(rp.add(j * bits::CHUNK3_BYTES))
         } else {
@@ -301,6 +332,7 @@ unsafe fn row_sum8_avx2(row: &[u8], x: &Q8, s: &[f32], per: usize) -> std::arch:
     let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
     let (mut k, mut in_group) = (0, 0);
     for j in 0..blocks {
+        crate::kernels::prefetch(rp.add(j * BLOCK));
         let c = _mm256_xor_si256(_mm256_loadu_si256(rp.add(j * BLOCK) as *const __m256i), centre);
         let xv = _mm256_loadu_si256(xp.add(j * BLOCK) as *const __m256i);
         let p16 = _mm256_maddubs_epi16(_mm256_abs_epi8(c), _mm256_sign_epi8(xv, c));
@@ -360,14 +392,16 @@ pub(crate) fn matvec(p: &PackedLinear, x: &[f32], y: &mut [f32]) -> bool {
         let (rb, g) = (bits::row_bytes(p.cols, p.layout.bits), p.layout.group);
         let row = |r: usize| &p.codes[r * rb..(r + 1) * rb];
         if p.layout.axis == Axis::Ic {
-            let prep = |kr: usize| prepare_ic(p, x, kr);
-            // SAFETY: AVX2 and FMA were detected; the row slice holds its codes.
-            team::grouped_rows(y, g, &prep, &|r, (v, bias)| unsafe {
-                if p.layout.bits == 3 {
-                    row_ic_avx2::<3>(row(r), v, *bias)
-                } else {
-                    row_ic_avx2::<4>(row(r), v, *bias)
-                }
+            let prep = |kr: usize, slot: &mut (Q8, f32)| prepare_ic(p, x, kr, slot);
+            team::with_slots(&SLOTS, p.rows.div_ceil(g), |slots| {
+                // SAFETY: AVX2 and FMA were detected; the row slice holds its codes.
+                team::grouped_rows(y, g, slots, &prep, &|r, (v, bias)| unsafe {
+                    if p.layout.bits == 3 {
+                        row_ic_avx2::<3>(row(r), v, *bias)
+                    } else {
+                        row_ic_avx2::<4>(row(r), v, *bias)
+                    }
+                })
             });
             return true;
         }

@@ -239,42 +239,67 @@ pub(crate) fn rows(y: &mut [f32], row: &(dyn Fn(usize) -> f32 + Sync)) {
     });
 }
 
-/// `y[r] = row(r, &prep(r / g))` for every row, `prep` made once per group of `g` rows (per-IC:
-/// the group's rounded activations), in parallel. On rayon a task per group makes its own
-/// `prep` (in cache for its rows) and hands its rows out in turn, so no work stays serial
-/// before the first row (it was 15% of 1536 x 576 on two threads); on a team, all groups'
-/// `prep` first, then the rows (each a spin-synchronised step).
-pub(crate) fn grouped_rows<P: Send + Sync>(y: &mut [f32], g: usize, prep: &(dyn Fn(usize) -> P + Sync), row: &(dyn Fn(usize, &P) -> f32 + Sync)) {
+/// `y[r] = row(r, &slots[r / g])` for every row, after `prep(kr, &mut slots[kr])` filled the slot
+/// of each group of `g` rows (per-IC: the group's rounded activations), in parallel. The slots
+/// are the caller's and may hold the last call's values, so their buffers are reused: a fresh
+/// set of buffers per group on every matvec, freed after it, made the allocator hand the pages
+/// back and fault them in again on the next (4% of a per-IC 14336 x 4096 matvec). On rayon a
+/// task per group fills its slot (in cache for its rows) and hands its rows out in turn, so no
+/// work stays serial before the first row (it was 15% of 1536 x 576 on two threads); on a team,
+/// all slots first, then the rows (each a spin-synchronised step).
+pub(crate) fn grouped_rows<P: Send + Sync>(y: &mut [f32], g: usize, slots: &mut [P], prep: &(dyn Fn(usize, &mut P) + Sync), row: &(dyn Fn(usize, &P) -> f32 + Sync)) {
     let groups = y.len().div_ceil(g);
-    let slots: Vec<std::sync::OnceLock<P>> = (0..groups).map(|_| std::sync::OnceLock::new()).collect();
-    if for_each(groups, &|kr| {
-        let _ = slots[kr].set(prep(kr));
-    }) {
-        let preps: Vec<P> = slots.into_iter().enumerate().map(|(kr, s)| s.into_inner().unwrap_or_else(|| prep(kr))).collect();
-        rows(y, &|r| row(r, &preps[r / g]));
+    assert!(slots.len() >= groups, "{} slots for {groups} row groups", slots.len());
+    let base = SendPtr(slots.as_mut_ptr());
+    // SAFETY: each task gets a distinct index below `groups`, inside `slots`, which outlives
+    // the call; nothing else touches the slots until `for_each` returns.
+    if for_each(groups, &|kr| prep(kr, unsafe { &mut *base.get().add(kr) })) {
+        let slots = &*slots;
+        rows(y, &|r| row(r, &slots[r / g]));
         return;
     }
     use rayon::prelude::*;
-    y.par_chunks_mut(g).enumerate().for_each(|(kr, y)| {
-        let p = prep(kr);
+    y.par_chunks_mut(g).zip(slots.par_iter_mut()).enumerate().for_each(|(kr, (y, p))| {
+        prep(kr, p);
+        let p = &*p;
         y.par_chunks_mut(ROWS_PER_TASK).enumerate().for_each(|(t, y)| {
             for (i, y) in y.iter_mut().enumerate() {
-                *y = row(kr * g + t * ROWS_PER_TASK + i, &p);
+                *y = row(kr * g + t * ROWS_PER_TASK + i, p);
             }
         });
     });
 }
 
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-impl SendPtr {
-    fn get(self) -> *mut f32 {
+/// The reusable slots of [`grouped_rows`] for `P`, kept per thread between calls: `f` gets at
+/// least `n` of them. Taken out of the thread-local while in use, so a call nested on the
+/// same thread (a rayon worker stealing another matvec) starts from an empty set instead of
+/// failing.
+pub(crate) fn with_slots<P: Default + 'static, R>(key: &'static std::thread::LocalKey<std::cell::Cell<Vec<P>>>, n: usize, f: impl FnOnce(&mut [P]) -> R) -> R {
+    let mut slots = key.take();
+    if slots.len() < n {
+        slots.resize_with(n, P::default);
+    }
+    let r = f(&mut slots[..n]);
+    key.set(slots);
+    r
+}
+
+struct SendPtr<T>(*mut T);
+impl<T> Clone for SendPtr<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for SendPtr<T> {}
+impl<T> SendPtr<T> {
+    fn get(self) -> *mut T {
         self.0
     }
 }
-// SAFETY: used for disjoint chunks only (`for_each_chunk`).
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
+// SAFETY: used for disjoint parts only (chunks of `y` in `for_each_chunk`, slots in
+// `grouped_rows`), each reached by one task; `T: Send` as those parts move between threads.
+unsafe impl<T: Send> Send for SendPtr<T> {}
+unsafe impl<T: Send> Sync for SendPtr<T> {}
 
 #[cfg(test)]
 mod tests {

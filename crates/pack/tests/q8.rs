@@ -72,8 +72,12 @@ fn int8_activations_round_to_half_a_step() {
 #[test]
 fn per_ic_preparation_with_avx2_rounds_as_the_definition() {
     let mut rng = Rng::new(5);
-    // Whole steps, a whole block past the last step, a short last block, one short block.
-    for n in [64 * 6, 64 * 3 + 32, 64 * 2 + 45, 20] {
+    // One value reused for every length, as the per-IC matvec reuses its row-group slots:
+    // whatever the last call left in it must not show.
+    let mut reused = Q8::default();
+    // Whole steps, a whole block past the last step, a short last block, one short block, and
+    // longer again.
+    for n in [64 * 6, 64 * 3 + 32, 64 * 2 + 45, 20, 64 * 7 + 32] {
         let (s, mut x) = (rng.normals(n, 0.1), rng.normals(n, 1.0));
         x[n / 3] = 500.0;
         let z: Vec<f32> = (0..n).map(|i| (i % 16) as f32).collect();
@@ -81,6 +85,7 @@ fn per_ic_preparation_with_avx2_rounds_as_the_definition() {
         let (want, wb) = Q8::scaled_ref(&s, &x, &z);
         assert_eq!(fast, want, "n {n}: rounded values, steps and kernel order");
         assert!((fb - wb).abs() <= 1e-5 * wb.abs().max(1.0), "n {n}: zero-point sum {fb} vs {wb}");
+        assert_eq!((&reused.scaled_into(&s, &x, &z), &reused), (&fb, &fast), "n {n}: into a used value");
         if n > 100 {
             x[70] = f32::NAN;
             let ((fast, fb), (want, wb)) = (Q8::scaled(&s, &x, &z), Q8::scaled_ref(&s, &x, &z));
