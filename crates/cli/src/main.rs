@@ -172,8 +172,9 @@ struct BenchDecodeArgs {
     /// Tokens decoded per measurement (llama-bench's tg N).
     #[arg(long, default_value_t = 128)]
     tokens: usize,
-    /// Measurements per model; the best is kept.
-    #[arg(long, default_value_t = 3)]
+    /// Rounds, each measuring every model once in turn (ours and llama-bench's interleaved); the
+    /// best round of each model is kept.
+    #[arg(long, default_value_t = 5)]
     reps: usize,
     /// LM head bits for packed models (as `generate --head-bits`; float models keep theirs).
     #[arg(long, default_value_t = 8)]
@@ -888,15 +889,15 @@ fn bench_scale(a: BenchScaleArgs) -> Result<()> {
 
 fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
     use std::fmt::Write;
-    let triad = bench_kernels::triad_gbs((512 << 20) / 12, 5);
     let threads = candle_core::utils::get_num_threads();
-    let mut md = String::new();
-    writeln!(md, "## Decode speed (`adadim bench decode`)\n")?;
-    writeln!(md, "Machine: {}. Memory bandwidth measured in this run (STREAM triad): **{triad:.1} GB/s**.\n", bench::machine())?;
-    writeln!(md, "Batch 1, greedy, KV cache, {} tokens decoded after a one-token prompt (no stop token), best of {}. Weight bytes per token: every linear as stored (f32, or packed codes + params) and the LM head (SmolLM2 ties it to the f32 embedding; packed models decode with it quantized to `--head-bits`, 8 by default, as llama.cpp's k-quant mixes do); the bound is triad / bytes.\n", a.tokens, a.reps)?;
-    writeln!(md, "| model | weight MB / token | tokens/s | bound (tokens/s) | of bound |\n|---|---|---|---|---|")?;
-    let mut ours = Vec::new();
+    let rounds = a.reps.max(1);
+    // Every model loaded first, then measured once per round in turn, llama-bench included: on
+    // a shared machine the bandwidth moved by half between runs an hour apart (triad 30 to 47
+    // GB/s), and timing all of ours before all of llama.cpp's gave one side the better minutes.
     let acts = a.act_bits.iter().map(|&b| act_bits(b)).collect::<Result<Vec<_>>>()?;
+    let mut models = Vec::new();
+    // (model index, activations, label, best tokens/s)
+    let mut ours: Vec<(usize, adadim_pack::ActBits, String, f64)> = Vec::new();
     for spec in &a.models {
         let dir = model_dir(spec)?;
         let src = adadim_model::open(&dir)?;
@@ -905,7 +906,6 @@ fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
         apply_head_bits(&mut model, Some(if packed { a.head_bits } else { 0 }), packed)?;
         let head = if packed && a.head_bits > 0 { format!(", head {}-bit", a.head_bits) } else { String::new() };
         for &act in if packed { &acts[..] } else { &[adadim_pack::ActBits::I16][..] } {
-            model.set_act_bits(act);
             let label = if packed {
                 let q: serde_json::Value = std::fs::read_to_string(dir.join("report.json")).ok().and_then(|s| serde_json::from_str(&s).ok()).unwrap_or_default();
                 let st = &q["summary"]["settings"];
@@ -913,35 +913,54 @@ fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
             } else {
                 format!("{} f32", dir.file_name().unwrap_or_default().to_string_lossy())
             };
-            let settings = adadim_run::Settings { max_tokens: a.tokens, temperature: 0.0, seed: 0 };
-            let mut best = 0f64;
-            for _ in 0..a.reps.max(1) {
-                let stats = adadim_run::generate(&model, &[1], &[], &settings, &mut |_| {})?;
-                best = best.max(stats.decode_tokens_per_s());
-            }
-            let bytes = model.weight_bytes_per_token() as f64;
-            let bound = triad * 1e9 / bytes;
-            writeln!(md, "| adadim: {label} | {:.1} | {best:.1} | {bound:.0} | {:.2} |", bytes / 1e6, best / bound)?;
-            eprintln!("{label}: {best:.1} tokens/s");
-            ours.push((label, best));
+            ours.push((models.len(), act, label, 0.0));
         }
+        models.push(model);
     }
     let llama = a.llamacpp.clone().or_else(|| Some(adadim_home().join("peers/llama.cpp/bin"))).filter(|d| d.join("llama-bench").exists());
-    let mut peers = Vec::new();
-    if !a.gguf.is_empty() {
-        let bin = llama.ok_or_else(|| anyhow::anyhow!("--gguf given but no llama-bench found (bench/peers/build-llamacpp.sh, or --llamacpp DIR)"))?;
-        for g in &a.gguf {
-            let (ts, size) = bench::llama_bench_tg(&bin, g, a.tokens, threads, a.reps)?;
-            let label = g.file_stem().unwrap_or_default().to_string_lossy().to_string();
-            writeln!(md, "| llama.cpp llama-bench tg{}: {label} | {:.1} (file) | {ts:.1} | {:.0} | {:.2} |", a.tokens, size as f64 / 1e6, triad * 1e9 / size as f64, ts / (triad * 1e9 / size as f64))?;
-            eprintln!("llama.cpp {label}: {ts:.1} tokens/s");
-            peers.push((label, ts));
+    let bin = match (a.gguf.is_empty(), llama) {
+        (true, _) => None,
+        (false, Some(bin)) => Some(bin),
+        (false, None) => anyhow::bail!("--gguf given but no llama-bench found (bench/peers/build-llamacpp.sh, or --llamacpp DIR)"),
+    };
+    // (label, best tokens/s, file bytes)
+    let mut peers: Vec<(String, f64, u64)> = a.gguf.iter().map(|g| (g.file_stem().unwrap_or_default().to_string_lossy().to_string(), 0.0, 0)).collect();
+    let mut triad = 0f64;
+    let settings = adadim_run::Settings { max_tokens: a.tokens, temperature: 0.0, seed: 0 };
+    for round in 1..=rounds {
+        triad = triad.max(bench_kernels::triad_gbs((512 << 20) / 12, 3));
+        for (m, act, label, best) in &mut ours {
+            models[*m].set_act_bits(*act);
+            let stats = adadim_run::generate(&models[*m], &[1], &[], &settings, &mut |_| {})?;
+            *best = best.max(stats.decode_tokens_per_s());
+            eprintln!("round {round}/{rounds}: {label}: {:.1} tokens/s", stats.decode_tokens_per_s());
         }
+        if let Some(bin) = &bin {
+            for (g, (label, best, size)) in a.gguf.iter().zip(&mut peers) {
+                let (ts, bytes) = bench::llama_bench_tg(bin, g, a.tokens, threads, 1)?;
+                (*best, *size) = (best.max(ts), bytes);
+                eprintln!("round {round}/{rounds}: llama.cpp {label}: {ts:.1} tokens/s");
+            }
+        }
+    }
+    let mut md = String::new();
+    writeln!(md, "## Decode speed (`adadim bench decode`)\n")?;
+    writeln!(md, "Machine: {}. Memory bandwidth measured in this run (STREAM triad, best of the rounds): **{triad:.1} GB/s**.\n", bench::machine())?;
+    writeln!(md, "Batch 1, greedy, KV cache, {} tokens decoded after a one-token prompt (no stop token). {rounds} rounds, each measuring every model once in turn, ours and llama.cpp's interleaved (so a change in the machine's state during the run reaches all of them alike); the best round of each is kept. Weight bytes per token: every linear as stored (f32, or packed codes + params) and the LM head (SmolLM2 ties it to the f32 embedding; packed models decode with it quantized to `--head-bits`, 8 by default, as llama.cpp's k-quant mixes do); the bound is triad / bytes.\n", a.tokens)?;
+    writeln!(md, "| model | weight MB / token | tokens/s | bound (tokens/s) | of bound |\n|---|---|---|---|---|")?;
+    for (m, _, label, best) in &ours {
+        let bytes = models[*m].weight_bytes_per_token() as f64;
+        let bound = triad * 1e9 / bytes;
+        writeln!(md, "| adadim: {label} | {:.1} | {best:.1} | {bound:.0} | {:.2} |", bytes / 1e6, best / bound)?;
+    }
+    for (label, ts, size) in &peers {
+        let bound = triad * 1e9 / *size as f64;
+        writeln!(md, "| llama.cpp llama-bench tg{}: {label} | {:.1} (file) | {ts:.1} | {bound:.0} | {:.2} |", a.tokens, *size as f64 / 1e6, ts / bound)?;
     }
     if !peers.is_empty() {
         writeln!(md, "\nadadim / llama.cpp decode speed:\n")?;
-        for (label, t) in &ours {
-            let vs: Vec<String> = peers.iter().map(|(p, pt)| format!("{:.2}x {p}", t / pt)).collect();
+        for (_, _, label, t) in &ours {
+            let vs: Vec<String> = peers.iter().map(|(p, pt, _)| format!("{:.2}x {p}", t / pt)).collect();
             writeln!(md, "- {label}: {}", vs.join(", "))?;
         }
     }

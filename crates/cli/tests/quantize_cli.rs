@@ -54,6 +54,20 @@ fn quantize_then_evaluate() {
     assert_eq!(code, 1);
     assert!(se.contains("--act-bits 4"), "{se}");
 
+    // bench decode: every model and precision once per round, its rows written into the file.
+    let md = d.path().join("BENCH.md");
+    let (code, _, se) = adadim(&["bench", "decode", "--models", &s(&out), "--tokens", "4", "--reps", "2", "--write", &s(&md)]);
+    assert_eq!(code, 0, "{se}");
+    assert_eq!(se.matches("round 2/2: q packed").count(), 2, "int16 and int8 measured in round 2: {se}");
+    let page = std::fs::read_to_string(&md).unwrap();
+    let rows: Vec<&str> = page.lines().filter(|l| l.starts_with("| adadim: q packed")).collect();
+    assert_eq!(rows.len(), 2, "{page}");
+    for row in rows {
+        let tps: f64 = row.split('|').nth(3).unwrap().trim().parse().unwrap();
+        assert!(tps > 0.0, "{row}");
+    }
+    std::fs::remove_file(&md).unwrap();
+
     // The default output is packed; --format f32 writes the same model dequantized, and both
     // evaluate to the same perplexity (packed kernels vs dense GEMMs).
     let f32_out = d.path().join("q-f32");
