@@ -84,6 +84,8 @@ fn per_ic_preparation_with_avx2_rounds_as_the_definition() {
         let (fast, fb) = Q8::scaled(&s, &x, &z);
         let (want, wb) = Q8::scaled_ref(&s, &x, &z);
         assert_eq!(fast, want, "n {n}: rounded values, steps and kernel order");
+        // The per-OC rounding of x alone, by the same AVX2 loop without scales.
+        assert_eq!(Q8::new(&x), Q8::new_ref(&x), "n {n}: x alone");
         assert!((fb - wb).abs() <= 1e-5 * wb.abs().max(1.0), "n {n}: zero-point sum {fb} vs {wb}");
         assert_eq!((&reused.scaled_into(&s, &x, &z), &reused), (&fb, &fast), "n {n}: into a used value");
         if n > 100 {
@@ -91,6 +93,9 @@ fn per_ic_preparation_with_avx2_rounds_as_the_definition() {
             let ((fast, fb), (want, wb)) = (Q8::scaled(&s, &x, &z), Q8::scaled_ref(&s, &x, &z));
             assert!(fast.d[2].is_nan() && want.d[2].is_nan() && fb.is_nan() && wb.is_nan(), "n {n}: a NaN poisons its block and the sum");
             assert_eq!((&fast.q, &fast.swizzled), (&want.q, &want.swizzled));
+            let (fast, want) = (Q8::new(&x), Q8::new_ref(&x));
+            assert!(fast.d[2].is_nan() && want.d[2].is_nan(), "n {n}: x alone, NaN block");
+            assert_eq!((&fast.q, &fast.swizzled), (&want.q, &want.swizzled), "n {n}: x alone, NaN block");
         }
     }
 }
