@@ -107,6 +107,10 @@ fn per_ic_preparation_with_avx2_rounds_as_the_definition() {
             let bits = |b: f32, q: &Q16| (b.to_bits(), q.d.iter().map(|d| d.to_bits()).collect::<Vec<_>>(), q.q.clone(), q.hi.clone(), q.lo.clone(), q.block);
             let b = reused.scaled_into(&s, &x, &z, 128, split);
             assert_eq!(bits(b, &reused), bits(fb, &fast), "n {n} split {split}: into a used value");
+            // The per-OC rounding of x alone (the same AVX2 loop without scales) as the definition.
+            let plain = Q16::new(&x, 128);
+            let plain = if split { plain.split_ref() } else { plain };
+            assert_eq!(bits(0.0, &Q16::rounded(&x, 128, split)), bits(0.0, &plain), "n {n} split {split}: x alone");
             assert_eq!(fast.q, want.q, "n {n}: rounded values");
             assert_eq!((&fast.hi, &fast.lo), (&want.hi, &want.lo), "n {n} split {split}");
             if split {
