@@ -240,10 +240,12 @@ impl Q16 {
         (q, bias)
     }
 
-    /// [`Q16::scaled`] with AVX2 on blocks of [`MAX_BLOCK`]: each whole block multiplied, rounded
-    /// and packed to int16 in registers, stored in natural order and (`split`) as the 3- and
-    /// 4-bit kernels read it; a short last block in plain Rust. It runs per row group on every
-    /// per-IC matvec, and in plain Rust cost a fifth of the product's time.
+    /// [`Q16::rounded`] (`sz = None`) or [`Q16::scaled`] (`sz = Some((s, z))`) with AVX2 on blocks
+    /// of [`MAX_BLOCK`], into `self`: each whole block multiplied by its scales, rounded and
+    /// packed to int16 in registers, stored in natural order and (`split`) as the 3- and 4-bit
+    /// kernels read it; a short last block in plain Rust. Returns the zero-point sum (0 without
+    /// `z`). Per-IC it runs per row group on every matvec, and in plain Rust cost a fifth of the
+    /// product's time.
     ///
     /// # Safety
     /// AVX2 and FMA.
