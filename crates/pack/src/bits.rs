@@ -222,6 +222,26 @@ pub(crate) unsafe fn chunk3_avx2(p: *const u8) -> [std::arch::x86_64::__m256i; 2
     [even, odd]
 }
 
+/// AVX2: step `j` of a row of `B`-bit codes (`B` 3 or 4, 64 codes a step) as bytes, even codes
+/// then odd ones, as the byte-product kernels ([`crate::q8`], [`crate::q16`]) read them: 4-bit,
+/// the step's 32 bytes' low and high nibbles; 3-bit, its planar chunk ([`chunk3_avx2`]). Asks
+/// for the row's bytes [`crate::kernels::PREFETCH`] ahead first.
+///
+/// # Safety
+/// AVX2; `rp` has the row's `64 B / 8` bytes of step `j` readable.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+pub(crate) unsafe fn step_codes_avx2<const B: usize>(rp: *const u8, j: usize) -> [std::arch::x86_64::__m256i; 2] {
+    use std::arch::x86_64::*;
+    crate::kernels::prefetch(rp.add(j * 64 * B / 8));
+    if B == 3 {
+        return chunk3_avx2(rp.add(j * CHUNK3_BYTES));
+    }
+    let (c, mask) = (_mm256_loadu_si256(rp.add(j * 32) as *const __m256i), _mm256_set1_epi8(0x0f));
+    [_mm256_and_si256(c, mask), _mm256_and_si256(_mm256_srli_epi16::<4>(c), mask)]
+}
+
 /// Unpacks what [`pack`] made.
 pub fn unpack(packed: &[u8], rows: usize, cols: usize, bits: u8) -> Vec<u8> {
     let rb = row_bytes(cols, bits);

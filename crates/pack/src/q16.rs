@@ -566,16 +566,10 @@ unsafe fn row_sum_split_avx2<const B: usize>(rp: *const u8, x: &Q16, s: &[f32], 
     use std::arch::x86_64::*;
     let steps = x.hi.len() / SPLIT;
     let (hp, lp) = (x.hi.as_ptr(), x.lo.as_ptr());
-    let (mask, by256, ones) = (_mm256_set1_epi8(0x0f), _mm256_set1_epi16(256), _mm256_set1_epi16(1));
+    let (by256, ones) = (_mm256_set1_epi16(256), _mm256_set1_epi16(1));
     // int32 sums of step j: lanes 0-3 from its first 32 codes, lanes 4-7 from its last 32.
     let step = |j: usize| {
-        crate::kernels::prefetch(rp.add(j * SPLIT * B / 8));
-        let [e, o] = if B == 3 {
-            bits::chunk3_avx2(rp.add(j * bits::CHUNK3_BYTES))
-        } else {
-            let c = _mm256_loadu_si256(rp.add(j * 32) as *const __m256i);
-            [_mm256_and_si256(c, mask), _mm256_and_si256(_mm256_srli_epi16::<4>(c), mask)]
-        };
+        let [e, o] = bits::step_codes_avx2::<B>(rp, j);
         let ld = |p: *const u8| _mm256_loadu_si256(p as *const __m256i);
         let (h, l) = (hp.add(j * SPLIT) as *const u8, lp.add(j * SPLIT));
         let ph = _mm256_add_epi16(_mm256_maddubs_epi16(e, ld(h)), _mm256_maddubs_epi16(o, ld(h.add(32))));

@@ -316,19 +316,13 @@ unsafe fn row_sum_avx2<const B: usize>(row: &[u8], v: &Q8, s: &[f32], group: usi
     let steps = v.swizzled.len() / STEP;
     debug_assert!(row.len() >= steps * STEP * B / 8);
     let (rp, xp, dp) = (row.as_ptr(), v.swizzled.as_ptr(), v.d8.as_ptr());
-    let (mask, ones) = (_mm256_set1_epi8(0x0f), _mm256_set1_epi16(1));
+    let ones = _mm256_set1_epi16(1);
     let per = if group == usize::MAX { usize::MAX } else { group / STEP };
     let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
     let (mut k, mut in_group) = (0, 0);
     let mut scale = _mm256_set1_ps(s[0]);
     for j in 0..steps {
-        crate::kernels::prefetch(rp.add(j * STEP * B / 8));
-        let [even, odd] = if B == 3 {
-            bits::chunk3_avx2(rp.add(j * bits::CHUNK3_BYTES))
-        } else {
-            let c = _mm256_loadu_si256(rp.add(j * 32) as *const __m256i);
-            [_mm256_and_si256(c, mask), _mm256_and_si256(_mm256_srli_epi16::<4>(c), mask)]
-        };
+        let [even, odd] = bits::step_codes_avx2::<B>(rp, j);
         let xe = _mm256_loadu_si256(xp.add(j * STEP) as *const __m256i);
         let xo = _mm256_loadu_si256(xp.add(j * STEP + 32) as *const __m256i);
         let p16 = _mm256_add_epi16(_mm256_maddubs_epi16(even, xe), _mm256_maddubs_epi16(odd, xo));
