@@ -211,14 +211,15 @@ pub(crate) unsafe fn chunk3_avx2(p: *const u8) -> [std::arch::x86_64::__m256i; 2
     use std::arch::x86_64::*;
     let lo = _mm256_broadcastsi128_si256(_mm_loadu_si128(p as *const __m128i));
     let hi = _mm256_set1_epi64x((p.add(16) as *const i64).read_unaligned());
-    // Four constants only (more spill registers in the kernels' loops): the odd codes' bit pairs
-    // sit 4 bits above the even ones'; 64-bit lane q moves high-plane bit q (even codes) and
-    // 4 + q (odd) to bits 0 and 4 of each byte, then both to bit 2.
-    let (m3, m4) = (_mm256_set1_epi8(3), _mm256_set1_epi8(4));
+    // Five constants only (more spill registers in the kernels' loops): 128-bit lane h moves
+    // low-plane bit pair h (even codes) and 2 + h (odd) to bits 0-1 and 4-5 of each byte, 64-bit
+    // lane q high-plane bit q (even) and 4 + q (odd) to bits 0 and 4, then to 2 and 6: each
+    // byte then holds its even code in bits 0-2 and its odd one in bits 4-6.
     let low = _mm256_srlv_epi64(lo, _mm256_setr_epi64x(0, 0, 2, 2));
-    let high = _mm256_srlv_epi64(hi, _mm256_setr_epi64x(0, 1, 2, 3));
-    let even = _mm256_or_si256(_mm256_and_si256(low, m3), _mm256_and_si256(_mm256_slli_epi64::<2>(high), m4));
-    let odd = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi64::<4>(low), m3), _mm256_and_si256(_mm256_srli_epi64::<2>(high), m4));
+    let high = _mm256_slli_epi64::<2>(_mm256_srlv_epi64(hi, _mm256_setr_epi64x(0, 1, 2, 3)));
+    let both = _mm256_or_si256(_mm256_and_si256(low, _mm256_set1_epi8(0x33)), _mm256_and_si256(high, _mm256_set1_epi8(0x44)));
+    let m7 = _mm256_set1_epi8(7);
+    let (even, odd) = (_mm256_and_si256(both, m7), _mm256_and_si256(_mm256_srli_epi64::<4>(both), m7));
     [even, odd]
 }
 
