@@ -370,6 +370,10 @@ pub(crate) trait Rounded {
     fn value(&self, i: usize) -> f32;
     /// The step of value `i`'s block (the rounding moved it at most half of this).
     fn step(&self, i: usize) -> f32;
+    /// Values per block (one step each).
+    fn block(&self) -> usize;
+    /// The integers of values `c0..c1` summed (exact: at most 2^15 each, far fewer than 2^16).
+    fn int_sum(&self, c0: usize, c1: usize) -> i32;
 }
 
 impl Rounded for Q16 {
@@ -379,12 +383,28 @@ impl Rounded for Q16 {
     fn step(&self, i: usize) -> f32 {
         self.d[i / self.block]
     }
+    fn block(&self) -> usize {
+        self.block
+    }
+    fn int_sum(&self, c0: usize, c1: usize) -> i32 {
+        self.q[c0..c1].iter().map(|&v| i32::from(v)).sum()
+    }
 }
 
 /// `sum_{c in k} x̂[c]` for each group `k` of `g` of the `cols` rounded values (the per-OC
-/// zero-point term). Shared with [`crate::q8`].
+/// zero-point term). Shared with [`crate::q8`]. Each run of values inside one block and one
+/// group adds its integers exactly, then one multiply by the block's step: value by value this
+/// was a float multiply and a dependent add per value, several microseconds per matvec of 4096
+/// columns on the leader alone (the per-OC matvec's serial part).
 pub(crate) fn group_sums<A: Rounded>(x: &A, cols: usize, g: usize) -> Vec<f32> {
-    (0..cols.div_ceil(g)).map(|k| (k * g..((k + 1) * g).min(cols)).map(|c| x.value(c)).sum()).collect()
+    let (mut sums, b) = (vec![0f32; cols.div_ceil(g)], x.block());
+    let mut c = 0;
+    while c < cols {
+        let end = ((c / b + 1) * b).min((c / g + 1) * g).min(cols);
+        sums[c / g] += x.step(c) * x.int_sum(c, end) as f32;
+        c = end;
+    }
+    sums
 }
 
 /// What every row needs from `x`, rounded once per call (activations `A`: [`Q16`] or
@@ -725,4 +745,31 @@ pub(crate) fn reference<A: Rounded>(p: &PackedLinear, prep: &Prepared<A>) -> (Ve
             (0..cols).map(term).fold((0.0, 0.0), |(y, b), (w, x, d)| (y + w * f64::from(x), b + w.abs() * f64::from(d) / 2.0))
         })
         .unzip()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn group_sums_add_the_rounded_values() {
+        for cols in [1, 31, 32, 100, 576, 1000] {
+            let x: Vec<f32> = (0..cols).map(|i| ((i * 2654435761usize >> 7) % 2001) as f32 / 100.0 - 10.0).collect();
+            let (q8, q16) = (crate::q8::Q8::new(&x), Q16::new(&x, 64));
+            // Groups that are and are not whole blocks (200: runs end at block and group borders).
+            for g in [32, 64, 128, 200] {
+                let check = |got: Vec<f32>, value: &dyn Fn(usize) -> f32, what: &str| {
+                    assert_eq!(got.len(), cols.div_ceil(g));
+                    for (k, got) in got.iter().enumerate() {
+                        let run = k * g..((k + 1) * g).min(cols);
+                        let want: f64 = run.clone().map(|c| f64::from(value(c))).sum();
+                        let size: f64 = run.map(|c| f64::from(value(c)).abs()).sum();
+                        assert!((f64::from(*got) - want).abs() <= 1e-6 * size.max(1.0), "{what} cols {cols} g {g} group {k}: {got} vs {want}");
+                    }
+                };
+                check(group_sums(&q8, cols, g), &|c| q8.value(c), "int8");
+                check(group_sums(&q16, cols, g), &|c| q16.value(c), "int16");
+            }
+        }
+    }
 }

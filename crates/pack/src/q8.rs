@@ -255,6 +255,12 @@ impl Rounded for Q8 {
     fn step(&self, i: usize) -> f32 {
         self.d[i / BLOCK]
     }
+    fn block(&self) -> usize {
+        BLOCK
+    }
+    fn int_sum(&self, c0: usize, c1: usize) -> i32 {
+        self.q[c0..c1].iter().map(|&v| i32::from(v)).sum()
+    }
 }
 
 /// Per-OC: `x` (gathered by the act-order permutation) rounded to int8, and `sum_{c in k} x̂[c]`
