@@ -233,3 +233,30 @@ fn matvecs_on_a_decode_team_equal_those_on_rayon_bit_for_bit() {
         }
     }
 }
+
+#[test]
+fn integer_sums_hold_at_their_largest() {
+    // Every code at its largest against activations at the ends of the int16 range (q = 32767:
+    // hi 127, lo 255; q = -32767: hi -128, lo 1): the int16 sums of a block's two steps are
+    // at their bounds, and must neither saturate nor wrap.
+    let (rows, cols) = (6usize, 512usize);
+    for bits in [3u8, 4] {
+        for axis in [Axis::Oc, Axis::Ic] {
+            let spec = QuantSpec { bits, group: Some(128), axis, zero: Zero::Awq };
+            let params = if axis == Axis::Oc { rows * cols.div_ceil(128) } else { rows.div_ceil(128) * cols };
+            let maxq = spec.maxq();
+            let q = QuantizedMatrix::from_parts(rows, cols, spec, vec![maxq; rows * cols], vec![1.0; params], vec![0.0; params], None).unwrap();
+            let p = PackedLinear::from_quantized(&q);
+            for (name, x) in [("all +1", vec![1f32; cols]), ("all -1", vec![-1f32; cols]), ("+1 -1", (0..cols).map(|c| if c % 2 == 0 { 1.0 } else { -1.0 }).collect())] {
+                let want: f64 = x.iter().map(|&v| f64::from(maxq) * f64::from(v)).sum();
+                for act in [adadim_pack::ActBits::I16, adadim_pack::ActBits::I8] {
+                    let mut y = vec![0f32; rows];
+                    p.matvec_act(act, &x, &mut y);
+                    for (r, &got) in y.iter().enumerate() {
+                        assert!((f64::from(got) - want).abs() <= 1e-4 * want.abs().max(1.0), "w{bits} {axis:?} {act:?} {name} row {r}: {got} vs {want}");
+                    }
+                }
+            }
+        }
+    }
+}
