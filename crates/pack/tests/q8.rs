@@ -109,8 +109,9 @@ fn rtn_matrices_multiply_on_int8_activations() {
         for axis in [Axis::Oc, Axis::Ic] {
             for zero in [Zero::Awq, Zero::Gptq, Zero::Sym] {
                 // SmolLM2 shapes (ragged g128 on 576 and 192 rows), 200 columns (3 whole steps
-                // and a tail of 8), a group per-OC cannot use (32: falls back), whole channels.
-                for (rows, cols, group) in [(192, 576, Some(128)), (1536, 576, Some(128)), (67, 200, Some(64)), (40, 96, Some(32)), (33, 128, None)] {
+                // and a tail of 8), groups of three steps (192: the scale changes inside a pair
+                // of steps), a group per-OC cannot use (32: falls back), whole channels.
+                for (rows, cols, group) in [(192, 576, Some(128)), (1536, 576, Some(128)), (67, 200, Some(64)), (20, 640, Some(192)), (40, 96, Some(32)), (33, 128, None)] {
                     let spec = QuantSpec { bits, group, axis, zero };
                     let w = weights(&mut rng, rows, cols);
                     let q = rtn(&w, rows, cols, &spec).unwrap();
@@ -122,8 +123,8 @@ fn rtn_matrices_multiply_on_int8_activations() {
     }
     #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-        // 4 and 3 bits; per-IC: all 5 shapes; per-OC: all but group 32; 3 zero styles each.
-        assert_eq!(ran, 2 * (5 + 4) * 3, "of {cases} cases, those that ran the int8 kernel");
+        // 4 and 3 bits; per-IC: all 6 shapes; per-OC: all but group 32; 3 zero styles each.
+        assert_eq!(ran, 2 * (6 + 5) * 3, "of {cases} cases, those that ran the int8 kernel");
     }
 }
 
