@@ -68,6 +68,19 @@ fn quantize_then_evaluate() {
     }
     std::fs::remove_file(&md).unwrap();
 
+    // bench kernels: every kernel on a small shape, triad measured around them, the rows written.
+    let (code, _, se) = adadim(&["bench", "kernels", "--shapes", "64x256", "--working-set", "4000000", "--llamacpp", &s(&d.path().join("no-llama")), "--write", &s(&md)]);
+    assert_eq!(code, 0, "{se}");
+    let page = std::fs::read_to_string(&md).unwrap();
+    let rows: Vec<&str> = page.lines().filter(|l| l.starts_with("| 64 x 256 |")).collect();
+    assert_eq!(rows.len(), 8, "4 kernels x 2 axes: {page}");
+    assert!(page.contains("5 measurements from") && page.contains("llama.cpp comparison skipped"), "{page}");
+    for r in rows {
+        let gbs: f64 = r.split('|').nth(6).unwrap().trim().parse().unwrap();
+        assert!(gbs.is_finite() && gbs > 0.0, "{r}");
+    }
+    std::fs::remove_file(&md).unwrap();
+
     // The default output is packed; --format f32 writes the same model dequantized, and both
     // evaluate to the same perplexity (packed kernels vs dense GEMMs).
     let f32_out = d.path().join("q-f32");
