@@ -719,11 +719,11 @@ fn bench_kernels(a: BenchKernelsArgs) -> Result<()> {
     let mut triads = vec![bench_kernels::triad_gbs(a.working_set / 12, 3)];
     let mut results = Vec::new();
     for &(rows, cols) in &shapes {
-        for &(bits, act) in &KERNELS {
+        for (k, &(bits, act)) in KERNELS.iter().enumerate() {
             triads.push(bench_kernels::triad_gbs(a.working_set / 12, 1));
             let (oc, ic) = bench_kernels::time_matvec_pair(rows, cols, bits, a.group, act, a.working_set, KERNEL_REPS)?;
             eprintln!("{rows}x{cols} w{bits} int{}: oc {:.1} GB/s, ic {:.1} GB/s", act.bits(), oc.gbs(), ic.gbs());
-            results.push((rows, cols, bits, act, oc, ic));
+            results.push((rows, cols, k, oc, ic));
         }
     }
     let triad = triads.iter().fold(0f64, |a, &b| a.max(b));
@@ -736,8 +736,8 @@ fn bench_kernels(a: BenchKernelsArgs) -> Result<()> {
     writeln!(md, "| shape (out x in) | bits | activations | axis | us / matvec | GB/s | of triad | per-IC time / per-OC time |\n|---|---|---|---|---|---|---|---|")?;
     // Per kernel: the lowest fraction of triad and the highest per-IC / per-OC time.
     let mut worst = [(f64::MAX, 0f64); KERNELS.len()];
-    for (rows, cols, bits, act, oc, ic) in &results {
-        let k = KERNELS.iter().position(|&(b, a)| (b, a) == (*bits, *act)).expect("a timed kernel");
+    for &(rows, cols, k, ref oc, ref ic) in &results {
+        let (bits, act) = KERNELS[k];
         let ratio = ic.seconds / oc.seconds;
         for r in [oc, ic] {
             let axis = if r.axis == Axis::Oc { "per-OC" } else { "per-IC" };

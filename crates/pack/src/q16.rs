@@ -602,8 +602,8 @@ unsafe fn row_sum_split_avx2<const B: usize>(rp: *const u8, x: &Q16, s: &[f32], 
     let int32 = |(ph, pl): (__m256i, __m256i)| _mm256_add_epi32(_mm256_madd_epi16(ph, by256), _mm256_madd_epi16(pl, ones));
     if x.block >= SPLIT {
         // A block's two steps are added in int16 before they are widened (two `vpmaddwd`
-        // a block, not four): at most 2 * 7680 and 2 * 15300.
-        debug_assert!(x.block <= 2 * SPLIT);
+        // a block, not four): at most 2 * 7680 and 2 * 15300. A third would not fit.
+        assert!(x.block <= 2 * SPLIT, "int16 blocks of {} values: at most {}", x.block, 2 * SPLIT);
         return block_sums(steps, x.block / SPLIT, per, s, &x.d, |j0, j1| {
             let (mut ph, mut pl) = step(j0);
             if j1 > j0 + 1 {
