@@ -64,15 +64,14 @@ impl Q8 {
     /// before its rows start, on one thread, and in plain Rust that took 0.9 us of SmolLM2's
     /// 576 values, as long as a third of a small matrix's product.
     pub fn new(x: &[f32]) -> Self {
-        let mut v = Self::default();
         #[cfg(target_arch = "x86_64")]
         if crate::kernels::simd_available() {
+            let mut v = Self::default();
             // SAFETY: AVX2 and FMA were detected.
             unsafe { v.round_avx2(x, None) };
             return v;
         }
-        v = Self::new_ref(x);
-        v
+        Self::new_ref(x)
     }
 
     /// [`Q8::new`] in plain Rust: the definition the AVX2 version is tested against.
