@@ -164,6 +164,12 @@ impl Q16 {
             unsafe { v.round_avx2(x, None, split) };
             return v;
         }
+        Self::new_split(x, block, split)
+    }
+
+    /// [`Q16::new`], then [`Q16::split`] when `split`: [`Q16::rounded`] without the one-pass
+    /// AVX2 path (other block sizes, and the short last block of that path).
+    fn new_split(x: &[f32], block: usize, split: bool) -> Self {
         let v = Self::new(x, block);
         if split { v.split() } else { v }
     }
@@ -317,10 +323,7 @@ impl Q16 {
             let o = blocks * B;
             let (tail, tb) = match sz {
                 Some((s, z)) => Self::scaled_ref(&s[o..], &x[o..], &z[o..], B, split),
-                None => {
-                    let t = Self::new(&x[o..], B);
-                    (if split { t.split() } else { t }, 0.0)
-                }
+                None => (Self::new_split(&x[o..], B, split), 0.0),
             };
             q[o..].copy_from_slice(&tail.q);
             if split {
