@@ -9,7 +9,8 @@
 //! The AVX2+FMA kernel ([`dot_codes_avx2`], used for 2 and 4 bits when the CPU has it) and
 //! the portable loop ([`dot_codes`]) sit side by side (planar 3-bit rows, [`crate::bits`], are
 //! unpacked to a byte per code first and multiplied as 8-bit codes); [`matvec_ref`] is the plain definition,
-//! in f64, that the tests hold both to. (An AVX-512 kernel waits for a machine to test it on.)
+//! in f64, that the tests hold both to. (AVX-512: the int16 kernel's 3- and 4-bit blocks, [`crate::q16`],
+//! where [`avx512_available`].)
 
 use adadim_quantize::Axis;
 use rayon::prelude::*;
@@ -314,6 +315,39 @@ pub(crate) fn simd_available() -> bool {
     false
 }
 
+/// Whether the AVX-512 kernels run ([`avx512_available`]): 0 as detected, 1 assumed present
+/// ([`assume_avx512`]).
+static AVX512_ASSUMED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether the AVX-512 kernels run (the 3- and 4-bit int16 blocks, [`q16`]): this CPU has
+/// AVX-512 F and BW besides AVX2 and FMA, and `ADADIM_AVX512` is not `0` in the environment (to
+/// compare them with the AVX2 kernels, or rule them out). Decided once per process.
+pub fn avx512_available() -> bool {
+    static DETECTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if AVX512_ASSUMED.load(std::sync::atomic::Ordering::Relaxed) {
+        return true;
+    }
+    *DETECTED.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            simd_available() && is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") && std::env::var("ADADIM_AVX512").map_or(true, |v| v != "0")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        false
+    })
+}
+
+/// Makes [`avx512_available`] true whatever the CPU says: for running the AVX-512 kernels on an
+/// emulator that has the instructions when the host has not (the tests' `avx512_emulated`).
+///
+/// # Safety
+/// Every kernel called afterwards, on any thread, runs on a CPU (or emulator) with AVX-512 F
+/// and BW, AVX2 and FMA; otherwise it executes instructions the CPU does not have.
+#[doc(hidden)]
+pub unsafe fn assume_avx512() {
+    AVX512_ASSUMED.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// Rows per parallel task: enough work to amortize scheduling.
 const ROWS_PER_TASK: usize = 32;
 
@@ -364,7 +398,8 @@ impl PackedLinear {
         assert_eq!(y.len(), self.rows, "matvec: y has {} values for {} output channels", y.len(), self.rows);
         let prep = prepare(self, x);
         let simd = simd_available();
-        y.par_chunks_mut(ROWS_PER_TASK).enumerate().for_each(|(t, y)| rows_body(self, &prep, t * ROWS_PER_TASK, y, simd));
+        // On the decode team when there is one, as the integer kernels.
+        crate::team::for_each_chunk(y, ROWS_PER_TASK, &|t, y| rows_body(self, &prep, t * ROWS_PER_TASK, y, simd));
     }
 
     /// One thread, no SIMD: the portable loop (for tests of the SIMD one).

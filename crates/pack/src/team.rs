@@ -52,6 +52,26 @@ unsafe impl Sync for Shared {}
 
 thread_local! {
     static TEAM: Cell<Option<*const Shared>> = const { Cell::new(None) };
+    /// Set by [`serial`].
+    static SERIAL: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `f` with the parallel loops of this module ([`for_each_chunk`], the kernels' row
+/// loops) run in order on this thread: no other thread and no system call takes part, as an
+/// emulator running one call of a kernel needs (the tests' `avx512_emulated`).
+pub fn serial<R>(f: impl FnOnce() -> R) -> R {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            SERIAL.with(|s| s.set(self.0));
+        }
+    }
+    let _restore = Restore(SERIAL.with(|s| s.replace(true)));
+    f()
+}
+
+fn is_serial() -> bool {
+    SERIAL.with(Cell::get)
 }
 
 /// Runs `f` on this thread with up to `helpers` of rayon's idle workers spinning, ready to
@@ -219,6 +239,10 @@ pub fn for_each_chunk(y: &mut [f32], len: usize, f: &(dyn Fn(usize, &mut [f32]) 
     // On a team, each member takes one contiguous run of chunks (interleaved chunks made
     // each core's stream jump every chunk, and the prefetchers lost it).
     let chunks = total.div_ceil(len);
+    if is_serial() {
+        (0..chunks).for_each(chunk);
+        return;
+    }
     let parts = members().min(chunks).max(1);
     let part = |p: usize| (p * chunks / parts..(p + 1) * chunks / parts).for_each(chunk);
     if !for_each(parts, &part) {
@@ -250,6 +274,13 @@ pub(crate) fn rows(y: &mut [f32], row: &(dyn Fn(usize) -> f32 + Sync)) {
 pub(crate) fn grouped_rows<P: Send + Sync>(y: &mut [f32], g: usize, slots: &mut [P], prep: &(dyn Fn(usize, &mut P) + Sync), row: &(dyn Fn(usize, &P) -> f32 + Sync)) {
     let groups = y.len().div_ceil(g);
     assert!(slots.len() >= groups, "{} slots for {groups} row groups", slots.len());
+    if is_serial() {
+        for (kr, (y, p)) in y.chunks_mut(g).zip(slots.iter_mut()).enumerate() {
+            prep(kr, p);
+            y.iter_mut().enumerate().for_each(|(i, y)| *y = row(kr * g + i, p));
+        }
+        return;
+    }
     let base = SendPtr(slots.as_mut_ptr());
     // SAFETY: each task gets a distinct index below `groups`, inside `slots`, which outlives
     // the call; nothing else touches the slots until `for_each` returns.
@@ -344,6 +375,30 @@ mod tests {
             });
             assert!(hits.iter().all(|h| h.load(Relaxed) == 1));
         });
+    }
+
+    #[test]
+    fn serial_runs_every_row_in_order_on_this_thread() {
+        let me = std::thread::current().id();
+        let order = std::sync::Mutex::new(Vec::new());
+        let mut y = vec![0f32; 100];
+        serial(|| {
+            for_each_chunk(&mut y, 32, &|i, c| {
+                assert_eq!(std::thread::current().id(), me);
+                order.lock().unwrap().push(i);
+                c.fill(i as f32);
+            });
+            let mut slots = vec![0usize; 4];
+            let mut z = vec![0f32; 100];
+            grouped_rows(&mut z, 30, &mut slots, &|kr, p| *p = kr + 1, &|r, p| {
+                assert_eq!(std::thread::current().id(), me);
+                (r * 10 + p) as f32
+            });
+            assert!(z.iter().enumerate().all(|(r, &v)| v == (r * 10 + r / 30 + 1) as f32));
+        });
+        assert_eq!(*order.lock().unwrap(), vec![0, 1, 2, 3]);
+        assert!(y.iter().enumerate().all(|(r, &v)| v == (r / 32) as f32));
+        assert!(!is_serial(), "serial ends with its closure");
     }
 
     #[test]
