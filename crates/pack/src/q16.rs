@@ -573,6 +573,36 @@ unsafe fn block_sums(steps: usize, per_block: usize, per: usize, s: &[f32], d: &
     _mm256_add_ps(a0, a1)
 }
 
+/// The int16 pair sums of step `j` of a row of 3- or 4-bit codes against split activations,
+/// (codes x hi, lo x codes): lanes 0-7 from the step's first 32 codes.
+///
+/// # Safety
+/// AVX2; as [`row_sum_split_avx2`], `j` a whole step.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn split_products_avx2<const B: usize>(rp: *const u8, x: &Q16, j: usize) -> (std::arch::x86_64::__m256i, std::arch::x86_64::__m256i) {
+    use std::arch::x86_64::*;
+    let [e, o] = bits::step_codes_avx2::<B>(rp, j);
+    let ld = |p: *const u8| _mm256_loadu_si256(p as *const __m256i);
+    let (h, l) = (x.hi.as_ptr().add(j * SPLIT) as *const u8, x.lo.as_ptr().add(j * SPLIT));
+    let ph = _mm256_add_epi16(_mm256_maddubs_epi16(e, ld(h)), _mm256_maddubs_epi16(o, ld(h.add(32))));
+    let pl = _mm256_add_epi16(_mm256_maddubs_epi16(ld(l), e), _mm256_maddubs_epi16(ld(l.add(32)), o));
+    (ph, pl)
+}
+
+/// `256 ph + pl` widened to int32 lane sums (pairs added).
+///
+/// # Safety
+/// AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn split_int32_avx2(ph: std::arch::x86_64::__m256i, pl: std::arch::x86_64::__m256i) -> std::arch::x86_64::__m256i {
+    use std::arch::x86_64::*;
+    _mm256_add_epi32(_mm256_madd_epi16(ph, _mm256_set1_epi16(256)), _mm256_madd_epi16(pl, _mm256_set1_epi16(1)))
+}
+
 /// AVX2, 3- and 4-bit codes: `sum_b scale(b) * sum_{c in block b} code(c) q(c)` over the row's
 /// whole steps of [`SPLIT`] codes (as [`row_sum_avx2`]), on split activations: with
 /// `q = 256 hi + lo`, each step is `vpmaddubsw` of the codes (bytes, even and odd halves: 4-bit
@@ -591,18 +621,8 @@ unsafe fn block_sums(steps: usize, per_block: usize, per: usize, s: &[f32], d: &
 unsafe fn row_sum_split_avx2<const B: usize>(rp: *const u8, x: &Q16, s: &[f32], per: usize) -> std::arch::x86_64::__m256 {
     use std::arch::x86_64::*;
     let steps = x.hi.len() / SPLIT;
-    let (hp, lp) = (x.hi.as_ptr(), x.lo.as_ptr());
-    let (by256, ones) = (_mm256_set1_epi16(256), _mm256_set1_epi16(1));
-    // int16 pair sums of step j, (codes x hi, lo x codes): lanes 0-7 from its first 32 codes.
-    let step = |j: usize| {
-        let [e, o] = bits::step_codes_avx2::<B>(rp, j);
-        let ld = |p: *const u8| _mm256_loadu_si256(p as *const __m256i);
-        let (h, l) = (hp.add(j * SPLIT) as *const u8, lp.add(j * SPLIT));
-        let ph = _mm256_add_epi16(_mm256_maddubs_epi16(e, ld(h)), _mm256_maddubs_epi16(o, ld(h.add(32))));
-        let pl = _mm256_add_epi16(_mm256_maddubs_epi16(ld(l), e), _mm256_maddubs_epi16(ld(l.add(32)), o));
-        (ph, pl)
-    };
-    let int32 = |(ph, pl): (__m256i, __m256i)| _mm256_add_epi32(_mm256_madd_epi16(ph, by256), _mm256_madd_epi16(pl, ones));
+    let step = |j: usize| split_products_avx2::<B>(rp, x, j);
+    let int32 = |(ph, pl): (__m256i, __m256i)| split_int32_avx2(ph, pl);
     if x.block >= SPLIT {
         // A block's two steps are added in int16 before they are widened (two `vpmaddwd`
         // a block, not four): at most 2 * 7680 and 2 * 15300. A third would not fit.
@@ -625,6 +645,71 @@ unsafe fn row_sum_split_avx2<const B: usize>(rp: *const u8, x: &Q16, s: &[f32], 
     a
 }
 
+/// [`row_sum_split_avx2`] for blocks of two steps with AVX-512 (F and BW): a block of 128
+/// codes per iteration in 512-bit registers. The two steps' even codes `[e0, e1]` and odd ones
+/// `[o0, o1]` are regrouped by step, `[e0, o0]` and `[e1, o1]` (two lane shuffles), to line up
+/// with the split activations as stored (per step, even positions then odd ones); then two
+/// `vpmaddubsw` per byte plane, one int16 add (a block's two steps, as the AVX2 kernel adds
+/// them), two `vpmaddwd`, a conversion and one multiply-add: about two thirds of the AVX2
+/// kernel's instructions per code. A short last block (one step) takes the AVX2 step. Run only
+/// where the CPU has AVX-512 ([`crate::kernels::avx512_available`]); this machine (Zen 3) has
+/// not, so its tests run it on an emulator (`tests/avx512_emulated.rs`).
+///
+/// # Safety
+/// AVX-512 F and BW, AVX2 and FMA; as [`row_sum_split_avx2`]; `x.block` is `2 SPLIT`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
+unsafe fn row_sum_split_avx512<const B: usize>(rp: *const u8, x: &Q16, s: &[f32], per: usize) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    debug_assert_eq!(x.block, 2 * SPLIT);
+    let steps = x.hi.len() / SPLIT;
+    let (hp, lp) = (x.hi.as_ptr() as *const u8, x.lo.as_ptr());
+    let (by256, ones) = (_mm512_set1_epi16(256), _mm512_set1_epi16(1));
+    // Steps j and j + 1 as bytes, [e_j, o_j] and [e_j+1, o_j+1].
+    let codes = |j: usize| -> [__m512i; 2] {
+        crate::kernels::prefetch(rp.add(j * 64 * B / 8));
+        if B == 3 {
+            let ([e0, o0], [e1, o1]) = (bits::chunk3_avx2(rp.add(j * bits::CHUNK3_BYTES)), bits::chunk3_avx2(rp.add((j + 1) * bits::CHUNK3_BYTES)));
+            return [_mm512_inserti64x4::<1>(_mm512_castsi256_si512(e0), o0), _mm512_inserti64x4::<1>(_mm512_castsi256_si512(e1), o1)];
+        }
+        let (c, mask) = (_mm512_loadu_si512(rp.add(j * 32) as *const _), _mm512_set1_epi8(0x0f));
+        let (e, o) = (_mm512_and_si512(c, mask), _mm512_and_si512(_mm512_srli_epi16::<4>(c), mask));
+        [_mm512_shuffle_i64x2::<0b01_00_01_00>(e, o), _mm512_shuffle_i64x2::<0b11_10_11_10>(e, o)]
+    };
+    let ld = |p: *const u8| _mm512_loadu_si512(p as *const _);
+    let (mut a0, mut a1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+    let (mut k, mut in_group) = (0, 0);
+    let mut scale = |b: usize| {
+        let v = s[k] * x.d[b];
+        in_group += 1;
+        if in_group == per {
+            (k, in_group) = (k + 1, 0);
+        }
+        v
+    };
+    for b in 0..steps / 2 {
+        let j = 2 * b;
+        let [c0, c1] = codes(j);
+        let (h, l) = (hp.add(j * SPLIT), lp.add(j * SPLIT));
+        let ph = _mm512_add_epi16(_mm512_maddubs_epi16(c0, ld(h)), _mm512_maddubs_epi16(c1, ld(h.add(SPLIT))));
+        let pl = _mm512_add_epi16(_mm512_maddubs_epi16(ld(l), c0), _mm512_maddubs_epi16(ld(l.add(SPLIT)), c1));
+        let acc = _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_madd_epi16(ph, by256), _mm512_madd_epi16(pl, ones)));
+        let d = _mm512_set1_ps(scale(b));
+        if b % 2 == 0 {
+            a0 = _mm512_fmadd_ps(acc, d, a0);
+        } else {
+            a1 = _mm512_fmadd_ps(acc, d, a1);
+        }
+    }
+    let a = _mm512_add_ps(a0, a1);
+    let mut r = _mm256_add_ps(_mm512_castps512_ps256(a), _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(a))));
+    if steps % 2 == 1 {
+        let (ph, pl) = split_products_avx2::<B>(rp, x, steps - 1);
+        r = _mm256_fmadd_ps(_mm256_cvtepi32_ps(split_int32_avx2(ph, pl)), _mm256_set1_ps(scale(steps / 2)), r);
+    }
+    r
+}
+
 /// One row's kernel sum (per-OC: `s` the row's group scales, `per` blocks per group; per-IC
 /// `s = [1]`, `per = usize::MAX`) and how many of its codes it covered (the caller adds the rest).
 ///
@@ -637,7 +722,8 @@ unsafe fn body_avx2<const B: usize>(row: &[u8], x: &Q16, cols: usize, s: &[f32],
     if B == 3 || B == 4 {
         let steps = x.hi.len() / SPLIT;
         assert!(steps * SPLIT <= cols && steps * SPLIT * B / 8 <= row.len(), "packed row too short for its codes");
-        return (hsum(row_sum_split_avx2::<B>(row.as_ptr(), x, s, per)), steps * SPLIT);
+        let sum = if t.avx512 && x.block == 2 * SPLIT { row_sum_split_avx512::<B>(row.as_ptr(), x, s, per) } else { row_sum_split_avx2::<B>(row.as_ptr(), x, s, per) };
+        return (hsum(sum), steps * SPLIT);
     }
     let steps = cols / QB;
     assert!(steps == 0 || (steps - 1) * 4 * B + 16 <= row.len(), "packed row too short for its codes");
@@ -649,6 +735,8 @@ unsafe fn body_avx2<const B: usize>(row: &[u8], x: &Q16, cols: usize, s: &[f32],
 pub(crate) struct Tables {
     shuf: [std::arch::x86_64::__m256i; 2],
     mul: [std::arch::x86_64::__m256i; 2],
+    /// Whether the 3- and 4-bit blocks of 128 take [`row_sum_split_avx512`].
+    avx512: bool,
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -662,7 +750,7 @@ impl Tables {
         let (s, m) = decoder_tables(2);
         let ld8 = |a: &[i8; 32]| _mm256_loadu_si256(a.as_ptr() as *const __m256i);
         let ld16 = |a: &[i16; 16]| _mm256_loadu_si256(a.as_ptr() as *const __m256i);
-        Tables { shuf: [ld8(&s[0]), ld8(&s[1])], mul: [ld16(&m[0]), ld16(&m[1])] }
+        Tables { shuf: [ld8(&s[0]), ld8(&s[1])], mul: [ld16(&m[0]), ld16(&m[1])], avx512: crate::kernels::avx512_available() }
     }
 }
 
