@@ -315,8 +315,7 @@ pub(crate) fn simd_available() -> bool {
     false
 }
 
-/// Whether the AVX-512 kernels run ([`avx512_available`]): 0 as detected, 1 assumed present
-/// ([`assume_avx512`]).
+/// Set by [`assume_avx512`]: [`avx512_available`] then answers true whatever the CPU has.
 static AVX512_ASSUMED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Whether the AVX-512 kernels run (the 3- and 4-bit int16 blocks, [`q16`]): this CPU has

@@ -551,26 +551,34 @@ unsafe fn row_sum_avx2<const B: usize>(rp: *const u8, x: &Q16, cols: usize, s: &
 unsafe fn block_sums(steps: usize, per_block: usize, per: usize, s: &[f32], d: &[f32], block: impl Fn(usize, usize) -> std::arch::x86_64::__m256i) -> std::arch::x86_64::__m256 {
     use std::arch::x86_64::*;
     let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-    // The group of block b is b / per, counted up instead of divided (a division per block
-    // cost as much as the block's own arithmetic on small rows).
-    let (mut b, mut k, mut in_group) = (0, 0, 0);
-    while b * per_block < steps {
+    for (b, scale) in (0..steps.div_ceil(per_block)).zip(block_scales(s, d, per)) {
         let (j0, j1) = (b * per_block, ((b + 1) * per_block).min(steps));
         let acc = block(j0, j1);
-        let scale = _mm256_set1_ps(s[k] * d[b]);
-        in_group += 1;
-        if in_group == per {
-            (k, in_group) = (k + 1, 0);
-        }
+        let scale = _mm256_set1_ps(scale);
         // Alternate accumulators so one block's FMA does not wait for the previous one.
         if b % 2 == 0 {
             a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), scale, a0);
         } else {
             a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), scale, a1);
         }
-        b += 1;
     }
     _mm256_add_ps(a0, a1)
+}
+
+/// `s[b / per] * d[b]` for blocks `b = 0, 1, ...` (the int16 kernels' block scales), the group
+/// `b / per` counted up instead of divided: a division per block cost as much as the block's own
+/// arithmetic on small rows.
+#[inline(always)]
+fn block_scales<'a>(s: &'a [f32], d: &'a [f32], per: usize) -> impl Iterator<Item = f32> + 'a {
+    let (mut k, mut in_group) = (0, 0);
+    d.iter().map(move |&d| {
+        let v = s[k] * d;
+        in_group += 1;
+        if in_group == per {
+            (k, in_group) = (k + 1, 0);
+        }
+        v
+    })
 }
 
 /// The int16 pair sums of step `j` of a row of 3- or 4-bit codes against split activations,
@@ -678,23 +686,15 @@ unsafe fn row_sum_split_avx512<const B: usize>(rp: *const u8, x: &Q16, s: &[f32]
     };
     let ld = |p: *const u8| _mm512_loadu_si512(p as *const _);
     let (mut a0, mut a1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
-    let (mut k, mut in_group) = (0, 0);
-    let mut scale = |b: usize| {
-        let v = s[k] * x.d[b];
-        in_group += 1;
-        if in_group == per {
-            (k, in_group) = (k + 1, 0);
-        }
-        v
-    };
-    for b in 0..steps / 2 {
+    let mut scales = block_scales(s, &x.d, per);
+    for (b, scale) in (0..steps / 2).zip(&mut scales) {
         let j = 2 * b;
         let [c0, c1] = codes(j);
         let (h, l) = (hp.add(j * SPLIT), lp.add(j * SPLIT));
         let ph = _mm512_add_epi16(_mm512_maddubs_epi16(c0, ld(h)), _mm512_maddubs_epi16(c1, ld(h.add(SPLIT))));
         let pl = _mm512_add_epi16(_mm512_maddubs_epi16(ld(l), c0), _mm512_maddubs_epi16(ld(l.add(SPLIT)), c1));
         let acc = _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_madd_epi16(ph, by256), _mm512_madd_epi16(pl, ones)));
-        let d = _mm512_set1_ps(scale(b));
+        let d = _mm512_set1_ps(scale);
         if b % 2 == 0 {
             a0 = _mm512_fmadd_ps(acc, d, a0);
         } else {
@@ -705,7 +705,8 @@ unsafe fn row_sum_split_avx512<const B: usize>(rp: *const u8, x: &Q16, s: &[f32]
     let mut r = _mm256_add_ps(_mm512_castps512_ps256(a), _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(a))));
     if steps % 2 == 1 {
         let (ph, pl) = split_products_avx2::<B>(rp, x, steps - 1);
-        r = _mm256_fmadd_ps(_mm256_cvtepi32_ps(split_int32_avx2(ph, pl)), _mm256_set1_ps(scale(steps / 2)), r);
+        let scale = scales.next().expect("a step has its block's step size");
+        r = _mm256_fmadd_ps(_mm256_cvtepi32_ps(split_int32_avx2(ph, pl)), _mm256_set1_ps(scale), r);
     }
     r
 }

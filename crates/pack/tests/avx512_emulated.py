@@ -97,8 +97,11 @@ class Emulator:
         st.cr4 = st.cr4 | (1 << 9) | (1 << 10) | (1 << 18)  # OSFXSR, OSXMMEXCPT, OSXSAVE
         st.xcr0 = xcr0
         st.cr3 = PML4
-        seg = lambda sel, base, attr: (lambda s: (setattr(s, "present", True), setattr(s, "selector", sel), setattr(s, "base", base),
-                                                  setattr(s, "limit", 0xFFFFFFFF), setattr(s, "attr", attr), s)[-1])(bochscpu.Segment())
+        def seg(selector, base, attr):
+            s = bochscpu.Segment()
+            s.present, s.selector, s.base, s.limit, s.attr = True, selector, base, 0xFFFFFFFF, attr
+            return s
+
         st.cs = seg(0x33, 0, 0x22FB)  # 64-bit user code
         st.ss = st.ds = st.es = st.gs = seg(0x2B, 0, 0xCF3)
         st.fs = seg(0, fs_base, 0xCF3)
