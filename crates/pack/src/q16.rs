@@ -503,16 +503,15 @@ fn decoder_tables(b: usize) -> ([[i8; 32]; 2], [[i16; 16]; 2]) {
 
 /// AVX2, 2- and 8-bit codes: `sum_b scale(b) * sum_{c in block b} code(c) q(c)` over the `cols`
 /// codes of a row (`cols / 32` whole steps; the caller adds the last `cols % 32`), as 8 lane sums, with
-/// `scale(b) = s[b / per] * d[b]` (per-OC: the row's group scale times the block's step; per-IC
-/// `s = [1]`, `per = usize::MAX`).
+/// `scale(b) = sd[b]` ([`block_scales`]; per-IC the blocks' steps).
 ///
 /// # Safety
 /// AVX2 and FMA; `rp` points at the row's first byte with 16 bytes readable behind the start
 /// of its last whole step (a row's padding or the next row covers the 2-bit overshoot);
-/// `x.q` has `cols` values; `s` covers every block.
+/// `x.q` has `cols` values.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn row_sum_avx2<const B: usize>(rp: *const u8, x: &Q16, cols: usize, s: &[f32], per: usize, t: &Tables) -> std::arch::x86_64::__m256 {
+unsafe fn row_sum_avx2<const B: usize>(rp: *const u8, x: &Q16, cols: usize, sd: &[f32], t: &Tables) -> std::arch::x86_64::__m256 {
     use std::arch::x86_64::*;
     let qp = x.q.as_ptr();
     // int32 lane sums of 32 codes times their activations (step j of the row).
@@ -536,49 +535,61 @@ unsafe fn row_sum_avx2<const B: usize>(rp: *const u8, x: &Q16, cols: usize, s: &
         let xb = _mm256_loadu_si256(qp.add(j * QB + 16) as *const __m256i);
         _mm256_add_epi32(_mm256_madd_epi16(a, xa), _mm256_madd_epi16(b, xb))
     };
-    block_sums(cols / QB, x.block / QB, per, s, &x.d, |j0, j1| (j0 + 1..j1).fold(step(j0), |acc, j| _mm256_add_epi32(acc, step(j))))
+    let block = |j0: usize, j1: usize| (j0 + 1..j1).fold(step(j0), |acc, j| _mm256_add_epi32(acc, step(j)));
+    let steps = cols / QB;
+    match x.block / QB {
+        1 => block_sums::<1>(steps, sd, block),
+        2 => block_sums::<2>(steps, sd, block),
+        n => {
+            assert_eq!(n, 4, "int16 blocks of {} values", x.block);
+            block_sums::<4>(steps, sd, block)
+        }
+    }
 }
 
-/// `sum_b s[b / per] d[b] * block(j0, j1)` over `steps` steps in blocks of `per_block` (the
-/// last block may be short; `block(j0, j1)` gives the int32 lane sums of steps `j0..j1`), as 8
-/// lane sums: the block loop of both int16 kernels.
+/// `sum_b sd[b] * block(j0, j1)` over `steps` steps in blocks of `N` (the last block may be
+/// short; `block(j0, j1)` gives the int32 lane sums of steps `j0..j1`; `sd` the blocks' scales,
+/// [`block_scales`]), as 8 lane sums: the block loop of both int16 kernels. Whole blocks are
+/// called with `j1 = j0 + N` known when compiling: with the block's length decided at run time
+/// (and two accumulators taken in turn), the split kernel's two-step block spent more
+/// instructions moving registers and counting than multiplying. One accumulator: a block's
+/// multiply-add waits on the last one's, but a block takes longer than that.
 ///
 /// # Safety
-/// AVX2 and FMA; `s` and `d` cover every block.
+/// AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[inline]
-unsafe fn block_sums(steps: usize, per_block: usize, per: usize, s: &[f32], d: &[f32], block: impl Fn(usize, usize) -> std::arch::x86_64::__m256i) -> std::arch::x86_64::__m256 {
+unsafe fn block_sums<const N: usize>(steps: usize, sd: &[f32], block: impl Fn(usize, usize) -> std::arch::x86_64::__m256i) -> std::arch::x86_64::__m256 {
     use std::arch::x86_64::*;
-    let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-    for (b, scale) in (0..steps.div_ceil(per_block)).zip(block_scales(s, d, per)) {
-        let (j0, j1) = (b * per_block, ((b + 1) * per_block).min(steps));
-        let acc = block(j0, j1);
-        let scale = _mm256_set1_ps(scale);
-        // Alternate accumulators so one block's FMA does not wait for the previous one.
-        if b % 2 == 0 {
-            a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), scale, a0);
-        } else {
-            a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), scale, a1);
-        }
+    let sd = &sd[..steps.div_ceil(N)];
+    let mut a = _mm256_setzero_ps();
+    for (b, &scale) in sd.iter().enumerate().take(steps / N) {
+        a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block(b * N, b * N + N)), _mm256_set1_ps(scale), a);
     }
-    _mm256_add_ps(a0, a1)
+    if steps % N != 0 {
+        a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block(steps / N * N, steps)), _mm256_set1_ps(sd[steps / N]), a);
+    }
+    a
 }
 
-/// `s[b / per] * d[b]` for blocks `b = 0, 1, ...` (the int16 kernels' block scales), the group
-/// `b / per` counted up instead of divided: a division per block cost as much as the block's own
-/// arithmetic on small rows.
-#[inline(always)]
-fn block_scales<'a>(s: &'a [f32], d: &'a [f32], per: usize) -> impl Iterator<Item = f32> + 'a {
-    let (mut k, mut in_group) = (0, 0);
-    d.iter().map(move |&d| {
-        let v = s[k] * d;
-        in_group += 1;
-        if in_group == per {
-            (k, in_group) = (k + 1, 0);
-        }
-        v
-    })
+/// `s[b / per] * d[b]` for every block `b` into `out` (the int16 kernels' block scales; per-OC
+/// `s` is the row's group scales and `d` the activation blocks' steps), once per row: computed
+/// inside the block loop, with the group counted up, they took a third of a 3-bit step's
+/// instructions.
+fn block_scales(s: &[f32], d: &[f32], per: usize, out: &mut Vec<f32>) {
+    out.clear();
+    if per == 1 {
+        out.extend(s.iter().zip(d).map(|(s, d)| s * d));
+    } else {
+        out.extend(d.chunks(per).zip(s).flat_map(|(d, &s)| d.iter().map(move |d| s * d)));
+    }
+    assert_eq!(out.len(), d.len(), "{} group scales for {} blocks of {per}", s.len(), d.len());
+}
+
+thread_local! {
+    /// [`block_scales`]' buffer, reused from row to row.
+    static SCALES: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
 /// The int16 pair sums of step `j` of a row of 3- or 4-bit codes against split activations,
@@ -623,10 +634,10 @@ unsafe fn split_int32_avx2(ph: std::arch::x86_64::__m256i, pl: std::arch::x86_64
 /// matvecs 10-20% faster in cache).
 ///
 /// # Safety
-/// AVX2 and FMA; `rp` has the row's `64 B / 8` bytes per whole step; `s` covers every block.
+/// AVX2 and FMA; `rp` has the row's `64 B / 8` bytes per whole step.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn row_sum_split_avx2<const B: usize>(rp: *const u8, x: &Q16, s: &[f32], per: usize) -> std::arch::x86_64::__m256 {
+unsafe fn row_sum_split_avx2<const B: usize>(rp: *const u8, x: &Q16, sd: &[f32]) -> std::arch::x86_64::__m256 {
     use std::arch::x86_64::*;
     let steps = x.hi.len() / SPLIT;
     let step = |j: usize| split_products_avx2::<B>(rp, x, j);
@@ -635,19 +646,20 @@ unsafe fn row_sum_split_avx2<const B: usize>(rp: *const u8, x: &Q16, s: &[f32], 
         // A block's two steps are added in int16 before they are widened (two `vpmaddwd`
         // a block, not four): at most 2 * 7680 and 2 * 15300. A third would not fit.
         assert!(x.block <= 2 * SPLIT, "int16 blocks of {} values: at most {}", x.block, 2 * SPLIT);
-        return block_sums(steps, x.block / SPLIT, per, s, &x.d, |j0, j1| {
+        let block = |j0: usize, j1: usize| {
             let (mut ph, mut pl) = step(j0);
             if j1 > j0 + 1 {
                 let (h, l) = step(j0 + 1);
                 (ph, pl) = (_mm256_add_epi16(ph, h), _mm256_add_epi16(pl, l));
             }
             int32((ph, pl))
-        });
+        };
+        return if x.block == SPLIT { block_sums::<1>(steps, sd, block) } else { block_sums::<2>(steps, sd, block) };
     }
     // Blocks of 32 (groups of an odd number of 32s): a step's halves are blocks 2j, 2j + 1.
     let mut a = _mm256_setzero_ps();
     for j in 0..steps {
-        let (d0, d1) = (s[2 * j / per] * x.d[2 * j], s[(2 * j + 1) / per] * x.d[2 * j + 1]);
+        let (d0, d1) = (sd[2 * j], sd[2 * j + 1]);
         a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(int32(step(j))), _mm256_setr_ps(d0, d0, d0, d0, d1, d1, d1, d1), a);
     }
     a
@@ -667,7 +679,7 @@ unsafe fn row_sum_split_avx2<const B: usize>(rp: *const u8, x: &Q16, s: &[f32], 
 /// AVX-512 F and BW, AVX2 and FMA; as [`row_sum_split_avx2`]; `x.block` is `2 SPLIT`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
-unsafe fn row_sum_split_avx512<const B: usize>(rp: *const u8, x: &Q16, s: &[f32], per: usize) -> std::arch::x86_64::__m256 {
+unsafe fn row_sum_split_avx512<const B: usize>(rp: *const u8, x: &Q16, sd: &[f32]) -> std::arch::x86_64::__m256 {
     use std::arch::x86_64::*;
     debug_assert_eq!(x.block, 2 * SPLIT);
     let steps = x.hi.len() / SPLIT;
@@ -686,8 +698,8 @@ unsafe fn row_sum_split_avx512<const B: usize>(rp: *const u8, x: &Q16, s: &[f32]
     };
     let ld = |p: *const u8| _mm512_loadu_si512(p as *const _);
     let (mut a0, mut a1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
-    let mut scales = block_scales(s, &x.d, per);
-    for (b, scale) in (0..steps / 2).zip(&mut scales) {
+    let sd = &sd[..steps.div_ceil(2)];
+    for (b, &scale) in sd.iter().enumerate().take(steps / 2) {
         let j = 2 * b;
         let [c0, c1] = codes(j);
         let (h, l) = (hp.add(j * SPLIT), lp.add(j * SPLIT));
@@ -705,8 +717,7 @@ unsafe fn row_sum_split_avx512<const B: usize>(rp: *const u8, x: &Q16, s: &[f32]
     let mut r = _mm256_add_ps(_mm512_castps512_ps256(a), _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(a))));
     if steps % 2 == 1 {
         let (ph, pl) = split_products_avx2::<B>(rp, x, steps - 1);
-        let scale = scales.next().expect("a step has its block's step size");
-        r = _mm256_fmadd_ps(_mm256_cvtepi32_ps(split_int32_avx2(ph, pl)), _mm256_set1_ps(scale), r);
+        r = _mm256_fmadd_ps(_mm256_cvtepi32_ps(split_int32_avx2(ph, pl)), _mm256_set1_ps(sd[steps / 2]), r);
     }
     r
 }
@@ -720,15 +731,38 @@ unsafe fn row_sum_split_avx512<const B: usize>(rp: *const u8, x: &Q16, s: &[f32]
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn body_avx2<const B: usize>(row: &[u8], x: &Q16, cols: usize, s: &[f32], per: usize, t: &Tables) -> (f32, usize) {
-    if B == 3 || B == 4 {
-        let steps = x.hi.len() / SPLIT;
+    let split = B == 3 || B == 4;
+    let steps = if split { x.hi.len() / SPLIT } else { cols / QB };
+    if split {
         assert!(steps * SPLIT <= cols && steps * SPLIT * B / 8 <= row.len(), "packed row too short for its codes");
-        let sum = if t.avx512 && x.block == 2 * SPLIT { row_sum_split_avx512::<B>(row.as_ptr(), x, s, per) } else { row_sum_split_avx2::<B>(row.as_ptr(), x, s, per) };
-        return (hsum(sum), steps * SPLIT);
+    } else {
+        assert!(steps == 0 || (steps - 1) * 4 * B + 16 <= row.len(), "packed row too short for its codes");
     }
-    let steps = cols / QB;
-    assert!(steps == 0 || (steps - 1) * 4 * B + 16 <= row.len(), "packed row too short for its codes");
-    (hsum(row_sum_avx2::<B>(row.as_ptr(), x, cols, s, per, t)), steps * QB)
+    let sum = if per == usize::MAX {
+        // Per-IC: the blocks' own steps.
+        row_sum::<B>(row, x, cols, &x.d, t)
+    } else {
+        let mut sd = SCALES.take();
+        block_scales(s, &x.d, per, &mut sd);
+        let r = row_sum::<B>(row, x, cols, &sd, t);
+        SCALES.set(sd);
+        r
+    };
+    (hsum(sum), steps * if split { SPLIT } else { QB })
+}
+
+/// The kernel for `B`-bit codes with block scales `sd`.
+///
+/// # Safety
+/// As [`body_avx2`], which checked the row's length.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn row_sum<const B: usize>(row: &[u8], x: &Q16, cols: usize, sd: &[f32], t: &Tables) -> std::arch::x86_64::__m256 {
+    match B {
+        3 | 4 if t.avx512 && x.block == 2 * SPLIT => row_sum_split_avx512::<B>(row.as_ptr(), x, sd),
+        3 | 4 => row_sum_split_avx2::<B>(row.as_ptr(), x, sd),
+        _ => row_sum_avx2::<B>(row.as_ptr(), x, cols, sd, t),
+    }
 }
 
 /// The decoder's constants in registers, built once per matvec.

@@ -310,39 +310,57 @@ fn dot_scalar(row: &[u8], b: u8, v: &Q8, c0: usize, c1: usize) -> f32 {
 
 /// AVX2: `sum_j s[j * STEP / group] * sum_{c in step j} code(c) v̂(c)` over the row's whole steps
 /// of `B`-bit codes (4: 32 bytes, low nibbles the even codes and high nibbles the odd ones; 3: a
-/// planar chunk, [`bits::chunk3_avx2`]), as 8 lane sums (per-IC: `s = [1]`, `group = usize::MAX`).
+/// planar chunk, [`bits::chunk3_avx2`]), as 8 lane sums (per-IC, `SCALED` false: no group scales).
 ///
 /// # Safety
 /// AVX2 and FMA; `row` holds the row's `cols B / 8` code bytes; `v` has `cols` values.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn row_sum_avx2<const B: usize>(row: &[u8], v: &Q8, s: &[f32], group: usize) -> std::arch::x86_64::__m256 {
+unsafe fn row_sum_avx2<const B: usize, const SCALED: bool>(row: &[u8], v: &Q8, s: &[f32], group: usize) -> std::arch::x86_64::__m256 {
     use std::arch::x86_64::*;
     let steps = v.swizzled.len() / STEP;
     debug_assert!(row.len() >= steps * STEP * B / 8);
     let (rp, xp, dp) = (row.as_ptr(), v.swizzled.as_ptr(), v.d8.as_ptr());
     let ones = _mm256_set1_epi16(1);
-    let per = if group == usize::MAX { usize::MAX } else { group / STEP };
-    let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-    let (mut k, mut in_group) = (0, 0);
-    let mut scale = _mm256_set1_ps(s[0]);
-    for j in 0..steps {
+    // Step j's int32 lane sums as floats.
+    let step = |j: usize| {
         let [even, odd] = bits::step_codes_avx2::<B>(rp, j);
         let xe = _mm256_loadu_si256(xp.add(j * STEP) as *const __m256i);
         let xo = _mm256_loadu_si256(xp.add(j * STEP + 32) as *const __m256i);
         let p16 = _mm256_add_epi16(_mm256_maddubs_epi16(even, xe), _mm256_maddubs_epi16(odd, xo));
-        let p32 = _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones));
-        let d = _mm256_mul_ps(_mm256_loadu_ps(dp.add(j * 8)), scale);
-        if j % 2 == 0 {
-            a0 = _mm256_fmadd_ps(p32, d, a0);
+        _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones))
+    };
+    // Two steps an iteration into two accumulators: neither multiply-add waits for the other,
+    // and the loop's own instructions (a third of a 3-bit step's, counted per step) are paid
+    // once a pair. Per-OC the blocks' steps are multiplied by the group's scale, the group
+    // counted up (a division per step cost as much as the step); a pair shares one when groups
+    // are an even number of steps.
+    let per = group / STEP;
+    let (mut k, mut next) = (0, per);
+    let mut scale = |j: usize| {
+        if j == next {
+            (k, next) = (k + 1, next + per);
+        }
+        _mm256_set1_ps(s[k])
+    };
+    let d = |j: usize| _mm256_loadu_ps(dp.add(j * 8));
+    let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    for j in (0..steps / 2).map(|i| 2 * i) {
+        let (p0, p1) = (step(j), step(j + 1));
+        let (d0, d1) = if !SCALED {
+            (d(j), d(j + 1))
+        } else if per % 2 == 0 {
+            // Group borders fall on even steps only.
+            let s = scale(j);
+            (_mm256_mul_ps(d(j), s), _mm256_mul_ps(d(j + 1), s))
         } else {
-            a1 = _mm256_fmadd_ps(p32, d, a1);
-        }
-        in_group += 1;
-        if in_group == per && j + 1 < steps {
-            (k, in_group) = (k + 1, 0);
-            scale = _mm256_set1_ps(s[k]);
-        }
+            (_mm256_mul_ps(d(j), scale(j)), _mm256_mul_ps(d(j + 1), scale(j + 1)))
+        };
+        (a0, a1) = (_mm256_fmadd_ps(p0, d0, a0), _mm256_fmadd_ps(p1, d1, a1));
+    }
+    if steps % 2 == 1 {
+        let d = if SCALED { _mm256_mul_ps(d(steps - 1), scale(steps - 1)) } else { d(steps - 1) };
+        a0 = _mm256_fmadd_ps(step(steps - 1), d, a0);
     }
     _mm256_add_ps(a0, a1)
 }
@@ -398,7 +416,7 @@ unsafe fn row_oc_avx2(p: &PackedLinear, x: &Q8, xsum: &[f32], r: usize, row: &[u
         // The kernel multiplied code - 128: the zero point is z - 128 of those.
         return body - crate::kernels::zero_term_avx2(s, z, xsum, 128.0);
     }
-    let body = crate::kernels::hsum(if p.layout.bits == 3 { row_sum_avx2::<3>(row, x, s, p.layout.group) } else { row_sum_avx2::<4>(row, x, s, p.layout.group) });
+    let body = crate::kernels::hsum(if p.layout.bits == 3 { row_sum_avx2::<3, true>(row, x, s, p.layout.group) } else { row_sum_avx2::<4, true>(row, x, s, p.layout.group) });
     // The last cols % 64 codes lie in the last group.
     let tail = s[pc - 1] * dot_scalar(row, p.layout.bits, x, cols / STEP * STEP, cols);
     let zx = crate::kernels::zero_term_avx2(s, z, xsum, 0.0);
@@ -413,7 +431,7 @@ unsafe fn row_oc_avx2(p: &PackedLinear, x: &Q8, xsum: &[f32], r: usize, row: &[u
 #[target_feature(enable = "avx2,fma")]
 unsafe fn row_ic_avx2<const B: usize>(row: &[u8], v: &Q8, bias: f32) -> f32 {
     let cols = v.q.len();
-    let body = crate::kernels::hsum(row_sum_avx2::<B>(row, v, &[1.0], usize::MAX));
+    let body = crate::kernels::hsum(row_sum_avx2::<B, false>(row, v, &[], 0));
     body + dot_scalar(row, B as u8, v, cols / STEP * STEP, cols) - bias
 }
 

@@ -23,8 +23,9 @@ fn cases() -> Vec<(usize, usize, QuantSpec)> {
             for zero in [Zero::Awq, Zero::Gptq, Zero::Sym] {
                 // SmolLM2 shapes (ragged g128 on 576 and 192), a width that is no multiple of
                 // 8, a group that is no multiple of 8, whole channels, groups of 32 with a
-                // 48-code tail across two of them (3-bit: after one planar chunk).
-                for (rows, cols, group) in [(192, 576, Some(128)), (67, 45, Some(16)), (40, 96, Some(12)), (33, 64, None), (24, 112, Some(32))] {
+                // 48-code tail across two of them (3-bit: after one planar chunk), groups of
+                // several int16 blocks (256: two of 128; 192: three of 64), the last one short.
+                for (rows, cols, group) in [(192, 576, Some(128)), (67, 45, Some(16)), (40, 96, Some(12)), (33, 64, None), (24, 112, Some(32)), (20, 640, Some(256)), (20, 640, Some(192))] {
                     out.push((rows, cols, QuantSpec { bits, group, axis, zero }));
                 }
             }
@@ -148,8 +149,8 @@ fn rtn_matrices_round_trip_and_multiply() {
     }
     #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-        // 2, 3, 4, 8 bits x (per-IC on all five shapes + per-OC on the three with 32-multiple groups) x 3 zero styles.
-        assert_eq!(int16, 4 * 8 * 3, "cases that ran the int16 kernel");
+        // 2, 3, 4, 8 bits x (per-IC on all seven shapes + per-OC on the five with 32-multiple groups) x 3 zero styles.
+        assert_eq!(int16, 4 * 12 * 3, "cases that ran the int16 kernel");
     }
 }
 
