@@ -573,19 +573,28 @@ unsafe fn block_sums<const N: usize>(steps: usize, sd: &[f32], block: impl Fn(us
     a
 }
 
-/// `s[b / per] * d[b]` for every block `b` into `out` (the int16 kernels' block scales; per-OC
-/// `s` is the row's group scales and `d` the activation blocks' steps), once per row: computed
-/// inside the block loop, with the group counted up, they took a third of a 3-bit step's
-/// instructions.
-fn block_scales(s: &[f32], d: &[f32], per: usize, out: &mut Vec<f32>) {
-    out.clear();
+/// `s[b / per] * d[b]` for every block `b` into `out[..d.len()]`, returned (the int16 kernels'
+/// block scales; per-OC `s` is the row's group scales and `d` the activation blocks' steps),
+/// once per row: computed inside the block loop, with the group counted up, they took a third
+/// of a 3-bit step's instructions.
+fn block_scales(s: &[f32], d: &[f32], per: usize, out: &mut [f32]) -> usize {
+    let out = &mut out[..d.len()];
     if per == 1 {
-        out.extend(s.iter().zip(d).map(|(s, d)| s * d));
+        assert!(s.len() >= d.len(), "{} group scales for {} blocks", s.len(), d.len());
+        for ((o, s), d) in out.iter_mut().zip(s).zip(d) {
+            *o = s * d;
+        }
     } else {
-        out.extend(d.chunks(per).zip(s).flat_map(|(d, &s)| d.iter().map(move |d| s * d)));
+        // Rows of large groups (256 codes and more): the division is per block, not per step.
+        for (b, (o, d)) in out.iter_mut().zip(d).enumerate() {
+            *o = s[b / per] * d;
+        }
     }
-    assert_eq!(out.len(), d.len(), "{} group scales for {} blocks of {per}", s.len(), d.len());
+    d.len()
 }
+
+/// Rows of at most this many blocks keep their block scales on the stack.
+const SHORT: usize = 32;
 
 thread_local! {
     /// [`block_scales`]' buffer, reused from row to row.
@@ -741,8 +750,15 @@ unsafe fn body_avx2<const B: usize>(row: &[u8], x: &Q16, cols: usize, s: &[f32],
     let sum = if per == usize::MAX {
         // Per-IC: the blocks' own steps.
         row_sum::<B>(row, x, cols, &x.d, t)
+    } else if x.d.len() <= SHORT {
+        // Short rows (SmolLM2's: 5 to 12 blocks) on the stack: the thread-local buffer's
+        // bookkeeping cost 5% of a decode.
+        let mut sd = [0f32; SHORT];
+        let n = block_scales(s, &x.d, per, &mut sd);
+        row_sum::<B>(row, x, cols, &sd[..n], t)
     } else {
         let mut sd = SCALES.take();
+        sd.resize(x.d.len(), 0.0);
         block_scales(s, &x.d, per, &mut sd);
         let r = row_sum::<B>(row, x, cols, &sd, t);
         SCALES.set(sd);
