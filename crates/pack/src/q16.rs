@@ -573,11 +573,11 @@ unsafe fn block_sums<const N: usize>(steps: usize, sd: &[f32], block: impl Fn(us
     a
 }
 
-/// `s[b / per] * d[b]` for every block `b` into `out[..d.len()]`, returned (the int16 kernels'
+/// `s[b / per] * d[b]` for every block `b` into `out[..d.len()]` (the int16 kernels'
 /// block scales; per-OC `s` is the row's group scales and `d` the activation blocks' steps),
 /// once per row: computed inside the block loop, with the group counted up, they took a third
 /// of a 3-bit step's instructions.
-fn block_scales(s: &[f32], d: &[f32], per: usize, out: &mut [f32]) -> usize {
+fn block_scales(s: &[f32], d: &[f32], per: usize, out: &mut [f32]) {
     let out = &mut out[..d.len()];
     if per == 1 {
         assert!(s.len() >= d.len(), "{} group scales for {} blocks", s.len(), d.len());
@@ -590,7 +590,6 @@ fn block_scales(s: &[f32], d: &[f32], per: usize, out: &mut [f32]) -> usize {
             *o = s[b / per] * d;
         }
     }
-    d.len()
 }
 
 /// Rows of at most this many blocks keep their block scales on the stack.
@@ -706,7 +705,8 @@ unsafe fn row_sum_split_avx512<const B: usize>(rp: *const u8, x: &Q16, sd: &[f32
         [_mm512_shuffle_i64x2::<0b01_00_01_00>(e, o), _mm512_shuffle_i64x2::<0b11_10_11_10>(e, o)]
     };
     let ld = |p: *const u8| _mm512_loadu_si512(p as *const _);
-    let (mut a0, mut a1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+    // One accumulator, as the AVX2 block loop ([`block_sums`]).
+    let mut a = _mm512_setzero_ps();
     let sd = &sd[..steps.div_ceil(2)];
     for (b, &scale) in sd.iter().enumerate().take(steps / 2) {
         let j = 2 * b;
@@ -715,14 +715,8 @@ unsafe fn row_sum_split_avx512<const B: usize>(rp: *const u8, x: &Q16, sd: &[f32
         let ph = _mm512_add_epi16(_mm512_maddubs_epi16(c0, ld(h)), _mm512_maddubs_epi16(c1, ld(h.add(SPLIT))));
         let pl = _mm512_add_epi16(_mm512_maddubs_epi16(ld(l), c0), _mm512_maddubs_epi16(ld(l.add(SPLIT)), c1));
         let acc = _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_madd_epi16(ph, by256), _mm512_madd_epi16(pl, ones)));
-        let d = _mm512_set1_ps(scale);
-        if b % 2 == 0 {
-            a0 = _mm512_fmadd_ps(acc, d, a0);
-        } else {
-            a1 = _mm512_fmadd_ps(acc, d, a1);
-        }
+        a = _mm512_fmadd_ps(acc, _mm512_set1_ps(scale), a);
     }
-    let a = _mm512_add_ps(a0, a1);
     let mut r = _mm256_add_ps(_mm512_castps512_ps256(a), _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(a))));
     if steps % 2 == 1 {
         let (ph, pl) = split_products_avx2::<B>(rp, x, steps - 1);
@@ -754,8 +748,8 @@ unsafe fn body_avx2<const B: usize>(row: &[u8], x: &Q16, cols: usize, s: &[f32],
         // Short rows (SmolLM2's: 5 to 12 blocks) on the stack: the thread-local buffer's
         // bookkeeping cost 5% of a decode.
         let mut sd = [0f32; SHORT];
-        let n = block_scales(s, &x.d, per, &mut sd);
-        row_sum::<B>(row, x, cols, &sd[..n], t)
+        block_scales(s, &x.d, per, &mut sd);
+        row_sum::<B>(row, x, cols, &sd[..x.d.len()], t)
     } else {
         let mut sd = SCALES.take();
         sd.resize(x.d.len(), 0.0);
