@@ -129,6 +129,13 @@ impl PackedLinear {
         }
     }
 
+    /// Row `r`'s packed codes and the [`bits::PAD`] bytes after them (the next row's, or the
+    /// buffer's padding after the last row), which some kernels' wide loads reach into.
+    pub(crate) fn row_codes(&self, r: usize) -> &[u8] {
+        let rb = bits::row_bytes(self.cols, self.layout.bits);
+        &self.codes[r * rb..((r + 1) * rb + bits::PAD).min(self.codes.len())]
+    }
+
     /// Bytes this linear takes on disk, as its layout declares them.
     pub fn stored_bytes(&self) -> usize {
         self.layout.bytes(self.rows, self.cols, self.permuted())

@@ -347,9 +347,6 @@ pub unsafe fn assume_avx512() {
     AVX512_ASSUMED.store(true, std::sync::atomic::Ordering::Relaxed);
 }
 
-/// Rows per parallel task: enough work to amortize scheduling.
-const ROWS_PER_TASK: usize = 32;
-
 impl PackedLinear {
     /// `y = W' x` (`x` has `cols` values, `y` gets `rows`), from the packed codes.
     ///
@@ -398,7 +395,7 @@ impl PackedLinear {
         let prep = prepare(self, x);
         let simd = simd_available();
         // On the decode team when there is one, as the integer kernels.
-        crate::team::for_each_chunk(y, ROWS_PER_TASK, &|t, y| rows_body(self, &prep, t * ROWS_PER_TASK, y, simd));
+        crate::team::rows(y, &|r0, y| rows_body(self, &prep, r0, y, simd));
     }
 
     /// One thread, no SIMD: the portable loop (for tests of the SIMD one).

@@ -576,7 +576,9 @@ unsafe fn block_sums<const N: usize>(steps: usize, sd: &[f32], block: impl Fn(us
 /// `s[b / per] * d[b]` for every block `b` into `out[..d.len()]` (the int16 kernels'
 /// block scales; per-OC `s` is the row's group scales and `d` the activation blocks' steps),
 /// once per row: computed inside the block loop, with the group counted up, they took a third
-/// of a 3-bit step's instructions.
+/// of a 3-bit step's instructions. Inlined into the row loop (a call per row was 3% of a
+/// small matrix's time), where the compiler vectorises its multiplies.
+#[inline]
 fn block_scales(s: &[f32], d: &[f32], per: usize, out: &mut [f32]) {
     let out = &mut out[..d.len()];
     if per == 1 {
@@ -725,15 +727,16 @@ unsafe fn row_sum_split_avx512<const B: usize>(rp: *const u8, x: &Q16, sd: &[f32
     r
 }
 
-/// One row's kernel sum (per-OC: `s` the row's group scales, `per` blocks per group; per-IC
-/// `s = [1]`, `per = usize::MAX`) and how many of its codes it covered (the caller adds the rest).
+/// One row's kernel sum as 8 lane sums (per-OC: `s` the row's group scales, `per` blocks per
+/// group; per-IC `s = [1]`, `per = usize::MAX`) and how many of its codes it covered (the
+/// caller adds the rest).
 ///
 /// # Safety
 /// AVX2 and FMA; `row` is the row's codes followed by at least 8 bytes (the next row or the
 /// buffer's padding): the 16-byte load of a 2-bit row's last step reaches past its codes.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn body_avx2<const B: usize>(row: &[u8], x: &Q16, cols: usize, s: &[f32], per: usize, t: &Tables) -> (f32, usize) {
+unsafe fn body_avx2<const B: usize>(row: &[u8], x: &Q16, cols: usize, s: &[f32], per: usize, t: &Tables) -> (std::arch::x86_64::__m256, usize) {
     let split = B == 3 || B == 4;
     let steps = if split { x.hi.len() / SPLIT } else { cols / QB };
     if split {
@@ -758,7 +761,7 @@ unsafe fn body_avx2<const B: usize>(row: &[u8], x: &Q16, cols: usize, s: &[f32],
         SCALES.set(sd);
         r
     };
-    (hsum(sum), steps * if split { SPLIT } else { QB })
+    (sum, steps * if split { SPLIT } else { QB })
 }
 
 /// The kernel for `B`-bit codes with block scales `sd`.
@@ -805,12 +808,13 @@ impl Tables {
 /// As [`body_avx2`].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn row_oc_avx2<const B: usize>(p: &PackedLinear, x: &Q16, xsum: &[f32], r: usize, row: &[u8], t: &Tables) -> f32 {
+#[inline]
+unsafe fn row_oc_avx2<const B: usize>(p: &PackedLinear, x: &Q16, xsum: &[f32], per: usize, r: usize, row: &[u8], t: &Tables) -> f32 {
     let (cols, pc, g) = (p.cols, xsum.len(), p.layout.group);
     let (s, z) = (&p.scales[r * pc..(r + 1) * pc], &p.zeros[r * pc..(r + 1) * pc]);
-    let (body, done) = body_avx2::<B>(row, x, cols, s, g / x.block, t);
+    let (body, done) = body_avx2::<B>(row, x, cols, s, per, t);
     let tail = dot_scalar(row, B as u8, x, done, cols, |c| s[c / g]);
-    body + tail - crate::kernels::zero_term_avx2(s, z, xsum, 0.0)
+    hsum(body) + tail - crate::kernels::zero_term_avx2(s, z, xsum, 0.0)
 }
 
 /// One per-IC output row with AVX2, from its row group's rounded `s x` and zero-point sum.
@@ -819,10 +823,11 @@ unsafe fn row_oc_avx2<const B: usize>(p: &PackedLinear, x: &Q16, xsum: &[f32], r
 /// As [`body_avx2`].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
+#[inline]
 unsafe fn row_ic_avx2<const B: usize>(row: &[u8], v: &Q16, bias: f32, t: &Tables) -> f32 {
     let cols = v.q.len();
     let (body, done) = body_avx2::<B>(row, v, cols, &[1.0], usize::MAX, t);
-    body + dot_scalar(row, B as u8, v, done, cols, |_| 1.0) - bias
+    hsum(body) + dot_scalar(row, B as u8, v, done, cols, |_| 1.0) - bias
 }
 
 /// `y = W' x` with the AVX2 kernel; per-IC, each row group's `s x` rounded once
@@ -832,21 +837,17 @@ unsafe fn row_ic_avx2<const B: usize>(row: &[u8], v: &Q16, bias: f32, t: &Tables
 /// AVX2 and FMA detected; `supported(p)`.
 #[cfg(target_arch = "x86_64")]
 pub(crate) unsafe fn matvec_avx2(p: &PackedLinear, x: &[f32], y: &mut [f32]) {
-    let (cols, g, bits) = (p.cols, p.layout.group, p.layout.bits);
     let t = Tables::new();
-    let rb = bits::row_bytes(cols, bits);
-    // The row's codes and what follows (the 16-byte loads of 2-bit steps reach past them).
-    let row = |r: usize| &p.codes[r * rb..((r + 1) * rb + bits::PAD).min(p.codes.len())];
     if p.layout.axis == Axis::Ic {
         let prep = |kr: usize, slot: &mut (Q16, f32)| prepare_ic(p, x, kr, slot);
-        crate::team::with_slots(&SLOTS, p.rows.div_ceil(g), |slots| {
+        crate::team::with_slots(&SLOTS, p.rows.div_ceil(p.layout.group), |slots| {
             // SAFETY: as the caller's.
-            crate::team::grouped_rows(y, g, slots, &prep, &|r, (v, bias)| unsafe {
-                match bits {
-                    2 => row_ic_avx2::<2>(row(r), v, *bias, &t),
-                    3 => row_ic_avx2::<3>(row(r), v, *bias, &t),
-                    4 => row_ic_avx2::<4>(row(r), v, *bias, &t),
-                    _ => row_ic_avx2::<8>(row(r), v, *bias, &t),
+            crate::team::grouped_rows(y, p.layout.group, slots, &prep, &|r0, y, (v, bias)| unsafe {
+                match p.layout.bits {
+                    2 => rows_ic_avx2::<2>(p, v, *bias, r0, y, &t),
+                    3 => rows_ic_avx2::<3>(p, v, *bias, r0, y, &t),
+                    4 => rows_ic_avx2::<4>(p, v, *bias, r0, y, &t),
+                    _ => rows_ic_avx2::<8>(p, v, *bias, r0, y, &t),
                 }
             })
         });
@@ -854,14 +855,42 @@ pub(crate) unsafe fn matvec_avx2(p: &PackedLinear, x: &[f32], y: &mut [f32]) {
     }
     let (xq, xsum) = prepare_oc(p, x);
     // SAFETY: as the caller's.
-    crate::team::rows(y, &|r| unsafe {
-        match bits {
-            2 => row_oc_avx2::<2>(p, &xq, &xsum, r, row(r), &t),
-            3 => row_oc_avx2::<3>(p, &xq, &xsum, r, row(r), &t),
-            4 => row_oc_avx2::<4>(p, &xq, &xsum, r, row(r), &t),
-            _ => row_oc_avx2::<8>(p, &xq, &xsum, r, row(r), &t),
+    crate::team::rows(y, &|r0, y| unsafe {
+        match p.layout.bits {
+            2 => rows_oc_avx2::<2>(p, &xq, &xsum, r0, y, &t),
+            3 => rows_oc_avx2::<3>(p, &xq, &xsum, r0, y, &t),
+            4 => rows_oc_avx2::<4>(p, &xq, &xsum, r0, y, &t),
+            _ => rows_oc_avx2::<8>(p, &xq, &xsum, r0, y, &t),
         }
     });
+}
+
+/// Per-OC rows `r0..r0 + y.len()` into `y`: the row loop inside the SIMD function, so each
+/// row's kernel is inlined ([`crate::team::rows`]).
+///
+/// # Safety
+/// As [`matvec_avx2`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn rows_oc_avx2<const B: usize>(p: &PackedLinear, x: &Q16, xsum: &[f32], r0: usize, y: &mut [f32], t: &Tables) {
+    // Activation blocks per group (a division per row was 1% of a small matrix's time).
+    let per = p.layout.group / x.block;
+    for (r, y) in (r0..).zip(y) {
+        *y = row_oc_avx2::<B>(p, x, xsum, per, r, p.row_codes(r), t);
+    }
+}
+
+/// Per-IC rows `r0..r0 + y.len()` of one row group into `y` (as [`rows_oc_avx2`]), from the
+/// group's rounded `s x` and zero-point sum.
+///
+/// # Safety
+/// As [`matvec_avx2`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn rows_ic_avx2<const B: usize>(p: &PackedLinear, v: &Q16, bias: f32, r0: usize, y: &mut [f32], t: &Tables) {
+    for (r, y) in (r0..).zip(y) {
+        *y = row_ic_avx2::<B>(p.row_codes(r), v, bias, t);
+    }
 }
 
 /// The definition of the int16 product, in f64 from the same rounded activations, and per row

@@ -408,6 +408,7 @@ unsafe fn row_sum8_avx2(row: &[u8], x: &Q8, s: &[f32], per: usize) -> std::arch:
 /// AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
+#[inline]
 unsafe fn row_oc_avx2(p: &PackedLinear, x: &Q8, xsum: &[f32], r: usize, row: &[u8]) -> f32 {
     let (cols, pc) = (p.cols, xsum.len());
     let (s, z) = (&p.scales[r * pc..(r + 1) * pc], &p.zeros[r * pc..(r + 1) * pc]);
@@ -429,10 +430,36 @@ unsafe fn row_oc_avx2(p: &PackedLinear, x: &Q8, xsum: &[f32], r: usize, row: &[u
 /// AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
+#[inline]
 unsafe fn row_ic_avx2<const B: usize>(row: &[u8], v: &Q8, bias: f32) -> f32 {
     let cols = v.q.len();
     let body = crate::kernels::hsum(row_sum_avx2::<B, false>(row, v, &[], 0));
     body + dot_scalar(row, B as u8, v, cols / STEP * STEP, cols) - bias
+}
+
+/// Per-OC rows `r0..r0 + y.len()` into `y`: the row loop inside the SIMD function, so each
+/// row's kernel is inlined ([`team::rows`]).
+///
+/// # Safety
+/// AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn rows_oc_avx2(p: &PackedLinear, x: &Q8, xsum: &[f32], r0: usize, y: &mut [f32]) {
+    for (r, y) in (r0..).zip(y) {
+        *y = row_oc_avx2(p, x, xsum, r, p.row_codes(r));
+    }
+}
+
+/// Per-IC rows `r0..r0 + y.len()` of one row group into `y` (as [`rows_oc_avx2`]).
+///
+/// # Safety
+/// AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn rows_ic_avx2<const B: usize>(p: &PackedLinear, v: &Q8, bias: f32, r0: usize, y: &mut [f32]) {
+    for (r, y) in (r0..).zip(y) {
+        *y = row_ic_avx2::<B>(p.row_codes(r), v, bias);
+    }
 }
 
 /// `y = W' x` on int8 activations. False (and `y` untouched) when this CPU or layout has no
@@ -440,17 +467,16 @@ unsafe fn row_ic_avx2<const B: usize>(row: &[u8], v: &Q8, bias: f32) -> f32 {
 pub(crate) fn matvec(p: &PackedLinear, x: &[f32], y: &mut [f32]) -> bool {
     #[cfg(target_arch = "x86_64")]
     if supported(p) && crate::kernels::simd_available() {
-        let (rb, g) = (bits::row_bytes(p.cols, p.layout.bits), p.layout.group);
-        let row = |r: usize| &p.codes[r * rb..(r + 1) * rb];
+        let g = p.layout.group;
         if p.layout.axis == Axis::Ic {
             let prep = |kr: usize, slot: &mut (Q8, f32)| prepare_ic(p, x, kr, slot);
             team::with_slots(&SLOTS, p.rows.div_ceil(g), |slots| {
-                // SAFETY: AVX2 and FMA were detected; the row slice holds its codes.
-                team::grouped_rows(y, g, slots, &prep, &|r, (v, bias)| unsafe {
+                // SAFETY: AVX2 and FMA were detected.
+                team::grouped_rows(y, g, slots, &prep, &|r0, y, (v, bias)| unsafe {
                     if p.layout.bits == 3 {
-                        row_ic_avx2::<3>(row(r), v, *bias)
+                        rows_ic_avx2::<3>(p, v, *bias, r0, y)
                     } else {
-                        row_ic_avx2::<4>(row(r), v, *bias)
+                        rows_ic_avx2::<4>(p, v, *bias, r0, y)
                     }
                 })
             });
@@ -458,7 +484,7 @@ pub(crate) fn matvec(p: &PackedLinear, x: &[f32], y: &mut [f32]) -> bool {
         }
         let (xq, xsum) = prepare_oc(p, x);
         // SAFETY: as above.
-        team::rows(y, &|r| unsafe { row_oc_avx2(p, &xq, &xsum, r, row(r)) });
+        team::rows(y, &|r0, y| unsafe { rows_oc_avx2(p, &xq, &xsum, r0, y) });
         return true;
     }
     let _ = (p, x, y);

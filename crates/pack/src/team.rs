@@ -254,30 +254,33 @@ pub fn for_each_chunk(y: &mut [f32], len: usize, f: &(dyn Fn(usize, &mut [f32]) 
 /// Rows per parallel task of the matvec kernels.
 pub(crate) const ROWS_PER_TASK: usize = 32;
 
-/// `y[r] = row(r)` for every row, in parallel (team or rayon).
-pub(crate) fn rows(y: &mut [f32], row: &(dyn Fn(usize) -> f32 + Sync)) {
-    for_each_chunk(y, ROWS_PER_TASK, &|t, c| {
-        for (i, y) in c.iter_mut().enumerate() {
-            *y = row(t * ROWS_PER_TASK + i);
-        }
-    });
+/// `run(r0, chunk)` for runs of rows of `y` ([`ROWS_PER_TASK`] long, the last may be short;
+/// `r0` the first row's index), in parallel (team or rayon). A kernel called per run, not per
+/// row, keeps its row loop inside its own SIMD function, where the row's kernel is inlined and
+/// what every row shares is worked out once. Called per row through a closure, SmolLM2's short
+/// rows paid for calls, dispatch and spills: 1536 x 576 (rows of 576 codes) took 63 us in
+/// cache on one thread with the int16 4-bit kernel, where the per-code rate of 4096-code rows
+/// predicts 28; per run, 53-56.
+pub(crate) fn rows(y: &mut [f32], run: &(dyn Fn(usize, &mut [f32]) + Sync)) {
+    for_each_chunk(y, ROWS_PER_TASK, &|t, c| run(t * ROWS_PER_TASK, c));
 }
 
-/// `y[r] = row(r, &slots[r / g])` for every row, after `prep(kr, &mut slots[kr])` filled the slot
-/// of each group of `g` rows (per-IC: the group's rounded activations), in parallel. The slots
-/// are the caller's and may hold the last call's values, so their buffers are reused: a fresh
-/// set of buffers per group on every matvec, freed after it, made the allocator hand the pages
-/// back and fault them in again on the next (4% of a per-IC 14336 x 4096 matvec). On rayon a
-/// task per group fills its slot (in cache for its rows) and hands its rows out in turn, so no
-/// work stays serial before the first row (it was 15% of 1536 x 576 on two threads); on a team,
-/// all slots first, then the rows (each a spin-synchronised step).
-pub(crate) fn grouped_rows<P: Send + Sync>(y: &mut [f32], g: usize, slots: &mut [P], prep: &(dyn Fn(usize, &mut P) + Sync), row: &(dyn Fn(usize, &P) -> f32 + Sync)) {
+/// `run(r0, chunk, &slots[kr])` for runs of rows of `y`, each inside one group `kr` of `g`
+/// rows, after `prep(kr, &mut slots[kr])` filled the slot of each group (per-IC: the group's
+/// rounded activations), in parallel. The slots are the caller's and may hold the last call's
+/// values, so their buffers are reused: a fresh set of buffers per group on every matvec,
+/// freed after it, made the allocator hand the pages back and fault them in again on the next
+/// (4% of a per-IC 14336 x 4096 matvec). On rayon a task per group fills its slot (in cache
+/// for its rows) and hands its rows out in turn, so no work stays serial before the first row
+/// (it was 15% of 1536 x 576 on two threads); on a team, all slots first, then the rows (each
+/// a spin-synchronised step).
+pub(crate) fn grouped_rows<P: Send + Sync>(y: &mut [f32], g: usize, slots: &mut [P], prep: &(dyn Fn(usize, &mut P) + Sync), run: &(dyn Fn(usize, &mut [f32], &P) + Sync)) {
     let groups = y.len().div_ceil(g);
     assert!(slots.len() >= groups, "{} slots for {groups} row groups", slots.len());
     if is_serial() {
         for (kr, (y, p)) in y.chunks_mut(g).zip(slots.iter_mut()).enumerate() {
             prep(kr, p);
-            y.iter_mut().enumerate().for_each(|(i, y)| *y = row(kr * g + i, p));
+            run(kr * g, y, p);
         }
         return;
     }
@@ -286,18 +289,22 @@ pub(crate) fn grouped_rows<P: Send + Sync>(y: &mut [f32], g: usize, slots: &mut 
     // the call; nothing else touches the slots until `for_each` returns.
     if for_each(groups, &|kr| prep(kr, unsafe { &mut *base.get().add(kr) })) {
         let slots = &*slots;
-        rows(y, &|r| row(r, &slots[r / g]));
+        rows(y, &|r0, y| {
+            // A run is cut where it crosses a group border (`g` not a multiple of its length).
+            let (mut r, mut y) = (r0, y);
+            while !y.is_empty() {
+                let (head, rest) = y.split_at_mut((g - r % g).min(y.len()));
+                run(r, head, &slots[r / g]);
+                (r, y) = (r + head.len(), rest);
+            }
+        });
         return;
     }
     use rayon::prelude::*;
     y.par_chunks_mut(g).zip(slots.par_iter_mut()).enumerate().for_each(|(kr, (y, p))| {
         prep(kr, p);
         let p = &*p;
-        y.par_chunks_mut(ROWS_PER_TASK).enumerate().for_each(|(t, y)| {
-            for (i, y) in y.iter_mut().enumerate() {
-                *y = row(kr * g + t * ROWS_PER_TASK + i, p);
-            }
-        });
+        y.par_chunks_mut(ROWS_PER_TASK).enumerate().for_each(|(t, y)| run(kr * g + t * ROWS_PER_TASK, y, p));
     });
 }
 
@@ -390,15 +397,35 @@ mod tests {
             });
             let mut slots = vec![0usize; 4];
             let mut z = vec![0f32; 100];
-            grouped_rows(&mut z, 30, &mut slots, &|kr, p| *p = kr + 1, &|r, p| {
+            grouped_rows(&mut z, 30, &mut slots, &|kr, p| *p = kr + 1, &|r0, y, p| {
                 assert_eq!(std::thread::current().id(), me);
-                (r * 10 + p) as f32
+                y.iter_mut().enumerate().for_each(|(i, y)| *y = ((r0 + i) * 10 + p) as f32);
             });
             assert!(z.iter().enumerate().all(|(r, &v)| v == (r * 10 + r / 30 + 1) as f32));
         });
         assert_eq!(*order.lock().unwrap(), vec![0, 1, 2, 3]);
         assert!(y.iter().enumerate().all(|(r, &v)| v == (r / 32) as f32));
         assert!(!is_serial(), "serial ends with its closure");
+    }
+
+    #[test]
+    fn grouped_runs_stay_inside_their_group_on_a_team_and_on_rayon() {
+        // Groups of 30 and 100 rows against runs of ROWS_PER_TASK = 32: runs cross group
+        // borders unless cut there.
+        for helpers in [0, 1] {
+            with_team(helpers, || {
+                for (n, g) in [(100usize, 30usize), (1003, 100), (64, 64), (5, 30)] {
+                    let mut slots = vec![usize::MAX; n.div_ceil(g) + 1];
+                    let mut y = vec![-1f32; n];
+                    grouped_rows(&mut y, g, &mut slots, &|kr, p| *p = kr, &|r0, c, &kr| {
+                        assert!(!c.is_empty() && r0 / g == kr && (r0 + c.len() - 1) / g == kr, "run {r0}+{} in group {kr}", c.len());
+                        assert!(c.iter().all(|&v| v == -1.0), "a row written twice");
+                        c.iter_mut().enumerate().for_each(|(i, v)| *v = (r0 + i) as f32);
+                    });
+                    assert!(y.iter().enumerate().all(|(r, &v)| v == r as f32), "{helpers} helpers, {n} rows, g {g}");
+                }
+            });
+        }
     }
 
     #[test]
