@@ -7,7 +7,7 @@
 use std::ffi::c_char;
 
 use adadim_load::synth::Rng;
-use adadim_pack::{q16, PackedLinear};
+use adadim_pack::{q16, q8, ActBits, PackedLinear};
 use adadim_quantize::{rtn, Axis, QuantSpec, Zero};
 
 /// Every allocation of this library from one static arena, by bumping an offset: no lock and
@@ -56,9 +56,11 @@ static ALLOC: Bump = Bump;
 pub struct Case {
     name: String,
     p: PackedLinear,
+    /// The activations' rounding: int16 ([`q16`]) or int8 ([`q8`]).
+    act: ActBits,
     x: Vec<f32>,
     y: Vec<f32>,
-    /// The int16 product's definition on the same rounded activations, and the f32 round-off allowed.
+    /// The product's definition on the same rounded activations, and the f32 round-off allowed.
     want: Vec<f64>,
     tol: Vec<f64>,
 }
@@ -67,7 +69,7 @@ pub struct Cases(Vec<Case>);
 
 /// Every case: 3- and 4-bit codes, both axes, groups of 128 and 256 (two blocks a group),
 /// rows of an odd number of steps (a lone last step), of one step, and with a tail of codes
-/// after the last step.
+/// after the last step; each on int16 and on int8 activations.
 #[no_mangle]
 pub extern "C" fn cases_new() -> *mut Cases {
     let mut rng = Rng::new(512);
@@ -83,11 +85,14 @@ pub extern "C" fn cases_new() -> *mut Cases {
                 let q = rtn(&w, rows, cols, &spec).expect("a valid spec");
                 let p = PackedLinear::from_quantized(&q);
                 let x = rng.normals(cols, 1.0);
-                let (want, _) = q16::matvec_ref(&p, &x);
                 let (_, scale) = adadim_pack::kernels::matvec_ref(&p, &x);
-                let tol = scale.iter().map(|s| 1e-6 * (cols as f64).sqrt() * f64::from(spec.maxq()) * s.max(1e-30)).collect();
-                let name = format!("{rows}x{cols} w{bits} {axis:?} g{group} {:?}", spec.zero);
-                list.push(Case { name, p, x, y: vec![f32::NAN; rows], want, tol });
+                let tol: Vec<f64> = scale.iter().map(|s| 1e-6 * (cols as f64).sqrt() * f64::from(spec.maxq()) * s.max(1e-30)).collect();
+                // int8 where its kernel takes the layout (per-OC groups of whole steps).
+                for act in [ActBits::I16, ActBits::I8].into_iter().filter(|&a| a == ActBits::I16 || q8::supported(&p)) {
+                    let (want, _) = if act == ActBits::I16 { q16::matvec_ref(&p, &x) } else { q8::matvec_ref(&p, &x) };
+                    let name = format!("{rows}x{cols} w{bits} {axis:?} g{group} {:?} int{}", spec.zero, act.bits());
+                    list.push(Case { name, p: p.clone(), act, x: x.clone(), y: vec![f32::NAN; rows], want, tol: tol.clone() });
+                }
             }
         }
     }
@@ -109,7 +114,7 @@ pub unsafe extern "C" fn cases_len(c: *const Cases) -> usize {
 #[no_mangle]
 pub unsafe extern "C" fn case_run(c: *mut Cases, i: usize) {
     let case = &mut (&mut *c).0[i];
-    adadim_pack::team::serial(|| case.p.matvec(&case.x, &mut case.y));
+    adadim_pack::team::serial(|| case.p.matvec_act(case.act, &case.x, &mut case.y));
 }
 
 /// Where [`case_run`] starts, for the emulator.

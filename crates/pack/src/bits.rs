@@ -243,6 +243,36 @@ pub(crate) unsafe fn step_codes_avx2<const B: usize>(rp: *const u8, j: usize) ->
     [_mm256_and_si256(c, mask), _mm256_and_si256(_mm256_srli_epi16::<4>(c), mask)]
 }
 
+/// AVX-512: step `j` of a row of `B`-bit codes (`B` 3 or 4) as one register of bytes, its 32
+/// even codes then its 32 odd ones, the order of a step's int8 activations ([`crate::q8`]).
+/// The step's bytes are broadcast to both halves and the upper half shifted by a nibble (one
+/// variable shift, no lane shuffle); 3-bit: [`chunk3_avx2`]'s decode on all four lanes, its
+/// masks and `or` one `vpternlogq`. Asks for the row's bytes ahead first.
+///
+/// # Safety
+/// AVX-512 F; `rp` has the row's `64 B / 8` bytes of step `j` readable.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+pub(crate) unsafe fn step_codes_avx512<const B: usize>(rp: *const u8, j: usize) -> std::arch::x86_64::__m512i {
+    use std::arch::x86_64::*;
+    crate::kernels::prefetch(rp.add(j * 64 * B / 8));
+    let halves = _mm512_setr_epi64(0, 0, 0, 0, 4, 4, 4, 4);
+    if B == 3 {
+        let p = rp.add(j * CHUNK3_BYTES);
+        let lo = _mm512_broadcast_i32x4(_mm_loadu_si128(p as *const __m128i));
+        let hi = _mm512_set1_epi64((p.add(16) as *const i64).read_unaligned());
+        let low = _mm512_srlv_epi64(lo, _mm512_setr_epi64(0, 0, 2, 2, 0, 0, 2, 2));
+        let high = _mm512_slli_epi64::<2>(_mm512_srlv_epi64(hi, _mm512_setr_epi64(0, 1, 2, 3, 0, 1, 2, 3)));
+        // Bits 0-1 and 4-5 of each byte from the low plane, the rest from the high one (bits
+        // 3 and 7, never part of a code, are masked off below).
+        let both = _mm512_ternarylogic_epi64::<0xCA>(_mm512_set1_epi8(0x33), low, high);
+        return _mm512_and_si512(_mm512_srlv_epi64(both, halves), _mm512_set1_epi8(7));
+    }
+    let c = _mm512_broadcast_i64x4(_mm256_loadu_si256(rp.add(j * 32) as *const __m256i));
+    _mm512_and_si512(_mm512_srlv_epi64(c, halves), _mm512_set1_epi8(0x0f))
+}
+
 /// Unpacks what [`pack`] made.
 pub fn unpack(packed: &[u8], rows: usize, cols: usize, bits: u8) -> Vec<u8> {
     let rb = row_bytes(cols, bits);

@@ -318,9 +318,10 @@ pub(crate) fn simd_available() -> bool {
 /// Set by [`assume_avx512`]: [`avx512_available`] then answers true whatever the CPU has.
 static AVX512_ASSUMED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
-/// Whether the AVX-512 kernels run (the 3- and 4-bit int16 blocks, [`q16`]): this CPU has
-/// AVX-512 F and BW besides AVX2 and FMA, and `ADADIM_AVX512` is not `0` in the environment (to
-/// compare them with the AVX2 kernels, or rule them out). Decided once per process.
+/// Whether the AVX-512 kernels run (3- and 4-bit codes: the int16 blocks of 128, [`q16`], and
+/// every int8 step, [`crate::q8`]): this CPU has AVX-512 F and BW besides AVX2 and FMA, and
+/// `ADADIM_AVX512` is not `0` in the environment (to compare them with the AVX2 kernels, or
+/// rule them out). Decided once per process.
 pub fn avx512_available() -> bool {
     static DETECTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     if AVX512_ASSUMED.load(std::sync::atomic::Ordering::Relaxed) {
@@ -336,7 +337,25 @@ pub fn avx512_available() -> bool {
     })
 }
 
-/// Makes [`avx512_available`] true whatever the CPU says: for running the AVX-512 kernels on an
+/// Whether the int8 kernels' AVX-512 loops use VNNI (`vpdpbusd`, [`crate::q8`]):
+/// [`avx512_available`] and the CPU has it. Decided once per process. False under
+/// [`assume_avx512`]: the emulator the tests run those kernels on has no VNNI.
+pub fn avx512_vnni_available() -> bool {
+    static DETECTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if AVX512_ASSUMED.load(std::sync::atomic::Ordering::Relaxed) {
+        return false;
+    }
+    *DETECTED.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            avx512_available() && is_x86_feature_detected!("avx512vnni")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        false
+    })
+}
+
+/// Makes [`avx512_available`] true whatever the CPU says (and [`avx512_vnni_available`] false): for running the AVX-512 kernels on an
 /// emulator that has the instructions when the host has not (the tests' `avx512_emulated`).
 ///
 /// # Safety

@@ -365,6 +365,115 @@ unsafe fn row_sum_avx2<const B: usize, const SCALED: bool>(row: &[u8], v: &Q8, s
     _mm256_add_ps(a0, a1)
 }
 
+/// [`row_sum_avx2`] with AVX-512: a step per 512-bit register, its codes
+/// ([`bits::step_codes_avx512`]: even then odd, as the activations are stored) times its 64
+/// activations with four products summed to each int32 lane (at most 4 * 15 * 127), converted
+/// and multiplied by the step's block steps `[d0 x4, d1 x4]` twice over (lanes 8-15 hold the
+/// odd codes of the same two blocks). `VNNI`: the products and sums are one `vpdpbusd`
+/// (unsigned code times signed activation); without it `vpmaddubsw` (pairs, at most 2 * 15 *
+/// 127: no saturation) and `vpmaddwd` by ones, as the AVX2 step. Against the AVX2 step the
+/// codes take no lane shuffle and half the registers per code. Two steps an iteration into
+/// two accumulators, as there. Compiled inside [`row_sum_vnni`] and [`row_sum_avx512bw`],
+/// whose target features it takes.
+///
+/// # Safety
+/// AVX-512 F and BW (and VNNI if `VNNI`), AVX2 and FMA; as [`row_sum_avx2`].
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn row_sum_avx512<const B: usize, const SCALED: bool, const VNNI: bool>(row: &[u8], v: &Q8, s: &[f32], group: usize) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    let steps = v.swizzled.len() / STEP;
+    debug_assert!(row.len() >= steps * STEP * B / 8);
+    let (rp, xp, dp) = (row.as_ptr(), v.swizzled.as_ptr(), v.d8.as_ptr());
+    let ones = _mm512_set1_epi16(1);
+    let step = |j: usize| {
+        let (c, x) = (bits::step_codes_avx512::<B>(rp, j), _mm512_loadu_si512(xp.add(j * STEP) as *const _));
+        let sums = if VNNI { _mm512_dpbusd_epi32(_mm512_setzero_si512(), c, x) } else { _mm512_madd_epi16(_mm512_maddubs_epi16(c, x), ones) };
+        _mm512_cvtepi32_ps(sums)
+    };
+    // (As doubles: `broadcast_f32x8` would need AVX-512 DQ.)
+    let d = |j: usize| _mm512_castpd_ps(_mm512_broadcast_f64x4(_mm256_loadu_pd(dp.add(j * 8) as *const f64)));
+    // Per-OC the group's scale, counted up as in the AVX2 loop.
+    let per = group / STEP;
+    let (mut k, mut next) = (0, per);
+    let mut scaled = |j: usize| {
+        if !SCALED {
+            return d(j);
+        }
+        if j == next {
+            (k, next) = (k + 1, next + per);
+        }
+        _mm512_mul_ps(d(j), _mm512_set1_ps(s[k]))
+    };
+    let (mut a0, mut a1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+    for j in (0..steps / 2).map(|i| 2 * i) {
+        let (d0, d1) = (scaled(j), scaled(j + 1));
+        (a0, a1) = (_mm512_fmadd_ps(step(j), d0, a0), _mm512_fmadd_ps(step(j + 1), d1, a1));
+    }
+    if steps % 2 == 1 {
+        a0 = _mm512_fmadd_ps(step(steps - 1), scaled(steps - 1), a0);
+    }
+    let a = _mm512_add_ps(a0, a1);
+    _mm256_add_ps(_mm512_castps512_ps256(a), _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(a))))
+}
+
+/// [`row_sum_avx512`] with `vpdpbusd`.
+///
+/// # Safety
+/// AVX-512 F, BW and VNNI, AVX2 and FMA; as [`row_sum_avx2`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
+unsafe fn row_sum_vnni<const B: usize, const SCALED: bool>(row: &[u8], v: &Q8, s: &[f32], group: usize) -> std::arch::x86_64::__m256 {
+    row_sum_avx512::<B, SCALED, true>(row, v, s, group)
+}
+
+/// [`row_sum_avx512`] without VNNI (`vpmaddubsw`, `vpmaddwd`).
+///
+/// # Safety
+/// AVX-512 F and BW, AVX2 and FMA; as [`row_sum_avx2`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
+unsafe fn row_sum_avx512bw<const B: usize, const SCALED: bool>(row: &[u8], v: &Q8, s: &[f32], group: usize) -> std::arch::x86_64::__m256 {
+    row_sum_avx512::<B, SCALED, false>(row, v, s, group)
+}
+
+/// Which 3- and 4-bit loop the int8 kernel takes on this CPU, decided once per matvec.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Wide {
+    Avx2,
+    /// AVX-512 F and BW ([`crate::kernels::avx512_available`]), no VNNI.
+    Avx512,
+    /// AVX-512 with VNNI ([`crate::kernels::avx512_vnni_available`]).
+    Vnni,
+}
+
+impl Wide {
+    fn detect() -> Self {
+        if crate::kernels::avx512_vnni_available() {
+            Wide::Vnni
+        } else if crate::kernels::avx512_available() {
+            Wide::Avx512
+        } else {
+            Wide::Avx2
+        }
+    }
+}
+
+/// The 3- or 4-bit row sum with the loop `wide` names.
+///
+/// # Safety
+/// AVX2 and FMA, and what `wide` names; as [`row_sum_avx2`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn row_sum<const B: usize, const SCALED: bool>(row: &[u8], v: &Q8, s: &[f32], group: usize, wide: Wide) -> std::arch::x86_64::__m256 {
+    match wide {
+        Wide::Vnni => row_sum_vnni::<B, SCALED>(row, v, s, group),
+        Wide::Avx512 => row_sum_avx512bw::<B, SCALED>(row, v, s, group),
+        Wide::Avx2 => row_sum_avx2::<B, SCALED>(row, v, s, group),
+    }
+}
+
 /// AVX2, 8-bit codes (per-OC, `cols` a multiple of 32): `sum_j s[j / per] d_j sum_{c in block j}
 /// (code(c) - 128) x̂(c)` as 8 lane sums. Centred codes fit int8, so each block is one signed
 /// byte product, as llama.cpp multiplies Q8_0 by Q8_0: `vpmaddubsw(|c'|, sign(x̂, c'))`, pairs
@@ -409,7 +518,7 @@ unsafe fn row_sum8_avx2(row: &[u8], x: &Q8, s: &[f32], per: usize) -> std::arch:
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[inline]
-unsafe fn row_oc_avx2(p: &PackedLinear, x: &Q8, xsum: &[f32], r: usize, row: &[u8]) -> f32 {
+unsafe fn row_oc_avx2(p: &PackedLinear, x: &Q8, xsum: &[f32], r: usize, row: &[u8], wide: Wide) -> f32 {
     let (cols, pc) = (p.cols, xsum.len());
     let (s, z) = (&p.scales[r * pc..(r + 1) * pc], &p.zeros[r * pc..(r + 1) * pc]);
     if p.layout.bits == 8 {
@@ -417,7 +526,8 @@ unsafe fn row_oc_avx2(p: &PackedLinear, x: &Q8, xsum: &[f32], r: usize, row: &[u
         // The kernel multiplied code - 128: the zero point is z - 128 of those.
         return body - crate::kernels::zero_term_avx2(s, z, xsum, 128.0);
     }
-    let body = crate::kernels::hsum(if p.layout.bits == 3 { row_sum_avx2::<3, true>(row, x, s, p.layout.group) } else { row_sum_avx2::<4, true>(row, x, s, p.layout.group) });
+    let g = p.layout.group;
+    let body = crate::kernels::hsum(if p.layout.bits == 3 { row_sum::<3, true>(row, x, s, g, wide) } else { row_sum::<4, true>(row, x, s, g, wide) });
     // The last cols % 64 codes lie in the last group.
     let tail = s[pc - 1] * dot_scalar(row, p.layout.bits, x, cols / STEP * STEP, cols);
     let zx = crate::kernels::zero_term_avx2(s, z, xsum, 0.0);
@@ -431,9 +541,9 @@ unsafe fn row_oc_avx2(p: &PackedLinear, x: &Q8, xsum: &[f32], r: usize, row: &[u
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[inline]
-unsafe fn row_ic_avx2<const B: usize>(row: &[u8], v: &Q8, bias: f32) -> f32 {
+unsafe fn row_ic_avx2<const B: usize>(row: &[u8], v: &Q8, bias: f32, wide: Wide) -> f32 {
     let cols = v.q.len();
-    let body = crate::kernels::hsum(row_sum_avx2::<B, false>(row, v, &[], 0));
+    let body = crate::kernels::hsum(row_sum::<B, false>(row, v, &[], 0, wide));
     body + dot_scalar(row, B as u8, v, cols / STEP * STEP, cols) - bias
 }
 
@@ -444,9 +554,9 @@ unsafe fn row_ic_avx2<const B: usize>(row: &[u8], v: &Q8, bias: f32) -> f32 {
 /// AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn rows_oc_avx2(p: &PackedLinear, x: &Q8, xsum: &[f32], r0: usize, y: &mut [f32]) {
+unsafe fn rows_oc_avx2(p: &PackedLinear, x: &Q8, xsum: &[f32], r0: usize, y: &mut [f32], wide: Wide) {
     for (r, y) in (r0..).zip(y) {
-        *y = row_oc_avx2(p, x, xsum, r, p.row_codes(r));
+        *y = row_oc_avx2(p, x, xsum, r, p.row_codes(r), wide);
     }
 }
 
@@ -456,9 +566,9 @@ unsafe fn rows_oc_avx2(p: &PackedLinear, x: &Q8, xsum: &[f32], r0: usize, y: &mu
 /// AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn rows_ic_avx2<const B: usize>(p: &PackedLinear, v: &Q8, bias: f32, r0: usize, y: &mut [f32]) {
+unsafe fn rows_ic_avx2<const B: usize>(p: &PackedLinear, v: &Q8, bias: f32, r0: usize, y: &mut [f32], wide: Wide) {
     for (r, y) in (r0..).zip(y) {
-        *y = row_ic_avx2::<B>(p.row_codes(r), v, bias);
+        *y = row_ic_avx2::<B>(p.row_codes(r), v, bias, wide);
     }
 }
 
@@ -467,16 +577,16 @@ unsafe fn rows_ic_avx2<const B: usize>(p: &PackedLinear, v: &Q8, bias: f32, r0: 
 pub(crate) fn matvec(p: &PackedLinear, x: &[f32], y: &mut [f32]) -> bool {
     #[cfg(target_arch = "x86_64")]
     if supported(p) && crate::kernels::simd_available() {
-        let g = p.layout.group;
+        let (g, wide) = (p.layout.group, Wide::detect());
         if p.layout.axis == Axis::Ic {
             let prep = |kr: usize, slot: &mut (Q8, f32)| prepare_ic(p, x, kr, slot);
             team::with_slots(&SLOTS, p.rows.div_ceil(g), |slots| {
-                // SAFETY: AVX2 and FMA were detected.
+                // SAFETY: AVX2 and FMA were detected, and what `wide` names.
                 team::grouped_rows(y, g, slots, &prep, &|r0, y, (v, bias)| unsafe {
                     if p.layout.bits == 3 {
-                        rows_ic_avx2::<3>(p, v, *bias, r0, y)
+                        rows_ic_avx2::<3>(p, v, *bias, r0, y, wide)
                     } else {
-                        rows_ic_avx2::<4>(p, v, *bias, r0, y)
+                        rows_ic_avx2::<4>(p, v, *bias, r0, y, wide)
                     }
                 })
             });
@@ -484,7 +594,7 @@ pub(crate) fn matvec(p: &PackedLinear, x: &[f32], y: &mut [f32]) -> bool {
         }
         let (xq, xsum) = prepare_oc(p, x);
         // SAFETY: as above.
-        team::rows(y, &|r0, y| unsafe { rows_oc_avx2(p, &xq, &xsum, r0, y) });
+        team::rows(y, &|r0, y| unsafe { rows_oc_avx2(p, &xq, &xsum, r0, y, wide) });
         return true;
     }
     let _ = (p, x, y);
