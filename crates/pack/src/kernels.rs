@@ -116,6 +116,15 @@ pub(crate) unsafe fn hsum(a: std::arch::x86_64::__m256) -> f32 {
     _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps(h, h, 1)))
 }
 
+/// The two 256-bit halves of `a` added: 16 lane sums folded to the 8 the AVX2 code reduces.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+pub(crate) unsafe fn halves_avx512(a: std::arch::x86_64::__m512) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    _mm256_add_ps(_mm512_castps512_ps256(a), _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(a))))
+}
+
 /// The per-OC zero-point term of a row, `sum_k s[k] (z[k] - offset) xsum[k]`, eight groups at a
 /// time (as a scalar loop it took a sixth of a large 4-bit int8 matvec: one term per group of
 /// 128 codes against about three instructions per 64 codes in the kernel).

@@ -676,14 +676,14 @@ unsafe fn row_sum_split_avx2<const B: usize>(rp: *const u8, x: &Q16, sd: &[f32])
 }
 
 /// [`row_sum_split_avx2`] for blocks of two steps with AVX-512 (F and BW): a block of 128
-/// codes per iteration in 512-bit registers. The two steps' even codes `[e0, e1]` and odd ones
-/// `[o0, o1]` are regrouped by step, `[e0, o0]` and `[e1, o1]` (two lane shuffles), to line up
-/// with the split activations as stored (per step, even positions then odd ones); then two
+/// codes per iteration in 512-bit registers. Each step's codes come as one register `[e, o]`
+/// ([`bits::step_codes_avx512`], shared with the int8 kernel), lined up with the split
+/// activations as stored (per step, even positions then odd ones); then two
 /// `vpmaddubsw` per byte plane, one int16 add (a block's two steps, as the AVX2 kernel adds
 /// them), two `vpmaddwd`, a conversion and one multiply-add: about two thirds of the AVX2
 /// kernel's instructions per code. A short last block (one step) takes the AVX2 step. Run only
-/// where the CPU has AVX-512 ([`crate::kernels::avx512_available`]); this machine (Zen 3) has
-/// not, so its tests run it on an emulator (`tests/avx512_emulated.rs`).
+/// where the CPU has AVX-512 ([`crate::kernels::avx512_available`]); tested natively there and
+/// everywhere on an emulator (`tests/avx512_emulated.rs`).
 ///
 /// # Safety
 /// AVX-512 F and BW, AVX2 and FMA; as [`row_sum_split_avx2`]; `x.block` is `2 SPLIT`.
@@ -695,17 +695,8 @@ unsafe fn row_sum_split_avx512<const B: usize>(rp: *const u8, x: &Q16, sd: &[f32
     let steps = x.hi.len() / SPLIT;
     let (hp, lp) = (x.hi.as_ptr() as *const u8, x.lo.as_ptr());
     let (by256, ones) = (_mm512_set1_epi16(256), _mm512_set1_epi16(1));
-    // Steps j and j + 1 as bytes, [e_j, o_j] and [e_j+1, o_j+1].
-    let codes = |j: usize| -> [__m512i; 2] {
-        crate::kernels::prefetch(rp.add(j * 64 * B / 8));
-        if B == 3 {
-            let ([e0, o0], [e1, o1]) = (bits::chunk3_avx2(rp.add(j * bits::CHUNK3_BYTES)), bits::chunk3_avx2(rp.add((j + 1) * bits::CHUNK3_BYTES)));
-            return [_mm512_inserti64x4::<1>(_mm512_castsi256_si512(e0), o0), _mm512_inserti64x4::<1>(_mm512_castsi256_si512(e1), o1)];
-        }
-        let (c, mask) = (_mm512_loadu_si512(rp.add(j * 32) as *const _), _mm512_set1_epi8(0x0f));
-        let (e, o) = (_mm512_and_si512(c, mask), _mm512_and_si512(_mm512_srli_epi16::<4>(c), mask));
-        [_mm512_shuffle_i64x2::<0b01_00_01_00>(e, o), _mm512_shuffle_i64x2::<0b11_10_11_10>(e, o)]
-    };
+    // Steps j and j + 1 as bytes, [e_j, o_j] and [e_j+1, o_j+1], as the int8 kernel reads them.
+    let codes = |j: usize| [bits::step_codes_avx512::<B>(rp, j), bits::step_codes_avx512::<B>(rp, j + 1)];
     let ld = |p: *const u8| _mm512_loadu_si512(p as *const _);
     // One accumulator, as the AVX2 block loop ([`block_sums`]).
     let mut a = _mm512_setzero_ps();
@@ -719,7 +710,7 @@ unsafe fn row_sum_split_avx512<const B: usize>(rp: *const u8, x: &Q16, sd: &[f32
         let acc = _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_madd_epi16(ph, by256), _mm512_madd_epi16(pl, ones)));
         a = _mm512_fmadd_ps(acc, _mm512_set1_ps(scale), a);
     }
-    let mut r = _mm256_add_ps(_mm512_castps512_ps256(a), _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(a))));
+    let mut r = crate::kernels::halves_avx512(a);
     if steps % 2 == 1 {
         let (ph, pl) = split_products_avx2::<B>(rp, x, steps - 1);
         r = _mm256_fmadd_ps(_mm256_cvtepi32_ps(split_int32_avx2(ph, pl)), _mm256_set1_ps(sd[steps / 2]), r);

@@ -414,7 +414,7 @@ unsafe fn row_sum_avx512<const B: usize, const SCALED: bool, const VNNI: bool>(r
         a0 = _mm512_fmadd_ps(step(steps - 1), scaled(steps - 1), a0);
     }
     let a = _mm512_add_ps(a0, a1);
-    _mm256_add_ps(_mm512_castps512_ps256(a), _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(a))))
+    crate::kernels::halves_avx512(a)
 }
 
 /// [`row_sum_avx512`] with `vpdpbusd`.
