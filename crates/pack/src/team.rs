@@ -75,7 +75,7 @@ fn is_serial() -> bool {
 }
 
 /// Runs `f` on this thread with up to `helpers` of rayon's idle workers spinning, ready to
-/// take [`for_each`] tasks from it (those not free within 2 ms sit it out). With no helpers
+/// take [`for_each`] tasks from it (those not free within [`ENROL_WAIT`] sit it out). With no helpers
 /// (one thread), or inside another team, `f` just runs.
 pub fn with_team<R>(helpers: usize, f: impl FnOnce() -> R) -> R {
     if helpers == 0 || TEAM.with(|t| t.get().is_some()) {
@@ -113,10 +113,11 @@ pub fn with_team<R>(helpers: usize, f: impl FnOnce() -> R) -> R {
                 helper(s);
             });
         }
-        // Wait briefly for the idle workers to take their jobs; whoever has not by then sits
-        // this team out.
+        // Wait for the idle workers to take their jobs; whoever has not by then sits this
+        // team out. The leader does nothing else meanwhile, so no job of `f` is under way
+        // that a late helper could block (see `CLOSED`).
         let t = std::time::Instant::now();
-        while s.enrolled.load(SeqCst) < helpers && t.elapsed() < std::time::Duration::from_millis(2) {
+        while s.enrolled.load(SeqCst) < helpers && t.elapsed() < ENROL_WAIT {
             std::hint::spin_loop();
         }
         let joined = s.enrolled.swap(CLOSED, SeqCst);
@@ -135,6 +136,14 @@ pub fn with_team<R>(helpers: usize, f: impl FnOnce() -> R) -> R {
         f()
     })
 }
+
+/// How long [`with_team`] waits for its helpers to enrol. A sleeping rayon worker on a
+/// virtual machine took up to 8 ms to wake (20 starts of a two-thread team on the 2-vCPU
+/// machine: 13 joined within 0.4 ms, 7 after 3.1-7.7 ms); the 2 ms this was before left
+/// about one team in three without its helper for its whole life: a decode, or a benchmark
+/// process, at one thread's speed (`generate`'s tokens/s halved). Waiting costs nothing when
+/// the helpers come at once, and at most this once per team when one is busy elsewhere.
+pub(crate) const ENROL_WAIT: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// `enrolled` once enrolment is over.
 const CLOSED: usize = usize::MAX;
@@ -381,6 +390,33 @@ mod tests {
                 });
             });
             assert!(hits.iter().all(|h| h.load(Relaxed) == 1));
+        });
+    }
+
+    #[test]
+    fn a_helper_busy_for_a_few_milliseconds_still_joins() {
+        // The pool's other worker is asleep in a job of 5 ms when the team starts: it joins
+        // when it wakes, within the enrolment wait (the 2 ms wait this had before would not).
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        let (busy, go) = (AtomicBool::new(false), AtomicBool::new(false));
+        pool.in_place_scope(|scope| {
+            scope.spawn(|_| {
+                busy.store(true, SeqCst);
+                while !go.load(SeqCst) {
+                    std::hint::spin_loop();
+                }
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            });
+            // The team's leader runs on the other worker, once the first one holds the job.
+            pool.install(|| {
+                while !busy.load(SeqCst) {
+                    std::hint::spin_loop();
+                }
+                go.store(true, SeqCst);
+                let t = std::time::Instant::now();
+                let joined = with_team(1, members);
+                assert_eq!(joined, 2, "the helper did not join within {:?}", t.elapsed());
+            });
         });
     }
 
