@@ -346,9 +346,10 @@ pub fn avx512_available() -> bool {
     })
 }
 
-/// Whether the int8 kernels' AVX-512 loops use VNNI (`vpdpbusd`, [`crate::q8`]):
-/// [`avx512_available`] and the CPU has it. Decided once per process. False under
-/// [`assume_avx512`]: the emulator the tests run those kernels on has no VNNI.
+/// Whether the int8 and int16 kernels' AVX-512 loops use VNNI (`vpdpbusd`, [`crate::q8`],
+/// [`crate::q16`]): [`avx512_available`], the CPU has it, and `ADADIM_VNNI` is not `0` in the
+/// environment (to time or test the loops without it on such a CPU). Decided once per process.
+/// False under [`assume_avx512`]: the emulator the tests run those kernels on has no VNNI.
 pub fn avx512_vnni_available() -> bool {
     static DETECTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     if AVX512_ASSUMED.load(std::sync::atomic::Ordering::Relaxed) {
@@ -357,11 +358,35 @@ pub fn avx512_vnni_available() -> bool {
     *DETECTED.get_or_init(|| {
         #[cfg(target_arch = "x86_64")]
         {
-            avx512_available() && is_x86_feature_detected!("avx512vnni")
+            avx512_available() && is_x86_feature_detected!("avx512vnni") && std::env::var("ADADIM_VNNI").map_or(true, |v| v != "0")
         }
         #[cfg(not(target_arch = "x86_64"))]
         false
     })
+}
+
+/// Which 3- and 4-bit loop the int8 and int16 kernels take on this CPU, decided once per
+/// matvec: AVX-512 with or without VNNI (`vpdpbusd` in place of `vpmaddubsw` + `vpmaddwd`), or
+/// AVX2.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Wide {
+    Avx2,
+    /// AVX-512 F and BW ([`avx512_available`]), no VNNI.
+    Avx512,
+    /// AVX-512 with VNNI ([`avx512_vnni_available`]).
+    Vnni,
+}
+
+impl Wide {
+    pub(crate) fn detect() -> Self {
+        if avx512_vnni_available() {
+            Wide::Vnni
+        } else if avx512_available() {
+            Wide::Avx512
+        } else {
+            Wide::Avx2
+        }
+    }
 }
 
 /// Makes [`avx512_available`] true whatever the CPU says (and [`avx512_vnni_available`] false): for running the AVX-512 kernels on an

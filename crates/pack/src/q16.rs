@@ -30,7 +30,7 @@ use rayon::prelude::*;
 use crate::bits;
 use crate::format::PackedLinear;
 #[cfg(target_arch = "x86_64")]
-use crate::kernels::hsum;
+use crate::kernels::{hsum, Wide};
 
 /// Codes per SIMD step; per-OC groups must be a multiple of it.
 pub const QB: usize = 32;
@@ -675,21 +675,27 @@ unsafe fn row_sum_split_avx2<const B: usize>(rp: *const u8, x: &Q16, sd: &[f32])
     a
 }
 
-/// [`row_sum_split_avx2`] for blocks of two steps with AVX-512 (F and BW): a block of 128
-/// codes per iteration in 512-bit registers. Each step's codes come as one register `[e, o]`
+/// [`row_sum_split_avx2`] for blocks of two steps with AVX-512: a block of 128 codes per
+/// iteration in 512-bit registers. Each step's codes come as one register `[e, o]`
 /// ([`bits::step_codes_avx512`], shared with the int8 kernel), lined up with the split
-/// activations as stored (per step, even positions then odd ones); then two
+/// activations as stored (per step, even positions then odd ones). Without `VNNI`: two
 /// `vpmaddubsw` per byte plane, one int16 add (a block's two steps, as the AVX2 kernel adds
 /// them), two `vpmaddwd`, a conversion and one multiply-add: about two thirds of the AVX2
-/// kernel's instructions per code. A short last block (one step) takes the AVX2 step. Run only
-/// where the CPU has AVX-512 ([`crate::kernels::avx512_available`]); tested natively there and
-/// everywhere on an emulator (`tests/avx512_emulated.rs`).
+/// kernel's instructions per code. With `VNNI`, `vpdpbusd` sums four byte products into each
+/// int32 lane: codes (unsigned) x `hi` (signed) twice, the sum shifted left by 8, then `lo`
+/// (unsigned) x codes (signed: at most 15) twice into it; no int16 stage, so nothing to
+/// saturate (a lane's eight products: at most 8 * 15 * 128 * 256 + 8 * 15 * 255 < 2^22). A short last block (one step) takes
+/// the AVX2 step. Run only where the CPU has AVX-512 ([`crate::kernels::Wide`]); the loop
+/// without VNNI is tested natively there and everywhere on an emulator
+/// (`tests/avx512_emulated.rs`), the VNNI loop natively on CPUs with VNNI. Compiled inside
+/// [`row_sum_split_vnni`] and [`row_sum_split_avx512bw`], whose target features it takes.
 ///
 /// # Safety
-/// AVX-512 F and BW, AVX2 and FMA; as [`row_sum_split_avx2`]; `x.block` is `2 SPLIT`.
+/// AVX-512 F and BW (and VNNI if `VNNI`), AVX2 and FMA; as [`row_sum_split_avx2`]; `x.block`
+/// is `2 SPLIT`.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
-unsafe fn row_sum_split_avx512<const B: usize>(rp: *const u8, x: &Q16, sd: &[f32]) -> std::arch::x86_64::__m256 {
+#[inline(always)]
+unsafe fn row_sum_split_avx512<const B: usize, const VNNI: bool>(rp: *const u8, x: &Q16, sd: &[f32]) -> std::arch::x86_64::__m256 {
     use std::arch::x86_64::*;
     debug_assert_eq!(x.block, 2 * SPLIT);
     let steps = x.hi.len() / SPLIT;
@@ -705,10 +711,16 @@ unsafe fn row_sum_split_avx512<const B: usize>(rp: *const u8, x: &Q16, sd: &[f32
         let j = 2 * b;
         let [c0, c1] = codes(j);
         let (h, l) = (hp.add(j * SPLIT), lp.add(j * SPLIT));
-        let ph = _mm512_add_epi16(_mm512_maddubs_epi16(c0, ld(h)), _mm512_maddubs_epi16(c1, ld(h.add(SPLIT))));
-        let pl = _mm512_add_epi16(_mm512_maddubs_epi16(ld(l), c0), _mm512_maddubs_epi16(ld(l.add(SPLIT)), c1));
-        let acc = _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_madd_epi16(ph, by256), _mm512_madd_epi16(pl, ones)));
-        a = _mm512_fmadd_ps(acc, _mm512_set1_ps(scale), a);
+        let sums = if VNNI {
+            let zero = _mm512_setzero_si512();
+            let hi = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, c0, ld(h)), c1, ld(h.add(SPLIT)));
+            _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_slli_epi32::<8>(hi), ld(l), c0), ld(l.add(SPLIT)), c1)
+        } else {
+            let ph = _mm512_add_epi16(_mm512_maddubs_epi16(c0, ld(h)), _mm512_maddubs_epi16(c1, ld(h.add(SPLIT))));
+            let pl = _mm512_add_epi16(_mm512_maddubs_epi16(ld(l), c0), _mm512_maddubs_epi16(ld(l.add(SPLIT)), c1));
+            _mm512_add_epi32(_mm512_madd_epi16(ph, by256), _mm512_madd_epi16(pl, ones))
+        };
+        a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_set1_ps(scale), a);
     }
     let mut r = crate::kernels::halves_avx512(a);
     if steps % 2 == 1 {
@@ -716,6 +728,26 @@ unsafe fn row_sum_split_avx512<const B: usize>(rp: *const u8, x: &Q16, sd: &[f32
         r = _mm256_fmadd_ps(_mm256_cvtepi32_ps(split_int32_avx2(ph, pl)), _mm256_set1_ps(sd[steps / 2]), r);
     }
     r
+}
+
+/// [`row_sum_split_avx512`] with `vpdpbusd`.
+///
+/// # Safety
+/// AVX-512 F, BW and VNNI, AVX2 and FMA; as [`row_sum_split_avx512`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
+unsafe fn row_sum_split_vnni<const B: usize>(rp: *const u8, x: &Q16, sd: &[f32]) -> std::arch::x86_64::__m256 {
+    row_sum_split_avx512::<B, true>(rp, x, sd)
+}
+
+/// [`row_sum_split_avx512`] without VNNI (`vpmaddubsw`, `vpmaddwd`).
+///
+/// # Safety
+/// AVX-512 F and BW, AVX2 and FMA; as [`row_sum_split_avx512`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
+unsafe fn row_sum_split_avx512bw<const B: usize>(rp: *const u8, x: &Q16, sd: &[f32]) -> std::arch::x86_64::__m256 {
+    row_sum_split_avx512::<B, false>(rp, x, sd)
 }
 
 /// One row's kernel sum as 8 lane sums (per-OC: `s` the row's group scales, `per` blocks per
@@ -763,7 +795,8 @@ unsafe fn body_avx2<const B: usize>(row: &[u8], x: &Q16, cols: usize, s: &[f32],
 #[target_feature(enable = "avx2,fma")]
 unsafe fn row_sum<const B: usize>(row: &[u8], x: &Q16, cols: usize, sd: &[f32], t: &Tables) -> std::arch::x86_64::__m256 {
     match B {
-        3 | 4 if t.avx512 && x.block == 2 * SPLIT => row_sum_split_avx512::<B>(row.as_ptr(), x, sd),
+        3 | 4 if t.wide == Wide::Vnni && x.block == 2 * SPLIT => row_sum_split_vnni::<B>(row.as_ptr(), x, sd),
+        3 | 4 if t.wide == Wide::Avx512 && x.block == 2 * SPLIT => row_sum_split_avx512bw::<B>(row.as_ptr(), x, sd),
         3 | 4 => row_sum_split_avx2::<B>(row.as_ptr(), x, sd),
         _ => row_sum_avx2::<B>(row.as_ptr(), x, cols, sd, t),
     }
@@ -774,8 +807,9 @@ unsafe fn row_sum<const B: usize>(row: &[u8], x: &Q16, cols: usize, sd: &[f32], 
 pub(crate) struct Tables {
     shuf: [std::arch::x86_64::__m256i; 2],
     mul: [std::arch::x86_64::__m256i; 2],
-    /// Whether the 3- and 4-bit blocks of 128 take [`row_sum_split_avx512`].
-    avx512: bool,
+    /// Which loop the 3- and 4-bit blocks of 128 take: [`row_sum_split_avx512`] with or without
+    /// VNNI, or [`row_sum_split_avx2`].
+    wide: Wide,
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -789,7 +823,7 @@ impl Tables {
         let (s, m) = decoder_tables(2);
         let ld8 = |a: &[i8; 32]| _mm256_loadu_si256(a.as_ptr() as *const __m256i);
         let ld16 = |a: &[i16; 16]| _mm256_loadu_si256(a.as_ptr() as *const __m256i);
-        Tables { shuf: [ld8(&s[0]), ld8(&s[1])], mul: [ld16(&m[0]), ld16(&m[1])], avx512: crate::kernels::avx512_available() }
+        Tables { shuf: [ld8(&s[0]), ld8(&s[1])], mul: [ld16(&m[0]), ld16(&m[1])], wide: Wide::detect() }
     }
 }
 

@@ -33,6 +33,7 @@ use rayon::prelude::*;
 
 use crate::bits;
 use crate::format::PackedLinear;
+use crate::kernels::Wide;
 use crate::q16::{Prepared, Rounded};
 use crate::team;
 
@@ -435,28 +436,6 @@ unsafe fn row_sum_vnni<const B: usize, const SCALED: bool>(row: &[u8], v: &Q8, s
 #[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
 unsafe fn row_sum_avx512bw<const B: usize, const SCALED: bool>(row: &[u8], v: &Q8, s: &[f32], group: usize) -> std::arch::x86_64::__m256 {
     row_sum_avx512::<B, SCALED, false>(row, v, s, group)
-}
-
-/// Which 3- and 4-bit loop the int8 kernel takes on this CPU, decided once per matvec.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Wide {
-    Avx2,
-    /// AVX-512 F and BW ([`crate::kernels::avx512_available`]), no VNNI.
-    Avx512,
-    /// AVX-512 with VNNI ([`crate::kernels::avx512_vnni_available`]).
-    Vnni,
-}
-
-impl Wide {
-    fn detect() -> Self {
-        if crate::kernels::avx512_vnni_available() {
-            Wide::Vnni
-        } else if crate::kernels::avx512_available() {
-            Wide::Avx512
-        } else {
-            Wide::Avx2
-        }
-    }
 }
 
 /// The 3- or 4-bit row sum with the loop `wide` names.
