@@ -88,16 +88,22 @@ unsafe fn chunks_avx2<const B: usize>(rp: *const u8, vp: *const f32, n8: usize) 
     _mm256_add_ps(a0, a1)
 }
 
-/// How far ahead of the bytes it is decoding a kernel asks for the row's next bytes, and what it
-/// brings in: 2 KiB, about 4 us of one core's reading. Rows lie back to back, so one thread's
-/// matvec reads one long stream; the hardware prefetcher alone left the core waiting on it (45% of
-/// a 4096 x 14336 int8 matvec's samples on the instruction after the code load) and one thread
-/// read 12 GB/s of codes where a plain sum over the same bytes reads 17.5. With this hint per
-/// step: 4-bit int8 on two threads 22 -> 28-30 GB/s against a triad of 30 (BENCHMARKS.md).
-pub(crate) const PREFETCH: usize = 2048;
+/// How far ahead of the bytes it is decoding a kernel asks for the row's next bytes: 4 KiB.
+/// Rows lie back to back, so one thread's matvec reads one long stream, and the hardware
+/// prefetcher alone left the core waiting on it. On a Zen 3 (2 threads, no AVX-512) a hint
+/// 2 KiB ahead took 4-bit int8 from 22 to 28-30 GB/s against a triad of 30. On a Zen 5, 2 KiB
+/// was too close for large matrices. Measured there, alternating builds, 2 threads, from
+/// memory (us): 4096 x 14336 w4 int16 865-909 -> 688-722 with 4 KiB, w3 int16 768-773 ->
+/// 583-593, w4 int8 767-800 -> 674-686; SmolLM2's shapes (576 to 1536) unchanged, decode
+/// unchanged. Farther was faster still for large matrices (8-16 KiB, into L1 or L2: one
+/// thread 1660 -> 935-1050 us on w4 int16) but 3-7% slower on SmolLM2's shapes on two
+/// threads: each thread's hints run that far past its own part of a small matrix, into the
+/// other thread's part or past the end. A far hint clamped to the thread's part is the next
+/// step.
+pub(crate) const PREFETCH: usize = 4 << 10;
 
-/// Asks for the cache line `PREFETCH` bytes past `p` (a hint: it never faults, so it may point
-/// past the buffer; the address is formed with `wrapping_add`).
+/// Asks for the cache line [`PREFETCH`] bytes past `p` (a hint: it never faults, so it may
+/// point past the buffer; the address is formed with `wrapping_add`).
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 pub(crate) fn prefetch(p: *const u8) {
