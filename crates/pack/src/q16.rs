@@ -684,8 +684,8 @@ unsafe fn row_sum_split_avx2<const B: usize>(rp: *const u8, x: &Q16, sd: &[f32])
 /// kernel's instructions per code. With `VNNI`, `vpdpbusd` sums four byte products into each
 /// int32 lane: codes (unsigned) x `hi` (signed) twice, the sum shifted left by 8, then `lo`
 /// (unsigned) x codes (signed: at most 15) twice into it; no int16 stage, so nothing to
-/// saturate (a lane's eight products: at most 8 * 15 * 128 * 256 + 8 * 15 * 255 < 2^22). A short last block (one step) takes
-/// the AVX2 step. Run only where the CPU has AVX-512 ([`crate::kernels::Wide`]); the loop
+/// saturate (a lane's eight products: at most 8 * 15 * 128 * 256 + 8 * 15 * 255 < 2^22). A
+/// short last block (one step) takes the AVX2 step. Run only where the CPU has AVX-512 ([`crate::kernels::Wide`]); the loop
 /// without VNNI is tested natively there and everywhere on an emulator
 /// (`tests/avx512_emulated.rs`), the VNNI loop natively on CPUs with VNNI. Compiled inside
 /// [`row_sum_split_vnni`] and [`row_sum_split_avx512bw`], whose target features it takes.
@@ -795,8 +795,8 @@ unsafe fn body_avx2<const B: usize>(row: &[u8], x: &Q16, cols: usize, s: &[f32],
 #[target_feature(enable = "avx2,fma")]
 unsafe fn row_sum<const B: usize>(row: &[u8], x: &Q16, cols: usize, sd: &[f32], t: &Tables) -> std::arch::x86_64::__m256 {
     match B {
-        3 | 4 if t.wide == Wide::Vnni && x.block == 2 * SPLIT => row_sum_split_vnni::<B>(row.as_ptr(), x, sd),
-        3 | 4 if t.wide == Wide::Avx512 && x.block == 2 * SPLIT => row_sum_split_avx512bw::<B>(row.as_ptr(), x, sd),
+        3 | 4 if x.block == 2 * SPLIT && t.wide == Wide::Vnni => row_sum_split_vnni::<B>(row.as_ptr(), x, sd),
+        3 | 4 if x.block == 2 * SPLIT && t.wide == Wide::Avx512 => row_sum_split_avx512bw::<B>(row.as_ptr(), x, sd),
         3 | 4 => row_sum_split_avx2::<B>(row.as_ptr(), x, sd),
         _ => row_sum_avx2::<B>(row.as_ptr(), x, cols, sd, t),
     }

@@ -75,8 +75,8 @@ fn is_serial() -> bool {
 }
 
 /// Runs `f` on this thread with up to `helpers` of rayon's idle workers spinning, ready to
-/// take [`for_each`] tasks from it (those not free within [`ENROL_WAIT`] sit it out). With no helpers
-/// (one thread), or inside another team, `f` just runs.
+/// take [`for_each`] tasks from it (those not free within [`ENROL_WAIT`] sit it out). With no
+/// helpers (one thread), or inside another team, `f` just runs.
 pub fn with_team<R>(helpers: usize, f: impl FnOnce() -> R) -> R {
     if helpers == 0 || TEAM.with(|t| t.get().is_some()) {
         return f();
@@ -140,9 +140,10 @@ pub fn with_team<R>(helpers: usize, f: impl FnOnce() -> R) -> R {
 /// How long [`with_team`] waits for its helpers to enrol. A sleeping rayon worker on a
 /// virtual machine took up to 8 ms to wake (20 starts of a two-thread team on the 2-vCPU
 /// machine: 13 joined within 0.4 ms, 7 after 3.1-7.7 ms); the 2 ms this was before left
-/// about one team in three without its helper for its whole life: a decode, or a benchmark
-/// process, at one thread's speed (`generate`'s tokens/s halved). Waiting costs nothing when
-/// the helpers come at once, and at most this once per team when one is busy elsewhere.
+/// about one cold team in three without its helper for its whole life: a benchmark process
+/// at one thread's speed (`generate`, whose prefill has just woken the workers, was not hit
+/// in 8 runs). Waiting costs nothing when the helpers come at once, and at most this once
+/// per team when one is busy elsewhere.
 pub(crate) const ENROL_WAIT: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// `enrolled` once enrolment is over.
