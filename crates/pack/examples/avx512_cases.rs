@@ -69,14 +69,16 @@ pub struct Cases(Vec<Case>);
 
 /// Every case: 3- and 4-bit codes, both axes, groups of 128 and 256 (two blocks a group),
 /// rows of an odd number of steps (a lone last step), of one step, and with a tail of codes
-/// after the last step; each on int16 and on int8 activations.
+/// after the last step; short rows (four at a time, a lone row after them where the count is
+/// not a multiple of four) and long ones (2752 codes: one at a time); each on int16 and on
+/// int8 activations.
 #[no_mangle]
 pub extern "C" fn cases_new() -> *mut Cases {
     let mut rng = Rng::new(512);
     let mut list = Vec::new();
     for bits in [3u8, 4] {
         for (axis, group) in [(Axis::Oc, 128), (Axis::Oc, 256), (Axis::Ic, 128)] {
-            for (rows, cols) in [(48, 576), (40, 1024), (33, 200), (16, 64), (24, 320)] {
+            for (rows, cols) in [(48, 576), (40, 1024), (33, 200), (16, 64), (24, 320), (10, 2752)] {
                 let spec = QuantSpec { bits, group: Some(group), axis, zero: if rows % 2 == 0 { Zero::Awq } else { Zero::Sym } };
                 let mut w = rng.normals(rows * cols, 0.05);
                 for r in 0..rows {

@@ -255,22 +255,38 @@ pub(crate) unsafe fn step_codes_avx2<const B: usize>(rp: *const u8, j: usize) ->
 #[target_feature(enable = "avx512f")]
 #[inline]
 pub(crate) unsafe fn step_codes_avx512<const B: usize>(rp: *const u8, j: usize) -> std::arch::x86_64::__m512i {
-    use std::arch::x86_64::*;
     crate::kernels::prefetch(rp.add(j * 64 * B / 8));
-    let halves = _mm512_setr_epi64(0, 0, 0, 0, 4, 4, 4, 4);
+    codes_avx512::<B>(rp, j)
+}
+
+/// [`step_codes_avx512`] without asking for bytes ahead (kernels that walk several rows ask
+/// for their own, [`crate::kernels::rows4_ahead`]).
+///
+/// # Safety
+/// As [`step_codes_avx512`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+pub(crate) unsafe fn codes_avx512<const B: usize>(rp: *const u8, j: usize) -> std::arch::x86_64::__m512i {
+    use std::arch::x86_64::*;
     if B == 3 {
         let p = rp.add(j * CHUNK3_BYTES);
         let lo = _mm512_broadcast_i32x4(_mm_loadu_si128(p as *const __m128i));
         let hi = _mm512_set1_epi64((p.add(16) as *const i64).read_unaligned());
-        let low = _mm512_srlv_epi64(lo, _mm512_setr_epi64(0, 0, 2, 2, 0, 0, 2, 2));
-        let high = _mm512_slli_epi64::<2>(_mm512_srlv_epi64(hi, _mm512_setr_epi64(0, 1, 2, 3, 0, 1, 2, 3)));
-        // Bits 0-1 and 4-5 of each byte from the low plane, the rest from the high one (bits
-        // 3 and 7, never part of a code, are masked off below).
+        // Each byte's code to bits 0-2 directly, the upper half's (odd codes) a nibble further
+        // right: low-plane pair h of byte k (bits 8k + 2h, lane h) to bits 0-1, shifted right
+        // by 2h (+ 4); high-plane bit q (lane q) to bit 2, rotated right by q - 2 (+ 4): bit
+        // 8k + 2 of the result is bit 8k + q (+ 4) of the plane, and no bit that lands on a
+        // bit 2 wraps around. Two shifts fewer than shifting to the AVX2 layout and then the
+        // upper half.
+        let low = _mm512_srlv_epi64(lo, _mm512_setr_epi64(0, 0, 2, 2, 4, 4, 6, 6));
+        let high = _mm512_rorv_epi64(hi, _mm512_setr_epi64(62, 63, 0, 1, 2, 3, 4, 5));
+        // Bits 0-1 from the low plane, bit 2 from the high one; the rest masked off.
         let both = _mm512_ternarylogic_epi64::<0xCA>(_mm512_set1_epi8(0x33), low, high);
-        return _mm512_and_si512(_mm512_srlv_epi64(both, halves), _mm512_set1_epi8(7));
+        return _mm512_and_si512(both, _mm512_set1_epi8(7));
     }
     let c = _mm512_broadcast_i64x4(_mm256_loadu_si256(rp.add(j * 32) as *const __m256i));
-    _mm512_and_si512(_mm512_srlv_epi64(c, halves), _mm512_set1_epi8(0x0f))
+    _mm512_and_si512(_mm512_srlv_epi64(c, _mm512_setr_epi64(0, 0, 0, 0, 4, 4, 4, 4)), _mm512_set1_epi8(0x0f))
 }
 
 /// Unpacks what [`pack`] made.

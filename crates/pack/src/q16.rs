@@ -688,7 +688,7 @@ unsafe fn row_sum_split_avx2<const B: usize>(rp: *const u8, x: &Q16, sd: &[f32])
 /// short last block (one step) takes the AVX2 step. Run only where the CPU has AVX-512 ([`crate::kernels::Wide`]); the loop
 /// without VNNI is tested natively there and everywhere on an emulator
 /// (`tests/avx512_emulated.rs`), the VNNI loop natively on CPUs with VNNI. Compiled inside
-/// [`row_sum_split_vnni`] and [`row_sum_split_avx512bw`], whose target features it takes.
+/// the row loop's AVX-512 wrappers ([`rows`]), whose target features it takes.
 ///
 /// # Safety
 /// AVX-512 F and BW (and VNNI if `VNNI`), AVX2 and FMA; as [`row_sum_split_avx2`]; `x.block`
@@ -730,24 +730,101 @@ unsafe fn row_sum_split_avx512<const B: usize, const VNNI: bool>(rp: *const u8, 
     r
 }
 
-/// [`row_sum_split_avx512`] with `vpdpbusd`.
+/// Rows a [`rows4_split_avx512`] call takes together.
+pub(crate) const ROWS4: usize = 4;
+
+/// [`row_sum_split_avx512`] for [`ROWS4`] rows at once, each with its own block scales, as
+/// their 8 lane sums: each block's split activations are loaded once for the four rows, the
+/// four accumulators are independent chains, and the caller folds the four rows' lane sums
+/// together ([`crate::kernels::sums4`]), per-OC after taking each row's zero-point lanes
+/// ([`crate::kernels::zero_lanes_avx512`]) from them. SmolLM2's rows are short (576 to 1536 codes):
+/// one at a time, a row paid about 7 ns beyond its blocks (one thread in cache: 768 x 576
+/// 4-bit 17.1 ns a row, 256 x 1792 37.1), as much as the blocks of a row of 576 codes.
 ///
 /// # Safety
-/// AVX-512 F, BW and VNNI, AVX2 and FMA; as [`row_sum_split_avx512`].
+/// As [`row_sum_split_avx512`] for each row.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
-unsafe fn row_sum_split_vnni<const B: usize>(rp: *const u8, x: &Q16, sd: &[f32]) -> std::arch::x86_64::__m256 {
-    row_sum_split_avx512::<B, true>(rp, x, sd)
+#[inline(always)]
+unsafe fn rows4_split_avx512<const B: usize, const VNNI: bool>(rp: [*const u8; ROWS4], x: &Q16, sd: [&[f32]; ROWS4]) -> [std::arch::x86_64::__m256; ROWS4] {
+    use std::arch::x86_64::*;
+    debug_assert_eq!(x.block, 2 * SPLIT);
+    let steps = x.hi.len() / SPLIT;
+    let (hp, lp) = (x.hi.as_ptr() as *const u8, x.lo.as_ptr());
+    let ld = |p: *const u8| _mm512_loadu_si512(p as *const _);
+    let sd = sd.map(|s| &s[..steps.div_ceil(2)]);
+    // The rows lie `rp[1] - rp[0]` apart (a block's 16 B bytes are at most a line).
+    let ahead = crate::kernels::rows4_ahead(rp[1] as usize - rp[0] as usize);
+    let mut acc = [_mm512_setzero_ps(); ROWS4];
+    for b in 0..steps / 2 {
+        let j = 2 * b;
+        let (h, l) = (hp.add(j * SPLIT), lp.add(j * SPLIT));
+        let (h0, h1, l0, l1) = (ld(h), ld(h.add(SPLIT)), ld(l), ld(l.add(SPLIT)));
+        for (i, a) in acc.iter_mut().enumerate() {
+            crate::kernels::prefetch_line(rp[0].wrapping_add(ahead + (ROWS4 * b + i) * 16 * B));
+            let (c0, c1) = (bits::codes_avx512::<B>(rp[i], j), bits::codes_avx512::<B>(rp[i], j + 1));
+            let sums = if VNNI {
+                let zero = _mm512_setzero_si512();
+                let hi = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, c0, h0), c1, h1);
+                _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_slli_epi32::<8>(hi), l0, c0), l1, c1)
+            } else {
+                let ph = _mm512_add_epi16(_mm512_maddubs_epi16(c0, h0), _mm512_maddubs_epi16(c1, h1));
+                let pl = _mm512_add_epi16(_mm512_maddubs_epi16(l0, c0), _mm512_maddubs_epi16(l1, c1));
+                _mm512_add_epi32(_mm512_madd_epi16(ph, _mm512_set1_epi16(256)), _mm512_madd_epi16(pl, _mm512_set1_epi16(1)))
+            };
+            *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_set1_ps(sd[i][b]), *a);
+        }
+    }
+    let mut r = acc.map(|a| crate::kernels::halves_avx512(a));
+    if steps % 2 == 1 {
+        for (i, r) in r.iter_mut().enumerate() {
+            let (ph, pl) = split_products_avx2::<B>(rp[i], x, steps - 1);
+            *r = _mm256_fmadd_ps(_mm256_cvtepi32_ps(split_int32_avx2(ph, pl)), _mm256_set1_ps(sd[i][steps / 2]), *r);
+        }
+    }
+    r
 }
 
-/// [`row_sum_split_avx512`] without VNNI (`vpmaddubsw`, `vpmaddwd`).
+/// [`ROWS4`] per-OC rows from `r` on ([`row_oc`] for each, the kernel [`rows4_split_avx512`]).
 ///
 /// # Safety
-/// AVX-512 F and BW, AVX2 and FMA; as [`row_sum_split_avx512`].
+/// AVX2, FMA, AVX-512 F and BW (and VNNI if `VNNI`); `B` 3 or 4, `x.block` `2 SPLIT`, at most
+/// [`SHORT`] blocks; rows `r..r + ROWS4` exist.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
-unsafe fn row_sum_split_avx512bw<const B: usize>(rp: *const u8, x: &Q16, sd: &[f32]) -> std::arch::x86_64::__m256 {
-    row_sum_split_avx512::<B, false>(rp, x, sd)
+#[inline(always)]
+unsafe fn rows4_oc<const B: usize, const VNNI: bool>(p: &PackedLinear, x: &Q16, xsum: &[f32], per: usize, r: usize) -> [f32; ROWS4] {
+    let (cols, pc, g) = (p.cols, xsum.len(), p.layout.group);
+    let rows: [&[u8]; ROWS4] = std::array::from_fn(|i| p.row_codes(r + i));
+    let params = |i: usize| (&p.scales[(r + i) * pc..(r + i + 1) * pc], &p.zeros[(r + i) * pc..(r + i + 1) * pc]);
+    let steps = x.hi.len() / SPLIT;
+    assert!(rows.iter().all(|row| steps * SPLIT * B / 8 <= row.len()), "packed row too short for its codes");
+    let n = x.d.len();
+    crate::kernels::prefetch_params4(p, r, pc);
+    let mut sd = [[0f32; SHORT]; ROWS4];
+    for (i, sd) in sd.iter_mut().enumerate() {
+        block_scales(params(i).0, &x.d, per, sd);
+    }
+    let mut lanes = rows4_split_avx512::<B, VNNI>(rows.map(|row| row.as_ptr()), x, [&sd[0][..n], &sd[1][..n], &sd[2][..n], &sd[3][..n]]);
+    for (i, l) in lanes.iter_mut().enumerate() {
+        let (s, z) = params(i);
+        *l = std::arch::x86_64::_mm256_sub_ps(*l, crate::kernels::zero_lanes_avx512(s, z, xsum, 0.0));
+    }
+    let sums = crate::kernels::sums4(lanes);
+    std::array::from_fn(|i| sums[i] + dot_scalar(rows[i], B as u8, x, steps * SPLIT, cols, |c| params(i).0[c / g]))
+}
+
+/// [`ROWS4`] per-IC rows of one row group from `r` on ([`row_ic`] for each).
+///
+/// # Safety
+/// As [`rows4_oc`], but any number of blocks.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn rows4_ic<const B: usize, const VNNI: bool>(p: &PackedLinear, v: &Q16, bias: f32, r: usize) -> [f32; ROWS4] {
+    let cols = v.q.len();
+    let rows: [&[u8]; ROWS4] = std::array::from_fn(|i| p.row_codes(r + i));
+    let steps = v.hi.len() / SPLIT;
+    assert!(rows.iter().all(|row| steps * SPLIT * B / 8 <= row.len()), "packed row too short for its codes");
+    let sums = crate::kernels::sums4(rows4_split_avx512::<B, VNNI>(rows.map(|row| row.as_ptr()), v, [&v.d[..]; ROWS4]));
+    std::array::from_fn(|i| sums[i] + dot_scalar(rows[i], B as u8, v, steps * SPLIT, cols, |_| 1.0) - bias)
 }
 
 /// One row's kernel sum as 8 lane sums (per-OC: `s` the row's group scales, `per` blocks per
@@ -755,11 +832,11 @@ unsafe fn row_sum_split_avx512bw<const B: usize>(rp: *const u8, x: &Q16, sd: &[f
 /// caller adds the rest).
 ///
 /// # Safety
-/// AVX2 and FMA; `row` is the row's codes followed by at least 8 bytes (the next row or the
+/// As [`row_sum`]; `row` is the row's codes followed by at least 8 bytes (the next row or the
 /// buffer's padding): the 16-byte load of a 2-bit row's last step reaches past its codes.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn body_avx2<const B: usize>(row: &[u8], x: &Q16, cols: usize, s: &[f32], per: usize, t: &Tables) -> (std::arch::x86_64::__m256, usize) {
+#[inline(always)]
+unsafe fn body<const B: usize, const AVX512: bool, const VNNI: bool>(row: &[u8], x: &Q16, cols: usize, s: &[f32], per: usize, t: &Tables) -> (std::arch::x86_64::__m256, usize) {
     let split = B == 3 || B == 4;
     let steps = if split { x.hi.len() / SPLIT } else { cols / QB };
     if split {
@@ -769,34 +846,36 @@ unsafe fn body_avx2<const B: usize>(row: &[u8], x: &Q16, cols: usize, s: &[f32],
     }
     let sum = if per == usize::MAX {
         // Per-IC: the blocks' own steps.
-        row_sum::<B>(row, x, cols, &x.d, t)
+        row_sum::<B, AVX512, VNNI>(row, x, cols, &x.d, t)
     } else if x.d.len() <= SHORT {
         // Short rows (SmolLM2's: 5 to 12 blocks) on the stack: the thread-local buffer's
         // bookkeeping cost 5% of a decode.
         let mut sd = [0f32; SHORT];
         block_scales(s, &x.d, per, &mut sd);
-        row_sum::<B>(row, x, cols, &sd[..x.d.len()], t)
+        row_sum::<B, AVX512, VNNI>(row, x, cols, &sd[..x.d.len()], t)
     } else {
         let mut sd = SCALES.take();
         sd.resize(x.d.len(), 0.0);
         block_scales(s, &x.d, per, &mut sd);
-        let r = row_sum::<B>(row, x, cols, &sd, t);
+        let r = row_sum::<B, AVX512, VNNI>(row, x, cols, &sd, t);
         SCALES.set(sd);
         r
     };
     (sum, steps * if split { SPLIT } else { QB })
 }
 
-/// The kernel for `B`-bit codes with block scales `sd`.
+/// The kernel for `B`-bit codes with block scales `sd`: 3- and 4-bit blocks of 128 in 512-bit
+/// registers where `AVX512` (with `vpdpbusd` where `VNNI`), as the row loop's wrapper chose
+/// ([`rows`]).
 ///
 /// # Safety
-/// As [`body_avx2`], which checked the row's length.
+/// AVX2 and FMA; as [`body`], which checked the row's length; AVX-512 F and BW if `AVX512`, VNNI if
+/// `VNNI`.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn row_sum<const B: usize>(row: &[u8], x: &Q16, cols: usize, sd: &[f32], t: &Tables) -> std::arch::x86_64::__m256 {
+#[inline(always)]
+unsafe fn row_sum<const B: usize, const AVX512: bool, const VNNI: bool>(row: &[u8], x: &Q16, cols: usize, sd: &[f32], t: &Tables) -> std::arch::x86_64::__m256 {
     match B {
-        3 | 4 if x.block == 2 * SPLIT && t.wide == Wide::Vnni => row_sum_split_vnni::<B>(row.as_ptr(), x, sd),
-        3 | 4 if x.block == 2 * SPLIT && t.wide == Wide::Avx512 => row_sum_split_avx512bw::<B>(row.as_ptr(), x, sd),
+        3 | 4 if AVX512 && x.block == 2 * SPLIT => row_sum_split_avx512::<B, VNNI>(row.as_ptr(), x, sd),
         3 | 4 => row_sum_split_avx2::<B>(row.as_ptr(), x, sd),
         _ => row_sum_avx2::<B>(row.as_ptr(), x, cols, sd, t),
     }
@@ -827,31 +906,29 @@ impl Tables {
     }
 }
 
-/// One per-OC output row with AVX2, from the rounded `x` and its group sums.
+/// One per-OC output row, from the rounded `x` and its group sums.
 ///
 /// # Safety
-/// As [`body_avx2`].
+/// As [`body`].
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[inline]
-unsafe fn row_oc_avx2<const B: usize>(p: &PackedLinear, x: &Q16, xsum: &[f32], per: usize, r: usize, row: &[u8], t: &Tables) -> f32 {
+#[inline(always)]
+unsafe fn row_oc<const B: usize, const AVX512: bool, const VNNI: bool>(p: &PackedLinear, x: &Q16, xsum: &[f32], per: usize, r: usize, row: &[u8], t: &Tables) -> f32 {
     let (cols, pc, g) = (p.cols, xsum.len(), p.layout.group);
     let (s, z) = (&p.scales[r * pc..(r + 1) * pc], &p.zeros[r * pc..(r + 1) * pc]);
-    let (body, done) = body_avx2::<B>(row, x, cols, s, per, t);
+    let (body, done) = body::<B, AVX512, VNNI>(row, x, cols, s, per, t);
     let tail = dot_scalar(row, B as u8, x, done, cols, |c| s[c / g]);
     hsum(body) + tail - crate::kernels::zero_term_avx2(s, z, xsum, 0.0)
 }
 
-/// One per-IC output row with AVX2, from its row group's rounded `s x` and zero-point sum.
+/// One per-IC output row, from its row group's rounded `s x` and zero-point sum.
 ///
 /// # Safety
-/// As [`body_avx2`].
+/// As [`body`].
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[inline]
-unsafe fn row_ic_avx2<const B: usize>(row: &[u8], v: &Q16, bias: f32, t: &Tables) -> f32 {
+#[inline(always)]
+unsafe fn row_ic<const B: usize, const AVX512: bool, const VNNI: bool>(row: &[u8], v: &Q16, bias: f32, t: &Tables) -> f32 {
     let cols = v.q.len();
-    let (body, done) = body_avx2::<B>(row, v, cols, &[1.0], usize::MAX, t);
+    let (body, done) = body::<B, AVX512, VNNI>(row, v, cols, &[1.0], usize::MAX, t);
     hsum(body) + dot_scalar(row, B as u8, v, done, cols, |_| 1.0) - bias
 }
 
@@ -868,53 +945,115 @@ pub(crate) unsafe fn matvec_avx2(p: &PackedLinear, x: &[f32], y: &mut [f32]) {
         crate::team::with_slots(&SLOTS, p.rows.div_ceil(p.layout.group), |slots| {
             // SAFETY: as the caller's.
             crate::team::grouped_rows(y, p.layout.group, slots, &prep, &|r0, y, (v, bias)| unsafe {
-                match p.layout.bits {
-                    2 => rows_ic_avx2::<2>(p, v, *bias, r0, y, &t),
-                    3 => rows_ic_avx2::<3>(p, v, *bias, r0, y, &t),
-                    4 => rows_ic_avx2::<4>(p, v, *bias, r0, y, &t),
-                    _ => rows_ic_avx2::<8>(p, v, *bias, r0, y, &t),
-                }
+                rows(p, &Job::Ic { v, bias: *bias }, r0, y, &t)
             })
         });
         return;
     }
     let (xq, xsum) = prepare_oc(p, x);
+    let job = Job::Oc { x: &xq, xsum: &xsum };
     // SAFETY: as the caller's.
-    crate::team::rows(y, &|r0, y| unsafe {
-        match p.layout.bits {
-            2 => rows_oc_avx2::<2>(p, &xq, &xsum, r0, y, &t),
-            3 => rows_oc_avx2::<3>(p, &xq, &xsum, r0, y, &t),
-            4 => rows_oc_avx2::<4>(p, &xq, &xsum, r0, y, &t),
-            _ => rows_oc_avx2::<8>(p, &xq, &xsum, r0, y, &t),
-        }
-    });
+    crate::team::rows(y, &|r0, y| unsafe { rows(p, &job, r0, y, &t) });
 }
 
-/// Per-OC rows `r0..r0 + y.len()` into `y`: the row loop inside the SIMD function, so each
-/// row's kernel is inlined ([`crate::team::rows`]).
+/// A run of rows' inputs: per-OC the rounded `x` and its group sums, per-IC the row group's
+/// rounded `s x` and zero-point sum.
+#[cfg(target_arch = "x86_64")]
+enum Job<'a> {
+    Oc { x: &'a Q16, xsum: &'a [f32] },
+    Ic { v: &'a Q16, bias: f32 },
+}
+
+/// Rows `r0..r0 + y.len()` into `y` ([`crate::team::rows`]): the row loop, each row's kernel
+/// and its sums in one function compiled for the kernel's instructions ([`rows`] picks it).
+/// With the AVX-512 block loop a separate function called per row (its features differ from
+/// the AVX2 row loop's), a SmolLM2 row of 576 codes spent as long in the call, the sum handed
+/// back through memory and the row's reduction waiting on it as in the block loop itself: one
+/// thread, 1536 x 576 3-bit per-OC in cache, the row loop was 49% of the time, the kernel 44%.
 ///
 /// # Safety
-/// As [`matvec_avx2`].
+/// AVX2 and FMA, AVX-512 F and BW if `AVX512`, VNNI if `VNNI`; as [`matvec_avx2`].
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn rows_oc_avx2<const B: usize>(p: &PackedLinear, x: &Q16, xsum: &[f32], r0: usize, y: &mut [f32], t: &Tables) {
-    // Activation blocks per group (a division per row was 1% of a small matrix's time).
-    let per = p.layout.group / x.block;
-    for (r, y) in (r0..).zip(y) {
-        *y = row_oc_avx2::<B>(p, x, xsum, per, r, p.row_codes(r), t);
+#[inline(always)]
+unsafe fn run_rows<const B: usize, const AVX512: bool, const VNNI: bool>(p: &PackedLinear, job: &Job, r0: usize, y: &mut [f32], t: &Tables) {
+    let four = AVX512 && (B == 3 || B == 4) && crate::kernels::short_rows(bits::row_bytes(p.cols, B as u8));
+    match *job {
+        Job::Oc { x, xsum } => {
+            // Activation blocks per group (a division per row was 1% of a small matrix's time).
+            let per = p.layout.group / x.block;
+            let mut r = r0;
+            if four && x.block == 2 * SPLIT && x.d.len() <= SHORT {
+                while y.len() - (r - r0) >= ROWS4 {
+                    y[r - r0..r - r0 + ROWS4].copy_from_slice(&rows4_oc::<B, VNNI>(p, x, xsum, per, r));
+                    r += ROWS4;
+                }
+            }
+            for (r, y) in (r..).zip(&mut y[r - r0..]) {
+                *y = row_oc::<B, AVX512, VNNI>(p, x, xsum, per, r, p.row_codes(r), t);
+            }
+        }
+        Job::Ic { v, bias } => {
+            let mut r = r0;
+            if four && v.block == 2 * SPLIT {
+                while y.len() - (r - r0) >= ROWS4 {
+                    y[r - r0..r - r0 + ROWS4].copy_from_slice(&rows4_ic::<B, VNNI>(p, v, bias, r));
+                    r += ROWS4;
+                }
+            }
+            for (r, y) in (r..).zip(&mut y[r - r0..]) {
+                *y = row_ic::<B, AVX512, VNNI>(p.row_codes(r), v, bias, t);
+            }
+        }
     }
 }
 
-/// Per-IC rows `r0..r0 + y.len()` of one row group into `y` (as [`rows_oc_avx2`]), from the
-/// group's rounded `s x` and zero-point sum.
+/// [`run_rows`] with AVX2.
+///
+/// # Safety
+/// As [`run_rows`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn rows_avx2<const B: usize>(p: &PackedLinear, job: &Job, r0: usize, y: &mut [f32], t: &Tables) {
+    run_rows::<B, false, false>(p, job, r0, y, t)
+}
+
+/// [`run_rows`] with AVX-512, no VNNI.
+///
+/// # Safety
+/// As [`run_rows`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
+unsafe fn rows_avx512bw<const B: usize>(p: &PackedLinear, job: &Job, r0: usize, y: &mut [f32], t: &Tables) {
+    run_rows::<B, true, false>(p, job, r0, y, t)
+}
+
+/// [`run_rows`] with AVX-512 and VNNI.
+///
+/// # Safety
+/// As [`run_rows`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
+unsafe fn rows_vnni<const B: usize>(p: &PackedLinear, job: &Job, r0: usize, y: &mut [f32], t: &Tables) {
+    run_rows::<B, true, true>(p, job, r0, y, t)
+}
+
+/// Rows `r0..` of `p` into `y` with the loop for `p`'s width and the CPU ([`Tables::wide`]):
+/// 3- and 4-bit codes take the AVX-512 block loop where the CPU has it, 2- and 8-bit codes
+/// the AVX2 one.
 ///
 /// # Safety
 /// As [`matvec_avx2`].
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn rows_ic_avx2<const B: usize>(p: &PackedLinear, v: &Q16, bias: f32, r0: usize, y: &mut [f32], t: &Tables) {
-    for (r, y) in (r0..).zip(y) {
-        *y = row_ic_avx2::<B>(p.row_codes(r), v, bias, t);
+unsafe fn rows(p: &PackedLinear, job: &Job, r0: usize, y: &mut [f32], t: &Tables) {
+    match (p.layout.bits, t.wide) {
+        (3, Wide::Vnni) => rows_vnni::<3>(p, job, r0, y, t),
+        (4, Wide::Vnni) => rows_vnni::<4>(p, job, r0, y, t),
+        (3, Wide::Avx512) => rows_avx512bw::<3>(p, job, r0, y, t),
+        (4, Wide::Avx512) => rows_avx512bw::<4>(p, job, r0, y, t),
+        (2, _) => rows_avx2::<2>(p, job, r0, y, t),
+        (3, _) => rows_avx2::<3>(p, job, r0, y, t),
+        (4, _) => rows_avx2::<4>(p, job, r0, y, t),
+        _ => rows_avx2::<8>(p, job, r0, y, t),
     }
 }
 

@@ -34,7 +34,7 @@ use rayon::prelude::*;
 use crate::bits;
 use crate::format::PackedLinear;
 use crate::kernels::Wide;
-use crate::q16::{Prepared, Rounded};
+use crate::q16::{Prepared, Rounded, ROWS4};
 use crate::team;
 
 /// Codes per SIMD step (32 bytes of 4-bit codes).
@@ -374,7 +374,7 @@ unsafe fn row_sum_avx2<const B: usize, const SCALED: bool>(row: &[u8], v: &Q8, s
 /// (unsigned code times signed activation); without it `vpmaddubsw` (pairs, at most 2 * 15 *
 /// 127: no saturation) and `vpmaddwd` by ones, as the AVX2 step. Against the AVX2 step the
 /// codes take no lane shuffle and half the registers per code. Two steps an iteration into
-/// two accumulators, as there. Compiled inside [`row_sum_vnni`] and [`row_sum_avx512bw`],
+/// two accumulators, as there. Compiled inside the row loop's AVX-512 wrappers ([`rows`]),
 /// whose target features it takes.
 ///
 /// # Safety
@@ -418,39 +418,57 @@ unsafe fn row_sum_avx512<const B: usize, const SCALED: bool, const VNNI: bool>(r
     crate::kernels::halves_avx512(a)
 }
 
-/// [`row_sum_avx512`] with `vpdpbusd`.
+/// The 3- or 4-bit row sum: [`row_sum_avx512`] where `AVX512` (with `vpdpbusd` where `VNNI`),
+/// else [`row_sum_avx2`], as the row loop's wrapper chose ([`rows`]).
 ///
 /// # Safety
-/// AVX-512 F, BW and VNNI, AVX2 and FMA; as [`row_sum_avx2`].
+/// AVX2 and FMA, AVX-512 F and BW if `AVX512`, VNNI if `VNNI`; as [`row_sum_avx2`].
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
-unsafe fn row_sum_vnni<const B: usize, const SCALED: bool>(row: &[u8], v: &Q8, s: &[f32], group: usize) -> std::arch::x86_64::__m256 {
-    row_sum_avx512::<B, SCALED, true>(row, v, s, group)
-}
-
-/// [`row_sum_avx512`] without VNNI (`vpmaddubsw`, `vpmaddwd`).
-///
-/// # Safety
-/// AVX-512 F and BW, AVX2 and FMA; as [`row_sum_avx2`].
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
-unsafe fn row_sum_avx512bw<const B: usize, const SCALED: bool>(row: &[u8], v: &Q8, s: &[f32], group: usize) -> std::arch::x86_64::__m256 {
-    row_sum_avx512::<B, SCALED, false>(row, v, s, group)
-}
-
-/// The 3- or 4-bit row sum with the loop `wide` names.
-///
-/// # Safety
-/// AVX2 and FMA, and what `wide` names; as [`row_sum_avx2`].
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[inline]
-unsafe fn row_sum<const B: usize, const SCALED: bool>(row: &[u8], v: &Q8, s: &[f32], group: usize, wide: Wide) -> std::arch::x86_64::__m256 {
-    match wide {
-        Wide::Vnni => row_sum_vnni::<B, SCALED>(row, v, s, group),
-        Wide::Avx512 => row_sum_avx512bw::<B, SCALED>(row, v, s, group),
-        Wide::Avx2 => row_sum_avx2::<B, SCALED>(row, v, s, group),
+#[inline(always)]
+unsafe fn row_sum<const B: usize, const SCALED: bool, const AVX512: bool, const VNNI: bool>(row: &[u8], v: &Q8, s: &[f32], group: usize) -> std::arch::x86_64::__m256 {
+    if AVX512 {
+        row_sum_avx512::<B, SCALED, VNNI>(row, v, s, group)
+    } else {
+        row_sum_avx2::<B, SCALED>(row, v, s, group)
     }
+}
+
+/// [`row_sum_avx512`] for [`ROWS4`] rows at once (per-OC each with its group scales `s[i]`),
+/// as their 8 lane sums: each step's activations and block steps are loaded once for the four
+/// rows, whose accumulators are four independent chains; the caller folds the four together
+/// ([`crate::kernels::sums4`]). Short rows paid as much around their steps as in them
+/// ([`crate::q16`]'s four-row kernel).
+///
+/// # Safety
+/// As [`row_sum_avx512`] for each row.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn rows4_avx512<const B: usize, const SCALED: bool, const VNNI: bool>(rp: [*const u8; ROWS4], v: &Q8, s: [&[f32]; ROWS4], group: usize) -> [std::arch::x86_64::__m256; ROWS4] {
+    use std::arch::x86_64::*;
+    let steps = v.swizzled.len() / STEP;
+    let (xp, dp) = (v.swizzled.as_ptr(), v.d8.as_ptr());
+    let per = group / STEP;
+    if SCALED {
+        assert!(s.iter().all(|s| s.len() * per >= steps), "group scales for {steps} steps");
+    }
+    let (mut k, mut next) = (0, per);
+    let ahead = crate::kernels::rows4_ahead(rp[1] as usize - rp[0] as usize);
+    let mut acc = [_mm512_setzero_ps(); ROWS4];
+    for j in 0..steps {
+        let x = _mm512_loadu_si512(xp.add(j * STEP) as *const _);
+        let d = _mm512_castpd_ps(_mm512_broadcast_f64x4(_mm256_loadu_pd(dp.add(j * 8) as *const f64)));
+        if SCALED && j == next {
+            (k, next) = (k + 1, next + per);
+        }
+        for (i, a) in acc.iter_mut().enumerate() {
+            crate::kernels::prefetch_line(rp[0].wrapping_add(ahead + (ROWS4 * j + i) * 8 * B));
+            let c = bits::codes_avx512::<B>(rp[i], j);
+            let sums = if VNNI { _mm512_dpbusd_epi32(_mm512_setzero_si512(), c, x) } else { _mm512_madd_epi16(_mm512_maddubs_epi16(c, x), _mm512_set1_epi16(1)) };
+            let d = if SCALED { _mm512_mul_ps(d, _mm512_set1_ps(*s[i].get_unchecked(k))) } else { d };
+            *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), d, *a);
+        }
+    }
+    acc.map(|a| crate::kernels::halves_avx512(a))
 }
 
 /// AVX2, 8-bit codes (per-OC, `cols` a multiple of 32): `sum_j s[j / per] d_j sum_{c in block j}
@@ -490,64 +508,164 @@ unsafe fn row_sum8_avx2(row: &[u8], x: &Q8, s: &[f32], per: usize) -> std::arch:
     _mm256_add_ps(a0, a1)
 }
 
-/// One per-OC output row with AVX2, from the rounded `x` and its group sums.
+/// One per-OC output row, from the rounded `x` and its group sums.
 ///
 /// # Safety
-/// AVX2 and FMA.
+/// AVX2 and FMA, and what `AVX512` and `VNNI` name.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[inline]
-unsafe fn row_oc_avx2(p: &PackedLinear, x: &Q8, xsum: &[f32], r: usize, row: &[u8], wide: Wide) -> f32 {
+#[inline(always)]
+unsafe fn row_oc<const B: usize, const AVX512: bool, const VNNI: bool>(p: &PackedLinear, x: &Q8, xsum: &[f32], r: usize, row: &[u8]) -> f32 {
     let (cols, pc) = (p.cols, xsum.len());
     let (s, z) = (&p.scales[r * pc..(r + 1) * pc], &p.zeros[r * pc..(r + 1) * pc]);
-    if p.layout.bits == 8 {
+    if B == 8 {
         let body = crate::kernels::hsum(row_sum8_avx2(row, x, s, p.layout.group / BLOCK));
         // The kernel multiplied code - 128: the zero point is z - 128 of those.
         return body - crate::kernels::zero_term_avx2(s, z, xsum, 128.0);
     }
-    let g = p.layout.group;
-    let body = crate::kernels::hsum(if p.layout.bits == 3 { row_sum::<3, true>(row, x, s, g, wide) } else { row_sum::<4, true>(row, x, s, g, wide) });
+    let body = crate::kernels::hsum(row_sum::<B, true, AVX512, VNNI>(row, x, s, p.layout.group));
     // The last cols % 64 codes lie in the last group.
-    let tail = s[pc - 1] * dot_scalar(row, p.layout.bits, x, cols / STEP * STEP, cols);
+    let tail = s[pc - 1] * dot_scalar(row, B as u8, x, cols / STEP * STEP, cols);
     let zx = crate::kernels::zero_term_avx2(s, z, xsum, 0.0);
     body + tail - zx
 }
 
-/// One per-IC output row with AVX2, from its row group's rounded `s x` and zero-point sum.
+/// [`ROWS4`] per-OC rows of 3- or 4-bit codes from `r` on ([`row_oc`] for each, the kernel
+/// [`rows4_avx512`]).
 ///
 /// # Safety
-/// AVX2 and FMA.
+/// AVX2, FMA, AVX-512 F and BW (and VNNI if `VNNI`); rows `r..r + ROWS4` exist.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[inline]
-unsafe fn row_ic_avx2<const B: usize>(row: &[u8], v: &Q8, bias: f32, wide: Wide) -> f32 {
+#[inline(always)]
+unsafe fn rows4_oc<const B: usize, const VNNI: bool>(p: &PackedLinear, x: &Q8, xsum: &[f32], r: usize) -> [f32; ROWS4] {
+    let (cols, pc) = (p.cols, xsum.len());
+    let rows: [&[u8]; ROWS4] = std::array::from_fn(|i| p.row_codes(r + i));
+    let params = |i: usize| (&p.scales[(r + i) * pc..(r + i + 1) * pc], &p.zeros[(r + i) * pc..(r + i + 1) * pc]);
+    let steps = x.swizzled.len() / STEP;
+    assert!(rows.iter().all(|row| row.len() >= steps * STEP * B / 8), "packed row too short for its codes");
+    crate::kernels::prefetch_params4(p, r, pc);
+    let mut lanes = rows4_avx512::<B, true, VNNI>(rows.map(|row| row.as_ptr()), x, [params(0).0, params(1).0, params(2).0, params(3).0], p.layout.group);
+    for (i, l) in lanes.iter_mut().enumerate() {
+        let (s, z) = params(i);
+        *l = std::arch::x86_64::_mm256_sub_ps(*l, crate::kernels::zero_lanes_avx512(s, z, xsum, 0.0));
+    }
+    let sums = crate::kernels::sums4(lanes);
+    // The last cols % 64 codes lie in the last group.
+    std::array::from_fn(|i| sums[i] + params(i).0[pc - 1] * dot_scalar(rows[i], B as u8, x, steps * STEP, cols))
+}
+
+/// One per-IC output row, from its row group's rounded `s x` and zero-point sum.
+///
+/// # Safety
+/// AVX2 and FMA, and what `AVX512` and `VNNI` name.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn row_ic<const B: usize, const AVX512: bool, const VNNI: bool>(row: &[u8], v: &Q8, bias: f32) -> f32 {
     let cols = v.q.len();
-    let body = crate::kernels::hsum(row_sum::<B, false>(row, v, &[], 0, wide));
+    let body = crate::kernels::hsum(row_sum::<B, false, AVX512, VNNI>(row, v, &[], 0));
     body + dot_scalar(row, B as u8, v, cols / STEP * STEP, cols) - bias
 }
 
-/// Per-OC rows `r0..r0 + y.len()` into `y`: the row loop inside the SIMD function, so each
-/// row's kernel is inlined ([`team::rows`]).
+/// [`ROWS4`] per-IC rows of one row group from `r` on ([`row_ic`] for each).
 ///
 /// # Safety
-/// AVX2 and FMA.
+/// As [`rows4_oc`].
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn rows_oc_avx2(p: &PackedLinear, x: &Q8, xsum: &[f32], r0: usize, y: &mut [f32], wide: Wide) {
-    for (r, y) in (r0..).zip(y) {
-        *y = row_oc_avx2(p, x, xsum, r, p.row_codes(r), wide);
+#[inline(always)]
+unsafe fn rows4_ic<const B: usize, const VNNI: bool>(p: &PackedLinear, v: &Q8, bias: f32, r: usize) -> [f32; ROWS4] {
+    let cols = v.q.len();
+    let rows: [&[u8]; ROWS4] = std::array::from_fn(|i| p.row_codes(r + i));
+    let steps = v.swizzled.len() / STEP;
+    assert!(rows.iter().all(|row| row.len() >= steps * STEP * B / 8), "packed row too short for its codes");
+    let sums = crate::kernels::sums4(rows4_avx512::<B, false, VNNI>(rows.map(|row| row.as_ptr()), v, [&[]; ROWS4], 0));
+    std::array::from_fn(|i| sums[i] + dot_scalar(rows[i], B as u8, v, steps * STEP, cols) - bias)
+}
+
+/// A run of rows' inputs: per-OC the rounded `x` and its group sums, per-IC the row group's
+/// rounded `s x` and zero-point sum.
+#[cfg(target_arch = "x86_64")]
+enum Job<'a> {
+    Oc { x: &'a Q8, xsum: &'a [f32] },
+    Ic { v: &'a Q8, bias: f32 },
+}
+
+/// Rows `r0..r0 + y.len()` into `y` ([`team::rows`]): the row loop, each row's kernel and its
+/// sums in one function compiled for the kernel's instructions ([`rows`] picks it), four
+/// rows at a time where the AVX-512 loop runs ([`rows4_avx512`]). As [`crate::q16`]'s.
+///
+/// # Safety
+/// AVX2 and FMA, AVX-512 F and BW if `AVX512`, VNNI if `VNNI`; `p` [`supported`].
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn run_rows<const B: usize, const AVX512: bool, const VNNI: bool>(p: &PackedLinear, job: &Job, r0: usize, y: &mut [f32]) {
+    let four = AVX512 && B != 8 && crate::kernels::short_rows(bits::row_bytes(p.cols, B as u8));
+    let mut r = r0;
+    match *job {
+        Job::Oc { x, xsum } => {
+            while four && y.len() - (r - r0) >= ROWS4 {
+                y[r - r0..r - r0 + ROWS4].copy_from_slice(&rows4_oc::<B, VNNI>(p, x, xsum, r));
+                r += ROWS4;
+            }
+            for (r, y) in (r..).zip(&mut y[r - r0..]) {
+                *y = row_oc::<B, AVX512, VNNI>(p, x, xsum, r, p.row_codes(r));
+            }
+        }
+        Job::Ic { v, bias } => {
+            while four && y.len() - (r - r0) >= ROWS4 {
+                y[r - r0..r - r0 + ROWS4].copy_from_slice(&rows4_ic::<B, VNNI>(p, v, bias, r));
+                r += ROWS4;
+            }
+            for (r, y) in (r..).zip(&mut y[r - r0..]) {
+                *y = row_ic::<B, AVX512, VNNI>(p.row_codes(r), v, bias);
+            }
+        }
     }
 }
 
-/// Per-IC rows `r0..r0 + y.len()` of one row group into `y` (as [`rows_oc_avx2`]).
+/// [`run_rows`] with AVX2.
 ///
 /// # Safety
-/// AVX2 and FMA.
+/// As [`run_rows`].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn rows_ic_avx2<const B: usize>(p: &PackedLinear, v: &Q8, bias: f32, r0: usize, y: &mut [f32], wide: Wide) {
-    for (r, y) in (r0..).zip(y) {
-        *y = row_ic_avx2::<B>(p.row_codes(r), v, bias, wide);
+unsafe fn rows_avx2<const B: usize>(p: &PackedLinear, job: &Job, r0: usize, y: &mut [f32]) {
+    run_rows::<B, false, false>(p, job, r0, y)
+}
+
+/// [`run_rows`] with AVX-512, no VNNI.
+///
+/// # Safety
+/// As [`run_rows`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
+unsafe fn rows_avx512bw<const B: usize>(p: &PackedLinear, job: &Job, r0: usize, y: &mut [f32]) {
+    run_rows::<B, true, false>(p, job, r0, y)
+}
+
+/// [`run_rows`] with AVX-512 and VNNI.
+///
+/// # Safety
+/// As [`run_rows`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
+unsafe fn rows_vnni<const B: usize>(p: &PackedLinear, job: &Job, r0: usize, y: &mut [f32]) {
+    run_rows::<B, true, true>(p, job, r0, y)
+}
+
+/// Rows `r0..` of `p` into `y` with the loop for `p`'s width and `wide`: 3- and 4-bit codes
+/// take the AVX-512 loop where the CPU has it, 8-bit codes (per-OC only) the AVX2 one.
+///
+/// # Safety
+/// AVX2 and FMA, and what `wide` names; `p` [`supported`].
+#[cfg(target_arch = "x86_64")]
+unsafe fn rows(p: &PackedLinear, job: &Job, r0: usize, y: &mut [f32], wide: Wide) {
+    match (p.layout.bits, wide) {
+        (3, Wide::Vnni) => rows_vnni::<3>(p, job, r0, y),
+        (4, Wide::Vnni) => rows_vnni::<4>(p, job, r0, y),
+        (3, Wide::Avx512) => rows_avx512bw::<3>(p, job, r0, y),
+        (4, Wide::Avx512) => rows_avx512bw::<4>(p, job, r0, y),
+        (3, _) => rows_avx2::<3>(p, job, r0, y),
+        (4, _) => rows_avx2::<4>(p, job, r0, y),
+        _ => rows_avx2::<8>(p, job, r0, y),
     }
 }
 
@@ -561,19 +679,14 @@ pub(crate) fn matvec(p: &PackedLinear, x: &[f32], y: &mut [f32]) -> bool {
             let prep = |kr: usize, slot: &mut (Q8, f32)| prepare_ic(p, x, kr, slot);
             team::with_slots(&SLOTS, p.rows.div_ceil(g), |slots| {
                 // SAFETY: AVX2 and FMA were detected, and what `wide` names.
-                team::grouped_rows(y, g, slots, &prep, &|r0, y, (v, bias)| unsafe {
-                    if p.layout.bits == 3 {
-                        rows_ic_avx2::<3>(p, v, *bias, r0, y, wide)
-                    } else {
-                        rows_ic_avx2::<4>(p, v, *bias, r0, y, wide)
-                    }
-                })
+                team::grouped_rows(y, g, slots, &prep, &|r0, y, (v, bias)| unsafe { rows(p, &Job::Ic { v, bias: *bias }, r0, y, wide) })
             });
             return true;
         }
         let (xq, xsum) = prepare_oc(p, x);
+        let job = Job::Oc { x: &xq, xsum: &xsum };
         // SAFETY: as above.
-        team::rows(y, &|r0, y| unsafe { rows_oc_avx2(p, &xq, &xsum, r0, y, wide) });
+        team::rows(y, &|r0, y| unsafe { rows(p, &job, r0, y, wide) });
         return true;
     }
     let _ = (p, x, y);
