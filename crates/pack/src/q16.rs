@@ -737,7 +737,7 @@ pub(crate) const ROWS4: usize = 4;
 /// their 8 lane sums: each block's split activations are loaded once for the four rows, the
 /// four accumulators are independent chains, and the caller folds the four rows' lane sums
 /// together ([`crate::kernels::sums4`]), per-OC after taking each row's zero-point lanes
-/// ([`crate::kernels::zero_lanes_avx512`]) from them. SmolLM2's rows are short (576 to 1536 codes):
+/// ([`crate::kernels::zero_lanes`]) from them. SmolLM2's rows are short (576 to 1536 codes):
 /// one at a time, a row paid about 7 ns beyond its blocks (one thread in cache: 768 x 576
 /// 4-bit 17.1 ns a row, 256 x 1792 37.1), as much as the blocks of a row of 576 codes.
 ///
@@ -806,7 +806,7 @@ unsafe fn rows4_oc<const B: usize, const VNNI: bool>(p: &PackedLinear, x: &Q16, 
     let mut lanes = rows4_split_avx512::<B, VNNI>(rows.map(|row| row.as_ptr()), x, [&sd[0][..n], &sd[1][..n], &sd[2][..n], &sd[3][..n]]);
     for (i, l) in lanes.iter_mut().enumerate() {
         let (s, z) = params(i);
-        *l = std::arch::x86_64::_mm256_sub_ps(*l, crate::kernels::zero_lanes_avx512(s, z, xsum, 0.0));
+        *l = std::arch::x86_64::_mm256_sub_ps(*l, crate::kernels::zero_lanes(s, z, xsum, 0.0));
     }
     let sums = crate::kernels::sums4(lanes);
     std::array::from_fn(|i| sums[i] + dot_scalar(rows[i], B as u8, x, steps * SPLIT, cols, |c| params(i).0[c / g]))

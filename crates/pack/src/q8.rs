@@ -546,7 +546,7 @@ unsafe fn rows4_oc<const B: usize, const VNNI: bool>(p: &PackedLinear, x: &Q8, x
     let mut lanes = rows4_avx512::<B, true, VNNI>(rows.map(|row| row.as_ptr()), x, [params(0).0, params(1).0, params(2).0, params(3).0], p.layout.group);
     for (i, l) in lanes.iter_mut().enumerate() {
         let (s, z) = params(i);
-        *l = std::arch::x86_64::_mm256_sub_ps(*l, crate::kernels::zero_lanes_avx512(s, z, xsum, 0.0));
+        *l = std::arch::x86_64::_mm256_sub_ps(*l, crate::kernels::zero_lanes(s, z, xsum, 0.0));
     }
     let sums = crate::kernels::sums4(lanes);
     // The last cols % 64 codes lie in the last group.
