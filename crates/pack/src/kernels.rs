@@ -127,10 +127,10 @@ pub(crate) fn prefetch_line(p: *const u8) {
 /// Long rows gain nothing from it from memory and read four streams at once: 14336 x 4096
 /// 4-bit int16 per-OC 672 -> 709 us, per-IC 686 -> 752.
 pub(crate) fn short_rows(row_bytes: usize) -> bool {
-    crate::q16::ROWS4 * row_bytes <= PREFETCH
+    ROWS4 * row_bytes <= PREFETCH
 }
 
-/// How far ahead a kernel that walks [`crate::q16::ROWS4`] rows side by side (rows
+/// How far ahead a kernel that walks [`ROWS4`] rows side by side (rows
 /// `row_bytes` apart) asks for each row's bytes: whole passes of four rows, at least
 /// [`PREFETCH`], so each row asks for the same place in a row of a later pass. Each row
 /// asking [`PREFETCH`] past itself (as a one-row kernel does) made reading from memory slower
@@ -138,11 +138,11 @@ pub(crate) fn short_rows(row_bytes: usize) -> bool {
 /// first row's hints fell on the other three rows' bytes, which the pass was reading already.
 pub(crate) fn rows4_ahead(row_bytes: usize) -> usize {
     debug_assert!(short_rows(row_bytes));
-    let pass = crate::q16::ROWS4 * row_bytes;
+    let pass = ROWS4 * row_bytes;
     PREFETCH.div_ceil(pass.max(1)).max(1) * pass
 }
 
-/// Asks for the per-OC scales and zeros (`pc` a row) of the [`crate::q16::ROWS4`] rows as far
+/// Asks for the per-OC scales and zeros (`pc` a row) of the [`ROWS4`] rows as far
 /// after row `r` as [`rows4_ahead`] is in codes. Without it a four-row kernel read more slowly
 /// from memory than one row at a time (one thread, 576 x 1536 4-bit int16 per-OC: 19.3 us one
 /// row at a time, 21.6 four, 17.3 with these hints; best of 5 each).
@@ -152,7 +152,7 @@ pub(crate) fn prefetch_params4(p: &PackedLinear, r: usize, pc: usize) {
     let rb = bits::row_bytes(p.cols, p.layout.bits);
     let at = (r + rows4_ahead(rb) / rb.max(1)) * pc;
     let (sp, zp) = (p.scales.as_ptr().wrapping_add(at) as *const u8, p.zeros.as_ptr().wrapping_add(at) as *const u8);
-    for o in (0..crate::q16::ROWS4 * pc * 4).step_by(64) {
+    for o in (0..ROWS4 * pc * 4).step_by(64) {
         prefetch_line(sp.wrapping_add(o));
         prefetch_line(zp.wrapping_add(o));
     }
@@ -175,6 +175,18 @@ pub(crate) unsafe fn hsum(a: std::arch::x86_64::__m256) -> f32 {
 pub(crate) unsafe fn halves_avx512(a: std::arch::x86_64::__m512) -> std::arch::x86_64::__m256 {
     use std::arch::x86_64::*;
     _mm256_add_ps(_mm512_castps512_ps256(a), _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(a))))
+}
+
+/// Rows the four-row kernels ([`crate::q16`], [`crate::q8`]) take together.
+pub(crate) const ROWS4: usize = 4;
+
+/// A run of rows' inputs for a matvec's row loop on rounded activations `A` ([`crate::q16`],
+/// [`crate::q8`]): per-OC the rounded `x` and its group sums, per-IC the row group's rounded
+/// `s x` and zero-point sum.
+#[cfg(target_arch = "x86_64")]
+pub(crate) enum Job<'a, A> {
+    Oc { x: &'a A, xsum: &'a [f32] },
+    Ic { v: &'a A, bias: f32 },
 }
 
 /// The sums of four rows' 8 lane sums: three `vhaddps` and one add for the four, where a

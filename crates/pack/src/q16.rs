@@ -30,7 +30,7 @@ use rayon::prelude::*;
 use crate::bits;
 use crate::format::PackedLinear;
 #[cfg(target_arch = "x86_64")]
-use crate::kernels::{hsum, Wide};
+use crate::kernels::{hsum, Job, Wide, ROWS4};
 
 /// Codes per SIMD step; per-OC groups must be a multiple of it.
 pub const QB: usize = 32;
@@ -675,6 +675,26 @@ unsafe fn row_sum_split_avx2<const B: usize>(rp: *const u8, x: &Q16, sd: &[f32])
     a
 }
 
+/// The int32 lane sums of one block of 128 codes (two steps, each `[e, o]` bytes) against its
+/// split activations `hi` and `lo` (one register per step), as [`row_sum_split_avx512`]
+/// describes: with `VNNI` four `vpdpbusd`, without two `vpmaddubsw` per byte plane.
+///
+/// # Safety
+/// AVX-512 F and BW (and VNNI if `VNNI`).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn block_sums_avx512<const VNNI: bool>(c: [std::arch::x86_64::__m512i; 2], hi: [std::arch::x86_64::__m512i; 2], lo: [std::arch::x86_64::__m512i; 2]) -> std::arch::x86_64::__m512i {
+    use std::arch::x86_64::*;
+    if VNNI {
+        let h = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), c[0], hi[0]), c[1], hi[1]);
+        _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_slli_epi32::<8>(h), lo[0], c[0]), lo[1], c[1])
+    } else {
+        let ph = _mm512_add_epi16(_mm512_maddubs_epi16(c[0], hi[0]), _mm512_maddubs_epi16(c[1], hi[1]));
+        let pl = _mm512_add_epi16(_mm512_maddubs_epi16(lo[0], c[0]), _mm512_maddubs_epi16(lo[1], c[1]));
+        _mm512_add_epi32(_mm512_madd_epi16(ph, _mm512_set1_epi16(256)), _mm512_madd_epi16(pl, _mm512_set1_epi16(1)))
+    }
+}
+
 /// [`row_sum_split_avx2`] for blocks of two steps with AVX-512: a block of 128 codes per
 /// iteration in 512-bit registers. Each step's codes come as one register `[e, o]`
 /// ([`bits::step_codes_avx512`], shared with the int8 kernel), lined up with the split
@@ -700,7 +720,6 @@ unsafe fn row_sum_split_avx512<const B: usize, const VNNI: bool>(rp: *const u8, 
     debug_assert_eq!(x.block, 2 * SPLIT);
     let steps = x.hi.len() / SPLIT;
     let (hp, lp) = (x.hi.as_ptr() as *const u8, x.lo.as_ptr());
-    let (by256, ones) = (_mm512_set1_epi16(256), _mm512_set1_epi16(1));
     // Steps j and j + 1 as bytes, [e_j, o_j] and [e_j+1, o_j+1], as the int8 kernel reads them.
     let codes = |j: usize| [bits::step_codes_avx512::<B>(rp, j), bits::step_codes_avx512::<B>(rp, j + 1)];
     let ld = |p: *const u8| _mm512_loadu_si512(p as *const _);
@@ -711,15 +730,7 @@ unsafe fn row_sum_split_avx512<const B: usize, const VNNI: bool>(rp: *const u8, 
         let j = 2 * b;
         let [c0, c1] = codes(j);
         let (h, l) = (hp.add(j * SPLIT), lp.add(j * SPLIT));
-        let sums = if VNNI {
-            let zero = _mm512_setzero_si512();
-            let hi = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, c0, ld(h)), c1, ld(h.add(SPLIT)));
-            _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_slli_epi32::<8>(hi), ld(l), c0), ld(l.add(SPLIT)), c1)
-        } else {
-            let ph = _mm512_add_epi16(_mm512_maddubs_epi16(c0, ld(h)), _mm512_maddubs_epi16(c1, ld(h.add(SPLIT))));
-            let pl = _mm512_add_epi16(_mm512_maddubs_epi16(ld(l), c0), _mm512_maddubs_epi16(ld(l.add(SPLIT)), c1));
-            _mm512_add_epi32(_mm512_madd_epi16(ph, by256), _mm512_madd_epi16(pl, ones))
-        };
+        let sums = block_sums_avx512::<VNNI>([c0, c1], [ld(h), ld(h.add(SPLIT))], [ld(l), ld(l.add(SPLIT))]);
         a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_set1_ps(scale), a);
     }
     let mut r = crate::kernels::halves_avx512(a);
@@ -729,9 +740,6 @@ unsafe fn row_sum_split_avx512<const B: usize, const VNNI: bool>(rp: *const u8, 
     }
     r
 }
-
-/// Rows a [`rows4_split_avx512`] call takes together.
-pub(crate) const ROWS4: usize = 4;
 
 /// [`row_sum_split_avx512`] for [`ROWS4`] rows at once, each with its own block scales, as
 /// their 8 lane sums: each block's split activations are loaded once for the four rows, the
@@ -762,15 +770,7 @@ unsafe fn rows4_split_avx512<const B: usize, const VNNI: bool>(rp: [*const u8; R
         for (i, a) in acc.iter_mut().enumerate() {
             crate::kernels::prefetch_line(rp[0].wrapping_add(ahead + (ROWS4 * b + i) * 16 * B));
             let (c0, c1) = (bits::codes_avx512::<B>(rp[i], j), bits::codes_avx512::<B>(rp[i], j + 1));
-            let sums = if VNNI {
-                let zero = _mm512_setzero_si512();
-                let hi = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, c0, h0), c1, h1);
-                _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_slli_epi32::<8>(hi), l0, c0), l1, c1)
-            } else {
-                let ph = _mm512_add_epi16(_mm512_maddubs_epi16(c0, h0), _mm512_maddubs_epi16(c1, h1));
-                let pl = _mm512_add_epi16(_mm512_maddubs_epi16(l0, c0), _mm512_maddubs_epi16(l1, c1));
-                _mm512_add_epi32(_mm512_madd_epi16(ph, _mm512_set1_epi16(256)), _mm512_madd_epi16(pl, _mm512_set1_epi16(1)))
-            };
+            let sums = block_sums_avx512::<VNNI>([c0, c1], [h0, h1], [l0, l1]);
             *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_set1_ps(sd[i][b]), *a);
         }
     }
@@ -956,14 +956,6 @@ pub(crate) unsafe fn matvec_avx2(p: &PackedLinear, x: &[f32], y: &mut [f32]) {
     crate::team::rows(y, &|r0, y| unsafe { rows(p, &job, r0, y, &t) });
 }
 
-/// A run of rows' inputs: per-OC the rounded `x` and its group sums, per-IC the row group's
-/// rounded `s x` and zero-point sum.
-#[cfg(target_arch = "x86_64")]
-enum Job<'a> {
-    Oc { x: &'a Q16, xsum: &'a [f32] },
-    Ic { v: &'a Q16, bias: f32 },
-}
-
 /// Rows `r0..r0 + y.len()` into `y` ([`crate::team::rows`]): the row loop, each row's kernel
 /// and its sums in one function compiled for the kernel's instructions ([`rows`] picks it).
 /// With the AVX-512 block loop a separate function called per row (its features differ from
@@ -975,7 +967,7 @@ enum Job<'a> {
 /// AVX2 and FMA, AVX-512 F and BW if `AVX512`, VNNI if `VNNI`; as [`matvec_avx2`].
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn run_rows<const B: usize, const AVX512: bool, const VNNI: bool>(p: &PackedLinear, job: &Job, r0: usize, y: &mut [f32], t: &Tables) {
+unsafe fn run_rows<const B: usize, const AVX512: bool, const VNNI: bool>(p: &PackedLinear, job: &Job<Q16>, r0: usize, y: &mut [f32], t: &Tables) {
     let four = AVX512 && (B == 3 || B == 4) && crate::kernels::short_rows(bits::row_bytes(p.cols, B as u8));
     match *job {
         Job::Oc { x, xsum } => {
@@ -1013,7 +1005,7 @@ unsafe fn run_rows<const B: usize, const AVX512: bool, const VNNI: bool>(p: &Pac
 /// As [`run_rows`].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn rows_avx2<const B: usize>(p: &PackedLinear, job: &Job, r0: usize, y: &mut [f32], t: &Tables) {
+unsafe fn rows_avx2<const B: usize>(p: &PackedLinear, job: &Job<Q16>, r0: usize, y: &mut [f32], t: &Tables) {
     run_rows::<B, false, false>(p, job, r0, y, t)
 }
 
@@ -1023,7 +1015,7 @@ unsafe fn rows_avx2<const B: usize>(p: &PackedLinear, job: &Job, r0: usize, y: &
 /// As [`run_rows`].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
-unsafe fn rows_avx512bw<const B: usize>(p: &PackedLinear, job: &Job, r0: usize, y: &mut [f32], t: &Tables) {
+unsafe fn rows_avx512bw<const B: usize>(p: &PackedLinear, job: &Job<Q16>, r0: usize, y: &mut [f32], t: &Tables) {
     run_rows::<B, true, false>(p, job, r0, y, t)
 }
 
@@ -1033,7 +1025,7 @@ unsafe fn rows_avx512bw<const B: usize>(p: &PackedLinear, job: &Job, r0: usize, 
 /// As [`run_rows`].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
-unsafe fn rows_vnni<const B: usize>(p: &PackedLinear, job: &Job, r0: usize, y: &mut [f32], t: &Tables) {
+unsafe fn rows_vnni<const B: usize>(p: &PackedLinear, job: &Job<Q16>, r0: usize, y: &mut [f32], t: &Tables) {
     run_rows::<B, true, true>(p, job, r0, y, t)
 }
 
@@ -1044,7 +1036,7 @@ unsafe fn rows_vnni<const B: usize>(p: &PackedLinear, job: &Job, r0: usize, y: &
 /// # Safety
 /// As [`matvec_avx2`].
 #[cfg(target_arch = "x86_64")]
-unsafe fn rows(p: &PackedLinear, job: &Job, r0: usize, y: &mut [f32], t: &Tables) {
+unsafe fn rows(p: &PackedLinear, job: &Job<Q16>, r0: usize, y: &mut [f32], t: &Tables) {
     match (p.layout.bits, t.wide) {
         (3, Wide::Vnni) => rows_vnni::<3>(p, job, r0, y, t),
         (4, Wide::Vnni) => rows_vnni::<4>(p, job, r0, y, t),

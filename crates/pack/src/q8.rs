@@ -33,8 +33,8 @@ use rayon::prelude::*;
 
 use crate::bits;
 use crate::format::PackedLinear;
-use crate::kernels::Wide;
-use crate::q16::{Prepared, Rounded, ROWS4};
+use crate::kernels::{Job, Wide, ROWS4};
+use crate::q16::{Prepared, Rounded};
 use crate::team;
 
 /// Codes per SIMD step (32 bytes of 4-bit codes).
@@ -366,6 +366,23 @@ unsafe fn row_sum_avx2<const B: usize, const SCALED: bool>(row: &[u8], v: &Q8, s
     _mm256_add_ps(a0, a1)
 }
 
+/// The int32 lane sums of one step's codes `c` (unsigned bytes) times its int8 activations
+/// `x`, four products a lane: one `vpdpbusd` with `VNNI`, else `vpmaddubsw` (pairs, at most
+/// 2 * 15 * 127: no saturation) and `vpmaddwd` by ones.
+///
+/// # Safety
+/// AVX-512 F and BW (and VNNI if `VNNI`).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn step_sums_avx512<const VNNI: bool>(c: std::arch::x86_64::__m512i, x: std::arch::x86_64::__m512i) -> std::arch::x86_64::__m512i {
+    use std::arch::x86_64::*;
+    if VNNI {
+        _mm512_dpbusd_epi32(_mm512_setzero_si512(), c, x)
+    } else {
+        _mm512_madd_epi16(_mm512_maddubs_epi16(c, x), _mm512_set1_epi16(1))
+    }
+}
+
 /// [`row_sum_avx2`] with AVX-512: a step per 512-bit register, its codes
 /// ([`bits::step_codes_avx512`]: even then odd, as the activations are stored) times its 64
 /// activations with four products summed to each int32 lane (at most 4 * 15 * 127), converted
@@ -386,11 +403,9 @@ unsafe fn row_sum_avx512<const B: usize, const SCALED: bool, const VNNI: bool>(r
     let steps = v.swizzled.len() / STEP;
     debug_assert!(row.len() >= steps * STEP * B / 8);
     let (rp, xp, dp) = (row.as_ptr(), v.swizzled.as_ptr(), v.d8.as_ptr());
-    let ones = _mm512_set1_epi16(1);
     let step = |j: usize| {
         let (c, x) = (bits::step_codes_avx512::<B>(rp, j), _mm512_loadu_si512(xp.add(j * STEP) as *const _));
-        let sums = if VNNI { _mm512_dpbusd_epi32(_mm512_setzero_si512(), c, x) } else { _mm512_madd_epi16(_mm512_maddubs_epi16(c, x), ones) };
-        _mm512_cvtepi32_ps(sums)
+        _mm512_cvtepi32_ps(step_sums_avx512::<VNNI>(c, x))
     };
     // (As doubles: `broadcast_f32x8` would need AVX-512 DQ.)
     let d = |j: usize| _mm512_castpd_ps(_mm512_broadcast_f64x4(_mm256_loadu_pd(dp.add(j * 8) as *const f64)));
@@ -463,7 +478,7 @@ unsafe fn rows4_avx512<const B: usize, const SCALED: bool, const VNNI: bool>(rp:
         for (i, a) in acc.iter_mut().enumerate() {
             crate::kernels::prefetch_line(rp[0].wrapping_add(ahead + (ROWS4 * j + i) * 8 * B));
             let c = bits::codes_avx512::<B>(rp[i], j);
-            let sums = if VNNI { _mm512_dpbusd_epi32(_mm512_setzero_si512(), c, x) } else { _mm512_madd_epi16(_mm512_maddubs_epi16(c, x), _mm512_set1_epi16(1)) };
+            let sums = step_sums_avx512::<VNNI>(c, x);
             let d = if SCALED { _mm512_mul_ps(d, _mm512_set1_ps(*s[i].get_unchecked(k))) } else { d };
             *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), d, *a);
         }
@@ -580,14 +595,6 @@ unsafe fn rows4_ic<const B: usize, const VNNI: bool>(p: &PackedLinear, v: &Q8, b
     std::array::from_fn(|i| sums[i] + dot_scalar(rows[i], B as u8, v, steps * STEP, cols) - bias)
 }
 
-/// A run of rows' inputs: per-OC the rounded `x` and its group sums, per-IC the row group's
-/// rounded `s x` and zero-point sum.
-#[cfg(target_arch = "x86_64")]
-enum Job<'a> {
-    Oc { x: &'a Q8, xsum: &'a [f32] },
-    Ic { v: &'a Q8, bias: f32 },
-}
-
 /// Rows `r0..r0 + y.len()` into `y` ([`team::rows`]): the row loop, each row's kernel and its
 /// sums in one function compiled for the kernel's instructions ([`rows`] picks it), four
 /// rows at a time where the AVX-512 loop runs ([`rows4_avx512`]). As [`crate::q16`]'s.
@@ -596,7 +603,7 @@ enum Job<'a> {
 /// AVX2 and FMA, AVX-512 F and BW if `AVX512`, VNNI if `VNNI`; `p` [`supported`].
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn run_rows<const B: usize, const AVX512: bool, const VNNI: bool>(p: &PackedLinear, job: &Job, r0: usize, y: &mut [f32]) {
+unsafe fn run_rows<const B: usize, const AVX512: bool, const VNNI: bool>(p: &PackedLinear, job: &Job<Q8>, r0: usize, y: &mut [f32]) {
     let four = AVX512 && B != 8 && crate::kernels::short_rows(bits::row_bytes(p.cols, B as u8));
     let mut r = r0;
     match *job {
@@ -627,7 +634,7 @@ unsafe fn run_rows<const B: usize, const AVX512: bool, const VNNI: bool>(p: &Pac
 /// As [`run_rows`].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn rows_avx2<const B: usize>(p: &PackedLinear, job: &Job, r0: usize, y: &mut [f32]) {
+unsafe fn rows_avx2<const B: usize>(p: &PackedLinear, job: &Job<Q8>, r0: usize, y: &mut [f32]) {
     run_rows::<B, false, false>(p, job, r0, y)
 }
 
@@ -637,7 +644,7 @@ unsafe fn rows_avx2<const B: usize>(p: &PackedLinear, job: &Job, r0: usize, y: &
 /// As [`run_rows`].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
-unsafe fn rows_avx512bw<const B: usize>(p: &PackedLinear, job: &Job, r0: usize, y: &mut [f32]) {
+unsafe fn rows_avx512bw<const B: usize>(p: &PackedLinear, job: &Job<Q8>, r0: usize, y: &mut [f32]) {
     run_rows::<B, true, false>(p, job, r0, y)
 }
 
@@ -647,7 +654,7 @@ unsafe fn rows_avx512bw<const B: usize>(p: &PackedLinear, job: &Job, r0: usize, 
 /// As [`run_rows`].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
-unsafe fn rows_vnni<const B: usize>(p: &PackedLinear, job: &Job, r0: usize, y: &mut [f32]) {
+unsafe fn rows_vnni<const B: usize>(p: &PackedLinear, job: &Job<Q8>, r0: usize, y: &mut [f32]) {
     run_rows::<B, true, true>(p, job, r0, y)
 }
 
@@ -657,7 +664,7 @@ unsafe fn rows_vnni<const B: usize>(p: &PackedLinear, job: &Job, r0: usize, y: &
 /// # Safety
 /// AVX2 and FMA, and what `wide` names; `p` [`supported`].
 #[cfg(target_arch = "x86_64")]
-unsafe fn rows(p: &PackedLinear, job: &Job, r0: usize, y: &mut [f32], wide: Wide) {
+unsafe fn rows(p: &PackedLinear, job: &Job<Q8>, r0: usize, y: &mut [f32], wide: Wide) {
     match (p.layout.bits, wide) {
         (3, Wide::Vnni) => rows_vnni::<3>(p, job, r0, y),
         (4, Wide::Vnni) => rows_vnni::<4>(p, job, r0, y),
