@@ -249,9 +249,11 @@ impl Q16 {
     /// [`Q16::rounded`] (`sz = None`) or [`Q16::scaled`] (`sz = Some((s, z))`) with AVX2 on blocks
     /// of [`MAX_BLOCK`], into `self`: each whole block multiplied by its scales, rounded and
     /// packed to int16 in registers, stored in natural order and (`split`) as the 3- and 4-bit
-    /// kernels read it; a short last block in plain Rust. Returns the zero-point sum (0 without
-    /// `z`). Per-IC it runs per row group on every matvec, and in plain Rust cost a fifth of the
-    /// product's time.
+    /// kernels read it ([`round_run`]); a short last block of one step (SmolLM2's rows of 576:
+    /// 4.5 blocks) the same way, other short last blocks in plain Rust. Returns the zero-point
+    /// sum (0 without `z`). Per-IC it runs per row group on every matvec, and in plain Rust cost
+    /// a fifth of the product's time; the half block in plain Rust (allocating) cost 5-8% of a
+    /// per-IC 1536 x 576 matvec.
     ///
     /// # Safety
     /// AVX2 and FMA.
@@ -273,54 +275,20 @@ impl Q16 {
         hi.resize(split_len, 0);
         lo.resize(split_len, 0);
         d.clear();
-        let (xp, qp) = (x.as_ptr(), q.as_mut_ptr());
-        // sum_c z[c] d(c) q[c], lane by lane: per block sum_c z[c] q[c] on two chains, then one
-        // multiply-add by its step.
+        let szp = sz.map(|(s, z)| (s.as_ptr(), z.as_ptr()));
+        let out = (q.as_mut_ptr(), split.then(|| (hi.as_mut_ptr(), lo.as_mut_ptr())));
+        // sum_c z[c] d(c) q[c], lane by lane.
         let mut zq = _mm256_setzero_ps();
         for b in 0..blocks {
-            let o = b * B;
-            let xv = |i: usize| _mm256_loadu_ps(xp.add(o + 8 * i));
-            let r = match sz {
-                None => {
-                    let (r, db) = round_block_avx2::<{ B / 8 }>(&std::array::from_fn(xv), QMAX);
-                    d.push(db);
-                    r
-                }
-                Some((s, z)) => {
-                    let (sp, zp) = (s.as_ptr(), z.as_ptr());
-                    // The scale and zero rows stream from memory: ask for them ahead.
-                    for l in (0..B * 4).step_by(64) {
-                        crate::kernels::prefetch((sp.add(o) as *const u8).wrapping_add(l));
-                        crate::kernels::prefetch((zp.add(o) as *const u8).wrapping_add(l));
-                    }
-                    let v: [__m256; B / 8] = std::array::from_fn(|i| _mm256_mul_ps(_mm256_loadu_ps(sp.add(o + 8 * i)), xv(i)));
-                    let (r, db) = round_block_avx2(&v, QMAX);
-                    let zr = |i: usize, a: __m256| _mm256_fmadd_ps(_mm256_loadu_ps(zp.add(o + 8 * i)), _mm256_cvtepi32_ps(r[i]), a);
-                    let (mut t0, mut t1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-                    for i in (0..B / 8).step_by(2) {
-                        (t0, t1) = (zr(i, t0), zr(i + 1, t1));
-                    }
-                    zq = _mm256_fmadd_ps(_mm256_add_ps(t0, t1), _mm256_set1_ps(db), zq);
-                    d.push(db);
-                    r
-                }
-            };
-            // Sixteen values per register in natural order, then each step of 64 split.
-            let nat: [__m256i; B / 16] = std::array::from_fn(|i| _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packs_epi32(r[2 * i], r[2 * i + 1])));
-            for (i, v) in nat.iter().enumerate() {
-                _mm256_storeu_si256(qp.add(o + 16 * i) as *mut __m256i, *v);
-            }
-            if split {
-                for k in 0..B / SPLIT {
-                    let c = o + k * SPLIT;
-                    split_step_avx2(std::array::from_fn(|i| nat[4 * k + i]), hi.as_mut_ptr().add(c), lo.as_mut_ptr().add(c));
-                }
-            }
+            d.push(round_run::<{ B / 8 }, { B / 16 }>(x.as_ptr(), szp, b * B, out, &mut zq));
+        }
+        let o = blocks * B;
+        if n - o == SPLIT {
+            d.push(round_run::<{ SPLIT / 8 }, { SPLIT / 16 }>(x.as_ptr(), szp, o, out, &mut zq));
         }
         let mut bias = crate::kernels::hsum(zq);
-        if blocks * B < n {
-            // The short last block, and the split of its whole steps.
-            let o = blocks * B;
+        if o < n && n - o != SPLIT {
+            // Another short last block, and the split of its whole steps.
             let (tail, tb) = match sz {
                 Some((s, z)) => Self::scaled_ref(&s[o..], &x[o..], &z[o..], B, split),
                 None => (Self::new_split(&x[o..], B, split), 0.0),
@@ -335,6 +303,54 @@ impl Q16 {
         }
         bias
     }
+}
+
+/// One block of `8 V` activations from `o` on, as [`Q16::round_avx2`] rounds it (`H = V / 2`;
+/// `V` a multiple of 8, so the block is whole steps): multiplied by the scales where `sz`
+/// gives them (the zero-point sum `sum_c z[c] q[c]` on two chains, then one multiply-add by
+/// its step into `zq`), rounded, stored in natural order at `out.0` and, where `out.1`, split
+/// as the 3- and 4-bit kernels read it. Returns the block's step.
+///
+/// # Safety
+/// AVX2 and FMA; `x`, the scales and zeros hold `o + 8 V` values; `out`'s buffers as many.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn round_run<const V: usize, const H: usize>(x: *const f32, sz: Option<(*const f32, *const f32)>, o: usize, out: (*mut i16, Option<(*mut i8, *mut u8)>), zq: &mut std::arch::x86_64::__m256) -> f32 {
+    use std::arch::x86_64::*;
+    debug_assert!(H * 2 == V && V % 8 == 0);
+    let xv = |i: usize| _mm256_loadu_ps(x.add(o + 8 * i));
+    let (r, db) = match sz {
+        None => round_block_avx2::<V>(&std::array::from_fn(xv), QMAX),
+        Some((sp, zp)) => {
+            // The scale and zero rows stream from memory: ask for them ahead.
+            for l in (0..V * 32).step_by(64) {
+                crate::kernels::prefetch((sp.add(o) as *const u8).wrapping_add(l));
+                crate::kernels::prefetch((zp.add(o) as *const u8).wrapping_add(l));
+            }
+            let v: [__m256; V] = std::array::from_fn(|i| _mm256_mul_ps(_mm256_loadu_ps(sp.add(o + 8 * i)), xv(i)));
+            let (r, db) = round_block_avx2(&v, QMAX);
+            let zr = |i: usize, a: __m256| _mm256_fmadd_ps(_mm256_loadu_ps(zp.add(o + 8 * i)), _mm256_cvtepi32_ps(r[i]), a);
+            let (mut t0, mut t1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+            for i in (0..V).step_by(2) {
+                (t0, t1) = (zr(i, t0), zr(i + 1, t1));
+            }
+            *zq = _mm256_fmadd_ps(_mm256_add_ps(t0, t1), _mm256_set1_ps(db), *zq);
+            (r, db)
+        }
+    };
+    // Sixteen values per register in natural order, then each step of 64 split.
+    let nat: [__m256i; H] = std::array::from_fn(|i| _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packs_epi32(r[2 * i], r[2 * i + 1])));
+    for (i, v) in nat.iter().enumerate() {
+        _mm256_storeu_si256(out.0.add(o + 16 * i) as *mut __m256i, *v);
+    }
+    if let Some((hi, lo)) = out.1 {
+        for k in 0..V * 8 / SPLIT {
+            let c = o + k * SPLIT;
+            split_step_avx2(std::array::from_fn(|i| nat[4 * k + i]), hi.add(c), lo.add(c));
+        }
+    }
+    db
 }
 
 /// Activations per step of the 3- and 4-bit kernels (their `hi` / `lo` order).
@@ -473,9 +489,21 @@ pub(crate) fn supported(p: &PackedLinear) -> bool {
 }
 
 /// `sum_c w(c) code[c] v̂[c]` over codes `c0..c1` of a row (of `v.q.len()` codes), in plain
-/// Rust (the tails the kernels leave; per-OC `w` is the column's group scale).
-#[inline]
+/// Rust (the tails the kernels leave; per-OC `w` is the column's group scale). Most rows have
+/// no tail (whole steps): the test is inlined into the row loops and the loop is not. Called
+/// for empty ranges, the loop cost a quarter of a four-row kernel's time (one thread, in
+/// cache, 1536 x 576 3-bit int8 per-OC).
+#[inline(always)]
 fn dot_scalar(row: &[u8], bits: u8, v: &Q16, c0: usize, c1: usize, w: impl Fn(usize) -> f32) -> f32 {
+    if c0 >= c1 {
+        return 0.0;
+    }
+    dot_tail(row, bits, v, c0, c1, w)
+}
+
+/// [`dot_scalar`]'s loop.
+#[inline(never)]
+fn dot_tail(row: &[u8], bits: u8, v: &Q16, c0: usize, c1: usize, w: impl Fn(usize) -> f32) -> f32 {
     (c0..c1).map(|c| w(c) * f32::from(bits::code(row, v.q.len(), c, bits)) * v.value(c)).sum()
 }
 
@@ -808,8 +836,13 @@ unsafe fn rows4_oc<const B: usize, const VNNI: bool>(p: &PackedLinear, x: &Q16, 
         let (s, z) = params(i);
         *l = std::arch::x86_64::_mm256_sub_ps(*l, crate::kernels::zero_lanes(s, z, xsum, 0.0));
     }
-    let sums = crate::kernels::sums4(lanes);
-    std::array::from_fn(|i| sums[i] + dot_scalar(rows[i], B as u8, x, steps * SPLIT, cols, |c| params(i).0[c / g]))
+    let mut sums = crate::kernels::sums4(lanes);
+    if steps * SPLIT < cols {
+        for (i, y) in sums.iter_mut().enumerate() {
+            *y += dot_scalar(rows[i], B as u8, x, steps * SPLIT, cols, |c| params(i).0[c / g]);
+        }
+    }
+    sums
 }
 
 /// [`ROWS4`] per-IC rows of one row group from `r` on ([`row_ic`] for each).
@@ -823,8 +856,11 @@ unsafe fn rows4_ic<const B: usize, const VNNI: bool>(p: &PackedLinear, v: &Q16, 
     let rows: [&[u8]; ROWS4] = std::array::from_fn(|i| p.row_codes(r + i));
     let steps = v.hi.len() / SPLIT;
     assert!(rows.iter().all(|row| steps * SPLIT * B / 8 <= row.len()), "packed row too short for its codes");
-    let sums = crate::kernels::sums4(rows4_split_avx512::<B, VNNI>(rows.map(|row| row.as_ptr()), v, [&v.d[..]; ROWS4]));
-    std::array::from_fn(|i| sums[i] + dot_scalar(rows[i], B as u8, v, steps * SPLIT, cols, |_| 1.0) - bias)
+    let mut sums = crate::kernels::sums4(rows4_split_avx512::<B, VNNI>(rows.map(|row| row.as_ptr()), v, [&v.d[..]; ROWS4]));
+    for (y, row) in sums.iter_mut().zip(rows) {
+        *y += dot_scalar(row, B as u8, v, steps * SPLIT, cols, |_| 1.0) - bias;
+    }
+    sums
 }
 
 /// One row's kernel sum as 8 lane sums (per-OC: `s` the row's group scales, `per` blocks per

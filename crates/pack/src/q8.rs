@@ -304,8 +304,19 @@ fn prepare(p: &PackedLinear, x: &[f32]) -> Prepared<Q8> {
 }
 
 /// `sum_c code[c] v̂[c]` over codes `c0..c1` of a row of `b`-bit codes, in plain Rust (tails).
-#[inline]
+/// Most rows have no tail (whole steps): the test is inlined into the row loops and the loop
+/// is not ([`crate::q16`]'s `dot_scalar`).
+#[inline(always)]
 fn dot_scalar(row: &[u8], b: u8, v: &Q8, c0: usize, c1: usize) -> f32 {
+    if c0 >= c1 {
+        return 0.0;
+    }
+    dot_tail(row, b, v, c0, c1)
+}
+
+/// [`dot_scalar`]'s loop.
+#[inline(never)]
+fn dot_tail(row: &[u8], b: u8, v: &Q8, c0: usize, c1: usize) -> f32 {
     (c0..c1).map(|c| f32::from(bits::code(row, v.q.len(), c, b)) * v.value(c)).sum()
 }
 
@@ -563,9 +574,14 @@ unsafe fn rows4_oc<const B: usize, const VNNI: bool>(p: &PackedLinear, x: &Q8, x
         let (s, z) = params(i);
         *l = std::arch::x86_64::_mm256_sub_ps(*l, crate::kernels::zero_lanes(s, z, xsum, 0.0));
     }
-    let sums = crate::kernels::sums4(lanes);
-    // The last cols % 64 codes lie in the last group.
-    std::array::from_fn(|i| sums[i] + params(i).0[pc - 1] * dot_scalar(rows[i], B as u8, x, steps * STEP, cols))
+    let mut sums = crate::kernels::sums4(lanes);
+    if steps * STEP < cols {
+        // The last cols % 64 codes lie in the last group.
+        for (i, y) in sums.iter_mut().enumerate() {
+            *y += params(i).0[pc - 1] * dot_scalar(rows[i], B as u8, x, steps * STEP, cols);
+        }
+    }
+    sums
 }
 
 /// One per-IC output row, from its row group's rounded `s x` and zero-point sum.
@@ -591,8 +607,11 @@ unsafe fn rows4_ic<const B: usize, const VNNI: bool>(p: &PackedLinear, v: &Q8, b
     let rows: [&[u8]; ROWS4] = std::array::from_fn(|i| p.row_codes(r + i));
     let steps = v.swizzled.len() / STEP;
     assert!(rows.iter().all(|row| row.len() >= steps * STEP * B / 8), "packed row too short for its codes");
-    let sums = crate::kernels::sums4(rows4_avx512::<B, false, VNNI>(rows.map(|row| row.as_ptr()), v, [&[]; ROWS4], 0));
-    std::array::from_fn(|i| sums[i] + dot_scalar(rows[i], B as u8, v, steps * STEP, cols) - bias)
+    let mut sums = crate::kernels::sums4(rows4_avx512::<B, false, VNNI>(rows.map(|row| row.as_ptr()), v, [&[]; ROWS4], 0));
+    for (y, row) in sums.iter_mut().zip(rows) {
+        *y += dot_scalar(row, B as u8, v, steps * STEP, cols) - bias;
+    }
+    sums
 }
 
 /// Rows `r0..r0 + y.len()` into `y` ([`team::rows`]): the row loop, each row's kernel and its
