@@ -275,15 +275,20 @@ pub(crate) fn rows(y: &mut [f32], run: &(dyn Fn(usize, &mut [f32]) + Sync)) {
     for_each_chunk(y, ROWS_PER_TASK, &|t, c| run(t * ROWS_PER_TASK, c));
 }
 
-/// `run(r0, chunk, &slots[kr])` for runs of rows of `y`, each inside one group `kr` of `g`
-/// rows, after `prep(kr, &mut slots[kr])` filled the slot of each group (per-IC: the group's
-/// rounded activations), in parallel. The slots are the caller's and may hold the last call's
-/// values, so their buffers are reused: a fresh set of buffers per group on every matvec,
-/// freed after it, made the allocator hand the pages back and fault them in again on the next
-/// (4% of a per-IC 14336 x 4096 matvec). On rayon a task per group fills its slot (in cache
-/// for its rows) and hands its rows out in turn, so no work stays serial before the first row
-/// (it was 15% of 1536 x 576 on two threads); on a team, all slots first, then the rows (each
-/// a spin-synchronised step).
+/// `run(r0, chunk, slot)` for runs of rows of `y`, each inside one group `kr` of `g` rows,
+/// `slot` filled by `prep(kr, slot)` for that group (per-IC: the group's rounded activations),
+/// in parallel. The slots are the caller's and may hold the last call's values, so their
+/// buffers are reused: a fresh set of buffers per group on every matvec, freed after it, made
+/// the allocator hand the pages back and fault them in again on the next (4% of a per-IC
+/// 14336 x 4096 matvec). On a team each member takes one contiguous run of rows (as
+/// [`for_each_chunk`]) with a slot of its own, and fills it for each group its run reaches just
+/// before that group's rows (in cache for them); a group split between two members is filled
+/// by both (the same values). All slots first and then the rows, two spin-synchronised steps
+/// with the slots gone cold in between, was slower (two threads from memory, best of 5-7, us:
+/// per-IC 1536 x 576 4-bit int16 15.3 -> 12.1, 3-bit int8 14.9 -> 10.3, 576 x 1536 4-bit
+/// 14.4 -> 10.8, 4096 x 4096 4-bit 175 -> 150). On rayon a task per group fills its slot and
+/// hands its rows out in turn, so no work stays serial before the first row (it was 15% of
+/// 1536 x 576 on two threads).
 pub(crate) fn grouped_rows<P: Send + Sync>(y: &mut [f32], g: usize, slots: &mut [P], prep: &(dyn Fn(usize, &mut P) + Sync), run: &(dyn Fn(usize, &mut [f32], &P) + Sync)) {
     let groups = y.len().div_ceil(g);
     assert!(slots.len() >= groups, "{} slots for {groups} row groups", slots.len());
@@ -294,20 +299,23 @@ pub(crate) fn grouped_rows<P: Send + Sync>(y: &mut [f32], g: usize, slots: &mut 
         }
         return;
     }
-    let base = SendPtr(slots.as_mut_ptr());
-    // SAFETY: each task gets a distinct index below `groups`, inside `slots`, which outlives
-    // the call; nothing else touches the slots until `for_each` returns.
-    if for_each(groups, &|kr| prep(kr, unsafe { &mut *base.get().add(kr) })) {
-        let slots = &*slots;
-        rows(y, &|r0, y| {
-            // A run is cut where it crosses a group border (`g` not a multiple of its length).
-            let (mut r, mut y) = (r0, y);
-            while !y.is_empty() {
-                let (head, rest) = y.split_at_mut((g - r % g).min(y.len()));
-                run(r, head, &slots[r / g]);
-                (r, y) = (r + head.len(), rest);
-            }
-        });
+    let total = y.len();
+    let chunks = total.div_ceil(ROWS_PER_TASK);
+    let parts = members().min(chunks).min(slots.len()).max(1);
+    let (yb, sb) = (SendPtr(y.as_mut_ptr()), SendPtr(slots.as_mut_ptr()));
+    let part = |i: usize| {
+        let (mut r, end) = ((i * chunks / parts * ROWS_PER_TASK).min(total), ((i + 1) * chunks / parts * ROWS_PER_TASK).min(total));
+        // SAFETY: each part has its own slot (`parts <= slots.len()`) and its own rows of `y`;
+        // both outlive the call.
+        let slot = unsafe { &mut *sb.get().add(i) };
+        while r < end {
+            let (kr, e) = (r / g, ((r / g + 1) * g).min(end));
+            prep(kr, slot);
+            run(r, unsafe { std::slice::from_raw_parts_mut(yb.get().add(r), e - r) }, slot);
+            r = e;
+        }
+    };
+    if for_each(parts, &part) {
         return;
     }
     use rayon::prelude::*;
