@@ -130,27 +130,39 @@ pub(crate) fn short_rows(row_bytes: usize) -> bool {
     ROWS4 * row_bytes <= PREFETCH
 }
 
-/// How far ahead a kernel that walks [`ROWS4`] rows side by side (rows
-/// `row_bytes` apart) asks for each row's bytes: whole passes of four rows, at least
-/// [`PREFETCH`], so each row asks for the same place in a row of a later pass. Each row
-/// asking [`PREFETCH`] past itself (as a one-row kernel does) made reading from memory slower
-/// than with one row at a time (one thread, 576 x 1536 4-bit int16: 19.6 -> 21.9 us): the
-/// first row's hints fell on the other three rows' bytes, which the pass was reading already.
-pub(crate) fn rows4_ahead(row_bytes: usize) -> usize {
-    debug_assert!(short_rows(row_bytes));
-    let pass = ROWS4 * row_bytes;
-    PREFETCH.div_ceil(pass.max(1)).max(1) * pass
+/// How far ahead a kernel that walks [`ROWS4`] rows side by side (rows `row_bytes` apart)
+/// asks for each row's bytes: whole passes of four rows, at least [`PREFETCH`], so each row
+/// asks for the same place in a row of a later pass. Each row asking [`PREFETCH`] past itself
+/// (as a one-row kernel does) made reading from memory slower than with one row at a time (one
+/// thread, 576 x 1536 4-bit int16: 19.6 -> 21.9 us): the first row's hints fell on the other
+/// three rows' bytes, which the pass was reading already. Worked out once per run of rows:
+/// per four rows, its divisions and the checks around them were a sixth of a 1536 x 576 3-bit
+/// per-OC matvec outside the block loop.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Ahead4 {
+    /// Bytes past a row's codes.
+    pub(crate) bytes: usize,
+    /// The same distance in rows.
+    pub(crate) rows: usize,
 }
 
-/// Asks for the per-OC scales and zeros (`pc` a row) of the [`ROWS4`] rows as far
-/// after row `r` as [`rows4_ahead`] is in codes. Without it a four-row kernel read more slowly
-/// from memory than one row at a time (one thread, 576 x 1536 4-bit int16 per-OC: 19.3 us one
-/// row at a time, 21.6 four, 17.3 with these hints; best of 5 each).
+impl Ahead4 {
+    pub(crate) fn new(row_bytes: usize) -> Self {
+        debug_assert!(short_rows(row_bytes));
+        let pass = ROWS4 * row_bytes;
+        let bytes = PREFETCH.div_ceil(pass.max(1)).max(1) * pass;
+        Ahead4 { bytes, rows: bytes / row_bytes.max(1) }
+    }
+}
+
+/// Asks for the per-OC scales and zeros (`pc` a row) of the [`ROWS4`] rows from row `r` on
+/// (the rows [`Ahead4::rows`] after the ones being read). Without it a four-row kernel read
+/// more slowly from memory than one row at a time (one thread, 576 x 1536 4-bit int16 per-OC:
+/// 19.3 us one row at a time, 21.6 four, 17.3 with these hints; best of 5 each).
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 pub(crate) fn prefetch_params4(p: &PackedLinear, r: usize, pc: usize) {
-    let rb = bits::row_bytes(p.cols, p.layout.bits);
-    let at = (r + rows4_ahead(rb) / rb.max(1)) * pc;
+    let at = r * pc;
     let (sp, zp) = (p.scales.as_ptr().wrapping_add(at) as *const u8, p.zeros.as_ptr().wrapping_add(at) as *const u8);
     for o in (0..ROWS4 * pc * 4).step_by(64) {
         prefetch_line(sp.wrapping_add(o));
@@ -228,31 +240,70 @@ pub(crate) unsafe fn zero_term_avx2(s: &[f32], z: &[f32], xsum: &[f32], offset: 
 }
 
 /// [`zero_term_avx2`] as 8 lane sums, for a four-row kernel to subtract from its lane sums
-/// before it folds them ([`sums4`]): eight groups a load, the last `n % 8` in plain Rust into
-/// lane 0. No masked load: with a masked AVX-512 load of a row's 5 params (its other lanes
-/// past them), per-OC 1536 x 576 matvecs took 120 us instead of 14 in `bench kernels` after
-/// the 576 x 1536 matrices had been freed (not when run alone); masked-off lanes reaching a
-/// page the process cannot read are the likely cause.
+/// before it folds them ([`sums4`]): eight groups a load, the last `n % 8` from one more load
+/// of 8 where `s` and `z` go on that far (the row's params followed by the next rows'), its
+/// lanes past the row's groups zeroed after the products ([`ZeroTail`]), else in plain Rust
+/// into lane 0. SmolLM2's rows have 5 groups: in plain Rust, as the compiler unrolled it, the
+/// term took about 100 instructions a row, a sixth of a 1536 x 576 3-bit per-OC matvec. No
+/// masked load: with a masked AVX-512 load of a row's 5 params (its other lanes past them),
+/// per-OC 1536 x 576 matvecs took 120 us instead of 14 in `bench kernels` after the 576 x 1536
+/// matrices had been freed (not when run alone); masked-off lanes reaching a page the process
+/// cannot read are the likely cause.
 ///
 /// # Safety
-/// AVX2 and FMA; the three slices have the same length.
+/// AVX2 and FMA; `xsum` has `n` values, `s` and `z` at least `n` (the row's first `n`), `tail`
+/// was built from `xsum`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[inline]
-pub(crate) unsafe fn zero_lanes(s: &[f32], z: &[f32], xsum: &[f32], offset: f32) -> std::arch::x86_64::__m256 {
+pub(crate) unsafe fn zero_lanes(s: &[f32], z: &[f32], xsum: &[f32], offset: f32, tail: &ZeroTail) -> std::arch::x86_64::__m256 {
     use std::arch::x86_64::*;
-    let n = s.len();
-    assert!(z.len() == n && xsum.len() == n, "zero term: {} scales, {} zeros, {} sums", n, z.len(), xsum.len());
+    let n = xsum.len();
+    assert!(s.len() >= n && z.len() >= n, "zero term: {} scales, {} zeros, {n} sums", s.len(), z.len());
     let (sp, zp, xp) = (s.as_ptr(), z.as_ptr(), xsum.as_ptr());
     let off = _mm256_set1_ps(offset);
     let n8 = n / 8 * 8;
-    let tail = zero_term_ref(&s[n8..], &z[n8..], &xsum[n8..], offset);
-    let mut acc = _mm256_setr_ps(tail, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0);
+    let mut acc = _mm256_setzero_ps();
     for k in (0..n8).step_by(8) {
         let sz = _mm256_mul_ps(_mm256_loadu_ps(sp.add(k)), _mm256_sub_ps(_mm256_loadu_ps(zp.add(k)), off));
         acc = _mm256_fmadd_ps(sz, _mm256_loadu_ps(xp.add(k)), acc);
     }
-    acc
+    if n8 == n {
+        return acc;
+    }
+    if s.len() >= n8 + 8 && z.len() >= n8 + 8 {
+        // Lanes past the row hold the next row's params (any value, inf and NaN included):
+        // zeroed after the products.
+        let sz = _mm256_mul_ps(_mm256_loadu_ps(sp.add(n8)), _mm256_sub_ps(_mm256_loadu_ps(zp.add(n8)), off));
+        return _mm256_add_ps(acc, _mm256_and_ps(_mm256_mul_ps(sz, tail.x), tail.mask));
+    }
+    let t = zero_term_ref(&s[n8..n], &z[n8..n], &xsum[n8..], offset);
+    _mm256_add_ps(acc, _mm256_setr_ps(t, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0))
+}
+
+/// The last `n % 8` of a per-OC `x`'s `n` group sums in lanes (the rest zero) and the mask of
+/// those lanes, for [`zero_lanes`]: built once per run of rows.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+pub(crate) struct ZeroTail {
+    x: std::arch::x86_64::__m256,
+    mask: std::arch::x86_64::__m256,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl ZeroTail {
+    /// # Safety
+    /// AVX.
+    #[target_feature(enable = "avx")]
+    #[inline]
+    pub(crate) unsafe fn new(xsum: &[f32]) -> Self {
+        use std::arch::x86_64::*;
+        let rest = &xsum[xsum.len() / 8 * 8..];
+        let (mut x, mut m) = ([0f32; 8], [0i32; 8]);
+        x[..rest.len()].copy_from_slice(rest);
+        m[..rest.len()].fill(-1);
+        ZeroTail { x: _mm256_loadu_ps(x.as_ptr()), mask: _mm256_castsi256_ps(_mm256_loadu_si256(m.as_ptr() as *const __m256i)) }
+    }
 }
 
 /// [`zero_term_avx2`] in plain Rust: the definition it is tested against.
@@ -673,9 +724,16 @@ mod tests {
                 // SAFETY: AVX2 and FMA were detected.
                 let got = unsafe { super::zero_term_avx2(&s, &z, &x, off as f32) };
                 assert!((f64::from(got) - want).abs() <= 1e-6 * scale.max(1.0), "n {n} offset {off}: {got} vs {want}");
-                // SAFETY: as above.
-                let got = unsafe { super::hsum(super::zero_lanes(&s, &z, &x, off as f32)) };
-                assert!((f64::from(got) - want).abs() <= 1e-6 * scale.max(1.0), "lanes, n {n} offset {off}: {got} vs {want}");
+                // The four-row kernels' lanes: the row alone (the last n % 8 in plain Rust), and
+                // followed by another row's params, some not finite (the last n % 8 from one
+                // more load, the lanes past the row masked).
+                let mut after = |v: &[f32]| [v, &[f32::NAN, f32::INFINITY, -1e30, 7.0, f32::NEG_INFINITY, 0.0, 3.0, f32::NAN]].concat();
+                let (s2, z2) = (after(&s), after(&z));
+                for (s, z, how) in [(&s[..], &z[..], "alone"), (&s2[..], &z2[..], "followed")] {
+                    // SAFETY: as above.
+                    let got = unsafe { super::hsum(super::zero_lanes(s, z, &x, off as f32, &super::ZeroTail::new(&x))) };
+                    assert!((f64::from(got) - want).abs() <= 1e-6 * scale.max(1.0), "lanes, {how}, n {n} offset {off}: {got} vs {want}");
+                }
                 assert!((f64::from(super::zero_term_ref(&s, &z, &x, off as f32)) - want).abs() <= 1e-6 * scale.max(1.0));
             }
         }

@@ -30,7 +30,7 @@ use rayon::prelude::*;
 use crate::bits;
 use crate::format::PackedLinear;
 #[cfg(target_arch = "x86_64")]
-use crate::kernels::{hsum, Job, Wide, ROWS4};
+use crate::kernels::{hsum, Ahead4, Job, Wide, ZeroTail, ROWS4};
 
 /// Codes per SIMD step; per-OC groups must be a multiple of it.
 pub const QB: usize = 32;
@@ -761,12 +761,13 @@ unsafe fn row_sum_split_avx512<const B: usize, const VNNI: bool>(rp: *const u8, 
         let sums = block_sums_avx512::<VNNI>([c0, c1], [ld(h), ld(h.add(SPLIT))], [ld(l), ld(l.add(SPLIT))]);
         a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_set1_ps(scale), a);
     }
-    let mut r = crate::kernels::halves_avx512(a);
     if steps % 2 == 1 {
-        let (ph, pl) = split_products_avx2::<B>(rp, x, steps - 1);
-        r = _mm256_fmadd_ps(_mm256_cvtepi32_ps(split_int32_avx2(ph, pl)), _mm256_set1_ps(sd[steps / 2]), r);
+        // A last block of one step: the second step's codes and activations zero.
+        let (j, z) = (steps - 1, _mm512_setzero_si512());
+        let sums = block_sums_avx512::<VNNI>([bits::step_codes_avx512::<B>(rp, j), z], [ld(hp.add(j * SPLIT)), z], [ld(lp.add(j * SPLIT)), z]);
+        a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_set1_ps(sd[steps / 2]), a);
     }
-    r
+    crate::kernels::halves_avx512(a)
 }
 
 /// [`row_sum_split_avx512`] for [`ROWS4`] rows at once, each with its own block scales, as
@@ -781,15 +782,14 @@ unsafe fn row_sum_split_avx512<const B: usize, const VNNI: bool>(rp: *const u8, 
 /// As [`row_sum_split_avx512`] for each row.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn rows4_split_avx512<const B: usize, const VNNI: bool>(rp: [*const u8; ROWS4], x: &Q16, sd: [&[f32]; ROWS4]) -> [std::arch::x86_64::__m256; ROWS4] {
+unsafe fn rows4_split_avx512<const B: usize, const VNNI: bool>(rp: [*const u8; ROWS4], x: &Q16, sd: [&[f32]; ROWS4], ahead: usize) -> [std::arch::x86_64::__m256; ROWS4] {
     use std::arch::x86_64::*;
     debug_assert_eq!(x.block, 2 * SPLIT);
     let steps = x.hi.len() / SPLIT;
     let (hp, lp) = (x.hi.as_ptr() as *const u8, x.lo.as_ptr());
     let ld = |p: *const u8| _mm512_loadu_si512(p as *const _);
     let sd = sd.map(|s| &s[..steps.div_ceil(2)]);
-    // The rows lie `rp[1] - rp[0]` apart (a block's 16 B bytes are at most a line).
-    let ahead = crate::kernels::rows4_ahead(rp[1] as usize - rp[0] as usize);
+    // `ahead` ([`crate::kernels::Ahead4`]); a block's 16 B bytes are at most a line.
     let mut acc = [_mm512_setzero_ps(); ROWS4];
     for b in 0..steps / 2 {
         let j = 2 * b;
@@ -802,14 +802,16 @@ unsafe fn rows4_split_avx512<const B: usize, const VNNI: bool>(rp: [*const u8; R
             *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_set1_ps(sd[i][b]), *a);
         }
     }
-    let mut r = acc.map(|a| crate::kernels::halves_avx512(a));
     if steps % 2 == 1 {
-        for (i, r) in r.iter_mut().enumerate() {
-            let (ph, pl) = split_products_avx2::<B>(rp[i], x, steps - 1);
-            *r = _mm256_fmadd_ps(_mm256_cvtepi32_ps(split_int32_avx2(ph, pl)), _mm256_set1_ps(sd[i][steps / 2]), *r);
+        // A last block of one step, as in the one-row loop.
+        let (j, z) = (steps - 1, _mm512_setzero_si512());
+        let (h0, l0) = (ld(hp.add(j * SPLIT)), ld(lp.add(j * SPLIT)));
+        for (i, a) in acc.iter_mut().enumerate() {
+            let sums = block_sums_avx512::<VNNI>([bits::codes_avx512::<B>(rp[i], j), z], [h0, z], [l0, z]);
+            *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_set1_ps(sd[i][steps / 2]), *a);
         }
     }
-    r
+    acc.map(|a| crate::kernels::halves_avx512(a))
 }
 
 /// [`ROWS4`] per-OC rows from `r` on ([`row_oc`] for each, the kernel [`rows4_split_avx512`]).
@@ -819,22 +821,22 @@ unsafe fn rows4_split_avx512<const B: usize, const VNNI: bool>(rp: [*const u8; R
 /// [`SHORT`] blocks; rows `r..r + ROWS4` exist.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn rows4_oc<const B: usize, const VNNI: bool>(p: &PackedLinear, x: &Q16, xsum: &[f32], per: usize, r: usize) -> [f32; ROWS4] {
+unsafe fn rows4_oc<const B: usize, const VNNI: bool>(p: &PackedLinear, x: &Q16, (xsum, tail): (&[f32], &ZeroTail), per: usize, r: usize, ahead: Ahead4, sd: &mut [[f32; SHORT]; ROWS4]) -> [f32; ROWS4] {
     let (cols, pc, g) = (p.cols, xsum.len(), p.layout.group);
     let rows: [&[u8]; ROWS4] = std::array::from_fn(|i| p.row_codes(r + i));
     let params = |i: usize| (&p.scales[(r + i) * pc..(r + i + 1) * pc], &p.zeros[(r + i) * pc..(r + i + 1) * pc]);
     let steps = x.hi.len() / SPLIT;
     assert!(rows.iter().all(|row| steps * SPLIT * B / 8 <= row.len()), "packed row too short for its codes");
     let n = x.d.len();
-    crate::kernels::prefetch_params4(p, r, pc);
-    let mut sd = [[0f32; SHORT]; ROWS4];
+    crate::kernels::prefetch_params4(p, r + ahead.rows, pc);
     for (i, sd) in sd.iter_mut().enumerate() {
         block_scales(params(i).0, &x.d, per, sd);
     }
-    let mut lanes = rows4_split_avx512::<B, VNNI>(rows.map(|row| row.as_ptr()), x, [&sd[0][..n], &sd[1][..n], &sd[2][..n], &sd[3][..n]]);
+    let mut lanes = rows4_split_avx512::<B, VNNI>(rows.map(|row| row.as_ptr()), x, [&sd[0][..n], &sd[1][..n], &sd[2][..n], &sd[3][..n]], ahead.bytes);
     for (i, l) in lanes.iter_mut().enumerate() {
-        let (s, z) = params(i);
-        *l = std::arch::x86_64::_mm256_sub_ps(*l, crate::kernels::zero_lanes(s, z, xsum, 0.0));
+        // The row's params and those after it ([`crate::kernels::zero_lanes`]).
+        let (s, z) = (&p.scales[(r + i) * pc..], &p.zeros[(r + i) * pc..]);
+        *l = std::arch::x86_64::_mm256_sub_ps(*l, crate::kernels::zero_lanes(s, z, xsum, 0.0, tail));
     }
     let mut sums = crate::kernels::sums4(lanes);
     if steps * SPLIT < cols {
@@ -851,12 +853,12 @@ unsafe fn rows4_oc<const B: usize, const VNNI: bool>(p: &PackedLinear, x: &Q16, 
 /// As [`rows4_oc`], but any number of blocks.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn rows4_ic<const B: usize, const VNNI: bool>(p: &PackedLinear, v: &Q16, bias: f32, r: usize) -> [f32; ROWS4] {
+unsafe fn rows4_ic<const B: usize, const VNNI: bool>(p: &PackedLinear, v: &Q16, bias: f32, r: usize, ahead: Ahead4) -> [f32; ROWS4] {
     let cols = v.q.len();
     let rows: [&[u8]; ROWS4] = std::array::from_fn(|i| p.row_codes(r + i));
     let steps = v.hi.len() / SPLIT;
     assert!(rows.iter().all(|row| steps * SPLIT * B / 8 <= row.len()), "packed row too short for its codes");
-    let mut sums = crate::kernels::sums4(rows4_split_avx512::<B, VNNI>(rows.map(|row| row.as_ptr()), v, [&v.d[..]; ROWS4]));
+    let mut sums = crate::kernels::sums4(rows4_split_avx512::<B, VNNI>(rows.map(|row| row.as_ptr()), v, [&v.d[..]; ROWS4], ahead.bytes));
     for (y, row) in sums.iter_mut().zip(rows) {
         *y += dot_scalar(row, B as u8, v, steps * SPLIT, cols, |_| 1.0) - bias;
     }
@@ -1004,15 +1006,19 @@ pub(crate) unsafe fn matvec_avx2(p: &PackedLinear, x: &[f32], y: &mut [f32]) {
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 unsafe fn run_rows<const B: usize, const AVX512: bool, const VNNI: bool>(p: &PackedLinear, job: &Job<Q16>, r0: usize, y: &mut [f32], t: &Tables) {
-    let four = AVX512 && (B == 3 || B == 4) && crate::kernels::short_rows(bits::row_bytes(p.cols, B as u8));
+    let rb = bits::row_bytes(p.cols, B as u8);
+    let four = AVX512 && (B == 3 || B == 4) && crate::kernels::short_rows(rb);
+    let ahead = if four { Ahead4::new(rb) } else { Ahead4 { bytes: 0, rows: 0 } };
     match *job {
         Job::Oc { x, xsum } => {
             // Activation blocks per group (a division per row was 1% of a small matrix's time).
             let per = p.layout.group / x.block;
             let mut r = r0;
             if four && x.block == 2 * SPLIT && x.d.len() <= SHORT {
+                // Block scales on the stack, filled for each four rows.
+                let (mut sd, tail) = ([[0f32; SHORT]; ROWS4], ZeroTail::new(xsum));
                 while y.len() - (r - r0) >= ROWS4 {
-                    y[r - r0..r - r0 + ROWS4].copy_from_slice(&rows4_oc::<B, VNNI>(p, x, xsum, per, r));
+                    y[r - r0..r - r0 + ROWS4].copy_from_slice(&rows4_oc::<B, VNNI>(p, x, (xsum, &tail), per, r, ahead, &mut sd));
                     r += ROWS4;
                 }
             }
@@ -1024,7 +1030,7 @@ unsafe fn run_rows<const B: usize, const AVX512: bool, const VNNI: bool>(p: &Pac
             let mut r = r0;
             if four && v.block == 2 * SPLIT {
                 while y.len() - (r - r0) >= ROWS4 {
-                    y[r - r0..r - r0 + ROWS4].copy_from_slice(&rows4_ic::<B, VNNI>(p, v, bias, r));
+                    y[r - r0..r - r0 + ROWS4].copy_from_slice(&rows4_ic::<B, VNNI>(p, v, bias, r, ahead));
                     r += ROWS4;
                 }
             }

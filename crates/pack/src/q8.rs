@@ -33,7 +33,7 @@ use rayon::prelude::*;
 
 use crate::bits;
 use crate::format::PackedLinear;
-use crate::kernels::{Job, Wide, ROWS4};
+use crate::kernels::{Ahead4, Job, Wide, ZeroTail, ROWS4};
 use crate::q16::{Prepared, Rounded};
 use crate::team;
 
@@ -469,7 +469,7 @@ unsafe fn row_sum<const B: usize, const SCALED: bool, const AVX512: bool, const 
 /// As [`row_sum_avx512`] for each row.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn rows4_avx512<const B: usize, const SCALED: bool, const VNNI: bool>(rp: [*const u8; ROWS4], v: &Q8, s: [&[f32]; ROWS4], group: usize) -> [std::arch::x86_64::__m256; ROWS4] {
+unsafe fn rows4_avx512<const B: usize, const SCALED: bool, const VNNI: bool>(rp: [*const u8; ROWS4], v: &Q8, s: [&[f32]; ROWS4], group: usize, ahead: usize) -> [std::arch::x86_64::__m256; ROWS4] {
     use std::arch::x86_64::*;
     let steps = v.swizzled.len() / STEP;
     let (xp, dp) = (v.swizzled.as_ptr(), v.d8.as_ptr());
@@ -478,7 +478,6 @@ unsafe fn rows4_avx512<const B: usize, const SCALED: bool, const VNNI: bool>(rp:
         assert!(s.iter().all(|s| s.len() * per >= steps), "group scales for {steps} steps");
     }
     let (mut k, mut next) = (0, per);
-    let ahead = crate::kernels::rows4_ahead(rp[1] as usize - rp[0] as usize);
     let mut acc = [_mm512_setzero_ps(); ROWS4];
     for j in 0..steps {
         let x = _mm512_loadu_si512(xp.add(j * STEP) as *const _);
@@ -562,17 +561,18 @@ unsafe fn row_oc<const B: usize, const AVX512: bool, const VNNI: bool>(p: &Packe
 /// AVX2, FMA, AVX-512 F and BW (and VNNI if `VNNI`); rows `r..r + ROWS4` exist.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn rows4_oc<const B: usize, const VNNI: bool>(p: &PackedLinear, x: &Q8, xsum: &[f32], r: usize) -> [f32; ROWS4] {
+unsafe fn rows4_oc<const B: usize, const VNNI: bool>(p: &PackedLinear, x: &Q8, (xsum, tail): (&[f32], &ZeroTail), r: usize, ahead: Ahead4) -> [f32; ROWS4] {
     let (cols, pc) = (p.cols, xsum.len());
     let rows: [&[u8]; ROWS4] = std::array::from_fn(|i| p.row_codes(r + i));
     let params = |i: usize| (&p.scales[(r + i) * pc..(r + i + 1) * pc], &p.zeros[(r + i) * pc..(r + i + 1) * pc]);
     let steps = x.swizzled.len() / STEP;
     assert!(rows.iter().all(|row| row.len() >= steps * STEP * B / 8), "packed row too short for its codes");
-    crate::kernels::prefetch_params4(p, r, pc);
-    let mut lanes = rows4_avx512::<B, true, VNNI>(rows.map(|row| row.as_ptr()), x, [params(0).0, params(1).0, params(2).0, params(3).0], p.layout.group);
+    crate::kernels::prefetch_params4(p, r + ahead.rows, pc);
+    let mut lanes = rows4_avx512::<B, true, VNNI>(rows.map(|row| row.as_ptr()), x, [params(0).0, params(1).0, params(2).0, params(3).0], p.layout.group, ahead.bytes);
     for (i, l) in lanes.iter_mut().enumerate() {
-        let (s, z) = params(i);
-        *l = std::arch::x86_64::_mm256_sub_ps(*l, crate::kernels::zero_lanes(s, z, xsum, 0.0));
+        // The row's params and those after it ([`crate::kernels::zero_lanes`]).
+        let (s, z) = (&p.scales[(r + i) * pc..], &p.zeros[(r + i) * pc..]);
+        *l = std::arch::x86_64::_mm256_sub_ps(*l, crate::kernels::zero_lanes(s, z, xsum, 0.0, tail));
     }
     let mut sums = crate::kernels::sums4(lanes);
     if steps * STEP < cols {
@@ -602,12 +602,12 @@ unsafe fn row_ic<const B: usize, const AVX512: bool, const VNNI: bool>(row: &[u8
 /// As [`rows4_oc`].
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn rows4_ic<const B: usize, const VNNI: bool>(p: &PackedLinear, v: &Q8, bias: f32, r: usize) -> [f32; ROWS4] {
+unsafe fn rows4_ic<const B: usize, const VNNI: bool>(p: &PackedLinear, v: &Q8, bias: f32, r: usize, ahead: Ahead4) -> [f32; ROWS4] {
     let cols = v.q.len();
     let rows: [&[u8]; ROWS4] = std::array::from_fn(|i| p.row_codes(r + i));
     let steps = v.swizzled.len() / STEP;
     assert!(rows.iter().all(|row| row.len() >= steps * STEP * B / 8), "packed row too short for its codes");
-    let mut sums = crate::kernels::sums4(rows4_avx512::<B, false, VNNI>(rows.map(|row| row.as_ptr()), v, [&[]; ROWS4], 0));
+    let mut sums = crate::kernels::sums4(rows4_avx512::<B, false, VNNI>(rows.map(|row| row.as_ptr()), v, [&[]; ROWS4], 0, ahead.bytes));
     for (y, row) in sums.iter_mut().zip(rows) {
         *y += dot_scalar(row, B as u8, v, steps * STEP, cols) - bias;
     }
@@ -623,12 +623,15 @@ unsafe fn rows4_ic<const B: usize, const VNNI: bool>(p: &PackedLinear, v: &Q8, b
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 unsafe fn run_rows<const B: usize, const AVX512: bool, const VNNI: bool>(p: &PackedLinear, job: &Job<Q8>, r0: usize, y: &mut [f32]) {
-    let four = AVX512 && B != 8 && crate::kernels::short_rows(bits::row_bytes(p.cols, B as u8));
+    let rb = bits::row_bytes(p.cols, B as u8);
+    let four = AVX512 && B != 8 && crate::kernels::short_rows(rb);
+    let ahead = if four { Ahead4::new(rb) } else { Ahead4 { bytes: 0, rows: 0 } };
     let mut r = r0;
     match *job {
         Job::Oc { x, xsum } => {
+            let tail = ZeroTail::new(xsum);
             while four && y.len() - (r - r0) >= ROWS4 {
-                y[r - r0..r - r0 + ROWS4].copy_from_slice(&rows4_oc::<B, VNNI>(p, x, xsum, r));
+                y[r - r0..r - r0 + ROWS4].copy_from_slice(&rows4_oc::<B, VNNI>(p, x, (xsum, &tail), r, ahead));
                 r += ROWS4;
             }
             for (r, y) in (r..).zip(&mut y[r - r0..]) {
@@ -637,7 +640,7 @@ unsafe fn run_rows<const B: usize, const AVX512: bool, const VNNI: bool>(p: &Pac
         }
         Job::Ic { v, bias } => {
             while four && y.len() - (r - r0) >= ROWS4 {
-                y[r - r0..r - r0 + ROWS4].copy_from_slice(&rows4_ic::<B, VNNI>(p, v, bias, r));
+                y[r - r0..r - r0 + ROWS4].copy_from_slice(&rows4_ic::<B, VNNI>(p, v, bias, r, ahead));
                 r += ROWS4;
             }
             for (r, y) in (r..).zip(&mut y[r - r0..]) {
