@@ -751,16 +751,24 @@ unsafe fn row_sum_split_avx512<const B: usize, const VNNI: bool>(rp: *const u8, 
     // Steps j and j + 1 as bytes, [e_j, o_j] and [e_j+1, o_j+1], as the int8 kernel reads them.
     let codes = |j: usize| [bits::step_codes_avx512::<B>(rp, j), bits::step_codes_avx512::<B>(rp, j + 1)];
     let ld = |p: *const u8| _mm512_loadu_si512(p as *const _);
-    // One accumulator, as the AVX2 block loop ([`block_sums`]).
-    let mut a = _mm512_setzero_ps();
     let sd = &sd[..steps.div_ceil(2)];
-    for (b, &scale) in sd.iter().enumerate().take(steps / 2) {
+    let block = |b: usize, a: __m512| {
         let j = 2 * b;
         let [c0, c1] = codes(j);
         let (h, l) = (hp.add(j * SPLIT), lp.add(j * SPLIT));
         let sums = block_sums_avx512::<VNNI>([c0, c1], [ld(h), ld(h.add(SPLIT))], [ld(l), ld(l.add(SPLIT))]);
-        a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_set1_ps(scale), a);
+        _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_set1_ps(*sd.get_unchecked(b)), a)
+    };
+    // Two accumulators, alternate blocks: one chain waited on its multiply-add.
+    let (mut a, mut a1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+    let whole = steps / 2;
+    for b in (0..whole / 2).map(|i| 2 * i) {
+        (a, a1) = (block(b, a), block(b + 1, a1));
     }
+    if whole % 2 == 1 {
+        a = block(whole - 1, a);
+    }
+    a = _mm512_add_ps(a, a1);
     if steps % 2 == 1 {
         // A last block of one step: the second step's codes and activations zero.
         let (j, z) = (steps - 1, _mm512_setzero_si512());
