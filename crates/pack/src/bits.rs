@@ -260,7 +260,7 @@ pub(crate) unsafe fn step_codes_avx512<const B: usize>(rp: *const u8, j: usize) 
 }
 
 /// [`step_codes_avx512`] without asking for bytes ahead (kernels that walk several rows ask
-/// for their own, [`crate::kernels::rows4_ahead`]).
+/// for their own, [`crate::kernels::Ahead4`]).
 ///
 /// # Safety
 /// As [`step_codes_avx512`].

@@ -138,7 +138,7 @@ pub(crate) fn short_rows(row_bytes: usize) -> bool {
 /// three rows' bytes, which the pass was reading already. Worked out once per run of rows:
 /// per four rows, its divisions and the checks around them were a sixth of a 1536 x 576 3-bit
 /// per-OC matvec outside the block loop.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct Ahead4 {
     /// Bytes past a row's codes.
     pub(crate) bytes: usize,
@@ -279,6 +279,25 @@ pub(crate) unsafe fn zero_lanes(s: &[f32], z: &[f32], xsum: &[f32], offset: f32,
     }
     let t = zero_term_ref(&s[n8..n], &z[n8..n], &xsum[n8..], offset);
     _mm256_add_ps(acc, _mm256_setr_ps(t, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0))
+}
+
+/// The sums of per-OC rows `r..r + ROWS4` from their kernel's lane sums: each row's zero-point
+/// lanes ([`zero_lanes`], from the row's params and those after it) taken away, then the four
+/// folded ([`sums4`]). The four-row kernels of both activation widths end with it.
+///
+/// # Safety
+/// AVX2 and FMA; rows `r..r + ROWS4` exist, with `xsum.len()` groups each; `tail` was built
+/// from `xsum`. Compiled inside the row loops' wrappers, whose target features it takes (as a
+/// function of its own the four rows' lanes went through memory: 4% of a 1536 x 576 matvec).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) unsafe fn oc_sums4(p: &PackedLinear, r: usize, mut lanes: [std::arch::x86_64::__m256; ROWS4], xsum: &[f32], tail: &ZeroTail) -> [f32; ROWS4] {
+    let pc = xsum.len();
+    for (i, l) in lanes.iter_mut().enumerate() {
+        let (s, z) = (&p.scales[(r + i) * pc..], &p.zeros[(r + i) * pc..]);
+        *l = std::arch::x86_64::_mm256_sub_ps(*l, zero_lanes(s, z, xsum, 0.0, tail));
+    }
+    sums4(lanes)
 }
 
 /// The last `n % 8` of a per-OC `x`'s `n` group sums in lanes (the rest zero) and the mask of

@@ -733,7 +733,7 @@ unsafe fn block_sums_avx512<const VNNI: bool>(c: [std::arch::x86_64::__m512i; 2]
 /// int32 lane: codes (unsigned) x `hi` (signed) twice, the sum shifted left by 8, then `lo`
 /// (unsigned) x codes (signed: at most 15) twice into it; no int16 stage, so nothing to
 /// saturate (a lane's eight products: at most 8 * 15 * 128 * 256 + 8 * 15 * 255 < 2^22). A
-/// short last block (one step) takes the AVX2 step. Run only where the CPU has AVX-512 ([`crate::kernels::Wide`]); the loop
+/// short last block (one step) is a block with zero for its second step. Run only where the CPU has AVX-512 ([`crate::kernels::Wide`]); the loop
 /// without VNNI is tested natively there and everywhere on an emulator
 /// (`tests/avx512_emulated.rs`), the VNNI loop natively on CPUs with VNNI. Compiled inside
 /// the row loop's AVX-512 wrappers ([`rows`]), whose target features it takes.
@@ -840,13 +840,8 @@ unsafe fn rows4_oc<const B: usize, const VNNI: bool>(p: &PackedLinear, x: &Q16, 
     for (i, sd) in sd.iter_mut().enumerate() {
         block_scales(params(i).0, &x.d, per, sd);
     }
-    let mut lanes = rows4_split_avx512::<B, VNNI>(rows.map(|row| row.as_ptr()), x, [&sd[0][..n], &sd[1][..n], &sd[2][..n], &sd[3][..n]], ahead.bytes);
-    for (i, l) in lanes.iter_mut().enumerate() {
-        // The row's params and those after it ([`crate::kernels::zero_lanes`]).
-        let (s, z) = (&p.scales[(r + i) * pc..], &p.zeros[(r + i) * pc..]);
-        *l = std::arch::x86_64::_mm256_sub_ps(*l, crate::kernels::zero_lanes(s, z, xsum, 0.0, tail));
-    }
-    let mut sums = crate::kernels::sums4(lanes);
+    let lanes = rows4_split_avx512::<B, VNNI>(rows.map(|row| row.as_ptr()), x, [&sd[0][..n], &sd[1][..n], &sd[2][..n], &sd[3][..n]], ahead.bytes);
+    let mut sums = crate::kernels::oc_sums4(p, r, lanes, xsum, tail);
     if steps * SPLIT < cols {
         for (i, y) in sums.iter_mut().enumerate() {
             *y += dot_scalar(rows[i], B as u8, x, steps * SPLIT, cols, |c| params(i).0[c / g]);
@@ -1016,7 +1011,7 @@ pub(crate) unsafe fn matvec_avx2(p: &PackedLinear, x: &[f32], y: &mut [f32]) {
 unsafe fn run_rows<const B: usize, const AVX512: bool, const VNNI: bool>(p: &PackedLinear, job: &Job<Q16>, r0: usize, y: &mut [f32], t: &Tables) {
     let rb = bits::row_bytes(p.cols, B as u8);
     let four = AVX512 && (B == 3 || B == 4) && crate::kernels::short_rows(rb);
-    let ahead = if four { Ahead4::new(rb) } else { Ahead4 { bytes: 0, rows: 0 } };
+    let ahead = if four { Ahead4::new(rb) } else { Ahead4::default() };
     match *job {
         Job::Oc { x, xsum } => {
             // Activation blocks per group (a division per row was 1% of a small matrix's time).

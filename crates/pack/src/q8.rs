@@ -587,13 +587,8 @@ unsafe fn rows4_oc<const B: usize, const VNNI: bool>(p: &PackedLinear, x: &Q8, (
     let steps = x.swizzled.len() / STEP;
     assert!(rows.iter().all(|row| row.len() >= steps * STEP * B / 8), "packed row too short for its codes");
     crate::kernels::prefetch_params4(p, r + ahead.rows, pc);
-    let mut lanes = rows4_avx512::<B, true, VNNI>(rows.map(|row| row.as_ptr()), x, [params(0).0, params(1).0, params(2).0, params(3).0], p.layout.group, ahead.bytes);
-    for (i, l) in lanes.iter_mut().enumerate() {
-        // The row's params and those after it ([`crate::kernels::zero_lanes`]).
-        let (s, z) = (&p.scales[(r + i) * pc..], &p.zeros[(r + i) * pc..]);
-        *l = std::arch::x86_64::_mm256_sub_ps(*l, crate::kernels::zero_lanes(s, z, xsum, 0.0, tail));
-    }
-    let mut sums = crate::kernels::sums4(lanes);
+    let lanes = rows4_avx512::<B, true, VNNI>(rows.map(|row| row.as_ptr()), x, [params(0).0, params(1).0, params(2).0, params(3).0], p.layout.group, ahead.bytes);
+    let mut sums = crate::kernels::oc_sums4(p, r, lanes, xsum, tail);
     if steps * STEP < cols {
         // The last cols % 64 codes lie in the last group.
         for (i, y) in sums.iter_mut().enumerate() {
@@ -644,7 +639,7 @@ unsafe fn rows4_ic<const B: usize, const VNNI: bool>(p: &PackedLinear, v: &Q8, b
 unsafe fn run_rows<const B: usize, const AVX512: bool, const VNNI: bool>(p: &PackedLinear, job: &Job<Q8>, r0: usize, y: &mut [f32]) {
     let rb = bits::row_bytes(p.cols, B as u8);
     let four = AVX512 && B != 8 && crate::kernels::short_rows(rb);
-    let ahead = if four { Ahead4::new(rb) } else { Ahead4 { bytes: 0, rows: 0 } };
+    let ahead = if four { Ahead4::new(rb) } else { Ahead4::default() };
     let mut r = r0;
     match *job {
         Job::Oc { x, xsum } => {
