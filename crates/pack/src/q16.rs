@@ -405,6 +405,7 @@ impl Rounded for Q16 {
     fn block(&self) -> usize {
         self.block
     }
+    #[inline]
     fn int_sum(&self, c0: usize, c1: usize) -> i32 {
         self.q[c0..c1].iter().map(|&v| i32::from(v)).sum()
     }
@@ -414,14 +415,45 @@ impl Rounded for Q16 {
 /// zero-point term). Shared with [`crate::q8`]. Each run of values inside one block and one
 /// group adds its integers exactly, then one multiply by the block's step: value by value this
 /// was a float multiply and a dependent add per value, several microseconds per matvec of 4096
-/// columns on the leader alone (the per-OC matvec's serial part).
+/// columns on the leader alone (the per-OC matvec's serial part). With AVX2 the same code is
+/// compiled for it (the integer sums in 256-bit lanes: in plain x86-64 they took 12% of a
+/// 64 x 14336 int8 matvec).
 pub(crate) fn group_sums<A: Rounded>(x: &A, cols: usize, g: usize) -> Vec<f32> {
-    let (mut sums, b) = (vec![0f32; cols.div_ceil(g)], x.block());
-    let mut c = 0;
-    while c < cols {
-        let end = ((c / b + 1) * b).min((c / g + 1) * g).min(cols);
-        sums[c / g] += x.step(c) * x.int_sum(c, end) as f32;
-        c = end;
+    #[cfg(target_arch = "x86_64")]
+    if crate::kernels::simd_available() {
+        // SAFETY: AVX2 and FMA were detected.
+        return unsafe { group_sums_avx2(x, cols, g) };
+    }
+    group_sums_body(x, cols, g)
+}
+
+/// [`group_sums`] compiled for AVX2 (the body and the integer sums inlined into it).
+///
+/// # Safety
+/// AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn group_sums_avx2<A: Rounded>(x: &A, cols: usize, g: usize) -> Vec<f32> {
+    group_sums_body(x, cols, g)
+}
+
+/// [`group_sums`]: group by group, each block run's exact integer sum times its step, added in a
+/// local (no division or store per run). Plain loops, no closures: a closure is compiled out of
+/// line without the caller's target features.
+#[inline(always)]
+fn group_sums_body<A: Rounded>(x: &A, cols: usize, g: usize) -> Vec<f32> {
+    let (b, mut sums) = (x.block(), Vec::with_capacity(cols.div_ceil(g)));
+    let mut g0 = 0;
+    while g0 < cols {
+        let g1 = (g0 + g).min(cols);
+        let (mut sum, mut c, mut block_end) = (0f32, g0, (g0 / b + 1) * b);
+        while c < g1 {
+            let end = block_end.min(g1);
+            sum += x.step(c) * x.int_sum(c, end) as f32;
+            (c, block_end) = (end, block_end + b);
+        }
+        sums.push(sum);
+        g0 = g1;
     }
     sums
 }
@@ -1149,6 +1181,9 @@ mod tests {
                 };
                 check(group_sums(&q8, cols, g), &|c| q8.value(c), "int8");
                 check(group_sums(&q16, cols, g), &|c| q16.value(c), "int16");
+                // The plain-x86-64 build of the body (group_sums takes the AVX2 one where it can).
+                check(group_sums_body(&q8, cols, g), &|c| q8.value(c), "int8 plain");
+                check(group_sums_body(&q16, cols, g), &|c| q16.value(c), "int16 plain");
             }
         }
     }

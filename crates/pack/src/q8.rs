@@ -258,6 +258,7 @@ impl Rounded for Q8 {
     fn block(&self) -> usize {
         BLOCK
     }
+    #[inline]
     fn int_sum(&self, c0: usize, c1: usize) -> i32 {
         self.q[c0..c1].iter().map(|&v| i32::from(v)).sum()
     }
