@@ -140,24 +140,91 @@ fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
 }
 
 multiversion! {
-    /// One query head of one new position over `n = scores.len()` cached positions:
-    /// `out = softmax(K q) V` with key / value `j` at `k[j * hd..]` / `v[j * hd..]`, `hd =
-    /// q.len()` (`q` already scaled by 1/sqrt(hd)); `scores` is scratch. Decoding's attention:
-    /// a 1-row product that a GEMM library spends more time setting up than computing.
-    pub fn attend_one(q: &[f32], k: &[f32], v: &[f32], scores: &mut [f32], out: &mut [f32]) {
-        let hd = q.len();
-        for (j, s) in scores.iter_mut().enumerate() {
-            *s = dot_lanes(q, &k[j * hd..(j + 1) * hd]);
-        }
-        let max = max_lanes(scores);
-        let inv = 1.0 / sum_exp_lanes(scores, max, true);
-        out.iter_mut().for_each(|o| *o = 0.0);
-        for (j, &p) in scores.iter().enumerate() {
-            for (o, &x) in out.iter_mut().zip(&v[j * hd..(j + 1) * hd]) {
-                *o += p * x;
+    /// The `g = stats.len() / 2` query heads that share one key/value head, for one new position,
+    /// over one run of `n = scores.len() / g` cached positions: key / value `j` at `k[j * hd..]`
+    /// / `v[j * hd..]`, `hd = q.len() / g`, `q` already scaled by 1/sqrt(hd); `scores` is
+    /// scratch. Leaves head `h`'s softmax unnormalized, for [`merge_parts`]: `out[h * hd..]` =
+    /// `sum_j e^(s_hj - m_h) v_j` and `stats[2h..2h + 2] = [m_h, sum_j e^(s_hj - m_h)]`, `m_h`
+    /// the run's largest score. Each key and value row is read once for all `g` heads (grouped
+    /// query attention: one head at a time read the cache `g` times), and a long context splits
+    /// into runs that the decode team shares. A 1-row product that a GEMM library spends more
+    /// time setting up than computing.
+    pub fn attend_part(q: &[f32], k: &[f32], v: &[f32], scores: &mut [f32], out: &mut [f32], stats: &mut [f32]) {
+        let g = stats.len() / 2;
+        let (hd, n) = (q.len() / g, scores.len() / g);
+        for j in 0..n {
+            let kj = &k[j * hd..(j + 1) * hd];
+            for h in 0..g {
+                scores[h * n + j] = dot_lanes(&q[h * hd..(h + 1) * hd], kj);
             }
         }
-        out.iter_mut().for_each(|o| *o *= inv);
+        for h in 0..g {
+            let s = &mut scores[h * n..(h + 1) * n];
+            let max = max_lanes(s);
+            stats[2 * h] = max;
+            stats[2 * h + 1] = sum_exp_lanes(s, max, true);
+        }
+        for (h, out) in out.chunks_exact_mut(hd).enumerate() {
+            let p = &scores[h * n..(h + 1) * n];
+            match hd {
+                64 => weighted_rows_fixed::<64>(p, v, out),
+                128 => weighted_rows_fixed::<128>(p, v, out),
+                _ => weighted_rows(p, v, out),
+            }
+        }
+    }
+}
+
+/// `out = sum_j p[j] v[j * out.len()..][..out.len()]`.
+#[inline(always)]
+fn weighted_rows(p: &[f32], v: &[f32], out: &mut [f32]) {
+    out.iter_mut().for_each(|o| *o = 0.0);
+    for (vj, &pj) in v.chunks_exact(out.len()).zip(p) {
+        for (o, &x) in out.iter_mut().zip(vj) {
+            *o += pj * x;
+        }
+    }
+}
+
+/// [`weighted_rows`] for rows of `HD` (the common head sizes): the sum stays in registers
+/// instead of a load and a store of `out` per position (a third of decode attention's time at
+/// 1500 positions, SmolLM2's head of 64).
+#[inline(always)]
+fn weighted_rows_fixed<const HD: usize>(p: &[f32], v: &[f32], out: &mut [f32]) {
+    let mut acc = [0f32; HD];
+    for (vj, &pj) in v.chunks_exact(HD).zip(p) {
+        for (a, &x) in acc.iter_mut().zip(vj) {
+            *a += pj * x;
+        }
+    }
+    out.copy_from_slice(&acc);
+}
+
+/// Floats [`attend_part`] leaves for `g` heads of `hd`: the heads' `out`, then their `stats`.
+pub fn part_len(g: usize, hd: usize) -> usize {
+    g * hd + 2 * g
+}
+
+/// The runs' [`attend_part`] results (`parts`: consecutive blocks of [`part_len`] floats, one
+/// per run of positions) joined into the `g` heads' attention `out` (`g * hd`): each run's
+/// terms rescaled from its own maximum to the overall one, then divided by the total.
+pub fn merge_parts(parts: &[f32], g: usize, hd: usize, out: &mut [f32]) {
+    let width = part_len(g, hd);
+    out.iter_mut().for_each(|o| *o = 0.0);
+    for h in 0..g {
+        let stat = |p: &[f32], i: usize| p[g * hd + 2 * h + i];
+        let max = parts.chunks_exact(width).map(|p| stat(p, 0)).fold(f32::NEG_INFINITY, f32::max);
+        let mut total = 0f32;
+        let o = &mut out[h * hd..(h + 1) * hd];
+        for p in parts.chunks_exact(width) {
+            let w = exp_fast(stat(p, 0) - max);
+            total += w * stat(p, 1);
+            for (o, &x) in o.iter_mut().zip(&p[h * hd..(h + 1) * hd]) {
+                *o += w * x;
+            }
+        }
+        let inv = 1.0 / total;
+        o.iter_mut().for_each(|o| *o *= inv);
     }
 }
 
@@ -180,7 +247,8 @@ pub fn dense_rows_ref(w: &[f32], x: &[f32], y: &mut [f32]) {
     }
 }
 
-/// Reference for [`attend_one`], in f64.
+/// One query head's attention over `n` positions (`out = softmax(K q) V`), in f64: the
+/// reference for [`attend_part`] and [`merge_parts`].
 pub fn attend_one_ref(q: &[f32], k: &[f32], v: &[f32], n: usize, out: &mut [f32]) {
     let hd = q.len();
     let s: Vec<f64> = (0..n).map(|j| q.iter().zip(&k[j * hd..]).map(|(&a, &b)| a as f64 * b as f64).sum()).collect();
@@ -249,14 +317,27 @@ mod tests {
     #[test]
     fn decode_attention_matches_reference() {
         let mut rng = adadim_load::synth::Rng::new(5);
-        for (hd, n) in [(64, 1), (64, 37), (64, 700), (48, 5), (20, 9)] {
-            let q = rng.normals(hd, 0.3);
+        // Heads per key/value head, head size, positions, positions per run (the last run
+        // short, one run, runs of one position).
+        for (g, hd, n, run) in [(1, 64, 1, 1), (3, 64, 37, 16), (3, 64, 700, 88), (2, 48, 5, 5), (1, 20, 9, 1), (4, 20, 130, 64), (2, 128, 50, 20)] {
+            let q = rng.normals(g * hd, 0.3);
             let (k, v) = (rng.normals(n * hd, 1.0), rng.normals(n * hd, 1.0));
-            let (mut a, mut b, mut scratch) = (vec![0f32; hd], vec![0f32; hd], vec![0f32; n]);
-            attend_one(&q, &k, &v, &mut scratch, &mut a);
-            attend_one_ref(&q, &k, &v, n, &mut b);
-            for (x, y) in a.iter().zip(&b) {
-                assert!((x - y).abs() <= 2e-6 * (n as f32).sqrt().max(1.0), "hd {hd} n {n}: {x} vs {y}");
+            let width = part_len(g, hd);
+            let mut parts = vec![f32::NAN; n.div_ceil(run) * width];
+            for (i, part) in parts.chunks_exact_mut(width).enumerate() {
+                let (j0, j1) = (i * run, ((i + 1) * run).min(n));
+                let mut scores = vec![0f32; g * (j1 - j0)];
+                let (o, stats) = part.split_at_mut(g * hd);
+                attend_part(&q, &k[j0 * hd..j1 * hd], &v[j0 * hd..j1 * hd], &mut scores, o, stats);
+            }
+            let mut got = vec![f32::NAN; g * hd];
+            merge_parts(&parts, g, hd, &mut got);
+            for h in 0..g {
+                let mut want = vec![0f32; hd];
+                attend_one_ref(&q[h * hd..(h + 1) * hd], &k, &v, n, &mut want);
+                for (x, y) in got[h * hd..(h + 1) * hd].iter().zip(&want) {
+                    assert!((x - y).abs() <= 2e-6 * (n as f32).sqrt().max(1.0), "g {g} hd {hd} n {n} run {run} head {h}: {x} vs {y}");
+                }
             }
         }
     }

@@ -451,8 +451,12 @@ impl LayerKv {
     }
 
     /// One new position's attention (`q`: its `nh` heads, rotated and scaled) over positions
-    /// `0..n` of the cache -> context (1, nh*hd): [`crate::kernels::attend_one`] per query head,
-    /// the heads in parallel (on the decode team when there is one).
+    /// `0..n` of the cache -> context (1, nh*hd). Tasks (on the decode team when there is one)
+    /// of one key/value head and one run of positions each, [`crate::kernels::attend_part`]
+    /// for all the query heads that share it, then [`crate::kernels::merge_parts`] per
+    /// key/value head. Runs of at least [`MIN_ATTENTION_RUN`] positions, up to
+    /// [`ATTENTION_RUNS`] of them: SmolLM2 (3 key/value heads) gives 6 tasks at 128 positions,
+    /// even for two threads.
     fn attend(&self, q: &[f32], n: usize, nh: usize, device: &Device) -> candle_core::Result<Tensor> {
         let (nkv, cap, hd) = self.k.dims3()?;
         let (ks, kl) = self.k.storage_and_layout();
@@ -461,16 +465,25 @@ impl LayerKv {
             candle_core::bail!("decode attention: the kv cache is not in CPU memory")
         };
         let (k, v) = (&kc.as_slice::<f32>()?[kl.start_offset()..], &vc.as_slice::<f32>()?[vl.start_offset()..]);
-        if q.len() != nh * hd || nkv == 0 || nh % nkv != 0 || n > cap || k.len() < nkv * cap * hd || v.len() < nkv * cap * hd {
+        if q.len() != nh * hd || nkv == 0 || nh % nkv != 0 || n == 0 || n > cap || k.len() < nkv * cap * hd || v.len() < nkv * cap * hd {
             candle_core::bail!("decode attention: q {} for {nh} heads of {hd}, cache ({nkv}, {cap}, {hd}) at {n}", q.len())
         }
         let group = nh / nkv;
-        let mut out = vec![0f32; nh * hd];
-        adadim_pack::team::for_each_chunk(&mut out, hd, &|h, o| {
-            let base = (h / group) * cap * hd;
-            let mut scores = vec![0f32; n];
-            crate::kernels::attend_one(&q[h * hd..(h + 1) * hd], &k[base..base + n * hd], &v[base..base + n * hd], &mut scores, o);
+        let run = MIN_ATTENTION_RUN.max(n.div_ceil(ATTENTION_RUNS));
+        let runs = n.div_ceil(run);
+        let width = crate::kernels::part_len(group, hd);
+        let mut parts = vec![0f32; nkv * runs * width];
+        adadim_pack::team::for_each_chunk(&mut parts, width, &|t, part| {
+            let (kh, r) = (t / runs, t % runs);
+            let (j0, j1) = (kh * cap + r * run, kh * cap + ((r + 1) * run).min(n));
+            let mut scores = vec![0f32; group * (j1 - j0)];
+            let (o, stats) = part.split_at_mut(group * hd);
+            crate::kernels::attend_part(&q[kh * group * hd..(kh + 1) * group * hd], &k[j0 * hd..j1 * hd], &v[j0 * hd..j1 * hd], &mut scores, o, stats);
         });
+        let mut out = vec![0f32; nh * hd];
+        for (kh, o) in out.chunks_exact_mut(group * hd).enumerate() {
+            crate::kernels::merge_parts(&parts[kh * runs * width..(kh + 1) * runs * width], group, hd, o);
+        }
         Tensor::from_vec(out, (1, nh * hd), device)
     }
 
@@ -484,6 +497,12 @@ impl LayerKv {
         Ok(LayerKv { k: own(&self.k)?, v: own(&self.v)? })
     }
 }
+
+/// Fewest positions in one decode attention task ([`LayerKv::attend`]).
+const MIN_ATTENTION_RUN: usize = 64;
+/// Most runs of positions per key/value head in decode attention: enough to share a long
+/// context evenly on a few threads; each run costs a rescale of its heads in the merge.
+const ATTENTION_RUNS: usize = 8;
 
 /// Positions a layer's cache holds at first.
 const MIN_KV_CAPACITY: usize = 16;
