@@ -200,6 +200,17 @@ fn weighted_rows_fixed<const HD: usize>(p: &[f32], v: &[f32], out: &mut [f32]) {
     out.copy_from_slice(&acc);
 }
 
+/// Run `r` of one key/value head's positions (runs of `run`, the last may be short; `k`, `v`
+/// hold its `n = k.len() / hd` positions) for the `q.len() / hd` query heads that share it:
+/// [`attend_part`] into `part` ([`part_len`] floats), ready for [`merge_parts`].
+pub fn attend_run(q: &[f32], k: &[f32], v: &[f32], hd: usize, run: usize, r: usize, part: &mut [f32]) {
+    let (g, n) = (q.len() / hd, k.len() / hd);
+    let (j0, j1) = (r * run, ((r + 1) * run).min(n));
+    let mut scores = vec![0f32; g * (j1 - j0)];
+    let (o, stats) = part.split_at_mut(g * hd);
+    attend_part(q, &k[j0 * hd..j1 * hd], &v[j0 * hd..j1 * hd], &mut scores, o, stats);
+}
+
 /// Floats [`attend_part`] leaves for `g` heads of `hd`: the heads' `out`, then their `stats`.
 pub fn part_len(g: usize, hd: usize) -> usize {
     g * hd + 2 * g
@@ -324,11 +335,8 @@ mod tests {
             let (k, v) = (rng.normals(n * hd, 1.0), rng.normals(n * hd, 1.0));
             let width = part_len(g, hd);
             let mut parts = vec![f32::NAN; n.div_ceil(run) * width];
-            for (i, part) in parts.chunks_exact_mut(width).enumerate() {
-                let (j0, j1) = (i * run, ((i + 1) * run).min(n));
-                let mut scores = vec![0f32; g * (j1 - j0)];
-                let (o, stats) = part.split_at_mut(g * hd);
-                attend_part(&q, &k[j0 * hd..j1 * hd], &v[j0 * hd..j1 * hd], &mut scores, o, stats);
+            for (r, part) in parts.chunks_exact_mut(width).enumerate() {
+                attend_run(&q, &k, &v, hd, run, r, part);
             }
             let mut got = vec![f32::NAN; g * hd];
             merge_parts(&parts, g, hd, &mut got);

@@ -452,7 +452,7 @@ impl LayerKv {
 
     /// One new position's attention (`q`: its `nh` heads, rotated and scaled) over positions
     /// `0..n` of the cache -> context (1, nh*hd). Tasks (on the decode team when there is one)
-    /// of one key/value head and one run of positions each, [`crate::kernels::attend_part`]
+    /// of one key/value head and one run of positions each, [`crate::kernels::attend_run`]
     /// for all the query heads that share it, then [`crate::kernels::merge_parts`] per
     /// key/value head. Runs of at least [`MIN_ATTENTION_RUN`] positions, up to
     /// [`ATTENTION_RUNS`] of them: SmolLM2 (3 key/value heads) gives 6 tasks at 128 positions,
@@ -475,10 +475,8 @@ impl LayerKv {
         let mut parts = vec![0f32; nkv * runs * width];
         adadim_pack::team::for_each_chunk(&mut parts, width, &|t, part| {
             let (kh, r) = (t / runs, t % runs);
-            let (j0, j1) = (kh * cap + r * run, kh * cap + ((r + 1) * run).min(n));
-            let mut scores = vec![0f32; group * (j1 - j0)];
-            let (o, stats) = part.split_at_mut(group * hd);
-            crate::kernels::attend_part(&q[kh * group * hd..(kh + 1) * group * hd], &k[j0 * hd..j1 * hd], &v[j0 * hd..j1 * hd], &mut scores, o, stats);
+            let head = kh * cap * hd..(kh * cap + n) * hd;
+            crate::kernels::attend_run(&q[kh * group * hd..(kh + 1) * group * hd], &k[head.clone()], &v[head], hd, run, r, part);
         });
         let mut out = vec![0f32; nh * hd];
         for (kh, o) in out.chunks_exact_mut(group * hd).enumerate() {
