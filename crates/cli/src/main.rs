@@ -264,6 +264,14 @@ struct GenerateArgs {
     /// or to 8 (blocks of 32, llama.cpp's precision; faster for 3- and 4-bit weights).
     #[arg(long, default_value_t = 16)]
     act_bits: u8,
+    /// Number type of the KV cache: f16 (half the memory; llama.cpp's default) or f32 (exact:
+    /// the logits of the uncached forward pass).
+    #[arg(long, default_value = "f16", value_parser = ["f16", "f32"])]
+    kv_cache: String,
+}
+
+fn kv_type(name: &str) -> adadim_model::KvType {
+    if name == "f32" { adadim_model::KvType::F32 } else { adadim_model::KvType::F16 }
 }
 
 #[derive(Subcommand)]
@@ -577,7 +585,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
     model.set_act_bits(act_bits(a.act_bits)?);
     let (mut ids, mut shown) = (Vec::new(), 0usize);
     use std::io::Write;
-    let settings = adadim_run::Settings { max_tokens: a.max_tokens, temperature: a.temperature, seed: a.seed };
+    let settings = adadim_run::Settings { max_tokens: a.max_tokens, temperature: a.temperature, seed: a.seed, kv: kv_type(&a.kv_cache) };
     let stats = adadim_run::generate(&model, &prompt, &stop, &settings, &mut |t| {
         // Decode everything so far and print what is new: multi-token characters come out whole.
         ids.push(t);
@@ -936,7 +944,8 @@ fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
     // (label, best tokens/s, file bytes)
     let mut peers: Vec<(String, f64, u64)> = a.gguf.iter().map(|g| (g.file_stem().unwrap_or_default().to_string_lossy().to_string(), 0.0, 0)).collect();
     let mut triad = 0f64;
-    let settings = adadim_run::Settings { max_tokens: a.tokens, temperature: 0.0, seed: 0 };
+    // f16 keys and values: llama-bench's default cache type, so both read the same bytes.
+    let settings = adadim_run::Settings { max_tokens: a.tokens, temperature: 0.0, seed: 0, kv: adadim_model::KvType::F16 };
     for round in 1..=rounds {
         triad = triad.max(bench_kernels::triad_gbs((512 << 20) / 12, 3));
         for (m, act, label, best) in &mut ours {
@@ -956,7 +965,7 @@ fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
     let mut md = String::new();
     writeln!(md, "## Decode speed (`adadim bench decode`)\n")?;
     writeln!(md, "Machine: {}. Memory bandwidth measured in this run (STREAM triad, best of the rounds): **{triad:.1} GB/s**.\n", bench::machine())?;
-    writeln!(md, "Batch 1, greedy, KV cache, {} tokens decoded after a one-token prompt (no stop token). {rounds} rounds, each measuring every model once in turn, ours and llama.cpp's interleaved (so a change in the machine's state during the run reaches all of them alike); the best round of each is kept. Weight bytes per token: every linear as stored (f32, or packed codes + params) and the LM head (SmolLM2 ties it to the f32 embedding; packed models decode with it quantized to `--head-bits`, 8 by default, as llama.cpp's k-quant mixes do); the bound is triad / bytes.\n", a.tokens)?;
+    writeln!(md, "Batch 1, greedy, f16 KV cache (both sides: llama-bench's default type), {} tokens decoded after a one-token prompt (no stop token). {rounds} rounds, each measuring every model once in turn, ours and llama.cpp's interleaved (so a change in the machine's state during the run reaches all of them alike); the best round of each is kept. Weight bytes per token: every linear as stored (f32, or packed codes + params) and the LM head (SmolLM2 ties it to the f32 embedding; packed models decode with it quantized to `--head-bits`, 8 by default, as llama.cpp's k-quant mixes do); the bound is triad / bytes.\n", a.tokens)?;
     writeln!(md, "| model | weight MB / token | tokens/s | bound (tokens/s) | of bound |\n|---|---|---|---|---|")?;
     for (m, _, label, best) in &ours {
         let bytes = models[*m].weight_bytes_per_token() as f64;

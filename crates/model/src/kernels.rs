@@ -127,16 +127,55 @@ multiversion! {
 
 /// `sum_i a[i] b[i]` in `LANES` partial sums.
 #[inline(always)]
-fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
+fn dot_lanes<E: Kv>(a: &[f32], b: &[E]) -> f32 {
     let mut s = [0f32; LANES];
     let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
-    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y.f32()).sum();
     for (x, y) in ca.zip(cb) {
         for l in 0..LANES {
-            s[l] += x[l] * y[l];
+            s[l] += x[l] * y[l].f32();
         }
     }
     tail + s.iter().sum::<f32>()
+}
+
+/// A number type of cached keys and values: f32, or f16 (half the bytes per position).
+pub trait Kv: Copy {
+    /// Whether it is f16 (the AVX-512 score loop loads it with `vcvtph2ps`).
+    const HALF: bool;
+    fn f32(self) -> f32;
+}
+
+impl Kv for f32 {
+    const HALF: bool = false;
+    #[inline(always)]
+    fn f32(self) -> f32 {
+        self
+    }
+}
+
+impl Kv for half::f16 {
+    const HALF: bool = true;
+    #[inline(always)]
+    fn f32(self) -> f32 {
+        f16_bits_to_f32(self.to_bits())
+    }
+}
+
+/// The f32 of f16 bits (exact), in integer and float operations without branches, so loops
+/// over rows vectorize on every build (the `half` crate's conversion checks the CPU per call).
+/// Exponent and mantissa move up 13 bits, which is the number times 2^-112 read as an f32
+/// (normals and subnormals alike); multiplying by 2^112 rebiases it. Infinities and NaNs
+/// (exponent all ones) keep their mantissa under an all-ones f32 exponent.
+#[inline(always)]
+pub fn f16_bits_to_f32(h: u16) -> f32 {
+    let h = h as u32;
+    let sign = (h & 0x8000) << 16;
+    let em = (h & 0x7fff) << 13;
+    let finite = f32::from_bits(em) * f32::from_bits(0x7780_0000); // 2^112
+    let special = f32::from_bits(em | 0x7f80_0000);
+    let v = if em >= 0x7c00 << 13 { special } else { finite };
+    f32::from_bits(v.to_bits() | sign)
 }
 
 multiversion! {
@@ -150,6 +189,21 @@ multiversion! {
     /// into runs that the decode team shares. A 1-row product that a GEMM library spends more
     /// time setting up than computing.
     pub fn attend_part(q: &[f32], k: &[f32], v: &[f32], scores: &mut [f32], out: &mut [f32], stats: &mut [f32]) {
+        attend_part_of(q, k, v, scores, out, stats)
+    }
+}
+
+multiversion! {
+    /// [`attend_part`] over an f16 cache's keys and values.
+    pub fn attend_part_f16(q: &[f32], k: &[half::f16], v: &[half::f16], scores: &mut [f32], out: &mut [f32], stats: &mut [f32]) {
+        attend_part_of(q, k, v, scores, out, stats)
+    }
+}
+
+/// The body of [`attend_part`] for either number type of the cache.
+#[inline(always)]
+fn attend_part_of<E: Kv>(q: &[f32], k: &[E], v: &[E], scores: &mut [f32], out: &mut [f32], stats: &mut [f32]) {
+    {
         let g = stats.len() / 2;
         let (hd, n) = (q.len() / g, scores.len() / g);
         for j in key_scores16(q, k, g, hd, n, scores)..n {
@@ -164,12 +218,17 @@ multiversion! {
             stats[2 * h] = max;
             stats[2 * h + 1] = sum_exp_lanes(s, max, true);
         }
-        for (h, out) in out.chunks_exact_mut(hd).enumerate() {
-            let p = &scores[h * n..(h + 1) * n];
-            match hd {
-                64 => weighted_rows_fixed::<64>(p, v, out),
-                128 => weighted_rows_fixed::<128>(p, v, out),
-                _ => weighted_rows(p, v, out),
+        match (hd, g) {
+            (64, 3) => weighted_heads::<64, 3, E>(scores, v, out),
+            (64, g) if g % 4 == 0 => weighted_heads::<64, 4, E>(scores, v, out),
+            (64, g) if g % 2 == 0 => weighted_heads::<64, 2, E>(scores, v, out),
+            (64, _) => weighted_heads::<64, 1, E>(scores, v, out),
+            (128, g) if g % 2 == 0 => weighted_heads::<128, 2, E>(scores, v, out),
+            (128, _) => weighted_heads::<128, 1, E>(scores, v, out),
+            _ => {
+                for (h, out) in out.chunks_exact_mut(hd).enumerate() {
+                    weighted_rows(&scores[h * n..(h + 1) * n], v, out);
+                }
             }
         }
     }
@@ -182,7 +241,7 @@ multiversion! {
 /// attention's time at 1500 positions); here 16 keys' vectors of partial sums fold into one
 /// vector of 16 scores in 15 shuffle-adds.
 #[inline(always)]
-fn key_scores16(q: &[f32], k: &[f32], g: usize, hd: usize, n: usize, scores: &mut [f32]) -> usize {
+fn key_scores16<E: Kv>(q: &[f32], k: &[E], g: usize, hd: usize, n: usize, scores: &mut [f32]) -> usize {
     #[cfg(target_arch = "x86_64")]
     {
         if hd % 16 == 0 && n >= 16 && is_x86_feature_detected!("avx512f") {
@@ -198,9 +257,11 @@ fn key_scores16(q: &[f32], k: &[f32], g: usize, hd: usize, n: usize, scores: &mu
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn key_scores16_avx512(q: &[f32], k: &[f32], g: usize, hd: usize, n: usize, scores: &mut [f32]) {
+unsafe fn key_scores16_avx512<E: Kv>(q: &[f32], k: &[E], g: usize, hd: usize, n: usize, scores: &mut [f32]) {
     use std::arch::x86_64::*;
     let (q, k) = (q.as_ptr(), k.as_ptr());
+    // 16 numbers of a key at `p`: f16 widened on the way in.
+    let load = |p: *const E| if E::HALF { _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)) } else { _mm512_loadu_ps(p as *const f32) };
     for j0 in (0..n / 16 * 16).step_by(16) {
         let kb = k.add(j0 * hd);
         for h in 0..g {
@@ -209,7 +270,7 @@ unsafe fn key_scores16_avx512(q: &[f32], k: &[f32], g: usize, hd: usize, n: usiz
             for c in (0..hd).step_by(16) {
                 let qv = _mm512_loadu_ps(qh.add(c));
                 for (b, a) in acc.iter_mut().enumerate() {
-                    *a = _mm512_fmadd_ps(qv, _mm512_loadu_ps(kb.add(b * hd + c)), *a);
+                    *a = _mm512_fmadd_ps(qv, load(kb.add(b * hd + c)), *a);
                 }
             }
             // Fold pairs: within each 128-bit lane, [a0+a2, b0+b2, a1+a3, b1+b3] ...
@@ -234,38 +295,87 @@ unsafe fn key_scores16_avx512(q: &[f32], k: &[f32], g: usize, hd: usize, n: usiz
 
 /// `out = sum_j p[j] v[j * out.len()..][..out.len()]`.
 #[inline(always)]
-fn weighted_rows(p: &[f32], v: &[f32], out: &mut [f32]) {
+fn weighted_rows<E: Kv>(p: &[f32], v: &[E], out: &mut [f32]) {
     out.iter_mut().for_each(|o| *o = 0.0);
     for (vj, &pj) in v.chunks_exact(out.len()).zip(p) {
         for (o, &x) in out.iter_mut().zip(vj) {
-            *o += pj * x;
+            *o += pj * x.f32();
         }
     }
 }
 
-/// [`weighted_rows`] for rows of `HD` (the common head sizes): the sum stays in registers
-/// instead of a load and a store of `out` per position (a third of decode attention's time at
-/// 1500 positions, SmolLM2's head of 64).
+/// [`weighted_rows`] for every head (`out`: `g` heads of `HD`, the common head sizes; `p`: their
+/// `n` weights each, head after head), `C` heads at a time (`g` a multiple of `C`): their sums
+/// stay in registers instead of a load and a store of `out` per position (a third of decode
+/// attention's time at 1500 positions, SmolLM2's head of 64), and each value row is loaded
+/// (and widened from f16) once for `C` heads.
 #[inline(always)]
-fn weighted_rows_fixed<const HD: usize>(p: &[f32], v: &[f32], out: &mut [f32]) {
-    let mut acc = [0f32; HD];
-    for (vj, &pj) in v.chunks_exact(HD).zip(p) {
-        for (a, &x) in acc.iter_mut().zip(vj) {
-            *a += pj * x;
+fn weighted_heads<const HD: usize, const C: usize, E: Kv>(p: &[f32], v: &[E], out: &mut [f32]) {
+    let (g, n) = (out.len() / HD, v.len() / HD);
+    for h0 in (0..g).step_by(C) {
+        let p = &p[h0 * n..(h0 + C) * n];
+        let mut acc = [[0f32; HD]; C];
+        for (j, vj) in v.chunks_exact(HD).enumerate() {
+            let mut x = [0f32; HD];
+            for (x, &e) in x.iter_mut().zip(vj) {
+                *x = e.f32();
+            }
+            for (c, acc) in acc.iter_mut().enumerate() {
+                let pj = p[c * n + j];
+                for (a, &x) in acc.iter_mut().zip(&x) {
+                    *a += pj * x;
+                }
+            }
+        }
+        for (c, acc) in acc.iter().enumerate() {
+            out[(h0 + c) * HD..(h0 + c + 1) * HD].copy_from_slice(acc);
         }
     }
-    out.copy_from_slice(&acc);
+}
+
+/// Cached keys or values of one key/value head, `hd` numbers per position: f32, or f16 (half
+/// the bytes decode attention reads per position, llama.cpp's default cache type).
+#[derive(Clone, Copy, Debug)]
+pub enum KvRows<'a> {
+    F32(&'a [f32]),
+    F16(&'a [half::f16]),
+}
+
+impl<'a> KvRows<'a> {
+    pub fn len(&self) -> usize {
+        match self {
+            KvRows::F32(x) => x.len(),
+            KvRows::F16(x) => x.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn slice(&self, r: std::ops::Range<usize>) -> KvRows<'a> {
+        match self {
+            KvRows::F32(x) => KvRows::F32(&x[r]),
+            KvRows::F16(x) => KvRows::F16(&x[r]),
+        }
+    }
 }
 
 /// Run `r` of one key/value head's positions (runs of `run`, the last may be short; `k`, `v`
 /// hold its `n = k.len() / hd` positions) for the `q.len() / hd` query heads that share it:
-/// [`attend_part`] into `part` ([`part_len`] floats), ready for [`merge_parts`].
-pub fn attend_run(q: &[f32], k: &[f32], v: &[f32], hd: usize, run: usize, r: usize, part: &mut [f32]) {
+/// [`attend_part`] (or [`attend_part_f16`]) into `part` ([`part_len`] floats), ready for
+/// [`merge_parts`].
+pub fn attend_run(q: &[f32], k: KvRows, v: KvRows, hd: usize, run: usize, r: usize, part: &mut [f32]) {
     let (g, n) = (q.len() / hd, k.len() / hd);
     let (j0, j1) = (r * run, ((r + 1) * run).min(n));
     let mut scores = vec![0f32; g * (j1 - j0)];
     let (o, stats) = part.split_at_mut(g * hd);
-    attend_part(q, &k[j0 * hd..j1 * hd], &v[j0 * hd..j1 * hd], &mut scores, o, stats);
+    let span = j0 * hd..j1 * hd;
+    match (k, v) {
+        (KvRows::F32(k), KvRows::F32(v)) => attend_part(q, &k[span.clone()], &v[span], &mut scores, o, stats),
+        (KvRows::F16(k), KvRows::F16(v)) => attend_part_f16(q, &k[span.clone()], &v[span], &mut scores, o, stats),
+        _ => panic!("attend_run: keys and values of different number types"),
+    }
 }
 
 /// Floats [`attend_part`] leaves for `g` heads of `hd`: the heads' `out`, then their `stats`.
@@ -387,13 +497,13 @@ mod tests {
         let mut rng = adadim_load::synth::Rng::new(5);
         // Heads per key/value head, head size, positions, positions per run (the last run
         // short, one run, runs of one position).
-        for (g, hd, n, run) in [(1, 64, 1, 1), (3, 64, 37, 16), (3, 64, 700, 88), (2, 48, 5, 5), (1, 20, 9, 1), (4, 20, 130, 64), (2, 128, 50, 20)] {
+        for (g, hd, n, run) in [(1, 64, 1, 1), (3, 64, 37, 16), (3, 64, 700, 88), (2, 48, 5, 5), (1, 20, 9, 1), (4, 20, 130, 64), (2, 128, 50, 20), (8, 64, 90, 32), (2, 64, 17, 17), (6, 64, 40, 40), (1, 128, 33, 16), (3, 128, 20, 7)] {
             let q = rng.normals(g * hd, 0.3);
             let (k, v) = (rng.normals(n * hd, 1.0), rng.normals(n * hd, 1.0));
             let width = part_len(g, hd);
             let mut parts = vec![f32::NAN; n.div_ceil(run) * width];
             for (r, part) in parts.chunks_exact_mut(width).enumerate() {
-                attend_run(&q, &k, &v, hd, run, r, part);
+                attend_run(&q, KvRows::F32(&k), KvRows::F32(&v), hd, run, r, part);
             }
             let mut got = vec![f32::NAN; g * hd];
             merge_parts(&parts, g, hd, &mut got);
@@ -403,6 +513,33 @@ mod tests {
                 for (x, y) in got[h * hd..(h + 1) * hd].iter().zip(&want) {
                     assert!((x - y).abs() <= 2e-6 * (n as f32).sqrt().max(1.0), "g {g} hd {hd} n {n} run {run} head {h}: {x} vs {y}");
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn f16_decode_matches_the_half_crate_for_every_value() {
+        for bits in 0..=u16::MAX {
+            let (got, want) = (f16_bits_to_f32(bits), half::f16::from_bits(bits).to_f32());
+            assert!(got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()), "{bits:#06x}: {got} vs {want}");
+        }
+    }
+
+    #[test]
+    fn decode_attention_over_f16_rows_equals_f32_rows_of_the_same_values() {
+        let mut rng = adadim_load::synth::Rng::new(8);
+        for (g, hd, n, run) in [(3, 64, 130, 64), (4, 64, 40, 40), (2, 128, 33, 16), (2, 48, 21, 8), (1, 20, 9, 4)] {
+            let q = rng.normals(g * hd, 0.3);
+            let half_of = |x: Vec<f32>| x.into_iter().map(half::f16::from_f32).collect::<Vec<_>>();
+            let (k16, v16) = (half_of(rng.normals(n * hd, 1.0)), half_of(rng.normals(n * hd, 1.0)));
+            let wide = |x: &[half::f16]| x.iter().map(|h| h.to_f32()).collect::<Vec<_>>();
+            let (k32, v32) = (wide(&k16), wide(&v16));
+            let width = part_len(g, hd);
+            for r in 0..n.div_ceil(run) {
+                let (mut a, mut b) = (vec![f32::NAN; width], vec![f32::NAN; width]);
+                attend_run(&q, KvRows::F16(&k16), KvRows::F16(&v16), hd, run, r, &mut a);
+                attend_run(&q, KvRows::F32(&k32), KvRows::F32(&v32), hd, run, r, &mut b);
+                assert_eq!(a, b, "g {g} hd {hd} n {n} run {r}");
             }
         }
     }

@@ -11,7 +11,7 @@ use crate::error::{Ctx, ModelError, Result};
 use crate::source::WeightSource;
 use adadim_load::LlamaConfig;
 use adadim_pack::{ActBits, PackedLinear};
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use std::sync::Arc;
 
 // ---------------------------------------------------------------- linear layer
@@ -359,29 +359,31 @@ impl Block {
 
     /// As [`Block::forward`] for `x` (t, d) at positions `pos0..pos0 + t`, attending to the
     /// keys and values of the earlier positions held in `cache` and appending its own.
-    pub fn forward_cached(&self, x: &Tensor, rope: &Rope, pos0: usize, cache: &mut Option<LayerKv>) -> Result<Tensor> {
-        let attn = self.attention_cached(&self.attn_input(x)?, rope, pos0, cache).ctx(|| format!("layer {}: attention", self.layer))?;
+    pub fn forward_cached(&self, x: &Tensor, rope: &Rope, pos0: usize, cache: &mut Option<LayerKv>, kv: KvType) -> Result<Tensor> {
+        let attn = self.attention_cached(&self.attn_input(x)?, rope, pos0, cache, kv).ctx(|| format!("layer {}: attention", self.layer))?;
         let x = self.attn_residual(x, &attn)?;
         let act = self.mlp_hidden(&self.mlp_input(&x)?).ctx(|| format!("layer {}: mlp", self.layer))?;
         self.mlp_residual(&x, &act)
     }
 
     /// Attention of `t` new positions over the cached ones and themselves, (t, d) -> (t, h*hd).
-    fn attention_cached(&self, h: &Tensor, rope: &Rope, pos0: usize, cache: &mut Option<LayerKv>) -> candle_core::Result<Tensor> {
+    fn attention_cached(&self, h: &Tensor, rope: &Rope, pos0: usize, cache: &mut Option<LayerKv>, kv: KvType) -> candle_core::Result<Tensor> {
         let t = h.dims()[0];
         let (nh, nkv, hd) = (self.n_head, self.n_kv_head, self.head_dim);
         let heads = |x: Tensor, n: usize| x.reshape((1, t, n, hd))?.transpose(1, 2); // (1, n, t, hd)
         let q = rope.apply(&heads(self.q.forward(h)?, nh)?, pos0)?;
         let k = rope.apply(&heads(self.k.forward(h)?, nkv)?, pos0)?.reshape((nkv, t, hd))?;
         let v = heads(self.v.forward(h)?, nkv)?.contiguous()?.reshape((nkv, t, hd))?;
-        let (k, v) = LayerKv::append(cache, &k, &v, pos0)?;
+        let c = LayerKv::append(cache, &k, &v, pos0, kv)?;
         let q = (q * (1.0 / (hd as f64).sqrt()))?.reshape((nh, t, hd))?;
-        if let (1, Some(c)) = (t, cache.as_ref()) {
+        if t == 1 {
             return c.attend(&q.flatten_all()?.to_vec1::<f32>()?, pos0 + 1, nh, h.device());
         }
         if pos0 == 0 {
+            // The prompt's own keys and values, at full precision whatever the cache holds.
             return causal_attention(&q, &k, &v);
         }
+        let (k, v) = c.f32_view(pos0 + t)?;
         // Query heads kv*g..kv*g+g share KV head kv: stack them, one score GEMM per KV head.
         let (group, total) = (nh / nkv, pos0 + t);
         let s = q.reshape((nkv, group * t, hd))?.matmul(&k.t()?)?; // (nkv, group*t, total)
@@ -428,16 +430,15 @@ impl LayerKv {
         self.k.dims()[1]
     }
 
-    /// Writes `k`, `v` (nkv, t, hd) at positions `pos0..pos0 + t` (reallocating with twice the
-    /// room when full, the earlier positions copied once) and returns views of positions
-    /// `0..pos0 + t`.
-    fn append(slot: &mut Option<LayerKv>, k: &Tensor, v: &Tensor, pos0: usize) -> candle_core::Result<(Tensor, Tensor)> {
+    /// Writes `k`, `v` (nkv, t, hd) at positions `pos0..pos0 + t`, as `kv` numbers (reallocating
+    /// with twice the room when full, the earlier positions copied once) and returns the cache.
+    fn append<'a>(slot: &'a mut Option<LayerKv>, k: &Tensor, v: &Tensor, pos0: usize, kv: KvType) -> candle_core::Result<&'a LayerKv> {
         let (nkv, t, hd) = k.dims3()?;
         let need = pos0 + t;
-        let have = slot.as_ref().map_or(0, LayerKv::capacity);
+        let have = slot.as_ref().filter(|c| c.k.dtype() == kv.dtype()).map_or(0, LayerKv::capacity);
         if have < need {
             let cap = need.max(2 * have).max(MIN_KV_CAPACITY);
-            let grown = LayerKv { k: Tensor::zeros((nkv, cap, hd), k.dtype(), k.device())?, v: Tensor::zeros((nkv, cap, hd), v.dtype(), v.device())? };
+            let grown = LayerKv { k: Tensor::zeros((nkv, cap, hd), kv.dtype(), k.device())?, v: Tensor::zeros((nkv, cap, hd), kv.dtype(), v.device())? };
             if let Some(old) = slot.take().filter(|_| pos0 > 0) {
                 grown.k.slice_set(&old.k.narrow(1, 0, pos0)?.contiguous()?, 1, 0)?;
                 grown.v.slice_set(&old.v.narrow(1, 0, pos0)?.contiguous()?, 1, 0)?;
@@ -445,9 +446,16 @@ impl LayerKv {
             *slot = Some(grown);
         }
         let Some(c) = slot.as_ref() else { unreachable!("filled above") };
-        c.k.slice_set(&k.contiguous()?, 1, pos0)?;
-        c.v.slice_set(&v.contiguous()?, 1, pos0)?;
-        Ok((c.k.narrow(1, 0, need)?, c.v.narrow(1, 0, need)?))
+        c.k.slice_set(&k.to_dtype(kv.dtype())?.contiguous()?, 1, pos0)?;
+        c.v.slice_set(&v.to_dtype(kv.dtype())?.contiguous()?, 1, pos0)?;
+        Ok(c)
+    }
+
+    /// Keys and values of positions `0..n` as f32 tensors (a view of an f32 cache, a widened
+    /// copy of an f16 one): for prefill chunks after the first, which attend with GEMMs.
+    fn f32_view(&self, n: usize) -> candle_core::Result<(Tensor, Tensor)> {
+        let view = |t: &Tensor| t.narrow(1, 0, n)?.to_dtype(DType::F32);
+        Ok((view(&self.k)?, view(&self.v)?))
     }
 
     /// One new position's attention (`q`: its `nh` heads, rotated and scaled) over positions
@@ -464,7 +472,14 @@ impl LayerKv {
         let (candle_core::Storage::Cpu(kc), candle_core::Storage::Cpu(vc)) = (&*ks, &*vs) else {
             candle_core::bail!("decode attention: the kv cache is not in CPU memory")
         };
-        let (k, v) = (&kc.as_slice::<f32>()?[kl.start_offset()..], &vc.as_slice::<f32>()?[vl.start_offset()..]);
+        use crate::kernels::KvRows;
+        fn rows(c: &candle_core::CpuStorage, start: usize) -> candle_core::Result<KvRows<'_>> {
+            Ok(match c {
+                candle_core::CpuStorage::F16(x) => KvRows::F16(&x[start..]),
+                _ => KvRows::F32(&c.as_slice::<f32>()?[start..]),
+            })
+        }
+        let (k, v) = (rows(kc, kl.start_offset())?, rows(vc, vl.start_offset())?);
         if q.len() != nh * hd || nkv == 0 || nh % nkv != 0 || n == 0 || n > cap || k.len() < nkv * cap * hd || v.len() < nkv * cap * hd {
             candle_core::bail!("decode attention: q {} for {nh} heads of {hd}, cache ({nkv}, {cap}, {hd}) at {n}", q.len())
         }
@@ -476,7 +491,7 @@ impl LayerKv {
         adadim_pack::team::for_each_chunk(&mut parts, width, &|t, part| {
             let (kh, r) = (t / runs, t % runs);
             let head = kh * cap * hd..(kh * cap + n) * hd;
-            crate::kernels::attend_run(&q[kh * group * hd..(kh + 1) * group * hd], &k[head.clone()], &v[head], hd, run, r, part);
+            crate::kernels::attend_run(&q[kh * group * hd..(kh + 1) * group * hd], k.slice(head.clone()), v.slice(head), hd, run, r, part);
         });
         let mut out = vec![0f32; nh * hd];
         for (kh, o) in out.chunks_exact_mut(group * hd).enumerate() {
@@ -510,9 +525,35 @@ const MIN_KV_CAPACITY: usize = 16;
 pub struct KvCache {
     layers: Vec<Option<LayerKv>>,
     len: usize,
+    kv: KvType,
+}
+
+/// The number type a [`KvCache`] stores keys and values in.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum KvType {
+    /// Exact: cached decoding gives the logits of the uncached forward pass (to rounding).
+    #[default]
+    F32,
+    /// Half the memory and half the bytes decode attention reads per position (llama.cpp's
+    /// default); keys and values rounded to 11 significant bits.
+    F16,
+}
+
+impl KvType {
+    fn dtype(self) -> DType {
+        match self {
+            KvType::F32 => DType::F32,
+            KvType::F16 => DType::F16,
+        }
+    }
 }
 
 impl KvCache {
+    /// An empty cache that will hold `kv` numbers.
+    pub fn new(kv: KvType) -> KvCache {
+        KvCache { kv, ..KvCache::default() }
+    }
+
     /// Positions held.
     pub fn len(&self) -> usize {
         self.len
@@ -536,7 +577,7 @@ impl KvCache {
             return Ok(KvCache::default());
         }
         let layers = self.layers.iter().map(|l| l.as_ref().map(|l| l.fork(len)).transpose()).collect::<candle_core::Result<_>>().ctx(|| "copying the kv cache".into())?;
-        Ok(KvCache { layers, len })
+        Ok(KvCache { layers, len, kv: self.kv })
     }
 }
 
@@ -632,7 +673,7 @@ impl Model {
         cache.layers.resize_with(self.blocks.len(), || None);
         let mut x = self.embed(ids)?;
         for (b, c) in self.blocks.iter().zip(cache.layers.iter_mut()) {
-            x = b.forward_cached(&x, &self.rope, pos0, c)?;
+            x = b.forward_cached(&x, &self.rope, pos0, c, cache.kv)?;
         }
         cache.len += ids.len();
         Ok(x)

@@ -10,7 +10,7 @@
 
 use std::time::Instant;
 
-use adadim_model::{KvCache, Model, ModelError};
+use adadim_model::{KvCache, KvType, Model, ModelError};
 
 /// Decoding settings.
 #[derive(Clone, Debug)]
@@ -19,6 +19,8 @@ pub struct Settings {
     /// 0 = greedy.
     pub temperature: f64,
     pub seed: u64,
+    /// What the KV cache stores: f32 (exact) or f16 (half the memory and attention reads).
+    pub kv: KvType,
 }
 
 /// What one generation cost.
@@ -132,7 +134,7 @@ pub fn generate_until(model: &Model, prompt: &[u32], stop: &[u32], s: &Settings,
         return Ok(stats);
     }
     let mut rng = Rng(s.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
-    let mut cache = KvCache::default();
+    let mut cache = KvCache::new(s.kv);
     let t = Instant::now();
     let hidden = model.forward_cached(prompt, &mut cache)?;
     let mut next = last_token(model, &hidden, s.temperature, &mut rng)?;
