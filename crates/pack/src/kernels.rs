@@ -746,7 +746,7 @@ mod tests {
                 // The four-row kernels' lanes: the row alone (the last n % 8 in plain Rust), and
                 // followed by another row's params, some not finite (the last n % 8 from one
                 // more load, the lanes past the row masked).
-                let mut after = |v: &[f32]| [v, &[f32::NAN, f32::INFINITY, -1e30, 7.0, f32::NEG_INFINITY, 0.0, 3.0, f32::NAN]].concat();
+                let after = |v: &[f32]| [v, &[f32::NAN, f32::INFINITY, -1e30, 7.0, f32::NEG_INFINITY, 0.0, 3.0, f32::NAN]].concat();
                 let (s2, z2) = (after(&s), after(&z));
                 for (s, z, how) in [(&s[..], &z[..], "alone"), (&s2[..], &z2[..], "followed")] {
                     // SAFETY: as above.
