@@ -435,7 +435,7 @@ impl LayerKv {
     fn append<'a>(slot: &'a mut Option<LayerKv>, k: &Tensor, v: &Tensor, pos0: usize, kv: KvType) -> candle_core::Result<&'a LayerKv> {
         let (nkv, t, hd) = k.dims3()?;
         let need = pos0 + t;
-        let have = slot.as_ref().filter(|c| c.k.dtype() == kv.dtype()).map_or(0, LayerKv::capacity);
+        let have = slot.as_ref().map_or(0, LayerKv::capacity);
         if have < need {
             let cap = need.max(2 * have).max(MIN_KV_CAPACITY);
             let grown = LayerKv { k: Tensor::zeros((nkv, cap, hd), kv.dtype(), k.device())?, v: Tensor::zeros((nkv, cap, hd), kv.dtype(), v.device())? };

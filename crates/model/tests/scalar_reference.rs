@@ -213,29 +213,36 @@ fn cached_decoding_equals_the_full_forward() {
 #[test]
 fn a_truncated_cache_serves_another_continuation_of_its_prefix() {
     // One cache over a shared prefix, cut back and reused for two prompts that diverge after
-    // 4 tokens: each must equal its own full forward (the MMLU few-shot prefix cache).
+    // 4 tokens: each must equal its own full forward (the MMLU few-shot prefix cache). Both
+    // cache types: f16 within the bound of `cached_decoding_equals_the_full_forward`.
     let (_d, model) = tiny_model(8, 32);
-    let prefix: Vec<u32> = vec![10, 20, 30, 40, 50, 60];
-    let mut shared = adadim_model::KvCache::default();
-    model.forward_cached(&prefix, &mut shared).unwrap();
-    for (keep, tail) in [(4usize, vec![7u32, 8, 9]), (6, vec![99]), (0, vec![1, 2])] {
-        let mut cache = shared.fork(keep).unwrap();
-        assert_eq!(cache.len(), keep);
-        let got = model.forward_cached(&tail, &mut cache).unwrap().to_vec2::<f32>().unwrap();
-        let ids: Vec<u32> = prefix[..keep].iter().chain(&tail).copied().collect();
+    for (kv, tol) in [(KvType::F32, 1e-5), (KvType::F16, 8.0 / 2048.0)] {
+        let close = |got: &[Vec<f32>], want: &[Vec<f32>], what: &str| {
+            let d = rows_rel_diff(got, want, what);
+            assert!(d <= tol, "{kv:?} {what}: max relative diff {d:e}");
+        };
+        let prefix: Vec<u32> = vec![10, 20, 30, 40, 50, 60];
+        let mut shared = adadim_model::KvCache::new(kv);
+        model.forward_cached(&prefix, &mut shared).unwrap();
+        for (keep, tail) in [(4usize, vec![7u32, 8, 9]), (6, vec![99]), (0, vec![1, 2])] {
+            let mut cache = shared.fork(keep).unwrap();
+            assert_eq!(cache.len(), keep);
+            let got = model.forward_cached(&tail, &mut cache).unwrap().to_vec2::<f32>().unwrap();
+            let ids: Vec<u32> = prefix[..keep].iter().chain(&tail).copied().collect();
+            let full = model.forward_hidden(&ids).unwrap().to_vec2::<f32>().unwrap();
+            close(&got, &full[keep..], &format!("keep {keep}"));
+        }
+        assert_eq!(shared.len(), prefix.len(), "the shared cache is untouched by its forks");
+        // And it still continues correctly itself, then in place after being cut back.
+        let got = model.forward_cached(&[5], &mut shared).unwrap().to_vec2::<f32>().unwrap();
+        let ids: Vec<u32> = prefix.iter().chain(&[5]).copied().collect();
         let full = model.forward_hidden(&ids).unwrap().to_vec2::<f32>().unwrap();
-        assert_rows_close(&got, &full[keep..], &format!("keep {keep}"));
+        close(&got, &full[prefix.len()..], "the shared cache after its forks");
+        shared.truncate(2);
+        let got = model.forward_cached(&[77, 78], &mut shared).unwrap().to_vec2::<f32>().unwrap();
+        let full = model.forward_hidden(&[10, 20, 77, 78]).unwrap().to_vec2::<f32>().unwrap();
+        close(&got, &full[2..], "truncated in place and overwritten");
     }
-    assert_eq!(shared.len(), prefix.len(), "the shared cache is untouched by its forks");
-    // And it still continues correctly itself, then in place after being cut back.
-    let got = model.forward_cached(&[5], &mut shared).unwrap().to_vec2::<f32>().unwrap();
-    let ids: Vec<u32> = prefix.iter().chain(&[5]).copied().collect();
-    let full = model.forward_hidden(&ids).unwrap().to_vec2::<f32>().unwrap();
-    assert_rows_close(&got, &full[prefix.len()..], "the shared cache after its forks");
-    shared.truncate(2);
-    let got = model.forward_cached(&[77, 78], &mut shared).unwrap().to_vec2::<f32>().unwrap();
-    let full = model.forward_hidden(&[10, 20, 77, 78]).unwrap().to_vec2::<f32>().unwrap();
-    assert_rows_close(&got, &full[2..], "truncated in place and overwritten");
 }
 
 #[test]
