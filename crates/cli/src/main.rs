@@ -599,11 +599,13 @@ fn generate(a: GenerateArgs) -> Result<()> {
     })?;
     println!();
     eprintln!(
-        "{} prompt tokens ({:.1} tokens/s prefill), {} generated at {:.1} tokens/s{}",
+        "{} prompt tokens ({:.1} tokens/s prefill), {} generated at {:.1} tokens/s, KV cache {:.1} MB {}{}",
         stats.prompt_tokens,
         stats.prefill_tokens_per_s(),
         stats.generated,
         stats.decode_tokens_per_s(),
+        stats.kv_cache_bytes as f64 / 1e6,
+        a.kv_cache,
         if stats.stopped_by_token { "" } else { " (token limit)" }
     );
     Ok(())

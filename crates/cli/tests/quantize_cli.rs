@@ -44,12 +44,16 @@ fn quantize_then_evaluate() {
     let (code, so, se) = adadim(&["generate", "--model", &s(&out), "--prompt", "Now is the winter", "--max-tokens", "6"]);
     assert_eq!(code, 0, "{se}");
     assert!(se.contains("6 generated at") && !so.is_empty(), "{so} / {se}");
+    assert!(se.contains("MB f16"), "the default KV cache is f16: {se}");
     let (code, _, se) = adadim(&["generate", "--model", &s(&out), "--prompt", "x", "--temperature=-1"]);
     assert_eq!(code, 1);
     assert!(se.contains("--temperature"), "{se}");
-    let (code, so, se) = adadim(&["generate", "--model", &s(&out), "--prompt", "Now is the winter", "--max-tokens", "6", "--act-bits", "8"]);
+    let (code, so, se) = adadim(&["generate", "--model", &s(&out), "--prompt", "Now is the winter", "--max-tokens", "6", "--act-bits", "8", "--kv-cache", "f32"]);
     assert_eq!(code, 0, "{se}");
-    assert!(se.contains("6 generated at") && !so.is_empty(), "{so} / {se}");
+    assert!(se.contains("6 generated at") && se.contains("MB f32") && !so.is_empty(), "{so} / {se}");
+    let (code, _, se) = adadim(&["generate", "--model", &s(&out), "--prompt", "x", "--kv-cache", "f8"]);
+    assert_ne!(code, 0);
+    assert!(se.contains("--kv-cache") && se.contains("f16"), "{se}");
     let (code, _, se) = adadim(&["generate", "--model", &s(&out), "--prompt", "x", "--act-bits", "4"]);
     assert_eq!(code, 1);
     assert!(se.contains("--act-bits 4"), "{se}");

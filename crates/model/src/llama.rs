@@ -554,6 +554,11 @@ impl KvCache {
         KvCache { kv, ..KvCache::default() }
     }
 
+    /// Bytes of keys and values of the positions held (its allocation may have room for more).
+    pub fn bytes(&self) -> usize {
+        self.layers.iter().flatten().map(|l| 2 * l.k.dims()[0] * self.len * l.k.dims()[2] * l.k.dtype().size_in_bytes()).sum()
+    }
+
     /// Positions held.
     pub fn len(&self) -> usize {
         self.len

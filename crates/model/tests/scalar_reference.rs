@@ -198,6 +198,10 @@ fn cached_decoding_equals_the_full_forward() {
             got.extend(model.forward_cached(chunk, &mut cache).unwrap().to_vec2::<f32>().unwrap());
         }
         assert_eq!(cache.len(), ids.len());
+        // Keys and values of every layer and position: 2 x layers x kv heads x head dim each.
+        let c = model.config.clone();
+        let numbers = 2 * c.num_hidden_layers * c.n_kv_heads() * c.head_dim() * ids.len();
+        assert_eq!(cache.bytes(), numbers * if kv == KvType::F16 { 2 } else { 4 }, "{kv:?} cache bytes");
         got
     };
     assert_rows_close(&cached(KvType::F32), &full, "cached");

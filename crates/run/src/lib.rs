@@ -33,6 +33,8 @@ pub struct Stats {
     /// Why it stopped: a stop token, the caller ([`generate_until`]) or the token limit.
     pub stopped_by_token: bool,
     pub stopped_by_caller: bool,
+    /// Bytes of keys and values the KV cache held at the end.
+    pub kv_cache_bytes: usize,
 }
 
 impl Stats {
@@ -163,6 +165,7 @@ pub fn generate_until(model: &Model, prompt: &[u32], stop: &[u32], s: &Settings,
         }
     })?;
     stats.decode_s = t.elapsed().as_secs_f64();
+    stats.kv_cache_bytes = cache.bytes();
     Ok(stats)
 }
 
