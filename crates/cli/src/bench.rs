@@ -150,14 +150,14 @@ mod tests {
     }
 }
 
-/// llama.cpp's decode speed: `llama-bench -p 0 -n TOKENS` (tg TOKENS) on `gguf` with `threads`,
+/// llama.cpp's decode speed: `llama-bench -p 0 -n TOKENS -d DEPTH` (tg TOKENS after DEPTH positions) on `gguf` with `threads`,
 /// `reps` repetitions (llama-bench's own mean). Returns (tokens/s, file size in bytes).
-pub fn llama_bench_tg(bin: &Path, gguf: &Path, tokens: usize, threads: usize, reps: usize) -> Result<(f64, u64)> {
+pub fn llama_bench_tg(bin: &Path, gguf: &Path, tokens: usize, depth: usize, threads: usize, reps: usize) -> Result<(f64, u64)> {
     let exe = bin.join("llama-bench");
     let out = std::process::Command::new(&exe)
         .arg("-m")
         .arg(gguf)
-        .args(["-p", "0", "-n", &tokens.to_string(), "-t", &threads.to_string(), "-r", &reps.max(1).to_string(), "-o", "json"])
+        .args(["-p", "0", "-n", &tokens.to_string(), "-d", &depth.to_string(), "-t", &threads.to_string(), "-r", &reps.max(1).to_string(), "-o", "json"])
         .output()
         .with_context(|| format!("running {}", exe.display()))?;
     if !out.status.success() {

@@ -172,6 +172,10 @@ struct BenchDecodeArgs {
     /// Tokens decoded per measurement (llama-bench's tg N).
     #[arg(long, default_value_t = 128)]
     tokens: usize,
+    /// Positions already in the KV cache when the timed tokens start (llama-bench's -d),
+    /// comma-separated: each model is measured at each.
+    #[arg(long, value_delimiter = ',', default_value = "0,1024")]
+    depth: Vec<usize>,
     /// Rounds, each measuring every model once in turn (ours and llama-bench's interleaved); the
     /// best round of each model is kept.
     #[arg(long, default_value_t = 5)]
@@ -916,12 +920,13 @@ fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
     // GB/s), and timing all of ours before all of llama.cpp's gave one side the better minutes.
     let acts = a.act_bits.iter().map(|&b| act_bits(b)).collect::<Result<Vec<_>>>()?;
     let mut models = Vec::new();
-    // (model index, activations, label, best tokens/s)
-    let mut ours: Vec<(usize, adadim_pack::ActBits, String, f64)> = Vec::new();
+    // (model index, activations, label, depth, best tokens/s)
+    let mut ours: Vec<(usize, adadim_pack::ActBits, String, usize, f64)> = Vec::new();
+    let deepest = a.depth.iter().copied().max().unwrap_or(0);
     for spec in &a.models {
         let dir = model_dir(spec)?;
         let src = adadim_model::open(&dir)?;
-        let mut model = adadim_model::Model::load(src.as_ref(), a.tokens + 2, &mut |_, _| {})?;
+        let mut model = adadim_model::Model::load(src.as_ref(), deepest + a.tokens + 2, &mut |_, _| {})?;
         let packed = adadim_model::is_packed(&dir);
         apply_head_bits(&mut model, Some(if packed { a.head_bits } else { 0 }), packed)?;
         let head = if packed && a.head_bits > 0 { format!(", head {}-bit", a.head_bits) } else { String::new() };
@@ -933,7 +938,9 @@ fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
             } else {
                 format!("{} f32", dir.file_name().unwrap_or_default().to_string_lossy())
             };
-            ours.push((models.len(), act, label, 0.0));
+            for &d in &a.depth {
+                ours.push((models.len(), act, label.clone(), d, 0.0));
+            }
         }
         models.push(model);
     }
@@ -943,46 +950,57 @@ fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
         (false, Some(bin)) => Some(bin),
         (false, None) => anyhow::bail!("--gguf given but no llama-bench found (bench/peers/build-llamacpp.sh, or --llamacpp DIR)"),
     };
-    // (label, best tokens/s, file bytes)
-    let mut peers: Vec<(String, f64, u64)> = a.gguf.iter().map(|g| (g.file_stem().unwrap_or_default().to_string_lossy().to_string(), 0.0, 0)).collect();
+    // (gguf, label, depth, best tokens/s, file bytes)
+    let mut peers: Vec<(&PathBuf, String, usize, f64, u64)> =
+        a.gguf.iter().flat_map(|g| a.depth.iter().map(move |&d| (g, g.file_stem().unwrap_or_default().to_string_lossy().to_string(), d, 0.0, 0))).collect();
     let mut triad = 0f64;
     // f16 keys and values: llama-bench's default cache type, so both read the same bytes.
     let settings = adadim_run::Settings { max_tokens: a.tokens, temperature: 0.0, seed: 0, kv: adadim_model::KvType::F16 };
     for round in 1..=rounds {
         triad = triad.max(bench_kernels::triad_gbs((512 << 20) / 12, 3));
-        for (m, act, label, best) in &mut ours {
+        for (m, act, label, depth, best) in &mut ours {
             models[*m].set_act_bits(*act);
-            let stats = adadim_run::generate(&models[*m], &[1], &[], &settings, &mut |_| {})?;
+            // The context: `depth` tokens of one id (prefill, not timed), or the one-token prompt.
+            let prompt = vec![1u32; (*depth).max(1)];
+            let stats = adadim_run::generate(&models[*m], &prompt, &[], &settings, &mut |_| {})?;
             *best = best.max(stats.decode_tokens_per_s());
-            eprintln!("round {round}/{rounds}: {label}: {:.1} tokens/s", stats.decode_tokens_per_s());
+            eprintln!("round {round}/{rounds}: {label} @ {depth}: {:.1} tokens/s", stats.decode_tokens_per_s());
         }
         if let Some(bin) = &bin {
-            for (g, (label, best, size)) in a.gguf.iter().zip(&mut peers) {
-                let (ts, bytes) = bench::llama_bench_tg(bin, g, a.tokens, threads, 1)?;
+            for (g, label, depth, best, size) in &mut peers {
+                let (ts, bytes) = bench::llama_bench_tg(bin, g, a.tokens, *depth, threads, 1)?;
                 (*best, *size) = (best.max(ts), bytes);
-                eprintln!("round {round}/{rounds}: llama.cpp {label}: {ts:.1} tokens/s");
+                eprintln!("round {round}/{rounds}: llama.cpp {label} @ {depth}: {ts:.1} tokens/s");
             }
         }
     }
     let mut md = String::new();
     writeln!(md, "## Decode speed (`adadim bench decode`)\n")?;
     writeln!(md, "Machine: {}. Memory bandwidth measured in this run (STREAM triad, best of the rounds): **{triad:.1} GB/s**.\n", bench::machine())?;
-    writeln!(md, "Batch 1, greedy, f16 KV cache (both sides: llama-bench's default type), {} tokens decoded after a one-token prompt (no stop token). {rounds} rounds, each measuring every model once in turn, ours and llama.cpp's interleaved (so a change in the machine's state during the run reaches all of them alike); the best round of each is kept. Weight bytes per token: every linear as stored (f32, or packed codes + params) and the LM head (SmolLM2 ties it to the f32 embedding; packed models decode with it quantized to `--head-bits`, 8 by default, as llama.cpp's k-quant mixes do); the bound is triad / bytes.\n", a.tokens)?;
-    writeln!(md, "| model | weight MB / token | tokens/s | bound (tokens/s) | of bound |\n|---|---|---|---|---|")?;
-    for (m, _, label, best) in &ours {
-        let bytes = models[*m].weight_bytes_per_token() as f64;
+    writeln!(md, "Batch 1, greedy, f16 KV cache (both sides: llama-bench's default type), {} tokens decoded after a context of `depth` positions (llama-bench's `-d`; ours: a prompt of that many tokens, its prefill not timed; depth 0: a one-token prompt), no stop token. {rounds} rounds, each measuring every model once in turn, ours and llama.cpp's interleaved (so a change in the machine's state during the run reaches all of them alike); the best round of each is kept. Bytes per token: every linear as stored (f32, or packed codes + params) and the LM head (SmolLM2 ties it to the f32 embedding; packed models decode with it quantized to `--head-bits`, 8 by default, as llama.cpp's k-quant mixes do), plus the f16 keys and values of the average position attended to; the bound is triad / bytes.\n", a.tokens)?;
+    writeln!(md, "| model | depth | MB / token (weights + KV) | tokens/s | bound (tokens/s) | of bound |\n|---|---|---|---|---|---|")?;
+    // f16 keys and values read per token, on average over the timed tokens.
+    let kv_bytes = |m: &adadim_model::Model, depth: usize| {
+        let c = &m.config;
+        (2 * c.num_hidden_layers * c.n_kv_heads() * c.head_dim() * 2) as f64 * (depth as f64 + a.tokens as f64 / 2.0)
+    };
+    for (m, _, label, depth, best) in &ours {
+        let bytes = models[*m].weight_bytes_per_token() as f64 + kv_bytes(&models[*m], *depth);
         let bound = triad * 1e9 / bytes;
-        writeln!(md, "| adadim: {label} | {:.1} | {best:.1} | {bound:.0} | {:.2} |", bytes / 1e6, best / bound)?;
+        writeln!(md, "| adadim: {label} | {depth} | {:.1} | {best:.1} | {bound:.0} | {:.2} |", bytes / 1e6, best / bound)?;
     }
-    for (label, ts, size) in &peers {
-        let bound = triad * 1e9 / *size as f64;
-        writeln!(md, "| llama.cpp llama-bench tg{}: {label} | {:.1} (file) | {ts:.1} | {bound:.0} | {:.2} |", a.tokens, *size as f64 / 1e6, ts / bound)?;
+    for (_, label, depth, ts, size) in &peers {
+        // The same model's keys and values (the GGUFs are of the models measured above).
+        let kv = models.first().map_or(0.0, |m| kv_bytes(m, *depth));
+        let bytes = *size as f64 + kv;
+        let bound = triad * 1e9 / bytes;
+        writeln!(md, "| llama.cpp llama-bench tg{}: {label} | {depth} | {:.1} (file + KV) | {ts:.1} | {bound:.0} | {:.2} |", a.tokens, bytes / 1e6, ts / bound)?;
     }
     if !peers.is_empty() {
-        writeln!(md, "\nadadim / llama.cpp decode speed:\n")?;
-        for (_, _, label, t) in &ours {
-            let vs: Vec<String> = peers.iter().map(|(p, pt, _)| format!("{:.2}x {p}", t / pt)).collect();
-            writeln!(md, "- {label}: {}", vs.join(", "))?;
+        writeln!(md, "\nadadim / llama.cpp decode speed, at the same depth:\n")?;
+        for (_, _, label, depth, t) in &ours {
+            let vs: Vec<String> = peers.iter().filter(|p| p.2 == *depth).map(|(_, p, _, pt, _)| format!("{:.2}x {p}", t / pt)).collect();
+            writeln!(md, "- {label} @ {depth}: {}", vs.join(", "))?;
         }
     }
     writeln!(md, "\nllama.cpp's bound uses its whole file size (all weights, quantized embeddings included) as bytes per token. Threads: {threads} each.")?;

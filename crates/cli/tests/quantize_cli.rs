@@ -58,17 +58,19 @@ fn quantize_then_evaluate() {
     assert_eq!(code, 1);
     assert!(se.contains("--act-bits 4"), "{se}");
 
-    // bench decode: every model and precision once per round, its rows written into the file.
+    // bench decode: every model, precision and depth once per round, its rows written into the file.
     let md = d.path().join("BENCH.md");
-    let (code, _, se) = adadim(&["bench", "decode", "--models", &s(&out), "--tokens", "4", "--reps", "2", "--write", &s(&md)]);
+    let (code, _, se) = adadim(&["bench", "decode", "--models", &s(&out), "--tokens", "4", "--depth", "0,9", "--reps", "2", "--write", &s(&md)]);
     assert_eq!(code, 0, "{se}");
-    assert_eq!(se.matches("round 2/2: q packed").count(), 2, "int16 and int8 measured in round 2: {se}");
+    assert_eq!(se.matches("round 2/2: q packed").count(), 4, "int16 and int8 at both depths measured in round 2: {se}");
     let page = std::fs::read_to_string(&md).unwrap();
     let rows: Vec<&str> = page.lines().filter(|l| l.starts_with("| adadim: q packed")).collect();
-    assert_eq!(rows.len(), 2, "{page}");
-    for row in rows {
-        let tps: f64 = row.split('|').nth(3).unwrap().trim().parse().unwrap();
-        assert!(tps > 0.0, "{row}");
+    assert_eq!(rows.len(), 4, "{page}");
+    for (i, row) in rows.iter().enumerate() {
+        let cell = |k: usize| row.split('|').nth(k).unwrap().trim();
+        assert_eq!(cell(2), ["0", "9"][i % 2], "{row}");
+        let (mb, tps): (f64, f64) = (cell(3).parse().unwrap(), cell(4).parse().unwrap());
+        assert!(tps > 0.0 && mb > 0.0, "{row}");
     }
     std::fs::remove_file(&md).unwrap();
 
