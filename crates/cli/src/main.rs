@@ -562,6 +562,15 @@ fn model_dir(spec: &str) -> Result<PathBuf> {
     Ok(dir)
 }
 
+/// Says so when `positions` go past the context the model was trained for (its config's
+/// `max_position_embeddings`): it runs, but what comes out there is not meaningful.
+fn warn_past_context(dir: &std::path::Path, positions: usize) {
+    let trained = adadim_load::LlamaConfig::from_file(&dir.join("config.json")).ok().and_then(|c| c.max_position_embeddings);
+    if let Some(max) = trained.filter(|&m| positions > m) {
+        eprintln!("note: {positions} positions go past {}'s trained context of {max}; past it the output is not meaningful", dir.display());
+    }
+}
+
 fn generate(a: GenerateArgs) -> Result<()> {
     if !(a.temperature.is_finite() && a.temperature >= 0.0) {
         anyhow::bail!("--temperature {}: must be a finite number >= 0", a.temperature);
@@ -584,6 +593,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
         anyhow::bail!("--prompt: empty after tokenization");
     }
     let stop = eos_ids(&dir, &tok)?;
+    warn_past_context(&dir, prompt.len() + a.max_tokens);
     let mut model = adadim_model::Model::load(src.as_ref(), prompt.len() + a.max_tokens, &mut |_, _| {})?;
     apply_head_bits(&mut model, a.head_bits, adadim_model::is_packed(&dir))?;
     model.set_act_bits(act_bits(a.act_bits)?);
@@ -926,6 +936,7 @@ fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
     for spec in &a.models {
         let dir = model_dir(spec)?;
         let src = adadim_model::open(&dir)?;
+        warn_past_context(&dir, deepest + a.tokens);
         let mut model = adadim_model::Model::load(src.as_ref(), deepest + a.tokens + 2, &mut |_, _| {})?;
         let packed = adadim_model::is_packed(&dir);
         apply_head_bits(&mut model, Some(if packed { a.head_bits } else { 0 }), packed)?;

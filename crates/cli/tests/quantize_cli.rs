@@ -158,6 +158,18 @@ fn quantize_then_evaluate() {
         assert!(se.contains(needle) && se.trim().lines().count() == 1, "{flag} {value}: {se}");
     }
     assert_eq!(only_entries(d.path()), ["calib.txt", "model", "q"]);
+
+    // Generating past the trained context (config's max_position_embeddings) runs, with a note.
+    let cfg = m.join("config.json");
+    let mut c: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+    c["max_position_embeddings"] = serde_json::json!(8);
+    std::fs::write(&cfg, c.to_string()).unwrap();
+    let (code, _, se) = adadim(&["generate", "--model", &s(&m), "--prompt", "Now is the winter", "--raw", "--max-tokens", "12"]);
+    assert_eq!(code, 0, "{se}");
+    assert!(se.contains("trained context of 8") && se.contains("12 generated at"), "{se}");
+    let (code, _, se) = adadim(&["generate", "--model", &s(&m), "--prompt", "Now", "--raw", "--max-tokens", "2"]);
+    assert_eq!(code, 0, "{se}");
+    assert!(!se.contains("trained context"), "{se}");
 }
 
 #[test]
