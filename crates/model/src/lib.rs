@@ -19,5 +19,5 @@ pub mod llama;
 pub mod source;
 
 pub use error::{ModelError, Result};
-pub use llama::{Block, Flow, KvCache, KvType, Linear, LinearKind, Model, Rope, Weight};
+pub use llama::{Block, DecodeScratch, Flow, KvCache, KvType, Linear, LinearKind, Model, Rope, Weight};
 pub use source::{is_packed, open, PackedModel, WeightSource};

@@ -117,6 +117,49 @@ fn dense_product(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
 /// Rows of a dense matvec per parallel task.
 const DENSE_ROWS_PER_TASK: usize = 64;
 
+/// `f` on the numbers of `t` in place (a contiguous f32 CPU tensor), or on a copy of them.
+fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
+    if t.dtype() == DType::F32 && t.is_contiguous() {
+        let (s, l) = t.storage_and_layout();
+        if let candle_core::Storage::Cpu(c) = &*s {
+            return Ok(f(&c.as_slice::<f32>()?[l.start_offset()..][..t.elem_count()]));
+        }
+    }
+    Ok(f(&t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?))
+}
+
+/// `out = x / sqrt(mean(x^2) + eps) * w`, as candle's `rms_norm` computes it.
+fn rms_norm_into(x: &[f32], w: &Tensor, eps: f32, out: &mut [f32]) -> candle_core::Result<()> {
+    let sum2 = x.iter().map(|v| v * v).sum::<f32>();
+    let m = (sum2 / x.len() as f32 + eps).sqrt();
+    with_f32(w, |w| {
+        for ((o, &v), &w) in out.iter_mut().zip(x).zip(w) {
+            *o = v / m * w;
+        }
+    })
+}
+
+impl Linear {
+    /// `y = W x (+ b)` for one token, slices in and out: [`Linear::forward`]'s matvec without
+    /// the tensors around it (the decode step, [`Model::decode_step`]).
+    pub fn matvec_into(&self, x: &[f32], y: &mut [f32]) -> candle_core::Result<()> {
+        match &self.weight {
+            Weight::Packed(p) => p.matvec_act(self.act, x, y),
+            Weight::Dense(w) => {
+                let cols = x.len();
+                if w.dims2()? != (y.len(), cols) {
+                    candle_core::bail!("matvec: weight {:?} for {cols} inputs and {} outputs", w.dims(), y.len());
+                }
+                with_f32(w, |w| adadim_pack::team::for_each_chunk(y, DENSE_ROWS_PER_TASK, &|i, y| crate::kernels::dense_rows(&w[i * DENSE_ROWS_PER_TASK * cols..], x, y)))?;
+            }
+        }
+        if let Some(b) = &self.bias {
+            with_f32(b, |b| y.iter_mut().zip(b).for_each(|(y, b)| *y += b))?;
+        }
+        Ok(())
+    }
+}
+
 /// What a forward-pass tap asks for next.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Flow {
@@ -195,6 +238,23 @@ impl Rope {
 
     pub fn max_positions(&self) -> usize {
         self.cos.dims()[0]
+    }
+
+    /// Rotate the heads of one position `pos` in place (`x`: heads of `hd`, one after another),
+    /// as [`Rope::apply`]: the halves of each head turned by the position's angles.
+    fn rotate(&self, x: &mut [f32], hd: usize, pos: usize) -> candle_core::Result<()> {
+        let half = hd / 2;
+        let (cos, sin) = (self.cos.narrow(0, pos, 1)?, self.sin.narrow(0, pos, 1)?);
+        with_f32(&cos, |cos| {
+            with_f32(&sin, |sin| {
+                for h in x.chunks_exact_mut(hd) {
+                    let (a, b) = h.split_at_mut(half);
+                    for (((a, b), &c), &s) in a.iter_mut().zip(b.iter_mut()).zip(cos).zip(sin) {
+                        (*a, *b) = (*a * c - *b * s, *a * s + *b * c);
+                    }
+                }
+            })
+        })?
     }
 
     /// Rotate `x` (1, heads, t, hd) holding positions `pos0..pos0+t`.
@@ -357,6 +417,42 @@ impl Block {
         Tensor::from_vec(out, shape, h.device())
     }
 
+    /// [`Block::forward_cached`] for one token at position `pos`, on slices: `x` (d) is the
+    /// residual stream, updated in place; `s` holds the step's buffers, reused from token to
+    /// token. The same operations in the same order as the tensor path (the same numbers, bit
+    /// for bit, tested), without a tensor and its allocation per operation: on SmolLM2 candle's
+    /// operations and the allocator were about 7% of a decode profile's samples, all on the
+    /// decode thread while the other one waited.
+    pub fn decode_step(&self, x: &mut [f32], rope: &Rope, pos: usize, cache: &mut Option<LayerKv>, kv: KvType, s: &mut DecodeScratch) -> Result<()> {
+        self.decode_step_inner(x, rope, pos, cache, kv, s).ctx(|| format!("layer {}: decode step", self.layer))
+    }
+
+    fn decode_step_inner(&self, x: &mut [f32], rope: &Rope, pos: usize, cache: &mut Option<LayerKv>, kv: KvType, s: &mut DecodeScratch) -> candle_core::Result<()> {
+        let (nh, nkv, hd) = (self.n_head, self.n_kv_head, self.head_dim);
+        let f = self.gate.out_features();
+        s.size(x.len(), nh * hd, nkv * hd, f);
+        rms_norm_into(x, &self.attn_norm, self.eps, &mut s.h)?;
+        self.q.matvec_into(&s.h, &mut s.q)?;
+        self.k.matvec_into(&s.h, &mut s.k)?;
+        self.v.matvec_into(&s.h, &mut s.v)?;
+        rope.rotate(&mut s.q, hd, pos)?;
+        rope.rotate(&mut s.k, hd, pos)?;
+        let scale = (1.0 / (hd as f64).sqrt()) as f32;
+        s.q.iter_mut().for_each(|q| *q *= scale);
+        let k = Tensor::from_slice(&s.k, (nkv, 1, hd), &Device::Cpu)?;
+        let v = Tensor::from_slice(&s.v, (nkv, 1, hd), &Device::Cpu)?;
+        LayerKv::append(cache, &k, &v, pos, kv)?.attend_into(&s.q, pos + 1, nh, &mut s.att)?;
+        self.o.matvec_into(&s.att, &mut s.y)?;
+        x.iter_mut().zip(&s.y).for_each(|(x, y)| *x += y);
+        rms_norm_into(x, &self.mlp_norm, self.eps, &mut s.h)?;
+        self.gate.matvec_into(&s.h, &mut s.g)?;
+        self.up.matvec_into(&s.h, &mut s.u)?;
+        silu_mul(&s.g, &s.u, &mut s.a);
+        self.down.matvec_into(&s.a, &mut s.y)?;
+        x.iter_mut().zip(&s.y).for_each(|(x, y)| *x += y);
+        Ok(())
+    }
+
     /// As [`Block::forward`] for `x` (t, d) at positions `pos0..pos0 + t`, attending to the
     /// keys and values of the earlier positions held in `cache` and appending its own.
     pub fn forward_cached(&self, x: &Tensor, rope: &Rope, pos0: usize, cache: &mut Option<LayerKv>, kv: KvType) -> Result<Tensor> {
@@ -466,6 +562,13 @@ impl LayerKv {
     /// [`ATTENTION_RUNS`] of them: SmolLM2 (3 key/value heads) gives 6 tasks at 128 positions,
     /// even for two threads.
     fn attend(&self, q: &[f32], n: usize, nh: usize, device: &Device) -> candle_core::Result<Tensor> {
+        let mut out = vec![0f32; q.len()];
+        self.attend_into(q, n, nh, &mut out)?;
+        Tensor::from_vec(out, (1, q.len()), device)
+    }
+
+    /// [`LayerKv::attend`] into `out` (`q.len()` floats).
+    fn attend_into(&self, q: &[f32], n: usize, nh: usize, out: &mut [f32]) -> candle_core::Result<()> {
         let (nkv, cap, hd) = self.k.dims3()?;
         let (ks, kl) = self.k.storage_and_layout();
         let (vs, vl) = self.v.storage_and_layout();
@@ -480,7 +583,7 @@ impl LayerKv {
             })
         }
         let (k, v) = (rows(kc, kl.start_offset())?, rows(vc, vl.start_offset())?);
-        if q.len() != nh * hd || nkv == 0 || nh % nkv != 0 || n == 0 || n > cap || k.len() < nkv * cap * hd || v.len() < nkv * cap * hd {
+        if q.len() != nh * hd || out.len() != q.len() || nkv == 0 || nh % nkv != 0 || n == 0 || n > cap || k.len() < nkv * cap * hd || v.len() < nkv * cap * hd {
             candle_core::bail!("decode attention: q {} for {nh} heads of {hd}, cache ({nkv}, {cap}, {hd}) at {n}", q.len())
         }
         let group = nh / nkv;
@@ -493,11 +596,10 @@ impl LayerKv {
             let head = kh * cap * hd..(kh * cap + n) * hd;
             crate::kernels::attend_run(&q[kh * group * hd..(kh + 1) * group * hd], k.slice(head.clone()), v.slice(head), hd, run, r, part);
         });
-        let mut out = vec![0f32; nh * hd];
         for (kh, o) in out.chunks_exact_mut(group * hd).enumerate() {
             crate::kernels::merge_parts(&parts[kh * runs * width..(kh + 1) * runs * width], group, hd, o);
         }
-        Tensor::from_vec(out, (1, nh * hd), device)
+        Ok(())
     }
 
     /// A copy of positions `0..len` in storage of its own.
@@ -583,6 +685,31 @@ impl KvCache {
         }
         let layers = self.layers.iter().map(|l| l.as_ref().map(|l| l.fork(len)).transpose()).collect::<candle_core::Result<_>>().ctx(|| "copying the kv cache".into())?;
         Ok(KvCache { layers, len, kv: self.kv })
+    }
+}
+
+/// The buffers of one decode step ([`Model::decode_step`]), kept from token to token.
+#[derive(Debug, Default)]
+pub struct DecodeScratch {
+    x: Vec<f32>,
+    h: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    att: Vec<f32>,
+    y: Vec<f32>,
+    g: Vec<f32>,
+    u: Vec<f32>,
+    a: Vec<f32>,
+    logits: Vec<f32>,
+}
+
+impl DecodeScratch {
+    /// Buffers for a block of width `d`, `q` query and `kv` key/value numbers, `f` hidden.
+    fn size(&mut self, d: usize, q: usize, kv: usize, f: usize) {
+        for (b, n) in [(&mut self.h, d), (&mut self.y, d), (&mut self.q, q), (&mut self.att, q), (&mut self.k, kv), (&mut self.v, kv), (&mut self.g, f), (&mut self.u, f), (&mut self.a, f)] {
+            b.resize(n, 0.0);
+        }
     }
 }
 
@@ -682,6 +809,46 @@ impl Model {
         }
         cache.len += ids.len();
         Ok(x)
+    }
+
+    /// One token through the model at the cache's next position, on slices
+    /// ([`Block::decode_step`]): its logits (vocab), in `s`. What [`Model::forward_cached`] and
+    /// [`Model::logits`] compute for one token (to f32 rounding), without their tensors.
+    pub fn decode_step<'s>(&self, id: u32, cache: &mut KvCache, s: &'s mut DecodeScratch) -> Result<&'s [f32]> {
+        let (vocab, d, pos) = (self.config.vocab_size, self.config.hidden_size, cache.len);
+        if id as usize >= vocab {
+            return Err(ModelError::TokenOutOfRange { id, vocab });
+        }
+        if pos + 1 > self.rope.max_positions() {
+            return Err(ModelError::Tensor {
+                context: format!("{} tokens exceed the {} positions prepared", pos + 1, self.rope.max_positions()),
+                source: candle_core::Error::Msg("sequence too long".into()),
+            });
+        }
+        let mut x = std::mem::take(&mut s.x);
+        x.resize(d, 0.0);
+        let row = self.embed.narrow(0, id as usize, 1).ctx(|| "embedding".into())?;
+        with_f32(&row, |e| x.copy_from_slice(&e[..d])).ctx(|| "embedding".into())?;
+        cache.layers.resize_with(self.blocks.len(), || None);
+        let kv = cache.kv;
+        let stepped = self.blocks.iter().zip(cache.layers.iter_mut()).try_for_each(|(b, c)| b.decode_step(&mut x, &self.rope, pos, c, kv, s));
+        if stepped.is_ok() {
+            cache.len += 1;
+        }
+        s.x = x;
+        stepped?;
+        let mut h = std::mem::take(&mut s.h);
+        h.resize(d, 0.0);
+        let head = rms_norm_into(&s.x, &self.norm, self.config.rms_norm_eps as f32, &mut h).and_then(|()| {
+            s.logits.resize(vocab, 0.0);
+            match &self.decode_head {
+                Some(p) => Linear { weight: Weight::Packed(p.clone()), bias: None, act: self.act }.matvec_into(&h, &mut s.logits),
+                None => Linear { weight: Weight::Dense(self.lm_head.as_ref().unwrap_or(&self.embed).clone()), bias: None, act: self.act }.matvec_into(&h, &mut s.logits),
+            }
+        });
+        s.h = h;
+        head.ctx(|| "lm head".into())?;
+        Ok(&s.logits)
     }
 
     /// Final norm and LM head on hidden states (t, d) -> logits (t, vocab).

@@ -272,3 +272,70 @@ fn quantized_decode_head_stays_close_to_the_float_head() {
     let diff = q[0].iter().zip(f).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
     assert!(diff > 0.0 && diff <= 0.02 * scale, "one position: quantized head, max diff {diff} vs scale {scale}");
 }
+
+/// `model`'s one-token slice path against the tensor path (forward_cached + logits) for a few
+/// tokens after a 3-token prompt, on caches of type `kv`: the largest difference, relative to
+/// the largest logit.
+fn decode_step_vs_tensor_path(model: &Model, kv: KvType) -> f32 {
+    let ids: [u32; 8] = [3, 17, 250, 9, 41, 100, 7, 8];
+    let (mut a, mut b) = (adadim_model::KvCache::new(kv), adadim_model::KvCache::new(kv));
+    model.forward_cached(&ids[..3], &mut a).unwrap();
+    model.forward_cached(&ids[..3], &mut b).unwrap();
+    let mut s = adadim_model::DecodeScratch::default();
+    let mut worst = 0f32;
+    for &id in &ids[3..] {
+        let want = model.logits(&model.forward_cached(&[id], &mut a).unwrap()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let got = model.decode_step(id, &mut b, &mut s).unwrap().to_vec();
+        assert_eq!((got.len(), b.len()), (want.len(), a.len()));
+        let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+        worst = worst.max(got.iter().zip(&want).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale);
+    }
+    worst
+}
+
+#[test]
+fn decode_step_equals_the_tensor_path() {
+    // Dense weights with q/k/v biases, both cache types; then packed linears (per-OC and
+    // per-IC, int16 and int8 activations) and the 8-bit decode head.
+    let d = tempfile::tempdir().unwrap();
+    let json = serde_json::json!({
+        "architectures": ["LlamaForCausalLM"], "hidden_size": 48, "intermediate_size": 80,
+        "num_hidden_layers": 2, "num_attention_heads": 6, "num_key_value_heads": 2,
+        "vocab_size": 300, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": true,
+        "attention_bias": true
+    });
+    let cfg = adadim_load::LlamaConfig::from_json(d.path(), &json.to_string()).unwrap();
+    write_random_checkpoint(d.path(), &cfg, 11).unwrap();
+    let mut model = Model::load(&Checkpoint::open(d.path()).unwrap(), 32, &mut |_, _| {}).unwrap();
+    assert!(model.blocks[0].q.bias.is_some());
+    for kv in [KvType::F32, KvType::F16] {
+        assert_eq!(decode_step_vs_tensor_path(&model, kv), 0.0, "dense, {kv:?}");
+    }
+    use adadim_model::{LinearKind, Weight};
+    use adadim_quantize::{rtn, Axis, QuantSpec, Zero};
+    for (i, block) in model.blocks.iter_mut().enumerate() {
+        for (j, kind) in [LinearKind::Q, LinearKind::K, LinearKind::V, LinearKind::O, LinearKind::Gate, LinearKind::Up, LinearKind::Down].into_iter().enumerate() {
+            let lin = block.linear_mut(kind);
+            let w = lin.dense().unwrap();
+            let (rows, cols) = w.dims2().unwrap();
+            let w = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let axis = if (i + j) % 2 == 0 { Axis::Oc } else { Axis::Ic };
+            let q = rtn(&w, rows, cols, &QuantSpec { bits: 4, group: Some(16), axis, zero: Zero::Awq }).unwrap();
+            lin.weight = Weight::Packed(std::sync::Arc::new(adadim_pack::PackedLinear::from_quantized(&q)));
+        }
+    }
+    model.quantize_decode_head(8).unwrap();
+    for act in [adadim_pack::ActBits::I16, adadim_pack::ActBits::I8] {
+        model.set_act_bits(act);
+        for kv in [KvType::F32, KvType::F16] {
+            assert_eq!(decode_step_vs_tensor_path(&model, kv), 0.0, "packed, {act:?}, {kv:?}");
+        }
+    }
+    // A token past the vocabulary: an error, the cache untouched.
+    let mut cache = adadim_model::KvCache::new(KvType::F16);
+    let mut s = adadim_model::DecodeScratch::default();
+    model.decode_step(1, &mut cache, &mut s).unwrap();
+    let err = model.decode_step(300, &mut cache, &mut s).unwrap_err().to_string();
+    assert!(err.contains("300"), "{err}");
+    assert_eq!(cache.len(), 1);
+}

@@ -10,7 +10,7 @@
 
 use std::time::Instant;
 
-use adadim_model::{KvCache, KvType, Model, ModelError};
+use adadim_model::{DecodeScratch, KvCache, KvType, Model, ModelError};
 
 /// Decoding settings.
 #[derive(Clone, Debug)]
@@ -145,6 +145,7 @@ pub fn generate_until(model: &Model, prompt: &[u32], stop: &[u32], s: &Settings,
     // One token at a time: the matvecs' row loops and the attention heads run on spinning
     // helpers (rayon's other workers), whose start costs less than a matvec of a small model.
     let helpers = rayon::current_num_threads().saturating_sub(1);
+    let mut scratch = DecodeScratch::default();
     adadim_pack::team::with_team(helpers, || -> Result<(), ModelError> {
         loop {
             if stop.contains(&next) {
@@ -160,8 +161,9 @@ pub fn generate_until(model: &Model, prompt: &[u32], stop: &[u32], s: &Settings,
             if stats.generated == s.max_tokens {
                 return Ok(());
             }
-            let hidden = model.forward_cached(&[next], &mut cache)?;
-            next = last_token(model, &hidden, s.temperature, &mut rng)?;
+            // One token: the slice path (the same numbers as forward_cached + logits).
+            let logits = model.decode_step(next, &mut cache, &mut scratch)?;
+            next = sample(logits, s.temperature, &mut rng);
         }
     })?;
     stats.decode_s = t.elapsed().as_secs_f64();
