@@ -150,22 +150,25 @@ mod tests {
     }
 }
 
-/// llama.cpp's decode speed: `llama-bench -p 0 -n TOKENS -d DEPTH` (tg TOKENS after DEPTH positions) on `gguf` with `threads`,
-/// `reps` repetitions (llama-bench's own mean). Returns (tokens/s, file size in bytes).
-pub fn llama_bench_tg(bin: &Path, gguf: &Path, tokens: usize, depth: usize, threads: usize, reps: usize) -> Result<(f64, u64)> {
+/// llama.cpp's speed on one test: `llama-bench -p PROMPT -n GEN -d DEPTH` on `gguf` with
+/// `threads`, `reps` repetitions (llama-bench's own mean): decoding `gen` tokens after `depth`
+/// positions (`prompt` 0, tg GEN) or processing a `prompt` of that many tokens (`gen` 0, pp
+/// PROMPT). Returns (tokens/s, file size in bytes).
+pub fn llama_bench(bin: &Path, gguf: &Path, prompt: usize, gen: usize, depth: usize, threads: usize, reps: usize) -> Result<(f64, u64)> {
     let exe = bin.join("llama-bench");
     let out = std::process::Command::new(&exe)
         .arg("-m")
         .arg(gguf)
-        .args(["-p", "0", "-n", &tokens.to_string(), "-d", &depth.to_string(), "-t", &threads.to_string(), "-r", &reps.max(1).to_string(), "-o", "json"])
+        .args(["-p", &prompt.to_string(), "-n", &gen.to_string(), "-d", &depth.to_string(), "-t", &threads.to_string(), "-r", &reps.max(1).to_string(), "-o", "json"])
         .output()
         .with_context(|| format!("running {}", exe.display()))?;
     if !out.status.success() {
         anyhow::bail!("{} on {} failed ({}): {}", exe.display(), gguf.display(), out.status, String::from_utf8_lossy(&out.stderr));
     }
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).with_context(|| format!("{}: output is not JSON", exe.display()))?;
-    let ts = v.as_array().and_then(|a| a.iter().find(|r| r["n_gen"].as_u64() == Some(tokens as u64))).and_then(|r| r["avg_ts"].as_f64());
-    let ts = ts.ok_or_else(|| anyhow::anyhow!("{}: no tg{tokens} result in its JSON", exe.display()))?;
+    let is = |r: &serde_json::Value| r["n_prompt"].as_u64() == Some(prompt as u64) && r["n_gen"].as_u64() == Some(gen as u64);
+    let ts = v.as_array().and_then(|a| a.iter().find(|r| is(r))).and_then(|r| r["avg_ts"].as_f64());
+    let ts = ts.ok_or_else(|| anyhow::anyhow!("{}: no pp{prompt} tg{gen} result in its JSON", exe.display()))?;
     let size = std::fs::metadata(gguf).with_context(|| format!("{}", gguf.display()))?.len();
     Ok((ts, size))
 }

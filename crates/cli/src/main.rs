@@ -930,8 +930,9 @@ fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
     // GB/s), and timing all of ours before all of llama.cpp's gave one side the better minutes.
     let acts = a.act_bits.iter().map(|&b| act_bits(b)).collect::<Result<Vec<_>>>()?;
     let mut models = Vec::new();
-    // (model index, activations, label, depth, best tokens/s)
-    let mut ours: Vec<(usize, adadim_pack::ActBits, String, usize, f64)> = Vec::new();
+    // (model index, activations, label, depth, best decode tokens/s, best prefill tokens/s of
+    // the depth's prompt)
+    let mut ours: Vec<(usize, adadim_pack::ActBits, String, usize, f64, f64)> = Vec::new();
     let deepest = a.depth.iter().copied().max().unwrap_or(0);
     for spec in &a.models {
         let dir = model_dir(spec)?;
@@ -950,7 +951,7 @@ fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
                 format!("{} f32", dir.file_name().unwrap_or_default().to_string_lossy())
             };
             for &d in &a.depth {
-                ours.push((models.len(), act, label.clone(), d, 0.0));
+                ours.push((models.len(), act, label.clone(), d, 0.0, 0.0));
             }
         }
         models.push(model);
@@ -964,24 +965,37 @@ fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
     // (gguf, label, depth, best tokens/s, file bytes)
     let mut peers: Vec<(&PathBuf, String, usize, f64, u64)> =
         a.gguf.iter().flat_map(|g| a.depth.iter().map(move |&d| (g, g.file_stem().unwrap_or_default().to_string_lossy().to_string(), d, 0.0, 0))).collect();
+    // llama-bench pp DEEPEST per GGUF, best tokens/s.
+    let mut peers_pp: Vec<f64> = vec![0.0; a.gguf.len()];
     let mut triad = 0f64;
     // f16 keys and values: llama-bench's default cache type, so both read the same bytes.
     let settings = adadim_run::Settings { max_tokens: a.tokens, temperature: 0.0, seed: 0, kv: adadim_model::KvType::F16 };
     for round in 1..=rounds {
         triad = triad.max(bench_kernels::triad_gbs((512 << 20) / 12, 3));
-        for (m, act, label, depth, best) in &mut ours {
+        for (m, act, label, depth, best, pp) in &mut ours {
             models[*m].set_act_bits(*act);
             // The context: `depth` tokens of one id (prefill, not timed), or the one-token prompt.
             let prompt = vec![1u32; (*depth).max(1)];
             let stats = adadim_run::generate(&models[*m], &prompt, &[], &settings, &mut |_| {})?;
             *best = best.max(stats.decode_tokens_per_s());
+            if *depth == deepest && deepest > 0 {
+                // The context's prefill: prompt processing of `deepest` tokens.
+                *pp = pp.max(stats.prefill_tokens_per_s());
+            }
             eprintln!("round {round}/{rounds}: {label} @ {depth}: {:.1} tokens/s", stats.decode_tokens_per_s());
         }
         if let Some(bin) = &bin {
             for (g, label, depth, best, size) in &mut peers {
-                let (ts, bytes) = bench::llama_bench_tg(bin, g, a.tokens, *depth, threads, 1)?;
+                let (ts, bytes) = bench::llama_bench(bin, g, 0, a.tokens, *depth, threads, 1)?;
                 (*best, *size) = (best.max(ts), bytes);
                 eprintln!("round {round}/{rounds}: llama.cpp {label} @ {depth}: {ts:.1} tokens/s");
+            }
+            if deepest > 0 {
+                for (g, best) in a.gguf.iter().zip(&mut peers_pp) {
+                    let (ts, _) = bench::llama_bench(bin, g, deepest, 0, 0, threads, 1)?;
+                    *best = best.max(ts);
+                    eprintln!("round {round}/{rounds}: llama.cpp {} pp{deepest}: {ts:.1} tokens/s", g.display());
+                }
             }
         }
     }
@@ -995,7 +1009,7 @@ fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
         let c = &m.config;
         (2 * c.num_hidden_layers * c.n_kv_heads() * c.head_dim() * 2) as f64 * (depth as f64 + a.tokens as f64 / 2.0)
     };
-    for (m, _, label, depth, best) in &ours {
+    for (m, _, label, depth, best, _) in &ours {
         let bytes = models[*m].weight_bytes_per_token() as f64 + kv_bytes(&models[*m], *depth);
         let bound = triad * 1e9 / bytes;
         writeln!(md, "| adadim: {label} | {depth} | {:.1} | {best:.1} | {bound:.0} | {:.2} |", bytes / 1e6, best / bound)?;
@@ -1009,9 +1023,21 @@ fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
     }
     if !peers.is_empty() {
         writeln!(md, "\nadadim / llama.cpp decode speed, at the same depth:\n")?;
-        for (_, _, label, depth, t) in &ours {
+        for (_, _, label, depth, t, _) in &ours {
             let vs: Vec<String> = peers.iter().filter(|p| p.2 == *depth).map(|(_, p, _, pt, _)| format!("{:.2}x {p}", t / pt)).collect();
             writeln!(md, "- {label} @ {depth}: {}", vs.join(", "))?;
+        }
+    }
+    if deepest > 0 {
+        writeln!(md, "\n### Prompt processing: {deepest} tokens\n")?;
+        writeln!(md, "The depth-{deepest} context's prefill, timed as `generate` times it (the prompt through the model, the last position's logits included); llama.cpp: `llama-bench -p {deepest} -n 0`, in the same rounds. Prefill is compute-bound: ours dequantizes panels of the packed weights into f32 GEMMs, llama.cpp multiplies int8-rounded activations with its integer kernels.\n")?;
+        writeln!(md, "| model | tokens/s |\n|---|---|")?;
+        for (_, _, label, _, _, pp) in ours.iter().filter(|o| o.3 == deepest) {
+            let vs: Vec<String> = a.gguf.iter().zip(&peers_pp).map(|(g, p)| format!("{:.2}x {}", pp / p, g.file_stem().unwrap_or_default().to_string_lossy())).collect();
+            writeln!(md, "| adadim: {label} | {pp:.1}{} |", if vs.is_empty() { String::new() } else { format!(" ({})", vs.join(", ")) })?;
+        }
+        for (g, p) in a.gguf.iter().zip(&peers_pp) {
+            writeln!(md, "| llama.cpp llama-bench pp{deepest}: {} | {p:.1} |", g.file_stem().unwrap_or_default().to_string_lossy())?;
         }
     }
     writeln!(md, "\nllama.cpp's bound uses its whole file size (all weights, quantized embeddings included) as bytes per token. Threads: {threads} each.")?;

@@ -64,7 +64,7 @@ fn quantize_then_evaluate() {
     assert_eq!(code, 0, "{se}");
     assert_eq!(se.matches("round 2/2: q packed").count(), 4, "int16 and int8 at both depths measured in round 2: {se}");
     let page = std::fs::read_to_string(&md).unwrap();
-    let rows: Vec<&str> = page.lines().filter(|l| l.starts_with("| adadim: q packed")).collect();
+    let rows: Vec<&str> = page.lines().take_while(|l| !l.starts_with("### ")).filter(|l| l.starts_with("| adadim: q packed")).collect();
     assert_eq!(rows.len(), 4, "{page}");
     for (i, row) in rows.iter().enumerate() {
         let cell = |k: usize| row.split('|').nth(k).unwrap().trim();
@@ -72,6 +72,10 @@ fn quantize_then_evaluate() {
         let (mb, tps): (f64, f64) = (cell(3).parse().unwrap(), cell(4).parse().unwrap());
         assert!(tps > 0.0 && mb > 0.0, "{row}");
     }
+    // The deepest context's prefill, as prompt processing: one row per precision.
+    assert!(page.contains("### Prompt processing: 9 tokens"), "{page}");
+    let pp: Vec<f64> = page.lines().skip_while(|l| !l.starts_with("### Prompt processing")).filter(|l| l.starts_with("| adadim: q packed")).map(|l| l.split('|').nth(2).unwrap().trim().parse().unwrap()).collect();
+    assert!(pp.len() == 2 && pp.iter().all(|&t| t > 0.0), "{page}");
     std::fs::remove_file(&md).unwrap();
 
     // bench kernels: every kernel on a small shape, triad measured around them, the rows written.
