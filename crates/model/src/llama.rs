@@ -105,7 +105,7 @@ fn dense_product(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     let xv = x.flatten_all()?.to_vec1::<f32>()?;
     let mut y = vec![0f32; t * rows];
     for (x, y) in xv.chunks(cols).zip(y.chunks_mut(rows)) {
-        adadim_pack::team::for_each_chunk(y, DENSE_ROWS_PER_TASK, &|i, y| crate::kernels::dense_rows(&w[i * DENSE_ROWS_PER_TASK * cols..], x, y));
+        dense_matvec(w, x, y);
     }
     let mut dims = x.dims().to_vec();
     if let Some(last) = dims.last_mut() {
@@ -116,6 +116,13 @@ fn dense_product(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
 
 /// Rows of a dense matvec per parallel task.
 const DENSE_ROWS_PER_TASK: usize = 64;
+
+/// `y = W x` for a row-major f32 `W` (`y.len()` rows of `x.len()`): runs of rows in parallel
+/// ([`crate::kernels::dense_rows`], on the decode team when there is one).
+fn dense_matvec(w: &[f32], x: &[f32], y: &mut [f32]) {
+    let cols = x.len();
+    adadim_pack::team::for_each_chunk(y, DENSE_ROWS_PER_TASK, &|i, y| crate::kernels::dense_rows(&w[i * DENSE_ROWS_PER_TASK * cols..], x, y));
+}
 
 /// `f` on the numbers of `t` in place (a contiguous f32 CPU tensor), or on a copy of them.
 fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
@@ -150,7 +157,7 @@ impl Linear {
                 if w.dims2()? != (y.len(), cols) {
                     candle_core::bail!("matvec: weight {:?} for {cols} inputs and {} outputs", w.dims(), y.len());
                 }
-                with_f32(w, |w| adadim_pack::team::for_each_chunk(y, DENSE_ROWS_PER_TASK, &|i, y| crate::kernels::dense_rows(&w[i * DENSE_ROWS_PER_TASK * cols..], x, y)))?;
+                with_f32(w, |w| dense_matvec(w, x, y))?;
             }
         }
         if let Some(b) = &self.bias {
@@ -767,24 +774,36 @@ impl Model {
         })
     }
 
+    /// An error naming the first of `ids` outside the vocabulary, if any.
+    fn check_tokens(&self, ids: &[u32]) -> Result<()> {
+        let vocab = self.config.vocab_size;
+        match ids.iter().find(|&&i| i as usize >= vocab) {
+            Some(&id) => Err(ModelError::TokenOutOfRange { id, vocab }),
+            None => Ok(()),
+        }
+    }
+
+    /// An error when `n` positions do not fit the RoPE tables prepared at load.
+    fn check_positions(&self, n: usize) -> Result<()> {
+        if n > self.rope.max_positions() {
+            return Err(ModelError::Tensor {
+                context: format!("{n} tokens exceed the {} positions prepared", self.rope.max_positions()),
+                source: candle_core::Error::Msg("sequence too long".into()),
+            });
+        }
+        Ok(())
+    }
+
     /// Token ids -> embeddings (t, d).
     pub fn embed(&self, ids: &[u32]) -> Result<Tensor> {
-        let vocab = self.config.vocab_size;
-        if let Some(&id) = ids.iter().find(|&&i| i as usize >= vocab) {
-            return Err(ModelError::TokenOutOfRange { id, vocab });
-        }
+        self.check_tokens(ids)?;
         let ids = Tensor::new(ids, &Device::Cpu).ctx(|| "token ids".into())?;
         self.embed.index_select(&ids, 0).ctx(|| "embedding".into())
     }
 
     /// Token ids -> final hidden states (t, d), before the final norm.
     pub fn forward_hidden(&self, ids: &[u32]) -> Result<Tensor> {
-        if ids.len() > self.rope.max_positions() {
-            return Err(ModelError::Tensor {
-                context: format!("{} tokens exceed the {} positions prepared", ids.len(), self.rope.max_positions()),
-                source: candle_core::Error::Msg("sequence too long".into()),
-            });
-        }
+        self.check_positions(ids.len())?;
         let mut x = self.embed(ids)?;
         for b in &self.blocks {
             x = b.forward(&x, &self.rope)?;
@@ -796,12 +815,7 @@ impl Model {
     /// (prefill with the prompt, then one token at a time).
     pub fn forward_cached(&self, ids: &[u32], cache: &mut KvCache) -> Result<Tensor> {
         let pos0 = cache.len;
-        if pos0 + ids.len() > self.rope.max_positions() {
-            return Err(ModelError::Tensor {
-                context: format!("{} tokens exceed the {} positions prepared", pos0 + ids.len(), self.rope.max_positions()),
-                source: candle_core::Error::Msg("sequence too long".into()),
-            });
-        }
+        self.check_positions(pos0 + ids.len())?;
         cache.layers.resize_with(self.blocks.len(), || None);
         let mut x = self.embed(ids)?;
         for (b, c) in self.blocks.iter().zip(cache.layers.iter_mut()) {
@@ -816,15 +830,8 @@ impl Model {
     /// [`Model::logits`] compute for one token (to f32 rounding), without their tensors.
     pub fn decode_step<'s>(&self, id: u32, cache: &mut KvCache, s: &'s mut DecodeScratch) -> Result<&'s [f32]> {
         let (vocab, d, pos) = (self.config.vocab_size, self.config.hidden_size, cache.len);
-        if id as usize >= vocab {
-            return Err(ModelError::TokenOutOfRange { id, vocab });
-        }
-        if pos + 1 > self.rope.max_positions() {
-            return Err(ModelError::Tensor {
-                context: format!("{} tokens exceed the {} positions prepared", pos + 1, self.rope.max_positions()),
-                source: candle_core::Error::Msg("sequence too long".into()),
-            });
-        }
+        self.check_tokens(&[id])?;
+        self.check_positions(pos + 1)?;
         let mut x = std::mem::take(&mut s.x);
         x.resize(d, 0.0);
         let row = self.embed.narrow(0, id as usize, 1).ctx(|| "embedding".into())?;
@@ -889,9 +896,7 @@ impl Model {
     /// Evaluated `chunk` rows at a time so a (t, vocab) logits matrix is never held whole.
     pub fn target_logprobs(&self, hidden: &Tensor, targets: &[u32], chunk: usize) -> Result<Vec<f64>> {
         let t = targets.len();
-        if let Some(&id) = targets.iter().find(|&&i| i as usize >= self.config.vocab_size) {
-            return Err(ModelError::TokenOutOfRange { id, vocab: self.config.vocab_size });
-        }
+        self.check_tokens(targets)?;
         let mut out = Vec::with_capacity(t);
         let mut start = 0;
         while start < t {

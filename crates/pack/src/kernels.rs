@@ -110,10 +110,10 @@ pub(crate) fn prefetch(p: *const u8) {
     prefetch_line(p.wrapping_add(PREFETCH));
 }
 
-/// Asks for the cache line holding `p` (a hint, as [`prefetch`]).
+/// Asks for the cache line holding `p` (a hint, as [`prefetch`]; also decode attention's).
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-pub(crate) fn prefetch_line(p: *const u8) {
+pub fn prefetch_line(p: *const u8) {
     use std::arch::x86_64::*;
     // SAFETY: prefetch reads nothing the program sees and does not fault on any address.
     unsafe { _mm_prefetch::<_MM_HINT_T0>(p as *const i8) };
