@@ -264,10 +264,15 @@ struct GenerateArgs {
     /// float. Default: 8 for packed models, 0 for float ones.
     #[arg(long)]
     head_bits: Option<u8>,
-    /// Packed models: round activations to 16 bits in the decode matvecs (within ~1e-5 of f32)
-    /// or to 8 (blocks of 32, llama.cpp's precision; faster for 3- and 4-bit weights).
+    /// Packed models: round activations to 16 bits in the decode matvecs and the prompt's
+    /// products (within ~1e-5 of f32) or to 8 (blocks of 32, llama.cpp's precision; faster for
+    /// 3- and 4-bit weights).
     #[arg(long, default_value_t = 16)]
     act_bits: u8,
+    /// Packed models: multiply the prompt with the exact f32 GEMM (as evaluation does) instead
+    /// of on integers at --act-bits (AVX-512 VNNI CPUs; elsewhere the prompt is f32 anyway).
+    #[arg(long)]
+    exact_prefill: bool,
     /// Number type of the KV cache: f16 (half the memory; llama.cpp's default) or f32 (exact:
     /// the logits of the uncached forward pass).
     #[arg(long, default_value = "f16", value_parser = ["f16", "f32"])]
@@ -597,6 +602,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
     let mut model = adadim_model::Model::load(src.as_ref(), prompt.len() + a.max_tokens, &mut |_, _| {})?;
     apply_head_bits(&mut model, a.head_bits, adadim_model::is_packed(&dir))?;
     model.set_act_bits(act_bits(a.act_bits)?);
+    model.set_integer_prefill(!a.exact_prefill);
     let (mut ids, mut shown) = (Vec::new(), 0usize);
     use std::io::Write;
     let settings = adadim_run::Settings { max_tokens: a.max_tokens, temperature: a.temperature, seed: a.seed, kv: kv_type(&a.kv_cache) };
@@ -941,6 +947,8 @@ fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
         let mut model = adadim_model::Model::load(src.as_ref(), deepest + a.tokens + 2, &mut |_, _| {})?;
         let packed = adadim_model::is_packed(&dir);
         apply_head_bits(&mut model, Some(if packed { a.head_bits } else { 0 }), packed)?;
+        // The prompt as `generate` multiplies it: on integers at the measured precision.
+        model.set_integer_prefill(true);
         let head = if packed && a.head_bits > 0 { format!(", head {}-bit", a.head_bits) } else { String::new() };
         for &act in if packed { &acts[..] } else { &[adadim_pack::ActBits::I16][..] } {
             let label = if packed {

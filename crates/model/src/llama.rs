@@ -35,6 +35,10 @@ pub struct Linear {
     pub bias: Option<Tensor>, // (out)
     /// The activations' precision of a packed weight's matvec ([`Model::set_act_bits`]).
     pub act: ActBits,
+    /// Products of more tokens on integers with activations rounded to this precision
+    /// ([`adadim_pack::PackedLinear::matmul_act`], [`Model::set_integer_prefill`]); `None`: the
+    /// exact f32 GEMM (evaluation).
+    pub prefill: Option<ActBits>,
 }
 
 impl Linear {
@@ -54,7 +58,10 @@ impl Linear {
                         p.matvec_act(self.act, x, y);
                     }
                 } else {
-                    p.matmul(&xv, t, &mut y);
+                    match self.prefill {
+                        Some(act) => p.matmul_act(act, &xv, t, &mut y),
+                        None => p.matmul(&xv, t, &mut y),
+                    }
                 }
                 let mut out = dims[..dims.len() - 1].to_vec();
                 out.push(rows);
@@ -306,7 +313,7 @@ impl Block {
             } else {
                 None
             };
-            Ok(Linear { weight: src.linear(&name)?, bias, act: ActBits::default() })
+            Ok(Linear { weight: src.linear(&name)?, bias, act: ActBits::default(), prefill: None })
         };
         Ok(Block {
             layer,
@@ -737,12 +744,28 @@ pub struct Model {
 
 impl Model {
     /// Round activations to `act` in every packed matvec (the blocks' linears and the decode
-    /// head): 16 bits by default, 8 for llama.cpp's precision and speed (4-bit weights).
+    /// head), and in the prompt's products where [`Model::set_integer_prefill`] is on: 16 bits
+    /// by default, 8 for llama.cpp's precision and speed (4-bit weights).
     pub fn set_act_bits(&mut self, act: ActBits) {
         self.act = act;
         for b in &mut self.blocks {
             for kind in LinearKind::ALL {
-                b.linear_mut(kind).act = act;
+                let l = b.linear_mut(kind);
+                l.act = act;
+                l.prefill = l.prefill.map(|_| act);
+            }
+        }
+    }
+
+    /// Multiply prompts (more than [`MATVEC_TOKENS`] positions at a time) through packed
+    /// linears on integers, with the activations rounded as the decode matvecs round them
+    /// ([`Model::set_act_bits`]; `true`), or with the exact f32 GEMM (`false`, the default:
+    /// evaluation, where the packed model's perplexity must equal the dequantized one's).
+    pub fn set_integer_prefill(&mut self, on: bool) {
+        let act = self.act;
+        for b in &mut self.blocks {
+            for kind in LinearKind::ALL {
+                b.linear_mut(kind).prefill = on.then_some(act);
             }
         }
     }
@@ -849,8 +872,8 @@ impl Model {
         let head = rms_norm_into(&s.x, &self.norm, self.config.rms_norm_eps as f32, &mut h).and_then(|()| {
             s.logits.resize(vocab, 0.0);
             match &self.decode_head {
-                Some(p) => Linear { weight: Weight::Packed(p.clone()), bias: None, act: self.act }.matvec_into(&h, &mut s.logits),
-                None => Linear { weight: Weight::Dense(self.lm_head.as_ref().unwrap_or(&self.embed).clone()), bias: None, act: self.act }.matvec_into(&h, &mut s.logits),
+                Some(p) => Linear { weight: Weight::Packed(p.clone()), bias: None, act: self.act, prefill: None }.matvec_into(&h, &mut s.logits),
+                None => Linear { weight: Weight::Dense(self.lm_head.as_ref().unwrap_or(&self.embed).clone()), bias: None, act: self.act, prefill: None }.matvec_into(&h, &mut s.logits),
             }
         });
         s.h = h;
@@ -886,7 +909,7 @@ impl Model {
         let eps = self.config.rms_norm_eps as f32;
         let h = candle_nn::ops::rms_norm(hidden, &self.norm, eps).ctx(|| "final norm".into())?;
         if let Some(p) = self.decode_head.as_ref().filter(|_| h.dims()[0] <= MATVEC_TOKENS) {
-            return Linear { weight: Weight::Packed(p.clone()), bias: None, act: self.act }.forward(&h).ctx(|| "lm head".into());
+            return Linear { weight: Weight::Packed(p.clone()), bias: None, act: self.act, prefill: None }.forward(&h).ctx(|| "lm head".into());
         }
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         dense_product(&h, head).ctx(|| "lm head".into())

@@ -273,6 +273,28 @@ fn quantized_decode_head_stays_close_to_the_float_head() {
     assert!(diff > 0.0 && diff <= 0.02 * scale, "one position: quantized head, max diff {diff} vs scale {scale}");
 }
 
+/// Replaces every linear of `model` by its RTN w4 (groups of `group`) packed form, per-OC and
+/// per-IC in turn. Returns how many take the integer prefill product on this CPU.
+fn pack_linears(model: &mut Model, group: usize) -> usize {
+    use adadim_model::{LinearKind, Weight};
+    use adadim_quantize::{rtn, Axis, QuantSpec, Zero};
+    let mut integer = 0;
+    for (i, block) in model.blocks.iter_mut().enumerate() {
+        for (j, kind) in LinearKind::ALL.into_iter().enumerate() {
+            let lin = block.linear_mut(kind);
+            let w = lin.dense().unwrap();
+            let (rows, cols) = w.dims2().unwrap();
+            let w = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let axis = if (i + j) % 2 == 0 { Axis::Oc } else { Axis::Ic };
+            let q = rtn(&w, rows, cols, &QuantSpec { bits: 4, group: Some(group), axis, zero: Zero::Awq }).unwrap();
+            let p = adadim_pack::PackedLinear::from_quantized(&q);
+            integer += usize::from(adadim_pack::qgemm::kind(&p, adadim_pack::ActBits::I16).is_some());
+            lin.weight = Weight::Packed(std::sync::Arc::new(p));
+        }
+    }
+    integer
+}
+
 /// `model`'s one-token slice path against the tensor path (forward_cached + logits) for a few
 /// tokens after a 3-token prompt, on caches of type `kv`: the largest difference, relative to
 /// the largest logit.
@@ -311,19 +333,7 @@ fn decode_step_equals_the_tensor_path() {
     for kv in [KvType::F32, KvType::F16] {
         assert_eq!(decode_step_vs_tensor_path(&model, kv), 0.0, "dense, {kv:?}");
     }
-    use adadim_model::{LinearKind, Weight};
-    use adadim_quantize::{rtn, Axis, QuantSpec, Zero};
-    for (i, block) in model.blocks.iter_mut().enumerate() {
-        for (j, kind) in [LinearKind::Q, LinearKind::K, LinearKind::V, LinearKind::O, LinearKind::Gate, LinearKind::Up, LinearKind::Down].into_iter().enumerate() {
-            let lin = block.linear_mut(kind);
-            let w = lin.dense().unwrap();
-            let (rows, cols) = w.dims2().unwrap();
-            let w = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            let axis = if (i + j) % 2 == 0 { Axis::Oc } else { Axis::Ic };
-            let q = rtn(&w, rows, cols, &QuantSpec { bits: 4, group: Some(16), axis, zero: Zero::Awq }).unwrap();
-            lin.weight = Weight::Packed(std::sync::Arc::new(adadim_pack::PackedLinear::from_quantized(&q)));
-        }
-    }
+    pack_linears(&mut model, 16);
     model.quantize_decode_head(8).unwrap();
     for act in [adadim_pack::ActBits::I16, adadim_pack::ActBits::I8] {
         model.set_act_bits(act);
@@ -338,4 +348,62 @@ fn decode_step_equals_the_tensor_path() {
     let err = model.decode_step(300, &mut cache, &mut s).unwrap_err().to_string();
     assert!(err.contains("300"), "{err}");
     assert_eq!(cache.len(), 1);
+}
+
+#[test]
+fn integer_prefill_moves_the_logits_by_its_rounding() {
+    // A prompt of 24 positions through packed linears (per-OC and per-IC, groups of 32): the
+    // integer GEMM (`set_integer_prefill`) against the exact f32 one. It moves the logits by the
+    // activations' rounding: int16 far less than int8, neither by nothing. (Token by token the
+    // integer product is held to the decode matvec's definition in adadim-pack's tests; here a
+    // comparison with chunked decoding would be limited by rounding steps flipped by f32
+    // round-off upstream, about one int16 step.)
+    let d = tempfile::tempdir().unwrap();
+    let json = serde_json::json!({
+        "architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 96,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "vocab_size": 300, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": true
+    });
+    let cfg = adadim_load::LlamaConfig::from_json(d.path(), &json.to_string()).unwrap();
+    write_random_checkpoint(d.path(), &cfg, 12).unwrap();
+    let mut model = Model::load(&Checkpoint::open(d.path()).unwrap(), 32, &mut |_, _| {}).unwrap();
+    let integer = pack_linears(&mut model, 32);
+    let ids: Vec<u32> = (0..24).map(|i| (i * 37 + 5) % 300).collect();
+    let run = |model: &Model, chunk: usize| {
+        let mut cache = adadim_model::KvCache::new(KvType::F32);
+        let mut out = Vec::new();
+        for c in ids.chunks(chunk) {
+            out.extend(model.logits(&model.forward_cached(c, &mut cache).unwrap()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        }
+        out
+    };
+    let diff = |a: &[f32], b: &[f32]| {
+        let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+        a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+    };
+    let mut moved = Vec::new();
+    for act in [adadim_pack::ActBits::I16, adadim_pack::ActBits::I8] {
+        model.set_act_bits(act);
+        model.set_integer_prefill(false);
+        let exact = run(&model, ids.len());
+        model.set_integer_prefill(true);
+        let prefill = run(&model, ids.len());
+        assert_eq!(run(&model, ids.len()), prefill, "{act:?}: deterministic");
+        let to_exact = diff(&prefill, &exact);
+        let rounding = if act == adadim_pack::ActBits::I16 { 1e-3 } else { 5e-2 };
+        assert!(to_exact <= rounding, "{act:?}: integer prefill vs exact {to_exact}");
+        moved.push(to_exact);
+        // Off again: the exact GEMM, bit for bit.
+        model.set_integer_prefill(false);
+        assert_eq!(run(&model, ids.len()), exact, "{act:?}");
+    }
+    if integer > 0 {
+        // Measured: int16 1e-4, int8 1.4e-2 of the largest logit.
+        assert!(moved[0] > 0.0 && moved[0] * 20.0 < moved[1], "int16 moved the logits by {}, int8 by {}", moved[0], moved[1]);
+    }
+    if adadim_pack::kernels::avx512_vnni_available() {
+        assert_eq!(integer, 14, "every linear takes the integer product on this CPU");
+    } else {
+        eprintln!("NOTE: no AVX-512 VNNI: the prefill stays f32 ({integer} integer linears)");
+    }
 }

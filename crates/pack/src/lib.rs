@@ -4,6 +4,8 @@
 //! QuantizedMatrix (codes u8, params f32)  --PackedLinear::from_quantized-->  PackedLinear
 //!     codes bit-packed row by row (2, 3, 4 or 8 bits), params on the group grid
 //! PackedLinear::matvec(x)    y = W' x without materializing W'   (decoding, batch 1)
+//! PackedLinear::matmul(x)    Y = X W'^T, panels dequantized into an f32 GEMM (evaluation)
+//! PackedLinear::matmul_act   Y = X W'^T on integers, rounded as the matvec (prompts, [`qgemm`])
 //! PackedLinear::dequantize() W' bit for bit as the quantizer produced it
 //! ```
 //!
@@ -35,6 +37,7 @@ pub mod gptq;
 pub mod kernels;
 pub mod q16;
 pub mod q8;
+pub mod qgemm;
 pub mod team;
 
 pub use checkpoint::{PackError, PackedFile, PackedWriter, FORMAT_VERSION};

@@ -261,3 +261,54 @@ fn integer_sums_hold_at_their_largest() {
         }
     }
 }
+
+#[test]
+fn integer_matmul_equals_the_decode_matvec_definition_token_by_token() {
+    // Every case of the matvec tests, plus SmolLM2's and act-order shapes: token i of the integer
+    // prefill product is the decode matvec's definition on x[i] (the same rounded activations,
+    // f64) up to f32 round-off, and within the rounding bound of the exact product.
+    use adadim_pack::{qgemm, ActBits};
+    let mut rng = Rng::new(31);
+    let mut shapes = cases();
+    shapes.push((1536, 576, QuantSpec { bits: 4, group: Some(128), axis: Axis::Ic, zero: Zero::Awq }));
+    shapes.push((576, 1536, QuantSpec { bits: 3, group: Some(128), axis: Axis::Oc, zero: Zero::Awq }));
+    let mut integer = 0;
+    for (rows, cols, spec) in shapes {
+        let q = rtn(&weights(&mut rng, rows, cols), rows, cols, &spec).unwrap();
+        let p = PackedLinear::from_quantized(&q);
+        // Two whole tiles and a short one.
+        let t = 2 * qgemm::MR + 1;
+        let mut x = rng.normals(t * cols, 1.0);
+        x[cols + 3] = 40.0; // an outlier in token 1
+        for act in [ActBits::I16, ActBits::I8] {
+            let mut y = vec![f32::NAN; t * rows];
+            p.matmul_act(act, &x, t, &mut y);
+            let kind = qgemm::kind(&p, act);
+            integer += usize::from(kind.is_some());
+            for i in 0..t {
+                let xi = &x[i * cols..(i + 1) * cols];
+                let (exact, scale) = matvec_ref(&p, xi);
+                let (want, bound) = match kind {
+                    Some(ActBits::I16) => q16::matvec_ref(&p, xi),
+                    Some(ActBits::I8) => adadim_pack::q8::matvec_ref(&p, xi),
+                    None => (exact.clone(), vec![0.0; rows]),
+                };
+                for r in 0..rows {
+                    // The code and zero-point terms are each up to sum_c s maxq |x|, and cancel
+                    // where an outlier activation meets a weight at its zero point: round-off
+                    // goes with their size, not with the result's.
+                    let terms: f64 = (0..cols).map(|c| f64::from(q.params(r, c).scale.abs()) * f64::from(spec.maxq()) * f64::from(xi[c].abs())).sum();
+                    let tol = 1e-6 * (cols as f64).sqrt() * (f64::from(spec.maxq()) * scale[r] + terms).max(1e-30);
+                    let got = f64::from(y[i * rows + r]);
+                    let what = format!("{rows}x{cols} {spec:?} {act:?} as {kind:?} token {i} row {r}");
+                    assert!((got - want[r]).abs() <= tol, "{what}: {got} vs {} on the rounded activations (tol {tol})", want[r]);
+                    assert!((got - exact[r]).abs() <= bound[r] + tol, "{what}: {got} vs exact {}", exact[r]);
+                }
+            }
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    if adadim_pack::kernels::avx512_vnni_available() {
+        assert!(integer >= 100, "only {integer} cases ran the integer product");
+    }
+}
