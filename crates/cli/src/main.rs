@@ -1038,7 +1038,7 @@ fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
     }
     if deepest > 0 {
         writeln!(md, "\n### Prompt processing: {deepest} tokens\n")?;
-        writeln!(md, "The depth-{deepest} context's prefill, timed as `generate` times it (the prompt through the model, the last position's logits included); llama.cpp: `llama-bench -p {deepest} -n 0`, in the same rounds. Prefill is compute-bound: ours dequantizes panels of the packed weights into f32 GEMMs, llama.cpp multiplies int8-rounded activations with its integer kernels.\n")?;
+        writeln!(md, "The depth-{deepest} context's prefill, timed as `generate` times it (the prompt through the model, the last position's logits included); llama.cpp: `llama-bench -p {deepest} -n 0`, in the same rounds. Prefill is compute-bound: packed models multiply the prompt on integers (`adadim_pack::qgemm`, AVX-512 VNNI: activations rounded as the decode matvecs round them, int16 or int8 as labelled), the f32 model with candle's GEMM; llama.cpp multiplies int8-rounded activations with its integer kernels.\n")?;
         writeln!(md, "| model | tokens/s |\n|---|---|")?;
         for (_, _, label, _, _, pp) in ours.iter().filter(|o| o.3 == deepest) {
             let vs: Vec<String> = a.gguf.iter().zip(&peers_pp).map(|(g, p)| format!("{:.2}x {}", pp / p, g.file_stem().unwrap_or_default().to_string_lossy())).collect();
