@@ -513,6 +513,12 @@ struct PplArgs {
     /// take more than half of the available memory.
     #[arg(long)]
     stream: bool,
+    /// Packed models: multiply on integers with the activations rounded to 16 or 8 bits, as
+    /// `generate` runs the model (8: as llama.cpp's perplexity runs Q4_0, whose products take
+    /// int8 activations); linears whose layout the integer kernels do not take stay f32.
+    /// Default: exact f32 products (the perplexity of the dequantized model).
+    #[arg(long)]
+    act_bits: Option<u8>,
 }
 
 fn main() {
@@ -646,16 +652,28 @@ fn eos_ids(dir: &std::path::Path, tok: &adadim_load::tokenizer::Tokenizer) -> Re
 fn eval_ppl(a: PplArgs) -> Result<()> {
     let dataset = resolve_dataset(&a.dataset)?;
     let dir = model_dir(&a.model.model)?;
-    let r = run_ppl_with(&dir, &dataset, a.seqlen, a.limit, a.stream)?;
+    let act = a.act_bits.map(act_bits).transpose()?;
+    if act.is_some() && a.stream {
+        anyhow::bail!("--act-bits with --stream: integer products apply to a model held in memory (packed models are not streamed)");
+    }
+    if act.is_some() && !adadim_model::is_packed(&dir) {
+        eprintln!("note: {} is not packed: --act-bits changes nothing, its products stay f32", dir.display());
+    }
+    let r = run_ppl_with(&dir, &dataset, a.seqlen, a.limit, a.stream, act)?;
+    let activations = match act {
+        Some(act) if adadim_model::is_packed(&dir) => format!("int{}", act.bits()),
+        _ => "f32".to_string(),
+    };
     if a.json {
         let mut v = serde_json::to_value(&r)?;
         v["model"] = dir.display().to_string().into();
         v["dataset"] = dataset.label.clone().into();
         v["threads"] = candle_core::utils::get_num_threads().into();
+        v["activations"] = activations.clone().into();
         println!("{}", serde_json::to_string(&v)?);
     } else {
         println!(
-            "{} on {}: ppl {:.4} ({} windows x {} tokens of {}; {:.0} tokens/s)",
+            "{} on {}: ppl {:.4} ({} windows x {} tokens of {}; {:.0} tokens/s; {activations} activations)",
             dir.display(),
             dataset.label,
             r.ppl,
@@ -1371,7 +1389,7 @@ fn resolve_dataset(spec: &str) -> Result<Dataset> {
 
 /// Perplexity of the model in `dir` on `dataset`, with a progress bar.
 fn run_ppl(dir: &std::path::Path, dataset: &Dataset, seqlen: usize, limit: Option<usize>) -> Result<adadim_eval::ppl::PplReport> {
-    run_ppl_with(dir, dataset, seqlen, limit, false)
+    run_ppl_with(dir, dataset, seqlen, limit, false, None)
 }
 
 /// Half of `MemAvailable` (Linux), in bytes.
@@ -1386,7 +1404,9 @@ const STREAM_BATCH_BYTES: usize = 1 << 30;
 
 /// As [`run_ppl`]; `stream` (or a float model whose blocks would take more than half of the
 /// available memory in f32) runs the decoder block by block from the checkpoint.
-fn run_ppl_with(dir: &std::path::Path, dataset: &Dataset, seqlen: usize, limit: Option<usize>, stream: bool) -> Result<adadim_eval::ppl::PplReport> {
+/// Perplexity of the model in `dir`: streamed block by block, or held in memory, where `act`
+/// (packed linears) multiplies on integers with the activations rounded to that precision.
+fn run_ppl_with(dir: &std::path::Path, dataset: &Dataset, seqlen: usize, limit: Option<usize>, stream: bool, act: Option<adadim_pack::ActBits>) -> Result<adadim_eval::ppl::PplReport> {
     let src = adadim_model::open(dir)?;
     let tok = adadim_load::tokenizer::load(dir)?;
     let text = dataset.read_text()?;
@@ -1403,9 +1423,13 @@ fn run_ppl_with(dir: &std::path::Path, dataset: &Dataset, seqlen: usize, limit: 
         r
     } else {
         let mut bar = progress::Bar::new("load", cfg.num_hidden_layers);
-        let model = adadim_model::Model::load(src.as_ref(), seqlen, &mut |d, t| bar.update(d, t))
+        let mut model = adadim_model::Model::load(src.as_ref(), seqlen, &mut |d, t| bar.update(d, t))
             .with_context(|| format!("loading {}", dir.display()))?;
         bar.finish();
+        if let Some(act) = act {
+            model.set_act_bits(act);
+            model.set_integer_prefill(true);
+        }
         let mut bar = progress::Bar::new("ppl", 0);
         let r = adadim_eval::ppl::perplexity(&model, &ids, seqlen, limit, &mut |d, t| bar.update(d, t))?;
         bar.finish();

@@ -107,6 +107,24 @@ fn quantize_then_evaluate() {
     let w: serde_json::Value = serde_json::from_str(&so).unwrap();
     let (p, f) = (v["ppl"].as_f64().unwrap(), w["ppl"].as_f64().unwrap());
     assert!(((p - f) / f).abs() < 1e-4, "packed ppl {p} vs dequantized {f}");
+    assert_eq!(v["activations"], "f32");
+    // As generate runs it: integer products on rounded activations, a little off the exact
+    // perplexity; refused with --stream, a note for a float model.
+    for bits in ["16", "8"] {
+        let (code, so, se) = adadim(&["eval", "ppl", "--model", &s(&out), "--dataset", &s(&text), "--seqlen", "32", "--json", "--act-bits", bits]);
+        assert_eq!(code, 0, "{se}");
+        let r: serde_json::Value = serde_json::from_str(&so).unwrap();
+        let q = r["ppl"].as_f64().unwrap();
+        assert!(((q - p) / p).abs() < if bits == "16" { 1e-3 } else { 5e-2 }, "int{bits} ppl {q} vs exact {p}");
+        assert_eq!(r["activations"], format!("int{bits}"));
+    }
+    let (code, _, se) = adadim(&["eval", "ppl", "--model", &s(&out), "--dataset", &s(&text), "--seqlen", "32", "--act-bits", "8", "--stream"]);
+    assert_eq!(code, 1);
+    assert!(se.contains("--act-bits") && se.contains("--stream"), "{se}");
+    let (code, so, se) = adadim(&["eval", "ppl", "--model", &s(&f32_out), "--dataset", &s(&text), "--seqlen", "32", "--json", "--act-bits", "8"]);
+    assert_eq!(code, 0, "{se}");
+    assert!(se.contains("not packed"), "{se}");
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&so).unwrap()["ppl"], w["ppl"]);
     std::fs::remove_dir_all(&f32_out).unwrap();
 
     // GPTQ export: per-OC only, refused up front otherwise; with --dim oc, the GPTQ tensors and
