@@ -535,6 +535,9 @@ fn main() {
 }
 
 fn run(cli: Cli) -> Result<()> {
+    if matches!(cli.cmd, Cmd::Generate(_) | Cmd::Eval(_) | Cmd::Bench(BenchCmd::Decode(_) | BenchCmd::Eval(_))) {
+        keep_freed_memory();
+    }
     match cli.cmd {
         Cmd::ImportGguf { file, out } => {
             let mut bar = progress::Bar::new("import", 0);
@@ -558,6 +561,25 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Bench(BenchCmd::Kernels(a)) => bench_kernels(a),
         Cmd::Bench(BenchCmd::Decode(a)) => bench_decode(a),
         Cmd::Bench(BenchCmd::Scale(a)) => bench_scale(a),
+    }
+}
+
+/// Keeps memory that a forward pass frees for the next allocations (glibc): by default every
+/// freed block above 128 KiB goes back to the kernel (the mmap threshold) and so does a heap top
+/// above 128 KiB (the trim threshold), so each of the few-MB buffers a forward pass allocates
+/// per operation (candle's tensors, the prompt's rounded activations and products) came back
+/// as fresh pages, faulted in and zeroed by the kernel. Measured on SmolLM2 w4g128 (2 threads,
+/// best of 10): a 128-token prompt 950-1060 tokens/s -> 1333-1365, 1024 tokens 1054 -> 1490-1605
+/// (exact f32 products 1015 -> 1208). Blocks above 32 MiB are still mapped and unmapped (a
+/// 7B layer's weights), and at most 128 MiB of free heap is kept; `quantize`, whose peak
+/// memory is tracked, keeps glibc's defaults.
+fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator parameters; called before the command allocates
+    // in earnest, and glibc serializes it with allocation.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 128 << 20);
     }
 }
 
