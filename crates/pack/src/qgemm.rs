@@ -169,21 +169,98 @@ fn store<T: Copy>(v: &[T], steps: &[f32], q: &mut [u8], d: &mut [f32]) {
 }
 
 /// Rows `r0..r0 + n` (`n <= NR`) of the codes as a panel (rows past `n` zero): step `k`, row
-/// `j` at bytes `k * STEP_BYTES + 4 j`, its `KL` codes as bytes (int8) or int16 (int16).
+/// `j` at bytes `k * STEP_BYTES + 4 j`, its `KL` codes as bytes (int8) or int16 (int16). The
+/// rows are unpacked into `codes` (`NR` rows of `cols`), then turned into steps: 16 rows by
+/// 16 steps at a time with AVX-512 ([`transpose16_avx512`]) where the CPU has it, the rest
+/// word by word ([`panel_words`]). Word by word this took as long as the products of a
+/// 128-token prompt's tiles did, half.
 fn fill_panel(p: &PackedLinear, kind: ActBits, r0: usize, n: usize, codes: &mut [u8], panel: &mut [u8]) {
     let (cols, b) = (p.cols(), p.layout().bits);
     let rb = bits::row_bytes(cols, b);
-    panel.fill(0);
-    for j in 0..n {
-        let r = r0 + j;
-        bits::unpack_row(&p.codes[r * rb..(r + 1) * rb], cols, b, codes);
-        // One 4-byte store per step: the row's 4 code bytes, or its 2 codes widened to int16.
-        let word = |k: usize| match kind {
-            ActBits::I8 => u32::from_le_bytes([codes[4 * k], codes[4 * k + 1], codes[4 * k + 2], codes[4 * k + 3]]),
-            ActBits::I16 => u32::from(codes[2 * k]) | u32::from(codes[2 * k + 1]) << 16,
-        };
-        for (k, step) in panel.chunks_exact_mut(STEP_BYTES).enumerate() {
-            step[4 * j..4 * j + 4].copy_from_slice(&word(k).to_le_bytes());
+    for j in 0..NR {
+        let row = &mut codes[j * cols..(j + 1) * cols];
+        if j < n {
+            let r = r0 + j;
+            bits::unpack_row(&p.codes[r * rb..(r + 1) * rb], cols, b, row);
+        } else {
+            row.fill(0);
+        }
+    }
+    panel_steps(kind, codes, cols, panel);
+}
+
+/// The panel's steps from [`NR`] unpacked rows of `cols` codes (see [`fill_panel`]).
+fn panel_steps(kind: ActBits, codes: &[u8], cols: usize, panel: &mut [u8]) {
+    let steps = panel.len() / STEP_BYTES;
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if crate::kernels::avx512_available() {
+        done = steps / 16 * 16;
+        for k0 in (0..done).step_by(16) {
+            for j0 in [0, 16] {
+                // SAFETY: AVX-512 F and BW were detected; rows j0..j0 + 16 of `codes` hold
+                // `cols` codes (steps k0..k0 + 16 of them: 64 of int8's, 32 of int16's, inside
+                // `cols`), the panel `steps` steps.
+                unsafe { transpose16_avx512(kind, codes.as_ptr().add(j0 * cols), cols, k0, panel.as_mut_ptr().add(k0 * STEP_BYTES + 4 * j0)) };
+            }
+        }
+    }
+    panel_words(kind, codes, cols, done..steps, panel);
+}
+
+/// Steps `ks` of the panel from the unpacked rows, word by word: the definition
+/// [`transpose16_avx512`] is tested against.
+fn panel_words(kind: ActBits, codes: &[u8], cols: usize, ks: std::ops::Range<usize>, panel: &mut [u8]) {
+    for j in 0..NR {
+        let row = &codes[j * cols..(j + 1) * cols];
+        for k in ks.clone() {
+            // The row's 4 code bytes, or its 2 codes widened to int16.
+            let word = match kind {
+                ActBits::I8 => u32::from_le_bytes([row[4 * k], row[4 * k + 1], row[4 * k + 2], row[4 * k + 3]]),
+                ActBits::I16 => u32::from(row[2 * k]) | u32::from(row[2 * k + 1]) << 16,
+            };
+            panel[k * STEP_BYTES + 4 * j..][..4].copy_from_slice(&word.to_le_bytes());
+        }
+    }
+}
+
+/// Steps `k0..k0 + 16` of 16 unpacked rows (`rows`, `cols` codes apart) into the panel at `dst`
+/// (step `k0`, the first of the 16 rows): each row's 16 words in a register (int8: its 64
+/// code bytes; int16: 32 codes widened), then a 16 x 16 transpose of 32-bit words, each
+/// register then one step's 16 rows.
+///
+/// # Safety
+/// AVX-512 F and BW; each of the 16 rows holds the codes of steps `k0..k0 + 16`; `dst` has
+/// 16 steps of [`STEP_BYTES`] from it (64 bytes written in each).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn transpose16_avx512(kind: ActBits, rows: *const u8, cols: usize, k0: usize, dst: *mut u8) {
+    use std::arch::x86_64::*;
+    let r: [__m512i; 16] = std::array::from_fn(|j| match kind {
+        ActBits::I8 => _mm512_loadu_si512(rows.add(j * cols + 4 * k0) as *const _),
+        ActBits::I16 => _mm512_cvtepu8_epi16(_mm256_loadu_si256(rows.add(j * cols + 2 * k0) as *const __m256i)),
+    });
+    // Words (j, k) -> (k, j). Within 128-bit lanes: a[2m] holds rows 2m, 2m + 1 at steps
+    // 4L, 4L + 1 of lane L, a[2m + 1] at 4L + 2, 4L + 3; then b[4g + q] holds rows 4g..4g + 3
+    // at step 4L + q of lane L.
+    let a: [__m512i; 16] = std::array::from_fn(|i| {
+        let (x, y) = (r[i / 2 * 2], r[i / 2 * 2 + 1]);
+        if i % 2 == 0 { _mm512_unpacklo_epi32(x, y) } else { _mm512_unpackhi_epi32(x, y) }
+    });
+    let b: [__m512i; 16] = std::array::from_fn(|i| {
+        let (g, q) = (i / 4, i % 4);
+        let (x, y) = (a[4 * g + q / 2], a[4 * g + q / 2 + 2]);
+        if q % 2 == 0 { _mm512_unpacklo_epi64(x, y) } else { _mm512_unpackhi_epi64(x, y) }
+    });
+    // Across lanes, per q: lanes L of b[q], b[4 + q], b[8 + q], b[12 + q] (rows 0-3, 4-7, 8-11,
+    // 12-15 of step 4L + q) gathered into one register per step.
+    for q in 0..4 {
+        let (b0, b1, b2, b3) = (b[q], b[4 + q], b[8 + q], b[12 + q]);
+        // [x.l0, x.l2, y.l0, y.l2] and [x.l1, x.l3, y.l1, y.l3].
+        let (c0, c1) = (_mm512_shuffle_i32x4::<0x88>(b0, b1), _mm512_shuffle_i32x4::<0xdd>(b0, b1));
+        let (c2, c3) = (_mm512_shuffle_i32x4::<0x88>(b2, b3), _mm512_shuffle_i32x4::<0xdd>(b2, b3));
+        for (step, v) in [(q, _mm512_shuffle_i32x4::<0x88>(c0, c2)), (8 + q, _mm512_shuffle_i32x4::<0xdd>(c0, c2)), (4 + q, _mm512_shuffle_i32x4::<0x88>(c1, c3)), (12 + q, _mm512_shuffle_i32x4::<0xdd>(c1, c3))] {
+            _mm512_storeu_si512(dst.add(step * STEP_BYTES) as *mut _, v);
         }
     }
 }
@@ -355,7 +432,7 @@ fn panels(p: &PackedLinear, kind: ActBits, acts: &Acts, rows: std::ops::Range<us
     let y_ptr = SendPtr(y.as_mut_ptr());
     let starts: Vec<usize> = rows.clone().step_by(NR).collect();
     starts.into_par_iter().for_each_init(
-        || (vec![0u8; cols + bits::PAD], vec![0u8; steps * STEP_BYTES]),
+        || (vec![0u8; NR * cols], vec![0u8; steps * STEP_BYTES]),
         |(codes, panel), r0| {
             let (n, y_ptr) = ((rows.end - r0).min(NR), &y_ptr);
             fill_panel(p, kind, r0, n, codes, panel);
@@ -443,6 +520,29 @@ mod tests {
                 (s >> 24) as u8
             })
             .collect()
+    }
+
+    #[test]
+    fn panel_steps_equal_their_definition() {
+        // Whole groups of 16 steps and a remainder; rows of codes up to 255.
+        for kind in [ActBits::I8, ActBits::I16] {
+            for cols in [576usize, 100, 64, 4, 1536] {
+                let steps = cols * if kind == ActBits::I8 { 1 } else { 2 } / 4;
+                let codes = bytes(cols as u64, NR * cols);
+                let (mut want, mut got) = (vec![0u8; steps * STEP_BYTES], vec![1u8; steps * STEP_BYTES]);
+                panel_words(kind, &codes, cols, 0..steps, &mut want);
+                panel_steps(kind, &codes, cols, &mut got);
+                assert_eq!(got, want, "{kind:?} cols {cols}");
+                // The layout itself: step k, row j, lane i = code KL k + i of row j.
+                for (k, j) in [(0, 0), (steps - 1, NR - 1), (steps / 2, 17)] {
+                    let w = &want[k * STEP_BYTES + 4 * j..][..4];
+                    match kind {
+                        ActBits::I8 => assert_eq!(w, &codes[j * cols + 4 * k..][..4]),
+                        ActBits::I16 => assert_eq!(w, &[codes[j * cols + 2 * k], 0, codes[j * cols + 2 * k + 1], 0]),
+                    }
+                }
+            }
+        }
     }
 
     #[test]
