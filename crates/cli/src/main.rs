@@ -173,8 +173,9 @@ struct BenchDecodeArgs {
     #[arg(long, default_value_t = 128)]
     tokens: usize,
     /// Positions already in the KV cache when the timed tokens start (llama-bench's -d),
-    /// comma-separated: each model is measured at each.
-    #[arg(long, value_delimiter = ',', default_value = "0,1024")]
+    /// comma-separated: each model is measured at each; the prefill of each nonzero depth's
+    /// prompt is timed against llama-bench's prompt processing of as many tokens (-p).
+    #[arg(long, value_delimiter = ',', default_value = "0,128,1024")]
     depth: Vec<usize>,
     /// Rounds, each measuring every model once in turn (ours and llama-bench's interleaved); the
     /// best round of each model is kept.
@@ -1021,8 +1022,9 @@ fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
     // (gguf, label, depth, best tokens/s, file bytes)
     let mut peers: Vec<(&PathBuf, String, usize, f64, u64)> =
         a.gguf.iter().flat_map(|g| a.depth.iter().map(move |&d| (g, g.file_stem().unwrap_or_default().to_string_lossy().to_string(), d, 0.0, 0))).collect();
-    // llama-bench pp DEEPEST per GGUF, best tokens/s.
-    let mut peers_pp: Vec<f64> = vec![0.0; a.gguf.len()];
+    // llama-bench pp D per GGUF and nonzero depth D, best tokens/s.
+    let pp_depths: Vec<usize> = a.depth.iter().copied().filter(|&d| d > 0).collect();
+    let mut peers_pp: Vec<Vec<f64>> = vec![vec![0.0; pp_depths.len()]; a.gguf.len()];
     let mut triad = 0f64;
     // f16 keys and values: llama-bench's default cache type, so both read the same bytes.
     let settings = adadim_run::Settings { max_tokens: a.tokens, temperature: 0.0, seed: 0, kv: adadim_model::KvType::F16 };
@@ -1034,8 +1036,8 @@ fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
             let prompt = vec![1u32; (*depth).max(1)];
             let stats = adadim_run::generate(&models[*m], &prompt, &[], &settings, &mut |_| {})?;
             *best = best.max(stats.decode_tokens_per_s());
-            if *depth == deepest && deepest > 0 {
-                // The context's prefill: prompt processing of `deepest` tokens.
+            if *depth > 0 {
+                // The context's prefill: prompt processing of `depth` tokens.
                 *pp = pp.max(stats.prefill_tokens_per_s());
             }
             eprintln!("round {round}/{rounds}: {label} @ {depth}: {:.1} tokens/s", stats.decode_tokens_per_s());
@@ -1046,11 +1048,11 @@ fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
                 (*best, *size) = (best.max(ts), bytes);
                 eprintln!("round {round}/{rounds}: llama.cpp {label} @ {depth}: {ts:.1} tokens/s");
             }
-            if deepest > 0 {
-                for (g, best) in a.gguf.iter().zip(&mut peers_pp) {
-                    let (ts, _) = bench::llama_bench(bin, g, deepest, 0, 0, threads, 1)?;
+            for (g, bests) in a.gguf.iter().zip(&mut peers_pp) {
+                for (&d, best) in pp_depths.iter().zip(bests) {
+                    let (ts, _) = bench::llama_bench(bin, g, d, 0, 0, threads, 1)?;
                     *best = best.max(ts);
-                    eprintln!("round {round}/{rounds}: llama.cpp {} pp{deepest}: {ts:.1} tokens/s", g.display());
+                    eprintln!("round {round}/{rounds}: llama.cpp {} pp{d}: {ts:.1} tokens/s", g.display());
                 }
             }
         }
@@ -1084,16 +1086,31 @@ fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
             writeln!(md, "- {label} @ {depth}: {}", vs.join(", "))?;
         }
     }
-    if deepest > 0 {
-        writeln!(md, "\n### Prompt processing: {deepest} tokens\n")?;
-        writeln!(md, "The depth-{deepest} context's prefill, timed as `generate` times it (the prompt through the model, the last position's logits included); llama.cpp: `llama-bench -p {deepest} -n 0`, in the same rounds. Prefill is compute-bound: packed models multiply the prompt on integers (`adadim_pack::qgemm`, AVX-512 VNNI: activations rounded as the decode matvecs round them, int16 or int8 as labelled), the f32 model with candle's GEMM; llama.cpp multiplies int8-rounded activations with its integer kernels.\n")?;
-        writeln!(md, "| model | tokens/s |\n|---|---|")?;
-        for (_, _, label, _, _, pp) in ours.iter().filter(|o| o.3 == deepest) {
-            let vs: Vec<String> = a.gguf.iter().zip(&peers_pp).map(|(g, p)| format!("{:.2}x {}", pp / p, g.file_stem().unwrap_or_default().to_string_lossy())).collect();
-            writeln!(md, "| adadim: {label} | {pp:.1}{} |", if vs.is_empty() { String::new() } else { format!(" ({})", vs.join(", ")) })?;
+    if !pp_depths.is_empty() {
+        let lengths: Vec<String> = pp_depths.iter().map(|d| d.to_string()).collect();
+        writeln!(md, "\n### Prompt processing: {} tokens\n", lengths.join(", "))?;
+        writeln!(md, "Each nonzero depth's context prefill, timed as `generate` times it (the prompt through the model, the last position's logits included); llama.cpp: `llama-bench -p N -n 0`, in the same rounds. Prefill is compute-bound: packed models multiply the prompt on integers (`adadim_pack::qgemm`, AVX-512 VNNI: activations rounded as the decode matvecs round them, int16 or int8 as labelled), the f32 model with candle's GEMM; llama.cpp multiplies int8-rounded activations with its integer kernels.\n")?;
+        writeln!(md, "| model | {} |\n|---|{}", pp_depths.iter().map(|d| format!("{d} tokens, tokens/s")).collect::<Vec<_>>().join(" | "), "---|".repeat(pp_depths.len()))?;
+        // One row per model and activation width: ours holds one entry per depth, in order.
+        let mut seen: Vec<&str> = Vec::new();
+        for (_, _, label, _, _, _) in &ours {
+            if seen.contains(&label.as_str()) {
+                continue;
+            }
+            seen.push(label);
+            let cells: Vec<String> = pp_depths
+                .iter()
+                .enumerate()
+                .map(|(i, d)| {
+                    let pp = ours.iter().find(|o| &o.2 == label && o.3 == *d).map_or(0.0, |o| o.5);
+                    let vs: Vec<String> = a.gguf.iter().zip(&peers_pp).map(|(g, p)| format!("{:.2}x {}", pp / p[i], g.file_stem().unwrap_or_default().to_string_lossy())).collect();
+                    format!("{pp:.1}{}", if vs.is_empty() { String::new() } else { format!(" ({})", vs.join(", ")) })
+                })
+                .collect();
+            writeln!(md, "| adadim: {label} | {} |", cells.join(" | "))?;
         }
         for (g, p) in a.gguf.iter().zip(&peers_pp) {
-            writeln!(md, "| llama.cpp llama-bench pp{deepest}: {} | {p:.1} |", g.file_stem().unwrap_or_default().to_string_lossy())?;
+            writeln!(md, "| llama.cpp llama-bench pp: {} | {} |", g.file_stem().unwrap_or_default().to_string_lossy(), p.iter().map(|v| format!("{v:.1}")).collect::<Vec<_>>().join(" | "))?;
         }
     }
     writeln!(md, "\nllama.cpp's bound uses its whole file size (all weights, quantized embeddings included) as bytes per token. Threads: {threads} each.")?;
