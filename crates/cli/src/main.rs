@@ -1180,6 +1180,53 @@ fn kernels_vs_llamacpp(bin: &std::path::Path, group: usize, md: &mut String) -> 
             .collect();
         writeln!(md, "- {name}: {}", vs.join(", "))?;
     }
+    kernels_prefill_vs_llamacpp(bin, group, threads, md)
+}
+
+/// Prefill products (`n` = 512 tokens, the GEMM size `test-backend-ops perf` times for this
+/// shape) against llama.cpp's and against the dense f32 GEMM of the same size, on as many
+/// threads as test-backend-ops uses.
+fn kernels_prefill_vs_llamacpp(bin: &std::path::Path, group: usize, threads: usize, md: &mut String) -> Result<()> {
+    use adadim_quantize::Axis;
+    use std::fmt::Write;
+    let (m, n, k) = (4096, 512, 14336);
+    let flop = 2.0 * (m * n * k) as f64;
+    let mut peers = Vec::new();
+    for ty in ["q4_0", "q4_K", "q3_K"] {
+        let (us, _) = bench_kernels::llamacpp_matmul_us(bin, ty, m, n, k)?;
+        peers.push((ty, us));
+    }
+    let dense = bench_kernels::time_dense_gemm(m, k, n, threads, 2);
+    writeln!(md, "\n### Prefill products against llama.cpp (same run)\n")?;
+    writeln!(md, "`{m} x {k}` times {n} tokens (test-backend-ops' MUL_MAT n = {n} case), {threads} thread(s) each; best of 3 for ours, test-backend-ops' mean. Ours: on integers (`matmul_act`: activations rounded as the decode matvec rounds them, codes widened per panel, AVX-512 VNNI), and through dequantized f32 panels (`matmul`, what evaluation runs); against the dense f32 GEMM of the same size (the `gemm` crate, candle's) on f32 weights.\n")?;
+    writeln!(md, "| product | GFLOP/s | of the f32 GEMM |\n|---|---|---|")?;
+    writeln!(md, "| dense f32 GEMM (gemm crate) | {:.1} | 1.00 |", flop / dense / 1e9)?;
+    for &(ty, us) in &peers {
+        writeln!(md, "| llama.cpp {ty} | {:.1} | {:.2} |", flop / us / 1e3, dense / (us * 1e-6))?;
+    }
+    let mut ours = Vec::new();
+    for bits in [4u8, 3] {
+        for axis in [Axis::Oc, Axis::Ic] {
+            let p = bench_kernels::packed_matrix(m, k, bits, group, axis)?;
+            let ax = if axis == Axis::Oc { "per-OC" } else { "per-IC" };
+            for act in [Some(adadim_pack::ActBits::I16), Some(adadim_pack::ActBits::I8), None] {
+                let sec = bench_kernels::time_matmul(&p, act, n, threads, 3)?;
+                let how = act.map_or("f32 panels".to_string(), |a| format!("int{}", a.bits()));
+                let name = format!("adadim w{bits}g{group} {ax} {how}");
+                writeln!(md, "| {name} | {:.1} | {:.2} |", flop / sec / 1e9, dense / sec)?;
+                ours.push((bits, name, sec));
+            }
+        }
+    }
+    writeln!(md)?;
+    for (bits, name, sec) in &ours {
+        let vs: Vec<String> = peers
+            .iter()
+            .filter(|(ty, _)| if *bits == 4 { ty.starts_with("q4") } else { ty.starts_with("q3") })
+            .map(|(ty, us)| format!("{:.2}x {ty}'s speed", us * 1e-6 / sec))
+            .collect();
+        writeln!(md, "- {name}: {}", vs.join(", "))?;
+    }
     Ok(())
 }
 
