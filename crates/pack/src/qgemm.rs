@@ -173,8 +173,8 @@ impl Acts {
 /// blocks of 32) define them: the same integers and steps bit for bit (the same operations per
 /// value: the block's largest `|v|`, `d = max / qmax`, `v * (1 / d)` clamped and rounded to
 /// nearest even; a block with an infinite or NaN value all zeros with a NaN step), the sum in
-/// another order. Whole blocks here, 16 values to a register; a short last block through the
-/// definition. Per-IC prefill rounds `rows / group x tokens x cols` values: with AVX2 (through
+/// another order. 16 values to a register; a short last block that is not whole registers
+/// through the definition. Per-IC prefill rounds `rows / group x tokens x cols` values: with AVX2 (through
 /// the decode matvec's rounding and a copy) that took as long as the products (4096 x 14336,
 /// 512 tokens, one thread).
 ///
@@ -189,12 +189,15 @@ unsafe fn round_scaled_avx512(s: &[f32], x: &[f32], z: &[f32], block: usize, qma
     let esize = if qmax > 127.0 { 2 } else { 1 };
     assert!(q.len() == n * esize && d.len() == n.div_ceil(block), "round_scaled: output for {n} values");
     let (abs, lo, hi) = (_mm512_set1_epi32(0x7fff_ffff), _mm512_set1_ps(-qmax), _mm512_set1_ps(qmax));
-    let whole = n / block;
+    // Whole blocks, and a short last block of whole registers (SmolLM2's rows of 576: 4.5
+    // blocks of 128), here; another short last block through the definition.
+    let whole = if n % block % 16 == 0 { n.div_ceil(block) } else { n / block };
     let mut bias = 0f32;
     let mut v = [_mm512_setzero_ps(); 8];
     for b in 0..whole {
         let o = b * block;
-        let regs = block / 16;
+        let len = block.min(n - o);
+        let regs = len / 16;
         let mut m = _mm512_setzero_si512();
         for i in 0..regs {
             let at = o + 16 * i;
@@ -207,7 +210,7 @@ unsafe fn round_scaled_avx512(s: &[f32], x: &[f32], z: &[f32], block: usize, qma
         }
         let max_bits = _mm512_reduce_max_epi32(m);
         if max_bits > f32::MAX.to_bits() as i32 {
-            q[o * esize..(o + block) * esize].fill(0);
+            q[o * esize..(o + len) * esize].fill(0);
             d[b] = f32::NAN;
             bias = f32::NAN;
             continue;
@@ -230,7 +233,7 @@ unsafe fn round_scaled_avx512(s: &[f32], x: &[f32], z: &[f32], block: usize, qma
         d[b] = db;
         bias += db * _mm512_reduce_add_ps(zq);
     }
-    let o = whole * block;
+    let o = (whole * block).min(n);
     if o < n {
         // The short last block, by the definition.
         let (tq, td, tb) = if esize == 2 {
@@ -618,7 +621,7 @@ mod tests {
         }
         let f = |seed: u64, n: usize, scale: f32| -> Vec<f32> { bytes(seed, n).iter().map(|&b| (f32::from(b) - 127.5) / 64.0 * scale).collect() };
         // Whole blocks, a short last block (of whole registers and not), one short block only.
-        for n in [576usize, 1536, 4096 + 64, 100, 20, 128 * 3 + 40] {
+        for n in [576usize, 1536, 4096 + 64, 100, 20, 128 * 3 + 40, 48, 128 + 96] {
             let (s, mut x) = (f(n as u64, n, 0.05), f(n as u64 + 1, n, 1.0));
             let z: Vec<f32> = (0..n).map(|i| (i % 16) as f32).collect();
             x[n / 3] = 300.0; // an outlier sets its block's step
