@@ -83,13 +83,6 @@ struct Acts {
     nz: usize,
 }
 
-/// A thread's rounding buffers, reused from token to token.
-#[derive(Default)]
-struct Scratch {
-    q8: Q8,
-    q16: Q16,
-}
-
 /// Rounded values as bytes (int16 little-endian), steps, the zero-point terms.
 type Out<'a> = (&'a mut [u8], &'a mut [f32], &'a mut [f32]);
 
@@ -107,9 +100,9 @@ impl Acts {
     }
 
     /// Rounds every token's `x` (rows of `cols`) with `round`, tokens in parallel.
-    fn fill(&mut self, x: &[f32], cols: usize, round: impl Fn(&mut Scratch, &[f32], Out) + Sync + Send) {
+    fn fill(&mut self, x: &[f32], cols: usize, round: impl Fn(&[f32], Out) + Sync + Send) {
         let Acts { q, d, zero, row, nb, nz, .. } = self;
-        q.par_chunks_mut(*row).zip(d.par_chunks_mut(*nb)).zip(zero.par_chunks_mut(*nz)).zip(x.par_chunks(cols)).for_each_init(Scratch::default, |scratch, (((q, d), z), x)| round(scratch, x, (q, d, z)));
+        q.par_chunks_mut(*row).zip(d.par_chunks_mut(*nb)).zip(zero.par_chunks_mut(*nz)).zip(x.par_chunks(cols)).for_each(|(((q, d), z), x)| round(x, (q, d, z)));
     }
 
     /// Per-OC: `x` in stored column order, rounded as the decode matvec rounds it, and its
@@ -118,7 +111,7 @@ impl Acts {
         let (cols, g) = (p.cols(), p.layout().group);
         let mut acts = Acts::new(p, kind, t);
         let block = acts.block;
-        acts.fill(x, cols, |_, x, (q, d, z)| {
+        acts.fill(x, cols, |x, (q, d, z)| {
             let x = p.stored_order(x);
             let sums = match kind {
                 ActBits::I8 => {
@@ -142,27 +135,33 @@ impl Acts {
     fn ic(&mut self, p: &PackedLinear, kind: ActBits, x: &[f32], kr: usize) {
         let cols = p.cols();
         let (s, zp) = (&p.scales[kr * cols..(kr + 1) * cols], &p.zeros[kr * cols..(kr + 1) * cols]);
-        self.fill(x, cols, |scratch, x, (q, d, z)| {
+        let (block, qmax) = if kind == ActBits::I8 { (q8::BLOCK, 127.0) } else { (q16::MAX_BLOCK, 32767.0) };
+        self.fill(x, cols, |x, (q, d, z)| {
             #[cfg(target_arch = "x86_64")]
             if crate::kernels::avx512_available() {
-                let (block, qmax) = if kind == ActBits::I8 { (q8::BLOCK, 127.0) } else { (q16::MAX_BLOCK, 32767.0) };
                 // SAFETY: AVX-512 F and BW were detected.
                 z[0] = unsafe { round_scaled_avx512(s, x, zp, block, qmax, q, d) };
                 return;
             }
-            z[0] = match kind {
-                ActBits::I8 => {
-                    let bias = scratch.q8.scaled_into(s, x, zp);
-                    store(&scratch.q8.q, &scratch.q8.d, q, d);
-                    bias
-                }
-                ActBits::I16 => {
-                    let bias = scratch.q16.scaled_into(s, x, zp, q16::MAX_BLOCK, false);
-                    store(&scratch.q16.q, &scratch.q16.d, q, d);
-                    bias
-                }
-            };
+            // (Not reached where kind() chose this path, which requires AVX-512 VNNI.)
+            z[0] = round_scaled_ref(kind, s, x, zp, q, d);
         });
+    }
+}
+
+/// [`round_scaled_avx512`]'s outputs by the definitions ([`Q8::scaled_ref`], [`Q16::scaled_ref`]).
+fn round_scaled_ref(kind: ActBits, s: &[f32], x: &[f32], z: &[f32], q: &mut [u8], d: &mut [f32]) -> f32 {
+    match kind {
+        ActBits::I8 => {
+            let (v, bias) = Q8::scaled_ref(s, x, z);
+            store(&v.q, &v.d, q, d);
+            bias
+        }
+        ActBits::I16 => {
+            let (v, bias) = Q16::scaled_ref(s, x, z, q16::MAX_BLOCK, false);
+            store(&v.q, &v.d, q, d);
+            bias
+        }
     }
 }
 
@@ -236,16 +235,8 @@ unsafe fn round_scaled_avx512(s: &[f32], x: &[f32], z: &[f32], block: usize, qma
     let o = (whole * block).min(n);
     if o < n {
         // The short last block, by the definition.
-        let (tq, td, tb) = if esize == 2 {
-            let (t, tb) = Q16::scaled_ref(&s[o..], &x[o..], &z[o..], block, false);
-            (t.q.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>(), t.d, tb)
-        } else {
-            let (t, tb) = Q8::scaled_ref(&s[o..], &x[o..], &z[o..]);
-            (t.q.iter().map(|&v| v as u8).collect(), t.d, tb)
-        };
-        q[o * esize..].copy_from_slice(&tq);
-        d[whole] = td[0];
-        bias += tb;
+        let kind = if esize == 2 { ActBits::I16 } else { ActBits::I8 };
+        bias += round_scaled_ref(kind, &s[o..], &x[o..], &z[o..], &mut q[o * esize..], &mut d[whole..]);
     }
     bias
 }
