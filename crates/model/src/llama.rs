@@ -898,9 +898,11 @@ impl Model {
     pub fn quantize_decode_head(&mut self, bits: u8) -> Result<()> {
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         let (rows, cols) = head.dims2().ctx(|| "lm head".into())?;
-        let w = head.flatten_all().and_then(|t| t.to_vec1::<f32>()).ctx(|| "lm head".into())?;
         let spec = adadim_quantize::QuantSpec { bits, group: Some(128.min(cols)), axis: adadim_quantize::Axis::Oc, zero: adadim_quantize::Zero::Awq };
-        let q = adadim_quantize::rtn(&w, rows, cols, &spec).map_err(|e| ModelError::Tensor { context: "quantizing the lm head".into(), source: candle_core::Error::Msg(e.to_string()) })?;
+        // On the tensor's own numbers where it is f32 (SmolLM2's 113 MB embedding was copied
+        // first, raising generate's peak memory by as much).
+        let q = with_f32(head, |w| adadim_quantize::rtn(w, rows, cols, &spec)).ctx(|| "lm head".into())?;
+        let q = q.map_err(|e| ModelError::Tensor { context: "quantizing the lm head".into(), source: candle_core::Error::Msg(e.to_string()) })?;
         self.decode_head = Some(Arc::new(PackedLinear::from_quantized(&q)));
         Ok(())
     }
