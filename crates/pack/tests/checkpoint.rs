@@ -220,4 +220,11 @@ fn lies_and_damage_are_errors_naming_the_tensor() {
     std::fs::write(&p, &bytes[..bytes.len() - 100]).unwrap();
     let e = PackedFile::open(&p).err().unwrap().to_string();
     assert!(e.contains("cut.safetensors") && e.contains("corrupt or truncated"), "{e}");
+    // Empty, and shorter than the header's own length field (the file is mapped, not read).
+    for (name, len) in [("empty", 0usize), ("stub", 5)] {
+        let p = fresh(name);
+        std::fs::write(&p, &bytes[..len]).unwrap();
+        let e = PackedFile::open(&p).err().unwrap().to_string();
+        assert!(e.contains(&format!("{name}.safetensors")), "{e}");
+    }
 }
