@@ -273,8 +273,25 @@ fn integer_matmul_equals_the_decode_matvec_definition_token_by_token() {
     shapes.push((1536, 576, QuantSpec { bits: 4, group: Some(128), axis: Axis::Ic, zero: Zero::Awq }));
     shapes.push((576, 1536, QuantSpec { bits: 3, group: Some(128), axis: Axis::Oc, zero: Zero::Awq }));
     let mut integer = 0;
-    for (rows, cols, spec) in shapes {
-        let q = rtn(&weights(&mut rng, rows, cols), rows, cols, &spec).unwrap();
+    let mut matrices: Vec<(QuantSpec, QuantizedMatrix)> = shapes.into_iter().map(|(rows, cols, spec)| (spec, rtn(&weights(&mut rng, rows, cols), rows, cols, &spec).unwrap())).collect();
+    // Per-OC act-order GPTQ: columns stored permuted, the activations gathered to match.
+    for bits in [3u8, 4] {
+        let (rows, cols) = (48, 256);
+        let w = weights(&mut rng, rows, cols);
+        let mut x = rng.normals(256 * cols, 1.0);
+        for t in 0..256 {
+            x[t * cols + 7] *= 30.0;
+        }
+        let mut h = Hessian::new(cols);
+        h.add_batch(&x).unwrap();
+        let spec = QuantSpec { bits, group: Some(64), axis: Axis::Oc, zero: Zero::Awq };
+        let opts = GptqOptions { act_order: true, static_groups: false, ..GptqOptions::default() };
+        let q = gptq(&w, rows, cols, &h, &spec, &opts).unwrap().quantized;
+        assert!(q.g_idx().is_some());
+        matrices.push((spec, q));
+    }
+    for (spec, q) in matrices {
+        let (rows, cols) = (q.rows(), q.cols());
         let p = PackedLinear::from_quantized(&q);
         // Two whole tiles and a short one.
         let t = 2 * qgemm::MR + 1;
@@ -300,7 +317,7 @@ fn integer_matmul_equals_the_decode_matvec_definition_token_by_token() {
                     let terms: f64 = (0..cols).map(|c| f64::from(q.params(r, c).scale.abs()) * f64::from(spec.maxq()) * f64::from(xi[c].abs())).sum();
                     let tol = 1e-6 * (cols as f64).sqrt() * (f64::from(spec.maxq()) * scale[r] + terms).max(1e-30);
                     let got = f64::from(y[i * rows + r]);
-                    let what = format!("{rows}x{cols} {spec:?} {act:?} as {kind:?} token {i} row {r}");
+                    let what = format!("{rows}x{cols} {spec:?} permuted {} {act:?} as {kind:?} token {i} row {r}", p.permuted());
                     assert!((got - want[r]).abs() <= tol, "{what}: {got} vs {} on the rounded activations (tol {tol})", want[r]);
                     assert!((got - exact[r]).abs() <= bound[r] + tol, "{what}: {got} vs exact {}", exact[r]);
                 }
