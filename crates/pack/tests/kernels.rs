@@ -5,16 +5,10 @@ use adadim_load::synth::Rng;
 use adadim_pack::kernels::matvec_ref;
 use adadim_pack::q16::{self, Q16};
 use adadim_pack::{Layout, PackedLinear};
-use adadim_quantize::{gptq, rtn, Axis, GptqOptions, Hessian, QuantSpec, QuantizedMatrix, Zero};
+use adadim_quantize::{rtn, Axis, QuantSpec, QuantizedMatrix, Zero};
 
-fn weights(rng: &mut Rng, rows: usize, cols: usize) -> Vec<f32> {
-    let mut w = rng.normals(rows * cols, 0.05);
-    // An outlier column and row, as real layers have.
-    for r in 0..rows {
-        w[r * cols + cols / 3] *= 20.0;
-    }
-    w
-}
+mod common;
+use common::{act_order_gptq, weights};
 
 fn cases() -> Vec<(usize, usize, QuantSpec)> {
     let mut out = Vec::new();
@@ -159,17 +153,7 @@ fn act_order_gptq_is_stored_permuted_and_still_exact() {
     let mut rng = Rng::new(2);
     for bits in [3u8, 4] {
         for static_groups in [false, true] {
-            let (rows, cols) = (48, 200);
-            let w = weights(&mut rng, rows, cols);
-            let mut x = rng.normals(256 * cols, 1.0);
-            for t in 0..256 {
-                x[t * cols + 7] *= 30.0; // an activation outlier channel drives the order
-            }
-            let mut h = Hessian::new(cols);
-            h.add_batch(&x).unwrap();
-            let spec = QuantSpec { bits, group: Some(32), axis: Axis::Oc, zero: Zero::Awq };
-            let opts = GptqOptions { act_order: true, static_groups, ..GptqOptions::default() };
-            let q = gptq(&w, rows, cols, &h, &spec, &opts).unwrap().quantized;
+            let q = act_order_gptq(&mut rng, 48, 200, bits, 32, static_groups);
             assert_eq!(q.g_idx().is_some(), !static_groups, "dynamic act-order groups have a g_idx");
             check(&q, &mut rng, &format!("gptq act-order w{bits} static {static_groups}"));
         }
@@ -276,19 +260,9 @@ fn integer_matmul_equals_the_decode_matvec_definition_token_by_token() {
     let mut matrices: Vec<(QuantSpec, QuantizedMatrix)> = shapes.into_iter().map(|(rows, cols, spec)| (spec, rtn(&weights(&mut rng, rows, cols), rows, cols, &spec).unwrap())).collect();
     // Per-OC act-order GPTQ: columns stored permuted, the activations gathered to match.
     for bits in [3u8, 4] {
-        let (rows, cols) = (48, 256);
-        let w = weights(&mut rng, rows, cols);
-        let mut x = rng.normals(256 * cols, 1.0);
-        for t in 0..256 {
-            x[t * cols + 7] *= 30.0;
-        }
-        let mut h = Hessian::new(cols);
-        h.add_batch(&x).unwrap();
-        let spec = QuantSpec { bits, group: Some(64), axis: Axis::Oc, zero: Zero::Awq };
-        let opts = GptqOptions { act_order: true, static_groups: false, ..GptqOptions::default() };
-        let q = gptq(&w, rows, cols, &h, &spec, &opts).unwrap().quantized;
+        let q = act_order_gptq(&mut rng, 48, 256, bits, 64, false);
         assert!(q.g_idx().is_some());
-        matrices.push((spec, q));
+        matrices.push((*q.spec(), q));
     }
     for (spec, q) in matrices {
         let (rows, cols) = (q.rows(), q.cols());

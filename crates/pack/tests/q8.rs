@@ -6,15 +6,10 @@ use adadim_load::synth::Rng;
 use adadim_pack::kernels::matvec_ref;
 use adadim_pack::q8::{self, Q8};
 use adadim_pack::PackedLinear;
-use adadim_quantize::{gptq, rtn, Axis, GptqOptions, Hessian, QuantSpec, QuantizedMatrix, Zero};
+use adadim_quantize::{rtn, Axis, QuantSpec, QuantizedMatrix, Zero};
 
-fn weights(rng: &mut Rng, rows: usize, cols: usize) -> Vec<f32> {
-    let mut w = rng.normals(rows * cols, 0.05);
-    for r in 0..rows {
-        w[r * cols + cols / 3] *= 20.0; // an outlier column
-    }
-    w
-}
+mod common;
+use common::{act_order_gptq, weights};
 
 /// Returns whether the int8 kernel ran.
 fn check(q: &QuantizedMatrix, rng: &mut Rng, what: &str) -> bool {
@@ -155,16 +150,7 @@ fn eight_bit_codes_multiply_on_int8_activations() {
 #[test]
 fn act_order_gptq_on_int8_activations() {
     let mut rng = Rng::new(12);
-    let (rows, cols) = (48, 256);
-    let w = weights(&mut rng, rows, cols);
-    let mut x = rng.normals(256 * cols, 1.0);
-    for t in 0..256 {
-        x[t * cols + 7] *= 30.0;
-    }
-    let mut h = Hessian::new(cols);
-    h.add_batch(&x).unwrap();
-    let spec = QuantSpec { bits: 4, group: Some(64), axis: Axis::Oc, zero: Zero::Awq };
-    let q = gptq(&w, rows, cols, &h, &spec, &GptqOptions { act_order: true, ..GptqOptions::default() }).unwrap().quantized;
+    let q = act_order_gptq(&mut rng, 48, 256, 4, 64, false);
     assert!(PackedLinear::from_quantized(&q).permuted());
     check(&q, &mut rng, "gptq act-order");
 }
