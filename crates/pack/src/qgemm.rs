@@ -518,6 +518,13 @@ fn panels(p: &PackedLinear, kind: ActBits, acts: &Acts, rows: std::ops::Range<us
         |(codes, panel), r0| {
             let (n, y_ptr) = ((rows.end - r0).min(NR), &y_ptr);
             fill_panel(p, kind, r0, n, codes, panel);
+            // The next panel's codes (this thread's, as rayon splits the range) start coming
+            // from memory while this one's tiles run.
+            let rb = bits::row_bytes(cols, l.bits);
+            let next = (r0 + NR).min(all_rows) * rb..(r0 + 2 * NR).min(all_rows) * rb;
+            for at in next.step_by(64) {
+                crate::kernels::prefetch_line(p.codes[at..].as_ptr());
+            }
             // Per-OC: each block's group scale and each group's s z, per row.
             let (mut ws, mut sz) = (Vec::new(), Vec::new());
             if l.axis == Axis::Oc {
