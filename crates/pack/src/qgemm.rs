@@ -191,7 +191,7 @@ unsafe fn round_scaled_avx512(s: &[f32], x: &[f32], z: &[f32], block: usize, qma
     // Whole blocks, and a short last block of whole registers (SmolLM2's rows of 576: 4.5
     // blocks of 128), here; another short last block through the definition.
     let whole = if n % block % 16 == 0 { n.div_ceil(block) } else { n / block };
-    let mut bias = 0f32;
+    let (mut bias, mut bias_lanes) = (0f32, _mm512_setzero_ps());
     let mut v = [_mm512_setzero_ps(); 8];
     for b in 0..whole {
         let o = b * block;
@@ -230,8 +230,11 @@ unsafe fn round_scaled_avx512(s: &[f32], x: &[f32], z: &[f32], block: usize, qma
             }
         }
         d[b] = db;
-        bias += db * _mm512_reduce_add_ps(zq);
+        // The block's z q sums scaled by its step, lane by lane: one horizontal sum at the end
+        // instead of one per block (blocks of 32 int8 values spent as much on it as on rounding).
+        bias_lanes = _mm512_fmadd_ps(zq, _mm512_set1_ps(db), bias_lanes);
     }
+    bias += _mm512_reduce_add_ps(bias_lanes);
     let o = (whole * block).min(n);
     if o < n {
         // The short last block, by the definition.
@@ -530,10 +533,11 @@ fn panels(p: &PackedLinear, kind: ActBits, acts: &Acts, rows: std::ops::Range<us
             if l.axis == Axis::Oc {
                 ws = vec![0f32; nb * NR];
                 sz = vec![0f32; pc * NR];
+                let group_of: Vec<usize> = (0..nb).map(|b| b * acts.block / l.group).collect();
                 for j in 0..n {
                     let r = r0 + j;
-                    for b in 0..nb {
-                        ws[b * NR + j] = p.scales[r * pc + b * acts.block / l.group];
+                    for (b, &k) in group_of.iter().enumerate() {
+                        ws[b * NR + j] = p.scales[r * pc + k];
                     }
                     for k in 0..pc {
                         sz[k * NR + j] = p.scales[r * pc + k] * p.zeros[r * pc + k];
