@@ -134,37 +134,10 @@ pub fn time_matmul(p: &PackedLinear, act: Option<Act>, t: usize, threads: usize,
     Ok(best)
 }
 
-/// Best-of-`runs` seconds of the dense f32 GEMM of the same size (`t x cols` times the
-/// transpose of `rows x cols`), on the `gemm` crate (candle's) with `threads` threads: the f32
-/// limit the packed products are held against.
-pub fn time_dense_gemm(rows: usize, cols: usize, t: usize, threads: usize, runs: usize) -> f64 {
-    let w: Vec<f32> = (0..rows * cols).map(|i| ((i * 40503) % 997) as f32 / 997.0 - 0.5).collect();
-    let x: Vec<f32> = (0..t * cols).map(|i| ((i * 2654435761) % 2001) as f32 / 1000.0 - 1.0).collect();
-    let mut y = vec![0f32; t * rows];
-    let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
-    let mut best = f64::MAX;
-    for _ in 0..runs + 1 {
-        let s = Instant::now();
-        // SAFETY: y is t x rows (row-major), x t x cols, w rows x cols read as its transpose;
-        // every index stays inside the buffers.
-        unsafe {
-            gemm::gemm(t, rows, cols, y.as_mut_ptr(), 1, rows as isize, false, x.as_ptr(), 1, cols as isize, w.as_ptr(), cols as isize, 1, 0.0, 1.0, false, false, false, par);
-        }
-        std::hint::black_box(&y);
-        best = best.min(s.elapsed().as_secs_f64());
-    }
-    best
-}
-
-/// llama.cpp's own MUL_MAT timing for `type_a` (q4_0, q4_K, ...) times an f32 vector,
-/// `m` output rows, `k` inputs: microseconds per run, and the thread count it used
+/// llama.cpp's own MUL_MAT timing for `type_a` (q4_0, q4_K, ...) times `n` f32 columns
+/// (tokens: 1 for a matvec, or another size test-backend-ops times, 512 for prefill), `m`
+/// output rows, `k` inputs: microseconds per run, and the thread count it used
 /// (`test-backend-ops` gives the CPU backend half the hardware threads).
-pub fn llamacpp_matvec_us(bin_dir: &Path, type_a: &str, m: usize, k: usize) -> Result<(f64, usize)> {
-    llamacpp_matmul_us(bin_dir, type_a, m, 1, k)
-}
-
-/// [`llamacpp_matvec_us`] for `n` columns (tokens): 1 or one of the sizes test-backend-ops
-/// times (512 for prefill).
 pub fn llamacpp_matmul_us(bin_dir: &Path, type_a: &str, m: usize, n: usize, k: usize) -> Result<(f64, usize)> {
     let exe = bin_dir.join("test-backend-ops");
     let filter = format!("type_a={type_a},type_b=f32,m={m},n={n},k={k},");

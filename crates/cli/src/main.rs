@@ -687,14 +687,13 @@ fn eval_ppl(a: PplArgs) -> Result<()> {
     if act.is_some() && a.stream {
         anyhow::bail!("--act-bits with --stream: integer products apply to a model held in memory (packed models are not streamed)");
     }
-    if act.is_some() && !adadim_model::is_packed(&dir) {
+    // Integer products apply to packed linears only.
+    let act = act.filter(|_| adadim_model::is_packed(&dir) || {
         eprintln!("note: {} is not packed: --act-bits changes nothing, its products stay f32", dir.display());
-    }
+        false
+    });
     let r = run_ppl_with(&dir, &dataset, a.seqlen, a.limit, a.stream, act)?;
-    let activations = match act {
-        Some(act) if adadim_model::is_packed(&dir) => format!("int{}", act.bits()),
-        _ => "f32".to_string(),
-    };
+    let activations = act.map_or("f32".to_string(), |act| format!("int{}", act.bits()));
     if a.json {
         let mut v = serde_json::to_value(&r)?;
         v["model"] = dir.display().to_string().into();
@@ -1146,7 +1145,7 @@ fn kernels_vs_llamacpp(bin: &std::path::Path, group: usize, md: &mut String) -> 
     let (m, k) = (4096, 14336);
     let mut peers = Vec::new();
     for ty in ["q4_0", "q4_K", "q3_K"] {
-        let (us, threads) = bench_kernels::llamacpp_matvec_us(bin, ty, m, k)?;
+        let (us, threads) = bench_kernels::llamacpp_matmul_us(bin, ty, m, 1, k)?;
         peers.push((ty, us, threads));
     }
     let threads = peers[0].2;
@@ -1196,11 +1195,13 @@ fn kernels_prefill_vs_llamacpp(bin: &std::path::Path, group: usize, threads: usi
         let (us, _) = bench_kernels::llamacpp_matmul_us(bin, ty, m, n, k)?;
         peers.push((ty, us));
     }
-    let dense = bench_kernels::time_dense_gemm(m, k, n, threads, 2);
+    // The same f32 GEMM the forward pass runs (candle's), on as many threads.
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build()?;
+    let dense = flop / (pool.install(|| bench::gemm_gflops(n, k, m, 3))? * 1e9);
     writeln!(md, "\n### Prefill products against llama.cpp (same run)\n")?;
-    writeln!(md, "`{m} x {k}` times {n} tokens (test-backend-ops' MUL_MAT n = {n} case), {threads} thread(s) each; best of 3 for ours, test-backend-ops' mean. Ours: on integers (`matmul_act`: activations rounded as the decode matvec rounds them, codes widened per panel, AVX-512 VNNI), and through dequantized f32 panels (`matmul`, what evaluation runs); against the dense f32 GEMM of the same size (the `gemm` crate, candle's) on f32 weights.\n")?;
+    writeln!(md, "`{m} x {k}` times {n} tokens (test-backend-ops' MUL_MAT n = {n} case), {threads} thread(s) each; best of 3 for ours, test-backend-ops' mean. Ours: on integers (`matmul_act`: activations rounded as the decode matvec rounds them, codes widened per panel, AVX-512 VNNI), and through dequantized f32 panels (`matmul`, what evaluation runs); against the dense f32 GEMM of the same size (candle's matmul, as the forward pass runs it) on f32 weights.\n")?;
     writeln!(md, "| product | GFLOP/s | of the f32 GEMM |\n|---|---|---|")?;
-    writeln!(md, "| dense f32 GEMM (gemm crate) | {:.1} | 1.00 |", flop / dense / 1e9)?;
+    writeln!(md, "| dense f32 GEMM (candle) | {:.1} | 1.00 |", flop / dense / 1e9)?;
     for &(ty, us) in &peers {
         writeln!(md, "| llama.cpp {ty} | {:.1} | {:.2} |", flop / us / 1e3, dense / (us * 1e-6))?;
     }

@@ -35,10 +35,10 @@ pub struct Linear {
     pub bias: Option<Tensor>, // (out)
     /// The activations' precision of a packed weight's matvec ([`Model::set_act_bits`]).
     pub act: ActBits,
-    /// Products of more tokens on integers with activations rounded to this precision
-    /// ([`adadim_pack::PackedLinear::matmul_act`], [`Model::set_integer_prefill`]); `None`: the
+    /// Products of more tokens on integers, the activations rounded to `act` as well
+    /// ([`adadim_pack::PackedLinear::matmul_act`], [`Model::set_integer_prefill`]); `false`: the
     /// exact f32 GEMM (evaluation).
-    pub prefill: Option<ActBits>,
+    pub integer_prefill: bool,
 }
 
 impl Linear {
@@ -58,9 +58,10 @@ impl Linear {
                         p.matvec_act(self.act, x, y);
                     }
                 } else {
-                    match self.prefill {
-                        Some(act) => p.matmul_act(act, &xv, t, &mut y),
-                        None => p.matmul(&xv, t, &mut y),
+                    if self.integer_prefill {
+                        p.matmul_act(self.act, &xv, t, &mut y);
+                    } else {
+                        p.matmul(&xv, t, &mut y);
                     }
                 }
                 let mut out = dims[..dims.len() - 1].to_vec();
@@ -313,7 +314,7 @@ impl Block {
             } else {
                 None
             };
-            Ok(Linear { weight: src.linear(&name)?, bias, act: ActBits::default(), prefill: None })
+            Ok(Linear { weight: src.linear(&name)?, bias, act: ActBits::default(), integer_prefill: false })
         };
         Ok(Block {
             layer,
@@ -750,9 +751,7 @@ impl Model {
         self.act = act;
         for b in &mut self.blocks {
             for kind in LinearKind::ALL {
-                let l = b.linear_mut(kind);
-                l.act = act;
-                l.prefill = l.prefill.map(|_| act);
+                b.linear_mut(kind).act = act;
             }
         }
     }
@@ -762,10 +761,9 @@ impl Model {
     /// ([`Model::set_act_bits`]; `true`), or with the exact f32 GEMM (`false`, the default:
     /// evaluation, where the packed model's perplexity must equal the dequantized one's).
     pub fn set_integer_prefill(&mut self, on: bool) {
-        let act = self.act;
         for b in &mut self.blocks {
             for kind in LinearKind::ALL {
-                b.linear_mut(kind).prefill = on.then_some(act);
+                b.linear_mut(kind).integer_prefill = on;
             }
         }
     }
@@ -872,8 +870,8 @@ impl Model {
         let head = rms_norm_into(&s.x, &self.norm, self.config.rms_norm_eps as f32, &mut h).and_then(|()| {
             s.logits.resize(vocab, 0.0);
             match &self.decode_head {
-                Some(p) => Linear { weight: Weight::Packed(p.clone()), bias: None, act: self.act, prefill: None }.matvec_into(&h, &mut s.logits),
-                None => Linear { weight: Weight::Dense(self.lm_head.as_ref().unwrap_or(&self.embed).clone()), bias: None, act: self.act, prefill: None }.matvec_into(&h, &mut s.logits),
+                Some(p) => Linear { weight: Weight::Packed(p.clone()), bias: None, act: self.act, integer_prefill: false }.matvec_into(&h, &mut s.logits),
+                None => Linear { weight: Weight::Dense(self.lm_head.as_ref().unwrap_or(&self.embed).clone()), bias: None, act: self.act, integer_prefill: false }.matvec_into(&h, &mut s.logits),
             }
         });
         s.h = h;
@@ -911,7 +909,7 @@ impl Model {
         let eps = self.config.rms_norm_eps as f32;
         let h = candle_nn::ops::rms_norm(hidden, &self.norm, eps).ctx(|| "final norm".into())?;
         if let Some(p) = self.decode_head.as_ref().filter(|_| h.dims()[0] <= MATVEC_TOKENS) {
-            return Linear { weight: Weight::Packed(p.clone()), bias: None, act: self.act, prefill: None }.forward(&h).ctx(|| "lm head".into());
+            return Linear { weight: Weight::Packed(p.clone()), bias: None, act: self.act, integer_prefill: false }.forward(&h).ctx(|| "lm head".into());
         }
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         dense_product(&h, head).ctx(|| "lm head".into())

@@ -273,6 +273,21 @@ fn quantized_decode_head_stays_close_to_the_float_head() {
     assert!(diff > 0.0 && diff <= 0.02 * scale, "one position: quantized head, max diff {diff} vs scale {scale}");
 }
 
+/// A seeded random 2-block model, 2 KV heads, vocabulary 300, tied embeddings, q/k/v biases
+/// where `bias` (loaded from a checkpoint written to a temporary directory, 32 positions).
+fn random_model(hidden: usize, intermediate: usize, heads: usize, bias: bool, seed: u64) -> Model {
+    let d = tempfile::tempdir().unwrap();
+    let json = serde_json::json!({
+        "architectures": ["LlamaForCausalLM"], "hidden_size": hidden, "intermediate_size": intermediate,
+        "num_hidden_layers": 2, "num_attention_heads": heads, "num_key_value_heads": 2,
+        "vocab_size": 300, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": true,
+        "attention_bias": bias
+    });
+    let cfg = adadim_load::LlamaConfig::from_json(d.path(), &json.to_string()).unwrap();
+    write_random_checkpoint(d.path(), &cfg, seed).unwrap();
+    Model::load(&Checkpoint::open(d.path()).unwrap(), 32, &mut |_, _| {}).unwrap()
+}
+
 /// Replaces every linear of `model` by its RTN w4 (groups of `group`) packed form, per-OC and
 /// per-IC in turn. Returns how many take the integer prefill product on this CPU.
 fn pack_linears(model: &mut Model, group: usize) -> usize {
@@ -319,16 +334,7 @@ fn decode_step_vs_tensor_path(model: &Model, kv: KvType) -> f32 {
 fn decode_step_equals_the_tensor_path() {
     // Dense weights with q/k/v biases, both cache types; then packed linears (per-OC and
     // per-IC, int16 and int8 activations) and the 8-bit decode head.
-    let d = tempfile::tempdir().unwrap();
-    let json = serde_json::json!({
-        "architectures": ["LlamaForCausalLM"], "hidden_size": 48, "intermediate_size": 80,
-        "num_hidden_layers": 2, "num_attention_heads": 6, "num_key_value_heads": 2,
-        "vocab_size": 300, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": true,
-        "attention_bias": true
-    });
-    let cfg = adadim_load::LlamaConfig::from_json(d.path(), &json.to_string()).unwrap();
-    write_random_checkpoint(d.path(), &cfg, 11).unwrap();
-    let mut model = Model::load(&Checkpoint::open(d.path()).unwrap(), 32, &mut |_, _| {}).unwrap();
+    let mut model = random_model(48, 80, 6, true, 11);
     assert!(model.blocks[0].q.bias.is_some());
     for kv in [KvType::F32, KvType::F16] {
         assert_eq!(decode_step_vs_tensor_path(&model, kv), 0.0, "dense, {kv:?}");
@@ -358,15 +364,7 @@ fn integer_prefill_moves_the_logits_by_its_rounding() {
     // integer product is held to the decode matvec's definition in adadim-pack's tests; here a
     // comparison with chunked decoding would be limited by rounding steps flipped by f32
     // round-off upstream, about one int16 step.)
-    let d = tempfile::tempdir().unwrap();
-    let json = serde_json::json!({
-        "architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 96,
-        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "vocab_size": 300, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": true
-    });
-    let cfg = adadim_load::LlamaConfig::from_json(d.path(), &json.to_string()).unwrap();
-    write_random_checkpoint(d.path(), &cfg, 12).unwrap();
-    let mut model = Model::load(&Checkpoint::open(d.path()).unwrap(), 32, &mut |_, _| {}).unwrap();
+    let mut model = random_model(64, 96, 4, false, 12);
     let integer = pack_linears(&mut model, 32);
     let ids: Vec<u32> = (0..24).map(|i| (i * 37 + 5) % 300).collect();
     let run = |model: &Model, chunk: usize| {
