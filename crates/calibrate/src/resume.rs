@@ -15,22 +15,25 @@
 //! What is saved is exact (codes, f32 params, f32 activations), so a resumed run writes the
 //! same bytes as an uninterrupted one.
 
+use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use adadim_load::safetensors_out::StreamWriter;
+use adadim_load::state_dir::{read_small_regular, StateDir};
 use adadim_model::LinearKind;
 use adadim_quantize::{QuantSpec, QuantizedMatrix};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 use crate::driver::{FinishedBlock, LinearReport, Timings};
 use crate::error::{CalibError, Result};
 
 /// Version of the work directory's layout; another version is a different job.
-const LAYOUT_VERSION: u32 = 1;
+const LAYOUT_VERSION: u32 = 2;
 
 /// `resume.json`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -42,6 +45,10 @@ struct Manifest {
     job: serde_json::Value,
     /// Blocks finished and saved in `blocks/`, in order.
     done: usize,
+    /// SHA-256 of every saved file (block files, the hidden states), by path inside the
+    /// directory: verified before a resumed run trusts them.
+    #[serde(default)]
+    files: BTreeMap<String, String>,
     /// The file holding the hidden states entering block `done`, when the job calibrates.
     hidden: Option<String>,
     /// Clocks of the finished blocks (the time of a block cut short is lost).
@@ -57,6 +64,7 @@ pub struct WorkDir {
     opened: Instant,
     elapsed_before: f64,
     _lock: Lock,
+    state: StateDir,
 }
 
 fn io(path: &Path) -> impl Fn(std::io::Error) -> CalibError + '_ {
@@ -67,26 +75,65 @@ fn damaged(path: &Path, msg: impl Into<String>) -> CalibError {
     CalibError::Resume { path: path.to_path_buf(), msg: msg.into() }
 }
 
-/// Write `path` whole or not at all: a temporary file beside it, synced, then renamed.
-fn write_atomic(path: &Path, write: impl FnOnce(&mut BufWriter<File>) -> std::io::Result<()>) -> Result<()> {
+/// Write `path` whole or not at all: a fresh temporary file beside it, synced, then renamed.
+/// Returns the SHA-256 of what was written.
+fn write_atomic(path: &Path, write: impl FnOnce(&mut Hashing<BufWriter<File>>) -> std::io::Result<()>) -> Result<String> {
     let tmp = tmp_name(path);
-    let file = File::create(&tmp).map_err(io(&tmp))?;
-    let mut out = BufWriter::with_capacity(1 << 20, file);
+    let file = OpenOptions::new().write(true).create_new(true).open(&tmp).map_err(io(&tmp))?;
+    let mut out = Hashing { inner: BufWriter::with_capacity(1 << 20, file), sha: Sha256::new() };
     write(&mut out).map_err(io(&tmp))?;
-    let file = out.into_inner().map_err(|e| CalibError::Io { path: tmp.clone(), source: e.into_error() })?;
+    let sha = hex(out.sha.finalize().as_slice());
+    let file = out.inner.into_inner().map_err(|e| CalibError::Io { path: tmp.clone(), source: e.into_error() })?;
     file.sync_all().map_err(io(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(io(path))
+    std::fs::rename(&tmp, path).map_err(io(path))?;
+    Ok(sha)
+}
+
+/// A writer (or reader) that hashes the bytes passing through it.
+struct Hashing<T> {
+    inner: T,
+    sha: Sha256,
+}
+
+impl<W: Write> Write for Hashing<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.sha.update(&buf[..n]);
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+impl<R: Read> Read for Hashing<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.sha.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// `resume.json` read without following a link and within a size cap: `None` when absent.
+fn read_manifest(path: &Path) -> Option<std::result::Result<Manifest, String>> {
+    const CAP: u64 = 64 << 20;
+    if std::fs::symlink_metadata(path).is_err() {
+        return None;
+    }
+    Some(match read_small_regular(path, CAP) {
+        None => Err(format!("not a regular file of at most {CAP} bytes")),
+        Some(bytes) => serde_json::from_slice(&bytes).map_err(|e| e.to_string()),
+    })
 }
 
 fn tmp_name(path: &Path) -> PathBuf {
     let mut name = path.file_name().unwrap_or_default().to_os_string();
     name.push(".tmp");
     path.with_file_name(name)
-}
-
-/// Make the renames inside `dir` durable.
-fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))
 }
 
 /// The leaves where two JSON values differ, as `path: old -> new`.
@@ -113,18 +160,20 @@ impl WorkDir {
     /// A directory holding the same job (same `job` JSON) is resumed: [`WorkDir::done`] says
     /// how many blocks it holds. One holding another job is an error naming what differs,
     /// unless `restart`, which empties it first. One locked by a running process is an error.
+    /// Only a directory proven to be adadim's state is ever emptied ([`StateDir`]): a link, a
+    /// directory of another user or one holding other files is refused untouched.
     pub fn open(dir: &Path, job: serde_json::Value, restart: bool) -> Result<WorkDir> {
-        std::fs::create_dir_all(dir).map_err(io(dir))?;
-        let lock = Lock::acquire(dir)?;
+        let state = match std::fs::symlink_metadata(dir) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => StateDir::create(dir)?,
+            _ => StateDir::open(dir, &|d| read_manifest(&d.join("resume.json")).is_some_and(|m| m.is_ok()))?,
+        };
+        let lock = Lock::acquire(&state)?;
         let job_sha256 = adadim_load::fetch::sha256_hex(job.to_string().as_bytes());
         let path = dir.join("resume.json");
-        let old: Option<Manifest> = match std::fs::read(&path) {
-            Ok(bytes) if !restart => Some(serde_json::from_slice(&bytes).map_err(|e| {
-                damaged(&path, format!("unreadable ({e}); delete {} to start over", dir.display()))
-            })?),
-            Ok(_) => None,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-            Err(e) => return Err(CalibError::Io { path, source: e }),
+        let old: Option<Manifest> = match read_manifest(&state.at("resume.json")) {
+            Some(Ok(m)) if !restart => Some(m),
+            Some(Err(e)) if !restart => return Err(damaged(&path, format!("unreadable ({e}); pass --restart to start over"))),
+            _ => None,
         };
         let manifest = match old {
             Some(m) if m.layout_version == LAYOUT_VERSION && m.job_sha256 == job_sha256 => m,
@@ -146,30 +195,51 @@ impl WorkDir {
             }
             None => {
                 // A fresh start: whatever a run cut short before its first block left goes.
-                for e in std::fs::read_dir(dir).map_err(io(dir))? {
-                    let p = e.map_err(io(dir))?.path();
-                    if p.file_name().is_some_and(|n| n != "lock") {
-                        let r = if p.is_dir() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
-                        r.map_err(io(&p))?;
-                    }
-                }
-                let m = Manifest { layout_version: LAYOUT_VERSION, job_sha256, job, done: 0, hidden: None, timings: Timings::default(), elapsed_s: 0.0 };
-                std::fs::create_dir(dir.join("blocks")).map_err(io(&dir.join("blocks")))?;
-                let w = WorkDir { dir: dir.to_path_buf(), elapsed_before: 0.0, manifest: m, opened: Instant::now(), _lock: lock };
+                state.clear(&["lock"])?;
+                let m = Manifest { layout_version: LAYOUT_VERSION, job_sha256, job, done: 0, hidden: None, files: BTreeMap::new(), timings: Timings::default(), elapsed_s: 0.0 };
+                std::fs::create_dir(state.at("blocks")).map_err(io(&dir.join("blocks")))?;
+                let w = WorkDir { dir: dir.to_path_buf(), elapsed_before: 0.0, manifest: m, opened: Instant::now(), _lock: lock, state };
                 w.write_manifest()?;
                 return Ok(w);
             }
         };
         // Left by a run cut short between two steps: half-written files, superseded states.
-        for e in std::fs::read_dir(dir).map_err(io(dir))? {
-            let p = e.map_err(io(dir))?.path();
-            let name = p.file_name().unwrap_or_default().to_string_lossy().into_owned();
+        for e in std::fs::read_dir(state.at("")).map_err(io(dir))? {
+            let name = e.map_err(io(dir))?.file_name().to_string_lossy().into_owned();
             let stale = name.ends_with(".tmp") || (name.starts_with("hidden-") && Some(&name) != manifest.hidden.as_ref());
-            if stale && p.is_file() {
-                std::fs::remove_file(&p).map_err(io(&p))?;
+            if stale {
+                state.remove(&name)?;
             }
         }
-        Ok(WorkDir { dir: dir.to_path_buf(), elapsed_before: manifest.elapsed_s, manifest, opened: Instant::now(), _lock: lock })
+        for e in std::fs::read_dir(state.at("blocks")).map_err(io(&dir.join("blocks")))? {
+            let name = e.map_err(io(dir))?.file_name().to_string_lossy().into_owned();
+            if name.ends_with(".tmp") {
+                state.remove(Path::new("blocks").join(&name))?;
+            }
+        }
+        let w = WorkDir { dir: dir.to_path_buf(), elapsed_before: manifest.elapsed_s, manifest, opened: Instant::now(), _lock: lock, state };
+        w.verify_blocks()?;
+        Ok(w)
+    }
+
+    /// Every finished block's file as it was saved (its SHA-256 in `resume.json`): a resumed
+    /// run builds on saved state only once it is proven intact.
+    fn verify_blocks(&self) -> Result<()> {
+        for layer in 0..self.manifest.done {
+            self.checked_read(&self.block_path(layer), &format!("blocks/block-{layer:05}.safetensors"))?;
+        }
+        Ok(())
+    }
+
+    /// The bytes of the saved file `rel`, checked against the SHA-256 recorded when it was saved.
+    fn checked_read(&self, path: &Path, rel: &str) -> Result<Vec<u8>> {
+        let want = self.manifest.files.get(rel).ok_or_else(|| damaged(path, "no checksum recorded for it"))?;
+        let bytes = std::fs::read(self.state.at(rel)).map_err(io(path))?;
+        let got = adadim_load::fetch::sha256_hex(&bytes);
+        if &got != want {
+            return Err(damaged(path, format!("its SHA-256 is {got}, but {want} was recorded when it was saved")));
+        }
+        Ok(bytes)
     }
 
     pub fn path(&self) -> &Path {
@@ -191,15 +261,22 @@ impl WorkDir {
         self.manifest.timings.clone()
     }
 
+    /// The work directory, for removing and moving entries inside it safely.
+    pub fn state(&self) -> &StateDir {
+        &self.state
+    }
+
     /// Delete the directory (the job's output has been moved out of it).
     pub fn remove(self) -> Result<()> {
-        std::fs::remove_dir_all(&self.dir).map_err(io(&self.dir))
+        let WorkDir { state, _lock, .. } = self;
+        drop(_lock);
+        Ok(state.delete()?)
     }
 
     fn write_manifest(&self) -> Result<()> {
         let bytes = serde_json::to_vec_pretty(&self.manifest).expect("the manifest serializes");
         write_atomic(&self.dir.join("resume.json"), |w| w.write_all(&bytes))?;
-        sync_dir(&self.dir)
+        Ok(self.state.sync()?)
     }
 
     fn block_path(&self, layer: usize) -> PathBuf {
@@ -236,28 +313,31 @@ impl WorkDir {
             w.write(&format!("{}.input_rms", short_name(r.module)), "F32", &[r.input_rms.len()], &f32_bytes(&r.input_rms))?;
         }
         w.finish(&meta)?;
+        let sha = adadim_load::fetch::sha256_file(&tmp)?;
         std::fs::rename(&tmp, &path).map_err(io(&path))?;
+        self.manifest.files.insert(format!("blocks/block-{layer:05}.safetensors"), sha);
         let old_hidden = self.manifest.hidden.take();
         if let Some(xs) = next_xs {
             let name = format!("hidden-{:05}.f32", layer + 1);
-            write_atomic(&self.dir.join(&name), |w| {
+            let sha = write_atomic(&self.dir.join(&name), |w| {
                 for x in xs {
                     let v = x.flatten_all().and_then(|t| t.to_vec1::<f32>()).map_err(std::io::Error::other)?;
                     w.write_all(&f32_bytes(&v))?;
                 }
                 Ok(())
             })?;
+            self.manifest.files.insert(name.clone(), sha);
             self.manifest.hidden = Some(name);
-            sync_dir(&self.dir)?;
+            self.state.sync()?;
         }
-        sync_dir(&self.dir.join("blocks"))?;
+        File::open(self.state.at("blocks")).and_then(|d| d.sync_all()).map_err(io(&self.dir.join("blocks")))?;
         self.manifest.done = layer + 1;
         self.manifest.timings = timings.clone();
         self.manifest.elapsed_s = self.elapsed_before + self.opened.elapsed().as_secs_f64();
         self.write_manifest()?;
         if let Some(old) = old_hidden.filter(|o| Some(o) != self.manifest.hidden.as_ref()) {
-            let p = self.dir.join(old);
-            std::fs::remove_file(&p).map_err(io(&p))?;
+            self.manifest.files.remove(&old);
+            self.state.remove(&old)?;
         }
         Ok(())
     }
@@ -272,21 +352,28 @@ impl WorkDir {
         if got != want {
             return Err(damaged(&path, format!("{got} bytes, expected {want} ({} samples x {dim} f32)", lens.len())));
         }
-        let mut r = BufReader::with_capacity(1 << 20, file);
-        lens.iter()
+        let want_sha = self.manifest.files.get(name).ok_or_else(|| damaged(&path, "no checksum recorded for it"))?;
+        let mut r = Hashing { inner: BufReader::with_capacity(1 << 20, file), sha: Sha256::new() };
+        let xs = lens
+            .iter()
             .map(|&len| {
                 let mut bytes = vec![0u8; len * dim * 4];
                 r.read_exact(&mut bytes).map_err(io(&path))?;
                 let v: Vec<f32> = bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes"))).collect();
                 Tensor::from_vec(v, (len, dim), &Device::Cpu).map_err(|e| damaged(&path, e.to_string()))
             })
-            .collect()
+            .collect::<Result<Vec<Tensor>>>()?;
+        let got_sha = hex(r.sha.finalize().as_slice());
+        if &got_sha != want_sha {
+            return Err(damaged(&path, format!("its SHA-256 is {got_sha}, but {want_sha} was recorded when it was saved")));
+        }
+        Ok(xs)
     }
 
     /// Block `layer`'s quantized linears (in the order saved) and reports.
     pub(crate) fn load_block(&self, layer: usize) -> Result<FinishedBlock> {
         let path = self.block_path(layer);
-        let bytes = std::fs::read(&path).map_err(io(&path))?;
+        let bytes = self.checked_read(&path, &format!("blocks/block-{layer:05}.safetensors"))?;
         let bad = |msg: String| damaged(&path, msg);
         let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(e.to_string()))?;
         let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
@@ -339,26 +426,23 @@ use adadim_load::safetensors_out::f32_le_bytes as f32_bytes;
 struct Lock(PathBuf);
 
 impl Lock {
-    fn acquire(dir: &Path) -> Result<Lock> {
-        let path = dir.join("lock");
+    fn acquire(state: &StateDir) -> Result<Lock> {
+        let (dir, path) = (state.path(), state.at("lock"));
+        let shown = dir.join("lock");
         for _ in 0..3 {
             match OpenOptions::new().write(true).create_new(true).open(&path) {
                 Ok(mut f) => {
-                    write!(f, "{}", std::process::id()).and_then(|_| f.sync_all()).map_err(io(&path))?;
+                    write!(f, "{}", std::process::id()).and_then(|_| f.sync_all()).map_err(io(&shown))?;
                     return Ok(Lock(path));
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                    let pid = std::fs::read_to_string(&path).ok().and_then(|s| s.trim().parse::<u32>().ok());
+                    let pid = read_small_regular(&path, 64).and_then(|b| String::from_utf8(b).ok()).and_then(|s| s.trim().parse::<u32>().ok());
                     if let Some(pid) = pid.filter(|&p| process_alive(p)) {
                         return Err(CalibError::Locked { dir: dir.to_path_buf(), pid });
                     }
-                    match std::fs::remove_file(&path) {
-                        Ok(()) => {}
-                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                        Err(e) => return Err(CalibError::Io { path, source: e }),
-                    }
+                    state.remove("lock")?;
                 }
-                Err(e) => return Err(CalibError::Io { path, source: e }),
+                Err(e) => return Err(CalibError::Io { path: shown, source: e }),
             }
         }
         Err(CalibError::Locked { dir: dir.to_path_buf(), pid: 0 })
@@ -370,7 +454,6 @@ impl Drop for Lock {
         let _ = std::fs::remove_file(&self.0);
     }
 }
-
 /// Whether `pid` is a live process running the same program as this one (Linux `/proc`; where
 /// there is none, every lock counts as held).
 fn process_alive(pid: u32) -> bool {

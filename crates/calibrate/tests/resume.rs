@@ -63,6 +63,7 @@ fn interrupted_after_any_block_resumes_to_the_same_bytes() {
         // Uninterrupted, then stopped after each block in turn (after the last: before the
         // output is written) and resumed.
         for stop in 0..=c.num_hidden_layers {
+            let _ = std::fs::remove_file(&got_file); // writers never overwrite
             let mut work = WorkDir::open(&work_dir, job.clone(), false).unwrap();
             assert_eq!(work.done(), 0);
             if stop > 0 {
@@ -116,4 +117,58 @@ fn a_work_directory_of_another_job_is_refused_unless_restarted() {
     std::fs::write(dir.join("resume.json"), b"{\"layout_version\": 1, \"job").unwrap();
     let msg = WorkDir::open(&dir, job(4), false).err().expect("damaged").to_string();
     assert!(msg.contains("resume.json") && msg.contains("delete"), "{msg}");
+}
+
+/// Saved state is verified before it is trusted: one byte flipped in a finished block's file,
+/// or in the saved hidden states, is refused with a message naming the file.
+#[test]
+fn a_damaged_block_or_hidden_state_is_refused_not_resumed() {
+    let d = tempfile::tempdir().unwrap();
+    let mut c = tiny_config();
+    c.num_hidden_layers = 3;
+    write_random_checkpoint(&d.path().join("m"), &c, 5).unwrap();
+    let ck = Checkpoint::open(&d.path().join("m")).unwrap();
+    let cfg = config(Method::Gptq, Dim::Ada, false);
+    let job = serde_json::json!({"case": "damaged"});
+    let work_dir = d.path().join(".w.partial");
+    for victim in ["blocks/block-00000.safetensors", "hidden-00002.f32"] {
+        let mut work = WorkDir::open(&work_dir, job.clone(), true).unwrap();
+        let out = d.path().join("out.safetensors");
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            quantize_model_resumable(&ck, &samples(), &cfg, &output(&out, Format::Packed), &mut work, &mut |done, _| assert!(done < 2, "interrupted after block {done}"))
+        }));
+        assert!(r.is_err());
+        drop(work);
+        let p = work_dir.join(victim);
+        let mut bytes = std::fs::read(&p).unwrap();
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 1;
+        std::fs::write(&p, &bytes).unwrap();
+        let e = match WorkDir::open(&work_dir, job.clone(), false) {
+            Err(e) => e.to_string(),
+            Ok(mut work) => quantize_model_resumable(&ck, &samples(), &cfg, &output(&out, Format::Packed), &mut work, &mut |_, _| {}).err().expect("damaged state must be refused").to_string(),
+        };
+        assert!(e.contains(victim.rsplit('/').next().unwrap()) && e.contains("SHA-256") && e.contains("damaged"), "{e}");
+        assert!(!out.exists());
+    }
+}
+
+/// A link planted where the work directory goes is refused; what it points to is untouched.
+#[test]
+fn a_link_at_the_work_directory_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let victim = d.path().join("victim");
+    std::fs::create_dir(&victim).unwrap();
+    std::fs::write(victim.join("thesis.txt"), "x").unwrap();
+    std::fs::write(victim.join("resume.json"), "{}").unwrap();
+    let link = d.path().join(".o.partial");
+    std::os::unix::fs::symlink(&victim, &link).unwrap();
+    for restart in [false, true] {
+        let e = WorkDir::open(&link, serde_json::json!({}), restart).err().expect("a link").to_string();
+        assert!(e.contains(".o.partial") && e.contains("symbolic link"), "{e}");
+    }
+    // A real directory of other files is refused the same way, even with --restart.
+    let e = WorkDir::open(&victim, serde_json::json!({}), true).err().expect("foreign").to_string();
+    assert!(e.contains("did not write"), "{e}");
+    assert_eq!(std::fs::read_to_string(victim.join("thesis.txt")).unwrap(), "x");
 }

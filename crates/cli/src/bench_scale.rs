@@ -37,7 +37,9 @@ fn checkpoint_bytes(dir: &Path) -> Result<u64> {
 pub fn run_one(model: &Path, quant_args: &[String], scratch: &Path) -> Result<ScaleRow> {
     let cfg = adadim_load::LlamaConfig::from_file(&model.join("config.json"))?;
     let out = scratch.join(format!("scale-{}", model.file_name().unwrap_or_default().to_string_lossy()));
-    let _ = std::fs::remove_dir_all(&out);
+    if std::fs::symlink_metadata(&out).is_ok() {
+        anyhow::bail!("{}: already exists; remove it (this bench writes its scratch models there)", out.display());
+    }
     let exe = std::env::current_exe().context("locating the adadim binary")?;
     let child = Command::new(&exe)
         .arg("quantize")
@@ -49,7 +51,9 @@ pub fn run_one(model: &Path, quant_args: &[String], scratch: &Path) -> Result<Sc
         .arg("--json")
         .output()
         .with_context(|| format!("running {} quantize", exe.display()))?;
-    let _ = std::fs::remove_dir_all(&out);
+    if child.status.success() {
+        std::fs::remove_dir_all(&out).with_context(|| format!("removing {}", out.display()))?; // written by the child
+    }
     if !child.status.success() {
         anyhow::bail!("quantizing {} failed ({}): {}", model.display(), child.status, String::from_utf8_lossy(&child.stderr));
     }

@@ -926,8 +926,8 @@ fn bench_quality(a: BenchQualityArgs) -> Result<()> {
             let ppl_file = ldir.join(format!("{name}.ppl.json"));
             if !ppl_file.exists() {
                 let dir = ldir.join(&name);
-                if !dir.join("config.json").exists() {
-                    let _ = std::fs::remove_dir_all(&dir);
+                let imported = !dir.join("config.json").exists();
+                if imported {
                     let mut bar = progress::Bar::new("import", 0);
                     adadim_load::gguf::import_gguf(&file, &dir, &mut |d, t| bar.update(d, t)).with_context(|| format!("importing {}", file.display()))?;
                     bar.finish();
@@ -937,7 +937,9 @@ fn bench_quality(a: BenchQualityArgs) -> Result<()> {
                 let tmp = ldir.join(format!("{name}.ppl.json.tmp"));
                 std::fs::write(&tmp, serde_json::to_string(&r)?)?;
                 std::fs::rename(&tmp, &ppl_file)?;
-                std::fs::remove_dir_all(&dir)?; // the GGUF stays; its f32 import is 0.5 GB
+                if imported {
+                    std::fs::remove_dir_all(&dir)?; // imported just now; the GGUF stays, its f32 import is 0.5 GB
+                }
             }
             let (bits, weights) = bench_quality::gguf_bits(&file)?;
             points.push(Point { name, tool: "llama.cpp".into(), bpw: bits as f64 / weights as f64, ppl: num(&read_json(&ppl_file)?, "ppl")? });
@@ -1251,9 +1253,8 @@ fn bench_quantize(a: BenchQuantizeArgs) -> Result<()> {
     if let Some(p) = scratch.parent() {
         std::fs::create_dir_all(p).with_context(|| format!("creating {}", p.display()))?;
     }
-    let summary = run_quantize(&dir, a.job.method, a.job.dim, q, adadim_calibrate::Format::Packed, &scratch);
-    let _ = std::fs::remove_dir_all(&scratch);
-    let summary = summary?;
+    let summary = run_quantize(&dir, a.job.method, a.job.dim, q, adadim_calibrate::Format::Packed, &scratch)?;
+    std::fs::remove_dir_all(&scratch).with_context(|| format!("removing {}", scratch.display()))?; // written by this run
     let tm: adadim_calibrate::Timings = serde_json::from_value(summary["timings"].clone())?;
     let total = summary["seconds"].as_f64().unwrap_or(0.0);
     let rss = summary["peak_rss_mb"].as_f64().unwrap_or(0.0);
@@ -1330,7 +1331,7 @@ fn run_quantize(dir: &std::path::Path, method: MethodArg, dim: DimArg, q: &Quant
 /// `.NAME.partial/model` and renamed to `out`: nothing at `out` is ever incomplete.
 fn run_quantize_resumable(dir: &std::path::Path, method: MethodArg, dim: DimArg, q: &QuantSettings, format: adadim_calibrate::Format, out: &std::path::Path, restart: bool) -> Result<serde_json::Value> {
     let cfg = quantize_config(method, dim, q)?;
-    if out.exists() {
+    if std::fs::symlink_metadata(out).is_ok() {
         anyhow::bail!("{}: output directory already exists; remove it or choose another", out.display());
     }
     if adadim_model::is_packed(dir) {
@@ -1370,7 +1371,7 @@ fn run_quantize_resumable(dir: &std::path::Path, method: MethodArg, dim: DimArg,
 
     let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
     std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
-    let work_dir = parent.join(format!(".{}.partial", out.file_name().unwrap_or_default().to_string_lossy()));
+    let work_dir = parent.join(adadim_load::state_dir::work_name(out, ".partial"));
     let mut work = adadim_calibrate::WorkDir::open(&work_dir, job, restart)?;
     let layers = ckpt.config.num_hidden_layers;
     let resumed = work.done();
@@ -1381,9 +1382,7 @@ fn run_quantize_resumable(dir: &std::path::Path, method: MethodArg, dim: DimArg,
     }
     let staging = work_dir.join("model");
     let result = (|| -> Result<serde_json::Value> {
-        if staging.exists() {
-            std::fs::remove_dir_all(&staging).with_context(|| format!("removing {}", staging.display()))?;
-        }
+        work.state().remove("model")?;
         std::fs::create_dir(&staging).with_context(|| format!("creating {}", staging.display()))?;
         let mut bar = progress::Bar::new("quantize", layers);
         bar.update(resumed, layers);
@@ -1445,7 +1444,7 @@ fn run_quantize_resumable(dir: &std::path::Path, method: MethodArg, dim: DimArg,
     })();
     match result {
         Ok(summary) => {
-            std::fs::rename(&staging, out).with_context(|| format!("moving the result to {}", out.display()))?;
+            work.state().move_out("model", out).with_context(|| format!("moving the result to {}", out.display()))?;
             if let Err(e) = work.remove() {
                 eprintln!("warning: {e} (the model at {} is complete; delete that directory)", out.display());
             }
@@ -1655,7 +1654,7 @@ fn quantize_layer(a: QuantizeLayerArgs) -> Result<()> {
     h.add_batch(&x).with_context(|| format!("{}: inputs", a.inputs.display()))?;
     let (q, report) = cfg.quantize_linear(0, kind, &w, rows, cols, Some(&h))?;
     if let Some(out) = &a.out {
-        let tmp = PathBuf::from(format!("{}.partial", out.display()));
+        let tmp = out.with_file_name(adadim_load::state_dir::work_name(out, &format!(".partial-{}", std::process::id())));
         let mut wr = adadim_load::safetensors_out::DenseWriter::create(&tmp, &[("weight".to_string(), vec![rows, cols])], &[], adadim_load::safetensors_out::DenseDtype::F32)?;
         wr.write_tensor("weight", &q.dequantize())?;
         wr.finish()?;

@@ -225,3 +225,48 @@ fn mmlu_and_humaneval_inputs() {
     one_line_error(adadim_with_data(&["eval", "mmlu", "--model", model, "--subjects", "anatomy", "--shots", "1"], Some(&data)), &["anatomy_test.csv", "line 2", "not an index"]);
     one_line_error(adadim(&["eval", "humaneval", "--model", model, "--timeout", "0"]), &["--timeout 0"]);
 }
+
+/// Issue 29's data loss: a link planted at `.NAME.partial` used to be followed and the directory
+/// it points to emptied. Now the run is refused, names the link, and the victim keeps its files.
+#[test]
+fn a_link_planted_at_the_work_directory_deletes_nothing() {
+    let (d, m, text) = fixture();
+    let victim = d.path().join("victim");
+    std::fs::create_dir(&victim).unwrap();
+    std::fs::write(victim.join("thesis.txt"), "years of work").unwrap();
+    std::os::unix::fs::symlink(&victim, d.path().join(".o.partial")).unwrap();
+    let out = d.path().join("o");
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let (ms, ts, o) = (s(&m), s(&text), s(&out));
+    for extra in [&[][..], &["--restart"][..]] {
+        let mut args = vec!["quantize", "--model", &ms, "--method", "rtn", "--dim", "ada", "--bits", "3", "--group", "16", "--nsamples", "2", "--calib-seqlen", "16", "--calib", &ts];
+        args.extend_from_slice(&["--out", &o]);
+        args.extend_from_slice(extra);
+        let (code, _, err) = adadim(&args);
+        assert_eq!(code, 1, "{err}");
+        assert!(err.contains(".o.partial") && err.contains("symbolic link") && err.contains("removes nothing it did not write"), "{err}");
+        assert_eq!(std::fs::read_to_string(victim.join("thesis.txt")).unwrap(), "years of work");
+        assert_eq!(std::fs::read_dir(&victim).unwrap().count(), 1, "nothing written into the link's target");
+        assert!(!out.exists());
+    }
+    // A plain directory of someone else's files at that name is refused the same way.
+    std::fs::remove_file(d.path().join(".o.partial")).unwrap();
+    std::fs::create_dir(d.path().join(".o.partial")).unwrap();
+    std::fs::write(d.path().join(".o.partial/notes.txt"), "mine").unwrap();
+    let (code, _, err) = adadim(&["quantize", "--model", &s(&m), "--method", "rtn", "--bits", "3", "--group", "16", "--nsamples", "2", "--calib-seqlen", "16", "--calib", &s(&text), "--out", &s(&out), "--restart"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("notes.txt") && err.contains("did not write"), "{err}");
+    assert!(d.path().join(".o.partial/notes.txt").exists());
+}
+
+/// An `--out` whose name is near the 255-byte limit still works: the hidden work directory's
+/// name is shortened, not rejected by the filesystem.
+#[test]
+fn a_long_output_name_works() {
+    let (d, m, text) = fixture();
+    let out = d.path().join("q".repeat(250));
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let (code, _, err) = adadim(&["quantize", "--model", &s(&m), "--method", "rtn", "--bits", "4", "--group", "16", "--nsamples", "2", "--calib-seqlen", "16", "--calib", &s(&text), "--out", &s(&out)]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.join("model.safetensors").exists());
+}

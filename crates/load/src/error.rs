@@ -33,6 +33,9 @@ pub enum LoadError {
     NonFinite { path: PathBuf, tensor: String, count: usize, first: usize },
     #[error("{path}: tokenizer: {msg}")]
     Tokenizer { path: PathBuf, msg: String },
+    /// A path where adadim would keep its own state, holding something else: never touched.
+    #[error("{path}: {why}; adadim removes nothing it did not write: move it away or choose another output")]
+    NotOwnState { path: PathBuf, why: String },
     #[error("fetching {what}: {msg}")]
     Fetch { what: String, msg: String },
 }

@@ -21,9 +21,20 @@ pub mod error;
 pub mod fetch;
 pub mod gguf;
 pub mod safetensors_out;
+pub mod state_dir;
 pub mod synth;
 pub mod tokenizer;
 
 pub use checkpoint::Checkpoint;
 pub use config::LlamaConfig;
 pub use error::{LoadError, Result};
+
+/// `s` with control characters (terminal escapes among them) and bidirectional overrides
+/// escaped, for printing names read from files.
+pub fn printable(s: &str) -> std::borrow::Cow<'_, str> {
+    let bad = |c: char| c.is_control() || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+    if !s.chars().any(bad) {
+        return s.into();
+    }
+    s.chars().map(|c| if bad(c) { c.escape_unicode().to_string() } else { c.to_string() }).collect::<String>().into()
+}

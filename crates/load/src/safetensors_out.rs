@@ -6,6 +6,18 @@ use std::fs::File;
 use std::io::{BufWriter, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
+/// Create `path` as a new file: an existing file or a link there is an error, never
+/// truncated or followed (writers write to fresh names, then rename).
+fn create_new(path: &Path) -> Result<File> {
+    std::fs::OpenOptions::new().write(true).create_new(true).open(path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AlreadyExists {
+            LoadError::Io { path: path.to_path_buf(), source: std::io::Error::new(e.kind(), "already exists; not overwritten") }
+        } else {
+            io_err(path)(e)
+        }
+    })
+}
+
 /// A safetensors header: `__metadata__` and `(name, dtype, shape, [start, end))` entries.
 fn header_json(entries: &[(String, &str, Vec<usize>, usize, usize)], metadata: &[(String, String)]) -> Vec<u8> {
     let mut header = serde_json::Map::new();
@@ -46,7 +58,7 @@ impl StreamWriter {
     /// Create `path`, reserving `reserved_header` bytes for the header.
     pub fn create(path: &Path, reserved_header: usize) -> Result<Self> {
         let reserved = reserved_header.next_multiple_of(8);
-        let file = File::create(path).map_err(io_err(path))?;
+        let file = create_new(path)?;
         let mut out = BufWriter::with_capacity(1 << 20, file);
         out.write_all(&(reserved as u64).to_le_bytes()).map_err(io_err(path))?;
         out.write_all(&vec![b' '; reserved]).map_err(io_err(path))?;
@@ -173,7 +185,7 @@ impl DenseWriter {
         while bytes.len() % 8 != 0 {
             bytes.push(b' ');
         }
-        let file = File::create(path).map_err(io_err(path))?;
+        let file = create_new(path)?;
         let mut out = BufWriter::with_capacity(1 << 20, file);
         out.write_all(&(bytes.len() as u64).to_le_bytes()).map_err(io_err(path))?;
         out.write_all(&bytes).map_err(io_err(path))?;
@@ -266,6 +278,9 @@ mod tests {
         w.write_tensor("x", &[1.0, -0.5, 65504.0]).unwrap();
         let e = w.write_tensor("y", &[70000.0]).unwrap_err().to_string();
         assert!(e.contains("'y'") || e.contains("y") && e.contains("f16"), "{e}");
+        drop(w);
+        assert!(DenseWriter::create(&p, &[("x".to_string(), vec![3])], &[], DenseDtype::F16).err().unwrap().to_string().contains("already exists"), "never overwritten");
+        std::fs::remove_file(&p).unwrap();
         let mut w = DenseWriter::create(&p, &[("x".to_string(), vec![3])], &[], DenseDtype::F16).unwrap();
         w.write_tensor("x", &[1.0, -0.5, 3.0e-3]).unwrap();
         w.finish().unwrap();
