@@ -53,7 +53,7 @@ pub fn calibration_file(spec: &str, home: &Path, model_dir: &Path) -> Result<Pat
 /// The model's ChatML template (`tokenizer_config.json`); other templates are not rendered.
 fn chat_template(model_dir: &Path) -> Result<adadim_run::ChatTemplate> {
     let path = model_dir.join("tokenizer_config.json");
-    let config: serde_json::Value = std::fs::read_to_string(&path).ok().and_then(|s| serde_json::from_str(&s).ok()).unwrap_or_default();
+    let config = adadim_load::tokenizer::config(model_dir)?.unwrap_or_default();
     let jinja = config["chat_template"].as_str().ok_or_else(|| CalibError::Data { path: path.clone(), msg: "--calib chat: the model has no chat template".into() })?;
     adadim_run::ChatTemplate::from_jinja(jinja).ok_or_else(|| CalibError::Data { path, msg: "--calib chat: the model's chat template is not ChatML, the only one rendered".into() })
 }

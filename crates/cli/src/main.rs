@@ -620,7 +620,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
     let dir = model_dir(&a.model.model)?;
     let src = adadim_model::open(&dir)?;
     let tok = adadim_load::tokenizer::load(&dir)?;
-    let tok_config: serde_json::Value = std::fs::read_to_string(dir.join("tokenizer_config.json")).ok().and_then(|s| serde_json::from_str(&s).ok()).unwrap_or_default();
+    let tok_config = adadim_load::tokenizer::config(&dir)?.unwrap_or_default();
     let template = tok_config["chat_template"].as_str().and_then(adadim_run::ChatTemplate::from_jinja);
     let text = match (&template, a.raw) {
         (Some(t), false) => t.render(&a.prompt),
@@ -671,7 +671,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
 /// The tokens that end a generation: the tokenizer config's `eos_token` and the model
 /// config's `eos_token_id`.
 fn eos_ids(dir: &std::path::Path, tok: &adadim_load::tokenizer::Tokenizer) -> Result<Vec<u32>> {
-    let tok_config: serde_json::Value = std::fs::read_to_string(dir.join("tokenizer_config.json")).ok().and_then(|s| serde_json::from_str(&s).ok()).unwrap_or_default();
+    let tok_config = adadim_load::tokenizer::config(&dir)?.unwrap_or_default();
     let mut stop: Vec<u32> = tok_config["eos_token"].as_str().and_then(|t| tok.token_to_id(t)).into_iter().collect();
     let config = adadim_load::LlamaConfig::from_file(&dir.join("config.json"))?;
     if let Some(id) = config.eos_token_id.as_ref().and_then(|v| v.as_u64()) {

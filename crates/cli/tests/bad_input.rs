@@ -270,3 +270,75 @@ fn a_long_output_name_works() {
     assert_eq!(code, 0, "{err}");
     assert!(out.join("model.safetensors").exists());
 }
+
+/// Quantize the fixture model (RTN w4g16, packed) into `dir/q`.
+fn packed_fixture(d: &Path, m: &Path, text: &Path) -> PathBuf {
+    let q = d.join("q");
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let (code, _, err) = adadim(&["quantize", "--model", &s(m), "--method", "rtn", "--bits", "4", "--group", "16", "--nsamples", "2", "--calib-seqlen", "16", "--calib", &s(text), "--out", &s(&q)]);
+    assert_eq!(code, 0, "{err}");
+    q
+}
+
+/// A config edited to fewer layers than the checkpoint holds is refused, dense or packed,
+/// instead of running a truncated model.
+#[test]
+fn a_config_with_fewer_layers_than_the_checkpoint_is_refused() {
+    let (d, m, text) = fixture();
+    let q = packed_fixture(d.path(), &m, &text);
+    for dir in [&m, &q] {
+        let cfg = dir.join("config.json");
+        let s = std::fs::read_to_string(&cfg).unwrap();
+        assert!(s.contains("\"num_hidden_layers\": 2"), "{s}");
+        std::fs::write(&cfg, s.replace("\"num_hidden_layers\": 2", "\"num_hidden_layers\": 1")).unwrap();
+        expect_error(dir, &text, &["model.safetensors", "model.layers.1.", "not used", "num_hidden_layers"]);
+    }
+}
+
+/// A packed file whose metadata was edited to another valid value (format version 2 -> 1,
+/// which would re-lay 3-bit rows) is refused.
+#[test]
+fn an_edited_packed_format_version_is_refused() {
+    let (d, m, text) = fixture();
+    let q = packed_fixture(d.path(), &m, &text);
+    let f = q.join("model.safetensors");
+    let bytes = std::fs::read(&f).unwrap();
+    let needle = b"\"adadim.format_version\":\"2\"";
+    let at = bytes.windows(needle.len()).position(|w| w == needle).expect("version in the header");
+    let mut edited = bytes.clone();
+    edited[at + needle.len() - 2] = b'1';
+    std::fs::write(&f, &edited).unwrap();
+    expect_error(&q, &text, &["model.safetensors", "metadata was changed"]);
+}
+
+/// A tokenizer_config.json present but broken is an error, not a silently dropped chat template.
+#[test]
+fn a_broken_tokenizer_config_is_reported() {
+    let (_d, m, _text) = fixture();
+    std::fs::write(m.join("tokenizer_config.json"), "{\"chat_template\": \"{% for").unwrap();
+    let (code, _, err) = adadim(&["generate", "--model", m.to_str().unwrap(), "--prompt", "hi", "--max-tokens", "2"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("tokenizer_config.json") && err.contains("not valid JSON"), "{err}");
+    std::fs::write(m.join("tokenizer_config.json"), "{\"chat_template\": 7}").unwrap();
+    let (code, _, err) = adadim(&["generate", "--model", m.to_str().unwrap(), "--prompt", "hi", "--max-tokens", "2"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("'chat_template' is not a string"), "{err}");
+}
+
+/// JSON inputs have a size cap: a config.json or tokenizer.json that is a link to /dev/zero is
+/// an error naming it, not a read until memory runs out.
+#[test]
+fn json_inputs_that_never_end_are_refused() {
+    let (_d, m, text) = fixture();
+    for f in ["tokenizer.json", "config.json"] {
+        let p = m.join(f);
+        let keep = std::fs::read(&p).unwrap();
+        std::fs::remove_file(&p).unwrap();
+        std::os::unix::fs::symlink("/dev/zero", &p).unwrap();
+        let (code, _, err) = adadim(&["eval", "ppl", "--model", m.to_str().unwrap(), "--dataset", text.to_str().unwrap(), "--seqlen", "16"]);
+        assert_eq!(code, 1, "{err}");
+        assert!(err.contains(f) && err.contains("more than"), "{err}");
+        std::fs::remove_file(&p).unwrap();
+        std::fs::write(&p, keep).unwrap();
+    }
+}

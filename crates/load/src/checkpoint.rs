@@ -87,6 +87,26 @@ impl Checkpoint {
     }
 
     fn check_layout(&self) -> Result<()> {
+        // Every tensor held must be one the config describes: a config edited to fewer layers
+        // (or another shape family) would otherwise run a silently truncated model.
+        let expected: std::collections::HashSet<String> = self.config.expected_tensors().into_iter().map(|(n, _)| n).collect();
+        let mut extra: Vec<&String> = self.entries.keys().filter(|n| !expected.contains(*n) && !n.ends_with("rotary_emb.inv_freq")).collect();
+        if !extra.is_empty() {
+            extra.sort();
+            let e = &self.entries[extra[0]];
+            let why = if extra[0].starts_with("model.layers.") {
+                format!("a layer beyond the {} that config.json's num_hidden_layers declares", self.config.num_hidden_layers)
+            } else if extra[0] == "lm_head.weight" {
+                "config.json ties the head to the embedding (tie_word_embeddings), yet the checkpoint holds its own head".into()
+            } else {
+                "no part of the model config.json describes".into()
+            };
+            return Err(LoadError::Tensor {
+                path: self.shards[e.shard].path.clone(),
+                tensor: crate::printable(extra[0]).into_owned(),
+                msg: format!("not used: {why} ({} such tensors); the config does not match the checkpoint", extra.len()),
+            });
+        }
         for (name, shape) in self.config.expected_tensors() {
             let e = self.entry(&name)?;
             if e.shape != shape {
@@ -197,8 +217,8 @@ pub fn bytes_to_f32(bytes: &[u8], dtype: Dtype) -> Option<Vec<f32>> {
 fn shard_files(dir: &Path) -> Result<Vec<String>> {
     let index = dir.join("model.safetensors.index.json");
     if index.exists() {
-        let text = std::fs::read_to_string(&index).map_err(io_err(&index))?;
-        let v: serde_json::Value = serde_json::from_str(&text)
+        let bytes = crate::read_capped(&index, 64 << 20, "model.safetensors.index.json")?;
+        let v: serde_json::Value = serde_json::from_slice(&bytes)
             .map_err(|e| LoadError::Config { path: index.clone(), msg: e.to_string() })?;
         let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| LoadError::Config {
             path: index.clone(),

@@ -63,7 +63,8 @@ fn default_theta() -> f64 {
 
 impl LlamaConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(crate::error::io_err(path))?;
+        let bytes = crate::read_capped(path, 16 << 20, "config.json")?;
+        let text = String::from_utf8(bytes).map_err(|e| LoadError::Config { path: path.to_path_buf(), msg: format!("not UTF-8 text ({e})") })?;
         Self::from_json(path, &text)
     }
 

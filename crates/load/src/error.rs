@@ -33,6 +33,8 @@ pub enum LoadError {
     NonFinite { path: PathBuf, tensor: String, count: usize, first: usize },
     #[error("{path}: tokenizer: {msg}")]
     Tokenizer { path: PathBuf, msg: String },
+    #[error("{path}: more than {cap} bytes, more than any {what} should hold (is it the right file?)")]
+    TooLarge { path: PathBuf, what: String, cap: u64 },
     /// A path where adadim would keep its own state, holding something else: never touched.
     #[error("{path}: {why}; adadim removes nothing it did not write: move it away or choose another output")]
     NotOwnState { path: PathBuf, why: String },

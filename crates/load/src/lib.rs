@@ -29,6 +29,22 @@ pub use checkpoint::Checkpoint;
 pub use config::LlamaConfig;
 pub use error::{LoadError, Result};
 
+/// The bytes of `path`, refusing more than `cap` (a JSON file that is a link to `/dev/zero`,
+/// or a huge one, is an error naming it rather than a read until memory runs out).
+pub fn read_capped(path: &std::path::Path, cap: u64, what: &str) -> Result<Vec<u8>> {
+    use std::io::Read;
+    if std::fs::metadata(path).is_ok_and(|m| m.is_dir()) {
+        return Err(LoadError::Io { path: path.into(), source: std::io::Error::other(format!("is a directory, expected the {what} file")) });
+    }
+    let file = std::fs::File::open(path).map_err(error::io_err(path))?;
+    let mut bytes = Vec::new();
+    file.take(cap + 1).read_to_end(&mut bytes).map_err(error::io_err(path))?;
+    if bytes.len() as u64 > cap {
+        return Err(LoadError::TooLarge { path: path.into(), what: what.into(), cap });
+    }
+    Ok(bytes)
+}
+
 /// `s` with control characters (terminal escapes among them) and bidirectional overrides
 /// escaped, for printing names read from files.
 pub fn printable(s: &str) -> std::borrow::Cow<'_, str> {

@@ -20,7 +20,30 @@ pub fn load(dir: &Path) -> Result<Tokenizer> {
     if !path.exists() {
         return Err(LoadError::NotFound { path, hint: " (every model directory needs its tokenizer)".into() });
     }
-    Tokenizer::from_file(&path).map_err(|e| LoadError::Tokenizer { path, msg: e.to_string() })
+    let bytes = crate::read_capped(&path, 1 << 30, "tokenizer.json")?;
+    Tokenizer::from_bytes(&bytes).map_err(|e| LoadError::Tokenizer { path, msg: e.to_string() })
+}
+
+/// `tokenizer_config.json` of the model in `dir` (chat template, EOS token): `None` when the
+/// model has none; present but unreadable or not a JSON object is an error naming it, since
+/// skipping it would silently drop the chat template.
+pub fn config(dir: &Path) -> Result<Option<serde_json::Value>> {
+    let path = dir.join("tokenizer_config.json");
+    if std::fs::symlink_metadata(&path).is_err() {
+        return Ok(None);
+    }
+    let bytes = crate::read_capped(&path, 64 << 20, "tokenizer_config.json")?;
+    let bad = |msg: String| LoadError::Tokenizer { path: path.clone(), msg };
+    let v: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| bad(format!("not valid JSON ({e})")))?;
+    if !v.is_object() {
+        return Err(bad("not a JSON object".into()));
+    }
+    for key in ["chat_template", "eos_token"] {
+        if v.get(key).is_some_and(|t| !t.is_null() && !t.is_string() && !(key == "eos_token" && t.get("content").is_some_and(|c| c.is_string()))) {
+            return Err(bad(format!("'{key}' is not a string")));
+        }
+    }
+    Ok(Some(v))
 }
 
 pub fn save(tok: &TokenizerFiles, dir: &Path) -> Result<()> {

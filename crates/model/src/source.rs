@@ -44,7 +44,25 @@ impl PackedModel {
     pub fn open(dir: &Path) -> Result<Self> {
         let config = LlamaConfig::from_file(&dir.join("config.json"))?;
         let file = PackedFile::open(&dir.join("model.safetensors"))?;
-        Ok(PackedModel { dir: dir.to_path_buf(), config, file })
+        let m = PackedModel { dir: dir.to_path_buf(), config, file };
+        m.check_all_used()?;
+        Ok(m)
+    }
+
+    /// Every linear the file declares is one `config.json` describes: a config edited to fewer
+    /// layers would otherwise run a silently truncated model.
+    fn check_all_used(&self) -> Result<()> {
+        let expected: std::collections::HashSet<String> = self.config.expected_tensors().into_iter().map(|(n, _)| n).collect();
+        let extra: Vec<&str> = self.file.linear_names().filter(|n| !expected.contains(&format!("{n}.weight"))).collect();
+        if let Some(first) = extra.first() {
+            let why = if first.starts_with("model.layers.") { format!("a layer beyond the {} that config.json's num_hidden_layers declares", self.config.num_hidden_layers) } else { "no part of the model config.json describes".into() };
+            return Err(ModelError::Load(adadim_load::LoadError::Tensor {
+                path: self.dir.join("model.safetensors"),
+                tensor: adadim_load::printable(first).into_owned(),
+                msg: format!("not used: {why} ({} such linears); the config does not match the checkpoint", extra.len()),
+            }));
+        }
+        Ok(())
     }
 
     pub fn file(&self) -> &PackedFile {

@@ -121,17 +121,36 @@ impl PackedWriter {
         Ok(self.out.write(name, dtype.name(), shape, &bytes)?)
     }
 
-    /// Write the header: the linears' layouts and `quantization` (free-form JSON).
+    /// Write the header: the linears' layouts and `quantization` (free-form JSON), sealed by
+    /// [`METADATA_DIGEST`].
     pub fn finish(self, quantization: &serde_json::Value) -> Result<()> {
-        let meta = vec![
+        let mut meta = vec![
             ("format".to_string(), "pt".to_string()),
             ("adadim.format".to_string(), "packed".to_string()),
             ("adadim.format_version".to_string(), FORMAT_VERSION.to_string()),
             ("adadim.linears".to_string(), serde_json::to_string(&self.linears).expect("maps serialize")),
             ("adadim.quantization".to_string(), quantization.to_string()),
         ];
+        let digest = metadata_digest(meta.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        meta.push((METADATA_DIGEST.to_string(), digest));
         Ok(self.out.finish(&meta)?)
     }
+}
+
+/// The metadata key holding the SHA-256 of every other metadata entry: a value edited into
+/// another valid one (a format version, a layout) is caught rather than believed. Files
+/// written before it existed (format version 2 without it) are read as they are.
+pub const METADATA_DIGEST: &str = "adadim.metadata_sha256";
+
+fn metadata_digest<'a>(entries: impl Iterator<Item = (&'a str, &'a str)>) -> String {
+    let mut sorted: Vec<(&str, &str)> = entries.filter(|(k, _)| *k != METADATA_DIGEST).collect();
+    sorted.sort();
+    let mut bytes = Vec::new();
+    for part in sorted.iter().flat_map(|(k, v)| [k, v]) {
+        bytes.extend_from_slice(&(part.len() as u64).to_le_bytes());
+        bytes.extend_from_slice(part.as_bytes());
+    }
+    adadim_load::fetch::sha256_hex(&bytes)
 }
 
 /// A packed checkpoint opened for reading (the file is read into memory once; every accessor
@@ -167,6 +186,11 @@ impl PackedFile {
         let m = meta.metadata().clone().unwrap_or_default();
         if m.get("adadim.format").map(String::as_str) != Some("packed") {
             return Err(file_err("not an adadim packed checkpoint (no adadim.format = packed in its metadata)".into()));
+        }
+        if let Some(want) = m.get(METADATA_DIGEST) {
+            if *want != metadata_digest(m.iter().map(|(k, v)| (k.as_str(), v.as_str()))) {
+                return Err(file_err(format!("its metadata was changed after it was written ({METADATA_DIGEST} does not match); re-quantize, or restore the file")));
+            }
         }
         let version = m.get("adadim.format_version").cloned().unwrap_or_default();
         let version = match version.as_str() {
