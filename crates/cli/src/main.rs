@@ -6,6 +6,7 @@ mod bench_kernels;
 mod bench_quality;
 mod bench_scale;
 mod eval_tasks;
+mod limits;
 mod progress;
 mod report;
 
@@ -606,13 +607,6 @@ fn model_dir(spec: &str) -> Result<PathBuf> {
 
 /// Says so when `positions` go past the context the model was trained for (its config's
 /// `max_position_embeddings`): it runs, but what comes out there is not meaningful.
-fn warn_past_context(dir: &std::path::Path, positions: usize) {
-    let trained = adadim_load::LlamaConfig::from_file(&dir.join("config.json")).ok().and_then(|c| c.max_position_embeddings);
-    if let Some(max) = trained.filter(|&m| positions > m) {
-        eprintln!("note: {positions} positions go past {}'s trained context of {max}; past it the output is not meaningful", dir.display());
-    }
-}
-
 fn generate(a: GenerateArgs) -> Result<()> {
     if !(a.temperature.is_finite() && a.temperature >= 0.0) {
         anyhow::bail!("--temperature {}: must be a finite number >= 0", a.temperature);
@@ -635,7 +629,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
         anyhow::bail!("--prompt: empty after tokenization");
     }
     let stop = eos_ids(&dir, &tok)?;
-    warn_past_context(&dir, prompt.len() + a.max_tokens);
+    limits::check_positions(src.config(), &dir.join("config.json"), prompt.len() + a.max_tokens, &format!("--max-tokens {} (after a prompt of {} tokens)", a.max_tokens, prompt.len()))?;
     let mut model = adadim_model::Model::load(src.as_ref(), prompt.len() + a.max_tokens, &mut |_, _| {})?;
     apply_head_bits(&mut model, a.head_bits, adadim_model::is_packed(&dir))?;
     model.set_act_bits(act_bits(a.act_bits)?);
@@ -723,6 +717,7 @@ fn bench_eval(a: BenchEvalArgs) -> Result<()> {
     let cfg = src.config().clone();
     let tok = adadim_load::tokenizer::load(&dir)?;
     let ids = adadim_eval::ppl::tokenize(&tok, &dataset.read_text()?, &dataset.label)?;
+    limits::check_positions(&cfg, &dir.join("config.json"), a.seqlen, "--seqlen")?;
     let model = adadim_model::Model::load(src.as_ref(), a.seqlen, &mut |_, _| {})?;
     let threads = candle_core::utils::get_num_threads();
 
@@ -993,7 +988,7 @@ fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
     for spec in &a.models {
         let dir = model_dir(spec)?;
         let src = adadim_model::open(&dir)?;
-        warn_past_context(&dir, deepest + a.tokens);
+        limits::check_positions(src.config(), &dir.join("config.json"), deepest + a.tokens + 2, "--depth + --tokens")?;
         let mut model = adadim_model::Model::load(src.as_ref(), deepest + a.tokens + 2, &mut |_, _| {})?;
         let packed = adadim_model::is_packed(&dir);
         apply_head_bits(&mut model, Some(if packed { a.head_bits } else { 0 }), packed)?;
@@ -1342,6 +1337,9 @@ fn run_quantize_resumable(dir: &std::path::Path, method: MethodArg, dim: DimArg,
     }
     let start = std::time::Instant::now();
     let ckpt = adadim_load::Checkpoint::open(dir)?;
+    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+    std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    limits::check_calibration(&ckpt.config, q.nsamples, q.calib_seqlen, parent)?;
     let (calib_file, samples) = calibration_samples(dir, &q.calib, q.nsamples, q.calib_seqlen, q.seed)?;
 
     // The source's identity, for the packed file's metadata and the job's.
@@ -1369,8 +1367,6 @@ fn run_quantize_resumable(dir: &std::path::Path, method: MethodArg, dim: DimArg,
         "source_model": {"sha256": &source, "config_sha256": adadim_load::fetch::sha256_file(&dir.join("config.json"))?},
     });
 
-    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
-    std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
     let work_dir = parent.join(adadim_load::state_dir::work_name(out, ".partial"));
     let mut work = adadim_calibrate::WorkDir::open(&work_dir, job, restart)?;
     let layers = ckpt.config.num_hidden_layers;
@@ -1486,13 +1482,6 @@ fn run_ppl(dir: &std::path::Path, dataset: &Dataset, seqlen: usize, limit: Optio
     run_ppl_with(dir, dataset, seqlen, limit, false, None)
 }
 
-/// Half of `MemAvailable` (Linux), in bytes.
-fn half_available_memory() -> Option<usize> {
-    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let kb: usize = s.lines().find(|l| l.starts_with("MemAvailable:"))?.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024 / 2)
-}
-
 /// Hidden states of one batch of windows when streaming.
 const STREAM_BATCH_BYTES: usize = 1 << 30;
 
@@ -1502,12 +1491,13 @@ const STREAM_BATCH_BYTES: usize = 1 << 30;
 /// (packed linears) multiplies on integers with the activations rounded to that precision.
 fn run_ppl_with(dir: &std::path::Path, dataset: &Dataset, seqlen: usize, limit: Option<usize>, stream: bool, act: Option<adadim_pack::ActBits>) -> Result<adadim_eval::ppl::PplReport> {
     let src = adadim_model::open(dir)?;
+    limits::check_positions(src.config(), &dir.join("config.json"), seqlen, &format!("--seqlen {seqlen}"))?;
     let tok = adadim_load::tokenizer::load(dir)?;
     let text = dataset.read_text()?;
     let ids = adadim_eval::ppl::tokenize(&tok, &text, &dataset.path.display().to_string())?;
     let cfg = src.config();
     let f32_blocks = 4 * cfg.linear_params_per_block() * cfg.num_hidden_layers;
-    let stream = stream || (!adadim_model::is_packed(dir) && half_available_memory().is_some_and(|m| f32_blocks > m));
+    let stream = stream || (!adadim_model::is_packed(dir) && limits::available_memory().is_some_and(|m| f32_blocks as u64 > m / 2));
     let r = if stream {
         eprintln!("streaming the {} blocks from {} ({:.1} GB in f32), windows in batches of {} MB of hidden states", cfg.num_hidden_layers, dir.display(), f32_blocks as f64 / 1e9, STREAM_BATCH_BYTES >> 20);
         let model = adadim_model::Model::load_shell(src.as_ref(), seqlen).with_context(|| format!("loading {}", dir.display()))?;

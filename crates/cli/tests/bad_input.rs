@@ -342,3 +342,30 @@ fn json_inputs_that_never_end_are_refused() {
         std::fs::write(&p, keep).unwrap();
     }
 }
+
+/// Sizes from flags are checked before anything is allocated, against the model's context and
+/// this machine's memory, with an error naming the flag.
+#[test]
+fn sizes_from_flags_are_checked_up_front() {
+    let (d, m, text) = fixture();
+    let (ms, ts) = (m.to_str().unwrap(), text.to_str().unwrap());
+    let out = d.path().join("q");
+    let (code, _, err) = adadim(&["quantize", "--model", ms, "--method", "rtn", "--bits", "4", "--group", "16", "--nsamples", "100000000", "--calib-seqlen", "512", "--calib", ts, "--out", out.to_str().unwrap()]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("--nsamples 100000000") && err.contains("needs about"), "{err}");
+    assert!(!out.exists() && std::fs::read_dir(d.path()).unwrap().all(|e| !e.unwrap().file_name().to_string_lossy().contains("partial")));
+    let (code, _, err) = adadim(&["eval", "ppl", "--model", ms, "--dataset", ts, "--seqlen", "1000000000"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("--seqlen 1000000000") && err.contains("needs about"), "{err}");
+    let (code, _, err) = adadim(&["generate", "--model", ms, "--prompt", "hi", "--max-tokens", "1000000000"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("--max-tokens 1000000000") && err.contains("needs about"), "{err}");
+    // With a trained context in config.json, that is the limit.
+    let cfg = m.join("config.json");
+    let mut c: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+    c["max_position_embeddings"] = 64.into();
+    std::fs::write(&cfg, c.to_string()).unwrap();
+    let (code, _, err) = adadim(&["generate", "--model", ms, "--prompt", "hi", "--max-tokens", "100"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("--max-tokens 100") && err.contains("trained context of 64"), "{err}");
+}

@@ -265,6 +265,7 @@ mod tests {
         let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
         assert_eq!(meta.metadata().as_ref().unwrap()["k"], "v");
         // A header larger than reserved is an error, not a corrupt file.
+        std::fs::remove_file(&p).unwrap();
         let mut w = StreamWriter::create(&p, 8).unwrap();
         w.write("x", "U8", &[1], &[0]).unwrap();
         assert!(w.finish(&[]).unwrap_err().to_string().contains("does not fit"));
