@@ -26,4 +26,4 @@ pub mod tokenizer;
 
 pub use checkpoint::Checkpoint;
 pub use config::LlamaConfig;
-pub use error::{LoadError, Result};
+pub use error::{file_problem, printable, LoadError, Result};
