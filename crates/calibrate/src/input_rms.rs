@@ -48,7 +48,7 @@ pub fn write(path: &Path, reports: &[LinearReport]) -> Result<bool> {
 pub fn read(path: &Path) -> Result<Vec<InputRms>> {
     let bytes = std::fs::read(path).map_err(|source| CalibError::Io { path: path.to_path_buf(), source })?;
     let bad = |msg: String| CalibError::Data { path: path.to_path_buf(), msg };
-    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(format!("not a safetensors file: {e}")))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(format!("not a safetensors file: {}", adadim_load::safetensors_fault::explain(&bytes, &e))))?;
     let mut out = Vec::new();
     for (name, t) in st.tensors() {
         let parsed = name.strip_prefix("model.layers.").and_then(|r| r.split_once('.')).and_then(|(l, m)| Some((l.parse::<usize>().ok()?, m)));
