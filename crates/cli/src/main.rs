@@ -6,6 +6,7 @@ mod bench_kernels;
 mod bench_quality;
 mod bench_scale;
 mod eval_tasks;
+mod messages;
 mod progress;
 mod report;
 
@@ -538,7 +539,7 @@ fn main() {
     let mut result = None;
     rayon::scope(|s| s.spawn(|_| result = Some(run(cli))));
     if let Err(e) = result.expect("the command ran") {
-        eprintln!("error: {e:#}");
+        eprintln!("error: {}", messages::error_text(&e));
         std::process::exit(1);
     }
 }
@@ -681,6 +682,7 @@ fn eos_ids(dir: &std::path::Path, tok: &adadim_load::tokenizer::Tokenizer) -> Re
 }
 
 fn eval_ppl(a: PplArgs) -> Result<()> {
+    messages::check_limit(a.limit)?;
     let dataset = resolve_dataset(&a.dataset)?;
     let dir = model_dir(&a.model.model)?;
     let act = a.act_bits.map(act_bits).transpose()?;
@@ -1621,7 +1623,7 @@ fn quantize_config(method: MethodArg, dim: DimArg, q: &QuantSettings) -> Result<
 /// One tensor of a safetensors file as (shape, f32 values): `name`, or the file's only tensor.
 fn read_tensor(path: &std::path::Path, name: Option<&str>) -> Result<(Vec<usize>, Vec<f32>)> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| anyhow::anyhow!("{}: corrupt or truncated safetensors file: {e}", path.display()))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| anyhow::anyhow!("{}: corrupt or truncated safetensors file: {}", path.display(), adadim_load::safetensors_fault::explain(&bytes, &e)))?;
     let name = match name {
         Some(n) => n.to_string(),
         None => {
