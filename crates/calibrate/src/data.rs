@@ -76,9 +76,9 @@ fn keep_text(home: &Path, name: &str, text: &str) -> Result<PathBuf> {
 pub fn corpus_file(spec: &str, home: &Path) -> Result<PathBuf> {
     let Some((name, prefix)) = CORPORA.iter().find(|(n, _)| *n == spec) else {
         let p = PathBuf::from(spec);
-        if !p.is_file() {
+        if let Some(problem) = adadim_load::file_problem(&p) {
             let names: Vec<&str> = CORPORA.iter().chain(&TASK_SPECIFIC).map(|c| c.0).collect();
-            return Err(CalibError::Data { path: p, msg: format!("no such calibration file (or a named set: {})", names.join(", ")) });
+            return Err(CalibError::Data { path: p, msg: format!("{problem}, and not a named calibration set ({})", names.join(", ")) });
         }
         return Ok(p);
     };

@@ -48,19 +48,20 @@ pub fn write(path: &Path, reports: &[LinearReport]) -> Result<bool> {
 pub fn read(path: &Path) -> Result<Vec<InputRms>> {
     let bytes = std::fs::read(path).map_err(|source| CalibError::Io { path: path.to_path_buf(), source })?;
     let bad = |msg: String| CalibError::Data { path: path.to_path_buf(), msg };
-    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(format!("not a safetensors file: {e}")))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(format!("not a safetensors file: {}", adadim_load::safetensors_fault::explain(&bytes, &e))))?;
     let mut out = Vec::new();
     for (name, t) in st.tensors() {
+        let shown = adadim_load::printable(&name);
         let parsed = name.strip_prefix("model.layers.").and_then(|r| r.split_once('.')).and_then(|(l, m)| Some((l.parse::<usize>().ok()?, m)));
         let Some((layer, module)) = parsed else {
-            return Err(bad(format!("tensor '{name}': expected model.layers.LAYER.MODULE")));
+            return Err(bad(format!("tensor '{shown}': expected model.layers.LAYER.MODULE")));
         };
         if t.dtype() != safetensors::Dtype::F32 || t.shape().len() != 1 {
-            return Err(bad(format!("tensor '{name}': expected a 1-D F32 vector, got {:?} {:?}", t.dtype(), t.shape())));
+            return Err(bad(format!("tensor '{shown}': expected a 1-D F32 vector, got {:?} {:?}", t.dtype(), t.shape())));
         }
         let rms: Vec<f32> = t.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
         if let Some(i) = rms.iter().position(|v| !v.is_finite() || *v < 0.0) {
-            return Err(bad(format!("tensor '{name}': value {} at channel {i} is not an RMS", rms[i])));
+            return Err(bad(format!("tensor '{shown}': value {} at channel {i} is not an RMS", rms[i])));
         }
         out.push(InputRms { layer, module: module.to_string(), rms });
     }

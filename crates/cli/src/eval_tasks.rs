@@ -66,6 +66,7 @@ fn context_of(dir: &Path) -> Result<usize> {
 }
 
 pub fn mmlu(a: MmluArgs) -> Result<()> {
+    crate::messages::check_limit(a.limit)?;
     let data = adadim_eval::datasets::data_dir_from_env()
         .ok_or_else(|| anyhow::anyhow!("MMLU is read from $ADADIM_DATA/mmlu/{{dev,test}}/; set ADADIM_DATA (e.g. ADADIM_DATA=../shared/data)"))?
         .join("mmlu");
@@ -100,6 +101,7 @@ pub fn mmlu(a: MmluArgs) -> Result<()> {
 }
 
 pub fn humaneval(a: HumanEvalArgs) -> Result<()> {
+    crate::messages::check_limit(a.limit)?;
     if !(a.timeout.is_finite() && a.timeout > 0.0 && a.timeout <= 600.0) {
         anyhow::bail!("--timeout {}: must be a number of seconds in (0, 600]", a.timeout);
     }

@@ -31,12 +31,14 @@ fn gb(bytes: f64) -> String {
 }
 
 /// Bytes a forward pass over `t` positions holds beside the weights (f32): RoPE tables, the KV
-/// cache, one layer's attention scores, the MLP's activations and the logits.
+/// cache, each thread's tile of attention scores (64 queries of a head group against `t`
+/// keys), the MLP's activations and the logits.
 pub fn forward_bytes(cfg: &LlamaConfig, t: usize) -> f64 {
     let t = t as f64;
     let rope = t * cfg.head_dim() as f64 * 4.0;
     let kv = 2.0 * cfg.num_hidden_layers as f64 * t * cfg.kv_dim() as f64 * 4.0;
-    let scores = cfg.num_attention_heads as f64 * t * t * 4.0;
+    let group = (cfg.num_attention_heads / cfg.n_kv_heads().max(1)).max(1) as f64;
+    let scores = rayon::current_num_threads() as f64 * group * 64.0 * t * 4.0;
     let acts = t * (4 * cfg.hidden_size + 3 * cfg.intermediate_size + cfg.vocab_size) as f64 * 4.0;
     rope + kv + scores + acts
 }

@@ -7,6 +7,7 @@ mod bench_quality;
 mod bench_scale;
 mod eval_tasks;
 mod limits;
+mod messages;
 mod progress;
 mod report;
 
@@ -539,7 +540,7 @@ fn main() {
     let mut result = None;
     rayon::scope(|s| s.spawn(|_| result = Some(run(cli))));
     if let Err(e) = result.expect("the command ran") {
-        eprintln!("error: {e:#}");
+        eprintln!("error: {}", messages::error_text(&e));
         std::process::exit(1);
     }
 }
@@ -675,6 +676,7 @@ fn eos_ids(dir: &std::path::Path, tok: &adadim_load::tokenizer::Tokenizer) -> Re
 }
 
 fn eval_ppl(a: PplArgs) -> Result<()> {
+    messages::check_limit(a.limit)?;
     let dataset = resolve_dataset(&a.dataset)?;
     let dir = model_dir(&a.model.model)?;
     let act = a.act_bits.map(act_bits).transpose()?;
@@ -1337,6 +1339,7 @@ fn run_quantize_resumable(dir: &std::path::Path, method: MethodArg, dim: DimArg,
     }
     let start = std::time::Instant::now();
     let ckpt = adadim_load::Checkpoint::open(dir)?;
+    ckpt.check_all_finite()?;
     let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
     std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
     limits::check_calibration(&ckpt.config, q.nsamples, q.calib_seqlen, parent)?;
@@ -1610,7 +1613,7 @@ fn quantize_config(method: MethodArg, dim: DimArg, q: &QuantSettings) -> Result<
 /// One tensor of a safetensors file as (shape, f32 values): `name`, or the file's only tensor.
 fn read_tensor(path: &std::path::Path, name: Option<&str>) -> Result<(Vec<usize>, Vec<f32>)> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| anyhow::anyhow!("{}: corrupt or truncated safetensors file: {e}", path.display()))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| anyhow::anyhow!("{}: corrupt or truncated safetensors file: {}", path.display(), adadim_load::safetensors_fault::explain(&bytes, &e)))?;
     let name = match name {
         Some(n) => n.to_string(),
         None => {

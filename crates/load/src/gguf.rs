@@ -28,14 +28,94 @@ pub struct Gguf {
 impl Gguf {
     pub fn open(path: &Path) -> Result<Self> {
         let file = File::open(path).map_err(io_err(path))?;
+        let len = file.metadata().map_err(io_err(path))?.len();
         let mut reader = BufReader::new(file);
+        let raw = raw_header(&mut reader);
         // candle divides by `general.alignment` unchecked: a 0 there must be caught first.
-        if declared_alignment(&mut reader) == Some(0) {
-            return Err(LoadError::Gguf { path: path.to_path_buf(), msg: "general.alignment is 0 (it must be a positive multiple of 8)".into() });
+        if raw.as_ref().is_some_and(|r| r.alignment == Some(0)) {
+            return Err(LoadError::Gguf { path: path.to_path_buf(), msg: "general.alignment is 0 (it must be a power of two)".into() });
         }
         reader.rewind().map_err(io_err(path))?;
         let content = Content::read(&mut reader).map_err(|e| gguf_err(path, e))?;
-        Ok(Gguf { path: path.to_path_buf(), content, reader })
+        let g = Gguf { path: path.to_path_buf(), content, reader };
+        if let Some(raw) = &raw {
+            g.check_unique(raw)?;
+        }
+        g.check_layout(len)?;
+        Ok(g)
+    }
+
+    /// candle keeps the header's keys and tensor names in maps, so a second entry of one name
+    /// silently replaces the first: refuse the file instead of guessing which was meant.
+    fn check_unique(&self, raw: &RawHeader) -> Result<()> {
+        let mut seen = std::collections::HashSet::new();
+        if let Some(k) = raw.keys.iter().find(|k| !seen.insert(k.as_str())) {
+            return Err(self.err(format!("metadata key '{k}' appears more than once")));
+        }
+        seen.clear();
+        if let Some(t) = raw.tensors.iter().find(|t| !seen.insert(t.as_str())) {
+            return Err(LoadError::Tensor { path: self.path.clone(), tensor: t.clone(), msg: "appears more than once in the tensor table".into() });
+        }
+        Ok(())
+    }
+
+    /// The tensor data as the spec lays it out, checked for every tensor the file lists (as
+    /// llama.cpp's loader does), not only those an import reads: `general.alignment` a power of
+    /// two, each tensor's offset a multiple of it, its bytes inside the file (`len` bytes) and
+    /// no two tensors sharing bytes. candle checks none of this but the end of the file, and a
+    /// misaligned or overlapping offset would otherwise be read as weights.
+    fn check_layout(&self, len: u64) -> Result<()> {
+        let alignment = match self.meta("general.alignment") {
+            None => candle_core::quantized::gguf_file::DEFAULT_ALIGNMENT,
+            Some(v) => match *v {
+                Value::U8(a) => u64::from(a),
+                Value::U16(a) => u64::from(a),
+                Value::U32(a) => u64::from(a),
+                Value::I8(a) if a >= 0 => a as u64,
+                Value::I16(a) if a >= 0 => a as u64,
+                Value::I32(a) if a >= 0 => a as u64,
+                // candle would quietly use the default, 32, for anything else.
+                _ => return Err(self.err(format!("general.alignment is {} (it must be a 32-bit unsigned power of two)", value_text(v)))),
+            },
+        };
+        if !alignment.is_power_of_two() {
+            return Err(self.err(format!("general.alignment is {alignment} (it must be a power of two)")));
+        }
+        let base = self.content.tensor_data_offset;
+        let mut extents = Vec::with_capacity(self.content.tensor_infos.len());
+        for (name, info) in &self.content.tensor_infos {
+            let terr = |msg: String| LoadError::Tensor { path: self.path.clone(), tensor: name.clone(), msg };
+            if info.offset % alignment != 0 {
+                return Err(terr(format!("data offset {} is not a multiple of the file's alignment {alignment} (general.alignment)", info.offset)));
+            }
+            let (block, block_bytes) = (info.ggml_dtype.block_size() as u64, info.ggml_dtype.type_size() as u64);
+            let elems = info.shape.dims().iter().try_fold(1u64, |a, &d| a.checked_mul(d as u64));
+            let bytes = elems.filter(|n| n % block == 0).and_then(|n| (n / block).checked_mul(block_bytes));
+            let Some(bytes) = bytes else {
+                return Err(terr(format!("shape {:?} is not a whole number of {:?} blocks of {block}", info.shape.dims(), info.ggml_dtype)));
+            };
+            let start = base.checked_add(info.offset);
+            let Some((start, end)) = start.and_then(|s| Some((s, s.checked_add(bytes)?))).filter(|&(_, e)| e <= len) else {
+                return Err(terr(format!("needs {bytes} bytes at data offset {} but the file has {len} (truncated?)", info.offset)));
+            };
+            extents.push((start, end, name));
+        }
+        extents.sort();
+        // Each tensor against the furthest-reaching one before it (empty tensors take no bytes).
+        let mut reach: Option<(u64, u64, &String)> = None;
+        for &(start, end, name) in extents.iter().filter(|(s, e, _)| s < e) {
+            if let Some((s0, e0, other)) = reach.filter(|&(_, e0, _)| start < e0) {
+                return Err(LoadError::Tensor {
+                    path: self.path.clone(),
+                    tensor: name.clone(),
+                    msg: format!("data bytes {start}..{end} overlap tensor '{other}' at {s0}..{e0}"),
+                });
+            }
+            if reach.is_none_or(|(_, e0, _)| end > e0) {
+                reach = Some((start, end, name));
+            }
+        }
+        Ok(())
     }
 
     fn meta(&self, key: &str) -> Option<&Value> {
@@ -67,7 +147,11 @@ impl Gguf {
 
     /// The HF config implied by the metadata.
     pub fn config(&self) -> Result<LlamaConfig> {
-        let arch = self.meta_str("general.architecture").unwrap_or("").to_string();
+        let arch = match self.meta("general.architecture") {
+            Some(Value::String(a)) => a.clone(),
+            Some(v) => return Err(self.err(format!("metadata key 'general.architecture' is {}, not a string", value_text(v)))),
+            None => return Err(self.err("metadata key 'general.architecture' is missing (every GGUF names its architecture; this importer takes llama)".into())),
+        };
         if arch != "llama" {
             return Err(LoadError::UnsupportedArch {
                 path: self.path.clone(),
@@ -109,23 +193,6 @@ impl Gguf {
         LlamaConfig::from_json(&self.path, &json.to_string())
     }
 
-    /// Fail early, naming the tensor, if its data would run past the end of the file.
-    fn check_extent(&mut self, name: &str) -> Result<()> {
-        let info = &self.content.tensor_infos[name];
-        let elems = info.shape.elem_count() as u64;
-        let bytes = elems / info.ggml_dtype.block_size() as u64 * info.ggml_dtype.type_size() as u64;
-        let start = self.content.tensor_data_offset.saturating_add(info.offset);
-        let len = self.reader.get_ref().metadata().map_err(io_err(&self.path))?.len();
-        if start.saturating_add(bytes) > len {
-            return Err(LoadError::Tensor {
-                path: self.path.clone(),
-                tensor: name.into(),
-                msg: format!("needs bytes {start}..{} but the file has {len} (truncated?)", start.saturating_add(bytes)),
-            });
-        }
-        Ok(())
-    }
-
     /// Dequantize one GGUF tensor to f32, row-major with the HF shape `[out, in]`.
     pub fn tensor_f32(&mut self, name: &str) -> Result<(Vec<usize>, Vec<f32>)> {
         let info = self.content.tensor_infos.get(name).ok_or_else(|| LoadError::MissingTensor {
@@ -154,11 +221,18 @@ impl Gguf {
     }
 }
 
-/// The `general.alignment` candle's reader will use, found by walking the metadata as the spec
-/// lays it out (magic, version, counts, then key / type / value entries). `None` where the key
-/// is absent or not an integer candle takes, and wherever the walk fails: candle's own parse
-/// then reports what is wrong with the file.
-fn declared_alignment<R: Read>(r: &mut R) -> Option<u64> {
+/// What candle's GGUF reader keeps in maps or quietly replaces, read from the header as the
+/// spec lays it out (magic, version, counts, key / type / value entries, tensor infos): the
+/// `general.alignment` it will divide by, and every key and tensor name in file order (a map
+/// keeps the last of two equal names). `None` wherever the walk fails: candle's own parse then
+/// reports what is wrong with the file.
+struct RawHeader {
+    alignment: Option<u64>,
+    keys: Vec<String>,
+    tensors: Vec<String>,
+}
+
+fn raw_header<R: Read>(r: &mut R) -> Option<RawHeader> {
     fn bytes<const N: usize, R: Read>(r: &mut R) -> Option<[u8; N]> {
         let mut b = [0u8; N];
         r.read_exact(&mut b).ok().map(|()| b)
@@ -176,6 +250,19 @@ fn declared_alignment<R: Read>(r: &mut R) -> Option<u64> {
         } else {
             bytes::<8, R>(r).map(u64::from_le_bytes)
         }
+    }
+    // A string as candle reads it: at most 1 GiB, trailing NULs dropped, lossy UTF-8.
+    fn string<R: Read>(r: &mut R, v1: bool) -> Option<String> {
+        let n = len(r, v1)?;
+        if n > 1 << 30 {
+            return None;
+        }
+        let mut v = Vec::new();
+        (r.by_ref().take(n).read_to_end(&mut v).ok()? as u64 == n).then_some(())?;
+        while v.last() == Some(&0) {
+            v.pop();
+        }
+        Some(String::from_utf8_lossy(&v).into_owned())
     }
     // Skip one value of type `ty` (candle reads values nested up to 64 deep).
     fn skip_value<R: Read>(r: &mut R, ty: u32, v1: bool, depth: usize) -> Option<()> {
@@ -202,43 +289,29 @@ fn declared_alignment<R: Read>(r: &mut R) -> Option<u64> {
             _ => None,
         }
     }
-    // Whether the next `n` key bytes are `general.alignment` as candle reads keys: with any
-    // number of trailing NULs dropped.
-    fn is_alignment_key<R: Read>(r: &mut R, n: u64) -> Option<bool> {
-        const KEY: &[u8; 17] = b"general.alignment";
-        if n < 17 {
-            return skip(r, n).map(|()| false);
-        }
-        let matches = &bytes::<17, R>(r)? == KEY;
-        let mut rest = n - 17;
-        let mut only_nuls = true;
-        let mut buf = [0u8; 4096];
-        while rest > 0 {
-            let k = rest.min(buf.len() as u64) as usize;
-            r.read_exact(&mut buf[..k]).ok()?;
-            only_nuls &= buf[..k].iter().all(|&b| b == 0);
-            rest -= k as u64;
-        }
-        Some(matches && only_nuls)
-    }
     // candle takes the magic in either byte order.
     if !matches!(&bytes::<4, R>(r)?, b"GGUF" | b"FUGG") {
         return None;
     }
     let v1 = u32_(r)? == 1;
-    let _tensors = len(r, v1)?;
-    let kv = len(r, v1)?;
-    let mut alignment = None;
-    for _ in 0..kv {
-        let klen = len(r, v1)?;
-        let is_alignment = is_alignment_key(r, klen)?;
+    let n_tensors = len(r, v1)?;
+    let n_kv = len(r, v1)?;
+    // candle refuses more than 2^30 of either.
+    if n_tensors > 1 << 30 || n_kv > 1 << 30 {
+        return None;
+    }
+    let mut h = RawHeader { alignment: None, keys: Vec::new(), tensors: Vec::new() };
+    for _ in 0..n_kv {
+        let key = string(r, v1)?;
         let ty = u32_(r)?;
+        let is_alignment = key == "general.alignment";
+        h.keys.push(key);
         if !is_alignment {
             skip_value(r, ty, v1, 0)?;
             continue;
         }
         // As candle reads it: unsigned 8/16/32-bit, or signed and not negative; the last wins.
-        alignment = match ty {
+        h.alignment = match ty {
             0 => Some(u64::from(bytes::<1, R>(r)?[0])),
             2 => Some(u64::from(u16::from_le_bytes(bytes::<2, R>(r)?))),
             4 => Some(u64::from(u32_(r)?)),
@@ -251,7 +324,25 @@ fn declared_alignment<R: Read>(r: &mut R) -> Option<u64> {
             }
         };
     }
-    alignment
+    for _ in 0..n_tensors {
+        h.tensors.push(string(r, v1)?);
+        let dims = u32_(r)?;
+        if dims > 4 {
+            return None;
+        }
+        skip(r, u64::from(dims) * if v1 { 4 } else { 8 } + 4 + 8)?; // dimensions, type, offset
+    }
+    Some(h)
+}
+
+/// A metadata value for a message: numbers and strings as they are, arrays by their length.
+fn value_text(v: &Value) -> String {
+    match v {
+        Value::String(s) => format!("the string \"{s}\""),
+        Value::Bool(b) => format!("the boolean {b}"),
+        Value::Array(a) => format!("an array of {} values", a.len()),
+        v => value_as_f64(v).map_or_else(String::new, |x| x.to_string()),
+    }
 }
 
 /// candle errors may carry a backtrace after the message; users get the message.
@@ -388,14 +479,11 @@ pub fn import_gguf(gguf_path: &Path, out_dir: &Path, progress: &mut dyn FnMut(us
                 found: info.shape.dims().to_vec(),
             });
         }
-        g.check_extent(&src)?;
         plan.push((hf, shape, src));
     }
     plan.sort_by(|a, b| natural_key(&a.0).cmp(&natural_key(&b.0)));
 
-    let parent = out_dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(io_err(parent))?;
-    let tmp = tempdir_in(parent, out_dir)?;
+    let tmp = tempdir_for(out_dir)?;
     let result = (|| -> Result<ImportSummary> {
         let mut source_types: HashMap<String, usize> = HashMap::new();
         let header: Vec<(String, Vec<usize>)> = plan.iter().map(|(h, s, _)| (h.clone(), s.clone())).collect();
@@ -437,9 +525,15 @@ pub fn import_gguf(gguf_path: &Path, out_dir: &Path, progress: &mut dyn FnMut(us
     }
 }
 
-/// A fresh hidden directory next to `target`, for write-then-rename.
-pub(crate) fn tempdir_in(parent: &Path, target: &Path) -> Result<PathBuf> {
-    let stem = target.file_name().unwrap_or_default().to_string_lossy().to_string();
+/// A fresh hidden directory beside `target` (its parent created if need be), for
+/// write-then-rename: `.NAME.partial-PID-N`, where NAME is `target`'s name, or for a name too
+/// long to leave room for the rest within the filesystem's 255 bytes, its first bytes and a
+/// hash of the whole.
+pub(crate) fn tempdir_for(target: &Path) -> Result<PathBuf> {
+    let parent = target.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(io_err(parent))?;
+    let name = target.file_name().unwrap_or_default().to_string_lossy();
+    let stem = short_name(&name);
     for i in 0..1000u32 {
         let p = parent.join(format!(".{stem}.partial-{}-{i}", std::process::id()));
         match std::fs::create_dir(&p) {
@@ -452,6 +546,21 @@ pub(crate) fn tempdir_in(parent: &Path, target: &Path) -> Result<PathBuf> {
         path: parent.to_path_buf(),
         source: std::io::Error::other("could not create a temporary directory"),
     })
+}
+
+/// `name` if it has at most 200 bytes (NAME_MAX, 255, less room for a prefix and suffix);
+/// else its first bytes, `~` and 16 hex digits of its SHA-256, 200 bytes or fewer, so two long
+/// names that share their start still differ.
+pub(crate) fn short_name(name: &str) -> std::borrow::Cow<'_, str> {
+    const MAX: usize = 200;
+    if name.len() <= MAX {
+        return name.into();
+    }
+    let mut cut = MAX - 17;
+    while !name.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}~{}", &name[..cut], &crate::fetch::sha256_hex(name.as_bytes())[..16]).into()
 }
 
 /// Sort `model.layers.10.x` after `model.layers.9.x`.
@@ -496,6 +605,20 @@ fn gguf_name_of(hf: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn long_names_get_a_short_hashed_temp_dir() {
+        let d = tempfile::tempdir().unwrap();
+        let long = "é".repeat(120); // 240 bytes: with `.` and `.partial-PID-N`, over 255
+        let other = format!("{}x", &long[..238]);
+        let a = tempdir_for(&d.path().join(&long)).unwrap();
+        let b = tempdir_for(&d.path().join(&other)).unwrap();
+        let (an, bn) = (a.file_name().unwrap().to_str().unwrap(), b.file_name().unwrap().to_str().unwrap());
+        assert!(an.len() <= 255 && an.starts_with(".éé") && an.contains('~'), "{an}");
+        assert_ne!(an.split(".partial").next(), bn.split(".partial").next());
+        let short = tempdir_for(&d.path().join("model")).unwrap();
+        assert!(short.file_name().unwrap().to_str().unwrap().starts_with(".model.partial-"));
+    }
 
     #[test]
     fn names_round_trip() {

@@ -20,6 +20,8 @@ pub mod config;
 pub mod error;
 pub mod fetch;
 pub mod gguf;
+pub mod mapped;
+pub mod safetensors_fault;
 pub mod safetensors_out;
 pub mod state_dir;
 pub mod synth;
@@ -27,14 +29,14 @@ pub mod tokenizer;
 
 pub use checkpoint::Checkpoint;
 pub use config::LlamaConfig;
-pub use error::{LoadError, Result};
+pub use error::{file_problem, printable, LoadError, Result};
 
 /// The bytes of `path`, refusing more than `cap` (a JSON file that is a link to `/dev/zero`,
 /// or a huge one, is an error naming it rather than a read until memory runs out).
 pub fn read_capped(path: &std::path::Path, cap: u64, what: &str) -> Result<Vec<u8>> {
     use std::io::Read;
     if std::fs::metadata(path).is_ok_and(|m| m.is_dir()) {
-        return Err(LoadError::Io { path: path.into(), source: std::io::Error::other(format!("is a directory, expected the {what} file")) });
+        return Err(LoadError::IsADirectory { path: path.into() });
     }
     let file = std::fs::File::open(path).map_err(error::io_err(path))?;
     let mut bytes = Vec::new();
@@ -43,14 +45,4 @@ pub fn read_capped(path: &std::path::Path, cap: u64, what: &str) -> Result<Vec<u
         return Err(LoadError::TooLarge { path: path.into(), what: what.into(), cap });
     }
     Ok(bytes)
-}
-
-/// `s` with control characters (terminal escapes among them) and bidirectional overrides
-/// escaped, for printing names read from files.
-pub fn printable(s: &str) -> std::borrow::Cow<'_, str> {
-    let bad = |c: char| c.is_control() || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
-    if !s.chars().any(bad) {
-        return s.into();
-    }
-    s.chars().map(|c| if bad(c) { c.escape_unicode().to_string() } else { c.to_string() }).collect::<String>().into()
 }

@@ -165,9 +165,7 @@ pub fn write_synthetic(dir: &Path, cfg: &LlamaConfig, opts: &SynthOptions, progr
     if dir.exists() {
         return Err(LoadError::Config { path: dir.into(), msg: "already exists; choose a new output directory".into() });
     }
-    let name = dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "synth".into());
-    let tmp = dir.with_file_name(format!(".{name}.partial-{}", std::process::id()));
-    std::fs::create_dir(&tmp).map_err(io_err(&tmp))?;
+    let tmp = crate::gguf::tempdir_for(dir)?;
     let result = write_synthetic_into(&tmp, cfg, opts, progress);
     match result {
         Ok(()) => std::fs::rename(&tmp, dir).map_err(io_err(dir)),

@@ -411,9 +411,17 @@ fn gguf_alignment_zero_is_an_error() {
         let e = adadim_load::gguf::Gguf::open(&p).err().unwrap_or_else(|| panic!("{what}: opened")).to_string();
         assert!(e.contains("general.alignment is 0") && e.contains(what), "{what}: {e}");
     }
-    // A negative alignment is ignored by candle (the default, 32, applies): still a valid file.
-    let p = s.path("negative");
-    std::fs::write(&p, build("general.alignment", T_I32, &(-8i32).to_le_bytes(), b"GGUF")).unwrap();
+    // candle ignores a negative alignment, or one of another type, and uses the default, 32:
+    // the value the file states is not believed silently but refused (issue 29).
+    for (what, ty, value) in [("-8", T_I32, (-8i32).to_le_bytes().to_vec()), ("the string \"64\"", T_STRING, [&2u64.to_le_bytes()[..], b"64"].concat())] {
+        let p = s.path("ignored");
+        std::fs::write(&p, build("general.alignment", ty, &value, b"GGUF")).unwrap();
+        let e = adadim_load::gguf::Gguf::open(&p).err().unwrap_or_else(|| panic!("{what}: opened")).to_string();
+        assert!(e.contains(&format!("general.alignment is {what}")) && e.contains("power of two"), "{e}");
+    }
+    // 32, written as the signed type candle also takes, is a valid alignment.
+    let p = s.path("i32-32");
+    std::fs::write(&p, build("general.alignment", T_I32, &32i32.to_le_bytes(), b"GGUF")).unwrap();
     let mut g = adadim_load::gguf::Gguf::open(&p).unwrap();
     assert_eq!(g.tensor_f32("output_norm.weight").unwrap().0, vec![8]);
 }

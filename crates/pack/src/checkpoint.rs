@@ -157,6 +157,8 @@ fn metadata_digest<'a>(entries: impl Iterator<Item = (&'a str, &'a str)>) -> Str
 /// checks what it returns against the declared layout).
 pub struct PackedFile {
     path: PathBuf,
+    /// Names the file if it is truncated while mapped (declared before the map: dropped first).
+    _mapped: adadim_load::mapped::Mapped,
     /// The file, mapped: tensors are copied out as they are asked for and their pages handed
     /// back ([`PackedFile::release`]), so loading a model holds about the model, not the model
     /// and the file (read whole into memory, SmolLM2 w4g128's 170 MB stayed resident beside
@@ -202,7 +204,8 @@ impl PackedFile {
         let quantization = m.get("adadim.quantization").and_then(|q| serde_json::from_str(q).ok()).unwrap_or(serde_json::Value::Null);
         // Offsets were validated against the data length by `deserialize` above.
         let tensors = meta.tensors().into_iter().map(|(name, t)| (name, (t.dtype, t.shape.clone(), 8 + n + t.data_offsets.0..8 + n + t.data_offsets.1))).collect();
-        Ok(PackedFile { path: path.to_path_buf(), bytes, tensors, linears, quantization, version })
+        let _mapped = adadim_load::mapped::Mapped::register(&bytes, path);
+        Ok(PackedFile { path: path.to_path_buf(), bytes, _mapped, tensors, linears, quantization, version })
     }
 
     /// The linears the metadata declares.
