@@ -113,8 +113,18 @@ fn a_dense_value_beyond_f16_is_an_error_not_an_infinity() {
     assert!(e.contains("model.embed_tokens.weight") && e.contains("70000") && e.contains("F16"), "{e}");
 }
 
-/// Rewrite the file's header with `edit` applied to its JSON (keeping the data as it is).
+/// Rewrite the file's header with `edit` applied to its JSON (keeping the data as it is), and
+/// drop the metadata seal, as in files written before it: the reader's own checks must catch
+/// every lie without it.
 fn edit_header(path: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    edit_header_sealed(path, |h| {
+        edit(h);
+        h["__metadata__"].as_object_mut().unwrap().remove(adadim_pack::checkpoint::METADATA_DIGEST);
+    })
+}
+
+/// Rewrite the header with `edit` applied, leaving the seal as it is.
+fn edit_header_sealed(path: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
     let bytes = std::fs::read(path).unwrap();
     let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
     let mut header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
@@ -135,6 +145,20 @@ fn linears_meta(h: &mut serde_json::Value) -> serde_json::Value {
 
 fn set_linears_meta(h: &mut serde_json::Value, m: &serde_json::Value) {
     h["__metadata__"]["adadim.linears"] = m.to_string().into();
+}
+
+/// A sealed file whose metadata is edited into another valid value is refused as a whole; the
+/// unedited, re-serialized header still opens (the seal covers values, not formatting).
+#[test]
+fn edited_metadata_breaks_the_seal() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("sealed.safetensors");
+    write(&p, &linears());
+    edit_header_sealed(&p, |_| {});
+    assert!(PackedFile::open(&p).is_ok());
+    edit_header_sealed(&p, |h| h["__metadata__"]["adadim.format_version"] = "1".into());
+    let e = PackedFile::open(&p).err().expect("edited").to_string();
+    assert!(e.contains("sealed.safetensors") && e.contains("metadata was changed"), "{e}");
 }
 
 #[test]
