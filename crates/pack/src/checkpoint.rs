@@ -177,6 +177,9 @@ const RELEASE_BYTES: usize = 1 << 20;
 
 impl PackedFile {
     pub fn open(path: &Path) -> Result<Self> {
+        if std::fs::metadata(path).is_ok_and(|m| m.is_dir()) {
+            return Err(PackError::Write(adadim_load::LoadError::IsADirectory { path: path.to_path_buf() }));
+        }
         let file = std::fs::File::open(path).map_err(|source| PackError::Io { path: path.to_path_buf(), source })?;
         // SAFETY: the file is opened read-only; a concurrent writer is treated as corrupt input,
         // as every mmap-based loader (safetensors, candle, adadim-load's checkpoints) does.
