@@ -17,7 +17,8 @@ use crate::grid::Grid;
 use crate::hessian::Hessian;
 use crate::matrix::{check_weights, QuantizedMatrix};
 use crate::quantizer::{Axis, GroupParams, QuantSpec};
-use crate::rtn::fit_groups;
+use crate::rtn::{fit_groups, Fitter};
+use crate::search::ScaleSearch;
 
 /// Settings of [`gptq`]; the defaults are `gptq.py`'s.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -36,6 +37,10 @@ pub struct GptqOptions {
     /// How many times a failed Cholesky is retried with 10x the damping (4: up to
     /// `100 x mean(diag(H))` from the default 0.01).
     pub damp_retries: u32,
+    /// How each group's params are fitted (per-OC groups weighted by `diag(H)` of their
+    /// input channels, on the error-compensated weights when fitted during the sweep).
+    #[serde(default, skip_serializing_if = "ScaleSearch::is_minmax")]
+    pub search: ScaleSearch,
 }
 
 impl Default for GptqOptions {
@@ -46,6 +51,7 @@ impl Default for GptqOptions {
             act_order: false,
             static_groups: false,
             damp_retries: 4,
+            search: ScaleSearch::MinMax,
         }
     }
 }
@@ -122,9 +128,10 @@ pub fn gptq(
         }
     }
     let grid = Grid::new(rows, cols, spec);
+    let h_diag = crate::rtn::hessian_diag(h);
     let static_groups = opts.static_groups && spec.axis == Axis::Oc;
     let mut params = match static_groups {
-        true => fit_groups(&w0, cols, &grid, spec),
+        true => fit_groups(&w0, cols, &grid, spec, &Fitter::new(opts.search, Some(&h_diag))),
         false => vec![GroupParams::default(); grid.len()],
     };
     // Act-order; the stable sort keeps tied columns in their original order.
@@ -160,6 +167,8 @@ pub fn gptq(
         blocksize: opts.blocksize,
         static_groups,
         orig: &w0,
+        search: opts.search,
+        h_diag: &h_diag,
     };
     let t = std::time::Instant::now();
     let mut update = vec![0.0; cols];

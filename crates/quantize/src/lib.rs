@@ -40,6 +40,7 @@ mod hessian;
 mod matrix;
 mod quantizer;
 mod rtn;
+mod search;
 
 pub use ada::{choose_axis, output_error, output_error_from_hessian, AxisChoice, Calibration};
 pub use error::{Error, Result};
@@ -47,4 +48,9 @@ pub use gptq::{gptq, GptqOptions, GptqOutput};
 pub use hessian::Hessian;
 pub use matrix::QuantizedMatrix;
 pub use quantizer::{dequantize, f16_scale, quantize, Axis, GroupParams, QuantSpec, Zero};
-pub use rtn::rtn;
+pub use rtn::{hessian_diag, rtn, rtn_fitted, Fitter};
+pub use search::ScaleSearch;
+/// The error search's pieces, for tests and references.
+pub mod scale_search {
+    pub use crate::search::{fit, grid_search, ratio, weighted_error, STEPS};
+}

@@ -6,6 +6,7 @@ use faer::{Accum, Mat, MatMut, MatRef, Par};
 
 use crate::grid::Grid;
 use crate::quantizer::{dequantize, quantize, Axis, GroupParams, QuantSpec};
+use crate::search::ScaleSearch;
 
 /// One sweep over the input columns of `W`, in processing order.
 pub(crate) struct Sweep<'a> {
@@ -22,9 +23,22 @@ pub(crate) struct Sweep<'a> {
     pub static_groups: bool,
     /// The weights before GPTQ (row-major, original column order), to measure its updates.
     pub orig: &'a [f32],
+    /// How groups fitted during the sweep are fitted.
+    pub search: ScaleSearch,
+    /// `diag(H)` in original column order: per-OC groups' weights in the search.
+    pub h_diag: &'a [f32],
 }
 
 impl Sweep<'_> {
+    /// One group's params from its (error-compensated) values.
+    fn fit(&self, values: &[f64], weights: Option<&[f32]>) -> GroupParams {
+        if self.search.is_minmax() {
+            return self.spec.fit(values.iter().map(|&x| x as f32));
+        }
+        let v: Vec<f32> = values.iter().map(|&x| x as f32).collect();
+        crate::search::fit(self.spec, &v, weights, self.search)
+    }
+
     /// Runs the sweep on `W` (row-major `[rows, cols]`, columns in processing order, updated
     /// in place), filling `params` and `codes` (original order) and `update` (per original
     /// column, the sum over rows of `|w - w_orig|` when the column is quantized: the error
@@ -54,18 +68,18 @@ impl Sweep<'_> {
                     // `W[:, j:j+g]`, which holds the updates of earlier blocks but not yet
                     // those of this block (they live in W1). Kept as is for parity.
                     Axis::Oc if dynamic_oc && j % gc == 0 => {
+                        let end = (j + gc).min(cols);
+                        let weights: Vec<f32> = self.perm[j..end].iter().map(|&c| self.h_diag[c]).collect();
                         for r in 0..rows {
-                            let span = &W[r * cols + j..r * cols + (j + gc).min(cols)];
-                            params[self.grid.index(r, j / gc)] =
-                                self.spec.fit(span.iter().map(|&x| x as f32));
+                            let span = &W[r * cols + j..r * cols + end];
+                            params[self.grid.index(r, j / gc)] = self.fit(span, Some(&weights));
                         }
                     }
                     // Paper §3.3: the column is a whole set of per-IC groups, so they are
                     // fitted on the error-compensated column itself, just before use.
                     Axis::Ic => {
                         for (kr, block) in w.chunks(gr).enumerate() {
-                            params[self.grid.index(kr, c)] =
-                                self.spec.fit(block.iter().map(|&x| x as f32));
+                            params[self.grid.index(kr, c)] = self.fit(block, None);
                         }
                     }
                     Axis::Oc => {}

@@ -1,0 +1,155 @@
+//! Error-optimal group params: instead of spanning a group's min and max, choose the
+//! `(scale, zero)` that minimise the weighted rounding error `sum_i h_i (w_i - w'_i)^2`, where
+//! `h_i` is the Hessian diagonal of the weight's input channel (per-OC groups run along one
+//! row's inputs, each with its own `h_i`; per-IC groups hold one input channel, so equal
+//! weights and plain MSE).
+//!
+//! Two steps, both on the grid the packed file stores (f16 scales, whole zero points):
+//! 1. a grid of clipping ratios `p` (GPTQ's `mse` search): the group's range shrunk to
+//!    `[p min, p max]` and fitted by [`QuantSpec::fit`], so every [`Zero`] style keeps its own
+//!    formula; min-max (`p = 1`) is the first candidate, so the search is never worse;
+//! 2. alternating refinement (as llama.cpp's weighted block search): with the codes fixed,
+//!    the weighted least-squares scale (and, for asymmetric styles, offset) of `w ~ s (q - z)`,
+//!    rounded onto the stored grid; kept only while the error falls.
+
+use serde::{Deserialize, Serialize};
+
+use crate::quantizer::{dequantize, quantize, GroupParams, QuantSpec, Zero};
+
+/// How a group's params are chosen.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ScaleSearch {
+    /// Span the group's min and max ([`QuantSpec::fit`]).
+    #[default]
+    MinMax,
+    /// Minimise the weighted squared rounding error (clipping grid + refinement).
+    Mse,
+}
+
+impl ScaleSearch {
+    /// Whether this is the min-max fit (serialized settings leave it out).
+    pub fn is_minmax(&self) -> bool {
+        *self == ScaleSearch::MinMax
+    }
+}
+
+/// Clipping ratios tried: `p = 1 - 0.5 k / STEPS`, `k = 0..=STEPS`.
+pub const STEPS: usize = 40;
+/// Refinement rounds after the grid.
+const ROUNDS: usize = 4;
+
+/// `sum_i h_i (w_i - w'_i)^2` of `values` on the grid of `p` (`h_i = 1` without weights).
+pub fn weighted_error(values: &[f32], weights: Option<&[f32]>, p: GroupParams, maxq: u8) -> f64 {
+    values
+        .iter()
+        .enumerate()
+        .map(|(i, &w)| {
+            let d = f64::from(w) - f64::from(dequantize(quantize(w, p, maxq), p));
+            weights.map_or(1.0, |h| f64::from(h[i])) * d * d
+        })
+        .sum()
+}
+
+/// The clipping ratio of candidate `k` of the grid.
+pub fn ratio(k: usize) -> f32 {
+    1.0 - 0.5 * k as f32 / STEPS as f32
+}
+
+/// Params of `values` (with optional per-value `weights`, non-negative) chosen by `search`.
+pub fn fit(spec: &QuantSpec, values: &[f32], weights: Option<&[f32]>, search: ScaleSearch) -> GroupParams {
+    let minmax = spec.fit(values.iter().copied());
+    if search == ScaleSearch::MinMax || values.is_empty() {
+        return minmax;
+    }
+    let maxq = spec.maxq();
+    let (best, err) = grid_search(spec, values, weights);
+    refine(spec, values, weights, best, err, maxq)
+}
+
+/// Step 1: the best of the clipping grid (min-max first; ties keep the earlier candidate).
+pub fn grid_search(spec: &QuantSpec, values: &[f32], weights: Option<&[f32]>) -> (GroupParams, f64) {
+    let maxq = spec.maxq();
+    let (min, max) = values.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| (a.min(v), b.max(v)));
+    let mut best = spec.fit(values.iter().copied());
+    let mut best_err = weighted_error(values, weights, best, maxq);
+    for k in 1..=STEPS {
+        let p = ratio(k);
+        let cand = spec.fit([p * min, p * max]);
+        let err = weighted_error(values, weights, cand, maxq);
+        if err < best_err {
+            (best, best_err) = (cand, err);
+        }
+    }
+    (best, best_err)
+}
+
+/// Step 2: with the codes of `p` fixed, the weighted least-squares grid, rounded onto the
+/// stored one (f16 scale rounded up, whole zero in `0..=maxq`); kept while it lowers the error.
+fn refine(spec: &QuantSpec, values: &[f32], weights: Option<&[f32]>, mut p: GroupParams, mut err: f64, maxq: u8) -> GroupParams {
+    let h = |i: usize| weights.map_or(1.0, |h| f64::from(h[i]));
+    for _ in 0..ROUNDS {
+        let q: Vec<f64> = values.iter().map(|&w| f64::from(quantize(w, p, maxq))).collect();
+        let cand = if spec.zero == Zero::Sym {
+            // Zero fixed at the centre: s = sum h (q - z) w / sum h (q - z)^2.
+            let z = f64::from(p.zero);
+            let (num, den) = values.iter().enumerate().fold((0.0, 0.0), |(n, d), (i, &w)| (n + h(i) * (q[i] - z) * f64::from(w), d + h(i) * (q[i] - z) * (q[i] - z)));
+            if den <= 0.0 || num <= 0.0 {
+                break;
+            }
+            GroupParams { scale: crate::quantizer::f16_scale((num / den) as f32), zero: p.zero }
+        } else {
+            // w ~ a q + b: a = cov_h(q, w) / var_h(q), b = mean_h(w) - a mean_h(q); z = -b / a.
+            let (mut sh, mut sq, mut sw) = (0.0, 0.0, 0.0);
+            for (i, &w) in values.iter().enumerate() {
+                sh += h(i);
+                sq += h(i) * q[i];
+                sw += h(i) * f64::from(w);
+            }
+            if sh <= 0.0 {
+                break;
+            }
+            let (mq, mw) = (sq / sh, sw / sh);
+            let (mut cov, mut var) = (0.0, 0.0);
+            for (i, &w) in values.iter().enumerate() {
+                cov += h(i) * (q[i] - mq) * (f64::from(w) - mw);
+                var += h(i) * (q[i] - mq) * (q[i] - mq);
+            }
+            if var <= 0.0 || cov <= 0.0 {
+                break;
+            }
+            let a = cov / var;
+            let scale = crate::quantizer::f16_scale(a as f32);
+            let b = mw - f64::from(scale) * mq;
+            let zero = crate::quantizer::round_half_even((-b / f64::from(scale)) as f32).clamp(0.0, f32::from(maxq));
+            GroupParams { scale, zero }
+        };
+        let e = weighted_error(values, weights, cand, maxq);
+        if !(e < err) {
+            break;
+        }
+        (p, err) = (cand, e);
+    }
+    p
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quantizer::Axis;
+
+    fn spec(bits: u8, zero: Zero) -> QuantSpec {
+        QuantSpec { bits, group: Some(128), axis: Axis::Oc, zero }
+    }
+
+    #[test]
+    fn an_outlier_group_is_clipped_and_gains() {
+        // 127 small weights and one large one: min-max spends the grid on the outlier.
+        let mut v: Vec<f32> = (0..127).map(|i| ((i * 37 % 101) as f32 / 101.0 - 0.5) * 0.1).collect();
+        v.push(1.0);
+        let s = spec(3, Zero::Awq);
+        let mm = weighted_error(&v, None, s.fit(v.iter().copied()), s.maxq());
+        let se = weighted_error(&v, None, fit(&s, &v, None, ScaleSearch::Mse), s.maxq());
+        assert!(se < 0.7 * mm, "searched {se} vs min-max {mm}");
+    }
+}
