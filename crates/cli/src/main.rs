@@ -1432,7 +1432,7 @@ fn run_quantize_resumable(dir: &std::path::Path, method: MethodArg, dim: DimArg,
             "peak_rss_mb": peak_rss_mb(),
         });
         if format == adadim_calibrate::Format::Gptq {
-            let qc = adadim_pack::gptq::quantize_config(q.bits, (q.group > 0).then_some(q.group), q.act_order, q.static_groups, q.percdamp);
+            let qc = adadim_pack::export_gptq::quantize_config(q.bits, (q.group > 0).then_some(q.group), q.act_order, q.static_groups, q.percdamp);
             std::fs::write(staging.join("quantize_config.json"), serde_json::to_string_pretty(&qc)?)?;
         }
         let report = serde_json::json!({"summary": summary, "linears": reports});

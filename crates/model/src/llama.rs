@@ -36,7 +36,7 @@ pub struct Linear {
     /// The activations' precision of a packed weight's matvec ([`Model::set_act_bits`]).
     pub act: ActBits,
     /// Products of more tokens on integers, the activations rounded to `act` as well
-    /// ([`adadim_pack::PackedLinear::matmul_act`], [`Model::set_integer_prefill`]); `false`: the
+    /// ([`adadim_pack::PackedLinear::matmul`], [`Model::set_integer_prefill`]); `false`: the
     /// exact f32 GEMM (evaluation).
     pub integer_prefill: bool,
 }
@@ -55,13 +55,13 @@ impl Linear {
                 if t <= MATVEC_TOKENS {
                     // A few tokens: one matvec each beats dequantizing the whole matrix.
                     for (x, y) in xv.chunks(cols).zip(y.chunks_mut(rows)) {
-                        p.matvec_act(self.act, x, y);
+                        p.matvec(self.act, x, y);
                     }
                 } else {
                     if self.integer_prefill {
-                        p.matmul_act(self.act, &xv, t, &mut y);
+                        p.matmul(self.act, &xv, t, &mut y);
                     } else {
-                        p.matmul(&xv, t, &mut y);
+                        p.matmul(ActBits::F32, &xv, t, &mut y);
                     }
                 }
                 let mut out = dims[..dims.len() - 1].to_vec();
@@ -129,7 +129,7 @@ const DENSE_ROWS_PER_TASK: usize = 64;
 /// ([`crate::kernels::dense_rows`], on the decode team when there is one).
 fn dense_matvec(w: &[f32], x: &[f32], y: &mut [f32]) {
     let cols = x.len();
-    adadim_pack::team::for_each_chunk(y, DENSE_ROWS_PER_TASK, &|i, y| crate::kernels::dense_rows(&w[i * DENSE_ROWS_PER_TASK * cols..], x, y));
+    adadim_team::for_each_chunk(y, DENSE_ROWS_PER_TASK, &|i, y| crate::kernels::dense_rows(&w[i * DENSE_ROWS_PER_TASK * cols..], x, y));
 }
 
 /// `f` on the numbers of `t` in place (a contiguous f32 CPU tensor), or on a copy of them.
@@ -159,7 +159,7 @@ impl Linear {
     /// the tensors around it (the decode step, [`Model::decode_step`]).
     pub fn matvec_into(&self, x: &[f32], y: &mut [f32]) -> candle_core::Result<()> {
         match &self.weight {
-            Weight::Packed(p) => p.matvec_act(self.act, x, y),
+            Weight::Packed(p) => p.matvec(self.act, x, y),
             Weight::Dense(w) => {
                 let cols = x.len();
                 if w.dims2()? != (y.len(), cols) {
@@ -606,7 +606,7 @@ impl LayerKv {
         let runs = n.div_ceil(run);
         let width = crate::kernels::part_len(group, hd);
         let mut parts = vec![0f32; nkv * runs * width];
-        adadim_pack::team::for_each_chunk(&mut parts, width, &|t, part| {
+        adadim_team::for_each_chunk(&mut parts, width, &|t, part| {
             let (kh, r) = (t / runs, t % runs);
             let head = kh * cap * hd..(kh * cap + n) * hd;
             crate::kernels::attend_run(&q[kh * group * hd..(kh + 1) * group * hd], k.slice(head.clone()), v.slice(head), hd, run, r, part);

@@ -303,7 +303,7 @@ fn pack_linears(model: &mut Model, group: usize) -> usize {
             let axis = if (i + j) % 2 == 0 { Axis::Oc } else { Axis::Ic };
             let q = rtn(&w, rows, cols, &QuantSpec { bits: 4, group: Some(group), axis, zero: Zero::Awq }).unwrap();
             let p = adadim_pack::PackedLinear::from_quantized(&q);
-            integer += usize::from(adadim_pack::qgemm::kind(&p, adadim_pack::ActBits::I16).is_some());
+            integer += usize::from(adadim_pack::matmul_int::kind(&p, adadim_pack::ActBits::I16).is_some());
             lin.weight = Weight::Packed(std::sync::Arc::new(p));
         }
     }
@@ -399,7 +399,7 @@ fn integer_prefill_moves_the_logits_by_its_rounding() {
         // Measured: int16 1e-4, int8 1.4e-2 of the largest logit.
         assert!(moved[0] > 0.0 && moved[0] * 20.0 < moved[1], "int16 moved the logits by {}, int8 by {}", moved[0], moved[1]);
     }
-    if adadim_pack::kernels::avx512_vnni_available() {
+    if adadim_pack::simd::avx512_vnni_available() {
         assert_eq!(integer, 14, "every linear takes the integer product on this CPU");
     } else {
         eprintln!("NOTE: no AVX-512 VNNI: the prefill stays f32 ({integer} integer linears)");

@@ -146,7 +146,7 @@ pub fn generate_until(model: &Model, prompt: &[u32], stop: &[u32], s: &Settings,
     // helpers (rayon's other workers), whose start costs less than a matvec of a small model.
     let helpers = rayon::current_num_threads().saturating_sub(1);
     let mut scratch = DecodeScratch::default();
-    adadim_pack::team::with_team(helpers, || -> Result<(), ModelError> {
+    adadim_team::with_team(helpers, || -> Result<(), ModelError> {
         loop {
             if stop.contains(&next) {
                 stats.stopped_by_token = true;
