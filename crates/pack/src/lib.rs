@@ -16,9 +16,9 @@
 //! | [`product`] | [`ActBits`] and the two public products, dispatching to the kernels below |
 //! | [`matvec_f32`] | matvec with f32 activations (AVX2 and portable) |
 //! | [`matvec_i16`] / [`matvec_i8`] | matvec on int16 / int8 activations (AVX2, AVX-512, VNNI) |
-//! | `matvec_int` | what those two share: rounding, the row loop over one trait, the f64 definition |
+//! | [`matvec_int`] | what those two share: rounding, the row loop over one trait, the f64 definition |
 //! | [`round_i16`] | activations rounded to int16 ([`round_i16::Q16`]) |
-//! | `matmul_f32` | many tokens through dequantized panels and an f32 GEMM |
+//! | [`matmul_f32`] | many tokens through dequantized panels and an f32 GEMM |
 //! | [`matmul_int`] | many tokens on integers (AVX-512 VNNI) |
 //! | [`simd`] | CPU feature detection and the SIMD helpers the kernels share |
 //! | [`bits`], [`format`], [`checkpoint`] | code packing, the packed linear, the file format |
@@ -49,12 +49,12 @@ pub mod bits;
 pub mod checkpoint;
 pub mod export_gptq;
 pub mod format;
-mod matmul_f32;
+pub mod matmul_f32;
 pub mod matmul_int;
 pub mod matvec_f32;
 pub mod matvec_i16;
 pub mod matvec_i8;
-mod matvec_int;
+pub mod matvec_int;
 pub mod product;
 pub mod round_i16;
 pub mod simd;

@@ -1,5 +1,5 @@
 //! `Y = X W'^T` for many tokens in f32, exact up to round-off (evaluation; prompts where no
-//! integer product applies): panels of [`PANEL`] output channels are dequantized into a small
+//! integer product applies): panels of `PANEL` output channels are dequantized into a small
 //! f32 buffer and multiplied with one GEMM each, panels in parallel. The dequantization costs
 //! `1/t` of the GEMM's work, so this runs at the f32 GEMM rate while the weights stay packed.
 

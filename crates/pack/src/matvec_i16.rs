@@ -638,7 +638,7 @@ pub fn supported(p: &PackedLinear) -> bool {
 }
 
 /// The definition of the int16 product, in f64 from the same rounded activations, and per row
-/// the bound of its distance from the exact product ([`crate::matvec_int::matvec_ref`]).
+/// the bound of its distance from the exact product (`matvec_int::matvec_ref`).
 pub fn matvec_ref(p: &PackedLinear, x: &[f32]) -> (Vec<f64>, Vec<f64>) {
     crate::matvec_int::matvec_ref::<Q16>(p, x)
 }

@@ -687,7 +687,7 @@ pub(crate) fn matvec(p: &PackedLinear, x: &[f32], y: &mut [f32]) -> bool {
 }
 
 /// The definition of the int8 product, in f64 from the same rounded activations, and per row
-/// the bound of its distance from the exact product ([`crate::matvec_int::matvec_ref`]).
+/// the bound of its distance from the exact product (`matvec_int::matvec_ref`).
 pub fn matvec_ref(p: &PackedLinear, x: &[f32]) -> (Vec<f64>, Vec<f64>) {
     crate::matvec_int::matvec_ref::<Q8>(p, x)
 }

@@ -1,6 +1,6 @@
 //! What the int16 and int8 matvecs ([`crate::matvec_i16`], [`crate::matvec_i8`]) share: the
 //! rounding of activations to integers per block, the per-OC group sums of the rounded values,
-//! the row loop and its dispatch to the decode team, written once over [`IntActs`] (the
+//! the row loop and its dispatch to the decode team, written once over `IntActs` (the
 //! activation format and its row kernels), and the f64 definition the tests hold both to.
 //!
 //! The row loop runs inside one function compiled for the kernel's instructions (AVX2, or

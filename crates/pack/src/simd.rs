@@ -1,6 +1,6 @@
 //! CPU features and the SIMD helpers the matvec kernels share.
 //!
-//! Detection ([`simd_available`], [`avx512_available`], [`avx512_vnni_available`], [`Wide`]) is
+//! Detection (`simd_available`, [`avx512_available`], [`avx512_vnni_available`], `Wide`) is
 //! decided once per process; the helpers (prefetch hints, lane sums, the per-OC zero-point term
 //! and the four-row folding) are compiled into the kernels that call them.
 
@@ -21,7 +21,7 @@ pub(crate) fn prefetch(p: *const u8) {
     prefetch_line(p.wrapping_add(PREFETCH));
 }
 
-/// Asks for the cache line holding `p` (a hint, as [`prefetch`]; also decode attention's).
+/// Asks for the cache line holding `p` (a hint, as `prefetch`; also decode attention's).
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 pub fn prefetch_line(p: *const u8) {
