@@ -54,13 +54,13 @@ pub fn packed(s: &Scratch, data: &[u8]) {
         assert_eq!(w.len(), rows * cols);
         let x: Vec<f32> = (0..cols).map(|c| (c % 7) as f32 - 3.0).collect();
         let mut y = vec![0f32; rows];
-        p.matvec(&x, &mut y);
-        p.matvec_f32(&x, &mut y);
+        p.matvec(adadim_pack::ActBits::I16, &x, &mut y);
+        p.matvec(adadim_pack::ActBits::F32, &x, &mut y);
         p.matvec_portable(&x, &mut y);
         let t = 2;
         let xt: Vec<f32> = x.iter().chain(x.iter()).copied().collect();
         let mut yt = vec![0f32; t * rows];
-        p.matmul(&xt, t, &mut yt);
+        p.matmul(adadim_pack::ActBits::F32, &xt, t, &mut yt);
     }
     for name in DENSE {
         let _ = f.dense(name);

@@ -18,7 +18,7 @@ use crate::output::{Output, Writer};
 use crate::resume::WorkDir;
 use adadim_load::safetensors_out::DenseDtype;
 use adadim_load::Checkpoint;
-use adadim_model::{Block, LinearKind, Rope, Weight};
+use adadim_model::{Block, DecodeSettings, LinearKind, Rope, Weight};
 use adadim_quantize::{choose_axis, gptq, GptqOutput, output_error_from_hessian, rtn, Axis, Calibration, GptqOptions, Hessian, QuantSpec, QuantizedMatrix};
 use candle_core::{Device, Tensor};
 use serde::Serialize;
@@ -342,9 +342,12 @@ fn tensor_err(context: String, source: candle_core::Error) -> CalibError {
     adadim_model::ModelError::Tensor { context, source }.into()
 }
 
+/// How calibration runs the blocks: the default settings (the linears it runs are dense).
+const SETTINGS: DecodeSettings = DecodeSettings::DEFAULT;
+
 /// `silu(gate(h)) * up(h)` with `h = rms_norm(x)`: the inputs of down.
 fn mlp_hidden(block: &Block, x: &Tensor) -> Result<Tensor> {
-    block.mlp_hidden(&block.mlp_input(x)?).map_err(|e| tensor_err(format!("layer {}: mlp", block.layer), e))
+    block.mlp_hidden(&block.mlp_input(x)?, &SETTINGS).map_err(|e| tensor_err(format!("layer {}: mlp", block.layer), e))
 }
 
 /// Quantize every block of `ckpt` into the model file `out` (quantized linears in its format;
@@ -569,13 +572,13 @@ fn quantize_block(
         drop(h);
         let attn = with_dequantized(&mut block, &quantized, qkv, |block| {
             acts.each(|t| flops.attention(t), |_, x| {
-                block.attention(&block.attn_input(x)?, rope).map_err(|e| tensor_err(format!("layer {layer}: attention"), e))
+                block.attention(&block.attn_input(x)?, rope, &SETTINGS).map_err(|e| tensor_err(format!("layer {layer}: attention"), e))
             })
         })?;
         let h = acts.hessian(layer, o[0], &attn)?;
         quantize_step(&mut quantized, o, Some(&h), acts.times)?;
         drop(h);
-        acts.xs = with_dequantized(&mut block, &quantized, o, |block| acts.each(|t| flops.o(t), |i, x| Ok(block.attn_residual(x, &attn[i])?)))?;
+        acts.xs = with_dequantized(&mut block, &quantized, o, |block| acts.each(|t| flops.o(t), |i, x| Ok(block.attn_residual(x, &attn[i], &SETTINGS)?)))?;
         drop(attn);
         let mlp_in = acts.each(|_| 0.0, |_, x| Ok(block.mlp_input(x)?))?;
         let h = acts.hessian(layer, gate_up[0], &mlp_in)?;
@@ -607,8 +610,8 @@ fn quantize_block(
                 acts.each(
                     |t| flops.down(t) + if keep { 0.0 } else { flops.mlp_hidden(t) },
                     |i, x| match kept.get(i) {
-                        Some(act) => Ok(block.mlp_residual(x, act)?),
-                        None => Ok(block.mlp_residual(x, &mlp_hidden(block, x)?)?),
+                        Some(act) => Ok(block.mlp_residual(x, act, &SETTINGS)?),
+                        None => Ok(block.mlp_residual(x, &mlp_hidden(block, x)?, &SETTINGS)?),
                     },
                 )
             })?;

@@ -22,7 +22,7 @@ pub enum Format {
     /// As `F32`, every tensor stored as f16 (half the size; f16 scales make `W'` exact in f16
     /// up to one rounding of the product).
     F16,
-    /// GPTQ v1 (`qweight`, `qzeros`, `scales`, `g_idx`; [`adadim_pack::gptq`]), for tools that
+    /// GPTQ v1 (`qweight`, `qzeros`, `scales`, `g_idx`; [`adadim_pack::export_gptq`]), for tools that
     /// load GPTQ checkpoints. Per-OC linears only.
     Gptq,
 }
@@ -75,7 +75,7 @@ impl Writer {
         match self {
             Writer::Dense(w) => Ok(w.write_tensor(&format!("{name}.weight"), &q.dequantize())?),
             Writer::Packed(w, _) => w.linear(name, &PackedLinear::from_quantized(q)).map_err(pack_err),
-            Writer::Gptq(w) => adadim_pack::gptq::write_gptq_linear(w, name, q).map_err(pack_err),
+            Writer::Gptq(w) => adadim_pack::export_gptq::write_gptq_linear(w, name, q).map_err(pack_err),
         }
     }
 

@@ -153,7 +153,7 @@ fn reference_driver(ck: &Checkpoint, samples: &[Vec<u32>], cfg: &QuantizeConfig)
         for step in steps {
             let mut h = adadim_quantize::Hessian::new(block.linear(step[0]).dense().unwrap().dims()[1]);
             for x in &xs {
-                block.forward_tapped(x, &rope, &mut |kind, input| {
+                block.forward_tapped(x, &rope, &adadim_model::DecodeSettings::DEFAULT, &mut |kind, input| {
                     if kind != step[0] {
                         return Ok(Flow::Continue);
                     }
@@ -169,7 +169,7 @@ fn reference_driver(ck: &Checkpoint, samples: &[Vec<u32>], cfg: &QuantizeConfig)
                 block.linear_mut(kind).weight = adadim_model::Weight::Dense(Tensor::from_vec(q.dequantize(), (rows, cols), &Device::Cpu).unwrap());
             }
         }
-        xs = xs.iter().map(|x| block.forward(x, &rope).unwrap()).collect();
+        xs = xs.iter().map(|x| block.forward(x, &rope, &adadim_model::DecodeSettings::DEFAULT).unwrap()).collect();
     }
     weights
 }
@@ -349,7 +349,7 @@ fn int8_activations_decode_close_to_the_dequantized_model() {
     let want = hidden(&Model::load(&Checkpoint::open(&fdir).unwrap(), 4, &mut |_, _| {}).unwrap());
     let mut model = Model::load(&PackedModel::open(&pdir).unwrap(), 4, &mut |_, _| {}).unwrap();
     let one16 = hidden(&model);
-    model.set_act_bits(adadim_pack::ActBits::I8);
+    model.set_settings(adadim_model::DecodeSettings { act: adadim_pack::ActBits::I8, ..model.settings() }).unwrap();
     let one8 = hidden(&model);
     let scale = want.iter().map(|v| v.abs()).fold(0f32, f32::max);
     let err = |y: &[f32]| y.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);

@@ -74,17 +74,17 @@ pub fn time_matvec_pair(rows: usize, cols: usize, bits: u8, group: usize, act: A
     let x: Vec<f32> = (0..cols).map(|i| (i % 7) as f32 - 3.0).collect();
     let mut y = vec![0f32; rows];
     for mats in &sets {
-        mats[0].matvec_act(act, &x, &mut y); // warm up the thread pool
+        mats[0].matvec(act, &x, &mut y); // warm up the thread pool
     }
     let mut best = [f64::MAX; 2];
     // On the team decoding runs its matvecs on (`adadim_run::generate`): rayon's other
     // workers spin, ready for the row loops, instead of being woken per matvec.
-    adadim_pack::team::with_team(rayon::current_num_threads().saturating_sub(1), || {
+    adadim_team::with_team(rayon::current_num_threads().saturating_sub(1), || {
         for _ in 0..reps {
             for (mats, best) in sets.iter().zip(best.iter_mut()) {
                 let t = Instant::now();
                 for m in mats {
-                    m.matvec_act(act, &x, &mut y);
+                    m.matvec(act, &x, &mut y);
                 }
                 std::hint::black_box(&y);
                 *best = best.min(t.elapsed().as_secs_f64() / mats.len() as f64);
@@ -102,10 +102,10 @@ pub fn time_matvec_repeated(p: &PackedLinear, act: Act, threads: usize, runs: us
     let x: Vec<f32> = (0..p.cols()).map(|i| (i % 7) as f32 - 3.0).collect();
     let mut y = vec![0f32; p.rows()];
     Ok(pool.install(|| {
-        p.matvec_act(act, &x, &mut y);
+        p.matvec(act, &x, &mut y);
         let t = Instant::now();
         for _ in 0..runs {
-            p.matvec_act(act, &x, &mut y);
+            p.matvec(act, &x, &mut y);
         }
         std::hint::black_box(&y);
         t.elapsed().as_secs_f64() / runs as f64
@@ -113,8 +113,8 @@ pub fn time_matvec_repeated(p: &PackedLinear, act: Act, threads: usize, runs: us
 }
 
 /// Best-of-`runs` seconds of one product of a packed matrix with `t` tokens (prefill) on a pool
-/// of `threads` threads: on integers at `act` ([`PackedLinear::matmul_act`]), or through f32
-/// panels (`act` `None`, [`PackedLinear::matmul`]).
+/// of `threads` threads: on integers at `act` ([`PackedLinear::matmul`]), or through f32
+/// panels (`act` `None`: `Act::F32`).
 pub fn time_matmul(p: &PackedLinear, act: Option<Act>, t: usize, threads: usize, runs: usize) -> Result<f64> {
     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build()?;
     let x: Vec<f32> = (0..t * p.cols()).map(|i| ((i * 2654435761) % 2001) as f32 / 1000.0 - 1.0).collect();
@@ -124,8 +124,8 @@ pub fn time_matmul(p: &PackedLinear, act: Option<Act>, t: usize, threads: usize,
         for _ in 0..runs + 1 {
             let s = Instant::now();
             match act {
-                Some(act) => p.matmul_act(act, &x, t, &mut y),
-                None => p.matmul(&x, t, &mut y),
+                Some(act) => p.matmul(act, &x, t, &mut y),
+                None => p.matmul(Act::F32, &x, t, &mut y),
             }
             std::hint::black_box(&y);
             best = best.min(s.elapsed().as_secs_f64());

@@ -633,11 +633,10 @@ fn generate(a: GenerateArgs) -> Result<()> {
     limits::check_positions(src.config(), &dir.join("config.json"), prompt.len() + a.max_tokens, &format!("--max-tokens {} (after a prompt of {} tokens)", a.max_tokens, prompt.len()))?;
     let mut model = adadim_model::Model::load(src.as_ref(), prompt.len() + a.max_tokens, &mut |_, _| {})?;
     apply_head_bits(&mut model, a.head_bits, adadim_model::is_packed(&dir))?;
-    model.set_act_bits(act_bits(a.act_bits)?);
-    model.set_integer_prefill(!a.exact_prefill);
+    model.set_settings(adadim_model::DecodeSettings { act: act_bits(a.act_bits)?, integer_prefill: !a.exact_prefill, kv: kv_type(&a.kv_cache), ..model.settings() })?;
     let (mut ids, mut shown) = (Vec::new(), 0usize);
     use std::io::Write;
-    let settings = adadim_run::Settings { max_tokens: a.max_tokens, temperature: a.temperature, seed: a.seed, kv: kv_type(&a.kv_cache) };
+    let settings = adadim_run::Settings { max_tokens: a.max_tokens, temperature: a.temperature, seed: a.seed };
     let stats = adadim_run::generate(&model, &prompt, &stop, &settings, &mut |t| {
         // Decode everything so far and print what is new: multi-token characters come out whole.
         ids.push(t);
@@ -995,7 +994,8 @@ fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
         let packed = adadim_model::is_packed(&dir);
         apply_head_bits(&mut model, Some(if packed { a.head_bits } else { 0 }), packed)?;
         // The prompt as `generate` multiplies it: on integers at the measured precision.
-        model.set_integer_prefill(true);
+        // f16 keys and values: llama-bench's default cache type, so both read the same bytes.
+        model.set_settings(adadim_model::DecodeSettings { integer_prefill: true, kv: adadim_model::KvType::F16, ..model.settings() })?;
         let head = if packed && a.head_bits > 0 { format!(", head {}-bit", a.head_bits) } else { String::new() };
         for &act in if packed { &acts[..] } else { &[adadim_pack::ActBits::I16][..] } {
             let label = if packed {
@@ -1024,12 +1024,12 @@ fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
     let pp_depths: Vec<usize> = a.depth.iter().copied().filter(|&d| d > 0).collect();
     let mut peers_pp: Vec<Vec<f64>> = vec![vec![0.0; pp_depths.len()]; a.gguf.len()];
     let mut triad = 0f64;
-    // f16 keys and values: llama-bench's default cache type, so both read the same bytes.
-    let settings = adadim_run::Settings { max_tokens: a.tokens, temperature: 0.0, seed: 0, kv: adadim_model::KvType::F16 };
+    let settings = adadim_run::Settings { max_tokens: a.tokens, temperature: 0.0, seed: 0 };
     for round in 1..=rounds {
         triad = triad.max(bench_kernels::triad_gbs((512 << 20) / 12, 3));
         for (m, act, label, depth, best, pp) in &mut ours {
-            models[*m].set_act_bits(*act);
+            let s = adadim_model::DecodeSettings { act: *act, ..models[*m].settings() };
+            models[*m].set_settings(s)?;
             // The context: `depth` tokens of one id (prefill, not timed), or the one-token prompt.
             let prompt = vec![1u32; (*depth).max(1)];
             let stats = adadim_run::generate(&models[*m], &prompt, &[], &settings, &mut |_| {})?;
@@ -1430,7 +1430,7 @@ fn run_quantize_resumable(dir: &std::path::Path, method: MethodArg, dim: DimArg,
             "peak_rss_mb": peak_rss_mb(),
         });
         if format == adadim_calibrate::Format::Gptq {
-            let qc = adadim_pack::gptq::quantize_config(q.bits, (q.group > 0).then_some(q.group), q.act_order, q.static_groups, q.percdamp);
+            let qc = adadim_pack::export_gptq::quantize_config(q.bits, (q.group > 0).then_some(q.group), q.act_order, q.static_groups, q.percdamp);
             std::fs::write(staging.join("quantize_config.json"), serde_json::to_string_pretty(&qc)?)?;
         }
         let report = serde_json::json!({"summary": summary, "linears": reports});
@@ -1514,8 +1514,7 @@ fn run_ppl_with(dir: &std::path::Path, dataset: &Dataset, seqlen: usize, limit: 
             .with_context(|| format!("loading {}", dir.display()))?;
         bar.finish();
         if let Some(act) = act {
-            model.set_act_bits(act);
-            model.set_integer_prefill(true);
+            model.set_settings(adadim_model::DecodeSettings { act, integer_prefill: true, ..model.settings() })?;
         }
         let mut bar = progress::Bar::new("ppl", 0);
         let r = adadim_eval::ppl::perplexity(&model, &ids, seqlen, limit, &mut |d, t| bar.update(d, t))?;

@@ -126,7 +126,7 @@ impl Completer<'_> {
         };
         let text = if *strip_prompt { p.prompt.trim() } else { p.prompt.as_str() };
         let prompt = tok.encode(text, true).map_err(|e| EvalError::Tokenize { what: p.task_id.clone(), msg: e.to_string() })?.get_ids().to_vec();
-        let settings = adadim_run::Settings { max_tokens: *max_tokens, temperature: 0.0, seed: 0, kv: adadim_model::KvType::F32 };
+        let settings = adadim_run::Settings { max_tokens: *max_tokens, temperature: 0.0, seed: 0 };
         let mut ids = Vec::new();
         let mut decode_err = None;
         adadim_run::generate_until(model, &prompt, eos, &settings, &mut |t| {

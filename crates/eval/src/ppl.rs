@@ -138,7 +138,7 @@ pub fn perplexity_streaming(
         for layer in 0..layers {
             let block = Block::load(src, layer)?;
             for x in xs.iter_mut() {
-                *x = block.forward(x, &model.rope)?;
+                *x = block.forward(x, &model.rope, &model.settings())?;
             }
             progress(k * layers + layer + 1, batches * layers);
         }

@@ -132,7 +132,7 @@ fn model_completions_are_the_greedy_text_cut_at_the_first_stop_sequence() {
             let text = if strip_prompt { p.prompt.trim() } else { p.prompt.as_str() };
             let ids = tok.encode(text, true).unwrap().get_ids().to_vec();
             let mut all = Vec::new();
-            adadim_run::generate(&model, &ids, &[], &adadim_run::Settings { max_tokens: 24, temperature: 0.0, seed: 0, kv: adadim_model::KvType::F32 }, &mut |t| all.push(t)).unwrap();
+            adadim_run::generate(&model, &ids, &[], &adadim_run::Settings { max_tokens: 24, temperature: 0.0, seed: 0 }, &mut |t| all.push(t)).unwrap();
             let full = tok.decode(&all, true).unwrap();
             assert_eq!(r.completion, truncate_at_stop(&full), "strip {strip_prompt}");
             assert!(r.generated_tokens <= 24 && r.generated_tokens >= 1);

@@ -267,7 +267,7 @@ unsafe fn key_scores16_avx512<E: Kv>(q: &[f32], k: &[E], g: usize, hd: usize, n:
         // The block after next, one line at a time (addresses past the run are only hints).
         let ahead = (kb as *const u8).wrapping_add(32 * hd * std::mem::size_of::<E>());
         for l in (0..16 * hd * std::mem::size_of::<E>()).step_by(64) {
-            adadim_pack::kernels::prefetch_line(ahead.wrapping_add(l));
+            adadim_pack::simd::prefetch_line(ahead.wrapping_add(l));
         }
         for h in 0..g {
             let qh = q.add(h * hd);
@@ -324,7 +324,7 @@ fn weighted_heads<const HD: usize, const C: usize, E: Kv>(p: &[f32], v: &[E], ou
             // Rows 8 ahead, a line at a time (addresses past the run are only hints).
             #[cfg(target_arch = "x86_64")]
             for l in (0..HD * std::mem::size_of::<E>()).step_by(64) {
-                adadim_pack::kernels::prefetch_line((vj.as_ptr() as *const u8).wrapping_add(8 * HD * std::mem::size_of::<E>() + l));
+                adadim_pack::simd::prefetch_line((vj.as_ptr() as *const u8).wrapping_add(8 * HD * std::mem::size_of::<E>() + l));
             }
             let mut x = [0f32; HD];
             for (x, &e) in x.iter_mut().zip(vj) {

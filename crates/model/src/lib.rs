@@ -1,7 +1,10 @@
 //! # adadim-model
 //!
 //! The decoder forward pass (f32, CPU, candle), shared by evaluation, generation and the
-//! layer-by-layer quantization driver. See [`llama`] for the block structure.
+//! layer-by-layer quantization driver. See [`llama`] for the block structure, [`linear`] for a
+//! layer whose weight is dense or packed, and [`settings`] for the one value
+//! ([`DecodeSettings`]: activation precision, integer prefill, KV-cache type, head bits) that a
+//! [`Model`] holds and passes down every forward to its blocks and linears.
 //!
 //! ```no_run
 //! use adadim_model::Model;
@@ -15,9 +18,13 @@
 pub mod attention;
 pub mod error;
 pub mod kernels;
+pub mod linear;
 pub mod llama;
+pub mod settings;
 pub mod source;
 
 pub use error::{ModelError, Result};
-pub use llama::{Block, DecodeScratch, Flow, KvCache, KvType, Linear, LinearKind, Model, Rope, Weight};
+pub use linear::{Linear, Weight};
+pub use llama::{Block, DecodeScratch, Flow, KvCache, LinearKind, Model, Rope};
+pub use settings::{DecodeSettings, KvType};
 pub use source::{is_packed, open, PackedModel, WeightSource};

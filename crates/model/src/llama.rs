@@ -2,146 +2,20 @@
 //!
 //! The forward pass is written as independent decoder blocks, each mapping hidden states
 //! `[t, d]` to `[t, d]`, so a caller can run the whole model ([`Model::forward_hidden`]) or one
-//! block at a time on captured inputs (what layer-by-layer quantization needs).
+//! block at a time on captured inputs (what layer-by-layer quantization needs). Every forward
+//! takes the [`DecodeSettings`] it multiplies with; [`Model`] holds one and passes it down.
 //! Shapes below: `t` tokens, `d` hidden size, `h`/`kvh` query/KV heads, `hd` head dim, `f` MLP size.
 
 use crate::attention::causal_attention;
-use crate::kernels::silu_mul;
 use crate::error::{Ctx, ModelError, Result};
+use crate::kernels::silu_mul;
+use crate::linear::{dense_product, with_f32, Linear, Weight, MATVEC_TOKENS};
+use crate::settings::{DecodeSettings, KvType};
 use crate::source::WeightSource;
 use adadim_load::LlamaConfig;
-use adadim_pack::{ActBits, PackedLinear};
+use adadim_pack::PackedLinear;
 use candle_core::{DType, Device, Tensor};
 use std::sync::Arc;
-
-// ---------------------------------------------------------------- linear layer
-
-/// A linear layer's weight `[out, in]`: dense f32, or quantized and kept packed.
-#[derive(Debug, Clone)]
-pub enum Weight {
-    Dense(Tensor),
-    /// Multiplied by the packed kernels (matvec for one token, dequantize-per-panel GEMM for more).
-    Packed(Arc<PackedLinear>),
-}
-
-/// Up to this many tokens a packed linear runs one matvec per token; above, panels of the
-/// matrix are dequantized into a GEMM (whose dequantization cost is then amortized).
-const MATVEC_TOKENS: usize = 8;
-
-/// `y = x W^T (+ b)`: the weight is `[out, in]` as stored in the checkpoint.
-#[derive(Debug, Clone)]
-pub struct Linear {
-    pub weight: Weight,
-    pub bias: Option<Tensor>, // (out)
-    /// The activations' precision of a packed weight's matvec ([`Model::set_act_bits`]).
-    pub act: ActBits,
-    /// Products of more tokens on integers, the activations rounded to `act` as well
-    /// ([`adadim_pack::PackedLinear::matmul_act`], [`Model::set_integer_prefill`]); `false`: the
-    /// exact f32 GEMM (evaluation).
-    pub integer_prefill: bool,
-}
-
-impl Linear {
-    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let y = match &self.weight {
-            // x (t, in) @ W^T (in, out); gemm reads the transposed view directly.
-            Weight::Dense(w) => dense_product(x, w)?,
-            Weight::Packed(p) => {
-                let dims = x.dims().to_vec();
-                let (cols, rows) = (p.cols(), p.rows());
-                let t = x.elem_count() / cols.max(1);
-                let xv = x.flatten_all()?.to_vec1::<f32>()?;
-                let mut y = vec![0f32; t * rows];
-                if t <= MATVEC_TOKENS {
-                    // A few tokens: one matvec each beats dequantizing the whole matrix.
-                    for (x, y) in xv.chunks(cols).zip(y.chunks_mut(rows)) {
-                        p.matvec_act(self.act, x, y);
-                    }
-                } else {
-                    if self.integer_prefill {
-                        p.matmul_act(self.act, &xv, t, &mut y);
-                    } else {
-                        p.matmul(&xv, t, &mut y);
-                    }
-                }
-                let mut out = dims[..dims.len() - 1].to_vec();
-                out.push(rows);
-                Tensor::from_vec(y, out, x.device())?
-            }
-        };
-        match &self.bias {
-            Some(b) => y.broadcast_add(b),
-            None => Ok(y),
-        }
-    }
-    /// Bytes of weights one token's product reads (f32 dense, or the packed codes + params).
-    pub fn weight_bytes(&self) -> usize {
-        match &self.weight {
-            Weight::Dense(w) => 4 * w.elem_count(),
-            Weight::Packed(p) => p.bytes_read(),
-        }
-    }
-    pub fn out_features(&self) -> usize {
-        match &self.weight {
-            Weight::Dense(w) => w.dims()[0],
-            Weight::Packed(p) => p.rows(),
-        }
-    }
-    /// The dense weight, if this linear has one (calibration quantizes dense weights).
-    pub fn dense(&self) -> Option<&Tensor> {
-        match &self.weight {
-            Weight::Dense(w) => Some(w),
-            Weight::Packed(_) => None,
-        }
-    }
-}
-
-/// `x (t, in) @ W^T` for a dense f32 `W` (out, in): for a few tokens, a row-parallel matvec
-/// per token ([`crate::kernels::dense_rows`], on the decode team when there is one); a GEMM
-/// otherwise (and for a weight that is not a contiguous CPU tensor).
-fn dense_product(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
-    let (rows, cols) = w.dims2()?;
-    let t = x.elem_count() / cols.max(1);
-    if t > MATVEC_TOKENS || t == 0 || !w.is_contiguous() || x.dims().last() != Some(&cols) {
-        return x.matmul(&w.t()?);
-    }
-    let (ws, wl) = w.storage_and_layout();
-    let candle_core::Storage::Cpu(wc) = &*ws else {
-        return x.matmul(&w.t()?);
-    };
-    let w = &wc.as_slice::<f32>()?[wl.start_offset()..][..rows * cols];
-    let xv = x.flatten_all()?.to_vec1::<f32>()?;
-    let mut y = vec![0f32; t * rows];
-    for (x, y) in xv.chunks(cols).zip(y.chunks_mut(rows)) {
-        dense_matvec(w, x, y);
-    }
-    let mut dims = x.dims().to_vec();
-    if let Some(last) = dims.last_mut() {
-        *last = rows;
-    }
-    Tensor::from_vec(y, dims, x.device())
-}
-
-/// Rows of a dense matvec per parallel task.
-const DENSE_ROWS_PER_TASK: usize = 64;
-
-/// `y = W x` for a row-major f32 `W` (`y.len()` rows of `x.len()`): runs of rows in parallel
-/// ([`crate::kernels::dense_rows`], on the decode team when there is one).
-fn dense_matvec(w: &[f32], x: &[f32], y: &mut [f32]) {
-    let cols = x.len();
-    adadim_pack::team::for_each_chunk(y, DENSE_ROWS_PER_TASK, &|i, y| crate::kernels::dense_rows(&w[i * DENSE_ROWS_PER_TASK * cols..], x, y));
-}
-
-/// `f` on the numbers of `t` in place (a contiguous f32 CPU tensor), or on a copy of them.
-fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
-    if t.dtype() == DType::F32 && t.is_contiguous() {
-        let (s, l) = t.storage_and_layout();
-        if let candle_core::Storage::Cpu(c) = &*s {
-            return Ok(f(&c.as_slice::<f32>()?[l.start_offset()..][..t.elem_count()]));
-        }
-    }
-    Ok(f(&t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?))
-}
 
 /// `out = x / sqrt(mean(x^2) + eps) * w`, as candle's `rms_norm` computes it.
 fn rms_norm_into(x: &[f32], w: &Tensor, eps: f32, out: &mut [f32]) -> candle_core::Result<()> {
@@ -154,26 +28,6 @@ fn rms_norm_into(x: &[f32], w: &Tensor, eps: f32, out: &mut [f32]) -> candle_cor
     })
 }
 
-impl Linear {
-    /// `y = W x (+ b)` for one token, slices in and out: [`Linear::forward`]'s matvec without
-    /// the tensors around it (the decode step, [`Model::decode_step`]).
-    pub fn matvec_into(&self, x: &[f32], y: &mut [f32]) -> candle_core::Result<()> {
-        match &self.weight {
-            Weight::Packed(p) => p.matvec_act(self.act, x, y),
-            Weight::Dense(w) => {
-                let cols = x.len();
-                if w.dims2()? != (y.len(), cols) {
-                    candle_core::bail!("matvec: weight {:?} for {cols} inputs and {} outputs", w.dims(), y.len());
-                }
-                with_f32(w, |w| dense_matvec(w, x, y))?;
-            }
-        }
-        if let Some(b) = &self.bias {
-            with_f32(b, |b| y.iter_mut().zip(b).for_each(|(y, b)| *y += b))?;
-        }
-        Ok(())
-    }
-}
 
 /// What a forward-pass tap asks for next.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -314,7 +168,7 @@ impl Block {
             } else {
                 None
             };
-            Ok(Linear { weight: src.linear(&name)?, bias, act: ActBits::default(), integer_prefill: false })
+            Ok(Linear { weight: src.linear(&name)?, bias })
         };
         Ok(Block {
             layer,
@@ -358,9 +212,9 @@ impl Block {
         }
     }
 
-    /// `x` (t, d) at positions `0..t` -> (t, d).
-    pub fn forward(&self, x: &Tensor, rope: &Rope) -> Result<Tensor> {
-        Ok(self.forward_tapped(x, rope, &mut |_, _| Ok(Flow::Continue))?.expect("never stopped"))
+    /// `x` (t, d) at positions `0..t` -> (t, d), the linears multiplying as `s` says.
+    pub fn forward(&self, x: &Tensor, rope: &Rope, s: &DecodeSettings) -> Result<Tensor> {
+        Ok(self.forward_tapped(x, rope, s, &mut |_, _| Ok(Flow::Continue))?.expect("never stopped"))
     }
 
     /// As [`Block::forward`], calling `tap(kind, input)` with the input of every linear
@@ -371,6 +225,7 @@ impl Block {
         &self,
         x: &Tensor,
         rope: &Rope,
+        s: &DecodeSettings,
         tap: &mut dyn FnMut(LinearKind, &Tensor) -> Result<Flow>,
     ) -> Result<Option<Tensor>> {
         macro_rules! tap {
@@ -382,14 +237,14 @@ impl Block {
         }
         let h = self.attn_input(x)?;
         tap!(LinearKind::Q, &h);
-        let attn = self.attention(&h, rope).ctx(|| format!("layer {}: attention", self.layer))?;
+        let attn = self.attention(&h, rope, s).ctx(|| format!("layer {}: attention", self.layer))?;
         tap!(LinearKind::O, &attn);
-        let x = self.attn_residual(x, &attn)?;
+        let x = self.attn_residual(x, &attn, s)?;
         let h = self.mlp_input(&x)?;
         tap!(LinearKind::Gate, &h);
-        let act = self.mlp_hidden(&h).ctx(|| format!("layer {}: mlp", self.layer))?;
+        let act = self.mlp_hidden(&h, s).ctx(|| format!("layer {}: mlp", self.layer))?;
         tap!(LinearKind::Down, &act);
-        Ok(Some(self.mlp_residual(&x, &act)?))
+        Ok(Some(self.mlp_residual(&x, &act, s)?))
     }
 
     // The pieces of the forward pass, in order; layer-by-layer calibration runs them one stage
@@ -401,9 +256,9 @@ impl Block {
     }
 
     /// `x + o(attn)`: the residual stream after attention, (t, d).
-    pub fn attn_residual(&self, x: &Tensor, attn: &Tensor) -> Result<Tensor> {
+    pub fn attn_residual(&self, x: &Tensor, attn: &Tensor, s: &DecodeSettings) -> Result<Tensor> {
         let l = self.layer;
-        (x + self.o.forward(attn).ctx(|| format!("layer {l}: o_proj"))?).ctx(|| format!("layer {l}: residual"))
+        (x + self.o.forward(attn, s).ctx(|| format!("layer {l}: o_proj"))?).ctx(|| format!("layer {l}: residual"))
     }
 
     /// The input of gate/up: `rms_norm(x)` of the residual stream after attention.
@@ -412,15 +267,15 @@ impl Block {
     }
 
     /// `x + down(act)`: the block's output, (t, d).
-    pub fn mlp_residual(&self, x: &Tensor, act: &Tensor) -> Result<Tensor> {
+    pub fn mlp_residual(&self, x: &Tensor, act: &Tensor, s: &DecodeSettings) -> Result<Tensor> {
         let l = self.layer;
-        (x + self.down.forward(act).ctx(|| format!("layer {l}: down_proj"))?).ctx(|| format!("layer {l}: residual"))
+        (x + self.down.forward(act, s).ctx(|| format!("layer {l}: down_proj"))?).ctx(|| format!("layer {l}: residual"))
     }
 
     /// `silu(gate(h)) * up(h)`: (t, d) -> (t, f).
-    pub fn mlp_hidden(&self, h: &Tensor) -> candle_core::Result<Tensor> {
-        let g = self.gate.forward(h)?;
-        let u = self.up.forward(h)?;
+    pub fn mlp_hidden(&self, h: &Tensor, s: &DecodeSettings) -> candle_core::Result<Tensor> {
+        let g = self.gate.forward(h, s)?;
+        let u = self.up.forward(h, s)?;
         let shape = g.shape().clone();
         let (g, u) = (g.flatten_all()?.to_vec1::<f32>()?, u.flatten_all()?.to_vec1::<f32>()?);
         let mut out = vec![0f32; g.len()];
@@ -437,55 +292,57 @@ impl Block {
     /// token. The same operations in the same order as the tensor path (the same numbers, bit
     /// for bit, tested), without a tensor and its allocation per operation: on SmolLM2 candle's
     /// operations and the allocator were about 7% of a decode profile's samples, all on the
-    /// decode thread while the other one waited.
-    pub fn decode_step(&self, x: &mut [f32], rope: &Rope, pos: usize, cache: &mut Option<LayerKv>, kv: KvType, s: &mut DecodeScratch) -> Result<()> {
-        self.decode_step_inner(x, rope, pos, cache, kv, s).ctx(|| format!("layer {}: decode step", self.layer))
+    /// decode thread while the other one waited. `set` says how the linears multiply and what
+    /// the cache stores.
+    pub fn decode_step(&self, x: &mut [f32], rope: &Rope, pos: usize, cache: &mut Option<LayerKv>, set: &DecodeSettings, s: &mut DecodeScratch) -> Result<()> {
+        self.decode_step_inner(x, rope, pos, cache, set, s).ctx(|| format!("layer {}: decode step", self.layer))
     }
 
-    fn decode_step_inner(&self, x: &mut [f32], rope: &Rope, pos: usize, cache: &mut Option<LayerKv>, kv: KvType, s: &mut DecodeScratch) -> candle_core::Result<()> {
+    fn decode_step_inner(&self, x: &mut [f32], rope: &Rope, pos: usize, cache: &mut Option<LayerKv>, set: &DecodeSettings, s: &mut DecodeScratch) -> candle_core::Result<()> {
         let (nh, nkv, hd) = (self.n_head, self.n_kv_head, self.head_dim);
         let f = self.gate.out_features();
         s.size(x.len(), nh * hd, nkv * hd, f);
         rms_norm_into(x, &self.attn_norm, self.eps, &mut s.h)?;
-        self.q.matvec_into(&s.h, &mut s.q)?;
-        self.k.matvec_into(&s.h, &mut s.k)?;
-        self.v.matvec_into(&s.h, &mut s.v)?;
+        self.q.matvec_into(&s.h, &mut s.q, set)?;
+        self.k.matvec_into(&s.h, &mut s.k, set)?;
+        self.v.matvec_into(&s.h, &mut s.v, set)?;
         rope.rotate(&mut s.q, hd, pos)?;
         rope.rotate(&mut s.k, hd, pos)?;
         let scale = (1.0 / (hd as f64).sqrt()) as f32;
         s.q.iter_mut().for_each(|q| *q *= scale);
         let k = Tensor::from_slice(&s.k, (nkv, 1, hd), &Device::Cpu)?;
         let v = Tensor::from_slice(&s.v, (nkv, 1, hd), &Device::Cpu)?;
-        LayerKv::append(cache, &k, &v, pos, kv)?.attend_into(&s.q, pos + 1, nh, &mut s.att)?;
-        self.o.matvec_into(&s.att, &mut s.y)?;
+        LayerKv::append(cache, &k, &v, pos, set.kv)?.attend_into(&s.q, pos + 1, nh, &mut s.att)?;
+        self.o.matvec_into(&s.att, &mut s.y, set)?;
         x.iter_mut().zip(&s.y).for_each(|(x, y)| *x += y);
         rms_norm_into(x, &self.mlp_norm, self.eps, &mut s.h)?;
-        self.gate.matvec_into(&s.h, &mut s.g)?;
-        self.up.matvec_into(&s.h, &mut s.u)?;
+        self.gate.matvec_into(&s.h, &mut s.g, set)?;
+        self.up.matvec_into(&s.h, &mut s.u, set)?;
         silu_mul(&s.g, &s.u, &mut s.a);
-        self.down.matvec_into(&s.a, &mut s.y)?;
+        self.down.matvec_into(&s.a, &mut s.y, set)?;
         x.iter_mut().zip(&s.y).for_each(|(x, y)| *x += y);
         Ok(())
     }
 
     /// As [`Block::forward`] for `x` (t, d) at positions `pos0..pos0 + t`, attending to the
-    /// keys and values of the earlier positions held in `cache` and appending its own.
-    pub fn forward_cached(&self, x: &Tensor, rope: &Rope, pos0: usize, cache: &mut Option<LayerKv>, kv: KvType) -> Result<Tensor> {
-        let attn = self.attention_cached(&self.attn_input(x)?, rope, pos0, cache, kv).ctx(|| format!("layer {}: attention", self.layer))?;
-        let x = self.attn_residual(x, &attn)?;
-        let act = self.mlp_hidden(&self.mlp_input(&x)?).ctx(|| format!("layer {}: mlp", self.layer))?;
-        self.mlp_residual(&x, &act)
+    /// keys and values of the earlier positions held in `cache` (of `s.kv` numbers) and
+    /// appending its own.
+    pub fn forward_cached(&self, x: &Tensor, rope: &Rope, pos0: usize, cache: &mut Option<LayerKv>, s: &DecodeSettings) -> Result<Tensor> {
+        let attn = self.attention_cached(&self.attn_input(x)?, rope, pos0, cache, s).ctx(|| format!("layer {}: attention", self.layer))?;
+        let x = self.attn_residual(x, &attn, s)?;
+        let act = self.mlp_hidden(&self.mlp_input(&x)?, s).ctx(|| format!("layer {}: mlp", self.layer))?;
+        self.mlp_residual(&x, &act, s)
     }
 
     /// Attention of `t` new positions over the cached ones and themselves, (t, d) -> (t, h*hd).
-    fn attention_cached(&self, h: &Tensor, rope: &Rope, pos0: usize, cache: &mut Option<LayerKv>, kv: KvType) -> candle_core::Result<Tensor> {
+    fn attention_cached(&self, h: &Tensor, rope: &Rope, pos0: usize, cache: &mut Option<LayerKv>, s: &DecodeSettings) -> candle_core::Result<Tensor> {
         let t = h.dims()[0];
         let (nh, nkv, hd) = (self.n_head, self.n_kv_head, self.head_dim);
         let heads = |x: Tensor, n: usize| x.reshape((1, t, n, hd))?.transpose(1, 2); // (1, n, t, hd)
-        let q = rope.apply(&heads(self.q.forward(h)?, nh)?, pos0)?;
-        let k = rope.apply(&heads(self.k.forward(h)?, nkv)?, pos0)?.reshape((nkv, t, hd))?;
-        let v = heads(self.v.forward(h)?, nkv)?.contiguous()?.reshape((nkv, t, hd))?;
-        let c = LayerKv::append(cache, &k, &v, pos0, kv)?;
+        let q = rope.apply(&heads(self.q.forward(h, s)?, nh)?, pos0)?;
+        let k = rope.apply(&heads(self.k.forward(h, s)?, nkv)?, pos0)?.reshape((nkv, t, hd))?;
+        let v = heads(self.v.forward(h, s)?, nkv)?.contiguous()?.reshape((nkv, t, hd))?;
+        let c = LayerKv::append(cache, &k, &v, pos0, s.kv)?;
         let q = (q * (1.0 / (hd as f64).sqrt()))?.reshape((nh, t, hd))?;
         if t == 1 {
             return c.attend(&q.flatten_all()?.to_vec1::<f32>()?, pos0 + 1, nh, h.device());
@@ -510,13 +367,13 @@ impl Block {
     }
 
     /// Causal self-attention on normed input `h` (t, d) -> context (t, h*hd), before o_proj.
-    pub fn attention(&self, h: &Tensor, rope: &Rope) -> candle_core::Result<Tensor> {
+    pub fn attention(&self, h: &Tensor, rope: &Rope, s: &DecodeSettings) -> candle_core::Result<Tensor> {
         let t = h.dims()[0];
         let (nh, nkv, hd) = (self.n_head, self.n_kv_head, self.head_dim);
         let heads = |x: Tensor, n: usize| x.reshape((1, t, n, hd))?.transpose(1, 2); // (1, n, t, hd)
-        let q = rope.apply(&heads(self.q.forward(h)?, nh)?, 0)?;
-        let k = rope.apply(&heads(self.k.forward(h)?, nkv)?, 0)?;
-        let v = heads(self.v.forward(h)?, nkv)?.contiguous()?;
+        let q = rope.apply(&heads(self.q.forward(h, s)?, nh)?, 0)?;
+        let k = rope.apply(&heads(self.k.forward(h, s)?, nkv)?, 0)?;
+        let v = heads(self.v.forward(h, s)?, nkv)?.contiguous()?;
         // Query heads kv*g..kv*g+g share KV head kv: fold them into the rows, no K/V copies.
         let q = (q * (1.0 / (hd as f64).sqrt()))?.reshape((nh, t, hd))?;
         causal_attention(&q, &k.reshape((nkv, t, hd))?, &v.reshape((nkv, t, hd))?)
@@ -606,7 +463,7 @@ impl LayerKv {
         let runs = n.div_ceil(run);
         let width = crate::kernels::part_len(group, hd);
         let mut parts = vec![0f32; nkv * runs * width];
-        adadim_pack::team::for_each_chunk(&mut parts, width, &|t, part| {
+        adadim_team::for_each_chunk(&mut parts, width, &|t, part| {
             let (kh, r) = (t / runs, t % runs);
             let head = kh * cap * hd..(kh * cap + n) * hd;
             crate::kernels::attend_run(&q[kh * group * hd..(kh + 1) * group * hd], k.slice(head.clone()), v.slice(head), hd, run, r, part);
@@ -643,26 +500,6 @@ pub struct KvCache {
     layers: Vec<Option<LayerKv>>,
     len: usize,
     kv: KvType,
-}
-
-/// The number type a [`KvCache`] stores keys and values in.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum KvType {
-    /// Exact: cached decoding gives the logits of the uncached forward pass (to rounding).
-    #[default]
-    F32,
-    /// Half the memory and half the bytes decode attention reads per position (llama.cpp's
-    /// default); keys and values rounded to 11 significant bits.
-    F16,
-}
-
-impl KvType {
-    fn dtype(self) -> DType {
-        match self {
-            KvType::F32 => DType::F32,
-            KvType::F16 => DType::F16,
-        }
-    }
 }
 
 impl KvCache {
@@ -739,33 +576,32 @@ pub struct Model {
     /// The LM head quantized for decoding ([`Model::quantize_decode_head`]): used for up to
     /// [`MATVEC_TOKENS`] positions at a time; evaluation keeps the float head.
     pub decode_head: Option<Arc<PackedLinear>>,
-    /// The activations' precision of packed matvecs (decoding); [`Model::set_act_bits`].
-    pub act: ActBits,
+    /// How the forward passes multiply and cache, passed down to every block and linear.
+    settings: DecodeSettings,
 }
 
 impl Model {
-    /// Round activations to `act` in every packed matvec (the blocks' linears and the decode
-    /// head), and in the prompt's products where [`Model::set_integer_prefill`] is on: 16 bits
-    /// by default, 8 for llama.cpp's precision and speed (4-bit weights).
-    pub fn set_act_bits(&mut self, act: ActBits) {
-        self.act = act;
-        for b in &mut self.blocks {
-            for kind in LinearKind::ALL {
-                b.linear_mut(kind).act = act;
-            }
-        }
+    /// How the forward passes multiply and cache ([`DecodeSettings`]).
+    pub fn settings(&self) -> DecodeSettings {
+        self.settings
     }
 
-    /// Multiply prompts (more than [`MATVEC_TOKENS`] positions at a time) through packed
-    /// linears on integers, with the activations rounded as the decode matvecs round them
-    /// ([`Model::set_act_bits`]; `true`), or with the exact f32 GEMM (`false`, the default:
-    /// evaluation, where the packed model's perplexity must equal the dequantized one's).
-    pub fn set_integer_prefill(&mut self, on: bool) {
-        for b in &mut self.blocks {
-            for kind in LinearKind::ALL {
-                b.linear_mut(kind).integer_prefill = on;
+    /// Sets how the forward passes multiply and cache; quantizes the decode head to
+    /// `s.head_bits` (or drops it for 0) where that differs from the head held.
+    pub fn set_settings(&mut self, s: DecodeSettings) -> Result<()> {
+        if s.head_bits != self.settings.head_bits {
+            match s.head_bits {
+                0 => self.decode_head = None,
+                bits => self.quantize_decode_head(bits)?,
             }
         }
+        self.settings = s;
+        Ok(())
+    }
+
+    /// An empty KV cache of the settings' number type ([`DecodeSettings::kv`]).
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.settings.kv)
     }
 
     /// Load every block (dense or packed). `max_t` bounds the positions the RoPE tables cover.
@@ -791,7 +627,7 @@ impl Model {
             blocks: Vec::with_capacity(cfg.num_hidden_layers),
             config: cfg,
             decode_head: None,
-            act: ActBits::default(),
+            settings: DecodeSettings::default(),
         })
     }
 
@@ -827,20 +663,22 @@ impl Model {
         self.check_positions(ids.len())?;
         let mut x = self.embed(ids)?;
         for b in &self.blocks {
-            x = b.forward(&x, &self.rope)?;
+            x = b.forward(&x, &self.rope, &self.settings)?;
         }
         Ok(x)
     }
 
     /// Hidden states (t, d) of `ids`, the positions after those in `cache`, which grows by them
-    /// (prefill with the prompt, then one token at a time).
+    /// (prefill with the prompt, then one token at a time). The cache keeps the number type it
+    /// was made with.
     pub fn forward_cached(&self, ids: &[u32], cache: &mut KvCache) -> Result<Tensor> {
         let pos0 = cache.len;
         self.check_positions(pos0 + ids.len())?;
         cache.layers.resize_with(self.blocks.len(), || None);
         let mut x = self.embed(ids)?;
+        let s = DecodeSettings { kv: cache.kv, ..self.settings };
         for (b, c) in self.blocks.iter().zip(cache.layers.iter_mut()) {
-            x = b.forward_cached(&x, &self.rope, pos0, c, cache.kv)?;
+            x = b.forward_cached(&x, &self.rope, pos0, c, &s)?;
         }
         cache.len += ids.len();
         Ok(x)
@@ -858,8 +696,8 @@ impl Model {
         let row = self.embed.narrow(0, id as usize, 1).ctx(|| "embedding".into())?;
         with_f32(&row, |e| x.copy_from_slice(&e[..d])).ctx(|| "embedding".into())?;
         cache.layers.resize_with(self.blocks.len(), || None);
-        let kv = cache.kv;
-        let stepped = self.blocks.iter().zip(cache.layers.iter_mut()).try_for_each(|(b, c)| b.decode_step(&mut x, &self.rope, pos, c, kv, s));
+        let set = DecodeSettings { kv: cache.kv, ..self.settings };
+        let stepped = self.blocks.iter().zip(cache.layers.iter_mut()).try_for_each(|(b, c)| b.decode_step(&mut x, &self.rope, pos, c, &set, s));
         if stepped.is_ok() {
             cache.len += 1;
         }
@@ -870,8 +708,8 @@ impl Model {
         let head = rms_norm_into(&s.x, &self.norm, self.config.rms_norm_eps as f32, &mut h).and_then(|()| {
             s.logits.resize(vocab, 0.0);
             match &self.decode_head {
-                Some(p) => Linear { weight: Weight::Packed(p.clone()), bias: None, act: self.act, integer_prefill: false }.matvec_into(&h, &mut s.logits),
-                None => Linear { weight: Weight::Dense(self.lm_head.as_ref().unwrap_or(&self.embed).clone()), bias: None, act: self.act, integer_prefill: false }.matvec_into(&h, &mut s.logits),
+                Some(p) => Linear { weight: Weight::Packed(p.clone()), bias: None }.matvec_into(&h, &mut s.logits, &self.settings),
+                None => Linear { weight: Weight::Dense(self.lm_head.as_ref().unwrap_or(&self.embed).clone()), bias: None }.matvec_into(&h, &mut s.logits, &self.settings),
             }
         });
         s.h = h;
@@ -902,6 +740,7 @@ impl Model {
         let q = with_f32(head, |w| adadim_quantize::rtn(w, rows, cols, &spec)).ctx(|| "lm head".into())?;
         let q = q.map_err(|e| ModelError::Tensor { context: "quantizing the lm head".into(), source: candle_core::Error::Msg(e.to_string()) })?;
         self.decode_head = Some(Arc::new(PackedLinear::from_quantized(&q)));
+        self.settings.head_bits = bits;
         Ok(())
     }
 
@@ -909,7 +748,7 @@ impl Model {
         let eps = self.config.rms_norm_eps as f32;
         let h = candle_nn::ops::rms_norm(hidden, &self.norm, eps).ctx(|| "final norm".into())?;
         if let Some(p) = self.decode_head.as_ref().filter(|_| h.dims()[0] <= MATVEC_TOKENS) {
-            return Linear { weight: Weight::Packed(p.clone()), bias: None, act: self.act, integer_prefill: false }.forward(&h).ctx(|| "lm head".into());
+            return Linear { weight: Weight::Packed(p.clone()), bias: None }.forward(&h, &self.settings).ctx(|| "lm head".into());
         }
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         dense_product(&h, head).ctx(|| "lm head".into())

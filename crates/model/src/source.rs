@@ -10,7 +10,7 @@ use adadim_pack::{PackedFile, PackedLinear};
 use candle_core::{Device, Tensor};
 
 use crate::error::{ModelError, Result};
-use crate::llama::Weight;
+use crate::linear::Weight;
 
 /// Tensors of a model, by their checkpoint names.
 pub trait WeightSource {

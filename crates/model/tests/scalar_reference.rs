@@ -4,7 +4,7 @@
 
 use adadim_load::synth::{tiny_config, write_random_checkpoint};
 use adadim_load::Checkpoint;
-use adadim_model::{KvType, Model};
+use adadim_model::{DecodeSettings, KvType, Model};
 
 struct W {
     v: Vec<f32>,
@@ -132,7 +132,7 @@ fn block_at_a_time_equals_whole_model() {
     let mut x = model.embed(&ids).unwrap();
     let mut taps = Vec::new();
     for b in &model.blocks {
-        x = b.forward_tapped(&x, &model.rope, &mut |k, t| {
+        x = b.forward_tapped(&x, &model.rope, &model.settings(), &mut |k, t| {
             taps.push((k, t.dims().to_vec()));
             Ok(adadim_model::Flow::Continue)
         })
@@ -146,7 +146,7 @@ fn block_at_a_time_equals_whole_model() {
     assert_eq!(taps.len(), 8);
     // Stopping at a tap ends the pass there.
     let mut seen = Vec::new();
-    let r = model.blocks[0].forward_tapped(&model.embed(&ids).unwrap(), &model.rope, &mut |k, _| {
+    let r = model.blocks[0].forward_tapped(&model.embed(&ids).unwrap(), &model.rope, &model.settings(), &mut |k, _| {
         seen.push(k);
         Ok(if k == O { adadim_model::Flow::Stop } else { adadim_model::Flow::Continue })
     });
@@ -303,7 +303,7 @@ fn pack_linears(model: &mut Model, group: usize) -> usize {
             let axis = if (i + j) % 2 == 0 { Axis::Oc } else { Axis::Ic };
             let q = rtn(&w, rows, cols, &QuantSpec { bits: 4, group: Some(group), axis, zero: Zero::Awq }).unwrap();
             let p = adadim_pack::PackedLinear::from_quantized(&q);
-            integer += usize::from(adadim_pack::qgemm::kind(&p, adadim_pack::ActBits::I16).is_some());
+            integer += usize::from(adadim_pack::matmul_int::kind(&p, adadim_pack::ActBits::I16).is_some());
             lin.weight = Weight::Packed(std::sync::Arc::new(p));
         }
     }
@@ -342,7 +342,7 @@ fn decode_step_equals_the_tensor_path() {
     pack_linears(&mut model, 16);
     model.quantize_decode_head(8).unwrap();
     for act in [adadim_pack::ActBits::I16, adadim_pack::ActBits::I8] {
-        model.set_act_bits(act);
+        model.set_settings(DecodeSettings { act, ..model.settings() }).unwrap();
         for kv in [KvType::F32, KvType::F16] {
             assert_eq!(decode_step_vs_tensor_path(&model, kv), 0.0, "packed, {act:?}, {kv:?}");
         }
@@ -359,7 +359,7 @@ fn decode_step_equals_the_tensor_path() {
 #[test]
 fn integer_prefill_moves_the_logits_by_its_rounding() {
     // A prompt of 24 positions through packed linears (per-OC and per-IC, groups of 32): the
-    // integer GEMM (`set_integer_prefill`) against the exact f32 one. It moves the logits by the
+    // integer GEMM (`DecodeSettings::integer_prefill`) against the exact f32 one. It moves the logits by the
     // activations' rounding: int16 far less than int8, neither by nothing. (Token by token the
     // integer product is held to the decode matvec's definition in adadim-pack's tests; here a
     // comparison with chunked decoding would be limited by rounding steps flipped by f32
@@ -381,10 +381,9 @@ fn integer_prefill_moves_the_logits_by_its_rounding() {
     };
     let mut moved = Vec::new();
     for act in [adadim_pack::ActBits::I16, adadim_pack::ActBits::I8] {
-        model.set_act_bits(act);
-        model.set_integer_prefill(false);
+        model.set_settings(DecodeSettings { act, integer_prefill: false, ..model.settings() }).unwrap();
         let exact = run(&model, ids.len());
-        model.set_integer_prefill(true);
+        model.set_settings(DecodeSettings { integer_prefill: true, ..model.settings() }).unwrap();
         let prefill = run(&model, ids.len());
         assert_eq!(run(&model, ids.len()), prefill, "{act:?}: deterministic");
         let to_exact = diff(&prefill, &exact);
@@ -392,14 +391,14 @@ fn integer_prefill_moves_the_logits_by_its_rounding() {
         assert!(to_exact <= rounding, "{act:?}: integer prefill vs exact {to_exact}");
         moved.push(to_exact);
         // Off again: the exact GEMM, bit for bit.
-        model.set_integer_prefill(false);
+        model.set_settings(DecodeSettings { integer_prefill: false, ..model.settings() }).unwrap();
         assert_eq!(run(&model, ids.len()), exact, "{act:?}");
     }
     if integer > 0 {
         // Measured: int16 1e-4, int8 1.4e-2 of the largest logit.
         assert!(moved[0] > 0.0 && moved[0] * 20.0 < moved[1], "int16 moved the logits by {}, int8 by {}", moved[0], moved[1]);
     }
-    if adadim_pack::kernels::avx512_vnni_available() {
+    if adadim_pack::simd::avx512_vnni_available() {
         assert_eq!(integer, 14, "every linear takes the integer product on this CPU");
     } else {
         eprintln!("NOTE: no AVX-512 VNNI: the prefill stays f32 ({integer} integer linears)");

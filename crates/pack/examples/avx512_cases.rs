@@ -1,13 +1,13 @@
 //! Seeded matvec cases as a shared library, for `tests/avx512_emulated.py`: the test loads it
 //! into Python beside an emulated x86 CPU that has AVX-512 (bochscpu), runs [`case_run`] on the
-//! emulated CPU with the AVX-512 kernels switched on ([`adadim_pack::kernels::assume_avx512`])
+//! emulated CPU with the AVX-512 kernels switched on ([`adadim_pack::simd::assume_avx512`])
 //! and checks what it wrote with [`case_check`] natively. Not a tool: the C functions below are
 //! the test's interface, nothing more.
 
 use std::ffi::c_char;
 
 use adadim_load::synth::Rng;
-use adadim_pack::{q16, q8, ActBits, PackedLinear};
+use adadim_pack::{matvec_i16 as q16, matvec_i8 as q8, ActBits, PackedLinear};
 use adadim_quantize::{rtn, Axis, QuantSpec, Zero};
 
 /// Every allocation of this library from one static arena, by bumping an offset: no lock and
@@ -87,7 +87,7 @@ pub extern "C" fn cases_new() -> *mut Cases {
                 let q = rtn(&w, rows, cols, &spec).expect("a valid spec");
                 let p = PackedLinear::from_quantized(&q);
                 let x = rng.normals(cols, 1.0);
-                let (_, scale) = adadim_pack::kernels::matvec_ref(&p, &x);
+                let (_, scale) = adadim_pack::matvec_f32::matvec_ref(&p, &x);
                 let tol: Vec<f64> = scale.iter().map(|s| 1e-6 * (cols as f64).sqrt() * f64::from(spec.maxq()) * s.max(1e-30)).collect();
                 // int8 where its kernel takes the layout (per-OC groups of whole steps).
                 for act in [ActBits::I16, ActBits::I8].into_iter().filter(|&a| a == ActBits::I16 || q8::supported(&p)) {
@@ -108,7 +108,7 @@ pub unsafe extern "C" fn cases_len(c: *const Cases) -> usize {
     (&*c).0.len()
 }
 
-/// Case `i`'s matvec into its `y`, every loop on this thread ([`adadim_pack::team::serial`]:
+/// Case `i`'s matvec into its `y`, every loop on this thread ([`adadim_team::serial`]:
 /// an emulated call has no other threads and no operating system).
 ///
 /// # Safety
@@ -116,7 +116,7 @@ pub unsafe extern "C" fn cases_len(c: *const Cases) -> usize {
 #[no_mangle]
 pub unsafe extern "C" fn case_run(c: *mut Cases, i: usize) {
     let case = &mut (&mut *c).0[i];
-    adadim_pack::team::serial(|| case.p.matvec_act(case.act, &case.x, &mut case.y));
+    adadim_team::serial(|| case.p.matvec(case.act, &case.x, &mut case.y));
 }
 
 /// Where [`case_run`] starts, for the emulator.
@@ -157,7 +157,7 @@ pub unsafe extern "C" fn case_check(c: *const Cases, i: usize, msg: *mut c_char,
 #[no_mangle]
 pub extern "C" fn assume_avx512() {
     // SAFETY: after this, the test runs kernels only on the emulated CPU, which has AVX-512.
-    unsafe { adadim_pack::kernels::assume_avx512() };
+    unsafe { adadim_pack::simd::assume_avx512() };
 }
 
 /// The calling thread's FS base (its thread-local storage), for the emulated CPU's FS.

@@ -228,9 +228,9 @@ pub(crate) unsafe fn chunk3_avx2(p: *const u8) -> [std::arch::x86_64::__m256i; 2
 }
 
 /// AVX2: step `j` of a row of `B`-bit codes (`B` 3 or 4, 64 codes a step) as bytes, even codes
-/// then odd ones, as the byte-product kernels ([`crate::q8`], [`crate::q16`]) read them: 4-bit,
+/// then odd ones, as the byte-product kernels ([`crate::matvec_i8`], [`crate::matvec_i16`]) read them: 4-bit,
 /// the step's 32 bytes' low and high nibbles; 3-bit, its planar chunk ([`chunk3_avx2`]). Asks
-/// for the row's bytes [`crate::kernels::PREFETCH`] ahead first.
+/// for the row's bytes [`crate::simd::PREFETCH`] ahead first.
 ///
 /// # Safety
 /// AVX2; `rp` has the row's `64 B / 8` bytes of step `j` readable.
@@ -239,7 +239,7 @@ pub(crate) unsafe fn chunk3_avx2(p: *const u8) -> [std::arch::x86_64::__m256i; 2
 #[inline]
 pub(crate) unsafe fn step_codes_avx2<const B: usize>(rp: *const u8, j: usize) -> [std::arch::x86_64::__m256i; 2] {
     use std::arch::x86_64::*;
-    crate::kernels::prefetch(rp.add(j * 64 * B / 8));
+    crate::simd::prefetch(rp.add(j * 64 * B / 8));
     if B == 3 {
         return chunk3_avx2(rp.add(j * CHUNK3_BYTES));
     }
@@ -248,7 +248,7 @@ pub(crate) unsafe fn step_codes_avx2<const B: usize>(rp: *const u8, j: usize) ->
 }
 
 /// AVX-512: step `j` of a row of `B`-bit codes (`B` 3 or 4) as one register of bytes, its 32
-/// even codes then its 32 odd ones, the order of a step's int8 activations ([`crate::q8`]).
+/// even codes then its 32 odd ones, the order of a step's int8 activations ([`crate::matvec_i8`]).
 /// The step's bytes are broadcast to both halves and the upper half shifted by a nibble (one
 /// variable shift, no lane shuffle); 3-bit: [`chunk3_avx2`]'s decode on all four lanes, its
 /// masks and `or` one `vpternlogq`. Asks for the row's bytes ahead first.
@@ -259,12 +259,12 @@ pub(crate) unsafe fn step_codes_avx2<const B: usize>(rp: *const u8, j: usize) ->
 #[target_feature(enable = "avx512f")]
 #[inline]
 pub(crate) unsafe fn step_codes_avx512<const B: usize>(rp: *const u8, j: usize) -> std::arch::x86_64::__m512i {
-    crate::kernels::prefetch(rp.add(j * 64 * B / 8));
+    crate::simd::prefetch(rp.add(j * 64 * B / 8));
     codes_avx512::<B>(rp, j)
 }
 
 /// [`step_codes_avx512`] without asking for bytes ahead (kernels that walk several rows ask
-/// for their own, [`crate::kernels::Ahead4`]).
+/// for their own, [`crate::simd::Ahead4`]).
 ///
 /// # Safety
 /// As [`step_codes_avx512`].

@@ -5,7 +5,7 @@
 
 use adadim_load::safetensors_out::StreamWriter;
 use adadim_load::synth::Rng;
-use adadim_pack::gptq::write_gptq_linear;
+use adadim_pack::export_gptq::write_gptq_linear;
 use adadim_quantize::{gptq, rtn, Axis, GptqOptions, Hessian, QuantSpec, QuantizedMatrix, Zero};
 use sha2::{Digest, Sha256};
 use std::path::Path;

@@ -2,8 +2,9 @@
 //! on seeded matrices of every width, both axes, ragged shapes and act-order permutations.
 
 use adadim_load::synth::Rng;
-use adadim_pack::kernels::matvec_ref;
-use adadim_pack::q16::{self, Q16};
+use adadim_pack::matvec_f32::matvec_ref;
+use adadim_pack::matvec_i16 as q16;
+use adadim_pack::round_i16::Q16;
 use adadim_pack::{Layout, PackedLinear};
 use adadim_quantize::{rtn, Axis, QuantSpec, QuantizedMatrix, Zero};
 
@@ -36,7 +37,7 @@ fn check(q: &QuantizedMatrix, rng: &mut Rng, what: &str) -> bool {
     let (want, scale) = matvec_ref(&p, &x);
     let mut y = vec![0f32; q.rows()];
     let mut y1 = vec![0f32; q.rows()];
-    p.matvec_f32(&x, &mut y);
+    p.matvec(adadim_pack::ActBits::F32, &x, &mut y);
     p.matvec_portable(&x, &mut y1);
     for r in 0..q.rows() {
         // f32 sums over `cols` terms of the codes (not of W'), with a zero point folded out:
@@ -49,7 +50,7 @@ fn check(q: &QuantizedMatrix, rng: &mut Rng, what: &str) -> bool {
     // The dispatched kernel (int16 activations where the layout allows) against its own
     // definition on the same rounded activations, and against the exact product within the
     // bound the rounding allows.
-    p.matvec(&x, &mut y);
+    p.matvec(adadim_pack::ActBits::I16, &x, &mut y);
     let (want16, bound) = if p.matvec_rounds_activations() { q16::matvec_ref(&p, &x) } else { (want.clone(), vec![0.0; q.rows()]) };
     for r in 0..q.rows() {
         let tol = 1e-6 * (q.cols() as f64).sqrt() * f64::from(q.spec().maxq()) * scale[r].max(1e-30);
@@ -179,7 +180,7 @@ fn matmul_equals_the_dequantized_gemm() {
         let t = 37;
         let x = rng.normals(t * cols, 1.0);
         let mut y = vec![0f32; t * rows];
-        p.matmul(&x, t, &mut y);
+        p.matmul(adadim_pack::ActBits::F32, &x, t, &mut y);
         for i in 0..t {
             for r in 0..rows {
                 let (want, scale) = (0..cols).fold((0f64, 0f64), |(s, a), c| {
@@ -207,11 +208,11 @@ fn matvecs_on_a_decode_team_equal_those_on_rayon_bit_for_bit() {
         let x = rng.normals(cols, 1.0);
         for act in [adadim_pack::ActBits::I16, adadim_pack::ActBits::I8] {
             let mut alone = vec![0f32; rows];
-            p.matvec_act(act, &x, &mut alone);
+            p.matvec(act, &x, &mut alone);
             let mut teamed = vec![0f32; rows];
-            adadim_pack::team::with_team(1, || {
+            adadim_team::with_team(1, || {
                 for _ in 0..3 {
-                    p.matvec_act(act, &x, &mut teamed);
+                    p.matvec(act, &x, &mut teamed);
                 }
             });
             assert_eq!(teamed, alone, "{rows}x{cols} {spec:?} {act:?}");
@@ -236,7 +237,7 @@ fn integer_sums_hold_at_their_largest() {
                 let want: f64 = x.iter().map(|&v| f64::from(maxq) * f64::from(v)).sum();
                 for act in [adadim_pack::ActBits::I16, adadim_pack::ActBits::I8] {
                     let mut y = vec![0f32; rows];
-                    p.matvec_act(act, &x, &mut y);
+                    p.matvec(act, &x, &mut y);
                     for (r, &got) in y.iter().enumerate() {
                         assert!((f64::from(got) - want).abs() <= 1e-4 * want.abs().max(1.0), "w{bits} {axis:?} {act:?} {name} row {r}: {got} vs {want}");
                     }
@@ -251,7 +252,7 @@ fn integer_matmul_equals_the_decode_matvec_definition_token_by_token() {
     // Every case of the matvec tests, plus SmolLM2's and act-order shapes: token i of the integer
     // prefill product is the decode matvec's definition on x[i] (the same rounded activations,
     // f64) up to f32 round-off, and within the rounding bound of the exact product.
-    use adadim_pack::{qgemm, ActBits};
+    use adadim_pack::{matmul_int as qgemm, ActBits};
     let mut rng = Rng::new(31);
     let mut shapes = cases();
     shapes.push((1536, 576, QuantSpec { bits: 4, group: Some(128), axis: Axis::Ic, zero: Zero::Awq }));
@@ -273,7 +274,7 @@ fn integer_matmul_equals_the_decode_matvec_definition_token_by_token() {
         x[cols + 3] = 40.0; // an outlier in token 1
         for act in [ActBits::I16, ActBits::I8] {
             let mut y = vec![f32::NAN; t * rows];
-            p.matmul_act(act, &x, t, &mut y);
+            p.matmul(act, &x, t, &mut y);
             let kind = qgemm::kind(&p, act);
             integer += usize::from(kind.is_some());
             for i in 0..t {
@@ -281,8 +282,9 @@ fn integer_matmul_equals_the_decode_matvec_definition_token_by_token() {
                 let (exact, scale) = matvec_ref(&p, xi);
                 let (want, bound) = match kind {
                     Some(ActBits::I16) => q16::matvec_ref(&p, xi),
-                    Some(ActBits::I8) => adadim_pack::q8::matvec_ref(&p, xi),
+                    Some(ActBits::I8) => adadim_pack::matvec_i8::matvec_ref(&p, xi),
                     None => (exact.clone(), vec![0.0; rows]),
+                    Some(ActBits::F32) => unreachable!("the integer product's kind is I16 or I8"),
                 };
                 for r in 0..rows {
                     // The code and zero-point terms are each up to sum_c s maxq |x|, and cancel
@@ -299,7 +301,7 @@ fn integer_matmul_equals_the_decode_matvec_definition_token_by_token() {
         }
     }
     #[cfg(target_arch = "x86_64")]
-    if adadim_pack::kernels::avx512_vnni_available() {
+    if adadim_pack::simd::avx512_vnni_available() {
         assert!(integer >= 100, "only {integer} cases ran the integer product");
     }
 }

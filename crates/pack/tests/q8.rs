@@ -1,10 +1,10 @@
-//! The int8-activation 4-bit matvec ([`adadim_pack::q8`]) against its f64 definition on the same
+//! The int8-activation 4-bit matvec ([`adadim_pack::matvec_i8`]) against its f64 definition on the same
 //! rounded activations, and against the exact product within the rounding's bound, on seeded
 //! matrices of both axes, ragged shapes and act-order permutations.
 
 use adadim_load::synth::Rng;
-use adadim_pack::kernels::matvec_ref;
-use adadim_pack::q8::{self, Q8};
+use adadim_pack::matvec_f32::matvec_ref;
+use adadim_pack::matvec_i8::{self as q8, Q8};
 use adadim_pack::PackedLinear;
 use adadim_quantize::{rtn, Axis, QuantSpec, QuantizedMatrix, Zero};
 
@@ -19,7 +19,7 @@ fn check(q: &QuantizedMatrix, rng: &mut Rng, what: &str) -> bool {
     let (exact, scale) = matvec_ref(&p, &x);
     let (want, bound) = q8::matvec_ref(&p, &x);
     let mut y = vec![0f32; q.rows()];
-    p.matvec_q8(&x, &mut y);
+    p.matvec(adadim_pack::ActBits::I8, &x, &mut y);
     let ran = q8::supported(&p) && cfg!(target_arch = "x86_64") && is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
     for r in 0..q.rows() {
         // f32 sums of int32 partial products: round-off ~ cols * eps of the product's scale.
@@ -164,7 +164,7 @@ fn other_widths_fall_back_to_the_int16_kernel() {
     assert!(!q8::supported(&p));
     let x = rng.normals(256, 1.0);
     let (mut a, mut b) = (vec![0f32; 64], vec![0f32; 64]);
-    p.matvec_q8(&x, &mut a);
-    p.matvec(&x, &mut b);
+    p.matvec(adadim_pack::ActBits::I8, &x, &mut a);
+    p.matvec(adadim_pack::ActBits::I16, &x, &mut b);
     assert_eq!(a, b);
 }

@@ -14,7 +14,7 @@
 //! rounding, `|w_compensated - w|`.
 
 use adadim_load::Checkpoint;
-use adadim_model::{Block, Flow, LinearKind, Rope, WeightSource, Weight};
+use adadim_model::{Block, DecodeSettings, Flow, LinearKind, Rope, WeightSource, Weight};
 use adadim_quantize::{gptq, output_error_from_hessian, Axis, GptqOptions, Hessian};
 use candle_core::{Device, Tensor};
 
@@ -127,7 +127,7 @@ pub fn compute(run: &Run, samples: &[Vec<u32>], layer: usize, kind: LinearKind, 
         .collect::<Result<Vec<Tensor>>>()?;
     for l in 0..layer {
         let block = dense_block(quantized.as_ref(), l)?;
-        xs = xs.iter().map(|x| block.forward(x, &rope)).collect::<adadim_model::Result<Vec<Tensor>>>()?;
+        xs = xs.iter().map(|x| block.forward(x, &rope, &DecodeSettings::DEFAULT)).collect::<adadim_model::Result<Vec<Tensor>>>()?;
         progress(l + 1, layer + 1);
     }
     // Block `layer` up to the linear: q/k/v share one input (tapped as Q), gate/up too (Gate).
@@ -142,7 +142,7 @@ pub fn compute(run: &Run, samples: &[Vec<u32>], layer: usize, kind: LinearKind, 
     let mut h = Hessian::new(cols);
     for x in &xs {
         let mut input = None;
-        block.forward_tapped(x, &rope, &mut |k, t| {
+        block.forward_tapped(x, &rope, &DecodeSettings::DEFAULT, &mut |k, t| {
             if k != tapped {
                 return Ok(Flow::Continue);
             }

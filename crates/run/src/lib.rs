@@ -4,23 +4,24 @@
 //! ChatTemplate::from_jinja(tokenizer_config.chat_template).render(user text)   (ChatML models)
 //! generate(model, prompt ids, stop ids, settings, on_token)
 //!     prefill:  Model::forward_cached(prompt)           one pass over the prompt
-//!     decode:   Model::forward_cached([last token])     one position per step, matvec kernels
+//!     decode:   Model::decode_step(last token)          one position per step, matvec kernels
 //!     sample:   argmax (temperature 0) or softmax(logits / T) with a seeded generator
 //! ```
+//!
+//! How the model multiplies and what its KV cache stores come from the model's own
+//! [`adadim_model::DecodeSettings`]; [`Settings`] holds what sampling needs.
 
 use std::time::Instant;
 
-use adadim_model::{DecodeScratch, KvCache, KvType, Model, ModelError};
+use adadim_model::{DecodeScratch, Model, ModelError};
 
-/// Decoding settings.
+/// Sampling settings (the model's products and cache: [`Model::settings`]).
 #[derive(Clone, Debug)]
 pub struct Settings {
     pub max_tokens: usize,
     /// 0 = greedy.
     pub temperature: f64,
     pub seed: u64,
-    /// What the KV cache stores: f32 (exact) or f16 (half the memory and attention reads).
-    pub kv: KvType,
 }
 
 /// What one generation cost.
@@ -136,7 +137,7 @@ pub fn generate_until(model: &Model, prompt: &[u32], stop: &[u32], s: &Settings,
         return Ok(stats);
     }
     let mut rng = Rng(s.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
-    let mut cache = KvCache::new(s.kv);
+    let mut cache = model.new_cache();
     let t = Instant::now();
     let hidden = model.forward_cached(prompt, &mut cache)?;
     let mut next = last_token(model, &hidden, s.temperature, &mut rng)?;
@@ -146,7 +147,7 @@ pub fn generate_until(model: &Model, prompt: &[u32], stop: &[u32], s: &Settings,
     // helpers (rayon's other workers), whose start costs less than a matvec of a small model.
     let helpers = rayon::current_num_threads().saturating_sub(1);
     let mut scratch = DecodeScratch::default();
-    adadim_pack::team::with_team(helpers, || -> Result<(), ModelError> {
+    adadim_team::with_team(helpers, || -> Result<(), ModelError> {
         loop {
             if stop.contains(&next) {
                 stats.stopped_by_token = true;

@@ -1,12 +1,11 @@
 //! Prefill on integers: `Y = X W'^T` for many tokens with the activations rounded as the decode
-//! matvec rounds them (int16 per block, [`crate::q16`], or int8 per block of 32, [`crate::q8`]),
+//! matvec rounds them (int16 per block, [`crate::matvec_i16`], or int8 per block of 32, [`crate::matvec_i8`]),
 //! the codes widened once per panel of [`NR`] output channels, and the products summed by
 //! AVX-512 VNNI: `vpdpwssd` (32 int16 products per instruction) or `vpdpbusd` (64 products of an
-//! unsigned code byte and a signed activation byte), where an f32 FMA does 16. On this
-//! machine's Zen 5 all three issue at the same rate (measured: 8.3 G instructions/s per core
-//! each), so int16 has twice and int8 four times the f32 GEMM's ceiling.
+//! unsigned code byte and a signed activation byte), where an f32 FMA does 16: where all three
+//! issue at the same rate, int16 has twice and int8 four times the f32 GEMM's ceiling.
 //!
-//! Why: the f32 path ([`PackedLinear::matmul`]) dequantizes panels into an f32 GEMM and runs at
+//! Why: the f32 path ([`crate::matmul_f32`]) dequantizes panels into an f32 GEMM and runs at
 //! that GEMM's rate, which left prompt processing below llama.cpp's (whose Q4 × Q8 products
 //! are integer). Evaluation keeps the f32 path (perplexity of the packed model equals that of
 //! the dequantized one); `generate` prefills its prompt here.
@@ -29,16 +28,17 @@
 //! of at most 128: < 2^31) or 255 x 127 (int8).
 //! [`tile_ref`] is the tile in plain Rust (the same operations, in the same order, so the test
 //! holds the kernel to it bit for bit); the tests hold the whole product to the decode matvec's
-//! f64 definition ([`crate::q16::matvec_ref`], [`crate::q8::matvec_ref`]) token by token.
+//! f64 definition ([`crate::matvec_i16::matvec_ref`], [`crate::matvec_i8::matvec_ref`]) token by token.
 
 use adadim_quantize::Axis;
 use rayon::prelude::*;
 
 use crate::bits;
 use crate::format::PackedLinear;
-use crate::kernels::ActBits;
-use crate::q16::{self, Q16};
-use crate::q8::{self, Q8};
+use crate::matvec_i16 as q16;
+use crate::matvec_i8::{self as q8, Q8};
+use crate::round_i16::{self, Q16};
+use crate::ActBits;
 
 /// Output channels per panel: two registers of 16 int32 lanes.
 pub const NR: usize = 32;
@@ -57,10 +57,11 @@ const STEP_BYTES: usize = NR * 4;
 pub fn kind(p: &PackedLinear, act: ActBits) -> Option<ActBits> {
     let l = p.layout();
     let shape = p.cols() % 4 == 0 && (l.axis == Axis::Oc || l.group % NR == 0);
-    if !shape || !crate::kernels::avx512_vnni_available() {
+    if !shape || !crate::simd::avx512_vnni_available() {
         return None;
     }
     match act {
+        ActBits::F32 => None,
         ActBits::I8 if q8::supported(p) => Some(ActBits::I8),
         _ if q16::supported(p) => Some(ActBits::I16),
         _ => None,
@@ -91,8 +92,8 @@ impl Acts {
         let (cols, l) = (p.cols(), p.layout());
         let (esize, block) = match (kind, l.axis) {
             (ActBits::I8, _) => (1, q8::BLOCK),
-            (ActBits::I16, Axis::Oc) => (2, q16::block_size(p)),
-            (ActBits::I16, Axis::Ic) => (2, q16::MAX_BLOCK),
+            (_, Axis::Oc) => (2, round_i16::block_size(p)),
+            (_, Axis::Ic) => (2, round_i16::MAX_BLOCK),
         };
         let (row, nb) = (cols * esize, cols.div_ceil(block));
         let nz = if l.axis == Axis::Oc { cols.div_ceil(l.group) } else { 1 };
@@ -117,12 +118,12 @@ impl Acts {
                 ActBits::I8 => {
                     let v = Q8::new(&x);
                     store(&v.q, &v.d, q, d);
-                    q16::group_sums(&v, cols, g)
+                    crate::matvec_int::group_sums(&v, cols, g)
                 }
-                ActBits::I16 => {
+                _ => {
                     let v = Q16::rounded(&x, block, false);
                     store(&v.q, &v.d, q, d);
-                    q16::group_sums(&v, cols, g)
+                    crate::matvec_int::group_sums(&v, cols, g)
                 }
             };
             z.copy_from_slice(&sums);
@@ -135,10 +136,10 @@ impl Acts {
     fn ic(&mut self, p: &PackedLinear, kind: ActBits, x: &[f32], kr: usize) {
         let cols = p.cols();
         let (s, zp) = (&p.scales[kr * cols..(kr + 1) * cols], &p.zeros[kr * cols..(kr + 1) * cols]);
-        let (block, qmax) = if kind == ActBits::I8 { (q8::BLOCK, 127.0) } else { (q16::MAX_BLOCK, 32767.0) };
+        let (block, qmax) = if kind == ActBits::I8 { (q8::BLOCK, 127.0) } else { (round_i16::MAX_BLOCK, 32767.0) };
         self.fill(x, cols, |x, (q, d, z)| {
             #[cfg(target_arch = "x86_64")]
-            if crate::kernels::avx512_available() {
+            if crate::simd::avx512_available() {
                 // SAFETY: AVX-512 F and BW were detected.
                 z[0] = unsafe { round_scaled_avx512(s, x, zp, block, qmax, q, d) };
                 return;
@@ -157,8 +158,8 @@ fn round_scaled_ref(kind: ActBits, s: &[f32], x: &[f32], z: &[f32], q: &mut [u8]
             store(&v.q, &v.d, q, d);
             bias
         }
-        ActBits::I16 => {
-            let (v, bias) = Q16::scaled_ref(s, x, z, q16::MAX_BLOCK, false);
+        _ => {
+            let (v, bias) = Q16::scaled_ref(s, x, z, round_i16::MAX_BLOCK, false);
             store(&v.q, &v.d, q, d);
             bias
         }
@@ -173,9 +174,8 @@ fn round_scaled_ref(kind: ActBits, s: &[f32], x: &[f32], z: &[f32], q: &mut [u8]
 /// value: the block's largest `|v|`, `d = max / qmax`, `v * (1 / d)` clamped and rounded to
 /// nearest even; a block with an infinite or NaN value all zeros with a NaN step), the sum in
 /// another order. 16 values to a register; a short last block that is not whole registers
-/// through the definition. Per-IC prefill rounds `rows / group x tokens x cols` values: with AVX2 (through
-/// the decode matvec's rounding and a copy) that took as long as the products (4096 x 14336,
-/// 512 tokens, one thread).
+/// through the definition. Per-IC prefill rounds `rows / group x tokens x cols` values: with
+/// AVX2 (through the decode matvec's rounding and a copy) that took as long as the products.
 ///
 /// # Safety
 /// AVX-512 F and BW; `s`, `x`, `z` of one length `n`; `q` holds `n` values, `d` a step per block.
@@ -257,8 +257,7 @@ fn store<T: Copy>(v: &[T], steps: &[f32], q: &mut [u8], d: &mut [f32]) {
 /// `j` at bytes `k * STEP_BYTES + 4 j`, its `KL` codes as bytes (int8) or int16 (int16). The
 /// rows are unpacked into `codes` (`NR` rows of `cols`), then turned into steps: 16 rows by
 /// 16 steps at a time with AVX-512 ([`transpose16_avx512`]) where the CPU has it, the rest
-/// word by word ([`panel_words`]). Word by word this took as long as the products of a
-/// 128-token prompt's tiles did, half.
+/// word by word ([`panel_words`]), which alone was as slow as a short prompt's products.
 fn fill_panel(p: &PackedLinear, kind: ActBits, r0: usize, n: usize, codes: &mut [u8], panel: &mut [u8]) {
     let (cols, b) = (p.cols(), p.layout().bits);
     let rb = bits::row_bytes(cols, b);
@@ -279,7 +278,7 @@ fn panel_steps(kind: ActBits, codes: &[u8], cols: usize, panel: &mut [u8]) {
     let steps = panel.len() / STEP_BYTES;
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
-    if crate::kernels::avx512_available() {
+    if crate::simd::avx512_available() {
         done = steps / 16 * 16;
         for k0 in (0..done).step_by(16) {
             for j0 in [0, 16] {
@@ -302,7 +301,7 @@ fn panel_words(kind: ActBits, codes: &[u8], cols: usize, ks: std::ops::Range<usi
             // The row's 4 code bytes, or its 2 codes widened to int16.
             let word = match kind {
                 ActBits::I8 => u32::from_le_bytes([row[4 * k], row[4 * k + 1], row[4 * k + 2], row[4 * k + 3]]),
-                ActBits::I16 => u32::from(row[2 * k]) | u32::from(row[2 * k + 1]) << 16,
+                _ => u32::from(row[2 * k]) | u32::from(row[2 * k + 1]) << 16,
             };
             panel[k * STEP_BYTES + 4 * j..][..4].copy_from_slice(&word.to_le_bytes());
         }
@@ -323,7 +322,7 @@ unsafe fn transpose16_avx512(kind: ActBits, rows: *const u8, cols: usize, k0: us
     use std::arch::x86_64::*;
     let r: [__m512i; 16] = std::array::from_fn(|j| match kind {
         ActBits::I8 => _mm512_loadu_si512(rows.add(j * cols + 4 * k0) as *const _),
-        ActBits::I16 => _mm512_cvtepu8_epi16(_mm256_loadu_si256(rows.add(j * cols + 2 * k0) as *const __m256i)),
+        _ => _mm512_cvtepu8_epi16(_mm256_loadu_si256(rows.add(j * cols + 2 * k0) as *const __m256i)),
     });
     // Words (j, k) -> (k, j). Within 128-bit lanes: a[2m] holds rows 2m, 2m + 1 at steps
     // 4L, 4L + 1 of lane L, a[2m + 1] at 4L + 2, 4L + 3; then b[4g + q] holds rows 4g..4g + 3
@@ -382,7 +381,7 @@ fn tile_ref(kind: ActBits, t: &Tile, out: &mut [[f32; NR]]) {
                     let (w, a) = (&t.panel[k * STEP_BYTES + 4 * j..][..4], &t.a[m][4 * k..][..4]);
                     sum += match kind {
                         ActBits::I8 => (0..4).map(|i| i32::from(w[i]) * i32::from(a[i] as i8)).sum::<i32>(),
-                        ActBits::I16 => (0..2).map(|i| i32::from(i16::from_le_bytes([w[2 * i], w[2 * i + 1]])) * i32::from(i16::from_le_bytes([a[2 * i], a[2 * i + 1]]))).sum::<i32>(),
+                        _ => (0..2).map(|i| i32::from(i16::from_le_bytes([w[2 * i], w[2 * i + 1]])) * i32::from(i16::from_le_bytes([a[2 * i], a[2 * i + 1]]))).sum::<i32>(),
                     };
                 }
                 let scale = t.ws.map_or(1.0, |ws| ws[b * NR + j]) * t.d[m][b];
@@ -494,7 +493,7 @@ unsafe fn tile(kind: ActBits, t: &Tile, out: &mut [[f32; NR]]) {
     }
     match kind {
         ActBits::I8 => by_m!(true),
-        ActBits::I16 => by_m!(false),
+        _ => by_m!(false),
     }
 }
 
@@ -526,7 +525,7 @@ fn panels(p: &PackedLinear, kind: ActBits, acts: &Acts, rows: std::ops::Range<us
             let rb = bits::row_bytes(cols, l.bits);
             let next = (r0 + NR).min(all_rows) * rb..(r0 + 2 * NR).min(all_rows) * rb;
             for at in next.step_by(64) {
-                crate::kernels::prefetch_line(p.codes[at..].as_ptr());
+                crate::simd::prefetch_line(p.codes[at..].as_ptr());
             }
             // Per-OC: each block's group scale and each group's s z, per row.
             let (mut ws, mut sz) = (Vec::new(), Vec::new());
@@ -572,27 +571,17 @@ fn panels(p: &PackedLinear, kind: ActBits, acts: &Acts, rows: std::ops::Range<us
     );
 }
 
-impl PackedLinear {
-    /// `Y = X W'^T` for `t` tokens (`x` row-major `[t, cols]`, `y` `[t, rows]`) with the
-    /// activations rounded as [`PackedLinear::matvec_act`] rounds them, on integers (see the
-    /// module): where [`kind`] gives a kind; otherwise [`PackedLinear::matmul`] (f32, exact).
-    /// Token `i` of the result is the decode matvec's of `x[i]` up to f32 round-off.
-    pub fn matmul_act(&self, act: ActBits, x: &[f32], t: usize, y: &mut [f32]) {
-        let (rows, cols) = (self.rows(), self.cols());
-        assert_eq!(x.len(), t * cols, "matmul: x is not [{t}, {cols}]");
-        assert_eq!(y.len(), t * rows, "matmul: y is not [{t}, {rows}]");
-        let Some(kind) = kind(self, act) else {
-            return self.matmul(x, t, y);
-        };
-        let l = self.layout();
-        match l.axis {
-            Axis::Oc => panels(self, kind, &Acts::oc(self, kind, x, t), 0..rows, t, y),
-            Axis::Ic => {
-                let mut acts = Acts::new(self, kind, t);
-                for kr in 0..rows.div_ceil(l.group) {
-                    acts.ic(self, kind, x, kr);
-                    panels(self, kind, &acts, kr * l.group..((kr + 1) * l.group).min(rows), t, y);
-                }
+/// `Y = X W'^T` for `t` tokens (`x` row-major `[t, cols]`, `y` `[t, rows]`, checked by the
+/// caller) on integers of `kind`, a kind [`kind`] gave for `p`.
+pub(crate) fn matmul(p: &PackedLinear, kind: ActBits, x: &[f32], t: usize, y: &mut [f32]) {
+    let (rows, l) = (p.rows(), p.layout());
+    match l.axis {
+        Axis::Oc => panels(p, kind, &Acts::oc(p, kind, x, t), 0..rows, t, y),
+        Axis::Ic => {
+            let mut acts = Acts::new(p, kind, t);
+            for kr in 0..rows.div_ceil(l.group) {
+                acts.ic(p, kind, x, kr);
+                panels(p, kind, &acts, kr * l.group..((kr + 1) * l.group).min(rows), t, y);
             }
         }
     }
@@ -617,7 +606,7 @@ mod tests {
 
     #[test]
     fn per_ic_rounding_with_avx512_equals_its_definition() {
-        if !crate::kernels::avx512_available() {
+        if !crate::simd::avx512_available() {
             eprintln!("SKIPPED: this CPU has no AVX-512");
             return;
         }
@@ -633,7 +622,7 @@ mod tests {
                     if poison {
                         x[n / 2] = f32::INFINITY;
                     }
-                    let (block, qmax, esize) = if kind == ActBits::I8 { (q8::BLOCK, 127.0, 1) } else { (q16::MAX_BLOCK, 32767.0, 2) };
+                    let (block, qmax, esize) = if kind == ActBits::I8 { (q8::BLOCK, 127.0, 1) } else { (round_i16::MAX_BLOCK, 32767.0, 2) };
                     let (mut q, mut d) = (vec![7u8; n * esize], vec![-1f32; n.div_ceil(block)]);
                     // SAFETY: AVX-512 was detected; the outputs hold n values and a step per block.
                     let bias = unsafe { round_scaled_avx512(&s, &x, &z, block, qmax, &mut q, &mut d) };
@@ -674,7 +663,7 @@ mod tests {
                     let w = &want[k * STEP_BYTES + 4 * j..][..4];
                     match kind {
                         ActBits::I8 => assert_eq!(w, &codes[j * cols + 4 * k..][..4]),
-                        ActBits::I16 => assert_eq!(w, &[codes[j * cols + 2 * k], 0, codes[j * cols + 2 * k + 1], 0]),
+                        _ => assert_eq!(w, &[codes[j * cols + 2 * k], 0, codes[j * cols + 2 * k + 1], 0]),
                     }
                 }
             }
@@ -683,7 +672,7 @@ mod tests {
 
     #[test]
     fn the_vnni_tile_equals_its_definition_bit_for_bit() {
-        if !crate::kernels::avx512_vnni_available() {
+        if !crate::simd::avx512_vnni_available() {
             eprintln!("SKIPPED: this CPU has no AVX-512 VNNI");
             return;
         }

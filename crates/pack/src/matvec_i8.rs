@@ -2,7 +2,7 @@
 //! Q4 products: `x` rounded to int8 per block of 32 (a step `d = max|block| / 127` each), codes and activations
 //! multiplied byte by byte with `vpmaddubsw`, one float multiply-add per 64 codes.
 //!
-//! Why: [`crate::q16`] widens every code to 16 bits and gets 16 products per `vpmaddwd`; here 32
+//! Why: [`crate::matvec_i16`] widens every code to 16 bits and gets 16 products per `vpmaddwd`; here 32
 //! bytes of codes (64 weights) are split into their low and high nibbles (`and`, `shift`, `and`)
 //! and multiplied against 64 int8 activations by two `vpmaddubsw` (32 products each, pairs
 //! summed to int16: at most 2 * 15 * 127, so nothing saturates), one `vpmaddwd` by ones sums
@@ -24,18 +24,21 @@
 //!
 //! What it costs in accuracy: every activation (per-OC: `x`; per-IC: `s[kr, c] x[c]`) moves by at
 //! most half its block's step, `max|block| / 254`, as in llama.cpp's Q8_0; the int16 kernel
-//! moves it 256 times less. Opt-in ([`crate::PackedLinear::matvec_q8`]); the tests hold the
+//! moves it 256 times less. Chosen by `ActBits::I8` ([`crate::PackedLinear::matvec`]); the tests hold the
 //! AVX2 kernel to [`matvec_ref`] (the definition from the same rounded activations, in f64)
-//! and the product to the exact one within the rounding bound [`matvec_ref`] also returns.
+//! and the product to the exact one within the rounding bound [`matvec_ref`] also returns. The
+//! row loop is [`crate::matvec_int`]'s.
 
 use adadim_quantize::Axis;
-use rayon::prelude::*;
 
 use crate::bits;
 use crate::format::PackedLinear;
-use crate::kernels::{Ahead4, Job, Wide, ZeroTail, ROWS4};
-use crate::q16::{Prepared, Rounded};
-use crate::team;
+use crate::matvec_int::{round_block, IntActs, Rounded};
+#[cfg(target_arch = "x86_64")]
+use crate::matvec_int::{rows_avx2, rows_avx512bw, rows_vnni, Job};
+#[cfg(target_arch = "x86_64")]
+use crate::simd::{Ahead4, Wide, ZeroTail};
+use crate::simd::ROWS4;
 
 /// Codes per SIMD step (32 bytes of 4-bit codes).
 pub const STEP: usize = 64;
@@ -62,11 +65,11 @@ impl Q8 {
     /// Rounds `x` block by block (the last block may be short). A block holding a non-finite
     /// value gets a NaN step, so the product comes out NaN as it would in f32. With AVX2 where
     /// the CPU has it (the same values as [`Q8::new_ref`]): every per-OC matvec rounds its `x`
-    /// before its rows start, on one thread, and in plain Rust that took 0.9 us of SmolLM2's
-    /// 576 values, as long as a third of a small matrix's product.
+    /// before its rows start, on one thread, where plain Rust cost a small matrix's product
+    /// much of its time.
     pub fn new(x: &[f32]) -> Self {
         #[cfg(target_arch = "x86_64")]
-        if crate::kernels::simd_available() {
+        if crate::simd::simd_available() {
             let mut v = Self::default();
             // SAFETY: AVX2 and FMA were detected.
             unsafe { v.round_avx2(x, None) };
@@ -78,7 +81,7 @@ impl Q8 {
     /// [`Q8::new`] in plain Rust: the definition the AVX2 version is tested against.
     pub fn new_ref(x: &[f32]) -> Self {
         let mut q = vec![0i8; x.len()];
-        let d = x.chunks(BLOCK).zip(q.chunks_mut(BLOCK)).map(|(x, q)| crate::q16::round_block(x, q, QMAX, |v| v as i8)).collect();
+        let d = x.chunks(BLOCK).zip(q.chunks_mut(BLOCK)).map(|(x, q)| round_block(x, q, QMAX, |v| v as i8)).collect();
         Self::from_rounded(q, d)
     }
 
@@ -94,7 +97,7 @@ impl Q8 {
     /// [`Q8::scaled`] into `self`, reusing its buffers (whatever they held is replaced).
     pub fn scaled_into(&mut self, s: &[f32], x: &[f32], z: &[f32]) -> f32 {
         #[cfg(target_arch = "x86_64")]
-        if crate::kernels::simd_available() {
+        if crate::simd::simd_available() {
             // SAFETY: AVX2 and FMA were detected.
             return unsafe { self.round_avx2(x, Some((s, z))) };
         }
@@ -113,7 +116,7 @@ impl Q8 {
             for ((v, s), x) in v.iter_mut().zip(s).zip(x) {
                 *v = s * x;
             }
-            let db = crate::q16::round_block(v, qb, QMAX, |v| v as i8);
+            let db = round_block(v, qb, QMAX, |v| v as i8);
             bias += db * z.iter().zip(qb.iter()).map(|(z, &q)| z * f32::from(q)).sum::<f32>();
             d.push(db);
         }
@@ -170,7 +173,7 @@ impl Q8 {
             let o = b * BLOCK;
             let xv = |i: usize| _mm256_loadu_ps(xp.add(o + 8 * i));
             let Some((s, z)) = sz else {
-                let (r, db) = crate::q16::round_block_avx2::<4>(&std::array::from_fn(xv), QMAX);
+                let (r, db) = crate::matvec_int::round_block_avx2::<4>(&std::array::from_fn(xv), QMAX);
                 dp.add(b).write(db);
                 store(b, r, db);
                 continue;
@@ -179,11 +182,11 @@ impl Q8 {
             // The scale and zero rows stream from memory (a row group's are read once per
             // matvec): ask for them ahead as the kernels ask for codes.
             for p in [sp.add(o) as *const u8, zp.add(o) as *const u8] {
-                crate::kernels::prefetch(p);
-                crate::kernels::prefetch(p.wrapping_add(64));
+                crate::simd::prefetch(p);
+                crate::simd::prefetch(p.wrapping_add(64));
             }
             let v: [__m256; 4] = std::array::from_fn(|i| _mm256_mul_ps(_mm256_loadu_ps(sp.add(o + 8 * i)), xv(i)));
-            let (r, db) = crate::q16::round_block_avx2(&v, QMAX);
+            let (r, db) = crate::matvec_int::round_block_avx2(&v, QMAX);
             let zr = |i: usize| _mm256_mul_ps(_mm256_loadu_ps(zp.add(o + 8 * i)), _mm256_cvtepi32_ps(r[i]));
             let zr01 = _mm256_fmadd_ps(_mm256_loadu_ps(zp.add(o + 8)), _mm256_cvtepi32_ps(r[1]), zr(0));
             let zr23 = _mm256_fmadd_ps(_mm256_loadu_ps(zp.add(o + 24)), _mm256_cvtepi32_ps(r[3]), zr(2));
@@ -191,7 +194,7 @@ impl Q8 {
             dp.add(b).write(db);
             store(b, r, db);
         }
-        let mut bias = crate::kernels::hsum(zq);
+        let mut bias = crate::simd::hsum(zq);
         if blocks * BLOCK < n {
             // The short last block (never inside a whole step).
             let o = blocks * BLOCK;
@@ -264,49 +267,10 @@ impl Rounded for Q8 {
     }
 }
 
-/// Per-OC: `x` (gathered by the act-order permutation) rounded to int8, and `sum_{c in k} x̂[c]`
-/// per group `k`.
-fn prepare_oc(p: &PackedLinear, x: &[f32]) -> (Q8, Vec<f32>) {
-    let (cols, g) = (p.cols, p.layout.group);
-    let x = Q8::new(&p.stored_order(x));
-    let xsum = crate::q16::group_sums(&x, cols, g);
-    (x, xsum)
-}
-
-/// Per-IC: row group `kr`'s `s x` rounded to int8 and its zero-point sum, into `slot`.
-fn prepare_ic(p: &PackedLinear, x: &[f32], kr: usize, slot: &mut (Q8, f32)) {
-    let cols = p.cols;
-    slot.1 = slot.0.scaled_into(&p.scales[kr * cols..(kr + 1) * cols], x, &p.zeros[kr * cols..(kr + 1) * cols]);
-}
-
-thread_local! {
-    /// The per-IC matvec's row-group slots, reused from call to call ([`team::grouped_rows`]).
-    static SLOTS: std::cell::Cell<Vec<(Q8, f32)>> = const { std::cell::Cell::new(Vec::new()) };
-}
-
-/// What every row needs from `x` ([`Prepared`]), rounded to int8 (the reference's; the per-IC
-/// matvec rounds per row group as it goes).
-fn prepare(p: &PackedLinear, x: &[f32]) -> Prepared<Q8> {
-    let l = p.layout;
-    match l.axis {
-        Axis::Oc => {
-            let (x, xsum) = prepare_oc(p, x);
-            Prepared::Oc { x, xsum }
-        }
-        Axis::Ic => {
-            let v = (0..p.rows.div_ceil(l.group)).into_par_iter().map(|kr| {
-                let mut slot = Default::default();
-                prepare_ic(p, x, kr, &mut slot);
-                slot.0
-            }).collect();
-            Prepared::Ic { v }
-        }
-    }
-}
 
 /// `sum_c code[c] v̂[c]` over codes `c0..c1` of a row of `b`-bit codes, in plain Rust (tails).
 /// Most rows have no tail (whole steps): the test is inlined into the row loops and the loop
-/// is not ([`crate::q16`]'s `dot_scalar`).
+/// is not ([`crate::matvec_i16`]'s `dot_scalar`).
 #[inline(always)]
 fn dot_scalar(row: &[u8], b: u8, v: &Q8, c0: usize, c1: usize) -> f32 {
     if c0 >= c1 {
@@ -426,9 +390,8 @@ unsafe fn row_sum_avx512<const B: usize, const SCALED: bool, const VNNI: bool>(r
     let mut j = 0;
     if SCALED && per == 2 {
         // Groups of 128 (two steps): each group's two steps summed, then times its scale, on
-        // two chains; no group counter. Counted up per step with a multiply by the scale
-        // each, the per-OC loop of long rows took 1.6x the per-IC one (one thread in cache,
-        // 64 x 14336 4-bit: 18.1 us against 11.5).
+        // two chains; no group counter (counted up per step with a multiply by the scale
+        // each, the per-OC loop of long rows was much slower than the per-IC one).
         // (Written out: as a closure, not inlined, its intrinsics compiled without the row
         // loop's target features became calls, 8x slower.)
         assert!(s.len() >= steps / 2, "{} group scales for {steps} steps", s.len());
@@ -461,7 +424,7 @@ unsafe fn row_sum_avx512<const B: usize, const SCALED: bool, const VNNI: bool>(r
         a0 = _mm512_fmadd_ps(step(j), scaled(j), a0);
     }
     let a = _mm512_add_ps(a0, a1);
-    crate::kernels::halves_avx512(a)
+    crate::simd::halves_avx512(a)
 }
 
 /// The 3- or 4-bit row sum: [`row_sum_avx512`] where `AVX512` (with `vpdpbusd` where `VNNI`),
@@ -482,8 +445,8 @@ unsafe fn row_sum<const B: usize, const SCALED: bool, const AVX512: bool, const 
 /// [`row_sum_avx512`] for [`ROWS4`] rows at once (per-OC each with its group scales `s[i]`),
 /// as their 8 lane sums: each step's activations and block steps are loaded once for the four
 /// rows, whose accumulators are four independent chains; the caller folds the four together
-/// ([`crate::kernels::sums4`]). Short rows paid as much around their steps as in them
-/// ([`crate::q16`]'s four-row kernel).
+/// ([`crate::simd::sums4`]). Short rows paid as much around their steps as in them
+/// ([`crate::matvec_i16`]'s four-row kernel).
 ///
 /// # Safety
 /// As [`row_sum_avx512`] for each row.
@@ -506,14 +469,14 @@ unsafe fn rows4_avx512<const B: usize, const SCALED: bool, const VNNI: bool>(rp:
             (k, next) = (k + 1, next + per);
         }
         for (i, a) in acc.iter_mut().enumerate() {
-            crate::kernels::prefetch_line(rp[0].wrapping_add(ahead + (ROWS4 * j + i) * 8 * B));
+            crate::simd::prefetch_line(rp[0].wrapping_add(ahead + (ROWS4 * j + i) * 8 * B));
             let c = bits::codes_avx512::<B>(rp[i], j);
             let sums = step_sums_avx512::<VNNI>(c, x);
             let d = if SCALED { _mm512_mul_ps(d, _mm512_set1_ps(*s[i].get_unchecked(k))) } else { d };
             *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), d, *a);
         }
     }
-    acc.map(|a| crate::kernels::halves_avx512(a))
+    acc.map(|a| crate::simd::halves_avx512(a))
 }
 
 /// AVX2, 8-bit codes (per-OC, `cols` a multiple of 32): `sum_j s[j / per] d_j sum_{c in block j}
@@ -534,7 +497,7 @@ unsafe fn row_sum8_avx2(row: &[u8], x: &Q8, s: &[f32], per: usize) -> std::arch:
     let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
     let (mut k, mut in_group) = (0, 0);
     for j in 0..blocks {
-        crate::kernels::prefetch(rp.add(j * BLOCK));
+        crate::simd::prefetch(rp.add(j * BLOCK));
         let c = _mm256_xor_si256(_mm256_loadu_si256(rp.add(j * BLOCK) as *const __m256i), centre);
         let xv = _mm256_loadu_si256(xp.add(j * BLOCK) as *const __m256i);
         let p16 = _mm256_maddubs_epi16(_mm256_abs_epi8(c), _mm256_sign_epi8(xv, c));
@@ -563,14 +526,14 @@ unsafe fn row_oc<const B: usize, const AVX512: bool, const VNNI: bool>(p: &Packe
     let (cols, pc) = (p.cols, xsum.len());
     let (s, z) = (&p.scales[r * pc..(r + 1) * pc], &p.zeros[r * pc..(r + 1) * pc]);
     if B == 8 {
-        let body = crate::kernels::hsum(row_sum8_avx2(row, x, s, p.layout.group / BLOCK));
+        let body = crate::simd::hsum(row_sum8_avx2(row, x, s, p.layout.group / BLOCK));
         // The kernel multiplied code - 128: the zero point is z - 128 of those.
-        return body - crate::kernels::zero_term_avx2(s, z, xsum, 128.0);
+        return body - crate::simd::zero_term_avx2(s, z, xsum, 128.0);
     }
-    let body = crate::kernels::hsum(row_sum::<B, true, AVX512, VNNI>(row, x, s, p.layout.group));
+    let body = crate::simd::hsum(row_sum::<B, true, AVX512, VNNI>(row, x, s, p.layout.group));
     // The last cols % 64 codes lie in the last group.
     let tail = s[pc - 1] * dot_scalar(row, B as u8, x, cols / STEP * STEP, cols);
-    let zx = crate::kernels::zero_term_avx2(s, z, xsum, 0.0);
+    let zx = crate::simd::zero_term_avx2(s, z, xsum, 0.0);
     body + tail - zx
 }
 
@@ -587,9 +550,9 @@ unsafe fn rows4_oc<const B: usize, const VNNI: bool>(p: &PackedLinear, x: &Q8, (
     let params = |i: usize| (&p.scales[(r + i) * pc..(r + i + 1) * pc], &p.zeros[(r + i) * pc..(r + i + 1) * pc]);
     let steps = x.swizzled.len() / STEP;
     assert!(rows.iter().all(|row| row.len() >= steps * STEP * B / 8), "packed row too short for its codes");
-    crate::kernels::prefetch_params4(p, r + ahead.rows, pc);
+    crate::simd::prefetch_params4(p, r + ahead.rows, pc);
     let lanes = rows4_avx512::<B, true, VNNI>(rows.map(|row| row.as_ptr()), x, [params(0).0, params(1).0, params(2).0, params(3).0], p.layout.group, ahead.bytes);
-    let mut sums = crate::kernels::oc_sums4(p, r, lanes, xsum, tail);
+    let mut sums = crate::simd::oc_sums4(p, r, lanes, xsum, tail);
     if steps * STEP < cols {
         // The last cols % 64 codes lie in the last group.
         for (i, y) in sums.iter_mut().enumerate() {
@@ -607,7 +570,7 @@ unsafe fn rows4_oc<const B: usize, const VNNI: bool>(p: &PackedLinear, x: &Q8, (
 #[inline(always)]
 unsafe fn row_ic<const B: usize, const AVX512: bool, const VNNI: bool>(row: &[u8], v: &Q8, bias: f32) -> f32 {
     let cols = v.q.len();
-    let body = crate::kernels::hsum(row_sum::<B, false, AVX512, VNNI>(row, v, &[], 0));
+    let body = crate::simd::hsum(row_sum::<B, false, AVX512, VNNI>(row, v, &[], 0));
     body + dot_scalar(row, B as u8, v, cols / STEP * STEP, cols) - bias
 }
 
@@ -622,126 +585,109 @@ unsafe fn rows4_ic<const B: usize, const VNNI: bool>(p: &PackedLinear, v: &Q8, b
     let rows: [&[u8]; ROWS4] = std::array::from_fn(|i| p.row_codes(r + i));
     let steps = v.swizzled.len() / STEP;
     assert!(rows.iter().all(|row| row.len() >= steps * STEP * B / 8), "packed row too short for its codes");
-    let mut sums = crate::kernels::sums4(rows4_avx512::<B, false, VNNI>(rows.map(|row| row.as_ptr()), v, [&[]; ROWS4], 0, ahead.bytes));
+    let mut sums = crate::simd::sums4(rows4_avx512::<B, false, VNNI>(rows.map(|row| row.as_ptr()), v, [&[]; ROWS4], 0, ahead.bytes));
     for (y, row) in sums.iter_mut().zip(rows) {
         *y += dot_scalar(row, B as u8, v, steps * STEP, cols) - bias;
     }
     sums
 }
 
-/// Rows `r0..r0 + y.len()` into `y` ([`team::rows`]): the row loop, each row's kernel and its
-/// sums in one function compiled for the kernel's instructions ([`rows`] picks it), four
-/// rows at a time where the AVX-512 loop runs ([`rows4_avx512`]). As [`crate::q16`]'s.
-///
-/// # Safety
-/// AVX2 and FMA, AVX-512 F and BW if `AVX512`, VNNI if `VNNI`; `p` [`supported`].
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-unsafe fn run_rows<const B: usize, const AVX512: bool, const VNNI: bool>(p: &PackedLinear, job: &Job<Q8>, r0: usize, y: &mut [f32]) {
-    let rb = bits::row_bytes(p.cols, B as u8);
-    let four = AVX512 && B != 8 && crate::kernels::short_rows(rb);
-    let ahead = if four { Ahead4::new(rb) } else { Ahead4::default() };
-    let mut r = r0;
-    match *job {
-        Job::Oc { x, xsum } => {
-            let tail = ZeroTail::new(xsum);
-            while four && y.len() - (r - r0) >= ROWS4 {
-                y[r - r0..r - r0 + ROWS4].copy_from_slice(&rows4_oc::<B, VNNI>(p, x, (xsum, &tail), r, ahead));
-                r += ROWS4;
-            }
-            for (r, y) in (r..).zip(&mut y[r - r0..]) {
-                *y = row_oc::<B, AVX512, VNNI>(p, x, xsum, r, p.row_codes(r));
-            }
-        }
-        Job::Ic { v, bias } => {
-            while four && y.len() - (r - r0) >= ROWS4 {
-                y[r - r0..r - r0 + ROWS4].copy_from_slice(&rows4_ic::<B, VNNI>(p, v, bias, r, ahead));
-                r += ROWS4;
-            }
-            for (r, y) in (r..).zip(&mut y[r - r0..]) {
-                *y = row_ic::<B, AVX512, VNNI>(p.row_codes(r), v, bias);
-            }
-        }
-    }
+thread_local! {
+    /// The per-IC matvec's row-group slots, reused from call to call.
+    static SLOTS: std::cell::Cell<Vec<(Q8, f32)>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
-/// [`run_rows`] with AVX2.
-///
-/// # Safety
-/// As [`run_rows`].
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn rows_avx2<const B: usize>(p: &PackedLinear, job: &Job<Q8>, r0: usize, y: &mut [f32]) {
-    run_rows::<B, false, false>(p, job, r0, y)
-}
-
-/// [`run_rows`] with AVX-512, no VNNI.
-///
-/// # Safety
-/// As [`run_rows`].
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
-unsafe fn rows_avx512bw<const B: usize>(p: &PackedLinear, job: &Job<Q8>, r0: usize, y: &mut [f32]) {
-    run_rows::<B, true, false>(p, job, r0, y)
-}
-
-/// [`run_rows`] with AVX-512 and VNNI.
-///
-/// # Safety
-/// As [`run_rows`].
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
-unsafe fn rows_vnni<const B: usize>(p: &PackedLinear, job: &Job<Q8>, r0: usize, y: &mut [f32]) {
-    run_rows::<B, true, true>(p, job, r0, y)
-}
-
-/// Rows `r0..` of `p` into `y` with the loop for `p`'s width and `wide`: 3- and 4-bit codes
-/// take the AVX-512 loop where the CPU has it, 8-bit codes (per-OC only) the AVX2 one.
-///
-/// # Safety
-/// AVX2 and FMA, and what `wide` names; `p` [`supported`].
-#[cfg(target_arch = "x86_64")]
-unsafe fn rows(p: &PackedLinear, job: &Job<Q8>, r0: usize, y: &mut [f32], wide: Wide) {
-    match (p.layout.bits, wide) {
-        (3, Wide::Vnni) => rows_vnni::<3>(p, job, r0, y),
-        (4, Wide::Vnni) => rows_vnni::<4>(p, job, r0, y),
-        (3, Wide::Avx512) => rows_avx512bw::<3>(p, job, r0, y),
-        (4, Wide::Avx512) => rows_avx512bw::<4>(p, job, r0, y),
-        (3, _) => rows_avx2::<3>(p, job, r0, y),
-        (4, _) => rows_avx2::<4>(p, job, r0, y),
-        _ => rows_avx2::<8>(p, job, r0, y),
-    }
-}
-
-/// `y = W' x` on int8 activations. False (and `y` untouched) when this CPU or layout has no
-/// int8 kernel ([`supported`], AVX2 + FMA).
-pub(crate) fn matvec(p: &PackedLinear, x: &[f32], y: &mut [f32]) -> bool {
+impl IntActs for Q8 {
     #[cfg(target_arch = "x86_64")]
-    if supported(p) && crate::kernels::simd_available() {
-        let (g, wide) = (p.layout.group, Wide::detect());
-        if p.layout.axis == Axis::Ic {
-            let prep = |kr: usize, slot: &mut (Q8, f32)| prepare_ic(p, x, kr, slot);
-            team::with_slots(&SLOTS, p.rows.div_ceil(g), |slots| {
-                // SAFETY: AVX2 and FMA were detected, and what `wide` names.
-                team::grouped_rows(y, g, slots, &prep, &|r0, y, (v, bias)| unsafe { rows(p, &Job::Ic { v, bias: *bias }, r0, y, wide) })
-            });
-            return true;
-        }
-        let (xq, xsum) = prepare_oc(p, x);
-        let job = Job::Oc { x: &xq, xsum: &xsum };
-        // SAFETY: as above.
-        team::rows(y, &|r0, y| unsafe { rows(p, &job, r0, y, wide) });
-        return true;
+    type Ctx = Wide;
+    type Scratch4 = ();
+
+    fn supported(p: &PackedLinear) -> bool {
+        supported(p)
     }
-    let _ = (p, x, y);
-    false
+
+    fn slots() -> &'static std::thread::LocalKey<std::cell::Cell<Vec<(Self, f32)>>> {
+        &SLOTS
+    }
+
+    fn prepare_oc(p: &PackedLinear, x: &[f32]) -> (Q8, Vec<f32>) {
+        let (cols, g) = (p.cols, p.layout.group);
+        let x = Q8::new(&p.stored_order(x));
+        let xsum = crate::matvec_int::group_sums(&x, cols, g);
+        (x, xsum)
+    }
+
+    fn prepare_ic(p: &PackedLinear, x: &[f32], kr: usize, slot: &mut (Q8, f32)) {
+        let cols = p.cols;
+        slot.1 = slot.0.scaled_into(&p.scales[kr * cols..(kr + 1) * cols], x, &p.zeros[kr * cols..(kr + 1) * cols]);
+    }
+
+    /// 3- and 4-bit codes ([`rows4_avx512`]).
+    fn four_rows(bits: usize) -> bool {
+        bits != 8
+    }
+
+    fn four_rows_oc(_: &Q8) -> bool {
+        true
+    }
+
+    fn four_rows_ic(_: &Q8) -> bool {
+        true
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn ctx() -> Wide {
+        Wide::detect()
+    }
+
+    /// 3- and 4-bit codes take the AVX-512 loop where the CPU has it, 8-bit codes (per-OC only)
+    /// the AVX2 one.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn rows(p: &PackedLinear, job: &Job<Q8>, r0: usize, y: &mut [f32], wide: &Wide) {
+        match (p.layout.bits, *wide) {
+            (3, Wide::Vnni) => rows_vnni::<Q8, 3>(p, job, r0, y, wide),
+            (4, Wide::Vnni) => rows_vnni::<Q8, 4>(p, job, r0, y, wide),
+            (3, Wide::Avx512) => rows_avx512bw::<Q8, 3>(p, job, r0, y, wide),
+            (4, Wide::Avx512) => rows_avx512bw::<Q8, 4>(p, job, r0, y, wide),
+            (3, _) => rows_avx2::<Q8, 3>(p, job, r0, y, wide),
+            (4, _) => rows_avx2::<Q8, 4>(p, job, r0, y, wide),
+            _ => rows_avx2::<Q8, 8>(p, job, r0, y, wide),
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn row_oc<const B: usize, const AVX512: bool, const VNNI: bool>(p: &PackedLinear, x: &Q8, xsum: &[f32], _per: usize, r: usize, row: &[u8], _: &Wide) -> f32 {
+        row_oc::<B, AVX512, VNNI>(p, x, xsum, r, row)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn row_ic<const B: usize, const AVX512: bool, const VNNI: bool>(row: &[u8], v: &Q8, bias: f32, _: &Wide) -> f32 {
+        row_ic::<B, AVX512, VNNI>(row, v, bias)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn rows4_oc<const B: usize, const VNNI: bool>(p: &PackedLinear, x: &Q8, xsum: (&[f32], &ZeroTail), _per: usize, r: usize, ahead: Ahead4, _: &mut ()) -> [f32; ROWS4] {
+        rows4_oc::<B, VNNI>(p, x, xsum, r, ahead)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn rows4_ic<const B: usize, const VNNI: bool>(p: &PackedLinear, v: &Q8, bias: f32, r: usize, ahead: Ahead4) -> [f32; ROWS4] {
+        rows4_ic::<B, VNNI>(p, v, bias, r, ahead)
+    }
+}
+
+/// `y = W' x` on int8 activations where this CPU and layout have the kernel ([`supported`],
+/// AVX2 + FMA): true; false with `y` untouched otherwise.
+pub(crate) fn matvec(p: &PackedLinear, x: &[f32], y: &mut [f32]) -> bool {
+    crate::matvec_int::matvec::<Q8>(p, x, y)
 }
 
 /// The definition of the int8 product, in f64 from the same rounded activations, and per row
-/// how far it may be from the exact product `W' x` because of that rounding (each activation
-/// moved at most half its block's step):
-/// per-OC `y[r] = sum_c s[r,k(c)] (code[r,c] - z[r,k(c)]) x̂[c]`, bound `sum_c |W'[r,c]| d(c) / 2`;
-/// per-IC `y[r] = sum_c (code[r,c] - z[kr,c]) v̂[kr][c]`, bound `sum_c |code[r,c] - z[kr,c]| d(c) / 2`.
+/// the bound of its distance from the exact product (`matvec_int::matvec_ref`).
 pub fn matvec_ref(p: &PackedLinear, x: &[f32]) -> (Vec<f64>, Vec<f64>) {
-    crate::q16::reference(p, &prepare(p, x))
+    crate::matvec_int::matvec_ref::<Q8>(p, x)
 }

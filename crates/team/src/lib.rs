@@ -1,18 +1,14 @@
-//! A team of spinning helpers for the many small parallel loops of decoding.
+//! # adadim-team
 //!
-//! Why not rayon alone: one decoded token of a small model is ~250 matvecs of 5-50 us each
-//! and 30 attentions, separated by serial work (norms, RoPE). An idle rayon worker goes to
-//! sleep after a few tens of microseconds, and waking it costs about as much as a matvec, so
-//! on two threads the second one joined in late or not at all (SmolLM2 w4g128: 1.06x the
-//! one-thread decode speed; perf: the second thread in the scheduler). llama.cpp's threads
-//! spin between operations for the same reason. [`with_team`] turns the pool's idle workers
-//! into helpers that spin for the length of a closure (a decode loop), and the kernels' row
-//! loops and decode attention run on them through [`for_each_chunk`] (outside a team: rayon
-//! as before). What was measured on the 2-core machine: helpers as separate threads were
-//! slower than none (a rayon worker spinning idle competed with them for the core), handing
-//! out 32-row chunks one by one was slower than one contiguous run per member (each core's
-//! prefetcher lost its stream); as rayon jobs with contiguous runs, and with attention in
-//! parallel too, decoding went from 113 to 180 tokens/s.
+//! A team of spinning helpers for the many small parallel loops of decoding (the packed
+//! matvecs' row loops, decode attention, dense matvecs), shared by the model and the runtime.
+//!
+//! Why not rayon alone: one decoded token is hundreds of matvecs of a few microseconds each,
+//! separated by serial work; an idle rayon worker goes to sleep between them and waking it
+//! costs about as much as a matvec. [`with_team`] turns the pool's idle workers into helpers
+//! that spin for the length of a closure (a decode loop); [`for_each_chunk`], [`rows`] and
+//! [`grouped_rows`] run on them (outside a team: on rayon as before). Each member takes one
+//! contiguous run of chunks, so each core's prefetcher keeps its stream.
 //!
 //! The protocol, one job at a time: the leader (the thread that called [`with_team`]) writes
 //! the job, opens the gate (an odd value, SeqCst) and works on the tasks itself; a helper
@@ -137,14 +133,10 @@ pub fn with_team<R>(helpers: usize, f: impl FnOnce() -> R) -> R {
     })
 }
 
-/// How long [`with_team`] waits for its helpers to enrol. A sleeping rayon worker on a
-/// virtual machine took up to 8 ms to wake (20 starts of a two-thread team on the 2-vCPU
-/// machine: 13 joined within 0.4 ms, 7 after 3.1-7.7 ms); the 2 ms this was before left
-/// about one cold team in three without its helper for its whole life: a benchmark process
-/// at one thread's speed (`generate`, whose prefill has just woken the workers, was not hit
-/// in 8 runs). Waiting costs nothing when the helpers come at once, and at most this once
-/// per team when one is busy elsewhere.
-pub(crate) const ENROL_WAIT: std::time::Duration = std::time::Duration::from_millis(50);
+/// How long [`with_team`] waits for its helpers to enrol: a sleeping rayon worker on a
+/// virtual machine can take milliseconds to wake, and a team without its helper runs at one
+/// thread's speed for its whole life. Waiting costs nothing when the helpers come at once.
+pub const ENROL_WAIT: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// `enrolled` once enrolment is over.
 const CLOSED: usize = usize::MAX;
@@ -262,34 +254,25 @@ pub fn for_each_chunk(y: &mut [f32], len: usize, f: &(dyn Fn(usize, &mut [f32]) 
 }
 
 /// Rows per parallel task of the matvec kernels.
-pub(crate) const ROWS_PER_TASK: usize = 32;
+pub const ROWS_PER_TASK: usize = 32;
 
 /// `run(r0, chunk)` for runs of rows of `y` ([`ROWS_PER_TASK`] long, the last may be short;
 /// `r0` the first row's index), in parallel (team or rayon). A kernel called per run, not per
 /// row, keeps its row loop inside its own SIMD function, where the row's kernel is inlined and
-/// what every row shares is worked out once. Called per row through a closure, SmolLM2's short
-/// rows paid for calls, dispatch and spills: 1536 x 576 (rows of 576 codes) took 63 us in
-/// cache on one thread with the int16 4-bit kernel, where the per-code rate of 4096-code rows
-/// predicts 28; per run, 53-56.
-pub(crate) fn rows(y: &mut [f32], run: &(dyn Fn(usize, &mut [f32]) + Sync)) {
+/// what every row shares is worked out once.
+pub fn rows(y: &mut [f32], run: &(dyn Fn(usize, &mut [f32]) + Sync)) {
     for_each_chunk(y, ROWS_PER_TASK, &|t, c| run(t * ROWS_PER_TASK, c));
 }
 
 /// `run(r0, chunk, slot)` for runs of rows of `y`, each inside one group `kr` of `g` rows,
 /// `slot` filled by `prep(kr, slot)` for that group (per-IC: the group's rounded activations),
 /// in parallel. The slots are the caller's and may hold the last call's values, so their
-/// buffers are reused: a fresh set of buffers per group on every matvec, freed after it, made
-/// the allocator hand the pages back and fault them in again on the next (4% of a per-IC
-/// 14336 x 4096 matvec). On a team each member takes one contiguous run of rows (as
-/// [`for_each_chunk`]) with a slot of its own, and fills it for each group its run reaches just
-/// before that group's rows (in cache for them); a group split between two members is filled
-/// by both (the same values). All slots first and then the rows, two spin-synchronised steps
-/// with the slots gone cold in between, was slower (two threads from memory, best of 5-7, us:
-/// per-IC 1536 x 576 4-bit int16 15.3 -> 12.1, 3-bit int8 14.9 -> 10.3, 576 x 1536 4-bit
-/// 14.4 -> 10.8, 4096 x 4096 4-bit 175 -> 150). On rayon a task per group fills its slot and
-/// hands its rows out in turn, so no work stays serial before the first row (it was 15% of
-/// 1536 x 576 on two threads).
-pub(crate) fn grouped_rows<P: Send + Sync>(y: &mut [f32], g: usize, slots: &mut [P], prep: &(dyn Fn(usize, &mut P) + Sync), run: &(dyn Fn(usize, &mut [f32], &P) + Sync)) {
+/// buffers are reused (fresh buffers per call made the allocator fault pages in again). On a
+/// team each member takes one contiguous run of rows with a slot of its own and fills it for
+/// each group its run reaches just before that group's rows (in cache for them); a group split
+/// between two members is filled by both (the same values). On rayon a task per group fills
+/// its slot and hands its rows out in turn.
+pub fn grouped_rows<P: Send + Sync>(y: &mut [f32], g: usize, slots: &mut [P], prep: &(dyn Fn(usize, &mut P) + Sync), run: &(dyn Fn(usize, &mut [f32], &P) + Sync)) {
     let groups = y.len().div_ceil(g);
     assert!(slots.len() >= groups, "{} slots for {groups} row groups", slots.len());
     if is_serial() {
@@ -330,7 +313,7 @@ pub(crate) fn grouped_rows<P: Send + Sync>(y: &mut [f32], g: usize, slots: &mut 
 /// least `n` of them. Taken out of the thread-local while in use, so a call nested on the
 /// same thread (a rayon worker stealing another matvec) starts from an empty set instead of
 /// failing.
-pub(crate) fn with_slots<P: Default + 'static, R>(key: &'static std::thread::LocalKey<std::cell::Cell<Vec<P>>>, n: usize, f: impl FnOnce(&mut [P]) -> R) -> R {
+pub fn with_slots<P: Default + 'static, R>(key: &'static std::thread::LocalKey<std::cell::Cell<Vec<P>>>, n: usize, f: impl FnOnce(&mut [P]) -> R) -> R {
     let mut slots = key.take();
     if slots.len() < n {
         slots.resize_with(n, P::default);

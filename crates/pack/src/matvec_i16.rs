@@ -1,0 +1,644 @@
+//! The decode matvec on int16 activations: `x` rounded to int16 per block ([`Q16`]), codes
+//! widened to int16 in registers, `vpmaddwd` products summed in int32 over the whole block,
+//! one float multiply-add per block.
+//!
+//! Why: the f32 kernel ([`crate::matvec_f32`]) converts every code to a float and spends five
+//! instructions per eight weights, compute-bound below memory bandwidth. Here 32 codes of 2
+//! bits take one 16-byte load, two byte shuffles (each 16-bit lane gets the two bytes holding
+//! its code), two `vpmullw` (a left shift by a per-lane amount puts the code at the top of its
+//! lane), two shifts right, two `vpmaddwd` against the int16 activations and two adds. 3- and
+//! 4-bit codes stay bytes: a step of 64 (4-bit low and high nibbles, or a planar 3-bit chunk,
+//! [`bits::chunk3_avx2`]) gives the even codes and the odd ones, and the int16 activations are
+//! stored split into high and low bytes in that order ([`Q16::split`]), so `vpmaddubsw`
+//! multiplies 32 codes by 32 bytes at once ([`row_sum_split_avx2`]). 8-bit codes are widened
+//! directly (`vpmovzxbw`).
+//! A block is up to 128 activations (per-OC: the largest of 128, 64, 32 dividing the group,
+//! so a block never straddles two scales); its int32 sums are converted and scaled once.
+//!
+//! What it costs in accuracy: every activation (per-OC: `x`; per-IC: `s[kr, c] x[c]`) moves by
+//! at most half a step of its block, `max|block| / 65534`: the result stays within about 1e-5
+//! of the f32 product. Sums stay inside int32: a lane adds 16 products per block of 128, at
+//! most 16 * 255 * 32767 < 2^28. The tests hold the kernels to [`matvec_ref`] (the same
+//! rounded activations, f64) and the whole product to the exact one within the bound
+//! [`matvec_ref`] also returns. The row loop is [`crate::matvec_int`]'s.
+
+use adadim_quantize::Axis;
+
+use crate::bits;
+use crate::format::PackedLinear;
+use crate::matvec_int::IntActs;
+#[cfg(target_arch = "x86_64")]
+use crate::matvec_int::{rows_avx2, rows_avx512bw, rows_vnni, Job};
+use crate::round_i16::{block_size, Q16, MAX_BLOCK, QB, SPLIT};
+#[cfg(target_arch = "x86_64")]
+use crate::simd::{hsum, Ahead4, Wide, ZeroTail};
+use crate::simd::ROWS4;
+
+
+/// `sum_c w(c) code[c] v̂[c]` over codes `c0..c1` of a row (of `v.q.len()` codes), in plain
+/// Rust (the tails the kernels leave; per-OC `w` is the column's group scale). Most rows have
+/// no tail (whole steps): the test is inlined into the row loops and the loop is not (called
+/// for empty ranges, the loop cost a four-row kernel much of its time).
+#[inline(always)]
+fn dot_scalar(row: &[u8], bits: u8, v: &Q16, c0: usize, c1: usize, w: impl Fn(usize) -> f32) -> f32 {
+    if c0 >= c1 {
+        return 0.0;
+    }
+    dot_tail(row, bits, v, c0, c1, w)
+}
+
+/// [`dot_scalar`]'s loop.
+#[inline(never)]
+fn dot_tail(row: &[u8], bits: u8, v: &Q16, c0: usize, c1: usize, w: impl Fn(usize) -> f32) -> f32 {
+    (c0..c1).map(|c| w(c) * f32::from(bits::code(row, v.q.len(), c, bits)) * v.value(c)).sum()
+}
+
+/// Per-lane constants of the bit-stream decoder for `b`-bit codes (used for 2 bits): for 16-bit
+/// lane `j` of the first (codes 0..16) and second (codes 16..32) vector, the shuffle that
+/// fetches the two bytes holding code `j`, and the power of two that lifts the code to the
+/// lane's top bits. A window starts at the code's byte, or one earlier where that byte is the
+/// last of the 16 loaded, so it never reaches past the load.
+#[cfg(target_arch = "x86_64")]
+fn decoder_tables(b: usize) -> ([[i8; 32]; 2], [[i16; 16]; 2]) {
+    let (mut shuf, mut mul) = ([[0i8; 32]; 2], [[0i16; 16]; 2]);
+    for half in 0..2 {
+        for j in 0..16 {
+            let bit = (half * 16 + j) * b;
+            let start = (bit / 8).min(14);
+            let off = bit - 8 * start;
+            debug_assert!(off + b <= 16);
+            shuf[half][2 * j] = start as i8;
+            shuf[half][2 * j + 1] = start as i8 + 1;
+            mul[half][j] = 1 << (16 - b - off);
+        }
+    }
+    (shuf, mul)
+}
+
+/// AVX2, 2- and 8-bit codes: `sum_b scale(b) * sum_{c in block b} code(c) q(c)` over the `cols`
+/// codes of a row (`cols / 32` whole steps; the caller adds the last `cols % 32`), as 8 lane sums, with
+/// `scale(b) = sd[b]` ([`block_scales`]; per-IC the blocks' steps).
+///
+/// # Safety
+/// AVX2 and FMA; `rp` points at the row's first byte with 16 bytes readable behind the start
+/// of its last whole step (a row's padding or the next row covers the 2-bit overshoot);
+/// `x.q` has `cols` values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn row_sum_avx2<const B: usize>(rp: *const u8, x: &Q16, cols: usize, sd: &[f32], t: &Tables) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    let qp = x.q.as_ptr();
+    // int32 lane sums of 32 codes times their activations (step j of the row).
+    let step = |j: usize| {
+        crate::simd::prefetch(rp.add(j * 4 * B));
+        if B == 8 {
+            // Bytes are codes: widen 16 at a time.
+            let a = _mm256_cvtepu8_epi16(_mm_loadu_si128(rp.add(j * 32) as *const __m128i));
+            let b = _mm256_cvtepu8_epi16(_mm_loadu_si128(rp.add(j * 32 + 16) as *const __m128i));
+            let xa = _mm256_loadu_si256(qp.add(j * QB) as *const __m256i);
+            let xb = _mm256_loadu_si256(qp.add(j * QB + 16) as *const __m256i);
+            return _mm256_add_epi32(_mm256_madd_epi16(a, xa), _mm256_madd_epi16(b, xb));
+        }
+        let raw = _mm256_broadcastsi128_si256(_mm_loadu_si128(rp.add(j * 4 * B) as *const __m128i));
+        let lift = |sh, mul| {
+            let w = _mm256_mullo_epi16(_mm256_shuffle_epi8(raw, sh), mul);
+            _mm256_srli_epi16::<14>(w)
+        };
+        let (a, b) = (lift(t.shuf[0], t.mul[0]), lift(t.shuf[1], t.mul[1]));
+        let xa = _mm256_loadu_si256(qp.add(j * QB) as *const __m256i);
+        let xb = _mm256_loadu_si256(qp.add(j * QB + 16) as *const __m256i);
+        _mm256_add_epi32(_mm256_madd_epi16(a, xa), _mm256_madd_epi16(b, xb))
+    };
+    let block = |j0: usize, j1: usize| (j0 + 1..j1).fold(step(j0), |acc, j| _mm256_add_epi32(acc, step(j)));
+    let steps = cols / QB;
+    match x.block / QB {
+        1 => block_sums::<1>(steps, sd, block),
+        2 => block_sums::<2>(steps, sd, block),
+        n => {
+            assert_eq!(n, 4, "int16 blocks of {} values", x.block);
+            block_sums::<4>(steps, sd, block)
+        }
+    }
+}
+
+/// `sum_b sd[b] * block(j0, j1)` over `steps` steps in blocks of `N` (the last block may be
+/// short; `block(j0, j1)` gives the int32 lane sums of steps `j0..j1`; `sd` the blocks' scales,
+/// [`block_scales`]), as 8 lane sums: the block loop of both int16 kernels. Whole blocks are
+/// called with `j1 = j0 + N` known when compiling: with the block's length decided at run time
+/// (and two accumulators taken in turn), the split kernel's two-step block spent more
+/// instructions moving registers and counting than multiplying. One accumulator: a block's
+/// multiply-add waits on the last one's, but a block takes longer than that.
+///
+/// # Safety
+/// AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn block_sums<const N: usize>(steps: usize, sd: &[f32], block: impl Fn(usize, usize) -> std::arch::x86_64::__m256i) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    let sd = &sd[..steps.div_ceil(N)];
+    let mut a = _mm256_setzero_ps();
+    for (b, &scale) in sd.iter().enumerate().take(steps / N) {
+        a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block(b * N, b * N + N)), _mm256_set1_ps(scale), a);
+    }
+    if steps % N != 0 {
+        a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block(steps / N * N, steps)), _mm256_set1_ps(sd[steps / N]), a);
+    }
+    a
+}
+
+/// `s[b / per] * d[b]` for every block `b` into `out[..d.len()]` (the int16 kernels'
+/// block scales; per-OC `s` is the row's group scales and `d` the activation blocks' steps),
+/// once per row (inside the block loop, with the group counted up, they were a third of a
+/// 3-bit step's instructions). Inlined into the row loop, where the compiler vectorises its
+/// multiplies.
+#[inline]
+fn block_scales(s: &[f32], d: &[f32], per: usize, out: &mut [f32]) {
+    let out = &mut out[..d.len()];
+    if per == 1 {
+        assert!(s.len() >= d.len(), "{} group scales for {} blocks", s.len(), d.len());
+        for ((o, s), d) in out.iter_mut().zip(s).zip(d) {
+            *o = s * d;
+        }
+    } else {
+        // Rows of large groups (256 codes and more): the division is per block, not per step.
+        for (b, (o, d)) in out.iter_mut().zip(d).enumerate() {
+            *o = s[b / per] * d;
+        }
+    }
+}
+
+/// Rows of at most this many blocks keep their block scales on the stack.
+const SHORT: usize = 32;
+
+thread_local! {
+    /// [`block_scales`]' buffer, reused from row to row.
+    static SCALES: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// The int16 pair sums of step `j` of a row of 3- or 4-bit codes against split activations,
+/// (codes x hi, lo x codes): lanes 0-7 from the step's first 32 codes.
+///
+/// # Safety
+/// AVX2; as [`row_sum_split_avx2`], `j` a whole step.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn split_products_avx2<const B: usize>(rp: *const u8, x: &Q16, j: usize) -> (std::arch::x86_64::__m256i, std::arch::x86_64::__m256i) {
+    use std::arch::x86_64::*;
+    let [e, o] = bits::step_codes_avx2::<B>(rp, j);
+    let ld = |p: *const u8| _mm256_loadu_si256(p as *const __m256i);
+    let (h, l) = (x.hi.as_ptr().add(j * SPLIT) as *const u8, x.lo.as_ptr().add(j * SPLIT));
+    let ph = _mm256_add_epi16(_mm256_maddubs_epi16(e, ld(h)), _mm256_maddubs_epi16(o, ld(h.add(32))));
+    let pl = _mm256_add_epi16(_mm256_maddubs_epi16(ld(l), e), _mm256_maddubs_epi16(ld(l.add(32)), o));
+    (ph, pl)
+}
+
+/// `256 ph + pl` widened to int32 lane sums (pairs added).
+///
+/// # Safety
+/// AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn split_int32_avx2(ph: std::arch::x86_64::__m256i, pl: std::arch::x86_64::__m256i) -> std::arch::x86_64::__m256i {
+    use std::arch::x86_64::*;
+    _mm256_add_epi32(_mm256_madd_epi16(ph, _mm256_set1_epi16(256)), _mm256_madd_epi16(pl, _mm256_set1_epi16(1)))
+}
+
+/// AVX2, 3- and 4-bit codes: `sum_b scale(b) * sum_{c in block b} code(c) q(c)` over the row's
+/// whole steps of [`SPLIT`] codes (as [`row_sum_avx2`]), on split activations: with
+/// `q = 256 hi + lo`, each step is `vpmaddubsw` of the codes (bytes, even and odd halves: 4-bit
+/// nibbles or a planar 3-bit chunk) with `hi` (signed) and of `lo` (unsigned) with the codes,
+/// then per block two `vpmaddwd` (by 256 and by 1) and an add: 64 int16 products in 4
+/// multiplies, where widening the codes took 4 `vpmaddwd` and 4 widenings. No int16 sum
+/// saturates or wraps: pairs of code x hi are at most 2 * 15 * 128, a step's 7680; code x lo
+/// pairs 2 * 15 * 255, a step's 15300; a block of 128 adds its two steps in int16 (at most
+/// 15360 and 30600 < 2^15) before widening them, which halves the `vpmaddwd`.
+///
+/// # Safety
+/// AVX2 and FMA; `rp` has the row's `64 B / 8` bytes per whole step.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn row_sum_split_avx2<const B: usize>(rp: *const u8, x: &Q16, sd: &[f32]) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    let steps = x.hi.len() / SPLIT;
+    let step = |j: usize| split_products_avx2::<B>(rp, x, j);
+    let int32 = |(ph, pl): (__m256i, __m256i)| split_int32_avx2(ph, pl);
+    if x.block >= SPLIT {
+        // A block's two steps are added in int16 before they are widened (two `vpmaddwd`
+        // a block, not four): at most 2 * 7680 and 2 * 15300. A third would not fit.
+        assert!(x.block <= 2 * SPLIT, "int16 blocks of {} values: at most {}", x.block, 2 * SPLIT);
+        let block = |j0: usize, j1: usize| {
+            let (mut ph, mut pl) = step(j0);
+            if j1 > j0 + 1 {
+                let (h, l) = step(j0 + 1);
+                (ph, pl) = (_mm256_add_epi16(ph, h), _mm256_add_epi16(pl, l));
+            }
+            int32((ph, pl))
+        };
+        return if x.block == SPLIT { block_sums::<1>(steps, sd, block) } else { block_sums::<2>(steps, sd, block) };
+    }
+    // Blocks of 32 (groups of an odd number of 32s): a step's halves are blocks 2j, 2j + 1.
+    let mut a = _mm256_setzero_ps();
+    for j in 0..steps {
+        let (d0, d1) = (sd[2 * j], sd[2 * j + 1]);
+        a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(int32(step(j))), _mm256_setr_ps(d0, d0, d0, d0, d1, d1, d1, d1), a);
+    }
+    a
+}
+
+/// The int32 lane sums of one block of 128 codes (two steps, each `[e, o]` bytes) against its
+/// split activations `hi` and `lo` (one register per step), as [`row_sum_split_avx512`]
+/// describes: with `VNNI` four `vpdpbusd`, without two `vpmaddubsw` per byte plane.
+///
+/// # Safety
+/// AVX-512 F and BW (and VNNI if `VNNI`).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn block_sums_avx512<const VNNI: bool>(c: [std::arch::x86_64::__m512i; 2], hi: [std::arch::x86_64::__m512i; 2], lo: [std::arch::x86_64::__m512i; 2]) -> std::arch::x86_64::__m512i {
+    use std::arch::x86_64::*;
+    if VNNI {
+        let h = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), c[0], hi[0]), c[1], hi[1]);
+        _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_slli_epi32::<8>(h), lo[0], c[0]), lo[1], c[1])
+    } else {
+        let ph = _mm512_add_epi16(_mm512_maddubs_epi16(c[0], hi[0]), _mm512_maddubs_epi16(c[1], hi[1]));
+        let pl = _mm512_add_epi16(_mm512_maddubs_epi16(lo[0], c[0]), _mm512_maddubs_epi16(lo[1], c[1]));
+        _mm512_add_epi32(_mm512_madd_epi16(ph, _mm512_set1_epi16(256)), _mm512_madd_epi16(pl, _mm512_set1_epi16(1)))
+    }
+}
+
+/// [`row_sum_split_avx2`] for blocks of two steps with AVX-512: a block of 128 codes per
+/// iteration in 512-bit registers. Each step's codes come as one register `[e, o]`
+/// ([`bits::step_codes_avx512`], shared with the int8 kernel), lined up with the split
+/// activations as stored (per step, even positions then odd ones). Without `VNNI`: two
+/// `vpmaddubsw` per byte plane, one int16 add (a block's two steps, as the AVX2 kernel adds
+/// them), two `vpmaddwd`, a conversion and one multiply-add: about two thirds of the AVX2
+/// kernel's instructions per code. With `VNNI`, `vpdpbusd` sums four byte products into each
+/// int32 lane: codes (unsigned) x `hi` (signed) twice, the sum shifted left by 8, then `lo`
+/// (unsigned) x codes (signed: at most 15) twice into it; no int16 stage, so nothing to
+/// saturate (a lane's eight products: at most 8 * 15 * 128 * 256 + 8 * 15 * 255 < 2^22). A
+/// short last block (one step) is a block with zero for its second step. Run only where the CPU has AVX-512 ([`crate::simd::Wide`]); the loop
+/// without VNNI is tested natively there and everywhere on an emulator
+/// (`tests/avx512_emulated.rs`), the VNNI loop natively on CPUs with VNNI. Compiled inside
+/// the row loop's AVX-512 wrappers ([`rows`]), whose target features it takes.
+///
+/// # Safety
+/// AVX-512 F and BW (and VNNI if `VNNI`), AVX2 and FMA; as [`row_sum_split_avx2`]; `x.block`
+/// is `2 SPLIT`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn row_sum_split_avx512<const B: usize, const VNNI: bool>(rp: *const u8, x: &Q16, sd: &[f32]) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    debug_assert_eq!(x.block, 2 * SPLIT);
+    let steps = x.hi.len() / SPLIT;
+    let (hp, lp) = (x.hi.as_ptr() as *const u8, x.lo.as_ptr());
+    // Steps j and j + 1 as bytes, [e_j, o_j] and [e_j+1, o_j+1], as the int8 kernel reads them.
+    let codes = |j: usize| [bits::step_codes_avx512::<B>(rp, j), bits::step_codes_avx512::<B>(rp, j + 1)];
+    let ld = |p: *const u8| _mm512_loadu_si512(p as *const _);
+    let sd = &sd[..steps.div_ceil(2)];
+    let block = |b: usize, a: __m512| {
+        let j = 2 * b;
+        let [c0, c1] = codes(j);
+        let (h, l) = (hp.add(j * SPLIT), lp.add(j * SPLIT));
+        let sums = block_sums_avx512::<VNNI>([c0, c1], [ld(h), ld(h.add(SPLIT))], [ld(l), ld(l.add(SPLIT))]);
+        _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_set1_ps(*sd.get_unchecked(b)), a)
+    };
+    // Two accumulators, alternate blocks: one chain waited on its multiply-add.
+    let (mut a, mut a1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+    let whole = steps / 2;
+    for b in (0..whole / 2).map(|i| 2 * i) {
+        (a, a1) = (block(b, a), block(b + 1, a1));
+    }
+    if whole % 2 == 1 {
+        a = block(whole - 1, a);
+    }
+    a = _mm512_add_ps(a, a1);
+    if steps % 2 == 1 {
+        // A last block of one step: the second step's codes and activations zero.
+        let (j, z) = (steps - 1, _mm512_setzero_si512());
+        let sums = block_sums_avx512::<VNNI>([bits::step_codes_avx512::<B>(rp, j), z], [ld(hp.add(j * SPLIT)), z], [ld(lp.add(j * SPLIT)), z]);
+        a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_set1_ps(sd[steps / 2]), a);
+    }
+    crate::simd::halves_avx512(a)
+}
+
+/// [`row_sum_split_avx512`] for [`ROWS4`] rows at once, each with its own block scales, as
+/// their 8 lane sums: each block's split activations are loaded once for the four rows, the
+/// four accumulators are independent chains, and the caller folds the four rows' lane sums
+/// together ([`crate::simd::sums4`]), per-OC after taking each row's zero-point lanes
+/// ([`crate::simd::zero_lanes`]) from them. Short rows (SmolLM2's: 576 to 1536 codes), one
+/// at a time, paid as much around their blocks as in them.
+///
+/// # Safety
+/// As [`row_sum_split_avx512`] for each row.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn rows4_split_avx512<const B: usize, const VNNI: bool>(rp: [*const u8; ROWS4], x: &Q16, sd: [&[f32]; ROWS4], ahead: usize) -> [std::arch::x86_64::__m256; ROWS4] {
+    use std::arch::x86_64::*;
+    debug_assert_eq!(x.block, 2 * SPLIT);
+    let steps = x.hi.len() / SPLIT;
+    let (hp, lp) = (x.hi.as_ptr() as *const u8, x.lo.as_ptr());
+    let ld = |p: *const u8| _mm512_loadu_si512(p as *const _);
+    let sd = sd.map(|s| &s[..steps.div_ceil(2)]);
+    // `ahead` ([`crate::simd::Ahead4`]); a block's 16 B bytes are at most a line.
+    let mut acc = [_mm512_setzero_ps(); ROWS4];
+    for b in 0..steps / 2 {
+        let j = 2 * b;
+        let (h, l) = (hp.add(j * SPLIT), lp.add(j * SPLIT));
+        let (h0, h1, l0, l1) = (ld(h), ld(h.add(SPLIT)), ld(l), ld(l.add(SPLIT)));
+        for (i, a) in acc.iter_mut().enumerate() {
+            crate::simd::prefetch_line(rp[0].wrapping_add(ahead + (ROWS4 * b + i) * 16 * B));
+            let (c0, c1) = (bits::codes_avx512::<B>(rp[i], j), bits::codes_avx512::<B>(rp[i], j + 1));
+            let sums = block_sums_avx512::<VNNI>([c0, c1], [h0, h1], [l0, l1]);
+            *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_set1_ps(sd[i][b]), *a);
+        }
+    }
+    if steps % 2 == 1 {
+        // A last block of one step, as in the one-row loop.
+        let (j, z) = (steps - 1, _mm512_setzero_si512());
+        let (h0, l0) = (ld(hp.add(j * SPLIT)), ld(lp.add(j * SPLIT)));
+        for (i, a) in acc.iter_mut().enumerate() {
+            let sums = block_sums_avx512::<VNNI>([bits::codes_avx512::<B>(rp[i], j), z], [h0, z], [l0, z]);
+            *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_set1_ps(sd[i][steps / 2]), *a);
+        }
+    }
+    acc.map(|a| crate::simd::halves_avx512(a))
+}
+
+/// [`ROWS4`] per-OC rows from `r` on ([`row_oc`] for each, the kernel [`rows4_split_avx512`]).
+///
+/// # Safety
+/// AVX2, FMA, AVX-512 F and BW (and VNNI if `VNNI`); `B` 3 or 4, `x.block` `2 SPLIT`, at most
+/// [`SHORT`] blocks; rows `r..r + ROWS4` exist.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn rows4_oc<const B: usize, const VNNI: bool>(p: &PackedLinear, x: &Q16, (xsum, tail): (&[f32], &ZeroTail), per: usize, r: usize, ahead: Ahead4, sd: &mut [[f32; SHORT]; ROWS4]) -> [f32; ROWS4] {
+    let (cols, pc, g) = (p.cols, xsum.len(), p.layout.group);
+    let rows: [&[u8]; ROWS4] = std::array::from_fn(|i| p.row_codes(r + i));
+    let params = |i: usize| (&p.scales[(r + i) * pc..(r + i + 1) * pc], &p.zeros[(r + i) * pc..(r + i + 1) * pc]);
+    let steps = x.hi.len() / SPLIT;
+    assert!(rows.iter().all(|row| steps * SPLIT * B / 8 <= row.len()), "packed row too short for its codes");
+    let n = x.d.len();
+    crate::simd::prefetch_params4(p, r + ahead.rows, pc);
+    for (i, sd) in sd.iter_mut().enumerate() {
+        block_scales(params(i).0, &x.d, per, sd);
+    }
+    let lanes = rows4_split_avx512::<B, VNNI>(rows.map(|row| row.as_ptr()), x, [&sd[0][..n], &sd[1][..n], &sd[2][..n], &sd[3][..n]], ahead.bytes);
+    let mut sums = crate::simd::oc_sums4(p, r, lanes, xsum, tail);
+    if steps * SPLIT < cols {
+        for (i, y) in sums.iter_mut().enumerate() {
+            *y += dot_scalar(rows[i], B as u8, x, steps * SPLIT, cols, |c| params(i).0[c / g]);
+        }
+    }
+    sums
+}
+
+/// [`ROWS4`] per-IC rows of one row group from `r` on ([`row_ic`] for each).
+///
+/// # Safety
+/// As [`rows4_oc`], but any number of blocks.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn rows4_ic<const B: usize, const VNNI: bool>(p: &PackedLinear, v: &Q16, bias: f32, r: usize, ahead: Ahead4) -> [f32; ROWS4] {
+    let cols = v.q.len();
+    let rows: [&[u8]; ROWS4] = std::array::from_fn(|i| p.row_codes(r + i));
+    let steps = v.hi.len() / SPLIT;
+    assert!(rows.iter().all(|row| steps * SPLIT * B / 8 <= row.len()), "packed row too short for its codes");
+    let mut sums = crate::simd::sums4(rows4_split_avx512::<B, VNNI>(rows.map(|row| row.as_ptr()), v, [&v.d[..]; ROWS4], ahead.bytes));
+    for (y, row) in sums.iter_mut().zip(rows) {
+        *y += dot_scalar(row, B as u8, v, steps * SPLIT, cols, |_| 1.0) - bias;
+    }
+    sums
+}
+
+/// One row's kernel sum as 8 lane sums (per-OC: `s` the row's group scales, `per` blocks per
+/// group; per-IC `s = [1]`, `per = usize::MAX`) and how many of its codes it covered (the
+/// caller adds the rest).
+///
+/// # Safety
+/// As [`row_sum`]; `row` is the row's codes followed by at least 8 bytes (the next row or the
+/// buffer's padding): the 16-byte load of a 2-bit row's last step reaches past its codes.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn body<const B: usize, const AVX512: bool, const VNNI: bool>(row: &[u8], x: &Q16, cols: usize, s: &[f32], per: usize, t: &Tables) -> (std::arch::x86_64::__m256, usize) {
+    let split = B == 3 || B == 4;
+    let steps = if split { x.hi.len() / SPLIT } else { cols / QB };
+    if split {
+        assert!(steps * SPLIT <= cols && steps * SPLIT * B / 8 <= row.len(), "packed row too short for its codes");
+    } else {
+        assert!(steps == 0 || (steps - 1) * 4 * B + 16 <= row.len(), "packed row too short for its codes");
+    }
+    let sum = if per == usize::MAX {
+        // Per-IC: the blocks' own steps.
+        row_sum::<B, AVX512, VNNI>(row, x, cols, &x.d, t)
+    } else if x.d.len() <= SHORT {
+        // Short rows (SmolLM2's: 5 to 12 blocks) on the stack: the thread-local buffer's
+        // bookkeeping cost 5% of a decode.
+        let mut sd = [0f32; SHORT];
+        block_scales(s, &x.d, per, &mut sd);
+        row_sum::<B, AVX512, VNNI>(row, x, cols, &sd[..x.d.len()], t)
+    } else {
+        let mut sd = SCALES.take();
+        sd.resize(x.d.len(), 0.0);
+        block_scales(s, &x.d, per, &mut sd);
+        let r = row_sum::<B, AVX512, VNNI>(row, x, cols, &sd, t);
+        SCALES.set(sd);
+        r
+    };
+    (sum, steps * if split { SPLIT } else { QB })
+}
+
+/// The kernel for `B`-bit codes with block scales `sd`: 3- and 4-bit blocks of 128 in 512-bit
+/// registers where `AVX512` (with `vpdpbusd` where `VNNI`), as the row loop's wrapper chose
+/// ([`rows`]).
+///
+/// # Safety
+/// AVX2 and FMA; as [`body`], which checked the row's length; AVX-512 F and BW if `AVX512`, VNNI if
+/// `VNNI`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn row_sum<const B: usize, const AVX512: bool, const VNNI: bool>(row: &[u8], x: &Q16, cols: usize, sd: &[f32], t: &Tables) -> std::arch::x86_64::__m256 {
+    match B {
+        3 | 4 if AVX512 && x.block == 2 * SPLIT => row_sum_split_avx512::<B, VNNI>(row.as_ptr(), x, sd),
+        3 | 4 => row_sum_split_avx2::<B>(row.as_ptr(), x, sd),
+        _ => row_sum_avx2::<B>(row.as_ptr(), x, cols, sd, t),
+    }
+}
+
+/// The decoder's constants in registers, built once per matvec.
+#[cfg(target_arch = "x86_64")]
+pub(crate) struct Tables {
+    shuf: [std::arch::x86_64::__m256i; 2],
+    mul: [std::arch::x86_64::__m256i; 2],
+    /// Which loop the 3- and 4-bit blocks of 128 take: [`row_sum_split_avx512`] with or without
+    /// VNNI, or [`row_sum_split_avx2`].
+    wide: Wide,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Tables {
+    /// # Safety
+    /// AVX2 (checked by the caller: only built when the AVX2 kernel runs).
+    #[target_feature(enable = "avx2")]
+    pub(crate) unsafe fn new() -> Self {
+        use std::arch::x86_64::*;
+        // Only 2-bit codes are decoded by shuffle and multiply.
+        let (s, m) = decoder_tables(2);
+        let ld8 = |a: &[i8; 32]| _mm256_loadu_si256(a.as_ptr() as *const __m256i);
+        let ld16 = |a: &[i16; 16]| _mm256_loadu_si256(a.as_ptr() as *const __m256i);
+        Tables { shuf: [ld8(&s[0]), ld8(&s[1])], mul: [ld16(&m[0]), ld16(&m[1])], wide: Wide::detect() }
+    }
+}
+
+/// One per-OC output row, from the rounded `x` and its group sums.
+///
+/// # Safety
+/// As [`body`].
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn row_oc<const B: usize, const AVX512: bool, const VNNI: bool>(p: &PackedLinear, x: &Q16, xsum: &[f32], per: usize, r: usize, row: &[u8], t: &Tables) -> f32 {
+    let (cols, pc, g) = (p.cols, xsum.len(), p.layout.group);
+    let (s, z) = (&p.scales[r * pc..(r + 1) * pc], &p.zeros[r * pc..(r + 1) * pc]);
+    let (body, done) = body::<B, AVX512, VNNI>(row, x, cols, s, per, t);
+    let tail = dot_scalar(row, B as u8, x, done, cols, |c| s[c / g]);
+    hsum(body) + tail - crate::simd::zero_term_avx2(s, z, xsum, 0.0)
+}
+
+/// One per-IC output row, from its row group's rounded `s x` and zero-point sum.
+///
+/// # Safety
+/// As [`body`].
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn row_ic<const B: usize, const AVX512: bool, const VNNI: bool>(row: &[u8], v: &Q16, bias: f32, t: &Tables) -> f32 {
+    let cols = v.q.len();
+    let (body, done) = body::<B, AVX512, VNNI>(row, v, cols, &[1.0], usize::MAX, t);
+    hsum(body) + dot_scalar(row, B as u8, v, done, cols, |_| 1.0) - bias
+}
+
+/// `y = W' x` with the AVX2 kernel; per-IC, each row group's `s x` rounded once
+
+/// Whether the kernel reads `b`-bit codes as bytes, even and odd halves of steps of 64, against
+/// split activations ([`Q16::split`]): 4-bit codes (low and high nibbles) and 3-bit ones
+/// (planar chunks, [`bits::chunk3_avx2`]).
+fn splits(bits: u8) -> bool {
+    matches!(bits, 3 | 4)
+}
+
+thread_local! {
+    /// The per-IC matvec's row-group slots, reused from call to call.
+    static SLOTS: std::cell::Cell<Vec<(Q16, f32)>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+impl IntActs for Q16 {
+    #[cfg(target_arch = "x86_64")]
+    type Ctx = Tables;
+    /// Four rows' block scales, on the stack.
+    type Scratch4 = [[f32; SHORT]; ROWS4];
+
+    /// 2, 3, 4 or 8 bits, per-OC groups of whole steps.
+    fn supported(p: &PackedLinear) -> bool {
+        let l = p.layout;
+        matches!(l.bits, 2 | 3 | 4 | 8) && (l.axis == Axis::Ic || l.group % QB == 0)
+    }
+
+    fn slots() -> &'static std::thread::LocalKey<std::cell::Cell<Vec<(Self, f32)>>> {
+        &SLOTS
+    }
+
+    /// Rounded in blocks ([`block_size`]), split for 3- and 4-bit codes.
+    fn prepare_oc(p: &PackedLinear, x: &[f32]) -> (Q16, Vec<f32>) {
+        let (cols, l, block) = (p.cols, p.layout, block_size(p));
+        let x = Q16::rounded(&p.stored_order(x), block, splits(l.bits));
+        let xsum = crate::matvec_int::group_sums(&x, cols, l.group);
+        (x, xsum)
+    }
+
+    /// In blocks of [`MAX_BLOCK`], split for 3- and 4-bit codes.
+    fn prepare_ic(p: &PackedLinear, x: &[f32], kr: usize, slot: &mut (Q16, f32)) {
+        let cols = p.cols;
+        slot.1 = slot.0.scaled_into(&p.scales[kr * cols..(kr + 1) * cols], x, &p.zeros[kr * cols..(kr + 1) * cols], MAX_BLOCK, splits(p.layout.bits));
+    }
+
+    fn four_rows(bits: usize) -> bool {
+        bits == 3 || bits == 4
+    }
+
+    /// Blocks of two steps, and few enough of them for the stack's block scales.
+    fn four_rows_oc(x: &Q16) -> bool {
+        x.block == 2 * SPLIT && x.d.len() <= SHORT
+    }
+
+    fn four_rows_ic(v: &Q16) -> bool {
+        v.block == 2 * SPLIT
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn ctx() -> Tables {
+        Tables::new()
+    }
+
+    /// 3- and 4-bit codes take the AVX-512 block loop where the CPU has it, 2- and 8-bit codes
+    /// the AVX2 one.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn rows(p: &PackedLinear, job: &Job<Q16>, r0: usize, y: &mut [f32], t: &Tables) {
+        match (p.layout.bits, t.wide) {
+            (3, Wide::Vnni) => rows_vnni::<Q16, 3>(p, job, r0, y, t),
+            (4, Wide::Vnni) => rows_vnni::<Q16, 4>(p, job, r0, y, t),
+            (3, Wide::Avx512) => rows_avx512bw::<Q16, 3>(p, job, r0, y, t),
+            (4, Wide::Avx512) => rows_avx512bw::<Q16, 4>(p, job, r0, y, t),
+            (2, _) => rows_avx2::<Q16, 2>(p, job, r0, y, t),
+            (3, _) => rows_avx2::<Q16, 3>(p, job, r0, y, t),
+            (4, _) => rows_avx2::<Q16, 4>(p, job, r0, y, t),
+            _ => rows_avx2::<Q16, 8>(p, job, r0, y, t),
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn row_oc<const B: usize, const AVX512: bool, const VNNI: bool>(p: &PackedLinear, x: &Q16, xsum: &[f32], per: usize, r: usize, row: &[u8], t: &Tables) -> f32 {
+        row_oc::<B, AVX512, VNNI>(p, x, xsum, per, r, row, t)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn row_ic<const B: usize, const AVX512: bool, const VNNI: bool>(row: &[u8], v: &Q16, bias: f32, t: &Tables) -> f32 {
+        row_ic::<B, AVX512, VNNI>(row, v, bias, t)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn rows4_oc<const B: usize, const VNNI: bool>(p: &PackedLinear, x: &Q16, xsum: (&[f32], &ZeroTail), per: usize, r: usize, ahead: Ahead4, sd: &mut Self::Scratch4) -> [f32; ROWS4] {
+        rows4_oc::<B, VNNI>(p, x, xsum, per, r, ahead, sd)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn rows4_ic<const B: usize, const VNNI: bool>(p: &PackedLinear, v: &Q16, bias: f32, r: usize, ahead: Ahead4) -> [f32; ROWS4] {
+        rows4_ic::<B, VNNI>(p, v, bias, r, ahead)
+    }
+}
+
+/// `y = W' x` on int16 activations where this CPU and layout have the kernel (true); false
+/// with `y` untouched otherwise.
+pub(crate) fn matvec(p: &PackedLinear, x: &[f32], y: &mut [f32]) -> bool {
+    crate::matvec_int::matvec::<Q16>(p, x, y)
+}
+
+/// Whether [`matvec`] runs the int16 kernel for `p` on this CPU.
+pub(crate) fn runs(p: &PackedLinear) -> bool {
+    crate::matvec_int::runs::<Q16>(p)
+}
+
+/// Whether the int16 kernel handles this layout (on a CPU with AVX2): 2, 3, 4 or 8 bits,
+/// per-OC groups of whole steps.
+pub fn supported(p: &PackedLinear) -> bool {
+    <Q16 as IntActs>::supported(p)
+}
+
+/// The definition of the int16 product, in f64 from the same rounded activations, and per row
+/// the bound of its distance from the exact product (`matvec_int::matvec_ref`).
+pub fn matvec_ref(p: &PackedLinear, x: &[f32]) -> (Vec<f64>, Vec<f64>) {
+    crate::matvec_int::matvec_ref::<Q16>(p, x)
+}
