@@ -19,7 +19,7 @@ use crate::resume::WorkDir;
 use adadim_load::safetensors_out::DenseDtype;
 use adadim_load::Checkpoint;
 use adadim_model::{Block, DecodeSettings, LinearKind, Rope, Weight};
-use adadim_quantize::{choose_axis, gptq, GptqOutput, output_error_from_hessian, rtn, Axis, Calibration, GptqOptions, Hessian, QuantSpec, QuantizedMatrix};
+use adadim_quantize::{choose_axis_fitted, gptq, hessian_diag, output_error_from_hessian, rtn_fitted, Axis, Calibration, Fitter, GptqOptions, GptqOutput, Hessian, QuantSpec, QuantizedMatrix, ScaleSearch};
 use candle_core::{Device, Tensor};
 use serde::Serialize;
 use std::time::Instant;
@@ -56,6 +56,9 @@ pub struct QuantizeConfig {
     pub select: Select,
     /// Bits, group size and zero style; its axis is decided per linear.
     pub spec: QuantSpec,
+    /// How groups are fitted, by every method and by the dimension choice.
+    #[serde(default, skip_serializing_if = "ScaleSearch::is_minmax")]
+    pub search: ScaleSearch,
     #[serde(skip)]
     pub gptq: GptqOptions,
     pub act_order: bool,
@@ -136,10 +139,10 @@ impl QuantizeConfig {
     pub fn quantize_linear(&self, layer: usize, kind: LinearKind, w: &[f32], rows: usize, cols: usize, h: Option<&Hessian>) -> Result<(QuantizedMatrix, LinearReport)> {
         let t = Instant::now();
         let qerr = |source| CalibError::Quantize { layer, module: kind.module().to_string(), source };
-        let opts = GptqOptions { act_order: self.act_order, static_groups: self.static_groups, ..self.gptq.clone() };
+        let opts = GptqOptions { act_order: self.act_order, static_groups: self.static_groups, search: self.search, ..self.gptq };
         // Both RTN errors whenever calibration data is at hand: the report shows them.
         let choice = match h {
-            Some(h) if h.tokens() > 0 => Some(choose_axis(w, rows, cols, &self.spec, Calibration::Hessian(h)).map_err(qerr)?),
+            Some(h) if h.tokens() > 0 => Some(choose_axis_fitted(w, rows, cols, &self.spec, Calibration::Hessian(h), self.search).map_err(qerr)?),
             _ => None,
         };
         let forced = if self.ic_modules.is_empty() {
@@ -173,7 +176,10 @@ impl QuantizeConfig {
         };
         let (q, loss, damp, dead) = match (gptq_out, axis) {
             (Some(o), _) => (o.quantized, Some(o.loss), Some(o.percdamp), o.dead.len()),
-            (None, Some(axis)) => (rtn(w, rows, cols, &self.spec.with_axis(axis)).map_err(qerr)?, None, None, 0),
+            (None, Some(axis)) => {
+                let h_diag = h.filter(|_| !self.search.is_minmax()).map(hessian_diag);
+                (rtn_fitted(w, rows, cols, &self.spec.with_axis(axis), &Fitter::new(self.search, h_diag.as_deref())).map_err(qerr)?, None, None, 0)
+            }
             (None, None) => (choice.clone().expect("ada has calibration").quantized, None, None, 0),
         };
         let final_error = match (h, &choice) {

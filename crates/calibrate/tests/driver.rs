@@ -18,6 +18,7 @@ fn config(method: Method, dim: Dim) -> QuantizeConfig {
         dim,
         select: Select::Rtn,
         spec: QuantSpec { bits: 3, group: Some(16), axis: Axis::Oc, zero: Zero::Awq },
+        search: adadim_quantize::ScaleSearch::MinMax,
         gptq: GptqOptions::default(),
         act_order: false,
         static_groups: false,

@@ -13,6 +13,7 @@ fn config(method: Method, dim: Dim, act_order: bool) -> QuantizeConfig {
         dim,
         select: Select::Rtn,
         spec: QuantSpec { bits: 3, group: Some(16), axis: Axis::Oc, zero: if act_order { Zero::Sym } else { Zero::Awq } },
+        search: adadim_quantize::ScaleSearch::MinMax,
         gptq: GptqOptions::default(),
         act_order,
         static_groups: false,

@@ -316,6 +316,14 @@ enum DimArg {
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
+enum ScaleSearchArg {
+    /// The group's min and max.
+    Minmax,
+    /// The Hessian-weighted squared rounding error, minimised.
+    Mse,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
 enum ZeroArg {
     /// Asymmetric min-max, zero clamped to the grid (AWQ / the authors' RTN).
     Awq,
@@ -376,6 +384,11 @@ struct QuantSettings {
     group: usize,
     #[arg(long, value_enum, default_value = "awq")]
     zero: ZeroArg,
+    /// How each group's scale and zero are chosen: span its min and max, or minimise the
+    /// rounding error weighted by each input channel's Hessian diagonal (a clipping grid and
+    /// least-squares refinement), in RTN, GPTQ and AdaDim's choice alike.
+    #[arg(long, value_enum, default_value = "minmax")]
+    scale_search: ScaleSearchArg,
     /// GPTQ: process input columns by decreasing Hessian diagonal.
     #[arg(long)]
     act_order: bool,
@@ -1598,6 +1611,10 @@ fn quantize_config(method: MethodArg, dim: DimArg, q: &QuantSettings) -> Result<
             SelectArg::Gptq => Select::Gptq,
         },
         spec,
+        search: match q.scale_search {
+            ScaleSearchArg::Minmax => adadim_quantize::ScaleSearch::MinMax,
+            ScaleSearchArg::Mse => adadim_quantize::ScaleSearch::Mse,
+        },
         gptq: GptqOptions { percdamp: q.percdamp, ..GptqOptions::default() },
         act_order: q.act_order,
         static_groups: q.static_groups,

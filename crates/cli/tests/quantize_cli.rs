@@ -233,3 +233,26 @@ fn quantize_layer_reports_both_errors() {
     assert_eq!(code, 1);
     assert!(se.contains("bad.safetensors") && se.contains("C_in = 32"), "{se}");
 }
+
+/// `--scale-search mse` reaches the quantizer (other weights than min-max) and is recorded in
+/// the report's settings; min-max runs record nothing new (their bytes stay as they were).
+#[test]
+fn scale_search_is_a_setting_of_the_run() {
+    let d = tempfile::tempdir().unwrap();
+    let m = d.path().join("model");
+    write_random_checkpoint(&m, &tiny_config(), 2).unwrap();
+    let text = d.path().join("calib.txt");
+    std::fs::write(&text, "Now is the winter of our discontent made glorious summer. ".repeat(30)).unwrap();
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let mut reports = Vec::new();
+    for search in ["minmax", "mse"] {
+        let out = d.path().join(search);
+        let (code, _, se) = adadim(&["quantize", "--model", &s(&m), "--method", "rtn", "--dim", "ada", "--bits", "3", "--group", "16", "--calib", &s(&text), "--nsamples", "4", "--calib-seqlen", "32", "--scale-search", search, "--out", &s(&out)]);
+        assert_eq!(code, 0, "{se}");
+        let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+        reports.push((r["summary"]["settings"].clone(), std::fs::read(out.join("model.safetensors")).unwrap()));
+    }
+    assert!(reports[0].0.get("search").is_none(), "{}", reports[0].0);
+    assert_eq!(reports[1].0["search"], "mse");
+    assert_ne!(reports[0].1, reports[1].1);
+}

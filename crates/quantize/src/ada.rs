@@ -8,7 +8,8 @@ use crate::error::{Error, Result};
 use crate::hessian::{check_inputs, Hessian};
 use crate::matrix::{check_weights, QuantizedMatrix};
 use crate::quantizer::{Axis, QuantSpec};
-use crate::rtn::rtn;
+use crate::rtn::{rtn_fitted, Fitter};
+use crate::search::ScaleSearch;
 
 /// Calibration data of one layer, to measure Eq. 3 on.
 #[derive(Clone, Copy, Debug)]
@@ -117,12 +118,35 @@ pub fn choose_axis(
     spec: &QuantSpec,
     calib: Calibration<'_>,
 ) -> Result<AxisChoice> {
+    choose_axis_fitted(w, rows, cols, spec, calib, ScaleSearch::MinMax)
+}
+
+/// As [`choose_axis`], with RTN's groups fitted by `search` in both axes (per-OC groups
+/// weighted by the input channels' energy on `calib`), so the errors compared are the
+/// searched ones.
+pub fn choose_axis_fitted(
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    spec: &QuantSpec,
+    calib: Calibration<'_>,
+    search: ScaleSearch,
+) -> Result<AxisChoice> {
     let error = |q: &QuantizedMatrix| match calib {
         Calibration::Inputs(x) => output_error(w, &q.dequantize(), rows, cols, x),
         Calibration::Hessian(h) => output_error_from_hessian(w, &q.dequantize(), rows, cols, h),
     };
-    let oc = rtn(w, rows, cols, &spec.with_axis(Axis::Oc))?;
-    let ic = rtn(w, rows, cols, &spec.with_axis(Axis::Ic))?;
+    let h_diag: Option<Vec<f32>> = (!search.is_minmax()).then(|| match calib {
+        Calibration::Hessian(h) => crate::rtn::hessian_diag(h),
+        Calibration::Inputs(x) => {
+            let mut d = vec![0f32; cols];
+            x.chunks(cols).for_each(|t| t.iter().zip(&mut d).for_each(|(v, s)| *s += v * v));
+            d
+        }
+    });
+    let fitter = Fitter::new(search, h_diag.as_deref());
+    let oc = rtn_fitted(w, rows, cols, &spec.with_axis(Axis::Oc), &fitter)?;
+    let ic = rtn_fitted(w, rows, cols, &spec.with_axis(Axis::Ic), &fitter)?;
     let (oc_error, ic_error) = (error(&oc)?, error(&ic)?);
     let (axis, quantized) = if ic_error < oc_error {
         (Axis::Ic, ic)

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The quality ablation of issue 31: each variant quantized with 3 calibration seeds and
+# evaluated on two held-out texts (WikiText-2 and PTB, first WINDOWS windows of 2048), then
+# tabulated as mean and spread into RESULTS.md's "Ablation" section (bench/ablation_table.py).
+# Usage: ADADIM_DATA=../shared/data bench/ablation.sh
+# Knobs (env): MODEL (smollm2), CONFIGS ("3:128 4:128"), VARIANTS (names below), SEEDS ("0 1 2"),
+# NSAMPLES (128), CALIB_SEQLEN (512), WINDOWS (8), OUT (results/ablation), ADADIM_BIN.
+# Finished runs in OUT are reused; quantized models are deleted once evaluated (their
+# report.json is kept).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export ADADIM_DATA="${ADADIM_DATA:-$(cd .. && pwd)/shared/data}"
+MODEL="${MODEL:-smollm2}"; CONFIGS="${CONFIGS:-3:128 4:128}"; SEEDS="${SEEDS:-0 1 2}"
+NSAMPLES="${NSAMPLES:-128}"; CALIB_SEQLEN="${CALIB_SEQLEN:-512}"; WINDOWS="${WINDOWS:-8}"
+OUT="${OUT:-results/ablation}"
+declare -A ARGS=(
+  [rtn-ada]="--method rtn --dim ada"
+  [rtn-ada-mse]="--method rtn --dim ada --scale-search mse"
+  [gptq-ada]="--method gptq --dim ada"
+  [gptq-ada-mse]="--method gptq --dim ada --scale-search mse"
+  [gptq-ada-act]="--method gptq --dim ada --act-order --static-groups"
+  [gptq-ada-act-mse]="--method gptq --dim ada --act-order --static-groups --scale-search mse"
+)
+VARIANTS="${VARIANTS:-rtn-ada rtn-ada-mse gptq-ada gptq-ada-mse}"
+if [ -n "${ADADIM_BIN:-}" ]; then A="$ADADIM_BIN"; else cargo build --release -p adadim; A=./target/release/adadim; fi
+mkdir -p "$OUT"
+[ -f "$OUT/COMMIT" ] || git rev-parse --short HEAD > "$OUT/COMMIT"
+eval_to() { # model dir, dataset, json file
+  [ -f "$3" ] && return
+  $A eval ppl --model "$1" --dataset "$2" --limit "$WINDOWS" --json > "$3.tmp" && mv "$3.tmp" "$3"
+}
+for ds in wikitext2 ptb; do eval_to "$MODEL" "$ds" "$OUT/fp.$ds.json"; done
+for cfg in $CONFIGS; do
+  bits=${cfg%%:*}; group=${cfg##*:}
+  for v in $VARIANTS; do
+    for seed in $SEEDS; do
+      run="$OUT/w${bits}g${group}-$v-s$seed"
+      [ -f "$run.ptb.json" ] && continue
+      if [ ! -d "$run" ]; then
+        $A quantize --model "$MODEL" ${ARGS[$v]} --bits "$bits" --group "$group" --seed "$seed" \
+          --nsamples "$NSAMPLES" --calib-seqlen "$CALIB_SEQLEN" --out "$run" --json > "$run.quantize.json"
+      fi
+      cp "$run/report.json" "$run.report.json"
+      for ds in wikitext2 ptb; do eval_to "$run" "$ds" "$run.$ds.json"; done
+      rm -rf "$run"
+    done
+  done
+done
+python3 bench/ablation_table.py "$OUT" RESULTS.md
