@@ -107,13 +107,13 @@ impl LlamaConfig {
             }
         }
         let kv = cfg.n_kv_heads();
-        if kv == 0 || cfg.num_attention_heads % kv != 0 {
+        if kv == 0 || !cfg.num_attention_heads.is_multiple_of(kv) {
             return Err(err(format!(
                 "num_attention_heads {} is not a multiple of num_key_value_heads {kv}",
                 cfg.num_attention_heads
             )));
         }
-        if cfg.head_dim.is_none() && cfg.hidden_size % cfg.num_attention_heads != 0 {
+        if cfg.head_dim.is_none() && !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads) {
             return Err(err(format!(
                 "hidden_size {} is not a multiple of num_attention_heads {}",
                 cfg.hidden_size, cfg.num_attention_heads
@@ -126,7 +126,7 @@ impl LlamaConfig {
                 cfg.num_attention_heads
             )));
         }
-        if cfg.head_dim() % 2 != 0 {
+        if !cfg.head_dim().is_multiple_of(2) {
             return Err(err(format!("head_dim {} must be even for RoPE", cfg.head_dim())));
         }
         if !(cfg.rms_norm_eps > 0.0 && cfg.rope_theta > 0.0) {

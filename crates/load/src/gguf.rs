@@ -180,7 +180,7 @@ impl Gguf {
             "num_hidden_layers": self.meta_u("llama.block_count")?,
             "num_attention_heads": n_head,
             "num_key_value_heads": self.meta_u("llama.attention.head_count_kv").unwrap_or(n_head),
-            "head_dim": head_dim.unwrap_or(if n_head > 0 { d / n_head } else { 0 }),
+            "head_dim": head_dim.unwrap_or(d.checked_div(n_head).unwrap_or(0)),
             "vocab_size": vocab,
             "rms_norm_eps": self.meta_f("llama.attention.layer_norm_rms_epsilon", 1e-5)?,
             "rope_theta": self.meta_f("llama.rope.freq_base", 10_000.0)?,
@@ -481,7 +481,7 @@ pub fn import_gguf(gguf_path: &Path, out_dir: &Path, progress: &mut dyn FnMut(us
         }
         plan.push((hf, shape, src));
     }
-    plan.sort_by(|a, b| natural_key(&a.0).cmp(&natural_key(&b.0)));
+    plan.sort_by_key(|a| natural_key(&a.0));
 
     let tmp = tempdir_for(out_dir)?;
     let result = (|| -> Result<ImportSummary> {

@@ -53,7 +53,7 @@ mod tests {
         let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
         bytes.extend_from_slice(header.as_bytes());
         bytes.extend_from_slice(&[0u8; 16]);
-        let e = safetensors::SafeTensors::deserialize(&bytes).err().expect("invalid");
+        let e = safetensors::SafeTensors::deserialize(&bytes).expect_err("invalid");
         let msg = explain(&bytes, &e);
         assert!(msg.contains("tensor 'b.weight'") && msg.contains("span 8 bytes") && msg.contains("needs 12"), "{msg}");
     }

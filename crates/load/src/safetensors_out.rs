@@ -182,7 +182,7 @@ impl DenseWriter {
             plan.push((name.clone(), n));
         }
         let mut bytes = header_json(&entries, metadata);
-        while bytes.len() % 8 != 0 {
+        while !bytes.len().is_multiple_of(8) {
             bytes.push(b' ');
         }
         let file = create_new(path)?;
@@ -223,6 +223,16 @@ impl DenseWriter {
         self.out.flush().map_err(io_err(&self.path))?;
         self.out.get_ref().sync_all().map_err(io_err(&self.path))?;
         Ok(())
+    }
+}
+
+/// `values` as little-endian bytes: the values' own memory on a little-endian machine (no
+/// copy: a 7B embedding is 0.5 GB), a converted copy elsewhere.
+pub fn f32_le_bytes(values: &[f32]) -> std::borrow::Cow<'_, [u8]> {
+    if cfg!(target_endian = "little") {
+        std::borrow::Cow::Borrowed(bytemuck::cast_slice(values))
+    } else {
+        std::borrow::Cow::Owned(values.iter().flat_map(|v| v.to_le_bytes()).collect())
     }
 }
 
@@ -299,15 +309,5 @@ mod tests {
         let p = dir.path().join("a.safetensors");
         let w = DenseWriter::create(&p, &[("x".to_string(), vec![2])], &[], DenseDtype::F32).unwrap();
         assert!(w.finish().unwrap_err().to_string().contains("never written"));
-    }
-}
-
-/// `values` as little-endian bytes: the values' own memory on a little-endian machine (no
-/// copy: a 7B embedding is 0.5 GB), a converted copy elsewhere.
-pub fn f32_le_bytes(values: &[f32]) -> std::borrow::Cow<'_, [u8]> {
-    if cfg!(target_endian = "little") {
-        std::borrow::Cow::Borrowed(bytemuck::cast_slice(values))
-    } else {
-        std::borrow::Cow::Owned(values.iter().flat_map(|v| v.to_le_bytes()).collect())
     }
 }

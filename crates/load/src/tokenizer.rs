@@ -39,7 +39,7 @@ pub fn config(dir: &Path) -> Result<Option<serde_json::Value>> {
         return Err(bad("not a JSON object".into()));
     }
     for key in ["chat_template", "eos_token"] {
-        if v.get(key).is_some_and(|t| !t.is_null() && !t.is_string() && !(key == "eos_token" && t.get("content").is_some_and(|c| c.is_string()))) {
+        if v.get(key).is_some_and(|t| !(t.is_null() || t.is_string() || key == "eos_token" && t.get("content").is_some_and(|c| c.is_string()))) {
             return Err(bad(format!("'{key}' is not a string")));
         }
     }

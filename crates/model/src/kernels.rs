@@ -11,6 +11,7 @@ pub fn exp_fast(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
+    #[allow(clippy::manual_clamp)] // max/min send NaN to -87 (clamp would keep it)
     let x = x.max(-87.0).min(88.0);
     // Round to nearest with the 1.5 * 2^23 trick: `k`'s low mantissa bits hold the integer
     // n = round(x log2 e), readable with integer ops only (float->int casts do not vectorize).
@@ -23,7 +24,7 @@ pub fn exp_fast(x: f32) -> f32 {
     let p = p * r + 8.333_452e-3;
     let p = p * r + 4.166_579_6e-2;
     let p = p * r + 1.666_666_5e-1;
-    let p = p * r + 5.000_000_1e-1;
+    let p = p * r + 5e-1;
     let p = p * r * r + r + 1.0;
     f32::from_bits(((n_int + 127) << 23) as u32) * p
 }
@@ -244,7 +245,7 @@ fn attend_part_of<E: Kv>(q: &[f32], k: &[E], v: &[E], scores: &mut [f32], out: &
 fn key_scores16<E: Kv>(q: &[f32], k: &[E], g: usize, hd: usize, n: usize, scores: &mut [f32]) -> usize {
     #[cfg(target_arch = "x86_64")]
     {
-        if hd % 16 == 0 && n >= 16 && is_x86_feature_detected!("avx512f") {
+        if hd.is_multiple_of(16) && n >= 16 && is_x86_feature_detected!("avx512f") {
             assert!(q.len() >= g * hd && k.len() >= n * hd && scores.len() >= g * n);
             // SAFETY: the feature was detected; the assert bounds every load and store.
             unsafe { key_scores16_avx512(q, k, g, hd, n, scores) };

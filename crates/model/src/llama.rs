@@ -455,7 +455,7 @@ impl LayerKv {
             })
         }
         let (k, v) = (rows(kc, kl.start_offset())?, rows(vc, vl.start_offset())?);
-        if q.len() != nh * hd || out.len() != q.len() || nkv == 0 || nh % nkv != 0 || n == 0 || n > cap || k.len() < nkv * cap * hd || v.len() < nkv * cap * hd {
+        if q.len() != nh * hd || out.len() != q.len() || nkv == 0 || !nh.is_multiple_of(nkv) || n == 0 || n > cap || k.len() < nkv * cap * hd || v.len() < nkv * cap * hd {
             candle_core::bail!("decode attention: q {} for {nh} heads of {hd}, cache ({nkv}, {cap}, {hd}) at {n}", q.len())
         }
         let group = nh / nkv;

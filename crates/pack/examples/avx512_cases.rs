@@ -142,7 +142,7 @@ pub unsafe extern "C" fn case_reset(c: *mut Cases, i: usize) {
 #[no_mangle]
 pub unsafe extern "C" fn case_check(c: *const Cases, i: usize, msg: *mut c_char, cap: usize) -> i32 {
     let case = &(&*c).0[i];
-    let bad = case.y.iter().zip(&case.want).zip(&case.tol).enumerate().find(|(_, ((&y, &w), &t))| !((f64::from(y) - w).abs() <= t));
+    let bad = case.y.iter().zip(&case.want).zip(&case.tol).enumerate().find(|(_, ((&y, &w), &t))| (f64::from(y) - w).abs().partial_cmp(&t).is_none_or(|o| o.is_gt()));
     let text = match bad {
         None => format!("{}: {} rows within round-off", case.name, case.y.len()),
         Some((r, ((y, w), t))) => format!("{} row {r}: {y} vs {w} (tol {t:.3e})", case.name),

@@ -361,7 +361,7 @@ mod tests {
         for ch in 0..3 {
             // SAFETY: AVX2 was detected; the chunk's 24 bytes are inside `p`.
             let [e, o] = unsafe { chunk3_avx2(p.as_ptr().add(ch * CHUNK3_BYTES)) };
-            let (e, o): ([u8; 32], [u8; 32]) = unsafe { (std::mem::transmute(e), std::mem::transmute(o)) };
+            let (e, o): ([u8; 32], [u8; 32]) = unsafe { (std::mem::transmute::<std::arch::x86_64::__m256i, [u8; 32]>(e), std::mem::transmute::<std::arch::x86_64::__m256i, [u8; 32]>(o)) };
             let c = &codes[ch * CHUNK3..];
             for q in 0..32 {
                 let even = 2 * (q % 16) + 32 * (q / 16);

@@ -30,6 +30,9 @@
 //! holds the kernel to it bit for bit); the tests hold the whole product to the decode matvec's
 //! f64 definition ([`crate::matvec_i16::matvec_ref`], [`crate::matvec_i8::matvec_ref`]) token by token.
 
+// Index loops over registers and steps mirror the vector layout the intrinsics use.
+#![allow(clippy::needless_range_loop)]
+
 use adadim_quantize::Axis;
 use rayon::prelude::*;
 
@@ -56,7 +59,7 @@ const STEP_BYTES: usize = NR * 4;
 /// AVX-512 with VNNI.
 pub fn kind(p: &PackedLinear, act: ActBits) -> Option<ActBits> {
     let l = p.layout();
-    let shape = p.cols() % 4 == 0 && (l.axis == Axis::Oc || l.group % NR == 0);
+    let shape = p.cols().is_multiple_of(4) && (l.axis == Axis::Oc || l.group.is_multiple_of(NR));
     if !shape || !crate::simd::avx512_vnni_available() {
         return None;
     }
@@ -184,13 +187,13 @@ fn round_scaled_ref(kind: ActBits, s: &[f32], x: &[f32], z: &[f32], q: &mut [u8]
 unsafe fn round_scaled_avx512(s: &[f32], x: &[f32], z: &[f32], block: usize, qmax: f32, q: &mut [u8], d: &mut [f32]) -> f32 {
     use std::arch::x86_64::*;
     let n = x.len();
-    assert!(s.len() == n && z.len() == n && block % 16 == 0, "round_scaled: {} scales, {} zeros, {n} values, blocks of {block}", s.len(), z.len());
+    assert!(s.len() == n && z.len() == n && block.is_multiple_of(16), "round_scaled: {} scales, {} zeros, {n} values, blocks of {block}", s.len(), z.len());
     let esize = if qmax > 127.0 { 2 } else { 1 };
     assert!(q.len() == n * esize && d.len() == n.div_ceil(block), "round_scaled: output for {n} values");
     let (abs, lo, hi) = (_mm512_set1_epi32(0x7fff_ffff), _mm512_set1_ps(-qmax), _mm512_set1_ps(qmax));
     // Whole blocks, and a short last block of whole registers (SmolLM2's rows of 576: 4.5
     // blocks of 128), here; another short last block through the definition.
-    let whole = if n % block % 16 == 0 { n.div_ceil(block) } else { n / block };
+    let whole = if (n % block).is_multiple_of(16) { n.div_ceil(block) } else { n / block };
     let (mut bias, mut bias_lanes) = (0f32, _mm512_setzero_ps());
     let mut v = [_mm512_setzero_ps(); 8];
     for b in 0..whole {

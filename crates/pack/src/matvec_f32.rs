@@ -21,7 +21,7 @@ use crate::simd::simd_available;
 /// `sum_j code(c0 + j) * v[j]` over a packed row of `B`-bit codes (`c0 % 8 == 0` for the fast path).
 #[inline(always)]
 fn dot_codes<const B: usize>(row: &[u8], c0: usize, v: &[f32]) -> f32 {
-    if c0 % 8 != 0 {
+    if !c0.is_multiple_of(8) {
         return v.iter().enumerate().map(|(j, &x)| f32::from(bits::get(row, c0 + j, B as u8)) * x).sum();
     }
     let mask = ((1u64 << B) - 1) as u32;
@@ -94,7 +94,7 @@ unsafe fn chunks_avx2<const B: usize>(rp: *const u8, vp: *const f32, n8: usize) 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn dot_codes_avx2<const B: usize>(row: &[u8], c0: usize, v: &[f32]) -> f32 {
-    if c0 % 8 != 0 || B == 8 {
+    if !c0.is_multiple_of(8) || B == 8 {
         return dot_codes::<B>(row, c0, v);
     }
     let n8 = v.len() / 8;
@@ -114,7 +114,7 @@ unsafe fn dot_codes_avx2<const B: usize>(row: &[u8], c0: usize, v: &[f32]) -> f3
 unsafe fn oc_row_avx2<const B: usize>(row: &[u8], x: &[f32], s: &[f32], z: &[f32], xsum: &[f32], group: usize) -> f32 {
     use std::arch::x86_64::*;
     let cols = x.len();
-    if group % 8 != 0 || B == 8 {
+    if !group.is_multiple_of(8) || B == 8 {
         return (0..s.len()).map(|k| {
             let c0 = k * group;
             s[k] * (dot_codes::<B>(row, c0, &x[c0..(c0 + group).min(cols)]) - z[k] * xsum[k])

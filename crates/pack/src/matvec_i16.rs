@@ -22,6 +22,9 @@
 //! rounded activations, f64) and the whole product to the exact one within the bound
 //! [`matvec_ref`] also returns. The row loop is [`crate::matvec_int`]'s.
 
+// Index loops over registers and steps mirror the vector layout the intrinsics use.
+#![allow(clippy::needless_range_loop)]
+
 use adadim_quantize::Axis;
 
 use crate::bits;
@@ -141,7 +144,7 @@ unsafe fn block_sums<const N: usize>(steps: usize, sd: &[f32], block: impl Fn(us
     for (b, &scale) in sd.iter().enumerate().take(steps / N) {
         a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block(b * N, b * N + N)), _mm256_set1_ps(scale), a);
     }
-    if steps % N != 0 {
+    if !steps.is_multiple_of(N) {
         a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block(steps / N * N, steps)), _mm256_set1_ps(sd[steps / N]), a);
     }
     a
@@ -517,8 +520,6 @@ unsafe fn row_ic<const B: usize, const AVX512: bool, const VNNI: bool>(row: &[u8
     hsum(body) + dot_scalar(row, B as u8, v, done, cols, |_| 1.0) - bias
 }
 
-/// `y = W' x` with the AVX2 kernel; per-IC, each row group's `s x` rounded once
-
 /// Whether the kernel reads `b`-bit codes as bytes, even and odd halves of steps of 64, against
 /// split activations ([`Q16::split`]): 4-bit codes (low and high nibbles) and 3-bit ones
 /// (planar chunks, [`bits::chunk3_avx2`]).
@@ -540,7 +541,7 @@ impl IntActs for Q16 {
     /// 2, 3, 4 or 8 bits, per-OC groups of whole steps.
     fn supported(p: &PackedLinear) -> bool {
         let l = p.layout;
-        matches!(l.bits, 2 | 3 | 4 | 8) && (l.axis == Axis::Ic || l.group % QB == 0)
+        matches!(l.bits, 2 | 3 | 4 | 8) && (l.axis == Axis::Ic || l.group.is_multiple_of(QB))
     }
 
     fn slots() -> &'static std::thread::LocalKey<std::cell::Cell<Vec<(Self, f32)>>> {

@@ -244,9 +244,9 @@ impl Q8 {
 pub fn supported(p: &PackedLinear) -> bool {
     let l = p.layout;
     match l.bits {
-        3 | 4 => l.axis == Axis::Ic || l.group % STEP == 0,
+        3 | 4 => l.axis == Axis::Ic || l.group.is_multiple_of(STEP),
         // The decode head (8-bit RTN, per-OC): whole blocks only.
-        8 => l.axis == Axis::Oc && l.group % BLOCK == 0 && p.cols % BLOCK == 0,
+        8 => l.axis == Axis::Oc && l.group.is_multiple_of(BLOCK) && p.cols.is_multiple_of(BLOCK),
         _ => false,
     }
 }
@@ -326,7 +326,7 @@ unsafe fn row_sum_avx2<const B: usize, const SCALED: bool>(row: &[u8], v: &Q8, s
         let (p0, p1) = (step(j), step(j + 1));
         let (d0, d1) = if !SCALED {
             (d(j), d(j + 1))
-        } else if per % 2 == 0 {
+        } else if per.is_multiple_of(2) {
             // Group borders fall on even steps only.
             let s = scale(j);
             (_mm256_mul_ps(d(j), s), _mm256_mul_ps(d(j + 1), s))

@@ -409,7 +409,7 @@ mod tests {
     #[test]
     fn group_sums_add_the_rounded_values() {
         for cols in [1, 31, 32, 100, 576, 1000] {
-            let x: Vec<f32> = (0..cols).map(|i| ((i * 2654435761usize >> 7) % 2001) as f32 / 100.0 - 10.0).collect();
+            let x: Vec<f32> = (0..cols).map(|i| (((i * 2654435761usize) >> 7) % 2001) as f32 / 100.0 - 10.0).collect();
             let (q8, q16) = (crate::matvec_i8::Q8::new(&x), crate::round_i16::Q16::new(&x, 64));
             // Groups that are and are not whole blocks (200: runs end at block and group borders).
             for g in [32, 64, 128, 200] {

@@ -23,11 +23,9 @@ pub fn block_size(p: &PackedLinear) -> usize {
     let l = p.layout;
     match l.axis {
         Axis::Ic => MAX_BLOCK,
-        Axis::Oc => [128, 64, 32].into_iter().find(|b| l.group % b == 0).unwrap_or(QB),
+        Axis::Oc => [128, 64, 32].into_iter().find(|b| l.group.is_multiple_of(*b)).unwrap_or(QB),
     }
 }
-
-/// For `|t| < 2^22` the float `t + ROUND` has no fraction bits left: its bit pattern minus
 
 /// Largest int16 step count: `q = round(x / d)`, `d = max|x| / QMAX`.
 const QMAX: f32 = 32767.0;
@@ -178,7 +176,7 @@ impl Q16 {
         lo.resize(split_len, 0);
         d.clear();
         let szp = sz.map(|(s, z)| (s.as_ptr(), z.as_ptr()));
-        let out = (q.as_mut_ptr(), split.then(|| (hi.as_mut_ptr(), lo.as_mut_ptr())));
+        let out = (q.as_mut_ptr(), split.then_some((hi.as_mut_ptr(), lo.as_mut_ptr())));
         // sum_c z[c] d(c) q[c], lane by lane.
         let mut zq = _mm256_setzero_ps();
         for b in 0..blocks {
@@ -220,7 +218,7 @@ impl Q16 {
 #[inline]
 unsafe fn round_run<const V: usize, const H: usize>(x: *const f32, sz: Option<(*const f32, *const f32)>, o: usize, out: (*mut i16, Option<(*mut i8, *mut u8)>), zq: &mut std::arch::x86_64::__m256) -> f32 {
     use std::arch::x86_64::*;
-    debug_assert!(H * 2 == V && V % 8 == 0);
+    debug_assert!(H * 2 == V && V.is_multiple_of(8));
     let xv = |i: usize| _mm256_loadu_ps(x.add(o + 8 * i));
     let (r, db) = match sz {
         None => round_block_avx2::<V>(&std::array::from_fn(xv), QMAX),

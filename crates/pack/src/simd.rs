@@ -314,7 +314,7 @@ mod tests {
         if !super::simd_available() {
             return;
         }
-        let v = |n: usize, seed: usize| (0..n).map(|i| (((i + seed) * 2654435761usize >> 9) % 1000) as f32 / 100.0 - 3.0).collect::<Vec<f32>>();
+        let v = |n: usize, seed: usize| (0..n).map(|i| ((((i + seed) * 2654435761usize) >> 9) % 1000) as f32 / 100.0 - 3.0).collect::<Vec<f32>>();
         for n in [0, 1, 5, 7, 8, 9, 12, 15, 16, 17, 112, 115] {
             let (s, z, x) = (v(n, 1), v(n, 2), v(n, 3));
             for off in [0.0, 128.0] {

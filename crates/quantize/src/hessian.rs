@@ -123,7 +123,7 @@ pub(crate) fn check_inputs(x: &[f32], dim: usize) -> Result<usize> {
     if dim == 0 {
         return Err(Error::Empty { rows: 0, cols: 0 });
     }
-    if x.len() % dim != 0 {
+    if !x.len().is_multiple_of(dim) {
         let expected = x.len().next_multiple_of(dim);
         return Err(Error::Shape {
             what: "inputs [tokens, dim]",

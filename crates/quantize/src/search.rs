@@ -125,7 +125,7 @@ fn refine(spec: &QuantSpec, values: &[f32], weights: Option<&[f32]>, mut p: Grou
             GroupParams { scale, zero }
         };
         let e = weighted_error(values, weights, cand, maxq);
-        if !(e < err) {
+        if e >= err || e.is_nan() {
             break;
         }
         (p, err) = (cand, e);

@@ -94,7 +94,7 @@ pub fn figure(run: &Run) -> Option<Figure> {
                 y_desc: "output error mean((ΔW x)²)".into(),
                 log_y: true,
                 y_range: None,
-                legend: i == 0 && modules.len() % 2 == 0,
+                legend: i == 0 && modules.len().is_multiple_of(2),
                 legend_only: false,
                 series,
             }
