@@ -3,7 +3,9 @@
 
 use anyhow::{Context, Result};
 
-use crate::{calibration_samples, progress, ReportArgs};
+use crate::args::ReportArgs;
+use crate::progress;
+use crate::resolve::calibration_samples;
 
 pub fn report(a: ReportArgs) -> Result<()> {
     let run = adadim_report::Run::open(&a.run_dir)?;
