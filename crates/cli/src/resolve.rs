@@ -39,10 +39,9 @@ pub fn calibration_samples(dir: &std::path::Path, calib: &str, nsamples: usize, 
     Ok((calib_file, samples))
 }
 
-/// The tokens that end a generation: the tokenizer config's `eos_token` and the model
-/// config's `eos_token_id`.
-pub fn eos_ids(dir: &std::path::Path, tok: &adadim_load::tokenizer::Tokenizer) -> Result<Vec<u32>> {
-    let tok_config = adadim_load::tokenizer::config(&dir)?.unwrap_or_default();
+/// The tokens that end a generation: the tokenizer config's `eos_token` (`tok_config`, from
+/// [`adadim_load::tokenizer::config`]) and the model config's `eos_token_id`.
+pub fn eos_ids(dir: &std::path::Path, tok: &adadim_load::tokenizer::Tokenizer, tok_config: &serde_json::Value) -> Result<Vec<u32>> {
     let mut stop: Vec<u32> = tok_config["eos_token"].as_str().and_then(|t| tok.token_to_id(t)).into_iter().collect();
     let config = adadim_load::LlamaConfig::from_file(&dir.join("config.json"))?;
     if let Some(id) = config.eos_token_id.as_ref().and_then(|v| v.as_u64()) {
@@ -63,4 +62,9 @@ pub fn apply_head_bits(model: &mut adadim_model::Model, bits: Option<u8>, packed
         b @ (2 | 3 | 4 | 8) => Ok(model.quantize_decode_head(b)?),
         b => anyhow::bail!("--head-bits {b}: must be 0 (float), 2, 3, 4 or 8"),
     }
+}
+
+/// `--module`: a linear by its short name.
+pub fn module_arg(name: &str) -> Result<adadim_model::LinearKind> {
+    adadim_model::LinearKind::from_short(name).ok_or_else(|| anyhow::anyhow!("--module {name}: not one of q, k, v, o, gate, up, down"))
 }

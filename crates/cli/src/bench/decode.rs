@@ -32,9 +32,15 @@ pub fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
         let head = if packed && a.head_bits > 0 { format!(", head {}-bit", a.head_bits) } else { String::new() };
         for &act in if packed { &acts[..] } else { &[adadim_pack::ActBits::I16][..] } {
             let label = if packed {
-                let q: serde_json::Value = std::fs::read_to_string(dir.join("report.json")).ok().and_then(|s| serde_json::from_str(&s).ok()).unwrap_or_default();
-                let st = &q["summary"]["settings"];
-                format!("{} packed ({}-{} w{}g{}{head}, int{} activations)", dir.file_name().unwrap_or_default().to_string_lossy(), st["method"].as_str().unwrap_or("?"), st["dim"].as_str().unwrap_or("?"), st["spec"]["bits"], st["spec"]["group"], act.bits())
+                // What the run recorded; "?" for a model without (a readable) report.json.
+                let (method, dim, bits, group) = match adadim_calibrate::Report::read(&dir) {
+                    Ok(r) => {
+                        let st = r.summary.settings;
+                        (st.method.name(), st.dim.name(), st.spec.bits.to_string(), st.spec.group.map_or("null".to_string(), |g| g.to_string()))
+                    }
+                    Err(_) => ("?", "?", "null".to_string(), "null".to_string()),
+                };
+                format!("{} packed ({method}-{dim} w{bits}g{group}{head}, int{} activations)", dir.file_name().unwrap_or_default().to_string_lossy(), act.bits())
             } else {
                 format!("{} f32", dir.file_name().unwrap_or_default().to_string_lossy())
             };

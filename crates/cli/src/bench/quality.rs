@@ -55,18 +55,15 @@ pub fn model_bits(dir: &Path) -> Result<(u64, u64)> {
     if adadim_model::is_packed(dir) {
         return packed_bits(dir);
     }
-    let path = dir.join("report.json");
-    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?)?;
-    let s = &r["summary"]["settings"];
-    let bits = s["spec"]["bits"].as_u64().with_context(|| format!("{}: no summary.settings.spec.bits", path.display()))? as u8;
-    let group = s["spec"]["group"].as_u64().map(|g| g as usize);
+    let path = dir.join(adadim_calibrate::Report::FILE);
+    let r = adadim_calibrate::Report::read(dir)?;
+    let s = &r.summary.settings;
+    let (bits, group) = (s.spec.bits, s.spec.group);
     // Per-OC GPTQ with act-order and dynamic groups stores its column order.
-    let dynamic = s["method"] == "gptq" && s["act_order"] == true && s["static_groups"] != true;
+    let dynamic = s.method == adadim_calibrate::Method::Gptq && s.act_order && !s.static_groups;
     let (mut total, mut weights) = (0u64, 0u64);
-    for l in r["linears"].as_array().with_context(|| format!("{}: no linears", path.display()))? {
-        let dim = |k: &str| l[k].as_u64().map(|v| v as usize).with_context(|| format!("{}: a linear without {k}", path.display()));
-        let (rows, cols) = (dim("rows")?, dim("cols")?);
-        let axis = if l["axis"] == "ic" { adadim_quantize::Axis::Ic } else { adadim_quantize::Axis::Oc };
+    for l in &r.linears {
+        let (rows, cols, axis) = (l.rows, l.cols, l.axis);
         let whole = if axis == adadim_quantize::Axis::Oc { cols } else { rows };
         let layout = adadim_pack::Layout { bits, group: group.unwrap_or(whole), axis };
         total += 8 * layout.bytes(rows, cols, dynamic && axis == adadim_quantize::Axis::Oc) as u64;

@@ -29,9 +29,7 @@ pub fn bench_quantize(a: BenchQuantizeArgs) -> Result<()> {
     }
     let summary = run_quantize(&dir, a.job.method, a.job.dim, q, adadim_calibrate::Format::Packed, &scratch)?;
     std::fs::remove_dir_all(&scratch).with_context(|| format!("removing {}", scratch.display()))?; // written by this run
-    let tm: adadim_calibrate::Timings = serde_json::from_value(summary["timings"].clone())?;
-    let total = summary["seconds"].as_f64().unwrap_or(0.0);
-    let rss = summary["peak_rss_mb"].as_f64().unwrap_or(0.0);
+    let (tm, total, rss) = (&summary.timings, summary.seconds, summary.peak_rss_mb.unwrap_or(0.0));
 
     // 3. The bound: the least FLOPs the job needs (one forward per block, the lower triangle of
     //    each Hessian, GPTQ's f64 work) at the peak rates above; the rest has no FLOPs to count.
@@ -52,7 +50,7 @@ pub fn bench_quantize(a: BenchQuantizeArgs) -> Result<()> {
     use std::fmt::Write;
     writeln!(md, "## Quantization time (`adadim bench quantize`)\n")?;
     writeln!(md, "`{}` {} w{}g{} on `{}` (for smollm2 the dequantized Q4_1 GGUF), calibration {} x {} tokens of {}, {threads} threads.\n",
-        summary["settings"]["method"].as_str().unwrap_or("?"), summary["settings"]["dim"].as_str().unwrap_or("?"), q.bits, q.group, a.job.model.model, q.nsamples, q.calib_seqlen, q.calib)?;
+        summary.settings.method.name(), summary.settings.dim.name(), q.bits, q.group, a.job.model.model, q.nsamples, q.calib_seqlen, q.calib)?;
     writeln!(md, "Machine: {}.\n", super::machine())?;
     writeln!(md, "Rates measured in this run: f32 GEMM {f32_peak:.1} GFLOP/s (best over the calibration shapes), f64 GEMM {f64_peak:.1} GFLOP/s (faer).\n")?;
     writeln!(md, "| phase | seconds | GFLOP done | GFLOP/s | least GFLOP needed | bound at peak (s) |\n|---|---|---|---|---|---|")?;

@@ -28,13 +28,12 @@ pub fn compare(a: CompareArgs) -> Result<()> {
     let mut rows = vec![("FP (f32)".to_string(), run_ppl(&dir, &dataset, 2048, limit)?.ppl, String::new())];
     for (label, method, dim, name) in runs {
         let out = work.join(name);
-        if !out.join("report.json").exists() {
+        if !out.join(adadim_calibrate::Report::FILE).exists() {
             eprintln!("quantizing: {label} w{}g{} into {}", q.bits, q.group, out.display());
             run_quantize(&dir, method, dim, q, adadim_calibrate::Format::Packed, &out)?;
         }
-        let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("report.json"))?)?;
-        let s = &report["summary"];
-        let note = format!("{}/{} linears per-IC, quantized in {:.0} s", s["per_ic"], s["linears"], s["seconds"].as_f64().unwrap_or(0.0));
+        let s = adadim_calibrate::Report::read(&out)?.summary;
+        let note = format!("{}/{} linears per-IC, quantized in {:.0} s", s.per_ic, s.linears, s.seconds);
         rows.push((label.to_string(), run_ppl(&out, &dataset, 2048, limit)?.ppl, note));
     }
     let model_note = if a.model.model == "smollm2" { " (FP = the Q4_1 GGUF dequantized to f32)" } else { "" };

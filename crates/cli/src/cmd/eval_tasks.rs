@@ -116,7 +116,7 @@ pub fn humaneval(a: HumanEvalArgs) -> Result<()> {
     } else {
         dir = crate::resolve::model_dir(&a.model.model)?;
         tok = adadim_load::tokenizer::load(&dir)?;
-        eos = crate::resolve::eos_ids(&dir, &tok)?;
+        eos = crate::resolve::eos_ids(&dir, &tok, &adadim_load::tokenizer::config(&dir)?.unwrap_or_default())?;
         let mut longest = 0;
         for p in &problems {
             longest = longest.max(tok.encode(p.prompt.as_str(), true).map_err(|e| anyhow::anyhow!("tokenizing {}: {e}", p.task_id))?.len());

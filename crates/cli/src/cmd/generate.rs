@@ -28,7 +28,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
     if prompt.is_empty() {
         anyhow::bail!("--prompt: empty after tokenization");
     }
-    let stop = eos_ids(&dir, &tok)?;
+    let stop = eos_ids(&dir, &tok, &tok_config)?;
     crate::limits::check_positions(src.config(), &dir.join("config.json"), prompt.len() + a.max_tokens, &format!("--max-tokens {} (after a prompt of {} tokens)", a.max_tokens, prompt.len()))?;
     let mut model = adadim_model::Model::load(src.as_ref(), prompt.len() + a.max_tokens, &mut |_, _| {})?;
     apply_head_bits(&mut model, a.head_bits, adadim_model::is_packed(&dir))?;

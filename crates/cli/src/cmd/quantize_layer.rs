@@ -28,10 +28,7 @@ pub fn read_tensor(path: &std::path::Path, name: Option<&str>) -> Result<(Vec<us
 
 pub fn quantize_layer(a: QuantizeLayerArgs) -> Result<()> {
     let cfg = quantize_config(a.method, a.dim, &a.settings)?;
-    let kind = adadim_model::LinearKind::ALL
-        .into_iter()
-        .find(|k| k.short() == a.module)
-        .ok_or_else(|| anyhow::anyhow!("--module {}: not one of q, k, v, o, gate, up, down", a.module))?;
+    let kind = crate::resolve::module_arg(&a.module)?;
     let (wshape, w) = read_tensor(&a.weight, a.weight_name.as_deref())?;
     let [rows, cols] = wshape[..] else { anyhow::bail!("{}: weight must be 2-D [C_out, C_in], got {wshape:?}", a.weight.display()) };
     let (xshape, x) = read_tensor(&a.inputs, a.inputs_name.as_deref())?;
