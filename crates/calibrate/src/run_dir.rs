@@ -98,7 +98,7 @@ pub struct Job<'a> {
 /// it keeps for a re-run, to tell the user (`None`: nothing to tell).
 #[derive(Debug)]
 pub struct Failed {
-    pub error: CalibError,
+    pub error: Box<CalibError>,
     pub kept: Option<(PathBuf, usize)>,
 }
 
@@ -179,15 +179,15 @@ impl RunDir {
             Ok(report) => {
                 if let Err(source) = self.work.state().move_out("model", &self.out) {
                     // The work directory (and the model in it) stays for a re-run to move.
-                    return Err(Failed { error: CalibError::MoveOut { out: self.out.clone(), source }, kept: None });
+                    return Err(Failed { error: Box::new(CalibError::MoveOut { out: self.out.clone(), source }), kept: None });
                 }
                 Ok(Finished { report, cleanup: self.work.remove().err() })
             }
             Err(error) if self.work.done() == 0 => {
                 let _ = self.work.remove();
-                Err(Failed { error, kept: None })
+                Err(Failed { error: Box::new(error), kept: None })
             }
-            Err(error) => Err(Failed { error, kept: Some((self.work.path().to_path_buf(), self.work.done())) }),
+            Err(error) => Err(Failed { error: Box::new(error), kept: Some((self.work.path().to_path_buf(), self.work.done())) }),
         }
     }
 

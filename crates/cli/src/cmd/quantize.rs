@@ -77,7 +77,7 @@ pub fn run_quantize_resumable(dir: &Path, method: MethodArg, dim: DimArg, q: &Qu
             if let Some((work_dir, blocks)) = failed.kept {
                 eprintln!("{}: the {blocks} finished blocks are kept; the same command continues from there (--restart starts over)", work_dir.display());
             }
-            Err(failed.error.into())
+            Err((*failed.error).into())
         }
     }
 }
