@@ -24,7 +24,7 @@ use candle_core::{Device, Tensor};
 use serde::Serialize;
 use std::time::Instant;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Method {
     Rtn,
@@ -32,7 +32,7 @@ pub enum Method {
 }
 
 /// Which channel dimension the groups run along.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Dim {
     Oc,
@@ -41,15 +41,46 @@ pub enum Dim {
     Ada,
 }
 
+impl Method {
+    /// `rtn` / `gptq`, as the report writes it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Rtn => "rtn",
+            Method::Gptq => "gptq",
+        }
+    }
+}
+
+impl Dim {
+    /// `oc` / `ic` / `ada`, as the report writes it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Dim::Oc => "oc",
+            Dim::Ic => "ic",
+            Dim::Ada => "ada",
+        }
+    }
+}
+
+impl Select {
+    /// `rtn` / `gptq`, as the report writes it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Select::Rtn => "rtn",
+            Select::Gptq => "gptq",
+        }
+    }
+}
+
 /// What `Dim::Ada` compares: RTN's error in both axes (the paper), or GPTQ's itself.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Select {
     Rtn,
     Gptq,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct QuantizeConfig {
     pub method: Method,
     pub dim: Dim,
@@ -67,7 +98,7 @@ pub struct QuantizeConfig {
     pub ic_modules: Vec<String>,
     /// Largest total of down_proj inputs (all samples, f32 bytes) kept between its Hessian and
     /// the block's output; above it gate/up are recomputed (their FLOPs again, not the memory).
-    #[serde(skip)]
+    #[serde(skip, default = "act_cache_bytes")]
     pub act_cache_bytes: usize,
 }
 
@@ -77,6 +108,10 @@ pub struct QuantizeConfig {
 /// block's time.
 pub const ACT_CACHE_BYTES: usize = 256 << 20;
 
+fn act_cache_bytes() -> usize {
+    ACT_CACHE_BYTES
+}
+
 /// What happened to one linear.
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct LinearReport {
@@ -85,8 +120,9 @@ pub struct LinearReport {
     pub module: StaticName,
     pub rows: usize,
     pub cols: usize,
-    #[serde(deserialize_with = "static_name")]
-    pub axis: StaticName,
+    /// The axis kept, written `oc` / `ic`.
+    #[serde(with = "axis_name")]
+    pub axis: Axis,
     /// RTN output errors `mean((Q(W)X - WX)^2)` per axis (when calibration data was used).
     pub oc_error: Option<f64>,
     pub ic_error: Option<f64>,
@@ -112,22 +148,38 @@ pub struct LinearReport {
 /// (it reads it with [`static_name`]).
 pub type StaticName = &'static str;
 
-/// A module or axis name read back (reports saved by an interrupted run) as the name it is.
+/// A module name read back (reports saved by an interrupted run) as the name it is.
 fn static_name<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<&'static str, D::Error> {
     let s = <String as serde::Deserialize>::deserialize(d)?;
-    let mut names = LinearKind::ALL.iter().map(|k| k.module()).chain(["oc", "ic"]);
-    names.find(|n| *n == s).ok_or_else(|| serde::de::Error::custom(format!("unknown module or axis '{s}'")))
+    LinearKind::from_module(&s).map(|k| k.module()).ok_or_else(|| serde::de::Error::custom(format!("unknown module '{s}'")))
+}
+
+/// [`Axis`] in reports as `oc` / `ic` (`QuantSpec` keeps serde's `Oc` / `Ic`).
+pub mod axis_name {
+    use adadim_quantize::Axis;
+
+    pub fn name(a: Axis) -> &'static str {
+        match a {
+            Axis::Oc => "oc",
+            Axis::Ic => "ic",
+        }
+    }
+
+    pub fn serialize<S: serde::Serializer>(a: &Axis, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(name(*a))
+    }
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Axis, D::Error> {
+        match <String as serde::Deserialize>::deserialize(d)?.as_str() {
+            "oc" => Ok(Axis::Oc),
+            "ic" => Ok(Axis::Ic),
+            s => Err(serde::de::Error::custom(format!("unknown axis '{s}' (oc, ic)"))),
+        }
+    }
 }
 
 const STEPS: [&[LinearKind]; 4] =
     [&[LinearKind::Q, LinearKind::K, LinearKind::V], &[LinearKind::O], &[LinearKind::Gate, LinearKind::Up], &[LinearKind::Down]];
-
-fn axis_name(a: Axis) -> &'static str {
-    match a {
-        Axis::Oc => "oc",
-        Axis::Ic => "ic",
-    }
-}
 
 impl QuantizeConfig {
     fn needs_calibration(&self) -> bool {
@@ -193,7 +245,7 @@ impl QuantizeConfig {
             module: kind.module(),
             rows,
             cols,
-            axis: axis_name(q.spec().axis),
+            axis: q.spec().axis,
             oc_error: choice.as_ref().map(|c| c.oc_error),
             ic_error: choice.as_ref().map(|c| c.ic_error),
             final_error,
@@ -204,18 +256,12 @@ impl QuantizeConfig {
             cholesky_s: (!runs.is_empty()).then(|| runs.iter().map(|r| r.0).sum()),
             sweep_s: (!runs.is_empty()).then(|| runs.iter().map(|r| r.1).sum()),
             gptq_runs: runs.len(),
-            input_rms: h.filter(|h| h.tokens() > 0).map_or_else(Vec::new, input_rms),
+            input_rms: h.filter(|h| h.tokens() > 0).map_or_else(Vec::new, crate::input_rms::from_hessian),
         };
         Ok((q, report))
     }
 }
 
-/// Each input channel's RMS over the calibration tokens: `H = (2/n) sum x x^T`, so
-/// `H[i,i] / 2` is the mean of `x_i^2` (paper Fig. 8 plots this magnitude).
-fn input_rms(h: &Hessian) -> Vec<f32> {
-    let (d, m) = (h.dim(), h.matrix());
-    (0..d).map(|i| (m[i * d + i] / 2.0).max(0.0).sqrt()).collect()
-}
 
 fn to_vec(t: &Tensor) -> Result<Vec<f32>> {
     Ok(t.flatten_all().and_then(|t| t.to_vec1::<f32>()).map_err(|e| adadim_model::ModelError::Tensor { context: "tensor to host".into(), source: e })?)
@@ -344,6 +390,13 @@ impl Timings {
     }
 }
 
+/// The calibration samples' token embeddings, one `[len, d]` per sample: the inputs of the
+/// first block.
+pub fn embed_samples(embed: &Tensor, samples: &[Vec<u32>]) -> adadim_model::Result<Vec<Tensor>> {
+    let err = |context: &'static str| move |source| adadim_model::ModelError::Tensor { context: context.into(), source };
+    samples.iter().map(|s| Tensor::new(s.as_slice(), &Device::Cpu).map_err(err("ids")).and_then(|ids| embed.index_select(&ids, 0).map_err(err("embedding")))).collect()
+}
+
 fn tensor_err(context: String, source: candle_core::Error) -> CalibError {
     adadim_model::ModelError::Tensor { context, source }.into()
 }
@@ -447,7 +500,7 @@ fn run(
 ) -> Result<QuantizeRun> {
     cfg.spec.validate().map_err(|source| CalibError::Quantize { layer: 0, module: "(settings)".into(), source })?;
     for m in &cfg.ic_modules {
-        if !LinearKind::ALL.iter().any(|k| k.short() == m) {
+        if LinearKind::from_short(m).is_none() {
             return Err(CalibError::Invalid(format!("--ic-modules: unknown module '{m}' (q, k, v, o, gate, up, down)")));
         }
     }
@@ -476,11 +529,7 @@ fn run(
         _ if !calibrate || first == layers => {}
         Sink::Work(w) if first > 0 => xs = w.load_hidden(&samples.iter().map(|s| s.len()).collect::<Vec<_>>(), c.hidden_size)?,
         _ => {
-            let embed = ckpt.tensor("model.embed_tokens.weight")?;
-            for s in samples {
-                let ids = Tensor::new(s.as_slice(), &Device::Cpu).map_err(|e| adadim_model::ModelError::Tensor { context: "ids".into(), source: e })?;
-                xs.push(embed.index_select(&ids, 0).map_err(|e| adadim_model::ModelError::Tensor { context: "embedding".into(), source: e })?);
-            }
+            xs = embed_samples(&ckpt.tensor("model.embed_tokens.weight")?, samples)?;
         }
     }
     times.io_s += io.elapsed().as_secs_f64();

@@ -29,6 +29,21 @@ pub enum CalibError {
     /// The work directory holds an interrupted run of another job.
     #[error("{dir}: holds an interrupted run with other settings or inputs ({differences}); to start over, delete that directory (or pass --restart), or re-run with the settings it was started with")]
     OtherJob { dir: PathBuf, differences: String },
+    /// The finished model could not be moved to the output path (its blocks stay in the work
+    /// directory).
+    #[error("moving the result to {out}: {source}")]
+    MoveOut {
+        out: PathBuf,
+        #[source]
+        source: adadim_load::LoadError,
+    },
+    /// A file-system step of assembling the output (`creating DIR`, `copying FILE`).
+    #[error("{what}: {source}")]
+    Step {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{dir}: in use by another adadim process (pid {pid}); wait for it, or delete {dir}/lock if no such process is running")]
     Locked { dir: PathBuf, pid: u32 },
 }

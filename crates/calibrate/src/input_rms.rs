@@ -23,6 +23,13 @@ pub struct InputRms {
     pub rms: Vec<f32>,
 }
 
+/// Each input channel's RMS over the calibration tokens: `H = (2/n) sum x x^T`, so
+/// `H[i,i] / 2` is the mean of `x_i^2` (paper Fig. 8 plots this magnitude).
+pub fn from_hessian(h: &adadim_quantize::Hessian) -> Vec<f32> {
+    let (d, m) = (h.dim(), h.matrix());
+    (0..d).map(|i| (m[i * d + i] / 2.0).max(0.0).sqrt()).collect()
+}
+
 fn tensor_name(layer: usize, module: &str) -> String {
     format!("model.layers.{layer}.{module}")
 }
@@ -79,7 +86,7 @@ mod tests {
             module,
             rows: 2,
             cols: rms.len(),
-            axis: "oc",
+            axis: adadim_quantize::Axis::Oc,
             oc_error: None,
             ic_error: None,
             final_error: None,

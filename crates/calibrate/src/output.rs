@@ -12,7 +12,7 @@ use serde::Serialize;
 use crate::error::{CalibError, Result};
 
 /// The output's format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Format {
     /// [`adadim_pack::checkpoint`]: quantized linears packed, the rest f32.

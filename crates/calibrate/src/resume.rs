@@ -416,7 +416,7 @@ impl WorkDir {
 
 /// `q` for `self_attn.q_proj`: the name block files give a linear's tensors.
 fn short_name(module: &str) -> &'static str {
-    LinearKind::ALL.into_iter().find(|k| k.module() == module).map_or("unknown", |k| k.short())
+    LinearKind::from_module(module).map_or("unknown", |k| k.short())
 }
 
 use adadim_load::safetensors_out::f32_le_bytes as f32_bytes;

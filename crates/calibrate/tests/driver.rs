@@ -52,7 +52,7 @@ fn ada_keeps_the_axis_with_the_lower_output_error() {
     let (_d, reports, _) = run(&config(Method::Rtn, Dim::Ada));
     for r in &reports {
         let (oc, ic) = (r.oc_error.unwrap(), r.ic_error.unwrap());
-        let want = if ic < oc { "ic" } else { "oc" };
+        let want = if ic < oc { Axis::Ic } else { Axis::Oc };
         assert_eq!(r.axis, want, "layer {} {}: oc {oc} ic {ic}", r.layer, r.module);
         assert!((r.final_error.unwrap() - oc.min(ic)).abs() <= 1e-12 * oc.max(ic), "{r:?}");
     }
@@ -63,14 +63,14 @@ fn gptq_never_loses_to_rtn_on_its_own_calibration() {
     for dim in [Dim::Oc, Dim::Ic, Dim::Ada] {
         let (_d, reports, _) = run(&config(Method::Gptq, dim));
         for r in &reports {
-            let rtn = if r.axis == "ic" { r.ic_error.unwrap() } else { r.oc_error.unwrap() };
+            let rtn = if r.axis == Axis::Ic { r.ic_error.unwrap() } else { r.oc_error.unwrap() };
             let g = r.final_error.unwrap();
             assert!(g <= rtn * 1.0001, "{dim:?} layer {} {}: gptq {g} > rtn {rtn}", r.layer, r.module);
             assert!(r.gptq_loss.unwrap().is_finite() && r.percdamp.unwrap() > 0.0);
         }
         let want = match dim {
-            Dim::Oc => Some("oc"),
-            Dim::Ic => Some("ic"),
+            Dim::Oc => Some(Axis::Oc),
+            Dim::Ic => Some(Axis::Ic),
             Dim::Ada => None,
         };
         if let Some(w) = want {
@@ -105,7 +105,7 @@ fn heuristic_modules_and_bad_settings() {
     let (_d, reports, _) = run(&cfg);
     for r in &reports {
         let ic = r.module.ends_with("v_proj") || r.module.ends_with("down_proj");
-        assert_eq!(r.axis, if ic { "ic" } else { "oc" }, "{}", r.module);
+        assert_eq!(r.axis, if ic { Axis::Ic } else { Axis::Oc }, "{}", r.module);
     }
     let d = tempfile::tempdir().unwrap();
     write_random_checkpoint(d.path(), &tiny_config(), 4).unwrap();

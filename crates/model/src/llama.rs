@@ -74,6 +74,14 @@ impl LinearKind {
             Self::Down => "down",
         }
     }
+    /// The kind whose [`LinearKind::short`] name is `name`.
+    pub fn from_short(name: &str) -> Option<LinearKind> {
+        Self::ALL.into_iter().find(|k| k.short() == name)
+    }
+    /// The kind whose [`LinearKind::module`] path is `module`.
+    pub fn from_module(module: &str) -> Option<LinearKind> {
+        Self::ALL.into_iter().find(|k| k.module() == module)
+    }
 }
 
 // ---------------------------------------------------------------- rotary embedding

@@ -1,7 +1,9 @@
 //! Figure (a), after the paper's Fig. 6 / 10: per layer, the RTN output error of each linear
 //! quantized per-OC and per-IC, and the dimension the run kept; one panel per module type.
 
+use adadim_calibrate::Method;
 use adadim_model::LinearKind;
+use adadim_quantize::Axis;
 
 use crate::plot::{Figure, Panel, Series, Style, IC_COLOR, OC_COLOR};
 use crate::run::Run;
@@ -16,8 +18,8 @@ pub struct ErrorRow {
     /// RTN output errors per-OC and per-IC.
     pub oc: f64,
     pub ic: f64,
-    /// The axis kept, `oc` or `ic`.
-    pub axis: &'static str,
+    /// The axis kept.
+    pub axis: Axis,
     /// Output error of the weights kept.
     pub kept: Option<f64>,
 }
@@ -33,7 +35,7 @@ pub struct ModuleErrors {
 impl ModuleErrors {
     /// Layers that kept per-IC groups.
     pub fn ic_layers(&self) -> Vec<usize> {
-        self.rows.iter().filter(|r| r.axis == "ic").map(|r| r.layer).collect()
+        self.rows.iter().filter(|r| r.axis == Axis::Ic).map(|r| r.layer).collect()
     }
 
     /// The largest `per-OC error / per-IC error` and its layer: how much per-IC saves at best.
@@ -66,7 +68,7 @@ pub fn figure(run: &Run) -> Option<Figure> {
     if modules.is_empty() {
         return None;
     }
-    let gptq = run.summary.settings.method == "gptq";
+    let gptq = run.summary.settings.method == Method::Gptq;
     let mut panels: Vec<Panel> = modules
         .iter()
         .enumerate()
@@ -77,17 +79,17 @@ pub fn figure(run: &Run) -> Option<Figure> {
                 style: Style::Line,
                 points: m.rows.iter().filter_map(|r| Some((r.layer as f64, f(r)?))).collect(),
             };
-            let kept = |axis: &str, color| Series {
-                name: format!("kept {}", if axis == "oc" { "per-OC" } else { "per-IC" }),
+            let kept = |axis: Axis, color| Series {
+                name: format!("kept {}", if axis == Axis::Oc { "per-OC" } else { "per-IC" }),
                 color,
                 style: Style::Dots(4),
-                points: m.rows.iter().filter(|r| r.axis == axis).map(|r| (r.layer as f64, if axis == "oc" { r.oc } else { r.ic })).collect(),
+                points: m.rows.iter().filter(|r| r.axis == axis).map(|r| (r.layer as f64, if axis == Axis::Oc { r.oc } else { r.ic })).collect(),
             };
             let mut series = vec![line("per-OC RTN", OC_COLOR, &|r| Some(r.oc)), line("per-IC RTN", IC_COLOR, &|r| Some(r.ic))];
             if gptq {
                 series.push(line("kept weights (GPTQ)", FINAL_COLOR, &|r| r.kept));
             }
-            series.extend([kept("oc", OC_COLOR), kept("ic", IC_COLOR)]);
+            series.extend([kept(Axis::Oc, OC_COLOR), kept(Axis::Ic, IC_COLOR)]);
             Panel {
                 title: format!("{}: {} of {} layers per-IC", m.module, m.ic_layers().len(), m.rows.len()),
                 x_desc: "layer".into(),

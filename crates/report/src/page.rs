@@ -4,6 +4,10 @@
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
+use adadim_calibrate::driver::axis_name;
+use adadim_calibrate::Method;
+use adadim_quantize::Axis;
+
 use crate::error::{ReportError, Result};
 use crate::plot::{render, Figure};
 use crate::run::Run;
@@ -80,29 +84,29 @@ fn header(md: &mut String, run: &Run) {
     let s = &run.summary;
     let st = &s.settings;
     let name = |p: &Path| p.file_name().map_or_else(|| p.display().to_string(), |n| n.to_string_lossy().into_owned());
-    let per_ic = run.linears.iter().filter(|r| r.axis == "ic").count();
-    let dim = match st.dim.as_str() {
+    let per_ic = run.linears.iter().filter(|r| r.axis == Axis::Ic).count();
+    let dim = match st.dim.name() {
         "ada" if !st.ic_modules.is_empty() => format!("per-IC on {} (heuristic), per-OC elsewhere", st.ic_modules.join(", ")),
-        "ada" => format!("AdaDim (each linear's dimension chosen by {}'s output error)", st.select.to_uppercase()),
+        "ada" => format!("AdaDim (each linear's dimension chosen by {}'s output error)", st.select.name().to_uppercase()),
         d => format!("per-{} groups", d.to_uppercase()),
     };
-    let method = match st.dim.as_str() {
-        "ada" => format!("{}-ada", st.method.to_uppercase()),
-        d => format!("{} per-{}", st.method.to_uppercase(), d.to_uppercase()),
+    let method = match st.dim.name() {
+        "ada" => format!("{}-ada", st.method.name().to_uppercase()),
+        d => format!("{} per-{}", st.method.name().to_uppercase(), d.to_uppercase()),
     };
-    let _ = writeln!(md, "# {} {method} {}: what the quantization did\n", name(&s.model), run.spec_label());
+    let _ = writeln!(md, "# {} {method} {}: what the quantization did\n", name(Path::new(&s.model)), run.spec_label());
     let _ = writeln!(
         md,
         "Model `{}`, {} {}-bit, group {}, zero points {}{}; {dim}. Calibration: {} samples x {} tokens of `{}` (seed {}). {} of {} linears kept per-IC groups; quantized in {:.0} s.",
-        name(&s.model),
-        st.method.to_uppercase(),
+        name(Path::new(&s.model)),
+        st.method.name().to_uppercase(),
         st.spec.bits,
         st.spec.group.map_or("whole channel".to_string(), |g| g.to_string()),
         format!("{:?}", st.spec.zero).to_lowercase(),
         if st.act_order { ", act-order" } else { "" },
         s.calibration.nsamples,
         s.calibration.seqlen,
-        name(&s.calibration.source),
+        name(Path::new(&s.calibration.source)),
         s.calibration.seed,
         per_ic,
         run.linears.len(),
@@ -111,7 +115,7 @@ fn header(md: &mut String, run: &Run) {
 }
 
 fn errors_section(md: &mut String, run: &Run, img: &str) {
-    let gptq = if run.summary.settings.method == "gptq" { " Grey: the output error of the weights kept (after GPTQ)." } else { "" };
+    let gptq = if run.summary.settings.method == Method::Gptq { " Grey: the output error of the weights kept (after GPTQ)." } else { "" };
     let _ = writeln!(md, "Each linear's output error `mean((Q(W) x - W x)^2)` on the calibration inputs, for round-to-nearest with groups along output channels (blue) and along input channels (orange); the dots mark the dimension the run kept.{gptq} Log scale.\n");
     md.push_str("| module | layers per-IC | which | largest per-OC / per-IC error ratio (layer) |\n|---|---|---|---|\n");
     for m in errors::module_errors(run) {
@@ -172,13 +176,13 @@ fn updates_section(md: &mut String, u: &LayerUpdates, img: &str) {
     let _ = writeln!(md, "| largest per-channel mean | {} | {} |\n", peak(&u.oc.per_input), peak(&u.ic.per_input));
     match u.reproduced_max_diff {
         Some(0.0) => {
-            let _ = writeln!(md, "The run kept per-{} for this linear; re-running GPTQ along it reproduced the run's weights exactly (max difference 0).\n", u.run_axis.to_uppercase());
+            let _ = writeln!(md, "The run kept per-{} for this linear; re-running GPTQ along it reproduced the run's weights exactly (max difference 0).\n", axis_name::name(u.run_axis).to_uppercase());
         }
         Some(d) => {
-            let _ = writeln!(md, "The run kept per-{} for this linear; re-running GPTQ along it gives weights that differ from the run's by up to {d:.3e} (the re-run's calibration inputs are not bit-identical to the run's).\n", u.run_axis.to_uppercase());
+            let _ = writeln!(md, "The run kept per-{} for this linear; re-running GPTQ along it gives weights that differ from the run's by up to {d:.3e} (the re-run's calibration inputs are not bit-identical to the run's).\n", axis_name::name(u.run_axis).to_uppercase());
         }
         None => {
-            let _ = writeln!(md, "The run itself used round-to-nearest (per-{} here); these GPTQ runs show what GPTQ would do.\n", u.run_axis.to_uppercase());
+            let _ = writeln!(md, "The run itself used round-to-nearest (per-{} here); these GPTQ runs show what GPTQ would do.\n", axis_name::name(u.run_axis).to_uppercase());
         }
     }
     let _ = writeln!(md, "![GPTQ weight change per input channel, per-OC vs per-IC]({img})");

@@ -1,54 +1,14 @@
 //! A finished quantization run, as `adadim quantize --out RUN_DIR` leaves it: `report.json`
-//! (summary + one [`LinearReport`] per linear) and, when it calibrated,
+//! ([`Report`]: summary + one [`LinearReport`] per linear) and, when it calibrated,
 //! `input_rms.safetensors` ([`adadim_calibrate::input_rms`]).
 
 use std::path::{Path, PathBuf};
 
 use adadim_calibrate::input_rms::{self, InputRms};
+use adadim_calibrate::run_dir::{Report, Summary};
 use adadim_calibrate::LinearReport;
-use adadim_quantize::QuantSpec;
-use serde::Deserialize;
 
 use crate::error::{ReportError, Result};
-
-/// The settings `quantize` records in the summary (`QuantizeConfig` as JSON).
-#[derive(Debug, Clone, Deserialize)]
-pub struct Settings {
-    pub method: String,
-    pub dim: String,
-    pub select: String,
-    pub spec: QuantSpec,
-    pub act_order: bool,
-    pub static_groups: bool,
-    pub ic_modules: Vec<String>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-pub struct Calibration {
-    /// The calibration text file the run read.
-    pub source: PathBuf,
-    pub nsamples: usize,
-    pub seqlen: usize,
-    pub seed: u64,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-pub struct Summary {
-    /// The model directory that was quantized.
-    pub model: PathBuf,
-    pub settings: Settings,
-    /// `packed`, `f32`, `f16` or `gptq`.
-    pub format: String,
-    pub calibration: Calibration,
-    #[serde(default)]
-    pub seconds: f64,
-}
-
-#[derive(Deserialize)]
-struct ReportFile {
-    summary: Summary,
-    linears: Vec<LinearReport>,
-}
 
 pub struct Run {
     pub dir: PathBuf,
@@ -65,13 +25,13 @@ impl Run {
         if !dir.is_dir() {
             return Err(not_a_run("no such directory"));
         }
-        let path = dir.join("report.json");
+        let path = dir.join(Report::FILE);
         let text = match std::fs::read_to_string(&path) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(not_a_run("no report.json; give the --out directory of `adadim quantize`")),
             Err(source) => return Err(ReportError::Io { path, source }),
         };
-        let file: ReportFile = serde_json::from_str(&text).map_err(|e| ReportError::Damaged { path: path.clone(), msg: format!("not a report written by `adadim quantize`: {e}") })?;
+        let file: Report = serde_json::from_str(&text).map_err(|e| ReportError::Damaged { path: path.clone(), msg: format!("not a report written by `adadim quantize`: {e}") })?;
         if file.linears.is_empty() {
             return Err(ReportError::Damaged { path, msg: "no linears reported".into() });
         }

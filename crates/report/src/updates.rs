@@ -13,6 +13,8 @@
 //! mean over output channels of how far error compensation moved each weight before its
 //! rounding, `|w_compensated - w|`.
 
+use std::path::Path;
+
 use adadim_load::Checkpoint;
 use adadim_model::{Block, DecodeSettings, Flow, LinearKind, Rope, WeightSource, Weight};
 use adadim_quantize::{gptq, output_error_from_hessian, Axis, GptqOptions, Hessian};
@@ -44,7 +46,7 @@ pub struct LayerUpdates {
     /// Each input channel's RMS over the calibration tokens, `sqrt(H[i,i] / 2)`.
     pub input_rms: Vec<f32>,
     /// The axis the run kept for this linear.
-    pub run_axis: &'static str,
+    pub run_axis: Axis,
     /// For a GPTQ run, `max |W'_rerun - W'_run|` along the run's axis (0: reproduced exactly).
     pub reproduced_max_diff: Option<f64>,
 }
@@ -110,21 +112,17 @@ fn host(w: &Weight, what: &str) -> Result<Vec<f32>> {
 pub fn compute(run: &Run, samples: &[Vec<u32>], layer: usize, kind: LinearKind, progress: &mut dyn FnMut(usize, usize)) -> Result<LayerUpdates> {
     let module = kind.module();
     let report = run.linear(layer, module).ok_or_else(|| ReportError::Invalid(format!("{}: no linear {module} in block {layer} (the run has {} blocks)", run.dir.display(), run.layers())))?;
-    if run.summary.format == "gptq" {
+    if run.summary.format == adadim_calibrate::Format::Gptq {
         return Err(ReportError::Invalid(format!("{}: a GPTQ v1 export, which this re-run cannot read; use a packed or f32 run", run.dir.display())));
     }
     if samples.is_empty() {
         return Err(ReportError::Invalid("no calibration samples".into()));
     }
     let quantized = adadim_model::open(&run.dir)?;
-    let source = Checkpoint::open(&run.summary.model)?;
+    let source = Checkpoint::open(Path::new(&run.summary.model))?;
     let seqlen = samples.iter().map(|s| s.len()).max().unwrap_or(1);
     let rope = Rope::new(quantized.config(), seqlen).map_err(tensor_err("rope".into()))?;
-    let embed = quantized.tensor("model.embed_tokens.weight")?;
-    let mut xs = samples
-        .iter()
-        .map(|s| Tensor::new(s.as_slice(), &Device::Cpu).and_then(|ids| embed.index_select(&ids, 0)).map_err(tensor_err("embedding".into())))
-        .collect::<Result<Vec<Tensor>>>()?;
+    let mut xs = adadim_calibrate::embed_samples(&quantized.tensor("model.embed_tokens.weight")?, samples)?;
     for l in 0..layer {
         let block = dense_block(quantized.as_ref(), l)?;
         xs = xs.iter().map(|x| block.forward(x, &rope, &DecodeSettings::DEFAULT)).collect::<adadim_model::Result<Vec<Tensor>>>()?;
@@ -157,7 +155,7 @@ pub fn compute(run: &Run, samples: &[Vec<u32>], layer: usize, kind: LinearKind, 
 
     let w = source.tensor_f32(&format!("model.layers.{layer}.{module}.weight"))?;
     if w.len() != rows * cols {
-        return Err(ReportError::Invalid(format!("{}: {module} of block {layer} has {} weights, the run reported [{rows}, {cols}]", run.summary.model.display(), w.len())));
+        return Err(ReportError::Invalid(format!("{}: {module} of block {layer} has {} weights, the run reported [{rows}, {cols}]", run.summary.model, w.len())));
     }
     let s = &run.summary.settings;
     let opts = GptqOptions { percdamp: report.percdamp.unwrap_or(GptqOptions::default().percdamp), act_order: s.act_order, static_groups: s.static_groups, ..GptqOptions::default() };
@@ -169,15 +167,14 @@ pub fn compute(run: &Run, samples: &[Vec<u32>], layer: usize, kind: LinearKind, 
     };
     let (wq_oc, oc) = along(Axis::Oc)?;
     let (wq_ic, ic) = along(Axis::Ic)?;
-    let reproduced_max_diff = if s.method == "gptq" {
+    let reproduced_max_diff = if s.method == adadim_calibrate::Method::Gptq {
         let kept = host(&quantized.linear(&format!("model.layers.{layer}.{module}"))?, module)?;
-        let rerun = if report.axis == "ic" { &wq_ic } else { &wq_oc };
+        let rerun = if report.axis == Axis::Ic { &wq_ic } else { &wq_oc };
         Some(kept.iter().zip(rerun).map(|(a, b)| f64::from((a - b).abs())).fold(0.0, f64::max))
     } else {
         None
     };
-    let d = h.dim();
-    let input_rms = (0..d).map(|i| (h.matrix()[i * d + i] / 2.0).max(0.0).sqrt()).collect();
+    let input_rms = adadim_calibrate::input_rms::from_hessian(&h);
     Ok(LayerUpdates { layer, module, rows, cols, tokens: h.tokens(), oc, ic, input_rms, run_axis: report.axis, reproduced_max_diff })
 }
 
@@ -217,7 +214,7 @@ mod tests {
     #[test]
     fn concentration_compares_the_outlier_channels_with_the_rest() {
         let a = AxisUpdate { per_input: vec![1.0, 4.0, 1.0, 3.0], error: 0.0 };
-        let u = LayerUpdates { layer: 0, module: "mlp.down_proj", rows: 1, cols: 4, tokens: 1, oc: a.clone(), ic: a.clone(), input_rms: vec![0.1, 9.0, 0.2, 0.3], run_axis: "ic", reproduced_max_diff: None };
+        let u = LayerUpdates { layer: 0, module: "mlp.down_proj", rows: 1, cols: 4, tokens: 1, oc: a.clone(), ic: a.clone(), input_rms: vec![0.1, 9.0, 0.2, 0.3], run_axis: Axis::Ic, reproduced_max_diff: None };
         let ch = u.outlier_channels(0.01);
         assert_eq!(ch, vec![1], "the largest input RMS");
         assert_eq!(LayerUpdates::concentration(&a, &ch), 4.0 / (5.0 / 3.0));

@@ -3,7 +3,9 @@
 
 use anyhow::{Context, Result};
 
-use crate::{calibration_samples, progress, ReportArgs};
+use crate::args::ReportArgs;
+use crate::progress;
+use crate::resolve::calibration_samples;
 
 pub fn report(a: ReportArgs) -> Result<()> {
     let run = adadim_report::Run::open(&a.run_dir)?;
@@ -12,17 +14,14 @@ pub fn report(a: ReportArgs) -> Result<()> {
     if layer >= layers {
         anyhow::bail!("--layer {layer}: {} has blocks 0..={}", a.run_dir.display(), layers - 1);
     }
-    let kind = adadim_model::LinearKind::ALL
-        .into_iter()
-        .find(|k| k.short() == a.module)
-        .ok_or_else(|| anyhow::anyhow!("--module {}: not one of q, k, v, o, gate, up, down", a.module))?;
+    let kind = crate::resolve::module_arg(&a.module)?;
     let updates = if a.no_updates {
         None
     } else {
         let s = &run.summary;
         let c = &s.calibration;
         let skip = "for the GPTQ-update figure (--no-updates skips it)";
-        let (_, samples) = calibration_samples(&s.model, &c.source.to_string_lossy(), c.nsamples, c.seqlen, c.seed)
+        let (_, samples) = calibration_samples(std::path::Path::new(&s.model), &c.source, c.nsamples, c.seqlen, c.seed)
             .with_context(|| format!("rebuilding the run's calibration samples {skip}"))?;
         let mut bar = progress::Bar::new("report", layer + 1);
         let u = adadim_report::updates::compute(&run, &samples, layer, kind, &mut |d, t| bar.update(d, t)).with_context(|| format!("re-running GPTQ {skip}"))?;

@@ -13,11 +13,15 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use crate::args::BenchQualityArgs;
+use crate::cmd::eval::run_ppl;
+use crate::resolve::resolve_dataset;
+use adadim_load::fetch::adadim_home;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
 /// The seven linears of a block, as llama.cpp's GGUF names them.
-const GGUF_LINEARS: [&str; 7] = ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"];
+pub const GGUF_LINEARS: [&str; 7] = ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"];
 
 /// One model of the comparison.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -51,18 +55,15 @@ pub fn model_bits(dir: &Path) -> Result<(u64, u64)> {
     if adadim_model::is_packed(dir) {
         return packed_bits(dir);
     }
-    let path = dir.join("report.json");
-    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?)?;
-    let s = &r["summary"]["settings"];
-    let bits = s["spec"]["bits"].as_u64().with_context(|| format!("{}: no summary.settings.spec.bits", path.display()))? as u8;
-    let group = s["spec"]["group"].as_u64().map(|g| g as usize);
+    let path = dir.join(adadim_calibrate::Report::FILE);
+    let r = adadim_calibrate::Report::read(dir)?;
+    let s = &r.summary.settings;
+    let (bits, group) = (s.spec.bits, s.spec.group);
     // Per-OC GPTQ with act-order and dynamic groups stores its column order.
-    let dynamic = s["method"] == "gptq" && s["act_order"] == true && s["static_groups"] != true;
+    let dynamic = s.method == adadim_calibrate::Method::Gptq && s.act_order && !s.static_groups;
     let (mut total, mut weights) = (0u64, 0u64);
-    for l in r["linears"].as_array().with_context(|| format!("{}: no linears", path.display()))? {
-        let dim = |k: &str| l[k].as_u64().map(|v| v as usize).with_context(|| format!("{}: a linear without {k}", path.display()));
-        let (rows, cols) = (dim("rows")?, dim("cols")?);
-        let axis = if l["axis"] == "ic" { adadim_quantize::Axis::Ic } else { adadim_quantize::Axis::Oc };
+    for l in &r.linears {
+        let (rows, cols, axis) = (l.rows, l.cols, l.axis);
         let whole = if axis == adadim_quantize::Axis::Oc { cols } else { rows };
         let layout = adadim_pack::Layout { bits, group: group.unwrap_or(whole), axis };
         total += 8 * layout.bytes(rows, cols, dynamic && axis == adadim_quantize::Axis::Oc) as u64;
@@ -93,7 +94,7 @@ pub fn gguf_bits(path: &Path) -> Result<(u64, u64)> {
 }
 
 /// Run `cmd`, failing with its stderr's tail when it fails.
-fn run_tool(mut cmd: Command, what: &str) -> Result<()> {
+pub fn run_tool(mut cmd: Command, what: &str) -> Result<()> {
     let out = cmd.output().with_context(|| format!("starting {what}"))?;
     if !out.status.success() {
         let err = String::from_utf8_lossy(&out.stderr);
@@ -194,6 +195,74 @@ pub fn plot(points: &[Point], fp: f64, path: &Path) -> Result<()> {
     };
     render(&Figure { panels: vec![panel], columns: 1, panel_size: (900, 560) }, path)?;
     Ok(())
+}
+
+pub fn bench_quality(a: BenchQualityArgs) -> Result<()> {
+    use Point;
+    let read_json = |p: &std::path::Path| -> Result<serde_json::Value> {
+        serde_json::from_str(&std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?).with_context(|| format!("{}: not JSON", p.display()))
+    };
+    let fp = read_json(&a.runs.join("fp.ppl.json")).context("the run directory needs fp.ppl.json (bench/results.sh writes it)")?;
+    let num = |v: &serde_json::Value, k: &str| v[k].as_f64().with_context(|| format!("fp.ppl.json: no number '{k}'"));
+    let (fp_ppl, windows, seqlen) = (num(&fp, "ppl")?, num(&fp, "windows")? as usize, num(&fp, "seqlen")? as usize);
+    let dataset = resolve_dataset(fp["dataset"].as_str().unwrap_or("wikitext2"))?;
+    let mut points = Vec::new();
+    let mut ours: Vec<PathBuf> = std::fs::read_dir(&a.runs).with_context(|| format!("reading {}", a.runs.display()))?.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.join("report.json").exists()).collect();
+    ours.sort();
+    for dir in ours {
+        let name = dir.file_name().unwrap_or_default().to_string_lossy().to_string();
+        let ppl_file = a.runs.join(format!("{name}.ppl.json"));
+        if !ppl_file.exists() {
+            eprintln!("skipping {name}: no {} (bench/results.sh evaluates it)", ppl_file.display());
+            continue;
+        }
+        let (bits, weights) = model_bits(&dir)?;
+        points.push(Point { name, tool: "adadim".into(), bpw: bits as f64 / weights as f64, ppl: num(&read_json(&ppl_file)?, "ppl")? });
+    }
+    let gguf = a.gguf.clone().unwrap_or_else(|| adadim_home().join("models/smollm2.gguf"));
+    anyhow::ensure!(gguf.exists(), "{}: source GGUF not found (run `adadim eval ppl --model smollm2` once to fetch it, or pass --gguf)", gguf.display());
+    let calib = adadim_calibrate::data::corpus_file(&a.calib, &adadim_home())?;
+    let side = LlamaSide { bin: &a.llamacpp, gguf: &gguf, calib: &calib, chunks: a.chunks, ctx: a.ctx, threads: rayon::current_num_threads() };
+    let ldir = a.runs.join("llamacpp");
+    std::fs::create_dir_all(&ldir)?;
+    eprintln!("llama.cpp importance matrix ({} x {} tokens of {}) ...", a.chunks, a.ctx, a.calib);
+    let imatrix = side.imatrix(&ldir)?;
+    for ty in &a.types {
+        for im in [None, Some(imatrix.as_path())] {
+            let file = side.quantize(&ldir, ty, im)?;
+            let name = file.file_stem().unwrap_or_default().to_string_lossy().to_string();
+            let ppl_file = ldir.join(format!("{name}.ppl.json"));
+            if !ppl_file.exists() {
+                let dir = ldir.join(&name);
+                let imported = !dir.join("config.json").exists();
+                if imported {
+                    let mut bar = crate::progress::Bar::new("import", 0);
+                    adadim_load::gguf::import_gguf(&file, &dir, &mut |d, t| bar.update(d, t)).with_context(|| format!("importing {}", file.display()))?;
+                    bar.finish();
+                }
+                eprintln!("evaluating {name} ...");
+                let r = run_ppl(&dir, &dataset, seqlen, Some(windows))?;
+                let tmp = ldir.join(format!("{name}.ppl.json.tmp"));
+                std::fs::write(&tmp, serde_json::to_string(&r)?)?;
+                std::fs::rename(&tmp, &ppl_file)?;
+                if imported {
+                    std::fs::remove_dir_all(&dir)?; // imported just now; the GGUF stays, its f32 import is 0.5 GB
+                }
+            }
+            let (bits, weights) = gguf_bits(&file)?;
+            points.push(Point { name, tool: "llama.cpp".into(), bpw: bits as f64 / weights as f64, ppl: num(&read_json(&ppl_file)?, "ppl")? });
+        }
+    }
+    points.sort_by(|x, y| x.bpw.total_cmp(&y.bpw));
+    let mut md = String::from("## Quality per bit against llama.cpp\n\n");
+    md += &format!("Regenerated by `bench/results.sh` (its last step: `adadim bench quality --runs {} --llamacpp BIN`). Every model below is evaluated by our evaluator with the protocol above ({} windows x {seqlen} tokens of {}); llama.cpp's files (`llama-quantize --allow-requantize` from the shipped Q4_1 GGUF, the only source there is; token embedding kept f32 so that both sides keep a float head) are read with `import-gguf`. `-imatrix`: with llama.cpp's importance matrix from {} x {} tokens of the same calibration text as ours ({}). Bits per weight: what each file stores for the decoder-block linears (codes, scales, zeros, permutations; llama.cpp's mixed `_S`/`_M` recipes counted tensor by tensor). k-quants pack rows in super-blocks of 256 values; a linear whose rows are not a multiple of 256 long gets the fallback type llama-quantize picks for it, so a type's name can promise fewer bits than its file holds: the bits column is what was stored.\n\n", a.runs.display(), windows, dataset.label, a.chunks, a.ctx, a.calib);
+    md += &table(&points, fp_ppl);
+    if let Some(parent) = a.svg.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)?;
+    }
+    plot(&points, fp_ppl, &a.svg)?;
+    md += &format!("\nFP (dequantized Q4_1): {fp_ppl:.3}. Plot: [{}]({}).\n", a.svg.display(), a.svg.display());
+    super::publish(&a.write, "quality-per-bit", &md)
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 //! memory follows one block, not the model. Each model runs in its own `adadim quantize`
 //! process, so each peak is that run's alone.
 
+use crate::args::BenchScaleArgs;
 use anyhow::{Context, Result};
 use std::fmt::Write;
 use std::path::{Path, PathBuf};
@@ -21,7 +22,7 @@ pub struct ScaleRow {
 }
 
 /// Bytes of the `*.safetensors` files in `dir`.
-fn checkpoint_bytes(dir: &Path) -> Result<u64> {
+pub fn checkpoint_bytes(dir: &Path) -> Result<u64> {
     let mut total = 0;
     for e in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
         let p = e?.path();
@@ -97,4 +98,24 @@ pub fn models(list: &[PathBuf]) -> Result<Vec<PathBuf>> {
     list.iter()
         .map(|d| if d.join("config.json").exists() { Ok(d.clone()) } else { anyhow::bail!("{}: not a model directory (make one with `adadim synth`)", d.display()) })
         .collect()
+}
+
+pub fn bench_scale(a: BenchScaleArgs) -> Result<()> {
+    use std::fmt::Write;
+    let models = models(&a.models)?;
+    let scratch = a.scratch.clone().unwrap_or_else(|| models[0].parent().map(PathBuf::from).unwrap_or_else(|| PathBuf::from(".")));
+    let args: Vec<String> = ["--method", "gptq", "--dim", "ada", "--bits", "3", "--group", "128", "--nsamples", &a.nsamples.to_string(), "--calib-seqlen", &a.calib_seqlen.to_string()].iter().map(|s| s.to_string()).collect();
+    let mut rows = Vec::new();
+    for m in &models {
+        eprintln!("quantizing {} ...", m.display());
+        let r = run_one(m, &args, &scratch)?;
+        eprintln!("  {:.1} s, peak RSS {:.0} MB", r.seconds, r.peak_rss_mb);
+        rows.push(r);
+    }
+    let mut md = String::new();
+    writeln!(md, "## Memory and time by model size (`adadim bench scale`)\n")?;
+    writeln!(md, "Machine: {}.\n", super::machine())?;
+    let settings = format!("GPTQ-ada w3g128, calibration {} x {} Shakespeare tokens, packed output; random-weight f16 checkpoints from `adadim synth` (real shapes; `--layers` keeps fewer blocks of the same shape)", a.nsamples, a.calib_seqlen);
+    table(&rows, &settings, &mut md)?;
+    super::publish(&a.write, "scale", &md)
 }

@@ -1,12 +1,16 @@
-//! `adadim bench eval`: evaluation throughput, side by side in one run with
-//! (a) this machine's f32 GEMM rate measured on the model's own matmul shapes and a large square,
-//! (b) llama.cpp's `llama-perplexity` on the same model file and text, when its binaries are given.
-//! The result is printed and written into BENCHMARKS.md between markers.
+//! `adadim bench ...`: one file per benchmark; here what they share: the machine's GEMM rates,
+//! its description, and writing a result into its section of BENCHMARKS.md.
 
-use anyhow::{bail, Context, Result};
+pub mod decode;
+pub mod eval;
+pub mod kernels;
+pub mod quality;
+pub mod quantize;
+pub mod scale;
+
+use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Instant;
 
 /// Best-of-`reps` GFLOP/s of `(m,k) @ (k,n)` with candle (the same path the forward uses;
@@ -54,47 +58,6 @@ pub fn machine() -> String {
     #[cfg(not(target_arch = "x86_64"))]
     let isa = std::env::consts::ARCH;
     format!("{model}, {isa}, {} threads", candle_core::utils::get_num_threads())
-}
-
-pub struct PeerRun {
-    pub ppl: f64,
-    pub tokens_per_s: f64,
-    pub command: String,
-}
-
-/// Run llama.cpp's `llama-perplexity` on `gguf` and `text` with `ctx`, `chunks` windows.
-pub fn llama_perplexity(bin_dir: &Path, gguf: &Path, text: &Path, ctx: usize, chunks: usize, threads: usize) -> Result<PeerRun> {
-    let exe = bin_dir.join("llama-perplexity");
-    if !exe.exists() {
-        bail!("{}: not found (build it with bench/peers/build-llamacpp.sh)", exe.display());
-    }
-    let args = [
-        "-m".to_string(), gguf.display().to_string(), "-f".into(), text.display().to_string(),
-        "-c".into(), ctx.to_string(), "-b".into(), ctx.to_string(), "--chunks".into(), chunks.to_string(),
-        "-t".into(), threads.to_string(), "--no-repack".into(),
-    ];
-    let command = format!("llama-perplexity {}", args.join(" "));
-    let t = Instant::now();
-    let out = Command::new(&exe).args(&args).output().with_context(|| format!("running {}", exe.display()))?;
-    let seconds = t.elapsed().as_secs_f64();
-    let log = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    if !out.status.success() {
-        bail!("{command} failed: {}", log.lines().rev().take(5).collect::<Vec<_>>().join(" | "));
-    }
-    // "Final estimate: PPL = 17.1234 +/- 0.12"
-    let ppl = log
-        .lines()
-        .find_map(|l| l.split("Final estimate: PPL = ").nth(1))
-        .and_then(|r| r.split_whitespace().next())
-        .and_then(|v| v.parse::<f64>().ok())
-        .with_context(|| format!("no 'Final estimate' in llama-perplexity output: {}", log.lines().rev().take(5).collect::<Vec<_>>().join(" | ")))?;
-    // "llama_perf_context_print: prompt eval time = 1234.5 ms / 16384 tokens (... ms per token, 123.4 tokens per second)"
-    let tps = log
-        .lines()
-        .filter(|l| l.contains("prompt eval time"))
-        .find_map(|l| l.split(" ms per token, ").nth(1).and_then(|r| r.split_whitespace().next()).and_then(|v| v.parse::<f64>().ok()))
-        .unwrap_or((chunks * ctx) as f64 / seconds);
-    Ok(PeerRun { ppl, tokens_per_s: tps, command })
 }
 
 /// Print a benchmark's markdown and put it into its section of `file`.
@@ -148,27 +111,4 @@ mod tests {
         let g = gemm_gflops(64, 64, 64, 2).unwrap();
         assert!(g > 0.1 && g < 1e5, "{g}");
     }
-}
-
-/// llama.cpp's speed on one test: `llama-bench -p PROMPT -n GEN -d DEPTH` on `gguf` with
-/// `threads`, `reps` repetitions (llama-bench's own mean): decoding `gen` tokens after `depth`
-/// positions (`prompt` 0, tg GEN) or processing a `prompt` of that many tokens (`gen` 0, pp
-/// PROMPT). Returns (tokens/s, file size in bytes).
-pub fn llama_bench(bin: &Path, gguf: &Path, prompt: usize, gen: usize, depth: usize, threads: usize, reps: usize) -> Result<(f64, u64)> {
-    let exe = bin.join("llama-bench");
-    let out = std::process::Command::new(&exe)
-        .arg("-m")
-        .arg(gguf)
-        .args(["-p", &prompt.to_string(), "-n", &gen.to_string(), "-d", &depth.to_string(), "-t", &threads.to_string(), "-r", &reps.max(1).to_string(), "-o", "json"])
-        .output()
-        .with_context(|| format!("running {}", exe.display()))?;
-    if !out.status.success() {
-        anyhow::bail!("{} on {} failed ({}): {}", exe.display(), gguf.display(), out.status, String::from_utf8_lossy(&out.stderr));
-    }
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).with_context(|| format!("{}: output is not JSON", exe.display()))?;
-    let is = |r: &serde_json::Value| r["n_prompt"].as_u64() == Some(prompt as u64) && r["n_gen"].as_u64() == Some(gen as u64);
-    let ts = v.as_array().and_then(|a| a.iter().find(|r| is(r))).and_then(|r| r["avg_ts"].as_f64());
-    let ts = ts.ok_or_else(|| anyhow::anyhow!("{}: no pp{prompt} tg{gen} result in its JSON", exe.display()))?;
-    let size = std::fs::metadata(gguf).with_context(|| format!("{}", gguf.display()))?.len();
-    Ok((ts, size))
 }

@@ -11,7 +11,7 @@ use std::path::Path;
 #[derive(Args)]
 pub struct MmluArgs {
     #[command(flatten)]
-    pub model: crate::ModelArg,
+    pub model: crate::args::ModelArg,
     /// Dev examples before each question (0-5).
     #[arg(long, default_value_t = 5)]
     pub shots: usize,
@@ -29,7 +29,7 @@ pub struct MmluArgs {
 #[derive(Args)]
 pub struct HumanEvalArgs {
     #[command(flatten)]
-    pub model: crate::ModelArg,
+    pub model: crate::args::ModelArg,
     /// Only the first N problems.
     #[arg(long)]
     pub limit: Option<usize>,
@@ -52,7 +52,7 @@ pub struct HumanEvalArgs {
 }
 
 /// The model in `dir` for evaluation (float LM head), with a progress bar; `max_t` positions.
-fn load_model(dir: &Path, max_t: usize) -> Result<adadim_model::Model> {
+pub fn load_model(dir: &Path, max_t: usize) -> Result<adadim_model::Model> {
     let src = adadim_model::open(dir)?;
     let mut bar = progress::Bar::new("load", src.config().num_hidden_layers);
     let model = adadim_model::Model::load(src.as_ref(), max_t, &mut |d, t| bar.update(d, t)).with_context(|| format!("loading {}", dir.display()))?;
@@ -61,7 +61,7 @@ fn load_model(dir: &Path, max_t: usize) -> Result<adadim_model::Model> {
 }
 
 /// The model's context length (`max_position_embeddings`, 2048 when the config has none).
-fn context_of(dir: &Path) -> Result<usize> {
+pub fn context_of(dir: &Path) -> Result<usize> {
     Ok(adadim_load::LlamaConfig::from_file(&dir.join("config.json"))?.max_position_embeddings.unwrap_or(2048))
 }
 
@@ -72,7 +72,7 @@ pub fn mmlu(a: MmluArgs) -> Result<()> {
         .join("mmlu");
     // Check the data before loading the model.
     adadim_eval::mmlu::subject_files(&data, &a.subjects)?;
-    let dir = crate::model_dir(&a.model.model)?;
+    let dir = crate::resolve::model_dir(&a.model.model)?;
     let max_context = context_of(&dir)?;
     let tok = adadim_load::tokenizer::load(&dir)?;
     let model = load_model(&dir, max_context)?;
@@ -114,9 +114,9 @@ pub fn humaneval(a: HumanEvalArgs) -> Result<()> {
     let completer = if a.canonical {
         Completer::Canonical
     } else {
-        dir = crate::model_dir(&a.model.model)?;
+        dir = crate::resolve::model_dir(&a.model.model)?;
         tok = adadim_load::tokenizer::load(&dir)?;
-        eos = crate::eos_ids(&dir, &tok)?;
+        eos = crate::resolve::eos_ids(&dir, &tok, &adadim_load::tokenizer::config(&dir)?.unwrap_or_default())?;
         let mut longest = 0;
         for p in &problems {
             longest = longest.max(tok.encode(p.prompt.as_str(), true).map_err(|e| anyhow::anyhow!("tokenizing {}: {e}", p.task_id))?.len());

@@ -1,0 +1,11 @@
+//! One file per `adadim` command.
+
+pub mod compare;
+pub mod eval;
+pub mod eval_tasks;
+pub mod generate;
+pub mod import;
+pub mod quantize;
+pub mod quantize_layer;
+pub mod report;
+pub mod synth;

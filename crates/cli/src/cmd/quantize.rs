@@ -1,0 +1,127 @@
+//! `adadim quantize`: flags to a [`QuantizeConfig`], then the resumable run
+//! ([`adadim_calibrate::run_dir`]).
+
+use crate::args::{DimArg, FormatArg, MethodArg, QuantSettings, QuantizeArgs, ScaleSearchArg, SelectArg, ZeroArg};
+use crate::resolve::{calibration_samples, model_dir};
+use adadim_calibrate::{CalibrationInfo, Format, Job, Report, RunDir, Summary};
+use anyhow::{Context, Result};
+use std::path::Path;
+
+pub fn quantize(a: QuantizeArgs) -> Result<()> {
+    let dir = model_dir(&a.job.model.model)?;
+    let format = match a.format {
+        FormatArg::Packed => Format::Packed,
+        FormatArg::F32 => Format::F32,
+        FormatArg::F16 => Format::F16,
+        FormatArg::Gptq => Format::Gptq,
+    };
+    let summary = run_quantize_resumable(&dir, a.job.method, a.job.dim, &a.job.settings, format, &a.out, a.restart)?;
+    if a.json {
+        println!("{}", serde_json::to_string(&serde_json::to_value(&summary)?)?);
+    } else {
+        println!("{}: {} of {} linears per-IC, {:.1} s; report in {}", a.out.display(), summary.per_ic, summary.linears, summary.seconds, a.out.join(Report::FILE).display());
+    }
+    Ok(())
+}
+
+/// Quantize the checkpoint in `dir` into the new directory `out`; see [`run_quantize_resumable`].
+pub fn run_quantize(dir: &Path, method: MethodArg, dim: DimArg, q: &QuantSettings, format: Format, out: &Path) -> Result<Summary> {
+    run_quantize_resumable(dir, method, dim, q, format, out, false)
+}
+
+/// Quantize the checkpoint in `dir` into the new directory `out`. Returns the report's summary.
+///
+/// The flags are checked and the calibration samples drawn here (sizes first:
+/// [`crate::limits::check_calibration`]); the run itself is [`RunDir`]'s: finished blocks are
+/// saved in `.NAME.partial` beside `out`, so a run cut short continues after its last
+/// finished block when run again (`restart`: start over instead), with the same bytes.
+pub fn run_quantize_resumable(dir: &Path, method: MethodArg, dim: DimArg, q: &QuantSettings, format: Format, out: &Path, restart: bool) -> Result<Summary> {
+    let cfg = quantize_config(method, dim, q)?;
+    if std::fs::symlink_metadata(out).is_ok() {
+        anyhow::bail!("{}: output directory already exists; remove it or choose another", out.display());
+    }
+    if adadim_model::is_packed(dir) {
+        anyhow::bail!("{}: this model is already quantized (an adadim packed checkpoint); quantize the original model", dir.display());
+    }
+    if format == Format::Gptq && (!matches!(dim, DimArg::Oc) || !q.ic_modules.is_empty()) {
+        anyhow::bail!("--format gptq: the GPTQ layout holds per-OC groups only; use --dim oc (without --ic-modules), or the packed format for per-IC / AdaDim models");
+    }
+    let started = std::time::Instant::now();
+    let ckpt = adadim_load::Checkpoint::open(dir)?;
+    ckpt.check_all_finite()?;
+    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    crate::limits::check_calibration(&ckpt.config, q.nsamples, q.calib_seqlen, parent)?;
+    let (calib_file, samples) = calibration_samples(dir, &q.calib, q.nsamples, q.calib_seqlen, q.seed)?;
+    let tool = format!("adadim {}", env!("CARGO_PKG_VERSION"));
+    let calibration = CalibrationInfo { source: calib_file.display().to_string(), nsamples: q.nsamples, seqlen: q.calib_seqlen, seed: q.seed };
+    let job = Job { model: dir, checkpoint: &ckpt, config: &cfg, format, calibration, samples: &samples, tool: &tool, started };
+    let run = RunDir::open(out, &job, restart)?;
+    let (work_dir, layers, resumed) = (run.path().to_path_buf(), ckpt.config.num_hidden_layers, run.done());
+    if resumed >= layers {
+        eprintln!("{}: all {layers} blocks were finished by an interrupted run; resuming at writing the output", work_dir.display());
+    } else if resumed > 0 {
+        eprintln!("{}: resuming at block {} of {layers} ({resumed} finished by an interrupted run)", work_dir.display(), resumed + 1);
+    }
+    let mut bar = crate::progress::Bar::new("quantize", layers);
+    bar.update(resumed, layers);
+    match run.run(&job, &mut |d, t| bar.update(d, t)) {
+        Ok(done) => {
+            bar.finish();
+            if let Some(e) = done.cleanup {
+                eprintln!("warning: {e} (the model at {} is complete; delete that directory)", out.display());
+            }
+            Ok(done.report.summary)
+        }
+        Err(failed) => {
+            if let Some((work_dir, blocks)) = failed.kept {
+                eprintln!("{}: the {blocks} finished blocks are kept; the same command continues from there (--restart starts over)", work_dir.display());
+            }
+            Err((*failed.error).into())
+        }
+    }
+}
+
+/// The driver's settings from the command line.
+pub fn quantize_config(method: MethodArg, dim: DimArg, q: &QuantSettings) -> Result<adadim_calibrate::QuantizeConfig> {
+    use adadim_calibrate::{Dim, Method, QuantizeConfig, Select};
+    use adadim_quantize::{Axis, GptqOptions, QuantSpec, Zero};
+    let spec = QuantSpec {
+        bits: q.bits,
+        group: (q.group > 0).then_some(q.group),
+        axis: Axis::Oc,
+        zero: match q.zero {
+            ZeroArg::Awq => Zero::Awq,
+            ZeroArg::Gptq => Zero::Gptq,
+            ZeroArg::Sym => Zero::Sym,
+        },
+    };
+    spec.validate().context("--bits / --group")?;
+    let cfg = QuantizeConfig {
+        method: match method {
+            MethodArg::Rtn => Method::Rtn,
+            MethodArg::Gptq => Method::Gptq,
+        },
+        dim: match dim {
+            DimArg::Oc => Dim::Oc,
+            DimArg::Ic => Dim::Ic,
+            DimArg::Ada => Dim::Ada,
+        },
+        select: match q.select {
+            SelectArg::Rtn => Select::Rtn,
+            SelectArg::Gptq => Select::Gptq,
+        },
+        spec,
+        search: match q.scale_search {
+            ScaleSearchArg::Minmax => adadim_quantize::ScaleSearch::MinMax,
+            ScaleSearchArg::Mse => adadim_quantize::ScaleSearch::Mse,
+        },
+        gptq: GptqOptions { percdamp: q.percdamp, ..GptqOptions::default() },
+        act_order: q.act_order,
+        static_groups: q.static_groups,
+        ic_modules: q.ic_modules.clone(),
+        act_cache_bytes: adadim_calibrate::ACT_CACHE_BYTES,
+    };
+    cfg.gptq.validate().context("--percdamp")?;
+    Ok(cfg)
+}
