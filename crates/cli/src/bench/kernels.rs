@@ -235,7 +235,8 @@ pub fn kernels_vs_llamacpp(bin: &std::path::Path, group: usize, md: &mut String)
         peers.push((ty, us, threads));
     }
     let threads = peers[0].2;
-    writeln!(md, "\n### Against llama.cpp (same run)\n")?;
+    writeln!(md, "\n### Against llama.cpp's plain layouts (same run)\n")?;
+    writeln!(md, "**Peer layout: llama.cpp's plain block layouts** (`test-backend-ops` times `q4_0` / `q4_K` / `q3_K` as stored in a file); its model loader repacks Q4_0 and Q4_K into interleaved CPU layouts on this machine, which are faster than the plain ones. These rows compare kernels against the plain layouts only; the fair end-to-end ratios are the decode and prompt-processing sections, where `llama-bench` runs its repacked path.\n")?;
     writeln!(md, "`{m} x {k}` (out x in; the only matrix-vector shape `test-backend-ops perf -o MUL_MAT` times), {threads} thread(s) each (test-backend-ops gives its CPU backend half the hardware threads; ours runs on a pool of the same size). One matrix repeated, mean time per run, as test-backend-ops measures (the ~30 MB matrix about fills L3). llama.cpp rounds the activations to 8 bits (Q8_0 / Q8_K); ours to 16, or to 8 in blocks of 32 (`int8`, as Q8_0).\n")?;
     writeln!(md, "| kernel | bits / weight | us / matvec |\n|---|---|---|")?;
     let bpw = |ty: &str| match ty {
@@ -244,7 +245,7 @@ pub fn kernels_vs_llamacpp(bin: &std::path::Path, group: usize, md: &mut String)
         _ => 3.4375,
     };
     for &(ty, us, _) in &peers {
-        writeln!(md, "| llama.cpp {ty} | {} | {us:.1} |", bpw(ty))?;
+        writeln!(md, "| llama.cpp {ty} (plain) | {} | {us:.1} |", bpw(ty))?;
     }
     let mut ours = Vec::new();
     for (bits, act) in KERNELS {
@@ -261,7 +262,7 @@ pub fn kernels_vs_llamacpp(bin: &std::path::Path, group: usize, md: &mut String)
         let vs: Vec<String> = peers
             .iter()
             .filter(|(ty, _, _)| if *bits == 4 { ty.starts_with("q4") } else { ty.starts_with("q3") })
-            .map(|(ty, pus, _)| format!("{:.2}x {ty}'s speed", pus / us))
+            .map(|(ty, pus, _)| format!("{:.2}x plain {ty}'s speed", pus / us))
             .collect();
         writeln!(md, "- {name}: {}", vs.join(", "))?;
     }
@@ -284,12 +285,12 @@ pub fn kernels_prefill_vs_llamacpp(bin: &std::path::Path, group: usize, threads:
     // The same f32 GEMM the forward pass runs (candle's), on as many threads.
     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build()?;
     let dense = flop / (pool.install(|| super::gemm_gflops(n, k, m, 3))? * 1e9);
-    writeln!(md, "\n### Prefill products against llama.cpp (same run)\n")?;
-    writeln!(md, "`{m} x {k}` times {n} tokens (test-backend-ops' MUL_MAT n = {n} case), {threads} thread(s) each; best of 3 for ours, test-backend-ops' mean. Ours: on integers (`matmul_act`: activations rounded as the decode matvec rounds them, codes widened per panel, AVX-512 VNNI), and through dequantized f32 panels (`matmul`, what evaluation runs); against the dense f32 GEMM of the same size (candle's matmul, as the forward pass runs it) on f32 weights.\n")?;
+    writeln!(md, "\n### Prefill products against llama.cpp's plain layouts (same run)\n")?;
+    writeln!(md, "`{m} x {k}` times {n} tokens (test-backend-ops' MUL_MAT n = {n} case), {threads} thread(s) each; best of 3 for ours, test-backend-ops' mean. Ours: on integers (`matmul` at int16 / int8: activations rounded as the decode matvec rounds them, codes widened per panel, AVX-512 VNNI), and through dequantized f32 panels (`matmul` at f32, what evaluation runs); against the dense f32 GEMM of the same size (candle's matmul, as the forward pass runs it) on f32 weights.\n")?;
     writeln!(md, "| product | GFLOP/s | of the f32 GEMM |\n|---|---|---|")?;
     writeln!(md, "| dense f32 GEMM (candle) | {:.1} | 1.00 |", flop / dense / 1e9)?;
     for &(ty, us) in &peers {
-        writeln!(md, "| llama.cpp {ty} | {:.1} | {:.2} |", flop / us / 1e3, dense / (us * 1e-6))?;
+        writeln!(md, "| llama.cpp {ty} (plain) | {:.1} | {:.2} |", flop / us / 1e3, dense / (us * 1e-6))?;
     }
     let mut ours = Vec::new();
     for bits in [4u8, 3] {
@@ -310,7 +311,7 @@ pub fn kernels_prefill_vs_llamacpp(bin: &std::path::Path, group: usize, threads:
         let vs: Vec<String> = peers
             .iter()
             .filter(|(ty, _)| if *bits == 4 { ty.starts_with("q4") } else { ty.starts_with("q3") })
-            .map(|(ty, us)| format!("{:.2}x {ty}'s speed", us * 1e-6 / sec))
+            .map(|(ty, us)| format!("{:.2}x plain {ty}'s speed", us * 1e-6 / sec))
             .collect();
         writeln!(md, "- {name}: {}", vs.join(", "))?;
     }
