@@ -23,11 +23,17 @@ pub enum ReportError {
     /// Reading `input_rms.safetensors`, or GPTQ failing on the re-run linear
     /// (`CalibError::Quantize` names the layer and module).
     #[error(transparent)]
-    Calibrate(#[from] adadim_calibrate::CalibError),
+    Calibrate(Box<adadim_calibrate::CalibError>),
     #[error(transparent)]
     Load(#[from] adadim_load::LoadError),
     #[error(transparent)]
     Model(#[from] adadim_model::ModelError),
+}
+
+impl From<adadim_calibrate::CalibError> for ReportError {
+    fn from(e: adadim_calibrate::CalibError) -> Self {
+        ReportError::Calibrate(Box::new(e))
+    }
 }
 
 pub type Result<T> = std::result::Result<T, ReportError>;

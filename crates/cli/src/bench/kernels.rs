@@ -194,7 +194,7 @@ pub fn bench_kernels(a: BenchKernelsArgs) -> Result<()> {
     let mut md = String::new();
     use std::fmt::Write;
     writeln!(md, "## Packed matrix-vector kernels (`adadim bench kernels`)\n")?;
-    writeln!(md, "Machine: {}. Memory bandwidth measured in this run (STREAM triad, {} MB arrays, measured again before each kernel's timings: {} measurements from {low:.1} to {triad:.1} GB/s; the ratios below use the best): **{triad:.1} GB/s**.\n", super::machine(), a.working_set / 12 >> 18, triads.len())?;
+    writeln!(md, "Machine: {}. Memory bandwidth measured in this run (STREAM triad, {} MB arrays, measured again before each kernel's timings: {} measurements from {low:.1} to {triad:.1} GB/s; the ratios below use the best): **{triad:.1} GB/s**.\n", super::machine(), (a.working_set / 12) >> 18, triads.len())?;
     writeln!(md, "y = W'x from packed codes, group {}, AWQ-style zeros; {} MB of matrices cycled per measurement (per axis) so every byte comes from memory; per-OC and per-IC timed in alternation, best of {KERNEL_REPS} each, on the decode team (rayon's other workers spinning for the row loops, as `generate` runs them). Bytes = packed codes + params as the kernel reads them (f32 scale and zero per group) + permutation.\n", a.group, a.working_set >> 21)?;
     writeln!(md, "| shape (out x in) | bits | activations | axis | us / matvec | GB/s | of triad | per-IC time / per-OC time |\n|---|---|---|---|---|---|---|---|")?;
     // Per kernel: the lowest fraction of triad and the highest per-IC / per-OC time.

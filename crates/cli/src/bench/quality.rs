@@ -85,7 +85,7 @@ pub fn gguf_bits(path: &Path) -> Result<(u64, u64)> {
         }
         let n = info.shape.elem_count() as u64;
         let (block, size) = (info.ggml_dtype.block_size() as u64, info.ggml_dtype.type_size() as u64);
-        anyhow::ensure!(n % block == 0, "{}: tensor {name} has {n} values, not a whole number of {block}-value blocks", path.display());
+        anyhow::ensure!(n.is_multiple_of(block), "{}: tensor {name} has {n} values, not a whole number of {block}-value blocks", path.display());
         bits += 8 * n / block * size;
         weights += n;
     }
@@ -163,7 +163,7 @@ pub fn table(points: &[Point], fp: f64) -> String {
 /// For each tool, the points no other point of the same tool beats in both bits and ppl.
 pub fn frontier(points: &[Point], tool: &str) -> Vec<Point> {
     let mine: Vec<&Point> = points.iter().filter(|p| p.tool == tool).collect();
-    let mut f: Vec<Point> = mine.iter().filter(|p| !mine.iter().any(|q| q.bpw <= p.bpw && q.ppl < p.ppl && (q.bpw < p.bpw || q.ppl < p.ppl))).map(|p| (*p).clone()).collect();
+    let mut f: Vec<Point> = mine.iter().filter(|p| !mine.iter().any(|q| q.bpw <= p.bpw && q.ppl <= p.ppl && (q.bpw < p.bpw || q.ppl < p.ppl))).map(|p| (*p).clone()).collect();
     f.sort_by(|a, b| a.bpw.total_cmp(&b.bpw));
     f
 }
