@@ -370,6 +370,14 @@ impl WorkDir {
         Ok(xs)
     }
 
+    /// [`WorkDir::load_block`] for the fuzz target `fuzz_resume` (`fuzz/src/calibrate_targets.rs`)
+    /// and its CI replay: the block reader parses saved files, yet nothing public reaches it
+    /// short of a whole resumed quantization run over a model. A test seam, not an API.
+    #[doc(hidden)]
+    pub fn fuzz_load_block(&self, layer: usize) -> Result<(Vec<(LinearKind, QuantizedMatrix)>, Vec<LinearReport>)> {
+        self.load_block(layer)
+    }
+
     /// Block `layer`'s quantized linears (in the order saved) and reports.
     pub(crate) fn load_block(&self, layer: usize) -> Result<FinishedBlock> {
         let path = self.block_path(layer);
