@@ -390,7 +390,7 @@ impl WorkDir {
         let mut reports: Vec<LinearReport> = serde_json::from_str(&get("reports")?).map_err(|e| bad(format!("reports: {e}")))?;
         for r in &mut reports {
             if let Ok(t) = st.tensor(&format!("{}.input_rms", short_name(r.module))) {
-                if t.data().len() != 4 * r.cols {
+                if r.cols.checked_mul(4) != Some(t.data().len()) {
                     return Err(bad(format!("{}.input_rms: {} bytes for {} input channels", short_name(r.module), t.data().len(), r.cols)));
                 }
                 r.input_rms = t.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes"))).collect();
@@ -401,10 +401,16 @@ impl WorkDir {
             let n = kind.short();
             let Some(spec) = meta.get(&format!("{n}.spec")) else { continue };
             let spec: QuantSpec = serde_json::from_str(spec).map_err(|e| bad(format!("{n}.spec: {e}")))?;
+            // The bit width before unpacking with it: 0 bits made every row 0 bytes (an empty
+            // codes tensor passed) and the unpacker then indexed an empty row.
+            spec.validate().map_err(|e| bad(format!("{n}.spec: {e}")))?;
             let (rows, cols): (usize, usize) = serde_json::from_str(&get(&format!("{n}.shape"))?).map_err(|e| bad(format!("{n}.shape: {e}")))?;
             let data = |t: &str| st.tensor(&format!("{n}.{t}")).map(|v| v.data()).map_err(|e| bad(format!("{n}.{t}: {e}")));
             let codes = data("codes")?;
-            if codes.len() != rows * adadim_pack::bits::row_bytes(cols, spec.bits) {
+            // Checked: a shape whose byte count wraps around (2^63 rows of 2 bytes is 0) passed
+            // with an empty codes tensor. With bits >= 2, rows * cols is then at most 4 x the bytes.
+            let want = cols.checked_mul(usize::from(spec.bits)).and_then(|b| rows.checked_mul(b.div_ceil(8)));
+            if want != Some(codes.len()) {
                 return Err(bad(format!("{n}.codes: {} bytes for [{rows}, {cols}] at {} bits", codes.len(), spec.bits)));
             }
             let mut padded = codes.to_vec();

@@ -58,6 +58,21 @@ fn seeds_are_valid_files() {
     assert!(e.contains("block-00000.safetensors"), "{e}");
 }
 
+/// The block reader's two bugs (found by reading `load_block`, reproduced by these inputs):
+/// 0 bits made every row 0 bytes, so an empty codes tensor passed and unpacking indexed an
+/// empty row; a shape whose byte count wraps (2^63 rows x 2 bytes = 0) passed the same way.
+/// Both were panics; each is now an error naming the block file and the linear.
+#[test]
+fn bad_block_specs_and_shapes_are_errors() {
+    let s = targets::ResumeScratch::new();
+    for (name, what) in [("crash-block-zero-bits", "q.spec"), ("crash-block-shape-overflow", "q.codes")] {
+        targets::resume(&s, &std::fs::read(replay::corpus_dir("fuzz_resume").join(name)).unwrap());
+        let w = WorkDir::open(&s.work(), serde_json::from_str(targets::JOB).unwrap(), false).unwrap();
+        let e = w.fuzz_load_block(0).err().expect(name).to_string();
+        assert!(e.contains("block-00000.safetensors") && e.contains(what), "{name}: {e}");
+    }
+}
+
 // ---- seed corpus --------------------------------------------------------------------------
 
 /// Regenerate the seed files (`seed-*`) of the two corpora. Deterministic: rerunning it
