@@ -203,6 +203,12 @@ impl WorkDir {
                 return Ok(w);
             }
         };
+        // The one file outside blocks/ a manifest names is only ever the name `save_block` gives
+        // it: an edited `hidden` could otherwise name a file outside the directory, read back as
+        // state and then deleted as superseded.
+        if let Some(h) = manifest.hidden.as_deref().filter(|&h| h != format!("hidden-{:05}.f32", manifest.done)) {
+            return Err(damaged(&path, format!("names '{}' as the hidden states entering block {}, not hidden-{:05}.f32; pass --restart to start over", adadim_load::printable(h), manifest.done, manifest.done)));
+        }
         // Left by a run cut short between two steps: half-written files, superseded states.
         for e in std::fs::read_dir(state.at("")).map_err(io(dir))? {
             let name = e.map_err(io(dir))?.file_name().to_string_lossy().into_owned();
