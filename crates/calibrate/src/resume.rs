@@ -380,7 +380,7 @@ impl WorkDir {
     /// and its CI replay: the block reader parses saved files, yet nothing public reaches it
     /// short of a whole resumed quantization run over a model. A test seam, not an API.
     #[doc(hidden)]
-    pub fn fuzz_load_block(&self, layer: usize) -> Result<(Vec<(LinearKind, QuantizedMatrix)>, Vec<LinearReport>)> {
+    pub fn fuzz_load_block(&self, layer: usize) -> Result<FinishedBlock> {
         self.load_block(layer)
     }
 

@@ -68,7 +68,7 @@ fn bad_block_specs_and_shapes_are_errors() {
     for (name, what) in [("crash-block-zero-bits", "q.spec"), ("crash-block-shape-overflow", "q.codes")] {
         targets::resume(&s, &std::fs::read(replay::corpus_dir("fuzz_resume").join(name)).unwrap());
         let w = WorkDir::open(&s.work(), serde_json::from_str(targets::JOB).unwrap(), false).unwrap();
-        let e = w.fuzz_load_block(0).err().expect(name).to_string();
+        let e = w.fuzz_load_block(0).expect_err(name).to_string();
         assert!(e.contains("block-00000.safetensors") && e.contains(what), "{name}: {e}");
     }
 }
