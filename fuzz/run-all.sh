@@ -10,10 +10,12 @@ secs="${SECONDS_PER_TARGET:-600}"
 export RUSTC_BOOTSTRAP=1 RAYON_NUM_THREADS=1
 mkdir -p logs
 nice -n 19 cargo fuzz build -O || exit 1
-for t in ${TARGETS:-fuzz_config fuzz_safetensors fuzz_gguf fuzz_packed}; do
+for t in ${TARGETS:-fuzz_config fuzz_safetensors fuzz_gguf fuzz_packed fuzz_tokenizer_config fuzz_resume}; do
   case "$t" in
     fuzz_config) dict=dicts/config.dict ;;
     fuzz_gguf) dict=dicts/gguf.dict ;;
+    fuzz_tokenizer_config) dict=dicts/tokenizer_config.dict ;;
+    fuzz_resume) dict=dicts/resume.dict ;;
     *) dict=dicts/safetensors.dict ;;
   esac
   mkdir -p "corpus-work/$t"

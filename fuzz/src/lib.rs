@@ -4,3 +4,5 @@
 pub mod load_targets;
 #[path = "pack_targets.rs"]
 pub mod pack_targets;
+#[path = "calibrate_targets.rs"]
+pub mod calibrate_targets;

@@ -203,6 +203,12 @@ impl WorkDir {
                 return Ok(w);
             }
         };
+        // The one file outside blocks/ a manifest names is only ever the name `save_block` gives
+        // it: an edited `hidden` could otherwise name a file outside the directory, read back as
+        // state and then deleted as superseded.
+        if let Some(h) = manifest.hidden.as_deref().filter(|&h| h != format!("hidden-{:05}.f32", manifest.done)) {
+            return Err(damaged(&path, format!("names '{}' as the hidden states entering block {}, not hidden-{:05}.f32; pass --restart to start over", adadim_load::printable(h), manifest.done, manifest.done)));
+        }
         // Left by a run cut short between two steps: half-written files, superseded states.
         for e in std::fs::read_dir(state.at("")).map_err(io(dir))? {
             let name = e.map_err(io(dir))?.file_name().to_string_lossy().into_owned();
@@ -370,6 +376,14 @@ impl WorkDir {
         Ok(xs)
     }
 
+    /// [`WorkDir::load_block`] for the fuzz target `fuzz_resume` (`fuzz/src/calibrate_targets.rs`)
+    /// and its CI replay: the block reader parses saved files, yet nothing public reaches it
+    /// short of a whole resumed quantization run over a model. A test seam, not an API.
+    #[doc(hidden)]
+    pub fn fuzz_load_block(&self, layer: usize) -> Result<FinishedBlock> {
+        self.load_block(layer)
+    }
+
     /// Block `layer`'s quantized linears (in the order saved) and reports.
     pub(crate) fn load_block(&self, layer: usize) -> Result<FinishedBlock> {
         let path = self.block_path(layer);
@@ -382,7 +396,7 @@ impl WorkDir {
         let mut reports: Vec<LinearReport> = serde_json::from_str(&get("reports")?).map_err(|e| bad(format!("reports: {e}")))?;
         for r in &mut reports {
             if let Ok(t) = st.tensor(&format!("{}.input_rms", short_name(r.module))) {
-                if t.data().len() != 4 * r.cols {
+                if r.cols.checked_mul(4) != Some(t.data().len()) {
                     return Err(bad(format!("{}.input_rms: {} bytes for {} input channels", short_name(r.module), t.data().len(), r.cols)));
                 }
                 r.input_rms = t.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes"))).collect();
@@ -393,10 +407,16 @@ impl WorkDir {
             let n = kind.short();
             let Some(spec) = meta.get(&format!("{n}.spec")) else { continue };
             let spec: QuantSpec = serde_json::from_str(spec).map_err(|e| bad(format!("{n}.spec: {e}")))?;
+            // The bit width before unpacking with it: 0 bits made every row 0 bytes (an empty
+            // codes tensor passed) and the unpacker then indexed an empty row.
+            spec.validate().map_err(|e| bad(format!("{n}.spec: {e}")))?;
             let (rows, cols): (usize, usize) = serde_json::from_str(&get(&format!("{n}.shape"))?).map_err(|e| bad(format!("{n}.shape: {e}")))?;
             let data = |t: &str| st.tensor(&format!("{n}.{t}")).map(|v| v.data()).map_err(|e| bad(format!("{n}.{t}: {e}")));
             let codes = data("codes")?;
-            if codes.len() != rows * adadim_pack::bits::row_bytes(cols, spec.bits) {
+            // Checked: a shape whose byte count wraps around (2^63 rows of 2 bytes is 0) passed
+            // with an empty codes tensor. With bits >= 2, rows * cols is then at most 4 x the bytes.
+            let want = cols.checked_mul(usize::from(spec.bits)).and_then(|b| rows.checked_mul(b.div_ceil(8)));
+            if want != Some(codes.len()) {
                 return Err(bad(format!("{n}.codes: {} bytes for [{rows}, {cols}] at {} bits", codes.len(), spec.bits)));
             }
             let mut padded = codes.to_vec();

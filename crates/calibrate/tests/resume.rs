@@ -174,3 +174,47 @@ fn a_link_at_the_work_directory_is_refused() {
     assert!(e.contains("did not write"), "{e}");
     assert_eq!(std::fs::read_to_string(victim.join("thesis.txt")).unwrap(), "x");
 }
+
+/// The one file a manifest names outside `blocks/` (the hidden states) is only ever the name
+/// the run gives it: an edited `resume.json` naming a file outside the work directory (with its
+/// size and checksum, so that it reads back as valid state) is refused, and that file is kept.
+/// Before this was checked, the resumed run read it as the hidden states and deleted it as
+/// superseded once the next block was saved.
+#[test]
+fn a_manifest_naming_a_file_outside_the_work_directory_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let mut c = tiny_config();
+    c.num_hidden_layers = 3;
+    write_random_checkpoint(&d.path().join("m"), &c, 7).unwrap();
+    let ck = Checkpoint::open(&d.path().join("m")).unwrap();
+    let cfg = config(Method::Gptq, Dim::Ada, false);
+    let job = serde_json::json!({"case": "hidden outside"});
+    let work_dir = d.path().join(".h.partial");
+    let out = d.path().join("out.safetensors");
+    let mut work = WorkDir::open(&work_dir, job.clone(), false).unwrap();
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        quantize_model_resumable(&ck, &samples(), &cfg, &output(&out, Format::Packed), &mut work, &mut |done, _| assert!(done < 1, "interrupted after block {done}"))
+    }));
+    assert!(r.is_err());
+    drop(work);
+    // A file of the user's, outside, with the size and checksum the hidden states would have.
+    let victim = d.path().join("thesis.bin");
+    std::fs::copy(work_dir.join("hidden-00001.f32"), &victim).unwrap();
+    let manifest = work_dir.join("resume.json");
+    let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
+    let sha = m["files"]["hidden-00001.f32"].clone();
+    for name in [victim.to_string_lossy().into_owned(), "../thesis.bin".to_string()] {
+        m["hidden"] = name.clone().into();
+        m["files"][&name] = sha.clone();
+        std::fs::write(&manifest, serde_json::to_vec(&m).unwrap()).unwrap();
+        let e = match WorkDir::open(&work_dir, job.clone(), false) {
+            Err(e) => e.to_string(),
+            Ok(mut work) => match quantize_model_resumable(&ck, &samples(), &cfg, &output(&out, Format::Packed), &mut work, &mut |_, _| {}) {
+                Err(e) => e.to_string(),
+                Ok(_) => String::new(),
+            },
+        };
+        assert!(victim.exists(), "{name}: the file outside the work directory was deleted");
+        assert!(e.contains("resume.json") && e.contains("hidden-00001.f32"), "{name}: {e}");
+    }
+}
