@@ -106,7 +106,8 @@ impl ResumeScratch {
         let job: serde_json::Value = serde_json::from_str(JOB).expect("JOB is JSON");
         let template = dir.path().join("template");
         let w = WorkDir::open(&template, job.clone(), false).expect("a fresh work directory");
-        let fresh = serde_json::from_slice(&std::fs::read(template.join("resume.json")).expect("resume.json")).expect("resume.json is JSON");
+        let fresh = serde_json::from_slice(&std::fs::read(template.join("resume.json")).expect("resume.json"))
+            .expect("resume.json is JSON");
         w.remove().expect("remove the template work directory");
         ResumeScratch { dir, job, fresh }
     }

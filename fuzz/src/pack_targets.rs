@@ -8,7 +8,8 @@ use adadim_pack::PackedFile;
 use std::path::{Path, PathBuf};
 
 /// Dense tensors a packed model directory holds next to its linears.
-const DENSE: &[&str] = &["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight", "model.layers.0.input_layernorm.weight"];
+const DENSE: &[&str] =
+    &["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight", "model.layers.0.input_layernorm.weight"];
 
 /// A directory the target writes its input into (tmpfs where there is one).
 pub struct Scratch {

@@ -34,7 +34,8 @@ pub fn corpus_files(target: &str) -> Vec<(String, Vec<u8>)> {
 
 /// Values that sit on the edges readers get wrong: lengths and counts of 0, 1, the maximum,
 /// a half, sizes just past a 32-bit length.
-const BOUNDARY_U64: &[u64] = &[0, 1, 2, 7, 8, 255, 256, 0x7FFF_FFFF, 0x8000_0000, 0xFFFF_FFFF, 1 << 32, 1 << 40, u64::MAX / 2, u64::MAX];
+const BOUNDARY_U64: &[u64] =
+    &[0, 1, 2, 7, 8, 255, 256, 0x7FFF_FFFF, 0x8000_0000, 0xFFFF_FFFF, 1 << 32, 1 << 40, u64::MAX / 2, u64::MAX];
 
 /// One seeded mutation of `data`.
 pub fn mutate(data: &[u8], rng: &mut Rng) -> Vec<u8> {
@@ -112,7 +113,9 @@ pub fn replay(target: &str, mutations: usize, mut run: impl FnMut(&[u8])) {
                 let what = if m == 0 { "as committed".to_string() } else { format!("mutation {m}") };
                 // Keep the input so that it can be fed to the cargo-fuzz target and committed.
                 let keep = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("fuzz-replay-{target}-{name}-m{m}"));
-                let kept = std::fs::write(&keep, &input).map(|()| format!(", saved as {}", keep.display())).unwrap_or_default();
+                let kept = std::fs::write(&keep, &input)
+                    .map(|()| format!(", saved as {}", keep.display()))
+                    .unwrap_or_default();
                 failures.push(format!("fuzz/corpus/{target}/{name} ({what}, {} bytes{kept})", input.len()));
             }
         }

@@ -17,7 +17,11 @@ use adadim_load::fetch::{pip_download, run_python};
 use adadim_run::ChatTemplate;
 use std::path::{Path, PathBuf};
 
-const WHEEL: (&str, &str, &str) = ("chatterbot-corpus==1.3.3", "chatterbot_corpus-1.3.3-py2.py3-none-any.whl", "86de5300afb9a80826386339d3bec79c0a72eb0358abb8327e2ecef5ae0ce154");
+const WHEEL: (&str, &str, &str) = (
+    "chatterbot-corpus==1.3.3",
+    "chatterbot_corpus-1.3.3-py2.py3-none-any.whl",
+    "86de5300afb9a80826386339d3bec79c0a72eb0358abb8327e2ecef5ae0ce154",
+);
 const ENGLISH: &str = "chatterbot_corpus/data/english/";
 
 /// The English YAML files, unpacked once into `$ADADIM_HOME/data/chatterbot-corpus-1.3.3/`,
@@ -28,7 +32,9 @@ pub fn corpus_files(home: &Path) -> Result<Vec<PathBuf>> {
         let wheel = pip_download(WHEEL.0, WHEEL.1, WHEEL.2, home)?;
         let tmp = dir.with_extension(format!("partial-{}", std::process::id()));
         // Created here, fresh, so that only a directory of this run is ever removed below.
-        std::fs::create_dir_all(dir.parent().unwrap_or(home)).and_then(|_| std::fs::create_dir(&tmp)).map_err(|e| CalibError::Data { path: tmp.clone(), msg: e.to_string() })?;
+        std::fs::create_dir_all(dir.parent().unwrap_or(home))
+            .and_then(|_| std::fs::create_dir(&tmp))
+            .map_err(|e| CalibError::Data { path: tmp.clone(), msg: e.to_string() })?;
         let script = "import sys, os, zipfile\nwith zipfile.ZipFile(sys.argv[1]) as z:\n    for n in z.namelist():\n        if n.startswith(sys.argv[3]) and n.endswith('.yml'):\n            open(os.path.join(sys.argv[2], os.path.basename(n)), 'wb').write(z.read(n))\n";
         if let Err(e) = run_python(WHEEL.0, script, &[&wheel, &tmp, Path::new(ENGLISH)]) {
             let _ = std::fs::remove_dir_all(&tmp);
@@ -64,7 +70,8 @@ pub fn chat_text(files: &[PathBuf], template: &ChatTemplate) -> Result<String> {
 /// lone string (not a conversation) are skipped.
 pub fn parse_conversations(text: &str, path: &Path) -> Result<Vec<Vec<String>>> {
     let lines: Vec<&str> = text.lines().collect();
-    let bad = |i: usize, msg: &str| CalibError::Data { path: path.to_path_buf(), msg: format!("line {}: {msg}", i + 1) };
+    let bad =
+        |i: usize, msg: &str| CalibError::Data { path: path.to_path_buf(), msg: format!("line {}: {msg}", i + 1) };
     let (mut i, mut in_conversations, mut out) = (0, false, Vec::<Vec<String>>::new());
     while i < lines.len() {
         let line = lines[i];
@@ -152,7 +159,9 @@ fn scalar(lines: &[&str], i: usize, dash: usize, first: &str) -> std::result::Re
         _ => {
             let joined = std::iter::once(head).chain(body.iter().copied()).collect::<Vec<_>>().join("\n");
             if joined.contains(" #") || head.trim_end().ends_with(':') || head.contains(": ") {
-                return Err(format!("a plain string with a comment or a `: ` (YAML would not read it as text): {head:?}"));
+                return Err(format!(
+                    "a plain string with a comment or a `: ` (YAML would not read it as text): {head:?}"
+                ));
             }
             Ok((fold(&joined, false), end))
         }
@@ -190,9 +199,27 @@ fn fold(text: &str, quoted: bool) -> String {
     let ws: &[char] = &[' ', '\t'];
     for (k, l) in lines.iter().enumerate() {
         let t = match (k == 0, k == n - 1) {
-            (true, true) => if quoted { *l } else { l.trim_matches(ws) },
-            (true, false) => if quoted { l.trim_end_matches(ws) } else { l.trim_matches(ws) },
-            (false, true) => if quoted { l.trim_start_matches(ws) } else { l.trim_matches(ws) },
+            (true, true) => {
+                if quoted {
+                    *l
+                } else {
+                    l.trim_matches(ws)
+                }
+            }
+            (true, false) => {
+                if quoted {
+                    l.trim_end_matches(ws)
+                } else {
+                    l.trim_matches(ws)
+                }
+            }
+            (false, true) => {
+                if quoted {
+                    l.trim_start_matches(ws)
+                } else {
+                    l.trim_matches(ws)
+                }
+            }
             (false, false) => l.trim_matches(ws),
         };
         if t.is_empty() && k > 0 && k < n - 1 {

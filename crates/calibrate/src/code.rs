@@ -11,7 +11,8 @@ use crate::error::{CalibError, Result};
 use std::path::{Path, PathBuf};
 
 /// Directory names whose contents are left out.
-const SKIP_DIRS: [&str; 7] = ["test", "tests", "idle_test", "site-packages", "dist-packages", "encodings", "pydoc_data"];
+const SKIP_DIRS: [&str; 7] =
+    ["test", "tests", "idle_test", "site-packages", "dist-packages", "encodings", "pydoc_data"];
 
 /// The standard library directory of `$ADADIM_PYTHON` / `python3`.
 pub fn stdlib_dir() -> Result<PathBuf> {
@@ -21,7 +22,10 @@ pub fn stdlib_dir() -> Result<PathBuf> {
         .output()
         .map_err(|e| CalibError::Invalid(format!("--calib code: could not run {python}: {e}")))?;
     if !out.status.success() {
-        return Err(CalibError::Invalid(format!("--calib code: {python} failed: {}", String::from_utf8_lossy(&out.stderr).trim())));
+        return Err(CalibError::Invalid(format!(
+            "--calib code: {python} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
     }
     Ok(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
 }
@@ -32,7 +36,8 @@ pub fn source_files(root: &Path) -> Result<Vec<PathBuf>> {
     let mut dirs = vec![PathBuf::new()];
     while let Some(rel) = dirs.pop() {
         let dir = root.join(&rel);
-        let entries = std::fs::read_dir(&dir).map_err(|e| CalibError::Data { path: dir.clone(), msg: e.to_string() })?;
+        let entries =
+            std::fs::read_dir(&dir).map_err(|e| CalibError::Data { path: dir.clone(), msg: e.to_string() })?;
         for e in entries {
             let e = e.map_err(|e| CalibError::Data { path: dir.clone(), msg: e.to_string() })?;
             let name = e.file_name();
@@ -71,7 +76,16 @@ mod tests {
     #[test]
     fn sorted_sources_without_tests_or_packages() {
         let d = tempfile::tempdir().unwrap();
-        for f in ["b.py", "a.py", "json/__init__.py", "json/tests/t.py", "test/x.py", "site-packages/p.py", "notes.txt", "z/y/deep.py"] {
+        for f in [
+            "b.py",
+            "a.py",
+            "json/__init__.py",
+            "json/tests/t.py",
+            "test/x.py",
+            "site-packages/p.py",
+            "notes.txt",
+            "z/y/deep.py",
+        ] {
             let p = d.path().join(f);
             std::fs::create_dir_all(p.parent().unwrap()).unwrap();
             std::fs::write(&p, format!("# {f}")).unwrap();

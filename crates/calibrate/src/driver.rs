@@ -19,7 +19,10 @@ use crate::resume::WorkDir;
 use adadim_load::safetensors_out::DenseDtype;
 use adadim_load::Checkpoint;
 use adadim_model::{Block, DecodeSettings, LinearKind, Rope, Weight};
-use adadim_quantize::{choose_axis_fitted, gptq, hessian_diag, output_error_from_hessian, rtn_fitted, Axis, Calibration, Fitter, GptqOptions, GptqOutput, Hessian, QuantSpec, QuantizedMatrix, ScaleSearch};
+use adadim_quantize::{
+    choose_axis_fitted, gptq, hessian_diag, output_error_from_hessian, rtn_fitted, Axis, Calibration, Fitter,
+    GptqOptions, GptqOutput, Hessian, QuantSpec, QuantizedMatrix, ScaleSearch,
+};
 use candle_core::{Device, Tensor};
 use serde::Serialize;
 use std::time::Instant;
@@ -151,7 +154,9 @@ pub type StaticName = &'static str;
 /// A module name read back (reports saved by an interrupted run) as the name it is.
 fn static_name<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<&'static str, D::Error> {
     let s = <String as serde::Deserialize>::deserialize(d)?;
-    LinearKind::from_module(&s).map(|k| k.module()).ok_or_else(|| serde::de::Error::custom(format!("unknown module '{s}'")))
+    LinearKind::from_module(&s)
+        .map(|k| k.module())
+        .ok_or_else(|| serde::de::Error::custom(format!("unknown module '{s}'")))
 }
 
 /// [`Axis`] in reports as `oc` / `ic` (`QuantSpec` keeps serde's `Oc` / `Ic`).
@@ -178,8 +183,12 @@ pub mod axis_name {
     }
 }
 
-const STEPS: [&[LinearKind]; 4] =
-    [&[LinearKind::Q, LinearKind::K, LinearKind::V], &[LinearKind::O], &[LinearKind::Gate, LinearKind::Up], &[LinearKind::Down]];
+const STEPS: [&[LinearKind]; 4] = [
+    &[LinearKind::Q, LinearKind::K, LinearKind::V],
+    &[LinearKind::O],
+    &[LinearKind::Gate, LinearKind::Up],
+    &[LinearKind::Down],
+];
 
 impl QuantizeConfig {
     fn needs_calibration(&self) -> bool {
@@ -188,13 +197,28 @@ impl QuantizeConfig {
 
     /// Quantize one linear `w` [rows, cols] given its input Hessian (`kind` names it in the
     /// report and matters for `ic_modules`).
-    pub fn quantize_linear(&self, layer: usize, kind: LinearKind, w: &[f32], rows: usize, cols: usize, h: Option<&Hessian>) -> Result<(QuantizedMatrix, LinearReport)> {
+    pub fn quantize_linear(
+        &self,
+        layer: usize,
+        kind: LinearKind,
+        w: &[f32],
+        rows: usize,
+        cols: usize,
+        h: Option<&Hessian>,
+    ) -> Result<(QuantizedMatrix, LinearReport)> {
         let t = Instant::now();
         let qerr = |source| CalibError::Quantize { layer, module: kind.module().to_string(), source };
-        let opts = GptqOptions { act_order: self.act_order, static_groups: self.static_groups, search: self.search, ..self.gptq };
+        let opts = GptqOptions {
+            act_order: self.act_order,
+            static_groups: self.static_groups,
+            search: self.search,
+            ..self.gptq
+        };
         // Both RTN errors whenever calibration data is at hand: the report shows them.
         let choice = match h {
-            Some(h) if h.tokens() > 0 => Some(choose_axis_fitted(w, rows, cols, &self.spec, Calibration::Hessian(h), self.search).map_err(qerr)?),
+            Some(h) if h.tokens() > 0 => Some(
+                choose_axis_fitted(w, rows, cols, &self.spec, Calibration::Hessian(h), self.search).map_err(qerr)?,
+            ),
             _ => None,
         };
         let forced = if self.ic_modules.is_empty() {
@@ -204,7 +228,8 @@ impl QuantizeConfig {
         };
         let mut runs: Vec<(f64, f64)> = Vec::new();
         let mut run_gptq = |axis: Axis| -> Result<GptqOutput> {
-            let o = gptq(w, rows, cols, h.expect("gptq has calibration"), &self.spec.with_axis(axis), &opts).map_err(qerr)?;
+            let o = gptq(w, rows, cols, h.expect("gptq has calibration"), &self.spec.with_axis(axis), &opts)
+                .map_err(qerr)?;
             runs.push((o.inverse_seconds, o.sweep_seconds));
             Ok(o)
         };
@@ -216,7 +241,9 @@ impl QuantizeConfig {
         let gptq_out = match (self.method, axis) {
             (Method::Rtn, _) => None,
             (Method::Gptq, Some(axis)) => Some(run_gptq(axis)?),
-            (Method::Gptq, None) if self.select == Select::Rtn => Some(run_gptq(choice.as_ref().expect("ada has calibration").axis)?),
+            (Method::Gptq, None) if self.select == Select::Rtn => {
+                Some(run_gptq(choice.as_ref().expect("ada has calibration").axis)?)
+            }
             (Method::Gptq, None) => {
                 // Choose by the GPTQ result itself: run both, keep the lower output error.
                 let h = h.expect("gptq has calibration");
@@ -230,14 +257,22 @@ impl QuantizeConfig {
             (Some(o), _) => (o.quantized, Some(o.loss), Some(o.percdamp), o.dead.len()),
             (None, Some(axis)) => {
                 let h_diag = h.filter(|_| !self.search.is_minmax()).map(hessian_diag);
-                (rtn_fitted(w, rows, cols, &self.spec.with_axis(axis), &Fitter::new(self.search, h_diag.as_deref())).map_err(qerr)?, None, None, 0)
+                (
+                    rtn_fitted(w, rows, cols, &self.spec.with_axis(axis), &Fitter::new(self.search, h_diag.as_deref()))
+                        .map_err(qerr)?,
+                    None,
+                    None,
+                    0,
+                )
             }
             (None, None) => (choice.clone().expect("ada has calibration").quantized, None, None, 0),
         };
         let final_error = match (h, &choice) {
             // RTN along either axis is exactly what the choice measured: no need to redo it.
             (_, Some(c)) if loss.is_none() => Some(if q.spec().axis == Axis::Ic { c.ic_error } else { c.oc_error }),
-            (Some(h), _) if h.tokens() > 0 => Some(output_error_from_hessian(w, &q.dequantize(), rows, cols, h).map_err(qerr)?),
+            (Some(h), _) if h.tokens() > 0 => {
+                Some(output_error_from_hessian(w, &q.dequantize(), rows, cols, h).map_err(qerr)?)
+            }
             _ => None,
         };
         let report = LinearReport {
@@ -262,13 +297,15 @@ impl QuantizeConfig {
     }
 }
 
-
 fn to_vec(t: &Tensor) -> Result<Vec<f32>> {
-    Ok(t.flatten_all().and_then(|t| t.to_vec1::<f32>()).map_err(|e| adadim_model::ModelError::Tensor { context: "tensor to host".into(), source: e })?)
+    Ok(t.flatten_all()
+        .and_then(|t| t.to_vec1::<f32>())
+        .map_err(|e| adadim_model::ModelError::Tensor { context: "tensor to host".into(), source: e })?)
 }
 
 fn tensor(v: Vec<f32>, shape: (usize, usize)) -> Result<Tensor> {
-    Ok(Tensor::from_vec(v, shape, &Device::Cpu).map_err(|e| adadim_model::ModelError::Tensor { context: "tensor from host".into(), source: e })?)
+    Ok(Tensor::from_vec(v, shape, &Device::Cpu)
+        .map_err(|e| adadim_model::ModelError::Tensor { context: "tensor from host".into(), source: e })?)
 }
 
 /// Where a quantization run spent its time, and the work it did (for `bench quantize`).
@@ -318,14 +355,22 @@ impl Activations<'_> {
     }
 
     /// `f` on every sample, as [`Activations::one`].
-    fn each<T>(&mut self, flops: impl Fn(usize) -> f64, mut f: impl FnMut(usize, &Tensor) -> Result<T>) -> Result<Vec<T>> {
+    fn each<T>(
+        &mut self,
+        flops: impl Fn(usize) -> f64,
+        mut f: impl FnMut(usize, &Tensor) -> Result<T>,
+    ) -> Result<Vec<T>> {
         (0..self.xs.len()).map(|i| self.one(i, &flops, |x| f(i, x))).collect()
     }
 
     /// Add the `[t, dim]` inputs `x` of `kind` to its Hessian `h`.
     fn accumulate(&mut self, h: &mut Hessian, layer: usize, kind: LinearKind, x: &Tensor) -> Result<()> {
         let t0 = Instant::now();
-        h.add_batch(&to_vec(x)?).map_err(|source| CalibError::Quantize { layer, module: format!("{} inputs", kind.module()), source })?;
+        h.add_batch(&to_vec(x)?).map_err(|source| CalibError::Quantize {
+            layer,
+            module: format!("{} inputs", kind.module()),
+            source,
+        })?;
         let (t, dim) = (x.dims()[0] as f64, h.dim() as f64);
         self.times.hessian_flops += t * dim * (dim + 1.0); // the lower triangle of X^T X
         self.times.hessian_s += t0.elapsed().as_secs_f64();
@@ -353,7 +398,12 @@ struct StageFlops {
 
 impl StageFlops {
     fn new(c: &adadim_load::LlamaConfig) -> Self {
-        StageFlops { d: c.hidden_size as f64, q: c.q_dim() as f64, kv: c.kv_dim() as f64, f: c.intermediate_size as f64 }
+        StageFlops {
+            d: c.hidden_size as f64,
+            q: c.q_dim() as f64,
+            kv: c.kv_dim() as f64,
+            f: c.intermediate_size as f64,
+        }
     }
     /// q/k/v projections, scores and context.
     fn attention(&self, t: usize) -> f64 {
@@ -393,8 +443,16 @@ impl Timings {
 /// The calibration samples' token embeddings, one `[len, d]` per sample: the inputs of the
 /// first block.
 pub fn embed_samples(embed: &Tensor, samples: &[Vec<u32>]) -> adadim_model::Result<Vec<Tensor>> {
-    let err = |context: &'static str| move |source| adadim_model::ModelError::Tensor { context: context.into(), source };
-    samples.iter().map(|s| Tensor::new(s.as_slice(), &Device::Cpu).map_err(err("ids")).and_then(|ids| embed.index_select(&ids, 0).map_err(err("embedding")))).collect()
+    let err =
+        |context: &'static str| move |source| adadim_model::ModelError::Tensor { context: context.into(), source };
+    samples
+        .iter()
+        .map(|s| {
+            Tensor::new(s.as_slice(), &Device::Cpu)
+                .map_err(err("ids"))
+                .and_then(|ids| embed.index_select(&ids, 0).map_err(err("embedding")))
+        })
+        .collect()
 }
 
 fn tensor_err(context: String, source: candle_core::Error) -> CalibError {
@@ -441,7 +499,15 @@ pub fn quantize_model_resumable(
 /// block by block.
 fn write_plan(c: &adadim_load::LlamaConfig) -> Vec<(String, Vec<usize>)> {
     let mut plan = c.expected_tensors();
-    plan.sort_by_key(|(n, _)| (n.strip_prefix("model.layers.").and_then(|r| r.split('.').next()).and_then(|l| l.parse::<usize>().ok()).map_or(0, |l| l + 1), n.clone()));
+    plan.sort_by_key(|(n, _)| {
+        (
+            n.strip_prefix("model.layers.")
+                .and_then(|r| r.split('.').next())
+                .and_then(|l| l.parse::<usize>().ok())
+                .map_or(0, |l| l + 1),
+            n.clone(),
+        )
+    });
     plan
 }
 
@@ -460,13 +526,22 @@ fn start_output(ckpt: &Checkpoint, out: &Output<'_>, plan: &[(String, Vec<usize>
 
 /// Write block `layer`'s tensors (the next ones in `plan` from `cursor`): its quantized linears,
 /// the rest (norms, biases) as in the checkpoint.
-fn write_block(writer: &mut Writer, ckpt: &Checkpoint, plan: &[(String, Vec<usize>)], cursor: &mut usize, layer: usize, quantized: &[(LinearKind, QuantizedMatrix)]) -> Result<()> {
+fn write_block(
+    writer: &mut Writer,
+    ckpt: &Checkpoint,
+    plan: &[(String, Vec<usize>)],
+    cursor: &mut usize,
+    layer: usize,
+    quantized: &[(LinearKind, QuantizedMatrix)],
+) -> Result<()> {
     let prefix = format!("model.layers.{layer}.");
     while *cursor < plan.len() && plan[*cursor].0.starts_with(&prefix) {
         let (name, shape) = &plan[*cursor];
         match quantized.iter().find(|(k, _)| name.ends_with(&format!("{}.weight", k.module()))) {
             Some((_, q)) => writer.linear(name.strip_suffix(".weight").unwrap_or(name), q)?,
-            None if name.ends_with("_proj.weight") => return Err(CalibError::Invalid(format!("{name}: no quantized weight for it"))),
+            None if name.ends_with("_proj.weight") => {
+                return Err(CalibError::Invalid(format!("{name}: no quantized weight for it")))
+            }
             None => writer.dense(name, shape, &ckpt.tensor_f32(name)?, source_dtype(ckpt, name)?)?,
         }
         *cursor += 1;
@@ -501,19 +576,25 @@ fn run(
     cfg.spec.validate().map_err(|source| CalibError::Quantize { layer: 0, module: "(settings)".into(), source })?;
     for m in &cfg.ic_modules {
         if LinearKind::from_short(m).is_none() {
-            return Err(CalibError::Invalid(format!("--ic-modules: unknown module '{m}' (q, k, v, o, gate, up, down)")));
+            return Err(CalibError::Invalid(format!(
+                "--ic-modules: unknown module '{m}' (q, k, v, o, gate, up, down)"
+            )));
         }
     }
     let c = &ckpt.config;
     let layers = c.num_hidden_layers;
     let first = work.as_ref().map_or(0, |w| w.done());
     if let Some(w) = work.as_ref().filter(|w| w.done() > layers) {
-        return Err(CalibError::Resume { path: w.path().to_path_buf(), msg: format!("{} blocks done, but the model has {layers}", w.done()) });
+        return Err(CalibError::Resume {
+            path: w.path().to_path_buf(),
+            msg: format!("{} blocks done, but the model has {layers}", w.done()),
+        });
     }
     let mut times = work.as_ref().map_or_else(Timings::default, |w| w.timings());
     let io = Instant::now();
     let seqlen = samples.iter().map(|s| s.len()).max().unwrap_or(1);
-    let rope = Rope::new(c, seqlen).map_err(|e| adadim_model::ModelError::Tensor { context: "rope".into(), source: e })?;
+    let rope =
+        Rope::new(c, seqlen).map_err(|e| adadim_model::ModelError::Tensor { context: "rope".into(), source: e })?;
     let plan = write_plan(c);
     let mut sink = match work {
         None => {
@@ -527,7 +608,9 @@ fn run(
     let mut xs: Vec<Tensor> = Vec::new();
     match &sink {
         _ if !calibrate || first == layers => {}
-        Sink::Work(w) if first > 0 => xs = w.load_hidden(&samples.iter().map(|s| s.len()).collect::<Vec<_>>(), c.hidden_size)?,
+        Sink::Work(w) if first > 0 => {
+            xs = w.load_hidden(&samples.iter().map(|s| s.len()).collect::<Vec<_>>(), c.hidden_size)?
+        }
         _ => {
             xs = embed_samples(&ckpt.tensor("model.embed_tokens.weight")?, samples)?;
         }
@@ -591,7 +674,11 @@ fn quantize_block(
     let mut quantized: Vec<(LinearKind, QuantizedMatrix)> = Vec::new();
     let mut reports = Vec::new();
     times.io_s += io.elapsed().as_secs_f64();
-    let mut quantize_step = |quantized: &mut Vec<(LinearKind, QuantizedMatrix)>, step: &[LinearKind], h: Option<&Hessian>, times: &mut Timings| -> Result<()> {
+    let mut quantize_step = |quantized: &mut Vec<(LinearKind, QuantizedMatrix)>,
+                             step: &[LinearKind],
+                             h: Option<&Hessian>,
+                             times: &mut Timings|
+     -> Result<()> {
         for &kind in step {
             let io = Instant::now();
             let name = format!("model.layers.{layer}.{}.weight", kind.module());
@@ -626,14 +713,21 @@ fn quantize_block(
         quantize_step(&mut quantized, qkv, Some(&h), acts.times)?;
         drop(h);
         let attn = with_dequantized(&mut block, &quantized, qkv, |block| {
-            acts.each(|t| flops.attention(t), |_, x| {
-                block.attention(&block.attn_input(x)?, rope, &SETTINGS).map_err(|e| tensor_err(format!("layer {layer}: attention"), e))
-            })
+            acts.each(
+                |t| flops.attention(t),
+                |_, x| {
+                    block
+                        .attention(&block.attn_input(x)?, rope, &SETTINGS)
+                        .map_err(|e| tensor_err(format!("layer {layer}: attention"), e))
+                },
+            )
         })?;
         let h = acts.hessian(layer, o[0], &attn)?;
         quantize_step(&mut quantized, o, Some(&h), acts.times)?;
         drop(h);
-        acts.xs = with_dequantized(&mut block, &quantized, o, |block| acts.each(|t| flops.o(t), |i, x| Ok(block.attn_residual(x, &attn[i], &SETTINGS)?)))?;
+        acts.xs = with_dequantized(&mut block, &quantized, o, |block| {
+            acts.each(|t| flops.o(t), |i, x| Ok(block.attn_residual(x, &attn[i], &SETTINGS)?))
+        })?;
         drop(attn);
         let mlp_in = acts.each(|_| 0.0, |_, x| Ok(block.mlp_input(x)?))?;
         let h = acts.hessian(layer, gate_up[0], &mlp_in)?;
@@ -694,14 +788,22 @@ impl adadim_model::WeightSource for WithoutLinears<'_> {
 }
 
 fn placeholder() -> adadim_model::Result<Tensor> {
-    Tensor::zeros((0, 0), candle_core::DType::F32, &Device::Cpu).map_err(|e| adadim_model::ModelError::Tensor { context: "placeholder".into(), source: e })
+    Tensor::zeros((0, 0), candle_core::DType::F32, &Device::Cpu)
+        .map_err(|e| adadim_model::ModelError::Tensor { context: "placeholder".into(), source: e })
 }
 
 /// Run `f` with the linears `kinds` of `block` holding their dequantized weights (`Q(W)`
 /// exactly as evaluated) for the length of one forward stage, then put the placeholders back.
-fn with_dequantized<T>(block: &mut Block, quantized: &[(LinearKind, QuantizedMatrix)], kinds: &[LinearKind], f: impl FnOnce(&Block) -> Result<T>) -> Result<T> {
+fn with_dequantized<T>(
+    block: &mut Block,
+    quantized: &[(LinearKind, QuantizedMatrix)],
+    kinds: &[LinearKind],
+    f: impl FnOnce(&Block) -> Result<T>,
+) -> Result<T> {
     for &kind in kinds {
-        let (_, q) = quantized.iter().find(|(k, _)| *k == kind).ok_or_else(|| CalibError::Invalid(format!("layer {} {}: used before it was quantized", block.layer, kind.module())))?;
+        let (_, q) = quantized.iter().find(|(k, _)| *k == kind).ok_or_else(|| {
+            CalibError::Invalid(format!("layer {} {}: used before it was quantized", block.layer, kind.module()))
+        })?;
         block.linear_mut(kind).weight = Weight::Dense(tensor(q.dequantize(), (q.rows(), q.cols()))?);
     }
     let out = f(block);

@@ -41,8 +41,12 @@ pub fn write(path: &Path, reports: &[LinearReport]) -> Result<bool> {
     if with.is_empty() {
         return Ok(false);
     }
-    let plan: Vec<(String, Vec<usize>)> = with.iter().map(|r| (tensor_name(r.layer, r.module), vec![r.input_rms.len()])).collect();
-    let meta = [("content".to_string(), "RMS over the calibration tokens of each input channel of each linear: sqrt(H[i,i] / 2)".to_string())];
+    let plan: Vec<(String, Vec<usize>)> =
+        with.iter().map(|r| (tensor_name(r.layer, r.module), vec![r.input_rms.len()])).collect();
+    let meta = [(
+        "content".to_string(),
+        "RMS over the calibration tokens of each input channel of each linear: sqrt(H[i,i] / 2)".to_string(),
+    )];
     let mut w = DenseWriter::create(path, &plan, &meta, DenseDtype::F32)?;
     for (r, (name, _)) in with.iter().zip(&plan) {
         w.write_tensor(name, &r.input_rms)?;
@@ -55,16 +59,24 @@ pub fn write(path: &Path, reports: &[LinearReport]) -> Result<bool> {
 pub fn read(path: &Path) -> Result<Vec<InputRms>> {
     let bytes = std::fs::read(path).map_err(|source| CalibError::Io { path: path.to_path_buf(), source })?;
     let bad = |msg: String| CalibError::Data { path: path.to_path_buf(), msg };
-    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(format!("not a safetensors file: {}", adadim_load::safetensors_fault::explain(&bytes, &e))))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| bad(format!("not a safetensors file: {}", adadim_load::safetensors_fault::explain(&bytes, &e))))?;
     let mut out = Vec::new();
     for (name, t) in st.tensors() {
         let shown = adadim_load::printable(&name);
-        let parsed = name.strip_prefix("model.layers.").and_then(|r| r.split_once('.')).and_then(|(l, m)| Some((l.parse::<usize>().ok()?, m)));
+        let parsed = name
+            .strip_prefix("model.layers.")
+            .and_then(|r| r.split_once('.'))
+            .and_then(|(l, m)| Some((l.parse::<usize>().ok()?, m)));
         let Some((layer, module)) = parsed else {
             return Err(bad(format!("tensor '{shown}': expected model.layers.LAYER.MODULE")));
         };
         if t.dtype() != safetensors::Dtype::F32 || t.shape().len() != 1 {
-            return Err(bad(format!("tensor '{shown}': expected a 1-D F32 vector, got {:?} {:?}", t.dtype(), t.shape())));
+            return Err(bad(format!(
+                "tensor '{shown}': expected a 1-D F32 vector, got {:?} {:?}",
+                t.dtype(),
+                t.shape()
+            )));
         }
         let rms: Vec<f32> = t.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
         if let Some(i) = rms.iter().position(|v| !v.is_finite() || *v < 0.0) {
@@ -105,7 +117,11 @@ mod tests {
     fn round_trips_and_skips_linears_without_calibration() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join(FILE);
-        let reports = [report(1, "mlp.down_proj", vec![0.5, 3.0, 0.0]), report(0, "self_attn.q_proj", vec![]), report(0, "self_attn.o_proj", vec![1.25])];
+        let reports = [
+            report(1, "mlp.down_proj", vec![0.5, 3.0, 0.0]),
+            report(0, "self_attn.q_proj", vec![]),
+            report(0, "self_attn.o_proj", vec![1.25]),
+        ];
         assert!(write(&p, &reports).unwrap());
         let got = read(&p).unwrap();
         assert_eq!(got.len(), 2);

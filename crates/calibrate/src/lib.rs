@@ -10,13 +10,16 @@ pub mod chat;
 pub mod code;
 pub mod data;
 pub mod driver;
-pub mod output;
 pub mod error;
 pub mod input_rms;
+pub mod output;
 pub mod resume;
 pub mod run_dir;
 
-pub use driver::{embed_samples, quantize_model, quantize_model_resumable, ACT_CACHE_BYTES, Dim, LinearReport, Method, QuantizeConfig, QuantizeRun, Select, Timings};
+pub use driver::{
+    embed_samples, quantize_model, quantize_model_resumable, Dim, LinearReport, Method, QuantizeConfig, QuantizeRun,
+    Select, Timings, ACT_CACHE_BYTES,
+};
 pub use error::{CalibError, Result};
 pub use output::{Format, Output};
 pub use resume::WorkDir;

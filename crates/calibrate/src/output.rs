@@ -50,9 +50,15 @@ impl Writer {
     /// `plan`: every tensor of the source model (name, shape), in the order they will come.
     pub(crate) fn create(out: &Output<'_>, plan: &[(String, Vec<usize>)]) -> Result<Self> {
         Ok(match out.format {
-            Format::F32 => Writer::Dense(DenseWriter::create(out.path, plan, &[("format".into(), "pt".into())], DenseDtype::F32)?),
-            Format::F16 => Writer::Dense(DenseWriter::create(out.path, plan, &[("format".into(), "pt".into())], DenseDtype::F16)?),
-            Format::Packed => Writer::Packed(PackedWriter::create(out.path, 4 * plan.len()).map_err(pack_err)?, out.metadata.clone()),
+            Format::F32 => {
+                Writer::Dense(DenseWriter::create(out.path, plan, &[("format".into(), "pt".into())], DenseDtype::F32)?)
+            }
+            Format::F16 => {
+                Writer::Dense(DenseWriter::create(out.path, plan, &[("format".into(), "pt".into())], DenseDtype::F16)?)
+            }
+            Format::Packed => {
+                Writer::Packed(PackedWriter::create(out.path, 4 * plan.len()).map_err(pack_err)?, out.metadata.clone())
+            }
             Format::Gptq => Writer::Gptq(StreamWriter::create(out.path, 65536 + 4 * 160 * plan.len())?),
         })
     }
@@ -64,7 +70,9 @@ impl Writer {
             Writer::Dense(w) => Ok(w.write_tensor(name, values)?),
             Writer::Packed(w, _) => w.dense(name, shape, values, source).map_err(pack_err),
             Writer::Gptq(w) => {
-                let bytes = source.encode(values).map_err(|(i, v)| CalibError::Invalid(format!("{name}: value {v} at index {i} is beyond {}'s range", source.name())))?;
+                let bytes = source.encode(values).map_err(|(i, v)| {
+                    CalibError::Invalid(format!("{name}: value {v} at index {i} is beyond {}'s range", source.name()))
+                })?;
                 Ok(w.write(name, source.name(), shape, &bytes)?)
             }
         }

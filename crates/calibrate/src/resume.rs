@@ -77,7 +77,10 @@ fn damaged(path: &Path, msg: impl Into<String>) -> CalibError {
 
 /// Write `path` whole or not at all: a fresh temporary file beside it, synced, then renamed.
 /// Returns the SHA-256 of what was written.
-fn write_atomic(path: &Path, write: impl FnOnce(&mut Hashing<BufWriter<File>>) -> std::io::Result<()>) -> Result<String> {
+fn write_atomic(
+    path: &Path,
+    write: impl FnOnce(&mut Hashing<BufWriter<File>>) -> std::io::Result<()>,
+) -> Result<String> {
     let tmp = tmp_name(path);
     let file = OpenOptions::new().write(true).create_new(true).open(&tmp).map_err(io(&tmp))?;
     let mut out = Hashing { inner: BufWriter::with_capacity(1 << 20, file), sha: Sha256::new() };
@@ -172,7 +175,9 @@ impl WorkDir {
         let path = dir.join("resume.json");
         let old: Option<Manifest> = match read_manifest(&state.at("resume.json")) {
             Some(Ok(m)) if !restart => Some(m),
-            Some(Err(e)) if !restart => return Err(damaged(&path, format!("unreadable ({e}); pass --restart to start over"))),
+            Some(Err(e)) if !restart => {
+                return Err(damaged(&path, format!("unreadable ({e}); pass --restart to start over")))
+            }
             _ => None,
         };
         let manifest = match old {
@@ -196,9 +201,25 @@ impl WorkDir {
             None => {
                 // A fresh start: whatever a run cut short before its first block left goes.
                 state.clear(&["lock"])?;
-                let m = Manifest { layout_version: LAYOUT_VERSION, job_sha256, job, done: 0, hidden: None, files: BTreeMap::new(), timings: Timings::default(), elapsed_s: 0.0 };
+                let m = Manifest {
+                    layout_version: LAYOUT_VERSION,
+                    job_sha256,
+                    job,
+                    done: 0,
+                    hidden: None,
+                    files: BTreeMap::new(),
+                    timings: Timings::default(),
+                    elapsed_s: 0.0,
+                };
                 std::fs::create_dir(state.at("blocks")).map_err(io(&dir.join("blocks")))?;
-                let w = WorkDir { dir: dir.to_path_buf(), elapsed_before: 0.0, manifest: m, opened: Instant::now(), _lock: lock, state };
+                let w = WorkDir {
+                    dir: dir.to_path_buf(),
+                    elapsed_before: 0.0,
+                    manifest: m,
+                    opened: Instant::now(),
+                    _lock: lock,
+                    state,
+                };
                 w.write_manifest()?;
                 return Ok(w);
             }
@@ -212,7 +233,8 @@ impl WorkDir {
         // Left by a run cut short between two steps: half-written files, superseded states.
         for e in std::fs::read_dir(state.at("")).map_err(io(dir))? {
             let name = e.map_err(io(dir))?.file_name().to_string_lossy().into_owned();
-            let stale = name.ends_with(".tmp") || (name.starts_with("hidden-") && Some(&name) != manifest.hidden.as_ref());
+            let stale =
+                name.ends_with(".tmp") || (name.starts_with("hidden-") && Some(&name) != manifest.hidden.as_ref());
             if stale {
                 state.remove(&name)?;
             }
@@ -223,7 +245,14 @@ impl WorkDir {
                 state.remove(Path::new("blocks").join(&name))?;
             }
         }
-        let w = WorkDir { dir: dir.to_path_buf(), elapsed_before: manifest.elapsed_s, manifest, opened: Instant::now(), _lock: lock, state };
+        let w = WorkDir {
+            dir: dir.to_path_buf(),
+            elapsed_before: manifest.elapsed_s,
+            manifest,
+            opened: Instant::now(),
+            _lock: lock,
+            state,
+        };
         w.verify_blocks()?;
         Ok(w)
     }
@@ -292,7 +321,14 @@ impl WorkDir {
     /// Persist block `layer` (the next one): its quantized linears and reports, the hidden
     /// states entering the next block (`None` after the last block, or without calibration),
     /// and the clocks so far; then count it as done.
-    pub(crate) fn save_block(&mut self, layer: usize, linears: &[(LinearKind, QuantizedMatrix)], reports: &[LinearReport], next_xs: Option<&[Tensor]>, timings: &Timings) -> Result<()> {
+    pub(crate) fn save_block(
+        &mut self,
+        layer: usize,
+        linears: &[(LinearKind, QuantizedMatrix)],
+        reports: &[LinearReport],
+        next_xs: Option<&[Tensor]>,
+        timings: &Timings,
+    ) -> Result<()> {
         assert_eq!(layer, self.manifest.done, "blocks are saved in order");
         let path = self.block_path(layer);
         let tmp = tmp_name(&path);
@@ -309,14 +345,24 @@ impl WorkDir {
             w.write(&format!("{n}.scales"), "F32", &[pr, pc], &f32_bytes(q.scales()))?;
             w.write(&format!("{n}.zeros"), "F32", &[pr, pc], &f32_bytes(q.zeros()))?;
             if let Some(g) = q.g_idx() {
-                w.write(&format!("{n}.g_idx"), "U32", &[g.len()], &g.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>())?;
+                w.write(
+                    &format!("{n}.g_idx"),
+                    "U32",
+                    &[g.len()],
+                    &g.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>(),
+                )?;
             }
             meta.push((format!("{n}.spec"), serde_json::to_string(q.spec()).expect("specs serialize")));
             meta.push((format!("{n}.shape"), format!("[{},{}]", q.rows(), q.cols())));
         }
         // The reports' input-channel RMS vectors (not in their JSON), one tensor per linear.
         for r in reports.iter().filter(|r| !r.input_rms.is_empty()) {
-            w.write(&format!("{}.input_rms", short_name(r.module)), "F32", &[r.input_rms.len()], &f32_bytes(&r.input_rms))?;
+            w.write(
+                &format!("{}.input_rms", short_name(r.module)),
+                "F32",
+                &[r.input_rms.len()],
+                &f32_bytes(&r.input_rms),
+            )?;
         }
         w.finish(&meta)?;
         let sha = adadim_load::fetch::sha256_file(&tmp)?;
@@ -350,7 +396,12 @@ impl WorkDir {
 
     /// The hidden states entering block [`WorkDir::done`], one `[len, dim]` per sample length.
     pub(crate) fn load_hidden(&self, lens: &[usize], dim: usize) -> Result<Vec<Tensor>> {
-        let name = self.manifest.hidden.as_deref().ok_or_else(|| damaged(&self.dir.join("resume.json"), format!("no calibration hidden states recorded after block {}", self.done())))?;
+        let name = self.manifest.hidden.as_deref().ok_or_else(|| {
+            damaged(
+                &self.dir.join("resume.json"),
+                format!("no calibration hidden states recorded after block {}", self.done()),
+            )
+        })?;
         let path = self.dir.join(name);
         let file = File::open(&path).map_err(io(&path))?;
         let want: u64 = lens.iter().map(|&l| (l * dim * 4) as u64).sum();
@@ -365,13 +416,17 @@ impl WorkDir {
             .map(|&len| {
                 let mut bytes = vec![0u8; len * dim * 4];
                 r.read_exact(&mut bytes).map_err(io(&path))?;
-                let v: Vec<f32> = bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes"))).collect();
+                let v: Vec<f32> =
+                    bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes"))).collect();
                 Tensor::from_vec(v, (len, dim), &Device::Cpu).map_err(|e| damaged(&path, e.to_string()))
             })
             .collect::<Result<Vec<Tensor>>>()?;
         let got_sha = hex(r.sha.finalize().as_slice());
         if &got_sha != want_sha {
-            return Err(damaged(&path, format!("its SHA-256 is {got_sha}, but {want_sha} was recorded when it was saved")));
+            return Err(damaged(
+                &path,
+                format!("its SHA-256 is {got_sha}, but {want_sha} was recorded when it was saved"),
+            ));
         }
         Ok(xs)
     }
@@ -392,14 +447,23 @@ impl WorkDir {
         let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(e.to_string()))?;
         let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
         let meta = header.metadata().clone().unwrap_or_default();
-        let get = |k: &str| -> Result<String> { meta.get(k).cloned().ok_or_else(|| bad(format!("no '{k}' in the metadata"))) };
-        let mut reports: Vec<LinearReport> = serde_json::from_str(&get("reports")?).map_err(|e| bad(format!("reports: {e}")))?;
+        let get = |k: &str| -> Result<String> {
+            meta.get(k).cloned().ok_or_else(|| bad(format!("no '{k}' in the metadata")))
+        };
+        let mut reports: Vec<LinearReport> =
+            serde_json::from_str(&get("reports")?).map_err(|e| bad(format!("reports: {e}")))?;
         for r in &mut reports {
             if let Ok(t) = st.tensor(&format!("{}.input_rms", short_name(r.module))) {
                 if r.cols.checked_mul(4) != Some(t.data().len()) {
-                    return Err(bad(format!("{}.input_rms: {} bytes for {} input channels", short_name(r.module), t.data().len(), r.cols)));
+                    return Err(bad(format!(
+                        "{}.input_rms: {} bytes for {} input channels",
+                        short_name(r.module),
+                        t.data().len(),
+                        r.cols
+                    )));
                 }
-                r.input_rms = t.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes"))).collect();
+                r.input_rms =
+                    t.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes"))).collect();
             }
         }
         let mut linears = Vec::new();
@@ -410,24 +474,35 @@ impl WorkDir {
             // The bit width before unpacking with it: 0 bits made every row 0 bytes (an empty
             // codes tensor passed) and the unpacker then indexed an empty row.
             spec.validate().map_err(|e| bad(format!("{n}.spec: {e}")))?;
-            let (rows, cols): (usize, usize) = serde_json::from_str(&get(&format!("{n}.shape"))?).map_err(|e| bad(format!("{n}.shape: {e}")))?;
-            let data = |t: &str| st.tensor(&format!("{n}.{t}")).map(|v| v.data()).map_err(|e| bad(format!("{n}.{t}: {e}")));
+            let (rows, cols): (usize, usize) =
+                serde_json::from_str(&get(&format!("{n}.shape"))?).map_err(|e| bad(format!("{n}.shape: {e}")))?;
+            let data =
+                |t: &str| st.tensor(&format!("{n}.{t}")).map(|v| v.data()).map_err(|e| bad(format!("{n}.{t}: {e}")));
             let codes = data("codes")?;
             // Checked: a shape whose byte count wraps around (2^63 rows of 2 bytes is 0) passed
             // with an empty codes tensor. With bits >= 2, rows * cols is then at most 4 x the bytes.
             let want = cols.checked_mul(usize::from(spec.bits)).and_then(|b| rows.checked_mul(b.div_ceil(8)));
             if want != Some(codes.len()) {
-                return Err(bad(format!("{n}.codes: {} bytes for [{rows}, {cols}] at {} bits", codes.len(), spec.bits)));
+                return Err(bad(format!(
+                    "{n}.codes: {} bytes for [{rows}, {cols}] at {} bits",
+                    codes.len(),
+                    spec.bits
+                )));
             }
             let mut padded = codes.to_vec();
             padded.resize(codes.len() + adadim_pack::bits::PAD, 0);
             let codes = adadim_pack::bits::unpack(&padded, rows, cols, spec.bits);
-            let floats = |t: &str| -> Result<Vec<f32>> { Ok(data(t)?.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes"))).collect()) };
+            let floats = |t: &str| -> Result<Vec<f32>> {
+                Ok(data(t)?.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes"))).collect())
+            };
             let g_idx = match st.tensor(&format!("{n}.g_idx")) {
-                Ok(t) => Some(t.data().chunks_exact(4).map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes"))).collect()),
+                Ok(t) => {
+                    Some(t.data().chunks_exact(4).map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes"))).collect())
+                }
                 Err(_) => None,
             };
-            let q = QuantizedMatrix::from_parts(rows, cols, spec, codes, floats("scales")?, floats("zeros")?, g_idx).map_err(|e| bad(format!("{n}: {e}")))?;
+            let q = QuantizedMatrix::from_parts(rows, cols, spec, codes, floats("scales")?, floats("zeros")?, g_idx)
+                .map_err(|e| bad(format!("{n}: {e}")))?;
             linears.push((kind, q));
         }
         Ok((linears, reports))
@@ -456,7 +531,9 @@ impl Lock {
                     return Ok(Lock(path));
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                    let pid = read_small_regular(&path, 64).and_then(|b| String::from_utf8(b).ok()).and_then(|s| s.trim().parse::<u32>().ok());
+                    let pid = read_small_regular(&path, 64)
+                        .and_then(|b| String::from_utf8(b).ok())
+                        .and_then(|s| s.trim().parse::<u32>().ok());
                     if let Some(pid) = pid.filter(|&p| process_alive(p)) {
                         return Err(CalibError::Locked { dir: dir.to_path_buf(), pid });
                     }
@@ -482,7 +559,9 @@ fn process_alive(pid: u32) -> bool {
     }
     let Ok(comm) = std::fs::read_to_string("/proc/self/comm") else { return true };
     let proc = PathBuf::from(format!("/proc/{pid}"));
-    let zombie = std::fs::read_to_string(proc.join("stat")).ok().and_then(|s| s.rsplit_once(')').map(|(_, r)| r.trim_start().starts_with('Z')));
+    let zombie = std::fs::read_to_string(proc.join("stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(')').map(|(_, r)| r.trim_start().starts_with('Z')));
     match zombie {
         None | Some(true) => false,
         Some(false) => std::fs::read_to_string(proc.join("comm")).is_ok_and(|c| c == comm),

@@ -68,7 +68,8 @@ impl Report {
     pub fn read(dir: &Path) -> Result<Report> {
         let path = dir.join(Self::FILE);
         let text = std::fs::read_to_string(&path).map_err(|source| CalibError::Io { path: path.clone(), source })?;
-        serde_json::from_str(&text).map_err(|e| CalibError::Data { path, msg: format!("not a report written by `adadim quantize`: {e}") })
+        serde_json::from_str(&text)
+            .map_err(|e| CalibError::Data { path, msg: format!("not a report written by `adadim quantize`: {e}") })
     }
 
     /// As written: pretty JSON with its keys in sorted order.
@@ -119,11 +120,19 @@ pub struct RunDir {
 /// SHA-256 of every `*.safetensors` file of the model in `dir`, by file name.
 fn source_sha256(dir: &Path) -> Result<serde_json::Map<String, serde_json::Value>> {
     let io = |source| CalibError::Io { path: dir.to_path_buf(), source };
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir).map_err(io)?.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.extension().is_some_and(|e| e == "safetensors")).collect();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(io)?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .collect();
     files.sort();
     let mut source = serde_json::Map::new();
     for f in &files {
-        source.insert(f.file_name().unwrap_or_default().to_string_lossy().into(), adadim_load::fetch::sha256_file(f)?.into());
+        source.insert(
+            f.file_name().unwrap_or_default().to_string_lossy().into(),
+            adadim_load::fetch::sha256_file(f)?.into(),
+        );
     }
     Ok(source)
 }
@@ -143,7 +152,11 @@ impl RunDir {
             "source_model": {"dir": job.model.display().to_string(), "sha256": &source},
         });
         // What makes two runs the same job: the inputs by content (not by path), every setting.
-        let tokens: Vec<u8> = job.samples.iter().flat_map(|s| s.iter().flat_map(|t| t.to_le_bytes()).chain(u32::MAX.to_le_bytes())).collect();
+        let tokens: Vec<u8> = job
+            .samples
+            .iter()
+            .flat_map(|s| s.iter().flat_map(|t| t.to_le_bytes()).chain(u32::MAX.to_le_bytes()))
+            .collect();
         let identity = serde_json::json!({
             "tool": job.tool,
             "settings": cfg,
@@ -174,12 +187,19 @@ impl RunDir {
 
     /// Quantize the blocks not yet done, assemble the model in the work directory and move it
     /// to `out`. `after_block(blocks_done, blocks)` runs once each block is saved.
-    pub fn run(mut self, job: &Job<'_>, after_block: &mut dyn FnMut(usize, usize)) -> std::result::Result<Finished, Failed> {
+    pub fn run(
+        mut self,
+        job: &Job<'_>,
+        after_block: &mut dyn FnMut(usize, usize),
+    ) -> std::result::Result<Finished, Failed> {
         match self.assemble(job, after_block) {
             Ok(report) => {
                 if let Err(source) = self.work.state().move_out("model", &self.out) {
                     // The work directory (and the model in it) stays for a re-run to move.
-                    return Err(Failed { error: Box::new(CalibError::MoveOut { out: self.out.clone(), source }), kept: None });
+                    return Err(Failed {
+                        error: Box::new(CalibError::MoveOut { out: self.out.clone(), source }),
+                        kept: None,
+                    });
                 }
                 Ok(Finished { report, cleanup: self.work.remove().err() })
             }
@@ -187,7 +207,9 @@ impl RunDir {
                 let _ = self.work.remove();
                 Err(Failed { error: Box::new(error), kept: None })
             }
-            Err(error) => Err(Failed { error: Box::new(error), kept: Some((self.work.path().to_path_buf(), self.work.done())) }),
+            Err(error) => {
+                Err(Failed { error: Box::new(error), kept: Some((self.work.path().to_path_buf(), self.work.done())) })
+            }
         }
     }
 
@@ -197,12 +219,20 @@ impl RunDir {
         let staging = self.work.path().join("model");
         self.work.state().remove("model")?;
         std::fs::create_dir(&staging).map_err(step(format!("creating {}", staging.display())))?;
-        let output = Output { path: &staging.join("model.safetensors"), format: job.format, metadata: self.metadata.clone() };
-        let run = crate::driver::quantize_model_resumable(job.checkpoint, job.samples, job.config, &output, &mut self.work, &mut |d, t| {
-            after_block(d, t);
-            #[cfg(feature = "test-hooks")]
-            test_hooks::after_block(d);
-        })?;
+        let output =
+            Output { path: &staging.join("model.safetensors"), format: job.format, metadata: self.metadata.clone() };
+        let run = crate::driver::quantize_model_resumable(
+            job.checkpoint,
+            job.samples,
+            job.config,
+            &output,
+            &mut self.work,
+            &mut |d, t| {
+                after_block(d, t);
+                #[cfg(feature = "test-hooks")]
+                test_hooks::after_block(d);
+            },
+        )?;
         for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
             if job.model.join(f).exists() {
                 std::fs::copy(job.model.join(f), staging.join(f)).map_err(step(format!("copying {f}")))?;
@@ -218,7 +248,8 @@ impl RunDir {
             let path = staging.join("config.json");
             let io = |source| CalibError::Io { path: path.clone(), source };
             let text = std::fs::read_to_string(&path).map_err(io)?;
-            let mut c: serde_json::Value = serde_json::from_str(&text).map_err(|e| CalibError::Data { path: path.clone(), msg: format!("not JSON: {e}") })?;
+            let mut c: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| CalibError::Data { path: path.clone(), msg: format!("not JSON: {e}") })?;
             c["torch_dtype"] = dt.into();
             std::fs::write(&path, serde_json::to_string_pretty(&c).expect("JSON values serialize")).map_err(io)?;
         }
@@ -236,9 +267,16 @@ impl RunDir {
         };
         if job.format == Format::Gptq {
             let q = job.config;
-            let qc = adadim_pack::export_gptq::quantize_config(q.spec.bits, q.spec.group, q.act_order, q.static_groups, q.gptq.percdamp);
+            let qc = adadim_pack::export_gptq::quantize_config(
+                q.spec.bits,
+                q.spec.group,
+                q.act_order,
+                q.static_groups,
+                q.gptq.percdamp,
+            );
             let path = staging.join("quantize_config.json");
-            std::fs::write(&path, serde_json::to_string_pretty(&qc).expect("JSON values serialize")).map_err(|source| CalibError::Io { path, source })?;
+            std::fs::write(&path, serde_json::to_string_pretty(&qc).expect("JSON values serialize"))
+                .map_err(|source| CalibError::Io { path, source })?;
         }
         let report = Report { summary, linears: reports };
         let path = staging.join(Report::FILE);
@@ -246,7 +284,9 @@ impl RunDir {
         crate::input_rms::write(&staging.join(crate::input_rms::FILE), &report.linears)?;
         let entries = std::fs::read_dir(&staging).map_err(step(format!("syncing {}", staging.display())))?;
         for e in entries {
-            e.and_then(|e| std::fs::File::open(e.path())).and_then(|f| f.sync_all()).map_err(step(format!("syncing {}", staging.display())))?;
+            e.and_then(|e| std::fs::File::open(e.path()))
+                .and_then(|f| f.sync_all())
+                .map_err(step(format!("syncing {}", staging.display())))?;
         }
         Ok(report)
     }

@@ -40,7 +40,10 @@ fn run(cfg: &QuantizeConfig) -> (tempfile::TempDir, Vec<LinearReport>, Vec<u8>) 
     let out = d.path().join("q");
     std::fs::create_dir(&out).unwrap();
     let mut layers = Vec::new();
-    let reports = quantize_model(&ck, &samples(), cfg, &f32_out(&out.join("model.safetensors")), &mut |l, _| layers.push(l)).unwrap().linears;
+    let reports =
+        quantize_model(&ck, &samples(), cfg, &f32_out(&out.join("model.safetensors")), &mut |l, _| layers.push(l))
+            .unwrap()
+            .linears;
     assert_eq!(layers, vec![1, 2]);
     assert_eq!(reports.len(), 14);
     let bytes = std::fs::read(out.join("model.safetensors")).unwrap();
@@ -92,10 +95,14 @@ fn same_settings_same_bytes_and_a_loadable_model() {
     }
     let ck = Checkpoint::open(&q).unwrap();
     let w = ck.tensor_f32("model.layers.1.mlp.down_proj.weight").unwrap();
-    let orig = Checkpoint::open(&d.path().join("m")).unwrap().tensor_f32("model.layers.1.mlp.down_proj.weight").unwrap();
+    let orig =
+        Checkpoint::open(&d.path().join("m")).unwrap().tensor_f32("model.layers.1.mlp.down_proj.weight").unwrap();
     assert_ne!(w, orig, "weights were quantized");
     // Embeddings and norms are copied untouched.
-    assert_eq!(ck.tensor_f32("model.norm.weight").unwrap(), Checkpoint::open(&d.path().join("m")).unwrap().tensor_f32("model.norm.weight").unwrap());
+    assert_eq!(
+        ck.tensor_f32("model.norm.weight").unwrap(),
+        Checkpoint::open(&d.path().join("m")).unwrap().tensor_f32("model.norm.weight").unwrap()
+    );
 }
 
 #[test]
@@ -146,28 +153,41 @@ fn reference_driver(ck: &Checkpoint, samples: &[Vec<u32>], cfg: &QuantizeConfig)
     let c = &ck.config;
     let rope = Rope::new(c, 24).unwrap();
     let embed = ck.tensor("model.embed_tokens.weight").unwrap();
-    let mut xs: Vec<Tensor> = samples.iter().map(|s| embed.index_select(&Tensor::new(s.as_slice(), &Device::Cpu).unwrap(), 0).unwrap()).collect();
-    let steps: [&[LinearKind]; 4] = [&[LinearKind::Q, LinearKind::K, LinearKind::V], &[LinearKind::O], &[LinearKind::Gate, LinearKind::Up], &[LinearKind::Down]];
+    let mut xs: Vec<Tensor> = samples
+        .iter()
+        .map(|s| embed.index_select(&Tensor::new(s.as_slice(), &Device::Cpu).unwrap(), 0).unwrap())
+        .collect();
+    let steps: [&[LinearKind]; 4] = [
+        &[LinearKind::Q, LinearKind::K, LinearKind::V],
+        &[LinearKind::O],
+        &[LinearKind::Gate, LinearKind::Up],
+        &[LinearKind::Down],
+    ];
     let mut weights = Vec::new();
     for layer in 0..c.num_hidden_layers {
         let mut block = Block::load(ck, layer).unwrap();
         for step in steps {
             let mut h = adadim_quantize::Hessian::new(block.linear(step[0]).dense().unwrap().dims()[1]);
             for x in &xs {
-                block.forward_tapped(x, &rope, &adadim_model::DecodeSettings::DEFAULT, &mut |kind, input| {
-                    if kind != step[0] {
-                        return Ok(Flow::Continue);
-                    }
-                    h.add_batch(&input.flatten_all().unwrap().to_vec1::<f32>().unwrap()).unwrap();
-                    Ok(Flow::Stop)
-                }).unwrap();
+                block
+                    .forward_tapped(x, &rope, &adadim_model::DecodeSettings::DEFAULT, &mut |kind, input| {
+                        if kind != step[0] {
+                            return Ok(Flow::Continue);
+                        }
+                        h.add_batch(&input.flatten_all().unwrap().to_vec1::<f32>().unwrap()).unwrap();
+                        Ok(Flow::Stop)
+                    })
+                    .unwrap();
             }
             for &kind in step {
                 let w = block.linear(kind).dense().unwrap();
                 let (rows, cols) = w.dims2().unwrap();
-                let (q, _) = cfg.quantize_linear(layer, kind, &w.flatten_all().unwrap().to_vec1().unwrap(), rows, cols, Some(&h)).unwrap();
+                let (q, _) = cfg
+                    .quantize_linear(layer, kind, &w.flatten_all().unwrap().to_vec1().unwrap(), rows, cols, Some(&h))
+                    .unwrap();
                 weights.push(q.dequantize());
-                block.linear_mut(kind).weight = adadim_model::Weight::Dense(Tensor::from_vec(q.dequantize(), (rows, cols), &Device::Cpu).unwrap());
+                block.linear_mut(kind).weight =
+                    adadim_model::Weight::Dense(Tensor::from_vec(q.dequantize(), (rows, cols), &Device::Cpu).unwrap());
             }
         }
         xs = xs.iter().map(|x| block.forward(x, &rope, &adadim_model::DecodeSettings::DEFAULT).unwrap()).collect();
@@ -178,7 +198,12 @@ fn reference_driver(ck: &Checkpoint, samples: &[Vec<u32>], cfg: &QuantizeConfig)
 #[test]
 fn staged_driver_equals_rerunning_the_block_for_every_stage() {
     // The last case holds no down_proj inputs: gate/up are recomputed for the block output.
-    for (method, dim, cache) in [(Method::Gptq, Dim::Ada, true), (Method::Rtn, Dim::Ada, true), (Method::Gptq, Dim::Ic, true), (Method::Gptq, Dim::Ada, false)] {
+    for (method, dim, cache) in [
+        (Method::Gptq, Dim::Ada, true),
+        (Method::Rtn, Dim::Ada, true),
+        (Method::Gptq, Dim::Ic, true),
+        (Method::Gptq, Dim::Ada, false),
+    ] {
         let d = tempfile::tempdir().unwrap();
         write_random_checkpoint(&d.path().join("m"), &tiny_config(), 4).unwrap();
         let ck = Checkpoint::open(&d.path().join("m")).unwrap();
@@ -221,7 +246,9 @@ fn activations_that_overflow_are_an_error_naming_the_layer() {
     std::fs::write(&file, bytes).unwrap();
     let ck = Checkpoint::open(&m).unwrap();
     let out = d.path().join("q.safetensors");
-    let e = quantize_model(&ck, &samples(), &config(Method::Gptq, Dim::Ada), &f32_out(&out), &mut |_, _| {}).unwrap_err().to_string();
+    let e = quantize_model(&ck, &samples(), &config(Method::Gptq, Dim::Ada), &f32_out(&out), &mut |_, _| {})
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("layer 1") && e.contains("q_proj inputs") && e.contains("not finite"), "{e}");
 }
 
@@ -235,11 +262,16 @@ fn packed_output_is_the_dequantized_output_bit_for_bit_and_evaluates_the_same() 
     for (dim, act) in [(Dim::Ada, false), (Dim::Oc, true)] {
         let mut cfg = config(Method::Gptq, dim);
         cfg.act_order = act; // per-OC act-order: stored with a column permutation
-        let (pdir, fdir, hdir) = (d.path().join(format!("p{act}")), d.path().join(format!("f{act}")), d.path().join(format!("h{act}")));
+        let (pdir, fdir, hdir) =
+            (d.path().join(format!("p{act}")), d.path().join(format!("f{act}")), d.path().join(format!("h{act}")));
         for (dir, format) in [(&pdir, Format::Packed), (&fdir, Format::F32), (&hdir, Format::F16)] {
             std::fs::create_dir(dir).unwrap();
             std::fs::copy(m.join("config.json"), dir.join("config.json")).unwrap();
-            let out = Output { path: &dir.join("model.safetensors"), format, metadata: serde_json::json!({"method": "gptq"}) };
+            let out = Output {
+                path: &dir.join("model.safetensors"),
+                format,
+                metadata: serde_json::json!({"method": "gptq"}),
+            };
             quantize_model(&ck, &samples(), &cfg, &out, &mut |_, _| {}).unwrap();
         }
         assert!(adadim_model::is_packed(&pdir) && !adadim_model::is_packed(&fdir));
@@ -249,14 +281,17 @@ fn packed_output_is_the_dequantized_output_bit_for_bit_and_evaluates_the_same() 
         let half = Checkpoint::open(&hdir).unwrap();
         for name in dense.tensor_names() {
             assert_eq!(half.entry(name).unwrap().dtype, safetensors::Dtype::F16, "{name}");
-            let want: Vec<f32> = dense.tensor_f32(name).unwrap().iter().map(|&v| half::f16::from_f32(v).to_f32()).collect();
+            let want: Vec<f32> =
+                dense.tensor_f32(name).unwrap().iter().map(|&v| half::f16::from_f32(v).to_f32()).collect();
             assert!(half.tensor_f32(name).unwrap() == want, "{name}: f16 export is not the f32 export rounded to f16");
         }
         assert_eq!(packed.file().quantization()["method"], "gptq");
         for layer in 0..2 {
             for kind in adadim_model::LinearKind::ALL {
                 let name = format!("model.layers.{layer}.{}", kind.module());
-                let adadim_model::Weight::Packed(p) = packed.linear(&name).unwrap() else { panic!("{name} not packed") };
+                let adadim_model::Weight::Packed(p) = packed.linear(&name).unwrap() else {
+                    panic!("{name} not packed")
+                };
                 assert!(p.dequantize() == dense.tensor_f32(&format!("{name}.weight")).unwrap(), "{name}");
             }
         }
@@ -357,5 +392,10 @@ fn int8_activations_decode_close_to_the_dequantized_model() {
     // int16: ~1e-5 relative; int8: each activation moves at most 1/254 of its block's largest.
     assert!(err(&one16) <= 1e-4 * scale, "int16: {} of {scale}", err(&one16));
     assert!(err(&one8) <= 3e-2 * scale, "int8: {} of {scale}", err(&one8));
-    assert!(err(&one8) > err(&one16), "the int8 kernel ran (its rounding is coarser): {} vs {}", err(&one8), err(&one16));
+    assert!(
+        err(&one8) > err(&one16),
+        "the int8 kernel ran (its rounding is coarser): {} vs {}",
+        err(&one8),
+        err(&one16)
+    );
 }

@@ -5,10 +5,10 @@
 //! adadim-run (the chat template) and adadim-calibrate (the work directory). The ignored
 //! `write_seed_corpus` regenerates the seed files; fuzz/README.md has the rest.
 
-#[path = "../../../fuzz/src/calibrate_targets.rs"]
-mod targets;
 #[path = "../../../fuzz/src/replay.rs"]
 mod replay;
+#[path = "../../../fuzz/src/calibrate_targets.rs"]
+mod targets;
 
 use adadim_calibrate::{quantize_model_resumable, Dim, Method, Output, QuantizeConfig, Select, WorkDir};
 use adadim_load::synth::{write_random_checkpoint, Rng};
@@ -35,16 +35,29 @@ fn resume_corpus_never_panics() {
 #[test]
 fn seeds_are_valid_files() {
     let s = targets::TokenizerScratch::new();
-    for (name, chatml) in [("seed-smollm2.json", true), ("seed-qwen2.json", true), ("seed-llama3.json", false), ("seed-eos-object.json", false), ("seed-from-gguf.json", true)] {
-        std::fs::copy(replay::corpus_dir("fuzz_tokenizer_config").join(name), s.path().join("tokenizer_config.json")).unwrap();
+    for (name, chatml) in [
+        ("seed-smollm2.json", true),
+        ("seed-qwen2.json", true),
+        ("seed-llama3.json", false),
+        ("seed-eos-object.json", false),
+        ("seed-from-gguf.json", true),
+    ] {
+        std::fs::copy(replay::corpus_dir("fuzz_tokenizer_config").join(name), s.path().join("tokenizer_config.json"))
+            .unwrap();
         let v = adadim_load::tokenizer::config(s.path()).unwrap_or_else(|e| panic!("{name}: {e}")).expect("present");
-        assert_eq!(v["chat_template"].as_str().and_then(adadim_run::ChatTemplate::from_jinja).is_some(), chatml, "{name}");
+        assert_eq!(
+            v["chat_template"].as_str().and_then(adadim_run::ChatTemplate::from_jinja).is_some(),
+            chatml,
+            "{name}"
+        );
     }
     let s = targets::ResumeScratch::new();
-    for (name, linears) in [("seed-block-gptq-ada", 7), ("seed-block-gptq-act-order", 7), ("seed-block-rtn-ic-2bit", 7)] {
+    for (name, linears) in [("seed-block-gptq-ada", 7), ("seed-block-gptq-act-order", 7), ("seed-block-rtn-ic-2bit", 7)]
+    {
         let data = std::fs::read(replay::corpus_dir("fuzz_resume").join(name)).unwrap();
         targets::resume(&s, &data);
-        let w = WorkDir::open(&s.work(), serde_json::from_str(targets::JOB).unwrap(), false).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let w = WorkDir::open(&s.work(), serde_json::from_str(targets::JOB).unwrap(), false)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
         let (got, reports) = w.fuzz_load_block(0).unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!((got.len(), reports.len()), (linears, linears), "{name}");
     }
@@ -54,7 +67,10 @@ fn seeds_are_valid_files() {
     // After one block: the manifest is read and the job matches, the block it records is missing.
     let data = std::fs::read(replay::corpus_dir("fuzz_resume").join("seed-manifest-after-block")).unwrap();
     targets::resume(&s, &data);
-    let e = WorkDir::open(&s.work(), serde_json::from_str(targets::JOB).unwrap(), false).err().expect("the block is missing").to_string();
+    let e = WorkDir::open(&s.work(), serde_json::from_str(targets::JOB).unwrap(), false)
+        .err()
+        .expect("the block is missing")
+        .to_string();
     assert!(e.contains("block-00000.safetensors"), "{e}");
 }
 
@@ -127,14 +143,24 @@ fn write_tokenizer_config_seeds() {
                    "chat_template": null, "legacy": false, "model_max_length": 1e30, "tokenizer_class": "LlamaTokenizer"}),
         ),
         // What `tokenizer::from_gguf` writes for an imported GGUF.
-        ("seed-from-gguf.json", json!({"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "add_bos_token": false, "chat_template": chatml("You are a helpful assistant")})),
-        ("seed-template-list.json", json!({"chat_template": [{"name": "default", "template": chatml("")}, {"name": "tool_use", "template": "{{ tools }}"}], "eos_token": "<|im_end|>"})),
+        (
+            "seed-from-gguf.json",
+            json!({"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "add_bos_token": false, "chat_template": chatml("You are a helpful assistant")}),
+        ),
+        (
+            "seed-template-list.json",
+            json!({"chat_template": [{"name": "default", "template": chatml("")}, {"name": "tool_use", "template": "{{ tools }}"}], "eos_token": "<|im_end|>"}),
+        ),
         ("seed-not-an-object.json", json!(["chat_template", "<|im_start|>", "<|im_end|>"])),
     ];
     for (name, v) in seeds {
         put("fuzz_tokenizer_config", name, serde_json::to_string_pretty(&v).unwrap().as_bytes());
     }
-    put("fuzz_tokenizer_config", "seed-truncated.json", br#"{"bos_token": "<|im_start|>", "chat_template": "{% for message in messages %}<|im_st"#);
+    put(
+        "fuzz_tokenizer_config",
+        "seed-truncated.json",
+        br#"{"bos_token": "<|im_start|>", "chat_template": "{% for message in messages %}<|im_st"#,
+    );
 }
 
 /// The tiny model the resume seeds come from (a few KB a block).
@@ -186,20 +212,37 @@ fn write_resume_seeds() {
         ("seed-block-rtn-ic-2bit", Method::Rtn, Dim::Ic, false, spec(2, None, Zero::Gptq)),
     ];
     for (i, (name, method, dim, act_order, spec)) in cases.into_iter().enumerate() {
-        let cfg = QuantizeConfig { method, dim, select: Select::Rtn, spec, gptq: GptqOptions::default(), act_order, static_groups: false, ic_modules: vec![], act_cache_bytes: adadim_calibrate::ACT_CACHE_BYTES };
+        let cfg = QuantizeConfig {
+            method,
+            dim,
+            select: Select::Rtn,
+            spec,
+            gptq: GptqOptions::default(),
+            act_order,
+            static_groups: false,
+            ic_modules: vec![],
+            act_cache_bytes: adadim_calibrate::ACT_CACHE_BYTES,
+        };
         let work = d.path().join(format!("w{i}"));
         let mut w = WorkDir::open(&work, job.clone(), false).unwrap();
-        let out = Output { path: &d.path().join(format!("out{i}")), format: adadim_calibrate::Format::Packed, metadata: serde_json::json!({}) };
+        let out = Output {
+            path: &d.path().join(format!("out{i}")),
+            format: adadim_calibrate::Format::Packed,
+            metadata: serde_json::json!({}),
+        };
         // Stopped after the first block, as an interrupted run is.
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            quantize_model_resumable(&ck, &samples, &cfg, &out, &mut w, &mut |done, _| assert!(done < 1, "interrupted after block {done}"))
+            quantize_model_resumable(&ck, &samples, &cfg, &out, &mut w, &mut |done, _| {
+                assert!(done < 1, "interrupted after block {done}")
+            })
         }));
         assert!(r.is_err());
         let block = fixed_block(&std::fs::read(work.join(targets::BLOCK)).unwrap());
         put("fuzz_resume", name, &[[1u8].as_slice(), &block].concat());
         if i == 0 {
             // The manifest after that block, its clocks fixed (and the block's checksum with them).
-            let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(work.join("resume.json")).unwrap()).unwrap();
+            let mut m: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(work.join("resume.json")).unwrap()).unwrap();
             assert_eq!(m["done"], 1);
             m["files"][targets::BLOCK] = adadim_load::fetch::sha256_hex(&block).into();
             for (k, v) in m["timings"].as_object_mut().unwrap() {
@@ -208,7 +251,11 @@ fn write_resume_seeds() {
                 }
             }
             m["elapsed_s"] = 1.5.into();
-            put("fuzz_resume", "seed-manifest-after-block", &[b"\0".as_slice(), &serde_json::to_vec_pretty(&m).unwrap()].concat());
+            put(
+                "fuzz_resume",
+                "seed-manifest-after-block",
+                &[b"\0".as_slice(), &serde_json::to_vec_pretty(&m).unwrap()].concat(),
+            );
         }
     }
     // A fresh start's manifest, as the target's scratch read it from a real work directory.

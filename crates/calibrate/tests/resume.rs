@@ -2,7 +2,9 @@
 //! never interrupted, in every output format; a work directory of another job is refused.
 #![allow(clippy::result_large_err)] // the interrupted runs' results travel through catch_unwind once
 
-use adadim_calibrate::{quantize_model, quantize_model_resumable, CalibError, Dim, Format, Method, Output, QuantizeConfig, Select, WorkDir};
+use adadim_calibrate::{
+    quantize_model, quantize_model_resumable, CalibError, Dim, Format, Method, Output, QuantizeConfig, Select, WorkDir,
+};
 use adadim_load::synth::{tiny_config, write_random_checkpoint, Rng};
 use adadim_load::Checkpoint;
 use adadim_quantize::{Axis, GptqOptions, QuantSpec, Zero};
@@ -13,7 +15,12 @@ fn config(method: Method, dim: Dim, act_order: bool) -> QuantizeConfig {
         method,
         dim,
         select: Select::Rtn,
-        spec: QuantSpec { bits: 3, group: Some(16), axis: Axis::Oc, zero: if act_order { Zero::Sym } else { Zero::Awq } },
+        spec: QuantSpec {
+            bits: 3,
+            group: Some(16),
+            axis: Axis::Oc,
+            zero: if act_order { Zero::Sym } else { Zero::Awq },
+        },
         search: adadim_quantize::ScaleSearch::MinMax,
         gptq: GptqOptions::default(),
         act_order,
@@ -70,11 +77,18 @@ fn interrupted_after_any_block_resumes_to_the_same_bytes() {
             assert_eq!(work.done(), 0);
             if stop > 0 {
                 let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    quantize_model_resumable(&ck, &samples(), &cfg, &output(&got_file, format), &mut work, &mut |done, _| {
-                        if done == stop {
-                            panic!("interrupted after block {done}");
-                        }
-                    })
+                    quantize_model_resumable(
+                        &ck,
+                        &samples(),
+                        &cfg,
+                        &output(&got_file, format),
+                        &mut work,
+                        &mut |done, _| {
+                            if done == stop {
+                                panic!("interrupted after block {done}");
+                            }
+                        },
+                    )
                 }));
                 assert!(r.is_err());
                 drop(work);
@@ -82,15 +96,45 @@ fn interrupted_after_any_block_resumes_to_the_same_bytes() {
                 assert_eq!(work.done(), stop, "case {i}");
             }
             let mut seen = Vec::new();
-            let run = quantize_model_resumable(&ck, &samples(), &cfg, &output(&got_file, format), &mut work, &mut |done, _| seen.push(done)).unwrap();
+            let run = quantize_model_resumable(
+                &ck,
+                &samples(),
+                &cfg,
+                &output(&got_file, format),
+                &mut work,
+                &mut |done, _| seen.push(done),
+            )
+            .unwrap();
             assert_eq!(seen, (stop + 1..=c.num_hidden_layers).collect::<Vec<_>>());
-            assert!(std::fs::read(&got_file).unwrap() == want_bytes, "case {i} ({method:?} {dim:?} {format:?}), stopped after {stop} blocks: bytes differ");
+            assert!(
+                std::fs::read(&got_file).unwrap() == want_bytes,
+                "case {i} ({method:?} {dim:?} {format:?}), stopped after {stop} blocks: bytes differ"
+            );
             // The reports of blocks done before the interruption come back too, the same.
             // So do their input-channel RMS vectors (saved beside the reports, not in their JSON).
-            let strip = |r: &adadim_calibrate::LinearReport| (r.layer, r.module, r.axis, r.oc_error, r.ic_error, r.final_error, r.gptq_loss, r.percdamp, r.dead_inputs, r.input_rms.clone());
-            assert_eq!(run.linears.iter().map(strip).collect::<Vec<_>>(), want.linears.iter().map(strip).collect::<Vec<_>>());
+            let strip = |r: &adadim_calibrate::LinearReport| {
+                (
+                    r.layer,
+                    r.module,
+                    r.axis,
+                    r.oc_error,
+                    r.ic_error,
+                    r.final_error,
+                    r.gptq_loss,
+                    r.percdamp,
+                    r.dead_inputs,
+                    r.input_rms.clone(),
+                )
+            };
+            assert_eq!(
+                run.linears.iter().map(strip).collect::<Vec<_>>(),
+                want.linears.iter().map(strip).collect::<Vec<_>>()
+            );
             let calibrated = method == Method::Gptq;
-            assert!(run.linears.iter().all(|r| r.input_rms.len() == if calibrated { r.cols } else { 0 }), "case {i}: input_rms lengths");
+            assert!(
+                run.linears.iter().all(|r| r.input_rms.len() == if calibrated { r.cols } else { 0 }),
+                "case {i}: input_rms lengths"
+            );
             assert_eq!(run.timings.forward_flops, want.timings.forward_flops);
             work.remove().unwrap();
             assert!(!work_dir.exists());
@@ -108,7 +152,13 @@ fn a_work_directory_of_another_job_is_refused_unless_restarted() {
     let e = WorkDir::open(&dir, job(4), false).err().expect("another job");
     assert!(matches!(e, CalibError::OtherJob { .. }), "{e}");
     let msg = e.to_string();
-    assert!(msg.contains(".q.partial") && msg.contains("settings.bits: 3 -> 4") && msg.contains("--restart") && !msg.contains("group"), "{msg}");
+    assert!(
+        msg.contains(".q.partial")
+            && msg.contains("settings.bits: 3 -> 4")
+            && msg.contains("--restart")
+            && !msg.contains("group"),
+        "{msg}"
+    );
     assert!(dir.join("resume.json").exists(), "a refused run leaves the other job's state alone");
     let w = WorkDir::open(&dir, job(4), true).unwrap();
     assert_eq!(w.done(), 0);
@@ -137,7 +187,9 @@ fn a_damaged_block_or_hidden_state_is_refused_not_resumed() {
         let mut work = WorkDir::open(&work_dir, job.clone(), true).unwrap();
         let out = d.path().join("out.safetensors");
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            quantize_model_resumable(&ck, &samples(), &cfg, &output(&out, Format::Packed), &mut work, &mut |done, _| assert!(done < 2, "interrupted after block {done}"))
+            quantize_model_resumable(&ck, &samples(), &cfg, &output(&out, Format::Packed), &mut work, &mut |done, _| {
+                assert!(done < 2, "interrupted after block {done}")
+            })
         }));
         assert!(r.is_err());
         drop(work);
@@ -148,9 +200,22 @@ fn a_damaged_block_or_hidden_state_is_refused_not_resumed() {
         std::fs::write(&p, &bytes).unwrap();
         let e = match WorkDir::open(&work_dir, job.clone(), false) {
             Err(e) => e.to_string(),
-            Ok(mut work) => quantize_model_resumable(&ck, &samples(), &cfg, &output(&out, Format::Packed), &mut work, &mut |_, _| {}).map(|_| ()).expect_err("damaged state must be refused").to_string(),
+            Ok(mut work) => quantize_model_resumable(
+                &ck,
+                &samples(),
+                &cfg,
+                &output(&out, Format::Packed),
+                &mut work,
+                &mut |_, _| {},
+            )
+            .map(|_| ())
+            .expect_err("damaged state must be refused")
+            .to_string(),
         };
-        assert!(e.contains(victim.rsplit('/').next().unwrap()) && e.contains("SHA-256") && e.contains("damaged"), "{e}");
+        assert!(
+            e.contains(victim.rsplit('/').next().unwrap()) && e.contains("SHA-256") && e.contains("damaged"),
+            "{e}"
+        );
         assert!(!out.exists());
     }
 }
@@ -193,7 +258,9 @@ fn a_manifest_naming_a_file_outside_the_work_directory_is_refused() {
     let out = d.path().join("out.safetensors");
     let mut work = WorkDir::open(&work_dir, job.clone(), false).unwrap();
     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        quantize_model_resumable(&ck, &samples(), &cfg, &output(&out, Format::Packed), &mut work, &mut |done, _| assert!(done < 1, "interrupted after block {done}"))
+        quantize_model_resumable(&ck, &samples(), &cfg, &output(&out, Format::Packed), &mut work, &mut |done, _| {
+            assert!(done < 1, "interrupted after block {done}")
+        })
     }));
     assert!(r.is_err());
     drop(work);
@@ -209,7 +276,14 @@ fn a_manifest_naming_a_file_outside_the_work_directory_is_refused() {
         std::fs::write(&manifest, serde_json::to_vec(&m).unwrap()).unwrap();
         let e = match WorkDir::open(&work_dir, job.clone(), false) {
             Err(e) => e.to_string(),
-            Ok(mut work) => match quantize_model_resumable(&ck, &samples(), &cfg, &output(&out, Format::Packed), &mut work, &mut |_, _| {}) {
+            Ok(mut work) => match quantize_model_resumable(
+                &ck,
+                &samples(),
+                &cfg,
+                &output(&out, Format::Packed),
+                &mut work,
+                &mut |_, _| {},
+            ) {
                 Err(e) => e.to_string(),
                 Ok(_) => String::new(),
             },

@@ -37,7 +37,10 @@ fn code_is_the_stdlib_sorted_without_tests_and_the_same_every_time() {
                 assert!(!text.contains(doc), "{} docstring found in the stdlib text", p["task_id"]);
             }
         }
-        Err(_) => eprintln!("skipping the HumanEval disjointness check: {} not fetched yet (adadim eval humaneval fetches it)", he.display()),
+        Err(_) => eprintln!(
+            "skipping the HumanEval disjointness check: {} not fetched yet (adadim eval humaneval fetches it)",
+            he.display()
+        ),
     }
 }
 

@@ -6,7 +6,11 @@ use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 
 #[derive(Parser)]
-#[command(name = "adadim", version, about = "Quantize LLaMA-family models to 2-4 bits with AdaDim (per-OC / per-IC groups chosen per layer); measure and run them")]
+#[command(
+    name = "adadim",
+    version,
+    about = "Quantize LLaMA-family models to 2-4 bits with AdaDim (per-OC / per-IC groups chosen per layer); measure and run them"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub cmd: Cmd,

@@ -55,7 +55,11 @@ pub fn check_positions(cfg: &LlamaConfig, config_path: &Path, positions: usize, 
 /// `need` bytes for `what` (asked for by `flag`) within the memory available now.
 pub fn check_memory(flag: &str, need: f64, what: &str) -> Result<()> {
     if let Some(avail) = available_memory().filter(|&a| need > a as f64) {
-        anyhow::bail!("{flag}: {what} needs about {}, more than the {} of memory available", gb(need), gb(avail as f64));
+        anyhow::bail!(
+            "{flag}: {what} needs about {}, more than the {} of memory available",
+            gb(need),
+            gb(avail as f64)
+        );
     }
     Ok(())
 }
@@ -70,7 +74,12 @@ pub fn check_calibration(cfg: &LlamaConfig, nsamples: usize, seqlen: usize, work
     check_memory(&flags, tokens * per_token + forward_bytes(cfg, seqlen), &format!("calibration on {tokens} tokens"))?;
     let disk = 2.0 * tokens * cfg.hidden_size as f64 * 4.0;
     if let Some(free) = available_disk(work_parent).filter(|&f| disk > f as f64) {
-        anyhow::bail!("{flags}: the saved calibration states need about {} on {}, which has {} free", gb(disk), work_parent.display(), gb(free as f64));
+        anyhow::bail!(
+            "{flags}: the saved calibration states need about {} on {}, which has {} free",
+            gb(disk),
+            work_parent.display(),
+            gb(free as f64)
+        );
     }
     Ok(())
 }
@@ -93,6 +102,9 @@ mod tests {
         let e = check_positions(&c, Path::new("m/config.json"), 65, "--seqlen").unwrap_err().to_string();
         assert!(e.contains("trained context of 64") && e.contains("m/config.json"), "{e}");
         c.max_position_embeddings = None;
-        assert!(check_positions(&c, Path::new("c"), 1_000_000_000, "--max-tokens").unwrap_err().to_string().contains("needs about"));
+        assert!(check_positions(&c, Path::new("c"), 1_000_000_000, "--max-tokens")
+            .unwrap_err()
+            .to_string()
+            .contains("needs about"));
     }
 }

@@ -26,7 +26,9 @@ pub fn error_text(e: &anyhow::Error) -> String {
 /// or a shortage of tokens), so it is refused by name before any work.
 pub fn check_limit(limit: Option<usize>) -> Result<()> {
     if limit == Some(0) {
-        anyhow::bail!("--limit 0: nothing would be evaluated; give at least 1, or leave --limit out to evaluate everything");
+        anyhow::bail!(
+            "--limit 0: nothing would be evaluated; give at least 1, or leave --limit out to evaluate everything"
+        );
     }
     Ok(())
 }
@@ -38,7 +40,8 @@ mod tests {
     #[test]
     fn a_cause_its_parent_shows_is_printed_once() {
         let io = std::io::Error::new(std::io::ErrorKind::PermissionDenied, "Permission denied (os error 13)");
-        let e = anyhow::Error::new(adadim_load::LoadError::Io { path: "m/config.json".into(), source: io }).context("loading m");
+        let e = anyhow::Error::new(adadim_load::LoadError::Io { path: "m/config.json".into(), source: io })
+            .context("loading m");
         assert_eq!(error_text(&e), "loading m: m/config.json: Permission denied (os error 13)");
         let e = anyhow::anyhow!("tensor 'a\u{1b}[2J'");
         assert_eq!(error_text(&e), "tensor 'a\\u{1b}[2J'");

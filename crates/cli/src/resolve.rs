@@ -30,10 +30,17 @@ pub fn resolve_dataset(spec: &str) -> Result<Dataset> {
 
 /// The calibration text `calib` (a named corpus or a file), tokenized with the tokenizer of the
 /// model in `dir`, and `nsamples` seeded crops of `seqlen` tokens from it.
-pub fn calibration_samples(dir: &std::path::Path, calib: &str, nsamples: usize, seqlen: usize, seed: u64) -> Result<(PathBuf, Vec<Vec<u32>>)> {
+pub fn calibration_samples(
+    dir: &std::path::Path,
+    calib: &str,
+    nsamples: usize,
+    seqlen: usize,
+    seed: u64,
+) -> Result<(PathBuf, Vec<Vec<u32>>)> {
     let tok = adadim_load::tokenizer::load(dir)?;
     let calib_file = adadim_calibrate::data::calibration_file(calib, &adadim_home(), dir)?;
-    let text = std::fs::read_to_string(&calib_file).with_context(|| format!("{}: reading calibration text", calib_file.display()))?;
+    let text = std::fs::read_to_string(&calib_file)
+        .with_context(|| format!("{}: reading calibration text", calib_file.display()))?;
     let ids = adadim_eval::ppl::tokenize(&tok, &text, &calib_file.display().to_string())?;
     let samples = adadim_calibrate::data::sample_windows(&ids, nsamples, seqlen, seed, &calib_file)?;
     Ok((calib_file, samples))
@@ -41,8 +48,17 @@ pub fn calibration_samples(dir: &std::path::Path, calib: &str, nsamples: usize, 
 
 /// The tokens that end a generation: the tokenizer config's `eos_token` (`tok_config`, from
 /// [`adadim_load::tokenizer::config`]) and the model config's `eos_token_id`.
-pub fn eos_ids(dir: &std::path::Path, tok: &adadim_load::tokenizer::Tokenizer, tok_config: &serde_json::Value) -> Result<Vec<u32>> {
-    let mut stop: Vec<u32> = tok_config["eos_token"].as_str().and_then(|t| tok.token_to_id(t)).into_iter().collect();
+pub fn eos_ids(
+    dir: &std::path::Path,
+    tok: &adadim_load::tokenizer::Tokenizer,
+    tok_config: &serde_json::Value,
+) -> Result<Vec<u32>> {
+    let mut stop: Vec<u32> = tok_config["eos_token"]
+        .as_str()
+        .or_else(|| tok_config["eos_token"]["content"].as_str())
+        .and_then(|t| tok.token_to_id(t))
+        .into_iter()
+        .collect();
     let config = adadim_load::LlamaConfig::from_file(&dir.join("config.json"))?;
     if let Some(id) = config.eos_token_id.as_ref().and_then(|v| v.as_u64()) {
         stop.push(id as u32);
@@ -66,5 +82,6 @@ pub fn apply_head_bits(model: &mut adadim_model::Model, bits: Option<u8>, packed
 
 /// `--module`: a linear by its short name.
 pub fn module_arg(name: &str) -> Result<adadim_model::LinearKind> {
-    adadim_model::LinearKind::from_short(name).ok_or_else(|| anyhow::anyhow!("--module {name}: not one of q, k, v, o, gate, up, down"))
+    adadim_model::LinearKind::from_short(name)
+        .ok_or_else(|| anyhow::anyhow!("--module {name}: not one of q, k, v, o, gate, up, down"))
 }

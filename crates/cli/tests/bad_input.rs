@@ -19,14 +19,24 @@ fn adadim_with_data(args: &[&str], data: Option<&Path>) -> (i32, String, String)
         cmd.env("ADADIM_DATA", d);
     }
     let out = cmd.output().unwrap();
-    let (so, se) = (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned());
+    let (so, se) =
+        (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned());
     assert!(!se.contains("panicked"), "panic: {se}");
     (out.status.code().unwrap_or(-1), so, se)
 }
 
 /// Run `eval ppl` on `model` and expect failure whose message contains every `needle`.
 fn expect_error(model: &Path, text: &Path, needles: &[&str]) {
-    let (code, _, err) = adadim(&["eval", "ppl", "--model", model.to_str().unwrap(), "--dataset", text.to_str().unwrap(), "--seqlen", "16"]);
+    let (code, _, err) = adadim(&[
+        "eval",
+        "ppl",
+        "--model",
+        model.to_str().unwrap(),
+        "--dataset",
+        text.to_str().unwrap(),
+        "--seqlen",
+        "16",
+    ]);
     assert_eq!(code, 1, "{err}");
     for n in needles {
         assert!(err.contains(n), "expected {n:?} in: {err}");
@@ -54,12 +64,33 @@ fn data_range(file: &Path, tensor: &str) -> (usize, usize) {
 #[test]
 fn a_good_model_runs() {
     let (_d, m, text) = fixture();
-    let (code, out, err) = adadim(&["eval", "ppl", "--model", m.to_str().unwrap(), "--dataset", text.to_str().unwrap(), "--seqlen", "16", "--json"]);
+    let (code, out, err) = adadim(&[
+        "eval",
+        "ppl",
+        "--model",
+        m.to_str().unwrap(),
+        "--dataset",
+        text.to_str().unwrap(),
+        "--seqlen",
+        "16",
+        "--json",
+    ]);
     assert_eq!(code, 0, "{err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert!(v["ppl"].as_f64().unwrap() > 1.0 && v["windows"].as_u64().unwrap() == 900 / 16);
     // Block by block from the checkpoint: the same numbers.
-    let (code, out, err) = adadim(&["eval", "ppl", "--model", m.to_str().unwrap(), "--dataset", text.to_str().unwrap(), "--seqlen", "16", "--json", "--stream"]);
+    let (code, out, err) = adadim(&[
+        "eval",
+        "ppl",
+        "--model",
+        m.to_str().unwrap(),
+        "--dataset",
+        text.to_str().unwrap(),
+        "--seqlen",
+        "16",
+        "--json",
+        "--stream",
+    ]);
     assert_eq!(code, 0, "{err}");
     assert!(err.contains("streaming the 2 blocks"), "{err}");
     let s: serde_json::Value = serde_json::from_str(&out).unwrap();
@@ -128,7 +159,25 @@ fn nan_weights() {
     // quantize finds it before the first block, not after every other block was quantized.
     let d = m.parent().unwrap();
     let out = d.join("q");
-    let (code, _, err) = adadim(&["quantize", "--model", m.to_str().unwrap(), "--method", "gptq", "--bits", "4", "--group", "16", "--nsamples", "2", "--calib-seqlen", "16", "--calib", text.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    let (code, _, err) = adadim(&[
+        "quantize",
+        "--model",
+        m.to_str().unwrap(),
+        "--method",
+        "gptq",
+        "--bits",
+        "4",
+        "--group",
+        "16",
+        "--nsamples",
+        "2",
+        "--calib-seqlen",
+        "16",
+        "--calib",
+        text.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains(name) && err.contains("NaN"), "{err}");
     assert!(!out.exists() && !d.join(".q.partial").exists());
@@ -218,18 +267,37 @@ fn mmlu_and_humaneval_inputs() {
     };
     one_line_error(adadim(&["eval", "mmlu", "--model", model]), &["ADADIM_DATA"]);
     let data = d.path().join("data");
-    one_line_error(adadim_with_data(&["eval", "mmlu", "--model", model], Some(&data)), &["abstract_algebra_dev.csv", "missing"]);
-    one_line_error(adadim_with_data(&["eval", "mmlu", "--model", model, "--subjects", "astrology"], Some(&data)), &["astrology", "unknown MMLU subject"]);
+    one_line_error(
+        adadim_with_data(&["eval", "mmlu", "--model", model], Some(&data)),
+        &["abstract_algebra_dev.csv", "missing"],
+    );
+    one_line_error(
+        adadim_with_data(&["eval", "mmlu", "--model", model, "--subjects", "astrology"], Some(&data)),
+        &["astrology", "unknown MMLU subject"],
+    );
     let header = "question,choice0,choice1,choice2,choice3,answer\n";
     for split in ["dev", "test"] {
         std::fs::create_dir_all(data.join("mmlu").join(split)).unwrap();
-        std::fs::write(data.join(format!("mmlu/{split}/anatomy_{split}.csv")), format!("{header}\"Q, with a comma\",a,b,c,d,1\n").repeat(1)).unwrap();
+        std::fs::write(
+            data.join(format!("mmlu/{split}/anatomy_{split}.csv")),
+            format!("{header}\"Q, with a comma\",a,b,c,d,1\n").repeat(1),
+        )
+        .unwrap();
     }
     // The tiny model's byte tokenizer spells " A" with two tokens: no answer token to score.
-    one_line_error(adadim_with_data(&["eval", "mmlu", "--model", model, "--subjects", "anatomy", "--shots", "1"], Some(&data)), &["\" A\"", "2 tokens"]);
-    one_line_error(adadim_with_data(&["eval", "mmlu", "--model", model, "--subjects", "anatomy", "--shots", "5"], Some(&data)), &["--shots 5", "1 examples"]);
+    one_line_error(
+        adadim_with_data(&["eval", "mmlu", "--model", model, "--subjects", "anatomy", "--shots", "1"], Some(&data)),
+        &["\" A\"", "2 tokens"],
+    );
+    one_line_error(
+        adadim_with_data(&["eval", "mmlu", "--model", model, "--subjects", "anatomy", "--shots", "5"], Some(&data)),
+        &["--shots 5", "1 examples"],
+    );
     std::fs::write(data.join("mmlu/test/anatomy_test.csv"), format!("{header}q,a,b,c,d,E\n")).unwrap();
-    one_line_error(adadim_with_data(&["eval", "mmlu", "--model", model, "--subjects", "anatomy", "--shots", "1"], Some(&data)), &["anatomy_test.csv", "line 2", "not an index"]);
+    one_line_error(
+        adadim_with_data(&["eval", "mmlu", "--model", model, "--subjects", "anatomy", "--shots", "1"], Some(&data)),
+        &["anatomy_test.csv", "line 2", "not an index"],
+    );
     one_line_error(adadim(&["eval", "humaneval", "--model", model, "--timeout", "0"]), &["--timeout 0"]);
 }
 
@@ -246,12 +314,35 @@ fn a_link_planted_at_the_work_directory_deletes_nothing() {
     let s = |p: &Path| p.to_str().unwrap().to_string();
     let (ms, ts, o) = (s(&m), s(&text), s(&out));
     for extra in [&[][..], &["--restart"][..]] {
-        let mut args = vec!["quantize", "--model", &ms, "--method", "rtn", "--dim", "ada", "--bits", "3", "--group", "16", "--nsamples", "2", "--calib-seqlen", "16", "--calib", &ts];
+        let mut args = vec![
+            "quantize",
+            "--model",
+            &ms,
+            "--method",
+            "rtn",
+            "--dim",
+            "ada",
+            "--bits",
+            "3",
+            "--group",
+            "16",
+            "--nsamples",
+            "2",
+            "--calib-seqlen",
+            "16",
+            "--calib",
+            &ts,
+        ];
         args.extend_from_slice(&["--out", &o]);
         args.extend_from_slice(extra);
         let (code, _, err) = adadim(&args);
         assert_eq!(code, 1, "{err}");
-        assert!(err.contains(".o.partial") && err.contains("symbolic link") && err.contains("removes nothing it did not write"), "{err}");
+        assert!(
+            err.contains(".o.partial")
+                && err.contains("symbolic link")
+                && err.contains("removes nothing it did not write"),
+            "{err}"
+        );
         assert_eq!(std::fs::read_to_string(victim.join("thesis.txt")).unwrap(), "years of work");
         assert_eq!(std::fs::read_dir(&victim).unwrap().count(), 1, "nothing written into the link's target");
         assert!(!out.exists());
@@ -260,7 +351,26 @@ fn a_link_planted_at_the_work_directory_deletes_nothing() {
     std::fs::remove_file(d.path().join(".o.partial")).unwrap();
     std::fs::create_dir(d.path().join(".o.partial")).unwrap();
     std::fs::write(d.path().join(".o.partial/notes.txt"), "mine").unwrap();
-    let (code, _, err) = adadim(&["quantize", "--model", &s(&m), "--method", "rtn", "--bits", "3", "--group", "16", "--nsamples", "2", "--calib-seqlen", "16", "--calib", &s(&text), "--out", &s(&out), "--restart"]);
+    let (code, _, err) = adadim(&[
+        "quantize",
+        "--model",
+        &s(&m),
+        "--method",
+        "rtn",
+        "--bits",
+        "3",
+        "--group",
+        "16",
+        "--nsamples",
+        "2",
+        "--calib-seqlen",
+        "16",
+        "--calib",
+        &s(&text),
+        "--out",
+        &s(&out),
+        "--restart",
+    ]);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("notes.txt") && err.contains("did not write"), "{err}");
     assert!(d.path().join(".o.partial/notes.txt").exists());
@@ -273,7 +383,25 @@ fn a_long_output_name_works() {
     let (d, m, text) = fixture();
     let out = d.path().join("q".repeat(250));
     let s = |p: &Path| p.to_str().unwrap().to_string();
-    let (code, _, err) = adadim(&["quantize", "--model", &s(&m), "--method", "rtn", "--bits", "4", "--group", "16", "--nsamples", "2", "--calib-seqlen", "16", "--calib", &s(&text), "--out", &s(&out)]);
+    let (code, _, err) = adadim(&[
+        "quantize",
+        "--model",
+        &s(&m),
+        "--method",
+        "rtn",
+        "--bits",
+        "4",
+        "--group",
+        "16",
+        "--nsamples",
+        "2",
+        "--calib-seqlen",
+        "16",
+        "--calib",
+        &s(&text),
+        "--out",
+        &s(&out),
+    ]);
     assert_eq!(code, 0, "{err}");
     assert!(out.join("model.safetensors").exists());
 }
@@ -282,7 +410,25 @@ fn a_long_output_name_works() {
 fn packed_fixture(d: &Path, m: &Path, text: &Path) -> PathBuf {
     let q = d.join("q");
     let s = |p: &Path| p.to_str().unwrap().to_string();
-    let (code, _, err) = adadim(&["quantize", "--model", &s(m), "--method", "rtn", "--bits", "4", "--group", "16", "--nsamples", "2", "--calib-seqlen", "16", "--calib", &s(text), "--out", &s(&q)]);
+    let (code, _, err) = adadim(&[
+        "quantize",
+        "--model",
+        &s(m),
+        "--method",
+        "rtn",
+        "--bits",
+        "4",
+        "--group",
+        "16",
+        "--nsamples",
+        "2",
+        "--calib-seqlen",
+        "16",
+        "--calib",
+        &s(text),
+        "--out",
+        &s(&q),
+    ]);
     assert_eq!(code, 0, "{err}");
     q
 }
@@ -342,7 +488,16 @@ fn json_inputs_that_never_end_are_refused() {
         let keep = std::fs::read(&p).unwrap();
         std::fs::remove_file(&p).unwrap();
         std::os::unix::fs::symlink("/dev/zero", &p).unwrap();
-        let (code, _, err) = adadim(&["eval", "ppl", "--model", m.to_str().unwrap(), "--dataset", text.to_str().unwrap(), "--seqlen", "16"]);
+        let (code, _, err) = adadim(&[
+            "eval",
+            "ppl",
+            "--model",
+            m.to_str().unwrap(),
+            "--dataset",
+            text.to_str().unwrap(),
+            "--seqlen",
+            "16",
+        ]);
         assert_eq!(code, 1, "{err}");
         assert!(err.contains(f) && err.contains("more than"), "{err}");
         std::fs::remove_file(&p).unwrap();
@@ -357,10 +512,35 @@ fn sizes_from_flags_are_checked_up_front() {
     let (d, m, text) = fixture();
     let (ms, ts) = (m.to_str().unwrap(), text.to_str().unwrap());
     let out = d.path().join("q");
-    let (code, _, err) = adadim(&["quantize", "--model", ms, "--method", "rtn", "--bits", "4", "--group", "16", "--nsamples", "100000000", "--calib-seqlen", "512", "--calib", ts, "--out", out.to_str().unwrap()]);
+    let (code, _, err) = adadim(&[
+        "quantize",
+        "--model",
+        ms,
+        "--method",
+        "rtn",
+        "--bits",
+        "4",
+        "--group",
+        "16",
+        "--nsamples",
+        "100000000",
+        "--calib-seqlen",
+        "512",
+        "--calib",
+        ts,
+        "--out",
+        out.to_str().unwrap(),
+    ]);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("--nsamples 100000000") && err.contains("needs about"), "{err}");
-    assert!(!out.exists() && std::fs::read_dir(d.path()).unwrap().all(|e| !e.unwrap().file_name().to_string_lossy().contains("partial")));
+    assert!(
+        !out.exists()
+            && std::fs::read_dir(d.path()).unwrap().all(|e| !e
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .contains("partial"))
+    );
     let (code, _, err) = adadim(&["eval", "ppl", "--model", ms, "--dataset", ts, "--seqlen", "1000000000"]);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("--seqlen 1000000000") && err.contains("needs about"), "{err}");
@@ -403,7 +583,8 @@ fn two_tensor_gguf(path: &Path, meta: &[(&str, &Value)], patch: impl FnOnce(&mut
     let mut b = std::fs::read(path).unwrap();
     // A tensor info: name, n_dims (u32), two u64 dimensions, type (u32), then the offset (u64).
     let offset_field = |name: &[u8]| b.windows(name.len()).position(|w| w == name).unwrap() + name.len() + 4 + 16 + 4;
-    let fields: Vec<usize> = [&b"blk.0.attn_q.weight"[..], b"blk.0.attn_k.weight"].iter().map(|n| offset_field(n)).collect();
+    let fields: Vec<usize> =
+        [&b"blk.0.attn_q.weight"[..], b"blk.0.attn_k.weight"].iter().map(|n| offset_field(n)).collect();
     let lookup = move |name: &[u8]| if name == b"blk.0.attn_q.weight" { fields[0] } else { fields[1] };
     patch(&mut b, &lookup);
     std::fs::write(path, b).unwrap();
@@ -416,7 +597,9 @@ fn gguf_layout_and_metadata_are_checked() {
     let llama = Value::String("llama".into());
     let arch = [("general.architecture", &llama)];
     let k = b"blk.0.attn_k.weight";
-    let set_k_offset = |v: u64| move |b: &mut Vec<u8>, at: &dyn Fn(&[u8]) -> usize| b[at(k)..at(k) + 8].copy_from_slice(&v.to_le_bytes());
+    let set_k_offset = |v: u64| {
+        move |b: &mut Vec<u8>, at: &dyn Fn(&[u8]) -> usize| b[at(k)..at(k) + 8].copy_from_slice(&v.to_le_bytes())
+    };
     let import = |file: &Path, needles: &[&str]| {
         fails_with(&["import-gguf", file.to_str().unwrap(), "--out", out.to_str().unwrap()], None, needles);
         assert!(!out.exists());
@@ -424,7 +607,10 @@ fn gguf_layout_and_metadata_are_checked() {
 
     let g = d.path().join("misaligned.gguf");
     two_tensor_gguf(&g, &arch, set_k_offset(96 + 8));
-    import(&g, &["misaligned.gguf", "blk.0.attn_k.weight", "data offset 104 is not a multiple of the file's alignment 32"]);
+    import(
+        &g,
+        &["misaligned.gguf", "blk.0.attn_k.weight", "data offset 104 is not a multiple of the file's alignment 32"],
+    );
 
     let g = d.path().join("past-end.gguf");
     two_tensor_gguf(&g, &arch, set_k_offset(1 << 20));
@@ -449,7 +635,11 @@ fn gguf_layout_and_metadata_are_checked() {
 
     let g = d.path().join("no-arch.gguf");
     two_tensor_gguf(&g, &[], |_, _| {});
-    let err = fails_with(&["import-gguf", g.to_str().unwrap(), "--out", out.to_str().unwrap()], None, &["no-arch.gguf", "metadata key 'general.architecture' is missing"]);
+    let err = fails_with(
+        &["import-gguf", g.to_str().unwrap(), "--out", out.to_str().unwrap()],
+        None,
+        &["no-arch.gguf", "metadata key 'general.architecture' is missing"],
+    );
     assert!(!err.contains("unsupported architecture"), "{err}");
 
     // A name read from the file cannot drive the terminal.
@@ -464,7 +654,11 @@ fn limit_zero_is_refused_by_name() {
     let (_d, m, text) = fixture();
     let model = m.to_str().unwrap();
     let needles = ["--limit 0", "nothing would be evaluated"];
-    let err = fails_with(&["eval", "ppl", "--model", model, "--dataset", text.to_str().unwrap(), "--seqlen", "16", "--limit", "0"], None, &needles);
+    let err = fails_with(
+        &["eval", "ppl", "--model", model, "--dataset", text.to_str().unwrap(), "--seqlen", "16", "--limit", "0"],
+        None,
+        &needles,
+    );
     assert!(!err.contains("fewer than one window"), "{err}");
     fails_with(&["eval", "mmlu", "--model", model, "--limit", "0"], None, &needles);
     fails_with(&["eval", "humaneval", "--model", model, "--limit", "0"], None, &needles);
@@ -476,7 +670,11 @@ fn a_directory_where_a_file_belongs_is_called_one() {
         let (_d, m, text) = fixture();
         std::fs::remove_file(m.join(file)).unwrap();
         std::fs::create_dir(m.join(file)).unwrap();
-        let err = fails_with(&["eval", "ppl", "--model", m.to_str().unwrap(), "--dataset", text.to_str().unwrap(), "--seqlen", "16"], None, &[file, "is a directory, expected a file"]);
+        let err = fails_with(
+            &["eval", "ppl", "--model", m.to_str().unwrap(), "--dataset", text.to_str().unwrap(), "--seqlen", "16"],
+            None,
+            &[file, "is a directory, expected a file"],
+        );
         assert!(!err.contains("No such device"), "{err}");
     }
 }
@@ -493,12 +691,20 @@ fn a_dataset_that_is_not_a_file_says_what_it_is() {
         ("/dev/null", "is a character device, expected a file"),
         (d.path().to_str().unwrap(), "is a directory, expected a file"),
     ] {
-        let err = fails_with(&["eval", "ppl", "--model", model, "--dataset", dataset, "--seqlen", "16"], None, &[dataset, what]);
+        let err = fails_with(
+            &["eval", "ppl", "--model", model, "--dataset", dataset, "--seqlen", "16"],
+            None,
+            &[dataset, what],
+        );
         assert!(!err.contains("not found"), "{err}");
     }
     // A named dataset whose file is a directory.
     std::fs::create_dir_all(d.path().join("ptb/ptb.test.txt")).unwrap();
-    fails_with(&["eval", "ppl", "--model", model, "--dataset", "ptb", "--seqlen", "16"], Some(d.path()), &["ptb.test.txt", "is a directory"]);
+    fails_with(
+        &["eval", "ppl", "--model", model, "--dataset", "ptb", "--seqlen", "16"],
+        Some(d.path()),
+        &["ptb.test.txt", "is a directory"],
+    );
 }
 
 /// Every cause once: an OS error used to follow its own message a second time.
@@ -509,7 +715,11 @@ fn an_os_error_is_printed_once() {
     let blocker = d.path().join("a-file");
     std::fs::write(&blocker, "x").unwrap();
     let out = blocker.join("model");
-    let err = fails_with(&["import-gguf", seed.to_str().unwrap(), "--out", out.to_str().unwrap()], None, &["a-file", "os error"]);
+    let err = fails_with(
+        &["import-gguf", seed.to_str().unwrap(), "--out", out.to_str().unwrap()],
+        None,
+        &["a-file", "os error"],
+    );
     assert_eq!(err.matches("os error").count(), 1, "{err}");
 }
 
@@ -518,7 +728,9 @@ fn an_os_error_is_printed_once() {
 fn names_from_files_are_escaped() {
     let (_d, m, text) = fixture();
     let cfg = m.join("config.json");
-    let s = std::fs::read_to_string(&cfg).unwrap().replace("LlamaForCausalLM", "Evil\\u001b]0;owned\\u0007\\u009b2JForCausalLM");
+    let s = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("LlamaForCausalLM", "Evil\\u001b]0;owned\\u0007\\u009b2JForCausalLM");
     std::fs::write(&cfg, s).unwrap();
     expect_error(&m, &text, &["unsupported architecture", "Evil\\u{1b}]0;owned\\u{7}\\u{9b}2J"]);
 }

@@ -6,14 +6,20 @@ use std::path::Path;
 use std::process::Command;
 
 fn adadim(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_adadim")).args(args).env("ADADIM_HOME", std::env::temp_dir().join("adadim-test-home")).output().unwrap();
-    let (so, se) = (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned());
+    let out = Command::new(env!("CARGO_BIN_EXE_adadim"))
+        .args(args)
+        .env("ADADIM_HOME", std::env::temp_dir().join("adadim-test-home"))
+        .output()
+        .unwrap();
+    let (so, se) =
+        (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned());
     assert!(!se.contains("panicked"), "panic: {se}");
     (out.status.code().unwrap_or(-1), so, se)
 }
 
 fn only_entries(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let mut v: Vec<String> =
+        std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     v.sort();
     v
 }
@@ -27,28 +33,64 @@ fn quantize_then_evaluate() {
     std::fs::write(&text, "Now is the winter of our discontent made glorious summer. ".repeat(30)).unwrap();
     let out = d.path().join("q");
     let s = |p: &Path| p.to_str().unwrap().to_string();
-    let args = ["quantize", "--model", &s(&m), "--method", "gptq", "--dim", "ada", "--bits", "4", "--group", "16", "--calib", &s(&text), "--nsamples", "4", "--calib-seqlen", "32", "--out", &s(&out), "--json"];
+    let args = [
+        "quantize",
+        "--model",
+        &s(&m),
+        "--method",
+        "gptq",
+        "--dim",
+        "ada",
+        "--bits",
+        "4",
+        "--group",
+        "16",
+        "--calib",
+        &s(&text),
+        "--nsamples",
+        "4",
+        "--calib-seqlen",
+        "32",
+        "--out",
+        &s(&out),
+        "--json",
+    ];
     let (code, so, se) = adadim(&args);
     assert_eq!(code, 0, "{se}");
     let summary: serde_json::Value = serde_json::from_str(&so).unwrap();
     assert_eq!(summary["linears"], 14);
-    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
     let l0 = &report["linears"][0];
     assert!(l0["oc_error"].as_f64().unwrap() > 0.0 && l0["gptq_loss"].as_f64().is_some(), "{l0}");
-    let (code, so, se) = adadim(&["eval", "ppl", "--model", &s(&out), "--dataset", &s(&text), "--seqlen", "32", "--json"]);
+    let (code, so, se) =
+        adadim(&["eval", "ppl", "--model", &s(&out), "--dataset", &s(&text), "--seqlen", "32", "--json"]);
     assert_eq!(code, 0, "{se}");
     let v: serde_json::Value = serde_json::from_str(&so).unwrap();
     assert!(v["ppl"].as_f64().unwrap().is_finite());
 
     // The packed model generates (KV cache, matvec kernels); nonsense settings are refused.
-    let (code, so, se) = adadim(&["generate", "--model", &s(&out), "--prompt", "Now is the winter", "--max-tokens", "6"]);
+    let (code, so, se) =
+        adadim(&["generate", "--model", &s(&out), "--prompt", "Now is the winter", "--max-tokens", "6"]);
     assert_eq!(code, 0, "{se}");
     assert!(se.contains("6 generated at") && !so.is_empty(), "{so} / {se}");
     assert!(se.contains("MB f16"), "the default KV cache is f16: {se}");
     let (code, _, se) = adadim(&["generate", "--model", &s(&out), "--prompt", "x", "--temperature=-1"]);
     assert_eq!(code, 1);
     assert!(se.contains("--temperature"), "{se}");
-    let (code, so, se) = adadim(&["generate", "--model", &s(&out), "--prompt", "Now is the winter", "--max-tokens", "6", "--act-bits", "8", "--kv-cache", "f32"]);
+    let (code, so, se) = adadim(&[
+        "generate",
+        "--model",
+        &s(&out),
+        "--prompt",
+        "Now is the winter",
+        "--max-tokens",
+        "6",
+        "--act-bits",
+        "8",
+        "--kv-cache",
+        "f32",
+    ]);
     assert_eq!(code, 0, "{se}");
     assert!(se.contains("6 generated at") && se.contains("MB f32") && !so.is_empty(), "{so} / {se}");
     let (code, _, se) = adadim(&["generate", "--model", &s(&out), "--prompt", "x", "--kv-cache", "f8"]);
@@ -60,11 +102,25 @@ fn quantize_then_evaluate() {
 
     // bench decode: every model, precision and depth once per round, its rows written into the file.
     let md = d.path().join("BENCH.md");
-    let (code, _, se) = adadim(&["bench", "decode", "--models", &s(&out), "--tokens", "4", "--depth", "0,9", "--reps", "2", "--write", &s(&md)]);
+    let (code, _, se) = adadim(&[
+        "bench",
+        "decode",
+        "--models",
+        &s(&out),
+        "--tokens",
+        "4",
+        "--depth",
+        "0,9",
+        "--reps",
+        "2",
+        "--write",
+        &s(&md),
+    ]);
     assert_eq!(code, 0, "{se}");
     assert_eq!(se.matches("round 2/2: q packed").count(), 4, "int16 and int8 at both depths measured in round 2: {se}");
     let page = std::fs::read_to_string(&md).unwrap();
-    let rows: Vec<&str> = page.lines().take_while(|l| !l.starts_with("### ")).filter(|l| l.starts_with("| adadim: q packed")).collect();
+    let rows: Vec<&str> =
+        page.lines().take_while(|l| !l.starts_with("### ")).filter(|l| l.starts_with("| adadim: q packed")).collect();
     assert_eq!(rows.len(), 4, "{page}");
     for (i, row) in rows.iter().enumerate() {
         let cell = |k: usize| row.split('|').nth(k).unwrap().trim();
@@ -74,12 +130,28 @@ fn quantize_then_evaluate() {
     }
     // The deepest context's prefill, as prompt processing: one row per precision.
     assert!(page.contains("### Prompt processing: 9 tokens"), "{page}");
-    let pp: Vec<f64> = page.lines().skip_while(|l| !l.starts_with("### Prompt processing")).filter(|l| l.starts_with("| adadim: q packed")).map(|l| l.split('|').nth(2).unwrap().trim().parse().unwrap()).collect();
+    let pp: Vec<f64> = page
+        .lines()
+        .skip_while(|l| !l.starts_with("### Prompt processing"))
+        .filter(|l| l.starts_with("| adadim: q packed"))
+        .map(|l| l.split('|').nth(2).unwrap().trim().parse().unwrap())
+        .collect();
     assert!(pp.len() == 2 && pp.iter().all(|&t| t > 0.0), "{page}");
     std::fs::remove_file(&md).unwrap();
 
     // bench kernels: every kernel on a small shape, triad measured around them, the rows written.
-    let (code, _, se) = adadim(&["bench", "kernels", "--shapes", "64x256", "--working-set", "4000000", "--llamacpp", &s(&d.path().join("no-llama")), "--write", &s(&md)]);
+    let (code, _, se) = adadim(&[
+        "bench",
+        "kernels",
+        "--shapes",
+        "64x256",
+        "--working-set",
+        "4000000",
+        "--llamacpp",
+        &s(&d.path().join("no-llama")),
+        "--write",
+        &s(&md),
+    ]);
     assert_eq!(code, 0, "{se}");
     let page = std::fs::read_to_string(&md).unwrap();
     let rows: Vec<&str> = page.lines().filter(|l| l.starts_with("| 64 x 256 |")).collect();
@@ -102,7 +174,8 @@ fn quantize_then_evaluate() {
     assert_eq!(code, 0, "{se}");
     let size = |p: &Path| std::fs::metadata(p.join("model.safetensors")).unwrap().len();
     assert!(size(&out) < size(&f32_out), "packed {} >= f32 {}", size(&out), size(&f32_out));
-    let (code, so, se) = adadim(&["eval", "ppl", "--model", &s(&f32_out), "--dataset", &s(&text), "--seqlen", "32", "--json"]);
+    let (code, so, se) =
+        adadim(&["eval", "ppl", "--model", &s(&f32_out), "--dataset", &s(&text), "--seqlen", "32", "--json"]);
     assert_eq!(code, 0, "{se}");
     let w: serde_json::Value = serde_json::from_str(&so).unwrap();
     let (p, f) = (v["ppl"].as_f64().unwrap(), w["ppl"].as_f64().unwrap());
@@ -111,17 +184,53 @@ fn quantize_then_evaluate() {
     // As generate runs it: integer products on rounded activations, a little off the exact
     // perplexity; refused with --stream, a note for a float model.
     for bits in ["16", "8"] {
-        let (code, so, se) = adadim(&["eval", "ppl", "--model", &s(&out), "--dataset", &s(&text), "--seqlen", "32", "--json", "--act-bits", bits]);
+        let (code, so, se) = adadim(&[
+            "eval",
+            "ppl",
+            "--model",
+            &s(&out),
+            "--dataset",
+            &s(&text),
+            "--seqlen",
+            "32",
+            "--json",
+            "--act-bits",
+            bits,
+        ]);
         assert_eq!(code, 0, "{se}");
         let r: serde_json::Value = serde_json::from_str(&so).unwrap();
         let q = r["ppl"].as_f64().unwrap();
         assert!(((q - p) / p).abs() < if bits == "16" { 1e-3 } else { 5e-2 }, "int{bits} ppl {q} vs exact {p}");
         assert_eq!(r["activations"], format!("int{bits}"));
     }
-    let (code, _, se) = adadim(&["eval", "ppl", "--model", &s(&out), "--dataset", &s(&text), "--seqlen", "32", "--act-bits", "8", "--stream"]);
+    let (code, _, se) = adadim(&[
+        "eval",
+        "ppl",
+        "--model",
+        &s(&out),
+        "--dataset",
+        &s(&text),
+        "--seqlen",
+        "32",
+        "--act-bits",
+        "8",
+        "--stream",
+    ]);
     assert_eq!(code, 1);
     assert!(se.contains("--act-bits") && se.contains("--stream"), "{se}");
-    let (code, so, se) = adadim(&["eval", "ppl", "--model", &s(&f32_out), "--dataset", &s(&text), "--seqlen", "32", "--json", "--act-bits", "8"]);
+    let (code, so, se) = adadim(&[
+        "eval",
+        "ppl",
+        "--model",
+        &s(&f32_out),
+        "--dataset",
+        &s(&text),
+        "--seqlen",
+        "32",
+        "--json",
+        "--act-bits",
+        "8",
+    ]);
     assert_eq!(code, 0, "{se}");
     assert!(se.contains("not packed"), "{se}");
     assert_eq!(serde_json::from_str::<serde_json::Value>(&so).unwrap()["ppl"], w["ppl"]);
@@ -145,8 +254,12 @@ fn quantize_then_evaluate() {
     assert!(!g.exists());
     let (code, _, se) = adadim(&gptq_args("oc").iter().map(|x| x.as_str()).collect::<Vec<_>>());
     assert_eq!(code, 0, "{se}");
-    let qc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(g.join("quantize_config.json")).unwrap()).unwrap();
-    assert_eq!((qc["bits"].as_u64(), qc["group_size"].as_i64(), qc["quant_method"].as_str()), (Some(4), Some(16), Some("gptq")));
+    let qc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(g.join("quantize_config.json")).unwrap()).unwrap();
+    assert_eq!(
+        (qc["bits"].as_u64(), qc["group_size"].as_i64(), qc["quant_method"].as_str()),
+        (Some(4), Some(16), Some("gptq"))
+    );
     let bytes = std::fs::read(g.join("model.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let qw = st.tensor("model.layers.0.mlp.down_proj.qweight").unwrap();
@@ -187,7 +300,8 @@ fn quantize_then_evaluate() {
     let mut c: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
     c["max_position_embeddings"] = serde_json::json!(8);
     std::fs::write(&cfg, c.to_string()).unwrap();
-    let (code, _, se) = adadim(&["generate", "--model", &s(&m), "--prompt", "Now is the winter", "--raw", "--max-tokens", "12"]);
+    let (code, _, se) =
+        adadim(&["generate", "--model", &s(&m), "--prompt", "Now is the winter", "--raw", "--max-tokens", "12"]);
     assert_eq!(code, 1, "{se}");
     assert!(se.contains("--max-tokens 12") && se.contains("trained context of 8"), "{se}");
     let (code, _, se) = adadim(&["generate", "--model", &s(&m), "--prompt", "Now", "--raw", "--max-tokens", "2"]);
@@ -216,7 +330,23 @@ fn quantize_layer_reports_both_errors() {
     f.finish().unwrap();
     let out = d.path().join("wq.safetensors");
     let s = |p: &Path| p.to_str().unwrap().to_string();
-    let (code, so, se) = adadim(&["quantize-layer", "--weight", &s(&w), "--inputs", &s(&x), "--method", "gptq", "--dim", "ada", "--bits", "3", "--group", "8", "--out", &s(&out)]);
+    let (code, so, se) = adadim(&[
+        "quantize-layer",
+        "--weight",
+        &s(&w),
+        "--inputs",
+        &s(&x),
+        "--method",
+        "gptq",
+        "--dim",
+        "ada",
+        "--bits",
+        "3",
+        "--group",
+        "8",
+        "--out",
+        &s(&out),
+    ]);
     assert_eq!(code, 0, "{se}");
     let v: serde_json::Value = serde_json::from_str(&so).unwrap();
     let (oc, ic) = (v["oc_error"].as_f64().unwrap(), v["ic_error"].as_f64().unwrap());
@@ -247,9 +377,32 @@ fn scale_search_is_a_setting_of_the_run() {
     let mut reports = Vec::new();
     for search in ["minmax", "mse"] {
         let out = d.path().join(search);
-        let (code, _, se) = adadim(&["quantize", "--model", &s(&m), "--method", "rtn", "--dim", "ada", "--bits", "3", "--group", "16", "--calib", &s(&text), "--nsamples", "4", "--calib-seqlen", "32", "--scale-search", search, "--out", &s(&out)]);
+        let (code, _, se) = adadim(&[
+            "quantize",
+            "--model",
+            &s(&m),
+            "--method",
+            "rtn",
+            "--dim",
+            "ada",
+            "--bits",
+            "3",
+            "--group",
+            "16",
+            "--calib",
+            &s(&text),
+            "--nsamples",
+            "4",
+            "--calib-seqlen",
+            "32",
+            "--scale-search",
+            search,
+            "--out",
+            &s(&out),
+        ]);
         assert_eq!(code, 0, "{se}");
-        let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+        let r: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
         reports.push((r["summary"]["settings"].clone(), std::fs::read(out.join("model.safetensors")).unwrap()));
     }
     assert!(reports[0].0.get("search").is_none(), "{}", reports[0].0);

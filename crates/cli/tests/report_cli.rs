@@ -7,8 +7,13 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn adadim(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_adadim")).args(args).env("ADADIM_HOME", std::env::temp_dir().join("adadim-test-home")).output().unwrap();
-    let (so, se) = (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned());
+    let out = Command::new(env!("CARGO_BIN_EXE_adadim"))
+        .args(args)
+        .env("ADADIM_HOME", std::env::temp_dir().join("adadim-test-home"))
+        .output()
+        .unwrap();
+    let (so, se) =
+        (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned());
     assert!(!se.contains("panicked"), "panic: {se}");
     (out.status.code().unwrap_or(-1), so, se)
 }
@@ -24,9 +29,30 @@ fn quantized_run() -> (tempfile::TempDir, PathBuf) {
     let (code, _, se) = adadim(&["synth", "--shape", "tiny", "--outliers", "2:30", "--dtype", "f32", "--out", &s(&m)]);
     assert_eq!(code, 0, "{se}");
     let text = d.path().join("calib.txt");
-    std::fs::write(&text, "Now is the winter of our discontent made glorious summer by this sun of York. ".repeat(40)).unwrap();
+    std::fs::write(&text, "Now is the winter of our discontent made glorious summer by this sun of York. ".repeat(40))
+        .unwrap();
     let q = d.path().join("q");
-    let args = ["quantize", "--model", &s(&m), "--method", "gptq", "--dim", "ada", "--bits", "3", "--group", "16", "--calib", &s(&text), "--nsamples", "4", "--calib-seqlen", "32", "--out", &s(&q)];
+    let args = [
+        "quantize",
+        "--model",
+        &s(&m),
+        "--method",
+        "gptq",
+        "--dim",
+        "ada",
+        "--bits",
+        "3",
+        "--group",
+        "16",
+        "--calib",
+        &s(&text),
+        "--nsamples",
+        "4",
+        "--calib-seqlen",
+        "32",
+        "--out",
+        &s(&q),
+    ];
     let (code, _, se) = adadim(&args);
     assert_eq!(code, 0, "{se}");
     (d, q)
@@ -39,9 +65,15 @@ fn svg(path: &Path) -> (Vec<String>, std::collections::BTreeMap<String, usize>) 
     assert!(text.len() > 1000, "{}: only {} bytes", path.display(), text.len());
     let doc = roxmltree::Document::parse(&text).unwrap_or_else(|e| panic!("{}: not XML: {e}", path.display()));
     assert_eq!(doc.root_element().tag_name().name(), "svg");
-    let texts = doc.descendants().filter(|n| n.tag_name().name() == "text").filter_map(|n| n.text()).map(|t| t.trim().to_string()).collect();
+    let texts = doc
+        .descendants()
+        .filter(|n| n.tag_name().name() == "text")
+        .filter_map(|n| n.text())
+        .map(|t| t.trim().to_string())
+        .collect();
     let mut lines = std::collections::BTreeMap::new();
-    for n in doc.descendants().filter(|n| n.tag_name().name() == "polyline" && n.attribute("stroke-width") == Some("1")) {
+    for n in doc.descendants().filter(|n| n.tag_name().name() == "polyline" && n.attribute("stroke-width") == Some("1"))
+    {
         let stroke = n.attribute("stroke").unwrap_or("").to_string();
         if stroke != "#000000" {
             *lines.entry(stroke).or_insert(0) += 1;
@@ -70,11 +102,15 @@ fn the_page_shows_every_figure_with_its_data() {
     // (a) one panel per module type, each with its per-OC and per-IC error lines.
     let (texts, lines) = svg(&page.join("errors.svg"));
     for module in ["self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj"] {
-        assert!(texts.iter().any(|t| t.starts_with(&format!("{module}: ")) && t.ends_with("of 2 layers per-IC")), "no panel for {module}: {texts:?}");
+        assert!(
+            texts.iter().any(|t| t.starts_with(&format!("{module}: ")) && t.ends_with("of 2 layers per-IC")),
+            "no panel for {module}: {texts:?}"
+        );
     }
     assert_eq!((lines.get(OC), lines.get(IC)), (Some(&7), Some(&7)), "{lines:?}");
     assert!(texts.iter().any(|t| t == "per-IC RTN") && texts.iter().any(|t| t == "kept per-IC"), "legend: {texts:?}");
-    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(q.join("report.json")).unwrap()).unwrap();
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(q.join("report.json")).unwrap()).unwrap();
     let per_ic = report["summary"]["per_ic"].as_u64().unwrap();
     assert!(md.contains(&format!("{per_ic} of 14 linears kept per-IC")), "{md}");
 
@@ -82,12 +118,22 @@ fn the_page_shows_every_figure_with_its_data() {
     // figure's title; four inputs drawn, one line each.
     let ch = outlier_channels(&tiny_config(), &Outliers { channels: 2, scale: 30.0 }, 0);
     let row = md.lines().find(|l| l.starts_with("| q/k/v | 48 |")).unwrap_or_else(|| panic!("no q/k/v row:\n{md}"));
-    let top2: Vec<usize> = row.split('|').nth(3).unwrap().split(',').take(2).map(|c| c.trim().split(' ').next().unwrap().parse().unwrap()).collect();
+    let top2: Vec<usize> = row
+        .split('|')
+        .nth(3)
+        .unwrap()
+        .split(',')
+        .take(2)
+        .map(|c| c.trim().split(' ').next().unwrap().parse().unwrap())
+        .collect();
     let mut sorted = top2.clone();
     sorted.sort();
     assert_eq!(sorted, ch, "{row}");
     let (texts, lines) = svg(&page.join("inputs-block1.svg"));
-    assert!(texts.iter().any(|t| t.starts_with(&format!("block 1: input of q/k/v (48 channels; largest {} at", top2[0]))), "{texts:?}");
+    assert!(
+        texts.iter().any(|t| t.starts_with(&format!("block 1: input of q/k/v (48 channels; largest {} at", top2[0]))),
+        "{texts:?}"
+    );
     assert_eq!(lines.values().sum::<usize>(), 4, "{lines:?}");
     let (_, lines) = svg(&page.join("inputs-across-blocks.svg"));
     assert_eq!(lines.values().sum::<usize>(), 4, "{lines:?}");

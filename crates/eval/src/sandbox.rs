@@ -95,7 +95,14 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { wall: Duration::from_secs(5), memory: 1 << 30, cpu_s: 6, file_size: 16 << 20, processes: 256, dir_size: 64 << 20 }
+        Limits {
+            wall: Duration::from_secs(5),
+            memory: 1 << 30,
+            cpu_s: 6,
+            file_size: 16 << 20,
+            processes: 256,
+            dir_size: 64 << 20,
+        }
     }
 }
 
@@ -137,11 +144,22 @@ impl Sandbox {
     /// must pass): any failure means there is no sandbox here.
     pub fn new(limits: Limits) -> Result<Self> {
         let tool = |name: &str| {
-            which(name).ok_or_else(|| SandboxError::Unavailable { what: name.into(), msg: "not found in PATH or /usr/bin, /bin, /usr/sbin, /sbin (util-linux provides it)".into() })
+            which(name).ok_or_else(|| SandboxError::Unavailable {
+                what: name.into(),
+                msg: "not found in PATH or /usr/bin, /bin, /usr/sbin, /sbin (util-linux provides it)".into(),
+            })
         };
         // SAFETY: geteuid has no preconditions.
         let drop_to = (unsafe { libc::geteuid() } == 0).then_some((65534, 65534));
-        let mut sb = Sandbox { python: PathBuf::new(), unshare: tool("unshare")?, setpriv: tool("setpriv")?, mount: tool("mount")?, sh: tool("sh")?, limits, drop_to };
+        let mut sb = Sandbox {
+            python: PathBuf::new(),
+            unshare: tool("unshare")?,
+            setpriv: tool("setpriv")?,
+            mount: tool("mount")?,
+            sh: tool("sh")?,
+            limits,
+            drop_to,
+        };
         // The interpreter must be one `nobody` can run (a pyenv install under /root is not):
         // the one `python3` resolves to, else the system's.
         let mut tried = Vec::new();
@@ -157,7 +175,10 @@ impl Sandbox {
             tried.push((python, probe.output.trim().to_string()));
         }
         let msg = tried.iter().map(|(p, out)| format!("{}: {out}", p.display())).collect::<Vec<_>>().join("; ");
-        Err(SandboxError::Unavailable { what: "python3 in the sandbox".into(), msg: format!("a trivial program did not run ({msg})") })
+        Err(SandboxError::Unavailable {
+            what: "python3 in the sandbox".into(),
+            msg: format!("a trivial program did not run ({msg})"),
+        })
     }
 
     /// The interpreter programs run with.
@@ -167,7 +188,10 @@ impl Sandbox {
 
     /// Run `program` (Python source) in a fresh sandbox directory.
     pub fn run_python(&self, program: &str) -> Result<RunResult> {
-        let root = tempfile::Builder::new().prefix("adadim-sandbox-").tempdir().map_err(io("creating a temporary directory"))?;
+        let root = tempfile::Builder::new()
+            .prefix("adadim-sandbox-")
+            .tempdir()
+            .map_err(io("creating a temporary directory"))?;
         let result = self.run_in(root.path(), program);
         root.close().map_err(io("removing the sandbox directory"))?;
         result
@@ -181,29 +205,41 @@ impl Sandbox {
         let script = root.join("program.py");
         std::fs::write(&script, program).map_err(io("writing program.py"))?;
         if self.drop_to.is_some() {
-            std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o755)).map_err(io(format!("chmod {}", root.display())))?;
+            std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o755))
+                .map_err(io(format!("chmod {}", root.display())))?;
         }
         let out_path = root.join("output.txt");
         let out = std::fs::File::create(&out_path).map_err(io("creating the output file"))?;
         let err = out.try_clone().map_err(io("duplicating the output file"))?;
 
         let mut cmd = Command::new(&self.unshare);
-        cmd.args(["--user", "--map-root-user", "--mount", "--net", "--pid", "--fork", "--kill-child", "--mount-proc", "--ipc", "--uts"])
-            .arg(&self.sh)
-            .args(["-c", LAUNCHER, "adadim-sandbox"])
-            .arg(&work)
-            .arg(self.limits.dir_size.to_string())
-            .arg(&self.mount)
-            .arg(&self.setpriv)
-            .arg(&self.python)
-            .args(["-I", "-B"])
-            .arg(&script)
-            .current_dir(&work)
-            .env_clear()
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .process_group(0);
+        cmd.args([
+            "--user",
+            "--map-root-user",
+            "--mount",
+            "--net",
+            "--pid",
+            "--fork",
+            "--kill-child",
+            "--mount-proc",
+            "--ipc",
+            "--uts",
+        ])
+        .arg(&self.sh)
+        .args(["-c", LAUNCHER, "adadim-sandbox"])
+        .arg(&work)
+        .arg(self.limits.dir_size.to_string())
+        .arg(&self.mount)
+        .arg(&self.setpriv)
+        .arg(&self.python)
+        .args(["-I", "-B"])
+        .arg(&script)
+        .current_dir(&work)
+        .env_clear()
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .process_group(0);
         let limits = self.limits.clone();
         let drop_to = self.drop_to;
         // SAFETY: between fork and exec the closure only makes raw system calls
@@ -227,7 +263,10 @@ impl Sandbox {
                 }
                 if let Some((uid, gid)) = drop_to {
                     set(libc::RLIMIT_NPROC, limits.processes)?;
-                    if libc::setgroups(0, std::ptr::null()) != 0 || libc::setresgid(gid, gid, gid) != 0 || libc::setresuid(uid, uid, uid) != 0 {
+                    if libc::setgroups(0, std::ptr::null()) != 0
+                        || libc::setresgid(gid, gid, gid) != 0
+                        || libc::setresuid(uid, uid, uid) != 0
+                    {
                         return Err(std::io::Error::last_os_error());
                     }
                 }
@@ -235,7 +274,9 @@ impl Sandbox {
             });
         }
         let start = Instant::now();
-        let mut child = cmd.spawn().map_err(|e| SandboxError::Unavailable { what: self.unshare.display().to_string(), msg: e.to_string() })?;
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| SandboxError::Unavailable { what: self.unshare.display().to_string(), msg: e.to_string() })?;
         let pgid = child.id() as libc::pid_t;
         let mut timed_out = false;
         let status = loop {
@@ -253,7 +294,11 @@ impl Sandbox {
         let seconds = start.elapsed().as_secs_f64();
         let (ready, output) = read_output(&out_path, 4096).map_err(io("reading the output"))?;
         if !ready {
-            let msg = if timed_out { format!("not ready within {:?}", self.limits.wall) } else { format!("{status}: {}", output.trim()) };
+            let msg = if timed_out {
+                format!("not ready within {:?}", self.limits.wall)
+            } else {
+                format!("{status}: {}", output.trim())
+            };
             return Err(SandboxError::Unavailable { what: "sandbox setup".into(), msg });
         }
         use std::os::unix::process::ExitStatusExt;
@@ -276,7 +321,9 @@ fn resolve_python() -> Result<PathBuf> {
     let launcher = std::env::var("ADADIM_PYTHON").unwrap_or_else(|_| "python3".into());
     match Command::new(&launcher).args(["-I", "-c", "import sys; print(sys.executable)"]).output() {
         Ok(o) if o.status.success() => Ok(PathBuf::from(String::from_utf8_lossy(&o.stdout).trim())),
-        Ok(o) => Err(SandboxError::Unavailable { what: launcher, msg: String::from_utf8_lossy(&o.stderr).trim().into() }),
+        Ok(o) => {
+            Err(SandboxError::Unavailable { what: launcher, msg: String::from_utf8_lossy(&o.stderr).trim().into() })
+        }
         Err(e) => Err(SandboxError::Unavailable { what: launcher, msg: e.to_string() }),
     }
 }

@@ -23,8 +23,7 @@ fn model_dir() -> PathBuf {
     static DIR: OnceLock<Mutex<Option<PathBuf>>> = OnceLock::new();
     let m = DIR.get_or_init(|| Mutex::new(None));
     let mut g = m.lock().unwrap();
-    g.get_or_insert_with(|| resolve_model("smollm2", &adadim_home(), &mut |_, _, _| {}).expect("fetch smollm2"))
-        .clone()
+    g.get_or_insert_with(|| resolve_model("smollm2", &adadim_home(), &mut |_, _, _| {}).expect("fetch smollm2")).clone()
 }
 
 fn wikitext_ids(tok: &tokenizers::Tokenizer) -> Vec<u32> {
@@ -71,7 +70,8 @@ fn tokenizer_matches_reference() {
     assert_eq!(ids_sha(&wt), w["token_ids_sha256"].as_str().unwrap());
     // llama.cpp's own tokenizer (llama-tokenize on the same GGUF) gives the same ids.
     let lc: Value = serde_json::from_str(
-        &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/reference/llamacpp_tokens.json")).unwrap(),
+        &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/reference/llamacpp_tokens.json"))
+            .unwrap(),
     )
     .unwrap();
     assert_eq!(wt.len() as u64, lc["wikitext2"]["n_tokens"].as_u64().unwrap());
@@ -110,7 +110,10 @@ fn logits_match_reference() {
     let sum: f64 = logits.iter().flatten().map(|&v| v as f64).sum();
     let want_sum = p["logits_abs_sum"].as_f64().unwrap();
     let abs_sum: f64 = logits.iter().flatten().map(|&v| (v as f64).abs()).sum();
-    println!("logit sum {sum:.3} (ref {:.3}), abs sum {abs_sum:.1} (ref {want_sum:.1})", p["logits_sum"].as_f64().unwrap());
+    println!(
+        "logit sum {sum:.3} (ref {:.3}), abs sum {abs_sum:.1} (ref {want_sum:.1})",
+        p["logits_sum"].as_f64().unwrap()
+    );
     assert!((abs_sum - want_sum).abs() < 1e-5 * want_sum);
 }
 
@@ -134,6 +137,9 @@ fn wikitext2_ppl_matches_reference() {
     }
     let want = if full { w["ppl_all"].as_f64().unwrap() } else { w["ppl_first8"].as_f64().unwrap() };
     let rel = (rep.ppl - want).abs() / want;
-    println!("ppl over {} windows: adadim {:.5}, numpy reference {want:.5}, relative difference {rel:.2e}; {:.0} tokens/s", rep.windows, rep.ppl, rep.tokens_per_s);
+    println!(
+        "ppl over {} windows: adadim {:.5}, numpy reference {want:.5}, relative difference {rel:.2e}; {:.0} tokens/s",
+        rep.windows, rep.ppl, rep.tokens_per_s
+    );
     assert!(rel < 0.005);
 }

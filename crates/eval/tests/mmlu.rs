@@ -34,28 +34,69 @@ fn write_data(dir: &Path) {
     for (s, (subject, _)) in SUBJECTS.iter().take(2).enumerate() {
         const WORDS: [&str; 7] = ["red", "\"green, dark\"", "blue", "\"say \"\"so\"\"\"", "ochre", "teal", "jet"];
         let w = |k: usize| WORDS[k % 7];
-        let row = |i: usize| format!("\"Q{s}.{i}: which, of these {}?\nThink.\",{},{},{},{},{}\n", ["cups", "hats", "maps"][i % 3], w(i), w(i * 3 + 1), w(i * 5 + 2), w(i + 4), i % 4);
-        std::fs::write(dir.join(format!("dev/{subject}_dev.csv")), format!("{HEADER}{}", (0..5).map(row).collect::<String>())).unwrap();
-        std::fs::write(dir.join(format!("test/{subject}_test.csv")), format!("{HEADER}{}", (10..14 - s).map(row).collect::<String>())).unwrap();
+        let row = |i: usize| {
+            format!(
+                "\"Q{s}.{i}: which, of these {}?\nThink.\",{},{},{},{},{}\n",
+                ["cups", "hats", "maps"][i % 3],
+                w(i),
+                w(i * 3 + 1),
+                w(i * 5 + 2),
+                w(i + 4),
+                i % 4
+            )
+        };
+        std::fs::write(
+            dir.join(format!("dev/{subject}_dev.csv")),
+            format!("{HEADER}{}", (0..5).map(row).collect::<String>()),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join(format!("test/{subject}_test.csv")),
+            format!("{HEADER}{}", (10..14 - s).map(row).collect::<String>()),
+        )
+        .unwrap();
     }
 }
 
 fn block(q: &adadim_eval::mmlu::Question) -> String {
-    format!("{}\nA. {}\nB. {}\nC. {}\nD. {}\nAnswer:", q.question, q.choices[0], q.choices[1], q.choices[2], q.choices[3])
+    format!(
+        "{}\nA. {}\nB. {}\nC. {}\nD. {}\nAnswer:",
+        q.question, q.choices[0], q.choices[1], q.choices[2], q.choices[3]
+    )
 }
 
 /// The reference: the whole prompt through the plain forward pass, fewest shots dropped first
 /// while it is longer than `ctx`.
-fn reference_answer(model: &Model, tok: &Tokenizer, subject: &str, dev: &[adadim_eval::mmlu::Question], q: &adadim_eval::mmlu::Question, ctx: usize) -> (usize, bool) {
-    let letters: Vec<u32> = [" A", " B", " C", " D"].iter().map(|l| tok.encode(*l, false).unwrap().get_ids()[0]).collect();
+fn reference_answer(
+    model: &Model,
+    tok: &Tokenizer,
+    subject: &str,
+    dev: &[adadim_eval::mmlu::Question],
+    q: &adadim_eval::mmlu::Question,
+    ctx: usize,
+) -> (usize, bool) {
+    let letters: Vec<u32> =
+        [" A", " B", " C", " D"].iter().map(|l| tok.encode(*l, false).unwrap().get_ids()[0]).collect();
     for drop in 0..=dev.len() {
-        let shots: String = dev[drop..].iter().map(|d| format!("{} {}\n\n", block(d), ["A", "B", "C", "D"][d.answer])).collect();
-        let text = format!("The following are multiple choice questions (with answers) about {}.\n\n{shots}{}", subject.replace('_', " "), block(q));
+        let shots: String =
+            dev[drop..].iter().map(|d| format!("{} {}\n\n", block(d), ["A", "B", "C", "D"][d.answer])).collect();
+        let text = format!(
+            "The following are multiple choice questions (with answers) about {}.\n\n{shots}{}",
+            subject.replace('_', " "),
+            block(q)
+        );
         let ids = tok.encode(text.as_str(), true).unwrap().get_ids().to_vec();
         if ids.len() <= ctx {
             let h = model.forward_hidden(&ids).unwrap();
-            let logits = model.logits(&h.narrow(0, ids.len() - 1, 1).unwrap()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            let best = (0..4).fold(0, |b, i| if logits[letters[i] as usize] > logits[letters[b] as usize] { i } else { b });
+            let logits = model
+                .logits(&h.narrow(0, ids.len() - 1, 1).unwrap())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let best =
+                (0..4).fold(0, |b, i| if logits[letters[i] as usize] > logits[letters[b] as usize] { i } else { b });
             return (best, drop > 0);
         }
     }
@@ -116,7 +157,10 @@ fn smollm2_cached_answers_equal_the_full_forward_on_real_questions() {
         return;
     };
     if !model_dir.join("config.json").exists() {
-        eprintln!("skipping: {} not imported yet (any adadim command with --model smollm2 does it)", model_dir.display());
+        eprintln!(
+            "skipping: {} not imported yet (any adadim command with --model smollm2 does it)",
+            model_dir.display()
+        );
         return;
     }
     let tok = adadim_load::tokenizer::load(&model_dir).unwrap();
@@ -128,7 +172,12 @@ fn smollm2_cached_answers_equal_the_full_forward_on_real_questions() {
         let dev = adadim_eval::mmlu::read_csv(&data.join(format!("dev/{}_dev.csv", s.name))).unwrap();
         let test = adadim_eval::mmlu::read_csv(&data.join(format!("test/{}_test.csv", s.name))).unwrap();
         for (i, q) in test.iter().take(2).enumerate() {
-            assert_eq!(s.predictions[i], reference_answer(&model, &tok, &s.name, &dev, q, 2048).0, "{} question {i}", s.name);
+            assert_eq!(
+                s.predictions[i],
+                reference_answer(&model, &tok, &s.name, &dev, q, 2048).0,
+                "{} question {i}",
+                s.name
+            );
         }
     }
     assert_eq!(r.shortened, 0);

@@ -87,10 +87,16 @@ fn network_connections_fail_even_to_loopback() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.set_nonblocking(true).unwrap();
     let port = listener.local_addr().unwrap().port();
-    let body = format!("    import socket\n    socket.create_connection(('127.0.0.1', {port}), timeout=1).close()\n    return a + b\n");
+    let body = format!(
+        "    import socket\n    socket.create_connection(('127.0.0.1', {port}), timeout=1).close()\n    return a + b\n"
+    );
     let r = run(&sb, &body);
     assert_eq!(r.outcome, Outcome::Failed, "{}", r.output);
-    assert!(r.output.contains("OSError") || r.output.contains("unreachable") || r.output.contains("refused"), "{}", r.output);
+    assert!(
+        r.output.contains("OSError") || r.output.contains("unreachable") || r.output.contains("refused"),
+        "{}",
+        r.output
+    );
     assert!(listener.accept().is_err(), "no connection reached the listener");
 }
 
@@ -122,8 +128,10 @@ fn model_completions_are_the_greedy_text_cut_at_the_first_stop_sequence() {
     let d = tempfile::tempdir().unwrap();
     adadim_load::synth::write_random_checkpoint(d.path(), &adadim_load::synth::tiny_config(), 5).unwrap();
     let tok = adadim_load::tokenizer::load(d.path()).unwrap();
-    let model = adadim_model::Model::load(&adadim_load::Checkpoint::open(d.path()).unwrap(), 256, &mut |_, _| {}).unwrap();
-    let problems = [problem("unused"), Problem { prompt: "def add(a, b):\n    return a +".into(), ..problem("unused") }];
+    let model =
+        adadim_model::Model::load(&adadim_load::Checkpoint::open(d.path()).unwrap(), 256, &mut |_, _| {}).unwrap();
+    let problems =
+        [problem("unused"), Problem { prompt: "def add(a, b):\n    return a +".into(), ..problem("unused") }];
     for strip_prompt in [false, true] {
         let completer = Completer::Model { model: &model, tok: &tok, eos: vec![], max_tokens: 24, strip_prompt };
         let report = evaluate(&problems, &completer, &sb, &mut |_, _, _| {}).unwrap();
@@ -132,7 +140,14 @@ fn model_completions_are_the_greedy_text_cut_at_the_first_stop_sequence() {
             let text = if strip_prompt { p.prompt.trim() } else { p.prompt.as_str() };
             let ids = tok.encode(text, true).unwrap().get_ids().to_vec();
             let mut all = Vec::new();
-            adadim_run::generate(&model, &ids, &[], &adadim_run::Settings { max_tokens: 24, temperature: 0.0, seed: 0 }, &mut |t| all.push(t)).unwrap();
+            adadim_run::generate(
+                &model,
+                &ids,
+                &[],
+                &adadim_run::Settings { max_tokens: 24, temperature: 0.0, seed: 0 },
+                &mut |t| all.push(t),
+            )
+            .unwrap();
             let full = tok.decode(&all, true).unwrap();
             assert_eq!(r.completion, truncate_at_stop(&full), "strip {strip_prompt}");
             assert!(r.generated_tokens <= 24 && r.generated_tokens >= 1);

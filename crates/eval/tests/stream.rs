@@ -24,7 +24,8 @@ fn streamed_equals_in_memory_for_every_batch_size() {
     // One window per batch, a ragged last batch, all windows in one batch.
     for batch_bytes in [1, 3 * per_window, usize::MAX] {
         let mut calls = Vec::new();
-        let got = perplexity_streaming(&shell, &ck, &ids, seqlen, None, batch_bytes, &mut |a, b| calls.push((a, b))).unwrap();
+        let got =
+            perplexity_streaming(&shell, &ck, &ids, seqlen, None, batch_bytes, &mut |a, b| calls.push((a, b))).unwrap();
         assert_eq!(got.ppl.to_bits(), want.ppl.to_bits(), "batch {batch_bytes}: ppl {} vs {}", got.ppl, want.ppl);
         assert_eq!(got.window_nll, want.window_nll);
         let batches = want.windows.div_ceil((batch_bytes / per_window).clamp(1, want.windows));

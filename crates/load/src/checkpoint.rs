@@ -92,13 +92,18 @@ impl Checkpoint {
     fn check_layout(&self) -> Result<()> {
         // Every tensor held must be one the config describes: a config edited to fewer layers
         // (or another shape family) would otherwise run a silently truncated model.
-        let expected: std::collections::HashSet<String> = self.config.expected_tensors().into_iter().map(|(n, _)| n).collect();
-        let mut extra: Vec<&String> = self.entries.keys().filter(|n| !expected.contains(*n) && !n.ends_with("rotary_emb.inv_freq")).collect();
+        let expected: std::collections::HashSet<String> =
+            self.config.expected_tensors().into_iter().map(|(n, _)| n).collect();
+        let mut extra: Vec<&String> =
+            self.entries.keys().filter(|n| !expected.contains(*n) && !n.ends_with("rotary_emb.inv_freq")).collect();
         if !extra.is_empty() {
             extra.sort();
             let e = &self.entries[extra[0]];
             let why = if extra[0].starts_with("model.layers.") {
-                format!("a layer beyond the {} that config.json's num_hidden_layers declares", self.config.num_hidden_layers)
+                format!(
+                    "a layer beyond the {} that config.json's num_hidden_layers declares",
+                    self.config.num_hidden_layers
+                )
             } else if extra[0] == "lm_head.weight" {
                 "config.json ties the head to the embedding (tie_word_embeddings), yet the checkpoint holds its own head".into()
             } else {
@@ -107,7 +112,10 @@ impl Checkpoint {
             return Err(LoadError::Tensor {
                 path: self.shards[e.shard].path.clone(),
                 tensor: crate::printable(extra[0]).into_owned(),
-                msg: format!("not used: {why} ({} such tensors); the config does not match the checkpoint", extra.len()),
+                msg: format!(
+                    "not used: {why} ({} such tensors); the config does not match the checkpoint",
+                    extra.len()
+                ),
             });
         }
         for (name, shape) in self.config.expected_tensors() {
@@ -132,10 +140,9 @@ impl Checkpoint {
     }
 
     pub fn entry(&self, name: &str) -> Result<&TensorEntry> {
-        self.entries.get(name).ok_or_else(|| LoadError::MissingTensor {
-            path: self.dir.clone(),
-            tensor: name.to_string(),
-        })
+        self.entries
+            .get(name)
+            .ok_or_else(|| LoadError::MissingTensor { path: self.dir.clone(), tensor: name.to_string() })
     }
 
     pub fn tensor_names(&self) -> impl Iterator<Item = &str> {
@@ -162,10 +169,9 @@ impl Checkpoint {
     pub fn tensor_f32(&self, name: &str) -> Result<Vec<f32>> {
         let e = self.entry(name)?;
         let shard = &self.shards[e.shard];
-        let bytes = shard
-            .mmap
-            .get(shard.data_start + e.range.0..shard.data_start + e.range.1)
-            .ok_or_else(|| LoadError::Safetensors { path: shard.path.clone(), msg: format!("tensor '{name}' out of range") })?;
+        let bytes = shard.mmap.get(shard.data_start + e.range.0..shard.data_start + e.range.1).ok_or_else(|| {
+            LoadError::Safetensors { path: shard.path.clone(), msg: format!("tensor '{name}' out of range") }
+        })?;
         let values = bytes_to_f32(bytes, e.dtype).ok_or_else(|| LoadError::UnsupportedDtype {
             path: shard.path.clone(),
             tensor: name.into(),
@@ -179,7 +185,13 @@ impl Checkpoint {
             // SAFETY: the mapping is read-only and file-backed; nothing borrows this range any
             // more (the values above are an owned copy). A later read faults the pages back in
             // from the file with the same contents.
-            let _ = unsafe { shard.mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, shard.data_start + e.range.0, e.range.1 - e.range.0) };
+            let _ = unsafe {
+                shard.mmap.unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    shard.data_start + e.range.0,
+                    e.range.1 - e.range.0,
+                )
+            };
         }
         Ok(values)
     }
@@ -202,12 +214,29 @@ impl Checkpoint {
                 Dtype::BF16 => (2, 0x7f80),
                 _ => return None,
             };
-            let word = |c: &[u8]| if width == 4 { u32::from_le_bytes([c[0], c[1], c[2], c[3]]) } else { u32::from(u16::from_le_bytes([c[0], c[1]])) };
+            let word = |c: &[u8]| {
+                if width == 4 {
+                    u32::from_le_bytes([c[0], c[1], c[2], c[3]])
+                } else {
+                    u32::from(u16::from_le_bytes([c[0], c[1]]))
+                }
+            };
             let mut it = bytes.chunks_exact(width).enumerate().filter(|(_, c)| word(c) & mask == mask);
-            let found = it.next().map(|(first, _)| LoadError::NonFinite { path: shard.path.clone(), tensor: name.clone(), count: 1 + it.count(), first });
+            let found = it.next().map(|(first, _)| LoadError::NonFinite {
+                path: shard.path.clone(),
+                tensor: name.clone(),
+                count: 1 + it.count(),
+                first,
+            });
             if bytes.len() >= RELEASE_BYTES {
                 // SAFETY: as in `tensor_f32`: read-only, file-backed, nothing borrows the range now.
-                let _ = unsafe { shard.mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, shard.data_start + e.range.0, e.range.1 - e.range.0) };
+                let _ = unsafe {
+                    shard.mmap.unchecked_advise_range(
+                        memmap2::UncheckedAdvice::DontNeed,
+                        shard.data_start + e.range.0,
+                        e.range.1 - e.range.0,
+                    )
+                };
             }
             found
         });
@@ -236,12 +265,8 @@ pub fn check_finite(path: &Path, tensor: &str, values: &[f32]) -> Result<()> {
 pub fn bytes_to_f32(bytes: &[u8], dtype: Dtype) -> Option<Vec<f32>> {
     Some(match dtype {
         Dtype::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-        Dtype::F16 => {
-            bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect()
-        }
-        Dtype::BF16 => {
-            bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect()
-        }
+        Dtype::F16 => bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        Dtype::BF16 => bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
         _ => return None,
     })
 }
@@ -253,16 +278,19 @@ fn shard_files(dir: &Path) -> Result<Vec<String>> {
         let bytes = crate::read_capped(&index, 64 << 20, "model.safetensors.index.json")?;
         let v: serde_json::Value = serde_json::from_slice(&bytes)
             .map_err(|e| LoadError::Config { path: index.clone(), msg: e.to_string() })?;
-        let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| LoadError::Config {
-            path: index.clone(),
-            msg: "no \"weight_map\" object".into(),
-        })?;
+        let map = v
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| LoadError::Config { path: index.clone(), msg: "no \"weight_map\" object".into() })?;
         let mut files: Vec<String> = map.values().filter_map(|f| f.as_str().map(String::from)).collect();
         files.sort();
         files.dedup();
         for f in &files {
             if f.contains('/') || f.contains("..") {
-                return Err(LoadError::Config { path: index.clone(), msg: format!("shard name {f:?} leaves the directory") });
+                return Err(LoadError::Config {
+                    path: index.clone(),
+                    msg: format!("shard name {f:?} leaves the directory"),
+                });
             }
         }
         if files.is_empty() {
@@ -274,8 +302,5 @@ fn shard_files(dir: &Path) -> Result<Vec<String>> {
     if single.exists() {
         return Ok(vec!["model.safetensors".into()]);
     }
-    Err(LoadError::NotFound {
-        path: single,
-        hint: " (nor model.safetensors.index.json)".into(),
-    })
+    Err(LoadError::NotFound { path: single, hint: " (nor model.safetensors.index.json)".into() })
 }

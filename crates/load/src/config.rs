@@ -64,7 +64,8 @@ fn default_theta() -> f64 {
 impl LlamaConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
         let bytes = crate::read_capped(path, 16 << 20, "config.json")?;
-        let text = String::from_utf8(bytes).map_err(|e| LoadError::Config { path: path.to_path_buf(), msg: format!("not UTF-8 text ({e})") })?;
+        let text = String::from_utf8(bytes)
+            .map_err(|e| LoadError::Config { path: path.to_path_buf(), msg: format!("not UTF-8 text ({e})") })?;
         Self::from_json(path, &text)
     }
 
@@ -148,8 +149,7 @@ impl LlamaConfig {
         self.n_kv_heads() * self.head_dim()
     }
     pub fn has_qkv_bias(&self) -> bool {
-        self.attention_bias
-            .unwrap_or(self.architectures.first().is_some_and(|a| a == "Qwen2ForCausalLM"))
+        self.attention_bias.unwrap_or(self.architectures.first().is_some_and(|a| a == "Qwen2ForCausalLM"))
     }
 
     /// Every tensor the checkpoint must hold, with the shape this config implies
@@ -157,10 +157,8 @@ impl LlamaConfig {
     pub fn expected_tensors(&self) -> Vec<(String, Vec<usize>)> {
         let (d, f, v) = (self.hidden_size, self.intermediate_size, self.vocab_size);
         let (qd, kvd) = (self.q_dim(), self.kv_dim());
-        let mut out = vec![
-            ("model.embed_tokens.weight".to_string(), vec![v, d]),
-            ("model.norm.weight".to_string(), vec![d]),
-        ];
+        let mut out =
+            vec![("model.embed_tokens.weight".to_string(), vec![v, d]), ("model.norm.weight".to_string(), vec![d])];
         if !self.tie_word_embeddings {
             out.push(("lm_head.weight".to_string(), vec![v, d]));
         }
@@ -240,7 +238,11 @@ mod tests {
         // Damaged sizes are errors before anything is derived from them (found while fuzzing:
         // num_hidden_layers 3e9 made Checkpoint::open list 36e9 tensors, out of memory).
         for (from, to, want) in [
-            ("\"num_hidden_layers\":30", "\"num_hidden_layers\":3000000000", "num_hidden_layers 3000000000 is implausible"),
+            (
+                "\"num_hidden_layers\":30",
+                "\"num_hidden_layers\":3000000000",
+                "num_hidden_layers 3000000000 is implausible",
+            ),
             ("\"vocab_size\":49152", "\"vocab_size\":18446744073709551615", "vocab_size"),
             ("\"num_key_value_heads\":3", "\"num_key_value_heads\":3,\"head_dim\":1152921504606846976", "head_dim"),
             ("\"num_key_value_heads\":3", "\"num_key_value_heads\":3,\"head_dim\":0", "head_dim 0"),

@@ -63,7 +63,9 @@ pub(crate) fn io_err(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) ->
     move |source| {
         if source.kind() == std::io::ErrorKind::NotFound {
             LoadError::NotFound { path, hint: String::new() }
-        } else if source.kind() == std::io::ErrorKind::IsADirectory || (source.raw_os_error() == Some(ENODEV) && path.is_dir()) {
+        } else if source.kind() == std::io::ErrorKind::IsADirectory
+            || (source.raw_os_error() == Some(ENODEV) && path.is_dir())
+        {
             LoadError::IsADirectory { path }
         } else {
             LoadError::Io { path, source }
@@ -79,8 +81,12 @@ pub fn file_problem(path: &Path) -> Option<String> {
     match std::fs::metadata(path) {
         Ok(m) if m.is_file() => None,
         Ok(m) => Some(format!("is {}, expected a file", kind_of(m.file_type()))),
-        Err(e) if link && e.kind() == std::io::ErrorKind::NotFound => Some("is a symbolic link to a file that does not exist".into()),
-        Err(_) if !link && std::fs::symlink_metadata(path).is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound) => Some("not found".into()),
+        Err(e) if link && e.kind() == std::io::ErrorKind::NotFound => {
+            Some("is a symbolic link to a file that does not exist".into())
+        }
+        Err(_) if !link && std::fs::symlink_metadata(path).is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound) => {
+            Some("not found".into())
+        }
         Err(e) if link => Some(format!("is a symbolic link that cannot be followed: {e}")),
         Err(e) => Some(e.to_string()),
     }
@@ -114,7 +120,8 @@ fn kind_of(t: std::fs::FileType) -> &'static str {
 /// are, so printing an already printable string changes nothing.
 pub fn printable(s: &str) -> Cow<'_, str> {
     fn unsafe_char(c: char) -> bool {
-        c.is_control() || matches!(c, '\u{061C}' | '\u{200E}' | '\u{200F}' | '\u{2028}' | '\u{2029}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
+        c.is_control()
+            || matches!(c, '\u{061C}' | '\u{200E}' | '\u{200F}' | '\u{2028}' | '\u{2029}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
     }
     if !s.chars().any(unsafe_char) {
         return Cow::Borrowed(s);
@@ -176,7 +183,11 @@ mod tests {
 
     #[test]
     fn errors_show_names_escaped() {
-        let e = LoadError::Tensor { path: "m/model.safetensors".into(), tensor: "evil\u{1b}[31m".into(), msg: "bad\nline".into() };
+        let e = LoadError::Tensor {
+            path: "m/model.safetensors".into(),
+            tensor: "evil\u{1b}[31m".into(),
+            msg: "bad\nline".into(),
+        };
         assert_eq!(e.to_string(), "m/model.safetensors: tensor 'evil\\u{1b}[31m': bad\\nline");
     }
 }

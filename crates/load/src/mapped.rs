@@ -30,7 +30,12 @@ unsafe impl Sync for Slot {}
 const CLAIMED: usize = 1;
 
 #[allow(clippy::declare_interior_mutable_const)]
-const FREE: Slot = Slot { start: AtomicUsize::new(0), len: AtomicUsize::new(0), name_len: AtomicUsize::new(0), name: UnsafeCell::new([0; NAME]) };
+const FREE: Slot = Slot {
+    start: AtomicUsize::new(0),
+    len: AtomicUsize::new(0),
+    name_len: AtomicUsize::new(0),
+    name: UnsafeCell::new([0; NAME]),
+};
 static TABLE: [Slot; SLOTS] = [FREE; SLOTS];
 
 /// A registered mapping; unregisters when dropped.

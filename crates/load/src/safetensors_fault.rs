@@ -10,7 +10,10 @@ use safetensors::SafeTensorError;
 /// message names neither.
 pub fn explain(bytes: &[u8], e: &SafeTensorError) -> String {
     let base = e.to_string();
-    if !matches!(e, SafeTensorError::TensorInvalidInfo | SafeTensorError::ValidationOverflow | SafeTensorError::MisalignedSlice) {
+    if !matches!(
+        e,
+        SafeTensorError::TensorInvalidInfo | SafeTensorError::ValidationOverflow | SafeTensorError::MisalignedSlice
+    ) {
         return base;
     }
     match culprit(bytes) {
@@ -21,7 +24,8 @@ pub fn explain(bytes: &[u8], e: &SafeTensorError) -> String {
 
 fn culprit(bytes: &[u8]) -> Option<(String, String)> {
     let n = usize::try_from(u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?)).ok()?;
-    let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(bytes.get(8..8usize.checked_add(n)?)?).ok()?;
+    let header: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(bytes.get(8..8usize.checked_add(n)?)?).ok()?;
     let mut tensors: Vec<(String, TensorInfo)> = header
         .into_iter()
         .filter(|(k, _)| k != "__metadata__")
@@ -30,12 +34,19 @@ fn culprit(bytes: &[u8]) -> Option<(String, String)> {
     tensors.sort_by_key(|(_, t)| t.data_offsets);
     tensors.into_iter().find_map(|(name, t)| {
         let (s, e) = t.data_offsets;
-        let bits = t.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).and_then(|n| n.checked_mul(t.dtype.bitsize()));
+        let bits =
+            t.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).and_then(|n| n.checked_mul(t.dtype.bitsize()));
         let why = match bits {
             None => format!("shape {:?} of {:?} overflows", t.shape, t.dtype),
             Some(b) if b % 8 != 0 => format!("{:?} {:?} is not a whole number of bytes", t.dtype, t.shape),
             Some(b) if e.checked_sub(s) != Some(b / 8) => {
-                format!("data_offsets [{s}, {e}] span {} bytes, but {:?} {:?} needs {}", e.saturating_sub(s), t.dtype, t.shape, b / 8)
+                format!(
+                    "data_offsets [{s}, {e}] span {} bytes, but {:?} {:?} needs {}",
+                    e.saturating_sub(s),
+                    t.dtype,
+                    t.shape,
+                    b / 8
+                )
             }
             Some(_) => return None,
         };

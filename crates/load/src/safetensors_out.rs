@@ -11,7 +11,10 @@ use std::path::{Path, PathBuf};
 fn create_new(path: &Path) -> Result<File> {
     std::fs::OpenOptions::new().write(true).create_new(true).open(path).map_err(|e| {
         if e.kind() == std::io::ErrorKind::AlreadyExists {
-            LoadError::Io { path: path.to_path_buf(), source: std::io::Error::new(e.kind(), "already exists; not overwritten") }
+            LoadError::Io {
+                path: path.to_path_buf(),
+                source: std::io::Error::new(e.kind(), "already exists; not overwritten"),
+            }
         } else {
             io_err(path)(e)
         }
@@ -154,7 +157,9 @@ impl DenseDtype {
                 }
                 std::borrow::Cow::Owned(buf)
             }
-            DenseDtype::BF16 => std::borrow::Cow::Owned(values.iter().flat_map(|&v| half::bf16::from_f32(v).to_le_bytes()).collect()),
+            DenseDtype::BF16 => {
+                std::borrow::Cow::Owned(values.iter().flat_map(|&v| half::bf16::from_f32(v).to_le_bytes()).collect())
+            }
         })
     }
 }
@@ -171,7 +176,12 @@ pub struct DenseWriter {
 
 impl DenseWriter {
     /// Create `path` with a header for `tensors` (name, shape) of `dtype`, written in this order.
-    pub fn create(path: &Path, tensors: &[(String, Vec<usize>)], metadata: &[(String, String)], dtype: DenseDtype) -> Result<Self> {
+    pub fn create(
+        path: &Path,
+        tensors: &[(String, Vec<usize>)],
+        metadata: &[(String, String)],
+        dtype: DenseDtype,
+    ) -> Result<Self> {
         let mut offset = 0usize;
         let mut plan = Vec::with_capacity(tensors.len());
         let mut entries = Vec::with_capacity(tensors.len());
@@ -285,12 +295,21 @@ mod tests {
     fn f16_tensors_round_trip_and_out_of_range_values_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("h.safetensors");
-        let mut w = DenseWriter::create(&p, &[("x".to_string(), vec![3]), ("y".to_string(), vec![1])], &[], DenseDtype::F16).unwrap();
+        let mut w =
+            DenseWriter::create(&p, &[("x".to_string(), vec![3]), ("y".to_string(), vec![1])], &[], DenseDtype::F16)
+                .unwrap();
         w.write_tensor("x", &[1.0, -0.5, 65504.0]).unwrap();
         let e = w.write_tensor("y", &[70000.0]).unwrap_err().to_string();
         assert!(e.contains("'y'") || e.contains("y") && e.contains("f16"), "{e}");
         drop(w);
-        assert!(DenseWriter::create(&p, &[("x".to_string(), vec![3])], &[], DenseDtype::F16).err().unwrap().to_string().contains("already exists"), "never overwritten");
+        assert!(
+            DenseWriter::create(&p, &[("x".to_string(), vec![3])], &[], DenseDtype::F16)
+                .err()
+                .unwrap()
+                .to_string()
+                .contains("already exists"),
+            "never overwritten"
+        );
         std::fs::remove_file(&p).unwrap();
         let mut w = DenseWriter::create(&p, &[("x".to_string(), vec![3])], &[], DenseDtype::F16).unwrap();
         w.write_tensor("x", &[1.0, -0.5, 3.0e-3]).unwrap();

@@ -91,7 +91,9 @@ impl StateDir {
         }
         let fd = match open_dir_nofollow(path) {
             Ok(fd) => fd,
-            Err(e) if e.raw_os_error() == Some(libc::ELOOP) => return Err(not_ours(path, "is a symbolic link, not a directory adadim created")),
+            Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+                return Err(not_ours(path, "is a symbolic link, not a directory adadim created"))
+            }
             Err(e) => return Err(LoadError::Io { path: path.to_path_buf(), source: e }),
         };
         #[cfg(unix)]
@@ -124,7 +126,13 @@ impl StateDir {
             }
             Some(e) => {
                 let name = e.map(|e| e.file_name().to_string_lossy().into_owned()).unwrap_or_default();
-                Err(not_ours(path, format!("holds files adadim did not write (such as '{}') and no {MARKER} marker", crate::printable(&name))))
+                Err(not_ours(
+                    path,
+                    format!(
+                        "holds files adadim did not write (such as '{}') and no {MARKER} marker",
+                        crate::printable(&name)
+                    ),
+                ))
             }
         }
     }
@@ -206,7 +214,10 @@ impl StateDir {
         #[cfg(unix)]
         {
             use std::os::unix::fs::MetadataExt;
-            let (held, now) = (self.fd.metadata().map_err(io(&self.path))?, std::fs::symlink_metadata(&self.path).map_err(io(&self.path))?);
+            let (held, now) = (
+                self.fd.metadata().map_err(io(&self.path))?,
+                std::fs::symlink_metadata(&self.path).map_err(io(&self.path))?,
+            );
             if (held.dev(), held.ino()) != (now.dev(), now.ino()) || now.file_type().is_symlink() {
                 return Err(not_ours(&self.path, "was replaced while in use; left as it is"));
             }
@@ -224,7 +235,8 @@ pub fn rename_noreplace(from: &Path, to: &Path) -> std::io::Result<()> {
         let c = |p: &Path| CString::new(p.as_os_str().as_bytes()).map_err(std::io::Error::other);
         let (f, t) = (c(from)?, c(to)?);
         // SAFETY: both are valid NUL-terminated paths; AT_FDCWD resolves them as open() would.
-        let r = unsafe { libc::renameat2(libc::AT_FDCWD, f.as_ptr(), libc::AT_FDCWD, t.as_ptr(), libc::RENAME_NOREPLACE) };
+        let r =
+            unsafe { libc::renameat2(libc::AT_FDCWD, f.as_ptr(), libc::AT_FDCWD, t.as_ptr(), libc::RENAME_NOREPLACE) };
         if r == 0 {
             return Ok(());
         }

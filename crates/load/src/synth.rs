@@ -8,8 +8,8 @@
 
 use crate::config::LlamaConfig;
 use crate::error::{io_err, LoadError, Result};
-use rayon::prelude::*;
 use crate::safetensors_out::{DenseDtype, DenseWriter};
+use rayon::prelude::*;
 use std::path::Path;
 
 /// Deterministic normal samples.
@@ -69,7 +69,8 @@ pub fn write_random_checkpoint(dir: &Path, cfg: &LlamaConfig, seed: u64) -> Resu
     }
     w.finish()?;
     let cfg_path = dir.join("config.json");
-    std::fs::write(&cfg_path, serde_json::to_string_pretty(cfg).expect("config serializes")).map_err(io_err(&cfg_path))?;
+    std::fs::write(&cfg_path, serde_json::to_string_pretty(cfg).expect("config serializes"))
+        .map_err(io_err(&cfg_path))?;
     let tok_path = dir.join("tokenizer.json");
     std::fs::write(&tok_path, byte_tokenizer_json(cfg.vocab_size).to_string()).map_err(io_err(&tok_path))?;
     Ok(())
@@ -87,7 +88,10 @@ pub fn shape_config(name: &str) -> Result<LlamaConfig> {
         "llama2-13b" => (5120, 13824, 40, 40, 40, 32000, false, 10000.0),
         "llama3-8b" => (4096, 14336, 32, 32, 8, 128256, false, 500000.0),
         _ => {
-            return Err(LoadError::Config { path: name.into(), msg: format!("unknown shape '{name}' (known: {})", SHAPES.join(", ")) });
+            return Err(LoadError::Config {
+                path: name.into(),
+                msg: format!("unknown shape '{name}' (known: {})", SHAPES.join(", ")),
+            });
         }
     };
     let json = serde_json::json!({
@@ -161,9 +165,17 @@ fn synth_tensor(name: &str, shape: &[usize], seed: u64) -> Vec<f32> {
 /// sibling and renamed, so a crash never leaves a partial model): config.json, tokenizer.json
 /// (byte-level) and the safetensors shard(s) in `opts.dtype`, one tensor in memory at a time.
 /// `progress(done, total)` counts tensors.
-pub fn write_synthetic(dir: &Path, cfg: &LlamaConfig, opts: &SynthOptions, progress: &mut dyn FnMut(usize, usize)) -> Result<()> {
+pub fn write_synthetic(
+    dir: &Path,
+    cfg: &LlamaConfig,
+    opts: &SynthOptions,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<()> {
     if dir.exists() {
-        return Err(LoadError::Config { path: dir.into(), msg: "already exists; choose a new output directory".into() });
+        return Err(LoadError::Config {
+            path: dir.into(),
+            msg: "already exists; choose a new output directory".into(),
+        });
     }
     let tmp = crate::gguf::tempdir_for(dir)?;
     let result = write_synthetic_into(&tmp, cfg, opts, progress);
@@ -176,7 +188,12 @@ pub fn write_synthetic(dir: &Path, cfg: &LlamaConfig, opts: &SynthOptions, progr
     }
 }
 
-fn write_synthetic_into(dir: &Path, cfg: &LlamaConfig, opts: &SynthOptions, progress: &mut dyn FnMut(usize, usize)) -> Result<()> {
+fn write_synthetic_into(
+    dir: &Path,
+    cfg: &LlamaConfig,
+    opts: &SynthOptions,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<()> {
     let tensors = cfg.expected_tensors();
     let size = |shape: &Vec<usize>| shape.iter().product::<usize>() * opts.dtype.size();
     // Shards: consecutive tensors up to shard_bytes each.
@@ -192,7 +209,13 @@ fn write_synthetic_into(dir: &Path, cfg: &LlamaConfig, opts: &SynthOptions, prog
     }
     let outliers = opts.outliers.map(|o| (outlier_channels(cfg, &o, opts.seed), o.scale));
     let count = shards.len();
-    let file = |i: usize| if count == 1 { "model.safetensors".to_string() } else { format!("model-{:05}-of-{count:05}.safetensors", i + 1) };
+    let file = |i: usize| {
+        if count == 1 {
+            "model.safetensors".to_string()
+        } else {
+            format!("model-{:05}-of-{count:05}.safetensors", i + 1)
+        }
+    };
     let mut weight_map = serde_json::Map::new();
     let mut done = 0;
     for (i, shard) in shards.iter().enumerate() {
@@ -203,7 +226,10 @@ fn write_synthetic_into(dir: &Path, cfg: &LlamaConfig, opts: &SynthOptions, prog
             if let Some((ch, scale)) = &outliers {
                 if name.ends_with("input_layernorm.weight") || name.ends_with("post_attention_layernorm.weight") {
                     ch.iter().for_each(|&c| v[c] *= scale);
-                } else if ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"].iter().any(|m| name.ends_with(&format!("{m}.weight"))) {
+                } else if ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"]
+                    .iter()
+                    .any(|m| name.ends_with(&format!("{m}.weight")))
+                {
                     let cols = shape[1];
                     for r in 0..shape[0] {
                         ch.iter().for_each(|&c| v[r * cols + c] /= scale);
@@ -283,14 +309,23 @@ mod tests {
         let (a, b) = (d.path().join("a"), d.path().join("b"));
         write_synthetic(&a, &cfg, &opts(None), &mut |_, _| {}).unwrap();
         write_synthetic(&b, &cfg, &opts(Some(o)), &mut |_, _| {}).unwrap();
-        assert!(write_synthetic(&a, &cfg, &opts(None), &mut |_, _| {}).unwrap_err().to_string().contains("already exists"));
+        assert!(write_synthetic(&a, &cfg, &opts(None), &mut |_, _| {})
+            .unwrap_err()
+            .to_string()
+            .contains("already exists"));
         assert!(a.join("model.safetensors.index.json").exists(), "20 kB shards: more than one");
         let (ca, cb) = (crate::Checkpoint::open(&a).unwrap(), crate::Checkpoint::open(&b).unwrap());
         assert_eq!(ca.entry("model.embed_tokens.weight").unwrap().dtype, safetensors::Dtype::F16);
         let ch = outlier_channels(&cfg, &o, 5);
         assert_eq!(ch.len(), 3);
-        let (na, nb) = (ca.tensor_f32("model.layers.1.input_layernorm.weight").unwrap(), cb.tensor_f32("model.layers.1.input_layernorm.weight").unwrap());
-        let (qa, qb) = (ca.tensor_f32("model.layers.1.self_attn.q_proj.weight").unwrap(), cb.tensor_f32("model.layers.1.self_attn.q_proj.weight").unwrap());
+        let (na, nb) = (
+            ca.tensor_f32("model.layers.1.input_layernorm.weight").unwrap(),
+            cb.tensor_f32("model.layers.1.input_layernorm.weight").unwrap(),
+        );
+        let (qa, qb) = (
+            ca.tensor_f32("model.layers.1.self_attn.q_proj.weight").unwrap(),
+            cb.tensor_f32("model.layers.1.self_attn.q_proj.weight").unwrap(),
+        );
         for c in 0..cfg.hidden_size {
             let k = if ch.contains(&c) { 50.0 } else { 1.0 };
             // f16 rounding on both sides: compare the gain-times-column products.

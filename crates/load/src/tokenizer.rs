@@ -29,8 +29,10 @@ pub fn load(dir: &Path) -> Result<Tokenizer> {
 /// skipping it would silently drop the chat template.
 pub fn config(dir: &Path) -> Result<Option<serde_json::Value>> {
     let path = dir.join("tokenizer_config.json");
-    if std::fs::symlink_metadata(&path).is_err() {
-        return Ok(None);
+    match std::fs::symlink_metadata(&path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(LoadError::Io { path, source: e }),
+        Ok(_) => {}
     }
     let bytes = crate::read_capped(&path, 64 << 20, "tokenizer_config.json")?;
     let bad = |msg: String| LoadError::Tokenizer { path: path.clone(), msg };
@@ -39,7 +41,9 @@ pub fn config(dir: &Path) -> Result<Option<serde_json::Value>> {
         return Err(bad("not a JSON object".into()));
     }
     for key in ["chat_template", "eos_token"] {
-        if v.get(key).is_some_and(|t| !(t.is_null() || t.is_string() || key == "eos_token" && t.get("content").is_some_and(|c| c.is_string()))) {
+        if v.get(key).is_some_and(|t| {
+            !(t.is_null() || t.is_string() || key == "eos_token" && t.get("content").is_some_and(|c| c.is_string()))
+        }) {
             return Err(bad(format!("'{key}' is not a string")));
         }
     }
@@ -92,9 +96,7 @@ pub fn from_gguf(g: &Gguf) -> Result<TokenizerFiles> {
         ));
     }
     let pre = g.meta_str("tokenizer.ggml.pre").unwrap_or("default");
-    let byte_level = |use_regex: bool| {
-        json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex})
-    };
+    let byte_level = |use_regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex});
     let pre_tokenizer = match pre {
         "default" | "gpt2" | "gpt-2" => byte_level(true),
         // llama.cpp: digits split one by one, then the GPT-2 regex.
@@ -104,7 +106,10 @@ pub fn from_gguf(g: &Gguf) -> Result<TokenizerFiles> {
             {"type": "Split", "pattern": {"Regex": LLAMA3_SPLIT}, "behavior": "Isolated", "invert": false},
             byte_level(false)]}),
         other => {
-            return Err(tok_err(g, format!("pre-tokenizer {other:?} is not supported yet (smollm, gpt2, llama-bpe, qwen2 are)")))
+            return Err(tok_err(
+                g,
+                format!("pre-tokenizer {other:?} is not supported yet (smollm, gpt2, llama-bpe, qwen2 are)"),
+            ))
         }
     };
     let tokens = strings(g, "tokenizer.ggml.tokens")?;
@@ -128,7 +133,12 @@ pub fn from_gguf(g: &Gguf) -> Result<TokenizerFiles> {
         })
         .collect();
     let id_of = |key: &str| {
-        g.content.metadata.get(key).and_then(crate::gguf::value_as_f64).map(|x| x as usize).and_then(|i| tokens.get(i).cloned())
+        g.content
+            .metadata
+            .get(key)
+            .and_then(crate::gguf::value_as_f64)
+            .map(|x| x as usize)
+            .and_then(|i| tokens.get(i).cloned())
     };
     let bos = id_of("tokenizer.ggml.bos_token_id");
     let eos = id_of("tokenizer.ggml.eos_token_id");

@@ -4,10 +4,10 @@
 //! input may panic. `write_seed_corpus` (ignored) regenerates the seed files from our own
 //! writers and a GGUF built here byte by byte from the spec; fuzz/README.md has the rest.
 
-#[path = "../../../fuzz/src/load_targets.rs"]
-mod targets;
 #[path = "../../../fuzz/src/replay.rs"]
 mod replay;
+#[path = "../../../fuzz/src/load_targets.rs"]
+mod targets;
 
 use adadim_load::safetensors_out::StreamWriter;
 use adadim_load::synth::{write_random_checkpoint, Rng};
@@ -55,7 +55,8 @@ fn seeds_are_valid_files() {
         }
     }
     let out = s.path("imported");
-    adadim_load::gguf::import_gguf(&replay::corpus_dir("fuzz_gguf").join("seed-v3-tiny-llama"), &out, &mut |_, _| {}).unwrap();
+    adadim_load::gguf::import_gguf(&replay::corpus_dir("fuzz_gguf").join("seed-v3-tiny-llama"), &out, &mut |_, _| {})
+        .unwrap();
     adadim_load::Checkpoint::open(&out).unwrap();
     let text = std::fs::read_to_string(replay::corpus_dir("fuzz_config").join("seed-smollm2.json")).unwrap();
     LlamaConfig::from_json(Path::new("seed"), &text).unwrap();
@@ -346,7 +347,9 @@ fn write_gguf_seeds() {
     let mut g = GgufBuilder::new(2);
     g.alignment = 64;
     g.str("general.architecture", "llama").i32("general.alignment", 64).u32("llama.embedding_length", 256);
-    for (name, ty) in [("q2k", GGML_Q2_K), ("q3k", GGML_Q3_K), ("q4k", GGML_Q4_K), ("q5k", GGML_Q5_K), ("q6k", GGML_Q6_K)] {
+    for (name, ty) in
+        [("q2k", GGML_Q2_K), ("q3k", GGML_Q3_K), ("q4k", GGML_Q4_K), ("q5k", GGML_Q5_K), ("q6k", GGML_Q6_K)]
+    {
         let b = tensor_bytes(&mut rng, ty, 256);
         g.tensor(&format!("{name}.weight"), &[1, 256], ty, b);
     }
@@ -413,7 +416,10 @@ fn gguf_alignment_zero_is_an_error() {
     }
     // candle ignores a negative alignment, or one of another type, and uses the default, 32:
     // the value the file states is not believed silently but refused (issue 29).
-    for (what, ty, value) in [("-8", T_I32, (-8i32).to_le_bytes().to_vec()), ("the string \"64\"", T_STRING, [&2u64.to_le_bytes()[..], b"64"].concat())] {
+    for (what, ty, value) in [
+        ("-8", T_I32, (-8i32).to_le_bytes().to_vec()),
+        ("the string \"64\"", T_STRING, [&2u64.to_le_bytes()[..], b"64"].concat()),
+    ] {
         let p = s.path("ignored");
         std::fs::write(&p, build("general.alignment", ty, &value, b"GGUF")).unwrap();
         let e = adadim_load::gguf::Gguf::open(&p).err().unwrap_or_else(|| panic!("{what}: opened")).to_string();

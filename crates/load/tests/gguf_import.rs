@@ -67,7 +67,8 @@ fn write_gguf(src: &Checkpoint, path: &Path, types: &[GgmlDType]) -> Vec<(String
     let cfg = &src.config;
     let tok = byte_tokenizer_json(cfg.vocab_size);
     let vocab = tok["model"]["vocab"].as_object().unwrap();
-    let mut tokens: Vec<(usize, String)> = vocab.iter().map(|(k, v)| (v.as_u64().unwrap() as usize, k.clone())).collect();
+    let mut tokens: Vec<(usize, String)> =
+        vocab.iter().map(|(k, v)| (v.as_u64().unwrap() as usize, k.clone())).collect();
     tokens.sort();
     tokens[256].1 = "Ġt".into(); // the merge below needs its result in the vocabulary
     let meta: Vec<(&str, Value)> = vec![
@@ -95,7 +96,12 @@ fn write_gguf(src: &Checkpoint, path: &Path, types: &[GgmlDType]) -> Vec<(String
         } else if name.contains("k_proj") {
             v = permute(&v, cfg.n_kv_heads(), shape[1]);
         }
-        let ty = if shape.len() == 1 { GgmlDType::F32 } else { k += 1; types[(k - 1) % types.len()] };
+        let ty = if shape.len() == 1 {
+            GgmlDType::F32
+        } else {
+            k += 1;
+            types[(k - 1) % types.len()]
+        };
         let t = Tensor::from_vec(v, shape.clone(), &Device::Cpu).unwrap();
         qs.push((gguf_name(&name), QTensor::quantize(&t, ty).unwrap()));
         chosen.push((name, ty));

@@ -27,6 +27,8 @@ fn a_gguf_changed_in_place_is_imported_again() {
 
     let second = resolve();
     assert_ne!(second, first, "the changed file must not reuse the first import");
-    let w = |dir: &Path| adadim_load::Checkpoint::open(dir).unwrap().tensor_f32("model.layers.0.mlp.down_proj.weight").unwrap();
+    let w = |dir: &Path| {
+        adadim_load::Checkpoint::open(dir).unwrap().tensor_f32("model.layers.0.mlp.down_proj.weight").unwrap()
+    };
     assert_ne!(w(&first), w(&second));
 }

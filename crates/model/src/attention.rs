@@ -28,7 +28,7 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     let mut out = vec![0f32; t * nh * hd];
     let group = nh / nkv;
     let tiles = t.div_ceil(BQ);
-        let out_ptr = SendPtr(out.as_mut_ptr());
+    let out_ptr = SendPtr(out.as_mut_ptr());
     // One task per (KV head, query tile): the `group` query heads sharing that KV head are
     // stacked into one (group*m, hd) block, so each K/V tile is read once per group and the
     // score GEMM is `group` times taller (k = hd is small; tall GEMMs use the cores better).
@@ -50,10 +50,25 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
             // K^T (hd x n) read from K (element (c, j) = K[j, c]); all within their buffers.
             unsafe {
                 gemm::gemm(
-                    rows, n, hd, s.as_mut_ptr(), 1, n as isize, false,
-                    qs.as_ptr(), 1, hd as isize,
-                    kh.as_ptr(), hd as isize, 1,
-                    0.0, 1.0, false, false, false, gemm::Parallelism::None,
+                    rows,
+                    n,
+                    hd,
+                    s.as_mut_ptr(),
+                    1,
+                    n as isize,
+                    false,
+                    qs.as_ptr(),
+                    1,
+                    hd as isize,
+                    kh.as_ptr(),
+                    hd as isize,
+                    1,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
                 );
             }
             for (r, row) in s.chunks_mut(n).enumerate() {
@@ -66,10 +81,25 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
                 unsafe {
                     let dst = out_ptr.get().add(i0 * nh * hd + h * hd);
                     gemm::gemm(
-                        m, hd, n, dst, 1, (nh * hd) as isize, false,
-                        s[j * m * n..].as_ptr(), 1, n as isize,
-                        vh.as_ptr(), 1, hd as isize,
-                        0.0, 1.0, false, false, false, gemm::Parallelism::None,
+                        m,
+                        hd,
+                        n,
+                        dst,
+                        1,
+                        (nh * hd) as isize,
+                        false,
+                        s[j * m * n..].as_ptr(),
+                        1,
+                        n as isize,
+                        vh.as_ptr(),
+                        1,
+                        hd as isize,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
                     );
                 }
             }
@@ -98,7 +128,8 @@ pub fn causal_attention_ref(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor
         Tensor::stack(&heads, 0)
     };
     let (k, v) = (rep(k)?, rep(v)?);
-    let mask: Vec<f32> = (0..t).flat_map(|i| (0..t).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY })).collect();
+    let mask: Vec<f32> =
+        (0..t).flat_map(|i| (0..t).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY })).collect();
     let mask = Tensor::from_vec(mask, (t, t), q.device())?;
     let s = q.matmul(&k.t()?)?.broadcast_add(&mask)?;
     let p = candle_nn::ops::softmax_last_dim(&s)?;

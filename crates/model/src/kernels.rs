@@ -262,7 +262,13 @@ unsafe fn key_scores16_avx512<E: Kv>(q: &[f32], k: &[E], g: usize, hd: usize, n:
     use std::arch::x86_64::*;
     let (q, k) = (q.as_ptr(), k.as_ptr());
     // 16 numbers of a key at `p`: f16 widened on the way in.
-    let load = |p: *const E| if E::HALF { _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)) } else { _mm512_loadu_ps(p as *const f32) };
+    let load = |p: *const E| {
+        if E::HALF {
+            _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
+        } else {
+            _mm512_loadu_ps(p as *const f32)
+        }
+    };
     for j0 in (0..n / 16 * 16).step_by(16) {
         let kb = k.add(j0 * hd);
         // The block after next, one line at a time (addresses past the run are only hints).
@@ -292,7 +298,9 @@ unsafe fn key_scores16_avx512<E: Kv>(q: &[f32], k: &[E], g: usize, hd: usize, n:
                 *y = _mm512_add_ps(_mm512_shuffle_ps::<0b01_00_01_00>(a, b), _mm512_shuffle_ps::<0b11_10_11_10>(a, b));
             }
             // ... then the 128-bit lanes: after two rounds lane l holds keys 4l..4l+4 in full.
-            let lanes = |a: __m512, b: __m512| _mm512_add_ps(_mm512_shuffle_f32x4::<0x88>(a, b), _mm512_shuffle_f32x4::<0xDD>(a, b));
+            let lanes = |a: __m512, b: __m512| {
+                _mm512_add_ps(_mm512_shuffle_f32x4::<0x88>(a, b), _mm512_shuffle_f32x4::<0xDD>(a, b))
+            };
             let s = lanes(lanes(y[0], y[1]), lanes(y[2], y[3]));
             _mm512_storeu_ps(scores.as_mut_ptr().add(h * n + j0), s);
         }
@@ -325,7 +333,9 @@ fn weighted_heads<const HD: usize, const C: usize, E: Kv>(p: &[f32], v: &[E], ou
             // Rows 8 ahead, a line at a time (addresses past the run are only hints).
             #[cfg(target_arch = "x86_64")]
             for l in (0..HD * std::mem::size_of::<E>()).step_by(64) {
-                adadim_pack::simd::prefetch_line((vj.as_ptr() as *const u8).wrapping_add(8 * HD * std::mem::size_of::<E>() + l));
+                adadim_pack::simd::prefetch_line(
+                    (vj.as_ptr() as *const u8).wrapping_add(8 * HD * std::mem::size_of::<E>() + l),
+                );
             }
             let mut x = [0f32; HD];
             for (x, &e) in x.iter_mut().zip(vj) {
@@ -508,7 +518,20 @@ mod tests {
         let mut rng = adadim_load::synth::Rng::new(5);
         // Heads per key/value head, head size, positions, positions per run (the last run
         // short, one run, runs of one position).
-        for (g, hd, n, run) in [(1, 64, 1, 1), (3, 64, 37, 16), (3, 64, 700, 88), (2, 48, 5, 5), (1, 20, 9, 1), (4, 20, 130, 64), (2, 128, 50, 20), (8, 64, 90, 32), (2, 64, 17, 17), (6, 64, 40, 40), (1, 128, 33, 16), (3, 128, 20, 7)] {
+        for (g, hd, n, run) in [
+            (1, 64, 1, 1),
+            (3, 64, 37, 16),
+            (3, 64, 700, 88),
+            (2, 48, 5, 5),
+            (1, 20, 9, 1),
+            (4, 20, 130, 64),
+            (2, 128, 50, 20),
+            (8, 64, 90, 32),
+            (2, 64, 17, 17),
+            (6, 64, 40, 40),
+            (1, 128, 33, 16),
+            (3, 128, 20, 7),
+        ] {
             let q = rng.normals(g * hd, 0.3);
             let (k, v) = (rng.normals(n * hd, 1.0), rng.normals(n * hd, 1.0));
             let width = part_len(g, hd);
@@ -522,7 +545,10 @@ mod tests {
                 let mut want = vec![0f32; hd];
                 attend_one_ref(&q[h * hd..(h + 1) * hd], &k, &v, n, &mut want);
                 for (x, y) in got[h * hd..(h + 1) * hd].iter().zip(&want) {
-                    assert!((x - y).abs() <= 2e-6 * (n as f32).sqrt().max(1.0), "g {g} hd {hd} n {n} run {run} head {h}: {x} vs {y}");
+                    assert!(
+                        (x - y).abs() <= 2e-6 * (n as f32).sqrt().max(1.0),
+                        "g {g} hd {hd} n {n} run {run} head {h}: {x} vs {y}"
+                    );
                 }
             }
         }

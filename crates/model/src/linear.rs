@@ -112,7 +112,9 @@ const DENSE_ROWS_PER_TASK: usize = 64;
 /// ([`crate::kernels::dense_rows`], on the decode team when there is one).
 fn dense_matvec(w: &[f32], x: &[f32], y: &mut [f32]) {
     let cols = x.len();
-    adadim_team::for_each_chunk(y, DENSE_ROWS_PER_TASK, &|i, y| crate::kernels::dense_rows(&w[i * DENSE_ROWS_PER_TASK * cols..], x, y));
+    adadim_team::for_each_chunk(y, DENSE_ROWS_PER_TASK, &|i, y| {
+        crate::kernels::dense_rows(&w[i * DENSE_ROWS_PER_TASK * cols..], x, y)
+    });
 }
 
 /// `f` on the numbers of `t` in place (a contiguous f32 CPU tensor), or on a copy of them.
@@ -125,7 +127,6 @@ pub(crate) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_cor
     }
     Ok(f(&t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?))
 }
-
 
 impl Linear {
     /// `y = W x (+ b)` for one token, slices in and out: [`Linear::forward`]'s matvec without

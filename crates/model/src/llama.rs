@@ -28,7 +28,6 @@ fn rms_norm_into(x: &[f32], w: &Tensor, eps: f32, out: &mut [f32]) -> candle_cor
     })
 }
 
-
 /// What a forward-pass tap asks for next.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Flow {
@@ -290,7 +289,9 @@ impl Block {
         // Rows in parallel; silu_mul vectorizes each.
         let cols = shape.dims()[shape.rank() - 1];
         use rayon::prelude::*;
-        out.par_chunks_mut(cols * 64).zip(g.par_chunks(cols * 64)).zip(u.par_chunks(cols * 64))
+        out.par_chunks_mut(cols * 64)
+            .zip(g.par_chunks(cols * 64))
+            .zip(u.par_chunks(cols * 64))
             .for_each(|((o, g), u)| silu_mul(g, u, o));
         Tensor::from_vec(out, shape, h.device())
     }
@@ -302,11 +303,27 @@ impl Block {
     /// operations and the allocator were about 7% of a decode profile's samples, all on the
     /// decode thread while the other one waited. `set` says how the linears multiply and what
     /// the cache stores.
-    pub fn decode_step(&self, x: &mut [f32], rope: &Rope, pos: usize, cache: &mut Option<LayerKv>, set: &DecodeSettings, s: &mut DecodeScratch) -> Result<()> {
+    pub fn decode_step(
+        &self,
+        x: &mut [f32],
+        rope: &Rope,
+        pos: usize,
+        cache: &mut Option<LayerKv>,
+        set: &DecodeSettings,
+        s: &mut DecodeScratch,
+    ) -> Result<()> {
         self.decode_step_inner(x, rope, pos, cache, set, s).ctx(|| format!("layer {}: decode step", self.layer))
     }
 
-    fn decode_step_inner(&self, x: &mut [f32], rope: &Rope, pos: usize, cache: &mut Option<LayerKv>, set: &DecodeSettings, s: &mut DecodeScratch) -> candle_core::Result<()> {
+    fn decode_step_inner(
+        &self,
+        x: &mut [f32],
+        rope: &Rope,
+        pos: usize,
+        cache: &mut Option<LayerKv>,
+        set: &DecodeSettings,
+        s: &mut DecodeScratch,
+    ) -> candle_core::Result<()> {
         let (nh, nkv, hd) = (self.n_head, self.n_kv_head, self.head_dim);
         let f = self.gate.out_features();
         s.size(x.len(), nh * hd, nkv * hd, f);
@@ -335,15 +352,31 @@ impl Block {
     /// As [`Block::forward`] for `x` (t, d) at positions `pos0..pos0 + t`, attending to the
     /// keys and values of the earlier positions held in `cache` (of `s.kv` numbers) and
     /// appending its own.
-    pub fn forward_cached(&self, x: &Tensor, rope: &Rope, pos0: usize, cache: &mut Option<LayerKv>, s: &DecodeSettings) -> Result<Tensor> {
-        let attn = self.attention_cached(&self.attn_input(x)?, rope, pos0, cache, s).ctx(|| format!("layer {}: attention", self.layer))?;
+    pub fn forward_cached(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        pos0: usize,
+        cache: &mut Option<LayerKv>,
+        s: &DecodeSettings,
+    ) -> Result<Tensor> {
+        let attn = self
+            .attention_cached(&self.attn_input(x)?, rope, pos0, cache, s)
+            .ctx(|| format!("layer {}: attention", self.layer))?;
         let x = self.attn_residual(x, &attn, s)?;
         let act = self.mlp_hidden(&self.mlp_input(&x)?, s).ctx(|| format!("layer {}: mlp", self.layer))?;
         self.mlp_residual(&x, &act, s)
     }
 
     /// Attention of `t` new positions over the cached ones and themselves, (t, d) -> (t, h*hd).
-    fn attention_cached(&self, h: &Tensor, rope: &Rope, pos0: usize, cache: &mut Option<LayerKv>, s: &DecodeSettings) -> candle_core::Result<Tensor> {
+    fn attention_cached(
+        &self,
+        h: &Tensor,
+        rope: &Rope,
+        pos0: usize,
+        cache: &mut Option<LayerKv>,
+        s: &DecodeSettings,
+    ) -> candle_core::Result<Tensor> {
         let t = h.dims()[0];
         let (nh, nkv, hd) = (self.n_head, self.n_kv_head, self.head_dim);
         let heads = |x: Tensor, n: usize| x.reshape((1, t, n, hd))?.transpose(1, 2); // (1, n, t, hd)
@@ -365,7 +398,9 @@ impl Block {
         let s = q.reshape((nkv, group * t, hd))?.matmul(&k.t()?)?; // (nkv, group*t, total)
         let s = if t > 1 {
             // Row r is position pos0 + r % t: it sees keys 0..=pos0 + r % t.
-            let mask: Vec<f32> = (0..group * t).flat_map(|r| (0..total).map(move |j| if j <= pos0 + r % t { 0.0 } else { f32::NEG_INFINITY })).collect();
+            let mask: Vec<f32> = (0..group * t)
+                .flat_map(|r| (0..total).map(move |j| if j <= pos0 + r % t { 0.0 } else { f32::NEG_INFINITY }))
+                .collect();
             s.broadcast_add(&Tensor::from_vec(mask, (group * t, total), h.device())?)?
         } else {
             s
@@ -408,13 +443,22 @@ impl LayerKv {
 
     /// Writes `k`, `v` (nkv, t, hd) at positions `pos0..pos0 + t`, as `kv` numbers (reallocating
     /// with twice the room when full, the earlier positions copied once) and returns the cache.
-    fn append<'a>(slot: &'a mut Option<LayerKv>, k: &Tensor, v: &Tensor, pos0: usize, kv: KvType) -> candle_core::Result<&'a LayerKv> {
+    fn append<'a>(
+        slot: &'a mut Option<LayerKv>,
+        k: &Tensor,
+        v: &Tensor,
+        pos0: usize,
+        kv: KvType,
+    ) -> candle_core::Result<&'a LayerKv> {
         let (nkv, t, hd) = k.dims3()?;
         let need = pos0 + t;
         let have = slot.as_ref().map_or(0, LayerKv::capacity);
         if have < need {
             let cap = need.max(2 * have).max(MIN_KV_CAPACITY);
-            let grown = LayerKv { k: Tensor::zeros((nkv, cap, hd), kv.dtype(), k.device())?, v: Tensor::zeros((nkv, cap, hd), kv.dtype(), v.device())? };
+            let grown = LayerKv {
+                k: Tensor::zeros((nkv, cap, hd), kv.dtype(), k.device())?,
+                v: Tensor::zeros((nkv, cap, hd), kv.dtype(), v.device())?,
+            };
             if let Some(old) = slot.take().filter(|_| pos0 > 0) {
                 grown.k.slice_set(&old.k.narrow(1, 0, pos0)?.contiguous()?, 1, 0)?;
                 grown.v.slice_set(&old.v.narrow(1, 0, pos0)?.contiguous()?, 1, 0)?;
@@ -463,8 +507,19 @@ impl LayerKv {
             })
         }
         let (k, v) = (rows(kc, kl.start_offset())?, rows(vc, vl.start_offset())?);
-        if q.len() != nh * hd || out.len() != q.len() || nkv == 0 || !nh.is_multiple_of(nkv) || n == 0 || n > cap || k.len() < nkv * cap * hd || v.len() < nkv * cap * hd {
-            candle_core::bail!("decode attention: q {} for {nh} heads of {hd}, cache ({nkv}, {cap}, {hd}) at {n}", q.len())
+        if q.len() != nh * hd
+            || out.len() != q.len()
+            || nkv == 0
+            || !nh.is_multiple_of(nkv)
+            || n == 0
+            || n > cap
+            || k.len() < nkv * cap * hd
+            || v.len() < nkv * cap * hd
+        {
+            candle_core::bail!(
+                "decode attention: q {} for {nh} heads of {hd}, cache ({nkv}, {cap}, {hd}) at {n}",
+                q.len()
+            )
         }
         let group = nh / nkv;
         let run = MIN_ATTENTION_RUN.max(n.div_ceil(ATTENTION_RUNS));
@@ -474,7 +529,15 @@ impl LayerKv {
         adadim_team::for_each_chunk(&mut parts, width, &|t, part| {
             let (kh, r) = (t / runs, t % runs);
             let head = kh * cap * hd..(kh * cap + n) * hd;
-            crate::kernels::attend_run(&q[kh * group * hd..(kh + 1) * group * hd], k.slice(head.clone()), v.slice(head), hd, run, r, part);
+            crate::kernels::attend_run(
+                &q[kh * group * hd..(kh + 1) * group * hd],
+                k.slice(head.clone()),
+                v.slice(head),
+                hd,
+                run,
+                r,
+                part,
+            );
         });
         for (kh, o) in out.chunks_exact_mut(group * hd).enumerate() {
             crate::kernels::merge_parts(&parts[kh * runs * width..(kh + 1) * runs * width], group, hd, o);
@@ -487,7 +550,11 @@ impl LayerKv {
         let own = |t: &Tensor| -> candle_core::Result<Tensor> {
             let t = t.narrow(1, 0, len)?;
             // `contiguous` copies a strided view but returns the same storage for a whole one.
-            if t.is_contiguous() { t.copy() } else { t.contiguous() }
+            if t.is_contiguous() {
+                t.copy()
+            } else {
+                t.contiguous()
+            }
         };
         Ok(LayerKv { k: own(&self.k)?, v: own(&self.v)? })
     }
@@ -518,7 +585,11 @@ impl KvCache {
 
     /// Bytes of keys and values of the positions held (its allocation may have room for more).
     pub fn bytes(&self) -> usize {
-        self.layers.iter().flatten().map(|l| 2 * l.k.dims()[0] * self.len * l.k.dims()[2] * l.k.dtype().size_in_bytes()).sum()
+        self.layers
+            .iter()
+            .flatten()
+            .map(|l| 2 * l.k.dims()[0] * self.len * l.k.dims()[2] * l.k.dtype().size_in_bytes())
+            .sum()
     }
 
     /// Positions held.
@@ -543,7 +614,12 @@ impl KvCache {
         if len == 0 {
             return Ok(KvCache::default());
         }
-        let layers = self.layers.iter().map(|l| l.as_ref().map(|l| l.fork(len)).transpose()).collect::<candle_core::Result<_>>().ctx(|| "copying the kv cache".into())?;
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| l.as_ref().map(|l| l.fork(len)).transpose())
+            .collect::<candle_core::Result<_>>()
+            .ctx(|| "copying the kv cache".into())?;
         Ok(KvCache { layers, len, kv: self.kv })
     }
 }
@@ -567,7 +643,17 @@ pub struct DecodeScratch {
 impl DecodeScratch {
     /// Buffers for a block of width `d`, `q` query and `kv` key/value numbers, `f` hidden.
     fn size(&mut self, d: usize, q: usize, kv: usize, f: usize) {
-        for (b, n) in [(&mut self.h, d), (&mut self.y, d), (&mut self.q, q), (&mut self.att, q), (&mut self.k, kv), (&mut self.v, kv), (&mut self.g, f), (&mut self.u, f), (&mut self.a, f)] {
+        for (b, n) in [
+            (&mut self.h, d),
+            (&mut self.y, d),
+            (&mut self.q, q),
+            (&mut self.att, q),
+            (&mut self.k, kv),
+            (&mut self.v, kv),
+            (&mut self.g, f),
+            (&mut self.u, f),
+            (&mut self.a, f),
+        ] {
             b.resize(n, 0.0);
         }
     }
@@ -705,7 +791,11 @@ impl Model {
         with_f32(&row, |e| x.copy_from_slice(&e[..d])).ctx(|| "embedding".into())?;
         cache.layers.resize_with(self.blocks.len(), || None);
         let set = DecodeSettings { kv: cache.kv, ..self.settings };
-        let stepped = self.blocks.iter().zip(cache.layers.iter_mut()).try_for_each(|(b, c)| b.decode_step(&mut x, &self.rope, pos, c, &set, s));
+        let stepped = self
+            .blocks
+            .iter()
+            .zip(cache.layers.iter_mut())
+            .try_for_each(|(b, c)| b.decode_step(&mut x, &self.rope, pos, c, &set, s));
         if stepped.is_ok() {
             cache.len += 1;
         }
@@ -716,8 +806,15 @@ impl Model {
         let head = rms_norm_into(&s.x, &self.norm, self.config.rms_norm_eps as f32, &mut h).and_then(|()| {
             s.logits.resize(vocab, 0.0);
             match &self.decode_head {
-                Some(p) => Linear { weight: Weight::Packed(p.clone()), bias: None }.matvec_into(&h, &mut s.logits, &self.settings),
-                None => Linear { weight: Weight::Dense(self.lm_head.as_ref().unwrap_or(&self.embed).clone()), bias: None }.matvec_into(&h, &mut s.logits, &self.settings),
+                Some(p) => Linear { weight: Weight::Packed(p.clone()), bias: None }.matvec_into(
+                    &h,
+                    &mut s.logits,
+                    &self.settings,
+                ),
+                None => {
+                    Linear { weight: Weight::Dense(self.lm_head.as_ref().unwrap_or(&self.embed).clone()), bias: None }
+                        .matvec_into(&h, &mut s.logits, &self.settings)
+                }
             }
         });
         s.h = h;
@@ -731,7 +828,11 @@ impl Model {
     pub fn weight_bytes_per_token(&self) -> usize {
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         let head_bytes = self.decode_head.as_ref().map_or(4 * head.elem_count(), |p| p.bytes_read());
-        self.blocks.iter().map(|b| [&b.q, &b.k, &b.v, &b.o, &b.gate, &b.up, &b.down].iter().map(|l| l.weight_bytes()).sum::<usize>()).sum::<usize>() + head_bytes
+        self.blocks
+            .iter()
+            .map(|b| [&b.q, &b.k, &b.v, &b.o, &b.gate, &b.up, &b.down].iter().map(|l| l.weight_bytes()).sum::<usize>())
+            .sum::<usize>()
+            + head_bytes
     }
 
     /// Quantize the LM head for decoding: RTN, `bits` per weight, groups of 128 along each
@@ -742,11 +843,19 @@ impl Model {
     pub fn quantize_decode_head(&mut self, bits: u8) -> Result<()> {
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         let (rows, cols) = head.dims2().ctx(|| "lm head".into())?;
-        let spec = adadim_quantize::QuantSpec { bits, group: Some(128.min(cols)), axis: adadim_quantize::Axis::Oc, zero: adadim_quantize::Zero::Awq };
+        let spec = adadim_quantize::QuantSpec {
+            bits,
+            group: Some(128.min(cols)),
+            axis: adadim_quantize::Axis::Oc,
+            zero: adadim_quantize::Zero::Awq,
+        };
         // On the tensor's own numbers where it is f32 (SmolLM2's 113 MB embedding was copied
         // first, raising generate's peak memory by as much).
         let q = with_f32(head, |w| adadim_quantize::rtn(w, rows, cols, &spec)).ctx(|| "lm head".into())?;
-        let q = q.map_err(|e| ModelError::Tensor { context: "quantizing the lm head".into(), source: candle_core::Error::Msg(e.to_string()) })?;
+        let q = q.map_err(|e| ModelError::Tensor {
+            context: "quantizing the lm head".into(),
+            source: candle_core::Error::Msg(e.to_string()),
+        })?;
         self.decode_head = Some(Arc::new(PackedLinear::from_quantized(&q)));
         self.settings.head_bits = bits;
         Ok(())
@@ -756,7 +865,9 @@ impl Model {
         let eps = self.config.rms_norm_eps as f32;
         let h = candle_nn::ops::rms_norm(hidden, &self.norm, eps).ctx(|| "final norm".into())?;
         if let Some(p) = self.decode_head.as_ref().filter(|_| h.dims()[0] <= MATVEC_TOKENS) {
-            return Linear { weight: Weight::Packed(p.clone()), bias: None }.forward(&h, &self.settings).ctx(|| "lm head".into());
+            return Linear { weight: Weight::Packed(p.clone()), bias: None }
+                .forward(&h, &self.settings)
+                .ctx(|| "lm head".into());
         }
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         dense_product(&h, head).ctx(|| "lm head".into())

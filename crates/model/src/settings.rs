@@ -25,7 +25,8 @@ pub struct DecodeSettings {
 
 impl DecodeSettings {
     /// The default: int16 matvecs, exact f32 prompts, an f32 cache, the float head.
-    pub const DEFAULT: DecodeSettings = DecodeSettings { act: ActBits::I16, integer_prefill: false, kv: KvType::F32, head_bits: 0 };
+    pub const DEFAULT: DecodeSettings =
+        DecodeSettings { act: ActBits::I16, integer_prefill: false, kv: KvType::F32, head_bits: 0 };
 
     /// The activations' precision of a product of many tokens: `act` on integers where
     /// `integer_prefill` is on, else exact f32.

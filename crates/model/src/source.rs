@@ -52,14 +52,26 @@ impl PackedModel {
     /// Every linear the file declares is one `config.json` describes: a config edited to fewer
     /// layers would otherwise run a silently truncated model.
     fn check_all_used(&self) -> Result<()> {
-        let expected: std::collections::HashSet<String> = self.config.expected_tensors().into_iter().map(|(n, _)| n).collect();
-        let extra: Vec<&str> = self.file.linear_names().filter(|n| !expected.contains(&format!("{n}.weight"))).collect();
+        let expected: std::collections::HashSet<String> =
+            self.config.expected_tensors().into_iter().map(|(n, _)| n).collect();
+        let extra: Vec<&str> =
+            self.file.linear_names().filter(|n| !expected.contains(&format!("{n}.weight"))).collect();
         if let Some(first) = extra.first() {
-            let why = if first.starts_with("model.layers.") { format!("a layer beyond the {} that config.json's num_hidden_layers declares", self.config.num_hidden_layers) } else { "no part of the model config.json describes".into() };
+            let why = if first.starts_with("model.layers.") {
+                format!(
+                    "a layer beyond the {} that config.json's num_hidden_layers declares",
+                    self.config.num_hidden_layers
+                )
+            } else {
+                "no part of the model config.json describes".into()
+            };
             return Err(ModelError::Load(adadim_load::LoadError::Tensor {
                 path: self.dir.join("model.safetensors"),
                 tensor: adadim_load::printable(first).into_owned(),
-                msg: format!("not used: {why} ({} such linears); the config does not match the checkpoint", extra.len()),
+                msg: format!(
+                    "not used: {why} ({} such linears); the config does not match the checkpoint",
+                    extra.len()
+                ),
             }));
         }
         Ok(())
@@ -70,7 +82,12 @@ impl PackedModel {
     }
 
     fn shape_err(&self, name: &str, want: &[usize], got: &[usize]) -> ModelError {
-        ModelError::Load(adadim_load::LoadError::ShapeMismatch { path: self.dir.join("model.safetensors"), tensor: name.to_string(), expected: want.to_vec(), found: got.to_vec() })
+        ModelError::Load(adadim_load::LoadError::ShapeMismatch {
+            path: self.dir.join("model.safetensors"),
+            tensor: name.to_string(),
+            expected: want.to_vec(),
+            found: got.to_vec(),
+        })
     }
 
     /// The shape `config.json` implies for `name`.
@@ -92,9 +109,16 @@ impl WeightSource for PackedModel {
         }
         if let Some(i) = values.iter().position(|v| !v.is_finite()) {
             let count = values.iter().filter(|v| !v.is_finite()).count();
-            return Err(adadim_load::LoadError::NonFinite { path: self.dir.join("model.safetensors"), tensor: name.into(), count, first: i }.into());
+            return Err(adadim_load::LoadError::NonFinite {
+                path: self.dir.join("model.safetensors"),
+                tensor: name.into(),
+                count,
+                first: i,
+            }
+            .into());
         }
-        Tensor::from_vec(values, shape, &Device::Cpu).map_err(|e| ModelError::Tensor { context: name.into(), source: e })
+        Tensor::from_vec(values, shape, &Device::Cpu)
+            .map_err(|e| ModelError::Tensor { context: name.into(), source: e })
     }
     fn linear(&self, name: &str) -> Result<Weight> {
         let p: PackedLinear = self.file.linear(name)?;
@@ -121,7 +145,10 @@ pub fn is_packed(dir: &Path) -> bool {
     if f.read_exact(&mut header).is_err() {
         return false;
     }
-    serde_json::from_slice::<serde_json::Value>(&header).ok().and_then(|h| h["__metadata__"]["adadim.format"].as_str().map(|s| s == "packed")).unwrap_or(false)
+    serde_json::from_slice::<serde_json::Value>(&header)
+        .ok()
+        .and_then(|h| h["__metadata__"]["adadim.format"].as_str().map(|s| s == "packed"))
+        .unwrap_or(false)
 }
 
 /// Open a model directory, packed or dense.

@@ -44,11 +44,21 @@ fn reference_logits(ck: &Checkpoint, ids: &[u32]) -> Vec<Vec<f64>> {
     let c = &ck.config;
     let (d, nh, nkv, hd) = (c.hidden_size, c.num_attention_heads, c.n_kv_heads(), c.head_dim());
     let emb = W::get(ck, "model.embed_tokens.weight");
-    let mut xs: Vec<Vec<f64>> = ids.iter().map(|&i| emb.v[i as usize * d..(i as usize + 1) * d].iter().map(|&v| v as f64).collect()).collect();
+    let mut xs: Vec<Vec<f64>> =
+        ids.iter().map(|&i| emb.v[i as usize * d..(i as usize + 1) * d].iter().map(|&v| v as f64).collect()).collect();
     for l in 0..c.num_hidden_layers {
         let p = |n: &str| format!("model.layers.{l}.{n}");
-        let (wq, wk, wv, wo) = (W::get(ck, &p("self_attn.q_proj.weight")), W::get(ck, &p("self_attn.k_proj.weight")), W::get(ck, &p("self_attn.v_proj.weight")), W::get(ck, &p("self_attn.o_proj.weight")));
-        let (wg, wu, wd) = (W::get(ck, &p("mlp.gate_proj.weight")), W::get(ck, &p("mlp.up_proj.weight")), W::get(ck, &p("mlp.down_proj.weight")));
+        let (wq, wk, wv, wo) = (
+            W::get(ck, &p("self_attn.q_proj.weight")),
+            W::get(ck, &p("self_attn.k_proj.weight")),
+            W::get(ck, &p("self_attn.v_proj.weight")),
+            W::get(ck, &p("self_attn.o_proj.weight")),
+        );
+        let (wg, wu, wd) = (
+            W::get(ck, &p("mlp.gate_proj.weight")),
+            W::get(ck, &p("mlp.up_proj.weight")),
+            W::get(ck, &p("mlp.down_proj.weight")),
+        );
         let (n1, n2) = (W::get(ck, &p("input_layernorm.weight")), W::get(ck, &p("post_attention_layernorm.weight")));
         let mut qs = Vec::new();
         let mut ks = Vec::new();
@@ -68,7 +78,10 @@ fn reference_logits(ck: &Checkpoint, ids: &[u32]) -> Vec<Vec<f64>> {
                 let kvh = head / (nh / nkv);
                 let q = &qs[t][head * hd..(head + 1) * hd];
                 let scores: Vec<f64> = (0..=t)
-                    .map(|s| q.iter().zip(&ks[s][kvh * hd..(kvh + 1) * hd]).map(|(a, b)| a * b).sum::<f64>() / (hd as f64).sqrt())
+                    .map(|s| {
+                        q.iter().zip(&ks[s][kvh * hd..(kvh + 1) * hd]).map(|(a, b)| a * b).sum::<f64>()
+                            / (hd as f64).sqrt()
+                    })
                     .collect();
                 let m = scores.iter().cloned().fold(f64::MIN, f64::max);
                 let e: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
@@ -132,12 +145,13 @@ fn block_at_a_time_equals_whole_model() {
     let mut x = model.embed(&ids).unwrap();
     let mut taps = Vec::new();
     for b in &model.blocks {
-        x = b.forward_tapped(&x, &model.rope, &model.settings(), &mut |k, t| {
-            taps.push((k, t.dims().to_vec()));
-            Ok(adadim_model::Flow::Continue)
-        })
-        .unwrap()
-        .unwrap();
+        x = b
+            .forward_tapped(&x, &model.rope, &model.settings(), &mut |k, t| {
+                taps.push((k, t.dims().to_vec()));
+                Ok(adadim_model::Flow::Continue)
+            })
+            .unwrap()
+            .unwrap();
     }
     let diff = (whole - x).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
     assert_eq!(diff, 0.0);
@@ -321,7 +335,13 @@ fn decode_step_vs_tensor_path(model: &Model, kv: KvType) -> f32 {
     let mut s = adadim_model::DecodeScratch::default();
     let mut worst = 0f32;
     for &id in &ids[3..] {
-        let want = model.logits(&model.forward_cached(&[id], &mut a).unwrap()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let want = model
+            .logits(&model.forward_cached(&[id], &mut a).unwrap())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         let got = model.decode_step(id, &mut b, &mut s).unwrap().to_vec();
         assert_eq!((got.len(), b.len()), (want.len(), a.len()));
         let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
@@ -371,7 +391,15 @@ fn integer_prefill_moves_the_logits_by_its_rounding() {
         let mut cache = adadim_model::KvCache::new(KvType::F32);
         let mut out = Vec::new();
         for c in ids.chunks(chunk) {
-            out.extend(model.logits(&model.forward_cached(c, &mut cache).unwrap()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap());
+            out.extend(
+                model
+                    .logits(&model.forward_cached(c, &mut cache).unwrap())
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap(),
+            );
         }
         out
     };
@@ -396,7 +424,12 @@ fn integer_prefill_moves_the_logits_by_its_rounding() {
     }
     if integer > 0 {
         // Measured: int16 1e-4, int8 1.4e-2 of the largest logit.
-        assert!(moved[0] > 0.0 && moved[0] * 20.0 < moved[1], "int16 moved the logits by {}, int8 by {}", moved[0], moved[1]);
+        assert!(
+            moved[0] > 0.0 && moved[0] * 20.0 < moved[1],
+            "int16 moved the logits by {}, int8 by {}",
+            moved[0],
+            moved[1]
+        );
     }
     if adadim_pack::simd::avx512_vnni_available() {
         assert_eq!(integer, 14, "every linear takes the integer product on this CPU");

@@ -79,7 +79,12 @@ pub extern "C" fn cases_new() -> *mut Cases {
     for bits in [3u8, 4] {
         for (axis, group) in [(Axis::Oc, 128), (Axis::Oc, 256), (Axis::Ic, 128)] {
             for (rows, cols) in [(48, 576), (40, 1024), (33, 200), (16, 64), (24, 320), (10, 2752)] {
-                let spec = QuantSpec { bits, group: Some(group), axis, zero: if rows % 2 == 0 { Zero::Awq } else { Zero::Sym } };
+                let spec = QuantSpec {
+                    bits,
+                    group: Some(group),
+                    axis,
+                    zero: if rows % 2 == 0 { Zero::Awq } else { Zero::Sym },
+                };
                 let mut w = rng.normals(rows * cols, 0.05);
                 for r in 0..rows {
                     w[r * cols + cols / 3] *= 20.0;
@@ -88,12 +93,21 @@ pub extern "C" fn cases_new() -> *mut Cases {
                 let p = PackedLinear::from_quantized(&q);
                 let x = rng.normals(cols, 1.0);
                 let (_, scale) = adadim_pack::matvec_f32::matvec_ref(&p, &x);
-                let tol: Vec<f64> = scale.iter().map(|s| 1e-6 * (cols as f64).sqrt() * f64::from(spec.maxq()) * s.max(1e-30)).collect();
+                let tol: Vec<f64> =
+                    scale.iter().map(|s| 1e-6 * (cols as f64).sqrt() * f64::from(spec.maxq()) * s.max(1e-30)).collect();
                 // int8 where its kernel takes the layout (per-OC groups of whole steps).
                 for act in [ActBits::I16, ActBits::I8].into_iter().filter(|&a| a == ActBits::I16 || q8::supported(&p)) {
                     let (want, _) = if act == ActBits::I16 { q16::matvec_ref(&p, &x) } else { q8::matvec_ref(&p, &x) };
                     let name = format!("{rows}x{cols} w{bits} {axis:?} g{group} {:?} int{}", spec.zero, act.bits());
-                    list.push(Case { name, p: p.clone(), act, x: x.clone(), y: vec![f32::NAN; rows], want, tol: tol.clone() });
+                    list.push(Case {
+                        name,
+                        p: p.clone(),
+                        act,
+                        x: x.clone(),
+                        y: vec![f32::NAN; rows],
+                        want,
+                        tol: tol.clone(),
+                    });
                 }
             }
         }
@@ -142,7 +156,13 @@ pub unsafe extern "C" fn case_reset(c: *mut Cases, i: usize) {
 #[no_mangle]
 pub unsafe extern "C" fn case_check(c: *const Cases, i: usize, msg: *mut c_char, cap: usize) -> i32 {
     let case = &(&*c).0[i];
-    let bad = case.y.iter().zip(&case.want).zip(&case.tol).enumerate().find(|(_, ((&y, &w), &t))| (f64::from(y) - w).abs().partial_cmp(&t).is_none_or(|o| o.is_gt()));
+    let bad = case
+        .y
+        .iter()
+        .zip(&case.want)
+        .zip(&case.tol)
+        .enumerate()
+        .find(|(_, ((&y, &w), &t))| (f64::from(y) - w).abs().partial_cmp(&t).is_none_or(|o| o.is_gt()));
     let text = match bad {
         None => format!("{}: {} rows within round-off", case.name, case.y.len()),
         Some((r, ((y, w), t))) => format!("{} row {r}: {y} vs {w} (tol {t:.3e})", case.name),

@@ -221,7 +221,8 @@ pub(crate) unsafe fn chunk3_avx2(p: *const u8) -> [std::arch::x86_64::__m256i; 2
     // byte then holds its even code in bits 0-2 and its odd one in bits 4-6.
     let low = _mm256_srlv_epi64(lo, _mm256_setr_epi64x(0, 0, 2, 2));
     let high = _mm256_slli_epi64::<2>(_mm256_srlv_epi64(hi, _mm256_setr_epi64x(0, 1, 2, 3)));
-    let both = _mm256_or_si256(_mm256_and_si256(low, _mm256_set1_epi8(0x33)), _mm256_and_si256(high, _mm256_set1_epi8(0x44)));
+    let both =
+        _mm256_or_si256(_mm256_and_si256(low, _mm256_set1_epi8(0x33)), _mm256_and_si256(high, _mm256_set1_epi8(0x44)));
     let m7 = _mm256_set1_epi8(7);
     let (even, odd) = (_mm256_and_si256(both, m7), _mm256_and_si256(_mm256_srli_epi64::<4>(both), m7));
     [even, odd]
@@ -312,7 +313,8 @@ mod tests {
     fn round_trip_every_width_and_ragged_rows() {
         for bits in [2u8, 3, 4, 8] {
             for (rows, cols) in [(1, 1), (3, 7), (5, 64), (2, 129), (4, 576)] {
-                let codes: Vec<u8> = (0..rows * cols).map(|i| ((i * 2654435761usize) >> 7) as u8 & ((1u16 << bits) - 1) as u8).collect();
+                let codes: Vec<u8> =
+                    (0..rows * cols).map(|i| ((i * 2654435761usize) >> 7) as u8 & ((1u16 << bits) - 1) as u8).collect();
                 let p = pack(&codes, rows, cols, bits);
                 assert_eq!(p.len(), rows * row_bytes(cols, bits) + PAD);
                 assert_eq!(unpack(&p, rows, cols, bits), codes, "bits {bits} {rows}x{cols}");
@@ -324,7 +326,8 @@ mod tests {
     fn linear_codes_round_trip_and_keep_the_stream_size() {
         for bits in [2u8, 3, 4, 8] {
             for (rows, cols) in [(1, 1), (3, 7), (2, 64), (5, 100), (2, 129), (4, 576), (2, 1000)] {
-                let codes: Vec<u8> = (0..rows * cols).map(|i| ((i * 2654435761usize) >> 7) as u8 & ((1u16 << bits) - 1) as u8).collect();
+                let codes: Vec<u8> =
+                    (0..rows * cols).map(|i| ((i * 2654435761usize) >> 7) as u8 & ((1u16 << bits) - 1) as u8).collect();
                 let p = pack_codes(&codes, rows, cols, bits);
                 assert_eq!(p.len(), pack(&codes, rows, cols, bits).len());
                 assert_eq!(unpack_codes(&p, rows, cols, bits), codes, "bits {bits} {rows}x{cols}");
@@ -339,7 +342,10 @@ mod tests {
         for i in 0..CHUNK3 {
             let (lb, ls, hb, hs) = plane3(i);
             assert!(lb < 16 && ls <= 6 && ls % 2 == 0 && (16..24).contains(&hb) && hs < 8);
-            assert!(!std::mem::replace(&mut low[lb * 4 + ls / 2], true) && !std::mem::replace(&mut high[(hb - 16) * 8 + hs], true));
+            assert!(
+                !std::mem::replace(&mut low[lb * 4 + ls / 2], true)
+                    && !std::mem::replace(&mut high[(hb - 16) * 8 + hs], true)
+            );
         }
         // The kernels' reading: the even codes' half-vector takes bit pair 0 (positions 0-15)
         // and 1 (16-31) of low bytes 0-15, and bit q of high byte b at position 8 q + b.
@@ -361,7 +367,12 @@ mod tests {
         for ch in 0..3 {
             // SAFETY: AVX2 was detected; the chunk's 24 bytes are inside `p`.
             let [e, o] = unsafe { chunk3_avx2(p.as_ptr().add(ch * CHUNK3_BYTES)) };
-            let (e, o): ([u8; 32], [u8; 32]) = unsafe { (std::mem::transmute::<std::arch::x86_64::__m256i, [u8; 32]>(e), std::mem::transmute::<std::arch::x86_64::__m256i, [u8; 32]>(o)) };
+            let (e, o): ([u8; 32], [u8; 32]) = unsafe {
+                (
+                    std::mem::transmute::<std::arch::x86_64::__m256i, [u8; 32]>(e),
+                    std::mem::transmute::<std::arch::x86_64::__m256i, [u8; 32]>(o),
+                )
+            };
             let c = &codes[ch * CHUNK3..];
             for q in 0..32 {
                 let even = 2 * (q % 16) + 32 * (q / 16);
@@ -374,7 +385,8 @@ mod tests {
     fn unpack_row_gives_every_code() {
         for bits in [2u8, 3, 4, 8] {
             for cols in [1, 7, 64, 100, 129, 576, 1000] {
-                let codes: Vec<u8> = (0..2 * cols).map(|i| ((i * 2654435761usize) >> 7) as u8 & ((1u16 << bits) - 1) as u8).collect();
+                let codes: Vec<u8> =
+                    (0..2 * cols).map(|i| ((i * 2654435761usize) >> 7) as u8 & ((1u16 << bits) - 1) as u8).collect();
                 let p = pack_codes(&codes, 2, cols, bits);
                 let rb = row_bytes(cols, bits);
                 let mut out = vec![0u8; cols];

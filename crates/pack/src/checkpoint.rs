@@ -66,7 +66,14 @@ pub struct LinearMeta {
 impl LinearMeta {
     fn of(p: &PackedLinear) -> Self {
         let l = p.layout();
-        LinearMeta { rows: p.rows(), cols: p.cols(), bits: l.bits, group: l.group, axis: axis_name(l.axis).into(), permuted: p.perm.is_some() }
+        LinearMeta {
+            rows: p.rows(),
+            cols: p.cols(),
+            bits: l.bits,
+            group: l.group,
+            axis: axis_name(l.axis).into(),
+            permuted: p.perm.is_some(),
+        }
     }
 }
 
@@ -100,7 +107,11 @@ impl PackedWriter {
         self.out.write(&format!("{name}.scales"), "F16", &[pr, pc], &scales)?;
         let maxq = f32::from(((1u16 << p.layout().bits) - 1) as u8);
         if let Some(i) = p.zeros.iter().position(|&z| !(z.fract() == 0.0 && (0.0..=maxq).contains(&z))) {
-            return Err(PackError::Tensor { path: PathBuf::new(), tensor: format!("{name}.qzeros"), msg: format!("zero point {} at {i} is not a whole number in 0..={maxq}", p.zeros[i]) });
+            return Err(PackError::Tensor {
+                path: PathBuf::new(),
+                tensor: format!("{name}.qzeros"),
+                msg: format!("zero point {} at {i} is not a whole number in 0..={maxq}", p.zeros[i]),
+            });
         }
         let zeros: Vec<u8> = p.zeros.iter().map(|&z| z as u8).collect();
         let zb = bits::row_bytes(pc, p.layout().bits);
@@ -117,7 +128,11 @@ impl PackedWriter {
     /// A dense tensor (embeddings, norms, head) stored as `dtype`: the source model's, so that
     /// an f16 model's embedding and head are not doubled in size (1 GB of a 7B file).
     pub fn dense(&mut self, name: &str, shape: &[usize], values: &[f32], dtype: DenseDtype) -> Result<()> {
-        let bytes = dtype.encode(values).map_err(|(i, v)| PackError::Tensor { path: PathBuf::new(), tensor: name.into(), msg: format!("value {v} at index {i} is beyond {}'s range", dtype.name()) })?;
+        let bytes = dtype.encode(values).map_err(|(i, v)| PackError::Tensor {
+            path: PathBuf::new(),
+            tensor: name.into(),
+            msg: format!("value {v} at index {i} is beyond {}'s range", dtype.name()),
+        })?;
         Ok(self.out.write(name, dtype.name(), shape, &bytes)?)
     }
 
@@ -183,11 +198,14 @@ impl PackedFile {
         let file = std::fs::File::open(path).map_err(|source| PackError::Io { path: path.to_path_buf(), source })?;
         // SAFETY: the file is opened read-only; a concurrent writer is treated as corrupt input,
         // as every mmap-based loader (safetensors, candle, adadim-load's checkpoints) does.
-        let bytes = unsafe { memmap2::Mmap::map(&file) }.map_err(|source| PackError::Io { path: path.to_path_buf(), source })?;
+        let bytes = unsafe { memmap2::Mmap::map(&file) }
+            .map_err(|source| PackError::Io { path: path.to_path_buf(), source })?;
         let file_err = |msg: String| PackError::File { path: path.to_path_buf(), msg };
-        let (n, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| file_err(format!("corrupt or truncated safetensors file: {e}")))?;
+        let (n, meta) = SafeTensors::read_metadata(&bytes)
+            .map_err(|e| file_err(format!("corrupt or truncated safetensors file: {e}")))?;
         // Offsets, overlaps and the data length are the safetensors crate's checks.
-        SafeTensors::deserialize(&bytes).map_err(|e| file_err(format!("corrupt or truncated safetensors file: {e}")))?;
+        SafeTensors::deserialize(&bytes)
+            .map_err(|e| file_err(format!("corrupt or truncated safetensors file: {e}")))?;
         let m = meta.metadata().clone().unwrap_or_default();
         if m.get("adadim.format").map(String::as_str) != Some("packed") {
             return Err(file_err("not an adadim packed checkpoint (no adadim.format = packed in its metadata)".into()));
@@ -201,12 +219,22 @@ impl PackedFile {
         let version = match version.as_str() {
             "1" => 1,
             "2" => 2,
-            _ => return Err(file_err(format!("packed format version '{version}' is not supported (this build reads versions 1 and {FORMAT_VERSION})"))),
+            _ => {
+                return Err(file_err(format!(
+                "packed format version '{version}' is not supported (this build reads versions 1 and {FORMAT_VERSION})"
+            )))
+            }
         };
-        let linears = serde_json::from_str(m.get("adadim.linears").map(String::as_str).unwrap_or("")).map_err(|e| file_err(format!("adadim.linears metadata: {e}")))?;
-        let quantization = m.get("adadim.quantization").and_then(|q| serde_json::from_str(q).ok()).unwrap_or(serde_json::Value::Null);
+        let linears = serde_json::from_str(m.get("adadim.linears").map(String::as_str).unwrap_or(""))
+            .map_err(|e| file_err(format!("adadim.linears metadata: {e}")))?;
+        let quantization =
+            m.get("adadim.quantization").and_then(|q| serde_json::from_str(q).ok()).unwrap_or(serde_json::Value::Null);
         // Offsets were validated against the data length by `deserialize` above.
-        let tensors = meta.tensors().into_iter().map(|(name, t)| (name, (t.dtype, t.shape.clone(), 8 + n + t.data_offsets.0..8 + n + t.data_offsets.1))).collect();
+        let tensors = meta
+            .tensors()
+            .into_iter()
+            .map(|(name, t)| (name, (t.dtype, t.shape.clone(), 8 + n + t.data_offsets.0..8 + n + t.data_offsets.1)))
+            .collect();
         let _mapped = adadim_load::mapped::Mapped::register(&bytes, path);
         Ok(PackedFile { path: path.to_path_buf(), bytes, _mapped, tensors, linears, quantization, version })
     }
@@ -240,7 +268,9 @@ impl PackedFile {
         if let Some((_, _, range)) = self.tensors.get(name).filter(|t| t.2.len() >= RELEASE_BYTES) {
             // SAFETY: the mapping is read-only and file-backed; nothing borrows this range any
             // more (callers release after their owned copies are made).
-            let _ = unsafe { self.bytes.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, range.start, range.len()) };
+            let _ = unsafe {
+                self.bytes.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, range.start, range.len())
+            };
         }
     }
 
@@ -259,7 +289,8 @@ impl PackedFile {
         if !matches!(d, Dtype::F32 | Dtype::F16 | Dtype::BF16) {
             return Err(self.err(name, format!("is {d:?}, expected F32, F16 or BF16")));
         }
-        let values = bytes_to_f32(&self.bytes[range.clone()], *d).ok_or_else(|| self.err(name, format!("cannot read {d:?}")))?;
+        let values =
+            bytes_to_f32(&self.bytes[range.clone()], *d).ok_or_else(|| self.err(name, format!("cannot read {d:?}")))?;
         self.release(name);
         Ok((shape.clone(), values))
     }
@@ -304,11 +335,15 @@ impl PackedFile {
         let zeros: Vec<f32> = bits::unpack(&zpad, pr, pc, m.bits).into_iter().map(f32::from).collect();
         let perm = if m.permuted {
             let t = self.tensor(&format!("{name}.perm"), Dtype::I32, &[m.cols])?;
-            let perm: Vec<i32> = t.chunks_exact(4).map(|b| i32::from_le_bytes(b.try_into().expect("4 bytes"))).collect();
+            let perm: Vec<i32> =
+                t.chunks_exact(4).map(|b| i32::from_le_bytes(b.try_into().expect("4 bytes"))).collect();
             let mut seen = vec![false; m.cols];
             for (p, &c) in perm.iter().enumerate() {
                 if c < 0 || c as usize >= m.cols || std::mem::replace(&mut seen[c as usize], true) {
-                    return Err(self.err(&format!("{name}.perm"), format!("not a permutation of 0..{}: entry {p} is {c}", m.cols)));
+                    return Err(self.err(
+                        &format!("{name}.perm"),
+                        format!("not a permutation of 0..{}: entry {p} is {c}", m.cols),
+                    ));
                 }
             }
             Some(perm.into_iter().map(|c| c as u32).collect())

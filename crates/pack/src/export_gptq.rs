@@ -47,7 +47,10 @@ fn pack_words_transposed(codes: &[u8], rows: usize, cols: usize, b: u8) -> (usiz
 pub fn write_gptq_linear(out: &mut StreamWriter, name: &str, q: &QuantizedMatrix) -> Result<()> {
     let (rows, cols, spec) = (q.rows(), q.cols(), *q.spec());
     if spec.axis != Axis::Oc {
-        return Err(refuse(name, "is quantized per-IC, which the GPTQ format cannot express (use the packed format, or --dim oc)".into()));
+        return Err(refuse(
+            name,
+            "is quantized per-IC, which the GPTQ format cannot express (use the packed format, or --dim oc)".into(),
+        ));
     }
     let b = spec.bits;
     let (_, pc) = q.param_shape();
@@ -77,15 +80,20 @@ pub fn write_gptq_linear(out: &mut StreamWriter, name: &str, q: &QuantizedMatrix
     }
     out.write(&format!("{name}.qzeros"), "I32", &[pc, zwords], &qzeros)?;
     out.write(&format!("{name}.scales"), "F16", &[pc, rows], &scales)?;
-    let g_idx: Vec<u8> = (0..cols)
-        .flat_map(|c| (q.g_idx().map_or(c / g, |gi| gi[c] as usize) as i32).to_le_bytes())
-        .collect();
+    let g_idx: Vec<u8> =
+        (0..cols).flat_map(|c| (q.g_idx().map_or(c / g, |gi| gi[c] as usize) as i32).to_le_bytes()).collect();
     out.write(&format!("{name}.g_idx"), "I32", &[cols], &g_idx)?;
     Ok(())
 }
 
 /// `quantize_config.json` of a GPTQ v1 checkpoint.
-pub fn quantize_config(bits: u8, group: Option<usize>, desc_act: bool, static_groups: bool, damp_percent: f64) -> serde_json::Value {
+pub fn quantize_config(
+    bits: u8,
+    group: Option<usize>,
+    desc_act: bool,
+    static_groups: bool,
+    damp_percent: f64,
+) -> serde_json::Value {
     serde_json::json!({
         "bits": bits,
         "group_size": group.map_or(-1, |g| g as i64),

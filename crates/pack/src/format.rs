@@ -43,7 +43,10 @@ impl Layout {
     /// Bytes on disk: codes + f16 scales + packed zeros (+ the u32 permutation).
     pub fn bytes(&self, rows: usize, cols: usize, permuted: bool) -> usize {
         let (pr, pc) = self.param_shape(rows, cols);
-        rows * bits::row_bytes(cols, self.bits) + 2 * pr * pc + pr * bits::row_bytes(pc, self.bits) + if permuted { 4 * cols } else { 0 }
+        rows * bits::row_bytes(cols, self.bits)
+            + 2 * pr * pc
+            + pr * bits::row_bytes(pc, self.bits)
+            + if permuted { 4 * cols } else { 0 }
     }
 
     /// Bits per weight of the declaration above: `b + (16 + b) / g` for whole groups.
@@ -143,7 +146,9 @@ impl PackedLinear {
 
     /// Bytes the kernels stream per matvec: packed codes + params as held (f32) + permutation.
     pub fn bytes_read(&self) -> usize {
-        self.rows * bits::row_bytes(self.cols, self.layout.bits) + 8 * self.scales.len() + self.perm.as_ref().map_or(0, |p| 4 * p.len())
+        self.rows * bits::row_bytes(self.cols, self.layout.bits)
+            + 8 * self.scales.len()
+            + self.perm.as_ref().map_or(0, |p| 4 * p.len())
     }
 
     /// `W'` row-major `[rows, cols]` in the original column order: `scale * (code - zero)`,

@@ -28,10 +28,25 @@ pub(crate) fn matmul(p: &PackedLinear, x: &[f32], t: usize, y: &mut [f32]) {
             // (element (c, j) = w[j * cols + c]). All indices stay inside their buffers.
             unsafe {
                 gemm::gemm(
-                    t, n, cols, y_ptr.0.add(r0), 1, rows as isize, false,
-                    x.as_ptr(), 1, cols as isize,
-                    w.as_ptr(), cols as isize, 1,
-                    0.0, 1.0, false, false, false, gemm::Parallelism::None,
+                    t,
+                    n,
+                    cols,
+                    y_ptr.0.add(r0),
+                    1,
+                    rows as isize,
+                    false,
+                    x.as_ptr(),
+                    1,
+                    cols as isize,
+                    w.as_ptr(),
+                    cols as isize,
+                    1,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
                 );
             }
         },
@@ -43,4 +58,3 @@ struct SendPtr(*mut f32);
 // SAFETY: tasks write disjoint columns of the buffer behind it (see `matmul`).
 unsafe impl Sync for SendPtr {}
 unsafe impl Send for SendPtr {}
-

@@ -106,7 +106,11 @@ impl Acts {
     /// Rounds every token's `x` (rows of `cols`) with `round`, tokens in parallel.
     fn fill(&mut self, x: &[f32], cols: usize, round: impl Fn(&[f32], Out) + Sync + Send) {
         let Acts { q, d, zero, row, nb, nz, .. } = self;
-        q.par_chunks_mut(*row).zip(d.par_chunks_mut(*nb)).zip(zero.par_chunks_mut(*nz)).zip(x.par_chunks(cols)).for_each(|(((q, d), z), x)| round(x, (q, d, z)));
+        q.par_chunks_mut(*row)
+            .zip(d.par_chunks_mut(*nb))
+            .zip(zero.par_chunks_mut(*nz))
+            .zip(x.par_chunks(cols))
+            .for_each(|(((q, d), z), x)| round(x, (q, d, z)));
     }
 
     /// Per-OC: `x` in stored column order, rounded as the decode matvec rounds it, and its
@@ -184,10 +188,23 @@ fn round_scaled_ref(kind: ActBits, s: &[f32], x: &[f32], z: &[f32], q: &mut [u8]
 /// AVX-512 F and BW; `s`, `x`, `z` of one length `n`; `q` holds `n` values, `d` a step per block.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn round_scaled_avx512(s: &[f32], x: &[f32], z: &[f32], block: usize, qmax: f32, q: &mut [u8], d: &mut [f32]) -> f32 {
+unsafe fn round_scaled_avx512(
+    s: &[f32],
+    x: &[f32],
+    z: &[f32],
+    block: usize,
+    qmax: f32,
+    q: &mut [u8],
+    d: &mut [f32],
+) -> f32 {
     use std::arch::x86_64::*;
     let n = x.len();
-    assert!(s.len() == n && z.len() == n && block.is_multiple_of(16), "round_scaled: {} scales, {} zeros, {n} values, blocks of {block}", s.len(), z.len());
+    assert!(
+        s.len() == n && z.len() == n && block.is_multiple_of(16),
+        "round_scaled: {} scales, {} zeros, {n} values, blocks of {block}",
+        s.len(),
+        z.len()
+    );
     let esize = if qmax > 127.0 { 2 } else { 1 };
     assert!(q.len() == n * esize && d.len() == n.div_ceil(block), "round_scaled: output for {n} values");
     let (abs, lo, hi) = (_mm512_set1_epi32(0x7fff_ffff), _mm512_set1_ps(-qmax), _mm512_set1_ps(qmax));
@@ -222,7 +239,11 @@ unsafe fn round_scaled_avx512(s: &[f32], x: &[f32], z: &[f32], block: usize, qma
         let mut zq = _mm512_setzero_ps();
         for i in 0..regs {
             let at = o + 16 * i;
-            let vi = if i < 8 { v[i] } else { _mm512_mul_ps(_mm512_loadu_ps(s.as_ptr().add(at)), _mm512_loadu_ps(x.as_ptr().add(at))) };
+            let vi = if i < 8 {
+                v[i]
+            } else {
+                _mm512_mul_ps(_mm512_loadu_ps(s.as_ptr().add(at)), _mm512_loadu_ps(x.as_ptr().add(at)))
+            };
             // The default rounding (MXCSR): to nearest, ties to even, as the definition rounds.
             let r = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(vi, inv), lo), hi));
             zq = _mm512_fmadd_ps(_mm512_loadu_ps(z.as_ptr().add(at)), _mm512_cvtepi32_ps(r), zq);
@@ -288,7 +309,15 @@ fn panel_steps(kind: ActBits, codes: &[u8], cols: usize, panel: &mut [u8]) {
                 // SAFETY: AVX-512 F and BW were detected; rows j0..j0 + 16 of `codes` hold
                 // `cols` codes (steps k0..k0 + 16 of them: 64 of int8's, 32 of int16's, inside
                 // `cols`), the panel `steps` steps.
-                unsafe { transpose16_avx512(kind, codes.as_ptr().add(j0 * cols), cols, k0, panel.as_mut_ptr().add(k0 * STEP_BYTES + 4 * j0)) };
+                unsafe {
+                    transpose16_avx512(
+                        kind,
+                        codes.as_ptr().add(j0 * cols),
+                        cols,
+                        k0,
+                        panel.as_mut_ptr().add(k0 * STEP_BYTES + 4 * j0),
+                    )
+                };
             }
         }
     }
@@ -332,12 +361,20 @@ unsafe fn transpose16_avx512(kind: ActBits, rows: *const u8, cols: usize, k0: us
     // at step 4L + q of lane L.
     let a: [__m512i; 16] = std::array::from_fn(|i| {
         let (x, y) = (r[i / 2 * 2], r[i / 2 * 2 + 1]);
-        if i % 2 == 0 { _mm512_unpacklo_epi32(x, y) } else { _mm512_unpackhi_epi32(x, y) }
+        if i % 2 == 0 {
+            _mm512_unpacklo_epi32(x, y)
+        } else {
+            _mm512_unpackhi_epi32(x, y)
+        }
     });
     let b: [__m512i; 16] = std::array::from_fn(|i| {
         let (g, q) = (i / 4, i % 4);
         let (x, y) = (a[4 * g + q / 2], a[4 * g + q / 2 + 2]);
-        if q % 2 == 0 { _mm512_unpacklo_epi64(x, y) } else { _mm512_unpackhi_epi64(x, y) }
+        if q % 2 == 0 {
+            _mm512_unpacklo_epi64(x, y)
+        } else {
+            _mm512_unpackhi_epi64(x, y)
+        }
     });
     // Across lanes, per q: lanes L of b[q], b[4 + q], b[8 + q], b[12 + q] (rows 0-3, 4-7, 8-11,
     // 12-15 of step 4L + q) gathered into one register per step.
@@ -346,7 +383,12 @@ unsafe fn transpose16_avx512(kind: ActBits, rows: *const u8, cols: usize, k0: us
         // [x.l0, x.l2, y.l0, y.l2] and [x.l1, x.l3, y.l1, y.l3].
         let (c0, c1) = (_mm512_shuffle_i32x4::<0x88>(b0, b1), _mm512_shuffle_i32x4::<0xdd>(b0, b1));
         let (c2, c3) = (_mm512_shuffle_i32x4::<0x88>(b2, b3), _mm512_shuffle_i32x4::<0xdd>(b2, b3));
-        for (step, v) in [(q, _mm512_shuffle_i32x4::<0x88>(c0, c2)), (8 + q, _mm512_shuffle_i32x4::<0xdd>(c0, c2)), (4 + q, _mm512_shuffle_i32x4::<0x88>(c1, c3)), (12 + q, _mm512_shuffle_i32x4::<0xdd>(c1, c3))] {
+        for (step, v) in [
+            (q, _mm512_shuffle_i32x4::<0x88>(c0, c2)),
+            (8 + q, _mm512_shuffle_i32x4::<0xdd>(c0, c2)),
+            (4 + q, _mm512_shuffle_i32x4::<0x88>(c1, c3)),
+            (12 + q, _mm512_shuffle_i32x4::<0xdd>(c1, c3)),
+        ] {
             _mm512_storeu_si512(dst.add(step * STEP_BYTES) as *mut _, v);
         }
     }
@@ -384,7 +426,12 @@ fn tile_ref(kind: ActBits, t: &Tile, out: &mut [[f32; NR]]) {
                     let (w, a) = (&t.panel[k * STEP_BYTES + 4 * j..][..4], &t.a[m][4 * k..][..4]);
                     sum += match kind {
                         ActBits::I8 => (0..4).map(|i| i32::from(w[i]) * i32::from(a[i] as i8)).sum::<i32>(),
-                        _ => (0..2).map(|i| i32::from(i16::from_le_bytes([w[2 * i], w[2 * i + 1]])) * i32::from(i16::from_le_bytes([a[2 * i], a[2 * i + 1]]))).sum::<i32>(),
+                        _ => (0..2)
+                            .map(|i| {
+                                i32::from(i16::from_le_bytes([w[2 * i], w[2 * i + 1]]))
+                                    * i32::from(i16::from_le_bytes([a[2 * i], a[2 * i + 1]]))
+                            })
+                            .sum::<i32>(),
                     };
                 }
                 let scale = t.ws.map_or(1.0, |ws| ws[b * NR + j]) * t.d[m][b];
@@ -435,7 +482,8 @@ unsafe fn tile_vnni<const I8: bool, const M: usize>(t: &Tile, out: &mut [[f32; N
             }
             w = w.add(STEP_BYTES);
         }
-        let ws = t.ws.map(|ws| [_mm512_loadu_ps(ws.as_ptr().add(b * NR)), _mm512_loadu_ps(ws.as_ptr().add(b * NR + 16))]);
+        let ws =
+            t.ws.map(|ws| [_mm512_loadu_ps(ws.as_ptr().add(b * NR)), _mm512_loadu_ps(ws.as_ptr().add(b * NR + 16))]);
         for m in 0..M {
             let d = _mm512_set1_ps(*t.d[m].get_unchecked(b));
             for h in 0..2 {
@@ -549,11 +597,23 @@ fn panels(p: &PackedLinear, kind: ActBits, acts: &Acts, rows: std::ops::Range<us
             let mut out = [[0f32; NR]; MR];
             for i0 in (0..t).step_by(MR) {
                 let m = (t - i0).min(MR);
-                let a: [&[u8]; MR] = std::array::from_fn(|i| acts.q.get((i0 + i) * acts.row..(i0 + i + 1) * acts.row).unwrap_or(&[]));
-                let d: [&[f32]; MR] = std::array::from_fn(|i| acts.d.get((i0 + i) * acts.nb..(i0 + i + 1) * acts.nb).unwrap_or(&[]));
-                let zero: [&[f32]; MR] = std::array::from_fn(|i| acts.zero.get((i0 + i) * acts.nz..(i0 + i + 1) * acts.nz).unwrap_or(&[]));
+                let a: [&[u8]; MR] =
+                    std::array::from_fn(|i| acts.q.get((i0 + i) * acts.row..(i0 + i + 1) * acts.row).unwrap_or(&[]));
+                let d: [&[f32]; MR] =
+                    std::array::from_fn(|i| acts.d.get((i0 + i) * acts.nb..(i0 + i + 1) * acts.nb).unwrap_or(&[]));
+                let zero: [&[f32]; MR] =
+                    std::array::from_fn(|i| acts.zero.get((i0 + i) * acts.nz..(i0 + i + 1) * acts.nz).unwrap_or(&[]));
                 let oc = l.axis == Axis::Oc;
-                let tl = Tile { panel, ws: oc.then_some(&ws[..]), a: &a[..m], d: &d[..m], sz: oc.then_some(&sz[..]), zero: &zero[..m], block_steps, steps };
+                let tl = Tile {
+                    panel,
+                    ws: oc.then_some(&ws[..]),
+                    a: &a[..m],
+                    d: &d[..m],
+                    sz: oc.then_some(&sz[..]),
+                    zero: &zero[..m],
+                    block_steps,
+                    steps,
+                };
                 // SAFETY: `kind` came from `kind()`, which checked AVX-512 VNNI; the panel holds
                 // `steps` steps, each token `cols` values (`4 steps` bytes), `nb` steps and
                 // per-OC `pc` group sums (`sz` `pc` rows), per-IC one zero term.
@@ -613,7 +673,9 @@ mod tests {
             eprintln!("SKIPPED: this CPU has no AVX-512");
             return;
         }
-        let f = |seed: u64, n: usize, scale: f32| -> Vec<f32> { bytes(seed, n).iter().map(|&b| (f32::from(b) - 127.5) / 64.0 * scale).collect() };
+        let f = |seed: u64, n: usize, scale: f32| -> Vec<f32> {
+            bytes(seed, n).iter().map(|&b| (f32::from(b) - 127.5) / 64.0 * scale).collect()
+        };
         // Whole blocks, a short last block (of whole registers and not), one short block only.
         for n in [576usize, 1536, 4096 + 64, 100, 20, 128 * 3 + 40, 48, 128 + 96] {
             let (s, mut x) = (f(n as u64, n, 0.05), f(n as u64 + 1, n, 1.0));
@@ -625,7 +687,8 @@ mod tests {
                     if poison {
                         x[n / 2] = f32::INFINITY;
                     }
-                    let (block, qmax, esize) = if kind == ActBits::I8 { (q8::BLOCK, 127.0, 1) } else { (round_i16::MAX_BLOCK, 32767.0, 2) };
+                    let (block, qmax, esize) =
+                        if kind == ActBits::I8 { (q8::BLOCK, 127.0, 1) } else { (round_i16::MAX_BLOCK, 32767.0, 2) };
                     let (mut q, mut d) = (vec![7u8; n * esize], vec![-1f32; n.div_ceil(block)]);
                     // SAFETY: AVX-512 was detected; the outputs hold n values and a step per block.
                     let bias = unsafe { round_scaled_avx512(&s, &x, &z, block, qmax, &mut q, &mut d) };
@@ -638,7 +701,9 @@ mod tests {
                     };
                     let what = format!("{kind:?} n {n} poison {poison}");
                     assert_eq!(q, wq, "{what}: integers");
-                    let bits = |d: &[f32]| d.iter().map(|v| if v.is_nan() { u32::MAX } else { v.to_bits() }).collect::<Vec<_>>();
+                    let bits = |d: &[f32]| {
+                        d.iter().map(|v| if v.is_nan() { u32::MAX } else { v.to_bits() }).collect::<Vec<_>>()
+                    };
                     assert_eq!(bits(&d), bits(&wd), "{what}: steps");
                     if poison {
                         assert!(bias.is_nan() && wb.is_nan(), "{what}: a non-finite value poisons the sum");
@@ -695,28 +760,47 @@ mod tests {
                         }
                     }
                 }
-                let rows: Vec<Vec<u8>> = (0..MR).map(|m| {
-                    let mut a = bytes(100 + m as u64, 4 * steps);
-                    // Activations at the ends of their range.
-                    a[0] = 0x7f;
-                    a[1] = 0x80;
-                    a
-                }).collect();
-                let steps_d: Vec<Vec<f32>> = (0..MR).map(|m| (0..nb).map(|b| 1e-3 * (1 + m + 3 * b) as f32).collect()).collect();
+                let rows: Vec<Vec<u8>> = (0..MR)
+                    .map(|m| {
+                        let mut a = bytes(100 + m as u64, 4 * steps);
+                        // Activations at the ends of their range.
+                        a[0] = 0x7f;
+                        a[1] = 0x80;
+                        a
+                    })
+                    .collect();
+                let steps_d: Vec<Vec<f32>> =
+                    (0..MR).map(|m| (0..nb).map(|b| 1e-3 * (1 + m + 3 * b) as f32).collect()).collect();
                 let ws: Vec<f32> = (0..nb * NR).map(|i| 0.01 + (i % 13) as f32 * 0.003).collect();
                 for m in 1..=MR {
                     let a: Vec<&[u8]> = rows[..m].iter().map(|r| &r[..]).collect();
                     let d: Vec<&[f32]> = steps_d[..m].iter().map(|r| &r[..]).collect();
                     for ws in [Some(&ws[..]), None] {
                         let sz: Vec<f32> = (0..3 * NR).map(|i| 0.02 * (i % 5) as f32).collect();
-                        let zeros: Vec<Vec<f32>> = (0..m).map(|i| (0..3).map(|k| 0.5 * (i + k) as f32 - 1.0).collect()).collect();
-                        let zero: Vec<&[f32]> = zeros.iter().map(|z| if ws.is_some() { &z[..] } else { &z[..1] }).collect();
-                        let t = Tile { panel: &panel, ws, a: &a, d: &d, sz: ws.map(|_| &sz[..]), zero: &zero, block_steps, steps };
+                        let zeros: Vec<Vec<f32>> =
+                            (0..m).map(|i| (0..3).map(|k| 0.5 * (i + k) as f32 - 1.0).collect()).collect();
+                        let zero: Vec<&[f32]> =
+                            zeros.iter().map(|z| if ws.is_some() { &z[..] } else { &z[..1] }).collect();
+                        let t = Tile {
+                            panel: &panel,
+                            ws,
+                            a: &a,
+                            d: &d,
+                            sz: ws.map(|_| &sz[..]),
+                            zero: &zero,
+                            block_steps,
+                            steps,
+                        };
                         let (mut want, mut got) = (vec![[0f32; NR]; m], vec![[1f32; NR]; m]);
                         tile_ref(kind, &t, &mut want);
                         // SAFETY: VNNI was detected; the sizes are as the tile reads them.
                         unsafe { tile(kind, &t, &mut got) };
-                        assert_eq!(got, want, "{kind:?} steps {steps} block {block_steps} tokens {m} scaled {}", ws.is_some());
+                        assert_eq!(
+                            got,
+                            want,
+                            "{kind:?} steps {steps} block {block_steps} tokens {m} scaled {}",
+                            ws.is_some()
+                        );
                         assert!(want.iter().flatten().any(|&v| v != 0.0));
                     }
                 }

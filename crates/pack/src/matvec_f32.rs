@@ -101,7 +101,8 @@ unsafe fn dot_codes_avx2<const B: usize>(row: &[u8], c0: usize, v: &[f32]) -> f3
     let base = c0 / 8 * B;
     assert!(n8 == 0 || base + (n8 - 1) * B + 4 <= row.len(), "packed row too short for its codes");
     let n = n8 * 8;
-    hsum(chunks_avx2::<B>(row.as_ptr().add(base), v.as_ptr(), n8)) + v[n..].iter().enumerate().map(|(j, &x)| f32::from(bits::get(row, c0 + n + j, B as u8)) * x).sum::<f32>()
+    hsum(chunks_avx2::<B>(row.as_ptr().add(base), v.as_ptr(), n8))
+        + v[n..].iter().enumerate().map(|(j, &x)| f32::from(bits::get(row, c0 + n + j, B as u8)) * x).sum::<f32>()
 }
 
 /// One per-OC row with AVX2: `sum_k s[k] (sum_{c in k} code[c] x[c] - z[k] xsum[k])`, the group
@@ -115,10 +116,12 @@ unsafe fn oc_row_avx2<const B: usize>(row: &[u8], x: &[f32], s: &[f32], z: &[f32
     use std::arch::x86_64::*;
     let cols = x.len();
     if !group.is_multiple_of(8) || B == 8 {
-        return (0..s.len()).map(|k| {
-            let c0 = k * group;
-            s[k] * (dot_codes::<B>(row, c0, &x[c0..(c0 + group).min(cols)]) - z[k] * xsum[k])
-        }).sum();
+        return (0..s.len())
+            .map(|k| {
+                let c0 = k * group;
+                s[k] * (dot_codes::<B>(row, c0, &x[c0..(c0 + group).min(cols)]) - z[k] * xsum[k])
+            })
+            .sum();
     }
     assert!(cols < 8 || (cols / 8 - 1) * B + 4 <= row.len(), "packed row too short for its codes");
     let (mut acc, mut scalar) = (_mm256_setzero_ps(), 0f32);
@@ -237,7 +240,16 @@ fn rows_body(p: &PackedLinear, prep: &Prepared, r0: usize, y: &mut [f32], simd: 
         *y = match prep {
             Prepared::Oc { x, xsum } => {
                 let pc = xsum.len();
-                oc_row(l.bits, row, x, &p.scales[r * pc..(r + 1) * pc], &p.zeros[r * pc..(r + 1) * pc], xsum, l.group, simd)
+                oc_row(
+                    l.bits,
+                    row,
+                    x,
+                    &p.scales[r * pc..(r + 1) * pc],
+                    &p.zeros[r * pc..(r + 1) * pc],
+                    xsum,
+                    l.group,
+                    simd,
+                )
             }
             Prepared::Ic { v, bias } => {
                 let kr = r / l.group;
@@ -246,7 +258,6 @@ fn rows_body(p: &PackedLinear, prep: &Prepared, r0: usize, y: &mut [f32], simd: 
         };
     }
 }
-
 
 /// `y = W' x` with `x` kept in f32 (codes converted to floats; the AVX2 kernel when the CPU
 /// has it): the exact product up to f32 round-off.
@@ -268,6 +279,10 @@ pub(crate) fn matvec_portable(p: &PackedLinear, x: &[f32], y: &mut [f32]) {
 pub fn matvec_ref(p: &PackedLinear, x: &[f32]) -> (Vec<f64>, Vec<f64>) {
     let w = p.dequantize();
     w.chunks(p.cols)
-        .map(|row| row.iter().zip(x).fold((0.0, 0.0), |(s, a), (&w, &x)| (s + f64::from(w) * f64::from(x), a + (f64::from(w) * f64::from(x)).abs())))
+        .map(|row| {
+            row.iter().zip(x).fold((0.0, 0.0), |(s, a), (&w, &x)| {
+                (s + f64::from(w) * f64::from(x), a + (f64::from(w) * f64::from(x)).abs())
+            })
+        })
         .unzip()
 }

@@ -32,11 +32,10 @@ use crate::format::PackedLinear;
 use crate::matvec_int::IntActs;
 #[cfg(target_arch = "x86_64")]
 use crate::matvec_int::{rows_avx2, rows_avx512bw, rows_vnni, Job};
-use crate::round_i16::{block_size, Q16, MAX_BLOCK, QB, SPLIT};
+use crate::round_i16::{block_size, MAX_BLOCK, Q16, QB, SPLIT};
+use crate::simd::ROWS4;
 #[cfg(target_arch = "x86_64")]
 use crate::simd::{hsum, Ahead4, Wide, ZeroTail};
-use crate::simd::ROWS4;
-
 
 /// `sum_c w(c) code[c] v̂[c]` over codes `c0..c1` of a row (of `v.q.len()` codes), in plain
 /// Rust (the tails the kernels leave; per-OC `w` is the column's group scale). Most rows have
@@ -88,7 +87,13 @@ fn decoder_tables(b: usize) -> ([[i8; 32]; 2], [[i16; 16]; 2]) {
 /// `x.q` has `cols` values.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn row_sum_avx2<const B: usize>(rp: *const u8, x: &Q16, cols: usize, sd: &[f32], t: &Tables) -> std::arch::x86_64::__m256 {
+unsafe fn row_sum_avx2<const B: usize>(
+    rp: *const u8,
+    x: &Q16,
+    cols: usize,
+    sd: &[f32],
+    t: &Tables,
+) -> std::arch::x86_64::__m256 {
     use std::arch::x86_64::*;
     let qp = x.q.as_ptr();
     // int32 lane sums of 32 codes times their activations (step j of the row).
@@ -137,7 +142,11 @@ unsafe fn row_sum_avx2<const B: usize>(rp: *const u8, x: &Q16, cols: usize, sd: 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[inline]
-unsafe fn block_sums<const N: usize>(steps: usize, sd: &[f32], block: impl Fn(usize, usize) -> std::arch::x86_64::__m256i) -> std::arch::x86_64::__m256 {
+unsafe fn block_sums<const N: usize>(
+    steps: usize,
+    sd: &[f32],
+    block: impl Fn(usize, usize) -> std::arch::x86_64::__m256i,
+) -> std::arch::x86_64::__m256 {
     use std::arch::x86_64::*;
     let sd = &sd[..steps.div_ceil(N)];
     let mut a = _mm256_setzero_ps();
@@ -187,7 +196,11 @@ thread_local! {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 #[inline]
-unsafe fn split_products_avx2<const B: usize>(rp: *const u8, x: &Q16, j: usize) -> (std::arch::x86_64::__m256i, std::arch::x86_64::__m256i) {
+unsafe fn split_products_avx2<const B: usize>(
+    rp: *const u8,
+    x: &Q16,
+    j: usize,
+) -> (std::arch::x86_64::__m256i, std::arch::x86_64::__m256i) {
     use std::arch::x86_64::*;
     let [e, o] = bits::step_codes_avx2::<B>(rp, j);
     let ld = |p: *const u8| _mm256_loadu_si256(p as *const __m256i);
@@ -204,7 +217,10 @@ unsafe fn split_products_avx2<const B: usize>(rp: *const u8, x: &Q16, j: usize) 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 #[inline]
-unsafe fn split_int32_avx2(ph: std::arch::x86_64::__m256i, pl: std::arch::x86_64::__m256i) -> std::arch::x86_64::__m256i {
+unsafe fn split_int32_avx2(
+    ph: std::arch::x86_64::__m256i,
+    pl: std::arch::x86_64::__m256i,
+) -> std::arch::x86_64::__m256i {
     use std::arch::x86_64::*;
     _mm256_add_epi32(_mm256_madd_epi16(ph, _mm256_set1_epi16(256)), _mm256_madd_epi16(pl, _mm256_set1_epi16(1)))
 }
@@ -259,7 +275,11 @@ unsafe fn row_sum_split_avx2<const B: usize>(rp: *const u8, x: &Q16, sd: &[f32])
 /// AVX-512 F and BW (and VNNI if `VNNI`).
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn block_sums_avx512<const VNNI: bool>(c: [std::arch::x86_64::__m512i; 2], hi: [std::arch::x86_64::__m512i; 2], lo: [std::arch::x86_64::__m512i; 2]) -> std::arch::x86_64::__m512i {
+unsafe fn block_sums_avx512<const VNNI: bool>(
+    c: [std::arch::x86_64::__m512i; 2],
+    hi: [std::arch::x86_64::__m512i; 2],
+    lo: [std::arch::x86_64::__m512i; 2],
+) -> std::arch::x86_64::__m512i {
     use std::arch::x86_64::*;
     if VNNI {
         let h = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), c[0], hi[0]), c[1], hi[1]);
@@ -291,7 +311,11 @@ unsafe fn block_sums_avx512<const VNNI: bool>(c: [std::arch::x86_64::__m512i; 2]
 /// is `2 SPLIT`.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn row_sum_split_avx512<const B: usize, const VNNI: bool>(rp: *const u8, x: &Q16, sd: &[f32]) -> std::arch::x86_64::__m256 {
+unsafe fn row_sum_split_avx512<const B: usize, const VNNI: bool>(
+    rp: *const u8,
+    x: &Q16,
+    sd: &[f32],
+) -> std::arch::x86_64::__m256 {
     use std::arch::x86_64::*;
     debug_assert_eq!(x.block, 2 * SPLIT);
     let steps = x.hi.len() / SPLIT;
@@ -320,7 +344,11 @@ unsafe fn row_sum_split_avx512<const B: usize, const VNNI: bool>(rp: *const u8, 
     if steps % 2 == 1 {
         // A last block of one step: the second step's codes and activations zero.
         let (j, z) = (steps - 1, _mm512_setzero_si512());
-        let sums = block_sums_avx512::<VNNI>([bits::step_codes_avx512::<B>(rp, j), z], [ld(hp.add(j * SPLIT)), z], [ld(lp.add(j * SPLIT)), z]);
+        let sums = block_sums_avx512::<VNNI>(
+            [bits::step_codes_avx512::<B>(rp, j), z],
+            [ld(hp.add(j * SPLIT)), z],
+            [ld(lp.add(j * SPLIT)), z],
+        );
         a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_set1_ps(sd[steps / 2]), a);
     }
     crate::simd::halves_avx512(a)
@@ -337,7 +365,12 @@ unsafe fn row_sum_split_avx512<const B: usize, const VNNI: bool>(rp: *const u8, 
 /// As [`row_sum_split_avx512`] for each row.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn rows4_split_avx512<const B: usize, const VNNI: bool>(rp: [*const u8; ROWS4], x: &Q16, sd: [&[f32]; ROWS4], ahead: usize) -> [std::arch::x86_64::__m256; ROWS4] {
+unsafe fn rows4_split_avx512<const B: usize, const VNNI: bool>(
+    rp: [*const u8; ROWS4],
+    x: &Q16,
+    sd: [&[f32]; ROWS4],
+    ahead: usize,
+) -> [std::arch::x86_64::__m256; ROWS4] {
     use std::arch::x86_64::*;
     debug_assert_eq!(x.block, 2 * SPLIT);
     let steps = x.hi.len() / SPLIT;
@@ -376,7 +409,15 @@ unsafe fn rows4_split_avx512<const B: usize, const VNNI: bool>(rp: [*const u8; R
 /// [`SHORT`] blocks; rows `r..r + ROWS4` exist.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn rows4_oc<const B: usize, const VNNI: bool>(p: &PackedLinear, x: &Q16, (xsum, tail): (&[f32], &ZeroTail), per: usize, r: usize, ahead: Ahead4, sd: &mut [[f32; SHORT]; ROWS4]) -> [f32; ROWS4] {
+unsafe fn rows4_oc<const B: usize, const VNNI: bool>(
+    p: &PackedLinear,
+    x: &Q16,
+    (xsum, tail): (&[f32], &ZeroTail),
+    per: usize,
+    r: usize,
+    ahead: Ahead4,
+    sd: &mut [[f32; SHORT]; ROWS4],
+) -> [f32; ROWS4] {
     let (cols, pc, g) = (p.cols, xsum.len(), p.layout.group);
     let rows: [&[u8]; ROWS4] = std::array::from_fn(|i| p.row_codes(r + i));
     let params = |i: usize| (&p.scales[(r + i) * pc..(r + i + 1) * pc], &p.zeros[(r + i) * pc..(r + i + 1) * pc]);
@@ -387,7 +428,12 @@ unsafe fn rows4_oc<const B: usize, const VNNI: bool>(p: &PackedLinear, x: &Q16, 
     for (i, sd) in sd.iter_mut().enumerate() {
         block_scales(params(i).0, &x.d, per, sd);
     }
-    let lanes = rows4_split_avx512::<B, VNNI>(rows.map(|row| row.as_ptr()), x, [&sd[0][..n], &sd[1][..n], &sd[2][..n], &sd[3][..n]], ahead.bytes);
+    let lanes = rows4_split_avx512::<B, VNNI>(
+        rows.map(|row| row.as_ptr()),
+        x,
+        [&sd[0][..n], &sd[1][..n], &sd[2][..n], &sd[3][..n]],
+        ahead.bytes,
+    );
     let mut sums = crate::simd::oc_sums4(p, r, lanes, xsum, tail);
     if steps * SPLIT < cols {
         for (i, y) in sums.iter_mut().enumerate() {
@@ -403,12 +449,23 @@ unsafe fn rows4_oc<const B: usize, const VNNI: bool>(p: &PackedLinear, x: &Q16, 
 /// As [`rows4_oc`], but any number of blocks.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn rows4_ic<const B: usize, const VNNI: bool>(p: &PackedLinear, v: &Q16, bias: f32, r: usize, ahead: Ahead4) -> [f32; ROWS4] {
+unsafe fn rows4_ic<const B: usize, const VNNI: bool>(
+    p: &PackedLinear,
+    v: &Q16,
+    bias: f32,
+    r: usize,
+    ahead: Ahead4,
+) -> [f32; ROWS4] {
     let cols = v.q.len();
     let rows: [&[u8]; ROWS4] = std::array::from_fn(|i| p.row_codes(r + i));
     let steps = v.hi.len() / SPLIT;
     assert!(rows.iter().all(|row| steps * SPLIT * B / 8 <= row.len()), "packed row too short for its codes");
-    let mut sums = crate::simd::sums4(rows4_split_avx512::<B, VNNI>(rows.map(|row| row.as_ptr()), v, [&v.d[..]; ROWS4], ahead.bytes));
+    let mut sums = crate::simd::sums4(rows4_split_avx512::<B, VNNI>(
+        rows.map(|row| row.as_ptr()),
+        v,
+        [&v.d[..]; ROWS4],
+        ahead.bytes,
+    ));
     for (y, row) in sums.iter_mut().zip(rows) {
         *y += dot_scalar(row, B as u8, v, steps * SPLIT, cols, |_| 1.0) - bias;
     }
@@ -424,7 +481,14 @@ unsafe fn rows4_ic<const B: usize, const VNNI: bool>(p: &PackedLinear, v: &Q16, 
 /// buffer's padding): the 16-byte load of a 2-bit row's last step reaches past its codes.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn body<const B: usize, const AVX512: bool, const VNNI: bool>(row: &[u8], x: &Q16, cols: usize, s: &[f32], per: usize, t: &Tables) -> (std::arch::x86_64::__m256, usize) {
+unsafe fn body<const B: usize, const AVX512: bool, const VNNI: bool>(
+    row: &[u8],
+    x: &Q16,
+    cols: usize,
+    s: &[f32],
+    per: usize,
+    t: &Tables,
+) -> (std::arch::x86_64::__m256, usize) {
     let split = B == 3 || B == 4;
     let steps = if split { x.hi.len() / SPLIT } else { cols / QB };
     if split {
@@ -461,7 +525,13 @@ unsafe fn body<const B: usize, const AVX512: bool, const VNNI: bool>(row: &[u8],
 /// `VNNI`.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn row_sum<const B: usize, const AVX512: bool, const VNNI: bool>(row: &[u8], x: &Q16, cols: usize, sd: &[f32], t: &Tables) -> std::arch::x86_64::__m256 {
+unsafe fn row_sum<const B: usize, const AVX512: bool, const VNNI: bool>(
+    row: &[u8],
+    x: &Q16,
+    cols: usize,
+    sd: &[f32],
+    t: &Tables,
+) -> std::arch::x86_64::__m256 {
     match B {
         3 | 4 if AVX512 && x.block == 2 * SPLIT => row_sum_split_avx512::<B, VNNI>(row.as_ptr(), x, sd),
         3 | 4 => row_sum_split_avx2::<B>(row.as_ptr(), x, sd),
@@ -500,7 +570,15 @@ impl Tables {
 /// As [`body`].
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn row_oc<const B: usize, const AVX512: bool, const VNNI: bool>(p: &PackedLinear, x: &Q16, xsum: &[f32], per: usize, r: usize, row: &[u8], t: &Tables) -> f32 {
+unsafe fn row_oc<const B: usize, const AVX512: bool, const VNNI: bool>(
+    p: &PackedLinear,
+    x: &Q16,
+    xsum: &[f32],
+    per: usize,
+    r: usize,
+    row: &[u8],
+    t: &Tables,
+) -> f32 {
     let (cols, pc, g) = (p.cols, xsum.len(), p.layout.group);
     let (s, z) = (&p.scales[r * pc..(r + 1) * pc], &p.zeros[r * pc..(r + 1) * pc]);
     let (body, done) = body::<B, AVX512, VNNI>(row, x, cols, s, per, t);
@@ -514,7 +592,12 @@ unsafe fn row_oc<const B: usize, const AVX512: bool, const VNNI: bool>(p: &Packe
 /// As [`body`].
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn row_ic<const B: usize, const AVX512: bool, const VNNI: bool>(row: &[u8], v: &Q16, bias: f32, t: &Tables) -> f32 {
+unsafe fn row_ic<const B: usize, const AVX512: bool, const VNNI: bool>(
+    row: &[u8],
+    v: &Q16,
+    bias: f32,
+    t: &Tables,
+) -> f32 {
     let cols = v.q.len();
     let (body, done) = body::<B, AVX512, VNNI>(row, v, cols, &[1.0], usize::MAX, t);
     hsum(body) + dot_scalar(row, B as u8, v, done, cols, |_| 1.0) - bias
@@ -559,7 +642,13 @@ impl IntActs for Q16 {
     /// In blocks of [`MAX_BLOCK`], split for 3- and 4-bit codes.
     fn prepare_ic(p: &PackedLinear, x: &[f32], kr: usize, slot: &mut (Q16, f32)) {
         let cols = p.cols;
-        slot.1 = slot.0.scaled_into(&p.scales[kr * cols..(kr + 1) * cols], x, &p.zeros[kr * cols..(kr + 1) * cols], MAX_BLOCK, splits(p.layout.bits));
+        slot.1 = slot.0.scaled_into(
+            &p.scales[kr * cols..(kr + 1) * cols],
+            x,
+            &p.zeros[kr * cols..(kr + 1) * cols],
+            MAX_BLOCK,
+            splits(p.layout.bits),
+        );
     }
 
     fn four_rows(bits: usize) -> bool {
@@ -598,25 +687,52 @@ impl IntActs for Q16 {
 
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
-    unsafe fn row_oc<const B: usize, const AVX512: bool, const VNNI: bool>(p: &PackedLinear, x: &Q16, xsum: &[f32], per: usize, r: usize, row: &[u8], t: &Tables) -> f32 {
+    unsafe fn row_oc<const B: usize, const AVX512: bool, const VNNI: bool>(
+        p: &PackedLinear,
+        x: &Q16,
+        xsum: &[f32],
+        per: usize,
+        r: usize,
+        row: &[u8],
+        t: &Tables,
+    ) -> f32 {
         row_oc::<B, AVX512, VNNI>(p, x, xsum, per, r, row, t)
     }
 
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
-    unsafe fn row_ic<const B: usize, const AVX512: bool, const VNNI: bool>(row: &[u8], v: &Q16, bias: f32, t: &Tables) -> f32 {
+    unsafe fn row_ic<const B: usize, const AVX512: bool, const VNNI: bool>(
+        row: &[u8],
+        v: &Q16,
+        bias: f32,
+        t: &Tables,
+    ) -> f32 {
         row_ic::<B, AVX512, VNNI>(row, v, bias, t)
     }
 
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
-    unsafe fn rows4_oc<const B: usize, const VNNI: bool>(p: &PackedLinear, x: &Q16, xsum: (&[f32], &ZeroTail), per: usize, r: usize, ahead: Ahead4, sd: &mut Self::Scratch4) -> [f32; ROWS4] {
+    unsafe fn rows4_oc<const B: usize, const VNNI: bool>(
+        p: &PackedLinear,
+        x: &Q16,
+        xsum: (&[f32], &ZeroTail),
+        per: usize,
+        r: usize,
+        ahead: Ahead4,
+        sd: &mut Self::Scratch4,
+    ) -> [f32; ROWS4] {
         rows4_oc::<B, VNNI>(p, x, xsum, per, r, ahead, sd)
     }
 
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
-    unsafe fn rows4_ic<const B: usize, const VNNI: bool>(p: &PackedLinear, v: &Q16, bias: f32, r: usize, ahead: Ahead4) -> [f32; ROWS4] {
+    unsafe fn rows4_ic<const B: usize, const VNNI: bool>(
+        p: &PackedLinear,
+        v: &Q16,
+        bias: f32,
+        r: usize,
+        ahead: Ahead4,
+    ) -> [f32; ROWS4] {
         rows4_ic::<B, VNNI>(p, v, bias, r, ahead)
     }
 }

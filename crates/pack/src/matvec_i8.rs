@@ -36,9 +36,9 @@ use crate::format::PackedLinear;
 use crate::matvec_int::{round_block, IntActs, Rounded};
 #[cfg(target_arch = "x86_64")]
 use crate::matvec_int::{rows_avx2, rows_avx512bw, rows_vnni, Job};
+use crate::simd::ROWS4;
 #[cfg(target_arch = "x86_64")]
 use crate::simd::{Ahead4, Wide, ZeroTail};
-use crate::simd::ROWS4;
 
 /// Codes per SIMD step (32 bytes of 4-bit codes).
 pub const STEP: usize = 64;
@@ -154,10 +154,15 @@ impl Q8 {
         let (dp, d8p) = (d.as_mut_ptr(), d8.as_mut_ptr());
         // Bytes from two `packs` in natural order, then evens | odds within each 16-byte lane.
         let natural = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-        let even_odd = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15, 0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+        let even_odd = _mm256_setr_epi8(
+            0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15, 0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
+        );
         // Block b's rounded values (int32 lanes) and step, stored in both orders.
         let store = |b: usize, r: [__m256i; 4], db: f32| {
-            let bytes = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(_mm256_packs_epi32(r[0], r[1]), _mm256_packs_epi32(r[2], r[3])), natural);
+            let bytes = _mm256_permutevar8x32_epi32(
+                _mm256_packs_epi16(_mm256_packs_epi32(r[0], r[1]), _mm256_packs_epi32(r[2], r[3])),
+                natural,
+            );
             _mm256_storeu_si256(qp.add(b * BLOCK) as *mut __m256i, bytes);
             if b / 2 < steps {
                 // The step's block steps [d0 x4, d1 x4].
@@ -267,7 +272,6 @@ impl Rounded for Q8 {
     }
 }
 
-
 /// `sum_c code[c] v̂[c]` over codes `c0..c1` of a row of `b`-bit codes, in plain Rust (tails).
 /// Most rows have no tail (whole steps): the test is inlined into the row loops and the loop
 /// is not ([`crate::matvec_i16`]'s `dot_scalar`).
@@ -293,7 +297,12 @@ fn dot_tail(row: &[u8], b: u8, v: &Q8, c0: usize, c1: usize) -> f32 {
 /// AVX2 and FMA; `row` holds the row's `cols B / 8` code bytes; `v` has `cols` values.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn row_sum_avx2<const B: usize, const SCALED: bool>(row: &[u8], v: &Q8, s: &[f32], group: usize) -> std::arch::x86_64::__m256 {
+unsafe fn row_sum_avx2<const B: usize, const SCALED: bool>(
+    row: &[u8],
+    v: &Q8,
+    s: &[f32],
+    group: usize,
+) -> std::arch::x86_64::__m256 {
     use std::arch::x86_64::*;
     let steps = v.swizzled.len() / STEP;
     debug_assert!(row.len() >= steps * STEP * B / 8);
@@ -350,7 +359,10 @@ unsafe fn row_sum_avx2<const B: usize, const SCALED: bool>(row: &[u8], v: &Q8, s
 /// AVX-512 F and BW (and VNNI if `VNNI`).
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn step_sums_avx512<const VNNI: bool>(c: std::arch::x86_64::__m512i, x: std::arch::x86_64::__m512i) -> std::arch::x86_64::__m512i {
+unsafe fn step_sums_avx512<const VNNI: bool>(
+    c: std::arch::x86_64::__m512i,
+    x: std::arch::x86_64::__m512i,
+) -> std::arch::x86_64::__m512i {
     use std::arch::x86_64::*;
     if VNNI {
         _mm512_dpbusd_epi32(_mm512_setzero_si512(), c, x)
@@ -374,7 +386,12 @@ unsafe fn step_sums_avx512<const VNNI: bool>(c: std::arch::x86_64::__m512i, x: s
 /// AVX-512 F and BW (and VNNI if `VNNI`), AVX2 and FMA; as [`row_sum_avx2`].
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn row_sum_avx512<const B: usize, const SCALED: bool, const VNNI: bool>(row: &[u8], v: &Q8, s: &[f32], group: usize) -> std::arch::x86_64::__m256 {
+unsafe fn row_sum_avx512<const B: usize, const SCALED: bool, const VNNI: bool>(
+    row: &[u8],
+    v: &Q8,
+    s: &[f32],
+    group: usize,
+) -> std::arch::x86_64::__m256 {
     use std::arch::x86_64::*;
     let steps = v.swizzled.len() / STEP;
     debug_assert!(row.len() >= steps * STEP * B / 8);
@@ -434,7 +451,12 @@ unsafe fn row_sum_avx512<const B: usize, const SCALED: bool, const VNNI: bool>(r
 /// AVX2 and FMA, AVX-512 F and BW if `AVX512`, VNNI if `VNNI`; as [`row_sum_avx2`].
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn row_sum<const B: usize, const SCALED: bool, const AVX512: bool, const VNNI: bool>(row: &[u8], v: &Q8, s: &[f32], group: usize) -> std::arch::x86_64::__m256 {
+unsafe fn row_sum<const B: usize, const SCALED: bool, const AVX512: bool, const VNNI: bool>(
+    row: &[u8],
+    v: &Q8,
+    s: &[f32],
+    group: usize,
+) -> std::arch::x86_64::__m256 {
     if AVX512 {
         row_sum_avx512::<B, SCALED, VNNI>(row, v, s, group)
     } else {
@@ -452,7 +474,13 @@ unsafe fn row_sum<const B: usize, const SCALED: bool, const AVX512: bool, const 
 /// As [`row_sum_avx512`] for each row.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn rows4_avx512<const B: usize, const SCALED: bool, const VNNI: bool>(rp: [*const u8; ROWS4], v: &Q8, s: [&[f32]; ROWS4], group: usize, ahead: usize) -> [std::arch::x86_64::__m256; ROWS4] {
+unsafe fn rows4_avx512<const B: usize, const SCALED: bool, const VNNI: bool>(
+    rp: [*const u8; ROWS4],
+    v: &Q8,
+    s: [&[f32]; ROWS4],
+    group: usize,
+    ahead: usize,
+) -> [std::arch::x86_64::__m256; ROWS4] {
     use std::arch::x86_64::*;
     let steps = v.swizzled.len() / STEP;
     let (xp, dp) = (v.swizzled.as_ptr(), v.d8.as_ptr());
@@ -522,7 +550,13 @@ unsafe fn row_sum8_avx2(row: &[u8], x: &Q8, s: &[f32], per: usize) -> std::arch:
 /// AVX2 and FMA, and what `AVX512` and `VNNI` name.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn row_oc<const B: usize, const AVX512: bool, const VNNI: bool>(p: &PackedLinear, x: &Q8, xsum: &[f32], r: usize, row: &[u8]) -> f32 {
+unsafe fn row_oc<const B: usize, const AVX512: bool, const VNNI: bool>(
+    p: &PackedLinear,
+    x: &Q8,
+    xsum: &[f32],
+    r: usize,
+    row: &[u8],
+) -> f32 {
     let (cols, pc) = (p.cols, xsum.len());
     let (s, z) = (&p.scales[r * pc..(r + 1) * pc], &p.zeros[r * pc..(r + 1) * pc]);
     if B == 8 {
@@ -544,14 +578,26 @@ unsafe fn row_oc<const B: usize, const AVX512: bool, const VNNI: bool>(p: &Packe
 /// AVX2, FMA, AVX-512 F and BW (and VNNI if `VNNI`); rows `r..r + ROWS4` exist.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn rows4_oc<const B: usize, const VNNI: bool>(p: &PackedLinear, x: &Q8, (xsum, tail): (&[f32], &ZeroTail), r: usize, ahead: Ahead4) -> [f32; ROWS4] {
+unsafe fn rows4_oc<const B: usize, const VNNI: bool>(
+    p: &PackedLinear,
+    x: &Q8,
+    (xsum, tail): (&[f32], &ZeroTail),
+    r: usize,
+    ahead: Ahead4,
+) -> [f32; ROWS4] {
     let (cols, pc) = (p.cols, xsum.len());
     let rows: [&[u8]; ROWS4] = std::array::from_fn(|i| p.row_codes(r + i));
     let params = |i: usize| (&p.scales[(r + i) * pc..(r + i + 1) * pc], &p.zeros[(r + i) * pc..(r + i + 1) * pc]);
     let steps = x.swizzled.len() / STEP;
     assert!(rows.iter().all(|row| row.len() >= steps * STEP * B / 8), "packed row too short for its codes");
     crate::simd::prefetch_params4(p, r + ahead.rows, pc);
-    let lanes = rows4_avx512::<B, true, VNNI>(rows.map(|row| row.as_ptr()), x, [params(0).0, params(1).0, params(2).0, params(3).0], p.layout.group, ahead.bytes);
+    let lanes = rows4_avx512::<B, true, VNNI>(
+        rows.map(|row| row.as_ptr()),
+        x,
+        [params(0).0, params(1).0, params(2).0, params(3).0],
+        p.layout.group,
+        ahead.bytes,
+    );
     let mut sums = crate::simd::oc_sums4(p, r, lanes, xsum, tail);
     if steps * STEP < cols {
         // The last cols % 64 codes lie in the last group.
@@ -580,12 +626,24 @@ unsafe fn row_ic<const B: usize, const AVX512: bool, const VNNI: bool>(row: &[u8
 /// As [`rows4_oc`].
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn rows4_ic<const B: usize, const VNNI: bool>(p: &PackedLinear, v: &Q8, bias: f32, r: usize, ahead: Ahead4) -> [f32; ROWS4] {
+unsafe fn rows4_ic<const B: usize, const VNNI: bool>(
+    p: &PackedLinear,
+    v: &Q8,
+    bias: f32,
+    r: usize,
+    ahead: Ahead4,
+) -> [f32; ROWS4] {
     let cols = v.q.len();
     let rows: [&[u8]; ROWS4] = std::array::from_fn(|i| p.row_codes(r + i));
     let steps = v.swizzled.len() / STEP;
     assert!(rows.iter().all(|row| row.len() >= steps * STEP * B / 8), "packed row too short for its codes");
-    let mut sums = crate::simd::sums4(rows4_avx512::<B, false, VNNI>(rows.map(|row| row.as_ptr()), v, [&[]; ROWS4], 0, ahead.bytes));
+    let mut sums = crate::simd::sums4(rows4_avx512::<B, false, VNNI>(
+        rows.map(|row| row.as_ptr()),
+        v,
+        [&[]; ROWS4],
+        0,
+        ahead.bytes,
+    ));
     for (y, row) in sums.iter_mut().zip(rows) {
         *y += dot_scalar(row, B as u8, v, steps * STEP, cols) - bias;
     }
@@ -657,25 +715,52 @@ impl IntActs for Q8 {
 
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
-    unsafe fn row_oc<const B: usize, const AVX512: bool, const VNNI: bool>(p: &PackedLinear, x: &Q8, xsum: &[f32], _per: usize, r: usize, row: &[u8], _: &Wide) -> f32 {
+    unsafe fn row_oc<const B: usize, const AVX512: bool, const VNNI: bool>(
+        p: &PackedLinear,
+        x: &Q8,
+        xsum: &[f32],
+        _per: usize,
+        r: usize,
+        row: &[u8],
+        _: &Wide,
+    ) -> f32 {
         row_oc::<B, AVX512, VNNI>(p, x, xsum, r, row)
     }
 
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
-    unsafe fn row_ic<const B: usize, const AVX512: bool, const VNNI: bool>(row: &[u8], v: &Q8, bias: f32, _: &Wide) -> f32 {
+    unsafe fn row_ic<const B: usize, const AVX512: bool, const VNNI: bool>(
+        row: &[u8],
+        v: &Q8,
+        bias: f32,
+        _: &Wide,
+    ) -> f32 {
         row_ic::<B, AVX512, VNNI>(row, v, bias)
     }
 
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
-    unsafe fn rows4_oc<const B: usize, const VNNI: bool>(p: &PackedLinear, x: &Q8, xsum: (&[f32], &ZeroTail), _per: usize, r: usize, ahead: Ahead4, _: &mut ()) -> [f32; ROWS4] {
+    unsafe fn rows4_oc<const B: usize, const VNNI: bool>(
+        p: &PackedLinear,
+        x: &Q8,
+        xsum: (&[f32], &ZeroTail),
+        _per: usize,
+        r: usize,
+        ahead: Ahead4,
+        _: &mut (),
+    ) -> [f32; ROWS4] {
         rows4_oc::<B, VNNI>(p, x, xsum, r, ahead)
     }
 
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
-    unsafe fn rows4_ic<const B: usize, const VNNI: bool>(p: &PackedLinear, v: &Q8, bias: f32, r: usize, ahead: Ahead4) -> [f32; ROWS4] {
+    unsafe fn rows4_ic<const B: usize, const VNNI: bool>(
+        p: &PackedLinear,
+        v: &Q8,
+        bias: f32,
+        r: usize,
+        ahead: Ahead4,
+    ) -> [f32; ROWS4] {
         rows4_ic::<B, VNNI>(p, v, bias, r, ahead)
     }
 }

@@ -23,7 +23,6 @@ pub(crate) enum Job<'a, A> {
     Ic { v: &'a A, bias: f32 },
 }
 
-
 /// `ROUND`'s is `round(t)` (ties to even).
 const ROUND: f32 = 12_582_912.0;
 
@@ -75,7 +74,10 @@ pub(crate) fn round_block<T>(x: &[f32], q: &mut [T], qmax: f32, cast: impl Fn(i3
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[inline]
-pub(crate) unsafe fn round_block_avx2<const V: usize>(v: &[std::arch::x86_64::__m256; V], qmax: f32) -> ([std::arch::x86_64::__m256i; V], f32) {
+pub(crate) unsafe fn round_block_avx2<const V: usize>(
+    v: &[std::arch::x86_64::__m256; V],
+    qmax: f32,
+) -> ([std::arch::x86_64::__m256i; V], f32) {
     use std::arch::x86_64::*;
     // |v| as integers: ordered as the floats are, and above f32::MAX exactly for inf and NaN.
     let abs = _mm256_set1_epi32(0x7fff_ffff);
@@ -155,13 +157,26 @@ pub(crate) trait IntActs: Rounded + Default + Send + Sync + Sized + 'static {
     /// AVX2 and FMA, and what `AVX512` and `VNNI` name; `row` is the row's codes followed by the
     /// next row's or the buffer's padding.
     #[cfg(target_arch = "x86_64")]
-    unsafe fn row_oc<const B: usize, const AVX512: bool, const VNNI: bool>(p: &PackedLinear, x: &Self, xsum: &[f32], per: usize, r: usize, row: &[u8], ctx: &Self::Ctx) -> f32;
+    unsafe fn row_oc<const B: usize, const AVX512: bool, const VNNI: bool>(
+        p: &PackedLinear,
+        x: &Self,
+        xsum: &[f32],
+        per: usize,
+        r: usize,
+        row: &[u8],
+        ctx: &Self::Ctx,
+    ) -> f32;
     /// One per-IC output row, from its row group's rounded `s x` and zero-point sum.
     ///
     /// # Safety
     /// As [`IntActs::row_oc`].
     #[cfg(target_arch = "x86_64")]
-    unsafe fn row_ic<const B: usize, const AVX512: bool, const VNNI: bool>(row: &[u8], v: &Self, bias: f32, ctx: &Self::Ctx) -> f32;
+    unsafe fn row_ic<const B: usize, const AVX512: bool, const VNNI: bool>(
+        row: &[u8],
+        v: &Self,
+        bias: f32,
+        ctx: &Self::Ctx,
+    ) -> f32;
     /// [`ROWS4`] per-OC rows from `r` on.
     ///
     /// # Safety
@@ -169,13 +184,27 @@ pub(crate) trait IntActs: Rounded + Default + Send + Sync + Sized + 'static {
     /// [`IntActs::four_rows_oc`].
     #[cfg(target_arch = "x86_64")]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn rows4_oc<const B: usize, const VNNI: bool>(p: &PackedLinear, x: &Self, xsum: (&[f32], &ZeroTail), per: usize, r: usize, ahead: Ahead4, scratch: &mut Self::Scratch4) -> [f32; ROWS4];
+    unsafe fn rows4_oc<const B: usize, const VNNI: bool>(
+        p: &PackedLinear,
+        x: &Self,
+        xsum: (&[f32], &ZeroTail),
+        per: usize,
+        r: usize,
+        ahead: Ahead4,
+        scratch: &mut Self::Scratch4,
+    ) -> [f32; ROWS4];
     /// [`ROWS4`] per-IC rows of one row group from `r` on.
     ///
     /// # Safety
     /// As [`IntActs::rows4_oc`], [`IntActs::four_rows_ic`].
     #[cfg(target_arch = "x86_64")]
-    unsafe fn rows4_ic<const B: usize, const VNNI: bool>(p: &PackedLinear, v: &Self, bias: f32, r: usize, ahead: Ahead4) -> [f32; ROWS4];
+    unsafe fn rows4_ic<const B: usize, const VNNI: bool>(
+        p: &PackedLinear,
+        v: &Self,
+        bias: f32,
+        r: usize,
+        ahead: Ahead4,
+    ) -> [f32; ROWS4];
 }
 
 /// `y = W' x` on the integers of `A` where this CPU (AVX2 + FMA) and layout have its kernel,
@@ -209,7 +238,9 @@ unsafe fn matvec_avx2<A: IntActs>(p: &PackedLinear, x: &[f32], y: &mut [f32]) {
         let prep = |kr: usize, slot: &mut (A, f32)| A::prepare_ic(p, x, kr, slot);
         adadim_team::with_slots(A::slots(), p.rows.div_ceil(g), |slots| {
             // SAFETY: as the caller's.
-            adadim_team::grouped_rows(y, g, slots, &prep, &|r0, y, (v, bias)| unsafe { A::rows(p, &Job::Ic { v, bias: *bias }, r0, y, &ctx) })
+            adadim_team::grouped_rows(y, g, slots, &prep, &|r0, y, (v, bias)| unsafe {
+                A::rows(p, &Job::Ic { v, bias: *bias }, r0, y, &ctx)
+            })
         });
         return;
     }
@@ -229,7 +260,13 @@ unsafe fn matvec_avx2<A: IntActs>(p: &PackedLinear, x: &[f32], y: &mut [f32]) {
 /// AVX2 and FMA, AVX-512 F and BW if `AVX512`, VNNI if `VNNI`; `A::supported(p)`.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn run_rows<A: IntActs, const B: usize, const AVX512: bool, const VNNI: bool>(p: &PackedLinear, job: &Job<A>, r0: usize, y: &mut [f32], ctx: &A::Ctx) {
+unsafe fn run_rows<A: IntActs, const B: usize, const AVX512: bool, const VNNI: bool>(
+    p: &PackedLinear,
+    job: &Job<A>,
+    r0: usize,
+    y: &mut [f32],
+    ctx: &A::Ctx,
+) {
     let rb = bits::row_bytes(p.cols, B as u8);
     let four = AVX512 && A::four_rows(B) && short_rows(rb);
     let ahead = if four { Ahead4::new(rb) } else { Ahead4::default() };
@@ -241,7 +278,15 @@ unsafe fn run_rows<A: IntActs, const B: usize, const AVX512: bool, const VNNI: b
             if four && A::four_rows_oc(x) {
                 let (mut scratch, tail) = (A::Scratch4::default(), ZeroTail::new(xsum));
                 while y.len() - (r - r0) >= ROWS4 {
-                    y[r - r0..r - r0 + ROWS4].copy_from_slice(&A::rows4_oc::<B, VNNI>(p, x, (xsum, &tail), per, r, ahead, &mut scratch));
+                    y[r - r0..r - r0 + ROWS4].copy_from_slice(&A::rows4_oc::<B, VNNI>(
+                        p,
+                        x,
+                        (xsum, &tail),
+                        per,
+                        r,
+                        ahead,
+                        &mut scratch,
+                    ));
                     r += ROWS4;
                 }
             }
@@ -269,7 +314,13 @@ unsafe fn run_rows<A: IntActs, const B: usize, const AVX512: bool, const VNNI: b
 /// As [`run_rows`].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-pub(crate) unsafe fn rows_avx2<A: IntActs, const B: usize>(p: &PackedLinear, job: &Job<A>, r0: usize, y: &mut [f32], ctx: &A::Ctx) {
+pub(crate) unsafe fn rows_avx2<A: IntActs, const B: usize>(
+    p: &PackedLinear,
+    job: &Job<A>,
+    r0: usize,
+    y: &mut [f32],
+    ctx: &A::Ctx,
+) {
     run_rows::<A, B, false, false>(p, job, r0, y, ctx)
 }
 
@@ -279,7 +330,13 @@ pub(crate) unsafe fn rows_avx2<A: IntActs, const B: usize>(p: &PackedLinear, job
 /// As [`run_rows`].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
-pub(crate) unsafe fn rows_avx512bw<A: IntActs, const B: usize>(p: &PackedLinear, job: &Job<A>, r0: usize, y: &mut [f32], ctx: &A::Ctx) {
+pub(crate) unsafe fn rows_avx512bw<A: IntActs, const B: usize>(
+    p: &PackedLinear,
+    job: &Job<A>,
+    r0: usize,
+    y: &mut [f32],
+    ctx: &A::Ctx,
+) {
     run_rows::<A, B, true, false>(p, job, r0, y, ctx)
 }
 
@@ -289,7 +346,13 @@ pub(crate) unsafe fn rows_avx512bw<A: IntActs, const B: usize>(p: &PackedLinear,
 /// As [`run_rows`].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
-pub(crate) unsafe fn rows_vnni<A: IntActs, const B: usize>(p: &PackedLinear, job: &Job<A>, r0: usize, y: &mut [f32], ctx: &A::Ctx) {
+pub(crate) unsafe fn rows_vnni<A: IntActs, const B: usize>(
+    p: &PackedLinear,
+    job: &Job<A>,
+    r0: usize,
+    y: &mut [f32],
+    ctx: &A::Ctx,
+) {
     run_rows::<A, B, true, true>(p, job, r0, y, ctx)
 }
 
@@ -304,11 +367,14 @@ pub(crate) fn prepare<A: IntActs>(p: &PackedLinear, x: &[f32]) -> Prepared<A> {
         }
         Axis::Ic => {
             let groups = p.rows.div_ceil(l.group);
-            let v = (0..groups).into_par_iter().map(|kr| {
-                let mut slot = Default::default();
-                A::prepare_ic(p, x, kr, &mut slot);
-                slot.0
-            }).collect();
+            let v = (0..groups)
+                .into_par_iter()
+                .map(|kr| {
+                    let mut slot = Default::default();
+                    A::prepare_ic(p, x, kr, &mut slot);
+                    slot.0
+                })
+                .collect();
             Prepared::Ic { v }
         }
     }
@@ -322,7 +388,6 @@ pub(crate) fn prepare<A: IntActs>(p: &PackedLinear, x: &[f32]) -> Prepared<A> {
 pub(crate) fn matvec_ref<A: IntActs>(p: &PackedLinear, x: &[f32]) -> (Vec<f64>, Vec<f64>) {
     reference(p, &prepare::<A>(p, x))
 }
-
 
 /// `sum_{c in k} x̂[c]` for each group `k` of `g` of the `cols` rounded values (the per-OC
 /// zero-point term). Each run of values inside one block and one group adds its integers
@@ -377,7 +442,6 @@ pub(crate) enum Prepared<A> {
     Ic { v: Vec<A> },
 }
 
-
 /// [`matvec_ref`] from activations already rounded (any [`Rounded`] kind).
 pub(crate) fn reference<A: Rounded>(p: &PackedLinear, prep: &Prepared<A>) -> (Vec<f64>, Vec<f64>) {
     let (cols, l) = (p.cols, p.layout);
@@ -397,7 +461,9 @@ pub(crate) fn reference<A: Rounded>(p: &PackedLinear, prep: &Prepared<A>) -> (Ve
                     (code(c) - f64::from(p.zeros[kr * cols + c]), v.value(c), v.step(c))
                 }
             };
-            (0..cols).map(term).fold((0.0, 0.0), |(y, b), (w, x, d)| (y + w * f64::from(x), b + w.abs() * f64::from(d) / 2.0))
+            (0..cols)
+                .map(term)
+                .fold((0.0, 0.0), |(y, b), (w, x, d)| (y + w * f64::from(x), b + w.abs() * f64::from(d) / 2.0))
         })
         .unzip()
 }
@@ -419,7 +485,10 @@ mod tests {
                         let run = k * g..((k + 1) * g).min(cols);
                         let want: f64 = run.clone().map(|c| f64::from(value(c))).sum();
                         let size: f64 = run.map(|c| f64::from(value(c)).abs()).sum();
-                        assert!((f64::from(*got) - want).abs() <= 1e-6 * size.max(1.0), "{what} cols {cols} g {g} group {k}: {got} vs {want}");
+                        assert!(
+                            (f64::from(*got) - want).abs() <= 1e-6 * size.max(1.0),
+                            "{what} cols {cols} g {g} group {k}: {got} vs {want}"
+                        );
                     }
                 };
                 check(group_sums(&q8, cols, g), &|c| q8.value(c), "int8");

@@ -7,9 +7,9 @@
 use adadim_quantize::Axis;
 
 use crate::format::PackedLinear;
-use crate::matvec_int::{round_block, Rounded};
 #[cfg(target_arch = "x86_64")]
 use crate::matvec_int::round_block_avx2;
+use crate::matvec_int::{round_block, Rounded};
 
 /// Codes per SIMD step; per-OC groups must be a multiple of it.
 pub const QB: usize = 32;
@@ -72,7 +72,11 @@ impl Q16 {
     /// AVX2 path (other block sizes, and the short last block of that path).
     fn new_split(x: &[f32], block: usize, split: bool) -> Self {
         let v = Self::new(x, block);
-        if split { v.split() } else { v }
+        if split {
+            v.split()
+        } else {
+            v
+        }
     }
 
     /// Fills `hi` and `lo` (for the 3- and 4-bit kernels): with AVX2 where the CPU has it, the
@@ -87,7 +91,9 @@ impl Q16 {
                 // SAFETY: AVX2 was detected; step j's 64 values and bytes are in bounds.
                 unsafe {
                     use std::arch::x86_64::*;
-                    let n = std::array::from_fn(|i| _mm256_loadu_si256(me.q.as_ptr().add(j * SPLIT + 16 * i) as *const __m256i));
+                    let n = std::array::from_fn(|i| {
+                        _mm256_loadu_si256(me.q.as_ptr().add(j * SPLIT + 16 * i) as *const __m256i)
+                    });
                     split_step_avx2(n, hi.as_mut_ptr().add(j * SPLIT), lo.as_mut_ptr().add(j * SPLIT));
                 }
             }
@@ -143,7 +149,12 @@ impl Q16 {
         let q = Q16::new(&s.iter().zip(x).map(|(s, x)| s * x).collect::<Vec<_>>(), block);
         let q = if split { q.split_ref() } else { q };
         // sum_c z[c] v̂[c], block by block (no division per value).
-        let bias = z.chunks(block).zip(q.q.chunks(block)).zip(&q.d).map(|((z, qb), d)| d * z.iter().zip(qb).map(|(z, &q)| z * f32::from(q)).sum::<f32>()).sum::<f32>();
+        let bias = z
+            .chunks(block)
+            .zip(q.q.chunks(block))
+            .zip(&q.d)
+            .map(|((z, qb), d)| d * z.iter().zip(qb).map(|(z, &q)| z * f32::from(q)).sum::<f32>())
+            .sum::<f32>();
         (q, bias)
     }
 
@@ -216,7 +227,13 @@ impl Q16 {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[inline]
-unsafe fn round_run<const V: usize, const H: usize>(x: *const f32, sz: Option<(*const f32, *const f32)>, o: usize, out: (*mut i16, Option<(*mut i8, *mut u8)>), zq: &mut std::arch::x86_64::__m256) -> f32 {
+unsafe fn round_run<const V: usize, const H: usize>(
+    x: *const f32,
+    sz: Option<(*const f32, *const f32)>,
+    o: usize,
+    out: (*mut i16, Option<(*mut i8, *mut u8)>),
+    zq: &mut std::arch::x86_64::__m256,
+) -> f32 {
     use std::arch::x86_64::*;
     debug_assert!(H * 2 == V && V.is_multiple_of(8));
     let xv = |i: usize| _mm256_loadu_ps(x.add(o + 8 * i));
@@ -230,7 +247,8 @@ unsafe fn round_run<const V: usize, const H: usize>(x: *const f32, sz: Option<(*
             }
             let v: [__m256; V] = std::array::from_fn(|i| _mm256_mul_ps(_mm256_loadu_ps(sp.add(o + 8 * i)), xv(i)));
             let (r, db) = round_block_avx2(&v, QMAX);
-            let zr = |i: usize, a: __m256| _mm256_fmadd_ps(_mm256_loadu_ps(zp.add(o + 8 * i)), _mm256_cvtepi32_ps(r[i]), a);
+            let zr =
+                |i: usize, a: __m256| _mm256_fmadd_ps(_mm256_loadu_ps(zp.add(o + 8 * i)), _mm256_cvtepi32_ps(r[i]), a);
             let (mut t0, mut t1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
             for i in (0..V).step_by(2) {
                 (t0, t1) = (zr(i, t0), zr(i + 1, t1));
@@ -240,7 +258,8 @@ unsafe fn round_run<const V: usize, const H: usize>(x: *const f32, sz: Option<(*
         }
     };
     // Sixteen values per register in natural order, then each step of 64 split.
-    let nat: [__m256i; H] = std::array::from_fn(|i| _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packs_epi32(r[2 * i], r[2 * i + 1])));
+    let nat: [__m256i; H] =
+        std::array::from_fn(|i| _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packs_epi32(r[2 * i], r[2 * i + 1])));
     for (i, v) in nat.iter().enumerate() {
         _mm256_storeu_si256(out.0.add(o + 16 * i) as *mut __m256i, *v);
     }
@@ -268,7 +287,9 @@ unsafe fn split_step_avx2(n: [std::arch::x86_64::__m256i; 4], hi: *mut i8, lo: *
     use std::arch::x86_64::*;
     let m = _mm256_set1_epi16(0xff);
     // Within each 16-byte lane: the even bytes, then the odd ones.
-    let even_odd = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15, 0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+    let even_odd = _mm256_setr_epi8(
+        0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15, 0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
+    );
     // 32 values as bytes, `pack`ed as [0-7, 16-23 | 8-15, 24-31]; the shuffle makes each 4 bytes
     // the evens or odds of one run of 8 and the dword permutation orders the runs: [evens | odds].
     let runs = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
@@ -282,7 +303,6 @@ unsafe fn split_step_avx2(n: [std::arch::x86_64::__m256i; 4], hi: *mut i8, lo: *
     _mm256_storeu_si256(hi as *mut __m256i, _mm256_permute2x128_si256::<0x20>(hi01, hi23));
     _mm256_storeu_si256(hi.add(32) as *mut __m256i, _mm256_permute2x128_si256::<0x31>(hi01, hi23));
 }
-
 
 impl Rounded for Q16 {
     fn value(&self, i: usize) -> f32 {

@@ -145,7 +145,13 @@ pub(crate) unsafe fn zero_term_avx2(s: &[f32], z: &[f32], xsum: &[f32], offset: 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[inline]
-pub(crate) unsafe fn zero_lanes(s: &[f32], z: &[f32], xsum: &[f32], offset: f32, tail: &ZeroTail) -> std::arch::x86_64::__m256 {
+pub(crate) unsafe fn zero_lanes(
+    s: &[f32],
+    z: &[f32],
+    xsum: &[f32],
+    offset: f32,
+    tail: &ZeroTail,
+) -> std::arch::x86_64::__m256 {
     use std::arch::x86_64::*;
     let n = xsum.len();
     assert!(s.len() >= n && z.len() >= n, "zero term: {} scales, {} zeros, {n} sums", s.len(), z.len());
@@ -180,7 +186,13 @@ pub(crate) unsafe fn zero_lanes(s: &[f32], z: &[f32], xsum: &[f32], offset: f32,
 /// function of its own the four rows' lanes went through memory).
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-pub(crate) unsafe fn oc_sums4(p: &PackedLinear, r: usize, mut lanes: [std::arch::x86_64::__m256; ROWS4], xsum: &[f32], tail: &ZeroTail) -> [f32; ROWS4] {
+pub(crate) unsafe fn oc_sums4(
+    p: &PackedLinear,
+    r: usize,
+    mut lanes: [std::arch::x86_64::__m256; ROWS4],
+    xsum: &[f32],
+    tail: &ZeroTail,
+) -> [f32; ROWS4] {
     let pc = xsum.len();
     for (i, l) in lanes.iter_mut().enumerate() {
         let (s, z) = (&p.scales[(r + i) * pc..], &p.zeros[(r + i) * pc..]);
@@ -210,7 +222,10 @@ impl ZeroTail {
         let (mut x, mut m) = ([0f32; 8], [0i32; 8]);
         x[..rest.len()].copy_from_slice(rest);
         m[..rest.len()].fill(-1);
-        ZeroTail { x: _mm256_loadu_ps(x.as_ptr()), mask: _mm256_castsi256_ps(_mm256_loadu_si256(m.as_ptr() as *const __m256i)) }
+        ZeroTail {
+            x: _mm256_loadu_ps(x.as_ptr()),
+            mask: _mm256_castsi256_ps(_mm256_loadu_si256(m.as_ptr() as *const __m256i)),
+        }
     }
 }
 
@@ -218,7 +233,6 @@ impl ZeroTail {
 pub(crate) fn zero_term_ref(s: &[f32], z: &[f32], xsum: &[f32], offset: f32) -> f32 {
     s.iter().zip(z).zip(xsum).map(|((s, z), x)| s * (z - offset) * x).sum()
 }
-
 
 /// Whether this CPU runs the AVX2 kernel.
 pub(crate) fn simd_available() -> bool {
@@ -245,7 +259,10 @@ pub fn avx512_available() -> bool {
     *DETECTED.get_or_init(|| {
         #[cfg(target_arch = "x86_64")]
         {
-            simd_available() && is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") && std::env::var("ADADIM_AVX512").map_or(true, |v| v != "0")
+            simd_available()
+                && is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && std::env::var("ADADIM_AVX512").map_or(true, |v| v != "0")
         }
         #[cfg(not(target_arch = "x86_64"))]
         false
@@ -264,7 +281,9 @@ pub fn avx512_vnni_available() -> bool {
     *DETECTED.get_or_init(|| {
         #[cfg(target_arch = "x86_64")]
         {
-            avx512_available() && is_x86_feature_detected!("avx512vnni") && std::env::var("ADADIM_VNNI").map_or(true, |v| v != "0")
+            avx512_available()
+                && is_x86_feature_detected!("avx512vnni")
+                && std::env::var("ADADIM_VNNI").map_or(true, |v| v != "0")
         }
         #[cfg(not(target_arch = "x86_64"))]
         false
@@ -314,26 +333,37 @@ mod tests {
         if !super::simd_available() {
             return;
         }
-        let v = |n: usize, seed: usize| (0..n).map(|i| ((((i + seed) * 2654435761usize) >> 9) % 1000) as f32 / 100.0 - 3.0).collect::<Vec<f32>>();
+        let v = |n: usize, seed: usize| {
+            (0..n).map(|i| ((((i + seed) * 2654435761usize) >> 9) % 1000) as f32 / 100.0 - 3.0).collect::<Vec<f32>>()
+        };
         for n in [0, 1, 5, 7, 8, 9, 12, 15, 16, 17, 112, 115] {
             let (s, z, x) = (v(n, 1), v(n, 2), v(n, 3));
             for off in [0.0, 128.0] {
                 let want: f64 = (0..n).map(|k| f64::from(s[k]) * (f64::from(z[k]) - off) * f64::from(x[k])).sum();
-                let scale: f64 = (0..n).map(|k| (f64::from(s[k]) * (f64::from(z[k]) - off) * f64::from(x[k])).abs()).sum();
+                let scale: f64 =
+                    (0..n).map(|k| (f64::from(s[k]) * (f64::from(z[k]) - off) * f64::from(x[k])).abs()).sum();
                 // SAFETY: AVX2 and FMA were detected.
                 let got = unsafe { super::zero_term_avx2(&s, &z, &x, off as f32) };
                 assert!((f64::from(got) - want).abs() <= 1e-6 * scale.max(1.0), "n {n} offset {off}: {got} vs {want}");
                 // The four-row kernels' lanes: the row alone (the last n % 8 in plain Rust), and
                 // followed by another row's params, some not finite (the last n % 8 from one
                 // more load, the lanes past the row masked).
-                let after = |v: &[f32]| [v, &[f32::NAN, f32::INFINITY, -1e30, 7.0, f32::NEG_INFINITY, 0.0, 3.0, f32::NAN]].concat();
+                let after = |v: &[f32]| {
+                    [v, &[f32::NAN, f32::INFINITY, -1e30, 7.0, f32::NEG_INFINITY, 0.0, 3.0, f32::NAN]].concat()
+                };
                 let (s2, z2) = (after(&s), after(&z));
                 for (s, z, how) in [(&s[..], &z[..], "alone"), (&s2[..], &z2[..], "followed")] {
                     // SAFETY: as above.
-                    let got = unsafe { super::hsum(super::zero_lanes(s, z, &x, off as f32, &super::ZeroTail::new(&x))) };
-                    assert!((f64::from(got) - want).abs() <= 1e-6 * scale.max(1.0), "lanes, {how}, n {n} offset {off}: {got} vs {want}");
+                    let got =
+                        unsafe { super::hsum(super::zero_lanes(s, z, &x, off as f32, &super::ZeroTail::new(&x))) };
+                    assert!(
+                        (f64::from(got) - want).abs() <= 1e-6 * scale.max(1.0),
+                        "lanes, {how}, n {n} offset {off}: {got} vs {want}"
+                    );
                 }
-                assert!((f64::from(super::zero_term_ref(&s, &z, &x, off as f32)) - want).abs() <= 1e-6 * scale.max(1.0));
+                assert!(
+                    (f64::from(super::zero_term_ref(&s, &z, &x, off as f32)) - want).abs() <= 1e-6 * scale.max(1.0)
+                );
             }
         }
     }

@@ -20,7 +20,9 @@ fn avx512_kernels_equal_their_definition_on_an_emulated_cpu() {
     eprintln!("{text}");
     match out.status.code() {
         Some(0) => assert!(text.contains(" cases, 0 failures"), "the script passed without its summary"),
-        Some(77) if std::env::var("ADADIM_SKIP_EMULATOR").is_ok_and(|v| v == "1") => eprintln!("SKIPPED: no emulator (ADADIM_SKIP_EMULATOR=1)"),
+        Some(77) if std::env::var("ADADIM_SKIP_EMULATOR").is_ok_and(|v| v == "1") => {
+            eprintln!("SKIPPED: no emulator (ADADIM_SKIP_EMULATOR=1)")
+        }
         code => panic!("avx512_emulated.py exited with {code:?}:\n{text}"),
     }
 }

@@ -10,7 +10,15 @@ use std::path::Path;
 fn linears() -> Vec<(String, PackedLinear)> {
     let mut rng = Rng::new(5);
     let mut out = Vec::new();
-    for (i, (rows, cols, bits, group, axis)) in [(192, 576, 3, Some(128), Axis::Ic), (64, 96, 4, Some(32), Axis::Oc), (40, 24, 2, None, Axis::Oc), (16, 40, 8, Some(8), Axis::Ic)].into_iter().enumerate() {
+    for (i, (rows, cols, bits, group, axis)) in [
+        (192, 576, 3, Some(128), Axis::Ic),
+        (64, 96, 4, Some(32), Axis::Oc),
+        (40, 24, 2, None, Axis::Oc),
+        (16, 40, 8, Some(8), Axis::Ic),
+    ]
+    .into_iter()
+    .enumerate()
+    {
         let w = rng.normals(rows * cols, 0.1);
         let q = rtn(&w, rows, cols, &QuantSpec { bits, group, axis, zero: Zero::Awq }).unwrap();
         out.push((format!("model.layers.{i}.mlp.up_proj"), PackedLinear::from_quantized(&q)));
@@ -21,7 +29,8 @@ fn linears() -> Vec<(String, PackedLinear)> {
     let mut h = Hessian::new(cols);
     h.add_batch(&rng.normals(128 * cols, 1.0)).unwrap();
     let spec = QuantSpec { bits: 4, group: Some(16), axis: Axis::Oc, zero: Zero::Gptq };
-    let q = gptq(&w, rows, cols, &h, &spec, &GptqOptions { act_order: true, ..GptqOptions::default() }).unwrap().quantized;
+    let q =
+        gptq(&w, rows, cols, &h, &spec, &GptqOptions { act_order: true, ..GptqOptions::default() }).unwrap().quantized;
     assert!(q.g_idx().is_some());
     out.push(("model.layers.9.self_attn.o_proj".into(), PackedLinear::from_quantized(&q)));
     out
@@ -195,7 +204,11 @@ fn lies_and_damage_are_errors_naming_the_tensor() {
     assert!(e.contains("overflows"), "{e}");
 
     // A group larger than the axis, bits off the menu, an unknown axis.
-    for (key, value, want) in [("group", serde_json::json!(0), "group"), ("bits", serde_json::json!(5), "bits 5"), ("axis", serde_json::json!("diagonal"), "axis")] {
+    for (key, value, want) in [
+        ("group", serde_json::json!(0), "group"),
+        ("bits", serde_json::json!(5), "bits 5"),
+        ("axis", serde_json::json!("diagonal"), "axis"),
+    ] {
         let p = fresh(key);
         edit_header(&p, |h| {
             let mut m = linears_meta(h);

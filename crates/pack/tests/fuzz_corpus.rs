@@ -4,10 +4,10 @@
 //! kernels. No input may panic. `write_seed_corpus` (ignored) regenerates the seed files with
 //! `PackedWriter`; fuzz/README.md has the rest.
 
-#[path = "../../../fuzz/src/pack_targets.rs"]
-mod targets;
 #[path = "../../../fuzz/src/replay.rs"]
 mod replay;
+#[path = "../../../fuzz/src/pack_targets.rs"]
+mod targets;
 
 use adadim_load::safetensors_out::DenseDtype;
 use adadim_load::synth::Rng;
@@ -27,7 +27,8 @@ fn packed_corpus_never_panics() {
 #[test]
 fn seeds_are_valid_files() {
     for (name, _) in replay::corpus_files("fuzz_packed").into_iter().filter(|(n, _)| n.starts_with("seed-")) {
-        let f = PackedFile::open(&replay::corpus_dir("fuzz_packed").join(&name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let f =
+            PackedFile::open(&replay::corpus_dir("fuzz_packed").join(&name)).unwrap_or_else(|e| panic!("{name}: {e}"));
         let names: Vec<String> = f.linear_names().map(String::from).collect();
         assert!(!names.is_empty(), "{name}");
         for l in names {
@@ -42,8 +43,15 @@ fn seeds_are_valid_files() {
 /// group, ragged shapes, and per-OC act-order with its column permutation.
 fn linears(rng: &mut Rng) -> Vec<(String, PackedLinear)> {
     let mut out = Vec::new();
-    for (i, (rows, cols, bits, group, axis)) in
-        [(16, 64, 3, Some(32), Axis::Ic), (8, 40, 4, Some(8), Axis::Oc), (12, 24, 2, None, Axis::Oc), (8, 16, 8, Some(8), Axis::Ic), (5, 33, 3, Some(16), Axis::Oc)].into_iter().enumerate()
+    for (i, (rows, cols, bits, group, axis)) in [
+        (16, 64, 3, Some(32), Axis::Ic),
+        (8, 40, 4, Some(8), Axis::Oc),
+        (12, 24, 2, None, Axis::Oc),
+        (8, 16, 8, Some(8), Axis::Ic),
+        (5, 33, 3, Some(16), Axis::Oc),
+    ]
+    .into_iter()
+    .enumerate()
     {
         let w = rng.normals(rows * cols, 0.1);
         let q = rtn(&w, rows, cols, &QuantSpec { bits, group, axis, zero: Zero::Awq }).unwrap();
@@ -54,7 +62,8 @@ fn linears(rng: &mut Rng) -> Vec<(String, PackedLinear)> {
     let mut h = Hessian::new(cols);
     h.add_batch(&rng.normals(64 * cols, 1.0)).unwrap();
     let spec = QuantSpec { bits: 4, group: Some(8), axis: Axis::Oc, zero: Zero::Gptq };
-    let q = gptq(&w, rows, cols, &h, &spec, &GptqOptions { act_order: true, ..GptqOptions::default() }).unwrap().quantized;
+    let q =
+        gptq(&w, rows, cols, &h, &spec, &GptqOptions { act_order: true, ..GptqOptions::default() }).unwrap().quantized;
     assert!(q.g_idx().is_some());
     out.push(("model.layers.0.self_attn.o_proj".into(), PackedLinear::from_quantized(&q)));
     out
@@ -124,7 +133,8 @@ fn kernel_shapes(rng: &mut Rng) -> Vec<(String, PackedLinear)> {
     let mut h = Hessian::new(cols);
     h.add_batch(&rng.normals(128 * cols, 1.0)).unwrap();
     let spec = QuantSpec { bits: 3, group: Some(32), axis: Axis::Oc, zero: Zero::Gptq };
-    let q = gptq(&w, rows, cols, &h, &spec, &GptqOptions { act_order: true, ..GptqOptions::default() }).unwrap().quantized;
+    let q =
+        gptq(&w, rows, cols, &h, &spec, &GptqOptions { act_order: true, ..GptqOptions::default() }).unwrap().quantized;
     out.push(("model.layers.1.act_order".into(), PackedLinear::from_quantized(&q)));
     out
 }

@@ -14,14 +14,23 @@ fn linears() -> Vec<(String, QuantizedMatrix)> {
     let mut rng = Rng::new(11);
     let mut out = Vec::new();
     // GPTQ with act-order (dynamic groups -> a real g_idx), 3 bits: codes straddle words.
-    for (i, (rows, cols, bits, group, act, zero)) in [(48, 96, 3u8, Some(32), true, Zero::Gptq), (64, 128, 4, Some(32), false, Zero::Awq), (40, 64, 2, None, true, Zero::Gptq)].into_iter().enumerate() {
+    for (i, (rows, cols, bits, group, act, zero)) in [
+        (48, 96, 3u8, Some(32), true, Zero::Gptq),
+        (64, 128, 4, Some(32), false, Zero::Awq),
+        (40, 64, 2, None, true, Zero::Gptq),
+    ]
+    .into_iter()
+    .enumerate()
+    {
         let w = rng.normals(rows * cols, 0.1);
         let mut h = Hessian::new(cols);
         let mut x = rng.normals(256 * cols, 1.0);
         x.iter_mut().step_by(7).for_each(|v| *v *= 4.0);
         h.add_batch(&x).unwrap();
         let spec = QuantSpec { bits, group, axis: Axis::Oc, zero };
-        let q = gptq(&w, rows, cols, &h, &spec, &GptqOptions { act_order: act, ..GptqOptions::default() }).unwrap().quantized;
+        let q = gptq(&w, rows, cols, &h, &spec, &GptqOptions { act_order: act, ..GptqOptions::default() })
+            .unwrap()
+            .quantized;
         out.push((format!("model.layers.{i}.mlp.down_proj"), q));
     }
     out
@@ -50,10 +59,18 @@ fn numpy_reader_reproduces_our_weights_bit_for_bit() {
     let p = d.path().join("gptq.safetensors");
     write(&p);
     let f = fixture();
-    assert_eq!(hex(&Sha256::digest(std::fs::read(&p).unwrap())), f["file_sha256"].as_str().unwrap(), "the export changed: rerun tests/reference/gptq_export_reader.py (see its header)");
+    assert_eq!(
+        hex(&Sha256::digest(std::fs::read(&p).unwrap())),
+        f["file_sha256"].as_str().unwrap(),
+        "the export changed: rerun tests/reference/gptq_export_reader.py (see its header)"
+    );
     for (name, q) in linears() {
         let bytes: Vec<u8> = q.dequantize().iter().flat_map(|v| v.to_le_bytes()).collect();
-        assert_eq!(hex(&Sha256::digest(&bytes)), f["linears"][&name]["weights_sha256"].as_str().unwrap(), "{name}: numpy's dequantization differs from ours");
+        assert_eq!(
+            hex(&Sha256::digest(&bytes)),
+            f["linears"][&name]["weights_sha256"].as_str().unwrap(),
+            "{name}: numpy's dequantization differs from ours"
+        );
     }
 }
 

@@ -20,7 +20,15 @@ fn cases() -> Vec<(usize, usize, QuantSpec)> {
                 // 8, a group that is no multiple of 8, whole channels, groups of 32 with a
                 // 48-code tail across two of them (3-bit: after one planar chunk), groups of
                 // several int16 blocks (256: two of 128; 192: three of 64), the last one short.
-                for (rows, cols, group) in [(192, 576, Some(128)), (67, 45, Some(16)), (40, 96, Some(12)), (33, 64, None), (24, 112, Some(32)), (20, 640, Some(256)), (20, 640, Some(192))] {
+                for (rows, cols, group) in [
+                    (192, 576, Some(128)),
+                    (67, 45, Some(16)),
+                    (40, 96, Some(12)),
+                    (33, 64, None),
+                    (24, 112, Some(32)),
+                    (20, 640, Some(256)),
+                    (20, 640, Some(192)),
+                ] {
                     out.push((rows, cols, QuantSpec { bits, group, axis, zero }));
                 }
             }
@@ -51,12 +59,22 @@ fn check(q: &QuantizedMatrix, rng: &mut Rng, what: &str) -> bool {
     // definition on the same rounded activations, and against the exact product within the
     // bound the rounding allows.
     p.matvec(adadim_pack::ActBits::I16, &x, &mut y);
-    let (want16, bound) = if p.matvec_rounds_activations() { q16::matvec_ref(&p, &x) } else { (want.clone(), vec![0.0; q.rows()]) };
+    let (want16, bound) =
+        if p.matvec_rounds_activations() { q16::matvec_ref(&p, &x) } else { (want.clone(), vec![0.0; q.rows()]) };
     for r in 0..q.rows() {
         let tol = 1e-6 * (q.cols() as f64).sqrt() * f64::from(q.spec().maxq()) * scale[r].max(1e-30);
         let got = f64::from(y[r]);
-        assert!((want16[r] - want[r]).abs() <= bound[r] * (1.0 + 1e-9) + 1e-12 * scale[r], "{what} row {r}: rounded activations moved the product by {} > bound {}", (want16[r] - want[r]).abs(), bound[r]);
-        assert!((got - want16[r]).abs() <= tol, "{what} dispatched row {r}: {got} vs {} on rounded activations (tol {tol})", want16[r]);
+        assert!(
+            (want16[r] - want[r]).abs() <= bound[r] * (1.0 + 1e-9) + 1e-12 * scale[r],
+            "{what} row {r}: rounded activations moved the product by {} > bound {}",
+            (want16[r] - want[r]).abs(),
+            bound[r]
+        );
+        assert!(
+            (got - want16[r]).abs() <= tol,
+            "{what} dispatched row {r}: {got} vs {} on rounded activations (tol {tol})",
+            want16[r]
+        );
         assert!((got - want[r]).abs() <= bound[r] + tol, "{what} dispatched row {r}: {got} vs exact {}", want[r]);
     }
     p.matvec_rounds_activations()
@@ -100,7 +118,16 @@ fn per_ic_preparation_with_avx2_rounds_as_the_definition() {
             let (fast, fb) = Q16::scaled(&s, &x, &z, 128, split);
             let (want, wb) = Q16::scaled_ref(&s, &x, &z, 128, split);
             // Bit for bit (a poisoned block's step and the sum are NaN).
-            let bits = |b: f32, q: &Q16| (b.to_bits(), q.d.iter().map(|d| d.to_bits()).collect::<Vec<_>>(), q.q.clone(), q.hi.clone(), q.lo.clone(), q.block);
+            let bits = |b: f32, q: &Q16| {
+                (
+                    b.to_bits(),
+                    q.d.iter().map(|d| d.to_bits()).collect::<Vec<_>>(),
+                    q.q.clone(),
+                    q.hi.clone(),
+                    q.lo.clone(),
+                    q.block,
+                )
+            };
             let b = reused.scaled_into(&s, &x, &z, 128, split);
             assert_eq!(bits(b, &reused), bits(fb, &fast), "n {n} split {split}: into a used value");
             // The per-OC rounding of x alone (the same AVX2 loop without scales) as the definition.
@@ -173,7 +200,10 @@ fn bits_per_weight_follow_the_declaration() {
 #[test]
 fn matmul_equals_the_dequantized_gemm() {
     let mut rng = Rng::new(3);
-    for (rows, cols, spec) in [(200, 96, QuantSpec { bits: 3, group: Some(32), axis: Axis::Ic, zero: Zero::Awq }), (130, 72, QuantSpec { bits: 4, group: Some(24), axis: Axis::Oc, zero: Zero::Gptq })] {
+    for (rows, cols, spec) in [
+        (200, 96, QuantSpec { bits: 3, group: Some(32), axis: Axis::Ic, zero: Zero::Awq }),
+        (130, 72, QuantSpec { bits: 4, group: Some(24), axis: Axis::Oc, zero: Zero::Gptq }),
+    ] {
         let q = rtn(&weights(&mut rng, rows, cols), rows, cols, &spec).unwrap();
         let p = PackedLinear::from_quantized(&q);
         let w = q.dequantize();
@@ -231,15 +261,31 @@ fn integer_sums_hold_at_their_largest() {
             let spec = QuantSpec { bits, group: Some(128), axis, zero: Zero::Awq };
             let params = if axis == Axis::Oc { rows * cols.div_ceil(128) } else { rows.div_ceil(128) * cols };
             let maxq = spec.maxq();
-            let q = QuantizedMatrix::from_parts(rows, cols, spec, vec![maxq; rows * cols], vec![1.0; params], vec![0.0; params], None).unwrap();
+            let q = QuantizedMatrix::from_parts(
+                rows,
+                cols,
+                spec,
+                vec![maxq; rows * cols],
+                vec![1.0; params],
+                vec![0.0; params],
+                None,
+            )
+            .unwrap();
             let p = PackedLinear::from_quantized(&q);
-            for (name, x) in [("all +1", vec![1f32; cols]), ("all -1", vec![-1f32; cols]), ("+1 -1", (0..cols).map(|c| if c % 2 == 0 { 1.0 } else { -1.0 }).collect())] {
+            for (name, x) in [
+                ("all +1", vec![1f32; cols]),
+                ("all -1", vec![-1f32; cols]),
+                ("+1 -1", (0..cols).map(|c| if c % 2 == 0 { 1.0 } else { -1.0 }).collect()),
+            ] {
                 let want: f64 = x.iter().map(|&v| f64::from(maxq) * f64::from(v)).sum();
                 for act in [adadim_pack::ActBits::I16, adadim_pack::ActBits::I8] {
                     let mut y = vec![0f32; rows];
                     p.matvec(act, &x, &mut y);
                     for (r, &got) in y.iter().enumerate() {
-                        assert!((f64::from(got) - want).abs() <= 1e-4 * want.abs().max(1.0), "w{bits} {axis:?} {act:?} {name} row {r}: {got} vs {want}");
+                        assert!(
+                            (f64::from(got) - want).abs() <= 1e-4 * want.abs().max(1.0),
+                            "w{bits} {axis:?} {act:?} {name} row {r}: {got} vs {want}"
+                        );
                     }
                 }
             }
@@ -258,7 +304,10 @@ fn integer_matmul_equals_the_decode_matvec_definition_token_by_token() {
     shapes.push((1536, 576, QuantSpec { bits: 4, group: Some(128), axis: Axis::Ic, zero: Zero::Awq }));
     shapes.push((576, 1536, QuantSpec { bits: 3, group: Some(128), axis: Axis::Oc, zero: Zero::Awq }));
     let mut integer = 0;
-    let mut matrices: Vec<(QuantSpec, QuantizedMatrix)> = shapes.into_iter().map(|(rows, cols, spec)| (spec, rtn(&weights(&mut rng, rows, cols), rows, cols, &spec).unwrap())).collect();
+    let mut matrices: Vec<(QuantSpec, QuantizedMatrix)> = shapes
+        .into_iter()
+        .map(|(rows, cols, spec)| (spec, rtn(&weights(&mut rng, rows, cols), rows, cols, &spec).unwrap()))
+        .collect();
     // Per-OC act-order GPTQ: columns stored permuted, the activations gathered to match.
     for bits in [3u8, 4] {
         let q = act_order_gptq(&mut rng, 48, 256, bits, 64, false);
@@ -290,11 +339,22 @@ fn integer_matmul_equals_the_decode_matvec_definition_token_by_token() {
                     // The code and zero-point terms are each up to sum_c s maxq |x|, and cancel
                     // where an outlier activation meets a weight at its zero point: round-off
                     // goes with their size, not with the result's.
-                    let terms: f64 = (0..cols).map(|c| f64::from(q.params(r, c).scale.abs()) * f64::from(spec.maxq()) * f64::from(xi[c].abs())).sum();
+                    let terms: f64 = (0..cols)
+                        .map(|c| {
+                            f64::from(q.params(r, c).scale.abs()) * f64::from(spec.maxq()) * f64::from(xi[c].abs())
+                        })
+                        .sum();
                     let tol = 1e-6 * (cols as f64).sqrt() * (f64::from(spec.maxq()) * scale[r] + terms).max(1e-30);
                     let got = f64::from(y[i * rows + r]);
-                    let what = format!("{rows}x{cols} {spec:?} permuted {} {act:?} as {kind:?} token {i} row {r}", p.permuted());
-                    assert!((got - want[r]).abs() <= tol, "{what}: {got} vs {} on the rounded activations (tol {tol})", want[r]);
+                    let what = format!(
+                        "{rows}x{cols} {spec:?} permuted {} {act:?} as {kind:?} token {i} row {r}",
+                        p.permuted()
+                    );
+                    assert!(
+                        (got - want[r]).abs() <= tol,
+                        "{what}: {got} vs {} on the rounded activations (tol {tol})",
+                        want[r]
+                    );
                     assert!((got - exact[r]).abs() <= bound[r] + tol, "{what}: {got} vs exact {}", exact[r]);
                 }
             }

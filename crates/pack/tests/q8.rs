@@ -20,16 +20,32 @@ fn check(q: &QuantizedMatrix, rng: &mut Rng, what: &str) -> bool {
     let (want, bound) = q8::matvec_ref(&p, &x);
     let mut y = vec![0f32; q.rows()];
     p.matvec(adadim_pack::ActBits::I8, &x, &mut y);
-    let ran = q8::supported(&p) && cfg!(target_arch = "x86_64") && is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+    let ran = q8::supported(&p)
+        && cfg!(target_arch = "x86_64")
+        && is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("fma");
     for r in 0..q.rows() {
         // f32 sums of int32 partial products: round-off ~ cols * eps of the product's scale.
         let tol = 1e-6 * (q.cols() as f64).sqrt() * 15.0 * scale[r].max(1e-30);
-        assert!((want[r] - exact[r]).abs() <= bound[r] * (1.0 + 1e-9) + 1e-12 * scale[r], "{what} row {r}: int8 rounding moved the product by {} > bound {}", (want[r] - exact[r]).abs(), bound[r]);
+        assert!(
+            (want[r] - exact[r]).abs() <= bound[r] * (1.0 + 1e-9) + 1e-12 * scale[r],
+            "{what} row {r}: int8 rounding moved the product by {} > bound {}",
+            (want[r] - exact[r]).abs(),
+            bound[r]
+        );
         let got = f64::from(y[r]);
         if ran {
-            assert!((got - want[r]).abs() <= tol, "{what} row {r}: kernel {got} vs its definition {} (tol {tol})", want[r]);
+            assert!(
+                (got - want[r]).abs() <= tol,
+                "{what} row {r}: kernel {got} vs its definition {} (tol {tol})",
+                want[r]
+            );
         }
-        assert!((got - exact[r]).abs() <= bound[r] + tol + 1e-5 * scale[r], "{what} row {r}: {got} vs exact {}", exact[r]);
+        assert!(
+            (got - exact[r]).abs() <= bound[r] + tol + 1e-5 * scale[r],
+            "{what} row {r}: {got} vs exact {}",
+            exact[r]
+        );
     }
     ran
 }
@@ -86,7 +102,10 @@ fn per_ic_preparation_with_avx2_rounds_as_the_definition() {
         if n > 100 {
             x[70] = f32::NAN;
             let ((fast, fb), (want, wb)) = (Q8::scaled(&s, &x, &z), Q8::scaled_ref(&s, &x, &z));
-            assert!(fast.d[2].is_nan() && want.d[2].is_nan() && fb.is_nan() && wb.is_nan(), "n {n}: a NaN poisons its block and the sum");
+            assert!(
+                fast.d[2].is_nan() && want.d[2].is_nan() && fb.is_nan() && wb.is_nan(),
+                "n {n}: a NaN poisons its block and the sum"
+            );
             assert_eq!((&fast.q, &fast.swizzled), (&want.q, &want.swizzled));
             let (fast, want) = (Q8::new(&x), Q8::new_ref(&x));
             assert!(fast.d[2].is_nan() && want.d[2].is_nan(), "n {n}: x alone, NaN block");
@@ -106,7 +125,14 @@ fn rtn_matrices_multiply_on_int8_activations() {
                 // SmolLM2 shapes (ragged g128 on 576 and 192 rows), 200 columns (3 whole steps
                 // and a tail of 8), groups of three steps (192: the scale changes inside a pair
                 // of steps), a group per-OC cannot use (32: falls back), whole channels.
-                for (rows, cols, group) in [(192, 576, Some(128)), (1536, 576, Some(128)), (67, 200, Some(64)), (20, 640, Some(192)), (40, 96, Some(32)), (33, 128, None)] {
+                for (rows, cols, group) in [
+                    (192, 576, Some(128)),
+                    (1536, 576, Some(128)),
+                    (67, 200, Some(64)),
+                    (20, 640, Some(192)),
+                    (40, 96, Some(32)),
+                    (33, 128, None),
+                ] {
                     let spec = QuantSpec { bits, group, axis, zero };
                     let w = weights(&mut rng, rows, cols);
                     let q = rtn(&w, rows, cols, &spec).unwrap();
@@ -142,7 +168,9 @@ fn eight_bit_codes_multiply_on_int8_activations() {
     }
     // A width of columns that is not whole blocks, and per-IC 8-bit, keep the int16 kernel.
     for (cols, axis) in [(100, Axis::Oc), (128, Axis::Ic)] {
-        let q = rtn(&weights(&mut rng, 8, cols), 8, cols, &QuantSpec { bits: 8, group: Some(32), axis, zero: Zero::Awq }).unwrap();
+        let q =
+            rtn(&weights(&mut rng, 8, cols), 8, cols, &QuantSpec { bits: 8, group: Some(32), axis, zero: Zero::Awq })
+                .unwrap();
         assert!(!q8::supported(&PackedLinear::from_quantized(&q)), "{cols} columns {axis:?}");
     }
 }

@@ -49,9 +49,7 @@ pub fn output_error(w: &[f32], w_hat: &[f32], rows: usize, cols: usize, x: &[f32
     check_weights(w_hat, rows, cols)?;
     let tokens = check_inputs(x, cols)?;
     if tokens == 0 {
-        return Err(Error::Invalid(
-            "output error needs at least one calibration token",
-        ));
+        return Err(Error::Invalid("output error needs at least one calibration token"));
     }
     let D: Vec<f32> = w_hat.iter().zip(w).map(|(a, b)| a - b).collect();
     let D = MatRef::from_row_major_slice(&D, rows, cols);
@@ -71,20 +69,12 @@ pub fn output_error(w: &[f32], w_hat: &[f32], rows: usize, cols: usize, x: &[f32
 /// The same error as [`output_error`] from the Hessian `H = (2 / n) sum_t x_t x_t^T`:
 /// `mean_{r,t} (d_r . x_t)^2 = sum_r d_r^T H d_r / (2 rows) = trace(D H D^T) / (2 rows)`
 /// with `D = W' - W`, so a driver can keep the `[cols, cols]` H instead of all of `X`.
-pub fn output_error_from_hessian(
-    w: &[f32],
-    w_hat: &[f32],
-    rows: usize,
-    cols: usize,
-    h: &Hessian,
-) -> Result<f64> {
+pub fn output_error_from_hessian(w: &[f32], w_hat: &[f32], rows: usize, cols: usize, h: &Hessian) -> Result<f64> {
     check_weights(w, rows, cols)?;
     check_weights(w_hat, rows, cols)?;
     h.check_dim(cols)?;
     if h.tokens() == 0 {
-        return Err(Error::Invalid(
-            "output error needs at least one calibration token",
-        ));
+        return Err(Error::Invalid("output error needs at least one calibration token"));
     }
     // f32 GEMMs (H is f32 as accumulated; D = W' - W is exact in f32 wherever W' is within
     // a factor 2 of W), products summed in f64: relative error ~1e-6, far below any gap the
@@ -148,15 +138,6 @@ pub fn choose_axis_fitted(
     let oc = rtn_fitted(w, rows, cols, &spec.with_axis(Axis::Oc), &fitter)?;
     let ic = rtn_fitted(w, rows, cols, &spec.with_axis(Axis::Ic), &fitter)?;
     let (oc_error, ic_error) = (error(&oc)?, error(&ic)?);
-    let (axis, quantized) = if ic_error < oc_error {
-        (Axis::Ic, ic)
-    } else {
-        (Axis::Oc, oc)
-    };
-    Ok(AxisChoice {
-        axis,
-        oc_error,
-        ic_error,
-        quantized,
-    })
+    let (axis, quantized) = if ic_error < oc_error { (Axis::Ic, ic) } else { (Axis::Oc, oc) };
+    Ok(AxisChoice { axis, oc_error, ic_error, quantized })
 }

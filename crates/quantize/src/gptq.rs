@@ -149,9 +149,7 @@ pub fn gptq(
             f64::from(hm[a * cols + b])
         }
     };
-    let mut W: Vec<f64> = (0..rows * cols)
-        .map(|i| f64::from(w0[i - i % cols + perm[i % cols]]))
-        .collect();
+    let mut W: Vec<f64> = (0..rows * cols).map(|i| f64::from(w0[i - i % cols + perm[i % cols]])).collect();
     let t = std::time::Instant::now();
     let inv = hinv::damped_inverse(&h_perm, cols, opts.percdamp, opts.damp_retries)?;
     let inverse_seconds = t.elapsed().as_secs_f64();
@@ -177,25 +175,12 @@ pub fn gptq(
     let sweep_seconds = t.elapsed().as_secs_f64();
     let g_idx = dynamic_g_idx(&perm, &grid, spec, static_groups);
     let quantized = QuantizedMatrix::from_params(rows, cols, *spec, codes, &params, g_idx);
-    Ok(GptqOutput {
-        quantized,
-        loss,
-        percdamp: inv.percdamp,
-        dead,
-        inverse_seconds,
-        sweep_seconds,
-        update,
-    })
+    Ok(GptqOutput { quantized, loss, percdamp: inv.percdamp, dead, inverse_seconds, sweep_seconds, update })
 }
 
 /// GPTQ's `g_idx` for per-OC dynamic groups: column `c`, processed at position `j`, is in
 /// group `j / g`. `None` when that is just `c / g` (no act-order, or one group per row).
-fn dynamic_g_idx(
-    perm: &[usize],
-    grid: &Grid,
-    spec: &QuantSpec,
-    static_groups: bool,
-) -> Option<Vec<u32>> {
+fn dynamic_g_idx(perm: &[usize], grid: &Grid, spec: &QuantSpec, static_groups: bool) -> Option<Vec<u32>> {
     if spec.axis != Axis::Oc || static_groups {
         return None;
     }

@@ -24,13 +24,7 @@ impl Grid {
     pub(crate) fn new(rows: usize, cols: usize, spec: &QuantSpec) -> Self {
         let (gr, gc) = spec.group_shape(rows, cols);
         let pcols = cols.div_ceil(gc);
-        Self {
-            rows,
-            cols,
-            gr,
-            gc,
-            pcols,
-        }
+        Self { rows, cols, gr, gc, pcols }
     }
 
     /// `(g_r, g_c)`, the shape of a full group.

@@ -18,33 +18,19 @@ pub struct Hessian {
 impl Hessian {
     /// An empty Hessian for a layer with `dim` input channels.
     pub fn new(dim: usize) -> Self {
-        Self {
-            dim,
-            tokens: 0,
-            h: vec![0.0; dim * dim],
-        }
+        Self { dim, tokens: 0, h: vec![0.0; dim * dim] }
     }
 
     /// Wraps an already accumulated `H` (row-major `[dim, dim]`) built from `tokens` tokens,
     /// e.g. one saved by an earlier run. Only shape and finiteness are checked: positive
     /// definiteness is GPTQ's business (it damps and retries).
     pub fn from_matrix(dim: usize, h: Vec<f32>, tokens: usize) -> Result<Self> {
-        let expected = dim
-            .checked_mul(dim)
-            .ok_or(Error::Invalid("dim * dim overflows usize"))?;
+        let expected = dim.checked_mul(dim).ok_or(Error::Invalid("dim * dim overflows usize"))?;
         if h.len() != expected {
-            return Err(Error::Shape {
-                what: "Hessian [dim, dim]",
-                expected,
-                got: h.len(),
-            });
+            return Err(Error::Shape { what: "Hessian [dim, dim]", expected, got: h.len() });
         }
         if let Some(i) = h.iter().position(|v| !v.is_finite()) {
-            return Err(Error::NonFiniteHessian {
-                row: i / dim,
-                col: i % dim,
-                value: h[i],
-            });
+            return Err(Error::NonFiniteHessian { row: i / dim, col: i % dim, value: h[i] });
         }
         Ok(Self { dim, tokens, h })
     }
@@ -112,9 +98,7 @@ impl Hessian {
     /// Input channels that never saw a non-zero input (`H[i, i] == 0`): GPTQ zeroes their
     /// weights, which cannot affect the layer's output on this calibration data.
     pub fn dead_inputs(&self) -> Vec<usize> {
-        (0..self.dim)
-            .filter(|&i| self.h[i * self.dim + i] == 0.0)
-            .collect()
+        (0..self.dim).filter(|&i| self.h[i * self.dim + i] == 0.0).collect()
     }
 }
 
@@ -125,18 +109,10 @@ pub(crate) fn check_inputs(x: &[f32], dim: usize) -> Result<usize> {
     }
     if !x.len().is_multiple_of(dim) {
         let expected = x.len().next_multiple_of(dim);
-        return Err(Error::Shape {
-            what: "inputs [tokens, dim]",
-            expected,
-            got: x.len(),
-        });
+        return Err(Error::Shape { what: "inputs [tokens, dim]", expected, got: x.len() });
     }
     match x.iter().position(|v| !v.is_finite()) {
-        Some(i) => Err(Error::NonFiniteInput {
-            token: i / dim,
-            channel: i % dim,
-            value: x[i],
-        }),
+        Some(i) => Err(Error::NonFiniteInput { token: i / dim, channel: i % dim, value: x[i] }),
         None => Ok(x.len() / dim),
     }
 }

@@ -37,34 +37,17 @@ impl QuantizedMatrix {
         spec.validate()?;
         let len = checked_len(rows, cols)?;
         let grid = Grid::new(rows, cols, &spec);
-        let shape = |what, expected, got| Error::Shape {
-            what,
-            expected,
-            got,
-        };
+        let shape = |what, expected, got| Error::Shape { what, expected, got };
         if codes.len() != len {
             return Err(shape("codes [rows, cols]", len, codes.len()));
         }
         if scales.len() != grid.len() || zeros.len() != grid.len() {
-            let got = if scales.len() != grid.len() {
-                scales.len()
-            } else {
-                zeros.len()
-            };
-            return Err(shape(
-                "scales and zeros [param_rows, param_cols]",
-                grid.len(),
-                got,
-            ));
+            let got = if scales.len() != grid.len() { scales.len() } else { zeros.len() };
+            return Err(shape("scales and zeros [param_rows, param_cols]", grid.len(), got));
         }
         if let Some(i) = codes.iter().position(|&q| q > spec.maxq()) {
             let (row, col, code) = (i / cols, i % cols, codes[i]);
-            return Err(Error::Code {
-                row,
-                col,
-                code,
-                maxq: spec.maxq(),
-            });
+            return Err(Error::Code { row, col, code, maxq: spec.maxq() });
         }
         if let Some(g) = &g_idx {
             if grid.group_shape().0 != 1 {
@@ -74,20 +57,10 @@ impl QuantizedMatrix {
                 return Err(shape("g_idx [cols]", cols, g.len()));
             }
             if g.iter().any(|&k| k as usize >= grid.shape().1) {
-                return Err(Error::Invalid(
-                    "g_idx names a group past the last params column",
-                ));
+                return Err(Error::Invalid("g_idx names a group past the last params column"));
             }
         }
-        Ok(Self {
-            rows,
-            cols,
-            spec,
-            codes,
-            scales,
-            zeros,
-            g_idx,
-        })
+        Ok(Self { rows, cols, spec, codes, scales, zeros, g_idx })
     }
 
     /// Internal constructor for codes and params this crate produced itself.
@@ -101,15 +74,7 @@ impl QuantizedMatrix {
     ) -> Self {
         let scales = params.iter().map(|p| p.scale).collect();
         let zeros = params.iter().map(|p| p.zero).collect();
-        Self {
-            rows,
-            cols,
-            spec,
-            codes,
-            scales,
-            zeros,
-            g_idx,
-        }
+        Self { rows, cols, spec, codes, scales, zeros, g_idx }
     }
 
     /// Output channels `C_out`.
@@ -162,30 +127,19 @@ impl QuantizedMatrix {
     /// Params of the group holding weight `(r, c)`.
     pub fn params(&self, r: usize, c: usize) -> GroupParams {
         let i = self.param_index(r, c);
-        GroupParams {
-            scale: self.scales[i],
-            zero: self.zeros[i],
-        }
+        GroupParams { scale: self.scales[i], zero: self.zeros[i] }
     }
 
     /// The dequantized matrix `W'`, row-major `[rows, cols]`.
     pub fn dequantize(&self) -> Vec<f32> {
         let grid = Grid::new(self.rows, self.cols, &self.spec);
         let mut w_hat = vec![0.0; self.codes.len()];
-        let rows = w_hat
-            .par_chunks_mut(self.cols)
-            .zip(self.codes.par_chunks(self.cols));
+        let rows = w_hat.par_chunks_mut(self.cols).zip(self.codes.par_chunks(self.cols));
         rows.enumerate().for_each(|(r, (w_hat, codes))| {
             let base = grid.index(r / grid.group_shape().0, 0);
             for (c, (v, &q)) in w_hat.iter_mut().zip(codes).enumerate() {
                 let i = base + self.group_col(c, &grid);
-                *v = dequantize(
-                    q,
-                    GroupParams {
-                        scale: self.scales[i],
-                        zero: self.zeros[i],
-                    },
-                );
+                *v = dequantize(q, GroupParams { scale: self.scales[i], zero: self.zeros[i] });
             }
         });
         w_hat
@@ -193,9 +147,7 @@ impl QuantizedMatrix {
 
     /// Column of `P` for input column `c`: `g_idx[c]`, or `c / g_c`.
     fn group_col(&self, c: usize, grid: &Grid) -> usize {
-        self.g_idx
-            .as_ref()
-            .map_or(c / grid.group_shape().1, |g| g[c] as usize)
+        self.g_idx.as_ref().map_or(c / grid.group_shape().1, |g| g[c] as usize)
     }
 }
 
@@ -212,18 +164,10 @@ pub(crate) fn checked_len(rows: usize, cols: usize) -> Result<usize> {
 pub(crate) fn check_weights(w: &[f32], rows: usize, cols: usize) -> Result<()> {
     let len = checked_len(rows, cols)?;
     if w.len() != len {
-        return Err(Error::Shape {
-            what: "weights [rows, cols]",
-            expected: len,
-            got: w.len(),
-        });
+        return Err(Error::Shape { what: "weights [rows, cols]", expected: len, got: w.len() });
     }
     match w.iter().position(|v| !v.is_finite()) {
-        Some(i) => Err(Error::NonFiniteWeight {
-            row: i / cols,
-            col: i % cols,
-            value: w[i],
-        }),
+        Some(i) => Err(Error::NonFiniteWeight { row: i / cols, col: i % cols, value: w[i] }),
         None => Ok(()),
     }
 }

@@ -134,15 +134,8 @@ impl QuantSpec {
             Zero::Sym => {
                 let absmax = min.abs().max(max.abs());
                 // As for GPTQ-style: an all-zero (or underflowing) group gets [-1, 1].
-                let absmax = if 2.0 * absmax / maxq < f32::MIN_POSITIVE {
-                    1.0
-                } else {
-                    absmax
-                };
-                GroupParams {
-                    scale: f16_scale(2.0 * absmax / maxq),
-                    zero: (maxq + 1.0) / 2.0,
-                }
+                let absmax = if 2.0 * absmax / maxq < f32::MIN_POSITIVE { 1.0 } else { absmax };
+                GroupParams { scale: f16_scale(2.0 * absmax / maxq), zero: (maxq + 1.0) / 2.0 }
             }
         }
     }
@@ -177,7 +170,11 @@ pub fn round_half_even(t: f32) -> f32 {
     const TWO_23: f32 = 8_388_608.0;
     let a = t.abs();
     let r = ((a + TWO_23) - TWO_23).copysign(t);
-    if a < TWO_23 { r } else { t }
+    if a < TWO_23 {
+        r
+    } else {
+        t
+    }
 }
 
 /// Code of `w` on the grid of `p`: `clamp(round(w / scale) + zero, 0, maxq)`.
@@ -198,7 +195,30 @@ mod tests {
 
     #[test]
     fn round_half_even_is_round_ties_even() {
-        let mut v: Vec<f32> = vec![0.0, -0.0, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 0.49999997, 4_194_303.5, 4_194_304.5, 8_388_607.5, 8_388_608.0, -8_388_607.5, -0.3, -0.5, 1e9, -1e9, f32::MAX, f32::INFINITY, f32::NEG_INFINITY, f32::MIN_POSITIVE];
+        let mut v: Vec<f32> = vec![
+            0.0,
+            -0.0,
+            0.5,
+            1.5,
+            2.5,
+            -0.5,
+            -1.5,
+            -2.5,
+            0.49999997,
+            4_194_303.5,
+            4_194_304.5,
+            8_388_607.5,
+            8_388_608.0,
+            -8_388_607.5,
+            -0.3,
+            -0.5,
+            1e9,
+            -1e9,
+            f32::MAX,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::MIN_POSITIVE,
+        ];
         let mut x = 0x1234_5678u32;
         for _ in 0..100_000 {
             x ^= x << 13;

@@ -37,22 +37,14 @@ pub fn rtn_fitted(w: &[f32], rows: usize, cols: usize, spec: &QuantSpec, fitter:
     let (gr, gc) = grid.group_shape();
     let maxq = spec.maxq();
     let mut codes = vec![0u8; w.len()];
-    codes
-        .par_chunks_mut(cols)
-        .zip(w.par_chunks(cols))
-        .enumerate()
-        .for_each(|(r, (codes_r, w_r))| {
-            // Row r meets the groups of params row r / g_r, one per g_c columns.
-            let row_params = &params[grid.index(r / gr, 0)..];
-            for ((q, x), &p) in codes_r.chunks_mut(gc).zip(w_r.chunks(gc)).zip(row_params) {
-                q.iter_mut()
-                    .zip(x)
-                    .for_each(|(q, &x)| *q = quantize(x, p, maxq));
-            }
-        });
-    Ok(QuantizedMatrix::from_params(
-        rows, cols, *spec, codes, &params, None,
-    ))
+    codes.par_chunks_mut(cols).zip(w.par_chunks(cols)).enumerate().for_each(|(r, (codes_r, w_r))| {
+        // Row r meets the groups of params row r / g_r, one per g_c columns.
+        let row_params = &params[grid.index(r / gr, 0)..];
+        for ((q, x), &p) in codes_r.chunks_mut(gc).zip(w_r.chunks(gc)).zip(row_params) {
+            q.iter_mut().zip(x).for_each(|(q, &x)| *q = quantize(x, p, maxq));
+        }
+    });
+    Ok(QuantizedMatrix::from_params(rows, cols, *spec, codes, &params, None))
 }
 
 /// Fits the params of every group of the grid on `w` (row-major, `cols` wide), one
@@ -65,8 +57,10 @@ pub(crate) fn fit_groups(w: &[f32], cols: usize, grid: &Grid, spec: &QuantSpec, 
             if fitter.search.is_minmax() {
                 return spec.fit(rs.flat_map(|r| w[r * cols + cs.start..r * cols + cs.end].iter().copied()));
             }
-            let values: Vec<f32> = rs.clone().flat_map(|r| w[r * cols + cs.start..r * cols + cs.end].iter().copied()).collect();
-            let weights: Option<Vec<f32>> = fitter.h_diag.map(|h| rs.flat_map(|_| h[cs.clone()].iter().copied()).collect());
+            let values: Vec<f32> =
+                rs.clone().flat_map(|r| w[r * cols + cs.start..r * cols + cs.end].iter().copied()).collect();
+            let weights: Option<Vec<f32>> =
+                fitter.h_diag.map(|h| rs.flat_map(|_| h[cs.clone()].iter().copied()).collect());
             search::fit(spec, &values, weights.as_deref(), fitter.search)
         })
         .collect()
@@ -93,7 +87,9 @@ impl<'a> Fitter<'a> {
 
     fn check(&self, cols: usize) -> Result<()> {
         match self.h_diag {
-            Some(h) if h.len() != cols => Err(crate::error::Error::Shape { what: "Hessian diagonal [cols]", expected: cols, got: h.len() }),
+            Some(h) if h.len() != cols => {
+                Err(crate::error::Error::Shape { what: "Hessian diagonal [cols]", expected: cols, got: h.len() })
+            }
             _ => Ok(()),
         }
     }

@@ -86,14 +86,23 @@ pub fn grid_search(spec: &QuantSpec, values: &[f32], weights: Option<&[f32]>) ->
 
 /// Step 2: with the codes of `p` fixed, the weighted least-squares grid, rounded onto the
 /// stored one (f16 scale rounded up, whole zero in `0..=maxq`); kept while it lowers the error.
-fn refine(spec: &QuantSpec, values: &[f32], weights: Option<&[f32]>, mut p: GroupParams, mut err: f64, maxq: u8) -> GroupParams {
+fn refine(
+    spec: &QuantSpec,
+    values: &[f32],
+    weights: Option<&[f32]>,
+    mut p: GroupParams,
+    mut err: f64,
+    maxq: u8,
+) -> GroupParams {
     let h = |i: usize| weights.map_or(1.0, |h| f64::from(h[i]));
     for _ in 0..ROUNDS {
         let q: Vec<f64> = values.iter().map(|&w| f64::from(quantize(w, p, maxq))).collect();
         let cand = if spec.zero == Zero::Sym {
             // Zero fixed at the centre: s = sum h (q - z) w / sum h (q - z)^2.
             let z = f64::from(p.zero);
-            let (num, den) = values.iter().enumerate().fold((0.0, 0.0), |(n, d), (i, &w)| (n + h(i) * (q[i] - z) * f64::from(w), d + h(i) * (q[i] - z) * (q[i] - z)));
+            let (num, den) = values.iter().enumerate().fold((0.0, 0.0), |(n, d), (i, &w)| {
+                (n + h(i) * (q[i] - z) * f64::from(w), d + h(i) * (q[i] - z) * (q[i] - z))
+            });
             if den <= 0.0 || num <= 0.0 {
                 break;
             }
@@ -145,7 +154,14 @@ mod tests {
     #[test]
     fn a_bell_shaped_group_is_clipped_and_gains() {
         // A bell-shaped group (sum of uniforms): min-max spends grid points on sparse tails.
-        let v: Vec<f32> = (0..128u32).map(|i| (0..4u32).map(|k| ((i * 2654435761u32).wrapping_add(k * 40503) >> 8) as f32 / (1u32 << 24) as f32 - 0.5).sum::<f32>() * 0.05).collect();
+        let v: Vec<f32> = (0..128u32)
+            .map(|i| {
+                (0..4u32)
+                    .map(|k| ((i * 2654435761u32).wrapping_add(k * 40503) >> 8) as f32 / (1u32 << 24) as f32 - 0.5)
+                    .sum::<f32>()
+                    * 0.05
+            })
+            .collect();
         let s = spec(3, Zero::Awq);
         let mm = weighted_error(&v, None, s.fit(v.iter().copied()), s.maxq());
         let se = weighted_error(&v, None, fit(&s, &v, None, ScaleSearch::Mse), s.maxq());

@@ -15,22 +15,15 @@ fn gptq_beats_rtn_on_correlated_inputs_with_outliers() {
     for (axis, zero) in [(Axis::Oc, Zero::Gptq), (Axis::Ic, Zero::Awq)] {
         for (bits, group) in [(3, Some(32)), (4, Some(128)), (4, None)] {
             let s = spec(bits, group, axis, zero);
-            let e_rtn = output_error(
-                &w,
-                &rtn(&w, rows, cols, &s).unwrap().dequantize(),
-                rows,
-                cols,
-                &x,
-            )
-            .unwrap();
+            let e_rtn = output_error(&w, &rtn(&w, rows, cols, &s).unwrap().dequantize(), rows, cols, &x).unwrap();
             for act_order in [false, true] {
                 let out = gptq(&w, rows, cols, &h, &s, &opts(act_order, false)).unwrap();
                 let e = output_error(&w, &out.quantized.dequantize(), rows, cols, &x).unwrap();
-                println!("{axis:?} b{bits} g{group:?} act={act_order}: gptq {e:.4e} rtn {e_rtn:.4e} ratio {:.3}", e / e_rtn);
-                assert!(
-                    e < 0.8 * e_rtn,
-                    "{axis:?} b{bits} g{group:?} act={act_order}: gptq {e:e} vs rtn {e_rtn:e}"
+                println!(
+                    "{axis:?} b{bits} g{group:?} act={act_order}: gptq {e:.4e} rtn {e_rtn:.4e} ratio {:.3}",
+                    e / e_rtn
                 );
+                assert!(e < 0.8 * e_rtn, "{axis:?} b{bits} g{group:?} act={act_order}: gptq {e:e} vs rtn {e_rtn:e}");
                 assert_eq!(out.percdamp, 0.01);
             }
         }
@@ -47,28 +40,10 @@ fn with_an_identity_hessian_gptq_is_rtn_along_both_axes() {
     for zero in [Zero::Awq, Zero::Gptq] {
         for group in [Some(16), Some(32), None] {
             let ic_spec = spec(3, group, Axis::Ic, zero);
-            let ic = gptq(
-                &w,
-                rows,
-                cols,
-                &identity(cols),
-                &ic_spec,
-                &opts(true, false),
-            )
-            .unwrap()
-            .quantized;
+            let ic = gptq(&w, rows, cols, &identity(cols), &ic_spec, &opts(true, false)).unwrap().quantized;
             assert_eq!(ic, rtn(&w, rows, cols, &ic_spec).unwrap());
             let oc_spec = spec(3, group, Axis::Oc, zero);
-            let oc_t = gptq(
-                &w_t,
-                cols,
-                rows,
-                &identity(rows),
-                &oc_spec,
-                &GptqOptions::default(),
-            )
-            .unwrap()
-            .quantized;
+            let oc_t = gptq(&w_t, cols, rows, &identity(rows), &oc_spec, &GptqOptions::default()).unwrap().quantized;
             assert_eq!(oc_t, rtn(&w_t, cols, rows, &oc_spec).unwrap());
             assert_eq!(ic.codes(), transpose(oc_t.codes(), cols, rows).as_slice());
             assert_eq!(ic.dequantize(), transpose(&oc_t.dequantize(), cols, rows));
@@ -83,28 +58,19 @@ fn act_order_groups_follow_processing_order_unless_static() {
     let x = inputs(512, cols, &[70, 9], 25.0, 5);
     let h = hessian(&x, cols);
     let s = spec(4, Some(g), Axis::Oc, Zero::Gptq);
-    let dynamic = gptq(&w, rows, cols, &h, &s, &opts(true, false))
-        .unwrap()
-        .quantized;
+    let dynamic = gptq(&w, rows, cols, &h, &s, &opts(true, false)).unwrap().quantized;
     let diag: Vec<f32> = (0..cols).map(|i| h.matrix()[i * cols + i]).collect();
     let mut order: Vec<usize> = (0..cols).collect();
     order.sort_by(|&a, &b| diag[b].total_cmp(&diag[a]));
-    let g_idx = dynamic
-        .g_idx()
-        .expect("act-order with dynamic groups needs g_idx");
+    let g_idx = dynamic.g_idx().expect("act-order with dynamic groups needs g_idx");
     for (j, &c) in order.iter().enumerate() {
         assert_eq!(g_idx[c] as usize, j / g, "column {c} processed {j}-th");
     }
     // Static groups: fitted on the original W before reordering, i.e. RTN's params.
-    let fixed = gptq(&w, rows, cols, &h, &s, &opts(true, true))
-        .unwrap()
-        .quantized;
+    let fixed = gptq(&w, rows, cols, &h, &s, &opts(true, true)).unwrap().quantized;
     let rtn_q = rtn(&w, rows, cols, &s).unwrap();
     assert!(fixed.g_idx().is_none());
-    assert_eq!(
-        (fixed.scales(), fixed.zeros()),
-        (rtn_q.scales(), rtn_q.zeros())
-    );
+    assert_eq!((fixed.scales(), fixed.zeros()), (rtn_q.scales(), rtn_q.zeros()));
 }
 
 #[test]
@@ -114,33 +80,15 @@ fn lazy_block_updates_do_not_change_the_result() {
     let (rows, cols) = (48, 150);
     let w = weights(rows, cols, 0.02, 6);
     let h = hessian(&inputs(600, cols, &[1, 100], 20.0, 7), cols);
-    for (s, static_groups) in [
-        (spec(3, Some(32), Axis::Ic, Zero::Awq), false),
-        (spec(3, Some(32), Axis::Oc, Zero::Gptq), true),
-    ] {
-        let run = |blocksize| {
-            gptq(
-                &w,
-                rows,
-                cols,
-                &h,
-                &s,
-                &GptqOptions {
-                    blocksize,
-                    ..opts(true, static_groups)
-                },
-            )
-            .unwrap()
-        };
+    for (s, static_groups) in
+        [(spec(3, Some(32), Axis::Ic, Zero::Awq), false), (spec(3, Some(32), Axis::Oc, Zero::Gptq), true)]
+    {
+        let run =
+            |blocksize| gptq(&w, rows, cols, &h, &s, &GptqOptions { blocksize, ..opts(true, static_groups) }).unwrap();
         let reference = run(128);
         for blocksize in [1, 7, 64, 1000] {
             let out = run(blocksize);
-            assert_eq!(
-                out.quantized.codes(),
-                reference.quantized.codes(),
-                "{:?} blocksize {blocksize}",
-                s.axis
-            );
+            assert_eq!(out.quantized.codes(), reference.quantized.codes(), "{:?} blocksize {blocksize}", s.axis);
             assert!((out.loss - reference.loss).abs() <= 1e-9 * reference.loss);
         }
     }
@@ -159,14 +107,7 @@ fn ragged_smollm2_shapes() {
         assert_eq!(out.quantized.param_shape(), shape);
         let w_hat = out.quantized.dequantize();
         assert!(w_hat.iter().all(|v| v.is_finite()) && out.loss.is_finite());
-        let e_rtn = output_error(
-            &w,
-            &rtn(&w, rows, cols, &s).unwrap().dequantize(),
-            rows,
-            cols,
-            &x,
-        )
-        .unwrap();
+        let e_rtn = output_error(&w, &rtn(&w, rows, cols, &s).unwrap().dequantize(), rows, cols, &x).unwrap();
         let e = output_error(&w, &w_hat, rows, cols, &x).unwrap();
         println!("576x192 g128 {axis:?}: gptq {e:.4e} rtn {e_rtn:.4e}");
         assert!(e < e_rtn, "{axis:?}: gptq {e:e} vs rtn {e_rtn:e}");
@@ -195,8 +136,13 @@ fn updates_measure_the_error_compensation_each_column_received() {
         let q = &out.quantized;
         let max_step = q.scales().iter().fold(0f32, |a, &b| a.max(b.abs())) as f64;
         for c in (0..cols).filter(|_| axis == Axis::Ic) {
-            let change = (0..rows).map(|r| f64::from((wq[r * cols + c] - w[r * cols + c]).abs())).sum::<f64>() / rows as f64;
-            assert!((change - out.update[c]).abs() <= max_step / 2.0 + 1e-6, "column {c}: |W' - W| {change} vs update {}", out.update[c]);
+            let change =
+                (0..rows).map(|r| f64::from((wq[r * cols + c] - w[r * cols + c]).abs())).sum::<f64>() / rows as f64;
+            assert!(
+                (change - out.update[c]).abs() <= max_step / 2.0 + 1e-6,
+                "column {c}: |W' - W| {change} vs update {}",
+                out.update[c]
+            );
         }
     }
 }

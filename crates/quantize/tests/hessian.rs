@@ -31,23 +31,11 @@ fn running_average_over_uneven_batches_equals_one_shot() {
     assert_eq!(h.tokens(), tokens);
     let expected = naive(&x, dim);
     let scale = expected.iter().fold(0.0f64, |m, v| m.max(v.abs()));
-    let max_err = h
-        .matrix()
-        .iter()
-        .zip(&expected)
-        .map(|(a, b)| (f64::from(*a) - b).abs())
-        .fold(0.0, f64::max);
-    assert!(
-        max_err <= 1e-5 * scale,
-        "max |H - H_ref| = {max_err:e}, max |H| = {scale:e}"
-    );
+    let max_err = h.matrix().iter().zip(&expected).map(|(a, b)| (f64::from(*a) - b).abs()).fold(0.0, f64::max);
+    assert!(max_err <= 1e-5 * scale, "max |H - H_ref| = {max_err:e}, max |H| = {scale:e}");
     for i in 0..dim {
         for j in 0..dim {
-            assert_eq!(
-                h.matrix()[i * dim + j],
-                h.matrix()[j * dim + i],
-                "H symmetric at ({i}, {j})"
-            );
+            assert_eq!(h.matrix()[i * dim + j], h.matrix()[j * dim + i], "H symmetric at ({i}, {j})");
         }
     }
 }
@@ -73,46 +61,19 @@ fn bad_batches_are_rejected_and_leave_h_unchanged() {
     let before = h.clone();
     let mut x = inputs(4, dim, &[], 1.0, 4);
     x[2 * dim + 6] = f32::NAN;
-    assert!(matches!(
-        h.add_batch(&x),
-        Err(Error::NonFiniteInput {
-            token: 2,
-            channel: 6,
-            ..
-        })
-    ));
+    assert!(matches!(h.add_batch(&x), Err(Error::NonFiniteInput { token: 2, channel: 6, .. })));
     x[2 * dim + 6] = f32::INFINITY;
-    assert!(matches!(
-        h.add_batch(&x),
-        Err(Error::NonFiniteInput {
-            token: 2,
-            channel: 6,
-            ..
-        })
-    ));
-    assert!(matches!(
-        h.add_batch(&x[..dim + 3]),
-        Err(Error::Shape {
-            expected: 16,
-            got: 11,
-            ..
-        })
-    ));
+    assert!(matches!(h.add_batch(&x), Err(Error::NonFiniteInput { token: 2, channel: 6, .. })));
+    assert!(matches!(h.add_batch(&x[..dim + 3]), Err(Error::Shape { expected: 16, got: 11, .. })));
     assert_eq!(h, before);
 }
 
 #[test]
 fn from_matrix_checks_shape_and_finiteness() {
-    assert!(matches!(
-        Hessian::from_matrix(3, vec![0.0; 8], 1),
-        Err(Error::Shape { expected: 9, .. })
-    ));
+    assert!(matches!(Hessian::from_matrix(3, vec![0.0; 8], 1), Err(Error::Shape { expected: 9, .. })));
     let mut m = vec![1.0; 9];
     m[5] = f32::NAN;
-    assert!(matches!(
-        Hessian::from_matrix(3, m, 1),
-        Err(Error::NonFiniteHessian { row: 1, col: 2, .. })
-    ));
+    assert!(matches!(Hessian::from_matrix(3, m, 1), Err(Error::NonFiniteHessian { row: 1, col: 2, .. })));
     let h = Hessian::from_matrix(2, vec![2.0, 1.0, 1.0, 0.0], 10).unwrap();
     assert_eq!((h.dim(), h.tokens(), h.dead_inputs()), (2, 10, vec![1]));
 }
@@ -122,18 +83,9 @@ fn same_bits_whatever_the_thread_count() {
     // Large enough for faer to split the GEMM between threads.
     let (tokens, dim) = (4096, 512);
     let x = inputs(tokens, dim, &[1, 300], 30.0, 5);
-    let pool = |n| {
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(n)
-            .build()
-            .unwrap()
-    };
+    let pool = |n| rayon::ThreadPoolBuilder::new().num_threads(n).build().unwrap();
     let run = || common::hessian(&x, dim);
     let one = pool(1).install(run);
     let two = pool(2).install(run);
-    assert!(one
-        .matrix()
-        .iter()
-        .zip(two.matrix())
-        .all(|(a, b)| a.to_bits() == b.to_bits()));
+    assert!(one.matrix().iter().zip(two.matrix()).all(|(a, b)| a.to_bits() == b.to_bits()));
 }

@@ -14,25 +14,10 @@ fn validate_rejects_unsupported_bits_and_zero_group() {
         assert_eq!(rtn(&[0.5; 4], 2, 2, &s), Err(Error::Bits { bits }));
     }
     for bits in [2, 3, 4, 8] {
-        assert_eq!(
-            spec(bits, Some(32), Axis::Ic, Zero::Gptq).validate(),
-            Ok(())
-        );
+        assert_eq!(spec(bits, Some(32), Axis::Ic, Zero::Gptq).validate(), Ok(()));
     }
-    assert_eq!(
-        spec(4, Some(0), Axis::Oc, Zero::Awq).validate(),
-        Err(Error::ZeroGroup)
-    );
-    for group in [
-        None,
-        Some(1),
-        Some(7),
-        Some(32),
-        Some(64),
-        Some(128),
-        Some(256),
-        Some(10_000),
-    ] {
+    assert_eq!(spec(4, Some(0), Axis::Oc, Zero::Awq).validate(), Err(Error::ZeroGroup));
+    for group in [None, Some(1), Some(7), Some(32), Some(64), Some(128), Some(256), Some(10_000)] {
         assert_eq!(spec(4, group, Axis::Oc, Zero::Sym).validate(), Ok(()));
     }
 }
@@ -42,24 +27,11 @@ fn non_finite_weight_is_named_by_row_and_col() {
     let s = spec(4, Some(4), Axis::Oc, Zero::Awq);
     let mut w = weights(3, 8, 1.0, 1);
     w[2 * 8 + 5] = f32::NAN;
-    assert!(matches!(
-        rtn(&w, 3, 8, &s),
-        Err(Error::NonFiniteWeight { row: 2, col: 5, .. })
-    ));
+    assert!(matches!(rtn(&w, 3, 8, &s), Err(Error::NonFiniteWeight { row: 2, col: 5, .. })));
     w[2 * 8 + 5] = 0.0;
     w[1] = f32::NEG_INFINITY;
-    assert!(matches!(
-        rtn(&w, 3, 8, &s),
-        Err(Error::NonFiniteWeight { row: 0, col: 1, .. })
-    ));
-    assert!(matches!(
-        rtn(&w, 3, 7, &s),
-        Err(Error::Shape {
-            expected: 21,
-            got: 24,
-            ..
-        })
-    ));
+    assert!(matches!(rtn(&w, 3, 8, &s), Err(Error::NonFiniteWeight { row: 0, col: 1, .. })));
+    assert!(matches!(rtn(&w, 3, 7, &s), Err(Error::Shape { expected: 21, got: 24, .. })));
     assert_eq!(rtn(&[], 0, 8, &s), Err(Error::Empty { rows: 0, cols: 8 }));
 }
 
@@ -68,22 +40,10 @@ fn fit_matches_the_reference_formulas() {
     let fit = |zero, bits, v: &[f32]| spec(bits, None, Axis::Oc, zero).fit(v.iter().copied());
     // Every scale is rounded to f16 first (what packed checkpoints store).
     // GPTQ-style widens [0.5, 2] to [0, 2]: scale 2/3, zero 0.
-    assert_eq!(
-        fit(Zero::Gptq, 2, &[0.5, 1.0, 2.0]),
-        GroupParams {
-            scale: f16_scale(2.0 / 3.0),
-            zero: 0.0
-        }
-    );
+    assert_eq!(fit(Zero::Gptq, 2, &[0.5, 1.0, 2.0]), GroupParams { scale: f16_scale(2.0 / 3.0), zero: 0.0 });
     // ... and an all-zero group to [-1, 1]: scale 2/15 rounded up to f16, 1093 * 2^-13,
     // zero round(1 / scale) = round(7.495) = 7.
-    assert_eq!(
-        fit(Zero::Gptq, 4, &[0.0, 0.0]),
-        GroupParams {
-            scale: 1093.0 / 8192.0,
-            zero: 7.0
-        }
-    );
+    assert_eq!(fit(Zero::Gptq, 4, &[0.0, 0.0]), GroupParams { scale: 1093.0 / 8192.0, zero: 7.0 });
     // AWQ-style keeps [0.2, 0.8] and clamps the zero at 0.
     let p = fit(Zero::Awq, 2, &[0.2, 0.8]);
     assert!(p.scale == f16_scale(0.2) && (p.scale - 0.2).abs() < 1e-4 && p.zero == 0.0, "{p:?}");
@@ -91,20 +51,8 @@ fn fit_matches_the_reference_formulas() {
     // smallest subnormal step, so it becomes 2^-24 (never 0).
     assert_eq!(fit(Zero::Awq, 8, &[-0.3, -0.3]).scale, 2f32.powi(-24));
     // Symmetric: scale 2 max|w| / maxq, zero (maxq + 1) / 2, also for an all-positive group.
-    assert_eq!(
-        fit(Zero::Sym, 4, &[-1.0, 0.5]),
-        GroupParams {
-            scale: f16_scale(2.0 / 15.0),
-            zero: 8.0
-        }
-    );
-    assert_eq!(
-        fit(Zero::Sym, 4, &[0.25, 1.0]),
-        GroupParams {
-            scale: f16_scale(2.0 / 15.0),
-            zero: 8.0
-        }
-    );
+    assert_eq!(fit(Zero::Sym, 4, &[-1.0, 0.5]), GroupParams { scale: f16_scale(2.0 / 15.0), zero: 8.0 });
+    assert_eq!(fit(Zero::Sym, 4, &[0.25, 1.0]), GroupParams { scale: f16_scale(2.0 / 15.0), zero: 8.0 });
 }
 
 #[test]
@@ -113,39 +61,21 @@ fn groups_near_zero_never_give_nan() {
     let w = [1e-44, -3e-45, 0.0, 2e-45, 0.0, 0.0];
     for zero in [Zero::Awq, Zero::Gptq, Zero::Sym] {
         let q = rtn(&w, 2, 3, &spec(4, None, Axis::Oc, zero)).unwrap();
-        assert!(
-            q.scales().iter().all(|s| s.is_normal()),
-            "{zero:?}: {:?}",
-            q.scales()
-        );
+        assert!(q.scales().iter().all(|s| s.is_normal()), "{zero:?}: {:?}", q.scales());
         assert!(q.dequantize().iter().all(|v| v.abs() < 1e-5), "{zero:?}");
     }
 }
 
 #[test]
 fn quantize_rounds_half_to_even_and_clamps() {
-    let p = GroupParams {
-        scale: 0.5,
-        zero: 0.0,
-    };
-    assert_eq!(
-        quantize(1.25, p, 15),
-        2,
-        "2.5 rounds to even, as torch.round does"
-    );
+    let p = GroupParams { scale: 0.5, zero: 0.0 };
+    assert_eq!(quantize(1.25, p, 15), 2, "2.5 rounds to even, as torch.round does");
     assert_eq!(quantize(1.75, p, 15), 4, "3.5 rounds to even");
     assert_eq!(quantize(-3.0, p, 15), 0);
     assert_eq!(quantize(100.0, p, 15), 15);
-    let p = GroupParams {
-        scale: 0.1,
-        zero: 3.0,
-    };
+    let p = GroupParams { scale: 0.1, zero: 3.0 };
     for q in 0..=7 {
-        assert_eq!(
-            quantize(dequantize(q, p), p, 7),
-            q,
-            "every grid point is a fixed point"
-        );
+        assert_eq!(quantize(dequantize(q, p), p, 7), q, "every grid point is a fixed point");
     }
 }
 
@@ -169,15 +99,9 @@ fn error_is_at_most_half_a_step_inside_the_range() {
                         let inside = lo - reach <= x && x <= hi + reach;
                         // GPTQ-style and symmetric ranges always cover the group; AWQ-style
                         // clips groups that do not straddle 0 (its zero is clamped).
-                        assert!(
-                            inside || zero == Zero::Awq,
-                            "{s:?} at {i}: {x} outside [{lo}, {hi}]"
-                        );
+                        assert!(inside || zero == Zero::Awq, "{s:?} at {i}: {x} outside [{lo}, {hi}]");
                         if inside {
-                            assert!(
-                                (x - y).abs() <= reach,
-                                "{s:?} at {i}: |{x} - {y}| > {reach}"
-                            );
+                            assert!((x - y).abs() <= reach, "{s:?} at {i}: |{x} - {y}| > {reach}");
                         }
                     }
                 }
@@ -206,49 +130,20 @@ fn from_parts_round_trips_and_rejects_inconsistent_parts() {
     let s = spec(3, Some(4), Axis::Oc, Zero::Gptq);
     let q = rtn(&weights(rows, cols, 1.0, 5), rows, cols, &s).unwrap();
     let parts = |codes: Vec<u8>, g_idx| {
-        QuantizedMatrix::from_parts(
-            rows,
-            cols,
-            s,
-            codes,
-            q.scales().to_vec(),
-            q.zeros().to_vec(),
-            g_idx,
-        )
+        QuantizedMatrix::from_parts(rows, cols, s, codes, q.scales().to_vec(), q.zeros().to_vec(), g_idx)
     };
     assert_eq!(parts(q.codes().to_vec(), None).as_ref(), Ok(&q));
     let mut bad = q.codes().to_vec();
     bad[9] = 8;
-    assert_eq!(
-        parts(bad, None),
-        Err(Error::Code {
-            row: 1,
-            col: 1,
-            code: 8,
-            maxq: 7
-        })
-    );
-    assert!(matches!(
-        parts(vec![0; 47], None),
-        Err(Error::Shape { expected: 48, .. })
-    ));
-    assert!(matches!(
-        parts(q.codes().to_vec(), Some(vec![2; 8])),
-        Err(Error::Invalid(_))
-    ));
-    assert!(matches!(
-        parts(q.codes().to_vec(), Some(vec![1; 7])),
-        Err(Error::Shape { .. })
-    ));
+    assert_eq!(parts(bad, None), Err(Error::Code { row: 1, col: 1, code: 8, maxq: 7 }));
+    assert!(matches!(parts(vec![0; 47], None), Err(Error::Shape { expected: 48, .. })));
+    assert!(matches!(parts(q.codes().to_vec(), Some(vec![2; 8])), Err(Error::Invalid(_))));
+    assert!(matches!(parts(q.codes().to_vec(), Some(vec![1; 7])), Err(Error::Shape { .. })));
     let g_idx = Some(vec![1, 0, 1, 0, 1, 0, 1, 0]);
-    assert_eq!(
-        parts(q.codes().to_vec(), g_idx.clone()).unwrap().g_idx(),
-        g_idx.as_deref()
-    );
+    assert_eq!(parts(q.codes().to_vec(), g_idx.clone()).unwrap().g_idx(), g_idx.as_deref());
     let ic = spec(3, Some(4), Axis::Ic, Zero::Gptq);
     let (sc, ze) = (vec![1.0; 16], vec![0.0; 16]);
-    let with_g_idx =
-        QuantizedMatrix::from_parts(rows, cols, ic, vec![0; 48], sc, ze, Some(vec![0; 8]));
+    let with_g_idx = QuantizedMatrix::from_parts(rows, cols, ic, vec![0; 48], sc, ze, Some(vec![0; 8]));
     assert!(matches!(with_g_idx, Err(Error::Invalid(_))));
 }
 

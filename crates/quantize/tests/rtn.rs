@@ -19,12 +19,7 @@ fn assert_transposed(ic: &QuantizedMatrix, oc_t: &QuantizedMatrix) {
 
 #[test]
 fn per_ic_of_w_is_per_oc_of_w_transposed() {
-    for (rows, cols, group) in [
-        (576, 192, Some(128)),
-        (100, 70, Some(32)),
-        (64, 48, None),
-        (33, 5, Some(1)),
-    ] {
+    for (rows, cols, group) in [(576, 192, Some(128)), (100, 70, Some(32)), (64, 48, None), (33, 5, Some(1))] {
         let w = weights(rows, cols, 0.02, rows as u64);
         let w_t = transpose(&w, rows, cols);
         for zero in [Zero::Awq, Zero::Gptq, Zero::Sym] {
@@ -54,14 +49,7 @@ fn ragged_last_groups_are_fitted_on_their_own_weights() {
                 Axis::Oc => w[r * cols + c / g * g..(r + 1) * cols].to_vec(),
                 Axis::Ic => (r / g * g..rows).map(|i| w[i * cols + c]).collect(),
             };
-            assert_eq!(
-                group.len(),
-                if axis == Axis::Oc {
-                    cols - c / g * g
-                } else {
-                    rows - r / g * g
-                }
-            );
+            assert_eq!(group.len(), if axis == Axis::Oc { cols - c / g * g } else { rows - r / g * g });
             assert_eq!(q.params(r, c), s.fit(group), "{rows}x{cols} g{g} {axis:?}");
         }
     }
@@ -75,20 +63,11 @@ fn error_shrinks_with_more_bits() {
         let mse: Vec<f64> = [2, 3, 4, 8]
             .iter()
             .map(|&b| {
-                let w_hat = rtn(&w, rows, cols, &spec(b, Some(32), axis, Zero::Gptq))
-                    .unwrap()
-                    .dequantize();
-                w.iter()
-                    .zip(&w_hat)
-                    .map(|(a, b)| f64::from(a - b).powi(2))
-                    .sum::<f64>()
-                    / w.len() as f64
+                let w_hat = rtn(&w, rows, cols, &spec(b, Some(32), axis, Zero::Gptq)).unwrap().dequantize();
+                w.iter().zip(&w_hat).map(|(a, b)| f64::from(a - b).powi(2)).sum::<f64>() / w.len() as f64
             })
             .collect();
-        assert!(
-            mse.windows(2).all(|p| p[1] < p[0] / 3.0),
-            "{axis:?}: {mse:?}"
-        );
+        assert!(mse.windows(2).all(|p| p[1] < p[0] / 3.0), "{axis:?}: {mse:?}");
     }
 }
 
@@ -97,12 +76,7 @@ fn same_bits_on_every_run_and_thread_count() {
     let (rows, cols) = (576, 192);
     let w = weights(rows, cols, 0.02, 99);
     let s = spec(3, Some(128), Axis::Ic, Zero::Awq);
-    let pool = |n| {
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(n)
-            .build()
-            .unwrap()
-    };
+    let pool = |n| rayon::ThreadPoolBuilder::new().num_threads(n).build().unwrap();
     let one = pool(1).install(|| rtn(&w, rows, cols, &s).unwrap());
     let two = pool(2).install(|| rtn(&w, rows, cols, &s).unwrap());
     let again = rtn(&w, rows, cols, &s).unwrap();

@@ -4,7 +4,10 @@
 mod common;
 
 use adadim_quantize::scale_search::{grid_search, ratio, weighted_error, STEPS};
-use adadim_quantize::{dequantize, gptq, hessian_diag, quantize, rtn, rtn_fitted, Axis, Fitter, GptqOptions, Hessian, QuantSpec, ScaleSearch, Zero};
+use adadim_quantize::{
+    dequantize, gptq, hessian_diag, quantize, rtn, rtn_fitted, Axis, Fitter, GptqOptions, Hessian, QuantSpec,
+    ScaleSearch, Zero,
+};
 use common::Rng;
 
 const ZEROS: [Zero; 3] = [Zero::Awq, Zero::Gptq, Zero::Sym];
@@ -102,7 +105,8 @@ fn rtn_searches_along_both_axes() {
             let spec = QuantSpec { bits, group: Some(32), axis, zero: Zero::Awq };
             let mm = rtn(&w, rows, cols, &spec).unwrap();
             let se = rtn_fitted(&w, rows, cols, &spec, &Fitter::new(ScaleSearch::Mse, Some(&hd))).unwrap();
-            let (em, es) = (matrix_error(&w, &mm.dequantize(), cols, &hd), matrix_error(&w, &se.dequantize(), cols, &hd));
+            let (em, es) =
+                (matrix_error(&w, &mm.dequantize(), cols, &hd), matrix_error(&w, &se.dequantize(), cols, &hd));
             assert!(es <= em, "{axis:?} w{bits}: {es} > {em}");
             if bits <= 3 {
                 assert!(es < 0.95 * em, "{axis:?} w{bits}: the search should gain at low bits ({es} vs {em})");
@@ -136,7 +140,10 @@ fn gptq_uses_the_search_when_it_fits_groups() {
             let opts = GptqOptions { act_order, static_groups, ..GptqOptions::default() };
             let mm = gptq(&w, rows, cols, &h, &spec, &opts).unwrap();
             let se = gptq(&w, rows, cols, &h, &spec, &GptqOptions { search: ScaleSearch::Mse, ..opts }).unwrap();
-            assert_ne!(mm.quantized, se.quantized, "{axis:?} act {act_order} static {static_groups}: the search changed nothing");
+            assert_ne!(
+                mm.quantized, se.quantized,
+                "{axis:?} act {act_order} static {static_groups}: the search changed nothing"
+            );
             assert!(se.loss.is_finite() && se.loss < 1.5 * mm.loss, "{axis:?}: loss {} vs {}", se.loss, mm.loss);
         }
     }

@@ -40,7 +40,11 @@ impl ModuleErrors {
 
     /// The largest `per-OC error / per-IC error` and its layer: how much per-IC saves at best.
     pub fn best_saving(&self) -> Option<(usize, f64)> {
-        self.rows.iter().map(|r| (r.layer, r.oc / r.ic)).filter(|(_, s)| s.is_finite()).max_by(|a, b| a.1.total_cmp(&b.1))
+        self.rows
+            .iter()
+            .map(|r| (r.layer, r.oc / r.ic))
+            .filter(|(_, s)| s.is_finite())
+            .max_by(|a, b| a.1.total_cmp(&b.1))
     }
 }
 
@@ -54,7 +58,15 @@ pub fn module_errors(run: &Run) -> Vec<ModuleErrors> {
                 .linears
                 .iter()
                 .filter(|r| r.module == k.module())
-                .filter_map(|r| Some(ErrorRow { layer: r.layer, oc: r.oc_error?, ic: r.ic_error?, axis: r.axis, kept: r.final_error }))
+                .filter_map(|r| {
+                    Some(ErrorRow {
+                        layer: r.layer,
+                        oc: r.oc_error?,
+                        ic: r.ic_error?,
+                        axis: r.axis,
+                        kept: r.final_error,
+                    })
+                })
                 .collect();
             ModuleErrors { module: k.module(), rows }
         })
@@ -83,9 +95,15 @@ pub fn figure(run: &Run) -> Option<Figure> {
                 name: format!("kept {}", if axis == Axis::Oc { "per-OC" } else { "per-IC" }),
                 color,
                 style: Style::Dots(4),
-                points: m.rows.iter().filter(|r| r.axis == axis).map(|r| (r.layer as f64, if axis == Axis::Oc { r.oc } else { r.ic })).collect(),
+                points: m
+                    .rows
+                    .iter()
+                    .filter(|r| r.axis == axis)
+                    .map(|r| (r.layer as f64, if axis == Axis::Oc { r.oc } else { r.ic }))
+                    .collect(),
             };
-            let mut series = vec![line("per-OC RTN", OC_COLOR, &|r| Some(r.oc)), line("per-IC RTN", IC_COLOR, &|r| Some(r.ic))];
+            let mut series =
+                vec![line("per-OC RTN", OC_COLOR, &|r| Some(r.oc)), line("per-IC RTN", IC_COLOR, &|r| Some(r.ic))];
             if gptq {
                 series.push(line("kept weights (GPTQ)", FINAL_COLOR, &|r| r.kept));
             }

@@ -35,10 +35,20 @@ pub fn layer_figure(run: &Run, layer: usize) -> Option<Figure> {
             let rms = run.rms(layer, module)?;
             let top = top_channels(rms, 1);
             Some(Panel {
-                title: format!("block {layer}: input of {name} ({} channels; largest {} at {:.3})", rms.len(), top[0].0, top[0].1),
+                title: format!(
+                    "block {layer}: input of {name} ({} channels; largest {} at {:.3})",
+                    rms.len(),
+                    top[0].0,
+                    top[0].1
+                ),
                 x_desc: "input channel".into(),
                 y_desc: "RMS over calibration tokens".into(),
-                series: vec![Series { name: String::new(), color, style: Style::Line, points: rms.iter().enumerate().map(|(i, v)| (i as f64, f64::from(*v))).collect() }],
+                series: vec![Series {
+                    name: String::new(),
+                    color,
+                    style: Style::Line,
+                    points: rms.iter().enumerate().map(|(i, v)| (i as f64, f64::from(*v))).collect(),
+                }],
                 ..Panel::default()
             })
         })

@@ -35,7 +35,11 @@ pub struct Page {
 /// names are replaced).
 pub fn write_page(run: &Run, out: &Path, opts: &PageOptions<'_>) -> Result<Page> {
     if opts.layer >= run.layers() {
-        return Err(ReportError::Invalid(format!("--layer {}: the run has blocks 0..{}", opts.layer, run.layers().saturating_sub(1))));
+        return Err(ReportError::Invalid(format!(
+            "--layer {}: the run has blocks 0..{}",
+            opts.layer,
+            run.layers().saturating_sub(1)
+        )));
     }
     std::fs::create_dir_all(out).map_err(|source| ReportError::Io { path: out.to_path_buf(), source })?;
     let mut images = Vec::new();
@@ -53,7 +57,9 @@ pub fn write_page(run: &Run, out: &Path, opts: &PageOptions<'_>) -> Result<Page>
             let img = draw("errors.svg".into(), &fig)?;
             errors_section(&mut md, run, &img);
         }
-        None => md.push_str("This run has no calibration errors to show (RTN with a fixed dimension does not calibrate).\n"),
+        None => {
+            md.push_str("This run has no calibration errors to show (RTN with a fixed dimension does not calibrate).\n")
+        }
     }
 
     md.push_str("\n## Activation outliers (paper Fig. 8)\n\n");
@@ -69,10 +75,15 @@ pub fn write_page(run: &Run, out: &Path, opts: &PageOptions<'_>) -> Result<Page>
     md.push_str("\n## GPTQ's weight updates, per-OC vs per-IC (paper Fig. 7)\n\n");
     match opts.updates {
         Some(u) => {
-            let img = draw(format!("updates-block{}-{}.svg", u.layer, u.module.rsplit('.').next().unwrap_or(u.module)), &updates::figure(u))?;
+            let img = draw(
+                format!("updates-block{}-{}.svg", u.layer, u.module.rsplit('.').next().unwrap_or(u.module)),
+                &updates::figure(u),
+            )?;
             updates_section(&mut md, u, &img);
         }
-        None => md.push_str("Not made for this page (`adadim report` without `--no-updates` re-runs GPTQ on one linear to draw it).\n"),
+        None => md.push_str(
+            "Not made for this page (`adadim report` without `--no-updates` re-runs GPTQ on one linear to draw it).\n",
+        ),
     }
     let _ = write!(md, "\n---\nMade by `{}`.\n", opts.command);
     let index = out.join("README.md");
@@ -86,8 +97,12 @@ fn header(md: &mut String, run: &Run) {
     let name = |p: &Path| p.file_name().map_or_else(|| p.display().to_string(), |n| n.to_string_lossy().into_owned());
     let per_ic = run.linears.iter().filter(|r| r.axis == Axis::Ic).count();
     let dim = match st.dim.name() {
-        "ada" if !st.ic_modules.is_empty() => format!("per-IC on {} (heuristic), per-OC elsewhere", st.ic_modules.join(", ")),
-        "ada" => format!("AdaDim (each linear's dimension chosen by {}'s output error)", st.select.name().to_uppercase()),
+        "ada" if !st.ic_modules.is_empty() => {
+            format!("per-IC on {} (heuristic), per-OC elsewhere", st.ic_modules.join(", "))
+        }
+        "ada" => {
+            format!("AdaDim (each linear's dimension chosen by {}'s output error)", st.select.name().to_uppercase())
+        }
         d => format!("per-{} groups", d.to_uppercase()),
     };
     let method = match st.dim.name() {
@@ -115,9 +130,15 @@ fn header(md: &mut String, run: &Run) {
 }
 
 fn errors_section(md: &mut String, run: &Run, img: &str) {
-    let gptq = if run.summary.settings.method == Method::Gptq { " Grey: the output error of the weights kept (after GPTQ)." } else { "" };
+    let gptq = if run.summary.settings.method == Method::Gptq {
+        " Grey: the output error of the weights kept (after GPTQ)."
+    } else {
+        ""
+    };
     let _ = writeln!(md, "Each linear's output error `mean((Q(W) x - W x)^2)` on the calibration inputs, for round-to-nearest with groups along output channels (blue) and along input channels (orange); the dots mark the dimension the run kept.{gptq} Log scale.\n");
-    md.push_str("| module | layers per-IC | which | largest per-OC / per-IC error ratio (layer) |\n|---|---|---|---|\n");
+    md.push_str(
+        "| module | layers per-IC | which | largest per-OC / per-IC error ratio (layer) |\n|---|---|---|---|\n",
+    );
     for m in errors::module_errors(run) {
         let ic = m.ic_layers();
         let which = if ic.is_empty() { "-".to_string() } else { ranges(&ic) };
@@ -144,7 +165,11 @@ fn inputs_section(md: &mut String, run: &Run, layer: usize, layer_img: &str, acr
     md.push_str("| input of | channels | largest channels (RMS) | largest / median |\n|---|---|---|---|\n");
     for (name, module) in inputs::INPUTS {
         if let Some(rms) = run.rms(layer, module) {
-            let top = inputs::top_channels(rms, 5).iter().map(|(c, v)| format!("{c} ({v:.2})")).collect::<Vec<_>>().join(", ");
+            let top = inputs::top_channels(rms, 5)
+                .iter()
+                .map(|(c, v)| format!("{c} ({v:.2})"))
+                .collect::<Vec<_>>()
+                .join(", ");
             let ratio = inputs::peak_to_median(rms).map_or("-".to_string(), |r| format!("{r:.1}"));
             let _ = writeln!(md, "| {name} | {} | {top} | {ratio} |", rms.len());
         }
@@ -162,7 +187,13 @@ fn updates_section(md: &mut String, u: &LayerUpdates, img: &str) {
     md.push_str("| | per-OC GPTQ | per-IC GPTQ |\n|---|---|---|\n");
     let _ = writeln!(md, "| output error `mean((ΔW x)^2)` | {:.4e} | {:.4e} |", u.oc.error, u.ic.error);
     for f in [0.01, 0.1] {
-        let _ = writeln!(md, "| share of the total change held by the top {:.0}% of input channels | {:.1}% | {:.1}% |", 100.0 * f, 100.0 * u.oc.top_share(f), 100.0 * u.ic.top_share(f));
+        let _ = writeln!(
+            md,
+            "| share of the total change held by the top {:.0}% of input channels | {:.1}% | {:.1}% |",
+            100.0 * f,
+            100.0 * u.oc.top_share(f),
+            100.0 * u.ic.top_share(f)
+        );
     }
     let outliers = u.outlier_channels(0.01);
     let _ = writeln!(
@@ -172,7 +203,13 @@ fn updates_section(md: &mut String, u: &LayerUpdates, img: &str) {
         LayerUpdates::concentration(&u.oc, &outliers),
         LayerUpdates::concentration(&u.ic, &outliers)
     );
-    let peak = |v: &[f64]| v.iter().copied().enumerate().max_by(|a, b| a.1.total_cmp(&b.1)).map_or("-".to_string(), |(i, m)| format!("{m:.4} (channel {i})"));
+    let peak = |v: &[f64]| {
+        v.iter()
+            .copied()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(&b.1))
+            .map_or("-".to_string(), |(i, m)| format!("{m:.4} (channel {i})"))
+    };
     let _ = writeln!(md, "| largest per-channel mean | {} | {} |\n", peak(&u.oc.per_input), peak(&u.ic.per_input));
     match u.reproduced_max_diff {
         Some(0.0) => {
@@ -182,7 +219,11 @@ fn updates_section(md: &mut String, u: &LayerUpdates, img: &str) {
             let _ = writeln!(md, "The run kept per-{} for this linear; re-running GPTQ along it gives weights that differ from the run's by up to {d:.3e} (the re-run's calibration inputs are not bit-identical to the run's).\n", axis_name::name(u.run_axis).to_uppercase());
         }
         None => {
-            let _ = writeln!(md, "The run itself used round-to-nearest (per-{} here); these GPTQ runs show what GPTQ would do.\n", axis_name::name(u.run_axis).to_uppercase());
+            let _ = writeln!(
+                md,
+                "The run itself used round-to-nearest (per-{} here); these GPTQ runs show what GPTQ would do.\n",
+                axis_name::name(u.run_axis).to_uppercase()
+            );
         }
     }
     let _ = writeln!(md, "![GPTQ weight change per input channel, per-OC vs per-IC]({img})");

@@ -5,8 +5,8 @@
 use std::ops::Range;
 use std::path::Path;
 
-use plotters::coord::ranged1d::{AsRangedCoord, ValueFormatter};
 use plotters::chart::SeriesAnno;
+use plotters::coord::ranged1d::{AsRangedCoord, ValueFormatter};
 use plotters::coord::Shift;
 use plotters::prelude::*;
 
@@ -16,7 +16,8 @@ use crate::error::{ReportError, Result};
 pub const OC_COLOR: RGBColor = RGBColor(31, 119, 180);
 pub const IC_COLOR: RGBColor = RGBColor(255, 127, 14);
 /// Further series (one per module type).
-pub const PALETTE: [RGBColor; 4] = [RGBColor(44, 160, 44), RGBColor(214, 39, 40), RGBColor(148, 103, 189), RGBColor(140, 86, 75)];
+pub const PALETTE: [RGBColor; 4] =
+    [RGBColor(44, 160, 44), RGBColor(214, 39, 40), RGBColor(148, 103, 189), RGBColor(140, 86, 75)];
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Style {
@@ -67,7 +68,8 @@ impl Panel {
     pub fn ranges(&self) -> (Range<f64>, Range<f64>) {
         let pts: Vec<(f64, f64)> = self.series.iter().flat_map(|s| self.drawable(s)).collect();
         let (mut x0, mut x1) = pts.iter().fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.0), b.max(p.0)));
-        let (mut y0, mut y1) = self.y_range.unwrap_or_else(|| pts.iter().fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.1), b.max(p.1))));
+        let (mut y0, mut y1) =
+            self.y_range.unwrap_or_else(|| pts.iter().fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.1), b.max(p.1))));
         if pts.is_empty() && self.y_range.is_none() {
             (x0, x1, y0, y1) = (0.0, 1.0, 1.0, 10.0);
         }
@@ -120,7 +122,11 @@ pub fn tick(v: f64) -> String {
     } else {
         let decimals = (2 - a.log10().floor() as i32).max(0) as usize;
         let s = format!("{v:.decimals$}");
-        if s.contains('.') { s.trim_end_matches('0').trim_end_matches('.').to_string() } else { s }
+        if s.contains('.') {
+            s.trim_end_matches('0').trim_end_matches('.').to_string()
+        } else {
+            s
+        }
     }
 }
 
@@ -133,7 +139,13 @@ fn draw_legend(area: &DrawingArea<SVGBackend, Shift>, panel: &Panel) -> std::res
         let drawn = chart.draw_series(LineSeries::new(none, s.color)).map_err(e)?;
         add_legend_entry(drawn, s);
     }
-    chart.configure_series_labels().position(SeriesLabelPosition::UpperLeft).label_font(("sans-serif", 13)).border_style(BLACK.mix(0.4)).draw().map_err(e)
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .label_font(("sans-serif", 13))
+        .border_style(BLACK.mix(0.4))
+        .draw()
+        .map_err(e)
 }
 
 /// Name `s` in the legend with a mark that looks like it: a short line, or a dot.
@@ -147,7 +159,12 @@ fn add_legend_entry(drawn: &mut SeriesAnno<'_, SVGBackend<'_>>, s: &Series) {
 }
 
 /// One panel on `area`, y along `y` (a linear or a log range).
-fn draw_panel<Y>(area: &DrawingArea<SVGBackend, Shift>, panel: &Panel, x: Range<f64>, y: Y) -> std::result::Result<(), String>
+fn draw_panel<Y>(
+    area: &DrawingArea<SVGBackend, Shift>,
+    panel: &Panel,
+    x: Range<f64>,
+    y: Y,
+) -> std::result::Result<(), String>
 where
     Y: AsRangedCoord<Value = f64>,
     Y::CoordDescType: ValueFormatter<f64>,
@@ -178,7 +195,9 @@ where
         let color = s.color;
         let drawn = match s.style {
             Style::Line => chart.draw_series(LineSeries::new(pts, color.stroke_width(1))).map_err(e)?,
-            Style::Dots(r) => chart.draw_series(pts.into_iter().map(|p| Circle::new(p, r, color.filled()))).map_err(e)?,
+            Style::Dots(r) => {
+                chart.draw_series(pts.into_iter().map(|p| Circle::new(p, r, color.filled()))).map_err(e)?
+            }
         };
         if !s.name.is_empty() {
             add_legend_entry(drawn, s);
@@ -207,7 +226,11 @@ mod tests {
 
     #[test]
     fn ranges_cover_the_data_and_leave_out_what_a_log_axis_cannot_show() {
-        let p = Panel { log_y: true, series: vec![line("a", vec![(0.0, 1e-3), (3.0, 0.0), (4.0, 2.0), (5.0, f64::NAN)])], ..Panel::default() };
+        let p = Panel {
+            log_y: true,
+            series: vec![line("a", vec![(0.0, 1e-3), (3.0, 0.0), (4.0, 2.0), (5.0, f64::NAN)])],
+            ..Panel::default()
+        };
         let (x, y) = p.ranges();
         assert_eq!(x, 0.0..4.0);
         assert!(y.start < 1e-3 && y.start > 0.0 && y.end > 2.0, "{y:?}");
@@ -222,10 +245,25 @@ mod tests {
     fn renders_every_series_as_svg() {
         let d = tempfile::tempdir().unwrap();
         let path = d.path().join("f.svg");
-        let dots = Series { name: "chosen".into(), color: IC_COLOR, style: Style::Dots(3), points: vec![(1.0, 0.5), (2.0, 0.25)] };
+        let dots = Series {
+            name: "chosen".into(),
+            color: IC_COLOR,
+            style: Style::Dots(3),
+            points: vec![(1.0, 0.5), (2.0, 0.25)],
+        };
         let panels = vec![
-            Panel { title: "log".into(), log_y: true, legend: true, series: vec![line("first", vec![(0.0, 1.0), (1.0, 0.5), (2.0, 0.1)]), dots], ..Panel::default() },
-            Panel { title: "linear".into(), series: vec![line("second", vec![(0.0, -1.0), (9.0, 3.0)])], ..Panel::default() },
+            Panel {
+                title: "log".into(),
+                log_y: true,
+                legend: true,
+                series: vec![line("first", vec![(0.0, 1.0), (1.0, 0.5), (2.0, 0.1)]), dots],
+                ..Panel::default()
+            },
+            Panel {
+                title: "linear".into(),
+                series: vec![line("second", vec![(0.0, -1.0), (9.0, 3.0)])],
+                ..Panel::default()
+            },
         ];
         render(&Figure { panels, columns: 2, panel_size: (300, 200) }, &path).unwrap();
         let svg = std::fs::read_to_string(&path).unwrap();
@@ -234,13 +272,20 @@ mod tests {
         // Lines are polylines (width 1; 2 in the legend) and dots circles, in the series' colour
         // (the mesh is black).
         let with = |tag: &str, attrs: &[(&str, &str)]| {
-            doc.descendants().filter(|n| n.tag_name().name() == tag && attrs.iter().all(|(k, v)| n.attribute(*k) == Some(*v))).count()
+            doc.descendants()
+                .filter(|n| n.tag_name().name() == tag && attrs.iter().all(|(k, v)| n.attribute(*k) == Some(*v)))
+                .count()
         };
         let (oc, ic) = ("#1F77B4", "#FF7F0E");
         assert_eq!(with("polyline", &[("stroke", oc), ("stroke-width", "1")]), 2, "one per line series");
         assert_eq!(with("polyline", &[("stroke", oc), ("stroke-width", "2")]), 1, "the legend's line");
         assert_eq!(with("circle", &[("fill", ic)]), 3, "one per dot, one in the legend");
-        let texts: Vec<&str> = doc.descendants().filter(|n| n.tag_name().name() == "text").filter_map(|n| n.text()).map(str::trim).collect();
+        let texts: Vec<&str> = doc
+            .descendants()
+            .filter(|n| n.tag_name().name() == "text")
+            .filter_map(|n| n.text())
+            .map(str::trim)
+            .collect();
         for want in ["first", "chosen", "log", "linear", "0.5"] {
             assert!(texts.contains(&want), "no text '{want}' in {texts:?}");
         }
@@ -249,7 +294,17 @@ mod tests {
 
     #[test]
     fn ticks_are_short() {
-        let cases = [(0.0, "0"), (0.30000000000000004, "0.3"), (0.7000000000000001, "0.7"), (12.5, "12.5"), (1536.0, "1536"), (3e-4, "3e-4"), (2.5e-5, "2.5e-5"), (-0.125, "-0.125"), (1e5, "1e5")];
+        let cases = [
+            (0.0, "0"),
+            (0.30000000000000004, "0.3"),
+            (0.7000000000000001, "0.7"),
+            (12.5, "12.5"),
+            (1536.0, "1536"),
+            (3e-4, "3e-4"),
+            (2.5e-5, "2.5e-5"),
+            (-0.125, "-0.125"),
+            (1e5, "1e5"),
+        ];
         for (v, want) in cases {
             assert_eq!(tick(v), want, "{v}");
         }
@@ -259,7 +314,8 @@ mod tests {
     fn an_unwritable_path_is_an_error_naming_it() {
         let d = tempfile::tempdir().unwrap();
         let path = d.path().join("no-such-dir").join("f.svg");
-        let e = render(&Figure { panels: vec![Panel::default()], columns: 1, panel_size: (100, 100) }, &path).unwrap_err();
+        let e =
+            render(&Figure { panels: vec![Panel::default()], columns: 1, panel_size: (100, 100) }, &path).unwrap_err();
         assert!(e.to_string().contains("no-such-dir"), "{e}");
     }
 }

@@ -28,10 +28,15 @@ impl Run {
         let path = dir.join(Report::FILE);
         let text = match std::fs::read_to_string(&path) {
             Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(not_a_run("no report.json; give the --out directory of `adadim quantize`")),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(not_a_run("no report.json; give the --out directory of `adadim quantize`"))
+            }
             Err(source) => return Err(ReportError::Io { path, source }),
         };
-        let file: Report = serde_json::from_str(&text).map_err(|e| ReportError::Damaged { path: path.clone(), msg: format!("not a report written by `adadim quantize`: {e}") })?;
+        let file: Report = serde_json::from_str(&text).map_err(|e| ReportError::Damaged {
+            path: path.clone(),
+            msg: format!("not a report written by `adadim quantize`: {e}"),
+        })?;
         if file.linears.is_empty() {
             return Err(ReportError::Damaged { path, msg: "no linears reported".into() });
         }

@@ -16,7 +16,7 @@
 use std::path::Path;
 
 use adadim_load::Checkpoint;
-use adadim_model::{Block, DecodeSettings, Flow, LinearKind, Rope, WeightSource, Weight};
+use adadim_model::{Block, DecodeSettings, Flow, LinearKind, Rope, Weight, WeightSource};
 use adadim_quantize::{gptq, output_error_from_hessian, Axis, GptqOptions, Hessian};
 use candle_core::{Device, Tensor};
 
@@ -58,7 +58,11 @@ impl AxisUpdate {
         v.sort_by(|a, b| b.total_cmp(a));
         let n = ((v.len() as f64 * fraction).ceil() as usize).clamp(1, v.len().max(1));
         let total: f64 = v.iter().sum();
-        if total > 0.0 { v[..n].iter().sum::<f64>() / total } else { 0.0 }
+        if total > 0.0 {
+            v[..n].iter().sum::<f64>() / total
+        } else {
+            0.0
+        }
     }
 }
 
@@ -92,7 +96,8 @@ fn dense_block(src: &dyn WeightSource, layer: usize) -> Result<Block> {
     let mut block = Block::load(src, layer)?;
     for kind in LinearKind::ALL {
         if let Weight::Packed(p) = &block.linear(kind).weight {
-            let w = Tensor::from_vec(p.dequantize(), (p.rows(), p.cols()), &Device::Cpu).map_err(tensor_err(format!("layer {layer} {}", kind.module())))?;
+            let w = Tensor::from_vec(p.dequantize(), (p.rows(), p.cols()), &Device::Cpu)
+                .map_err(tensor_err(format!("layer {layer} {}", kind.module())))?;
             block.linear_mut(kind).weight = Weight::Dense(w);
         }
     }
@@ -109,11 +114,26 @@ fn host(w: &Weight, what: &str) -> Result<Vec<f32>> {
 
 /// Re-run GPTQ on linear `kind` of block `layer` of `run` along both axes, calibrated on
 /// `samples` (the run's own: same text, count, length and seed). `progress(blocks, total)`.
-pub fn compute(run: &Run, samples: &[Vec<u32>], layer: usize, kind: LinearKind, progress: &mut dyn FnMut(usize, usize)) -> Result<LayerUpdates> {
+pub fn compute(
+    run: &Run,
+    samples: &[Vec<u32>],
+    layer: usize,
+    kind: LinearKind,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<LayerUpdates> {
     let module = kind.module();
-    let report = run.linear(layer, module).ok_or_else(|| ReportError::Invalid(format!("{}: no linear {module} in block {layer} (the run has {} blocks)", run.dir.display(), run.layers())))?;
+    let report = run.linear(layer, module).ok_or_else(|| {
+        ReportError::Invalid(format!(
+            "{}: no linear {module} in block {layer} (the run has {} blocks)",
+            run.dir.display(),
+            run.layers()
+        ))
+    })?;
     if run.summary.format == adadim_calibrate::Format::Gptq {
-        return Err(ReportError::Invalid(format!("{}: a GPTQ v1 export, which this re-run cannot read; use a packed or f32 run", run.dir.display())));
+        return Err(ReportError::Invalid(format!(
+            "{}: a GPTQ v1 export, which this re-run cannot read; use a packed or f32 run",
+            run.dir.display()
+        )));
     }
     if samples.is_empty() {
         return Err(ReportError::Invalid("no calibration samples".into()));
@@ -125,7 +145,10 @@ pub fn compute(run: &Run, samples: &[Vec<u32>], layer: usize, kind: LinearKind, 
     let mut xs = adadim_calibrate::embed_samples(&quantized.tensor("model.embed_tokens.weight")?, samples)?;
     for l in 0..layer {
         let block = dense_block(quantized.as_ref(), l)?;
-        xs = xs.iter().map(|x| block.forward(x, &rope, &DecodeSettings::DEFAULT)).collect::<adadim_model::Result<Vec<Tensor>>>()?;
+        xs = xs
+            .iter()
+            .map(|x| block.forward(x, &rope, &DecodeSettings::DEFAULT))
+            .collect::<adadim_model::Result<Vec<Tensor>>>()?;
         progress(l + 1, layer + 1);
     }
     // Block `layer` up to the linear: q/k/v share one input (tapped as Q), gate/up too (Gate).
@@ -136,7 +159,9 @@ pub fn compute(run: &Run, samples: &[Vec<u32>], layer: usize, kind: LinearKind, 
     };
     let block = dense_block(quantized.as_ref(), layer)?;
     let (rows, cols) = (report.rows, report.cols);
-    let qerr = |source| ReportError::from(adadim_calibrate::CalibError::Quantize { layer, module: module.to_string(), source });
+    let qerr = |source| {
+        ReportError::from(adadim_calibrate::CalibError::Quantize { layer, module: module.to_string(), source })
+    };
     let mut h = Hessian::new(cols);
     for x in &xs {
         let mut input = None;
@@ -148,17 +173,29 @@ pub fn compute(run: &Run, samples: &[Vec<u32>], layer: usize, kind: LinearKind, 
             Ok(Flow::Stop)
         })?;
         let input = input.expect("the tap sees the input of every linear");
-        let v = input.flatten_all().and_then(|t| t.to_vec1::<f32>()).map_err(tensor_err(format!("layer {layer} {module} inputs")))?;
+        let v = input
+            .flatten_all()
+            .and_then(|t| t.to_vec1::<f32>())
+            .map_err(tensor_err(format!("layer {layer} {module} inputs")))?;
         h.add_batch(&v).map_err(qerr)?;
     }
     progress(layer + 1, layer + 1);
 
     let w = source.tensor_f32(&format!("model.layers.{layer}.{module}.weight"))?;
     if w.len() != rows * cols {
-        return Err(ReportError::Invalid(format!("{}: {module} of block {layer} has {} weights, the run reported [{rows}, {cols}]", run.summary.model, w.len())));
+        return Err(ReportError::Invalid(format!(
+            "{}: {module} of block {layer} has {} weights, the run reported [{rows}, {cols}]",
+            run.summary.model,
+            w.len()
+        )));
     }
     let s = &run.summary.settings;
-    let opts = GptqOptions { percdamp: report.percdamp.unwrap_or(GptqOptions::default().percdamp), act_order: s.act_order, static_groups: s.static_groups, ..GptqOptions::default() };
+    let opts = GptqOptions {
+        percdamp: report.percdamp.unwrap_or(GptqOptions::default().percdamp),
+        act_order: s.act_order,
+        static_groups: s.static_groups,
+        ..GptqOptions::default()
+    };
     let along = |axis: Axis| -> Result<(Vec<f32>, AxisUpdate)> {
         let out = gptq(&w, rows, cols, &h, &s.spec.with_axis(axis), &opts).map_err(qerr)?;
         let (wq, per_input) = (out.quantized.dequantize(), out.update);
@@ -175,28 +212,58 @@ pub fn compute(run: &Run, samples: &[Vec<u32>], layer: usize, kind: LinearKind, 
         None
     };
     let input_rms = adadim_calibrate::input_rms::from_hessian(&h);
-    Ok(LayerUpdates { layer, module, rows, cols, tokens: h.tokens(), oc, ic, input_rms, run_axis: report.axis, reproduced_max_diff })
+    Ok(LayerUpdates {
+        layer,
+        module,
+        rows,
+        cols,
+        tokens: h.tokens(),
+        oc,
+        ic,
+        input_rms,
+        run_axis: report.axis,
+        reproduced_max_diff,
+    })
 }
 
 /// Three panels: the per-OC and per-IC updates on one scale, and the linear's input RMS.
 pub fn figure(u: &LayerUpdates) -> Figure {
     let top = u.oc.per_input.iter().chain(&u.ic.per_input).fold(0.0f64, |a, b| a.max(*b));
     let panel = |name: &str, a: &AxisUpdate, color| Panel {
-        title: format!("block {} {}: GPTQ {name}; top 1% of input channels hold {:.0}% of it", u.layer, u.module, 100.0 * a.top_share(0.01)),
+        title: format!(
+            "block {} {}: GPTQ {name}; top 1% of input channels hold {:.0}% of it",
+            u.layer,
+            u.module,
+            100.0 * a.top_share(0.01)
+        ),
         x_desc: "input channel".into(),
         y_desc: "GPTQ update, mean over output channels".into(),
         y_range: Some((0.0, top)),
-        series: vec![Series { name: String::new(), color, style: Style::Line, points: a.per_input.iter().enumerate().map(|(i, v)| (i as f64, *v)).collect() }],
+        series: vec![Series {
+            name: String::new(),
+            color,
+            style: Style::Line,
+            points: a.per_input.iter().enumerate().map(|(i, v)| (i as f64, *v)).collect(),
+        }],
         ..Panel::default()
     };
     let rms = Panel {
         title: format!("block {} {}: input RMS over {} calibration tokens", u.layer, u.module, u.tokens),
         x_desc: "input channel".into(),
         y_desc: "RMS".into(),
-        series: vec![Series { name: String::new(), color: PALETTE[0], style: Style::Line, points: u.input_rms.iter().enumerate().map(|(i, v)| (i as f64, f64::from(*v))).collect() }],
+        series: vec![Series {
+            name: String::new(),
+            color: PALETTE[0],
+            style: Style::Line,
+            points: u.input_rms.iter().enumerate().map(|(i, v)| (i as f64, f64::from(*v))).collect(),
+        }],
         ..Panel::default()
     };
-    Figure { panels: vec![panel("per-OC", &u.oc, OC_COLOR), panel("per-IC", &u.ic, IC_COLOR), rms], columns: 1, panel_size: (900, 250) }
+    Figure {
+        panels: vec![panel("per-OC", &u.oc, OC_COLOR), panel("per-IC", &u.ic, IC_COLOR), rms],
+        columns: 1,
+        panel_size: (900, 250),
+    }
 }
 
 #[cfg(test)]
@@ -214,7 +281,18 @@ mod tests {
     #[test]
     fn concentration_compares_the_outlier_channels_with_the_rest() {
         let a = AxisUpdate { per_input: vec![1.0, 4.0, 1.0, 3.0], error: 0.0 };
-        let u = LayerUpdates { layer: 0, module: "mlp.down_proj", rows: 1, cols: 4, tokens: 1, oc: a.clone(), ic: a.clone(), input_rms: vec![0.1, 9.0, 0.2, 0.3], run_axis: Axis::Ic, reproduced_max_diff: None };
+        let u = LayerUpdates {
+            layer: 0,
+            module: "mlp.down_proj",
+            rows: 1,
+            cols: 4,
+            tokens: 1,
+            oc: a.clone(),
+            ic: a.clone(),
+            input_rms: vec![0.1, 9.0, 0.2, 0.3],
+            run_axis: Axis::Ic,
+            reproduced_max_diff: None,
+        };
         let ch = u.outlier_channels(0.01);
         assert_eq!(ch, vec![1], "the largest input RMS");
         assert_eq!(LayerUpdates::concentration(&a, &ch), 4.0 / (5.0 / 3.0));

@@ -104,7 +104,8 @@ impl Rng {
 
 /// The next token from one row of logits.
 fn sample(logits: &[f32], temperature: f64, rng: &mut Rng) -> u32 {
-    let argmax = logits.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0;
+    let argmax =
+        logits.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0;
     if temperature <= 0.0 {
         return argmax as u32;
     }
@@ -122,7 +123,13 @@ fn sample(logits: &[f32], temperature: f64, rng: &mut Rng) -> u32 {
 
 /// Generates after `prompt` until a token of `stop` (not emitted) or `max_tokens`, calling
 /// `on_token` with each new token as it comes.
-pub fn generate(model: &Model, prompt: &[u32], stop: &[u32], s: &Settings, on_token: &mut dyn FnMut(u32)) -> Result<Stats, ModelError> {
+pub fn generate(
+    model: &Model,
+    prompt: &[u32],
+    stop: &[u32],
+    s: &Settings,
+    on_token: &mut dyn FnMut(u32),
+) -> Result<Stats, ModelError> {
     generate_until(model, prompt, stop, s, &mut |t| {
         on_token(t);
         true
@@ -131,7 +138,13 @@ pub fn generate(model: &Model, prompt: &[u32], stop: &[u32], s: &Settings, on_to
 
 /// As [`generate`], and `on_token` may end generation after the token it was given by
 /// returning `false` (stop sequences that are text, not single tokens).
-pub fn generate_until(model: &Model, prompt: &[u32], stop: &[u32], s: &Settings, on_token: &mut dyn FnMut(u32) -> bool) -> Result<Stats, ModelError> {
+pub fn generate_until(
+    model: &Model,
+    prompt: &[u32],
+    stop: &[u32],
+    s: &Settings,
+    on_token: &mut dyn FnMut(u32) -> bool,
+) -> Result<Stats, ModelError> {
     let mut stats = Stats { prompt_tokens: prompt.len(), ..Stats::default() };
     if prompt.is_empty() || s.max_tokens == 0 {
         return Ok(stats);
@@ -200,7 +213,15 @@ mod tests {
     fn sampling_is_seeded_and_greedy_at_zero_temperature() {
         let logits = [0.1f32, 2.0, 1.9, -3.0];
         assert_eq!(sample(&logits, 0.0, &mut Rng(1)), 1);
-        let draw = |seed| (0..200).map(|_| 0).fold((Rng(seed), vec![]), |(mut r, mut v), _: i32| { v.push(sample(&logits, 1.0, &mut r)); (r, v) }).1;
+        let draw = |seed| {
+            (0..200)
+                .map(|_| 0)
+                .fold((Rng(seed), vec![]), |(mut r, mut v), _: i32| {
+                    v.push(sample(&logits, 1.0, &mut r));
+                    (r, v)
+                })
+                .1
+        };
         assert_eq!(draw(7), draw(7));
         let d = draw(7);
         assert!(d.contains(&1) && d.contains(&2), "both likely tokens drawn: {d:?}");

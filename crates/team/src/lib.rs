@@ -203,7 +203,7 @@ pub fn for_each(n: usize, f: &(dyn Fn(usize) + Sync)) -> bool {
     s.tasks.store(n, Relaxed);
     s.next.store(0, Relaxed);
     s.gate.fetch_add(1, SeqCst); // open
-    // A panic here must not leave before the helpers are out of the job: caught, re-raised.
+                                 // A panic here must not leave before the helpers are out of the job: caught, re-raised.
     let mine = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| loop {
         let i = s.next.fetch_add(1, Relaxed);
         if i >= n {
@@ -272,7 +272,13 @@ pub fn rows(y: &mut [f32], run: &(dyn Fn(usize, &mut [f32]) + Sync)) {
 /// each group its run reaches just before that group's rows (in cache for them); a group split
 /// between two members is filled by both (the same values). On rayon a task per group fills
 /// its slot and hands its rows out in turn.
-pub fn grouped_rows<P: Send + Sync>(y: &mut [f32], g: usize, slots: &mut [P], prep: &(dyn Fn(usize, &mut P) + Sync), run: &(dyn Fn(usize, &mut [f32], &P) + Sync)) {
+pub fn grouped_rows<P: Send + Sync>(
+    y: &mut [f32],
+    g: usize,
+    slots: &mut [P],
+    prep: &(dyn Fn(usize, &mut P) + Sync),
+    run: &(dyn Fn(usize, &mut [f32], &P) + Sync),
+) {
     let groups = y.len().div_ceil(g);
     assert!(slots.len() >= groups, "{} slots for {groups} row groups", slots.len());
     if is_serial() {
@@ -287,7 +293,8 @@ pub fn grouped_rows<P: Send + Sync>(y: &mut [f32], g: usize, slots: &mut [P], pr
     let parts = members().min(chunks).min(slots.len()).max(1);
     let (yb, sb) = (SendPtr(y.as_mut_ptr()), SendPtr(slots.as_mut_ptr()));
     let part = |i: usize| {
-        let (mut r, end) = ((i * chunks / parts * ROWS_PER_TASK).min(total), ((i + 1) * chunks / parts * ROWS_PER_TASK).min(total));
+        let (mut r, end) =
+            ((i * chunks / parts * ROWS_PER_TASK).min(total), ((i + 1) * chunks / parts * ROWS_PER_TASK).min(total));
         // SAFETY: each part has its own slot (`parts <= slots.len()`) and its own rows of `y`;
         // both outlive the call.
         let slot = unsafe { &mut *sb.get().add(i) };
@@ -313,7 +320,11 @@ pub fn grouped_rows<P: Send + Sync>(y: &mut [f32], g: usize, slots: &mut [P], pr
 /// least `n` of them. Taken out of the thread-local while in use, so a call nested on the
 /// same thread (a rayon worker stealing another matvec) starts from an empty set instead of
 /// failing.
-pub fn with_slots<P: Default + 'static, R>(key: &'static std::thread::LocalKey<std::cell::Cell<Vec<P>>>, n: usize, f: impl FnOnce(&mut [P]) -> R) -> R {
+pub fn with_slots<P: Default + 'static, R>(
+    key: &'static std::thread::LocalKey<std::cell::Cell<Vec<P>>>,
+    n: usize,
+    f: impl FnOnce(&mut [P]) -> R,
+) -> R {
     let mut slots = key.take();
     if slots.len() < n {
         slots.resize_with(n, P::default);
@@ -364,7 +375,9 @@ mod tests {
                     assert!(hits.iter().all(|h| h.load(Relaxed) == 50), "{helpers} helpers, {n} tasks");
                 }
                 let mut y = vec![0f32; 1003];
-                for_each_chunk(&mut y, 32, &|i, c| c.iter_mut().enumerate().for_each(|(j, v)| *v = (i * 32 + j) as f32));
+                for_each_chunk(&mut y, 32, &|i, c| {
+                    c.iter_mut().enumerate().for_each(|(j, v)| *v = (i * 32 + j) as f32)
+                });
                 assert!(y.iter().enumerate().all(|(i, &v)| v == i as f32));
             });
         }
@@ -446,7 +459,11 @@ mod tests {
                     let mut slots = vec![usize::MAX; n.div_ceil(g) + 1];
                     let mut y = vec![-1f32; n];
                     grouped_rows(&mut y, g, &mut slots, &|kr, p| *p = kr, &|r0, c, &kr| {
-                        assert!(!c.is_empty() && r0 / g == kr && (r0 + c.len() - 1) / g == kr, "run {r0}+{} in group {kr}", c.len());
+                        assert!(
+                            !c.is_empty() && r0 / g == kr && (r0 + c.len() - 1) / g == kr,
+                            "run {r0}+{} in group {kr}",
+                            c.len()
+                        );
                         assert!(c.iter().all(|&v| v == -1.0), "a row written twice");
                         c.iter_mut().enumerate().for_each(|(i, v)| *v = (r0 + i) as f32);
                     });

@@ -23,13 +23,22 @@ pub fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
     for spec in &a.models {
         let dir = model_dir(spec)?;
         let src = adadim_model::open(&dir)?;
-        crate::limits::check_positions(src.config(), &dir.join("config.json"), deepest + a.tokens + 2, "--depth + --tokens")?;
+        crate::limits::check_positions(
+            src.config(),
+            &dir.join("config.json"),
+            deepest + a.tokens + 2,
+            "--depth + --tokens",
+        )?;
         let mut model = adadim_model::Model::load(src.as_ref(), deepest + a.tokens + 2, &mut |_, _| {})?;
         let packed = adadim_model::is_packed(&dir);
         apply_head_bits(&mut model, Some(if packed { a.head_bits } else { 0 }), packed)?;
         // The prompt as `generate` multiplies it: on integers at the measured precision.
         // f16 keys and values: llama-bench's default cache type, so both read the same bytes.
-        model.set_settings(adadim_model::DecodeSettings { integer_prefill: true, kv: adadim_model::KvType::F16, ..model.settings() })?;
+        model.set_settings(adadim_model::DecodeSettings {
+            integer_prefill: true,
+            kv: adadim_model::KvType::F16,
+            ..model.settings()
+        })?;
         let head = if packed && a.head_bits > 0 { format!(", head {}-bit", a.head_bits) } else { String::new() };
         for &act in if packed { &acts[..] } else { &[adadim_pack::ActBits::I16][..] } {
             let label = if packed {
@@ -37,11 +46,20 @@ pub fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
                 let (method, dim, bits, group) = match adadim_calibrate::Report::read(&dir) {
                     Ok(r) => {
                         let st = r.summary.settings;
-                        (st.method.name(), st.dim.name(), st.spec.bits.to_string(), st.spec.group.map_or("null".to_string(), |g| g.to_string()))
+                        (
+                            st.method.name(),
+                            st.dim.name(),
+                            st.spec.bits.to_string(),
+                            st.spec.group.map_or("null".to_string(), |g| g.to_string()),
+                        )
                     }
                     Err(_) => ("?", "?", "null".to_string(), "null".to_string()),
                 };
-                format!("{} packed ({method}-{dim} w{bits}g{group}{head}, int{} activations)", dir.file_name().unwrap_or_default().to_string_lossy(), act.bits())
+                format!(
+                    "{} packed ({method}-{dim} w{bits}g{group}{head}, int{} activations)",
+                    dir.file_name().unwrap_or_default().to_string_lossy(),
+                    act.bits()
+                )
             } else {
                 format!("{} f32", dir.file_name().unwrap_or_default().to_string_lossy())
             };
@@ -51,15 +69,28 @@ pub fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
         }
         models.push(model);
     }
-    let llama = a.llamacpp.clone().or_else(|| Some(adadim_home().join("peers/llama.cpp/bin"))).filter(|d| d.join("llama-bench").exists());
+    let llama = a
+        .llamacpp
+        .clone()
+        .or_else(|| Some(adadim_home().join("peers/llama.cpp/bin")))
+        .filter(|d| d.join("llama-bench").exists());
     let bin = match (a.gguf.is_empty(), llama) {
         (true, _) => None,
         (false, Some(bin)) => Some(bin),
-        (false, None) => anyhow::bail!("--gguf given but no llama-bench found (bench/peers/build-llamacpp.sh, or --llamacpp DIR)"),
+        (false, None) => {
+            anyhow::bail!("--gguf given but no llama-bench found (bench/peers/build-llamacpp.sh, or --llamacpp DIR)")
+        }
     };
     // (gguf, label, depth, best tokens/s, file bytes)
-    let mut peers: Vec<(&PathBuf, String, usize, f64, u64)> =
-        a.gguf.iter().flat_map(|g| a.depth.iter().map(move |&d| (g, g.file_stem().unwrap_or_default().to_string_lossy().to_string(), d, 0.0, 0))).collect();
+    let mut peers: Vec<(&PathBuf, String, usize, f64, u64)> = a
+        .gguf
+        .iter()
+        .flat_map(|g| {
+            a.depth
+                .iter()
+                .map(move |&d| (g, g.file_stem().unwrap_or_default().to_string_lossy().to_string(), d, 0.0, 0))
+        })
+        .collect();
     // llama-bench pp D per GGUF and nonzero depth D, best tokens/s.
     let pp_depths: Vec<usize> = a.depth.iter().copied().filter(|&d| d > 0).collect();
     let mut peers_pp: Vec<Vec<f64>> = vec![vec![0.0; pp_depths.len()]; a.gguf.len()];
@@ -97,7 +128,11 @@ pub fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
     }
     let mut md = String::new();
     writeln!(md, "## Decode speed (`adadim bench decode`)\n")?;
-    writeln!(md, "Machine: {}. Memory bandwidth measured in this run (STREAM triad, best of the rounds): **{triad:.1} GB/s**.\n", super::machine())?;
+    writeln!(
+        md,
+        "Machine: {}. Memory bandwidth measured in this run (STREAM triad, best of the rounds): **{triad:.1} GB/s**.\n",
+        super::machine()
+    )?;
     writeln!(md, "Batch 1, greedy, f16 KV cache (both sides: llama-bench's default type), {} tokens decoded after a context of `depth` positions (llama-bench's `-d`; ours: a prompt of that many tokens, its prefill not timed; depth 0: a one-token prompt), no stop token. {rounds} rounds, each measuring every model once in turn, ours and llama.cpp's interleaved (so a change in the machine's state during the run reaches all of them alike); the best round of each is kept. Bytes per token: every linear as stored (f32, or packed codes + params) and the LM head (SmolLM2 ties it to the f32 embedding; packed models decode with it quantized to `--head-bits`, 8 by default, as llama.cpp's k-quant mixes do), plus the f16 keys and values of the average position attended to; the bound is triad / bytes.\n", a.tokens)?;
     writeln!(md, "| model | depth | MB / token (weights + KV) | tokens/s | bound (tokens/s) | of bound |\n|---|---|---|---|---|---|")?;
     // f16 keys and values read per token, on average over the timed tokens.
@@ -108,19 +143,31 @@ pub fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
     for (m, _, label, depth, best, _) in &ours {
         let bytes = models[*m].weight_bytes_per_token() as f64 + kv_bytes(&models[*m], *depth);
         let bound = triad * 1e9 / bytes;
-        writeln!(md, "| adadim: {label} | {depth} | {:.1} | {best:.1} | {bound:.0} | {:.2} |", bytes / 1e6, best / bound)?;
+        writeln!(
+            md,
+            "| adadim: {label} | {depth} | {:.1} | {best:.1} | {bound:.0} | {:.2} |",
+            bytes / 1e6,
+            best / bound
+        )?;
     }
     for (_, label, depth, ts, size) in &peers {
         // The same model's keys and values (the GGUFs are of the models measured above).
         let kv = models.first().map_or(0.0, |m| kv_bytes(m, *depth));
         let bytes = *size as f64 + kv;
         let bound = triad * 1e9 / bytes;
-        writeln!(md, "| llama.cpp llama-bench tg{}: {label} | {depth} | {:.1} (file + KV) | {ts:.1} | {bound:.0} | {:.2} |", a.tokens, bytes / 1e6, ts / bound)?;
+        writeln!(
+            md,
+            "| llama.cpp llama-bench tg{}: {label} | {depth} | {:.1} (file + KV) | {ts:.1} | {bound:.0} | {:.2} |",
+            a.tokens,
+            bytes / 1e6,
+            ts / bound
+        )?;
     }
     if !peers.is_empty() {
         writeln!(md, "\nadadim / llama.cpp decode speed, at the same depth:\n")?;
         for (_, _, label, depth, t, _) in &ours {
-            let vs: Vec<String> = peers.iter().filter(|p| p.2 == *depth).map(|(_, p, _, pt, _)| format!("{:.2}x {p}", t / pt)).collect();
+            let vs: Vec<String> =
+                peers.iter().filter(|p| p.2 == *depth).map(|(_, p, _, pt, _)| format!("{:.2}x {p}", t / pt)).collect();
             writeln!(md, "- {label} @ {depth}: {}", vs.join(", "))?;
         }
     }
@@ -128,7 +175,12 @@ pub fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
         let lengths: Vec<String> = pp_depths.iter().map(|d| d.to_string()).collect();
         writeln!(md, "\n### Prompt processing: {} tokens\n", lengths.join(", "))?;
         writeln!(md, "Each nonzero depth's context prefill, timed as `generate` times it (the prompt through the model, the last position's logits included); llama.cpp: `llama-bench -p N -n 0`, in the same rounds. Prefill is compute-bound: packed models multiply the prompt on integers (`adadim_pack::matmul_int`, AVX-512 VNNI: activations rounded as the decode matvecs round them, int16 or int8 as labelled), the f32 model with candle's GEMM; llama.cpp multiplies int8-rounded activations with its integer kernels.\n")?;
-        writeln!(md, "| model | {} |\n|---|{}", pp_depths.iter().map(|d| format!("{d} tokens, tokens/s")).collect::<Vec<_>>().join(" | "), "---|".repeat(pp_depths.len()))?;
+        writeln!(
+            md,
+            "| model | {} |\n|---|{}",
+            pp_depths.iter().map(|d| format!("{d} tokens, tokens/s")).collect::<Vec<_>>().join(" | "),
+            "---|".repeat(pp_depths.len())
+        )?;
         // One row per model and activation width: ours holds one entry per depth, in order.
         let mut seen: Vec<&str> = Vec::new();
         for (_, _, label, _, _, _) in &ours {
@@ -141,18 +193,31 @@ pub fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
                 .enumerate()
                 .map(|(i, d)| {
                     let pp = ours.iter().find(|o| &o.2 == label && o.3 == *d).map_or(0.0, |o| o.5);
-                    let vs: Vec<String> = a.gguf.iter().zip(&peers_pp).map(|(g, p)| format!("{:.2}x {}", pp / p[i], g.file_stem().unwrap_or_default().to_string_lossy())).collect();
+                    let vs: Vec<String> = a
+                        .gguf
+                        .iter()
+                        .zip(&peers_pp)
+                        .map(|(g, p)| {
+                            format!("{:.2}x {}", pp / p[i], g.file_stem().unwrap_or_default().to_string_lossy())
+                        })
+                        .collect();
                     format!("{pp:.1}{}", if vs.is_empty() { String::new() } else { format!(" ({})", vs.join(", ")) })
                 })
                 .collect();
             writeln!(md, "| adadim: {label} | {} |", cells.join(" | "))?;
         }
         for (g, p) in a.gguf.iter().zip(&peers_pp) {
-            writeln!(md, "| llama.cpp llama-bench pp: {} | {} |", g.file_stem().unwrap_or_default().to_string_lossy(), p.iter().map(|v| format!("{v:.1}")).collect::<Vec<_>>().join(" | "))?;
+            writeln!(
+                md,
+                "| llama.cpp llama-bench pp: {} | {} |",
+                g.file_stem().unwrap_or_default().to_string_lossy(),
+                p.iter().map(|v| format!("{v:.1}")).collect::<Vec<_>>().join(" | ")
+            )?;
         }
     }
     writeln!(md, "\nllama.cpp's bound uses its whole file size (all weights, quantized embeddings included) as bytes per token. Threads: {threads} each.")?;
-    let packed: Vec<PathBuf> = a.models.iter().filter_map(|m| model_dir(m).ok()).filter(|d| adadim_model::is_packed(d)).collect();
+    let packed: Vec<PathBuf> =
+        a.models.iter().filter_map(|m| model_dir(m).ok()).filter(|d| adadim_model::is_packed(d)).collect();
     if !packed.is_empty() {
         writeln!(md, "\n### Packed files on disk against the format's prediction\n")?;
         writeln!(md, "Predicted = every packed linear's bytes as its declared layout gives them (`Layout::bytes`: codes b/weight, f16 scale + packed zero per group, the act-order permutation) + the dense tensors at the size of their stored type (the source model's: f32 for SmolLM2, whose source is the dequantized GGUF); the rest of the file is the JSON header.\n")?;
@@ -167,9 +232,24 @@ pub fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
                 weights += p.rows() * p.cols();
             }
             let cfg = adadim_load::LlamaConfig::from_file(&dir.join("config.json"))?;
-            let dense: usize = cfg.expected_tensors().iter().filter(|(n, _)| !names.iter().any(|l| n == &format!("{l}.weight"))).map(|(n, s)| f.dense_value_bytes(n).unwrap_or(4) * s.iter().product::<usize>()).sum();
+            let dense: usize = cfg
+                .expected_tensors()
+                .iter()
+                .filter(|(n, _)| !names.iter().any(|l| n == &format!("{l}.weight")))
+                .map(|(n, s)| f.dense_value_bytes(n).unwrap_or(4) * s.iter().product::<usize>())
+                .sum();
             let file = std::fs::metadata(dir.join("model.safetensors"))?.len() as usize;
-            writeln!(md, "| {} | {:.3} | {:.2} | {:.2} | {:.2} | {:.2} | {} |", dir.file_name().unwrap_or_default().to_string_lossy(), 8.0 * lin_bytes as f64 / weights as f64, lin_bytes as f64 / 1e6, dense as f64 / 1e6, (lin_bytes + dense) as f64 / 1e6, file as f64 / 1e6, file as i64 - (lin_bytes + dense) as i64)?;
+            writeln!(
+                md,
+                "| {} | {:.3} | {:.2} | {:.2} | {:.2} | {:.2} | {} |",
+                dir.file_name().unwrap_or_default().to_string_lossy(),
+                8.0 * lin_bytes as f64 / weights as f64,
+                lin_bytes as f64 / 1e6,
+                dense as f64 / 1e6,
+                (lin_bytes + dense) as f64 / 1e6,
+                file as f64 / 1e6,
+                file as i64 - (lin_bytes + dense) as i64
+            )?;
         }
     }
     super::publish(&a.write, "decode", &md)
@@ -179,19 +259,49 @@ pub fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
 /// `threads`, `reps` repetitions (llama-bench's own mean): decoding `gen` tokens after `depth`
 /// positions (`prompt` 0, tg GEN) or processing a `prompt` of that many tokens (`gen` 0, pp
 /// PROMPT). Returns (tokens/s, file size in bytes).
-pub fn llama_bench(bin: &Path, gguf: &Path, prompt: usize, gen: usize, depth: usize, threads: usize, reps: usize) -> Result<(f64, u64)> {
+pub fn llama_bench(
+    bin: &Path,
+    gguf: &Path,
+    prompt: usize,
+    gen: usize,
+    depth: usize,
+    threads: usize,
+    reps: usize,
+) -> Result<(f64, u64)> {
     let exe = bin.join("llama-bench");
     let out = std::process::Command::new(&exe)
         .arg("-m")
         .arg(gguf)
-        .args(["-p", &prompt.to_string(), "-n", &gen.to_string(), "-d", &depth.to_string(), "-t", &threads.to_string(), "-r", &reps.max(1).to_string(), "-o", "json"])
+        .args([
+            "-p",
+            &prompt.to_string(),
+            "-n",
+            &gen.to_string(),
+            "-d",
+            &depth.to_string(),
+            "-t",
+            &threads.to_string(),
+            "-r",
+            &reps.max(1).to_string(),
+            "-o",
+            "json",
+        ])
         .output()
         .with_context(|| format!("running {}", exe.display()))?;
     if !out.status.success() {
-        anyhow::bail!("{} on {} failed ({}): {}", exe.display(), gguf.display(), out.status, String::from_utf8_lossy(&out.stderr));
+        anyhow::bail!(
+            "{} on {} failed ({}): {}",
+            exe.display(),
+            gguf.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).with_context(|| format!("{}: output is not JSON", exe.display()))?;
-    let is = |r: &serde_json::Value| r["n_prompt"].as_u64() == Some(prompt as u64) && r["n_gen"].as_u64() == Some(gen as u64);
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).with_context(|| format!("{}: output is not JSON", exe.display()))?;
+    let is = |r: &serde_json::Value| {
+        r["n_prompt"].as_u64() == Some(prompt as u64) && r["n_gen"].as_u64() == Some(gen as u64)
+    };
     let ts = v.as_array().and_then(|a| a.iter().find(|r| is(r))).and_then(|r| r["avg_ts"].as_f64());
     let ts = ts.ok_or_else(|| anyhow::anyhow!("{}: no pp{prompt} tg{gen} result in its JSON", exe.display()))?;
     let size = std::fs::metadata(gguf).with_context(|| format!("{}", gguf.display()))?.len();

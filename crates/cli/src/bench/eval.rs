@@ -63,7 +63,14 @@ pub fn bench_eval(a: BenchEvalArgs) -> Result<()> {
         writeln!(md, "| {name} | {m} x {k} x {n} | {g:.1} |")?;
     }
     writeln!(md, "\n| evaluator | tokens/s | model GFLOP/s | fraction of GEMM peak ({peak:.1} GFLOP/s) | ppl reported |\n|---|---|---|---|---|")?;
-    writeln!(md, "| adadim (GPTQ protocol: all {} predictions per window) | {:.1} | {achieved:.1} | {:.2} | {:.4} |", a.seqlen - 1, r.tokens_per_s, achieved / peak, r.ppl)?;
+    writeln!(
+        md,
+        "| adadim (GPTQ protocol: all {} predictions per window) | {:.1} | {achieved:.1} | {:.2} | {:.4} |",
+        a.seqlen - 1,
+        r.tokens_per_s,
+        achieved / peak,
+        r.ppl
+    )?;
     match &peer {
         Some(p) => writeln!(md, "| llama.cpp `llama-perplexity` (scores 2nd half of each window; same GGUF, Q4_1 kernels) | {:.1} | | | {:.4} |\n\nadadim / llama.cpp throughput: **{:.2}x**. llama.cpp command: `{}`.", p.tokens_per_s, p.ppl, r.tokens_per_s / p.tokens_per_s, p.command)?,
         None => writeln!(md, "\nllama.cpp not run (pass --llama-cpp DIR or set ADADIM_LLAMA_CPP).")?,
@@ -79,15 +86,32 @@ pub struct PeerRun {
 }
 
 /// Run llama.cpp's `llama-perplexity` on `gguf` and `text` with `ctx`, `chunks` windows.
-pub fn llama_perplexity(bin_dir: &Path, gguf: &Path, text: &Path, ctx: usize, chunks: usize, threads: usize) -> Result<PeerRun> {
+pub fn llama_perplexity(
+    bin_dir: &Path,
+    gguf: &Path,
+    text: &Path,
+    ctx: usize,
+    chunks: usize,
+    threads: usize,
+) -> Result<PeerRun> {
     let exe = bin_dir.join("llama-perplexity");
     if !exe.exists() {
         bail!("{}: not found (build it with bench/peers/build-llamacpp.sh)", exe.display());
     }
     let args = [
-        "-m".to_string(), gguf.display().to_string(), "-f".into(), text.display().to_string(),
-        "-c".into(), ctx.to_string(), "-b".into(), ctx.to_string(), "--chunks".into(), chunks.to_string(),
-        "-t".into(), threads.to_string(), "--no-repack".into(),
+        "-m".to_string(),
+        gguf.display().to_string(),
+        "-f".into(),
+        text.display().to_string(),
+        "-c".into(),
+        ctx.to_string(),
+        "-b".into(),
+        ctx.to_string(),
+        "--chunks".into(),
+        chunks.to_string(),
+        "-t".into(),
+        threads.to_string(),
+        "--no-repack".into(),
     ];
     let command = format!("llama-perplexity {}", args.join(" "));
     let t = Instant::now();
@@ -103,12 +127,22 @@ pub fn llama_perplexity(bin_dir: &Path, gguf: &Path, text: &Path, ctx: usize, ch
         .find_map(|l| l.split("Final estimate: PPL = ").nth(1))
         .and_then(|r| r.split_whitespace().next())
         .and_then(|v| v.parse::<f64>().ok())
-        .with_context(|| format!("no 'Final estimate' in llama-perplexity output: {}", log.lines().rev().take(5).collect::<Vec<_>>().join(" | ")))?;
+        .with_context(|| {
+            format!(
+                "no 'Final estimate' in llama-perplexity output: {}",
+                log.lines().rev().take(5).collect::<Vec<_>>().join(" | ")
+            )
+        })?;
     // "llama_perf_context_print: prompt eval time = 1234.5 ms / 16384 tokens (... ms per token, 123.4 tokens per second)"
     let tps = log
         .lines()
         .filter(|l| l.contains("prompt eval time"))
-        .find_map(|l| l.split(" ms per token, ").nth(1).and_then(|r| r.split_whitespace().next()).and_then(|v| v.parse::<f64>().ok()))
+        .find_map(|l| {
+            l.split(" ms per token, ")
+                .nth(1)
+                .and_then(|r| r.split_whitespace().next())
+                .and_then(|v| v.parse::<f64>().ok())
+        })
         .unwrap_or((chunks * ctx) as f64 / seconds);
     Ok(PeerRun { ppl, tokens_per_s: tps, command })
 }

@@ -2,10 +2,10 @@
 //! fraction of this machine's memory bandwidth measured in the same run (STREAM triad), and
 //! per-IC against per-OC on the same shape.
 
-pub use adadim_pack::ActBits as Act;
-use adadim_pack::PackedLinear;
 use crate::args::BenchKernelsArgs;
 use adadim_load::fetch::adadim_home;
+pub use adadim_pack::ActBits as Act;
+use adadim_pack::PackedLinear;
 use adadim_quantize::{rtn, Axis, QuantSpec, Zero};
 use anyhow::{Context, Result};
 use rayon::prelude::*;
@@ -65,7 +65,15 @@ pub fn packed_matrix(rows: usize, cols: usize, bits: u8, group: usize, axis: Axi
 /// The two axes are timed in alternation, best of `reps` each, so a disturbance of the
 /// machine falls on both and their ratio compares like with like; on the decode team, as
 /// decoding runs them.
-pub fn time_matvec_pair(rows: usize, cols: usize, bits: u8, group: usize, act: Act, working_set: usize, reps: usize) -> Result<(KernelRow, KernelRow)> {
+pub fn time_matvec_pair(
+    rows: usize,
+    cols: usize,
+    bits: u8,
+    group: usize,
+    act: Act,
+    working_set: usize,
+    reps: usize,
+) -> Result<(KernelRow, KernelRow)> {
     let copies = |axis| -> Result<Vec<PackedLinear>> {
         let one = packed_matrix(rows, cols, bits, group, axis)?;
         // Half the working set each: both stay resident, and each cycle reads from memory.
@@ -148,10 +156,9 @@ pub fn llamacpp_matmul_us(bin_dir: &Path, type_a: &str, m: usize, n: usize, k: u
         .output()
         .with_context(|| format!("running {}", exe.display()))?;
     let text = String::from_utf8_lossy(&out.stdout);
-    let line = text
-        .lines()
-        .find(|l| l.contains("MUL_MAT(") && l.contains(&filter))
-        .ok_or_else(|| anyhow::anyhow!("{}: no MUL_MAT result for {filter} (status {}):\n{text}", exe.display(), out.status))?;
+    let line = text.lines().find(|l| l.contains("MUL_MAT(") && l.contains(&filter)).ok_or_else(|| {
+        anyhow::anyhow!("{}: no MUL_MAT result for {filter} (status {}):\n{text}", exe.display(), out.status)
+    })?;
     // "...:   207 runs -  5519.56 us/run - 117.44 MFLOP/run - ..."
     let us = line
         .split(" us/run")
@@ -168,14 +175,22 @@ pub const KERNEL_REPS: usize = 11;
 
 /// The kernels `bench kernels` times: code width and activation precision (8-bit activations
 /// are llama.cpp's precision).
-pub const KERNELS: [(u8, adadim_pack::ActBits); 4] = [(4, adadim_pack::ActBits::I16), (4, adadim_pack::ActBits::I8), (3, adadim_pack::ActBits::I16), (3, adadim_pack::ActBits::I8)];
+pub const KERNELS: [(u8, adadim_pack::ActBits); 4] = [
+    (4, adadim_pack::ActBits::I16),
+    (4, adadim_pack::ActBits::I8),
+    (3, adadim_pack::ActBits::I16),
+    (3, adadim_pack::ActBits::I8),
+];
 
 pub fn bench_kernels(a: BenchKernelsArgs) -> Result<()> {
     use adadim_quantize::Axis;
     let mut shapes = Vec::new();
     for s in &a.shapes {
         let (o, i) = s.split_once('x').ok_or_else(|| anyhow::anyhow!("--shapes: '{s}' is not OUTxIN"))?;
-        shapes.push((o.parse::<usize>().with_context(|| format!("--shapes: '{s}'"))?, i.parse::<usize>().with_context(|| format!("--shapes: '{s}'"))?));
+        shapes.push((
+            o.parse::<usize>().with_context(|| format!("--shapes: '{s}'"))?,
+            i.parse::<usize>().with_context(|| format!("--shapes: '{s}'"))?,
+        ));
     }
     // The triad is measured again before every kernel pair (this workplace's bandwidth moved by
     // a third within minutes): the ratios use its best, as the kernels' times are their best.
@@ -205,7 +220,14 @@ pub fn bench_kernels(a: BenchKernelsArgs) -> Result<()> {
         for r in [oc, ic] {
             let axis = if r.axis == Axis::Oc { "per-OC" } else { "per-IC" };
             let rel = if r.axis == Axis::Ic { format!("{ratio:.3}") } else { String::new() };
-            writeln!(md, "| {rows} x {cols} | {bits} | int{} | {axis} | {:.1} | {:.1} | {:.2} | {rel} |", act.bits(), r.seconds * 1e6, r.gbs(), r.gbs() / triad)?;
+            writeln!(
+                md,
+                "| {rows} x {cols} | {bits} | int{} | {axis} | {:.1} | {:.1} | {:.2} | {rel} |",
+                act.bits(),
+                r.seconds * 1e6,
+                r.gbs(),
+                r.gbs() / triad
+            )?;
             worst[k].0 = worst[k].0.min(r.gbs() / triad);
         }
         worst[k].1 = worst[k].1.max(ratio);
@@ -214,10 +236,17 @@ pub fn bench_kernels(a: BenchKernelsArgs) -> Result<()> {
     for (&(bits, act), w) in KERNELS.iter().zip(&worst) {
         writeln!(md, "| {bits}-bit codes, int{} activations | **{:.2}** | **{:.3}** |", act.bits(), w.0, w.1)?;
     }
-    let llama = a.llamacpp.clone().or_else(|| Some(adadim_home().join("peers/llama.cpp/bin"))).filter(|d| d.join("test-backend-ops").exists());
+    let llama = a
+        .llamacpp
+        .clone()
+        .or_else(|| Some(adadim_home().join("peers/llama.cpp/bin")))
+        .filter(|d| d.join("test-backend-ops").exists());
     match llama {
         Some(bin) => kernels_vs_llamacpp(&bin, a.group, &mut md)?,
-        None => writeln!(md, "\nllama.cpp comparison skipped: no test-backend-ops (build it with `bench/peers/build-llamacpp.sh`).")?,
+        None => writeln!(
+            md,
+            "\nllama.cpp comparison skipped: no test-backend-ops (build it with `bench/peers/build-llamacpp.sh`)."
+        )?,
     }
     super::publish(&a.write, "kernels", &md)
 }
@@ -252,7 +281,11 @@ pub fn kernels_vs_llamacpp(bin: &std::path::Path, group: usize, md: &mut String)
         for axis in [Axis::Oc, Axis::Ic] {
             let p = packed_matrix(m, k, bits, group, axis)?;
             let s = time_matvec_repeated(&p, act, threads, 100)?;
-            let name = format!("adadim w{bits}g{group} {} int{}", if axis == Axis::Oc { "per-OC" } else { "per-IC" }, act.bits());
+            let name = format!(
+                "adadim w{bits}g{group} {} int{}",
+                if axis == Axis::Oc { "per-OC" } else { "per-IC" },
+                act.bits()
+            );
             writeln!(md, "| {name} | {:.3} | {:.1} |", p.layout().bits_per_weight(m, k, false), s * 1e6)?;
             ours.push((bits, name, s * 1e6));
         }

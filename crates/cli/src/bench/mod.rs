@@ -51,10 +51,21 @@ pub fn faer_f64_gflops(n: usize, reps: usize) -> f64 {
 pub fn machine() -> String {
     let model = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split(':').nth(1)).map(|m| m.trim().to_string()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_string())
+        })
         .unwrap_or_else(|| "unknown CPU".into());
     #[cfg(target_arch = "x86_64")]
-    let isa = if is_x86_feature_detected!("avx512f") { "AVX-512" } else if is_x86_feature_detected!("avx2") { "AVX2+FMA, no AVX-512" } else { "no AVX2" };
+    let isa = if is_x86_feature_detected!("avx512f") {
+        "AVX-512"
+    } else if is_x86_feature_detected!("avx2") {
+        "AVX2+FMA, no AVX-512"
+    } else {
+        "no AVX2"
+    };
     #[cfg(not(target_arch = "x86_64"))]
     let isa = std::env::consts::ARCH;
     format!("{model}, {isa}, {} threads", candle_core::utils::get_num_threads())
@@ -72,7 +83,8 @@ pub fn publish(file: &Path, name: &str, md: &str) -> Result<()> {
 /// (appending the section if absent), atomically.
 pub fn write_section(file: &Path, name: &str, body: &str) -> Result<()> {
     let (begin, end) = (format!("<!-- begin {name} -->"), format!("<!-- end {name} -->"));
-    let old = std::fs::read_to_string(file).unwrap_or_else(|_| "# Benchmarks\n\nRegenerate with `bench/run.sh` (see README).\n".into());
+    let old = std::fs::read_to_string(file)
+        .unwrap_or_else(|_| "# Benchmarks\n\nRegenerate with `bench/run.sh` (see README).\n".into());
     let section = format!("{begin}\n{body}\n{end}");
     let new = match (old.find(&begin), old.find(&end)) {
         (Some(b), Some(e)) if e > b => format!("{}{}{}", &old[..b], section, &old[e + end.len()..]),

@@ -76,16 +76,24 @@ pub fn model_bits(dir: &Path) -> Result<(u64, u64)> {
 /// Stored bits and weights of the block linears of a GGUF file (each tensor's own type).
 pub fn gguf_bits(path: &Path) -> Result<(u64, u64)> {
     let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let content = candle_core::quantized::gguf_file::Content::read(&mut f).with_context(|| format!("{}: not a readable GGUF file", path.display()))?;
+    let content = candle_core::quantized::gguf_file::Content::read(&mut f)
+        .with_context(|| format!("{}: not a readable GGUF file", path.display()))?;
     let (mut bits, mut weights) = (0u64, 0u64);
     for (name, info) in &content.tensor_infos {
-        let is_linear = name.strip_prefix("blk.").and_then(|r| r.split_once('.')).is_some_and(|(_, t)| GGUF_LINEARS.iter().any(|l| t == format!("{l}.weight")));
+        let is_linear = name
+            .strip_prefix("blk.")
+            .and_then(|r| r.split_once('.'))
+            .is_some_and(|(_, t)| GGUF_LINEARS.iter().any(|l| t == format!("{l}.weight")));
         if !is_linear {
             continue;
         }
         let n = info.shape.elem_count() as u64;
         let (block, size) = (info.ggml_dtype.block_size() as u64, info.ggml_dtype.type_size() as u64);
-        anyhow::ensure!(n.is_multiple_of(block), "{}: tensor {name} has {n} values, not a whole number of {block}-value blocks", path.display());
+        anyhow::ensure!(
+            n.is_multiple_of(block),
+            "{}: tensor {name} has {n} values, not a whole number of {block}-value blocks",
+            path.display()
+        );
         bits += 8 * n / block * size;
         weights += n;
     }
@@ -98,7 +106,8 @@ pub fn run_tool(mut cmd: Command, what: &str) -> Result<()> {
     let out = cmd.output().with_context(|| format!("starting {what}"))?;
     if !out.status.success() {
         let err = String::from_utf8_lossy(&out.stderr);
-        let tail: String = err.lines().rev().take(15).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
+        let tail: String =
+            err.lines().rev().take(15).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
         anyhow::bail!("{what} failed ({}):\n{tail}", out.status);
     }
     Ok(())
@@ -125,7 +134,14 @@ impl LlamaSide<'_> {
             let tmp = dir.join("imatrix.tmp.dat");
             let mut c = Command::new(self.bin.join("llama-imatrix"));
             c.arg("-m").arg(self.gguf).arg("-f").arg(self.calib).arg("-o").arg(&tmp);
-            c.args(["-c", &self.ctx.to_string(), "--chunks", &self.chunks.to_string(), "-t", &self.threads.to_string()]);
+            c.args([
+                "-c",
+                &self.ctx.to_string(),
+                "--chunks",
+                &self.chunks.to_string(),
+                "-t",
+                &self.threads.to_string(),
+            ]);
             run_tool(c, "llama-imatrix")?;
             std::fs::rename(&tmp, &path)?;
         }
@@ -153,9 +169,18 @@ impl LlamaSide<'_> {
 
 /// The points, sorted by bits per weight, as a markdown table (`fp`: the float perplexity).
 pub fn table(points: &[Point], fp: f64) -> String {
-    let mut s = String::from("| model | tool | bits per weight (block linears) | WikiText-2 ppl | vs FP |\n|---|---|---|---|---|\n");
+    let mut s = String::from(
+        "| model | tool | bits per weight (block linears) | WikiText-2 ppl | vs FP |\n|---|---|---|---|---|\n",
+    );
     for p in points {
-        s += &format!("| {} | {} | {:.3} | {:.3} | {:+.1}% |\n", p.name, p.tool, p.bpw, p.ppl, 100.0 * (p.ppl / fp - 1.0));
+        s += &format!(
+            "| {} | {} | {:.3} | {:.3} | {:+.1}% |\n",
+            p.name,
+            p.tool,
+            p.bpw,
+            p.ppl,
+            100.0 * (p.ppl / fp - 1.0)
+        );
     }
     s
 }
@@ -163,7 +188,11 @@ pub fn table(points: &[Point], fp: f64) -> String {
 /// For each tool, the points no other point of the same tool beats in both bits and ppl.
 pub fn frontier(points: &[Point], tool: &str) -> Vec<Point> {
     let mine: Vec<&Point> = points.iter().filter(|p| p.tool == tool).collect();
-    let mut f: Vec<Point> = mine.iter().filter(|p| !mine.iter().any(|q| q.bpw <= p.bpw && q.ppl <= p.ppl && (q.bpw < p.bpw || q.ppl < p.ppl))).map(|p| (*p).clone()).collect();
+    let mut f: Vec<Point> = mine
+        .iter()
+        .filter(|p| !mine.iter().any(|q| q.bpw <= p.bpw && q.ppl <= p.ppl && (q.bpw < p.bpw || q.ppl < p.ppl)))
+        .map(|p| (*p).clone())
+        .collect();
     f.sort_by(|a, b| a.bpw.total_cmp(&b.bpw));
     f
 }
@@ -179,13 +208,30 @@ pub fn plot(points: &[Point], fp: f64, path: &Path) -> Result<()> {
     let points: Vec<Point> = points.iter().filter(|p| p.ppl <= PLOT_MAX_RATIO * fp).cloned().collect();
     let points = &points[..];
     let (x0, x1) = points.iter().fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.bpw), b.max(p.bpw)));
-    let mut series = vec![Series { name: format!("FP {fp:.2}"), color: plotters::style::RGBColor(90, 90, 90), style: Style::Line, points: vec![(x0, fp), (x1, fp)] }];
+    let mut series = vec![Series {
+        name: format!("FP {fp:.2}"),
+        color: plotters::style::RGBColor(90, 90, 90),
+        style: Style::Line,
+        points: vec![(x0, fp), (x1, fp)],
+    }];
     for (tool, color) in [("adadim", OC_COLOR), ("llama.cpp", IC_COLOR)] {
-        series.push(Series { name: tool.into(), color, style: Style::Dots(4), points: points.iter().filter(|p| p.tool == tool).map(|p| (p.bpw, p.ppl)).collect() });
-        series.push(Series { name: String::new(), color, style: Style::Line, points: frontier(points, tool).iter().map(|p| (p.bpw, p.ppl)).collect() });
+        series.push(Series {
+            name: tool.into(),
+            color,
+            style: Style::Dots(4),
+            points: points.iter().filter(|p| p.tool == tool).map(|p| (p.bpw, p.ppl)).collect(),
+        });
+        series.push(Series {
+            name: String::new(),
+            color,
+            style: Style::Line,
+            points: frontier(points, tool).iter().map(|p| (p.bpw, p.ppl)).collect(),
+        });
     }
     let panel = Panel {
-        title: format!("WikiText-2 perplexity vs bits per weight (block linears); ppl above {PLOT_MAX_RATIO}x FP not shown"),
+        title: format!(
+            "WikiText-2 perplexity vs bits per weight (block linears); ppl above {PLOT_MAX_RATIO}x FP not shown"
+        ),
         x_desc: "bits per weight".into(),
         y_desc: "perplexity (log)".into(),
         log_y: true,
@@ -200,14 +246,20 @@ pub fn plot(points: &[Point], fp: f64, path: &Path) -> Result<()> {
 pub fn bench_quality(a: BenchQualityArgs) -> Result<()> {
     use Point;
     let read_json = |p: &std::path::Path| -> Result<serde_json::Value> {
-        serde_json::from_str(&std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?).with_context(|| format!("{}: not JSON", p.display()))
+        serde_json::from_str(&std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?)
+            .with_context(|| format!("{}: not JSON", p.display()))
     };
-    let fp = read_json(&a.runs.join("fp.ppl.json")).context("the run directory needs fp.ppl.json (bench/results.sh writes it)")?;
+    let fp = read_json(&a.runs.join("fp.ppl.json"))
+        .context("the run directory needs fp.ppl.json (bench/results.sh writes it)")?;
     let num = |v: &serde_json::Value, k: &str| v[k].as_f64().with_context(|| format!("fp.ppl.json: no number '{k}'"));
     let (fp_ppl, windows, seqlen) = (num(&fp, "ppl")?, num(&fp, "windows")? as usize, num(&fp, "seqlen")? as usize);
     let dataset = resolve_dataset(fp["dataset"].as_str().unwrap_or("wikitext2"))?;
     let mut points = Vec::new();
-    let mut ours: Vec<PathBuf> = std::fs::read_dir(&a.runs).with_context(|| format!("reading {}", a.runs.display()))?.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.join("report.json").exists()).collect();
+    let mut ours: Vec<PathBuf> = std::fs::read_dir(&a.runs)
+        .with_context(|| format!("reading {}", a.runs.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.join("report.json").exists())
+        .collect();
     ours.sort();
     for dir in ours {
         let name = dir.file_name().unwrap_or_default().to_string_lossy().to_string();
@@ -217,12 +269,28 @@ pub fn bench_quality(a: BenchQualityArgs) -> Result<()> {
             continue;
         }
         let (bits, weights) = model_bits(&dir)?;
-        points.push(Point { name, tool: "adadim".into(), bpw: bits as f64 / weights as f64, ppl: num(&read_json(&ppl_file)?, "ppl")? });
+        points.push(Point {
+            name,
+            tool: "adadim".into(),
+            bpw: bits as f64 / weights as f64,
+            ppl: num(&read_json(&ppl_file)?, "ppl")?,
+        });
     }
     let gguf = a.gguf.clone().unwrap_or_else(|| adadim_home().join("models/smollm2.gguf"));
-    anyhow::ensure!(gguf.exists(), "{}: source GGUF not found (run `adadim eval ppl --model smollm2` once to fetch it, or pass --gguf)", gguf.display());
+    anyhow::ensure!(
+        gguf.exists(),
+        "{}: source GGUF not found (run `adadim eval ppl --model smollm2` once to fetch it, or pass --gguf)",
+        gguf.display()
+    );
     let calib = adadim_calibrate::data::corpus_file(&a.calib, &adadim_home())?;
-    let side = LlamaSide { bin: &a.llamacpp, gguf: &gguf, calib: &calib, chunks: a.chunks, ctx: a.ctx, threads: rayon::current_num_threads() };
+    let side = LlamaSide {
+        bin: &a.llamacpp,
+        gguf: &gguf,
+        calib: &calib,
+        chunks: a.chunks,
+        ctx: a.ctx,
+        threads: rayon::current_num_threads(),
+    };
     let ldir = a.runs.join("llamacpp");
     std::fs::create_dir_all(&ldir)?;
     eprintln!("llama.cpp importance matrix ({} x {} tokens of {}) ...", a.chunks, a.ctx, a.calib);
@@ -237,7 +305,8 @@ pub fn bench_quality(a: BenchQualityArgs) -> Result<()> {
                 let imported = !dir.join("config.json").exists();
                 if imported {
                     let mut bar = crate::progress::Bar::new("import", 0);
-                    adadim_load::gguf::import_gguf(&file, &dir, &mut |d, t| bar.update(d, t)).with_context(|| format!("importing {}", file.display()))?;
+                    adadim_load::gguf::import_gguf(&file, &dir, &mut |d, t| bar.update(d, t))
+                        .with_context(|| format!("importing {}", file.display()))?;
                     bar.finish();
                 }
                 eprintln!("evaluating {name} ...");
@@ -250,7 +319,12 @@ pub fn bench_quality(a: BenchQualityArgs) -> Result<()> {
                 }
             }
             let (bits, weights) = gguf_bits(&file)?;
-            points.push(Point { name, tool: "llama.cpp".into(), bpw: bits as f64 / weights as f64, ppl: num(&read_json(&ppl_file)?, "ppl")? });
+            points.push(Point {
+                name,
+                tool: "llama.cpp".into(),
+                bpw: bits as f64 / weights as f64,
+                ppl: num(&read_json(&ppl_file)?, "ppl")?,
+            });
         }
     }
     points.sort_by(|x, y| x.bpw.total_cmp(&y.bpw));
@@ -275,7 +349,13 @@ mod tests {
 
     #[test]
     fn the_frontier_keeps_points_nothing_beats() {
-        let pts = [p("a", "x", 3.0, 30.0), p("b", "x", 3.0, 25.0), p("c", "x", 4.0, 26.0), p("d", "x", 4.5, 20.0), p("e", "y", 2.0, 99.0)];
+        let pts = [
+            p("a", "x", 3.0, 30.0),
+            p("b", "x", 3.0, 25.0),
+            p("c", "x", 4.0, 26.0),
+            p("d", "x", 4.5, 20.0),
+            p("e", "y", 2.0, 99.0),
+        ];
         let f: Vec<String> = frontier(&pts, "x").into_iter().map(|p| p.name).collect();
         assert_eq!(f, ["b", "d"]);
     }
@@ -284,7 +364,12 @@ mod tests {
     fn the_plot_is_an_svg_with_every_point() {
         let d = tempfile::tempdir().unwrap();
         let path = d.path().join("q.svg");
-        let pts = [p("w3g128-gptq-ada", "adadim", 3.16, 40.0), p("w4g128-gptq-ada", "adadim", 4.16, 25.0), p("Q3_K_M", "llama.cpp", 3.9, 35.0), p("w2g64", "adadim", 2.3, 5000.0)];
+        let pts = [
+            p("w3g128-gptq-ada", "adadim", 3.16, 40.0),
+            p("w4g128-gptq-ada", "adadim", 4.16, 25.0),
+            p("Q3_K_M", "llama.cpp", 3.9, 35.0),
+            p("w2g64", "adadim", 2.3, 5000.0),
+        ];
         plot(&pts, 19.2, &path).unwrap();
         let svg = std::fs::read_to_string(&path).unwrap();
         assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"), "{}", &svg[..svg.len().min(200)]);

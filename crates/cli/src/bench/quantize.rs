@@ -15,12 +15,19 @@ pub fn bench_quantize(a: BenchQuantizeArgs) -> Result<()> {
     // 1. The machine's rates, measured now: f32 GEMM on the shapes the calibration runs
     //    (forward and X^T X), f64 GEMM for GPTQ's inverse and sweep (faer, as GPTQ uses it).
     let t = q.calib_seqlen;
-    let f32_shapes = [(t, c.hidden_size, c.q_dim()), (t, c.hidden_size, c.intermediate_size), (t, c.intermediate_size, c.hidden_size), (c.hidden_size, t, c.hidden_size), (c.intermediate_size, t, c.intermediate_size)];
+    let f32_shapes = [
+        (t, c.hidden_size, c.q_dim()),
+        (t, c.hidden_size, c.intermediate_size),
+        (t, c.intermediate_size, c.hidden_size),
+        (c.hidden_size, t, c.hidden_size),
+        (c.intermediate_size, t, c.intermediate_size),
+    ];
     let mut f32_peak = 0f64;
     for (m, k, n) in f32_shapes {
         f32_peak = f32_peak.max(super::gemm_gflops(m, k, n, 5)?);
     }
-    let f64_peak = [c.hidden_size, c.intermediate_size].iter().map(|&n| super::faer_f64_gflops(n, 5)).fold(0.0, f64::max);
+    let f64_peak =
+        [c.hidden_size, c.intermediate_size].iter().map(|&n| super::faer_f64_gflops(n, 5)).fold(0.0, f64::max);
 
     // 2. The run itself, into a scratch directory removed afterwards.
     let scratch = adadim_home().join("bench").join(format!("quantize-{}", std::process::id()));
@@ -56,11 +63,20 @@ pub fn bench_quantize(a: BenchQuantizeArgs) -> Result<()> {
     writeln!(md, "| phase | seconds | GFLOP done | GFLOP/s | least GFLOP needed | bound at peak (s) |\n|---|---|---|---|---|---|")?;
     for (name, s, done, need, peak) in rows {
         let rate = if done > 0.0 && s > 0.0 { format!("{:.1}", done / s / 1e9) } else { "-".into() };
-        let (need_s, b) = if need > 0.0 { (format!("{:.0}", need / 1e9), format!("{:.1}", bound(need, peak))) } else { ("-".into(), "-".into()) };
+        let (need_s, b) = if need > 0.0 {
+            (format!("{:.0}", need / 1e9), format!("{:.1}", bound(need, peak)))
+        } else {
+            ("-".into(), "-".into())
+        };
         writeln!(md, "| {name} | {s:.1} | {:.0} | {rate} | {need_s} | {b} |", done / 1e9)?;
     }
     writeln!(md, "| **total** | **{total:.1}** | | | | **{bound_total:.1}** |\n")?;
-    writeln!(md, "Total time / FLOP bound: **{:.2}x** (aim: within 3x). Peak RSS {rss:.0} MB. {:.0} calibration tokens/s.", total / bound_total, tokens / total)?;
+    writeln!(
+        md,
+        "Total time / FLOP bound: **{:.2}x** (aim: within 3x). Peak RSS {rss:.0} MB. {:.0} calibration tokens/s.",
+        total / bound_total,
+        tokens / total
+    )?;
     writeln!(md, "\nThe calibration forward needs one pass per block (each linear's input computed once, true-sequential); \"GFLOP done\" exceeds it where gate/up are recomputed for down's inputs (when they do not fit the {} MiB cache). Causal attention counts only the keys each query sees. The last block's output is never needed, so the bound is slightly generous.", adadim_calibrate::ACT_CACHE_BYTES >> 20)?;
     super::publish(&a.write, "quantize", &md)
 }

@@ -53,12 +53,19 @@ pub fn run_one(model: &Path, quant_args: &[String], scratch: &Path) -> Result<Sc
         .output()
         .with_context(|| format!("running {} quantize", exe.display()))?;
     if child.status.success() {
-        std::fs::remove_dir_all(&out).with_context(|| format!("removing {}", out.display()))?; // written by the child
+        std::fs::remove_dir_all(&out).with_context(|| format!("removing {}", out.display()))?;
+        // written by the child
     }
     if !child.status.success() {
-        anyhow::bail!("quantizing {} failed ({}): {}", model.display(), child.status, String::from_utf8_lossy(&child.stderr));
+        anyhow::bail!(
+            "quantizing {} failed ({}): {}",
+            model.display(),
+            child.status,
+            String::from_utf8_lossy(&child.stderr)
+        );
     }
-    let s: serde_json::Value = serde_json::from_slice(&child.stdout).with_context(|| format!("{}: quantize --json printed no JSON", model.display()))?;
+    let s: serde_json::Value = serde_json::from_slice(&child.stdout)
+        .with_context(|| format!("{}: quantize --json printed no JSON", model.display()))?;
     Ok(ScaleRow {
         name: model.file_name().unwrap_or_default().to_string_lossy().into(),
         layers: cfg.num_hidden_layers,
@@ -96,15 +103,40 @@ pub fn table(rows: &[ScaleRow], settings: &str, md: &mut String) -> Result<()> {
 /// The models to run: each given directory.
 pub fn models(list: &[PathBuf]) -> Result<Vec<PathBuf>> {
     list.iter()
-        .map(|d| if d.join("config.json").exists() { Ok(d.clone()) } else { anyhow::bail!("{}: not a model directory (make one with `adadim synth`)", d.display()) })
+        .map(|d| {
+            if d.join("config.json").exists() {
+                Ok(d.clone())
+            } else {
+                anyhow::bail!("{}: not a model directory (make one with `adadim synth`)", d.display())
+            }
+        })
         .collect()
 }
 
 pub fn bench_scale(a: BenchScaleArgs) -> Result<()> {
     use std::fmt::Write;
     let models = models(&a.models)?;
-    let scratch = a.scratch.clone().unwrap_or_else(|| models[0].parent().map(PathBuf::from).unwrap_or_else(|| PathBuf::from(".")));
-    let args: Vec<String> = ["--method", "gptq", "--dim", "ada", "--bits", "3", "--group", "128", "--nsamples", &a.nsamples.to_string(), "--calib-seqlen", &a.calib_seqlen.to_string()].iter().map(|s| s.to_string()).collect();
+    let scratch = a
+        .scratch
+        .clone()
+        .unwrap_or_else(|| models[0].parent().map(PathBuf::from).unwrap_or_else(|| PathBuf::from(".")));
+    let args: Vec<String> = [
+        "--method",
+        "gptq",
+        "--dim",
+        "ada",
+        "--bits",
+        "3",
+        "--group",
+        "128",
+        "--nsamples",
+        &a.nsamples.to_string(),
+        "--calib-seqlen",
+        &a.calib_seqlen.to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
     let mut rows = Vec::new();
     for m in &models {
         eprintln!("quantizing {} ...", m.display());

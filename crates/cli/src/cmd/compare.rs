@@ -11,7 +11,11 @@ use anyhow::Result;
 
 pub fn compare(a: CompareArgs) -> Result<()> {
     let dataset_spec = a.dataset.clone().unwrap_or_else(|| {
-        if data_dir_from_env().is_some() { "wikitext2".into() } else { "milton".into() }
+        if data_dir_from_env().is_some() {
+            "wikitext2".into()
+        } else {
+            "milton".into()
+        }
     });
     let dataset = resolve_dataset(&dataset_spec)?;
     let q = &a.settings;
@@ -22,9 +26,15 @@ pub fn compare(a: CompareArgs) -> Result<()> {
     });
     let limit = (a.windows > 0).then_some(a.windows);
     if dataset_spec == "milton" {
-        eprintln!("$ADADIM_DATA is not set: evaluating on Milton's works (held out from the Shakespeare calibration text)");
+        eprintln!(
+            "$ADADIM_DATA is not set: evaluating on Milton's works (held out from the Shakespeare calibration text)"
+        );
     }
-    let runs = [("RTN (per-OC)", MethodArg::Rtn, DimArg::Oc, "rtn-oc"), ("GPTQ (per-OC)", MethodArg::Gptq, DimArg::Oc, "gptq-oc"), ("GPTQ-ada (AdaDim)", MethodArg::Gptq, DimArg::Ada, "gptq-ada")];
+    let runs = [
+        ("RTN (per-OC)", MethodArg::Rtn, DimArg::Oc, "rtn-oc"),
+        ("GPTQ (per-OC)", MethodArg::Gptq, DimArg::Oc, "gptq-oc"),
+        ("GPTQ-ada (AdaDim)", MethodArg::Gptq, DimArg::Ada, "gptq-ada"),
+    ];
     let mut rows = vec![("FP (f32)".to_string(), run_ppl(&dir, &dataset, 2048, limit)?.ppl, String::new())];
     for (label, method, dim, name) in runs {
         let out = work.join(name);
@@ -37,7 +47,10 @@ pub fn compare(a: CompareArgs) -> Result<()> {
         rows.push((label.to_string(), run_ppl(&out, &dataset, 2048, limit)?.ppl, note));
     }
     let model_note = if a.model.model == "smollm2" { " (FP = the Q4_1 GGUF dequantized to f32)" } else { "" };
-    println!("{}{model_note}, w{}g{}, {} perplexity over {} windows x 2048 tokens:", a.model.model, q.bits, q.group, dataset.label, a.windows);
+    println!(
+        "{}{model_note}, w{}g{}, {} perplexity over {} windows x 2048 tokens:",
+        a.model.model, q.bits, q.group, dataset.label, a.windows
+    );
     for (label, ppl, note) in rows {
         println!("  {label:<20} {ppl:>10.3}   {note}");
     }

@@ -15,9 +15,11 @@ pub fn eval_ppl(a: PplArgs) -> Result<()> {
         anyhow::bail!("--act-bits with --stream: integer products apply to a model held in memory (packed models are not streamed)");
     }
     // Integer products apply to packed linears only.
-    let act = act.filter(|_| adadim_model::is_packed(&dir) || {
-        eprintln!("note: {} is not packed: --act-bits changes nothing, its products stay f32", dir.display());
-        false
+    let act = act.filter(|_| {
+        adadim_model::is_packed(&dir) || {
+            eprintln!("note: {} is not packed: --act-bits changes nothing, its products stay f32", dir.display());
+            false
+        }
     });
     let r = run_ppl_with(&dir, &dataset, a.seqlen, a.limit, a.stream, act)?;
     let activations = act.map_or("f32".to_string(), |act| format!("int{}", act.bits()));
@@ -44,7 +46,12 @@ pub fn eval_ppl(a: PplArgs) -> Result<()> {
 }
 
 /// Perplexity of the model in `dir` on `dataset`, with a progress bar.
-pub fn run_ppl(dir: &std::path::Path, dataset: &Dataset, seqlen: usize, limit: Option<usize>) -> Result<adadim_eval::ppl::PplReport> {
+pub fn run_ppl(
+    dir: &std::path::Path,
+    dataset: &Dataset,
+    seqlen: usize,
+    limit: Option<usize>,
+) -> Result<adadim_eval::ppl::PplReport> {
     run_ppl_with(dir, dataset, seqlen, limit, false, None)
 }
 
@@ -54,7 +61,14 @@ pub const STREAM_BATCH_BYTES: usize = 1 << 30;
 /// As [`run_ppl`]; `stream` (or a float model whose blocks would take more than half of the
 /// available memory in f32) runs the decoder block by block from the checkpoint; held in
 /// memory, `act` (packed linears) multiplies on integers at that activation precision.
-pub fn run_ppl_with(dir: &std::path::Path, dataset: &Dataset, seqlen: usize, limit: Option<usize>, stream: bool, act: Option<adadim_pack::ActBits>) -> Result<adadim_eval::ppl::PplReport> {
+pub fn run_ppl_with(
+    dir: &std::path::Path,
+    dataset: &Dataset,
+    seqlen: usize,
+    limit: Option<usize>,
+    stream: bool,
+    act: Option<adadim_pack::ActBits>,
+) -> Result<adadim_eval::ppl::PplReport> {
     let src = adadim_model::open(dir)?;
     crate::limits::check_positions(src.config(), &dir.join("config.json"), seqlen, &format!("--seqlen {seqlen}"))?;
     let tok = adadim_load::tokenizer::load(dir)?;
@@ -62,12 +76,29 @@ pub fn run_ppl_with(dir: &std::path::Path, dataset: &Dataset, seqlen: usize, lim
     let ids = adadim_eval::ppl::tokenize(&tok, &text, &dataset.path.display().to_string())?;
     let cfg = src.config();
     let f32_blocks = 4 * cfg.linear_params_per_block() * cfg.num_hidden_layers;
-    let stream = stream || (!adadim_model::is_packed(dir) && crate::limits::available_memory().is_some_and(|m| f32_blocks as u64 > m / 2));
+    let stream = stream
+        || (!adadim_model::is_packed(dir)
+            && crate::limits::available_memory().is_some_and(|m| f32_blocks as u64 > m / 2));
     let r = if stream {
-        eprintln!("streaming the {} blocks from {} ({:.1} GB in f32), windows in batches of {} MB of hidden states", cfg.num_hidden_layers, dir.display(), f32_blocks as f64 / 1e9, STREAM_BATCH_BYTES >> 20);
-        let model = adadim_model::Model::load_shell(src.as_ref(), seqlen).with_context(|| format!("loading {}", dir.display()))?;
+        eprintln!(
+            "streaming the {} blocks from {} ({:.1} GB in f32), windows in batches of {} MB of hidden states",
+            cfg.num_hidden_layers,
+            dir.display(),
+            f32_blocks as f64 / 1e9,
+            STREAM_BATCH_BYTES >> 20
+        );
+        let model = adadim_model::Model::load_shell(src.as_ref(), seqlen)
+            .with_context(|| format!("loading {}", dir.display()))?;
         let mut bar = crate::progress::Bar::new("ppl (blocks)", 0);
-        let r = adadim_eval::ppl::perplexity_streaming(&model, src.as_ref(), &ids, seqlen, limit, STREAM_BATCH_BYTES, &mut |d, t| bar.update(d, t))?;
+        let r = adadim_eval::ppl::perplexity_streaming(
+            &model,
+            src.as_ref(),
+            &ids,
+            seqlen,
+            limit,
+            STREAM_BATCH_BYTES,
+            &mut |d, t| bar.update(d, t),
+        )?;
         bar.finish();
         r
     } else {

@@ -55,7 +55,8 @@ pub struct HumanEvalArgs {
 pub fn load_model(dir: &Path, max_t: usize) -> Result<adadim_model::Model> {
     let src = adadim_model::open(dir)?;
     let mut bar = progress::Bar::new("load", src.config().num_hidden_layers);
-    let model = adadim_model::Model::load(src.as_ref(), max_t, &mut |d, t| bar.update(d, t)).with_context(|| format!("loading {}", dir.display()))?;
+    let model = adadim_model::Model::load(src.as_ref(), max_t, &mut |d, t| bar.update(d, t))
+        .with_context(|| format!("loading {}", dir.display()))?;
     bar.finish();
     Ok(model)
 }
@@ -68,7 +69,11 @@ pub fn context_of(dir: &Path) -> Result<usize> {
 pub fn mmlu(a: MmluArgs) -> Result<()> {
     crate::messages::check_limit(a.limit)?;
     let data = adadim_eval::datasets::data_dir_from_env()
-        .ok_or_else(|| anyhow::anyhow!("MMLU is read from $ADADIM_DATA/mmlu/{{dev,test}}/; set ADADIM_DATA (e.g. ADADIM_DATA=../shared/data)"))?
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "MMLU is read from $ADADIM_DATA/mmlu/{{dev,test}}/; set ADADIM_DATA (e.g. ADADIM_DATA=../shared/data)"
+            )
+        })?
         .join("mmlu");
     // Check the data before loading the model.
     adadim_eval::mmlu::subject_files(&data, &a.subjects)?;
@@ -88,8 +93,18 @@ pub fn mmlu(a: MmluArgs) -> Result<()> {
         return Ok(());
     }
     let limit = a.limit.map(|n| format!(", first {n} questions per subject")).unwrap_or_default();
-    println!("{}: MMLU {}-shot{limit}, {} questions in {} subjects (chance is 25%)", dir.display(), r.shots, r.questions, r.subjects.len());
-    println!("  accuracy {:.2}% (over questions), {:.2}% (mean over subjects)", 100.0 * r.accuracy, 100.0 * r.macro_accuracy);
+    println!(
+        "{}: MMLU {}-shot{limit}, {} questions in {} subjects (chance is 25%)",
+        dir.display(),
+        r.shots,
+        r.questions,
+        r.subjects.len()
+    );
+    println!(
+        "  accuracy {:.2}% (over questions), {:.2}% (mean over subjects)",
+        100.0 * r.accuracy,
+        100.0 * r.macro_accuracy
+    );
     for c in &r.categories {
         println!("  {:<16} {:>6.2}%  ({}/{})", c.name, 100.0 * c.accuracy, c.correct, c.questions);
     }
@@ -119,7 +134,11 @@ pub fn humaneval(a: HumanEvalArgs) -> Result<()> {
         eos = crate::resolve::eos_ids(&dir, &tok, &adadim_load::tokenizer::config(&dir)?.unwrap_or_default())?;
         let mut longest = 0;
         for p in &problems {
-            longest = longest.max(tok.encode(p.prompt.as_str(), true).map_err(|e| anyhow::anyhow!("tokenizing {}: {e}", p.task_id))?.len());
+            longest = longest.max(
+                tok.encode(p.prompt.as_str(), true)
+                    .map_err(|e| anyhow::anyhow!("tokenizing {}: {e}", p.task_id))?
+                    .len(),
+            );
         }
         model = load_model(&dir, (longest + a.max_tokens).min(context_of(&dir)?))?;
         Completer::Model { model: &model, tok: &tok, eos, max_tokens: a.max_tokens, strip_prompt: a.strip_prompt }
@@ -139,10 +158,19 @@ pub fn humaneval(a: HumanEvalArgs) -> Result<()> {
         return Ok(());
     }
     let stripped = if a.strip_prompt { ", prompts stripped" } else { "" };
-    println!("{what}: HumanEval pass@1 {:.2}% ({}/{} problems; greedy, max {} tokens{stripped})", 100.0 * r.pass_at_1, r.passed, r.problems, a.max_tokens);
+    println!(
+        "{what}: HumanEval pass@1 {:.2}% ({}/{} problems; greedy, max {} tokens{stripped})",
+        100.0 * r.pass_at_1,
+        r.passed,
+        r.problems,
+        a.max_tokens
+    );
     println!("  failed {}, timed out {}, memory limit {}", r.failed, r.timeout, r.memory_limit);
     if !a.canonical {
-        println!("  generated {} tokens at {:.1} tokens/s ({:.0} s); tests ran {:.0} s in the sandbox", r.generated_tokens, r.tokens_per_s, r.generate_s, r.execute_s);
+        println!(
+            "  generated {} tokens at {:.1} tokens/s ({:.0} s); tests ran {:.0} s in the sandbox",
+            r.generated_tokens, r.tokens_per_s, r.generate_s, r.execute_s
+        );
     }
     Ok(())
 }

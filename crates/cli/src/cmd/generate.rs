@@ -24,15 +24,26 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         }
         _ => a.prompt.clone(),
     };
-    let prompt = tok.encode(text.as_str(), false).map_err(|e| anyhow::anyhow!("tokenizing the prompt: {e}"))?.get_ids().to_vec();
+    let prompt =
+        tok.encode(text.as_str(), false).map_err(|e| anyhow::anyhow!("tokenizing the prompt: {e}"))?.get_ids().to_vec();
     if prompt.is_empty() {
         anyhow::bail!("--prompt: empty after tokenization");
     }
     let stop = eos_ids(&dir, &tok, &tok_config)?;
-    crate::limits::check_positions(src.config(), &dir.join("config.json"), prompt.len() + a.max_tokens, &format!("--max-tokens {} (after a prompt of {} tokens)", a.max_tokens, prompt.len()))?;
+    crate::limits::check_positions(
+        src.config(),
+        &dir.join("config.json"),
+        prompt.len() + a.max_tokens,
+        &format!("--max-tokens {} (after a prompt of {} tokens)", a.max_tokens, prompt.len()),
+    )?;
     let mut model = adadim_model::Model::load(src.as_ref(), prompt.len() + a.max_tokens, &mut |_, _| {})?;
     apply_head_bits(&mut model, a.head_bits, adadim_model::is_packed(&dir))?;
-    model.set_settings(adadim_model::DecodeSettings { act: act_bits(a.act_bits)?, integer_prefill: !a.exact_prefill, kv: kv_type(&a.kv_cache), ..model.settings() })?;
+    model.set_settings(adadim_model::DecodeSettings {
+        act: act_bits(a.act_bits)?,
+        integer_prefill: !a.exact_prefill,
+        kv: kv_type(&a.kv_cache),
+        ..model.settings()
+    })?;
     let (mut ids, mut shown) = (Vec::new(), 0usize);
     use std::io::Write;
     let settings = adadim_run::Settings { max_tokens: a.max_tokens, temperature: a.temperature, seed: a.seed };
@@ -62,5 +73,9 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
 }
 
 pub fn kv_type(name: &str) -> adadim_model::KvType {
-    if name == "f32" { adadim_model::KvType::F32 } else { adadim_model::KvType::F16 }
+    if name == "f32" {
+        adadim_model::KvType::F32
+    } else {
+        adadim_model::KvType::F16
+    }
 }

@@ -19,13 +19,27 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
     if a.json {
         println!("{}", serde_json::to_string(&serde_json::to_value(&summary)?)?);
     } else {
-        println!("{}: {} of {} linears per-IC, {:.1} s; report in {}", a.out.display(), summary.per_ic, summary.linears, summary.seconds, a.out.join(Report::FILE).display());
+        println!(
+            "{}: {} of {} linears per-IC, {:.1} s; report in {}",
+            a.out.display(),
+            summary.per_ic,
+            summary.linears,
+            summary.seconds,
+            a.out.join(Report::FILE).display()
+        );
     }
     Ok(())
 }
 
 /// Quantize the checkpoint in `dir` into the new directory `out`; see [`run_quantize_resumable`].
-pub fn run_quantize(dir: &Path, method: MethodArg, dim: DimArg, q: &QuantSettings, format: Format, out: &Path) -> Result<Summary> {
+pub fn run_quantize(
+    dir: &Path,
+    method: MethodArg,
+    dim: DimArg,
+    q: &QuantSettings,
+    format: Format,
+    out: &Path,
+) -> Result<Summary> {
     run_quantize_resumable(dir, method, dim, q, format, out, false)
 }
 
@@ -35,13 +49,24 @@ pub fn run_quantize(dir: &Path, method: MethodArg, dim: DimArg, q: &QuantSetting
 /// [`crate::limits::check_calibration`]); the run itself is [`RunDir`]'s: finished blocks are
 /// saved in `.NAME.partial` beside `out`, so a run cut short continues after its last
 /// finished block when run again (`restart`: start over instead), with the same bytes.
-pub fn run_quantize_resumable(dir: &Path, method: MethodArg, dim: DimArg, q: &QuantSettings, format: Format, out: &Path, restart: bool) -> Result<Summary> {
+pub fn run_quantize_resumable(
+    dir: &Path,
+    method: MethodArg,
+    dim: DimArg,
+    q: &QuantSettings,
+    format: Format,
+    out: &Path,
+    restart: bool,
+) -> Result<Summary> {
     let cfg = quantize_config(method, dim, q)?;
     if std::fs::symlink_metadata(out).is_ok() {
         anyhow::bail!("{}: output directory already exists; remove it or choose another", out.display());
     }
     if adadim_model::is_packed(dir) {
-        anyhow::bail!("{}: this model is already quantized (an adadim packed checkpoint); quantize the original model", dir.display());
+        anyhow::bail!(
+            "{}: this model is already quantized (an adadim packed checkpoint); quantize the original model",
+            dir.display()
+        );
     }
     if format == Format::Gptq && (!matches!(dim, DimArg::Oc) || !q.ic_modules.is_empty()) {
         anyhow::bail!("--format gptq: the GPTQ layout holds per-OC groups only; use --dim oc (without --ic-modules), or the packed format for per-IC / AdaDim models");
@@ -54,14 +79,35 @@ pub fn run_quantize_resumable(dir: &Path, method: MethodArg, dim: DimArg, q: &Qu
     crate::limits::check_calibration(&ckpt.config, q.nsamples, q.calib_seqlen, parent)?;
     let (calib_file, samples) = calibration_samples(dir, &q.calib, q.nsamples, q.calib_seqlen, q.seed)?;
     let tool = format!("adadim {}", env!("CARGO_PKG_VERSION"));
-    let calibration = CalibrationInfo { source: calib_file.display().to_string(), nsamples: q.nsamples, seqlen: q.calib_seqlen, seed: q.seed };
-    let job = Job { model: dir, checkpoint: &ckpt, config: &cfg, format, calibration, samples: &samples, tool: &tool, started };
+    let calibration = CalibrationInfo {
+        source: calib_file.display().to_string(),
+        nsamples: q.nsamples,
+        seqlen: q.calib_seqlen,
+        seed: q.seed,
+    };
+    let job = Job {
+        model: dir,
+        checkpoint: &ckpt,
+        config: &cfg,
+        format,
+        calibration,
+        samples: &samples,
+        tool: &tool,
+        started,
+    };
     let run = RunDir::open(out, &job, restart)?;
     let (work_dir, layers, resumed) = (run.path().to_path_buf(), ckpt.config.num_hidden_layers, run.done());
     if resumed >= layers {
-        eprintln!("{}: all {layers} blocks were finished by an interrupted run; resuming at writing the output", work_dir.display());
+        eprintln!(
+            "{}: all {layers} blocks were finished by an interrupted run; resuming at writing the output",
+            work_dir.display()
+        );
     } else if resumed > 0 {
-        eprintln!("{}: resuming at block {} of {layers} ({resumed} finished by an interrupted run)", work_dir.display(), resumed + 1);
+        eprintln!(
+            "{}: resuming at block {} of {layers} ({resumed} finished by an interrupted run)",
+            work_dir.display(),
+            resumed + 1
+        );
     }
     let mut bar = crate::progress::Bar::new("quantize", layers);
     bar.update(resumed, layers);

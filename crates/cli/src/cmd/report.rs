@@ -24,7 +24,8 @@ pub fn report(a: ReportArgs) -> Result<()> {
         let (_, samples) = calibration_samples(std::path::Path::new(&s.model), &c.source, c.nsamples, c.seqlen, c.seed)
             .with_context(|| format!("rebuilding the run's calibration samples {skip}"))?;
         let mut bar = progress::Bar::new("report", layer + 1);
-        let u = adadim_report::updates::compute(&run, &samples, layer, kind, &mut |d, t| bar.update(d, t)).with_context(|| format!("re-running GPTQ {skip}"))?;
+        let u = adadim_report::updates::compute(&run, &samples, layer, kind, &mut |d, t| bar.update(d, t))
+            .with_context(|| format!("re-running GPTQ {skip}"))?;
         bar.finish();
         Some(u)
     };

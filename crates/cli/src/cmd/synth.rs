@@ -37,6 +37,13 @@ pub fn synth(a: SynthArgs) -> Result<()> {
     let mut bar = crate::progress::Bar::new("synth", cfg.expected_tensors().len());
     adadim_load::synth::write_synthetic(&a.out, &cfg, &opts, &mut |d, t| bar.update(d, t))?;
     bar.finish();
-    println!("{}: {} ({} layers, d {}), {:.1} s", a.out.display(), a.shape, cfg.num_hidden_layers, cfg.hidden_size, start.elapsed().as_secs_f64());
+    println!(
+        "{}: {} ({} layers, d {}), {:.1} s",
+        a.out.display(),
+        a.shape,
+        cfg.num_hidden_layers,
+        cfg.hidden_size,
+        start.elapsed().as_secs_f64()
+    );
     Ok(())
 }

@@ -49,11 +49,7 @@ pub(crate) fn damped_inverse(
             return Err(Error::NotPositiveDefinite { percdamp, tries });
         }
         tries += 1;
-        percdamp = if percdamp > 0.0 {
-            percdamp * 10.0
-        } else {
-            0.01
-        };
+        percdamp = if percdamp > 0.0 { percdamp * 10.0 } else { 0.01 };
     }
 }
 

@@ -55,9 +55,7 @@ impl Sweep<'_> {
             let i2 = (i1 + self.blocksize).min(cols);
             let count = i2 - i1;
             for (k, col) in W1.chunks_mut(rows).take(count).enumerate() {
-                col.iter_mut()
-                    .enumerate()
-                    .for_each(|(r, x)| *x = W[r * cols + i1 + k]);
+                col.iter_mut().enumerate().for_each(|(r, x)| *x = W[r * cols + i1 + k]);
             }
             for i in 0..count {
                 let (j, c) = (i1 + i, self.perm[i1 + i]);
@@ -107,12 +105,7 @@ impl Sweep<'_> {
             }
             // Step 4, the lazy batch update: W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:].
             if i2 < cols {
-                let W_after = MatMut::from_row_major_slice_mut(W, rows, cols).submatrix_mut(
-                    0,
-                    i2,
-                    rows,
-                    cols - i2,
-                );
+                let W_after = MatMut::from_row_major_slice_mut(W, rows, cols).submatrix_mut(0, i2, rows, cols - i2);
                 let Err1 = MatRef::from_column_major_slice(&Err1[..rows * count], rows, count);
                 let U_after = self.U.as_ref().submatrix(i1, i2, count, cols - i2);
                 matmul(W_after, Accum::Add, Err1, U_after, -1.0, Par::rayon(0));

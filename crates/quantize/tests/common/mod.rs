@@ -35,20 +35,12 @@ impl Rng {
 /// `[rows, cols]` weights ~ N(0, std^2).
 pub fn weights(rows: usize, cols: usize, std: f64, seed: u64) -> Vec<f32> {
     let mut rng = Rng::new(seed);
-    (0..rows * cols)
-        .map(|_| (rng.normal() * std) as f32)
-        .collect()
+    (0..rows * cols).map(|_| (rng.normal() * std) as f32).collect()
 }
 
 /// `[tokens, cols]` inputs: 4 shared latent factors (so channels are correlated, which is
 /// what GPTQ exploits) plus noise; the `outliers` channels are scaled by `magnitude`.
-pub fn inputs(
-    tokens: usize,
-    cols: usize,
-    outliers: &[usize],
-    magnitude: f32,
-    seed: u64,
-) -> Vec<f32> {
+pub fn inputs(tokens: usize, cols: usize, outliers: &[usize], magnitude: f32, seed: u64) -> Vec<f32> {
     let mut rng = Rng::new(seed);
     let k = 4;
     let mix: Vec<f64> = (0..k * cols).map(|_| rng.normal()).collect();
@@ -57,11 +49,7 @@ pub fn inputs(
         let z: Vec<f64> = (0..k).map(|_| rng.normal()).collect();
         for c in 0..cols {
             let v = (0..k).map(|f| z[f] * mix[f * cols + c]).sum::<f64>() + 0.5 * rng.normal();
-            let scale = if outliers.contains(&c) {
-                magnitude
-            } else {
-                1.0
-            };
+            let scale = if outliers.contains(&c) { magnitude } else { 1.0 };
             x[t * cols + c] = v as f32 * scale;
         }
     }
@@ -70,25 +58,15 @@ pub fn inputs(
 
 /// Row-major `[rows, cols]` -> row-major `[cols, rows]`.
 pub fn transpose<T: Copy>(m: &[T], rows: usize, cols: usize) -> Vec<T> {
-    (0..rows * cols)
-        .map(|i| m[(i % rows) * cols + i / rows])
-        .collect()
+    (0..rows * cols).map(|i| m[(i % rows) * cols + i / rows]).collect()
 }
 
 pub fn spec(bits: u8, group: Option<usize>, axis: Axis, zero: Zero) -> QuantSpec {
-    QuantSpec {
-        bits,
-        group,
-        axis,
-        zero,
-    }
+    QuantSpec { bits, group, axis, zero }
 }
 
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
 }
 
 /// The Hessian of `x` (`[tokens, cols]`), accumulated in one batch.
@@ -100,17 +78,11 @@ pub fn hessian(x: &[f32], cols: usize) -> adadim_quantize::Hessian {
 
 /// `I` as a Hessian: no input correlations, so GPTQ spreads no error.
 pub fn identity(dim: usize) -> adadim_quantize::Hessian {
-    let h = (0..dim * dim)
-        .map(|i| if i % (dim + 1) == 0 { 1.0 } else { 0.0 })
-        .collect();
+    let h = (0..dim * dim).map(|i| if i % (dim + 1) == 0 { 1.0 } else { 0.0 }).collect();
     adadim_quantize::Hessian::from_matrix(dim, h, 1).unwrap()
 }
 
 /// Default GPTQ options with act-order and static groups set.
 pub fn gptq_opts(act_order: bool, static_groups: bool) -> adadim_quantize::GptqOptions {
-    adadim_quantize::GptqOptions {
-        act_order,
-        static_groups,
-        ..Default::default()
-    }
+    adadim_quantize::GptqOptions { act_order, static_groups, ..Default::default() }
 }
