@@ -4,6 +4,7 @@
 //! No input may panic. They live here, not with adadim-load's replay, because their bodies need
 //! adadim-run (the chat template) and adadim-calibrate (the work directory). The ignored
 //! `write_seed_corpus` regenerates the seed files; fuzz/README.md has the rest.
+#![allow(clippy::result_large_err)] // interrupted runs' results travel through catch_unwind once
 
 #[path = "../../../fuzz/src/replay.rs"]
 mod replay;
@@ -217,6 +218,7 @@ fn write_resume_seeds() {
             dim,
             select: Select::Rtn,
             spec,
+            search: adadim_quantize::ScaleSearch::MinMax,
             gptq: GptqOptions::default(),
             act_order,
             static_groups: false,
