@@ -4,7 +4,8 @@
 # tabulated as mean and spread into RESULTS.md's "Ablation" section (bench/ablation_table.py).
 # Usage: ADADIM_DATA=../shared/data bench/ablation.sh
 # Knobs (env): MODEL (smollm2), CONFIGS ("3:128 4:128"), VARIANTS (names below), SEEDS ("0 1 2"),
-# NSAMPLES (128), CALIB_SEQLEN (512), WINDOWS (8), OUT (results/ablation), ADADIM_BIN.
+# NSAMPLES (128), CALIB_SEQLEN (512), WINDOWS (8), OUT (results/ablation), ADADIM_BIN and
+# ADADIM_COMMIT (the commit that binary was built from, recorded per run).
 # Finished runs in OUT are reused; quantized models are deleted once evaluated (their
 # report.json is kept).
 set -euo pipefail
@@ -20,6 +21,9 @@ declare -A ARGS=(
   [gptq-ada-mse]="--method gptq --dim ada --scale-search mse"
   [gptq-ada-act]="--method gptq --dim ada --act-order --static-groups"
   [gptq-ada-act-mse]="--method gptq --dim ada --act-order --static-groups --scale-search mse"
+  [rtn-ada-awq]="--method rtn --dim ada --awq"
+  [gptq-ada-awq]="--method gptq --dim ada --awq"
+  [gptq-ada-mse-awq]="--method gptq --dim ada --scale-search mse --awq"
 )
 VARIANTS="${VARIANTS:-rtn-ada rtn-ada-mse gptq-ada gptq-ada-mse}"
 if [ -n "${ADADIM_BIN:-}" ]; then A="$ADADIM_BIN"; else cargo build --release -p adadim; A=./target/release/adadim; fi
@@ -41,6 +45,7 @@ for cfg in $CONFIGS; do
           --nsamples "$NSAMPLES" --calib-seqlen "$CALIB_SEQLEN" --out "$run" --json > "$run.quantize.json"
       fi
       cp "$run/report.json" "$run.report.json"
+      echo "${ADADIM_COMMIT:-$(git rev-parse --short HEAD)}" > "$run.commit"
       for ds in wikitext2 ptb; do eval_to "$run" "$ds" "$run.$ds.json"; done
       rm -rf "$run"
     done

@@ -20,8 +20,8 @@ use adadim_load::safetensors_out::DenseDtype;
 use adadim_load::Checkpoint;
 use adadim_model::{Block, DecodeSettings, LinearKind, Rope, Weight};
 use adadim_quantize::{
-    choose_axis_fitted, gptq, hessian_diag, output_error_from_hessian, rtn_fitted, Axis, Calibration, Fitter,
-    GptqOptions, GptqOutput, Hessian, QuantSpec, QuantizedMatrix, ScaleSearch,
+    awq, choose_axis_fitted, gptq, output_error_from_hessian, rtn_fitted, Axis, Calibration, Fitter, GptqOptions,
+    GptqOutput, Hessian, QuantSpec, QuantizedMatrix, ScaleSearch,
 };
 use candle_core::{Device, Tensor};
 use serde::Serialize;
@@ -97,6 +97,10 @@ pub struct QuantizeConfig {
     pub gptq: GptqOptions,
     pub act_order: bool,
     pub static_groups: bool,
+    /// AWQ: scale each linear's input channels by a searched power of their RMS before
+    /// quantizing, folded into the RMSNorm or the linear that produces them.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub awq: bool,
     /// Paper Table 1 heuristic: these modules per-IC, the rest per-OC (overrides `dim`).
     pub ic_modules: Vec<String>,
     /// Largest total of down_proj inputs (all samples, f32 bytes) kept between its Hessian and
@@ -145,6 +149,13 @@ pub struct LinearReport {
     /// calibration). Kept out of the JSON: `quantize` writes it to `input_rms.safetensors`.
     #[serde(skip)]
     pub input_rms: Vec<f32>,
+    /// AWQ's exponent, when its scales were applied to this linear's input channels.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub awq_alpha: Option<f32>,
+    /// AWQ's scale per input channel (the weights quantized were `W diag(s)`); empty without.
+    /// Kept out of the JSON; saved with resumable blocks (the writer folds them into norms).
+    #[serde(skip)]
+    pub awq_scales: Vec<f32>,
 }
 
 /// `&'static str`, named so that serde's derive does not try to borrow it from the input
@@ -256,7 +267,7 @@ impl QuantizeConfig {
         let (q, loss, damp, dead) = match (gptq_out, axis) {
             (Some(o), _) => (o.quantized, Some(o.loss), Some(o.percdamp), o.dead.len()),
             (None, Some(axis)) => {
-                let h_diag = h.filter(|_| !self.search.is_minmax()).map(hessian_diag);
+                let h_diag = h.filter(|_| !self.search.is_minmax()).map(Hessian::diag);
                 (
                     rtn_fitted(w, rows, cols, &self.spec.with_axis(axis), &Fitter::new(self.search, h_diag.as_deref()))
                         .map_err(qerr)?,
@@ -292,6 +303,8 @@ impl QuantizeConfig {
             sweep_s: (!runs.is_empty()).then(|| runs.iter().map(|r| r.1).sum()),
             gptq_runs: runs.len(),
             input_rms: h.filter(|h| h.tokens() > 0).map_or_else(Vec::new, crate::input_rms::from_hessian),
+            awq_alpha: None,
+            awq_scales: Vec::new(),
         };
         Ok((q, report))
     }
@@ -328,6 +341,9 @@ pub struct Timings {
     pub sweep_flops: f64,
     /// Reading blocks and writing the output.
     pub io_s: f64,
+    /// AWQ's search of the channel scales.
+    #[serde(default)]
+    pub awq_s: f64,
 }
 
 /// What [`quantize_model`] returns.
@@ -533,8 +549,13 @@ fn write_block(
     cursor: &mut usize,
     layer: usize,
     quantized: &[(LinearKind, QuantizedMatrix)],
+    reports: &[LinearReport],
 ) -> Result<()> {
     let prefix = format!("model.layers.{layer}.");
+    // AWQ's scales of the linears after each norm, folded into it (written in f32).
+    let awq = |kind: LinearKind| reports.iter().find(|r| r.module == kind.module() && !r.awq_scales.is_empty());
+    let norms =
+        [("input_layernorm.weight", awq(LinearKind::Q)), ("post_attention_layernorm.weight", awq(LinearKind::Gate))];
     while *cursor < plan.len() && plan[*cursor].0.starts_with(&prefix) {
         let (name, shape) = &plan[*cursor];
         match quantized.iter().find(|(k, _)| name.ends_with(&format!("{}.weight", k.module()))) {
@@ -542,7 +563,12 @@ fn write_block(
             None if name.ends_with("_proj.weight") => {
                 return Err(CalibError::Invalid(format!("{name}: no quantized weight for it")))
             }
-            None => writer.dense(name, shape, &ckpt.tensor_f32(name)?, source_dtype(ckpt, name)?)?,
+            None => match norms.iter().find_map(|(n, r)| r.filter(|_| name.ends_with(n))) {
+                Some(r) => {
+                    writer.dense(name, shape, &folded_norm(&ckpt.tensor_f32(name)?, &r.awq_scales), DenseDtype::F32)?
+                }
+                None => writer.dense(name, shape, &ckpt.tensor_f32(name)?, source_dtype(ckpt, name)?)?,
+            },
         }
         *cursor += 1;
     }
@@ -621,7 +647,9 @@ fn run(
         let (quantized, block_reports) = quantize_block(ckpt, cfg, layer, &rope, calibrate, &mut xs, &mut times)?;
         let io = Instant::now();
         match &mut sink {
-            Sink::Stream { writer, cursor } => write_block(writer, ckpt, &plan, cursor, layer, &quantized)?,
+            Sink::Stream { writer, cursor } => {
+                write_block(writer, ckpt, &plan, cursor, layer, &quantized, &block_reports)?
+            }
             Sink::Work(w) => {
                 // The clocks saved include this block's write (measured up to here).
                 let mut t = times.clone();
@@ -643,7 +671,7 @@ fn run(
             let (mut writer, mut cursor) = start_output(ckpt, out, &plan)?;
             for layer in 0..layers {
                 let (quantized, block_reports) = w.load_block(layer)?;
-                write_block(&mut writer, ckpt, &plan, &mut cursor, layer, &quantized)?;
+                write_block(&mut writer, ckpt, &plan, &mut cursor, layer, &quantized, &block_reports)?;
                 reports.extend(block_reports);
             }
             writer
@@ -677,29 +705,54 @@ fn quantize_block(
     let mut quantize_step = |quantized: &mut Vec<(LinearKind, QuantizedMatrix)>,
                              step: &[LinearKind],
                              h: Option<&Hessian>,
+                             fold: Fold,
                              times: &mut Timings|
-     -> Result<()> {
+     -> Result<Option<Vec<f32>>> {
+        let mut ws = Vec::new();
         for &kind in step {
             let io = Instant::now();
             let name = format!("model.layers.{layer}.{}.weight", kind.module());
             let w = ckpt.tensor_f32(&name)?;
             let shape = &ckpt.entry(&name)?.shape;
             times.io_s += io.elapsed().as_secs_f64();
-            let (rows, cols) = match shape[..] {
-                [rows, cols] if rows * cols == w.len() => (rows, cols),
+            match shape[..] {
+                [rows, cols] if rows * cols == w.len() => ws.push((kind, w, rows, cols)),
                 _ => return Err(CalibError::Invalid(format!("{name}: shape {shape:?} is not a matrix"))),
+            }
+        }
+        let t = Instant::now();
+        let scales = match h {
+            Some(h) if cfg.awq && h.tokens() > 0 => awq_scales(layer, &ws, h, &cfg.spec, &fold, quantized)?,
+            _ => None,
+        };
+        times.awq_s += t.elapsed().as_secs_f64();
+        for (kind, w, rows, cols) in ws {
+            let (q, report) = match (&scales, h) {
+                (Some(s), Some(h)) => {
+                    let hs = h.scaled(&s.scales).map_err(|source| CalibError::Quantize {
+                        layer,
+                        module: kind.module().to_string(),
+                        source,
+                    })?;
+                    let ws = awq::scale_columns(&w, cols, &s.scales);
+                    let (q, mut r) = cfg.quantize_linear(layer, kind, &ws, rows, cols, Some(&hs))?;
+                    r.input_rms = crate::input_rms::from_hessian(h);
+                    r.awq_alpha = Some(s.alpha);
+                    r.awq_scales = s.scales.clone();
+                    (q, r)
+                }
+                _ => cfg.quantize_linear(layer, kind, &w, rows, cols, h)?,
             };
-            let (q, report) = cfg.quantize_linear(layer, kind, &w, rows, cols, h)?;
             times.add_linear(&report);
             quantized.push((kind, q));
             reports.push(report);
         }
-        Ok(())
+        Ok(scales.map(|s| s.source_scales))
     };
     let [qkv, o, gate_up, down] = STEPS;
     if !calibrate {
         for step in STEPS {
-            quantize_step(&mut quantized, step, None, times)?;
+            quantize_step(&mut quantized, step, None, Fold::Norm, times)?;
         }
     } else {
         // True-sequential, each stage on the outputs of the linears already quantized:
@@ -710,9 +763,11 @@ fn quantize_block(
         let h_in = acts.each(|_| 0.0, |_, x| Ok(block.attn_input(x)?))?;
         let h = acts.hessian(layer, qkv[0], &h_in)?;
         drop(h_in);
-        quantize_step(&mut quantized, qkv, Some(&h), acts.times)?;
+        if let Some(s) = quantize_step(&mut quantized, qkv, Some(&h), Fold::Norm, acts.times)? {
+            block.attn_norm = tensor_1d(folded_norm(&to_vec(&block.attn_norm)?, &s))?;
+        }
         drop(h);
-        let attn = with_dequantized(&mut block, &quantized, qkv, |block| {
+        let mut attn = with_dequantized(&mut block, &quantized, qkv, |block| {
             acts.each(
                 |t| flops.attention(t),
                 |_, x| {
@@ -723,7 +778,18 @@ fn quantize_block(
             )
         })?;
         let h = acts.hessian(layer, o[0], &attn)?;
-        quantize_step(&mut quantized, o, Some(&h), acts.times)?;
+        let (gqa, head_dim) = ((c.num_attention_heads / c.n_kv_heads().max(1)).max(1), c.head_dim().max(1));
+        // o's input column (head h, dim j) comes from v's row (h / gqa, j).
+        let tie: Vec<usize> = (0..c.q_dim()).map(|col| (col / head_dim / gqa) * head_dim + col % head_dim).collect();
+        let fold = Fold::Rows { producer: LinearKind::V, tie: Some(tie) };
+        if let Some(s) = quantize_step(&mut quantized, o, Some(&h), fold, acts.times)? {
+            // v's rows were divided by powers of two: its outputs, and so attention's, exactly so.
+            let tie = (0..c.q_dim()).map(|col| s[(col / head_dim / gqa) * head_dim + col % head_dim]);
+            let inv = tensor_1d(tie.map(|v| 1.0 / v).collect())?;
+            for a in &mut attn {
+                *a = a.broadcast_mul(&inv).map_err(|e| tensor_err(format!("layer {layer}: awq"), e))?;
+            }
+        }
         drop(h);
         acts.xs = with_dequantized(&mut block, &quantized, o, |block| {
             acts.each(|t| flops.o(t), |i, x| Ok(block.attn_residual(x, &attn[i], &SETTINGS)?))
@@ -732,7 +798,9 @@ fn quantize_block(
         let mlp_in = acts.each(|_| 0.0, |_, x| Ok(block.mlp_input(x)?))?;
         let h = acts.hessian(layer, gate_up[0], &mlp_in)?;
         drop(mlp_in);
-        quantize_step(&mut quantized, gate_up, Some(&h), acts.times)?;
+        if let Some(s) = quantize_step(&mut quantized, gate_up, Some(&h), Fold::Norm, acts.times)? {
+            block.mlp_norm = tensor_1d(folded_norm(&to_vec(&block.mlp_norm)?, &s))?;
+        }
         drop(h);
         // down's inputs are (t, f), f/d times the residual stream: kept for the block's
         // output when they fit in `act_cache_bytes`, else recomputed sample by sample.
@@ -751,7 +819,14 @@ fn quantize_block(
             }
             Ok(())
         })?;
-        quantize_step(&mut quantized, down, Some(&h), acts.times)?;
+        let fold = Fold::Rows { producer: LinearKind::Up, tie: None };
+        if let Some(s) = quantize_step(&mut quantized, down, Some(&h), fold, acts.times)? {
+            // up's rows were divided by powers of two: silu(gate) * up exactly so.
+            let inv = tensor_1d(s.iter().map(|v| 1.0 / v).collect())?;
+            for a in &mut kept {
+                *a = a.broadcast_mul(&inv).map_err(|e| tensor_err(format!("layer {layer}: awq"), e))?;
+            }
+        }
         drop(h);
         if !last {
             let mlp = [gate_up[0], gate_up[1], down[0]];
@@ -768,6 +843,60 @@ fn quantize_block(
         *xs = acts.xs;
     }
     Ok((quantized, reports))
+}
+
+/// Where a step's AWQ scales go: into the RMSNorm before it (float scales), or into the rows of
+/// an already quantized `producer` (powers of two, and only while it is per-OC; `tie` maps each
+/// input column to its producer row when several share one, as grouped-query attention's).
+enum Fold {
+    Norm,
+    Rows { producer: LinearKind, tie: Option<Vec<usize>> },
+}
+
+/// The step's AWQ scales, already folded into the producer for [`Fold::Rows`]; `None` when the
+/// step cannot take them (a per-IC producer, or a fold that would not be exact).
+fn awq_scales(
+    layer: usize,
+    ws: &[(LinearKind, Vec<f32>, usize, usize)],
+    h: &Hessian,
+    spec: &QuantSpec,
+    fold: &Fold,
+    quantized: &mut [(LinearKind, QuantizedMatrix)],
+) -> Result<Option<awq::AwqScales>> {
+    let cols = ws[0].3;
+    let linears: Vec<(&[f32], usize)> = ws.iter().map(|(_, w, rows, _)| (w.as_slice(), *rows)).collect();
+    let qerr = |source| CalibError::Quantize { layer, module: ws[0].0.module().to_string(), source };
+    match fold {
+        Fold::Norm => Ok(Some(awq::search(&linears, cols, h, spec, None, false).map_err(qerr)?)),
+        Fold::Rows { producer, tie } => {
+            let Some((_, q)) = quantized.iter_mut().find(|(k, _)| k == producer) else {
+                return Ok(None);
+            };
+            if q.spec().axis != Axis::Oc {
+                return Ok(None);
+            }
+            let s = awq::search(&linears, cols, h, spec, tie.as_deref(), true).map_err(qerr)?;
+            match q.divide_rows(&s.source_scales) {
+                Ok(folded) => {
+                    *q = folded;
+                    Ok(Some(s))
+                }
+                Err(_) => Ok(None),
+            }
+        }
+    }
+}
+
+/// An RMSNorm weight with AWQ's scales folded in: `g_i / s_i` (the linears after it hold
+/// `W diag(s)`). The writer and the calibration forward both use this.
+pub(crate) fn folded_norm(norm: &[f32], s: &[f32]) -> Vec<f32> {
+    norm.iter().zip(s).map(|(g, s)| g / s).collect()
+}
+
+fn tensor_1d(v: Vec<f32>) -> Result<Tensor> {
+    let n = v.len();
+    Ok(Tensor::from_vec(v, n, &Device::Cpu)
+        .map_err(|e| adadim_model::ModelError::Tensor { context: "tensor from host".into(), source: e })?)
 }
 
 /// A checkpoint seen without its linear weights: [`Block::load`] through it reads norms and

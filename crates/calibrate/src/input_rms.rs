@@ -110,6 +110,8 @@ mod tests {
             sweep_s: None,
             gptq_runs: 0,
             input_rms: rms,
+            awq_alpha: None,
+            awq_scales: Vec::new(),
         }
     }
 

@@ -355,14 +355,13 @@ impl WorkDir {
             meta.push((format!("{n}.spec"), serde_json::to_string(q.spec()).expect("specs serialize")));
             meta.push((format!("{n}.shape"), format!("[{},{}]", q.rows(), q.cols())));
         }
-        // The reports' input-channel RMS vectors (not in their JSON), one tensor per linear.
-        for r in reports.iter().filter(|r| !r.input_rms.is_empty()) {
-            w.write(
-                &format!("{}.input_rms", short_name(r.module)),
-                "F32",
-                &[r.input_rms.len()],
-                &f32_bytes(&r.input_rms),
-            )?;
+        // The reports' per-input-channel vectors (not in their JSON), one tensor each.
+        for r in reports {
+            for (what, v) in [("input_rms", &r.input_rms), ("awq_scales", &r.awq_scales)] {
+                if !v.is_empty() {
+                    w.write(&format!("{}.{what}", short_name(r.module)), "F32", &[v.len()], &f32_bytes(v))?;
+                }
+            }
         }
         w.finish(&meta)?;
         let sha = adadim_load::fetch::sha256_file(&tmp)?;
@@ -453,17 +452,28 @@ impl WorkDir {
         let mut reports: Vec<LinearReport> =
             serde_json::from_str(&get("reports")?).map_err(|e| bad(format!("reports: {e}")))?;
         for r in &mut reports {
-            if let Ok(t) = st.tensor(&format!("{}.input_rms", short_name(r.module))) {
+            for what in ["input_rms", "awq_scales"] {
+                let Ok(t) = st.tensor(&format!("{}.{what}", short_name(r.module))) else { continue };
                 if r.cols.checked_mul(4) != Some(t.data().len()) {
                     return Err(bad(format!(
-                        "{}.input_rms: {} bytes for {} input channels",
+                        "{}.{what}: {} bytes for {} input channels",
                         short_name(r.module),
                         t.data().len(),
                         r.cols
                     )));
                 }
-                r.input_rms =
+                let v: Vec<f32> =
                     t.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes"))).collect();
+                if what == "awq_scales" && v.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
+                    return Err(bad(format!(
+                        "{}.{what}: a scale that is not finite and positive",
+                        short_name(r.module)
+                    )));
+                }
+                match what {
+                    "input_rms" => r.input_rms = v,
+                    _ => r.awq_scales = v,
+                }
             }
         }
         let mut linears = Vec::new();

@@ -22,6 +22,7 @@ fn config(method: Method, dim: Dim) -> QuantizeConfig {
         gptq: GptqOptions::default(),
         act_order: false,
         static_groups: false,
+        awq: false,
         ic_modules: vec![],
         act_cache_bytes: adadim_calibrate::ACT_CACHE_BYTES,
     }

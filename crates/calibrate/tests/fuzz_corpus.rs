@@ -222,6 +222,7 @@ fn write_resume_seeds() {
             gptq: GptqOptions::default(),
             act_order,
             static_groups: false,
+            awq: false,
             ic_modules: vec![],
             act_cache_bytes: adadim_calibrate::ACT_CACHE_BYTES,
         };

@@ -25,6 +25,7 @@ fn config(method: Method, dim: Dim, act_order: bool) -> QuantizeConfig {
         gptq: GptqOptions::default(),
         act_order,
         static_groups: false,
+        awq: false,
         ic_modules: vec![],
         act_cache_bytes: adadim_calibrate::ACT_CACHE_BYTES,
     }

@@ -129,6 +129,10 @@ pub struct QuantSettings {
     /// least-squares refinement), in RTN, GPTQ and AdaDim's choice alike.
     #[arg(long, value_enum, default_value = "minmax")]
     pub scale_search: ScaleSearchArg,
+    /// AWQ: scale each linear's input channels by a searched power of their RMS before
+    /// quantizing (folded into the RMSNorm, or into v_proj / up_proj when they are per-OC).
+    #[arg(long)]
+    pub awq: bool,
     /// GPTQ: process input columns by decreasing Hessian diagonal.
     #[arg(long)]
     pub act_order: bool,

@@ -127,7 +127,7 @@ pub fn choose_axis_fitted(
         Calibration::Hessian(h) => output_error_from_hessian(w, &q.dequantize(), rows, cols, h),
     };
     let h_diag: Option<Vec<f32>> = (!search.is_minmax()).then(|| match calib {
-        Calibration::Hessian(h) => crate::rtn::hessian_diag(h),
+        Calibration::Hessian(h) => h.diag(),
         Calibration::Inputs(x) => {
             let mut d = vec![0f32; cols];
             x.chunks(cols).for_each(|t| t.iter().zip(&mut d).for_each(|(v, s)| *s += v * v));

@@ -128,7 +128,7 @@ pub fn gptq(
         }
     }
     let grid = Grid::new(rows, cols, spec);
-    let h_diag = crate::rtn::hessian_diag(h);
+    let h_diag = h.diag();
     let static_groups = opts.static_groups && spec.axis == Axis::Oc;
     let mut params = match static_groups {
         true => fit_groups(&w0, cols, &grid, spec, &Fitter::new(opts.search, Some(&h_diag))),

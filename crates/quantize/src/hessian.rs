@@ -95,6 +95,22 @@ impl Hessian {
         Ok(())
     }
 
+    /// `diag(H)`, negative round-off clamped to 0: each input channel's weight in the
+    /// Hessian-weighted scale search.
+    pub fn diag(&self) -> Vec<f32> {
+        (0..self.dim).map(|i| self.h[i * self.dim + i].max(0.0)).collect()
+    }
+
+    /// The Hessian of the inputs `S^-1 x` (AWQ's scaled channels): `H[i, j] / (s_i s_j)`.
+    pub fn scaled(&self, s: &[f32]) -> Result<Hessian> {
+        if s.len() != self.dim {
+            return Err(Error::Shape { what: "channel scales [dim]", expected: self.dim, got: s.len() });
+        }
+        let d = self.dim;
+        let h = (0..d * d).map(|k| self.h[k] / (s[k / d] * s[k % d])).collect();
+        Hessian::from_matrix(d, h, self.tokens)
+    }
+
     /// Input channels that never saw a non-zero input (`H[i, i] == 0`): GPTQ zeroes their
     /// weights, which cannot affect the layer's output on this calibration data.
     pub fn dead_inputs(&self) -> Vec<usize> {

@@ -33,6 +33,7 @@
 #![warn(missing_docs)]
 
 mod ada;
+pub mod awq;
 mod error;
 mod gptq;
 mod grid;
@@ -48,7 +49,7 @@ pub use gptq::{gptq, GptqOptions, GptqOutput};
 pub use hessian::Hessian;
 pub use matrix::QuantizedMatrix;
 pub use quantizer::{dequantize, f16_scale, quantize, Axis, GroupParams, QuantSpec, Zero};
-pub use rtn::{hessian_diag, rtn, rtn_fitted, Fitter};
+pub use rtn::{rtn, rtn_fitted, Fitter};
 pub use search::ScaleSearch;
 /// The error search's pieces, for tests and references.
 pub mod scale_search {

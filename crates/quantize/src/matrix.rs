@@ -145,6 +145,29 @@ impl QuantizedMatrix {
         w_hat
     }
 
+    /// The same matrix with output row `r` divided by `s[r]` (AWQ's fold into the linear that
+    /// produces the next one's inputs): per-OC params only (a group lies in one row), and only
+    /// when every new scale is exactly an f16 value, so the result is exactly `diag(s)^-1 W'`.
+    pub fn divide_rows(&self, s: &[f32]) -> Result<Self> {
+        if s.len() != self.rows {
+            return Err(Error::Shape { what: "row scales [rows]", expected: self.rows, got: s.len() });
+        }
+        let (pr, pc) = self.param_shape();
+        if pr != self.rows {
+            return Err(Error::Invalid("only per-OC params can be divided by row"));
+        }
+        let mut scales = self.scales.clone();
+        for (r, row) in scales.chunks_mut(pc).enumerate() {
+            for v in row {
+                *v /= s[r];
+                if crate::quantizer::f16_scale(*v) != *v {
+                    return Err(Error::Invalid("a row scale does not keep the f16 scales exact"));
+                }
+            }
+        }
+        Ok(Self { scales, ..self.clone() })
+    }
+
     /// Column of `P` for input column `c`: `g_idx[c]`, or `c / g_c`.
     fn group_col(&self, c: usize, grid: &Grid) -> usize {
         self.g_idx.as_ref().map_or(c / grid.group_shape().1, |g| g[c] as usize)

@@ -94,10 +94,3 @@ impl<'a> Fitter<'a> {
         }
     }
 }
-
-/// The diagonal of `h`, negative round-off clamped to 0: per-input-channel weights for
-/// [`Fitter`].
-pub fn hessian_diag(h: &crate::Hessian) -> Vec<f32> {
-    let (m, n) = (h.matrix(), h.dim());
-    (0..n).map(|i| m[i * n + i].max(0.0)).collect()
-}

@@ -5,8 +5,7 @@ mod common;
 
 use adadim_quantize::scale_search::{grid_search, ratio, weighted_error, STEPS};
 use adadim_quantize::{
-    dequantize, gptq, hessian_diag, quantize, rtn, rtn_fitted, Axis, Fitter, GptqOptions, Hessian, QuantSpec,
-    ScaleSearch, Zero,
+    dequantize, gptq, quantize, rtn, rtn_fitted, Axis, Fitter, GptqOptions, Hessian, QuantSpec, ScaleSearch, Zero,
 };
 use common::Rng;
 
@@ -99,7 +98,7 @@ fn rtn_searches_along_both_axes() {
     let x = common::inputs(256, cols, &[3, 40], 20.0, 4);
     let mut h = Hessian::new(cols);
     h.add_batch(&x).unwrap();
-    let hd = hessian_diag(&h);
+    let hd = h.diag();
     for axis in [Axis::Oc, Axis::Ic] {
         for bits in [2u8, 3, 4, 8] {
             let spec = QuantSpec { bits, group: Some(32), axis, zero: Zero::Awq };

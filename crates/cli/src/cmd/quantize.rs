@@ -165,6 +165,7 @@ pub fn quantize_config(method: MethodArg, dim: DimArg, q: &QuantSettings) -> Res
         gptq: GptqOptions { percdamp: q.percdamp, ..GptqOptions::default() },
         act_order: q.act_order,
         static_groups: q.static_groups,
+        awq: q.awq,
         ic_modules: q.ic_modules.clone(),
         act_cache_bytes: adadim_calibrate::ACT_CACHE_BYTES,
     };
