@@ -13,6 +13,7 @@
 //! ```
 //! Only one block's weights and the calibration activations are held at a time.
 
+use crate::awq_fold::{awq_scales, folded_norm, o_input_sources, scales_of, tensor_1d, Fold};
 use crate::error::{CalibError, Result};
 use crate::output::{Output, Writer};
 use crate::resume::WorkDir;
@@ -553,9 +554,10 @@ fn write_block(
 ) -> Result<()> {
     let prefix = format!("model.layers.{layer}.");
     // AWQ's scales of the linears after each norm, folded into it (written in f32).
-    let awq = |kind: LinearKind| reports.iter().find(|r| r.module == kind.module() && !r.awq_scales.is_empty());
-    let norms =
-        [("input_layernorm.weight", awq(LinearKind::Q)), ("post_attention_layernorm.weight", awq(LinearKind::Gate))];
+    let norms = [
+        ("input_layernorm.weight", scales_of(reports, LinearKind::Q)),
+        ("post_attention_layernorm.weight", scales_of(reports, LinearKind::Gate)),
+    ];
     while *cursor < plan.len() && plan[*cursor].0.starts_with(&prefix) {
         let (name, shape) = &plan[*cursor];
         match quantized.iter().find(|(k, _)| name.ends_with(&format!("{}.weight", k.module()))) {
@@ -564,9 +566,7 @@ fn write_block(
                 return Err(CalibError::Invalid(format!("{name}: no quantized weight for it")))
             }
             None => match norms.iter().find_map(|(n, r)| r.filter(|_| name.ends_with(n))) {
-                Some(r) => {
-                    writer.dense(name, shape, &folded_norm(&ckpt.tensor_f32(name)?, &r.awq_scales), DenseDtype::F32)?
-                }
+                Some(s) => writer.dense(name, shape, &folded_norm(&ckpt.tensor_f32(name)?, s), DenseDtype::F32)?,
                 None => writer.dense(name, shape, &ckpt.tensor_f32(name)?, source_dtype(ckpt, name)?)?,
             },
         }
@@ -778,14 +778,10 @@ fn quantize_block(
             )
         })?;
         let h = acts.hessian(layer, o[0], &attn)?;
-        let (gqa, head_dim) = ((c.num_attention_heads / c.n_kv_heads().max(1)).max(1), c.head_dim().max(1));
-        // o's input column (head h, dim j) comes from v's row (h / gqa, j).
-        let tie: Vec<usize> = (0..c.q_dim()).map(|col| (col / head_dim / gqa) * head_dim + col % head_dim).collect();
-        let fold = Fold::Rows { producer: LinearKind::V, tie: Some(tie) };
+        let fold = Fold::Rows { producer: LinearKind::V, tie: Some(o_input_sources(c)) };
         if let Some(s) = quantize_step(&mut quantized, o, Some(&h), fold, acts.times)? {
             // v's rows were divided by powers of two: its outputs, and so attention's, exactly so.
-            let tie = (0..c.q_dim()).map(|col| s[(col / head_dim / gqa) * head_dim + col % head_dim]);
-            let inv = tensor_1d(tie.map(|v| 1.0 / v).collect())?;
+            let inv = tensor_1d(o_input_sources(c).iter().map(|&r| 1.0 / s[r]).collect())?;
             for a in &mut attn {
                 *a = a.broadcast_mul(&inv).map_err(|e| tensor_err(format!("layer {layer}: awq"), e))?;
             }
@@ -843,60 +839,6 @@ fn quantize_block(
         *xs = acts.xs;
     }
     Ok((quantized, reports))
-}
-
-/// Where a step's AWQ scales go: into the RMSNorm before it (float scales), or into the rows of
-/// an already quantized `producer` (powers of two, and only while it is per-OC; `tie` maps each
-/// input column to its producer row when several share one, as grouped-query attention's).
-enum Fold {
-    Norm,
-    Rows { producer: LinearKind, tie: Option<Vec<usize>> },
-}
-
-/// The step's AWQ scales, already folded into the producer for [`Fold::Rows`]; `None` when the
-/// step cannot take them (a per-IC producer, or a fold that would not be exact).
-fn awq_scales(
-    layer: usize,
-    ws: &[(LinearKind, Vec<f32>, usize, usize)],
-    h: &Hessian,
-    spec: &QuantSpec,
-    fold: &Fold,
-    quantized: &mut [(LinearKind, QuantizedMatrix)],
-) -> Result<Option<awq::AwqScales>> {
-    let cols = ws[0].3;
-    let linears: Vec<(&[f32], usize)> = ws.iter().map(|(_, w, rows, _)| (w.as_slice(), *rows)).collect();
-    let qerr = |source| CalibError::Quantize { layer, module: ws[0].0.module().to_string(), source };
-    match fold {
-        Fold::Norm => Ok(Some(awq::search(&linears, cols, h, spec, None, false).map_err(qerr)?)),
-        Fold::Rows { producer, tie } => {
-            let Some((_, q)) = quantized.iter_mut().find(|(k, _)| k == producer) else {
-                return Ok(None);
-            };
-            if q.spec().axis != Axis::Oc {
-                return Ok(None);
-            }
-            let s = awq::search(&linears, cols, h, spec, tie.as_deref(), true).map_err(qerr)?;
-            match q.divide_rows(&s.source_scales) {
-                Ok(folded) => {
-                    *q = folded;
-                    Ok(Some(s))
-                }
-                Err(_) => Ok(None),
-            }
-        }
-    }
-}
-
-/// An RMSNorm weight with AWQ's scales folded in: `g_i / s_i` (the linears after it hold
-/// `W diag(s)`). The writer and the calibration forward both use this.
-pub(crate) fn folded_norm(norm: &[f32], s: &[f32]) -> Vec<f32> {
-    norm.iter().zip(s).map(|(g, s)| g / s).collect()
-}
-
-fn tensor_1d(v: Vec<f32>) -> Result<Tensor> {
-    let n = v.len();
-    Ok(Tensor::from_vec(v, n, &Device::Cpu)
-        .map_err(|e| adadim_model::ModelError::Tensor { context: "tensor from host".into(), source: e })?)
 }
 
 /// A checkpoint seen without its linear weights: [`Block::load`] through it reads norms and

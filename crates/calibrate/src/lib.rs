@@ -6,6 +6,7 @@
 //! linear, with its input Hessian, to the quantizers in `adadim-quantize`; [`run_dir`] takes a
 //! `quantize` job from its inputs to a finished, resumable output directory.
 
+pub mod awq_fold;
 pub mod chat;
 pub mod code;
 pub mod data;

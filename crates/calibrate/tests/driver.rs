@@ -400,3 +400,48 @@ fn int8_activations_decode_close_to_the_dequantized_model() {
         err(&one16)
     );
 }
+
+/// With `--awq` at 8 bits the quantized model is still the float one: the scales folded into
+/// norms and rows must match the weights quantized. Without the fold, the outputs would be off
+/// by factors of the scales, far beyond 8-bit rounding.
+#[test]
+fn awq_at_8_bits_computes_what_the_float_model_does() {
+    let d = tempfile::tempdir().unwrap();
+    let m = d.path().join("m");
+    write_random_checkpoint(&m, &tiny_config(), 4).unwrap();
+    let ck = Checkpoint::open(&m).unwrap();
+    let ids: Vec<u32> = (0..24).map(|i| (i * 31 % 300) as u32).collect();
+    let logits = |dir: &Path| -> Vec<f32> {
+        let c = Checkpoint::open(dir).unwrap();
+        let model = adadim_model::Model::load(&c, 32, &mut |_, _| {}).unwrap();
+        model.logits(&model.forward_hidden(&ids).unwrap()).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+    };
+    let float = logits(&m);
+    let mut gaps = Vec::new();
+    for awq in [false, true] {
+        let cfg = QuantizeConfig {
+            awq,
+            spec: QuantSpec { bits: 8, group: Some(16), axis: Axis::Oc, zero: Zero::Awq },
+            ..config(Method::Gptq, Dim::Oc)
+        };
+        let out = d.path().join(format!("q{awq}"));
+        std::fs::create_dir(&out).unwrap();
+        for f in ["config.json", "tokenizer.json"] {
+            std::fs::copy(m.join(f), out.join(f)).unwrap();
+        }
+        let run =
+            quantize_model(&ck, &samples(), &cfg, &f32_out(&out.join("model.safetensors")), &mut |_, _| {}).unwrap();
+        // Per-OC everywhere: all seven linears of each block take scales (o and down by folding
+        // powers of two into v and up).
+        assert_eq!(run.linears.iter().filter(|r| r.awq_alpha.is_some()).count(), if awq { 14 } else { 0 });
+        let q = logits(&out);
+        gaps.push(float.iter().zip(&q).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max));
+    }
+    let scale = float.iter().fold(0f32, |a, v| a.max(v.abs()));
+    assert!(
+        gaps[1] < 0.02 * scale && gaps[1] < 4.0 * gaps[0] + 1e-6,
+        "max |logit gap|: plain {} awq {}",
+        gaps[0],
+        gaps[1]
+    );
+}

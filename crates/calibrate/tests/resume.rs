@@ -61,9 +61,11 @@ fn interrupted_after_any_block_resumes_to_the_same_bytes() {
         (Method::Gptq, Dim::Ic, false, Format::F16),
         (Method::Gptq, Dim::Oc, true, Format::Gptq),
         (Method::Rtn, Dim::Oc, false, Format::F32), // no calibration: no hidden states saved
+        (Method::Gptq, Dim::Oc, false, Format::Packed), // with AWQ (below): scales folded into norms and rows
     ];
+    let awq_case = cases.len() - 1;
     for (i, (method, dim, act, format)) in cases.into_iter().enumerate() {
-        let cfg = config(method, dim, act);
+        let cfg = QuantizeConfig { awq: i == awq_case, ..config(method, dim, act) };
         let want_file = d.path().join(format!("want{i}.safetensors"));
         let want = quantize_model(&ck, &samples(), &cfg, &output(&want_file, format), &mut |_, _| {}).unwrap();
         let want_bytes = std::fs::read(&want_file).unwrap();
@@ -125,6 +127,8 @@ fn interrupted_after_any_block_resumes_to_the_same_bytes() {
                     r.percdamp,
                     r.dead_inputs,
                     r.input_rms.clone(),
+                    r.awq_alpha,
+                    r.awq_scales.clone(),
                 )
             };
             assert_eq!(
@@ -137,6 +141,11 @@ fn interrupted_after_any_block_resumes_to_the_same_bytes() {
                 "case {i}: input_rms lengths"
             );
             assert_eq!(run.timings.forward_flops, want.timings.forward_flops);
+            if i == awq_case {
+                // q/k/v and gate/up always take the scales (their norm absorbs any).
+                let with = run.linears.iter().filter(|r| r.awq_alpha.is_some() && r.awq_scales.len() == r.cols).count();
+                assert!(with >= 5 * c.num_hidden_layers, "case {i}: {with} linears with AWQ scales");
+            }
             work.remove().unwrap();
             assert!(!work_dir.exists());
         }

@@ -354,6 +354,43 @@ fn quantize_layer_reports_both_errors() {
     assert!(v["final_error"].as_f64().unwrap() <= oc.min(ic) * 1.0001, "GPTQ no worse than RTN: {v}");
     assert_eq!(v["tokens"], 64);
     assert!(out.exists());
+    // AWQ on the same layer, per-OC RTN: its search includes alpha = 0 (plain RTN), measured by
+    // the same output error, and the outlier channel makes scaling pay.
+    let out_awq = d.path().join("wq-awq.safetensors");
+    let (code, so, se) = adadim(&[
+        "quantize-layer",
+        "--weight",
+        &s(&w),
+        "--inputs",
+        &s(&x),
+        "--method",
+        "rtn",
+        "--dim",
+        "oc",
+        "--bits",
+        "3",
+        "--group",
+        "8",
+        "--awq",
+        "--out",
+        &s(&out_awq),
+    ]);
+    assert_eq!(code, 0, "{se}");
+    let a: serde_json::Value = serde_json::from_str(&so).unwrap();
+    assert!(a["awq_alpha"].as_f64().unwrap() > 0.0, "{a}");
+    assert!(a["final_error"].as_f64().unwrap() <= oc * 1.0001, "AWQ {a} vs plain RTN per-OC {oc}");
+    // The weights written are back in the layer's own space: their output error is the one reported.
+    let read = |p: &Path| -> Vec<f32> {
+        let bytes = std::fs::read(p).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let t = st.tensor("weight").unwrap();
+        t.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect()
+    };
+    let mut h = adadim_quantize::Hessian::new(cols);
+    h.add_batch(&xs).unwrap();
+    let e = adadim_quantize::output_error_from_hessian(&read(&w), &read(&out_awq), rows, cols, &h).unwrap();
+    let want = a["final_error"].as_f64().unwrap();
+    assert!((e - want).abs() <= 1e-3 * want, "written {e} vs reported {want}");
     // Inputs whose width is not the weight's C_in.
     let bad = d.path().join("bad.safetensors");
     let mut f = DenseWriter::create(&bad, &[("x".into(), vec![4, 31])], &[], DenseDtype::F32).unwrap();

@@ -51,7 +51,7 @@ pub fn quantize_layer(a: QuantizeLayerArgs) -> Result<()> {
     }
     let mut h = adadim_quantize::Hessian::new(cols);
     h.add_batch(&x).with_context(|| format!("{}: inputs", a.inputs.display()))?;
-    let (q, report) = cfg.quantize_linear(0, kind, &w, rows, cols, Some(&h))?;
+    let (w_hat, report) = adadim_calibrate::awq_fold::quantize_alone(&cfg, kind, &w, rows, cols, &h)?;
     if let Some(out) = &a.out {
         let tmp =
             out.with_file_name(adadim_load::state_dir::work_name(out, &format!(".partial-{}", std::process::id())));
@@ -61,7 +61,7 @@ pub fn quantize_layer(a: QuantizeLayerArgs) -> Result<()> {
             &[],
             adadim_load::safetensors_out::DenseDtype::F32,
         )?;
-        wr.write_tensor("weight", &q.dequantize())?;
+        wr.write_tensor("weight", &w_hat)?;
         wr.finish()?;
         std::fs::rename(&tmp, out).with_context(|| format!("writing {}", out.display()))?;
     }
