@@ -21,11 +21,12 @@ use adadim_load::safetensors_out::DenseDtype;
 use adadim_load::Checkpoint;
 use adadim_model::{Block, DecodeSettings, LinearKind, Rope, Weight};
 use adadim_quantize::{
-    awq, choose_axis_fitted, gptq, output_error_from_hessian, rtn_fitted, Axis, Calibration, Fitter, GptqOptions,
-    GptqOutput, Hessian, QuantSpec, QuantizedMatrix, ScaleSearch,
+    awq, choose_axis_fitted, gptq, output_error_from_hessian, rtn_candidates, rtn_fitted, Axis, Calibration,
+    Candidates, Fitter, GptqOptions, GptqOutput, Hessian, QuantSpec, QuantizedMatrix, ScaleSearch,
 };
 use candle_core::{Device, Tensor};
 use serde::Serialize;
+use std::borrow::Cow;
 use std::time::Instant;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
@@ -76,6 +77,30 @@ impl Select {
     }
 }
 
+/// Where AdaDim measures a candidate's error (`--ada-error`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AdaError {
+    /// The linear's own output, `W' X` against `W X` (the paper's Eq. 3).
+    #[default]
+    Linear,
+    /// The sublayer's output: q/k/v on `o(attention)`, gate/up on `down(silu(gate) * up)`,
+    /// with the other linears of the sublayer in float (o and down are their own sublayer
+    /// output, so their choice is the same either way).
+    Block,
+}
+
+impl AdaError {
+    /// Whether this is the per-linear error (serialized settings leave it out).
+    pub fn is_linear(&self) -> bool {
+        *self == AdaError::Linear
+    }
+}
+
+/// Calibration samples the block-level error is measured on (the first ones): each candidate
+/// costs a forward of its sublayer on them.
+pub const BLOCK_ERROR_SAMPLES: usize = 16;
+
 /// What `Dim::Ada` compares: RTN's error in both axes (the paper), or GPTQ's itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -102,6 +127,10 @@ pub struct QuantizeConfig {
     /// quantizing, folded into the RMSNorm or the linear that produces them.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub awq: bool,
+    /// What `Dim::Ada` compares: each linear's own output error, or q/k/v's on the attention
+    /// output and gate/up's on the MLP output (the rest of the block in float).
+    #[serde(default, skip_serializing_if = "AdaError::is_linear")]
+    pub ada_error: AdaError,
     /// Paper Table 1 heuristic: these modules per-IC, the rest per-OC (overrides `dim`).
     pub ic_modules: Vec<String>,
     /// Largest total of down_proj inputs (all samples, f32 bytes) kept between its Hessian and
@@ -157,6 +186,12 @@ pub struct LinearReport {
     /// Kept out of the JSON; saved with resumable blocks (the writer folds them into norms).
     #[serde(skip)]
     pub awq_scales: Vec<f32>,
+    /// `--ada-error block`: the RTN candidates' errors on the attention / MLP output (mean
+    /// square), which chose the axis.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub block_oc_error: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub block_ic_error: Option<f64>,
 }
 
 /// `&'static str`, named so that serde's derive does not try to borrow it from the input
@@ -218,6 +253,22 @@ impl QuantizeConfig {
         cols: usize,
         h: Option<&Hessian>,
     ) -> Result<(QuantizedMatrix, LinearReport)> {
+        self.quantize_judged(layer, kind, w, rows, cols, h, None)
+    }
+
+    /// As [`QuantizeConfig::quantize_linear`]; with `judged`, AdaDim's two RTN candidates and
+    /// the errors they were judged by downstream (`--ada-error block`), which pick the axis.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn quantize_judged(
+        &self,
+        layer: usize,
+        kind: LinearKind,
+        w: &[f32],
+        rows: usize,
+        cols: usize,
+        h: Option<&Hessian>,
+        judged: Option<(Candidates, f64, f64)>,
+    ) -> Result<(QuantizedMatrix, LinearReport)> {
         let t = Instant::now();
         let qerr = |source| CalibError::Quantize { layer, module: kind.module().to_string(), source };
         let opts = GptqOptions {
@@ -227,8 +278,10 @@ impl QuantizeConfig {
             ..self.gptq
         };
         // Both RTN errors whenever calibration data is at hand: the report shows them.
-        let choice = match h {
-            Some(h) if h.tokens() > 0 => Some(
+        let block_errors = judged.as_ref().map(|j| (j.1, j.2));
+        let choice = match (judged, h) {
+            (Some((c, oc, ic)), _) => Some(c.choose_by(oc, ic)),
+            (None, Some(h)) if h.tokens() > 0 => Some(
                 choose_axis_fitted(w, rows, cols, &self.spec, Calibration::Hessian(h), self.search).map_err(qerr)?,
             ),
             _ => None,
@@ -306,6 +359,8 @@ impl QuantizeConfig {
             input_rms: h.filter(|h| h.tokens() > 0).map_or_else(Vec::new, crate::input_rms::from_hessian),
             awq_alpha: None,
             awq_scales: Vec::new(),
+            block_oc_error: block_errors.map(|e| e.0),
+            block_ic_error: block_errors.map(|e| e.1),
         };
         Ok((q, report))
     }
@@ -600,6 +655,14 @@ fn run(
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<QuantizeRun> {
     cfg.spec.validate().map_err(|source| CalibError::Quantize { layer: 0, module: "(settings)".into(), source })?;
+    if cfg.ada_error == AdaError::Block
+        && (cfg.dim != Dim::Ada || cfg.select != Select::Rtn || !cfg.ic_modules.is_empty())
+    {
+        return Err(CalibError::Invalid(
+            "--ada-error block judges AdaDim's two RTN candidates: it needs --dim ada, --select rtn and no --ic-modules"
+                .into(),
+        ));
+    }
     for m in &cfg.ic_modules {
         if LinearKind::from_short(m).is_none() {
             return Err(CalibError::Invalid(format!(
@@ -706,6 +769,7 @@ fn quantize_block(
                              step: &[LinearKind],
                              h: Option<&Hessian>,
                              fold: Fold,
+                             judge: Option<Judge<'_>>,
                              times: &mut Timings|
      -> Result<Option<Vec<f32>>> {
         let mut ws = Vec::new();
@@ -726,25 +790,50 @@ fn quantize_block(
             _ => None,
         };
         times.awq_s += t.elapsed().as_secs_f64();
-        for (kind, w, rows, cols) in ws {
-            let (q, report) = match (&scales, h) {
+        // Per linear, what is quantized: `W diag(s)` and `S^-1 H S^-1` under AWQ, else W and H.
+        let mut prepared = Vec::new();
+        for (kind, w, _, cols) in &ws {
+            let qerr = |source| CalibError::Quantize { layer, module: kind.module().to_string(), source };
+            prepared.push(match (&scales, h) {
                 (Some(s), Some(h)) => {
-                    let hs = h.scaled(&s.scales).map_err(|source| CalibError::Quantize {
-                        layer,
-                        module: kind.module().to_string(),
-                        source,
-                    })?;
-                    let ws = awq::scale_columns(&w, cols, &s.scales);
-                    let (q, mut r) = cfg.quantize_linear(layer, kind, &ws, rows, cols, Some(&hs))?;
-                    r.input_rms = crate::input_rms::from_hessian(h);
-                    r.awq_alpha = Some(s.alpha);
-                    r.awq_scales = s.scales.clone();
-                    (q, r)
+                    (Cow::Owned(awq::scale_columns(w, *cols, &s.scales)), Some(h.scaled(&s.scales).map_err(qerr)?))
                 }
-                _ => cfg.quantize_linear(layer, kind, &w, rows, cols, h)?,
-            };
+                _ => (Cow::Borrowed(w.as_slice()), None),
+            });
+        }
+        // `--ada-error block`: both RTN candidates of each linear, judged downstream.
+        let t = Instant::now();
+        let mut judged: Vec<Option<(Candidates, f64, f64)>> = ws.iter().map(|_| None).collect();
+        if let (Some(judge), Some(h)) = (judge, h) {
+            let mut views = Vec::new();
+            let mut cands = Vec::new();
+            for ((kind, _, rows, cols), (w, hs)) in ws.iter().zip(&prepared) {
+                let qerr = |source| CalibError::Quantize { layer, module: kind.module().to_string(), source };
+                let hh = Calibration::Hessian(hs.as_ref().unwrap_or(h));
+                let c = rtn_candidates(w, *rows, *cols, &cfg.spec, hh, cfg.search).map_err(qerr)?;
+                // The judge runs the original model: candidates back in its space.
+                let back = |q: &QuantizedMatrix| match &scales {
+                    Some(s) => {
+                        q.dequantize().chunks(*cols).flat_map(|r| r.iter().zip(&s.scales).map(|(w, s)| w / s)).collect()
+                    }
+                    None => q.dequantize(),
+                };
+                views.push((*kind, [back(&c.oc), back(&c.ic)]));
+                cands.push(c);
+            }
+            let errors = judge(&views)?;
+            judged = cands.into_iter().zip(errors).map(|(c, (oc, ic))| Some((c, oc, ic))).collect();
+        }
+        times.select_s += t.elapsed().as_secs_f64();
+        for (((kind, _, rows, cols), (w, hs)), judged) in ws.iter().zip(&prepared).zip(judged) {
+            let (q, mut report) = cfg.quantize_judged(layer, *kind, w, *rows, *cols, hs.as_ref().or(h), judged)?;
+            if let (Some(s), Some(h)) = (&scales, h) {
+                report.input_rms = crate::input_rms::from_hessian(h);
+                report.awq_alpha = Some(s.alpha);
+                report.awq_scales = s.scales.clone();
+            }
             times.add_linear(&report);
-            quantized.push((kind, q));
+            quantized.push((*kind, q));
             reports.push(report);
         }
         Ok(scales.map(|s| s.source_scales))
@@ -752,7 +841,7 @@ fn quantize_block(
     let [qkv, o, gate_up, down] = STEPS;
     if !calibrate {
         for step in STEPS {
-            quantize_step(&mut quantized, step, None, Fold::Norm, times)?;
+            quantize_step(&mut quantized, step, None, Fold::Norm, None, times)?;
         }
     } else {
         // True-sequential, each stage on the outputs of the linears already quantized:
@@ -763,7 +852,18 @@ fn quantize_block(
         let h_in = acts.each(|_| 0.0, |_, x| Ok(block.attn_input(x)?))?;
         let h = acts.hessian(layer, qkv[0], &h_in)?;
         drop(h_in);
-        if let Some(s) = quantize_step(&mut quantized, qkv, Some(&h), Fold::Norm, acts.times)? {
+        let judging = cfg.ada_error == AdaError::Block && cfg.dim == Dim::Ada && cfg.ic_modules.is_empty();
+        let n_judge = acts.xs.len().min(BLOCK_ERROR_SAMPLES);
+        let mut judge_attention = |views: &[(LinearKind, [Vec<f32>; 2])]| {
+            let sublayer = [LinearKind::Q, LinearKind::K, LinearKind::V, LinearKind::O];
+            judge(&mut block, ckpt, &sublayer, views, &acts.xs[..n_judge], |b, x| {
+                let a = b.attention(&b.attn_input(x)?, rope, &SETTINGS);
+                a.and_then(|a| b.o.forward(&a, &SETTINGS))
+                    .map_err(|e| tensor_err(format!("layer {layer}: attention"), e))
+            })
+        };
+        let judge_qkv = judging.then_some(&mut judge_attention as Judge<'_>);
+        if let Some(s) = quantize_step(&mut quantized, qkv, Some(&h), Fold::Norm, judge_qkv, acts.times)? {
             block.attn_norm = tensor_1d(folded_norm(&to_vec(&block.attn_norm)?, &s))?;
         }
         drop(h);
@@ -779,7 +879,7 @@ fn quantize_block(
         })?;
         let h = acts.hessian(layer, o[0], &attn)?;
         let fold = Fold::Rows { producer: LinearKind::V, tie: Some(o_input_sources(c)) };
-        if let Some(s) = quantize_step(&mut quantized, o, Some(&h), fold, acts.times)? {
+        if let Some(s) = quantize_step(&mut quantized, o, Some(&h), fold, None, acts.times)? {
             // v's rows were divided by powers of two: its outputs, and so attention's, exactly so.
             let inv = tensor_1d(o_input_sources(c).iter().map(|&r| 1.0 / s[r]).collect())?;
             for a in &mut attn {
@@ -794,7 +894,16 @@ fn quantize_block(
         let mlp_in = acts.each(|_| 0.0, |_, x| Ok(block.mlp_input(x)?))?;
         let h = acts.hessian(layer, gate_up[0], &mlp_in)?;
         drop(mlp_in);
-        if let Some(s) = quantize_step(&mut quantized, gate_up, Some(&h), Fold::Norm, acts.times)? {
+        let mut judge_mlp = |views: &[(LinearKind, [Vec<f32>; 2])]| {
+            let sublayer = [LinearKind::Gate, LinearKind::Up, LinearKind::Down];
+            judge(&mut block, ckpt, &sublayer, views, &acts.xs[..n_judge], |b, x| {
+                let act = b.mlp_hidden(&b.mlp_input(x)?, &SETTINGS);
+                act.and_then(|a| b.down.forward(&a, &SETTINGS))
+                    .map_err(|e| tensor_err(format!("layer {layer}: mlp"), e))
+            })
+        };
+        let judge_gate_up = judging.then_some(&mut judge_mlp as Judge<'_>);
+        if let Some(s) = quantize_step(&mut quantized, gate_up, Some(&h), Fold::Norm, judge_gate_up, acts.times)? {
             block.mlp_norm = tensor_1d(folded_norm(&to_vec(&block.mlp_norm)?, &s))?;
         }
         drop(h);
@@ -816,7 +925,7 @@ fn quantize_block(
             Ok(())
         })?;
         let fold = Fold::Rows { producer: LinearKind::Up, tie: None };
-        if let Some(s) = quantize_step(&mut quantized, down, Some(&h), fold, acts.times)? {
+        if let Some(s) = quantize_step(&mut quantized, down, Some(&h), fold, None, acts.times)? {
             // up's rows were divided by powers of two: silu(gate) * up exactly so.
             let inv = tensor_1d(s.iter().map(|v| 1.0 / v).collect())?;
             for a in &mut kept {
@@ -839,6 +948,55 @@ fn quantize_block(
         *xs = acts.xs;
     }
     Ok((quantized, reports))
+}
+
+/// Judges each candidate of [`AdaError::Block`] on its sublayer's output.
+type Judge<'a> = &'a mut dyn FnMut(&[(LinearKind, [Vec<f32>; 2])]) -> Result<Vec<(f64, f64)>>;
+
+/// For each `(kind, [oc, ic])` of `views`: the mean squared difference between `out(block, x)`
+/// with that linear's candidate and with every linear of `sublayer` in float (from `ckpt`),
+/// over the samples `xs`. The sublayer's linears are placeholders again afterwards.
+fn judge(
+    block: &mut Block,
+    ckpt: &Checkpoint,
+    sublayer: &[LinearKind],
+    views: &[(LinearKind, [Vec<f32>; 2])],
+    xs: &[Tensor],
+    out: impl Fn(&Block, &Tensor) -> Result<Tensor>,
+) -> Result<Vec<(f64, f64)>> {
+    let layer = block.layer;
+    let float = |kind: LinearKind| -> Result<Tensor> {
+        let name = format!("model.layers.{layer}.{}.weight", kind.module());
+        ckpt.tensor(&name)?.to_dtype(candle_core::DType::F32).map_err(|e| tensor_err(name, e))
+    };
+    for &kind in sublayer {
+        block.linear_mut(kind).weight = Weight::Dense(float(kind)?);
+    }
+    let outputs = |block: &Block| -> Result<Vec<Vec<f32>>> { xs.iter().map(|x| to_vec(&out(block, x)?)).collect() };
+    let want = outputs(block)?;
+    let mut errors = Vec::new();
+    for (kind, cands) in views {
+        let dims = block.linear(*kind).dense().map(|w| w.dims().to_vec()).unwrap_or_default();
+        let [rows, cols] = dims[..] else {
+            return Err(CalibError::Invalid(format!("layer {layer} {}: not a dense matrix", kind.module())));
+        };
+        let mut e = [0f64; 2];
+        for (e, w) in e.iter_mut().zip(cands) {
+            block.linear_mut(*kind).weight = Weight::Dense(tensor(w.clone(), (rows, cols))?);
+            let (mut sum, mut n) = (0f64, 0usize);
+            for (got, want) in outputs(block)?.iter().zip(&want) {
+                sum += got.iter().zip(want).map(|(a, b)| f64::from(a - b).powi(2)).sum::<f64>();
+                n += got.len();
+            }
+            *e = sum / n.max(1) as f64;
+        }
+        block.linear_mut(*kind).weight = Weight::Dense(float(*kind)?);
+        errors.push((e[0], e[1]));
+    }
+    for &kind in sublayer {
+        block.linear_mut(kind).weight = Weight::Dense(placeholder()?);
+    }
+    Ok(errors)
 }
 
 /// A checkpoint seen without its linear weights: [`Block::load`] through it reads norms and

@@ -112,6 +112,8 @@ mod tests {
             input_rms: rms,
             awq_alpha: None,
             awq_scales: Vec::new(),
+            block_oc_error: None,
+            block_ic_error: None,
         }
     }
 

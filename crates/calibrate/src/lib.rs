@@ -18,8 +18,8 @@ pub mod resume;
 pub mod run_dir;
 
 pub use driver::{
-    embed_samples, quantize_model, quantize_model_resumable, Dim, LinearReport, Method, QuantizeConfig, QuantizeRun,
-    Select, Timings, ACT_CACHE_BYTES,
+    embed_samples, quantize_model, quantize_model_resumable, AdaError, Dim, LinearReport, Method, QuantizeConfig,
+    QuantizeRun, Select, Timings, ACT_CACHE_BYTES,
 };
 pub use error::{CalibError, Result};
 pub use output::{Format, Output};

@@ -23,6 +23,7 @@ fn config(method: Method, dim: Dim) -> QuantizeConfig {
         act_order: false,
         static_groups: false,
         awq: false,
+        ada_error: adadim_calibrate::AdaError::Linear,
         ic_modules: vec![],
         act_cache_bytes: adadim_calibrate::ACT_CACHE_BYTES,
     }
@@ -444,4 +445,68 @@ fn awq_at_8_bits_computes_what_the_float_model_does() {
         gaps[0],
         gaps[1]
     );
+}
+
+/// `--ada-error block`: q/k/v's candidates are judged on the attention output and gate/up's on
+/// the MLP output, the rest in float. Block 0 sees the embeddings, so its errors can be computed
+/// directly from the float model with one linear swapped for its RTN candidate.
+#[test]
+fn block_error_is_the_sublayer_output_error_and_picks_the_axis() {
+    use adadim_model::{LinearKind, Model, Weight};
+    let d = tempfile::tempdir().unwrap();
+    let m = d.path().join("m");
+    write_random_checkpoint(&m, &tiny_config(), 4).unwrap();
+    let ck = Checkpoint::open(&m).unwrap();
+    let cfg = QuantizeConfig { ada_error: adadim_calibrate::AdaError::Block, ..config(Method::Rtn, Dim::Ada) };
+    let out = d.path().join("q");
+    std::fs::create_dir(&out).unwrap();
+    for f in ["config.json", "tokenizer.json"] {
+        std::fs::copy(m.join(f), out.join(f)).unwrap();
+    }
+    let run = quantize_model(&ck, &samples(), &cfg, &f32_out(&out.join("model.safetensors")), &mut |_, _| {}).unwrap();
+    let model = Model::load(&ck, 32, &mut |_, _| {}).unwrap();
+    // The MLP's input is the residual stream after the attention already quantized.
+    let quantized = Model::load(&Checkpoint::open(&out).unwrap(), 32, &mut |_, _| {}).unwrap();
+    let settings = model.settings();
+    let sublayer_out = |model: &Model, kind: LinearKind, ids: &[u32]| -> Vec<f32> {
+        let b = &model.blocks[0];
+        let x = model.embed(ids).unwrap();
+        let y = match kind {
+            LinearKind::Q | LinearKind::K | LinearKind::V => {
+                let a = b.attention(&b.attn_input(&x).unwrap(), &model.rope, &settings).unwrap();
+                b.o.forward(&a, &settings).unwrap()
+            }
+            _ => {
+                let qb = &quantized.blocks[0];
+                let a = qb.attention(&qb.attn_input(&x).unwrap(), &model.rope, &settings).unwrap();
+                let x = qb.attn_residual(&x, &a, &settings).unwrap();
+                let act = b.mlp_hidden(&b.mlp_input(&x).unwrap(), &settings).unwrap();
+                b.down.forward(&act, &settings).unwrap()
+            }
+        };
+        y.flatten_all().unwrap().to_vec1().unwrap()
+    };
+    for kind in [LinearKind::Q, LinearKind::K, LinearKind::V, LinearKind::Gate, LinearKind::Up] {
+        let r = run.linears.iter().find(|r| r.layer == 0 && r.module == kind.module()).unwrap();
+        let (got_oc, got_ic) = (r.block_oc_error.unwrap(), r.block_ic_error.unwrap());
+        assert_eq!(r.axis, if got_ic < got_oc { Axis::Ic } else { Axis::Oc }, "{kind:?}");
+        let w = ck.tensor_f32(&format!("model.layers.0.{}.weight", kind.module())).unwrap();
+        let (rows, cols) = (r.rows, r.cols);
+        for (axis, got) in [(Axis::Oc, got_oc), (Axis::Ic, got_ic)] {
+            let q = adadim_quantize::rtn(&w, rows, cols, &cfg.spec.with_axis(axis)).unwrap().dequantize();
+            let mut swapped = Model::load(&ck, 32, &mut |_, _| {}).unwrap();
+            swapped.blocks[0].linear_mut(kind).weight =
+                Weight::Dense(candle_core::Tensor::from_vec(q, (rows, cols), &candle_core::Device::Cpu).unwrap());
+            let (mut sum, mut n) = (0f64, 0usize);
+            for ids in samples() {
+                let (a, b) = (sublayer_out(&model, kind, &ids), sublayer_out(&swapped, kind, &ids));
+                sum += a.iter().zip(&b).map(|(a, b)| f64::from(a - b).powi(2)).sum::<f64>();
+                n += a.len();
+            }
+            let want = sum / n as f64;
+            assert!((got - want).abs() <= 1e-4 * want, "{kind:?} {axis:?}: driver {got}, direct {want}");
+        }
+    }
+    // o and down are their sublayer's output: judged as before, by their own error.
+    assert!(run.linears.iter().filter(|r| r.module.ends_with("o_proj")).all(|r| r.block_oc_error.is_none()));
 }

@@ -223,6 +223,7 @@ fn write_resume_seeds() {
             act_order,
             static_groups: false,
             awq: false,
+            ada_error: adadim_calibrate::AdaError::Linear,
             ic_modules: vec![],
             act_cache_bytes: adadim_calibrate::ACT_CACHE_BYTES,
         };

@@ -26,6 +26,7 @@ fn config(method: Method, dim: Dim, act_order: bool) -> QuantizeConfig {
         act_order,
         static_groups: false,
         awq: false,
+        ada_error: adadim_calibrate::AdaError::Linear,
         ic_modules: vec![],
         act_cache_bytes: adadim_calibrate::ACT_CACHE_BYTES,
     }

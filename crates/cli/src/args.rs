@@ -133,6 +133,11 @@ pub struct QuantSettings {
     /// quantizing (folded into the RMSNorm, or into v_proj / up_proj when they are per-OC).
     #[arg(long)]
     pub awq: bool,
+    /// With --dim ada: judge each candidate on its own output (linear, the paper's Eq. 3) or on
+    /// its sublayer's output (block: q/k/v on the attention output, gate/up on the MLP output,
+    /// the rest of the sublayer in float; measured on the first 16 calibration samples).
+    #[arg(long, value_enum, default_value = "linear")]
+    pub ada_error: AdaErrorArg,
     /// GPTQ: process input columns by decreasing Hessian diagonal.
     #[arg(long)]
     pub act_order: bool,
@@ -185,6 +190,14 @@ pub enum ScaleSearchArg {
     Minmax,
     /// The Hessian-weighted squared rounding error, minimised.
     Mse,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum AdaErrorArg {
+    /// The linear's own output error.
+    Linear,
+    /// The attention / MLP output's error.
+    Block,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]

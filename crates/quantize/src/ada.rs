@@ -122,6 +122,34 @@ pub fn choose_axis_fitted(
     calib: Calibration<'_>,
     search: ScaleSearch,
 ) -> Result<AxisChoice> {
+    Ok(rtn_candidates(w, rows, cols, spec, calib, search)?.choose())
+}
+
+/// RTN along both axes, with each one's output error on `calib`: the two candidates AdaDim
+/// chooses between (by these errors, [`Candidates::choose`], or by errors measured further
+/// downstream, [`Candidates::choose_by`]).
+#[derive(Clone, Debug)]
+pub struct Candidates {
+    /// RTN per-OC and its output error.
+    pub oc: QuantizedMatrix,
+    /// `mean((Q_oc(W) X - W X)^2)`.
+    pub oc_error: f64,
+    /// RTN per-IC and its output error.
+    pub ic: QuantizedMatrix,
+    /// `mean((Q_ic(W) X - W X)^2)`.
+    pub ic_error: f64,
+}
+
+/// Quantizes `w` with RTN per-OC and per-IC (`spec.axis` is ignored), groups fitted by
+/// `search`, and measures both output errors on `calib`.
+pub fn rtn_candidates(
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    spec: &QuantSpec,
+    calib: Calibration<'_>,
+    search: ScaleSearch,
+) -> Result<Candidates> {
     let error = |q: &QuantizedMatrix| match calib {
         Calibration::Inputs(x) => output_error(w, &q.dequantize(), rows, cols, x),
         Calibration::Hessian(h) => output_error_from_hessian(w, &q.dequantize(), rows, cols, h),
@@ -138,6 +166,20 @@ pub fn choose_axis_fitted(
     let oc = rtn_fitted(w, rows, cols, &spec.with_axis(Axis::Oc), &fitter)?;
     let ic = rtn_fitted(w, rows, cols, &spec.with_axis(Axis::Ic), &fitter)?;
     let (oc_error, ic_error) = (error(&oc)?, error(&ic)?);
-    let (axis, quantized) = if ic_error < oc_error { (Axis::Ic, ic) } else { (Axis::Oc, oc) };
-    Ok(AxisChoice { axis, oc_error, ic_error, quantized })
+    Ok(Candidates { oc, oc_error, ic, ic_error })
+}
+
+impl Candidates {
+    /// The axis with the lower output error (per-OC on a tie): paper Eq. 3.
+    pub fn choose(self) -> AxisChoice {
+        let (oc, ic) = (self.oc_error, self.ic_error);
+        self.choose_by(oc, ic)
+    }
+
+    /// The axis with the lower of `oc` / `ic`, errors measured elsewhere (per-OC on a tie);
+    /// the choice still reports the linear's own output errors.
+    pub fn choose_by(self, oc: f64, ic: f64) -> AxisChoice {
+        let (axis, quantized) = if ic < oc { (Axis::Ic, self.ic) } else { (Axis::Oc, self.oc) };
+        AxisChoice { axis, oc_error: self.oc_error, ic_error: self.ic_error, quantized }
+    }
 }

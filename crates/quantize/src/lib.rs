@@ -43,7 +43,10 @@ mod quantizer;
 mod rtn;
 mod search;
 
-pub use ada::{choose_axis, choose_axis_fitted, output_error, output_error_from_hessian, AxisChoice, Calibration};
+pub use ada::{
+    choose_axis, choose_axis_fitted, output_error, output_error_from_hessian, rtn_candidates, AxisChoice, Calibration,
+    Candidates,
+};
 pub use error::{Error, Result};
 pub use gptq::{gptq, GptqOptions, GptqOutput};
 pub use hessian::Hessian;

@@ -1,7 +1,9 @@
 //! `adadim quantize`: flags to a [`QuantizeConfig`], then the resumable run
 //! ([`adadim_calibrate::run_dir`]).
 
-use crate::args::{DimArg, FormatArg, MethodArg, QuantSettings, QuantizeArgs, ScaleSearchArg, SelectArg, ZeroArg};
+use crate::args::{
+    AdaErrorArg, DimArg, FormatArg, MethodArg, QuantSettings, QuantizeArgs, ScaleSearchArg, SelectArg, ZeroArg,
+};
 use crate::resolve::{calibration_samples, model_dir};
 use adadim_calibrate::{CalibrationInfo, Format, Job, Report, RunDir, Summary};
 use anyhow::{Context, Result};
@@ -166,6 +168,10 @@ pub fn quantize_config(method: MethodArg, dim: DimArg, q: &QuantSettings) -> Res
         act_order: q.act_order,
         static_groups: q.static_groups,
         awq: q.awq,
+        ada_error: match q.ada_error {
+            AdaErrorArg::Linear => adadim_calibrate::AdaError::Linear,
+            AdaErrorArg::Block => adadim_calibrate::AdaError::Block,
+        },
         ic_modules: q.ic_modules.clone(),
         act_cache_bytes: adadim_calibrate::ACT_CACHE_BYTES,
     };
