@@ -24,6 +24,9 @@ declare -A ARGS=(
   [rtn-ada-awq]="--method rtn --dim ada --awq"
   [gptq-ada-awq]="--method gptq --dim ada --awq"
   [gptq-ada-mse-awq]="--method gptq --dim ada --scale-search mse --awq"
+  [gptq-ada-block]="--method gptq --dim ada --ada-error block"
+  [gptq-ada-mse-block]="--method gptq --dim ada --scale-search mse --ada-error block"
+  [gptq-ada-mse-awq-block]="--method gptq --dim ada --scale-search mse --awq --ada-error block"
 )
 VARIANTS="${VARIANTS:-rtn-ada rtn-ada-mse gptq-ada gptq-ada-mse}"
 if [ -n "${ADADIM_BIN:-}" ]; then A="$ADADIM_BIN"; else cargo build --release -p adadim; A=./target/release/adadim; fi

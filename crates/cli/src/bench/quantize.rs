@@ -49,7 +49,8 @@ pub fn bench_quantize(a: BenchQuantizeArgs) -> Result<()> {
         ("Hessians (X^T X, lower triangle)", tm.hessian_s, tm.hessian_flops, tm.hessian_flops, f32_peak),
         ("GPTQ Cholesky + inverse (f64)", tm.cholesky_s, tm.cholesky_flops, tm.cholesky_flops, f64_peak),
         ("GPTQ column sweeps (f64)", tm.sweep_s, tm.sweep_flops, tm.sweep_flops, f64_peak),
-        ("RTN both axes + output errors", tm.select_s, 0.0, 0.0, 1.0),
+        ("dimension choice (RTN both axes, output or block errors)", tm.select_s, 0.0, 0.0, 1.0),
+        ("AWQ scale search", tm.awq_s, 0.0, 0.0, 1.0),
         ("read blocks, write output", tm.io_s, 0.0, 0.0, 1.0),
     ];
     let bound_total: f64 = rows.iter().map(|r| bound(r.3, r.4)).sum();
