@@ -14,7 +14,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::quantizer::{dequantize, quantize, GroupParams, QuantSpec, Zero};
+use crate::quantizer::{quantize, round_half_even, GroupParams, QuantSpec, Zero};
 
 /// How a group's params are chosen.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -40,15 +40,19 @@ pub const STEPS: usize = 40;
 const ROUNDS: usize = 4;
 
 /// `sum_i h_i (w_i - w'_i)^2` of `values` on the grid of `p` (`h_i = 1` without weights).
+/// The code is [`quantize`]'s, inlined (whole-number zero: `q` is already the code's value), so
+/// the loop vectorizes; the sum runs in order, in f64.
 pub fn weighted_error(values: &[f32], weights: Option<&[f32]>, p: GroupParams, maxq: u8) -> f64 {
-    values
-        .iter()
-        .enumerate()
-        .map(|(i, &w)| {
-            let d = f64::from(w) - f64::from(dequantize(quantize(w, p, maxq), p));
-            weights.map_or(1.0, |h| f64::from(h[i])) * d * d
-        })
-        .sum()
+    let (s, z, top) = (p.scale, p.zero, f32::from(maxq));
+    let sq = |w: f32| {
+        let q = (round_half_even(w / s) + z).clamp(0.0, top);
+        let d = f64::from(w) - f64::from(s * (q - z));
+        d * d
+    };
+    match weights {
+        None => values.iter().map(|&w| sq(w)).sum(),
+        Some(h) => values.iter().zip(h).map(|(&w, &h)| f64::from(h) * sq(w)).sum(),
+    }
 }
 
 /// The clipping ratio of candidate `k` of the grid.

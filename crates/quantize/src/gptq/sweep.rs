@@ -7,6 +7,7 @@ use faer::{Accum, Mat, MatMut, MatRef, Par};
 use crate::grid::Grid;
 use crate::quantizer::{dequantize, quantize, Axis, GroupParams, QuantSpec};
 use crate::search::ScaleSearch;
+use rayon::prelude::*;
 
 /// One sweep over the input columns of `W`, in processing order.
 pub(crate) struct Sweep<'a> {
@@ -39,6 +40,16 @@ impl Sweep<'_> {
         crate::search::fit(self.spec, &v, weights, self.search)
     }
 
+    /// `fit(k)` for `k` in `0..n`: in parallel under the error search (each fit is independent,
+    /// so the result does not depend on the threads), in order for the cheap min-max fit.
+    fn fit_each(&self, n: usize, fit: impl Fn(usize) -> GroupParams + Sync + Send) -> Vec<GroupParams> {
+        if self.search.is_minmax() {
+            (0..n).map(fit).collect()
+        } else {
+            (0..n).into_par_iter().map(fit).collect()
+        }
+    }
+
     /// Runs the sweep on `W` (row-major `[rows, cols]`, columns in processing order, updated
     /// in place), filling `params` and `codes` (original order) and `update` (per original
     /// column, the sum over rows of `|w - w_orig|` when the column is quantized: the error
@@ -68,16 +79,20 @@ impl Sweep<'_> {
                     Axis::Oc if dynamic_oc && j % gc == 0 => {
                         let end = (j + gc).min(cols);
                         let weights: Vec<f32> = self.perm[j..end].iter().map(|&c| self.h_diag[c]).collect();
-                        for r in 0..rows {
-                            let span = &W[r * cols + j..r * cols + end];
-                            params[self.grid.index(r, j / gc)] = self.fit(span, Some(&weights));
+                        let W = &*W;
+                        let fitted =
+                            self.fit_each(rows, |r| self.fit(&W[r * cols + j..r * cols + end], Some(&weights)));
+                        for (r, p) in fitted.into_iter().enumerate() {
+                            params[self.grid.index(r, j / gc)] = p;
                         }
                     }
                     // Paper §3.3: the column is a whole set of per-IC groups, so they are
                     // fitted on the error-compensated column itself, just before use.
                     Axis::Ic => {
-                        for (kr, block) in w.chunks(gr).enumerate() {
-                            params[self.grid.index(kr, c)] = self.fit(block, None);
+                        let fitted = self
+                            .fit_each(rows.div_ceil(gr), |kr| self.fit(&w[kr * gr..((kr + 1) * gr).min(rows)], None));
+                        for (kr, p) in fitted.into_iter().enumerate() {
+                            params[self.grid.index(kr, c)] = p;
                         }
                     }
                     Axis::Oc => {}
