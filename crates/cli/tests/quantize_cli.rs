@@ -401,48 +401,66 @@ fn quantize_layer_reports_both_errors() {
     assert!(se.contains("bad.safetensors") && se.contains("C_in = 32"), "{se}");
 }
 
-/// `--scale-search mse` reaches the quantizer (other weights than min-max) and is recorded in
-/// the report's settings; min-max runs record nothing new (their bytes stay as they were).
+/// The quantizer's settings (`--scale-search mse`, `--awq`, `--ada-error block`) reach the
+/// quantizer (other weights than the default) and are recorded in the report's settings; default
+/// runs record nothing new (their bytes stay as they were). AWQ's packed model (norms folded,
+/// written in f32) loads and evaluates.
 #[test]
-fn scale_search_is_a_setting_of_the_run() {
+fn quantizer_settings_are_settings_of_the_run() {
     let d = tempfile::tempdir().unwrap();
     let m = d.path().join("model");
     write_random_checkpoint(&m, &tiny_config(), 2).unwrap();
     let text = d.path().join("calib.txt");
     std::fs::write(&text, "Now is the winter of our discontent made glorious summer. ".repeat(30)).unwrap();
     let s = |p: &Path| p.to_str().unwrap().to_string();
-    let mut reports = Vec::new();
-    for search in ["minmax", "mse"] {
-        let out = d.path().join(search);
-        let (code, _, se) = adadim(&[
-            "quantize",
-            "--model",
-            &s(&m),
-            "--method",
-            "rtn",
-            "--dim",
-            "ada",
-            "--bits",
-            "3",
-            "--group",
-            "16",
-            "--calib",
-            &s(&text),
-            "--nsamples",
-            "4",
-            "--calib-seqlen",
-            "32",
-            "--scale-search",
-            search,
-            "--out",
-            &s(&out),
-        ]);
-        assert_eq!(code, 0, "{se}");
+    let quantize = |name: &str, dim: &str, extra: &[&str]| {
+        let out = d.path().join(name);
+        let (m, text, out_s) = (s(&m), s(&text), s(&out));
+        let mut args = vec!["quantize", "--model", &m, "--method", "rtn", "--dim", dim, "--bits", "3", "--group", "16"];
+        args.extend(["--calib", &text, "--nsamples", "4", "--calib-seqlen", "32", "--out", &out_s]);
+        args.extend(extra);
+        let (code, _, se) = adadim(&args);
+        (code, se, out)
+    };
+    let mut runs = Vec::new();
+    for (name, extra, key, value) in [
+        ("default", &[][..], "search", serde_json::Value::Null),
+        ("mse", &["--scale-search", "mse"][..], "search", "mse".into()),
+        ("awq", &["--awq"][..], "awq", true.into()),
+        ("block", &["--ada-error", "block"][..], "ada_error", "block".into()),
+    ] {
+        let (code, se, out) = quantize(name, "ada", extra);
+        assert_eq!(code, 0, "{name}: {se}");
         let r: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
-        reports.push((r["summary"]["settings"].clone(), std::fs::read(out.join("model.safetensors")).unwrap()));
+        let settings = &r["summary"]["settings"];
+        assert_eq!(settings.get(key).cloned().unwrap_or_default(), value, "{name}: {settings}");
+        if name == "default" {
+            assert!(["awq", "ada_error"].iter().all(|k| settings.get(k).is_none()), "{settings}");
+        }
+        runs.push((name, std::fs::read(out.join("model.safetensors")).unwrap(), out));
     }
-    assert!(reports[0].0.get("search").is_none(), "{}", reports[0].0);
-    assert_eq!(reports[1].0["search"], "mse");
-    assert_ne!(reports[0].1, reports[1].1);
+    assert_ne!(runs[0].1, runs[1].1, "mse");
+    assert_ne!(runs[0].1, runs[2].1, "awq");
+    let (code, so, se) = adadim(&[
+        "eval",
+        "ppl",
+        "--model",
+        &s(&runs[2].2),
+        "--dataset",
+        &s(&text),
+        "--seqlen",
+        "32",
+        "--limit",
+        "2",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{se}");
+    let ppl = serde_json::from_str::<serde_json::Value>(&so).unwrap()["ppl"].as_f64().unwrap();
+    assert!(ppl.is_finite() && ppl > 1.0, "{so}");
+    // The block-level error judges AdaDim's RTN candidates: nothing to judge with a fixed axis.
+    let (code, se, out) = quantize("block-oc", "oc", &["--ada-error", "block"]);
+    assert_eq!(code, 1);
+    assert!(se.contains("--ada-error block") && se.contains("--dim ada"), "{se}");
+    assert!(!out.exists());
 }
