@@ -34,15 +34,20 @@ pub use error::{file_problem, printable, LoadError, Result};
 /// The bytes of `path`, refusing more than `cap` (a JSON file that is a link to `/dev/zero`,
 /// or a huge one, is an error naming it rather than a read until memory runs out).
 pub fn read_capped(path: &std::path::Path, cap: u64, what: &str) -> Result<Vec<u8>> {
-    use std::io::Read;
     if std::fs::metadata(path).is_ok_and(|m| m.is_dir()) {
         return Err(LoadError::IsADirectory { path: path.into() });
     }
     let file = std::fs::File::open(path).map_err(error::io_err(path))?;
+    read_at_most(file, cap)
+        .map_err(error::io_err(path))?
+        .ok_or_else(|| LoadError::TooLarge { path: path.into(), what: what.into(), cap })
+}
+
+/// All of `r` if it holds at most `cap` bytes (`None` past it, after reading `cap + 1`): the
+/// one bounded read behind [`read_capped`] and [`state_dir::read_small_regular`].
+pub(crate) fn read_at_most(r: impl std::io::Read, cap: u64) -> std::io::Result<Option<Vec<u8>>> {
+    use std::io::Read;
     let mut bytes = Vec::new();
-    file.take(cap + 1).read_to_end(&mut bytes).map_err(error::io_err(path))?;
-    if bytes.len() as u64 > cap {
-        return Err(LoadError::TooLarge { path: path.into(), what: what.into(), cap });
-    }
-    Ok(bytes)
+    r.take(cap + 1).read_to_end(&mut bytes)?;
+    Ok((bytes.len() as u64 <= cap).then_some(bytes))
 }

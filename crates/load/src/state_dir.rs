@@ -11,7 +11,6 @@
 
 use std::ffi::OsStr;
 use std::fs::File;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use crate::error::{LoadError, Result};
@@ -61,9 +60,7 @@ pub fn read_small_regular(path: &Path, cap: u64) -> Option<Vec<u8>> {
         use std::os::unix::fs::OpenOptionsExt;
         o.custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC);
     }
-    let mut bytes = Vec::new();
-    o.open(path).ok()?.take(cap + 1).read_to_end(&mut bytes).ok()?;
-    (bytes.len() as u64 <= cap).then_some(bytes)
+    crate::read_at_most(o.open(path).ok()?, cap).ok()?
 }
 
 impl StateDir {
