@@ -15,6 +15,10 @@ MODEL="${MODEL:-smollm2}"; CONFIGS="${CONFIGS:-3:128 4:128}"; SEEDS="${SEEDS:-0 
 NSAMPLES="${NSAMPLES:-128}"; CALIB_SEQLEN="${CALIB_SEQLEN:-512}"; WINDOWS="${WINDOWS:-8}"
 OUT="${OUT:-results/ablation}"
 declare -A ARGS=(
+  [rtn-oc]="--method rtn --dim oc"
+  [gptq-oc]="--method gptq --dim oc"
+  [gptq-oc-mse]="--method gptq --dim oc --scale-search mse"
+  [gptq-oc-mse-awq]="--method gptq --dim oc --scale-search mse --awq"
   [rtn-ada]="--method rtn --dim ada"
   [rtn-ada-mse]="--method rtn --dim ada --scale-search mse"
   [gptq-ada]="--method gptq --dim ada"

@@ -23,8 +23,13 @@ for f in sorted(out.glob("*-s[0-9]*.ptb.json")):
     wt = out / f"{stem}.wikitext2.json"
     if not wt.exists():
         continue
-    summary = json.loads((out / f"{stem}.report.json").read_text())["summary"]
+    report = json.loads((out / f"{stem}.report.json").read_text())
+    summary = report["summary"]
+    modules = defaultdict(list)
+    for lin in report["linears"]:
+        modules[lin["module"].split(".")[-1].removesuffix("_proj")].append(lin["axis"] == "ic")
     runs[(cfg, variant)][seed] = {
+        "modules": {m: sum(v) / len(v) for m, v in modules.items()},
         "wikitext2": json.loads(wt.read_text())["ppl"],
         "ptb": json.loads(f.read_text())["ppl"],
         "seconds": summary["seconds"],
@@ -62,6 +67,18 @@ for (cfg, variant), seeds in sorted(runs.items(), key=lambda kv: (kv[0][0], kv[0
         f"| {cfg} | {variant} | {','.join(map(str, sorted(seeds)))} | {stat([r['wikitext2'] for r in v])} | {stat([r['ptb'] for r in v])} "
         f"| {statistics.fmean(r['per_ic'] for r in v):.2f} | {statistics.fmean(r['seconds'] for r in v):.0f} |"
     )
+MODULES = ["q", "k", "v", "o", "gate", "up", "down"]
+lines += [
+    "",
+    "Per-IC share per module (fraction of the 30 layers whose linear AdaDim kept per-IC), mean over seeds:",
+    "",
+    "| config | variant | " + " | ".join(MODULES) + " |",
+    "|---|---|" + "---|" * len(MODULES),
+]
+for (cfg, variant), seeds in sorted(runs.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+    v = list(seeds.values())
+    cells = [f"{statistics.fmean(r['modules'].get(m, 0.0) for r in v):.2f}" for m in MODULES]
+    lines.append(f"| {cfg} | {variant} | " + " | ".join(cells) + " |")
 lines.append("<!-- end ablation -->")
 section = "\n".join(lines) + "\n"
 text = results.read_text()
