@@ -239,7 +239,7 @@ const STEPS: [&[LinearKind]; 4] = [
 
 impl QuantizeConfig {
     fn needs_calibration(&self) -> bool {
-        self.method == Method::Gptq || (self.dim == Dim::Ada && self.ic_modules.is_empty())
+        self.method == Method::Gptq || self.awq || (self.dim == Dim::Ada && self.ic_modules.is_empty())
     }
 
     /// Quantize one linear `w` [rows, cols] given its input Hessian (`kind` names it in the

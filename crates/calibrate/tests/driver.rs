@@ -438,6 +438,11 @@ fn awq_at_8_bits_computes_what_the_float_model_does() {
         let q = logits(&out);
         gaps.push(float.iter().zip(&q).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max));
     }
+    // RTN per-OC needs no calibration of its own, but AWQ does: the driver calibrates for it.
+    let cfg = QuantizeConfig { awq: true, ..config(Method::Rtn, Dim::Oc) };
+    let run =
+        quantize_model(&ck, &samples(), &cfg, &f32_out(&d.path().join("rtn.safetensors")), &mut |_, _| {}).unwrap();
+    assert_eq!(run.linears.iter().filter(|r| r.awq_alpha.is_some()).count(), 14);
     let scale = float.iter().fold(0f32, |a, v| a.max(v.abs()));
     assert!(
         gaps[1] < 0.02 * scale && gaps[1] < 4.0 * gaps[0] + 1e-6,

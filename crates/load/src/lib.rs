@@ -38,9 +38,11 @@ pub fn read_capped(path: &std::path::Path, cap: u64, what: &str) -> Result<Vec<u
         return Err(LoadError::IsADirectory { path: path.into() });
     }
     let file = std::fs::File::open(path).map_err(error::io_err(path))?;
-    read_at_most(file, cap)
-        .map_err(error::io_err(path))?
-        .ok_or_else(|| LoadError::TooLarge { path: path.into(), what: what.into(), cap })
+    read_at_most(file, cap).map_err(error::io_err(path))?.ok_or_else(|| LoadError::TooLarge {
+        path: path.into(),
+        what: what.into(),
+        cap,
+    })
 }
 
 /// All of `r` if it holds at most `cap` bytes (`None` past it, after reading `cap + 1`): the
