@@ -37,7 +37,8 @@ for cfg in $CONFIGS; do
   for m in "${METHODS[@]}"; do
     name=${m%%:*}; args=${m#*:}
     dir="$OUT/w${bits}g${group}-$name"
-    [ -d "$dir" ] || $A quantize --model "$MODEL" $args --bits "$bits" --group "$group" \
+    # The paper's methods fit groups min-max (pinned: the CLI's default search is mse).
+    [ -d "$dir" ] || $A quantize --model "$MODEL" $args --scale-search minmax --bits "$bits" --group "$group" \
         --nsamples "$NSAMPLES" --calib-seqlen "$CALIB_SEQLEN" --out "$dir" --json > /dev/null
     eval_to "$dir" "$dir.ppl.json"
   done

@@ -127,7 +127,7 @@ pub struct QuantSettings {
     /// How each group's scale and zero are chosen: span its min and max, or minimise the
     /// rounding error weighted by each input channel's Hessian diagonal (a clipping grid and
     /// least-squares refinement), in RTN, GPTQ and AdaDim's choice alike.
-    #[arg(long, value_enum, default_value = "minmax")]
+    #[arg(long, value_enum, default_value = "mse")]
     pub scale_search: ScaleSearchArg,
     /// AWQ: scale each linear's input channels by a searched power of their RMS before
     /// quantizing (folded into the RMSNorm, or into v_proj / up_proj when they are per-OC).

@@ -401,9 +401,9 @@ fn quantize_layer_reports_both_errors() {
     assert!(se.contains("bad.safetensors") && se.contains("C_in = 32"), "{se}");
 }
 
-/// The quantizer's settings (`--scale-search mse`, `--awq`, `--ada-error block`) reach the
-/// quantizer (other weights than the default) and are recorded in the report's settings; default
-/// runs record nothing new (their bytes stay as they were). AWQ's packed model (norms folded,
+/// The quantizer's settings (`--scale-search`, default mse; `--awq`; `--ada-error block`) reach
+/// the quantizer (other weights) and are recorded in the report's settings; min-max runs record
+/// nothing new (their bytes stay as they were). AWQ's packed model (norms folded,
 /// written in f32) loads and evaluates.
 #[test]
 fn quantizer_settings_are_settings_of_the_run() {
@@ -424,8 +424,8 @@ fn quantizer_settings_are_settings_of_the_run() {
     };
     let mut runs = Vec::new();
     for (name, extra, key, value) in [
-        ("default", &[][..], "search", serde_json::Value::Null),
-        ("mse", &["--scale-search", "mse"][..], "search", "mse".into()),
+        ("minmax", &["--scale-search", "minmax"][..], "search", serde_json::Value::Null),
+        ("default", &[][..], "search", "mse".into()),
         ("awq", &["--awq"][..], "awq", true.into()),
         ("block", &["--ada-error", "block"][..], "ada_error", "block".into()),
     ] {
@@ -435,13 +435,14 @@ fn quantizer_settings_are_settings_of_the_run() {
             serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
         let settings = &r["summary"]["settings"];
         assert_eq!(settings.get(key).cloned().unwrap_or_default(), value, "{name}: {settings}");
-        if name == "default" {
-            assert!(["awq", "ada_error"].iter().all(|k| settings.get(k).is_none()), "{settings}");
+        if name == "minmax" {
+            // The settings before the search existed: recorded as they always were.
+            assert!(["search", "awq", "ada_error"].iter().all(|k| settings.get(k).is_none()), "{settings}");
         }
         runs.push((name, std::fs::read(out.join("model.safetensors")).unwrap(), out));
     }
     assert_ne!(runs[0].1, runs[1].1, "mse");
-    assert_ne!(runs[0].1, runs[2].1, "awq");
+    assert_ne!(runs[1].1, runs[2].1, "awq");
     let (code, so, se) = adadim(&[
         "eval",
         "ppl",

@@ -81,6 +81,10 @@ pub fn write_page(run: &Run, out: &Path, opts: &PageOptions<'_>) -> Result<Page>
             )?;
             updates_section(&mut md, u, &img);
         }
+        None if run.summary.settings.awq => md.push_str(
+            "Not made for an AWQ run: its linears were quantized as `W diag(s)` on inputs scaled by `1/s`, so a \
+             re-run of GPTQ on the checkpoint's `W` would not be the run's problem.\n",
+        ),
         None => md.push_str(
             "Not made for this page (`adadim report` without `--no-updates` re-runs GPTQ on one linear to draw it).\n",
         ),

@@ -194,6 +194,7 @@ pub fn compute(
         percdamp: report.percdamp.unwrap_or(GptqOptions::default().percdamp),
         act_order: s.act_order,
         static_groups: s.static_groups,
+        search: s.search,
         ..GptqOptions::default()
     };
     let along = |axis: Axis| -> Result<(Vec<f32>, AxisUpdate)> {

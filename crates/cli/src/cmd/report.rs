@@ -15,7 +15,8 @@ pub fn report(a: ReportArgs) -> Result<()> {
         anyhow::bail!("--layer {layer}: {} has blocks 0..={}", a.run_dir.display(), layers - 1);
     }
     let kind = crate::resolve::module_arg(&a.module)?;
-    let updates = if a.no_updates {
+    // An AWQ run quantized `W diag(s)` on scaled inputs: a re-run on the checkpoint's W is not it.
+    let updates = if a.no_updates || run.summary.settings.awq {
         None
     } else {
         let s = &run.summary;
