@@ -55,6 +55,7 @@ lines = [
     "and evaluated on the first 8 windows of 2048 tokens of WikiText-2 and of PTB; cells are the mean over seeds ± half the range (min to max). "
     f"FP (the Q4_1 GGUF dequantized, whose weights already lie on a 4-bit grid with a float minimum per 32-group): WikiText-2 {fp['wikitext2']:.3f}, PTB {fp['ptb']:.3f}. "
     "`-mse`: `--scale-search mse` (groups fitted to minimise the Hessian-weighted rounding error); the others span each group's min and max. "
+    "`oc`: every linear per-OC; `ada`: AdaDim's choice per linear. `-block`: `--ada-error block` (q/k/v judged on the attention output, gate/up on the MLP output). "
     "`-awq`: `--awq` (input channels scaled by a searched power of their RMS, folded into the RMSNorm, or into v_proj / up_proj rows as powers of two when those are per-OC). "
     "Time: quantize wall seconds on the shared 2-core machine (read as rough), mean over seeds.",
     "",
