@@ -878,10 +878,11 @@ fn quantize_block(
             )
         })?;
         let h = acts.hessian(layer, o[0], &attn)?;
-        let fold = Fold::Rows { producer: LinearKind::V, tie: Some(o_input_sources(c)) };
+        let sources = o_input_sources(c);
+        let fold = Fold::Rows { producer: LinearKind::V, tie: Some(sources.clone()) };
         if let Some(s) = quantize_step(&mut quantized, o, Some(&h), fold, None, acts.times)? {
             // v's rows were divided by powers of two: its outputs, and so attention's, exactly so.
-            let inv = tensor_1d(o_input_sources(c).iter().map(|&r| 1.0 / s[r]).collect())?;
+            let inv = tensor_1d(sources.iter().map(|&r| 1.0 / s[r]).collect())?;
             for a in &mut attn {
                 *a = a.broadcast_mul(&inv).map_err(|e| tensor_err(format!("layer {layer}: awq"), e))?;
             }
@@ -969,8 +970,10 @@ fn judge(
         let name = format!("model.layers.{layer}.{}.weight", kind.module());
         ckpt.tensor(&name)?.to_dtype(candle_core::DType::F32).map_err(|e| tensor_err(name, e))
     };
-    for &kind in sublayer {
-        block.linear_mut(kind).weight = Weight::Dense(float(kind)?);
+    // Read once; a candidate's linear gets its float weight back by a cheap (shared) clone.
+    let floats = sublayer.iter().map(|&k| Ok((k, float(k)?))).collect::<Result<Vec<_>>>()?;
+    for (kind, w) in &floats {
+        block.linear_mut(*kind).weight = Weight::Dense(w.clone());
     }
     let outputs = |block: &Block| -> Result<Vec<Vec<f32>>> { xs.iter().map(|x| to_vec(&out(block, x)?)).collect() };
     let want = outputs(block)?;
@@ -990,7 +993,10 @@ fn judge(
             }
             *e = sum / n.max(1) as f64;
         }
-        block.linear_mut(*kind).weight = Weight::Dense(float(*kind)?);
+        let w = floats.iter().find(|(k, _)| k == kind).map(|(_, w)| w.clone());
+        let w =
+            w.ok_or_else(|| CalibError::Invalid(format!("layer {layer} {}: not in its sublayer", kind.module())))?;
+        block.linear_mut(*kind).weight = Weight::Dense(w);
         errors.push((e[0], e[1]));
     }
     for &kind in sublayer {
