@@ -40,8 +40,9 @@ pub const STEPS: usize = 40;
 const ROUNDS: usize = 4;
 
 /// `sum_i h_i (w_i - w'_i)^2` of `values` on the grid of `p` (`h_i = 1` without weights).
-/// The code is [`quantize`]'s, inlined (whole-number zero: `q` is already the code's value), so
-/// the loop vectorizes; the sum runs in order, in f64.
+/// The code is [`quantize`]'s, inlined (whole-number zero: `q` is already the code's value), and
+/// the f64 sum runs in [`LANES`] interleaved partial sums (value `i` into lane `i % LANES`,
+/// lanes added in order at the end), so the loop vectorizes instead of waiting on one adder.
 pub fn weighted_error(values: &[f32], weights: Option<&[f32]>, p: GroupParams, maxq: u8) -> f64 {
     let (s, z, top) = (p.scale, p.zero, f32::from(maxq));
     let sq = |w: f32| {
@@ -49,11 +50,37 @@ pub fn weighted_error(values: &[f32], weights: Option<&[f32]>, p: GroupParams, m
         let d = f64::from(w) - f64::from(s * (q - z));
         d * d
     };
+    let mut lanes = [0f64; LANES];
     match weights {
-        None => values.iter().map(|&w| sq(w)).sum(),
-        Some(h) => values.iter().zip(h).map(|(&w, &h)| f64::from(h) * sq(w)).sum(),
+        None => {
+            let mut chunks = values.chunks_exact(LANES);
+            for c in &mut chunks {
+                for (l, &w) in lanes.iter_mut().zip(c) {
+                    *l += sq(w);
+                }
+            }
+            for (l, &w) in lanes.iter_mut().zip(chunks.remainder()) {
+                *l += sq(w);
+            }
+        }
+        Some(h) => {
+            let h = &h[..values.len()];
+            let (mut wc, mut hc) = (values.chunks_exact(LANES), h.chunks_exact(LANES));
+            for (c, hh) in (&mut wc).zip(&mut hc) {
+                for ((l, &w), &h) in lanes.iter_mut().zip(c).zip(hh) {
+                    *l += f64::from(h) * sq(w);
+                }
+            }
+            for ((l, &w), &h) in lanes.iter_mut().zip(wc.remainder()).zip(hc.remainder()) {
+                *l += f64::from(h) * sq(w);
+            }
+        }
     }
+    lanes.iter().sum()
 }
+
+/// Partial sums of [`weighted_error`].
+pub const LANES: usize = 8;
 
 /// The clipping ratio of candidate `k` of the grid.
 pub fn ratio(k: usize) -> f32 {
