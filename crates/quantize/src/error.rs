@@ -84,6 +84,18 @@ pub enum Error {
         /// `2^bits - 1`.
         maxq: u8,
     },
+    /// A size budget below what the cheapest layout of every linear needs.
+    #[error(
+        "budget of {budget} bytes is below the cheapest layouts' {cheapest} (the layouts span {cheapest} to {dearest})"
+    )]
+    Budget {
+        /// The budget asked for.
+        budget: u64,
+        /// Bytes of the cheapest layout of every linear.
+        cheapest: u64,
+        /// Bytes of the dearest layout of every linear.
+        dearest: u64,
+    },
     /// An option or a part is out of range; the text says which and why.
     #[error("invalid argument: {0}")]
     Invalid(&'static str),

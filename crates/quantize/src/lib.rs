@@ -33,6 +33,7 @@
 #![warn(missing_docs)]
 
 mod ada;
+pub mod allocate;
 pub mod awq;
 mod error;
 mod gptq;
