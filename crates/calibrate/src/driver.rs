@@ -14,6 +14,7 @@
 //! Only one block's weights and the calibration activations are held at a time.
 
 use crate::awq_fold::{awq_scales, folded_norm, o_input_sources, scales_of, tensor_1d, Fold};
+use crate::damage::{AllocationSummary, Budget, Candidate};
 use crate::error::{CalibError, Result};
 use crate::output::{Output, Writer};
 use crate::resume::WorkDir;
@@ -27,6 +28,7 @@ use adadim_quantize::{
 use candle_core::{Device, Tensor};
 use serde::Serialize;
 use std::borrow::Cow;
+use std::collections::BTreeMap;
 use std::time::Instant;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
@@ -133,6 +135,13 @@ pub struct QuantizeConfig {
     pub ada_error: AdaError,
     /// Paper Table 1 heuristic: these modules per-IC, the rest per-OC (overrides `dim`).
     pub ic_modules: Vec<String>,
+    /// `--bpw`: bits, group and axis chosen per linear under a size budget ([`crate::damage`]);
+    /// `spec`'s bits and group are then unused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<Budget>,
+    /// The layouts the budget chose, by `(layer, module short name)`: filled in by the run.
+    #[serde(skip)]
+    pub layouts: BTreeMap<(usize, &'static str), QuantSpec>,
     /// Largest total of down_proj inputs (all samples, f32 bytes) kept between its Hessian and
     /// the block's output; above it gate/up are recomputed (their FLOPs again, not the memory).
     #[serde(skip, default = "act_cache_bytes")]
@@ -192,6 +201,32 @@ pub struct LinearReport {
     pub block_oc_error: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub block_ic_error: Option<f64>,
+    /// `--bpw`: the bits and group chosen (the axis is `axis`), and bytes in the packed file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layout: Option<Chosen>,
+    /// `--bpw`: every layout the linear could take, with its RTN error and predicted damage.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub candidates: Vec<CandidateReport>,
+}
+
+/// The layout `--bpw` chose for one linear.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+pub struct Chosen {
+    pub bits: u8,
+    pub group: usize,
+    pub bytes: u64,
+    /// What the damage models divide the candidates' errors by ([`crate::damage::LinearDamage`]).
+    pub output_energy: f64,
+    pub stream_energy: f64,
+}
+
+/// One candidate layout of a linear, as the report shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+pub struct CandidateReport {
+    #[serde(flatten)]
+    pub candidate: Candidate,
+    /// Its damage under the run's damage model.
+    pub damage: f64,
 }
 
 /// `&'static str`, named so that serde's derive does not try to borrow it from the input
@@ -239,7 +274,18 @@ const STEPS: [&[LinearKind]; 4] = [
 
 impl QuantizeConfig {
     fn needs_calibration(&self) -> bool {
-        self.method == Method::Gptq || self.awq || (self.dim == Dim::Ada && self.ic_modules.is_empty())
+        self.method == Method::Gptq
+            || self.awq
+            || self.budget.is_some()
+            || (self.dim == Dim::Ada && self.ic_modules.is_empty())
+    }
+
+    /// The grid of linear `kind` of block `layer`: the budget's choice, or `spec`.
+    fn spec_of(&self, layer: usize, kind: LinearKind) -> (QuantSpec, Option<Axis>) {
+        match self.layouts.get(&(layer, kind.short())) {
+            Some(s) => (*s, Some(s.axis)),
+            None => (self.spec, None),
+        }
     }
 
     /// Quantize one linear `w` [rows, cols] given its input Hessian (`kind` names it in the
@@ -271,6 +317,7 @@ impl QuantizeConfig {
     ) -> Result<(QuantizedMatrix, LinearReport)> {
         let t = Instant::now();
         let qerr = |source| CalibError::Quantize { layer, module: kind.module().to_string(), source };
+        let (spec, planned) = self.spec_of(layer, kind);
         let opts = GptqOptions {
             act_order: self.act_order,
             static_groups: self.static_groups,
@@ -281,20 +328,23 @@ impl QuantizeConfig {
         let block_errors = judged.as_ref().map(|j| (j.1, j.2));
         let choice = match (judged, h) {
             (Some((c, oc, ic)), _) => Some(c.choose_by(oc, ic)),
-            (None, Some(h)) if h.tokens() > 0 => Some(
-                choose_axis_fitted(w, rows, cols, &self.spec, Calibration::Hessian(h), self.search).map_err(qerr)?,
-            ),
+            // A budgeted layout fixes the axis; its table already holds the RTN errors.
+            (None, Some(h)) if h.tokens() > 0 && planned.is_none() => {
+                Some(choose_axis_fitted(w, rows, cols, &spec, Calibration::Hessian(h), self.search).map_err(qerr)?)
+            }
             _ => None,
         };
-        let forced = if self.ic_modules.is_empty() {
+        let forced = if let Some(axis) = planned {
+            Some(axis)
+        } else if self.ic_modules.is_empty() {
             None
         } else {
             Some(if self.ic_modules.iter().any(|m| m == kind.short()) { Axis::Ic } else { Axis::Oc })
         };
         let mut runs: Vec<(f64, f64)> = Vec::new();
         let mut run_gptq = |axis: Axis| -> Result<GptqOutput> {
-            let o = gptq(w, rows, cols, h.expect("gptq has calibration"), &self.spec.with_axis(axis), &opts)
-                .map_err(qerr)?;
+            let o =
+                gptq(w, rows, cols, h.expect("gptq has calibration"), &spec.with_axis(axis), &opts).map_err(qerr)?;
             runs.push((o.inverse_seconds, o.sweep_seconds));
             Ok(o)
         };
@@ -323,7 +373,7 @@ impl QuantizeConfig {
             (None, Some(axis)) => {
                 let h_diag = h.filter(|_| !self.search.is_minmax()).map(Hessian::diag);
                 (
-                    rtn_fitted(w, rows, cols, &self.spec.with_axis(axis), &Fitter::new(self.search, h_diag.as_deref()))
+                    rtn_fitted(w, rows, cols, &spec.with_axis(axis), &Fitter::new(self.search, h_diag.as_deref()))
                         .map_err(qerr)?,
                     None,
                     None,
@@ -361,6 +411,8 @@ impl QuantizeConfig {
             awq_scales: Vec::new(),
             block_oc_error: block_errors.map(|e| e.0),
             block_ic_error: block_errors.map(|e| e.1),
+            layout: None,
+            candidates: Vec::new(),
         };
         Ok((q, report))
     }
@@ -407,6 +459,8 @@ pub struct Timings {
 pub struct QuantizeRun {
     pub linears: Vec<LinearReport>,
     pub timings: Timings,
+    /// `--bpw`: what the allocation chose overall.
+    pub allocation: Option<AllocationSummary>,
 }
 
 /// Calibration activations of every sample, and the clocks of the work done on them.
@@ -670,6 +724,44 @@ fn run(
             )));
         }
     }
+    let mut work = work;
+    // `--bpw`: the damage table (measured once, saved with the blocks), then the layouts.
+    let planned;
+    let (cfg, table) = match &cfg.budget {
+        None => (cfg, None),
+        Some(budget) => {
+            budget.validate()?;
+            if cfg.awq || cfg.ada_error == AdaError::Block || !cfg.ic_modules.is_empty() || cfg.select == Select::Gptq {
+                return Err(CalibError::Invalid(
+                    "--bpw chooses each linear's axis from its table: it does not combine with --awq, --ada-error block, --ic-modules or --select gptq"
+                        .into(),
+                ));
+            }
+            let permuted = crate::damage::permuted(cfg);
+            crate::damage::check_reachable(&ckpt.config, budget, cfg.spec.zero, permuted)?;
+            let table = match work.as_deref().map(WorkDir::damage).transpose()?.flatten() {
+                Some(t) => t,
+                None => {
+                    let t = crate::damage::measure(
+                        ckpt,
+                        samples,
+                        budget,
+                        cfg.spec.zero,
+                        cfg.search,
+                        permuted,
+                        &mut |_, _| {},
+                    )?;
+                    if let Some(w) = work.as_deref_mut() {
+                        w.save_damage(&t)?;
+                    }
+                    t
+                }
+            };
+            let plan = crate::damage::plan(&table, budget, cfg.spec.zero)?;
+            planned = QuantizeConfig { layouts: plan.specs.clone(), ..cfg.clone() };
+            (&planned, Some((table, plan)))
+        }
+    };
     let c = &ckpt.config;
     let layers = c.num_hidden_layers;
     let first = work.as_ref().map_or(0, |w| w.done());
@@ -742,7 +834,19 @@ fn run(
     };
     writer.finish()?;
     times.io_s += io.elapsed().as_secs_f64();
-    Ok(QuantizeRun { linears: reports, timings: times })
+    let allocation = match (&table, &cfg.budget) {
+        (Some((table, plan)), Some(budget)) => {
+            crate::damage::annotate(&mut reports, table, budget, &cfg.layouts)?;
+            Some(AllocationSummary {
+                bpw: plan.bpw,
+                damage: plan.damage,
+                table_samples: table.samples,
+                table_s: table.seconds,
+            })
+        }
+        _ => None,
+    };
+    Ok(QuantizeRun { linears: reports, timings: times, allocation })
 }
 
 /// Quantize block `layer`; with calibration, `xs` (the residual stream entering it, one

@@ -9,6 +9,7 @@
 pub mod awq_fold;
 pub mod chat;
 pub mod code;
+pub mod damage;
 pub mod data;
 pub mod driver;
 pub mod error;

@@ -35,6 +35,9 @@ use crate::error::{CalibError, Result};
 /// Version of the work directory's layout; another version is a different job.
 const LAYOUT_VERSION: u32 = 2;
 
+/// The `--bpw` damage table inside the directory.
+const DAMAGE_FILE: &str = "damage.json";
+
 /// `resume.json`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Manifest {
@@ -391,6 +394,25 @@ impl WorkDir {
             self.state.remove(&old)?;
         }
         Ok(())
+    }
+
+    /// Persist the `--bpw` damage table, so that a resumed run makes the same allocation
+    /// without measuring it again.
+    pub(crate) fn save_damage(&mut self, table: &crate::damage::DamageTable) -> Result<()> {
+        let bytes = serde_json::to_vec(table).expect("the damage table serializes");
+        let sha = write_atomic(&self.dir.join(DAMAGE_FILE), |w| w.write_all(&bytes))?;
+        self.manifest.files.insert(DAMAGE_FILE.into(), sha);
+        self.write_manifest()
+    }
+
+    /// The damage table an earlier run saved (checked against its SHA-256), if any.
+    pub(crate) fn damage(&self) -> Result<Option<crate::damage::DamageTable>> {
+        if !self.manifest.files.contains_key(DAMAGE_FILE) {
+            return Ok(None);
+        }
+        let path = self.dir.join(DAMAGE_FILE);
+        let bytes = self.checked_read(&path, DAMAGE_FILE)?;
+        serde_json::from_slice(&bytes).map(Some).map_err(|e| damaged(&path, format!("not a damage table: {e}")))
     }
 
     /// The hidden states entering block [`WorkDir::done`], one `[len, dim]` per sample length.

@@ -51,6 +51,9 @@ pub struct Summary {
     pub timings: Timings,
     #[serde(default)]
     pub peak_rss_mb: Option<f64>,
+    /// `--bpw`: what the allocation chose overall.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allocation: Option<crate::damage::AllocationSummary>,
 }
 
 /// `report.json`: the summary and one report per linear, in block order.
@@ -93,6 +96,9 @@ pub struct Job<'a> {
     pub tool: &'a str,
     /// When the job started (its inputs read); `seconds` counts from here.
     pub started: Instant,
+    /// Where `--bpw` damage tables are kept between jobs, by what they were measured on: a
+    /// job at another budget (or damage model) on the same model and calibration reuses one.
+    pub table_cache: Option<&'a Path>,
 }
 
 /// A run that failed: the error, and the work directory with the number of finished blocks
@@ -115,6 +121,8 @@ pub struct RunDir {
     work: WorkDir,
     out: PathBuf,
     metadata: serde_json::Value,
+    /// `--bpw`: the damage table's file in the job's table cache.
+    table_file: Option<PathBuf>,
 }
 
 /// SHA-256 of every `*.safetensors` file of the model in `dir`, by file name.
@@ -165,8 +173,25 @@ impl RunDir {
             "calibration": {"nsamples": c.nsamples, "seqlen": c.seqlen, "seed": c.seed, "tokens_sha256": adadim_load::fetch::sha256_hex(&tokens)},
             "source_model": {"sha256": &source, "config_sha256": adadim_load::fetch::sha256_file(&job.model.join("config.json"))?},
         });
+        // A damage table depends on the model, the samples it reads and the layouts measured.
+        let table_file = match (&cfg.budget, job.table_cache) {
+            (Some(b), Some(dir)) => {
+                let n = job.samples.len().min(crate::damage::DAMAGE_SAMPLES);
+                let key = serde_json::json!({
+                    "tool": job.tool,
+                    "source_model": &identity["source_model"],
+                    "tokens_sha256": adadim_load::fetch::sha256_hex(&serde_json::to_vec(&job.samples[..n]).expect("ids serialize")),
+                    "layouts": [&b.bits, &b.groups, &b.axes],
+                    "zero": cfg.spec.zero,
+                    "search": cfg.search,
+                    "permuted": crate::damage::permuted(cfg),
+                });
+                Some(dir.join(format!("{}.json", adadim_load::fetch::sha256_hex(key.to_string().as_bytes()))))
+            }
+            _ => None,
+        };
         let work = WorkDir::open(&Self::work_path(out), identity, restart)?;
-        Ok(RunDir { work, out: out.to_path_buf(), metadata })
+        Ok(RunDir { work, out: out.to_path_buf(), metadata, table_file })
     }
 
     /// `.NAME.partial` beside `out`.
@@ -221,6 +246,16 @@ impl RunDir {
         std::fs::create_dir(&staging).map_err(step(format!("creating {}", staging.display())))?;
         let output =
             Output { path: &staging.join("model.safetensors"), format: job.format, metadata: self.metadata.clone() };
+        if let Some(file) = &self.table_file {
+            if self.work.damage()?.is_none() {
+                // A cached table that does not read back is measured again (and replaced).
+                let cached = adadim_load::state_dir::read_small_regular(file, 256 << 20)
+                    .and_then(|b| serde_json::from_slice::<crate::damage::DamageTable>(&b).ok());
+                if let Some(t) = cached {
+                    self.work.save_damage(&t)?;
+                }
+            }
+        }
         let run = crate::driver::quantize_model_resumable(
             job.checkpoint,
             job.samples,
@@ -233,6 +268,12 @@ impl RunDir {
                 test_hooks::after_block(d);
             },
         )?;
+        if let (Some(file), Some(t)) = (&self.table_file, self.work.damage()?) {
+            if !file.exists() {
+                // Best effort: a cache that cannot be written only costs the next job time.
+                let _ = crate::damage::write_cache(file, &t);
+            }
+        }
         for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
             if job.model.join(f).exists() {
                 std::fs::copy(job.model.join(f), staging.join(f)).map_err(step(format!("copying {f}")))?;
@@ -264,6 +305,7 @@ impl RunDir {
             seconds: self.work.earlier_seconds() + job.started.elapsed().as_secs_f64(),
             timings: run.timings,
             peak_rss_mb: peak_rss_mb(),
+            allocation: run.allocation,
         };
         if job.format == Format::Gptq {
             let q = job.config;

@@ -26,6 +26,8 @@ fn config(method: Method, dim: Dim) -> QuantizeConfig {
         ada_error: adadim_calibrate::AdaError::Linear,
         ic_modules: vec![],
         act_cache_bytes: adadim_calibrate::ACT_CACHE_BYTES,
+        budget: None,
+        layouts: Default::default(),
     }
 }
 
@@ -514,4 +516,71 @@ fn block_error_is_the_sublayer_output_error_and_picks_the_axis() {
     }
     // o and down are their sublayer's output: judged as before, by their own error.
     assert!(run.linears.iter().filter(|r| r.module.ends_with("o_proj")).all(|r| r.block_oc_error.is_none()));
+}
+
+fn budget(bpw: f64) -> adadim_calibrate::damage::Budget {
+    adadim_calibrate::damage::Budget {
+        bpw,
+        damage: adadim_calibrate::damage::DamageModel::Stream,
+        bits: vec![2, 3, 4, 8],
+        groups: vec![8, 16, 0],
+        axes: vec![Axis::Oc, Axis::Ic],
+    }
+}
+
+/// `--bpw`: the layouts chosen fit the budget in the packed file's own bytes, every linear is
+/// quantized on the layout its report names, and more bits buy less predicted damage.
+#[test]
+fn a_budget_is_met_in_bytes_and_each_linear_gets_its_chosen_layout() {
+    use adadim_pack::PackedFile;
+    let mut last = f64::INFINITY;
+    for bpw in [2.6, 3.3, 4.5, 8.0] {
+        let cfg = QuantizeConfig { budget: Some(budget(bpw)), ..config(Method::Gptq, Dim::Ada) };
+        let d = tempfile::tempdir().unwrap();
+        let m = d.path().join("m");
+        write_random_checkpoint(&m, &tiny_config(), 4).unwrap();
+        let ck = Checkpoint::open(&m).unwrap();
+        let file = d.path().join("q.safetensors");
+        let out = Output { path: &file, format: Format::Packed, metadata: serde_json::json!({}) };
+        let run = quantize_model(&ck, &samples(), &cfg, &out, &mut |_, _| {}).unwrap();
+        let alloc = run.allocation.clone().unwrap();
+        assert!(alloc.bpw <= bpw, "{} > {bpw}", alloc.bpw);
+        assert!(alloc.damage <= last, "more bits, more damage: {} at {bpw}", alloc.damage);
+        last = alloc.damage;
+        let packed = PackedFile::open(&file).unwrap();
+        let (mut bytes, mut weights) = (0u64, 0u64);
+        for r in &run.linears {
+            let chosen = r.layout.clone().unwrap();
+            assert_eq!(r.candidates.len(), 4 * 3 * 2);
+            let name = format!("model.layers.{}.{}", r.layer, r.module);
+            let l = packed.linear(&name).unwrap();
+            let layout = l.layout();
+            assert_eq!((layout.bits, layout.group, layout.axis), (chosen.bits, chosen.group, r.axis), "{name}");
+            assert_eq!(layout.bytes(r.rows, r.cols, false) as u64, chosen.bytes, "{name}");
+            bytes += chosen.bytes;
+            weights += (r.rows * r.cols) as u64;
+            // GPTQ on the chosen layout never does worse than that layout's RTN error.
+            let c = r.candidates.iter().find(|c| {
+                c.candidate.bits == chosen.bits && c.candidate.group == chosen.group && c.candidate.axis == r.axis
+            });
+            assert!(r.final_error.unwrap() <= c.unwrap().candidate.error * 1.0001, "{name}");
+        }
+        assert!((8.0 * bytes as f64 / weights as f64 - alloc.bpw).abs() < 1e-9);
+    }
+}
+
+#[test]
+fn a_budget_out_of_reach_names_the_range() {
+    let d = tempfile::tempdir().unwrap();
+    let m = d.path().join("m");
+    write_random_checkpoint(&m, &tiny_config(), 4).unwrap();
+    let ck = Checkpoint::open(&m).unwrap();
+    for (bpw, want) in [(1.0, "reachable: "), (8.5, "at most 8"), (f64::NAN, "at most 8")] {
+        let cfg = QuantizeConfig { budget: Some(budget(bpw)), ..config(Method::Rtn, Dim::Ada) };
+        let file = d.path().join(format!("q{bpw}.safetensors"));
+        let out = Output { path: &file, format: Format::Packed, metadata: serde_json::json!({}) };
+        let e = quantize_model(&ck, &samples(), &cfg, &out, &mut |_, _| {}).unwrap_err().to_string();
+        assert!(e.contains("--bpw") && e.contains(want), "{bpw}: {e}");
+        assert!(!file.exists(), "{bpw}: an output was started");
+    }
 }

@@ -226,6 +226,8 @@ fn write_resume_seeds() {
             ada_error: adadim_calibrate::AdaError::Linear,
             ic_modules: vec![],
             act_cache_bytes: adadim_calibrate::ACT_CACHE_BYTES,
+            budget: None,
+            layouts: Default::default(),
         };
         let work = d.path().join(format!("w{i}"));
         let mut w = WorkDir::open(&work, job.clone(), false).unwrap();

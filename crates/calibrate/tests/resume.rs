@@ -29,6 +29,8 @@ fn config(method: Method, dim: Dim, act_order: bool) -> QuantizeConfig {
         ada_error: adadim_calibrate::AdaError::Linear,
         ic_modules: vec![],
         act_cache_bytes: adadim_calibrate::ACT_CACHE_BYTES,
+        budget: None,
+        layouts: Default::default(),
     }
 }
 
@@ -63,10 +65,22 @@ fn interrupted_after_any_block_resumes_to_the_same_bytes() {
         (Method::Gptq, Dim::Oc, true, Format::Gptq),
         (Method::Rtn, Dim::Oc, false, Format::F32), // no calibration: no hidden states saved
         (Method::Gptq, Dim::Oc, false, Format::Packed), // with AWQ (below): scales folded into norms and rows
+        (Method::Gptq, Dim::Ada, true, Format::Packed), // --bpw (below): the damage table saved and reused
     ];
-    let awq_case = cases.len() - 1;
+    let (awq_case, bpw_case) = (cases.len() - 2, cases.len() - 1);
     for (i, (method, dim, act, format)) in cases.into_iter().enumerate() {
-        let cfg = QuantizeConfig { awq: i == awq_case, ..config(method, dim, act) };
+        let budget = adadim_calibrate::damage::Budget {
+            bpw: 3.4,
+            damage: adadim_calibrate::damage::DamageModel::Stream,
+            bits: vec![2, 3, 4],
+            groups: vec![8, 16],
+            axes: vec![Axis::Oc, Axis::Ic],
+        };
+        let cfg = QuantizeConfig {
+            awq: i == awq_case,
+            budget: (i == bpw_case).then_some(budget),
+            ..config(method, dim, act)
+        };
         let want_file = d.path().join(format!("want{i}.safetensors"));
         let want = quantize_model(&ck, &samples(), &cfg, &output(&want_file, format), &mut |_, _| {}).unwrap();
         let want_bytes = std::fs::read(&want_file).unwrap();
@@ -146,6 +160,15 @@ fn interrupted_after_any_block_resumes_to_the_same_bytes() {
                 // q/k/v and gate/up always take the scales (their norm absorbs any).
                 let with = run.linears.iter().filter(|r| r.awq_alpha.is_some() && r.awq_scales.len() == r.cols).count();
                 assert!(with >= 5 * c.num_hidden_layers, "case {i}: {with} linears with AWQ scales");
+            }
+            if i == bpw_case {
+                // The same allocation, whether the table was measured or read back.
+                let (a, b) = (run.allocation.clone().unwrap(), want.allocation.clone().unwrap());
+                assert_eq!((a.bpw, a.damage), (b.bpw, b.damage), "case {i}, stopped after {stop}");
+                assert!(a.bpw <= 3.4);
+                let layouts =
+                    |r: &[adadim_calibrate::LinearReport]| r.iter().map(|r| r.layout.clone()).collect::<Vec<_>>();
+                assert_eq!(layouts(&run.linears), layouts(&want.linears));
             }
             work.remove().unwrap();
             assert!(!work_dir.exists());

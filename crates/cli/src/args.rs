@@ -116,12 +116,22 @@ pub struct QuantSettings {
     /// With --dim ada: choose by RTN's error in both dimensions (the paper) or by GPTQ's own.
     #[arg(long, value_enum, default_value = "rtn")]
     pub select: SelectArg,
-    /// Bits per weight: 2, 3, 4 or 8.
-    #[arg(long, default_value_t = 3)]
-    pub bits: u8,
-    /// Group size, or 0 for one group per whole channel.
-    #[arg(long, default_value_t = 128)]
-    pub group: usize,
+    /// Bits per weight: 2, 3, 4 or 8 [default: 3; with --bpw, fixes the bits of every linear].
+    #[arg(long)]
+    pub bits: Option<u8>,
+    /// Group size, or 0 for one group per whole channel [default: 128; with --bpw, fixes the
+    /// group of every linear].
+    #[arg(long)]
+    pub group: Option<usize>,
+    /// Size budget: bits per weight of all block linears together (codes, scales, zeros and
+    /// permutations as the packed file stores them). Each linear gets the bits (2, 3, 4, 8),
+    /// group (32, 64, 128, 256) and dimension (per --dim: ada tries both) of least predicted
+    /// damage that fit, from one measured table of every layout's error.
+    #[arg(long)]
+    pub bpw: Option<f64>,
+    /// With --bpw: how a layout's output error predicts its damage to the model.
+    #[arg(long, value_enum, default_value = "stream")]
+    pub damage: DamageArg,
     #[arg(long, value_enum, default_value = "awq")]
     pub zero: ZeroArg,
     /// How each group's scale and zero are chosen: span its min and max, or minimise the
@@ -168,6 +178,18 @@ pub struct QuantSettings {
     pub seed: u64,
 }
 
+impl QuantSettings {
+    /// `--bits`, 3 when not given.
+    pub fn bits(&self) -> u8 {
+        self.bits.unwrap_or(3)
+    }
+
+    /// `--group`, 128 when not given.
+    pub fn group(&self) -> usize {
+        self.group.unwrap_or(128)
+    }
+}
+
 #[derive(Clone, Copy, clap::ValueEnum)]
 pub enum MethodArg {
     Rtn,
@@ -190,6 +212,16 @@ pub enum ScaleSearchArg {
     Minmax,
     /// The Hessian-weighted squared rounding error, minimised.
     Mse,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum DamageArg {
+    /// The output error summed over the linear's outputs.
+    Output,
+    /// The output error relative to the linear's output.
+    Relative,
+    /// The output error relative to the residual stream entering the linear's sublayer.
+    Stream,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]

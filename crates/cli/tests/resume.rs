@@ -30,6 +30,8 @@ struct Fixture {
     model: PathBuf,
     text: PathBuf,
     layers: usize,
+    /// `--bpw` in place of `--bits 3 --group 16`.
+    bpw: Option<&'static str>,
 }
 
 fn fixture(layers: usize, hidden: usize, intermediate: usize) -> Fixture {
@@ -43,7 +45,7 @@ fn fixture(layers: usize, hidden: usize, intermediate: usize) -> Fixture {
     let text = root.join("calib.txt");
     std::fs::write(&text, "Now is the winter of our discontent made glorious summer by this sun of York. ".repeat(40))
         .unwrap();
-    Fixture { model: root.join("model"), _d: d, root, text, layers }
+    Fixture { model: root.join("model"), _d: d, root, text, layers, bpw: None }
 }
 
 impl Fixture {
@@ -65,6 +67,10 @@ impl Fixture {
         .iter()
         .map(|x| x.to_string())
         .collect();
+        if let Some(bpw) = self.bpw {
+            a.truncate(a.len() - 4);
+            a.extend(["--bpw", bpw].map(String::from));
+        }
         a.extend(
             ["--calib", &s(&self.text), "--nsamples", "6", "--calib-seqlen", "48", "--out", &s(&self.root.join(out))]
                 .map(String::from),
@@ -312,4 +318,33 @@ fn the_output_does_not_depend_on_the_thread_count() {
         shas.push((threads, f.sha(&out)));
     }
     assert!(shas.iter().all(|s| s.1 == shas[0].1), "{shas:?}");
+}
+
+#[test]
+fn a_bpw_run_killed_continues_with_its_saved_table_to_the_same_bytes() {
+    let mut f = fixture(4, 48, 80);
+    f.bpw = Some("3.3");
+    let (code, se) = run(adadim().args(f.args("ref", &[])));
+    assert_eq!(code, 0, "{se}");
+    let want = f.sha("ref");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(f.root.join("ref").join("report.json")).unwrap()).unwrap();
+    let got = report["summary"]["allocation"]["bpw"].as_f64().unwrap();
+    assert!(got <= 3.3 && got > 3.0, "{got}");
+    for l in report["linears"].as_array().unwrap() {
+        assert!(l["layout"]["bits"].as_u64().is_some(), "{l}");
+        assert!(l["candidates"].as_array().is_some_and(|c| c.len() == 4 * 4 * 2), "{l}");
+    }
+    start_and_wait_for(&f, "killed", 2).kill();
+    f.assert_unfinished("killed");
+    assert!(f.partial("killed").join("damage.json").exists(), "the table is saved with the blocks");
+    f.resume("killed", Some(3), &want);
+    // Budgets out of reach: a clear error naming the range, nothing left behind.
+    for (bpw, why) in [("1", "reachable: "), ("9", "at most 8"), ("nan", "at most 8")] {
+        let (code, se) = run(adadim().args(f.args("bad", &["--bpw", bpw])));
+        assert_eq!(code, 1, "{bpw}: {se}");
+        assert!(se.contains(why), "{bpw}: {se}");
+        assert!(!f.root.join("bad").exists());
+        let _ = std::fs::remove_dir_all(f.partial("bad"));
+    }
 }

@@ -58,7 +58,7 @@ pub fn bench_quantize(a: BenchQuantizeArgs) -> Result<()> {
     use std::fmt::Write;
     writeln!(md, "## Quantization time (`adadim bench quantize`)\n")?;
     writeln!(md, "`{}` {} w{}g{} on `{}` (for smollm2 the dequantized Q4_1 GGUF), calibration {} x {} tokens of {}, {threads} threads.\n",
-        summary.settings.method.name(), summary.settings.dim.name(), q.bits, q.group, a.job.model.model, q.nsamples, q.calib_seqlen, q.calib)?;
+        summary.settings.method.name(), summary.settings.dim.name(), q.bits(), q.group(), a.job.model.model, q.nsamples, q.calib_seqlen, q.calib)?;
     writeln!(md, "Machine: {}.\n", super::machine())?;
     writeln!(md, "Rates measured in this run: f32 GEMM {f32_peak:.1} GFLOP/s (best over the calibration shapes), f64 GEMM {f64_peak:.1} GFLOP/s (faer).\n")?;
     writeln!(md, "| phase | seconds | GFLOP done | GFLOP/s | least GFLOP needed | bound at peak (s) |\n|---|---|---|---|---|---|")?;

@@ -20,7 +20,7 @@ pub fn compare(a: CompareArgs) -> Result<()> {
     let dataset = resolve_dataset(&dataset_spec)?;
     let q = &a.settings;
     let dir = model_dir(&a.model.model)?;
-    let tag = format!("w{}g{}-n{}x{}-s{}", q.bits, q.group, q.nsamples, q.calib_seqlen, q.seed);
+    let tag = format!("w{}g{}-n{}x{}-s{}", q.bits(), q.group(), q.nsamples, q.calib_seqlen, q.seed);
     let work = a.work.clone().unwrap_or_else(|| {
         adadim_home().join("runs").join(format!("{}-{tag}", dir.file_name().unwrap_or_default().to_string_lossy()))
     });
@@ -39,7 +39,7 @@ pub fn compare(a: CompareArgs) -> Result<()> {
     for (label, method, dim, name) in runs {
         let out = work.join(name);
         if !out.join(adadim_calibrate::Report::FILE).exists() {
-            eprintln!("quantizing: {label} w{}g{} into {}", q.bits, q.group, out.display());
+            eprintln!("quantizing: {label} w{}g{} into {}", q.bits(), q.group(), out.display());
             run_quantize(&dir, method, dim, q, adadim_calibrate::Format::Packed, &out)?;
         }
         let s = adadim_calibrate::Report::read(&out)?.summary;
@@ -49,7 +49,11 @@ pub fn compare(a: CompareArgs) -> Result<()> {
     let model_note = if a.model.model == "smollm2" { " (FP = the Q4_1 GGUF dequantized to f32)" } else { "" };
     println!(
         "{}{model_note}, w{}g{}, {} perplexity over {} windows x 2048 tokens:",
-        a.model.model, q.bits, q.group, dataset.label, a.windows
+        a.model.model,
+        q.bits(),
+        q.group(),
+        dataset.label,
+        a.windows
     );
     for (label, ppl, note) in rows {
         println!("  {label:<20} {ppl:>10.3}   {note}");

@@ -2,7 +2,8 @@
 //! ([`adadim_calibrate::run_dir`]).
 
 use crate::args::{
-    AdaErrorArg, DimArg, FormatArg, MethodArg, QuantSettings, QuantizeArgs, ScaleSearchArg, SelectArg, ZeroArg,
+    AdaErrorArg, DamageArg, DimArg, FormatArg, MethodArg, QuantSettings, QuantizeArgs, ScaleSearchArg, SelectArg,
+    ZeroArg,
 };
 use crate::resolve::{calibration_samples, model_dir};
 use adadim_calibrate::{CalibrationInfo, Format, Job, Report, RunDir, Summary};
@@ -70,6 +71,9 @@ pub fn run_quantize_resumable(
             dir.display()
         );
     }
+    if format == Format::Gptq && q.bpw.is_some() {
+        anyhow::bail!("--format gptq: the GPTQ layout holds one bit width and group size for the whole model; use the packed format for --bpw models");
+    }
     if format == Format::Gptq && (!matches!(dim, DimArg::Oc) || !q.ic_modules.is_empty()) {
         anyhow::bail!("--format gptq: the GPTQ layout holds per-OC groups only; use --dim oc (without --ic-modules), or the packed format for per-IC / AdaDim models");
     }
@@ -87,6 +91,7 @@ pub fn run_quantize_resumable(
         seqlen: q.calib_seqlen,
         seed: q.seed,
     };
+    let table_cache = adadim_load::fetch::adadim_home().join("damage-tables");
     let job = Job {
         model: dir,
         checkpoint: &ckpt,
@@ -96,6 +101,7 @@ pub fn run_quantize_resumable(
         samples: &samples,
         tool: &tool,
         started,
+        table_cache: Some(&table_cache),
     };
     let run = RunDir::open(out, &job, restart)?;
     let (work_dir, layers, resumed) = (run.path().to_path_buf(), ckpt.config.num_hidden_layers, run.done());
@@ -135,8 +141,8 @@ pub fn quantize_config(method: MethodArg, dim: DimArg, q: &QuantSettings) -> Res
     use adadim_calibrate::{Dim, Method, QuantizeConfig, Select};
     use adadim_quantize::{Axis, GptqOptions, QuantSpec, Zero};
     let spec = QuantSpec {
-        bits: q.bits,
-        group: (q.group > 0).then_some(q.group),
+        bits: q.bits(),
+        group: (q.group() > 0).then_some(q.group()),
         axis: Axis::Oc,
         zero: match q.zero {
             ZeroArg::Awq => Zero::Awq,
@@ -174,7 +180,26 @@ pub fn quantize_config(method: MethodArg, dim: DimArg, q: &QuantSettings) -> Res
         },
         ic_modules: q.ic_modules.clone(),
         act_cache_bytes: adadim_calibrate::ACT_CACHE_BYTES,
+        budget: q.bpw.map(|bpw| adadim_calibrate::damage::Budget {
+            bpw,
+            damage: match q.damage {
+                DamageArg::Output => adadim_calibrate::damage::DamageModel::Output,
+                DamageArg::Relative => adadim_calibrate::damage::DamageModel::Relative,
+                DamageArg::Stream => adadim_calibrate::damage::DamageModel::Stream,
+            },
+            bits: q.bits.map_or(vec![2, 3, 4, 8], |b| vec![b]),
+            groups: q.group.map_or(vec![32, 64, 128, 256], |g| vec![g]),
+            axes: match dim {
+                DimArg::Oc => vec![Axis::Oc],
+                DimArg::Ic => vec![Axis::Ic],
+                DimArg::Ada => vec![Axis::Oc, Axis::Ic],
+            },
+        }),
+        layouts: Default::default(),
     };
+    if let Some(b) = &cfg.budget {
+        b.validate()?;
+    }
     cfg.gptq.validate().context("--percdamp")?;
     Ok(cfg)
 }

@@ -1,0 +1,436 @@
+//! `--bpw`: every layout a linear may take (bits x group x axis), what it costs on disk and
+//! what its RTN output error is, measured in one pass of the float model over calibration
+//! data ([`measure`]); then one layout per linear under the size budget ([`plan`], a
+//! knapsack over the predicted damage, [`adadim_quantize::allocate`]).
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use adadim_load::Checkpoint;
+use adadim_model::{Block, LinearKind, Rope, Weight};
+use adadim_pack::Layout;
+use adadim_quantize::allocate::{allocate, Point};
+use adadim_quantize::{output_error_from_hessian, rtn_fitted, Axis, Fitter, Hessian, QuantSpec, ScaleSearch, Zero};
+use candle_core::Tensor;
+use serde::{Deserialize, Serialize};
+
+use crate::driver::{axis_name, embed_samples, CandidateReport, Chosen, LinearReport};
+use crate::error::{CalibError, Result};
+
+/// Calibration samples (the first ones) the damage table is measured on.
+pub const DAMAGE_SAMPLES: usize = 32;
+
+/// How a layout's damage to the model is predicted from its RTN output error `e` (the mean
+/// square of `Q(W) X - W X` over outputs and tokens).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DamageModel {
+    /// The output error summed over the linear's outputs, `rows e`.
+    Output,
+    /// Relative to the linear's output, `e / mean((W X)^2)`.
+    Relative,
+    /// Relative to the residual stream it reads, `rows e / mean_t |x_t|^2` (the stream
+    /// entering the linear's sublayer).
+    #[default]
+    Stream,
+}
+
+impl DamageModel {
+    /// `output` / `relative` / `stream`.
+    pub fn name(self) -> &'static str {
+        match self {
+            DamageModel::Output => "output",
+            DamageModel::Relative => "relative",
+            DamageModel::Stream => "stream",
+        }
+    }
+
+    /// Predicted damage of candidate `c` of linear `l`.
+    pub fn damage(self, l: &LinearDamage, c: &Candidate) -> f64 {
+        let tiny = f64::MIN_POSITIVE;
+        match self {
+            DamageModel::Output => c.error * l.rows as f64,
+            DamageModel::Relative => c.error / l.output_energy.max(tiny),
+            DamageModel::Stream => c.error * l.rows as f64 / l.stream_energy.max(tiny),
+        }
+    }
+}
+
+/// `--bpw` and what it may choose from.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Budget {
+    /// Bits per weight of all block linears together, as the packed file stores them.
+    pub bpw: f64,
+    pub damage: DamageModel,
+    /// Bit widths, group sizes (0: a whole channel) and axes a linear may take.
+    pub bits: Vec<u8>,
+    pub groups: Vec<usize>,
+    pub axes: Vec<Axis>,
+}
+
+impl Budget {
+    /// Every `(bits, group, axis)` a linear may take, as specs with `zero`.
+    pub fn specs(&self, zero: Zero) -> Vec<QuantSpec> {
+        let mut out = Vec::new();
+        for &bits in &self.bits {
+            for &g in &self.groups {
+                for &axis in &self.axes {
+                    out.push(QuantSpec { bits, group: (g > 0).then_some(g), axis, zero });
+                }
+            }
+        }
+        out
+    }
+
+    /// Checks the settings themselves (the reachable range is checked against a model).
+    pub fn validate(&self) -> Result<()> {
+        if !(self.bpw.is_finite() && self.bpw > 0.0 && self.bpw <= 8.0) {
+            return Err(CalibError::Invalid(format!(
+                "--bpw {}: must be above 0 and at most 8 bits per weight (the widest layout is 8-bit codes)",
+                self.bpw
+            )));
+        }
+        if self.bits.is_empty() || self.groups.is_empty() || self.axes.is_empty() {
+            return Err(CalibError::Invalid("--bpw: no layout to choose from".into()));
+        }
+        for spec in self.specs(Zero::Awq) {
+            spec.validate().map_err(|source| CalibError::Quantize {
+                layer: 0,
+                module: "(--bpw layouts)".into(),
+                source,
+            })?;
+        }
+        Ok(())
+    }
+}
+
+/// One layout of one linear: its cost on disk and its RTN output error.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Candidate {
+    pub bits: u8,
+    /// Weights per group along `axis` (the whole channel when that is shorter).
+    pub group: usize,
+    #[serde(with = "axis_name")]
+    pub axis: Axis,
+    /// Codes, scales, zeros (and permutation) in the packed file.
+    pub bytes: u64,
+    /// `mean((Q(W) X - W X)^2)` with `Q` RTN on this layout.
+    pub error: f64,
+}
+
+/// Every candidate of one linear, with what the damage models divide by.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LinearDamage {
+    pub layer: usize,
+    /// `q`, `k`, ... `down`.
+    pub module: String,
+    pub rows: usize,
+    pub cols: usize,
+    /// `mean((W X)^2)`.
+    pub output_energy: f64,
+    /// `mean_t |x_t|^2` of the residual stream entering the linear's sublayer.
+    pub stream_energy: f64,
+    pub candidates: Vec<Candidate>,
+}
+
+/// The damage table of a model: one entry per block linear, in block order.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DamageTable {
+    /// Calibration samples it was measured on.
+    pub samples: usize,
+    /// Wall seconds the measurement took.
+    pub seconds: f64,
+    pub linears: Vec<LinearDamage>,
+}
+
+/// The chosen layouts, by `(layer, module short name)`, and what the choice predicts.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Plan {
+    pub specs: BTreeMap<(usize, &'static str), QuantSpec>,
+    /// Bits per weight of the chosen layouts over all block linears.
+    pub bpw: f64,
+    /// Summed predicted damage.
+    pub damage: f64,
+}
+
+/// What `report.json`'s summary says of a `--bpw` run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AllocationSummary {
+    /// Bits per weight of the chosen layouts over all block linears.
+    pub bpw: f64,
+    /// Summed predicted damage of the choice.
+    pub damage: f64,
+    /// Samples the damage table was measured on, and its wall seconds.
+    pub table_samples: usize,
+    pub table_s: f64,
+}
+
+/// Each report gets its linear's candidates (with their damage) and the layout chosen.
+pub fn annotate(
+    reports: &mut [LinearReport],
+    table: &DamageTable,
+    budget: &Budget,
+    layouts: &BTreeMap<(usize, &'static str), QuantSpec>,
+) -> Result<()> {
+    for r in reports {
+        let short = LinearKind::from_module(r.module).map(|k| k.short()).unwrap_or_default();
+        let l = table.linears.iter().find(|l| l.layer == r.layer && l.module == short);
+        let (Some(l), Some(spec)) = (l, layouts.get(&(r.layer, short))) else {
+            return Err(CalibError::Invalid(format!("layer {} {}: not in the damage table", r.layer, r.module)));
+        };
+        let (gr, gc) = spec.group_shape(r.rows, r.cols);
+        let group = if spec.axis == Axis::Oc { gc } else { gr };
+        let chosen = l.candidates.iter().find(|c| c.bits == spec.bits && c.group == group && c.axis == spec.axis);
+        r.layout = Some(Chosen {
+            bits: spec.bits,
+            group,
+            bytes: chosen.map_or(0, |c| c.bytes),
+            output_energy: l.output_energy,
+            stream_energy: l.stream_energy,
+        });
+        r.candidates = l
+            .candidates
+            .iter()
+            .map(|c| CandidateReport { candidate: c.clone(), damage: budget.damage.damage(l, c) })
+            .collect();
+    }
+    Ok(())
+}
+
+fn tensor_err(context: String, source: candle_core::Error) -> CalibError {
+    adadim_model::ModelError::Tensor { context, source }.into()
+}
+
+fn to_vec(t: &Tensor) -> Result<Vec<f32>> {
+    t.flatten_all().and_then(|t| t.to_vec1::<f32>()).map_err(|e| tensor_err("tensor to host".into(), e))
+}
+
+/// Mean over tokens of `|x_t|^2`, over every sample.
+fn stream_energy(xs: &[Tensor]) -> Result<f64> {
+    let (mut sum, mut tokens) = (0f64, 0usize);
+    for x in xs {
+        sum += to_vec(x)?.iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>();
+        tokens += x.dims()[0];
+    }
+    Ok(sum / tokens.max(1) as f64)
+}
+
+/// Measure the damage table: the float model run block by block on the first
+/// [`DAMAGE_SAMPLES`] samples, each linear's input Hessian accumulated, and every layout of
+/// `budget` fitted by RTN (`search`, weighted by the Hessian diagonal) and measured on it.
+/// `permuted`: per-OC layouts store a column permutation (act-order GPTQ).
+/// `progress(blocks_done, blocks)`.
+pub fn measure(
+    ckpt: &Checkpoint,
+    samples: &[Vec<u32>],
+    budget: &Budget,
+    zero: Zero,
+    search: ScaleSearch,
+    permuted: bool,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<DamageTable> {
+    let t0 = Instant::now();
+    let c = &ckpt.config;
+    let samples = &samples[..samples.len().min(DAMAGE_SAMPLES)];
+    if samples.is_empty() {
+        return Err(CalibError::Invalid("--bpw needs calibration samples to measure each layout's error".into()));
+    }
+    let seqlen = samples.iter().map(|s| s.len()).max().unwrap_or(1);
+    let rope = Rope::new(c, seqlen).map_err(|e| tensor_err("rope".into(), e))?;
+    let settings = adadim_model::DecodeSettings::DEFAULT;
+    let mut xs = embed_samples(&ckpt.tensor("model.embed_tokens.weight")?, samples)?;
+    let specs = budget.specs(zero);
+    let mut linears = Vec::new();
+    for layer in 0..c.num_hidden_layers {
+        let mut block = Block::load(ckpt, layer)?;
+        for kind in LinearKind::ALL {
+            let lin = block.linear_mut(kind);
+            if let Weight::Dense(w) = &lin.weight {
+                let w = w.to_dtype(candle_core::DType::F32).map_err(|e| tensor_err(format!("layer {layer}"), e))?;
+                lin.weight = Weight::Dense(w);
+            }
+        }
+        let err = |what: &str| {
+            let what = format!("layer {layer}: {what}");
+            move |e| tensor_err(what.clone(), e)
+        };
+        let hessian = |inputs: &[Tensor], kind: LinearKind| -> Result<Hessian> {
+            let mut h = Hessian::new(inputs[0].dims()[1]);
+            for x in inputs {
+                h.add_batch(&to_vec(x)?).map_err(|source| CalibError::Quantize {
+                    layer,
+                    module: format!("{} inputs", kind.module()),
+                    source,
+                })?;
+            }
+            Ok(h)
+        };
+        let attn_stream = stream_energy(&xs)?;
+        let h_in: Vec<Tensor> = xs.iter().map(|x| block.attn_input(x)).collect::<adadim_model::Result<_>>()?;
+        let h_qkv = hessian(&h_in, LinearKind::Q)?;
+        let attn = h_in
+            .iter()
+            .map(|h| block.attention(h, &rope, &settings).map_err(err("attention")))
+            .collect::<Result<Vec<_>>>()?;
+        drop(h_in);
+        let h_o = hessian(&attn, LinearKind::O)?;
+        xs = xs
+            .iter()
+            .zip(&attn)
+            .map(|(x, a)| block.attn_residual(x, a, &settings))
+            .collect::<adadim_model::Result<_>>()?;
+        drop(attn);
+        let mlp_stream = stream_energy(&xs)?;
+        let m_in: Vec<Tensor> = xs.iter().map(|x| block.mlp_input(x)).collect::<adadim_model::Result<_>>()?;
+        let h_gu = hessian(&m_in, LinearKind::Gate)?;
+        let mut h_down = Hessian::new(c.intermediate_size);
+        let mut next = Vec::with_capacity(xs.len());
+        for (x, m) in xs.iter().zip(&m_in) {
+            let a = block.mlp_hidden(m, &settings).map_err(err("mlp"))?;
+            h_down.add_batch(&to_vec(&a)?).map_err(|source| CalibError::Quantize {
+                layer,
+                module: format!("{} inputs", LinearKind::Down.module()),
+                source,
+            })?;
+            next.push(block.mlp_residual(x, &a, &settings)?);
+        }
+        drop(m_in);
+        for kind in LinearKind::ALL {
+            let (h, stream) = match kind {
+                LinearKind::Q | LinearKind::K | LinearKind::V => (&h_qkv, attn_stream),
+                LinearKind::O => (&h_o, attn_stream),
+                LinearKind::Gate | LinearKind::Up => (&h_gu, mlp_stream),
+                LinearKind::Down => (&h_down, mlp_stream),
+            };
+            linears.push(candidates(ckpt, layer, kind, h, stream, &specs, search, permuted)?);
+        }
+        xs = next;
+        progress(layer + 1, c.num_hidden_layers);
+    }
+    Ok(DamageTable { samples: samples.len(), seconds: t0.elapsed().as_secs_f64(), linears })
+}
+
+/// Every layout of `specs` for one linear, fitted by RTN and measured on `h`.
+#[allow(clippy::too_many_arguments)]
+fn candidates(
+    ckpt: &Checkpoint,
+    layer: usize,
+    kind: LinearKind,
+    h: &Hessian,
+    stream: f64,
+    specs: &[QuantSpec],
+    search: ScaleSearch,
+    permuted: bool,
+) -> Result<LinearDamage> {
+    let qerr = |source| CalibError::Quantize { layer, module: kind.module().to_string(), source };
+    let name = format!("model.layers.{layer}.{}.weight", kind.module());
+    let w = ckpt.tensor_f32(&name)?;
+    let (rows, cols) = match ckpt.entry(&name)?.shape[..] {
+        [r, c] if r * c == w.len() => (r, c),
+        ref s => return Err(CalibError::Invalid(format!("{name}: shape {s:?} is not a matrix"))),
+    };
+    let diag = h.diag();
+    let fitter = Fitter::new(search, (!search.is_minmax()).then_some(diag.as_slice()));
+    let zeros = vec![0f32; w.len()];
+    let output_energy = output_error_from_hessian(&w, &zeros, rows, cols, h).map_err(qerr)?;
+    let mut out = Vec::with_capacity(specs.len());
+    for spec in specs {
+        // 8-bit steps are fine enough that the search gains nothing worth its time here.
+        let fitter = if spec.bits == 8 { Fitter::MINMAX } else { fitter };
+        let q = rtn_fitted(&w, rows, cols, spec, &fitter).map_err(qerr)?;
+        let error = output_error_from_hessian(&w, &q.dequantize(), rows, cols, h).map_err(qerr)?;
+        let (group, bytes) = layout_bytes(rows, cols, spec, permuted);
+        out.push(Candidate { bits: spec.bits, group, axis: spec.axis, bytes, error });
+    }
+    Ok(LinearDamage {
+        layer,
+        module: kind.short().to_string(),
+        rows,
+        cols,
+        output_energy,
+        stream_energy: stream,
+        candidates: out,
+    })
+}
+
+/// Whether per-OC layouts store a column permutation under `cfg` (dynamic act-order GPTQ).
+pub fn permuted(cfg: &crate::driver::QuantizeConfig) -> bool {
+    cfg.method == crate::driver::Method::Gptq && cfg.act_order && !cfg.static_groups
+}
+
+/// Write `table` to `file` whole or not at all (a temporary file beside it, then renamed).
+pub fn write_cache(file: &std::path::Path, table: &DamageTable) -> std::io::Result<()> {
+    if let Some(dir) = file.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = file.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::write(&tmp, serde_json::to_vec(table).map_err(std::io::Error::other)?)?;
+    std::fs::rename(&tmp, file).inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })
+}
+
+/// Weights per group along the axis, and bytes in the packed file, of `spec` on `[rows, cols]`.
+fn layout_bytes(rows: usize, cols: usize, spec: &QuantSpec, permuted: bool) -> (usize, u64) {
+    let (gr, gc) = spec.group_shape(rows, cols);
+    let group = if spec.axis == Axis::Oc { gc } else { gr };
+    let layout = Layout { bits: spec.bits, group, axis: spec.axis };
+    (group, layout.bytes(rows, cols, permuted && spec.axis == Axis::Oc) as u64)
+}
+
+/// The error for a budget outside what the layouts can reach (bits per weight).
+fn out_of_reach(budget: &Budget, lo: f64, hi: f64) -> CalibError {
+    CalibError::Invalid(format!(
+        "--bpw {}: below the cheapest layouts allowed ({lo:.3} bits per weight); reachable: {lo:.3} to {hi:.3}",
+        budget.bpw
+    ))
+}
+
+/// Checks, from the model's shapes alone (before anything is measured), that the budget is
+/// not below the cheapest layouts.
+pub fn check_reachable(c: &adadim_load::LlamaConfig, budget: &Budget, zero: Zero, permuted: bool) -> Result<()> {
+    let specs = budget.specs(zero);
+    let (mut lo, mut hi, mut weights) = (0u64, 0u64, 0u64);
+    for (name, shape) in c.expected_tensors() {
+        let [rows, cols] = shape[..] else { continue };
+        if !(name.starts_with("model.layers.") && name.ends_with("_proj.weight")) {
+            continue;
+        }
+        let bytes = specs.iter().map(|s| layout_bytes(rows, cols, s, permuted).1);
+        lo += bytes.clone().min().unwrap_or(0);
+        hi += bytes.max().unwrap_or(0);
+        weights += (rows * cols) as u64;
+    }
+    let bpw = |b: u64| 8.0 * b as f64 / weights.max(1) as f64;
+    if budget.bpw < bpw(lo) {
+        return Err(out_of_reach(budget, bpw(lo), bpw(hi)));
+    }
+    Ok(())
+}
+
+/// One layout per linear of `table`: the least summed damage (`budget.damage`) whose bytes
+/// stay within `budget.bpw` bits per weight. A budget below the cheapest layouts is an error
+/// naming the reachable range.
+pub fn plan(table: &DamageTable, budget: &Budget, zero: Zero) -> Result<Plan> {
+    let weights: u64 = table.linears.iter().map(|l| (l.rows * l.cols) as u64).sum();
+    let points: Vec<Vec<Point>> = table
+        .linears
+        .iter()
+        .map(|l| l.candidates.iter().map(|c| Point { bytes: c.bytes, damage: budget.damage.damage(l, c) }).collect())
+        .collect();
+    let bytes = (budget.bpw * weights as f64 / 8.0).floor() as u64;
+    let bpw = |b: u64| 8.0 * b as f64 / weights.max(1) as f64;
+    let a = allocate(&points, bytes).map_err(|e| match e {
+        adadim_quantize::Error::Budget { cheapest, dearest, .. } => out_of_reach(budget, bpw(cheapest), bpw(dearest)),
+        source => CalibError::Quantize { layer: 0, module: "(--bpw allocation)".into(), source },
+    })?;
+    let mut specs = BTreeMap::new();
+    for (l, &k) in table.linears.iter().zip(&a.choice) {
+        let kind = LinearKind::from_short(&l.module)
+            .ok_or_else(|| CalibError::Invalid(format!("damage table: unknown module '{}'", l.module)))?;
+        let c = &l.candidates[k];
+        let spec = QuantSpec { bits: c.bits, group: Some(c.group), axis: c.axis, zero };
+        specs.insert((l.layer, kind.short()), spec);
+    }
+    Ok(Plan { specs, bpw: bpw(a.bytes), damage: a.damage })
+}
