@@ -26,10 +26,10 @@ eval_to "$MODEL" "$OUT/fp.ppl.json"
 METHODS=(
   "rtn-oc:--method rtn --dim oc"
   "rtn-ada:--method rtn --dim ada"
-  "gptq-oc:--method gptq --dim oc"
-  "gptq-oc-act:--method gptq --dim oc --act-order"
+  "gptq-oc:--method gptq --dim oc --act-order false --static-groups false"
+  "gptq-oc-act:--method gptq --dim oc --act-order --static-groups false"
   "gptq-oc-act-static:--method gptq --dim oc --act-order --static-groups"
-  "gptq-ada:--method gptq --dim ada"
+  "gptq-ada:--method gptq --dim ada --act-order false --static-groups false"
   "gptq-ada-act-static:--method gptq --dim ada --act-order --static-groups"
 )
 for cfg in $CONFIGS; do

@@ -31,7 +31,7 @@ done
 $A bench decode --models "smollm2,$RUNS/w4g128,$RUNS/w3g128" \
     --gguf "$RUNS/smollm2-Q4_0.gguf,$RUNS/smollm2-Q4_K_M.gguf" --llamacpp "$LLAMA_BIN" --write BENCHMARKS.md
 
-$A bench quantize --model smollm2 --method gptq --dim ada --bits 3 --group 128 \
+$A bench quantize --model smollm2 --method gptq --dim ada --act-order false --static-groups false --bits 3 --group 128 \
     --nsamples "${QUANT_NSAMPLES:-128}" --calib-seqlen "${QUANT_SEQLEN:-2048}" --write BENCHMARKS.md
 
 # Scale: synthetic checkpoints of real shapes (f16), quantized in their own processes.

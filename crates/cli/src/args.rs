@@ -148,11 +148,14 @@ pub struct QuantSettings {
     /// the rest of the sublayer in float; measured on the first 16 calibration samples).
     #[arg(long, value_enum, default_value = "linear")]
     pub ada_error: AdaErrorArg,
-    /// GPTQ: process input columns by decreasing Hessian diagonal.
-    #[arg(long)]
+    /// GPTQ: process input columns by decreasing Hessian diagonal (`--act-order false`: in
+    /// their stored order, as the GPTQ paper's default).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     pub act_order: bool,
-    /// GPTQ per-OC: fit all group parameters on the original weights before reordering.
-    #[arg(long)]
+    /// GPTQ per-OC with act-order: fit all group parameters on the original weights before
+    /// reordering, so groups stay contiguous and no permutation is stored (`false`: fit each
+    /// group as the sweep reaches it, GPTQ's dynamic groups).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     pub static_groups: bool,
     /// GPTQ dampening, as a fraction of the mean Hessian diagonal (retried x10 on failure).
     #[arg(long, default_value_t = 0.01)]
