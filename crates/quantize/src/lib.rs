@@ -57,5 +57,5 @@ pub use rtn::{rtn, rtn_fitted, Fitter};
 pub use search::ScaleSearch;
 /// The error search's pieces, for tests and references.
 pub mod scale_search {
-    pub use crate::search::{fit, grid_search, ratio, weighted_error, STEPS};
+    pub use crate::search::{fit, grid_search, ratio, weighted_error, weighted_error_portable, STEPS};
 }

@@ -43,7 +43,44 @@ const ROUNDS: usize = 4;
 /// The code is [`quantize`]'s, inlined (whole-number zero: `q` is already the code's value), and
 /// the f64 sum runs in [`LANES`] interleaved partial sums (value `i` into lane `i % LANES`,
 /// lanes added in order at the end), so the loop vectorizes instead of waiting on one adder.
+///
+/// Compiled a second time for AVX-512 / AVX2 and picked at run time: the same operations in
+/// the same order (Rust never fuses a multiply and an add), so every path gives the same bits
+/// as [`weighted_error_portable`], the reference.
 pub fn weighted_error(values: &[f32], weights: Option<&[f32]>, p: GroupParams, maxq: u8) -> f64 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has the features the function is compiled for.
+            return unsafe { weighted_error_avx512(values, weights, p, maxq) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: as above.
+            return unsafe { weighted_error_avx2(values, weights, p, maxq) };
+        }
+    }
+    weighted_error_portable(values, weights, p, maxq)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn weighted_error_avx512(values: &[f32], weights: Option<&[f32]>, p: GroupParams, maxq: u8) -> f64 {
+    error_body(values, weights, p, maxq)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn weighted_error_avx2(values: &[f32], weights: Option<&[f32]>, p: GroupParams, maxq: u8) -> f64 {
+    error_body(values, weights, p, maxq)
+}
+
+/// [`weighted_error`] for the baseline CPU (SSE2): the reference the wider paths equal.
+pub fn weighted_error_portable(values: &[f32], weights: Option<&[f32]>, p: GroupParams, maxq: u8) -> f64 {
+    error_body(values, weights, p, maxq)
+}
+
+#[inline(always)]
+fn error_body(values: &[f32], weights: Option<&[f32]>, p: GroupParams, maxq: u8) -> f64 {
     let (s, z, top) = (p.scale, p.zero, f32::from(maxq));
     let sq = |w: f32| {
         let q = (round_half_even(w / s) + z).clamp(0.0, top);
@@ -177,6 +214,29 @@ fn refine(
 mod tests {
     use super::*;
     use crate::quantizer::Axis;
+
+    #[test]
+    fn every_path_of_the_error_gives_the_reference_bits() {
+        let mut x = 0x2545_F491_4F6C_DD1Du64;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        };
+        for n in [1usize, 7, 8, 31, 32, 33, 128, 257] {
+            let v: Vec<f32> = (0..n).map(|_| next() * 0.2).collect();
+            let h: Vec<f32> = (0..n).map(|_| next().abs() * 10.0).collect();
+            for bits in [2u8, 3, 4, 8] {
+                let s = QuantSpec { bits, group: Some(n), axis: Axis::Oc, zero: Zero::Awq };
+                let p = s.fit(v.iter().copied());
+                for w in [None, Some(h.as_slice())] {
+                    let want = weighted_error_portable(&v, w, p, s.maxq());
+                    assert_eq!(weighted_error(&v, w, p, s.maxq()).to_bits(), want.to_bits(), "n {n} bits {bits}");
+                }
+            }
+        }
+    }
 
     fn spec(bits: u8, zero: Zero) -> QuantSpec {
         QuantSpec { bits, group: Some(128), axis: Axis::Oc, zero }
