@@ -187,3 +187,29 @@ fn what_is_not_a_run_is_a_clear_error() {
     std::fs::remove_dir_all(d2.path().join("m")).unwrap();
     expect(&["report", &s(&q2)], &["--no-updates", &s(&d2.path().join("m"))]);
 }
+
+#[test]
+fn a_budget_run_draws_each_linears_layout() {
+    let d = tempfile::tempdir().unwrap();
+    let m = d.path().join("m");
+    let (code, _, se) = adadim(&["synth", "--shape", "tiny", "--dtype", "f32", "--out", &s(&m)]);
+    assert_eq!(code, 0, "{se}");
+    let text = d.path().join("calib.txt");
+    std::fs::write(&text, "Now is the winter of our discontent made glorious summer by this sun of York. ".repeat(40))
+        .unwrap();
+    let q = d.path().join("q");
+    let args = ["quantize", "--model", &s(&m), "--method", "rtn", "--bpw", "3.6", "--calib", &s(&text)];
+    let (code, _, se) = adadim(&[&args[..], &["--nsamples", "4", "--calib-seqlen", "32", "--out", &s(&q)]].concat());
+    assert_eq!(code, 0, "{se}");
+    let (code, _, se) = adadim(&["report", &s(&q), "--no-updates"]);
+    assert_eq!(code, 0, "{se}");
+    let md = std::fs::read_to_string(q.join("report").join("README.md")).unwrap();
+    assert!(md.contains("](allocation.svg)") && md.contains("Mean bits per module: q "), "{md}");
+    let (texts, _) = svg(&q.join("report").join("allocation.svg"));
+    for want in ["self_attn.q_proj", "mlp.down_proj", "per-OC g32", "per-IC g256", "bits", "layer"] {
+        assert!(texts.iter().any(|t| t == want), "'{want}' not in {texts:?}");
+    }
+    let svg_text = std::fs::read_to_string(q.join("report").join("allocation.svg")).unwrap();
+    // One dot per linear (7 modules x 2 layers) besides the legend's.
+    assert!(svg_text.matches("<circle").count() >= 14, "too few dots");
+}

@@ -21,6 +21,7 @@
 //! # Ok::<(), adadim_report::ReportError>(())
 //! ```
 
+pub mod allocation;
 pub mod error;
 pub mod errors;
 pub mod inputs;

@@ -12,7 +12,7 @@ use crate::error::{ReportError, Result};
 use crate::plot::{render, Figure};
 use crate::run::Run;
 use crate::updates::LayerUpdates;
-use crate::{errors, inputs, updates};
+use crate::{allocation, errors, inputs, updates};
 
 /// What to put on the page besides what the run holds.
 pub struct PageOptions<'a> {
@@ -60,6 +60,20 @@ pub fn write_page(run: &Run, out: &Path, opts: &PageOptions<'_>) -> Result<Page>
         None => {
             md.push_str("This run has no calibration errors to show (RTN with a fixed dimension does not calibrate).\n")
         }
+    }
+
+    if let Some(fig) = allocation::figure(run) {
+        md.push_str("\n## Bits, group and dimension per linear (`--bpw`)\n\n");
+        let img = draw("allocation.svg".into(), &fig)?;
+        let a = run.summary.allocation.as_ref();
+        let _ = writeln!(
+            md,
+            "The budget chose each linear's layout from its measured candidates ({} bits per weight reached). \
+             Dots: bits per linear and layer; color: per-OC (blue) or per-IC (orange); size: group (larger, smaller groups). \
+             Mean bits per module: {}.\n\n![allocation]({img})",
+            a.map_or("?".to_string(), |a| format!("{:.3}", a.bpw)),
+            allocation::mean_bits(run).iter().map(|(m, b)| format!("{m} {b:.2}")).collect::<Vec<_>>().join(", ")
+        );
     }
 
     md.push_str("\n## Activation outliers (paper Fig. 8)\n\n");

@@ -117,6 +117,12 @@ pub fn run_quantize_resumable(
             resumed + 1
         );
     }
+    if let Some(b) = &cfg.budget {
+        eprintln!(
+            "--bpw {}: measuring every layout's error on the float model first (reused when these inputs were measured before)",
+            b.bpw
+        );
+    }
     let mut bar = crate::progress::Bar::new("quantize", layers);
     bar.update(resumed, layers);
     match run.run(&job, &mut |d, t| bar.update(d, t)) {
