@@ -31,8 +31,12 @@ pub enum DamageModel {
     Relative,
     /// Relative to the residual stream it reads, `rows e / mean_t |x_t|^2` (the stream
     /// entering the linear's sublayer).
-    #[default]
     Stream,
+    /// The model's measured response: `s rows e`, with `s` the KL divergence of the next-token
+    /// distributions per unit of output error energy, measured once per linear by a random
+    /// perturbation of its weight ([`LinearDamage::sensitivity`]).
+    #[default]
+    Kl,
 }
 
 impl DamageModel {
@@ -42,6 +46,7 @@ impl DamageModel {
             DamageModel::Output => "output",
             DamageModel::Relative => "relative",
             DamageModel::Stream => "stream",
+            DamageModel::Kl => "kl",
         }
     }
 
@@ -52,6 +57,7 @@ impl DamageModel {
             DamageModel::Output => c.error * l.rows as f64,
             DamageModel::Relative => c.error / l.output_energy.max(tiny),
             DamageModel::Stream => c.error * l.rows as f64 / l.stream_energy.max(tiny),
+            DamageModel::Kl => l.sensitivity * c.error * l.rows as f64,
         }
     }
 }
@@ -130,6 +136,11 @@ pub struct LinearDamage {
     pub output_energy: f64,
     /// `mean_t |x_t|^2` of the residual stream entering the linear's sublayer.
     pub stream_energy: f64,
+    /// `mean_t |x_t|^2` of the linear's own input.
+    pub input_energy: f64,
+    /// KL divergence (nats per token) of the model's next-token distributions per unit of this
+    /// linear's output error energy per token, `|ΔW x|^2` ([`sensitivities`]).
+    pub sensitivity: f64,
     pub candidates: Vec<Candidate>,
 }
 
@@ -187,6 +198,7 @@ pub fn annotate(
             bytes: chosen.map_or(0, |c| c.bytes),
             output_energy: l.output_energy,
             stream_energy: l.stream_energy,
+            sensitivity: l.sensitivity,
         });
         r.candidates = l
             .candidates
@@ -307,7 +319,95 @@ pub fn measure(
         xs = next;
         progress(layer + 1, c.num_hidden_layers);
     }
+    drop(xs);
+    sensitivities(ckpt, samples, &mut linears)?;
     Ok(DamageTable { samples: samples.len(), seconds: t0.elapsed().as_secs_f64(), linears })
+}
+
+/// Samples (the first ones), and tokens of each, the sensitivities are measured on.
+pub const SENSITIVITY_SAMPLES: usize = 2;
+pub const SENSITIVITY_TOKENS: usize = 256;
+/// The random perturbation's expected output error, relative to the linear's output energy
+/// (about what 3-bit groups cost).
+const PERTURBATION: f64 = 0.01;
+
+/// Each row of `[t, vocab]` logits as log-probabilities.
+fn log_softmax(logits: &Tensor) -> Result<Vec<Vec<f32>>> {
+    let rows = logits.to_vec2::<f32>().map_err(|e| tensor_err("logits".into(), e))?;
+    Ok(rows
+        .into_iter()
+        .map(|mut r| {
+            let max = r.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let lse = max + r.iter().map(|&v| (v - max).exp()).sum::<f32>().ln();
+            r.iter_mut().for_each(|v| *v -= lse);
+            r
+        })
+        .collect())
+}
+
+/// Mean over positions of `KL(p || q)` from log-probabilities.
+fn kl(p: &[Vec<f32>], q: &[Vec<f32>]) -> f64 {
+    let sum: f64 = p
+        .iter()
+        .zip(q)
+        .map(|(p, q)| p.iter().zip(q).map(|(&a, &b)| f64::from(a.exp()) * f64::from(a - b)).sum::<f64>())
+        .sum();
+    sum / p.len().max(1) as f64
+}
+
+/// Every linear's [`LinearDamage::sensitivity`]: its weight moved by seeded Gaussian noise
+/// whose expected output error is [`PERTURBATION`] of its output energy, the model run from
+/// that block on, and the KL divergence of its next-token distributions from the float
+/// model's, over the first [`SENSITIVITY_SAMPLES`] x [`SENSITIVITY_TOKENS`] calibration tokens.
+/// The float model is held in memory while it runs.
+fn sensitivities(ckpt: &Checkpoint, samples: &[Vec<u32>], linears: &mut [LinearDamage]) -> Result<()> {
+    let samples: Vec<&[u32]> =
+        samples.iter().take(SENSITIVITY_SAMPLES).map(|s| &s[..s.len().min(SENSITIVITY_TOKENS)]).collect();
+    let longest = samples.iter().map(|s| s.len()).max().unwrap_or(1);
+    let mut model = adadim_model::Model::load(ckpt, longest, &mut |_, _| {})?;
+    let settings = model.settings();
+    let err = |what: &str| {
+        let what = what.to_string();
+        move |e| tensor_err(what.clone(), e)
+    };
+    // The float model: the stream entering every block, and its log-probabilities.
+    let mut entering = Vec::new();
+    let mut want = Vec::new();
+    for ids in &samples {
+        let mut x = model.embed(ids)?;
+        let mut per = Vec::new();
+        for b in &model.blocks {
+            per.push(x.clone());
+            x = b.forward(&x, &model.rope, &settings)?;
+        }
+        want.push(log_softmax(&model.logits(&x)?)?);
+        entering.push(per);
+    }
+    for (i, l) in linears.iter_mut().enumerate() {
+        let kind = LinearKind::from_short(&l.module)
+            .ok_or_else(|| CalibError::Invalid(format!("damage table: unknown module '{}'", l.module)))?;
+        let name = format!("model.layers.{}.{}.weight", l.layer, kind.module());
+        let w = ckpt.tensor_f32(&name)?;
+        let sigma = (PERTURBATION * l.output_energy / l.input_energy.max(f64::MIN_POSITIVE)).sqrt() as f32;
+        let mut rng = adadim_load::synth::Rng::new(0x5E45_0000 + i as u64);
+        let moved: Vec<f32> = w.iter().zip(rng.normals(w.len(), sigma)).map(|(w, n)| w + n).collect();
+        let moved = Tensor::from_vec(moved, (l.rows, l.cols), &candle_core::Device::Cpu).map_err(err("weight"))?;
+        let block = &mut model.blocks[l.layer];
+        let original = std::mem::replace(&mut block.linear_mut(kind).weight, Weight::Dense(moved));
+        let mut sum = 0.0;
+        for (s, ids) in samples.iter().enumerate() {
+            let mut x = entering[s][l.layer].clone();
+            for b in &model.blocks[l.layer..] {
+                x = b.forward(&x, &model.rope, &settings)?;
+            }
+            sum += kl(&want[s], &log_softmax(&model.logits(&x)?)?) * ids.len() as f64;
+        }
+        model.blocks[l.layer].linear_mut(kind).weight = original;
+        let tokens: usize = samples.iter().map(|s| s.len()).sum();
+        let moved_energy = PERTURBATION * l.output_energy * l.rows as f64;
+        l.sensitivity = if moved_energy > 0.0 { sum / tokens.max(1) as f64 / moved_energy } else { 0.0 };
+    }
+    Ok(())
 }
 
 /// Every layout of `specs` for one linear, fitted by RTN and measured on `h`.
@@ -349,6 +449,8 @@ fn candidates(
         cols,
         output_energy,
         stream_energy: stream,
+        input_energy: f64::from(diag.iter().sum::<f32>()) / 2.0,
+        sensitivity: 0.0,
         candidates: out,
     })
 }

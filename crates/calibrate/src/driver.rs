@@ -218,6 +218,7 @@ pub struct Chosen {
     /// What the damage models divide the candidates' errors by ([`crate::damage::LinearDamage`]).
     pub output_energy: f64,
     pub stream_energy: f64,
+    pub sensitivity: f64,
 }
 
 /// One candidate layout of a linear, as the report shows it.

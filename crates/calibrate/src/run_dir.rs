@@ -178,6 +178,7 @@ impl RunDir {
             (Some(b), Some(dir)) => {
                 let n = job.samples.len().min(crate::damage::DAMAGE_SAMPLES);
                 let key = serde_json::json!({
+                    "table": 2,
                     "tool": job.tool,
                     "source_model": &identity["source_model"],
                     "tokens_sha256": adadim_load::fetch::sha256_hex(&serde_json::to_vec(&job.samples[..n]).expect("ids serialize")),

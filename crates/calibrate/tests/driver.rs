@@ -521,7 +521,7 @@ fn block_error_is_the_sublayer_output_error_and_picks_the_axis() {
 fn budget(bpw: f64) -> adadim_calibrate::damage::Budget {
     adadim_calibrate::damage::Budget {
         bpw,
-        damage: adadim_calibrate::damage::DamageModel::Stream,
+        damage: adadim_calibrate::damage::DamageModel::Kl,
         bits: vec![2, 3, 4, 8],
         groups: vec![8, 16, 0],
         axes: vec![Axis::Oc, Axis::Ic],

@@ -130,7 +130,7 @@ pub struct QuantSettings {
     #[arg(long)]
     pub bpw: Option<f64>,
     /// With --bpw: how a layout's output error predicts its damage to the model.
-    #[arg(long, value_enum, default_value = "stream")]
+    #[arg(long, value_enum, default_value = "kl")]
     pub damage: DamageArg,
     #[arg(long, value_enum, default_value = "awq")]
     pub zero: ZeroArg,
@@ -225,6 +225,9 @@ pub enum DamageArg {
     Relative,
     /// The output error relative to the residual stream entering the linear's sublayer.
     Stream,
+    /// The output error times the model's measured sensitivity to it (KL of the next-token
+    /// distributions per unit of output error, from one random perturbation per linear).
+    Kl,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]

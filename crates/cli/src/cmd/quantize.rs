@@ -192,6 +192,7 @@ pub fn quantize_config(method: MethodArg, dim: DimArg, q: &QuantSettings) -> Res
                 DamageArg::Output => adadim_calibrate::damage::DamageModel::Output,
                 DamageArg::Relative => adadim_calibrate::damage::DamageModel::Relative,
                 DamageArg::Stream => adadim_calibrate::damage::DamageModel::Stream,
+                DamageArg::Kl => adadim_calibrate::damage::DamageModel::Kl,
             },
             bits: q.bits.map_or(vec![2, 3, 4, 8], |b| vec![b]),
             groups: q.group.map_or(vec![32, 64, 128, 256], |g| vec![g]),

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Issue 32's frontier: `adadim quantize --bpw B` at each budget with 3 calibration seeds,
+# evaluated on WikiText-2 and PTB (first WINDOWS windows of 2048), then tabulated with the
+# damage-model study and the per-module allocation into RESULTS.md's "Size budget" section
+# (bench/budget_table.py).
+# Usage: ADADIM_DATA=../shared/data bench/budget.sh
+# Knobs (env): MODEL (smollm2), BUDGETS ("3.25 4.0"), VARIANTS (names below), DAMAGES
+# ("kl"; the study: "kl stream relative output"), SEEDS ("0 1 2"), NSAMPLES (128),
+# CALIB_SEQLEN (512), WINDOWS (8), OUT (results/budget), ADADIM_BIN and ADADIM_COMMIT.
+# Finished runs in OUT are reused; quantized models are deleted once evaluated (their
+# report.json is kept). Runs of one seed share one damage table (ADADIM_HOME/damage-tables).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export ADADIM_DATA="${ADADIM_DATA:-$(cd .. && pwd)/shared/data}"
+MODEL="${MODEL:-smollm2}"; BUDGETS="${BUDGETS:-3.25 4.0}"; SEEDS="${SEEDS:-0 1 2}"
+DAMAGES="${DAMAGES:-kl}"; NSAMPLES="${NSAMPLES:-128}"; CALIB_SEQLEN="${CALIB_SEQLEN:-512}"
+WINDOWS="${WINDOWS:-8}"; OUT="${OUT:-results/budget}"
+declare -A ARGS=(
+  [rtn-ada]="--method rtn --dim ada"
+  [gptq-ada]="--method gptq --dim ada --act-order false --static-groups false"
+  [gptq-ada-act]="--method gptq --dim ada --act-order --static-groups"
+)
+VARIANTS="${VARIANTS:-gptq-ada}"
+if [ -n "${ADADIM_BIN:-}" ]; then A="$ADADIM_BIN"; else cargo build --release -p adadim; A=./target/release/adadim; fi
+mkdir -p "$OUT"
+eval_to() { # model dir, dataset, json file
+  [ -f "$3" ] && return
+  $A eval ppl --model "$1" --dataset "$2" --limit "$WINDOWS" --json > "$3.tmp" && mv "$3.tmp" "$3"
+}
+for ds in wikitext2 ptb; do eval_to "$MODEL" "$ds" "$OUT/fp.$ds.json"; done
+for b in $BUDGETS; do
+  for v in $VARIANTS; do
+    for dmg in $DAMAGES; do
+      for seed in $SEEDS; do
+        run="$OUT/bpw$b-$v-$dmg-n$NSAMPLES-s$seed"
+        [ -f "$run.ptb.json" ] && continue
+        if [ ! -d "$run" ]; then
+          $A quantize --model "$MODEL" ${ARGS[$v]} --bpw "$b" --damage "$dmg" --seed "$seed" \
+            --nsamples "$NSAMPLES" --calib-seqlen "$CALIB_SEQLEN" --out "$run" --json > "$run.quantize.json"
+        fi
+        cp "$run/report.json" "$run.report.json"
+        echo "${ADADIM_COMMIT:-$(git rev-parse --short HEAD)}" > "$run.commit"
+        for ds in wikitext2 ptb; do eval_to "$run" "$ds" "$run.$ds.json"; done
+        rm -rf "$run"
+      done
+    done
+  done
+done
+python3 bench/budget_table.py "$OUT" RESULTS.md
