@@ -552,6 +552,7 @@ fn a_budget_is_met_in_bytes_and_each_linear_gets_its_chosen_layout() {
         for r in &run.linears {
             let chosen = r.layout.clone().unwrap();
             assert_eq!(r.candidates.len(), 4 * 3 * 2);
+            assert!(chosen.sensitivity > 0.0 && chosen.sensitivity.is_finite(), "{chosen:?}");
             let name = format!("model.layers.{}.{}", r.layer, r.module);
             let l = packed.linear(&name).unwrap();
             let layout = l.layout();
