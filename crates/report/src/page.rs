@@ -57,9 +57,11 @@ pub fn write_page(run: &Run, out: &Path, opts: &PageOptions<'_>) -> Result<Page>
             let img = draw("errors.svg".into(), &fig)?;
             errors_section(&mut md, run, &img);
         }
-        None => {
-            md.push_str("This run has no calibration errors to show (RTN with a fixed dimension does not calibrate).\n")
-        }
+        None => md.push_str(if run.summary.settings.budget.is_some() {
+            "A `--bpw` run chooses each linear's dimension with its bits and group (below), not by this comparison.\n"
+        } else {
+            "This run has no calibration errors to show (RTN with a fixed dimension does not calibrate).\n"
+        }),
     }
 
     if let Some(fig) = allocation::figure(run) {
@@ -128,15 +130,28 @@ fn header(md: &mut String, run: &Run) {
         d => format!("{} per-{}", st.method.name().to_uppercase(), d.to_uppercase()),
     };
     let _ = writeln!(md, "# {} {method} {}: what the quantization did\n", name(Path::new(&s.model)), run.spec_label());
+    let grid = match &st.budget {
+        Some(b) => format!(
+            "bits, group and dimension per linear under --bpw {} ({} damage; {} reached)",
+            b.bpw,
+            b.damage.name(),
+            s.allocation.as_ref().map_or("?".to_string(), |a| format!("{:.3}", a.bpw))
+        ),
+        None => format!(
+            "{}-bit, group {}",
+            st.spec.bits,
+            st.spec.group.map_or("whole channel".to_string(), |g| g.to_string())
+        ),
+    };
+    let dim = if st.budget.is_some() { "the dimension from the same table".to_string() } else { dim };
+    let gptq = st.method == Method::Gptq;
     let _ = writeln!(
         md,
-        "Model `{}`, {} {}-bit, group {}, zero points {}{}; {dim}. Calibration: {} samples x {} tokens of `{}` (seed {}). {} of {} linears kept per-IC groups; quantized in {:.0} s.",
+        "Model `{}`, {} {grid}, zero points {}{}; {dim}. Calibration: {} samples x {} tokens of `{}` (seed {}). {} of {} linears kept per-IC groups; quantized in {:.0} s.",
         name(Path::new(&s.model)),
         st.method.name().to_uppercase(),
-        st.spec.bits,
-        st.spec.group.map_or("whole channel".to_string(), |g| g.to_string()),
         format!("{:?}", st.spec.zero).to_lowercase(),
-        if st.act_order { ", act-order" } else { "" },
+        if gptq && st.act_order { ", act-order" } else { "" },
         s.calibration.nsamples,
         s.calibration.seqlen,
         name(Path::new(&s.calibration.source)),

@@ -60,8 +60,11 @@ impl Run {
         self.input_rms.as_ref()?.iter().find(|r| r.layer == layer && r.module == module).map(|r| r.rms.as_slice())
     }
 
-    /// `w3g128` (`g-` for whole channels).
+    /// `w3g128` (`g-` for whole channels); `bpw3.25` for a `--bpw` run.
     pub fn spec_label(&self) -> String {
+        if let Some(b) = &self.summary.settings.budget {
+            return format!("bpw{}", b.bpw);
+        }
         let s = &self.summary.settings.spec;
         format!("w{}g{}", s.bits, s.group.map_or("-".to_string(), |g| g.to_string()))
     }
