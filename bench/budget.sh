@@ -2,7 +2,7 @@
 # Issue 32's frontier: `adadim quantize --bpw B` at each budget with 3 calibration seeds,
 # evaluated on WikiText-2 and PTB (first WINDOWS windows of 2048), then tabulated with the
 # damage-model study and the per-module allocation into RESULTS.md's "Size budget" section
-# (bench/budget_table.py).
+# (bench/budget_table.py); seed 0's allocations drawn into docs/allocation-bpw*.svg.
 # Usage: ADADIM_DATA=../shared/data bench/budget.sh
 # Knobs (env): MODEL (smollm2), BUDGETS ("3.25 4.0"), VARIANTS (names below), DAMAGES
 # ("kl"; the study: "kl stream relative output"), SEEDS ("0 1 2"), NSAMPLES (128),
@@ -39,6 +39,10 @@ for b in $BUDGETS; do
             --nsamples "$NSAMPLES" --calib-seqlen "$CALIB_SEQLEN" --out "$run" --json > "$run.quantize.json"
         fi
         cp "$run/report.json" "$run.report.json"
+        if [ "$seed" = "${PICTURE_SEED:-0}" ] && [ "$dmg" = kl ]; then # the allocation, drawn
+          $A report "$run" --out "$run/page" --no-updates > /dev/null
+          cp "$run/page/allocation.svg" "docs/allocation-bpw$b-$v.svg"
+        fi
         echo "${ADADIM_COMMIT:-$(git rev-parse --short HEAD)}" > "$run.commit"
         for ds in wikitext2 ptb; do eval_to "$run" "$ds" "$run.$ds.json"; done
         rm -rf "$run"
