@@ -36,25 +36,14 @@ VARIANTS="${VARIANTS:-rtn-ada rtn-ada-mse gptq-ada gptq-ada-mse}"
 if [ -n "${ADADIM_BIN:-}" ]; then A="$ADADIM_BIN"; else cargo build --release -p adadim; A=./target/release/adadim; fi
 mkdir -p "$OUT"
 [ -f "$OUT/COMMIT" ] || git rev-parse --short HEAD > "$OUT/COMMIT"
-eval_to() { # model dir, dataset, json file
-  [ -f "$3" ] && return
-  $A eval ppl --model "$1" --dataset "$2" --limit "$WINDOWS" --json > "$3.tmp" && mv "$3.tmp" "$3"
-}
+. bench/quality_runs.sh
 for ds in wikitext2 ptb; do eval_to "$MODEL" "$ds" "$OUT/fp.$ds.json"; done
 for cfg in $CONFIGS; do
   bits=${cfg%%:*}; group=${cfg##*:}
   for v in $VARIANTS; do
     for seed in $SEEDS; do
-      run="$OUT/w${bits}g${group}-$v-s$seed"
-      [ -f "$run.ptb.json" ] && continue
-      if [ ! -d "$run" ]; then
-        $A quantize --model "$MODEL" ${ARGS[$v]} --bits "$bits" --group "$group" --seed "$seed" \
-          --nsamples "$NSAMPLES" --calib-seqlen "$CALIB_SEQLEN" --out "$run" --json > "$run.quantize.json"
-      fi
-      cp "$run/report.json" "$run.report.json"
-      echo "${ADADIM_COMMIT:-$(git rev-parse --short HEAD)}" > "$run.commit"
-      for ds in wikitext2 ptb; do eval_to "$run" "$ds" "$run.$ds.json"; done
-      rm -rf "$run"
+      # shellcheck disable=SC2086 # ARGS holds several flags
+      quantize_and_eval "$OUT/w${bits}g${group}-$v-s$seed" ${ARGS[$v]} --bits "$bits" --group "$group" --seed "$seed"
     done
   done
 done

@@ -23,29 +23,21 @@ declare -A ARGS=(
 VARIANTS="${VARIANTS:-gptq-ada}"
 if [ -n "${ADADIM_BIN:-}" ]; then A="$ADADIM_BIN"; else cargo build --release -p adadim; A=./target/release/adadim; fi
 mkdir -p "$OUT"
-eval_to() { # model dir, dataset, json file
-  [ -f "$3" ] && return
-  $A eval ppl --model "$1" --dataset "$2" --limit "$WINDOWS" --json > "$3.tmp" && mv "$3.tmp" "$3"
+. bench/quality_runs.sh
+draw() { # seed 0's allocation under the default damage model, into docs/
+  if [ "$seed" = "${PICTURE_SEED:-0}" ] && [ "$dmg" = kl ]; then
+    $A report "$1" --out "$1/page" --no-updates > /dev/null
+    cp "$1/page/allocation.svg" "docs/allocation-bpw$b-$v.svg"
+  fi
 }
+AFTER_QUANTIZE=draw
 for ds in wikitext2 ptb; do eval_to "$MODEL" "$ds" "$OUT/fp.$ds.json"; done
 for b in $BUDGETS; do
   for v in $VARIANTS; do
     for dmg in $DAMAGES; do
       for seed in $SEEDS; do
-        run="$OUT/bpw$b-$v-$dmg-n$NSAMPLES-s$seed"
-        [ -f "$run.ptb.json" ] && continue
-        if [ ! -d "$run" ]; then
-          $A quantize --model "$MODEL" ${ARGS[$v]} --bpw "$b" --damage "$dmg" --seed "$seed" \
-            --nsamples "$NSAMPLES" --calib-seqlen "$CALIB_SEQLEN" --out "$run" --json > "$run.quantize.json"
-        fi
-        cp "$run/report.json" "$run.report.json"
-        if [ "$seed" = "${PICTURE_SEED:-0}" ] && [ "$dmg" = kl ]; then # the allocation, drawn
-          $A report "$run" --out "$run/page" --no-updates > /dev/null
-          cp "$run/page/allocation.svg" "docs/allocation-bpw$b-$v.svg"
-        fi
-        echo "${ADADIM_COMMIT:-$(git rev-parse --short HEAD)}" > "$run.commit"
-        for ds in wikitext2 ptb; do eval_to "$run" "$ds" "$run.$ds.json"; done
-        rm -rf "$run"
+        # shellcheck disable=SC2086 # ARGS holds several flags
+        quantize_and_eval "$OUT/bpw$b-$v-$dmg-n$NSAMPLES-s$seed" ${ARGS[$v]} --bpw "$b" --damage "$dmg" --seed "$seed"
       done
     done
   done
