@@ -35,9 +35,23 @@ def damage(model, lin, cand):
     }[model]
 
 
+def name_match(f):
+    return re.match(r"bpw([\d.]+)-(.+)-(stream|relative|output|kl)-n(\d+)-s(\d+)\.ptb\.json$", f.name)
+
+
+# Runs made before the table held sensitivities borrow them from a run of the same calibration
+# (the table is the same measurement; only the sensitivities were added to it).
+known = {}
+for f in sorted(out.glob("bpw*.ptb.json")):
+    m = name_match(f)
+    if m:
+        for lin in json.loads((out / f"{f.name[: -len('.ptb.json')]}.report.json").read_text())["linears"]:
+            if "sensitivity" in lin["layout"]:
+                known[(m.group(4), m.group(5), lin["layer"], lin["module"])] = lin["layout"]["sensitivity"]
+
 runs = []
 for f in sorted(out.glob("bpw*.ptb.json")):
-    m = re.match(r"bpw([\d.]+)-(.+)-(stream|relative|output|kl)-n(\d+)-s(\d+)\.ptb\.json$", f.name)
+    m = name_match(f)
     if not m:
         continue
     stem = f.name[: -len(".ptb.json")]
@@ -50,6 +64,7 @@ for f in sorted(out.glob("bpw*.ptb.json")):
     chosen = []
     for lin in lins:
         lay = lin["layout"]
+        lay.setdefault("sensitivity", known.get((m.group(4), m.group(5), lin["layer"], lin["module"]), math.nan))
         c = next(c for c in lin["candidates"] if (c["bits"], c["group"], c["axis"]) == (lay["bits"], lay["group"], lin["axis"]))
         chosen.append((lin, c))
     runs.append({
@@ -107,7 +122,8 @@ lines = [
     "Cells are the mean over the seeds listed ± half the range; WikiText-2 and PTB, first 8 windows of 2048 tokens; "
     f"FP (the Q4_1 GGUF dequantized: its weights lie on a 4-bit grid with an f16 scale and f16 minimum per 32-group, which none of our layouts reproduces): WikiText-2 {fp['wikitext2']:.3f}, PTB {fp['ptb']:.3f}. "
     "`gptq-ada`: GPTQ with the error search on each chosen layout; `-act`: act-order with static groups. "
-    "Time: quantize wall seconds on the shared 2-core machine (rough), the damage table's share in brackets (0 when a cached table was reused).",
+    "Time: quantize wall seconds on the shared 2-core machine (rough); in brackets the damage table's measurement, made once per calibration seed "
+    "(its first 32 samples, so the 32- and 128-sample runs of a seed share it) and reused from the cache by the seed's other runs, whose quantize time then leaves it out.",
     "",
     "| model | damage | calib | seeds | bits/weight | WikiText-2 ppl | PTB ppl | quantize s (table) |",
     "|---|---|---|---|---|---|---|---|",
@@ -121,7 +137,7 @@ for (b, v, d, n), rs in groups.items():
     rows.append((statistics.fmean(r["bpw"] for r in rs), f"| `--bpw {b}` {v} | {d} | {n} x 512 | {','.join(str(r['seed']) for r in rs)} | {statistics.fmean(r['bpw'] for r in rs):.3f} | "
                  f"{stat([r['wikitext2'] for r in rs])} | {stat([r['ptb'] for r in rs])} | {statistics.fmean(r['seconds'] for r in rs):.0f} ({statistics.fmean(r['table_s'] for r in rs):.0f}) |"))
 for (cfg, v), us in uniform.items():
-    rows.append((statistics.fmean(u[0] for u in us), f"| uniform {cfg} {v} (ablation) | – | 128 x 512 | {len(us)} seeds | {statistics.fmean(u[0] for u in us):.3f} | "
+    rows.append((statistics.fmean(u[0] for u in us), f"| uniform {cfg} {v} (ablation) | – | 128 x 512 | {','.join(str(i) for i in range(len(us)))} | {statistics.fmean(u[0] for u in us):.3f} | "
                  f"{stat([u[1] for u in us])} | {stat([u[2] for u in us])} | |"))
 lines += [r[1] for r in sorted(rows)]
 
