@@ -97,7 +97,7 @@ def uniform_bpw(report):
     return 8 * total / weights
 
 
-uniform = defaultdict(list)  # (config, variant) -> [(bpw, wikitext2, ptb)]
+uniform = defaultdict(list)  # (config, variant) -> [(bpw, seed, wikitext2, ptb)]
 for f in sorted(ablation.glob("w*g*-gptq-ada*-s[0-9].ptb.json")):
     m = re.match(r"(w\d+g\d+)-(gptq-ada(?:-act)?-mse)-s(\d+)\.ptb\.json$", f.name)
     stem = f.name[: -len(".ptb.json")]
@@ -106,6 +106,7 @@ for f in sorted(ablation.glob("w*g*-gptq-ada*-s[0-9].ptb.json")):
     report = json.loads((ablation / f"{stem}.report.json").read_text())
     uniform[(m.group(1), m.group(2))].append((
         uniform_bpw(report),
+        int(m.group(3)),
         json.loads((ablation / f"{stem}.wikitext2.json").read_text())["ppl"],
         json.loads(f.read_text())["ppl"],
     ))
@@ -137,8 +138,8 @@ for (b, v, d, n), rs in groups.items():
     rows.append((statistics.fmean(r["bpw"] for r in rs), f"| `--bpw {b}` {v} | {d} | {n} x 512 | {','.join(str(r['seed']) for r in rs)} | {statistics.fmean(r['bpw'] for r in rs):.3f} | "
                  f"{stat([r['wikitext2'] for r in rs])} | {stat([r['ptb'] for r in rs])} | {statistics.fmean(r['seconds'] for r in rs):.0f} ({statistics.fmean(r['table_s'] for r in rs):.0f}) |"))
 for (cfg, v), us in uniform.items():
-    rows.append((statistics.fmean(u[0] for u in us), f"| uniform {cfg} {v} (ablation) | – | 128 x 512 | {','.join(str(i) for i in range(len(us)))} | {statistics.fmean(u[0] for u in us):.3f} | "
-                 f"{stat([u[1] for u in us])} | {stat([u[2] for u in us])} | |"))
+    rows.append((statistics.fmean(u[0] for u in us), f"| uniform {cfg} {v} (ablation) | – | 128 x 512 | {','.join(str(u[1]) for u in sorted(us, key=lambda u: u[1]))} | {statistics.fmean(u[0] for u in us):.3f} | "
+                 f"{stat([u[2] for u in us])} | {stat([u[3] for u in us])} | |"))
 lines += [r[1] for r in sorted(rows)]
 
 # The damage-model study: which prediction orders the measured perplexities.
