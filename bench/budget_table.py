@@ -140,6 +140,13 @@ for (b, v, d, n), rs in groups.items():
 for (cfg, v), us in uniform.items():
     rows.append((statistics.fmean(u[0] for u in us), f"| uniform {cfg} {v} (ablation) | – | 128 x 512 | {','.join(str(u[1]) for u in sorted(us, key=lambda u: u[1]))} | {statistics.fmean(u[0] for u in us):.3f} | "
                  f"{stat([u[2] for u in us])} | {stat([u[3] for u in us])} | |"))
+# llama.cpp's files, as RESULTS.md's quality-per-bit section measured them (same evaluator).
+text = results.read_text()
+qpb = re.search(r"<!-- begin quality-per-bit -->(.*)<!-- end quality-per-bit -->", text, flags=re.S)
+for line in (qpb.group(1).splitlines() if qpb else []):
+    cells = [c.strip() for c in line.strip().strip("|").split("|")]
+    if len(cells) == 5 and cells[1] == "llama.cpp":
+        rows.append((float(cells[2]), f"| llama.cpp {cells[0]} (quality per bit, above) | – | – | – | {float(cells[2]):.3f} | {float(cells[3]):.2f} | | |"))
 lines += [r[1] for r in sorted(rows)]
 
 # The damage-model study: which prediction orders the measured perplexities.
