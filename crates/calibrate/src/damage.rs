@@ -154,6 +154,23 @@ pub struct DamageTable {
     pub linears: Vec<LinearDamage>,
 }
 
+impl DamageTable {
+    /// Whether the table covers every block linear of a model shaped `c` with `per` candidates
+    /// each, every number finite: a table read back from a file is used only then.
+    pub fn covers(&self, c: &adadim_load::LlamaConfig, per: usize) -> bool {
+        let want: Vec<(usize, &str)> =
+            (0..c.num_hidden_layers).flat_map(|l| LinearKind::ALL.iter().map(move |k| (l, k.short()))).collect();
+        self.linears.len() == want.len()
+            && self.linears.iter().zip(&want).all(|(l, (layer, module))| {
+                l.layer == *layer
+                    && l.module == *module
+                    && l.candidates.len() == per
+                    && [l.output_energy, l.stream_energy, l.input_energy, l.sensitivity].iter().all(|v| v.is_finite())
+                    && l.candidates.iter().all(|c| c.error.is_finite() && c.error >= 0.0)
+            })
+    }
+}
+
 /// The chosen layouts, by `(layer, module short name)`, and what the choice predicts.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Plan {

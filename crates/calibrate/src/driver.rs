@@ -740,7 +740,14 @@ fn run(
             }
             let permuted = crate::damage::permuted(cfg);
             crate::damage::check_reachable(&ckpt.config, budget, cfg.spec.zero, permuted)?;
+            let per = budget.specs(cfg.spec.zero).len();
             let table = match work.as_deref().map(WorkDir::damage).transpose()?.flatten() {
+                Some(t) if !t.covers(&ckpt.config, per) => {
+                    return Err(CalibError::Resume {
+                        path: work.as_deref().map_or_else(Default::default, |w| w.path().join("damage.json")),
+                        msg: "its damage table does not cover this model's linears and layouts".into(),
+                    })
+                }
                 Some(t) => t,
                 None => {
                     let t = crate::damage::measure(

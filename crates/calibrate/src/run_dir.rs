@@ -252,7 +252,8 @@ impl RunDir {
                 // A cached table that does not read back is measured again (and replaced).
                 let cached = adadim_load::state_dir::read_small_regular(file, 256 << 20)
                     .and_then(|b| serde_json::from_slice::<crate::damage::DamageTable>(&b).ok());
-                if let Some(t) = cached {
+                let per = job.config.budget.as_ref().map_or(0, |b| b.specs(job.config.spec.zero).len());
+                if let Some(t) = cached.filter(|t| t.covers(&job.checkpoint.config, per)) {
                     self.work.save_damage(&t)?;
                 }
             }

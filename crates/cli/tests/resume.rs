@@ -348,3 +348,23 @@ fn a_bpw_run_killed_continues_with_its_saved_table_to_the_same_bytes() {
         let _ = std::fs::remove_dir_all(f.partial("bad"));
     }
 }
+
+#[test]
+fn a_cached_table_that_does_not_cover_the_model_is_measured_again() {
+    let mut f = fixture(2, 48, 80);
+    f.bpw = Some("3.3");
+    let home = f.root.join("home");
+    let quantize = |out: &str| run(adadim().env("ADADIM_HOME", &home).args(f.args(out, &[])));
+    let (code, se) = quantize("a");
+    assert_eq!(code, 0, "{se}");
+    let tables: Vec<PathBuf> =
+        std::fs::read_dir(home.join("damage-tables")).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(tables.len(), 1, "{tables:?}");
+    // Valid JSON, one linear short: it must not be used (that linear would get no layout).
+    let mut t: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&tables[0]).unwrap()).unwrap();
+    t["linears"].as_array_mut().unwrap().pop();
+    std::fs::write(&tables[0], t.to_string()).unwrap();
+    let (code, se) = quantize("b");
+    assert_eq!(code, 0, "{se}");
+    assert_eq!(f.sha("b"), f.sha("a"));
+}
