@@ -199,6 +199,10 @@ if runs:
                 bits[mod].append(nb)
                 ic.append(axis == "ic")
         lines.append(f"| `--bpw {b}` {v} n{n} | " + " | ".join(f"{statistics.fmean(bits[m]):.2f}" for m in MODULES) + f" | {sum(ic) / len(ic):.2f} |")
+pictures = sorted(pathlib.Path("docs").glob("allocation-bpw*.svg"))
+if pictures:
+    lines += ["", "Allocations drawn (seed 0, `adadim report`: bits per layer and module, dot size the group, color the dimension): "
+              + ", ".join(f"[{p.stem.removeprefix('allocation-')}]({p})" for p in pictures) + "."]
 lines.append("<!-- end budget -->")
 
 text = results.read_text()
