@@ -20,7 +20,15 @@ pub fn compare(a: CompareArgs) -> Result<()> {
     let dataset = resolve_dataset(&dataset_spec)?;
     let q = &a.settings;
     let dir = model_dir(&a.model.model)?;
-    let tag = format!("w{}g{}-n{}x{}-s{}", q.bits(), q.group(), q.nsamples, q.calib_seqlen, q.seed);
+    // Runs are reused by their directory: its name holds a digest of every setting, so a run
+    // made with other settings (or other defaults) is never taken for this one.
+    let settings = serde_json::to_string(&crate::cmd::quantize::quantize_config(MethodArg::Gptq, DimArg::Ada, q)?)?;
+    let digest = adadim_load::fetch::sha256_hex(format!("{settings} {}", q.calib).as_bytes());
+    let grid = match q.bpw {
+        Some(b) => format!("bpw{b}"),
+        None => format!("w{}g{}", q.bits(), q.group()),
+    };
+    let tag = format!("{grid}-n{}x{}-s{}-{}", q.nsamples, q.calib_seqlen, q.seed, &digest[..8]);
     let work = a.work.clone().unwrap_or_else(|| {
         adadim_home().join("runs").join(format!("{}-{tag}", dir.file_name().unwrap_or_default().to_string_lossy()))
     });
@@ -39,21 +47,27 @@ pub fn compare(a: CompareArgs) -> Result<()> {
     for (label, method, dim, name) in runs {
         let out = work.join(name);
         if !out.join(adadim_calibrate::Report::FILE).exists() {
-            eprintln!("quantizing: {label} w{}g{} into {}", q.bits(), q.group(), out.display());
+            eprintln!("quantizing: {label} {grid} into {}", out.display());
             run_quantize(&dir, method, dim, q, adadim_calibrate::Format::Packed, &out)?;
         }
         let s = adadim_calibrate::Report::read(&out)?.summary;
+        let want = serde_json::to_value(crate::cmd::quantize::quantize_config(method, dim, q)?)?;
+        let c = &s.calibration;
+        if serde_json::to_value(&s.settings)? != want
+            || (c.nsamples, c.seqlen, c.seed) != (q.nsamples, q.calib_seqlen, q.seed)
+        {
+            anyhow::bail!(
+                "{}: holds a {label} run made with other settings or calibration; remove it or pass another --work",
+                out.display()
+            );
+        }
         let note = format!("{}/{} linears per-IC, quantized in {:.0} s", s.per_ic, s.linears, s.seconds);
         rows.push((label.to_string(), run_ppl(&out, &dataset, 2048, limit)?.ppl, note));
     }
     let model_note = if a.model.model == "smollm2" { " (FP = the Q4_1 GGUF dequantized to f32)" } else { "" };
     println!(
-        "{}{model_note}, w{}g{}, {} perplexity over {} windows x 2048 tokens:",
-        a.model.model,
-        q.bits(),
-        q.group(),
-        dataset.label,
-        a.windows
+        "{}{model_note}, {grid}, {} perplexity over {} windows x 2048 tokens:",
+        a.model.model, dataset.label, a.windows
     );
     for (label, ppl, note) in rows {
         println!("  {label:<20} {ppl:>10.3}   {note}");
