@@ -83,6 +83,14 @@ pub fn run_quantize_resumable(
     let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
     crate::limits::check_calibration(&ckpt.config, q.nsamples, q.calib_seqlen, parent)?;
+    if cfg.budget.is_some() {
+        // The damage table's sensitivity pass runs the whole float model in memory.
+        let c = &ckpt.config;
+        let weights: usize = c.expected_tensors().iter().map(|(_, shape)| shape.iter().product::<usize>()).sum();
+        let t = adadim_calibrate::damage::SENSITIVITY_TOKENS;
+        let need = weights as f64 * 4.0 + crate::limits::forward_bytes(c, t);
+        crate::limits::check_memory("--bpw", need, "the damage table's sensitivity pass (the float model in memory)")?;
+    }
     let (calib_file, samples) = calibration_samples(dir, &q.calib, q.nsamples, q.calib_seqlen, q.seed)?;
     let tool = format!("adadim {}", env!("CARGO_PKG_VERSION"));
     let calibration = CalibrationInfo {
