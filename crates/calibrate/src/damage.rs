@@ -14,7 +14,7 @@ use adadim_quantize::{output_error_from_hessian, rtn_fitted, Axis, Fitter, Hessi
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
-use crate::driver::{axis_name, embed_samples, CandidateReport, Chosen, LinearReport};
+use crate::driver::{axis_name, embed_samples, tensor_err, to_vec, CandidateReport, Chosen, LinearReport};
 use crate::error::{CalibError, Result};
 
 /// Calibration samples (the first ones) the damage table is measured on.
@@ -224,14 +224,6 @@ pub fn annotate(
             .collect();
     }
     Ok(())
-}
-
-fn tensor_err(context: String, source: candle_core::Error) -> CalibError {
-    adadim_model::ModelError::Tensor { context, source }.into()
-}
-
-fn to_vec(t: &Tensor) -> Result<Vec<f32>> {
-    t.flatten_all().and_then(|t| t.to_vec1::<f32>()).map_err(|e| tensor_err("tensor to host".into(), e))
 }
 
 /// Mean over tokens of `|x_t|^2`, over every sample.

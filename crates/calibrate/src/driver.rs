@@ -419,7 +419,7 @@ impl QuantizeConfig {
     }
 }
 
-fn to_vec(t: &Tensor) -> Result<Vec<f32>> {
+pub(crate) fn to_vec(t: &Tensor) -> Result<Vec<f32>> {
     Ok(t.flatten_all()
         .and_then(|t| t.to_vec1::<f32>())
         .map_err(|e| adadim_model::ModelError::Tensor { context: "tensor to host".into(), source: e })?)
@@ -582,7 +582,7 @@ pub fn embed_samples(embed: &Tensor, samples: &[Vec<u32>]) -> adadim_model::Resu
         .collect()
 }
 
-fn tensor_err(context: String, source: candle_core::Error) -> CalibError {
+pub(crate) fn tensor_err(context: String, source: candle_core::Error) -> CalibError {
     adadim_model::ModelError::Tensor { context, source }.into()
 }
 

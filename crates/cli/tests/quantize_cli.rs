@@ -465,3 +465,52 @@ fn quantizer_settings_are_settings_of_the_run() {
     assert!(se.contains("--ada-error block") && se.contains("--dim ada"), "{se}");
     assert!(!out.exists());
 }
+
+/// `adadim compare` reuses a finished run only when it was made with the same settings and
+/// calibration: other settings over an explicit --work are an error naming the run.
+#[test]
+fn runs_are_reused_only_with_their_own_settings() {
+    let d = tempfile::tempdir().unwrap();
+    let m = d.path().join("m");
+    let (code, _, se) = adadim(&["synth", "--shape", "tiny", "--dtype", "f32", "--out", m.to_str().unwrap()]);
+    assert_eq!(code, 0, "{se}");
+    let text = d.path().join("calib.txt");
+    std::fs::write(&text, "Now is the winter of our discontent made glorious summer by this sun of York. ".repeat(60))
+        .unwrap();
+    let work = d.path().join("work");
+    let s = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    let (m, text, work) = (s(&m), s(&text), s(&work));
+    let base = [
+        "compare",
+        "--model",
+        &m,
+        "--bits",
+        "3",
+        "--group",
+        "16",
+        "--calib",
+        &text,
+        "--nsamples",
+        "4",
+        "--calib-seqlen",
+        "32",
+        "--dataset",
+        &text,
+        "--windows",
+        "1",
+        "--work",
+        &work,
+    ];
+    let (code, first, se) = adadim(&base);
+    assert_eq!(code, 0, "{se}");
+    assert!(se.contains("quantizing: GPTQ-ada"), "{se}");
+    // The same command again reuses the runs and prints the same numbers.
+    let (code, again, se) = adadim(&base);
+    assert_eq!(code, 0, "{se}");
+    assert!(!se.contains("quantizing"), "{se}");
+    assert_eq!(first, again);
+    // Another setting over the same --work: an error naming the run, not its old numbers.
+    let (code, _, se) = adadim(&[&base[..], &["--act-order", "false"]].concat());
+    assert_eq!(code, 1, "{se}");
+    assert!(se.contains("made with other settings") && se.contains(&work), "{se}");
+}
