@@ -16,6 +16,9 @@ NSAMPLES="${NSAMPLES:-128}"; CALIB_SEQLEN="${CALIB_SEQLEN:-512}"; WINDOWS="${WIN
 OUT="${OUT:-results/ablation}"
 declare -A ARGS=(
   [rtn-oc]="--method rtn --dim oc --scale-search minmax"
+  [rtn-oc-mse]="--method rtn --dim oc --scale-search mse"
+  [rtn-oc-float]="--method rtn --dim oc --scale-search minmax --zero float"
+  [rtn-oc-mse-float]="--method rtn --dim oc --scale-search mse --zero float"
   [gptq-oc]="--method gptq --dim oc --scale-search minmax --act-order false --static-groups false"
   [gptq-oc-mse]="--method gptq --dim oc --scale-search mse --act-order false --static-groups false"
   [gptq-oc-mse-awq]="--method gptq --dim oc --scale-search mse --awq --act-order false --static-groups false"
@@ -25,6 +28,7 @@ declare -A ARGS=(
   [gptq-ada-mse]="--method gptq --dim ada --scale-search mse --act-order false --static-groups false"
   [gptq-ada-act]="--method gptq --dim ada --act-order --static-groups --scale-search minmax"
   [gptq-ada-act-mse]="--method gptq --dim ada --act-order --static-groups --scale-search mse"
+  [gptq-ada-act-mse-float]="--method gptq --dim ada --act-order --static-groups --scale-search mse --zero float"
   [rtn-ada-awq]="--method rtn --dim ada --awq --scale-search minmax"
   [gptq-ada-awq]="--method gptq --dim ada --awq --scale-search minmax --act-order false --static-groups false"
   [gptq-ada-mse-awq]="--method gptq --dim ada --scale-search mse --awq --act-order false --static-groups false"

@@ -28,7 +28,16 @@ for f in sorted(out.glob("*-s[0-9]*.ptb.json")):
     modules = defaultdict(list)
     for lin in report["linears"]:
         modules[lin["module"].split(".")[-1].removesuffix("_proj")].append(lin["axis"] == "ic")
+    spec = summary["settings"]["spec"]
+    bits, zero = spec["bits"], spec["zero"]
+    stored = 0  # bits as the packed file declares them: codes, f16 scales, zeros or f16 minima
+    for lin in report["linears"]:
+        rows, cols, g = lin["rows"], lin["cols"], spec["group"]
+        along = cols if lin["axis"] == "oc" else rows
+        groups = (rows * cols // along) * -(-along // (g or along))
+        stored += bits * rows * cols + groups * (16 + (16 if zero == "Float" else bits))
     runs[(cfg, variant)][seed] = {
+        "bpw": stored / sum(lin["rows"] * lin["cols"] for lin in report["linears"]),
         "modules": {m: sum(v) / len(v) for m, v in modules.items()},
         "wikitext2": json.loads(wt.read_text())["ppl"],
         "ptb": json.loads(f.read_text())["ppl"],
@@ -56,16 +65,19 @@ lines = [
     f"FP (the Q4_1 GGUF dequantized, whose weights already lie on a 4-bit grid with a float minimum per 32-group): WikiText-2 {fp['wikitext2']:.3f}, PTB {fp['ptb']:.3f}. "
     "`-mse`: `--scale-search mse` (groups fitted to minimise the Hessian-weighted rounding error); the others span each group's min and max. "
     "`oc`: every linear per-OC; `ada`: AdaDim's choice per linear. `-block`: `--ada-error block` (q/k/v judged on the attention output, gate/up on the MLP output). "
+    "`-float`: `--zero float` (a float f16 minimum per group, `w = d q + m`, llama.cpp's Q4_1 / k-quant form, 16 bits per group in place of the packed zero point; "
+    "with groups of 32 along rows this layout holds the FP's own grid, so RTN w4g32 with it returns the FP). "
+    "bpw: bits per weight of the block linears as the packed file stores them (static act-order groups store no permutation). "
     "`-awq`: `--awq` (input channels scaled by a searched power of their RMS, folded into the RMSNorm, or into v_proj / up_proj rows as powers of two when those are per-OC). "
     "Time: quantize wall seconds on the shared 2-core machine (read as rough), mean over seeds.",
     "",
-    "| config | variant | seeds | WikiText-2 ppl | PTB ppl | per-IC share | quantize s |",
-    "|---|---|---|---|---|---|---|",
+    "| config | variant | bpw | seeds | WikiText-2 ppl | PTB ppl | per-IC share | quantize s |",
+    "|---|---|---|---|---|---|---|---|",
 ]
 for (cfg, variant), seeds in sorted(runs.items(), key=lambda kv: (kv[0][0], kv[0][1])):
     v = list(seeds.values())
     lines.append(
-        f"| {cfg} | {variant} | {','.join(map(str, sorted(seeds)))} | {stat([r['wikitext2'] for r in v])} | {stat([r['ptb'] for r in v])} "
+        f"| {cfg} | {variant} | {statistics.fmean(r['bpw'] for r in v):.3f} | {','.join(map(str, sorted(seeds)))} | {stat([r['wikitext2'] for r in v])} | {stat([r['ptb'] for r in v])} "
         f"| {statistics.fmean(r['per_ic'] for r in v):.2f} | {statistics.fmean(r['seconds'] for r in v):.0f} |"
     )
 MODULES = ["q", "k", "v", "o", "gate", "up", "down"]

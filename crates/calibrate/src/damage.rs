@@ -485,7 +485,7 @@ pub fn write_cache(file: &std::path::Path, table: &DamageTable) -> std::io::Resu
 fn layout_bytes(rows: usize, cols: usize, spec: &QuantSpec, permuted: bool) -> (usize, u64) {
     let (gr, gc) = spec.group_shape(rows, cols);
     let group = if spec.axis == Axis::Oc { gc } else { gr };
-    let layout = Layout { bits: spec.bits, group, axis: spec.axis };
+    let layout = Layout { bits: spec.bits, group, axis: spec.axis, min: spec.zero == Zero::Float };
     (group, layout.bytes(rows, cols, permuted && spec.axis == Axis::Oc) as u64)
 }
 

@@ -246,6 +246,9 @@ pub enum ZeroArg {
     Gptq,
     /// Symmetric around the grid's middle.
     Sym,
+    /// A float (f16) minimum per group, `w = d q + m`, as llama.cpp's Q4_1 and k-quants: 16
+    /// bits per group instead of `bits`.
+    Float,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]

@@ -7,11 +7,13 @@
 //! | `{linear}.qcodes` | U8 | `[rows, row_bytes(cols)]`, codes packed per row ([`crate::bits::pack_codes`]) |
 //! | `{linear}.scales` | F16 | the param grid, per-OC `[rows, ceil(cols/g)]`, per-IC `[ceil(rows/g), cols]` |
 //! | `{linear}.qzeros` | U8 | `[param rows, row_bytes(param cols)]`, zero points packed like codes |
+//! | `{linear}.mins` | F16 | the param grid: float minima (`min: true`), in place of `qzeros` |
 //! | `{linear}.perm` | I32 | `[cols]`, only for per-OC act-order (stored column -> input column) |
 //! | anything else | F32, F16 or BF16 | as in the source model (its dtype kept) |
 //!
 //! `__metadata__`: `adadim.format = "packed"`, `adadim.format_version = "2"`,
-//! `adadim.linears` (JSON: per linear `rows, cols, bits, group, axis, permuted`) and
+//! `adadim.linears` (JSON: per linear `rows, cols, bits, group, axis, permuted`, and `min`
+//! where true; a file with minima is `format_version = "3"`, so older readers refuse it) and
 //! `adadim.quantization` (JSON chosen by the writer: method, calibration, source checksum,
 //! tool version). A reader trusts none of it: every tensor is checked against the declared
 //! layout before a byte of it is used, so a lying header is an error, never an out-of-bounds read.
@@ -21,7 +23,7 @@ use std::path::{Path, PathBuf};
 
 use adadim_load::checkpoint::bytes_to_f32;
 use adadim_load::safetensors_out::{DenseDtype, StreamWriter};
-use adadim_quantize::Axis;
+use adadim_quantize::{Axis, GroupParams};
 use half::f16;
 use safetensors::{Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
@@ -31,8 +33,11 @@ use crate::format::{Layout, PackedLinear};
 
 /// The format version this build writes. Version 1 differs only in 3-bit codes, which it
 /// stored as one bit stream per row; this build reads it and lays such codes out as version 2
-/// does ([`crate::bits::pack_codes`]) while loading.
+/// does ([`crate::bits::pack_codes`]) while loading. A file with float minima is written as
+/// [`FORMAT_VERSION_MIN`].
 pub const FORMAT_VERSION: u32 = 2;
+/// Version 2 plus linears with float minima (`{linear}.mins`).
+pub const FORMAT_VERSION_MIN: u32 = 3;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PackError {
@@ -61,6 +66,9 @@ pub struct LinearMeta {
     pub group: usize,
     pub axis: String,
     pub permuted: bool,
+    /// Float minima (`{linear}.mins`) in place of packed zero points.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub min: bool,
 }
 
 impl LinearMeta {
@@ -73,6 +81,7 @@ impl LinearMeta {
             group: l.group,
             axis: axis_name(l.axis).into(),
             permuted: p.perm.is_some(),
+            min: l.min,
         }
     }
 }
@@ -105,6 +114,23 @@ impl PackedWriter {
         self.out.write(&format!("{name}.qcodes"), "U8", &[p.rows(), rb], &p.codes[..p.rows() * rb])?;
         let scales: Vec<u8> = p.scales.iter().flat_map(|&s| f16::from_f32(s).to_le_bytes()).collect();
         self.out.write(&format!("{name}.scales"), "F16", &[pr, pc], &scales)?;
+        if p.layout().min {
+            // The minima the quantizer chose: each must give back exactly the zero it holds.
+            let mut mins = Vec::with_capacity(2 * p.zeros.len());
+            for (i, (&scale, &zero)) in p.scales.iter().zip(&p.zeros).enumerate() {
+                let min = GroupParams { scale, zero }.min();
+                if GroupParams::from_min(scale, min).zero.to_bits() != zero.to_bits() {
+                    return Err(PackError::Tensor {
+                        path: PathBuf::new(),
+                        tensor: format!("{name}.mins"),
+                        msg: format!("zero {zero} at {i} is not an f16 minimum over its scale {scale}"),
+                    });
+                }
+                mins.extend_from_slice(&f16::from_f32(min).to_le_bytes());
+            }
+            self.out.write(&format!("{name}.mins"), "F16", &[pr, pc], &mins)?;
+            return self.rest(name, p);
+        }
         let maxq = f32::from(((1u16 << p.layout().bits) - 1) as u8);
         if let Some(i) = p.zeros.iter().position(|&z| !(z.fract() == 0.0 && (0.0..=maxq).contains(&z))) {
             return Err(PackError::Tensor {
@@ -117,6 +143,11 @@ impl PackedWriter {
         let zb = bits::row_bytes(pc, p.layout().bits);
         let packed = bits::pack(&zeros, pr, pc, p.layout().bits);
         self.out.write(&format!("{name}.qzeros"), "U8", &[pr, zb], &packed[..pr * zb])?;
+        self.rest(name, p)
+    }
+
+    /// The permutation and the metadata of a linear whose codes and params are written.
+    fn rest(&mut self, name: &str, p: &PackedLinear) -> Result<()> {
         if let Some(perm) = &p.perm {
             let b: Vec<u8> = perm.iter().flat_map(|&c| (c as i32).to_le_bytes()).collect();
             self.out.write(&format!("{name}.perm"), "I32", &[perm.len()], &b)?;
@@ -142,7 +173,10 @@ impl PackedWriter {
         let mut meta = vec![
             ("format".to_string(), "pt".to_string()),
             ("adadim.format".to_string(), "packed".to_string()),
-            ("adadim.format_version".to_string(), FORMAT_VERSION.to_string()),
+            (
+                "adadim.format_version".to_string(),
+                if self.linears.values().any(|m| m.min) { FORMAT_VERSION_MIN } else { FORMAT_VERSION }.to_string(),
+            ),
             ("adadim.linears".to_string(), serde_json::to_string(&self.linears).expect("maps serialize")),
             ("adadim.quantization".to_string(), quantization.to_string()),
         ];
@@ -219,9 +253,10 @@ impl PackedFile {
         let version = match version.as_str() {
             "1" => 1,
             "2" => 2,
+            "3" => 3,
             _ => {
                 return Err(file_err(format!(
-                "packed format version '{version}' is not supported (this build reads versions 1 and {FORMAT_VERSION})"
+                "packed format version '{version}' is not supported (this build reads versions 1 to {FORMAT_VERSION_MIN})"
             )))
             }
         };
@@ -319,20 +354,37 @@ impl PackedFile {
         if m.permuted && axis == Axis::Ic {
             return Err(bad("a column permutation only goes with per-OC groups".into()));
         }
-        let layout = Layout { bits: m.bits, group: m.group, axis };
+        if m.min && self.version < FORMAT_VERSION_MIN {
+            return Err(bad(format!("float minima in a version {} file", self.version)));
+        }
+        let layout = Layout { bits: m.bits, group: m.group, axis, min: m.min };
         let (pr, pc) = layout.param_shape(m.rows, m.cols);
         let rb = bits::row_bytes(m.cols, m.bits);
         let codes = self.tensor(&format!("{name}.qcodes"), Dtype::U8, &[m.rows, rb])?;
         let scales = self.tensor(&format!("{name}.scales"), Dtype::F16, &[pr, pc])?;
-        let zb = bits::row_bytes(pc, m.bits);
-        let zeros = self.tensor(&format!("{name}.qzeros"), Dtype::U8, &[pr, zb])?;
-        let scales: Vec<f32> = scales.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect();
+        let f16s =
+            |b: &[u8]| -> Vec<f32> { b.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect() };
+        let scales = f16s(scales);
         if let Some(i) = scales.iter().position(|s| !s.is_finite()) {
             return Err(self.err(&format!("{name}.scales"), format!("non-finite scale {} at index {i}", scales[i])));
         }
-        let mut zpad = zeros.to_vec();
-        zpad.extend_from_slice(&[0; bits::PAD]);
-        let zeros: Vec<f32> = bits::unpack(&zpad, pr, pc, m.bits).into_iter().map(f32::from).collect();
+        let zeros: Vec<f32> = if m.min {
+            let mins = f16s(self.tensor(&format!("{name}.mins"), Dtype::F16, &[pr, pc])?);
+            if let Some(i) = mins.iter().position(|m| !m.is_finite()) {
+                return Err(self.err(&format!("{name}.mins"), format!("non-finite minimum {} at index {i}", mins[i])));
+            }
+            if let Some(i) = scales.iter().position(|&s| s <= 0.0) {
+                return Err(
+                    self.err(&format!("{name}.scales"), format!("scale {} at index {i} is not positive", scales[i]))
+                );
+            }
+            scales.iter().zip(&mins).map(|(&s, &m)| GroupParams::from_min(s, m).zero).collect()
+        } else {
+            let zb = bits::row_bytes(pc, m.bits);
+            let mut zpad = self.tensor(&format!("{name}.qzeros"), Dtype::U8, &[pr, zb])?.to_vec();
+            zpad.extend_from_slice(&[0; bits::PAD]);
+            bits::unpack(&zpad, pr, pc, m.bits).into_iter().map(f32::from).collect()
+        };
         let perm = if m.permuted {
             let t = self.tensor(&format!("{name}.perm"), Dtype::I32, &[m.cols])?;
             let perm: Vec<i32> =
@@ -352,7 +404,7 @@ impl PackedFile {
         };
         let mut packed = codes.to_vec();
         packed.extend_from_slice(&[0; bits::PAD]);
-        for part in ["qcodes", "scales", "qzeros", "perm"] {
+        for part in ["qcodes", "scales", "qzeros", "mins", "perm"] {
             self.release(&format!("{name}.{part}"));
         }
         if self.version == 1 && m.bits == 3 {

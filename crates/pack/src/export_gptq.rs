@@ -52,6 +52,12 @@ pub fn write_gptq_linear(out: &mut StreamWriter, name: &str, q: &QuantizedMatrix
             "is quantized per-IC, which the GPTQ format cannot express (use the packed format, or --dim oc)".into(),
         ));
     }
+    if spec.zero == adadim_quantize::Zero::Float {
+        return Err(refuse(
+            name,
+            "has float minima, which the GPTQ format cannot express (use the packed format)".into(),
+        ));
+    }
     let b = spec.bits;
     let (_, pc) = q.param_shape();
     let g = spec.group_shape(rows, cols).1;

@@ -7,9 +7,11 @@
 //! | codes | `b`-bit, packed ([`crate::bits::pack_codes`]: a bit stream per row, 3-bit rows in planar chunks of 64) | `[rows, cols]` | `b` per weight |
 //! | scales | f16 | per-OC `[rows, ceil(cols/g)]`, per-IC `[ceil(rows/g), cols]` | 16 per group |
 //! | zeros | `b`-bit, packed like codes | as scales | `b` per group |
+//! | or minima | f16 (`w = d q + m`, [`adadim_quantize::Zero::Float`]) | as scales | 16 per group |
 //! | perm | u32 | `[cols]`, per-OC act-order only | 32 per input column |
 //!
-//! so `bits/weight = b + (16 + b) / g` (w4g128: 4.156, w3g128: 3.148, w2g64: 2.281), plus
+//! so `bits/weight = b + (16 + b) / g` (w4g128: 4.156, w3g128: 3.148, w2g64: 2.281), or
+//! `b + 32 / g` with float minima (w4g32: 5.0, llama.cpp's Q4_1), plus
 //! `32 / rows` when per-OC act-order groups need the column permutation.
 //!
 //! Per-OC act-order GPTQ (dynamic groups) makes each group a scattered set of columns
@@ -17,7 +19,7 @@
 //! contiguous again and kernels never look `g_idx` up; the matvec gathers `x` once by `perm`
 //! (the "act-order + groups is slow at inference" complaint of GPTQ users does not apply).
 
-use adadim_quantize::{Axis, QuantizedMatrix};
+use adadim_quantize::{Axis, QuantizedMatrix, Zero};
 
 use crate::bits;
 
@@ -29,6 +31,8 @@ pub struct Layout {
     /// Weights per group along `axis` (a whole channel when the quantizer had no group size).
     pub group: usize,
     pub axis: Axis,
+    /// Float (f16) minima per group instead of packed whole zero points.
+    pub min: bool,
 }
 
 impl Layout {
@@ -40,16 +44,17 @@ impl Layout {
         }
     }
 
-    /// Bytes on disk: codes + f16 scales + packed zeros (+ the u32 permutation).
+    /// Bytes on disk: codes + f16 scales + packed zeros or f16 minima (+ the u32 permutation).
     pub fn bytes(&self, rows: usize, cols: usize, permuted: bool) -> usize {
         let (pr, pc) = self.param_shape(rows, cols);
         rows * bits::row_bytes(cols, self.bits)
             + 2 * pr * pc
-            + pr * bits::row_bytes(pc, self.bits)
+            + if self.min { 2 * pr * pc } else { pr * bits::row_bytes(pc, self.bits) }
             + if permuted { 4 * cols } else { 0 }
     }
 
-    /// Bits per weight of the declaration above: `b + (16 + b) / g` for whole groups.
+    /// Bits per weight of the declaration above: `b + (16 + b) / g` for whole groups (`b + 32 / g`
+    /// with minima).
     pub fn bits_per_weight(&self, rows: usize, cols: usize, permuted: bool) -> f64 {
         8.0 * self.bytes(rows, cols, permuted) as f64 / (rows * cols) as f64
     }
@@ -65,7 +70,7 @@ pub struct PackedLinear {
     pub(crate) codes: Vec<u8>,
     /// Row-major on [`Layout::param_shape`]; f16-exact when read from a file.
     pub(crate) scales: Vec<f32>,
-    /// Whole numbers in `0..2^bits`.
+    /// Whole numbers in `0..2^bits`, or with minima `-m / d` ([`adadim_quantize::GroupParams::from_min`]).
     pub(crate) zeros: Vec<f32>,
     /// Stored column `p` is input column `perm[p]` (per-OC act-order only).
     pub(crate) perm: Option<Vec<u32>>,
@@ -73,11 +78,17 @@ pub struct PackedLinear {
 
 impl PackedLinear {
     /// Packs a quantized matrix. Zero points are whole numbers below `2^bits` for every
-    /// quantizer style, which is what lets them be packed like codes.
+    /// quantizer style but [`Zero::Float`], which is what lets them be packed like codes; a float
+    /// minimum is stored as itself.
     pub fn from_quantized(q: &QuantizedMatrix) -> Self {
         let (rows, cols, spec) = (q.rows(), q.cols(), *q.spec());
         let (gr, gc) = spec.group_shape(rows, cols);
-        let layout = Layout { bits: spec.bits, group: if spec.axis == Axis::Oc { gc } else { gr }, axis: spec.axis };
+        let layout = Layout {
+            bits: spec.bits,
+            group: if spec.axis == Axis::Oc { gc } else { gr },
+            axis: spec.axis,
+            min: spec.zero == Zero::Float,
+        };
         // Act-order: stored column p holds the p-th column in group order (stable, so the
         // columns of a group keep their processing order), params re-indexed to match.
         let perm = q.g_idx().map(|g| {

@@ -229,7 +229,7 @@ fn lies_and_damage_are_errors_naming_the_tensor() {
     let p = fresh("version");
     edit_header(&p, |h| h["__metadata__"]["adadim.format_version"] = "7".into());
     let e = PackedFile::open(&p).err().unwrap().to_string();
-    assert!(e.contains("version '7'") && e.contains("reads versions 1 and 2"), "{e}");
+    assert!(e.contains("version '7'") && e.contains("reads versions 1 to 3"), "{e}");
     let p = fresh("foreign");
     edit_header(&p, |h| {
         h["__metadata__"].as_object_mut().unwrap().remove("adadim.format");
@@ -264,4 +264,61 @@ fn lies_and_damage_are_errors_naming_the_tensor() {
         let e = PackedFile::open(&p).err().unwrap().to_string();
         assert!(e.contains(&format!("{name}.safetensors")), "{e}");
     }
+}
+
+/// Linears with float minima (`Zero::Float`): per-OC GPTQ and per-IC RTN.
+fn float_min_linears() -> Vec<(String, PackedLinear)> {
+    let mut rng = Rng::new(11);
+    let (rows, cols) = (48, 96);
+    let w = rng.normals(rows * cols, 0.1);
+    let mut h = Hessian::new(cols);
+    h.add_batch(&rng.normals(128 * cols, 1.0)).unwrap();
+    let oc = QuantSpec { bits: 3, group: Some(32), axis: Axis::Oc, zero: Zero::Float };
+    let g = gptq(&w, rows, cols, &h, &oc, &GptqOptions::default()).unwrap().quantized;
+    let ic = QuantSpec { bits: 4, group: Some(16), axis: Axis::Ic, zero: Zero::Float };
+    let r = rtn(&w, rows, cols, &ic).unwrap();
+    // Their zeros are fractional: packed zero points could not hold them.
+    assert!(g.zeros().iter().chain(r.zeros()).any(|z| z.fract() != 0.0));
+    vec![
+        ("model.layers.0.self_attn.q_proj".into(), PackedLinear::from_quantized(&g)),
+        ("model.layers.0.mlp.down_proj".into(), PackedLinear::from_quantized(&r)),
+    ]
+}
+
+#[test]
+fn float_minima_round_trip_in_a_version_3_file() {
+    let d = tempfile::tempdir().unwrap();
+    let path = d.path().join("m.safetensors");
+    let items = float_min_linears();
+    write(&path, &items);
+    let header = header_of(&path);
+    assert_eq!(header["__metadata__"]["adadim.format_version"], "3");
+    for (name, p) in &items {
+        assert_eq!(header[format!("{name}.mins")]["dtype"], "F16");
+        assert!(header.get(format!("{name}.qzeros")).is_none());
+        let back = PackedFile::open(&path).unwrap().linear(name).unwrap();
+        assert_eq!(&back, p, "{name}");
+        assert!(back.layout().min);
+    }
+    // A file of only whole zero points stays version 2 (older readers keep reading it).
+    let plain = d.path().join("plain.safetensors");
+    write(&plain, &linears());
+    assert_eq!(header_of(&plain)["__metadata__"]["adadim.format_version"], "2");
+
+    // Minima declared in a version 2 file, and a missing minima tensor: errors naming them.
+    let v2 = d.path().join("v2.safetensors");
+    write(&v2, &items);
+    edit_header(&v2, |h| h["__metadata__"]["adadim.format_version"] = "2".into());
+    let e = PackedFile::open(&v2).unwrap().linear(&items[0].0).unwrap_err().to_string();
+    assert!(e.contains("float minima in a version 2 file"), "{e}");
+    let gone = d.path().join("gone.safetensors");
+    write(&gone, &items);
+    let mins = format!("{}.mins", items[1].0);
+    edit_header(&gone, |h| {
+        let t = h[&mins].take();
+        h.as_object_mut().unwrap().remove(&mins);
+        h[format!("{}.other", items[1].0)] = t;
+    });
+    let e = PackedFile::open(&gone).unwrap().linear(&items[1].0).unwrap_err().to_string();
+    assert!(e.contains(&mins), "{e}");
 }

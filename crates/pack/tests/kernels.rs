@@ -190,8 +190,10 @@ fn act_order_gptq_is_stored_permuted_and_still_exact() {
 
 #[test]
 fn bits_per_weight_follow_the_declaration() {
-    let l = |bits, group, axis| Layout { bits, group, axis };
-    // b + (16 + b) / g on whole groups.
+    let l = |bits, group, axis| Layout { bits, group, axis, min: false };
+    // b + (16 + b) / g on whole groups; b + 32 / g with float minima (Q4_1: 5.0).
+    let q4_1 = Layout { bits: 4, group: 32, axis: Axis::Oc, min: true };
+    assert!((q4_1.bits_per_weight(576, 1536, false) - 5.0).abs() < 1e-12);
     assert!((l(4, 128, Axis::Oc).bits_per_weight(1536, 512, false) - (4.0 + 20.0 / 128.0)).abs() < 1e-12);
     assert!((l(3, 128, Axis::Ic).bits_per_weight(512, 1536, false) - (3.0 + 19.0 / 128.0)).abs() < 1e-12);
     assert!((l(2, 64, Axis::Oc).bits_per_weight(256, 4096, true) - (2.0 + 18.0 / 64.0 + 32.0 / 256.0)).abs() < 1e-12);

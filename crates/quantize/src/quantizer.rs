@@ -32,6 +32,10 @@ pub enum Zero {
     /// an all-positive group also gets a symmetric range (`quant.py` keeps `min = 0` there
     /// while still centring the zero, which clips the top half of the group).
     Sym,
+    /// A float minimum per group, llama.cpp's Q4_1 / k-quant form `w = d q + m`: `d` and `m`
+    /// are f16 (rounded to nearest), `d = (max - min) / maxq`, `m = min`. Stored as the minimum
+    /// (16 bits per group instead of `b`); held here as the fractional zero `-m / d`.
+    Float,
 }
 
 /// What grid to quantize a matrix onto.
@@ -55,6 +59,21 @@ pub struct GroupParams {
     pub scale: f32,
     /// Code that dequantizes to 0 (a whole number in f32, as GPTQ stores it).
     pub zero: f32,
+}
+
+impl GroupParams {
+    /// The params of `w = scale q + min`, `scale` and `min` f16 values: the zero `-min / scale`
+    /// in f32, computed the same way wherever a float minimum is read or chosen, so a packed
+    /// model dequantizes to exactly the weights that were evaluated.
+    pub fn from_min(scale: f32, min: f32) -> Self {
+        GroupParams { scale, zero: -min / scale }
+    }
+
+    /// The f16 minimum these params were made from by [`GroupParams::from_min`] (the nearest f16
+    /// to `-zero scale`, which is within an f32 rounding of it).
+    pub fn min(&self) -> f32 {
+        f16_nearest(-self.zero * self.scale)
+    }
 }
 
 impl QuantSpec {
@@ -131,6 +150,10 @@ impl QuantSpec {
                     zero: round_half_even(-lo / scale).min(maxq),
                 }
             }
+            Zero::Float => {
+                let scale = f16_nearest(((max - min) / maxq).max(F16_MIN_POSITIVE));
+                GroupParams::from_min(scale, f16_nearest(min))
+            }
             Zero::Sym => {
                 let absmax = min.abs().max(max.abs());
                 // As for GPTQ-style: an all-zero (or underflowing) group gets [-1, 1].
@@ -139,6 +162,23 @@ impl QuantSpec {
             }
         }
     }
+}
+
+/// The smallest positive f16 value (a subnormal): no scale is smaller.
+pub const F16_MIN_POSITIVE: f32 = 5.960_464_5e-8;
+
+/// The nearest f16 value to `x` (ties to even), clamped to f16's finite range.
+pub fn f16_nearest(x: f32) -> f32 {
+    const MAX: f32 = 65504.0;
+    if x.is_nan() {
+        return x;
+    }
+    let x = x.clamp(-MAX, MAX);
+    let a = x.abs();
+    // f16 keeps 11 significant bits down to 2^-14 and a fixed step of 2^-24 below it.
+    let step =
+        if a >= 6.103_515_6e-5 { f32::from_bits((a.to_bits() & 0x7f80_0000) - (10 << 23)) } else { F16_MIN_POSITIVE };
+    (round_half_even(a / step) * step).min(MAX).copysign(x)
 }
 
 /// The smallest f16 value `>= s`, within f16's positive finite range `[2^-24, 65504]` (a
@@ -177,9 +217,13 @@ pub fn round_half_even(t: f32) -> f32 {
     }
 }
 
-/// Code of `w` on the grid of `p`: `clamp(round(w / scale) + zero, 0, maxq)`.
+/// Code of `w` on the grid of `p`: `clamp(round(w / scale) + zero, 0, maxq)` for a whole
+/// zero (GPTQ's order, bit for bit), `clamp(round(w / scale + zero), 0, maxq)` for a float
+/// minimum's fractional one.
+#[inline(always)]
 pub fn quantize(w: f32, p: GroupParams, maxq: u8) -> u8 {
-    let q = round_half_even(w / p.scale) + p.zero;
+    let t = w / p.scale;
+    let q = if p.zero == round_half_even(p.zero) { round_half_even(t) + p.zero } else { round_half_even(t + p.zero) };
     // The clamp bounds q to [0, maxq] <= 255, so the cast is exact.
     q.clamp(0.0, f32::from(maxq)) as u8
 }

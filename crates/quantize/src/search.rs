@@ -4,7 +4,8 @@
 //! row's inputs, each with its own `h_i`; per-IC groups hold one input channel, so equal
 //! weights and plain MSE).
 //!
-//! Two steps, both on the grid the packed file stores (f16 scales, whole zero points):
+//! Two steps, both on the grid the packed file stores (f16 scales; whole zero points, or f16
+//! minima for [`Zero::Float`]):
 //! 1. a grid of clipping ratios `p` (GPTQ's `mse` search): the group's range shrunk to
 //!    `[p min, p max]` and fitted by [`QuantSpec::fit`], so every [`Zero`] style keeps its own
 //!    formula; min-max (`p = 1`) is the first candidate, so the search is never worse;
@@ -14,7 +15,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::quantizer::{quantize, round_half_even, GroupParams, QuantSpec, Zero};
+use crate::quantizer::{f16_nearest, quantize, round_half_even, GroupParams, QuantSpec, Zero, F16_MIN_POSITIVE};
 
 /// How a group's params are chosen.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -40,7 +41,7 @@ pub const STEPS: usize = 40;
 const ROUNDS: usize = 4;
 
 /// `sum_i h_i (w_i - w'_i)^2` of `values` on the grid of `p` (`h_i = 1` without weights).
-/// The code is [`quantize`]'s, inlined (whole-number zero: `q` is already the code's value), and
+/// The code is [`quantize`]'s rule, inlined (for a whole zero `q` is already the code's value), and
 /// the f64 sum runs in [`LANES`] interleaved partial sums (value `i` into lane `i % LANES`,
 /// lanes added in order at the end), so the loop vectorizes instead of waiting on one adder.
 ///
@@ -81,9 +82,20 @@ pub fn weighted_error_portable(values: &[f32], weights: Option<&[f32]>, p: Group
 
 #[inline(always)]
 fn error_body(values: &[f32], weights: Option<&[f32]>, p: GroupParams, maxq: u8) -> f64 {
+    if p.zero == round_half_even(p.zero) {
+        error_sum::<true>(values, weights, p, maxq)
+    } else {
+        error_sum::<false>(values, weights, p, maxq)
+    }
+}
+
+/// [`error_body`] for a whole zero (`WHOLE`) or a float minimum's fractional one, so the
+/// rounding rule of [`quantize`] is chosen once per group rather than per value.
+#[inline(always)]
+fn error_sum<const WHOLE: bool>(values: &[f32], weights: Option<&[f32]>, p: GroupParams, maxq: u8) -> f64 {
     let (s, z, top) = (p.scale, p.zero, f32::from(maxq));
     let sq = |w: f32| {
-        let q = (round_half_even(w / s) + z).clamp(0.0, top);
+        let q = if WHOLE { round_half_even(w / s) + z } else { round_half_even(w / s + z) }.clamp(0.0, top);
         let d = f64::from(w) - f64::from(s * (q - z));
         d * d
     };
@@ -153,7 +165,8 @@ pub fn grid_search(spec: &QuantSpec, values: &[f32], weights: Option<&[f32]>) ->
 }
 
 /// Step 2: with the codes of `p` fixed, the weighted least-squares grid, rounded onto the
-/// stored one (f16 scale rounded up, whole zero in `0..=maxq`); kept while it lowers the error.
+/// stored one (f16 scale rounded up and whole zero in `0..=maxq`, or f16 scale and minimum
+/// rounded to nearest); kept while it lowers the error.
 fn refine(
     spec: &QuantSpec,
     values: &[f32],
@@ -196,10 +209,16 @@ fn refine(
                 break;
             }
             let a = cov / var;
-            let scale = crate::quantizer::f16_scale(a as f32);
-            let b = mw - f64::from(scale) * mq;
-            let zero = crate::quantizer::round_half_even((-b / f64::from(scale)) as f32).clamp(0.0, f32::from(maxq));
-            GroupParams { scale, zero }
+            if spec.zero == Zero::Float {
+                // Any f16 offset: w ~ d q + m, both rounded to nearest.
+                let scale = f16_nearest((a as f32).max(F16_MIN_POSITIVE));
+                GroupParams::from_min(scale, f16_nearest((mw - f64::from(scale) * mq) as f32))
+            } else {
+                let scale = crate::quantizer::f16_scale(a as f32);
+                let b = mw - f64::from(scale) * mq;
+                let zero = round_half_even((-b / f64::from(scale)) as f32).clamp(0.0, f32::from(maxq));
+                GroupParams { scale, zero }
+            }
         };
         let e = weighted_error(values, weights, cand, maxq);
         if e >= err || e.is_nan() {

@@ -65,7 +65,8 @@ pub fn model_bits(dir: &Path) -> Result<(u64, u64)> {
     for l in &r.linears {
         let (rows, cols, axis) = (l.rows, l.cols, l.axis);
         let whole = if axis == adadim_quantize::Axis::Oc { cols } else { rows };
-        let layout = adadim_pack::Layout { bits, group: group.unwrap_or(whole), axis };
+        let min = s.spec.zero == adadim_quantize::Zero::Float;
+        let layout = adadim_pack::Layout { bits, group: group.unwrap_or(whole), axis, min };
         total += 8 * layout.bytes(rows, cols, dynamic && axis == adadim_quantize::Axis::Oc) as u64;
         weights += (rows * cols) as u64;
     }

@@ -162,6 +162,7 @@ pub fn quantize_config(method: MethodArg, dim: DimArg, q: &QuantSettings) -> Res
             ZeroArg::Awq => Zero::Awq,
             ZeroArg::Gptq => Zero::Gptq,
             ZeroArg::Sym => Zero::Sym,
+            ZeroArg::Float => Zero::Float,
         },
     };
     spec.validate().context("--bits / --group")?;
