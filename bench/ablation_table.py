@@ -30,12 +30,15 @@ for f in sorted(out.glob("*-s[0-9]*.ptb.json")):
         modules[lin["module"].split(".")[-1].removesuffix("_proj")].append(lin["axis"] == "ic")
     spec = summary["settings"]["spec"]
     bits, zero = spec["bits"], spec["zero"]
-    stored = 0  # bits as the packed file declares them: codes, f16 scales, zeros or f16 minima
+    st = summary["settings"]
+    dynamic = st["method"] == "gptq" and st.get("act_order") and not st.get("static_groups")
+    stored = 0  # bits as the packed file declares them: codes, f16 scales, zeros or f16 minima, perm
     for lin in report["linears"]:
         rows, cols, g = lin["rows"], lin["cols"], spec["group"]
         along = cols if lin["axis"] == "oc" else rows
         groups = (rows * cols // along) * -(-along // (g or along))
         stored += bits * rows * cols + groups * (16 + (16 if zero == "Float" else bits))
+        stored += 32 * cols if dynamic and lin["axis"] == "oc" else 0
     runs[(cfg, variant)][seed] = {
         "bpw": stored / sum(lin["rows"] * lin["cols"] for lin in report["linears"]),
         "modules": {m: sum(v) / len(v) for m, v in modules.items()},
@@ -67,7 +70,7 @@ lines = [
     "`oc`: every linear per-OC; `ada`: AdaDim's choice per linear. `-block`: `--ada-error block` (q/k/v judged on the attention output, gate/up on the MLP output). "
     "`-float`: `--zero float` (a float f16 minimum per group, `w = d q + m`, llama.cpp's Q4_1 / k-quant form, 16 bits per group in place of the packed zero point; "
     "with groups of 32 along rows this layout holds the FP's own grid, so RTN w4g32 with it returns the FP). "
-    "bpw: bits per weight of the block linears as the packed file stores them (static act-order groups store no permutation). "
+    "bpw: bits per weight of the block linears as the packed file stores them (dynamic act-order groups add their column permutation). "
     "`-awq`: `--awq` (input channels scaled by a searched power of their RMS, folded into the RMSNorm, or into v_proj / up_proj rows as powers of two when those are per-OC). "
     "Time: quantize wall seconds on the shared 2-core machine (read as rough), mean over seeds.",
     "",

@@ -72,16 +72,26 @@ pub struct Budget {
     pub bits: Vec<u8>,
     pub groups: Vec<usize>,
     pub axes: Vec<Axis>,
+    /// Whether each layout may also take float minima ([`Zero::Float`]) beside the run's zero.
+    #[serde(default)]
+    pub float_min: bool,
 }
 
 impl Budget {
-    /// Every `(bits, group, axis)` a linear may take, as specs with `zero`.
+    /// Every `(bits, group, axis, zero)` a linear may take: `zero`, and with
+    /// [`Budget::float_min`] also [`Zero::Float`].
     pub fn specs(&self, zero: Zero) -> Vec<QuantSpec> {
+        let mut zeros = vec![zero];
+        if self.float_min && zero != Zero::Float {
+            zeros.push(Zero::Float);
+        }
         let mut out = Vec::new();
-        for &bits in &self.bits {
-            for &g in &self.groups {
-                for &axis in &self.axes {
-                    out.push(QuantSpec { bits, group: (g > 0).then_some(g), axis, zero });
+        for &zero in &zeros {
+            for &bits in &self.bits {
+                for &g in &self.groups {
+                    for &axis in &self.axes {
+                        out.push(QuantSpec { bits, group: (g > 0).then_some(g), axis, zero });
+                    }
                 }
             }
         }
@@ -118,6 +128,9 @@ pub struct Candidate {
     pub group: usize,
     #[serde(with = "axis_name")]
     pub axis: Axis,
+    /// Float minima ([`Zero::Float`]) in place of the run's zero points.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub min: bool,
     /// Codes, scales, zeros (and permutation) in the packed file.
     pub bytes: u64,
     /// `mean((Q(W) X - W X)^2)` with `Q` RTN on this layout.
@@ -208,10 +221,15 @@ pub fn annotate(
         };
         let (gr, gc) = spec.group_shape(r.rows, r.cols);
         let group = if spec.axis == Axis::Oc { gc } else { gr };
-        let chosen = l.candidates.iter().find(|c| c.bits == spec.bits && c.group == group && c.axis == spec.axis);
+        let min = spec.zero == Zero::Float;
+        let chosen = l
+            .candidates
+            .iter()
+            .find(|c| c.bits == spec.bits && c.group == group && c.axis == spec.axis && c.min == min);
         r.layout = Some(Chosen {
             bits: spec.bits,
             group,
+            min,
             bytes: chosen.map_or(0, |c| c.bytes),
             output_energy: l.output_energy,
             stream_energy: l.stream_energy,
@@ -449,7 +467,7 @@ fn candidates(
         let q = rtn_fitted(&w, rows, cols, spec, &fitter).map_err(qerr)?;
         let error = output_error_from_hessian(&w, &q.dequantize(), rows, cols, h).map_err(qerr)?;
         let (group, bytes) = layout_bytes(rows, cols, spec, permuted);
-        out.push(Candidate { bits: spec.bits, group, axis: spec.axis, bytes, error });
+        out.push(Candidate { bits: spec.bits, group, axis: spec.axis, min: spec.zero == Zero::Float, bytes, error });
     }
     Ok(LinearDamage {
         layer,
@@ -540,7 +558,12 @@ pub fn plan(table: &DamageTable, budget: &Budget, zero: Zero) -> Result<Plan> {
         let kind = LinearKind::from_short(&l.module)
             .ok_or_else(|| CalibError::Invalid(format!("damage table: unknown module '{}'", l.module)))?;
         let c = &l.candidates[k];
-        let spec = QuantSpec { bits: c.bits, group: Some(c.group), axis: c.axis, zero };
+        let spec = QuantSpec {
+            bits: c.bits,
+            group: Some(c.group),
+            axis: c.axis,
+            zero: if c.min { Zero::Float } else { zero },
+        };
         specs.insert((l.layer, kind.short()), spec);
     }
     Ok(Plan { specs, bpw: bpw(a.bytes), damage: a.damage })

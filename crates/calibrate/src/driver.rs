@@ -214,6 +214,9 @@ pub struct LinearReport {
 pub struct Chosen {
     pub bits: u8,
     pub group: usize,
+    /// Float minima ([`adadim_quantize::Zero::Float`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub min: bool,
     pub bytes: u64,
     /// What the damage models divide the candidates' errors by ([`crate::damage::LinearDamage`]).
     pub output_energy: f64,

@@ -177,7 +177,7 @@ impl RunDir {
         let table_file = match (&cfg.budget, job.table_cache) {
             (Some(b), Some(dir)) => {
                 let n = job.samples.len().min(crate::damage::DAMAGE_SAMPLES);
-                let key = serde_json::json!({
+                let mut key = serde_json::json!({
                     "table": 2,
                     "tool": job.tool,
                     "source_model": &identity["source_model"],
@@ -187,6 +187,9 @@ impl RunDir {
                     "search": cfg.search,
                     "permuted": crate::damage::permuted(cfg),
                 });
+                if b.float_min {
+                    key["float_min"] = true.into();
+                }
                 Some(dir.join(format!("{}.json", adadim_load::fetch::sha256_hex(key.to_string().as_bytes()))))
             }
             _ => None,

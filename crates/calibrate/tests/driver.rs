@@ -525,17 +525,24 @@ fn budget(bpw: f64) -> adadim_calibrate::damage::Budget {
         bits: vec![2, 3, 4, 8],
         groups: vec![8, 16, 0],
         axes: vec![Axis::Oc, Axis::Ic],
+        float_min: false,
     }
 }
 
 /// `--bpw`: the layouts chosen fit the budget in the packed file's own bytes, every linear is
-/// quantized on the layout its report names, and more bits buy less predicted damage.
+/// quantized on the layout its report names, and more bits buy less predicted damage; with float
+/// minima allowed, each layout may also take them, and the file stores what was chosen.
 #[test]
 fn a_budget_is_met_in_bytes_and_each_linear_gets_its_chosen_layout() {
     use adadim_pack::PackedFile;
     let mut last = f64::INFINITY;
-    for bpw in [2.6, 3.3, 4.5, 8.0] {
-        let cfg = QuantizeConfig { budget: Some(budget(bpw)), ..config(Method::Gptq, Dim::Ada) };
+    let mut mins = 0;
+    for (bpw, float_min) in [(2.6, false), (3.3, false), (4.5, false), (8.0, false), (3.3, true), (4.5, true)] {
+        if float_min {
+            last = f64::INFINITY;
+        }
+        let b = adadim_calibrate::damage::Budget { float_min, ..budget(bpw) };
+        let cfg = QuantizeConfig { budget: Some(b), ..config(Method::Gptq, Dim::Ada) };
         let d = tempfile::tempdir().unwrap();
         let m = d.path().join("m");
         write_random_checkpoint(&m, &tiny_config(), 4).unwrap();
@@ -551,23 +558,31 @@ fn a_budget_is_met_in_bytes_and_each_linear_gets_its_chosen_layout() {
         let (mut bytes, mut weights) = (0u64, 0u64);
         for r in &run.linears {
             let chosen = r.layout.clone().unwrap();
-            assert_eq!(r.candidates.len(), 4 * 3 * 2);
+            assert_eq!(r.candidates.len(), 4 * 3 * 2 * if float_min { 2 } else { 1 });
             assert!(chosen.sensitivity > 0.0 && chosen.sensitivity.is_finite(), "{chosen:?}");
             let name = format!("model.layers.{}.{}", r.layer, r.module);
             let l = packed.linear(&name).unwrap();
             let layout = l.layout();
-            assert_eq!((layout.bits, layout.group, layout.axis), (chosen.bits, chosen.group, r.axis), "{name}");
+            assert_eq!(
+                (layout.bits, layout.group, layout.axis, layout.min),
+                (chosen.bits, chosen.group, r.axis, chosen.min),
+                "{name}"
+            );
+            assert!(float_min || !chosen.min, "{name}: float minima chosen where not allowed");
+            mins += usize::from(chosen.min);
             assert_eq!(layout.bytes(r.rows, r.cols, false) as u64, chosen.bytes, "{name}");
             bytes += chosen.bytes;
             weights += (r.rows * r.cols) as u64;
             // GPTQ on the chosen layout never does worse than that layout's RTN error.
             let c = r.candidates.iter().find(|c| {
-                c.candidate.bits == chosen.bits && c.candidate.group == chosen.group && c.candidate.axis == r.axis
+                let c = &c.candidate;
+                (c.bits, c.group, c.axis, c.min) == (chosen.bits, chosen.group, r.axis, chosen.min)
             });
             assert!(r.final_error.unwrap() <= c.unwrap().candidate.error * 1.0001, "{name}");
         }
         assert!((8.0 * bytes as f64 / weights as f64 - alloc.bpw).abs() < 1e-9);
     }
+    assert!(mins > 0, "no budget chose a float minimum");
 }
 
 #[test]

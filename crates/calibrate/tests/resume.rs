@@ -75,6 +75,7 @@ fn interrupted_after_any_block_resumes_to_the_same_bytes() {
             bits: vec![2, 3, 4],
             groups: vec![8, 16],
             axes: vec![Axis::Oc, Axis::Ic],
+            float_min: true,
         };
         let cfg = QuantizeConfig {
             awq: i == awq_case,

@@ -132,8 +132,10 @@ pub struct QuantSettings {
     /// With --bpw: how a layout's output error predicts its damage to the model.
     #[arg(long, value_enum, default_value = "kl")]
     pub damage: DamageArg,
-    #[arg(long, value_enum, default_value = "awq")]
-    pub zero: ZeroArg,
+    /// How each group's zero is stored [default: awq; with --bpw, each linear may take awq's
+    /// whole zero points or float minima, whichever the budget favours; given, it fixes them].
+    #[arg(long, value_enum)]
+    pub zero: Option<ZeroArg>,
     /// How each group's scale and zero are chosen: span its min and max, or minimise the
     /// rounding error weighted by each input channel's Hessian diagonal (a clipping grid and
     /// least-squares refinement), in RTN, GPTQ and AdaDim's choice alike.

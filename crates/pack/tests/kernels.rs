@@ -15,7 +15,7 @@ fn cases() -> Vec<(usize, usize, QuantSpec)> {
     let mut out = Vec::new();
     for bits in [2u8, 3, 4, 8] {
         for axis in [Axis::Oc, Axis::Ic] {
-            for zero in [Zero::Awq, Zero::Gptq, Zero::Sym] {
+            for zero in [Zero::Awq, Zero::Gptq, Zero::Sym, Zero::Float] {
                 // SmolLM2 shapes (ragged g128 on 576 and 192), a width that is no multiple of
                 // 8, a group that is no multiple of 8, whole channels, groups of 32 with a
                 // 48-code tail across two of them (3-bit: after one planar chunk), groups of
@@ -171,8 +171,9 @@ fn rtn_matrices_round_trip_and_multiply() {
     }
     #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-        // 2, 3, 4, 8 bits x (per-IC on all seven shapes + per-OC on the five with 32-multiple groups) x 3 zero styles.
-        assert_eq!(int16, 4 * 12 * 3, "cases that ran the int16 kernel");
+        // 2, 3, 4, 8 bits x (per-IC on all seven shapes + per-OC on the five with 32-multiple groups) x 4 zero
+        // styles (float minima included).
+        assert_eq!(int16, 4 * 12 * 4, "cases that ran the int16 kernel");
     }
 }
 
@@ -205,6 +206,8 @@ fn matmul_equals_the_dequantized_gemm() {
     for (rows, cols, spec) in [
         (200, 96, QuantSpec { bits: 3, group: Some(32), axis: Axis::Ic, zero: Zero::Awq }),
         (130, 72, QuantSpec { bits: 4, group: Some(24), axis: Axis::Oc, zero: Zero::Gptq }),
+        (64, 96, QuantSpec { bits: 4, group: Some(32), axis: Axis::Oc, zero: Zero::Float }),
+        (96, 64, QuantSpec { bits: 3, group: Some(32), axis: Axis::Ic, zero: Zero::Float }),
     ] {
         let q = rtn(&weights(&mut rng, rows, cols), rows, cols, &spec).unwrap();
         let p = PackedLinear::from_quantized(&q);

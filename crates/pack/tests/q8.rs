@@ -121,7 +121,7 @@ fn rtn_matrices_multiply_on_int8_activations() {
     let mut cases = 0;
     for bits in [4, 3] {
         for axis in [Axis::Oc, Axis::Ic] {
-            for zero in [Zero::Awq, Zero::Gptq, Zero::Sym] {
+            for zero in [Zero::Awq, Zero::Gptq, Zero::Sym, Zero::Float] {
                 // SmolLM2 shapes (ragged g128 on 576 and 192 rows), 200 columns (3 whole steps
                 // and a tail of 8), groups of three steps (192: the scale changes inside a pair
                 // of steps), a group per-OC cannot use (32: falls back), whole channels.
@@ -144,8 +144,8 @@ fn rtn_matrices_multiply_on_int8_activations() {
     }
     #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-        // 4 and 3 bits; per-IC: all 6 shapes; per-OC: all but group 32; 3 zero styles each.
-        assert_eq!(ran, 2 * (6 + 5) * 3, "of {cases} cases, those that ran the int8 kernel");
+        // 4 and 3 bits; per-IC: all 6 shapes; per-OC: all but group 32; 4 zero styles each.
+        assert_eq!(ran, 2 * (6 + 5) * 4, "of {cases} cases, those that ran the int8 kernel");
     }
 }
 
@@ -154,7 +154,7 @@ fn eight_bit_codes_multiply_on_int8_activations() {
     // The decode head's layout (8-bit RTN per-OC, g128): codes 0..=255 centred to int8.
     let mut rng = Rng::new(14);
     let mut ran = 0;
-    for zero in [Zero::Awq, Zero::Gptq, Zero::Sym] {
+    for zero in [Zero::Awq, Zero::Gptq, Zero::Sym, Zero::Float] {
         for (rows, cols, group) in [(300, 576, Some(128)), (17, 96, Some(32)), (9, 64, None)] {
             let spec = QuantSpec { bits: 8, group, axis: Axis::Oc, zero };
             let w = weights(&mut rng, rows, cols);
@@ -164,7 +164,7 @@ fn eight_bit_codes_multiply_on_int8_activations() {
     }
     #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-        assert_eq!(ran, 9, "cases that ran the int8 kernel");
+        assert_eq!(ran, 12, "cases that ran the int8 kernel");
     }
     // A width of columns that is not whole blocks, and per-IC 8-bit, keep the int16 kernel.
     for (cols, axis) in [(100, Axis::Oc), (128, Axis::Ic)] {

@@ -59,7 +59,7 @@ fn fit_matches_the_reference_formulas() {
 fn groups_near_zero_never_give_nan() {
     // Subnormal weights would make a 0 scale and a 0/0 zero point; they quantize to ~0.
     let w = [1e-44, -3e-45, 0.0, 2e-45, 0.0, 0.0];
-    for zero in [Zero::Awq, Zero::Gptq, Zero::Sym] {
+    for zero in [Zero::Awq, Zero::Gptq, Zero::Sym, Zero::Float] {
         let q = rtn(&w, 2, 3, &spec(4, None, Axis::Oc, zero)).unwrap();
         assert!(q.scales().iter().all(|s| s.is_normal()), "{zero:?}: {:?}", q.scales());
         assert!(q.dequantize().iter().all(|v| v.abs() < 1e-5), "{zero:?}");
@@ -83,7 +83,7 @@ fn quantize_rounds_half_to_even_and_clamps() {
 fn error_is_at_most_half_a_step_inside_the_range() {
     let (rows, cols) = (40, 72); // 72 = 4 x 16 + 8: ragged per-OC groups too
     let w = weights(rows, cols, 0.05, 7);
-    for zero in [Zero::Awq, Zero::Gptq, Zero::Sym] {
+    for zero in [Zero::Awq, Zero::Gptq, Zero::Sym, Zero::Float] {
         for bits in [2, 3, 4, 8] {
             for axis in [Axis::Oc, Axis::Ic] {
                 for group in [Some(16), Some(32), None] {
@@ -167,5 +167,50 @@ fn scales_round_up_to_the_next_f16() {
             let below = f16::from_bits(f16::from_f32(h).to_bits() - 1).to_f32();
             assert!(below < s && s <= h, "{s:e}: {below:e} < s <= {h:e} fails");
         }
+    }
+}
+
+/// llama.cpp's Q4_1 (blocks of 32 along rows, f16 scale `d = (max - min) / 15` and f16
+/// minimum, codes `round((w - m) / d)`), written here from its definition.
+fn q4_1(w: &[f32]) -> Vec<f32> {
+    let f16 = |x: f32| half::f16::from_f32(x).to_f32();
+    w.chunks(32)
+        .flat_map(|b| {
+            let (min, max) = b.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(a, c), &x| (a.min(x), c.max(x)));
+            let (d, m) = (f16((max - min) / 15.0), f16(min));
+            b.iter().map(move |&x| d * ((x - m) / d).round().clamp(0.0, 15.0) + m).collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+#[test]
+fn float_minima_per_32_hold_a_q4_1_grid_exactly() {
+    // Weights already on a Q4_1 grid (the SmolLM2 GGUF's): per-OC w4g32 with float minima finds
+    // that grid again (to an f32 rounding), with min-max and with the weighted search; whole
+    // zero points cannot.
+    let (rows, cols) = (24, 96);
+    let w = q4_1(&weights(rows, cols, 0.05, 3));
+    let worst = |zero, search| {
+        let fitter = adadim_quantize::Fitter { search, h_diag: None };
+        let q = adadim_quantize::rtn_fitted(&w, rows, cols, &spec(4, Some(32), Axis::Oc, zero), &fitter).unwrap();
+        w.iter().zip(q.dequantize()).map(|(a, b)| (a - b).abs() / a.abs().max(1e-3)).fold(0f32, f32::max)
+    };
+    for search in [adadim_quantize::ScaleSearch::MinMax, adadim_quantize::ScaleSearch::Mse] {
+        let e = worst(Zero::Float, search);
+        assert!(e < 1e-5, "{search:?}: relative error {e}");
+    }
+    assert!(worst(Zero::Awq, adadim_quantize::ScaleSearch::MinMax) > 1e-2);
+}
+
+#[test]
+fn a_fractional_zero_rounds_after_the_offset() {
+    // w = d q + m: the code is round((w - m) / d), so the fraction of -m / d is not lost.
+    let m = half::f16::from_f32(0.2).to_f32();
+    let p = GroupParams::from_min(0.5, m);
+    assert_eq!(p.min(), m);
+    for q in 0..=15u8 {
+        let w = 0.5 * f32::from(q) + p.min();
+        assert_eq!(quantize(w, p, 15), q);
+        assert!((dequantize(q, p) - w).abs() < 1e-6);
     }
 }

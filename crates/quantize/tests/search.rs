@@ -9,7 +9,7 @@ use adadim_quantize::{
 };
 use common::Rng;
 
-const ZEROS: [Zero; 3] = [Zero::Awq, Zero::Gptq, Zero::Sym];
+const ZEROS: [Zero; 4] = [Zero::Awq, Zero::Gptq, Zero::Sym, Zero::Float];
 
 /// A group of `n` values: normal, sometimes with an outlier, sometimes all positive.
 fn group(rng: &mut Rng, n: usize, kind: u64) -> Vec<f32> {
@@ -37,9 +37,15 @@ fn the_search_is_never_worse_than_min_max() {
                     let p = adadim_quantize::scale_search::fit(&spec, &v, weights, ScaleSearch::Mse);
                     let se = weighted_error(&v, weights, p, spec.maxq());
                     assert!(se <= mm, "case {case} w{bits} {zero:?}: {se} > {mm}");
-                    // On the stored grid: an f16 scale, a whole zero within the codes.
+                    // On the stored grid: an f16 scale, a whole zero within the codes (or an
+                    // f16 minimum that gives back exactly the zero held).
                     assert_eq!(half::f16::from_f32(p.scale).to_f32(), p.scale);
-                    assert!(p.zero.fract() == 0.0 && (0.0..=f32::from(spec.maxq())).contains(&p.zero));
+                    if zero == Zero::Float {
+                        assert_eq!(half::f16::from_f32(p.min()).to_f32(), p.min());
+                        assert_eq!(adadim_quantize::GroupParams::from_min(p.scale, p.min()), p);
+                    } else {
+                        assert!(p.zero.fract() == 0.0 && (0.0..=f32::from(spec.maxq())).contains(&p.zero));
+                    }
                 }
             }
         }

@@ -1,10 +1,10 @@
 //! Figure (d), for `--bpw` runs: per layer, the bits each linear got, its group size (dot size)
-//! and dimension (color); one panel per module type.
+//! and dimension (color; a darker shade for float minima); one panel per module type.
 
 use adadim_model::LinearKind;
 use adadim_quantize::Axis;
 
-use crate::plot::{Figure, Panel, Series, Style, IC_COLOR, OC_COLOR};
+use crate::plot::{Figure, Panel, Series, Style, IC_COLOR, IC_MIN_COLOR, OC_COLOR, OC_MIN_COLOR};
 use crate::run::Run;
 
 /// Group sizes drawn, each with its dot radius (smaller groups, more scale bits: larger dots).
@@ -40,22 +40,28 @@ pub fn figure(run: &Run) -> Option<Figure> {
         .iter()
         .map(|k| {
             let mut series = Vec::new();
-            for axis in [Axis::Oc, Axis::Ic] {
-                for (g, r) in GROUPS {
-                    let points: Vec<(f64, f64)> = run
-                        .linears
-                        .iter()
-                        .filter(|l| l.module == k.module() && l.axis == axis)
-                        .filter_map(|l| {
-                            let lay = l.layout.as_ref()?;
-                            (radius(lay.group) == r).then_some((l.layer as f64, f64::from(lay.bits)))
-                        })
-                        .collect();
-                    let (name, color) = match axis {
-                        Axis::Oc => (format!("per-OC g{g}"), OC_COLOR),
-                        Axis::Ic => (format!("per-IC g{g}"), IC_COLOR),
-                    };
-                    series.push(Series { name, color, style: Style::Dots(r), points });
+            let any_min = run.linears.iter().any(|l| l.layout.as_ref().is_some_and(|lay| lay.min));
+            for min in if any_min { vec![false, true] } else { vec![false] } {
+                for axis in [Axis::Oc, Axis::Ic] {
+                    for (g, r) in GROUPS {
+                        let points: Vec<(f64, f64)> = run
+                            .linears
+                            .iter()
+                            .filter(|l| l.module == k.module() && l.axis == axis)
+                            .filter_map(|l| {
+                                let lay = l.layout.as_ref()?;
+                                (radius(lay.group) == r && lay.min == min)
+                                    .then_some((l.layer as f64, f64::from(lay.bits)))
+                            })
+                            .collect();
+                        let (name, color) = match (axis, min) {
+                            (Axis::Oc, false) => (format!("per-OC g{g}"), OC_COLOR),
+                            (Axis::Ic, false) => (format!("per-IC g{g}"), IC_COLOR),
+                            (Axis::Oc, true) => (format!("per-OC g{g} float min"), OC_MIN_COLOR),
+                            (Axis::Ic, true) => (format!("per-IC g{g} float min"), IC_MIN_COLOR),
+                        };
+                        series.push(Series { name, color, style: Style::Dots(r), points });
+                    }
                 }
             }
             Panel {

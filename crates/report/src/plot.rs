@@ -15,6 +15,9 @@ use crate::error::{ReportError, Result};
 /// Per-OC results are drawn in blue, per-IC in orange, everywhere.
 pub const OC_COLOR: RGBColor = RGBColor(31, 119, 180);
 pub const IC_COLOR: RGBColor = RGBColor(255, 127, 14);
+/// The two axes' colors for layouts with float minima (darker shades of the same hues).
+pub const OC_MIN_COLOR: RGBColor = RGBColor(8, 48, 107);
+pub const IC_MIN_COLOR: RGBColor = RGBColor(166, 54, 3);
 /// Further series (one per module type).
 pub const PALETTE: [RGBColor; 4] =
     [RGBColor(44, 160, 44), RGBColor(214, 39, 40), RGBColor(148, 103, 189), RGBColor(140, 86, 75)];

@@ -158,7 +158,7 @@ pub fn quantize_config(method: MethodArg, dim: DimArg, q: &QuantSettings) -> Res
         bits: q.bits(),
         group: (q.group() > 0).then_some(q.group()),
         axis: Axis::Oc,
-        zero: match q.zero {
+        zero: match q.zero.unwrap_or(ZeroArg::Awq) {
             ZeroArg::Awq => Zero::Awq,
             ZeroArg::Gptq => Zero::Gptq,
             ZeroArg::Sym => Zero::Sym,
@@ -210,6 +210,7 @@ pub fn quantize_config(method: MethodArg, dim: DimArg, q: &QuantSettings) -> Res
                 DimArg::Ic => vec![Axis::Ic],
                 DimArg::Ada => vec![Axis::Oc, Axis::Ic],
             },
+            float_min: q.zero.is_none(),
         }),
         layouts: Default::default(),
     };
