@@ -4,6 +4,7 @@
 # damage-model study and the per-module allocation into RESULTS.md's "Size budget" section
 # (bench/budget_table.py); seed 0's allocations drawn into docs/allocation-bpw*.svg.
 # Usage: ADADIM_DATA=../shared/data bench/budget.sh
+# `-fmin`: each layout may also take float minima (the default without --zero).
 # Knobs (env): MODEL (smollm2), BUDGETS ("3.25 4.0"), VARIANTS (names below), DAMAGES
 # ("kl"; the study: "kl stream relative output"), SEEDS ("0 1 2"), NSAMPLES (128),
 # CALIB_SEQLEN (512), WINDOWS (8), OUT (results/budget), ADADIM_BIN and ADADIM_COMMIT.
@@ -16,9 +17,10 @@ MODEL="${MODEL:-smollm2}"; BUDGETS="${BUDGETS:-3.25 4.0}"; SEEDS="${SEEDS:-0 1 2
 DAMAGES="${DAMAGES:-kl}"; NSAMPLES="${NSAMPLES:-128}"; CALIB_SEQLEN="${CALIB_SEQLEN:-512}"
 WINDOWS="${WINDOWS:-8}"; OUT="${OUT:-results/budget}"
 declare -A ARGS=(
-  [rtn-ada]="--method rtn --dim ada"
-  [gptq-ada]="--method gptq --dim ada --act-order false --static-groups false"
-  [gptq-ada-act]="--method gptq --dim ada --act-order --static-groups"
+  [rtn-ada]="--method rtn --dim ada --zero awq"
+  [gptq-ada]="--method gptq --dim ada --act-order false --static-groups false --zero awq"
+  [gptq-ada-act]="--method gptq --dim ada --act-order --static-groups --zero awq"
+  [gptq-ada-act-fmin]="--method gptq --dim ada --act-order --static-groups"
 )
 VARIANTS="${VARIANTS:-gptq-ada}"
 if [ -n "${ADADIM_BIN:-}" ]; then A="$ADADIM_BIN"; else cargo build --release -p adadim; A=./target/release/adadim; fi
