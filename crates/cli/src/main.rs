@@ -47,6 +47,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Eval(EvalCmd::Ppl(a)) => cmd::eval::eval_ppl(a),
         Cmd::Eval(EvalCmd::Mmlu(a)) => cmd::eval_tasks::mmlu(a),
         Cmd::Eval(EvalCmd::Humaneval(a)) => cmd::eval_tasks::humaneval(a),
+        Cmd::Eval(EvalCmd::Gsm8k(a)) => cmd::eval_tasks::gsm8k(a),
         Cmd::Generate(a) => cmd::generate::generate(a),
         Cmd::Synth(a) => cmd::synth::synth(a),
         Cmd::Report(a) => cmd::report::report(a),

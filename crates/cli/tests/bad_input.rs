@@ -299,6 +299,52 @@ fn mmlu_and_humaneval_inputs() {
         &["anatomy_test.csv", "line 2", "not an index"],
     );
     one_line_error(adadim(&["eval", "humaneval", "--model", model, "--timeout", "0"]), &["--timeout 0"]);
+
+    // GSM8K: no data, a missing split, a line that is not JSON, an answer without "####".
+    one_line_error(adadim(&["eval", "gsm8k", "--model", model]), &["ADADIM_DATA"]);
+    let gsm = data.join("gsm8k");
+    std::fs::create_dir_all(&gsm).unwrap();
+    one_line_error(adadim_with_data(&["eval", "gsm8k", "--model", model], Some(&data)), &["test.jsonl"]);
+    let row = |q: &str, a: &str| serde_json::json!({"question": q, "answer": a}).to_string();
+    let train: Vec<String> = (0..8)
+        .map(|i| row(&format!("Train {i}?"), &format!("{i} + 1 = <<{i}+1={}>>{}\n#### {}", i + 1, i + 1, i + 1)))
+        .collect();
+    std::fs::write(gsm.join("train.jsonl"), train.join("\n")).unwrap();
+    std::fs::write(gsm.join("test.jsonl"), format!("{}\n{{\"question\": 1\n", row("A?", "#### 2"))).unwrap();
+    one_line_error(adadim_with_data(&["eval", "gsm8k", "--model", model], Some(&data)), &["test.jsonl", "line 2"]);
+    std::fs::write(gsm.join("test.jsonl"), format!("{}\n{}\n", row("A?", "#### 2"), row("B?", "3"))).unwrap();
+    one_line_error(
+        adadim_with_data(&["eval", "gsm8k", "--model", model], Some(&data)),
+        &["test.jsonl", "line 2", "####"],
+    );
+    // A shot that is a test problem is refused; --shots above the listed eight too.
+    std::fs::write(gsm.join("test.jsonl"), format!("{}\n{}\n", row("A?", "#### 2"), row("Train 5?", "#### 6")))
+        .unwrap();
+    one_line_error(
+        adadim_with_data(&["eval", "gsm8k", "--model", model], Some(&data)),
+        &["train line 6", "test problem"],
+    );
+    one_line_error(adadim_with_data(&["eval", "gsm8k", "--model", model, "--shots", "9"], Some(&data)), &["--shots 9"]);
+    // A well-formed set runs end to end on the tiny model (shared-prefix cache included) and
+    // the reference solutions score 100%.
+    std::fs::write(
+        gsm.join("test.jsonl"),
+        format!("{}\n{}\n", row("A?", "1 + 1 = 2\n#### 2"), row("B?", "#### 1,000")),
+    )
+    .unwrap();
+    let (code, out, err) = adadim_with_data(
+        &["eval", "gsm8k", "--model", model, "--shots", "1", "--max-tokens", "3", "--json"],
+        Some(&data),
+    );
+    assert_eq!(code, 0, "{err}");
+    let r: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!((r["problems"].as_u64(), r["shots"].as_u64()), (Some(2), Some(1)), "{r}");
+    assert_eq!(r["results"][1]["reference"], "1000");
+    assert!(r["results"][0]["generated_tokens"].as_u64().unwrap() <= 3, "{r}");
+    let (code, out, err) = adadim_with_data(&["eval", "gsm8k", "--canonical", "--json"], Some(&data));
+    assert_eq!(code, 0, "{err}");
+    let r: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!((r["correct"].as_u64(), r["accuracy"].as_f64()), (Some(2), Some(1.0)), "{r}");
 }
 
 /// Issue 29's data loss: a link planted at `.NAME.partial` used to be followed and the directory

@@ -2,11 +2,13 @@
 //!
 //! What a quantized model costs in quality. [`ppl::perplexity`] follows the GPTQ papers'
 //! protocol; [`mmlu`] scores k-shot multiple choice from next-token logits; [`humaneval`]
-//! generates code and runs its tests in the [`sandbox`]; [`datasets`] resolves named corpora
+//! generates code and runs its tests in the [`sandbox`]; [`gsm8k`] scores worked math answers;
+//! [`datasets`] resolves named corpora
 //! in `$ADADIM_DATA`.
 
 pub mod datasets;
 pub mod error;
+pub mod gsm8k;
 pub mod humaneval;
 pub mod mmlu;
 pub mod ppl;

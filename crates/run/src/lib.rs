@@ -145,14 +145,27 @@ pub fn generate_until(
     s: &Settings,
     on_token: &mut dyn FnMut(u32) -> bool,
 ) -> Result<Stats, ModelError> {
-    let mut stats = Stats { prompt_tokens: prompt.len(), ..Stats::default() };
-    if prompt.is_empty() || s.max_tokens == 0 {
+    generate_after(model, model.new_cache(), prompt, stop, s, on_token)
+}
+
+/// As [`generate_until`] with the prompt's first `cache.len()` tokens already in `cache` (a
+/// shared prefix, [`adadim_model::KvCache::fork`]): only `rest`, the prompt after them, is
+/// prefilled. `rest` must not be empty (its last position gives the first token's logits).
+pub fn generate_after(
+    model: &Model,
+    mut cache: adadim_model::KvCache,
+    rest: &[u32],
+    stop: &[u32],
+    s: &Settings,
+    on_token: &mut dyn FnMut(u32) -> bool,
+) -> Result<Stats, ModelError> {
+    let mut stats = Stats { prompt_tokens: cache.len() + rest.len(), ..Stats::default() };
+    if rest.is_empty() || s.max_tokens == 0 {
         return Ok(stats);
     }
     let mut rng = Rng(s.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
-    let mut cache = model.new_cache();
     let t = Instant::now();
-    let hidden = model.forward_cached(prompt, &mut cache)?;
+    let hidden = model.forward_cached(rest, &mut cache)?;
     let mut next = last_token(model, &hidden, s.temperature, &mut rng)?;
     stats.prefill_s = t.elapsed().as_secs_f64();
     let t = Instant::now();

@@ -1,5 +1,5 @@
-//! `adadim eval mmlu` and `adadim eval humaneval`: argument parsing, model loading, progress
-//! and printing around `adadim_eval::{mmlu, humaneval}`.
+//! `adadim eval mmlu`, `eval humaneval` and `eval gsm8k`: argument parsing, model loading,
+//! progress and printing around `adadim_eval::{mmlu, humaneval, gsm8k}`.
 
 use crate::progress;
 use adadim_eval::humaneval::{self, Completer};
@@ -47,6 +47,32 @@ pub struct HumanEvalArgs {
     #[arg(long)]
     pub canonical: bool,
     /// Print one JSON object (with every problem's completion and outcome) instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+pub struct Gsm8kArgs {
+    #[command(flatten)]
+    pub model: crate::args::ModelArg,
+    /// Worked train solutions before each problem (0-8; the chat mode uses none).
+    #[arg(long, default_value_t = 8)]
+    pub shots: usize,
+    /// Only the first N test problems.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Tokens generated per problem at most.
+    #[arg(long, default_value_t = 256)]
+    pub max_tokens: usize,
+    /// Zero-shot through the model's chat template; the answer read after "The answer is".
+    #[arg(long)]
+    pub chat: bool,
+    /// Score the test split's own worked solutions instead of the model's (checks the
+    /// scorer: all must be right).
+    #[arg(long)]
+    pub canonical: bool,
+    /// Print one JSON object (with every problem's completion, extracted and reference
+    /// answers) instead of text.
     #[arg(long)]
     pub json: bool,
 }
@@ -170,6 +196,87 @@ pub fn humaneval(a: HumanEvalArgs) -> Result<()> {
         println!(
             "  generated {} tokens at {:.1} tokens/s ({:.0} s); tests ran {:.0} s in the sandbox",
             r.generated_tokens, r.tokens_per_s, r.generate_s, r.execute_s
+        );
+    }
+    Ok(())
+}
+
+pub fn gsm8k(a: Gsm8kArgs) -> Result<()> {
+    use adadim_eval::gsm8k;
+    crate::messages::check_limit(a.limit)?;
+    if a.max_tokens == 0 {
+        anyhow::bail!("--max-tokens 0: a completion needs at least one token");
+    }
+    let data = adadim_eval::datasets::data_dir_from_env().ok_or_else(|| {
+        anyhow::anyhow!("GSM8K is read from $ADADIM_DATA/gsm8k/{{train,test}}.jsonl; set ADADIM_DATA (e.g. ADADIM_DATA=../shared/data)")
+    })?;
+    let test = gsm8k::load(&gsm8k::split_file(&data, "test"))?;
+    let train = gsm8k::load(&gsm8k::split_file(&data, "train"))?;
+    let shots = gsm8k::shots(&train, &test, if a.chat { 0 } else { a.shots })?;
+    let mut problems = test;
+    problems.truncate(a.limit.unwrap_or(usize::MAX));
+    let (model, tok, dir);
+    let completer = if a.canonical {
+        gsm8k::Completer::Canonical
+    } else {
+        dir = crate::resolve::model_dir(&a.model.model)?;
+        tok = adadim_load::tokenizer::load(&dir)?;
+        let tok_config = adadim_load::tokenizer::config(&dir)?.unwrap_or_default();
+        let eos = crate::resolve::eos_ids(&dir, &tok, &tok_config)?;
+        let chat = match (a.chat, tok_config["chat_template"].as_str()) {
+            (false, _) => None,
+            (true, Some(t)) => Some(adadim_run::ChatTemplate::from_jinja(t).ok_or_else(|| {
+                anyhow::anyhow!("--chat: {}'s chat template is not ChatML, the only one rendered", dir.display())
+            })?),
+            (true, None) => anyhow::bail!("--chat: {} has no chat template", dir.display()),
+        };
+        let context = context_of(&dir)?;
+        if a.max_tokens >= context {
+            anyhow::bail!(
+                "--max-tokens {}: must leave room for the prompt in the {context}-token context",
+                a.max_tokens
+            );
+        }
+        model = load_model(&dir, context)?;
+        gsm8k::Completer::Model {
+            model: &model,
+            tok: &tok,
+            eos,
+            max_tokens: a.max_tokens,
+            shots,
+            chat,
+            max_prompt: context - a.max_tokens,
+        }
+    };
+    let mut bar = progress::Bar::new("gsm8k", problems.len());
+    let r = gsm8k::evaluate(&problems, &completer, &mut |d, t, _| bar.update(d, t))?;
+    bar.finish();
+    let what = if a.canonical { "reference solutions".to_string() } else { a.model.model.clone() };
+    if a.json {
+        let mut v = serde_json::to_value(&r)?;
+        v["model"] = what.into();
+        v["max_tokens"] = a.max_tokens.into();
+        v["threads"] = candle_core::utils::get_num_threads().into();
+        println!("{}", serde_json::to_string(&v)?);
+        return Ok(());
+    }
+    let mode = match (a.canonical, r.chat) {
+        (true, _) => "the test split's own worked solutions".to_string(),
+        (false, true) => "chat, zero-shot".to_string(),
+        (false, false) => format!("{}-shot", r.shots),
+    };
+    println!(
+        "{what}: GSM8K accuracy {:.2}% ± {:.2} ({}/{} problems; {mode}; greedy, max {} tokens)",
+        100.0 * r.accuracy,
+        100.0 * r.stderr,
+        r.correct,
+        r.problems,
+        a.max_tokens
+    );
+    if !a.canonical {
+        println!(
+            "  {} completions without a number; {} prompts lost shots to fit the context; {} tokens at {:.1} tokens/s ({:.0} s)",
+            r.no_answer, r.shortened, r.generated_tokens, r.tokens_per_s, r.seconds
         );
     }
     Ok(())
