@@ -1,7 +1,9 @@
 //! Import a GGUF file of the `llama` architecture as a Hugging Face checkpoint directory.
 //!
 //! Flow: read the header with candle's GGUF reader -> derive `config.json` from the metadata ->
-//! dequantize each tensor to f32 (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K..Q6_K),
+//! dequantize each tensor to f32 (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K..Q6_K with
+//! candle; the i-quants IQ1_S..IQ4_XS, which candle cannot read, with [`crate::iquant`]: their
+//! type fields are masked for candle's header parse and their bytes read here),
 //! undo llama.cpp's row permutation of Q and K, rename to HF names -> stream the tensors into
 //! `model.safetensors` -> build `tokenizer.json` from the GGUF's own tokenizer metadata.
 //! Everything is written into a temporary directory that is renamed into place at the end,
@@ -21,8 +23,21 @@ use std::path::{Path, PathBuf};
 /// A parsed GGUF header plus the open file.
 pub struct Gguf {
     pub path: PathBuf,
+    /// The header as candle parsed it; an i-quant tensor appears in it as F32 (see `iq`).
     pub content: Content,
     reader: BufReader<File>,
+    /// The i-quant tensors: name -> GGML type id (their entry in `content` says F32).
+    iq: HashMap<String, u32>,
+    /// The i-quant codebooks, read on the first i-quant tensor.
+    books: Option<crate::iquant::Codebooks>,
+}
+
+/// An i-quant tensor's type name, or candle's debug name of its type.
+pub fn type_name(g: &Gguf, tensor: &str) -> String {
+    match g.iq.get(tensor).and_then(|&id| crate::iquant::type_info(id)) {
+        Some((name, _, _)) => name.to_string(),
+        None => g.content.tensor_infos.get(tensor).map_or_else(String::new, |i| format!("{:?}", i.ggml_dtype)),
+    }
 }
 
 impl Gguf {
@@ -39,8 +54,25 @@ impl Gguf {
             });
         }
         reader.rewind().map_err(io_err(path))?;
-        let content = Content::read(&mut reader).map_err(|e| gguf_err(path, e))?;
-        let g = Gguf { path: path.to_path_buf(), content, reader };
+        // i-quant types: candle refuses them, so its parse reads a copy of the header with their
+        // type fields set to F32 (the same length, so the data offset it derives is the file's).
+        let iq: Vec<&(String, u32, u64)> = raw
+            .as_ref()
+            .map(|r| r.types.iter().filter(|t| crate::iquant::type_info(t.1).is_some()).collect())
+            .unwrap_or_default();
+        let content = if iq.is_empty() {
+            Content::read(&mut reader).map_err(|e| gguf_err(path, e))?
+        } else {
+            let end = raw.as_ref().map_or(0, |r| r.end);
+            let mut head = vec![0u8; end as usize];
+            reader.read_exact(&mut head).map_err(io_err(path))?;
+            for (_, _, at) in &iq {
+                head[*at as usize..*at as usize + 4].copy_from_slice(&0u32.to_le_bytes());
+            }
+            Content::read(&mut std::io::Cursor::new(head)).map_err(|e| gguf_err(path, e))?
+        };
+        let iq = iq.into_iter().map(|(n, id, _)| (n.clone(), *id)).collect();
+        let g = Gguf { path: path.to_path_buf(), content, reader, iq, books: None };
         if let Some(raw) = &raw {
             g.check_unique(raw)?;
         }
@@ -103,14 +135,17 @@ impl Gguf {
                     info.offset
                 )));
             }
-            let (block, block_bytes) = (info.ggml_dtype.block_size() as u64, info.ggml_dtype.type_size() as u64);
+            let (block, block_bytes) = match self.iq.get(name).and_then(|&id| crate::iquant::type_info(id)) {
+                Some((_, per, bytes)) => (per as u64, bytes as u64),
+                None => (info.ggml_dtype.block_size() as u64, info.ggml_dtype.type_size() as u64),
+            };
             let elems = info.shape.dims().iter().try_fold(1u64, |a, &d| a.checked_mul(d as u64));
             let bytes = elems.filter(|n| n % block == 0).and_then(|n| (n / block).checked_mul(block_bytes));
             let Some(bytes) = bytes else {
                 return Err(terr(format!(
-                    "shape {:?} is not a whole number of {:?} blocks of {block}",
+                    "shape {:?} is not a whole number of {} blocks of {block}",
                     info.shape.dims(),
-                    info.ggml_dtype
+                    type_name(self, name)
                 )));
             };
             let start = base.checked_add(info.offset);
@@ -139,6 +174,18 @@ impl Gguf {
             }
         }
         Ok(())
+    }
+
+    /// Values per block and bytes per block of a tensor's stored type (i-quants included).
+    pub fn block_of(&self, name: &str) -> Option<(u64, u64)> {
+        match self.iq.get(name).and_then(|&id| crate::iquant::type_info(id)) {
+            Some((_, per, bytes)) => Some((per as u64, bytes as u64)),
+            None => self
+                .content
+                .tensor_infos
+                .get(name)
+                .map(|i| (i.ggml_dtype.block_size() as u64, i.ggml_dtype.type_size() as u64)),
+        }
     }
 
     fn meta(&self, key: &str) -> Option<&Value> {
@@ -225,6 +272,21 @@ impl Gguf {
         if dims.iter().try_fold(1usize, |a, &b| a.checked_mul(b)).is_none_or(|n| n == 0 || n > (1 << 40)) {
             return Err(terr(format!("implausible shape {dims:?}")));
         }
+        if let Some(&id) = self.iq.get(name) {
+            let (per, bytes) = crate::iquant::type_info(id).map(|t| (t.1, t.2)).unwrap_or((1, 1));
+            let n: usize = dims.iter().product();
+            let mut raw = vec![0u8; n / per * bytes];
+            let start = self.content.tensor_data_offset + info.offset;
+            self.reader.seek(std::io::SeekFrom::Start(start)).map_err(io_err(&self.path))?;
+            self.reader.read_exact(&mut raw).map_err(io_err(&self.path))?;
+            if self.books.is_none() {
+                self.books = Some(crate::iquant::Codebooks::load(&crate::fetch::adadim_home())?);
+            }
+            let mut v = vec![0f32; n];
+            self.books.as_ref().expect("loaded above").dequantize(id, &raw, &mut v).map_err(terr)?;
+            crate::checkpoint::check_finite(&self.path, name, &v)?;
+            return Ok((dims, v));
+        }
         if matches!(info.ggml_dtype, GgmlDType::Q8_1 | GgmlDType::Q8K) {
             return Err(LoadError::UnsupportedDtype {
                 path: self.path.clone(),
@@ -251,15 +313,34 @@ struct RawHeader {
     alignment: Option<u64>,
     keys: Vec<String>,
     tensors: Vec<String>,
+    /// Each tensor's name, GGML type id and the byte position of that id in the file.
+    types: Vec<(String, u32, u64)>,
+    /// The byte position where the tensor infos end.
+    end: u64,
 }
 
-fn raw_header<R: Read>(r: &mut R) -> Option<RawHeader> {
+/// A reader that counts the bytes taken from it.
+struct Counted<R> {
+    inner: R,
+    pos: u64,
+}
+
+impl<R: Read> Read for Counted<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+fn raw_header<R0: Read>(r: &mut R0) -> Option<RawHeader> {
+    let r = &mut Counted { inner: r, pos: 0 };
     fn bytes<const N: usize, R: Read>(r: &mut R) -> Option<[u8; N]> {
         let mut b = [0u8; N];
         r.read_exact(&mut b).ok().map(|()| b)
     }
     fn u32_<R: Read>(r: &mut R) -> Option<u32> {
-        bytes::<4, R>(r).map(u32::from_le_bytes)
+        bytes::<4, _>(r).map(u32::from_le_bytes)
     }
     fn skip<R: Read>(r: &mut R, n: u64) -> Option<()> {
         (std::io::copy(&mut r.by_ref().take(n), &mut std::io::sink()).ok()? == n).then_some(())
@@ -269,7 +350,7 @@ fn raw_header<R: Read>(r: &mut R) -> Option<RawHeader> {
         if v1 {
             u32_(r).map(u64::from)
         } else {
-            bytes::<8, R>(r).map(u64::from_le_bytes)
+            bytes::<8, _>(r).map(u64::from_le_bytes)
         }
     }
     // A string as candle reads it: at most 1 GiB, trailing NULs dropped, lossy UTF-8.
@@ -311,7 +392,7 @@ fn raw_header<R: Read>(r: &mut R) -> Option<RawHeader> {
         }
     }
     // candle takes the magic in either byte order.
-    if !matches!(&bytes::<4, R>(r)?, b"GGUF" | b"FUGG") {
+    if !matches!(&bytes::<4, _>(r)?, b"GGUF" | b"FUGG") {
         return None;
     }
     let v1 = u32_(r)? == 1;
@@ -321,7 +402,7 @@ fn raw_header<R: Read>(r: &mut R) -> Option<RawHeader> {
     if n_tensors > 1 << 30 || n_kv > 1 << 30 {
         return None;
     }
-    let mut h = RawHeader { alignment: None, keys: Vec::new(), tensors: Vec::new() };
+    let mut h = RawHeader { alignment: None, keys: Vec::new(), tensors: Vec::new(), types: Vec::new(), end: 0 };
     for _ in 0..n_kv {
         let key = string(r, v1)?;
         let ty = u32_(r)?;
@@ -333,12 +414,12 @@ fn raw_header<R: Read>(r: &mut R) -> Option<RawHeader> {
         }
         // As candle reads it: unsigned 8/16/32-bit, or signed and not negative; the last wins.
         h.alignment = match ty {
-            0 => Some(u64::from(bytes::<1, R>(r)?[0])),
-            2 => Some(u64::from(u16::from_le_bytes(bytes::<2, R>(r)?))),
+            0 => Some(u64::from(bytes::<1, _>(r)?[0])),
+            2 => Some(u64::from(u16::from_le_bytes(bytes::<2, _>(r)?))),
             4 => Some(u64::from(u32_(r)?)),
-            1 => u64::try_from(i8::from_le_bytes(bytes::<1, R>(r)?)).ok(),
-            3 => u64::try_from(i16::from_le_bytes(bytes::<2, R>(r)?)).ok(),
-            5 => u64::try_from(i32::from_le_bytes(bytes::<4, R>(r)?)).ok(),
+            1 => u64::try_from(i8::from_le_bytes(bytes::<1, _>(r)?)).ok(),
+            3 => u64::try_from(i16::from_le_bytes(bytes::<2, _>(r)?)).ok(),
+            5 => u64::try_from(i32::from_le_bytes(bytes::<4, _>(r)?)).ok(),
             _ => {
                 skip_value(r, ty, v1, 0)?;
                 None
@@ -346,13 +427,18 @@ fn raw_header<R: Read>(r: &mut R) -> Option<RawHeader> {
         };
     }
     for _ in 0..n_tensors {
-        h.tensors.push(string(r, v1)?);
+        let name = string(r, v1)?;
+        h.tensors.push(name.clone());
         let dims = u32_(r)?;
         if dims > 4 {
             return None;
         }
-        skip(r, u64::from(dims) * if v1 { 4 } else { 8 } + 4 + 8)?; // dimensions, type, offset
+        skip(r, u64::from(dims) * if v1 { 4 } else { 8 })?;
+        let at = r.pos;
+        h.types.push((name, u32_(r)?, at));
+        skip(r, 8)?; // offset
     }
+    h.end = r.pos;
     Some(h)
 }
 
@@ -376,7 +462,8 @@ fn gguf_err(path: &Path, e: candle_core::Error) -> LoadError {
     let msg = if msg.contains("unknown dtype") {
         format!(
             "{msg}: a tensor uses a GGUF type this importer cannot dequantize \
-                 (supported: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K)"
+                 (supported: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, \
+                 IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S, IQ4_NL, IQ4_XS)"
         )
     } else if msg.contains("magic") {
         format!("{msg} (not a GGUF file?)")
@@ -522,7 +609,7 @@ pub fn import_gguf(gguf_path: &Path, out_dir: &Path, progress: &mut dyn FnMut(us
             safetensors_out::DenseWriter::create(&st_path, &header, &meta, safetensors_out::DenseDtype::F32)?;
         let total = plan.len();
         for (i, (hf, _, src)) in plan.iter().enumerate() {
-            let ty = format!("{:?}", g.content.tensor_infos[src].ggml_dtype);
+            let ty = type_name(&g, src);
             *source_types.entry(ty).or_default() += 1;
             let (_, mut v) = g.tensor_f32(src)?;
             let cols = if hf.ends_with(".bias") { 1 } else { config.hidden_size };

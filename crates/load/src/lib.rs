@@ -20,6 +20,7 @@ pub mod config;
 pub mod error;
 pub mod fetch;
 pub mod gguf;
+pub mod iquant;
 pub mod mapped;
 pub mod safetensors_fault;
 pub mod safetensors_out;

@@ -176,3 +176,76 @@ fn refuses_to_overwrite_and_cleans_up_on_error() {
     let leftovers: Vec<_> = std::fs::read_dir(d.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert!(leftovers.iter().all(|n| !n.to_string_lossy().contains("partial")), "{leftovers:?}");
 }
+
+/// i-quants: a GGUF written with F32 matrices, then each matrix's type field set to an i-quant
+/// and the start of its data slot filled with random blocks of that type (the i-quant takes
+/// fewer bytes than F32, so every offset stays valid). The import must give the decoders' values
+/// (tests/iquant.rs checks those against gguf-py), rows unpermuted for q / k, and name the types.
+#[test]
+fn i_quant_tensors_import_through_their_own_decoders() {
+    use adadim_load::iquant::{type_info, Codebooks, TYPES};
+    let d = tempfile::tempdir().unwrap();
+    let hf = d.path().join("hf");
+    let cfg = config();
+    write_random_checkpoint(&hf, &cfg, 3).unwrap();
+    let src = Checkpoint::open(&hf).unwrap();
+    let gguf = d.path().join("iq.gguf");
+    let chosen = write_gguf(&src, &gguf, &[GgmlDType::F32]);
+    let content = gguf_file::Content::read(&mut std::fs::File::open(&gguf).unwrap()).unwrap();
+    let mut bytes = std::fs::read(&gguf).unwrap();
+    let books = Codebooks::load(&adadim_load::fetch::adadim_home()).unwrap();
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut want = std::collections::HashMap::new();
+    let matrices: Vec<&(String, GgmlDType)> = chosen.iter().filter(|(n, _)| n.ends_with("_proj.weight")).collect();
+    for (k, (name, _)) in matrices.iter().enumerate() {
+        let (id, tname, per, size) = TYPES[k % TYPES.len()];
+        let g = gguf_name(name);
+        let info = &content.tensor_infos[&g];
+        let n: usize = info.shape.dims().iter().product();
+        // The type field: after the name (u64 length + bytes), n_dims (u32) and the dims (u64 each).
+        let mut key = (g.len() as u64).to_le_bytes().to_vec();
+        key.extend_from_slice(g.as_bytes());
+        let at = bytes.windows(key.len()).position(|w| w == key.as_slice()).unwrap() + key.len();
+        let at = at + 4 + 8 * info.shape.dims().len();
+        bytes[at..at + 4].copy_from_slice(&id.to_le_bytes());
+        let mut blocks = vec![0u8; n / per * size];
+        for b in blocks.iter_mut() {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            *b = (state >> 24) as u8;
+        }
+        // Finite f16 super-block scales of a plausible size (IQ1_M spreads its own over nibbles).
+        for blk in blocks.chunks_mut(size) {
+            if tname == "IQ1_M" {
+                for (i, nib) in [0x0u16, 0x2, 0x0, 0x2].iter().enumerate() {
+                    let w = u16::from_le_bytes([blk[48 + 2 * i], blk[49 + 2 * i]]) & 0x0fff | (nib << 12);
+                    blk[48 + 2 * i..50 + 2 * i].copy_from_slice(&w.to_le_bytes());
+                }
+            } else {
+                blk[..2].copy_from_slice(&half::f16::from_f32(0.01).to_le_bytes());
+            }
+        }
+        let start = (content.tensor_data_offset + info.offset) as usize;
+        bytes[start..start + blocks.len()].copy_from_slice(&blocks);
+        let mut v = vec![0f32; n];
+        books.dequantize(id, &blocks, &mut v).unwrap();
+        let cols = info.shape.dims()[1];
+        if name.contains("q_proj") {
+            v = adadim_load::gguf::unpermute_rows(&v, cfg.num_attention_heads, cols);
+        } else if name.contains("k_proj") {
+            v = adadim_load::gguf::unpermute_rows(&v, cfg.n_kv_heads(), cols);
+        }
+        want.insert(name.clone(), (tname, v));
+        assert_eq!(type_info(id).unwrap().0, tname);
+    }
+    std::fs::write(&gguf, &bytes).unwrap();
+    let out = d.path().join("imported");
+    let summary = import_gguf(&gguf, &out, &mut |_, _| {}).unwrap();
+    let imp = Checkpoint::open(&out).unwrap();
+    for (name, (tname, v)) in &want {
+        assert_eq!(&imp.tensor_f32(name).unwrap(), v, "{name} ({tname})");
+        assert!(summary.source_types.contains_key(*tname), "{tname} in {:?}", summary.source_types);
+    }
+    assert_eq!(want.len(), 7);
+}

@@ -76,11 +76,9 @@ pub fn model_bits(dir: &Path) -> Result<(u64, u64)> {
 
 /// Stored bits and weights of the block linears of a GGUF file (each tensor's own type).
 pub fn gguf_bits(path: &Path) -> Result<(u64, u64)> {
-    let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let content = candle_core::quantized::gguf_file::Content::read(&mut f)
-        .with_context(|| format!("{}: not a readable GGUF file", path.display()))?;
+    let g = adadim_load::gguf::Gguf::open(path)?;
     let (mut bits, mut weights) = (0u64, 0u64);
-    for (name, info) in &content.tensor_infos {
+    for (name, info) in &g.content.tensor_infos {
         let is_linear = name
             .strip_prefix("blk.")
             .and_then(|r| r.split_once('.'))
@@ -89,7 +87,7 @@ pub fn gguf_bits(path: &Path) -> Result<(u64, u64)> {
             continue;
         }
         let n = info.shape.elem_count() as u64;
-        let (block, size) = (info.ggml_dtype.block_size() as u64, info.ggml_dtype.type_size() as u64);
+        let (block, size) = g.block_of(name).unwrap_or((1, 4));
         anyhow::ensure!(
             n.is_multiple_of(block),
             "{}: tensor {name} has {n} values, not a whole number of {block}-value blocks",
