@@ -91,14 +91,19 @@ lines += [
     "",
     "### Calibration set (the paper's Table 4 shape): GPTQ-ada w3g128",
     "",
-    "Each model quantized with the calibration text named, then MMLU 5-shot (the first 20 questions of each subject), "
-    "HumanEval pass@1 (greedy) and GSM8K as above. None of the calibration texts holds an evaluation problem "
-    "(`--calib gsm8k` is the train split; tested).",
+    "Each model quantized with the calibration text named, then MMLU 5-shot ({mmlu}), HumanEval pass@1 (greedy, {he}) "
+    "and GSM8K as above. None of the calibration texts holds an evaluation problem (`--calib gsm8k` is the train split; tested).",
     "",
     "| calibration | MMLU accuracy | MMLU same answer as FP | HumanEval pass@1 | GSM8K accuracy ± s.e. | GSM8K same answer as FP |",
     "|---|---|---|---|---|---|",
 ]
 mfp, hfp = load("mmlu-fp"), load("humaneval-fp")
+m0 = mfp or next((m for m in (load(f"mmlu-w3g128-gptq-ada-{c}") for c, _ in CALIBS) if m), None)
+h0 = hfp or next((h for h in (load(f"humaneval-w3g128-gptq-ada-{c}") for c, _ in CALIBS) if h), None)
+lines[-4] = lines[-4].format(
+    mmlu=f"the first {m0['limit']} questions of each subject, {m0['questions']} in all" if m0 else "not run",
+    he=f"the first {h0['problems']} of the 164 problems" if h0 else "not run",
+)
 
 
 def mmlu_preds(m):
