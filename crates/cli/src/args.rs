@@ -135,10 +135,13 @@ pub struct QuantSettings {
     /// With --bpw: how a layout's output error predicts its damage to the model.
     #[arg(long, value_enum, default_value = "kl")]
     pub damage: DamageArg,
-    /// How each group's zero is stored [default: awq; with --bpw, each linear may take awq's
-    /// whole zero points or float minima, whichever the budget favours; given, it fixes them].
+    /// How each group's zero point is chosen and stored [default: awq].
     #[arg(long, value_enum)]
     pub zero: Option<ZeroArg>,
+    /// With --bpw: each layout may also take float minima (`--zero float`) in place of the
+    /// --zero style's whole zero points, both measured, the allocator choosing.
+    #[arg(long)]
+    pub float_min: bool,
     /// How each group's scale and zero are chosen: span its min and max, or minimise the
     /// rounding error weighted by each input channel's Hessian diagonal (a clipping grid and
     /// least-squares refinement), in RTN, GPTQ and AdaDim's choice alike.

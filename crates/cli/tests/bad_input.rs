@@ -240,7 +240,7 @@ fn corrupt_and_unsupported_gguf() {
     assert!(!out.exists());
 
     let odd = d.path().join("iq.gguf");
-    small_gguf(&odd, Some(20)); // 20 = IQ4_NL, not dequantized by this importer
+    small_gguf(&odd, Some(99)); // no GGML type has id 99
     let (code, _, err) = adadim(&["import-gguf", odd.to_str().unwrap(), "--out", out.to_str().unwrap()]);
     assert_eq!(code, 1);
     assert!(err.contains("iq.gguf") && err.contains("supported:"), "{err}");
@@ -251,6 +251,21 @@ fn corrupt_and_unsupported_gguf() {
     let (code, _, err) = adadim(&["import-gguf", partial.to_str().unwrap(), "--out", out.to_str().unwrap()]);
     assert_eq!(code, 1);
     assert!(err.contains("partial.gguf") && err.contains("llama.attention.head_count"), "{err}");
+    assert!(!out.exists());
+    // An i-quant (20 = IQ4_NL) now reads: the same file gets as far as the missing metadata.
+    let iq = d.path().join("iq4nl.gguf");
+    small_gguf(&iq, Some(20));
+    let (code, _, err) = adadim(&["import-gguf", iq.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(err.contains("iq4nl.gguf") && err.contains("llama.attention.head_count"), "{err}");
+    assert!(!out.exists());
+    // --float-min is --bpw's: alone it is an error that says what to use instead.
+    let m = d.path().join("m");
+    write_random_checkpoint(&m, &tiny_config(), 1).unwrap();
+    let (code, _, err) =
+        adadim(&["quantize", "--model", m.to_str().unwrap(), "--float-min", "--out", out.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(err.contains("--float-min") && err.contains("--zero float"), "{err}");
     assert!(!out.exists());
 }
 

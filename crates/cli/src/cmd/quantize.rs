@@ -166,6 +166,11 @@ pub fn quantize_config(method: MethodArg, dim: DimArg, q: &QuantSettings) -> Res
         },
     };
     spec.validate().context("--bits / --group")?;
+    if q.float_min && q.bpw.is_none() {
+        anyhow::bail!(
+            "--float-min lets --bpw choose float minima per linear; without --bpw use --zero float for every linear"
+        );
+    }
     let cfg = QuantizeConfig {
         method: match method {
             MethodArg::Rtn => Method::Rtn,
@@ -210,7 +215,7 @@ pub fn quantize_config(method: MethodArg, dim: DimArg, q: &QuantSettings) -> Res
                 DimArg::Ic => vec![Axis::Ic],
                 DimArg::Ada => vec![Axis::Oc, Axis::Ic],
             },
-            float_min: q.zero.is_none(),
+            float_min: q.float_min,
         }),
         layouts: Default::default(),
     };
