@@ -26,13 +26,14 @@ VARIANTS="${VARIANTS:-gptq-ada}"
 if [ -n "${ADADIM_BIN:-}" ]; then A="$ADADIM_BIN"; else cargo build --release -p adadim; A=./target/release/adadim; fi
 mkdir -p "$OUT"
 . bench/quality_runs.sh
-draw() { # seed 0's allocation under the default damage model, into docs/
-  if [ "$seed" = "${PICTURE_SEED:-0}" ] && [ "$dmg" = kl ]; then
-    $A report "$1" --out "$1/page" --no-updates > /dev/null
-    cp "$1/page/allocation.svg" "docs/allocation-bpw$b-$v.svg"
+draw() { # seed 0's allocation under the default damage model, into docs/, from the saved report
+  local run=$1 page
+  if [ "$seed" = "${PICTURE_SEED:-0}" ] && [ "$dmg" = kl ] && [ -f "$run.report.json" ] && [ "$NSAMPLES" = 128 ]; then
+    page=$(mktemp -d); cp "$run.report.json" "$page/report.json"
+    $A report "$page" --out "$page/page" --no-updates > /dev/null
+    cp "$page/page/allocation.svg" "docs/allocation-bpw$b-$v.svg"; rm -rf "$page"
   fi
 }
-AFTER_QUANTIZE=draw
 for ds in wikitext2 ptb; do eval_to "$MODEL" "$ds" "$OUT/fp.$ds.json"; done
 for b in $BUDGETS; do
   for v in $VARIANTS; do
@@ -40,6 +41,7 @@ for b in $BUDGETS; do
       for seed in $SEEDS; do
         # shellcheck disable=SC2086 # ARGS holds several flags
         quantize_and_eval "$OUT/bpw$b-$v-$dmg-n$NSAMPLES-s$seed" ${ARGS[$v]} --bpw "$b" --damage "$dmg" --seed "$seed"
+        draw "$OUT/bpw$b-$v-$dmg-n$NSAMPLES-s$seed"
       done
     done
   done
