@@ -18,6 +18,7 @@ declare -A ARGS=(
   [rtn-oc]="--method rtn --dim oc --scale-search minmax"
   [rtn-oc-mse]="--method rtn --dim oc --scale-search mse"
   [rtn-oc-float]="--method rtn --dim oc --scale-search minmax --zero float"
+  [rtn-oc-awq]="--method rtn --dim oc --scale-search minmax --awq"
   [rtn-oc-mse-float]="--method rtn --dim oc --scale-search mse --zero float"
   [gptq-oc]="--method gptq --dim oc --scale-search minmax --act-order false --static-groups false"
   [gptq-oc-mse]="--method gptq --dim oc --scale-search mse --act-order false --static-groups false"
