@@ -145,7 +145,7 @@ pub struct QuantSettings {
     /// How each group's scale and zero are chosen: span its min and max, or minimise the
     /// rounding error weighted by each input channel's Hessian diagonal (a clipping grid and
     /// least-squares refinement), in RTN, GPTQ and AdaDim's choice alike.
-    #[arg(long, value_enum, default_value = "mse")]
+    #[arg(long, value_enum, default_value = "auto")]
     pub scale_search: ScaleSearchArg,
     /// AWQ: scale each linear's input channels by a searched power of their RMS before
     /// quantizing (folded into the RMSNorm, or into v_proj / up_proj when they are per-OC).
@@ -219,6 +219,8 @@ pub enum DimArg {
 
 #[derive(Clone, Copy, clap::ValueEnum)]
 pub enum ScaleSearchArg {
+    /// mse, except min-max for RTN per-OC, where the search measured worse (RESULTS.md).
+    Auto,
     /// The group's min and max.
     Minmax,
     /// The Hessian-weighted squared rounding error, minimised.

@@ -372,6 +372,9 @@ fn quantize_layer_reports_both_errors() {
         "--group",
         "8",
         "--awq",
+        // The fit the oc_error above was measured with (auto takes min-max for RTN per-OC).
+        "--scale-search",
+        "mse",
         "--out",
         &s(&out_awq),
     ]);
@@ -459,6 +462,17 @@ fn quantizer_settings_are_settings_of_the_run() {
     assert_eq!(code, 0, "{se}");
     let ppl = serde_json::from_str::<serde_json::Value>(&so).unwrap()["ppl"].as_f64().unwrap();
     assert!(ppl.is_finite() && ppl > 1.0, "{so}");
+    // The default search is min-max for plain RTN per-OC (where the search measured worse) and
+    // the error search otherwise; either is taken when asked for.
+    for (name, extra, want) in
+        [("oc-default", &[][..], serde_json::Value::Null), ("oc-mse", &["--scale-search", "mse"][..], "mse".into())]
+    {
+        let (code, se, out) = quantize(name, "oc", extra);
+        assert_eq!(code, 0, "{name}: {se}");
+        let r: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+        assert_eq!(r["summary"]["settings"].get("search").cloned().unwrap_or_default(), want, "{name}");
+    }
     // The block-level error judges AdaDim's RTN candidates: nothing to judge with a fixed axis.
     let (code, se, out) = quantize("block-oc", "oc", &["--ada-error", "block"]);
     assert_eq!(code, 1);

@@ -22,7 +22,11 @@ pub fn compare(a: CompareArgs) -> Result<()> {
     let dir = model_dir(&a.model.model)?;
     // Runs are reused by their directory: its name holds a digest of every setting, so a run
     // made with other settings (or other defaults) is never taken for this one.
-    let settings = serde_json::to_string(&crate::cmd::quantize::quantize_config(MethodArg::Gptq, DimArg::Ada, q)?)?;
+    let settings = [(MethodArg::Rtn, DimArg::Oc), (MethodArg::Gptq, DimArg::Oc), (MethodArg::Gptq, DimArg::Ada)]
+        .into_iter()
+        .map(|(m, d)| Ok(serde_json::to_string(&crate::cmd::quantize::quantize_config(m, d, q)?)?))
+        .collect::<Result<Vec<_>>>()?
+        .join(" ");
     let digest = adadim_load::fetch::sha256_hex(format!("{settings} {}", q.calib).as_bytes());
     let grid = match q.bpw {
         Some(b) => format!("bpw{b}"),

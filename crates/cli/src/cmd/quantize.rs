@@ -186,9 +186,11 @@ pub fn quantize_config(method: MethodArg, dim: DimArg, q: &QuantSettings) -> Res
             SelectArg::Gptq => Select::Gptq,
         },
         spec,
-        search: match q.scale_search {
-            ScaleSearchArg::Minmax => adadim_quantize::ScaleSearch::MinMax,
-            ScaleSearchArg::Mse => adadim_quantize::ScaleSearch::Mse,
+        search: match (q.scale_search, method, dim) {
+            (ScaleSearchArg::Minmax, ..) | (ScaleSearchArg::Auto, MethodArg::Rtn, DimArg::Oc) => {
+                adadim_quantize::ScaleSearch::MinMax
+            }
+            (ScaleSearchArg::Mse | ScaleSearchArg::Auto, ..) => adadim_quantize::ScaleSearch::Mse,
         },
         gptq: GptqOptions { percdamp: q.percdamp, ..GptqOptions::default() },
         act_order: q.act_order,
