@@ -57,7 +57,7 @@ lines = [
     "Quantized models: `quantize --bits B --group 128`, 32 x 512 calibration tokens, seed 0, the paper's methods (min-max groups, stored column order), "
     "as `bench/tasks.sh`. FP is the Q4_1 GGUF dequantized. **A 135M model solves almost no GSM8K problem**: accuracies of a few percent "
     "with a standard error of about one point do not separate the methods; the agreement with FP's answers says how often quantization "
-    "changed the model's final number.",
+    "changed the model's final number. The standard error is the binomial `sqrt(p (1 - p) / n)`, which is 0 at 0 of n: read a 0% row as below about 3 / n.",
     "",
     "| model | accuracy ± s.e. | same answer as FP | completions without a number | tokens/s (decode, shared machine) |",
     "|---|---|---|---|---|",
