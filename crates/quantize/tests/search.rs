@@ -63,8 +63,16 @@ fn brute_force(spec: &QuantSpec, v: &[f32]) -> (adadim_quantize::GroupParams, f6
         let err: f64 = v
             .iter()
             .map(|&w| {
-                let q = ((f64::from(w) / f64::from(p.scale)).round_ties_even() + f64::from(p.zero)).clamp(0.0, maxq);
-                let d = f64::from(w) - f64::from(p.scale) * (q - f64::from(p.zero));
+                // A whole zero is added after rounding (GPTQ's order); a float minimum's
+                // fractional zero before it, in f32 as the quantizer does.
+                let q = if p.zero.fract() == 0.0 {
+                    (f64::from(w) / f64::from(p.scale)).round_ties_even() + f64::from(p.zero)
+                } else {
+                    f64::from((w / p.scale + p.zero).round_ties_even())
+                }
+                .clamp(0.0, maxq);
+                // The value on the grid in f32, as the packed file's consumer computes it.
+                let d = f64::from(w) - f64::from(p.scale * (q as f32 - p.zero));
                 d * d
             })
             .sum();
