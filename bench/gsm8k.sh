@@ -4,15 +4,16 @@
 # calibrated on Shakespeare (the default), code and GSM8K's train split. Writes JSON into OUT
 # (finished steps reused) and the section via bench/gsm8k_table.py.
 # Usage: ADADIM_DATA=../shared/data bench/gsm8k.sh
-# Knobs (env): MODEL (smollm2), GSM8K_LIMIT (first N test problems; empty = all 1319),
-# MMLU_LIMIT (20 per subject), HE_LIMIT (all 164), NSAMPLES (32 x 512 calibration, seed 0, as
+# Knobs (env): MODEL (smollm2), GSM8K_LIMIT (first N test problems for the quantized models:
+# 100; empty = all 1319), FP_LIMIT (FP's: 300), MMLU_LIMIT (10 per subject), HE_LIMIT (first 20
+# problems; empty = all 164), NSAMPLES (32 x 512 calibration, seed 0, as
 # bench/tasks.sh), OUT (results/gsm8k), EVAL_THREADS (threads of the evaluations; 1 leaves a
 # core to a quantize running beside them), ADADIM_BIN, ADADIM_COMMIT.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export ADADIM_DATA="${ADADIM_DATA:-$(cd .. && pwd)/shared/data}"
-MODEL="${MODEL:-smollm2}"; GSM8K_LIMIT="${GSM8K_LIMIT-300}"; MMLU_LIMIT="${MMLU_LIMIT:-20}"
-HE_LIMIT="${HE_LIMIT:-}"; NSAMPLES="${NSAMPLES:-32}"; OUT="${OUT:-results/gsm8k}"
+MODEL="${MODEL:-smollm2}"; GSM8K_LIMIT="${GSM8K_LIMIT-100}"; FP_LIMIT="${FP_LIMIT-300}"
+MMLU_LIMIT="${MMLU_LIMIT:-10}"; HE_LIMIT="${HE_LIMIT-20}"; NSAMPLES="${NSAMPLES:-32}"; OUT="${OUT:-results/gsm8k}"
 if [ -n "${ADADIM_BIN:-}" ]; then A="$ADADIM_BIN"; else cargo build --release -p adadim; A=./target/release/adadim; fi
 E() { if [ -n "${EVAL_THREADS:-}" ]; then RAYON_NUM_THREADS="$EVAL_THREADS" "$A" "$@"; else "$A" "$@"; fi; }
 mkdir -p "$OUT"
@@ -39,7 +40,7 @@ model() { # name bits method calib -> the model directory, quantized if missing
 }
 gsm() { once "$OUT/gsm8k-$1.json" E eval gsm8k --model "$2" "${gl[@]}" --json; }
 # FP and Table 4's three calibrations first, then their MMLU / HumanEval, then the other methods.
-gsm fp "$MODEL"
+once "$OUT/gsm8k-fp.json" E eval gsm8k --model "$MODEL" ${FP_LIMIT:+--limit "$FP_LIMIT"} --json
 for c in shakespeare code gsm8k; do gsm "w3g128-gptq-ada-$c" "$(model "w3g128-gptq-ada-$c" 3 gptq-ada "$c")"; done
 for c in shakespeare code gsm8k; do
   d="$OUT/w3g128-gptq-ada-$c"
