@@ -284,28 +284,14 @@ impl Completer<'_> {
         let keep = base.iter().zip(&prompt).take_while(|(a, b)| a == b).count().min(prompt.len() - 1);
         let start = cache.fork(keep)?;
         *prefix = Some((base, cache));
-        let settings = adadim_run::Settings { max_tokens: *max_tokens, temperature: 0.0, seed: 0 };
-        let mut ids = Vec::new();
-        let mut decode_err = None;
-        let few_shot = chat.is_none();
-        adadim_run::generate_after(model, start, &prompt[keep..], eos, &settings, &mut |t| {
-            ids.push(t);
-            match tok.decode(&ids, true) {
-                Ok(text) => !few_shot || truncate_at_stop(&text).len() == text.len(),
-                Err(e) => {
-                    decode_err = Some(e.to_string());
-                    false
-                }
-            }
-        })?;
-        if let Some(msg) = decode_err {
-            return Err(EvalError::Tokenize { what: format!("decoding {}", what()), msg });
+        // Few-shot completions end at the next problem; chat ones at the end-of-turn token.
+        fn whole(t: &str) -> &str {
+            t
         }
-        let text = tok
-            .decode(&ids, true)
-            .map_err(|e| EvalError::Tokenize { what: format!("decoding {}", what()), msg: e.to_string() })?;
-        let text = if few_shot { truncate_at_stop(&text).to_string() } else { text };
-        Ok(Completion { text, generated: ids.len(), prompt_tokens: prompt.len(), shots_dropped })
+        let cut: &dyn Fn(&str) -> &str = if chat.is_none() { &truncate_at_stop } else { &whole };
+        let (text, generated) =
+            crate::complete::greedy(model, tok, start, &prompt[keep..], eos, *max_tokens, cut, &what())?;
+        Ok(Completion { text, generated, prompt_tokens: prompt.len(), shots_dropped })
     }
 }
 

@@ -134,26 +134,7 @@ impl Completer<'_> {
             .map_err(|e| EvalError::Tokenize { what: p.task_id.clone(), msg: e.to_string() })?
             .get_ids()
             .to_vec();
-        let settings = adadim_run::Settings { max_tokens: *max_tokens, temperature: 0.0, seed: 0 };
-        let mut ids = Vec::new();
-        let mut decode_err = None;
-        adadim_run::generate_until(model, &prompt, eos, &settings, &mut |t| {
-            ids.push(t);
-            match tok.decode(&ids, true) {
-                Ok(text) => truncate_at_stop(&text).len() == text.len(),
-                Err(e) => {
-                    decode_err = Some(e.to_string());
-                    false
-                }
-            }
-        })?;
-        if let Some(msg) = decode_err {
-            return Err(EvalError::Tokenize { what: format!("decoding {}", p.task_id), msg });
-        }
-        let text = tok
-            .decode(&ids, true)
-            .map_err(|e| EvalError::Tokenize { what: format!("decoding {}", p.task_id), msg: e.to_string() })?;
-        Ok((truncate_at_stop(&text).to_string(), ids.len()))
+        crate::complete::greedy(model, tok, model.new_cache(), &prompt, eos, *max_tokens, &truncate_at_stop, &p.task_id)
     }
 }
 

@@ -6,6 +6,7 @@
 //! [`datasets`] resolves named corpora
 //! in `$ADADIM_DATA`.
 
+pub mod complete;
 pub mod datasets;
 pub mod error;
 pub mod gsm8k;
