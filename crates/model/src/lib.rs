@@ -16,6 +16,7 @@
 //! ```
 
 pub mod attention;
+pub mod decode_batch;
 pub mod error;
 pub mod kernels;
 pub mod linear;
@@ -23,6 +24,7 @@ pub mod llama;
 pub mod settings;
 pub mod source;
 
+pub use decode_batch::BatchScratch;
 pub use error::{ModelError, Result};
 pub use linear::{Linear, Weight};
 pub use llama::{Block, DecodeScratch, Flow, KvCache, LinearKind, Model, Rope};

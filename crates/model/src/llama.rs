@@ -18,7 +18,7 @@ use candle_core::{DType, Device, Tensor};
 use std::sync::Arc;
 
 /// `out = x / sqrt(mean(x^2) + eps) * w`, as candle's `rms_norm` computes it.
-fn rms_norm_into(x: &[f32], w: &Tensor, eps: f32, out: &mut [f32]) -> candle_core::Result<()> {
+pub(crate) fn rms_norm_into(x: &[f32], w: &Tensor, eps: f32, out: &mut [f32]) -> candle_core::Result<()> {
     let sum2 = x.iter().map(|v| v * v).sum::<f32>();
     let m = (sum2 / x.len() as f32 + eps).sqrt();
     with_f32(w, |w| {
@@ -118,7 +118,7 @@ impl Rope {
 
     /// Rotate the heads of one position `pos` in place (`x`: heads of `hd`, one after another),
     /// as [`Rope::apply`]: the halves of each head turned by the position's angles.
-    fn rotate(&self, x: &mut [f32], hd: usize, pos: usize) -> candle_core::Result<()> {
+    pub(crate) fn rotate(&self, x: &mut [f32], hd: usize, pos: usize) -> candle_core::Result<()> {
         let half = hd / 2;
         let (cos, sin) = (self.cos.narrow(0, pos, 1)?, self.sin.narrow(0, pos, 1)?);
         with_f32(&cos, |cos| {
@@ -156,10 +156,10 @@ pub struct Block {
     pub gate: Linear,      // (f, d)
     pub up: Linear,        // (f, d)
     pub down: Linear,      // (d, f)
-    n_head: usize,
-    n_kv_head: usize,
-    head_dim: usize,
-    eps: f32,
+    pub(crate) n_head: usize,
+    pub(crate) n_kv_head: usize,
+    pub(crate) head_dim: usize,
+    pub(crate) eps: f32,
 }
 
 impl Block {
@@ -443,7 +443,7 @@ impl LayerKv {
 
     /// Writes `k`, `v` (nkv, t, hd) at positions `pos0..pos0 + t`, as `kv` numbers (reallocating
     /// with twice the room when full, the earlier positions copied once) and returns the cache.
-    fn append<'a>(
+    pub(crate) fn append<'a>(
         slot: &'a mut Option<LayerKv>,
         k: &Tensor,
         v: &Tensor,
@@ -492,7 +492,7 @@ impl LayerKv {
     }
 
     /// [`LayerKv::attend`] into `out` (`q.len()` floats).
-    fn attend_into(&self, q: &[f32], n: usize, nh: usize, out: &mut [f32]) -> candle_core::Result<()> {
+    pub(crate) fn attend_into(&self, q: &[f32], n: usize, nh: usize, out: &mut [f32]) -> candle_core::Result<()> {
         let (nkv, cap, hd) = self.k.dims3()?;
         let (ks, kl) = self.k.storage_and_layout();
         let (vs, vl) = self.v.storage_and_layout();
@@ -572,9 +572,9 @@ const MIN_KV_CAPACITY: usize = 16;
 /// Keys (after RoPE) and values of every position processed so far, per layer ([`LayerKv`]).
 #[derive(Debug, Default)]
 pub struct KvCache {
-    layers: Vec<Option<LayerKv>>,
-    len: usize,
-    kv: KvType,
+    pub(crate) layers: Vec<Option<LayerKv>>,
+    pub(crate) len: usize,
+    pub(crate) kv: KvType,
 }
 
 impl KvCache {
@@ -671,7 +671,7 @@ pub struct Model {
     /// [`MATVEC_TOKENS`] positions at a time; evaluation keeps the float head.
     pub decode_head: Option<Arc<PackedLinear>>,
     /// How the forward passes multiply and cache, passed down to every block and linear.
-    settings: DecodeSettings,
+    pub(crate) settings: DecodeSettings,
 }
 
 impl Model {
@@ -696,6 +696,21 @@ impl Model {
     /// An empty KV cache of the settings' number type ([`DecodeSettings::kv`]).
     pub fn new_cache(&self) -> KvCache {
         KvCache::new(self.settings.kv)
+    }
+
+    /// An empty KV cache with room for `positions` positions allocated now (a server reserves
+    /// its slots' memory up front): it grows only past them.
+    pub fn reserved_cache(&self, positions: usize) -> Result<KvCache> {
+        let (nkv, hd) = (self.config.n_kv_heads(), self.config.head_dim());
+        let kv = self.settings.kv;
+        let layer = || -> candle_core::Result<Option<LayerKv>> {
+            Ok(Some(LayerKv {
+                k: Tensor::zeros((nkv, positions, hd), kv.dtype(), &Device::Cpu)?,
+                v: Tensor::zeros((nkv, positions, hd), kv.dtype(), &Device::Cpu)?,
+            }))
+        };
+        let layers = (0..self.blocks.len()).map(|_| layer()).collect::<candle_core::Result<_>>();
+        Ok(KvCache { layers: layers.ctx(|| format!("reserving a kv cache of {positions} positions"))?, len: 0, kv })
     }
 
     /// Load every block (dense or packed). `max_t` bounds the positions the RoPE tables cover.
@@ -726,7 +741,7 @@ impl Model {
     }
 
     /// An error naming the first of `ids` outside the vocabulary, if any.
-    fn check_tokens(&self, ids: &[u32]) -> Result<()> {
+    pub(crate) fn check_tokens(&self, ids: &[u32]) -> Result<()> {
         let vocab = self.config.vocab_size;
         match ids.iter().find(|&&i| i as usize >= vocab) {
             Some(&id) => Err(ModelError::TokenOutOfRange { id, vocab }),
@@ -735,7 +750,7 @@ impl Model {
     }
 
     /// An error when `n` positions do not fit the RoPE tables prepared at load.
-    fn check_positions(&self, n: usize) -> Result<()> {
+    pub(crate) fn check_positions(&self, n: usize) -> Result<()> {
         if n > self.rope.max_positions() {
             return Err(ModelError::Tensor {
                 context: format!("{n} tokens exceed the {} positions prepared", self.rope.max_positions()),

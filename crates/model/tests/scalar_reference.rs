@@ -437,3 +437,58 @@ fn integer_prefill_moves_the_logits_by_its_rounding() {
         eprintln!("NOTE: no AVX-512 VNNI: the prefill stays f32 ({integer} integer linears)");
     }
 }
+
+#[test]
+fn batched_decode_gives_each_sequence_its_own_decode_step_bit_for_bit() {
+    // Sequences of different lengths, joining and leaving the batch between steps, on dense and
+    // packed linears (int16 and int8 activations, the 8-bit head), f32 and f16 caches, one of
+    // them reserved up front: every sequence's logits are its lone decode step's.
+    let mut model = random_model(48, 80, 6, true, 13);
+    for round in 0..3 {
+        if round == 1 {
+            pack_linears(&mut model, 16);
+            model.quantize_decode_head(8).unwrap();
+        }
+        if round == 2 {
+            model.set_settings(DecodeSettings { act: adadim_pack::ActBits::I8, ..model.settings() }).unwrap();
+        }
+        for kv in [KvType::F32, KvType::F16] {
+            model.set_settings(DecodeSettings { kv, ..model.settings() }).unwrap();
+            let prompts: [&[u32]; 4] = [&[3, 17, 250], &[9], &[41, 100, 7, 8, 2, 5, 77], &[12, 13]];
+            let mut alone: Vec<_> = prompts.iter().map(|_| model.new_cache()).collect();
+            let mut batched: Vec<_> = prompts.iter().map(|_| model.new_cache()).collect();
+            batched[2] = model.reserved_cache(32).unwrap();
+            for (i, p) in prompts.iter().enumerate() {
+                model.forward_cached(p, &mut alone[i]).unwrap();
+                model.forward_cached(p, &mut batched[i]).unwrap();
+            }
+            let (mut s1, mut sb) = (adadim_model::DecodeScratch::default(), adadim_model::BatchScratch::default());
+            for step in 0..6u32 {
+                // Who is in this step's batch: everyone, then sequences leave and rejoin.
+                let members: Vec<usize> = (0..4).filter(|i| (step as usize + i) % 3 != 0 || step == 0).collect();
+                let ids: Vec<u32> = members.iter().map(|&i| (step * 31 + i as u32 * 7) % 300).collect();
+                let mut caches: Vec<&mut adadim_model::KvCache> = Vec::new();
+                for (i, c) in batched.iter_mut().enumerate() {
+                    if members.contains(&i) {
+                        caches.push(c);
+                    }
+                }
+                let got = model.decode_batch(&ids, &mut caches, &mut sb).unwrap().to_vec();
+                let vocab = got.len() / ids.len();
+                for (j, &i) in members.iter().enumerate() {
+                    let want = model.decode_step(ids[j], &mut alone[i], &mut s1).unwrap();
+                    assert_eq!(&got[j * vocab..(j + 1) * vocab], want, "round {round} {kv:?} step {step} sequence {i}");
+                }
+            }
+            for (a, b) in alone.iter().zip(&batched) {
+                assert_eq!(a.len(), b.len());
+            }
+        }
+    }
+    // A token past the vocabulary: an error naming it, no cache grown.
+    let mut caches = [model.new_cache(), model.new_cache()];
+    let mut refs: Vec<&mut adadim_model::KvCache> = caches.iter_mut().collect();
+    let err = model.decode_batch(&[1, 300], &mut refs, &mut adadim_model::BatchScratch::default()).unwrap_err();
+    assert!(err.to_string().contains("300"), "{err}");
+    assert!(caches.iter().all(|c| c.is_empty()));
+}

@@ -613,6 +613,8 @@ fn splits(bits: u8) -> bool {
 thread_local! {
     /// The per-IC matvec's row-group slots, reused from call to call.
     static SLOTS: std::cell::Cell<Vec<(Q16, f32)>> = const { std::cell::Cell::new(Vec::new()) };
+    /// The batched per-IC matvec's.
+    static BATCH_SLOTS: std::cell::Cell<Vec<Vec<(Q16, f32)>>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
 impl IntActs for Q16 {
@@ -629,6 +631,10 @@ impl IntActs for Q16 {
 
     fn slots() -> &'static std::thread::LocalKey<std::cell::Cell<Vec<(Self, f32)>>> {
         &SLOTS
+    }
+
+    fn batch_slots() -> &'static std::thread::LocalKey<std::cell::Cell<Vec<Vec<(Self, f32)>>>> {
+        &BATCH_SLOTS
     }
 
     /// Rounded in blocks ([`block_size`]), split for 3- and 4-bit codes.
@@ -741,6 +747,12 @@ impl IntActs for Q16 {
 /// with `y` untouched otherwise.
 pub(crate) fn matvec(p: &PackedLinear, x: &[f32], y: &mut [f32]) -> bool {
     crate::matvec_int::matvec::<Q16>(p, x, y)
+}
+
+/// [`matvec`] for `t` tokens at once, each token's numbers exactly its matvec's
+/// ([`crate::matvec_int::matvec_batch`]).
+pub(crate) fn matvec_batch(p: &PackedLinear, x: &[f32], t: usize, y: &mut [f32]) -> bool {
+    crate::matvec_int::matvec_batch::<Q16>(p, x, t, y)
 }
 
 /// Whether [`matvec`] runs the int16 kernel for `p` on this CPU.

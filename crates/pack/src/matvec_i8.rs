@@ -653,6 +653,8 @@ unsafe fn rows4_ic<const B: usize, const VNNI: bool>(
 thread_local! {
     /// The per-IC matvec's row-group slots, reused from call to call.
     static SLOTS: std::cell::Cell<Vec<(Q8, f32)>> = const { std::cell::Cell::new(Vec::new()) };
+    /// The batched per-IC matvec's.
+    static BATCH_SLOTS: std::cell::Cell<Vec<Vec<(Q8, f32)>>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
 impl IntActs for Q8 {
@@ -666,6 +668,10 @@ impl IntActs for Q8 {
 
     fn slots() -> &'static std::thread::LocalKey<std::cell::Cell<Vec<(Self, f32)>>> {
         &SLOTS
+    }
+
+    fn batch_slots() -> &'static std::thread::LocalKey<std::cell::Cell<Vec<Vec<(Self, f32)>>>> {
+        &BATCH_SLOTS
     }
 
     fn prepare_oc(p: &PackedLinear, x: &[f32]) -> (Q8, Vec<f32>) {
@@ -769,6 +775,12 @@ impl IntActs for Q8 {
 /// AVX2 + FMA): true; false with `y` untouched otherwise.
 pub(crate) fn matvec(p: &PackedLinear, x: &[f32], y: &mut [f32]) -> bool {
     crate::matvec_int::matvec::<Q8>(p, x, y)
+}
+
+/// [`matvec`] for `t` tokens at once, each token's numbers exactly its matvec's
+/// ([`crate::matvec_int::matvec_batch`]).
+pub(crate) fn matvec_batch(p: &PackedLinear, x: &[f32], t: usize, y: &mut [f32]) -> bool {
+    crate::matvec_int::matvec_batch::<Q8>(p, x, t, y)
 }
 
 /// The definition of the int8 product, in f64 from the same rounded activations, and per row

@@ -128,6 +128,8 @@ pub(crate) trait IntActs: Rounded + Default + Send + Sync + Sized + 'static {
     fn supported(p: &PackedLinear) -> bool;
     /// The per-IC matvec's row-group slots, reused from call to call ([`adadim_team::grouped_rows`]).
     fn slots() -> &'static std::thread::LocalKey<std::cell::Cell<Vec<(Self, f32)>>>;
+    /// The batched per-IC matvec's slots: one per row group, each holding every token's.
+    fn batch_slots() -> &'static std::thread::LocalKey<std::cell::Cell<Vec<Vec<(Self, f32)>>>>;
     /// Per-OC: `x` (gathered by the act-order permutation) rounded, and `sum_{c in k} x̂[c]` per
     /// group `k`.
     fn prepare_oc(p: &PackedLinear, x: &[f32]) -> (Self, Vec<f32>);
@@ -224,6 +226,78 @@ pub(crate) fn matvec<A: IntActs>(p: &PackedLinear, x: &[f32], y: &mut [f32]) -> 
 /// Whether [`matvec`] runs `A`'s kernel for `p` on this CPU.
 pub(crate) fn runs<A: IntActs>(p: &PackedLinear) -> bool {
     cfg!(target_arch = "x86_64") && crate::simd::simd_available() && A::supported(p)
+}
+
+/// `y[i] = W' x[i]` for `t` tokens (`x` `[t, cols]`, `y` `[t, rows]`) on rounded activations
+/// `A`, each token's numbers exactly [`matvec`]'s (the same rounding and row kernels), and
+/// every run of rows multiplied with all the tokens in turn while its codes are in cache: a
+/// decode step of several sequences reads the weights from memory once. Returns false (nothing
+/// done) where [`matvec`] would.
+pub(crate) fn matvec_batch<A: IntActs>(p: &PackedLinear, x: &[f32], t: usize, y: &mut [f32]) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if runs::<A>(p) {
+        // SAFETY: AVX2 and FMA were detected; the layout is one the kernels handle.
+        unsafe { matvec_batch_avx2::<A>(p, x, t, y) };
+        return true;
+    }
+    let _ = (p, x, t, y);
+    false
+}
+
+/// [`matvec_batch`]'s body: token 0 writes through the row loop's own chunk of `y`, the other
+/// tokens into the same rows of theirs (disjoint, behind `rest`).
+///
+/// # Safety
+/// AVX2 and FMA; `A::supported(p)`.
+#[cfg(target_arch = "x86_64")]
+unsafe fn matvec_batch_avx2<A: IntActs>(p: &PackedLinear, x: &[f32], t: usize, y: &mut [f32]) {
+    let (rows, cols, g) = (p.rows, p.cols, p.layout.group);
+    let ctx = A::ctx();
+    let (y0, rest) = y.split_at_mut(rows);
+    let rest = RowsPtr(rest.as_mut_ptr());
+    // Token i's rows r0..r0 + n (i >= 1).
+    let other = |i: usize, r0: usize, n: usize| unsafe { std::slice::from_raw_parts_mut(rest.get().add((i - 1) * rows + r0), n) };
+    if p.layout.axis == Axis::Ic {
+        let prep = |kr: usize, slot: &mut Vec<(A, f32)>| {
+            slot.resize_with(t, Default::default);
+            for (i, s) in slot.iter_mut().enumerate() {
+                A::prepare_ic(p, &x[i * cols..(i + 1) * cols], kr, s);
+            }
+        };
+        adadim_team::with_slots(A::batch_slots(), rows.div_ceil(g), |slots| {
+            adadim_team::grouped_rows(y0, g, slots, &prep, &|r0, y, slot| {
+                for (i, (v, bias)) in slot.iter().enumerate() {
+                    let job = Job::Ic { v, bias: *bias };
+                    // SAFETY: as the caller's; each task writes its own rows of each token.
+                    unsafe { A::rows(p, &job, r0, if i == 0 { &mut *y } else { other(i, r0, y.len()) }, &ctx) }
+                }
+            })
+        });
+        return;
+    }
+    let prepared: Vec<(A, Vec<f32>)> = x.chunks_exact(cols).map(|x| A::prepare_oc(p, x)).collect();
+    let jobs: Vec<Job<A>> = prepared.iter().map(|(x, xsum)| Job::Oc { x, xsum }).collect();
+    adadim_team::rows(y0, &|r0, y| {
+        for (i, job) in jobs.iter().enumerate() {
+            // SAFETY: as the caller's; each task writes its own rows of each token.
+            unsafe { A::rows(p, job, r0, if i == 0 { &mut *y } else { other(i, r0, y.len()) }, &ctx) }
+        }
+    });
+}
+
+/// The other tokens' outputs, shared by the row tasks (each writes rows of its own).
+#[cfg(target_arch = "x86_64")]
+struct RowsPtr(*mut f32);
+// SAFETY: tasks write disjoint rows through it (see `matvec_batch_avx2`).
+#[cfg(target_arch = "x86_64")]
+unsafe impl Sync for RowsPtr {}
+#[cfg(target_arch = "x86_64")]
+unsafe impl Send for RowsPtr {}
+#[cfg(target_arch = "x86_64")]
+impl RowsPtr {
+    fn get(&self) -> *mut f32 {
+        self.0
+    }
 }
 
 /// [`matvec`]'s body.

@@ -60,6 +60,32 @@ impl PackedLinear {
         matvec_f32::matvec(self, x, y);
     }
 
+    /// [`PackedLinear::matvec`] of `t` tokens (`x` `[t, cols]`, `y` `[t, rows]`), each token's
+    /// result exactly (bit for bit) its own matvec's whatever else is in the batch, the integer
+    /// kernels multiplying every run of rows with all the tokens while its codes are in cache
+    /// (a decode step of several sequences reads the weights once). The f32 kernel runs token
+    /// by token.
+    ///
+    /// # Panics
+    /// If `x` is not `[t, cols]` or `y` not `[t, rows]` (a caller's bug).
+    pub fn matvec_batch(&self, act: ActBits, x: &[f32], t: usize, y: &mut [f32]) {
+        assert_eq!(x.len(), t * self.cols, "matvec_batch: x is not [{t}, {}]", self.cols);
+        assert_eq!(y.len(), t * self.rows, "matvec_batch: y is not [{t}, {}]", self.rows);
+        if t == 0 {
+            return;
+        }
+        // Where the matvec would fall back from int8 to int16 (or f32), so does each token here.
+        if act == ActBits::I8 && matvec_i8::matvec_batch(self, x, t, y) {
+            return;
+        }
+        if act != ActBits::F32 && matvec_i16::matvec_batch(self, x, t, y) {
+            return;
+        }
+        for (x, y) in x.chunks_exact(self.cols).zip(y.chunks_exact_mut(self.rows)) {
+            self.matvec(act, x, y);
+        }
+    }
+
     /// Whether [`PackedLinear::matvec`] at `I16` rounds the activations to int16 on this CPU.
     pub fn matvec_rounds_activations(&self) -> bool {
         matvec_i16::runs(self)

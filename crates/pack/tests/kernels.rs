@@ -256,6 +256,35 @@ fn matvecs_on_a_decode_team_equal_those_on_rayon_bit_for_bit() {
 }
 
 #[test]
+fn batched_matvecs_give_each_token_its_own_matvec_bit_for_bit() {
+    // A server's greedy answers may not depend on which other requests share a decode step:
+    // every token of a batch gets exactly its matvec's numbers, on rayon and on a team, for
+    // batches of 1 to 8 (the per-IC slots are reused across batch sizes, as from step to step).
+    let mut rng = Rng::new(22);
+    let mut shapes = cases();
+    shapes.push((1536, 576, QuantSpec { bits: 4, group: Some(128), axis: Axis::Ic, zero: Zero::Awq }));
+    for (rows, cols, spec) in shapes {
+        let q = rtn(&weights(&mut rng, rows, cols), rows, cols, &spec).unwrap();
+        let p = PackedLinear::from_quantized(&q);
+        let x = rng.normals(8 * cols, 1.0);
+        for act in [adadim_pack::ActBits::I16, adadim_pack::ActBits::I8, adadim_pack::ActBits::F32] {
+            let mut alone = vec![0f32; 8 * rows];
+            for (x, y) in x.chunks(cols).zip(alone.chunks_mut(rows)) {
+                p.matvec(act, x, y);
+            }
+            for t in [1, 3, 8, 2] {
+                let mut batched = vec![f32::NAN; t * rows];
+                p.matvec_batch(act, &x[..t * cols], t, &mut batched);
+                assert_eq!(batched, alone[..t * rows], "{rows}x{cols} {spec:?} {act:?} batch of {t}");
+                let mut teamed = vec![f32::NAN; t * rows];
+                adadim_team::with_team(1, || p.matvec_batch(act, &x[..t * cols], t, &mut teamed));
+                assert_eq!(teamed, alone[..t * rows], "{rows}x{cols} {spec:?} {act:?} batch of {t} on a team");
+            }
+        }
+    }
+}
+
+#[test]
 fn integer_sums_hold_at_their_largest() {
     // Every code at its largest against activations at the ends of the int16 range (q = 32767:
     // hi 127, lo 255; q = -32767: hi -128, lo 1): the int16 sums of a block's two steps are
