@@ -39,6 +39,9 @@ pub enum Cmd {
     /// Generate text from a prompt (KV cache; greedy by default; the chat template for ChatML
     /// instruct models); prints tokens/s at the end. Reads packed and float models.
     Generate(GenerateArgs),
+    /// Serve a model over HTTP with the OpenAI API (completions, chat, streaming, logprobs),
+    /// decoding up to --parallel requests together.
+    Serve(ServeArgs),
     /// Write a random-weight checkpoint with a real model's shapes (scale tests; optional
     /// activation-outlier channels for controlled per-IC experiments).
     Synth(SynthArgs),
@@ -406,6 +409,51 @@ pub struct GenerateArgs {
     pub exact_prefill: bool,
     /// Number type of the KV cache: f16 (half the memory; llama.cpp's default) or f32 (exact:
     /// the logits of the uncached forward pass).
+    #[arg(long, default_value = "f16", value_parser = ["f16", "f32"])]
+    pub kv_cache: String,
+}
+
+#[derive(Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub model: ModelArg,
+    /// Address to listen on: loopback only unless told otherwise.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port (0: any free one; the address is printed on stderr).
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+    /// Sequences decoded together; each has a KV cache of --ctx positions reserved at start.
+    #[arg(long, default_value_t = 4)]
+    pub parallel: usize,
+    /// Positions per sequence, prompt and completion together.
+    #[arg(long, default_value_t = 2048)]
+    pub ctx: usize,
+    /// Requests that may wait for a slot; more are answered 503.
+    #[arg(long, default_value_t = 64)]
+    pub queue: usize,
+    /// Require `Authorization: Bearer KEY` on /v1 and /metrics (or set ADADIM_API_KEY).
+    #[arg(long, env = "ADADIM_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// The model name clients send (default: the --model argument's last path component).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Largest request body in bytes.
+    #[arg(long, default_value_t = 1 << 20)]
+    pub max_body: usize,
+    /// Prompt tokens prefilled between two decode steps of the other sequences.
+    #[arg(long, default_value_t = 256)]
+    pub prefill_chunk: usize,
+    /// After SIGTERM, seconds running requests may go on before they are cancelled.
+    #[arg(long, default_value_t = 30.0)]
+    pub shutdown_timeout: f64,
+    /// As for `generate`.
+    #[arg(long)]
+    pub head_bits: Option<u8>,
+    #[arg(long, default_value_t = 16)]
+    pub act_bits: u8,
+    #[arg(long)]
+    pub exact_prefill: bool,
     #[arg(long, default_value = "f16", value_parser = ["f16", "f32"])]
     pub kv_cache: String,
 }

@@ -36,7 +36,7 @@ fn main() {
 }
 
 fn run(cli: Cli) -> Result<()> {
-    if matches!(cli.cmd, Cmd::Generate(_) | Cmd::Eval(_) | Cmd::Bench(BenchCmd::Decode(_) | BenchCmd::Eval(_))) {
+    if matches!(cli.cmd, Cmd::Generate(_) | Cmd::Serve(_) | Cmd::Eval(_) | Cmd::Bench(BenchCmd::Decode(_) | BenchCmd::Eval(_))) {
         keep_freed_memory();
     }
     match cli.cmd {
@@ -49,6 +49,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Eval(EvalCmd::Humaneval(a)) => cmd::eval_tasks::humaneval(a),
         Cmd::Eval(EvalCmd::Gsm8k(a)) => cmd::eval_tasks::gsm8k(a),
         Cmd::Generate(a) => cmd::generate::generate(a),
+        Cmd::Serve(a) => cmd::serve::serve(a),
         Cmd::Synth(a) => cmd::synth::synth(a),
         Cmd::Report(a) => cmd::report::report(a),
         Cmd::Bench(BenchCmd::Eval(a)) => bench::eval::bench_eval(a),

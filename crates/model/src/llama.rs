@@ -769,12 +769,29 @@ impl Model {
 
     /// Token ids -> final hidden states (t, d), before the final norm.
     pub fn forward_hidden(&self, ids: &[u32]) -> Result<Tensor> {
+        self.forward_hidden_with(ids, &self.settings)
+    }
+
+    fn forward_hidden_with(&self, ids: &[u32], s: &DecodeSettings) -> Result<Tensor> {
         self.check_positions(ids.len())?;
         let mut x = self.embed(ids)?;
         for b in &self.blocks {
-            x = b.forward(&x, &self.rope, &self.settings)?;
+            x = b.forward(&x, &self.rope, s)?;
         }
         Ok(x)
+    }
+
+    /// `log p(ids[i + 1] | ids[..=i])` for each position but the last, as evaluation computes
+    /// them (the exact f32 products and the float LM head) whatever this model decodes with:
+    /// what a server returns for a prompt's tokens (echo + logprobs).
+    /// With each, the `top` most likely tokens' log probabilities (most likely first).
+    pub fn exact_logprobs(&self, ids: &[u32], top: usize) -> Result<Vec<(f64, Vec<(u32, f64)>)>> {
+        if ids.len() < 2 {
+            return Ok(Vec::new());
+        }
+        let s = DecodeSettings { integer_prefill: false, ..self.settings };
+        let hidden = self.forward_hidden_with(&ids[..ids.len() - 1], &s)?;
+        self.target_logprobs_with(&hidden, &ids[1..], 512, false, top)
     }
 
     /// Hidden states (t, d) of `ids`, the positions after those in `cache`, which grows by them
@@ -877,9 +894,14 @@ impl Model {
     }
 
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        self.logits_with(hidden, true)
+    }
+
+    /// [`Model::logits`], through the float head only unless `decode_head`.
+    fn logits_with(&self, hidden: &Tensor, decode_head: bool) -> Result<Tensor> {
         let eps = self.config.rms_norm_eps as f32;
         let h = candle_nn::ops::rms_norm(hidden, &self.norm, eps).ctx(|| "final norm".into())?;
-        if let Some(p) = self.decode_head.as_ref().filter(|_| h.dims()[0] <= MATVEC_TOKENS) {
+        if let Some(p) = self.decode_head.as_ref().filter(|_| decode_head && h.dims()[0] <= MATVEC_TOKENS) {
             return Linear { weight: Weight::Packed(p.clone()), bias: None }
                 .forward(&h, &self.settings)
                 .ctx(|| "lm head".into());
@@ -891,6 +913,17 @@ impl Model {
     /// Log-probability of `targets[i]` after position `i`, from hidden states (t, d).
     /// Evaluated `chunk` rows at a time so a (t, vocab) logits matrix is never held whole.
     pub fn target_logprobs(&self, hidden: &Tensor, targets: &[u32], chunk: usize) -> Result<Vec<f64>> {
+        Ok(self.target_logprobs_with(hidden, targets, chunk, true, 0)?.into_iter().map(|(lp, _)| lp).collect())
+    }
+
+    fn target_logprobs_with(
+        &self,
+        hidden: &Tensor,
+        targets: &[u32],
+        chunk: usize,
+        decode_head: bool,
+        top: usize,
+    ) -> Result<Vec<(f64, Vec<(u32, f64)>)>> {
         let t = targets.len();
         self.check_tokens(targets)?;
         let mut out = Vec::with_capacity(t);
@@ -898,19 +931,21 @@ impl Model {
         while start < t {
             let n = chunk.min(t - start);
             let h = hidden.narrow(0, start, n).ctx(|| "hidden chunk".into())?;
-            let logits = self.logits(&h)?;
+            let logits = self.logits_with(&h, decode_head)?;
             let vocab = logits.dims()[1];
             let mut flat = logits.flatten_all().and_then(|l| l.to_vec1::<f32>()).ctx(|| "logits".into())?;
             // Rows in parallel: log p(target) = logit[target] - logsumexp(logits).
             use rayon::prelude::*;
-            let chunk_lp: Vec<f64> = flat
+            let chunk_lp: Vec<(f64, Vec<(u32, f64)>)> = flat
                 .par_chunks_mut(vocab)
                 .zip(&targets[start..start + n])
                 .map(|(row, &tgt)| {
                     let mut lse = 0.0;
                     let picked = row[tgt as usize] as f64;
+                    let best = top_k(row, top);
                     crate::kernels::logsumexp(row, &mut lse);
-                    picked - lse as f64
+                    let lse = lse as f64;
+                    (picked - lse, best.into_iter().map(|(i, l)| (i, l - lse)).collect())
                 })
                 .collect();
             out.extend(chunk_lp);
@@ -918,4 +953,21 @@ impl Model {
         }
         Ok(out)
     }
+}
+
+/// The `k` largest of `row` with their indices, largest first (ties: the lower index).
+fn top_k(row: &[f32], k: usize) -> Vec<(u32, f64)> {
+    let mut best: Vec<(u32, f64)> = Vec::with_capacity(k + 1);
+    if k == 0 {
+        return best;
+    }
+    for (i, &l) in row.iter().enumerate() {
+        let l = l as f64;
+        if best.len() < k || l > best[best.len() - 1].1 {
+            let at = best.partition_point(|b| b.1 >= l);
+            best.insert(at, (i as u32, l));
+            best.truncate(k);
+        }
+    }
+    best
 }

@@ -85,12 +85,28 @@ impl ChatTemplate {
         out
     }
 
+    /// A conversation of `(role, content)` messages (system, user, assistant) and the
+    /// assistant's opening, as the template renders it with `add_generation_prompt`: the
+    /// default system message first unless the conversation opens with its own.
+    pub fn render_messages(&self, messages: &[(&str, &str)]) -> String {
+        let mut out = match messages.first() {
+            Some(("system", _)) => String::new(),
+            _ => self.system(),
+        };
+        for (role, content) in messages {
+            out.push_str(&format!("<|im_start|>{role}\n{content}<|im_end|>\n"));
+        }
+        out.push_str("<|im_start|>assistant\n");
+        out
+    }
+
     fn system(&self) -> String {
         self.default_system.as_ref().map(|s| format!("<|im_start|>system\n{s}<|im_end|>\n")).unwrap_or_default()
     }
 }
 
 /// A small seeded generator (xorshift*) for sampling.
+#[derive(Clone, Debug)]
 struct Rng(u64);
 
 impl Rng {
@@ -119,6 +135,67 @@ fn sample(logits: &[f32], temperature: f64, rng: &mut Rng) -> u32 {
         }
     }
     argmax as u32
+}
+
+/// A request's sampler: temperature, nucleus (`top_p`) and its own seeded generator. At
+/// temperature 0 the argmax, as [`generate`] picks it.
+#[derive(Clone, Debug)]
+pub struct Sampler {
+    temperature: f64,
+    top_p: f64,
+    rng: Rng,
+}
+
+impl Sampler {
+    /// `top_p` in (0, 1]: sample among the most likely tokens whose probabilities add up to at
+    /// least `top_p` (1: all of them).
+    pub fn new(temperature: f64, top_p: f64, seed: u64) -> Self {
+        Sampler { temperature, top_p, rng: Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1) }
+    }
+
+    /// The next token from one row of logits.
+    pub fn next(&mut self, logits: &[f32]) -> u32 {
+        if self.temperature <= 0.0 || self.top_p >= 1.0 {
+            return sample(logits, self.temperature, &mut self.rng);
+        }
+        let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
+        let mut p: Vec<(f64, u32)> =
+            logits.iter().enumerate().map(|(i, &l)| (((l as f64 - max) / self.temperature).exp(), i as u32)).collect();
+        p.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+        let total: f64 = p.iter().map(|x| x.0).sum();
+        let (mut kept, mut mass) = (0, 0.0);
+        while kept < p.len() && (kept == 0 || mass < self.top_p * total) {
+            mass += p[kept].0;
+            kept += 1;
+        }
+        let mut u = self.rng.uniform() * mass;
+        for &(w, i) in &p[..kept] {
+            u -= w;
+            if u <= 0.0 {
+                return i;
+            }
+        }
+        p[0].1
+    }
+}
+
+/// `log softmax(logits)[token]` and the `top` most likely tokens with theirs (most likely
+/// first, ties by id): what an API returns as a token's log probability.
+pub fn logprobs(logits: &[f32], token: u32, top: usize) -> (f64, Vec<(u32, f64)>) {
+    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
+    let lse = max + logits.iter().map(|&l| (l as f64 - max).exp()).sum::<f64>().ln();
+    let mut best: Vec<(u32, f64)> = Vec::with_capacity(top + 1);
+    if top > 0 {
+        for (i, &l) in logits.iter().enumerate() {
+            let l = l as f64;
+            if best.len() < top || l > best[best.len() - 1].1 {
+                let at = best.partition_point(|b| b.1 >= l);
+                best.insert(at, (i as u32, l));
+                best.truncate(top);
+            }
+        }
+    }
+    (logits[token as usize] as f64 - lse, best.into_iter().map(|(i, l)| (i, l - lse)).collect())
 }
 
 /// Generates after `prompt` until a token of `stop` (not emitted) or `max_tokens`, calling
@@ -219,7 +296,28 @@ mod tests {
             t.render_dialogue(&["Hi", "Hello!", "Bye"]),
             "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>user\nBye<|im_end|>\n"
         );
+        assert_eq!(t.render_messages(&[("user", "Hi")]), t.render("Hi"));
+        assert_eq!(
+            t.render_messages(&[("system", "Be brief."), ("user", "Hi")]),
+            "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+        );
         assert_eq!(ChatTemplate::from_jinja("{{ bos_token }}{{ messages[0]['content'] }}"), None);
+    }
+
+    #[test]
+    fn top_p_keeps_the_nucleus_and_logprobs_normalize() {
+        // Probabilities about 0.64, 0.24, 0.09, 0.03: top_p 0.7 keeps the first two only.
+        let logits = [3.0f32, 2.0, 1.0, -0.2];
+        let mut s = Sampler::new(1.0, 0.7, 3);
+        let drawn: Vec<u32> = (0..400).map(|_| s.next(&logits)).collect();
+        assert!(drawn.contains(&0) && drawn.contains(&1) && !drawn.iter().any(|&t| t > 1), "{drawn:?}");
+        let mut g = Sampler::new(0.0, 0.5, 3);
+        assert_eq!(g.next(&logits), 0);
+        let (lp, top) = logprobs(&logits, 1, 3);
+        let total: f64 = (0..4).map(|t| logprobs(&logits, t, 0).0.exp()).sum();
+        assert!((total - 1.0).abs() < 1e-12, "{total}");
+        assert_eq!(top.iter().map(|t| t.0).collect::<Vec<_>>(), [0, 1, 2]);
+        assert_eq!(top[1].1, lp);
     }
 
     #[test]

@@ -8,4 +8,5 @@ pub mod import;
 pub mod quantize;
 pub mod quantize_layer;
 pub mod report;
+pub mod serve;
 pub mod synth;
