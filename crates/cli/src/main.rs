@@ -36,7 +36,10 @@ fn main() {
 }
 
 fn run(cli: Cli) -> Result<()> {
-    if matches!(cli.cmd, Cmd::Generate(_) | Cmd::Serve(_) | Cmd::Eval(_) | Cmd::Bench(BenchCmd::Decode(_) | BenchCmd::Eval(_))) {
+    if matches!(
+        cli.cmd,
+        Cmd::Generate(_) | Cmd::Serve(_) | Cmd::Eval(_) | Cmd::Bench(BenchCmd::Decode(_) | BenchCmd::Eval(_))
+    ) {
         keep_freed_memory();
     }
     match cli.cmd {

@@ -37,11 +37,18 @@ impl Linear {
         match &self.weight {
             Weight::Packed(p) => {
                 if x.len() != t * p.cols() || y.len() != t * p.rows() {
-                    candle_core::bail!("batched matvec: {} x {} weight for {t} tokens of {}", p.rows(), p.cols(), x.len());
+                    candle_core::bail!(
+                        "batched matvec: {} x {} weight for {t} tokens of {}",
+                        p.rows(),
+                        p.cols(),
+                        x.len()
+                    );
                 }
                 p.matvec_batch(s.act, x, t, y);
                 if let Some(b) = &self.bias {
-                    with_f32(b, |b| y.chunks_exact_mut(b.len()).for_each(|y| y.iter_mut().zip(b).for_each(|(y, b)| *y += b)))?;
+                    with_f32(b, |b| {
+                        y.chunks_exact_mut(b.len()).for_each(|y| y.iter_mut().zip(b).for_each(|(y, b)| *y += b))
+                    })?;
                 }
                 Ok(())
             }
@@ -122,7 +129,12 @@ impl Model {
     /// Token `ids[i]` of sequence `i` through the model at the next position of `caches[i]`
     /// (which grows by it): the logits, `ids.len() x vocab` in `s`. Sequence `i`'s logits are
     /// [`Model::decode_step`]'s for it alone, bit for bit. On an error no cache has grown.
-    pub fn decode_batch<'s>(&self, ids: &[u32], caches: &mut [&mut KvCache], s: &'s mut BatchScratch) -> Result<&'s [f32]> {
+    pub fn decode_batch<'s>(
+        &self,
+        ids: &[u32],
+        caches: &mut [&mut KvCache],
+        s: &'s mut BatchScratch,
+    ) -> Result<&'s [f32]> {
         let (t, vocab, d) = (ids.len(), self.config.vocab_size, self.config.hidden_size);
         if caches.len() != t {
             return Err(ModelError::Tensor {
@@ -164,19 +176,18 @@ impl Model {
         let mut h = std::mem::take(&mut s.h);
         h.resize(t * d, 0.0);
         let eps = self.config.rms_norm_eps as f32;
-        let head = s
-            .x
-            .chunks_exact(d)
-            .zip(h.chunks_exact_mut(d))
-            .try_for_each(|(x, h)| rms_norm_into(x, &self.norm, eps, h))
-            .and_then(|()| {
-                s.logits.resize(t * vocab, 0.0);
-                let weight = match &self.decode_head {
-                    Some(p) => Weight::Packed(p.clone()),
-                    None => Weight::Dense(self.lm_head.as_ref().unwrap_or(&self.embed).clone()),
-                };
-                Linear { weight, bias: None }.matvec_batch_into(&h, t, &mut s.logits, &self.settings)
-            });
+        let head =
+            s.x.chunks_exact(d)
+                .zip(h.chunks_exact_mut(d))
+                .try_for_each(|(x, h)| rms_norm_into(x, &self.norm, eps, h))
+                .and_then(|()| {
+                    s.logits.resize(t * vocab, 0.0);
+                    let weight = match &self.decode_head {
+                        Some(p) => Weight::Packed(p.clone()),
+                        None => Weight::Dense(self.lm_head.as_ref().unwrap_or(&self.embed).clone()),
+                    };
+                    Linear { weight, bias: None }.matvec_batch_into(&h, t, &mut s.logits, &self.settings)
+                });
         s.h = h;
         head.ctx(|| "lm head".into())?;
         Ok(&s.logits)

@@ -785,7 +785,7 @@ impl Model {
     /// them (the exact f32 products and the float LM head) whatever this model decodes with:
     /// what a server returns for a prompt's tokens (echo + logprobs).
     /// With each, the `top` most likely tokens' log probabilities (most likely first).
-    pub fn exact_logprobs(&self, ids: &[u32], top: usize) -> Result<Vec<(f64, Vec<(u32, f64)>)>> {
+    pub fn exact_logprobs(&self, ids: &[u32], top: usize) -> Result<Vec<TargetLogprob>> {
         if ids.len() < 2 {
             return Ok(Vec::new());
         }
@@ -923,7 +923,7 @@ impl Model {
         chunk: usize,
         decode_head: bool,
         top: usize,
-    ) -> Result<Vec<(f64, Vec<(u32, f64)>)>> {
+    ) -> Result<Vec<TargetLogprob>> {
         let t = targets.len();
         self.check_tokens(targets)?;
         let mut out = Vec::with_capacity(t);
@@ -936,7 +936,7 @@ impl Model {
             let mut flat = logits.flatten_all().and_then(|l| l.to_vec1::<f32>()).ctx(|| "logits".into())?;
             // Rows in parallel: log p(target) = logit[target] - logsumexp(logits).
             use rayon::prelude::*;
-            let chunk_lp: Vec<(f64, Vec<(u32, f64)>)> = flat
+            let chunk_lp: Vec<TargetLogprob> = flat
                 .par_chunks_mut(vocab)
                 .zip(&targets[start..start + n])
                 .map(|(row, &tgt)| {
@@ -954,6 +954,10 @@ impl Model {
         Ok(out)
     }
 }
+
+/// A target's log probability and the most likely tokens' (id, log probability), most likely
+/// first ([`Model::exact_logprobs`]).
+pub type TargetLogprob = (f64, Vec<(u32, f64)>);
 
 /// The `k` largest of `row` with their indices, largest first (ties: the lower index).
 fn top_k(row: &[f32], k: usize) -> Vec<(u32, f64)> {

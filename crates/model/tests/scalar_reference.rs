@@ -465,7 +465,8 @@ fn batched_decode_gives_each_sequence_its_own_decode_step_bit_for_bit() {
             let (mut s1, mut sb) = (adadim_model::DecodeScratch::default(), adadim_model::BatchScratch::default());
             for step in 0..6u32 {
                 // Who is in this step's batch: everyone, then sequences leave and rejoin.
-                let members: Vec<usize> = (0..4).filter(|i| (step as usize + i) % 3 != 0 || step == 0).collect();
+                let members: Vec<usize> =
+                    (0..4).filter(|i| !(step as usize + i).is_multiple_of(3) || step == 0).collect();
                 let ids: Vec<u32> = members.iter().map(|&i| (step * 31 + i as u32 * 7) % 300).collect();
                 let mut caches: Vec<&mut adadim_model::KvCache> = Vec::new();
                 for (i, c) in batched.iter_mut().enumerate() {

@@ -633,7 +633,7 @@ impl IntActs for Q16 {
         &SLOTS
     }
 
-    fn batch_slots() -> &'static std::thread::LocalKey<std::cell::Cell<Vec<Vec<(Self, f32)>>>> {
+    fn batch_slots() -> &'static crate::matvec_int::SlotsKey<Vec<(Self, f32)>> {
         &BATCH_SLOTS
     }
 

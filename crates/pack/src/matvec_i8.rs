@@ -670,7 +670,7 @@ impl IntActs for Q8 {
         &SLOTS
     }
 
-    fn batch_slots() -> &'static std::thread::LocalKey<std::cell::Cell<Vec<Vec<(Self, f32)>>>> {
+    fn batch_slots() -> &'static crate::matvec_int::SlotsKey<Vec<(Self, f32)>> {
         &BATCH_SLOTS
     }
 

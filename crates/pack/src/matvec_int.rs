@@ -115,6 +115,10 @@ pub(crate) trait Rounded {
     fn int_sum(&self, c0: usize, c1: usize) -> i32;
 }
 
+/// Per-thread slots of rounded activations: one `(A, zero term)` per row group (the matvec),
+/// or per row group a vector of them, one per token (the batched matvec).
+pub(crate) type SlotsKey<P> = std::thread::LocalKey<std::cell::Cell<Vec<P>>>;
+
 /// An activation format the integer matvec runs on ([`crate::round_i16::Q16`],
 /// [`crate::matvec_i8::Q8`]): how a matvec rounds `x`, and one row's and four rows' kernels.
 pub(crate) trait IntActs: Rounded + Default + Send + Sync + Sized + 'static {
@@ -129,7 +133,7 @@ pub(crate) trait IntActs: Rounded + Default + Send + Sync + Sized + 'static {
     /// The per-IC matvec's row-group slots, reused from call to call ([`adadim_team::grouped_rows`]).
     fn slots() -> &'static std::thread::LocalKey<std::cell::Cell<Vec<(Self, f32)>>>;
     /// The batched per-IC matvec's slots: one per row group, each holding every token's.
-    fn batch_slots() -> &'static std::thread::LocalKey<std::cell::Cell<Vec<Vec<(Self, f32)>>>>;
+    fn batch_slots() -> &'static SlotsKey<Vec<(Self, f32)>>;
     /// Per-OC: `x` (gathered by the act-order permutation) rounded, and `sum_{c in k} x̂[c]` per
     /// group `k`.
     fn prepare_oc(p: &PackedLinear, x: &[f32]) -> (Self, Vec<f32>);
@@ -256,7 +260,9 @@ unsafe fn matvec_batch_avx2<A: IntActs>(p: &PackedLinear, x: &[f32], t: usize, y
     let (y0, rest) = y.split_at_mut(rows);
     let rest = RowsPtr(rest.as_mut_ptr());
     // Token i's rows r0..r0 + n (i >= 1).
-    let other = |i: usize, r0: usize, n: usize| unsafe { std::slice::from_raw_parts_mut(rest.get().add((i - 1) * rows + r0), n) };
+    let other = |i: usize, r0: usize, n: usize| unsafe {
+        std::slice::from_raw_parts_mut(rest.get().add((i - 1) * rows + r0), n)
+    };
     if p.layout.axis == Axis::Ic {
         let prep = |kr: usize, slot: &mut Vec<(A, f32)>| {
             slot.resize_with(t, Default::default);

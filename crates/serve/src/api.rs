@@ -15,7 +15,13 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn invalid(param: &str, message: impl Into<String>) -> Self {
-        ApiError { status: 400, message: message.into(), kind: "invalid_request_error", param: Some(param.into()), code: None }
+        ApiError {
+            status: 400,
+            message: message.into(),
+            kind: "invalid_request_error",
+            param: Some(param.into()),
+            code: None,
+        }
     }
     pub fn new(status: u16, kind: &'static str, code: Option<&'static str>, message: impl Into<String>) -> Self {
         ApiError { status, message: message.into(), kind, param: None, code }
@@ -130,12 +136,22 @@ fn common(o: &Map<String, Value>, lim: &Limits, prompt: Prompt) -> Result<Reques
         Some(Value::String(s)) => vec![s.clone()],
         Some(Value::Array(a)) => a
             .iter()
-            .map(|v| v.as_str().map(str::to_string).ok_or_else(|| ApiError::invalid("stop", "`stop` must hold strings")))
+            .map(|v| {
+                v.as_str().map(str::to_string).ok_or_else(|| ApiError::invalid("stop", "`stop` must hold strings"))
+            })
             .collect::<Result<_, _>>()?,
-        Some(v) => return Err(ApiError::invalid("stop", format!("`stop` must be a string or an array of strings, not {}", kind(v)))),
+        Some(v) => {
+            return Err(ApiError::invalid(
+                "stop",
+                format!("`stop` must be a string or an array of strings, not {}", kind(v)),
+            ))
+        }
     };
     if stop.len() > lim.max_stops {
-        return Err(ApiError::invalid("stop", format!("`stop` has {} strings: at most {} are allowed", stop.len(), lim.max_stops)));
+        return Err(ApiError::invalid(
+            "stop",
+            format!("`stop` has {} strings: at most {} are allowed", stop.len(), lim.max_stops),
+        ));
     }
     if let Some(s) = stop.iter().find(|s| s.is_empty() || s.chars().count() > lim.max_stop_chars) {
         return Err(ApiError::invalid(
@@ -146,7 +162,12 @@ fn common(o: &Map<String, Value>, lim: &Limits, prompt: Prompt) -> Result<Reques
     let include_usage = match o.get("stream_options") {
         None | Some(Value::Null) => false,
         Some(Value::Object(m)) => boolean(m, "include_usage")?,
-        Some(v) => return Err(ApiError::invalid("stream_options", format!("`stream_options` must be an object, not {}", kind(v)))),
+        Some(v) => {
+            return Err(ApiError::invalid(
+                "stream_options",
+                format!("`stream_options` must be an object, not {}", kind(v)),
+            ))
+        }
     };
     Ok(Request {
         model,
@@ -162,9 +183,12 @@ fn common(o: &Map<String, Value>, lim: &Limits, prompt: Prompt) -> Result<Reques
         },
         seed: match o.get("seed") {
             None | Some(Value::Null) => None,
-            Some(v) => Some(v.as_i64().map(|s| s as u64).or(v.as_u64()).ok_or_else(|| {
-                ApiError::invalid("seed", format!("`seed` must be an integer, not {}", kind(v)))
-            })?),
+            Some(v) => Some(
+                v.as_i64()
+                    .map(|s| s as u64)
+                    .or(v.as_u64())
+                    .ok_or_else(|| ApiError::invalid("seed", format!("`seed` must be an integer, not {}", kind(v))))?,
+            ),
         },
         stop,
         stream: boolean(o, "stream")?,
@@ -185,9 +209,14 @@ pub fn completion(body: &Value, lim: &Limits) -> Result<Request, ApiError> {
                 .collect::<Option<_>>()
                 .ok_or_else(|| ApiError::invalid("prompt", "`prompt` token ids must be integers >= 0"))?,
         ),
-        Some(Value::Array(a)) if a.len() == 1 && a[0].is_string() => Prompt::Text(a[0].as_str().unwrap_or_default().into()),
+        Some(Value::Array(a)) if a.len() == 1 && a[0].is_string() => {
+            Prompt::Text(a[0].as_str().unwrap_or_default().into())
+        }
         Some(Value::Array(a)) if a.iter().all(Value::is_string) && !a.is_empty() => {
-            return Err(ApiError::invalid("prompt", format!("`prompt` holds {} prompts: send one per request", a.len())))
+            return Err(ApiError::invalid(
+                "prompt",
+                format!("`prompt` holds {} prompts: send one per request", a.len()),
+            ))
         }
         None | Some(Value::Null) => return Err(ApiError::invalid("prompt", "`prompt` is required")),
         Some(v) => {
@@ -214,16 +243,24 @@ pub fn chat(body: &Value, lim: &Limits) -> Result<(Vec<(String, String)>, Reques
     let o = object(body)?;
     let messages = match o.get("messages") {
         Some(Value::Array(a)) if !a.is_empty() => a,
-        Some(Value::Array(_)) => return Err(ApiError::invalid("messages", "`messages` is empty: send at least one message")),
+        Some(Value::Array(_)) => {
+            return Err(ApiError::invalid("messages", "`messages` is empty: send at least one message"))
+        }
         None | Some(Value::Null) => return Err(ApiError::invalid("messages", "`messages` is required")),
         Some(v) => return Err(ApiError::invalid("messages", format!("`messages` must be an array, not {}", kind(v)))),
     };
     let mut turns = Vec::with_capacity(messages.len());
     for (i, m) in messages.iter().enumerate() {
         let at = |f: &str| format!("messages[{i}].{f}");
-        let role = m.get("role").and_then(Value::as_str).ok_or_else(|| ApiError::invalid(&at("role"), format!("`{}` must be a string", at("role"))))?;
+        let role = m
+            .get("role")
+            .and_then(Value::as_str)
+            .ok_or_else(|| ApiError::invalid(&at("role"), format!("`{}` must be a string", at("role"))))?;
         if !matches!(role, "system" | "user" | "assistant") {
-            return Err(ApiError::invalid(&at("role"), format!("`{}` is {role:?}: system, user or assistant", at("role"))));
+            return Err(ApiError::invalid(
+                &at("role"),
+                format!("`{}` is {role:?}: system, user or assistant", at("role")),
+            ));
         }
         let content = match m.get("content") {
             Some(Value::String(s)) => s.clone(),
@@ -232,7 +269,10 @@ pub fn chat(body: &Value, lim: &Limits) -> Result<(Vec<(String, String)>, Reques
                 .iter()
                 .map(|p| match (p.get("type").and_then(Value::as_str), p.get("text").and_then(Value::as_str)) {
                     (Some("text"), Some(t)) => Ok(t),
-                    _ => Err(ApiError::invalid(&at("content"), format!("`{}`: only text parts are supported", at("content")))),
+                    _ => Err(ApiError::invalid(
+                        &at("content"),
+                        format!("`{}`: only text parts are supported", at("content")),
+                    )),
                 })
                 .collect::<Result<Vec<_>, _>>()?
                 .join(""),
@@ -256,7 +296,10 @@ pub fn chat(body: &Value, lim: &Limits) -> Result<(Vec<(String, String)>, Reques
 /// checked against the context, or the default.
 pub fn budget(r: &Request, prompt_tokens: usize, chat: bool, lim: &Limits) -> Result<usize, ApiError> {
     if prompt_tokens == 0 {
-        return Err(ApiError::invalid(if chat { "messages" } else { "prompt" }, "the prompt is empty after tokenization"));
+        return Err(ApiError::invalid(
+            if chat { "messages" } else { "prompt" },
+            "the prompt is empty after tokenization",
+        ));
     }
     let room = lim.ctx.saturating_sub(prompt_tokens);
     let key = "max_tokens";

@@ -60,7 +60,10 @@ pub struct Job {
 pub enum Event {
     /// `log p(prompt[i + 1] | prompt[..=i])` for each prompt token after the first.
     PromptLogprobs(Vec<TokenLogprob>),
-    Token { id: u32, logprob: Option<TokenLogprob> },
+    Token {
+        id: u32,
+        logprob: Option<TokenLogprob>,
+    },
     Done(Finish),
     Failed(String),
 }
@@ -264,7 +267,8 @@ fn start(model: &Model, s: &mut Slot, job: Job, m: &EngineMetrics) {
     let seq = s.seq.as_ref().expect("just set");
     if let Some(top) = seq.job.prompt_logprobs {
         let t = Instant::now();
-        let lp = model.exact_logprobs(&seq.job.prompt, top)
+        let lp = model
+            .exact_logprobs(&seq.job.prompt, top)
             .map(|v| v.into_iter().map(|(logprob, top)| TokenLogprob { logprob, top }).collect());
         m.prefill_us.fetch_add(t.elapsed().as_micros() as u64, Relaxed);
         match lp {

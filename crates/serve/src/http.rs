@@ -113,7 +113,13 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let timeout = cfg.shutdown_timeout;
     let max_body = cfg.max_body;
-    let state: St = Arc::new(AppState { cfg, served, engine: engine.clone(), http: HttpMetrics::default(), next_id: AtomicU64::new(1) });
+    let state: St = Arc::new(AppState {
+        cfg,
+        served,
+        engine: engine.clone(),
+        http: HttpMetrics::default(),
+        next_id: AtomicU64::new(1),
+    });
     let keyed = Router::new()
         .route("/v1/models", get(models))
         .route("/v1/completions", post(completions))
@@ -184,7 +190,9 @@ async fn count(State(st): State<St>, req: HttpRequest, next: Next) -> Response {
 }
 
 async fn models(State(st): State<St>) -> Json<Value> {
-    Json(json!({"object": "list", "data": [{"id": st.cfg.model_name, "object": "model", "created": 0, "owned_by": "adadim"}]}))
+    Json(
+        json!({"object": "list", "data": [{"id": st.cfg.model_name, "object": "model", "created": 0, "owned_by": "adadim"}]}),
+    )
 }
 
 async fn metrics(State(st): State<St>) -> Response {
@@ -204,8 +212,18 @@ async fn metrics(State(st): State<St>) -> Response {
         requests.iter().map(|((p, s), n)| (format!("{{route=\"{p}\",status=\"{s}\"}}"), n.to_string())).collect(),
     );
     let one = |v: String| vec![(String::new(), v)];
-    put("adadim_prompt_tokens_total", "counter", "Prompt tokens taken in.", one(m.prompt_tokens.load(Relaxed).to_string()));
-    put("adadim_generated_tokens_total", "counter", "Tokens generated.", one(m.generated_tokens.load(Relaxed).to_string()));
+    put(
+        "adadim_prompt_tokens_total",
+        "counter",
+        "Prompt tokens taken in.",
+        one(m.prompt_tokens.load(Relaxed).to_string()),
+    );
+    put(
+        "adadim_generated_tokens_total",
+        "counter",
+        "Tokens generated.",
+        one(m.generated_tokens.load(Relaxed).to_string()),
+    );
     put("adadim_queue_length", "gauge", "Requests waiting for a slot.", one(m.queued.load(Relaxed).to_string()));
     put("adadim_active_sequences", "gauge", "Sequences in slots.", one(m.active.load(Relaxed).to_string()));
     put("adadim_slots", "gauge", "Slots (--parallel).", one(st.engine.config.parallel.to_string()));
@@ -216,9 +234,24 @@ async fn metrics(State(st): State<St>) -> Response {
         one(format!("{:.3}", f64::from_bits(m.recent_tokens_per_s.load(Relaxed)))),
     );
     put("adadim_decode_steps_total", "counter", "Batched decode steps.", one(m.decode_steps.load(Relaxed).to_string()));
-    put("adadim_decode_seconds_total", "counter", "Seconds in decode steps.", one(format!("{:.6}", m.decode_us.load(Relaxed) as f64 * 1e-6)));
-    put("adadim_prefill_seconds_total", "counter", "Seconds in prompt processing.", one(format!("{:.6}", m.prefill_us.load(Relaxed) as f64 * 1e-6)));
-    put("adadim_cancelled_total", "counter", "Sequences ended because their client left.", one(m.cancelled.load(Relaxed).to_string()));
+    put(
+        "adadim_decode_seconds_total",
+        "counter",
+        "Seconds in decode steps.",
+        one(format!("{:.6}", m.decode_us.load(Relaxed) as f64 * 1e-6)),
+    );
+    put(
+        "adadim_prefill_seconds_total",
+        "counter",
+        "Seconds in prompt processing.",
+        one(format!("{:.6}", m.prefill_us.load(Relaxed) as f64 * 1e-6)),
+    );
+    put(
+        "adadim_cancelled_total",
+        "counter",
+        "Sequences ended because their client left.",
+        one(m.cancelled.load(Relaxed).to_string()),
+    );
     let (buckets, sum, n) = st.http.ttft.lock().unwrap_or_else(|e| e.into_inner()).clone();
     let mut lines: Vec<(String, String)> = TTFT_BUCKETS
         .iter()
@@ -228,7 +261,12 @@ async fn metrics(State(st): State<St>) -> Response {
     lines.push(("_bucket{le=\"+Inf\"}".into(), n.to_string()));
     lines.push(("_sum".into(), format!("{sum:.6}")));
     lines.push(("_count".into(), n.to_string()));
-    put("adadim_time_to_first_token_seconds", "histogram", "Seconds from a request's arrival to its first token.", lines);
+    put(
+        "adadim_time_to_first_token_seconds",
+        "histogram",
+        "Seconds from a request's arrival to its first token.",
+        lines,
+    );
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }
 
@@ -236,12 +274,18 @@ async fn metrics(State(st): State<St>) -> Response {
 fn parse(body: Result<Bytes, BytesRejection>, max: usize) -> Result<Value, ApiError> {
     let body = body.map_err(|e| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::new(413, "invalid_request_error", Some("request_too_large"), format!("the request body is over {max} bytes"))
+            ApiError::new(
+                413,
+                "invalid_request_error",
+                Some("request_too_large"),
+                format!("the request body is over {max} bytes"),
+            )
         } else {
             ApiError::invalid("body", format!("could not read the request body: {e}"))
         }
     })?;
-    serde_json::from_slice(&body).map_err(|e| ApiError::invalid("body", format!("the request body is not valid JSON: {e}")))
+    serde_json::from_slice(&body)
+        .map_err(|e| ApiError::invalid("body", format!("the request body is not valid JSON: {e}")))
 }
 
 /// A job queued for a checked request, and the receiver of its events.
@@ -253,7 +297,14 @@ struct Queued {
     created: u64,
 }
 
-fn queue(st: &St, r: &api::Request, prompt: Vec<u32>, max_tokens: usize, prefix: &str, arrived: Instant) -> Result<Queued, ApiError> {
+fn queue(
+    st: &St,
+    r: &api::Request,
+    prompt: Vec<u32>,
+    max_tokens: usize,
+    prefix: &str,
+    arrived: Instant,
+) -> Result<Queued, ApiError> {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let n = st.next_id.fetch_add(1, Relaxed);
     let created = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
@@ -273,9 +324,14 @@ fn queue(st: &St, r: &api::Request, prompt: Vec<u32>, max_tokens: usize, prefix:
             503,
             "server_error",
             Some("queue_full"),
-            format!("all {} slots are busy and {} requests are waiting: try again shortly", st.engine.config.parallel, st.engine.config.queue),
+            format!(
+                "all {} slots are busy and {} requests are waiting: try again shortly",
+                st.engine.config.parallel, st.engine.config.queue
+            ),
         ),
-        SubmitError::ShuttingDown => ApiError::new(503, "server_error", Some("shutting_down"), "the server is shutting down"),
+        SubmitError::ShuttingDown => {
+            ApiError::new(503, "server_error", Some("shutting_down"), "the server is shutting down")
+        }
     })?;
     Ok(Queued { rx, prompt, arrived, id: format!("{prefix}-{n}"), created })
 }
@@ -284,7 +340,12 @@ fn check_model(st: &St, r: &api::Request) -> Result<(), ApiError> {
     if r.model != st.cfg.model_name {
         return Err(ApiError {
             param: Some("model".into()),
-            ..ApiError::new(404, "invalid_request_error", Some("model_not_found"), format!("The model `{}` does not exist: this server serves `{}`", r.model, st.cfg.model_name))
+            ..ApiError::new(
+                404,
+                "invalid_request_error",
+                Some("model_not_found"),
+                format!("The model `{}` does not exist: this server serves `{}`", r.model, st.cfg.model_name),
+            )
         });
     }
     Ok(())
@@ -308,7 +369,10 @@ async fn completions(State(st): State<St>, body: Result<Bytes, BytesRejection>) 
             Prompt::Tokens(ids) => {
                 let vocab = st.served.tokenizer.get_vocab_size(true) as u32;
                 if let Some(bad) = ids.iter().find(|&&i| i >= vocab) {
-                    return Err(ApiError::invalid("prompt", format!("token id {bad} is outside the vocabulary of {vocab}")));
+                    return Err(ApiError::invalid(
+                        "prompt",
+                        format!("token id {bad} is outside the vocabulary of {vocab}"),
+                    ));
                 }
                 ids.clone()
             }
@@ -369,9 +433,9 @@ fn legacy_logprobs(tok: &Tokenizer, tokens: &[(u32, Option<&TokenLogprob>)], off
         offset += name.chars().count();
         names.push(name);
         lps.push(lp.map(|l| json!(l.logprob)).unwrap_or(Value::Null));
-        tops.push(lp.map_or(Value::Null, |l| {
-            Value::Object(l.top.iter().map(|&(t, p)| (piece(tok, t), json!(p))).collect())
-        }));
+        tops.push(
+            lp.map_or(Value::Null, |l| Value::Object(l.top.iter().map(|&(t, p)| (piece(tok, t), json!(p))).collect())),
+        );
     }
     json!({"tokens": names, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets})
 }
@@ -483,9 +547,26 @@ struct Streaming {
 /// The answer as server-sent events: one chunk per piece of text (with its tokens' logprobs),
 /// a last chunk with the finish reason, a usage chunk where asked, then `data: [DONE]`.
 /// Dropping the stream (the client left) drops the receiver, and the engine frees the slot.
-fn stream_completion(st: St, r: api::Request, q: Queued, is_chat: bool) -> impl Stream<Item = Result<SseEvent, Infallible>> {
+fn stream_completion(
+    st: St,
+    r: api::Request,
+    q: Queued,
+    is_chat: bool,
+) -> impl Stream<Item = Result<SseEvent, Infallible>> {
     let text = TextStream::new(st.served.tokenizer.clone(), r.stop.clone());
-    let s = Streaming { st, r, q, text, is_chat, pending: Vec::new(), generated: 0, offset: 0, opened: false, tail: Vec::new(), done: false };
+    let s = Streaming {
+        st,
+        r,
+        q,
+        text,
+        is_chat,
+        pending: Vec::new(),
+        generated: 0,
+        offset: 0,
+        opened: false,
+        tail: Vec::new(),
+        done: false,
+    };
     stream::unfold(s, |mut s| async move {
         loop {
             if s.done {

@@ -15,5 +15,5 @@
 pub mod api;
 pub mod engine;
 pub mod http;
-pub mod text;
 pub mod server;
+pub mod text;

@@ -8,7 +8,7 @@ use adadim_model::Model;
 use thiserror::Error;
 
 use crate::engine::{self, EngineConfig};
-use crate::http::{self, ServerConfig, Served};
+use crate::http::{self, Served, ServerConfig};
 
 #[derive(Debug, Error)]
 pub enum ServeError {

@@ -76,10 +76,7 @@ impl TextStream {
 
 /// The longest proper prefix of `stop` that `text` ends with (bytes).
 fn partial_suffix(text: &str, stop: &str) -> usize {
-    (1..stop.len())
-        .rev()
-        .find(|&k| stop.is_char_boundary(k) && text.ends_with(&stop[..k]))
-        .unwrap_or(0)
+    (1..stop.len()).rev().find(|&k| stop.is_char_boundary(k) && text.ends_with(&stop[..k])).unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -33,7 +33,8 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     let eos = eos_ids(&dir, &tok, &tok_config)?;
     crate::limits::check_positions(src.config(), &dir.join("config.json"), a.ctx, &format!("--ctx {}", a.ctx))?;
     let kv = kv_type(&a.kv_cache);
-    let per_position = 2 * src.config().num_hidden_layers * src.config().kv_dim() * if a.kv_cache == "f32" { 4 } else { 2 };
+    let per_position =
+        2 * src.config().num_hidden_layers * src.config().kv_dim() * if a.kv_cache == "f32" { 4 } else { 2 };
     crate::limits::check_memory(
         "--parallel / --ctx",
         (a.parallel * a.ctx * per_position) as f64,
