@@ -16,7 +16,8 @@
 # * GGML_NATIVE=ON: the binaries use -march=native and are not portable to other CPUs.
 # * Static libs so the copied binaries do not depend on the build tree.
 # * Network-dependent features are off: LLAMA_OPENSSL (HTTPS model download; LLAMA_CURL is
-#   deprecated and ignored in this tree), server and its web UI (prebuilt UI download).
+#   deprecated and ignored in this tree) and the server's web UI (prebuilt UI download); the
+#   server itself is built (bench/serve.sh), without its UI.
 # * On CPUs with AMX, pass --no-repack to the tools (the AMX path segfaults otherwise).
 set -euo pipefail
 
@@ -32,7 +33,7 @@ SRC_DIR="$PEER_DIR/src"
 BUILD_DIR="$PEER_DIR/build"
 JOBS="${LLAMACPP_JOBS:-$(nproc 2>/dev/null || echo 2)}"
 
-TARGETS=(llama-perplexity llama-quantize llama-imatrix llama-bench llama-tokenize test-backend-ops)
+TARGETS=(llama-perplexity llama-quantize llama-imatrix llama-bench llama-tokenize test-backend-ops llama-server)
 
 log() { echo "[build-llamacpp] $*" >&2; }
 
@@ -108,7 +109,7 @@ CMAKE_FLAGS=(
     -DLLAMA_BUILD_TESTS=ON
     -DLLAMA_BUILD_TOOLS=ON
     -DLLAMA_BUILD_EXAMPLES=OFF
-    -DLLAMA_BUILD_SERVER=OFF
+    -DLLAMA_BUILD_SERVER=ON
     -DLLAMA_BUILD_UI=OFF
     -DLLAMA_USE_PREBUILT_UI=OFF
     -DLLAMA_OPENSSL=OFF

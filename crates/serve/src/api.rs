@@ -65,6 +65,9 @@ pub struct Request {
     /// Completions: `logprobs` N (0..=5); chat: `top_logprobs` when `logprobs` is true.
     pub logprobs: Option<usize>,
     pub echo: bool,
+    /// Generate past the end-of-sequence token (llama.cpp's and vLLM's extension): fixed-length
+    /// completions for load tests.
+    pub ignore_eos: bool,
 }
 
 fn object(body: &Value) -> Result<&Map<String, Value>, ApiError> {
@@ -195,6 +198,7 @@ fn common(o: &Map<String, Value>, lim: &Limits, prompt: Prompt) -> Result<Reques
         include_usage,
         logprobs: None,
         echo: false,
+        ignore_eos: boolean(o, "ignore_eos")?,
     })
 }
 

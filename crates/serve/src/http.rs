@@ -314,7 +314,7 @@ fn queue(
         temperature: r.temperature,
         top_p: r.top_p,
         seed: r.seed.unwrap_or_else(|| created ^ n.wrapping_mul(0x9e37_79b9)),
-        stop_ids: st.served.eos.clone(),
+        stop_ids: if r.ignore_eos { Vec::new() } else { st.served.eos.clone() },
         logprobs: r.logprobs,
         prompt_logprobs: if r.echo { r.logprobs } else { None },
         events: tx,
