@@ -3,7 +3,7 @@
 # (the Q4_0 GGUF of the same model, requantized from the shipped Q4_1), the same load on each
 # (bench/serve_load.py), loopback only, ours and the peer's rounds interleaved; writes
 # results/serve/*.json and the `serve` section of BENCHMARKS.md (bench/serve_table.py).
-# Usage: ADADIM_DATA=../shared/data bench/serve.sh    (about 25 minutes on 2 cores)
+# Usage: ADADIM_DATA=../shared/data bench/serve.sh    (about 35 minutes on 2 cores)
 # ROUNDS (default 2) rounds of both servers; PARALLEL (default 8) slots on both sides.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -48,7 +48,7 @@ for name, rs in runs.items():
             f"{f(m['ttft_p50_s'])} / {f(m['ttft_p99_s'])} | {f(m['tpot_p50_s'], 1000)} / {f(m['tpot_p99_s'], 1000)} | {m['wall_s']:.0f} |"
         )
 out.append("")
-out.append("Aggregate decode throughput, best round (tokens/s, and x one client of the same server):")
+out.append("Aggregate decode throughput, the better of the rounds at each concurrency (tokens/s, and x one client of the same server):")
 out.append("")
 out.append("| server | " + " | ".join(f"{c} client{'s' if c > 1 else ''}" for c in levels) + " |")
 out.append("|---|" + "---|" * len(levels))
