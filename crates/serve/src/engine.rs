@@ -215,18 +215,22 @@ pub fn run(model: &Model, handle: &Handle, rx: Receiver<Job>, slots: Slots) -> R
             }
             return Ok(());
         }
-        // Take queued jobs while a slot is free; wait for one when nothing runs.
+        // Take queued jobs while slots are free; wait for one when nothing runs.
         let busy = slots.iter().any(|s| s.seq.is_some());
-        if open && waiting.is_empty() {
-            let got = if busy {
-                rx.try_recv().map_err(|e| matches!(e, std::sync::mpsc::TryRecvError::Disconnected))
-            } else {
-                rx.recv_timeout(Duration::from_millis(100)).map_err(|e| e == RecvTimeoutError::Disconnected)
-            };
-            match got {
+        let free = slots.iter().filter(|s| s.seq.is_none()).count();
+        if !busy && open && waiting.is_empty() {
+            match rx.recv_timeout(Duration::from_millis(100)) {
                 Ok(job) => waiting.push_back(job),
-                Err(true) => open = false,
-                Err(false) => {}
+                Err(e) => open = e != RecvTimeoutError::Disconnected,
+            }
+        }
+        while open && waiting.len() < free {
+            match rx.try_recv() {
+                Ok(job) => waiting.push_back(job),
+                Err(e) => {
+                    open = !matches!(e, std::sync::mpsc::TryRecvError::Disconnected);
+                    break;
+                }
             }
         }
         if !open && !busy && waiting.is_empty() {
@@ -237,7 +241,7 @@ pub fn run(model: &Model, handle: &Handle, rx: Receiver<Job>, slots: Slots) -> R
             m.queued.fetch_sub(1, Relaxed);
             start(model, &mut slots[free], job, m);
         }
-        // One chunk of one prompt, the oldest started first.
+        // One chunk of one prompt (the lowest slot's first).
         if let Some(s) = slots.iter_mut().find(|s| s.seq.as_ref().is_some_and(|q| q.next.is_none())) {
             prefill_chunk(model, s, cfg.prefill_chunk, m);
         }

@@ -249,7 +249,7 @@ async fn metrics(State(st): State<St>) -> Response {
     put(
         "adadim_cancelled_total",
         "counter",
-        "Sequences ended because their client left.",
+        "Sequences ended early because their receiver left: the client hung up, or a stop string matched.",
         one(m.cancelled.load(Relaxed).to_string()),
     );
     let (buckets, sum, n) = st.http.ttft.lock().unwrap_or_else(|e| e.into_inner()).clone();
