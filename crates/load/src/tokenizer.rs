@@ -24,6 +24,18 @@ pub fn load(dir: &Path) -> Result<Tokenizer> {
     Tokenizer::from_bytes(&bytes).map_err(|e| LoadError::Tokenizer { path, msg: e.to_string() })
 }
 
+/// A sentence encoder's tokenizer (`dir/tokenizer.json`) as sentence-transformers runs it:
+/// special tokens added, truncated at `max_len` tokens, no padding (the file's own padding and
+/// truncation settings are replaced).
+pub fn sentence_tokenizer(dir: &Path, max_len: usize) -> Result<Tokenizer> {
+    let mut tok = load(dir)?;
+    let path = dir.join("tokenizer.json");
+    tok.with_padding(None);
+    tok.with_truncation(Some(tokenizers::TruncationParams { max_length: max_len, ..Default::default() }))
+        .map_err(|e| LoadError::Tokenizer { path, msg: e.to_string() })?;
+    Ok(tok)
+}
+
 /// `tokenizer_config.json` of the model in `dir` (chat template, EOS token): `None` when the
 /// model has none; present but unreadable or not a JSON object is an error naming it, since
 /// skipping it would silently drop the chat template.

@@ -16,6 +16,7 @@
 //! ```
 
 pub mod attention;
+pub mod bert;
 pub mod decode_batch;
 pub mod error;
 pub mod kernels;
@@ -24,6 +25,7 @@ pub mod llama;
 pub mod settings;
 pub mod source;
 
+pub use bert::{Bert, BertConfig};
 pub use decode_batch::BatchScratch;
 pub use error::{ModelError, Result};
 pub use linear::{Linear, Weight};
