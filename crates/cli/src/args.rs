@@ -39,6 +39,9 @@ pub enum Cmd {
     /// Generate text from a prompt (KV cache; greedy by default; the chat template for ChatML
     /// instruct models); prints tokens/s at the end. Reads packed and float models.
     Generate(GenerateArgs),
+    /// Sentence embeddings of a BERT sentence encoder (e.g. `--model minilm`): one sentence
+    /// per line in, JSON out.
+    Embed(EmbedArgs),
     /// Serve a model over HTTP with the OpenAI API (completions, chat, streaming, logprobs),
     /// decoding up to --parallel requests together.
     Serve(ServeArgs),
@@ -411,6 +414,22 @@ pub struct GenerateArgs {
     /// the logits of the uncached forward pass).
     #[arg(long, default_value = "f16", value_parser = ["f16", "f32"])]
     pub kv_cache: String,
+}
+
+#[derive(Args)]
+pub struct EmbedArgs {
+    /// A sentence-transformers BERT directory, or `minilm` (all-MiniLM-L6-v2 from PyPI).
+    #[arg(long, default_value = "minilm")]
+    pub model: String,
+    /// A text file, one sentence per line.
+    #[arg(long)]
+    pub input: std::path::PathBuf,
+    /// Where to write the JSON (default: standard output).
+    #[arg(long)]
+    pub out: Option<std::path::PathBuf>,
+    /// Sentences per forward pass.
+    #[arg(long, default_value_t = 32)]
+    pub batch: usize,
 }
 
 #[derive(Args)]

@@ -53,6 +53,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Eval(EvalCmd::Gsm8k(a)) => cmd::eval_tasks::gsm8k(a),
         Cmd::Generate(a) => cmd::generate::generate(a),
         Cmd::Serve(a) => cmd::serve::serve(a),
+        Cmd::Embed(a) => cmd::embed::embed(a),
         Cmd::Synth(a) => cmd::synth::synth(a),
         Cmd::Report(a) => cmd::report::report(a),
         Cmd::Bench(BenchCmd::Eval(a)) => bench::eval::bench_eval(a),

@@ -1,6 +1,7 @@
 //! One file per `adadim` command.
 
 pub mod compare;
+pub mod embed;
 pub mod eval;
 pub mod eval_tasks;
 pub mod generate;
