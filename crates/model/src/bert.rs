@@ -49,7 +49,7 @@ impl BertConfig {
         if model_type != "bert" {
             return Err(config_err(
                 path,
-                format!("model_type is {:?}: a BERT encoder needs \"bert\"", v["model_type"]),
+                format!("model_type is {}: a BERT encoder needs \"bert\"", v["model_type"]),
             ));
         }
         let size = |k: &str| -> Result<usize> {
