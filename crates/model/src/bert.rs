@@ -47,10 +47,7 @@ impl BertConfig {
             serde_json::from_str(text).map_err(|e| config_err(path, format!("not valid JSON: {e}")))?;
         let model_type = v["model_type"].as_str().unwrap_or("");
         if model_type != "bert" {
-            return Err(config_err(
-                path,
-                format!("model_type is {}: a BERT encoder needs \"bert\"", v["model_type"]),
-            ));
+            return Err(config_err(path, format!("model_type is {}: a BERT encoder needs \"bert\"", v["model_type"])));
         }
         let size = |k: &str| -> Result<usize> {
             match v.get(k) {
