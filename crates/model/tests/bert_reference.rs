@@ -62,3 +62,39 @@ fn bad_bert_configs_are_named() {
     let e = adadim_model::BertConfig::from_json(&p, &c.to_string()).unwrap_err().to_string();
     assert!(e.contains("layer_norm_eps"), "{e}");
 }
+
+#[test]
+fn unsupported_pooling_and_a_position_table_too_short_are_named() {
+    // The real model's files with one side file changed at a time (the weights linked).
+    let src = resolve_model("minilm", &adadim_home(), &mut |_, _, _| {}).expect("fetch minilm");
+    let d = tempfile::tempdir().unwrap();
+    let copy = |to: &std::path::Path| {
+        std::fs::create_dir_all(to.join("1_Pooling")).unwrap();
+        for f in ["config.json", "modules.json", "sentence_bert_config.json", "tokenizer.json", "1_Pooling/config.json"]
+        {
+            std::fs::copy(src.join(f), to.join(f)).unwrap();
+        }
+        std::os::unix::fs::symlink(src.join("model.safetensors"), to.join("model.safetensors")).unwrap();
+    };
+    let cls = d.path().join("cls");
+    copy(&cls);
+    std::fs::write(
+        cls.join("1_Pooling/config.json"),
+        r#"{"word_embedding_dimension": 384, "pooling_mode_cls_token": true, "pooling_mode_mean_tokens": false}"#,
+    )
+    .unwrap();
+    let e = Bert::load(&cls).unwrap_err().to_string();
+    assert!(e.contains("1_Pooling/config.json") && e.contains("only mean pooling"), "{e}");
+    let long = d.path().join("long");
+    copy(&long);
+    std::fs::write(long.join("sentence_bert_config.json"), r#"{"max_seq_length": 4096, "do_lower_case": false}"#)
+        .unwrap();
+    let e = Bert::load(&long).unwrap_err().to_string();
+    assert!(e.contains("sentence_bert_config.json") && e.contains("longer than the position table (512)"), "{e}");
+    // Token ids past the vocabulary or past the position table: errors naming them.
+    let bert = Bert::load(&src).unwrap();
+    let e = bert.embed(&[vec![101, 40000, 102]]).unwrap_err().to_string();
+    assert!(e.contains("40000"), "{e}");
+    let e = bert.embed(&[vec![101, 102], vec![7; 600]]).unwrap_err().to_string();
+    assert!(e.contains("sentence 1") && e.contains("600 tokens"), "{e}");
+}
