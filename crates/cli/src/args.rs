@@ -96,6 +96,9 @@ pub enum EvalCmd {
     /// GSM8K ($ADADIM_DATA/gsm8k): few-shot chain of thought (worked train solutions), greedy
     /// decoding; the final number compared with the reference's.
     Gsm8k(eval_tasks::Gsm8kArgs),
+    /// A sentence encoder's embeddings against a reference model's on held-out sentences:
+    /// cosine similarity (mean, 5th percentile), retrieval agreement (recall@1, @10), speed.
+    Embed(eval_tasks::EmbedEvalArgs),
 }
 
 #[derive(Args)]

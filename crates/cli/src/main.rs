@@ -51,6 +51,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Eval(EvalCmd::Mmlu(a)) => cmd::eval_tasks::mmlu(a),
         Cmd::Eval(EvalCmd::Humaneval(a)) => cmd::eval_tasks::humaneval(a),
         Cmd::Eval(EvalCmd::Gsm8k(a)) => cmd::eval_tasks::gsm8k(a),
+        Cmd::Eval(EvalCmd::Embed(a)) => cmd::embed::eval_embed(a),
         Cmd::Generate(a) => cmd::generate::generate(a),
         Cmd::Serve(a) => cmd::serve::serve(a),
         Cmd::Embed(a) => cmd::embed::embed(a),

@@ -60,4 +60,33 @@ fn embed_writes_the_reference_embeddings_and_names_bad_lines() {
     let (code, _, err) = adadim(&["embed", "--model", m, "--input", "/nonexistent/s.txt"]);
     assert_eq!(code, 1);
     assert!(err.contains("/nonexistent/s.txt"), "{err}");
+    // eval embed: the model against itself agrees exactly; too few sentences are named.
+    let text = d.path().join("text.txt");
+    let body: String =
+        (0..40).map(|i| format!("Sentence number {i} talks about topic {} at some length. ", i * 7 % 13)).collect();
+    std::fs::write(&text, body).unwrap();
+    let t = text.to_str().unwrap();
+    let (code, so, err) = adadim(&[
+        "eval",
+        "embed",
+        "--model",
+        m,
+        "--reference",
+        m,
+        "--dataset",
+        t,
+        "--queries",
+        "5",
+        "--corpus",
+        "30",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let r: serde_json::Value = serde_json::from_str(&so).unwrap();
+    assert!((r["mean_cosine"].as_f64().unwrap() - 1.0).abs() < 1e-6, "{r}");
+    assert_eq!((r["recall_at_1"].as_f64(), r["recall_at_10"].as_f64()), (Some(1.0), Some(1.0)), "{r}");
+    let (code, _, err) =
+        adadim(&["eval", "embed", "--model", m, "--reference", m, "--dataset", t, "--queries", "5", "--corpus", "300"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("40 sentences") && err.contains("305 needed"), "{err}");
 }

@@ -24,19 +24,16 @@ pub fn embed(a: EmbedArgs) -> Result<()> {
     let dir = model_dir(&a.model)?;
     let bert = adadim_model::Bert::load(&dir)?;
     let tok = adadim_load::tokenizer::sentence_tokenizer(&dir, bert.max_seq_length)?;
-    let mut embeddings = Vec::with_capacity(sentences.len());
-    for (n, chunk) in sentences.chunks(a.batch).enumerate() {
-        let ids = chunk
-            .iter()
-            .enumerate()
-            .map(|(i, s)| {
-                tok.encode(*s, true)
-                    .map(|e| e.get_ids().to_vec())
-                    .map_err(|e| anyhow::anyhow!("line {}: tokenizing: {e}", n * a.batch + i + 1))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        embeddings.extend(bert.embed(&ids).with_context(|| format!("lines {}..", n * a.batch + 1))?);
-    }
+    let ids = sentences
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            tok.encode(*s, true)
+                .map(|e| e.get_ids().to_vec())
+                .map_err(|e| anyhow::anyhow!("line {}: tokenizing: {e}", i + 1))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let embeddings = embed_sorted(&bert, &ids, a.batch, &|_| format!("embedding {}", a.input.display()))?;
     let out = serde_json::json!({"model": a.model, "dim": bert.config.hidden_size, "embeddings": embeddings});
     match &a.out {
         None => {
@@ -59,5 +56,96 @@ pub fn embed(a: EmbedArgs) -> Result<()> {
         }
     }
     eprintln!("{} sentences, {} dimensions", sentences.len(), bert.config.hidden_size);
+    Ok(())
+}
+
+/// Embeds `sentences` (token ids) in batches; returns them and sentences per second.
+fn embed_all(bert: &adadim_model::Bert, ids: &[Vec<u32>], batch: usize) -> Result<(Vec<Vec<f32>>, f64)> {
+    let t = std::time::Instant::now();
+    let out = embed_sorted(bert, ids, batch, &|_| String::new())?;
+    Ok((out, ids.len() as f64 / t.elapsed().as_secs_f64().max(1e-9)))
+}
+
+/// Embeds `ids` in batches of sentences of similar length (sorted by length, as
+/// sentence-transformers batches them: little padding), returned in the given order; `what(i)`
+/// names the batch starting at sorted position `i` in an error.
+fn embed_sorted(
+    bert: &adadim_model::Bert,
+    ids: &[Vec<u32>],
+    batch: usize,
+    what: &dyn Fn(usize) -> String,
+) -> Result<Vec<Vec<f32>>> {
+    let mut order: Vec<usize> = (0..ids.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(ids[i].len()));
+    let mut out = vec![Vec::new(); ids.len()];
+    for (n, chunk) in order.chunks(batch).enumerate() {
+        let b: Vec<Vec<u32>> = chunk.iter().map(|&i| ids[i].clone()).collect();
+        let e = bert.embed(&b).with_context(|| what(n * batch))?;
+        for (&i, e) in chunk.iter().zip(e) {
+            out[i] = e;
+        }
+    }
+    Ok(out)
+}
+
+/// `adadim eval embed`: fidelity to the reference model on held-out sentences.
+pub fn eval_embed(a: crate::cmd::eval_tasks::EmbedEvalArgs) -> Result<()> {
+    use adadim_eval::embed;
+    if a.queries == 0 || a.corpus == 0 || a.batch == 0 || a.max_tokens < 3 {
+        bail!("--queries, --corpus and --batch must be at least 1, --max-tokens at least 3");
+    }
+    let data = crate::resolve::resolve_dataset(&a.dataset)?;
+    let text = data.read_text()?;
+    let (model_dir, ref_dir) = (model_dir(&a.model)?, model_dir(&a.reference)?);
+    let (model, reference) = (adadim_model::Bert::load(&model_dir)?, adadim_model::Bert::load(&ref_dir)?);
+    if model.config.hidden_size != reference.config.hidden_size {
+        bail!(
+            "--model embeds in {} dimensions, --reference in {}",
+            model.config.hidden_size,
+            reference.config.hidden_size
+        );
+    }
+    let tok = adadim_load::tokenizer::sentence_tokenizer(&ref_dir, reference.max_seq_length.max(a.max_tokens + 1))?;
+    let need = a.queries + a.corpus;
+    let mut ids = Vec::with_capacity(need);
+    for s in embed::sentences(&text) {
+        let e = tok.encode(s.as_str(), true).map_err(|e| anyhow::anyhow!("tokenizing {}: {e}", data.label))?;
+        if e.get_ids().len() <= a.max_tokens {
+            ids.push(e.get_ids().to_vec());
+            if ids.len() == need {
+                break;
+            }
+        }
+    }
+    if ids.len() < need {
+        bail!(
+            "{}: {} sentences of at most {} tokens, {need} needed (--queries + --corpus)",
+            data.label,
+            ids.len(),
+            a.max_tokens
+        );
+    }
+    let (want, ref_rate) = embed_all(&reference, &ids, a.batch)?;
+    let (got, rate) = embed_all(&model, &ids, a.batch)?;
+    let cos = embed::cosines(&got, &want);
+    let mean = cos.iter().sum::<f64>() / cos.len() as f64;
+    let p5 = embed::percentile(&cos, 5.0);
+    let (q, c) = (a.queries, a.corpus);
+    let nn_ref = embed::neighbours(&want[..q], &want[q..q + c], 10);
+    let nn = embed::neighbours(&got[..q], &got[q..q + c], 10);
+    let (r1, r10) = embed::agreement(&nn_ref, &nn);
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({"model": a.model, "reference": a.reference, "dataset": data.label, "sentences": ids.len(),
+                "queries": q, "corpus": c, "mean_cosine": mean, "p5_cosine": p5, "recall_at_1": r1, "recall_at_10": r10,
+                "sentences_per_s": rate, "reference_sentences_per_s": ref_rate})
+        );
+    } else {
+        println!("{} against {} on {} sentences of {}:", a.model, a.reference, ids.len(), data.label);
+        println!("  cosine to the reference: mean {mean:.6}, 5th percentile {p5:.6}");
+        println!("  retrieval ({q} queries, {c} corpus): recall@1 {r1:.4}, recall@10 {r10:.4}");
+        println!("  {rate:.1} sentences/s (reference {ref_rate:.1})");
+    }
     Ok(())
 }

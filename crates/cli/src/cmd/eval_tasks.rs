@@ -52,6 +52,32 @@ pub struct HumanEvalArgs {
 }
 
 #[derive(Args)]
+pub struct EmbedEvalArgs {
+    /// The sentence encoder measured (a BERT directory, or `minilm`).
+    #[arg(long)]
+    pub model: String,
+    /// The model it is measured against (the float original).
+    #[arg(long, default_value = "minilm")]
+    pub reference: String,
+    /// Held-out text, split into sentences (of at most --max-tokens tokens).
+    #[arg(long, default_value = "wikitext2")]
+    pub dataset: String,
+    /// Query sentences (the first ones).
+    #[arg(long, default_value_t = 1000)]
+    pub queries: usize,
+    /// Corpus sentences searched (the ones after the queries).
+    #[arg(long, default_value_t = 10000)]
+    pub corpus: usize,
+    #[arg(long, default_value_t = 128)]
+    pub max_tokens: usize,
+    #[arg(long, default_value_t = 32)]
+    pub batch: usize,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
 pub struct Gsm8kArgs {
     #[command(flatten)]
     pub model: crate::args::ModelArg,
