@@ -440,26 +440,33 @@ fn a_full_queue_answers_503_and_sigterm_exits_cleanly() {
     });
     assert!(statuses.iter().all(|&s| s == 200 || s == 503), "{statuses:?}");
     assert!(statuses.contains(&503) && statuses.contains(&200), "{statuses:?}");
-    // SIGTERM during a stream: the stream finishes whole, the process exits 0.
-    let addr = srv.addr;
-    let stream = std::thread::spawn(move || {
-        request(
-            addr,
-            "POST",
-            "/v1/completions",
-            &[("Authorization", &format!("Bearer {KEY}"))],
-            json!({"model": "tiny", "prompt": "go", "max_tokens": 400, "stream": true}).to_string().as_bytes(),
-        )
-    });
-    std::thread::sleep(Duration::from_millis(200));
+    // SIGTERM once a stream has begun (its first chunk read): the stream still finishes whole,
+    // then the process exits 0.
+    let mut s = TcpStream::connect(srv.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let body = json!({"model": "tiny", "prompt": "go", "max_tokens": 480, "stream": true}).to_string();
+    write!(s, "POST /v1/completions HTTP/1.1\r\nHost: t\r\nConnection: close\r\nAuthorization: Bearer {KEY}\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 256];
+    while !String::from_utf8_lossy(&seen).contains("data: {") {
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "the stream closed before its first chunk");
+        seen.extend_from_slice(&buf[..n]);
+    }
     // SAFETY: kill(2) on our own child's pid.
     unsafe { libc::kill(srv.child.id() as i32, libc::SIGTERM) };
-    let (s, body) = stream.join().unwrap();
-    assert_eq!(s, 200);
+    s.read_to_end(&mut seen).unwrap();
+    let text = String::from_utf8_lossy(&seen).into_owned();
+    let body = dechunk(text.split_once("\r\n\r\n").unwrap().1);
     let ev = events(&body);
     assert_eq!(ev.last().map(String::as_str), Some("[DONE]"), "{body}");
     let last: Value = serde_json::from_str(&ev[ev.len() - 2]).unwrap();
     assert_eq!(last["choices"][0]["finish_reason"], "length", "finished, not cancelled: {last}");
+    let streamed: String = ev[..ev.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str::<Value>(e).unwrap()["choices"][0]["text"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert!(!streamed.is_empty());
     let status = srv.child.wait().unwrap();
     assert_eq!(status.code(), Some(0));
 }
