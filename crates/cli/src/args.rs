@@ -383,23 +383,9 @@ pub struct PplArgs {
     pub act_bits: Option<u8>,
 }
 
+/// How a model decodes: shared by `generate` and `serve`.
 #[derive(Args)]
-pub struct GenerateArgs {
-    #[command(flatten)]
-    pub model: ModelArg,
-    /// The user's message (wrapped in the model's chat template unless --raw).
-    #[arg(long)]
-    pub prompt: String,
-    #[arg(long, default_value_t = 128)]
-    pub max_tokens: usize,
-    /// 0 = greedy.
-    #[arg(long, default_value_t = 0.0)]
-    pub temperature: f64,
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-    /// Feed the prompt as it is, without the chat template.
-    #[arg(long)]
-    pub raw: bool,
+pub struct DecodeArgs {
     /// Quantize the LM head to this many bits (RTN, per-OC g128) for decoding; 0 keeps it
     /// float. Default: 8 for packed models, 0 for float ones.
     #[arg(long)]
@@ -417,6 +403,27 @@ pub struct GenerateArgs {
     /// the logits of the uncached forward pass).
     #[arg(long, default_value = "f16", value_parser = ["f16", "f32"])]
     pub kv_cache: String,
+}
+
+#[derive(Args)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub model: ModelArg,
+    /// The user's message (wrapped in the model's chat template unless --raw).
+    #[arg(long)]
+    pub prompt: String,
+    #[arg(long, default_value_t = 128)]
+    pub max_tokens: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f64,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Feed the prompt as it is, without the chat template.
+    #[arg(long)]
+    pub raw: bool,
+    #[command(flatten)]
+    pub decode: DecodeArgs,
 }
 
 #[derive(Args)]
@@ -469,15 +476,8 @@ pub struct ServeArgs {
     /// After SIGTERM, seconds running requests may go on before they are cancelled.
     #[arg(long, default_value_t = 30.0)]
     pub shutdown_timeout: f64,
-    /// As for `generate`.
-    #[arg(long)]
-    pub head_bits: Option<u8>,
-    #[arg(long, default_value_t = 16)]
-    pub act_bits: u8,
-    #[arg(long)]
-    pub exact_prefill: bool,
-    #[arg(long, default_value = "f16", value_parser = ["f16", "f32"])]
-    pub kv_cache: String,
+    #[command(flatten)]
+    pub decode: DecodeArgs,
 }
 
 #[derive(Args)]

@@ -85,3 +85,32 @@ pub fn module_arg(name: &str) -> Result<adadim_model::LinearKind> {
     adadim_model::LinearKind::from_short(name)
         .ok_or_else(|| anyhow::anyhow!("--module {name}: not one of q, k, v, o, gate, up, down"))
 }
+
+/// `src` loaded for decoding with `max_t` positions as `d` says: the LM head quantized (packed
+/// models: 8 bits unless told), activations rounded to --act-bits, prompts on integers unless
+/// --exact-prefill, the KV cache's number type.
+pub fn decoding_model(
+    src: &dyn adadim_model::WeightSource,
+    dir: &std::path::Path,
+    max_t: usize,
+    d: &crate::args::DecodeArgs,
+) -> Result<adadim_model::Model> {
+    let mut model = adadim_model::Model::load(src, max_t, &mut |_, _| {})?;
+    apply_head_bits(&mut model, d.head_bits, adadim_model::is_packed(dir))?;
+    model.set_settings(adadim_model::DecodeSettings {
+        act: act_bits(d.act_bits)?,
+        integer_prefill: !d.exact_prefill,
+        kv: kv_type(&d.kv_cache),
+        ..model.settings()
+    })?;
+    Ok(model)
+}
+
+/// The KV cache's number type from `--kv-cache` (f16 or f32, checked by clap).
+pub fn kv_type(name: &str) -> adadim_model::KvType {
+    if name == "f32" {
+        adadim_model::KvType::F32
+    } else {
+        adadim_model::KvType::F16
+    }
+}

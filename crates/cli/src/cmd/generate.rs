@@ -2,7 +2,7 @@
 //! cache, printed as it comes.
 
 use crate::args::GenerateArgs;
-use crate::resolve::{act_bits, apply_head_bits, eos_ids, model_dir};
+use crate::resolve::{decoding_model, eos_ids, model_dir};
 use anyhow::Result;
 
 /// Tokenize the prompt (chat template unless `--raw`), decode, print the text as it comes
@@ -36,14 +36,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         prompt.len() + a.max_tokens,
         &format!("--max-tokens {} (after a prompt of {} tokens)", a.max_tokens, prompt.len()),
     )?;
-    let mut model = adadim_model::Model::load(src.as_ref(), prompt.len() + a.max_tokens, &mut |_, _| {})?;
-    apply_head_bits(&mut model, a.head_bits, adadim_model::is_packed(&dir))?;
-    model.set_settings(adadim_model::DecodeSettings {
-        act: act_bits(a.act_bits)?,
-        integer_prefill: !a.exact_prefill,
-        kv: kv_type(&a.kv_cache),
-        ..model.settings()
-    })?;
+    let model = decoding_model(src.as_ref(), &dir, prompt.len() + a.max_tokens, &a.decode)?;
     let (mut ids, mut shown) = (Vec::new(), 0usize);
     use std::io::Write;
     let settings = adadim_run::Settings { max_tokens: a.max_tokens, temperature: a.temperature, seed: a.seed };
@@ -66,16 +59,8 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         stats.generated,
         stats.decode_tokens_per_s(),
         stats.kv_cache_bytes as f64 / 1e6,
-        a.kv_cache,
+        a.decode.kv_cache,
         if stats.stopped_by_token { "" } else { " (token limit)" }
     );
     Ok(())
-}
-
-pub fn kv_type(name: &str) -> adadim_model::KvType {
-    if name == "f32" {
-        adadim_model::KvType::F32
-    } else {
-        adadim_model::KvType::F16
-    }
 }

@@ -5,8 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::args::ServeArgs;
-use crate::cmd::generate::kv_type;
-use crate::resolve::{act_bits, apply_head_bits, eos_ids, model_dir};
+use crate::resolve::{decoding_model, eos_ids, model_dir};
 use anyhow::{bail, Result};
 
 pub fn serve(a: ServeArgs) -> Result<()> {
@@ -32,22 +31,14 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     let template = tok_config["chat_template"].as_str().and_then(adadim_run::ChatTemplate::from_jinja);
     let eos = eos_ids(&dir, &tok, &tok_config)?;
     crate::limits::check_positions(src.config(), &dir.join("config.json"), a.ctx, &format!("--ctx {}", a.ctx))?;
-    let kv = kv_type(&a.kv_cache);
     let per_position =
-        2 * src.config().num_hidden_layers * src.config().kv_dim() * if a.kv_cache == "f32" { 4 } else { 2 };
+        2 * src.config().num_hidden_layers * src.config().kv_dim() * if a.decode.kv_cache == "f32" { 4 } else { 2 };
     crate::limits::check_memory(
         "--parallel / --ctx",
         (a.parallel * a.ctx * per_position) as f64,
         &format!("{} KV caches of {} positions", a.parallel, a.ctx),
     )?;
-    let mut model = adadim_model::Model::load(src.as_ref(), a.ctx, &mut |_, _| {})?;
-    apply_head_bits(&mut model, a.head_bits, adadim_model::is_packed(&dir))?;
-    model.set_settings(adadim_model::DecodeSettings {
-        act: act_bits(a.act_bits)?,
-        integer_prefill: !a.exact_prefill,
-        kv,
-        ..model.settings()
-    })?;
+    let model = decoding_model(src.as_ref(), &dir, a.ctx, &a.decode)?;
     let name = a.name.clone().unwrap_or_else(|| {
         let p = std::path::Path::new(&a.model.model);
         p.file_name().map_or(a.model.model.clone(), |n| n.to_string_lossy().trim_end_matches(".gguf").to_string())
