@@ -76,6 +76,11 @@ pub fn quantize_alone(
     cols: usize,
     h: &Hessian,
 ) -> Result<(Vec<f32>, LinearReport)> {
+    if cfg.qep.is_some() {
+        return Err(CalibError::Invalid(
+            "--qep compares a linear's inputs in the float and the partly quantized model: it needs a whole model (quantize), not one layer's inputs".into(),
+        ));
+    }
     if !cfg.awq {
         let (q, r) = cfg.quantize_linear(0, kind, w, rows, cols, Some(h))?;
         return Ok((q.dequantize(), r));

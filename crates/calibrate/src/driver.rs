@@ -22,8 +22,9 @@ use adadim_load::safetensors_out::DenseDtype;
 use adadim_load::Checkpoint;
 use adadim_model::{Block, DecodeSettings, LinearKind, Rope, Weight};
 use adadim_quantize::{
-    awq, choose_axis_fitted, gptq, output_error_from_hessian, rtn_candidates, rtn_fitted, Axis, Calibration,
-    Candidates, Fitter, GptqOptions, GptqOutput, Hessian, QuantSpec, QuantizedMatrix, ScaleSearch,
+    awq, choose_axis_fitted, gptq, output_error_from_hessian, refit_scales, rtn_candidates, rtn_fitted, Axis,
+    Calibration, Candidates, Correction, Drift, Fitter, GptqOptions, GptqOutput, Hessian, QuantSpec, QuantizedMatrix,
+    ScaleSearch,
 };
 use candle_core::{Device, Tensor};
 use serde::Serialize;
@@ -133,6 +134,15 @@ pub struct QuantizeConfig {
     /// output and gate/up's on the MLP output (the rest of the block in float).
     #[serde(default, skip_serializing_if = "AdaError::is_linear")]
     pub ada_error: AdaError,
+    /// Refit every group's scale by least squares on the linear's output error (full Hessian,
+    /// codes and zero points held) after RTN or GPTQ ([`adadim_quantize::refit_scales`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub refit: bool,
+    /// Error propagation (QEP): quantize `W + alpha W D H~^-1` so that the linear's output on
+    /// the partly quantized model's inputs approaches the float model's output
+    /// ([`adadim_quantize::Correction`]); `alpha` in `[0, 1]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qep: Option<f64>,
     /// Paper Table 1 heuristic: these modules per-IC, the rest per-OC (overrides `dim`).
     pub ic_modules: Vec<String>,
     /// `--bpw`: bits, group and axis chosen per linear under a size budget ([`crate::damage`]);
@@ -201,6 +211,9 @@ pub struct LinearReport {
     pub block_oc_error: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub block_ic_error: Option<f64>,
+    /// `--refit`: the output error before the scales were refitted (`final_error` is after).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unrefit_error: Option<f64>,
     /// `--bpw`: the bits and group chosen (the axis is `axis`), and bytes in the packed file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub layout: Option<Chosen>,
@@ -280,6 +293,8 @@ impl QuantizeConfig {
     fn needs_calibration(&self) -> bool {
         self.method == Method::Gptq
             || self.awq
+            || self.refit
+            || self.qep.is_some()
             || self.budget.is_some()
             || (self.dim == Dim::Ada && self.ic_modules.is_empty())
     }
@@ -386,7 +401,15 @@ impl QuantizeConfig {
             }
             (None, None) => (choice.clone().expect("ada has calibration").quantized, None, None, 0),
         };
+        let (q, refit) = match h.filter(|h| self.refit && h.tokens() > 0) {
+            Some(h) => {
+                let r = refit_scales(&q, w, h).map_err(qerr)?;
+                (r.quantized, Some((r.before, r.after)))
+            }
+            None => (q, None),
+        };
         let final_error = match (h, &choice) {
+            _ if refit.is_some() => refit.map(|r| r.1),
             // RTN along either axis is exactly what the choice measured: no need to redo it.
             (_, Some(c)) if loss.is_none() => Some(if q.spec().axis == Axis::Ic { c.ic_error } else { c.oc_error }),
             (Some(h), _) if h.tokens() > 0 => {
@@ -415,6 +438,7 @@ impl QuantizeConfig {
             awq_scales: Vec::new(),
             block_oc_error: block_errors.map(|e| e.0),
             block_ic_error: block_errors.map(|e| e.1),
+            unrefit_error: refit.map(|r| r.0),
             layout: None,
             candidates: Vec::new(),
         };
@@ -728,6 +752,16 @@ fn run(
             )));
         }
     }
+    if let Some(alpha) = cfg.qep {
+        if !(0.0..=1.0).contains(&alpha) {
+            return Err(CalibError::Invalid(format!("--qep {alpha}: alpha must lie in [0, 1]")));
+        }
+        if cfg.awq {
+            return Err(CalibError::Invalid(
+                "--qep corrects the float weights for the drift of their inputs; it does not combine with --awq".into(),
+            ));
+        }
+    }
     let mut work = work;
     // `--bpw`: the damage table (measured once, saved with the blocks), then the layouts.
     let planned;
@@ -807,10 +841,28 @@ fn run(
             xs = embed_samples(&ckpt.tensor("model.embed_tokens.weight")?, samples)?;
         }
     }
+    // `--qep`: the float model's stream beside it (recomputed up to `first` on a resume).
+    let mut fp = match cfg.qep {
+        Some(_) if calibrate && first < layers => {
+            let t0 = Instant::now();
+            let mut f = embed_samples(&ckpt.tensor("model.embed_tokens.weight")?, samples)?;
+            for layer in 0..first {
+                let block = float_block(ckpt, layer)?;
+                for x in &mut f {
+                    let mid = block.attn_residual(x, &float_attention(&block, x, &rope)?, &SETTINGS)?;
+                    *x = block.mlp_residual(&mid, &mlp_hidden(&block, &mid)?, &SETTINGS)?;
+                }
+            }
+            times.forward_s += t0.elapsed().as_secs_f64();
+            Some(f)
+        }
+        _ => None,
+    };
     times.io_s += io.elapsed().as_secs_f64();
     let mut reports = Vec::new();
     for layer in first..layers {
-        let (quantized, block_reports) = quantize_block(ckpt, cfg, layer, &rope, calibrate, &mut xs, &mut times)?;
+        let (quantized, block_reports) =
+            quantize_block(ckpt, cfg, layer, &rope, calibrate, (&mut xs, fp.as_mut()), &mut times)?;
         let io = Instant::now();
         match &mut sink {
             Sink::Stream { writer, cursor } => {
@@ -862,13 +914,14 @@ fn run(
 
 /// Quantize block `layer`; with calibration, `xs` (the residual stream entering it, one
 /// `[t, d]` per sample) becomes the stream entering the next block (left as is after the last).
+/// `fp`, with `--qep`, is the float model's stream, moved on the same way through the float block.
 fn quantize_block(
     ckpt: &Checkpoint,
     cfg: &QuantizeConfig,
     layer: usize,
     rope: &Rope,
     calibrate: bool,
-    xs: &mut Vec<Tensor>,
+    (xs, fp): (&mut Vec<Tensor>, Option<&mut Vec<Tensor>>),
     times: &mut Timings,
 ) -> Result<FinishedBlock> {
     let c = &ckpt.config;
@@ -885,6 +938,7 @@ fn quantize_block(
                              h: Option<&Hessian>,
                              fold: Fold,
                              judge: Option<Judge<'_>>,
+                             correction: Option<&Correction>,
                              times: &mut Timings|
      -> Result<Option<Vec<f32>>> {
         let mut ws = Vec::new();
@@ -895,7 +949,17 @@ fn quantize_block(
             let shape = &ckpt.entry(&name)?.shape;
             times.io_s += io.elapsed().as_secs_f64();
             match shape[..] {
-                [rows, cols] if rows * cols == w.len() => ws.push((kind, w, rows, cols)),
+                [rows, cols] if rows * cols == w.len() => {
+                    let w = match correction {
+                        Some(c) => c.apply(&w, rows).map_err(|source| CalibError::Quantize {
+                            layer,
+                            module: kind.module().to_string(),
+                            source,
+                        })?,
+                        None => w,
+                    };
+                    ws.push((kind, w, rows, cols))
+                }
                 _ => return Err(CalibError::Invalid(format!("{name}: shape {shape:?} is not a matrix"))),
             }
         }
@@ -956,7 +1020,7 @@ fn quantize_block(
     let [qkv, o, gate_up, down] = STEPS;
     if !calibrate {
         for step in STEPS {
-            quantize_step(&mut quantized, step, None, Fold::Norm, None, times)?;
+            quantize_step(&mut quantized, step, None, Fold::Norm, None, None, times)?;
         }
     } else {
         // True-sequential, each stage on the outputs of the linears already quantized:
@@ -964,8 +1028,19 @@ fn quantize_block(
         // block (no re-run of the block from its start for every stage).
         let flops = StageFlops::new(c);
         let mut acts = Activations { xs: std::mem::take(xs), times };
+        // `--qep`: the float stream entering this block, and the block with its float weights.
+        let mut qep = match (cfg.qep, fp) {
+            (Some(alpha), Some(fx)) => {
+                Some(Qep { alpha, percdamp: cfg.gptq.percdamp, block: float_block(ckpt, layer)?, xs: fx })
+            }
+            _ => None,
+        };
         let h_in = acts.each(|_| 0.0, |_, x| Ok(block.attn_input(x)?))?;
         let h = acts.hessian(layer, qkv[0], &h_in)?;
+        let corr = match &qep {
+            Some(q) => Some(q.correction(acts.times, layer, qkv[0], &h, &h_in, |b, x| Ok(b.attn_input(x)?))?),
+            None => None,
+        };
         drop(h_in);
         let judging = cfg.ada_error == AdaError::Block && cfg.dim == Dim::Ada && cfg.ic_modules.is_empty();
         let n_judge = acts.xs.len().min(BLOCK_ERROR_SAMPLES);
@@ -978,7 +1053,8 @@ fn quantize_block(
             })
         };
         let judge_qkv = judging.then_some(&mut judge_attention as Judge<'_>);
-        if let Some(s) = quantize_step(&mut quantized, qkv, Some(&h), Fold::Norm, judge_qkv, acts.times)? {
+        if let Some(s) = quantize_step(&mut quantized, qkv, Some(&h), Fold::Norm, judge_qkv, corr.as_ref(), acts.times)?
+        {
             block.attn_norm = tensor_1d(folded_norm(&to_vec(&block.attn_norm)?, &s))?;
         }
         drop(h);
@@ -993,9 +1069,18 @@ fn quantize_block(
             )
         })?;
         let h = acts.hessian(layer, o[0], &attn)?;
+        let corr = match &mut qep {
+            Some(q) => {
+                let f_attn = q.each(acts.times, |b, x| float_attention(b, x, rope))?;
+                let corr = q.correction_of(acts.times, layer, o[0], &h, &attn, &f_attn)?;
+                q.advance(acts.times, |b, i, x| Ok(b.attn_residual(x, &f_attn[i], &SETTINGS)?))?;
+                Some(corr)
+            }
+            None => None,
+        };
         let sources = o_input_sources(c);
         let fold = Fold::Rows { producer: LinearKind::V, tie: Some(sources.clone()) };
-        if let Some(s) = quantize_step(&mut quantized, o, Some(&h), fold, None, acts.times)? {
+        if let Some(s) = quantize_step(&mut quantized, o, Some(&h), fold, None, corr.as_ref(), acts.times)? {
             // v's rows were divided by powers of two: its outputs, and so attention's, exactly so.
             let inv = tensor_1d(sources.iter().map(|&r| 1.0 / s[r]).collect())?;
             for a in &mut attn {
@@ -1009,6 +1094,10 @@ fn quantize_block(
         drop(attn);
         let mlp_in = acts.each(|_| 0.0, |_, x| Ok(block.mlp_input(x)?))?;
         let h = acts.hessian(layer, gate_up[0], &mlp_in)?;
+        let corr = match &qep {
+            Some(q) => Some(q.correction(acts.times, layer, gate_up[0], &h, &mlp_in, |b, x| Ok(b.mlp_input(x)?))?),
+            None => None,
+        };
         drop(mlp_in);
         let mut judge_mlp = |views: &[(LinearKind, [Vec<f32>; 2])]| {
             let sublayer = [LinearKind::Gate, LinearKind::Up, LinearKind::Down];
@@ -1019,7 +1108,9 @@ fn quantize_block(
             })
         };
         let judge_gate_up = judging.then_some(&mut judge_mlp as Judge<'_>);
-        if let Some(s) = quantize_step(&mut quantized, gate_up, Some(&h), Fold::Norm, judge_gate_up, acts.times)? {
+        if let Some(s) =
+            quantize_step(&mut quantized, gate_up, Some(&h), Fold::Norm, judge_gate_up, corr.as_ref(), acts.times)?
+        {
             block.mlp_norm = tensor_1d(folded_norm(&to_vec(&block.mlp_norm)?, &s))?;
         }
         drop(h);
@@ -1030,18 +1121,34 @@ fn quantize_block(
         let keep = !last && tokens * c.intermediate_size * 4 <= cfg.act_cache_bytes;
         let mut kept = Vec::new();
         let mut h = Hessian::new(c.intermediate_size);
+        let mut drift = qep.as_ref().map(|_| Drift::new(c.intermediate_size));
         with_dequantized(&mut block, &quantized, gate_up, |block| {
             for i in 0..acts.xs.len() {
                 let act = acts.one(i, |t| flops.mlp_hidden(t), |x| mlp_hidden(block, x))?;
                 acts.accumulate(&mut h, layer, down[0], &act)?;
+                if let (Some(q), Some(d)) = (&mut qep, &mut drift) {
+                    // The float stream's down inputs, and its block output, one sample at a time.
+                    let t0 = Instant::now();
+                    let f_act = mlp_hidden(&q.block, &q.xs[i])?;
+                    acts.times.forward_s += t0.elapsed().as_secs_f64();
+                    add_drift(acts.times, d, layer, down[0], &f_act, &act)?;
+                    let t0 = Instant::now();
+                    q.xs[i] = q.block.mlp_residual(&q.xs[i], &f_act, &SETTINGS)?;
+                    acts.times.forward_s += t0.elapsed().as_secs_f64();
+                }
                 if keep {
                     kept.push(act);
                 }
             }
             Ok(())
         })?;
+        let corr = match (&qep, &drift) {
+            (Some(q), Some(d)) => Some(q.factor(layer, down[0], &h, d)?),
+            _ => None,
+        };
+        drop(drift);
         let fold = Fold::Rows { producer: LinearKind::Up, tie: None };
-        if let Some(s) = quantize_step(&mut quantized, down, Some(&h), fold, None, acts.times)? {
+        if let Some(s) = quantize_step(&mut quantized, down, Some(&h), fold, None, corr.as_ref(), acts.times)? {
             // up's rows were divided by powers of two: silu(gate) * up exactly so.
             let inv = tensor_1d(s.iter().map(|v| 1.0 / v).collect())?;
             for a in &mut kept {
@@ -1064,6 +1171,105 @@ fn quantize_block(
         *xs = acts.xs;
     }
     Ok((quantized, reports))
+}
+
+/// `--qep`: the float model's residual stream through the block being quantized, and that
+/// block with its float weights.
+struct Qep<'a> {
+    alpha: f64,
+    percdamp: f64,
+    block: Block,
+    /// The float stream, one `[t, d]` per sample: entering the block, then after its attention.
+    xs: &'a mut Vec<Tensor>,
+}
+
+impl Qep<'_> {
+    /// `f` on every sample of the float stream (timed as forward passes).
+    fn each<T>(&self, times: &mut Timings, f: impl Fn(&Block, &Tensor) -> Result<T>) -> Result<Vec<T>> {
+        let t0 = Instant::now();
+        let out = self.xs.iter().map(|x| f(&self.block, x)).collect();
+        times.forward_s += t0.elapsed().as_secs_f64();
+        out
+    }
+
+    /// Moves the float stream on: sample `i` becomes `f(block, i, x_i)`.
+    fn advance(&mut self, times: &mut Timings, f: impl Fn(&Block, usize, &Tensor) -> Result<Tensor>) -> Result<()> {
+        let t0 = Instant::now();
+        for i in 0..self.xs.len() {
+            self.xs[i] = f(&self.block, i, &self.xs[i])?;
+        }
+        times.forward_s += t0.elapsed().as_secs_f64();
+        Ok(())
+    }
+
+    /// The correction of a stage whose float inputs are `input(block, x)` of the float stream.
+    fn correction(
+        &self,
+        times: &mut Timings,
+        layer: usize,
+        kind: LinearKind,
+        h: &Hessian,
+        quantized: &[Tensor],
+        input: impl Fn(&Block, &Tensor) -> Result<Tensor>,
+    ) -> Result<Correction> {
+        let float = self.each(times, input)?;
+        self.correction_of(times, layer, kind, h, quantized, &float)
+    }
+
+    /// The correction of a stage given both streams' inputs of it, sample by sample.
+    fn correction_of(
+        &self,
+        times: &mut Timings,
+        layer: usize,
+        kind: LinearKind,
+        h: &Hessian,
+        quantized: &[Tensor],
+        float: &[Tensor],
+    ) -> Result<Correction> {
+        let mut d = Drift::new(h.dim());
+        for (f, q) in float.iter().zip(quantized) {
+            add_drift(times, &mut d, layer, kind, f, q)?;
+        }
+        self.factor(layer, kind, h, &d)
+    }
+
+    fn factor(&self, layer: usize, kind: LinearKind, h: &Hessian, d: &Drift) -> Result<Correction> {
+        Correction::new(h, d, self.alpha, self.percdamp).map_err(|source| CalibError::Quantize {
+            layer,
+            module: format!("{} (error propagation)", kind.module()),
+            source,
+        })
+    }
+}
+
+/// Adds one sample's float and quantized-stream inputs of `kind` to its drift.
+fn add_drift(times: &mut Timings, d: &mut Drift, layer: usize, kind: LinearKind, f: &Tensor, q: &Tensor) -> Result<()> {
+    let t0 = Instant::now();
+    d.add_batch(&to_vec(f)?, &to_vec(q)?).map_err(|source| CalibError::Quantize {
+        layer,
+        module: format!("{} inputs", kind.module()),
+        source,
+    })?;
+    times.hessian_s += t0.elapsed().as_secs_f64();
+    Ok(())
+}
+
+/// Block `layer` with its float weights (f32), for the float stream of `--qep`.
+fn float_block(ckpt: &Checkpoint, layer: usize) -> Result<Block> {
+    let mut block = Block::load(&WithoutLinears(ckpt), layer)?;
+    for kind in LinearKind::ALL {
+        let name = format!("model.layers.{layer}.{}.weight", kind.module());
+        let w = ckpt.tensor(&name)?.to_dtype(candle_core::DType::F32).map_err(|e| tensor_err(name, e))?;
+        block.linear_mut(kind).weight = Weight::Dense(w);
+    }
+    Ok(block)
+}
+
+/// The attention of a block on the residual stream `x`: o_proj's input.
+fn float_attention(block: &Block, x: &Tensor, rope: &Rope) -> Result<Tensor> {
+    block
+        .attention(&block.attn_input(x)?, rope, &SETTINGS)
+        .map_err(|e| tensor_err(format!("layer {}: attention", block.layer), e))
 }
 
 /// Judges each candidate of [`AdaError::Block`] on its sublayer's output.

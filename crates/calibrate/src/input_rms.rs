@@ -114,6 +114,7 @@ mod tests {
             awq_scales: Vec::new(),
             block_oc_error: None,
             block_ic_error: None,
+            unrefit_error: None,
             layout: None,
             candidates: Vec::new(),
         }

@@ -23,6 +23,8 @@ fn config(method: Method, dim: Dim) -> QuantizeConfig {
         act_order: false,
         static_groups: false,
         awq: false,
+        refit: false,
+        qep: None,
         ada_error: adadim_calibrate::AdaError::Linear,
         ic_modules: vec![],
         act_cache_bytes: adadim_calibrate::ACT_CACHE_BYTES,
@@ -598,5 +600,35 @@ fn a_budget_out_of_reach_names_the_range() {
         let e = quantize_model(&ck, &samples(), &cfg, &out, &mut |_, _| {}).unwrap_err().to_string();
         assert!(e.contains("--bpw") && e.contains(want), "{bpw}: {e}");
         assert!(!file.exists(), "{bpw}: an output was started");
+    }
+}
+
+/// `--qep 0` runs the float stream but corrects nothing: the plain run's bytes. A positive
+/// alpha changes the weights quantized; alpha outside [0, 1] or with AWQ is refused.
+/// `--refit` lowers no linear's error above what it was before the refit.
+#[test]
+fn qep_at_zero_is_the_plain_run_and_refit_never_raises_an_error() {
+    let plain = config(Method::Gptq, Dim::Ada);
+    let (_d, _, want) = run(&plain);
+    let (_d, _, zero) = run(&QuantizeConfig { qep: Some(0.0), ..plain.clone() });
+    assert!(zero == want, "--qep 0 changed the output");
+    let (_d, _, full) = run(&QuantizeConfig { qep: Some(1.0), ..plain.clone() });
+    assert!(full != want, "--qep 1 changed nothing");
+    let (_d, reports, _) = run(&QuantizeConfig { refit: true, ..plain.clone() });
+    for r in &reports {
+        let (before, after) = (r.unrefit_error.unwrap(), r.final_error.unwrap());
+        assert!(after <= before * (1.0 + 1e-6), "layer {} {}: {after} > {before}", r.layer, r.module);
+    }
+    let d = tempfile::tempdir().unwrap();
+    write_random_checkpoint(&d.path().join("m"), &tiny_config(), 4).unwrap();
+    let ck = Checkpoint::open(&d.path().join("m")).unwrap();
+    for (cfg, why) in [
+        (QuantizeConfig { qep: Some(1.5), ..plain.clone() }, "alpha must lie in [0, 1]"),
+        (QuantizeConfig { qep: Some(0.5), awq: true, ..plain.clone() }, "does not combine with --awq"),
+    ] {
+        let out = d.path().join("refused.safetensors");
+        let e = quantize_model(&ck, &samples(), &cfg, &f32_out(&out), &mut |_, _| {}).err().unwrap();
+        assert!(e.to_string().contains(why), "{e}");
+        assert!(!out.exists(), "a refused run left {}", out.display());
     }
 }

@@ -223,6 +223,8 @@ fn write_resume_seeds() {
             act_order,
             static_groups: false,
             awq: false,
+            refit: false,
+            qep: None,
             ada_error: adadim_calibrate::AdaError::Linear,
             ic_modules: vec![],
             act_cache_bytes: adadim_calibrate::ACT_CACHE_BYTES,

@@ -26,6 +26,8 @@ fn config(method: Method, dim: Dim, act_order: bool) -> QuantizeConfig {
         act_order,
         static_groups: false,
         awq: false,
+        refit: false,
+        qep: None,
         ada_error: adadim_calibrate::AdaError::Linear,
         ic_modules: vec![],
         act_cache_bytes: adadim_calibrate::ACT_CACHE_BYTES,
@@ -66,8 +68,9 @@ fn interrupted_after_any_block_resumes_to_the_same_bytes() {
         (Method::Rtn, Dim::Oc, false, Format::F32), // no calibration: no hidden states saved
         (Method::Gptq, Dim::Oc, false, Format::Packed), // with AWQ (below): scales folded into norms and rows
         (Method::Gptq, Dim::Ada, true, Format::Packed), // --bpw (below): the damage table saved and reused
+        (Method::Gptq, Dim::Ada, true, Format::Packed), // --qep and --refit (below): the float stream recomputed
     ];
-    let (awq_case, bpw_case) = (cases.len() - 2, cases.len() - 1);
+    let (awq_case, bpw_case, qep_case) = (cases.len() - 3, cases.len() - 2, cases.len() - 1);
     for (i, (method, dim, act, format)) in cases.into_iter().enumerate() {
         let budget = adadim_calibrate::damage::Budget {
             bpw: 3.4,
@@ -80,6 +83,8 @@ fn interrupted_after_any_block_resumes_to_the_same_bytes() {
         let cfg = QuantizeConfig {
             awq: i == awq_case,
             budget: (i == bpw_case).then_some(budget),
+            qep: (i == qep_case).then_some(0.5),
+            refit: i == qep_case,
             ..config(method, dim, act)
         };
         let want_file = d.path().join(format!("want{i}.safetensors"));

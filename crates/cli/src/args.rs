@@ -160,6 +160,17 @@ pub struct QuantSettings {
     /// quantizing (folded into the RMSNorm, or into v_proj / up_proj when they are per-OC).
     #[arg(long)]
     pub awq: bool,
+    /// After RTN or GPTQ, refit every group's scale by least squares on the linear's output
+    /// error over the full calibration Hessian (codes and zero points held; a row keeps its
+    /// old scales unless the new ones lower its error).
+    #[arg(long)]
+    pub refit: bool,
+    /// Error propagation (QEP): quantize each linear's weights corrected towards the float
+    /// model's outputs, `W + ALPHA W D H^-1`, where D is how far its inputs in the partly
+    /// quantized model have drifted from the float model's (0: plain layer-wise; 1: the full
+    /// least-squares correction). Runs the float model beside the quantized one.
+    #[arg(long, value_name = "ALPHA")]
+    pub qep: Option<f64>,
     /// With --dim ada: judge each candidate on its own output (linear, the paper's Eq. 3) or on
     /// its sublayer's output (block: q/k/v on the attention output, gate/up on the MLP output,
     /// the rest of the sublayer in float; measured on the first 16 calibration samples).

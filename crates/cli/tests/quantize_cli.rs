@@ -402,6 +402,23 @@ fn quantize_layer_reports_both_errors() {
     let (code, _, se) = adadim(&["quantize-layer", "--weight", &s(&w), "--inputs", &s(&bad)]);
     assert_eq!(code, 1);
     assert!(se.contains("bad.safetensors") && se.contains("C_in = 32"), "{se}");
+    // --refit: the same GPTQ, its scales refitted; the error before is reported beside the one after.
+    let layer = |extra: &[&str]| {
+        let mut args = vec!["quantize-layer", "--weight", w.to_str().unwrap(), "--inputs", x.to_str().unwrap()];
+        args.extend(["--method", "gptq", "--dim", "ada", "--bits", "3", "--group", "8"]);
+        args.extend(extra);
+        adadim(&args)
+    };
+    let (code, so, se) = layer(&["--refit"]);
+    assert_eq!(code, 0, "{se}");
+    let r: serde_json::Value = serde_json::from_str(&so).unwrap();
+    let (before, after) = (r["unrefit_error"].as_f64().unwrap(), r["final_error"].as_f64().unwrap());
+    assert!((before - v["final_error"].as_f64().unwrap()).abs() <= 1e-9 * before, "{r} vs {v}");
+    assert!(after <= before, "{r}");
+    // --qep needs the float model's inputs, which one layer's file does not have.
+    let (code, _, se) = layer(&["--qep", "0.5"]);
+    assert_eq!(code, 1);
+    assert!(se.contains("--qep") && se.contains("whole model"), "{se}");
 }
 
 /// The quantizer's settings (`--scale-search`, default mse; `--awq`; `--ada-error block`) reach

@@ -40,7 +40,9 @@ mod gptq;
 mod grid;
 mod hessian;
 mod matrix;
+mod propagate;
 mod quantizer;
+mod refit;
 mod rtn;
 mod search;
 
@@ -52,7 +54,9 @@ pub use error::{Error, Result};
 pub use gptq::{gptq, GptqOptions, GptqOutput};
 pub use hessian::Hessian;
 pub use matrix::QuantizedMatrix;
+pub use propagate::{Correction, Drift};
 pub use quantizer::{dequantize, f16_scale, quantize, Axis, GroupParams, QuantSpec, Zero};
+pub use refit::{refit_scales, Refit};
 pub use rtn::{rtn, rtn_fitted, Fitter};
 pub use search::ScaleSearch;
 /// The error search's pieces, for tests and references.

@@ -77,6 +77,14 @@ impl QuantizedMatrix {
         Self { rows, cols, spec, codes, scales, zeros, g_idx }
     }
 
+    /// The same codes with new params (one per group, in [`QuantizedMatrix::param_shape`] order).
+    pub(crate) fn with_params(&self, params: &[GroupParams]) -> Self {
+        debug_assert_eq!(params.len(), self.scales.len());
+        let scales = params.iter().map(|p| p.scale).collect();
+        let zeros = params.iter().map(|p| p.zero).collect();
+        Self { scales, zeros, ..self.clone() }
+    }
+
     /// Output channels `C_out`.
     pub fn rows(&self) -> usize {
         self.rows

@@ -196,6 +196,8 @@ pub fn quantize_config(method: MethodArg, dim: DimArg, q: &QuantSettings) -> Res
         act_order: q.act_order,
         static_groups: q.static_groups,
         awq: q.awq,
+        refit: q.refit,
+        qep: q.qep,
         ada_error: match q.ada_error {
             AdaErrorArg::Linear => adadim_calibrate::AdaError::Linear,
             AdaErrorArg::Block => adadim_calibrate::AdaError::Block,
