@@ -577,7 +577,7 @@ impl StageFlops {
 }
 
 impl Timings {
-    fn add_linear(&mut self, r: &LinearReport) {
+    pub(crate) fn add_linear(&mut self, r: &LinearReport) {
         let (cholesky, sweep) = (r.cholesky_s.unwrap_or(0.0), r.sweep_s.unwrap_or(0.0));
         self.select_s += r.seconds - cholesky - sweep;
         self.cholesky_s += cholesky;

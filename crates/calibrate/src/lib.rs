@@ -12,6 +12,7 @@ pub mod code;
 pub mod damage;
 pub mod data;
 pub mod driver;
+pub mod encoder;
 pub mod error;
 pub mod input_rms;
 pub mod output;

@@ -46,6 +46,37 @@ pub fn calibration_samples(
     Ok((calib_file, samples))
 }
 
+/// Calibration samples for an encoder: `nsamples` seeded crops of `seqlen - 2` tokens of the
+/// calibration text (tokenized whole, without truncation), each wrapped in [CLS] ... [SEP];
+/// `seqlen` is capped at the model's `max_seq_length`.
+pub fn encoder_calibration_samples(
+    dir: &std::path::Path,
+    calib: &str,
+    nsamples: usize,
+    seqlen: usize,
+    max_seq_length: usize,
+    seed: u64,
+) -> Result<(PathBuf, usize, Vec<Vec<u32>>)> {
+    let mut tok = adadim_load::tokenizer::load(dir)?;
+    tok.with_padding(None);
+    tok.with_truncation(None).map_err(|e| anyhow::anyhow!("{}: tokenizer: {e}", dir.display()))?;
+    let special = |t: &str| {
+        tok.token_to_id(t).ok_or_else(|| anyhow::anyhow!("{}: the tokenizer has no {t} token", dir.display()))
+    };
+    let (cls, sep) = (special("[CLS]")?, special("[SEP]")?);
+    let seqlen = seqlen.min(max_seq_length);
+    if seqlen < 3 {
+        anyhow::bail!("--calib-seqlen {seqlen}: an encoder sample needs at least [CLS], one token and [SEP]");
+    }
+    let calib_file = adadim_calibrate::data::calibration_file(calib, &adadim_home(), dir)?;
+    let text = std::fs::read_to_string(&calib_file)
+        .with_context(|| format!("{}: reading calibration text", calib_file.display()))?;
+    let ids = adadim_eval::ppl::tokenize_plain(&tok, &text, &calib_file.display().to_string())?;
+    let crops = adadim_calibrate::data::sample_windows(&ids, nsamples, seqlen - 2, seed, &calib_file)?;
+    let samples = crops.into_iter().map(|c| std::iter::once(cls).chain(c).chain([sep]).collect()).collect();
+    Ok((calib_file, seqlen, samples))
+}
+
 /// The tokens that end a generation: the tokenizer config's `eos_token` (`tok_config`, from
 /// [`adadim_load::tokenizer::config`]) and the model config's `eos_token_id`.
 pub fn eos_ids(

@@ -1,15 +1,9 @@
 //! `adadim embed` on all-MiniLM-L6-v2: the numpy reference's embeddings come out of the
 //! command (JSON, batched), and a bad input file is named.
 
-use std::process::Command;
+mod common;
+use common::adadim;
 
-fn adadim(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_adadim")).args(args).output().unwrap();
-    let (so, se) =
-        (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned());
-    assert!(!se.contains("panicked"), "panic: {se}");
-    (out.status.code().unwrap_or(-1), so, se)
-}
 
 #[test]
 fn embed_writes_the_reference_embeddings_and_names_bad_lines() {

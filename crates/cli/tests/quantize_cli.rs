@@ -1,21 +1,11 @@
 //! `adadim quantize` end to end on a seeded random model: a usable model directory and report,
 //! or one clear error and nothing left behind.
 
+mod common;
+use common::adadim;
+
 use adadim_load::synth::{tiny_config, write_random_checkpoint};
 use std::path::Path;
-use std::process::Command;
-
-fn adadim(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_adadim"))
-        .args(args)
-        .env("ADADIM_HOME", std::env::temp_dir().join("adadim-test-home"))
-        .output()
-        .unwrap();
-    let (so, se) =
-        (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned());
-    assert!(!se.contains("panicked"), "panic: {se}");
-    (out.status.code().unwrap_or(-1), so, se)
-}
 
 fn only_entries(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> =

@@ -2,21 +2,11 @@
 //! quantized (GPTQ-ada), and the page shows every figure, as well-formed SVG holding the
 //! plotted series, with the outliers where they were injected; bad input is one clear error.
 
+mod common;
+use common::adadim;
+
 use adadim_load::synth::{outlier_channels, tiny_config, Outliers};
 use std::path::{Path, PathBuf};
-use std::process::Command;
-
-fn adadim(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_adadim"))
-        .args(args)
-        .env("ADADIM_HOME", std::env::temp_dir().join("adadim-test-home"))
-        .output()
-        .unwrap();
-    let (so, se) =
-        (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned());
-    assert!(!se.contains("panicked"), "panic: {se}");
-    (out.status.code().unwrap_or(-1), so, se)
-}
 
 fn s(p: &Path) -> String {
     p.to_str().unwrap().to_string()

@@ -3,6 +3,9 @@
 //! shapes, the same greedy answers alone and batched, prompt scoring equal to `eval ppl`, and
 //! a table of bad requests, each answered with a clear status while the server goes on.
 
+mod common;
+use common::adadim;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -16,18 +19,6 @@ const KEY: &str = "test-key-123";
 
 /// SmolLM2's ChatML template, so chat requests have one to go through.
 const CHATML: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
-
-fn adadim(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_adadim"))
-        .args(args)
-        .env("ADADIM_HOME", std::env::temp_dir().join("adadim-test-home"))
-        .output()
-        .unwrap();
-    let (so, se) =
-        (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned());
-    assert!(!se.contains("panicked"), "panic: {se}");
-    (out.status.code().unwrap_or(-1), so, se)
-}
 
 /// A tiny random model (with a chat template), packed at 4 bits, groups of 16, per-OC.
 fn packed_model(dir: &Path) -> PathBuf {

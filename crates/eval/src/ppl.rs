@@ -40,12 +40,25 @@ pub fn tokenize(tok: &Tokenizer, text: &str, what: &str) -> Result<Vec<u32>> {
     tokenize_in_pieces(tok, text, what, PIECE)
 }
 
+/// As [`tokenize`], with no special tokens at all (an encoder's text, cut into samples that
+/// get their own [CLS] / [SEP]).
+pub fn tokenize_plain(tok: &Tokenizer, text: &str, what: &str) -> Result<Vec<u32>> {
+    encode_pieces(tok, text, what, PIECE, false)
+}
+
 /// [`tokenize`] with pieces of at least `target` bytes (tests use small ones to cut often).
 pub fn tokenize_in_pieces(tok: &Tokenizer, text: &str, what: &str, target: usize) -> Result<Vec<u32>> {
+    encode_pieces(tok, text, what, target, true)
+}
+
+/// The pieces of `text` encoded one after another; `first_special`: the first with the
+/// tokenizer's special tokens (a BOS), the others without.
+fn encode_pieces(tok: &Tokenizer, text: &str, what: &str, target: usize, first_special: bool) -> Result<Vec<u32>> {
     let mut ids = Vec::new();
     for (i, piece) in pieces(text, target).enumerate() {
-        let enc =
-            tok.encode(piece, i == 0).map_err(|e| EvalError::Tokenize { what: what.into(), msg: e.to_string() })?;
+        let enc = tok
+            .encode(piece, first_special && i == 0)
+            .map_err(|e| EvalError::Tokenize { what: what.into(), msg: e.to_string() })?;
         ids.extend_from_slice(enc.get_ids());
     }
     Ok(ids)

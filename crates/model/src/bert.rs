@@ -14,8 +14,10 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use adadim_load::LoadError;
+use adadim_pack::PackedFile;
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Ctx, ModelError, Result};
@@ -131,6 +133,15 @@ fn side_json(dir: &Path, name: &str) -> Result<Option<(PathBuf, serde_json::Valu
     Ok(Some((path, v)))
 }
 
+/// Whether `dir/config.json` declares a BERT (`"model_type": "bert"`): the encoder's paths
+/// (quantize, embed) rather than the decoder's.
+pub fn is_bert(dir: &Path) -> bool {
+    std::fs::read_to_string(dir.join("config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .is_some_and(|v| v["model_type"] == "bert")
+}
+
 impl Bert {
     /// Loads a sentence-transformers directory: config.json, model.safetensors (f32, with or
     /// without a `bert.` prefix), the pooling and normalisation modules.
@@ -169,16 +180,20 @@ impl Bert {
             None => config.max_position_embeddings,
         };
         let st = dir.join("model.safetensors");
-        let tensors = candle_core::safetensors::load(&st, &Device::Cpu)
-            .map_err(|e| ModelError::Load(LoadError::Safetensors { path: st.clone(), msg: e.to_string() }))?;
-        let prefix = if tensors.contains_key("embeddings.word_embeddings.weight") { "" } else { "bert." };
-        let w = Weights { tensors, prefix, path: st };
+        let w = if crate::source::is_packed(dir) {
+            let file = PackedFile::open(&st)?;
+            let prefix =
+                if file.dense_value_bytes("embeddings.word_embeddings.weight").is_some() { "" } else { "bert." };
+            Weights { tensors: Tensors::Packed(file), prefix, path: st }
+        } else {
+            let tensors = candle_core::safetensors::load(&st, &Device::Cpu)
+                .map_err(|e| ModelError::Load(LoadError::Safetensors { path: st.clone(), msg: e.to_string() }))?;
+            let prefix = if tensors.contains_key("embeddings.word_embeddings.weight") { "" } else { "bert." };
+            Weights { tensors: Tensors::Dense(tensors), prefix, path: st }
+        };
         let (d, f) = (config.hidden_size, config.intermediate_size);
         let linear = |name: &str, rows: usize, cols: usize| -> Result<Linear> {
-            Ok(Linear {
-                weight: Weight::Dense(w.get(&format!("{name}.weight"), &[rows, cols])?),
-                bias: Some(w.get(&format!("{name}.bias"), &[rows])?),
-            })
+            Ok(Linear { weight: w.linear(name, rows, cols)?, bias: Some(w.get(&format!("{name}.bias"), &[rows])?) })
         };
         let ln = |name: &str| -> Result<(Tensor, Tensor)> {
             Ok((w.get(&format!("{name}.weight"), &[d])?, w.get(&format!("{name}.bias"), &[d])?))
@@ -212,12 +227,28 @@ impl Bert {
     /// Sentence embeddings of a batch of token-id sequences (each with its [CLS] ... [SEP]),
     /// padded to the longest and masked.
     pub fn embed(&self, batch: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
-        let c = &self.config;
-        let (b, d, h) = (batch.len(), c.hidden_size, c.num_attention_heads);
-        let t = batch.iter().map(Vec::len).max().unwrap_or(0);
-        if b == 0 {
+        if batch.is_empty() {
             return Ok(Vec::new());
         }
+        let (b, t) = (batch.len(), batch.iter().map(Vec::len).max().unwrap_or(0));
+        let (enc, mut x) = self.start(batch)?;
+        let mut run = || -> candle_core::Result<Vec<Vec<f32>>> {
+            for i in 0..self.layers.len() {
+                let a = self.attention(i, &enc, &x)?;
+                x = self.attn_residual(i, &x, &a)?;
+                let f = self.ffn_hidden(i, &x)?;
+                x = self.ffn_residual(i, &x, &f)?;
+            }
+            self.pool(&enc, &x)
+        };
+        run().ctx(|| format!("BERT forward over {b} sentences of up to {t} tokens"))
+    }
+
+    /// The padded batch's mask and the embeddings entering the first layer, `(B*T, d)`.
+    pub fn start(&self, batch: &[Vec<u32>]) -> Result<(Padded, Tensor)> {
+        let c = &self.config;
+        let b = batch.len();
+        let t = batch.iter().map(Vec::len).max().unwrap_or(0);
         if let Some((i, s)) =
             batch.iter().enumerate().find(|(_, s)| s.is_empty() || s.len() > c.max_position_embeddings)
         {
@@ -238,67 +269,142 @@ impl Bert {
         let mask: Vec<f32> =
             batch.iter().flat_map(|s| (0..t).map(move |j| if j < s.len() { 1.0 } else { 0.0 })).collect();
         let dev = Device::Cpu;
-        let s = DecodeSettings::DEFAULT;
         let eps = c.layer_norm_eps as f32;
-        let run = || -> candle_core::Result<Vec<Vec<f32>>> {
+        let run = || -> candle_core::Result<(Padded, Tensor)> {
             let ids = Tensor::from_vec(ids, b * t, &dev)?;
             let pos = self.position.narrow(0, 0, t)?.repeat((b, 1))?;
             let x = (self.word.index_select(&ids, 0)? + pos)?.broadcast_add(&self.token_type.narrow(0, 0, 1)?)?;
-            let mut x = candle_nn::ops::layer_norm(&x, &self.emb_ln.0, &self.emb_ln.1, eps)?; // (b*t, d)
-            let mask_t = Tensor::from_vec(mask.clone(), (b, 1, 1, t), &dev)?;
+            let x = candle_nn::ops::layer_norm(&x, &self.emb_ln.0, &self.emb_ln.1, eps)?;
             // Padded keys get -inf-like scores (a large negative, so a softmax row never sees NaN).
-            let bias = ((mask_t - 1.0)? * 1e30)?;
-            let hd = d / h;
-            let heads =
-                |y: Tensor| -> candle_core::Result<Tensor> { y.reshape((b, t, h, hd))?.transpose(1, 2)?.contiguous() };
-            for l in &self.layers {
-                let q = heads(l.query.forward(&x, &s)?)?;
-                let k = heads(l.key.forward(&x, &s)?)?;
-                let v = heads(l.value.forward(&x, &s)?)?;
-                let scores =
-                    (q.matmul(&k.transpose(2, 3)?.contiguous()?)? / (hd as f64).sqrt())?.broadcast_add(&bias)?;
-                let p = candle_nn::ops::softmax_last_dim(&scores)?;
-                let a = p.matmul(&v)?.transpose(1, 2)?.contiguous()?.reshape((b * t, d))?;
-                x = candle_nn::ops::layer_norm(&(x + l.attn_out.forward(&a, &s)?)?, &l.attn_ln.0, &l.attn_ln.1, eps)?;
-                let f = l.intermediate.forward(&x, &s)?.gelu_erf()?;
-                x = candle_nn::ops::layer_norm(&(x + l.output.forward(&f, &s)?)?, &l.out_ln.0, &l.out_ln.1, eps)?;
-            }
-            let x = x.reshape((b, t, d))?;
-            let m = Tensor::from_vec(mask, (b, t, 1), &dev)?;
-            let pooled = x.broadcast_mul(&m)?.sum(1)?.broadcast_div(&m.sum(1)?)?; // (b, d)
-            let out = if self.normalize {
-                let norm = pooled.sqr()?.sum_keepdim(1)?.sqrt()?.maximum(1e-12)?;
-                pooled.broadcast_div(&norm)?
-            } else {
-                pooled
-            };
-            out.to_dtype(DType::F32)?.to_vec2::<f32>()
+            let bias = ((Tensor::from_vec(mask.clone(), (b, 1, 1, t), &dev)? - 1.0)? * 1e30)?;
+            let real: Vec<u32> = (0..b * t).filter(|&i| mask[i] > 0.0).map(|i| i as u32).collect();
+            let real = Tensor::from_vec(real.clone(), real.len(), &dev)?;
+            Ok((Padded { b, t, mask, bias, real }, x))
         };
-        run().ctx(|| format!("BERT forward over {b} sentences of up to {t} tokens"))
+        run().ctx(|| format!("BERT embeddings of {b} sentences of up to {t} tokens"))
+    }
+
+    /// Layer `i`'s self-attention over the batch: the input of its attention output linear.
+    pub fn attention(&self, i: usize, p: &Padded, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (l, s) = (&self.layers[i], DecodeSettings::DEFAULT);
+        let (b, t, d, h) = (p.b, p.t, self.config.hidden_size, self.config.num_attention_heads);
+        let hd = d / h;
+        let heads =
+            |y: Tensor| -> candle_core::Result<Tensor> { y.reshape((b, t, h, hd))?.transpose(1, 2)?.contiguous() };
+        let q = heads(l.query.forward(x, &s)?)?;
+        let k = heads(l.key.forward(x, &s)?)?;
+        let v = heads(l.value.forward(x, &s)?)?;
+        let scores = (q.matmul(&k.transpose(2, 3)?.contiguous()?)? / (hd as f64).sqrt())?.broadcast_add(&p.bias)?;
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        probs.matmul(&v)?.transpose(1, 2)?.contiguous()?.reshape((b * t, d))
+    }
+
+    /// `LN(x + attn_out(a))`: the stream after layer `i`'s attention.
+    pub fn attn_residual(&self, i: usize, x: &Tensor, a: &Tensor) -> candle_core::Result<Tensor> {
+        let l = &self.layers[i];
+        let y = (x + l.attn_out.forward(a, &DecodeSettings::DEFAULT)?)?;
+        candle_nn::ops::layer_norm(&y, &l.attn_ln.0, &l.attn_ln.1, self.config.layer_norm_eps as f32)
+    }
+
+    /// `gelu(intermediate(x))`: the input of layer `i`'s output linear.
+    pub fn ffn_hidden(&self, i: usize, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.layers[i].intermediate.forward(x, &DecodeSettings::DEFAULT)?.gelu_erf()
+    }
+
+    /// `LN(x + output(f))`: the stream leaving layer `i`.
+    pub fn ffn_residual(&self, i: usize, x: &Tensor, f: &Tensor) -> candle_core::Result<Tensor> {
+        let l = &self.layers[i];
+        let y = (x + l.output.forward(f, &DecodeSettings::DEFAULT)?)?;
+        candle_nn::ops::layer_norm(&y, &l.out_ln.0, &l.out_ln.1, self.config.layer_norm_eps as f32)
+    }
+
+    /// The sentence embeddings of the last layer's stream `x`: mean over the mask, normalised
+    /// where the model says so.
+    pub fn pool(&self, p: &Padded, x: &Tensor) -> candle_core::Result<Vec<Vec<f32>>> {
+        let x = x.reshape((p.b, p.t, self.config.hidden_size))?;
+        let m = Tensor::from_vec(p.mask.clone(), (p.b, p.t, 1), &Device::Cpu)?;
+        let pooled = x.broadcast_mul(&m)?.sum(1)?.broadcast_div(&m.sum(1)?)?; // (b, d)
+        let out = if self.normalize {
+            let norm = pooled.sqr()?.sum_keepdim(1)?.sqrt()?.maximum(1e-12)?;
+            pooled.broadcast_div(&norm)?
+        } else {
+            pooled
+        };
+        out.to_dtype(DType::F32)?.to_vec2::<f32>()
+    }
+}
+
+/// A padded batch of sentences: its shape and mask, for the stages of [`Bert::embed`].
+#[derive(Debug)]
+pub struct Padded {
+    b: usize,
+    t: usize,
+    mask: Vec<f32>,
+    /// `(B, 1, 1, T)`: 0 at real keys, a large negative at padding.
+    bias: Tensor,
+    /// Row indices of the real (unpadded) tokens in a `(B*T, k)` activation.
+    real: Tensor,
+}
+
+impl Padded {
+    /// The rows of a `(B*T, k)` activation that belong to real tokens (what calibration counts).
+    pub fn real_rows(&self, y: &Tensor) -> candle_core::Result<Tensor> {
+        y.index_select(&self.real, 0)
     }
 }
 
 /// The checkpoint's tensors, named without the optional `bert.` prefix, checked for shape.
 struct Weights {
-    tensors: HashMap<String, Tensor>,
+    tensors: Tensors,
     prefix: &'static str,
     path: PathBuf,
 }
 
+/// A Hugging Face file (every tensor dense) or an adadim packed one (linears packed).
+enum Tensors {
+    Dense(HashMap<String, Tensor>),
+    Packed(PackedFile),
+}
+
 impl Weights {
+    fn shape_err(&self, tensor: String, expected: &[usize], found: &[usize]) -> ModelError {
+        ModelError::Load(LoadError::ShapeMismatch {
+            path: self.path.clone(),
+            tensor,
+            expected: expected.to_vec(),
+            found: found.to_vec(),
+        })
+    }
+
     fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         let full = format!("{}{name}", self.prefix);
-        let t = self.tensors.get(&full).ok_or_else(|| {
-            ModelError::Load(LoadError::MissingTensor { path: self.path.clone(), tensor: full.clone() })
-        })?;
+        let t = match &self.tensors {
+            Tensors::Dense(tensors) => tensors.get(&full).cloned().ok_or_else(|| {
+                ModelError::Load(LoadError::MissingTensor { path: self.path.clone(), tensor: full.clone() })
+            })?,
+            Tensors::Packed(file) => {
+                let (dims, values) = file.dense(&full)?;
+                Tensor::from_vec(values, dims, &Device::Cpu).ctx(|| format!("tensor {full}"))?
+            }
+        };
         if t.dims() != shape {
-            return Err(ModelError::Load(LoadError::ShapeMismatch {
-                path: self.path.clone(),
-                tensor: full,
-                expected: shape.to_vec(),
-                found: t.dims().to_vec(),
-            }));
+            return Err(self.shape_err(full, shape, t.dims()));
         }
         t.to_dtype(DType::F32).ctx(|| format!("tensor {full}"))
+    }
+
+    /// The weight of linear `name` (without `.weight`): dense, or packed as quantized.
+    fn linear(&self, name: &str, rows: usize, cols: usize) -> Result<Weight> {
+        let full = format!("{}{name}", self.prefix);
+        match &self.tensors {
+            Tensors::Packed(file) if file.linear_names().any(|n| n == full) => {
+                let p = file.linear(&full)?;
+                if [p.rows(), p.cols()] != [rows, cols] {
+                    return Err(self.shape_err(format!("{full}.weight"), &[rows, cols], &[p.rows(), p.cols()]));
+                }
+                Ok(Weight::Packed(Arc::new(p)))
+            }
+            _ => Ok(Weight::Dense(self.get(&format!("{name}.weight"), &[rows, cols])?)),
+        }
     }
 }

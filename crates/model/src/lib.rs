@@ -25,7 +25,7 @@ pub mod llama;
 pub mod settings;
 pub mod source;
 
-pub use bert::{Bert, BertConfig};
+pub use bert::{is_bert, Bert, BertConfig, Padded};
 pub use decode_batch::BatchScratch;
 pub use error::{ModelError, Result};
 pub use linear::{Linear, Weight};

@@ -71,6 +71,9 @@ pub fn run_quantize_resumable(
             dir.display()
         );
     }
+    if adadim_model::is_bert(dir) {
+        return quantize_encoder(dir, &cfg, q, format, out);
+    }
     if format == Format::Gptq && q.bpw.is_some() {
         anyhow::bail!("--format gptq: the GPTQ layout holds one bit width and group size for the whole model; use the packed format for --bpw models");
     }
@@ -228,4 +231,50 @@ pub fn quantize_config(method: MethodArg, dim: DimArg, q: &QuantSettings) -> Res
     }
     cfg.gptq.validate().context("--percdamp")?;
     Ok(cfg)
+}
+
+/// `quantize` on a BERT (sentence-transformers) directory: the encoder's layer walk
+/// ([`adadim_calibrate::encoder`]) with the same quantizer settings, into a new directory that
+/// sentence-transformers and `adadim embed` load. Runs in seconds, so it is not resumable.
+fn quantize_encoder(
+    dir: &Path,
+    cfg: &adadim_calibrate::QuantizeConfig,
+    q: &QuantSettings,
+    format: Format,
+    out: &Path,
+) -> Result<Summary> {
+    let started = std::time::Instant::now();
+    let config = adadim_model::BertConfig::from_json(
+        &dir.join("config.json"),
+        &std::fs::read_to_string(dir.join("config.json"))
+            .with_context(|| format!("reading {}/config.json", dir.display()))?,
+    )?;
+    let max_seq_length = adadim_model::Bert::load(dir)?.max_seq_length;
+    let (calib_file, seqlen, samples) =
+        crate::resolve::encoder_calibration_samples(dir, &q.calib, q.nsamples, q.calib_seqlen, max_seq_length, q.seed)?;
+    if seqlen < q.calib_seqlen {
+        eprintln!("calibration samples of {seqlen} tokens (the model's max_seq_length)");
+    }
+    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    let tool = format!("adadim {}", env!("CARGO_PKG_VERSION"));
+    let job = adadim_calibrate::encoder::EncoderJob {
+        model: dir,
+        config: cfg,
+        format,
+        calibration: CalibrationInfo {
+            source: calib_file.display().to_string(),
+            nsamples: q.nsamples,
+            seqlen,
+            seed: q.seed,
+        },
+        samples: &samples,
+        batch: 16,
+        tool: &tool,
+        started,
+    };
+    let mut bar = crate::progress::Bar::new("quantize", config.num_hidden_layers);
+    let report = adadim_calibrate::encoder::run_encoder_job(&job, out, &mut |d, t| bar.update(d, t))?;
+    bar.finish();
+    Ok(report.summary)
 }

@@ -1,0 +1,322 @@
+//! Quantizing an encoder (BERT, sentence-transformers' layout) layer by layer: each of the six
+//! linears goes through the same per-linear quantizer as the decoder's
+//! ([`QuantizeConfig::quantize_linear`]: RTN / GPTQ, oc / ic / ada, the scale search, the refit),
+//! on the Hessian of its inputs in the model quantized so far (true-sequential:
+//! query/key/value -> attention output -> intermediate -> output), over batches of calibration
+//! samples with padding left out. The linears take the decoder's names for `--ic-modules`:
+//! q, k, v, o (attention output), up (intermediate), down (output).
+
+use std::path::Path;
+use std::time::Instant;
+
+use adadim_load::safetensors_out::DenseDtype;
+use adadim_model::{Bert, LinearKind, Padded, Weight};
+use adadim_quantize::{Hessian, QuantizedMatrix};
+use candle_core::Tensor;
+
+use crate::driver::{tensor_err, to_vec, AdaError, LinearReport, QuantizeConfig, Timings};
+use crate::error::{CalibError, Result};
+use crate::output::{Format, Output, Writer};
+use crate::run_dir::{CalibrationInfo, Report, Summary};
+
+/// The six linears of a BERT layer: name inside `encoder.layer.{i}.`, and the decoder kind
+/// whose settings it takes.
+pub const LINEARS: [(&str, LinearKind); 6] = [
+    ("attention.self.query", LinearKind::Q),
+    ("attention.self.key", LinearKind::K),
+    ("attention.self.value", LinearKind::V),
+    ("attention.output.dense", LinearKind::O),
+    ("intermediate.dense", LinearKind::Up),
+    ("output.dense", LinearKind::Down),
+];
+
+/// A quantized encoder: each linear's full name (without `.weight`) and matrix, the reports and
+/// where the time went.
+pub struct EncoderRun {
+    pub quantized: Vec<(String, QuantizedMatrix)>,
+    pub linears: Vec<LinearReport>,
+    pub timings: Timings,
+}
+
+/// What the encoder path cannot do (yet), refused before any work.
+fn check(cfg: &QuantizeConfig) -> Result<()> {
+    let refuse = |what: &str| Err(CalibError::Invalid(format!("{what} is not available for BERT models")));
+    if cfg.awq {
+        return refuse("--awq (its folds are written for the decoder's RMSNorm and v / up rows)");
+    }
+    if cfg.qep.is_some() {
+        return refuse("--qep");
+    }
+    if cfg.budget.is_some() {
+        return refuse("--bpw (its damage table runs the decoder)");
+    }
+    if cfg.ada_error == AdaError::Block {
+        return refuse("--ada-error block");
+    }
+    Ok(())
+}
+
+/// Quantizes every linear of `bert` in place (each replaced by its dequantized weights as soon as
+/// it is done, so later inputs come from the quantized model), calibrated on `samples` (token
+/// ids with their [CLS] / [SEP]) in batches of `batch`. `progress(layers_done, layers)`.
+pub fn quantize_encoder(
+    bert: &mut Bert,
+    samples: &[Vec<u32>],
+    cfg: &QuantizeConfig,
+    batch: usize,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<EncoderRun> {
+    check(cfg)?;
+    if samples.is_empty() || batch == 0 {
+        return Err(CalibError::Invalid("the encoder needs at least one calibration sample and a batch of 1".into()));
+    }
+    let mut times = Timings::default();
+    let t0 = Instant::now();
+    let mut streams: Vec<(Padded, Tensor)> =
+        samples.chunks(batch).map(|b| bert.start(b)).collect::<std::result::Result<_, _>>()?;
+    times.forward_s += t0.elapsed().as_secs_f64();
+    let (mut quantized, mut reports) = (Vec::new(), Vec::new());
+    let layers = bert.layers.len();
+    for i in 0..layers {
+        let ctx = |what: &str| format!("encoder layer {i}: {what}");
+        // q, k, v on the layer's input.
+        let h = hessian(&streams, |_, x| Ok(x.clone()), &mut times)?;
+        for &(name, kind) in &LINEARS[..3] {
+            quantize_one(bert, i, name, kind, &h, cfg, &mut quantized, &mut reports, &mut times)?;
+        }
+        // The attention output linear on the attention of the quantized q, k, v.
+        let t = Instant::now();
+        let attn: Vec<Tensor> = streams
+            .iter()
+            .map(|(p, x)| bert.attention(i, p, x).map_err(|e| tensor_err(ctx("attention"), e)))
+            .collect::<Result<_>>()?;
+        times.forward_s += t.elapsed().as_secs_f64();
+        let h = hessian(&streams, |k, _| Ok(attn[k].clone()), &mut times)?;
+        quantize_one(bert, i, LINEARS[3].0, LINEARS[3].1, &h, cfg, &mut quantized, &mut reports, &mut times)?;
+        let t = Instant::now();
+        for ((_, x), a) in streams.iter_mut().zip(&attn) {
+            *x = bert.attn_residual(i, x, a).map_err(|e| tensor_err(ctx("attention residual"), e))?;
+        }
+        drop(attn);
+        times.forward_s += t.elapsed().as_secs_f64();
+        // intermediate on the stream after attention; output on gelu(intermediate).
+        let h = hessian(&streams, |_, x| Ok(x.clone()), &mut times)?;
+        quantize_one(bert, i, LINEARS[4].0, LINEARS[4].1, &h, cfg, &mut quantized, &mut reports, &mut times)?;
+        let t = Instant::now();
+        let hidden: Vec<Tensor> = streams
+            .iter()
+            .map(|(_, x)| bert.ffn_hidden(i, x).map_err(|e| tensor_err(ctx("feed-forward"), e)))
+            .collect::<Result<_>>()?;
+        times.forward_s += t.elapsed().as_secs_f64();
+        let h = hessian(&streams, |k, _| Ok(hidden[k].clone()), &mut times)?;
+        quantize_one(bert, i, LINEARS[5].0, LINEARS[5].1, &h, cfg, &mut quantized, &mut reports, &mut times)?;
+        let t = Instant::now();
+        for ((_, x), f) in streams.iter_mut().zip(&hidden) {
+            *x = bert.ffn_residual(i, x, f).map_err(|e| tensor_err(ctx("feed-forward residual"), e))?;
+        }
+        times.forward_s += t.elapsed().as_secs_f64();
+        progress(i + 1, layers);
+    }
+    Ok(EncoderRun { quantized, linears: reports, timings: times })
+}
+
+/// The Hessian of a stage's inputs `input(k, x_k)` over every batch, real tokens only.
+fn hessian(
+    streams: &[(Padded, Tensor)],
+    input: impl Fn(usize, &Tensor) -> Result<Tensor>,
+    times: &mut Timings,
+) -> Result<Hessian> {
+    let t = Instant::now();
+    let mut h: Option<Hessian> = None;
+    for (k, (p, x)) in streams.iter().enumerate() {
+        let y = input(k, x)?;
+        let y = p.real_rows(&y).map_err(|e| tensor_err("calibration tokens".into(), e))?;
+        let h = h.get_or_insert_with(|| Hessian::new(y.dims()[1]));
+        h.add_batch(&to_vec(&y)?).map_err(|source| CalibError::Quantize {
+            layer: 0,
+            module: "encoder inputs".into(),
+            source,
+        })?;
+    }
+    times.hessian_s += t.elapsed().as_secs_f64();
+    h.ok_or_else(|| CalibError::Invalid("no calibration batches".into()))
+}
+
+/// Quantizes linear `name` of layer `i` and puts its dequantized weights into `bert`.
+#[allow(clippy::too_many_arguments)]
+fn quantize_one(
+    bert: &mut Bert,
+    i: usize,
+    name: &'static str,
+    kind: LinearKind,
+    h: &Hessian,
+    cfg: &QuantizeConfig,
+    quantized: &mut Vec<(String, QuantizedMatrix)>,
+    reports: &mut Vec<LinearReport>,
+    times: &mut Timings,
+) -> Result<()> {
+    let full = format!("encoder.layer.{i}.{name}");
+    let linear = linear_mut(bert, i, name);
+    let Weight::Dense(w) = &linear.weight else {
+        return Err(CalibError::Invalid(format!("{full}: already quantized (quantize the float model)")));
+    };
+    let (rows, cols) = w.dims2().map_err(|e| tensor_err(full.clone(), e))?;
+    let w = to_vec(w)?;
+    let (q, mut report) = cfg.quantize_linear(i, kind, &w, rows, cols, Some(h)).map_err(|e| match e {
+        CalibError::Quantize { source, .. } => CalibError::Quantize { layer: i, module: name.into(), source },
+        e => e,
+    })?;
+    report.module = name;
+    times.add_linear(&report);
+    let deq = Tensor::from_vec(q.dequantize(), (rows, cols), &candle_core::Device::Cpu)
+        .map_err(|e| tensor_err(full.clone(), e))?;
+    linear_mut(bert, i, name).weight = Weight::Dense(deq);
+    quantized.push((full, q));
+    reports.push(report);
+    Ok(())
+}
+
+fn linear_mut<'a>(bert: &'a mut Bert, i: usize, name: &str) -> &'a mut adadim_model::Linear {
+    let l = &mut bert.layers[i];
+    match name {
+        "attention.self.query" => &mut l.query,
+        "attention.self.key" => &mut l.key,
+        "attention.self.value" => &mut l.value,
+        "attention.output.dense" => &mut l.attn_out,
+        "intermediate.dense" => &mut l.intermediate,
+        _ => &mut l.output,
+    }
+}
+
+/// Writes the quantized encoder as `out.path` (one safetensors file in `out.format`): every
+/// tensor of the source `model.safetensors` in `src_dir` in its order, the quantized linears
+/// from `quantized` (named with the source's `bert.` prefix where it has one).
+pub fn write_encoder(src_dir: &Path, quantized: &[(String, QuantizedMatrix)], out: &Output<'_>) -> Result<()> {
+    let st = src_dir.join("model.safetensors");
+    let tensors = candle_core::safetensors::load(&st, &candle_core::Device::Cpu)
+        .map_err(|e| CalibError::Data { path: st.clone(), msg: e.to_string() })?;
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    let prefix = if tensors.contains_key("embeddings.word_embeddings.weight") { "" } else { "bert." };
+    let plan: Vec<(String, Vec<usize>)> = names.iter().map(|n| ((*n).clone(), tensors[*n].dims().to_vec())).collect();
+    let mut writer = Writer::create(out, &plan)?;
+    for (name, shape) in &plan {
+        let linear = name.strip_suffix(".weight").and_then(|l| {
+            let l = l.strip_prefix(prefix)?;
+            quantized.iter().find(|(n, _)| n == l)
+        });
+        match linear {
+            Some((_, q)) => writer.linear(name.strip_suffix(".weight").unwrap_or(name), q)?,
+            None => {
+                let t = tensors[name].to_dtype(candle_core::DType::F32).map_err(|e| tensor_err(name.clone(), e))?;
+                let dtype = match tensors[name].dtype() {
+                    candle_core::DType::F16 => DenseDtype::F16,
+                    candle_core::DType::BF16 => DenseDtype::BF16,
+                    _ => DenseDtype::F32,
+                };
+                writer.dense(name, shape, &to_vec(&t)?, dtype)?
+            }
+        }
+    }
+    writer.finish()
+}
+
+/// A `quantize` job on an encoder directory.
+pub struct EncoderJob<'a> {
+    /// The sentence-transformers directory quantized.
+    pub model: &'a Path,
+    pub config: &'a QuantizeConfig,
+    pub format: Format,
+    pub calibration: CalibrationInfo,
+    /// Calibration samples, each with its [CLS] / [SEP].
+    pub samples: &'a [Vec<u32>],
+    /// Samples per forward pass.
+    pub batch: usize,
+    /// `adadim 0.1.0`, written into a packed file's metadata.
+    pub tool: &'a str,
+    pub started: Instant,
+}
+
+/// Weight files of other frameworks a sentence-transformers directory may hold: not copied
+/// (they hold the float model).
+const FOREIGN_WEIGHTS: [&str; 6] = [".bin", ".h5", ".onnx", ".msgpack", ".ot", ".safetensors"];
+
+/// Runs `job` into the new directory `out`: the quantized `model.safetensors`, the source's
+/// config, tokenizer and sentence-transformers files (pooling, normalisation) copied, and
+/// `report.json`. Built in a hidden sibling directory and renamed into place when complete, so
+/// a failed run leaves nothing at `out`.
+pub fn run_encoder_job(job: &EncoderJob<'_>, out: &Path, progress: &mut dyn FnMut(usize, usize)) -> Result<Report> {
+    if job.format == Format::Gptq {
+        return Err(CalibError::Invalid(
+            "--format gptq writes a decoder's GPTQ checkpoint; use packed, f32 or f16 for BERT models".into(),
+        ));
+    }
+    let name = out.file_name().map_or("out".into(), |n| n.to_string_lossy().into_owned());
+    let tmp = out.with_file_name(format!(".{name}.partial-{}", std::process::id()));
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| CalibError::Io { path, source }
+    };
+    std::fs::create_dir(&tmp).map_err(io(&tmp))?;
+    let result = (|| {
+        let mut bert = Bert::load(job.model)?;
+        let run = quantize_encoder(&mut bert, job.samples, job.config, job.batch, progress)?;
+        let t = Instant::now();
+        let metadata = serde_json::json!({"tool": job.tool, "settings": job.config, "architecture": "bert"});
+        let output = Output { path: &tmp.join("model.safetensors"), format: job.format, metadata };
+        write_encoder(job.model, &run.quantized, &output)?;
+        copy_side_files(job.model, &tmp)?;
+        let mut timings = run.timings;
+        timings.io_s += t.elapsed().as_secs_f64();
+        let per_ic = run.linears.iter().filter(|r| r.axis == adadim_quantize::Axis::Ic).count();
+        let report = Report {
+            summary: Summary {
+                model: job.model.display().to_string(),
+                settings: job.config.clone(),
+                format: job.format,
+                calibration: job.calibration.clone(),
+                linears: run.linears.len(),
+                per_ic,
+                seconds: job.started.elapsed().as_secs_f64(),
+                timings,
+                peak_rss_mb: crate::run_dir::peak_rss_mb(),
+                allocation: None,
+            },
+            linears: run.linears,
+        };
+        let path = tmp.join(Report::FILE);
+        std::fs::write(&path, report.to_json()).map_err(io(&path))?;
+        Ok(report)
+    })();
+    match result {
+        Ok(report) => {
+            std::fs::rename(&tmp, out).map_err(io(out))?;
+            Ok(report)
+        }
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            Err(e)
+        }
+    }
+}
+
+/// Copies the files of `src` (and of its module subdirectories, such as `1_Pooling`) into
+/// `dst`, except the weights.
+fn copy_side_files(src: &Path, dst: &Path) -> Result<()> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| CalibError::Io { path, source }
+    };
+    for entry in std::fs::read_dir(src).map_err(io(src))? {
+        let entry = entry.map_err(io(src))?;
+        let (path, name) = (entry.path(), entry.file_name().to_string_lossy().into_owned());
+        let kind = entry.file_type().map_err(io(&path))?;
+        if kind.is_file() && !FOREIGN_WEIGHTS.iter().any(|ext| name.ends_with(ext)) {
+            std::fs::copy(&path, dst.join(&name)).map_err(io(&path))?;
+        } else if kind.is_dir() && path.join("config.json").is_file() && !name.starts_with('.') {
+            std::fs::create_dir(dst.join(&name)).map_err(io(&dst.join(&name)))?;
+            copy_side_files(&path, &dst.join(&name))?;
+        }
+    }
+    Ok(())
+}
