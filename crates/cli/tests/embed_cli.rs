@@ -4,7 +4,6 @@
 mod common;
 use common::adadim;
 
-
 #[test]
 fn embed_writes_the_reference_embeddings_and_names_bad_lines() {
     let dir = adadim_load::fetch::resolve_model("minilm", &adadim_load::fetch::adadim_home(), &mut |_, _, _| {})

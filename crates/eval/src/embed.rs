@@ -92,6 +92,20 @@ pub fn percentile(xs: &[f64], p: f64) -> f64 {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn cached_embeddings_come_back_only_for_the_same_model_and_sentences() {
+        let d = tempfile::tempdir().unwrap();
+        let ids = vec![vec![101, 7, 102], vec![101, 102]];
+        let e = vec![vec![0.5f32, -1.0, 2.0], vec![3.0, 0.25, -0.125]];
+        let p = super::cache_path(d.path(), "ab".repeat(32).as_str(), &ids);
+        assert_eq!(super::read_cache(&p, 2, 3), None);
+        super::write_cache(&p, &e).unwrap();
+        assert_eq!(super::read_cache(&p, 2, 3), Some(e));
+        assert_eq!(super::read_cache(&p, 2, 4), None, "another width");
+        assert_ne!(p, super::cache_path(d.path(), "cd".repeat(32).as_str(), &ids), "another model");
+        assert_ne!(p, super::cache_path(d.path(), "ab".repeat(32).as_str(), &[vec![101, 7], vec![102, 102]]));
+    }
+
     use super::*;
 
     #[test]
@@ -112,4 +126,60 @@ mod tests {
         let c = cosines(&[vec![1.0, 0.0]], &[vec![2.0, 0.0]]);
         assert!((c[0] - 1.0).abs() < 1e-12);
     }
+}
+
+/// Embeddings of `ids` by `bert`, `batch` sentences per forward pass, longest first (so a batch
+/// pads little), returned in the order of `ids`; an error comes with the index (in sorted
+/// order) of its batch's first sentence.
+pub fn embed_sorted(
+    bert: &adadim_model::Bert,
+    ids: &[Vec<u32>],
+    batch: usize,
+) -> std::result::Result<Vec<Vec<f32>>, (usize, adadim_model::ModelError)> {
+    let mut order: Vec<usize> = (0..ids.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(ids[i].len()));
+    let mut out = vec![Vec::new(); ids.len()];
+    for (n, chunk) in order.chunks(batch.max(1)).enumerate() {
+        let b: Vec<Vec<u32>> = chunk.iter().map(|&i| ids[i].clone()).collect();
+        let e = bert.embed(&b).map_err(|e| (n * batch, e))?;
+        for (&i, e) in chunk.iter().zip(e) {
+            out[i] = e;
+        }
+    }
+    Ok(out)
+}
+
+/// The cache file of a reference model's embeddings of some sentences: named by the SHA-256
+/// of the model file and of the token ids, so any change to either misses.
+pub fn cache_path(dir: &std::path::Path, model_sha256: &str, ids: &[Vec<u32>]) -> std::path::PathBuf {
+    let mut bytes = Vec::new();
+    for s in ids {
+        bytes.extend_from_slice(&(s.len() as u32).to_le_bytes());
+        s.iter().for_each(|id| bytes.extend_from_slice(&id.to_le_bytes()));
+    }
+    let ids_sha = adadim_load::fetch::sha256_hex(&bytes);
+    dir.join(format!("{}-{}.f32", &model_sha256[..16], &ids_sha[..16]))
+}
+
+/// Reads cached embeddings (`n` of `dim` floats, little-endian); `None` when absent or of
+/// another size (then they are computed again).
+pub fn read_cache(path: &std::path::Path, n: usize, dim: usize) -> Option<Vec<Vec<f32>>> {
+    let bytes = std::fs::read(path).ok()?;
+    if bytes.len() != n * dim * 4 {
+        return None;
+    }
+    let v: Vec<f32> = bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+    Some(v.chunks(dim).map(<[f32]>::to_vec).collect())
+}
+
+/// Writes embeddings for [`read_cache`], through a temporary file renamed into place.
+pub fn write_cache(path: &std::path::Path, e: &[Vec<f32>]) -> std::io::Result<()> {
+    if let Some(d) = path.parent() {
+        std::fs::create_dir_all(d)?;
+    }
+    let bytes: Vec<u8> = e.iter().flatten().flat_map(|v| v.to_le_bytes()).collect();
+    let tmp = path.with_extension(format!("partial-{}", std::process::id()));
+    std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, path)).inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })
 }

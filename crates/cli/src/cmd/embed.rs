@@ -66,29 +66,36 @@ fn embed_all(bert: &adadim_model::Bert, ids: &[Vec<u32>], batch: usize) -> Resul
     Ok((out, ids.len() as f64 / t.elapsed().as_secs_f64().max(1e-9)))
 }
 
-/// Embeds `ids` in batches of sentences of similar length (sorted by length, as
-/// sentence-transformers batches them: little padding), returned in the given order; `what(i)`
-/// names the batch starting at sorted position `i` in an error.
 fn embed_sorted(
     bert: &adadim_model::Bert,
     ids: &[Vec<u32>],
     batch: usize,
     what: &dyn Fn(usize) -> String,
 ) -> Result<Vec<Vec<f32>>> {
-    let mut order: Vec<usize> = (0..ids.len()).collect();
-    order.sort_by_key(|&i| std::cmp::Reverse(ids[i].len()));
-    let mut out = vec![Vec::new(); ids.len()];
-    for (n, chunk) in order.chunks(batch).enumerate() {
-        let b: Vec<Vec<u32>> = chunk.iter().map(|&i| ids[i].clone()).collect();
-        let e = bert.embed(&b).with_context(|| what(n * batch))?;
-        for (&i, e) in chunk.iter().zip(e) {
-            out[i] = e;
-        }
-    }
-    Ok(out)
+    adadim_eval::embed::embed_sorted(bert, ids, batch).map_err(|(first, e)| anyhow::Error::new(e).context(what(first)))
 }
 
-/// `adadim eval embed`: fidelity to the reference model on held-out sentences.
+/// The reference's embeddings of `ids`, from `$ADADIM_HOME/embed-cache` when this model file
+/// embedded these sentences before (the speed is then not measured: `None`).
+fn reference_embeddings(
+    dir: &std::path::Path,
+    bert: &adadim_model::Bert,
+    ids: &[Vec<u32>],
+    batch: usize,
+) -> Result<(Vec<Vec<f32>>, Option<f64>)> {
+    use adadim_eval::embed::{cache_path, read_cache, write_cache};
+    let sha = adadim_load::fetch::sha256_file(&dir.join("model.safetensors"))?;
+    let path = cache_path(&adadim_load::fetch::adadim_home().join("embed-cache"), &sha, ids);
+    if let Some(e) = read_cache(&path, ids.len(), bert.config.hidden_size) {
+        return Ok((e, None));
+    }
+    let (e, rate) = embed_all(bert, ids, batch)?;
+    if let Err(err) = write_cache(&path, &e) {
+        eprintln!("warning: {}: reference embeddings not cached: {err}", path.display());
+    }
+    Ok((e, Some(rate)))
+}
+
 pub fn eval_embed(a: crate::cmd::eval_tasks::EmbedEvalArgs) -> Result<()> {
     use adadim_eval::embed;
     if a.queries == 0 || a.corpus == 0 || a.batch == 0 || a.max_tokens < 3 {
@@ -125,7 +132,7 @@ pub fn eval_embed(a: crate::cmd::eval_tasks::EmbedEvalArgs) -> Result<()> {
             a.max_tokens
         );
     }
-    let (want, ref_rate) = embed_all(&reference, &ids, a.batch)?;
+    let (want, ref_rate) = reference_embeddings(&ref_dir, &reference, &ids, a.batch)?;
     let (got, rate) = embed_all(&model, &ids, a.batch)?;
     let cos = embed::cosines(&got, &want);
     let mean = cos.iter().sum::<f64>() / cos.len() as f64;
@@ -145,7 +152,10 @@ pub fn eval_embed(a: crate::cmd::eval_tasks::EmbedEvalArgs) -> Result<()> {
         println!("{} against {} on {} sentences of {}:", a.model, a.reference, ids.len(), data.label);
         println!("  cosine to the reference: mean {mean:.6}, 5th percentile {p5:.6}");
         println!("  retrieval ({q} queries, {c} corpus): recall@1 {r1:.4}, recall@10 {r10:.4}");
-        println!("  {rate:.1} sentences/s (reference {ref_rate:.1})");
+        match ref_rate {
+            Some(r) => println!("  {rate:.1} sentences/s (reference {r:.1})"),
+            None => println!("  {rate:.1} sentences/s (reference embeddings from the cache)"),
+        }
     }
     Ok(())
 }
