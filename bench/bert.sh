@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Issue 34's sweep on all-MiniLM-L6-v2, the one genuinely float model: each method and layout
+# quantized with every calibration seed (RTN per-OC / per-IC use no calibration: seed 0 only),
+# evaluated by `eval embed` against the float model (WikiText-2 test sentences of at most 128
+# tokens: 1,000 queries against 10,000), then tabulated into RESULTS.md's BERT section
+# (bench/bert_table.py).
+# Usage: ADADIM_DATA=../shared/data bench/bert.sh
+# Knobs (env): CONFIGS ("8:128 4:128 4:64 3:128 3:64"), METHODS (below), SEEDS ("0 1 2"),
+# NSAMPLES (128), CALIB_SEQLEN (256), QUERIES (1000), CORPUS (10000), OUT (results/bert),
+# ADADIM_BIN and ADADIM_COMMIT (the commit that binary was built from, recorded per run).
+# Finished runs in OUT are reused; quantized models are deleted once evaluated.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export ADADIM_DATA="${ADADIM_DATA:-$(cd .. && pwd)/shared/data}"
+CONFIGS="${CONFIGS:-8:128 4:128 4:64 3:128 3:64}"; SEEDS="${SEEDS:-0 1 2}"
+METHODS="${METHODS:-rtn-oc rtn-ic rtn-ada gptq-oc gptq-ic gptq-ada}"
+NSAMPLES="${NSAMPLES:-128}"; CALIB_SEQLEN="${CALIB_SEQLEN:-256}"
+QUERIES="${QUERIES:-1000}"; CORPUS="${CORPUS:-10000}"; OUT="${OUT:-results/bert}"
+if [ -n "${ADADIM_BIN:-}" ]; then A="$ADADIM_BIN"; else cargo build --release -p adadim; A=./target/release/adadim; fi
+mkdir -p "$OUT"
+for cfg in $CONFIGS; do
+  bits=${cfg%%:*}; group=${cfg##*:}
+  for m in $METHODS; do
+    seeds=$SEEDS
+    case $m in rtn-oc|rtn-ic) seeds=0 ;; esac
+    for seed in $seeds; do
+      run="$OUT/w${bits}g${group}-$m-s$seed"
+      [ -f "$run.embed.json" ] && continue
+      [ -d "$run" ] || $A quantize --model minilm --method "${m%%-*}" --dim "${m##*-}" --bits "$bits" \
+        --group "$group" --seed "$seed" --nsamples "$NSAMPLES" --calib-seqlen "$CALIB_SEQLEN" \
+        --out "$run" --json > "$run.quantize.json"
+      cp "$run/report.json" "$run.report.json"
+      echo "${ADADIM_COMMIT:-$(git rev-parse --short HEAD)}" > "$run.commit"
+      $A eval embed --model "$run" --queries "$QUERIES" --corpus "$CORPUS" --json > "$run.embed.json.tmp"
+      mv "$run.embed.json.tmp" "$run.embed.json"
+      rm -rf "$run"
+    done
+  done
+done
+python3 bench/bert_table.py "$OUT" RESULTS.md
