@@ -255,6 +255,7 @@ fn static_name<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<&'
     let s = <String as serde::Deserialize>::deserialize(d)?;
     LinearKind::from_module(&s)
         .map(|k| k.module())
+        .or_else(|| crate::encoder::LINEARS.iter().find(|(n, _)| *n == s).map(|(n, _)| *n))
         .ok_or_else(|| serde::de::Error::custom(format!("unknown module '{s}'")))
 }
 

@@ -77,6 +77,13 @@ fn a_quantized_minilm_is_a_sentence_transformers_directory_that_embeds() {
     assert_eq!(linears.len(), 36);
     assert!(linears.iter().any(|l| l["module"] == "intermediate.dense"), "{}", linears[4]);
     assert!(linears.iter().all(|l| l["final_error"].as_f64().is_some()));
+    // The report reads an encoder run: its per-OC / per-IC errors and the float model's outliers.
+    let (code, so, se) = adadim(&["report", packed.to_str().unwrap()]);
+    assert_eq!(code, 0, "{se}");
+    assert!(so.contains("(2 figures)"), "{so}");
+    let page = std::fs::read_to_string(packed.join("report/README.md")).unwrap();
+    assert!(page.contains("intermediate.dense") && page.contains("![outliers](outliers.svg)"), "{page}");
+    assert!(page.lines().filter(|l| l.starts_with("| 5 | ")).count() == 3, "3 dimensions of layer 5: {page}");
     // Refused: decoder-only options, and the GPTQ export; nothing is left behind.
     for (name, extra, why) in [
         ("awq", &["--awq"][..], "--awq"),

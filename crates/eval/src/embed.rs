@@ -90,44 +90,6 @@ pub fn percentile(xs: &[f64], p: f64) -> f64 {
     v[((p / 100.0 * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1]
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn cached_embeddings_come_back_only_for_the_same_model_and_sentences() {
-        let d = tempfile::tempdir().unwrap();
-        let ids = vec![vec![101, 7, 102], vec![101, 102]];
-        let e = vec![vec![0.5f32, -1.0, 2.0], vec![3.0, 0.25, -0.125]];
-        let p = super::cache_path(d.path(), "ab".repeat(32).as_str(), &ids);
-        assert_eq!(super::read_cache(&p, 2, 3), None);
-        super::write_cache(&p, &e).unwrap();
-        assert_eq!(super::read_cache(&p, 2, 3), Some(e));
-        assert_eq!(super::read_cache(&p, 2, 4), None, "another width");
-        assert_ne!(p, super::cache_path(d.path(), "cd".repeat(32).as_str(), &ids), "another model");
-        assert_ne!(p, super::cache_path(d.path(), "ab".repeat(32).as_str(), &[vec![101, 7], vec![102, 102]]));
-    }
-
-    use super::*;
-
-    #[test]
-    fn sentences_split_and_filter() {
-        let t = " = Heading = \n The cat sat on the mat. It was warm! Why was it warm ? No.\n Short one .\n";
-        assert_eq!(sentences(t), ["The cat sat on the mat.", "Why was it warm ?"]);
-    }
-
-    #[test]
-    fn neighbours_and_agreement() {
-        let corpus = vec![vec![1.0, 0.0], vec![0.0, 1.0], vec![0.7, 0.7], vec![-1.0, 0.0]];
-        let q = vec![vec![0.9, 0.1], vec![0.1, 0.9]];
-        let nn = neighbours(&q, &corpus, 2);
-        assert_eq!(nn, [vec![0, 2], vec![1, 2]]);
-        let moved = vec![vec![2, 0], vec![1, 3]];
-        assert_eq!(agreement(&nn, &moved), (0.5, 0.75));
-        assert_eq!(percentile(&[3.0, 1.0, 2.0, 4.0], 5.0), 1.0);
-        let c = cosines(&[vec![1.0, 0.0]], &[vec![2.0, 0.0]]);
-        assert!((c[0] - 1.0).abs() < 1e-12);
-    }
-}
-
 /// Embeddings of `ids` by `bert`, `batch` sentences per forward pass, longest first (so a batch
 /// pads little), returned in the order of `ids`; an error comes with the index (in sorted
 /// order) of its batch's first sentence.
@@ -135,13 +97,13 @@ pub fn embed_sorted(
     bert: &adadim_model::Bert,
     ids: &[Vec<u32>],
     batch: usize,
-) -> std::result::Result<Vec<Vec<f32>>, (usize, adadim_model::ModelError)> {
+) -> std::result::Result<Vec<Vec<f32>>, Box<(usize, adadim_model::ModelError)>> {
     let mut order: Vec<usize> = (0..ids.len()).collect();
     order.sort_by_key(|&i| std::cmp::Reverse(ids[i].len()));
     let mut out = vec![Vec::new(); ids.len()];
     for (n, chunk) in order.chunks(batch.max(1)).enumerate() {
         let b: Vec<Vec<u32>> = chunk.iter().map(|&i| ids[i].clone()).collect();
-        let e = bert.embed(&b).map_err(|e| (n * batch, e))?;
+        let e = bert.embed(&b).map_err(|e| Box::new((n * batch, e)))?;
         for (&i, e) in chunk.iter().zip(e) {
             out[i] = e;
         }
@@ -182,4 +144,42 @@ pub fn write_cache(path: &std::path::Path, e: &[Vec<f32>]) -> std::io::Result<()
     std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, path)).inspect_err(|_| {
         let _ = std::fs::remove_file(&tmp);
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn cached_embeddings_come_back_only_for_the_same_model_and_sentences() {
+        let d = tempfile::tempdir().unwrap();
+        let ids = vec![vec![101, 7, 102], vec![101, 102]];
+        let e = vec![vec![0.5f32, -1.0, 2.0], vec![3.0, 0.25, -0.125]];
+        let p = super::cache_path(d.path(), "ab".repeat(32).as_str(), &ids);
+        assert_eq!(super::read_cache(&p, 2, 3), None);
+        super::write_cache(&p, &e).unwrap();
+        assert_eq!(super::read_cache(&p, 2, 3), Some(e));
+        assert_eq!(super::read_cache(&p, 2, 4), None, "another width");
+        assert_ne!(p, super::cache_path(d.path(), "cd".repeat(32).as_str(), &ids), "another model");
+        assert_ne!(p, super::cache_path(d.path(), "ab".repeat(32).as_str(), &[vec![101, 7], vec![102, 102]]));
+    }
+
+    use super::*;
+
+    #[test]
+    fn sentences_split_and_filter() {
+        let t = " = Heading = \n The cat sat on the mat. It was warm! Why was it warm ? No.\n Short one .\n";
+        assert_eq!(sentences(t), ["The cat sat on the mat.", "Why was it warm ?"]);
+    }
+
+    #[test]
+    fn neighbours_and_agreement() {
+        let corpus = vec![vec![1.0, 0.0], vec![0.0, 1.0], vec![0.7, 0.7], vec![-1.0, 0.0]];
+        let q = vec![vec![0.9, 0.1], vec![0.1, 0.9]];
+        let nn = neighbours(&q, &corpus, 2);
+        assert_eq!(nn, [vec![0, 2], vec![1, 2]]);
+        let moved = vec![vec![2, 0], vec![1, 3]];
+        assert_eq!(agreement(&nn, &moved), (0.5, 0.75));
+        assert_eq!(percentile(&[3.0, 1.0, 2.0, 4.0], 5.0), 1.0);
+        let c = cosines(&[vec![1.0, 0.0]], &[vec![2.0, 0.0]]);
+        assert!((c[0] - 1.0).abs() < 1e-12);
+    }
 }

@@ -313,9 +313,19 @@ impl Bert {
 
     /// `LN(x + output(f))`: the stream leaving layer `i`.
     pub fn ffn_residual(&self, i: usize, x: &Tensor, f: &Tensor) -> candle_core::Result<Tensor> {
+        self.out_norm(i, &self.ffn_sum(i, x, f)?)
+    }
+
+    /// `x + output(f)`: layer `i`'s residual sum before its last LayerNorm (where BERT's
+    /// activation outliers are reported).
+    pub fn ffn_sum(&self, i: usize, x: &Tensor, f: &Tensor) -> candle_core::Result<Tensor> {
+        x + self.layers[i].output.forward(f, &DecodeSettings::DEFAULT)?
+    }
+
+    /// Layer `i`'s last LayerNorm.
+    pub fn out_norm(&self, i: usize, y: &Tensor) -> candle_core::Result<Tensor> {
         let l = &self.layers[i];
-        let y = (x + l.output.forward(f, &DecodeSettings::DEFAULT)?)?;
-        candle_nn::ops::layer_norm(&y, &l.out_ln.0, &l.out_ln.1, self.config.layer_norm_eps as f32)
+        candle_nn::ops::layer_norm(y, &l.out_ln.0, &l.out_ln.1, self.config.layer_norm_eps as f32)
     }
 
     /// The sentence embeddings of the last layer's stream `x`: mean over the mask, normalised

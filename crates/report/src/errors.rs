@@ -2,7 +2,6 @@
 //! quantized per-OC and per-IC, and the dimension the run kept; one panel per module type.
 
 use adadim_calibrate::Method;
-use adadim_model::LinearKind;
 use adadim_quantize::Axis;
 
 use crate::plot::{Figure, Panel, Series, Style, IC_COLOR, OC_COLOR};
@@ -51,13 +50,20 @@ impl ModuleErrors {
 /// Every module type with both RTN errors reported, in block order (none for a run that did
 /// not calibrate).
 pub fn module_errors(run: &Run) -> Vec<ModuleErrors> {
-    LinearKind::ALL
-        .iter()
-        .map(|k| {
+    // The run's module types in the order it quantized them (a decoder's or an encoder's).
+    let mut modules: Vec<&'static str> = Vec::new();
+    for r in &run.linears {
+        if !modules.contains(&r.module) {
+            modules.push(r.module);
+        }
+    }
+    modules
+        .into_iter()
+        .map(|module| {
             let rows = run
                 .linears
                 .iter()
-                .filter(|r| r.module == k.module())
+                .filter(|r| r.module == module)
                 .filter_map(|r| {
                     Some(ErrorRow {
                         layer: r.layer,
@@ -68,7 +74,7 @@ pub fn module_errors(run: &Run) -> Vec<ModuleErrors> {
                     })
                 })
                 .collect();
-            ModuleErrors { module: k.module(), rows }
+            ModuleErrors { module, rows }
         })
         .filter(|m| !m.rows.is_empty())
         .collect()

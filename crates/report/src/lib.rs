@@ -15,7 +15,7 @@
 //! ```no_run
 //! use adadim_report::{page::{write_page, PageOptions}, Run};
 //! let run = Run::open(std::path::Path::new("runs/smollm2-w3g128"))?;
-//! let opts = PageOptions { layer: run.layers() - 1, updates: None, command: "adadim report runs/smollm2-w3g128".into() };
+//! let opts = PageOptions { layer: run.layers() - 1, updates: None, outliers: None, command: "adadim report runs/smollm2-w3g128".into() };
 //! let page = write_page(&run, std::path::Path::new("runs/smollm2-w3g128/report"), &opts)?;
 //! println!("{}", page.index.display());
 //! # Ok::<(), adadim_report::ReportError>(())
@@ -25,6 +25,7 @@ pub mod allocation;
 pub mod error;
 pub mod errors;
 pub mod inputs;
+pub mod outliers;
 pub mod page;
 pub mod plot;
 pub mod run;

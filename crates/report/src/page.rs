@@ -12,7 +12,7 @@ use crate::error::{ReportError, Result};
 use crate::plot::{render, Figure};
 use crate::run::Run;
 use crate::updates::LayerUpdates;
-use crate::{allocation, errors, inputs, updates};
+use crate::{allocation, errors, inputs, outliers, updates};
 
 /// What to put on the page besides what the run holds.
 pub struct PageOptions<'a> {
@@ -20,6 +20,8 @@ pub struct PageOptions<'a> {
     pub layer: usize,
     /// Figure (c), when it was computed.
     pub updates: Option<&'a LayerUpdates>,
+    /// An encoder's activation outliers per layer (computed on the float model), for its run.
+    pub outliers: Option<&'a [outliers::LayerOutliers]>,
     /// The command that makes this page, printed at its foot.
     pub command: String,
 }
@@ -79,8 +81,12 @@ pub fn write_page(run: &Run, out: &Path, opts: &PageOptions<'_>) -> Result<Page>
     }
 
     md.push_str("\n## Activation outliers (paper Fig. 8)\n\n");
-    match (inputs::layer_figure(run, opts.layer), inputs::across_layers_figure(run)) {
-        (Some(layer_fig), Some(across)) => {
+    match (opts.outliers, inputs::layer_figure(run, opts.layer), inputs::across_layers_figure(run)) {
+        (Some(o), ..) => {
+            let img = draw("outliers.svg".into(), &outliers::figure(o))?;
+            outliers_section(&mut md, o, &img);
+        }
+        (None, Some(layer_fig), Some(across)) => {
             let a = draw(format!("inputs-block{}.svg", opts.layer), &layer_fig)?;
             let b = draw("inputs-across-blocks.svg".into(), &across)?;
             inputs_section(&mut md, run, opts.layer, &a, &b);
@@ -96,6 +102,9 @@ pub fn write_page(run: &Run, out: &Path, opts: &PageOptions<'_>) -> Result<Page>
                 &updates::figure(u),
             )?;
             updates_section(&mut md, u, &img);
+        }
+        None if opts.outliers.is_some() => {
+            md.push_str("Not made for an encoder run (the re-run follows a decoder's blocks).\n")
         }
         None if run.summary.settings.awq => md.push_str(
             "Not made for an AWQ run: its linears were quantized as `W diag(s)` on inputs scaled by `1/s`, so a \
@@ -191,6 +200,35 @@ fn ranges(layers: &[usize]) -> String {
         }
     }
     runs.iter().map(|&(a, b)| if a == b { a.to_string() } else { format!("{a}-{b}") }).collect::<Vec<_>>().join(", ")
+}
+
+fn outliers_section(md: &mut String, layers: &[outliers::LayerOutliers], img: &str) {
+    let _ = writeln!(
+        md,
+        "The float encoder on the run's first calibration samples (each one [CLS] ... [SEP] crop): per layer, the \
+         largest |x| of each hidden dimension of the residual sum after the FFN (`x + FFN(x)`, before the \
+         LayerNorm), the {} dimensions that stand out most, that dimension's mean |x| on [SEP], [CLS], punctuation \
+         and word tokens, and the tokens most frequent among its {} largest |x|.\n\n![outliers]({img})\n",
+        outliers::TOP_DIMS,
+        outliers::TOP_TOKENS
+    );
+    md.push_str("| layer | dimension | max abs x | / median dim | mean abs x: [SEP] | [CLS] | punct. | words | top tokens |\n|---|---|---|---|---|---|---|---|---|\n");
+    for (i, l) in layers.iter().enumerate() {
+        for t in &l.top {
+            let tokens: Vec<String> = t.tokens.iter().map(|(s, n)| format!("`{s}` {n}")).collect();
+            let k: Vec<String> =
+                t.by_kind.iter().map(|v| if v.is_nan() { "-".into() } else { format!("{v:.2}") }).collect();
+            let _ = writeln!(
+                md,
+                "| {i} | {} | {:.2} | {:.1} | {} | {} |",
+                t.dim,
+                t.peak,
+                t.ratio,
+                k.join(" | "),
+                tokens.join(", ")
+            );
+        }
+    }
 }
 
 fn inputs_section(md: &mut String, run: &Run, layer: usize, layer_img: &str, across_img: &str) {

@@ -72,7 +72,10 @@ fn embed_sorted(
     batch: usize,
     what: &dyn Fn(usize) -> String,
 ) -> Result<Vec<Vec<f32>>> {
-    adadim_eval::embed::embed_sorted(bert, ids, batch).map_err(|(first, e)| anyhow::Error::new(e).context(what(first)))
+    adadim_eval::embed::embed_sorted(bert, ids, batch).map_err(|b| {
+        let (first, e) = *b;
+        anyhow::Error::new(e).context(what(first))
+    })
 }
 
 /// The reference's embeddings of `ids`, from `$ADADIM_HOME/embed-cache` when this model file

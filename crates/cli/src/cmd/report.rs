@@ -15,8 +15,11 @@ pub fn report(a: ReportArgs) -> Result<()> {
         anyhow::bail!("--layer {layer}: {} has blocks 0..={}", a.run_dir.display(), layers - 1);
     }
     let kind = crate::resolve::module_arg(&a.module)?;
+    let model = std::path::Path::new(&run.summary.model);
+    let encoder = adadim_model::is_bert(model);
+    let outliers = if encoder { Some(encoder_outliers(&run)?) } else { None };
     // An AWQ run quantized `W diag(s)` on scaled inputs: a re-run on the checkpoint's W is not it.
-    let updates = if a.no_updates || run.summary.settings.awq {
+    let updates = if a.no_updates || run.summary.settings.awq || encoder {
         None
     } else {
         let s = &run.summary;
@@ -32,8 +35,27 @@ pub fn report(a: ReportArgs) -> Result<()> {
     };
     let out = a.out.clone().unwrap_or_else(|| a.run_dir.join("report"));
     let command = std::iter::once("adadim".to_string()).chain(std::env::args().skip(1)).collect::<Vec<_>>().join(" ");
-    let opts = adadim_report::page::PageOptions { layer, updates: updates.as_ref(), command };
+    let opts =
+        adadim_report::page::PageOptions { layer, updates: updates.as_ref(), outliers: outliers.as_deref(), command };
     let page = adadim_report::page::write_page(&run, &out, &opts)?;
     println!("{} ({} figures)", page.index.display(), page.images.len());
     Ok(())
+}
+
+/// Samples the float encoder's outliers are gathered on: the run's first calibration samples.
+const OUTLIER_SAMPLES: usize = 16;
+
+/// An encoder run's activation outliers, on its float source model and calibration text.
+fn encoder_outliers(run: &adadim_report::Run) -> Result<Vec<adadim_report::outliers::LayerOutliers>> {
+    let s = &run.summary;
+    let (model, c) = (std::path::Path::new(&s.model), &s.calibration);
+    let bert = adadim_model::Bert::load(model)
+        .with_context(|| format!("loading the run's float model {} for the outlier figure", model.display()))?;
+    let n = c.nsamples.min(OUTLIER_SAMPLES);
+    let (_, _, samples) =
+        crate::resolve::encoder_calibration_samples(model, &c.source, n, c.seqlen, bert.max_seq_length, c.seed)
+            .context("rebuilding the run's calibration samples for the outlier figure")?;
+    let tok = adadim_load::tokenizer::load(model)?;
+    let name = |id: u32| tok.id_to_token(id).unwrap_or_else(|| format!("#{id}"));
+    Ok(adadim_report::outliers::compute(&bert, &samples, &name)?)
 }
