@@ -33,7 +33,9 @@ pub fn embed(a: EmbedArgs) -> Result<()> {
                 .map_err(|e| anyhow::anyhow!("line {}: tokenizing: {e}", i + 1))
         })
         .collect::<Result<Vec<_>>>()?;
+    let t = std::time::Instant::now();
     let embeddings = embed_sorted(&bert, &ids, a.batch, &|_| format!("embedding {}", a.input.display()))?;
+    let seconds = t.elapsed().as_secs_f64();
     let out = serde_json::json!({"model": a.model, "dim": bert.config.hidden_size, "embeddings": embeddings});
     match &a.out {
         None => {
@@ -55,7 +57,13 @@ pub fn embed(a: EmbedArgs) -> Result<()> {
             }
         }
     }
-    eprintln!("{} sentences, {} dimensions", sentences.len(), bert.config.hidden_size);
+    eprintln!(
+        "{} sentences, {} dimensions, embedded in {seconds:.3} s ({:.1} sentences/s, batches of {})",
+        sentences.len(),
+        bert.config.hidden_size,
+        sentences.len() as f64 / seconds.max(1e-9),
+        a.batch
+    );
     Ok(())
 }
 
