@@ -80,7 +80,7 @@ pub fn quantize_encoder(
     for i in 0..layers {
         let ctx = |what: &str| format!("encoder layer {i}: {what}");
         // q, k, v on the layer's input.
-        let h = hessian(&streams, |_, x| Ok(x.clone()), &mut times)?;
+        let h = hessian(&streams, (i, LINEARS[0].0), |_, x| Ok(x.clone()), &mut times)?;
         for &(name, kind) in &LINEARS[..3] {
             quantize_one(bert, i, name, kind, &h, cfg, &mut quantized, &mut reports, &mut times)?;
         }
@@ -91,7 +91,7 @@ pub fn quantize_encoder(
             .map(|(p, x)| bert.attention(i, p, x).map_err(|e| tensor_err(ctx("attention"), e)))
             .collect::<Result<_>>()?;
         times.forward_s += t.elapsed().as_secs_f64();
-        let h = hessian(&streams, |k, _| Ok(attn[k].clone()), &mut times)?;
+        let h = hessian(&streams, (i, LINEARS[3].0), |k, _| Ok(attn[k].clone()), &mut times)?;
         quantize_one(bert, i, LINEARS[3].0, LINEARS[3].1, &h, cfg, &mut quantized, &mut reports, &mut times)?;
         let t = Instant::now();
         for ((_, x), a) in streams.iter_mut().zip(&attn) {
@@ -100,7 +100,7 @@ pub fn quantize_encoder(
         drop(attn);
         times.forward_s += t.elapsed().as_secs_f64();
         // intermediate on the stream after attention; output on gelu(intermediate).
-        let h = hessian(&streams, |_, x| Ok(x.clone()), &mut times)?;
+        let h = hessian(&streams, (i, LINEARS[4].0), |_, x| Ok(x.clone()), &mut times)?;
         quantize_one(bert, i, LINEARS[4].0, LINEARS[4].1, &h, cfg, &mut quantized, &mut reports, &mut times)?;
         let t = Instant::now();
         let hidden: Vec<Tensor> = streams
@@ -108,7 +108,7 @@ pub fn quantize_encoder(
             .map(|(_, x)| bert.ffn_hidden(i, x).map_err(|e| tensor_err(ctx("feed-forward"), e)))
             .collect::<Result<_>>()?;
         times.forward_s += t.elapsed().as_secs_f64();
-        let h = hessian(&streams, |k, _| Ok(hidden[k].clone()), &mut times)?;
+        let h = hessian(&streams, (i, LINEARS[5].0), |k, _| Ok(hidden[k].clone()), &mut times)?;
         quantize_one(bert, i, LINEARS[5].0, LINEARS[5].1, &h, cfg, &mut quantized, &mut reports, &mut times)?;
         let t = Instant::now();
         for ((_, x), f) in streams.iter_mut().zip(&hidden) {
@@ -120,9 +120,11 @@ pub fn quantize_encoder(
     Ok(EncoderRun { quantized, linears: reports, timings: times })
 }
 
-/// The Hessian of a stage's inputs `input(k, x_k)` over every batch, real tokens only.
+/// The Hessian of the inputs `input(k, x_k)` of layer `layer`'s linear `module` (and any that
+/// share them) over every batch, real tokens only.
 fn hessian(
     streams: &[(Padded, Tensor)],
+    (layer, module): (usize, &str),
     input: impl Fn(usize, &Tensor) -> Result<Tensor>,
     times: &mut Timings,
 ) -> Result<Hessian> {
@@ -133,8 +135,8 @@ fn hessian(
         let y = p.real_rows(&y).map_err(|e| tensor_err("calibration tokens".into(), e))?;
         let h = h.get_or_insert_with(|| Hessian::new(y.dims()[1]));
         h.add_batch(&to_vec(&y)?).map_err(|source| CalibError::Quantize {
-            layer: 0,
-            module: "encoder inputs".into(),
+            layer,
+            module: format!("{module} inputs"),
             source,
         })?;
     }
