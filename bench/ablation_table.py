@@ -72,6 +72,8 @@ lines = [
     "with groups of 32 along rows this layout holds the FP's own grid, so RTN w4g32 with it returns the FP). "
     "bpw: bits per weight of the block linears as the packed file stores them (dynamic act-order groups add their column permutation). "
     "`-awq`: `--awq` (input channels scaled by a searched power of their RMS, folded into the RMSNorm, or into v_proj / up_proj rows as powers of two when those are per-OC). "
+    "`-act`: act-order with static groups. `-refit`: `--refit` (every group's scale refitted by least squares on the full-Hessian output error after GPTQ). "
+    "`-qep05`: `--qep 0.5` (each linear quantized from `W + 0.5 W D H^-1`, corrected halfway towards the float model's outputs on its drifted inputs). "
     "Time: quantize wall seconds on the shared 2-core machine (read as rough), mean over seeds.",
     "",
     "| config | variant | bpw | seeds | WikiText-2 ppl | PTB ppl | per-IC share | quantize s |",
