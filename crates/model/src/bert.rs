@@ -306,9 +306,15 @@ impl Bert {
         candle_nn::ops::layer_norm(&y, &l.attn_ln.0, &l.attn_ln.1, self.config.layer_norm_eps as f32)
     }
 
-    /// `gelu(intermediate(x))`: the input of layer `i`'s output linear.
+    /// `gelu(intermediate(x))`: the input of layer `i`'s output linear ([`crate::kernels::gelu_erf`]
+    /// in parallel pieces: candle's runs libm's `erf` one value at a time).
     pub fn ffn_hidden(&self, i: usize, x: &Tensor) -> candle_core::Result<Tensor> {
-        self.layers[i].intermediate.forward(x, &DecodeSettings::DEFAULT)?.gelu_erf()
+        use rayon::prelude::*;
+        let h = self.layers[i].intermediate.forward(x, &DecodeSettings::DEFAULT)?;
+        let dims = h.dims().to_vec();
+        let mut v = h.flatten_all()?.to_vec1::<f32>()?;
+        v.par_chunks_mut(1 << 14).for_each(crate::kernels::gelu_erf);
+        Tensor::from_vec(v, dims, &Device::Cpu)
     }
 
     /// `LN(x + output(f))`: the stream leaving layer `i`.
