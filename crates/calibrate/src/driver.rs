@@ -850,7 +850,7 @@ fn run(
             for layer in 0..first {
                 let block = float_block(ckpt, layer)?;
                 for x in &mut f {
-                    let mid = block.attn_residual(x, &float_attention(&block, x, &rope)?, &SETTINGS)?;
+                    let mid = block.attn_residual(x, &attention_of(&block, x, &rope)?, &SETTINGS)?;
                     *x = block.mlp_residual(&mid, &mlp_hidden(&block, &mid)?, &SETTINGS)?;
                 }
             }
@@ -1048,9 +1048,8 @@ fn quantize_block(
         let mut judge_attention = |views: &[(LinearKind, [Vec<f32>; 2])]| {
             let sublayer = [LinearKind::Q, LinearKind::K, LinearKind::V, LinearKind::O];
             judge(&mut block, ckpt, &sublayer, views, &acts.xs[..n_judge], |b, x| {
-                let a = b.attention(&b.attn_input(x)?, rope, &SETTINGS);
-                a.and_then(|a| b.o.forward(&a, &SETTINGS))
-                    .map_err(|e| tensor_err(format!("layer {layer}: attention"), e))
+                let a = attention_of(b, x, rope)?;
+                b.o.forward(&a, &SETTINGS).map_err(|e| tensor_err(format!("layer {layer}: attention"), e))
             })
         };
         let judge_qkv = judging.then_some(&mut judge_attention as Judge<'_>);
@@ -1060,19 +1059,12 @@ fn quantize_block(
         }
         drop(h);
         let mut attn = with_dequantized(&mut block, &quantized, qkv, |block| {
-            acts.each(
-                |t| flops.attention(t),
-                |_, x| {
-                    block
-                        .attention(&block.attn_input(x)?, rope, &SETTINGS)
-                        .map_err(|e| tensor_err(format!("layer {layer}: attention"), e))
-                },
-            )
+            acts.each(|t| flops.attention(t), |_, x| attention_of(block, x, rope))
         })?;
         let h = acts.hessian(layer, o[0], &attn)?;
         let corr = match &mut qep {
             Some(q) => {
-                let f_attn = q.each(acts.times, |b, x| float_attention(b, x, rope))?;
+                let f_attn = q.each(acts.times, |b, x| attention_of(b, x, rope))?;
                 let corr = q.correction_of(acts.times, layer, o[0], &h, &attn, &f_attn)?;
                 q.advance(acts.times, |b, i, x| Ok(b.attn_residual(x, &f_attn[i], &SETTINGS)?))?;
                 Some(corr)
@@ -1266,8 +1258,8 @@ fn float_block(ckpt: &Checkpoint, layer: usize) -> Result<Block> {
     Ok(block)
 }
 
-/// The attention of a block on the residual stream `x`: o_proj's input.
-fn float_attention(block: &Block, x: &Tensor, rope: &Rope) -> Result<Tensor> {
+/// The attention of a block on the residual stream `x` (with the weights it holds): o_proj's input.
+fn attention_of(block: &Block, x: &Tensor, rope: &Rope) -> Result<Tensor> {
     block
         .attention(&block.attn_input(x)?, rope, &SETTINGS)
         .map_err(|e| tensor_err(format!("layer {}: attention", block.layer), e))

@@ -225,8 +225,9 @@ pub fn write_encoder(src_dir: &Path, quantized: &[(String, QuantizedMatrix)], ou
 
 /// A `quantize` job on an encoder directory.
 pub struct EncoderJob<'a> {
-    /// The sentence-transformers directory quantized.
+    /// The sentence-transformers directory quantized, and its model loaded from it.
     pub model: &'a Path,
+    pub bert: Bert,
     pub config: &'a QuantizeConfig,
     pub format: Format,
     pub calibration: CalibrationInfo,
@@ -247,7 +248,7 @@ const FOREIGN_WEIGHTS: [&str; 6] = [".bin", ".h5", ".onnx", ".msgpack", ".ot", "
 /// config, tokenizer and sentence-transformers files (pooling, normalisation) copied, and
 /// `report.json`. Built in a hidden sibling directory and renamed into place when complete, so
 /// a failed run leaves nothing at `out`.
-pub fn run_encoder_job(job: &EncoderJob<'_>, out: &Path, progress: &mut dyn FnMut(usize, usize)) -> Result<Report> {
+pub fn run_encoder_job(job: EncoderJob<'_>, out: &Path, progress: &mut dyn FnMut(usize, usize)) -> Result<Report> {
     if job.format == Format::Gptq {
         return Err(CalibError::Invalid(
             "--format gptq writes a decoder's GPTQ checkpoint; use packed, f32 or f16 for BERT models".into(),
@@ -255,13 +256,9 @@ pub fn run_encoder_job(job: &EncoderJob<'_>, out: &Path, progress: &mut dyn FnMu
     }
     let name = out.file_name().map_or("out".into(), |n| n.to_string_lossy().into_owned());
     let tmp = out.with_file_name(format!(".{name}.partial-{}", std::process::id()));
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| CalibError::Io { path, source }
-    };
-    std::fs::create_dir(&tmp).map_err(io(&tmp))?;
+    std::fs::create_dir(&tmp).map_err(io_err(&tmp))?;
+    let mut bert = job.bert;
     let result = (|| {
-        let mut bert = Bert::load(job.model)?;
         let run = quantize_encoder(&mut bert, job.samples, job.config, job.batch, progress)?;
         let t = Instant::now();
         let metadata = serde_json::json!({"tool": job.tool, "settings": job.config, "architecture": "bert"});
@@ -287,12 +284,12 @@ pub fn run_encoder_job(job: &EncoderJob<'_>, out: &Path, progress: &mut dyn FnMu
             linears: run.linears,
         };
         let path = tmp.join(Report::FILE);
-        std::fs::write(&path, report.to_json()).map_err(io(&path))?;
+        std::fs::write(&path, report.to_json()).map_err(io_err(&path))?;
         Ok(report)
     })();
     match result {
         Ok(report) => {
-            std::fs::rename(&tmp, out).map_err(io(out))?;
+            std::fs::rename(&tmp, out).map_err(io_err(out))?;
             Ok(report)
         }
         Err(e) => {
@@ -305,20 +302,22 @@ pub fn run_encoder_job(job: &EncoderJob<'_>, out: &Path, progress: &mut dyn FnMu
 /// Copies the files of `src` (and of its module subdirectories, such as `1_Pooling`) into
 /// `dst`, except the weights.
 fn copy_side_files(src: &Path, dst: &Path) -> Result<()> {
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| CalibError::Io { path, source }
-    };
-    for entry in std::fs::read_dir(src).map_err(io(src))? {
-        let entry = entry.map_err(io(src))?;
+    for entry in std::fs::read_dir(src).map_err(io_err(src))? {
+        let entry = entry.map_err(io_err(src))?;
         let (path, name) = (entry.path(), entry.file_name().to_string_lossy().into_owned());
-        let kind = entry.file_type().map_err(io(&path))?;
+        let kind = entry.file_type().map_err(io_err(&path))?;
         if kind.is_file() && !FOREIGN_WEIGHTS.iter().any(|ext| name.ends_with(ext)) {
-            std::fs::copy(&path, dst.join(&name)).map_err(io(&path))?;
+            std::fs::copy(&path, dst.join(&name)).map_err(io_err(&path))?;
         } else if kind.is_dir() && path.join("config.json").is_file() && !name.starts_with('.') {
-            std::fs::create_dir(dst.join(&name)).map_err(io(&dst.join(&name)))?;
+            std::fs::create_dir(dst.join(&name)).map_err(io_err(&dst.join(&name)))?;
             copy_side_files(&path, &dst.join(&name))?;
         }
     }
     Ok(())
+}
+
+/// An I/O error's mapping, naming `path`.
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CalibError {
+    let path = path.to_path_buf();
+    move |source| CalibError::Io { path, source }
 }

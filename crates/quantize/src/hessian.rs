@@ -46,10 +46,7 @@ impl Hessian {
         if t == 0 {
             return Ok(());
         }
-        let n = self.tokens + t;
-        let keep = self.tokens as f32 / n as f32;
-        self.h.iter_mut().for_each(|v| *v *= keep);
-        self.tokens = n;
+        let alpha = running_average_step(&mut self.h, &mut self.tokens, t);
         let X = MatRef::from_row_major_slice(x, t, self.dim);
         let H = MatMut::from_row_major_slice_mut(&mut self.h, self.dim, self.dim);
         matmul(
@@ -60,7 +57,7 @@ impl Hessian {
             BlockStructure::Rectangular,
             X,
             BlockStructure::Rectangular,
-            2.0 / n as f32,
+            alpha,
             Par::rayon(0),
         );
         let d = self.dim;
@@ -119,6 +116,17 @@ impl Hessian {
 }
 
 /// Checks `x` is a finite `[tokens, dim]` batch and returns `tokens`.
+/// Makes room in a running average of `2 x y^T` over `tokens` tokens for `t` more: scales the
+/// sum `m` by `tokens / (tokens + t)`, counts them, and returns the weight `2 / (tokens + t)` of
+/// the new batch's product.
+pub(crate) fn running_average_step(m: &mut [f32], tokens: &mut usize, t: usize) -> f32 {
+    let n = *tokens + t;
+    let keep = *tokens as f32 / n as f32;
+    m.iter_mut().for_each(|v| *v *= keep);
+    *tokens = n;
+    2.0 / n as f32
+}
+
 pub(crate) fn check_inputs(x: &[f32], dim: usize) -> Result<usize> {
     if dim == 0 {
         return Err(Error::Empty { rows: 0, cols: 0 });

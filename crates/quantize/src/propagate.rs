@@ -13,7 +13,7 @@ use faer::linalg::solvers::Solve;
 use faer::{Accum, Mat, MatMut, MatRef, Par, Side};
 
 use crate::error::{Error, Result};
-use crate::hessian::{check_inputs, Hessian};
+use crate::hessian::{check_inputs, running_average_step, Hessian};
 use crate::matrix::check_weights;
 
 /// Running average of `2 (x - x~) x~^T` over one linear's calibration tokens.
@@ -45,15 +45,12 @@ impl Drift {
         if t == 0 {
             return Ok(());
         }
-        let n = self.tokens + t;
-        let keep = self.tokens as f32 / n as f32;
-        self.d.iter_mut().for_each(|v| *v *= keep);
-        self.tokens = n;
+        let alpha = running_average_step(&mut self.d, &mut self.tokens, t);
         let delta: Vec<f32> = float.iter().zip(quantized).map(|(a, b)| a - b).collect();
         let E = MatRef::from_row_major_slice(&delta, t, self.dim);
         let X = MatRef::from_row_major_slice(quantized, t, self.dim);
         let D = MatMut::from_row_major_slice_mut(&mut self.d, self.dim, self.dim);
-        matmul(D, Accum::Add, E.transpose(), X, 2.0 / n as f32, Par::rayon(0));
+        matmul(D, Accum::Add, E.transpose(), X, alpha, Par::rayon(0));
         Ok(())
     }
 

@@ -46,12 +46,15 @@ pub fn refit_scales(q: &QuantizedMatrix, w: &[f32], h: &Hessian) -> Result<Refit
     let spec = *q.spec();
     let grid = Grid::new(rows, cols, &spec);
     let (pr, pc) = grid.shape();
-    // c = q - zero, per weight.
+    // Each input column's param column (once: it is read per weight below), and c = q - zero.
+    let gcol: Vec<usize> = (0..cols).map(|i| q.param_index(0, i) % pc).collect();
+    let band_rows = grid.group_shape().0;
     let codes = q.codes();
     let mut c = vec![0f32; rows * cols];
     c.par_chunks_mut(cols).enumerate().for_each(|(r, cr)| {
+        let base = grid.index(r / band_rows, 0);
         for (i, v) in cr.iter_mut().enumerate() {
-            *v = f32::from(codes[r * cols + i]) - q.zeros()[q.param_index(r, i)];
+            *v = f32::from(codes[r * cols + i]) - q.zeros()[base + gcol[i]];
         }
     });
     let H = MatRef::from_row_major_slice(h.matrix(), cols, cols);
@@ -59,7 +62,7 @@ pub fn refit_scales(q: &QuantizedMatrix, w: &[f32], h: &Hessian) -> Result<Refit
     let mut WH = Mat::<f32>::zeros(rows, cols);
     matmul(WH.as_mut(), Accum::Replace, Wm, H, 1.0, Par::rayon(0));
     let C = MatRef::from_row_major_slice(&c, rows, cols);
-    let group_col = |i: usize| q.param_index(0, i) % pc;
+    let group_col = |i: usize| gcol[i];
 
     // The normal equations A d = b of every param row.
     let systems: Vec<(Mat<f64>, Vec<f64>)> = match spec.axis {
@@ -124,7 +127,6 @@ pub fn refit_scales(q: &QuantizedMatrix, w: &[f32], h: &Hessian) -> Result<Refit
     let candidate = q.with_params(&new);
 
     // Keep, per param row, whichever scales give the lower exact error.
-    let band_rows = grid.group_shape().0;
     let err_old = row_errors(w, &q.dequantize(), rows, cols, h);
     let err_new = row_errors(w, &candidate.dequantize(), rows, cols, h);
     let band = |e: &[f64], p: usize| e[p * band_rows..((p + 1) * band_rows).min(rows)].iter().sum::<f64>();

@@ -244,14 +244,16 @@ fn quantize_encoder(
     out: &Path,
 ) -> Result<Summary> {
     let started = std::time::Instant::now();
-    let config = adadim_model::BertConfig::from_json(
-        &dir.join("config.json"),
-        &std::fs::read_to_string(dir.join("config.json"))
-            .with_context(|| format!("reading {}/config.json", dir.display()))?,
+    let bert = adadim_model::Bert::load(dir)?;
+    let layers = bert.config.num_hidden_layers;
+    let (calib_file, seqlen, samples) = crate::resolve::encoder_calibration_samples(
+        dir,
+        &q.calib,
+        q.nsamples,
+        q.calib_seqlen,
+        bert.max_seq_length,
+        q.seed,
     )?;
-    let max_seq_length = adadim_model::Bert::load(dir)?.max_seq_length;
-    let (calib_file, seqlen, samples) =
-        crate::resolve::encoder_calibration_samples(dir, &q.calib, q.nsamples, q.calib_seqlen, max_seq_length, q.seed)?;
     if seqlen < q.calib_seqlen {
         eprintln!("calibration samples of {seqlen} tokens (the model's max_seq_length)");
     }
@@ -260,6 +262,7 @@ fn quantize_encoder(
     let tool = format!("adadim {}", env!("CARGO_PKG_VERSION"));
     let job = adadim_calibrate::encoder::EncoderJob {
         model: dir,
+        bert,
         config: cfg,
         format,
         calibration: CalibrationInfo {
@@ -273,8 +276,8 @@ fn quantize_encoder(
         tool: &tool,
         started,
     };
-    let mut bar = crate::progress::Bar::new("quantize", config.num_hidden_layers);
-    let report = adadim_calibrate::encoder::run_encoder_job(&job, out, &mut |d, t| bar.update(d, t))?;
+    let mut bar = crate::progress::Bar::new("quantize", layers);
+    let report = adadim_calibrate::encoder::run_encoder_job(job, out, &mut |d, t| bar.update(d, t))?;
     bar.finish();
     Ok(report.summary)
 }
