@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Issue 32's frontier: `adadim quantize --bpw B` at each budget with 3 calibration seeds,
-# evaluated on WikiText-2 and PTB (first WINDOWS windows of 2048), then tabulated with the
-# damage-model study and the per-module allocation into RESULTS.md's "Size budget" section
-# (bench/budget_table.py); seed 0's allocations drawn into docs/allocation-bpw*.svg.
+# evaluated on WikiText-2 and PTB (first WINDOWS windows of 2048) beside every llama.cpp type
+# (`adadim bench llamacpp`), then tabulated with the damage-model study and the per-module
+# allocation into RESULTS.md's "Size budget" section (bench/budget_table.py); seed 0's
+# allocations drawn into docs/allocation-bpw*.svg, the frontier into docs/frontier.svg.
 # Usage: ADADIM_DATA=../shared/data bench/budget.sh
 # `-fmin`: each layout may also take float minima (--float-min).
 # Knobs (env): MODEL (smollm2), BUDGETS ("3.25 4.0"), VARIANTS (names below), DAMAGES
 # ("kl"; the study: "kl stream relative output"), SEEDS ("0 1 2"), NSAMPLES (128),
-# CALIB_SEQLEN (512), WINDOWS (8), OUT (results/budget), ADADIM_BIN and ADADIM_COMMIT.
+# CALIB_SEQLEN (512), WINDOWS (8), OUT (results/budget), ADADIM_BIN and ADADIM_COMMIT, LLAMA_BIN.
 # Finished runs in OUT are reused; quantized models are deleted once evaluated (their
 # report.json is kept). Runs of one seed share one damage table (ADADIM_HOME/damage-tables).
 set -euo pipefail
@@ -46,4 +47,10 @@ for b in $BUDGETS; do
     done
   done
 done
+# llama.cpp's every type, with and without an importance matrix, through our evaluator on the same
+# texts (built once from the PyPI sdist; LLAMA_BIN=DIR uses an existing build); then the table,
+# which writes our points ($OUT/ours.json), and the frontier drawn from both (cached, no re-run).
+LLAMA_BIN="${LLAMA_BIN:-$(bench/peers/build-llamacpp.sh | tail -n 1)}"
+$A bench llamacpp --llamacpp "$LLAMA_BIN" --out "$OUT/llamacpp" --windows "$WINDOWS" > /dev/null
 python3 bench/budget_table.py "$OUT" RESULTS.md
+$A bench llamacpp --llamacpp "$LLAMA_BIN" --out "$OUT/llamacpp" --windows "$WINDOWS" --ours "$OUT/ours.json" --svg docs/frontier.svg > /dev/null

@@ -144,14 +144,62 @@ for (b, v, d, n), rs in groups.items():
 for (cfg, v), us in uniform.items():
     rows.append((statistics.fmean(u[0] for u in us), f"| uniform {cfg} {v} (ablation) | – | 128 x 512 | {','.join(str(u[1]) for u in sorted(us, key=lambda u: u[1]))} | {statistics.fmean(u[0] for u in us):.3f} | "
                  f"{stat([u[2] for u in us])} | {stat([u[3] for u in us])} | {1.0 if v.endswith('-float') else 0.0:.2f} | |"))
-# llama.cpp's files, as RESULTS.md's quality-per-bit section measured them (same evaluator).
-text = results.read_text()
-qpb = re.search(r"<!-- begin quality-per-bit -->(.*)<!-- end quality-per-bit -->", text, flags=re.S)
-for line in (qpb.group(1).splitlines() if qpb else []):
-    cells = [c.strip() for c in line.strip().strip("|").split("|")]
-    if len(cells) == 5 and cells[1] == "llama.cpp":
-        rows.append((float(cells[2]), f"| llama.cpp {cells[0]} (quality per bit, above) | – | – | – | {float(cells[2]):.3f} | {float(cells[3]):.2f} | | | |"))
+# llama.cpp's files, made and evaluated by `adadim bench llamacpp` (same evaluator, same texts).
+llama_json = out / "llamacpp" / "points.json"
+llama = json.loads(llama_json.read_text()) if llama_json.exists() else {"points": [], "not_made": []}
+for p in llama["points"]:
+    rows.append((p["bpw"], f"| llama.cpp {p['name']} | – | – | – | {p['bpw']:.3f} | {p['ppl']['wikitext2']:.2f} | {p['ppl']['ptb']:.2f} | | |"))
 lines += [r[1] for r in sorted(rows)]
+
+# Ours (3 seeds, the default damage model, and the uniform ablation models) against every
+# llama.cpp file: the best of ours at no more bits, per file; points for the frontier plot.
+ours = []
+for (b, v, d, n), rs in groups.items():
+    if d == "kl" and n == 128 and len(rs) >= 3:
+        ours.append({"name": f"--bpw {b} {v}", "bpw": statistics.fmean(r["bpw"] for r in rs),
+                     "ppl": {ds: statistics.fmean(r[ds] for r in rs) for ds in ("wikitext2", "ptb")},
+                     "spread": {ds: stat([r[ds] for r in rs]) for ds in ("wikitext2", "ptb")}})
+for (cfg, v), us in uniform.items():
+    if len(us) >= 3:
+        ours.append({"name": f"uniform {cfg} {v}", "bpw": statistics.fmean(u[0] for u in us),
+                     "ppl": {"wikitext2": statistics.fmean(u[2] for u in us), "ptb": statistics.fmean(u[3] for u in us)},
+                     "spread": {"wikitext2": stat([u[2] for u in us]), "ptb": stat([u[3] for u in us])}})
+(out / "ours.json").write_text(json.dumps({"fp": fp, "points": [{k: o[k] for k in ("name", "bpw", "ppl")} for o in ours]}, indent=1))
+if llama["points"] and ours:
+    lines += [
+        "",
+        "**The frontier** ([docs/frontier.svg](docs/frontier.svg), both texts): for every llama.cpp file, our best model (mean of 3 seeds; "
+        "`--bpw` runs with the default damage model and the uniform ablation models) at no more bits per weight. "
+        "llama.cpp's files come from `adadim bench llamacpp` (every legacy, k- and i-quant type of llama-quantize, with and without the importance matrix; "
+        "types llama-quantize makes only with one are listed once). Lower: ours is lower on that text.",
+        "",
+        "| llama.cpp file | bits/weight | WikiText-2 | PTB | ours at no more bits | bits/weight | WikiText-2 | PTB | lower on |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for p in sorted(llama["points"], key=lambda p: (p["bpw"], p["ppl"]["wikitext2"])):
+        fit = [o for o in ours if o["bpw"] <= p["bpw"] + 1e-9]
+        if not fit:
+            lines.append(f"| {p['name']} | {p['bpw']:.3f} | {p['ppl']['wikitext2']:.2f} | {p['ppl']['ptb']:.2f} | none | | | | |")
+            continue
+        o = min(fit, key=lambda o: o["ppl"]["wikitext2"])
+        lower = [name for ds, name in (("wikitext2", "WikiText-2"), ("ptb", "PTB")) if o["ppl"][ds] < p["ppl"][ds]]
+        lines.append(f"| {p['name']} | {p['bpw']:.3f} | {p['ppl']['wikitext2']:.2f} | {p['ppl']['ptb']:.2f} | {o['name']} | {o['bpw']:.3f} | "
+                     f"{o['spread']['wikitext2']} | {o['spread']['ptb']} | {', '.join(lower) or '**neither**'} |")
+    wins = sum(1 for p in llama["points"] if any(o["bpw"] <= p["bpw"] + 1e-9 and o["ppl"]["wikitext2"] < p["ppl"]["wikitext2"] for o in ours))
+    lines += ["", f"Ours is lower on WikiText-2 at no more bits than {wins} of llama.cpp's {len(llama['points'])} files."]
+    if llama.get("not_made"):
+        lines += ["", "Not made without an importance matrix (llama-quantize refuses): " + ", ".join(n.split(":")[0] for n in llama["not_made"]) + "."]
+    targets = [(4.25, 21.0), (3.5, 26.0), (3.25, 32.0)]
+    cells = []
+    for b, aim in targets:
+        fit = [o for o in ours if o["bpw"] <= b + 1e-9]
+        best = min(fit, key=lambda o: o["ppl"]["wikitext2"]) if fit else None
+        if best is None:
+            cells.append(f"<= {aim:g} at {b} bpw: no model")
+        else:
+            met = "met" if best["ppl"]["wikitext2"] <= aim else "**not met**"
+            cells.append(f"<= {aim:g} at {b} bpw: {met} ({best['name']}, {best['spread']['wikitext2']})")
+    lines += ["", "Issue 32's targets (WikiText-2, mean of 3 seeds): " + "; ".join(cells) + "."]
 
 # The damage-model study: which prediction orders the measured perplexities.
 study = [r for r in runs if r["variant"] == "rtn-ada"] or runs

@@ -80,6 +80,10 @@ pub enum BenchCmd {
     /// llama-quantize types (with and without an importance matrix), all evaluated by our
     /// evaluator with the run's protocol; a table and an SVG plot.
     Quality(BenchQualityArgs),
+    /// llama.cpp's llama-quantize types (legacy, k- and i-quants), with and without an
+    /// importance matrix, evaluated by our evaluator on several texts: points.json, and with
+    /// --ours our models' points beside them in one plot per text.
+    Llamacpp(BenchLlamacppArgs),
 }
 
 #[derive(Subcommand)]
@@ -652,13 +656,25 @@ pub struct BenchQualityArgs {
     /// A `bench/results.sh` output directory (our quantized models and their .ppl.json).
     #[arg(long, default_value = "results/run")]
     pub runs: PathBuf,
+    #[command(flatten)]
+    pub llama: LlamaSideArgs,
+    #[arg(long, default_value = "RESULTS.md")]
+    pub write: PathBuf,
+    #[arg(long, default_value = "docs/quality-per-bit.svg")]
+    pub svg: PathBuf,
+}
+
+/// How llama.cpp's files are made: its tools, the types, the source and the importance matrix.
+#[derive(Args)]
+pub struct LlamaSideArgs {
     /// Directory holding llama-quantize and llama-imatrix (bench/peers/build-llamacpp.sh).
     #[arg(long)]
     pub llamacpp: PathBuf,
-    /// llama.cpp types to make, each with and without an importance matrix.
-    #[arg(long, value_delimiter = ',', default_value = "Q2_K,Q3_K_S,Q3_K_M,Q4_0,Q4_K_M")]
+    /// llama.cpp types to make, each with and without an importance matrix (types that need
+    /// one are made only with it).
+    #[arg(long, value_delimiter = ',', default_value = crate::bench::llamacpp::ALL_TYPES)]
     pub types: Vec<String>,
-    /// The source GGUF of the model the run quantized (default: the fetched SmolLM2 GGUF).
+    /// The source GGUF (default: the fetched SmolLM2 GGUF).
     #[arg(long)]
     pub gguf: Option<PathBuf>,
     /// Importance-matrix text: the corpus our runs calibrate on, as many tokens.
@@ -668,8 +684,28 @@ pub struct BenchQualityArgs {
     pub chunks: usize,
     #[arg(long, default_value_t = 512)]
     pub ctx: usize,
-    #[arg(long, default_value = "RESULTS.md")]
-    pub write: PathBuf,
-    #[arg(long, default_value = "docs/quality-per-bit.svg")]
-    pub svg: PathBuf,
+}
+
+#[derive(Args)]
+pub struct BenchLlamacppArgs {
+    #[command(flatten)]
+    pub llama: LlamaSideArgs,
+    /// Evaluation texts (named datasets or files).
+    #[arg(long, value_delimiter = ',', default_value = "wikitext2,ptb")]
+    pub datasets: Vec<String>,
+    #[arg(long, default_value_t = 2048)]
+    pub seqlen: usize,
+    /// Windows of each text evaluated (the first N).
+    #[arg(long, default_value_t = 8)]
+    pub windows: usize,
+    /// Where the GGUFs, the importance matrix, the cached perplexities and points.json go.
+    #[arg(long, default_value = "results/llamacpp")]
+    pub out: PathBuf,
+    /// Our models' points ({"fp": {TEXT: ppl}, "points": [{"name", "bpw", "ppl": {TEXT: ppl}}]})
+    /// to plot beside llama.cpp's.
+    #[arg(long)]
+    pub ours: Option<PathBuf>,
+    /// The plot (with --ours).
+    #[arg(long, requires = "ours")]
+    pub svg: Option<PathBuf>,
 }

@@ -59,6 +59,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Report(a) => cmd::report::report(a),
         Cmd::Bench(BenchCmd::Eval(a)) => bench::eval::bench_eval(a),
         Cmd::Bench(BenchCmd::Quality(a)) => bench::quality::bench_quality(a),
+        Cmd::Bench(BenchCmd::Llamacpp(a)) => bench::llamacpp::bench_llamacpp(a),
         Cmd::Bench(BenchCmd::Quantize(a)) => bench::quantize::bench_quantize(a),
         Cmd::Bench(BenchCmd::Kernels(a)) => bench::kernels::bench_kernels(a),
         Cmd::Bench(BenchCmd::Decode(a)) => bench::decode::bench_decode(a),

@@ -4,6 +4,7 @@
 pub mod decode;
 pub mod eval;
 pub mod kernels;
+pub mod llamacpp;
 pub mod quality;
 pub mod quantize;
 pub mod scale;

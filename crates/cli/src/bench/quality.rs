@@ -11,17 +11,12 @@
 //! that both are evaluated with the same float head.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
+use super::llamacpp::{evaluate_gguf, gguf_bits, LlamaSide};
 use crate::args::BenchQualityArgs;
-use crate::cmd::eval::run_ppl;
 use crate::resolve::resolve_dataset;
-use adadim_load::fetch::adadim_home;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
-
-/// The seven linears of a block, as llama.cpp's GGUF names them.
-pub const GGUF_LINEARS: [&str; 7] = ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"];
 
 /// One model of the comparison.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -74,98 +69,6 @@ pub fn model_bits(dir: &Path) -> Result<(u64, u64)> {
     Ok((total, weights))
 }
 
-/// Stored bits and weights of the block linears of a GGUF file (each tensor's own type).
-pub fn gguf_bits(path: &Path) -> Result<(u64, u64)> {
-    let g = adadim_load::gguf::Gguf::open(path)?;
-    let (mut bits, mut weights) = (0u64, 0u64);
-    for (name, info) in &g.content.tensor_infos {
-        let is_linear = name
-            .strip_prefix("blk.")
-            .and_then(|r| r.split_once('.'))
-            .is_some_and(|(_, t)| GGUF_LINEARS.iter().any(|l| t == format!("{l}.weight")));
-        if !is_linear {
-            continue;
-        }
-        let n = info.shape.elem_count() as u64;
-        let (block, size) = g.block_of(name).unwrap_or((1, 4));
-        anyhow::ensure!(
-            n.is_multiple_of(block),
-            "{}: tensor {name} has {n} values, not a whole number of {block}-value blocks",
-            path.display()
-        );
-        bits += 8 * n / block * size;
-        weights += n;
-    }
-    anyhow::ensure!(weights > 0, "{}: no blk.N.{{attn,ffn}}_*.weight tensors", path.display());
-    Ok((bits, weights))
-}
-
-/// Run `cmd`, failing with its stderr's tail when it fails.
-pub fn run_tool(mut cmd: Command, what: &str) -> Result<()> {
-    let out = cmd.output().with_context(|| format!("starting {what}"))?;
-    if !out.status.success() {
-        let err = String::from_utf8_lossy(&out.stderr);
-        let tail: String =
-            err.lines().rev().take(15).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
-        anyhow::bail!("{what} failed ({}):\n{tail}", out.status);
-    }
-    Ok(())
-}
-
-/// What the llama.cpp side needs.
-pub struct LlamaSide<'a> {
-    pub bin: &'a Path,
-    /// The float source GGUF (for SmolLM2 the shipped Q4_1, requantized).
-    pub gguf: &'a Path,
-    /// Calibration text for `llama-imatrix` (the corpus our runs calibrate on).
-    pub calib: &'a Path,
-    /// Chunks x context of the importance matrix: the same number of tokens as our calibration.
-    pub chunks: usize,
-    pub ctx: usize,
-    pub threads: usize,
-}
-
-impl LlamaSide<'_> {
-    /// The importance matrix in `dir` (computed once).
-    pub fn imatrix(&self, dir: &Path) -> Result<PathBuf> {
-        let path = dir.join(format!("imatrix-{}x{}.dat", self.chunks, self.ctx));
-        if !path.exists() {
-            let tmp = dir.join("imatrix.tmp.dat");
-            let mut c = Command::new(self.bin.join("llama-imatrix"));
-            c.arg("-m").arg(self.gguf).arg("-f").arg(self.calib).arg("-o").arg(&tmp);
-            c.args([
-                "-c",
-                &self.ctx.to_string(),
-                "--chunks",
-                &self.chunks.to_string(),
-                "-t",
-                &self.threads.to_string(),
-            ]);
-            run_tool(c, "llama-imatrix")?;
-            std::fs::rename(&tmp, &path)?;
-        }
-        Ok(path)
-    }
-
-    /// `llama-quantize` of the source into `TYPE[-imatrix].gguf` in `dir` (made once).
-    pub fn quantize(&self, dir: &Path, ty: &str, imatrix: Option<&Path>) -> Result<PathBuf> {
-        let name = format!("{ty}{}", if imatrix.is_some() { "-imatrix" } else { "" });
-        let path = dir.join(format!("{name}.gguf"));
-        if !path.exists() {
-            let tmp = dir.join(format!("{name}.tmp.gguf"));
-            let mut c = Command::new(self.bin.join("llama-quantize"));
-            c.arg("--allow-requantize").args(["--token-embedding-type", "f32"]);
-            if let Some(m) = imatrix {
-                c.arg("--imatrix").arg(m);
-            }
-            c.arg(self.gguf).arg(&tmp).arg(ty).arg(self.threads.to_string());
-            run_tool(c, &format!("llama-quantize {ty}"))?;
-            std::fs::rename(&tmp, &path)?;
-        }
-        Ok(path)
-    }
-}
-
 /// The points, sorted by bits per weight, as a markdown table (`fp`: the float perplexity).
 pub fn table(points: &[Point], fp: f64) -> String {
     let mut s = String::from(
@@ -203,7 +106,17 @@ pub const PLOT_MAX_RATIO: f64 = 10.0;
 /// Perplexity against bits per weight as an SVG (log-scaled ppl): both tools' points and
 /// their frontiers, the float model as a line across.
 pub fn plot(points: &[Point], fp: f64, path: &Path) -> Result<()> {
-    use adadim_report::plot::{render, Figure, Panel, Series, Style, IC_COLOR, OC_COLOR};
+    use adadim_report::plot::{render, Figure};
+    let title =
+        format!("WikiText-2 perplexity vs bits per weight (block linears); ppl above {PLOT_MAX_RATIO}x FP not shown");
+    render(&Figure { panels: vec![panel(title, points, fp)], columns: 1, panel_size: (900, 560) }, path)?;
+    Ok(())
+}
+
+/// One panel of [`plot`]: the points within [`PLOT_MAX_RATIO`] of `fp`, each tool's frontier,
+/// the float model as a line across.
+pub fn panel(title: String, points: &[Point], fp: f64) -> adadim_report::plot::Panel {
+    use adadim_report::plot::{Panel, Series, Style, IC_COLOR, OC_COLOR};
     let points: Vec<Point> = points.iter().filter(|p| p.ppl <= PLOT_MAX_RATIO * fp).cloned().collect();
     let points = &points[..];
     let (x0, x1) = points.iter().fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.bpw), b.max(p.bpw)));
@@ -227,19 +140,15 @@ pub fn plot(points: &[Point], fp: f64, path: &Path) -> Result<()> {
             points: frontier(points, tool).iter().map(|p| (p.bpw, p.ppl)).collect(),
         });
     }
-    let panel = Panel {
-        title: format!(
-            "WikiText-2 perplexity vs bits per weight (block linears); ppl above {PLOT_MAX_RATIO}x FP not shown"
-        ),
+    Panel {
+        title,
         x_desc: "bits per weight".into(),
         y_desc: "perplexity (log)".into(),
         log_y: true,
         legend: true,
         series,
         ..Panel::default()
-    };
-    render(&Figure { panels: vec![panel], columns: 1, panel_size: (900, 560) }, path)?;
-    Ok(())
+    }
 }
 
 pub fn bench_quality(a: BenchQualityArgs) -> Result<()> {
@@ -275,60 +184,25 @@ pub fn bench_quality(a: BenchQualityArgs) -> Result<()> {
             ppl: num(&read_json(&ppl_file)?, "ppl")?,
         });
     }
-    let gguf = a.gguf.clone().unwrap_or_else(|| adadim_home().join("models/smollm2.gguf"));
-    anyhow::ensure!(
-        gguf.exists(),
-        "{}: source GGUF not found (run `adadim eval ppl --model smollm2` once to fetch it, or pass --gguf)",
-        gguf.display()
-    );
-    let calib = adadim_calibrate::data::corpus_file(&a.calib, &adadim_home())?;
-    let side = LlamaSide {
-        bin: &a.llamacpp,
-        gguf: &gguf,
-        calib: &calib,
-        chunks: a.chunks,
-        ctx: a.ctx,
-        threads: rayon::current_num_threads(),
-    };
+    let side = LlamaSide::new(&a.llama)?;
     let ldir = a.runs.join("llamacpp");
     std::fs::create_dir_all(&ldir)?;
-    eprintln!("llama.cpp importance matrix ({} x {} tokens of {}) ...", a.chunks, a.ctx, a.calib);
-    let imatrix = side.imatrix(&ldir)?;
-    for ty in &a.types {
+    let imatrix = side.imatrix_announced(&ldir)?;
+    for ty in &side.types {
         for im in [None, Some(imatrix.as_path())] {
-            let file = side.quantize(&ldir, ty, im)?;
+            let Some(file) = side.quantize(&ldir, ty, im)? else {
+                eprintln!("{ty}: llama-quantize makes it only with an importance matrix");
+                continue;
+            };
             let name = file.file_stem().unwrap_or_default().to_string_lossy().to_string();
-            let ppl_file = ldir.join(format!("{name}.ppl.json"));
-            if !ppl_file.exists() {
-                let dir = ldir.join(&name);
-                let imported = !dir.join("config.json").exists();
-                if imported {
-                    let mut bar = crate::progress::Bar::new("import", 0);
-                    adadim_load::gguf::import_gguf(&file, &dir, &mut |d, t| bar.update(d, t))
-                        .with_context(|| format!("importing {}", file.display()))?;
-                    bar.finish();
-                }
-                eprintln!("evaluating {name} ...");
-                let r = run_ppl(&dir, &dataset, seqlen, Some(windows))?;
-                let tmp = ldir.join(format!("{name}.ppl.json.tmp"));
-                std::fs::write(&tmp, serde_json::to_string(&r)?)?;
-                std::fs::rename(&tmp, &ppl_file)?;
-                if imported {
-                    std::fs::remove_dir_all(&dir)?; // imported just now; the GGUF stays, its f32 import is 0.5 GB
-                }
-            }
+            let ppl = evaluate_gguf(&file, &ldir, std::slice::from_ref(&dataset), seqlen, windows)?[0];
             let (bits, weights) = gguf_bits(&file)?;
-            points.push(Point {
-                name,
-                tool: "llama.cpp".into(),
-                bpw: bits as f64 / weights as f64,
-                ppl: num(&read_json(&ppl_file)?, "ppl")?,
-            });
+            points.push(Point { name, tool: "llama.cpp".into(), bpw: bits as f64 / weights as f64, ppl });
         }
     }
     points.sort_by(|x, y| x.bpw.total_cmp(&y.bpw));
     let mut md = String::from("## Quality per bit against llama.cpp\n\n");
-    md += &format!("Regenerated by `bench/results.sh` (its last step: `adadim bench quality --runs {} --llamacpp BIN`). Every model below is evaluated by our evaluator with the protocol above ({} windows x {seqlen} tokens of {}); llama.cpp's files (`llama-quantize --allow-requantize` from the shipped Q4_1 GGUF, the only source there is; token embedding kept f32 so that both sides keep a float head) are read with `import-gguf`. `-imatrix`: with llama.cpp's importance matrix from {} x {} tokens of the same calibration text as ours ({}). Bits per weight: what each file stores for the decoder-block linears (codes, scales, zeros, permutations; llama.cpp's mixed `_S`/`_M` recipes counted tensor by tensor). k-quants pack rows in super-blocks of 256 values; a linear whose rows are not a multiple of 256 long gets the fallback type llama-quantize picks for it, so a type's name can promise fewer bits than its file holds: the bits column is what was stored.\n\n", a.runs.display(), windows, dataset.label, a.chunks, a.ctx, a.calib);
+    md += &format!("Regenerated by `bench/results.sh` (its last step: `adadim bench quality --runs {} --llamacpp BIN`). Every model below is evaluated by our evaluator with the protocol above ({} windows x {seqlen} tokens of {}); llama.cpp's files (`llama-quantize --allow-requantize` from the shipped Q4_1 GGUF, the only source there is; token embedding kept f32 so that both sides keep a float head) are read with `import-gguf`. `-imatrix`: with llama.cpp's importance matrix from {} x {} tokens of the same calibration text as ours ({}). Bits per weight: what each file stores for the decoder-block linears (codes, scales, zeros, permutations; llama.cpp's mixed `_S`/`_M` recipes counted tensor by tensor). k-quants pack rows in super-blocks of 256 values; a linear whose rows are not a multiple of 256 long gets the fallback type llama-quantize picks for it, so a type's name can promise fewer bits than its file holds: the bits column is what was stored.\n\n", a.runs.display(), windows, dataset.label, side.chunks, side.ctx, a.llama.calib);
     md += &table(&points, fp_ppl);
     if let Some(parent) = a.svg.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent)?;
@@ -375,19 +249,5 @@ mod tests {
         assert!(svg.contains("adadim") && svg.contains("llama.cpp") && svg.contains("FP 19.20"));
         // Three points and the legend's two marks; the broken w2g64 is left out.
         assert_eq!(svg.matches("<circle").count(), 3 + 2);
-    }
-
-    #[test]
-    fn gguf_bits_count_each_tensor_type() {
-        // A real llama.cpp file is not in CI; the SmolLM2 GGUF is checked when present.
-        let gguf = adadim_load::fetch::adadim_home().join("models/smollm2.gguf");
-        if !gguf.exists() {
-            eprintln!("skipped: {} not present", gguf.display());
-            return;
-        }
-        let (bits, weights) = gguf_bits(&gguf).unwrap();
-        // Q4_1: 20 bytes per 32 values = 5 bits; 30 blocks of SmolLM2's linears.
-        assert_eq!(weights, 30 * (576 * 576 * 2 + 576 * 192 * 2 + 3 * 576 * 1536));
-        assert_eq!(bits, weights * 5);
     }
 }
