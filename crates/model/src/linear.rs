@@ -80,12 +80,13 @@ impl Linear {
 }
 
 /// `x (t, in) @ W^T` for a dense f32 `W` (out, in): for a few tokens, a row-parallel matvec
-/// per token ([`crate::kernels::dense_rows`], on the decode team when there is one); a GEMM
-/// otherwise (and for a weight that is not a contiguous CPU tensor).
+/// per token ([`crate::kernels::dense_rows`], on the decode team when there is one); up to
+/// [`FEW_TOKENS`], [`dense_tokens`]; candle's GEMM otherwise (and for a weight that is
+/// not a contiguous CPU tensor).
 pub(crate) fn dense_product(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     let (rows, cols) = w.dims2()?;
     let t = x.elem_count() / cols.max(1);
-    if t > MATVEC_TOKENS || t == 0 || !w.is_contiguous() || x.dims().last() != Some(&cols) {
+    if t > FEW_TOKENS || t == 0 || !w.is_contiguous() || x.dims().last() != Some(&cols) {
         return x.matmul(&w.t()?);
     }
     let (ws, wl) = w.storage_and_layout();
@@ -95,14 +96,38 @@ pub(crate) fn dense_product(x: &Tensor, w: &Tensor) -> candle_core::Result<Tenso
     let w = &wc.as_slice::<f32>()?[wl.start_offset()..][..rows * cols];
     let xv = x.flatten_all()?.to_vec1::<f32>()?;
     let mut y = vec![0f32; t * rows];
-    for (x, y) in xv.chunks(cols).zip(y.chunks_mut(rows)) {
-        dense_matvec(w, x, y);
+    if t > MATVEC_TOKENS {
+        dense_tokens(w, &xv, t, &mut y);
+    } else {
+        for (x, y) in xv.chunks(cols).zip(y.chunks_mut(rows)) {
+            dense_matvec(w, x, y);
+        }
     }
     let mut dims = x.dims().to_vec();
     if let Some(last) = dims.last_mut() {
         *last = rows;
     }
     Tensor::from_vec(y, dims, x.device())
+}
+
+/// Up to this many tokens a dense product runs as [`dense_tokens`]: candle's GEMM repacks the
+/// whole weight on every call, which costs more than the product itself for a short sentence.
+pub(crate) const FEW_TOKENS: usize = 256;
+
+/// `y = x W^T` (`x` `[t, cols]`, `y` `[t, rows]`, row-major; `W` `[rows, cols]`) reading each
+/// weight row once for all the tokens ([`crate::kernels::dense_rows_tokens`]), runs of rows in
+/// parallel, into a row-major `[rows, t]` buffer then transposed into `y`.
+fn dense_tokens(w: &[f32], x: &[f32], t: usize, y: &mut [f32]) {
+    let (cols, rows) = (x.len() / t, y.len() / t);
+    let mut yt = vec![0f32; rows * t];
+    adadim_team::for_each_chunk(&mut yt, DENSE_ROWS_PER_TASK * t, &|i, yt| {
+        crate::kernels::dense_rows_tokens(&w[i * DENSE_ROWS_PER_TASK * cols..], x, t, yt)
+    });
+    for (r, yr) in yt.chunks_exact(t).enumerate() {
+        for (j, &v) in yr.iter().enumerate() {
+            y[j * rows + r] = v;
+        }
+    }
 }
 
 /// Rows of a dense matvec per parallel task.
@@ -146,5 +171,30 @@ impl Linear {
             with_f32(b, |b| y.iter_mut().zip(b).for_each(|(y, b)| *y += b))?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn a_dense_linear_gives_candles_product_for_every_token_count() {
+        let mut rng = adadim_load::synth::Rng::new(11);
+        let (rows, cols) = (70, 48);
+        let w = Tensor::from_vec(rng.normals(rows * cols, 1.0), (rows, cols), &Device::Cpu).unwrap();
+        let b = Tensor::from_vec(rng.normals(rows, 1.0), rows, &Device::Cpu).unwrap();
+        let lin = Linear { weight: Weight::Dense(w.clone()), bias: Some(b.clone()) };
+        // Matvecs, the few-token path on both sides of its groups, candle's GEMM past it.
+        for t in [1, MATVEC_TOKENS, MATVEC_TOKENS + 1, 25, FEW_TOKENS, FEW_TOKENS + 1] {
+            let x = Tensor::from_vec(rng.normals(t * cols, 1.0), (t, cols), &Device::Cpu).unwrap();
+            let got = lin.forward(&x, &DecodeSettings::DEFAULT).unwrap();
+            let want = x.matmul(&w.t().unwrap()).unwrap().broadcast_add(&b).unwrap();
+            assert_eq!(got.dims(), [t, rows]);
+            let diff =
+                (got - want).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+            assert!(diff < 1e-4, "t {t}: max difference {diff}");
+        }
     }
 }
