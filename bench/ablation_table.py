@@ -11,6 +11,8 @@ import statistics
 import sys
 from collections import defaultdict
 
+from section import replace_section
+
 out, results = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
 fp = {ds: json.loads((out / f"fp.{ds}.json").read_text())["ppl"] for ds in ("wikitext2", "ptb")}
 runs = defaultdict(dict)  # (config, variant) -> seed -> {wikitext2, ptb, seconds, per_ic}
@@ -98,11 +100,4 @@ for (cfg, variant), seeds in sorted(runs.items(), key=lambda kv: (kv[0][0], kv[0
     cells = [f"{statistics.fmean(r['modules'].get(m, 0.0) for r in v):.2f}" for m in MODULES]
     lines.append(f"| {cfg} | {variant} | " + " | ".join(cells) + " |")
 lines.append("<!-- end ablation -->")
-section = "\n".join(lines) + "\n"
-text = results.read_text()
-if "<!-- ablation -->" in text:
-    text = re.sub(r"<!-- ablation -->.*?<!-- end ablation -->\n", lambda _: section, text, flags=re.S)
-else:
-    text = text.rstrip("\n") + "\n\n" + section
-results.write_text(text)
-print(section)
+print(replace_section(results, "<!-- ablation -->", "<!-- end ablation -->", lines))

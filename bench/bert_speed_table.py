@@ -3,10 +3,11 @@
 Usage: python3 bench/bert_speed_table.py SPEED.jsonl BENCHMARKS.md N THREADS
 """
 import json
-import re
 import statistics
 import sys
 from collections import defaultdict
+
+from section import replace_section
 
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 path, n, threads = sys.argv[2], sys.argv[3], sys.argv[4]
@@ -33,10 +34,4 @@ for (tool, batch), v in sorted(by.items(), key=lambda kv: (kv[0][1], kv[0][0])):
     ratio = f"{mean / peer[batch]:.2f}x" if batch in peer and tool != "sentence-transformers" else ""
     lines.append(f"| {tool} | {batch} | {mean:.1f} [{min(v):.1f}-{max(v):.1f}] | {ratio} |")
 lines.append("<!-- end bert -->")
-section = "\n".join(lines) + "\n"
-text = open(path).read()
-if "<!-- begin bert -->" in text:
-    text = re.sub(r"<!-- begin bert -->.*?<!-- end bert -->\n?", lambda _: section, text, flags=re.S)
-else:
-    text = text.rstrip("\n") + "\n\n" + section
-open(path, "w").write(text)
+replace_section(path, "<!-- begin bert -->", "<!-- end bert -->", lines)

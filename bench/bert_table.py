@@ -11,6 +11,8 @@ import statistics
 import sys
 from collections import defaultdict
 
+from section import replace_section
+
 out, results = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
 MODULES = ["query", "key", "value", "attention.output", "intermediate", "output"]
 runs = defaultdict(dict)  # (config, method) -> seed -> measures
@@ -95,10 +97,4 @@ for key in sorted(runs, key=order):
     cells = [f"{statistics.fmean(r['modules'].get(m, 0.0) for r in v):.2f}" for m in MODULES]
     lines.append(f"| {key[0]} | {key[1]} | " + " | ".join(cells) + " |")
 lines.append("<!-- end bert -->")
-section = "\n".join(lines) + "\n"
-text = results.read_text()
-if "<!-- bert -->" in text:
-    text = re.sub(r"<!-- bert -->.*?<!-- end bert -->\n?", lambda _: section, text, flags=re.S)
-else:
-    text = text.rstrip("\n") + "\n\n" + section
-results.write_text(text)
+replace_section(results, "<!-- bert -->", "<!-- end bert -->", lines)

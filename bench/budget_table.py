@@ -13,6 +13,8 @@ import statistics
 import sys
 from collections import defaultdict
 
+from section import replace_section
+
 out, results = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
 ablation = pathlib.Path(sys.argv[3] if len(sys.argv) > 3 else "results/ablation")
 fp = {ds: json.loads((out / f"fp.{ds}.json").read_text())["ppl"] for ds in ("wikitext2", "ptb")}
@@ -257,11 +259,4 @@ if pictures:
               + ", ".join(f"[{p.stem.removeprefix('allocation-')}]({p})" for p in pictures) + "."]
 lines.append("<!-- end budget -->")
 
-text = results.read_text()
-section = "\n".join(lines)
-if "<!-- budget -->" in text:
-    text = re.sub(r"<!-- budget -->.*<!-- end budget -->", lambda _: section, text, flags=re.S)
-else:
-    text = text.rstrip("\n") + "\n\n" + section + "\n"
-results.write_text(text)
-print(section)
+print(replace_section(results, "<!-- budget -->", "<!-- end budget -->", lines))

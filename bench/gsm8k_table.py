@@ -6,8 +6,9 @@ The section between `<!-- gsm8k -->` and `<!-- end gsm8k -->` is replaced (appen
 time). Rows whose JSON is missing are left out and named at the end."""
 import json
 import pathlib
-import re
 import sys
+
+from section import replace_section
 
 out, results = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
 missing = []
@@ -129,11 +130,4 @@ for label, m, h, g in rows:
 if missing:
     lines += ["", "Not measured yet (no JSON in the run directory): " + ", ".join(sorted(set(missing))) + "."]
 lines.append("<!-- end gsm8k -->")
-section = "\n".join(lines) + "\n"
-text = results.read_text()
-if "<!-- gsm8k -->" in text:
-    text = re.sub(r"<!-- gsm8k -->.*?<!-- end gsm8k -->\n", lambda _: section, text, flags=re.S)
-else:
-    text = text.rstrip("\n") + "\n\n" + section
-results.write_text(text)
-print(section)
+print(replace_section(results, "<!-- gsm8k -->", "<!-- end gsm8k -->", lines))

@@ -7,8 +7,9 @@ Usage: bench/serve_table.py RESULTS_DIR BENCHMARKS.md"""
 import glob
 import json
 import os
-import re
 import sys
+
+from section import replace_section
 
 res_dir, md = sys.argv[1], sys.argv[2]
 runs = {}
@@ -63,11 +64,4 @@ if "adadim" in runs and "llama-server" in runs:
         + "."
     )
 out.append("<!-- end serve -->")
-section = "\n".join(out)
-text = open(md).read() if os.path.exists(md) else ""
-if "<!-- begin serve -->" in text:
-    text = re.sub(r"<!-- begin serve -->.*?<!-- end serve -->", lambda _: section, text, flags=re.S)
-else:
-    text = text.rstrip() + "\n\n" + section + "\n"
-open(md, "w").write(text)
-print(section)
+print(replace_section(md, "<!-- begin serve -->", "<!-- end serve -->", out))
