@@ -5,7 +5,8 @@
 # tokens: 1,000 queries against 8,000; the split has 9,493 such sentences), then tabulated into RESULTS.md's BERT section
 # (bench/bert_table.py).
 # Usage: ADADIM_DATA=../shared/data bench/bert.sh
-# Knobs (env): CONFIGS ("8:128 4:128 4:64 3:128 3:64"), METHODS (below), SEEDS ("0 1 2"),
+# Knobs (env): CONFIGS ("8:128 4:128 4:64 3:128 3:64"), METHODS (below; a `-qep` suffix adds
+# `--qep QEP`, e.g. gptq-ada-qep), QEP (0.5), SEEDS ("0 1 2"),
 # NSAMPLES (128), CALIB_SEQLEN (256), QUERIES (1000), CORPUS (8000), OUT (results/bert),
 # ADADIM_BIN and ADADIM_COMMIT (the commit that binary was built from, recorded per run).
 # Finished runs in OUT are reused; quantized models are deleted once evaluated.
@@ -15,20 +16,21 @@ export ADADIM_DATA="${ADADIM_DATA:-$(cd .. && pwd)/shared/data}"
 CONFIGS="${CONFIGS:-8:128 4:128 4:64 3:128 3:64}"; SEEDS="${SEEDS:-0 1 2}"
 METHODS="${METHODS:-rtn-oc rtn-ic rtn-ada gptq-oc gptq-ic gptq-ada}"
 NSAMPLES="${NSAMPLES:-128}"; CALIB_SEQLEN="${CALIB_SEQLEN:-256}"
-QUERIES="${QUERIES:-1000}"; CORPUS="${CORPUS:-8000}"; OUT="${OUT:-results/bert}"
+QUERIES="${QUERIES:-1000}"; CORPUS="${CORPUS:-8000}"; OUT="${OUT:-results/bert}"; QEP="${QEP:-0.5}"
 if [ -n "${ADADIM_BIN:-}" ]; then A="$ADADIM_BIN"; else cargo build --release -p adadim; A=./target/release/adadim; fi
 mkdir -p "$OUT"
 for cfg in $CONFIGS; do
   bits=${cfg%%:*}; group=${cfg##*:}
   for m in $METHODS; do
-    seeds=$SEEDS
+    seeds=$SEEDS; base=${m%-qep}; extra=()
     case $m in rtn-oc|rtn-ic) seeds=0 ;; esac
+    [ "$base" != "$m" ] && extra=(--qep "$QEP")
     for seed in $seeds; do
       run="$OUT/w${bits}g${group}-$m-s$seed"
       [ -f "$run.embed.json" ] && continue
-      [ -d "$run" ] || $A quantize --model minilm --method "${m%%-*}" --dim "${m##*-}" --bits "$bits" \
+      [ -d "$run" ] || $A quantize --model minilm --method "${base%%-*}" --dim "${base##*-}" --bits "$bits" \
         --group "$group" --seed "$seed" --nsamples "$NSAMPLES" --calib-seqlen "$CALIB_SEQLEN" \
-        --out "$run" --json > "$run.quantize.json"
+        "${extra[@]}" --out "$run" --json > "$run.quantize.json"
       cp "$run/report.json" "$run.report.json"
       echo "${ADADIM_COMMIT:-$(git rev-parse --short HEAD)}" > "$run.commit"
       $A eval embed --model "$run" --queries "$QUERIES" --corpus "$CORPUS" --json > "$run.embed.json.tmp"

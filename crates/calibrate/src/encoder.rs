@@ -4,14 +4,15 @@
 //! on the Hessian of its inputs in the model quantized so far (true-sequential:
 //! query/key/value -> attention output -> intermediate -> output), over batches of calibration
 //! samples with padding left out. The linears take the decoder's names for `--ic-modules`:
-//! q, k, v, o (attention output), up (intermediate), down (output).
+//! q, k, v, o (attention output), up (intermediate), down (output). `--qep` runs the float
+//! model's stream beside it and corrects each linear for the drift of its inputs.
 
 use std::path::Path;
 use std::time::Instant;
 
 use adadim_load::safetensors_out::DenseDtype;
 use adadim_model::{Bert, LinearKind, Padded, Weight};
-use adadim_quantize::{Hessian, QuantizedMatrix};
+use adadim_quantize::{Correction, Drift, Hessian, QuantizedMatrix};
 use candle_core::Tensor;
 
 use crate::driver::{tensor_err, to_vec, AdaError, LinearReport, QuantizeConfig, Timings};
@@ -42,10 +43,17 @@ pub struct EncoderRun {
 fn check(cfg: &QuantizeConfig) -> Result<()> {
     let refuse = |what: &str| Err(CalibError::Invalid(format!("{what} is not available for BERT models")));
     if cfg.awq {
-        return refuse("--awq (its folds are written for the decoder's RMSNorm and v / up rows)");
+        // AWQ scales a linear's inputs and folds the inverse into what produces them; a post-LN
+        // BERT's LayerNorm output feeds the residual as well as query/key/value and intermediate.
+        return refuse(
+            "--awq (its input scales fold into what produces the inputs; in a post-LN BERT the LayerNorm before \
+             query/key/value and intermediate also feeds the residual stream, so only value -> attention output could fold)",
+        );
     }
-    if cfg.qep.is_some() {
-        return refuse("--qep");
+    if let Some(alpha) = cfg.qep {
+        if !(0.0..=1.0).contains(&alpha) {
+            return Err(CalibError::Invalid(format!("--qep {alpha}: alpha must lie in [0, 1]")));
+        }
     }
     if cfg.budget.is_some() {
         return refuse("--bpw (its damage table runs the decoder)");
@@ -75,64 +83,87 @@ pub fn quantize_encoder(
     let mut streams: Vec<(Padded, Tensor)> =
         samples.chunks(batch).map(|b| bert.start(b)).collect::<std::result::Result<_, _>>()?;
     times.forward_s += t0.elapsed().as_secs_f64();
-    let (mut quantized, mut reports) = (Vec::new(), Vec::new());
+    // `--qep`: the float model beside the one being quantized (a copy of its handles: quantizing
+    // replaces a linear's weight tensor, never writes into it) and its stream.
+    let mut float = cfg.qep.map(|alpha| FloatSide {
+        alpha,
+        percdamp: cfg.gptq.percdamp,
+        bert: bert.clone(),
+        xs: streams.iter().map(|(_, x)| x.clone()).collect(),
+    });
+    let mut acc = Acc { cfg, quantized: Vec::new(), reports: Vec::new(), times };
     let layers = bert.layers.len();
     for i in 0..layers {
-        let ctx = |what: &str| format!("encoder layer {i}: {what}");
+        let n = streams.len();
+        let run = |times: &mut Timings, what: &str, f: &dyn Fn(usize) -> candle_core::Result<Tensor>| {
+            each_batch(n, times, &format!("encoder layer {i}: {what}"), f)
+        };
         // q, k, v on the layer's input.
-        let h = hessian(&streams, (i, LINEARS[0].0), |_, x| Ok(x.clone()), &mut times)?;
-        for &(name, kind) in &LINEARS[..3] {
-            quantize_one(bert, i, name, kind, &h, cfg, &mut quantized, &mut reports, &mut times)?;
-        }
+        let inputs: Vec<Tensor> = streams.iter().map(|(_, x)| x.clone()).collect();
+        let fl = float.as_ref().map(|f| (f, &f.xs[..]));
+        acc.stage(bert, i, &LINEARS[..3], &streams, &inputs, fl)?;
+        drop(inputs);
         // The attention output linear on the attention of the quantized q, k, v.
-        let t = Instant::now();
-        let attn: Vec<Tensor> = streams
-            .iter()
-            .map(|(p, x)| bert.attention(i, p, x).map_err(|e| tensor_err(ctx("attention"), e)))
-            .collect::<Result<_>>()?;
-        times.forward_s += t.elapsed().as_secs_f64();
-        let h = hessian(&streams, (i, LINEARS[3].0), |k, _| Ok(attn[k].clone()), &mut times)?;
-        quantize_one(bert, i, LINEARS[3].0, LINEARS[3].1, &h, cfg, &mut quantized, &mut reports, &mut times)?;
-        let t = Instant::now();
-        for ((_, x), a) in streams.iter_mut().zip(&attn) {
-            *x = bert.attn_residual(i, x, a).map_err(|e| tensor_err(ctx("attention residual"), e))?;
+        let attn = run(&mut acc.times, "attention", &|k| bert.attention(i, &streams[k].0, &streams[k].1))?;
+        let fa = match &float {
+            Some(f) => Some(run(&mut acc.times, "float attention", &|k| f.bert.attention(i, &streams[k].0, &f.xs[k]))?),
+            None => None,
+        };
+        acc.stage(bert, i, &LINEARS[3..4], &streams, &attn, float.as_ref().zip(fa.as_deref()))?;
+        if let (Some(f), Some(fa)) = (&mut float, &fa) {
+            let fb = &f.bert;
+            f.xs = run(&mut acc.times, "float attention residual", &|k| fb.attn_residual(i, &f.xs[k], &fa[k]))?;
         }
+        let next = run(&mut acc.times, "attention residual", &|k| bert.attn_residual(i, &streams[k].1, &attn[k]))?;
         drop(attn);
-        times.forward_s += t.elapsed().as_secs_f64();
+        streams.iter_mut().zip(next).for_each(|((_, x), n)| *x = n);
         // intermediate on the stream after attention; output on gelu(intermediate).
-        let h = hessian(&streams, (i, LINEARS[4].0), |_, x| Ok(x.clone()), &mut times)?;
-        quantize_one(bert, i, LINEARS[4].0, LINEARS[4].1, &h, cfg, &mut quantized, &mut reports, &mut times)?;
-        let t = Instant::now();
-        let hidden: Vec<Tensor> = streams
-            .iter()
-            .map(|(_, x)| bert.ffn_hidden(i, x).map_err(|e| tensor_err(ctx("feed-forward"), e)))
-            .collect::<Result<_>>()?;
-        times.forward_s += t.elapsed().as_secs_f64();
-        let h = hessian(&streams, (i, LINEARS[5].0), |k, _| Ok(hidden[k].clone()), &mut times)?;
-        quantize_one(bert, i, LINEARS[5].0, LINEARS[5].1, &h, cfg, &mut quantized, &mut reports, &mut times)?;
-        let t = Instant::now();
-        for ((_, x), f) in streams.iter_mut().zip(&hidden) {
-            *x = bert.ffn_residual(i, x, f).map_err(|e| tensor_err(ctx("feed-forward residual"), e))?;
+        let inputs: Vec<Tensor> = streams.iter().map(|(_, x)| x.clone()).collect();
+        let fl = float.as_ref().map(|f| (f, &f.xs[..]));
+        acc.stage(bert, i, &LINEARS[4..5], &streams, &inputs, fl)?;
+        drop(inputs);
+        let hidden = run(&mut acc.times, "feed-forward", &|k| bert.ffn_hidden(i, &streams[k].1))?;
+        let fh = match &float {
+            Some(f) => Some(run(&mut acc.times, "float feed-forward", &|k| f.bert.ffn_hidden(i, &f.xs[k]))?),
+            None => None,
+        };
+        acc.stage(bert, i, &LINEARS[5..], &streams, &hidden, float.as_ref().zip(fh.as_deref()))?;
+        if let (Some(f), Some(fh)) = (&mut float, &fh) {
+            let fb = &f.bert;
+            f.xs = run(&mut acc.times, "float feed-forward residual", &|k| fb.ffn_residual(i, &f.xs[k], &fh[k]))?;
         }
-        times.forward_s += t.elapsed().as_secs_f64();
+        let next = run(&mut acc.times, "feed-forward residual", &|k| bert.ffn_residual(i, &streams[k].1, &hidden[k]))?;
+        streams.iter_mut().zip(next).for_each(|((_, x), n)| *x = n);
         progress(i + 1, layers);
     }
-    Ok(EncoderRun { quantized, linears: reports, timings: times })
+    Ok(EncoderRun { quantized: acc.quantized, linears: acc.reports, timings: acc.times })
 }
 
-/// The Hessian of the inputs `input(k, x_k)` of layer `layer`'s linear `module` (and any that
-/// share them) over every batch, real tokens only.
+/// `f(k)` for each of the `n` calibration batches (timed as forward passes).
+fn each_batch(
+    n: usize,
+    times: &mut Timings,
+    what: &str,
+    f: &dyn Fn(usize) -> candle_core::Result<Tensor>,
+) -> Result<Vec<Tensor>> {
+    let t = Instant::now();
+    let out = (0..n).map(|k| f(k).map_err(|e| tensor_err(what.to_string(), e))).collect();
+    times.forward_s += t.elapsed().as_secs_f64();
+    out
+}
+
+/// The Hessian of `inputs` (one tensor per batch of `streams`) of layer `layer`'s linear
+/// `module` (and any that share them), real tokens only.
 fn hessian(
     streams: &[(Padded, Tensor)],
     (layer, module): (usize, &str),
-    input: impl Fn(usize, &Tensor) -> Result<Tensor>,
+    inputs: &[Tensor],
     times: &mut Timings,
 ) -> Result<Hessian> {
     let t = Instant::now();
     let mut h: Option<Hessian> = None;
-    for (k, (p, x)) in streams.iter().enumerate() {
-        let y = input(k, x)?;
-        let y = p.real_rows(&y).map_err(|e| tensor_err("calibration tokens".into(), e))?;
+    for ((p, _), y) in streams.iter().zip(inputs) {
+        let y = p.real_rows(y).map_err(|e| tensor_err("calibration tokens".into(), e))?;
         let h = h.get_or_insert_with(|| Hessian::new(y.dims()[1]));
         h.add_batch(&to_vec(&y)?).map_err(|source| CalibError::Quantize {
             layer,
@@ -144,38 +175,110 @@ fn hessian(
     h.ok_or_else(|| CalibError::Invalid("no calibration batches".into()))
 }
 
-/// Quantizes linear `name` of layer `i` and puts its dequantized weights into `bert`.
-#[allow(clippy::too_many_arguments)]
-fn quantize_one(
-    bert: &mut Bert,
-    i: usize,
-    name: &'static str,
-    kind: LinearKind,
-    h: &Hessian,
-    cfg: &QuantizeConfig,
-    quantized: &mut Vec<(String, QuantizedMatrix)>,
-    reports: &mut Vec<LinearReport>,
-    times: &mut Timings,
-) -> Result<()> {
-    let full = format!("encoder.layer.{i}.{name}");
-    let linear = linear_mut(bert, i, name);
-    let Weight::Dense(w) = &linear.weight else {
-        return Err(CalibError::Invalid(format!("{full}: already quantized (quantize the float model)")));
-    };
-    let (rows, cols) = w.dims2().map_err(|e| tensor_err(full.clone(), e))?;
-    let w = to_vec(w)?;
-    let (q, mut report) = cfg.quantize_linear(i, kind, &w, rows, cols, Some(h)).map_err(|e| match e {
-        CalibError::Quantize { source, .. } => CalibError::Quantize { layer: i, module: name.into(), source },
-        e => e,
-    })?;
-    report.module = name;
-    times.add_linear(&report);
-    let deq = Tensor::from_vec(q.dequantize(), (rows, cols), &candle_core::Device::Cpu)
-        .map_err(|e| tensor_err(full.clone(), e))?;
-    linear_mut(bert, i, name).weight = Weight::Dense(deq);
-    quantized.push((full, q));
-    reports.push(report);
-    Ok(())
+/// `--qep`: the float model and its stream (one `[tokens, hidden]` per batch), moved on through
+/// each layer with the float weights.
+struct FloatSide {
+    alpha: f64,
+    percdamp: f64,
+    bert: Bert,
+    xs: Vec<Tensor>,
+}
+
+impl FloatSide {
+    /// The correction of a linear whose inputs are `float` in the float model and `quantized`
+    /// in the model quantized so far (per batch; real tokens only), against its Hessian `h`.
+    fn correction(
+        &self,
+        streams: &[(Padded, Tensor)],
+        (layer, module): (usize, &str),
+        h: &Hessian,
+        float: &[Tensor],
+        quantized: &[Tensor],
+        times: &mut Timings,
+    ) -> Result<Correction> {
+        let t = Instant::now();
+        let err = |what: &str| {
+            let module = format!("{module} {what}");
+            move |source| CalibError::Quantize { layer, module, source }
+        };
+        let mut d = Drift::new(h.dim());
+        for ((p, _), (f, q)) in streams.iter().zip(float.iter().zip(quantized)) {
+            let real = |x: &Tensor| p.real_rows(x).map_err(|e| tensor_err("calibration tokens".into(), e));
+            d.add_batch(&to_vec(&real(f)?)?, &to_vec(&real(q)?)?).map_err(err("inputs"))?;
+        }
+        let c = Correction::new(h, &d, self.alpha, self.percdamp).map_err(err("(error propagation)"));
+        times.hessian_s += t.elapsed().as_secs_f64();
+        c
+    }
+}
+
+/// What the layers' quantization collects: the matrices, their reports and the time.
+struct Acc<'a> {
+    cfg: &'a QuantizeConfig,
+    quantized: Vec<(String, QuantizedMatrix)>,
+    reports: Vec<LinearReport>,
+    times: Timings,
+}
+
+impl Acc<'_> {
+    /// One stage of layer `i`: the Hessian of `inputs` (per batch of `streams`), `--qep`'s
+    /// correction against the float stream's inputs of the stage, then each of `linears`.
+    fn stage(
+        &mut self,
+        bert: &mut Bert,
+        i: usize,
+        linears: &[(&'static str, LinearKind)],
+        streams: &[(Padded, Tensor)],
+        inputs: &[Tensor],
+        float: Option<(&FloatSide, &[Tensor])>,
+    ) -> Result<()> {
+        let h = hessian(streams, (i, linears[0].0), inputs, &mut self.times)?;
+        let corr = match float {
+            Some((f, fx)) => Some(f.correction(streams, (i, linears[0].0), &h, fx, inputs, &mut self.times)?),
+            None => None,
+        };
+        for &(name, kind) in linears {
+            self.quantize_one(bert, i, name, kind, &h, corr.as_ref())?;
+        }
+        Ok(())
+    }
+
+    /// Quantizes linear `name` of layer `i` (its float weights first corrected by `--qep`'s
+    /// `correction`) and puts its dequantized weights into `bert`.
+    fn quantize_one(
+        &mut self,
+        bert: &mut Bert,
+        i: usize,
+        name: &'static str,
+        kind: LinearKind,
+        h: &Hessian,
+        correction: Option<&Correction>,
+    ) -> Result<()> {
+        let full = format!("encoder.layer.{i}.{name}");
+        let linear = linear_mut(bert, i, name);
+        let Weight::Dense(w) = &linear.weight else {
+            return Err(CalibError::Invalid(format!("{full}: already quantized (quantize the float model)")));
+        };
+        let (rows, cols) = w.dims2().map_err(|e| tensor_err(full.clone(), e))?;
+        let w = to_vec(w)?;
+        let err = |source| CalibError::Quantize { layer: i, module: name.into(), source };
+        let w = match correction {
+            Some(c) => c.apply(&w, rows).map_err(err)?,
+            None => w,
+        };
+        let (q, mut report) = self.cfg.quantize_linear(i, kind, &w, rows, cols, Some(h)).map_err(|e| match e {
+            CalibError::Quantize { source, .. } => err(source),
+            e => e,
+        })?;
+        report.module = name;
+        self.times.add_linear(&report);
+        let deq = Tensor::from_vec(q.dequantize(), (rows, cols), &candle_core::Device::Cpu)
+            .map_err(|e| tensor_err(full.clone(), e))?;
+        linear_mut(bert, i, name).weight = Weight::Dense(deq);
+        self.quantized.push((full, q));
+        self.reports.push(report);
+        Ok(())
+    }
 }
 
 fn linear_mut<'a>(bert: &'a mut Bert, i: usize, name: &str) -> &'a mut adadim_model::Linear {

@@ -77,6 +77,17 @@ fn a_quantized_minilm_is_a_sentence_transformers_directory_that_embeds() {
     assert_eq!(linears.len(), 36);
     assert!(linears.iter().any(|l| l["module"] == "intermediate.dense"), "{}", linears[4]);
     assert!(linears.iter().all(|l| l["final_error"].as_f64().is_some()));
+    // --qep: 0 is the plain run to the byte; 0.5 quantizes weights corrected for the drift of
+    // their inputs (a different model, still close to the float one).
+    let (code, se, qep0) = quantize("w4-qep0", &[&args[..], &["--format", "f32", "--qep", "0"]].concat());
+    assert_eq!(code, 0, "{se}");
+    let bytes = |dir: &Path| std::fs::read(dir.join("model.safetensors")).unwrap();
+    assert!(bytes(&qep0) == bytes(&f32_dir), "--qep 0 changed the weights");
+    let (code, se, qep) = quantize("w4-qep", &[&args[..], &["--format", "f32", "--qep", "0.5"]].concat());
+    assert_eq!(code, 0, "{se}");
+    assert!(bytes(&qep) != bytes(&f32_dir), "--qep 0.5 left the weights as they were");
+    let c = min_cosine(&embeddings(&qep, &input), &want);
+    assert!(c > 0.9, "w4 --qep 0.5 vs float: cosine {c}");
     // The report reads an encoder run: its per-OC / per-IC errors and the float model's outliers.
     let (code, so, se) = adadim(&["report", packed.to_str().unwrap()]);
     assert_eq!(code, 0, "{se}");
@@ -86,13 +97,14 @@ fn a_quantized_minilm_is_a_sentence_transformers_directory_that_embeds() {
     assert!(page.lines().filter(|l| l.starts_with("| 5 | ")).count() == 3, "3 dimensions of layer 5: {page}");
     // Refused: decoder-only options, and the GPTQ export; nothing is left behind.
     for (name, extra, why) in [
-        ("awq", &["--awq"][..], "--awq"),
-        ("bpw", &["--bpw", "4"][..], "--bpw"),
-        ("gptq", &["--dim", "oc", "--format", "gptq"][..], "--format gptq"),
+        ("awq", &["--awq"][..], &["--awq", "BERT"][..]),
+        ("bpw", &["--bpw", "4"][..], &["--bpw", "BERT"][..]),
+        ("gptq", &["--dim", "oc", "--format", "gptq"][..], &["--format gptq", "BERT"][..]),
+        ("qep-alpha", &["--qep", "2"][..], &["--qep 2: alpha must lie in [0, 1]"][..]),
     ] {
         let (code, se, out) = quantize(name, extra);
         assert_eq!(code, 1, "{name}: {se}");
-        assert!(se.contains(why) && se.contains("BERT"), "{name}: {se}");
+        assert!(why.iter().all(|w| se.contains(w)), "{name}: {se}");
         assert!(!out.exists(), "{name}: {} left", out.display());
     }
     let left: Vec<_> = std::fs::read_dir(d.path())

@@ -94,7 +94,7 @@ impl BertConfig {
 }
 
 /// One post-LN encoder layer.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct BertLayer {
     pub query: Linear,
     pub key: Linear,
@@ -107,7 +107,7 @@ pub struct BertLayer {
 }
 
 /// The encoder with its pooling.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Bert {
     pub config: BertConfig,
     word: Tensor,
