@@ -17,28 +17,33 @@ out, results = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
 MODULES = ["query", "key", "value", "attention.output", "intermediate", "output"]
 runs = defaultdict(dict)  # (config, method) -> seed -> measures
 for f in sorted(out.glob("*-s[0-9]*.embed.json")):
-    m = re.match(r"(w\d+g\d+)-(.+)-s(\d+)\.embed\.json$", f.name)
+    m = re.match(r"(w\d+g\d+|bpw[\d.]+)-(.+)-s(\d+)\.embed\.json$", f.name)
     if not m:
         continue
     cfg, method, seed = m.group(1), m.group(2), int(m.group(3))
     e = json.loads(f.read_text())
     report = json.loads((out / f"{f.name[: -len('.embed.json')]}.report.json").read_text())
     spec = report["summary"]["settings"]["spec"]
-    bits, g = spec["bits"], spec["group"]
     stored = weights = 0  # as the packed file stores them: codes, f16 scales, packed zeros
     modules = defaultdict(list)
+    bits_of = defaultdict(list)
     for lin in report["linears"]:
         rows, cols = lin["rows"], lin["cols"]
+        # A --bpw run's linear has its own layout; a uniform run's take the settings'.
+        lay = lin.get("layout") or {}
+        bits, g = lay.get("bits", spec["bits"]), lay.get("group", spec["group"])
         along = cols if lin["axis"] == "oc" else rows
         groups = (rows * cols // along) * -(-along // (g or along))
         stored += bits * rows * cols + groups * (16 + bits)
         weights += rows * cols
+        bits_of[lin["module"].replace("attention.self.", "").replace(".dense", "")].append(bits)
         name = lin["module"].replace("attention.self.", "").replace(".dense", "")
         modules[name].append(lin["axis"] == "ic")
     runs[(cfg, method)][seed] = {
         "cos": e["mean_cosine"], "p5": e["p5_cosine"], "r1": e["recall_at_1"], "r10": e["recall_at_10"],
         "bpw": stored / weights, "modules": {k: sum(v) / len(v) for k, v in modules.items()},
         "per_ic": report["summary"]["per_ic"] / report["summary"]["linears"],
+        "bits": {k: statistics.fmean(v) for k, v in bits_of.items()},
         "queries": e["queries"], "corpus": e["corpus"],
     }
 
@@ -52,8 +57,11 @@ def stat(values, digits):
 
 def order(key):
     cfg, method = key
-    b, g = map(int, re.match(r"w(\d+)g(\d+)", cfg).groups())
-    return (-b, -g, method)
+    m = re.match(r"w(\d+)g(\d+)", cfg)
+    if m:
+        b, g = map(int, m.groups())
+        return (-b, -g, method)
+    return (-float(cfg[3:]), 0, method)  # --bpw runs beside the uniform widths
 
 
 commits = sorted({f.read_text().strip() for f in out.glob("*.commit")})
@@ -96,5 +104,20 @@ for key in sorted(runs, key=order):
     v = list(runs[key].values())
     cells = [f"{statistics.fmean(r['modules'].get(m, 0.0) for r in v):.2f}" for m in MODULES]
     lines.append(f"| {key[0]} | {key[1]} | " + " | ".join(cells) + " |")
+budgets = [k for k in sorted(runs, key=order) if k[0].startswith("bpw")]
+if budgets:
+    lines += [
+        "",
+        "`--bpw` runs (config `bpwB`: GPTQ-ada with each linear's bits, group and axis chosen under B bits per weight from the float "
+        "encoder's damage table, a linear's sensitivity measured as how far the pooled embeddings move): mean bits per module "
+        "(over layers and seeds).",
+        "",
+        "| config | method | " + " | ".join(MODULES) + " |",
+        "|---|---|" + "---|" * len(MODULES),
+    ]
+    for key in budgets:
+        v = list(runs[key].values())
+        cells = [f"{statistics.fmean(r['bits'].get(m, 0.0) for r in v):.2f}" for m in MODULES]
+        lines.append(f"| {key[0]} | {key[1]} | " + " | ".join(cells) + " |")
 lines.append("<!-- end bert -->")
 replace_section(results, "<!-- bert -->", "<!-- end bert -->", lines)

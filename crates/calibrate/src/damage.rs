@@ -206,15 +206,17 @@ pub struct AllocationSummary {
     pub table_s: f64,
 }
 
-/// Each report gets its linear's candidates (with their damage) and the layout chosen.
+/// Each report gets its linear's candidates (with their damage) and the layout chosen
+/// (`short_of`: a report's module as the table names it, `q` .. `down`).
 pub fn annotate(
     reports: &mut [LinearReport],
     table: &DamageTable,
     budget: &Budget,
     layouts: &BTreeMap<(usize, &'static str), QuantSpec>,
+    short_of: &dyn Fn(&str) -> Option<&'static str>,
 ) -> Result<()> {
     for r in reports {
-        let short = LinearKind::from_module(r.module).map(|k| k.short()).unwrap_or_default();
+        let short = short_of(r.module).unwrap_or_default();
         let l = table.linears.iter().find(|l| l.layer == r.layer && l.module == short);
         let (Some(l), Some(spec)) = (l, layouts.get(&(r.layer, short))) else {
             return Err(CalibError::Invalid(format!("layer {} {}: not in the damage table", r.layer, r.module)));
@@ -341,7 +343,7 @@ pub fn measure(
                 LinearKind::Gate | LinearKind::Up => (&h_gu, mlp_stream),
                 LinearKind::Down => (&h_down, mlp_stream),
             };
-            linears.push(candidates(ckpt, layer, kind, h, stream, &specs, search, permuted)?);
+            linears.push(candidates(ckpt, (layer, kind), h, stream, Layouts { specs: &specs, search, permuted })?);
         }
         xs = next;
         progress(layer + 1, c.num_hidden_layers);
@@ -415,7 +417,7 @@ fn sensitivities(ckpt: &Checkpoint, samples: &[Vec<u32>], linears: &mut [LinearD
             .ok_or_else(|| CalibError::Invalid(format!("damage table: unknown module '{}'", l.module)))?;
         let name = format!("model.layers.{}.{}.weight", l.layer, kind.module());
         let w = ckpt.tensor_f32(&name)?;
-        let sigma = (PERTURBATION * l.output_energy / l.input_energy.max(f64::MIN_POSITIVE)).sqrt() as f32;
+        let (sigma, moved_energy) = perturbation(l);
         let mut rng = adadim_load::synth::Rng::new(0x5E45_0000 + i as u64);
         let moved: Vec<f32> = w.iter().zip(rng.normals(w.len(), sigma)).map(|(w, n)| w + n).collect();
         let moved = Tensor::from_vec(moved, (l.rows, l.cols), &candle_core::Device::Cpu).map_err(err("weight"))?;
@@ -431,47 +433,72 @@ fn sensitivities(ckpt: &Checkpoint, samples: &[Vec<u32>], linears: &mut [LinearD
         }
         model.blocks[l.layer].linear_mut(kind).weight = original;
         let tokens: usize = samples.iter().map(|s| s.len()).sum();
-        let moved_energy = PERTURBATION * l.output_energy * l.rows as f64;
         l.sensitivity = if moved_energy > 0.0 { sum / tokens.max(1) as f64 / moved_energy } else { 0.0 };
     }
     Ok(())
 }
 
-/// Every layout of `specs` for one linear, fitted by RTN and measured on `h`.
-#[allow(clippy::too_many_arguments)]
+/// The layouts a table measures: each spec, fitted with `search`; per-OC ones store a column
+/// permutation when `permuted` (act-order GPTQ).
+#[derive(Clone, Copy)]
+pub(crate) struct Layouts<'a> {
+    pub specs: &'a [QuantSpec],
+    pub search: ScaleSearch,
+    pub permuted: bool,
+}
+
+/// Every layout of `layouts` for one linear, fitted by RTN and measured on `h`.
 fn candidates(
     ckpt: &Checkpoint,
-    layer: usize,
-    kind: LinearKind,
+    (layer, kind): (usize, LinearKind),
     h: &Hessian,
     stream: f64,
-    specs: &[QuantSpec],
-    search: ScaleSearch,
-    permuted: bool,
+    layouts: Layouts<'_>,
 ) -> Result<LinearDamage> {
-    let qerr = |source| CalibError::Quantize { layer, module: kind.module().to_string(), source };
     let name = format!("model.layers.{layer}.{}.weight", kind.module());
     let w = ckpt.tensor_f32(&name)?;
     let (rows, cols) = match ckpt.entry(&name)?.shape[..] {
         [r, c] if r * c == w.len() => (r, c),
         ref s => return Err(CalibError::Invalid(format!("{name}: shape {s:?} is not a matrix"))),
     };
+    let at = Site { layer, kind, module: kind.module() };
+    candidates_of(&w, (rows, cols), at, h, stream, layouts)
+}
+
+/// Where a linear sits: its block, the kind whose settings it takes, its name there (errors).
+#[derive(Clone, Copy)]
+pub(crate) struct Site<'a> {
+    pub layer: usize,
+    pub kind: LinearKind,
+    pub module: &'a str,
+}
+
+/// [`candidates`] of the `[rows, cols]` weights `w`.
+pub(crate) fn candidates_of(
+    w: &[f32],
+    (rows, cols): (usize, usize),
+    at: Site<'_>,
+    h: &Hessian,
+    stream: f64,
+    Layouts { specs, search, permuted }: Layouts<'_>,
+) -> Result<LinearDamage> {
+    let qerr = |source| CalibError::Quantize { layer: at.layer, module: at.module.to_string(), source };
     let diag = h.diag();
     let fitter = Fitter::new(search, (!search.is_minmax()).then_some(diag.as_slice()));
     let zeros = vec![0f32; w.len()];
-    let output_energy = output_error_from_hessian(&w, &zeros, rows, cols, h).map_err(qerr)?;
+    let output_energy = output_error_from_hessian(w, &zeros, rows, cols, h).map_err(qerr)?;
     let mut out = Vec::with_capacity(specs.len());
     for spec in specs {
         // 8-bit steps are fine enough that the search gains nothing worth its time here.
         let fitter = if spec.bits == 8 { Fitter::MINMAX } else { fitter };
-        let q = rtn_fitted(&w, rows, cols, spec, &fitter).map_err(qerr)?;
-        let error = output_error_from_hessian(&w, &q.dequantize(), rows, cols, h).map_err(qerr)?;
+        let q = rtn_fitted(w, rows, cols, spec, &fitter).map_err(qerr)?;
+        let error = output_error_from_hessian(w, &q.dequantize(), rows, cols, h).map_err(qerr)?;
         let (group, bytes) = layout_bytes(rows, cols, spec, permuted);
         out.push(Candidate { bits: spec.bits, group, axis: spec.axis, min: spec.zero == Zero::Float, bytes, error });
     }
     Ok(LinearDamage {
-        layer,
-        module: kind.short().to_string(),
+        layer: at.layer,
+        module: at.kind.short().to_string(),
         rows,
         cols,
         output_energy,
@@ -480,6 +507,13 @@ fn candidates(
         sensitivity: 0.0,
         candidates: out,
     })
+}
+
+/// The standard deviation of the seeded noise that moves linear `l`'s output by
+/// [`PERTURBATION`] of its energy, and that noise's expected output error energy per token.
+pub(crate) fn perturbation(l: &LinearDamage) -> (f32, f64) {
+    let sigma = (PERTURBATION * l.output_energy / l.input_energy.max(f64::MIN_POSITIVE)).sqrt() as f32;
+    (sigma, PERTURBATION * l.output_energy * l.rows as f64)
 }
 
 /// Whether per-OC layouts store a column permutation under `cfg` (dynamic act-order GPTQ).

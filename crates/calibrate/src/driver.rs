@@ -900,7 +900,9 @@ fn run(
     times.io_s += io.elapsed().as_secs_f64();
     let allocation = match (&table, &cfg.budget) {
         (Some((table, plan)), Some(budget)) => {
-            crate::damage::annotate(&mut reports, table, budget, &cfg.layouts)?;
+            crate::damage::annotate(&mut reports, table, budget, &cfg.layouts, &|m| {
+                LinearKind::from_module(m).map(|k| k.short())
+            })?;
             Some(AllocationSummary {
                 bpw: plan.bpw,
                 damage: plan.damage,

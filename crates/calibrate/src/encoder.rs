@@ -5,7 +5,9 @@
 //! query/key/value -> attention output -> intermediate -> output), over batches of calibration
 //! samples with padding left out. The linears take the decoder's names for `--ic-modules`:
 //! q, k, v, o (attention output), up (intermediate), down (output). `--qep` runs the float
-//! model's stream beside it and corrects each linear for the drift of its inputs.
+//! model's stream beside it and corrects each linear for the drift of its inputs; `--bpw`
+//! chooses each linear's layout from the float encoder's damage table
+//! ([`crate::encoder_damage`]).
 
 use std::path::Path;
 use std::time::Instant;
@@ -15,7 +17,8 @@ use adadim_model::{Bert, LinearKind, Padded, Weight};
 use adadim_quantize::{Correction, Drift, Hessian, QuantizedMatrix};
 use candle_core::Tensor;
 
-use crate::driver::{tensor_err, to_vec, AdaError, LinearReport, QuantizeConfig, Timings};
+use crate::damage::AllocationSummary;
+use crate::driver::{tensor_err, to_vec, AdaError, LinearReport, QuantizeConfig, Select, Timings};
 use crate::error::{CalibError, Result};
 use crate::output::{Format, Output, Writer};
 use crate::run_dir::{CalibrationInfo, Report, Summary};
@@ -37,6 +40,8 @@ pub struct EncoderRun {
     pub quantized: Vec<(String, QuantizedMatrix)>,
     pub linears: Vec<LinearReport>,
     pub timings: Timings,
+    /// `--bpw`: what the allocation chose overall.
+    pub allocation: Option<AllocationSummary>,
 }
 
 /// What the encoder path cannot do (yet), refused before any work.
@@ -55,11 +60,17 @@ fn check(cfg: &QuantizeConfig) -> Result<()> {
             return Err(CalibError::Invalid(format!("--qep {alpha}: alpha must lie in [0, 1]")));
         }
     }
-    if cfg.budget.is_some() {
-        return refuse("--bpw (its damage table runs the decoder)");
-    }
     if cfg.ada_error == AdaError::Block {
         return refuse("--ada-error block");
+    }
+    if let Some(b) = &cfg.budget {
+        b.validate()?;
+        if !cfg.ic_modules.is_empty() || cfg.select == Select::Gptq {
+            return Err(CalibError::Invalid(
+                "--bpw chooses each linear's axis from its table: it does not combine with --ic-modules or --select gptq"
+                    .into(),
+            ));
+        }
     }
     Ok(())
 }
@@ -83,6 +94,18 @@ pub fn quantize_encoder(
     let mut streams: Vec<(Padded, Tensor)> =
         samples.chunks(batch).map(|b| bert.start(b)).collect::<std::result::Result<_, _>>()?;
     times.forward_s += t0.elapsed().as_secs_f64();
+    // `--bpw`: the float encoder's damage table, then one layout per linear under the budget.
+    let planned;
+    let (cfg, table) = match &cfg.budget {
+        None => (cfg, None),
+        Some(budget) => {
+            let how = (cfg.spec.zero, cfg.search, crate::damage::permuted(cfg));
+            let table = crate::encoder_damage::measure_encoder(bert, samples, batch, budget, how)?;
+            let plan = crate::damage::plan(&table, budget, cfg.spec.zero)?;
+            planned = QuantizeConfig { layouts: plan.specs.clone(), ..cfg.clone() };
+            (&planned, Some((table, plan, budget)))
+        }
+    };
     // `--qep`: the float model beside the one being quantized (a copy of its handles: quantizing
     // replaces a linear's weight tensor, never writes into it) and its stream.
     let mut float = cfg.qep.map(|alpha| FloatSide {
@@ -136,7 +159,20 @@ pub fn quantize_encoder(
         streams.iter_mut().zip(next).for_each(|((_, x), n)| *x = n);
         progress(i + 1, layers);
     }
-    Ok(EncoderRun { quantized: acc.quantized, linears: acc.reports, timings: acc.times })
+    let allocation = match table {
+        Some((table, plan, budget)) => {
+            let short_of = |m: &str| LINEARS.iter().find(|(n, _)| *n == m).map(|(_, k)| k.short());
+            crate::damage::annotate(&mut acc.reports, &table, budget, &cfg.layouts, &short_of)?;
+            Some(AllocationSummary {
+                bpw: plan.bpw,
+                damage: plan.damage,
+                table_samples: table.samples,
+                table_s: table.seconds,
+            })
+        }
+        None => None,
+    };
+    Ok(EncoderRun { quantized: acc.quantized, linears: acc.reports, timings: acc.times, allocation })
 }
 
 /// `f(k)` for each of the `n` calibration batches (timed as forward passes).
@@ -154,7 +190,7 @@ fn each_batch(
 
 /// The Hessian of `inputs` (one tensor per batch of `streams`) of layer `layer`'s linear
 /// `module` (and any that share them), real tokens only.
-fn hessian(
+pub(crate) fn hessian(
     streams: &[(Padded, Tensor)],
     (layer, module): (usize, &str),
     inputs: &[Tensor],
@@ -281,7 +317,7 @@ impl Acc<'_> {
     }
 }
 
-fn linear_mut<'a>(bert: &'a mut Bert, i: usize, name: &str) -> &'a mut adadim_model::Linear {
+pub(crate) fn linear_mut<'a>(bert: &'a mut Bert, i: usize, name: &str) -> &'a mut adadim_model::Linear {
     let l = &mut bert.layers[i];
     match name {
         "attention.self.query" => &mut l.query,
@@ -382,7 +418,7 @@ pub fn run_encoder_job(job: EncoderJob<'_>, out: &Path, progress: &mut dyn FnMut
                 seconds: job.started.elapsed().as_secs_f64(),
                 timings,
                 peak_rss_mb: crate::run_dir::peak_rss_mb(),
-                allocation: None,
+                allocation: run.allocation,
             },
             linears: run.linears,
         };

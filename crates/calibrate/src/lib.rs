@@ -13,6 +13,7 @@ pub mod damage;
 pub mod data;
 pub mod driver;
 pub mod encoder;
+pub mod encoder_damage;
 pub mod error;
 pub mod input_rms;
 pub mod output;

@@ -88,6 +88,34 @@ fn a_quantized_minilm_is_a_sentence_transformers_directory_that_embeds() {
     assert!(bytes(&qep) != bytes(&f32_dir), "--qep 0.5 left the weights as they were");
     let c = min_cosine(&embeddings(&qep, &input), &want);
     assert!(c > 0.9, "w4 --qep 0.5 vs float: cosine {c}");
+    // --bpw: each linear's layout chosen from the float encoder's damage table, the budget kept
+    // (as the packed file stores it), every linear's candidates in the report.
+    let (code, se, bpw) =
+        quantize("bpw", &["--method", "rtn", "--dim", "ada", "--bpw", "3.5", "--scale-search", "minmax"]);
+    assert_eq!(code, 0, "{se}");
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(bpw.join("report.json")).unwrap()).unwrap();
+    let chosen = r["summary"]["allocation"]["bpw"].as_f64().unwrap();
+    assert!(chosen <= 3.5 && chosen > 3.0, "allocation at {chosen} bits per weight");
+    let lins = r["linears"].as_array().unwrap();
+    assert!(lins
+        .iter()
+        .all(|l| l["layout"]["bits"].as_u64().is_some() && l["candidates"].as_array().is_some_and(|c| c.len() > 8)));
+    let widths: std::collections::BTreeSet<u64> = lins.iter().map(|l| l["layout"]["bits"].as_u64().unwrap()).collect();
+    assert!(widths.len() > 1, "one width for every linear: {widths:?}");
+    let stored = {
+        let f = adadim_pack::PackedFile::open(&bpw.join("model.safetensors")).unwrap();
+        let (mut bits, mut weights) = (0u64, 0u64);
+        for name in f.linear_names().map(str::to_string).collect::<Vec<_>>() {
+            let p = f.linear(&name).unwrap();
+            bits += 8 * p.stored_bytes() as u64;
+            weights += (p.rows() * p.cols()) as u64;
+        }
+        bits as f64 / weights as f64
+    };
+    assert!((stored - chosen).abs() < 1e-9, "packed file {stored} vs allocation {chosen}");
+    let c = min_cosine(&embeddings(&bpw, &input), &want);
+    assert!(c > 0.8, "--bpw 3.5 vs float: cosine {c}");
     // The report reads an encoder run: its per-OC / per-IC errors and the float model's outliers.
     let (code, so, se) = adadim(&["report", packed.to_str().unwrap()]);
     assert_eq!(code, 0, "{se}");
@@ -95,10 +123,12 @@ fn a_quantized_minilm_is_a_sentence_transformers_directory_that_embeds() {
     let page = std::fs::read_to_string(packed.join("report/README.md")).unwrap();
     assert!(page.contains("intermediate.dense") && page.contains("![outliers](outliers.svg)"), "{page}");
     assert!(page.lines().filter(|l| l.starts_with("| 5 | ")).count() == 3, "3 dimensions of layer 5: {page}");
-    // Refused: decoder-only options, and the GPTQ export; nothing is left behind.
+    // Refused: what a BERT cannot take, a budget below every layout, the GPTQ export; nothing is
+    // left behind.
     for (name, extra, why) in [
         ("awq", &["--awq"][..], &["--awq", "BERT"][..]),
-        ("bpw", &["--bpw", "4"][..], &["--bpw", "BERT"][..]),
+        ("bpw-ic", &["--bpw", "4", "--ic-modules", "q"][..], &["--bpw", "--ic-modules"][..]),
+        ("bpw-low", &["--bpw", "1"][..], &["--bpw 1"][..]),
         ("gptq", &["--dim", "oc", "--format", "gptq"][..], &["--format gptq", "BERT"][..]),
         ("qep-alpha", &["--qep", "2"][..], &["--qep 2: alpha must lie in [0, 1]"][..]),
     ] {

@@ -234,10 +234,7 @@ impl Bert {
         let (enc, mut x) = self.start(batch)?;
         let mut run = || -> candle_core::Result<Vec<Vec<f32>>> {
             for i in 0..self.layers.len() {
-                let a = self.attention(i, &enc, &x)?;
-                x = self.attn_residual(i, &x, &a)?;
-                let f = self.ffn_hidden(i, &x)?;
-                x = self.ffn_residual(i, &x, &f)?;
+                x = self.layer(i, &enc, &x)?;
             }
             self.pool(&enc, &x)
         };
@@ -282,6 +279,14 @@ impl Bert {
             Ok((Padded { b, t, mask, bias, real }, x))
         };
         run().ctx(|| format!("BERT embeddings of {b} sentences of up to {t} tokens"))
+    }
+
+    /// Layer `i` whole: the stream `x` entering it to the stream leaving it.
+    pub fn layer(&self, i: usize, p: &Padded, x: &Tensor) -> candle_core::Result<Tensor> {
+        let a = self.attention(i, p, x)?;
+        let x = self.attn_residual(i, x, &a)?;
+        let f = self.ffn_hidden(i, &x)?;
+        self.ffn_residual(i, &x, &f)
     }
 
     /// Layer `i`'s self-attention over the batch: the input of its attention output linear.
