@@ -811,3 +811,33 @@ fn long_output_names_fit_the_filesystem() {
     assert_eq!(code, 0, "{err}");
     assert!(out.join("config.json").is_file());
 }
+
+/// `bench llamacpp` names what it lacks: the source GGUF, a points file that is not one, a
+/// plot without our points; nothing is made before the inputs are checked.
+#[test]
+fn bench_llamacpp_names_what_it_lacks() {
+    let d = tempfile::tempdir().unwrap();
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let text = d.path().join("text.txt");
+    std::fs::write(&text, "some text to evaluate on\n").unwrap();
+    let out = d.path().join("llama");
+    let base = ["bench", "llamacpp", "--llamacpp", "/nonexistent-llama-bin"];
+    let (missing, bad) = (d.path().join("missing.gguf"), d.path().join("ours.json"));
+    std::fs::write(&bad, "{\"points\": 3}").unwrap();
+    let run = |extra: &[String]| {
+        let mut args: Vec<String> = base.iter().map(|a| a.to_string()).collect();
+        args.extend(["--datasets".into(), s(&text), "--out".into(), s(&out)]);
+        args.extend(extra.iter().cloned());
+        adadim(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let (code, _, err) = run(&["--gguf".into(), s(&missing)]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("missing.gguf") && err.contains("source GGUF not found"), "{err}");
+    let (code, _, err) = run(&["--gguf".into(), s(&missing), "--ours".into(), s(&bad)]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("ours.json") && err.contains("not a frontier JSON"), "{err}");
+    let (code, _, err) = run(&["--svg".into(), s(&d.path().join("f.svg"))]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--ours"), "{err}");
+    assert!(!out.exists(), "{} made before the inputs were checked", out.display());
+}
