@@ -190,6 +190,8 @@ if llama["points"] and ours:
                      f"{o['spread']['wikitext2']} | {o['spread']['ptb']} | {', '.join(lower) or '**neither**'} |")
     wins = sum(1 for p in llama["points"] if any(o["bpw"] <= p["bpw"] + 1e-9 and o["ppl"]["wikitext2"] < p["ppl"]["wikitext2"] for o in ours))
     lines += ["", f"Ours is lower on WikiText-2 at no more bits than {wins} of llama.cpp's {len(llama['points'])} files."]
+    made = sorted({p["name"].removesuffix("-imatrix") for p in llama["points"]})
+    lines += ["", f"llama.cpp types measured ({len(made)}): " + ", ".join(made) + "."]
     if llama.get("not_made"):
         lines += ["", "Not made without an importance matrix (llama-quantize refuses): " + ", ".join(n.split(":")[0] for n in llama["not_made"]) + "."]
     targets = [(4.25, 21.0), (3.5, 26.0), (3.25, 32.0)]
