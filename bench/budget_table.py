@@ -172,7 +172,7 @@ if llama["points"] and ours:
         "",
         "**The frontier** ([docs/frontier.svg](docs/frontier.svg), both texts): for every llama.cpp file, our best model (mean of 3 seeds; "
         "`--bpw` runs with the default damage model and the uniform ablation models) at no more bits per weight. "
-        "llama.cpp's files come from `adadim bench llamacpp` (every legacy, k- and i-quant type of llama-quantize, with and without the importance matrix; "
+        "llama.cpp's files come from `adadim bench llamacpp` (the legacy, k- and i-quant types listed below the table, each with and without the importance matrix; "
         "types llama-quantize makes only with one are listed once). Lower: ours is lower on that text. "
         "Our `-fmin` / `-float` rows use float minima, the layout that on this model can reproduce the FP's own Q4_1 grid (see above).",
         "",
