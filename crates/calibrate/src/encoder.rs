@@ -117,46 +117,22 @@ pub fn quantize_encoder(
     let mut acc = Acc { cfg, quantized: Vec::new(), reports: Vec::new(), times };
     let layers = bert.layers.len();
     for i in 0..layers {
-        let n = streams.len();
-        let run = |times: &mut Timings, what: &str, f: &dyn Fn(usize) -> candle_core::Result<Tensor>| {
-            each_batch(n, times, &format!("encoder layer {i}: {what}"), f)
+        let attention = Sublayer {
+            what: "attention",
+            first: &LINEARS[..3],
+            last: &LINEARS[3..4],
+            inner: &|b, p, x| b.attention(i, p, x),
+            residual: &|b, x, a| b.attn_residual(i, x, a),
         };
-        // q, k, v on the layer's input.
-        let inputs: Vec<Tensor> = streams.iter().map(|(_, x)| x.clone()).collect();
-        let fl = float.as_ref().map(|f| (f, &f.xs[..]));
-        acc.stage(bert, i, &LINEARS[..3], &streams, &inputs, fl)?;
-        drop(inputs);
-        // The attention output linear on the attention of the quantized q, k, v.
-        let attn = run(&mut acc.times, "attention", &|k| bert.attention(i, &streams[k].0, &streams[k].1))?;
-        let fa = match &float {
-            Some(f) => Some(run(&mut acc.times, "float attention", &|k| f.bert.attention(i, &streams[k].0, &f.xs[k]))?),
-            None => None,
+        acc.sublayer(bert, i, &attention, &mut streams, float.as_mut())?;
+        let ffn = Sublayer {
+            what: "feed-forward",
+            first: &LINEARS[4..5],
+            last: &LINEARS[5..],
+            inner: &|b, _, x| b.ffn_hidden(i, x),
+            residual: &|b, x, f| b.ffn_residual(i, x, f),
         };
-        acc.stage(bert, i, &LINEARS[3..4], &streams, &attn, float.as_ref().zip(fa.as_deref()))?;
-        if let (Some(f), Some(fa)) = (&mut float, &fa) {
-            let fb = &f.bert;
-            f.xs = run(&mut acc.times, "float attention residual", &|k| fb.attn_residual(i, &f.xs[k], &fa[k]))?;
-        }
-        let next = run(&mut acc.times, "attention residual", &|k| bert.attn_residual(i, &streams[k].1, &attn[k]))?;
-        drop(attn);
-        streams.iter_mut().zip(next).for_each(|((_, x), n)| *x = n);
-        // intermediate on the stream after attention; output on gelu(intermediate).
-        let inputs: Vec<Tensor> = streams.iter().map(|(_, x)| x.clone()).collect();
-        let fl = float.as_ref().map(|f| (f, &f.xs[..]));
-        acc.stage(bert, i, &LINEARS[4..5], &streams, &inputs, fl)?;
-        drop(inputs);
-        let hidden = run(&mut acc.times, "feed-forward", &|k| bert.ffn_hidden(i, &streams[k].1))?;
-        let fh = match &float {
-            Some(f) => Some(run(&mut acc.times, "float feed-forward", &|k| f.bert.ffn_hidden(i, &f.xs[k]))?),
-            None => None,
-        };
-        acc.stage(bert, i, &LINEARS[5..], &streams, &hidden, float.as_ref().zip(fh.as_deref()))?;
-        if let (Some(f), Some(fh)) = (&mut float, &fh) {
-            let fb = &f.bert;
-            f.xs = run(&mut acc.times, "float feed-forward residual", &|k| fb.ffn_residual(i, &f.xs[k], &fh[k]))?;
-        }
-        let next = run(&mut acc.times, "feed-forward residual", &|k| bert.ffn_residual(i, &streams[k].1, &hidden[k]))?;
-        streams.iter_mut().zip(next).for_each(|((_, x), n)| *x = n);
+        acc.sublayer(bert, i, &ffn, &mut streams, float.as_mut())?;
         progress(i + 1, layers);
     }
     let allocation = match table {
@@ -256,7 +232,56 @@ struct Acc<'a> {
     times: Timings,
 }
 
+/// One sublayer of an encoder layer: `first` quantized on the stream entering it, `inner`
+/// (the input of `last`) computed with them quantized, `last` quantized on it, then the
+/// stream moved on by `residual(x, inner)`.
+struct Sublayer<'a> {
+    what: &'static str,
+    first: &'a [(&'static str, LinearKind)],
+    last: &'a [(&'static str, LinearKind)],
+    inner: &'a dyn Fn(&Bert, &Padded, &Tensor) -> candle_core::Result<Tensor>,
+    residual: &'a dyn Fn(&Bert, &Tensor, &Tensor) -> candle_core::Result<Tensor>,
+}
+
 impl Acc<'_> {
+    /// Quantizes sublayer `s` of layer `i` and moves the streams (and `--qep`'s float one,
+    /// through the float weights) past it.
+    fn sublayer(
+        &mut self,
+        bert: &mut Bert,
+        i: usize,
+        s: &Sublayer<'_>,
+        streams: &mut [(Padded, Tensor)],
+        float: Option<&mut FloatSide>,
+    ) -> Result<()> {
+        let (n, what) = (streams.len(), |w: &str| format!("encoder layer {i}: {w}"));
+        let inputs: Vec<Tensor> = streams.iter().map(|(_, x)| x.clone()).collect();
+        self.stage(bert, i, s.first, streams, &inputs, float.as_deref().map(|f| (f, &f.xs[..])))?;
+        drop(inputs);
+        let st = &*streams;
+        let inner = each_batch(n, &mut self.times, &what(s.what), &|k| (s.inner)(bert, &st[k].0, &st[k].1))?;
+        let float_inner = match &float {
+            Some(f) => Some(each_batch(n, &mut self.times, &what(&format!("float {}", s.what)), &|k| {
+                (s.inner)(&f.bert, &st[k].0, &f.xs[k])
+            })?),
+            None => None,
+        };
+        self.stage(bert, i, s.last, streams, &inner, float.as_deref().zip(float_inner.as_deref()))?;
+        if let (Some(f), Some(fi)) = (float, &float_inner) {
+            let (fb, fx) = (&f.bert, &f.xs);
+            let next = each_batch(n, &mut self.times, &what(&format!("float {} residual", s.what)), &|k| {
+                (s.residual)(fb, &fx[k], &fi[k])
+            })?;
+            f.xs = next;
+        }
+        let st = &*streams;
+        let next = each_batch(n, &mut self.times, &what(&format!("{} residual", s.what)), &|k| {
+            (s.residual)(bert, &st[k].1, &inner[k])
+        })?;
+        streams.iter_mut().zip(next).for_each(|((_, x), n)| *x = n);
+        Ok(())
+    }
+
     /// One stage of layer `i`: the Hessian of `inputs` (per batch of `streams`), `--qep`'s
     /// correction against the float stream's inputs of the stage, then each of `linears`.
     fn stage(

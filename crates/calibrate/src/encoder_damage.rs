@@ -39,7 +39,8 @@ pub fn measure_encoder(
         samples.chunks(batch).map(|b| bert.start(b)).collect::<std::result::Result<_, _>>()?;
     let mut times = Timings::default();
     let mut linears = Vec::new();
-    let mut weights = bert.clone(); // handles to the same tensors, for `linear_mut`
+    // Handles to the same tensors: read here, perturbed one linear at a time by `sensitivities`.
+    let mut model = bert.clone();
     for i in 0..bert.layers.len() {
         let each = |what: &str, f: &dyn Fn(&Padded, usize) -> candle_core::Result<Tensor>| {
             (0..streams.len())
@@ -65,14 +66,14 @@ pub fn measure_encoder(
                 LinearKind::Down => (&h_down, mlp_stream),
                 _ => (&h_qkv, attn_stream),
             };
-            let (w, shape) = dense_weights(&linear_mut(&mut weights, i, name).weight, i, name)?;
+            let (w, shape) = dense_weights(&linear_mut(&mut model, i, name).weight, i, name)?;
             let at = Site { layer: i, kind, module: name };
             linears.push(candidates_of(&w, shape, at, h, stream, Layouts { specs: &specs, search, permuted })?);
         }
         streams.iter_mut().zip(next).for_each(|((_, x), n)| *x = n);
     }
     drop(streams);
-    sensitivities(bert, samples, &mut linears)?;
+    sensitivities(&mut model, samples, &mut linears)?;
     Ok(DamageTable { samples: samples.len(), seconds: t0.elapsed().as_secs_f64(), linears })
 }
 
@@ -101,37 +102,37 @@ fn stream_energy(streams: &[(Padded, Tensor)], xs: &[Tensor]) -> Result<f64> {
 /// Every linear's [`LinearDamage::sensitivity`]: its weight moved by seeded noise
 /// ([`perturbation`]), the encoder run from its layer on over the first
 /// [`SENSITIVITY_SENTENCES`] samples, and the mean squared distance of the pooled embeddings
-/// from the float model's, per unit of the noise's output error energy per token.
-fn sensitivities(bert: &Bert, samples: &[Vec<u32>], linears: &mut [LinearDamage]) -> Result<()> {
+/// from the float model's, per unit of the noise's output error energy per token. `model` is
+/// the float encoder; each linear gets its weight back after its run.
+fn sensitivities(model: &mut Bert, samples: &[Vec<u32>], linears: &mut [LinearDamage]) -> Result<()> {
     let batch = &samples[..samples.len().min(SENSITIVITY_SENTENCES)];
     let err = |what: &str| {
         let what = format!("encoder sensitivities: {what}");
         move |e| tensor_err(what.clone(), e)
     };
-    let (p, mut x) = bert.start(batch)?;
+    let (p, mut x) = model.start(batch)?;
     let mut entering = Vec::new();
-    for i in 0..bert.layers.len() {
+    for i in 0..model.layers.len() {
         entering.push(x.clone());
-        x = bert.layer(i, &p, &x).map_err(err("float forward"))?;
+        x = model.layer(i, &p, &x).map_err(err("float forward"))?;
     }
-    let want = bert.pool(&p, &x).map_err(err("float pooling"))?;
-    let mut model = bert.clone();
+    let want = model.pool(&p, &x).map_err(err("float pooling"))?;
     for (n, l) in linears.iter_mut().enumerate() {
         let Some(&(name, _)) = LINEARS.iter().find(|(_, k)| k.short() == l.module) else {
             return Err(CalibError::Invalid(format!("damage table: unknown encoder module '{}'", l.module)));
         };
-        let (w, _) = dense_weights(&linear_mut(&mut model, l.layer, name).weight, l.layer, name)?;
+        let (w, _) = dense_weights(&linear_mut(model, l.layer, name).weight, l.layer, name)?;
         let (sigma, moved_energy) = perturbation(l);
         let mut rng = adadim_load::synth::Rng::new(0x5E45_0000 + n as u64);
         let moved: Vec<f32> = w.iter().zip(rng.normals(w.len(), sigma)).map(|(w, n)| w + n).collect();
         let moved = Tensor::from_vec(moved, (l.rows, l.cols), &candle_core::Device::Cpu).map_err(err("weight"))?;
-        let original = std::mem::replace(&mut linear_mut(&mut model, l.layer, name).weight, Weight::Dense(moved));
+        let original = std::mem::replace(&mut linear_mut(model, l.layer, name).weight, Weight::Dense(moved));
         let mut x = entering[l.layer].clone();
         for i in l.layer..model.layers.len() {
             x = model.layer(i, &p, &x).map_err(err("perturbed forward"))?;
         }
         let got = model.pool(&p, &x).map_err(err("perturbed pooling"))?;
-        linear_mut(&mut model, l.layer, name).weight = original;
+        linear_mut(model, l.layer, name).weight = original;
         let dist = want
             .iter()
             .zip(&got)
