@@ -4,7 +4,8 @@
 # tabulated as mean and spread into RESULTS.md's "Ablation" section (bench/ablation_table.py).
 # Usage: ADADIM_DATA=../shared/data bench/ablation.sh
 # Knobs (env): MODEL (smollm2), CONFIGS ("3:128 4:128"), VARIANTS (names below), SEEDS ("0 1 2"),
-# NSAMPLES (128), CALIB_SEQLEN (512), WINDOWS (8), OUT (results/ablation), ADADIM_BIN and
+# NSAMPLES (128), CALIB_SEQLEN (512), WINDOWS (8), OUT (results/ablation), SECTION (ablation:
+# the RESULTS.md section written; descend for the coordinate-descent comparison), ADADIM_BIN and
 # ADADIM_COMMIT (the commit that binary was built from, recorded per run).
 # Finished runs in OUT are reused; quantized models are deleted once evaluated (their
 # report.json is kept).
@@ -30,6 +31,9 @@ declare -A ARGS=(
   [gptq-ada-act]="--method gptq --dim ada --act-order --static-groups --scale-search minmax"
   [gptq-ada-act-mse]="--method gptq --dim ada --act-order --static-groups --scale-search mse"
   [gptq-ada-act-mse-refit]="--method gptq --dim ada --act-order --static-groups --scale-search mse --refit"
+  [gptq-ada-act-mse-cd4]="--method gptq --dim ada --act-order --static-groups --scale-search mse --descend 4"
+  [gptq-ada-act-mse-cd1]="--method gptq --dim ada --act-order --static-groups --scale-search mse --descend 1"
+  [rtn-ada-mse-cd4]="--method rtn --dim ada --scale-search mse --descend 4"
   [gptq-ada-act-mse-qep05]="--method gptq --dim ada --act-order --static-groups --scale-search mse --qep 0.5"
   [gptq-ada-act-mse-float]="--method gptq --dim ada --act-order --static-groups --scale-search mse --zero float"
   [rtn-ada-awq]="--method rtn --dim ada --awq --scale-search minmax"
@@ -54,4 +58,4 @@ for cfg in $CONFIGS; do
     done
   done
 done
-python3 bench/ablation_table.py "$OUT" RESULTS.md
+python3 bench/ablation_table.py "$OUT" RESULTS.md "${SECTION:-ablation}"

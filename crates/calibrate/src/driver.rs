@@ -22,9 +22,9 @@ use adadim_load::safetensors_out::DenseDtype;
 use adadim_load::Checkpoint;
 use adadim_model::{Block, DecodeSettings, LinearKind, Rope, Weight};
 use adadim_quantize::{
-    awq, choose_axis_fitted, gptq, output_error_from_hessian, refit_scales, rtn_candidates, rtn_fitted, Axis,
-    Calibration, Candidates, Correction, Drift, Fitter, GptqOptions, GptqOutput, Hessian, QuantSpec, QuantizedMatrix,
-    ScaleSearch,
+    awq, choose_axis_fitted, descend_codes, gptq, output_error_from_hessian, refit_scales, rtn_candidates, rtn_fitted,
+    Axis, Calibration, Candidates, Correction, Drift, Fitter, GptqOptions, GptqOutput, Hessian, QuantSpec,
+    QuantizedMatrix, ScaleSearch,
 };
 use candle_core::{Device, Tensor};
 use serde::Serialize;
@@ -138,6 +138,11 @@ pub struct QuantizeConfig {
     /// codes and zero points held) after RTN or GPTQ ([`adadim_quantize::refit_scales`]).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub refit: bool,
+    /// Passes of coordinate descent over the codes after RTN or GPTQ (0: none): each weight
+    /// moves to the grid point that lowers the linear's output error most, params held
+    /// ([`adadim_quantize::descend_codes`]).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub descend: usize,
     /// Error propagation (QEP): quantize `W + alpha W D H~^-1` so that the linear's output on
     /// the partly quantized model's inputs approaches the float model's output
     /// ([`adadim_quantize::Correction`]); `alpha` in `[0, 1]`.
@@ -214,6 +219,11 @@ pub struct LinearReport {
     /// `--refit`: the output error before the scales were refitted (`final_error` is after).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unrefit_error: Option<f64>,
+    /// `--descend`: the output error before the codes descended, and how many codes moved.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub undescended_error: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub descended_codes: Option<usize>,
     /// `--bpw`: the bits and group chosen (the axis is `axis`), and bytes in the packed file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub layout: Option<Chosen>,
@@ -295,6 +305,7 @@ impl QuantizeConfig {
         self.method == Method::Gptq
             || self.awq
             || self.refit
+            || self.descend > 0
             || self.qep.is_some()
             || self.budget.is_some()
             || (self.dim == Dim::Ada && self.ic_modules.is_empty())
@@ -402,6 +413,13 @@ impl QuantizeConfig {
             }
             (None, None) => (choice.clone().expect("ada has calibration").quantized, None, None, 0),
         };
+        let (q, descent) = match h.filter(|h| self.descend > 0 && h.tokens() > 0) {
+            Some(h) => {
+                let d = descend_codes(&q, w, h, self.descend).map_err(qerr)?;
+                (d.quantized, Some((d.before, d.after, d.moved)))
+            }
+            None => (q, None),
+        };
         let (q, refit) = match h.filter(|h| self.refit && h.tokens() > 0) {
             Some(h) => {
                 let r = refit_scales(&q, w, h).map_err(qerr)?;
@@ -411,6 +429,7 @@ impl QuantizeConfig {
         };
         let final_error = match (h, &choice) {
             _ if refit.is_some() => refit.map(|r| r.1),
+            _ if descent.is_some() => descent.map(|d| d.1),
             // RTN along either axis is exactly what the choice measured: no need to redo it.
             (_, Some(c)) if loss.is_none() => Some(if q.spec().axis == Axis::Ic { c.ic_error } else { c.oc_error }),
             (Some(h), _) if h.tokens() > 0 => {
@@ -440,11 +459,17 @@ impl QuantizeConfig {
             block_oc_error: block_errors.map(|e| e.0),
             block_ic_error: block_errors.map(|e| e.1),
             unrefit_error: refit.map(|r| r.0),
+            undescended_error: descent.map(|d| d.0),
+            descended_codes: descent.map(|d| d.2),
             layout: None,
             candidates: Vec::new(),
         };
         Ok((q, report))
     }
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 pub(crate) fn to_vec(t: &Tensor) -> Result<Vec<f32>> {

@@ -115,6 +115,8 @@ mod tests {
             block_oc_error: None,
             block_ic_error: None,
             unrefit_error: None,
+            undescended_error: None,
+            descended_codes: None,
             layout: None,
             candidates: Vec::new(),
         }

@@ -224,6 +224,7 @@ fn write_resume_seeds() {
             static_groups: false,
             awq: false,
             refit: false,
+            descend: 0,
             qep: None,
             ada_error: adadim_calibrate::AdaError::Linear,
             ic_modules: vec![],

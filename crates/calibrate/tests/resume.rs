@@ -27,6 +27,7 @@ fn config(method: Method, dim: Dim, act_order: bool) -> QuantizeConfig {
         static_groups: false,
         awq: false,
         refit: false,
+        descend: 0,
         qep: None,
         ada_error: adadim_calibrate::AdaError::Linear,
         ic_modules: vec![],

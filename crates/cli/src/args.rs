@@ -169,6 +169,11 @@ pub struct QuantSettings {
     /// old scales unless the new ones lower its error).
     #[arg(long)]
     pub refit: bool,
+    /// After RTN or GPTQ, up to PASSES cycles of coordinate descent over the codes: each weight
+    /// in turn moves to the grid point that lowers the linear's output error over the full
+    /// calibration Hessian (scales and zero points held; never raises the error).
+    #[arg(long, value_name = "PASSES", default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=100))]
+    pub descend: u32,
     /// Error propagation (QEP): quantize each linear's weights corrected towards the float
     /// model's outputs, `W + ALPHA W D H^-1`, where D is how far its inputs in the partly
     /// quantized model have drifted from the float model's (0: plain layer-wise; 1: the full

@@ -405,6 +405,17 @@ fn quantize_layer_reports_both_errors() {
     let (before, after) = (r["unrefit_error"].as_f64().unwrap(), r["final_error"].as_f64().unwrap());
     assert!((before - v["final_error"].as_f64().unwrap()).abs() <= 1e-9 * before, "{r} vs {v}");
     assert!(after <= before, "{r}");
+    // --descend: the same GPTQ, its codes moved by coordinate descent; the error before is
+    // reported beside the one after, with the number of codes that moved.
+    let (code, so, se) = layer(&["--descend", "3"]);
+    assert_eq!(code, 0, "{se}");
+    let r: serde_json::Value = serde_json::from_str(&so).unwrap();
+    let (before, after) = (r["undescended_error"].as_f64().unwrap(), r["final_error"].as_f64().unwrap());
+    assert!((before - v["final_error"].as_f64().unwrap()).abs() <= 1e-9 * before, "{r} vs {v}");
+    assert!(after < before && r["descended_codes"].as_u64().unwrap() > 0, "{r}");
+    let (code, _, se) = layer(&["--descend", "101"]);
+    assert_eq!(code, 2, "{se}");
+    assert!(se.contains("--descend"), "{se}");
     // --qep needs the float model's inputs, which one layer's file does not have.
     let (code, _, se) = layer(&["--qep", "0.5"]);
     assert_eq!(code, 1);

@@ -35,6 +35,7 @@
 mod ada;
 pub mod allocate;
 pub mod awq;
+mod descend;
 mod error;
 mod gptq;
 mod grid;
@@ -50,6 +51,7 @@ pub use ada::{
     choose_axis, choose_axis_fitted, output_error, output_error_from_hessian, rtn_candidates, AxisChoice, Calibration,
     Candidates,
 };
+pub use descend::{descend_codes, Descent};
 pub use error::{Error, Result};
 pub use gptq::{gptq, GptqOptions, GptqOutput};
 pub use hessian::Hessian;

@@ -85,6 +85,12 @@ impl QuantizedMatrix {
         Self { scales, zeros, ..self.clone() }
     }
 
+    /// The same params with new codes (row-major `[rows, cols]`, each in `0..=maxq`).
+    pub(crate) fn with_codes(&self, codes: Vec<u8>) -> Self {
+        debug_assert_eq!(codes.len(), self.codes.len());
+        Self { codes, ..self.clone() }
+    }
+
     /// Output channels `C_out`.
     pub fn rows(&self) -> usize {
         self.rows

@@ -200,6 +200,7 @@ pub fn quantize_config(method: MethodArg, dim: DimArg, q: &QuantSettings) -> Res
         static_groups: q.static_groups,
         awq: q.awq,
         refit: q.refit,
+        descend: q.descend as usize,
         qep: q.qep,
         ada_error: match q.ada_error {
             AdaErrorArg::Linear => adadim_calibrate::AdaError::Linear,
