@@ -20,6 +20,7 @@ TITLES = {
     "ablation": "## Ablation: what each step buys (issue 31)",
     "descend": "## Coordinate descent on the codes, beside its baseline (issue 31)",
     "calib": "## Calibration text: Shakespeare against broader text (issue 31)",
+    "damp": "## GPTQ's damping as a regularizer (issue 31)",
 }
 fp = {ds: json.loads((out / f"fp.{ds}.json").read_text())["ppl"] for ds in ("wikitext2", "ptb")}
 runs = defaultdict(dict)  # (config, variant) -> seed -> {wikitext2, ptb, seconds, per_ic}
@@ -84,6 +85,7 @@ lines = [
     "`-act`: act-order with static groups. `-refit`: `--refit` (every group's scale refitted by least squares on the full-Hessian output error after GPTQ). "
     "`-qep05`: `--qep 0.5` (each linear quantized from `W + 0.5 W D H^-1`, corrected halfway towards the float model's outputs on its drifted inputs). "
     "`-gsm8k`: `--calib gsm8k` (GSM8K's train split, questions with worked solutions); `-mix`: Shakespeare and that GSM8K text interleaved in pieces of 2,000 characters (`bench/calib_mix.py`). "
+    "`-damp10` / `-damp100`: `--percdamp 0.1` / `1` (GPTQ's damping, 10% / 100% of the mean Hessian diagonal added to it; the default is 1%). "
     "`-cdN`: `--descend N` (after GPTQ, up to N passes of coordinate descent over the codes on the full-Hessian output error, scales and zero points held). "
     "Time: quantize wall seconds on the shared 2-core machine (read as rough), mean over seeds.",
     "",
