@@ -69,7 +69,6 @@ pub fn descend_codes(q: &QuantizedMatrix, w: &[f32], h: &Hessian, passes: usize)
     let mut w_hat = q.dequantize();
     let before = output_error_from_hessian(w, &w_hat, rows, cols, h)?;
     let mut G = Mat::<f32>::zeros(rows, cols);
-    let mut delta = Mat::<f32>::zeros(rows, BLOCK.min(cols));
     let mut done = 0;
     for _ in 0..passes {
         // G = (W - W') H afresh each pass, so f32 drift from the updates cannot build up.
@@ -112,20 +111,8 @@ pub fn descend_codes(q: &QuantizedMatrix, w: &[f32], h: &Hessian, passes: usize)
                 .sum();
             moved_this_pass += moved;
             if moved > 0 {
-                let mut dm = delta.as_mut().submatrix_mut(0, 0, rows, b);
-                for r in 0..rows {
-                    for k in 0..b {
-                        dm[(r, k)] = d_block[r * b + k];
-                    }
-                }
-                matmul(
-                    G.as_mut(),
-                    Accum::Add,
-                    delta.as_ref().submatrix(0, 0, rows, b),
-                    H.subrows(b0, b),
-                    -1.0,
-                    Par::rayon(0),
-                );
+                let D = MatRef::from_row_major_slice(&d_block, rows, b);
+                matmul(G.as_mut(), Accum::Add, D, H.subrows(b0, b), -1.0, Par::rayon(0));
             }
         }
         if moved_this_pass == 0 {
