@@ -36,6 +36,7 @@ declare -A ARGS=(
   [gptq-ada-act-mse-cd1]="--method gptq --dim ada --act-order --static-groups --scale-search mse --descend 1"
   [gptq-ada-act-mse-gsm8k]="--method gptq --dim ada --act-order --static-groups --scale-search mse --calib gsm8k"
   [gptq-ada-act-mse-mix]="--method gptq --dim ada --act-order --static-groups --scale-search mse --calib $MIX"
+  [gptq-ada-act-mse-mix-damp10]="--method gptq --dim ada --act-order --static-groups --scale-search mse --calib $MIX --percdamp 0.1"
   [gptq-ada-act-mse-damp10]="--method gptq --dim ada --act-order --static-groups --scale-search mse --percdamp 0.1"
   [gptq-ada-act-mse-damp100]="--method gptq --dim ada --act-order --static-groups --scale-search mse --percdamp 1"
   [rtn-ada-mse-cd4]="--method rtn --dim ada --scale-search mse --descend 4"

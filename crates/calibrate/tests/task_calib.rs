@@ -102,3 +102,22 @@ fn gsm8k_is_the_train_split_worked_and_holds_no_test_problem() {
         assert!(!text.contains(&format!("Question: {}\n", t.question)), "test problem in the text: {}", t.question);
     }
 }
+
+#[test]
+fn mix_alternates_shakespeare_and_the_gsm8k_text() {
+    let home = tempfile::tempdir().unwrap();
+    // A stand-in for the fetched plays: the named corpus is read from where it is kept.
+    let plays: String = (0..300).map(|i| format!("ACT {i}. Enter a lord, then a lady.\n")).collect();
+    std::fs::create_dir_all(home.path().join("data")).unwrap();
+    std::fs::write(home.path().join("data/shakespeare.txt"), &plays).unwrap();
+    let gsm8k = std::fs::read_to_string(calibration_file("gsm8k", home.path(), home.path()).unwrap()).unwrap();
+    let path = calibration_file("mix", home.path(), home.path()).unwrap();
+    assert_eq!(path, calibration_file("mix", home.path(), home.path()).unwrap(), "kept by content");
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert_eq!(text.len(), plays.len() + gsm8k.len(), "every character of both texts, once");
+    let piece = adadim_calibrate::data::MIX_PIECE;
+    let (p, g): (Vec<char>, Vec<char>) = (plays.chars().collect(), gsm8k.chars().collect());
+    let want: String = p[..piece].iter().chain(&g[..piece]).chain(&p[piece..2 * piece]).collect();
+    assert!(text.starts_with(&want), "plays, GSM8K, plays, ... in {piece}-character pieces");
+    assert!(text.ends_with(&gsm8k.chars().skip(g.len() - 100).collect::<String>()), "GSM8K's tail closes it");
+}

