@@ -163,10 +163,8 @@ pub struct QuantizeConfig {
     pub act_cache_bytes: usize,
 }
 
-/// The default of [`QuantizeConfig::act_cache_bytes`]: 256 MiB. The cache lives through
-/// down_proj's GPTQ, the peak of a block: for a LLaMA-2-7B shape with 16 x 512 calibration
-/// tokens it would add 361 MB to about 2.5 GB, where recomputing gate/up costs ~4% of the
-/// block's time.
+/// The least [`QuantizeConfig::act_cache_bytes`]: 256 MiB (the CLI raises it to a share of
+/// the memory available). The cache lives through down_proj's GPTQ, the peak of a block.
 pub const ACT_CACHE_BYTES: usize = 256 << 20;
 
 fn act_cache_bytes() -> usize {

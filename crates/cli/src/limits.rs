@@ -13,6 +13,14 @@ pub fn available_memory() -> Option<u64> {
     Some(kb * 1024)
 }
 
+/// How many bytes of down_proj inputs a quantization run keeps rather than recomputes
+/// (`QuantizeConfig::act_cache_bytes`): a quarter of the memory available now, never less than
+/// the library's default, so a machine with room skips the second gate/up pass.
+pub fn act_cache_bytes() -> usize {
+    let floor = adadim_calibrate::ACT_CACHE_BYTES;
+    available_memory().map_or(floor, |a| usize::try_from(a / 4).unwrap_or(usize::MAX).max(floor))
+}
+
 /// Free bytes for an unprivileged writer on the filesystem holding `dir`.
 pub fn available_disk(dir: &Path) -> Option<u64> {
     use std::os::unix::ffi::OsStrExt;

@@ -78,6 +78,6 @@ pub fn bench_quantize(a: BenchQuantizeArgs) -> Result<()> {
         total / bound_total,
         tokens / total
     )?;
-    writeln!(md, "\nThe calibration forward needs one pass per block (each linear's input computed once, true-sequential); \"GFLOP done\" exceeds it where gate/up are recomputed for down's inputs (when they do not fit the {} MiB cache). Causal attention counts only the keys each query sees. The last block's output is never needed, so the bound is slightly generous.", adadim_calibrate::ACT_CACHE_BYTES >> 20)?;
+    writeln!(md, "\nThe calibration forward needs one pass per block (each linear's input computed once, true-sequential); \"GFLOP done\" exceeds it where gate/up are recomputed for down's inputs (when they do not fit the cache: a quarter of the memory available, at least {} MiB). Causal attention counts only the keys each query sees. The last block's output is never needed, so the bound is slightly generous.", adadim_calibrate::ACT_CACHE_BYTES >> 20)?;
     super::publish(&a.write, "quantize", &md)
 }

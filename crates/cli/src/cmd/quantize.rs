@@ -207,7 +207,7 @@ pub fn quantize_config(method: MethodArg, dim: DimArg, q: &QuantSettings) -> Res
             AdaErrorArg::Block => adadim_calibrate::AdaError::Block,
         },
         ic_modules: q.ic_modules.clone(),
-        act_cache_bytes: adadim_calibrate::ACT_CACHE_BYTES,
+        act_cache_bytes: crate::limits::act_cache_bytes(),
         budget: q.bpw.map(|bpw| adadim_calibrate::damage::Budget {
             bpw,
             damage: match q.damage {
