@@ -690,6 +690,10 @@ pub struct LlamaSideArgs {
     pub chunks: usize,
     #[arg(long, default_value_t = 512)]
     pub ctx: usize,
+    /// Make only the files with an importance matrix (those without do not depend on
+    /// --calib: a run comparing calibration texts needs them once).
+    #[arg(long)]
+    pub imatrix_only: bool,
 }
 
 #[derive(Args)]

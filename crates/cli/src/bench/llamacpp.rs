@@ -85,6 +85,8 @@ pub struct LlamaSide {
     pub ctx: usize,
     pub threads: usize,
     pub types: Vec<String>,
+    /// Only the files made with the importance matrix.
+    pub imatrix_only: bool,
     calib_name: String,
 }
 
@@ -97,16 +99,29 @@ impl LlamaSide {
             "{}: source GGUF not found (run `adadim eval ppl --model smollm2` once to fetch it, or pass --gguf)",
             gguf.display()
         );
+        // A named set resolves as `quantize --calib` does (the chat set reads the template of
+        // the model the GGUF was fetched beside).
+        let calib = adadim_calibrate::data::calibration_file(&a.calib, &adadim_home(), &gguf.with_extension(""))?;
         Ok(LlamaSide {
             bin: a.llamacpp.clone(),
             gguf,
-            calib: adadim_calibrate::data::corpus_file(&a.calib, &adadim_home())?,
+            calib,
             chunks: a.chunks,
             ctx: a.ctx,
             threads: rayon::current_num_threads(),
             types: a.types.clone(),
+            imatrix_only: a.imatrix_only,
             calib_name: a.calib.clone(),
         })
+    }
+
+    /// Each type is made without the importance matrix `m` (unless `--imatrix-only`) and with it.
+    pub fn with_and_without<'m>(&self, m: &'m Path) -> Vec<Option<&'m Path>> {
+        if self.imatrix_only {
+            vec![Some(m)]
+        } else {
+            vec![None, Some(m)]
+        }
     }
 
     /// The importance matrix in `dir` (computed once), said on stderr.
@@ -117,7 +132,8 @@ impl LlamaSide {
 
     /// The importance matrix in `dir` (computed once).
     pub fn imatrix(&self, dir: &Path) -> Result<PathBuf> {
-        let path = dir.join(format!("imatrix-{}x{}.dat", self.chunks, self.ctx));
+        let name = Path::new(&self.calib_name).file_stem().map_or("calib".into(), |s| s.to_string_lossy());
+        let path = dir.join(format!("imatrix-{name}-{}x{}.dat", self.chunks, self.ctx));
         if !path.exists() {
             let tmp = dir.join("imatrix.tmp.dat");
             let mut c = Command::new(self.bin.join("llama-imatrix"));
@@ -235,7 +251,7 @@ pub fn bench_llamacpp(a: BenchLlamacppArgs) -> Result<()> {
     let imatrix = side.imatrix_announced(&a.out)?;
     let mut result = Frontier { fp: ours.as_ref().map(|o| o.fp.clone()).unwrap_or_default(), ..Frontier::default() };
     for ty in &side.types {
-        for im in [None, Some(imatrix.as_path())] {
+        for im in side.with_and_without(&imatrix) {
             let Some(file) = side.quantize(&a.out, ty, im)? else {
                 eprintln!("{ty}: llama-quantize makes it only with an importance matrix");
                 result.not_made.push(format!("{ty}: llama-quantize makes it only with an importance matrix"));

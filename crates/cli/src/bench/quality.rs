@@ -189,7 +189,7 @@ pub fn bench_quality(a: BenchQualityArgs) -> Result<()> {
     std::fs::create_dir_all(&ldir)?;
     let imatrix = side.imatrix_announced(&ldir)?;
     for ty in &side.types {
-        for im in [None, Some(imatrix.as_path())] {
+        for im in side.with_and_without(&imatrix) {
             let Some(file) = side.quantize(&ldir, ty, im)? else {
                 eprintln!("{ty}: llama-quantize makes it only with an importance matrix");
                 continue;
