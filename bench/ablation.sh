@@ -15,7 +15,6 @@ export ADADIM_DATA="${ADADIM_DATA:-$(cd .. && pwd)/shared/data}"
 MODEL="${MODEL:-smollm2}"; CONFIGS="${CONFIGS:-3:128 4:128}"; SEEDS="${SEEDS:-0 1 2}"
 NSAMPLES="${NSAMPLES:-128}"; CALIB_SEQLEN="${CALIB_SEQLEN:-512}"; WINDOWS="${WINDOWS:-8}"
 OUT="${OUT:-results/ablation}"
-MIX=results/calib/mix.txt  # the -mix variants' calibration text (written below when missing)
 declare -A ARGS=(
   [rtn-oc]="--method rtn --dim oc --scale-search minmax"
   [rtn-oc-mse]="--method rtn --dim oc --scale-search mse"
@@ -35,8 +34,8 @@ declare -A ARGS=(
   [gptq-ada-act-mse-cd4]="--method gptq --dim ada --act-order --static-groups --scale-search mse --descend 4"
   [gptq-ada-act-mse-cd1]="--method gptq --dim ada --act-order --static-groups --scale-search mse --descend 1"
   [gptq-ada-act-mse-gsm8k]="--method gptq --dim ada --act-order --static-groups --scale-search mse --calib gsm8k"
-  [gptq-ada-act-mse-mix]="--method gptq --dim ada --act-order --static-groups --scale-search mse --calib $MIX"
-  [gptq-ada-act-mse-mix-damp10]="--method gptq --dim ada --act-order --static-groups --scale-search mse --calib $MIX --percdamp 0.1"
+  [gptq-ada-act-mse-mix]="--method gptq --dim ada --act-order --static-groups --scale-search mse --calib mix"
+  [gptq-ada-act-mse-mix-damp10]="--method gptq --dim ada --act-order --static-groups --scale-search mse --calib mix --percdamp 0.1"
   [gptq-ada-act-mse-damp10]="--method gptq --dim ada --act-order --static-groups --scale-search mse --percdamp 0.1"
   [gptq-ada-act-mse-damp100]="--method gptq --dim ada --act-order --static-groups --scale-search mse --percdamp 1"
   [rtn-ada-mse-cd4]="--method rtn --dim ada --scale-search mse --descend 4"
@@ -52,14 +51,6 @@ declare -A ARGS=(
 VARIANTS="${VARIANTS:-rtn-ada rtn-ada-mse gptq-ada gptq-ada-mse}"
 if [ -n "${ADADIM_BIN:-}" ]; then A="$ADADIM_BIN"; else cargo build --release -p adadim; A=./target/release/adadim; fi
 mkdir -p "$OUT"
-# The -mix variants' calibration text: Shakespeare (fetched by any run calibrated on it) and
-# GSM8K's train split, interleaved.
-if [[ "$VARIANTS" == *-mix* && ! -f "$MIX" ]]; then
-  SHAKESPEARE="${ADADIM_HOME:-$HOME/.cache/adadim}/data/shakespeare.txt"
-  [ -f "$SHAKESPEARE" ] || { echo "$SHAKESPEARE is missing: run one Shakespeare-calibrated variant first" >&2; exit 1; }
-  mkdir -p "$(dirname "$MIX")"
-  python3 bench/calib_mix.py "$SHAKESPEARE" "$ADADIM_DATA/gsm8k/train.jsonl" "$MIX"
-fi
 [ -f "$OUT/COMMIT" ] || git rev-parse --short HEAD > "$OUT/COMMIT"
 . bench/quality_runs.sh
 for ds in wikitext2 ptb; do eval_to "$MODEL" "$ds" "$OUT/fp.$ds.json"; done

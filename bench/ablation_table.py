@@ -25,7 +25,7 @@ TITLES = {
 fp = {ds: json.loads((out / f"fp.{ds}.json").read_text())["ppl"] for ds in ("wikitext2", "ptb")}
 runs = defaultdict(dict)  # (config, variant) -> seed -> {wikitext2, ptb, seconds, per_ic}
 for f in sorted(out.glob("*-s[0-9]*.ptb.json")):
-    m = re.match(r"(w\d+g\d+)-(.+)-s(\d+)\.ptb\.json$", f.name)
+    m = re.match(r"(w\d+g\d+|bpw[\d.]+)-(.+)-s(\d+)\.ptb\.json$", f.name)
     if not m:
         continue
     cfg, variant, seed = m.group(1), m.group(2), int(m.group(3))
@@ -49,6 +49,8 @@ for f in sorted(out.glob("*-s[0-9]*.ptb.json")):
         groups = (rows * cols // along) * -(-along // (g or along))
         stored += bits * rows * cols + groups * (16 + (16 if zero == "Float" else bits))
         stored += 32 * cols if dynamic and lin["axis"] == "oc" else 0
+    if "allocation" in summary:  # a --bpw run: each linear's own layout, as its allocation counted
+        stored = summary["allocation"]["bpw"] * sum(lin["rows"] * lin["cols"] for lin in report["linears"])
     runs[(cfg, variant)][seed] = {
         "bpw": stored / sum(lin["rows"] * lin["cols"] for lin in report["linears"]),
         "modules": {m: sum(v) / len(v) for m, v in modules.items()},
@@ -84,7 +86,8 @@ lines = [
     "`-awq`: `--awq` (input channels scaled by a searched power of their RMS, folded into the RMSNorm, or into v_proj / up_proj rows as powers of two when those are per-OC). "
     "`-act`: act-order with static groups. `-refit`: `--refit` (every group's scale refitted by least squares on the full-Hessian output error after GPTQ). "
     "`-qep05`: `--qep 0.5` (each linear quantized from `W + 0.5 W D H^-1`, corrected halfway towards the float model's outputs on its drifted inputs). "
-    "`-gsm8k`: `--calib gsm8k` (GSM8K's train split, questions with worked solutions); `-mix`: Shakespeare and that GSM8K text interleaved in pieces of 2,000 characters (`bench/calib_mix.py`). "
+    "`-gsm8k`: `--calib gsm8k` (GSM8K's train split, questions with worked solutions); `-mix`: `--calib mix` (Shakespeare and that GSM8K text alternating in pieces of 2,000 characters). "
+    "`bpwB` rows: `--bpw B` (bits, group and axis per linear under the budget, the size-budget section's allocator; `-kl-n128`: its default damage model, 128 calibration samples). "
     "`-damp10` / `-damp100`: `--percdamp 0.1` / `1` (GPTQ's damping, 10% / 100% of the mean Hessian diagonal added to it; the default is 1%). "
     "`-cdN`: `--descend N` (after GPTQ, up to N passes of coordinate descent over the codes on the full-Hessian output error, scales and zero points held). "
     "Time: quantize wall seconds on the shared 2-core machine (read as rough), mean over seeds.",

@@ -5,7 +5,8 @@
 # allocation into RESULTS.md's "Size budget" section (bench/budget_table.py); seed 0's
 # allocations drawn into docs/allocation-bpw*.svg, the frontier into docs/frontier.svg.
 # Usage: ADADIM_DATA=../shared/data bench/budget.sh
-# `-fmin`: each layout may also take float minima (--float-min).
+# `-fmin`: each layout may also take float minima (--float-min); `-mix`: calibrated on the
+# Shakespeare + GSM8K-train mix (--calib mix).
 # Knobs (env): MODEL (smollm2), BUDGETS ("3.25 4.0"), VARIANTS (names below), DAMAGES
 # ("kl"; the study: "kl stream relative output"), SEEDS ("0 1 2"), NSAMPLES (128),
 # CALIB_SEQLEN (512), WINDOWS (8), OUT (results/budget), ADADIM_BIN and ADADIM_COMMIT, LLAMA_BIN.
@@ -22,6 +23,7 @@ declare -A ARGS=(
   [gptq-ada]="--method gptq --dim ada --act-order false --static-groups false --zero awq"
   [gptq-ada-act]="--method gptq --dim ada --act-order --static-groups --zero awq"
   [gptq-ada-act-fmin]="--method gptq --dim ada --act-order --static-groups --zero awq --float-min"
+  [gptq-ada-act-mix]="--method gptq --dim ada --act-order --static-groups --zero awq --calib mix"
 )
 VARIANTS="${VARIANTS:-gptq-ada}"
 if [ -n "${ADADIM_BIN:-}" ]; then A="$ADADIM_BIN"; else cargo build --release -p adadim; A=./target/release/adadim; fi
