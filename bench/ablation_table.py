@@ -113,5 +113,20 @@ for (cfg, variant), seeds in sorted(runs.items(), key=lambda kv: (kv[0][0], kv[0
     v = list(seeds.values())
     cells = [f"{statistics.fmean(r['modules'].get(m, 0.0) for r in v):.2f}" for m in MODULES]
     lines.append(f"| {cfg} | {variant} | " + " | ".join(cells) + " |")
+# llama.cpp files made by `adadim bench llamacpp --calib NAME --imatrix-only --out OUT/llamacpp-NAME`:
+# their importance matrix from the same text as the runs above that name it.
+for points in sorted(out.glob("llamacpp-*/points.json")):
+    calib = points.parent.name.removeprefix("llamacpp-")
+    pts = json.loads(points.read_text())["points"]
+    lines += [
+        "",
+        f"llama.cpp with its importance matrix from 32 x 512 tokens of `--calib {calib}` "
+        f"(`adadim bench llamacpp --calib {calib} --imatrix-only`, files in `{points.parent}`), same evaluator:",
+        "",
+        "| llama.cpp file | bits/weight | WikiText-2 ppl | PTB ppl |",
+        "|---|---|---|---|",
+    ]
+    for p in sorted(pts, key=lambda p: p["bpw"]):
+        lines.append(f"| {p['name']} ({calib}) | {p['bpw']:.3f} | {p['ppl']['wikitext2']:.2f} | {p['ppl']['ptb']:.2f} |")
 lines.append(f"<!-- end {section} -->")
 print(replace_section(results, f"<!-- {section} -->", f"<!-- end {section} -->", lines))
