@@ -48,11 +48,13 @@ pub fn calibration_file(spec: &str, home: &Path, model_dir: &Path) -> Result<Pat
             let template = chat_template(model_dir)?;
             keep_text(home, "chat", &crate::chat::chat_text(&crate::chat::corpus_files(home)?, &template)?)
         }
-        "gsm8k" => keep_text(home, "gsm8k", &gsm8k_text()?),
+        "gsm8k" => keep_text(home, "gsm8k", &gsm8k_text(spec)?),
         "mix" => {
+            // GSM8K first: a missing $ADADIM_DATA is reported before anything is fetched.
+            let gsm8k = gsm8k_text(spec)?;
             let path = corpus_file("shakespeare", home)?;
             let plays = std::fs::read_to_string(&path).map_err(|e| CalibError::Data { path, msg: e.to_string() })?;
-            keep_text(home, "mix", &interleave(&plays, &gsm8k_text()?, MIX_PIECE))
+            keep_text(home, "mix", &interleave(&plays, &gsm8k, MIX_PIECE))
         }
         _ => corpus_file(spec, home),
     }
@@ -77,13 +79,13 @@ fn interleave(a: &str, b: &str, piece: usize) -> String {
 
 /// GSM8K's train split as calibration text: "Question: ...\nAnswer: ..." per problem (calculator
 /// annotations removed), in file order, as the few-shot prompts of `eval gsm8k` show them.
-fn gsm8k_text() -> Result<String> {
+/// `spec` names the set asking for it, in the error when `$ADADIM_DATA` is not set.
+fn gsm8k_text(spec: &str) -> Result<String> {
     use adadim_eval::gsm8k;
     let data = adadim_eval::datasets::data_dir_from_env().ok_or_else(|| {
-        CalibError::Invalid(
-            "--calib gsm8k reads $ADADIM_DATA/gsm8k/train.jsonl; set ADADIM_DATA (e.g. ADADIM_DATA=../shared/data)"
-                .into(),
-        )
+        CalibError::Invalid(format!(
+            "--calib {spec} reads $ADADIM_DATA/gsm8k/train.jsonl; set ADADIM_DATA (e.g. ADADIM_DATA=../shared/data)"
+        ))
     })?;
     let path = gsm8k::split_file(&data, "train");
     let problems = gsm8k::load(&path).map_err(|e| CalibError::Data { path: path.clone(), msg: e.to_string() })?;

@@ -841,3 +841,17 @@ fn bench_llamacpp_names_what_it_lacks() {
     assert!(err.contains("--ours"), "{err}");
     assert!(!out.exists(), "{} made before the inputs were checked", out.display());
 }
+
+#[test]
+fn calibration_sets_built_from_gsm8k_need_adadim_data() {
+    // Said before anything is fetched or written.
+    for set in ["gsm8k", "mix"] {
+        let (d, m, _) = fixture();
+        let out = d.path().join("q");
+        let (ms, o) = (m.to_str().unwrap(), out.to_str().unwrap());
+        let (code, _, err) = adadim(&["quantize", "--model", ms, "--bits", "4", "--calib", set, "--out", o]);
+        assert_eq!(code, 1, "{err}");
+        assert!(err.contains(&format!("--calib {set}")) && err.contains("ADADIM_DATA"), "{err}");
+        assert!(!out.exists() && !d.path().join(".q.partial").exists(), "{set}: output left behind");
+    }
+}
