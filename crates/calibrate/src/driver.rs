@@ -23,7 +23,7 @@ use adadim_load::Checkpoint;
 use adadim_model::{Block, DecodeSettings, LinearKind, Rope, Weight};
 use adadim_quantize::{
     awq, choose_axis_fitted, descend_codes, gptq, output_error_from_hessian, refit_scales, rtn_candidates, rtn_fitted,
-    Axis, Calibration, Candidates, Correction, Drift, Fitter, GptqOptions, GptqOutput, Hessian, QuantSpec,
+    Axis, Calibration, Candidates, Correction, Drift, Fitter, GptqOptions, GptqOutput, Hessian, HessianSum, QuantSpec,
     QuantizedMatrix, ScaleSearch,
 };
 use candle_core::{Device, Tensor};
@@ -542,7 +542,7 @@ impl Activations<'_> {
     }
 
     /// Add the `[t, dim]` inputs `x` of `kind` to its Hessian `h`.
-    fn accumulate(&mut self, h: &mut Hessian, layer: usize, kind: LinearKind, x: &Tensor) -> Result<()> {
+    fn accumulate(&mut self, h: &mut HessianSum, layer: usize, kind: LinearKind, x: &Tensor) -> Result<()> {
         let t0 = Instant::now();
         h.add_batch(&to_vec(x)?).map_err(|source| CalibError::Quantize {
             layer,
@@ -555,13 +555,21 @@ impl Activations<'_> {
         Ok(())
     }
 
+    /// `h` mirrored into the whole `H` (timed with the Hessians).
+    fn finished(&mut self, h: HessianSum) -> Hessian {
+        let t0 = Instant::now();
+        let h = h.finish();
+        self.times.hessian_s += t0.elapsed().as_secs_f64();
+        h
+    }
+
     /// The Hessian of one stage's inputs, one `[t, dim]` per sample.
     fn hessian(&mut self, layer: usize, kind: LinearKind, inputs: &[Tensor]) -> Result<Hessian> {
-        let mut h = Hessian::new(inputs[0].dims()[1]);
+        let mut h = HessianSum::new(inputs[0].dims()[1]);
         for x in inputs {
             self.accumulate(&mut h, layer, kind, x)?;
         }
-        Ok(h)
+        Ok(self.finished(h))
     }
 }
 
@@ -1138,7 +1146,7 @@ fn quantize_block(
         let tokens: usize = acts.xs.iter().map(|x| x.dims()[0]).sum();
         let keep = !last && tokens * c.intermediate_size * 4 <= cfg.act_cache_bytes;
         let mut kept = Vec::new();
-        let mut h = Hessian::new(c.intermediate_size);
+        let mut h = HessianSum::new(c.intermediate_size);
         let mut drift = qep.as_ref().map(|_| Drift::new(c.intermediate_size));
         with_dequantized(&mut block, &quantized, gate_up, |block| {
             for i in 0..acts.xs.len() {
@@ -1160,6 +1168,7 @@ fn quantize_block(
             }
             Ok(())
         })?;
+        let h = acts.finished(h);
         let corr = match (&qep, &drift) {
             (Some(q), Some(d)) => Some(q.factor(layer, down[0], &h, d)?),
             _ => None,

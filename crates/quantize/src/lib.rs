@@ -54,7 +54,7 @@ pub use ada::{
 pub use descend::{descend_codes, Descent};
 pub use error::{Error, Result};
 pub use gptq::{gptq, GptqOptions, GptqOutput};
-pub use hessian::Hessian;
+pub use hessian::{Hessian, HessianSum};
 pub use matrix::QuantizedMatrix;
 pub use propagate::{Correction, Drift};
 pub use quantizer::{dequantize, f16_scale, quantize, Axis, GroupParams, QuantSpec, Zero};

@@ -45,7 +45,7 @@ impl Drift {
         if t == 0 {
             return Ok(());
         }
-        let alpha = running_average_step(&mut self.d, &mut self.tokens, t);
+        let alpha = running_average_step(&mut self.tokens, t, |keep| self.d.iter_mut().for_each(|v| *v *= keep));
         let delta: Vec<f32> = float.iter().zip(quantized).map(|(a, b)| a - b).collect();
         let E = MatRef::from_row_major_slice(&delta, t, self.dim);
         let X = MatRef::from_row_major_slice(quantized, t, self.dim);

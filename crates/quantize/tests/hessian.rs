@@ -3,7 +3,7 @@
 
 mod common;
 
-use adadim_quantize::{Error, Hessian};
+use adadim_quantize::{Error, Hessian, HessianSum};
 use common::inputs;
 
 /// `(2/n) X^T X` in f64, one token at a time: the definition, not the GEMM.
@@ -88,4 +88,24 @@ fn same_bits_whatever_the_thread_count() {
     let one = pool(1).install(run);
     let two = pool(2).install(run);
     assert!(one.matrix().iter().zip(two.matrix()).all(|(a, b)| a.to_bits() == b.to_bits()));
+}
+
+#[test]
+fn a_sum_mirrored_once_equals_adding_batch_by_batch() {
+    // Uneven batches (one empty, one of a single token), a rejected one in between.
+    let (tokens, dim) = (300, 67);
+    let x = inputs(tokens, dim, &[5], 20.0, 2);
+    let (mut h, mut sum) = (Hessian::new(dim), HessianSum::new(dim));
+    for (start, end) in [(0, 128), (128, 129), (129, 129), (129, 300)] {
+        h.add_batch(&x[start * dim..end * dim]).unwrap();
+        sum.add_batch(&x[start * dim..end * dim]).unwrap();
+        let mut bad = x[..dim].to_vec();
+        bad[3] = f32::NAN;
+        assert!(sum.add_batch(&bad).is_err());
+    }
+    assert_eq!(sum.dim(), dim);
+    let sum = sum.finish();
+    assert_eq!(sum.tokens(), tokens);
+    let bits = |h: &Hessian| h.matrix().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&sum), bits(&h), "bit for bit, both triangles");
 }
