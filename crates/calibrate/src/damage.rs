@@ -10,7 +10,9 @@ use adadim_load::Checkpoint;
 use adadim_model::{Block, LinearKind, Rope, Weight};
 use adadim_pack::Layout;
 use adadim_quantize::allocate::{allocate, Point};
-use adadim_quantize::{output_error_from_hessian, rtn_fitted, Axis, Fitter, Hessian, QuantSpec, ScaleSearch, Zero};
+use adadim_quantize::{
+    output_error_from_hessian, rtn_fitted, Axis, Fitter, Hessian, HessianSum, QuantSpec, ScaleSearch, Zero,
+};
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
@@ -296,7 +298,7 @@ pub fn measure(
             move |e| tensor_err(what.clone(), e)
         };
         let hessian = |inputs: &[Tensor], kind: LinearKind| -> Result<Hessian> {
-            let mut h = Hessian::new(inputs[0].dims()[1]);
+            let mut h = HessianSum::new(inputs[0].dims()[1]);
             for x in inputs {
                 h.add_batch(&to_vec(x)?).map_err(|source| CalibError::Quantize {
                     layer,
@@ -304,7 +306,7 @@ pub fn measure(
                     source,
                 })?;
             }
-            Ok(h)
+            Ok(h.finish())
         };
         let attn_stream = stream_energy(&xs)?;
         let h_in: Vec<Tensor> = xs.iter().map(|x| block.attn_input(x)).collect::<adadim_model::Result<_>>()?;
@@ -324,7 +326,7 @@ pub fn measure(
         let mlp_stream = stream_energy(&xs)?;
         let m_in: Vec<Tensor> = xs.iter().map(|x| block.mlp_input(x)).collect::<adadim_model::Result<_>>()?;
         let h_gu = hessian(&m_in, LinearKind::Gate)?;
-        let mut h_down = Hessian::new(c.intermediate_size);
+        let mut h_down = HessianSum::new(c.intermediate_size);
         let mut next = Vec::with_capacity(xs.len());
         for (x, m) in xs.iter().zip(&m_in) {
             let a = block.mlp_hidden(m, &settings).map_err(err("mlp"))?;
@@ -336,6 +338,7 @@ pub fn measure(
             next.push(block.mlp_residual(x, &a, &settings)?);
         }
         drop(m_in);
+        let h_down = h_down.finish();
         for kind in LinearKind::ALL {
             let (h, stream) = match kind {
                 LinearKind::Q | LinearKind::K | LinearKind::V => (&h_qkv, attn_stream),
