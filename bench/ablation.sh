@@ -5,7 +5,7 @@
 # Usage: ADADIM_DATA=../shared/data bench/ablation.sh
 # Knobs (env): MODEL (smollm2), CONFIGS ("3:128 4:128"), VARIANTS (names below), SEEDS ("0 1 2"),
 # NSAMPLES (128), CALIB_SEQLEN (512), WINDOWS (8), OUT (results/ablation), SECTION (the
-# RESULTS.md section written: ablation, descend, calib or damp), ADADIM_BIN and
+# RESULTS.md section written: ablation, descend, calib, calib-w4 or damp), ADADIM_BIN and
 # ADADIM_COMMIT (the commit that binary was built from, recorded per run).
 # Finished runs in OUT are reused; quantized models are deleted once evaluated (their
 # report.json is kept).

@@ -21,6 +21,7 @@ TITLES = {
     "descend": "## Coordinate descent on the codes, beside its baseline (issue 31)",
     "calib": "## Calibration text: Shakespeare against broader text (issue 31)",
     "damp": "## GPTQ's damping as a regularizer (issue 31)",
+    "calib-w4": "## Calibration text at 4 bits: the broader mix at w4g128 (issue 31)",
 }
 fp = {ds: json.loads((out / f"fp.{ds}.json").read_text())["ppl"] for ds in ("wikitext2", "ptb")}
 runs = defaultdict(dict)  # (config, variant) -> seed -> {wikitext2, ptb, seconds, per_ic}

@@ -33,7 +33,7 @@ SRC_DIR="$PEER_DIR/src"
 BUILD_DIR="$PEER_DIR/build"
 JOBS="${LLAMACPP_JOBS:-$(nproc 2>/dev/null || echo 2)}"
 
-TARGETS=(llama-perplexity llama-quantize llama-imatrix llama-bench llama-tokenize test-backend-ops llama-server)
+TARGETS=(llama-perplexity llama-quantize llama-imatrix llama-bench llama-batched-bench llama-tokenize test-backend-ops llama-server)
 
 log() { echo "[build-llamacpp] $*" >&2; }
 

@@ -631,6 +631,14 @@ pub struct BenchDecodeArgs {
     /// LM head bits for packed models (as `generate --head-bits`; float models keep theirs).
     #[arg(long, default_value_t = 8)]
     pub head_bits: u8,
+    /// Sequences decoded together, comma-separated: each packed model's aggregate tokens/s
+    /// stepping that many sequences at once (what `serve` runs for that many clients), and
+    /// llama.cpp's `llama-batched-bench -npl` on each GGUF in the same rounds.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4,8")]
+    pub batch: Vec<usize>,
+    /// Positions each batched sequence holds when its timed tokens start (`-npp` of llama-batched-bench).
+    #[arg(long, default_value_t = 128)]
+    pub batch_depth: usize,
     /// Activation precisions packed models are measured at (as `generate --act-bits`), comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "16,8")]
     pub act_bits: Vec<u8>,

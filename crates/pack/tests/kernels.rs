@@ -272,7 +272,7 @@ fn batched_matvecs_give_each_token_its_own_matvec_bit_for_bit() {
             for (x, y) in x.chunks(cols).zip(alone.chunks_mut(rows)) {
                 p.matvec(act, x, y);
             }
-            for t in [1, 3, 8, 2] {
+            for t in [1, 3, 8, 2, 5, 4] {
                 let mut batched = vec![f32::NAN; t * rows];
                 p.matvec_batch(act, &x[..t * cols], t, &mut batched);
                 assert_eq!(batched, alone[..t * rows], "{rows}x{cols} {spec:?} {act:?} batch of {t}");

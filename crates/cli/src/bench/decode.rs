@@ -19,7 +19,10 @@ pub fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
     // (model index, activations, label, depth, best decode tokens/s, best prefill tokens/s of
     // the depth's prompt)
     let mut ours: Vec<(usize, adadim_pack::ActBits, String, usize, f64, f64)> = Vec::new();
-    let deepest = a.depth.iter().copied().max().unwrap_or(0);
+    let deepest = a.depth.iter().copied().chain([a.batch_depth]).max().unwrap_or(0);
+    if a.batch.contains(&0) {
+        anyhow::bail!("--batch: 0 sequences (give counts of at least 1, e.g. 1,2,4,8)");
+    }
     for spec in &a.models {
         let dir = model_dir(spec)?;
         let src = adadim_model::open(&dir)?;
@@ -94,6 +97,16 @@ pub fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
     // llama-bench pp D per GGUF and nonzero depth D, best tokens/s.
     let pp_depths: Vec<usize> = a.depth.iter().copied().filter(|&d| d > 0).collect();
     let mut peers_pp: Vec<Vec<f64>> = vec![vec![0.0; pp_depths.len()]; a.gguf.len()];
+    // Batched decode: (index into `ours` of the model and activations, batch, best tokens/s), and
+    // llama-batched-bench's per GGUF and batch.
+    let mut batched: Vec<(usize, usize, f64)> = Vec::new();
+    for (i, o) in ours.iter().enumerate() {
+        let first = ours.iter().position(|p| p.0 == o.0 && p.1 == o.1) == Some(i);
+        if first && adadim_model::is_packed(&model_dir(&a.models[o.0])?) {
+            batched.extend(a.batch.iter().map(|&n| (i, n, 0.0)));
+        }
+    }
+    let mut peers_batched: Vec<Vec<f64>> = vec![vec![0.0; a.batch.len()]; a.gguf.len()];
     let mut triad = 0f64;
     let settings = adadim_run::Settings { max_tokens: a.tokens, temperature: 0.0, seed: 0 };
     for round in 1..=rounds {
@@ -110,6 +123,23 @@ pub fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
                 *pp = pp.max(stats.prefill_tokens_per_s());
             }
             eprintln!("round {round}/{rounds}: {label} @ {depth}: {:.1} tokens/s", stats.decode_tokens_per_s());
+        }
+        for (i, n, best) in &mut batched {
+            let (m, act) = (ours[*i].0, ours[*i].1);
+            let s = adadim_model::DecodeSettings { act, ..models[m].settings() };
+            models[m].set_settings(s)?;
+            let ts = batched_tokens_per_s(&models[m], *n, a.batch_depth, a.tokens)?;
+            *best = best.max(ts);
+            eprintln!("round {round}/{rounds}: {} batch {n}: {ts:.1} tokens/s", ours[*i].2);
+        }
+        if let (Some(bin), false) = (&bin, a.batch.is_empty()) {
+            for (g, bests) in a.gguf.iter().zip(&mut peers_batched) {
+                let ts = llama_batched_bench(bin, g, a.batch_depth, a.tokens, &a.batch, threads)?;
+                for ((best, t), n) in bests.iter_mut().zip(ts).zip(&a.batch) {
+                    *best = best.max(t);
+                    eprintln!("round {round}/{rounds}: llama.cpp {} batch {n}: {t:.1} tokens/s", g.display());
+                }
+            }
         }
         if let Some(bin) = &bin {
             for (g, label, depth, best, size) in &mut peers {
@@ -215,6 +245,27 @@ pub fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
             )?;
         }
     }
+    if !batched.is_empty() {
+        writeln!(md, "\n### Batched decode: several sequences stepped together\n")?;
+        writeln!(md, "Aggregate tokens/s of N sequences decoding together, each after its own prompt of {} tokens (not timed), {} steps, greedy: ours `Model::decode_batch` (what `serve` runs for N clients: every linear multiplies all N tokens while its codes are in cache, each sequence attending over its own KV cache), llama.cpp `llama-batched-bench -npp {} -ntg {} -npl N` (prompts not shared), in the same rounds; best round of each. In brackets: x the same side's one sequence. A step reads the weights once whatever N, so the aggregate grows with N until the arithmetic per token binds.\n", a.batch_depth, a.tokens, a.batch_depth, a.tokens)?;
+        let head: Vec<String> = a.batch.iter().map(|n| format!("N = {n}")).collect();
+        writeln!(md, "| model | {} |\n|---|{}", head.join(" | "), "---|".repeat(a.batch.len()))?;
+        let row = |ts: &[f64]| -> String {
+            ts.iter().map(|t| format!("{t:.1} ({:.2}x)", t / ts[0])).collect::<Vec<_>>().join(" | ")
+        };
+        for i in batched.iter().map(|b| b.0).collect::<std::collections::BTreeSet<_>>() {
+            let ts: Vec<f64> = batched.iter().filter(|b| b.0 == i).map(|b| b.2).collect();
+            writeln!(md, "| adadim: {} | {} |", ours[i].2, row(&ts))?;
+        }
+        for (g, ts) in a.gguf.iter().zip(&peers_batched) {
+            writeln!(
+                md,
+                "| llama.cpp llama-batched-bench: {} | {} |",
+                g.file_stem().unwrap_or_default().to_string_lossy(),
+                row(ts)
+            )?;
+        }
+    }
     writeln!(md, "\nllama.cpp's bound uses its whole file size (all weights, quantized embeddings included) as bytes per token. Threads: {threads} each.")?;
     let packed: Vec<PathBuf> =
         a.models.iter().filter_map(|m| model_dir(m).ok()).filter(|d| adadim_model::is_packed(d)).collect();
@@ -255,6 +306,92 @@ pub fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
     super::publish(&a.write, "decode", &md)
 }
 
+/// Aggregate decode tokens/s of `n` sequences stepped together ([`adadim_model::Model::decode_batch`]
+/// on the decode team, as `serve` runs it), each after its own `depth`-token prompt (prefill
+/// not timed), `tokens` greedy steps.
+fn batched_tokens_per_s(model: &adadim_model::Model, n: usize, depth: usize, tokens: usize) -> Result<f64> {
+    let vocab = model.config.vocab_size;
+    let mut caches: Vec<adadim_model::KvCache> = (0..n).map(|_| model.new_cache()).collect();
+    for (i, c) in caches.iter_mut().enumerate() {
+        // Different prompts, so the sequences do not decode the same tokens.
+        let prompt: Vec<u32> = (0..depth.max(1)).map(|p| ((p * 7 + i * 13) % 1000 + 1) as u32).collect();
+        model.forward_cached(&prompt, c)?;
+    }
+    let mut ids: Vec<u32> = (0..n as u32).map(|i| i + 1).collect();
+    let mut scratch = adadim_model::BatchScratch::default();
+    let helpers = rayon::current_num_threads().saturating_sub(1);
+    let start = std::time::Instant::now();
+    adadim_team::with_team(helpers, || -> Result<()> {
+        for _ in 0..tokens {
+            let mut refs: Vec<&mut adadim_model::KvCache> = caches.iter_mut().collect();
+            let logits = model.decode_batch(&ids, &mut refs, &mut scratch)?;
+            for (id, l) in ids.iter_mut().zip(logits.chunks_exact(vocab)) {
+                *id = l.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (j, &v)| if v > b.1 { (j, v) } else { b }).0
+                    as u32;
+            }
+        }
+        Ok(())
+    })?;
+    Ok((n * tokens) as f64 / start.elapsed().as_secs_f64())
+}
+
+/// llama.cpp's aggregate decode tokens/s for each of `batch` parallel sequences:
+/// `llama-batched-bench -npp depth -ntg gen -npl ...` with `threads`.
+fn llama_batched_bench(
+    bin: &Path,
+    gguf: &Path,
+    depth: usize,
+    gen: usize,
+    batch: &[usize],
+    threads: usize,
+) -> Result<Vec<f64>> {
+    let exe = bin.join("llama-batched-bench");
+    let npl: Vec<String> = batch.iter().map(|n| n.to_string()).collect();
+    let ctx = batch.iter().max().copied().unwrap_or(1) * (depth + gen) + 16;
+    let out = std::process::Command::new(&exe)
+        .arg("-m")
+        .arg(gguf)
+        .args(["-c", &ctx.to_string(), "-b", "2048", "-ub", "512"])
+        .args(["-npp", &depth.to_string(), "-ntg", &gen.to_string(), "-npl", &npl.join(",")])
+        .args(["-t", &threads.to_string(), "--output-format", "jsonl"])
+        .output();
+    let out = peer_output(&exe, gguf, out)?;
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let mut speeds = vec![None; batch.len()];
+    for line in text.lines().filter(|l| l.trim_start().starts_with('{')) {
+        let v: serde_json::Value = serde_json::from_str(line.trim())
+            .with_context(|| format!("{} printed a line that is not JSON: {line}", exe.display()))?;
+        let (pl, speed) = (v["pl"].as_u64(), v["speed_tg"].as_f64());
+        if let (Some(pl), Some(speed)) = (pl, speed) {
+            if let Some(i) = batch.iter().position(|&n| n as u64 == pl) {
+                speeds[i] = Some(speed);
+            }
+        }
+    }
+    speeds
+        .into_iter()
+        .zip(batch)
+        .map(|(s, n)| {
+            s.with_context(|| format!("{} printed no result for {n} sequences on {}", exe.display(), gguf.display()))
+        })
+        .collect()
+}
+
+/// A llama.cpp tool's output, or an error naming the tool, the file and what it printed.
+fn peer_output(exe: &Path, gguf: &Path, out: std::io::Result<std::process::Output>) -> Result<std::process::Output> {
+    let out = out.with_context(|| format!("running {}", exe.display()))?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "{} on {} failed ({}): {}",
+            exe.display(),
+            gguf.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(out)
+}
+
 /// llama.cpp's speed on one test: `llama-bench -p PROMPT -n GEN -d DEPTH` on `gguf` with
 /// `threads`, `reps` repetitions (llama-bench's own mean): decoding `gen` tokens after `depth`
 /// positions (`prompt` 0, tg GEN) or processing a `prompt` of that many tokens (`gen` 0, pp
@@ -286,17 +423,8 @@ pub fn llama_bench(
             "-o",
             "json",
         ])
-        .output()
-        .with_context(|| format!("running {}", exe.display()))?;
-    if !out.status.success() {
-        anyhow::bail!(
-            "{} on {} failed ({}): {}",
-            exe.display(),
-            gguf.display(),
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+        .output();
+    let out = peer_output(&exe, gguf, out)?;
     let v: serde_json::Value =
         serde_json::from_slice(&out.stdout).with_context(|| format!("{}: output is not JSON", exe.display()))?;
     let is = |r: &serde_json::Value| {
