@@ -129,6 +129,44 @@ unsafe fn row_sum_avx2<const B: usize>(
     }
 }
 
+/// [`row_sum_avx2`] for 8-bit codes with AVX-512: each step's 32 codes widened to int16 in one
+/// 512-bit register (`vpmovzxbw`) and multiplied with their 32 int16 activations by one
+/// `vpdpwssd` (with `VNNI`; else `vpmaddwd` and an add) into a block's 16 int32 lanes, then
+/// one conversion and multiply-add per block: about half the AVX2 loop's instructions per code
+/// (8-bit rows are the LM head that `--head-bits` quantizes, and the layers `--bpw` gives 8
+/// bits). No lane overflows: two products a step, at most 2 * 255 * 32767, four steps a
+/// block. Compiled inside the row loop's AVX-512 wrappers ([`rows`]).
+///
+/// # Safety
+/// AVX-512 F and BW (and VNNI if `VNNI`), AVX2 and FMA; `x.q` has `cols` values.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn row_sum8_avx512<const VNNI: bool>(row: &[u8], x: &Q16, cols: usize, sd: &[f32]) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    let (rp, qp) = (row.as_ptr(), x.q.as_ptr());
+    let steps = cols / QB;
+    assert!(steps * QB <= row.len().min(x.q.len()), "packed row too short for its codes");
+    let n = x.block / QB;
+    assert!(matches!(n, 1 | 2 | 4), "int16 blocks of {} values", x.block);
+    let sd = &sd[..steps.div_ceil(n)];
+    let dot = |acc: __m512i, j: usize| {
+        crate::simd::prefetch(rp.add(j * QB));
+        let c = _mm512_cvtepu8_epi16(_mm256_loadu_si256(rp.add(j * QB) as *const __m256i));
+        let a = _mm512_loadu_si512(qp.add(j * QB) as *const _);
+        if VNNI {
+            _mm512_dpwssd_epi32(acc, c, a)
+        } else {
+            _mm512_add_epi32(acc, _mm512_madd_epi16(c, a))
+        }
+    };
+    let mut a = _mm512_setzero_ps();
+    for (b, &scale) in sd.iter().enumerate() {
+        let sums = (b * n..(b * n + n).min(steps)).fold(_mm512_setzero_si512(), dot);
+        a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_set1_ps(scale), a);
+    }
+    crate::simd::halves_avx512(a)
+}
+
 /// `sum_b sd[b] * block(j0, j1)` over `steps` steps in blocks of `N` (the last block may be
 /// short; `block(j0, j1)` gives the int32 lane sums of steps `j0..j1`; `sd` the blocks' scales,
 /// [`block_scales`]), as 8 lane sums: the block loop of both int16 kernels. Whole blocks are
@@ -402,11 +440,62 @@ unsafe fn rows4_split_avx512<const B: usize, const VNNI: bool>(
     acc.map(|a| crate::simd::halves_avx512(a))
 }
 
-/// [`ROWS4`] per-OC rows from `r` on ([`row_oc`] for each, the kernel [`rows4_split_avx512`]).
+/// [`row_sum8_avx512`] for [`ROWS4`] rows at once, as [`rows4_split_avx512`] does for 3- and
+/// 4-bit codes: each step's activations are loaded once for the four rows, and the caller
+/// folds the four rows' lane sums together ([`crate::simd::sums4`]) where a row alone paid
+/// a reduction and a scalar zero-point term of its own (the LM head: 49152 rows of 576 codes).
+/// `ahead` as [`rows4_split_avx512`]'s.
 ///
 /// # Safety
-/// AVX2, FMA, AVX-512 F and BW (and VNNI if `VNNI`); `B` 3 or 4, `x.block` `2 SPLIT`, at most
-/// [`SHORT`] blocks; rows `r..r + ROWS4` exist.
+/// As [`row_sum8_avx512`] for each row; `x.block` is 32, 64 or 128.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn rows4_8_avx512<const VNNI: bool>(
+    rows: [&[u8]; ROWS4],
+    x: &Q16,
+    cols: usize,
+    sd: [&[f32]; ROWS4],
+    ahead: usize,
+) -> [std::arch::x86_64::__m256; ROWS4] {
+    use std::arch::x86_64::*;
+    let steps = cols / QB;
+    let n = x.block / QB;
+    assert!(matches!(n, 1 | 2 | 4), "int16 blocks of {} values", x.block);
+    assert!(
+        rows.iter().all(|row| steps * QB <= row.len()) && steps * QB <= x.q.len(),
+        "packed row too short for its codes"
+    );
+    let blocks = steps.div_ceil(n);
+    let sd = sd.map(|s| &s[..blocks]);
+    let (rp, qp) = (rows.map(|row| row.as_ptr()), x.q.as_ptr());
+    let mut acc = [_mm512_setzero_ps(); ROWS4];
+    for b in 0..blocks {
+        let mut sums = [_mm512_setzero_si512(); ROWS4];
+        for j in b * n..(b * n + n).min(steps) {
+            let a = _mm512_loadu_si512(qp.add(j * QB) as *const _);
+            for (i, s) in sums.iter_mut().enumerate() {
+                crate::simd::prefetch_line(rp[0].wrapping_add(ahead + (ROWS4 * j + i) * QB));
+                let c = _mm512_cvtepu8_epi16(_mm256_loadu_si256(rp[i].add(j * QB) as *const __m256i));
+                *s = if VNNI { _mm512_dpwssd_epi32(*s, c, a) } else { _mm512_add_epi32(*s, _mm512_madd_epi16(c, a)) };
+            }
+        }
+        for i in 0..ROWS4 {
+            acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums[i]), _mm512_set1_ps(sd[i][b]), acc[i]);
+        }
+    }
+    let mut out = [_mm256_setzero_ps(); ROWS4];
+    for i in 0..ROWS4 {
+        out[i] = crate::simd::halves_avx512(acc[i]);
+    }
+    out
+}
+
+/// [`ROWS4`] per-OC rows from `r` on ([`row_oc`] for each, the kernel [`rows4_split_avx512`],
+/// or [`rows4_8_avx512`] for 8-bit codes).
+///
+/// # Safety
+/// AVX2, FMA, AVX-512 F and BW (and VNNI if `VNNI`); `B` 3, 4 or 8, `x.block` `2 SPLIT`, at
+/// most [`SHORT`] blocks; rows `r..r + ROWS4` exist.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 unsafe fn rows4_oc<const B: usize, const VNNI: bool>(
@@ -421,6 +510,7 @@ unsafe fn rows4_oc<const B: usize, const VNNI: bool>(
     let (cols, pc, g) = (p.cols, xsum.len(), p.layout.group);
     let rows: [&[u8]; ROWS4] = std::array::from_fn(|i| p.row_codes(r + i));
     let params = |i: usize| (&p.scales[(r + i) * pc..(r + i + 1) * pc], &p.zeros[(r + i) * pc..(r + i + 1) * pc]);
+    // 8-bit rows hold no split activations: no steps of [`SPLIT`] (their kernel checks its own).
     let steps = x.hi.len() / SPLIT;
     assert!(rows.iter().all(|row| steps * SPLIT * B / 8 <= row.len()), "packed row too short for its codes");
     let n = x.d.len();
@@ -428,12 +518,19 @@ unsafe fn rows4_oc<const B: usize, const VNNI: bool>(
     for (i, sd) in sd.iter_mut().enumerate() {
         block_scales(params(i).0, &x.d, per, sd);
     }
-    let lanes = rows4_split_avx512::<B, VNNI>(
-        rows.map(|row| row.as_ptr()),
-        x,
-        [&sd[0][..n], &sd[1][..n], &sd[2][..n], &sd[3][..n]],
-        ahead.bytes,
-    );
+    let sd = [&sd[0][..n], &sd[1][..n], &sd[2][..n], &sd[3][..n]];
+    if B == 8 {
+        let lanes = rows4_8_avx512::<VNNI>(rows, x, cols, sd, ahead.bytes);
+        let mut sums = crate::simd::oc_sums4(p, r, lanes, xsum, tail);
+        let done = cols / QB * QB;
+        if done < cols {
+            for (i, y) in sums.iter_mut().enumerate() {
+                *y += dot_scalar(rows[i], 8, x, done, cols, |c| params(i).0[c / g]);
+            }
+        }
+        return sums;
+    }
+    let lanes = rows4_split_avx512::<B, VNNI>(rows.map(|row| row.as_ptr()), x, sd, ahead.bytes);
     let mut sums = crate::simd::oc_sums4(p, r, lanes, xsum, tail);
     if steps * SPLIT < cols {
         for (i, y) in sums.iter_mut().enumerate() {
@@ -458,6 +555,14 @@ unsafe fn rows4_ic<const B: usize, const VNNI: bool>(
 ) -> [f32; ROWS4] {
     let cols = v.q.len();
     let rows: [&[u8]; ROWS4] = std::array::from_fn(|i| p.row_codes(r + i));
+    if B == 8 {
+        let mut sums = crate::simd::sums4(rows4_8_avx512::<VNNI>(rows, v, cols, [&v.d[..]; ROWS4], ahead.bytes));
+        let done = cols / QB * QB;
+        for (y, row) in sums.iter_mut().zip(rows) {
+            *y += dot_scalar(row, 8, v, done, cols, |_| 1.0) - bias;
+        }
+        return sums;
+    }
     let steps = v.hi.len() / SPLIT;
     assert!(rows.iter().all(|row| steps * SPLIT * B / 8 <= row.len()), "packed row too short for its codes");
     let mut sums = crate::simd::sums4(rows4_split_avx512::<B, VNNI>(
@@ -516,9 +621,9 @@ unsafe fn body<const B: usize, const AVX512: bool, const VNNI: bool>(
     (sum, steps * if split { SPLIT } else { QB })
 }
 
-/// The kernel for `B`-bit codes with block scales `sd`: 3- and 4-bit blocks of 128 in 512-bit
-/// registers where `AVX512` (with `vpdpbusd` where `VNNI`), as the row loop's wrapper chose
-/// ([`rows`]).
+/// The kernel for `B`-bit codes with block scales `sd`: 3- and 4-bit blocks of 128 and 8-bit
+/// steps in 512-bit registers where `AVX512` (with `vpdpbusd` / `vpdpwssd` where `VNNI`), as
+/// the row loop's wrapper chose ([`rows`]).
 ///
 /// # Safety
 /// AVX2 and FMA; as [`body`], which checked the row's length; AVX-512 F and BW if `AVX512`, VNNI if
@@ -534,6 +639,7 @@ unsafe fn row_sum<const B: usize, const AVX512: bool, const VNNI: bool>(
 ) -> std::arch::x86_64::__m256 {
     match B {
         3 | 4 if AVX512 && x.block == 2 * SPLIT => row_sum_split_avx512::<B, VNNI>(row.as_ptr(), x, sd),
+        8 if AVX512 => row_sum8_avx512::<VNNI>(row, x, cols, sd),
         3 | 4 => row_sum_split_avx2::<B>(row.as_ptr(), x, sd),
         _ => row_sum_avx2::<B>(row.as_ptr(), x, cols, sd, t),
     }
@@ -658,7 +764,7 @@ impl IntActs for Q16 {
     }
 
     fn four_rows(bits: usize) -> bool {
-        bits == 3 || bits == 4
+        matches!(bits, 3 | 4 | 8)
     }
 
     /// Blocks of two steps, and few enough of them for the stack's block scales.
@@ -675,8 +781,8 @@ impl IntActs for Q16 {
         Tables::new()
     }
 
-    /// 3- and 4-bit codes take the AVX-512 block loop where the CPU has it, 2- and 8-bit codes
-    /// the AVX2 one.
+    /// 3-, 4- and 8-bit codes take the AVX-512 loops where the CPU has them, 2-bit codes the
+    /// AVX2 one.
     #[cfg(target_arch = "x86_64")]
     unsafe fn rows(p: &PackedLinear, job: &Job<Q16>, r0: usize, y: &mut [f32], t: &Tables) {
         match (p.layout.bits, t.wide) {
@@ -684,6 +790,8 @@ impl IntActs for Q16 {
             (4, Wide::Vnni) => rows_vnni::<Q16, 4>(p, job, r0, y, t),
             (3, Wide::Avx512) => rows_avx512bw::<Q16, 3>(p, job, r0, y, t),
             (4, Wide::Avx512) => rows_avx512bw::<Q16, 4>(p, job, r0, y, t),
+            (8, Wide::Vnni) => rows_vnni::<Q16, 8>(p, job, r0, y, t),
+            (8, Wide::Avx512) => rows_avx512bw::<Q16, 8>(p, job, r0, y, t),
             (2, _) => rows_avx2::<Q16, 2>(p, job, r0, y, t),
             (3, _) => rows_avx2::<Q16, 3>(p, job, r0, y, t),
             (4, _) => rows_avx2::<Q16, 4>(p, job, r0, y, t),
