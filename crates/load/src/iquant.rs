@@ -60,7 +60,7 @@ pub fn quants_file(home: &Path) -> Result<PathBuf> {
     let wheel = crate::fetch::pip_download(WHEEL.0, WHEEL.1, WHEEL.2, home)?;
     let dir = home.join("data");
     std::fs::create_dir_all(&dir).map_err(crate::error::io_err(&dir))?;
-    let tmp = out.with_extension(format!("partial-{}", std::process::id()));
+    let tmp = crate::fetch::partial_path(&out);
     let script = "import sys, zipfile\nwith zipfile.ZipFile(sys.argv[1]) as z, open(sys.argv[2], 'wb') as o:\n    o.write(z.read('gguf/quants.py'))\n";
     if let Err(e) = crate::fetch::run_python(WHEEL.0, script, &[&wheel, &tmp]) {
         let _ = std::fs::remove_file(&tmp);
