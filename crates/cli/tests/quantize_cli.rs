@@ -103,11 +103,16 @@ fn quantize_then_evaluate() {
         "0,9",
         "--reps",
         "2",
+        "--batch",
+        "1,3",
+        "--batch-depth",
+        "5",
         "--write",
         &s(&md),
     ]);
     assert_eq!(code, 0, "{se}");
     assert_eq!(se.matches("round 2/2: q packed").count(), 4, "int16 and int8 at both depths measured in round 2: {se}");
+    assert_eq!(se.matches("round 2/2: batch of ").count(), 4, "both precisions at batches of 1 and 3: {se}");
     let page = std::fs::read_to_string(&md).unwrap();
     let rows: Vec<&str> =
         page.lines().take_while(|l| !l.starts_with("### ")).filter(|l| l.starts_with("| adadim: q packed")).collect();
@@ -120,13 +125,25 @@ fn quantize_then_evaluate() {
     }
     // The deepest context's prefill, as prompt processing: one row per precision.
     assert!(page.contains("### Prompt processing: 9 tokens"), "{page}");
-    let pp: Vec<f64> = page
-        .lines()
-        .skip_while(|l| !l.starts_with("### Prompt processing"))
-        .filter(|l| l.starts_with("| adadim: q packed"))
-        .map(|l| l.split('|').nth(2).unwrap().trim().parse().unwrap())
-        .collect();
+    let section = |title: &str| -> Vec<String> {
+        let lines = page.lines().skip_while(|l| !l.starts_with(title)).skip(1);
+        lines
+            .take_while(|l| !l.starts_with("### "))
+            .filter(|l| l.starts_with("| adadim: q packed"))
+            .map(String::from)
+            .collect()
+    };
+    let pp: Vec<f64> =
+        section("### Prompt processing").iter().map(|l| l.split('|').nth(2).unwrap().trim().parse().unwrap()).collect();
     assert!(pp.len() == 2 && pp.iter().all(|&t| t > 0.0), "{page}");
+    // Batched decode: one row per precision, each batch's aggregate tokens/s and x one sequence.
+    let batched = section("### Batched decode");
+    assert_eq!(batched.len(), 2, "{page}");
+    for row in &batched {
+        let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+        assert!(cells[2].ends_with("(1.00x)") && cells[3].ends_with("x)"), "{row}");
+        assert!(cells[2..4].iter().all(|c| c.split(' ').next().unwrap().parse::<f64>().unwrap() > 0.0), "{row}");
+    }
     std::fs::remove_file(&md).unwrap();
 
     // bench kernels: every kernel on a small shape, triad measured around them, the rows written.

@@ -130,7 +130,7 @@ pub fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
             models[m].set_settings(s)?;
             let ts = batched_tokens_per_s(&models[m], *n, a.batch_depth, a.tokens)?;
             *best = best.max(ts);
-            eprintln!("round {round}/{rounds}: {} batch {n}: {ts:.1} tokens/s", ours[*i].2);
+            eprintln!("round {round}/{rounds}: batch of {n}, {}: {ts:.1} tokens/s", ours[*i].2);
         }
         if let (Some(bin), false) = (&bin, a.batch.is_empty()) {
             for (g, bests) in a.gguf.iter().zip(&mut peers_batched) {
@@ -310,14 +310,14 @@ pub fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
 /// on the decode team, as `serve` runs it), each after its own `depth`-token prompt (prefill
 /// not timed), `tokens` greedy steps.
 fn batched_tokens_per_s(model: &adadim_model::Model, n: usize, depth: usize, tokens: usize) -> Result<f64> {
-    let vocab = model.config.vocab_size;
+    let vocab = model.config.vocab_size.max(2);
     let mut caches: Vec<adadim_model::KvCache> = (0..n).map(|_| model.new_cache()).collect();
     for (i, c) in caches.iter_mut().enumerate() {
         // Different prompts, so the sequences do not decode the same tokens.
-        let prompt: Vec<u32> = (0..depth.max(1)).map(|p| ((p * 7 + i * 13) % 1000 + 1) as u32).collect();
+        let prompt: Vec<u32> = (0..depth.max(1)).map(|p| ((p * 7 + i * 13) % (vocab - 1) + 1) as u32).collect();
         model.forward_cached(&prompt, c)?;
     }
-    let mut ids: Vec<u32> = (0..n as u32).map(|i| i + 1).collect();
+    let mut ids: Vec<u32> = (0..n).map(|i| (i % (vocab - 1) + 1) as u32).collect();
     let mut scratch = adadim_model::BatchScratch::default();
     let helpers = rayon::current_num_threads().saturating_sub(1);
     let start = std::time::Instant::now();
