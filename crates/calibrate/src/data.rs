@@ -188,6 +188,15 @@ mod tests {
     }
 
     #[test]
+    fn the_mix_says_its_piece_length() {
+        // The named set's description is a literal; it must name the length interleave uses.
+        let said = TASK_SPECIFIC.iter().find(|c| c.0 == "mix").expect("the mix set").1;
+        let n = MIX_PIECE.to_string();
+        let with_comma = format!("{},{}", &n[..n.len() - 3], &n[n.len() - 3..]);
+        assert!(said.contains(&format!("pieces of {with_comma} characters")), "{said}");
+    }
+
+    #[test]
     fn samples_are_seeded_crops() {
         let ids: Vec<u32> = (0..1000).collect();
         let a = sample_windows(&ids, 5, 16, 0, Path::new("x")).unwrap();
