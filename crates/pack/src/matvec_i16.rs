@@ -329,6 +329,29 @@ unsafe fn block_sums_avx512<const VNNI: bool>(
     }
 }
 
+/// [`block_sums_avx512`] for a block of one step (`c` its `[e, o]` codes, `hi` and `lo` its
+/// split activations): with `VNNI` two `vpdpbusd` and a shift, without two `vpmaddubsw` and two
+/// `vpmaddwd`.
+///
+/// # Safety
+/// AVX-512 F and BW (and VNNI if `VNNI`).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn step_sums_avx512<const VNNI: bool>(
+    c: std::arch::x86_64::__m512i,
+    hi: std::arch::x86_64::__m512i,
+    lo: std::arch::x86_64::__m512i,
+) -> std::arch::x86_64::__m512i {
+    use std::arch::x86_64::*;
+    if VNNI {
+        let h = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c, hi);
+        _mm512_dpbusd_epi32(_mm512_slli_epi32::<8>(h), lo, c)
+    } else {
+        let (ph, pl) = (_mm512_maddubs_epi16(c, hi), _mm512_maddubs_epi16(lo, c));
+        _mm512_add_epi32(_mm512_madd_epi16(ph, _mm512_set1_epi16(256)), _mm512_madd_epi16(pl, _mm512_set1_epi16(1)))
+    }
+}
+
 /// [`row_sum_split_avx2`] for blocks of two steps with AVX-512: a block of 128 codes per
 /// iteration in 512-bit registers. Each step's codes come as one register `[e, o]`
 /// ([`bits::step_codes_avx512`], shared with the int8 kernel), lined up with the split
@@ -410,10 +433,24 @@ unsafe fn rows4_split_avx512<const B: usize, const VNNI: bool>(
     ahead: usize,
 ) -> [std::arch::x86_64::__m256; ROWS4] {
     use std::arch::x86_64::*;
-    debug_assert_eq!(x.block, 2 * SPLIT);
+    debug_assert!(x.block == 2 * SPLIT || x.block == SPLIT);
     let steps = x.hi.len() / SPLIT;
     let (hp, lp) = (x.hi.as_ptr() as *const u8, x.lo.as_ptr());
     let ld = |p: *const u8| _mm512_loadu_si512(p as *const _);
+    if x.block == SPLIT {
+        // Blocks of one step (per-OC groups of 64): each step its own scale.
+        let sd = sd.map(|s| &s[..steps]);
+        let mut acc = [_mm512_setzero_ps(); ROWS4];
+        for j in 0..steps {
+            let (h, l) = (ld(hp.add(j * SPLIT)), ld(lp.add(j * SPLIT)));
+            for (i, a) in acc.iter_mut().enumerate() {
+                crate::simd::prefetch_line(rp[0].wrapping_add(ahead + (ROWS4 * j + i) * 8 * B));
+                let sums = step_sums_avx512::<VNNI>(bits::codes_avx512::<B>(rp[i], j), h, l);
+                *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_set1_ps(sd[i][j]), *a);
+            }
+        }
+        return acc.map(|a| crate::simd::halves_avx512(a));
+    }
     let sd = sd.map(|s| &s[..steps.div_ceil(2)]);
     // `ahead` ([`crate::simd::Ahead4`]); a block's 16 B bytes are at most a line.
     let mut acc = [_mm512_setzero_ps(); ROWS4];
@@ -494,8 +531,8 @@ unsafe fn rows4_8_avx512<const VNNI: bool>(
 /// or [`rows4_8_avx512`] for 8-bit codes).
 ///
 /// # Safety
-/// AVX2, FMA, AVX-512 F and BW (and VNNI if `VNNI`); `B` 3, 4 or 8, `x.block` `2 SPLIT`, at
-/// most [`SHORT`] blocks; rows `r..r + ROWS4` exist.
+/// AVX2, FMA, AVX-512 F and BW (and VNNI if `VNNI`); `B` 3, 4 or 8, `x.block` `2 SPLIT` or
+/// `SPLIT`, at most [`SHORT`] blocks; rows `r..r + ROWS4` exist.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 unsafe fn rows4_oc<const B: usize, const VNNI: bool>(
@@ -767,9 +804,10 @@ impl IntActs for Q16 {
         matches!(bits, 3 | 4 | 8)
     }
 
-    /// Blocks of two steps, and few enough of them for the stack's block scales.
+    /// Blocks of two steps or of one (groups of 64), and few enough of them for the stack's
+    /// block scales.
     fn four_rows_oc(x: &Q16) -> bool {
-        x.block == 2 * SPLIT && x.d.len() <= SHORT
+        (x.block == 2 * SPLIT || x.block == SPLIT) && x.d.len() <= SHORT
     }
 
     fn four_rows_ic(v: &Q16) -> bool {
