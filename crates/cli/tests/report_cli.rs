@@ -202,4 +202,27 @@ fn a_budget_run_draws_each_linears_layout() {
     let svg_text = std::fs::read_to_string(q.join("report").join("allocation.svg")).unwrap();
     // One dot per linear (7 modules x 2 layers) besides the legend's.
     assert!(svg_text.matches("<circle").count() >= 14, "too few dots");
+
+    // bench decode sets the mixed model against uniform ones of fewer and more bytes per token.
+    let mut models = vec![s(&q)];
+    // Whole-channel 2-bit rows read fewer bytes, 8-bit rows in groups of 32 more.
+    for (bits, group) in [("2", "0"), ("8", "32")] {
+        let u = d.path().join(format!("w{bits}g{group}"));
+        let args = ["quantize", "--model", &s(&m), "--method", "rtn", "--bits", bits, "--group", group, "--calib"];
+        let rest =
+            [s(&text), "--nsamples".into(), "4".into(), "--calib-seqlen".into(), "32".into(), "--out".into(), s(&u)];
+        let all: Vec<&str> = args.iter().copied().chain(rest.iter().map(String::as_str)).collect();
+        let (code, _, se) = adadim(&all);
+        assert_eq!(code, 0, "{se}");
+        models.push(s(&u));
+    }
+    let md = d.path().join("BENCH.md");
+    let list = models.join(",");
+    let bench = ["bench", "decode", "--models", &list, "--tokens", "4", "--depth", "0", "--reps", "1"];
+    let more = ["--act-bits", "16", "--batch", "1", "--batch-depth", "2", "--write", &s(&md)];
+    let (code, _, se) = adadim(&[&bench[..], &more[..]].concat());
+    assert_eq!(code, 0, "{se}");
+    let page = std::fs::read_to_string(&md).unwrap();
+    let line = page.lines().find(|l| l.starts_with("- q packed (rtn-ada --bpw ")).unwrap_or_else(|| panic!("{page}"));
+    assert!(line.contains("of its bound; uniform models around its") && line.ends_with('%'), "{line}");
 }

@@ -16,6 +16,8 @@ pub fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
     // GB/s), and timing all of ours before all of llama.cpp's gave one side the better minutes.
     let acts = a.act_bits.iter().map(|&b| act_bits(b)).collect::<Result<Vec<_>>>()?;
     let mut models = Vec::new();
+    // Per model: a packed model, and one whose layouts `--bpw` chose.
+    let (mut packed_model, mut mixed) = (Vec::new(), Vec::new());
     // (model index, activations, label, depth, best decode tokens/s, best prefill tokens/s of
     // the depth's prompt)
     let mut ours: Vec<(usize, adadim_pack::ActBits, String, usize, f64, f64)> = Vec::new();
@@ -46,20 +48,23 @@ pub fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
         for &act in if packed { &acts[..] } else { &[adadim_pack::ActBits::I16][..] } {
             let label = if packed {
                 // What the run recorded; "?" for a model without (a readable) report.json.
-                let (method, dim, bits, group) = match adadim_calibrate::Report::read(&dir) {
+                let (method, dim, layout) = match adadim_calibrate::Report::read(&dir) {
                     Ok(r) => {
                         let st = r.summary.settings;
-                        (
-                            st.method.name(),
-                            st.dim.name(),
-                            st.spec.bits.to_string(),
-                            st.spec.group.map_or("null".to_string(), |g| g.to_string()),
-                        )
+                        let layout = match &r.summary.allocation {
+                            Some(al) => format!("--bpw {:.2}", al.bpw),
+                            None => format!(
+                                "w{}g{}",
+                                st.spec.bits,
+                                st.spec.group.map_or("null".to_string(), |g| g.to_string())
+                            ),
+                        };
+                        (st.method.name(), st.dim.name(), layout)
                     }
-                    Err(_) => ("?", "?", "null".to_string(), "null".to_string()),
+                    Err(_) => ("?", "?", "w?g?".to_string()),
                 };
                 format!(
-                    "{} packed ({method}-{dim} w{bits}g{group}{head}, int{} activations)",
+                    "{} packed ({method}-{dim} {layout}{head}, int{} activations)",
                     dir.file_name().unwrap_or_default().to_string_lossy(),
                     act.bits()
                 )
@@ -70,6 +75,8 @@ pub fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
                 ours.push((models.len(), act, label.clone(), d, 0.0, 0.0));
             }
         }
+        mixed.push(packed && adadim_calibrate::Report::read(&dir).is_ok_and(|r| r.summary.allocation.is_some()));
+        packed_model.push(packed);
         models.push(model);
     }
     let llama = a
@@ -180,6 +187,31 @@ pub fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
             best / bound
         )?;
     }
+    // A `--bpw` model mixes layouts: its fraction of the bound against the uniform packed
+    // models' at the same depth and precision, interpolated at its bytes per token (issue 32:
+    // a mixed model should decode at the speed its bytes predict).
+    let frac = |(m, _, _, depth, best, _): &(usize, adadim_pack::ActBits, String, usize, f64, f64)| {
+        let bytes = models[*m].weight_bytes_per_token() as f64 + kv_bytes(&models[*m], *depth);
+        (bytes, best / (triad * 1e9 / bytes))
+    };
+    let mut mixed_lines = Vec::new();
+    for o in ours.iter().filter(|o| mixed[o.0]) {
+        let (bytes, f) = frac(o);
+        let uniform: Vec<(f64, f64)> =
+            ours.iter().filter(|u| !mixed[u.0] && packed_model[u.0] && u.1 == o.1 && u.3 == o.3).map(&frac).collect();
+        let below = uniform.iter().filter(|u| u.0 <= bytes).max_by(|a, b| a.0.total_cmp(&b.0));
+        let above = uniform.iter().filter(|u| u.0 >= bytes).min_by(|a, b| a.0.total_cmp(&b.0));
+        if let (Some(&(b0, f0)), Some(&(b1, f1))) = (below, above) {
+            let want = if b1 > b0 { f0 + (f1 - f0) * (bytes - b0) / (b1 - b0) } else { f0 };
+            mixed_lines.push(format!(
+                "- {} @ {}: {f:.2} of its bound; uniform models around its {:.1} MB / token: {want:.2}; {:+.1}%",
+                o.2,
+                o.3,
+                bytes / 1e6,
+                100.0 * (f / want - 1.0)
+            ));
+        }
+    }
     for (_, label, depth, ts, size) in &peers {
         // The same model's keys and values (the GGUFs are of the models measured above).
         let kv = models.first().map_or(0.0, |m| kv_bytes(m, *depth));
@@ -192,6 +224,10 @@ pub fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
             bytes / 1e6,
             ts / bound
         )?;
+    }
+    if !mixed_lines.is_empty() {
+        writeln!(md, "\nMixed layouts (`--bpw`) against uniform ones: each `--bpw` model's fraction of its bound beside the fraction the uniform packed models measured at the same depth and precision reach, interpolated at its bytes per token:\n")?;
+        writeln!(md, "{}", mixed_lines.join("\n"))?;
     }
     if !peers.is_empty() {
         writeln!(md, "\nadadim / llama.cpp decode speed, at the same depth:\n")?;
