@@ -433,7 +433,7 @@ unsafe fn rows4_split_avx512<const B: usize, const VNNI: bool>(
     ahead: usize,
 ) -> [std::arch::x86_64::__m256; ROWS4] {
     use std::arch::x86_64::*;
-    debug_assert!(x.block == 2 * SPLIT || x.block == SPLIT);
+    debug_assert!(matches!(x.block, QB | SPLIT) || x.block == 2 * SPLIT);
     let steps = x.hi.len() / SPLIT;
     let (hp, lp) = (x.hi.as_ptr() as *const u8, x.lo.as_ptr());
     let ld = |p: *const u8| _mm512_loadu_si512(p as *const _);
@@ -447,6 +447,24 @@ unsafe fn rows4_split_avx512<const B: usize, const VNNI: bool>(
                 crate::simd::prefetch_line(rp[0].wrapping_add(ahead + (ROWS4 * j + i) * 8 * B));
                 let sums = step_sums_avx512::<VNNI>(bits::codes_avx512::<B>(rp[i], j), h, l);
                 *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_set1_ps(sd[i][j]), *a);
+            }
+        }
+        return acc.map(|a| crate::simd::halves_avx512(a));
+    }
+    if x.block == QB {
+        // Blocks of half a step (per-OC groups of 32): lanes 0-3 and 8-11 sum the step's first
+        // 32 codes (even codes in the low half, odd in the high), lanes 4-7 and 12-15 the rest,
+        // as the AVX2 loop's halves.
+        let sd = sd.map(|s| &s[..2 * steps]);
+        let mut acc = [_mm512_setzero_ps(); ROWS4];
+        for j in 0..steps {
+            let (h, l) = (ld(hp.add(j * SPLIT)), ld(lp.add(j * SPLIT)));
+            for (i, a) in acc.iter_mut().enumerate() {
+                crate::simd::prefetch_line(rp[0].wrapping_add(ahead + (ROWS4 * j + i) * 8 * B));
+                let sums = step_sums_avx512::<VNNI>(bits::codes_avx512::<B>(rp[i], j), h, l);
+                let (d0, d1) = (sd[i][2 * j], sd[i][2 * j + 1]);
+                let d = _mm512_setr_ps(d0, d0, d0, d0, d1, d1, d1, d1, d0, d0, d0, d0, d1, d1, d1, d1);
+                *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), d, *a);
             }
         }
         return acc.map(|a| crate::simd::halves_avx512(a));
@@ -531,8 +549,8 @@ unsafe fn rows4_8_avx512<const VNNI: bool>(
 /// or [`rows4_8_avx512`] for 8-bit codes).
 ///
 /// # Safety
-/// AVX2, FMA, AVX-512 F and BW (and VNNI if `VNNI`); `B` 3, 4 or 8, `x.block` `2 SPLIT` or
-/// `SPLIT`, at most [`SHORT`] blocks; rows `r..r + ROWS4` exist.
+/// AVX2, FMA, AVX-512 F and BW (and VNNI if `VNNI`); `B` 3, 4 or 8, `x.block` `2 SPLIT`,
+/// `SPLIT` or `QB`, at most [`SHORT`] blocks; rows `r..r + ROWS4` exist.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 unsafe fn rows4_oc<const B: usize, const VNNI: bool>(
@@ -804,10 +822,10 @@ impl IntActs for Q16 {
         matches!(bits, 3 | 4 | 8)
     }
 
-    /// Blocks of two steps or of one (groups of 64), and few enough of them for the stack's
-    /// block scales.
+    /// Blocks of two steps, one (groups of 64) or half of one (groups of 32), and few enough
+    /// of them for the stack's block scales.
     fn four_rows_oc(x: &Q16) -> bool {
-        (x.block == 2 * SPLIT || x.block == SPLIT) && x.d.len() <= SHORT
+        (x.block == 2 * SPLIT || x.block == SPLIT || x.block == QB) && x.d.len() <= SHORT
     }
 
     fn four_rows_ic(v: &Q16) -> bool {
