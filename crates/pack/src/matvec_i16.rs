@@ -437,33 +437,25 @@ unsafe fn rows4_split_avx512<const B: usize, const VNNI: bool>(
     let steps = x.hi.len() / SPLIT;
     let (hp, lp) = (x.hi.as_ptr() as *const u8, x.lo.as_ptr());
     let ld = |p: *const u8| _mm512_loadu_si512(p as *const _);
-    if x.block == SPLIT {
-        // Blocks of one step (per-OC groups of 64): each step its own scale.
-        let sd = sd.map(|s| &s[..steps]);
+    if x.block == SPLIT || x.block == QB {
+        // Blocks of one step (per-OC groups of 64), each step its own scale, or of half a step
+        // (groups of 32): a step's lanes 0-3 and 8-11 sum its first 32 codes (even codes in
+        // the low half, odd in the high), lanes 4-7 and 12-15 the rest, as the AVX2 loop's
+        // halves.
+        let halves = x.block == QB;
+        let sd = sd.map(|s| &s[..if halves { 2 * steps } else { steps }]);
         let mut acc = [_mm512_setzero_ps(); ROWS4];
         for j in 0..steps {
             let (h, l) = (ld(hp.add(j * SPLIT)), ld(lp.add(j * SPLIT)));
             for (i, a) in acc.iter_mut().enumerate() {
                 crate::simd::prefetch_line(rp[0].wrapping_add(ahead + (ROWS4 * j + i) * 8 * B));
                 let sums = step_sums_avx512::<VNNI>(bits::codes_avx512::<B>(rp[i], j), h, l);
-                *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_set1_ps(sd[i][j]), *a);
-            }
-        }
-        return acc.map(|a| crate::simd::halves_avx512(a));
-    }
-    if x.block == QB {
-        // Blocks of half a step (per-OC groups of 32): lanes 0-3 and 8-11 sum the step's first
-        // 32 codes (even codes in the low half, odd in the high), lanes 4-7 and 12-15 the rest,
-        // as the AVX2 loop's halves.
-        let sd = sd.map(|s| &s[..2 * steps]);
-        let mut acc = [_mm512_setzero_ps(); ROWS4];
-        for j in 0..steps {
-            let (h, l) = (ld(hp.add(j * SPLIT)), ld(lp.add(j * SPLIT)));
-            for (i, a) in acc.iter_mut().enumerate() {
-                crate::simd::prefetch_line(rp[0].wrapping_add(ahead + (ROWS4 * j + i) * 8 * B));
-                let sums = step_sums_avx512::<VNNI>(bits::codes_avx512::<B>(rp[i], j), h, l);
-                let (d0, d1) = (sd[i][2 * j], sd[i][2 * j + 1]);
-                let d = _mm512_setr_ps(d0, d0, d0, d0, d1, d1, d1, d1, d0, d0, d0, d0, d1, d1, d1, d1);
+                let d = if halves {
+                    let (d0, d1) = (sd[i][2 * j], sd[i][2 * j + 1]);
+                    _mm512_setr_ps(d0, d0, d0, d0, d1, d1, d1, d1, d0, d0, d0, d0, d1, d1, d1, d1)
+                } else {
+                    _mm512_set1_ps(sd[i][j])
+                };
                 *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), d, *a);
             }
         }
