@@ -45,24 +45,23 @@ pub fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
             ..model.settings()
         })?;
         let head = if packed && a.head_bits > 0 { format!(", head {}-bit", a.head_bits) } else { String::new() };
+        // What the run recorded, read once; "?" for a model without (a readable) report.json.
+        let report = if packed { adadim_calibrate::Report::read(&dir).ok() } else { None };
+        let (method, dim, layout) = match &report {
+            Some(r) => {
+                let st = &r.summary.settings;
+                let layout = match &r.summary.allocation {
+                    Some(al) => format!("--bpw {:.2}", al.bpw),
+                    None => {
+                        format!("w{}g{}", st.spec.bits, st.spec.group.map_or("null".to_string(), |g| g.to_string()))
+                    }
+                };
+                (st.method.name(), st.dim.name(), layout)
+            }
+            None => ("?", "?", "w?g?".to_string()),
+        };
         for &act in if packed { &acts[..] } else { &[adadim_pack::ActBits::I16][..] } {
             let label = if packed {
-                // What the run recorded; "?" for a model without (a readable) report.json.
-                let (method, dim, layout) = match adadim_calibrate::Report::read(&dir) {
-                    Ok(r) => {
-                        let st = r.summary.settings;
-                        let layout = match &r.summary.allocation {
-                            Some(al) => format!("--bpw {:.2}", al.bpw),
-                            None => format!(
-                                "w{}g{}",
-                                st.spec.bits,
-                                st.spec.group.map_or("null".to_string(), |g| g.to_string())
-                            ),
-                        };
-                        (st.method.name(), st.dim.name(), layout)
-                    }
-                    Err(_) => ("?", "?", "w?g?".to_string()),
-                };
                 format!(
                     "{} packed ({method}-{dim} {layout}{head}, int{} activations)",
                     dir.file_name().unwrap_or_default().to_string_lossy(),
@@ -75,7 +74,7 @@ pub fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
                 ours.push((models.len(), act, label.clone(), d, 0.0, 0.0));
             }
         }
-        mixed.push(packed && adadim_calibrate::Report::read(&dir).is_ok_and(|r| r.summary.allocation.is_some()));
+        mixed.push(report.is_some_and(|r| r.summary.allocation.is_some()));
         packed_model.push(packed);
         models.push(model);
     }
@@ -109,7 +108,7 @@ pub fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
     let mut batched: Vec<(usize, usize, f64)> = Vec::new();
     for (i, o) in ours.iter().enumerate() {
         let first = ours.iter().position(|p| p.0 == o.0 && p.1 == o.1) == Some(i);
-        if first && adadim_model::is_packed(&model_dir(&a.models[o.0])?) {
+        if first && packed_model[o.0] {
             batched.extend(a.batch.iter().map(|&n| (i, n, 0.0)));
         }
     }
@@ -355,6 +354,8 @@ fn batched_tokens_per_s(model: &adadim_model::Model, n: usize, depth: usize, tok
     }
     let mut ids: Vec<u32> = (0..n).map(|i| (i % (vocab - 1) + 1) as u32).collect();
     let mut scratch = adadim_model::BatchScratch::default();
+    // Temperature 0: the argmax, as `generate` picks it.
+    let mut greedy = adadim_run::Sampler::new(0.0, 1.0, 0);
     let helpers = rayon::current_num_threads().saturating_sub(1);
     let start = std::time::Instant::now();
     adadim_team::with_team(helpers, || -> Result<()> {
@@ -362,8 +363,7 @@ fn batched_tokens_per_s(model: &adadim_model::Model, n: usize, depth: usize, tok
             let mut refs: Vec<&mut adadim_model::KvCache> = caches.iter_mut().collect();
             let logits = model.decode_batch(&ids, &mut refs, &mut scratch)?;
             for (id, l) in ids.iter_mut().zip(logits.chunks_exact(vocab)) {
-                *id = l.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (j, &v)| if v > b.1 { (j, v) } else { b }).0
-                    as u32;
+                *id = greedy.next(l);
             }
         }
         Ok(())
