@@ -38,7 +38,7 @@ fn cases() -> Vec<(usize, usize, QuantSpec)> {
     // the rest so that the earlier cases draw the same weights as before.
     for bits in [2u8, 3, 4, 8] {
         for axis in [Axis::Oc, Axis::Ic] {
-            for (rows, cols, group) in [(22, 576, 64), (9, 1536, 64), (22, 576, 32), (9, 608, 32)] {
+            for (rows, cols, group) in [(22, 576, 64), (9, 1536, 64), (22, 576, 32), (9, 608, 32), (9, 1536, 32)] {
                 out.push((rows, cols, QuantSpec { bits, group: Some(group), axis, zero: Zero::Awq }));
             }
         }
@@ -181,8 +181,8 @@ fn rtn_matrices_round_trip_and_multiply() {
     #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
         // 2, 3, 4, 8 bits x (per-IC on all seven shapes + per-OC on the five with 32-multiple groups) x 4 zero
-        // styles (float minima included), and the groups of 64 and 32 (both axes, four shapes).
-        assert_eq!(int16, 4 * 12 * 4 + 4 * 2 * 4, "cases that ran the int16 kernel");
+        // styles (float minima included), and the groups of 64 and 32 (both axes, five shapes).
+        assert_eq!(int16, 4 * 12 * 4 + 4 * 2 * 5, "cases that ran the int16 kernel");
     }
 }
 
