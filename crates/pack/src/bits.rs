@@ -228,10 +228,11 @@ pub(crate) unsafe fn chunk3_avx2(p: *const u8) -> [std::arch::x86_64::__m256i; 2
     [even, odd]
 }
 
-/// AVX2: step `j` of a row of `B`-bit codes (`B` 3 or 4, 64 codes a step) as bytes, even codes
+/// AVX2: step `j` of a row of `B`-bit codes (`B` 2, 3 or 4, 64 codes a step) as bytes, even codes
 /// then odd ones, as the byte-product kernels ([`crate::matvec_i8`], [`crate::matvec_i16`]) read them: 4-bit,
-/// the step's 32 bytes' low and high nibbles; 3-bit, its planar chunk ([`chunk3_avx2`]). Asks
-/// for the row's bytes [`crate::simd::PREFETCH`] ahead first.
+/// the step's 32 bytes' low and high nibbles; 3-bit, its planar chunk ([`chunk3_avx2`]); 2-bit,
+/// its 16 bytes widened to words ([`words2_avx2`]). Asks for the row's bytes
+/// [`crate::simd::PREFETCH`] ahead first.
 ///
 /// # Safety
 /// AVX2; `rp` has the row's `64 B / 8` bytes of step `j` readable.
@@ -244,20 +245,43 @@ pub(crate) unsafe fn step_codes_avx2<const B: usize>(rp: *const u8, j: usize) ->
     if B == 3 {
         return chunk3_avx2(rp.add(j * CHUNK3_BYTES));
     }
+    if B == 2 {
+        let (w, mask) = (words2_avx2(rp.add(j * 16)), _mm256_set1_epi16(0x0303));
+        return [_mm256_and_si256(w, mask), _mm256_and_si256(_mm256_srli_epi16::<2>(w), mask)];
+    }
     let (c, mask) = (_mm256_loadu_si256(rp.add(j * 32) as *const __m256i), _mm256_set1_epi8(0x0f));
     [_mm256_and_si256(c, mask), _mm256_and_si256(_mm256_srli_epi16::<4>(c), mask)]
 }
 
-/// AVX-512: step `j` of a row of `B`-bit codes (`B` 3 or 4) as one register of bytes, its 32
+/// The 16 bytes of a step of 2-bit codes at `p` (byte `k` holds codes `4k .. 4k + 3`, two bits
+/// each from bit 0) as 16-bit words `w_k = b_k | b_k << 4`: the low byte of `w_k` holds codes
+/// `4k` (bits 0-1) and `4k + 1` (bits 2-3), its high byte codes `4k + 2` and `4k + 3`, so the
+/// words masked with `0x0303` are the step's even codes in order as bytes, and shifted right by
+/// 2 first its odd codes.
+///
+/// # Safety
+/// AVX2; 16 bytes readable at `p`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn words2_avx2(p: *const u8) -> std::arch::x86_64::__m256i {
+    use std::arch::x86_64::*;
+    let w = _mm256_cvtepu8_epi16(_mm_loadu_si128(p as *const __m128i));
+    _mm256_or_si256(w, _mm256_slli_epi16::<4>(w))
+}
+
+/// AVX-512: step `j` of a row of `B`-bit codes (`B` 2, 3 or 4) as one register of bytes, its 32
 /// even codes then its 32 odd ones, the order of a step's int8 activations ([`crate::matvec_i8`]).
 /// The step's bytes are broadcast to both halves and the upper half shifted by a nibble (one
 /// variable shift, no lane shuffle); 3-bit: [`chunk3_avx2`]'s decode on all four lanes, its
-/// masks and `or` one `vpternlogq`. Asks for the row's bytes ahead first.
+/// masks and `or` one `vpternlogq`; 2-bit: the step's 16 bytes twice, widened to words, each
+/// shifted as [`words2_avx2`] describes (the upper half's two bits further right) and masked by
+/// one `vpternlogq`. Asks for the row's bytes ahead first.
 ///
 /// # Safety
-/// AVX-512 F; `rp` has the row's `64 B / 8` bytes of step `j` readable.
+/// AVX-512 F and BW; `rp` has the row's `64 B / 8` bytes of step `j` readable.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
+#[target_feature(enable = "avx512f,avx512bw")]
 #[inline]
 pub(crate) unsafe fn step_codes_avx512<const B: usize>(rp: *const u8, j: usize) -> std::arch::x86_64::__m512i {
     crate::simd::prefetch(rp.add(j * 64 * B / 8));
@@ -270,7 +294,7 @@ pub(crate) unsafe fn step_codes_avx512<const B: usize>(rp: *const u8, j: usize) 
 /// # Safety
 /// As [`step_codes_avx512`].
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
+#[target_feature(enable = "avx512f,avx512bw")]
 #[inline]
 pub(crate) unsafe fn codes_avx512<const B: usize>(rp: *const u8, j: usize) -> std::arch::x86_64::__m512i {
     use std::arch::x86_64::*;
@@ -289,6 +313,40 @@ pub(crate) unsafe fn codes_avx512<const B: usize>(rp: *const u8, j: usize) -> st
         // Bits 0-1 from the low plane, bit 2 from the high one; the rest masked off.
         let both = _mm512_ternarylogic_epi64::<0xCA>(_mm512_set1_epi8(0x33), low, high);
         return _mm512_and_si512(both, _mm512_set1_epi8(7));
+    }
+    if B == 2 {
+        // Words k and 16 + k hold byte k of the step: b | b << 4 masked with 0x0303 gives the
+        // even codes (lower half), (b >> 2 | b << 2) the odd ones (upper half).
+        let b = _mm256_broadcastsi128_si256(_mm_loadu_si128(rp.add(j * 16) as *const __m128i));
+        let w = _mm512_cvtepu8_epi16(b);
+        let up = _mm512_sllv_epi16(
+            w,
+            _mm512_setr_epi64(
+                0x4_0004_0004_0004,
+                0x4_0004_0004_0004,
+                0x4_0004_0004_0004,
+                0x4_0004_0004_0004,
+                0x2_0002_0002_0002,
+                0x2_0002_0002_0002,
+                0x2_0002_0002_0002,
+                0x2_0002_0002_0002,
+            ),
+        );
+        let down = _mm512_srlv_epi16(
+            w,
+            _mm512_setr_epi64(
+                0,
+                0,
+                0,
+                0,
+                0x2_0002_0002_0002,
+                0x2_0002_0002_0002,
+                0x2_0002_0002_0002,
+                0x2_0002_0002_0002,
+            ),
+        );
+        // (up | down) & 0x0303 in one instruction.
+        return _mm512_ternarylogic_epi64::<0xE0>(_mm512_set1_epi16(0x0303), up, down);
     }
     let c = _mm512_broadcast_i64x4(_mm256_loadu_si256(rp.add(j * 32) as *const __m256i));
     _mm512_and_si512(_mm512_srlv_epi64(c, _mm512_setr_epi64(0, 0, 0, 0, 4, 4, 4, 4)), _mm512_set1_epi8(0x0f))

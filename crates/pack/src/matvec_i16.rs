@@ -3,12 +3,10 @@
 //! one float multiply-add per block.
 //!
 //! Why: the f32 kernel ([`crate::matvec_f32`]) converts every code to a float and spends five
-//! instructions per eight weights, compute-bound below memory bandwidth. Here 32 codes of 2
-//! bits take one 16-byte load, two byte shuffles (each 16-bit lane gets the two bytes holding
-//! its code), two `vpmullw` (a left shift by a per-lane amount puts the code at the top of its
-//! lane), two shifts right, two `vpmaddwd` against the int16 activations and two adds. 3- and
-//! 4-bit codes stay bytes: a step of 64 (4-bit low and high nibbles, or a planar 3-bit chunk,
-//! [`bits::chunk3_avx2`]) gives the even codes and the odd ones, and the int16 activations are
+//! instructions per eight weights, compute-bound below memory bandwidth. Here 2-, 3- and
+//! 4-bit codes stay bytes: a step of 64 (4-bit low and high nibbles, a planar 3-bit chunk,
+//! [`bits::chunk3_avx2`], or 2-bit bytes widened to words and shifted) gives the even codes
+//! and the odd ones, and the int16 activations are
 //! stored split into high and low bytes in that order ([`Q16::split`]), so `vpmaddubsw`
 //! multiplies 32 codes by 32 bytes at once ([`row_sum_split_avx2`]). 8-bit codes are widened
 //! directly (`vpmovzxbw`).
@@ -55,64 +53,24 @@ fn dot_tail(row: &[u8], bits: u8, v: &Q16, c0: usize, c1: usize, w: impl Fn(usiz
     (c0..c1).map(|c| w(c) * f32::from(bits::code(row, v.q.len(), c, bits)) * v.value(c)).sum()
 }
 
-/// Per-lane constants of the bit-stream decoder for `b`-bit codes (used for 2 bits): for 16-bit
-/// lane `j` of the first (codes 0..16) and second (codes 16..32) vector, the shuffle that
-/// fetches the two bytes holding code `j`, and the power of two that lifts the code to the
-/// lane's top bits. A window starts at the code's byte, or one earlier where that byte is the
-/// last of the 16 loaded, so it never reaches past the load.
-#[cfg(target_arch = "x86_64")]
-fn decoder_tables(b: usize) -> ([[i8; 32]; 2], [[i16; 16]; 2]) {
-    let (mut shuf, mut mul) = ([[0i8; 32]; 2], [[0i16; 16]; 2]);
-    for half in 0..2 {
-        for j in 0..16 {
-            let bit = (half * 16 + j) * b;
-            let start = (bit / 8).min(14);
-            let off = bit - 8 * start;
-            debug_assert!(off + b <= 16);
-            shuf[half][2 * j] = start as i8;
-            shuf[half][2 * j + 1] = start as i8 + 1;
-            mul[half][j] = 1 << (16 - b - off);
-        }
-    }
-    (shuf, mul)
-}
-
-/// AVX2, 2- and 8-bit codes: `sum_b scale(b) * sum_{c in block b} code(c) q(c)` over the `cols`
-/// codes of a row (`cols / 32` whole steps; the caller adds the last `cols % 32`), as 8 lane sums, with
-/// `scale(b) = sd[b]` ([`block_scales`]; per-IC the blocks' steps).
+/// AVX2, 8-bit codes (widened to int16): `sum_b scale(b) * sum_{c in block b} code(c) q(c)`
+/// over the `cols` codes of a row (`cols / 32` whole steps; the caller adds the last
+/// `cols % 32`), as 8 lane sums, with `scale(b) = sd[b]` ([`block_scales`]; per-IC the blocks'
+/// steps).
 ///
 /// # Safety
-/// AVX2 and FMA; `rp` points at the row's first byte with 16 bytes readable behind the start
-/// of its last whole step (a row's padding or the next row covers the 2-bit overshoot);
-/// `x.q` has `cols` values.
+/// AVX2 and FMA; `rp` points at the row's first byte; `x.q` has `cols` values.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn row_sum_avx2<const B: usize>(
-    rp: *const u8,
-    x: &Q16,
-    cols: usize,
-    sd: &[f32],
-    t: &Tables,
-) -> std::arch::x86_64::__m256 {
+unsafe fn row_sum8_avx2(rp: *const u8, x: &Q16, cols: usize, sd: &[f32]) -> std::arch::x86_64::__m256 {
     use std::arch::x86_64::*;
     let qp = x.q.as_ptr();
-    // int32 lane sums of 32 codes times their activations (step j of the row).
+    // int32 lane sums of 32 codes times their activations (step j of the row): bytes are
+    // codes, widened 16 at a time.
     let step = |j: usize| {
-        crate::simd::prefetch(rp.add(j * 4 * B));
-        if B == 8 {
-            // Bytes are codes: widen 16 at a time.
-            let a = _mm256_cvtepu8_epi16(_mm_loadu_si128(rp.add(j * 32) as *const __m128i));
-            let b = _mm256_cvtepu8_epi16(_mm_loadu_si128(rp.add(j * 32 + 16) as *const __m128i));
-            let xa = _mm256_loadu_si256(qp.add(j * QB) as *const __m256i);
-            let xb = _mm256_loadu_si256(qp.add(j * QB + 16) as *const __m256i);
-            return _mm256_add_epi32(_mm256_madd_epi16(a, xa), _mm256_madd_epi16(b, xb));
-        }
-        let raw = _mm256_broadcastsi128_si256(_mm_loadu_si128(rp.add(j * 4 * B) as *const __m128i));
-        let lift = |sh, mul| {
-            let w = _mm256_mullo_epi16(_mm256_shuffle_epi8(raw, sh), mul);
-            _mm256_srli_epi16::<14>(w)
-        };
-        let (a, b) = (lift(t.shuf[0], t.mul[0]), lift(t.shuf[1], t.mul[1]));
+        crate::simd::prefetch(rp.add(j * 32));
+        let a = _mm256_cvtepu8_epi16(_mm_loadu_si128(rp.add(j * 32) as *const __m128i));
+        let b = _mm256_cvtepu8_epi16(_mm_loadu_si128(rp.add(j * 32 + 16) as *const __m128i));
         let xa = _mm256_loadu_si256(qp.add(j * QB) as *const __m256i);
         let xb = _mm256_loadu_si256(qp.add(j * QB + 16) as *const __m256i);
         _mm256_add_epi32(_mm256_madd_epi16(a, xa), _mm256_madd_epi16(b, xb))
@@ -129,7 +87,7 @@ unsafe fn row_sum_avx2<const B: usize>(
     }
 }
 
-/// [`row_sum_avx2`] for 8-bit codes with AVX-512: each step's 32 codes widened to int16 in one
+/// [`row_sum8_avx2`] with AVX-512: each step's 32 codes widened to int16 in one
 /// 512-bit register (`vpmovzxbw`) and multiplied with their 32 int16 activations by one
 /// `vpdpwssd` (with `VNNI`; else `vpmaddwd` and an add) into a block's 16 int32 lanes, then
 /// one conversion and multiply-add per block: about half the AVX2 loop's instructions per code
@@ -273,10 +231,10 @@ unsafe fn split_int32_avx2(
     _mm256_add_epi32(_mm256_madd_epi16(ph, _mm256_set1_epi16(256)), _mm256_madd_epi16(pl, _mm256_set1_epi16(1)))
 }
 
-/// AVX2, 3- and 4-bit codes: `sum_b scale(b) * sum_{c in block b} code(c) q(c)` over the row's
-/// whole steps of [`SPLIT`] codes (as [`row_sum_avx2`]), on split activations: with
+/// AVX2, 2-, 3- and 4-bit codes: `sum_b scale(b) * sum_{c in block b} code(c) q(c)` over the row's
+/// whole steps of [`SPLIT`] codes (as [`row_sum8_avx2`]), on split activations: with
 /// `q = 256 hi + lo`, each step is `vpmaddubsw` of the codes (bytes, even and odd halves: 4-bit
-/// nibbles or a planar 3-bit chunk) with `hi` (signed) and of `lo` (unsigned) with the codes,
+/// nibbles, a planar 3-bit chunk or widened 2-bit bytes) with `hi` (signed) and of `lo` (unsigned) with the codes,
 /// then per block two `vpmaddwd` (by 256 and by 1) and an add: 64 int16 products in 4
 /// multiplies, where widening the codes took 4 `vpmaddwd` and 4 widenings. No int16 sum
 /// saturates or wraps: pairs of code x hi are at most 2 * 15 * 128, a step's 7680; code x lo
@@ -639,8 +597,7 @@ unsafe fn rows4_ic<const B: usize, const VNNI: bool>(
 /// caller adds the rest).
 ///
 /// # Safety
-/// As [`row_sum`]; `row` is the row's codes followed by at least 8 bytes (the next row or the
-/// buffer's padding): the 16-byte load of a 2-bit row's last step reaches past its codes.
+/// As [`row_sum`]; `row` holds the row's codes.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 unsafe fn body<const B: usize, const AVX512: bool, const VNNI: bool>(
@@ -649,9 +606,8 @@ unsafe fn body<const B: usize, const AVX512: bool, const VNNI: bool>(
     cols: usize,
     s: &[f32],
     per: usize,
-    t: &Tables,
 ) -> (std::arch::x86_64::__m256, usize) {
-    let split = B == 3 || B == 4;
+    let split = B != 8;
     let steps = if split { x.hi.len() / SPLIT } else { cols / QB };
     if split {
         assert!(steps * SPLIT <= cols && steps * SPLIT * B / 8 <= row.len(), "packed row too short for its codes");
@@ -660,25 +616,25 @@ unsafe fn body<const B: usize, const AVX512: bool, const VNNI: bool>(
     }
     let sum = if per == usize::MAX {
         // Per-IC: the blocks' own steps.
-        row_sum::<B, AVX512, VNNI>(row, x, cols, &x.d, t)
+        row_sum::<B, AVX512, VNNI>(row, x, cols, &x.d)
     } else if x.d.len() <= SHORT {
         // Short rows (SmolLM2's: 5 to 12 blocks) on the stack: the thread-local buffer's
         // bookkeeping cost 5% of a decode.
         let mut sd = [0f32; SHORT];
         block_scales(s, &x.d, per, &mut sd);
-        row_sum::<B, AVX512, VNNI>(row, x, cols, &sd[..x.d.len()], t)
+        row_sum::<B, AVX512, VNNI>(row, x, cols, &sd[..x.d.len()])
     } else {
         let mut sd = SCALES.take();
         sd.resize(x.d.len(), 0.0);
         block_scales(s, &x.d, per, &mut sd);
-        let r = row_sum::<B, AVX512, VNNI>(row, x, cols, &sd, t);
+        let r = row_sum::<B, AVX512, VNNI>(row, x, cols, &sd);
         SCALES.set(sd);
         r
     };
     (sum, steps * if split { SPLIT } else { QB })
 }
 
-/// The kernel for `B`-bit codes with block scales `sd`: 3- and 4-bit blocks of 128 and 8-bit
+/// The kernel for `B`-bit codes with block scales `sd`: 2-, 3- and 4-bit blocks of 128 and 8-bit
 /// steps in 512-bit registers where `AVX512` (with `vpdpbusd` / `vpdpwssd` where `VNNI`), as
 /// the row loop's wrapper chose ([`rows`]).
 ///
@@ -692,38 +648,12 @@ unsafe fn row_sum<const B: usize, const AVX512: bool, const VNNI: bool>(
     x: &Q16,
     cols: usize,
     sd: &[f32],
-    t: &Tables,
 ) -> std::arch::x86_64::__m256 {
     match B {
-        3 | 4 if AVX512 && x.block == 2 * SPLIT => row_sum_split_avx512::<B, VNNI>(row.as_ptr(), x, sd),
+        2..=4 if AVX512 && x.block == 2 * SPLIT => row_sum_split_avx512::<B, VNNI>(row.as_ptr(), x, sd),
         8 if AVX512 => row_sum8_avx512::<VNNI>(row, x, cols, sd),
-        3 | 4 => row_sum_split_avx2::<B>(row.as_ptr(), x, sd),
-        _ => row_sum_avx2::<B>(row.as_ptr(), x, cols, sd, t),
-    }
-}
-
-/// The decoder's constants in registers, built once per matvec.
-#[cfg(target_arch = "x86_64")]
-pub(crate) struct Tables {
-    shuf: [std::arch::x86_64::__m256i; 2],
-    mul: [std::arch::x86_64::__m256i; 2],
-    /// Which loop the 3- and 4-bit blocks of 128 take: [`row_sum_split_avx512`] with or without
-    /// VNNI, or [`row_sum_split_avx2`].
-    wide: Wide,
-}
-
-#[cfg(target_arch = "x86_64")]
-impl Tables {
-    /// # Safety
-    /// AVX2 (checked by the caller: only built when the AVX2 kernel runs).
-    #[target_feature(enable = "avx2")]
-    pub(crate) unsafe fn new() -> Self {
-        use std::arch::x86_64::*;
-        // Only 2-bit codes are decoded by shuffle and multiply.
-        let (s, m) = decoder_tables(2);
-        let ld8 = |a: &[i8; 32]| _mm256_loadu_si256(a.as_ptr() as *const __m256i);
-        let ld16 = |a: &[i16; 16]| _mm256_loadu_si256(a.as_ptr() as *const __m256i);
-        Tables { shuf: [ld8(&s[0]), ld8(&s[1])], mul: [ld16(&m[0]), ld16(&m[1])], wide: Wide::detect() }
+        2..=4 => row_sum_split_avx2::<B>(row.as_ptr(), x, sd),
+        _ => row_sum8_avx2(row.as_ptr(), x, cols, sd),
     }
 }
 
@@ -740,11 +670,10 @@ unsafe fn row_oc<const B: usize, const AVX512: bool, const VNNI: bool>(
     per: usize,
     r: usize,
     row: &[u8],
-    t: &Tables,
 ) -> f32 {
     let (cols, pc, g) = (p.cols, xsum.len(), p.layout.group);
     let (s, z) = (&p.scales[r * pc..(r + 1) * pc], &p.zeros[r * pc..(r + 1) * pc]);
-    let (body, done) = body::<B, AVX512, VNNI>(row, x, cols, s, per, t);
+    let (body, done) = body::<B, AVX512, VNNI>(row, x, cols, s, per);
     let tail = dot_scalar(row, B as u8, x, done, cols, |c| s[c / g]);
     hsum(body) + tail - crate::simd::zero_term_avx2(s, z, xsum, 0.0)
 }
@@ -755,22 +684,18 @@ unsafe fn row_oc<const B: usize, const AVX512: bool, const VNNI: bool>(
 /// As [`body`].
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn row_ic<const B: usize, const AVX512: bool, const VNNI: bool>(
-    row: &[u8],
-    v: &Q16,
-    bias: f32,
-    t: &Tables,
-) -> f32 {
+unsafe fn row_ic<const B: usize, const AVX512: bool, const VNNI: bool>(row: &[u8], v: &Q16, bias: f32) -> f32 {
     let cols = v.q.len();
-    let (body, done) = body::<B, AVX512, VNNI>(row, v, cols, &[1.0], usize::MAX, t);
+    let (body, done) = body::<B, AVX512, VNNI>(row, v, cols, &[1.0], usize::MAX);
     hsum(body) + dot_scalar(row, B as u8, v, done, cols, |_| 1.0) - bias
 }
 
 /// Whether the kernel reads `b`-bit codes as bytes, even and odd halves of steps of 64, against
-/// split activations ([`Q16::split`]): 4-bit codes (low and high nibbles) and 3-bit ones
-/// (planar chunks, [`bits::chunk3_avx2`]).
+/// split activations ([`Q16::split`]): 4-bit codes (low and high nibbles), 3-bit ones
+/// (planar chunks, [`bits::chunk3_avx2`]) and 2-bit ones ([`bits::step_codes_avx2`]): all but
+/// 8-bit codes.
 fn splits(bits: u8) -> bool {
-    matches!(bits, 3 | 4)
+    matches!(bits, 2..=4)
 }
 
 thread_local! {
@@ -782,7 +707,7 @@ thread_local! {
 
 impl IntActs for Q16 {
     #[cfg(target_arch = "x86_64")]
-    type Ctx = Tables;
+    type Ctx = Wide;
     /// Four rows' block scales, on the stack.
     type Scratch4 = Scales4;
 
@@ -800,7 +725,7 @@ impl IntActs for Q16 {
         &BATCH_SLOTS
     }
 
-    /// Rounded in blocks ([`block_size`]), split for 3- and 4-bit codes.
+    /// Rounded in blocks ([`block_size`]), split for 2-, 3- and 4-bit codes.
     fn prepare_oc(p: &PackedLinear, x: &[f32]) -> (Q16, Vec<f32>) {
         let (cols, l, block) = (p.cols, p.layout, block_size(p));
         let x = Q16::rounded(&p.stored_order(x), block, splits(l.bits));
@@ -808,7 +733,7 @@ impl IntActs for Q16 {
         (x, xsum)
     }
 
-    /// In blocks of [`MAX_BLOCK`], split for 3- and 4-bit codes.
+    /// In blocks of [`MAX_BLOCK`], split for 2-, 3- and 4-bit codes.
     fn prepare_ic(p: &PackedLinear, x: &[f32], kr: usize, slot: &mut (Q16, f32)) {
         let cols = p.cols;
         slot.1 = slot.0.scaled_into(
@@ -821,7 +746,7 @@ impl IntActs for Q16 {
     }
 
     fn four_rows(bits: usize) -> bool {
-        matches!(bits, 3 | 4 | 8)
+        matches!(bits, 2 | 3 | 4 | 8)
     }
 
     /// Blocks of two steps, one (groups of 64) or half of one (groups of 32), and few enough
@@ -835,21 +760,22 @@ impl IntActs for Q16 {
     }
 
     #[cfg(target_arch = "x86_64")]
-    unsafe fn ctx() -> Tables {
-        Tables::new()
+    unsafe fn ctx() -> Wide {
+        Wide::detect()
     }
 
-    /// 3-, 4- and 8-bit codes take the AVX-512 loops where the CPU has them, 2-bit codes the
-    /// AVX2 one.
+    /// Every width takes the AVX-512 loops where the CPU has them.
     #[cfg(target_arch = "x86_64")]
-    unsafe fn rows(p: &PackedLinear, job: &Job<Q16>, r0: usize, y: &mut [f32], t: &Tables) {
-        match (p.layout.bits, t.wide) {
+    unsafe fn rows(p: &PackedLinear, job: &Job<Q16>, r0: usize, y: &mut [f32], t: &Wide) {
+        match (p.layout.bits, *t) {
             (3, Wide::Vnni) => rows_vnni::<Q16, 3>(p, job, r0, y, t),
             (4, Wide::Vnni) => rows_vnni::<Q16, 4>(p, job, r0, y, t),
             (3, Wide::Avx512) => rows_avx512bw::<Q16, 3>(p, job, r0, y, t),
             (4, Wide::Avx512) => rows_avx512bw::<Q16, 4>(p, job, r0, y, t),
             (8, Wide::Vnni) => rows_vnni::<Q16, 8>(p, job, r0, y, t),
             (8, Wide::Avx512) => rows_avx512bw::<Q16, 8>(p, job, r0, y, t),
+            (2, Wide::Vnni) => rows_vnni::<Q16, 2>(p, job, r0, y, t),
+            (2, Wide::Avx512) => rows_avx512bw::<Q16, 2>(p, job, r0, y, t),
             (2, _) => rows_avx2::<Q16, 2>(p, job, r0, y, t),
             (3, _) => rows_avx2::<Q16, 3>(p, job, r0, y, t),
             (4, _) => rows_avx2::<Q16, 4>(p, job, r0, y, t),
@@ -866,9 +792,9 @@ impl IntActs for Q16 {
         per: usize,
         r: usize,
         row: &[u8],
-        t: &Tables,
+        _: &Wide,
     ) -> f32 {
-        row_oc::<B, AVX512, VNNI>(p, x, xsum, per, r, row, t)
+        row_oc::<B, AVX512, VNNI>(p, x, xsum, per, r, row)
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -877,9 +803,9 @@ impl IntActs for Q16 {
         row: &[u8],
         v: &Q16,
         bias: f32,
-        t: &Tables,
+        _: &Wide,
     ) -> f32 {
-        row_ic::<B, AVX512, VNNI>(row, v, bias, t)
+        row_ic::<B, AVX512, VNNI>(row, v, bias)
     }
 
     #[cfg(target_arch = "x86_64")]

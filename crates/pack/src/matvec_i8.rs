@@ -1,4 +1,4 @@
-//! The 4- and 3-bit (and 8-bit) decode matvec on 8-bit activations, as llama.cpp computes its
+//! The 4-, 3- and 2-bit (and 8-bit) decode matvec on 8-bit activations, as llama.cpp computes its
 //! Q4 products: `x` rounded to int8 per block of 32 (a step `d = max|block| / 127` each), codes and activations
 //! multiplied byte by byte with `vpmaddubsw`, one float multiply-add per 64 codes.
 //!
@@ -16,7 +16,8 @@
 //!
 //! 3-bit codes: a planar chunk of 64 ([`bits::chunk3_avx2`]: 24 bytes, two shifts and masks of
 //! its low plane, two of its high plane, two `or`s) gives the same even and odd codes as a 4-bit
-//! step's nibbles, and the rest of the step is the 4-bit one.
+//! step's nibbles, and the rest of the step is the 4-bit one. 2-bit codes: a step's 16 bytes
+//! widened to words and shifted ([`bits::step_codes_avx2`]) give them too.
 //!
 //! 8-bit codes (the decode head's layout, per-OC): centred to `code - 128`, which fits int8,
 //! each block of 32 is one signed byte product (`vpsignb` moves the code's sign onto the
@@ -244,12 +245,12 @@ impl Q8 {
     }
 }
 
-/// Whether the int8 kernel handles this layout: 3 or 4 bits, per-IC, or per-OC groups of whole
-/// steps; 8 bits per-OC in whole blocks.
+/// Whether the int8 kernel handles this layout: 2, 3 or 4 bits, per-IC, or per-OC groups of
+/// whole steps; 8 bits per-OC in whole blocks.
 pub fn supported(p: &PackedLinear) -> bool {
     let l = p.layout;
     match l.bits {
-        3 | 4 => l.axis == Axis::Ic || l.group.is_multiple_of(STEP),
+        2..=4 => l.axis == Axis::Ic || l.group.is_multiple_of(STEP),
         // The decode head (8-bit RTN, per-OC): whole blocks only.
         8 => l.axis == Axis::Oc && l.group.is_multiple_of(BLOCK) && p.cols.is_multiple_of(BLOCK),
         _ => false,
@@ -444,7 +445,7 @@ unsafe fn row_sum_avx512<const B: usize, const SCALED: bool, const VNNI: bool>(
     crate::simd::halves_avx512(a)
 }
 
-/// The 3- or 4-bit row sum: [`row_sum_avx512`] where `AVX512` (with `vpdpbusd` where `VNNI`),
+/// The 2-, 3- or 4-bit row sum: [`row_sum_avx512`] where `AVX512` (with `vpdpbusd` where `VNNI`),
 /// else [`row_sum_avx2`], as the row loop's wrapper chose ([`rows`]).
 ///
 /// # Safety
@@ -571,7 +572,7 @@ unsafe fn row_oc<const B: usize, const AVX512: bool, const VNNI: bool>(
     body + tail - zx
 }
 
-/// [`ROWS4`] per-OC rows of 3- or 4-bit codes from `r` on ([`row_oc`] for each, the kernel
+/// [`ROWS4`] per-OC rows of 2-, 3- or 4-bit codes from `r` on ([`row_oc`] for each, the kernel
 /// [`rows4_avx512`]).
 ///
 /// # Safety
@@ -686,7 +687,7 @@ impl IntActs for Q8 {
         slot.1 = slot.0.scaled_into(&p.scales[kr * cols..(kr + 1) * cols], x, &p.zeros[kr * cols..(kr + 1) * cols]);
     }
 
-    /// 3- and 4-bit codes ([`rows4_avx512`]).
+    /// 2-, 3- and 4-bit codes ([`rows4_avx512`]).
     fn four_rows(bits: usize) -> bool {
         bits != 8
     }
@@ -704,15 +705,18 @@ impl IntActs for Q8 {
         Wide::detect()
     }
 
-    /// 3- and 4-bit codes take the AVX-512 loop where the CPU has it, 8-bit codes (per-OC only)
+    /// 2-, 3- and 4-bit codes take the AVX-512 loop where the CPU has it, 8-bit codes (per-OC only)
     /// the AVX2 one.
     #[cfg(target_arch = "x86_64")]
     unsafe fn rows(p: &PackedLinear, job: &Job<Q8>, r0: usize, y: &mut [f32], wide: &Wide) {
         match (p.layout.bits, *wide) {
+            (2, Wide::Vnni) => rows_vnni::<Q8, 2>(p, job, r0, y, wide),
             (3, Wide::Vnni) => rows_vnni::<Q8, 3>(p, job, r0, y, wide),
             (4, Wide::Vnni) => rows_vnni::<Q8, 4>(p, job, r0, y, wide),
+            (2, Wide::Avx512) => rows_avx512bw::<Q8, 2>(p, job, r0, y, wide),
             (3, Wide::Avx512) => rows_avx512bw::<Q8, 3>(p, job, r0, y, wide),
             (4, Wide::Avx512) => rows_avx512bw::<Q8, 4>(p, job, r0, y, wide),
+            (2, _) => rows_avx2::<Q8, 2>(p, job, r0, y, wide),
             (3, _) => rows_avx2::<Q8, 3>(p, job, r0, y, wide),
             (4, _) => rows_avx2::<Q8, 4>(p, job, r0, y, wide),
             _ => rows_avx2::<Q8, 8>(p, job, r0, y, wide),

@@ -1,6 +1,6 @@
 //! Activations rounded to int16 per block ([`Q16`]), as the int16 kernels
 //! ([`crate::matvec_i16`]) and the integer prompt GEMM ([`crate::matmul_int`]) read them: in
-//! natural order, and for 3- and 4-bit codes split into high and low bytes in the order those
+//! natural order, and for 2-, 3- and 4-bit codes split into high and low bytes in the order those
 //! kernels read codes ([`Q16::split`]). Each AVX2 rounding has its plain-Rust definition beside
 //! it ([`Q16::new`], [`Q16::split_ref`], [`Q16::scaled_ref`]).
 
@@ -36,7 +36,7 @@ pub struct Q16 {
     pub q: Vec<i16>,
     pub d: Vec<f32>,
     pub block: usize,
-    /// High bytes of `q` (signed) for the 3- and 4-bit kernels: each whole step of [`SPLIT`]
+    /// High bytes of `q` (signed) for the 2-, 3- and 4-bit kernels: each whole step of [`SPLIT`]
     /// values as they read codes, the 32 even positions then the 32 odd ones (empty unless asked
     /// for, [`Q16::split`]).
     pub hi: Vec<i8>,
@@ -79,7 +79,7 @@ impl Q16 {
         }
     }
 
-    /// Fills `hi` and `lo` (for the 3- and 4-bit kernels): with AVX2 where the CPU has it, the
+    /// Fills `hi` and `lo` (for the 2-, 3- and 4-bit kernels): with AVX2 where the CPU has it, the
     /// same bytes as [`Q16::split_ref`].
     pub fn split(self) -> Self {
         #[cfg(target_arch = "x86_64")]
@@ -123,7 +123,7 @@ impl Q16 {
     }
 
     /// `v = s * x` rounded in blocks of `block` (the per-IC activations of one row group), with
-    /// `hi` and `lo` filled when `split` (3- and 4-bit codes), and `sum_c z[c] v̂[c]`: with AVX2 for
+    /// `hi` and `lo` filled when `split` (2-, 3- and 4-bit codes), and `sum_c z[c] v̂[c]`: with AVX2 for
     /// blocks of [`MAX_BLOCK`] where the CPU has it (the same values as [`Q16::scaled_ref`]; the
     /// sum in another order).
     pub fn scaled(s: &[f32], x: &[f32], z: &[f32], block: usize, split: bool) -> (Self, f32) {
@@ -160,7 +160,7 @@ impl Q16 {
 
     /// [`Q16::rounded`] (`sz = None`) or [`Q16::scaled`] (`sz = Some((s, z))`) with AVX2 on blocks
     /// of [`MAX_BLOCK`], into `self`: each whole block multiplied by its scales, rounded and
-    /// packed to int16 in registers, stored in natural order and (`split`) as the 3- and 4-bit
+    /// packed to int16 in registers, stored in natural order and (`split`) as the 2-, 3- and 4-bit
     /// kernels read it ([`round_run`]); a short last block of one step (SmolLM2's rows of 576:
     /// 4.5 blocks) the same way, other short last blocks in plain Rust. Returns the zero-point
     /// sum (0 without `z`). Per-IC it runs per row group on every matvec, where plain Rust
@@ -220,7 +220,7 @@ impl Q16 {
 /// `V` a multiple of 8, so the block is whole steps): multiplied by the scales where `sz`
 /// gives them (the zero-point sum `sum_c z[c] q[c]` on two chains, then one multiply-add by
 /// its step into `zq`), rounded, stored in natural order at `out.0` and, where `out.1`, split
-/// as the 3- and 4-bit kernels read it. Returns the block's step.
+/// as the 2-, 3- and 4-bit kernels read it. Returns the block's step.
 ///
 /// # Safety
 /// AVX2 and FMA; `x`, the scales and zeros hold `o + 8 V` values; `out`'s buffers as many.
@@ -272,7 +272,7 @@ unsafe fn round_run<const V: usize, const H: usize>(
     db
 }
 
-/// Activations per step of the 3- and 4-bit kernels (their `hi` / `lo` order).
+/// Activations per step of the 2-, 3- and 4-bit kernels (their `hi` / `lo` order).
 pub const SPLIT: usize = 64;
 
 /// One step of 64 int16 values (natural order, sixteen per register) stored as [`Q16::split`]
