@@ -5,7 +5,7 @@
 # Usage: ADADIM_DATA=../shared/data bench/ablation.sh
 # Knobs (env): MODEL (smollm2), CONFIGS ("3:128 4:128"), VARIANTS (names below), SEEDS ("0 1 2"),
 # NSAMPLES (128), CALIB_SEQLEN (512), WINDOWS (8), OUT (results/ablation), SECTION (the
-# RESULTS.md section written: ablation, descend, calib, calib-w4 or damp), ADADIM_BIN and
+# RESULTS.md section written: ablation, descend, calib, calib-w4, calib-w3 or damp), ADADIM_BIN and
 # ADADIM_COMMIT (the commit that binary was built from, recorded per run).
 # Finished runs in OUT are reused; quantized models are deleted once evaluated (their
 # report.json is kept).
@@ -36,6 +36,7 @@ declare -A ARGS=(
   [gptq-ada-act-mse-gsm8k]="--method gptq --dim ada --act-order --static-groups --scale-search mse --calib gsm8k"
   [gptq-ada-act-mse-mix]="--method gptq --dim ada --act-order --static-groups --scale-search mse --calib mix"
   [gptq-ada-act-mse-mix-damp10]="--method gptq --dim ada --act-order --static-groups --scale-search mse --calib mix --percdamp 0.1"
+  [gptq-ada-act-mse-mix-damp10-qep05]="--method gptq --dim ada --act-order --static-groups --scale-search mse --calib mix --percdamp 0.1 --qep 0.5"
   [gptq-ada-act-mse-damp10]="--method gptq --dim ada --act-order --static-groups --scale-search mse --percdamp 0.1"
   [gptq-ada-act-mse-damp100]="--method gptq --dim ada --act-order --static-groups --scale-search mse --percdamp 1"
   [rtn-ada-mse-cd4]="--method rtn --dim ada --scale-search mse --descend 4"

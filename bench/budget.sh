@@ -9,7 +9,9 @@
 # Shakespeare + GSM8K-train mix (--calib mix).
 # Knobs (env): MODEL (smollm2), BUDGETS ("3.25 4.0"), VARIANTS (names below), DAMAGES
 # ("kl"; the study: "kl stream relative output"), SEEDS ("0 1 2"), NSAMPLES (128),
-# CALIB_SEQLEN (512), WINDOWS (8), OUT (results/budget), ADADIM_BIN and ADADIM_COMMIT, LLAMA_BIN.
+# CALIB_SEQLEN (512), WINDOWS (8), OUT (results/budget), ADADIM_BIN and ADADIM_COMMIT, LLAMA_BIN,
+# SECTION (set: the runs are tabulated into that RESULTS.md section by bench/ablation_table.py,
+# beside one another, and the frontier with llama.cpp is left as it is).
 # Finished runs in OUT are reused; quantized models are deleted once evaluated (their
 # report.json is kept). Runs of one seed share one damage table (ADADIM_HOME/damage-tables).
 set -euo pipefail
@@ -24,6 +26,7 @@ declare -A ARGS=(
   [gptq-ada-act]="--method gptq --dim ada --act-order --static-groups --zero awq"
   [gptq-ada-act-fmin]="--method gptq --dim ada --act-order --static-groups --zero awq --float-min"
   [gptq-ada-act-mix]="--method gptq --dim ada --act-order --static-groups --zero awq --calib mix"
+  [gptq-ada-act-mix-damp10]="--method gptq --dim ada --act-order --static-groups --zero awq --calib mix --percdamp 0.1"
 )
 VARIANTS="${VARIANTS:-gptq-ada}"
 if [ -n "${ADADIM_BIN:-}" ]; then A="$ADADIM_BIN"; else cargo build --release -p adadim; A=./target/release/adadim; fi
@@ -49,6 +52,11 @@ for b in $BUDGETS; do
     done
   done
 done
+if [ -n "${SECTION:-}" ]; then
+  [ -f "$OUT/COMMIT" ] || git rev-parse --short HEAD > "$OUT/COMMIT"
+  python3 bench/ablation_table.py "$OUT" RESULTS.md "$SECTION"
+  exit 0
+fi
 # llama.cpp's every type, with and without an importance matrix, through our evaluator on the same
 # texts (built once from the PyPI sdist; LLAMA_BIN=DIR uses an existing build); then the table,
 # which writes our points ($OUT/ours.json), and the frontier drawn from both (cached, no re-run).
