@@ -633,8 +633,9 @@ pub struct BenchDecodeArgs {
     pub head_bits: u8,
     /// Sequences decoded together, comma-separated: each packed model's aggregate tokens/s
     /// stepping that many sequences at once (what `serve` runs for that many clients), and
-    /// llama.cpp's `llama-batched-bench -npl` on each GGUF in the same rounds.
-    #[arg(long, value_delimiter = ',', default_value = "1,2,4,8")]
+    /// llama.cpp's `llama-batched-bench -npl` on each GGUF in the same rounds; `--batch` with no
+    /// value measures none.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4,8", num_args = 0..)]
     pub batch: Vec<usize>,
     /// Positions each batched sequence holds when its timed tokens start (`-npp` of llama-batched-bench).
     #[arg(long, default_value_t = 128)]

@@ -194,7 +194,7 @@ thread_local! {
     static SCALES: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
-/// The int16 pair sums of step `j` of a row of 3- or 4-bit codes against split activations,
+/// The int16 pair sums of step `j` of a row of 2-, 3- or 4-bit codes against split activations,
 /// (codes x hi, lo x codes): lanes 0-7 from the step's first 32 codes.
 ///
 /// # Safety

@@ -114,16 +114,19 @@ pub fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
     }
     let mut peers_batched: Vec<Vec<f64>> = vec![vec![0.0; a.batch.len()]; a.gguf.len()];
     let mut triad = 0f64;
+    // Every round's tokens/s of each of `ours`, for the mixed models' ratios within a round.
+    let mut each_round: Vec<Vec<f64>> = vec![Vec::new(); ours.len()];
     let settings = adadim_run::Settings { max_tokens: a.tokens, temperature: 0.0, seed: 0 };
     for round in 1..=rounds {
         triad = triad.max(super::kernels::triad_gbs((512 << 20) / 12, 3));
-        for (m, act, label, depth, best, pp) in &mut ours {
+        for ((m, act, label, depth, best, pp), rounds_ts) in ours.iter_mut().zip(&mut each_round) {
             let s = adadim_model::DecodeSettings { act: *act, ..models[*m].settings() };
             models[*m].set_settings(s)?;
             // The context: `depth` tokens of one id (prefill, not timed), or the one-token prompt.
             let prompt = vec![1u32; (*depth).max(1)];
             let stats = adadim_run::generate(&models[*m], &prompt, &[], &settings, &mut |_| {})?;
             *best = best.max(stats.decode_tokens_per_s());
+            rounds_ts.push(stats.decode_tokens_per_s());
             if *depth > 0 {
                 // The context's prefill: prompt processing of `depth` tokens.
                 *pp = pp.max(stats.prefill_tokens_per_s());
@@ -193,21 +196,57 @@ pub fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
         let bytes = models[*m].weight_bytes_per_token() as f64 + kv_bytes(&models[*m], *depth);
         (bytes, best / (triad * 1e9 / bytes))
     };
-    let mut mixed_lines = Vec::new();
-    for o in ours.iter().filter(|o| mixed[o.0]) {
-        let (bytes, f) = frac(o);
-        let uniform: Vec<(f64, f64)> =
-            ours.iter().filter(|u| !mixed[u.0] && packed_model[u.0] && u.1 == o.1 && u.3 == o.3).map(&frac).collect();
+    // The uniform models' fraction interpolated at `bytes`, from (bytes, fraction) points.
+    let interpolate = |uniform: &[(f64, f64)], bytes: f64| {
         let below = uniform.iter().filter(|u| u.0 <= bytes).max_by(|a, b| a.0.total_cmp(&b.0));
         let above = uniform.iter().filter(|u| u.0 >= bytes).min_by(|a, b| a.0.total_cmp(&b.0));
-        if let (Some(&(b0, f0)), Some(&(b1, f1))) = (below, above) {
-            let want = if b1 > b0 { f0 + (f1 - f0) * (bytes - b0) / (b1 - b0) } else { f0 };
+        match (below, above) {
+            (Some(&(b0, f0)), Some(&(b1, f1))) => {
+                Some(if b1 > b0 { f0 + (f1 - f0) * (bytes - b0) / (b1 - b0) } else { f0 })
+            }
+            _ => None,
+        }
+    };
+    let mut mixed_lines = Vec::new();
+    for (i, o) in ours.iter().enumerate().filter(|(_, o)| mixed[o.0]) {
+        let (bytes, f) = frac(o);
+        let peers_of: Vec<usize> = (0..ours.len())
+            .filter(|&j| {
+                let u = &ours[j];
+                !mixed[u.0] && packed_model[u.0] && u.1 == o.1 && u.3 == o.3
+            })
+            .collect();
+        let uniform: Vec<(f64, f64)> = peers_of.iter().map(|&j| frac(&ours[j])).collect();
+        if let Some(want) = interpolate(&uniform, bytes) {
+            // The same comparison within each round (the machine's state moves between rounds
+            // more than this difference): median and range of the rounds' differences.
+            let mut per_round: Vec<f64> = (0..each_round[i].len())
+                .filter_map(|r| {
+                    let at = |j: usize| {
+                        let u = &ours[j];
+                        let mut one = u.clone();
+                        one.4 = each_round[j][r];
+                        frac(&one)
+                    };
+                    let points: Vec<(f64, f64)> = peers_of.iter().map(|&j| at(j)).collect();
+                    interpolate(&points, bytes).map(|w| 100.0 * (at(i).1 / w - 1.0))
+                })
+                .collect();
+            per_round.sort_by(f64::total_cmp);
+            let within = match (per_round.first(), per_round.last()) {
+                (Some(lo), Some(hi)) => format!(
+                    "; within each round: median {:+.1}%, {lo:+.1}% to {hi:+.1}% over {} rounds",
+                    per_round[per_round.len() / 2],
+                    per_round.len()
+                ),
+                _ => String::new(),
+            };
             mixed_lines.push(format!(
-                "- {} @ {}: {f:.2} of its bound; uniform models around its {:.1} MB / token: {want:.2}; {:+.1}%",
+                "- {} @ {}: {f:.2} of its bound; uniform models around its {:.1} MB / token: {want:.2}; {:+.1}% (best rounds){within}",
                 o.2,
                 o.3,
                 bytes / 1e6,
-                100.0 * (f / want - 1.0)
+                100.0 * (f / want - 1.0),
             ));
         }
     }
@@ -225,7 +264,7 @@ pub fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
         )?;
     }
     if !mixed_lines.is_empty() {
-        writeln!(md, "\nMixed layouts (`--bpw`) against uniform ones: each `--bpw` model's fraction of its bound beside the fraction the uniform packed models measured at the same depth and precision reach, interpolated at its bytes per token:\n")?;
+        writeln!(md, "\nMixed layouts (`--bpw`) against uniform ones: each `--bpw` model's fraction of its bound beside the fraction the uniform packed models measured at the same depth and precision reach, interpolated at its bytes per token; from the best round of each, and round by round (each round's models measured one after another, so a difference within a round is not the machine's state moving between rounds):\n")?;
         writeln!(md, "{}", mixed_lines.join("\n"))?;
     }
     if !peers.is_empty() {
