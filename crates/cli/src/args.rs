@@ -717,7 +717,9 @@ pub struct BenchLlamacppArgs {
     /// Windows of each text evaluated (the first N).
     #[arg(long, default_value_t = 8)]
     pub windows: usize,
-    /// Where the GGUFs, the importance matrix, the cached perplexities and points.json go.
+    /// Where the GGUFs, the importance matrix, the cached perplexities and points.json go; each
+    /// file is named for what it was made from (the source's and the text's SHA-256, the
+    /// windows evaluated), so a second run with other inputs makes its own.
     #[arg(long, default_value = "results/llamacpp")]
     pub out: PathBuf,
     /// Our models' points ({"fp": {TEXT: ppl}, "points": [{"name", "bpw", "ppl": {TEXT: ppl}}]})

@@ -88,6 +88,22 @@ pub struct LlamaSide {
     /// Only the files made with the importance matrix.
     pub imatrix_only: bool,
     calib_name: String,
+    /// The first 12 hex digits of the source GGUF's SHA-256 and of the calibration text's: every
+    /// file made from them carries them in its name, so a cache made from other inputs (another
+    /// text under the same name, another source) is never taken for this one.
+    source_id: String,
+    calib_id: String,
+}
+
+/// A llama.cpp file made by [`LlamaSide::quantize`]: `TYPE` or `TYPE-imatrix`, and where it is.
+pub struct Made {
+    pub name: String,
+    pub path: PathBuf,
+}
+
+/// The first 12 hex digits of the SHA-256 of `text`.
+fn short_hash(text: &str) -> String {
+    adadim_load::fetch::sha256_hex(text.as_bytes())[..12].to_string()
 }
 
 impl LlamaSide {
@@ -102,6 +118,11 @@ impl LlamaSide {
         // A named set resolves as `quantize --calib` does (the chat set reads the template of
         // the model the GGUF was fetched beside).
         let calib = adadim_calibrate::data::calibration_file(&a.calib, &adadim_home(), &gguf.with_extension(""))?;
+        let id = |path: &Path| -> Result<String> {
+            Ok(adadim_load::fetch::sha256_file(path).with_context(|| format!("hashing {}", path.display()))?[..12]
+                .to_string())
+        };
+        let (source_id, calib_id) = (id(&gguf)?, id(&calib)?);
         Ok(LlamaSide {
             bin: a.llamacpp.clone(),
             gguf,
@@ -112,6 +133,8 @@ impl LlamaSide {
             types: a.types.clone(),
             imatrix_only: a.imatrix_only,
             calib_name: a.calib.clone(),
+            source_id,
+            calib_id,
         })
     }
 
@@ -130,10 +153,9 @@ impl LlamaSide {
         self.imatrix(dir)
     }
 
-    /// The importance matrix in `dir` (computed once).
+    /// The importance matrix in `dir` (computed once for this source, text and size).
     pub fn imatrix(&self, dir: &Path) -> Result<PathBuf> {
-        let name = Path::new(&self.calib_name).file_stem().map_or("calib".into(), |s| s.to_string_lossy());
-        let path = dir.join(format!("imatrix-{name}-{}x{}.dat", self.chunks, self.ctx));
+        let path = self.imatrix_path(dir);
         if !path.exists() {
             let tmp = dir.join("imatrix.tmp.dat");
             let mut c = Command::new(self.bin.join("llama-imatrix"));
@@ -152,11 +174,27 @@ impl LlamaSide {
         Ok(path)
     }
 
-    /// `llama-quantize` of the source into `TYPE[-imatrix].gguf` in `dir` (made once); `None`
-    /// when llama-quantize will not make the type without an importance matrix.
-    pub fn quantize(&self, dir: &Path, ty: &str, imatrix: Option<&Path>) -> Result<Option<PathBuf>> {
+    /// Where [`LlamaSide::imatrix`] keeps the importance matrix of this source, text and size.
+    fn imatrix_path(&self, dir: &Path) -> PathBuf {
+        let name = Path::new(&self.calib_name).file_stem().map_or("calib".into(), |s| s.to_string_lossy());
+        let key = short_hash(&format!("{} {}", self.source_id, self.calib_id));
+        dir.join(format!("imatrix-{name}-{}x{}-{key}.dat", self.chunks, self.ctx))
+    }
+
+    /// The name and file of `ty` made from this source (and the importance matrix `imatrix`).
+    fn made(&self, dir: &Path, ty: &str, imatrix: Option<&Path>) -> Made {
         let name = format!("{ty}{}", if imatrix.is_some() { "-imatrix" } else { "" });
-        let path = dir.join(format!("{name}.gguf"));
+        let from = imatrix.and_then(Path::file_name).map_or_else(String::new, |m| m.to_string_lossy().into_owned());
+        let key = short_hash(&format!("{} {from}", self.source_id));
+        let path = dir.join(format!("{name}-{key}.gguf"));
+        Made { name, path }
+    }
+
+    /// `llama-quantize` of the source into `TYPE[-imatrix]-KEY.gguf` in `dir` (made once; `KEY`
+    /// names the source and the importance matrix it was made from); `None` when
+    /// llama-quantize will not make the type without an importance matrix.
+    pub fn quantize(&self, dir: &Path, ty: &str, imatrix: Option<&Path>) -> Result<Option<Made>> {
+        let Made { name, path } = self.made(dir, ty, imatrix);
         if !path.exists() {
             let tmp = dir.join(format!("{name}.tmp.gguf"));
             let mut c = Command::new(self.bin.join("llama-quantize"));
@@ -175,16 +213,16 @@ impl LlamaSide {
             }
             std::fs::rename(&tmp, &path)?;
         }
-        Ok(Some(path))
+        Ok(Some(Made { name, path }))
     }
 }
 
 /// `file` evaluated by our evaluator on each dataset (`windows` x `seqlen`): its f32 import made
 /// once into `dir` and removed afterwards (0.5 GB for SmolLM2; the GGUF stays), each
-/// perplexity cached as `dir/NAME.LABEL.ppl.json`.
+/// perplexity cached as `dir/NAME.LABEL.WINDOWSxSEQLEN.ppl.json`.
 pub fn evaluate_gguf(file: &Path, dir: &Path, datasets: &[Dataset], seqlen: usize, windows: usize) -> Result<Vec<f64>> {
     let name = file.file_stem().unwrap_or_default().to_string_lossy().to_string();
-    let cached = |d: &Dataset| dir.join(format!("{name}.{}.ppl.json", d.label));
+    let cached = |d: &Dataset| dir.join(format!("{name}.{}.{windows}x{seqlen}.ppl.json", d.label));
     let import = dir.join(&name);
     let mut made_import = false;
     let mut out = Vec::new();
@@ -252,7 +290,7 @@ pub fn bench_llamacpp(a: BenchLlamacppArgs) -> Result<()> {
     let mut result = Frontier { fp: ours.as_ref().map(|o| o.fp.clone()).unwrap_or_default(), ..Frontier::default() };
     for ty in &side.types {
         for im in side.with_and_without(&imatrix) {
-            let Some(file) = side.quantize(&a.out, ty, im)? else {
+            let Some(Made { name, path: file }) = side.quantize(&a.out, ty, im)? else {
                 eprintln!("{ty}: llama-quantize makes it only with an importance matrix");
                 result.not_made.push(format!("{ty}: llama-quantize makes it only with an importance matrix"));
                 continue;
@@ -260,7 +298,7 @@ pub fn bench_llamacpp(a: BenchLlamacppArgs) -> Result<()> {
             let ppl = evaluate_gguf(&file, &a.out, &datasets, a.seqlen, a.windows)?;
             let (bits, weights) = gguf_bits(&file)?;
             result.points.push(FrontierPoint {
-                name: file.file_stem().unwrap_or_default().to_string_lossy().to_string(),
+                name,
                 bpw: bits as f64 / weights as f64,
                 ppl: datasets.iter().map(|d| d.label.clone()).zip(ppl).collect(),
             });
@@ -314,6 +352,39 @@ pub fn plot_frontier(ours: &Frontier, llama: &Frontier, datasets: &[Dataset], pa
 mod tests {
     use super::*;
     use std::os::unix::process::ExitStatusExt;
+
+    #[test]
+    fn files_made_from_other_inputs_are_never_taken_for_these() {
+        let side = |source: &str, calib: &str| LlamaSide {
+            bin: PathBuf::new(),
+            gguf: PathBuf::from("model.gguf"),
+            calib: PathBuf::from("mix.txt"),
+            chunks: 32,
+            ctx: 512,
+            threads: 2,
+            types: vec![],
+            imatrix_only: false,
+            calib_name: "mix".into(),
+            source_id: source.into(),
+            calib_id: calib.into(),
+        };
+        let dir = Path::new("out");
+        let (a, b, c) = (side("s1", "c1"), side("s1", "c2"), side("s2", "c1"));
+        // Another text under the same name, or another source: another importance matrix.
+        let m = [a.imatrix_path(dir), b.imatrix_path(dir), c.imatrix_path(dir)];
+        assert!(m[0] != m[1] && m[0] != m[2] && m[1] != m[2], "{m:?}");
+        assert_eq!(a.imatrix_path(dir), side("s1", "c1").imatrix_path(dir), "the same inputs find their file");
+        // A file made with either matrix, or from another source, is another file; the name
+        // the tables show stays the type's.
+        let with = |s: &LlamaSide, m: &Path| s.made(dir, "Q4_0", Some(m));
+        let files = [with(&a, &m[0]).path, with(&b, &m[1]).path, with(&c, &m[2]).path, a.made(dir, "Q4_0", None).path];
+        for (i, f) in files.iter().enumerate() {
+            assert!(files[i + 1..].iter().all(|g| g != f), "{files:?}");
+        }
+        assert_ne!(a.made(dir, "Q4_0", None).path, c.made(dir, "Q4_0", None).path);
+        assert_eq!(with(&a, &m[0]).name, "Q4_0-imatrix");
+        assert_eq!(a.made(dir, "Q4_0", None).name, "Q4_0");
+    }
 
     #[test]
     fn gguf_bits_count_each_tensor_type() {

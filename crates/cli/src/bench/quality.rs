@@ -190,11 +190,10 @@ pub fn bench_quality(a: BenchQualityArgs) -> Result<()> {
     let imatrix = side.imatrix_announced(&ldir)?;
     for ty in &side.types {
         for im in side.with_and_without(&imatrix) {
-            let Some(file) = side.quantize(&ldir, ty, im)? else {
+            let Some(super::llamacpp::Made { name, path: file }) = side.quantize(&ldir, ty, im)? else {
                 eprintln!("{ty}: llama-quantize makes it only with an importance matrix");
                 continue;
             };
-            let name = file.file_stem().unwrap_or_default().to_string_lossy().to_string();
             let ppl = evaluate_gguf(&file, &ldir, std::slice::from_ref(&dataset), seqlen, windows)?[0];
             let (bits, weights) = gguf_bits(&file)?;
             points.push(Point { name, tool: "llama.cpp".into(), bpw: bits as f64 / weights as f64, ppl });
