@@ -319,32 +319,9 @@ pub(crate) unsafe fn codes_avx512<const B: usize>(rp: *const u8, j: usize) -> st
         // even codes (lower half), (b >> 2 | b << 2) the odd ones (upper half).
         let b = _mm256_broadcastsi128_si256(_mm_loadu_si128(rp.add(j * 16) as *const __m128i));
         let w = _mm512_cvtepu8_epi16(b);
-        let up = _mm512_sllv_epi16(
-            w,
-            _mm512_setr_epi64(
-                0x4_0004_0004_0004,
-                0x4_0004_0004_0004,
-                0x4_0004_0004_0004,
-                0x4_0004_0004_0004,
-                0x2_0002_0002_0002,
-                0x2_0002_0002_0002,
-                0x2_0002_0002_0002,
-                0x2_0002_0002_0002,
-            ),
-        );
-        let down = _mm512_srlv_epi16(
-            w,
-            _mm512_setr_epi64(
-                0,
-                0,
-                0,
-                0,
-                0x2_0002_0002_0002,
-                0x2_0002_0002_0002,
-                0x2_0002_0002_0002,
-                0x2_0002_0002_0002,
-            ),
-        );
+        // Per-word shift counts: lower half (even codes) left 4, right 0; upper half left 2, right 2.
+        let halves = |lo: i16, hi: i16| _mm512_inserti64x4::<1>(_mm512_set1_epi16(lo), _mm256_set1_epi16(hi));
+        let (up, down) = (_mm512_sllv_epi16(w, halves(4, 2)), _mm512_srlv_epi16(w, halves(0, 2)));
         // (up | down) & 0x0303 in one instruction.
         return _mm512_ternarylogic_epi64::<0xE0>(_mm512_set1_epi16(0x0303), up, down);
     }
