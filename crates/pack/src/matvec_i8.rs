@@ -545,6 +545,50 @@ unsafe fn row_sum8_avx2(row: &[u8], x: &Q8, s: &[f32], per: usize) -> std::arch:
     _mm256_add_ps(a0, a1)
 }
 
+/// VNNI, 8-bit codes (per-OC, groups of whole steps of 64), `R` rows at once: each step's 64
+/// codes (unsigned bytes, not centred) times its 64 int8 activations by one `vpdpbusd`, lanes
+/// 0-7 the step's first block of 32 and 8-15 its second, converted and multiplied by
+/// `[d0 x8, d1 x8]` times the row's group scale. Sums stay inside int32: four products a lane,
+/// at most 4 * 255 * 128. The AVX2 loop ([`row_sum8_avx2`]) needs the codes centred for its
+/// signed byte products and pays a sign and an absolute value per 32. The caller subtracts the
+/// zero-point term and adds the codes past the last whole step.
+///
+/// # Safety
+/// AVX-512 F, BW and VNNI, AVX2 and FMA; each row holds `x.q.len() / 64 * 64` code bytes from
+/// its pointer; each `s[i]` one scale per group of `per` steps.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn rows8_vnni<const R: usize>(
+    rp: [*const u8; R],
+    x: &Q8,
+    s: [&[f32]; R],
+    per: usize,
+    ahead: usize,
+) -> [std::arch::x86_64::__m256; R] {
+    use std::arch::x86_64::*;
+    let steps = x.q.len() / STEP;
+    assert!(per > 0 && s.iter().all(|s| s.len() * per >= steps), "group scales for {steps} steps");
+    let (xp, dp) = (x.q.as_ptr() as *const u8, x.d.as_ptr());
+    let (mut k, mut next) = (0, per);
+    let mut acc = [_mm512_setzero_ps(); R];
+    for j in 0..steps {
+        let xv = _mm512_loadu_si512(xp.add(j * STEP) as *const _);
+        let half = |b: usize| _mm256_castps_pd(_mm256_set1_ps(*dp.add(b)));
+        let d = _mm512_castpd_ps(_mm512_insertf64x4::<1>(_mm512_castpd256_pd512(half(2 * j)), half(2 * j + 1)));
+        if j == next {
+            (k, next) = (k + 1, next + per);
+        }
+        for (i, a) in acc.iter_mut().enumerate() {
+            crate::simd::prefetch_line(rp[0].wrapping_add(ahead + (R * j + i) * STEP));
+            let c = _mm512_loadu_si512(rp[i].add(j * STEP) as *const _);
+            let sums = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c, xv);
+            *a =
+                _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_mul_ps(d, _mm512_set1_ps(*s[i].get_unchecked(k))), *a);
+        }
+    }
+    acc.map(|a| crate::simd::halves_avx512(a))
+}
+
 /// One per-OC output row, from the rounded `x` and its group sums.
 ///
 /// # Safety
@@ -560,6 +604,12 @@ unsafe fn row_oc<const B: usize, const AVX512: bool, const VNNI: bool>(
 ) -> f32 {
     let (cols, pc) = (p.cols, xsum.len());
     let (s, z) = (&p.scales[r * pc..(r + 1) * pc], &p.zeros[r * pc..(r + 1) * pc]);
+    if B == 8 && VNNI {
+        assert!(row.len() >= cols / STEP * STEP, "packed row too short for its codes");
+        let [lanes] = rows8_vnni::<1>([row.as_ptr()], x, [s], p.layout.group / STEP, crate::simd::PREFETCH);
+        let tail = dot_scalar(row, 8, x, cols / STEP * STEP, cols) * s[pc - 1];
+        return crate::simd::hsum(lanes) + tail - crate::simd::zero_term_avx2(s, z, xsum, 0.0);
+    }
     if B == 8 {
         let body = crate::simd::hsum(row_sum8_avx2(row, x, s, p.layout.group / BLOCK));
         // The kernel multiplied code - 128: the zero point is z - 128 of those.
@@ -589,6 +639,21 @@ unsafe fn rows4_oc<const B: usize, const VNNI: bool>(
     let (cols, pc) = (p.cols, xsum.len());
     let rows: [&[u8]; ROWS4] = std::array::from_fn(|i| p.row_codes(r + i));
     let params = |i: usize| (&p.scales[(r + i) * pc..(r + i + 1) * pc], &p.zeros[(r + i) * pc..(r + i + 1) * pc]);
+    if B == 8 {
+        // Only with VNNI ([`Q8::rows`] sends 8-bit rows nowhere else four at a time).
+        let steps = x.q.len() / STEP;
+        assert!(rows.iter().all(|row| row.len() >= steps * STEP), "packed row too short for its codes");
+        crate::simd::prefetch_params4(p, r + ahead.rows, pc);
+        let scales = [params(0).0, params(1).0, params(2).0, params(3).0];
+        let lanes = rows8_vnni::<ROWS4>(rows.map(|row| row.as_ptr()), x, scales, p.layout.group / STEP, ahead.bytes);
+        let mut sums = crate::simd::oc_sums4(p, r, lanes, xsum, tail);
+        if steps * STEP < cols {
+            for (i, y) in sums.iter_mut().enumerate() {
+                *y += params(i).0[pc - 1] * dot_scalar(rows[i], 8, x, steps * STEP, cols);
+            }
+        }
+        return sums;
+    }
     let steps = x.swizzled.len() / STEP;
     assert!(rows.iter().all(|row| row.len() >= steps * STEP * B / 8), "packed row too short for its codes");
     crate::simd::prefetch_params4(p, r + ahead.rows, pc);
@@ -634,6 +699,7 @@ unsafe fn rows4_ic<const B: usize, const VNNI: bool>(
     r: usize,
     ahead: Ahead4,
 ) -> [f32; ROWS4] {
+    assert!(B != 8, "8-bit rows per-IC take the int16 kernel ([`supported`])");
     let cols = v.q.len();
     let rows: [&[u8]; ROWS4] = std::array::from_fn(|i| p.row_codes(r + i));
     let steps = v.swizzled.len() / STEP;
@@ -687,9 +753,10 @@ impl IntActs for Q8 {
         slot.1 = slot.0.scaled_into(&p.scales[kr * cols..(kr + 1) * cols], x, &p.zeros[kr * cols..(kr + 1) * cols]);
     }
 
-    /// 2-, 3- and 4-bit codes ([`rows4_avx512`]).
-    fn four_rows(bits: usize) -> bool {
-        bits != 8
+    /// Every width ([`rows4_avx512`]; 8-bit codes [`rows8_vnni`], which [`Q8::rows`] runs only
+    /// with VNNI).
+    fn four_rows(_: usize) -> bool {
+        true
     }
 
     fn four_rows_oc(_: &Q8) -> bool {
@@ -705,14 +772,15 @@ impl IntActs for Q8 {
         Wide::detect()
     }
 
-    /// 2-, 3- and 4-bit codes take the AVX-512 loop where the CPU has it, 8-bit codes (per-OC only)
-    /// the AVX2 one.
+    /// 2-, 3- and 4-bit codes take the AVX-512 loop where the CPU has it, 8-bit codes (per-OC
+    /// only) theirs where it has VNNI and their groups are whole steps, else the AVX2 one.
     #[cfg(target_arch = "x86_64")]
     unsafe fn rows(p: &PackedLinear, job: &Job<Q8>, r0: usize, y: &mut [f32], wide: &Wide) {
         match (p.layout.bits, *wide) {
             (2, Wide::Vnni) => rows_vnni::<Q8, 2>(p, job, r0, y, wide),
             (3, Wide::Vnni) => rows_vnni::<Q8, 3>(p, job, r0, y, wide),
             (4, Wide::Vnni) => rows_vnni::<Q8, 4>(p, job, r0, y, wide),
+            (8, Wide::Vnni) if p.layout.group.is_multiple_of(STEP) => rows_vnni::<Q8, 8>(p, job, r0, y, wide),
             (2, Wide::Avx512) => rows_avx512bw::<Q8, 2>(p, job, r0, y, wide),
             (3, Wide::Avx512) => rows_avx512bw::<Q8, 3>(p, job, r0, y, wide),
             (4, Wide::Avx512) => rows_avx512bw::<Q8, 4>(p, job, r0, y, wide),
