@@ -224,5 +224,10 @@ fn a_budget_run_draws_each_linears_layout() {
     assert_eq!(code, 0, "{se}");
     let page = std::fs::read_to_string(&md).unwrap();
     let line = page.lines().find(|l| l.starts_with("- q packed (rtn-ada --bpw ")).unwrap_or_else(|| panic!("{page}"));
-    assert!(line.contains("of its bound; uniform models around its") && line.ends_with('%'), "{line}");
+    assert!(
+        line.contains("of its bound; uniform models around its")
+            && line.contains("% (best rounds); within each round: median ")
+            && line.ends_with("over 1 rounds"),
+        "{line}"
+    );
 }
