@@ -192,9 +192,10 @@ pub fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
     // A `--bpw` model mixes layouts: its fraction of the bound against the uniform packed
     // models' at the same depth and precision, interpolated at its bytes per token (issue 32:
     // a mixed model should decode at the speed its bytes predict).
-    let frac = |(m, _, _, depth, best, _): &(usize, adadim_pack::ActBits, String, usize, f64, f64)| {
-        let bytes = models[*m].weight_bytes_per_token() as f64 + kv_bytes(&models[*m], *depth);
-        (bytes, best / (triad * 1e9 / bytes))
+    // (bytes per token, fraction of the bound) of model `m` decoding `ts` tokens/s at `depth`.
+    let frac = |m: usize, depth: usize, ts: f64| {
+        let bytes = models[m].weight_bytes_per_token() as f64 + kv_bytes(&models[m], depth);
+        (bytes, ts / (triad * 1e9 / bytes))
     };
     // The uniform models' fraction interpolated at `bytes`, from (bytes, fraction) points.
     let interpolate = |uniform: &[(f64, f64)], bytes: f64| {
@@ -209,25 +210,20 @@ pub fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
     };
     let mut mixed_lines = Vec::new();
     for (i, o) in ours.iter().enumerate().filter(|(_, o)| mixed[o.0]) {
-        let (bytes, f) = frac(o);
+        let (bytes, f) = frac(o.0, o.3, o.4);
         let peers_of: Vec<usize> = (0..ours.len())
             .filter(|&j| {
                 let u = &ours[j];
                 !mixed[u.0] && packed_model[u.0] && u.1 == o.1 && u.3 == o.3
             })
             .collect();
-        let uniform: Vec<(f64, f64)> = peers_of.iter().map(|&j| frac(&ours[j])).collect();
+        let uniform: Vec<(f64, f64)> = peers_of.iter().map(|&j| frac(ours[j].0, ours[j].3, ours[j].4)).collect();
         if let Some(want) = interpolate(&uniform, bytes) {
             // The same comparison within each round (the machine's state moves between rounds
             // more than this difference): median and range of the rounds' differences.
             let mut per_round: Vec<f64> = (0..each_round[i].len())
                 .filter_map(|r| {
-                    let at = |j: usize| {
-                        let u = &ours[j];
-                        let mut one = u.clone();
-                        one.4 = each_round[j][r];
-                        frac(&one)
-                    };
+                    let at = |j: usize| frac(ours[j].0, ours[j].3, each_round[j][r]);
                     let points: Vec<(f64, f64)> = peers_of.iter().map(|&j| at(j)).collect();
                     interpolate(&points, bytes).map(|w| 100.0 * (at(i).1 / w - 1.0))
                 })
