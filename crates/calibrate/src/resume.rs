@@ -304,6 +304,27 @@ impl WorkDir {
         &self.state
     }
 
+    /// Delete `dir` if it is what a run whose model was already moved out leaves when stopped
+    /// while deleting its work directory: adadim's own state, unlocked, without `model`.
+    /// Returns whether it was removed; anything else is left as it is.
+    pub fn remove_leftover(dir: &Path) -> Result<bool> {
+        if std::fs::symlink_metadata(dir).is_err() {
+            return Ok(false);
+        }
+        let Ok(state) = StateDir::open(dir, &|_| false) else { return Ok(false) };
+        let lock = match Lock::acquire(&state) {
+            Ok(lock) => lock,
+            Err(CalibError::Locked { .. }) => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        if std::fs::symlink_metadata(state.at("model")).is_ok() {
+            return Ok(false);
+        }
+        drop(lock);
+        state.delete()?;
+        Ok(true)
+    }
+
     /// Delete the directory (the job's output has been moved out of it).
     pub fn remove(self) -> Result<()> {
         let WorkDir { state, _lock, .. } = self;

@@ -198,6 +198,13 @@ impl RunDir {
         Ok(RunDir { work, out: out.to_path_buf(), metadata, table_file })
     }
 
+    /// Remove the work directory beside an existing `out` when it is what the run that wrote
+    /// `out` left behind (stopped after moving its model out, before deleting the rest).
+    pub fn remove_leftover(out: &Path) -> Result<Option<PathBuf>> {
+        let work = Self::work_path(out);
+        Ok(WorkDir::remove_leftover(&work)?.then_some(work))
+    }
+
     /// `.NAME.partial` beside `out`.
     pub fn work_path(out: &Path) -> PathBuf {
         let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));

@@ -254,6 +254,12 @@ fn killed_runs_continue_and_end_with_the_same_bytes() {
             assert_eq!(code, 0, "{se}");
         }
         assert_eq!(f.sha(&out), want, "{out}: killed and re-run");
+        if f.partial(&out).exists() {
+            // Killed while deleting the work directory: the next run into `out` removes it.
+            let (code, se) = run(adadim().args(f.args(&out, &[])));
+            assert!(code == 1 && se.contains("removed"), "{se}");
+            assert!(!f.partial(&out).exists());
+        }
     }
 }
 
@@ -303,6 +309,35 @@ fn other_settings_over_an_interrupted_run_are_refused() {
     let (code, se) = run(adadim().args(f.args("q", &["--restart"])));
     assert_eq!(code, 1);
     assert!(se.contains("already exists"), "{se}");
+}
+
+/// A run stopped after moving its model out but before deleting its work directory leaves
+/// `.NAME.partial` beside the finished output: the next run into that output removes it (and
+/// still refuses to overwrite the output); an interrupted run's state beside an output the
+/// user made is kept.
+#[test]
+fn a_work_directory_left_beside_a_finished_output_is_removed() {
+    let f = fixture(2, 48, 80);
+    // An interrupted run's state (its staged `model` inside), then an output made by the user.
+    let (code, _) = run(adadim().args(f.args("q", &[])).env("ADADIM_TEST_ABORT_AFTER_BLOCK", "1"));
+    assert_ne!(code, 0);
+    std::fs::create_dir(f.root.join("q")).unwrap();
+    let (code, se) = run(adadim().args(f.args("q", &[])));
+    assert_eq!(code, 1, "{se}");
+    assert!(se.contains("already exists") && !se.contains("removed"), "{se}");
+    assert_eq!(f.done("q"), Some(1), "an interrupted run's state is kept");
+    // The same state once its model was moved out: the remains of a finished run.
+    std::fs::remove_dir_all(f.partial("q").join("model")).unwrap();
+    let (code, se) = run(adadim().args(f.args("q", &[])));
+    assert_eq!(code, 1, "{se}");
+    assert!(se.contains("already exists") && se.contains("removed") && se.contains(".q.partial"), "{se}");
+    assert!(!f.partial("q").exists() && f.root.join("q").is_dir());
+    // A directory of the user's under the work name is never touched.
+    std::fs::create_dir(f.partial("q")).unwrap();
+    std::fs::write(f.partial("q").join("notes.txt"), "mine").unwrap();
+    let (code, se) = run(adadim().args(f.args("q", &[])));
+    assert_eq!(code, 1, "{se}");
+    assert_eq!(std::fs::read_to_string(f.partial("q").join("notes.txt")).unwrap(), "mine");
 }
 
 #[test]

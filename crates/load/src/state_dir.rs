@@ -75,8 +75,8 @@ impl StateDir {
 
     /// Re-open `path` as this tool's state. Refused (with the reason): a symbolic link, not a
     /// directory, owned by another user, or holding files without the marker. An empty
-    /// directory (left by a run killed before its marker was written) is adopted; so is one
-    /// for which `legacy(path)` proves an older layout of the tool's own state.
+    /// directory, or one holding only the marker cut short (a run killed while writing it), is
+    /// adopted; so is one for which `legacy(path)` proves an older layout of the tool's own state.
     pub fn open(path: &Path, legacy: &dyn Fn(&Path) -> bool) -> Result<StateDir> {
         let meta = std::fs::symlink_metadata(path).map_err(io(path))?;
         if meta.file_type().is_symlink() {
@@ -107,11 +107,24 @@ impl StateDir {
             }
         }
         let dir = StateDir { path: path.to_path_buf(), fd };
-        let marked = read_small_regular(&path.join(MARKER), 4096).is_some_and(|b| b == MARKER_TEXT.as_bytes());
-        if marked {
+        let marker = read_small_regular(&path.join(MARKER), 4096);
+        if marker.as_deref() == Some(MARKER_TEXT.as_bytes()) {
             return Ok(dir);
         }
-        let mut entries = std::fs::read_dir(dir.at("")).map_err(io(path))?;
+        let names: Vec<_> = std::fs::read_dir(dir.at(""))
+            .map_err(io(path))?
+            .take(2)
+            .map(|e| e.map(|e| e.file_name()))
+            .collect::<std::io::Result<_>>()
+            .map_err(io(path))?;
+        // A run killed while writing the marker leaves it alone and cut short: still ours.
+        let cut_marker = names.len() == 1
+            && names[0] == OsStr::new(MARKER)
+            && marker.as_ref().is_some_and(|b| MARKER_TEXT.as_bytes().starts_with(b));
+        if cut_marker {
+            dir.remove(MARKER)?;
+        }
+        let mut entries = names.into_iter().filter(|_| !cut_marker);
         match entries.next() {
             None => {
                 dir.write_marker()?;
@@ -121,8 +134,8 @@ impl StateDir {
                 dir.write_marker()?;
                 Ok(dir)
             }
-            Some(e) => {
-                let name = e.map(|e| e.file_name().to_string_lossy().into_owned()).unwrap_or_default();
+            Some(name) => {
+                let name = name.to_string_lossy().into_owned();
                 Err(not_ours(
                     path,
                     format!(
@@ -302,6 +315,31 @@ mod tests {
         assert!(!empty.join("x").exists() && empty.join(MARKER).exists());
         s.delete().unwrap();
         assert!(!empty.exists());
+    }
+
+    #[test]
+    fn a_marker_cut_short_by_a_kill_is_adopted_a_foreign_one_is_not() {
+        let d = tempfile::tempdir().unwrap();
+        for cut in [0, 10, MARKER_TEXT.len() - 1] {
+            let w = d.path().join(format!("w{cut}"));
+            std::fs::create_dir(&w).unwrap();
+            std::fs::write(w.join(MARKER), &MARKER_TEXT.as_bytes()[..cut]).unwrap();
+            let s = StateDir::open(&w, &|_| false).unwrap();
+            assert_eq!(std::fs::read(w.join(MARKER)).unwrap(), MARKER_TEXT.as_bytes());
+            s.delete().unwrap();
+        }
+        // Other text under the marker's name, or a cut marker beside other files: refused, kept.
+        let w = d.path().join("other");
+        std::fs::create_dir(&w).unwrap();
+        std::fs::write(w.join(MARKER), "my own notes").unwrap();
+        assert!(StateDir::open(&w, &|_| false).is_err());
+        assert_eq!(std::fs::read(w.join(MARKER)).unwrap(), b"my own notes");
+        let w = d.path().join("beside");
+        std::fs::create_dir(&w).unwrap();
+        std::fs::write(w.join(MARKER), "").unwrap();
+        std::fs::write(w.join("thesis.txt"), "x").unwrap();
+        assert!(StateDir::open(&w, &|_| false).is_err());
+        assert!(w.join("thesis.txt").exists() && w.join(MARKER).exists());
     }
 
     #[test]

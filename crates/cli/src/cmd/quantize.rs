@@ -63,6 +63,13 @@ pub fn run_quantize_resumable(
 ) -> Result<Summary> {
     let cfg = quantize_config(method, dim, q)?;
     if std::fs::symlink_metadata(out).is_ok() {
+        if let Some(work) = RunDir::remove_leftover(out)? {
+            eprintln!(
+                "note: removed {}, left by the run that wrote {} when it was stopped while cleaning up",
+                work.display(),
+                out.display()
+            );
+        }
         anyhow::bail!("{}: output directory already exists; remove it or choose another", out.display());
     }
     if adadim_model::is_packed(dir) {
