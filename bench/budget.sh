@@ -28,6 +28,7 @@ declare -A ARGS=(
   [gptq-ada-act-mix]="--method gptq --dim ada --act-order --static-groups --zero awq --calib mix"
   [gptq-ada-act-mix-damp10]="--method gptq --dim ada --act-order --static-groups --zero awq --calib mix --percdamp 0.1"
   [gptq-ada-act-mix-damp10-qep05]="--method gptq --dim ada --act-order --static-groups --zero awq --calib mix --percdamp 0.1 --qep 0.5"
+  [gptq-ada-act-fmin-mix-damp10-qep05]="--method gptq --dim ada --act-order --static-groups --zero awq --float-min --calib mix --percdamp 0.1 --qep 0.5"
   [gptq-ada-act-mix-damp10-qep075]="--method gptq --dim ada --act-order --static-groups --zero awq --calib mix --percdamp 0.1 --qep 0.75"
 )
 VARIANTS="${VARIANTS:-gptq-ada}"
