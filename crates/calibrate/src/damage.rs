@@ -521,7 +521,7 @@ pub(crate) fn perturbation(l: &LinearDamage) -> (f32, f64) {
 
 /// Whether per-OC layouts store a column permutation under `cfg` (dynamic act-order GPTQ).
 pub fn permuted(cfg: &crate::driver::QuantizeConfig) -> bool {
-    cfg.method == crate::driver::Method::Gptq && cfg.act_order && !cfg.static_groups
+    cfg.method == crate::driver::Method::Gptq && cfg.act_order && !cfg.static_groups && !cfg.group_aware
 }
 
 /// Write `table` to `file` whole or not at all (a temporary file beside it, then renamed).

@@ -126,6 +126,9 @@ pub struct QuantizeConfig {
     pub gptq: GptqOptions,
     pub act_order: bool,
     pub static_groups: bool,
+    /// Per-OC act-order by whole groups, each fitted when reached ([`GptqOptions::group_aware`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub group_aware: bool,
     /// AWQ: scale each linear's input channels by a searched power of their RMS before
     /// quantizing, folded into the RMSNorm or the linear that produces them.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -350,6 +353,7 @@ impl QuantizeConfig {
         let opts = GptqOptions {
             act_order: self.act_order,
             static_groups: self.static_groups,
+            group_aware: self.group_aware,
             search: self.search,
             ..self.gptq
         };

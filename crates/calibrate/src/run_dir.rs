@@ -325,7 +325,7 @@ impl RunDir {
                 q.spec.bits,
                 q.spec.group,
                 q.act_order,
-                q.static_groups,
+                q.static_groups || q.group_aware,
                 q.gptq.percdamp,
             );
             let path = staging.join("quantize_config.json");

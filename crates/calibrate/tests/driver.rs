@@ -22,6 +22,7 @@ fn config(method: Method, dim: Dim) -> QuantizeConfig {
         gptq: GptqOptions::default(),
         act_order: false,
         static_groups: false,
+        group_aware: false,
         awq: false,
         refit: false,
         descend: 0,

@@ -222,6 +222,7 @@ fn write_resume_seeds() {
             gptq: GptqOptions::default(),
             act_order,
             static_groups: false,
+            group_aware: false,
             awq: false,
             refit: false,
             descend: 0,

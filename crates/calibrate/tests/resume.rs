@@ -25,6 +25,7 @@ fn config(method: Method, dim: Dim, act_order: bool) -> QuantizeConfig {
         gptq: GptqOptions::default(),
         act_order,
         static_groups: false,
+        group_aware: false,
         awq: false,
         refit: false,
         descend: 0,

@@ -194,6 +194,11 @@ pub struct QuantSettings {
     /// group as the sweep reaches it, GPTQ's dynamic groups).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     pub static_groups: bool,
+    /// GPTQ per-OC with act-order: order whole groups (by their largest Hessian diagonal, the
+    /// columns inside each by theirs) and fit each group on the error-compensated weights when
+    /// the sweep reaches it, in place of --static-groups; no permutation is stored.
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub group_aware: bool,
     /// GPTQ dampening, as a fraction of the mean Hessian diagonal (retried x10 on failure).
     #[arg(long, default_value_t = 0.01)]
     pub percdamp: f64,

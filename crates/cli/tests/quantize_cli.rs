@@ -443,6 +443,16 @@ fn quantize_layer_reports_both_errors() {
 /// the quantizer (other weights) and are recorded in the report's settings; min-max runs record
 /// nothing new (their bytes stay as they were). AWQ's packed model (norms folded,
 /// written in f32) loads and evaluates.
+/// `eval ppl` of the model in `dir` on `text` succeeds with a finite perplexity above 1.
+fn assert_evaluates(dir: &Path, text: &Path) {
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let args = ["eval", "ppl", "--model", &s(dir), "--dataset", &s(text), "--seqlen", "32", "--limit", "2", "--json"];
+    let (code, so, se) = adadim(&args);
+    assert_eq!(code, 0, "{se}");
+    let ppl = serde_json::from_str::<serde_json::Value>(&so).unwrap()["ppl"].as_f64().unwrap();
+    assert!(ppl.is_finite() && ppl > 1.0, "{so}");
+}
+
 #[test]
 fn quantizer_settings_are_settings_of_the_run() {
     let d = tempfile::tempdir().unwrap();
@@ -481,22 +491,7 @@ fn quantizer_settings_are_settings_of_the_run() {
     }
     assert_ne!(runs[0].1, runs[1].1, "mse");
     assert_ne!(runs[1].1, runs[2].1, "awq");
-    let (code, so, se) = adadim(&[
-        "eval",
-        "ppl",
-        "--model",
-        &s(&runs[2].2),
-        "--dataset",
-        &s(&text),
-        "--seqlen",
-        "32",
-        "--limit",
-        "2",
-        "--json",
-    ]);
-    assert_eq!(code, 0, "{se}");
-    let ppl = serde_json::from_str::<serde_json::Value>(&so).unwrap()["ppl"].as_f64().unwrap();
-    assert!(ppl.is_finite() && ppl > 1.0, "{so}");
+    assert_evaluates(&runs[2].2, &text);
     // The default search is min-max for plain RTN per-OC (where the search measured worse) and
     // the error search otherwise; either is taken when asked for.
     for (name, extra, want) in
@@ -513,6 +508,39 @@ fn quantizer_settings_are_settings_of_the_run() {
     assert_eq!(code, 1);
     assert!(se.contains("--ada-error block") && se.contains("--dim ada"), "{se}");
     assert!(!out.exists());
+}
+
+/// GPTQ per-OC with act-order three ways: static groups and group-aware order store no column
+/// order, dynamic groups do (a larger file); group-aware is recorded in the run's settings and
+/// gives a model that evaluates.
+#[test]
+fn group_aware_act_order_stores_no_permutation() {
+    let d = tempfile::tempdir().unwrap();
+    let m = d.path().join("model");
+    write_random_checkpoint(&m, &tiny_config(), 3).unwrap();
+    let text = d.path().join("calib.txt");
+    std::fs::write(&text, "Now is the winter of our discontent made glorious summer. ".repeat(30)).unwrap();
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let run = |name: &str, extra: &[&str]| {
+        let out = d.path().join(name);
+        let (m, text, out_s) = (s(&m), s(&text), s(&out));
+        let mut args = vec!["quantize", "--model", &m, "--method", "gptq", "--dim", "oc", "--bits", "3", "--group"];
+        args.extend(["16", "--calib", &text, "--nsamples", "4", "--calib-seqlen", "32", "--out", &out_s]);
+        args.extend(extra);
+        let (code, _, se) = adadim(&args);
+        assert_eq!(code, 0, "{name}: {se}");
+        let r: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+        (std::fs::read(out.join("model.safetensors")).unwrap(), r["summary"]["settings"].clone(), out)
+    };
+    let (aware, settings, out) = run("aware", &["--group-aware"]);
+    let (fixed, fixed_settings, _) = run("static", &[]);
+    let (dynamic, ..) = run("dynamic", &["--static-groups", "false"]);
+    assert_eq!(settings["group_aware"], true, "{settings}");
+    assert!(fixed_settings.get("group_aware").is_none(), "off: not recorded, {fixed_settings}");
+    assert_ne!(aware, fixed);
+    assert!(dynamic.len() > fixed.len(), "dynamic groups store their column order");
+    assert_evaluates(&out, &text);
 }
 
 /// `adadim compare` reuses a finished run only when it was made with the same settings and

@@ -34,6 +34,12 @@ pub struct GptqOptions {
     /// (`--static-groups`), so params stay in `c / g` order under act-order. Per-IC params
     /// are in column order whatever the processing order (paper §3.3), so Ic ignores it.
     pub static_groups: bool,
+    /// Per-OC with act-order: reorder whole groups (most important first, by their largest
+    /// `diag(H)`; columns by decreasing `diag(H)` inside each) and fit each group on the
+    /// error-compensated weights when the sweep reaches it. Groups stay contiguous (no
+    /// `g_idx`) and none is fitted on the original weights; `static_groups` is then ignored.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub group_aware: bool,
     /// How many times a failed Cholesky is retried with 10x the damping (4: up to
     /// `100 x mean(diag(H))` from the default 0.01).
     pub damp_retries: u32,
@@ -50,6 +56,7 @@ impl Default for GptqOptions {
             percdamp: 0.01,
             act_order: false,
             static_groups: false,
+            group_aware: false,
             damp_retries: 4,
             search: ScaleSearch::MinMax,
         }
@@ -129,7 +136,9 @@ pub fn gptq(
     }
     let grid = Grid::new(rows, cols, spec);
     let h_diag = h.diag();
-    let static_groups = opts.static_groups && spec.axis == Axis::Oc;
+    let gc = grid.group_shape().1;
+    let group_aware = opts.group_aware && opts.act_order && spec.axis == Axis::Oc && gc < cols;
+    let static_groups = opts.static_groups && spec.axis == Axis::Oc && !group_aware;
     let mut params = match static_groups {
         true => fit_groups(&w0, cols, &grid, spec, &Fitter::new(opts.search, Some(&h_diag))),
         false => vec![GroupParams::default(); grid.len()],
@@ -137,8 +146,11 @@ pub fn gptq(
     // Act-order; the stable sort keeps tied columns in their original order.
     let hm = h.matrix();
     let mut perm: Vec<usize> = (0..cols).collect();
-    if opts.act_order {
-        perm.sort_by(|&a, &b| hm[b * cols + b].total_cmp(&hm[a * cols + a]));
+    let diag = |c: usize| hm[c * cols + c];
+    if group_aware {
+        perm = group_aware_order(cols, gc, diag);
+    } else if opts.act_order {
+        perm.sort_by(|&a, &b| diag(b).total_cmp(&diag(a)));
     }
     // H in processing order, read from the f32 matrix as needed (never copied whole).
     let h_perm = |i: usize, j: usize| {
@@ -164,6 +176,7 @@ pub fn gptq(
         U: &inv.U,
         blocksize: opts.blocksize,
         static_groups,
+        group_aware,
         orig: &w0,
         search: opts.search,
         h_diag: &h_diag,
@@ -173,9 +186,23 @@ pub fn gptq(
     let loss = sweep.run(&mut W, &mut params, &mut codes, &mut update);
     update.iter_mut().for_each(|u| *u /= rows as f64);
     let sweep_seconds = t.elapsed().as_secs_f64();
-    let g_idx = dynamic_g_idx(&perm, &grid, spec, static_groups);
+    let g_idx = dynamic_g_idx(&perm, &grid, spec, static_groups || group_aware);
     let quantized = QuantizedMatrix::from_params(rows, cols, *spec, codes, &params, g_idx);
     Ok(GptqOutput { quantized, loss, percdamp: inv.percdamp, dead, inverse_seconds, sweep_seconds, update })
+}
+
+/// Group-aware act-order: the groups of `g` columns by decreasing largest `diag`, each
+/// group's columns by decreasing `diag`; stable, so ties keep their original order.
+fn group_aware_order(cols: usize, g: usize, diag: impl Fn(usize) -> f32) -> Vec<usize> {
+    let mut groups: Vec<Vec<usize>> = (0..cols.div_ceil(g))
+        .map(|k| {
+            let mut cs: Vec<usize> = (k * g..((k + 1) * g).min(cols)).collect();
+            cs.sort_by(|&a, &b| diag(b).total_cmp(&diag(a)));
+            cs
+        })
+        .collect();
+    groups.sort_by(|a, b| diag(b[0]).total_cmp(&diag(a[0])));
+    groups.concat()
 }
 
 /// GPTQ's `g_idx` for per-OC dynamic groups: column `c`, processed at position `j`, is in

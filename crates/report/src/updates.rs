@@ -194,6 +194,7 @@ pub fn compute(
         percdamp: report.percdamp.unwrap_or(GptqOptions::default().percdamp),
         act_order: s.act_order,
         static_groups: s.static_groups,
+        group_aware: s.group_aware,
         search: s.search,
         ..GptqOptions::default()
     };

@@ -205,6 +205,7 @@ pub fn quantize_config(method: MethodArg, dim: DimArg, q: &QuantSettings) -> Res
         gptq: GptqOptions { percdamp: q.percdamp, ..GptqOptions::default() },
         act_order: q.act_order,
         static_groups: q.static_groups,
+        group_aware: q.group_aware,
         awq: q.awq,
         refit: q.refit,
         descend: q.descend as usize,

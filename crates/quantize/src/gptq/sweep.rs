@@ -22,6 +22,9 @@ pub(crate) struct Sweep<'a> {
     pub blocksize: usize,
     /// Per-OC params were all fitted up front (static groups); nothing is fitted here.
     pub static_groups: bool,
+    /// Per-OC groups are whole in processing order (group-aware act-order): each is fitted on
+    /// its columns' current, fully compensated values and keeps its original index.
+    pub group_aware: bool,
     /// The weights before GPTQ (row-major, original column order), to measure its updates.
     pub orig: &'a [f32],
     /// How groups fitted during the sweep are fitted.
@@ -50,6 +53,25 @@ impl Sweep<'_> {
         }
     }
 
+    /// Row `r` of the column processed `jj`-th, with every update of the columns quantized
+    /// before position `i` of the block `i1..i2`: kept current in `W1` inside the block; after
+    /// it, `W` still lacks the block's lazy update, so the part already due is taken off here.
+    fn current(
+        &self,
+        W: &[f64],
+        W1: &[f64],
+        Err1: &[f64],
+        (i1, i2, i): (usize, usize, usize),
+        r: usize,
+        jj: usize,
+    ) -> f64 {
+        let rows = self.rows;
+        if jj < i2 {
+            return W1[(jj - i1) * rows + r];
+        }
+        W[r * self.cols + jj] - (0..i).map(|k| Err1[k * rows + r] * self.U[(i1 + k, jj)]).sum::<f64>()
+    }
+
     /// Runs the sweep on `W` (row-major `[rows, cols]`, columns in processing order, updated
     /// in place), filling `params` and `codes` (original order) and `update` (per original
     /// column, the sum over rows of `|w - w_orig|` when the column is quantized: the error
@@ -76,7 +98,20 @@ impl Sweep<'_> {
                     // gptq.py: a group starts every g processed columns and is fitted on
                     // `W[:, j:j+g]`, which holds the updates of earlier blocks but not yet
                     // those of this block (they live in W1). Kept as is for parity.
-                    Axis::Oc if dynamic_oc && j % gc == 0 => {
+                    Axis::Oc if self.group_aware && (j == 0 || self.perm[j - 1] / gc != c / gc) => {
+                        let (k, len) = (c / gc, ((c / gc + 1) * gc).min(cols) - c / gc * gc);
+                        let weights: Vec<f32> = self.perm[j..j + len].iter().map(|&c| self.h_diag[c]).collect();
+                        let (W, W1, Err1) = (&*W, &W1, &Err1);
+                        let fitted = self.fit_each(rows, |r| {
+                            let v: Vec<f64> =
+                                (j..j + len).map(|jj| self.current(W, W1, Err1, (i1, i2, i), r, jj)).collect();
+                            self.fit(&v, Some(&weights))
+                        });
+                        for (r, p) in fitted.into_iter().enumerate() {
+                            params[self.grid.index(r, k)] = p;
+                        }
+                    }
+                    Axis::Oc if dynamic_oc && !self.group_aware && j % gc == 0 => {
                         let end = (j + gc).min(cols);
                         let weights: Vec<f32> = self.perm[j..end].iter().map(|&c| self.h_diag[c]).collect();
                         let W = &*W;
@@ -98,7 +133,7 @@ impl Sweep<'_> {
                     Axis::Oc => {}
                 }
                 // Dynamic per-OC groups follow processing order; all others the original one.
-                let kc = if dynamic_oc { j / gc } else { c / gc };
+                let kc = if dynamic_oc && !self.group_aware { j / gc } else { c / gc };
                 // Step 2, quantize: err = (w - q) / Hinv[j, j], loss += err^2 / 2.
                 let d = self.U[(j, j)];
                 let err = &mut Err1[i * rows..(i + 1) * rows];
