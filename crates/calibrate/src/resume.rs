@@ -308,9 +308,6 @@ impl WorkDir {
     /// while deleting its work directory: adadim's own state, unlocked, without `model`.
     /// Returns whether it was removed; anything else is left as it is.
     pub fn remove_leftover(dir: &Path) -> Result<bool> {
-        if std::fs::symlink_metadata(dir).is_err() {
-            return Ok(false);
-        }
         let Ok(state) = StateDir::open(dir, &|_| false) else { return Ok(false) };
         let lock = match Lock::acquire(&state) {
             Ok(lock) => lock,

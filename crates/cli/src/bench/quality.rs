@@ -55,7 +55,7 @@ pub fn model_bits(dir: &Path) -> Result<(u64, u64)> {
     let s = &r.summary.settings;
     let (bits, group) = (s.spec.bits, s.spec.group);
     // Per-OC GPTQ with act-order and dynamic groups stores its column order.
-    let dynamic = s.method == adadim_calibrate::Method::Gptq && s.act_order && !s.static_groups && !s.group_aware;
+    let dynamic = adadim_calibrate::damage::permuted(s);
     let (mut total, mut weights) = (0u64, 0u64);
     for l in &r.linears {
         let (rows, cols, axis) = (l.rows, l.cols, l.axis);

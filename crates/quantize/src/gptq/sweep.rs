@@ -99,7 +99,8 @@ impl Sweep<'_> {
                     // `W[:, j:j+g]`, which holds the updates of earlier blocks but not yet
                     // those of this block (they live in W1). Kept as is for parity.
                     Axis::Oc if self.group_aware && (j == 0 || self.perm[j - 1] / gc != c / gc) => {
-                        let (k, len) = (c / gc, ((c / gc + 1) * gc).min(cols) - c / gc * gc);
+                        let k = c / gc;
+                        let len = ((k + 1) * gc).min(cols) - k * gc;
                         let weights: Vec<f32> = self.perm[j..j + len].iter().map(|&c| self.h_diag[c]).collect();
                         let (W, W1, Err1) = (&*W, &W1, &Err1);
                         let fitted = self.fit_each(rows, |r| {
