@@ -56,6 +56,8 @@ static ALLOC: Bump = Bump;
 pub struct Case {
     name: String,
     p: PackedLinear,
+    /// Tokens multiplied together ([`PackedLinear::matvec_batch`] where more than one).
+    t: usize,
     /// The activations' rounding: int16 ([`q16`]) or int8 ([`q8`]).
     act: ActBits,
     x: Vec<f32>,
@@ -72,10 +74,14 @@ pub struct Cases(Vec<Case>);
 /// after the last step; short rows (four at a time, a lone row after them where the count is
 /// not a multiple of four; 1536 codes in groups of 32 is the most blocks a four-row pass takes)
 /// and long ones (2752 codes: one at a time); each on int16 and on
-/// int8 activations.
+/// int8 activations; the short ones also as a batch of 5 tokens (four rows of four tokens at
+/// once, then of one).
 #[no_mangle]
 pub extern "C" fn cases_new() -> *mut Cases {
     let mut rng = Rng::new(512);
+    // The batches' other tokens from a generator of their own: the single cases draw what
+    // they drew before.
+    let mut more = Rng::new(513);
     let mut list = Vec::new();
     // 2-bit codes last: the earlier cases draw the weights they drew before.
     for bits in [3u8, 4, 8, 2] {
@@ -119,13 +125,38 @@ pub extern "C" fn cases_new() -> *mut Cases {
                     let (want, _) = if act == ActBits::I16 { q16::matvec_ref(&p, &x) } else { q8::matvec_ref(&p, &x) };
                     let name = format!("{rows}x{cols} w{bits} {axis:?} g{group} {:?} int{}", spec.zero, act.bits());
                     list.push(Case {
-                        name,
+                        name: name.clone(),
                         p: p.clone(),
+                        t: 1,
                         act,
                         x: x.clone(),
                         y: vec![f32::NAN; rows],
                         want,
                         tol: tol.clone(),
+                    });
+                    if cols > 2000 {
+                        continue;
+                    }
+                    // Tokens 1..5 of a batch: their tolerance scaled by their own product's.
+                    let t = 5;
+                    let mut xb = x.clone();
+                    xb.extend(more.normals((t - 1) * cols, 1.0));
+                    let (mut want, mut tols) = (Vec::new(), Vec::new());
+                    for x in xb.chunks(cols) {
+                        let (w, _) = if act == ActBits::I16 { q16::matvec_ref(&p, x) } else { q8::matvec_ref(&p, x) };
+                        let (_, s) = adadim_pack::matvec_f32::matvec_ref(&p, x);
+                        want.extend(w);
+                        tols.extend(tol.iter().zip(&scale).zip(s).map(|((t, s0), s)| t * (s / s0.max(1e-30)).max(1.0)));
+                    }
+                    list.push(Case {
+                        name: format!("{name} batch of {t}"),
+                        p: p.clone(),
+                        t,
+                        act,
+                        x: xb,
+                        y: vec![f32::NAN; t * rows],
+                        want,
+                        tol: tols,
                     });
                 }
             }
@@ -141,7 +172,7 @@ pub unsafe extern "C" fn cases_len(c: *const Cases) -> usize {
     (&*c).0.len()
 }
 
-/// Case `i`'s matvec into its `y`, every loop on this thread ([`adadim_team::serial`]:
+/// Case `i`'s matvec (or batched matvec) into its `y`, every loop on this thread ([`adadim_team::serial`]:
 /// an emulated call has no other threads and no operating system).
 ///
 /// # Safety
@@ -149,7 +180,10 @@ pub unsafe extern "C" fn cases_len(c: *const Cases) -> usize {
 #[no_mangle]
 pub unsafe extern "C" fn case_run(c: *mut Cases, i: usize) {
     let case = &mut (&mut *c).0[i];
-    adadim_team::serial(|| case.p.matvec(case.act, &case.x, &mut case.y));
+    adadim_team::serial(|| match case.t {
+        1 => case.p.matvec(case.act, &case.x, &mut case.y),
+        t => case.p.matvec_batch(case.act, &case.x, t, &mut case.y),
+    });
 }
 
 /// Where [`case_run`] starts, for the emulator.

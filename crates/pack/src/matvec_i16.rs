@@ -29,7 +29,7 @@ use crate::bits;
 use crate::format::PackedLinear;
 use crate::matvec_int::IntActs;
 #[cfg(target_arch = "x86_64")]
-use crate::matvec_int::{rows_avx2, rows_avx512bw, rows_vnni, Job};
+use crate::matvec_int::{rows_avx2, rows_avx512bw, rows_vnni, Job, Outs, TOKENS4};
 use crate::round_i16::{block_size, MAX_BLOCK, Q16, QB, SPLIT};
 use crate::simd::ROWS4;
 #[cfg(target_arch = "x86_64")]
@@ -383,213 +383,249 @@ unsafe fn row_sum_split_avx512<const B: usize, const VNNI: bool>(
     crate::simd::halves_avx512(a)
 }
 
-/// [`row_sum_split_avx512`] for [`ROWS4`] rows at once, each with its own block scales, as
-/// their 8 lane sums: each block's split activations are loaded once for the four rows, the
-/// four accumulators are independent chains, and the caller folds the four rows' lane sums
-/// together ([`crate::simd::sums4`]), per-OC after taking each row's zero-point lanes
-/// ([`crate::simd::zero_lanes`]) from them. Short rows (SmolLM2's: 576 to 1536 codes), one
-/// at a time, paid as much around their blocks as in them.
+/// [`row_sum_split_avx512`] for [`ROWS4`] rows at once, each with its own block scales, and `T`
+/// tokens (`x[t]`, scales `sd[t]`), as their 8 lane sums per token and row: each block's codes
+/// are unpacked once for the tokens, each token's split activations loaded once for the four
+/// rows, every accumulator is a chain of its own, and the caller folds each token's four
+/// rows' lane sums together ([`crate::simd::sums4`]), per-OC after taking each row's
+/// zero-point lanes ([`crate::simd::zero_lanes`]) from them. Short rows (SmolLM2's: 576 to
+/// 1536 codes), one at a time, paid as much around their blocks as in them. Token `t`'s
+/// accumulators see the same operations in the same order whatever `T` is.
 ///
 /// # Safety
-/// As [`row_sum_split_avx512`] for each row.
+/// As [`row_sum_split_avx512`] for each row; every `x[t]` of one length and block.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn rows4_split_avx512<const B: usize, const VNNI: bool>(
+unsafe fn rows4_split_avx512<const B: usize, const VNNI: bool, const T: usize>(
     rp: [*const u8; ROWS4],
-    x: &Q16,
-    sd: [&[f32]; ROWS4],
+    x: [&Q16; T],
+    sd: [[&[f32]; ROWS4]; T],
     ahead: usize,
-) -> [std::arch::x86_64::__m256; ROWS4] {
+) -> [[std::arch::x86_64::__m256; ROWS4]; T] {
     use std::arch::x86_64::*;
-    debug_assert!(matches!(x.block, QB | SPLIT) || x.block == 2 * SPLIT);
-    let steps = x.hi.len() / SPLIT;
-    let (hp, lp) = (x.hi.as_ptr() as *const u8, x.lo.as_ptr());
+    let (block, steps) = (x[0].block, x[0].hi.len() / SPLIT);
+    debug_assert!(matches!(block, QB | SPLIT) || block == 2 * SPLIT);
+    assert!(
+        x.iter().all(|x| x.block == block && x.hi.len() == steps * SPLIT && x.lo.len() == steps * SPLIT),
+        "tokens of unequal length"
+    );
+    let (hp, lp) = (x.map(|x| x.hi.as_ptr() as *const u8), x.map(|x| x.lo.as_ptr()));
     let ld = |p: *const u8| _mm512_loadu_si512(p as *const _);
-    if x.block == SPLIT || x.block == QB {
+    let mut acc = [[_mm512_setzero_ps(); ROWS4]; T];
+    if block == SPLIT || block == QB {
         // Blocks of one step (per-OC groups of 64), each step its own scale, or of half a step
         // (groups of 32): a step's lanes 0-3 and 8-11 sum its first 32 codes (even codes in
         // the low half, odd in the high), lanes 4-7 and 12-15 the rest, as the AVX2 loop's
         // halves.
-        let halves = x.block == QB;
-        let sd = sd.map(|s| &s[..if halves { 2 * steps } else { steps }]);
-        let mut acc = [_mm512_setzero_ps(); ROWS4];
+        let halves = block == QB;
+        let n = if halves { 2 * steps } else { steps };
+        assert!(sd.iter().all(|sd| sd.iter().all(|s| s.len() >= n)), "block scales for {n} blocks");
         for j in 0..steps {
-            let (h, l) = (ld(hp.add(j * SPLIT)), ld(lp.add(j * SPLIT)));
-            for (i, a) in acc.iter_mut().enumerate() {
+            // A loop, not a closure: a closure's intrinsics compile without this function's target features.
+            let mut c = [_mm512_setzero_si512(); ROWS4];
+            for (i, c) in c.iter_mut().enumerate() {
                 crate::simd::prefetch_line(rp[0].wrapping_add(ahead + (ROWS4 * j + i) * 8 * B));
-                let sums = step_sums_avx512::<VNNI>(bits::codes_avx512::<B>(rp[i], j), h, l);
-                let d = if halves {
-                    let (d0, d1) = (sd[i][2 * j], sd[i][2 * j + 1]);
-                    _mm512_setr_ps(d0, d0, d0, d0, d1, d1, d1, d1, d0, d0, d0, d0, d1, d1, d1, d1)
-                } else {
-                    _mm512_set1_ps(sd[i][j])
-                };
-                *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), d, *a);
+                *c = bits::codes_avx512::<B>(rp[i], j);
+            }
+            for (t, acc) in acc.iter_mut().enumerate() {
+                let (h, l) = (ld(hp[t].add(j * SPLIT)), ld(lp[t].add(j * SPLIT)));
+                for (i, a) in acc.iter_mut().enumerate() {
+                    let sums = step_sums_avx512::<VNNI>(c[i], h, l);
+                    let d = if halves {
+                        let (d0, d1) = (*sd[t][i].get_unchecked(2 * j), *sd[t][i].get_unchecked(2 * j + 1));
+                        _mm512_setr_ps(d0, d0, d0, d0, d1, d1, d1, d1, d0, d0, d0, d0, d1, d1, d1, d1)
+                    } else {
+                        _mm512_set1_ps(*sd[t][i].get_unchecked(j))
+                    };
+                    *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), d, *a);
+                }
             }
         }
-        return acc.map(|a| crate::simd::halves_avx512(a));
+        return crate::simd::halves4(acc);
     }
-    let sd = sd.map(|s| &s[..steps.div_ceil(2)]);
+    let n = steps.div_ceil(2);
+    assert!(sd.iter().all(|sd| sd.iter().all(|s| s.len() >= n)), "block scales for {n} blocks");
     // `ahead` ([`crate::simd::Ahead4`]); a block's 16 B bytes are at most a line.
-    let mut acc = [_mm512_setzero_ps(); ROWS4];
     for b in 0..steps / 2 {
         let j = 2 * b;
-        let (h, l) = (hp.add(j * SPLIT), lp.add(j * SPLIT));
-        let (h0, h1, l0, l1) = (ld(h), ld(h.add(SPLIT)), ld(l), ld(l.add(SPLIT)));
-        for (i, a) in acc.iter_mut().enumerate() {
+        // A loop, not a closure: a closure's intrinsics compile without this function's target features.
+        let mut c = [[_mm512_setzero_si512(); 2]; ROWS4];
+        for (i, c) in c.iter_mut().enumerate() {
             crate::simd::prefetch_line(rp[0].wrapping_add(ahead + (ROWS4 * b + i) * 16 * B));
-            let (c0, c1) = (bits::codes_avx512::<B>(rp[i], j), bits::codes_avx512::<B>(rp[i], j + 1));
-            let sums = block_sums_avx512::<VNNI>([c0, c1], [h0, h1], [l0, l1]);
-            *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_set1_ps(sd[i][b]), *a);
+            *c = [bits::codes_avx512::<B>(rp[i], j), bits::codes_avx512::<B>(rp[i], j + 1)];
+        }
+        for (t, acc) in acc.iter_mut().enumerate() {
+            let (h, l) = (hp[t].add(j * SPLIT), lp[t].add(j * SPLIT));
+            let (h0, h1, l0, l1) = (ld(h), ld(h.add(SPLIT)), ld(l), ld(l.add(SPLIT)));
+            for (i, a) in acc.iter_mut().enumerate() {
+                let sums = block_sums_avx512::<VNNI>(c[i], [h0, h1], [l0, l1]);
+                *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_set1_ps(*sd[t][i].get_unchecked(b)), *a);
+            }
         }
     }
     if steps % 2 == 1 {
         // A last block of one step, as in the one-row loop.
         let (j, z) = (steps - 1, _mm512_setzero_si512());
-        let (h0, l0) = (ld(hp.add(j * SPLIT)), ld(lp.add(j * SPLIT)));
-        for (i, a) in acc.iter_mut().enumerate() {
-            let sums = block_sums_avx512::<VNNI>([bits::codes_avx512::<B>(rp[i], j), z], [h0, z], [l0, z]);
-            *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_set1_ps(sd[i][steps / 2]), *a);
+        let mut c = [z; ROWS4];
+        for (i, c) in c.iter_mut().enumerate() {
+            *c = bits::codes_avx512::<B>(rp[i], j);
+        }
+        for (t, acc) in acc.iter_mut().enumerate() {
+            let (h0, l0) = (ld(hp[t].add(j * SPLIT)), ld(lp[t].add(j * SPLIT)));
+            for (i, a) in acc.iter_mut().enumerate() {
+                let sums = block_sums_avx512::<VNNI>([c[i], z], [h0, z], [l0, z]);
+                *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_set1_ps(sd[t][i][steps / 2]), *a);
+            }
         }
     }
-    acc.map(|a| crate::simd::halves_avx512(a))
+    crate::simd::halves4(acc)
 }
 
-/// [`row_sum8_avx512`] for [`ROWS4`] rows at once, as [`rows4_split_avx512`] does for 3- and
-/// 4-bit codes: each step's activations are loaded once for the four rows, and the caller
-/// folds the four rows' lane sums together ([`crate::simd::sums4`]) where a row alone paid
-/// a reduction and a scalar zero-point term of its own (the LM head: 49152 rows of 576 codes).
-/// `ahead` as [`rows4_split_avx512`]'s.
+/// [`row_sum8_avx512`] for [`ROWS4`] rows and `T` tokens at once, as [`rows4_split_avx512`]
+/// does for 3- and 4-bit codes: each step's codes widened once for the tokens, each token's
+/// activations loaded once for the four rows, and the caller folds each token's four rows' lane
+/// sums together ([`crate::simd::sums4`]) where a row alone paid a reduction and a scalar
+/// zero-point term of its own (the LM head: 49152 rows of 576 codes). `ahead` as
+/// [`rows4_split_avx512`]'s.
 ///
 /// # Safety
-/// As [`row_sum8_avx512`] for each row; `x.block` is 32, 64 or 128.
+/// As [`row_sum8_avx512`] for each row; `x[t].block` is 32, 64 or 128, the same for every token.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn rows4_8_avx512<const VNNI: bool>(
+unsafe fn rows4_8_avx512<const VNNI: bool, const T: usize>(
     rows: [&[u8]; ROWS4],
-    x: &Q16,
+    x: [&Q16; T],
     cols: usize,
-    sd: [&[f32]; ROWS4],
+    sd: [[&[f32]; ROWS4]; T],
     ahead: usize,
-) -> [std::arch::x86_64::__m256; ROWS4] {
+) -> [[std::arch::x86_64::__m256; ROWS4]; T] {
     use std::arch::x86_64::*;
     let steps = cols / QB;
-    let n = x.block / QB;
-    assert!(matches!(n, 1 | 2 | 4), "int16 blocks of {} values", x.block);
+    let n = x[0].block / QB;
+    assert!(matches!(n, 1 | 2 | 4), "int16 blocks of {} values", x[0].block);
     assert!(
-        rows.iter().all(|row| steps * QB <= row.len()) && steps * QB <= x.q.len(),
+        rows.iter().all(|row| steps * QB <= row.len())
+            && x.iter().all(|x| steps * QB <= x.q.len() && x.block == n * QB),
         "packed row too short for its codes"
     );
     let blocks = steps.div_ceil(n);
-    let sd = sd.map(|s| &s[..blocks]);
-    let (rp, qp) = (rows.map(|row| row.as_ptr()), x.q.as_ptr());
-    let mut acc = [_mm512_setzero_ps(); ROWS4];
+    assert!(sd.iter().all(|sd| sd.iter().all(|s| s.len() >= blocks)), "block scales for {blocks} blocks");
+    let (rp, qp) = (rows.map(|row| row.as_ptr()), x.map(|x| x.q.as_ptr()));
+    let mut acc = [[_mm512_setzero_ps(); ROWS4]; T];
     for b in 0..blocks {
-        let mut sums = [_mm512_setzero_si512(); ROWS4];
+        let mut sums = [[_mm512_setzero_si512(); ROWS4]; T];
         for j in b * n..(b * n + n).min(steps) {
-            let a = _mm512_loadu_si512(qp.add(j * QB) as *const _);
-            for (i, s) in sums.iter_mut().enumerate() {
+            // A loop, not a closure: a closure's intrinsics compile without this function's target features.
+            let mut c = [_mm512_setzero_si512(); ROWS4];
+            for (i, c) in c.iter_mut().enumerate() {
                 crate::simd::prefetch_line(rp[0].wrapping_add(ahead + (ROWS4 * j + i) * QB));
-                let c = _mm512_cvtepu8_epi16(_mm256_loadu_si256(rp[i].add(j * QB) as *const __m256i));
-                *s = if VNNI { _mm512_dpwssd_epi32(*s, c, a) } else { _mm512_add_epi32(*s, _mm512_madd_epi16(c, a)) };
+                *c = _mm512_cvtepu8_epi16(_mm256_loadu_si256(rp[i].add(j * QB) as *const __m256i));
+            }
+            for (t, sums) in sums.iter_mut().enumerate() {
+                let a = _mm512_loadu_si512(qp[t].add(j * QB) as *const _);
+                for (i, s) in sums.iter_mut().enumerate() {
+                    *s = if VNNI {
+                        _mm512_dpwssd_epi32(*s, c[i], a)
+                    } else {
+                        _mm512_add_epi32(*s, _mm512_madd_epi16(c[i], a))
+                    };
+                }
             }
         }
-        for i in 0..ROWS4 {
-            acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums[i]), _mm512_set1_ps(sd[i][b]), acc[i]);
+        for t in 0..T {
+            for i in 0..ROWS4 {
+                acc[t][i] = _mm512_fmadd_ps(
+                    _mm512_cvtepi32_ps(sums[t][i]),
+                    _mm512_set1_ps(*sd[t][i].get_unchecked(b)),
+                    acc[t][i],
+                );
+            }
         }
     }
-    let mut out = [_mm256_setzero_ps(); ROWS4];
-    for i in 0..ROWS4 {
-        out[i] = crate::simd::halves_avx512(acc[i]);
+    crate::simd::halves4(acc)
+}
+
+/// [`ROWS4`] per-OC rows from `r` on for `T` tokens ([`row_oc`] for each, the kernel
+/// [`rows4_split_avx512`], or [`rows4_8_avx512`] for 8-bit codes).
+///
+/// # Safety
+/// AVX2, FMA, AVX-512 F and BW (and VNNI if `VNNI`); `B` 3, 4 or 8, every `x[t].block` `2 SPLIT`,
+/// `SPLIT` or `QB` (one of them for all), at most [`SHORT`] blocks; rows `r..r + ROWS4` exist.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn rows4_oc<const B: usize, const VNNI: bool, const T: usize>(
+    p: &PackedLinear,
+    x: [&Q16; T],
+    sums: [(&[f32], &ZeroTail); T],
+    per: usize,
+    r: usize,
+    ahead: Ahead4,
+    scratch: &mut [Scales4; TOKENS4],
+) -> [[f32; ROWS4]; T] {
+    let (cols, pc, g) = (p.cols, sums[0].0.len(), p.layout.group);
+    let rows: [&[u8]; ROWS4] = std::array::from_fn(|i| p.row_codes(r + i));
+    let params = |i: usize| (&p.scales[(r + i) * pc..(r + i + 1) * pc], &p.zeros[(r + i) * pc..(r + i + 1) * pc]);
+    // 8-bit rows hold no split activations: no steps of [`SPLIT`] (their kernel checks its own).
+    let steps = x[0].hi.len() / SPLIT;
+    assert!(rows.iter().all(|row| steps * SPLIT * B / 8 <= row.len()), "packed row too short for its codes");
+    let n = x[0].d.len();
+    crate::simd::prefetch_params4(p, r + ahead.rows, pc);
+    for (t, Scales4(sd)) in scratch.iter_mut().take(T).enumerate() {
+        for (i, sd) in sd.iter_mut().enumerate() {
+            block_scales(params(i).0, &x[t].d, per, sd);
+        }
+    }
+    let sd: [[&[f32]; ROWS4]; T] = std::array::from_fn(|t| std::array::from_fn(|i| &scratch[t].0[i][..n]));
+    let (lanes, done) = if B == 8 {
+        (rows4_8_avx512::<VNNI, T>(rows, x, cols, sd, ahead.bytes), cols / QB * QB)
+    } else {
+        (rows4_split_avx512::<B, VNNI, T>(rows.map(|row| row.as_ptr()), x, sd, ahead.bytes), steps * SPLIT)
+    };
+    let mut out = [[0f32; ROWS4]; T];
+    for (t, (o, lanes)) in out.iter_mut().zip(lanes).enumerate() {
+        let (xsum, tail) = sums[t];
+        *o = crate::simd::oc_sums4(p, r, lanes, xsum, tail);
+        if done < cols {
+            for (i, y) in o.iter_mut().enumerate() {
+                *y += dot_scalar(rows[i], B as u8, x[t], done, cols, |c| params(i).0[c / g]);
+            }
+        }
     }
     out
 }
 
-/// [`ROWS4`] per-OC rows from `r` on ([`row_oc`] for each, the kernel [`rows4_split_avx512`],
-/// or [`rows4_8_avx512`] for 8-bit codes).
-///
-/// # Safety
-/// AVX2, FMA, AVX-512 F and BW (and VNNI if `VNNI`); `B` 3, 4 or 8, `x.block` `2 SPLIT`,
-/// `SPLIT` or `QB`, at most [`SHORT`] blocks; rows `r..r + ROWS4` exist.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-unsafe fn rows4_oc<const B: usize, const VNNI: bool>(
-    p: &PackedLinear,
-    x: &Q16,
-    (xsum, tail): (&[f32], &ZeroTail),
-    per: usize,
-    r: usize,
-    ahead: Ahead4,
-    Scales4(sd): &mut Scales4,
-) -> [f32; ROWS4] {
-    let (cols, pc, g) = (p.cols, xsum.len(), p.layout.group);
-    let rows: [&[u8]; ROWS4] = std::array::from_fn(|i| p.row_codes(r + i));
-    let params = |i: usize| (&p.scales[(r + i) * pc..(r + i + 1) * pc], &p.zeros[(r + i) * pc..(r + i + 1) * pc]);
-    // 8-bit rows hold no split activations: no steps of [`SPLIT`] (their kernel checks its own).
-    let steps = x.hi.len() / SPLIT;
-    assert!(rows.iter().all(|row| steps * SPLIT * B / 8 <= row.len()), "packed row too short for its codes");
-    let n = x.d.len();
-    crate::simd::prefetch_params4(p, r + ahead.rows, pc);
-    for (i, sd) in sd.iter_mut().enumerate() {
-        block_scales(params(i).0, &x.d, per, sd);
-    }
-    let sd = [&sd[0][..n], &sd[1][..n], &sd[2][..n], &sd[3][..n]];
-    if B == 8 {
-        let lanes = rows4_8_avx512::<VNNI>(rows, x, cols, sd, ahead.bytes);
-        let mut sums = crate::simd::oc_sums4(p, r, lanes, xsum, tail);
-        let done = cols / QB * QB;
-        if done < cols {
-            for (i, y) in sums.iter_mut().enumerate() {
-                *y += dot_scalar(rows[i], 8, x, done, cols, |c| params(i).0[c / g]);
-            }
-        }
-        return sums;
-    }
-    let lanes = rows4_split_avx512::<B, VNNI>(rows.map(|row| row.as_ptr()), x, sd, ahead.bytes);
-    let mut sums = crate::simd::oc_sums4(p, r, lanes, xsum, tail);
-    if steps * SPLIT < cols {
-        for (i, y) in sums.iter_mut().enumerate() {
-            *y += dot_scalar(rows[i], B as u8, x, steps * SPLIT, cols, |c| params(i).0[c / g]);
-        }
-    }
-    sums
-}
-
-/// [`ROWS4`] per-IC rows of one row group from `r` on ([`row_ic`] for each).
+/// [`ROWS4`] per-IC rows of one row group from `r` on for `T` tokens ([`row_ic`] for each).
 ///
 /// # Safety
 /// As [`rows4_oc`], but any number of blocks.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn rows4_ic<const B: usize, const VNNI: bool>(
+unsafe fn rows4_ic<const B: usize, const VNNI: bool, const T: usize>(
     p: &PackedLinear,
-    v: &Q16,
-    bias: f32,
+    v: [&Q16; T],
+    bias: [f32; T],
     r: usize,
     ahead: Ahead4,
-) -> [f32; ROWS4] {
-    let cols = v.q.len();
+) -> [[f32; ROWS4]; T] {
+    let cols = v[0].q.len();
     let rows: [&[u8]; ROWS4] = std::array::from_fn(|i| p.row_codes(r + i));
-    if B == 8 {
-        let mut sums = crate::simd::sums4(rows4_8_avx512::<VNNI>(rows, v, cols, [&v.d[..]; ROWS4], ahead.bytes));
-        let done = cols / QB * QB;
-        for (y, row) in sums.iter_mut().zip(rows) {
-            *y += dot_scalar(row, 8, v, done, cols, |_| 1.0) - bias;
+    let sd: [[&[f32]; ROWS4]; T] = std::array::from_fn(|t| [&v[t].d[..]; ROWS4]);
+    let (lanes, done) = if B == 8 {
+        (rows4_8_avx512::<VNNI, T>(rows, v, cols, sd, ahead.bytes), cols / QB * QB)
+    } else {
+        let steps = v[0].hi.len() / SPLIT;
+        assert!(rows.iter().all(|row| steps * SPLIT * B / 8 <= row.len()), "packed row too short for its codes");
+        (rows4_split_avx512::<B, VNNI, T>(rows.map(|row| row.as_ptr()), v, sd, ahead.bytes), steps * SPLIT)
+    };
+    let mut out = [[0f32; ROWS4]; T];
+    for (t, (o, lanes)) in out.iter_mut().zip(lanes).enumerate() {
+        *o = crate::simd::sums4(lanes);
+        for (y, row) in o.iter_mut().zip(rows) {
+            *y += dot_scalar(row, B as u8, v[t], done, cols, |_| 1.0) - bias[t];
         }
-        return sums;
     }
-    let steps = v.hi.len() / SPLIT;
-    assert!(rows.iter().all(|row| steps * SPLIT * B / 8 <= row.len()), "packed row too short for its codes");
-    let mut sums = crate::simd::sums4(rows4_split_avx512::<B, VNNI>(
-        rows.map(|row| row.as_ptr()),
-        v,
-        [&v.d[..]; ROWS4],
-        ahead.bytes,
-    ));
-    for (y, row) in sums.iter_mut().zip(rows) {
-        *y += dot_scalar(row, B as u8, v, steps * SPLIT, cols, |_| 1.0) - bias;
-    }
-    sums
+    out
 }
 
 /// One row's kernel sum as 8 lane sums (per-OC: `s` the row's group scales, `per` blocks per
@@ -766,20 +802,20 @@ impl IntActs for Q16 {
 
     /// Every width takes the AVX-512 loops where the CPU has them.
     #[cfg(target_arch = "x86_64")]
-    unsafe fn rows(p: &PackedLinear, job: &Job<Q16>, r0: usize, y: &mut [f32], t: &Wide) {
+    unsafe fn rows(p: &PackedLinear, jobs: &[Job<Q16>], r0: usize, out: Outs, t: &Wide) {
         match (p.layout.bits, *t) {
-            (3, Wide::Vnni) => rows_vnni::<Q16, 3>(p, job, r0, y, t),
-            (4, Wide::Vnni) => rows_vnni::<Q16, 4>(p, job, r0, y, t),
-            (3, Wide::Avx512) => rows_avx512bw::<Q16, 3>(p, job, r0, y, t),
-            (4, Wide::Avx512) => rows_avx512bw::<Q16, 4>(p, job, r0, y, t),
-            (8, Wide::Vnni) => rows_vnni::<Q16, 8>(p, job, r0, y, t),
-            (8, Wide::Avx512) => rows_avx512bw::<Q16, 8>(p, job, r0, y, t),
-            (2, Wide::Vnni) => rows_vnni::<Q16, 2>(p, job, r0, y, t),
-            (2, Wide::Avx512) => rows_avx512bw::<Q16, 2>(p, job, r0, y, t),
-            (2, _) => rows_avx2::<Q16, 2>(p, job, r0, y, t),
-            (3, _) => rows_avx2::<Q16, 3>(p, job, r0, y, t),
-            (4, _) => rows_avx2::<Q16, 4>(p, job, r0, y, t),
-            _ => rows_avx2::<Q16, 8>(p, job, r0, y, t),
+            (3, Wide::Vnni) => rows_vnni::<Q16, 3>(p, jobs, r0, out, t),
+            (4, Wide::Vnni) => rows_vnni::<Q16, 4>(p, jobs, r0, out, t),
+            (3, Wide::Avx512) => rows_avx512bw::<Q16, 3>(p, jobs, r0, out, t),
+            (4, Wide::Avx512) => rows_avx512bw::<Q16, 4>(p, jobs, r0, out, t),
+            (8, Wide::Vnni) => rows_vnni::<Q16, 8>(p, jobs, r0, out, t),
+            (8, Wide::Avx512) => rows_avx512bw::<Q16, 8>(p, jobs, r0, out, t),
+            (2, Wide::Vnni) => rows_vnni::<Q16, 2>(p, jobs, r0, out, t),
+            (2, Wide::Avx512) => rows_avx512bw::<Q16, 2>(p, jobs, r0, out, t),
+            (2, _) => rows_avx2::<Q16, 2>(p, jobs, r0, out, t),
+            (3, _) => rows_avx2::<Q16, 3>(p, jobs, r0, out, t),
+            (4, _) => rows_avx2::<Q16, 4>(p, jobs, r0, out, t),
+            _ => rows_avx2::<Q16, 8>(p, jobs, r0, out, t),
         }
     }
 
@@ -810,28 +846,28 @@ impl IntActs for Q16 {
 
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
-    unsafe fn rows4_oc<const B: usize, const VNNI: bool>(
+    unsafe fn rows4_oc<const B: usize, const VNNI: bool, const T: usize>(
         p: &PackedLinear,
-        x: &Q16,
-        xsum: (&[f32], &ZeroTail),
+        x: [&Q16; T],
+        sums: [(&[f32], &ZeroTail); T],
         per: usize,
         r: usize,
         ahead: Ahead4,
-        sd: &mut Self::Scratch4,
-    ) -> [f32; ROWS4] {
-        rows4_oc::<B, VNNI>(p, x, xsum, per, r, ahead, sd)
+        scratch: &mut [Scales4; TOKENS4],
+    ) -> [[f32; ROWS4]; T] {
+        rows4_oc::<B, VNNI, T>(p, x, sums, per, r, ahead, scratch)
     }
 
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
-    unsafe fn rows4_ic<const B: usize, const VNNI: bool>(
+    unsafe fn rows4_ic<const B: usize, const VNNI: bool, const T: usize>(
         p: &PackedLinear,
-        v: &Q16,
-        bias: f32,
+        v: [&Q16; T],
+        bias: [f32; T],
         r: usize,
         ahead: Ahead4,
-    ) -> [f32; ROWS4] {
-        rows4_ic::<B, VNNI>(p, v, bias, r, ahead)
+    ) -> [[f32; ROWS4]; T] {
+        rows4_ic::<B, VNNI, T>(p, v, bias, r, ahead)
     }
 }
 

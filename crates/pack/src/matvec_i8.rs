@@ -36,7 +36,7 @@ use crate::bits;
 use crate::format::PackedLinear;
 use crate::matvec_int::{round_block, IntActs, Rounded};
 #[cfg(target_arch = "x86_64")]
-use crate::matvec_int::{rows_avx2, rows_avx512bw, rows_vnni, Job};
+use crate::matvec_int::{rows_avx2, rows_avx512bw, rows_vnni, Job, Outs, TOKENS4};
 use crate::simd::ROWS4;
 #[cfg(target_arch = "x86_64")]
 use crate::simd::{Ahead4, Wide, ZeroTail};
@@ -465,47 +465,56 @@ unsafe fn row_sum<const B: usize, const SCALED: bool, const AVX512: bool, const 
     }
 }
 
-/// [`row_sum_avx512`] for [`ROWS4`] rows at once (per-OC each with its group scales `s[i]`),
-/// as their 8 lane sums: each step's activations and block steps are loaded once for the four
-/// rows, whose accumulators are four independent chains; the caller folds the four together
-/// ([`crate::simd::sums4`]). Short rows paid as much around their steps as in them
-/// ([`crate::matvec_i16`]'s four-row kernel).
+/// [`row_sum_avx512`] for [`ROWS4`] rows at once (per-OC each with its group scales `s[i]`)
+/// and `T` tokens (`v[t]`), as their 8 lane sums per token and row: each step's codes are
+/// unpacked once for the tokens, each token's activations and block steps loaded once for the
+/// four rows, and every accumulator is a chain of its own; the caller folds each token's four
+/// together ([`crate::simd::sums4`]). Short rows paid as much around their steps as in them
+/// ([`crate::matvec_i16`]'s four-row kernel). Token `t`'s accumulators see the same operations
+/// in the same order whatever `T` is.
 ///
 /// # Safety
-/// As [`row_sum_avx512`] for each row.
+/// As [`row_sum_avx512`] for each row; every `v[t]` of the same length.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn rows4_avx512<const B: usize, const SCALED: bool, const VNNI: bool>(
+unsafe fn rows4_avx512<const B: usize, const SCALED: bool, const VNNI: bool, const T: usize>(
     rp: [*const u8; ROWS4],
-    v: &Q8,
+    v: [&Q8; T],
     s: [&[f32]; ROWS4],
     group: usize,
     ahead: usize,
-) -> [std::arch::x86_64::__m256; ROWS4] {
+) -> [[std::arch::x86_64::__m256; ROWS4]; T] {
     use std::arch::x86_64::*;
-    let steps = v.swizzled.len() / STEP;
-    let (xp, dp) = (v.swizzled.as_ptr(), v.d8.as_ptr());
+    let steps = v[0].swizzled.len() / STEP;
+    assert!(v.iter().all(|v| v.swizzled.len() == steps * STEP && v.d8.len() >= steps * 8), "tokens of unequal length");
+    let (xp, dp) = (v.map(|v| v.swizzled.as_ptr()), v.map(|v| v.d8.as_ptr()));
     let per = group / STEP;
     if SCALED {
         assert!(s.iter().all(|s| s.len() * per >= steps), "group scales for {steps} steps");
     }
     let (mut k, mut next) = (0, per);
-    let mut acc = [_mm512_setzero_ps(); ROWS4];
+    let mut acc = [[_mm512_setzero_ps(); ROWS4]; T];
     for j in 0..steps {
-        let x = _mm512_loadu_si512(xp.add(j * STEP) as *const _);
-        let d = _mm512_castpd_ps(_mm512_broadcast_f64x4(_mm256_loadu_pd(dp.add(j * 8) as *const f64)));
         if SCALED && j == next {
             (k, next) = (k + 1, next + per);
         }
-        for (i, a) in acc.iter_mut().enumerate() {
+        // A loop, not a closure: a closure's intrinsics compile without this function's target features.
+        let mut c = [_mm512_setzero_si512(); ROWS4];
+        for (i, c) in c.iter_mut().enumerate() {
             crate::simd::prefetch_line(rp[0].wrapping_add(ahead + (ROWS4 * j + i) * 8 * B));
-            let c = bits::codes_avx512::<B>(rp[i], j);
-            let sums = step_sums_avx512::<VNNI>(c, x);
-            let d = if SCALED { _mm512_mul_ps(d, _mm512_set1_ps(*s[i].get_unchecked(k))) } else { d };
-            *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), d, *a);
+            *c = bits::codes_avx512::<B>(rp[i], j);
+        }
+        for (t, acc) in acc.iter_mut().enumerate() {
+            let x = _mm512_loadu_si512(xp[t].add(j * STEP) as *const _);
+            let d = _mm512_castpd_ps(_mm512_broadcast_f64x4(_mm256_loadu_pd(dp[t].add(j * 8) as *const f64)));
+            for (i, a) in acc.iter_mut().enumerate() {
+                let sums = step_sums_avx512::<VNNI>(c[i], x);
+                let d = if SCALED { _mm512_mul_ps(d, _mm512_set1_ps(*s[i].get_unchecked(k))) } else { d };
+                *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), d, *a);
+            }
         }
     }
-    acc.map(|a| crate::simd::halves_avx512(a))
+    crate::simd::halves4(acc)
 }
 
 /// AVX2, 8-bit codes (per-OC, `cols` a multiple of 32): `sum_j s[j / per] d_j sum_{c in block j}
@@ -545,48 +554,60 @@ unsafe fn row_sum8_avx2(row: &[u8], x: &Q8, s: &[f32], per: usize) -> std::arch:
     _mm256_add_ps(a0, a1)
 }
 
-/// VNNI, 8-bit codes (per-OC, groups of whole steps of 64), `R` rows at once: each step's 64
-/// codes (unsigned bytes, not centred) times its 64 int8 activations by one `vpdpbusd`, lanes
-/// 0-7 the step's first block of 32 and 8-15 its second, converted and multiplied by
-/// `[d0 x8, d1 x8]` times the row's group scale. Sums stay inside int32: four products a lane,
-/// at most 4 * 255 * 128. The AVX2 loop ([`row_sum8_avx2`]) needs the codes centred for its
-/// signed byte products and pays a sign and an absolute value per 32. The caller subtracts the
-/// zero-point term and adds the codes past the last whole step.
+/// VNNI, 8-bit codes (per-OC, groups of whole steps of 64), `R` rows and `T` tokens at once:
+/// each step's 64 codes (unsigned bytes, not centred) times its 64 int8 activations by one
+/// `vpdpbusd`, lanes 0-7 the step's first block of 32 and 8-15 its second, converted and
+/// multiplied by `[d0 x8, d1 x8]` times the row's group scale. Sums stay inside int32: four
+/// products a lane, at most 4 * 255 * 128. The AVX2 loop ([`row_sum8_avx2`]) needs the codes
+/// centred for its signed byte products and pays a sign and an absolute value per 32. The
+/// caller subtracts the zero-point term and adds the codes past the last whole step. Token
+/// `t`'s accumulators see the same operations in the same order whatever `T` is.
 ///
 /// # Safety
-/// AVX-512 F, BW and VNNI, AVX2 and FMA; each row holds `x.q.len() / 64 * 64` code bytes from
-/// its pointer; each `s[i]` one scale per group of `per` steps.
+/// AVX-512 F, BW and VNNI, AVX2 and FMA; each row holds `x[t].q.len() / 64 * 64` code bytes from
+/// its pointer; each `s[i]` one scale per group of `per` steps; every `x[t]` of one length.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn rows8_vnni<const R: usize>(
+unsafe fn rows8_vnni<const R: usize, const T: usize>(
     rp: [*const u8; R],
-    x: &Q8,
+    x: [&Q8; T],
     s: [&[f32]; R],
     per: usize,
     ahead: usize,
-) -> [std::arch::x86_64::__m256; R] {
+) -> [[std::arch::x86_64::__m256; R]; T] {
     use std::arch::x86_64::*;
-    let steps = x.q.len() / STEP;
+    let steps = x[0].q.len() / STEP;
     assert!(per > 0 && s.iter().all(|s| s.len() * per >= steps), "group scales for {steps} steps");
-    let (xp, dp) = (x.q.as_ptr() as *const u8, x.d.as_ptr());
+    let len = x[0].q.len();
+    assert!(x.iter().all(|x| x.q.len() == len && x.d.len() * BLOCK >= steps * STEP), "tokens of unequal length");
+    let (xp, dp) = (x.map(|x| x.q.as_ptr() as *const u8), x.map(|x| x.d.as_ptr()));
     let (mut k, mut next) = (0, per);
-    let mut acc = [_mm512_setzero_ps(); R];
+    let mut acc = [[_mm512_setzero_ps(); R]; T];
     for j in 0..steps {
-        let xv = _mm512_loadu_si512(xp.add(j * STEP) as *const _);
-        let half = |b: usize| _mm256_castps_pd(_mm256_set1_ps(*dp.add(b)));
-        let d = _mm512_castpd_ps(_mm512_insertf64x4::<1>(_mm512_castpd256_pd512(half(2 * j)), half(2 * j + 1)));
         if j == next {
             (k, next) = (k + 1, next + per);
         }
-        for (i, a) in acc.iter_mut().enumerate() {
+        // A loop, not a closure: a closure's intrinsics compile without this function's target features.
+        let mut c = [_mm512_setzero_si512(); R];
+        for (i, c) in c.iter_mut().enumerate() {
             crate::simd::prefetch_line(rp[0].wrapping_add(ahead + (R * j + i) * STEP));
-            let c = _mm512_loadu_si512(rp[i].add(j * STEP) as *const _);
-            let sums = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c, xv);
-            *a =
-                _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_mul_ps(d, _mm512_set1_ps(*s[i].get_unchecked(k))), *a);
+            *c = _mm512_loadu_si512(rp[i].add(j * STEP) as *const _);
+        }
+        for (t, acc) in acc.iter_mut().enumerate() {
+            let xv = _mm512_loadu_si512(xp[t].add(j * STEP) as *const _);
+            let half = |b: usize| _mm256_castps_pd(_mm256_set1_ps(*dp[t].add(b)));
+            let d = _mm512_castpd_ps(_mm512_insertf64x4::<1>(_mm512_castpd256_pd512(half(2 * j)), half(2 * j + 1)));
+            for (i, a) in acc.iter_mut().enumerate() {
+                let sums = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c[i], xv);
+                *a = _mm512_fmadd_ps(
+                    _mm512_cvtepi32_ps(sums),
+                    _mm512_mul_ps(d, _mm512_set1_ps(*s[i].get_unchecked(k))),
+                    *a,
+                );
+            }
         }
     }
-    acc.map(|a| crate::simd::halves_avx512(a))
+    crate::simd::halves4(acc)
 }
 
 /// One per-OC output row, from the rounded `x` and its group sums.
@@ -606,7 +627,7 @@ unsafe fn row_oc<const B: usize, const AVX512: bool, const VNNI: bool>(
     let (s, z) = (&p.scales[r * pc..(r + 1) * pc], &p.zeros[r * pc..(r + 1) * pc]);
     if B == 8 && VNNI {
         assert!(row.len() >= cols / STEP * STEP, "packed row too short for its codes");
-        let [lanes] = rows8_vnni::<1>([row.as_ptr()], x, [s], p.layout.group / STEP, crate::simd::PREFETCH);
+        let [[lanes]] = rows8_vnni::<1, 1>([row.as_ptr()], [x], [s], p.layout.group / STEP, crate::simd::PREFETCH);
         let tail = dot_scalar(row, 8, x, cols / STEP * STEP, cols) * s[pc - 1];
         return crate::simd::hsum(lanes) + tail - crate::simd::zero_term_avx2(s, z, xsum, 0.0);
     }
@@ -622,56 +643,52 @@ unsafe fn row_oc<const B: usize, const AVX512: bool, const VNNI: bool>(
     body + tail - zx
 }
 
-/// [`ROWS4`] per-OC rows of 2-, 3- or 4-bit codes from `r` on ([`row_oc`] for each, the kernel
-/// [`rows4_avx512`]).
+/// [`ROWS4`] per-OC rows of 2-, 3-, 4- or 8-bit codes from `r` on for `T` tokens ([`row_oc`]
+/// for each, the kernel [`rows4_avx512`] or [`rows8_vnni`]).
 ///
 /// # Safety
-/// AVX2, FMA, AVX-512 F and BW (and VNNI if `VNNI`); rows `r..r + ROWS4` exist.
+/// AVX2, FMA, AVX-512 F and BW (and VNNI if `VNNI`, which 8-bit codes need); rows `r..r + ROWS4`
+/// exist; every token's `x` of one length.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn rows4_oc<const B: usize, const VNNI: bool>(
+unsafe fn rows4_oc<const B: usize, const VNNI: bool, const T: usize>(
     p: &PackedLinear,
-    x: &Q8,
-    (xsum, tail): (&[f32], &ZeroTail),
+    x: [&Q8; T],
+    sums: [(&[f32], &ZeroTail); T],
     r: usize,
     ahead: Ahead4,
-) -> [f32; ROWS4] {
-    let (cols, pc) = (p.cols, xsum.len());
+) -> [[f32; ROWS4]; T] {
+    let (cols, pc) = (p.cols, sums[0].0.len());
     let rows: [&[u8]; ROWS4] = std::array::from_fn(|i| p.row_codes(r + i));
     let params = |i: usize| (&p.scales[(r + i) * pc..(r + i + 1) * pc], &p.zeros[(r + i) * pc..(r + i + 1) * pc]);
-    if B == 8 {
-        // Only with VNNI ([`Q8::rows`] sends 8-bit rows nowhere else four at a time).
-        let steps = x.q.len() / STEP;
-        assert!(rows.iter().all(|row| row.len() >= steps * STEP), "packed row too short for its codes");
-        crate::simd::prefetch_params4(p, r + ahead.rows, pc);
-        let scales = [params(0).0, params(1).0, params(2).0, params(3).0];
-        let lanes = rows8_vnni::<ROWS4>(rows.map(|row| row.as_ptr()), x, scales, p.layout.group / STEP, ahead.bytes);
-        let mut sums = crate::simd::oc_sums4(p, r, lanes, xsum, tail);
-        if steps * STEP < cols {
-            for (i, y) in sums.iter_mut().enumerate() {
-                *y += params(i).0[pc - 1] * dot_scalar(rows[i], 8, x, steps * STEP, cols);
+    let scales = [params(0).0, params(1).0, params(2).0, params(3).0];
+    // The codes past the kernel's whole steps (the last cols % 64, in the last group), per token.
+    let finish = |lanes: [[std::arch::x86_64::__m256; ROWS4]; T], steps: usize| {
+        let mut out = [[0f32; ROWS4]; T];
+        for (t, (o, lanes)) in out.iter_mut().zip(lanes).enumerate() {
+            let (xsum, tail) = sums[t];
+            *o = crate::simd::oc_sums4(p, r, lanes, xsum, tail);
+            if steps * STEP < cols {
+                for (i, y) in o.iter_mut().enumerate() {
+                    *y += params(i).0[pc - 1] * dot_scalar(rows[i], B as u8, x[t], steps * STEP, cols);
+                }
             }
         }
-        return sums;
+        out
+    };
+    if B == 8 {
+        // Only with VNNI ([`Q8::rows`] sends 8-bit rows nowhere else four at a time).
+        let steps = x[0].q.len() / STEP;
+        assert!(rows.iter().all(|row| row.len() >= steps * STEP), "packed row too short for its codes");
+        crate::simd::prefetch_params4(p, r + ahead.rows, pc);
+        let lanes = rows8_vnni::<ROWS4, T>(rows.map(|row| row.as_ptr()), x, scales, p.layout.group / STEP, ahead.bytes);
+        return finish(lanes, steps);
     }
-    let steps = x.swizzled.len() / STEP;
+    let steps = x[0].swizzled.len() / STEP;
     assert!(rows.iter().all(|row| row.len() >= steps * STEP * B / 8), "packed row too short for its codes");
     crate::simd::prefetch_params4(p, r + ahead.rows, pc);
-    let lanes = rows4_avx512::<B, true, VNNI>(
-        rows.map(|row| row.as_ptr()),
-        x,
-        [params(0).0, params(1).0, params(2).0, params(3).0],
-        p.layout.group,
-        ahead.bytes,
-    );
-    let mut sums = crate::simd::oc_sums4(p, r, lanes, xsum, tail);
-    if steps * STEP < cols {
-        // The last cols % 64 codes lie in the last group.
-        for (i, y) in sums.iter_mut().enumerate() {
-            *y += params(i).0[pc - 1] * dot_scalar(rows[i], B as u8, x, steps * STEP, cols);
-        }
-    }
-    sums
+    let lanes = rows4_avx512::<B, true, VNNI, T>(rows.map(|row| row.as_ptr()), x, scales, p.layout.group, ahead.bytes);
+    finish(lanes, steps)
 }
 
 /// One per-IC output row, from its row group's rounded `s x` and zero-point sum.
@@ -686,35 +703,33 @@ unsafe fn row_ic<const B: usize, const AVX512: bool, const VNNI: bool>(row: &[u8
     body + dot_scalar(row, B as u8, v, cols / STEP * STEP, cols) - bias
 }
 
-/// [`ROWS4`] per-IC rows of one row group from `r` on ([`row_ic`] for each).
+/// [`ROWS4`] per-IC rows of one row group from `r` on for `T` tokens ([`row_ic`] for each).
 ///
 /// # Safety
 /// As [`rows4_oc`].
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn rows4_ic<const B: usize, const VNNI: bool>(
+unsafe fn rows4_ic<const B: usize, const VNNI: bool, const T: usize>(
     p: &PackedLinear,
-    v: &Q8,
-    bias: f32,
+    v: [&Q8; T],
+    bias: [f32; T],
     r: usize,
     ahead: Ahead4,
-) -> [f32; ROWS4] {
+) -> [[f32; ROWS4]; T] {
     assert!(B != 8, "8-bit rows per-IC take the int16 kernel ([`supported`])");
-    let cols = v.q.len();
+    let cols = v[0].q.len();
     let rows: [&[u8]; ROWS4] = std::array::from_fn(|i| p.row_codes(r + i));
-    let steps = v.swizzled.len() / STEP;
+    let steps = v[0].swizzled.len() / STEP;
     assert!(rows.iter().all(|row| row.len() >= steps * STEP * B / 8), "packed row too short for its codes");
-    let mut sums = crate::simd::sums4(rows4_avx512::<B, false, VNNI>(
-        rows.map(|row| row.as_ptr()),
-        v,
-        [&[]; ROWS4],
-        0,
-        ahead.bytes,
-    ));
-    for (y, row) in sums.iter_mut().zip(rows) {
-        *y += dot_scalar(row, B as u8, v, steps * STEP, cols) - bias;
+    let lanes = rows4_avx512::<B, false, VNNI, T>(rows.map(|row| row.as_ptr()), v, [&[]; ROWS4], 0, ahead.bytes);
+    let mut out = [[0f32; ROWS4]; T];
+    for (t, (o, lanes)) in out.iter_mut().zip(lanes).enumerate() {
+        *o = crate::simd::sums4(lanes);
+        for (y, row) in o.iter_mut().zip(rows) {
+            *y += dot_scalar(row, B as u8, v[t], steps * STEP, cols) - bias[t];
+        }
     }
-    sums
+    out
 }
 
 thread_local! {
@@ -775,19 +790,19 @@ impl IntActs for Q8 {
     /// 2-, 3- and 4-bit codes take the AVX-512 loop where the CPU has it, 8-bit codes (per-OC
     /// only) theirs where it has VNNI and their groups are whole steps, else the AVX2 one.
     #[cfg(target_arch = "x86_64")]
-    unsafe fn rows(p: &PackedLinear, job: &Job<Q8>, r0: usize, y: &mut [f32], wide: &Wide) {
+    unsafe fn rows(p: &PackedLinear, jobs: &[Job<Q8>], r0: usize, out: Outs, wide: &Wide) {
         match (p.layout.bits, *wide) {
-            (2, Wide::Vnni) => rows_vnni::<Q8, 2>(p, job, r0, y, wide),
-            (3, Wide::Vnni) => rows_vnni::<Q8, 3>(p, job, r0, y, wide),
-            (4, Wide::Vnni) => rows_vnni::<Q8, 4>(p, job, r0, y, wide),
-            (8, Wide::Vnni) if p.layout.group.is_multiple_of(STEP) => rows_vnni::<Q8, 8>(p, job, r0, y, wide),
-            (2, Wide::Avx512) => rows_avx512bw::<Q8, 2>(p, job, r0, y, wide),
-            (3, Wide::Avx512) => rows_avx512bw::<Q8, 3>(p, job, r0, y, wide),
-            (4, Wide::Avx512) => rows_avx512bw::<Q8, 4>(p, job, r0, y, wide),
-            (2, _) => rows_avx2::<Q8, 2>(p, job, r0, y, wide),
-            (3, _) => rows_avx2::<Q8, 3>(p, job, r0, y, wide),
-            (4, _) => rows_avx2::<Q8, 4>(p, job, r0, y, wide),
-            _ => rows_avx2::<Q8, 8>(p, job, r0, y, wide),
+            (2, Wide::Vnni) => rows_vnni::<Q8, 2>(p, jobs, r0, out, wide),
+            (3, Wide::Vnni) => rows_vnni::<Q8, 3>(p, jobs, r0, out, wide),
+            (4, Wide::Vnni) => rows_vnni::<Q8, 4>(p, jobs, r0, out, wide),
+            (8, Wide::Vnni) if p.layout.group.is_multiple_of(STEP) => rows_vnni::<Q8, 8>(p, jobs, r0, out, wide),
+            (2, Wide::Avx512) => rows_avx512bw::<Q8, 2>(p, jobs, r0, out, wide),
+            (3, Wide::Avx512) => rows_avx512bw::<Q8, 3>(p, jobs, r0, out, wide),
+            (4, Wide::Avx512) => rows_avx512bw::<Q8, 4>(p, jobs, r0, out, wide),
+            (2, _) => rows_avx2::<Q8, 2>(p, jobs, r0, out, wide),
+            (3, _) => rows_avx2::<Q8, 3>(p, jobs, r0, out, wide),
+            (4, _) => rows_avx2::<Q8, 4>(p, jobs, r0, out, wide),
+            _ => rows_avx2::<Q8, 8>(p, jobs, r0, out, wide),
         }
     }
 
@@ -818,28 +833,28 @@ impl IntActs for Q8 {
 
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
-    unsafe fn rows4_oc<const B: usize, const VNNI: bool>(
+    unsafe fn rows4_oc<const B: usize, const VNNI: bool, const T: usize>(
         p: &PackedLinear,
-        x: &Q8,
-        xsum: (&[f32], &ZeroTail),
+        x: [&Q8; T],
+        sums: [(&[f32], &ZeroTail); T],
         _per: usize,
         r: usize,
         ahead: Ahead4,
-        _: &mut (),
-    ) -> [f32; ROWS4] {
-        rows4_oc::<B, VNNI>(p, x, xsum, r, ahead)
+        _: &mut [(); TOKENS4],
+    ) -> [[f32; ROWS4]; T] {
+        rows4_oc::<B, VNNI, T>(p, x, sums, r, ahead)
     }
 
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
-    unsafe fn rows4_ic<const B: usize, const VNNI: bool>(
+    unsafe fn rows4_ic<const B: usize, const VNNI: bool, const T: usize>(
         p: &PackedLinear,
-        v: &Q8,
-        bias: f32,
+        v: [&Q8; T],
+        bias: [f32; T],
         r: usize,
         ahead: Ahead4,
-    ) -> [f32; ROWS4] {
-        rows4_ic::<B, VNNI>(p, v, bias, r, ahead)
+    ) -> [[f32; ROWS4]; T] {
+        rows4_ic::<B, VNNI, T>(p, v, bias, r, ahead)
     }
 }
 

@@ -5,7 +5,8 @@
 //!
 //! The row loop runs inside one function compiled for the kernel's instructions (AVX2, or
 //! AVX-512 with or without VNNI), so each row's kernel and its sums are inlined into it; short
-//! rows are taken four at a time where the AVX-512 loop runs.
+//! rows are taken four at a time where the AVX-512 loop runs, for one token or (batched) up to
+//! [`TOKENS4`], one such function per count of tokens.
 
 use adadim_quantize::Axis;
 use rayon::prelude::*;
@@ -149,13 +150,14 @@ pub(crate) trait IntActs: Rounded + Default + Send + Sync + Sized + 'static {
     /// AVX2 and FMA.
     #[cfg(target_arch = "x86_64")]
     unsafe fn ctx() -> Self::Ctx;
-    /// Rows `r0..` of `p` into `y` with the loop for `p`'s width and the CPU ([`run_rows`] under
-    /// [`rows_avx2`], [`rows_avx512bw`] or [`rows_vnni`]).
+    /// Rows `r0..r0 + out.n` of `p` for every token of `jobs` (one job each, all of one axis)
+    /// into `out`, with the loop for `p`'s width and the CPU ([`run_rows`] under [`rows_avx2`],
+    /// [`rows_avx512bw`] or [`rows_vnni`]).
     ///
     /// # Safety
-    /// AVX2 and FMA; `p` [`IntActs::supported`].
+    /// AVX2 and FMA; `p` [`IntActs::supported`]; `out` as [`Outs`] says.
     #[cfg(target_arch = "x86_64")]
-    unsafe fn rows(p: &PackedLinear, job: &Job<Self>, r0: usize, y: &mut [f32], ctx: &Self::Ctx);
+    unsafe fn rows(p: &PackedLinear, jobs: &[Job<Self>], r0: usize, out: Outs, ctx: &Self::Ctx);
     /// One per-OC output row `r` (codes `row`), from the rounded `x` and its group sums; `per`
     /// activation blocks per group.
     ///
@@ -183,34 +185,37 @@ pub(crate) trait IntActs: Rounded + Default + Send + Sync + Sized + 'static {
         bias: f32,
         ctx: &Self::Ctx,
     ) -> f32;
-    /// [`ROWS4`] per-OC rows from `r` on.
+    /// [`ROWS4`] per-OC rows from `r` on for `T` tokens (`x[t]`, `xsum[t]`): each step's codes
+    /// unpacked once for all of them, and each token's numbers exactly what it gets alone
+    /// (`T = 1`: the same operations on each accumulator, in the same order).
     ///
     /// # Safety
     /// AVX2, FMA, AVX-512 F and BW (and VNNI if `VNNI`); rows `r..r + ROWS4` exist;
-    /// [`IntActs::four_rows_oc`].
+    /// [`IntActs::four_rows_oc`] for every token.
     #[cfg(target_arch = "x86_64")]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn rows4_oc<const B: usize, const VNNI: bool>(
+    unsafe fn rows4_oc<const B: usize, const VNNI: bool, const T: usize>(
         p: &PackedLinear,
-        x: &Self,
-        xsum: (&[f32], &ZeroTail),
+        x: [&Self; T],
+        xsum: [(&[f32], &ZeroTail); T],
         per: usize,
         r: usize,
         ahead: Ahead4,
-        scratch: &mut Self::Scratch4,
-    ) -> [f32; ROWS4];
-    /// [`ROWS4`] per-IC rows of one row group from `r` on.
+        scratch: &mut [Self::Scratch4; TOKENS4],
+    ) -> [[f32; ROWS4]; T];
+    /// [`ROWS4`] per-IC rows of one row group from `r` on for `T` tokens, as
+    /// [`IntActs::rows4_oc`].
     ///
     /// # Safety
-    /// As [`IntActs::rows4_oc`], [`IntActs::four_rows_ic`].
+    /// As [`IntActs::rows4_oc`], [`IntActs::four_rows_ic`] for every token.
     #[cfg(target_arch = "x86_64")]
-    unsafe fn rows4_ic<const B: usize, const VNNI: bool>(
+    unsafe fn rows4_ic<const B: usize, const VNNI: bool, const T: usize>(
         p: &PackedLinear,
-        v: &Self,
-        bias: f32,
+        v: [&Self; T],
+        bias: [f32; T],
         r: usize,
         ahead: Ahead4,
-    ) -> [f32; ROWS4];
+    ) -> [[f32; ROWS4]; T];
 }
 
 /// `y = W' x` on the integers of `A` where this CPU (AVX2 + FMA) and layout have its kernel,
@@ -233,10 +238,11 @@ pub(crate) fn runs<A: IntActs>(p: &PackedLinear) -> bool {
 }
 
 /// `y[i] = W' x[i]` for `t` tokens (`x` `[t, cols]`, `y` `[t, rows]`) on rounded activations
-/// `A`, each token's numbers exactly [`matvec`]'s (the same rounding and row kernels), and
-/// every run of rows multiplied with all the tokens in turn while its codes are in cache: a
-/// decode step of several sequences reads the weights from memory once. Returns false (nothing
-/// done) where [`matvec`] would.
+/// `A`, each token's numbers exactly [`matvec`]'s (the same rounding, and kernels whose every
+/// accumulator sees the same operations in the same order), every run of rows multiplied with
+/// all the tokens while its codes are in cache (a decode step of several sequences reads the
+/// weights from memory once), and the four-row kernels unpacking each step's codes once for up
+/// to [`TOKENS4`] tokens. Returns false (nothing done) where [`matvec`] would.
 pub(crate) fn matvec_batch<A: IntActs>(p: &PackedLinear, x: &[f32], t: usize, y: &mut [f32]) -> bool {
     #[cfg(target_arch = "x86_64")]
     if runs::<A>(p) {
@@ -248,8 +254,8 @@ pub(crate) fn matvec_batch<A: IntActs>(p: &PackedLinear, x: &[f32], t: usize, y:
     false
 }
 
-/// [`matvec_batch`]'s body: token 0 writes through the row loop's own chunk of `y`, the other
-/// tokens into the same rows of theirs (disjoint, behind `rest`).
+/// [`matvec_batch`]'s body: the row loop's tasks split token 0's rows; each task writes the
+/// same rows of the other tokens (disjoint, behind `rest`).
 ///
 /// # Safety
 /// AVX2 and FMA; `A::supported(p)`.
@@ -259,9 +265,11 @@ unsafe fn matvec_batch_avx2<A: IntActs>(p: &PackedLinear, x: &[f32], t: usize, y
     let ctx = A::ctx();
     let (y0, rest) = y.split_at_mut(rows);
     let rest = RowsPtr(rest.as_mut_ptr());
-    // Token i's rows r0..r0 + n (i >= 1).
-    let other = |i: usize, r0: usize, n: usize| unsafe {
-        std::slice::from_raw_parts_mut(rest.get().add((i - 1) * rows + r0), n)
+    let outs = |r0: usize, y: &mut [f32]| Outs {
+        first: y.as_mut_ptr(),
+        rest: rest.get().wrapping_add(r0),
+        stride: rows,
+        n: y.len(),
     };
     if p.layout.axis == Axis::Ic {
         let prep = |kr: usize, slot: &mut Vec<(A, f32)>| {
@@ -272,23 +280,17 @@ unsafe fn matvec_batch_avx2<A: IntActs>(p: &PackedLinear, x: &[f32], t: usize, y
         };
         adadim_team::with_slots(A::batch_slots(), rows.div_ceil(g), |slots| {
             adadim_team::grouped_rows(y0, g, slots, &prep, &|r0, y, slot| {
-                for (i, (v, bias)) in slot.iter().enumerate() {
-                    let job = Job::Ic { v, bias: *bias };
-                    // SAFETY: as the caller's; each task writes its own rows of each token.
-                    unsafe { A::rows(p, &job, r0, if i == 0 { &mut *y } else { other(i, r0, y.len()) }, &ctx) }
-                }
+                let jobs: Vec<Job<A>> = slot[..t].iter().map(|(v, bias)| Job::Ic { v, bias: *bias }).collect();
+                // SAFETY: as the caller's; each task writes its own rows of each token.
+                unsafe { A::rows(p, &jobs, r0, outs(r0, y), &ctx) }
             })
         });
         return;
     }
     let prepared: Vec<(A, Vec<f32>)> = x.chunks_exact(cols).map(|x| A::prepare_oc(p, x)).collect();
     let jobs: Vec<Job<A>> = prepared.iter().map(|(x, xsum)| Job::Oc { x, xsum }).collect();
-    adadim_team::rows(y0, &|r0, y| {
-        for (i, job) in jobs.iter().enumerate() {
-            // SAFETY: as the caller's; each task writes its own rows of each token.
-            unsafe { A::rows(p, job, r0, if i == 0 { &mut *y } else { other(i, r0, y.len()) }, &ctx) }
-        }
-    });
+    // SAFETY: as the caller's; each task writes its own rows of each token.
+    adadim_team::rows(y0, &|r0, y| unsafe { A::rows(p, &jobs, r0, outs(r0, y), &ctx) });
 }
 
 /// The other tokens' outputs, shared by the row tasks (each writes rows of its own).
@@ -306,6 +308,36 @@ impl RowsPtr {
     }
 }
 
+/// Where a row loop writes rows `r0..r0 + n` of each token: token 0's at `first`, token
+/// `i >= 1`'s at `rest + (i - 1) stride` (a batch's outputs lie token after token).
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+pub(crate) struct Outs {
+    first: *mut f32,
+    rest: *mut f32,
+    stride: usize,
+    n: usize,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Outs {
+    /// One token's rows, `y`.
+    fn one(y: &mut [f32]) -> Self {
+        Outs { first: y.as_mut_ptr(), rest: std::ptr::null_mut(), stride: 0, n: y.len() }
+    }
+
+    /// Row `r0 + k` of token `i`.
+    ///
+    /// # Safety
+    /// `k < n`, and token `i`'s rows are writable where the constructor says.
+    #[inline(always)]
+    unsafe fn put(&self, i: usize, k: usize, v: f32) {
+        debug_assert!(k < self.n);
+        let at = if i == 0 { self.first } else { self.rest.add((i - 1) * self.stride) };
+        at.add(k).write(v);
+    }
+}
+
 /// [`matvec`]'s body.
 ///
 /// # Safety
@@ -319,70 +351,203 @@ unsafe fn matvec_avx2<A: IntActs>(p: &PackedLinear, x: &[f32], y: &mut [f32]) {
         adadim_team::with_slots(A::slots(), p.rows.div_ceil(g), |slots| {
             // SAFETY: as the caller's.
             adadim_team::grouped_rows(y, g, slots, &prep, &|r0, y, (v, bias)| unsafe {
-                A::rows(p, &Job::Ic { v, bias: *bias }, r0, y, &ctx)
+                A::rows(p, &[Job::Ic { v, bias: *bias }], r0, Outs::one(y), &ctx)
             })
         });
         return;
     }
     let (xq, xsum) = A::prepare_oc(p, x);
-    let job = Job::Oc { x: &xq, xsum: &xsum };
+    let job = [Job::Oc { x: &xq, xsum: &xsum }];
     // SAFETY: as the caller's.
-    adadim_team::rows(y, &|r0, y| unsafe { A::rows(p, &job, r0, y, &ctx) });
+    adadim_team::rows(y, &|r0, y| unsafe { A::rows(p, &job, r0, Outs::one(y), &ctx) });
 }
 
-/// Rows `r0..r0 + y.len()` into `y` ([`adadim_team::rows`]): the row loop, each row's kernel
-/// and its sums in one function compiled for the kernel's instructions ([`IntActs::rows`]
-/// picks it), four rows at a time where the AVX-512 loop runs and the rows are short. (A
-/// kernel compiled apart from its row loop made each short row pay for a call and for its sums
-/// handed back through memory.)
+/// Rows `r0..r0 + out.n` of every token of `jobs` into `out` ([`adadim_team::rows`]), up to
+/// [`TOKENS4`] tokens at a time (the next tokens find the run's codes in cache), each count of
+/// tokens through its own function compiled for the kernel's instructions (`W`: 0 AVX2, 1
+/// AVX-512, 2 AVX-512 with VNNI): one function for every count, its accumulators and pointers
+/// all live at once, spilled to the stack and ran the one-token loop at half speed.
 ///
 /// # Safety
-/// AVX2 and FMA, AVX-512 F and BW if `AVX512`, VNNI if `VNNI`; `A::supported(p)`.
+/// The instructions `W` names, AVX2 and FMA; `A::supported(p)`; `jobs` all of one axis; `out`
+/// as [`Outs`] says for `jobs.len()` tokens.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn run_rows<A: IntActs, const B: usize, const AVX512: bool, const VNNI: bool>(
+unsafe fn run_rows<A: IntActs, const B: usize, const W: u8>(
     p: &PackedLinear,
-    job: &Job<A>,
+    jobs: &[Job<A>],
     r0: usize,
-    y: &mut [f32],
+    out: Outs,
     ctx: &A::Ctx,
 ) {
+    for (c, jobs) in jobs.chunks(TOKENS4).enumerate() {
+        let at = (out, c * TOKENS4);
+        match jobs.len() {
+            1 => rows_t::<A, B, W, 1>(p, jobs, r0, at, ctx),
+            2 => rows_t::<A, B, W, 2>(p, jobs, r0, at, ctx),
+            3 => rows_t::<A, B, W, 3>(p, jobs, r0, at, ctx),
+            _ => rows_t::<A, B, W, TOKENS4>(p, jobs, r0, at, ctx),
+        }
+    }
+}
+
+/// [`run_rows_t`] under the target features `W` names ([`run_rows`]).
+///
+/// # Safety
+/// As [`run_rows_t`].
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn rows_t<A: IntActs, const B: usize, const W: u8, const T: usize>(
+    p: &PackedLinear,
+    jobs: &[Job<A>],
+    r0: usize,
+    at: (Outs, usize),
+    ctx: &A::Ctx,
+) {
+    match W {
+        2 => rows_t_vnni::<A, B, T>(p, jobs, r0, at, ctx),
+        1 => rows_t_avx512bw::<A, B, T>(p, jobs, r0, at, ctx),
+        _ => rows_t_avx2::<A, B, T>(p, jobs, r0, at, ctx),
+    }
+}
+
+/// [`run_rows_t`] with AVX2.
+///
+/// # Safety
+/// As [`run_rows_t`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn rows_t_avx2<A: IntActs, const B: usize, const T: usize>(
+    p: &PackedLinear,
+    jobs: &[Job<A>],
+    r0: usize,
+    at: (Outs, usize),
+    ctx: &A::Ctx,
+) {
+    run_rows_t::<A, B, false, false, T>(p, jobs, r0, at, ctx)
+}
+
+/// [`run_rows_t`] with AVX-512, no VNNI.
+///
+/// # Safety
+/// As [`run_rows_t`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
+unsafe fn rows_t_avx512bw<A: IntActs, const B: usize, const T: usize>(
+    p: &PackedLinear,
+    jobs: &[Job<A>],
+    r0: usize,
+    at: (Outs, usize),
+    ctx: &A::Ctx,
+) {
+    run_rows_t::<A, B, true, false, T>(p, jobs, r0, at, ctx)
+}
+
+/// [`run_rows_t`] with AVX-512 and VNNI.
+///
+/// # Safety
+/// As [`run_rows_t`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
+unsafe fn rows_t_vnni<A: IntActs, const B: usize, const T: usize>(
+    p: &PackedLinear,
+    jobs: &[Job<A>],
+    r0: usize,
+    at: (Outs, usize),
+    ctx: &A::Ctx,
+) {
+    run_rows_t::<A, B, true, true, T>(p, jobs, r0, at, ctx)
+}
+
+/// Tokens a four-row kernel multiplies at once: four rows' accumulators for each, the rows'
+/// codes and a token's activations fit the 32 registers.
+pub(crate) const TOKENS4: usize = 4;
+
+/// [`run_rows`] for `T` tokens (`jobs`, written as tokens `i..i + T` of `out`: `at = (out, i)`):
+/// four rows at a time where the AVX-512 loop runs and the rows are short, their codes unpacked
+/// once for the `T` tokens; other rows token by token while their codes are in cache.
+///
+/// # Safety
+/// As [`run_rows`]; `jobs.len() == T`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn run_rows_t<A: IntActs, const B: usize, const AVX512: bool, const VNNI: bool, const T: usize>(
+    p: &PackedLinear,
+    jobs: &[Job<A>],
+    r0: usize,
+    (out, first): (Outs, usize),
+    ctx: &A::Ctx,
+) {
+    assert_eq!(jobs.len(), T, "{} jobs for {T} tokens", jobs.len());
     let rb = bits::row_bytes(p.cols, B as u8);
     let four = AVX512 && A::four_rows(B) && short_rows(rb);
     let ahead = if four { Ahead4::new(rb) } else { Ahead4::default() };
+    let end = r0 + out.n;
     let mut r = r0;
-    match *job {
-        Job::Oc { x, xsum } => {
+    // Token t's output row r.
+    let put = |t: usize, r: usize, y: f32| out.put(first + t, r - r0, y);
+    match jobs[0] {
+        Job::Oc { x: x0, .. } => {
+            let (mut x, mut xsum) = ([x0; T], [&[][..]; T]);
+            for (t, j) in jobs.iter().enumerate() {
+                match *j {
+                    Job::Oc { x: xt, xsum: st } => (x[t], xsum[t]) = (xt, st),
+                    Job::Ic { .. } => unreachable!("a batch's jobs are all of one axis"),
+                }
+            }
             // Activation blocks per group (a division per row cost a small matrix 1%).
-            let per = p.layout.group / x.block();
-            if four && A::four_rows_oc(x) {
-                let (mut scratch, tail) = (A::Scratch4::default(), ZeroTail::new(xsum));
-                while y.len() - (r - r0) >= ROWS4 {
-                    y[r - r0..r - r0 + ROWS4].copy_from_slice(&A::rows4_oc::<B, VNNI>(
-                        p,
-                        x,
-                        (xsum, &tail),
-                        per,
-                        r,
-                        ahead,
-                        &mut scratch,
-                    ));
+            let per = p.layout.group / x0.block();
+            if four && x.iter().all(|x| A::four_rows_oc(x)) {
+                let mut tails = [ZeroTail::new(xsum[0]); T];
+                for (tail, xsum) in tails.iter_mut().zip(xsum) {
+                    *tail = ZeroTail::new(xsum);
+                }
+                let mut sums = [(xsum[0], &tails[0]); T];
+                for (t, s) in sums.iter_mut().enumerate() {
+                    *s = (xsum[t], &tails[t]);
+                }
+                let mut scratch: [A::Scratch4; TOKENS4] = Default::default();
+                while end - r >= ROWS4 {
+                    let y = A::rows4_oc::<B, VNNI, T>(p, x, sums, per, r, ahead, &mut scratch);
+                    for (t, y) in y.iter().enumerate() {
+                        for (q, &y) in y.iter().enumerate() {
+                            put(t, r + q, y);
+                        }
+                    }
                     r += ROWS4;
                 }
             }
-            for (r, y) in (r..).zip(&mut y[r - r0..]) {
-                *y = A::row_oc::<B, AVX512, VNNI>(p, x, xsum, per, r, p.row_codes(r), ctx);
+            for r in r..end {
+                let row = p.row_codes(r);
+                for t in 0..T {
+                    put(t, r, A::row_oc::<B, AVX512, VNNI>(p, x[t], xsum[t], per, r, row, ctx));
+                }
             }
         }
-        Job::Ic { v, bias } => {
-            if four && A::four_rows_ic(v) {
-                while y.len() - (r - r0) >= ROWS4 {
-                    y[r - r0..r - r0 + ROWS4].copy_from_slice(&A::rows4_ic::<B, VNNI>(p, v, bias, r, ahead));
+        Job::Ic { v: v0, .. } => {
+            let (mut v, mut bias) = ([v0; T], [0f32; T]);
+            for (t, j) in jobs.iter().enumerate() {
+                match *j {
+                    Job::Ic { v: vt, bias: bt } => (v[t], bias[t]) = (vt, bt),
+                    Job::Oc { .. } => unreachable!("a batch's jobs are all of one axis"),
+                }
+            }
+            if four && v.iter().all(|v| A::four_rows_ic(v)) {
+                while end - r >= ROWS4 {
+                    let y = A::rows4_ic::<B, VNNI, T>(p, v, bias, r, ahead);
+                    for (t, y) in y.iter().enumerate() {
+                        for (q, &y) in y.iter().enumerate() {
+                            put(t, r + q, y);
+                        }
+                    }
                     r += ROWS4;
                 }
             }
-            for (r, y) in (r..).zip(&mut y[r - r0..]) {
-                *y = A::row_ic::<B, AVX512, VNNI>(p.row_codes(r), v, bias, ctx);
+            for r in r..end {
+                let row = p.row_codes(r);
+                for t in 0..T {
+                    put(t, r, A::row_ic::<B, AVX512, VNNI>(row, v[t], bias[t], ctx));
+                }
             }
         }
     }
@@ -393,15 +558,14 @@ unsafe fn run_rows<A: IntActs, const B: usize, const AVX512: bool, const VNNI: b
 /// # Safety
 /// As [`run_rows`].
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
 pub(crate) unsafe fn rows_avx2<A: IntActs, const B: usize>(
     p: &PackedLinear,
-    job: &Job<A>,
+    jobs: &[Job<A>],
     r0: usize,
-    y: &mut [f32],
+    out: Outs,
     ctx: &A::Ctx,
 ) {
-    run_rows::<A, B, false, false>(p, job, r0, y, ctx)
+    run_rows::<A, B, 0>(p, jobs, r0, out, ctx)
 }
 
 /// [`run_rows`] with AVX-512, no VNNI.
@@ -409,15 +573,14 @@ pub(crate) unsafe fn rows_avx2<A: IntActs, const B: usize>(
 /// # Safety
 /// As [`run_rows`].
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
 pub(crate) unsafe fn rows_avx512bw<A: IntActs, const B: usize>(
     p: &PackedLinear,
-    job: &Job<A>,
+    jobs: &[Job<A>],
     r0: usize,
-    y: &mut [f32],
+    out: Outs,
     ctx: &A::Ctx,
 ) {
-    run_rows::<A, B, true, false>(p, job, r0, y, ctx)
+    run_rows::<A, B, 1>(p, jobs, r0, out, ctx)
 }
 
 /// [`run_rows`] with AVX-512 and VNNI.
@@ -425,15 +588,14 @@ pub(crate) unsafe fn rows_avx512bw<A: IntActs, const B: usize>(
 /// # Safety
 /// As [`run_rows`].
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
 pub(crate) unsafe fn rows_vnni<A: IntActs, const B: usize>(
     p: &PackedLinear,
-    job: &Job<A>,
+    jobs: &[Job<A>],
     r0: usize,
-    y: &mut [f32],
+    out: Outs,
     ctx: &A::Ctx,
 ) {
-    run_rows::<A, B, true, true>(p, job, r0, y, ctx)
+    run_rows::<A, B, 2>(p, jobs, r0, out, ctx)
 }
 
 /// What every row needs from `x`, rounded once (the reference's; the per-IC matvec rounds per

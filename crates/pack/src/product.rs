@@ -63,8 +63,8 @@ impl PackedLinear {
     /// [`PackedLinear::matvec`] of `t` tokens (`x` `[t, cols]`, `y` `[t, rows]`), each token's
     /// result exactly (bit for bit) its own matvec's whatever else is in the batch, the integer
     /// kernels multiplying every run of rows with all the tokens while its codes are in cache
-    /// (a decode step of several sequences reads the weights once). The f32 kernel runs token
-    /// by token.
+    /// (a decode step of several sequences reads the weights once) and unpacking each step's
+    /// codes once for up to four tokens. The f32 kernel runs token by token.
     ///
     /// # Panics
     /// If `x` is not `[t, cols]` or `y` not `[t, rows]` (a caller's bug).

@@ -92,6 +92,25 @@ pub(crate) unsafe fn halves_avx512(a: std::arch::x86_64::__m512) -> std::arch::x
     _mm256_add_ps(_mm512_castps512_ps256(a), _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(a))))
 }
 
+/// [`halves_avx512`] of every accumulator of an `R`-row kernel's `T` tokens, in a loop (mapped
+/// through closures, each fold became a call).
+///
+/// # Safety
+/// AVX-512 F.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) unsafe fn halves4<const R: usize, const T: usize>(
+    acc: [[std::arch::x86_64::__m512; R]; T],
+) -> [[std::arch::x86_64::__m256; R]; T] {
+    let mut out = [[std::arch::x86_64::_mm256_setzero_ps(); R]; T];
+    for (o, a) in out.iter_mut().zip(&acc) {
+        for (o, a) in o.iter_mut().zip(a) {
+            *o = halves_avx512(*a);
+        }
+    }
+    out
+}
+
 /// Rows the four-row kernels ([`crate::matvec_i16`], [`crate::matvec_i8`]) take together.
 pub(crate) const ROWS4: usize = 4;
 
