@@ -746,6 +746,9 @@ impl IntActs for Q16 {
     type Ctx = Wide;
     /// Four rows' block scales, on the stack.
     type Scratch4 = Scales4;
+    /// Two: with four, sixteen accumulators beside eight registers of codes and four of split
+    /// activations spilled, and four tokens ran slower than two passes of two.
+    const TOKENS: usize = 2;
 
     /// 2, 3, 4 or 8 bits, per-OC groups of whole steps.
     fn supported(p: &PackedLinear) -> bool {

@@ -743,6 +743,9 @@ impl IntActs for Q8 {
     #[cfg(target_arch = "x86_64")]
     type Ctx = Wide;
     type Scratch4 = ();
+    /// Four: sixteen accumulators, four rows' codes and a token's activations and steps fit
+    /// the registers.
+    const TOKENS: usize = 4;
 
     fn supported(p: &PackedLinear) -> bool {
         supported(p)

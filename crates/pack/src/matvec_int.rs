@@ -6,7 +6,7 @@
 //! The row loop runs inside one function compiled for the kernel's instructions (AVX2, or
 //! AVX-512 with or without VNNI), so each row's kernel and its sums are inlined into it; short
 //! rows are taken four at a time where the AVX-512 loop runs, for one token or (batched) up to
-//! [`TOKENS4`], one such function per count of tokens.
+//! [`IntActs::TOKENS`], one such function per count of tokens.
 
 use adadim_quantize::Axis;
 use rayon::prelude::*;
@@ -128,6 +128,9 @@ pub(crate) trait IntActs: Rounded + Default + Send + Sync + Sized + 'static {
     type Ctx: Sync;
     /// Scratch of the per-OC four-row kernel, kept for a run of rows.
     type Scratch4: Default;
+    /// Tokens the batched four-row kernels take at once (at most [`TOKENS4`]): as many as keep
+    /// their accumulators, the four rows' codes and a token's activations in registers.
+    const TOKENS: usize;
 
     /// Whether this format's kernels handle `p`'s layout.
     fn supported(p: &PackedLinear) -> bool;
@@ -242,7 +245,7 @@ pub(crate) fn runs<A: IntActs>(p: &PackedLinear) -> bool {
 /// accumulator sees the same operations in the same order), every run of rows multiplied with
 /// all the tokens while its codes are in cache (a decode step of several sequences reads the
 /// weights from memory once), and the four-row kernels unpacking each step's codes once for up
-/// to [`TOKENS4`] tokens. Returns false (nothing done) where [`matvec`] would.
+/// to [`IntActs::TOKENS`] tokens. Returns false (nothing done) where [`matvec`] would.
 pub(crate) fn matvec_batch<A: IntActs>(p: &PackedLinear, x: &[f32], t: usize, y: &mut [f32]) -> bool {
     #[cfg(target_arch = "x86_64")]
     if runs::<A>(p) {
@@ -363,7 +366,7 @@ unsafe fn matvec_avx2<A: IntActs>(p: &PackedLinear, x: &[f32], y: &mut [f32]) {
 }
 
 /// Rows `r0..r0 + out.n` of every token of `jobs` into `out` ([`adadim_team::rows`]), up to
-/// [`TOKENS4`] tokens at a time (the next tokens find the run's codes in cache), each count of
+/// [`IntActs::TOKENS`] tokens at a time (the next tokens find the run's codes in cache), each count of
 /// tokens through its own function compiled for the kernel's instructions (`W`: 0 AVX2, 1
 /// AVX-512, 2 AVX-512 with VNNI): one function for every count, its accumulators and pointers
 /// all live at once, spilled to the stack and ran the one-token loop at half speed.
@@ -380,8 +383,8 @@ unsafe fn run_rows<A: IntActs, const B: usize, const W: u8>(
     out: Outs,
     ctx: &A::Ctx,
 ) {
-    for (c, jobs) in jobs.chunks(TOKENS4).enumerate() {
-        let at = (out, c * TOKENS4);
+    for (c, jobs) in jobs.chunks(A::TOKENS).enumerate() {
+        let at = (out, c * A::TOKENS);
         match jobs.len() {
             1 => rows_t::<A, B, W, 1>(p, jobs, r0, at, ctx),
             2 => rows_t::<A, B, W, 2>(p, jobs, r0, at, ctx),
@@ -459,8 +462,7 @@ unsafe fn rows_t_vnni<A: IntActs, const B: usize, const T: usize>(
     run_rows_t::<A, B, true, true, T>(p, jobs, r0, at, ctx)
 }
 
-/// Tokens a four-row kernel multiplies at once: four rows' accumulators for each, the rows'
-/// codes and a token's activations fit the 32 registers.
+/// The most tokens a four-row kernel multiplies at once ([`IntActs::TOKENS`]).
 pub(crate) const TOKENS4: usize = 4;
 
 /// [`run_rows`] for `T` tokens (`jobs`, written as tokens `i..i + T` of `out`: `at = (out, i)`):
