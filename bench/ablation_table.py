@@ -23,7 +23,7 @@ TITLES = {
     "damp": "## GPTQ's damping as a regularizer (issue 31)",
     "calib-w4": "## Calibration text at 4 bits: the broader mix at w4g128 (issue 31)",
     "calib-w3": "## Calibration text at 3 bits with error propagation: mix, damping and QEP at w3g128 (issue 31)",
-    "calib-bpw": "## Calibration text under a size budget: the broader mix at 3.5 to 4.9 bits per weight (issue 32)",
+    "calib-bpw": "## Calibration text under a size budget: the broader mix at 3.5 to 5.0 bits per weight (issue 32)",
 }
 # Sections filled by bench/budget.sh (its --bpw runs) rather than bench/ablation.sh.
 BUDGET_SECTIONS = {"calib-bpw"}
