@@ -29,7 +29,7 @@ use crate::bits;
 use crate::format::PackedLinear;
 use crate::matvec_int::IntActs;
 #[cfg(target_arch = "x86_64")]
-use crate::matvec_int::{rows_avx2, rows_avx512bw, rows_vnni, Job, Outs, TOKENS4};
+use crate::matvec_int::{rows_avx2, rows_avx512bw, rows_vnni, Job, Outs};
 use crate::round_i16::{block_size, MAX_BLOCK, Q16, QB, SPLIT};
 use crate::simd::ROWS4;
 #[cfg(target_arch = "x86_64")]
@@ -561,7 +561,7 @@ unsafe fn rows4_oc<const B: usize, const VNNI: bool, const T: usize>(
     per: usize,
     r: usize,
     ahead: Ahead4,
-    scratch: &mut [Scales4; TOKENS4],
+    scratch: &mut [Scales4; T],
 ) -> [[f32; ROWS4]; T] {
     let (cols, pc, g) = (p.cols, sums[0].0.len(), p.layout.group);
     let rows: [&[u8]; ROWS4] = std::array::from_fn(|i| p.row_codes(r + i));
@@ -571,7 +571,7 @@ unsafe fn rows4_oc<const B: usize, const VNNI: bool, const T: usize>(
     assert!(rows.iter().all(|row| steps * SPLIT * B / 8 <= row.len()), "packed row too short for its codes");
     let n = x[0].d.len();
     crate::simd::prefetch_params4(p, r + ahead.rows, pc);
-    for (t, Scales4(sd)) in scratch.iter_mut().take(T).enumerate() {
+    for (t, Scales4(sd)) in scratch.iter_mut().enumerate() {
         for (i, sd) in sd.iter_mut().enumerate() {
             block_scales(params(i).0, &x[t].d, per, sd);
         }
@@ -856,7 +856,7 @@ impl IntActs for Q16 {
         per: usize,
         r: usize,
         ahead: Ahead4,
-        scratch: &mut [Scales4; TOKENS4],
+        scratch: &mut [Scales4; T],
     ) -> [[f32; ROWS4]; T] {
         rows4_oc::<B, VNNI, T>(p, x, sums, per, r, ahead, scratch)
     }

@@ -36,7 +36,7 @@ use crate::bits;
 use crate::format::PackedLinear;
 use crate::matvec_int::{round_block, IntActs, Rounded};
 #[cfg(target_arch = "x86_64")]
-use crate::matvec_int::{rows_avx2, rows_avx512bw, rows_vnni, Job, Outs, TOKENS4};
+use crate::matvec_int::{rows_avx2, rows_avx512bw, rows_vnni, Job, Outs};
 use crate::simd::ROWS4;
 #[cfg(target_arch = "x86_64")]
 use crate::simd::{Ahead4, Wide, ZeroTail};
@@ -662,33 +662,31 @@ unsafe fn rows4_oc<const B: usize, const VNNI: bool, const T: usize>(
     let rows: [&[u8]; ROWS4] = std::array::from_fn(|i| p.row_codes(r + i));
     let params = |i: usize| (&p.scales[(r + i) * pc..(r + i + 1) * pc], &p.zeros[(r + i) * pc..(r + i + 1) * pc]);
     let scales = [params(0).0, params(1).0, params(2).0, params(3).0];
-    // The codes past the kernel's whole steps (the last cols % 64, in the last group), per token.
-    let finish = |lanes: [[std::arch::x86_64::__m256; ROWS4]; T], steps: usize| {
-        let mut out = [[0f32; ROWS4]; T];
-        for (t, (o, lanes)) in out.iter_mut().zip(lanes).enumerate() {
-            let (xsum, tail) = sums[t];
-            *o = crate::simd::oc_sums4(p, r, lanes, xsum, tail);
-            if steps * STEP < cols {
-                for (i, y) in o.iter_mut().enumerate() {
-                    *y += params(i).0[pc - 1] * dot_scalar(rows[i], B as u8, x[t], steps * STEP, cols);
-                }
-            }
-        }
-        out
-    };
-    if B == 8 {
+    let (lanes, steps) = if B == 8 {
         // Only with VNNI ([`Q8::rows`] sends 8-bit rows nowhere else four at a time).
         let steps = x[0].q.len() / STEP;
         assert!(rows.iter().all(|row| row.len() >= steps * STEP), "packed row too short for its codes");
         crate::simd::prefetch_params4(p, r + ahead.rows, pc);
-        let lanes = rows8_vnni::<ROWS4, T>(rows.map(|row| row.as_ptr()), x, scales, p.layout.group / STEP, ahead.bytes);
-        return finish(lanes, steps);
+        (rows8_vnni::<ROWS4, T>(rows.map(|row| row.as_ptr()), x, scales, p.layout.group / STEP, ahead.bytes), steps)
+    } else {
+        let steps = x[0].swizzled.len() / STEP;
+        assert!(rows.iter().all(|row| row.len() >= steps * STEP * B / 8), "packed row too short for its codes");
+        crate::simd::prefetch_params4(p, r + ahead.rows, pc);
+        (rows4_avx512::<B, true, VNNI, T>(rows.map(|row| row.as_ptr()), x, scales, p.layout.group, ahead.bytes), steps)
+    };
+    // Each token's zero-point terms off, then the codes past the kernel's whole steps (the last
+    // cols % 64, in the last group). A loop, not a closure: its intrinsics stay inlined.
+    let mut out = [[0f32; ROWS4]; T];
+    for (t, (o, lanes)) in out.iter_mut().zip(lanes).enumerate() {
+        let (xsum, tail) = sums[t];
+        *o = crate::simd::oc_sums4(p, r, lanes, xsum, tail);
+        if steps * STEP < cols {
+            for (i, y) in o.iter_mut().enumerate() {
+                *y += params(i).0[pc - 1] * dot_scalar(rows[i], B as u8, x[t], steps * STEP, cols);
+            }
+        }
     }
-    let steps = x[0].swizzled.len() / STEP;
-    assert!(rows.iter().all(|row| row.len() >= steps * STEP * B / 8), "packed row too short for its codes");
-    crate::simd::prefetch_params4(p, r + ahead.rows, pc);
-    let lanes = rows4_avx512::<B, true, VNNI, T>(rows.map(|row| row.as_ptr()), x, scales, p.layout.group, ahead.bytes);
-    finish(lanes, steps)
+    out
 }
 
 /// One per-IC output row, from its row group's rounded `s x` and zero-point sum.
@@ -843,7 +841,7 @@ impl IntActs for Q8 {
         _per: usize,
         r: usize,
         ahead: Ahead4,
-        _: &mut [(); TOKENS4],
+        _: &mut [(); T],
     ) -> [[f32; ROWS4]; T] {
         rows4_oc::<B, VNNI, T>(p, x, sums, r, ahead)
     }

@@ -204,7 +204,7 @@ pub(crate) trait IntActs: Rounded + Default + Send + Sync + Sized + 'static {
         per: usize,
         r: usize,
         ahead: Ahead4,
-        scratch: &mut [Self::Scratch4; TOKENS4],
+        scratch: &mut [Self::Scratch4; T],
     ) -> [[f32; ROWS4]; T];
     /// [`ROWS4`] per-IC rows of one row group from `r` on for `T` tokens, as
     /// [`IntActs::rows4_oc`].
@@ -490,25 +490,18 @@ unsafe fn run_rows_t<A: IntActs, const B: usize, const AVX512: bool, const VNNI:
     let put = |t: usize, r: usize, y: f32| out.put(first + t, r - r0, y);
     match jobs[0] {
         Job::Oc { x: x0, .. } => {
-            let (mut x, mut xsum) = ([x0; T], [&[][..]; T]);
-            for (t, j) in jobs.iter().enumerate() {
-                match *j {
-                    Job::Oc { x: xt, xsum: st } => (x[t], xsum[t]) = (xt, st),
-                    Job::Ic { .. } => unreachable!("a batch's jobs are all of one axis"),
-                }
-            }
+            let acts: [(&A, &[f32]); T] = std::array::from_fn(|t| match jobs[t] {
+                Job::Oc { x, xsum } => (x, xsum),
+                Job::Ic { .. } => unreachable!("a batch's jobs are all of one axis"),
+            });
+            let (x, xsum) = (acts.map(|a| a.0), acts.map(|a| a.1));
             // Activation blocks per group (a division per row cost a small matrix 1%).
             let per = p.layout.group / x0.block();
             if four && x.iter().all(|x| A::four_rows_oc(x)) {
-                let mut tails = [ZeroTail::new(xsum[0]); T];
-                for (tail, xsum) in tails.iter_mut().zip(xsum) {
-                    *tail = ZeroTail::new(xsum);
-                }
-                let mut sums = [(xsum[0], &tails[0]); T];
-                for (t, s) in sums.iter_mut().enumerate() {
-                    *s = (xsum[t], &tails[t]);
-                }
-                let mut scratch: [A::Scratch4; TOKENS4] = Default::default();
+                // SAFETY: AVX (the caller's AVX2).
+                let tails: [ZeroTail; T] = std::array::from_fn(|t| unsafe { ZeroTail::new(xsum[t]) });
+                let sums: [(&[f32], &ZeroTail); T] = std::array::from_fn(|t| (xsum[t], &tails[t]));
+                let mut scratch: [A::Scratch4; T] = std::array::from_fn(|_| Default::default());
                 while end - r >= ROWS4 {
                     let y = A::rows4_oc::<B, VNNI, T>(p, x, sums, per, r, ahead, &mut scratch);
                     for (t, y) in y.iter().enumerate() {
@@ -526,14 +519,12 @@ unsafe fn run_rows_t<A: IntActs, const B: usize, const AVX512: bool, const VNNI:
                 }
             }
         }
-        Job::Ic { v: v0, .. } => {
-            let (mut v, mut bias) = ([v0; T], [0f32; T]);
-            for (t, j) in jobs.iter().enumerate() {
-                match *j {
-                    Job::Ic { v: vt, bias: bt } => (v[t], bias[t]) = (vt, bt),
-                    Job::Oc { .. } => unreachable!("a batch's jobs are all of one axis"),
-                }
-            }
+        Job::Ic { .. } => {
+            let acts: [(&A, f32); T] = std::array::from_fn(|t| match jobs[t] {
+                Job::Ic { v, bias } => (v, bias),
+                Job::Oc { .. } => unreachable!("a batch's jobs are all of one axis"),
+            });
+            let (v, bias) = (acts.map(|a| a.0), acts.map(|a| a.1));
             if four && v.iter().all(|v| A::four_rows_ic(v)) {
                 while end - r >= ROWS4 {
                     let y = A::rows4_ic::<B, VNNI, T>(p, v, bias, r, ahead);
