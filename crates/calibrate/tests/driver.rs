@@ -205,12 +205,15 @@ fn reference_driver(ck: &Checkpoint, samples: &[Vec<u32>], cfg: &QuantizeConfig)
 
 #[test]
 fn staged_driver_equals_rerunning_the_block_for_every_stage() {
-    // The last case holds no down_proj inputs: gate/up are recomputed for the block output.
-    for (method, dim, cache) in [
-        (Method::Gptq, Dim::Ada, true),
-        (Method::Rtn, Dim::Ada, true),
-        (Method::Gptq, Dim::Ic, true),
-        (Method::Gptq, Dim::Ada, false),
+    // The fourth case holds no down_proj inputs: gate/up are recomputed for the block output;
+    // the last one's samples differ in length.
+    let ragged: Vec<Vec<u32>> = samples().into_iter().enumerate().map(|(i, s)| s[..12 + 2 * i].to_vec()).collect();
+    for (method, dim, cache, samples) in [
+        (Method::Gptq, Dim::Ada, true, samples()),
+        (Method::Rtn, Dim::Ada, true, samples()),
+        (Method::Gptq, Dim::Ic, true, samples()),
+        (Method::Gptq, Dim::Ada, false, samples()),
+        (Method::Gptq, Dim::Ada, true, ragged.clone()),
     ] {
         let d = tempfile::tempdir().unwrap();
         write_random_checkpoint(&d.path().join("m"), &tiny_config(), 4).unwrap();
@@ -222,9 +225,9 @@ fn staged_driver_equals_rerunning_the_block_for_every_stage() {
         let qdir = d.path().join("q");
         std::fs::create_dir(&qdir).unwrap();
         std::fs::copy(d.path().join("m/config.json"), qdir.join("config.json")).unwrap();
-        quantize_model(&ck, &samples(), &cfg, &f32_out(&qdir.join("model.safetensors")), &mut |_, _| {}).unwrap();
+        quantize_model(&ck, &samples, &cfg, &f32_out(&qdir.join("model.safetensors")), &mut |_, _| {}).unwrap();
         let q = Checkpoint::open(&qdir).unwrap();
-        let want = reference_driver(&ck, &samples(), &cfg);
+        let want = reference_driver(&ck, &samples, &cfg);
         let kinds = adadim_model::LinearKind::ALL;
         for (i, w) in want.iter().enumerate() {
             let name = format!("model.layers.{}.{}.weight", i / 7, kinds[i % 7].module());

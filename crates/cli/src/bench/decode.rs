@@ -274,7 +274,7 @@ pub fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
     if !pp_depths.is_empty() {
         let lengths: Vec<String> = pp_depths.iter().map(|d| d.to_string()).collect();
         writeln!(md, "\n### Prompt processing: {} tokens\n", lengths.join(", "))?;
-        writeln!(md, "Each nonzero depth's context prefill, timed as `generate` times it (the prompt through the model, the last position's logits included); llama.cpp: `llama-bench -p N -n 0`, in the same rounds. Prefill is compute-bound: packed models multiply the prompt on integers (`adadim_pack::matmul_int`, AVX-512 VNNI: activations rounded as the decode matvecs round them, int16 or int8 as labelled), the f32 model with candle's GEMM; llama.cpp multiplies int8-rounded activations with its integer kernels.\n")?;
+        writeln!(md, "Each nonzero depth's context prefill, timed as `generate` times it (the prompt through the model, the last position's logits included); llama.cpp: `llama-bench -p N -n 0`, in the same rounds. Prefill is compute-bound: packed models multiply the prompt on integers (`adadim_pack::matmul_int`, AVX-512 VNNI: activations rounded as the decode matvecs round them, int16 or int8 as labelled), the f32 model with faer's GEMM; llama.cpp multiplies int8-rounded activations with its integer kernels.\n")?;
         writeln!(
             md,
             "| model | {} |\n|---|{}",

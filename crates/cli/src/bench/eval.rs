@@ -57,7 +57,7 @@ pub fn bench_eval(a: BenchEvalArgs) -> Result<()> {
     writeln!(md, "## Perplexity evaluation throughput (`adadim bench eval`)\n")?;
     writeln!(md, "Model `{}` (f32; for smollm2 the dequantized Q4_1 GGUF, our full-precision baseline), {} on {} windows x {} tokens, {threads} threads.\n", a.model.model, dataset.label, r.windows, a.seqlen)?;
     writeln!(md, "Machine: {}.\n", super::machine())?;
-    writeln!(md, "f32 GEMM rate measured in this run (candle + gemm x86-v4, best of 5):\n")?;
+    writeln!(md, "f32 GEMM rate measured in this run (the better of candle's and faer's, best of 5):\n")?;
     writeln!(md, "| matmul | m x k x n | GFLOP/s |\n|---|---|---|")?;
     for (name, m, k, n, g) in &gemm {
         writeln!(md, "| {name} | {m} x {k} x {n} | {g:.1} |")?;

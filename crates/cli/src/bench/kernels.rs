@@ -315,13 +315,13 @@ pub fn kernels_prefill_vs_llamacpp(bin: &std::path::Path, group: usize, threads:
         let (us, _) = llamacpp_matmul_us(bin, ty, m, n, k)?;
         peers.push((ty, us));
     }
-    // The same f32 GEMM the forward pass runs (candle's), on as many threads.
+    // The f32 GEMM the forward pass runs (the better of candle's and faer's), on as many threads.
     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build()?;
     let dense = flop / (pool.install(|| super::gemm_gflops(n, k, m, 3))? * 1e9);
     writeln!(md, "\n### Prefill products against llama.cpp's plain layouts (same run)\n")?;
-    writeln!(md, "`{m} x {k}` times {n} tokens (test-backend-ops' MUL_MAT n = {n} case), {threads} thread(s) each; best of 3 for ours, test-backend-ops' mean. Ours: on integers (`matmul` at int16 / int8: activations rounded as the decode matvec rounds them, codes widened per panel, AVX-512 VNNI), and through dequantized f32 panels (`matmul` at f32, what evaluation runs); against the dense f32 GEMM of the same size (candle's matmul, as the forward pass runs it) on f32 weights.\n")?;
+    writeln!(md, "`{m} x {k}` times {n} tokens (test-backend-ops' MUL_MAT n = {n} case), {threads} thread(s) each; best of 3 for ours, test-backend-ops' mean. Ours: on integers (`matmul` at int16 / int8: activations rounded as the decode matvec rounds them, codes widened per panel, AVX-512 VNNI), and through dequantized f32 panels (`matmul` at f32, what evaluation runs); against the dense f32 GEMM of the same size (the better of candle's and faer's, as the forward pass runs it) on f32 weights.\n")?;
     writeln!(md, "| product | GFLOP/s | of the f32 GEMM |\n|---|---|---|")?;
-    writeln!(md, "| dense f32 GEMM (candle) | {:.1} | 1.00 |", flop / dense / 1e9)?;
+    writeln!(md, "| dense f32 GEMM | {:.1} | 1.00 |", flop / dense / 1e9)?;
     for &(ty, us) in &peers {
         writeln!(md, "| llama.cpp {ty} (plain) | {:.1} | {:.2} |", flop / us / 1e3, dense / (us * 1e-6))?;
     }
