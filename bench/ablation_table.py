@@ -7,11 +7,11 @@ is left as it is.
 """
 import json
 import pathlib
-import re
 import statistics
 import sys
-from collections import defaultdict
 
+import runs as runs_dir
+from runs import stat
 from section import replace_section
 
 out, results = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
@@ -27,52 +27,12 @@ TITLES = {
 }
 # Sections filled by bench/budget.sh (its --bpw runs) rather than bench/ablation.sh.
 BUDGET_SECTIONS = {"calib-bpw"}
-fp = {ds: json.loads((out / f"fp.{ds}.json").read_text())["ppl"] for ds in ("wikitext2", "ptb")}
-runs = defaultdict(dict)  # (config, variant) -> seed -> {wikitext2, ptb, seconds, per_ic}
-for f in sorted(out.glob("*-s[0-9]*.ptb.json")):
-    m = re.match(r"(w\d+g\d+|bpw[\d.]+)-(.+)-s(\d+)\.ptb\.json$", f.name)
-    if not m:
-        continue
-    cfg, variant, seed = m.group(1), m.group(2), int(m.group(3))
-    stem = f.name[: -len(".ptb.json")]
-    wt = out / f"{stem}.wikitext2.json"
-    if not wt.exists():
-        continue
-    report = json.loads((out / f"{stem}.report.json").read_text())
-    summary = report["summary"]
-    modules = defaultdict(list)
-    for lin in report["linears"]:
-        modules[lin["module"].split(".")[-1].removesuffix("_proj")].append(lin["axis"] == "ic")
-    spec = summary["settings"]["spec"]
-    bits, zero = spec["bits"], spec["zero"]
-    st = summary["settings"]
-    dynamic = st["method"] == "gptq" and st.get("act_order") and not st.get("static_groups")
-    stored = 0  # bits as the packed file declares them: codes, f16 scales, zeros or f16 minima, perm
-    for lin in report["linears"]:
-        rows, cols, g = lin["rows"], lin["cols"], spec["group"]
-        along = cols if lin["axis"] == "oc" else rows
-        groups = (rows * cols // along) * -(-along // (g or along))
-        stored += bits * rows * cols + groups * (16 + (16 if zero == "Float" else bits))
-        stored += 32 * cols if dynamic and lin["axis"] == "oc" else 0
-    if "allocation" in summary:  # a --bpw run: each linear's own layout, as its allocation counted
-        stored = summary["allocation"]["bpw"] * sum(lin["rows"] * lin["cols"] for lin in report["linears"])
-    runs[(cfg, variant)][seed] = {
-        "bpw": stored / sum(lin["rows"] * lin["cols"] for lin in report["linears"]),
-        "modules": {m: sum(v) / len(v) for m, v in modules.items()},
-        "wikitext2": json.loads(wt.read_text())["ppl"],
-        "ptb": json.loads(f.read_text())["ppl"],
-        "seconds": summary["seconds"],
-        "per_ic": summary["per_ic"] / summary["linears"],
-    }
+fp = runs_dir.fp(out)
+runs = runs_dir.load(out)  # (config, variant) -> seed -> {wikitext2, ptb, seconds, per_ic}
 
 
 commits = sorted({f.read_text().strip() for f in out.glob("*.commit")} | {(out / "COMMIT").read_text().strip()})
 commit_list = ", ".join(f"`{c}`" for c in commits)
-
-
-def stat(values):
-    mean = statistics.fmean(values)
-    return f"{mean:.2f} ± {(max(values) - min(values)) / 2:.2f}" if len(values) > 1 else f"{mean:.2f}"
 
 
 lines = [

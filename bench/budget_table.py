@@ -13,6 +13,7 @@ import statistics
 import sys
 from collections import defaultdict
 
+from runs import stat
 from section import replace_section
 
 out, results = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
@@ -79,11 +80,6 @@ for f in sorted(out.glob("bpw*.ptb.json")):
         "linears": [(lin["layer"], short(lin["module"]), lin["layout"]["bits"], lin["layout"]["group"], lin["axis"]) for lin in lins],
         "min_share": sum(lin["layout"].get("min", False) for lin in lins) / len(lins),
     })
-
-
-def stat(values):
-    mean = statistics.fmean(values)
-    return f"{mean:.2f} ± {(max(values) - min(values)) / 2:.2f}" if len(values) > 1 else f"{mean:.2f}"
 
 
 def uniform_bpw(report):
