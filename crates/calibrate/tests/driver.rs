@@ -213,7 +213,7 @@ fn staged_driver_equals_rerunning_the_block_for_every_stage() {
         (Method::Rtn, Dim::Ada, true, samples()),
         (Method::Gptq, Dim::Ic, true, samples()),
         (Method::Gptq, Dim::Ada, false, samples()),
-        (Method::Gptq, Dim::Ada, true, ragged.clone()),
+        (Method::Gptq, Dim::Ada, true, ragged),
     ] {
         let d = tempfile::tempdir().unwrap();
         write_random_checkpoint(&d.path().join("m"), &tiny_config(), 4).unwrap();

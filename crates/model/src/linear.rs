@@ -114,14 +114,12 @@ pub(crate) fn dense_product(x: &Tensor, w: &Tensor) -> candle_core::Result<Tenso
     Tensor::from_vec(y, dims, x.device())
 }
 
-/// Weights with more rows than this multiply with candle's GEMM: on SmolLM2's 49152-row head
-/// (512 tokens) faer's measured 0.75x candle's, on its block linears 1.0x-1.35x.
+/// Weights with more rows than this (a vocabulary-sized head) multiply with candle's GEMM,
+/// faster there than faer's, which is the faster on a block's linears.
 const FAER_MAX_ROWS: usize = 16384;
 
 /// `y = x W^T` (`x` `[t, cols]`, `y` `[t, rows]`, row-major; `W` `[rows, cols]`) by faer's
-/// GEMM on all threads: on the calibration forward's shapes (512 tokens through SmolLM2's
-/// linears) it measured 1.15x-1.5x candle's (gemm with its AVX-512 kernels), gate/up 1.03x;
-/// at 2048 tokens 0.97x-1.14x.
+/// GEMM on all threads (on the calibration forward's shapes faster than candle's).
 fn dense_gemm(w: &[f32], x: &[f32], t: usize, y: &mut [f32]) {
     use faer::{Accum, MatMut, MatRef, Par};
     let (rows, cols) = (y.len() / t, x.len() / t);
