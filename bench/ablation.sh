@@ -37,6 +37,7 @@ declare -A ARGS=(
   [gptq-ada-act-mse-mix]="--method gptq --dim ada --act-order --static-groups --scale-search mse --calib mix"
   [gptq-ada-act-mse-mix-damp10]="--method gptq --dim ada --act-order --static-groups --scale-search mse --calib mix --percdamp 0.1"
   [gptq-ada-act-mse-mix-damp10-qep05]="--method gptq --dim ada --act-order --static-groups --scale-search mse --calib mix --percdamp 0.1 --qep 0.5"
+  [gptq-ada-act-mse-mix-damp10-qep075]="--method gptq --dim ada --act-order --static-groups --scale-search mse --calib mix --percdamp 0.1 --qep 0.75"
   [gptq-ada-gar-mse-mix-damp10-qep05]="--method gptq --dim ada --act-order --group-aware --scale-search mse --calib mix --percdamp 0.1 --qep 0.5"
   [gptq-ada-act-mse-damp10]="--method gptq --dim ada --act-order --static-groups --scale-search mse --percdamp 0.1"
   [gptq-ada-act-mse-damp100]="--method gptq --dim ada --act-order --static-groups --scale-search mse --percdamp 1"

@@ -18,6 +18,7 @@ pub mod error;
 pub mod input_rms;
 pub mod output;
 pub mod resume;
+pub mod rotate_model;
 pub mod run_dir;
 
 pub use driver::{

@@ -27,6 +27,21 @@ pub enum Cmd {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Rotate a float model's residual stream by a seeded orthogonal matrix (signed Hadamard
+    /// times a small random rotation; QuaRot / SpinQuant's offline rotation) into a new float
+    /// model directory that computes the same function: the RMSNorm weights folded into the
+    /// linears, the head untied. Quantize that directory for weights without outlier channels.
+    Rotate {
+        /// Model name (smollm2) or float model directory.
+        #[arg(long)]
+        model: String,
+        /// Output directory (must not exist).
+        #[arg(long)]
+        out: PathBuf,
+        /// Seed of the rotation.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
     /// The main job: quantize with RTN, GPTQ and GPTQ-ada (AdaDim) at the same bits and group,
     /// evaluate each and the full-precision model with one evaluator, print them side by side.
     Compare(CompareArgs),

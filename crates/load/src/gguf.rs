@@ -643,7 +643,7 @@ pub fn import_gguf(gguf_path: &Path, out_dir: &Path, progress: &mut dyn FnMut(us
 /// write-then-rename: `.NAME.partial-PID-N`, where NAME is `target`'s name, or for a name too
 /// long to leave room for the rest within the filesystem's 255 bytes, its first bytes and a
 /// hash of the whole.
-pub(crate) fn tempdir_for(target: &Path) -> Result<PathBuf> {
+pub fn tempdir_for(target: &Path) -> Result<PathBuf> {
     let parent = target.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(io_err(parent))?;
     let name = target.file_name().unwrap_or_default().to_string_lossy();

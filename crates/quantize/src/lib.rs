@@ -44,6 +44,7 @@ mod matrix;
 mod propagate;
 mod quantizer;
 mod refit;
+pub mod rotate;
 mod rtn;
 mod search;
 

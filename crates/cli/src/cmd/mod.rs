@@ -9,5 +9,6 @@ pub mod import;
 pub mod quantize;
 pub mod quantize_layer;
 pub mod report;
+pub mod rotate;
 pub mod serve;
 pub mod synth;

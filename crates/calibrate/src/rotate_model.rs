@@ -1,0 +1,151 @@
+//! A float checkpoint with its residual stream rotated ([`adadim_quantize::rotate`]): the same
+//! function, weights that quantize with fewer outliers. Each RMSNorm's weight moves into the
+//! linears that read it (the norms become ones, which commute with any rotation), the
+//! embedding becomes `E Q`, o_proj and down_proj `Q^T W`, and the head `W diag(g) Q`: untied
+//! from the embedding even where the source ties them, since the final norm's weight now lives
+//! in it.
+
+use crate::error::{CalibError, Result};
+use adadim_load::safetensors_out::{DenseDtype, DenseWriter};
+use adadim_load::Checkpoint;
+use adadim_quantize::rotate;
+use std::path::{Path, PathBuf};
+
+/// What [`rotate_checkpoint`] wrote.
+#[derive(Debug, serde::Serialize)]
+pub struct Rotated {
+    pub out_dir: PathBuf,
+    pub seed: u64,
+    pub width: usize,
+    pub tensors: usize,
+}
+
+/// Which rule one tensor of a LLaMA checkpoint follows.
+enum Rule {
+    /// Read the stream after the norm named: `W diag(g) Q`.
+    Reads(Option<String>),
+    /// Write into the stream: `Q^T W` (a bias is a one-column matrix).
+    Writes,
+    /// An RMSNorm weight: ones.
+    Norm,
+    Keep,
+}
+
+fn rule(name: &str) -> Rule {
+    let layer = |n: &str| n.rsplit_once(".self_attn.").or_else(|| n.rsplit_once(".mlp.")).map(|(p, _)| p.to_string());
+    match name {
+        "model.embed_tokens.weight" => Rule::Reads(None),
+        "lm_head.weight" => Rule::Reads(Some("model.norm.weight".into())),
+        "model.norm.weight" => Rule::Norm,
+        n if n.ends_with("layernorm.weight") => Rule::Norm,
+        n if n.ends_with("o_proj.weight") || n.ends_with("down_proj.weight") => Rule::Writes,
+        n if n.ends_with("o_proj.bias") || n.ends_with("down_proj.bias") => Rule::Writes,
+        n if n.ends_with("_proj.weight") && (n.contains(".self_attn.") || n.contains(".mlp.")) => {
+            let norm = if n.contains(".self_attn.") { "input_layernorm" } else { "post_attention_layernorm" };
+            Rule::Reads(layer(n).map(|p| format!("{p}.{norm}.weight")))
+        }
+        _ => Rule::Keep,
+    }
+}
+
+/// Write `src` rotated by the seeded `Q` of its width into `out_dir` (which must not exist;
+/// written beside it and renamed into place, so an interrupted run leaves nothing there).
+/// `progress(done, total)` after each tensor.
+pub fn rotate_checkpoint(
+    src: &Path,
+    out_dir: &Path,
+    seed: u64,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Rotated> {
+    if out_dir.exists() {
+        return Err(CalibError::Invalid(format!(
+            "{}: already exists; remove it or choose another output directory",
+            out_dir.display()
+        )));
+    }
+    let ckpt = Checkpoint::open(src)?;
+    let mut config = ckpt.config.clone();
+    let d = config.hidden_size;
+    let q = rotate::rotation(d, seed).map_err(|e| CalibError::Invalid(format!("rotation of width {d}: {e}")))?;
+    config.tie_word_embeddings = false;
+    let plan = config.expected_tensors();
+    let tmp = adadim_load::gguf::tempdir_for(out_dir)?;
+    let written = (|| -> Result<usize> {
+        let meta = [
+            ("format".to_string(), "pt".to_string()),
+            ("source".to_string(), format!("{} rotated (seed {seed})", src.display())),
+        ];
+        let path = tmp.join("model.safetensors");
+        let mut writer = DenseWriter::create(&path, &plan, &meta, DenseDtype::F32)?;
+        for (i, (name, shape)) in plan.iter().enumerate() {
+            // The head of a tied source is its embedding.
+            let source = if name == "lm_head.weight" && ckpt.config.tie_word_embeddings {
+                "model.embed_tokens.weight"
+            } else {
+                name.as_str()
+            };
+            let w = ckpt.tensor_f32(source)?;
+            let bad = |e: adadim_quantize::Error| CalibError::Invalid(format!("{}: tensor {name}: {e}", src.display()));
+            let v = match rule(name) {
+                Rule::Reads(norm) => {
+                    let g = norm.map(|n| ckpt.tensor_f32(&n)).transpose()?;
+                    rotate::rotate_inputs(&w, shape[0], g.as_deref(), &q).map_err(bad)?
+                }
+                Rule::Writes => rotate::rotate_outputs(&w, shape.get(1).copied().unwrap_or(1), &q).map_err(bad)?,
+                Rule::Norm => vec![1.0; w.len()],
+                Rule::Keep => w,
+            };
+            writer.write_tensor(name, &v)?;
+            progress(i + 1, plan.len());
+        }
+        writer.finish()?;
+        let cfg = tmp.join("config.json");
+        let text = serde_json::to_string_pretty(&config).map_err(|e| CalibError::Invalid(e.to_string()))?;
+        std::fs::write(&cfg, text).map_err(|source| CalibError::Io { path: cfg.clone(), source })?;
+        for f in ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"] {
+            let from = src.join(f);
+            if from.is_file() {
+                std::fs::copy(&from, tmp.join(f)).map_err(|source| CalibError::Io { path: from, source })?;
+            }
+        }
+        Ok(plan.len())
+    })();
+    match written {
+        Ok(tensors) => {
+            std::fs::rename(&tmp, out_dir).map_err(|source| CalibError::Io { path: out_dir.into(), source })?;
+            Ok(Rotated { out_dir: out_dir.into(), seed, width: d, tensors })
+        }
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            Err(e)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_llama_tensor_gets_its_rule() {
+        let reads = |n: &str| match rule(n) {
+            Rule::Reads(norm) => norm,
+            _ => panic!("{n} should read the stream"),
+        };
+        assert_eq!(
+            reads("model.layers.3.self_attn.k_proj.weight").as_deref(),
+            Some("model.layers.3.input_layernorm.weight")
+        );
+        assert_eq!(
+            reads("model.layers.12.mlp.up_proj.weight").as_deref(),
+            Some("model.layers.12.post_attention_layernorm.weight")
+        );
+        assert_eq!(reads("lm_head.weight").as_deref(), Some("model.norm.weight"));
+        assert_eq!(reads("model.embed_tokens.weight"), None);
+        assert!(matches!(rule("model.layers.0.self_attn.o_proj.weight"), Rule::Writes));
+        assert!(matches!(rule("model.layers.0.mlp.down_proj.weight"), Rule::Writes));
+        assert!(matches!(rule("model.layers.0.input_layernorm.weight"), Rule::Norm));
+        assert!(matches!(rule("model.norm.weight"), Rule::Norm));
+        assert!(matches!(rule("model.layers.0.self_attn.q_proj.bias"), Rule::Keep));
+    }
+}
