@@ -3,7 +3,9 @@
 //! linears that read it (the norms become ones, which commute with any rotation), the
 //! embedding becomes `E Q`, o_proj and down_proj `Q^T W`, and the head `W diag(g) Q`: untied
 //! from the embedding even where the source ties them, since the final norm's weight now lives
-//! in it.
+//! in it. With `heads`, each key/value head's values are rotated too (`Q_h^T` on v_proj's rows
+//! of that head, `Q_h` on o_proj's columns of every query head that reads it): attention mixes
+//! values linearly, so the model is unchanged and o_proj's input channels lose their outliers.
 
 use crate::error::{CalibError, Result};
 use adadim_load::safetensors_out::{DenseDtype, DenseWriter};
@@ -17,6 +19,8 @@ pub struct Rotated {
     pub out_dir: PathBuf,
     pub seed: u64,
     pub width: usize,
+    /// Whether the values were rotated per head too.
+    pub heads: bool,
     pub tensors: usize,
 }
 
@@ -48,6 +52,27 @@ fn rule(name: &str) -> Rule {
     }
 }
 
+/// Where the per-head value rotation goes.
+enum HeadRule {
+    /// v_proj's weight or bias: each key/value head's rows.
+    ValueRows,
+    /// o_proj's weight: each query head's columns.
+    OutputCols,
+}
+
+fn head_rule(name: &str) -> Option<HeadRule> {
+    if name.ends_with("self_attn.v_proj.weight") || name.ends_with("self_attn.v_proj.bias") {
+        Some(HeadRule::ValueRows)
+    } else if name.ends_with("self_attn.o_proj.weight") {
+        Some(HeadRule::OutputCols)
+    } else {
+        None
+    }
+}
+
+/// Drawn with the residual rotation's seed, a different stream.
+const HEAD_SEED: u64 = 0x4ead_5eed;
+
 /// Write `src` rotated by the seeded `Q` of its width into `out_dir` (which must not exist;
 /// written beside it and renamed into place, so an interrupted run leaves nothing there).
 /// `progress(done, total)` after each tensor.
@@ -55,6 +80,7 @@ pub fn rotate_checkpoint(
     src: &Path,
     out_dir: &Path,
     seed: u64,
+    heads: bool,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Rotated> {
     if out_dir.exists() {
@@ -67,6 +93,9 @@ pub fn rotate_checkpoint(
     let mut config = ckpt.config.clone();
     let d = config.hidden_size;
     let q = rotate::rotation(d, seed).map_err(|e| CalibError::Invalid(format!("rotation of width {d}: {e}")))?;
+    let hd = config.head_dim();
+    let qh = rotate::rotation(hd, seed ^ HEAD_SEED)
+        .map_err(|e| CalibError::Invalid(format!("rotation of width {hd}: {e}")))?;
     config.tie_word_embeddings = false;
     let plan = config.expected_tensors();
     let tmp = adadim_load::gguf::tempdir_for(out_dir)?;
@@ -95,6 +124,20 @@ pub fn rotate_checkpoint(
                 Rule::Norm => vec![1.0; w.len()],
                 Rule::Keep => w,
             };
+            let v = match (heads, head_rule(name)) {
+                (true, Some(HeadRule::ValueRows)) => {
+                    let cols = shape.get(1).copied().unwrap_or(1);
+                    let mut out = Vec::with_capacity(v.len());
+                    for head in v.chunks_exact(hd * cols) {
+                        out.extend(rotate::rotate_outputs(head, cols, &qh).map_err(bad)?);
+                    }
+                    out
+                }
+                (true, Some(HeadRule::OutputCols)) => {
+                    rotate::rotate_inputs(&v, v.len() / hd, None, &qh).map_err(bad)?
+                }
+                _ => v,
+            };
             writer.write_tensor(name, &v)?;
             progress(i + 1, plan.len());
         }
@@ -113,12 +156,48 @@ pub fn rotate_checkpoint(
     match written {
         Ok(tensors) => {
             std::fs::rename(&tmp, out_dir).map_err(|source| CalibError::Io { path: out_dir.into(), source })?;
-            Ok(Rotated { out_dir: out_dir.into(), seed, width: d, tensors })
+            Ok(Rotated { out_dir: out_dir.into(), seed, width: d, heads, tensors })
         }
         Err(e) => {
             let _ = std::fs::remove_dir_all(&tmp);
             Err(e)
         }
+    }
+}
+
+/// The rotated copy of `src` for `seed` (values rotated per head too) under `cache`, made on
+/// first use: `NAME-HASH-sSEED`, the hash over `src`'s path and its files' sizes and times, so
+/// a changed source gets a new copy. Two runs making it at once both end with the one copy.
+pub fn rotated_cached(src: &Path, cache: &Path, seed: u64) -> Result<PathBuf> {
+    use sha2::{Digest, Sha256};
+    let canon = src.canonicalize().map_err(|source| CalibError::Io { path: src.into(), source })?;
+    let mut h = Sha256::new();
+    h.update(canon.to_string_lossy().as_bytes());
+    let mut files: Vec<_> = std::fs::read_dir(&canon)
+        .map_err(|source| CalibError::Io { path: canon.clone(), source })?
+        .filter_map(|e| e.ok())
+        .collect();
+    files.sort_by_key(|e| e.file_name());
+    for e in files {
+        if let Ok(m) = e.metadata() {
+            h.update(e.file_name().to_string_lossy().as_bytes());
+            h.update(m.len().to_le_bytes());
+            let t = m.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
+            h.update(t.map_or(0, |t| t.as_nanos()).to_le_bytes());
+        }
+    }
+    let hash: String = h.finalize().iter().take(6).map(|b| format!("{b:02x}")).collect();
+    let name = canon.file_name().map_or("model".into(), |n| n.to_string_lossy().into_owned());
+    let out = cache.join(format!("{name}-{hash}-s{seed}"));
+    if out.join("config.json").is_file() {
+        return Ok(out);
+    }
+    std::fs::create_dir_all(cache).map_err(|source| CalibError::Io { path: cache.into(), source })?;
+    match rotate_checkpoint(&canon, &out, seed, true, &mut |_, _| {}) {
+        Ok(_) => Ok(out),
+        // Another run finished the same copy first.
+        Err(_) if out.join("config.json").is_file() => Ok(out),
+        Err(e) => Err(e),
     }
 }
 

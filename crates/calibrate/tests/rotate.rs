@@ -12,11 +12,11 @@ fn logits(dir: &Path, ids: &[u32]) -> Vec<f32> {
     model.logits(&model.forward_hidden(ids).unwrap()).unwrap().flatten_all().unwrap().to_vec1().unwrap()
 }
 
-fn check_same_function(cfg: &LlamaConfig, seed: u64) {
+fn check_same_function(cfg: &LlamaConfig, seed: u64, heads: bool) {
     let d = tempfile::tempdir().unwrap();
     let (src, out) = (d.path().join("m"), d.path().join("r"));
     write_random_checkpoint(&src, cfg, 5).unwrap();
-    let r = rotate_checkpoint(&src, &out, seed, &mut |_, _| {}).unwrap();
+    let r = rotate_checkpoint(&src, &out, seed, heads, &mut |_, _| {}).unwrap();
     assert_eq!(r.width, cfg.hidden_size);
     let rotated = Checkpoint::open(&out).unwrap();
     assert!(!rotated.config.tie_word_embeddings, "the head carries the final norm, so it is untied");
@@ -34,11 +34,15 @@ fn check_same_function(cfg: &LlamaConfig, seed: u64) {
 #[test]
 fn a_rotated_model_computes_the_same_logits() {
     // 48 = 16 x 3: a Hadamard part and an odd random part.
-    check_same_function(&tiny_config(), 0);
-    check_same_function(&tiny_config(), 11);
+    check_same_function(&tiny_config(), 0, false);
+    check_same_function(&tiny_config(), 11, true);
     let mut untied = tiny_config();
     untied.tie_word_embeddings = false;
-    check_same_function(&untied, 3);
+    check_same_function(&untied, 3, true);
+    // Biases on q/k/v (Qwen2): v's rotate with its rows.
+    let mut biased = tiny_config();
+    biased.attention_bias = Some(true);
+    check_same_function(&biased, 4, true);
 }
 
 #[test]
@@ -48,7 +52,7 @@ fn an_existing_output_is_refused_and_left_as_it_was() {
     write_random_checkpoint(&src, &tiny_config(), 5).unwrap();
     std::fs::create_dir(&out).unwrap();
     std::fs::write(out.join("keep.txt"), "mine").unwrap();
-    let err = rotate_checkpoint(&src, &out, 0, &mut |_, _| {}).unwrap_err().to_string();
+    let err = rotate_checkpoint(&src, &out, 0, true, &mut |_, _| {}).unwrap_err().to_string();
     assert!(err.contains("already exists"), "{err}");
     assert_eq!(std::fs::read_to_string(out.join("keep.txt")).unwrap(), "mine");
     // Nothing half-written beside it either.

@@ -591,3 +591,59 @@ fn runs_are_reused_only_with_their_own_settings() {
     assert_eq!(code, 1, "{se}");
     assert!(se.contains("made with other settings") && se.contains(&work), "{se}");
 }
+
+/// `--rotate`: the run quantizes the rotated copy of the model (made once, then reused), which
+/// computes what the source does: at 8 bits it evaluates as the float model does.
+#[test]
+fn rotate_quantizes_a_rotated_copy_that_computes_the_same() {
+    let d = tempfile::tempdir().unwrap();
+    let m = d.path().join("model");
+    write_random_checkpoint(&m, &tiny_config(), 6).unwrap();
+    let text = d.path().join("calib.txt");
+    std::fs::write(&text, "Now is the winter of our discontent made glorious summer. ".repeat(30)).unwrap();
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let ppl = |dir: &Path| -> f64 {
+        let (code, so, se) =
+            adadim(&["eval", "ppl", "--model", &s(dir), "--dataset", &s(&text), "--seqlen", "32", "--json"]);
+        assert_eq!(code, 0, "{se}");
+        serde_json::from_str::<serde_json::Value>(&so).unwrap()["ppl"].as_f64().unwrap()
+    };
+    let float = ppl(&m);
+    let mut sources = Vec::new();
+    for run in ["q1", "q2"] {
+        let out = d.path().join(run);
+        let args = [
+            "quantize",
+            "--model",
+            &s(&m),
+            "--rotate",
+            "3",
+            "--method",
+            "gptq",
+            "--dim",
+            "ada",
+            "--bits",
+            "8",
+            "--group",
+            "16",
+            "--calib",
+            &s(&text),
+            "--nsamples",
+            "4",
+            "--calib-seqlen",
+            "32",
+            "--out",
+            &s(&out),
+        ];
+        let (code, _, se) = adadim(&args);
+        assert_eq!(code, 0, "{se}");
+        let report: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+        let source = report["summary"]["model"].as_str().unwrap().to_string();
+        assert!(source.contains("rotated") && source.ends_with("-s3"), "{source}");
+        let q = ppl(&out);
+        assert!((q - float).abs() < 0.01 * float, "8-bit rotated {q} against float {float}");
+        sources.push(source);
+    }
+    assert_eq!(sources[0], sources[1], "the rotated copy is made once and reused");
+}

@@ -79,8 +79,21 @@ pub fn run_quantize_resumable(
         );
     }
     if adadim_model::is_bert(dir) {
+        if q.rotate.is_some() {
+            anyhow::bail!("--rotate: {} is a BERT encoder; rotation is for LLaMA-family decoders (RMSNorm, which commutes with it)", dir.display());
+        }
         return quantize_encoder(dir, &cfg, q, format, out);
     }
+    let rotated;
+    let dir = match q.rotate {
+        Some(seed) => {
+            let cache = adadim_load::fetch::adadim_home().join("rotated");
+            rotated = adadim_calibrate::rotate_model::rotated_cached(dir, &cache, seed)
+                .with_context(|| format!("--rotate {seed}: rotating {}", dir.display()))?;
+            rotated.as_path()
+        }
+        None => dir,
+    };
     if format == Format::Gptq && q.bpw.is_some() {
         anyhow::bail!("--format gptq: the GPTQ layout holds one bit width and group size for the whole model; use the packed format for --bpw models");
     }
