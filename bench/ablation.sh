@@ -38,6 +38,7 @@ declare -A ARGS=(
   [gptq-ada-act-mse-mix-damp10]="--method gptq --dim ada --act-order --static-groups --scale-search mse --calib mix --percdamp 0.1"
   [gptq-ada-act-mse-mix-damp10-qep05]="--method gptq --dim ada --act-order --static-groups --scale-search mse --calib mix --percdamp 0.1 --qep 0.5"
   [gptq-ada-act-mse-mix-damp10-qep075]="--method gptq --dim ada --act-order --static-groups --scale-search mse --calib mix --percdamp 0.1 --qep 0.75"
+  [gptq-ada-act-mse-mix-damp10-qep05-rot]="--method gptq --dim ada --act-order --static-groups --scale-search mse --calib mix --percdamp 0.1 --qep 0.5 --rotate 0"
   [gptq-ada-gar-mse-mix-damp10-qep05]="--method gptq --dim ada --act-order --group-aware --scale-search mse --calib mix --percdamp 0.1 --qep 0.5"
   [gptq-ada-act-mse-damp10]="--method gptq --dim ada --act-order --static-groups --scale-search mse --percdamp 0.1"
   [gptq-ada-act-mse-damp100]="--method gptq --dim ada --act-order --static-groups --scale-search mse --percdamp 1"

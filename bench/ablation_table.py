@@ -52,6 +52,7 @@ lines = [
     "`-awq`: `--awq` (input channels scaled by a searched power of their RMS, folded into the RMSNorm, or into v_proj / up_proj rows as powers of two when those are per-OC). "
     "`-act`: act-order with static groups. `-gar`: `--group-aware` in their place (act-order by whole groups: groups by their largest Hessian diagonal, columns by theirs inside each; each group fitted on the error-compensated weights when the sweep reaches it; no permutation stored). `-refit`: `--refit` (every group's scale refitted by least squares on the full-Hessian output error after GPTQ). "
     "`-qep05`: `--qep 0.5` (each linear quantized from `W + 0.5 W D H^-1`, corrected halfway towards the float model's outputs on its drifted inputs; `-qep075`: `--qep 0.75`, three quarters of the way). "
+    "`-rot`: `--rotate 0` (the float model's residual stream, and each attention head's values, rotated by a seeded orthogonal matrix before calibrating: the same function, weights without outlier channels). "
     "`-gsm8k`: `--calib gsm8k` (GSM8K's train split, questions with worked solutions); `-mix`: `--calib mix` (Shakespeare and that GSM8K text alternating in pieces of 2,000 characters). "
     "`bpwB` rows: `--bpw B` (bits, group and axis per linear under the budget, the size-budget section's allocator; `-kl-n128`: its default damage model, 128 calibration samples). "
     "`-damp10` / `-damp100`: `--percdamp 0.1` / `1` (GPTQ's damping, 10% / 100% of the mean Hessian diagonal added to it; the default is 1%). "

@@ -5,8 +5,8 @@
 # allocation into RESULTS.md's "Size budget" section (bench/budget_table.py); seed 0's
 # allocations drawn into docs/allocation-bpw*.svg, the frontier into docs/frontier.svg.
 # Usage: ADADIM_DATA=../shared/data bench/budget.sh
-# `-fmin`: each layout may also take float minima (--float-min); `-mix`: calibrated on the
-# Shakespeare + GSM8K-train mix (--calib mix).
+# `-fmin`: each layout may also take float minima (--float-min); `-rot`: the model rotated first
+# (--rotate 0); `-mix`: calibrated on the Shakespeare + GSM8K-train mix (--calib mix).
 # Knobs (env): MODEL (smollm2), BUDGETS ("3.25 4.0"), VARIANTS (names below), DAMAGES
 # ("kl"; the study: "kl stream relative output"), SEEDS ("0 1 2"), NSAMPLES (128),
 # CALIB_SEQLEN (512), WINDOWS (8), OUT (results/budget), ADADIM_BIN and ADADIM_COMMIT, LLAMA_BIN,
@@ -29,6 +29,7 @@ declare -A ARGS=(
   [gptq-ada-act-mix-damp10]="--method gptq --dim ada --act-order --static-groups --zero awq --calib mix --percdamp 0.1"
   [gptq-ada-act-mix-damp10-qep05]="--method gptq --dim ada --act-order --static-groups --zero awq --calib mix --percdamp 0.1 --qep 0.5"
   [gptq-ada-act-fmin-mix-damp10-qep05]="--method gptq --dim ada --act-order --static-groups --zero awq --float-min --calib mix --percdamp 0.1 --qep 0.5"
+  [gptq-ada-act-mix-damp10-qep05-rot]="--method gptq --dim ada --act-order --static-groups --zero awq --calib mix --percdamp 0.1 --qep 0.5 --rotate 0"
   [gptq-ada-act-mix-damp10-qep075]="--method gptq --dim ada --act-order --static-groups --zero awq --calib mix --percdamp 0.1 --qep 0.75"
 )
 VARIANTS="${VARIANTS:-gptq-ada}"

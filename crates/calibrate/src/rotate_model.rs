@@ -165,7 +165,7 @@ pub fn rotate_checkpoint(
     }
 }
 
-/// The rotated copy of `src` for `seed` (values rotated per head too) under `cache`, made on
+/// The rotated copy of `src` for `seed` (the residual stream only) under `cache`, made on
 /// first use: `NAME-HASH-sSEED`, the hash over `src`'s path and its files' sizes and times, so
 /// a changed source gets a new copy. Two runs making it at once both end with the one copy.
 pub fn rotated_cached(src: &Path, cache: &Path, seed: u64) -> Result<PathBuf> {
@@ -193,7 +193,7 @@ pub fn rotated_cached(src: &Path, cache: &Path, seed: u64) -> Result<PathBuf> {
         return Ok(out);
     }
     std::fs::create_dir_all(cache).map_err(|source| CalibError::Io { path: cache.into(), source })?;
-    match rotate_checkpoint(&canon, &out, seed, true, &mut |_, _| {}) {
+    match rotate_checkpoint(&canon, &out, seed, false, &mut |_, _| {}) {
         Ok(_) => Ok(out),
         // Another run finished the same copy first.
         Err(_) if out.join("config.json").is_file() => Ok(out),

@@ -41,9 +41,9 @@ pub enum Cmd {
         /// Seed of the rotation.
         #[arg(long, default_value_t = 0)]
         seed: u64,
-        /// Rotate the residual stream only, not also each attention head's values.
+        /// Rotate each attention head's values too (v_proj rows, o_proj columns).
         #[arg(long)]
-        no_heads: bool,
+        heads: bool,
     },
     /// The main job: quantize with RTN, GPTQ and GPTQ-ada (AdaDim) at the same bits and group,
     /// evaluate each and the full-precision model with one evaluator, print them side by side.
@@ -178,10 +178,9 @@ pub struct QuantSettings {
     /// least-squares refinement), in RTN, GPTQ and AdaDim's choice alike.
     #[arg(long, value_enum, default_value = "auto")]
     pub scale_search: ScaleSearchArg,
-    /// Rotate the float model's residual stream (and each attention head's values) by the
-    /// orthogonal matrix of this seed before calibrating, as `adadim rotate` does: the same
-    /// function, weights without outlier channels. The rotated float model is made once and
-    /// kept in $ADADIM_HOME/rotated.
+    /// Rotate the float model's residual stream by the orthogonal matrix of this seed before
+    /// calibrating, as `adadim rotate` does: the same function, weights without outlier
+    /// channels. The rotated float model is made once and kept in $ADADIM_HOME/rotated.
     #[arg(long, value_name = "SEED", num_args = 0..=1, default_missing_value = "0")]
     pub rotate: Option<u64>,
     /// AWQ: scale each linear's input channels by a searched power of their RMS before

@@ -44,7 +44,7 @@ fn run(cli: Cli) -> Result<()> {
     }
     match cli.cmd {
         Cmd::ImportGguf { file, out } => cmd::import::import_gguf(&file, &out),
-        Cmd::Rotate { model, out, seed, no_heads } => cmd::rotate::rotate(&model, &out, seed, !no_heads),
+        Cmd::Rotate { model, out, seed, heads } => cmd::rotate::rotate(&model, &out, seed, heads),
         Cmd::Quantize(a) => cmd::quantize::quantize(a),
         Cmd::Compare(a) => cmd::compare::compare(a),
         Cmd::QuantizeLayer(a) => cmd::quantize_layer::quantize_layer(a),
