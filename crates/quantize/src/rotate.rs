@@ -10,8 +10,27 @@ use crate::error::{Error, Result};
 use faer::linalg::matmul::matmul;
 use faer::{Accum, MatRef, Par};
 
-/// `Q` (`n x n`, row-major, f64) for `seed`: orthogonal to rounding.
-pub fn rotation(n: usize, seed: u64) -> Result<Vec<f64>> {
+/// An `n x n` orthogonal matrix (row-major, f64).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Rotation {
+    n: usize,
+    q: Vec<f64>,
+}
+
+impl Rotation {
+    /// The width it rotates.
+    pub fn width(&self) -> usize {
+        self.n
+    }
+
+    /// Entry `(i, j)`.
+    pub fn at(&self, i: usize, j: usize) -> f64 {
+        self.q[i * self.n + j]
+    }
+}
+
+/// `Q` for width `n` and `seed`: orthogonal to rounding.
+pub fn rotation(n: usize, seed: u64) -> Result<Rotation> {
     if n == 0 {
         return Err(Error::Invalid("a rotation of width 0"));
     }
@@ -33,13 +52,13 @@ pub fn rotation(n: usize, seed: u64) -> Result<Vec<f64>> {
             }
         }
     }
-    Ok(q)
+    Ok(Rotation { n, q })
 }
 
 /// `W' = W diag(g) Q` for a `[rows, n]` linear reading the rotated stream after an RMSNorm of
 /// weight `g` (`None`: no norm in between).
-pub fn rotate_inputs(w: &[f32], rows: usize, g: Option<&[f32]>, q: &[f64]) -> Result<Vec<f32>> {
-    let n = (q.len() as f64).sqrt() as usize;
+pub fn rotate_inputs(w: &[f32], rows: usize, g: Option<&[f32]>, q: &Rotation) -> Result<Vec<f32>> {
+    let n = q.n;
     check(w.len() == rows * n, "rotate_inputs: the weight", rows * n, w.len())?;
     if let Some(g) = g {
         check(g.len() == n, "rotate_inputs: the norm weight", n, g.len())?;
@@ -49,18 +68,18 @@ pub fn rotate_inputs(w: &[f32], rows: usize, g: Option<&[f32]>, q: &[f64]) -> Re
         .flat_map(|r| r.iter().enumerate().map(|(j, &v)| f64::from(v) * g.map_or(1.0, |g| f64::from(g[j]))))
         .collect();
     let mut out = faer::Mat::<f64>::zeros(rows, n);
-    let (a, b) = (MatRef::from_row_major_slice(&wg, rows, n), MatRef::from_row_major_slice(q, n, n));
+    let (a, b) = (MatRef::from_row_major_slice(&wg, rows, n), MatRef::from_row_major_slice(&q.q, n, n));
     matmul(out.as_mut(), Accum::Replace, a, b, 1.0, Par::rayon(0));
     Ok((0..rows).flat_map(|i| (0..n).map(move |j| (i, j))).map(|(i, j)| out[(i, j)] as f32).collect())
 }
 
 /// `W' = Q^T W` for a `[n, cols]` linear (or a bias, `cols` 1) writing into the rotated stream.
-pub fn rotate_outputs(w: &[f32], cols: usize, q: &[f64]) -> Result<Vec<f32>> {
-    let n = (q.len() as f64).sqrt() as usize;
+pub fn rotate_outputs(w: &[f32], cols: usize, q: &Rotation) -> Result<Vec<f32>> {
+    let n = q.n;
     check(w.len() == n * cols, "rotate_outputs: the weight", n * cols, w.len())?;
     let w64: Vec<f64> = w.iter().map(|&v| f64::from(v)).collect();
     let mut out = faer::Mat::<f64>::zeros(n, cols);
-    let (a, b) = (MatRef::from_row_major_slice(q, n, n).transpose(), MatRef::from_row_major_slice(&w64, n, cols));
+    let (a, b) = (MatRef::from_row_major_slice(&q.q, n, n).transpose(), MatRef::from_row_major_slice(&w64, n, cols));
     matmul(out.as_mut(), Accum::Replace, a, b, 1.0, Par::rayon(0));
     Ok((0..n).flat_map(|i| (0..cols).map(move |j| (i, j))).map(|(i, j)| out[(i, j)] as f32).collect())
 }
@@ -118,11 +137,11 @@ impl SplitMix {
 mod tests {
     use super::*;
 
-    fn max_off_identity(q: &[f64], n: usize) -> f64 {
-        let mut worst = 0f64;
+    fn max_off_identity(q: &Rotation) -> f64 {
+        let (n, mut worst) = (q.width(), 0f64);
         for i in 0..n {
             for k in 0..n {
-                let dot: f64 = (0..n).map(|j| q[i * n + j] * q[k * n + j]).sum();
+                let dot: f64 = (0..n).map(|j| q.at(i, j) * q.at(k, j)).sum();
                 worst = worst.max((dot - if i == k { 1.0 } else { 0.0 }).abs());
             }
         }
@@ -133,15 +152,15 @@ mod tests {
     fn rotations_are_orthogonal_seeded_and_spread_every_channel() {
         for n in [1, 2, 9, 12, 64, 96, 576] {
             let q = rotation(n, 7).unwrap();
-            assert!(max_off_identity(&q, n) < 1e-12, "width {n}");
+            assert!(max_off_identity(&q) < 1e-12, "width {n}");
             assert_eq!(q, rotation(n, 7).unwrap(), "width {n}: same seed, same rotation");
             if n > 1 {
                 assert_ne!(q, rotation(n, 8).unwrap(), "width {n}: the seed matters");
             }
         }
         // Incoherence: a single channel's unit vector lands spread over many channels.
-        let (n, q) = (576, rotation(576, 1).unwrap());
-        let biggest = (0..n).map(|j| q[j].abs()).fold(0f64, f64::max);
+        let q = rotation(576, 1).unwrap();
+        let biggest = (0..576).map(|j| q.at(0, j).abs()).fold(0f64, f64::max);
         assert!(biggest < 0.2, "row 0's largest entry {biggest}");
     }
 
