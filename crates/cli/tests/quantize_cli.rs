@@ -647,3 +647,63 @@ fn rotate_quantizes_a_rotated_copy_that_computes_the_same() {
     }
     assert_eq!(sources[0], sources[1], "the rotated copy is made once and reused");
 }
+
+/// `adadim rotate` refuses what it cannot rotate and never writes over a directory.
+#[test]
+fn rotate_refuses_an_existing_output_and_a_packed_model() {
+    let d = tempfile::tempdir().unwrap();
+    let m = d.path().join("model");
+    write_random_checkpoint(&m, &tiny_config(), 7).unwrap();
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let taken = d.path().join("taken");
+    std::fs::create_dir(&taken).unwrap();
+    std::fs::write(taken.join("notes.txt"), "keep").unwrap();
+    let (code, _, se) = adadim(&["rotate", "--model", &s(&m), "--out", &s(&taken)]);
+    assert_ne!(code, 0);
+    assert!(se.contains("already exists"), "{se}");
+    assert_eq!(only_entries(&taken), vec!["notes.txt".to_string()]);
+    // A packed model is named as such.
+    let text = d.path().join("calib.txt");
+    std::fs::write(&text, "Now is the winter of our discontent made glorious summer. ".repeat(30)).unwrap();
+    let q = d.path().join("q");
+    let args = [
+        "quantize",
+        "--model",
+        &s(&m),
+        "--method",
+        "rtn",
+        "--dim",
+        "oc",
+        "--bits",
+        "4",
+        "--group",
+        "16",
+        "--calib",
+        &s(&text),
+        "--nsamples",
+        "2",
+        "--calib-seqlen",
+        "16",
+        "--out",
+        &s(&q),
+    ];
+    let (code, _, se) = adadim(&args);
+    assert_eq!(code, 0, "{se}");
+    let (code, _, se) = adadim(&["rotate", "--model", &s(&q), "--out", &s(&d.path().join("r"))]);
+    assert_ne!(code, 0);
+    assert!(se.contains("already quantized"), "{se}");
+    assert!(!d.path().join("r").exists());
+    // Rotated with --heads: a float model that evaluates as the source does.
+    let r = d.path().join("r2");
+    let (code, so, se) = adadim(&["rotate", "--model", &s(&m), "--out", &s(&r), "--seed", "5", "--heads"]);
+    assert_eq!(code, 0, "{se}");
+    assert!(so.contains("\"heads\": true"), "{so}");
+    let ppl = |dir: &Path| -> f64 {
+        let (code, so, se) =
+            adadim(&["eval", "ppl", "--model", &s(dir), "--dataset", &s(&text), "--seqlen", "32", "--json"]);
+        assert_eq!(code, 0, "{se}");
+        serde_json::from_str::<serde_json::Value>(&so).unwrap()["ppl"].as_f64().unwrap()
+    };
+    let (a, b) = (ppl(&m), ppl(&r));
+    assert!((a - b).abs() < 1e-4 * a, "{a} against {b}");
+}
