@@ -89,6 +89,18 @@ pub fn rotate_checkpoint(
             out_dir.display()
         )));
     }
+    if adadim_model::is_packed(src) {
+        return Err(CalibError::Invalid(format!(
+            "{}: this model is already quantized (an adadim packed checkpoint); rotate the float model",
+            src.display()
+        )));
+    }
+    if adadim_model::is_bert(src) {
+        return Err(CalibError::Invalid(format!(
+            "{}: a BERT encoder; rotation is for LLaMA-family decoders (RMSNorm, which commutes with it)",
+            src.display()
+        )));
+    }
     let ckpt = Checkpoint::open(src)?;
     let mut config = ckpt.config.clone();
     let d = config.hidden_size;
@@ -98,8 +110,7 @@ pub fn rotate_checkpoint(
         .map_err(|e| CalibError::Invalid(format!("rotation of width {hd}: {e}")))?;
     config.tie_word_embeddings = false;
     let plan = config.expected_tensors();
-    let tmp = adadim_load::gguf::tempdir_for(out_dir)?;
-    let written = (|| -> Result<usize> {
+    let tensors = adadim_load::gguf::write_dir(out_dir, |tmp| -> Result<usize> {
         let meta = [
             ("format".to_string(), "pt".to_string()),
             ("source".to_string(), format!("{} rotated (seed {seed})", src.display())),
@@ -152,17 +163,8 @@ pub fn rotate_checkpoint(
             }
         }
         Ok(plan.len())
-    })();
-    match written {
-        Ok(tensors) => {
-            std::fs::rename(&tmp, out_dir).map_err(|source| CalibError::Io { path: out_dir.into(), source })?;
-            Ok(Rotated { out_dir: out_dir.into(), seed, width: d, heads, tensors })
-        }
-        Err(e) => {
-            let _ = std::fs::remove_dir_all(&tmp);
-            Err(e)
-        }
-    }
+    })?;
+    Ok(Rotated { out_dir: out_dir.into(), seed, width: d, heads, tensors })
 }
 
 /// The rotated copy of `src` for `seed` (the residual stream only) under `cache`, made on

@@ -443,14 +443,27 @@ fn quantize_layer_reports_both_errors() {
 /// the quantizer (other weights) and are recorded in the report's settings; min-max runs record
 /// nothing new (their bytes stay as they were). AWQ's packed model (norms folded,
 /// written in f32) loads and evaluates.
-/// `eval ppl` of the model in `dir` on `text` succeeds with a finite perplexity above 1.
-fn assert_evaluates(dir: &Path, text: &Path) {
-    let s = |p: &Path| p.to_str().unwrap().to_string();
-    let args = ["eval", "ppl", "--model", &s(dir), "--dataset", &s(text), "--seqlen", "32", "--limit", "2", "--json"];
+/// `eval ppl` of the model in `dir` on `text` (windows of 32 tokens, the first `limit`).
+fn eval_ppl(dir: &Path, text: &Path, limit: Option<&str>) -> f64 {
+    let (dir, text) = (dir.to_str().unwrap(), text.to_str().unwrap());
+    let mut args = vec!["eval", "ppl", "--model", dir, "--dataset", text, "--seqlen", "32", "--json"];
+    args.extend(limit.map(|l| ["--limit", l]).into_iter().flatten());
     let (code, so, se) = adadim(&args);
     assert_eq!(code, 0, "{se}");
-    let ppl = serde_json::from_str::<serde_json::Value>(&so).unwrap()["ppl"].as_f64().unwrap();
-    assert!(ppl.is_finite() && ppl > 1.0, "{so}");
+    serde_json::from_str::<serde_json::Value>(&so).unwrap()["ppl"].as_f64().unwrap()
+}
+
+/// `eval ppl` of the model in `dir` on `text` succeeds with a finite perplexity above 1.
+fn assert_evaluates(dir: &Path, text: &Path) {
+    let ppl = eval_ppl(dir, text, Some("2"));
+    assert!(ppl.is_finite() && ppl > 1.0, "{ppl}");
+}
+
+/// A short calibration text in `dir`.
+fn calib_text(dir: &Path) -> std::path::PathBuf {
+    let text = dir.join("calib.txt");
+    std::fs::write(&text, "Now is the winter of our discontent made glorious summer. ".repeat(30)).unwrap();
+    text
 }
 
 #[test]
@@ -599,16 +612,9 @@ fn rotate_quantizes_a_rotated_copy_that_computes_the_same() {
     let d = tempfile::tempdir().unwrap();
     let m = d.path().join("model");
     write_random_checkpoint(&m, &tiny_config(), 6).unwrap();
-    let text = d.path().join("calib.txt");
-    std::fs::write(&text, "Now is the winter of our discontent made glorious summer. ".repeat(30)).unwrap();
+    let text = calib_text(d.path());
     let s = |p: &Path| p.to_str().unwrap().to_string();
-    let ppl = |dir: &Path| -> f64 {
-        let (code, so, se) =
-            adadim(&["eval", "ppl", "--model", &s(dir), "--dataset", &s(&text), "--seqlen", "32", "--json"]);
-        assert_eq!(code, 0, "{se}");
-        serde_json::from_str::<serde_json::Value>(&so).unwrap()["ppl"].as_f64().unwrap()
-    };
-    let float = ppl(&m);
+    let float = eval_ppl(&m, &text, None);
     let mut sources = Vec::new();
     for run in ["q1", "q2"] {
         let out = d.path().join(run);
@@ -641,7 +647,7 @@ fn rotate_quantizes_a_rotated_copy_that_computes_the_same() {
             serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
         let source = report["summary"]["model"].as_str().unwrap().to_string();
         assert!(source.contains("rotated") && source.ends_with("-s3"), "{source}");
-        let q = ppl(&out);
+        let q = eval_ppl(&out, &text, None);
         assert!((q - float).abs() < 0.01 * float, "8-bit rotated {q} against float {float}");
         sources.push(source);
     }
@@ -663,8 +669,7 @@ fn rotate_refuses_an_existing_output_and_a_packed_model() {
     assert!(se.contains("already exists"), "{se}");
     assert_eq!(only_entries(&taken), vec!["notes.txt".to_string()]);
     // A packed model is named as such.
-    let text = d.path().join("calib.txt");
-    std::fs::write(&text, "Now is the winter of our discontent made glorious summer. ".repeat(30)).unwrap();
+    let text = calib_text(d.path());
     let q = d.path().join("q");
     let args = [
         "quantize",
@@ -698,12 +703,6 @@ fn rotate_refuses_an_existing_output_and_a_packed_model() {
     let (code, so, se) = adadim(&["rotate", "--model", &s(&m), "--out", &s(&r), "--seed", "5", "--heads"]);
     assert_eq!(code, 0, "{se}");
     assert!(so.contains("\"heads\": true"), "{so}");
-    let ppl = |dir: &Path| -> f64 {
-        let (code, so, se) =
-            adadim(&["eval", "ppl", "--model", &s(dir), "--dataset", &s(&text), "--seqlen", "32", "--json"]);
-        assert_eq!(code, 0, "{se}");
-        serde_json::from_str::<serde_json::Value>(&so).unwrap()["ppl"].as_f64().unwrap()
-    };
-    let (a, b) = (ppl(&m), ppl(&r));
+    let (a, b) = (eval_ppl(&m, &text, None), eval_ppl(&r, &text, None));
     assert!((a - b).abs() < 1e-4 * a, "{a} against {b}");
 }

@@ -596,8 +596,7 @@ pub fn import_gguf(gguf_path: &Path, out_dir: &Path, progress: &mut dyn FnMut(us
     }
     plan.sort_by_key(|a| natural_key(&a.0));
 
-    let tmp = tempdir_for(out_dir)?;
-    let result = (|| -> Result<ImportSummary> {
+    write_dir(out_dir, |tmp| -> Result<ImportSummary> {
         let mut source_types: HashMap<String, usize> = HashMap::new();
         let header: Vec<(String, Vec<usize>)> = plan.iter().map(|(h, s, _)| (h.clone(), s.clone())).collect();
         let meta = [
@@ -624,13 +623,22 @@ pub fn import_gguf(gguf_path: &Path, out_dir: &Path, progress: &mut dyn FnMut(us
         writer.finish()?;
         let cfg_path = tmp.join("config.json");
         std::fs::write(&cfg_path, serde_json::to_string_pretty(&config).unwrap()).map_err(io_err(&cfg_path))?;
-        tokenizer::save(&tok, &tmp)?;
+        tokenizer::save(&tok, tmp)?;
         Ok(ImportSummary { out_dir: out_dir.to_path_buf(), tensors: total, source_types })
-    })();
-    match result {
-        Ok(s) => {
+    })
+}
+
+/// A directory written whole by `fill` (into a fresh directory beside `out_dir`), then renamed
+/// to `out_dir`; when `fill` fails, the partial directory is removed and nothing appears.
+pub fn write_dir<T, E: From<LoadError>>(
+    out_dir: &Path,
+    fill: impl FnOnce(&Path) -> std::result::Result<T, E>,
+) -> std::result::Result<T, E> {
+    let tmp = tempdir_for(out_dir)?;
+    match fill(&tmp) {
+        Ok(v) => {
             std::fs::rename(&tmp, out_dir).map_err(io_err(out_dir))?;
-            Ok(s)
+            Ok(v)
         }
         Err(e) => {
             let _ = std::fs::remove_dir_all(&tmp);
@@ -643,7 +651,7 @@ pub fn import_gguf(gguf_path: &Path, out_dir: &Path, progress: &mut dyn FnMut(us
 /// write-then-rename: `.NAME.partial-PID-N`, where NAME is `target`'s name, or for a name too
 /// long to leave room for the rest within the filesystem's 255 bytes, its first bytes and a
 /// hash of the whole.
-pub fn tempdir_for(target: &Path) -> Result<PathBuf> {
+pub(crate) fn tempdir_for(target: &Path) -> Result<PathBuf> {
     let parent = target.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(io_err(parent))?;
     let name = target.file_name().unwrap_or_default().to_string_lossy();

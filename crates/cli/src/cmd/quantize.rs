@@ -78,12 +78,7 @@ pub fn run_quantize_resumable(
             dir.display()
         );
     }
-    if adadim_model::is_bert(dir) {
-        if q.rotate.is_some() {
-            anyhow::bail!("--rotate: {} is a BERT encoder; rotation is for LLaMA-family decoders (RMSNorm, which commutes with it)", dir.display());
-        }
-        return quantize_encoder(dir, &cfg, q, format, out);
-    }
+    // Rotation refuses what it cannot rotate (a BERT encoder) itself.
     let rotated;
     let dir = match q.rotate {
         Some(seed) => {
@@ -94,6 +89,9 @@ pub fn run_quantize_resumable(
         }
         None => dir,
     };
+    if adadim_model::is_bert(dir) {
+        return quantize_encoder(dir, &cfg, q, format, out);
+    }
     if format == Format::Gptq && q.bpw.is_some() {
         anyhow::bail!("--format gptq: the GPTQ layout holds one bit width and group size for the whole model; use the packed format for --bpw models");
     }

@@ -5,18 +5,6 @@ use std::path::Path;
 
 pub fn rotate(model: &str, out: &Path, seed: u64, heads: bool) -> Result<()> {
     let src = crate::resolve::model_dir(model)?;
-    if adadim_model::is_packed(&src) {
-        anyhow::bail!(
-            "{}: this model is already quantized (an adadim packed checkpoint); rotate the float model",
-            src.display()
-        );
-    }
-    if adadim_model::is_bert(&src) {
-        anyhow::bail!(
-            "{}: a BERT encoder; rotation is for LLaMA-family decoders (RMSNorm, which commutes with it)",
-            src.display()
-        );
-    }
     let mut bar = crate::progress::Bar::new("rotate", 0);
     let r = adadim_calibrate::rotate_model::rotate_checkpoint(&src, out, seed, heads, &mut |d, t| bar.update(d, t))?;
     bar.finish();
