@@ -137,7 +137,43 @@ pub fn ratio(k: usize) -> f32 {
 }
 
 /// Params of `values` (with optional per-value `weights`, non-negative) chosen by `search`.
+///
+/// Compiled a second time for AVX-512 / AVX2 and picked at run time, like [`weighted_error`]:
+/// the same operations in the same order, so the same params on every path.
 pub fn fit(spec: &QuantSpec, values: &[f32], weights: Option<&[f32]>, search: ScaleSearch) -> GroupParams {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has the features the function is compiled for.
+            return unsafe { fit_avx512(spec, values, weights, search) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: as above.
+            return unsafe { fit_avx2(spec, values, weights, search) };
+        }
+    }
+    fit_portable(spec, values, weights, search)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn fit_avx512(spec: &QuantSpec, values: &[f32], weights: Option<&[f32]>, search: ScaleSearch) -> GroupParams {
+    fit_body(spec, values, weights, search)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn fit_avx2(spec: &QuantSpec, values: &[f32], weights: Option<&[f32]>, search: ScaleSearch) -> GroupParams {
+    fit_body(spec, values, weights, search)
+}
+
+/// [`fit`] for the baseline CPU (SSE2): the reference the wider paths equal.
+pub fn fit_portable(spec: &QuantSpec, values: &[f32], weights: Option<&[f32]>, search: ScaleSearch) -> GroupParams {
+    fit_body(spec, values, weights, search)
+}
+
+#[inline(always)]
+fn fit_body(spec: &QuantSpec, values: &[f32], weights: Option<&[f32]>, search: ScaleSearch) -> GroupParams {
     let minmax = spec.fit(values.iter().copied());
     if search == ScaleSearch::MinMax || values.is_empty() {
         return minmax;
@@ -148,6 +184,7 @@ pub fn fit(spec: &QuantSpec, values: &[f32], weights: Option<&[f32]>, search: Sc
 }
 
 /// Step 1: the best of the clipping grid (min-max first; ties keep the earlier candidate).
+#[inline(always)]
 pub fn grid_search(spec: &QuantSpec, values: &[f32], weights: Option<&[f32]>) -> (GroupParams, f64) {
     let maxq = spec.maxq();
     let (min, max) = values.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| (a.min(v), b.max(v)));
@@ -167,6 +204,7 @@ pub fn grid_search(spec: &QuantSpec, values: &[f32], weights: Option<&[f32]>) ->
 /// Step 2: with the codes of `p` fixed, the weighted least-squares grid, rounded onto the
 /// stored one (f16 scale rounded up and whole zero in `0..=maxq`, or f16 scale and minimum
 /// rounded to nearest); kept while it lowers the error.
+#[inline(always)]
 fn refine(
     spec: &QuantSpec,
     values: &[f32],
@@ -252,6 +290,35 @@ mod tests {
                 for w in [None, Some(h.as_slice())] {
                     let want = weighted_error_portable(&v, w, p, s.maxq());
                     assert_eq!(weighted_error(&v, w, p, s.maxq()).to_bits(), want.to_bits(), "n {n} bits {bits}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn every_path_of_the_search_gives_the_reference_params() {
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        };
+        for n in [1usize, 7, 32, 33, 128, 200] {
+            let v: Vec<f32> = (0..n).map(|_| next() * next() * 0.3).collect();
+            let h: Vec<f32> = (0..n).map(|_| next().abs() * 10.0).collect();
+            for bits in [2u8, 3, 4, 8] {
+                for zero in [Zero::Awq, Zero::Sym, Zero::Float] {
+                    let s = QuantSpec { bits, group: Some(n), axis: Axis::Oc, zero };
+                    for w in [None, Some(h.as_slice())] {
+                        let want = fit_portable(&s, &v, w, ScaleSearch::Mse);
+                        let got = fit(&s, &v, w, ScaleSearch::Mse);
+                        assert_eq!(
+                            (got.scale.to_bits(), got.zero.to_bits()),
+                            (want.scale.to_bits(), want.zero.to_bits()),
+                            "n {n} bits {bits} {zero:?}"
+                        );
+                    }
                 }
             }
         }

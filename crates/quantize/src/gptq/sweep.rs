@@ -76,7 +76,50 @@ impl Sweep<'_> {
     /// in place), filling `params` and `codes` (original order) and `update` (per original
     /// column, the sum over rows of `|w - w_orig|` when the column is quantized: the error
     /// compensation it received) and returning the GPTQ loss.
+    ///
+    /// Compiled a second time for AVX-512 / AVX2 and picked at run time: the loops are the
+    /// same operations in the same order (Rust never fuses a multiply and an add), only wider,
+    /// so every path gives the same bits as [`Sweep::run_portable`].
     pub fn run(&self, W: &mut [f64], params: &mut [GroupParams], codes: &mut [u8], update: &mut [f64]) -> f64 {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                // SAFETY: the CPU has the features the function is compiled for.
+                return unsafe { self.run_avx512(W, params, codes, update) };
+            }
+            if std::arch::is_x86_feature_detected!("avx2") {
+                // SAFETY: as above.
+                return unsafe { self.run_avx2(W, params, codes, update) };
+            }
+        }
+        self.run_portable(W, params, codes, update)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn run_avx512(
+        &self,
+        W: &mut [f64],
+        params: &mut [GroupParams],
+        codes: &mut [u8],
+        update: &mut [f64],
+    ) -> f64 {
+        self.run_body(W, params, codes, update)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn run_avx2(&self, W: &mut [f64], params: &mut [GroupParams], codes: &mut [u8], update: &mut [f64]) -> f64 {
+        self.run_body(W, params, codes, update)
+    }
+
+    /// [`Sweep::run`] for the baseline CPU (SSE2): the reference the wider paths equal.
+    pub fn run_portable(&self, W: &mut [f64], params: &mut [GroupParams], codes: &mut [u8], update: &mut [f64]) -> f64 {
+        self.run_body(W, params, codes, update)
+    }
+
+    #[inline(always)]
+    fn run_body(&self, W: &mut [f64], params: &mut [GroupParams], codes: &mut [u8], update: &mut [f64]) -> f64 {
         let (rows, cols, maxq) = (self.rows, self.cols, self.spec.maxq());
         let (gr, gc) = self.grid.group_shape();
         let dynamic_oc = self.spec.axis == Axis::Oc && !self.static_groups;
@@ -163,5 +206,75 @@ impl Sweep<'_> {
             }
         }
         loss
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quantizer::Zero;
+
+    /// The wide builds of the sweep give the portable one's codes, params, loss and updates,
+    /// bit for bit, on both axes, with fits during the sweep and without.
+    #[test]
+    fn every_path_of_the_sweep_gives_the_reference_bits() {
+        let mut x = 0x2545_F491_4F6C_DD1Du64;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 40) as f64 / (1u64 << 24) as f64 - 0.5
+        };
+        let (rows, cols, t) = (24, 40, 64);
+        let xs: Vec<f64> = (0..t * cols).map(|_| next()).collect();
+        let h: Vec<f64> = (0..cols * cols)
+            .map(|k| (0..t).map(|r| xs[r * cols + k / cols] * xs[r * cols + k % cols]).sum::<f64>() * 2.0 / t as f64)
+            .collect();
+        let w: Vec<f32> = (0..rows * cols).map(|_| next() as f32 * 0.2).collect();
+        let perm: Vec<usize> = (0..cols).rev().collect();
+        let inv = super::super::hinv::damped_inverse(&|i, j| h[perm[i] * cols + perm[j]], cols, 0.01, 4).unwrap();
+        let h_diag: Vec<f32> = (0..cols).map(|c| h[c * cols + c] as f32).collect();
+        for axis in [Axis::Oc, Axis::Ic] {
+            for (search, static_groups) in
+                [(ScaleSearch::MinMax, false), (ScaleSearch::Mse, false), (ScaleSearch::Mse, true)]
+            {
+                let spec = QuantSpec { bits: 3, group: Some(8), axis, zero: Zero::Awq };
+                let grid = Grid::new(rows, cols, &spec);
+                let sweep = Sweep {
+                    rows,
+                    cols,
+                    spec: &spec,
+                    grid: &grid,
+                    perm: &perm,
+                    U: &inv.U,
+                    blocksize: 16,
+                    static_groups,
+                    group_aware: false,
+                    orig: &w,
+                    search,
+                    h_diag: &h_diag,
+                };
+                let start: Vec<f64> = (0..rows * cols).map(|i| f64::from(w[i - i % cols + perm[i % cols]])).collect();
+                let params0 = match static_groups {
+                    true => {
+                        crate::rtn::fit_groups(&w, cols, &grid, &spec, &crate::rtn::Fitter::new(search, Some(&h_diag)))
+                    }
+                    false => vec![GroupParams::default(); grid.len()],
+                };
+                let run = |portable: bool| {
+                    let (mut W, mut params, mut codes, mut update) =
+                        (start.clone(), params0.clone(), vec![0u8; rows * cols], vec![0.0; cols]);
+                    let loss = match portable {
+                        true => sweep.run_portable(&mut W, &mut params, &mut codes, &mut update),
+                        false => sweep.run(&mut W, &mut params, &mut codes, &mut update),
+                    };
+                    let params: Vec<(u32, u32)> =
+                        params.iter().map(|p| (p.scale.to_bits(), p.zero.to_bits())).collect();
+                    let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    (loss.to_bits(), codes, params, bits(&update), bits(&W))
+                };
+                assert!(run(false) == run(true), "{axis:?} {search:?} static {static_groups}");
+            }
+        }
     }
 }
