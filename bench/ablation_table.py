@@ -55,7 +55,7 @@ lines = [
     "`-rot`: `--rotate 0` (the float model's residual stream, and each attention head's values, rotated by a seeded orthogonal matrix before calibrating: the same function, weights without outlier channels). "
     "`-gsm8k`: `--calib gsm8k` (GSM8K's train split, questions with worked solutions); `-mix`: `--calib mix` (Shakespeare and that GSM8K text alternating in pieces of 2,000 characters). "
     "`bpwB` rows: `--bpw B` (bits, group and axis per linear under the budget, the size-budget section's allocator; `-kl-n128`: its default damage model, 128 calibration samples). "
-    "`-damp10` / `-damp100`: `--percdamp 0.1` / `1` (GPTQ's damping, 10% / 100% of the mean Hessian diagonal added to it; the default is 1%). "
+    "`-damp10` / `-damp100`: `--percdamp 0.1` / `1` (GPTQ's damping, 10% / 100% of the mean Hessian diagonal added to it; rows without it use 1%, gptq.py's, as `quantize` did before its defaults became `--percdamp 0.1 --qep 0.5`). "
     "`-cdN`: `--descend N` (after GPTQ, up to N passes of coordinate descent over the codes on the full-Hessian output error, scales and zero points held). "
     "Time: quantize wall seconds on the shared 2-core machine (read as rough), mean over seeds.",
     "",

@@ -28,8 +28,8 @@ once() { # json file, command...: run once, keep the JSON only when the command 
 declare -A ARGS=(
   [rtn-oc]="--method rtn --dim oc --scale-search minmax"
   [rtn-ada]="--method rtn --dim ada --scale-search minmax"
-  [gptq-oc]="--method gptq --dim oc --scale-search minmax --act-order false --static-groups false"
-  [gptq-ada]="--method gptq --dim ada --scale-search minmax --act-order false --static-groups false"
+  [gptq-oc]="--method gptq --dim oc --scale-search minmax --act-order false --static-groups false --percdamp 0.01 --qep 0"
+  [gptq-ada]="--method gptq --dim ada --scale-search minmax --act-order false --static-groups false --percdamp 0.01 --qep 0"
 )
 model() { # name bits method calib -> the model directory, quantized if missing
   local d="$OUT/$1"

@@ -26,11 +26,11 @@ eval_to "$MODEL" "$OUT/fp.ppl.json"
 METHODS=(
   "rtn-oc:--method rtn --dim oc"
   "rtn-ada:--method rtn --dim ada"
-  "gptq-oc:--method gptq --dim oc --act-order false --static-groups false"
-  "gptq-oc-act:--method gptq --dim oc --act-order --static-groups false"
-  "gptq-oc-act-static:--method gptq --dim oc --act-order --static-groups"
-  "gptq-ada:--method gptq --dim ada --act-order false --static-groups false"
-  "gptq-ada-act-static:--method gptq --dim ada --act-order --static-groups"
+  "gptq-oc:--method gptq --dim oc --act-order false --static-groups false --percdamp 0.01 --qep 0"
+  "gptq-oc-act:--method gptq --dim oc --act-order --static-groups false --percdamp 0.01 --qep 0"
+  "gptq-oc-act-static:--method gptq --dim oc --act-order --static-groups --percdamp 0.01 --qep 0"
+  "gptq-ada:--method gptq --dim ada --act-order false --static-groups false --percdamp 0.01 --qep 0"
+  "gptq-ada-act-static:--method gptq --dim ada --act-order --static-groups --percdamp 0.01 --qep 0"
 )
 for cfg in $CONFIGS; do
   bits=${cfg%%:*}; group=${cfg##*:}

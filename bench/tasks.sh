@@ -37,7 +37,7 @@ evals() { mmlu "$1" "$2"; humaneval "$1" "$2" "$3"; }
 # The w3g128 methods' MMLU first (the longer evaluation), then FP's (the reference of the
 # "same answer as FP" column), then the methods' HumanEval.
 # The paper's methods: groups fitted min-max (pinned: the CLI's default search is mse).
-declare -A ARGS=([rtn-oc]="--method rtn --dim oc --scale-search minmax" [rtn-ada]="--method rtn --dim ada --scale-search minmax" [gptq-oc]="--method gptq --dim oc --scale-search minmax --act-order false --static-groups false" [gptq-ada]="--method gptq --dim ada --scale-search minmax --act-order false --static-groups false")
+declare -A ARGS=([rtn-oc]="--method rtn --dim oc --scale-search minmax" [rtn-ada]="--method rtn --dim ada --scale-search minmax" [gptq-oc]="--method gptq --dim oc --scale-search minmax --act-order false --static-groups false --percdamp 0.01 --qep 0" [gptq-ada]="--method gptq --dim ada --scale-search minmax --act-order false --static-groups false --percdamp 0.01 --qep 0")
 for v in $VARIANTS; do
   d="$RUNS/w3g128-$v"
   [ -d "$d" ] || $A quantize --model "$MODEL" ${ARGS[$v]} --bits 3 --group 128 --nsamples "$NSAMPLES" --calib-seqlen 512 --out "$d" --json > /dev/null
@@ -49,7 +49,7 @@ for v in $VARIANTS; do humaneval "w3g128-$v" "$RUNS/w3g128-$v" "$STRIP"; done
 # named after it are shared).
 for c in $CALIBS; do
   if [ "$c" = shakespeare ]; then n=w3g128-gptq-ada; q="$RUNS/$n"; else n="$c"; q="$OUT/gptq-ada-w3g128-$c"; fi
-  [ -d "$q" ] || $A quantize --model "$MODEL" --method gptq --dim ada --scale-search minmax --act-order false --static-groups false --bits 3 --group 128 --calib "$c" --nsamples "$NSAMPLES" --calib-seqlen 512 --out "$q" --json > "$OUT/quantize-$c.json"
+  [ -d "$q" ] || $A quantize --model "$MODEL" --method gptq --dim ada --scale-search minmax --act-order false --static-groups false --bits 3 --group 128 --calib "$c" --percdamp 0.01 --qep 0 --nsamples "$NSAMPLES" --calib-seqlen 512 --out "$q" --json > "$OUT/quantize-$c.json"
   evals "$n" "$q" "$STRIP"; ppls "$n" "$q"
 done
 # RESULTS.md's section between its tasks markers, from the JSON above.

@@ -122,7 +122,9 @@ pub struct QuantizeConfig {
     /// How groups are fitted, by every method and by the dimension choice.
     #[serde(default, skip_serializing_if = "ScaleSearch::is_minmax")]
     pub search: ScaleSearch,
-    #[serde(skip)]
+    /// GPTQ's options: its damping is recorded (as `percdamp`; 0.01 for a record without it,
+    /// the default then), the rest mirrors the fields below.
+    #[serde(rename = "percdamp", with = "percdamp_only", default)]
     pub gptq: GptqOptions,
     pub act_order: bool,
     pub static_groups: bool,
@@ -164,6 +166,20 @@ pub struct QuantizeConfig {
     /// the block's output; above it gate/up are recomputed (their FLOPs again, not the memory).
     #[serde(skip, default = "act_cache_bytes")]
     pub act_cache_bytes: usize,
+}
+
+/// [`QuantizeConfig::gptq`] in a record: the damping alone.
+mod percdamp_only {
+    use adadim_quantize::GptqOptions;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(g: &GptqOptions, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_f64(g.percdamp)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<GptqOptions, D::Error> {
+        Ok(GptqOptions { percdamp: f64::deserialize(d)?, ..GptqOptions::default() })
+    }
 }
 
 /// The least [`QuantizeConfig::act_cache_bytes`]: 256 MiB (the CLI raises it to a share of
@@ -1101,9 +1117,9 @@ fn quantize_block(
         let h = acts.hessian(layer, o[0], &attn)?;
         let corr = match &mut qep {
             Some(q) => {
-                let f_attn = q.each(acts.times, |b, x| attention_of(b, x, rope))?;
+                let f_attn = q.each(acts.times, |t| flops.attention(t), |b, x| attention_of(b, x, rope))?;
                 let corr = q.correction_of(acts.times, layer, o[0], &h, &attn, &f_attn)?;
-                q.advance(acts.times, |b, i, x| Ok(b.attn_residual(x, &f_attn[i], &SETTINGS)?))?;
+                q.advance(acts.times, |t| flops.o(t), |b, i, x| Ok(b.attn_residual(x, &f_attn[i], &SETTINGS)?))?;
                 Some(corr)
             }
             None => None,
@@ -1161,6 +1177,7 @@ fn quantize_block(
                     let t0 = Instant::now();
                     let f_act = mlp_hidden(&q.block, &q.xs[i])?;
                     acts.times.forward_s += t0.elapsed().as_secs_f64();
+                    acts.times.forward_flops += flops.mlp_hidden(q.xs[i].dims()[0]) + flops.down(q.xs[i].dims()[0]);
                     add_drift(acts.times, d, layer, down[0], &f_act, &act)?;
                     let t0 = Instant::now();
                     q.xs[i] = q.block.mlp_residual(&q.xs[i], &f_act, &SETTINGS)?;
@@ -1215,18 +1232,30 @@ struct Qep<'a> {
 }
 
 impl Qep<'_> {
-    /// `f` on every sample of the float stream (timed as forward passes).
-    fn each<T>(&self, times: &mut Timings, f: impl Fn(&Block, &Tensor) -> Result<T>) -> Result<Vec<T>> {
+    /// `f` on every sample of the float stream (timed and counted, `flops(t)`, as forward passes).
+    fn each<T>(
+        &self,
+        times: &mut Timings,
+        flops: impl Fn(usize) -> f64,
+        f: impl Fn(&Block, &Tensor) -> Result<T>,
+    ) -> Result<Vec<T>> {
         let t0 = Instant::now();
         let out = self.xs.iter().map(|x| f(&self.block, x)).collect();
         times.forward_s += t0.elapsed().as_secs_f64();
+        times.forward_flops += self.xs.iter().map(|x| flops(x.dims()[0])).sum::<f64>();
         out
     }
 
-    /// Moves the float stream on: sample `i` becomes `f(block, i, x_i)`.
-    fn advance(&mut self, times: &mut Timings, f: impl Fn(&Block, usize, &Tensor) -> Result<Tensor>) -> Result<()> {
+    /// Moves the float stream on: sample `i` becomes `f(block, i, x_i)` (`flops(t)` each).
+    fn advance(
+        &mut self,
+        times: &mut Timings,
+        flops: impl Fn(usize) -> f64,
+        f: impl Fn(&Block, usize, &Tensor) -> Result<Tensor>,
+    ) -> Result<()> {
         let t0 = Instant::now();
         for i in 0..self.xs.len() {
+            times.forward_flops += flops(self.xs[i].dims()[0]);
             self.xs[i] = f(&self.block, i, &self.xs[i])?;
         }
         times.forward_s += t0.elapsed().as_secs_f64();
@@ -1243,7 +1272,7 @@ impl Qep<'_> {
         quantized: &[Tensor],
         input: impl Fn(&Block, &Tensor) -> Result<Tensor>,
     ) -> Result<Correction> {
-        let float = self.each(times, input)?;
+        let float = self.each(times, |_| 0.0, input)?;
         self.correction_of(times, layer, kind, h, quantized, &float)
     }
 
@@ -1282,6 +1311,8 @@ fn add_drift(times: &mut Timings, d: &mut Drift, layer: usize, kind: LinearKind,
         source,
     })?;
     times.hessian_s += t0.elapsed().as_secs_f64();
+    let (t, dim) = (q.dims()[0] as f64, d.dim() as f64);
+    times.hessian_flops += 2.0 * t * dim * dim; // (x - x~)^T x~, the whole square
     Ok(())
 }
 

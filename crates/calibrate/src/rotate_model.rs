@@ -171,6 +171,22 @@ pub fn rotate_checkpoint(
 /// first use: `NAME-HASH-sSEED`, the hash over `src`'s path and its files' sizes and times, so
 /// a changed source gets a new copy. Two runs making it at once both end with the one copy.
 pub fn rotated_cached(src: &Path, cache: &Path, seed: u64) -> Result<PathBuf> {
+    let out = rotated_path(src, cache, seed)?;
+    if out.join("config.json").is_file() {
+        return Ok(out);
+    }
+    std::fs::create_dir_all(cache).map_err(|source| CalibError::Io { path: cache.into(), source })?;
+    let canon = src.canonicalize().map_err(|source| CalibError::Io { path: src.into(), source })?;
+    match rotate_checkpoint(&canon, &out, seed, false, &mut |_, _| {}) {
+        Ok(_) => Ok(out),
+        // Another run finished the same copy first.
+        Err(_) if out.join("config.json").is_file() => Ok(out),
+        Err(e) => Err(e),
+    }
+}
+
+/// Where [`rotated_cached`] keeps the rotated copy of `src` for `seed`, made or not.
+pub fn rotated_path(src: &Path, cache: &Path, seed: u64) -> Result<PathBuf> {
     use sha2::{Digest, Sha256};
     let canon = src.canonicalize().map_err(|source| CalibError::Io { path: src.into(), source })?;
     let mut h = Sha256::new();
@@ -190,17 +206,7 @@ pub fn rotated_cached(src: &Path, cache: &Path, seed: u64) -> Result<PathBuf> {
     }
     let hash: String = h.finalize().iter().take(6).map(|b| format!("{b:02x}")).collect();
     let name = canon.file_name().map_or("model".into(), |n| n.to_string_lossy().into_owned());
-    let out = cache.join(format!("{name}-{hash}-s{seed}"));
-    if out.join("config.json").is_file() {
-        return Ok(out);
-    }
-    std::fs::create_dir_all(cache).map_err(|source| CalibError::Io { path: cache.into(), source })?;
-    match rotate_checkpoint(&canon, &out, seed, false, &mut |_, _| {}) {
-        Ok(_) => Ok(out),
-        // Another run finished the same copy first.
-        Err(_) if out.join("config.json").is_file() => Ok(out),
-        Err(e) => Err(e),
-    }
+    Ok(cache.join(format!("{name}-{hash}-s{seed}")))
 }
 
 #[cfg(test)]

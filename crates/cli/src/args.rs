@@ -201,6 +201,8 @@ pub struct QuantSettings {
     /// model's outputs, `W + ALPHA W D H^-1`, where D is how far its inputs in the partly
     /// quantized model have drifted from the float model's (0: plain layer-wise; 1: the full
     /// least-squares correction). Runs the float model beside the quantized one.
+    /// [default: 0.5 for GPTQ on a LLaMA-family model without --awq, the measured best; off
+    /// otherwise]
     #[arg(long, value_name = "ALPHA")]
     pub qep: Option<f64>,
     /// With --dim ada: judge each candidate on its own output (linear, the paper's Eq. 3) or on
@@ -222,9 +224,10 @@ pub struct QuantSettings {
     /// the sweep reaches it, in place of --static-groups; no permutation is stored.
     #[arg(long, default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     pub group_aware: bool,
-    /// GPTQ dampening, as a fraction of the mean Hessian diagonal (retried x10 on failure).
-    #[arg(long, default_value_t = 0.01)]
-    pub percdamp: f64,
+    /// GPTQ dampening, as a fraction of the mean Hessian diagonal (retried x10 on failure)
+    /// [default: 0.1 on a LLaMA-family model, the measured best; 0.01, gptq.py's, on a BERT].
+    #[arg(long)]
+    pub percdamp: Option<f64>,
     /// Heuristic of the paper's Table 1: force per-IC on these modules (e.g. q,k,v,down),
     /// per-OC elsewhere.
     #[arg(long, value_delimiter = ',')]
@@ -245,6 +248,17 @@ pub struct QuantSettings {
     /// Seed for the calibration crops.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// What the defaults are filled in for ([`QuantSettings::for_family`]): a LLaMA-family
+    /// whole model, a BERT, or (`None`) one linear's file, where no model-wide default applies.
+    #[arg(skip)]
+    pub family: Option<Family>,
+}
+
+/// The model family the defaults of [`QuantSettings`] depend on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    Llama,
+    Bert,
 }
 
 impl QuantSettings {
@@ -257,9 +271,33 @@ impl QuantSettings {
     pub fn group(&self) -> usize {
         self.group.unwrap_or(128)
     }
+
+    /// The defaults that differ by model family, filled in for `family`; flags given stay.
+    pub fn for_family(&self, family: Family) -> QuantSettings {
+        let mut q = self.clone();
+        q.family = Some(family);
+        q
+    }
+
+    /// `--percdamp`: given, or the measured best for the model family.
+    pub fn percdamp(&self) -> f64 {
+        self.percdamp.unwrap_or(match self.family {
+            Some(Family::Bert) => 0.01,
+            _ => 0.1,
+        })
+    }
+
+    /// `--qep`: given (0 is off), or 0.5 for GPTQ on a LLaMA-family whole model without AWQ.
+    pub fn qep(&self, method: MethodArg) -> Option<f64> {
+        match self.qep {
+            Some(0.0) => None,
+            Some(a) => Some(a),
+            None => (method == MethodArg::Gptq && !self.awq && self.family == Some(Family::Llama)).then_some(0.5),
+        }
+    }
 }
 
-#[derive(Clone, Copy, clap::ValueEnum)]
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum MethodArg {
     Rtn,
     Gptq,
@@ -352,6 +390,11 @@ pub struct QuantizeArgs {
     /// settings or inputs changed since).
     #[arg(long)]
     pub restart: bool,
+    /// Quantize under K rotations (seeds --rotate, --rotate + 1, ...; from 0 without --rotate)
+    /// and keep the model with the lowest perplexity on the calibration text (its first 8
+    /// windows of 2048 tokens): K times the work, the rotated draws' spread turned into a gain.
+    #[arg(long, value_name = "K", value_parser = clap::value_parser!(u32).range(2..=64))]
+    pub rotate_search: Option<u32>,
     /// Print the summary as JSON on stdout.
     #[arg(long)]
     pub json: bool,

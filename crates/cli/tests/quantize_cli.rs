@@ -654,6 +654,69 @@ fn rotate_quantizes_a_rotated_copy_that_computes_the_same() {
     assert_eq!(sources[0], sources[1], "the rotated copy is made once and reused");
 }
 
+/// `--rotate-search K`: K rotated runs, each scored on the calibration text, the lowest kept
+/// (its record beside it), the others and the work directory gone; a BERT is refused.
+#[test]
+fn rotate_search_keeps_the_rotation_best_on_the_calibration_text() {
+    let d = tempfile::tempdir().unwrap();
+    let m = d.path().join("model");
+    write_random_checkpoint(&m, &tiny_config(), 8).unwrap();
+    let text = d.path().join("calib.txt");
+    std::fs::write(&text, "Now is the winter of our discontent made glorious summer by this sun. ".repeat(100))
+        .unwrap();
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let (m_s, text_s) = (s(&m), s(&text));
+    // `quantize --rotate 10` (3-bit GPTQ-ada) into `out`, with `extra` flags.
+    let quantize = |out: &Path, extra: &[&str]| {
+        let o = s(out);
+        let mut args = vec!["quantize", "--model", &m_s, "--rotate", "10", "--method", "gptq", "--bits", "3"];
+        args.extend(["--group", "16", "--calib", &text_s, "--nsamples", "4", "--calib-seqlen", "32", "--out", &o]);
+        args.extend(extra);
+        adadim(&args)
+    };
+    let out = d.path().join("q");
+    let (code, _, se) = quantize(&out, &["--rotate-search", "3"]);
+    assert_eq!(code, 0, "{se}");
+    let record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("rotation-search.json")).unwrap()).unwrap();
+    let cands: Vec<(u64, f64)> = serde_json::from_value(record["candidates"].clone()).unwrap();
+    assert_eq!(cands.iter().map(|c| c.0).collect::<Vec<_>>(), [10, 11, 12], "{record}");
+    let best = cands.iter().min_by(|a, b| a.1.total_cmp(&b.1)).unwrap();
+    assert_eq!(record["chosen"].as_u64(), Some(best.0), "{record}");
+    // The kept model is the chosen rotation's, and scores what the search said it does.
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    let source = report["summary"]["model"].as_str().unwrap();
+    assert!(source.ends_with(&format!("-s{}", best.0)), "{source}");
+    let seqlen = record["seqlen"].as_u64().unwrap().to_string();
+    let (dir, t) = (s(&out), s(&text));
+    let (code, so, se) =
+        adadim(&["eval", "ppl", "--model", &dir, "--dataset", &t, "--seqlen", &seqlen, "--limit", "8", "--json"]);
+    assert_eq!(code, 0, "{se}");
+    let ppl = serde_json::from_str::<serde_json::Value>(&so).unwrap()["ppl"].as_f64().unwrap();
+    assert_eq!(ppl, best.1, "{record}");
+    assert!(!d.path().join(".q.rotations").exists(), "the search's work directory is left");
+    // Again into the same output: refused, nothing written over.
+    let (code, _, se) = quantize(&out, &["--rotate-search", "3"]);
+    assert_eq!(code, 1, "{se}");
+    assert!(se.contains("already exists"), "{se}");
+
+    // A search cut short keeps its finished candidates: one made by the same job is reused,
+    // one made with other settings is refused by name.
+    let (work, r) = (d.path().join(".r.rotations"), d.path().join("r"));
+    let (code, _, se) = quantize(&work.join("seed10"), &[]);
+    assert_eq!(code, 0, "{se}");
+    let (code, _, se) = quantize(&r, &["--rotate-search", "2"]);
+    assert_eq!(code, 0, "{se}");
+    assert!(!se.contains("(seed 10)") && se.contains("(seed 11)"), "seed 10 should be reused:\n{se}");
+    std::fs::remove_dir_all(&r).unwrap();
+    let (code, _, se) = quantize(&work.join("seed10"), &["--percdamp", "0.2"]);
+    assert_eq!(code, 0, "{se}");
+    let (code, _, se) = quantize(&r, &["--rotate-search", "2"]);
+    assert_eq!(code, 1, "{se}");
+    assert!(se.contains("seed10") && se.contains("other settings"), "{se}");
+}
+
 /// `adadim rotate` refuses what it cannot rotate and never writes over a directory.
 #[test]
 fn rotate_refuses_an_existing_output_and_a_packed_model() {

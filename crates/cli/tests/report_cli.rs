@@ -40,6 +40,10 @@ fn quantized_run() -> (tempfile::TempDir, PathBuf) {
         "4",
         "--calib-seqlen",
         "32",
+        // Plain GPTQ: the page's re-run (which leaves QEP's correction out) must give back
+        // the run's weights exactly.
+        "--qep",
+        "0",
         "--out",
         &s(&q),
     ];

@@ -276,6 +276,10 @@ fn other_settings_over_an_interrupted_run_are_refused() {
     assert!(se.contains(".q.partial") && se.contains("bits: 3 -> 4") && se.contains("--restart"), "{se}");
     assert_eq!(se.trim().lines().count(), 1, "{se}");
     assert_eq!(f.done("q"), Some(1), "the interrupted run is left alone");
+    // Other damping: a setting too (a resumed run must not mix two dampings).
+    let (code, se) = run(adadim().args(f.args("q", &["--percdamp", "0.2"])));
+    assert_eq!(code, 1, "{se}");
+    assert!(se.contains("percdamp") && se.contains("--restart"), "{se}");
     // Other calibration text: the tokens differ.
     let other = f.root.join("other.txt");
     std::fs::write(&other, "To be, or not to be, that is the question. ".repeat(60)).unwrap();

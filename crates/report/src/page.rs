@@ -286,6 +286,9 @@ fn updates_section(md: &mut String, u: &LayerUpdates, img: &str) {
         Some(0.0) => {
             let _ = writeln!(md, "The run kept per-{} for this linear; re-running GPTQ along it reproduced the run's weights exactly (max difference 0).\n", axis_name::name(u.run_axis).to_uppercase());
         }
+        Some(d) if u.qep.is_some() => {
+            let _ = writeln!(md, "The run kept per-{} for this linear; it quantized the weights corrected towards the float model's outputs (--qep {}), which this re-run of plain GPTQ leaves out: they differ by up to {d:.3e}.\n", axis_name::name(u.run_axis).to_uppercase(), u.qep.unwrap_or(0.0));
+        }
         Some(d) => {
             let _ = writeln!(md, "The run kept per-{} for this linear; re-running GPTQ along it gives weights that differ from the run's by up to {d:.3e} (the re-run's calibration inputs are not bit-identical to the run's).\n", axis_name::name(u.run_axis).to_uppercase());
         }

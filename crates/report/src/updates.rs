@@ -49,6 +49,8 @@ pub struct LayerUpdates {
     pub run_axis: Axis,
     /// For a GPTQ run, `max |W'_rerun - W'_run|` along the run's axis (0: reproduced exactly).
     pub reproduced_max_diff: Option<f64>,
+    /// The run's `--qep` alpha: it quantized corrected weights, which the re-run leaves out.
+    pub qep: Option<f64>,
 }
 
 impl AxisUpdate {
@@ -225,6 +227,7 @@ pub fn compute(
         input_rms,
         run_axis: report.axis,
         reproduced_max_diff,
+        qep: s.qep,
     })
 }
 
@@ -294,6 +297,7 @@ mod tests {
             input_rms: vec![0.1, 9.0, 0.2, 0.3],
             run_axis: Axis::Ic,
             reproduced_max_diff: None,
+            qep: None,
         };
         let ch = u.outlier_channels(0.01);
         assert_eq!(ch, vec![1], "the largest input RMS");

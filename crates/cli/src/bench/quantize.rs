@@ -42,11 +42,17 @@ pub fn bench_quantize(a: BenchQuantizeArgs) -> Result<()> {
     //    each Hessian, GPTQ's f64 work) at the peak rates above; the rest has no FLOPs to count.
     let tokens = (q.nsamples * q.calib_seqlen) as f64;
     let per_window = c.forward_flops(t) - 2.0 * (c.hidden_size * c.vocab_size * t) as f64;
-    let forward_min = per_window * q.nsamples as f64;
+    // `--qep` runs the float model beside the quantized one: a second forward.
+    let streams = if summary.settings.qep.is_some() { 2.0 } else { 1.0 };
+    let forward_min = streams * per_window * q.nsamples as f64;
     let bound = |flops: f64, peak: f64| flops / (peak * 1e9);
+    let hessians = match summary.settings.qep {
+        Some(_) => "Hessians (X^T X, lower triangle) and QEP drifts ((x - x~)^T x~)",
+        None => "Hessians (X^T X, lower triangle)",
+    };
     let rows = [
         ("calibration forward", tm.forward_s, tm.forward_flops, forward_min, f32_peak),
-        ("Hessians (X^T X, lower triangle)", tm.hessian_s, tm.hessian_flops, tm.hessian_flops, f32_peak),
+        (hessians, tm.hessian_s, tm.hessian_flops, tm.hessian_flops, f32_peak),
         ("GPTQ Cholesky + inverse (f64)", tm.cholesky_s, tm.cholesky_flops, tm.cholesky_flops, f64_peak),
         ("GPTQ column sweeps (f64)", tm.sweep_s, tm.sweep_flops, tm.sweep_flops, f64_peak),
         ("dimension choice (RTN both axes, output or block errors)", tm.select_s, 0.0, 0.0, 1.0),
@@ -57,8 +63,9 @@ pub fn bench_quantize(a: BenchQuantizeArgs) -> Result<()> {
     let mut md = String::new();
     use std::fmt::Write;
     writeln!(md, "## Quantization time (`adadim bench quantize`)\n")?;
-    writeln!(md, "`{}` {} w{}g{} on `{}` (for smollm2 the dequantized Q4_1 GGUF), calibration {} x {} tokens of {}, {threads} threads.\n",
-        summary.settings.method.name(), summary.settings.dim.name(), q.bits(), q.group(), a.job.model.model, q.nsamples, q.calib_seqlen, q.calib)?;
+    let qep = summary.settings.qep.map_or(String::new(), |a| format!(", --qep {a} (the float model's stream beside)"));
+    writeln!(md, "`{}` {} w{}g{} on `{}` (for smollm2 the dequantized Q4_1 GGUF), --percdamp {}{qep}, calibration {} x {} tokens of {}, {threads} threads.\n",
+        summary.settings.method.name(), summary.settings.dim.name(), q.bits(), q.group(), a.job.model.model, summary.settings.gptq.percdamp, q.nsamples, q.calib_seqlen, q.calib)?;
     writeln!(md, "Machine: {}.\n", super::machine())?;
     writeln!(md, "Rates measured in this run: f32 GEMM {f32_peak:.1} GFLOP/s (best over the calibration shapes), f64 GEMM {f64_peak:.1} GFLOP/s (faer).\n")?;
     writeln!(md, "| phase | seconds | GFLOP done | GFLOP/s | least GFLOP needed | bound at peak (s) |\n|---|---|---|---|---|---|")?;
@@ -78,6 +85,6 @@ pub fn bench_quantize(a: BenchQuantizeArgs) -> Result<()> {
         total / bound_total,
         tokens / total
     )?;
-    writeln!(md, "\nThe calibration forward needs one pass per block (each linear's input computed once, true-sequential); \"GFLOP done\" exceeds it where gate/up are recomputed for down's inputs (when they do not fit the cache: a quarter of the memory available, at least {} MiB). Causal attention counts only the keys each query sees. The last block's output is never needed, so the bound is slightly generous.", adadim_calibrate::ACT_CACHE_BYTES >> 20)?;
+    writeln!(md, "\nThe calibration forward needs one pass per block (each linear's input computed once, true-sequential; with --qep one more through the float block); \"GFLOP done\" exceeds it where gate/up are recomputed for down's inputs (when they do not fit the cache: a quarter of the memory available, at least {} MiB). Causal attention counts only the keys each query sees. The last block's output is never needed, so the bound is slightly generous.", adadim_calibrate::ACT_CACHE_BYTES >> 20)?;
     super::publish(&a.write, "quantize", &md)
 }

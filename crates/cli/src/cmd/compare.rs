@@ -18,8 +18,8 @@ pub fn compare(a: CompareArgs) -> Result<()> {
         }
     });
     let dataset = resolve_dataset(&dataset_spec)?;
-    let q = &a.settings;
     let dir = model_dir(&a.model.model)?;
+    let q = &a.settings.for_family(crate::cmd::quantize::family_of(&dir));
     // Runs are reused by their directory: its name holds a digest of every setting, so a run
     // made with other settings (or other defaults) is never taken for this one.
     let settings = [(MethodArg::Rtn, DimArg::Oc), (MethodArg::Gptq, DimArg::Oc), (MethodArg::Gptq, DimArg::Ada)]

@@ -10,5 +10,6 @@ pub mod quantize;
 pub mod quantize_layer;
 pub mod report;
 pub mod rotate;
+pub mod rotate_search;
 pub mod serve;
 pub mod synth;

@@ -18,7 +18,19 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
         FormatArg::F16 => Format::F16,
         FormatArg::Gptq => Format::Gptq,
     };
-    let summary = run_quantize_resumable(&dir, a.job.method, a.job.dim, &a.job.settings, format, &a.out, a.restart)?;
+    let summary = match a.rotate_search {
+        Some(k) => crate::cmd::rotate_search::rotate_search(
+            &dir,
+            a.job.method,
+            a.job.dim,
+            &a.job.settings,
+            format,
+            &a.out,
+            a.restart,
+            k,
+        )?,
+        None => run_quantize_resumable(&dir, a.job.method, a.job.dim, &a.job.settings, format, &a.out, a.restart)?,
+    };
     if a.json {
         println!("{}", serde_json::to_string(&serde_json::to_value(&summary)?)?);
     } else {
@@ -61,17 +73,9 @@ pub fn run_quantize_resumable(
     out: &Path,
     restart: bool,
 ) -> Result<Summary> {
+    let q = &q.for_family(family_of(dir));
     let cfg = quantize_config(method, dim, q)?;
-    if std::fs::symlink_metadata(out).is_ok() {
-        if let Some(work) = RunDir::remove_leftover(out)? {
-            eprintln!(
-                "note: removed {}, left by the run that wrote {} when it was stopped while cleaning up",
-                work.display(),
-                out.display()
-            );
-        }
-        anyhow::bail!("{}: output directory already exists; remove it or choose another", out.display());
-    }
+    refuse_existing(out)?;
     if adadim_model::is_packed(dir) {
         anyhow::bail!(
             "{}: this model is already quantized (an adadim packed checkpoint); quantize the original model",
@@ -171,6 +175,30 @@ pub fn run_quantize_resumable(
     }
 }
 
+/// Refuses an `out` that exists: nothing is ever written over (what a run stopped while
+/// cleaning up left beside it is removed first, with a note).
+pub fn refuse_existing(out: &Path) -> Result<()> {
+    if std::fs::symlink_metadata(out).is_ok() {
+        if let Some(work) = RunDir::remove_leftover(out)? {
+            eprintln!(
+                "note: removed {}, left by the run that wrote {} when it was stopped while cleaning up",
+                work.display(),
+                out.display()
+            );
+        }
+        anyhow::bail!("{}: output directory already exists; remove it or choose another", out.display());
+    }
+    Ok(())
+}
+
+/// The family whose defaults apply to the model in `dir`.
+pub fn family_of(dir: &Path) -> crate::args::Family {
+    match adadim_model::is_bert(dir) {
+        true => crate::args::Family::Bert,
+        false => crate::args::Family::Llama,
+    }
+}
+
 /// The driver's settings from the command line.
 pub fn quantize_config(method: MethodArg, dim: DimArg, q: &QuantSettings) -> Result<adadim_calibrate::QuantizeConfig> {
     use adadim_calibrate::{Dim, Method, QuantizeConfig, Select};
@@ -213,14 +241,14 @@ pub fn quantize_config(method: MethodArg, dim: DimArg, q: &QuantSettings) -> Res
             }
             (ScaleSearchArg::Mse | ScaleSearchArg::Auto, ..) => adadim_quantize::ScaleSearch::Mse,
         },
-        gptq: GptqOptions { percdamp: q.percdamp, ..GptqOptions::default() },
+        gptq: GptqOptions { percdamp: q.percdamp(), ..GptqOptions::default() },
         act_order: q.act_order,
         static_groups: q.static_groups,
         group_aware: q.group_aware,
         awq: q.awq,
         refit: q.refit,
         descend: q.descend as usize,
-        qep: q.qep,
+        qep: q.qep(method),
         ada_error: match q.ada_error {
             AdaErrorArg::Linear => adadim_calibrate::AdaError::Linear,
             AdaErrorArg::Block => adadim_calibrate::AdaError::Block,
