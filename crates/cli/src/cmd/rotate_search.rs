@@ -12,7 +12,7 @@ use adadim_eval::datasets::Dataset;
 use adadim_load::fetch::adadim_home;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// Windows of the calibration text each candidate is scored on.
 pub const WINDOWS: usize = 8;
@@ -68,8 +68,8 @@ pub fn rotate_search(
         let cand = work.join(format!("seed{seed}"));
         let mut qs = q.clone();
         qs.rotate = Some(seed);
-        let cache = adadim_home().join("rotated");
-        let before = rotated_copies(&cache);
+        let copy = adadim_calibrate::rotate_model::rotated_path(dir, &adadim_home().join("rotated"), seed)?;
+        let made_here = !copy.exists();
         if !cand.join(Report::FILE).is_file() {
             eprintln!("--rotate-search: rotation {} of {k} (seed {seed}) into {}", seed - first + 1, cand.display());
             run_quantize_resumable(dir, method, dim, &qs, format, &cand, false)?;
@@ -77,11 +77,8 @@ pub fn rotate_search(
             check_same_job(&cand, dir, method, dim, &qs)?;
         }
         // The float copy this run rotated is not needed once its model is made.
-        let suffix = format!("-s{seed}");
-        for made in rotated_copies(&cache).difference(&before) {
-            if made.to_string_lossy().ends_with(&suffix) {
-                let _ = std::fs::remove_dir_all(made);
-            }
+        if made_here {
+            let _ = std::fs::remove_dir_all(&copy);
         }
         let scored = work.join(format!("seed{seed}.ppl.json"));
         let ppl = match std::fs::read_to_string(&scored).ok().and_then(|s| serde_json::from_str::<f64>(&s).ok()) {
@@ -137,9 +134,4 @@ fn check_same_job(cand: &Path, dir: &Path, method: MethodArg, dim: DimArg, q: &Q
         );
     }
     Ok(())
-}
-
-/// The rotated copies in `cache` now.
-fn rotated_copies(cache: &Path) -> std::collections::BTreeSet<PathBuf> {
-    std::fs::read_dir(cache).map(|d| d.filter_map(|e| e.ok()).map(|e| e.path()).collect()).unwrap_or_default()
 }
